@@ -1,0 +1,94 @@
+/* module.c — smedjan._C: status -> exception mapping, the Ctrl-C guard,
+ * token checks, and module init. Each engine area adds itself in its own
+ * file (model.c, tokenizer.c). */
+#include "py.h"
+#include <signal.h>
+#include <string.h>
+
+PyObject *sj_py_raise(sj_status s) {
+    const char *msg = sj_last_error();
+    if (!msg || !*msg) msg = "smedjan engine error";
+    switch (s) {
+    case SJ_ERR_ARG: case SJ_ERR_FORMAT: PyErr_SetString(PyExc_ValueError, msg); break;
+    case SJ_ERR_IO: PyErr_SetString(PyExc_OSError, msg); break;
+    case SJ_ERR_NOMEM: PyErr_SetString(PyExc_MemoryError, msg); break;
+    case SJ_ERR_INTERRUPTED: PyErr_SetNone(PyExc_KeyboardInterrupt); break;
+    default: PyErr_SetString(PyExc_RuntimeError, msg); break;
+    }
+    return NULL;
+}
+
+static void on_sigint(int sig) { (void)sig; sj_interrupt(); }
+
+/* Only the main thread owns SIGINT; calls from other threads run unguarded
+ * (Python would not deliver Ctrl-C to them either). */
+void sj_py_sig_enter(sj_py_sigguard *g) {
+    g->armed = PyGILState_Check() && _PyOS_IsMainThread();
+    sj_interrupt_clear();
+    if (g->armed) g->old = signal(SIGINT, on_sigint);
+}
+
+void sj_py_sig_leave(sj_py_sigguard *g) {
+    if (g->armed) signal(SIGINT, g->old);
+}
+
+int sj_py_tokens(PyObject *obj, const char *argname, int ndim_want,
+                 Py_buffer *view, sj_dtype *dtype) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "%s: expected a C-contiguous int32 or uint16 array, got %s",
+                     argname, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const char *f = view->format ? view->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    if ((strcmp(f, "i") == 0 || strcmp(f, "l") == 0) && view->itemsize == 4) *dtype = SJ_I32;
+    else if (strcmp(f, "H") == 0 && view->itemsize == 2) *dtype = SJ_U16;
+    else {
+        PyErr_Format(PyExc_TypeError, "%s: token dtype must be int32 or uint16 (format '%s')",
+                     argname, view->format ? view->format : "B");
+        PyBuffer_Release(view);
+        return -1;
+    }
+    if (ndim_want && view->ndim != ndim_want) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a %d-D array, got %d-D", argname,
+                     ndim_want, view->ndim);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_threads(PyObject *self, PyObject *args) {
+    int n = 0;
+    if (!PyArg_ParseTuple(args, "|i", &n)) return NULL;
+    if (n > 0) {
+        sj_status s = sj_threads_set(n);
+        if (s) return sj_py_raise(s);
+    }
+    return PyLong_FromLong(sj_threads_get());
+}
+
+static PyMethodDef methods[] = {
+    {"threads", py_threads, METH_VARARGS, "threads([n]) -> worker thread count (sets it when n > 0)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = { PyModuleDef_HEAD_INIT, "smedjan._C",
+                                     "smedjan's C engine", -1, methods };
+
+PyMODINIT_FUNC PyInit__C(void) {
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m) return NULL;
+#ifdef SJ_HAVE_CUDA
+    PyModule_AddIntConstant(m, "HAVE_CUDA", 1);
+#else
+    PyModule_AddIntConstant(m, "HAVE_CUDA", 0);
+#endif
+    if (sj_py_add_model(m) < 0 || sj_py_add_tokenizer(m) < 0 || sj_py_add_kernels(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,36 @@
+/* py.h — glue shared by the extension's files: status -> exception, the
+ * SIGINT guard, and token-buffer checks. The only place Python.h enters. */
+#ifndef SJ_PY_H
+#define SJ_PY_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include "../smedjan.h"
+
+/* Set the Python exception that matches an engine status; returns NULL. */
+PyObject *sj_py_raise(sj_status s);
+
+/* Run an engine call with the GIL released and Ctrl-C turned into
+ * sj_interrupt(): `SJ_PY_CALL(status, sj_model_forward(...));` */
+typedef struct { void (*old)(int); int armed; } sj_py_sigguard;
+void sj_py_sig_enter(sj_py_sigguard *g);
+void sj_py_sig_leave(sj_py_sigguard *g);
+#define SJ_PY_CALL(status, call)                          \
+    do {                                                  \
+        sj_py_sigguard _g;                                \
+        sj_py_sig_enter(&_g);                             \
+        Py_BEGIN_ALLOW_THREADS status = (call);           \
+        Py_END_ALLOW_THREADS sj_py_sig_leave(&_g);        \
+    } while (0)
+
+/* A read-only buffer view of a token array: C-contiguous int32 or uint16.
+ * ndim_want 1 or 2 (0 = either). Fills dtype; the caller releases view. */
+int sj_py_tokens(PyObject *obj, const char *argname, int ndim_want,
+                 Py_buffer *view, sj_dtype *dtype);
+
+/* Each file of the extension adds its functions/types to the module. */
+int sj_py_add_model(PyObject *m);
+int sj_py_add_tokenizer(PyObject *m);
+int sj_py_add_kernels(PyObject *m);
+
+#endif
