@@ -1,5 +1,29 @@
 """smedjan: a language-model forge. A C engine with hand-written kernels,
-used from Python."""
+used from Python.
+
+>>> import smedjan
+>>> model = smedjan.Model("tiny", seed=0)
+>>> trainer = smedjan.Trainer(model, lr=1e-3, steps=100)
+"""
 from . import _C
+from .config import PRESETS, Config, sizes
+from .model import Model
+from .trainer import StepResult, Trainer, lr_at
 
 __version__ = "0.1.0"
+
+
+def threads(n: int = 0) -> int:
+    """The engine's worker-thread count (set it when n > 0)."""
+    return _C.threads(n)
+
+
+def build_info() -> dict:
+    """What was compiled in, and what this machine offers."""
+    import os
+    return {"version": __version__, "cuda_compiled": bool(_C.HAVE_CUDA),
+            "threads": _C.threads(), "cpus": os.cpu_count()}
+
+
+__all__ = ["Model", "Trainer", "Config", "StepResult", "sizes", "PRESETS", "lr_at",
+           "threads", "build_info"]

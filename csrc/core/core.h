@@ -42,6 +42,11 @@ uint64_t sj_rng_next(sj_rng *r);
 float sj_rng_uniform(sj_rng *r);          /* [0, 1) */
 float sj_rng_normal(sj_rng *r);           /* N(0, 1), Box-Muller */
 
+/* Element i of a token array (int32 or uint16). */
+static inline int64_t sj_token_at(const void *tok, sj_dtype t, int64_t i) {
+    return t == SJ_U16 ? (int64_t)((const uint16_t *)tok)[i] : (int64_t)((const int32_t *)tok)[i];
+}
+
 #define SJ_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define SJ_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define SJ_CDIV(a, b) (((a) + (b) - 1) / (b))

@@ -50,8 +50,5 @@ void sj_cpu_adamw(float *p, const float *g, float *m, float *v, int64_t n, int64
                   float lr, float beta1, float beta2, float eps, float weight_decay,
                   float grad_scale, int64_t step);
 
-static inline int64_t sj_token_at(const void *tok, sj_dtype t, int64_t i) {
-    return t == SJ_U16 ? (int64_t)((const uint16_t *)tok)[i] : (int64_t)((const int32_t *)tok)[i];
-}
 
 #endif

@@ -16,6 +16,8 @@ typedef struct sj_backend {
     void *(*alloc)(size_t bytes, const char *what);
     void (*free)(void *p);
     void (*fill)(float *x, float value, int64_t n);
+    void (*to_host)(void *dst, const void *src, size_t bytes);
+    void (*from_host)(void *dst, const void *src, size_t bytes);
 
     /* C(M,N) = op(A) op(B) (+ C if accum). A is (M,K), or (K,M) when
      * transA; B is (K,N), or (N,K) when transB. Row-major, packed. */

@@ -1,4 +1,435 @@
-/* model.c — Python face of sj_model and sj_optimizer. */
+/* model.c — Python face of sj_model and sj_optimizer: config dicts in,
+ * flat buffers out through the buffer protocol (zero-copy; each view keeps
+ * its owner alive and is counted), engine calls with the GIL released. */
 #include "py.h"
+#include <string.h>
 
-int sj_py_add_model(PyObject *m) { (void)m; return 0; }
+/* ---- Buffer: a 1-D view of engine memory owned by another object ------ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *owner;          /* keeps the engine memory alive */
+    void *ptr;
+    Py_ssize_t n;
+    Py_ssize_t *exports;      /* the owner's count of live views */
+} BufferObject;
+
+static int buffer_get(PyObject *self, Py_buffer *view, int flags) {
+    BufferObject *b = (BufferObject *)self;
+    if (PyBuffer_FillInfo(view, self, b->ptr, b->n * 4, 0, flags) < 0) return -1;
+    if (flags & PyBUF_FORMAT) view->format = "f";
+    view->itemsize = 4;
+    (*b->exports)++;
+    return 0;
+}
+static void buffer_release(PyObject *self, Py_buffer *view) {
+    (void)view;
+    (*((BufferObject *)self)->exports)--;
+}
+static void buffer_dealloc(PyObject *self) {
+    Py_XDECREF(((BufferObject *)self)->owner);
+    Py_TYPE(self)->tp_free(self);
+}
+static PyBufferProcs buffer_procs = { buffer_get, buffer_release };
+static PyTypeObject BufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "smedjan._C.Buffer",
+    .tp_basicsize = sizeof(BufferObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A float32 view of engine memory (use numpy.frombuffer).",
+    .tp_dealloc = buffer_dealloc,
+    .tp_as_buffer = &buffer_procs,
+};
+
+static PyObject *buffer_new(PyObject *owner, void *ptr, Py_ssize_t n, Py_ssize_t *exports) {
+    BufferObject *b = PyObject_New(BufferObject, &BufferType);
+    if (!b) return NULL;
+    Py_INCREF(owner);
+    b->owner = owner; b->ptr = ptr; b->n = n; b->exports = exports;
+    return (PyObject *)b;
+}
+
+/* ---- config dicts ------------------------------------------------------ */
+
+static PyObject *config_to_dict(const sj_config *c) {
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f,s:f}", "dim", c->dim,
+                         "n_layers", c->n_layers, "n_heads", c->n_heads, "n_kv_heads",
+                         c->n_kv_heads, "ffn_dim", c->ffn_dim, "vocab_size", c->vocab_size,
+                         "max_seq_len", c->max_seq_len, "rope_theta", (double)c->rope_theta,
+                         "norm_eps", (double)c->norm_eps);
+}
+
+static int dict_int(PyObject *d, const char *key, int *out) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) { PyErr_Format(PyExc_ValueError, "config is missing '%s'", key); return -1; }
+    long x = PyLong_AsLong(v);
+    if (x == -1 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "config '%s' must be an integer", key);
+        return -1;
+    }
+    if (x < -2147483647L || x > 2147483647L) {
+        PyErr_Format(PyExc_ValueError, "config '%s' = %ld is out of range", key, x);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+
+static int dict_float(PyObject *d, const char *key, float *out) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) { PyErr_Format(PyExc_ValueError, "config is missing '%s'", key); return -1; }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "config '%s' must be a number", key);
+        return -1;
+    }
+    *out = (float)x;
+    return 0;
+}
+
+static int config_from_dict(PyObject *d, sj_config *c) {
+    if (!PyDict_Check(d)) { PyErr_SetString(PyExc_TypeError, "config must be a dict"); return -1; }
+    if (dict_int(d, "dim", &c->dim) || dict_int(d, "n_layers", &c->n_layers) ||
+        dict_int(d, "n_heads", &c->n_heads) || dict_int(d, "n_kv_heads", &c->n_kv_heads) ||
+        dict_int(d, "ffn_dim", &c->ffn_dim) || dict_int(d, "vocab_size", &c->vocab_size) ||
+        dict_int(d, "max_seq_len", &c->max_seq_len) ||
+        dict_float(d, "rope_theta", &c->rope_theta) || dict_float(d, "norm_eps", &c->norm_eps))
+        return -1;
+    sj_status s = sj_config_validate(c);
+    if (s) { sj_py_raise(s); return -1; }
+    return 0;
+}
+
+static PyObject *py_preset(PyObject *self, PyObject *args) {
+    const char *name; int vocab;
+    if (!PyArg_ParseTuple(args, "si", &name, &vocab)) return NULL;
+    sj_config c;
+    sj_status s = sj_config_preset(name, vocab, &c);
+    return s ? sj_py_raise(s) : config_to_dict(&c);
+}
+
+static PyObject *py_preset_names(PyObject *self, PyObject *noargs) {
+    PyObject *l = PyList_New(sj_preset_count());
+    for (int i = 0; l && i < sj_preset_count(); i++)
+        PyList_SET_ITEM(l, i, PyUnicode_FromString(sj_preset_name(i)));
+    return l;
+}
+
+static PyObject *py_ffn_dim_for(PyObject *self, PyObject *args) {
+    int dim; double mult;
+    if (!PyArg_ParseTuple(args, "id", &dim, &mult)) return NULL;
+    return PyLong_FromLong(sj_ffn_dim_for(dim, mult));
+}
+
+static PyObject *py_param_count(PyObject *self, PyObject *d) {
+    sj_config c;
+    if (config_from_dict(d, &c)) return NULL;
+    return PyLong_FromLongLong(sj_config_param_count(&c));
+}
+
+static PyObject *py_lr_at(PyObject *self, PyObject *args) {
+    sj_train_config tc = {0};
+    long long step;
+    if (!PyArg_ParseTuple(args, "ffiiL", &tc.max_lr, &tc.min_lr, &tc.warmup_steps,
+                          &tc.total_steps, &step)) return NULL;
+    return PyFloat_FromDouble(sj_lr_at(&tc, step));
+}
+
+/* ---- Model --------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    sj_model *m;
+    Py_ssize_t exports;
+} ModelObject;
+
+static int model_init(PyObject *self, PyObject *args, PyObject *kw) {
+    ModelObject *mo = (ModelObject *)self;
+    static char *kwlist[] = {"config", "seed", NULL};
+    PyObject *d; unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|K", kwlist, &d, &seed)) return -1;
+    sj_config c;
+    if (config_from_dict(d, &c)) return -1;
+    if (mo->m) { PyErr_SetString(PyExc_RuntimeError, "Model already initialised"); return -1; }
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS s = sj_model_create(&c, seed, &mo->m);
+    Py_END_ALLOW_THREADS
+    if (s) { sj_py_raise(s); return -1; }
+    return 0;
+}
+
+static void model_dealloc(PyObject *self) {
+    sj_model_free(((ModelObject *)self)->m);
+    Py_TYPE(self)->tp_free(self);
+}
+
+#define MODEL(self) (((ModelObject *)(self))->m)
+#define NEED_MODEL(self) \
+    if (!MODEL(self)) { PyErr_SetString(PyExc_RuntimeError, "Model not initialised"); return NULL; }
+
+static PyObject *model_config(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    return config_to_dict(sj_model_config(MODEL(self)));
+}
+
+static PyObject *model_tensors(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    int n = sj_model_n_tensors(MODEL(self));
+    PyObject *l = PyList_New(n);
+    for (int i = 0; l && i < n; i++) {
+        const sj_tensor_info *t = sj_model_tensor(MODEL(self), i);
+        PyObject *shape = t->ndim == 2 ? Py_BuildValue("(LL)", t->shape[0], t->shape[1])
+                                       : Py_BuildValue("(L)", t->shape[0]);
+        PyList_SET_ITEM(l, i, Py_BuildValue("(sNLi)", t->name, shape, t->offset, t->decay));
+    }
+    return l;
+}
+
+static PyObject *model_params(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    int64_t n;
+    float *p = sj_model_params(MODEL(self), &n);
+    return buffer_new(self, p, n, &((ModelObject *)self)->exports);
+}
+
+static PyObject *model_grads(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    int64_t n;
+    float *p = sj_model_grads(MODEL(self), &n);
+    return buffer_new(self, p, n, &((ModelObject *)self)->exports);
+}
+
+static PyObject *model_zero_grad(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    sj_model_zero_grad(MODEL(self));
+    Py_RETURN_NONE;
+}
+
+static PyObject *model_memory(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    return Py_BuildValue("(LL)", sj_model_bytes(MODEL(self)), sj_model_peak_bytes(MODEL(self)));
+}
+
+static PyObject *model_exports(PyObject *self, PyObject *noargs) {
+    return PyLong_FromSsize_t(((ModelObject *)self)->exports);
+}
+
+/* forward(tokens (B, T), out (B, T, V) float32 writable) */
+static PyObject *model_forward(PyObject *self, PyObject *args) {
+    NEED_MODEL(self);
+    PyObject *tok_obj, *out_obj;
+    if (!PyArg_ParseTuple(args, "OO", &tok_obj, &out_obj)) return NULL;
+    Py_buffer tok, out;
+    sj_dtype dt;
+    if (sj_py_tokens(tok_obj, "tokens", 2, &tok, &dt) < 0) return NULL;
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&tok);
+        return NULL;
+    }
+    int B = (int)tok.shape[0], T = (int)tok.shape[1], V = sj_model_config(MODEL(self))->vocab_size;
+    if (out.itemsize != 4 || strcmp(out.format, "f") != 0 ||
+        out.len != (Py_ssize_t)B * T * V * 4) {
+        PyBuffer_Release(&tok); PyBuffer_Release(&out);
+        PyErr_Format(PyExc_ValueError, "out: expected float32 of %d*%d*%d elements", B, T, V);
+        return NULL;
+    }
+    sj_status s;
+    SJ_PY_CALL(s, sj_model_forward(MODEL(self), tok.buf, dt, B, T, out.buf));
+    PyBuffer_Release(&tok); PyBuffer_Release(&out);
+    if (s) return sj_py_raise(s);
+    Py_RETURN_NONE;
+}
+
+static int token_pair(PyObject *a, PyObject *b, Py_buffer *ta, Py_buffer *tb, sj_dtype *dt) {
+    sj_dtype db;
+    if (sj_py_tokens(a, "tokens", 2, ta, dt) < 0) return -1;
+    if (sj_py_tokens(b, "targets", 2, tb, &db) < 0) { PyBuffer_Release(ta); return -1; }
+    if (db != *dt || ta->shape[0] != tb->shape[0] || ta->shape[1] != tb->shape[1]) {
+        PyErr_Format(PyExc_ValueError,
+                     "targets must have the dtype and shape of tokens (%zd, %zd), got (%zd, %zd)",
+                     ta->shape[0], ta->shape[1], tb->shape[0], tb->shape[1]);
+        PyBuffer_Release(ta); PyBuffer_Release(tb);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *model_loss(PyObject *self, PyObject *args, PyObject *kw) {
+    NEED_MODEL(self);
+    static char *kwlist[] = {"tokens", "targets", "ignore_index", "backward", NULL};
+    PyObject *a, *b; int ignore = -1, backward = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|ip", kwlist, &a, &b, &ignore, &backward))
+        return NULL;
+    Py_buffer ta, tb; sj_dtype dt;
+    if (token_pair(a, b, &ta, &tb, &dt) < 0) return NULL;
+    float loss = 0;
+    sj_status s;
+    SJ_PY_CALL(s, sj_model_loss(MODEL(self), ta.buf, tb.buf, dt, (int)ta.shape[0],
+                                (int)ta.shape[1], ignore, backward, &loss));
+    PyBuffer_Release(&ta); PyBuffer_Release(&tb);
+    if (s) return sj_py_raise(s);
+    return PyFloat_FromDouble(loss);
+}
+
+static PyMethodDef model_methods[] = {
+    {"config", model_config, METH_NOARGS, "config() -> dict"},
+    {"tensors", model_tensors, METH_NOARGS, "tensors() -> [(name, shape, offset, decay)]"},
+    {"params", model_params, METH_NOARGS, "params() -> Buffer over the flat parameters"},
+    {"grads", model_grads, METH_NOARGS, "grads() -> Buffer over the flat gradients"},
+    {"zero_grad", model_zero_grad, METH_NOARGS, "zero_grad()"},
+    {"memory", model_memory, METH_NOARGS, "memory() -> (bytes, peak_bytes)"},
+    {"exports", model_exports, METH_NOARGS, "exports() -> live buffer views"},
+    {"forward", model_forward, METH_VARARGS, "forward(tokens, out)"},
+    {"loss", (PyCFunction)(void (*)(void))model_loss, METH_VARARGS | METH_KEYWORDS,
+     "loss(tokens, targets, ignore_index=-1, backward=False) -> float"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "smedjan._C.Model",
+    .tp_basicsize = sizeof(ModelObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Engine model handle (use smedjan.Model).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = model_init,
+    .tp_dealloc = model_dealloc,
+    .tp_methods = model_methods,
+};
+
+/* ---- Optimizer ----------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    sj_optimizer *o;
+    PyObject *model;
+    Py_ssize_t exports;
+} OptimizerObject;
+
+#define OPT(self) (((OptimizerObject *)(self))->o)
+
+static int opt_init(PyObject *self, PyObject *args, PyObject *kw) {
+    OptimizerObject *op = (OptimizerObject *)self;
+    static char *kwlist[] = {"model", "lr", "min_lr", "warmup", "steps", "beta1", "beta2",
+                             "eps", "weight_decay", "clip", NULL};
+    PyObject *model;
+    sj_train_config tc = { 3e-4f, 3e-5f, 0, 1, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f };
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|ffiifffff", kwlist, &ModelType, &model,
+                                     &tc.max_lr, &tc.min_lr, &tc.warmup_steps, &tc.total_steps,
+                                     &tc.beta1, &tc.beta2, &tc.eps, &tc.weight_decay, &tc.clip))
+        return -1;
+    if (!MODEL(model)) { PyErr_SetString(PyExc_RuntimeError, "Model not initialised"); return -1; }
+    if (op->o) { PyErr_SetString(PyExc_RuntimeError, "Optimizer already initialised"); return -1; }
+    sj_status s = sj_optimizer_create(MODEL(model), &tc, &op->o);
+    if (s) { sj_py_raise(s); return -1; }
+    Py_INCREF(model);
+    op->model = model;
+    return 0;
+}
+
+static void opt_dealloc(PyObject *self) {
+    OptimizerObject *op = (OptimizerObject *)self;
+    sj_optimizer_free(op->o);
+    Py_XDECREF(op->model);
+    Py_TYPE(self)->tp_free(self);
+}
+
+#define NEED_OPT(self) \
+    if (!OPT(self)) { PyErr_SetString(PyExc_RuntimeError, "Optimizer not initialised"); return NULL; }
+
+static PyObject *opt_step(PyObject *self, PyObject *noargs) {
+    NEED_OPT(self);
+    float norm, lr;
+    sj_status s;
+    SJ_PY_CALL(s, sj_optimizer_step(OPT(self), &norm, &lr));
+    if (s) return sj_py_raise(s);
+    return Py_BuildValue("(ff)", norm, lr);
+}
+
+static PyObject *opt_train_step(PyObject *self, PyObject *args) {
+    NEED_OPT(self);
+    PyObject *a, *b;
+    if (!PyArg_ParseTuple(args, "OO", &a, &b)) return NULL;
+    Py_buffer ta, tb; sj_dtype dt;
+    if (token_pair(a, b, &ta, &tb, &dt) < 0) return NULL;
+    float loss, norm, lr;
+    sj_status s;
+    SJ_PY_CALL(s, sj_train_step(OPT(self), ta.buf, tb.buf, dt, (int)ta.shape[0],
+                                (int)ta.shape[1], &loss, &norm, &lr));
+    PyBuffer_Release(&ta); PyBuffer_Release(&tb);
+    if (s) return sj_py_raise(s);
+    return Py_BuildValue("(fff)", loss, norm, lr);
+}
+
+static PyObject *opt_state(PyObject *self, PyObject *args) {
+    NEED_OPT(self);
+    int which;
+    if (!PyArg_ParseTuple(args, "i", &which)) return NULL;
+    if (which != 0 && which != 1) return PyErr_Format(PyExc_ValueError, "state 0 or 1");
+    int64_t n;
+    float *p = sj_optimizer_state(OPT(self), which, &n);
+    return buffer_new(self, p, n, &((OptimizerObject *)self)->exports);
+}
+
+static PyObject *opt_get_step(PyObject *self, void *closure) {
+    NEED_OPT(self);
+    return PyLong_FromLongLong(sj_optimizer_step_count(OPT(self)));
+}
+
+static int opt_set_step(PyObject *self, PyObject *v, void *closure) {
+    long long x = v ? PyLong_AsLongLong(v) : -1;
+    if (x < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "step must be >= 0");
+        return -1;
+    }
+    sj_optimizer_set_step(OPT(self), x);
+    return 0;
+}
+
+static PyMethodDef opt_methods[] = {
+    {"step", opt_step, METH_NOARGS, "step() -> (grad_norm, lr): clip, AdamW, zero grads"},
+    {"train_step", opt_train_step, METH_VARARGS, "train_step(tokens, targets) -> (loss, grad_norm, lr)"},
+    {"state", opt_state, METH_VARARGS, "state(0|1) -> Buffer of an AdamW moment"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef opt_getset[] = {
+    {"step_count", opt_get_step, opt_set_step, "optimizer steps taken", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject OptimizerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "smedjan._C.Optimizer",
+    .tp_basicsize = sizeof(OptimizerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Engine AdamW + schedule + clipping (use smedjan.Trainer).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = opt_init,
+    .tp_dealloc = opt_dealloc,
+    .tp_methods = opt_methods,
+    .tp_getset = opt_getset,
+};
+
+static PyMethodDef functions[] = {
+    {"preset", py_preset, METH_VARARGS, "preset(name, vocab_size) -> config dict"},
+    {"preset_names", py_preset_names, METH_NOARGS, "preset_names() -> [str]"},
+    {"ffn_dim_for", py_ffn_dim_for, METH_VARARGS, "ffn_dim_for(dim, mult) -> int"},
+    {"param_count", py_param_count, METH_O, "param_count(config) -> int"},
+    {"lr_at", py_lr_at, METH_VARARGS, "lr_at(max_lr, min_lr, warmup, steps, step) -> float"},
+    {NULL, NULL, 0, NULL},
+};
+
+int sj_py_add_model(PyObject *m) {
+    if (PyType_Ready(&BufferType) < 0 || PyType_Ready(&ModelType) < 0 ||
+        PyType_Ready(&OptimizerType) < 0)
+        return -1;
+    Py_INCREF(&ModelType);
+    Py_INCREF(&OptimizerType);
+    Py_INCREF(&BufferType);
+    if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0 ||
+        PyModule_AddObject(m, "Optimizer", (PyObject *)&OptimizerType) < 0 ||
+        PyModule_AddObject(m, "Buffer", (PyObject *)&BufferType) < 0)
+        return -1;
+    return PyModule_AddFunctions(m, functions);
+}

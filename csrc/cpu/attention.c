@@ -1,0 +1,107 @@
+/* attention.c — causal self-attention, MHA and GQA, forward and backward.
+ * Like flash attention, only the log-sum-exp of each score row is kept;
+ * backward recomputes the probabilities, so no (T, T) matrix is stored.
+ * qkv rows are [q heads (H) | k heads (KV) | v heads (KV)], head size hd. */
+#include "cpu.h"
+#include <math.h>
+#include <string.h>
+
+static inline float dot(const float *a, const float *b, int n) {
+    float s = 0.f;
+#pragma omp simd reduction(+:s)
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy(float *y, float a, const float *x, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+typedef struct {
+    float *out, *lse, *dqkv; const float *qkv, *dout, *o;
+    int B, T, H, KV, hd, accum;
+} attn_job;
+
+/* One task = one query row (b, h, t). */
+static void fwd_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
+    (void)tid;
+    const attn_job *j = ctx;
+    const int T = j->T, H = j->H, hd = j->hd, rs = (H + 2 * j->KV) * hd, grp = H / j->KV;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float sc[T];
+    for (int64_t i = i0; i < i1; i++) {
+        int t = (int)(i % T), h = (int)((i / T) % H), b = (int)(i / ((int64_t)T * H));
+        const float *base = j->qkv + (int64_t)b * T * rs;
+        const float *q = base + (int64_t)t * rs + h * hd;
+        const float *k0 = base + (H + h / grp) * hd, *v0 = base + (H + j->KV + h / grp) * hd;
+        float m = -INFINITY;
+        for (int s = 0; s <= t; s++) {
+            sc[s] = scale * dot(q, k0 + (int64_t)s * rs, hd);
+            m = sc[s] > m ? sc[s] : m;
+        }
+        float sum = 0.f;
+        for (int s = 0; s <= t; s++) { sc[s] = expf(sc[s] - m); sum += sc[s]; }
+        float *o = j->out + ((int64_t)b * T + t) * H * hd + h * hd;
+        memset(o, 0, sizeof(float) * hd);
+        float inv = 1.0f / sum;
+        for (int s = 0; s <= t; s++) axpy(o, sc[s] * inv, v0 + (int64_t)s * rs, hd);
+        j->lse[((int64_t)b * H + h) * T + t] = m + logf(sum);
+    }
+}
+
+// out: (B, T, H*hd); lse: (B, H, T); qkv: (B, T, (H+2KV)*hd)
+void sj_cpu_attention_forward(float *out, float *lse, const float *qkv,
+                              int B, int T, int H, int KV, int hd) {
+    attn_job j = { out, lse, NULL, qkv, NULL, NULL, B, T, H, KV, hd, 0 };
+    sj_parallel_for((int64_t)B * H * T, 16, fwd_rows, &j);
+}
+
+/* One task = one (b, kv head): it owns dk and dv of that head and dq of
+ * every query head that shares it, so no two threads write one element. */
+static void bwd_groups(void *ctx, int64_t i0, int64_t i1, int tid) {
+    (void)tid;
+    const attn_job *j = ctx;
+    const int T = j->T, H = j->H, KV = j->KV, hd = j->hd, rs = (H + 2 * KV) * hd, grp = H / KV;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float dq[hd];
+    for (int64_t i = i0; i < i1; i++) {
+        int g = (int)(i % KV), b = (int)(i / KV);
+        const float *base = j->qkv + (int64_t)b * T * rs;
+        float *dbase = j->dqkv + (int64_t)b * T * rs;
+        const float *k0 = base + (H + g) * hd, *v0 = base + (H + KV + g) * hd;
+        float *dk0 = dbase + (H + g) * hd, *dv0 = dbase + (H + KV + g) * hd;
+        if (!j->accum)
+            for (int s = 0; s < T; s++) {
+                memset(dk0 + (int64_t)s * rs, 0, sizeof(float) * hd);
+                memset(dv0 + (int64_t)s * rs, 0, sizeof(float) * hd);
+            }
+        for (int h = g * grp; h < (g + 1) * grp; h++) {
+            for (int t = 0; t < T; t++) {
+                const float *q = base + (int64_t)t * rs + h * hd;
+                const float *go = j->dout + ((int64_t)b * T + t) * H * hd + h * hd;
+                const float *o = j->o + ((int64_t)b * T + t) * H * hd + h * hd;
+                float lse = j->lse[((int64_t)b * H + h) * T + t], D = dot(go, o, hd);
+                memset(dq, 0, sizeof dq);
+                for (int s = 0; s <= t; s++) {
+                    const float *k = k0 + (int64_t)s * rs, *v = v0 + (int64_t)s * rs;
+                    float pr = expf(scale * dot(q, k, hd) - lse);
+                    float ds = pr * (dot(go, v, hd) - D) * scale;
+                    axpy(dq, ds, k, hd);
+                    axpy(dk0 + (int64_t)s * rs, ds, q, hd);
+                    axpy(dv0 + (int64_t)s * rs, pr, go, hd);
+                }
+                float *dqd = dbase + (int64_t)t * rs + h * hd;
+                for (int d = 0; d < hd; d++) dqd[d] = j->accum ? dqd[d] + dq[d] : dq[d];
+            }
+        }
+    }
+}
+
+// dqkv: (B, T, (H+2KV)*hd) (+)=; dout, out: (B, T, H*hd); lse: (B, H, T)
+void sj_cpu_attention_backward(float *dqkv, const float *dout, const float *qkv,
+                               const float *out, const float *lse,
+                               int B, int T, int H, int KV, int hd, int accum) {
+    attn_job j = { NULL, (float *)lse, dqkv, qkv, dout, out, B, T, H, KV, hd, accum };
+    sj_parallel_for((int64_t)B * KV, 1, bwd_groups, &j);
+}

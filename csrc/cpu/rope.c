@@ -1,0 +1,52 @@
+/* rope.c — rotary position embedding, Hugging Face Llama convention
+ * (rotate-half: pairs (i, i + hd/2)), forward and backward. Angles are
+ * computed in float like HF's fp32 path so real checkpoints match. */
+#include "cpu.h"
+#include <math.h>
+
+typedef struct {
+    float *out; const float *in; int T, n_heads, n_rot, hd, pos0, inverse, accum; float theta;
+} rope_job;
+
+static void rope_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const rope_job *j = ctx;
+    const int half = j->hd / 2, row = j->n_heads * j->hd;
+    float cs[half], sn[half];
+    for (int64_t r = r0; r < r1; r++) {
+        float pos = (float)(j->pos0 + r % j->T);
+        for (int i = 0; i < half; i++) {
+            float inv = 1.0f / powf(j->theta, (float)(2 * i) / (float)j->hd);
+            float a = pos * inv;
+            cs[i] = cosf(a);
+            sn[i] = j->inverse ? -sinf(a) : sinf(a);
+        }
+        const float *x = j->in + r * row;
+        float *y = j->out + r * row;
+        for (int h = 0; h < j->n_rot; h++) {
+            const float *xh = x + h * j->hd;
+            float *yh = y + h * j->hd;
+            for (int i = 0; i < half; i++) {
+                float a = xh[i] * cs[i] - xh[i + half] * sn[i];
+                float b = xh[i + half] * cs[i] + xh[i] * sn[i];
+                yh[i] = j->accum ? yh[i] + a : a;
+                yh[i + half] = j->accum ? yh[i + half] + b : b;
+            }
+        }
+        for (int c = j->n_rot * j->hd; c < row; c++) y[c] = j->accum ? y[c] + x[c] : x[c];
+    }
+}
+
+// out, in: (B, T, n_heads*hd)
+void sj_cpu_rope_forward(float *out, const float *in, int B, int T, int n_heads,
+                         int n_rot, int hd, int pos0, float theta) {
+    rope_job j = { out, in, T, n_heads, n_rot, hd, pos0, 0, 0, theta };
+    sj_parallel_for((int64_t)B * T, 16, rope_rows, &j);
+}
+
+/* The rotation is orthogonal: its gradient is the rotation by -angle. */
+void sj_cpu_rope_backward(float *din, const float *dout, int B, int T, int n_heads,
+                          int n_rot, int hd, int pos0, float theta, int accum) {
+    rope_job j = { din, dout, T, n_heads, n_rot, hd, pos0, 1, accum, theta };
+    sj_parallel_for((int64_t)B * T, 16, rope_rows, &j);
+}

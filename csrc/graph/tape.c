@@ -1,0 +1,180 @@
+/* tape.c — recording, planning and replay. See tape.h for the idea. */
+#include "tape.h"
+#include <stdlib.h>
+#include <string.h>
+
+void sj_tape_init(sj_tape *tp, int train) {
+    memset(tp, 0, sizeof *tp);
+    tp->train = train;
+}
+
+void sj_tape_free(sj_tape *tp, const sj_backend *be) {
+    if (tp->arena) be->free(tp->arena);
+    free(tp->nodes);
+    free(tp->t);
+    memset(tp, 0, sizeof *tp);
+}
+
+static int grow(void **p, int *cap, int need, size_t elem) {
+    if (need <= *cap) return 0;
+    int c = *cap ? *cap * 2 : 64;
+    while (c < need) c *= 2;
+    void *q = realloc(*p, (size_t)c * elem);
+    if (!q) { sj_fail(SJ_ERR_NOMEM, "tape: out of memory"); return -1; }
+    *p = q; *cap = c;
+    return 0;
+}
+
+int sj_tape_tensor(sj_tape *tp, sj_tkind kind, int64_t numel) {
+    if (grow((void **)&tp->t, &tp->cap_t, tp->n_t + 1, sizeof(sj_tval))) return -1;
+    sj_tval *v = &tp->t[tp->n_t];
+    memset(v, 0, sizeof *v);
+    v->kind = kind; v->numel = numel; v->grad = -1; v->producer = -1;
+    v->first = v->last = -1; v->dtype = SJ_F32;
+    return tp->n_t++;
+}
+
+int sj_tape_param(sj_tape *tp, int64_t offset, int64_t numel) {
+    int id = sj_tape_tensor(tp, SJ_T_PARAM, numel);
+    if (id >= 0) tp->t[id].offset = offset;
+    return id;
+}
+
+int sj_tape_node(sj_tape *tp, sj_opcode op, const int in[3], const int out[2],
+                 const int dim[6], float f) {
+    if (grow((void **)&tp->nodes, &tp->cap_nodes, tp->n_nodes + 1, sizeof(sj_node))) return -1;
+    sj_node *n = &tp->nodes[tp->n_nodes];
+    memset(n, 0, sizeof *n);
+    n->op = op; n->f = f;
+    memcpy(n->in, in, sizeof n->in);
+    memcpy(n->out, out, sizeof n->out);
+    memcpy(n->dim, dim, sizeof n->dim);
+    for (int k = 0; k < 2; k++) if (out[k] >= 0) tp->t[out[k]].producer = tp->n_nodes;
+    return tp->n_nodes++;
+}
+
+static void touch(sj_tval *v, int time) {
+    if (v->first < 0 || time < v->first) v->first = time;
+    if (time > v->last) v->last = time;
+}
+
+typedef struct { int id; int64_t bytes; } by_size;
+static int cmp_size(const void *a, const void *b) {
+    const by_size *x = a, *y = b;
+    if (x->bytes != y->bytes) return x->bytes < y->bytes ? 1 : -1;
+    return x->id - y->id;
+}
+typedef struct { int64_t lo, hi; } span;
+static int cmp_span(const void *a, const void *b) {
+    const span *x = a, *y = b;
+    return x->lo < y->lo ? -1 : x->lo > y->lo;
+}
+
+sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
+    const int F = tp->n_nodes;
+    #define BWD_TIME(i) (2 * F - 1 - (i))
+    /* Gradient tensors for every differentiable activation (train only). */
+    int n_fwd_t = tp->n_t;
+    if (tp->train)
+        for (int id = 0; id < n_fwd_t; id++) {
+            if (tp->t[id].kind != SJ_T_ACT || tp->t[id].no_grad) continue;
+            int g = sj_tape_tensor(tp, SJ_T_ACT, tp->t[id].numel);
+            if (g < 0) return SJ_ERR_NOMEM;
+            tp->t[g].no_grad = 1;
+            tp->t[id].grad = g;
+        }
+    /* Lifetimes on the schedule: forward node i at time i, its backward at 2F-1-i. */
+    for (int i = 0; i < F; i++) {
+        sj_node *n = &tp->nodes[i];
+        for (int k = 0; k < 2; k++) if (n->out[k] >= 0) touch(&tp->t[n->out[k]], i);
+        for (int k = 0; k < 3; k++) if (n->in[k] >= 0) touch(&tp->t[n->in[k]], i);
+        if (!tp->train) continue;
+        for (int k = 0; k < 3; k++)
+            if (n->in[k] >= 0 && (sj_ops[n->op].bwd_reads_in >> k & 1))
+                touch(&tp->t[n->in[k]], BWD_TIME(i));
+        for (int k = 0; k < 2; k++)
+            if (n->out[k] >= 0 && (sj_ops[n->op].bwd_reads_out >> k & 1))
+                touch(&tp->t[n->out[k]], BWD_TIME(i));
+        /* This node's backward reads its output's gradient and writes its inputs'. */
+        if (tp->t[n->out[0]].grad >= 0) touch(&tp->t[tp->t[n->out[0]].grad], BWD_TIME(i));
+        for (int k = 0; k < 3; k++) {
+            int id = n->in[k];
+            if (id >= 0 && tp->t[id].kind == SJ_T_ACT && tp->t[id].grad >= 0)
+                touch(&tp->t[tp->t[id].grad], BWD_TIME(i));
+        }
+    }
+    /* The first backward writer of a gradient overwrites it; later ones add. */
+    if (tp->train) {
+        char *written = calloc((size_t)tp->n_t, 1);
+        if (!written) return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
+        for (int i = F - 1; i >= 0; i--) {
+            sj_node *n = &tp->nodes[i];
+            for (int k = 0; k < 3; k++) {
+                int id = n->in[k];
+                if (id < 0 || tp->t[id].kind != SJ_T_ACT || tp->t[id].grad < 0) continue;
+                n->accum[k] = written[id];
+                written[id] = 1;
+            }
+        }
+        free(written);
+    }
+    /* Arena offsets: largest first, each at the lowest address that no
+     * tensor alive at the same time occupies. */
+    int n_act = 0;
+    by_size *order = malloc(sizeof(by_size) * (size_t)tp->n_t);
+    span *busy = malloc(sizeof(span) * (size_t)tp->n_t);
+    int *placed = malloc(sizeof(int) * (size_t)tp->n_t);
+    if (!order || !busy || !placed) {
+        free(order); free(busy); free(placed);
+        return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
+    }
+    for (int id = 0; id < tp->n_t; id++)
+        if (tp->t[id].kind == SJ_T_ACT && tp->t[id].first >= 0)
+            order[n_act++] = (by_size){ id, (tp->t[id].numel * 4 + 63) & ~(int64_t)63 };
+    qsort(order, (size_t)n_act, sizeof *order, cmp_size);
+    int64_t top = 0;
+    for (int a = 0; a < n_act; a++) {
+        sj_tval *v = &tp->t[order[a].id];
+        int nb = 0;
+        for (int b = 0; b < a; b++) {
+            sj_tval *u = &tp->t[placed[b]];
+            if (u->first <= v->last && v->first <= u->last)
+                busy[nb++] = (span){ u->offset, u->offset + order[b].bytes };
+        }
+        qsort(busy, (size_t)nb, sizeof *busy, cmp_span);
+        int64_t off = 0;
+        for (int b = 0; b < nb; b++) {
+            if (busy[b].lo >= off + order[a].bytes) break;
+            if (busy[b].hi > off) off = busy[b].hi;
+        }
+        v->offset = off;
+        placed[a] = order[a].id;
+        if (off + order[a].bytes > top) top = off + order[a].bytes;
+    }
+    free(order); free(busy); free(placed);
+    tp->arena_bytes = top;
+    tp->arena = be->alloc((size_t)top, "activation arena");
+    if (!tp->arena) return SJ_ERR_NOMEM;
+    if (getenv("SMEDJAN_POISON")) {  /* NaN everywhere: a stale read shows up */
+        float nan = __builtin_nanf("");
+        be->fill(tp->arena, nan, top / 4);
+    }
+    return SJ_OK;
+    #undef BWD_TIME
+}
+
+sj_status sj_tape_forward(sj_tape *tp, const sj_backend *be, float *params) {
+    for (int i = 0; i < tp->n_nodes; i++) {
+        if (sj_interrupted()) return sj_fail(SJ_ERR_INTERRUPTED, "interrupted");
+        sj_op_forward(tp, &tp->nodes[i], be, params);
+    }
+    return SJ_OK;
+}
+
+sj_status sj_tape_backward(sj_tape *tp, const sj_backend *be, float *params, float *grads) {
+    for (int i = tp->n_nodes - 1; i >= 0; i--) {
+        if (sj_interrupted()) return sj_fail(SJ_ERR_INTERRUPTED, "interrupted");
+        sj_op_backward(tp, &tp->nodes[i], be, params, grads);
+    }
+    return SJ_OK;
+}

@@ -1,0 +1,91 @@
+/* tape.h — reverse-mode autograd on a tape. The model's forward records
+ * nodes once for a given (batch, seq); the plan then gives every
+ * activation, saved statistic and activation-gradient an offset in ONE
+ * arena, chosen from their lifetimes, and each step replays the nodes
+ * (forward in order, backward in reverse). Nothing is allocated per step. */
+#ifndef SJ_TAPE_H
+#define SJ_TAPE_H
+
+#include "../ops/backend.h"
+
+typedef enum {
+    SJ_T_ACT,     /* lives in the arena                               */
+    SJ_T_PARAM,   /* a view of the flat parameter (and grad) buffer     */
+    SJ_T_EXTERN,  /* bound to a caller's buffer for each run (tokens) */
+} sj_tkind;
+
+typedef struct {
+    sj_tkind kind;
+    int64_t numel;
+    int64_t offset;     /* ACT: bytes into the arena; PARAM: elements into params */
+    int grad;           /* ACT: id of its gradient tensor, or -1 */
+    int producer;       /* node that writes it (-1 for PARAM / EXTERN) */
+    int no_grad;        /* saved statistics and losses: never differentiated */
+    int first, last;    /* lifetime on the schedule, for the plan */
+    void *ptr;          /* EXTERN: bound before each run */
+    sj_dtype dtype;     /* EXTERN: element type (tokens) */
+} sj_tval;
+
+typedef enum {
+    SJ_OP_EMBEDDING, SJ_OP_RMSNORM, SJ_OP_MATMUL, SJ_OP_ROPE, SJ_OP_ATTENTION,
+    SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP__COUNT
+} sj_opcode;
+
+typedef struct {
+    sj_opcode op;
+    int in[3], out[2];  /* tensor ids, -1 when unused */
+    int accum[3];       /* planned: backward adds into in[k]'s gradient */
+    int dim[6];
+    float f;
+} sj_node;
+
+typedef struct sj_tape {
+    sj_node *nodes; int n_nodes, cap_nodes;
+    sj_tval *t; int n_t, cap_t;
+    int train;              /* record for backward too */
+    int64_t arena_bytes;    /* planned size */
+    void *arena;
+    float loss_scale;       /* d(mean loss)/d(row loss), set before backward */
+} sj_tape;
+
+void sj_tape_init(sj_tape *tp, int train);
+void sj_tape_free(sj_tape *tp, const sj_backend *be);
+/* Returns a tensor id, or -1 on allocation failure (error set). */
+int sj_tape_tensor(sj_tape *tp, sj_tkind kind, int64_t numel);
+int sj_tape_param(sj_tape *tp, int64_t offset, int64_t numel);
+int sj_tape_node(sj_tape *tp, sj_opcode op, const int in[3], const int out[2],
+                 const int dim[6], float f);
+/* Lifetimes, gradient tensors, accumulate flags, arena offsets; then the
+ * arena itself from the backend. */
+sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be);
+static inline void *sj_tape_ptr(const sj_tape *tp, int id, float *params) {
+    const sj_tval *v = &tp->t[id];
+    if (v->kind == SJ_T_ACT) return (char *)tp->arena + v->offset;
+    if (v->kind == SJ_T_PARAM) return params + v->offset;
+    return v->ptr;
+}
+sj_status sj_tape_forward(sj_tape *tp, const sj_backend *be, float *params);
+sj_status sj_tape_backward(sj_tape *tp, const sj_backend *be, float *params, float *grads);
+
+/* ---- ops: record a node and return its output tensor (-1 on failure) --- */
+int sj_op_embedding(sj_tape *tp, int tokens, int emb, int N, int C);
+int sj_op_rmsnorm(sj_tape *tp, int x, int w, int N, int C, float eps);
+int sj_op_matmul(sj_tape *tp, int x, int w, int N, int out_features, int in_features);
+int sj_op_rope(sj_tape *tp, int x, int B, int T, int n_heads, int n_rot, int hd, float theta);
+int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd);
+int sj_op_swiglu(sj_tape *tp, int gu, int N, int F);
+int sj_op_add(sj_tape *tp, int a, int b, int64_t n);
+int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index);
+
+/* How each op's backward uses its tensors (for lifetimes) and runs. */
+typedef struct {
+    const char *name;
+    unsigned bwd_reads_in;   /* bit k: backward reads in[k] */
+    unsigned bwd_reads_out;  /* bit k: backward reads out[k] */
+} sj_opinfo;
+extern const sj_opinfo sj_ops[SJ_OP__COUNT];
+void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, float *params);
+void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
+                    float *params, float *grads);
+
+#endif

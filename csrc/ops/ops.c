@@ -1,0 +1,155 @@
+/* ops.c — each op declared once: what it records on the tape, what its
+ * backward needs kept alive, and how forward and backward call the
+ * backend. Shapes in the comments; N = B*T rows. */
+#include "../graph/tape.h"
+
+#define NONE (-1)
+#define IN(...) ((const int[3]){__VA_ARGS__})
+#define OUT(...) ((const int[2]){__VA_ARGS__})
+#define DIM(...) ((const int[6]){__VA_ARGS__})
+
+const sj_opinfo sj_ops[SJ_OP__COUNT] = {
+    [SJ_OP_EMBEDDING] = {"embedding", 1u << 0, 0},
+    [SJ_OP_RMSNORM] = {"rmsnorm", 1u << 0 | 1u << 1, 1u << 1},
+    [SJ_OP_MATMUL] = {"matmul", 1u << 0 | 1u << 1, 0},
+    [SJ_OP_ROPE] = {"rope", 0, 0},
+    [SJ_OP_ATTENTION] = {"attention", 1u << 0, 1u << 0 | 1u << 1},
+    [SJ_OP_SWIGLU] = {"swiglu", 1u << 0, 0},
+    [SJ_OP_ADD] = {"add", 0, 0},
+    [SJ_OP_CROSS_ENTROPY] = {"cross_entropy", 1u << 0 | 1u << 1, 1u << 1},
+};
+
+static int record(sj_tape *tp, sj_opcode op, const int in[3], int64_t n0, int64_t n1,
+                  int no_grad1, const int dim[6], float f) {
+    for (int k = 0; k < 3; k++) if (in[k] < NONE) return -1;  /* failed upstream */
+    int o0 = sj_tape_tensor(tp, SJ_T_ACT, n0), o1 = NONE;
+    if (o0 < 0) return -1;
+    if (n1) {
+        if ((o1 = sj_tape_tensor(tp, SJ_T_ACT, n1)) < 0) return -1;
+        tp->t[o1].no_grad = no_grad1;
+    }
+    if (sj_tape_node(tp, op, in, OUT(o0, o1), dim, f) < 0) return -1;
+    return o0;
+}
+
+// tokens: (N) -> x: (N, C)
+int sj_op_embedding(sj_tape *tp, int tokens, int emb, int N, int C) {
+    return record(tp, SJ_OP_EMBEDDING, IN(tokens, emb, NONE), (int64_t)N * C, 0, 0,
+                  DIM(N, C), 0);
+}
+// x: (N, C) -> y: (N, C), rstd: (N)
+int sj_op_rmsnorm(sj_tape *tp, int x, int w, int N, int C, float eps) {
+    return record(tp, SJ_OP_RMSNORM, IN(x, w, NONE), (int64_t)N * C, N, 1, DIM(N, C), eps);
+}
+// x: (N, in) @ w^T, w: (out, in) -> (N, out)
+int sj_op_matmul(sj_tape *tp, int x, int w, int N, int out_features, int in_features) {
+    return record(tp, SJ_OP_MATMUL, IN(x, w, NONE), (int64_t)N * out_features, 0, 0,
+                  DIM(N, out_features, in_features), 0);
+}
+// x: (B, T, n_heads*hd) -> same, first n_rot heads rotated
+int sj_op_rope(sj_tape *tp, int x, int B, int T, int n_heads, int n_rot, int hd, float theta) {
+    return record(tp, SJ_OP_ROPE, IN(x, NONE, NONE), (int64_t)B * T * n_heads * hd, 0, 0,
+                  DIM(B, T, n_heads, n_rot, hd), theta);
+}
+// qkv: (B, T, (H+2KV)*hd) -> y: (B, T, H*hd), lse: (B, H, T)
+int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd) {
+    return record(tp, SJ_OP_ATTENTION, IN(qkv, NONE, NONE), (int64_t)B * T * H * hd,
+                  (int64_t)B * H * T, 1, DIM(B, T, H, KV, hd), 0);
+}
+// gu: (N, 2F) -> h: (N, F)
+int sj_op_swiglu(sj_tape *tp, int gu, int N, int F) {
+    return record(tp, SJ_OP_SWIGLU, IN(gu, NONE, NONE), (int64_t)N * F, 0, 0, DIM(N, F), 0);
+}
+int sj_op_add(sj_tape *tp, int a, int b, int64_t n) {
+    return record(tp, SJ_OP_ADD, IN(a, b, NONE), n, 0, 0, DIM(0), 0);
+}
+// logits: (N, V), targets: (N) -> losses: (N), lse: (N)
+int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index) {
+    int o = record(tp, SJ_OP_CROSS_ENTROPY, IN(logits, targets, NONE), N, N, 1,
+                   DIM(N, V, ignore_index), 0);
+    if (o >= 0) tp->t[o].no_grad = 1;
+    return o;
+}
+
+#define P(id) sj_tape_ptr(tp, (id), params)
+#define G(id) ((float *)sj_tape_ptr(tp, tp->t[id].grad, params))
+
+void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, float *params) {
+    const int *d = n->dim, *in = n->in, *out = n->out;
+    switch (n->op) {
+    case SJ_OP_EMBEDDING:
+        be->embedding_forward(P(out[0]), P(in[0]), tp->t[in[0]].dtype, P(in[1]), d[0], d[1]);
+        break;
+    case SJ_OP_RMSNORM:
+        be->rmsnorm_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]), d[0], d[1], n->f);
+        break;
+    case SJ_OP_MATMUL:
+        be->matmul(P(out[0]), P(in[0]), P(in[1]), d[0], d[1], d[2], 0, 1, 0);
+        break;
+    case SJ_OP_ROPE:
+        be->rope_forward(P(out[0]), P(in[0]), d[0], d[1], d[2], d[3], d[4], 0, n->f);
+        break;
+    case SJ_OP_ATTENTION:
+        be->attention_forward(P(out[0]), P(out[1]), P(in[0]), d[0], d[1], d[2], d[3], d[4]);
+        break;
+    case SJ_OP_SWIGLU:
+        be->swiglu_forward(P(out[0]), P(in[0]), d[0], d[1]);
+        break;
+    case SJ_OP_ADD:
+        be->add(P(out[0]), P(in[0]), P(in[1]), tp->t[out[0]].numel);
+        break;
+    case SJ_OP_CROSS_ENTROPY:
+        be->cross_entropy_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]),
+                                  tp->t[in[1]].dtype, d[0], d[1], d[2]);
+        break;
+    case SJ_OP__COUNT: break;
+    }
+}
+
+/* Gradient of in[k], or NULL when it has none (params, tokens, saved stats). */
+static float *in_grad(const sj_tape *tp, const sj_node *n, int k, float *params) {
+    int id = n->in[k];
+    return id >= 0 && tp->t[id].kind == SJ_T_ACT && tp->t[id].grad >= 0 ? G(id) : NULL;
+}
+
+void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
+                    float *params, float *grads) {
+    const int *d = n->dim, *in = n->in, *out = n->out, *acc = n->accum;
+    float *dx = in_grad(tp, n, 0, params);
+    float *dy = n->op == SJ_OP_CROSS_ENTROPY ? NULL : G(out[0]);
+    switch (n->op) {
+    case SJ_OP_EMBEDDING:
+        be->embedding_backward(grads + tp->t[in[1]].offset, dy, P(in[0]), tp->t[in[0]].dtype,
+                               d[0], d[1]);
+        break;
+    case SJ_OP_RMSNORM:
+        be->rmsnorm_backward(dx, grads + tp->t[in[1]].offset, dy, P(in[0]), P(in[1]),
+                             P(out[1]), d[0], d[1], acc[0]);
+        break;
+    case SJ_OP_MATMUL:
+        if (dx) be->matmul(dx, dy, P(in[1]), d[0], d[2], d[1], 0, 0, acc[0]);   // dy @ W
+        be->matmul(grads + tp->t[in[1]].offset, dy, P(in[0]), d[1], d[2], d[0], 1, 0, 1);
+        break;
+    case SJ_OP_ROPE:
+        be->rope_backward(dx, dy, d[0], d[1], d[2], d[3], d[4], 0, n->f, acc[0]);
+        break;
+    case SJ_OP_ATTENTION:
+        be->attention_backward(dx, dy, P(in[0]), P(out[0]), P(out[1]), d[0], d[1], d[2],
+                               d[3], d[4], acc[0]);
+        break;
+    case SJ_OP_SWIGLU:
+        be->swiglu_backward(dx, dy, P(in[0]), d[0], d[1], acc[0]);
+        break;
+    case SJ_OP_ADD: {
+        float *db = in_grad(tp, n, 1, params);
+        if (dx) be->copy(dx, dy, tp->t[out[0]].numel, acc[0]);
+        if (db) be->copy(db, dy, tp->t[out[0]].numel, acc[1]);
+        break;
+    }
+    case SJ_OP_CROSS_ENTROPY:
+        be->cross_entropy_backward(dx, P(in[0]), P(out[1]), P(in[1]), tp->t[in[1]].dtype,
+                                   d[0], d[1], d[2], tp->loss_scale, acc[0]);
+        break;
+    case SJ_OP__COUNT: break;
+    }
+}

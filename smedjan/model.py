@@ -1,0 +1,98 @@
+"""smedjan.Model: a thin handle over the engine's model. Parameters and
+gradients are NumPy views into the engine's flat buffers (zero-copy)."""
+from __future__ import annotations
+
+from typing import Dict, Union
+
+import numpy as np
+
+from . import _C
+from .config import Config
+
+
+def as_tokens(x, name: str = "tokens") -> np.ndarray:
+    """A (B, T) int32/uint16 array, without a copy when it already is one.
+
+    Other integer dtypes are converted (checked for range); anything else
+    is refused with a TypeError naming the argument."""
+    a = np.asarray(x)
+    if a.dtype == np.int32 or a.dtype == np.uint16:
+        pass
+    elif a.dtype.kind in "iu":
+        if a.size and (a.min() < np.iinfo(np.int32).min or a.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"{name}: values do not fit in int32")
+        a = a.astype(np.int32)
+    else:
+        raise TypeError(f"{name}: expected an integer array (int32 or uint16), got dtype {a.dtype}")
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise ValueError(f"{name}: expected shape (batch, seq), got {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+class Model:
+    """A decoder-only transformer in the engine.
+
+    >>> m = Model("tiny", seed=0)
+    >>> m.forward(np.zeros((1, 8), np.int32)).shape
+    (1, 8, 8192)
+    """
+
+    def __init__(self, config: Union[str, Config, dict] = "small", *, seed: int = 0,
+                 vocab_size: int = 8192, **overrides):
+        if isinstance(config, str):
+            config = Config.preset(config, vocab_size, **overrides)
+        elif isinstance(config, dict):
+            config = Config(**{**config, **overrides})
+        elif overrides:
+            config = Config(**{**config.to_dict(), **overrides})
+        self.config: Config = config
+        self.seed = seed
+        self._h = _C.Model(config.to_dict(), seed)
+        self.flat_params = np.frombuffer(self._h.params(), dtype=np.float32)
+        self.flat_grads = np.frombuffer(self._h.grads(), dtype=np.float32)
+        self.tensors = [(n, tuple(s), off) for n, s, off, _ in self._h.tensors()]
+        self.params = self._views(self.flat_params)
+        self.grads = self._views(self.flat_grads)
+
+    def _views(self, flat: np.ndarray) -> Dict[str, np.ndarray]:
+        out = {}
+        for name, shape, off in self.tensors:
+            v = flat[off:off + int(np.prod(shape))].reshape(shape)
+            out[name] = v
+        return out
+
+    @property
+    def n_params(self) -> int:
+        return self.flat_params.size
+
+    def forward(self, tokens) -> np.ndarray:
+        """Logits (B, T, vocab) as float32 for tokens (B, T)."""
+        t = as_tokens(tokens)
+        out = np.empty((*t.shape, self.config.vocab_size), dtype=np.float32)
+        self._h.forward(t, out)
+        return out if np.ndim(tokens) != 1 else out[0]
+
+    __call__ = forward
+
+    def loss(self, tokens, targets, *, ignore_index: int = -1, backward: bool = False) -> float:
+        """Mean cross-entropy of next-token targets; targets equal to
+        ignore_index do not count. With backward=True, gradients are added
+        into `grads`."""
+        return self._h.loss(as_tokens(tokens), as_tokens(targets, "targets"),
+                            ignore_index=ignore_index, backward=backward)
+
+    def zero_grad(self) -> None:
+        self._h.zero_grad()
+
+    def memory(self) -> dict:
+        """Engine memory held now and at peak, in bytes."""
+        now, peak = self._h.memory()
+        return {"bytes": now, "peak_bytes": peak}
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model(dim={c.dim}, n_layers={c.n_layers}, n_heads={c.n_heads}, "
+                f"n_kv_heads={c.n_kv_heads}, ffn_dim={c.ffn_dim}, vocab_size={c.vocab_size}, "
+                f"params={self.n_params:,})")

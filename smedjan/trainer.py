@@ -1,0 +1,63 @@
+"""smedjan.Trainer: AdamW with a warm-up + cosine schedule and global
+gradient-norm clipping, all in the engine over the flat buffers."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from . import _C
+from .model import Model, as_tokens
+
+
+class StepResult(NamedTuple):
+    loss: float
+    grad_norm: float   # before clipping
+    lr: float
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, steps: int) -> float:
+    """The schedule: linear from min_lr to lr over `warmup` steps, then cosine
+    back to min_lr at step `steps - 1`."""
+    return _C.lr_at(lr, min_lr, warmup, steps, step)
+
+
+class Trainer:
+    """Trains a Model one batch at a time.
+
+    >>> m = Model("tiny"); tr = Trainer(m, lr=1e-3, steps=10)
+    >>> x = np.random.randint(0, 8192, (2, 16)).astype(np.int32)
+    >>> r = tr.step(x[:, :-1], x[:, 1:])
+    """
+
+    def __init__(self, model: Model, *, lr: float = 3e-4, min_lr: Optional[float] = None,
+                 warmup: int = 0, steps: int = 1000, weight_decay: float = 0.1,
+                 clip: float = 1.0, betas: Tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8):
+        self.model = model
+        self.lr, self.min_lr = lr, lr / 10 if min_lr is None else min_lr
+        self.warmup, self.steps = warmup, steps
+        self.weight_decay, self.clip, self.betas, self.eps = weight_decay, clip, betas, eps
+        self._h = _C.Optimizer(model._h, lr, self.min_lr, warmup, steps, betas[0], betas[1],
+                               eps, weight_decay, clip)
+        self.exp_avg = np.frombuffer(self._h.state(0), dtype=np.float32)
+        self.exp_avg_sq = np.frombuffer(self._h.state(1), dtype=np.float32)
+
+    @property
+    def step_count(self) -> int:
+        return self._h.step_count
+
+    @step_count.setter
+    def step_count(self, n: int) -> None:
+        self._h.step_count = n
+
+    def step(self, tokens, targets) -> StepResult:
+        """Forward, backward, clip and AdamW on one batch."""
+        return StepResult(*self._h.train_step(as_tokens(tokens),
+                                              as_tokens(targets, "targets")))
+
+    def optimizer_step(self) -> Tuple[float, float]:
+        """Clip and update from the gradients already accumulated in the
+        model (after model.loss(..., backward=True) calls); zeroes them.
+        Returns (grad_norm, lr)."""
+        return self._h.step()
