@@ -144,6 +144,15 @@ sj_status sj_train_step(sj_optimizer *o, const void *tokens, const void *targets
                         sj_dtype tok_dtype, int B, int T,
                         float *loss, float *grad_norm, float *lr);
 
+/* ---- testing hooks ---- */
+
+/* Finite-difference check of one op's backward (embedding, rmsnorm, matmul,
+ * rope, attention, swiglu, add, cross_entropy) on random inputs; with
+ * accumulate, gradients must add onto existing values. *max_err is the
+ * largest relative error over the op's inputs; detail names each. */
+sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double *max_err,
+                          char *detail, size_t detail_len);
+
 #ifdef __cplusplus
 }
 #endif

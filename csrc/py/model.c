@@ -411,7 +411,20 @@ static PyTypeObject OptimizerType = {
     .tp_getset = opt_getset,
 };
 
+static PyObject *py_gradcheck(PyObject *self, PyObject *args) {
+    const char *op; unsigned long long seed; int accumulate;
+    if (!PyArg_ParseTuple(args, "sKp", &op, &seed, &accumulate)) return NULL;
+    double err = 0; char detail[256];
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS s = sj_op_gradcheck(op, seed, accumulate, &err, detail, sizeof detail);
+    Py_END_ALLOW_THREADS
+    if (s) return sj_py_raise(s);
+    return Py_BuildValue("(ds)", err, detail);
+}
+
 static PyMethodDef functions[] = {
+    {"op_gradcheck", py_gradcheck, METH_VARARGS,
+     "op_gradcheck(op, seed, accumulate) -> (max_rel_err, detail)"},
     {"preset", py_preset, METH_VARARGS, "preset(name, vocab_size) -> config dict"},
     {"preset_names", py_preset_names, METH_NOARGS, "preset_names() -> [str]"},
     {"ffn_dim_for", py_ffn_dim_for, METH_VARARGS, "ffn_dim_for(dim, mult) -> int"},

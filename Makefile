@@ -1,0 +1,22 @@
+# The two commands a fresh machine needs: `make demo` and `make test`.
+PY ?= python3
+PIP = $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: install demo test build gpu-check bench clean
+
+install:
+	$(PIP) -e .
+
+demo: install
+	$(PY) -m smedjan demo
+
+test:
+	$(PIP) -e ".[test]"
+	$(PY) -m pytest -q
+
+# In-place build without pip (for machines with no package index).
+build:
+	$(PY) setup.py -q build_ext --inplace
+
+clean:
+	rm -rf build smedjan/_C*.so *.egg-info
