@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default 8192)")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(func=cmd_sizes)
-    from . import demo
+    from . import commands, demo, tokenizer
+    tokenizer.add_commands(sub)
+    commands.add_commands(sub)
     demo.add_commands(sub)
     return p
 

@@ -1,0 +1,249 @@
+"""`smedjan prepare`, `smedjan train` and `smedjan generate`: thin command
+wrappers over smedjan.data, Trainer.fit and Model.generate."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+
+import numpy as np
+
+log = logging.getLogger("smedjan")
+TOKENIZER_FILE = "tokenizer.sjt"
+
+
+def _text_chunks(path: str, size: int = 1 << 20):
+    """A file's text in ~size pieces that end at a newline, so that no word
+    is cut in two (the pre-tokeniser never splits across a newline)."""
+    with open(path, "rb") as f:
+        rest = b""
+        while True:
+            block = f.read(size)
+            if not block:
+                break
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:
+                rest = block
+                continue
+            rest = block[cut:]
+            yield block[:cut]
+        if rest:
+            yield rest
+
+
+def prepare(files, tokenizer, out: str, *, dtype: str = "auto", eot: bool = True,
+            progress: bool = True) -> int:
+    """Encode text files into a token file; an end-of-text token separates
+    files when the tokenizer has one. Returns the token count."""
+    from tqdm.auto import tqdm
+    from .data import write_tokens
+    for f in files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"prepare: no such file: {f}")
+    if dtype == "auto":
+        dtype = "uint16" if len(tokenizer) <= 65536 else "uint32"
+    total = sum(os.path.getsize(f) for f in files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None if progress else True)
+
+    def chunks():
+        for f in files:
+            batch, size = [], 0
+            for piece in _text_chunks(f):
+                batch.append(piece)
+                size += len(piece)
+                if size >= 16 << 20:
+                    yield from tokenizer.encode_batch(batch, allowed_special=())
+                    bar.update(size)
+                    batch, size = [], 0
+            if batch:
+                yield from tokenizer.encode_batch(batch, allowed_special=())
+                bar.update(size)
+            if eot and tokenizer.eot_id is not None:
+                yield np.array([tokenizer.eot_id], dtype=np.int32)
+
+    try:
+        return write_tokens(out, chunks(), dtype=dtype)
+    finally:
+        bar.close()
+
+
+def cmd_prepare(args) -> int:
+    from .tokenizer import Tokenizer
+    tok = Tokenizer.load(args.tokenizer)
+    n = prepare(args.files, tok, args.output, dtype=args.dtype, eot=not args.no_eot)
+    print(f"{n:,} tokens -> {args.output}")
+    return 0
+
+
+def _config_from_args(args, vocab_size: int):
+    from .config import Config
+    if args.size == "custom":
+        if not (args.dim and args.layers and args.heads):
+            raise ValueError("--size custom needs --dim, --layers and --heads")
+        return Config.custom(args.dim, args.layers, args.heads, args.kv_heads,
+                             ffn_mult=args.ffn_mult, vocab_size=vocab_size,
+                             max_seq_len=max(args.seq_len, 256))
+    over = {}
+    if args.kv_heads:
+        over["n_kv_heads"] = args.kv_heads
+    cfg = Config.preset(args.size, vocab_size, **over)
+    if args.seq_len > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the {args.size} preset's "
+                         f"max_seq_len {cfg.max_seq_len}")
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from . import checkpoint as ck
+    from .data import Batches, TokenFile
+    from .loop import LATEST, fit
+    from .model import Model
+    from .trainer import Trainer
+    data = TokenFile(args.data)
+    tok_path = args.tokenizer
+    vocab = args.vocab_size
+    if tok_path:
+        from .tokenizer import Tokenizer
+        vocab = len(Tokenizer.load(tok_path))
+    top = int(data.tokens.max()) if len(data) else 0
+    if top >= vocab:
+        raise ValueError(f"{args.data}: holds token id {top}, but the vocabulary has {vocab} "
+                         f"entries (give --tokenizer or --vocab-size)")
+    latest = os.path.join(args.checkpoint_dir, LATEST) if args.checkpoint_dir else None
+    if args.resume and not (latest and os.path.exists(latest)):
+        raise FileNotFoundError(f"--resume: no checkpoint at {latest}")
+    if args.resume:
+        c = ck.load_checkpoint(latest)
+        model = Model(c.config, seed=args.seed)
+        trainer = Trainer(model, **c.trainer)
+        print(f"resuming {latest} at step {c.step}")
+    else:
+        model = Model(_config_from_args(args, vocab), seed=args.seed)
+        trainer = Trainer(model, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
+                          steps=args.steps, weight_decay=args.weight_decay, clip=args.clip)
+    if args.checkpoint_dir and tok_path:
+        os.makedirs(args.checkpoint_dir, exist_ok=True)
+        dst = os.path.join(args.checkpoint_dir, TOKENIZER_FILE)
+        if os.path.abspath(tok_path) != os.path.abspath(dst):
+            shutil.copyfile(tok_path, dst)
+    train = Batches(data, args.batch_size, args.seq_len, split="train",
+                    val_fraction=args.val_fraction, seed=args.seed)
+    val = Batches(data, args.batch_size, args.seq_len, split="val",
+                  val_fraction=args.val_fraction, seed=args.seed + 1) if args.val_fraction > 0 else None
+    print(f"{model!r}\n{len(data):,} tokens; batch {args.batch_size} x seq {args.seq_len}; "
+          f"{trainer.steps} steps")
+    rows = fit(trainer, train, val, eval_every=args.eval_every, eval_batches=args.eval_batches,
+               checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+               resume=args.resume, max_steps=args.max_steps)
+    if rows:
+        last = rows[-1]
+        msg = f"step {last['step']}: loss {last['loss']:.4f}"
+        if "val_loss" in last:
+            msg += f", val {last['val_loss']:.4f} (ppl {last['ppl']:.1f})"
+        print(msg)
+    return 0
+
+
+def load_for_inference(path: str, tokenizer: str = None):
+    """A model from a checkpoint, with the tokenizer saved beside it (or given)."""
+    from .checkpoint import model_from_checkpoint
+    model = model_from_checkpoint(path)
+    tok = tokenizer or os.path.join(os.path.dirname(os.path.abspath(path)), TOKENIZER_FILE)
+    if os.path.exists(tok):
+        from .tokenizer import Tokenizer
+        model.tokenizer = Tokenizer.load(tok)
+    elif tokenizer:
+        raise FileNotFoundError(f"--tokenizer: no such file: {tokenizer}")
+    return model
+
+
+def cmd_generate(args) -> int:
+    model = load_for_inference(args.checkpoint, args.tokenizer)
+    tok = getattr(model, "tokenizer", None)
+    prompt = args.prompt
+    if tok is None:
+        try:
+            prompt = [int(t) for t in prompt.split()]
+        except ValueError:
+            raise ValueError(f"{args.checkpoint}: no {TOKENIZER_FILE} beside it; give --tokenizer "
+                             "or a prompt of token ids") from None
+    from .generate import generate
+    out = []
+    stream = generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
+    if tok is None:
+        print(" ".join(str(t) for t in stream))
+        return 0
+    if not args.stream:
+        print(args.prompt + tok.decode(list(stream)))
+        return 0
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    shown = ""
+    for t in stream:                  # decode the whole tail: a character may span tokens
+        out.append(t)
+        text = tok.decode(out, errors="replace")
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tok.decode(out, errors="replace")[len(shown):] + "\n")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("prepare", help="encode text files into a token file",
+                       description="Encode text files with a tokenizer into a token file "
+                                   "(see docs/formats.md).")
+    p.add_argument("files", nargs="+", help="UTF-8 text files")
+    p.add_argument("--tokenizer", required=True, help="tokenizer file (smedjan tokenizer train)")
+    p.add_argument("-o", "--output", required=True, help="token file to write")
+    p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto")
+    p.add_argument("--no-eot", action="store_true", help="no end-of-text token between files")
+    p.set_defaults(func=cmd_prepare)
+
+    t = sub.add_parser("train", help="train a model on a token file",
+                       description="Train a model; checkpoints (latest, best, final) and "
+                                   "metrics.jsonl go to --checkpoint-dir.")
+    t.add_argument("--data", required=True, help="token file (smedjan prepare)")
+    t.add_argument("--tokenizer", help="tokenizer file; sets the vocabulary size and is copied "
+                                       "beside the checkpoints")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--size", default="small", help="preset name or 'custom'")
+    t.add_argument("--dim", type=int)
+    t.add_argument("--layers", type=int)
+    t.add_argument("--heads", type=int)
+    t.add_argument("--kv-heads", type=int, help="grouped-query attention: KV heads")
+    t.add_argument("--ffn-mult", type=float, default=2.67)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--max-steps", type=int, help="stop after this many steps in this run")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--min-lr", type=float, default=None, help="default lr/10")
+    t.add_argument("--warmup", type=int, default=50)
+    t.add_argument("--weight-decay", type=float, default=0.1)
+    t.add_argument("--clip", type=float, default=1.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-fraction", type=float, default=0.05)
+    t.add_argument("--eval-every", type=int, default=100)
+    t.add_argument("--eval-batches", type=int, default=10)
+    t.add_argument("--checkpoint-dir")
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--resume", action="store_true", help="continue from checkpoint-dir/latest")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--tokenizer", help=f"default: {TOKENIZER_FILE} beside the checkpoint")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--stream", action="store_true", help="print tokens as they come")
+    g.set_defaults(func=cmd_generate)

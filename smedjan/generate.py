@@ -1,0 +1,88 @@
+"""Model.generate: sampling as a streaming Python iterator.
+
+Without a KV cache each new token reruns the forward pass over the whole
+context. The context is padded at the end to a small set of bucket lengths:
+attention is causal, so padding never changes the logits of the real
+positions, and the engine reuses one planned tape per bucket instead of
+planning one per length."""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+
+def _bucket(n: int, max_len: int) -> int:
+    b = 16
+    while b < n:
+        b *= 2
+    return min(b, max_len)
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
+           top_k: Optional[int] = None, top_p: Optional[float] = None) -> int:
+    """One token id from a (vocab,) row of logits; temperature 0 is greedy."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p is not None and 0 < top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cum, top_p) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64, *,
+             temperature: float = 1.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, seed: Optional[int] = None,
+             stop: Union[None, int, str, Sequence[Union[int, str]]] = None,
+             tokenizer=None) -> Iterator[int]:
+    """Stream up to max_new_tokens token ids after prompt (text needs a
+    tokenizer: the model's own when it came from a checkpoint). Generation
+    ends early at a stop token id or once the decoded text ends with a stop
+    string; the stop token itself is not yielded.
+
+    >>> # for t in model.generate("def main", 32, temperature=0.8, seed=0): ...
+    """
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if isinstance(prompt, str):
+        if tok is None:
+            raise ValueError("prompt is text but the model has no tokenizer: pass tokenizer= "
+                             "or token ids")
+        ids = list(np.asarray(tok.encode(prompt, allowed_special="all")))
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("prompt is empty: generation needs at least one token")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    stops = [] if stop is None else [stop] if isinstance(stop, (int, str)) else list(stop)
+    stop_ids = {s for s in stops if isinstance(s, int)}
+    stop_strs = [s for s in stops if isinstance(s, str)]
+    if stop_strs and tok is None:
+        raise ValueError("stop strings need a tokenizer")
+    rng = np.random.default_rng(seed)
+    V, max_len = model.config.vocab_size, model.config.max_seq_len
+    new = []
+    for _ in range(max_new_tokens):
+        ctx = ids[-max_len:]
+        L = _bucket(len(ctx), max_len)
+        x = np.zeros((1, L), np.int32)
+        x[0, :len(ctx)] = ctx
+        logits = model.forward(x)[0, len(ctx) - 1]
+        t = sample(logits, rng, temperature, top_k, top_p)
+        if t in stop_ids:
+            return
+        ids.append(t)
+        new.append(t)
+        yield t
+        if stop_strs and any(tok.decode(new, errors="replace").endswith(s) for s in stop_strs):
+            return

@@ -1,0 +1,114 @@
+"""Trainer.fit: the loop you can leave running. Evaluation every N steps,
+checkpoints (latest and best by validation loss) written atomically, a
+weights-only final file, a JSONL metrics log and a tqdm progress bar.
+Resuming restores weights, optimizer state, step and the data loader's
+exact position, so the trajectory continues bit for bit."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Optional
+
+import numpy as np
+
+log = logging.getLogger("smedjan")
+
+LATEST, BEST, FINAL = "latest.safetensors", "best.safetensors", "final.safetensors"
+
+
+def evaluate(model, batches, n_batches: int) -> float:
+    """Mean loss over the next n_batches of a validation loader."""
+    losses = [model.loss(*next(batches)) for _ in range(n_batches)]
+    return float(np.mean(losses))
+
+
+def fit(trainer, train, val=None, *, eval_every: int = 100, eval_batches: int = 10,
+        checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
+        resume: bool = False, metrics_file: Optional[str] = None, progress: bool = True,
+        max_steps: Optional[int] = None) -> list:
+    """Train until trainer.steps (or max_steps more steps in this call).
+
+    train, val: loaders yielding (x, y) int32 batches with state_dict() /
+    load_state_dict() (smedjan.data.Batches). Returns the metrics rows.
+
+    >>> # fit(trainer, Batches(TokenFile("data.tok"), 8, 256), checkpoint_dir="ckpt")
+    """
+    from . import checkpoint as ck
+    model = trainer.model
+    best = math.inf
+    if checkpoint_dir:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        metrics_file = metrics_file or os.path.join(checkpoint_dir, "metrics.jsonl")
+    latest = os.path.join(checkpoint_dir, LATEST) if checkpoint_dir else None
+    if resume and latest and os.path.exists(latest):
+        c = ck.load_checkpoint(latest)
+        ck.restore(c, model, trainer)
+        state = c.loader or {}
+        if state.get("train"):
+            train.load_state_dict(state["train"])
+        if val is not None and state.get("val"):
+            val.load_state_dict(state["val"])
+        best = (c.extra or {}).get("best_val_loss") or math.inf
+        log.info("resumed from %s at step %d", latest, trainer.step_count)
+    elif resume and latest:
+        log.info("no checkpoint in %s: starting fresh", checkpoint_dir)
+
+    def save(path, val_loss=None):
+        loader = {"train": train.state_dict(), "val": val.state_dict() if val is not None else None}
+        extra = {"best_val_loss": best if math.isfinite(best) else None}
+        if val_loss is not None:
+            extra["val_loss"] = val_loss
+        ck.save_checkpoint(path, model, trainer, step=trainer.step_count, loader_state=loader,
+                           extra=extra)
+
+    end = trainer.steps if max_steps is None else min(trainer.steps, trainer.step_count + max_steps)
+    rows, t_start = [], time.perf_counter()
+    metrics = open(metrics_file, "a") if metrics_file else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=end, initial=trainer.step_count, unit="step", disable=None,
+                   dynamic_ncols=True)
+    tokens_seen, t_window = 0, time.perf_counter()
+    try:
+        while trainer.step_count < end:
+            x, y = next(train)
+            r = trainer.step(x, y)
+            step = trainer.step_count          # steps done, 1-based
+            tokens_seen += x.size
+            now = time.perf_counter()
+            row = dict(step=step, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr,
+                       tok_s=tokens_seen / max(now - t_window, 1e-9),
+                       elapsed=now - t_start)
+            last = step == end
+            if val is not None and (step % eval_every == 0 or last):
+                v = evaluate(model, val, eval_batches)
+                row.update(val_loss=v, ppl=math.exp(min(v, 50.0)))
+                if checkpoint_dir and v < best:
+                    best = v
+                    save(os.path.join(checkpoint_dir, BEST), v)
+            if checkpoint_dir and ((checkpoint_every and step % checkpoint_every == 0) or last):
+                save(latest, row.get("val_loss"))
+            rows.append(row)
+            if metrics:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            if bar is not None:
+                bar.update(1)
+                post = dict(loss=f"{r.loss:.3f}", lr=f"{r.lr:.1e}", tok_s=f"{row['tok_s']:,.0f}")
+                if "val_loss" in row:
+                    post["val"] = f"{row['val_loss']:.3f}"
+                bar.set_postfix(post, refresh=False)
+            if step % 50 == 0:
+                tokens_seen, t_window = 0, time.perf_counter()
+        if checkpoint_dir and trainer.step_count >= trainer.steps:
+            ck.save_weights(os.path.join(checkpoint_dir, FINAL), model)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics:
+            metrics.close()
+    return rows
