@@ -51,7 +51,7 @@ from tokenizers import models, pre_tokenizers, trainers  # noqa: E402
 
 from smedjan import _C  # noqa: E402
 from smedjan.tokenizer import Tokenizer, _from_bytelevel  # noqa: E402
-from _tokdata import GPT2_PATTERN, gpt2_files  # noqa: E402
+from test_tokenizer_data import GPT2_PATTERN, gpt2_files  # noqa: E402
 
 
 def corpus(min_mb):

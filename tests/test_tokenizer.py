@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from smedjan import _C
 from smedjan.tokenizer import Tokenizer
-from _tokdata import stdlib_texts
+from test_tokenizer_data import stdlib_texts
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from smedjan.tokenizer import Tokenizer, _from_bytelevel
-from _tokdata import GPT2_PATTERN, gpt2_files, stdlib_texts
+from test_tokenizer_data import GPT2_PATTERN, gpt2_files, stdlib_texts
 
 FILES = gpt2_files()
 pytestmark = pytest.mark.skipif(

