@@ -78,6 +78,12 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
 
+# The tokenizer's Unicode class table is generated from this Python's unicodedata
+# before anything compiles; it lands in build/gen (untracked), found via include_dirs.
+GEN_DIR = os.path.join("build", "gen")
+subprocess.run([sys.executable, os.path.join(HERE, "csrc", "tokenizer", "gen_unicode.py"),
+                os.path.join(HERE, GEN_DIR)], check=True)
+
 flags = ["-std=c11", "-O3", "-fPIC", "-pthread", "-D_GNU_SOURCE", "-fno-math-errno",
          "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
 flags += [f for f in ("-march=native", "-fopenmp-simd") if cc_accepts(f)]
@@ -86,7 +92,7 @@ setup(
     ext_modules=[Extension(
         "smedjan._C",
         sources=C_SOURCES,
-        include_dirs=["csrc"],
+        include_dirs=["csrc", GEN_DIR],
         extra_compile_args=flags,
         extra_link_args=["-pthread", "-lm"],
     )],

@@ -152,6 +152,80 @@ sj_status sj_train_step(sj_optimizer *o, const void *tokens, const void *targets
  * largest relative error over the op's inputs; detail names each. */
 sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double *max_err,
                           char *detail, size_t detail_len);
+/* ---- tokenizer ---- */
+
+/* Byte-level BPE with GPT-2's pre-tokenisation. A token is a byte string;
+ * every one of the 256 single bytes is a token, so any input encodes.
+ * Special tokens (e.g. "<|endoftext|>") are never split or merged. */
+typedef struct sj_tokenizer sj_tokenizer;
+
+/* What encode does with the text of one special token. */
+typedef enum {
+    SJ_SPECIAL_AS_TEXT = 0,  /* encode it as ordinary text                 */
+    SJ_SPECIAL_ALLOW = 1,    /* emit the special token's id                */
+    SJ_SPECIAL_REFUSE = 2,   /* fail with SJ_ERR_ARG naming token and offset */
+} sj_special_mode;
+
+/* Build from a vocabulary and a merge list. Token i's bytes are
+ * data[offsets[i] .. offsets[i+1]); is_special may be NULL (none special).
+ * merges: (n_merges, 2) ids (left, right) in rank order; each result is the
+ * token whose bytes are the concatenation. */
+sj_status sj_tokenizer_create(int n_vocab, const uint8_t *data, const int64_t *offsets,
+                              const uint8_t *is_special, int n_merges,
+                              const int32_t *merges, sj_tokenizer **out);
+void sj_tokenizer_free(sj_tokenizer *t);
+int sj_tokenizer_vocab_size(const sj_tokenizer *t);
+int sj_tokenizer_n_merges(const sj_tokenizer *t);
+/* Bytes of token id (NULL if out of range); *is_special may be NULL. */
+const uint8_t *sj_tokenizer_token(const sj_tokenizer *t, int id, size_t *len, int *is_special);
+/* merge of a rank: out[0] left, out[1] right, out[2] result id. */
+sj_status sj_tokenizer_merge(const sj_tokenizer *t, int rank, int32_t out[3]);
+/* The id of a byte string (ordinary tokens first), or -1. */
+int32_t sj_tokenizer_lookup(const sj_tokenizer *t, const uint8_t *bytes, size_t len);
+/* Special tokens in id order: how many, and the id of the i-th. The
+ * special_modes arrays below have one sj_special_mode per special token in
+ * this order; NULL means all SJ_SPECIAL_AS_TEXT. */
+int sj_tokenizer_n_special(const sj_tokenizer *t);
+int32_t sj_tokenizer_special_id(const sj_tokenizer *t, int i);
+
+/* ids: capacity >= len (a token is never empty). Thread-safe. */
+sj_status sj_tokenizer_encode(sj_tokenizer *t, const uint8_t *text, size_t len,
+                              const uint8_t *special_modes, int32_t *ids, size_t *n_ids);
+/* n texts on the thread pool. ids: capacity >= sum(lens); text i's ids are
+ * written to ids[offsets[i] .. offsets[i+1]), offsets: (n+1). */
+sj_status sj_tokenizer_encode_batch(sj_tokenizer *t, int64_t n, const uint8_t *const *texts,
+                                    const size_t *lens, const uint8_t *special_modes,
+                                    int32_t *ids, int64_t *offsets);
+/* Decoding is two calls: the byte length (validating ids), then the bytes. */
+sj_status sj_tokenizer_decoded_len(const sj_tokenizer *t, const int32_t *ids, size_t n,
+                                   size_t *len);
+void sj_tokenizer_decode(const sj_tokenizer *t, const int32_t *ids, size_t n, uint8_t *out);
+
+/* Our own file format: magic, version, sizes, CRC32 (see docs/tokenizer.md).
+ * Saving writes a temp file and renames it over path. */
+sj_status sj_tokenizer_save(const sj_tokenizer *t, const char *path);
+sj_status sj_tokenizer_load(const char *path, sj_tokenizer **out);
+
+/* Training: feed text (any number of calls), begin, step until done, finish.
+ * Deterministic: the most frequent pair wins; ties go to the smallest
+ * (left id, right id), where ids are ordered as in GPT-2's and HF's
+ * byte-level vocabularies (see docs/tokenizer.md). */
+typedef struct sj_bpe_trainer sj_bpe_trainer;
+sj_status sj_bpe_trainer_create(int n_special, const uint8_t *const *special,
+                                const size_t *special_lens, sj_bpe_trainer **out);
+void sj_bpe_trainer_free(sj_bpe_trainer *tr);
+/* Each text is a document: pre-tokens never span two; special tokens in it
+ * are cut out and not learned from. Pre-tokens are counted on the pool. */
+sj_status sj_bpe_trainer_feed(sj_bpe_trainer *tr, int64_t n, const uint8_t *const *texts,
+                              const size_t *lens);
+int64_t sj_bpe_trainer_n_words(const sj_bpe_trainer *tr);
+/* vocab_size counts the 256 bytes, the merges' new tokens and the specials.
+ * *n_todo: how many merges at most remain. */
+sj_status sj_bpe_trainer_begin(sj_bpe_trainer *tr, int vocab_size, int64_t min_frequency,
+                               int *n_todo);
+/* Up to max_merges merges; *n_done < max_merges means training has ended. */
+sj_status sj_bpe_trainer_step(sj_bpe_trainer *tr, int max_merges, int *n_done);
+sj_status sj_bpe_trainer_finish(sj_bpe_trainer *tr, sj_tokenizer **out);
 
 #ifdef __cplusplus
 }

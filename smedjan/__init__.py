@@ -8,6 +8,7 @@ used from Python.
 from . import _C
 from .config import PRESETS, Config, sizes
 from .model import Model
+from .tokenizer import Tokenizer
 from .trainer import StepResult, Trainer, lr_at
 
 __version__ = "0.1.0"
@@ -25,5 +26,5 @@ def build_info() -> dict:
             "threads": _C.threads(), "cpus": os.cpu_count()}
 
 
-__all__ = ["Model", "Trainer", "Config", "StepResult", "sizes", "PRESETS", "lr_at",
+__all__ = ["Model", "Tokenizer", "Trainer", "Config", "StepResult", "sizes", "PRESETS", "lr_at",
            "threads", "build_info"]
