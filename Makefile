@@ -5,7 +5,7 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 .PHONY: install demo test build gpu-check bench clean
 
 install:
-	$(PIP) -e .
+	$(PIP) -e ".[demo]"
 
 demo: install
 	$(PY) -m smedjan demo

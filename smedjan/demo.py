@@ -1,74 +1,112 @@
-"""`make demo`: train the tiny preset on real text that every machine has
-(the Python standard library's own sources), byte-level, and print the
-falling loss."""
+"""`make demo`: the whole job on a fresh machine, on real text every
+machine has (the Python standard library's own sources): train a
+tokenizer, prepare a token file, train the small preset for a few minutes
+with checkpoints, plot the loss curve to a PNG and generate a sample."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import time
 
-import numpy as np
 
-from .config import Config
-from .model import Model
-from .trainer import Trainer
-
-
-def stdlib_corpus(max_bytes: int = 8_000_000) -> np.ndarray:
-    """Bytes of the standard library's .py files, in a fixed order."""
+def stdlib_corpus(path: str, max_bytes: int = 12_000_000) -> str:
+    """Concatenate the standard library's .py files (tests excluded) into path."""
     root = pathlib.Path(os.__file__).parent
-    chunks, total = [], 0
-    for p in sorted(root.rglob("*.py")):
-        if "test" in p.parts or "site-packages" in p.parts:
-            continue
-        b = p.read_bytes()
-        chunks.append(b)
-        total += len(b)
-        if total >= max_bytes:
-            break
-    return np.frombuffer(b"".join(chunks), dtype=np.uint8)
+    total = 0
+    with open(path, "wb") as out:
+        for p in sorted(root.rglob("*.py")):
+            if "test" in p.parts or "tests" in p.parts or "site-packages" in p.parts:
+                continue
+            b = p.read_bytes()
+            out.write(b + b"\n")
+            total += len(b) + 1
+            if total >= max_bytes:
+                break
+    return path
 
 
-def run(steps: int = 300, batch_size: int = 16, seq_len: int = 128, seed: int = 0,
-        log_every: int = 25) -> list:
-    data = stdlib_corpus()
-    split = int(len(data) * 0.95)
-    train, val = data[:split].astype(np.int32), data[split:].astype(np.int32)
-    cfg = Config.preset("tiny", vocab_size=256)
-    model = Model(cfg, seed=seed)
-    trainer = Trainer(model, lr=2e-3, min_lr=2e-4, warmup=20, steps=steps, weight_decay=0.1)
-    rng = np.random.default_rng(seed)
+def plot(metrics_file: str, png: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(l) for l in open(metrics_file)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train")
+    ev = [r for r in rows if "val_loss" in r]
+    ax.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("smedjan demo: small preset on Python stdlib sources")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
 
-    def batch(src):
-        s = rng.integers(0, len(src) - seq_len - 1, batch_size)
-        w = np.stack([src[i:i + seq_len + 1] for i in s])
-        return w[:, :-1].copy(), w[:, 1:].copy()
 
-    print(f"smedjan demo: tiny preset ({model.n_params:,} params, byte vocabulary) on "
-          f"{len(data) / 1e6:.1f} MB of Python standard-library source, {steps} steps of "
-          f"{batch_size}x{seq_len} tokens")
-    history, t0, seen = [], time.perf_counter(), 0
-    for step in range(steps):
-        x, y = batch(train)
-        r = trainer.step(x, y)
-        seen += x.size
-        history.append(r.loss)
-        if step % log_every == 0 or step == steps - 1:
-            vx, vy = batch(val)
-            print(f"step {step:4d}  loss {r.loss:.3f}  val {model.loss(vx, vy):.3f}  "
-                  f"lr {r.lr:.2e}  |g| {r.grad_norm:.2f}  "
-                  f"{seen / (time.perf_counter() - t0):,.0f} tok/s", flush=True)
-    print(f"loss {history[0]:.3f} -> {np.mean(history[-20:]):.3f} "
-          f"(uniform over bytes would be {np.log(256):.3f})")
-    return history
+def run(out_dir: str = "runs/demo", minutes: float = 3.0, steps: int = None, size: str = "small",
+        vocab_size: int = 8192, batch_size: int = 8, seq_len: int = 128) -> dict:
+    from . import commands
+    from .data import Batches, TokenFile
+    from .generate import generate
+    from .loop import FINAL, fit
+    from .model import Model
+    from .tokenizer import Tokenizer
+    from .trainer import Trainer
+    os.makedirs(out_dir, exist_ok=True)
+    corpus = stdlib_corpus(os.path.join(out_dir, "corpus.txt"))
+    t0 = time.perf_counter()
+    tok = Tokenizer.train(files=[corpus], vocab_size=vocab_size)
+    tok_path = os.path.join(out_dir, commands.TOKENIZER_FILE)
+    tok.save(tok_path)
+    print(f"1. tokenizer: {tok!r} in {time.perf_counter() - t0:.1f}s")
+    data_path = os.path.join(out_dir, "corpus.tok")
+    n = commands.prepare([corpus], tok, data_path)
+    print(f"2. prepared {n:,} tokens -> {data_path}")
+    data = TokenFile(data_path)
+    model = Model(size, vocab_size=len(tok), seed=0)
+    if steps is None:   # size the run to the time budget from a short measurement
+        probe = Trainer(model, lr=0.0, steps=3)
+        x, y = next(Batches(data, batch_size, seq_len, seed=99))
+        probe.step(x, y)
+        t = time.perf_counter()
+        probe.step(x, y)
+        steps = max(50, int(minutes * 60 / (time.perf_counter() - t) * 0.8))
+        model = Model(size, vocab_size=len(tok), seed=0)
+    trainer = Trainer(model, lr=2e-3, min_lr=2e-4, warmup=min(50, steps // 10), steps=steps)
+    ckpt = os.path.join(out_dir, "checkpoints")
+    if os.path.isdir(ckpt):
+        for f in os.listdir(ckpt):
+            os.remove(os.path.join(ckpt, f))
+    print(f"3. training {model!r} for {steps} steps of {batch_size}x{seq_len} tokens")
+    rows = fit(trainer, Batches(data, batch_size, seq_len, seed=0),
+               Batches(data, batch_size, seq_len, split="val", seed=1),
+               eval_every=max(10, steps // 10), eval_batches=8, checkpoint_dir=ckpt,
+               checkpoint_every=max(10, steps // 5))
+    for r in rows:
+        if "val_loss" in r:
+            print(f"   step {r['step']:5d}  loss {r['loss']:.3f}  val {r['val_loss']:.3f}  "
+                  f"ppl {r['ppl']:8.1f}  {r['tok_s']:,.0f} tok/s")
+    png = os.path.join(out_dir, "loss.png")
+    plot(os.path.join(ckpt, "metrics.jsonl"), png)
+    print(f"4. checkpoints in {ckpt}: {sorted(os.listdir(ckpt))}; loss curve -> {png}")
+    final = commands.load_for_inference(os.path.join(ckpt, FINAL))
+    prompt = "def "
+    sample = final.tokenizer.decode(list(generate(final, prompt, 80, temperature=0.8, top_k=40,
+                                                  seed=0)))
+    print("5. sample:\n" + prompt + sample)
+    return {"rows": rows, "png": png, "sample": sample}
 
 
 def cmd_demo(args) -> int:
-    run(steps=args.steps)
+    run(args.out, minutes=args.minutes, steps=args.steps)
     return 0
 
 
 def add_commands(sub) -> None:
-    d = sub.add_parser("demo", help="train the tiny preset on the stdlib's sources")
-    d.add_argument("--steps", type=int, default=300)
+    d = sub.add_parser("demo", help="the whole job on the stdlib's sources: tokenizer, data, "
+                                    "training, checkpoints, plot, sample")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--minutes", type=float, default=3.0, help="training time budget")
+    d.add_argument("--steps", type=int, help="fixed step count instead of a time budget")
     d.set_defaults(func=cmd_demo)
