@@ -80,8 +80,9 @@ def save_safetensors(path, tensors: Mapping[str, np.ndarray],
                                 f"{_BITS_ONLY[st]} array of its bits, got {a.dtype}")
         elif st not in _ST_TO_NP or _ST_TO_NP[st] != a.dtype.newbyteorder("="):
             raise TypeError(f"{os.fspath(path)}: tensor '{name}' declared {st} but has dtype {a.dtype}")
+        shape = a.shape   # before ascontiguousarray, which makes 0-d arrays 1-d
         a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
-        rows.append((name, st, a.shape, a))
+        rows.append((name, st, shape, a))
     rows.sort(key=lambda r: -_C.st_dtype_size(r[1]))   # stable: keeps caller order within a size
     meta = {} if metadata is None else {str(k): str(v) for k, v in metadata.items()}
     _C.safetensors_save(path, [(n, st, shape, a) for n, st, shape, a in rows], meta)
