@@ -149,8 +149,10 @@ sj_status sj_train_step(sj_optimizer *o, const void *tokens, const void *targets
 /* safetensors files: an 8-byte little-endian header length N, N bytes of
  * JSON ({"name": {"dtype", "shape", "data_offsets"}, "__metadata__": {}}),
  * then the tensor data, contiguous and without holes. Ours add one
- * metadata entry "crc32:<name>" (8 hex digits, zlib's CRC-32) per tensor;
- * readers verify the entries present and accept files without them. */
+ * metadata entry "crc32:<name>" (8 hex digits, zlib's CRC-32) per tensor
+ * and "crc32:__header__" over the metadata, names, dtypes and shapes
+ * (docs/formats.md); readers verify the entries present and accept files
+ * without them. */
 #define SJ_ST_MAX_DIMS 8
 
 typedef struct {

@@ -80,6 +80,30 @@ def test_reference_reader_opens_our_files(tmp_path, rng):
         assert f.metadata()[f"crc32:w"]
 
 
+def test_metadata_is_covered_by_the_header_crc(tmp_path):
+    p = tmp_path / "x.safetensors"
+    save_safetensors(p, {"a": np.ones(2, np.float32)}, {"step": "1200"})
+    b = p.read_bytes()
+    p.write_bytes(b.replace(b'"1200"', b'"1300"'))
+    with pytest.raises(ValueError, match="x.safetensors: header CRC mismatch"):
+        load_safetensors(p)
+
+
+def test_reference_rewrite_of_our_file_still_verifies(tmp_path, rng):
+    """The header CRC leaves out offsets, so a re-layout by another writer
+    (same tensors, same metadata) keeps the file valid."""
+    p, q = str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.safetensors")
+    t = {k: v for k, v in sample(rng).items() if k != "scalar"}
+    save_safetensors(p, t, {"k": "v"})
+    with safe_open(p, "np") as f:
+        meta = f.metadata()
+    stn.save_file(stn.load_file(p), q, metadata=meta)
+    back, m = load_safetensors(q)
+    assert m == meta
+    for k, v in t.items():
+        np.testing.assert_array_equal(back[k], v)
+
+
 def test_we_open_reference_files_without_crc_entries(tmp_path, rng):
     t = {k: v for k, v in sample(rng).items() if k != "scalar"}
     p = str(tmp_path / "ref.safetensors")
@@ -167,10 +191,11 @@ def test_flipped_data_bit_is_a_crc_mismatch_naming_the_tensor(tmp_path, rng):
 
 def test_every_single_bit_flip_in_the_header_is_refused_or_harmless(tmp_path, rng):
     """Fuzz the parser and validator: no flip may crash, hang or yield
-    tensors that differ from the original without an error."""
+    tensors or metadata that differ from the original without an error."""
     p = tmp_path / "x.safetensors"
     t = {"a": np.arange(4, dtype=np.float32), "bb": np.arange(3, dtype=np.int64)}
-    save_safetensors(p, t)
+    meta = {"config": '{"dim": 64}', "step": "12"}
+    save_safetensors(p, t, meta)
     good = p.read_bytes()
     n = 8 + struct.unpack("<Q", good[:8])[0]
     for byte in range(n):
@@ -179,11 +204,12 @@ def test_every_single_bit_flip_in_the_header_is_refused_or_harmless(tmp_path, rn
             b[byte] ^= 1 << bit
             p.write_bytes(bytes(b))
             try:
-                back, _ = load_safetensors(p)
+                back, m = load_safetensors(p)
             except ValueError as e:
                 assert "x.safetensors" in str(e)
                 continue
             assert set(back) == set(t), (byte, bit)
+            assert {k: v for k, v in m.items() if not k.startswith("crc32:")} == meta, (byte, bit)
             for k in t:
                 np.testing.assert_array_equal(back[k], t[k])
 
@@ -225,7 +251,9 @@ BAD_LAYOUTS = [
     ("negative", {"a": f32(0, 4, [-1])}, 4, "shape\\[0\\] is not a non-negative integer"),
     ("backwards", {"a": f32(4, 0, [0])}, 4, "run backwards"),
     ("meta", {"__metadata__": {"k": 1}}, 0, "metadata 'k' must be a string"),
-    ("crc", {"__metadata__": {"crc32:a": "00000000"}, "a": f32(0, 4, [1])}, 4, "tensor 'a' CRC mismatch"),
+    ("crc without header crc", {"__metadata__": {"crc32:a": "00000000"}, "a": f32(0, 4, [1])}, 4,
+     "header CRC 'crc32:__header__' is missing"),
+    ("bad crc", {"__metadata__": {"crc32:a": "0000zz00"}, "a": f32(0, 4, [1])}, 4, "not 8 hex digits"),
     ("crc ghost", {"__metadata__": {"crc32:zz": "00000000"}, "a": f32(0, 4, [1])}, 4, "no such tensor"),
     ("field", {"a": {**f32(0, 4, [1]), "extra": 1}}, 4, "unknown field 'extra'"),
 ]

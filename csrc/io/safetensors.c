@@ -49,6 +49,54 @@ static sj_status tensor_bytes(const char *what, const char *name, const char *dt
     return SJ_OK;
 }
 
+/* ---- the header's own CRC ------------------------------------------------
+ * "crc32:__header__" covers what the per-tensor CRCs cannot: the metadata
+ * (config, step, ...) and each tensor's name, dtype and shape. It is taken
+ * over a canonical form — non-CRC metadata sorted by key, then tensors
+ * sorted by name — and leaves out data offsets, so a reader that re-lays
+ * the same tensors out (the reference implementation sorts them) keeps it
+ * valid; offsets are checked structurally and by the per-tensor CRCs. */
+#define HEADER_CRC_KEY CRC_PREFIX "__header__"
+
+static int cmp_meta(const void *a, const void *b) {
+    return strcmp((*(const sj_st_meta *const *)a)->key, (*(const sj_st_meta *const *)b)->key);
+}
+static int cmp_tensor(const void *a, const void *b) {
+    return strcmp((*(const sj_st_tensor *const *)a)->name, (*(const sj_st_tensor *const *)b)->name);
+}
+
+static sj_status header_crc(const char *path, const sj_st_tensor *t, int n, const sj_st_meta *meta,
+                            int n_meta, uint32_t *out) {
+    const sj_st_meta **m = malloc(((size_t)n_meta + 1) * sizeof *m);
+    const sj_st_tensor **tp = malloc(((size_t)n + 1) * sizeof *tp);
+    if (!m || !tp) { free(m); free(tp); return sj_fail(SJ_ERR_NOMEM, "%s: out of memory", path); }
+    int k = 0;
+    for (int i = 0; i < n_meta; i++)
+        if (strncmp(meta[i].key, CRC_PREFIX, strlen(CRC_PREFIX)) != 0) m[k++] = &meta[i];
+    qsort(m, (size_t)k, sizeof *m, cmp_meta);
+    for (int i = 0; i < n; i++) tp[i] = &t[i];
+    qsort(tp, (size_t)n, sizeof *tp, cmp_tensor);
+    uint32_t crc = 0;
+    for (int i = 0; i < k; i++) {
+        crc = sj_crc32(crc, m[i]->key, strlen(m[i]->key) + 1);      /* with the NUL */
+        crc = sj_crc32(crc, m[i]->value, strlen(m[i]->value) + 1);
+    }
+    crc = sj_crc32(crc, "\1", 1);
+    for (int i = 0; i < n; i++) {
+        char dims[32];
+        crc = sj_crc32(crc, tp[i]->name, strlen(tp[i]->name) + 1);
+        crc = sj_crc32(crc, tp[i]->dtype, strlen(tp[i]->dtype) + 1);
+        for (int d = 0; d < tp[i]->ndim; d++) {
+            int len = snprintf(dims, sizeof dims, "%lld,", (long long)tp[i]->shape[d]);
+            crc = sj_crc32(crc, dims, (size_t)len);
+        }
+        crc = sj_crc32(crc, "", 1);
+    }
+    free(m); free(tp);
+    *out = crc;
+    return SJ_OK;
+}
+
 /* ---- a growable string ---------------------------------------------- */
 
 typedef struct { char *p; size_t n, cap; int oom; } sbuf;
@@ -172,10 +220,13 @@ sj_status sj_st_writer_open(const char *path, const sj_st_tensor *t, int n,
     }
 
     /* The header: 8 placeholder bytes for its length, then the JSON. */
+    uint32_t hcrc;
+    sj_status hs = header_crc(path, t, n, meta, n_meta, &hcrc);
+    if (hs) { writer_free(w); return hs; }
     sbuf b = {0};
     sb_put(&b, "12345678", 8);
     sb_str(&b, "{");
-    if (n_meta || n) {
+    {
         sb_str(&b, "\"__metadata__\":{");
         for (int i = 0; i < n_meta; i++) {
             if (i) sb_str(&b, ",");
@@ -183,8 +234,14 @@ sj_status sj_st_writer_open(const char *path, const sj_st_tensor *t, int n,
             sb_str(&b, ":");
             sb_json(&b, meta[i].value);
         }
+        char hex[16];
+        snprintf(hex, sizeof hex, "%08x", hcrc);
+        if (n_meta) sb_str(&b, ",");
+        sb_json(&b, HEADER_CRC_KEY);
+        sb_str(&b, ":");
+        sb_json(&b, hex);
         for (int i = 0; i < n; i++) {
-            if (i || n_meta) sb_str(&b, ",");
+            sb_str(&b, ",");
             char *key = malloc(strlen(t[i].name) + sizeof CRC_PREFIX);
             if (!key) { b.oom = 1; break; }
             strcpy(key, CRC_PREFIX);
@@ -442,11 +499,23 @@ static sj_status verify_crcs(sj_st_file *f) {
     int *idx = malloc((size_t)n * sizeof *idx);
     uint32_t *want = malloc((size_t)n * sizeof *want), *got = malloc((size_t)n * sizeof *got);
     sj_status s = SJ_OK;
+    int have_header = 0;
     if (!idx || !want || !got) { s = sj_fail(SJ_ERR_NOMEM, "%s: out of memory", f->path); goto done; }
     n = 0;
     for (int m = 0; m < f->n_meta && !s; m++) {
         const char *key = f->meta[m].key;
         if (strncmp(key, CRC_PREFIX, pl) != 0) continue;
+        if (strcmp(key, HEADER_CRC_KEY) == 0) {
+            uint32_t want_h, got_h;
+            have_header = 1;
+            if (hexval(f->meta[m].value, &want_h) < 0)
+                s = sj_fail(SJ_ERR_FORMAT, "%s: header CRC entry '%s' is not 8 hex digits", f->path,
+                            f->meta[m].value);
+            else if (!(s = header_crc(f->path, f->t, f->n, f->meta, f->n_meta, &got_h)) && got_h != want_h)
+                s = sj_fail(SJ_ERR_FORMAT, "%s: header CRC mismatch (stored %08x, header gives %08x): "
+                            "metadata or tensor index corrupt", f->path, want_h, got_h);
+            continue;
+        }
         int i = 0;
         while (i < f->n && strcmp(f->t[i].name, key + pl) != 0) i++;
         if (i == f->n)
@@ -457,6 +526,11 @@ static sj_status verify_crcs(sj_st_file *f) {
                         f->path, key + pl, f->meta[m].value);
         else idx[n++] = i;
     }
+    /* Our writer always pairs them: per-tensor CRCs without the header's
+     * mean its key was damaged. */
+    if (!s && n && !have_header)
+        s = sj_fail(SJ_ERR_FORMAT, "%s: tensor CRCs present but the header CRC '%s' is missing "
+                    "(corrupt header?)", f->path, HEADER_CRC_KEY);
     if (s) goto done;
     crc_job job = { f, idx, got };
     sj_parallel_for(n, 1, crc_range, &job);
