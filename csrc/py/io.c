@@ -106,8 +106,15 @@ static PyObject *py_st_save(PyObject *self, PyObject *args, PyObject *kw) {
     sj_st_writer *w = NULL;
     Py_ssize_t n = 0, n_meta = 0;
 
-    seq = PySequence_Fast(tens, "tensors must be a list of (name, dtype, shape, buffer)");
-    if (!seq) goto done;
+    /* A tuple copy: buffer exporters run Python code that could mutate a list. */
+    seq = PySequence_Check(tens) ? PySequence_Tuple(tens) : NULL;
+    if (!seq) {
+        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "tensors must be a list of (name, dtype, shape, buffer)");
+        }
+        goto done;
+    }
     n = PySequence_Fast_GET_SIZE(seq);
     if (n > 0x7fffffff) { PyErr_SetString(PyExc_ValueError, "too many tensors"); goto done; }
     t = PyMem_Calloc((size_t)n + 1, sizeof *t);
