@@ -226,6 +226,78 @@ sj_status sj_bpe_trainer_begin(sj_bpe_trainer *tr, int vocab_size, int64_t min_f
 /* Up to max_merges merges; *n_done < max_merges means training has ended. */
 sj_status sj_bpe_trainer_step(sj_bpe_trainer *tr, int max_merges, int *n_done);
 sj_status sj_bpe_trainer_finish(sj_bpe_trainer *tr, sj_tokenizer **out);
+/* ---- io ---------------------------------------------------------------- */
+
+/* safetensors files: an 8-byte little-endian header length N, N bytes of
+ * JSON ({"name": {"dtype", "shape", "data_offsets"}, "__metadata__": {}}),
+ * then the tensor data, contiguous and without holes. Ours add one
+ * metadata entry "crc32:<name>" (8 hex digits, zlib's CRC-32) per tensor
+ * and "crc32:__header__" over the metadata, names, dtypes and shapes
+ * (docs/formats.md); readers verify the entries present and accept files
+ * without them. */
+#define SJ_ST_MAX_DIMS 8
+
+typedef struct {
+    const char *name;
+    const char *dtype;    /* safetensors name: "F32", "BF16", "F16", "I32", "U16", "U8", "I64" ... */
+    int ndim;
+    int64_t shape[SJ_ST_MAX_DIMS];
+    const void *data;     /* save: the bytes; open: into the mapped file */
+    uint64_t nbytes;      /* open: end - begin; save: ignored (from shape) */
+    uint64_t offset;      /* open: of the data, from the start of the file */
+} sj_st_tensor;
+
+typedef struct { const char *key, *value; } sj_st_meta;
+
+/* Bytes per element of a safetensors dtype name; 0 when unknown. */
+size_t sj_st_dtype_size(const char *dtype);
+
+/* Streaming writer: the header is laid out from the tensor list (data
+ * pointers unused), then the data is appended in list order in any chunk
+ * sizes, then close fills in the CRCs and atomically renames
+ * "<path>.tmp.<pid>" over path. On any failure the temp file is removed
+ * and an existing file at path is left untouched. A failed write leaves w
+ * inert (temp file gone); close and abort always free w. */
+typedef struct sj_st_writer sj_st_writer;
+sj_status sj_st_writer_open(const char *path, const sj_st_tensor *t, int n,
+                            const sj_st_meta *meta, int n_meta, sj_st_writer **out);
+sj_status sj_st_writer_write(sj_st_writer *w, const void *data, uint64_t nbytes);
+sj_status sj_st_writer_close(sj_st_writer *w);
+void sj_st_writer_abort(sj_st_writer *w);
+/* The same in one call, every tensor's data given. */
+sj_status sj_safetensors_save(const char *path, const sj_st_tensor *t, int n,
+                              const sj_st_meta *meta, int n_meta);
+
+/* Reader: maps the file copy-on-write (writes to the mapping never reach
+ * the file), parses and checks the header against the file length, and
+ * with verify_crc checks every crc32:<name> entry. */
+typedef struct sj_st_file sj_st_file;
+sj_status sj_safetensors_open(const char *path, int verify_crc, sj_st_file **out);
+void sj_safetensors_close(sj_st_file *f);
+int sj_safetensors_n_tensors(const sj_st_file *f);
+const sj_st_tensor *sj_safetensors_tensor(const sj_st_file *f, int i);   /* header order */
+int sj_safetensors_n_meta(const sj_st_file *f);
+const sj_st_meta *sj_safetensors_meta(const sj_st_file *f, int i);
+const char *sj_safetensors_meta_get(const sj_st_file *f, const char *key); /* NULL if absent */
+/* The whole mapped file (writable, private). */
+void *sj_safetensors_bytes(sj_st_file *f, uint64_t *size);
+
+/* Token files (smedjan prepare): a 32-byte header — "SMJTOKEN", u32 version
+ * (1), u32 token width in bytes (2 or 4), u64 token count, u64 reserved (0),
+ * all little-endian — then the tokens, little-endian. */
+#define SJ_TOKENS_HEADER_BYTES 32
+typedef struct { uint32_t version, width; int64_t count; } sj_tokens_info;
+
+/* Streaming, atomic like the safetensors writer: tokens are n values of
+ * `width` bytes each in host order; close writes the count and renames.
+ * A failed append leaves w inert; close and abort always free w. */
+typedef struct sj_tokens_writer sj_tokens_writer;
+sj_status sj_tokens_writer_open(const char *path, int width, sj_tokens_writer **out);
+sj_status sj_tokens_writer_append(sj_tokens_writer *w, const void *tokens, int64_t n);
+sj_status sj_tokens_writer_close(sj_tokens_writer *w, int64_t *count);
+void sj_tokens_writer_abort(sj_tokens_writer *w);
+/* Validate a token file's header against its length; fills *out. */
+sj_status sj_tokens_inspect(const char *path, sj_tokens_info *out);
 
 #ifdef __cplusplus
 }

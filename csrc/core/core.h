@@ -47,6 +47,7 @@ static inline int64_t sj_token_at(const void *tok, sj_dtype t, int64_t i) {
     return t == SJ_U16 ? (int64_t)((const uint16_t *)tok)[i] : (int64_t)((const int32_t *)tok)[i];
 }
 
+uint32_t sj_crc32(uint32_t crc, const void *data, size_t n); /* zlib.crc32; chain from 0 */
 #define SJ_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define SJ_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define SJ_CDIV(a, b) (((a) + (b) - 1) / (b))

@@ -32,5 +32,6 @@ int sj_py_tokens(PyObject *obj, const char *argname, int ndim_want,
 int sj_py_add_model(PyObject *m);
 int sj_py_add_tokenizer(PyObject *m);
 int sj_py_add_kernels(PyObject *m);
+int sj_py_add_io(PyObject *m);
 
 #endif

@@ -1,0 +1,48 @@
+/* io.h — internals of the io layer: files that appear atomically under
+ * their real name. Never included by the public header. */
+#ifndef SJ_IO_H
+#define SJ_IO_H
+
+#include "../core/core.h"
+
+/* A file written as "<path>.tmp.<pid>" and renamed over path on commit.
+ * Until commit, an existing file at path is never touched; abort (or any
+ * failed call below, which aborts itself) removes the temp file. */
+typedef struct {
+    int fd;          /* -1 once committed or aborted */
+    char *path;      /* the real name, as the caller spelled it */
+    char *tmp;
+} sj_afile;
+
+sj_status sj_afile_open(sj_afile *f, const char *path);
+/* Append n bytes (partial writes and EINTR retried). */
+sj_status sj_afile_write(sj_afile *f, const void *p, size_t n);
+/* Overwrite n bytes at an absolute offset (headers patched at the end). */
+sj_status sj_afile_pwrite(sj_afile *f, const void *p, size_t n, uint64_t offset);
+/* fsync, close, rename over path, fsync the directory. */
+sj_status sj_afile_commit(sj_afile *f);
+void sj_afile_abort(sj_afile *f);
+
+/* A strict JSON reader (RFC 8259) for file headers: strings with every
+ * escape, numbers, arrays, objects, true/false/null; rejects anything else
+ * with the byte position. Depth is capped so hostile input cannot overflow
+ * the stack. */
+typedef enum { SJ_JSON_NULL, SJ_JSON_BOOL, SJ_JSON_NUM, SJ_JSON_STR, SJ_JSON_ARR,
+               SJ_JSON_OBJ } sj_json_type;
+typedef struct sj_json {
+    sj_json_type type;
+    size_t pos;              /* byte offset of the value in the text    */
+    char *key;               /* object members: the key (decoded)        */
+    char *str;               /* STR: decoded UTF-8, no NUL inside        */
+    int is_int;              /* NUM: an integer that fits in int64       */
+    int64_t i;
+    int b;                   /* BOOL */
+    struct sj_json *kids;    /* ARR elements / OBJ members, in order     */
+    int n, cap;
+} sj_json;
+/* `what` prefixes error messages ("ckpt.safetensors: header JSON: ..."). */
+sj_status sj_json_parse(const char *text, size_t len, const char *what, sj_json *out);
+void sj_json_free(sj_json *j);
+const char *sj_json_type_name(sj_json_type t);
+
+#endif

@@ -1,0 +1,351 @@
+/* io.c — Python face of the io layer: safetensors save/load, token files,
+ * crc32. Loaded tensors are zero-copy memoryviews into a private (copy-on-
+ * write) mapping owned by a SafetensorsFile object; every view keeps that
+ * object, hence the mapping, alive. Paths may be str or os.PathLike. */
+#include "py.h"
+#include "../core/core.h"   /* sj_crc32, exposed for tests */
+#include <string.h>
+
+/* ---- SafetensorsFile: owner of a mapped file ---------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    sj_st_file *f;
+} StFileObject;
+
+static int stfile_getbuffer(PyObject *self, Py_buffer *view, int flags) {
+    uint64_t size;
+    void *p = sj_safetensors_bytes(((StFileObject *)self)->f, &size);
+    return PyBuffer_FillInfo(view, self, p, (Py_ssize_t)size, 0, flags);
+}
+static void stfile_dealloc(PyObject *self) {
+    sj_safetensors_close(((StFileObject *)self)->f);
+    Py_TYPE(self)->tp_free(self);
+}
+static PyBufferProcs stfile_procs = { stfile_getbuffer, NULL };
+static PyTypeObject StFileType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "smedjan._C.SafetensorsFile",
+    .tp_basicsize = sizeof(StFileObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A mapped safetensors file (private copy-on-write); owner of loaded tensor views.",
+    .tp_dealloc = stfile_dealloc,
+    .tp_as_buffer = &stfile_procs,
+};
+
+static PyObject *shape_tuple(const int64_t *shape, int ndim) {
+    PyObject *t = PyTuple_New(ndim);
+    for (int d = 0; t && d < ndim; d++) {
+        PyObject *v = PyLong_FromLongLong(shape[d]);
+        if (!v) { Py_DECREF(t); return NULL; }
+        PyTuple_SET_ITEM(t, d, v);
+    }
+    return t;
+}
+
+/* safetensors_load(path, verify=True) -> (metadata, [(name, dtype, shape, memoryview)]) */
+static PyObject *py_st_load(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"path", "verify", NULL};
+    PyObject *pathb = NULL;
+    int verify = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|p", kwlist, PyUnicode_FSConverter, &pathb, &verify))
+        return NULL;
+    sj_st_file *f = NULL;
+    sj_status s;
+    const char *path = PyBytes_AS_STRING(pathb);
+    Py_BEGIN_ALLOW_THREADS s = sj_safetensors_open(path, verify, &f);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(pathb);
+    if (s) return sj_py_raise(s);
+    StFileObject *fo = PyObject_New(StFileObject, &StFileType);
+    if (!fo) { sj_safetensors_close(f); return NULL; }
+    fo->f = f;
+    PyObject *meta = PyDict_New(), *list = PyList_New(0), *whole = NULL, *res = NULL;
+    if (!meta || !list) goto done;
+    for (int i = 0; i < sj_safetensors_n_meta(f); i++) {
+        const sj_st_meta *m = sj_safetensors_meta(f, i);
+        PyObject *v = PyUnicode_FromString(m->value);
+        if (!v || PyDict_SetItemString(meta, m->key, v) < 0) { Py_XDECREF(v); goto done; }
+        Py_DECREF(v);
+    }
+    whole = PyMemoryView_FromObject((PyObject *)fo);
+    if (!whole) goto done;
+    for (int i = 0; i < sj_safetensors_n_tensors(f); i++) {
+        const sj_st_tensor *t = sj_safetensors_tensor(f, i);
+        PyObject *sl, *view = NULL, *item = NULL;
+        PyObject *lo = PyLong_FromUnsignedLongLong(t->offset);
+        PyObject *hi = PyLong_FromUnsignedLongLong(t->offset + t->nbytes);
+        sl = (lo && hi) ? PySlice_New(lo, hi, NULL) : NULL;
+        Py_XDECREF(lo); Py_XDECREF(hi);
+        if (sl) view = PyObject_GetItem(whole, sl);
+        Py_XDECREF(sl);
+        if (view) item = Py_BuildValue("(ssNN)", t->name, t->dtype, shape_tuple(t->shape, t->ndim), view);
+        if (!item || PyList_Append(list, item) < 0) { Py_XDECREF(item); goto done; }
+        Py_DECREF(item);
+    }
+    res = PyTuple_Pack(2, meta, list);
+done:
+    Py_XDECREF(whole);
+    Py_XDECREF(meta);
+    Py_XDECREF(list);
+    Py_DECREF(fo);
+    return res;
+}
+
+/* safetensors_save(path, [(name, dtype, shape, buffer)], metadata=None) */
+static PyObject *py_st_save(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"path", "tensors", "metadata", NULL};
+    PyObject *pathb = NULL, *tens = NULL, *metaobj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O|O", kwlist, PyUnicode_FSConverter, &pathb,
+                                     &tens, &metaobj))
+        return NULL;
+    const char *path = PyBytes_AS_STRING(pathb);
+    PyObject *seq = NULL, *items = NULL, *res = NULL;
+    sj_st_tensor *t = NULL;
+    sj_st_meta *meta = NULL;
+    sj_st_writer *w = NULL;
+    Py_ssize_t n = 0, n_meta = 0;
+
+    /* A tuple copy: buffer exporters run Python code that could mutate a list. */
+    seq = PySequence_Check(tens) ? PySequence_Tuple(tens) : NULL;
+    if (!seq) {
+        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "tensors must be a list of (name, dtype, shape, buffer)");
+        }
+        goto done;
+    }
+    n = PySequence_Fast_GET_SIZE(seq);
+    if (n > 0x7fffffff) { PyErr_SetString(PyExc_ValueError, "too many tensors"); goto done; }
+    t = PyMem_Calloc((size_t)n + 1, sizeof *t);
+    if (!t) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = PySequence_Fast_GET_ITEM(seq, i), *shape;
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 4) {
+            PyErr_Format(PyExc_TypeError, "tensors[%zd] must be a tuple (name, dtype, shape, buffer)", i);
+            goto done;
+        }
+        if (!(t[i].name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(it, 0))) ||
+            !(t[i].dtype = PyUnicode_AsUTF8(PyTuple_GET_ITEM(it, 1))))
+            goto done;
+        shape = PySequence_Fast(PyTuple_GET_ITEM(it, 2), "shape must be a sequence of ints");
+        if (!shape) goto done;
+        Py_ssize_t nd = PySequence_Fast_GET_SIZE(shape);
+        if (nd > SJ_ST_MAX_DIMS) {
+            PyErr_Format(PyExc_ValueError, "%s: tensor '%s' has %zd dimensions (at most %d)", path,
+                         t[i].name, nd, SJ_ST_MAX_DIMS);
+            Py_DECREF(shape);
+            goto done;
+        }
+        t[i].ndim = (int)nd;
+        for (Py_ssize_t d = 0; d < nd; d++) {
+            t[i].shape[d] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(shape, d));
+            if (t[i].shape[d] == -1 && PyErr_Occurred()) { Py_DECREF(shape); goto done; }
+        }
+        Py_DECREF(shape);
+    }
+    if (metaobj != Py_None) {
+        if (!PyDict_Check(metaobj)) { PyErr_SetString(PyExc_TypeError, "metadata must be a dict of str -> str"); goto done; }
+        items = PyDict_Items(metaobj);   /* holds the strings alive */
+        if (!items) goto done;
+        n_meta = PyList_GET_SIZE(items);
+        meta = PyMem_Calloc((size_t)n_meta + 1, sizeof *meta);
+        if (!meta) { PyErr_NoMemory(); goto done; }
+        for (Py_ssize_t i = 0; i < n_meta; i++) {
+            PyObject *kv = PyList_GET_ITEM(items, i);
+            PyObject *k = PyTuple_GET_ITEM(kv, 0), *v = PyTuple_GET_ITEM(kv, 1);
+            if (!PyUnicode_Check(k) || !PyUnicode_Check(v)) {
+                PyErr_Format(PyExc_TypeError, "metadata must map str -> str (entry %R: %R)", k, v);
+                goto done;
+            }
+            if (!(meta[i].key = PyUnicode_AsUTF8(k)) || !(meta[i].value = PyUnicode_AsUTF8(v))) goto done;
+        }
+    }
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS s = sj_st_writer_open(path, t, (int)n, meta, (int)n_meta, &w);
+    Py_END_ALLOW_THREADS
+    if (s) { sj_py_raise(s); w = NULL; goto done; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *obj = PyTuple_GET_ITEM(PySequence_Fast_GET_ITEM(seq, i), 3);
+        Py_buffer view;
+        if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS) < 0) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: tensor '%s': data must be a C-contiguous buffer, got %s",
+                         path, t[i].name, Py_TYPE(obj)->tp_name);
+            goto done;
+        }
+        uint64_t need = sj_st_dtype_size(t[i].dtype);
+        for (int d = 0; d < t[i].ndim; d++) need *= (uint64_t)t[i].shape[d];   /* checked by open */
+        if ((uint64_t)view.len != need) {
+            PyErr_Format(PyExc_ValueError, "%s: tensor '%s': buffer holds %zd bytes but shape and "
+                         "dtype %s need %llu", path, t[i].name, view.len, t[i].dtype,
+                         (unsigned long long)need);
+            PyBuffer_Release(&view);
+            goto done;
+        }
+        Py_BEGIN_ALLOW_THREADS s = sj_st_writer_write(w, view.buf, (uint64_t)view.len);
+        Py_END_ALLOW_THREADS
+        PyBuffer_Release(&view);
+        if (s) { sj_py_raise(s); goto done; }
+    }
+    Py_BEGIN_ALLOW_THREADS s = sj_st_writer_close(w);
+    Py_END_ALLOW_THREADS
+    w = NULL;
+    if (s) { sj_py_raise(s); goto done; }
+    res = Py_None;
+    Py_INCREF(res);
+done:
+    if (w) sj_st_writer_abort(w);   /* removes the temp file; path untouched */
+    PyMem_Free(t);
+    PyMem_Free(meta);
+    Py_XDECREF(items);
+    Py_XDECREF(seq);
+    Py_DECREF(pathb);
+    return res;
+}
+
+/* ---- TokenWriter ---------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    sj_tokens_writer *w;
+    int width;
+} TokWriterObject;
+
+static int tokw_init(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"path", "width", NULL};
+    TokWriterObject *o = (TokWriterObject *)self;
+    PyObject *pathb = NULL;
+    int width;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&i", kwlist, PyUnicode_FSConverter, &pathb, &width))
+        return -1;
+    if (o->w) { Py_DECREF(pathb); PyErr_SetString(PyExc_RuntimeError, "TokenWriter already open"); return -1; }
+    sj_status s;
+    const char *path = PyBytes_AS_STRING(pathb);
+    Py_BEGIN_ALLOW_THREADS s = sj_tokens_writer_open(path, width, &o->w);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(pathb);
+    if (s) { o->w = NULL; sj_py_raise(s); return -1; }
+    o->width = width;
+    return 0;
+}
+
+static void tokw_dealloc(PyObject *self) {
+    sj_tokens_writer_abort(((TokWriterObject *)self)->w);
+    Py_TYPE(self)->tp_free(self);
+}
+
+#define NEED_WRITER(o) \
+    if (!(o)->w) { PyErr_SetString(PyExc_ValueError, "TokenWriter is closed"); return NULL; }
+
+static PyObject *tokw_append(PyObject *self, PyObject *arg) {
+    TokWriterObject *o = (TokWriterObject *)self;
+    NEED_WRITER(o);
+    Py_buffer v;
+    if (PyObject_GetBuffer(arg, &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+    const char *f = v.format ? v.format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    int ok = v.itemsize == o->width && (strcmp(f, "H") == 0 || strcmp(f, "I") == 0 || strcmp(f, "L") == 0);
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "append: expected a C-contiguous uint%d array, got format '%s' "
+                     "(%zd-byte items)", o->width * 8, v.format ? v.format : "B", v.itemsize);
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS s = sj_tokens_writer_append(o->w, v.buf, v.len / v.itemsize);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    if (s) return sj_py_raise(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *tokw_close(PyObject *self, PyObject *noargs) {
+    TokWriterObject *o = (TokWriterObject *)self;
+    NEED_WRITER(o);
+    int64_t count = 0;
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS s = sj_tokens_writer_close(o->w, &count);
+    Py_END_ALLOW_THREADS
+    o->w = NULL;
+    if (s) return sj_py_raise(s);
+    return PyLong_FromLongLong(count);
+}
+
+static PyObject *tokw_abort(PyObject *self, PyObject *noargs) {
+    TokWriterObject *o = (TokWriterObject *)self;
+    sj_tokens_writer_abort(o->w);
+    o->w = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef tokw_methods[] = {
+    {"append", tokw_append, METH_O, "append(uint16|uint32 array): add tokens"},
+    {"close", tokw_close, METH_NOARGS, "close() -> token count: write the count, fsync, rename"},
+    {"abort", tokw_abort, METH_NOARGS, "abort(): remove the temporary file"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject TokWriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "smedjan._C.TokenWriter",
+    .tp_basicsize = sizeof(TokWriterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "TokenWriter(path, width): streaming atomic token-file writer (use smedjan.data.write_tokens).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = tokw_init,
+    .tp_dealloc = tokw_dealloc,
+    .tp_methods = tokw_methods,
+};
+
+/* tokens_inspect(path) -> (version, width, count) */
+static PyObject *py_tokens_inspect(PyObject *self, PyObject *arg) {
+    PyObject *pathb = NULL;
+    if (!PyUnicode_FSConverter(arg, &pathb)) return NULL;
+    sj_tokens_info info;
+    sj_status s;
+    const char *path = PyBytes_AS_STRING(pathb);
+    Py_BEGIN_ALLOW_THREADS s = sj_tokens_inspect(path, &info);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(pathb);
+    if (s) return sj_py_raise(s);
+    return Py_BuildValue("(IIL)", info.version, info.width, (long long)info.count);
+}
+
+static PyObject *py_crc32(PyObject *self, PyObject *args) {
+    Py_buffer v;
+    unsigned int crc = 0;
+    if (!PyArg_ParseTuple(args, "y*|I", &v, &crc)) return NULL;
+    uint32_t r;
+    Py_BEGIN_ALLOW_THREADS r = sj_crc32(crc, v.buf, (size_t)v.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLong(r);
+}
+
+static PyObject *py_st_dtype_size(PyObject *self, PyObject *arg) {
+    const char *s = PyUnicode_AsUTF8(arg);
+    if (!s) return NULL;
+    return PyLong_FromSize_t(sj_st_dtype_size(s));
+}
+
+static PyMethodDef functions[] = {
+    {"safetensors_load", (PyCFunction)(void (*)(void))py_st_load, METH_VARARGS | METH_KEYWORDS,
+     "safetensors_load(path, verify=True) -> (metadata, [(name, dtype, shape, memoryview)])\n"
+     "The views are zero-copy, writable (copy-on-write) and keep the mapping alive."},
+    {"safetensors_save", (PyCFunction)(void (*)(void))py_st_save, METH_VARARGS | METH_KEYWORDS,
+     "safetensors_save(path, [(name, dtype, shape, buffer)], metadata=None): atomic write, "
+     "adds crc32:<name> metadata"},
+    {"tokens_inspect", py_tokens_inspect, METH_O, "tokens_inspect(path) -> (version, width, count)"},
+    {"crc32", py_crc32, METH_VARARGS, "crc32(data, crc=0) -> int (as zlib.crc32)"},
+    {"st_dtype_size", py_st_dtype_size, METH_O, "st_dtype_size(name) -> bytes per element (0 unknown)"},
+    {NULL, NULL, 0, NULL},
+};
+
+int sj_py_add_io(PyObject *m) {
+    if (PyType_Ready(&StFileType) < 0 || PyType_Ready(&TokWriterType) < 0) return -1;
+    Py_INCREF(&TokWriterType);
+    if (PyModule_AddObject(m, "TokenWriter", (PyObject *)&TokWriterType) < 0) return -1;
+    PyModule_AddIntConstant(m, "TOKENS_HEADER_BYTES", SJ_TOKENS_HEADER_BYTES);
+    return PyModule_AddFunctions(m, functions);
+}

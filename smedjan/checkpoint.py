@@ -1,0 +1,210 @@
+"""Checkpoints: everything needed to continue a run, in one safetensors file.
+
+Tensors: the weights under our names ("tok_emb", "layers.3.wq", ...) and, for
+training checkpoints, the AdamW moments as two flat f32 tensors
+("optim.exp_avg", "optim.exp_avg_sq"). Metadata (all strings, see
+docs/formats.md): format, format_version, config (JSON), step, trainer
+(JSON hyper-parameters), rng / loader / extra (JSON, when given), and one
+crc32:<name> per tensor. Files are written atomically: a crash or error
+never leaves a half checkpoint under the real name.
+
+>>> import tempfile, os, smedjan
+>>> m = smedjan.Model("tiny", seed=0, vocab_size=256)
+>>> p = os.path.join(tempfile.mkdtemp(), "ckpt.safetensors")
+>>> save_checkpoint(p, m, step=0)
+>>> model_from_checkpoint(p).config == m.config
+True
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from .config import Config
+from .io import load_safetensors, save_safetensors, to_float32
+
+FORMAT = "smedjan-checkpoint"
+WEIGHTS_FORMAT = "smedjan-weights"
+FORMAT_VERSION = "1"
+EXP_AVG = "optim.exp_avg"
+EXP_AVG_SQ = "optim.exp_avg_sq"
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A loaded checkpoint. `tensors` are zero-copy views of the file;
+    `trainer` holds the Trainer keyword arguments it was saved with
+    (`Trainer(model, **ckpt.trainer)` rebuilds it), or None for weights."""
+    path: str
+    config: Config
+    tensors: Dict[str, np.ndarray]
+    metadata: Dict[str, str]
+    step: Optional[int] = None
+    trainer: Optional[Dict[str, Any]] = None
+    rng: Optional[dict] = None
+    loader: Optional[dict] = None
+    extra: Optional[dict] = None
+
+    @property
+    def has_optimizer(self) -> bool:
+        return EXP_AVG in self.tensors and EXP_AVG_SQ in self.tensors
+
+
+def _trainer_hparams(trainer) -> dict:
+    return {"lr": trainer.lr, "min_lr": trainer.min_lr, "warmup": trainer.warmup,
+            "steps": trainer.steps, "weight_decay": trainer.weight_decay, "clip": trainer.clip,
+            "betas": list(trainer.betas), "eps": trainer.eps}
+
+
+def _weights_and_meta(model, fmt: str) -> tuple:
+    from . import __version__
+    tensors = {name: view for name, view in model.params.items()}
+    meta = {"format": fmt, "format_version": FORMAT_VERSION,
+            "config": json.dumps(model.config.to_dict(), sort_keys=True),
+            "smedjan_version": __version__}
+    return tensors, meta
+
+
+def save_checkpoint(path, model, trainer=None, *, step: int, rng_state: Optional[dict] = None,
+                    loader_state: Optional[dict] = None, extra: Optional[dict] = None) -> None:
+    """Write weights, optimizer moments (when a Trainer is given), step,
+    trainer hyper-parameters and the JSON-able rng / loader / extra states.
+
+    >>> # save_checkpoint("run/ckpt.safetensors", model, trainer, step=1000,
+    >>> #                 loader_state=batches.state_dict())
+    """
+    if trainer is not None and trainer.model is not model:
+        raise ValueError("save_checkpoint: the trainer belongs to a different model")
+    if int(step) < 0:
+        raise ValueError(f"save_checkpoint: step must be >= 0, got {step}")
+    tensors, meta = _weights_and_meta(model, FORMAT)
+    meta["step"] = str(int(step))
+    if trainer is not None:
+        tensors[EXP_AVG] = trainer.exp_avg
+        tensors[EXP_AVG_SQ] = trainer.exp_avg_sq
+        meta["trainer"] = json.dumps(_trainer_hparams(trainer), sort_keys=True)
+    for key, value in (("rng", rng_state), ("loader", loader_state), ("extra", extra)):
+        if value is not None:
+            try:
+                meta[key] = json.dumps(value, sort_keys=True)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"save_checkpoint: {key} state is not JSON-serialisable: {e}") from None
+    save_safetensors(path, tensors, meta)
+
+
+def save_weights(path, model) -> None:
+    """Weights and config only (for inference and export), atomically."""
+    tensors, meta = _weights_and_meta(model, WEIGHTS_FORMAT)
+    save_safetensors(path, tensors, meta)
+
+
+def _json_field(path: str, meta: Dict[str, str], key: str, required: bool = False):
+    if key not in meta:
+        if required:
+            raise ValueError(f"{path}: checkpoint metadata has no '{key}'")
+        return None
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: checkpoint metadata '{key}' is not valid JSON ({e})") from None
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read and validate a checkpoint (training or weights-only).
+
+    FileNotFoundError/OSError names a missing file; ValueError names the
+    file (and the tensor) when it is truncated, corrupt (CRC), not a smedjan
+    checkpoint, of an unknown version, or inconsistent with its config."""
+    p = os.fspath(path)
+    tensors, meta = load_safetensors(p)
+    fmt = meta.get("format")
+    if fmt not in (FORMAT, WEIGHTS_FORMAT):
+        raise ValueError(f"{p}: not a smedjan checkpoint (metadata format is {fmt!r}, expected "
+                         f"'{FORMAT}' or '{WEIGHTS_FORMAT}')")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{p}: checkpoint format_version {meta.get('format_version')!r}; this "
+                         f"smedjan reads version {FORMAT_VERSION}")
+    cfg = _json_field(p, meta, "config", required=True)
+    try:
+        config = Config(**cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{p}: checkpoint config is invalid: {e}") from None
+    step = None
+    if "step" in meta:
+        try:
+            step = int(meta["step"])
+        except ValueError:
+            raise ValueError(f"{p}: checkpoint step {meta['step']!r} is not an integer") from None
+    trainer = _json_field(p, meta, "trainer")
+    if trainer is not None and "betas" in trainer:
+        trainer["betas"] = tuple(trainer["betas"])
+    ck = Checkpoint(path=p, config=config, tensors=tensors, metadata=meta, step=step,
+                    trainer=trainer, rng=_json_field(p, meta, "rng"),
+                    loader=_json_field(p, meta, "loader"), extra=_json_field(p, meta, "extra"))
+    if (EXP_AVG in tensors) != (EXP_AVG_SQ in tensors):
+        raise ValueError(f"{p}: checkpoint holds only one of {EXP_AVG}, {EXP_AVG_SQ}")
+    return ck
+
+
+def restore(checkpoint: Checkpoint, model, trainer=None) -> None:
+    """Copy a checkpoint into a model's parameter views (and a trainer's
+    AdamW moments and step count). Every tensor is checked before anything
+    is copied, so a mismatch leaves the model as it was."""
+    ck = checkpoint
+    p = ck.path
+    if model.config != ck.config:
+        raise ValueError(f"{p}: checkpoint config {ck.config} does not match the model's {model.config}")
+    plan = []
+    for name, view in model.params.items():
+        if name not in ck.tensors:
+            raise ValueError(f"{p}: tensor '{name}' is missing from the checkpoint")
+        src = ck.tensors[name]
+        if tuple(src.shape) != tuple(view.shape):
+            raise ValueError(f"{p}: tensor '{name}' has shape {tuple(src.shape)}, the model "
+                             f"expects {tuple(view.shape)}")
+        st = ck.tensors.dtypes.get(name, "F32") if hasattr(ck.tensors, "dtypes") else "F32"
+        try:
+            plan.append((view, to_float32(src, st)))
+        except ValueError:
+            raise ValueError(f"{p}: tensor '{name}' has dtype {st}, expected a float type") from None
+    known = set(model.params) | {EXP_AVG, EXP_AVG_SQ}
+    unknown = sorted(set(ck.tensors) - known)
+    if unknown:
+        raise ValueError(f"{p}: unexpected tensors in the checkpoint: {', '.join(unknown[:5])}")
+    if trainer is not None:
+        if trainer.model is not model:
+            raise ValueError("restore: the trainer belongs to a different model")
+        if not ck.has_optimizer:
+            raise ValueError(f"{p}: weights-only checkpoint: no optimizer state to restore")
+        for name, dst in ((EXP_AVG, trainer.exp_avg), (EXP_AVG_SQ, trainer.exp_avg_sq)):
+            src = ck.tensors[name]
+            if src.shape != dst.shape or ck.tensors.dtypes.get(name) != "F32":
+                raise ValueError(f"{p}: tensor '{name}' is {ck.tensors.dtypes.get(name)} "
+                                 f"{tuple(src.shape)}, expected F32 {tuple(dst.shape)}")
+            plan.append((dst, src))
+        if ck.step is None:
+            raise ValueError(f"{p}: checkpoint has no step")
+    for dst, src in plan:
+        dst[...] = src
+    if trainer is not None:
+        trainer.step_count = ck.step
+
+
+def model_from_checkpoint(path, *, seed: int = 0):
+    """A Model built from a checkpoint's config, with its weights.
+
+    >>> # model = model_from_checkpoint("run/ckpt.safetensors")
+    """
+    from .model import Model
+    ck = load_checkpoint(path)
+    m = Model(ck.config, seed=seed)
+    restore(ck, m)
+    return m
+
+
+__all__ = ["Checkpoint", "save_checkpoint", "save_weights", "load_checkpoint", "restore",
+           "model_from_checkpoint", "FORMAT", "WEIGHTS_FORMAT", "FORMAT_VERSION"]

@@ -1,0 +1,171 @@
+"""Checkpoints: what is saved comes back bit for bit, a resumed run is
+bit-identical to one that never stopped, and every broken file is refused
+with a message naming the file (and tensor)."""
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+import safetensors.numpy as stn
+import smedjan
+from smedjan.checkpoint import (load_checkpoint, model_from_checkpoint, restore, save_checkpoint,
+                                save_weights)
+from smedjan.data import Batches, TokenFile, write_tokens
+from smedjan.io import load_safetensors, save_safetensors
+
+CFG = smedjan.Config(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=256,
+                     max_seq_len=32)
+TRAIN = dict(lr=3e-3, min_lr=3e-4, warmup=2, steps=20, weight_decay=0.1, clip=1.0,
+             betas=(0.9, 0.95), eps=1e-8)
+
+
+@pytest.fixture
+def tokens(tmp_path, text_bytes):
+    p = tmp_path / "data.tok"
+    write_tokens(p, [np.frombuffer(text_bytes[:200_000], np.uint8)])
+    return TokenFile(p)
+
+
+def trained(tokens, n_steps, seed=0):
+    m = smedjan.Model(CFG, seed=seed)
+    tr = smedjan.Trainer(m, **TRAIN)
+    b = Batches(tokens, 2, 16, seed=7)
+    for _ in range(n_steps):
+        tr.step(*next(b))
+    return m, tr, b
+
+
+def test_checkpoint_round_trip_restores_weights_moments_and_step(tmp_path, tokens):
+    m, tr, b = trained(tokens, 3)
+    p = tmp_path / "ckpt.safetensors"
+    save_checkpoint(p, m, tr, step=tr.step_count, rng_state={"numpy": 123}, extra={"run": "x"},
+                    loader_state=b.state_dict())
+    ck = load_checkpoint(p)
+    assert ck.step == 3 and ck.config == CFG and ck.extra == {"run": "x"} and ck.rng == {"numpy": 123}
+    assert ck.trainer == {**TRAIN}
+    assert ck.metadata["format"] == "smedjan-checkpoint" and ck.metadata["format_version"] == "1"
+    assert json.loads(ck.metadata["config"]) == CFG.to_dict()
+    m2 = smedjan.Model(CFG, seed=99)
+    tr2 = smedjan.Trainer(m2, **ck.trainer)
+    restore(ck, m2, tr2)
+    np.testing.assert_array_equal(m2.flat_params, m.flat_params)
+    np.testing.assert_array_equal(tr2.exp_avg, tr.exp_avg)
+    np.testing.assert_array_equal(tr2.exp_avg_sq, tr.exp_avg_sq)
+    assert tr2.step_count == 3
+
+
+def test_resume_is_bit_identical(tmp_path, tokens):
+    ref, ref_tr, _ = trained(tokens, 6)
+
+    m, tr, b = trained(tokens, 3)
+    p = tmp_path / "ckpt.safetensors"
+    save_checkpoint(p, m, tr, step=tr.step_count, loader_state=b.state_dict())
+    del m, tr, b
+
+    ck = load_checkpoint(p)
+    m = smedjan.Model(ck.config, seed=1)
+    tr = smedjan.Trainer(m, **ck.trainer)
+    restore(ck, m, tr)
+    b = Batches(tokens, 2, 16, seed=0)    # a different seed: the state must override it
+    b.load_state_dict(ck.loader)
+    for _ in range(3):
+        tr.step(*next(b))
+    assert tr.step_count == ref_tr.step_count == 6
+    diff = np.flatnonzero(m.flat_params != ref.flat_params)
+    assert diff.size == 0, f"{diff.size} params differ, first {m.flat_params[diff[:3]]} vs {ref.flat_params[diff[:3]]}"
+    np.testing.assert_array_equal(tr.exp_avg_sq, ref_tr.exp_avg_sq)
+
+
+def test_weights_only_file_builds_a_model(tmp_path):
+    m = smedjan.Model(CFG, seed=3)
+    p = tmp_path / "w.safetensors"
+    save_weights(p, m)
+    ck = load_checkpoint(p)
+    assert ck.metadata["format"] == "smedjan-weights" and not ck.has_optimizer and ck.step is None
+    m2 = model_from_checkpoint(p)
+    np.testing.assert_array_equal(m2.flat_params, m.flat_params)
+    x = np.arange(10, dtype=np.int32)[None]
+    np.testing.assert_array_equal(m2.forward(x), m.forward(x))
+    with pytest.raises(ValueError, match="weights-only"):
+        restore(ck, m2, smedjan.Trainer(m2))
+
+
+def test_any_safetensors_reader_opens_a_checkpoint(tmp_path):
+    m = smedjan.Model(CFG, seed=3)
+    tr = smedjan.Trainer(m)
+    p = str(tmp_path / "ckpt.safetensors")
+    save_checkpoint(p, m, tr, step=0)
+    ref = stn.load_file(p)
+    assert set(ref) == set(m.params) | {"optim.exp_avg", "optim.exp_avg_sq"}
+    np.testing.assert_array_equal(ref["layers.1.wq"], m.params["layers.1.wq"])
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="gone.safetensors"):
+        load_checkpoint(tmp_path / "gone.safetensors")
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    m = smedjan.Model(CFG)
+    p = tmp_path / "ckpt.safetensors"
+    save_checkpoint(p, m, step=0)
+    b = p.read_bytes()
+    p.write_bytes(b[:len(b) // 2])
+    with pytest.raises(ValueError, match=r"ckpt.safetensors: tensor '.*'.*outside.*truncated"):
+        load_checkpoint(p)
+
+
+def test_bit_flip_names_the_tensor(tmp_path):
+    m = smedjan.Model(CFG)
+    p = tmp_path / "ckpt.safetensors"
+    save_checkpoint(p, m, step=0)
+    raw = p.read_bytes()
+    n = 8 + struct.unpack("<Q", raw[:8])[0]
+    begin = json.loads(raw[8:n])["layers.1.wk"]["data_offsets"][0]
+    b = bytearray(raw)
+    b[n + begin + 17] ^= 0x01
+    p.write_bytes(bytes(b))
+    with pytest.raises(ValueError, match=r"ckpt.safetensors: tensor 'layers.1.wk' CRC mismatch"):
+        load_checkpoint(p)
+
+
+def test_plain_safetensors_file_is_not_a_checkpoint(tmp_path):
+    p = tmp_path / "other.safetensors"
+    save_safetensors(p, {"x": np.ones(2, np.float32)}, {"format": "pt"})
+    with pytest.raises(ValueError, match="other.safetensors: not a smedjan checkpoint"):
+        load_checkpoint(p)
+    save_safetensors(p, {"x": np.ones(2, np.float32)},
+                     {"format": "smedjan-checkpoint", "format_version": "9"})
+    with pytest.raises(ValueError, match="format_version '9'"):
+        load_checkpoint(p)
+
+
+def test_shape_mismatch_names_file_and_tensor(tmp_path):
+    m = smedjan.Model(CFG)
+    t = {k: np.array(v) for k, v in m.params.items()}
+    t["layers.0.wo"] = t["layers.0.wo"][:, :16]
+    p = tmp_path / "bad.safetensors"
+    save_safetensors(p, t, {"format": "smedjan-weights", "format_version": "1",
+                            "config": json.dumps(CFG.to_dict())})
+    with pytest.raises(ValueError, match=r"bad.safetensors: tensor 'layers.0.wo' has shape \(32, 16\)"):
+        model_from_checkpoint(p)
+    before = m.flat_params.copy()
+    with pytest.raises(ValueError, match="layers.0.wo"):
+        restore(load_checkpoint(p), m)
+    np.testing.assert_array_equal(m.flat_params, before)     # nothing copied
+    other = smedjan.Model(smedjan.Config(**{**CFG.to_dict(), "n_layers": 1}))
+    with pytest.raises(ValueError, match="does not match the model"):
+        restore(load_checkpoint(p), other)
+
+
+def test_failed_save_leaves_the_previous_checkpoint(tmp_path):
+    m = smedjan.Model(CFG)
+    p = tmp_path / "ckpt.safetensors"
+    save_checkpoint(p, m, step=1)
+    before = p.read_bytes()
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        save_checkpoint(p, m, step=2, extra={"f": object()})
+    assert p.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.safetensors"]
+    assert load_checkpoint(p).step == 1
