@@ -55,6 +55,7 @@ class Model:
         self.tensors = [(n, tuple(s), off) for n, s, off, _ in self._h.tensors()]
         self.params = self._views(self.flat_params)
         self.grads = self._views(self.flat_grads)
+        self.tokenizer = None       # set when loaded with one (see smedjan.commands)
 
     def _views(self, flat: np.ndarray) -> Dict[str, np.ndarray]:
         out = {}
@@ -82,6 +83,14 @@ class Model:
         into `grads`."""
         return self._h.loss(as_tokens(tokens), as_tokens(targets, "targets"),
                             ignore_index=ignore_index, backward=backward)
+
+    def generate(self, prompt, max_new_tokens: int = 64, **kw):
+        """Stream sampled token ids (see smedjan.generate.generate).
+
+        >>> # for t in model.generate("def main", 32, temperature=0.8, seed=0): print(t)
+        """
+        from .generate import generate
+        return generate(self, prompt, max_new_tokens, **kw)
 
     def zero_grad(self) -> None:
         self._h.zero_grad()

