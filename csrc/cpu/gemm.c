@@ -163,7 +163,50 @@ static void kernel_edge(int kc, const float *a, const float *b, float *c, int64_
     for (int i = 0; i < mr; i++) memcpy(c + i * ldc, t + i * NR, sizeof(float) * nr);
 }
 
-/* ---- packing ------------------------------------------------------------ */
+/* ---- packing ------------------------------------------------------------
+ * The two transposing cases (op(A) from row-major A, op(B) from B stored
+ * (N, K)) read MR or NR rows in 16-float chunks of k, so that each cache
+ * line is used up at once: rows lda apart are often 4 KiB apart and would
+ * evict one another from L1 if walked in lockstep. */
+
+#if defined(__AVX512F__)
+/* In-register transpose of a 16x16 float block: r[i] row i -> r[j] column j. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 4) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+        t[i + 2] = _mm512_unpacklo_ps(r[i + 2], r[i + 3]);
+        t[i + 3] = _mm512_unpackhi_ps(r[i + 2], r[i + 3]);
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+        t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+        t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+        t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+    }
+    for (int j = 0; j < 4; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+        r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+        r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xDD);
+    }
+}
+
+/* rows src[0..rows) (stride ld), columns k0..k0+kn (kn <= 16), transposed:
+ * column c -> r[c]; missing rows are zero. */
+static inline void load_transpose16(__m512 r[16], const float *src, int64_t ld, int rows,
+                                    int kn) {
+    __mmask16 m = (__mmask16)((1u << kn) - 1);
+    for (int i = 0; i < 16; i++)
+        r[i] = i < rows ? _mm512_maskz_loadu_ps(m, src + i * ld) : _mm512_setzero_ps();
+    transpose16(r);
+}
+#endif
 
 /* One MR-panel of op(A): rows i0..i0+mr, columns p0..p0+kc -> dst(kc, MR),
  * rows past mr zero. */
@@ -176,14 +219,25 @@ static void pack_a_panel(float *restrict dst, const float *A, int lda, int trans
             for (; r < mr; r++) dst[r] = src[r];
             for (; r < MR; r++) dst[r] = 0.f;
         }
-    } else {      /* A stored (M, K): read each row contiguously */
-        for (int r = 0; r < mr; r++) {
-            const float *src = A + (int64_t)(i0 + r) * lda + p0;
-            for (int k = 0; k < kc; k++) dst[k * MR + r] = src[k];
-        }
-        for (int r = mr; r < MR; r++)
-            for (int k = 0; k < kc; k++) dst[k * MR + r] = 0.f;
+        return;
     }
+    const float *src = A + (int64_t)i0 * lda + p0;
+#if defined(__AVX512F__) && MR <= 16
+    for (int k0 = 0; k0 < kc; k0 += 16) {
+        int kn = SJ_MIN(16, kc - k0);
+        __m512 r[16];
+        load_transpose16(r, src + k0, lda, mr, kn);
+        for (int c = 0; c < kn; c++)
+            _mm512_mask_storeu_ps(dst + (k0 + c) * MR, (__mmask16)((1u << MR) - 1), r[c]);
+    }
+#else
+    for (int k0 = 0; k0 < kc; k0 += 16) {
+        int k1 = SJ_MIN(kc, k0 + 16);
+        for (int r = 0; r < MR; r++)
+            for (int k = k0; k < k1; k++)
+                dst[k * MR + r] = r < mr ? src[(int64_t)r * lda + k] : 0.f;
+    }
+#endif
 }
 
 /* One NR-panel of op(B): rows p0..p0+kc, columns j0..j0+nr -> dst(kc, NR),
@@ -197,15 +251,27 @@ static void pack_b_panel(float *restrict dst, const float *B, int ldb, int trans
             for (; j < nr; j++) dst[j] = src[j];
             for (; j < NR; j++) dst[j] = 0.f;
         }
-    } else {       /* B stored (N, K): op(B)'s column j is row j of B */
-        int j = 0;
-        for (; j < nr; j++) {
-            const float *src = B + (int64_t)(j0 + j) * ldb + p0;
-            for (int k = 0; k < kc; k++) dst[k * NR + j] = src[k];
-        }
-        for (; j < NR; j++)
-            for (int k = 0; k < kc; k++) dst[k * NR + j] = 0.f;
+        return;
     }
+    /* B stored (N, K): op(B)'s column j is row j of B */
+    const float *src = B + (int64_t)j0 * ldb + p0;
+#if defined(__AVX512F__) && NR % 16 == 0
+    for (int k0 = 0; k0 < kc; k0 += 16) {
+        int kn = SJ_MIN(16, kc - k0);
+        for (int h = 0; h < NR; h += 16) {
+            __m512 r[16];
+            load_transpose16(r, src + (int64_t)h * ldb + k0, ldb, SJ_MAX(0, nr - h), kn);
+            for (int c = 0; c < kn; c++) _mm512_store_ps(dst + (k0 + c) * NR + h, r[c]);
+        }
+    }
+#else
+    for (int k0 = 0; k0 < kc; k0 += 16) {
+        int k1 = SJ_MIN(kc, k0 + 16);
+        for (int j = 0; j < NR; j++)
+            for (int k = k0; k < k1; k++)
+                dst[k * NR + j] = j < nr ? src[(int64_t)j * ldb + k] : 0.f;
+    }
+#endif
 }
 
 /* ---- per-thread pack buffers -------------------------------------------- */
