@@ -240,6 +240,27 @@ static void pack_a_panel(float *restrict dst, const float *A, int lda, int trans
 #endif
 }
 
+/* Rows i0..i1 of op(A) as consecutive MR-panels. With transA each stored
+ * row k is walked once across all panels: panel by panel, the short pieces
+ * of rows lda apart would keep missing in L1. */
+static void pack_a_block(float *restrict dst, const float *A, int lda, int transA,
+                         int i0, int i1, int p0, int kc) {
+    if (!transA) {
+        for (int i = i0; i < i1; i += MR, dst += (size_t)kc * MR)
+            pack_a_panel(dst, A, lda, 0, i, SJ_MIN(MR, i1 - i), p0, kc);
+        return;
+    }
+    for (int k = 0; k < kc; k++) {
+        const float *src = A + (int64_t)(p0 + k) * lda;
+        float *d = dst + k * MR;
+        for (int i = i0; i < i1; i += MR, d += (size_t)kc * MR) {
+            int mr = SJ_MIN(MR, i1 - i), r = 0;
+            for (; r < mr; r++) d[r] = src[i + r];
+            for (; r < MR; r++) d[r] = 0.f;
+        }
+    }
+}
+
 /* One NR-panel of op(B): rows p0..p0+kc, columns j0..j0+nr -> dst(kc, NR),
  * columns past nr zero. */
 static void pack_b_panel(float *restrict dst, const float *B, int ldb, int transB,
@@ -342,11 +363,7 @@ static void compute_items(void *ctx, int64_t t0, int64_t t1, int tid) {
         int i0 = ii * g->ipp * MR, i1 = SJ_MIN(g->M, i0 + g->ipp * MR);
         int jp0 = jj * g->jpp, jp1 = SJ_MIN(n_jp, jp0 + g->jpp);
         float *ap = scratch_get(0, (size_t)MC * KC);
-        if (ap) {
-            for (int i = i0, ip = 0; i < i1; i += MR, ip++)
-                pack_a_panel(ap + (size_t)ip * g->kc * MR, g->A, g->lda, g->transA,
-                             i, SJ_MIN(MR, i1 - i), g->pc, g->kc);
-        }
+        if (ap) pack_a_block(ap, g->A, g->lda, g->transA, i0, i1, g->pc, g->kc);
         for (int jp = jp0; jp < jp1; jp++) {
             int j = g->jc + jp * NR, nr = SJ_MIN(NR, g->jc + g->nc - j);
             const float *bpan = g->bp + (size_t)jp * g->kc * NR;
@@ -422,6 +439,9 @@ void sj_cpu_gemm(float *C, int ldc, const float *A, int lda, int transA,
         }
     }
 }
+
+/* Which microkernel this build uses, for benchmark reports. */
+const char *const sj_cpu_gemm_isa = SJ_GEMM_ISA;
 
 void sj_cpu_matmul(float *C, const float *A, const float *B, int M, int N, int K,
                    int transA, int transB, int accum) {

@@ -6,6 +6,10 @@
 #include "../cpu/cpu.h"
 #include <string.h>
 
+/* Defined in cpu/gemm.c ("avx512", "avx2" or "portable"); not in cpu.h,
+ * which this work does not own. */
+extern const char *const sj_cpu_gemm_isa;
+
 /* A C-contiguous 2-D float32 view of obj; -1 with TypeError/ValueError set. */
 static int get_f32_2d(PyObject *obj, const char *fn, const char *arg, int writable,
                       Py_buffer *v) {
@@ -104,4 +108,7 @@ static PyMethodDef kernel_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-int sj_py_add_kernels(PyObject *m) { return PyModule_AddFunctions(m, kernel_methods); }
+int sj_py_add_kernels(PyObject *m) {
+    if (PyModule_AddFunctions(m, kernel_methods) < 0) return -1;
+    return PyModule_AddStringConstant(m, "GEMM_ISA", sj_cpu_gemm_isa);
+}
