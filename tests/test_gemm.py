@@ -192,3 +192,20 @@ def test_bad_arguments_raise_clear_errors():
         _C.gemm(buf, buf, f32(4, 4))
     with pytest.raises(TypeError):
         _C.gemm([[1.0]], f32(1, 1), f32(1, 1))
+
+
+@pytest.mark.parametrize("ta,tb", FORMS)
+def test_rows_do_not_depend_on_batch_size(ta, tb):
+    """Every element is one FMA chain in k order whatever the tiling, so a
+    row computed alone (decode, M=1) is bitwise the row of a big batch."""
+    rng = np.random.default_rng(12)
+    M, N, K = 200, 333, 300
+    A, B = operands(rng, M, N, K, ta, tb)
+    full = np.empty((M, N), np.float32)
+    _C.gemm(full, A, B, ta, tb)
+    for rows in (slice(0, 1), slice(17, 18), slice(5, 9), slice(100, 114), slice(150, 200)):
+        sub = np.ascontiguousarray(A[:, rows] if ta else A[rows])
+        part = np.empty((rows.stop - rows.start, N), np.float32)
+        _C.gemm(part, sub, B, ta, tb)
+        diff = np.argwhere(part.view(np.uint32) != full[rows].view(np.uint32))
+        assert diff.size == 0, f"rows {rows}: first difference at {diff[0]}"

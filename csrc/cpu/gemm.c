@@ -60,29 +60,68 @@ void sj_cpu_gemm_reference(float *C, int ldc, const float *A, int lda, int trans
 #define NC 3072
 #define SJ_GEMM_ISA "avx512"
 
-static void kernel(int kc, const float *restrict a, const float *restrict b,
-                   float *restrict c, int64_t ldc, int load) {
+/* The kernel body for mr <= MR rows; with `masked` the C tile is nr < NR
+ * columns wide (B panels are always NR wide: packed edge panels are zero-
+ * padded). Each variant computes every element as the same FMA chain. */
+static inline __attribute__((always_inline)) void
+kernel_body(const int mr, const int masked, int kc, const float *restrict a,
+            const float *restrict b, int64_t ldbk, float *restrict c, int64_t ldc, int load,
+            __mmask16 m0, __mmask16 m1) {
     __m512 acc[MR][2];
 #pragma GCC unroll 14
-    for (int i = 0; i < MR; i++) {
-        acc[i][0] = load ? _mm512_loadu_ps(c + i * ldc) : _mm512_setzero_ps();
-        acc[i][1] = load ? _mm512_loadu_ps(c + i * ldc + 16) : _mm512_setzero_ps();
+    for (int i = 0; i < mr; i++) {
+        if (!load) {
+            acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        } else if (masked) {
+            acc[i][0] = _mm512_maskz_loadu_ps(m0, c + i * ldc);
+            acc[i][1] = _mm512_maskz_loadu_ps(m1, c + i * ldc + 16);
+        } else {
+            acc[i][0] = _mm512_loadu_ps(c + i * ldc);
+            acc[i][1] = _mm512_loadu_ps(c + i * ldc + 16);
+        }
     }
     for (int k = 0; k < kc; k++) {
-        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
 #pragma GCC unroll 14
-        for (int i = 0; i < MR; i++) {
+        for (int i = 0; i < mr; i++) {
             __m512 ai = _mm512_set1_ps(a[i]);
             acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
             acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
         }
         a += MR;
-        b += NR;
+        b += ldbk;
     }
 #pragma GCC unroll 14
-    for (int i = 0; i < MR; i++) {
-        _mm512_storeu_ps(c + i * ldc, acc[i][0]);
-        _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
+    for (int i = 0; i < mr; i++) {
+        if (masked) {
+            _mm512_mask_storeu_ps(c + i * ldc, m0, acc[i][0]);
+            _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc[i][1]);
+        } else {
+            _mm512_storeu_ps(c + i * ldc, acc[i][0]);
+            _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
+        }
+    }
+}
+
+/* A full MR x NR tile; b advances ldbk floats per k (NR when packed). */
+static void kernel(int kc, const float *a, const float *b, int64_t ldbk, float *c,
+                   int64_t ldc, int load) {
+    kernel_body(MR, 0, kc, a, b, ldbk, c, ldc, load, 0, 0);
+}
+
+/* An edge tile: exactly mr rows (no work on padding rows, which matters for
+ * decode's M = 1..13) and nr columns through masks. */
+static void kernel_edge(int kc, const float *a, const float *b, int64_t ldbk, float *c,
+                        int64_t ldc, int load, int mr, int nr) {
+    __mmask16 m0 = (__mmask16)(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
+    __mmask16 m1 = (__mmask16)(nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (1u << (nr - 16)) - 1);
+    switch (mr) {
+#define SJ_EDGE_CASE(R) \
+    case R: kernel_body(R, 1, kc, a, b, ldbk, c, ldc, load, m0, m1); break;
+    SJ_EDGE_CASE(1) SJ_EDGE_CASE(2) SJ_EDGE_CASE(3) SJ_EDGE_CASE(4) SJ_EDGE_CASE(5)
+    SJ_EDGE_CASE(6) SJ_EDGE_CASE(7) SJ_EDGE_CASE(8) SJ_EDGE_CASE(9) SJ_EDGE_CASE(10)
+    SJ_EDGE_CASE(11) SJ_EDGE_CASE(12) SJ_EDGE_CASE(13) SJ_EDGE_CASE(14)
+#undef SJ_EDGE_CASE
     }
 }
 
@@ -95,7 +134,7 @@ static void kernel(int kc, const float *restrict a, const float *restrict b,
 #define NC 3072
 #define SJ_GEMM_ISA "avx2"
 
-static void kernel(int kc, const float *restrict a, const float *restrict b,
+static void kernel(int kc, const float *restrict a, const float *restrict b, int64_t ldbk,
                    float *restrict c, int64_t ldc, int load) {
     __m256 acc[MR][2];
 #pragma GCC unroll 6
@@ -104,7 +143,7 @@ static void kernel(int kc, const float *restrict a, const float *restrict b,
         acc[i][1] = load ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
     }
     for (int k = 0; k < kc; k++) {
-        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
 #pragma GCC unroll 6
         for (int i = 0; i < MR; i++) {
             __m256 ai = _mm256_broadcast_ss(a + i);
@@ -112,7 +151,7 @@ static void kernel(int kc, const float *restrict a, const float *restrict b,
             acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
         }
         a += MR;
-        b += NR;
+        b += ldbk;
     }
 #pragma GCC unroll 6
     for (int i = 0; i < MR; i++) {
@@ -132,7 +171,7 @@ static void kernel(int kc, const float *restrict a, const float *restrict b,
 #define NC 2048
 #define SJ_GEMM_ISA "portable"
 
-static void kernel(int kc, const float *restrict a, const float *restrict b,
+static void kernel(int kc, const float *restrict a, const float *restrict b, int64_t ldbk,
                    float *restrict c, int64_t ldc, int load) {
     float acc[MR][NR];
     for (int i = 0; i < MR; i++)
@@ -144,24 +183,26 @@ static void kernel(int kc, const float *restrict a, const float *restrict b,
             for (int j = 0; j < NR; j++) acc[i][j] += ai * b[j];
         }
         a += MR;
-        b += NR;
+        b += ldbk;
     }
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) c[i * ldc + j] = acc[i][j];
 }
 #endif
 
+#if !defined(__AVX512F__)
 /* An edge tile (mr < MR or nr < NR): run the full kernel on a scratch tile.
  * The padded rows/columns of the panels are zero, so the valid part is the
  * same FMA chain as in a full tile. */
-static void kernel_edge(int kc, const float *a, const float *b, float *c, int64_t ldc,
-                        int load, int mr, int nr) {
+static void kernel_edge(int kc, const float *a, const float *b, int64_t ldbk, float *c,
+                        int64_t ldc, int load, int mr, int nr) {
     _Alignas(64) float t[MR * NR];
     if (load)
         for (int i = 0; i < mr; i++) memcpy(t + i * NR, c + i * ldc, sizeof(float) * nr);
-    kernel(kc, a, b, t, NR, load);
+    kernel(kc, a, b, ldbk, t, NR, load);
     for (int i = 0; i < mr; i++) memcpy(c + i * ldc, t + i * NR, sizeof(float) * nr);
 }
+#endif
 
 /* ---- packing ------------------------------------------------------------
  * The two transposing cases (op(A) from row-major A, op(B) from B stored
@@ -253,6 +294,10 @@ static void pack_a_block(float *restrict dst, const float *A, int lda, int trans
     for (int k = 0; k < kc; k++) {
         const float *src = A + (int64_t)(p0 + k) * lda;
         float *d = dst + k * MR;
+        /* rows lda apart sit on different pages, beyond the hardware
+         * prefetcher's reach: fetch a few rows ahead */
+        if (k + 4 < kc)
+            for (int i = i0; i < i1; i += 16) __builtin_prefetch(src + 4 * (int64_t)lda + i);
         for (int i = i0; i < i1; i += MR, d += (size_t)kc * MR) {
             int mr = SJ_MIN(MR, i1 - i), r = 0;
             for (; r < mr; r++) d[r] = src[i + r];
@@ -377,8 +422,45 @@ static void compute_items(void *ctx, int64_t t0, int64_t t1, int tid) {
                     apan = one;
                 }
                 float *c = g->C + (int64_t)i * g->ldc + j;
-                if (mr == MR && nr == NR) kernel(g->kc, apan, bpan, c, g->ldc, g->load);
-                else kernel_edge(g->kc, apan, bpan, c, g->ldc, g->load, mr, nr);
+                /* the next tile's C rows, so its loads do not stall on memory */
+                if (g->load && i + MR < i1)
+                    for (int r = 0; r < MR; r++)
+                        for (int q = 0; q < NR; q += 16)
+                            __builtin_prefetch(c + (int64_t)(MR + r) * g->ldc + q, 1);
+                if (mr == MR && nr == NR) kernel(g->kc, apan, bpan, NR, c, g->ldc, g->load);
+                else kernel_edge(g->kc, apan, bpan, NR, c, g->ldc, g->load, mr, nr);
+            }
+        }
+    }
+}
+
+/* M <= MR and B stored (K, N): no B panel would be used twice, so the kernel
+ * reads B in place (row stride ldb) instead of from a packed copy; only an
+ * edge panel narrower than NR is packed, on the stack. Each item is a slice
+ * of NR-panels and runs the whole K loop itself: one fork-join per call.
+ * The FMA chains are the packed path's, so the results are identical. */
+static void direct_items(void *ctx, int64_t t0, int64_t t1, int tid) {
+    (void)tid;
+    const gemm_plan *g = ctx;
+    int n_jp = SJ_CDIV(g->N, NR);
+    _Alignas(64) float ap[MR * KC];
+    _Alignas(64) float edge[KC * NR];
+    for (int64_t t = t0; t < t1; t++) {
+        int jp0 = (int)t * g->jpp, jp1 = SJ_MIN(n_jp, jp0 + g->jpp);
+        for (int pc = 0; pc < g->K; pc += KC) {
+            int kc = SJ_MIN(KC, g->K - pc), load = pc > 0 || g->accum;
+            pack_a_panel(ap, g->A, g->lda, g->transA, 0, g->M, pc, kc);
+            for (int jp = jp0; jp < jp1; jp++) {
+                int j = jp * NR, nr = SJ_MIN(NR, g->N - j);
+                float *c = g->C + j;
+                if (nr == NR) {
+                    const float *b = g->B + (int64_t)pc * g->ldb + j;
+                    if (g->M == MR) kernel(kc, ap, b, g->ldb, c, g->ldc, load);
+                    else kernel_edge(kc, ap, b, g->ldb, c, g->ldc, load, g->M, NR);
+                } else {
+                    pack_b_panel(edge, g->B, g->ldb, 0, j, nr, pc, kc);
+                    kernel_edge(kc, ap, edge, NR, c, g->ldc, load, g->M, nr);
+                }
             }
         }
     }
@@ -396,7 +478,7 @@ static void gemm_unbuffered(const gemm_plan *g0) {
                 int kc = SJ_MIN(KC, g->K - p);
                 pack_a_panel(ap, g->A, g->lda, g->transA, i, mr, p, kc);
                 pack_b_panel(bp, g->B, g->ldb, g->transB, j, nr, p, kc);
-                kernel_edge(kc, ap, bp, g->C + (int64_t)i * g->ldc + j, g->ldc,
+                kernel_edge(kc, ap, bp, NR, g->C + (int64_t)i * g->ldc + j, g->ldc,
                             p > 0 || g->accum, mr, nr);
             }
         }
@@ -413,6 +495,13 @@ void sj_cpu_gemm(float *C, int ldc, const float *A, int lda, int transA,
     gemm_plan g = { C, A, B, ldc, lda, ldb, transA, transB, M, N, K, accum };
     /* Below ~0.5 MFLOP the fork-join costs more than it saves. */
     int P = (int64_t)M * N * K < (1 << 18) ? 1 : sj_parallel_threads();
+    if (M <= MR && !transB) {
+        int n_jp = SJ_CDIV(N, NR);
+        g.jpp = SJ_CDIV(n_jp, SJ_MIN(n_jp, 4 * P));
+        int64_t items = SJ_CDIV(n_jp, g.jpp);
+        sj_parallel_for(items, P > 1 ? 1 : items, direct_items, &g);
+        return;
+    }
     int ncap = SJ_MIN(NC, SJ_CDIV(N, NR) * NR);
     g.bp = scratch_get(1, (size_t)KC * ncap);
     if (!g.bp) { gemm_unbuffered(&g); return; }
