@@ -308,15 +308,27 @@ static void pack_a_block(float *restrict dst, const float *A, int lda, int trans
 
 /* One NR-panel of op(B): rows p0..p0+kc, columns j0..j0+nr -> dst(kc, NR),
  * columns past nr zero. */
+/* dst[0..NR) = src[0..nr), zero past nr. Explicit vectors: left to itself
+ * the compiler turns this into a call to memmove for 128 bytes. */
+static inline void copy_row(float *restrict dst, const float *restrict src, int nr) {
+#if defined(__AVX512F__) && NR % 16 == 0
+    for (int j = 0; j < NR; j += 16) {
+        int n = SJ_MAX(0, SJ_MIN(16, nr - j));
+        __mmask16 m = (__mmask16)(n == 16 ? 0xFFFF : (1u << n) - 1);
+        _mm512_store_ps(dst + j, _mm512_maskz_loadu_ps(m, src + j));
+    }
+#else
+    int j = 0;
+    for (; j < nr; j++) dst[j] = src[j];
+    for (; j < NR; j++) dst[j] = 0.f;
+#endif
+}
+
 static void pack_b_panel(float *restrict dst, const float *B, int ldb, int transB,
                          int j0, int nr, int p0, int kc) {
     if (!transB) { /* B stored (K, N): rows of op(B) are contiguous */
-        for (int k = 0; k < kc; k++, dst += NR) {
-            const float *src = B + (int64_t)(p0 + k) * ldb + j0;
-            int j = 0;
-            for (; j < nr; j++) dst[j] = src[j];
-            for (; j < NR; j++) dst[j] = 0.f;
-        }
+        for (int k = 0; k < kc; k++, dst += NR)
+            copy_row(dst, B + (int64_t)(p0 + k) * ldb + j0, nr);
         return;
     }
     /* B stored (N, K): op(B)'s column j is row j of B */
@@ -434,37 +446,110 @@ static void compute_items(void *ctx, int64_t t0, int64_t t1, int tid) {
     }
 }
 
-/* M <= MR and B stored (K, N): no B panel would be used twice, so the kernel
- * reads B in place (row stride ldb) instead of from a packed copy; only an
- * edge panel narrower than NR is packed, on the stack. Each item is a slice
- * of NR-panels and runs the whole K loop itself: one fork-join per call.
- * The FMA chains are the packed path's, so the results are identical. */
-static void direct_items(void *ctx, int64_t t0, int64_t t1, int tid) {
+/* M <= MR (decode): no B panel would be used twice, so rather than packing
+ * a shared KC x NC block of B (megabytes, out to L3 and back), each item
+ * packs SLICE panels at a time into its own L2-resident buffer and uses them
+ * at once. Each item is a slice of NR-panels and runs the whole K loop
+ * itself: one fork-join per call. The FMA chains are the packed path's, so
+ * the results are identical to it. */
+#define SLICE 4
+static void small_m_items(void *ctx, int64_t t0, int64_t t1, int tid) {
     (void)tid;
     const gemm_plan *g = ctx;
     int n_jp = SJ_CDIV(g->N, NR);
     _Alignas(64) float ap[MR * KC];
-    _Alignas(64) float edge[KC * NR];
+    _Alignas(64) float one[KC * NR];
+    float *bs = scratch_get(0, (size_t)SLICE * KC * NR);  /* NULL: panel by panel */
+    int slice = bs ? SLICE : 1;
+    if (!bs) bs = one;
     for (int64_t t = t0; t < t1; t++) {
         int jp0 = (int)t * g->jpp, jp1 = SJ_MIN(n_jp, jp0 + g->jpp);
         for (int pc = 0; pc < g->K; pc += KC) {
             int kc = SJ_MIN(KC, g->K - pc), load = pc > 0 || g->accum;
             pack_a_panel(ap, g->A, g->lda, g->transA, 0, g->M, pc, kc);
-            for (int jp = jp0; jp < jp1; jp++) {
-                int j = jp * NR, nr = SJ_MIN(NR, g->N - j);
-                float *c = g->C + j;
-                if (nr == NR) {
-                    const float *b = g->B + (int64_t)pc * g->ldb + j;
-                    if (g->M == MR) kernel(kc, ap, b, g->ldb, c, g->ldc, load);
-                    else kernel_edge(kc, ap, b, g->ldb, c, g->ldc, load, g->M, NR);
-                } else {
-                    pack_b_panel(edge, g->B, g->ldb, 0, j, nr, pc, kc);
-                    kernel_edge(kc, ap, edge, NR, c, g->ldc, load, g->M, nr);
+            for (int js = jp0; js < jp1; js += slice) {
+                int je = SJ_MIN(jp1, js + slice);
+                if (g->transB) {
+                    for (int jp = js; jp < je; jp++) {
+                        int j = jp * NR;
+                        pack_b_panel(bs + (size_t)(jp - js) * kc * NR, g->B, g->ldb, 1, j,
+                                     SJ_MIN(NR, g->N - j), pc, kc);
+                    }
+                } else {  /* row by row across the slice: long contiguous reads */
+                    for (int k = 0; k < kc; k++) {
+                        const float *src = g->B + (int64_t)(pc + k) * g->ldb;
+                        for (int jp = js; jp < je; jp++)
+                            copy_row(bs + (size_t)(jp - js) * kc * NR + k * NR, src + jp * NR,
+                                     SJ_MIN(NR, g->N - jp * NR));
+                    }
+                }
+                for (int jp = js; jp < je; jp++) {
+                    int j = jp * NR, nr = SJ_MIN(NR, g->N - j);
+                    const float *b = bs + (size_t)(jp - js) * kc * NR;
+                    if (g->M == MR && nr == NR) kernel(kc, ap, b, NR, g->C + j, g->ldc, load);
+                    else kernel_edge(kc, ap, b, NR, g->C + j, g->ldc, load, g->M, nr);
                 }
             }
         }
     }
 }
+
+#if defined(__AVX512F__)
+/* M <= 4 and B stored (K, N) (decode's dx, a single row through x @ W): the
+ * kernel's 28 accumulators are spread over one wide strip, mr rows x NW
+ * vectors, and the whole K loop runs over B in place. Per k a strip reads
+ * NW*64 contiguous bytes of a row of B, which the prefetchers follow; per
+ * element it is the same FMA chain in k order as every other path, so the
+ * result is theirs bit for bit. */
+static inline __attribute__((always_inline)) void
+strip_body(const int mr, const int nw, const gemm_plan *g, int j, int ncols, int k0, int k1) {
+    __m512 acc[4][28];
+    __mmask16 m[28];
+    for (int v = 0; v < nw; v++) {
+        int n = SJ_MAX(0, SJ_MIN(16, ncols - 16 * v));
+        m[v] = (__mmask16)(n == 16 ? 0xFFFF : (1u << n) - 1);
+    }
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < nw; v++)
+            acc[i][v] = k0 > 0 || g->accum ? _mm512_maskz_loadu_ps(m[v], g->C + (int64_t)i * g->ldc + j + 16 * v)
+                                 : _mm512_setzero_ps();
+    const float *b = g->B + (int64_t)k0 * g->ldb + j;
+    for (int k = k0; k < k1; k++, b += g->ldb) {
+        __m512 ai[4];
+        for (int i = 0; i < mr; i++) ai[i] = _mm512_set1_ps(AT(g->A, g->lda, g->transA, i, k));
+        for (int v = 0; v < nw; v++) {
+            __m512 bv = _mm512_maskz_loadu_ps(m[v], b + 16 * v);
+            for (int i = 0; i < mr; i++) acc[i][v] = _mm512_fmadd_ps(ai[i], bv, acc[i][v]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < nw; v++)
+            _mm512_mask_storeu_ps(g->C + (int64_t)i * g->ldc + j + 16 * v, m[v], acc[i][v]);
+}
+
+static int strip_width(int mr) { return 16 * (28 / mr); }
+
+static void strip_items(void *ctx, int64_t t0, int64_t t1, int tid) {
+    (void)tid;
+    const gemm_plan *g = ctx;
+    int w = strip_width(g->M);
+    /* k in blocks of 64 rows across all of this item's strips: the rows'
+     * pages stay in the TLB and the lines the prefetcher brought for the
+     * next strip are still in cache when it comes */
+    for (int k0 = 0; k0 < g->K; k0 += 64) {
+        int k1 = SJ_MIN(g->K, k0 + 64);
+        for (int64_t t = t0; t < t1; t++) {
+            int j = (int)t * w, n = SJ_MIN(w, g->N - j);
+            switch (g->M) {
+            case 1: strip_body(1, 28, g, j, n, k0, k1); break;
+            case 2: strip_body(2, 14, g, j, n, k0, k1); break;
+            case 3: strip_body(3, 9, g, j, n, k0, k1); break;
+            default: strip_body(4, 7, g, j, n, k0, k1); break;
+            }
+        }
+    }
+}
+#endif
 
 /* Out of memory for the shared B block: tile by tile, both panels packed on
  * the stack. Slow, serial, and bit-identical to the fast path. */
@@ -495,11 +580,18 @@ void sj_cpu_gemm(float *C, int ldc, const float *A, int lda, int transA,
     gemm_plan g = { C, A, B, ldc, lda, ldb, transA, transB, M, N, K, accum };
     /* Below ~0.5 MFLOP the fork-join costs more than it saves. */
     int P = (int64_t)M * N * K < (1 << 18) ? 1 : sj_parallel_threads();
-    if (M <= MR && !transB) {
+#if defined(__AVX512F__)
+    if (M <= 4 && !transB) {
+        int64_t strips = SJ_CDIV(N, strip_width(M));
+        sj_parallel_for(strips, P > 1 ? 1 : strips, strip_items, &g);
+        return;
+    }
+#endif
+    if (M <= MR) {
         int n_jp = SJ_CDIV(N, NR);
         g.jpp = SJ_CDIV(n_jp, SJ_MIN(n_jp, 4 * P));
         int64_t items = SJ_CDIV(n_jp, g.jpp);
-        sj_parallel_for(items, P > 1 ? 1 : items, direct_items, &g);
+        sj_parallel_for(items, P > 1 ? 1 : items, small_m_items, &g);
         return;
     }
     int ncap = SJ_MIN(NC, SJ_CDIV(N, NR) * NR);
