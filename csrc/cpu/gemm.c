@@ -212,7 +212,7 @@ static void kernel_edge(int kc, const float *a, const float *b, int64_t ldbk, fl
 
 #if defined(__AVX512F__)
 /* In-register transpose of a 16x16 float block: r[i] row i -> r[j] column j. */
-static inline void transpose16(__m512 r[16]) {
+static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
     __m512 t[16];
     for (int i = 0; i < 16; i += 4) {
         t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
@@ -240,8 +240,8 @@ static inline void transpose16(__m512 r[16]) {
 
 /* rows src[0..rows) (stride ld), columns k0..k0+kn (kn <= 16), transposed:
  * column c -> r[c]; missing rows are zero. */
-static inline void load_transpose16(__m512 r[16], const float *src, int64_t ld, int rows,
-                                    int kn) {
+static inline __attribute__((always_inline)) void
+load_transpose16(__m512 r[16], const float *src, int64_t ld, int rows, int kn) {
     __mmask16 m = (__mmask16)((1u << kn) - 1);
     for (int i = 0; i < 16; i++)
         r[i] = i < rows ? _mm512_maskz_loadu_ps(m, src + i * ld) : _mm512_setzero_ps();
@@ -397,8 +397,9 @@ typedef struct {
     /* the current (jc, pc) block */
     int jc, nc, pc, kc, load;
     float *bp;                 /* packed B block: ceil(nc/NR) panels of (kc, NR) */
-    /* work items: row blocks of ipp MR-panels x column slices of jpp NR-panels */
-    int ipp, n_iitems, jpp, n_jitems;
+    /* work items: n_iitems row blocks (MR-panel counts differing by at most
+     * one) x n_jitems column slices of jpp NR-panels */
+    int n_ip, n_iitems, jpp, n_jitems;
 } gemm_plan;
 
 static void pack_b_range(void *ctx, int64_t p0, int64_t p1, int tid) {
@@ -417,7 +418,8 @@ static void compute_items(void *ctx, int64_t t0, int64_t t1, int tid) {
     int n_jp = SJ_CDIV(g->nc, NR);
     for (int64_t t = t0; t < t1; t++) {
         int ii = (int)(t / g->n_jitems), jj = (int)(t % g->n_jitems);
-        int i0 = ii * g->ipp * MR, i1 = SJ_MIN(g->M, i0 + g->ipp * MR);
+        int i0 = (int)((int64_t)ii * g->n_ip / g->n_iitems) * MR;
+        int i1 = SJ_MIN(g->M, (int)((int64_t)(ii + 1) * g->n_ip / g->n_iitems) * MR);
         int jp0 = jj * g->jpp, jp1 = SJ_MIN(n_jp, jp0 + g->jpp);
         float *ap = scratch_get(0, (size_t)MC * KC);
         if (ap) pack_a_block(ap, g->A, g->lda, g->transA, i0, i1, g->pc, g->kc);
@@ -527,6 +529,71 @@ strip_body(const int mr, const int nw, const gemm_plan *g, int j, int ncols, int
             _mm512_mask_storeu_ps(g->C + (int64_t)i * g->ldc + j + 16 * v, m[v], acc[i][v]);
 }
 
+/* M <= 4 and B stored (N, K) (decode's y = x @ W^T): 32 columns of op(B)
+ * are 32 rows of B, read 16 k at a time and transposed in registers on the
+ * fly, so W streams once through the core with no packed copy. Bound: the
+ * shuffles (64 per 256 elements of W), about the rate L3 delivers W at.
+ * Same FMA chain per element as every other path. */
+static inline __attribute__((always_inline)) void
+tstrip_body(const int mr, const int ta, const int full, const gemm_plan *g, int j, int ncols) {
+    if (full) ncols = 32;
+    __mmask16 m0 = (__mmask16)(ncols >= 16 ? 0xFFFF : (1u << ncols) - 1);
+    __mmask16 m1 = (__mmask16)(ncols >= 32 ? 0xFFFF : ncols <= 16 ? 0 : (1u << (ncols - 16)) - 1);
+    __m512 acc[4][2];
+    for (int i = 0; i < mr; i++) {
+        float *c = g->C + (int64_t)i * g->ldc + j;
+        acc[i][0] = g->accum ? _mm512_maskz_loadu_ps(m0, c) : _mm512_setzero_ps();
+        acc[i][1] = g->accum ? _mm512_maskz_loadu_ps(m1, c + 16) : _mm512_setzero_ps();
+    }
+    const float *b0 = g->B + (int64_t)j * g->ldb, *b1 = b0 + 16 * (int64_t)g->ldb;
+    for (int k0 = 0; k0 < g->K; k0 += 16) {
+        int kn = SJ_MIN(16, g->K - k0);
+        __m512 r0[16], r1[16];
+        load_transpose16(r0, b0 + k0, g->ldb, full ? 16 : SJ_MIN(16, ncols), kn);
+        load_transpose16(r1, b1 + k0, g->ldb, full ? 16 : SJ_MAX(0, ncols - 16), kn);
+        if (kn == 16) {  /* constant trip count: r0/r1 stay in registers */
+#pragma GCC unroll 16
+            for (int c = 0; c < 16; c++)
+                for (int i = 0; i < mr; i++) {
+                    __m512 ai = _mm512_set1_ps(AT(g->A, g->lda, ta, i, k0 + c));
+                    acc[i][0] = _mm512_fmadd_ps(ai, r0[c], acc[i][0]);
+                    acc[i][1] = _mm512_fmadd_ps(ai, r1[c], acc[i][1]);
+                }
+        } else {
+            for (int c = 0; c < kn; c++)
+                for (int i = 0; i < mr; i++) {
+                    __m512 ai = _mm512_set1_ps(AT(g->A, g->lda, ta, i, k0 + c));
+                    acc[i][0] = _mm512_fmadd_ps(ai, r0[c], acc[i][0]);
+                    acc[i][1] = _mm512_fmadd_ps(ai, r1[c], acc[i][1]);
+                }
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        float *c = g->C + (int64_t)i * g->ldc + j;
+        _mm512_mask_storeu_ps(c, m0, acc[i][0]);
+        _mm512_mask_storeu_ps(c + 16, m1, acc[i][1]);
+    }
+}
+
+static void tstrip_items(void *ctx, int64_t t0, int64_t t1, int tid) {
+    (void)tid;
+    const gemm_plan *g = ctx;
+    for (int64_t t = t0; t < t1; t++) {
+        int j = (int)t * 32, n = SJ_MIN(32, g->N - j);
+        /* constant row count, transA and width: no branches in the loop */
+        int v = (g->M - 1) * 4 + (g->transA ? 2 : 0) + (n == 32);
+        switch (v) {
+#define SJ_TS(MR_, TA, FULL) \
+        case (MR_ - 1) * 4 + TA * 2 + FULL: tstrip_body(MR_, TA, FULL, g, j, n); break;
+        SJ_TS(1, 0, 0) SJ_TS(1, 0, 1) SJ_TS(1, 1, 0) SJ_TS(1, 1, 1)
+        SJ_TS(2, 0, 0) SJ_TS(2, 0, 1) SJ_TS(2, 1, 0) SJ_TS(2, 1, 1)
+        SJ_TS(3, 0, 0) SJ_TS(3, 0, 1) SJ_TS(3, 1, 0) SJ_TS(3, 1, 1)
+        SJ_TS(4, 0, 0) SJ_TS(4, 0, 1) SJ_TS(4, 1, 0) SJ_TS(4, 1, 1)
+#undef SJ_TS
+        }
+    }
+}
+
 static int strip_width(int mr) { return 16 * (28 / mr); }
 
 static void strip_items(void *ctx, int64_t t0, int64_t t1, int tid) {
@@ -577,10 +644,17 @@ void sj_cpu_gemm(float *C, int ldc, const float *A, int lda, int transA,
             for (int i = 0; i < M; i++) memset(C + (int64_t)i * ldc, 0, sizeof(float) * N);
         return;
     }
-    gemm_plan g = { C, A, B, ldc, lda, ldb, transA, transB, M, N, K, accum };
+    gemm_plan g = { .C = C, .A = A, .B = B, .ldc = ldc, .lda = lda, .ldb = ldb,
+                    .transA = transA, .transB = transB, .M = M, .N = N, .K = K,
+                    .accum = accum };
     /* Below ~0.5 MFLOP the fork-join costs more than it saves. */
     int P = (int64_t)M * N * K < (1 << 18) ? 1 : sj_parallel_threads();
 #if defined(__AVX512F__)
+    if (M <= 4 && transB) {
+        int64_t strips = SJ_CDIV(N, 32);
+        sj_parallel_for(strips, P > 1 ? 1 : strips, tstrip_items, &g);
+        return;
+    }
     if (M <= 4 && !transB) {
         int64_t strips = SJ_CDIV(N, strip_width(M));
         sj_parallel_for(strips, P > 1 ? 1 : strips, strip_items, &g);
@@ -602,8 +676,8 @@ void sj_cpu_gemm(float *C, int ldc, const float *A, int lda, int transA,
      * thread so that the dynamic hand-out balances. Blocking never changes
      * the result (see the header), so it may follow the thread count. */
     int n_ip = SJ_CDIV(M, MR);
-    g.ipp = SJ_MAX(1, SJ_MIN(MC / MR, SJ_CDIV(n_ip, 4 * P)));
-    g.n_iitems = SJ_CDIV(n_ip, g.ipp);
+    g.n_ip = n_ip;
+    g.n_iitems = SJ_MIN(n_ip, SJ_MAX(4 * P, SJ_CDIV(n_ip, MC / MR)));
     for (g.jc = 0; g.jc < N; g.jc += NC) {
         g.nc = SJ_MIN(NC, N - g.jc);
         int n_jp = SJ_CDIV(g.nc, NR);
