@@ -1,29 +1,38 @@
 /* gemm.c — CPU GEMM, C = op(A) op(B) (+ C), the BLIS/GotoBLAS way.
  *
- * op(A) and op(B) are copied ("packed") into micro-panels that the
+ * General path: op(A) and op(B) are copied ("packed") into micro-panels the
  * microkernel reads contiguously, so the transposes cost nothing after
  * packing; a register-blocked microkernel computes an MR x NR tile of C with
- * broadcast + FMA. Cache blocks: a KC x NC block of packed B is shared by all
- * threads (L3), each work item packs MC x KC of A for itself (L2), and one
- * KC x NR micro-panel of B stays in L1 while the item sweeps its MR-panels.
- * Work items are row blocks of C (and column slices when M is small), handed
- * out by sj_parallel_for; each owns its tiles of C outright.
+ * broadcast + FMA (AVX-512 14x32, AVX2+FMA 6x16, portable C 4x16). Cache
+ * blocks: a KC x NC block of packed B is shared by all threads (L3), each
+ * work item packs its MC x KC block of A (L2), and one KC x NR micro-panel of
+ * B stays in L1 while the item sweeps its MR-panels. Work items are row
+ * blocks of C (and column slices when M is small) handed out by
+ * sj_parallel_for; each owns its tiles of C outright.
+ * Decode shapes (M <= MR) skip the shared B block, which nothing would reuse:
+ * with AVX-512 and M <= 4 wide register strips read B in place (transposing
+ * W in registers when transB); otherwise B is packed a few panels at a time.
  *
  * Determinism: every C element is a single FMA chain over k = 0..K-1 in
- * order, started from 0 (or from the old C when accum). Between KC blocks the
- * tile is stored and reloaded as float, which is exactly the register value,
- * so neither the blocking, the thread count nor the schedule changes a bit
- * of the result.
+ * order, started from 0 (or from the old C when accum), on every path.
+ * Between KC blocks a tile is stored and reloaded as float, which is exactly
+ * the register value, so neither the blocking, the thread count, the
+ * schedule nor the number of rows in the call changes a bit of the result
+ * (a row computed alone in decode equals that row of a big batch).
  *
- * Bound targeted: the FMA rate of one core times the thread count.
- * Achieved on AMD EPYC Zen 4 (2 vCPU, AVX-512 double-pumped, ~112 GFLOP/s
- * peak per core at 3.5 GHz): see benchmarks/results/gemm_cpu_*.md; in short
- * 85-95 GFLOP/s per core on the model's shapes, 0.9-1.1x NumPy/OpenBLAS.
+ * Bound targeted: the FMA rate, one zmm FMA per cycle per core on Zen 4
+ * (~110 GFLOP/s per core at ~3.5 GHz; the kernel alone on L1-resident panels
+ * measured 109). Achieved on the AMD EPYC (Zen 4, 2 vCPU, AVX-512) this was
+ * written on: 85-105 GFLOP/s on one core and 160-200 on two for square
+ * 512-2048 and the model's linear layers, 0.9-1.1x NumPy's OpenBLAS; see
+ * benchmarks/results/gemm_cpu_*.md. Decode with M = 1 and transB runs at
+ * about half of OpenBLAS's dot-product GEMV, the price of keeping the same
+ * k-order chain (shuffle-bound transposes); M = 2..16 beats it 1.5-3x.
  *
  * The reference (serial, double accumulation) is kept as the test oracle.
  * Must never: allocate on the hot path (pack buffers are grow-only,
- * per-thread, kept for the thread's life), or let a result depend on
- * threads.
+ * per-thread, kept for the thread's life; small ones on the stack, < 50 KB),
+ * or let a result depend on threads.
  */
 #include "cpu.h"
 #include <pthread.h>
