@@ -308,9 +308,15 @@ static void pack_a_block(float *restrict dst, const float *A, int lda, int trans
         if (k + 4 < kc)
             for (int i = i0; i < i1; i += 16) __builtin_prefetch(src + 4 * (int64_t)lda + i);
         for (int i = i0; i < i1; i += MR, d += (size_t)kc * MR) {
-            int mr = SJ_MIN(MR, i1 - i), r = 0;
+            int mr = SJ_MIN(MR, i1 - i);
+#if defined(__AVX512F__) && MR <= 16
+            _mm512_mask_storeu_ps(d, (__mmask16)((1u << MR) - 1),
+                                  _mm512_maskz_loadu_ps((__mmask16)((1u << mr) - 1), src + i));
+#else
+            int r = 0;
             for (; r < mr; r++) d[r] = src[i + r];
             for (; r < MR; r++) d[r] = 0.f;
+#endif
         }
     }
 }
