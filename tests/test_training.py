@@ -116,7 +116,6 @@ def test_sigkill_never_leaves_a_corrupt_checkpoint(corpus, tmp_path):
         assert latest.exists(), p.stderr.read().decode()[-2000:]
         c = ck.load_checkpoint(latest)          # raises on any corruption
         steps_seen.append(c.step)
-        assert not [f for f in os.listdir(d) if ".tmp" in f and f.startswith(LATEST + ".tmp")] or True
     assert steps_seen == sorted(steps_seen) and steps_seen[-1] > steps_seen[0], steps_seen
 
 
@@ -153,7 +152,7 @@ def test_bad_files_give_clear_errors_and_keep_checkpoints(corpus, tmp_path):
     # Malformed JSONL names the file and the line.
     j = tmp_path / "sft.jsonl"
     j.write_text('{"prompt": "a", "response": "b"}\n{"prompt": oops}\n')
-    with pytest.raises(ValueError, match=r"sft.jsonl.*line 2"):
+    with pytest.raises(ValueError, match=r"sft.jsonl:2: invalid JSON"):
         load_sft_jsonl(j, corpus["tok"].encode, 32)
 
 
@@ -187,7 +186,8 @@ def test_generate_streams_and_is_seeded(corpus):
         ctx.append(t)
     assert list(model.generate(ids, 6, temperature=0.7, top_k=1, seed=1)) == greedy
     # A stop token ends generation before it is yielded.
-    assert list(model.generate(ids, 6, temperature=0, stop=greedy[2])) == greedy[:2]
+    stop = greedy[2]
+    assert list(model.generate(ids, 6, temperature=0, stop=stop)) == greedy[:greedy.index(stop)]
     text = corpus["tok"].decode(greedy[:3])
     stopped = list(model.generate(ids, 6, temperature=0, stop=text[-1:]))
     assert len(stopped) <= 3
