@@ -184,7 +184,7 @@ sj_status sj_model_create_ex(const sj_config *c, uint64_t seed, sj_device device
                              sj_dtype dtype, sj_model **out) {
     *out = NULL;
     SJ_TRY(sj_config_validate(c));
-    const sj_backend *be;
+    const sj_backend *be = NULL;
     SJ_TRY(pick_backend(device, dtype, &be));
     sj_model *m = calloc(1, sizeof *m);
     if (!m) return sj_fail(SJ_ERR_NOMEM, "model: out of memory");
@@ -220,7 +220,7 @@ sj_status sj_model_create(const sj_config *c, uint64_t seed, sj_model **out) {
 
 sj_status sj_model_to(sj_model *m, sj_device device, sj_dtype dtype) {
     if (device == m->device && dtype == m->dtype) return SJ_OK;
-    const sj_backend *nb;
+    const sj_backend *nb = NULL;
     SJ_TRY(pick_backend(device, dtype, &nb));
     if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
     const size_t bytes = sizeof(float) * (size_t)m->n_params;
