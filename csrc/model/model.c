@@ -200,10 +200,21 @@ sj_status sj_model_create_ex(const sj_config *c, uint64_t seed, sj_device device
     if (s == SJ_OK && !(m->sort_count = calloc((size_t)c->vocab_size + 1, sizeof(int32_t))))
         s = sj_fail(SJ_ERR_NOMEM, "model: out of memory");
     if (s == SJ_OK && be->device) {
-        /* Initialise on the host (the same weights on every device), upload. */
-        host = sj_alloc(sizeof(float) * (size_t)m->n_params, "parameters (host staging)");
-        if (!host) s = SJ_ERR_NOMEM;
-        else { m->params = host; init_params(m, seed); m->params = NULL; s = attach(m, host, NULL); }
+        /* Device memory first (an out-of-memory error comes before any host
+         * work); then initialise on the host (the same weights on every
+         * device) and upload. */
+        s = attach(m, NULL, NULL);
+        if (s == SJ_OK && !(host = sj_alloc(sizeof(float) * (size_t)m->n_params,
+                                            "parameters (host staging)")))
+            s = SJ_ERR_NOMEM;
+        if (s == SJ_OK) {
+            float *dev = m->params;
+            m->params = host;
+            init_params(m, seed);
+            m->params = dev;
+            be->from_host(m->params, host, sizeof(float) * (size_t)m->n_params);
+            s = sj_model_params_updated(m);
+        }
         sj_free(host);
     } else if (s == SJ_OK) {
         s = attach(m, NULL, NULL);   /* CPU: allocate, then initialise in place */
