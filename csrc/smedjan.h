@@ -113,6 +113,12 @@ sj_status sj_model_params_updated(sj_model *m);
 /* Capture whole train steps as CUDA graphs (default on; SMEDJAN_GRAPHS=0). */
 void sj_model_set_graphs(sj_model *m, int on);
 
+/* Forward on a device model, logits left in device memory: *logits points
+ * at (B, T, vocab) of *dtype (the compute dtype) inside the model's arena,
+ * valid until the model's next call. For zero-copy consumers (DLPack). */
+sj_status sj_model_forward_device(sj_model *m, const void *tokens, sj_dtype tok_dtype,
+                                  int B, int T, void **logits, sj_dtype *dtype);
+
 /* 1 when the CUDA backend was compiled in. */
 int sj_cuda_compiled(void);
 /* Number of usable CUDA GPUs (0 when none or not compiled in). */

@@ -78,6 +78,7 @@ extern "C" sj_status sj_cuda_check_device(void) {
 static std::atomic<int64_t> bytes_in_use{0}, peak_bytes{0};
 extern "C" int64_t sj_cuda_bytes_in_use(void) { return bytes_in_use.load(); }
 extern "C" int64_t sj_cuda_peak_bytes(void) { return peak_bytes.load(); }
+extern "C" void sj_cuda_reset_peak(void) { peak_bytes.store(bytes_in_use.load()); }
 
 /* Sizes of live blocks, for exact accounting. */
 static std::mutex alloc_mu;

@@ -24,6 +24,7 @@ void sj_cuda_set_attention_variant(int v);
 /* Bytes of device memory the CUDA backend has allocated now / at most. */
 int64_t sj_cuda_bytes_in_use(void);
 int64_t sj_cuda_peak_bytes(void);
+void sj_cuda_reset_peak(void);   /* peak := now */
 
 #ifdef __cplusplus
 }

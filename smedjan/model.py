@@ -128,6 +128,12 @@ class Model:
 
     __call__ = forward
 
+    def forward_device(self, tokens):
+        """Logits left on the GPU, in the compute dtype (bf16 or fp32), as a
+        DeviceTensor for torch.from_dlpack; valid until the model's next call
+        (copy it if you keep it)."""
+        return self._h.forward_device(as_tokens(tokens))
+
     def loss(self, tokens, targets, *, ignore_index: int = -1, backward: bool = False) -> float:
         """Mean cross-entropy of next-token targets; targets equal to
         ignore_index do not count. With backward=True, gradients are added

@@ -345,6 +345,18 @@ def test_dlpack_views_without_a_copy():
     assert before.any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logits_stay_on_the_device_for_dlpack(dtype):
+    torch = pytest.importorskip("torch")
+    m, tokens, _ = make("gqa", "cuda", dtype)
+    host_logits = m.forward(tokens)
+    d = m.forward_device(tokens)
+    assert d.shape == host_logits.shape and d.dtype == ("bfloat16" if dtype == "bf16" else "float32")
+    t = torch.from_dlpack(d)
+    assert t.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+    np.testing.assert_array_equal(t.float().cpu().numpy(), host_logits)
+
+
 def test_a_dlpack_view_keeps_the_model_alive():
     torch = pytest.importorskip("torch")
     m, _, _ = make("mha", "cuda", "fp32")

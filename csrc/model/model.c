@@ -517,6 +517,21 @@ sj_status sj_model_forward(sj_model *m, const void *tokens, sj_dtype tok_dtype,
     return be->sync();
 }
 
+sj_status sj_model_forward_device(sj_model *m, const void *tokens, sj_dtype tok_dtype,
+                                  int B, int T, void **logits, sj_dtype *dtype) {
+    if (!m->be->device)
+        return sj_fail(SJ_ERR_ARG, "forward_device: the model is on the CPU (use forward)");
+    sj_plan *pl;
+    int64_t count;
+    SJ_TRY(sj_model_prepare(m, tokens, NULL, tok_dtype, B, T, -1, SJ_RUN_LOGITS, &pl, &count));
+    m->be->bind(m->ctx);
+    SJ_TRY(sj_model_enqueue(m, pl));
+    SJ_TRY(m->be->sync());
+    *logits = sj_tape_ptr(&pl->tape, pl->logits, m->params_act);
+    *dtype = m->be->act_dtype;
+    return SJ_OK;
+}
+
 sj_status sj_model_loss(sj_model *m, const void *tokens, const void *targets,
                         sj_dtype tok_dtype, int B, int T, int ignore_index,
                         int backward, float *loss) {

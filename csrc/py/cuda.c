@@ -291,7 +291,8 @@ static PyObject *dt_dlpack_device(PyObject *self, PyObject *noargs) {
 
 static PyObject *dt_get_shape(PyObject *self, void *c) { return dt_shape_tuple((DeviceTensorObject *)self); }
 static PyObject *dt_get_dtype(PyObject *self, void *c) {
-    return PyUnicode_FromString(np_name(((DeviceTensorObject *)self)->dtype));
+    sj_dtype d = ((DeviceTensorObject *)self)->dtype;
+    return PyUnicode_FromString(d == SJ_BF16 ? "bfloat16" : np_name(d));   /* numpy(): raw uint16 bits */
 }
 static PyObject *dt_get_ndim(PyObject *self, void *c) { return PyLong_FromLong(((DeviceTensorObject *)self)->ndim); }
 static PyObject *dt_get_size(PyObject *self, void *c) { return PyLong_FromLongLong(dt_numel((DeviceTensorObject *)self)); }
@@ -357,8 +358,11 @@ static PyObject *py_cuda_info(PyObject *self, PyObject *noargs) {
                          "devices", n, "names", names);
 }
 
-static PyObject *py_cuda_memory(PyObject *self, PyObject *noargs) {
+static PyObject *py_cuda_memory(PyObject *self, PyObject *args) {
+    int reset = 0;
+    if (!PyArg_ParseTuple(args, "|p", &reset)) return NULL;
 #ifdef SJ_HAVE_CUDA
+    if (reset) sj_cuda_reset_peak();
     return Py_BuildValue("(LL)", (long long)sj_cuda_bytes_in_use(), (long long)sj_cuda_peak_bytes());
 #else
     return Py_BuildValue("(ii)", 0, 0);
@@ -545,7 +549,8 @@ done:
 
 static PyMethodDef functions[] = {
     {"cuda_info", py_cuda_info, METH_NOARGS, "cuda_info() -> {compiled, devices, names}"},
-    {"cuda_memory", py_cuda_memory, METH_NOARGS, "cuda_memory() -> (bytes now, peak) held by the CUDA backend"},
+    {"cuda_memory", py_cuda_memory, METH_VARARGS,
+     "cuda_memory(reset_peak=False) -> (bytes now, peak) held by the CUDA backend"},
 #ifdef SJ_HAVE_CUDA
     {"cuda_op", py_cuda_op, METH_VARARGS, "cuda_op(op, dtype, arrays, ints, floats) -> dict (tests)"},
     {"cuda_attention_variant", py_attention_variant, METH_VARARGS, "0 auto, 1 simple (tests)"},

@@ -312,6 +312,22 @@ static PyObject *model_forward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* forward_device(tokens) -> DeviceTensor (B, T, V) of the compute dtype,
+ * valid until the model's next call (it lives in the activation arena). */
+static PyObject *model_forward_device(PyObject *self, PyObject *tok_obj) {
+    NEED_MODEL(self);
+    Py_buffer tok;
+    sj_dtype dt, ldt;
+    if (sj_py_tokens(tok_obj, "tokens", 2, &tok, &dt) < 0) return NULL;
+    int64_t shape[3] = { tok.shape[0], tok.shape[1], sj_model_config(MODEL(self))->vocab_size };
+    void *p = NULL;
+    sj_status s;
+    SJ_PY_CALL(s, sj_model_forward_device(MODEL(self), tok.buf, dt, (int)shape[0], (int)shape[1], &p, &ldt));
+    PyBuffer_Release(&tok);
+    if (s) return sj_py_raise(s);
+    return sj_py_device_tensor(self, p, 3, shape, ldt, NULL, NULL);
+}
+
 static int token_pair(PyObject *a, PyObject *b, Py_buffer *ta, Py_buffer *tb, sj_dtype *dt) {
     sj_dtype db;
     if (sj_py_tokens(a, "tokens", 2, ta, dt) < 0) return -1;
@@ -358,6 +374,8 @@ static PyMethodDef model_methods[] = {
     {"memory", model_memory, METH_NOARGS, "memory() -> (bytes, peak_bytes)"},
     {"exports", model_exports, METH_NOARGS, "exports() -> live buffer views"},
     {"forward", model_forward, METH_VARARGS, "forward(tokens, out)"},
+    {"forward_device", model_forward_device, METH_O,
+     "forward_device(tokens) -> DeviceTensor of logits, valid until the next call"},
     {"loss", (PyCFunction)(void (*)(void))model_loss, METH_VARARGS | METH_KEYWORDS,
      "loss(tokens, targets, ignore_index=-1, backward=False) -> float"},
     {NULL, NULL, 0, NULL},
