@@ -127,13 +127,14 @@ static void *pinned_alloc(size_t bytes, const char *what) {
 }
 static void pinned_free(void *p) { if (p) cudaFreeHost(p); }
 
+/* Synchronous copies, off the hot path (moves, logits out, tests). They do
+ * not depend on a bound context: every engine call leaves its stream idle,
+ * and callers sync() before reading what a kernel wrote. */
 static void to_host(void *dst, const void *src, size_t bytes) {
-    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, sj_stream()));
-    CUDA_CHECK(cudaStreamSynchronize(sj_stream()));
+    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
 }
 static void from_host(void *dst, const void *src, size_t bytes) {
-    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, sj_stream()));
-    CUDA_CHECK(cudaStreamSynchronize(sj_stream()));
+    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
 }
 static void to_host_async(void *dst, const void *src, size_t bytes) {
     CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, sj_stream()));

@@ -427,6 +427,7 @@ sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
                            sj_run_mode mode, sj_plan **out, int64_t *count) {
     const int64_t N = (int64_t)B * T;
     if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
+    m->be->bind(m->ctx);   /* planning may poison the new arena on the stream */
     SJ_TRY(check_shape(m, B, T));
     if (tok_dtype == SJ_U16) ignore_index = -1;   /* no uint16 value can be ignored */
     SJ_TRY(check_tokens(m, tokens, tok_dtype, N, T, "tokens", 0, 0));

@@ -236,7 +236,7 @@ static void fill_dl(DLTensor *d, DeviceTensorObject *t, int64_t *shape, int64_t 
 static PyObject *dt_dlpack(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"stream", "max_version", "dl_device", "copy", NULL};
     PyObject *stream = Py_None, *maxv = Py_None, *dev = Py_None, *copy = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$OOOO", kwlist, &stream, &maxv, &dev, &copy))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOOO", kwlist, &stream, &maxv, &dev, &copy))
         return NULL;
     (void)stream;
     if (copy == Py_True) {
