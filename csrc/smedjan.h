@@ -93,7 +93,11 @@ void sj_model_free(sj_model *m);
 
 /* ---- devices ------------------------------------------------------------ */
 
-typedef enum { SJ_DEVICE_CPU = 0, SJ_DEVICE_CUDA = 1 } sj_device;
+typedef enum {
+    SJ_DEVICE_CPU = 0,
+    SJ_DEVICE_CUDA = 1,
+    SJ_DEVICE_CPU_STAGED = 99,   /* testing: CPU kernels through the device code path */
+} sj_device;
 
 /* A model on a device with a compute dtype: SJ_F32 (CPU or CUDA; on CUDA
  * with TF32 off, for parity) or SJ_BF16 (CUDA: bf16 activations and compute

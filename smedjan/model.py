@@ -63,7 +63,7 @@ class Model:
         self._bind_views()
 
     def _bind_views(self) -> None:
-        if self._h.device() == "cpu":
+        if self._h.device() != "cuda":
             self.flat_params = np.frombuffer(self._h.params(), dtype=np.float32)
             self.flat_grads = np.frombuffer(self._h.grads(), dtype=np.float32)
         else:
@@ -84,7 +84,7 @@ class Model:
 
     @property
     def device(self) -> str:
-        """'cpu' or 'cuda'."""
+        """'cpu' or 'cuda' ('cpu-staged': testing only)."""
         return self._h.device()
 
     @property

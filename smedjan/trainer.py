@@ -43,7 +43,7 @@ class Trainer:
 
     def _state(self, which: int):
         s = self._h.state(which)
-        return np.frombuffer(s, dtype=np.float32) if self.model.device == "cpu" else s
+        return s if self.model.device == "cuda" else np.frombuffer(s, dtype=np.float32)
 
     @property
     def exp_avg(self):

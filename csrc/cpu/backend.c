@@ -26,43 +26,48 @@ static sj_status no_graph_end(void **g) { *g = NULL; return no_graph(); }
 static sj_status no_graph_launch(void *g) { (void)g; return no_graph(); }
 static void graph_free(void *g) { (void)g; }
 
-const sj_backend sj_cpu_backend = {
-    .name = "cpu",
-    .act_dtype = SJ_F32,
-    .device = 0,
-    .alloc = sj_alloc,
-    .free = sj_free,
-    .fill = sj_cpu_fill,
-    .to_host = copy_bytes,
-    .from_host = copy_bytes,
-    .to_host_async = copy_bytes,
-    .from_host_async = copy_bytes,
-    .convert = convert,
-    .matmul = matmul,
-    .embedding_forward = sj_cpu_embedding_forward,
-    .embedding_backward = sj_cpu_embedding_backward,
-    .rmsnorm_forward = sj_cpu_rmsnorm_forward,
-    .rmsnorm_backward = sj_cpu_rmsnorm_backward,
-    .rope_forward = sj_cpu_rope_forward,
-    .rope_backward = sj_cpu_rope_backward,
-    .attention_forward = sj_cpu_attention_forward,
-    .attention_backward = sj_cpu_attention_backward,
-    .swiglu_forward = sj_cpu_swiglu_forward,
-    .swiglu_backward = sj_cpu_swiglu_backward,
-    .add = sj_cpu_add,
-    .copy = sj_cpu_copy,
-    .cross_entropy_forward = sj_cpu_cross_entropy_forward,
-    .cross_entropy_backward = sj_cpu_cross_entropy_backward,
-    .grad_sumsq = sj_cpu_grad_sumsq,
-    .adamw = sj_cpu_adamw,
-    .ctx_create = ctx_create,
-    .ctx_free = ctx_free,
-    .bind = bind,
-    .sync = sync_ok,
-    .host_alloc = sj_alloc,
-    .host_free = sj_free,
-    .capture_begin = no_graph,
-    .capture_end = no_graph_end,
-    .graph_launch = no_graph_launch,
+#define SJ_CPU_TABLE(NAME, DEVICE)                \
+    .name = NAME,                                 \
+    .act_dtype = SJ_F32,                          \
+    .device = DEVICE,                             \
+    .alloc = sj_alloc,                            \
+    .free = sj_free,                              \
+    .fill = sj_cpu_fill,                          \
+    .to_host = copy_bytes,                        \
+    .from_host = copy_bytes,                      \
+    .to_host_async = copy_bytes,                  \
+    .from_host_async = copy_bytes,                \
+    .convert = convert,                           \
+    .matmul = matmul,                             \
+    .embedding_forward = sj_cpu_embedding_forward,\
+    .embedding_backward = sj_cpu_embedding_backward,\
+    .rmsnorm_forward = sj_cpu_rmsnorm_forward,    \
+    .rmsnorm_backward = sj_cpu_rmsnorm_backward,  \
+    .rope_forward = sj_cpu_rope_forward,          \
+    .rope_backward = sj_cpu_rope_backward,        \
+    .attention_forward = sj_cpu_attention_forward,\
+    .attention_backward = sj_cpu_attention_backward,\
+    .swiglu_forward = sj_cpu_swiglu_forward,      \
+    .swiglu_backward = sj_cpu_swiglu_backward,    \
+    .add = sj_cpu_add,                            \
+    .copy = sj_cpu_copy,                          \
+    .cross_entropy_forward = sj_cpu_cross_entropy_forward,\
+    .cross_entropy_backward = sj_cpu_cross_entropy_backward,\
+    .grad_sumsq = sj_cpu_grad_sumsq,              \
+    .adamw = sj_cpu_adamw,                        \
+    .ctx_create = ctx_create,                     \
+    .ctx_free = ctx_free,                         \
+    .bind = bind,                                 \
+    .sync = sync_ok,                              \
+    .host_alloc = sj_alloc,                       \
+    .host_free = sj_free,                         \
+    .capture_begin = no_graph,                    \
+    .capture_end = no_graph_end,                  \
+    .graph_launch = no_graph_launch,              \
     .graph_free = graph_free,
-};
+
+const sj_backend sj_cpu_backend = { SJ_CPU_TABLE("cpu", 0) };
+/* Testing: the CPU kernels behind the device code path (inputs staged into
+ * the arena, in-place loss gradient, scalars read through pointers), so
+ * that path is checked against the plain one on machines without a GPU. */
+const sj_backend sj_cpu_staged_backend = { SJ_CPU_TABLE("cpu-staged", 1) };

@@ -99,6 +99,11 @@ static void init_params(sj_model *m, uint64_t seed) {
 
 /* The backend for a device and compute dtype, or an error saying why not. */
 static sj_status pick_backend(sj_device dev, sj_dtype dt, const sj_backend **out) {
+    if (dev == SJ_DEVICE_CPU_STAGED) {
+        if (dt != SJ_F32) return sj_fail(SJ_ERR_ARG, "cpu-staged is float32 only");
+        *out = &sj_cpu_staged_backend;
+        return SJ_OK;
+    }
     if (dev == SJ_DEVICE_CPU) {
         if (dt != SJ_F32)
             return sj_fail(SJ_ERR_ARG, "dtype %s is not available on the CPU (use float32, or "
@@ -194,7 +199,7 @@ sj_status sj_model_create_ex(const sj_config *c, uint64_t seed, sj_device device
     m->dtype = dtype;
     m->epoch = 1;
     const char *g = getenv("SMEDJAN_GRAPHS");
-    m->use_graphs = !(g && g[0] == '0');
+    m->use_graphs = !(g && g[0] == '0') && device == SJ_DEVICE_CUDA;
     sj_status s = build_table(m);
     float *host = NULL;
     if (s == SJ_OK && !(m->sort_count = calloc((size_t)c->vocab_size + 1, sizeof(int32_t))))
@@ -248,6 +253,7 @@ sj_status sj_model_to(sj_model *m, sj_device device, sj_dtype dtype) {
     if (s != SJ_OK) { sj_free(hp); sj_free(hg); return s; }
     detach(m);
     m->be = nb; m->device = device; m->dtype = dtype;
+    if (device != SJ_DEVICE_CUDA) m->use_graphs = 0;
     m->epoch++;
     s = attach(m, hp, hg);
     sj_free(hp); sj_free(hg);
@@ -283,7 +289,7 @@ int64_t sj_model_bytes(const sj_model *m) { return m->bytes; }
 int64_t sj_model_peak_bytes(const sj_model *m) { return m->peak_bytes; }
 sj_device sj_model_device(const sj_model *m) { return m->device; }
 sj_dtype sj_model_dtype(const sj_model *m) { return m->dtype; }
-void sj_model_set_graphs(sj_model *m, int on) { m->use_graphs = on; }
+void sj_model_set_graphs(sj_model *m, int on) { m->use_graphs = on && m->device == SJ_DEVICE_CUDA; }
 
 sj_status sj_model_params_updated(sj_model *m) {
     if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");

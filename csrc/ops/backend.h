@@ -145,6 +145,7 @@ typedef struct sj_backend {
 } sj_backend;
 
 extern const sj_backend sj_cpu_backend;
+extern const sj_backend sj_cpu_staged_backend;   /* testing, see cpu/backend.c */
 
 #ifdef __cplusplus
 }

@@ -147,6 +147,7 @@ typedef struct {
 static int parse_device(const char *dev, const char *dtype, sj_device *d, sj_dtype *t) {
     if (!strcmp(dev, "cpu")) *d = SJ_DEVICE_CPU;
     else if (!strcmp(dev, "cuda") || !strcmp(dev, "cuda:0") || !strcmp(dev, "gpu")) *d = SJ_DEVICE_CUDA;
+    else if (!strcmp(dev, "cpu-staged")) *d = SJ_DEVICE_CPU_STAGED;   /* testing */
     else { PyErr_Format(PyExc_ValueError, "device must be 'cpu' or 'cuda', got '%s'", dev); return -1; }
     if (!dtype || !strcmp(dtype, "fp32") || !strcmp(dtype, "float32")) *t = SJ_F32;
     else if (!strcmp(dtype, "bf16") || !strcmp(dtype, "bfloat16")) *t = SJ_BF16;
@@ -206,7 +207,7 @@ static PyObject *model_tensors(PyObject *self, PyObject *noargs) {
 static PyObject *flat_view(PyObject *owner, sj_model *m, float *p, int64_t n, Py_ssize_t *exports,
                            sj_model *notify) {
     if (!p) { PyErr_SetString(PyExc_RuntimeError, "model has no buffers (a move failed)"); return NULL; }
-    if (sj_model_device(m) == SJ_DEVICE_CPU) return buffer_new(owner, p, n, exports);
+    if (sj_model_device(m) != SJ_DEVICE_CUDA) return buffer_new(owner, p, n, exports);
     return sj_py_device_tensor(owner, p, 1, &n, SJ_F32, exports, notify);
 }
 
@@ -232,7 +233,7 @@ static PyObject *model_to(PyObject *self, PyObject *args) {
     sj_device device; sj_dtype dtype;
     if (!dts) dts = sj_model_dtype(MODEL(self)) == SJ_BF16 ? "bf16" : "fp32";
     if (parse_device(dev, dts, &device, &dtype)) return NULL;
-    if (device == SJ_DEVICE_CPU && dtype != SJ_F32) dtype = SJ_F32;   /* bf16 is a GPU mode */
+    if (device != SJ_DEVICE_CUDA && dtype != SJ_F32) dtype = SJ_F32;   /* bf16 is a GPU mode */
     Py_ssize_t n = ((ModelObject *)self)->exports;
     if (n && (device != sj_model_device(MODEL(self)) || dtype != sj_model_dtype(MODEL(self))))
         return PyErr_Format(PyExc_BufferError, "model.to: %zd views of its parameters/gradients "
@@ -246,7 +247,8 @@ static PyObject *model_to(PyObject *self, PyObject *args) {
 
 static PyObject *model_device(PyObject *self, PyObject *noargs) {
     NEED_MODEL(self);
-    return PyUnicode_FromString(sj_model_device(MODEL(self)) == SJ_DEVICE_CUDA ? "cuda" : "cpu");
+    sj_device d = sj_model_device(MODEL(self));
+    return PyUnicode_FromString(d == SJ_DEVICE_CUDA ? "cuda" : d == SJ_DEVICE_CPU_STAGED ? "cpu-staged" : "cpu");
 }
 
 static PyObject *model_dtype(PyObject *self, PyObject *noargs) {
