@@ -20,6 +20,9 @@ typedef struct {
     void *graph;                 /* the captured train step (device backends) */
     const void *graph_opt;       /* ... for this optimizer */
     int64_t graph_epoch;         /* ... and these buffers */
+    int eager_steps;             /* train steps run eagerly: the first is, so that
+                                  * lazy module loading and GEMM heuristics happen
+                                  * outside a capture */
 } sj_plan;
 
 enum { SJ_MAX_PLANS = 4 };

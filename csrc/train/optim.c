@@ -204,11 +204,12 @@ sj_status sj_train_step(sj_optimizer *o, const void *tokens, const void *targets
     float rate = set_hp(o);
     be->bind(md->ctx);
     sj_status s;
-    if (md->use_graphs) {
+    if (md->use_graphs && pl->eager_steps > 0) {
         if (!pl->graph || pl->graph_opt != o || pl->graph_epoch != md->epoch)
             SJ_TRY(capture(o, pl));
         s = be->graph_launch(pl->graph);
     } else {
+        pl->eager_steps++;
         s = sj_model_enqueue(md, pl);
         if (s == SJ_OK) enqueue_update(o);
     }
