@@ -135,9 +135,10 @@ class BuildExt(build_ext):
             print("smedjan: nvcc not found or SMEDJAN_CUDA=0 -> CPU-only build")
         # The C sources compile differently with and without SJ_HAVE_CUDA, and a
         # changed .cu object must be relinked: setuptools tracks neither.
-        stamp = os.path.join(self.build_temp, "smedjan-build-kind")
+        # (kept next to the built library, which several build_temps may share)
+        stamp = self.get_ext_fullpath(ext.name) + ".kind"
         kind = "cuda" if nvcc else "cpu"
-        os.makedirs(self.build_temp, exist_ok=True)
+        os.makedirs(os.path.dirname(stamp) or ".", exist_ok=True)
         old = open(stamp).read() if os.path.exists(stamp) else ""
         if old != kind or (nvcc and jobs):
             self.force = True
