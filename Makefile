@@ -14,6 +14,11 @@ test:
 	$(PIP) -e ".[test]"
 	$(PY) -m pytest -q
 
+# On a GPU machine: build in place, GPU tests, compute-sanitizer, benchmark
+# against PyTorch; a short table last (logs under $OUT or gpu_check_logs/).
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
 # In-place build without pip (for machines with no package index).
 build:
 	$(PY) setup.py -q build_ext --inplace

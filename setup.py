@@ -47,35 +47,104 @@ def find_nvcc():
     return nvcc if CU_SOURCES else None
 
 
+def find_cuda_home(nvcc):
+    """The toolkit root holding cudart: $CUDA_HOME, nvcc's own root (nvcc may be
+    a wrapper script elsewhere), /usr/local/cuda, /usr/local/cuda-*."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    cands += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in cands:
+        if home and any(os.path.exists(os.path.join(home, d, "libcudart.so"))
+                        for d in ("lib64", os.path.join("targets", "x86_64-linux", "lib"))):
+            return home
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def find_cublaslt(cuda_home):
+    """(include_dir, lib_dir, link_flag) for cuBLASLt: CUDA_HOME first, then the
+    nvidia-cublas pip package (nvidia/cu13 or nvidia/cublas), whose library has
+    only a versioned name (libcublasLt.so.13): link it by file name."""
+    cands = [(os.path.join(cuda_home, "include"), d)
+             for d in (os.path.join(cuda_home, "lib64"),
+                       os.path.join(cuda_home, "targets", "x86_64-linux", "lib"))]
+    try:
+        import nvidia  # namespace package of the pip wheels
+        for root in list(nvidia.__path__):
+            for sub in ("cu13", "cublas", "cu12"):
+                cands.append((os.path.join(root, sub, "include"), os.path.join(root, sub, "lib")))
+    except ImportError:
+        pass
+    for inc, lib in cands:
+        if not os.path.exists(os.path.join(inc, "cublasLt.h")) or not os.path.isdir(lib):
+            continue
+        if os.path.exists(os.path.join(lib, "libcublasLt.so")):
+            return inc, lib, "-lcublasLt"
+        versioned = sorted(glob.glob(os.path.join(lib, "libcublasLt.so.*")), key=len)
+        if versioned:
+            return inc, lib, "-l:" + os.path.basename(versioned[0])
+    return None
+
+
 class BuildExt(build_ext):
     """setuptools' build_ext, plus cuda/*.cu compiled by nvcc and linked in."""
 
     def build_extension(self, ext):
         nvcc = find_nvcc()
+        lt = None
+        jobs = []
         if nvcc:
-            cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+            cuda_home = find_cuda_home(nvcc)
+            lt = find_cublaslt(cuda_home)
+            if lt is None:
+                msg = ("smedjan: cublasLt.h / libcublasLt not found (CUDA_HOME or the "
+                       "nvidia-cublas pip package)")
+                if os.environ.get("SMEDJAN_CUDA") == "1":
+                    sys.exit(msg)
+                print(msg + " -> CPU-only build")
+                nvcc = None
+        if nvcc:
             libdir = next((d for d in (os.path.join(cuda_home, "lib64"),
                                        os.path.join(cuda_home, "targets", "x86_64-linux", "lib"))
                            if os.path.isdir(d)), os.path.join(cuda_home, "lib64"))
+            lt_inc, lt_lib, lt_flag = lt
             objdir = os.path.join(self.build_temp, "cuda")
             os.makedirs(objdir, exist_ok=True)
             jobs = []
+            # No --use_fast_math: the f32 mode must match the CPU to 1e-5 (RoPE
+            # angles, exp); kernels use fast intrinsics (exp2f) where they mean to.
             for src in CU_SOURCES:
                 obj = os.path.join(objdir, os.path.basename(src) + ".o")
-                jobs.append(subprocess.Popen(
-                    [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
-                     "-Xcompiler", "-fPIC", "-Icsrc", "-lineinfo", *CUDA_ARCHS]))
+                deps = [src] + glob.glob("cuda/*.cuh") + glob.glob("cuda/*.h") + \
+                    ["csrc/ops/backend.h", "csrc/smedjan.h"]
+                if not (os.path.exists(obj) and
+                        os.path.getmtime(obj) >= max(os.path.getmtime(d) for d in deps)):
+                    jobs.append(subprocess.Popen(
+                        [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17",
+                         "-Xcompiler", "-fPIC", "-Icsrc", "-Icuda", "-I" + lt_inc, "-lineinfo",
+                         *CUDA_ARCHS]))
                 ext.extra_objects.append(obj)
             if any(j.wait() != 0 for j in jobs):
                 sys.exit("nvcc failed on cuda/*.cu")
             ext.define_macros.append(("SJ_HAVE_CUDA", "1"))
-            ext.library_dirs.append(libdir)
-            ext.runtime_library_dirs.append(libdir)
-            ext.libraries += ["cudart", "cublasLt", "cublas", "stdc++"]
-            print(f"smedjan: CUDA backend built with {nvcc}")
+            ext.library_dirs += [libdir, lt_lib]
+            ext.runtime_library_dirs += [libdir, lt_lib]
+            ext.libraries += ["cudart", "stdc++"]
+            ext.extra_link_args = list(ext.extra_link_args or []) + [lt_flag]
+            print(f"smedjan: CUDA backend built with {nvcc} (cuBLASLt from {lt_lib})")
         else:
             print("smedjan: nvcc not found or SMEDJAN_CUDA=0 -> CPU-only build")
+        # The C sources compile differently with and without SJ_HAVE_CUDA, and a
+        # changed .cu object must be relinked: setuptools tracks neither.
+        # (kept next to the built library, which several build_temps may share)
+        stamp = self.get_ext_fullpath(ext.name) + ".kind"
+        kind = "cuda" if nvcc else "cpu"
+        os.makedirs(os.path.dirname(stamp) or ".", exist_ok=True)
+        old = open(stamp).read() if os.path.exists(stamp) else ""
+        if old != kind or (nvcc and jobs):
+            self.force = True
         super().build_extension(ext)
+        with open(stamp, "w") as f:
+            f.write(kind)
 
 
 # The tokenizer's Unicode class table is generated from this Python's unicodedata

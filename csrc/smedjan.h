@@ -90,10 +90,53 @@ typedef struct {
 
 sj_status sj_model_create(const sj_config *c, uint64_t seed, sj_model **out);
 void sj_model_free(sj_model *m);
+
+/* ---- devices ------------------------------------------------------------ */
+
+typedef enum {
+    SJ_DEVICE_CPU = 0,
+    SJ_DEVICE_CUDA = 1,
+    SJ_DEVICE_CPU_STAGED = 99,   /* testing: CPU kernels through the device code path */
+} sj_device;
+
+/* A model on a device with a compute dtype: SJ_F32 (CPU or CUDA; on CUDA
+ * with TF32 off, for parity) or SJ_BF16 (CUDA: bf16 activations and compute
+ * copy of the weights, f32 master weights, optimizer state and accumulation).
+ * Parameters are initialised on the host (the same values for every device)
+ * and uploaded. sj_model_create(c, seed, out) == (c, seed, CPU, F32, out). */
+sj_status sj_model_create_ex(const sj_config *c, uint64_t seed, sj_device device,
+                             sj_dtype dtype, sj_model **out);
+/* Move the model (parameters, gradients; an optimizer's state follows at
+ * its next step) to another device/dtype. Plans are dropped. */
+sj_status sj_model_to(sj_model *m, sj_device device, sj_dtype dtype);
+sj_device sj_model_device(const sj_model *m);
+sj_dtype sj_model_dtype(const sj_model *m);
+/* After writing parameters from outside (host copies, DLPack views), refresh
+ * the compute copy of the weights (a no-op for f32). */
+sj_status sj_model_params_updated(sj_model *m);
+/* Capture whole train steps as CUDA graphs (default on; SMEDJAN_GRAPHS=0). */
+void sj_model_set_graphs(sj_model *m, int on);
+
+/* Forward on a device model, logits left in device memory: *logits points
+ * at (B, T, vocab) of *dtype (the compute dtype) inside the model's arena,
+ * valid until the model's next call. For zero-copy consumers (DLPack). */
+sj_status sj_model_forward_device(sj_model *m, const void *tokens, sj_dtype tok_dtype,
+                                  int B, int T, void **logits, sj_dtype *dtype);
+
+/* 1 when the CUDA backend was compiled in. */
+int sj_cuda_compiled(void);
+/* Number of usable CUDA GPUs (0 when none or not compiled in). */
+int sj_cuda_device_count(void);
+/* Name of GPU i ("" when none). */
+const char *sj_cuda_device_name(int i);
+/* Synchronous copy between host and CUDA device memory (to_host: device ->
+ * host); the engine's streams are idle between engine calls. */
+sj_status sj_cuda_memcpy(void *dst, const void *src, size_t bytes, int to_host);
 const sj_config *sj_model_config(const sj_model *m);
 int sj_model_n_tensors(const sj_model *m);
 const sj_tensor_info *sj_model_tensor(const sj_model *m, int i);
-/* The flat parameter and gradient buffers (f32, n elements each). */
+/* The flat parameter and gradient buffers (f32, n elements each), in the
+ * model's device memory (host memory on the CPU). */
 float *sj_model_params(sj_model *m, int64_t *n);
 float *sj_model_grads(sj_model *m, int64_t *n);
 void sj_model_zero_grad(sj_model *m);

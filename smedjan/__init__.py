@@ -22,9 +22,16 @@ def threads(n: int = 0) -> int:
 def build_info() -> dict:
     """What was compiled in, and what this machine offers."""
     import os
+    info = _C.cuda_info()
     return {"version": __version__, "cuda_compiled": bool(_C.HAVE_CUDA),
+            "cuda_devices": info["devices"], "gpus": info["names"],
             "threads": _C.threads(), "cpus": os.cpu_count()}
 
 
+def cuda_available() -> bool:
+    """True when the CUDA backend is compiled in and a GPU is present."""
+    return bool(_C.HAVE_CUDA) and _C.cuda_info()["devices"] > 0
+
+
 __all__ = ["Model", "Tokenizer", "Trainer", "Config", "StepResult", "sizes", "PRESETS", "lr_at",
-           "threads", "build_info"]
+           "threads", "build_info", "cuda_available"]

@@ -1,8 +1,10 @@
 """smedjan.Model: a thin handle over the engine's model. Parameters and
-gradients are NumPy views into the engine's flat buffers (zero-copy)."""
+gradients are views into the engine's flat buffers, without a copy: NumPy
+arrays on the CPU, DeviceTensors on CUDA (torch.from_dlpack views them;
+.numpy() copies to the host)."""
 from __future__ import annotations
 
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import numpy as np
 
@@ -37,10 +39,15 @@ class Model:
     >>> m = Model("tiny", seed=0)
     >>> m.forward(np.zeros((1, 8), np.int32)).shape
     (1, 8, 8192)
+
+    device="cuda" runs on the GPU with dtype "bf16" (bf16 compute, f32 master
+    weights and optimizer state) or "fp32" (parity mode, TF32 off). The same
+    seed gives the same initial weights on every device.
     """
 
     def __init__(self, config: Union[str, Config, dict] = "small", *, seed: int = 0,
-                 vocab_size: int = 8192, **overrides):
+                 vocab_size: int = 8192, device: str = "cpu", dtype: Optional[str] = None,
+                 **overrides):
         if isinstance(config, str):
             config = Config.preset(config, vocab_size, **overrides)
         elif isinstance(config, dict):
@@ -49,20 +56,65 @@ class Model:
             config = Config(**{**config.to_dict(), **overrides})
         self.config: Config = config
         self.seed = seed
-        self._h = _C.Model(config.to_dict(), seed)
-        self.flat_params = np.frombuffer(self._h.params(), dtype=np.float32)
-        self.flat_grads = np.frombuffer(self._h.grads(), dtype=np.float32)
+        if dtype is None:
+            dtype = "bf16" if device.startswith("cuda") else "fp32"
+        self._h = _C.Model(config.to_dict(), seed, device, dtype)
         self.tensors = [(n, tuple(s), off) for n, s, off, _ in self._h.tensors()]
+        self._bind_views()
+
+    def _bind_views(self) -> None:
+        if self._h.device() != "cuda":
+            self.flat_params = np.frombuffer(self._h.params(), dtype=np.float32)
+            self.flat_grads = np.frombuffer(self._h.grads(), dtype=np.float32)
+        else:
+            self.flat_params = self._h.params()
+            self.flat_grads = self._h.grads()
         self.params = self._views(self.flat_params)
         self.grads = self._views(self.flat_grads)
         self.tokenizer = None       # set when loaded with one (see smedjan.commands)
 
-    def _views(self, flat: np.ndarray) -> Dict[str, np.ndarray]:
+    def _views(self, flat) -> Dict[str, np.ndarray]:
         out = {}
         for name, shape, off in self.tensors:
-            v = flat[off:off + int(np.prod(shape))].reshape(shape)
-            out[name] = v
+            n = int(np.prod(shape))
+            if isinstance(flat, np.ndarray):
+                out[name] = flat[off:off + n].reshape(shape)
+            else:
+                out[name] = flat.view(off, shape)
         return out
+
+    @property
+    def device(self) -> str:
+        """'cpu' or 'cuda' ('cpu-staged': testing only)."""
+        return self._h.device()
+
+    @property
+    def dtype(self) -> str:
+        """Compute dtype: 'fp32' or 'bf16'."""
+        return self._h.dtype()
+
+    def to(self, device: str, dtype: Optional[str] = None) -> "Model":
+        """Move parameters and gradients (an optimizer's state follows at its
+        next step). Views taken earlier (model.params[...] held elsewhere)
+        must be dropped first.
+
+        >>> m = Model("tiny").to("cpu")
+        """
+        if dtype is None:
+            dtype = "bf16" if device.startswith("cuda") else "fp32"
+        self.flat_params = self.flat_grads = self.params = self.grads = None
+        import gc
+        gc.collect()
+        try:
+            self._h.to(device, dtype)
+        finally:
+            self._bind_views()
+        return self
+
+    def params_updated(self) -> None:
+        """After writing parameters through DLPack views on the GPU, refresh
+        the bf16 compute copy (whole assignments `t[:] = x` do it already)."""
+        self._h.params_updated()
 
     @property
     def n_params(self) -> int:
@@ -76,6 +128,12 @@ class Model:
         return out if np.ndim(tokens) != 1 else out[0]
 
     __call__ = forward
+
+    def forward_device(self, tokens):
+        """Logits left on the GPU, in the compute dtype (bf16 or fp32), as a
+        DeviceTensor for torch.from_dlpack; valid until the model's next call
+        (copy it if you keep it)."""
+        return self._h.forward_device(as_tokens(tokens))
 
     def loss(self, tokens, targets, *, ignore_index: int = -1, backward: bool = False) -> float:
         """Mean cross-entropy of next-token targets; targets equal to
@@ -96,12 +154,17 @@ class Model:
         self._h.zero_grad()
 
     def memory(self) -> dict:
-        """Engine memory held now and at peak, in bytes."""
+        """Engine memory held now and at peak, in bytes (parameters, grads,
+        optimizer state, activation arenas); on CUDA also everything the
+        backend allocated, scratch and GEMM workspace included."""
         now, peak = self._h.memory()
-        return {"bytes": now, "peak_bytes": peak}
+        out = {"bytes": now, "peak_bytes": peak}
+        if self.device == "cuda":
+            out["cuda_bytes"], out["cuda_peak_bytes"] = _C.cuda_memory()
+        return out
 
     def __repr__(self) -> str:
         c = self.config
         return (f"Model(dim={c.dim}, n_layers={c.n_layers}, n_heads={c.n_heads}, "
                 f"n_kv_heads={c.n_kv_heads}, ffn_dim={c.ffn_dim}, vocab_size={c.vocab_size}, "
-                f"params={self.n_params:,})")
+                f"params={self.n_params:,}, device='{self.device}', dtype='{self.dtype}')")

@@ -40,8 +40,21 @@ class Trainer:
         self.weight_decay, self.clip, self.betas, self.eps = weight_decay, clip, betas, eps
         self._h = _C.Optimizer(model._h, lr, self.min_lr, warmup, steps, betas[0], betas[1],
                                eps, weight_decay, clip)
-        self.exp_avg = np.frombuffer(self._h.state(0), dtype=np.float32)
-        self.exp_avg_sq = np.frombuffer(self._h.state(1), dtype=np.float32)
+
+    def _state(self, which: int):
+        s = self._h.state(which)
+        return s if self.model.device == "cuda" else np.frombuffer(s, dtype=np.float32)
+
+    @property
+    def exp_avg(self):
+        """AdamW first moment over the flat parameters (a view: NumPy on the
+        CPU, DeviceTensor on CUDA). Fetch it again after model.to()."""
+        return self._state(0)
+
+    @property
+    def exp_avg_sq(self):
+        """AdamW second moment (see exp_avg)."""
+        return self._state(1)
 
     @property
     def step_count(self) -> int:

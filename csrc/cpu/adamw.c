@@ -4,15 +4,15 @@
 #include <math.h>
 
 typedef struct {
-    float *p, *m, *v; const float *g; int64_t n_decay;
-    float lr, b1, b2, eps, wd, gs, bc1, bc2_sqrt;
+    float *p, *m, *v, *g; int64_t n_decay;
+    float lr, b1, b2, eps, wd, gs, bc1, bc2_sqrt; int update;
 } adamw_job;
 
 static void adamw_range(void *ctx, int64_t i0, int64_t i1, int tid) {
     (void)tid;
     const adamw_job *j = ctx;
     const float step_size = j->lr / j->bc1;
-    for (int64_t i = i0; i < i1; i++) {
+    for (int64_t i = i0; i < i1 && j->update; i++) {
         float g = j->g[i] * j->gs, p = j->p[i];
         if (i < j->n_decay) p *= 1.0f - j->lr * j->wd;
         float m = j->m[i] + (1.0f - j->b1) * (g - j->m[i]);
@@ -21,14 +21,22 @@ static void adamw_range(void *ctx, int64_t i0, int64_t i1, int tid) {
         j->v[i] = v;
         j->p[i] = p - step_size * m / (sqrtf(v) / j->bc2_sqrt + j->eps);
     }
+    for (int64_t i = i0; i < i1; i++) j->g[i] = 0.0f;   /* gradients are consumed */
 }
 
-// p, g, m, v: (n); step is 1-based
-void sj_cpu_adamw(float *p, const float *g, float *m, float *v, int64_t n, int64_t n_decay,
-                  float lr, float beta1, float beta2, float eps, float weight_decay,
-                  float grad_scale, int64_t step) {
-    adamw_job j = { p, m, v, g, n_decay, lr, beta1, beta2, eps, weight_decay, grad_scale,
-                    1.0f - powf(beta1, (float)step), sqrtf(1.0f - powf(beta2, (float)step)) };
+// p, g, m, v: (n); p_act unused (f32 compute is the master copy itself)
+void sj_cpu_adamw(float *p, void *p_act, float *g, float *m, float *v, int64_t n,
+                  int64_t n_decay, const sj_adamw_hp *hp) {
+    (void)p_act;
+    const double norm = sqrt(hp->sumsq);
+    /* PyTorch's clip_grad_norm_: scale by min(1, clip / (norm + 1e-6)); a
+     * NaN/Inf norm would poison every weight, so that step only zeroes. */
+    float scale = 1.0f;
+    if (hp->clip > 0) scale = fminf(1.0f, (float)(hp->clip / (norm + 1e-6)));
+    const float step = (float)hp->step;
+    adamw_job j = { p, m, v, g, n_decay, hp->lr, hp->beta1, hp->beta2, hp->eps,
+                    hp->weight_decay, scale, 1.0f - powf(hp->beta1, step),
+                    sqrtf(1.0f - powf(hp->beta2, step)), isfinite(norm) };
     sj_parallel_for(n, 1 << 14, adamw_range, &j);
 }
 
@@ -54,3 +62,5 @@ double sj_cpu_sumsq(const float *x, int64_t n) {
     for (int p = 0; p < SUMSQ_PARTS; p++) s += j.part[p];
     return s;
 }
+
+void sj_cpu_grad_sumsq(sj_adamw_hp *hp, const float *g, int64_t n) { hp->sumsq = sj_cpu_sumsq(g, n); }

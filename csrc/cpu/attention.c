@@ -51,7 +51,7 @@ static void fwd_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
 }
 
 // out: (B, T, H*hd); lse: (B, H, T); qkv: (B, T, (H+2KV)*hd)
-void sj_cpu_attention_forward(float *out, float *lse, const float *qkv,
+void sj_cpu_attention_forward(void *out, float *lse, const void *qkv,
                               int B, int T, int H, int KV, int hd) {
     attn_job j = { out, lse, NULL, qkv, NULL, NULL, B, T, H, KV, hd, 0 };
     sj_parallel_for((int64_t)B * H * T, 16, fwd_rows, &j);
@@ -99,8 +99,8 @@ static void bwd_groups(void *ctx, int64_t i0, int64_t i1, int tid) {
 }
 
 // dqkv: (B, T, (H+2KV)*hd) (+)=; dout, out: (B, T, H*hd); lse: (B, H, T)
-void sj_cpu_attention_backward(float *dqkv, const float *dout, const float *qkv,
-                               const float *out, const float *lse,
+void sj_cpu_attention_backward(void *dqkv, const void *dout, const void *qkv,
+                               const void *out, const float *lse,
                                int B, int T, int H, int KV, int hd, int accum) {
     attn_job j = { NULL, (float *)lse, dqkv, qkv, dout, out, B, T, H, KV, hd, accum };
     sj_parallel_for((int64_t)B * KV, 1, bwd_groups, &j);

@@ -26,7 +26,7 @@ static void fwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 }
 
 // losses, lse: (N); logits: (N, V); targets: (N)
-void sj_cpu_cross_entropy_forward(float *losses, float *lse, const float *logits,
+void sj_cpu_cross_entropy_forward(float *losses, float *lse, const void *logits,
                                   const void *targets, sj_dtype tok_dtype, int N, int V,
                                   int ignore_index) {
     ce_job j = { losses, lse, NULL, logits, targets, tok_dtype, V, ignore_index, 0, 0 };
@@ -52,10 +52,10 @@ static void bwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 }
 
 // dlogits: (N, V) (+)=
-void sj_cpu_cross_entropy_backward(float *dlogits, const float *logits, const float *lse,
+void sj_cpu_cross_entropy_backward(void *dlogits, const void *logits, const float *lse,
                                    const void *targets, sj_dtype tok_dtype, int N, int V,
-                                   int ignore_index, float scale, int accum) {
+                                   int ignore_index, const float *scale, int accum) {
     ce_job j = { NULL, (float *)lse, dlogits, logits, targets, tok_dtype, V, ignore_index,
-                 accum, scale };
+                 accum, *scale };
     sj_parallel_for(N, 4, bwd_rows, &j);
 }

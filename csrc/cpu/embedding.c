@@ -13,8 +13,8 @@ static void fwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 }
 
 // out: (N, C); emb: (V, C)
-void sj_cpu_embedding_forward(float *out, const void *tok, sj_dtype tok_dtype,
-                              const float *emb, int N, int C) {
+void sj_cpu_embedding_forward(void *out, const void *tok, sj_dtype tok_dtype,
+                              const void *emb, int N, int C) {
     fwd_job j = { out, tok, tok_dtype, emb, C };
     sj_parallel_for(N, 64, fwd_rows, &j);
 }
@@ -34,7 +34,7 @@ static void bwd_cols(void *ctx, int64_t c0, int64_t c1, int tid) {
 }
 
 // demb: (V, C) +=; dout: (N, C)
-void sj_cpu_embedding_backward(float *demb, const float *dout, const void *tok,
+void sj_cpu_embedding_backward(float *demb, const void *dout, const void *tok,
                                sj_dtype tok_dtype, int N, int C) {
     bwd_job j = { demb, dout, tok, tok_dtype, N, C };
     sj_parallel_for(C, 16, bwd_cols, &j);

@@ -25,7 +25,7 @@ static void fwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 }
 
 // out, x: (N, C); rstd: (N); w: (C)
-void sj_cpu_rmsnorm_forward(float *out, float *rstd, const float *x, const float *w,
+void sj_cpu_rmsnorm_forward(void *out, float *rstd, const void *x, const void *w,
                             int N, int C, float eps) {
     fwd_job j = { out, rstd, x, w, C, eps };
     sj_parallel_for(N, 16, fwd_rows, &j);
@@ -66,8 +66,8 @@ static void bwd_cols(void *ctx, int64_t c0, int64_t c1, int tid) {
 }
 
 // dx: (N, C) (+)=; dw: (C) +=
-void sj_cpu_rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x,
-                             const float *w, const float *rstd, int N, int C, int accum) {
+void sj_cpu_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x,
+                             const void *w, const float *rstd, int N, int C, int accum) {
     bwd_job j = { dx, dw, dout, x, w, rstd, N, C, accum };
     sj_parallel_for(N, 16, bwd_rows, &j);
     sj_parallel_for(C, 16, bwd_cols, &j);

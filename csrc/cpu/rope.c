@@ -38,14 +38,14 @@ static void rope_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 }
 
 // out, in: (B, T, n_heads*hd)
-void sj_cpu_rope_forward(float *out, const float *in, int B, int T, int n_heads,
+void sj_cpu_rope_forward(void *out, const void *in, int B, int T, int n_heads,
                          int n_rot, int hd, int pos0, float theta) {
     rope_job j = { out, in, T, n_heads, n_rot, hd, pos0, 0, 0, theta };
     sj_parallel_for((int64_t)B * T, 16, rope_rows, &j);
 }
 
 /* The rotation is orthogonal: its gradient is the rotation by -angle. */
-void sj_cpu_rope_backward(float *din, const float *dout, int B, int T, int n_heads,
+void sj_cpu_rope_backward(void *din, const void *dout, int B, int T, int n_heads,
                           int n_rot, int hd, int pos0, float theta, int accum) {
     rope_job j = { din, dout, T, n_heads, n_rot, hd, pos0, 1, accum, theta };
     sj_parallel_for((int64_t)B * T, 16, rope_rows, &j);

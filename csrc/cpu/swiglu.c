@@ -16,7 +16,7 @@ static void fwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 }
 
 // h: (N, F); gu: (N, 2F)
-void sj_cpu_swiglu_forward(float *h, const float *gu, int N, int F) {
+void sj_cpu_swiglu_forward(void *h, const void *gu, int N, int F) {
     sw_job j = { h, NULL, gu, NULL, F, 0 };
     sj_parallel_for(N, 8, fwd_rows, &j);
 }
@@ -37,7 +37,7 @@ static void bwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 }
 
 // dgu: (N, 2F) (+)=; dh: (N, F)
-void sj_cpu_swiglu_backward(float *dgu, const float *dh, const float *gu, int N, int F,
+void sj_cpu_swiglu_backward(void *dgu, const void *dh, const void *gu, int N, int F,
                             int accum) {
     sw_job j = { NULL, dgu, gu, dh, F, accum };
     sj_parallel_for(N, 8, bwd_rows, &j);
@@ -64,12 +64,12 @@ static void fill_range(void *ctx, int64_t i0, int64_t i1, int tid) {
     for (int64_t i = i0; i < i1; i++) j->out[i] = j->v;
 }
 
-void sj_cpu_add(float *out, const float *a, const float *b, int64_t n) {
+void sj_cpu_add(void *out, const void *a, const void *b, int64_t n) {
     ew_job j = { out, a, b, 0, 0 };
     sj_parallel_for(n, 1 << 14, add_range, &j);
 }
 
-void sj_cpu_copy(float *dst, const float *src, int64_t n, int accum) {
+void sj_cpu_copy(void *dst, const void *src, int64_t n, int accum) {
     ew_job j = { dst, src, NULL, 0, accum };
     sj_parallel_for(n, 1 << 14, copy_range, &j);
 }

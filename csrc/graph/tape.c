@@ -3,9 +3,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-void sj_tape_init(sj_tape *tp, int train) {
+void sj_tape_init(sj_tape *tp, int train, sj_dtype act_dtype, int device) {
     memset(tp, 0, sizeof *tp);
     tp->train = train;
+    tp->act_dtype = act_dtype;
+    tp->device = device;
 }
 
 void sj_tape_free(sj_tape *tp, const sj_backend *be) {
@@ -30,7 +32,8 @@ int sj_tape_tensor(sj_tape *tp, sj_tkind kind, int64_t numel) {
     sj_tval *v = &tp->t[tp->n_t];
     memset(v, 0, sizeof *v);
     v->kind = kind; v->numel = numel; v->grad = -1; v->producer = -1;
-    v->first = v->last = -1; v->dtype = SJ_F32;
+    v->first = v->last = -1; v->alias = -1;
+    v->dtype = kind == SJ_T_ACT ? tp->act_dtype : SJ_F32;
     return tp->n_t++;
 }
 
@@ -81,6 +84,7 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
             int g = sj_tape_tensor(tp, SJ_T_ACT, tp->t[id].numel);
             if (g < 0) return SJ_ERR_NOMEM;
             tp->t[g].no_grad = 1;
+            tp->t[g].dtype = tp->t[id].dtype;
             tp->t[id].grad = g;
         }
     /* Lifetimes on the schedule: forward node i at time i, its backward at 2F-1-i. */
@@ -118,6 +122,30 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
         }
         free(written);
     }
+    /* A device backend reads the token inputs from its own memory: they get
+     * arena room (int32, twice over for the embedding's sorted row order),
+     * alive from the start, since they are copied in before the first node. */
+    if (tp->device)
+        for (int id = 0; id < tp->n_t; id++) {
+            sj_tval *v = &tp->t[id];
+            if (v->kind != SJ_T_EXTERN || v->first < 0) continue;
+            v->staged = 1;
+            v->first = 0;
+        }
+    /* In place: the loss's backward overwrites the logits with their gradient
+     * when nothing else reads the logits afterwards (device backends; saves a
+     * (N, V) tensor). Row by row, each element is read before it is written. */
+    if (tp->device && tp->train)
+        for (int i = 0; i < F; i++) {
+            sj_node *n = &tp->nodes[i];
+            if (n->op != SJ_OP_CROSS_ENTROPY) continue;
+            sj_tval *L = &tp->t[n->in[0]];
+            if (L->kind != SJ_T_ACT || L->grad < 0 || n->accum[0]) continue;
+            sj_tval *G = &tp->t[L->grad];
+            if (L->last > BWD_TIME(i) || G->first < BWD_TIME(i)) continue;
+            G->alias = n->in[0];
+            if (G->last > L->last) L->last = G->last;
+        }
     /* Arena offsets: largest first, each at the lowest address that no
      * tensor alive at the same time occupies. */
     int n_act = 0;
@@ -128,9 +156,15 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
         free(order); free(busy); free(placed);
         return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
     }
-    for (int id = 0; id < tp->n_t; id++)
-        if (tp->t[id].kind == SJ_T_ACT && tp->t[id].first >= 0)
-            order[n_act++] = (by_size){ id, (tp->t[id].numel * 4 + 63) & ~(int64_t)63 };
+    for (int id = 0; id < tp->n_t; id++) {
+        const sj_tval *v = &tp->t[id];
+        if (v->first < 0 || v->alias >= 0) continue;
+        int64_t bytes;
+        if (v->kind == SJ_T_ACT) bytes = v->numel * (int64_t)sj_dtype_size(v->dtype);
+        else if (v->staged) bytes = 2 * v->numel * 4;
+        else continue;
+        order[n_act++] = (by_size){ id, (bytes + 255) & ~(int64_t)255 };
+    }
     qsort(order, (size_t)n_act, sizeof *order, cmp_size);
     int64_t top = 0;
     for (int a = 0; a < n_act; a++) {
@@ -152,18 +186,21 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
         if (off + order[a].bytes > top) top = off + order[a].bytes;
     }
     free(order); free(busy); free(placed);
+    for (int id = 0; id < tp->n_t; id++)
+        if (tp->t[id].alias >= 0) tp->t[id].offset = tp->t[tp->t[id].alias].offset;
     tp->arena_bytes = top;
-    tp->arena = be->alloc((size_t)top, "activation arena");
+    tp->arena = be->alloc((size_t)(top ? top : 256), "activation arena");
     if (!tp->arena) return SJ_ERR_NOMEM;
     if (getenv("SMEDJAN_POISON")) {  /* NaN everywhere: a stale read shows up */
-        float nan = __builtin_nanf("");
-        be->fill(tp->arena, nan, top / 4);
+        /* 0x7FC07FC0 is a NaN as one f32 and as two bf16 halves alike. */
+        union { uint32_t u; float f; } nan = { 0x7FC07FC0u };
+        be->fill(tp->arena, nan.f, top / 4);
     }
     return SJ_OK;
     #undef BWD_TIME
 }
 
-sj_status sj_tape_forward(sj_tape *tp, const sj_backend *be, float *params) {
+sj_status sj_tape_forward(sj_tape *tp, const sj_backend *be, void *params) {
     for (int i = 0; i < tp->n_nodes; i++) {
         if (sj_interrupted()) return sj_fail(SJ_ERR_INTERRUPTED, "interrupted");
         sj_op_forward(tp, &tp->nodes[i], be, params);
@@ -171,7 +208,7 @@ sj_status sj_tape_forward(sj_tape *tp, const sj_backend *be, float *params) {
     return SJ_OK;
 }
 
-sj_status sj_tape_backward(sj_tape *tp, const sj_backend *be, float *params, float *grads) {
+sj_status sj_tape_backward(sj_tape *tp, const sj_backend *be, void *params, float *grads) {
     for (int i = tp->n_nodes - 1; i >= 0; i--) {
         if (sj_interrupted()) return sj_fail(SJ_ERR_INTERRUPTED, "interrupted");
         sj_op_backward(tp, &tp->nodes[i], be, params, grads);

@@ -2,7 +2,10 @@
  * nodes once for a given (batch, seq); the plan then gives every
  * activation, saved statistic and activation-gradient an offset in ONE
  * arena, chosen from their lifetimes, and each step replays the nodes
- * (forward in order, backward in reverse). Nothing is allocated per step. */
+ * (forward in order, backward in reverse). Nothing is allocated per step.
+ * Activations and their gradients are of the backend's act dtype; saved
+ * statistics (rstd, lse, losses) are f32. On a device backend the token
+ * inputs are staged into the arena too (int32, see backend.h). */
 #ifndef SJ_TAPE_H
 #define SJ_TAPE_H
 
@@ -17,13 +20,15 @@ typedef enum {
 typedef struct {
     sj_tkind kind;
     int64_t numel;
-    int64_t offset;     /* ACT: bytes into the arena; PARAM: elements into params */
+    int64_t offset;     /* ACT/staged: bytes into the arena; PARAM: elements into params */
     int grad;           /* ACT: id of its gradient tensor, or -1 */
     int producer;       /* node that writes it (-1 for PARAM / EXTERN) */
     int no_grad;        /* saved statistics and losses: never differentiated */
     int first, last;    /* lifetime on the schedule, for the plan */
-    void *ptr;          /* EXTERN: bound before each run */
-    sj_dtype dtype;     /* EXTERN: element type (tokens) */
+    void *ptr;          /* EXTERN: bound before each run (host backends) */
+    sj_dtype dtype;     /* ACT: act dtype or f32 (statistics); EXTERN: tokens' type */
+    int staged;         /* EXTERN on a device backend: copied into the arena */
+    int alias;          /* ACT sharing another tensor's storage (in place), or -1 */
 } sj_tval;
 
 typedef enum {
@@ -43,12 +48,15 @@ typedef struct sj_tape {
     sj_node *nodes; int n_nodes, cap_nodes;
     sj_tval *t; int n_t, cap_t;
     int train;              /* record for backward too */
+    sj_dtype act_dtype;     /* of activations and their gradients */
+    int device;             /* backend memory is not host memory: stage inputs */
     int64_t arena_bytes;    /* planned size */
     void *arena;
     float loss_scale;       /* d(mean loss)/d(row loss), set before backward */
+    float *loss_scale_ptr;  /* where backward reads it (backend memory); NULL: &loss_scale */
 } sj_tape;
 
-void sj_tape_init(sj_tape *tp, int train);
+void sj_tape_init(sj_tape *tp, int train, sj_dtype act_dtype, int device);
 void sj_tape_free(sj_tape *tp, const sj_backend *be);
 /* Returns a tensor id, or -1 on allocation failure (error set). */
 int sj_tape_tensor(sj_tape *tp, sj_tkind kind, int64_t numel);
@@ -58,14 +66,15 @@ int sj_tape_node(sj_tape *tp, sj_opcode op, const int in[3], const int out[2],
 /* Lifetimes, gradient tensors, accumulate flags, arena offsets; then the
  * arena itself from the backend. */
 sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be);
-static inline void *sj_tape_ptr(const sj_tape *tp, int id, float *params) {
+/* params: the compute copy of the weights (act dtype). */
+static inline void *sj_tape_ptr(const sj_tape *tp, int id, void *params) {
     const sj_tval *v = &tp->t[id];
-    if (v->kind == SJ_T_ACT) return (char *)tp->arena + v->offset;
-    if (v->kind == SJ_T_PARAM) return params + v->offset;
+    if (v->kind == SJ_T_ACT || v->staged) return (char *)tp->arena + v->offset;
+    if (v->kind == SJ_T_PARAM) return (char *)params + v->offset * (int64_t)sj_dtype_size(tp->act_dtype);
     return v->ptr;
 }
-sj_status sj_tape_forward(sj_tape *tp, const sj_backend *be, float *params);
-sj_status sj_tape_backward(sj_tape *tp, const sj_backend *be, float *params, float *grads);
+sj_status sj_tape_forward(sj_tape *tp, const sj_backend *be, void *params);
+sj_status sj_tape_backward(sj_tape *tp, const sj_backend *be, void *params, float *grads);
 
 /* ---- ops: record a node and return its output tensor (-1 on failure) --- */
 int sj_op_embedding(sj_tape *tp, int tokens, int emb, int N, int C);
@@ -84,8 +93,8 @@ typedef struct {
     unsigned bwd_reads_out;  /* bit k: backward reads out[k] */
 } sj_opinfo;
 extern const sj_opinfo sj_ops[SJ_OP__COUNT];
-void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, float *params);
+void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, void *params);
 void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
-                    float *params, float *grads);
+                    void *params, float *grads);
 
 #endif

@@ -1,6 +1,9 @@
 /* model.c — the Llama-style decoder: parameter table over one flat buffer,
  * initialisation, and the forward pass recorded on a tape per (B, T). */
 #include "model.h"
+#ifdef SJ_HAVE_CUDA
+#include "../../cuda/sj_cuda.h"
+#endif
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -94,34 +97,176 @@ static void init_params(sj_model *m, uint64_t seed) {
     }
 }
 
-sj_status sj_model_create(const sj_config *c, uint64_t seed, sj_model **out) {
+/* The backend for a device and compute dtype, or an error saying why not. */
+static sj_status pick_backend(sj_device dev, sj_dtype dt, const sj_backend **out) {
+    if (dev == SJ_DEVICE_CPU_STAGED) {
+        if (dt != SJ_F32) return sj_fail(SJ_ERR_ARG, "cpu-staged is float32 only");
+        *out = &sj_cpu_staged_backend;
+        return SJ_OK;
+    }
+    if (dev == SJ_DEVICE_CPU) {
+        if (dt != SJ_F32)
+            return sj_fail(SJ_ERR_ARG, "dtype %s is not available on the CPU (use float32, or "
+                           "device='cuda')", dt == SJ_BF16 ? "bf16" : "fp16");
+        *out = &sj_cpu_backend;
+        return SJ_OK;
+    }
+    if (dev != SJ_DEVICE_CUDA) return sj_fail(SJ_ERR_ARG, "unknown device %d", (int)dev);
+    if (dt != SJ_F32 && dt != SJ_BF16)
+        return sj_fail(SJ_ERR_ARG, "CUDA compute dtype must be float32 or bf16");
+#ifdef SJ_HAVE_CUDA
+    SJ_TRY(sj_cuda_check_device());
+    *out = dt == SJ_BF16 ? &sj_cuda_backend_bf16 : &sj_cuda_backend_f32;
+    return SJ_OK;
+#else
+    return sj_fail(SJ_ERR_RUNTIME, "device='cuda': this build of smedjan has no CUDA backend "
+                   "(nvcc was not found when it was built; rebuild with nvcc on PATH)");
+#endif
+}
+
+static void drop_plan(sj_model *m, sj_plan *pl) {
+    if (!pl->used) return;
+    sj_model_account(m, -pl->tape.arena_bytes);
+    if (pl->graph) m->be->graph_free(pl->graph);
+    if (pl->host) m->be->host_free(pl->host);
+    sj_tape_free(&pl->tape, m->be);
+    memset(pl, 0, sizeof *pl);
+}
+
+/* Device-side state of a model: buffers on m->be, filled from host copies
+ * (hp, hg: f32 params and grads on the host). */
+static sj_status attach(sj_model *m, const float *hp, const float *hg) {
+    const sj_backend *be = m->be;
+    const size_t bytes = sizeof(float) * (size_t)m->n_params;
+    m->ctx = be->ctx_create();
+    if (!m->ctx) return SJ_ERR_NOMEM;
+    be->bind(m->ctx);
+    m->params = be->alloc(bytes, "parameters");
+    m->grads = m->params ? be->alloc(bytes, "gradients") : NULL;
+    if (!m->grads) return SJ_ERR_NOMEM;
+    sj_model_account(m, 2 * (int64_t)bytes);
+    if (be->act_dtype != SJ_F32) {
+        size_t ab = sj_dtype_size(be->act_dtype) * (size_t)m->n_params;
+        if (!(m->params_act = be->alloc(ab, "compute copy of the parameters"))) return SJ_ERR_NOMEM;
+        sj_model_account(m, (int64_t)ab);
+    } else {
+        m->params_act = m->params;
+    }
+    m->scalars = be->alloc(sizeof(sj_scalars), "step scalars");
+    m->scalars_host = m->scalars ? be->host_alloc(2 * sizeof(sj_scalars), "step scalars") : NULL;
+    if (!m->scalars_host) return SJ_ERR_NOMEM;
+    memset(m->scalars_host, 0, 2 * sizeof(sj_scalars));
+    if (hp && hp != m->params) be->from_host(m->params, hp, bytes);
+    if (hg && hg != m->grads) be->from_host(m->grads, hg, bytes);
+    if (!hg) be->fill(m->grads, 0.0f, m->n_params);
+    if (m->params_act != m->params)
+        be->convert(m->params_act, be->act_dtype, m->params, SJ_F32, m->n_params);
+    return be->sync();
+}
+
+static void detach(sj_model *m) {
+    const sj_backend *be = m->be;
+    if (!be) return;
+    if (m->ctx) be->bind(m->ctx);
+    for (int i = 0; i < SJ_MAX_PLANS; i++) drop_plan(m, &m->plans[i]);
+    const int64_t bytes = 4 * m->n_params;
+    if (m->params_act && m->params_act != m->params) {
+        be->free(m->params_act);
+        sj_model_account(m, -(int64_t)sj_dtype_size(be->act_dtype) * m->n_params);
+    }
+    if (m->params) { be->free(m->params); sj_model_account(m, -bytes); }
+    if (m->grads) { be->free(m->grads); sj_model_account(m, -bytes); }
+    if (m->scalars) be->free(m->scalars);
+    if (m->scalars_host) be->host_free(m->scalars_host);
+    if (m->ctx) be->ctx_free(m->ctx);
+    m->params = m->grads = NULL;
+    m->params_act = NULL;
+    m->scalars = m->scalars_host = NULL;
+    m->ctx = NULL;
+}
+
+sj_status sj_model_create_ex(const sj_config *c, uint64_t seed, sj_device device,
+                             sj_dtype dtype, sj_model **out) {
     *out = NULL;
     SJ_TRY(sj_config_validate(c));
+    const sj_backend *be = NULL;
+    SJ_TRY(pick_backend(device, dtype, &be));
     sj_model *m = calloc(1, sizeof *m);
     if (!m) return sj_fail(SJ_ERR_NOMEM, "model: out of memory");
     m->cfg = *c;
-    m->be = &sj_cpu_backend;
+    m->be = be;
+    m->device = device;
+    m->dtype = dtype;
+    m->epoch = 1;
+    const char *g = getenv("SMEDJAN_GRAPHS");
+    m->use_graphs = !(g && g[0] == '0') && device == SJ_DEVICE_CUDA;
     sj_status s = build_table(m);
-    if (s == SJ_OK) {
-        m->params = m->be->alloc(sizeof(float) * m->n_params, "parameters");
-        m->grads = m->params ? m->be->alloc(sizeof(float) * m->n_params, "gradients") : NULL;
-        if (!m->params || !m->grads) s = SJ_ERR_NOMEM;
+    float *host = NULL;
+    if (s == SJ_OK && !(m->sort_count = calloc((size_t)c->vocab_size + 1, sizeof(int32_t))))
+        s = sj_fail(SJ_ERR_NOMEM, "model: out of memory");
+    if (s == SJ_OK && be->device) {
+        /* Device memory first (an out-of-memory error comes before any host
+         * work); then initialise on the host (the same weights on every
+         * device) and upload. */
+        s = attach(m, NULL, NULL);
+        if (s == SJ_OK && !(host = sj_alloc(sizeof(float) * (size_t)m->n_params,
+                                            "parameters (host staging)")))
+            s = SJ_ERR_NOMEM;
+        if (s == SJ_OK) {
+            float *dev = m->params;
+            m->params = host;
+            init_params(m, seed);
+            m->params = dev;
+            be->from_host(m->params, host, sizeof(float) * (size_t)m->n_params);
+            s = sj_model_params_updated(m);
+        }
+        sj_free(host);
+    } else if (s == SJ_OK) {
+        s = attach(m, NULL, NULL);   /* CPU: allocate, then initialise in place */
+        if (s == SJ_OK) { init_params(m, seed); sj_model_zero_grad(m); }
     }
     if (s != SJ_OK) { sj_model_free(m); return s; }
-    sj_model_account(m, 2 * (int64_t)sizeof(float) * m->n_params);
-    init_params(m, seed);
-    sj_model_zero_grad(m);
     *out = m;
     return SJ_OK;
 }
 
+sj_status sj_model_create(const sj_config *c, uint64_t seed, sj_model **out) {
+    return sj_model_create_ex(c, seed, SJ_DEVICE_CPU, SJ_F32, out);
+}
+
+sj_status sj_model_to(sj_model *m, sj_device device, sj_dtype dtype) {
+    if (device == m->device && dtype == m->dtype) return SJ_OK;
+    const sj_backend *nb = NULL;
+    SJ_TRY(pick_backend(device, dtype, &nb));
+    if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
+    const size_t bytes = sizeof(float) * (size_t)m->n_params;
+    float *hp = sj_alloc(bytes, "parameters (host staging)");
+    float *hg = hp ? sj_alloc(bytes, "gradients (host staging)") : NULL;
+    if (!hg) { sj_free(hp); return SJ_ERR_NOMEM; }
+    m->be->bind(m->ctx);
+    sj_status s = m->be->sync();
+    if (s == SJ_OK) {
+        m->be->to_host(hp, m->params, bytes);
+        m->be->to_host(hg, m->grads, bytes);
+        s = m->be->sync();
+    }
+    if (s != SJ_OK) { sj_free(hp); sj_free(hg); return s; }
+    detach(m);
+    m->be = nb; m->device = device; m->dtype = dtype;
+    if (device != SJ_DEVICE_CUDA) m->use_graphs = 0;
+    m->epoch++;
+    s = attach(m, hp, hg);
+    sj_free(hp); sj_free(hg);
+    /* A failed attach leaves no usable buffers: the model cannot run until a
+     * later to() succeeds; the error says why. */
+    return s;
+}
+
 void sj_model_free(sj_model *m) {
     if (!m) return;
-    for (int i = 0; i < SJ_MAX_PLANS; i++)
-        if (m->plans[i].used) sj_tape_free(&m->plans[i].tape, m->be);
-    if (m->params) m->be->free(m->params);
-    if (m->grads) m->be->free(m->grads);
+    detach(m);
     free(m->rows_host);
+    free(m->sort_count);
     free(m->tensors);
     free(m->names);
     free(m);
@@ -134,9 +279,25 @@ const sj_tensor_info *sj_model_tensor(const sj_model *m, int i) {
 }
 float *sj_model_params(sj_model *m, int64_t *n) { if (n) *n = m->n_params; return m->params; }
 float *sj_model_grads(sj_model *m, int64_t *n) { if (n) *n = m->n_params; return m->grads; }
-void sj_model_zero_grad(sj_model *m) { m->be->fill(m->grads, 0.0f, m->n_params); }
+void sj_model_zero_grad(sj_model *m) {
+    if (!m->grads) return;
+    m->be->bind(m->ctx);
+    m->be->fill(m->grads, 0.0f, m->n_params);
+    m->be->sync();
+}
 int64_t sj_model_bytes(const sj_model *m) { return m->bytes; }
 int64_t sj_model_peak_bytes(const sj_model *m) { return m->peak_bytes; }
+sj_device sj_model_device(const sj_model *m) { return m->device; }
+sj_dtype sj_model_dtype(const sj_model *m) { return m->dtype; }
+void sj_model_set_graphs(sj_model *m, int on) { m->use_graphs = on && m->device == SJ_DEVICE_CUDA; }
+
+sj_status sj_model_params_updated(sj_model *m) {
+    if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
+    if (m->params_act == m->params) return SJ_OK;
+    m->be->bind(m->ctx);
+    m->be->convert(m->params_act, m->be->act_dtype, m->params, SJ_F32, m->n_params);
+    return m->be->sync();
+}
 
 /* Record the whole forward pass (and the loss) for one (B, T, mode). */
 static sj_status record(sj_model *m, sj_plan *pl) {
@@ -169,14 +330,15 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     #undef NORM
     if (pl->logits < 0) return SJ_ERR_NOMEM;
     if (pl->mode == SJ_RUN_LOGITS) {
-        tp->t[pl->logits].kind = SJ_T_EXTERN;   /* written straight into the caller's array */
+        /* Host backends write straight into the caller's array; device
+         * backends keep the logits in the arena and copy them out. */
+        if (!tp->device) { tp->t[pl->logits].kind = SJ_T_EXTERN; tp->t[pl->logits].dtype = SJ_F32; }
         return SJ_OK;
     }
     pl->targets = sj_tape_tensor(tp, SJ_T_EXTERN, N);
     pl->losses = sj_op_cross_entropy(tp, pl->logits, pl->targets, N, V, -1);
     return pl->losses < 0 ? SJ_ERR_NOMEM : SJ_OK;
 }
-
 /* The plan for (B, T, mode): reused when present, else recorded and planned,
  * evicting the least recently used one. */
 static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan **out) {
@@ -190,18 +352,23 @@ static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan *
         }
         if (!p->used || (victim->used && p->last_use < victim->last_use)) victim = p;
     }
-    if (victim->used) {
-        sj_model_account(m, -victim->tape.arena_bytes);
-        sj_tape_free(&victim->tape, m->be);
-        victim->used = 0;
-    }
+    drop_plan(m, victim);
     sj_plan *pl = victim;
     memset(pl, 0, sizeof *pl);
     pl->B = B; pl->T = T; pl->mode = mode;
-    sj_tape_init(&pl->tape, mode == SJ_RUN_TRAIN);
+    sj_tape_init(&pl->tape, mode == SJ_RUN_TRAIN, m->be->act_dtype, m->be->device);
+    pl->tape.loss_scale_ptr = m->be->device ? &m->scalars->loss_scale : NULL;
     sj_status s = record(m, pl);
     if (s == SJ_OK) s = sj_tape_plan(&pl->tape, m->be);
-    if (s != SJ_OK) { sj_tape_free(&pl->tape, m->be); return s; }
+    if (s == SJ_OK && m->be->device &&
+        !(pl->host = m->be->host_alloc((size_t)16 * B * T, "staged tokens and losses")))
+        s = SJ_ERR_NOMEM;
+    if (s != SJ_OK) {
+        if (pl->host) m->be->host_free(pl->host);
+        sj_tape_free(&pl->tape, m->be);
+        memset(pl, 0, sizeof *pl);
+        return s;
+    }
     pl->used = 1;
     pl->last_use = ++m->clock;
     sj_model_account(m, pl->tape.arena_bytes);
@@ -232,48 +399,157 @@ static sj_status check_shape(const sj_model *m, int B, int T) {
     return SJ_OK;
 }
 
+/* Host side of the inputs. Host backends bind the caller's arrays; device
+ * backends get int32 copies in pinned memory (plus, for training, the rows
+ * stably sorted by token: a counting sort) that enqueue() copies over. */
+static void stage(sj_model *m, sj_plan *pl, const void *tokens, const void *targets,
+                  sj_dtype dt) {
+    sj_tape *tp = &pl->tape;
+    const int64_t N = (int64_t)pl->B * pl->T;
+    if (!tp->device) {
+        tp->t[pl->tokens].ptr = (void *)tokens; tp->t[pl->tokens].dtype = dt;
+        if (targets) { tp->t[pl->targets].ptr = (void *)targets; tp->t[pl->targets].dtype = dt; }
+        return;
+    }
+    int32_t *tok = pl->host, *tgt = tok + 2 * N;
+    for (int64_t i = 0; i < N; i++) tok[i] = (int32_t)sj_token_at(tokens, dt, i);
+    tp->t[pl->tokens].dtype = SJ_I32;
+    if (pl->mode == SJ_RUN_TRAIN) {
+        int32_t *cnt = m->sort_count, *order = tok + N;
+        const int V = m->cfg.vocab_size;
+        memset(cnt, 0, sizeof(int32_t) * ((size_t)V + 1));
+        for (int64_t i = 0; i < N; i++) cnt[tok[i] + 1]++;
+        for (int v = 0; v < V; v++) cnt[v + 1] += cnt[v];
+        for (int64_t i = 0; i < N; i++) order[cnt[tok[i]]++] = (int32_t)i;
+    }
+    if (targets) {
+        for (int64_t i = 0; i < N; i++) tgt[i] = (int32_t)sj_token_at(targets, dt, i);
+        tp->t[pl->targets].dtype = SJ_I32;
+    }
+}
+
+sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
+                           sj_dtype tok_dtype, int B, int T, int ignore_index,
+                           sj_run_mode mode, sj_plan **out, int64_t *count) {
+    const int64_t N = (int64_t)B * T;
+    if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
+    m->be->bind(m->ctx);   /* planning may poison the new arena on the stream */
+    SJ_TRY(check_shape(m, B, T));
+    if (tok_dtype == SJ_U16) ignore_index = -1;   /* no uint16 value can be ignored */
+    SJ_TRY(check_tokens(m, tokens, tok_dtype, N, T, "tokens", 0, 0));
+    if (targets) SJ_TRY(check_tokens(m, targets, tok_dtype, N, T, "targets", 1, ignore_index));
+    sj_plan *pl;
+    SJ_TRY(get_plan(m, B, T, mode, &pl));
+    stage(m, pl, tokens, targets, tok_dtype);
+    *count = 0;
+    if (targets) {
+        /* The loss node was recorded with ignore -1; the caller's index goes in here. */
+        pl->tape.nodes[pl->tape.t[pl->losses].producer].dim[2] = ignore_index;
+        for (int64_t i = 0; i < N; i++) *count += sj_token_at(targets, tok_dtype, i) != ignore_index;
+        pl->tape.loss_scale = *count ? 1.0f / (float)*count : 0.0f;
+        m->scalars_host[0].loss_scale = pl->tape.loss_scale;
+    }
+    *out = pl;
+    return SJ_OK;
+}
+
+sj_status sj_model_enqueue(sj_model *m, sj_plan *pl) {
+    const sj_backend *be = m->be;
+    sj_tape *tp = &pl->tape;
+    const int64_t N = (int64_t)pl->B * pl->T;
+    if (tp->device) {
+        int32_t *tok = pl->host;
+        be->from_host_async(sj_tape_ptr(tp, pl->tokens, NULL), tok,
+                            sizeof(int32_t) * (size_t)N * (pl->mode == SJ_RUN_TRAIN ? 2 : 1));
+        if (pl->mode != SJ_RUN_LOGITS) {
+            be->from_host_async(sj_tape_ptr(tp, pl->targets, NULL), tok + 2 * N, 4 * (size_t)N);
+            be->from_host_async(&m->scalars->loss_scale, &m->scalars_host[0].loss_scale,
+                                sizeof(float));
+        }
+    }
+    SJ_TRY(sj_tape_forward(tp, be, m->params_act));
+    if (pl->mode == SJ_RUN_LOGITS) return SJ_OK;
+    /* Per-row losses out before backward reuses their memory. */
+    float *rows = tp->device ? (float *)pl->host + 3 * N : m->rows_host;
+    if (!tp->device && m->n_rows_host < N) {
+        float *r = realloc(m->rows_host, sizeof(float) * N);
+        if (!r) return sj_fail(SJ_ERR_NOMEM, "loss: out of memory");
+        m->rows_host = rows = r; m->n_rows_host = N;
+    }
+    be->to_host_async(rows, sj_tape_ptr(tp, pl->losses, m->params_act), sizeof(float) * N);
+    if (pl->mode != SJ_RUN_TRAIN) return SJ_OK;
+    return sj_tape_backward(tp, be, m->params_act, m->grads);
+}
+
+float sj_model_mean_loss(sj_model *m, sj_plan *pl, int64_t count) {
+    const int64_t N = (int64_t)pl->B * pl->T;
+    const float *rows = pl->tape.device ? (const float *)pl->host + 3 * N : m->rows_host;
+    double sum = 0.0;
+    for (int64_t i = 0; i < N; i++) sum += rows[i];
+    return count ? (float)(sum / (double)count) : NAN;
+}
+
+/* bf16 -> f32 in place, front to back: element i (4 bytes at 4i) is written
+ * after the bf16 source it overlaps (2 bytes at 2n + 2j, j <= i) was read. */
+static void bf16_to_f32_inplace(float *out, int64_t n) {
+    const uint16_t *src = (const uint16_t *)((char *)out + 2 * n);
+    for (int64_t i = 0; i < n; i++) {
+        union { uint32_t u; float f; } v = { (uint32_t)src[i] << 16 };
+        out[i] = v.f;
+    }
+}
+
 sj_status sj_model_forward(sj_model *m, const void *tokens, sj_dtype tok_dtype,
                            int B, int T, float *logits) {
-    SJ_TRY(check_shape(m, B, T));
-    SJ_TRY(check_tokens(m, tokens, tok_dtype, (int64_t)B * T, T, "tokens", 0, 0));
     sj_plan *pl;
-    SJ_TRY(get_plan(m, B, T, SJ_RUN_LOGITS, &pl));
-    pl->tape.t[pl->tokens].ptr = (void *)tokens;
-    pl->tape.t[pl->tokens].dtype = tok_dtype;
-    pl->tape.t[pl->logits].ptr = logits;
-    return sj_tape_forward(&pl->tape, m->be, m->params);
+    int64_t count;
+    SJ_TRY(sj_model_prepare(m, tokens, NULL, tok_dtype, B, T, -1, SJ_RUN_LOGITS, &pl, &count));
+    const sj_backend *be = m->be;
+    sj_tape *tp = &pl->tape;
+    be->bind(m->ctx);
+    if (!tp->device) {
+        tp->t[pl->logits].ptr = logits;
+        return sj_tape_forward(tp, be, m->params_act);
+    }
+    SJ_TRY(sj_model_enqueue(m, pl));
+    SJ_TRY(be->sync());
+    const int64_t n = (int64_t)B * T * m->cfg.vocab_size;
+    const void *src = sj_tape_ptr(tp, pl->logits, m->params_act);
+    if (be->act_dtype == SJ_F32) {
+        be->to_host(logits, src, sizeof(float) * (size_t)n);
+    } else {
+        be->to_host((char *)logits + 2 * n, src, 2 * (size_t)n);
+        bf16_to_f32_inplace(logits, n);
+    }
+    return be->sync();
+}
+
+sj_status sj_model_forward_device(sj_model *m, const void *tokens, sj_dtype tok_dtype,
+                                  int B, int T, void **logits, sj_dtype *dtype) {
+    if (!m->be->device)
+        return sj_fail(SJ_ERR_ARG, "forward_device: the model is on the CPU (use forward)");
+    sj_plan *pl;
+    int64_t count;
+    SJ_TRY(sj_model_prepare(m, tokens, NULL, tok_dtype, B, T, -1, SJ_RUN_LOGITS, &pl, &count));
+    m->be->bind(m->ctx);
+    SJ_TRY(sj_model_enqueue(m, pl));
+    SJ_TRY(m->be->sync());
+    *logits = sj_tape_ptr(&pl->tape, pl->logits, m->params_act);
+    *dtype = m->be->act_dtype;
+    return SJ_OK;
 }
 
 sj_status sj_model_loss(sj_model *m, const void *tokens, const void *targets,
                         sj_dtype tok_dtype, int B, int T, int ignore_index,
                         int backward, float *loss) {
-    const int64_t N = (int64_t)B * T;
-    SJ_TRY(check_shape(m, B, T));
-    if (tok_dtype == SJ_U16) ignore_index = -1;   /* no uint16 value can be ignored */
-    SJ_TRY(check_tokens(m, tokens, tok_dtype, N, T, "tokens", 0, 0));
-    SJ_TRY(check_tokens(m, targets, tok_dtype, N, T, "targets", 1, ignore_index));
     sj_plan *pl;
-    SJ_TRY(get_plan(m, B, T, backward ? SJ_RUN_TRAIN : SJ_RUN_LOSS, &pl));
-    sj_tape *tp = &pl->tape;
-    tp->t[pl->tokens].ptr = (void *)tokens; tp->t[pl->tokens].dtype = tok_dtype;
-    tp->t[pl->targets].ptr = (void *)targets; tp->t[pl->targets].dtype = tok_dtype;
-    /* The loss node was recorded with ignore -1; the caller's index goes in here. */
-    tp->nodes[tp->t[pl->losses].producer].dim[2] = ignore_index;
-    SJ_TRY(sj_tape_forward(tp, m->be, m->params));
-    int64_t count = 0;
-    for (int64_t i = 0; i < N; i++)
-        count += sj_token_at(targets, tok_dtype, i) != ignore_index;
-    if (m->n_rows_host < N) {
-        float *r = realloc(m->rows_host, sizeof(float) * N);
-        if (!r) return sj_fail(SJ_ERR_NOMEM, "loss: out of memory");
-        m->rows_host = r; m->n_rows_host = N;
-    }
-    float *rows = m->rows_host;
-    m->be->to_host(rows, sj_tape_ptr(tp, pl->losses, m->params), sizeof(float) * N);
-    double sum = 0.0;
-    for (int64_t i = 0; i < N; i++) sum += rows[i];
-    *loss = count ? (float)(sum / (double)count) : NAN;
-    if (!backward) return SJ_OK;
-    tp->loss_scale = count ? 1.0f / (float)count : 0.0f;
-    return sj_tape_backward(tp, m->be, m->params, m->grads);
+    int64_t count;
+    SJ_TRY(sj_model_prepare(m, tokens, targets, tok_dtype, B, T, ignore_index,
+                            backward ? SJ_RUN_TRAIN : SJ_RUN_LOSS, &pl, &count));
+    m->be->bind(m->ctx);
+    sj_status s = sj_model_enqueue(m, pl);
+    if (s == SJ_OK) s = m->be->sync();
+    if (s != SJ_OK) return s;
+    *loss = sj_model_mean_loss(m, pl, count);
+    return SJ_OK;
 }

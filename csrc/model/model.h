@@ -13,14 +13,35 @@ typedef struct {
     int64_t last_use;
     sj_tape tape;
     int tokens, targets, logits, losses;   /* tensor ids */
+    /* host side of the inputs and per-row losses; pinned on device backends:
+     * tokens (2N int32: ids, then rows sorted by id) | targets (N int32) |
+     * losses (N f32) */
+    void *host;
+    void *graph;                 /* the captured train step (device backends) */
+    const void *graph_opt;       /* ... for this optimizer */
+    int64_t graph_epoch;         /* ... and these buffers */
+    int eager_steps;             /* train steps run eagerly: the first is, so that
+                                  * lazy module loading and GEMM heuristics happen
+                                  * outside a capture */
 } sj_plan;
 
 enum { SJ_MAX_PLANS = 4 };
 
+/* Scalars the kernels read from backend memory, so that a replayed graph
+ * sees this step's values. The host writes `in` (pinned), copies it over;
+ * `out` comes back after the step. */
+typedef struct {
+    float loss_scale, pad_;
+    sj_adamw_hp hp;
+} sj_scalars;
+
 struct sj_model {
     sj_config cfg;
     const sj_backend *be;
-    float *params, *grads;          /* (n_params) each */
+    sj_device device;
+    sj_dtype dtype;                 /* of activations and the compute copy */
+    float *params, *grads;          /* (n_params) each, f32, backend memory */
+    void *params_act;               /* compute copy of params (== params when f32) */
     int64_t n_params, n_decay;      /* weight decay applies to [0, n_decay) */
     sj_tensor_info *tensors; int n_tensors;
     char *names;
@@ -28,9 +49,27 @@ struct sj_model {
     int64_t clock;
     int64_t bytes, peak_bytes;
     float *rows_host; int64_t n_rows_host;   /* per-row losses, copied to host */
+    void *ctx;                      /* backend context: stream, scratch */
+    sj_scalars *scalars;            /* backend memory */
+    sj_scalars *scalars_host;       /* [0] in, [1] out; pinned on device backends */
+    int32_t *sort_count;            /* (vocab + 1) host ints for the token sort */
+    int64_t epoch;                  /* bumps when the buffers move (to()) */
+    int use_graphs;                 /* capture train steps (device backends) */
 };
 
 /* Count engine memory held by the model (positive: allocated). */
 void sj_model_account(sj_model *m, int64_t delta);
+
+/* The pieces of a run, used by sj_model_loss and the optimizer's train step.
+ * prepare: check inputs, find the plan, stage the inputs on the host side
+ * and set the loss scale; count = rows that count in the loss. */
+sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
+                           sj_dtype tok_dtype, int B, int T, int ignore_index,
+                           sj_run_mode mode, sj_plan **out, int64_t *count);
+/* enqueue: copy the staged inputs in, forward (then per-row losses out),
+ * backward when the plan trains. On the bound context; capturable. */
+sj_status sj_model_enqueue(sj_model *m, sj_plan *pl);
+/* The mean loss from the per-row losses (after the work completed). */
+float sj_model_mean_loss(sj_model *m, sj_plan *pl, int64_t count);
 
 #endif

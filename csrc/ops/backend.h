@@ -1,84 +1,153 @@
 /* backend.h — the line between ops and devices: one table of kernels per
  * backend. Above it (tape, model, train) nothing knows which device runs.
+ * Valid C and C++ (the CUDA backend defines tables of this type).
+ *
  * Argument order: outputs first, then inputs, then dims (B, T, C ...).
  * Backward kernels with an `accum` flag add into their input-gradient when
  * it is set and overwrite it otherwise (the tape plans which); parameter
- * gradients are always added into. */
+ * gradients are always added into.
+ *
+ * Precision: activations, activation gradients and the compute copy of the
+ * weights are of the backend's act_dtype (`void *` below: f32 on the CPU,
+ * bf16 or f32 on CUDA). Master weights, parameter gradients, optimizer state
+ * and saved statistics (rstd, lse, per-row losses) are always f32 (`float *`).
+ * Every reduction accumulates in f32 (or wider).
+ *
+ * Device backends (device != 0) take pointers to device memory, run on the
+ * stream bound with bind(), and never synchronise inside a kernel call, so a
+ * whole step can be captured as a graph. Scalars that change from step to
+ * step (loss scale, lr, step count) are therefore passed by pointer into
+ * backend memory, never by value. Token tensors on a device backend are
+ * always int32 and, for the embedding, followed by N more int32: the row
+ * indices stably sorted by token (the host prepares both; see model.c), so
+ * that the embedding gradient is a deterministic segmented sum. */
 #ifndef SJ_BACKEND_H
 #define SJ_BACKEND_H
 
-#include "../core/core.h"
+#include "../smedjan.h"
+#ifndef __cplusplus
+#include "../core/core.h"   /* C side: errors, threads, rng */
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* AdamW hyper-parameters and the global grad norm, in backend memory so that
+ * a captured step reads this step's values. The host sets everything above
+ * `sumsq`; grad_sumsq writes sumsq; adamw reads all of it. */
+typedef struct {
+    float lr, beta1, beta2, eps, weight_decay;
+    float clip;          /* global grad-norm clip; <= 0 disables */
+    int64_t step;        /* 1-based number of this update */
+    double sumsq;        /* sum of squared gradients */
+} sj_adamw_hp;
 
 typedef struct sj_backend {
     const char *name;
+    sj_dtype act_dtype;   /* activations, their grads, compute copy of weights */
+    int device;           /* 0: host memory; 1: CUDA device memory */
 
-    /* memory */
+    /* memory: alloc returns NULL with the error set (naming the bytes). */
     void *(*alloc)(size_t bytes, const char *what);
     void (*free)(void *p);
     void (*fill)(float *x, float value, int64_t n);
+    /* Synchronous copies between host and backend memory. */
     void (*to_host)(void *dst, const void *src, size_t bytes);
     void (*from_host)(void *dst, const void *src, size_t bytes);
+    /* Copies on the bound stream (capturable); host memory must be pinned
+     * (allocated with host_alloc) on device backends. */
+    void (*to_host_async)(void *dst, const void *src, size_t bytes);
+    void (*from_host_async)(void *dst, const void *src, size_t bytes);
+    /* dst (dst_dtype) = src (src_dtype), n elements, f32 <-> act dtype. */
+    void (*convert)(void *dst, sj_dtype dst_dtype, const void *src, sj_dtype src_dtype,
+                    int64_t n);
 
     /* C(M,N) = op(A) op(B) (+ C if accum). A is (M,K), or (K,M) when
-     * transA; B is (K,N), or (N,K) when transB. Row-major, packed. */
-    void (*matmul)(float *C, const float *A, const float *B, int M, int N, int K,
-                   int transA, int transB, int accum);
+     * transA; B is (K,N), or (N,K) when transB. Row-major, packed. A and B
+     * are act dtype; C is f32 when c_f32 (parameter gradients), else act. */
+    void (*matmul)(void *C, const void *A, const void *B, int M, int N, int K,
+                   int transA, int transB, int accum, int c_f32);
 
     /* out: (N, C) = emb[tok]; demb: (V, C) += scatter of dout. */
-    void (*embedding_forward)(float *out, const void *tok, sj_dtype tok_dtype,
-                              const float *emb, int N, int C);
-    void (*embedding_backward)(float *demb, const float *dout, const void *tok,
+    void (*embedding_forward)(void *out, const void *tok, sj_dtype tok_dtype,
+                              const void *emb, int N, int C);
+    void (*embedding_backward)(float *demb, const void *dout, const void *tok,
                                sj_dtype tok_dtype, int N, int C);
 
     /* out, x: (N, C); rstd: (N); w: (C). */
-    void (*rmsnorm_forward)(float *out, float *rstd, const float *x, const float *w,
+    void (*rmsnorm_forward)(void *out, float *rstd, const void *x, const void *w,
                             int N, int C, float eps);
-    void (*rmsnorm_backward)(float *dx, float *dw, const float *dout, const float *x,
-                             const float *w, const float *rstd, int N, int C, int accum);
+    void (*rmsnorm_backward)(void *dx, float *dw, const void *dout, const void *x,
+                             const void *w, const float *rstd, int N, int C, int accum);
 
     /* Rotate-half RoPE on the first n_rot heads of each row of n_heads heads
      * of size hd; the remaining heads are copied. Row r of batch b has
      * position pos0 + (r % T). out, in: (B, T, n_heads*hd). */
-    void (*rope_forward)(float *out, const float *in, int B, int T, int n_heads,
+    void (*rope_forward)(void *out, const void *in, int B, int T, int n_heads,
                          int n_rot, int hd, int pos0, float theta);
-    void (*rope_backward)(float *din, const float *dout, int B, int T, int n_heads,
+    void (*rope_backward)(void *din, const void *dout, int B, int T, int n_heads,
                           int n_rot, int hd, int pos0, float theta, int accum);
 
     /* Causal attention over qkv: (B, T, (H + 2*KV)*hd), q heads then k then v.
      * out: (B, T, H*hd); lse: (B, H, T) log-sum-exp of each score row. */
-    void (*attention_forward)(float *out, float *lse, const float *qkv,
+    void (*attention_forward)(void *out, float *lse, const void *qkv,
                               int B, int T, int H, int KV, int hd);
-    void (*attention_backward)(float *dqkv, const float *dout, const float *qkv,
-                               const float *out, const float *lse,
+    void (*attention_backward)(void *dqkv, const void *dout, const void *qkv,
+                               const void *out, const float *lse,
                                int B, int T, int H, int KV, int hd, int accum);
 
     /* gu: (N, 2F) = [gate | up] -> h: (N, F) = silu(gate) * up. */
-    void (*swiglu_forward)(float *h, const float *gu, int N, int F);
-    void (*swiglu_backward)(float *dgu, const float *dh, const float *gu, int N, int F,
+    void (*swiglu_forward)(void *h, const void *gu, int N, int F);
+    void (*swiglu_backward)(void *dgu, const void *dh, const void *gu, int N, int F,
                             int accum);
 
-    /* out = a + b; dst (+)= src. */
-    void (*add)(float *out, const float *a, const float *b, int64_t n);
-    void (*copy)(float *dst, const float *src, int64_t n, int accum);
+    /* out = a + b; dst (+)= src (act dtype). */
+    void (*add)(void *out, const void *a, const void *b, int64_t n);
+    void (*copy)(void *dst, const void *src, int64_t n, int accum);
 
     /* logits: (N, V); targets (N) of tok_dtype; losses, lse: (N).
      * Rows whose target == ignore_index get loss 0 and zero gradient.
-     * dlogits = scale * (softmax - onehot). */
-    void (*cross_entropy_forward)(float *losses, float *lse, const float *logits,
+     * dlogits = *scale * (softmax - onehot); dlogits may be logits itself
+     * (in place) when accum is 0. */
+    void (*cross_entropy_forward)(float *losses, float *lse, const void *logits,
                                   const void *targets, sj_dtype tok_dtype, int N, int V,
                                   int ignore_index);
-    void (*cross_entropy_backward)(float *dlogits, const float *logits, const float *lse,
+    void (*cross_entropy_backward)(void *dlogits, const void *logits, const float *lse,
                                    const void *targets, sj_dtype tok_dtype, int N, int V,
-                                   int ignore_index, float scale, int accum);
+                                   int ignore_index, const float *scale, int accum);
 
-    /* Sum of squares (in double) and in-place scaling, for grad clipping. */
-    double (*sumsq)(const float *x, int64_t n);
-    /* AdamW over flat buffers; weight decay on [0, n_decay) only. */
-    void (*adamw)(float *p, const float *g, float *m, float *v, int64_t n, int64_t n_decay,
-                  float lr, float beta1, float beta2, float eps, float weight_decay,
-                  float grad_scale, int64_t step);
+    /* hp->sumsq = sum of g^2, in a fixed order (the same bits every run). */
+    void (*grad_sumsq)(sj_adamw_hp *hp, const float *g, int64_t n);
+    /* AdamW over flat buffers, weight decay on [0, n_decay) only, gradients
+     * scaled by min(1, clip / (sqrt(sumsq) + 1e-6)) when clip > 0. When
+     * sumsq is not finite nothing is updated. Either way the gradients are
+     * zeroed. p_act (act dtype, may be NULL) receives the new weights. */
+    void (*adamw)(float *p, void *p_act, float *g, float *m, float *v, int64_t n,
+                  int64_t n_decay, const sj_adamw_hp *hp);
+
+    /* ---- device plumbing (trivial on the CPU) ---- */
+    /* A context = a stream plus its scratch and GEMM workspace. bind() makes
+     * it current for this thread's following kernel calls. */
+    void *(*ctx_create)(void);
+    void (*ctx_free)(void *ctx);
+    void (*bind)(void *ctx);
+    /* Wait for the bound stream; report any kernel or launch error. */
+    sj_status (*sync)(void);
+    /* Pinned host memory for async copies. */
+    void *(*host_alloc)(size_t bytes, const char *what);
+    void (*host_free)(void *p);
+    /* Capture the bound stream's work into a replayable graph. */
+    sj_status (*capture_begin)(void);
+    sj_status (*capture_end)(void **graph);   /* NULL graph on failure */
+    sj_status (*graph_launch)(void *graph);
+    void (*graph_free)(void *graph);
 } sj_backend;
 
 extern const sj_backend sj_cpu_backend;
+extern const sj_backend sj_cpu_staged_backend;   /* testing, see cpu/backend.c */
 
+#ifdef __cplusplus
+}
+#endif
 #endif

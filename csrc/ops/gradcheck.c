@@ -108,7 +108,7 @@ sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double 
     const sj_backend *be = &sj_cpu_backend;
     gc c;
     memset(&c, 0, sizeof c);
-    sj_tape_init(&c.tp, 1);
+    sj_tape_init(&c.tp, 1, SJ_F32, 0);
     sj_rng g;
     sj_rng_seed(&g, seed);
     sj_status s = build(&c, op, &g);

@@ -1,6 +1,7 @@
 /* ops.c — each op declared once: what it records on the tape, what its
  * backward needs kept alive, and how forward and backward call the
- * backend. Shapes in the comments; N = B*T rows. */
+ * backend. Shapes in the comments; N = B*T rows. Outputs are of the act
+ * dtype, except saved statistics and losses (f32). */
 #include "../graph/tape.h"
 
 #define NONE (-1)
@@ -27,6 +28,7 @@ static int record(sj_tape *tp, sj_opcode op, const int in[3], int64_t n0, int64_
     if (n1) {
         if ((o1 = sj_tape_tensor(tp, SJ_T_ACT, n1)) < 0) return -1;
         tp->t[o1].no_grad = no_grad1;
+        if (no_grad1) tp->t[o1].dtype = SJ_F32;
     }
     if (sj_tape_node(tp, op, in, OUT(o0, o1), dim, f) < 0) return -1;
     return o0;
@@ -67,14 +69,14 @@ int sj_op_add(sj_tape *tp, int a, int b, int64_t n) {
 int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index) {
     int o = record(tp, SJ_OP_CROSS_ENTROPY, IN(logits, targets, NONE), N, N, 1,
                    DIM(N, V, ignore_index), 0);
-    if (o >= 0) tp->t[o].no_grad = 1;
+    if (o >= 0) { tp->t[o].no_grad = 1; tp->t[o].dtype = SJ_F32; }
     return o;
 }
 
 #define P(id) sj_tape_ptr(tp, (id), params)
-#define G(id) ((float *)sj_tape_ptr(tp, tp->t[id].grad, params))
+#define G(id) sj_tape_ptr(tp, tp->t[id].grad, params)
 
-void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, float *params) {
+void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, void *params) {
     const int *d = n->dim, *in = n->in, *out = n->out;
     switch (n->op) {
     case SJ_OP_EMBEDDING:
@@ -84,7 +86,7 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, fl
         be->rmsnorm_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]), d[0], d[1], n->f);
         break;
     case SJ_OP_MATMUL:
-        be->matmul(P(out[0]), P(in[0]), P(in[1]), d[0], d[1], d[2], 0, 1, 0);
+        be->matmul(P(out[0]), P(in[0]), P(in[1]), d[0], d[1], d[2], 0, 1, 0, 0);
         break;
     case SJ_OP_ROPE:
         be->rope_forward(P(out[0]), P(in[0]), d[0], d[1], d[2], d[3], d[4], 0, n->f);
@@ -107,16 +109,16 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, fl
 }
 
 /* Gradient of in[k], or NULL when it has none (params, tokens, saved stats). */
-static float *in_grad(const sj_tape *tp, const sj_node *n, int k, float *params) {
+static void *in_grad(const sj_tape *tp, const sj_node *n, int k, void *params) {
     int id = n->in[k];
     return id >= 0 && tp->t[id].kind == SJ_T_ACT && tp->t[id].grad >= 0 ? G(id) : NULL;
 }
 
 void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
-                    float *params, float *grads) {
+                    void *params, float *grads) {
     const int *d = n->dim, *in = n->in, *out = n->out, *acc = n->accum;
-    float *dx = in_grad(tp, n, 0, params);
-    float *dy = n->op == SJ_OP_CROSS_ENTROPY ? NULL : G(out[0]);
+    void *dx = in_grad(tp, n, 0, params);
+    void *dy = n->op == SJ_OP_CROSS_ENTROPY ? NULL : G(out[0]);
     switch (n->op) {
     case SJ_OP_EMBEDDING:
         be->embedding_backward(grads + tp->t[in[1]].offset, dy, P(in[0]), tp->t[in[0]].dtype,
@@ -127,8 +129,8 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
                              P(out[1]), d[0], d[1], acc[0]);
         break;
     case SJ_OP_MATMUL:
-        if (dx) be->matmul(dx, dy, P(in[1]), d[0], d[2], d[1], 0, 0, acc[0]);   // dy @ W
-        be->matmul(grads + tp->t[in[1]].offset, dy, P(in[0]), d[1], d[2], d[0], 1, 0, 1);
+        if (dx) be->matmul(dx, dy, P(in[1]), d[0], d[2], d[1], 0, 0, acc[0], 0);   // dy @ W
+        be->matmul(grads + tp->t[in[1]].offset, dy, P(in[0]), d[1], d[2], d[0], 1, 0, 1, 1);
         break;
     case SJ_OP_ROPE:
         be->rope_backward(dx, dy, d[0], d[1], d[2], d[3], d[4], 0, n->f, acc[0]);
@@ -141,14 +143,16 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         be->swiglu_backward(dx, dy, P(in[0]), d[0], d[1], acc[0]);
         break;
     case SJ_OP_ADD: {
-        float *db = in_grad(tp, n, 1, params);
+        void *db = in_grad(tp, n, 1, params);
         if (dx) be->copy(dx, dy, tp->t[out[0]].numel, acc[0]);
         if (db) be->copy(db, dy, tp->t[out[0]].numel, acc[1]);
         break;
     }
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_backward(dx, P(in[0]), P(out[1]), P(in[1]), tp->t[in[1]].dtype,
-                                   d[0], d[1], d[2], tp->loss_scale, acc[0]);
+                                   d[0], d[1], d[2],
+                                   tp->loss_scale_ptr ? tp->loss_scale_ptr : &tp->loss_scale,
+                                   acc[0]);
         break;
     case SJ_OP__COUNT: break;
     }

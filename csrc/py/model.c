@@ -143,16 +143,34 @@ typedef struct {
     Py_ssize_t exports;
 } ModelObject;
 
+/* "cpu"/"cuda" and "fp32"/"float32"/"bf16"/"bfloat16" -> engine enums. */
+static int parse_device(const char *dev, const char *dtype, sj_device *d, sj_dtype *t) {
+    if (!strcmp(dev, "cpu")) *d = SJ_DEVICE_CPU;
+    else if (!strcmp(dev, "cuda") || !strcmp(dev, "cuda:0") || !strcmp(dev, "gpu")) *d = SJ_DEVICE_CUDA;
+    else if (!strcmp(dev, "cpu-staged")) *d = SJ_DEVICE_CPU_STAGED;   /* testing */
+    else { PyErr_Format(PyExc_ValueError, "device must be 'cpu' or 'cuda', got '%s'", dev); return -1; }
+    if (!dtype || !strcmp(dtype, "fp32") || !strcmp(dtype, "float32")) *t = SJ_F32;
+    else if (!strcmp(dtype, "bf16") || !strcmp(dtype, "bfloat16")) *t = SJ_BF16;
+    else {
+        PyErr_Format(PyExc_ValueError, "dtype must be 'fp32' or 'bf16', got '%s'", dtype);
+        return -1;
+    }
+    return 0;
+}
+
 static int model_init(PyObject *self, PyObject *args, PyObject *kw) {
     ModelObject *mo = (ModelObject *)self;
-    static char *kwlist[] = {"config", "seed", NULL};
+    static char *kwlist[] = {"config", "seed", "device", "dtype", NULL};
     PyObject *d; unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|K", kwlist, &d, &seed)) return -1;
+    const char *dev = "cpu", *dts = "fp32";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Kss", kwlist, &d, &seed, &dev, &dts)) return -1;
     sj_config c;
     if (config_from_dict(d, &c)) return -1;
+    sj_device device; sj_dtype dtype;
+    if (parse_device(dev, dts, &device, &dtype)) return -1;
     if (mo->m) { PyErr_SetString(PyExc_RuntimeError, "Model already initialised"); return -1; }
     sj_status s;
-    Py_BEGIN_ALLOW_THREADS s = sj_model_create(&c, seed, &mo->m);
+    Py_BEGIN_ALLOW_THREADS s = sj_model_create_ex(&c, seed, device, dtype, &mo->m);
     Py_END_ALLOW_THREADS
     if (s) { sj_py_raise(s); return -1; }
     return 0;
@@ -185,18 +203,74 @@ static PyObject *model_tensors(PyObject *self, PyObject *noargs) {
     return l;
 }
 
+/* Host memory: a Buffer for numpy.frombuffer; device memory: a DeviceTensor. */
+static PyObject *flat_view(PyObject *owner, sj_model *m, float *p, int64_t n, Py_ssize_t *exports,
+                           sj_model *notify) {
+    if (!p) { PyErr_SetString(PyExc_RuntimeError, "model has no buffers (a move failed)"); return NULL; }
+    if (sj_model_device(m) != SJ_DEVICE_CUDA) return buffer_new(owner, p, n, exports);
+    return sj_py_device_tensor(owner, p, 1, &n, SJ_F32, exports, notify);
+}
+
 static PyObject *model_params(PyObject *self, PyObject *noargs) {
     NEED_MODEL(self);
     int64_t n;
     float *p = sj_model_params(MODEL(self), &n);
-    return buffer_new(self, p, n, &((ModelObject *)self)->exports);
+    return flat_view(self, MODEL(self), p, n, &((ModelObject *)self)->exports, MODEL(self));
 }
 
 static PyObject *model_grads(PyObject *self, PyObject *noargs) {
     NEED_MODEL(self);
     int64_t n;
     float *p = sj_model_grads(MODEL(self), &n);
-    return buffer_new(self, p, n, &((ModelObject *)self)->exports);
+    return flat_view(self, MODEL(self), p, n, &((ModelObject *)self)->exports, NULL);
+}
+
+/* to(device, dtype): refused while views of the old buffers are alive. */
+static PyObject *model_to(PyObject *self, PyObject *args) {
+    NEED_MODEL(self);
+    const char *dev, *dts = NULL;
+    if (!PyArg_ParseTuple(args, "s|s", &dev, &dts)) return NULL;
+    sj_device device; sj_dtype dtype;
+    if (!dts) dts = sj_model_dtype(MODEL(self)) == SJ_BF16 ? "bf16" : "fp32";
+    if (parse_device(dev, dts, &device, &dtype)) return NULL;
+    if (device != SJ_DEVICE_CUDA && dtype != SJ_F32) dtype = SJ_F32;   /* bf16 is a GPU mode */
+    Py_ssize_t n = ((ModelObject *)self)->exports;
+    if (n && (device != sj_model_device(MODEL(self)) || dtype != sj_model_dtype(MODEL(self))))
+        return PyErr_Format(PyExc_BufferError, "model.to: %zd views of its parameters/gradients "
+                            "are still alive; drop them first", n);
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS s = sj_model_to(MODEL(self), device, dtype);
+    Py_END_ALLOW_THREADS
+    if (s) return sj_py_raise(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *model_device(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    sj_device d = sj_model_device(MODEL(self));
+    return PyUnicode_FromString(d == SJ_DEVICE_CUDA ? "cuda" : d == SJ_DEVICE_CPU_STAGED ? "cpu-staged" : "cpu");
+}
+
+static PyObject *model_dtype(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    return PyUnicode_FromString(sj_model_dtype(MODEL(self)) == SJ_BF16 ? "bf16" : "fp32");
+}
+
+static PyObject *model_params_updated(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS s = sj_model_params_updated(MODEL(self));
+    Py_END_ALLOW_THREADS
+    if (s) return sj_py_raise(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *model_set_graphs(PyObject *self, PyObject *arg) {
+    NEED_MODEL(self);
+    int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    sj_model_set_graphs(MODEL(self), on);
+    Py_RETURN_NONE;
 }
 
 static PyObject *model_zero_grad(PyObject *self, PyObject *noargs) {
@@ -240,6 +314,22 @@ static PyObject *model_forward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* forward_device(tokens) -> DeviceTensor (B, T, V) of the compute dtype,
+ * valid until the model's next call (it lives in the activation arena). */
+static PyObject *model_forward_device(PyObject *self, PyObject *tok_obj) {
+    NEED_MODEL(self);
+    Py_buffer tok;
+    sj_dtype dt, ldt;
+    if (sj_py_tokens(tok_obj, "tokens", 2, &tok, &dt) < 0) return NULL;
+    int64_t shape[3] = { tok.shape[0], tok.shape[1], sj_model_config(MODEL(self))->vocab_size };
+    void *p = NULL;
+    sj_status s;
+    SJ_PY_CALL(s, sj_model_forward_device(MODEL(self), tok.buf, dt, (int)shape[0], (int)shape[1], &p, &ldt));
+    PyBuffer_Release(&tok);
+    if (s) return sj_py_raise(s);
+    return sj_py_device_tensor(self, p, 3, shape, ldt, NULL, NULL);
+}
+
 static int token_pair(PyObject *a, PyObject *b, Py_buffer *ta, Py_buffer *tb, sj_dtype *dt) {
     sj_dtype db;
     if (sj_py_tokens(a, "tokens", 2, ta, dt) < 0) return -1;
@@ -277,9 +367,17 @@ static PyMethodDef model_methods[] = {
     {"params", model_params, METH_NOARGS, "params() -> Buffer over the flat parameters"},
     {"grads", model_grads, METH_NOARGS, "grads() -> Buffer over the flat gradients"},
     {"zero_grad", model_zero_grad, METH_NOARGS, "zero_grad()"},
+    {"to", model_to, METH_VARARGS, "to(device, dtype=None): move to 'cpu' or 'cuda'"},
+    {"device", model_device, METH_NOARGS, "device() -> 'cpu' | 'cuda'"},
+    {"dtype", model_dtype, METH_NOARGS, "dtype() -> 'fp32' | 'bf16'"},
+    {"params_updated", model_params_updated, METH_NOARGS,
+     "params_updated(): refresh the bf16 compute copy after writing parameters"},
+    {"set_graphs", model_set_graphs, METH_O, "set_graphs(bool): capture train steps as CUDA graphs"},
     {"memory", model_memory, METH_NOARGS, "memory() -> (bytes, peak_bytes)"},
     {"exports", model_exports, METH_NOARGS, "exports() -> live buffer views"},
     {"forward", model_forward, METH_VARARGS, "forward(tokens, out)"},
+    {"forward_device", model_forward_device, METH_O,
+     "forward_device(tokens) -> DeviceTensor of logits, valid until the next call"},
     {"loss", (PyCFunction)(void (*)(void))model_loss, METH_VARARGS | METH_KEYWORDS,
      "loss(tokens, targets, ignore_index=-1, backward=False) -> float"},
     {NULL, NULL, 0, NULL},
@@ -304,7 +402,25 @@ typedef struct {
     sj_optimizer *o;
     PyObject *model;
     Py_ssize_t exports;
+    int view_place;       /* device*2 + bf16 of the model when views were made */
 } OptimizerObject;
+
+static int model_place(PyObject *model) {
+    sj_model *m = ((ModelObject *)model)->m;
+    return (int)sj_model_device(m) * 2 + (sj_model_dtype(m) == SJ_BF16);
+}
+
+/* The moments follow the model to its new device at the next step; views of
+ * the old ones must be gone by then. */
+static int opt_views_ok(PyObject *self) {
+    OptimizerObject *op = (OptimizerObject *)self;
+    if (op->exports && op->view_place != model_place(op->model)) {
+        PyErr_Format(PyExc_BufferError, "optimizer: the model moved but %zd views of the AdamW "
+                     "state on its old device are alive; drop them first", op->exports);
+        return -1;
+    }
+    return 0;
+}
 
 #define OPT(self) (((OptimizerObject *)(self))->o)
 
@@ -339,6 +455,7 @@ static void opt_dealloc(PyObject *self) {
 
 static PyObject *opt_step(PyObject *self, PyObject *noargs) {
     NEED_OPT(self);
+    if (opt_views_ok(self)) return NULL;
     float norm, lr;
     sj_status s;
     SJ_PY_CALL(s, sj_optimizer_step(OPT(self), &norm, &lr));
@@ -350,6 +467,7 @@ static PyObject *opt_train_step(PyObject *self, PyObject *args) {
     NEED_OPT(self);
     PyObject *a, *b;
     if (!PyArg_ParseTuple(args, "OO", &a, &b)) return NULL;
+    if (opt_views_ok(self)) return NULL;
     Py_buffer ta, tb; sj_dtype dt;
     if (token_pair(a, b, &ta, &tb, &dt) < 0) return NULL;
     float loss, norm, lr;
@@ -366,9 +484,15 @@ static PyObject *opt_state(PyObject *self, PyObject *args) {
     int which;
     if (!PyArg_ParseTuple(args, "i", &which)) return NULL;
     if (which != 0 && which != 1) return PyErr_Format(PyExc_ValueError, "state 0 or 1");
+    if (opt_views_ok(self)) return NULL;
+    ((OptimizerObject *)self)->view_place = model_place(((OptimizerObject *)self)->model);
     int64_t n;
-    float *p = sj_optimizer_state(OPT(self), which, &n);
-    return buffer_new(self, p, n, &((OptimizerObject *)self)->exports);
+    float *p;
+    Py_BEGIN_ALLOW_THREADS p = sj_optimizer_state(OPT(self), which, &n);
+    Py_END_ALLOW_THREADS
+    if (!p) return sj_py_raise(SJ_ERR_RUNTIME);
+    return flat_view(self, MODEL(((OptimizerObject *)self)->model), p, n,
+                     &((OptimizerObject *)self)->exports, NULL);
 }
 
 static PyObject *opt_get_step(PyObject *self, void *closure) {

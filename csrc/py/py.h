@@ -33,5 +33,12 @@ int sj_py_add_model(PyObject *m);
 int sj_py_add_tokenizer(PyObject *m);
 int sj_py_add_kernels(PyObject *m);
 int sj_py_add_io(PyObject *m);
+int sj_py_add_cuda(PyObject *m);
+
+/* A DeviceTensor over engine device memory (cuda.c): keeps owner alive,
+ * counts itself in *exports (may be NULL); notify: a model whose compute
+ * copy is refreshed after whole writes (parameters), else NULL. */
+PyObject *sj_py_device_tensor(PyObject *owner, void *ptr, int ndim, const int64_t *shape,
+                              sj_dtype dtype, Py_ssize_t *exports, sj_model *notify);
 
 #endif

@@ -1,5 +1,9 @@
 /* optim.c — the learning-rate schedule, global-norm clipping and AdamW
- * over the model's flat buffers, and the fused train step. */
+ * over the model's flat buffers, and the fused train step. On a device
+ * backend the whole step (inputs in, forward, losses out, backward, norm,
+ * clip, AdamW, norm out) is captured once per (B, T) as a graph and
+ * replayed; the scalars that change per step travel through pinned memory
+ * that the graph's copy nodes read at replay time. */
 #include "../model/model.h"
 #include <math.h>
 #include <stdlib.h>
@@ -9,6 +13,8 @@ struct sj_optimizer {
     sj_train_config tc;
     float *m, *v;     /* AdamW moments, one per parameter */
     int64_t step;     /* optimizer steps taken */
+    const sj_backend *be;   /* where m and v live */
+    int64_t epoch;          /* the model's epoch they were made for */
 };
 
 float sj_lr_at(const sj_train_config *tc, int64_t step) {
@@ -36,27 +42,82 @@ static sj_status check(const sj_train_config *tc) {
     #undef NEED
 }
 
+static sj_status alloc_moments(sj_optimizer *o) {
+    sj_model *m = o->model;
+    const sj_backend *be = m->be;
+    const size_t bytes = sizeof(float) * (size_t)m->n_params;
+    o->m = be->alloc(bytes, "AdamW first moment");
+    o->v = o->m ? be->alloc(bytes, "AdamW second moment") : NULL;
+    if (!o->v) {
+        if (o->m) be->free(o->m);
+        o->m = NULL;
+        return SJ_ERR_NOMEM;
+    }
+    o->be = be;
+    o->epoch = m->epoch;
+    sj_model_account(m, 2 * (int64_t)bytes);
+    return SJ_OK;
+}
+
+static void free_moments(sj_optimizer *o) {
+    if (!o->m) return;
+    o->be->free(o->m);
+    o->be->free(o->v);
+    o->m = o->v = NULL;
+    sj_model_account(o->model, -8 * o->model->n_params);
+}
+
+/* After the model moved (sj_model_to), the moments follow it. */
+static sj_status follow_model(sj_optimizer *o) {
+    sj_model *m = o->model;
+    if (o->epoch == m->epoch) return SJ_OK;
+    const size_t bytes = sizeof(float) * (size_t)m->n_params;
+    float *hm = sj_alloc(2 * bytes, "AdamW moments (host staging)");
+    if (!hm) return SJ_ERR_NOMEM;
+    o->be->to_host(hm, o->m, bytes);
+    o->be->to_host(hm + m->n_params, o->v, bytes);
+    free_moments(o);
+    sj_status s = alloc_moments(o);
+    if (s == SJ_OK) {
+        m->be->bind(m->ctx);
+        m->be->from_host(o->m, hm, bytes);
+        m->be->from_host(o->v, hm + m->n_params, bytes);
+        s = m->be->sync();
+    }
+    sj_free(hm);
+    return s;
+}
+
 sj_status sj_optimizer_create(sj_model *m, const sj_train_config *tc, sj_optimizer **out) {
     *out = NULL;
     SJ_TRY(check(tc));
+    if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
     sj_optimizer *o = calloc(1, sizeof *o);
     if (!o) return sj_fail(SJ_ERR_NOMEM, "optimizer: out of memory");
     o->model = m;
     o->tc = *tc;
-    o->m = m->be->alloc(sizeof(float) * m->n_params, "AdamW first moment");
-    o->v = o->m ? m->be->alloc(sizeof(float) * m->n_params, "AdamW second moment") : NULL;
-    if (!o->m || !o->v) { sj_optimizer_free(o); return SJ_ERR_NOMEM; }
+    if (alloc_moments(o) != SJ_OK) { free(o); return SJ_ERR_NOMEM; }
+    m->be->bind(m->ctx);
     m->be->fill(o->m, 0.0f, m->n_params);
     m->be->fill(o->v, 0.0f, m->n_params);
-    sj_model_account(m, 2 * (int64_t)sizeof(float) * m->n_params);
+    sj_status s = m->be->sync();
+    if (s != SJ_OK) { sj_optimizer_free(o); return s; }
     *out = o;
     return SJ_OK;
 }
 
 void sj_optimizer_free(sj_optimizer *o) {
     if (!o) return;
-    if (o->m) { o->model->be->free(o->m); sj_model_account(o->model, -4 * o->model->n_params); }
-    if (o->v) { o->model->be->free(o->v); sj_model_account(o->model, -4 * o->model->n_params); }
+    /* Graphs captured for this optimizer must not outlive its moments. */
+    for (int i = 0; i < SJ_MAX_PLANS; i++) {
+        sj_plan *pl = &o->model->plans[i];
+        if (pl->used && pl->graph && pl->graph_opt == o) {
+            o->model->be->graph_free(pl->graph);
+            pl->graph = NULL;
+            pl->graph_opt = NULL;
+        }
+    }
+    free_moments(o);
     free(o);
 }
 
@@ -64,33 +125,97 @@ int64_t sj_optimizer_step_count(const sj_optimizer *o) { return o->step; }
 void sj_optimizer_set_step(sj_optimizer *o, int64_t step) { o->step = step; }
 float *sj_optimizer_state(sj_optimizer *o, int which, int64_t *n) {
     if (n) *n = o->model->n_params;
+    if (follow_model(o) != SJ_OK) return NULL;
     return which == 0 ? o->m : which == 1 ? o->v : NULL;
+}
+
+/* This step's hyper-parameters into the pinned `in` scalars. */
+static float set_hp(sj_optimizer *o) {
+    sj_adamw_hp *hp = &o->model->scalars_host[0].hp;
+    float rate = sj_lr_at(&o->tc, o->step);
+    *hp = (sj_adamw_hp){ rate, o->tc.beta1, o->tc.beta2, o->tc.eps, o->tc.weight_decay,
+                         o->tc.clip, o->step + 1, 0.0 };
+    return rate;
+}
+
+/* Norm, clip and AdamW on the bound context (capturable): scalars in, the
+ * global squared norm back out. */
+static void enqueue_update(sj_optimizer *o) {
+    sj_model *md = o->model;
+    const sj_backend *be = md->be;
+    be->from_host_async(&md->scalars->hp, &md->scalars_host[0].hp, sizeof(sj_adamw_hp));
+    be->grad_sumsq(&md->scalars->hp, md->grads, md->n_params);
+    be->adamw(md->params, md->params_act == md->params ? NULL : md->params_act, md->grads,
+              o->m, o->v, md->n_params, md->n_decay, &md->scalars->hp);
+    be->to_host_async(&md->scalars_host[1].hp.sumsq, &md->scalars->hp.sumsq, sizeof(double));
+}
+
+/* After the work completed: report, and count the step unless it was skipped. */
+static void finish_update(sj_optimizer *o, float rate, float *grad_norm, float *lr) {
+    double norm = sqrt(o->model->scalars_host[1].hp.sumsq);
+    if (grad_norm) *grad_norm = (float)norm;
+    if (lr) *lr = rate;
+    if (isfinite(norm)) o->step++;   /* a non-finite norm skipped the update */
 }
 
 sj_status sj_optimizer_step(sj_optimizer *o, float *grad_norm, float *lr) {
     sj_model *md = o->model;
+    if (!md->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
+    SJ_TRY(follow_model(o));
+    float rate = set_hp(o);
+    md->be->bind(md->ctx);
+    enqueue_update(o);
+    SJ_TRY(md->be->sync());
+    finish_update(o, rate, grad_norm, lr);
+    return SJ_OK;
+}
+
+/* Capture the whole step into the plan's graph. */
+static sj_status capture(sj_optimizer *o, sj_plan *pl) {
+    sj_model *md = o->model;
     const sj_backend *be = md->be;
-    double norm = sqrt(be->sumsq(md->grads, md->n_params));
-    float rate = sj_lr_at(&o->tc, o->step);
-    if (grad_norm) *grad_norm = (float)norm;
-    if (lr) *lr = rate;
-    if (!isfinite(norm)) {  /* a NaN/Inf gradient would poison every weight: skip it */
-        sj_model_zero_grad(md);
-        return SJ_OK;
-    }
-    /* PyTorch's clip_grad_norm_: scale by min(1, clip / (norm + 1e-6)). */
-    float scale = 1.0f;
-    if (o->tc.clip > 0) scale = fminf(1.0f, (float)(o->tc.clip / (norm + 1e-6)));
-    be->adamw(md->params, md->grads, o->m, o->v, md->n_params, md->n_decay, rate, o->tc.beta1,
-              o->tc.beta2, o->tc.eps, o->tc.weight_decay, scale, o->step + 1);
-    o->step++;
-    sj_model_zero_grad(md);
+    if (pl->graph) { be->graph_free(pl->graph); pl->graph = NULL; }
+    SJ_TRY(be->capture_begin());
+    sj_status s = sj_model_enqueue(md, pl);
+    if (s == SJ_OK) enqueue_update(o);
+    void *g = NULL;
+    sj_status e = be->capture_end(&g);
+    if (s == SJ_OK) s = e;
+    if (s != SJ_OK) { if (g) be->graph_free(g); return s; }
+    pl->graph = g;
+    pl->graph_opt = o;
+    pl->graph_epoch = md->epoch;
     return SJ_OK;
 }
 
 sj_status sj_train_step(sj_optimizer *o, const void *tokens, const void *targets,
                         sj_dtype tok_dtype, int B, int T,
                         float *loss, float *grad_norm, float *lr) {
-    SJ_TRY(sj_model_loss(o->model, tokens, targets, tok_dtype, B, T, -1, 1, loss));
-    return sj_optimizer_step(o, grad_norm, lr);
+    sj_model *md = o->model;
+    const sj_backend *be = md->be;
+    if (!be->device) {   /* host: the plain sequence */
+        SJ_TRY(sj_model_loss(md, tokens, targets, tok_dtype, B, T, -1, 1, loss));
+        return sj_optimizer_step(o, grad_norm, lr);
+    }
+    SJ_TRY(follow_model(o));
+    sj_plan *pl;
+    int64_t count;
+    SJ_TRY(sj_model_prepare(md, tokens, targets, tok_dtype, B, T, -1, SJ_RUN_TRAIN, &pl, &count));
+    float rate = set_hp(o);
+    be->bind(md->ctx);
+    sj_status s;
+    if (md->use_graphs && pl->eager_steps > 0) {
+        if (!pl->graph || pl->graph_opt != o || pl->graph_epoch != md->epoch)
+            SJ_TRY(capture(o, pl));
+        s = be->graph_launch(pl->graph);
+    } else {
+        pl->eager_steps++;
+        s = sj_model_enqueue(md, pl);
+        if (s == SJ_OK) enqueue_update(o);
+    }
+    if (s == SJ_OK) s = be->sync();
+    if (s != SJ_OK) return s;
+    *loss = sj_model_mean_loss(md, pl, count);
+    finish_update(o, rate, grad_norm, lr);
+    return SJ_OK;
 }

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# gpu_check.sh — build in place, run the GPU tests, compute-sanitizer
+# memcheck and racecheck on a small train step, the benchmark against
+# PyTorch; print a short table last. Logs under $OUT (or ./gpu_check_logs).
+#
+#   benchmarks/gpu_check.sh            # everything (about 10-15 minutes)
+#   benchmarks/gpu_check.sh build test # chosen stages: build test slow sanitize bench bench-quick
+set -u
+cd "$(dirname "$0")/.."
+LOG="${OUT:-$PWD/gpu_check_logs}"
+mkdir -p "$LOG"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+STAGES="${*:-build test slow sanitize bench}"
+declare -A RESULT
+JOBS=$(nproc 2>/dev/null || echo 4)
+
+run() {  # run NAME CMD...: log to $LOG/NAME.log, remember pass/fail and seconds
+    local name=$1; shift
+    local t0=$SECONDS
+    echo "== $name: $*"
+    if "$@" >"$LOG/$name.log" 2>&1; then RESULT[$name]="ok ($((SECONDS - t0))s)"
+    else RESULT[$name]="FAILED rc=$? ($((SECONDS - t0))s), see $LOG/$name.log"; fi
+    tail -n 5 "$LOG/$name.log"
+}
+
+for stage in $STAGES; do
+    case $stage in
+    build)
+        run build env SMEDJAN_CUDA=1 MAX_JOBS=$JOBS python3 setup.py build_ext --inplace
+        python3 -c "import smedjan, json; print(json.dumps(smedjan.build_info()))" | tee "$LOG/build_info.json" ;;
+    test)
+        run test python3 -m pytest -q -rs tests/test_cuda.py -m "not slow" --junitxml="$LOG/test_cuda.xml"
+        run test_cpu python3 -m pytest -q -x tests/ --ignore=tests/test_cuda.py -m "not slow" ;;
+    slow)
+        run slow python3 -m pytest -q -rs tests/test_cuda.py -m slow ;;
+    sanitize)
+        CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+        if [ -z "$CS" ]; then RESULT[memcheck]="skipped: compute-sanitizer not found"; continue; fi
+        for dt in bf16 fp32; do
+            run memcheck_$dt "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/train_step_once.py $dt
+        done
+        run racecheck "$CS" --tool racecheck --error-exitcode 1 python3 benchmarks/train_step_once.py bf16
+        run synccheck "$CS" --tool synccheck --error-exitcode 1 python3 benchmarks/train_step_once.py bf16 ;;
+    bench)
+        run bench python3 benchmarks/vs_torch.py ;;
+    bench-quick)
+        run bench python3 benchmarks/vs_torch.py --quick ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+    esac
+done
+
+echo
+if [ -f "$LOG/bench.log" ]; then sed -n '/^# smedjan vs PyTorch/,$p' "$LOG/bench.log"; fi
+if [ -f "$LOG/test.log" ]; then echo "tests: $(tail -n 1 "$LOG/test.log")"; fi
+echo "| stage | result |"
+echo "|---|---|"
+for k in "${!RESULT[@]}"; do echo "| $k | ${RESULT[$k]} |"; done | sort
+for k in "${!RESULT[@]}"; do case ${RESULT[$k]} in FAILED*) exit 1 ;; esac; done
+exit 0

@@ -1,0 +1,266 @@
+"""smedjan (CUDA, bf16) against PyTorch on the identical model in the same
+process on the same GPU: eager and torch.compile (bf16 autocast, SDPA,
+fused AdamW, grad clipping), median step time after warm-up, tok/s, ratio,
+peak memory (ours from the engine's own accounting of every CUDA
+allocation, torch from max_memory_allocated), MFU for the d768 config.
+
+Writes benchmarks/results/vs_torch_<date>.md and .jsonl (and the same under
+$OUT/results when OUT is set) and prints the table last.
+
+    python3 benchmarks/vs_torch.py [--quick] [--no-compile] [--only train-small-4x128,...]
+"""
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import smedjan  # noqa: E402
+from smedjan import _C  # noqa: E402
+
+VOCAB = 8192
+H100_BF16_PEAK = 989e12   # dense bf16 tensor-core rate of an H100 SXM, for MFU
+
+# (kind, name, config factory, B, T, target ratio vs torch.compile)
+CONFIGS = [
+    ("train", "small", lambda: smedjan.Config.preset("small", VOCAB), 4, 128, 4.0),
+    ("train", "medium", lambda: smedjan.Config.preset("medium", VOCAB), 4, 128, 4.0),
+    ("train", "tiny", lambda: smedjan.Config.preset("tiny", VOCAB), 64, 512, 1.3),
+    ("train", "small", lambda: smedjan.Config.preset("small", VOCAB), 64, 512, 1.3),
+    ("train", "medium", lambda: smedjan.Config.preset("medium", VOCAB), 32, 512, 1.3),
+    ("train", "d768", lambda: smedjan.Config.custom(768, 12, 12, vocab_size=VOCAB, max_seq_len=1024),
+     16, 1024, 1.2),
+    ("forward", "medium", lambda: smedjan.Config.preset("medium", VOCAB), 32, 512, 1.3),
+]
+
+
+# ---- the identical model in PyTorch ------------------------------------------------
+
+def torch_model(cfg, T):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    C, L, H, KV, Fd, V = cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size
+    hd = C // H
+
+    class RMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(C))
+
+        def forward(self, x):
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)).type_as(x) * self.w
+
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    f = torch.outer(torch.arange(T).float(), inv)
+    cos, sin = torch.cat((f, f), -1).cos().cuda(), torch.cat((f, f), -1).sin().cuda()
+
+    def rope(x):  # rotate-half, x: (B, heads, T, hd)
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return x * cos.to(x.dtype) + torch.cat((-x2, x1), -1) * sin.to(x.dtype)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n1, self.n2 = RMSNorm(), RMSNorm()
+            self.qkv = nn.Linear(C, (H + 2 * KV) * hd, bias=False)
+            self.o = nn.Linear(H * hd, C, bias=False)
+            self.gate_up = nn.Linear(C, 2 * Fd, bias=False)
+            self.down = nn.Linear(Fd, C, bias=False)
+
+        def forward(self, x):
+            B, T_, _ = x.shape
+            q, k, v = self.qkv(self.n1(x)).split([H * hd, KV * hd, KV * hd], -1)
+            q = rope(q.view(B, T_, H, hd).transpose(1, 2))
+            k = rope(k.view(B, T_, KV, hd).transpose(1, 2))
+            v = v.view(B, T_, KV, hd).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
+            x = x + self.o(y.transpose(1, 2).reshape(B, T_, H * hd))
+            g, u = self.gate_up(self.n2(x)).chunk(2, -1)
+            return x + self.down(F.silu(g) * u)
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(V, C)
+            self.blocks = nn.ModuleList(Block() for _ in range(L))
+            self.nf = RMSNorm()
+            nn.init.normal_(self.emb.weight, std=0.02)
+
+        def forward(self, idx):
+            x = self.emb(idx)
+            for b in self.blocks:
+                x = b(x)
+            return F.linear(self.nf(x), self.emb.weight)   # tied head
+
+    return LM().cuda()
+
+
+def median_time(step, iters, warmup, sync):
+    for _ in range(warmup):
+        step()
+    sync()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bench_torch(kind, cfg, B, T, compiled, iters, warmup):
+    import torch
+    import torch.nn.functional as F
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    model = torch_model(cfg, T)
+    x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+    y = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+    fwd = torch.compile(model) if compiled else model
+    if kind == "forward":
+        model = model.to(torch.bfloat16).eval()
+
+        @torch.no_grad()
+        def step():
+            fwd(x)
+    else:
+        decay = [p for p in model.parameters() if p.ndim == 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = fwd(x)
+                loss = F.cross_entropy(logits.float().view(-1, cfg.vocab_size), y.view(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    t = median_time(step, iters, warmup, torch.cuda.synchronize)
+    peak = torch.cuda.max_memory_allocated()
+    del model, fwd
+    gc.collect()
+    torch.cuda.empty_cache()
+    return t, peak
+
+
+def bench_ours(kind, cfg, B, T, iters, warmup):
+    gc.collect()
+    _C.cuda_memory(True)
+    m = smedjan.Model(cfg, seed=0, device="cuda", dtype="bf16")
+    r = np.random.default_rng(0)
+    x = r.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
+    y = r.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
+    if kind == "forward":
+        def step():
+            m.forward_device(x)
+    else:
+        tr = smedjan.Trainer(m, lr=3e-4, min_lr=3e-4, steps=10 ** 6, weight_decay=0.1, clip=1.0)
+
+        def step():
+            tr.step(x, y)
+    t = median_time(step, iters, warmup, lambda: None)   # engine calls return synchronised
+    peak = _C.cuda_memory()[1]
+    del m
+    gc.collect()
+    return t, peak
+
+
+def flops_per_token(cfg, T, train):
+    """6N (every weight: 2 flops per multiply-add, x3 for backward) plus causal
+    attention, 2 * 2 * T * C / 2 per layer forward (QK^T and PV, half masked)."""
+    n = cfg.n_params
+    attn = 2 * T * cfg.dim * cfg.n_layers
+    return (6 * n + 3 * attn) if train else (2 * n + attn)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--only", default="", help="comma list like train-small-4x128")
+    a = ap.parse_args()
+    iters, warmup = (10, 3) if a.quick else (30, 8)
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dev = torch.cuda.get_device_name()
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d")
+    rows = []
+    for kind, name, mk, B, T, target in CONFIGS:
+        tag = f"{kind}-{name}-{B}x{T}"
+        if a.only and tag not in a.only.split(","):
+            continue
+        cfg = mk()
+        row = dict(kind=kind, config=name, B=B, T=T, params=cfg.n_params, target=target,
+                   device=dev, torch=torch.__version__)
+        sides = [("ours", None)] + ([] if a.no_torch else [("eager", False)] +
+                                    ([] if a.no_compile else [("compile", True)]))
+        for side, compiled in sides:
+            try:
+                if side == "ours":
+                    t, peak = bench_ours(kind, cfg, B, T, iters, warmup)
+                else:
+                    t, peak = bench_torch(kind, cfg, B, T, compiled, iters, warmup)
+                row[f"{side}_ms"] = t * 1e3
+                row[f"{side}_tok_s"] = B * T / t
+                row[f"{side}_peak_mib"] = peak / 2 ** 20
+                if name == "d768":
+                    row[f"{side}_mfu"] = flops_per_token(cfg, T, kind == "train") * B * T / t / H100_BF16_PEAK
+            except Exception as e:   # keep going: a table with holes beats none
+                row[f"{side}_error"] = repr(e)[:300]
+        if "ours_tok_s" in row and "compile_tok_s" in row:
+            row["ratio_vs_compile"] = row["ours_tok_s"] / row["compile_tok_s"]
+            row["meets_target"] = row["ratio_vs_compile"] >= target
+        if "ours_peak_mib" in row and "compile_peak_mib" in row:
+            row["memory_ok"] = row["ours_peak_mib"] <= row["compile_peak_mib"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    def f(r, k, fmt="{:,.0f}"):
+        return fmt.format(r[k]) if k in r else ("err" if any(x.endswith("error") for x in r) else "-")
+
+    lines = [f"# smedjan vs PyTorch, {dev}, torch {torch.__version__}, {stamp}", "",
+             f"Median of {iters} steps after {warmup} warm-up; bf16; vocab {VOCAB}. "
+             "ratio = ours / torch.compile tok/s.", "",
+             "| kind | config | B | T | ours tok/s | eager tok/s | compile tok/s | ratio | target | "
+             "ours MiB | compile MiB | MFU ours / compile |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mfu = (f"{r['ours_mfu']:.1%} / {r.get('compile_mfu', float('nan')):.1%}"
+               if "ours_mfu" in r else "")
+        lines.append(f"| {r['kind']} | {r['config']} | {r['B']} | {r['T']} | {f(r, 'ours_tok_s')} | "
+                     f"{f(r, 'eager_tok_s')} | {f(r, 'compile_tok_s')} | "
+                     f"{f(r, 'ratio_vs_compile', '{:.2f}x')} | {r['target']}x | "
+                     f"{f(r, 'ours_peak_mib')} | {f(r, 'compile_peak_mib')} | {mfu} |")
+    errs = [f"- {r['kind']} {r['config']} {k}: {v}" for r in rows for k, v in r.items() if k.endswith("error")]
+    text = "\n".join(lines + ([""] + errs if errs else [])) + "\n"
+    outdirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")]
+    if os.environ.get("OUT"):
+        outdirs.append(os.path.join(os.environ["OUT"], "results"))
+    for d in outdirs:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"vs_torch_{stamp}.md"), "w") as fh:
+            fh.write(text)
+        with open(os.path.join(d, f"vs_torch_{stamp}.jsonl"), "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    print()
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,566 @@
+/* cuda.c — GPU memory in Python: DeviceTensor (a view of engine device
+ * memory that keeps its owner alive, exports DLPack by hand-built
+ * DLManagedTensor capsules so torch.from_dlpack views it without a copy,
+ * and copies to/from NumPy), device queries, and kernel hooks that run one
+ * backend kernel on host arrays for the tests (uploaded, run, downloaded).
+ * Nothing here launches work behind the engine's back except the hooks. */
+#include "py.h"
+#include <stdlib.h>
+#include <string.h>
+#ifdef SJ_HAVE_CUDA
+#include "../../cuda/sj_cuda.h"
+#endif
+
+/* ---- DLPack (https://dmlc.github.io/dlpack), the ABI by hand ----------- */
+
+typedef struct { int32_t device_type, device_id; } DLDevice;
+typedef struct { uint8_t code, bits; uint16_t lanes; } DLDataType;
+typedef struct {
+    void *data;
+    DLDevice device;
+    int32_t ndim;
+    DLDataType dtype;
+    int64_t *shape;
+    int64_t *strides;
+    uint64_t byte_offset;
+} DLTensor;
+typedef struct DLManagedTensor {
+    DLTensor dl_tensor;
+    void *manager_ctx;
+    void (*deleter)(struct DLManagedTensor *self);
+} DLManagedTensor;
+typedef struct { uint32_t major, minor; } DLPackVersion;
+typedef struct DLManagedTensorVersioned {
+    DLPackVersion version;
+    void *manager_ctx;
+    void (*deleter)(struct DLManagedTensorVersioned *self);
+    uint64_t flags;
+    DLTensor dl_tensor;
+} DLManagedTensorVersioned;
+enum { kDLCPU = 1, kDLCUDA = 2 };
+enum { kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4 };
+
+/* ---- DeviceTensor ------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *owner;        /* keeps the engine memory alive */
+    void *ptr;
+    int ndim;
+    int64_t shape[4];
+    sj_dtype dtype;
+    Py_ssize_t *exports;    /* the owner's count of live views */
+    sj_model *notify;       /* parameters: refresh the compute copy after writes */
+} DeviceTensorObject;
+
+static PyTypeObject DeviceTensorType;
+
+static int64_t dt_numel(const DeviceTensorObject *t) {
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
+PyObject *sj_py_device_tensor(PyObject *owner, void *ptr, int ndim, const int64_t *shape,
+                              sj_dtype dtype, Py_ssize_t *exports, sj_model *notify) {
+    DeviceTensorObject *t = PyObject_New(DeviceTensorObject, &DeviceTensorType);
+    if (!t) return NULL;
+    Py_INCREF(owner);
+    t->owner = owner; t->ptr = ptr; t->ndim = ndim; t->dtype = dtype;
+    for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
+    t->exports = exports; t->notify = notify;
+    if (exports) (*exports)++;
+    return (PyObject *)t;
+}
+
+static void dt_dealloc(PyObject *self) {
+    DeviceTensorObject *t = (DeviceTensorObject *)self;
+    if (t->exports) (*t->exports)--;
+    Py_XDECREF(t->owner);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static const char *np_name(sj_dtype d) {
+    return d == SJ_F32 ? "float32" : d == SJ_I32 ? "int32" : "uint16";
+}
+
+static PyObject *dt_shape_tuple(const DeviceTensorObject *t) {
+    PyObject *s = PyTuple_New(t->ndim);
+    for (int i = 0; s && i < t->ndim; i++) PyTuple_SET_ITEM(s, i, PyLong_FromLongLong(t->shape[i]));
+    return s;
+}
+
+/* numpy.empty(shape, dtype), filled from the device. */
+static PyObject *dt_numpy(PyObject *self, PyObject *noargs) {
+    DeviceTensorObject *t = (DeviceTensorObject *)self;
+    PyObject *np = PyImport_ImportModule("numpy");
+    if (!np) return NULL;
+    PyObject *shape = dt_shape_tuple(t);
+    PyObject *arr = shape ? PyObject_CallMethod(np, "empty", "(Os)", shape, np_name(t->dtype)) : NULL;
+    Py_XDECREF(shape);
+    Py_DECREF(np);
+    if (!arr) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arr, &view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) { Py_DECREF(arr); return NULL; }
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS s = sj_cuda_memcpy(view.buf, t->ptr, (size_t)view.len, 1);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (s) { Py_DECREF(arr); return sj_py_raise(s); }
+    return arr;
+}
+
+static PyObject *dt_array(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dtype", "copy", NULL};
+    PyObject *dtype = Py_None, *copy = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OO", kwlist, &dtype, &copy)) return NULL;
+    if (copy == Py_False) {
+        PyErr_SetString(PyExc_ValueError, "a DeviceTensor cannot be viewed as NumPy without a copy");
+        return NULL;
+    }
+    PyObject *a = dt_numpy(self, NULL);
+    if (!a || dtype == Py_None) return a;
+    PyObject *b = PyObject_CallMethod(a, "astype", "(O)", dtype);
+    Py_DECREF(a);
+    return b;
+}
+
+/* copy_from(array): host -> device, same number of elements, converted to
+ * this tensor's dtype by NumPy first. */
+static PyObject *dt_copy_from(PyObject *self, PyObject *src) {
+    DeviceTensorObject *t = (DeviceTensorObject *)self;
+    PyObject *np = PyImport_ImportModule("numpy");
+    if (!np) return NULL;
+    PyObject *shape = dt_shape_tuple(t);
+    PyObject *a = PyObject_CallMethod(np, "asarray", "(Os)", src, np_name(t->dtype));
+    PyObject *b = a && shape ? PyObject_CallMethod(np, "broadcast_to", "(OO)", a, shape) : NULL;
+    PyObject *c = b ? PyObject_CallMethod(np, "ascontiguousarray", "(O)", b) : NULL;
+    Py_XDECREF(a); Py_XDECREF(b); Py_XDECREF(shape); Py_DECREF(np);
+    if (!c) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(c, &view, PyBUF_C_CONTIGUOUS) < 0) { Py_DECREF(c); return NULL; }
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = sj_cuda_memcpy(t->ptr, view.buf, (size_t)view.len, 0);
+    if (s == SJ_OK && t->notify) s = sj_model_params_updated(t->notify);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    Py_DECREF(c);
+    if (s) return sj_py_raise(s);
+    Py_RETURN_NONE;
+}
+
+static int dt_ass_subscript(PyObject *self, PyObject *key, PyObject *value) {
+    int full = key == Py_Ellipsis;
+    if (PySlice_Check(key)) {
+        PySliceObject *sl = (PySliceObject *)key;
+        full = sl->start == Py_None && sl->stop == Py_None && sl->step == Py_None;
+    }
+    if (!full || !value) {
+        PyErr_SetString(PyExc_TypeError, "DeviceTensor supports only whole assignment: t[:] = array "
+                        "(use view() for parts, or torch.from_dlpack(t) for anything else)");
+        return -1;
+    }
+    PyObject *r = dt_copy_from(self, value);
+    if (!r) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* view(offset, shape): a sub-tensor at an element offset, sharing the owner. */
+static PyObject *dt_view(PyObject *self, PyObject *args) {
+    DeviceTensorObject *t = (DeviceTensorObject *)self;
+    long long off; PyObject *shape;
+    if (!PyArg_ParseTuple(args, "LO", &off, &shape)) return NULL;
+    PyObject *seq = PySequence_Fast(shape, "shape must be a sequence");
+    if (!seq) return NULL;
+    int nd = (int)PySequence_Fast_GET_SIZE(seq);
+    int64_t sh[4], n = 1;
+    if (nd < 1 || nd > 4) { Py_DECREF(seq); PyErr_SetString(PyExc_ValueError, "1 to 4 dims"); return NULL; }
+    for (int i = 0; i < nd; i++) {
+        sh[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        n *= sh[i];
+    }
+    Py_DECREF(seq);
+    if (PyErr_Occurred()) return NULL;
+    if (off < 0 || n < 0 || off + n > dt_numel(t)) {
+        PyErr_Format(PyExc_ValueError, "view [%lld, %lld) is outside the tensor's %lld elements",
+                     off, off + (long long)n, (long long)dt_numel(t));
+        return NULL;
+    }
+    return sj_py_device_tensor(t->owner, (char *)t->ptr + off * (int64_t)sj_dtype_size(t->dtype), nd,
+                               sh, t->dtype, t->exports, t->notify);
+}
+
+static void dl_deleter(DLManagedTensor *m) {
+    PyGILState_STATE st = PyGILState_Ensure();
+    Py_XDECREF((PyObject *)m->manager_ctx);
+    PyGILState_Release(st);
+    free(m);
+}
+static void dl_deleter_v(DLManagedTensorVersioned *m) {
+    PyGILState_STATE st = PyGILState_Ensure();
+    Py_XDECREF((PyObject *)m->manager_ctx);
+    PyGILState_Release(st);
+    free(m);
+}
+/* A capsule nobody consumed still owns its tensor. */
+static void capsule_free(PyObject *cap) {
+    if (PyCapsule_IsValid(cap, "dltensor")) {
+        DLManagedTensor *m = PyCapsule_GetPointer(cap, "dltensor");
+        if (m && m->deleter) m->deleter(m);
+    } else if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+        DLManagedTensorVersioned *m = PyCapsule_GetPointer(cap, "dltensor_versioned");
+        if (m && m->deleter) m->deleter(m);
+    }
+    PyErr_Clear();
+}
+
+static void fill_dl(DLTensor *d, DeviceTensorObject *t, int64_t *shape, int64_t *strides) {
+    d->data = t->ptr;
+    d->device = (DLDevice){ kDLCUDA, 0 };
+    d->ndim = t->ndim;
+    d->dtype = (DLDataType){ t->dtype == SJ_F32 || t->dtype == SJ_BF16 || t->dtype == SJ_F16
+                                 ? (uint8_t)(t->dtype == SJ_BF16 ? kDLBfloat : kDLFloat)
+                                 : (uint8_t)(t->dtype == SJ_I32 ? kDLInt : kDLUInt),
+                             (uint8_t)(8 * sj_dtype_size(t->dtype)), 1 };
+    int64_t st = 1;
+    for (int i = t->ndim - 1; i >= 0; i--) { shape[i] = t->shape[i]; strides[i] = st; st *= t->shape[i]; }
+    d->shape = shape;
+    d->strides = strides;
+    d->byte_offset = 0;
+}
+
+/* __dlpack__(stream=None, max_version=None, dl_device=None, copy=None). The
+ * engine's work is complete when its calls return, so any stream may read. */
+static PyObject *dt_dlpack(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"stream", "max_version", "dl_device", "copy", NULL};
+    PyObject *stream = Py_None, *maxv = Py_None, *dev = Py_None, *copy = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOOO", kwlist, &stream, &maxv, &dev, &copy))
+        return NULL;
+    (void)stream;
+    if (copy == Py_True) {
+        PyErr_SetString(PyExc_BufferError, "DeviceTensor.__dlpack__: copy=True is not supported");
+        return NULL;
+    }
+    if (dev != Py_None) {
+        int ty = -1, id = -1;
+        if (!PyArg_ParseTuple(dev, "ii", &ty, &id)) return NULL;
+        if (ty != kDLCUDA || id != 0) {
+            PyErr_SetString(PyExc_BufferError, "DeviceTensor lives on (kDLCUDA, 0)");
+            return NULL;
+        }
+    }
+    DeviceTensorObject *t = (DeviceTensorObject *)self;
+    int versioned = 0;
+    if (maxv != Py_None) {
+        long major = PyLong_AsLong(PyTuple_Check(maxv) && PyTuple_GET_SIZE(maxv) > 0
+                                       ? PyTuple_GET_ITEM(maxv, 0) : maxv);
+        if (major == -1 && PyErr_Occurred()) return NULL;
+        versioned = major >= 1;
+    }
+    if (versioned) {
+        DLManagedTensorVersioned *m = calloc(1, sizeof *m + 8 * sizeof(int64_t));
+        if (!m) return PyErr_NoMemory();
+        int64_t *sh = (int64_t *)(m + 1);
+        m->version = (DLPackVersion){ 1, 0 };
+        m->manager_ctx = self;
+        m->deleter = dl_deleter_v;
+        m->flags = 0;
+        fill_dl(&m->dl_tensor, t, sh, sh + 4);
+        Py_INCREF(self);
+        PyObject *cap = PyCapsule_New(m, "dltensor_versioned", capsule_free);
+        if (!cap) dl_deleter_v(m);
+        return cap;
+    }
+    DLManagedTensor *m = calloc(1, sizeof *m + 8 * sizeof(int64_t));
+    if (!m) return PyErr_NoMemory();
+    int64_t *sh = (int64_t *)(m + 1);
+    m->manager_ctx = self;
+    m->deleter = dl_deleter;
+    fill_dl(&m->dl_tensor, t, sh, sh + 4);
+    Py_INCREF(self);
+    PyObject *cap = PyCapsule_New(m, "dltensor", capsule_free);
+    if (!cap) dl_deleter(m);
+    return cap;
+}
+
+static PyObject *dt_dlpack_device(PyObject *self, PyObject *noargs) {
+    return Py_BuildValue("(ii)", kDLCUDA, 0);
+}
+
+static PyObject *dt_get_shape(PyObject *self, void *c) { return dt_shape_tuple((DeviceTensorObject *)self); }
+static PyObject *dt_get_dtype(PyObject *self, void *c) {
+    sj_dtype d = ((DeviceTensorObject *)self)->dtype;
+    return PyUnicode_FromString(d == SJ_BF16 ? "bfloat16" : np_name(d));   /* numpy(): raw uint16 bits */
+}
+static PyObject *dt_get_ndim(PyObject *self, void *c) { return PyLong_FromLong(((DeviceTensorObject *)self)->ndim); }
+static PyObject *dt_get_size(PyObject *self, void *c) { return PyLong_FromLongLong(dt_numel((DeviceTensorObject *)self)); }
+static PyObject *dt_get_device(PyObject *self, void *c) { return PyUnicode_FromString("cuda"); }
+static PyObject *dt_get_ptr(PyObject *self, void *c) {
+    return PyLong_FromVoidPtr(((DeviceTensorObject *)self)->ptr);
+}
+static Py_ssize_t dt_len(PyObject *self) { return (Py_ssize_t)((DeviceTensorObject *)self)->shape[0]; }
+
+static PyObject *dt_repr(PyObject *self) {
+    DeviceTensorObject *t = (DeviceTensorObject *)self;
+    PyObject *s = dt_shape_tuple(t);
+    PyObject *r = PyUnicode_FromFormat("DeviceTensor(shape=%R, dtype=%s, device='cuda')", s, np_name(t->dtype));
+    Py_XDECREF(s);
+    return r;
+}
+
+static PyMethodDef dt_methods[] = {
+    {"__dlpack__", (PyCFunction)(void (*)(void))dt_dlpack, METH_VARARGS | METH_KEYWORDS,
+     "DLPack capsule viewing this memory (no copy)"},
+    {"__dlpack_device__", dt_dlpack_device, METH_NOARGS, "(kDLCUDA, 0)"},
+    {"numpy", dt_numpy, METH_NOARGS, "numpy() -> a host copy"},
+    {"__array__", (PyCFunction)(void (*)(void))dt_array, METH_VARARGS | METH_KEYWORDS, "host copy"},
+    {"copy_from", dt_copy_from, METH_O, "copy_from(array): host -> device"},
+    {"view", dt_view, METH_VARARGS, "view(offset, shape) -> DeviceTensor"},
+    {NULL, NULL, 0, NULL},
+};
+static PyGetSetDef dt_getset[] = {
+    {"shape", dt_get_shape, NULL, "shape", NULL},
+    {"dtype", dt_get_dtype, NULL, "NumPy dtype name", NULL},
+    {"ndim", dt_get_ndim, NULL, "number of dims", NULL},
+    {"size", dt_get_size, NULL, "number of elements", NULL},
+    {"device", dt_get_device, NULL, "'cuda'", NULL},
+    {"data_ptr", dt_get_ptr, NULL, "device address", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+static PyMappingMethods dt_mapping = { dt_len, NULL, dt_ass_subscript };
+
+static PyTypeObject DeviceTensorType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "smedjan._C.DeviceTensor",
+    .tp_basicsize = sizeof(DeviceTensorObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A view of engine GPU memory: torch.from_dlpack(t) (no copy), t.numpy() (copy).",
+    .tp_dealloc = dt_dealloc,
+    .tp_repr = dt_repr,
+    .tp_methods = dt_methods,
+    .tp_getset = dt_getset,
+    .tp_as_mapping = &dt_mapping,
+};
+
+/* ---- device queries ------------------------------------------------------ */
+
+static PyObject *py_cuda_info(PyObject *self, PyObject *noargs) {
+    int n = sj_cuda_device_count();
+    PyObject *names = PyList_New(0);
+    for (int i = 0; names && i < n; i++) {
+        PyObject *s = PyUnicode_FromString(sj_cuda_device_name(i));
+        PyList_Append(names, s);
+        Py_XDECREF(s);
+    }
+    return Py_BuildValue("{s:O,s:i,s:N}", "compiled", sj_cuda_compiled() ? Py_True : Py_False,
+                         "devices", n, "names", names);
+}
+
+static PyObject *py_cuda_memory(PyObject *self, PyObject *args) {
+    int reset = 0;
+    if (!PyArg_ParseTuple(args, "|p", &reset)) return NULL;
+#ifdef SJ_HAVE_CUDA
+    if (reset) sj_cuda_reset_peak();
+    return Py_BuildValue("(LL)", (long long)sj_cuda_bytes_in_use(), (long long)sj_cuda_peak_bytes());
+#else
+    return Py_BuildValue("(ii)", 0, 0);
+#endif
+}
+
+#ifdef SJ_HAVE_CUDA
+/* ---- kernel hooks for tests --------------------------------------------- */
+
+static PyObject *py_attention_variant(PyObject *self, PyObject *args) {
+    int v;
+    if (!PyArg_ParseTuple(args, "i", &v)) return NULL;
+    sj_cuda_set_attention_variant(v);
+    Py_RETURN_NONE;
+}
+
+/* One argument of a hooked kernel: host array in, device buffer, maybe out. */
+typedef struct { const char *name; char kind; Py_buffer view; void *dev; float *stage; int64_t n; } harg;
+
+static void *hctx;
+
+/* Upload arrays[name] ('a': act dtype from f32, 'f': f32, 't': int32). */
+static int hupload(const sj_backend *be, PyObject *arrays, harg *a) {
+    PyObject *o = PyDict_GetItemString(arrays, a->name);
+    if (!o) { PyErr_Format(PyExc_KeyError, "cuda_op: missing array '%s'", a->name); return -1; }
+    if (PyObject_GetBuffer(o, &a->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    a->n = a->view.len / 4;
+    if (a->view.itemsize != 4) {
+        PyErr_Format(PyExc_TypeError, "cuda_op: '%s' must be float32 or int32", a->name);
+        return -1;
+    }
+    const size_t esz = a->kind == 'a' ? sj_dtype_size(be->act_dtype) : 4;
+    a->dev = be->alloc(esz * (size_t)a->n + 256, a->name);
+    a->stage = a->dev && a->kind == 'a' ? be->alloc(4 * (size_t)a->n + 256, a->name) : NULL;
+    if (!a->dev || (a->kind == 'a' && !a->stage)) { sj_py_raise(SJ_ERR_NOMEM); return -1; }
+    if (a->kind == 'a') {
+        be->from_host(a->stage, a->view.buf, 4 * (size_t)a->n);
+        be->convert(a->dev, be->act_dtype, a->stage, SJ_F32, a->n);
+    } else {
+        be->from_host(a->dev, a->view.buf, 4 * (size_t)a->n);
+    }
+    return 0;
+}
+
+static PyObject *hdownload(const sj_backend *be, harg *a) {
+    PyObject *np = PyImport_ImportModule("numpy");
+    if (!np) return NULL;
+    PyObject *arr = PyObject_CallMethod(np, "empty", "(Ls)", (long long)a->n,
+                                        a->kind == 't' ? "int32" : "float32");
+    Py_DECREF(np);
+    if (!arr) return NULL;
+    Py_buffer v;
+    if (PyObject_GetBuffer(arr, &v, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) { Py_DECREF(arr); return NULL; }
+    if (a->kind == 'a') {
+        be->convert(a->stage, SJ_F32, a->dev, be->act_dtype, a->n);
+        be->to_host(v.buf, a->stage, 4 * (size_t)a->n);
+    } else {
+        be->to_host(v.buf, a->dev, 4 * (size_t)a->n);
+    }
+    PyBuffer_Release(&v);
+    return arr;
+}
+
+/* cuda_op(name, dtype, arrays, ints, floats) -> {name: float32 array} for
+ * every argument (outputs as the kernel left them; inputs unchanged). */
+static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
+    const char *op, *dts;
+    PyObject *arrays, *ints_o, *floats_o;
+    if (!PyArg_ParseTuple(args, "ssO!OO", &op, &dts, &PyDict_Type, &arrays, &ints_o, &floats_o))
+        return NULL;
+    sj_status st = sj_cuda_check_device();
+    if (st) return sj_py_raise(st);
+    const sj_backend *be = strcmp(dts, "bf16") == 0 ? &sj_cuda_backend_bf16 : &sj_cuda_backend_f32;
+    long long I[12] = {0};
+    double Fl[8] = {0};
+    PyObject *si = PySequence_Fast(ints_o, "ints"), *sf = si ? PySequence_Fast(floats_o, "floats") : NULL;
+    if (!sf) { Py_XDECREF(si); return NULL; }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(si) && i < 12; i++)
+        I[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(si, i));
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(sf) && i < 8; i++)
+        Fl[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(sf, i));
+    Py_DECREF(si); Py_DECREF(sf);
+    if (PyErr_Occurred()) return NULL;
+    if (!hctx && !(hctx = be->ctx_create())) return sj_py_raise(SJ_ERR_RUNTIME);
+    be->bind(hctx);
+
+    /* Argument lists, outputs first as in backend.h. 'c' = act or f32 by c_f32. */
+    static const struct { const char *op; const char *names[7]; const char *kinds; } specs[] = {
+        {"matmul", {"C", "A", "B"}, "caa"},
+        {"embedding_forward", {"out", "tok", "emb"}, "ata"},
+        {"embedding_backward", {"demb", "dout", "tok"}, "fat"},
+        {"rmsnorm_forward", {"out", "rstd", "x", "w"}, "afaa"},
+        {"rmsnorm_backward", {"dx", "dw", "dout", "x", "w", "rstd"}, "afaaaf"},
+        {"rope_forward", {"out", "in"}, "aa"},
+        {"rope_backward", {"din", "dout"}, "aa"},
+        {"attention_forward", {"out", "lse", "qkv"}, "afa"},
+        {"attention_backward", {"dqkv", "dout", "qkv", "out", "lse"}, "aaaaf"},
+        {"swiglu_forward", {"h", "gu"}, "aa"},
+        {"swiglu_backward", {"dgu", "dh", "gu"}, "aaa"},
+        {"add", {"out", "a", "b"}, "aaa"},
+        {"copy", {"dst", "src"}, "aa"},
+        {"cross_entropy_forward", {"losses", "lse", "logits", "targets"}, "ffat"},
+        {"cross_entropy_backward", {"dlogits", "logits", "lse", "targets", "scale"}, "aafff"},
+        {"adamw", {"p", "p_act", "g", "m", "v"}, "fafff"},
+    };
+    int k = -1;
+    for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
+        if (!strcmp(specs[i].op, op)) k = i;
+    if (k < 0) return PyErr_Format(PyExc_ValueError, "cuda_op: unknown op '%s'", op);
+    harg a[7];
+    memset(a, 0, sizeof a);
+    int na = (int)strlen(specs[k].kinds);
+    PyObject *result = NULL;
+    for (int i = 0; i < na; i++) {
+        a[i].name = specs[k].names[i];
+        a[i].kind = specs[k].kinds[i];
+        if (a[i].kind == 'c') a[i].kind = I[6] ? 'f' : 'a';
+        if (!strcmp(op, "cross_entropy_backward") && i == 3) a[i].kind = 't';
+        if (hupload(be, arrays, &a[i]) < 0) goto done;
+    }
+    #define D(i) (a[i].dev)
+    Py_BEGIN_ALLOW_THREADS
+    switch (k) {
+    case 0: be->matmul(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (int)I[6]); break;
+    case 1: be->embedding_forward(D(0), D(1), SJ_I32, D(2), (int)I[0], (int)I[1]); break;
+    case 2: be->embedding_backward(D(0), D(1), D(2), SJ_I32, (int)I[0], (int)I[1]); break;
+    case 3: be->rmsnorm_forward(D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (float)Fl[0]); break;
+    case 4: be->rmsnorm_backward(D(0), D(1), D(2), D(3), D(4), D(5), (int)I[0], (int)I[1], (int)I[2]); break;
+    case 5: be->rope_forward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0]); break;
+    case 6: be->rope_backward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0], (int)I[6]); break;
+    case 7: be->attention_forward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]); break;
+    case 8: be->attention_backward(D(0), D(1), D(2), D(3), D(4), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5]); break;
+    case 9: be->swiglu_forward(D(0), D(1), (int)I[0], (int)I[1]); break;
+    case 10: be->swiglu_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2]); break;
+    case 11: be->add(D(0), D(1), D(2), I[0]); break;
+    case 12: be->copy(D(0), D(1), I[0], (int)I[1]); break;
+    case 13: be->cross_entropy_forward(D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[2]); break;
+    case 14: /* ints[4] = in place: dlogits is the logits buffer */
+        be->cross_entropy_backward(I[4] ? D(1) : D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[2], D(4), (int)I[3]);
+        if (I[4]) { void *t = a[0].dev; a[0].dev = a[1].dev; a[1].dev = t; }
+        break;
+    case 15: {  /* grad_sumsq then adamw, hyper-parameters in device memory */
+        sj_adamw_hp hp = { (float)Fl[0], (float)Fl[1], (float)Fl[2], (float)Fl[3], (float)Fl[4],
+                           (float)Fl[5], I[2], 0.0 };
+        sj_adamw_hp *dhp = be->alloc(sizeof hp, "hp");
+        if (!dhp) break;
+        be->from_host(dhp, &hp, sizeof hp);
+        be->grad_sumsq(dhp, D(2), I[0]);
+        be->adamw(D(0), I[3] ? D(1) : NULL, D(2), D(3), D(4), I[0], I[1], dhp);
+        be->to_host(&hp, dhp, sizeof hp);
+        be->free(dhp);
+        Fl[7] = hp.sumsq;
+        break;
+    }
+    }
+    Py_END_ALLOW_THREADS
+    #undef D
+    st = be->sync();
+    if (st) { sj_py_raise(st); goto done; }
+    result = PyDict_New();
+    for (int i = 0; result && i < na; i++) {
+        PyObject *arr = hdownload(be, &a[i]);
+        if (!arr || PyDict_SetItemString(result, a[i].name, arr) < 0) { Py_XDECREF(arr); Py_CLEAR(result); break; }
+        Py_DECREF(arr);
+    }
+    if (result && k == 15) {
+        PyObject *v = PyFloat_FromDouble(Fl[7]);
+        PyDict_SetItemString(result, "sumsq", v);
+        Py_XDECREF(v);
+    }
+    if (result) {
+        st = be->sync();
+        if (st) { Py_CLEAR(result); sj_py_raise(st); }
+    }
+done:
+    for (int i = 0; i < na; i++) {
+        if (a[i].view.obj) PyBuffer_Release(&a[i].view);
+        if (a[i].dev) be->free(a[i].dev);
+        if (a[i].stage) be->free(a[i].stage);
+    }
+    return result;
+}
+#endif
+
+static PyMethodDef functions[] = {
+    {"cuda_info", py_cuda_info, METH_NOARGS, "cuda_info() -> {compiled, devices, names}"},
+    {"cuda_memory", py_cuda_memory, METH_VARARGS,
+     "cuda_memory(reset_peak=False) -> (bytes now, peak) held by the CUDA backend"},
+#ifdef SJ_HAVE_CUDA
+    {"cuda_op", py_cuda_op, METH_VARARGS, "cuda_op(op, dtype, arrays, ints, floats) -> dict (tests)"},
+    {"cuda_attention_variant", py_attention_variant, METH_VARARGS, "0 auto, 1 simple (tests)"},
+#endif
+    {NULL, NULL, 0, NULL},
+};
+
+int sj_py_add_cuda(PyObject *m) {
+    if (PyType_Ready(&DeviceTensorType) < 0) return -1;
+    Py_INCREF(&DeviceTensorType);
+    if (PyModule_AddObject(m, "DeviceTensor", (PyObject *)&DeviceTensorType) < 0) return -1;
+    return PyModule_AddFunctions(m, functions);
+}

@@ -1,0 +1,654 @@
+/* attention.cu — causal self-attention, MHA and GQA, forward and backward,
+ * flash-style: scores live in registers a tile at a time with an online
+ * softmax; only the log-sum-exp of each row is kept (B, H, T), and backward
+ * recomputes the probabilities. No (T, T) matrix ever reaches memory.
+ *
+ * Two implementations, the simple one the reference for the fast one:
+ *  - simple (any head_dim <= 256, f32 or bf16): one warp per row, lanes over
+ *    the head dimension, keys in order. Used for the f32 (parity) mode.
+ *  - tensor cores (bf16, head_dim 32/64/128): mma.sync m16n8k16 (bf16 in,
+ *    f32 accumulate), 64-row tiles, 4 warps x 16 rows, FlashAttention-2
+ *    style forward. Backward in two kernels so that nothing is reduced with
+ *    atomics (deterministic): one per key tile computes dK and dV over
+ *    every query head of its KV group, one per query tile computes dQ.
+ * Fragment layouts are those of the PTX ISA for mma.m16n8k16 (.bf16):
+ * g = lane / 4, t = lane % 4; A: {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..),
+ * (g+8, 2t+8..)}; B: {(k = 2t..2t+1, n = g), (k = 2t+8.., n = g)};
+ * C: {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
+ * Milestone 2: ldmatrix, cp.async pipelining, wgmma on sm_90a. */
+#include "common.cuh"
+#include "kernels.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int variant = -1;
+extern "C" void sj_cuda_set_attention_variant(int v) { variant = v; }
+static int get_variant(void) {
+    if (variant < 0) {
+        const char *e = getenv("SMEDJAN_ATTENTION");
+        variant = e && !strcmp(e, "simple") ? 1 : 0;
+    }
+    return variant;
+}
+
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+/* ======================= simple kernels (reference) ===================== */
+
+// One warp per query row (b, h, t); lane holds dims lane + 32 j.
+// out: (B, T, H*hd); lse: (B, H, T); qkv: (B, T, (H+2KV)*hd)
+template <class T, int NP>
+static __global__ void fwd_simple(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV,
+                                  int hd) {
+    const int64_t row = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x & 31;
+    if (row >= (int64_t)B * H * T_) return;
+    const int t = (int)(row % T_), h = (int)((row / T_) % H), b = (int)(row / ((int64_t)T_ * H));
+    const int64_t rs = (int64_t)(H + 2 * KV) * hd;
+    const int grp = H / KV;
+    const T *base = qkv + (int64_t)b * T_ * rs;
+    const T *q = base + (int64_t)t * rs + h * hd;
+    const T *k0 = base + (H + h / grp) * hd, *v0 = base + (H + KV + h / grp) * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float qr[NP], o[NP];
+#pragma unroll
+    for (int j = 0; j < NP; j++) {
+        int d = lane + 32 * j;
+        qr[j] = d < hd ? tof(q[d]) : 0.f;
+        o[j] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    for (int s = 0; s <= t; s++) {
+        const T *k = k0 + (int64_t)s * rs, *v = v0 + (int64_t)s * rs;
+        float dot = 0.f;
+#pragma unroll
+        for (int j = 0; j < NP; j++) { int d = lane + 32 * j; if (d < hd) dot += qr[j] * tof(k[d]); }
+        const float sc = scale * warp_sum(dot);
+        const float mn = fmaxf(m, sc), corr = expf(m - mn), p = expf(sc - mn);
+        l = l * corr + p;
+#pragma unroll
+        for (int j = 0; j < NP; j++) { int d = lane + 32 * j; if (d < hd) o[j] = o[j] * corr + p * tof(v[d]); }
+        m = mn;
+    }
+    T *orow = out + ((int64_t)b * T_ + t) * H * hd + h * hd;
+#pragma unroll
+    for (int j = 0; j < NP; j++) { int d = lane + 32 * j; if (d < hd) orow[d] = fromf<T>(o[j] / l); }
+    if (lane == 0) lse[((int64_t)b * H + h) * T_ + t] = m + logf(l);
+}
+
+// dQ, one warp per query row. dqkv: (B, T, (H+2KV)*hd) q part (+)=
+template <class T, int NP>
+static __global__ void bwd_dq_simple(T *dqkv, const T *dout, const T *qkv, const T *out,
+                                     const float *lse, int B, int T_, int H, int KV, int hd,
+                                     int accum) {
+    const int64_t row = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x & 31;
+    if (row >= (int64_t)B * H * T_) return;
+    const int t = (int)(row % T_), h = (int)((row / T_) % H), b = (int)(row / ((int64_t)T_ * H));
+    const int64_t rs = (int64_t)(H + 2 * KV) * hd;
+    const int grp = H / KV;
+    const T *base = qkv + (int64_t)b * T_ * rs;
+    const T *q = base + (int64_t)t * rs + h * hd;
+    const T *k0 = base + (H + h / grp) * hd, *v0 = base + (H + KV + h / grp) * hd;
+    const T *go = dout + ((int64_t)b * T_ + t) * H * hd + h * hd;
+    const T *o = out + ((int64_t)b * T_ + t) * H * hd + h * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float qr[NP], gr[NP], dq[NP], D = 0.f;
+#pragma unroll
+    for (int j = 0; j < NP; j++) {
+        int d = lane + 32 * j;
+        qr[j] = d < hd ? tof(q[d]) : 0.f;
+        gr[j] = d < hd ? tof(go[d]) : 0.f;
+        D += d < hd ? gr[j] * tof(o[d]) : 0.f;
+        dq[j] = 0.f;
+    }
+    D = warp_sum(D);
+    const float L = lse[((int64_t)b * H + h) * T_ + t];
+    for (int s = 0; s <= t; s++) {
+        const T *k = k0 + (int64_t)s * rs, *v = v0 + (int64_t)s * rs;
+        float qk = 0.f, gv = 0.f;
+#pragma unroll
+        for (int j = 0; j < NP; j++) {
+            int d = lane + 32 * j;
+            if (d < hd) { qk += qr[j] * tof(k[d]); gv += gr[j] * tof(v[d]); }
+        }
+        const float p = expf(scale * warp_sum(qk) - L);
+        const float ds = p * (warp_sum(gv) - D) * scale;
+#pragma unroll
+        for (int j = 0; j < NP; j++) { int d = lane + 32 * j; if (d < hd) dq[j] += ds * tof(k[d]); }
+    }
+    T *dqr = dqkv + (int64_t)b * T_ * rs + (int64_t)t * rs + h * hd;
+#pragma unroll
+    for (int j = 0; j < NP; j++) { int d = lane + 32 * j; if (d < hd) put(dqr + d, dq[j], accum); }
+}
+
+// dK, dV, one warp per key row (b, kv head, s), over every query head of the group.
+template <class T, int NP>
+static __global__ void bwd_dkv_simple(T *dqkv, const T *dout, const T *qkv, const T *out,
+                                      const float *lse, int B, int T_, int H, int KV, int hd,
+                                      int accum) {
+    const int64_t row = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x & 31;
+    if (row >= (int64_t)B * KV * T_) return;
+    const int s = (int)(row % T_), g = (int)((row / T_) % KV), b = (int)(row / ((int64_t)T_ * KV));
+    const int64_t rs = (int64_t)(H + 2 * KV) * hd;
+    const int grp = H / KV;
+    const T *base = qkv + (int64_t)b * T_ * rs;
+    const T *k = base + (int64_t)s * rs + (H + g) * hd, *v = base + (int64_t)s * rs + (H + KV + g) * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float kr[NP], vr[NP], dk[NP], dv[NP];
+#pragma unroll
+    for (int j = 0; j < NP; j++) {
+        int d = lane + 32 * j;
+        kr[j] = d < hd ? tof(k[d]) : 0.f;
+        vr[j] = d < hd ? tof(v[d]) : 0.f;
+        dk[j] = dv[j] = 0.f;
+    }
+    for (int h = g * grp; h < (g + 1) * grp; h++)
+        for (int t = s; t < T_; t++) {
+            const T *q = base + (int64_t)t * rs + h * hd;
+            const T *go = dout + ((int64_t)b * T_ + t) * H * hd + h * hd;
+            const T *o = out + ((int64_t)b * T_ + t) * H * hd + h * hd;
+            float qk = 0.f, gv = 0.f, D = 0.f;
+#pragma unroll
+            for (int j = 0; j < NP; j++) {
+                int d = lane + 32 * j;
+                if (d < hd) {
+                    float gd = tof(go[d]);
+                    qk += tof(q[d]) * kr[j]; gv += gd * vr[j]; D += gd * tof(o[d]);
+                }
+            }
+            const float p = expf(scale * warp_sum(qk) - lse[((int64_t)b * H + h) * T_ + t]);
+            const float ds = p * (warp_sum(gv) - warp_sum(D)) * scale;
+#pragma unroll
+            for (int j = 0; j < NP; j++) {
+                int d = lane + 32 * j;
+                if (d < hd) { dk[j] += ds * tof(q[d]); dv[j] += p * tof(go[d]); }
+            }
+        }
+    T *dkr = dqkv + (int64_t)b * T_ * rs + (int64_t)s * rs + (H + g) * hd;
+    T *dvr = dqkv + (int64_t)b * T_ * rs + (int64_t)s * rs + (H + KV + g) * hd;
+#pragma unroll
+    for (int j = 0; j < NP; j++) {
+        int d = lane + 32 * j;
+        if (d < hd) { put(dkr + d, dk[j], accum); put(dvr + d, dv[j], accum); }
+    }
+}
+
+/* ======================= tensor-core kernels (bf16) ===================== */
+
+static __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0,
+                                                uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+/* Two bf16, lo at the lower address / lower column. */
+static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+static __device__ __forceinline__ uint32_t ld32(const bf16 *p) {
+    return *reinterpret_cast<const uint32_t *>(p);
+}
+static __device__ __forceinline__ uint32_t ld2(const bf16 *lo, const bf16 *hi) {
+    return (uint32_t)*reinterpret_cast<const uint16_t *>(lo) |
+           ((uint32_t)*reinterpret_cast<const uint16_t *>(hi) << 16);
+}
+/* A fragment of a 16 x 16 block at p (row stride ld), row-major. */
+static __device__ __forceinline__ void frag_a(uint32_t a[4], const bf16 *p, int ld, int g, int t) {
+    const bf16 *q = p + g * ld + 2 * t;
+    a[0] = ld32(q);
+    a[1] = ld32(q + 8 * ld);
+    a[2] = ld32(q + 8);
+    a[3] = ld32(q + 8 * ld + 8);
+}
+/* B fragment (k x n = 16 x 8) when B^T is stored row-major at p: B[k][n] = p[n*ld + k]. */
+static __device__ __forceinline__ void frag_bt(uint32_t &b0, uint32_t &b1, const bf16 *p, int ld,
+                                               int g, int t) {
+    const bf16 *q = p + g * ld + 2 * t;
+    b0 = ld32(q);
+    b1 = ld32(q + 8);
+}
+/* B fragment when B itself is stored row-major at p: B[k][n] = p[k*ld + n]. */
+static __device__ __forceinline__ void frag_b(uint32_t &b0, uint32_t &b1, const bf16 *p, int ld,
+                                              int g, int t) {
+    const bf16 *q = p + 2 * t * ld + g;
+    b0 = ld2(q, q + ld);
+    b1 = ld2(q + 8 * ld, q + 9 * ld);
+}
+/* Probabilities (C fragments of n-blocks 2kk, 2kk+1) as the A fragment of the next product. */
+static __device__ __forceinline__ void c_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
+    a[0] = pack(c0[0], c0[1]);
+    a[1] = pack(c0[2], c0[3]);
+    a[2] = pack(c1[0], c1[1]);
+    a[3] = pack(c1[2], c1[3]);
+}
+
+/* 64 rows of HD bf16 from global (row stride rs elements) into shared
+ * memory (row stride HD + 8), zeros past row T_. */
+template <int HD>
+static __device__ __forceinline__ void load_tile(bf16 *sm, const bf16 *g, int64_t rs, int r0,
+                                                 int T_) {
+    constexpr int VPR = HD / 8, LD = HD + 8;
+    for (int i = threadIdx.x; i < 64 * VPR; i += blockDim.x) {
+        const int r = i / VPR, c = (i % VPR) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r0 + r < T_) v = *reinterpret_cast<const uint4 *>(g + (int64_t)(r0 + r) * rs + c);
+        *reinterpret_cast<uint4 *>(sm + r * LD + c) = v;
+    }
+}
+
+/* lse (in log2 units) and D = rowsum(dO * O) of 64 query rows, 2 threads per row. */
+template <int HD>
+static __device__ __forceinline__ void load_rowstats(float *Ls, float *Ds, const bf16 *dOg,
+                                                     const bf16 *Og, int64_t orow,
+                                                     const float *Lg, int q0, int T_) {
+    const int r = threadIdx.x >> 1, half = threadIdx.x & 1, q = q0 + r;
+    float d = 0.f;
+    if (q < T_)
+        for (int c = half * HD / 2; c < (half + 1) * HD / 2; c++)
+            d += tof(dOg[(int64_t)q * orow + c]) * tof(Og[(int64_t)q * orow + c]);
+    d += __shfl_xor_sync(0xffffffffu, d, 1);
+    if (!half) {
+        Ds[r] = q < T_ ? d : 0.f;
+        Ls[r] = q < T_ ? Lg[q] * LOG2E : 0.f;
+    }
+}
+
+// grid (ceil(T/64), B*H), 128 threads
+template <int HD>
+static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, const bf16 *qkv,
+                                                      int T_, int H, int KV) {
+    constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
+    __shared__ __align__(16) bf16 Ks[64 * LD];
+    __shared__ __align__(16) bf16 Vs[64 * LD];
+    const int qt = blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
+    const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
+    const bf16 *base = qkv + (int64_t)b * T_ * rs;
+    const bf16 *Qg = base + h * HD, *Kg = base + (H + kvh) * HD, *Vg = base + (H + KV + kvh) * HD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int r0 = qt * 64 + warp * 16 + g, r1 = r0 + 8;
+    uint32_t qa[NK][4];
+#pragma unroll
+    for (int kc = 0; kc < NK; kc++) {
+        const int c = kc * 16 + 2 * t;
+        qa[kc][0] = r0 < T_ ? ld32(Qg + (int64_t)r0 * rs + c) : 0u;
+        qa[kc][1] = r1 < T_ ? ld32(Qg + (int64_t)r1 * rs + c) : 0u;
+        qa[kc][2] = r0 < T_ ? ld32(Qg + (int64_t)r0 * rs + c + 8) : 0u;
+        qa[kc][3] = r1 < T_ ? ld32(Qg + (int64_t)r1 * rs + c + 8) : 0u;
+    }
+    float o[ND][4];
+#pragma unroll
+    for (int dn = 0; dn < ND; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    const float sl2 = LOG2E / sqrtf((float)HD);
+    const int n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
+    for (int kt = 0; kt < n_kt; kt++) {
+        __syncthreads();
+        load_tile<HD>(Ks, Kg, rs, kt * 64, T_);
+        load_tile<HD>(Vs, Vg, rs, kt * 64, T_);
+        __syncthreads();
+        float s[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+            for (int kc = 0; kc < NK; kc++) {
+                uint32_t b0, b1;
+                frag_bt(b0, b1, Ks + j * 8 * LD + kc * 16, LD, g, t);
+                mma16816(s[j], qa[kc], b0, b1);
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = kt * 64 + j * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
+                float v = s[j][e] * sl2;
+                if (key > row || key >= T_) v = -INFINITY;
+                s[j][e] = v;
+                if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+            }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float z0 = mn0 == -INFINITY ? 0.f : mn0, z1 = mn1 == -INFINITY ? 0.f : mn1;
+        const float c0 = exp2f(m0 - z0), c1 = exp2f(m1 - z1);
+        float ls0 = 0.f, ls1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            s[j][0] = exp2f(s[j][0] - z0); s[j][1] = exp2f(s[j][1] - z0);
+            s[j][2] = exp2f(s[j][2] - z1); s[j][3] = exp2f(s[j][3] - z1);
+            ls0 += s[j][0] + s[j][1];
+            ls1 += s[j][2] + s[j][3];
+        }
+        l0 = l0 * c0 + ls0;
+        l1 = l1 * c1 + ls1;
+        m0 = mn0; m1 = mn1;
+#pragma unroll
+        for (int dn = 0; dn < ND; dn++) { o[dn][0] *= c0; o[dn][1] *= c0; o[dn][2] *= c1; o[dn][3] *= c1; }
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t pa[4];
+            c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+            for (int dn = 0; dn < ND; dn++) {
+                uint32_t b0, b1;
+                frag_b(b0, b1, Vs + kk * 16 * LD + dn * 8, LD, g, t);
+                mma16816(o[dn], pa, b0, b1);
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+    bf16 *O = out + (int64_t)b * T_ * orow + h * HD;
+#pragma unroll
+    for (int dn = 0; dn < ND; dn++) {
+        const int c = dn * 8 + 2 * t;
+        if (r0 < T_) *reinterpret_cast<uint32_t *>(O + (int64_t)r0 * orow + c) = pack(o[dn][0] * i0, o[dn][1] * i0);
+        if (r1 < T_) *reinterpret_cast<uint32_t *>(O + (int64_t)r1 * orow + c) = pack(o[dn][2] * i1, o[dn][3] * i1);
+    }
+    if (t == 0) {
+        float *L = lse + ((int64_t)b * H + h) * T_;
+        if (r0 < T_) L[r0] = m0 * LN2 + logf(l0);
+        if (r1 < T_) L[r1] = m1 * LN2 + logf(l1);
+    }
+}
+
+template <int HD>
+static constexpr size_t bwd_smem(void) { return 4 * 64 * (HD + 8) * sizeof(bf16) + 2 * 64 * sizeof(float); }
+
+// dK, dV of 64 keys of one KV head over all its query heads and query tiles.
+// grid (ceil(T/64), B*KV), 128 threads, bwd_smem<HD>() dynamic shared memory
+template <int HD>
+static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16 *dout,
+                                                          const bf16 *qkv, const bf16 *out,
+                                                          const float *lse, int T_, int H,
+                                                          int KV, int accum) {
+    constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16 *Ks = (bf16 *)smem, *Vs = Ks + 64 * LD, *Qs = Vs + 64 * LD, *dOs = Qs + 64 * LD;
+    float *Ls = (float *)(dOs + 64 * LD), *Ds = Ls + 64;
+    const int kt = blockIdx.x, b = blockIdx.y / KV, kvh = blockIdx.y % KV, grp = H / KV;
+    const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
+    const bf16 *base = qkv + (int64_t)b * T_ * rs;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int kr0 = kt * 64 + warp * 16 + g, kr1 = kr0 + 8;
+    load_tile<HD>(Ks, base + (H + kvh) * HD, rs, kt * 64, T_);
+    load_tile<HD>(Vs, base + (H + KV + kvh) * HD, rs, kt * 64, T_);
+    const float scale = 1.0f / sqrtf((float)HD), sl2 = scale * LOG2E;
+    float dk[ND][4], dv[ND][4];
+#pragma unroll
+    for (int dn = 0; dn < ND; dn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[dn][e] = dv[dn][e] = 0.f;
+    for (int h = kvh * grp; h < (kvh + 1) * grp; h++) {
+        const bf16 *Qg = base + h * HD, *dOg = dout + (int64_t)b * T_ * orow + h * HD;
+        const bf16 *Og = out + (int64_t)b * T_ * orow + h * HD;
+        const float *Lg = lse + ((int64_t)b * H + h) * T_;
+        for (int qt = kt; qt * 64 < T_; qt++) {
+            __syncthreads();
+            load_tile<HD>(Qs, Qg, rs, qt * 64, T_);
+            load_tile<HD>(dOs, dOg, orow, qt * 64, T_);
+            load_rowstats<HD>(Ls, Ds, dOg, Og, orow, Lg, qt * 64, T_);
+            __syncthreads();
+            float st[8][4], dp[8][4];
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) st[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+            for (int kc = 0; kc < NK; kc++) {
+                uint32_t ka[4], va[4];
+                frag_a(ka, Ks + warp * 16 * LD + kc * 16, LD, g, t);
+                frag_a(va, Vs + warp * 16 * LD + kc * 16, LD, g, t);
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    uint32_t b0, b1;
+                    frag_bt(b0, b1, Qs + j * 8 * LD + kc * 16, LD, g, t);
+                    mma16816(st[j], ka, b0, b1);            // S^T = K Q^T
+                    frag_bt(b0, b1, dOs + j * 8 * LD + kc * 16, LD, g, t);
+                    mma16816(dp[j], va, b0, b1);            // dP^T = V dO^T
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int qq = j * 8 + 2 * t + (e & 1), q = qt * 64 + qq;
+                    const int key = e < 2 ? kr0 : kr1;
+                    const float p = (q >= key && q < T_ && key < T_) ? exp2f(st[j][e] * sl2 - Ls[qq]) : 0.f;
+                    st[j][e] = p;
+                    dp[j][e] = p * (dp[j][e] - Ds[qq]);   // dS^T (without the scale)
+                }
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                uint32_t pa[4], sa[4];
+                c_to_a(pa, st[2 * kk], st[2 * kk + 1]);
+                c_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+                for (int dn = 0; dn < ND; dn++) {
+                    uint32_t b0, b1;
+                    frag_b(b0, b1, dOs + kk * 16 * LD + dn * 8, LD, g, t);
+                    mma16816(dv[dn], pa, b0, b1);           // dV += P^T dO
+                    frag_b(b0, b1, Qs + kk * 16 * LD + dn * 8, LD, g, t);
+                    mma16816(dk[dn], sa, b0, b1);           // dK += dS^T Q
+                }
+            }
+        }
+    }
+    bf16 *dK = dqkv + (int64_t)b * T_ * rs + (H + kvh) * HD;
+    bf16 *dV = dqkv + (int64_t)b * T_ * rs + (H + KV + kvh) * HD;
+#pragma unroll
+    for (int dn = 0; dn < ND; dn++) {
+        const int c = dn * 8 + 2 * t;
+        if (kr0 < T_) {
+            put(dK + (int64_t)kr0 * rs + c, dk[dn][0] * scale, accum);
+            put(dK + (int64_t)kr0 * rs + c + 1, dk[dn][1] * scale, accum);
+            put(dV + (int64_t)kr0 * rs + c, dv[dn][0], accum);
+            put(dV + (int64_t)kr0 * rs + c + 1, dv[dn][1], accum);
+        }
+        if (kr1 < T_) {
+            put(dK + (int64_t)kr1 * rs + c, dk[dn][2] * scale, accum);
+            put(dK + (int64_t)kr1 * rs + c + 1, dk[dn][3] * scale, accum);
+            put(dV + (int64_t)kr1 * rs + c, dv[dn][2], accum);
+            put(dV + (int64_t)kr1 * rs + c + 1, dv[dn][3], accum);
+        }
+    }
+}
+
+// dQ of 64 query rows of one head. grid (ceil(T/64), B*H), 128 threads, bwd_smem<HD>()
+template <int HD>
+static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 *dout,
+                                                         const bf16 *qkv, const bf16 *out,
+                                                         const float *lse, int T_, int H,
+                                                         int KV, int accum) {
+    constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16 *Ks = (bf16 *)smem, *Vs = Ks + 64 * LD, *Qs = Vs + 64 * LD, *dOs = Qs + 64 * LD;
+    float *Ls = (float *)(dOs + 64 * LD), *Ds = Ls + 64;
+    const int qt = blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
+    const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
+    const bf16 *base = qkv + (int64_t)b * T_ * rs;
+    const bf16 *Kg = base + (H + kvh) * HD, *Vg = base + (H + KV + kvh) * HD;
+    const bf16 *dOg = dout + (int64_t)b * T_ * orow + h * HD, *Og = out + (int64_t)b * T_ * orow + h * HD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int lr0 = warp * 16 + g, lr1 = lr0 + 8, r0 = qt * 64 + lr0, r1 = qt * 64 + lr1;
+    load_tile<HD>(Qs, base + h * HD, rs, qt * 64, T_);
+    load_tile<HD>(dOs, dOg, orow, qt * 64, T_);
+    load_rowstats<HD>(Ls, Ds, dOg, Og, orow, lse + ((int64_t)b * H + h) * T_, qt * 64, T_);
+    const float scale = 1.0f / sqrtf((float)HD), sl2 = scale * LOG2E;
+    float dq[ND][4];
+#pragma unroll
+    for (int dn = 0; dn < ND; dn++) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
+    const int n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
+    for (int kt = 0; kt < n_kt; kt++) {
+        __syncthreads();
+        load_tile<HD>(Ks, Kg, rs, kt * 64, T_);
+        load_tile<HD>(Vs, Vg, rs, kt * 64, T_);
+        __syncthreads();
+        float s[8][4], dp[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < NK; kc++) {
+            uint32_t qa[4], oa[4];
+            frag_a(qa, Qs + warp * 16 * LD + kc * 16, LD, g, t);
+            frag_a(oa, dOs + warp * 16 * LD + kc * 16, LD, g, t);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                uint32_t b0, b1;
+                frag_bt(b0, b1, Ks + j * 8 * LD + kc * 16, LD, g, t);
+                mma16816(s[j], qa, b0, b1);                  // S = Q K^T
+                frag_bt(b0, b1, Vs + j * 8 * LD + kc * 16, LD, g, t);
+                mma16816(dp[j], oa, b0, b1);                 // dP = dO V^T
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = kt * 64 + j * 8 + 2 * t + (e & 1);
+                const int lr = e < 2 ? lr0 : lr1, row = e < 2 ? r0 : r1;
+                const float p = (key <= row && key < T_ && row < T_) ? exp2f(s[j][e] * sl2 - Ls[lr]) : 0.f;
+                s[j][e] = p * (dp[j][e] - Ds[lr]);           // dS (without the scale)
+            }
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t sa[4];
+            c_to_a(sa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+            for (int dn = 0; dn < ND; dn++) {
+                uint32_t b0, b1;
+                frag_b(b0, b1, Ks + kk * 16 * LD + dn * 8, LD, g, t);
+                mma16816(dq[dn], sa, b0, b1);                // dQ += dS K
+            }
+        }
+    }
+    bf16 *dQ = dqkv + (int64_t)b * T_ * rs + h * HD;
+#pragma unroll
+    for (int dn = 0; dn < ND; dn++) {
+        const int c = dn * 8 + 2 * t;
+        if (r0 < T_) {
+            put(dQ + (int64_t)r0 * rs + c, dq[dn][0] * scale, accum);
+            put(dQ + (int64_t)r0 * rs + c + 1, dq[dn][1] * scale, accum);
+        }
+        if (r1 < T_) {
+            put(dQ + (int64_t)r1 * rs + c, dq[dn][2] * scale, accum);
+            put(dQ + (int64_t)r1 * rs + c + 1, dq[dn][3] * scale, accum);
+        }
+    }
+}
+
+/* ============================== launchers =============================== */
+
+template <int HD>
+static void set_smem(void) {
+    CUDA_CHECK(cudaFuncSetAttribute(bwd_dkv_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bwd_smem<HD>()));
+    CUDA_CHECK(cudaFuncSetAttribute(bwd_dq_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bwd_smem<HD>()));
+}
+extern "C" void sj_cuda_attention_init(void) { set_smem<32>(); set_smem<64>(); set_smem<128>(); }
+
+static bool use_mma(int B, int H, int KV, int hd) {
+    return get_variant() == 0 && (hd == 32 || hd == 64 || hd == 128) &&
+           (int64_t)B * H <= 65535 && (int64_t)B * KV <= 65535;
+}
+
+static void bad_hd(int hd) {
+    char d[64];
+    snprintf(d, sizeof d, "head_dim %d not supported (at most 256)", hd);
+    sj_cuda_error("attention", d, __FILE__, __LINE__);
+}
+
+template <class T>
+static void forward_simple(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV, int hd) {
+    const unsigned grid = (unsigned)(((int64_t)B * H * T_ + 7) / 8);
+    cudaStream_t s = sj_stream();
+    if (hd <= 32) fwd_simple<T, 1><<<grid, 256, 0, s>>>(out, lse, qkv, B, T_, H, KV, hd);
+    else if (hd <= 64) fwd_simple<T, 2><<<grid, 256, 0, s>>>(out, lse, qkv, B, T_, H, KV, hd);
+    else if (hd <= 128) fwd_simple<T, 4><<<grid, 256, 0, s>>>(out, lse, qkv, B, T_, H, KV, hd);
+    else if (hd <= 256) fwd_simple<T, 8><<<grid, 256, 0, s>>>(out, lse, qkv, B, T_, H, KV, hd);
+    else { bad_hd(hd); return; }
+    LAUNCH_CHECK("attention_forward (simple)");
+}
+
+template <class T>
+static void backward_simple(T *dqkv, const T *dout, const T *qkv, const T *out, const float *lse,
+                            int B, int T_, int H, int KV, int hd, int accum) {
+    const unsigned gq = (unsigned)(((int64_t)B * H * T_ + 7) / 8), gk = (unsigned)(((int64_t)B * KV * T_ + 7) / 8);
+    cudaStream_t s = sj_stream();
+#define SJ_BWD_SIMPLE(NP)                                                                        \
+    bwd_dq_simple<T, NP><<<gq, 256, 0, s>>>(dqkv, dout, qkv, out, lse, B, T_, H, KV, hd, accum); \
+    LAUNCH_CHECK("attention_backward dq (simple)");                                              \
+    bwd_dkv_simple<T, NP><<<gk, 256, 0, s>>>(dqkv, dout, qkv, out, lse, B, T_, H, KV, hd, accum); \
+    LAUNCH_CHECK("attention_backward dkv (simple)");
+    if (hd <= 32) { SJ_BWD_SIMPLE(1) }
+    else if (hd <= 64) { SJ_BWD_SIMPLE(2) }
+    else if (hd <= 128) { SJ_BWD_SIMPLE(4) }
+    else if (hd <= 256) { SJ_BWD_SIMPLE(8) }
+    else bad_hd(hd);
+#undef SJ_BWD_SIMPLE
+}
+
+template <int HD>
+static void forward_mma(bf16 *out, float *lse, const bf16 *qkv, int B, int T_, int H, int KV) {
+    fwd_mma<HD><<<dim3((T_ + 63) / 64, B * H), 128, 0, sj_stream()>>>(out, lse, qkv, T_, H, KV);
+    LAUNCH_CHECK("attention_forward (mma)");
+}
+
+template <int HD>
+static void backward_mma(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const bf16 *out,
+                         const float *lse, int B, int T_, int H, int KV, int accum) {
+    const size_t sm = bwd_smem<HD>();
+    bwd_dkv_mma<HD><<<dim3((T_ + 63) / 64, B * KV), 128, sm, sj_stream()>>>(dqkv, dout, qkv, out, lse, T_, H, KV, accum);
+    LAUNCH_CHECK("attention_backward dkv (mma)");
+    bwd_dq_mma<HD><<<dim3((T_ + 63) / 64, B * H), 128, sm, sj_stream()>>>(dqkv, dout, qkv, out, lse, T_, H, KV, accum);
+    LAUNCH_CHECK("attention_backward dq (mma)");
+}
+
+extern "C" void sj_cuda_attention_forward_f32(void *out, float *lse, const void *qkv, int B,
+                                              int T_, int H, int KV, int hd) {
+    if ((int64_t)B * T_ <= 0) return;
+    forward_simple((float *)out, lse, (const float *)qkv, B, T_, H, KV, hd);
+}
+extern "C" void sj_cuda_attention_backward_f32(void *dqkv, const void *dout, const void *qkv,
+                                               const void *out, const float *lse, int B, int T_,
+                                               int H, int KV, int hd, int accum) {
+    if ((int64_t)B * T_ <= 0) return;
+    backward_simple((float *)dqkv, (const float *)dout, (const float *)qkv, (const float *)out,
+                    lse, B, T_, H, KV, hd, accum);
+}
+extern "C" void sj_cuda_attention_forward_bf16(void *out, float *lse, const void *qkv, int B,
+                                               int T_, int H, int KV, int hd) {
+    if ((int64_t)B * T_ <= 0) return;
+    bf16 *o = (bf16 *)out;
+    const bf16 *x = (const bf16 *)qkv;
+    if (!use_mma(B, H, KV, hd)) forward_simple(o, lse, x, B, T_, H, KV, hd);
+    else if (hd == 32) forward_mma<32>(o, lse, x, B, T_, H, KV);
+    else if (hd == 64) forward_mma<64>(o, lse, x, B, T_, H, KV);
+    else forward_mma<128>(o, lse, x, B, T_, H, KV);
+}
+extern "C" void sj_cuda_attention_backward_bf16(void *dqkv, const void *dout, const void *qkv,
+                                                const void *out, const float *lse, int B, int T_,
+                                                int H, int KV, int hd, int accum) {
+    if ((int64_t)B * T_ <= 0) return;
+    bf16 *d = (bf16 *)dqkv;
+    const bf16 *go = (const bf16 *)dout, *x = (const bf16 *)qkv, *o = (const bf16 *)out;
+    if (!use_mma(B, H, KV, hd)) backward_simple(d, go, x, o, lse, B, T_, H, KV, hd, accum);
+    else if (hd == 32) backward_mma<32>(d, go, x, o, lse, B, T_, H, KV, accum);
+    else if (hd == 64) backward_mma<64>(d, go, x, o, lse, B, T_, H, KV, accum);
+    else backward_mma<128>(d, go, x, o, lse, B, T_, H, KV, accum);
+}

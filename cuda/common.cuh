@@ -1,0 +1,85 @@
+/* common.cuh — shared by every cuda/*.cu: the bound context (stream,
+ * scratch, GEMM workspace), error recording (the first failure on a thread
+ * is kept, with file and line, until sync() reports it), element types. */
+#pragma once
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+#include "sj_cuda.h"
+
+extern "C" sj_status sj_fail(sj_status code, const char *fmt, ...);
+
+struct sj_cuda_ctx {
+    cudaStream_t stream;
+    void *scratch;            /* reductions' partials; used in stream order */
+    size_t scratch_bytes;
+    void *workspace;          /* cuBLASLt */
+    size_t workspace_bytes;
+};
+
+enum { SJ_CUDA_SCRATCH = 16 << 20, SJ_CUDA_WORKSPACE = 32 << 20 };
+
+sj_cuda_ctx *sj_cuda_cur(void);
+/* Record an error (the first one wins); what names the call. */
+void sj_cuda_error(const char *what, const char *detail, const char *file, int line);
+bool sj_cuda_has_error(void);
+
+static inline cudaStream_t sj_stream(void) { return sj_cuda_cur()->stream; }
+
+#define CUDA_CHECK(call)                                                          \
+    do {                                                                          \
+        cudaError_t _e = (call);                                                  \
+        if (_e != cudaSuccess)                                                    \
+            sj_cuda_error(#call, cudaGetErrorString(_e), __FILE__, __LINE__);     \
+    } while (0)
+/* After every launch: configuration errors show here, faults at sync(). */
+#define LAUNCH_CHECK(name) CUDA_CHECK(cudaGetLastError())
+
+/* ---- element types: f32 or bf16 in memory, f32 in registers ---------- */
+typedef __nv_bfloat16 bf16;
+static __device__ __forceinline__ float tof(float x) { return x; }
+static __device__ __forceinline__ float tof(bf16 x) { return __bfloat162float(x); }
+template <class T> static __device__ __forceinline__ T fromf(float x);
+template <> __device__ __forceinline__ float fromf<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 fromf<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+/* dst = v, or dst += v (accumulating in f32, rounding once). */
+template <class T> static __device__ __forceinline__ void put(T *dst, float v, int accum) {
+    *dst = fromf<T>(accum ? tof(*dst) + v : v);
+}
+
+static __device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+static __device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+/* Block-wide sum/max in a fixed order (deterministic); blockDim.x % 32 == 0,
+ * at most 1024 threads; every thread gets the result. */
+template <bool MAX> static __device__ float block_reduce(float v) {
+    __shared__ float part[32];
+    __shared__ float result;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = MAX ? warp_max(v) : warp_sum(v);
+    __syncthreads();   /* part[] may still be read by a previous call */
+    if (lane == 0) part[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float x = lane < nw ? part[lane] : (MAX ? -INFINITY : 0.0f);
+        x = MAX ? warp_max(x) : warp_sum(x);
+        if (lane == 0) result = x;
+    }
+    __syncthreads();
+    return result;
+}
+
+static inline unsigned sj_blocks(int64_t n, int threads, int64_t cap = 1 << 16) {
+    int64_t b = (n + threads - 1) / threads;
+    return (unsigned)(b < 1 ? 1 : b > cap ? cap : b);
+}
+
+/* Each op file defines its kernels as templates and exports f32 and bf16
+ * instances with C linkage under these names. */
+#define SJ_CU_NAME(op, T) sj_cuda_##op##_##T

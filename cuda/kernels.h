@@ -1,0 +1,56 @@
+/* kernels.h — the CUDA launchers that fill the backend tables (backend.cu),
+ * one f32 and one bf16 instance per op, with the signatures of backend.h.
+ * C linkage; C++ only. */
+#pragma once
+#include "sj_cuda.h"
+
+#define SJ_CU_DECLARE(T)                                                                  \
+extern "C" {                                                                              \
+void sj_cuda_matmul_##T(void *C, const void *A, const void *B, int M, int N, int K,       \
+                        int transA, int transB, int accum, int c_f32);                    \
+void sj_cuda_embedding_forward_##T(void *out, const void *tok, sj_dtype tok_dtype,        \
+                                   const void *emb, int N, int C);                        \
+void sj_cuda_embedding_backward_##T(float *demb, const void *dout, const void *tok,       \
+                                    sj_dtype tok_dtype, int N, int C);                    \
+void sj_cuda_rmsnorm_forward_##T(void *out, float *rstd, const void *x, const void *w,    \
+                                 int N, int C, float eps);                                \
+void sj_cuda_rmsnorm_backward_##T(void *dx, float *dw, const void *dout, const void *x,   \
+                                  const void *w, const float *rstd, int N, int C,         \
+                                  int accum);                                             \
+void sj_cuda_rope_forward_##T(void *out, const void *in, int B, int T_, int n_heads,      \
+                              int n_rot, int hd, int pos0, float theta);                  \
+void sj_cuda_rope_backward_##T(void *din, const void *dout, int B, int T_, int n_heads,   \
+                               int n_rot, int hd, int pos0, float theta, int accum);      \
+void sj_cuda_attention_forward_##T(void *out, float *lse, const void *qkv, int B, int T_, \
+                                   int H, int KV, int hd);                                \
+void sj_cuda_attention_backward_##T(void *dqkv, const void *dout, const void *qkv,        \
+                                    const void *out, const float *lse, int B, int T_,     \
+                                    int H, int KV, int hd, int accum);                    \
+void sj_cuda_swiglu_forward_##T(void *h, const void *gu, int N, int F);                   \
+void sj_cuda_swiglu_backward_##T(void *dgu, const void *dh, const void *gu, int N, int F, \
+                                 int accum);                                              \
+void sj_cuda_add_##T(void *out, const void *a, const void *b, int64_t n);                 \
+void sj_cuda_copy_##T(void *dst, const void *src, int64_t n, int accum);                  \
+void sj_cuda_cross_entropy_forward_##T(float *losses, float *lse, const void *logits,     \
+                                       const void *targets, sj_dtype tok_dtype, int N,    \
+                                       int V, int ignore_index);                          \
+void sj_cuda_cross_entropy_backward_##T(void *dlogits, const void *logits,                \
+                                        const float *lse, const void *targets,            \
+                                        sj_dtype tok_dtype, int N, int V,                 \
+                                        int ignore_index, const float *scale, int accum); \
+void sj_cuda_adamw_##T(float *p, void *p_act, float *g, float *m, float *v, int64_t n,    \
+                       int64_t n_decay, const sj_adamw_hp *hp);                           \
+}
+
+SJ_CU_DECLARE(f32)
+SJ_CU_DECLARE(bf16)
+
+extern "C" {
+void sj_cuda_fill(float *x, float value, int64_t n);
+void sj_cuda_convert(void *dst, sj_dtype dst_dtype, const void *src, sj_dtype src_dtype,
+                     int64_t n);
+void sj_cuda_grad_sumsq(sj_adamw_hp *hp, const float *g, int64_t n);
+/* Once per process, before any capture: raise shared-memory limits. */
+void sj_cuda_attention_init(void);
+void sj_cuda_matmul_init(void);
+}

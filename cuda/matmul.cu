@@ -1,0 +1,153 @@
+/* matmul.cu — dense GEMMs through cuBLASLt: bf16 (or f32) operands, f32
+ * accumulation (CUBLAS_COMPUTE_32F: no TF32, so the f32 mode is plain f32),
+ * f32 or act-dtype output. One handle per process; the workspace belongs to
+ * the bound context; descriptors and the chosen algorithm are cached per
+ * shape, so a replayed or eager step does no heuristic search.
+ *
+ * Row-major C(M,N) = op(A) op(B) is computed as the column-major product
+ * C^T(N,M) = op(B)^T op(A)^T: cuBLASLt's "A" is our B and its "B" our A. */
+#include "common.cuh"
+#include "kernels.h"
+#include <cublasLt.h>
+#include <mutex>
+#include <stdio.h>
+
+static cublasLtHandle_t handle;
+static std::once_flag handle_once;
+static cublasStatus_t handle_status = CUBLAS_STATUS_NOT_INITIALIZED;
+
+static void make_handle(void) { handle_status = cublasLtCreate(&handle); }
+
+extern "C" void sj_cuda_matmul_init(void) { std::call_once(handle_once, make_handle); }
+
+/* Alignments matter: the heuristic assumes 256-byte aligned operands
+ * unless told otherwise, and parameter views sit at arbitrary offsets. */
+struct plan_key {
+    int M, N, K, tA, tB, c_f32, bf;
+    uint32_t al_a, al_b, al_c;   /* byte alignment of our A, B, C (<= 256) */
+    bool operator==(const plan_key &o) const {
+        return M == o.M && N == o.N && K == o.K && tA == o.tA && tB == o.tB &&
+               c_f32 == o.c_f32 && bf == o.bf && al_a == o.al_a && al_b == o.al_b &&
+               al_c == o.al_c;
+    }
+};
+
+static uint32_t alignment(const void *p) {
+    uintptr_t a = (uintptr_t)p;
+    uint32_t al = 256;
+    while (al > 1 && (a & (al - 1))) al >>= 1;
+    return al;
+}
+struct plan {
+    plan_key key;
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t a, b, c;
+    cublasLtMatmulAlgo_t algo;
+    size_t ws;
+};
+enum { N_PLANS = 256 };
+static plan plans[N_PLANS];
+static int n_plans;
+static std::mutex plans_mu;
+
+#define LT_CHECK(call, what)                                                              \
+    do {                                                                                  \
+        cublasStatus_t _s = (call);                                                       \
+        if (_s != CUBLAS_STATUS_SUCCESS) {                                                \
+            char _d[160];                                                                 \
+            snprintf(_d, sizeof _d, "cuBLASLt status %d (%s) for %s M=%d N=%d K=%d",      \
+                     (int)_s, cublasLtGetStatusName(_s), what, k.M, k.N, k.K);            \
+            sj_cuda_error(#call, _d, __FILE__, __LINE__);                                 \
+            return NULL;                                                                  \
+        }                                                                                 \
+    } while (0)
+
+static const plan *get_plan(const plan_key &k, size_t ws_bytes) {
+    for (int i = 0; i < n_plans; i++)
+        if (plans[i].key == k) return &plans[i];
+    if (n_plans == N_PLANS) {
+        sj_cuda_error("matmul", "too many distinct GEMM shapes (256)", __FILE__, __LINE__);
+        return NULL;
+    }
+    plan p = {};
+    p.key = k;
+    const cudaDataType ab = k.bf ? CUDA_R_16BF : CUDA_R_32F;
+    const cudaDataType ct = k.c_f32 ? CUDA_R_32F : ab;
+    const cublasOperation_t opa = k.tB ? CUBLAS_OP_T : CUBLAS_OP_N;   /* theirs A = our B */
+    const cublasOperation_t opb = k.tA ? CUBLAS_OP_T : CUBLAS_OP_N;   /* theirs B = our A */
+    LT_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa), "transa");
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb), "transb");
+    /* Stored shapes, column-major: our B is (N x K) ld N, or (K x N) ld K when
+     * transposed; our A is (K x M) ld K, or (M x K) ld M. */
+    if (opa == CUBLAS_OP_N) LT_CHECK(cublasLtMatrixLayoutCreate(&p.a, ab, k.N, k.K, k.N), "layout a");
+    else LT_CHECK(cublasLtMatrixLayoutCreate(&p.a, ab, k.K, k.N, k.K), "layout a");
+    if (opb == CUBLAS_OP_N) LT_CHECK(cublasLtMatrixLayoutCreate(&p.b, ab, k.K, k.M, k.K), "layout b");
+    else LT_CHECK(cublasLtMatrixLayoutCreate(&p.b, ab, k.M, k.K, k.M), "layout b");
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p.c, ct, k.N, k.M, k.N), "layout c");
+    cublasLtMatmulPreference_t pref;
+    LT_CHECK(cublasLtMatmulPreferenceCreate(&pref), "preference");
+    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                  &ws_bytes, sizeof ws_bytes), "workspace");
+    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                  &k.al_b, sizeof k.al_b), "align a");
+    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                  &k.al_a, sizeof k.al_a), "align b");
+    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                  &k.al_c, sizeof k.al_c), "align c");
+    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                  &k.al_c, sizeof k.al_c), "align d");
+    cublasLtMatmulHeuristicResult_t res[1];
+    int found = 0;
+    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.op, p.a, p.b, p.c, p.c, pref, 1,
+                                                       res, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    LT_CHECK(st, "heuristic");
+    if (found < 1) {
+        char d[128];
+        snprintf(d, sizeof d, "no cuBLASLt algorithm for M=%d N=%d K=%d", k.M, k.N, k.K);
+        sj_cuda_error("cublasLtMatmulAlgoGetHeuristic", d, __FILE__, __LINE__);
+        return NULL;
+    }
+    p.algo = res[0].algo;
+    p.ws = res[0].workspaceSize;
+    plans[n_plans] = p;
+    return &plans[n_plans++];
+}
+
+static void matmul(void *C, const void *A, const void *B, int M, int N, int K, int tA, int tB,
+                   int accum, int c_f32, int bf) {
+    if (M <= 0 || N <= 0) return;
+    sj_cuda_matmul_init();
+    if (handle_status != CUBLAS_STATUS_SUCCESS) {
+        sj_cuda_error("cublasLtCreate", cublasLtGetStatusName(handle_status), __FILE__, __LINE__);
+        return;
+    }
+    sj_cuda_ctx *ctx = sj_cuda_cur();
+    const plan_key k = { M, N, K, tA, tB, c_f32, bf, alignment(A), alignment(B), alignment(C) };
+    const plan *p;
+    {
+        std::lock_guard<std::mutex> lk(plans_mu);
+        p = get_plan(k, ctx->workspace_bytes);
+    }
+    if (!p) return;
+    const float alpha = 1.0f, beta = accum ? 1.0f : 0.0f;
+    cublasStatus_t st = cublasLtMatmul(handle, p->op, &alpha, B, p->a, A, p->b, &beta, C, p->c,
+                                       C, p->c, &p->algo, ctx->workspace, ctx->workspace_bytes,
+                                       ctx->stream);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        char d[160];
+        snprintf(d, sizeof d, "cuBLASLt status %d (%s) for M=%d N=%d K=%d", (int)st,
+                 cublasLtGetStatusName(st), M, N, K);
+        sj_cuda_error("cublasLtMatmul", d, __FILE__, __LINE__);
+    }
+}
+
+extern "C" void sj_cuda_matmul_f32(void *C, const void *A, const void *B, int M, int N, int K,
+                                   int transA, int transB, int accum, int c_f32) {
+    matmul(C, A, B, M, N, K, transA, transB, accum, c_f32, 0);
+}
+extern "C" void sj_cuda_matmul_bf16(void *C, const void *A, const void *B, int M, int N, int K,
+                                    int transA, int transB, int accum, int c_f32) {
+    matmul(C, A, B, M, N, K, transA, transB, accum, c_f32, 1);
+}

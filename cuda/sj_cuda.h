@@ -1,0 +1,32 @@
+/* sj_cuda.h — what the C engine sees of the CUDA backend. Valid C and C++;
+ * everything here has C linkage. Included by csrc/ only under SJ_HAVE_CUDA. */
+#ifndef SJ_CUDA_H
+#define SJ_CUDA_H
+
+#include "../csrc/ops/backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The two tables: act dtype f32 (TF32 off: parity mode) and bf16. */
+extern const sj_backend sj_cuda_backend_f32;
+extern const sj_backend sj_cuda_backend_bf16;
+
+/* SJ_OK when a usable GPU is present; otherwise the error says why. */
+sj_status sj_cuda_check_device(void);
+
+/* Attention kernel choice, for tests and fallbacks: 0 = automatic (tensor
+ * cores for bf16 with head_dim 32/64/128, else the simple kernel),
+ * 1 = always the simple kernel. Also set by SMEDJAN_ATTENTION=simple. */
+void sj_cuda_set_attention_variant(int v);
+
+/* Bytes of device memory the CUDA backend has allocated now / at most. */
+int64_t sj_cuda_bytes_in_use(void);
+int64_t sj_cuda_peak_bytes(void);
+void sj_cuda_reset_peak(void);   /* peak := now */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,168 @@
+"""Float64 NumPy references for the CUDA kernels, and the helpers the GPU
+tests share: bf16 rounding, poisoned outputs, relative errors, GPU presence."""
+import math
+import shutil
+import subprocess
+
+import numpy as np
+
+import smedjan
+
+
+def gpu_present() -> bool:
+    """A CUDA GPU on this machine, whether or not smedjan was built for it
+    (so that a GPU with a CPU-only build fails loudly instead of skipping)."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return True
+    except Exception:
+        pass
+    if shutil.which("nvidia-smi"):
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+        return r.returncode == 0 and "GPU" in r.stdout
+    return smedjan.cuda_available()
+
+
+def bf16_round(x):
+    """Round float32 to the nearest bf16 (ties to even), kept as float32."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(np.float32)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def poison(shape):
+    return np.full(shape, np.nan, np.float32)
+
+
+# ---- references (float64) ----------------------------------------------------
+
+def matmul(A, B, tA, tB):
+    A, B = np.float64(A), np.float64(B)
+    return (A.T if tA else A) @ (B.T if tB else B)
+
+
+def rmsnorm_fwd(x, w, eps):
+    x = np.float64(x)
+    rstd = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    return x * rstd * w, rstd[:, 0]
+
+
+def rmsnorm_bwd(dout, x, w, rstd):
+    x, g = np.float64(x), np.float64(dout)
+    r = rstd[:, None]
+    C = x.shape[1]
+    dot = (g * w * x).sum(-1, keepdims=True)
+    dx = g * w * r - dot * r ** 3 / C * x
+    dw = (g * x * r).sum(0)
+    return dx, dw
+
+
+def rope_angles(T, hd, pos0, theta):
+    half = hd // 2
+    e = np.float32(2 * np.arange(half)) / np.float32(hd)
+    inv = (np.float32(1.0) / np.float32(np.float64(theta) ** np.float64(e))).astype(np.float32)
+    pos = np.float32(pos0 + np.arange(T))
+    return np.float64(pos[:, None] * inv[None, :])   # (T, half), rounded as the kernel does
+
+
+def rope(x, B, T, n_heads, n_rot, hd, pos0, theta, inverse=False):
+    x = np.float64(x).reshape(B, T, n_heads, hd)
+    a = rope_angles(T, hd, pos0, theta)[None, :, None, :]
+    c, s = np.cos(a), np.sin(a) * (-1 if inverse else 1)
+    y = x.copy()
+    h = hd // 2
+    x1, x2 = x[:, :, :n_rot, :h], x[:, :, :n_rot, h:]
+    y[:, :, :n_rot, :h] = x1 * c - x2 * s
+    y[:, :, :n_rot, h:] = x2 * c + x1 * s
+    return y.reshape(B, T, n_heads * hd)
+
+
+def attention_fwd(qkv, B, T, H, KV, hd):
+    x = np.float64(qkv).reshape(B, T, H + 2 * KV, hd)
+    q, k, v = x[:, :, :H], x[:, :, H:H + KV], x[:, :, H + KV:]
+    k = np.repeat(k, H // KV, axis=2)
+    v = np.repeat(v, H // KV, axis=2)
+    s = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(hd)
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - m)
+    l = p.sum(-1, keepdims=True)
+    lse = (m + np.log(l))[..., 0]                         # (B, H, T)
+    out = np.einsum("bhts,bshd->bthd", p / l, v).reshape(B, T, H * hd)
+    return out, lse
+
+
+def attention_bwd(dout, qkv, B, T, H, KV, hd):
+    x = np.float64(qkv).reshape(B, T, H + 2 * KV, hd)
+    q, k, v = x[:, :, :H], x[:, :, H:H + KV], x[:, :, H + KV:]
+    g = H // KV
+    kr, vr = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.einsum("bthd,bshd->bhts", q, kr) / math.sqrt(hd)
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    do = np.float64(dout).reshape(B, T, H, hd)
+    dv = np.einsum("bhts,bthd->bshd", p, do)
+    dp = np.einsum("bthd,bshd->bhts", do, vr)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / math.sqrt(hd)
+    dq = np.einsum("bhts,bshd->bthd", ds, kr)
+    dk = np.einsum("bhts,bthd->bshd", ds, q)
+    dk = dk.reshape(B, T, KV, g, hd).sum(3)
+    dv = dv.reshape(B, T, KV, g, hd).sum(3)
+    return np.concatenate([dq, dk, dv], axis=2).reshape(B, T, (H + 2 * KV) * hd)
+
+
+def swiglu_fwd(gu, F):
+    gu = np.float64(gu)
+    g, u = gu[:, :F], gu[:, F:]
+    return g / (1 + np.exp(-g)) * u
+
+
+def swiglu_bwd(dh, gu, F):
+    gu, dh = np.float64(gu), np.float64(dh)
+    g, u = gu[:, :F], gu[:, F:]
+    s = 1 / (1 + np.exp(-g))
+    return np.concatenate([dh * u * s * (1 + g * (1 - s)), dh * g * s], axis=1)
+
+
+def cross_entropy(logits, targets, ignore):
+    x = np.float64(logits)
+    m = x.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
+    rows = np.arange(len(targets))
+    t = np.where(targets == ignore, 0, targets)
+    loss = np.where(targets == ignore, 0.0, lse - x[rows, t])
+    return loss, lse
+
+
+def cross_entropy_bwd(logits, lse, targets, ignore, scale):
+    x = np.float64(logits)
+    s = np.where(targets == ignore, 0.0, scale)[:, None]
+    d = s * np.exp(x - lse[:, None])
+    rows = np.arange(len(targets))
+    keep = targets != ignore
+    d[rows[keep], targets[keep]] -= scale
+    return d
+
+
+def adamw(p, g, m, v, n_decay, lr, b1, b2, eps, wd, clip, step):
+    p, g, m, v = (np.float64(a) for a in (p, g, m, v))
+    sumsq = float((g * g).sum())
+    norm = math.sqrt(sumsq)
+    scale = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+    g = g * scale
+    p = p.copy()
+    p[:n_decay] *= 1 - lr * wd
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    p -= lr / bc1 * m / (np.sqrt(v) / math.sqrt(bc2) + eps)
+    return p, m, v, sumsq

@@ -1,0 +1,426 @@
+"""The CUDA backend: every kernel against a float64 reference on fresh
+random inputs with poisoned outputs; the fp32 mode equal to the CPU backend
+(1e-5), the bf16 mode near the fp32 one (2e-2); graph replay equal to eager
+execution; bitwise-repeatable training; zero-copy DLPack; device moves;
+clear errors. Skipped, with the reason "no CUDA GPU", only when this machine
+has no GPU (a GPU with a CPU-only build fails instead)."""
+import gc
+import math
+
+import numpy as np
+import pytest
+
+import smedjan
+from smedjan import _C
+import cuda_ref as ref
+from cuda_ref import bf16_round, poison, rel_err
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not ref.gpu_present(), reason="no CUDA GPU")]
+
+DTYPES = ["fp32", "bf16"]
+TOL = {"fp32": 1e-5, "bf16": 1.5e-2}
+
+
+def rnd(rng, *shape, scale=1.0, dtype="fp32"):
+    x = (rng.standard_normal(shape) * scale).astype(np.float32)
+    return bf16_round(x) if dtype == "bf16" else x
+
+
+def op(name, dtype, arrays, ints=(), floats=()):
+    return _C.cuda_op(name, dtype, arrays, tuple(int(i) for i in ints), tuple(float(f) for f in floats))
+
+
+def close(got, want, dtype, what, tol=None):
+    e = rel_err(got, want)
+    assert e < (tol or TOL[dtype]), f"{what} [{dtype}]: relative error {e:.3e}"
+
+
+@pytest.fixture
+def rng(request):
+    # fresh inputs per test and parameter set, yet reproducible
+    return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
+
+
+# ---- kernels ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tA,tB", [(0, 1), (0, 0), (1, 0)])
+@pytest.mark.parametrize("accum,c_f32", [(0, 0), (1, 0), (1, 1)])
+def test_matmul_kernel(dtype, tA, tB, accum, c_f32, rng):
+    M, N, K = 67, 45, 96
+    A = rnd(rng, *((K, M) if tA else (M, K)), dtype=dtype)
+    B = rnd(rng, *((N, K) if tB else (K, N)), dtype=dtype)
+    C0 = rnd(rng, M, N, dtype="fp32" if c_f32 else dtype) if accum else poison((M, N))
+    out = op("matmul", dtype, {"C": C0, "A": A, "B": B}, (M, N, K, tA, tB, accum, c_f32))
+    want = ref.matmul(A, B, tA, tB) + (np.float64(C0) if accum else 0)
+    close(out["C"].reshape(M, N), want, dtype, "matmul", None if c_f32 or dtype == "fp32" else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_kernels(dtype, rng):
+    N, C, V = 300, 96, 37
+    tok = rng.integers(0, V, N).astype(np.int32)
+    tok[:50] = 5   # a long run of one id
+    emb = rnd(rng, V, C, dtype=dtype)
+    out = op("embedding_forward", dtype, {"out": poison((N, C)), "tok": tok, "emb": emb}, (N, C))
+    np.testing.assert_array_equal(out["out"].reshape(N, C), emb[tok])
+    order = np.argsort(tok, kind="stable").astype(np.int32)
+    dout = rnd(rng, N, C, dtype=dtype)
+    d0 = rnd(rng, V, C)
+    got = op("embedding_backward", dtype, {"demb": d0, "dout": dout, "tok": np.concatenate([tok, order])},
+             (N, C))["demb"].reshape(V, C)
+    want = np.float64(d0)
+    np.add.at(want, tok, np.float64(dout))
+    close(got, want, dtype, "embedding backward", 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accum", [0, 1])
+def test_rmsnorm_kernels(dtype, accum, rng):
+    N, C = 333, 160
+    x = rnd(rng, N, C, scale=2.0, dtype=dtype)
+    w = bf16_round(rng.uniform(0.5, 1.5, C).astype(np.float32)) if dtype == "bf16" else \
+        rng.uniform(0.5, 1.5, C).astype(np.float32)
+    f = op("rmsnorm_forward", dtype, {"out": poison((N, C)), "rstd": poison(N), "x": x, "w": w}, (N, C), (1e-5,))
+    y, rstd = ref.rmsnorm_fwd(x, w, 1e-5)
+    close(f["out"], y, dtype, "rmsnorm out")
+    close(f["rstd"], rstd, "fp32", "rstd", 1e-5 if dtype == "fp32" else 1e-4)
+    dout = rnd(rng, N, C, dtype=dtype)
+    dx0 = rnd(rng, N, C, dtype=dtype) if accum else poison((N, C))
+    dw0 = rnd(rng, C)
+    b = op("rmsnorm_backward", dtype, {"dx": dx0, "dw": dw0, "dout": dout, "x": x, "w": w,
+                                       "rstd": f["rstd"]}, (N, C, accum))
+    dx, dw = ref.rmsnorm_bwd(dout, x, w, np.float64(f["rstd"]))
+    close(b["dx"].reshape(N, C), dx + (np.float64(dx0) if accum else 0), dtype, "rmsnorm dx")
+    close(b["dw"], dw + dw0, dtype, "rmsnorm dw", 1e-5 if dtype == "fp32" else 5e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accum", [0, 1])
+def test_rope_kernels(dtype, accum, rng):
+    B, T, nh, nr, hd, pos0 = 2, 37, 5, 3, 32, 3
+    x = rnd(rng, B, T, nh * hd, dtype=dtype)
+    out = op("rope_forward", dtype, {"out": poison((B, T, nh * hd)), "in": x},
+             (B, T, nh, nr, hd, pos0), (10000.0,))["out"]
+    close(out, ref.rope(x, B, T, nh, nr, hd, pos0, 10000.0), dtype, "rope forward")
+    d0 = rnd(rng, B, T, nh * hd, dtype=dtype) if accum else poison((B, T, nh * hd))
+    got = op("rope_backward", dtype, {"din": d0, "dout": x}, (B, T, nh, nr, hd, pos0, accum), (10000.0,))["din"]
+    want = ref.rope(x, B, T, nh, nr, hd, pos0, 10000.0, inverse=True) + (np.float64(d0) if accum else 0)
+    close(got, want, dtype, "rope backward")
+
+
+ATTN_SHAPES = [  # B, T, H, KV, hd
+    (2, 100, 4, 2, 32), (1, 130, 2, 2, 64), (2, 64, 4, 1, 128), (1, 33, 3, 3, 48), (3, 7, 2, 1, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["auto", "simple"])
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "B%dT%dH%dKV%dhd%d" % s)
+def test_attention_kernels(dtype, variant, shape, rng):
+    if dtype == "fp32" and variant == "auto":
+        pytest.skip("fp32 always runs the simple kernel")
+    B, T, H, KV, hd = shape
+    _C.cuda_attention_variant(0 if variant == "auto" else 1)
+    try:
+        W = (H + 2 * KV) * hd
+        qkv = rnd(rng, B, T, W, dtype=dtype)
+        f = op("attention_forward", dtype, {"out": poison((B, T, H * hd)), "lse": poison((B, H, T)),
+                                            "qkv": qkv}, (B, T, H, KV, hd))
+        out, lse = ref.attention_fwd(qkv, B, T, H, KV, hd)
+        close(f["out"], out, dtype, "attention out")
+        close(f["lse"], lse, dtype, "attention lse", 1e-5 if dtype == "fp32" else 2e-3)
+        dout = rnd(rng, B, T, H * hd, dtype=dtype)
+        for accum in (0, 1):
+            d0 = rnd(rng, B, T, W, dtype=dtype) if accum else poison((B, T, W))
+            b = op("attention_backward", dtype, {"dqkv": d0, "dout": dout, "qkv": qkv, "out": f["out"],
+                                                 "lse": f["lse"]}, (B, T, H, KV, hd, accum))
+            want = ref.attention_bwd(dout, qkv, B, T, H, KV, hd) + (np.float64(d0) if accum else 0)
+            got = b["dqkv"].reshape(B, T, H + 2 * KV, hd)
+            want = want.reshape(B, T, H + 2 * KV, hd)
+            for part, sl in (("dq", slice(0, H)), ("dk", slice(H, H + KV)), ("dv", slice(H + KV, None))):
+                close(got[:, :, sl], want[:, :, sl], dtype, f"attention {part} accum={accum}",
+                      None if dtype == "fp32" else 3e-2)
+    finally:
+        _C.cuda_attention_variant(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_kernels(dtype, rng):
+    N, F = 77, 96
+    gu = rnd(rng, N, 2 * F, scale=2.0, dtype=dtype)
+    h = op("swiglu_forward", dtype, {"h": poison((N, F)), "gu": gu}, (N, F))["h"]
+    close(h, ref.swiglu_fwd(gu, F), dtype, "swiglu forward")
+    dh = rnd(rng, N, F, dtype=dtype)
+    for accum in (0, 1):
+        d0 = rnd(rng, N, 2 * F, dtype=dtype) if accum else poison((N, 2 * F))
+        got = op("swiglu_backward", dtype, {"dgu": d0, "dh": dh, "gu": gu}, (N, F, accum))["dgu"]
+        close(got.reshape(N, 2 * F), ref.swiglu_bwd(dh, gu, F) + (np.float64(d0) if accum else 0),
+              dtype, "swiglu backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_and_copy_kernels(dtype, rng):
+    n = 1001
+    a, b = rnd(rng, n, dtype=dtype), rnd(rng, n, dtype=dtype)
+    close(op("add", dtype, {"out": poison(n), "a": a, "b": b}, (n,))["out"], np.float64(a) + b, dtype, "add")
+    close(op("copy", dtype, {"dst": poison(n), "src": a}, (n, 0))["dst"], a, dtype, "copy")
+    close(op("copy", dtype, {"dst": b, "src": a}, (n, 1))["dst"], np.float64(a) + b, dtype, "copy accum")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["overwrite", "accum", "in_place"])
+def test_cross_entropy_kernels(dtype, mode, rng):
+    N, V = 19, 1000
+    logits = rnd(rng, N, V, scale=3.0, dtype=dtype)
+    tgt = rng.integers(0, V, N).astype(np.int32)
+    tgt[[2, 7]] = -1
+    f = op("cross_entropy_forward", dtype, {"losses": poison(N), "lse": poison(N), "logits": logits,
+                                            "targets": tgt}, (N, V, -1))
+    loss, lse = ref.cross_entropy(logits, tgt, -1)
+    close(f["losses"], loss, "fp32", "losses", 1e-5 if dtype == "fp32" else 1e-4)
+    close(f["lse"], lse, "fp32", "lse", 1e-5 if dtype == "fp32" else 1e-4)
+    assert f["losses"][2] == 0 and f["losses"][7] == 0
+    accum = mode == "accum"
+    d0 = rnd(rng, N, V, dtype=dtype) * 1e-3 if accum else poison((N, V))
+    scale = np.array([1.0 / 17], np.float32)
+    b = op("cross_entropy_backward", dtype, {"dlogits": d0, "logits": logits, "lse": f["lse"],
+                                             "targets": tgt, "scale": scale},
+           (N, V, -1, int(accum), int(mode == "in_place")))
+    want = ref.cross_entropy_bwd(logits, np.float64(f["lse"]), tgt, -1, float(scale[0]))
+    close(b["dlogits"].reshape(N, V), want + (np.float64(d0) if accum else 0), dtype, f"dlogits {mode}")
+    assert not b["dlogits"].reshape(N, V)[7].any() or accum
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("clip", [0.0, 0.05, 1e9])
+def test_adamw_and_norm_kernels(dtype, clip, rng):
+    n, n_decay, step = 5003, 4000, 7
+    p, g = rnd(rng, n), rnd(rng, n, scale=0.01)
+    m, v = rnd(rng, n, scale=0.01), np.abs(rnd(rng, n, scale=1e-4))
+    hp = (1e-3, 0.9, 0.95, 1e-8, 0.1, clip)
+    out = op("adamw", dtype, {"p": p, "p_act": poison(n), "g": g, "m": m, "v": v},
+             (n, n_decay, step, 1 if dtype == "bf16" else 0), hp)
+    wp, wm, wv, sumsq = ref.adamw(p, g, m, v, n_decay, *hp, step)
+    assert abs(out["sumsq"] - sumsq) <= 1e-12 * sumsq
+    close(out["p"], wp, "fp32", "p", 1e-6)
+    close(out["m"], wm, "fp32", "m", 1e-6)
+    close(out["v"], wv, "fp32", "v", 1e-6)
+    assert not out["g"].any(), "gradients must be zeroed"
+    if dtype == "bf16":
+        np.testing.assert_array_equal(out["p_act"], bf16_round(out["p"]))
+
+
+def test_adamw_skips_a_non_finite_norm(rng):
+    n = 100
+    p, g = rnd(rng, n), rnd(rng, n)
+    g[3] = np.inf
+    out = op("adamw", "fp32", {"p": p, "p_act": poison(n), "g": g, "m": np.zeros(n, np.float32),
+                               "v": np.zeros(n, np.float32)}, (n, n, 1, 0), (1e-3, 0.9, 0.95, 1e-8, 0.1, 1.0))
+    np.testing.assert_array_equal(out["p"], p)
+    assert not out["g"].any() and not math.isfinite(out["sumsq"])
+
+
+# ---- the model on the GPU ----------------------------------------------------------
+
+SHAPES = {
+    "mha": dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=2, vocab=97, B=2, T=16),
+    "gqa": dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab=300, B=3, T=70),
+    "hd128": dict(dim=256, n_layers=1, n_heads=2, n_kv_heads=1, vocab=64, B=2, T=33),
+}
+
+
+def make(shape, device, dtype, seed=0):
+    s = SHAPES[shape]
+    cfg = smedjan.Config.custom(s["dim"], s["n_layers"], s["n_heads"], s["n_kv_heads"],
+                                vocab_size=s["vocab"], max_seq_len=128)
+    m = smedjan.Model(cfg, seed=seed, device=device, dtype=dtype)
+    r = np.random.default_rng(seed)
+    gains = {n: r.uniform(0.5, 1.5, v.shape).astype(np.float32) for n, v in m.params.items() if len(v.shape) == 1}
+    for n, v in gains.items():
+        m.params[n][:] = v      # randomised norm gains (whole writes refresh the bf16 copy)
+    tokens = r.integers(0, s["vocab"], (s["B"], s["T"])).astype(np.int32)
+    targets = r.integers(0, s["vocab"], (s["B"], s["T"])).astype(np.int32)
+    targets[0, :3] = -1
+    return m, tokens, targets
+
+
+def host(x):
+    return np.asarray(x)   # NumPy views as they are; DeviceTensors copied
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp32_mode_equals_the_cpu_backend(shape):
+    cpu, tokens, targets = make(shape, "cpu", "fp32")
+    gpu, _, _ = make(shape, "cuda", "fp32")
+    np.testing.assert_array_equal(host(gpu.flat_params), cpu.flat_params)
+    assert rel_err(gpu.forward(tokens), cpu.forward(tokens)) < 1e-5
+    lc = cpu.loss(tokens, targets, backward=True)
+    lg = gpu.loss(tokens, targets, backward=True)
+    assert abs(lg - lc) <= 1e-5 * abs(lc), (lg, lc)
+    for name in cpu.grads:
+        e = rel_err(host(gpu.grads[name]), cpu.grads[name])
+        assert e < 1e-5, (name, e)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_mode_is_close_to_fp32(shape):
+    f32, tokens, targets = make(shape, "cuda", "fp32")
+    b16, _, _ = make(shape, "cuda", "bf16")
+    assert rel_err(b16.forward(tokens), f32.forward(tokens)) < 2e-2
+    l32 = f32.loss(tokens, targets, backward=True)
+    l16 = b16.loss(tokens, targets, backward=True)
+    assert abs(l16 - l32) <= 2e-2 * abs(l32), (l16, l32)
+    for name in f32.grads:
+        e = rel_err(host(b16.grads[name]), host(f32.grads[name]))
+        assert e < 2e-2, (name, e)
+
+
+def text_batches(text_bytes, B, T, steps, seed=0):
+    data = np.frombuffer(text_bytes, dtype=np.uint8).astype(np.int32)
+    r = np.random.default_rng(seed)
+    for _ in range(steps):
+        starts = r.integers(0, len(data) - T - 1, B)
+        x = np.stack([data[s:s + T + 1] for s in starts])
+        yield np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(x[:, 1:])
+
+
+def train(text_bytes, device, dtype, steps, graphs=True, B=4, T=64, preset_cfg=None):
+    cfg = preset_cfg or smedjan.Config.custom(128, 2, 4, 2, vocab_size=256, max_seq_len=128)
+    m = smedjan.Model(cfg, seed=3, device=device, dtype=dtype)
+    if device == "cuda":
+        m._h.set_graphs(graphs)
+    tr = smedjan.Trainer(m, lr=3e-3, min_lr=3e-4, warmup=3, steps=steps, clip=0.5)
+    out = [tuple(tr.step(x, y)) for x, y in text_batches(text_bytes, B, T, steps)]
+    return m, out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_graph_replay_equals_eager(text_bytes, dtype):
+    ga, ra = train(text_bytes, "cuda", dtype, 6, graphs=True)
+    gb, rb = train(text_bytes, "cuda", dtype, 6, graphs=False)
+    assert ra == rb, (ra, rb)
+    np.testing.assert_array_equal(host(ga.flat_params), host(gb.flat_params))
+
+
+def test_two_identical_runs_give_identical_losses(text_bytes):
+    _, a = train(text_bytes, "cuda", "bf16", 8)
+    _, b = train(text_bytes, "cuda", "bf16", 8)
+    assert a == b
+
+
+def test_fp32_training_matches_the_cpu(text_bytes):
+    _, c = train(text_bytes, "cpu", "fp32", 10)
+    _, g = train(text_bytes, "cuda", "fp32", 10)
+    for (lc, nc, rc), (lg, ng, rg) in zip(c, g):
+        assert abs(lg - lc) <= 1e-4 * lc and abs(ng - nc) <= 1e-3 * nc and rg == rc
+
+
+def test_uint16_tokens_and_ignore_index_on_gpu():
+    m, tokens, targets = make("gqa", "cuda", "fp32")
+    a = m.loss(tokens, np.where(targets < 0, 0, targets).astype(np.int32))
+    b = m.loss(tokens.astype(np.uint16), np.where(targets < 0, 0, targets).astype(np.uint16))
+    assert a == b
+    c = m.loss(tokens, targets)           # the ignored rows change the mean
+    assert c != a and math.isfinite(c)
+
+
+def test_dlpack_views_without_a_copy():
+    torch = pytest.importorskip("torch")
+    m, tokens, _ = make("mha", "cuda", "bf16")
+    t = torch.from_dlpack(m.flat_params)
+    assert t.is_cuda and t.dtype == torch.float32 and t.numel() == m.n_params
+    assert t.data_ptr() == m.flat_params.data_ptr
+    w = torch.from_dlpack(m.params["final_norm"])
+    before = m.forward(tokens)
+    w.zero_()                                  # write through the view ...
+    m.params_updated()                         # ... and refresh the bf16 copy
+    assert not m.forward(tokens).any()
+    assert not m.params["final_norm"].numpy().any()
+    g = torch.from_dlpack(m.grads["tok_emb"])
+    assert tuple(g.shape) == m.params["tok_emb"].shape
+    del t, w, g
+    gc.collect()
+    assert before.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logits_stay_on_the_device_for_dlpack(dtype):
+    torch = pytest.importorskip("torch")
+    m, tokens, _ = make("gqa", "cuda", dtype)
+    host_logits = m.forward(tokens)
+    d = m.forward_device(tokens)
+    assert d.shape == host_logits.shape and d.dtype == ("bfloat16" if dtype == "bf16" else "float32")
+    t = torch.from_dlpack(d)
+    assert t.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+    np.testing.assert_array_equal(t.float().cpu().numpy(), host_logits)
+
+
+def test_a_dlpack_view_keeps_the_model_alive():
+    torch = pytest.importorskip("torch")
+    m, _, _ = make("mha", "cuda", "fp32")
+    expect = m.params["layers.0.wq"].numpy()
+    t = torch.from_dlpack(m.params["layers.0.wq"])
+    del m
+    gc.collect()
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(t.cpu().numpy(), expect)
+
+
+def test_move_between_devices_keeps_weights_and_training_state(text_bytes):
+    m, _ = train(text_bytes, "cuda", "bf16", 3)
+    p = host(m.flat_params).copy()
+    m.to("cpu")
+    assert m.device == "cpu" and isinstance(m.flat_params, np.ndarray)
+    np.testing.assert_array_equal(m.flat_params, p)
+    m.to("cuda", "fp32")
+    np.testing.assert_array_equal(host(m.flat_params), p)
+
+
+def test_train_on_gpu_resume_on_cpu(text_bytes):
+    m, hist = train(text_bytes, "cuda", "fp32", 4)
+    tr = smedjan.Trainer(m, lr=3e-3, steps=10)
+    batches = list(text_batches(text_bytes, 4, 64, 2, seed=9))
+    tr.step(*batches[0])
+    m_state = (host(tr.exp_avg).copy(), host(tr.exp_avg_sq).copy(), host(m.flat_params).copy())
+    m.to("cpu")
+    np.testing.assert_array_equal(m.flat_params, m_state[2])
+    r = tr.step(*batches[1])                   # the optimizer's state followed the model
+    assert math.isfinite(r.loss)
+    assert tr.exp_avg.any() and isinstance(tr.exp_avg, np.ndarray)
+
+
+def test_out_of_memory_raises_memory_error_naming_the_bytes():
+    cfg = smedjan.Config.custom(8192, 64, 64, vocab_size=8192, max_seq_len=128)
+    with pytest.raises(MemoryError, match=r"\d+ bytes"):
+        smedjan.Model(cfg, device="cuda", dtype="bf16")
+
+
+def test_memory_is_accounted():
+    m, tokens, targets = make("gqa", "cuda", "bf16")
+    m.loss(tokens, targets, backward=True)
+    mem = m.memory()
+    assert mem["peak_bytes"] >= 4 * 2 * m.n_params and mem["cuda_peak_bytes"] >= mem["peak_bytes"]
+
+
+@pytest.mark.slow
+def test_300_steps_small_bf16_cuda_tracks_fp32_cpu(text_bytes):
+    """Real text, the small preset (byte vocabulary): bf16 CUDA and fp32 CPU
+    eval losses agree within 2% at every eval."""
+    cfg = smedjan.Config.preset("small", vocab_size=256)
+    steps, B, T = 300, 4, 128
+    evals = list(text_batches(text_bytes[-200_000:], 8, 128, 2, seed=123))
+    curves = {}
+    for device, dtype in (("cuda", "bf16"), ("cpu", "fp32")):
+        m = smedjan.Model(cfg, seed=1, device=device, dtype=dtype)
+        tr = smedjan.Trainer(m, lr=2e-3, min_lr=2e-4, warmup=20, steps=steps, clip=1.0)
+        curve = []
+        for i, (x, y) in enumerate(text_batches(text_bytes[:-200_000], B, T, steps, seed=5)):
+            tr.step(x, y)
+            if (i + 1) % 50 == 0:
+                curve.append(float(np.mean([m.loss(ex, ey) for ex, ey in evals])))
+        curves[device] = curve
+    for i, (a, b) in enumerate(zip(curves["cuda"], curves["cpu"])):
+        assert abs(a - b) <= 0.02 * b, (i, curves)
+    assert curves["cuda"][-1] < 4.0, curves   # it learned (ln 256 = 5.55)

@@ -1,0 +1,205 @@
+"""A lane-by-lane NumPy port (float64) of the tensor-core attention kernels in
+cuda/attention.cu, with the PTX ISA's mma.m16n8k16 fragment layouts: checks
+their index, mask, online-softmax and fragment-reuse logic on any machine,
+GPU or not. Keep it in step with the kernels (same names, same loops); the
+GPU tests check the kernels themselves."""
+import math
+import numpy as np
+import pytest
+import cuda_ref as ref
+
+L = np.arange(32); G = L >> 2; Tt = L & 3
+LOG2E = 1.4426950408889634
+
+def frag_a(sm, base, ld):
+    q = base + G * ld + 2 * Tt
+    return np.stack([np.stack([sm[q], sm[q + 1]], -1), np.stack([sm[q + 8 * ld], sm[q + 8 * ld + 1]], -1),
+                     np.stack([sm[q + 8], sm[q + 9]], -1), np.stack([sm[q + 8 * ld + 8], sm[q + 8 * ld + 9]], -1)], 1)
+def frag_bt(sm, base, ld):
+    q = base + G * ld + 2 * Tt
+    return np.stack([sm[q], sm[q + 1]], -1), np.stack([sm[q + 8], sm[q + 9]], -1)
+def frag_b(sm, base, ld):
+    q = base + 2 * Tt * ld + G
+    return np.stack([sm[q], sm[q + ld]], -1), np.stack([sm[q + 8 * ld], sm[q + 9 * ld]], -1)
+def c_to_a(c0, c1):
+    return np.stack([c0[:, 0:2], c0[:, 2:4], c1[:, 0:2], c1[:, 2:4]], 1)
+def mma(c, a, b0, b1):
+    A = np.zeros((16, 16)); B = np.zeros((16, 8))
+    for j in range(2):
+        A[G, 2 * Tt + j] = a[:, 0, j]; A[G + 8, 2 * Tt + j] = a[:, 1, j]
+        A[G, 2 * Tt + 8 + j] = a[:, 2, j]; A[G + 8, 2 * Tt + 8 + j] = a[:, 3, j]
+        B[2 * Tt + j, G] = b0[:, j]; B[2 * Tt + 8 + j, G] = b1[:, j]
+    D = A @ B
+    c[:, 0] += D[G, 2 * Tt]; c[:, 1] += D[G, 2 * Tt + 1]; c[:, 2] += D[G + 8, 2 * Tt]; c[:, 3] += D[G + 8, 2 * Tt + 1]
+
+def load_tile(g, r0, T, HD):   # g: (T, HD) rows -> smem flat (64*LD)
+    LD = HD + 8
+    sm = np.zeros((64, LD))
+    n = max(0, min(64, T - r0))
+    sm[:n, :HD] = g[r0:r0 + n]
+    return sm.reshape(-1)
+
+def fwd(qkv, B, T, H, KV, HD):
+    x = qkv.reshape(B, T, H + 2 * KV, HD)
+    out = np.full((B, T, H, HD), np.nan); lse = np.full((B, H, T), np.nan)
+    LD = HD + 8; NK = HD // 16; ND = HD // 8
+    for b in range(B):
+        for h in range(H):
+            kvh = h // (H // KV)
+            for qt in range((T + 63) // 64):
+                n_kt = min(qt * 64 + 63, T - 1) // 64 + 1
+                for warp in range(4):
+                    r0 = qt * 64 + warp * 16 + G; r1 = r0 + 8
+                    qa = []
+                    for kc in range(NK):
+                        c = kc * 16 + 2 * Tt
+                        def ld(r, cc):
+                            ok = r < T
+                            rr = np.where(ok, r, 0)
+                            return np.where(ok[:, None], np.stack([x[b, rr, h, cc], x[b, rr, h, cc + 1]], -1), 0)
+                        qa.append(np.stack([ld(r0, c), ld(r1, c), ld(r0, c + 8), ld(r1, c + 8)], 1))
+                    o = np.zeros((ND, 32, 4)); m0 = np.full(32, -np.inf); m1 = m0.copy(); l0 = np.zeros(32); l1 = l0.copy()
+                    sl2 = LOG2E / math.sqrt(HD)
+                    for kt in range(n_kt):
+                        Ks = load_tile(x[b, :, H + kvh], kt * 64, T, HD); Vs = load_tile(x[b, :, H + KV + kvh], kt * 64, T, HD)
+                        s = np.zeros((8, 32, 4))
+                        for j in range(8):
+                            for kc in range(NK):
+                                b0, b1 = frag_bt(Ks, j * 8 * LD + kc * 16, LD); mma(s[j], qa[kc], b0, b1)
+                        mx0 = np.full(32, -np.inf); mx1 = mx0.copy()
+                        for j in range(8):
+                            for e in range(4):
+                                key = kt * 64 + j * 8 + 2 * Tt + (e & 1); row = r0 if e < 2 else r1
+                                v = s[j][:, e] * sl2
+                                v = np.where((key > row) | (key >= T), -np.inf, v)
+                                s[j][:, e] = v
+                                if e < 2: mx0 = np.maximum(mx0, v)
+                                else: mx1 = np.maximum(mx1, v)
+                        def quadmax(v):
+                            v = np.maximum(v, v[L ^ 1]); return np.maximum(v, v[L ^ 2])
+                        mx0, mx1 = quadmax(mx0), quadmax(mx1)
+                        mn0 = np.maximum(m0, mx0); mn1 = np.maximum(m1, mx1)
+                        z0 = np.where(mn0 == -np.inf, 0, mn0); z1 = np.where(mn1 == -np.inf, 0, mn1)
+                        c0 = np.exp2(m0 - z0); c1 = np.exp2(m1 - z1)
+                        ls0 = 0; ls1 = 0
+                        for j in range(8):
+                            s[j][:, 0] = np.exp2(s[j][:, 0] - z0); s[j][:, 1] = np.exp2(s[j][:, 1] - z0)
+                            s[j][:, 2] = np.exp2(s[j][:, 2] - z1); s[j][:, 3] = np.exp2(s[j][:, 3] - z1)
+                            ls0 = ls0 + s[j][:, 0] + s[j][:, 1]; ls1 = ls1 + s[j][:, 2] + s[j][:, 3]
+                        l0 = l0 * c0 + ls0; l1 = l1 * c1 + ls1; m0, m1 = mn0, mn1
+                        o[:, :, 0] *= c0; o[:, :, 1] *= c0; o[:, :, 2] *= c1; o[:, :, 3] *= c1
+                        for kk in range(4):
+                            pa = c_to_a(s[2 * kk], s[2 * kk + 1])
+                            for dn in range(ND):
+                                b0, b1 = frag_b(Vs, kk * 16 * LD + dn * 8, LD); mma(o[dn], pa, b0, b1)
+                    l0 = l0 + l0[L ^ 1]; l0 = l0 + l0[L ^ 2]; l1 = l1 + l1[L ^ 1]; l1 = l1 + l1[L ^ 2]
+                    for dn in range(ND):
+                        c = dn * 8 + 2 * Tt
+                        for (r, a_, b_, l) in ((r0, 0, 1, l0), (r1, 2, 3, l1)):
+                            ok = r < T
+                            out[b, r[ok], h, c[ok]] = o[dn][ok, a_] / l[ok]
+                            out[b, r[ok], h, c[ok] + 1] = o[dn][ok, b_] / l[ok]
+                    for (r, m, l) in ((r0, m0, l0), (r1, m1, l1)):
+                        ok = (r < T) & (Tt == 0)
+                        lse[b, h, r[ok]] = m[ok] * math.log(2) + np.log(l[ok])
+    return out.reshape(B, T, H * HD), lse
+
+def rowstats(dO, O, lse_row, q0, T):
+    Ls = np.zeros(64); Ds = np.zeros(64)
+    for r in range(64):
+        q = q0 + r
+        if q < T:
+            Ds[r] = (dO[q] * O[q]).sum(); Ls[r] = lse_row[q] * LOG2E
+    return Ls, Ds
+
+def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
+    x = qkv.reshape(B, T, H + 2 * KV, HD); do = dout.reshape(B, T, H, HD); oo = out.reshape(B, T, H, HD)
+    d = np.full((B, T, H + 2 * KV, HD), np.nan)
+    LD = HD + 8; NK = HD // 16; ND = HD // 8; grp = H // KV
+    scale = 1 / math.sqrt(HD); sl2 = scale * LOG2E
+    for b in range(B):
+        for kvh in range(KV):       # dkv kernel
+            for kt in range((T + 63) // 64):
+                Ks = load_tile(x[b, :, H + kvh], kt * 64, T, HD); Vs = load_tile(x[b, :, H + KV + kvh], kt * 64, T, HD)
+                for warp in range(4):
+                    kr0 = kt * 64 + warp * 16 + G; kr1 = kr0 + 8
+                    dk = np.zeros((ND, 32, 4)); dv = np.zeros((ND, 32, 4))
+                    for h in range(kvh * grp, (kvh + 1) * grp):
+                        qt = kt
+                        while qt * 64 < T:
+                            Qs = load_tile(x[b, :, h], qt * 64, T, HD); dOs = load_tile(do[b, :, h], qt * 64, T, HD)
+                            Ls, Ds = rowstats(do[b, :, h], oo[b, :, h], lse[b, h], qt * 64, T)
+                            st = np.zeros((8, 32, 4)); dp = np.zeros((8, 32, 4))
+                            for kc in range(NK):
+                                ka = frag_a(Ks, warp * 16 * LD + kc * 16, LD); va = frag_a(Vs, warp * 16 * LD + kc * 16, LD)
+                                for j in range(8):
+                                    b0, b1 = frag_bt(Qs, j * 8 * LD + kc * 16, LD); mma(st[j], ka, b0, b1)
+                                    b0, b1 = frag_bt(dOs, j * 8 * LD + kc * 16, LD); mma(dp[j], va, b0, b1)
+                            for j in range(8):
+                                for e in range(4):
+                                    qq = j * 8 + 2 * Tt + (e & 1); q = qt * 64 + qq; key = kr0 if e < 2 else kr1
+                                    p = np.where((q >= key) & (q < T) & (key < T), np.exp2(st[j][:, e] * sl2 - Ls[qq]), 0)
+                                    st[j][:, e] = p; dp[j][:, e] = p * (dp[j][:, e] - Ds[qq])
+                            for kk in range(4):
+                                pa = c_to_a(st[2 * kk], st[2 * kk + 1]); sa = c_to_a(dp[2 * kk], dp[2 * kk + 1])
+                                for dn in range(ND):
+                                    b0, b1 = frag_b(dOs, kk * 16 * LD + dn * 8, LD); mma(dv[dn], pa, b0, b1)
+                                    b0, b1 = frag_b(Qs, kk * 16 * LD + dn * 8, LD); mma(dk[dn], sa, b0, b1)
+                            qt += 1
+                    for dn in range(ND):
+                        c = dn * 8 + 2 * Tt
+                        for (kr, i0, i1) in ((kr0, 0, 1), (kr1, 2, 3)):
+                            ok = kr < T
+                            d[b, kr[ok], H + kvh, c[ok]] = dk[dn][ok, i0] * scale
+                            d[b, kr[ok], H + kvh, c[ok] + 1] = dk[dn][ok, i1] * scale
+                            d[b, kr[ok], H + KV + kvh, c[ok]] = dv[dn][ok, i0]
+                            d[b, kr[ok], H + KV + kvh, c[ok] + 1] = dv[dn][ok, i1]
+        for h in range(H):          # dq kernel
+            kvh = h // grp
+            for qt in range((T + 63) // 64):
+                Qs = load_tile(x[b, :, h], qt * 64, T, HD); dOs = load_tile(do[b, :, h], qt * 64, T, HD)
+                Ls, Ds = rowstats(do[b, :, h], oo[b, :, h], lse[b, h], qt * 64, T)
+                n_kt = min(qt * 64 + 63, T - 1) // 64 + 1
+                for warp in range(4):
+                    lr0 = warp * 16 + G; lr1 = lr0 + 8; r0 = qt * 64 + lr0; r1 = qt * 64 + lr1
+                    dq = np.zeros((ND, 32, 4))
+                    for kt in range(n_kt):
+                        Ks = load_tile(x[b, :, H + kvh], kt * 64, T, HD); Vs = load_tile(x[b, :, H + KV + kvh], kt * 64, T, HD)
+                        s = np.zeros((8, 32, 4)); dp = np.zeros((8, 32, 4))
+                        for kc in range(NK):
+                            qa = frag_a(Qs, warp * 16 * LD + kc * 16, LD); oa = frag_a(dOs, warp * 16 * LD + kc * 16, LD)
+                            for j in range(8):
+                                b0, b1 = frag_bt(Ks, j * 8 * LD + kc * 16, LD); mma(s[j], qa, b0, b1)
+                                b0, b1 = frag_bt(Vs, j * 8 * LD + kc * 16, LD); mma(dp[j], oa, b0, b1)
+                        for j in range(8):
+                            for e in range(4):
+                                key = kt * 64 + j * 8 + 2 * Tt + (e & 1)
+                                lr = lr0 if e < 2 else lr1; row = r0 if e < 2 else r1
+                                p = np.where((key <= row) & (key < T) & (row < T), np.exp2(s[j][:, e] * sl2 - Ls[lr]), 0)
+                                s[j][:, e] = p * (dp[j][:, e] - Ds[lr])
+                        for kk in range(4):
+                            sa = c_to_a(s[2 * kk], s[2 * kk + 1])
+                            for dn in range(ND):
+                                b0, b1 = frag_b(Ks, kk * 16 * LD + dn * 8, LD); mma(dq[dn], sa, b0, b1)
+                    for dn in range(ND):
+                        c = dn * 8 + 2 * Tt
+                        for (r, i0, i1) in ((r0, 0, 1), (r1, 2, 3)):
+                            ok = r < T
+                            d[b, r[ok], h, c[ok]] = dq[dn][ok, i0] * scale
+                            d[b, r[ok], h, c[ok] + 1] = dq[dn][ok, i1] * scale
+    return d.reshape(B, T, -1)
+
+
+@pytest.mark.parametrize("shape", [(1, 100, 2, 1, 32), (1, 70, 1, 1, 64), (1, 20, 2, 2, 128), (2, 9, 3, 3, 32)],
+                         ids=lambda s: "B%dT%dH%dKV%dhd%d" % s)
+def test_mma_attention_logic_matches_float64(shape):
+    B, T, H, KV, HD = shape
+    rng = np.random.default_rng(sum(shape))
+    qkv = rng.standard_normal((B, T, (H + 2 * KV) * HD))
+    o, l = fwd(qkv, B, T, H, KV, HD)
+    ro, rl = ref.attention_fwd(qkv, B, T, H, KV, HD)
+    assert ref.rel_err(o, ro) < 1e-12 and ref.rel_err(l, rl) < 1e-12
+    dout = rng.standard_normal((B, T, H * HD))
+    d = bwd(dout, qkv, o, l, B, T, H, KV, HD)
+    assert not np.isnan(d).any(), "an element of dqkv was never written"
+    assert ref.rel_err(d, ref.attention_bwd(dout, qkv, B, T, H, KV, HD)) < 1e-12
