@@ -32,7 +32,10 @@ def bf16_round(x):
 
 
 def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    """||a - b|| / ||b|| over all elements (kernel hooks return flat arrays)."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if a.size != b.size:
+        raise AssertionError(f"size {a.size} != expected {b.size}")
     if not np.all(np.isfinite(a)):
         return float("inf")
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
