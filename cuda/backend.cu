@@ -130,11 +130,16 @@ static void pinned_free(void *p) { if (p) cudaFreeHost(p); }
 /* Synchronous copies, off the hot path (moves, logits out, tests). They do
  * not depend on a bound context: every engine call leaves its stream idle,
  * and callers sync() before reading what a kernel wrote. */
+/* Blocking copies are ordered on the model's stream: it is non-blocking, so
+ * a plain cudaMemcpy (legacy stream) would race the kernels that produce or
+ * consume the data. */
 static void to_host(void *dst, const void *src, size_t bytes) {
-    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, sj_stream()));
+    CUDA_CHECK(cudaStreamSynchronize(sj_stream()));
 }
 static void from_host(void *dst, const void *src, size_t bytes) {
-    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, sj_stream()));
+    CUDA_CHECK(cudaStreamSynchronize(sj_stream()));
 }
 static void to_host_async(void *dst, const void *src, size_t bytes) {
     CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, sj_stream()));
@@ -144,9 +149,10 @@ static void from_host_async(void *dst, const void *src, size_t bytes) {
 }
 
 extern "C" sj_status sj_cuda_memcpy(void *dst, const void *src, size_t bytes, int to_host_) {
-
     if (sj_cuda_device_count() <= 0) return sj_cuda_check_device();
-    cudaError_t e = cudaMemcpy(dst, src, bytes, to_host_ ? cudaMemcpyDeviceToHost
+    /* Models work on their own non-blocking streams: finish that work first. */
+    cudaError_t e = cudaDeviceSynchronize();
+    if (e == cudaSuccess) e = cudaMemcpy(dst, src, bytes, to_host_ ? cudaMemcpyDeviceToHost
                                                           : cudaMemcpyHostToDevice);
     if (e != cudaSuccess)
         return sj_fail(SJ_ERR_RUNTIME, "CUDA error: %s (cudaMemcpy of %zu bytes %s)",
