@@ -56,12 +56,13 @@ void sj_cpu_gemm_reference(float *C, int ldc, const float *A, int lda, int trans
 }
 
 /* ---- microkernels: c(MR, NR) (=|+=) a(kc, MR)^T b(kc, NR) ---------------
- * a: kc groups of MR floats (one column of op(A) each), b: kc rows of NR
- * floats, 64-byte aligned. c: row stride ldc. load: start from c, else 0. */
+ * a: kc groups of MR floats (one column of op(A) each); b: kc rows of NR
+ * floats, ldbk apart (NR when packed); c: row stride ldc. load: start from
+ * c, else from 0. */
 
 #if defined(__AVX512F__)
 /* 14 x 32: 28 zmm accumulators + 2 for B + 1 broadcast = 31 of 32 registers;
- * per k 28 FMAs against 2 vector loads and 14 embedded broadcasts. */
+ * per k 28 FMAs against 2 vector loads and 14 broadcasts. */
 #define MR 14
 #define NR 32
 #define KC 256
