@@ -216,7 +216,9 @@ def main():
         return
     now = datetime.datetime.now()
     os.makedirs(ARGS.out, exist_ok=True)
-    tag = f"_t{ARGS.threads}" + ("_cpuclock" if ARGS.clock == "cpu" else "")
+    # the plain name for the standard run (all cores, elapsed time)
+    tag = "" if ARGS.threads == os.cpu_count() else f"_t{ARGS.threads}"
+    tag += "_cpuclock" if ARGS.clock == "cpu" else ""
     path = os.path.join(ARGS.out, f"gemm_cpu_{now:%Y-%m-%d}{tag}.md")
     cmd = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     with open(path, "w") as f:
