@@ -190,6 +190,16 @@ def blas_info():
         return "unknown"
 
 
+def load_warning(rows):
+    """A line for the report when other sessions' load spoiled cases."""
+    bad = sum(1 for r in rows if not (r[7].isdigit() and r[8].isdigit()))
+    if not bad:
+        return ""
+    return (f"\nWARNING: {bad}/{len(rows)} cases had no clean round on at least one side: "
+            "other processes held part of the CPUs throughout, so those numbers measure "
+            "their load as much as either GEMM.\n")
+
+
 def quality(q):
     """Clean rounds as a count, or the least load a side saw when none was clean."""
     return f"{q}" if q >= 0 else f"none (others {100 * -q:.0f}%)"
@@ -248,6 +258,7 @@ def main():
             f.write(f"| {label} | {form} | {M} | {N} | {K} | {go:.1f} | {gn:.1f} | "
                     f"{go / gn:.2f} | {qo} / {qn} |\n")
         f.write(f"\n{summary}\n")
+        f.write(load_warning(rows))
     print(f"wrote {os.path.relpath(path)}")
 
 
