@@ -23,9 +23,12 @@
  * Bound targeted: the FMA rate, one zmm FMA per cycle per core on Zen 4
  * (~110 GFLOP/s per core at ~3.5 GHz; the kernel alone on L1-resident panels
  * measured 109). Achieved on the AMD EPYC (Zen 4, 2 vCPU, AVX-512) this was
- * written on: 85-105 GFLOP/s on one core and 160-200 on two for square
- * 512-2048 and the model's linear layers, 0.9-1.1x NumPy's OpenBLAS; see
- * benchmarks/results/gemm_cpu_*.md. Decode with M = 1 and transB runs at
+ * written on: 82-110 GFLOP/s on one core for square 512-2048 and the model's
+ * linear layers, 0.88-1.16x (geomean 1.01x) NumPy's OpenBLAS in CPU time
+ * (benchmarks/results/gemm_cpu_2026-11-23_t1_cpuclock.md); on two cores,
+ * in ad-hoc runs while the shared machine was quiet, 160-210 against
+ * OpenBLAS's 170-205 (the committed 2-thread table was taken under other
+ * sessions' load and says so). Decode with M = 1 and transB runs at
  * about half of OpenBLAS's dot-product GEMV, the price of keeping the same
  * k-order chain (shuffle-bound transposes); M = 2..16 beats it 1.5-3x.
  *
