@@ -30,7 +30,8 @@
  * OpenBLAS's 170-205 (the committed 2-thread table was taken under other
  * sessions' load and says so). Decode with M = 1 and transB runs at
  * about half of OpenBLAS's dot-product GEMV, the price of keeping the same
- * k-order chain (shuffle-bound transposes); M = 2..16 beats it 1.5-3x.
+ * k-order chain (shuffle-bound transposes); M = 2..16 measured 0.9-3x it
+ * (ad-hoc, noisy runs), since OpenBLAS does poorly on such thin GEMMs.
  *
  * The reference (serial, double accumulation) is kept as the test oracle.
  * Must never: allocate on the hot path (pack buffers are grow-only,
