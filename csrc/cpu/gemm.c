@@ -23,11 +23,15 @@
  * Bound targeted: the FMA rate, one zmm FMA per cycle per core on Zen 4
  * (~110 GFLOP/s per core at ~3.5 GHz; the kernel alone on L1-resident panels
  * measured 109). Achieved on the AMD EPYC (Zen 4, 2 vCPU, AVX-512) this was
- * written on: 85-105 GFLOP/s on one core and 160-200 on two for square
- * 512-2048 and the model's linear layers, 0.9-1.1x NumPy's OpenBLAS; see
- * benchmarks/results/gemm_cpu_*.md. Decode with M = 1 and transB runs at
+ * written on: 82-110 GFLOP/s on one core for square 512-2048 and the model's
+ * linear layers, 0.88-1.16x (geomean 1.01x) NumPy's OpenBLAS in CPU time
+ * (benchmarks/results/gemm_cpu_2026-11-23_t1_cpuclock.md); on two cores,
+ * in ad-hoc runs while the shared machine was quiet, 160-210 against
+ * OpenBLAS's 170-205 (the committed 2-thread table was taken under other
+ * sessions' load and says so). Decode with M = 1 and transB runs at
  * about half of OpenBLAS's dot-product GEMV, the price of keeping the same
- * k-order chain (shuffle-bound transposes); M = 2..16 beats it 1.5-3x.
+ * k-order chain (shuffle-bound transposes); M = 2..16 measured 0.9-3x it
+ * (ad-hoc, noisy runs), since OpenBLAS does poorly on such thin GEMMs.
  *
  * The reference (serial, double accumulation) is kept as the test oracle.
  * Must never: allocate on the hot path (pack buffers are grow-only,
@@ -56,12 +60,13 @@ void sj_cpu_gemm_reference(float *C, int ldc, const float *A, int lda, int trans
 }
 
 /* ---- microkernels: c(MR, NR) (=|+=) a(kc, MR)^T b(kc, NR) ---------------
- * a: kc groups of MR floats (one column of op(A) each), b: kc rows of NR
- * floats, 64-byte aligned. c: row stride ldc. load: start from c, else 0. */
+ * a: kc groups of MR floats (one column of op(A) each); b: kc rows of NR
+ * floats, ldbk apart (NR when packed); c: row stride ldc. load: start from
+ * c, else from 0. */
 
 #if defined(__AVX512F__)
 /* 14 x 32: 28 zmm accumulators + 2 for B + 1 broadcast = 31 of 32 registers;
- * per k 28 FMAs against 2 vector loads and 14 embedded broadcasts. */
+ * per k 28 FMAs against 2 vector loads and 14 broadcasts. */
 #define MR 14
 #define NR 32
 #define KC 256
