@@ -139,7 +139,7 @@ def main():
               f"--size {a.size} --batch-size {a.batch_size} --seq-len {a.seq_len}`")
     print(header + "\n\n" + table)
     if not a.no_write:
-        print("wrote", write_results(f"cpu_train_{a.size}_b{a.batch_size}_s{a.seq_len}",
+        print("wrote", write_results(f"cpu_train_{a.size}_b{a.batch_size}_s{a.seq_len}_t{a.threads}",
                                      header, table, rows))
 
 
