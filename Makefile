@@ -4,13 +4,21 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 
 .PHONY: install demo test build gpu-check bench clean
 
+# With nvcc present the CUDA sources are compiled too (GPU or not); their
+# cuBLASLt headers come from the nvidia-cublas wheel when CUDA lacks them,
+# installed first because pip builds a project before its extras.
+NVCC := $(shell command -v nvcc)
+CUBLAS = $(if $(NVCC),$(PIP) nvidia-cublas,@true)
+
 install:
+	$(CUBLAS)
 	$(PIP) -e ".[demo]"
 
 demo: install
 	$(PY) -m smedjan demo
 
 test:
+	$(CUBLAS)
 	$(PIP) -e ".[test]"
 	$(PY) -m pytest -q
 

@@ -67,13 +67,18 @@ def find_cublaslt(cuda_home):
     cands = [(os.path.join(cuda_home, "include"), d)
              for d in (os.path.join(cuda_home, "lib64"),
                        os.path.join(cuda_home, "targets", "x86_64-linux", "lib"))]
+    roots = []
     try:
         import nvidia  # namespace package of the pip wheels
-        for root in list(nvidia.__path__):
-            for sub in ("cu13", "cublas", "cu12"):
-                cands.append((os.path.join(root, sub, "include"), os.path.join(root, sub, "lib")))
+        roots += list(nvidia.__path__)
     except ImportError:
         pass
+    # pip's isolated build hides the installed packages from import, not from disk.
+    for key in ("purelib", "platlib"):
+        roots.append(os.path.join(sysconfig.get_paths()[key], "nvidia"))
+    for root in roots:
+        for sub in ("cu13", "cublas", "cu12"):
+            cands.append((os.path.join(root, sub, "include"), os.path.join(root, sub, "lib")))
     for inc, lib in cands:
         if not os.path.exists(os.path.join(inc, "cublasLt.h")) or not os.path.isdir(lib):
             continue
