@@ -62,7 +62,8 @@ def _trainer_hparams(trainer) -> dict:
 
 def _weights_and_meta(model, fmt: str) -> tuple:
     from . import __version__
-    tensors = {name: view for name, view in model.params.items()}
+    # np.asarray: a zero-copy view on CPU, a host copy of a GPU model's tensor.
+    tensors = {name: np.asarray(view) for name, view in model.params.items()}
     meta = {"format": fmt, "format_version": FORMAT_VERSION,
             "config": json.dumps(model.config.to_dict(), sort_keys=True),
             "smedjan_version": __version__}
@@ -84,8 +85,8 @@ def save_checkpoint(path, model, trainer=None, *, step: int, rng_state: Optional
     tensors, meta = _weights_and_meta(model, FORMAT)
     meta["step"] = str(int(step))
     if trainer is not None:
-        tensors[EXP_AVG] = trainer.exp_avg
-        tensors[EXP_AVG_SQ] = trainer.exp_avg_sq
+        tensors[EXP_AVG] = np.asarray(trainer.exp_avg)
+        tensors[EXP_AVG_SQ] = np.asarray(trainer.exp_avg_sq)
         meta["trainer"] = json.dumps(_trainer_hparams(trainer), sort_keys=True)
     for key, value in (("rng", rng_state), ("loader", loader_state), ("extra", extra)):
         if value is not None:

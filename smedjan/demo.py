@@ -64,7 +64,9 @@ def run(out_dir: str = "runs/demo", minutes: float = 3.0, steps: int = None, siz
     n = commands.prepare([corpus], tok, data_path)
     print(f"2. prepared {n:,} tokens -> {data_path}")
     data = TokenFile(data_path)
-    model = Model(size, vocab_size=len(tok), seed=0)
+    from . import cuda_available
+    device = "cuda" if cuda_available() else "cpu"
+    model = Model(size, vocab_size=len(tok), seed=0, device=device)
     if steps is None:   # size the run to the time budget from a short measurement
         probe = Trainer(model, lr=0.0, steps=3)
         x, y = next(Batches(data, batch_size, seq_len, seed=99))
@@ -72,13 +74,13 @@ def run(out_dir: str = "runs/demo", minutes: float = 3.0, steps: int = None, siz
         t = time.perf_counter()
         probe.step(x, y)
         steps = max(50, int(minutes * 60 / (time.perf_counter() - t) * 0.8))
-        model = Model(size, vocab_size=len(tok), seed=0)
+        model = Model(size, vocab_size=len(tok), seed=0, device=device)
     trainer = Trainer(model, lr=2e-3, min_lr=2e-4, warmup=min(50, steps // 10), steps=steps)
     ckpt = os.path.join(out_dir, "checkpoints")
     if os.path.isdir(ckpt):
         for f in os.listdir(ckpt):
             os.remove(os.path.join(ckpt, f))
-    print(f"3. training {model!r} for {steps} steps of {batch_size}x{seq_len} tokens")
+    print(f"3. training {model!r} on {device} for {steps} steps of {batch_size}x{seq_len} tokens")
     rows = fit(trainer, Batches(data, batch_size, seq_len, seed=0),
                Batches(data, batch_size, seq_len, split="val", seed=1),
                eval_every=max(10, steps // 10), eval_batches=8, checkpoint_dir=ckpt,

@@ -63,7 +63,7 @@ def export_hf(model, directory) -> None:
     `directory` (created if needed). Each file is written atomically."""
     d = os.fspath(directory)
     os.makedirs(d, exist_ok=True)
-    tensors = {to_hf_name(name): view for name, view in model.params.items()}
+    tensors = {to_hf_name(name): np.asarray(view) for name, view in model.params.items()}
     # transformers refuses safetensors files whose metadata lacks format=pt.
     save_safetensors(os.path.join(d, WEIGHTS_FILE), tensors, {"format": "pt"})
     tmp = os.path.join(d, f"config.json.tmp.{os.getpid()}")

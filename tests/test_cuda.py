@@ -425,3 +425,24 @@ def test_300_steps_small_bf16_cuda_tracks_fp32_cpu(text_bytes):
     for i, (a, b) in enumerate(zip(curves["cuda"], curves["cpu"])):
         assert abs(a - b) <= 0.02 * b, (i, curves)
     assert curves["cuda"][-1] < 4.0, curves   # it learned (ln 256 = 5.55)
+
+
+@pytest.mark.parametrize("first,second", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_checkpoint_files_move_between_devices(text_bytes, tmp_path, first, second):
+    """Train on one device, save a checkpoint file, resume it on the other:
+    weights and optimizer state arrive intact and training continues."""
+    from smedjan import checkpoint as ck
+    m, _ = train(text_bytes, first, "fp32", 3)
+    tr = smedjan.Trainer(m, lr=3e-3, min_lr=3e-4, warmup=3, steps=10)
+    tr.step(*next(text_batches(text_bytes, 4, 64, 1, seed=4)))
+    path = tmp_path / "ck.safetensors"
+    ck.save_checkpoint(path, m, tr, step=tr.step_count)
+    c = ck.load_checkpoint(path)
+    m2 = smedjan.Model(c.config, device=second, dtype="fp32")
+    tr2 = smedjan.Trainer(m2, **c.trainer)
+    ck.restore(c, m2, tr2)
+    np.testing.assert_array_equal(host(m2.flat_params), host(m.flat_params))
+    np.testing.assert_array_equal(host(tr2.exp_avg_sq), host(tr.exp_avg_sq))
+    x, y = next(text_batches(text_bytes, 4, 64, 1, seed=5))
+    a, b = tr.step(x, y), tr2.step(x, y)
+    assert abs(a.loss - b.loss) <= 1e-5 * a.loss and a.lr == b.lr
