@@ -15,7 +15,13 @@
  * g = lane / 4, t = lane % 4; A: {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..),
  * (g+8, 2t+8..)}; B: {(k = 2t..2t+1, n = g), (k = 2t+8.., n = g)};
  * C: {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
- * Milestone 2: ldmatrix, cp.async pipelining, wgmma on sm_90a. */
+ * Bound: tensor-core rate (mma.sync bf16, f32 accumulate). Done so far for
+ * speed: D = rowsum(dO*O) computed once per backward (attn_rowdot_k, it was
+ * recomputed with 2-byte loads for every (key tile, query tile) pair), the
+ * dK/dV kernel's Q/dO stream double-buffered with cp.async, the heaviest
+ * causal query tiles scheduled first. Not yet measured on a GPU.
+ * Still to do: ldmatrix(.trans) fragments, cp.async in fwd/dq, 128-row
+ * forward tiles, wgmma on sm_90a. */
 #include "common.cuh"
 #include "kernels.h"
 #include <stdio.h>
@@ -243,19 +249,65 @@ static __device__ __forceinline__ void load_tile(bf16 *sm, const bf16 *g, int64_
     }
 }
 
-/* lse (in log2 units) and D = rowsum(dO * O) of 64 query rows, 2 threads per row. */
+/* 64 rows of HD bf16 into shared memory like load_tile, but with cp.async
+ * (16 bytes a copy, bypassing registers and L1; rows past T_ zero-filled
+ * by a source size of 0). Complete after cp_async_wait_all + a barrier. */
+static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
+    const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+static __device__ __forceinline__ void cp_async_commit(void) {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+static __device__ __forceinline__ void cp_async_wait_all(void) {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
 template <int HD>
-static __device__ __forceinline__ void load_rowstats(float *Ls, float *Ds, const bf16 *dOg,
-                                                     const bf16 *Og, int64_t orow,
-                                                     const float *Lg, int q0, int T_) {
-    const int r = threadIdx.x >> 1, half = threadIdx.x & 1, q = q0 + r;
+static __device__ __forceinline__ void load_tile_async(bf16 *sm, const bf16 *g, int64_t rs, int r0,
+                                                       int T_) {
+    constexpr int VPR = HD / 8, LD = HD + 8;
+    for (int i = threadIdx.x; i < 64 * VPR; i += blockDim.x) {
+        const int r = i / VPR, c = (i % VPR) * 8;
+        const bool ok = r0 + r < T_;
+        /* a zero-size copy reads nothing; the address stays a valid one */
+        cp_async16(sm + r * LD + c, g + (ok ? (int64_t)(r0 + r) * rs + c : 0), ok);
+    }
+}
+
+/* D[b][h][t] = rowsum(dO * O) of every query row, once per backward (the
+ * tiles used to recompute it for every key tile). dout, out: (B, T, H*HD);
+ * HD / 8 lanes per row, 16-byte loads. */
+template <int HD>
+static __global__ void __launch_bounds__(256) attn_rowdot_k(float *D, const bf16 *dout,
+                                                            const bf16 *out, int T_, int H,
+                                                            int64_t n_rows) {
+    constexpr int L = HD / 8;   /* 4, 8 or 16 lanes per row, aligned groups */
+    const int64_t gid = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, row = gid / L;
+    const int part = (int)(gid % L);
     float d = 0.f;
-    if (q < T_)
-        for (int c = half * HD / 2; c < (half + 1) * HD / 2; c++)
-            d += tof(dOg[(int64_t)q * orow + c]) * tof(Og[(int64_t)q * orow + c]);
-    d += __shfl_xor_sync(0xffffffffu, d, 1);
-    if (!half) {
-        Ds[r] = q < T_ ? d : 0.f;
+    if (row < n_rows) {
+        float a[8], o[8];
+        load_vec(a, dout + row * HD + part * 8);
+        load_vec(o, out + row * HD + part * 8);
+#pragma unroll
+        for (int k = 0; k < 8; k++) d += a[k] * o[k];
+    }
+#pragma unroll
+    for (int off = L / 2; off; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+    if (row < n_rows && part == 0) {
+        const int64_t h = row % H, bt = row / H, t = bt % T_, b = bt / T_;
+        D[(b * H + h) * T_ + t] = d;
+    }
+}
+
+/* lse (in log2 units) and D of 64 query rows (from attn_rowdot_k). */
+static __device__ __forceinline__ void load_rowstats(float *Ls, float *Ds, const float *Dg,
+                                                     const float *Lg, int q0, int T_) {
+    const int r = threadIdx.x, q = q0 + r;
+    if (r < 64) {
+        Ds[r] = q < T_ ? Dg[q] : 0.f;
         Ls[r] = q < T_ ? Lg[q] * LOG2E : 0.f;
     }
 }
@@ -267,7 +319,8 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     __shared__ __align__(16) bf16 Ks[64 * LD];
     __shared__ __align__(16) bf16 Vs[64 * LD];
-    const int qt = blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
+    /* the last query tiles see the most keys: start them first */
+    const int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
     const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
     const bf16 *base = qkv + (int64_t)b * T_ * rs;
     const bf16 *Qg = base + h * HD, *Kg = base + (H + kvh) * HD, *Vg = base + (H + KV + kvh) * HD;
@@ -368,41 +421,61 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
 
 template <int HD>
 static constexpr size_t bwd_smem(void) { return 4 * 64 * (HD + 8) * sizeof(bf16) + 2 * 64 * sizeof(float); }
+/* dkv: K, V resident; Q, dO and the row statistics double-buffered. */
+template <int HD>
+static constexpr size_t dkv_smem(void) { return 6 * 64 * (HD + 8) * sizeof(bf16) + 4 * 64 * sizeof(float); }
 
 // dK, dV of 64 keys of one KV head over all its query heads and query tiles.
-// grid (ceil(T/64), B*KV), 128 threads, bwd_smem<HD>() dynamic shared memory
+// grid (ceil(T/64), B*KV), 128 threads, dkv_smem<HD>() dynamic shared memory.
+// K and V stay in shared memory; the (head, query tile) steps stream Q and
+// dO through two buffers: step i+1's tiles are copied with cp.async while
+// step i computes (one barrier per step). D: (B, H, T) from attn_rowdot_k.
+// Bound: tensor-core rate (mma.sync); 2.5x the forward's FLOPs.
 template <int HD>
 static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16 *dout,
-                                                          const bf16 *qkv, const bf16 *out,
+                                                          const bf16 *qkv, const float *D,
                                                           const float *lse, int T_, int H,
                                                           int KV, int accum) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16 *Ks = (bf16 *)smem, *Vs = Ks + 64 * LD, *Qs = Vs + 64 * LD, *dOs = Qs + 64 * LD;
-    float *Ls = (float *)(dOs + 64 * LD), *Ds = Ls + 64;
+    bf16 *Ks = (bf16 *)smem, *Vs = Ks + 64 * LD, *Qb = Vs + 64 * LD, *dOb = Qb + 2 * 64 * LD;
+    float *Lb = (float *)(dOb + 2 * 64 * LD), *Db = Lb + 2 * 64;
     const int kt = blockIdx.x, b = blockIdx.y / KV, kvh = blockIdx.y % KV, grp = H / KV;
     const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
     const bf16 *base = qkv + (int64_t)b * T_ * rs;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int kr0 = kt * 64 + warp * 16 + g, kr1 = kr0 + 8;
-    load_tile<HD>(Ks, base + (H + kvh) * HD, rs, kt * 64, T_);
-    load_tile<HD>(Vs, base + (H + KV + kvh) * HD, rs, kt * 64, T_);
+    load_tile_async<HD>(Ks, base + (H + kvh) * HD, rs, kt * 64, T_);
+    load_tile_async<HD>(Vs, base + (H + KV + kvh) * HD, rs, kt * 64, T_);
     const float scale = 1.0f / sqrtf((float)HD), sl2 = scale * LOG2E;
     float dk[ND][4], dv[ND][4];
 #pragma unroll
     for (int dn = 0; dn < ND; dn++)
 #pragma unroll
         for (int e = 0; e < 4; e++) dk[dn][e] = dv[dn][e] = 0.f;
-    for (int h = kvh * grp; h < (kvh + 1) * grp; h++) {
-        const bf16 *Qg = base + h * HD, *dOg = dout + (int64_t)b * T_ * orow + h * HD;
-        const bf16 *Og = out + (int64_t)b * T_ * orow + h * HD;
-        const float *Lg = lse + ((int64_t)b * H + h) * T_;
-        for (int qt = kt; qt * 64 < T_; qt++) {
-            __syncthreads();
-            load_tile<HD>(Qs, Qg, rs, qt * 64, T_);
-            load_tile<HD>(dOs, dOg, orow, qt * 64, T_);
-            load_rowstats<HD>(Ls, Ds, dOg, Og, orow, Lg, qt * 64, T_);
-            __syncthreads();
+    /* steps: i = (h - h_first) * n_qt + (qt - kt), qt in [kt, ceil(T/64)) */
+    const int n_qt = (T_ + 63) / 64 - kt, n_steps = grp * n_qt;
+    /* issue step i's Q, dO tiles (cp.async) and row statistics into buffer i & 1 */
+    auto issue = [&](int i) {
+        const int h = kvh * grp + i / n_qt, qt = kt + i % n_qt, bf = i & 1;
+        load_tile_async<HD>(Qb + bf * 64 * LD, base + h * HD, rs, qt * 64, T_);
+        load_tile_async<HD>(dOb + bf * 64 * LD, dout + (int64_t)b * T_ * orow + h * HD, orow, qt * 64, T_);
+        load_rowstats(Lb + bf * 64, Db + bf * 64, D + ((int64_t)b * H + h) * T_,
+                      lse + ((int64_t)b * H + h) * T_, qt * 64, T_);
+    };
+    issue(0);
+    cp_async_commit();
+    for (int i = 0; i < n_steps; i++) {
+        const int qt = kt + i % n_qt, bf = i & 1;
+        /* step i's copies (and K, V) done by this thread; the barrier makes
+         * everyone's visible and ends step i-1's reads of buffer (i+1) & 1 */
+        cp_async_wait_all();
+        __syncthreads();
+        if (i + 1 < n_steps) issue(i + 1);
+        cp_async_commit();
+        const bf16 *Qs = Qb + bf * 64 * LD, *dOs = dOb + bf * 64 * LD;
+        const float *Ls = Lb + bf * 64, *Ds = Db + bf * 64;
+        {
             float st[8][4], dp[8][4];
 #pragma unroll
             for (int j = 0; j < 8; j++)
@@ -471,23 +544,24 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16
 // dQ of 64 query rows of one head. grid (ceil(T/64), B*H), 128 threads, bwd_smem<HD>()
 template <int HD>
 static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 *dout,
-                                                         const bf16 *qkv, const bf16 *out,
+                                                         const bf16 *qkv, const float *D,
                                                          const float *lse, int T_, int H,
                                                          int KV, int accum) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *Ks = (bf16 *)smem, *Vs = Ks + 64 * LD, *Qs = Vs + 64 * LD, *dOs = Qs + 64 * LD;
     float *Ls = (float *)(dOs + 64 * LD), *Ds = Ls + 64;
-    const int qt = blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
+    /* the last query tiles see the most keys: start them first */
+    const int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
     const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
     const bf16 *base = qkv + (int64_t)b * T_ * rs;
     const bf16 *Kg = base + (H + kvh) * HD, *Vg = base + (H + KV + kvh) * HD;
-    const bf16 *dOg = dout + (int64_t)b * T_ * orow + h * HD, *Og = out + (int64_t)b * T_ * orow + h * HD;
+    const bf16 *dOg = dout + (int64_t)b * T_ * orow + h * HD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int lr0 = warp * 16 + g, lr1 = lr0 + 8, r0 = qt * 64 + lr0, r1 = qt * 64 + lr1;
     load_tile<HD>(Qs, base + h * HD, rs, qt * 64, T_);
     load_tile<HD>(dOs, dOg, orow, qt * 64, T_);
-    load_rowstats<HD>(Ls, Ds, dOg, Og, orow, lse + ((int64_t)b * H + h) * T_, qt * 64, T_);
+    load_rowstats(Ls, Ds, D + ((int64_t)b * H + h) * T_, lse + ((int64_t)b * H + h) * T_, qt * 64, T_);
     const float scale = 1.0f / sqrtf((float)HD), sl2 = scale * LOG2E;
     float dq[ND][4];
 #pragma unroll
@@ -557,7 +631,7 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
 
 template <int HD>
 static void set_smem(void) {
-    CUDA_CHECK(cudaFuncSetAttribute(bwd_dkv_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bwd_smem<HD>()));
+    CUDA_CHECK(cudaFuncSetAttribute(bwd_dkv_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dkv_smem<HD>()));
     CUDA_CHECK(cudaFuncSetAttribute(bwd_dq_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bwd_smem<HD>()));
 }
 extern "C" void sj_cuda_attention_init(void) { set_smem<32>(); set_smem<64>(); set_smem<128>(); }
@@ -612,11 +686,33 @@ static void forward_mma(bf16 *out, float *lse, const bf16 *qkv, int B, int T_, i
 template <int HD>
 static void backward_mma(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const bf16 *out,
                          const float *lse, int B, int T_, int H, int KV, int accum) {
-    const size_t sm = bwd_smem<HD>();
-    bwd_dkv_mma<HD><<<dim3((T_ + 63) / 64, B * KV), 128, sm, sj_stream()>>>(dqkv, dout, qkv, out, lse, T_, H, KV, accum);
-    LAUNCH_CHECK("attention_backward dkv (mma)");
-    bwd_dq_mma<HD><<<dim3((T_ + 63) / 64, B * H), 128, sm, sj_stream()>>>(dqkv, dout, qkv, out, lse, T_, H, KV, accum);
-    LAUNCH_CHECK("attention_backward dq (mma)");
+    /* D = rowsum(dO * O) lives in scratch, (Bc, H, T) floats: batches in
+     * chunks of Bc that fit (one chunk at the usual sizes: 16 x 12 x 1024
+     * floats are 0.8 MB of the 16 MB). */
+    sj_cuda_ctx *ctx = sj_cuda_cur();
+    const int64_t per_b = (int64_t)H * T_ * sizeof(float);
+    const int Bc = (int)min((int64_t)B, (int64_t)(ctx->scratch_bytes / per_b));
+    if (Bc < 1 || !ctx->scratch) {
+        backward_simple(dqkv, dout, qkv, out, lse, B, T_, H, KV, HD, accum);
+        return;
+    }
+    float *D = (float *)ctx->scratch;
+    const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
+    cudaStream_t s = sj_stream();
+    for (int b0 = 0; b0 < B; b0 += Bc) {
+        const int nb = min(Bc, B - b0);
+        const int64_t q_off = (int64_t)b0 * T_ * rs, o_off = (int64_t)b0 * T_ * orow;
+        const int64_t n_rows = (int64_t)nb * T_ * H;
+        attn_rowdot_k<HD><<<sj_blocks(n_rows * (HD / 8), 256, 1 << 30), 256, 0, s>>>(
+            D, dout + o_off, out + o_off, T_, H, n_rows);
+        LAUNCH_CHECK("attention_backward rowdot");
+        bwd_dkv_mma<HD><<<dim3((T_ + 63) / 64, nb * KV), 128, dkv_smem<HD>(), s>>>(
+            dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, accum);
+        LAUNCH_CHECK("attention_backward dkv (mma)");
+        bwd_dq_mma<HD><<<dim3((T_ + 63) / 64, nb * H), 128, bwd_smem<HD>(), s>>>(
+            dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, accum);
+        LAUNCH_CHECK("attention_backward dq (mma)");
+    }
 }
 
 extern "C" void sj_cuda_attention_forward_f32(void *out, float *lse, const void *qkv, int B,

@@ -75,6 +75,56 @@ template <bool MAX> static __device__ float block_reduce(float v) {
     return result;
 }
 
+/* ---- 16-byte vectors: VEC elements of T in one uint4, f32 in registers --
+ * Memory-bound kernels move 16 bytes per thread per access (LDG.E.128 /
+ * STG.E.128); they take the vector path only when the row length is a
+ * multiple of VEC and every pointer is 16-byte aligned (vec_ok), and keep
+ * the scalar kernel as the fallback and reference. */
+template <class T> struct vec16 { enum { N = 16 / (int)sizeof(T) }; };
+template <class T> static __device__ __forceinline__ void unpack16(float *f, uint4 u);
+template <> __device__ __forceinline__ void unpack16<float>(float *f, uint4 u) {
+    f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
+}
+template <> __device__ __forceinline__ void unpack16<bf16>(float *f, uint4 u) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(w[i] << 16);          /* lower address = lower half */
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+template <class T> static __device__ __forceinline__ uint4 pack16(const float *f);
+template <> __device__ __forceinline__ uint4 pack16<float>(const float *f) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
+                      __float_as_uint(f[3]));
+}
+static __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+template <> __device__ __forceinline__ uint4 pack16<bf16>(const float *f) {
+    return make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]),
+                      pack_bf16x2(f[6], f[7]));
+}
+static __device__ __forceinline__ uint4 ld16(const void *p) { return *reinterpret_cast<const uint4 *>(p); }
+static __device__ __forceinline__ void st16(void *p, uint4 v) { *reinterpret_cast<uint4 *>(p) = v; }
+/* VEC elements at p (16-byte aligned) into f, as f32. */
+template <class T> static __device__ __forceinline__ void load_vec(float *f, const T *p) {
+    unpack16<T>(f, ld16(p));
+}
+/* p[0..VEC) = f, or += f (f32 sum, one rounding) when accum. */
+template <class T> static __device__ __forceinline__ void store_vec(T *p, float *f, int accum) {
+    if (accum) {
+        float o[vec16<T>::N];
+        unpack16<T>(o, ld16(p));
+#pragma unroll
+        for (int i = 0; i < vec16<T>::N; i++) f[i] += o[i];
+    }
+    st16(p, pack16<T>(f));
+}
+static inline bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
 static inline unsigned sj_blocks(int64_t n, int threads, int64_t cap = 1 << 16) {
     int64_t b = (n + threads - 1) / threads;
     return (unsigned)(b < 1 ? 1 : b > cap ? cap : b);

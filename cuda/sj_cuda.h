@@ -26,6 +26,11 @@ int64_t sj_cuda_bytes_in_use(void);
 int64_t sj_cuda_peak_bytes(void);
 void sj_cuda_reset_peak(void);   /* peak := now */
 
+/* CUDA events on the bound stream (kernel benchmarks): begin, then end
+ * returns the milliseconds between them (waiting for the stream). */
+void *sj_cuda_timer_begin(void);
+float sj_cuda_timer_end(void *timer);
+
 #ifdef __cplusplus
 }
 #endif

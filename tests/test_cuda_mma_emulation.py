@@ -104,12 +104,25 @@ def fwd(qkv, B, T, H, KV, HD):
                         lse[b, h, r[ok]] = m[ok] * math.log(2) + np.log(l[ok])
     return out.reshape(B, T, H * HD), lse
 
-def rowstats(dO, O, lse_row, q0, T):
+def rowdot(dout, out, B, T, H, HD):
+    """attn_rowdot_k: D[b, h, t] = rowsum(dO * O); thread `part` of a row's HD/8
+    sums elements [8 part, 8 part + 8), then a butterfly over the HD/8 lanes."""
+    do = dout.reshape(B * T * H, HD // 8, 8); oo = out.reshape(B * T * H, HD // 8, 8)
+    parts = (do * oo).sum(-1)                       # (rows, HD/8): one per lane
+    L = HD // 8; off = L // 2
+    while off:                                      # xor butterfly within aligned groups
+        parts = parts + parts[:, np.arange(L) ^ off]; off //= 2
+    rows = np.arange(B * T * H); h = rows % H; t = (rows // H) % T; b = rows // (H * T)
+    D = np.full((B, H, T), np.nan)
+    D[b, h, t] = parts[:, 0]
+    return D
+
+def rowstats(D_row, lse_row, q0, T):
     Ls = np.zeros(64); Ds = np.zeros(64)
     for r in range(64):
         q = q0 + r
         if q < T:
-            Ds[r] = (dO[q] * O[q]).sum(); Ls[r] = lse_row[q] * LOG2E
+            Ds[r] = D_row[q]; Ls[r] = lse_row[q] * LOG2E
     return Ls, Ds
 
 def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
@@ -117,6 +130,7 @@ def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
     d = np.full((B, T, H + 2 * KV, HD), np.nan)
     LD = HD + 8; NK = HD // 16; ND = HD // 8; grp = H // KV
     scale = 1 / math.sqrt(HD); sl2 = scale * LOG2E
+    D = rowdot(dout, out, B, T, H, HD)
     for b in range(B):
         for kvh in range(KV):       # dkv kernel
             for kt in range((T + 63) // 64):
@@ -124,11 +138,12 @@ def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
                 for warp in range(4):
                     kr0 = kt * 64 + warp * 16 + G; kr1 = kr0 + 8
                     dk = np.zeros((ND, 32, 4)); dv = np.zeros((ND, 32, 4))
-                    for h in range(kvh * grp, (kvh + 1) * grp):
-                        qt = kt
-                        while qt * 64 < T:
+                    n_qt = (T + 63) // 64 - kt
+                    for i in range(grp * n_qt):    # steps (head, query tile), double-buffered
+                        h = kvh * grp + i // n_qt; qt = kt + i % n_qt
+                        if True:   # (the kernel's step body; indentation kept)
                             Qs = load_tile(x[b, :, h], qt * 64, T, HD); dOs = load_tile(do[b, :, h], qt * 64, T, HD)
-                            Ls, Ds = rowstats(do[b, :, h], oo[b, :, h], lse[b, h], qt * 64, T)
+                            Ls, Ds = rowstats(D[b, h], lse[b, h], qt * 64, T)
                             st = np.zeros((8, 32, 4)); dp = np.zeros((8, 32, 4))
                             for kc in range(NK):
                                 ka = frag_a(Ks, warp * 16 * LD + kc * 16, LD); va = frag_a(Vs, warp * 16 * LD + kc * 16, LD)
@@ -145,7 +160,6 @@ def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
                                 for dn in range(ND):
                                     b0, b1 = frag_b(dOs, kk * 16 * LD + dn * 8, LD); mma(dv[dn], pa, b0, b1)
                                     b0, b1 = frag_b(Qs, kk * 16 * LD + dn * 8, LD); mma(dk[dn], sa, b0, b1)
-                            qt += 1
                     for dn in range(ND):
                         c = dn * 8 + 2 * Tt
                         for (kr, i0, i1) in ((kr0, 0, 1), (kr1, 2, 3)):
@@ -158,7 +172,7 @@ def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
             kvh = h // grp
             for qt in range((T + 63) // 64):
                 Qs = load_tile(x[b, :, h], qt * 64, T, HD); dOs = load_tile(do[b, :, h], qt * 64, T, HD)
-                Ls, Ds = rowstats(do[b, :, h], oo[b, :, h], lse[b, h], qt * 64, T)
+                Ls, Ds = rowstats(D[b, h], lse[b, h], qt * 64, T)
                 n_kt = min(qt * 64 + 63, T - 1) // 64 + 1
                 for warp in range(4):
                     lr0 = warp * 16 + G; lr1 = lr0 + 8; r0 = qt * 64 + lr0; r1 = qt * 64 + lr1

@@ -426,13 +426,19 @@ static PyObject *hdownload(const sj_backend *be, harg *a) {
     return arr;
 }
 
-/* cuda_op(name, dtype, arrays, ints, floats) -> {name: float32 array} for
- * every argument (outputs as the kernel left them; inputs unchanged). */
+/* cuda_op(name, dtype, arrays, ints, floats, reps=0) -> {name: float32
+ * array} for every argument (outputs as the kernel left them; inputs
+ * unchanged); with reps > 0 also "ms": device milliseconds per run, timed
+ * with CUDA events over reps runs after one warm-up. */
 static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     const char *op, *dts;
     PyObject *arrays, *ints_o, *floats_o;
-    if (!PyArg_ParseTuple(args, "ssO!OO", &op, &dts, &PyDict_Type, &arrays, &ints_o, &floats_o))
+    int reps = 0;
+    if (!PyArg_ParseTuple(args, "ssO!OO|i", &op, &dts, &PyDict_Type, &arrays, &ints_o, &floats_o,
+                          &reps))
         return NULL;
+    if (reps < 0) reps = 0;
+    float ms = -1.f;
     sj_status st = sj_cuda_check_device();
     if (st) return sj_py_raise(st);
     const sj_backend *be = strcmp(dts, "bf16") == 0 ? &sj_cuda_backend_bf16 : &sj_cuda_backend_f32;
@@ -485,6 +491,12 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     }
     #define D(i) (a[i].dev)
     Py_BEGIN_ALLOW_THREADS
+    /* reps > 0 (benchmarks): one warm-up run, then reps runs between CUDA
+     * events on the same device buffers (outputs are overwritten or, with
+     * accum, keep growing; inputs stay unless the op works in place). */
+    void *timer = NULL;
+    for (int rep = 0; rep <= reps; rep++) {
+    if (rep == 1) timer = sj_cuda_timer_begin();
     switch (k) {
     case 0: be->matmul(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (int)I[6]); break;
     case 1: be->embedding_forward(D(0), D(1), SJ_I32, D(2), (int)I[0], (int)I[1]); break;
@@ -502,7 +514,6 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 13: be->cross_entropy_forward(D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[2]); break;
     case 14: /* ints[4] = in place: dlogits is the logits buffer */
         be->cross_entropy_backward(I[4] ? D(1) : D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[2], D(4), (int)I[3]);
-        if (I[4]) { void *t = a[0].dev; a[0].dev = a[1].dev; a[1].dev = t; }
         break;
     case 15: {  /* grad_sumsq then adamw, hyper-parameters in device memory */
         sj_adamw_hp hp = { (float)Fl[0], (float)Fl[1], (float)Fl[2], (float)Fl[3], (float)Fl[4],
@@ -518,6 +529,10 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         break;
     }
     }
+    }
+    if (timer) ms = sj_cuda_timer_end(timer) / reps;
+    /* in place: the gradient is in the logits buffer */
+    if (k == 14 && I[4]) { void *t = a[0].dev; a[0].dev = a[1].dev; a[1].dev = t; }
     Py_END_ALLOW_THREADS
     #undef D
     st = be->sync();
@@ -527,6 +542,11 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         PyObject *arr = hdownload(be, &a[i]);
         if (!arr || PyDict_SetItemString(result, a[i].name, arr) < 0) { Py_XDECREF(arr); Py_CLEAR(result); break; }
         Py_DECREF(arr);
+    }
+    if (result && reps > 0) {
+        PyObject *v = PyFloat_FromDouble(ms);
+        PyDict_SetItemString(result, "ms", v);
+        Py_XDECREF(v);
     }
     if (result && k == 15) {
         PyObject *v = PyFloat_FromDouble(Fl[7]);
@@ -552,7 +572,7 @@ static PyMethodDef functions[] = {
     {"cuda_memory", py_cuda_memory, METH_VARARGS,
      "cuda_memory(reset_peak=False) -> (bytes now, peak) held by the CUDA backend"},
 #ifdef SJ_HAVE_CUDA
-    {"cuda_op", py_cuda_op, METH_VARARGS, "cuda_op(op, dtype, arrays, ints, floats) -> dict (tests)"},
+    {"cuda_op", py_cuda_op, METH_VARARGS, "cuda_op(op, dtype, arrays, ints, floats, reps=0) -> dict (tests; reps>0 adds 'ms')"},
     {"cuda_attention_variant", py_attention_variant, METH_VARARGS, "0 auto, 1 simple (tests)"},
 #endif
     {NULL, NULL, 0, NULL},
