@@ -67,6 +67,7 @@ def test_odd_sizes_match_float64(ta, tb, accum):
 @pytest.mark.parametrize("M,N,K", [
     (300, 517, 1030),   # K crosses several KC blocks, edges in M and N
     (97, 3100, 65),     # N crosses the NC block
+    (20, 16500, 33),    # N crosses the shared B block's column group (16384)
     (1, 8192, 256),     # decode: one token through the LM head
     (5, 67, 700),       # few rows: the column split
     (512, 768, 256),    # the small preset's FFN forward
@@ -137,6 +138,33 @@ def test_result_does_not_depend_on_thread_count():
                     _C.gemm(C, A, B, ta, tb)
                     outs.append(C.view(np.uint32))
                 for n, o in zip((2, 3), outs[1:]):
+                    diff = np.argwhere(o != outs[0])
+                    assert diff.size == 0, (f"threads={n} differs from threads=1 at "
+                                            f"{diff[0]} (M={M} N={N} K={K} ta={ta} tb={tb})")
+    finally:
+        _C.threads(saved)
+
+
+def test_result_does_not_depend_on_thread_count_many_threads():
+    """The 2-D tiling (row blocks x column slices), the shared A, the K and
+    column groups and the on-demand packing all follow the thread count;
+    none may change a bit. More threads than cores also exercises packers
+    losing their core while others wait for the block they claimed."""
+    rng = np.random.default_rng(16)
+    saved = _C.threads()
+    try:
+        for ta, tb in FORMS:
+            accum = ta  # the dW form accumulates
+            for M, N, K in [(512, 512, 3072), (256, 768, 512), (40, 17000, 70), (512, 8192, 64)]:
+                A, B = operands(rng, M, N, K, ta, tb)
+                C0 = rand(rng, M, N)
+                outs = []
+                for n in (1, 2, 5, 8, 16):
+                    _C.threads(n)
+                    C = C0.copy()
+                    _C.gemm(C, A, B, ta, tb, accum)
+                    outs.append(C.view(np.uint32))
+                for n, o in zip((2, 5, 8, 16), outs[1:]):
                     diff = np.argwhere(o != outs[0])
                     assert diff.size == 0, (f"threads={n} differs from threads=1 at "
                                             f"{diff[0]} (M={M} N={N} K={K} ta={ta} tb={tb})")

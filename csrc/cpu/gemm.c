@@ -4,11 +4,15 @@
  * microkernel reads contiguously, so the transposes cost nothing after
  * packing; a register-blocked microkernel computes an MR x NR tile of C with
  * broadcast + FMA (AVX-512 14x32, AVX2+FMA 6x16, portable C 4x16). Cache
- * blocks: a KC x NC block of packed B is shared by all threads (L3), each
- * work item packs its MC x KC block of A (L2), and one KC x NR micro-panel of
- * B stays in L1 while the item sweeps its MR-panels. Work items are row
- * blocks of C (and column slices when M is small) handed out by
- * sj_parallel_for; each owns its tiles of C outright.
+ * blocks: packed B (all of K for up to 16384 columns, within 8 MiB) is
+ * shared by all threads (L3); an item's MC x KC block of A sits in L2, and
+ * one KC x NR micro-panel of B in L1 while the item sweeps its MR-panels.
+ * Work items are the tiles of a 2-D grid over C (row blocks x column
+ * slices, sized for the thread count) handed out by sj_parallel_for; each
+ * owns its tile outright and runs the K loop over it. Packing is done on
+ * demand by whichever items need a block first, with no barrier: one
+ * fork-join per call for the model's shapes (see "driver" below, with a
+ * table of the work items per shape at P = 1..16).
  * Decode shapes (M <= MR) skip the shared B block, which nothing would reuse:
  * with AVX-512 and M <= 4 wide register strips read B in place (transposing
  * W in registers when transB); otherwise B is packed a few panels at a time.
@@ -40,6 +44,7 @@
  */
 #include "cpu.h"
 #include <pthread.h>
+#include <sched.h>
 #include <string.h>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -71,7 +76,6 @@ void sj_cpu_gemm_reference(float *C, int ldc, const float *A, int lda, int trans
 #define NR 32
 #define KC 256
 #define MC (MR * 12)
-#define NC 3072
 #define SJ_GEMM_ISA "avx512"
 
 /* The kernel body for mr <= MR rows; with `masked` the C tile is nr < NR
@@ -145,7 +149,6 @@ static void kernel_edge(int kc, const float *a, const float *b, int64_t ldbk, fl
 #define NR 16
 #define KC 256
 #define MC (MR * 20)
-#define NC 3072
 #define SJ_GEMM_ISA "avx2"
 
 static void kernel(int kc, const float *restrict a, const float *restrict b, int64_t ldbk,
@@ -182,7 +185,6 @@ static void kernel(int kc, const float *restrict a, const float *restrict b, int
 #define NR 16
 #define KC 256
 #define MC (MR * 32)
-#define NC 2048
 #define SJ_GEMM_ISA "portable"
 
 static void kernel(int kc, const float *restrict a, const float *restrict b, int64_t ldbk,
@@ -375,16 +377,18 @@ static void pack_b_panel(float *restrict dst, const float *B, int ldb, int trans
 /* ---- per-thread pack buffers -------------------------------------------- */
 
 /* Grow-only, one per thread for the thread's life (freed by the key's
- * destructor when a pool worker exits). slot 0: packed A, slot 1: packed B. */
-typedef struct { float *p[2]; size_t cap[2]; } gemm_scratch;
+ * destructor when a pool worker exits). slot 0: this thread's packed A
+ * block; in the calling thread, slot 1: the shared packed B, slot 2: the
+ * shared packed A, slot 3: the pack counters. */
+#define N_SLOTS 4
+typedef struct { float *p[N_SLOTS]; size_t cap[N_SLOTS]; } gemm_scratch;
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 
 static void scratch_free(void *v) {
     gemm_scratch *s = v;
     if (!s) return;
-    sj_free(s->p[0]);
-    sj_free(s->p[1]);
+    for (int i = 0; i < N_SLOTS; i++) sj_free(s->p[i]);
     sj_free(s);
 }
 static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
@@ -410,60 +414,220 @@ static float *scratch_get(int slot, size_t floats) {
     return s->p[slot];
 }
 
-/* ---- driver --------------------------------------------------------------- */
+/* ---- driver ---------------------------------------------------------------
+ * The general path (M > MR) is one fork-join per (column group, K group),
+ * and for every shape in the model one per call. Its work items are the
+ * tiles of a 2-D grid over C: n_i row blocks (MR-panel counts differing by
+ * at most one, at most MC rows) x n_j column slices (NR-panel counts
+ * differing by at most one). An item owns its tile outright and runs the
+ * whole K loop of its group over it, KC at a time, so every C element still
+ * sees one FMA chain in k order.
+ *
+ * Packed operands are shared and packed on demand, without a barrier: B (a
+ * kg x Wg block, all of the group's K for the group's columns) is cut into
+ * (column slice, KC step) blocks, A likewise into (row block, KC step)
+ * blocks when n_j > 1 (else each item packs its own A block into its
+ * thread's buffer, as A is used by one item only). Each block has a claim
+ * counter and a done counter: an item that needs a block claims units of it
+ * (one NR-panel of B, two MR-panels of A) until none are left, packs them,
+ * counts them done, then waits (briefly: the others are packing, never
+ * waiting) until all are done. So packing is spread over whichever threads
+ * need a block first, a lone thread packs all it needs itself, and the
+ * packed values never depend on who packed them. Items are numbered with
+ * the column slice fastest, so the first P items of a call mostly pack
+ * distinct B slices.
+ *
+ * Choosing the grid (plan_tiles): with P = 1, n_j = 1 and the fewest row
+ * blocks of at most MC rows (the classic BLIS loop). With P > 1, the (n_i,
+ * n_j) over row blocks of 1..MC/MR panels and 1..8P column slices that
+ * minimises a modelled time
+ *     T = max(ceil(n/P), n/P + 1/2) * r*c*(1 + 14/r + 16/c)
+ * where n = n_i n_j items, r x c the largest tile (rows x columns): the
+ * first factor is the rounds of the dynamic hand-out, plus half an item of
+ * tail for threads that run at different speeds (shared machines, turbo),
+ * which favours several items per thread; the second the largest item's
+ * cost, with 14/r for reloading each B panel per row block (one MR-panel
+ * row block costs as much again as the FMAs only when B streams from L3 at
+ * full contention) and 16/c for streaming the A block per column slice and
+ * the C tile's load and store.
+ *
+ * Work items per shape and thread count P (printed by a harness around
+ * plan_tiles). Per P: "old items/fork-joins" of the previous driver (NC =
+ * 3072 column blocks x KC steps, each a B-pack and a compute fork-join;
+ * its row blocks were single MR-panels, 14 rows, for M = 512 from P = 16
+ * on, each streaming its B slice from L3 for 14 rows of FMAs), then "new
+ * items/fork-joins" and the largest tile, rows x columns:
+ *
+ *   M     N     K     | P=1                   | P=2                   | P=4                   | P=8                   | P=16
+ * 512   512   512   |   4/4    4/1 140x512  |   8/4   16/1 140x128  |  16/4   20/1 112x128  |  32/4   32/1  70x128  |  74/4   64/1  70x64     square 512 (also medium attn out, all forms)
+ * 1024  1024  1024  |   7/8    7/1 154x1024 |   8/8   28/2 154x256  |  16/8   28/2 154x256  |  32/8   56/2 154x128  |  64/8  120/2  70x128    square 1024
+ * 2048  2048  2048  |  13/16  13/2 168x2048 |  13/16  60/8 140x512  |  16/16  60/8 140x512  |  32/16 120/8 140x256  |  64/16 168/8  98x256    square 2048
+ * 512   768   256   |   4/2    4/1 140x768  |   8/2   16/1 140x192  |  16/2   24/1 140x128  |  32/2   30/1 112x128  |  74/2   64/1  70x96     small qkv fwd, ffn down dx
+ * 512   256   768   |   4/6    4/1 140x256  |   8/6   10/1 112x128  |  16/6   16/1  70x128  |  32/6   32/1  70x64   |  74/6   40/1  56x64     small qkv/ffn down/attn out fwd+dx*
+ * 768   256   512   |   5/4    5/1 154x256  |   8/4   10/1 154x128  |  16/4   22/1  70x128  |  32/4   22/1  70x128  | 110/4   44/1  70x64     small qkv dW
+ * 256   256   512   |   4/4    2/1 140x256  |   8/4    8/1  70x128  |  16/4   16/1  70x64   |  38/4   20/1  56x64   |  76/4   40/1  28x64     small attn out dW
+ * 512   1536  256   |   4/2    4/1 140x1536 |   8/2   24/1 140x256  |  16/2   32/1 140x192  |  32/2   48/1 140x128  |  74/2   60/1 112x128    small ffn up fwd
+ * 1536  256   512   |  10/4   10/1 154x256  |  10/4   11/1 140x256  |  16/4   22/1 140x128  |  32/4   44/1  70x128  |  64/4   44/1  70x128    small ffn up dW
+ * 256   768   512   |   4/4    2/1 140x768  |   8/4   12/1 140x128  |  16/4   16/1 140x96   |  38/4   32/1  70x96   |  76/4   48/1  70x64     small ffn down dW
+ * 512   8192  256   |   4/6    4/1 140x8192 |   8/6   64/1 140x512  |  16/6   64/1 140x512  |  32/6  128/1 140x256  |  74/6  128/1 140x256    small lm head fwd
+ * 512   256   8192  |   4/64   4/1 140x256  |   8/64  10/5 112x128  |  16/64  16/5  70x128  |  32/64  32/5  70x64   |  74/64  40/5  56x64     small lm head dx
+ * 8192  256   512   |  49/4   49/1 168x256  |  49/4   49/1 168x256  |  49/4   59/1 140x256  |  49/4   54/1 154x256  |  64/4  108/1 154x128    small lm head dW
+ * 512   1536  512   |   4/4    4/1 140x1536 |   8/4   24/1 140x256  |  16/4   32/1 140x192  |  32/4   48/1 140x128  |  74/4   60/1 112x128    medium qkv fwd, ffn down dx/dW
+ * 512   512   1536  |   4/12   4/1 140x512  |   8/12  16/1 140x128  |  16/12  20/1 112x128  |  32/12  32/1  70x128  |  74/12  64/1  70x64     medium qkv dx, ffn down fwd
+ * 1536  512   512   |  10/4   10/1 154x512  |  10/4   20/1 154x256  |  16/4   22/1 140x256  |  32/4   44/1 140x128  |  64/4   88/1  70x128    medium qkv dW
+ * 512   3072  512   |   4/4    4/1 140x3072 |   8/4   32/1 140x384  |  16/4   48/1 140x256  |  32/4   64/1 140x192  |  74/4   96/1 140x128    medium ffn up fwd
+ * 512   512   3072  |   4/24   4/1 140x512  |   8/24  16/2 140x128  |  16/24  20/2 112x128  |  32/24  32/2  70x128  |  74/24  64/2  70x64     medium ffn up dx
+ * 3072  512   512   |  19/4   19/1 168x512  |  19/4   20/1 154x512  |  19/4   40/2 154x256  |  32/4   44/2 140x256  |  64/4   88/2 140x128    medium ffn up dW
+ * 512   8192  512   |   4/12   4/2 140x8192 |   8/12  64/2 140x512  |  16/12  64/2 140x512  |  32/12 128/2 140x256  |  74/12 128/2 140x256    medium lm head fwd
+ * 512   512   8192  |   4/64   4/2 140x512  |   8/64  16/5 140x128  |  16/64  20/5 112x128  |  32/64  32/5  70x128  |  74/64  64/5  70x64     medium lm head dx
+ * 8192  512   512   |  49/4   49/1 168x512  |  49/4   49/1 168x512  |  49/4   98/1 168x256  |  49/4  118/1 140x256  |  64/4  108/1 154x256    medium lm head dW
+ * (* the 512 x 256 x K shapes: K = 768 small qkv dx / ffn down fwd, 256
+ * attn out fwd and dx, 1536 ffn up dx: the same grid.)
+ *
+ * Memory: the shared B block is at most B_BUDGET floats (8 MiB) and the
+ * shared A at most A_BUDGET (4 MiB), both grow-only in the calling thread;
+ * wider N is cut into column groups of B_BUDGET / KC columns, longer K into
+ * K groups (each one fork-join), e.g. medium lm head fwd (K = 512, N = 8192)
+ * runs as 2 K groups. */
+
+#define B_BUDGET ((size_t)1 << 21)
+#define A_BUDGET ((size_t)1 << 20)
+#define A_UNIT 2  /* MR-panels of A per claim */
+
+/* A block's pack state; a cache line each, as many threads hit them. */
+typedef struct { atomic_int claim, done; char pad[56]; } pack_ctr;
 
 typedef struct {
     float *C; const float *A, *B; int ldc, lda, ldb, transA, transB, M, N, K, accum;
-    /* the current (jc, pc) block */
-    int jc, nc, pc, kc, load;
-    float *bp;                 /* packed B block: ceil(nc/NR) panels of (kc, NR) */
-    /* work items: n_iitems row blocks (MR-panel counts differing by at most
-     * one) x n_jitems column slices of jpp NR-panels */
-    int n_ip, n_iitems, jpp, n_jitems;
+    int jpp;                   /* decode paths: NR-panels per item */
+    /* general path: the current column group jc..jc+nc, K group k0..k0+kg */
+    int jc, nc, k0, kg, npc;   /* npc: KC steps in the group */
+    int n_ip, n_jp;            /* MR-panels of M, NR-panels of the group */
+    int n_i, n_j;              /* the grid */
+    float *bp;                 /* packed B: [pc step][NR-panel] (KC, NR) each */
+    float *ap;                 /* shared packed A: [pc step][MR-panel] (KC, MR), or NULL */
+    pack_ctr *actr, *bctr;     /* [row block][pc step], [column slice][pc step] */
 } gemm_plan;
 
-static void pack_b_range(void *ctx, int64_t p0, int64_t p1, int tid) {
-    (void)tid;
-    const gemm_plan *g = ctx;
-    for (int64_t jp = p0; jp < p1; jp++) {
-        int j0 = g->jc + (int)jp * NR;
-        pack_b_panel(g->bp + jp * g->kc * NR, g->B, g->ldb, g->transB, j0,
-                     SJ_MIN(NR, g->jc + g->nc - j0), g->pc, g->kc);
+/* Wait for the units other threads claimed; they are packing, not waiting. */
+static void wait_done(pack_ctr *c, int n) {
+    int spins = 0;
+    while (atomic_load_explicit(&c->done, memory_order_acquire) < n) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if (++spins > 4000) { sched_yield(); spins = 0; }  /* a packer lost its core */
     }
 }
 
-static void compute_items(void *ctx, int64_t t0, int64_t t1, int tid) {
+/* Make sure B panels jp0..jp1 of KC step pcl are packed. */
+static void need_b(const gemm_plan *g, pack_ctr *c, int jp0, int jp1, int pcl) {
+    int n = jp1 - jp0;
+    if (atomic_load_explicit(&c->done, memory_order_acquire) >= n) return;
+    int pc = g->k0 + pcl * KC, kc = SJ_MIN(KC, g->K - pc);
+    for (;;) {
+        int u = atomic_fetch_add_explicit(&c->claim, 1, memory_order_relaxed);
+        if (u >= n) break;
+        int jp = jp0 + u, j = g->jc + jp * NR;
+        pack_b_panel(g->bp + ((size_t)pcl * g->n_jp + jp) * KC * NR, g->B, g->ldb, g->transB,
+                     j, SJ_MIN(NR, g->jc + g->nc - j), pc, kc);
+        atomic_fetch_add_explicit(&c->done, 1, memory_order_release);
+    }
+    wait_done(c, n);
+}
+
+/* Make sure A panels ip0..ip1 of KC step pcl are packed (shared A). */
+static void need_a(const gemm_plan *g, pack_ctr *c, int ip0, int ip1, int pcl) {
+    int n = SJ_CDIV(ip1 - ip0, A_UNIT);
+    if (atomic_load_explicit(&c->done, memory_order_acquire) >= n) return;
+    int pc = g->k0 + pcl * KC, kc = SJ_MIN(KC, g->K - pc);
+    for (;;) {
+        int u = atomic_fetch_add_explicit(&c->claim, 1, memory_order_relaxed);
+        if (u >= n) break;
+        int p0 = ip0 + u * A_UNIT, p1 = SJ_MIN(ip1, p0 + A_UNIT);
+        /* panels of one KC step are consecutive, KC * MR apart: pack_a_block's
+         * stride is kc * MR, so go panel by panel when kc < KC */
+        float *dst = g->ap + ((size_t)pcl * g->n_ip + p0) * KC * MR;
+        if (kc == KC)
+            pack_a_block(dst, g->A, g->lda, g->transA, p0 * MR, SJ_MIN(g->M, p1 * MR), pc, kc);
+        else
+            for (int ip = p0; ip < p1; ip++)
+                pack_a_panel(dst + (size_t)(ip - p0) * KC * MR, g->A, g->lda, g->transA,
+                             ip * MR, SJ_MIN(MR, g->M - ip * MR), pc, kc);
+        atomic_fetch_add_explicit(&c->done, 1, memory_order_release);
+    }
+    wait_done(c, n);
+}
+
+static void tile_items(void *ctx, int64_t t0, int64_t t1, int tid) {
     (void)tid;
     const gemm_plan *g = ctx;
-    int n_jp = SJ_CDIV(g->nc, NR);
+    float *own = g->ap ? NULL : scratch_get(0, (size_t)MC * KC);
     for (int64_t t = t0; t < t1; t++) {
-        int ii = (int)(t / g->n_jitems), jj = (int)(t % g->n_jitems);
-        int i0 = (int)((int64_t)ii * g->n_ip / g->n_iitems) * MR;
-        int i1 = SJ_MIN(g->M, (int)((int64_t)(ii + 1) * g->n_ip / g->n_iitems) * MR);
-        int jp0 = jj * g->jpp, jp1 = SJ_MIN(n_jp, jp0 + g->jpp);
-        float *ap = scratch_get(0, (size_t)MC * KC);
-        if (ap) pack_a_block(ap, g->A, g->lda, g->transA, i0, i1, g->pc, g->kc);
-        for (int jp = jp0; jp < jp1; jp++) {
-            int j = g->jc + jp * NR, nr = SJ_MIN(NR, g->jc + g->nc - j);
-            const float *bpan = g->bp + (size_t)jp * g->kc * NR;
-            for (int i = i0, ip = 0; i < i1; i += MR, ip++) {
-                int mr = SJ_MIN(MR, i1 - i);
-                const float *apan;
-                _Alignas(64) float one[MR * KC];
-                if (ap) apan = ap + (size_t)ip * g->kc * MR;
-                else {  /* out of memory: pack this panel on the stack */
-                    pack_a_panel(one, g->A, g->lda, g->transA, i, mr, g->pc, g->kc);
-                    apan = one;
-                }
-                float *c = g->C + (int64_t)i * g->ldc + j;
-                /* the next tile's C rows, so its loads do not stall on memory */
-                if (g->load && i + MR < i1)
-                    for (int r = 0; r < MR; r++)
-                        for (int q = 0; q < NR; q += 16)
-                            __builtin_prefetch(c + (int64_t)(MR + r) * g->ldc + q, 1);
-                if (mr == MR && nr == NR) kernel(g->kc, apan, bpan, NR, c, g->ldc, g->load);
-                else kernel_edge(g->kc, apan, bpan, NR, c, g->ldc, g->load, mr, nr);
+        int ii = (int)(t / g->n_j), jj = (int)(t % g->n_j);
+        int ip0 = (int)((int64_t)ii * g->n_ip / g->n_i);
+        int ip1 = (int)((int64_t)(ii + 1) * g->n_ip / g->n_i);
+        int jp0 = (int)((int64_t)jj * g->n_jp / g->n_j);
+        int jp1 = (int)((int64_t)(jj + 1) * g->n_jp / g->n_j);
+        int i0 = ip0 * MR, i1 = SJ_MIN(g->M, ip1 * MR);
+        for (int pcl = 0; pcl < g->npc; pcl++) {
+            int pc = g->k0 + pcl * KC, kc = SJ_MIN(KC, g->K - pc);
+            int load = pc > 0 || g->accum;
+            need_b(g, &g->bctr[(size_t)jj * g->npc + pcl], jp0, jp1, pcl);
+            const float *ablk;  /* panel ip - ip0 at ablk + (ip - ip0) * astride */
+            size_t astride;
+            if (g->ap) {
+                need_a(g, &g->actr[(size_t)ii * g->npc + pcl], ip0, ip1, pcl);
+                ablk = g->ap + ((size_t)pcl * g->n_ip + ip0) * KC * MR;
+                astride = (size_t)KC * MR;
+            } else {
+                if (own) pack_a_block(own, g->A, g->lda, g->transA, i0, i1, pc, kc);
+                ablk = own;
+                astride = (size_t)kc * MR;
             }
+            for (int jp = jp0; jp < jp1; jp++) {
+                int j = g->jc + jp * NR, nr = SJ_MIN(NR, g->jc + g->nc - j);
+                const float *bpan = g->bp + ((size_t)pcl * g->n_jp + jp) * KC * NR;
+                for (int i = i0, ip = 0; i < i1; i += MR, ip++) {
+                    int mr = SJ_MIN(MR, i1 - i);
+                    const float *apan;
+                    _Alignas(64) float one[MR * KC];
+                    if (ablk) apan = ablk + ip * astride;
+                    else {  /* out of memory: pack this panel on the stack */
+                        pack_a_panel(one, g->A, g->lda, g->transA, i, mr, pc, kc);
+                        apan = one;
+                    }
+                    float *c = g->C + (int64_t)i * g->ldc + j;
+                    /* the next tile's C rows, so its loads do not stall on memory */
+                    if (load && i + MR < i1)
+                        for (int r = 0; r < MR; r++)
+                            for (int q = 0; q < NR; q += 16)
+                                __builtin_prefetch(c + (int64_t)(MR + r) * g->ldc + q, 1);
+                    if (mr == MR && nr == NR) kernel(kc, apan, bpan, NR, c, g->ldc, load);
+                    else kernel_edge(kc, apan, bpan, NR, c, g->ldc, load, mr, nr);
+                }
+            }
+        }
+    }
+}
+
+/* The grid for n_ip MR-panels x n_jp NR-panels (M rows, N columns) on P
+ * threads; see the comment above. */
+static void plan_tiles(int M, int N, int n_ip, int n_jp, int P, int *n_i, int *n_j) {
+    *n_i = SJ_CDIV(n_ip, MC / MR);
+    *n_j = 1;
+    if (P <= 1) return;
+    double best = 0;
+    for (int mi = 1; mi <= MC / MR; mi++) {
+        int ni = SJ_CDIV(n_ip, mi), mb = SJ_CDIV(n_ip, ni);
+        if (mi > 1 && SJ_CDIV(n_ip, mi - 1) == ni) continue;  /* same grid as mi - 1 */
+        for (int nj = 1; nj <= SJ_MIN(n_jp, 8 * P); nj++) {
+            int nb = SJ_CDIV(n_jp, nj);
+            double r = SJ_MIN(mb * MR, M), c = SJ_MIN(nb * NR, N), n = (double)ni * nj;
+            double item = r * c * (1 + 14.0 / r + 16.0 / c);
+            double rounds = SJ_MAX((double)SJ_CDIV((int64_t)ni * nj, P), n / P + 0.5);
+            double tm = rounds * item;
+            if (best == 0 || tm < best * (1 - 1e-9)) { best = tm; *n_i = ni; *n_j = nj; }
         }
     }
 }
@@ -638,13 +802,13 @@ static void strip_items(void *ctx, int64_t t0, int64_t t1, int tid) {
 }
 #endif
 
-/* Out of memory for the shared B block: tile by tile, both panels packed on
- * the stack. Slow, serial, and bit-identical to the fast path. */
-static void gemm_unbuffered(const gemm_plan *g0) {
+/* Out of memory for the shared buffers: columns j0..N tile by tile, both
+ * panels packed on the stack. Slow, serial, and bit-identical to the fast
+ * path. */
+static void gemm_unbuffered(const gemm_plan *g, int j0) {
     _Alignas(64) float ap[MR * KC], bp[KC * NR];
-    const gemm_plan *g = g0;
     for (int i = 0; i < g->M; i += MR)
-        for (int j = 0; j < g->N; j += NR) {
+        for (int j = j0; j < g->N; j += NR) {
             int mr = SJ_MIN(MR, g->M - i), nr = SJ_MIN(NR, g->N - j);
             for (int p = 0; p < g->K; p += KC) {
                 int kc = SJ_MIN(KC, g->K - p);
@@ -688,29 +852,36 @@ void sj_cpu_gemm(float *C, int ldc, const float *A, int lda, int transA,
         sj_parallel_for(items, P > 1 ? 1 : items, small_m_items, &g);
         return;
     }
-    int ncap = SJ_MIN(NC, SJ_CDIV(N, NR) * NR);
-    g.bp = scratch_get(1, (size_t)KC * ncap);
-    if (!g.bp) { gemm_unbuffered(&g); return; }
-
-    /* Row blocks: at most MC rows, and small enough for about 4 items per
-     * thread so that the dynamic hand-out balances. Blocking never changes
-     * the result (see the header), so it may follow the thread count. */
     int n_ip = SJ_CDIV(M, MR);
-    g.n_ip = n_ip;
-    g.n_iitems = SJ_MIN(n_ip, SJ_MAX(4 * P, SJ_CDIV(n_ip, MC / MR)));
-    for (g.jc = 0; g.jc < N; g.jc += NC) {
-        g.nc = SJ_MIN(NC, N - g.jc);
-        int n_jp = SJ_CDIV(g.nc, NR);
-        /* Few row blocks (small M): also cut the columns. */
-        g.n_jitems = SJ_MIN(n_jp, SJ_MAX(1, SJ_CDIV(4 * P, g.n_iitems)));
-        g.jpp = SJ_CDIV(n_jp, g.n_jitems);
-        g.n_jitems = SJ_CDIV(n_jp, g.jpp);
-        for (g.pc = 0; g.pc < K; g.pc += KC) {
-            g.kc = SJ_MIN(KC, K - g.pc);
-            g.load = g.pc > 0 || accum;
-            int64_t items = (int64_t)g.n_iitems * g.n_jitems;
-            sj_parallel_for(n_jp, P > 1 ? 2 : n_jp, pack_b_range, &g);
-            sj_parallel_for(items, P > 1 ? 1 : items, compute_items, &g);
+    /* Column groups of at most B_BUDGET / KC columns, each with its grid. */
+    int wmax = (int)SJ_MAX(NR, B_BUDGET / KC / NR * NR);
+    for (int jc = 0; jc < N; jc += wmax) {
+        int nc = SJ_MIN(wmax, N - jc), n_jp = SJ_CDIV(nc, NR);
+        int n_i, n_j;
+        plan_tiles(M, nc, n_ip, n_jp, P, &n_i, &n_j);
+        /* K groups: the group's packed B (and shared A) within budget */
+        int nkc = SJ_CDIV(K, KC);
+        int spc = (int)SJ_MAX(1, B_BUDGET / ((size_t)n_jp * NR * KC));  /* KC steps */
+        int share_a = n_j > 1 && (size_t)n_ip * MR * KC <= A_BUDGET;
+        if (share_a) spc = SJ_MIN(spc, (int)(A_BUDGET / ((size_t)n_ip * MR * KC)));
+        spc = SJ_MIN(spc, nkc);
+        /* equal K groups, not a full ones and a short tail */
+        int ngroups = SJ_CDIV(nkc, spc);
+        spc = SJ_CDIV(nkc, ngroups);
+        g.bp = scratch_get(1, (size_t)spc * n_jp * KC * NR);
+        g.ap = share_a ? scratch_get(2, (size_t)spc * n_ip * KC * MR) : NULL;
+        size_t nctr = (size_t)(n_j + (g.ap ? n_i : 0)) * spc;
+        pack_ctr *ctr = (pack_ctr *)scratch_get(3, nctr * sizeof(pack_ctr) / sizeof(float));
+        if (!g.bp || !ctr) { gemm_unbuffered(&g, jc); return; }  /* columns jc.. */
+        g.jc = jc; g.nc = nc; g.n_ip = n_ip; g.n_jp = n_jp; g.n_i = n_i; g.n_j = n_j;
+        g.bctr = ctr; g.actr = ctr + (size_t)n_j * spc;
+        for (int q = 0; q < nkc; q += spc) {
+            g.k0 = q * KC;
+            g.npc = SJ_MIN(spc, nkc - q);
+            g.kg = SJ_MIN(K, g.k0 + g.npc * KC) - g.k0;
+            memset(ctr, 0, nctr * sizeof(pack_ctr));
+            int64_t items = (int64_t)n_i * n_j;
+            sj_parallel_for(items, P > 1 ? 1 : items, tile_items, &g);
         }
     }
 }
