@@ -120,7 +120,8 @@ def run_one(c: Dict) -> Dict:
     peak = mem.get("cuda_peak_bytes") or mem["peak_bytes"]
     return dict(ok=True, tok_s=B * n * T / (step_ms / 1e3), step_ms=step_ms,
                 step_ms_min=min(ms), step_ms_max=max(ms), peak_mib=peak / MIB,
-                planned_peak_mib=plan["peak_bytes"] / MIB, loss=float(losses[-1]),
+                planned_peak_mib=plan["peak_bytes"] / MIB, arena_mib=plan["arena_bytes"] / MIB,
+                kept_mib=plan["kept_bytes"] / MIB, loss=float(losses[-1]),
                 params=model.n_params, device=model.device, dtype=model.dtype)
 
 

@@ -174,3 +174,40 @@ def test_levers_are_reported_and_validated():
         m.set_levers(ce_rows=-1)
     with pytest.raises(ValueError):
         smedjan.Trainer(m, grad_accum=0)
+
+
+def _token_file(tmp_path):
+    from smedjan.data import write_tokens
+    path = str(tmp_path / "d.tok")
+    write_tokens(path, [np.random.default_rng(0).integers(0, 300, 30_000)], dtype="uint16")
+    return path
+
+
+def test_train_cli_takes_every_lever_flag(tmp_path, capsys):
+    from smedjan.cli import main
+    data = _token_file(tmp_path)
+    rc = main(["train", "--data", data, "--vocab-size", "300", "--size", "custom", "--dim", "64",
+               "--layers", "2", "--heads", "4", "--batch-size", "2", "--seq-len", "32",
+               "--steps", "3", "--warmup", "1", "--val-fraction", "0", "--grad-accum", "2",
+               "--gradient-checkpointing", "--fused-ce", "--memory-limit", "1GiB"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "batch 2 x accum 2 x seq 32" in out and "step 3: loss" in out
+
+
+def test_train_cli_memory_limit_refuses_with_the_planned_figure(tmp_path, capsys):
+    from smedjan.cli import main
+    data = _token_file(tmp_path)
+    rc = main(["train", "--data", data, "--vocab-size", "300", "--size", "custom", "--dim", "64",
+               "--layers", "2", "--heads", "4", "--batch-size", "16", "--seq-len", "64",
+               "--steps", "2", "--memory-limit", "1MiB"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "plans a peak of" in err and "MiB" in err, err
+
+
+def test_train_cli_fp16_activations_says_it_is_not_available(tmp_path, capsys):
+    from smedjan.cli import main
+    rc = main(["train", "--data", _token_file(tmp_path), "--vocab-size", "300", "--size",
+               "custom", "--dim", "64", "--layers", "2", "--heads", "4", "--steps", "1",
+               "--seq-len", "32", "--fp16-activations"])
+    assert rc == 1 and "fp16_activations" in capsys.readouterr().err
