@@ -25,7 +25,10 @@ LEVERS = [
     ("--grad-accum 2", {"grad_accum": 2, "half_batch": True}),
     ("--gradient-checkpointing", {"gradient_checkpointing": True}),
     ("--fused-ce", {"fused_ce": True}),
+    ("--fp16-activations", {"fp16_activations": True}),
     ("--gradient-checkpointing --fused-ce", {"gradient_checkpointing": True, "fused_ce": True}),
+    ("all four", {"grad_accum": 2, "half_batch": True, "gradient_checkpointing": True,
+                  "fused_ce": True, "fp16_activations": True}),
 ]
 
 

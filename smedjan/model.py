@@ -148,7 +148,8 @@ class Model:
 
     def set_levers(self, *, gradient_checkpointing: Optional[bool] = None,
                    fused_ce: Optional[bool] = None, ce_rows: Optional[int] = None,
-                   memory_limit: Optional[int] = None) -> dict:
+                   memory_limit: Optional[int] = None,
+                   fp16_activations: Optional[bool] = None) -> dict:
         """Memory levers (None keeps the current setting); returns them all.
 
         gradient_checkpointing: keep only each block's input from forward to
@@ -157,6 +158,10 @@ class Model:
         so the (batch*seq, vocab) logits never exist. memory_limit: bytes; a
         run whose planned peak (engine memory held + its activation arena)
         exceeds it is refused with MemoryError before the arena is allocated.
+        fp16_activations: activations kept from forward to backward are
+        stored as fp16 (clamped to +-65504) between their last forward and
+        first backward use (fp32 compute; on bf16 models they already are
+        half size, and the lever does nothing).
 
         >>> m = Model("tiny"); m.set_levers(fused_ce=True)["fused_ce"]
         True
@@ -166,7 +171,8 @@ class Model:
                    else bool(gradient_checkpointing),
                    fused_ce=cur["fused_ce"] if fused_ce is None else bool(fused_ce),
                    ce_rows=cur["ce_rows"] if ce_rows is None else int(ce_rows),
-                   memory_limit=cur["memory_limit"] if memory_limit is None else int(memory_limit))
+                   memory_limit=cur["memory_limit"] if memory_limit is None else int(memory_limit),
+                   fp16_act=cur["fp16_act"] if fp16_activations is None else bool(fp16_activations))
         self._h.set_levers(**new)
         return self.levers
 
@@ -175,7 +181,8 @@ class Model:
         """The memory levers now set (see set_levers)."""
         d = self._h.levers()
         return dict(gradient_checkpointing=d["checkpoint"], fused_ce=d["fused_ce"],
-                    ce_rows=d["ce_rows"], memory_limit=d["memory_limit"])
+                    ce_rows=d["ce_rows"], memory_limit=d["memory_limit"],
+                    fp16_activations=d["fp16_act"])
 
     def plan_memory(self, batch_size: int, seq_len: int, mode: str = "train") -> dict:
         """Plan a run without allocating anything: the activation arena's

@@ -34,6 +34,7 @@ class Trainer:
     loader batches per step), whose gradients add up to the whole batch's;
     gradient_checkpointing recomputes block activations in backward;
     fused_ce never materialises the (batch*seq, vocab) logits;
+    fp16_activations stores the activations kept for backward as fp16;
     memory_limit (bytes) refuses a run whose planned peak exceeds it.
     """
 
@@ -46,11 +47,8 @@ class Trainer:
         if int(grad_accum) < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         self.grad_accum = int(grad_accum)
-        if fp16_activations:
-            raise ValueError("fp16_activations: not available in this build yet (see "
-                             "docs/performance.md)")
         model.set_levers(gradient_checkpointing=gradient_checkpointing, fused_ce=fused_ce,
-                         memory_limit=memory_limit)
+                         memory_limit=memory_limit, fp16_activations=fp16_activations)
         self.model = model
         self.lr, self.min_lr = lr, lr / 10 if min_lr is None else min_lr
         self.warmup, self.steps = warmup, steps

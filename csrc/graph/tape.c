@@ -18,6 +18,8 @@ void sj_tape_free(sj_tape *tp, const sj_backend *be) {
     free(tp->blocks);
     free(tp->xnodes);
     free(tp->bsched);
+    free(tp->fsched);
+    free(tp->convs);
     memset(tp, 0, sizeof *tp);
 }
 
@@ -225,6 +227,147 @@ static void touch_backward(sj_tape *tp, const sj_node *n, int time) {
     }
 }
 
+
+/* Touch every tensor at the times the schedule uses it; returns the time
+ * forward ends. bwd_time[i]: when node i's own backward runs (or -1). */
+static int lifetimes(sj_tape *tp, int *bwd_time) {
+    const int F = tp->n_nodes;
+    int t = 0;
+    for (int i = 0; i < F; i++) bwd_time[i] = -1;
+    if (!tp->n_fsched)
+        for (int i = 0; i < F; i++) touch_forward(tp, &tp->nodes[i], t++);
+    for (int k = 0; k < tp->n_fsched; k++, t++) {
+        const sj_step *st = &tp->fsched[k];
+        if (st->kind == SJ_STEP_CONV) {
+            touch(&tp->t[tp->convs[st->idx].src], t);
+            touch(&tp->t[tp->convs[st->idx].dst], t);
+        } else {
+            touch_forward(tp, &tp->nodes[st->idx], t);
+        }
+    }
+    const int fwd_end = t;
+    for (int k = 0; k < tp->n_bsched; k++, t++) {
+        const sj_step *st = &tp->bsched[k];
+        if (st->kind == SJ_STEP_CONV) {
+            touch(&tp->t[tp->convs[st->idx].src], t);
+            touch(&tp->t[tp->convs[st->idx].dst], t);
+            continue;
+        }
+        sj_node *n = step_node(tp, st);
+        if (st->kind == SJ_STEP_XFWD) touch_forward(tp, n, t);
+        else touch_backward(tp, n, t);
+        if (st->kind == SJ_STEP_BWD) bwd_time[st->idx] = t;
+    }
+    return fwd_end;
+}
+
+/* Does step st read tensor id in backward (its backward's reads, or a
+ * recompute's inputs)? */
+static int step_reads(const sj_tape *tp, const sj_step *st, int id) {
+    const sj_node *n = st->kind == SJ_STEP_BWD ? &tp->nodes[st->idx] : &tp->xnodes[st->idx];
+    for (int k = 0; k < 3; k++)
+        if (n->in[k] == id && (st->kind == SJ_STEP_XFWD || (sj_ops[n->op].bwd_reads_in >> k & 1)))
+            return 1;
+    for (int k = 0; k < 2; k++)
+        if (n->out[k] == id && st->kind != SJ_STEP_XFWD && (sj_ops[n->op].bwd_reads_out >> k & 1))
+            return 1;
+    return 0;
+}
+
+/* fp16 activations, on lifetimes computed without them: every
+ * differentiable f32 activation kept from forward to backward (not the
+ * loss's inputs, which are used at once) is narrowed to an f16 tensor after
+ * its last forward use and widened into a fresh f32 twin (same gradient)
+ * just before its first backward reader; backward steps read the twin. */
+static sj_status plan_f16(sj_tape *tp) {
+    const int F = tp->n_nodes, nt = tp->n_t;
+    int *last_fwd = malloc(sizeof(int) * (size_t)nt * 2);
+    tp->fsched = malloc(sizeof(sj_step) * (size_t)(2 * F + nt));
+    sj_step *bs = malloc(sizeof(sj_step) * (size_t)(tp->n_bsched + nt));
+    tp->convs = malloc(sizeof(sj_conv) * (size_t)nt * 2);
+    if (!last_fwd || !tp->fsched || !bs || !tp->convs) {
+        free(last_fwd); free(bs);
+        return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
+    }
+    int *twin = last_fwd + nt;
+    for (int id = 0; id < nt; id++) { last_fwd[id] = -1; twin[id] = -1; }
+    for (int i = 0; i < F; i++) {
+        const sj_node *n = &tp->nodes[i];
+        for (int k = 0; k < 3; k++) if (n->in[k] >= 0) last_fwd[n->in[k]] = i;
+        for (int k = 0; k < 2; k++) if (n->out[k] >= 0) last_fwd[n->out[k]] = i;
+    }
+    char *skip = calloc((size_t)nt, 1);
+    if (!skip) { free(last_fwd); free(bs); return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory"); }
+    for (int i = 0; i < F; i++)
+        if (tp->nodes[i].op == SJ_OP_CROSS_ENTROPY || tp->nodes[i].op == SJ_OP_LM_HEAD_CE)
+            for (int k = 0; k < 3; k++) if (tp->nodes[i].in[k] >= 0) skip[tp->nodes[i].in[k]] = 1;
+    sj_status s = SJ_OK;
+    /* which tensors, and their f16 and f32 twins */
+    for (int id = 0; id < nt && s == SJ_OK; id++) {
+        const sj_tval v = tp->t[id];
+        if (v.kind != SJ_T_ACT || v.no_grad || v.dtype != SJ_F32 || v.alias >= 0 || skip[id] ||
+            v.first < 0 || v.first >= F || v.last < F || last_fwd[id] < 0 || v.numel < 1024)
+            continue;
+        int h = sj_tape_tensor(tp, SJ_T_ACT, v.numel), w = h < 0 ? -1 : sj_tape_tensor(tp, SJ_T_ACT, v.numel);
+        if (w < 0) { s = SJ_ERR_NOMEM; break; }
+        tp->t[h].dtype = SJ_F16; tp->t[h].no_grad = 1;
+        tp->t[w].grad = v.grad;
+        twin[id] = tp->n_convs;
+        tp->convs[tp->n_convs++] = (sj_conv){ id, h };
+        tp->convs[tp->n_convs++] = (sj_conv){ h, w };
+    }
+    free(skip);
+    /* forward: each narrowing right after the tensor's last forward use */
+    int nf = 0;
+    for (int i = 0; i < F && s == SJ_OK; i++) {
+        tp->fsched[nf++] = (sj_step){ SJ_STEP_FWD, i };
+        for (int id = 0; id < nt; id++)
+            if (twin[id] >= 0 && last_fwd[id] == i) tp->fsched[nf++] = (sj_step){ SJ_STEP_CONV, twin[id] };
+    }
+    tp->n_fsched = nf;
+    /* backward: widen before the first reader; readers read the wide twin */
+    char *widened = calloc((size_t)nt, 1);
+    int nb = 0;
+    if (!widened) s = sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
+    for (int k = 0; k < tp->n_bsched && s == SJ_OK; k++) {
+        sj_step st = tp->bsched[k];
+        int remap = 0;
+        for (int id = 0; id < nt; id++) {
+            if (twin[id] < 0 || !step_reads(tp, &st, id)) continue;
+            if (!widened[id]) { bs[nb++] = (sj_step){ SJ_STEP_CONV, twin[id] + 1 }; widened[id] = 1; }
+            remap = 1;
+        }
+        if (remap) {
+            sj_node x = *step_node(tp, &st);
+            int wide_of[5];
+            for (int k2 = 0; k2 < 3; k2++) {
+                int id = x.in[k2];
+                wide_of[k2] = id >= 0 && id < nt && twin[id] >= 0 ? tp->convs[twin[id] + 1].dst : -1;
+                if (wide_of[k2] >= 0) x.in[k2] = wide_of[k2];
+            }
+            for (int k2 = 0; k2 < 2; k2++) {
+                int id = x.out[k2];
+                if (id >= 0 && id < nt && twin[id] >= 0) x.out[k2] = tp->convs[twin[id] + 1].dst;
+            }
+            if (st.kind == SJ_STEP_BWD) {
+                int xi = add_xnode(tp, &x);
+                if (xi < 0) { s = SJ_ERR_NOMEM; break; }
+                st = (sj_step){ SJ_STEP_XBWD, xi };
+            } else {
+                tp->xnodes[st.idx] = x;
+            }
+        }
+        bs[nb++] = st;
+    }
+    free(widened);
+    free(last_fwd);
+    if (s != SJ_OK) { free(bs); return s; }
+    free(tp->bsched);
+    tp->bsched = bs;
+    tp->n_bsched = nb;
+    return SJ_OK;
+}
+
 sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
     const int F = tp->n_nodes;
     /* Gradient tensors for every differentiable activation (train only). */
@@ -239,23 +382,22 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
             tp->t[id].grad = g;
         }
     if (tp->train) SJ_TRY(build_schedule(tp));
-    /* Lifetimes on the schedule: forward node i at time i, backward step k
-     * at time F + k (without checkpointing: node i's backward at 2F-1-i). */
+    /* Lifetimes on the schedule: forward step i at time i, backward step k
+     * at time (forward steps) + k (without levers: node i's backward at 2F-1-i). */
     int *bwd_time = malloc(sizeof(int) * (size_t)(F + 1));
     if (!bwd_time) return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
-    for (int i = 0; i < F; i++) { bwd_time[i] = -1; touch_forward(tp, &tp->nodes[i], i); }
-    for (int k = 0; k < tp->n_bsched; k++) {
-        const sj_step *st = &tp->bsched[k];
-        sj_node *n = step_node(tp, st);
-        if (st->kind == SJ_STEP_XFWD) touch_forward(tp, n, F + k);
-        else touch_backward(tp, n, F + k);
-        if (st->kind == SJ_STEP_BWD) bwd_time[st->idx] = F + k;
+    int fwd_end = lifetimes(tp, bwd_time);
+    if (tp->f16_act && tp->train && tp->act_dtype == SJ_F32) {
+        sj_status s = plan_f16(tp);
+        if (s != SJ_OK) { free(bwd_time); return s; }
+        for (int id = 0; id < tp->n_t; id++) tp->t[id].first = tp->t[id].last = -1;
+        fwd_end = lifetimes(tp, bwd_time);
     }
     /* Activation bytes alive when forward ends (what the levers shrink). */
     tp->kept_bytes = 0;
     for (int id = 0; id < tp->n_t; id++) {
         const sj_tval *v = &tp->t[id];
-        if (v->kind == SJ_T_ACT && v->first >= 0 && v->first < F && v->last >= F)
+        if (v->kind == SJ_T_ACT && v->first >= 0 && v->first < fwd_end && v->last >= fwd_end)
             tp->kept_bytes += v->numel * (int64_t)sj_dtype_size(v->dtype);
     }
     /* The first backward writer of a gradient overwrites it; later ones add. */
@@ -263,7 +405,7 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
         char *written = calloc((size_t)tp->n_t, 1);
         if (!written) { free(bwd_time); return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory"); }
         for (int k = 0; k < tp->n_bsched; k++) {
-            if (tp->bsched[k].kind == SJ_STEP_XFWD) continue;
+            if (tp->bsched[k].kind == SJ_STEP_XFWD || tp->bsched[k].kind == SJ_STEP_CONV) continue;
             sj_node *n = step_node(tp, &tp->bsched[k]);
             for (int j = 0; j < 3; j++) {
                 int id = n->in[j];
@@ -354,7 +496,21 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
     return SJ_OK;
 }
 
+static void run_conv(sj_tape *tp, const sj_backend *be, const sj_conv *c, void *params) {
+    be->convert(sj_tape_ptr(tp, c->dst, params), tp->t[c->dst].dtype,
+                sj_tape_ptr(tp, c->src, params), tp->t[c->src].dtype, tp->t[c->src].numel);
+}
+
 sj_status sj_tape_forward(sj_tape *tp, const sj_backend *be, void *params) {
+    if (tp->n_fsched) {
+        for (int k = 0; k < tp->n_fsched; k++) {
+            if (sj_interrupted()) return sj_fail(SJ_ERR_INTERRUPTED, "interrupted");
+            const sj_step *st = &tp->fsched[k];
+            if (st->kind == SJ_STEP_CONV) run_conv(tp, be, &tp->convs[st->idx], params);
+            else sj_op_forward(tp, &tp->nodes[st->idx], be, params);
+        }
+        return SJ_OK;
+    }
     for (int i = 0; i < tp->n_nodes; i++) {
         if (sj_interrupted()) return sj_fail(SJ_ERR_INTERRUPTED, "interrupted");
         sj_op_forward(tp, &tp->nodes[i], be, params);
@@ -367,7 +523,8 @@ sj_status sj_tape_backward(sj_tape *tp, const sj_backend *be, void *params, floa
     for (int k = 0; k < tp->n_bsched; k++) {
         if (sj_interrupted()) return sj_fail(SJ_ERR_INTERRUPTED, "interrupted");
         const sj_step *st = &tp->bsched[k];
-        if (st->kind == SJ_STEP_XFWD) sj_op_forward(tp, &tp->xnodes[st->idx], be, params);
+        if (st->kind == SJ_STEP_CONV) run_conv(tp, be, &tp->convs[st->idx], params);
+        else if (st->kind == SJ_STEP_XFWD) sj_op_forward(tp, &tp->xnodes[st->idx], be, params);
         else sj_op_backward(tp, st->kind == SJ_STEP_BWD ? &tp->nodes[st->idx]
                                                         : &tp->xnodes[st->idx], be, params, grads);
     }

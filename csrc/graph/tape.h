@@ -48,8 +48,12 @@ typedef struct {
 /* The backward pass as run: a node's backward, or (gradient checkpointing)
  * a block's forward node re-run into fresh tensors just before the block's
  * backward. Each step's node is nodes[idx] (SJ_STEP_BWD) or xnodes[idx]. */
-enum { SJ_STEP_BWD, SJ_STEP_XBWD, SJ_STEP_XFWD };
+enum { SJ_STEP_BWD, SJ_STEP_XBWD, SJ_STEP_XFWD, SJ_STEP_FWD, SJ_STEP_CONV };
 typedef struct { int kind, idx; } sj_step;
+/* fp16 activations: a kept activation is stored as f16 after its last
+ * forward use (CONV src -> dst) and widened back into a fresh tensor right
+ * before its first backward use. */
+typedef struct { int src, dst; } sj_conv;
 
 typedef struct sj_tape {
     sj_node *nodes; int n_nodes, cap_nodes;
@@ -68,6 +72,9 @@ typedef struct sj_tape {
     int (*blocks)[2]; int n_blocks, cap_blocks;
     sj_node *xnodes; int n_xnodes, cap_xnodes;   /* recompute and remapped backward nodes */
     sj_step *bsched; int n_bsched;               /* the backward pass, in order */
+    int f16_act;            /* keep forward->backward activations in f16 (f32 tapes) */
+    sj_step *fsched; int n_fsched;               /* forward with conversions; 0: plain */
+    sj_conv *convs; int n_convs;
     int64_t budget;         /* the arena may take at most this; < 0: no limit */
     int dry;                /* plan only: lay out, allocate nothing */
     int64_t kept_bytes;     /* planned: activation bytes alive at the end of forward */

@@ -368,6 +368,7 @@ static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan *
     sj_tape_init(&pl->tape, mode == SJ_RUN_TRAIN, m->be->act_dtype, m->be->device);
     pl->tape.loss_scale_ptr = m->be->device ? &m->scalars->loss_scale : NULL;
     pl->tape.checkpoint = m->lv.checkpoint;
+    pl->tape.f16_act = m->lv.f16_act;
     const int64_t limit = m->lv.memory_limit;
     if (limit > 0) pl->tape.budget = limit > m->bytes ? limit - m->bytes : 0;
     sj_status s = record(m, pl);
@@ -576,7 +577,8 @@ sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv) {
     if (lv->memory_limit < 0)
         return sj_fail(SJ_ERR_ARG, "memory_limit must be >= 0, got %lld", (long long)lv->memory_limit);
     if (lv->checkpoint == m->lv.checkpoint && lv->fused_ce == m->lv.fused_ce &&
-        lv->ce_rows == m->lv.ce_rows && lv->memory_limit == m->lv.memory_limit) return SJ_OK;
+        lv->ce_rows == m->lv.ce_rows && lv->memory_limit == m->lv.memory_limit &&
+        lv->f16_act == m->lv.f16_act) return SJ_OK;
     if (m->ctx) m->be->bind(m->ctx);
     for (int i = 0; i < SJ_MAX_PLANS; i++) drop_plan(m, &m->plans[i]);
     m->lv = *lv;
@@ -591,6 +593,7 @@ sj_status sj_model_plan_bytes(sj_model *m, int B, int T, sj_run_mode mode,
     pl.B = B; pl.T = T; pl.mode = mode;
     sj_tape_init(&pl.tape, mode == SJ_RUN_TRAIN, m->be->act_dtype, m->be->device);
     pl.tape.checkpoint = m->lv.checkpoint;
+    pl.tape.f16_act = m->lv.f16_act;
     pl.tape.dry = 1;
     sj_status s = record(m, &pl);
     if (s == SJ_OK) s = sj_tape_plan(&pl.tape, m->be);

@@ -33,6 +33,7 @@ typedef struct {
     int checkpoint;        /* recompute each block's interior in backward */
     int fused_ce;          /* LM head + loss in row chunks: no (N, V) logits */
     int ce_rows;           /* rows per chunk of the fused loss (0: default) */
+    int f16_act;           /* activations kept for backward stored as fp16 (f32 compute) */
     int64_t memory_limit;  /* bytes; a plan whose peak would pass it is refused; 0: none */
 } sj_levers;
 
