@@ -42,6 +42,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--from-json", help="re-render the table from rows saved by an earlier run")
     a = ap.parse_args()
     grid = []
     for name, lv in LEVERS:
@@ -50,7 +51,24 @@ def main() -> int:
         grid.append(dict(kind=name, batch_size=a.batch_size // 2 if half else a.batch_size, **lv))
     base = dict(size=a.size, seq_len=a.seq_len, steps=a.steps, warmup_steps=a.warmup_steps,
                 device=a.device, dtype=a.dtype)
-    rows = smedjan.sweep(grid, base=base, out=a.out, timeout=1800)
+    if a.from_json:
+        with open(a.from_json) as f:
+            rows = json.load(f)
+    else:
+        rows = smedjan.sweep(grid, base=base, out=a.out, timeout=1800)
+    # The plan columns come from the planner (exact and deterministic), for
+    # each row's own levers and batch.
+    for r in rows:
+        c = r["config"]
+        m = smedjan.Model(c["size"], seed=0, device="cpu" if c.get("device") != "cuda" else "cuda",
+                          dtype=c.get("dtype"))
+        m.set_levers(gradient_checkpointing=bool(c.get("gradient_checkpointing")),
+                     fused_ce=bool(c.get("fused_ce")),
+                     fp16_activations=bool(c.get("fp16_activations")))
+        p = m.plan_memory(c["batch_size"], c["seq_len"], "train")
+        r["arena_mib"], r["kept_mib"] = p["arena_bytes"] / 2 ** 20, p["kept_bytes"] / 2 ** 20
+        r["planned_peak_mib"] = p["peak_bytes"] / 2 ** 20
+        del m
     b = rows[0]
     info = smedjan.build_info()
     lines = [f"# Memory levers: {a.size}, effective batch {a.batch_size} x seq {a.seq_len}, "
@@ -61,17 +79,17 @@ def main() -> int:
              f"; {a.steps} timed steps after {a.warmup_steps} warm-up, each configuration in "
              "its own process. Memory is exact (the engine's own count); times are wall clock "
              "on a shared machine and noisy.", "",
-             "| lever | engine peak MiB | saved | activation arena MiB | kept fwd->bwd MiB | "
-             "step ms | tok/s | throughput cost | ok |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|:--:|"]
+             "| lever | engine peak MiB | planned peak MiB | saved | activation arena MiB | "
+             "kept fwd->bwd MiB | step ms | tok/s | throughput cost | ok |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|:--:|"]
     for r in rows:
         if not r["ok"]:
-            lines.append(f"| {r['kind']} | - | - | - | - | - | - | - | False ({r.get('error')}) |")
+            lines.append(f"| {r['kind']} | - | - | - | - | - | - | - | - | False ({r.get('error')}) |")
             continue
         saved = b["peak_mib"] - r["peak_mib"] if b["ok"] else None
         cost = (b["tok_s"] / r["tok_s"] - 1) if b["ok"] else None
         lines.append(
-            f"| {r['kind']} | {r['peak_mib']:.0f} | "
+            f"| {r['kind']} | {r['peak_mib']:.0f} | {r['planned_peak_mib']:.0f} | "
             + (f"{saved:.0f} MiB ({saved / b['peak_mib']:.0%})" if saved is not None else "-")
             + f" | {r['arena_mib']:.0f} | {r['kept_mib']:.0f} | {r['step_ms']:.0f} | "
             f"{r['tok_s']:,.0f} | " + (f"{cost:+.0%}" if cost is not None else "-") + " | True |")

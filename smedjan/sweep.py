@@ -89,7 +89,8 @@ def run_one(c: Dict) -> Dict:
     topts = {k: c[k] for k in TRAINER_KEYS if c.get(k) is not None}
     B, T, n = int(c["batch_size"]), int(c["seq_len"]), int(c.get("grad_accum") or 1)
     model.set_levers(gradient_checkpointing=bool(c.get("gradient_checkpointing")),
-                     fused_ce=bool(c.get("fused_ce")))
+                     fused_ce=bool(c.get("fused_ce")),
+                     fp16_activations=bool(c.get("fp16_activations")))
     plan = model.plan_memory(B, T, "train")
     if limit and plan["peak_bytes"] > limit:   # refuse before the optimizer state exists
         raise MemoryError(f"memory limit {limit / MIB:.0f} MiB: planned peak "
