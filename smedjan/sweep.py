@@ -289,7 +289,8 @@ def cmd_sweep(args) -> int:
                             ("grad_accum", "grad_accum", int), ("seq_len", "seq_len", int),
                             ("dtype", "dtype", str),
                             ("gradient_checkpointing", "gradient_checkpointing", bool),
-                            ("fused_ce", "fused_ce", bool)):
+                            ("fused_ce", "fused_ce", bool),
+                            ("fp16_activations", "fp16_activations", bool)):
         v = _values(getattr(args, flag), cast)
         if v is not None:
             grid[key] = v
@@ -324,6 +325,7 @@ def add_commands(sub) -> None:
     s.add_argument("--dtype", help="fp32 / bf16 (CUDA)")
     s.add_argument("--gradient-checkpointing", help="off,on")
     s.add_argument("--fused-ce", help="off,on")
+    s.add_argument("--fp16-activations", help="off,on")
     s.add_argument("--grid", help='more options as JSON, e.g. \'{"lr": [1e-3, 3e-4]}\'')
     s.add_argument("--device", default=None, help="cpu (default) or cuda")
     s.add_argument("--steps", type=int, default=10, help="timed steps per configuration")

@@ -61,3 +61,6 @@ def test_sweep_cli(tmp_path, capsys):
                  "--out", out]) == 0
     text = capsys.readouterr().out
     assert text.count("| True |") == 4 and "tiny_ckpt" in text
+    assert main(["sweep", "--size", "tiny", "--batch-size", "1", "--seq-len", "16", "--steps", "1",
+                 "--fp16-activations", "on", "--warmup-steps", "0"]) == 0
+    assert "tiny_f16act" in capsys.readouterr().out
