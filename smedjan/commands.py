@@ -177,7 +177,8 @@ def check_memory_limit(model, args) -> None:
     limit = parse_bytes(args.memory_limit)
     if not limit:
         return
-    model.set_levers(gradient_checkpointing=args.gradient_checkpointing, fused_ce=args.fused_ce)
+    model.set_levers(gradient_checkpointing=args.gradient_checkpointing, fused_ce=args.fused_ce,
+                     fp16_activations=args.fp16_activations)
     plan = model.plan_memory(args.batch_size, args.seq_len, "train")
     if plan["peak_bytes"] > limit:
         mib = 1 << 20
@@ -199,7 +200,7 @@ def add_lever_flags(p) -> None:
     g.add_argument("--fused-ce", action="store_true",
                    help="chunked LM head + loss: the batch x seq x vocab logits never exist")
     g.add_argument("--fp16-activations", action="store_true",
-                   help="keep inter-layer activations in fp16 (not available yet)")
+                   help="store the activations kept for backward as fp16 (half their memory)")
     g.add_argument("--memory-limit", metavar="BYTES",
                    help="refuse a run whose planned peak exceeds this (e.g. 12GiB, 800MiB)")
 
