@@ -20,7 +20,7 @@ demo: install
 test:
 	$(CUBLAS)
 	$(PIP) -e ".[test]"
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests/ --nbmake notebooks/
 
 # On a GPU machine: build in place, GPU tests, compute-sanitizer, benchmark
 # against PyTorch; a short table last (logs under $OUT or gpu_check_logs/).

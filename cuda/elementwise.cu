@@ -10,6 +10,7 @@
  * 4 B/element (6 with accum). */
 #include "common.cuh"
 #include "kernels.h"
+#include <cuda_fp16.h>
 
 /* Vector body over [0, nv * VEC), then the scalar tail [nv * VEC, n) by
  * the first threads. */
@@ -71,6 +72,21 @@ static __global__ void convert_k(D *dst, const S *src, int64_t n) {
         dst[i] = fromf<D>(tof(src[i]));
 }
 
+/* fp16 activations: f32 <-> IEEE half storage. Narrowing clamps to the half
+ * range (+-65504) so a stored activation never becomes inf; NaN stays NaN. */
+static __global__ void f32_to_f16_k(__half *dst, const float *src, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float v = src[i];
+        dst[i] = __float2half_rn(v != v ? v : fminf(fmaxf(v, -65504.0f), 65504.0f));
+    }
+}
+static __global__ void f16_to_f32_k(float *dst, const __half *src, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = __half2float(src[i]);
+}
+
 template <class T>
 static __global__ void add_k(T *out, const T *a, const T *b, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
@@ -101,6 +117,8 @@ extern "C" void sj_cuda_convert(void *dst, sj_dtype dt, const void *src, sj_dtyp
     else if (dt == SJ_F32 && st == SJ_BF16 && vec) convert_vec<<<gv, 256, 0, s>>>((float *)dst, (const bf16 *)src, n);
     else if (dt == SJ_BF16 && st == SJ_F32) convert_k<<<g, 256, 0, s>>>((bf16 *)dst, (const float *)src, n);
     else if (dt == SJ_F32 && st == SJ_BF16) convert_k<<<g, 256, 0, s>>>((float *)dst, (const bf16 *)src, n);
+    else if (dt == SJ_F16 && st == SJ_F32) f32_to_f16_k<<<g, 256, 0, s>>>((__half *)dst, (const float *)src, n);
+    else if (dt == SJ_F32 && st == SJ_F16) f16_to_f32_k<<<g, 256, 0, s>>>((float *)dst, (const __half *)src, n);
     else if (dt == st) { CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sj_dtype_size(dt), cudaMemcpyDeviceToDevice, s)); return; }
     else { sj_cuda_error("convert", "unsupported dtype pair", __FILE__, __LINE__); return; }
     LAUNCH_CHECK("convert");

@@ -10,6 +10,8 @@ from .config import PRESETS, Config, sizes
 from .model import Model
 from .tokenizer import Tokenizer
 from .trainer import StepResult, Trainer, lr_at
+from .bench import bench
+from .sweep import sweep
 
 __version__ = "0.1.0"
 
@@ -34,4 +36,4 @@ def cuda_available() -> bool:
 
 
 __all__ = ["Model", "Tokenizer", "Trainer", "Config", "StepResult", "sizes", "PRESETS", "lr_at",
-           "threads", "build_info", "cuda_available"]
+           "threads", "build_info", "cuda_available", "bench", "sweep"]

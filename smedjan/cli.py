@@ -38,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(func=cmd_sizes)
     from . import commands, demo, tokenizer
+    from .bench import add_commands as add_bench     # smedjan.bench is the function
+    from .sweep import add_commands as add_sweep
     tokenizer.add_commands(sub)
     commands.add_commands(sub)
+    add_bench(sub)
+    add_sweep(sub)
     demo.add_commands(sub)
     return p
 

@@ -117,12 +117,15 @@ def cmd_train(args) -> int:
     if args.resume:
         c = ck.load_checkpoint(latest)
         model = Model(c.config, seed=args.seed)
-        trainer = Trainer(model, **c.trainer)
+        check_memory_limit(model, args)
+        trainer = Trainer(model, **c.trainer, **lever_options(args))
         print(f"resuming {latest} at step {c.step}")
     else:
         model = Model(_config_from_args(args, vocab), seed=args.seed)
+        check_memory_limit(model, args)
         trainer = Trainer(model, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
-                          steps=args.steps, weight_decay=args.weight_decay, clip=args.clip)
+                          steps=args.steps, weight_decay=args.weight_decay, clip=args.clip,
+                          **lever_options(args))
     if args.checkpoint_dir and tok_path:
         os.makedirs(args.checkpoint_dir, exist_ok=True)
         dst = os.path.join(args.checkpoint_dir, TOKENIZER_FILE)
@@ -132,7 +135,8 @@ def cmd_train(args) -> int:
                     val_fraction=args.val_fraction, seed=args.seed)
     val = Batches(data, args.batch_size, args.seq_len, split="val",
                   val_fraction=args.val_fraction, seed=args.seed + 1) if args.val_fraction > 0 else None
-    print(f"{model!r}\n{len(data):,} tokens; batch {args.batch_size} x seq {args.seq_len}; "
+    accum = f" x accum {args.grad_accum}" if args.grad_accum > 1 else ""
+    print(f"{model!r}\n{len(data):,} tokens; batch {args.batch_size}{accum} x seq {args.seq_len}; "
           f"{trainer.steps} steps")
     rows = fit(trainer, train, val, eval_every=args.eval_every, eval_batches=args.eval_batches,
                checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
@@ -144,6 +148,61 @@ def cmd_train(args) -> int:
             msg += f", val {last['val_loss']:.4f} (ppl {last['ppl']:.1f})"
         print(msg)
     return 0
+
+
+def parse_bytes(text) -> int:
+    """'12GiB', '800MiB', '2G', '1e9' -> bytes (a bare number is bytes)."""
+    if text is None or isinstance(text, (int, float)):
+        return int(text or 0)
+    t = str(text).strip().lower().replace(" ", "")
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "k": 1 << 10,
+             "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "kb": 1000, "mb": 10 ** 6,
+             "gb": 10 ** 9, "tb": 10 ** 12, "b": 1}
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            return int(float(t[:-len(u)]) * units[u])
+    return int(float(t))
+
+
+def lever_options(args) -> dict:
+    """Trainer options from the memory-lever flags."""
+    return dict(grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
+                fused_ce=args.fused_ce, fp16_activations=args.fp16_activations,
+                memory_limit=parse_bytes(args.memory_limit))
+
+
+def check_memory_limit(model, args) -> None:
+    """--memory-limit: refuse before the optimizer state and activations are
+    allocated when the planned peak of a training step exceeds the limit."""
+    limit = parse_bytes(args.memory_limit)
+    if not limit:
+        return
+    model.set_levers(gradient_checkpointing=args.gradient_checkpointing, fused_ce=args.fused_ce,
+                     fp16_activations=args.fp16_activations)
+    plan = model.plan_memory(args.batch_size, args.seq_len, "train")
+    if plan["peak_bytes"] > limit:
+        mib = 1 << 20
+        raise MemoryError(
+            f"--memory-limit {limit / mib:.1f} MiB: batch {args.batch_size} x seq {args.seq_len} "
+            f"plans a peak of {plan['peak_bytes'] / mib:.1f} MiB (parameters, gradients and AdamW "
+            f"state {plan['fixed_bytes'] / mib:.1f} MiB + activations "
+            f"{plan['arena_bytes'] / mib:.1f} MiB); pull a lever: smaller --batch-size or "
+            f"--seq-len, --grad-accum, --gradient-checkpointing, --fused-ce")
+
+
+def add_lever_flags(p) -> None:
+    """The memory levers, pulled in this order when a run does not fit."""
+    g = p.add_argument_group("memory levers")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="N micro-batches of --batch-size per step (effective batch = batch x N)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute block activations in backward (less memory, ~1.3x compute)")
+    g.add_argument("--fused-ce", action="store_true",
+                   help="chunked LM head + loss: the batch x seq x vocab logits never exist")
+    g.add_argument("--fp16-activations", action="store_true",
+                   help="store the activations kept for backward as fp16 (half their memory)")
+    g.add_argument("--memory-limit", metavar="BYTES",
+                   help="refuse a run whose planned peak exceeds this (e.g. 12GiB, 800MiB)")
 
 
 def load_for_inference(path: str, tokenizer: str = None):
@@ -233,6 +292,7 @@ def add_commands(sub) -> None:
     t.add_argument("--checkpoint-dir")
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--resume", action="store_true", help="continue from checkpoint-dir/latest")
+    add_lever_flags(t)
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")

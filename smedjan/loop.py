@@ -74,8 +74,13 @@ def fit(trainer, train, val=None, *, eval_every: int = 100, eval_batches: int = 
                    dynamic_ncols=True)
     tokens_seen, t_window = 0, time.perf_counter()
     try:
+        accum = getattr(trainer, "grad_accum", 1)
         while trainer.step_count < end:
             x, y = next(train)
+            if accum > 1:                       # N loader batches make one step's batch
+                more = [next(train) for _ in range(accum - 1)]
+                x = np.concatenate([x] + [b[0] for b in more])
+                y = np.concatenate([y] + [b[1] for b in more])
             r = trainer.step(x, y)
             step = trainer.step_count          # steps done, 1-based
             tokens_seen += x.size

@@ -135,12 +135,75 @@ class Model:
         (copy it if you keep it)."""
         return self._h.forward_device(as_tokens(tokens))
 
-    def loss(self, tokens, targets, *, ignore_index: int = -1, backward: bool = False) -> float:
+    def loss(self, tokens, targets, *, ignore_index: int = -1, backward: bool = False,
+             denom: int = 0) -> float:
         """Mean cross-entropy of next-token targets; targets equal to
         ignore_index do not count. With backward=True, gradients are added
-        into `grads`."""
+        into `grads`. denom > 0 divides the summed loss (and scales the
+        gradient) by denom instead of this batch's count: gradient
+        accumulation passes the whole batch's count, so that micro-batch
+        gradients add up to the big batch's."""
         return self._h.loss(as_tokens(tokens), as_tokens(targets, "targets"),
-                            ignore_index=ignore_index, backward=backward)
+                            ignore_index=ignore_index, backward=backward, denom=denom)
+
+    def set_levers(self, *, gradient_checkpointing: Optional[bool] = None,
+                   fused_ce: Optional[bool] = None, ce_rows: Optional[int] = None,
+                   memory_limit: Optional[int] = None,
+                   fp16_activations: Optional[bool] = None) -> dict:
+        """Memory levers (None keeps the current setting); returns them all.
+
+        gradient_checkpointing: keep only each block's input from forward to
+        backward and recompute the rest in backward (gradients bit-identical).
+        fused_ce: LM head + loss over ce_rows rows at a time (default 256),
+        so the (batch*seq, vocab) logits never exist. memory_limit: bytes; a
+        run whose planned peak (engine memory held + its activation arena)
+        exceeds it is refused with MemoryError before the arena is allocated.
+        fp16_activations: activations kept from forward to backward are
+        stored as fp16 (clamped to +-65504) between their last forward and
+        first backward use (fp32 compute; on bf16 models they already are
+        half size, and the lever does nothing).
+
+        >>> m = Model("tiny"); m.set_levers(fused_ce=True)["fused_ce"]
+        True
+        """
+        cur = self._h.levers()
+        new = dict(checkpoint=cur["checkpoint"] if gradient_checkpointing is None
+                   else bool(gradient_checkpointing),
+                   fused_ce=cur["fused_ce"] if fused_ce is None else bool(fused_ce),
+                   ce_rows=cur["ce_rows"] if ce_rows is None else int(ce_rows),
+                   memory_limit=cur["memory_limit"] if memory_limit is None else int(memory_limit),
+                   fp16_act=cur["fp16_act"] if fp16_activations is None else bool(fp16_activations))
+        self._h.set_levers(**new)
+        return self.levers
+
+    @property
+    def levers(self) -> dict:
+        """The memory levers now set (see set_levers)."""
+        d = self._h.levers()
+        return dict(gradient_checkpointing=d["checkpoint"], fused_ce=d["fused_ce"],
+                    ce_rows=d["ce_rows"], memory_limit=d["memory_limit"],
+                    fp16_activations=d["fp16_act"])
+
+    def plan_memory(self, batch_size: int, seq_len: int, mode: str = "train") -> dict:
+        """Plan a run without allocating anything: the activation arena's
+        bytes, the activation bytes kept from forward to backward, and the
+        planned peak of a training run (parameters, gradients, AdamW state
+        and the arena). mode: 'train', 'loss' or 'forward'.
+
+        >>> Model("tiny").plan_memory(2, 64)["arena_bytes"] > 0
+        True
+        """
+        code = {"forward": 0, "loss": 1, "train": 2}[mode]
+        arena, kept = self._h.plan_bytes(int(batch_size), int(seq_len), code)
+        fixed = 4 * self.n_params * (4 if mode == "train" else 2)   # params, grads (+ AdamW m, v)
+        if self.dtype != "fp32":
+            fixed += 2 * self.n_params
+        return dict(arena_bytes=arena, kept_bytes=kept, fixed_bytes=fixed,
+                    peak_bytes=fixed + arena)
+
+    def reset_peak(self) -> None:
+        """Restart peak-memory tracking from what is held now."""
+        self._h.reset_peak()
 
     def generate(self, prompt, max_new_tokens: int = 64, **kw):
         """Stream sampled token ids (see smedjan.generate.generate).

@@ -28,12 +28,27 @@ class Trainer:
     >>> m = Model("tiny"); tr = Trainer(m, lr=1e-3, steps=10)
     >>> x = np.random.randint(0, 8192, (2, 16)).astype(np.int32)
     >>> r = tr.step(x[:, :-1], x[:, 1:])
+
+    Memory levers (each measured in docs/performance.md): grad_accum=N
+    splits every batch given to step() into N micro-batches (fit() draws N
+    loader batches per step), whose gradients add up to the whole batch's;
+    gradient_checkpointing recomputes block activations in backward;
+    fused_ce never materialises the (batch*seq, vocab) logits;
+    fp16_activations stores the activations kept for backward as fp16;
+    memory_limit (bytes) refuses a run whose planned peak exceeds it.
     """
 
     def __init__(self, model: Model, *, lr: float = 3e-4, min_lr: Optional[float] = None,
                  warmup: int = 0, steps: int = 1000, weight_decay: float = 0.1,
                  clip: float = 1.0, betas: Tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, grad_accum: int = 1,
+                 gradient_checkpointing: Optional[bool] = None, fused_ce: Optional[bool] = None,
+                 fp16_activations: Optional[bool] = None, memory_limit: Optional[int] = None):
+        if int(grad_accum) < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        self.grad_accum = int(grad_accum)
+        model.set_levers(gradient_checkpointing=gradient_checkpointing, fused_ce=fused_ce,
+                         memory_limit=memory_limit, fp16_activations=fp16_activations)
         self.model = model
         self.lr, self.min_lr = lr, lr / 10 if min_lr is None else min_lr
         self.warmup, self.steps = warmup, steps
@@ -65,9 +80,26 @@ class Trainer:
         self._h.step_count = n
 
     def step(self, tokens, targets) -> StepResult:
-        """Forward, backward, clip and AdamW on one batch."""
-        return StepResult(*self._h.train_step(as_tokens(tokens),
-                                              as_tokens(targets, "targets")))
+        """Forward, backward, clip and AdamW on one batch. With grad_accum=N
+        the batch (N*B, T) runs as N micro-batches of B rows; the update and
+        the loss are those of the whole batch (up to fp32 summation order)."""
+        x, y = as_tokens(tokens), as_tokens(targets, "targets")
+        n = self.grad_accum
+        if n == 1:
+            return StepResult(*self._h.train_step(x, y))
+        if x.shape[0] % n:
+            raise ValueError(f"grad_accum={n}: the batch's {x.shape[0]} rows do not split into "
+                             f"{n} equal micro-batches")
+        if x.shape != y.shape:
+            raise ValueError(f"targets must have the shape of tokens {x.shape}, got {y.shape}")
+        count = int(y.size if y.dtype == np.uint16 else np.count_nonzero(y != -1))
+        b = x.shape[0] // n
+        loss = 0.0
+        for i in range(n):
+            loss += self.model.loss(x[i * b:(i + 1) * b], y[i * b:(i + 1) * b], backward=True,
+                                    denom=count)
+        grad_norm, lr = self._h.step()
+        return StepResult(loss, grad_norm, lr)
 
     def fit(self, train, val=None, **kw) -> list:
         """Train with evaluation, checkpoints and a metrics log (see smedjan.loop.fit)."""

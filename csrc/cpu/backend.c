@@ -5,10 +5,59 @@
 
 static void copy_bytes(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
 
-/* f32 is the only dtype on the CPU: conversion is a copy. */
+/* IEEE half <-> f32, round to nearest even. Values beyond the half range
+ * are clamped to +-65504 (not inf), so a stored activation never turns into
+ * an infinity; NaN stays NaN. */
+static uint16_t f32_to_f16(float f) {
+    union { float f; uint32_t u; } v = { f };
+    uint32_t sign = (v.u >> 16) & 0x8000u, a = v.u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);            /* NaN */
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7BFFu);           /* clamp: 65504 */
+    if (a < 0x38800000u) {                                             /* subnormal or 0 */
+        if (a < 0x33000000u) return (uint16_t)sign;
+        uint32_t m = (a & 0x7FFFFFu) | 0x800000u, e = a >> 23;
+        uint32_t shift = 126 - e, r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = ((a - 0x38000000u) >> 13), rem = a & 0x1FFFu;
+    if (rem > 0x1000u || (rem == 0x1000u && (r & 1))) r++;
+    return (uint16_t)(sign | r);
+}
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FFu, u;
+    if (e == 0x1F) u = sign | 0x7F800000u | (m << 13);
+    else if (e) u = sign | ((e + 112) << 23) | (m << 13);
+    else if (!m) u = sign;
+    else {   /* subnormal: normalise */
+        e = 113;
+        while (!(m & 0x400u)) { m <<= 1; e--; }
+        u = sign | (e << 23) | ((m & 0x3FFu) << 13);
+    }
+    union { uint32_t u; float f; } v = { u };
+    return v.f;
+}
+
+typedef struct { void *dst; const void *src; sj_dtype dt; } conv_job;
+static void conv_range(void *ctx, int64_t i0, int64_t i1, int tid) {
+    (void)tid;
+    const conv_job *j = ctx;
+    if (j->dt == SJ_F16)
+        for (int64_t i = i0; i < i1; i++) ((uint16_t *)j->dst)[i] = f32_to_f16(((const float *)j->src)[i]);
+    else
+        for (int64_t i = i0; i < i1; i++) ((float *)j->dst)[i] = f16_to_f32(((const uint16_t *)j->src)[i]);
+}
+
+/* f32 is the compute dtype on the CPU: f32 -> f32 is a copy; f16 is a
+ * storage format (fp16 activations). */
 static void convert(void *dst, sj_dtype dt, const void *src, sj_dtype st, int64_t n) {
-    (void)dt; (void)st;
-    if (dst != src) memcpy(dst, src, sizeof(float) * (size_t)n);
+    if (dt == st) {
+        if (dst != src) memcpy(dst, src, sj_dtype_size(dt) * (size_t)n);
+        return;
+    }
+    conv_job j = { dst, src, dt };
+    sj_parallel_for(n, 1 << 14, conv_range, &j);
 }
 
 static void matmul(void *C, const void *A, const void *B, int M, int N, int K,

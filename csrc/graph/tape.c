@@ -8,12 +8,18 @@ void sj_tape_init(sj_tape *tp, int train, sj_dtype act_dtype, int device) {
     tp->train = train;
     tp->act_dtype = act_dtype;
     tp->device = device;
+    tp->budget = -1;
 }
 
 void sj_tape_free(sj_tape *tp, const sj_backend *be) {
     if (tp->arena) be->free(tp->arena);
     free(tp->nodes);
     free(tp->t);
+    free(tp->blocks);
+    free(tp->xnodes);
+    free(tp->bsched);
+    free(tp->fsched);
+    free(tp->convs);
     memset(tp, 0, sizeof *tp);
 }
 
@@ -48,12 +54,30 @@ int sj_tape_node(sj_tape *tp, sj_opcode op, const int in[3], const int out[2],
     if (grow((void **)&tp->nodes, &tp->cap_nodes, tp->n_nodes + 1, sizeof(sj_node))) return -1;
     sj_node *n = &tp->nodes[tp->n_nodes];
     memset(n, 0, sizeof *n);
-    n->op = op; n->f = f;
+    n->op = op; n->f = f; n->scratch = -1;
     memcpy(n->in, in, sizeof n->in);
     memcpy(n->out, out, sizeof n->out);
     memcpy(n->dim, dim, sizeof n->dim);
     for (int k = 0; k < 2; k++) if (out[k] >= 0) tp->t[out[k]].producer = tp->n_nodes;
     return tp->n_nodes++;
+}
+
+sj_status sj_tape_block_begin(sj_tape *tp) {
+    if (grow((void **)&tp->blocks, &tp->cap_blocks, tp->n_blocks + 1, sizeof *tp->blocks))
+        return SJ_ERR_NOMEM;
+    tp->blocks[tp->n_blocks][0] = tp->blocks[tp->n_blocks][1] = tp->n_nodes;
+    return SJ_OK;
+}
+
+sj_status sj_tape_block_end(sj_tape *tp) {
+    if (tp->n_blocks < tp->cap_blocks) tp->blocks[tp->n_blocks++][1] = tp->n_nodes;
+    return SJ_OK;
+}
+
+static int add_xnode(sj_tape *tp, const sj_node *n) {
+    if (grow((void **)&tp->xnodes, &tp->cap_xnodes, tp->n_xnodes + 1, sizeof(sj_node))) return -1;
+    tp->xnodes[tp->n_xnodes] = *n;
+    return tp->n_xnodes++;
 }
 
 static void touch(sj_tval *v, int time) {
@@ -73,9 +97,279 @@ static int cmp_span(const void *a, const void *b) {
     return x->lo < y->lo ? -1 : x->lo > y->lo;
 }
 
+
+/* The backward pass as a list of steps. Without checkpointing: every node's
+ * backward in reverse. A checkpointed block [b, e) instead gets, in front of
+ * its backward, a re-run of the forward nodes whose outputs its backward
+ * needs (directly or through another re-run node), writing into fresh
+ * "recomputed" tensors; its backward nodes read those. The forward copies
+ * of the block's interior activations then die inside forward, and the
+ * recomputed copies live only from the re-run to the block's backward: the
+ * plan packs both short lifetimes. Interior = written inside the block and
+ * read by no node outside it. Kernels are deterministic, so the recomputed
+ * values, and the gradients, are bit-identical to the kept ones. */
+static sj_status build_schedule(sj_tape *tp) {
+    const int F = tp->n_nodes, nt = tp->n_t;
+    tp->bsched = malloc(sizeof(sj_step) * (size_t)(2 * F + 1));
+    int *block_of = malloc(sizeof(int) * (size_t)(nt + F));   /* tensor: block+1, or 0 */
+    int *prime = malloc(sizeof(int) * (size_t)nt);            /* tensor -> recomputed id */
+    char *need = calloc((size_t)nt + (size_t)F, 1);           /* tensors, then nodes */
+    if (!tp->bsched || !block_of || !prime || !need) {
+        free(block_of); free(prime); free(need);
+        return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
+    }
+    int *node_block = block_of + nt;
+    for (int id = 0; id < nt; id++) { block_of[id] = 0; prime[id] = -1; }
+    for (int i = 0; i < F; i++) node_block[i] = -1;
+    if (tp->checkpoint)
+        for (int b = 0; b < tp->n_blocks; b++)
+            for (int i = tp->blocks[b][0]; i < tp->blocks[b][1]; i++) {
+                node_block[i] = b;
+                for (int k = 0; k < 2; k++) {
+                    int o = tp->nodes[i].out[k];
+                    if (o >= 0 && tp->t[o].kind == SJ_T_ACT) block_of[o] = b + 1;
+                }
+            }
+    for (int i = 0; i < F; i++)   /* read outside its block: kept, not interior */
+        for (int k = 0; k < 3; k++) {
+            int id = tp->nodes[i].in[k];
+            if (id >= 0 && block_of[id] && node_block[i] != block_of[id] - 1) block_of[id] = 0;
+        }
+    sj_status s = SJ_OK;
+    int n = 0;
+    for (int i = F - 1; i >= 0 && s == SJ_OK; ) {
+        int b = node_block[i];
+        if (b < 0) { tp->bsched[n++] = (sj_step){ SJ_STEP_BWD, i }; i--; continue; }
+        const int lo = tp->blocks[b][0], hi = tp->blocks[b][1];
+        char *need_node = need + nt;
+        /* Interior tensors the block's backward reads, then (reverse order)
+         * the nodes that make them and, in turn, their interior inputs. */
+        for (int j = lo; j < hi; j++) {
+            const sj_node *nd = &tp->nodes[j];
+            for (int k = 0; k < 3; k++)
+                if (nd->in[k] >= 0 && (sj_ops[nd->op].bwd_reads_in >> k & 1)) need[nd->in[k]] = 1;
+            for (int k = 0; k < 2; k++)
+                if (nd->out[k] >= 0 && (sj_ops[nd->op].bwd_reads_out >> k & 1)) need[nd->out[k]] = 1;
+        }
+        for (int j = hi - 1; j >= lo; j--) {
+            const sj_node *nd = &tp->nodes[j];
+            for (int k = 0; k < 2; k++)
+                if (nd->out[k] >= 0 && block_of[nd->out[k]] && need[nd->out[k]]) need_node[j] = 1;
+            if (need_node[j])
+                for (int k = 0; k < 3; k++)
+                    if (nd->in[k] >= 0 && block_of[nd->in[k]]) need[nd->in[k]] = 1;
+        }
+        /* Recomputed twins of every output of a re-run node. */
+        for (int j = lo; j < hi && s == SJ_OK; j++) {
+            if (!need_node[j]) continue;
+            for (int k = 0; k < 2; k++) {
+                int o = tp->nodes[j].out[k];
+                if (o < 0) continue;
+                int r = sj_tape_tensor(tp, SJ_T_ACT, tp->t[o].numel);
+                if (r < 0) { s = SJ_ERR_NOMEM; break; }
+                tp->t[r].dtype = tp->t[o].dtype;
+                tp->t[r].no_grad = tp->t[o].no_grad;
+                tp->t[r].grad = tp->t[o].grad;   /* one gradient for both copies */
+                prime[o] = r;
+            }
+        }
+        for (int j = lo; j < hi && s == SJ_OK; j++) {
+            if (!need_node[j]) continue;
+            sj_node x = tp->nodes[j];
+            for (int k = 0; k < 3; k++) if (x.in[k] >= 0 && prime[x.in[k]] >= 0) x.in[k] = prime[x.in[k]];
+            for (int k = 0; k < 2; k++) if (x.out[k] >= 0) x.out[k] = prime[x.out[k]];
+            int xi = add_xnode(tp, &x);
+            if (xi < 0) { s = SJ_ERR_NOMEM; break; }
+            tp->bsched[n++] = (sj_step){ SJ_STEP_XFWD, xi };
+        }
+        for (int j = hi - 1; j >= lo && s == SJ_OK; j--) {
+            sj_node x = tp->nodes[j];
+            for (int k = 0; k < 3; k++) if (x.in[k] >= 0 && prime[x.in[k]] >= 0) x.in[k] = prime[x.in[k]];
+            for (int k = 0; k < 2; k++) if (x.out[k] >= 0 && prime[x.out[k]] >= 0) x.out[k] = prime[x.out[k]];
+            int xi = add_xnode(tp, &x);
+            if (xi < 0) { s = SJ_ERR_NOMEM; break; }
+            tp->bsched[n++] = (sj_step){ SJ_STEP_XBWD, xi };
+        }
+        i = lo - 1;
+    }
+    tp->n_bsched = n;
+    free(block_of); free(prime); free(need);
+    return s;
+}
+
+static sj_node *step_node(sj_tape *tp, const sj_step *st) {
+    return st->kind == SJ_STEP_BWD ? &tp->nodes[st->idx] : &tp->xnodes[st->idx];
+}
+
+static void touch_forward(sj_tape *tp, const sj_node *n, int time) {
+    for (int k = 0; k < 2; k++) if (n->out[k] >= 0) touch(&tp->t[n->out[k]], time);
+    for (int k = 0; k < 3; k++) if (n->in[k] >= 0) touch(&tp->t[n->in[k]], time);
+    if (n->scratch >= 0) touch(&tp->t[n->scratch], time);
+    if (tp->train && sj_ops[n->op].fwd_grads)
+        for (int k = 0; k < 3; k++) {
+            int id = n->in[k];
+            if (id >= 0 && tp->t[id].kind == SJ_T_ACT && tp->t[id].grad >= 0)
+                touch(&tp->t[tp->t[id].grad], time);
+        }
+}
+
+static void touch_backward(sj_tape *tp, const sj_node *n, int time) {
+    for (int k = 0; k < 3; k++)
+        if (n->in[k] >= 0 && (sj_ops[n->op].bwd_reads_in >> k & 1)) touch(&tp->t[n->in[k]], time);
+    for (int k = 0; k < 2; k++)
+        if (n->out[k] >= 0 && (sj_ops[n->op].bwd_reads_out >> k & 1)) touch(&tp->t[n->out[k]], time);
+    /* This node's backward reads its output's gradient and writes its inputs'. */
+    if (tp->t[n->out[0]].grad >= 0) touch(&tp->t[tp->t[n->out[0]].grad], time);
+    for (int k = 0; k < 3; k++) {
+        int id = n->in[k];
+        if (id >= 0 && tp->t[id].kind == SJ_T_ACT && tp->t[id].grad >= 0)
+            touch(&tp->t[tp->t[id].grad], time);
+    }
+}
+
+
+/* Touch every tensor at the times the schedule uses it; returns the time
+ * forward ends. bwd_time[i]: when node i's own backward runs (or -1). */
+static int lifetimes(sj_tape *tp, int *bwd_time) {
+    const int F = tp->n_nodes;
+    int t = 0;
+    for (int i = 0; i < F; i++) bwd_time[i] = -1;
+    if (!tp->n_fsched)
+        for (int i = 0; i < F; i++) touch_forward(tp, &tp->nodes[i], t++);
+    for (int k = 0; k < tp->n_fsched; k++, t++) {
+        const sj_step *st = &tp->fsched[k];
+        if (st->kind == SJ_STEP_CONV) {
+            touch(&tp->t[tp->convs[st->idx].src], t);
+            touch(&tp->t[tp->convs[st->idx].dst], t);
+        } else {
+            touch_forward(tp, &tp->nodes[st->idx], t);
+        }
+    }
+    const int fwd_end = t;
+    for (int k = 0; k < tp->n_bsched; k++, t++) {
+        const sj_step *st = &tp->bsched[k];
+        if (st->kind == SJ_STEP_CONV) {
+            touch(&tp->t[tp->convs[st->idx].src], t);
+            touch(&tp->t[tp->convs[st->idx].dst], t);
+            continue;
+        }
+        sj_node *n = step_node(tp, st);
+        if (st->kind == SJ_STEP_XFWD) touch_forward(tp, n, t);
+        else touch_backward(tp, n, t);
+        if (st->kind == SJ_STEP_BWD) bwd_time[st->idx] = t;
+    }
+    return fwd_end;
+}
+
+/* Does step st read tensor id in backward (its backward's reads, or a
+ * recompute's inputs)? */
+static int step_reads(const sj_tape *tp, const sj_step *st, int id) {
+    const sj_node *n = st->kind == SJ_STEP_BWD ? &tp->nodes[st->idx] : &tp->xnodes[st->idx];
+    for (int k = 0; k < 3; k++)
+        if (n->in[k] == id && (st->kind == SJ_STEP_XFWD || (sj_ops[n->op].bwd_reads_in >> k & 1)))
+            return 1;
+    for (int k = 0; k < 2; k++)
+        if (n->out[k] == id && st->kind != SJ_STEP_XFWD && (sj_ops[n->op].bwd_reads_out >> k & 1))
+            return 1;
+    return 0;
+}
+
+/* fp16 activations, on lifetimes computed without them: every
+ * differentiable f32 activation kept from forward to backward (not the
+ * loss's inputs, which are used at once) is narrowed to an f16 tensor after
+ * its last forward use and widened into a fresh f32 twin (same gradient)
+ * just before its first backward reader; backward steps read the twin. */
+static sj_status plan_f16(sj_tape *tp) {
+    const int F = tp->n_nodes, nt = tp->n_t;
+    int *last_fwd = malloc(sizeof(int) * (size_t)nt * 2);
+    tp->fsched = malloc(sizeof(sj_step) * (size_t)(2 * F + nt));
+    sj_step *bs = malloc(sizeof(sj_step) * (size_t)(tp->n_bsched + nt));
+    tp->convs = malloc(sizeof(sj_conv) * (size_t)nt * 2);
+    if (!last_fwd || !tp->fsched || !bs || !tp->convs) {
+        free(last_fwd); free(bs);
+        return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
+    }
+    int *twin = last_fwd + nt;
+    for (int id = 0; id < nt; id++) { last_fwd[id] = -1; twin[id] = -1; }
+    for (int i = 0; i < F; i++) {
+        const sj_node *n = &tp->nodes[i];
+        for (int k = 0; k < 3; k++) if (n->in[k] >= 0) last_fwd[n->in[k]] = i;
+        for (int k = 0; k < 2; k++) if (n->out[k] >= 0) last_fwd[n->out[k]] = i;
+    }
+    char *skip = calloc((size_t)nt, 1);
+    if (!skip) { free(last_fwd); free(bs); return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory"); }
+    for (int i = 0; i < F; i++)
+        if (tp->nodes[i].op == SJ_OP_CROSS_ENTROPY || tp->nodes[i].op == SJ_OP_LM_HEAD_CE)
+            for (int k = 0; k < 3; k++) if (tp->nodes[i].in[k] >= 0) skip[tp->nodes[i].in[k]] = 1;
+    sj_status s = SJ_OK;
+    /* which tensors, and their f16 and f32 twins */
+    for (int id = 0; id < nt && s == SJ_OK; id++) {
+        const sj_tval v = tp->t[id];
+        if (v.kind != SJ_T_ACT || v.no_grad || v.dtype != SJ_F32 || v.alias >= 0 || skip[id] ||
+            v.first < 0 || v.first >= F || v.last < F || last_fwd[id] < 0 || v.numel < 1024)
+            continue;
+        int h = sj_tape_tensor(tp, SJ_T_ACT, v.numel), w = h < 0 ? -1 : sj_tape_tensor(tp, SJ_T_ACT, v.numel);
+        if (w < 0) { s = SJ_ERR_NOMEM; break; }
+        tp->t[h].dtype = SJ_F16; tp->t[h].no_grad = 1;
+        tp->t[w].grad = v.grad;
+        twin[id] = tp->n_convs;
+        tp->convs[tp->n_convs++] = (sj_conv){ id, h };
+        tp->convs[tp->n_convs++] = (sj_conv){ h, w };
+    }
+    free(skip);
+    /* forward: each narrowing right after the tensor's last forward use */
+    int nf = 0;
+    for (int i = 0; i < F && s == SJ_OK; i++) {
+        tp->fsched[nf++] = (sj_step){ SJ_STEP_FWD, i };
+        for (int id = 0; id < nt; id++)
+            if (twin[id] >= 0 && last_fwd[id] == i) tp->fsched[nf++] = (sj_step){ SJ_STEP_CONV, twin[id] };
+    }
+    tp->n_fsched = nf;
+    /* backward: widen before the first reader; readers read the wide twin */
+    char *widened = calloc((size_t)nt, 1);
+    int nb = 0;
+    if (!widened) s = sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
+    for (int k = 0; k < tp->n_bsched && s == SJ_OK; k++) {
+        sj_step st = tp->bsched[k];
+        int remap = 0;
+        for (int id = 0; id < nt; id++) {
+            if (twin[id] < 0 || !step_reads(tp, &st, id)) continue;
+            if (!widened[id]) { bs[nb++] = (sj_step){ SJ_STEP_CONV, twin[id] + 1 }; widened[id] = 1; }
+            remap = 1;
+        }
+        if (remap) {
+            sj_node x = *step_node(tp, &st);
+            int wide_of[5];
+            for (int k2 = 0; k2 < 3; k2++) {
+                int id = x.in[k2];
+                wide_of[k2] = id >= 0 && id < nt && twin[id] >= 0 ? tp->convs[twin[id] + 1].dst : -1;
+                if (wide_of[k2] >= 0) x.in[k2] = wide_of[k2];
+            }
+            for (int k2 = 0; k2 < 2; k2++) {
+                int id = x.out[k2];
+                if (id >= 0 && id < nt && twin[id] >= 0) x.out[k2] = tp->convs[twin[id] + 1].dst;
+            }
+            if (st.kind == SJ_STEP_BWD) {
+                int xi = add_xnode(tp, &x);
+                if (xi < 0) { s = SJ_ERR_NOMEM; break; }
+                st = (sj_step){ SJ_STEP_XBWD, xi };
+            } else {
+                tp->xnodes[st.idx] = x;
+            }
+        }
+        bs[nb++] = st;
+    }
+    free(widened);
+    free(last_fwd);
+    if (s != SJ_OK) { free(bs); return s; }
+    free(tp->bsched);
+    tp->bsched = bs;
+    tp->n_bsched = nb;
+    return SJ_OK;
+}
+
 sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
     const int F = tp->n_nodes;
-    #define BWD_TIME(i) (2 * F - 1 - (i))
     /* Gradient tensors for every differentiable activation (train only). */
     int n_fwd_t = tp->n_t;
     if (tp->train)
@@ -87,37 +381,37 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
             tp->t[g].dtype = tp->t[id].dtype;
             tp->t[id].grad = g;
         }
-    /* Lifetimes on the schedule: forward node i at time i, its backward at 2F-1-i. */
-    for (int i = 0; i < F; i++) {
-        sj_node *n = &tp->nodes[i];
-        for (int k = 0; k < 2; k++) if (n->out[k] >= 0) touch(&tp->t[n->out[k]], i);
-        for (int k = 0; k < 3; k++) if (n->in[k] >= 0) touch(&tp->t[n->in[k]], i);
-        if (!tp->train) continue;
-        for (int k = 0; k < 3; k++)
-            if (n->in[k] >= 0 && (sj_ops[n->op].bwd_reads_in >> k & 1))
-                touch(&tp->t[n->in[k]], BWD_TIME(i));
-        for (int k = 0; k < 2; k++)
-            if (n->out[k] >= 0 && (sj_ops[n->op].bwd_reads_out >> k & 1))
-                touch(&tp->t[n->out[k]], BWD_TIME(i));
-        /* This node's backward reads its output's gradient and writes its inputs'. */
-        if (tp->t[n->out[0]].grad >= 0) touch(&tp->t[tp->t[n->out[0]].grad], BWD_TIME(i));
-        for (int k = 0; k < 3; k++) {
-            int id = n->in[k];
-            if (id >= 0 && tp->t[id].kind == SJ_T_ACT && tp->t[id].grad >= 0)
-                touch(&tp->t[tp->t[id].grad], BWD_TIME(i));
-        }
+    if (tp->train) SJ_TRY(build_schedule(tp));
+    /* Lifetimes on the schedule: forward step i at time i, backward step k
+     * at time (forward steps) + k (without levers: node i's backward at 2F-1-i). */
+    int *bwd_time = malloc(sizeof(int) * (size_t)(F + 1));
+    if (!bwd_time) return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
+    int fwd_end = lifetimes(tp, bwd_time);
+    if (tp->f16_act && tp->train && tp->act_dtype == SJ_F32) {
+        sj_status s = plan_f16(tp);
+        if (s != SJ_OK) { free(bwd_time); return s; }
+        for (int id = 0; id < tp->n_t; id++) tp->t[id].first = tp->t[id].last = -1;
+        fwd_end = lifetimes(tp, bwd_time);
+    }
+    /* Activation bytes alive when forward ends (what the levers shrink). */
+    tp->kept_bytes = 0;
+    for (int id = 0; id < tp->n_t; id++) {
+        const sj_tval *v = &tp->t[id];
+        if (v->kind == SJ_T_ACT && v->first >= 0 && v->first < fwd_end && v->last >= fwd_end)
+            tp->kept_bytes += v->numel * (int64_t)sj_dtype_size(v->dtype);
     }
     /* The first backward writer of a gradient overwrites it; later ones add. */
     if (tp->train) {
         char *written = calloc((size_t)tp->n_t, 1);
-        if (!written) return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
-        for (int i = F - 1; i >= 0; i--) {
-            sj_node *n = &tp->nodes[i];
-            for (int k = 0; k < 3; k++) {
-                int id = n->in[k];
+        if (!written) { free(bwd_time); return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory"); }
+        for (int k = 0; k < tp->n_bsched; k++) {
+            if (tp->bsched[k].kind == SJ_STEP_XFWD || tp->bsched[k].kind == SJ_STEP_CONV) continue;
+            sj_node *n = step_node(tp, &tp->bsched[k]);
+            for (int j = 0; j < 3; j++) {
+                int id = n->in[j];
                 if (id < 0 || tp->t[id].kind != SJ_T_ACT || tp->t[id].grad < 0) continue;
-                n->accum[k] = written[id];
-                written[id] = 1;
+                n->accum[j] = written[tp->t[id].grad];
+                written[tp->t[id].grad] = 1;
             }
         }
         free(written);
@@ -138,14 +432,15 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
     if (tp->device && tp->train)
         for (int i = 0; i < F; i++) {
             sj_node *n = &tp->nodes[i];
-            if (n->op != SJ_OP_CROSS_ENTROPY) continue;
+            if (n->op != SJ_OP_CROSS_ENTROPY || bwd_time[i] < 0) continue;
             sj_tval *L = &tp->t[n->in[0]];
             if (L->kind != SJ_T_ACT || L->grad < 0 || n->accum[0]) continue;
             sj_tval *G = &tp->t[L->grad];
-            if (L->last > BWD_TIME(i) || G->first < BWD_TIME(i)) continue;
+            if (L->last > bwd_time[i] || G->first < bwd_time[i]) continue;
             G->alias = n->in[0];
             if (G->last > L->last) L->last = G->last;
         }
+    free(bwd_time);
     /* Arena offsets: largest first, each at the lowest address that no
      * tensor alive at the same time occupies. */
     int n_act = 0;
@@ -189,6 +484,8 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
     for (int id = 0; id < tp->n_t; id++)
         if (tp->t[id].alias >= 0) tp->t[id].offset = tp->t[tp->t[id].alias].offset;
     tp->arena_bytes = top;
+    if (tp->dry) return SJ_OK;
+    if (tp->budget >= 0 && top > tp->budget) return SJ_ERR_NOMEM;  /* the caller says why */
     tp->arena = be->alloc((size_t)(top ? top : 256), "activation arena");
     if (!tp->arena) return SJ_ERR_NOMEM;
     if (getenv("SMEDJAN_POISON")) {  /* NaN everywhere: a stale read shows up */
@@ -197,10 +494,23 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
         be->fill(tp->arena, nan.f, top / 4);
     }
     return SJ_OK;
-    #undef BWD_TIME
+}
+
+static void run_conv(sj_tape *tp, const sj_backend *be, const sj_conv *c, void *params) {
+    be->convert(sj_tape_ptr(tp, c->dst, params), tp->t[c->dst].dtype,
+                sj_tape_ptr(tp, c->src, params), tp->t[c->src].dtype, tp->t[c->src].numel);
 }
 
 sj_status sj_tape_forward(sj_tape *tp, const sj_backend *be, void *params) {
+    if (tp->n_fsched) {
+        for (int k = 0; k < tp->n_fsched; k++) {
+            if (sj_interrupted()) return sj_fail(SJ_ERR_INTERRUPTED, "interrupted");
+            const sj_step *st = &tp->fsched[k];
+            if (st->kind == SJ_STEP_CONV) run_conv(tp, be, &tp->convs[st->idx], params);
+            else sj_op_forward(tp, &tp->nodes[st->idx], be, params);
+        }
+        return SJ_OK;
+    }
     for (int i = 0; i < tp->n_nodes; i++) {
         if (sj_interrupted()) return sj_fail(SJ_ERR_INTERRUPTED, "interrupted");
         sj_op_forward(tp, &tp->nodes[i], be, params);
@@ -209,9 +519,14 @@ sj_status sj_tape_forward(sj_tape *tp, const sj_backend *be, void *params) {
 }
 
 sj_status sj_tape_backward(sj_tape *tp, const sj_backend *be, void *params, float *grads) {
-    for (int i = tp->n_nodes - 1; i >= 0; i--) {
+    tp->grads = grads;
+    for (int k = 0; k < tp->n_bsched; k++) {
         if (sj_interrupted()) return sj_fail(SJ_ERR_INTERRUPTED, "interrupted");
-        sj_op_backward(tp, &tp->nodes[i], be, params, grads);
+        const sj_step *st = &tp->bsched[k];
+        if (st->kind == SJ_STEP_CONV) run_conv(tp, be, &tp->convs[st->idx], params);
+        else if (st->kind == SJ_STEP_XFWD) sj_op_forward(tp, &tp->xnodes[st->idx], be, params);
+        else sj_op_backward(tp, st->kind == SJ_STEP_BWD ? &tp->nodes[st->idx]
+                                                        : &tp->xnodes[st->idx], be, params, grads);
     }
     return SJ_OK;
 }

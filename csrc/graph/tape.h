@@ -33,7 +33,7 @@ typedef struct {
 
 typedef enum {
     SJ_OP_EMBEDDING, SJ_OP_RMSNORM, SJ_OP_MATMUL, SJ_OP_ROPE, SJ_OP_ATTENTION,
-    SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP__COUNT
+    SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP_LM_HEAD_CE, SJ_OP__COUNT
 } sj_opcode;
 
 typedef struct {
@@ -42,7 +42,18 @@ typedef struct {
     int accum[3];       /* planned: backward adds into in[k]'s gradient */
     int dim[6];
     float f;
+    int scratch;        /* ACT tensor the op uses as workspace in forward, or -1 */
 } sj_node;
+
+/* The backward pass as run: a node's backward, or (gradient checkpointing)
+ * a block's forward node re-run into fresh tensors just before the block's
+ * backward. Each step's node is nodes[idx] (SJ_STEP_BWD) or xnodes[idx]. */
+enum { SJ_STEP_BWD, SJ_STEP_XBWD, SJ_STEP_XFWD, SJ_STEP_FWD, SJ_STEP_CONV };
+typedef struct { int kind, idx; } sj_step;
+/* fp16 activations: a kept activation is stored as f16 after its last
+ * forward use (CONV src -> dst) and widened back into a fresh tensor right
+ * before its first backward use. */
+typedef struct { int src, dst; } sj_conv;
 
 typedef struct sj_tape {
     sj_node *nodes; int n_nodes, cap_nodes;
@@ -54,6 +65,19 @@ typedef struct sj_tape {
     void *arena;
     float loss_scale;       /* d(mean loss)/d(row loss), set before backward */
     float *loss_scale_ptr;  /* where backward reads it (backend memory); NULL: &loss_scale */
+    float *grads;           /* parameter gradients, for ops that write them in forward */
+    /* Gradient checkpointing: node ranges [b, e) of the blocks whose interior
+     * activations are not kept from forward to backward but recomputed. */
+    int checkpoint;
+    int (*blocks)[2]; int n_blocks, cap_blocks;
+    sj_node *xnodes; int n_xnodes, cap_xnodes;   /* recompute and remapped backward nodes */
+    sj_step *bsched; int n_bsched;               /* the backward pass, in order */
+    int f16_act;            /* keep forward->backward activations in f16 (f32 tapes) */
+    sj_step *fsched; int n_fsched;               /* forward with conversions; 0: plain */
+    sj_conv *convs; int n_convs;
+    int64_t budget;         /* the arena may take at most this; < 0: no limit */
+    int dry;                /* plan only: lay out, allocate nothing */
+    int64_t kept_bytes;     /* planned: activation bytes alive at the end of forward */
 } sj_tape;
 
 void sj_tape_init(sj_tape *tp, int train, sj_dtype act_dtype, int device);
@@ -63,6 +87,9 @@ int sj_tape_tensor(sj_tape *tp, sj_tkind kind, int64_t numel);
 int sj_tape_param(sj_tape *tp, int64_t offset, int64_t numel);
 int sj_tape_node(sj_tape *tp, sj_opcode op, const int in[3], const int out[2],
                  const int dim[6], float f);
+/* Mark the nodes recorded between begin and end as one checkpointable block. */
+sj_status sj_tape_block_begin(sj_tape *tp);
+sj_status sj_tape_block_end(sj_tape *tp);
 /* Lifetimes, gradient tensors, accumulate flags, arena offsets; then the
  * arena itself from the backend. */
 sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be);
@@ -85,12 +112,18 @@ int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd);
 int sj_op_swiglu(sj_tape *tp, int gu, int N, int F);
 int sj_op_add(sj_tape *tp, int a, int b, int64_t n);
 int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index);
+/* Tied LM head + cross-entropy, `rows` rows at a time: only (rows, V)
+ * logits ever exist. h: (N, C), w: (V, C) -> losses (N). On a training tape
+ * the gradients (dh, dw) are made in forward, chunk by chunk. */
+int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int C,
+                     int ignore_index, int rows);
 
 /* How each op's backward uses its tensors (for lifetimes) and runs. */
 typedef struct {
     const char *name;
     unsigned bwd_reads_in;   /* bit k: backward reads in[k] */
     unsigned bwd_reads_out;  /* bit k: backward reads out[k] */
+    int fwd_grads;           /* on a training tape, forward writes the input gradients */
 } sj_opinfo;
 extern const sj_opinfo sj_ops[SJ_OP__COUNT];
 void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, void *params);

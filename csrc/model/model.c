@@ -311,6 +311,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     pl->tokens = sj_tape_tensor(tp, SJ_T_EXTERN, N);
     int x = sj_op_embedding(tp, pl->tokens, PARAM("tok_emb%.0d", 0, V), N, C);
     for (int l = 0; l < c->n_layers; l++) {
+        SJ_TRY(sj_tape_block_begin(tp));
         int h = sj_op_rmsnorm(tp, x, NORM("layers.%d.attn_norm", l), N, C, c->norm_eps);
         int qkv = sj_op_matmul(tp, h, PARAM("layers.%d.wq", l, (H + 2 * KV) * hd), N,
                                (H + 2 * KV) * hd, C);
@@ -323,8 +324,16 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         int s = sj_op_swiglu(tp, gu, N, F);
         x = sj_op_add(tp, x, sj_op_matmul(tp, s, PARAM("layers.%d.w_down", l, C), N, C, F),
                       (int64_t)N * C);
+        SJ_TRY(sj_tape_block_end(tp));
     }
     int h = sj_op_rmsnorm(tp, x, NORM("final_norm%.0d", 0), N, C, c->norm_eps);
+    if (m->lv.fused_ce && pl->mode != SJ_RUN_LOGITS) {
+        pl->logits = -1;
+        pl->targets = sj_tape_tensor(tp, SJ_T_EXTERN, N);
+        pl->losses = sj_op_lm_head_ce(tp, h, PARAM("tok_emb%.0d", 0, V), pl->targets, N, V, C,
+                                      -1, m->lv.ce_rows > 0 ? m->lv.ce_rows : 256);
+        return pl->losses < 0 ? SJ_ERR_NOMEM : SJ_OK;
+    }
     pl->logits = sj_op_matmul(tp, h, PARAM("tok_emb%.0d", 0, V), N, V, C);  /* tied head */
     #undef PARAM
     #undef NORM
@@ -358,8 +367,22 @@ static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan *
     pl->B = B; pl->T = T; pl->mode = mode;
     sj_tape_init(&pl->tape, mode == SJ_RUN_TRAIN, m->be->act_dtype, m->be->device);
     pl->tape.loss_scale_ptr = m->be->device ? &m->scalars->loss_scale : NULL;
+    pl->tape.checkpoint = m->lv.checkpoint;
+    pl->tape.f16_act = m->lv.f16_act;
+    const int64_t limit = m->lv.memory_limit;
+    if (limit > 0) pl->tape.budget = limit > m->bytes ? limit - m->bytes : 0;
     sj_status s = record(m, pl);
     if (s == SJ_OK) s = sj_tape_plan(&pl->tape, m->be);
+    if (s == SJ_ERR_NOMEM && limit > 0 && !pl->tape.arena && pl->tape.arena_bytes > pl->tape.budget)
+        s = sj_fail(SJ_ERR_NOMEM, "memory limit: batch %d x seq %d (%s) plans a peak of %.1f MiB "
+                    "(%.1f MiB held: parameters, gradients, optimizer state, other plans; "
+                    "+ %.1f MiB activation arena), over the limit of %.1f MiB; nothing was "
+                    "allocated for it. Pull a lever: smaller --batch-size or --seq-len, "
+                    "--grad-accum, --gradient-checkpointing, --fused-ce",
+                    B, T, mode == SJ_RUN_TRAIN ? "train" : mode == SJ_RUN_LOSS ? "loss" : "forward",
+                    (double)(m->bytes + pl->tape.arena_bytes) / 1048576.0,
+                    (double)m->bytes / 1048576.0, (double)pl->tape.arena_bytes / 1048576.0,
+                    (double)limit / 1048576.0);
     if (s == SJ_OK && m->be->device &&
         !(pl->host = m->be->host_alloc((size_t)16 * B * T, "staged tokens and losses")))
         s = SJ_ERR_NOMEM;
@@ -430,7 +453,7 @@ static void stage(sj_model *m, sj_plan *pl, const void *tokens, const void *targ
 
 sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
                            sj_dtype tok_dtype, int B, int T, int ignore_index,
-                           sj_run_mode mode, sj_plan **out, int64_t *count) {
+                           sj_run_mode mode, int64_t denom, sj_plan **out, int64_t *count) {
     const int64_t N = (int64_t)B * T;
     if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
     m->be->bind(m->ctx);   /* planning may poison the new arena on the stream */
@@ -446,6 +469,7 @@ sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
         /* The loss node was recorded with ignore -1; the caller's index goes in here. */
         pl->tape.nodes[pl->tape.t[pl->losses].producer].dim[2] = ignore_index;
         for (int64_t i = 0; i < N; i++) *count += sj_token_at(targets, tok_dtype, i) != ignore_index;
+        if (denom > 0) *count = denom;
         pl->tape.loss_scale = *count ? 1.0f / (float)*count : 0.0f;
         m->scalars_host[0].loss_scale = pl->tape.loss_scale;
     }
@@ -467,6 +491,7 @@ sj_status sj_model_enqueue(sj_model *m, sj_plan *pl) {
                                 sizeof(float));
         }
     }
+    tp->grads = m->grads;
     SJ_TRY(sj_tape_forward(tp, be, m->params_act));
     if (pl->mode == SJ_RUN_LOGITS) return SJ_OK;
     /* Per-row losses out before backward reuses their memory. */
@@ -503,7 +528,7 @@ sj_status sj_model_forward(sj_model *m, const void *tokens, sj_dtype tok_dtype,
                            int B, int T, float *logits) {
     sj_plan *pl;
     int64_t count;
-    SJ_TRY(sj_model_prepare(m, tokens, NULL, tok_dtype, B, T, -1, SJ_RUN_LOGITS, &pl, &count));
+    SJ_TRY(sj_model_prepare(m, tokens, NULL, tok_dtype, B, T, -1, SJ_RUN_LOGITS, 0, &pl, &count));
     const sj_backend *be = m->be;
     sj_tape *tp = &pl->tape;
     be->bind(m->ctx);
@@ -530,7 +555,7 @@ sj_status sj_model_forward_device(sj_model *m, const void *tokens, sj_dtype tok_
         return sj_fail(SJ_ERR_ARG, "forward_device: the model is on the CPU (use forward)");
     sj_plan *pl;
     int64_t count;
-    SJ_TRY(sj_model_prepare(m, tokens, NULL, tok_dtype, B, T, -1, SJ_RUN_LOGITS, &pl, &count));
+    SJ_TRY(sj_model_prepare(m, tokens, NULL, tok_dtype, B, T, -1, SJ_RUN_LOGITS, 0, &pl, &count));
     m->be->bind(m->ctx);
     SJ_TRY(sj_model_enqueue(m, pl));
     SJ_TRY(m->be->sync());
@@ -542,10 +567,51 @@ sj_status sj_model_forward_device(sj_model *m, const void *tokens, sj_dtype tok_
 sj_status sj_model_loss(sj_model *m, const void *tokens, const void *targets,
                         sj_dtype tok_dtype, int B, int T, int ignore_index,
                         int backward, float *loss) {
+    return sj_model_loss_ex(m, tokens, targets, tok_dtype, B, T, ignore_index, backward, 0, loss);
+}
+
+void sj_model_reset_peak(sj_model *m) { m->peak_bytes = m->bytes; }
+
+sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv) {
+    if (lv->ce_rows < 0) return sj_fail(SJ_ERR_ARG, "ce_rows must be >= 0, got %d", lv->ce_rows);
+    if (lv->memory_limit < 0)
+        return sj_fail(SJ_ERR_ARG, "memory_limit must be >= 0, got %lld", (long long)lv->memory_limit);
+    if (lv->checkpoint == m->lv.checkpoint && lv->fused_ce == m->lv.fused_ce &&
+        lv->ce_rows == m->lv.ce_rows && lv->memory_limit == m->lv.memory_limit &&
+        lv->f16_act == m->lv.f16_act) return SJ_OK;
+    if (m->ctx) m->be->bind(m->ctx);
+    for (int i = 0; i < SJ_MAX_PLANS; i++) drop_plan(m, &m->plans[i]);
+    m->lv = *lv;
+    return SJ_OK;
+}
+
+sj_status sj_model_plan_bytes(sj_model *m, int B, int T, sj_run_mode mode,
+                              int64_t *arena_bytes, int64_t *kept_bytes) {
+    SJ_TRY(check_shape(m, B, T));
+    sj_plan pl;
+    memset(&pl, 0, sizeof pl);
+    pl.B = B; pl.T = T; pl.mode = mode;
+    sj_tape_init(&pl.tape, mode == SJ_RUN_TRAIN, m->be->act_dtype, m->be->device);
+    pl.tape.checkpoint = m->lv.checkpoint;
+    pl.tape.f16_act = m->lv.f16_act;
+    pl.tape.dry = 1;
+    sj_status s = record(m, &pl);
+    if (s == SJ_OK) s = sj_tape_plan(&pl.tape, m->be);
+    if (s == SJ_OK) {
+        if (arena_bytes) *arena_bytes = pl.tape.arena_bytes;
+        if (kept_bytes) *kept_bytes = pl.tape.kept_bytes;
+    }
+    sj_tape_free(&pl.tape, m->be);
+    return s;
+}
+
+sj_status sj_model_loss_ex(sj_model *m, const void *tokens, const void *targets,
+                           sj_dtype tok_dtype, int B, int T, int ignore_index,
+                           int backward, int64_t denom, float *loss) {
     sj_plan *pl;
     int64_t count;
     SJ_TRY(sj_model_prepare(m, tokens, targets, tok_dtype, B, T, ignore_index,
-                            backward ? SJ_RUN_TRAIN : SJ_RUN_LOSS, &pl, &count));
+                            backward ? SJ_RUN_TRAIN : SJ_RUN_LOSS, denom, &pl, &count));
     m->be->bind(m->ctx);
     sj_status s = sj_model_enqueue(m, pl);
     if (s == SJ_OK) s = m->be->sync();

@@ -27,6 +27,32 @@ typedef struct {
 
 enum { SJ_MAX_PLANS = 4 };
 
+/* Memory levers: they change how a plan is recorded and laid out, never
+ * what it computes (up to fp32 summation order for the fused loss). */
+typedef struct {
+    int checkpoint;        /* recompute each block's interior in backward */
+    int fused_ce;          /* LM head + loss in row chunks: no (N, V) logits */
+    int ce_rows;           /* rows per chunk of the fused loss (0: default) */
+    int f16_act;           /* activations kept for backward stored as fp16 (f32 compute) */
+    int64_t memory_limit;  /* bytes; a plan whose peak would pass it is refused; 0: none */
+} sj_levers;
+
+/* Start peak tracking afresh: peak = bytes held now. */
+void sj_model_reset_peak(sj_model *m);
+/* Set the levers (drops the cached plans when they change). */
+sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv);
+/* Plan (B, T, mode) without allocating: the activation arena's bytes, and
+ * the activation bytes kept from forward to backward. */
+sj_status sj_model_plan_bytes(sj_model *m, int B, int T, sj_run_mode mode,
+                              int64_t *arena_bytes, int64_t *kept_bytes);
+/* sj_model_loss with the loss's denominator given (grad accumulation: the
+ * whole batch's counted targets, so that micro-batch gradients sum to the
+ * big batch's mean gradient); denom <= 0: this batch's own count. The loss
+ * returned is sum(row losses) / denom. */
+sj_status sj_model_loss_ex(sj_model *m, const void *tokens, const void *targets,
+                           sj_dtype tok_dtype, int B, int T, int ignore_index,
+                           int backward, int64_t denom, float *loss);
+
 /* Scalars the kernels read from backend memory, so that a replayed graph
  * sees this step's values. The host writes `in` (pinned), copies it over;
  * `out` comes back after the step. */
@@ -55,6 +81,7 @@ struct sj_model {
     int32_t *sort_count;            /* (vocab + 1) host ints for the token sort */
     int64_t epoch;                  /* bumps when the buffers move (to()) */
     int use_graphs;                 /* capture train steps (device backends) */
+    sj_levers lv;                   /* memory levers: how plans are recorded */
 };
 
 /* Count engine memory held by the model (positive: allocated). */
@@ -65,7 +92,7 @@ void sj_model_account(sj_model *m, int64_t delta);
  * and set the loss scale; count = rows that count in the loss. */
 sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
                            sj_dtype tok_dtype, int B, int T, int ignore_index,
-                           sj_run_mode mode, sj_plan **out, int64_t *count);
+                           sj_run_mode mode, int64_t denom, sj_plan **out, int64_t *count);
 /* enqueue: copy the staged inputs in, forward (then per-row losses out),
  * backward when the plan trains. On the bound context; capturable. */
 sj_status sj_model_enqueue(sj_model *m, sj_plan *pl);

@@ -18,6 +18,7 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     [SJ_OP_SWIGLU] = {"swiglu", 1u << 0, 0},
     [SJ_OP_ADD] = {"add", 0, 0},
     [SJ_OP_CROSS_ENTROPY] = {"cross_entropy", 1u << 0 | 1u << 1, 1u << 1},
+    [SJ_OP_LM_HEAD_CE] = {"lm_head_ce", 0, 0, 1},   /* gradients made in forward */
 };
 
 static int record(sj_tape *tp, sj_opcode op, const int in[3], int64_t n0, int64_t n1,
@@ -73,8 +74,60 @@ int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int 
     return o;
 }
 
+// h: (N, C), w: (V, C), targets: (N) -> losses: (N), lse: (N); scratch (rows, V)
+int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int C,
+                     int ignore_index, int rows) {
+    if (rows < 1 || rows > N) rows = N;
+    int o = record(tp, SJ_OP_LM_HEAD_CE, IN(h, w, targets), N, N, 1,
+                   DIM(N, V, ignore_index, C, rows), 0);
+    if (o < 0) return -1;
+    tp->t[o].no_grad = 1; tp->t[o].dtype = SJ_F32;
+    int sc = sj_tape_tensor(tp, SJ_T_ACT, (int64_t)rows * V);
+    if (sc < 0) return -1;
+    tp->t[sc].no_grad = 1;
+    tp->nodes[tp->t[o].producer].scratch = sc;
+    return o;
+}
+
 #define P(id) sj_tape_ptr(tp, (id), params)
 #define G(id) sj_tape_ptr(tp, tp->t[id].grad, params)
+
+/* Gradient of in[k], or NULL when it has none (params, tokens, saved stats). */
+static void *in_grad(const sj_tape *tp, const sj_node *n, int k, void *params) {
+    int id = n->in[k];
+    return id >= 0 && tp->t[id].kind == SJ_T_ACT && tp->t[id].grad >= 0 ? G(id) : NULL;
+}
+
+/* Fused CE, chunk by chunk: logits = h_chunk @ W^T into the scratch, the
+ * rows' losses; on a training tape at once dlogits (in place, scaled by the
+ * loss scale), dh_chunk = dlogits @ W and dW += dlogits^T h_chunk. Each
+ * chunk is the unfused op restricted to its rows, so the loss equals the
+ * unfused one and the gradients differ only by dW's summation order. */
+static void lm_head_ce(const sj_tape *tp, const sj_node *n, const sj_backend *be, void *params) {
+    const int N = n->dim[0], V = n->dim[1], ign = n->dim[2], C = n->dim[3], R = n->dim[4];
+    const size_t es = sj_dtype_size(tp->act_dtype);
+    const sj_dtype tdt = tp->t[n->in[2]].dtype;
+    const size_t ts = sj_dtype_size(tdt);
+    char *h = P(n->in[0]);
+    const char *tg = P(n->in[2]);
+    void *W = P(n->in[1]), *L = P(n->scratch);
+    float *losses = P(n->out[0]), *lse = P(n->out[1]);
+    const int train = tp->train && tp->grads;
+    char *dh = train ? in_grad(tp, n, 0, params) : NULL;
+    float *dW = train ? tp->grads + tp->t[n->in[1]].offset : NULL;
+    const float *scale = tp->loss_scale_ptr ? tp->loss_scale_ptr : &tp->loss_scale;
+    for (int r0 = 0; r0 < N; r0 += R) {
+        const int rows = N - r0 < R ? N - r0 : R;
+        char *hc = h + (size_t)r0 * C * es;
+        be->matmul(L, hc, W, rows, V, C, 0, 1, 0, 0);
+        be->cross_entropy_forward(losses + r0, lse + r0, L, tg + (size_t)r0 * ts, tdt, rows, V, ign);
+        if (!train) continue;
+        be->cross_entropy_backward(L, L, lse + r0, tg + (size_t)r0 * ts, tdt, rows, V, ign,
+                                   scale, 0);
+        if (dh) be->matmul(dh + (size_t)r0 * C * es, L, W, rows, C, V, 0, 0, n->accum[0], 0);
+        be->matmul(dW, L, hc, V, C, rows, 1, 0, 1, 1);
+    }
+}
 
 void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, void *params) {
     const int *d = n->dim, *in = n->in, *out = n->out;
@@ -104,20 +157,18 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
         be->cross_entropy_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]),
                                   tp->t[in[1]].dtype, d[0], d[1], d[2]);
         break;
+    case SJ_OP_LM_HEAD_CE:
+        lm_head_ce(tp, n, be, params);
+        break;
     case SJ_OP__COUNT: break;
     }
-}
-
-/* Gradient of in[k], or NULL when it has none (params, tokens, saved stats). */
-static void *in_grad(const sj_tape *tp, const sj_node *n, int k, void *params) {
-    int id = n->in[k];
-    return id >= 0 && tp->t[id].kind == SJ_T_ACT && tp->t[id].grad >= 0 ? G(id) : NULL;
 }
 
 void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
                     void *params, float *grads) {
     const int *d = n->dim, *in = n->in, *out = n->out, *acc = n->accum;
     void *dx = in_grad(tp, n, 0, params);
+    if (sj_ops[n->op].fwd_grads) return;   /* done in forward */
     void *dy = n->op == SJ_OP_CROSS_ENTROPY ? NULL : G(out[0]);
     switch (n->op) {
     case SJ_OP_EMBEDDING:
@@ -154,6 +205,7 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
                                    tp->loss_scale_ptr ? tp->loss_scale_ptr : &tp->loss_scale,
                                    acc[0]);
         break;
+    case SJ_OP_LM_HEAD_CE:
     case SJ_OP__COUNT: break;
     }
 }

@@ -2,6 +2,7 @@
  * flat buffers out through the buffer protocol (zero-copy; each view keeps
  * its owner alive and is counted), engine calls with the GIL released. */
 #include "py.h"
+#include "../model/model.h"   /* levers, planning, accumulation (engine-internal API) */
 #include <string.h>
 
 /* ---- Buffer: a 1-D view of engine memory owned by another object ------ */
@@ -284,6 +285,48 @@ static PyObject *model_memory(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("(LL)", sj_model_bytes(MODEL(self)), sj_model_peak_bytes(MODEL(self)));
 }
 
+static PyObject *model_reset_peak(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    sj_model_reset_peak(MODEL(self));
+    Py_RETURN_NONE;
+}
+
+/* set_levers(checkpoint, fused_ce, ce_rows, memory_limit) */
+static PyObject *model_set_levers(PyObject *self, PyObject *args, PyObject *kw) {
+    NEED_MODEL(self);
+    static char *kwlist[] = {"checkpoint", "fused_ce", "ce_rows", "memory_limit", "fp16_act", NULL};
+    int ck = 0, fce = 0, rows = 0, f16 = 0; long long limit = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ppiLp", kwlist, &ck, &fce, &rows, &limit, &f16))
+        return NULL;
+    sj_levers lv = { .checkpoint = ck, .fused_ce = fce, .ce_rows = rows, .f16_act = f16,
+                     .memory_limit = (int64_t)limit };
+    sj_status s = sj_model_set_levers(MODEL(self), &lv);
+    if (s) return sj_py_raise(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *model_levers(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    const sj_levers *lv = &MODEL(self)->lv;
+    return Py_BuildValue("{s:O,s:O,s:i,s:L,s:O}", "checkpoint", lv->checkpoint ? Py_True : Py_False,
+                         "fused_ce", lv->fused_ce ? Py_True : Py_False, "ce_rows", lv->ce_rows,
+                         "memory_limit", (long long)lv->memory_limit,
+                         "fp16_act", lv->f16_act ? Py_True : Py_False);
+}
+
+/* plan_bytes(B, T, mode) -> (arena_bytes, kept_bytes); mode 0 logits, 1 loss, 2 train */
+static PyObject *model_plan_bytes(PyObject *self, PyObject *args) {
+    NEED_MODEL(self);
+    int B, T, mode;
+    if (!PyArg_ParseTuple(args, "iii", &B, &T, &mode)) return NULL;
+    if (mode < 0 || mode > 2) { PyErr_SetString(PyExc_ValueError, "mode must be 0, 1 or 2"); return NULL; }
+    int64_t arena = 0, kept = 0;
+    sj_status s;
+    SJ_PY_CALL(s, sj_model_plan_bytes(MODEL(self), B, T, (sj_run_mode)mode, &arena, &kept));
+    if (s) return sj_py_raise(s);
+    return Py_BuildValue("(LL)", (long long)arena, (long long)kept);
+}
+
 static PyObject *model_exports(PyObject *self, PyObject *noargs) {
     return PyLong_FromSsize_t(((ModelObject *)self)->exports);
 }
@@ -346,16 +389,17 @@ static int token_pair(PyObject *a, PyObject *b, Py_buffer *ta, Py_buffer *tb, sj
 
 static PyObject *model_loss(PyObject *self, PyObject *args, PyObject *kw) {
     NEED_MODEL(self);
-    static char *kwlist[] = {"tokens", "targets", "ignore_index", "backward", NULL};
-    PyObject *a, *b; int ignore = -1, backward = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|ip", kwlist, &a, &b, &ignore, &backward))
+    static char *kwlist[] = {"tokens", "targets", "ignore_index", "backward", "denom", NULL};
+    PyObject *a, *b; int ignore = -1, backward = 0; long long denom = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|ipL", kwlist, &a, &b, &ignore, &backward,
+                                     &denom))
         return NULL;
     Py_buffer ta, tb; sj_dtype dt;
     if (token_pair(a, b, &ta, &tb, &dt) < 0) return NULL;
     float loss = 0;
     sj_status s;
-    SJ_PY_CALL(s, sj_model_loss(MODEL(self), ta.buf, tb.buf, dt, (int)ta.shape[0],
-                                (int)ta.shape[1], ignore, backward, &loss));
+    SJ_PY_CALL(s, sj_model_loss_ex(MODEL(self), ta.buf, tb.buf, dt, (int)ta.shape[0],
+                                   (int)ta.shape[1], ignore, backward, (int64_t)denom, &loss));
     PyBuffer_Release(&ta); PyBuffer_Release(&tb);
     if (s) return sj_py_raise(s);
     return PyFloat_FromDouble(loss);
@@ -374,6 +418,12 @@ static PyMethodDef model_methods[] = {
      "params_updated(): refresh the bf16 compute copy after writing parameters"},
     {"set_graphs", model_set_graphs, METH_O, "set_graphs(bool): capture train steps as CUDA graphs"},
     {"memory", model_memory, METH_NOARGS, "memory() -> (bytes, peak_bytes)"},
+    {"reset_peak", model_reset_peak, METH_NOARGS, "reset_peak(): peak_bytes = bytes now"},
+    {"set_levers", (PyCFunction)(void (*)(void))model_set_levers, METH_VARARGS | METH_KEYWORDS,
+     "set_levers(checkpoint=False, fused_ce=False, ce_rows=0, memory_limit=0, fp16_act=False)"},
+    {"levers", model_levers, METH_NOARGS, "levers() -> dict"},
+    {"plan_bytes", model_plan_bytes, METH_VARARGS,
+     "plan_bytes(B, T, mode) -> (arena_bytes, kept_bytes), allocating nothing"},
     {"exports", model_exports, METH_NOARGS, "exports() -> live buffer views"},
     {"forward", model_forward, METH_VARARGS, "forward(tokens, out)"},
     {"forward_device", model_forward_device, METH_O,

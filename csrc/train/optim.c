@@ -200,7 +200,7 @@ sj_status sj_train_step(sj_optimizer *o, const void *tokens, const void *targets
     SJ_TRY(follow_model(o));
     sj_plan *pl;
     int64_t count;
-    SJ_TRY(sj_model_prepare(md, tokens, targets, tok_dtype, B, T, -1, SJ_RUN_TRAIN, &pl, &count));
+    SJ_TRY(sj_model_prepare(md, tokens, targets, tok_dtype, B, T, -1, SJ_RUN_TRAIN, 0, &pl, &count));
     float rate = set_hp(o);
     be->bind(md->ctx);
     sj_status s;

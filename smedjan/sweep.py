@@ -1,0 +1,346 @@
+"""smedjan.sweep / `smedjan sweep`: run every configuration of a grid (batch
+size, accumulation, sequence length, dtype, levers, preset, any Trainer
+option), each in a fresh subprocess, and tabulate tok/s, step time and peak
+memory. A configuration that runs out of memory (or over its memory limit,
+or crashes) is recorded as not ok and the sweep goes on. Rows go to JSONL
+as they finish (a killed sweep keeps what it measured) and to a Markdown
+table at the end; with a token file, each row also gets hours per epoch.
+
+Never does: measure two configurations in one process (one's arena, caches
+and allocator state would colour the next), or guess a row it could not run."""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, Iterable, List, Optional, Union
+
+log = logging.getLogger("smedjan")
+MIB = 1 << 20
+
+#: options understood by a sweep row besides Trainer keyword arguments
+RUN_KEYS = ("kind", "size", "batch_size", "seq_len", "device", "dtype", "vocab_size", "seed",
+            "steps", "warmup_steps", "memory_limit", "data", "threads")
+TRAINER_KEYS = ("lr", "min_lr", "warmup", "weight_decay", "clip", "eps", "grad_accum",
+                "gradient_checkpointing", "fused_ce", "fp16_activations")
+DEFAULTS = dict(size="small", batch_size=4, seq_len=128, device="cpu", dtype=None,
+                vocab_size=8192, seed=0, steps=10, warmup_steps=2, memory_limit=None, data=None,
+                threads=None, grad_accum=1)
+
+
+def expand(grid: Union[Dict, Iterable[Dict]], base: Optional[Dict] = None) -> List[Dict]:
+    """The configurations of a grid: a dict of lists (every combination, in
+    order; scalars are fixed values) or a list of dicts (taken as they are),
+    each laid over `base` and the defaults.
+
+    >>> [c["batch_size"] for c in expand({"batch_size": [2, 4], "grad_accum": 1})]
+    [2, 4]
+    """
+    base = {**DEFAULTS, **(base or {})}
+    if isinstance(grid, dict):
+        keys = list(grid)
+        vals = [v if isinstance(v, (list, tuple)) else [v] for v in grid.values()]
+        rows = [dict(zip(keys, combo)) for combo in itertools.product(*vals)]
+    else:
+        rows = [dict(r) for r in grid]
+    out = []
+    for r in rows:
+        unknown = set(r) - set(RUN_KEYS) - set(TRAINER_KEYS) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"sweep: unknown option(s) {sorted(unknown)}; known: "
+                             f"{sorted(set(RUN_KEYS) | set(TRAINER_KEYS))}")
+        out.append({**base, **r})
+    return out
+
+
+def kind_of(c: Dict) -> str:
+    """A short label: preset, dtype and the levers pulled."""
+    parts = [str(c.get("size"))]
+    if c.get("dtype"):
+        parts.append(str(c["dtype"]))
+    for k, tag in (("gradient_checkpointing", "ckpt"), ("fused_ce", "fce"),
+                   ("fp16_activations", "f16act")):
+        if c.get(k):
+            parts.append(tag)
+    return "_".join(parts)
+
+
+# ---- one configuration, in the child process ------------------------------
+
+def run_one(c: Dict) -> Dict:
+    """Train c["steps"] timed steps (after c["warmup_steps"] untimed ones) of
+    one configuration in this process; returns the measured row."""
+    import numpy as np
+    from . import threads as set_threads
+    from .commands import parse_bytes
+    from .model import Model
+    from .trainer import Trainer
+    if c.get("threads"):
+        set_threads(int(c["threads"]))
+    size = c["size"]
+    model = Model(size, seed=c["seed"], vocab_size=c["vocab_size"], device=c["device"],
+                  dtype=c["dtype"]) if isinstance(size, str) else \
+        Model(size, seed=c["seed"], device=c["device"], dtype=c["dtype"])
+    limit = parse_bytes(c.get("memory_limit")) if c.get("memory_limit") else 0
+    topts = {k: c[k] for k in TRAINER_KEYS if c.get(k) is not None}
+    B, T, n = int(c["batch_size"]), int(c["seq_len"]), int(c.get("grad_accum") or 1)
+    model.set_levers(gradient_checkpointing=bool(c.get("gradient_checkpointing")),
+                     fused_ce=bool(c.get("fused_ce")),
+                     fp16_activations=bool(c.get("fp16_activations")))
+    plan = model.plan_memory(B, T, "train")
+    if limit and plan["peak_bytes"] > limit:   # refuse before the optimizer state exists
+        raise MemoryError(f"memory limit {limit / MIB:.0f} MiB: planned peak "
+                          f"{plan['peak_bytes'] / MIB:.1f} MiB")
+    trainer = Trainer(model, steps=10 ** 9, memory_limit=limit or None,
+                      **{"lr": 1e-4, **topts})
+    if c.get("data"):
+        from .data import Batches, TokenFile
+        batches = Batches(TokenFile(c["data"]), B * n, T, split="train", val_fraction=0.0,
+                          seed=c["seed"])
+        draw = lambda: next(batches)  # noqa: E731
+    else:
+        rng = np.random.default_rng(c["seed"])
+        V = model.config.vocab_size
+        draw = lambda: (rng.integers(0, V, (B * n, T)).astype(np.int32),  # noqa: E731
+                        rng.integers(0, V, (B * n, T)).astype(np.int32))
+    for _ in range(int(c["warmup_steps"])):
+        trainer.step(*draw())
+    ms, losses = [], []
+    for _ in range(int(c["steps"])):
+        x, y = draw()
+        t0 = time.perf_counter()
+        r = trainer.step(x, y)
+        ms.append(1e3 * (time.perf_counter() - t0))
+        losses.append(r.loss)
+    step_ms = sum(ms) / len(ms)
+    mem = model.memory()
+    peak = mem.get("cuda_peak_bytes") or mem["peak_bytes"]
+    return dict(ok=True, tok_s=B * n * T / (step_ms / 1e3), step_ms=step_ms,
+                step_ms_min=min(ms), step_ms_max=max(ms), peak_mib=peak / MIB,
+                planned_peak_mib=plan["peak_bytes"] / MIB, arena_mib=plan["arena_bytes"] / MIB,
+                kept_mib=plan["kept_bytes"] / MIB, loss=float(losses[-1]),
+                params=model.n_params, device=model.device, dtype=model.dtype)
+
+
+def _child_main(spec: str) -> int:
+    c = json.loads(spec)
+    try:
+        row = run_one(c)
+    except MemoryError as e:
+        print(json.dumps(dict(ok=False, error=f"out of memory: {e}")), flush=True)
+        return 3
+    print(json.dumps(row), flush=True)
+    return 0
+
+
+# ---- the sweep, in the parent ----------------------------------------------
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _run_child(c: Dict, timeout: float) -> Dict:
+    cmd = [sys.executable, "-m", "smedjan.sweep", "--run-one", json.dumps(c)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env())
+    except subprocess.TimeoutExpired:
+        return dict(ok=False, error=f"timed out after {timeout:.0f} s")
+    for line in reversed(p.stdout.strip().splitlines()):
+        try:
+            row = json.loads(line)
+            break
+        except ValueError:
+            continue
+    else:
+        tail = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
+        if p.returncode < 0:
+            tail = f"killed by signal {-p.returncode} (out of memory?): {tail}"
+        return dict(ok=False, error=tail[:300])
+    if p.returncode != 0 and row.get("ok"):
+        row = dict(ok=False, error=f"exit status {p.returncode}")
+    return row
+
+
+def _epoch_tokens(data: Optional[str]) -> Optional[int]:
+    if not data:
+        return None
+    from .data import TokenFile
+    return len(TokenFile(data))
+
+
+def sweep(grid, *, base: Optional[Dict] = None, out: Optional[str] = None,
+          timeout: float = 600.0, progress: bool = True) -> List[Dict]:
+    """Run every configuration of `grid` (see expand) in its own subprocess.
+
+    Returns one row per configuration: kind, batch, accum, seq_len, tok_s,
+    step_ms (averages over the timed steps), peak_mib, mem_limit_mib, ok
+    (False with `error` when it ran out of memory, crossed its memory limit
+    or failed), the configuration itself, and epoch_hours when it trains
+    from a token file (`data`). With out="dir/name", rows are appended to
+    name.jsonl as they finish and name.md holds the table at the end.
+
+    >>> # rows = sweep({"batch_size": [4, 8, 16], "grad_accum": [1, 2]},
+    >>> #              base={"size": "small", "seq_len": 256}, out="results/sweep")
+    """
+    configs = expand(grid, base)
+    jsonl = open(out + ".jsonl", "a") if out else None
+    if out and os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    rows = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(configs), unit="config", desc="sweep", disable=None)
+    epoch_cache = {}
+    try:
+        for c in configs:
+            t0 = time.perf_counter()
+            res = _run_child(c, timeout)
+            limit = c.get("memory_limit")
+            if limit:
+                from .commands import parse_bytes
+                limit = parse_bytes(limit) / MIB
+            row = dict(kind=c.get("kind") or kind_of(c), batch=c["batch_size"],
+                       accum=c.get("grad_accum") or 1, seq_len=c["seq_len"],
+                       tok_s=res.get("tok_s"), step_ms=res.get("step_ms"),
+                       peak_mib=res.get("peak_mib"), mem_limit_mib=limit or None,
+                       ok=bool(res.get("ok")), **{k: v for k, v in res.items()
+                                                  if k not in ("ok", "tok_s", "step_ms",
+                                                               "peak_mib")},
+                       config=c, wall_s=time.perf_counter() - t0)
+            if c.get("data") and row["ok"]:
+                if c["data"] not in epoch_cache:
+                    epoch_cache[c["data"]] = _epoch_tokens(c["data"])
+                row["epoch_tokens"] = epoch_cache[c["data"]]
+                row["epoch_hours"] = row["epoch_tokens"] / row["tok_s"] / 3600.0
+            rows.append(row)
+            if jsonl:
+                jsonl.write(json.dumps(row) + "\n")
+                jsonl.flush()
+            if bar is not None:
+                bar.update(1)
+            log.info("sweep: %s batch %s accum %s: %s", row["kind"], row["batch"], row["accum"],
+                     f"{row['tok_s']:,.0f} tok/s" if row["ok"] else row.get("error"))
+    finally:
+        if bar is not None:
+            bar.close()
+        if jsonl:
+            jsonl.close()
+    if out:
+        with open(out + ".md", "w") as f:
+            f.write(to_markdown(rows) + "\n")
+    return rows
+
+
+def to_markdown(rows: List[Dict]) -> str:
+    """The sweep table: kind | batch | accum | tok/s avg | step ms avg |
+    peak MiB | mem limit MiB | ok (plus hours/epoch when measured)."""
+    epoch = any(r.get("epoch_hours") is not None for r in rows)
+    head = "| kind | batch | accum | seq | tok/s avg | step_ms avg | mem_peak MiB | mem_limit MiB | ok |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|:--:|"
+    if epoch:
+        head += " h/epoch |"
+        rule += "---:|"
+    lines = [head, rule]
+
+    def num(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+    for r in rows:
+        line = (f"| {r['kind']} | {r['batch']} | {r['accum']} | {r['seq_len']} | "
+                f"{num(r.get('tok_s'), ',.0f')} | {num(r.get('step_ms'), '.1f')} | "
+                f"{num(r.get('peak_mib'), '.0f')} | {num(r.get('mem_limit_mib'), '.0f')} | "
+                f"{r['ok']} |")
+        if epoch:
+            line += f" {num(r.get('epoch_hours'), '.2f')} |"
+        lines.append(line)
+    errors = [r for r in rows if not r["ok"]]
+    if errors:
+        lines.append("")
+        lines += [f"- {r['kind']} batch {r['batch']} accum {r['accum']}: {r.get('error')}"
+                  for r in errors]
+    return "\n".join(lines)
+
+
+def _values(text: Optional[str], cast):
+    if text is None:
+        return None
+    out = []
+    for t in str(text).split(","):
+        t = t.strip()
+        if cast is bool:
+            if t.lower() not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"expected on/off, got {t!r}")
+            out.append(t.lower() in ("on", "true", "1", "yes"))
+        else:
+            out.append(cast(t))
+    return out
+
+
+def cmd_sweep(args) -> int:
+    grid = {}
+    for key, flag, cast in (("size", "size", str), ("batch_size", "batch_size", int),
+                            ("grad_accum", "grad_accum", int), ("seq_len", "seq_len", int),
+                            ("dtype", "dtype", str),
+                            ("gradient_checkpointing", "gradient_checkpointing", bool),
+                            ("fused_ce", "fused_ce", bool),
+                            ("fp16_activations", "fp16_activations", bool)):
+        v = _values(getattr(args, flag), cast)
+        if v is not None:
+            grid[key] = v
+    if args.grid:
+        extra = json.loads(args.grid)
+        if isinstance(extra, list):
+            raise ValueError("--grid: give a JSON object of lists (combined with the flags)")
+        grid.update(extra)
+    base = dict(steps=args.steps, warmup_steps=args.warmup_steps, device=args.device,
+                data=args.data, memory_limit=args.memory_limit, threads=args.threads)
+    rows = sweep(grid, base={k: v for k, v in base.items() if v is not None}, out=args.out,
+                 timeout=args.timeout)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(to_markdown(rows))
+        if args.out:
+            print(f"\nwritten: {args.out}.md, {args.out}.jsonl")
+    return 0
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("sweep", help="measure a grid of training configurations",
+                       description="Run every combination of the comma-separated values, each in "
+                                   "a fresh process; one that runs out of memory is recorded as "
+                                   "not ok and the sweep goes on.")
+    s.add_argument("--size", help="preset(s), e.g. tiny,small (default small)")
+    s.add_argument("--batch-size", help="e.g. 2,4,8 (default 4)")
+    s.add_argument("--grad-accum", help="e.g. 1,2 (default 1)")
+    s.add_argument("--seq-len", help="e.g. 128,256 (default 128)")
+    s.add_argument("--dtype", help="fp32 / bf16 (CUDA)")
+    s.add_argument("--gradient-checkpointing", help="off,on")
+    s.add_argument("--fused-ce", help="off,on")
+    s.add_argument("--fp16-activations", help="off,on")
+    s.add_argument("--grid", help='more options as JSON, e.g. \'{"lr": [1e-3, 3e-4]}\'')
+    s.add_argument("--device", default=None, help="cpu (default) or cuda")
+    s.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    s.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first")
+    s.add_argument("--memory-limit", help="per configuration, e.g. 4GiB: over it = not ok")
+    s.add_argument("--data", help="token file: train on it and estimate hours per epoch")
+    s.add_argument("--threads", type=int, help="engine worker threads in each run")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
+    s.add_argument("--out", help="write OUT.md and OUT.jsonl")
+    s.add_argument("--json", action="store_true", help="print JSON lines instead of the table")
+    s.set_defaults(func=cmd_sweep)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--run-one":
+        sys.exit(_child_main(sys.argv[2]))
+    from .cli import main
+    sys.exit(main(["sweep"] + sys.argv[1:]))

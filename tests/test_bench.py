@@ -1,0 +1,66 @@
+"""smedjan.bench and `smedjan bench --json`: every field present, measured
+(positive, finite), and the step split adds up to a train step."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+import smedjan
+from smedjan.bench import FIELDS
+
+TINY = dict(batch_size=2, seq_len=16, iters=3, warmup=1, decode_tokens=2)
+
+
+def check(r):
+    missing = [f for f in FIELDS if f not in r]
+    assert not missing, missing
+    for k in ("inference_tok_s", "decode_tok_s", "train_tok_s", "step_ms", "forward_ms",
+              "optimizer_ms", "peak_bytes", "params"):
+        assert r[k] > 0 and math.isfinite(r[k]), (k, r[k])
+    assert r["backward_ms"] >= 0
+    for k in ("step", "forward", "forward_backward", "optimizer", "inference", "decode_token"):
+        t = r["timings"][k]
+        assert t["min"] <= t["median"] <= t["max"] and t["n"] >= 1, (k, t)
+    assert r["peak_bytes"] >= 4 * 4 * r["params"]     # params, grads, AdamW m and v
+    assert r["device"] == "cpu" and r["dtype"] == "fp32"
+
+
+def test_bench_reports_every_field():
+    r = smedjan.bench("tiny", **TINY)
+    check(r)
+    assert r["params"] == smedjan.Config.preset("tiny").n_params
+    assert r["batch_size"] == 2 and r["seq_len"] == 16 and r["timings"]["step"]["n"] == 3
+
+
+def test_bench_with_levers_reports_them_and_less_planned_memory():
+    a = smedjan.bench("tiny", **TINY)
+    b = smedjan.bench("tiny", gradient_checkpointing=True, fused_ce=True, grad_accum=2, **TINY)
+    check(b)
+    assert b["levers"] == dict(grad_accum=2, gradient_checkpointing=True, fused_ce=True,
+                               fp16_activations=False)
+    assert b["planned_peak_bytes"] < a["planned_peak_bytes"]
+
+
+def test_bench_cli_json_has_every_field():
+    p = subprocess.run([sys.executable, "-m", "smedjan", "bench", "--size", "tiny",
+                        "--batch-size", "2", "--seq-len", "16", "--iters", "2", "--warmup", "1",
+                        "--decode-tokens", "2", "--json"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    check(json.loads(p.stdout))
+
+
+def test_bench_cli_report_reads_well():
+    p = subprocess.run([sys.executable, "-m", "smedjan", "bench", "--size", "tiny",
+                        "--batch-size", "1", "--seq-len", "8", "--iters", "2", "--warmup", "1",
+                        "--decode-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    for word in ("inference", "decode", "train", "forward", "backward", "optimizer", "peak memory"):
+        assert word in p.stdout, (word, p.stdout)
+
+
+def test_bench_refuses_a_sequence_longer_than_the_model():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        smedjan.bench("tiny", batch_size=1, seq_len=10_000, iters=1)
