@@ -262,4 +262,81 @@ def tokenizer_kvs(tok: Tokenizer, pre: Optional[str] = None) -> List[tuple]:
 
 
 __all__ = ["GGUFFile", "read_gguf", "tokenizer_from_gguf", "GGUFTokenizer", "write_gguf",
-           "tokenizer_kvs", "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "TYPE_NAMES"]
+           "tokenizer_kvs", "export_gguf", "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "TYPE_NAMES"]
+
+
+def _kv_typed(key, value, vtype, arr_type):
+    """Re-encode a value read from a GGUF file with its original types."""
+    import struct
+    fmt = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32V: "<f", BOOL: "<?",
+           U64: "<Q", I64: "<q", F64: "<d"}
+    if vtype == STRING:
+        return (key, STRING, -1, value.encode("utf-8") if isinstance(value, str) else bytes(value))
+    if vtype == ARRAY:
+        if arr_type == STRING:
+            return (key, ARRAY, STRING, [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in value])
+        return (key, ARRAY, arr_type, b"".join(struct.pack(fmt[arr_type], v) for v in value))
+    return (key, vtype, -1, struct.pack(fmt[vtype], value))
+
+
+_FILE_TYPE = {F32: 0, Q8_0: 7, Q4_0: 2}
+
+
+def export_gguf(m, path, type: str = "q8_0", *, tokenizer=None, name: str = "smedjan") -> None:
+    """Write an InferenceModel (or a smedjan Model, taken at fp32) as a
+    llama.cpp-loadable GGUF (architecture llama): type "f32", "q8_0" or
+    "q4_0" for the layer matrices (q4_0 keeps the embedding / output at
+    Q8_0), norms F32, attn_q/attn_k rows permuted as llama.cpp's converter
+    stores them, and the tokenizer: copied verbatim from the source GGUF when
+    the model came from one, else written from `tokenizer` (or the model's)."""
+    from .infer import InferenceModel
+    if not isinstance(m, InferenceModel):
+        tok_ = tokenizer if tokenizer is not None else getattr(m, "tokenizer", None)
+        m = InferenceModel.from_model(m, "fp32")
+        m.tokenizer = tok_
+    t = {"f32": F32, "q8_0": Q8_0, "q8": Q8_0, "q4_0": Q4_0, "q4": Q4_0}.get(type.lower())
+    if t is None:
+        raise ValueError(f"export type must be f32, q8_0 or q4_0, got {type!r}")
+    c, h = m.config, m._h
+    emb_t = Q8_0 if t == Q4_0 else t
+    kvs = [_kv("general.architecture", "llama"), _kv("general.name", name),
+           _kv("general.file_type", _FILE_TYPE[t]), _kv("general.quantization_version", 2),
+           _kv("llama.context_length", int(c.max_seq_len)), _kv("llama.embedding_length", c.dim),
+           _kv("llama.block_count", c.n_layers), _kv("llama.feed_forward_length", c.ffn_dim),
+           _kv("llama.attention.head_count", c.n_heads),
+           _kv("llama.attention.head_count_kv", c.n_kv_heads),
+           _kv("llama.rope.freq_base", float(c.rope_theta)),
+           _kv("llama.attention.layer_norm_rms_epsilon", float(c.norm_eps)),
+           _kv("llama.rope.dimension_count", c.dim // c.n_heads), _kv("llama.vocab_size", c.vocab_size)]
+    src = read_gguf(m.source) if getattr(m, "source", "") else None
+    if src is not None and "tokenizer.ggml.tokens" in src.kv:
+        kvs += [_kv_typed(k, v, *src.kv_types[k]) for k, v in src.kv.items() if k.startswith("tokenizer.")]
+    else:
+        tk = tokenizer if tokenizer is not None else m.tokenizer
+        if tk is not None:
+            kvs += tokenizer_kvs(tk)
+    hd = c.dim // c.n_heads
+    C = c.dim
+    tensors = [("token_embd.weight", emb_t, (C, c.vocab_size), h.weight_gguf("tok_emb", emb_t, 0))]
+    norm = lambda i: h.weight(f"norm:{i}")
+    for i in range(c.n_layers):
+        for ours, gname, perm in (("wq", "attn_q", hd), ("wk", "attn_k", hd), ("wv", "attn_v", 0),
+                                  ("wo", "attn_output", 0), ("w_gate", "ffn_gate", 0),
+                                  ("w_up", "ffn_up", 0), ("w_down", "ffn_down", 0)):
+            rows, cols = _shape(c, ours)
+            tensors.append((f"blk.{i}.{gname}.weight", t, (cols, rows),
+                            h.weight_gguf(f"layers.{i}.{ours}", t, perm)))
+        tensors.append((f"blk.{i}.attn_norm.weight", F32, (C,), norm(2 * i)))
+        tensors.append((f"blk.{i}.ffn_norm.weight", F32, (C,), norm(2 * i + 1)))
+    tensors.append(("output_norm.weight", F32, (C,), norm(2 * c.n_layers)))
+    try:
+        tensors.append(("output.weight", emb_t, (C, c.vocab_size), h.weight_gguf("output", emb_t, 0)))
+    except KeyError:
+        pass   # tied head
+    write_gguf(path, kvs, tensors)
+
+
+def _shape(c, ours):
+    kvd = c.n_kv_heads * (c.dim // c.n_heads)
+    return {"wq": (c.dim, c.dim), "wk": (kvd, c.dim), "wv": (kvd, c.dim), "wo": (c.dim, c.dim),
+            "w_gate": (c.ffn_dim, c.dim), "w_up": (c.ffn_dim, c.dim), "w_down": (c.dim, c.ffn_dim)}[ours]

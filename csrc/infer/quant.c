@@ -536,3 +536,49 @@ void sj_qmat_mul(float *out, const sj_qmat *W, const float *x, const sj_qact *xa
     if ((int64_t)W->rows * W->cols * n < (1 << 14)) mul_rows(&j, 0, W->rows, 0);
     else sj_parallel_for(W->rows, grain, mul_rows, &j);
 }
+
+/* ---- testing hook ------------------------------------------------------------- */
+
+sj_status sj_infer_kernel_check(uint64_t seed, double *max_err);
+/* The SIMD kernels against the scalar reference on random Q8/Q4 matrices
+ * (even and odd block counts) and token counts 1 .. 70: the largest error
+ * relative to the output's scale. */
+sj_status sj_infer_kernel_check(uint64_t seed, double *max_err) {
+    sj_rng rng;
+    sj_rng_seed(&rng, seed);
+    *max_err = 0;
+    const int shapes[][2] = { { 67, 576 }, { 33, 96 }, { 40, 1536 }, { 5, 32 } };
+    const int ns[] = { 1, 3, 7, 70 };
+    for (int ty = SJ_W_Q8; ty <= SJ_W_Q4; ty++)
+        for (int si = 0; si < 4; si++) {
+            const int R = shapes[si][0], C = shapes[si][1], N = 70;
+            sj_qmat W;
+            SJ_TRY(sj_qmat_alloc(&W, ty, R, C, "check"));
+            float *x = sj_alloc(sizeof(float) * (size_t)N * C * 2 + sizeof(float) * (size_t)N * R * 2 + (size_t)N * C + (size_t)N * C / 32 * 8 + 4096, "check");
+            if (!x) { sj_qmat_free(&W); return SJ_ERR_NOMEM; }
+            float *row = x + (int64_t)N * C, *o1 = row + (int64_t)N * C, *o2 = o1 + (int64_t)N * R;
+            sj_qact a = { (int8_t *)(o2 + (int64_t)N * R), NULL, NULL, 0, 0 };
+            a.d = (float *)(a.q + (int64_t)N * C + 64);
+            a.s = a.d + (int64_t)N * C / 32;
+            for (int r = 0; r < R; r++) {
+                for (int c = 0; c < C; c++) row[c] = sj_rng_normal(&rng) * (1.f + (float)(c % 7));
+                sj_qmat_set_row(&W, r, row);
+                if (ty == SJ_W_Q4 && (r & 1)) {   /* some rows with a Q4_1-style offset */
+                    for (int b = 0; b < C / 32; b++) W.m[(int64_t)r * (C / 32) + b] += 0.25f * sj_rng_normal(&rng);
+                }
+            }
+            for (int64_t i = 0; i < (int64_t)N * C; i++) x[i] = sj_rng_normal(&rng);
+            for (int k = 0; k < 4; k++) {
+                int n = ns[k];
+                sj_qact_quantize(&a, x, n, C);
+                sj_qmat_mul(o1, &W, x, &a, n);
+                sj_qmat_mul_reference(o2, &W, x, &a, n);
+                double scale = 0, err = 0;
+                for (int64_t i = 0; i < (int64_t)n * R; i++) { scale = fmax(scale, fabs(o2[i])); err = fmax(err, fabs(o1[i] - o2[i])); }
+                if (err / (scale + 1e-30) > *max_err) *max_err = err / (scale + 1e-30);
+            }
+            sj_free(x);
+            sj_qmat_free(&W);
+        }
+    return SJ_OK;
+}
