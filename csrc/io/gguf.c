@@ -100,6 +100,19 @@ static sj_status rd_str(cursor *c, const char **s, uint64_t *len) {
     return SJ_OK;
 }
 
+/* Keys and tensor names must be UTF-8 without NUL (GGUF says so; callers print them). */
+static int valid_name(const char *s, uint64_t n) {
+    const uint8_t *p = (const uint8_t *)s;
+    for (uint64_t i = 0; i < n;) {
+        uint8_t c = p[i];
+        int k = c < 0x80 ? 0 : (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : -1;
+        if (c == 0 || k < 0 || (c >= 0x80 && c < 0xC2) || c > 0xF4 || i + k >= n) return 0;
+        for (int j = 1; j <= k; j++) if ((p[i + j] & 0xC0) != 0x80) return 0;
+        i += (uint64_t)k + 1;
+    }
+    return n > 0;
+}
+
 void sj_gguf_close(sj_gguf_file *f) {
     if (!f) return;
     if (f->kv)
@@ -175,6 +188,7 @@ sj_status sj_gguf_open(const char *path, sj_gguf_file **out) {
         const char *k; uint64_t klen;
         c.what = "metadata key";
         if ((s = rd_str(&c, &k, &klen))) goto fail_k;
+        if (!valid_name(k, klen)) { s = sj_fail(SJ_ERR_FORMAT, "%s: metadata key %llu is empty or not valid UTF-8", path, (unsigned long long)i); goto fail_k; }
         if (names_len + klen + 1 > names_cap) {
             while (names_len + klen + 1 > names_cap) names_cap *= 2;
             char *p = realloc(f->names, names_cap);
@@ -230,6 +244,7 @@ sj_status sj_gguf_open(const char *path, sj_gguf_file **out) {
         const char *nm; uint64_t nlen;
         c.what = "tensor name";
         if ((s = rd_str(&c, &nm, &nlen))) goto fail_k;
+        if (!valid_name(nm, nlen)) { s = sj_fail(SJ_ERR_FORMAT, "%s: tensor %llu: name is empty or not valid UTF-8", path, (unsigned long long)i); goto fail_k; }
         if (names_len + nlen + 1 > names_cap) {
             while (names_len + nlen + 1 > names_cap) names_cap *= 2;
             char *p = realloc(f->names, names_cap);
