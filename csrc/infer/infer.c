@@ -416,9 +416,12 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
     for (int l = 0; l < c->n_layers; l++) {
         layer_w *w = &h->L[l];
         rmsnorm(h->xb, h->x, w->attn_norm, n, C, c->norm_eps);
-        matmul(h, h->q, &w->wq, h->xb, n, 1);
-        matmul(h, h->k, &w->wk, h->xb, n, 0);    /* the same quantised input */
-        matmul(h, h->v, &w->wv, h->xb, n, 0);
+        {   /* q, k, v: one quantised input, one parallel loop */
+            float *outs[3] = { h->q, h->k, h->v };
+            const sj_qmat *Ws[3] = { &w->wq, &w->wk, &w->wv };
+            if (w->wq.type == SJ_W_Q8 || w->wq.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
+            sj_qmat_mul_multi(3, outs, Ws, h->xb, &h->qa, n);
+        }
         float *kc = h->kcache + ((int64_t)l * h->max_ctx + h->pos) * KVd;
         float *vc = h->vcache + ((int64_t)l * h->max_ctx + h->pos) * KVd;
         for (int t = 0; t < n; t++) {
@@ -433,8 +436,12 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
         matmul(h, h->xb, &w->wo, h->att, n, 1);
         for (int64_t i = 0; i < (int64_t)n * C; i++) h->x[i] += h->xb[i];
         rmsnorm(h->xb, h->x, w->ffn_norm, n, C, c->norm_eps);
-        matmul(h, h->hb, &w->w_gate, h->xb, n, 1);
-        matmul(h, h->hb2, &w->w_up, h->xb, n, 0);
+        {
+            float *outs[2] = { h->hb, h->hb2 };
+            const sj_qmat *Ws[2] = { &w->w_gate, &w->w_up };
+            if (w->w_gate.type == SJ_W_Q8 || w->w_gate.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
+            sj_qmat_mul_multi(2, outs, Ws, h->xb, &h->qa, n);
+        }
         for (int64_t i = 0; i < (int64_t)n * F; i++) {
             float g = h->hb[i];
             h->hb[i] = g / (1.0f + expf(-g)) * h->hb2[i];

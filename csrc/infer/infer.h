@@ -53,6 +53,9 @@ void sj_qmat_row_to_gguf(const sj_qmat *W, int r, int type, void *dst);
 void sj_qact_quantize(sj_qact *a, const float *x, int n, int cols);
 /* out (n, rows) = x (n, cols) W^T. xa: x quantised (needed for Q8/Q4). */
 void sj_qmat_mul(float *out, const sj_qmat *W, const float *x, const sj_qact *xa, int n);
+/* k matrices with the same input (q/k/v, gate/up) in one parallel loop. */
+void sj_qmat_mul_multi(int k, float *const *outs, const sj_qmat *const *Ws, const float *x,
+                       const sj_qact *xa, int n);
 /* The scalar kernels, kept as the reference the SIMD ones are tested against. */
 void sj_qmat_mul_reference(float *out, const sj_qmat *W, const float *x, const sj_qact *xa, int n);
 

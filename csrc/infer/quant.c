@@ -496,10 +496,8 @@ typedef struct { float *out; const sj_qmat *W; const float *x; const sj_qact *xa
 #define TOK_BLOCK 64
 #define ROW_BLOCK 16
 
-static void mul_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
-    (void)tid;
-    const mul_job *j = ctx;
-    const sj_qmat *W = j->W;
+static void mul_range(float *out, const sj_qmat *W, const float *x, const sj_qact *xa, int n,
+                      int64_t r0, int64_t r1) {
     const int C = W->cols, R = W->rows;
     if (W->type == SJ_W_F32 || W->type == SJ_W_BF16) {
         float tmp[W->type == SJ_W_BF16 ? C : 1];
@@ -507,21 +505,55 @@ static void mul_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
             const float *w = W->f ? W->f + r * C : tmp;
             if (W->type == SJ_W_BF16)
                 for (int c = 0; c < C; c++) tmp[c] = sj_bf16_to_f32(W->bf[r * C + c]);
-            for (int t = 0; t < j->n; t++) j->out[(int64_t)t * R + r] = dotf(w, j->x + (int64_t)t * C, C);
+            for (int t = 0; t < n; t++) out[(int64_t)t * R + r] = dotf(w, x + (int64_t)t * C, C);
         }
         return;
     }
 #ifdef HAVE_X86
     if (isa() == 2) {
-        for (int t0 = 0; t0 < j->n; t0 += TOK_BLOCK)
+        for (int t0 = 0; t0 < n; t0 += TOK_BLOCK)
             for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK)
-                qblock_512(j->out, R, W, (int)rb, (int)SJ_MIN(rb + ROW_BLOCK, r1), j->xa, t0,
-                           SJ_MIN(t0 + TOK_BLOCK, j->n));
+                qblock_512(out, R, W, (int)rb, (int)SJ_MIN(rb + ROW_BLOCK, r1), xa, t0, SJ_MIN(t0 + TOK_BLOCK, n));
         return;
     }
 #endif
-    for (int t = 0; t < j->n; t++)
-        for (int64_t r = r0; r < r1; r++) j->out[(int64_t)t * R + r] = ref_dot(W, (int)r, j->x, j->xa, t);
+    for (int t = 0; t < n; t++)
+        for (int64_t r = r0; r < r1; r++) out[(int64_t)t * R + r] = ref_dot(W, (int)r, x, xa, t);
+}
+
+static void mul_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const mul_job *j = ctx;
+    mul_range(j->out, j->W, j->x, j->xa, j->n, r0, r1);
+}
+
+/* Several matrices of one input as one parallel loop over their stacked rows:
+ * one fork-join instead of k (decode is a few hundred of them per token). */
+typedef struct { int k; float *const *outs; const sj_qmat *const *Ws; const float *x; const sj_qact *xa; int n; } multi_job;
+
+static void multi_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const multi_job *j = ctx;
+    int64_t base = 0;
+    for (int i = 0; i < j->k && base < r1; i++) {
+        const int64_t R = j->Ws[i]->rows, a = SJ_MAX(r0, base), b = SJ_MIN(r1, base + R);
+        if (a < b) mul_range(j->outs[i], j->Ws[i], j->x, j->xa, j->n, a - base, b - base);
+        base += R;
+    }
+}
+
+void sj_qmat_mul_multi(int k, float *const *outs, const sj_qmat *const *Ws, const float *x,
+                       const sj_qact *xa, int n) {
+    if (Ws[0]->type == SJ_W_F32 && n > 1) {
+        for (int i = 0; i < k; i++) sj_qmat_mul(outs[i], Ws[i], x, xa, n);
+        return;
+    }
+    int64_t total = 0;
+    for (int i = 0; i < k; i++) total += Ws[i]->rows;
+    multi_job j = { k, outs, Ws, x, xa, n };
+    int P = sj_parallel_threads();
+    int64_t grain = SJ_CDIV(SJ_CDIV(total, 4 * P), ROW_BLOCK) * ROW_BLOCK;
+    sj_parallel_for(total, grain, multi_rows, &j);
 }
 
 void sj_qmat_mul(float *out, const sj_qmat *W, const float *x, const sj_qact *xa, int n) {
