@@ -28,8 +28,10 @@ typedef struct {
 } sj_qmat;
 
 /* Activations quantised to 8-bit blocks once per matmul input:
- * q (n, cols) int8, d (n, cols/32), s (n, cols/32) = d * sum(q) of the block. */
-typedef struct { int8_t *q; float *d, *s; int n, cols; } sj_qact;
+ * q (n, cols) int8, d (n, cols/32), s (n, cols/32) = d * sum(q) of the block,
+ * d2 (n, cols/64, 16): each pair of block scales spread over 8 lanes each,
+ * the layout the SIMD kernels multiply by (made once, used by every row). */
+typedef struct { int8_t *q; float *d, *s, *d2; int n, cols; } sj_qact;
 
 float sj_f16_to_f32(uint16_t h);
 uint16_t sj_f32_to_f16(float f);

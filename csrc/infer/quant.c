@@ -321,6 +321,8 @@ static void qact_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
             }
             j->a->d[r * nb + b] = d;
             j->a->s[r * nb + b] = d * (float)sum;
+            if (j->a->d2 && b < (nb & ~1))
+                for (int e = 0; e < 8; e++) j->a->d2[(r * (nb / 2) + b / 2) * 16 + (b & 1) * 8 + e] = d;
         }
 }
 
@@ -387,14 +389,6 @@ void sj_qmat_mul_reference(float *out, const sj_qmat *W, const float *x, const s
 #define HAVE_X86 1
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 
-/* lanes 0-7: a[0] b[0]; lanes 8-15: a[1] b[1] */
-T512 static inline __m512 pair_scale(const float *a, const float *b) {
-    __m128 p = _mm_mul_ps(_mm_castpd_ps(_mm_load_sd((const double *)a)),
-                          _mm_castpd_ps(_mm_load_sd((const double *)b)));
-    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(p));
-}
-
 /* Rows [r0, r1) x NT tokens from t: out[t][r]. The weight pair is unpacked
  * once per NT tokens. An unpaired last block runs scalar. */
 T512 __attribute__((always_inline)) static inline void
@@ -403,8 +397,12 @@ qrow_512(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *X, int t, 
     const float *dw = W->d + (int64_t)r * nb;
     __m512 acc[4] = { _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps() };
     const int8_t *xq[4];
-    const float *dx[4];
-    for (int j = 0; j < NT; j++) { xq[j] = X->q + (int64_t)(t + j) * C; dx[j] = X->d + (int64_t)(t + j) * nb; }
+    const float *dx[4], *d2[4];
+    for (int j = 0; j < NT; j++) {
+        xq[j] = X->q + (int64_t)(t + j) * C; dx[j] = X->d + (int64_t)(t + j) * nb;
+        d2[j] = X->d2 + (int64_t)(t + j) * np * 16;
+    }
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     const __m512i zero = _mm512_setzero_si512();
     if (W->type == SJ_W_Q4) {
         const uint8_t *w = W->q4 + (int64_t)r * C / 2;
@@ -413,10 +411,12 @@ qrow_512(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *X, int t, 
             __m256i raw = _mm256_loadu_si256((const __m256i *)(w + p * 32));
             __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m4)),
                                             _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), 1);
+            __m512 dw2 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
+                _mm_castpd_ps(_mm_load_sd((const double *)(dw + 2 * p)))));
             for (int j = 0; j < NT; j++) {
                 __m512i xv = _mm512_loadu_si512(xq[j] + p * 64);
                 __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, wv, xv));
-                acc[j] = _mm512_fmadd_ps(f, pair_scale(dw + 2 * p, dx[j] + 2 * p), acc[j]);
+                acc[j] = _mm512_fmadd_ps(f, _mm512_mul_ps(dw2, _mm512_loadu_ps(d2[j] + p * 16)), acc[j]);
             }
         }
     } else {
@@ -424,10 +424,12 @@ qrow_512(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *X, int t, 
         const __m512i off = _mm512_set1_epi8((char)0x80);
         for (int p = 0; p < np; p++) {
             __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + p * 64), off);  /* w + 128, as u8 */
+            __m512 dw2 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
+                _mm_castpd_ps(_mm_load_sd((const double *)(dw + 2 * p)))));
             for (int j = 0; j < NT; j++) {
                 __m512i xv = _mm512_loadu_si512(xq[j] + p * 64);
                 __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, wv, xv));
-                acc[j] = _mm512_fmadd_ps(f, pair_scale(dw + 2 * p, dx[j] + 2 * p), acc[j]);
+                acc[j] = _mm512_fmadd_ps(f, _mm512_mul_ps(dw2, _mm512_loadu_ps(d2[j] + p * 16)), acc[j]);
             }
         }
     }
@@ -586,12 +588,13 @@ sj_status sj_infer_kernel_check(uint64_t seed, double *max_err) {
             const int R = shapes[si][0], C = shapes[si][1], N = 70;
             sj_qmat W;
             SJ_TRY(sj_qmat_alloc(&W, ty, R, C, "check"));
-            float *x = sj_alloc(sizeof(float) * (size_t)N * C * 2 + sizeof(float) * (size_t)N * R * 2 + (size_t)N * C + (size_t)N * C / 32 * 8 + 4096, "check");
+            float *x = sj_alloc(sizeof(float) * (size_t)N * C * 2 + sizeof(float) * (size_t)N * R * 2 + (size_t)N * C * 2 + (size_t)N * C / 32 * 8 + 4096, "check");
             if (!x) { sj_qmat_free(&W); return SJ_ERR_NOMEM; }
             float *row = x + (int64_t)N * C, *o1 = row + (int64_t)N * C, *o2 = o1 + (int64_t)N * R;
-            sj_qact a = { (int8_t *)(o2 + (int64_t)N * R), NULL, NULL, 0, 0 };
+            sj_qact a = { (int8_t *)(o2 + (int64_t)N * R), NULL, NULL, NULL, 0, 0 };
             a.d = (float *)(a.q + (int64_t)N * C + 64);
             a.s = a.d + (int64_t)N * C / 32;
+            a.d2 = a.s + (int64_t)N * C / 32;
             for (int r = 0; r < R; r++) {
                 for (int c = 0; c < C; c++) row[c] = sj_rng_normal(&rng) * (1.f + (float)(c % 7));
                 sj_qmat_set_row(&W, r, row);
