@@ -342,6 +342,111 @@ void sj_tokens_writer_abort(sj_tokens_writer *w);
 /* Validate a token file's header against its length; fills *out. */
 sj_status sj_tokens_inspect(const char *path, sj_tokens_info *out);
 
+/* ---- inference ---- */
+
+/* GGUF files (v2 and v3). Tensor types the engine reads: */
+typedef enum {
+    SJ_GGUF_F32 = 0, SJ_GGUF_F16 = 1, SJ_GGUF_Q4_0 = 2, SJ_GGUF_Q4_1 = 3,
+    SJ_GGUF_Q8_0 = 8, SJ_GGUF_BF16 = 30,
+} sj_gguf_type;
+/* Metadata value types. */
+typedef enum {
+    SJ_GGUF_UINT8 = 0, SJ_GGUF_INT8, SJ_GGUF_UINT16, SJ_GGUF_INT16, SJ_GGUF_UINT32,
+    SJ_GGUF_INT32, SJ_GGUF_FLOAT32, SJ_GGUF_BOOL, SJ_GGUF_STRING, SJ_GGUF_ARRAY,
+    SJ_GGUF_UINT64, SJ_GGUF_INT64, SJ_GGUF_FLOAT64,
+} sj_gguf_vtype;
+
+typedef struct {
+    const char *key;
+    int type;                    /* sj_gguf_vtype                                   */
+    int arr_type;                /* ARRAY: element type                             */
+    uint64_t n;                  /* ARRAY: elements; STRING: bytes; scalar: 1       */
+    const void *data;            /* scalar / numeric array / string bytes (LE, unaligned) */
+    const char *const *strs;     /* ARRAY of STRING: element j is strs[j] ...       */
+    const uint64_t *str_lens;    /* ... of str_lens[j] bytes (not NUL-terminated)   */
+} sj_gguf_kv;
+
+typedef struct {
+    const char *name;
+    int ndim;
+    int64_t shape[4];            /* GGUF order: shape[0] is the row length (fastest) */
+    int type;                    /* sj_gguf_type                                     */
+    uint64_t offset;             /* from the start of the data section               */
+    uint64_t nbytes;
+    int64_t numel;
+    const void *data;            /* open: into the read-only mapping; save: the bytes */
+} sj_gguf_tensor;
+
+typedef struct sj_gguf_file sj_gguf_file;
+/* Map and validate a GGUF file: every count, string, type, dimension and
+ * data range is checked against the file before use. */
+sj_status sj_gguf_open(const char *path, sj_gguf_file **out);
+void sj_gguf_close(sj_gguf_file *f);
+int sj_gguf_version(const sj_gguf_file *f);
+const char *sj_gguf_path(const sj_gguf_file *f);
+int sj_gguf_n_kv(const sj_gguf_file *f);
+const sj_gguf_kv *sj_gguf_kv_at(const sj_gguf_file *f, int i);
+const sj_gguf_kv *sj_gguf_find_kv(const sj_gguf_file *f, const char *key);   /* NULL if absent */
+int sj_gguf_n_tensors(const sj_gguf_file *f);
+const sj_gguf_tensor *sj_gguf_tensor_at(const sj_gguf_file *f, int i);
+const sj_gguf_tensor *sj_gguf_find_tensor(const sj_gguf_file *f, const char *name);
+/* Typed scalar reads; a missing key or a wrong type is SJ_ERR_FORMAT. */
+sj_status sj_gguf_get_int(const sj_gguf_file *f, const char *key, int64_t *out);
+sj_status sj_gguf_get_float(const sj_gguf_file *f, const char *key, double *out);
+/* Elements and bytes per block of a tensor type; 0 when unsupported. */
+int sj_gguf_type_block(int type, int *block_elems, int *block_bytes);
+const char *sj_gguf_type_name(int type);
+/* Write a GGUF v3 file (32-byte alignment) atomically: temp file + rename. */
+sj_status sj_gguf_save(const char *path, const sj_gguf_kv *kv, int n_kv,
+                       const sj_gguf_tensor *t, int n_t);
+/* GGML-compatible block (de)quantisation of n values (n % 32 == 0 for the
+ * block types): F32, F16, BF16, Q8_0, Q4_0 (write), and Q4_1 (read). */
+sj_status sj_gguf_quantize(int type, const float *x, int64_t n, void *out);
+sj_status sj_gguf_dequantize(int type, const void *in, int64_t n, float *out);
+
+/* The inference engine: a Llama-family model's weights in one of four
+ * in-memory forms, a KV cache allocated once, prefill (a batched forward
+ * over many tokens) and decode (one token). Separate from the training
+ * model; not thread-safe per handle. */
+typedef enum { SJ_INFER_FP32 = 0, SJ_INFER_BF16, SJ_INFER_Q8, SJ_INFER_Q4 } sj_infer_mode;
+typedef struct sj_infer sj_infer;
+
+/* max_ctx <= 0: the model's max_seq_len (capped at 4096). */
+sj_status sj_infer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_infer **out);
+sj_status sj_infer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, sj_infer **out);
+void sj_infer_free(sj_infer *h);
+const sj_config *sj_infer_config(const sj_infer *h);
+int sj_infer_max_ctx(const sj_infer *h);
+int sj_infer_pos(const sj_infer *h);                 /* tokens in the KV cache */
+sj_infer_mode sj_infer_get_mode(const sj_infer *h);
+int64_t sj_infer_weight_bytes(const sj_infer *h);    /* resident weights      */
+int64_t sj_infer_cache_bytes(const sj_infer *h);     /* KV cache + run state  */
+/* Forget the cache (position 0). */
+void sj_infer_reset(sj_infer *h);
+/* Append n tokens to the cache in one batched forward. logits_all: NULL or
+ * (n, vocab), written with every position's logits; *last points at the
+ * last position's logits (vocab), valid until the next call. */
+sj_status sj_infer_prefill(sj_infer *h, const int32_t *tokens, int n, float *logits_all,
+                           const float **last);
+/* One token: its logits (vocab) in *logits, valid until the next call. */
+sj_status sj_infer_decode(sj_infer *h, int32_t token, const float **logits);
+/* The last position's logits of the latest prefill/decode (vocab). */
+const float *sj_infer_last_logits(const sj_infer *h);
+
+/* Sampling from a row of logits. temperature <= 0: greedy (smallest id of
+ * the maximum); top_k <= 0 and top_p >= 1 switch those filters off;
+ * repetition_penalty (1 = off) divides positive / multiplies negative logits
+ * once per DISTINCT token of history (CTRL / Hugging Face). */
+typedef struct { float temperature; int top_k; float top_p; float repetition_penalty; } sj_sample_params;
+typedef struct sj_sampler sj_sampler;
+sj_status sj_sampler_create(int vocab_size, uint64_t seed, sj_sampler **out);
+void sj_sampler_free(sj_sampler *s);
+int sj_sampler_vocab(const sj_sampler *s);
+sj_status sj_sample(sj_sampler *s, const float *logits, const sj_sample_params *p,
+                    const int32_t *history, int n_history, int32_t *token);
+/* The name of the SIMD path the quantised kernels use ("avx512vnni", "avx2", "scalar"). */
+const char *sj_infer_isa(void);
+
 #ifdef __cplusplus
 }
 #endif

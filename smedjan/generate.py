@@ -1,7 +1,10 @@
 """Model.generate: sampling as a streaming Python iterator.
 
-Without a KV cache each new token reruns the forward pass over the whole
-context. The context is padded at the end to a small set of bucket lengths:
+On the CPU, generation runs on the inference engine's KV cache (smedjan.infer:
+one batched prefill of the prompt, then one decode per token, sampling in C).
+generate_recompute is the original path, kept as the reference the KV-cache
+path is tested against (and used for models on a GPU): without a KV cache
+each new token reruns the forward pass over the whole context. The context is padded at the end to a small set of bucket lengths:
 attention is causal, so padding never changes the logits of the real
 positions, and the engine reuses one planned tape per bucket instead of
 planning one per length."""
@@ -44,14 +47,61 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: Optional[int] = None,
              stop: Union[None, int, str, Sequence[Union[int, str]]] = None,
-             tokenizer=None) -> Iterator[int]:
+             tokenizer=None, repetition_penalty: float = 1.0) -> Iterator[int]:
     """Stream up to max_new_tokens token ids after prompt (text needs a
     tokenizer: the model's own when it came from a checkpoint). Generation
     ends early at a stop token id or once the decoded text ends with a stop
-    string; the stop token itself is not yielded.
+    string; the stop token itself is not yielded. A context longer than
+    max_seq_len slides (the last max_seq_len tokens). repetition_penalty
+    applies once per distinct token of prompt and output.
+
+    On the CPU this runs on the KV-cache engine (weights copied at the call);
+    elsewhere it falls back to generate_recompute.
 
     >>> # for t in model.generate("def main", 32, temperature=0.8, seed=0): ...
     """
+    if getattr(model, "device", "cpu") != "cpu" or not hasattr(model, "_h"):
+        if repetition_penalty != 1.0:
+            raise ValueError("repetition_penalty needs the CPU KV-cache engine")
+        return generate_recompute(model, prompt, max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                                  tokenizer=tokenizer)
+    from .infer import InferenceModel, _generate
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    ids = _prompt_ids(prompt, tok)
+    stops = [] if stop is None else [stop] if isinstance(stop, (int, str)) else list(stop)
+    if any(isinstance(s, str) for s in stops) and tok is None:
+        raise ValueError("stop strings need a tokenizer")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    im = InferenceModel.from_model(model, "fp32", model.config.max_seq_len)
+    im.tokenizer = tok
+    model._last_infer = im          # stats() of the last run: model._last_infer.stats()
+    return _generate(im, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     repetition_penalty=repetition_penalty, seed=seed, stop=stop, tokenizer=tok,
+                     window=model.config.max_seq_len)
+
+
+def _prompt_ids(prompt, tok):
+    if isinstance(prompt, str):
+        if tok is None:
+            raise ValueError("prompt is text but the model has no tokenizer: pass tokenizer= "
+                             "or token ids")
+        ids = list(np.asarray(tok.encode(prompt, allowed_special="all")))
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("prompt is empty: generation needs at least one token")
+    return [int(t) for t in ids]
+
+
+def generate_recompute(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64, *,
+                       temperature: float = 1.0, top_k: Optional[int] = None,
+                       top_p: Optional[float] = None, seed: Optional[int] = None,
+                       stop: Union[None, int, str, Sequence[Union[int, str]]] = None,
+                       tokenizer=None) -> Iterator[int]:
+    """The reference path: every token reruns the full forward over the
+    context (no KV cache), sampling in NumPy."""
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if isinstance(prompt, str):
         if tok is None:

@@ -1,0 +1,486 @@
+/* infer.c — the inference engine, llama2.c style: a config, the weights (each
+ * matrix in f32, bf16, Q8 or Q4 blocks), and a run state with a KV cache
+ * allocated once. forward() reads top to bottom like the paper; prefill runs
+ * many tokens through it at once (batched matmuls), decode runs one.
+ * Semantics follow the training model exactly (the kernels in csrc/cpu): HF Llama
+ * rotate-half RoPE with float angles, GQA (query head h reads KV head
+ * h / (H / KV)), RMSNorm, SwiGLU, tied or untied output head.
+ * It must never allocate per token nor read past the KV cache. */
+#include "infer.h"
+#include "../model/model.h"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHUNK 128            /* tokens per batched forward; longer prompts loop */
+
+typedef struct { sj_qmat wq, wk, wv, wo, w_gate, w_up, w_down; float *attn_norm, *ffn_norm; } layer_w;
+
+struct sj_infer {
+    sj_config c;
+    int hd, kv_dim, max_ctx, mode, pos;
+    /* weights */
+    sj_qmat tok_emb, output;     /* output.mem == NULL: tied to tok_emb */
+    layer_w *L;
+    float *norms;                /* (2 n_layers + 1, dim): attn, ffn per layer, final */
+    /* run state (CHUNK rows each) */
+    float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *logits, *rope_cos, *rope_sin;
+    float *kcache, *vcache;      /* (n_layers, max_ctx, kv_dim) */
+    sj_qact qa;
+    void *state_mem;
+    int64_t state_bytes;
+};
+
+static const sj_qmat *out_head(const sj_infer *h) { return h->output.mem ? &h->output : &h->tok_emb; }
+
+static int wtype_for(int mode) {
+    return mode == SJ_INFER_FP32 ? SJ_W_F32 : mode == SJ_INFER_BF16 ? SJ_W_BF16
+         : mode == SJ_INFER_Q8 ? SJ_W_Q8 : SJ_W_Q4;
+}
+
+void sj_infer_free(sj_infer *h) {
+    if (!h) return;
+    if (h->L)
+        for (int l = 0; l < h->c.n_layers; l++) {
+            layer_w *w = &h->L[l];
+            sj_qmat_free(&w->wq); sj_qmat_free(&w->wk); sj_qmat_free(&w->wv); sj_qmat_free(&w->wo);
+            sj_qmat_free(&w->w_gate); sj_qmat_free(&w->w_up); sj_qmat_free(&w->w_down);
+        }
+    sj_qmat_free(&h->tok_emb); sj_qmat_free(&h->output);
+    free(h->L);
+    sj_free(h->norms);
+    sj_free(h->state_mem);
+    free(h);
+}
+
+/* Config checked, matrices allocated (unfilled), run state and RoPE tables built. */
+static sj_status create(const sj_config *c, int mode, int max_ctx, int untied, sj_infer **out) {
+    *out = NULL;
+    SJ_TRY(sj_config_validate(c));
+    if (mode < SJ_INFER_FP32 || mode > SJ_INFER_Q4) return sj_fail(SJ_ERR_ARG, "inference mode %d is not valid", mode);
+    if (c->dim % c->n_heads || (c->dim / c->n_heads) % 2)
+        return sj_fail(SJ_ERR_ARG, "dim %d / n_heads %d must be an even head size", c->dim, c->n_heads);
+    if (max_ctx <= 0) max_ctx = SJ_MIN(c->max_seq_len, 4096);
+    if (max_ctx > (1 << 20)) return sj_fail(SJ_ERR_ARG, "max_ctx %d is too large", max_ctx);
+    sj_infer *h = calloc(1, sizeof *h);
+    if (!h) return sj_fail(SJ_ERR_NOMEM, "inference handle: out of memory");
+    h->c = *c; h->mode = mode; h->max_ctx = max_ctx;
+    h->hd = c->dim / c->n_heads; h->kv_dim = c->n_kv_heads * h->hd;
+    const int C = c->dim, F = c->ffn_dim, V = c->vocab_size, KVd = h->kv_dim, wt = wtype_for(mode);
+    sj_status s = SJ_OK;
+    h->L = calloc((size_t)c->n_layers, sizeof *h->L);
+    h->norms = sj_alloc(sizeof(float) * (size_t)(2 * c->n_layers + 1) * C, "norm weights");
+    if (!h->L || !h->norms) { sj_infer_free(h); return sj_fail(SJ_ERR_NOMEM, "inference weights: out of memory"); }
+    /* The embedding (and a tied head) keep 8 bits in q4 mode, as llama.cpp's Q4 files do. */
+    int et = mode == SJ_INFER_Q4 ? SJ_W_Q8 : wt;
+    if ((s = sj_qmat_alloc(&h->tok_emb, et, V, C, "tok_emb"))) goto fail;
+    if (untied && (s = sj_qmat_alloc(&h->output, et, V, C, "output"))) goto fail;
+    for (int l = 0; l < c->n_layers; l++) {
+        layer_w *w = &h->L[l];
+        if ((s = sj_qmat_alloc(&w->wq, wt, C, C, "wq")) || (s = sj_qmat_alloc(&w->wk, wt, KVd, C, "wk")) ||
+            (s = sj_qmat_alloc(&w->wv, wt, KVd, C, "wv")) || (s = sj_qmat_alloc(&w->wo, wt, C, C, "wo")) ||
+            (s = sj_qmat_alloc(&w->w_gate, wt, F, C, "w_gate")) || (s = sj_qmat_alloc(&w->w_up, wt, F, C, "w_up")) ||
+            (s = sj_qmat_alloc(&w->w_down, wt, C, F, "w_down")))
+            goto fail;
+        w->attn_norm = h->norms + (int64_t)(2 * l) * C;
+        w->ffn_norm = h->norms + (int64_t)(2 * l + 1) * C;
+    }
+    /* run state: one allocation */
+    const int64_t R = CHUNK, W = SJ_MAX(C, F), half = h->hd / 2;
+    int64_t n_f = R * C * 3 + R * KVd * 2 + R * C + R * F * 2 + (int64_t)V + 2 * (int64_t)max_ctx * half +
+                  2 * (int64_t)c->n_layers * max_ctx * KVd;
+    int64_t nb = R * W / QK;
+    int64_t bytes = n_f * 4 + R * W + nb * 8 + R * W * 2 + 16 * 64;
+    uint8_t *p = h->state_mem = sj_alloc((size_t)bytes, "KV cache and run state");
+    if (!p) { s = SJ_ERR_NOMEM; goto fail; }
+    h->state_bytes = bytes;
+    float *f = (float *)p;
+#define TAKE(ptr, n) do { ptr = f; f += SJ_CDIV((int64_t)(n), 16) * 16; } while (0)
+    TAKE(h->x, R * C); TAKE(h->xb, R * C); TAKE(h->q, R * C); TAKE(h->k, R * KVd); TAKE(h->v, R * KVd);
+    TAKE(h->att, R * C); TAKE(h->hb, R * F); TAKE(h->hb2, R * F); TAKE(h->logits, V);
+    TAKE(h->rope_cos, max_ctx * half); TAKE(h->rope_sin, max_ctx * half);
+    TAKE(h->kcache, (int64_t)c->n_layers * max_ctx * KVd); TAKE(h->vcache, (int64_t)c->n_layers * max_ctx * KVd);
+    TAKE(h->qa.d, nb); TAKE(h->qa.s, nb); TAKE(h->qa.d2, nb * 8);
+    h->qa.q = (int8_t *)f;
+#undef TAKE
+    /* angles in float, as csrc/cpu/rope.c and Hugging Face's fp32 path */
+    for (int t = 0; t < max_ctx; t++)
+        for (int i = 0; i < half; i++) {
+            float inv = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)h->hd);
+            float a = (float)t * inv;
+            h->rope_cos[(int64_t)t * half + i] = cosf(a);
+            h->rope_sin[(int64_t)t * half + i] = sinf(a);
+        }
+    *out = h;
+    return SJ_OK;
+fail:
+    sj_infer_free(h);
+    return s;
+}
+
+/* ---- from the training model ------------------------------------------------- */
+
+typedef struct { sj_qmat *W; const float *src; } fill_job;
+static void fill_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const fill_job *j = ctx;
+    for (int64_t r = r0; r < r1; r++) sj_qmat_set_row(j->W, (int)r, j->src + r * j->W->cols);
+}
+static sj_status fill_f32(sj_qmat *W, const float *src) {
+    fill_job j = { W, src };
+    sj_parallel_for(W->rows, 64, fill_rows, &j);
+    return SJ_OK;
+}
+
+sj_status sj_infer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_infer **out) {
+    *out = NULL;
+    if (sj_model_device(m) != SJ_DEVICE_CPU)
+        return sj_fail(SJ_ERR_ARG, "inference engine: the model must be on the CPU (move it with .to('cpu'))");
+    const sj_config *c = sj_model_config(m);
+    sj_infer *h;
+    SJ_TRY(create(c, mode, max_ctx, 0, &h));
+    int64_t n;
+    const float *P = sj_model_params(m, &n);
+    const int C = c->dim;
+    for (int i = 0; i < sj_model_n_tensors(m); i++) {
+        const sj_tensor_info *t = sj_model_tensor(m, i);
+        const float *src = P + t->offset;
+        int l;
+        char what[32];
+        if (!strcmp(t->name, "tok_emb")) fill_f32(&h->tok_emb, src);
+        else if (!strcmp(t->name, "final_norm")) memcpy(h->norms + (int64_t)2 * c->n_layers * C, src, sizeof(float) * C);
+        else if (sscanf(t->name, "layers.%d.%31s", &l, what) == 2 && l >= 0 && l < c->n_layers) {
+            layer_w *w = &h->L[l];
+            if (!strcmp(what, "wq")) fill_f32(&w->wq, src);
+            else if (!strcmp(what, "wk")) fill_f32(&w->wk, src);
+            else if (!strcmp(what, "wv")) fill_f32(&w->wv, src);
+            else if (!strcmp(what, "wo")) fill_f32(&w->wo, src);
+            else if (!strcmp(what, "w_gate")) fill_f32(&w->w_gate, src);
+            else if (!strcmp(what, "w_up")) fill_f32(&w->w_up, src);
+            else if (!strcmp(what, "w_down")) fill_f32(&w->w_down, src);
+            else if (!strcmp(what, "attn_norm")) memcpy(w->attn_norm, src, sizeof(float) * C);
+            else if (!strcmp(what, "ffn_norm")) memcpy(w->ffn_norm, src, sizeof(float) * C);
+            else { sj_infer_free(h); return sj_fail(SJ_ERR_ARG, "inference engine: unknown tensor '%s'", t->name); }
+        } else { sj_infer_free(h); return sj_fail(SJ_ERR_ARG, "inference engine: unknown tensor '%s'", t->name); }
+    }
+    *out = h;
+    return SJ_OK;
+}
+
+/* ---- from GGUF ------------------------------------------------------------------ */
+
+/* llama.cpp's converter stores attn_q/attn_k rows of each head as
+ * (hd/2, 2) interleaved pairs; ours (Hugging Face) are (2, hd/2): file row
+ * 2i + j of a head is our row j * hd/2 + i. */
+static int unpermute_row(int r, int hd) {
+    int head = r / hd, i = r % hd, half = hd / 2;
+    return head * hd + (i % 2) * half + i / 2;
+}
+
+typedef struct { sj_qmat *W; const sj_gguf_tensor *t; uint64_t row_bytes; int permute_hd; } load_job;
+static void load_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const load_job *j = ctx;
+    for (int64_t r = r0; r < r1; r++) {
+        int dst = j->permute_hd ? unpermute_row((int)r, j->permute_hd) : (int)r;
+        sj_qmat_set_row_gguf(j->W, dst, j->t->type, (const uint8_t *)j->t->data + j->row_bytes * r);
+    }
+}
+
+static sj_status load_mat(sj_gguf_file *f, const char *name, sj_qmat *W, int permute_hd) {
+    const char *path = sj_gguf_path(f);
+    const sj_gguf_tensor *t = sj_gguf_find_tensor(f, name);
+    if (!t) return sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s' is missing", path, name);
+    if (t->ndim > 2 || t->shape[0] != W->cols || (t->ndim == 2 ? t->shape[1] : 1) != W->rows)
+        return sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s' has shape [%lld, %lld], expected [%d, %d]", path, name,
+                       (long long)t->shape[0], (long long)t->shape[1], W->cols, W->rows);
+    int be, bb;
+    sj_gguf_type_block(t->type, &be, &bb);
+    load_job j = { W, t, (uint64_t)W->cols / be * bb, permute_hd };
+    sj_parallel_for(W->rows, 64, load_rows, &j);
+    return SJ_OK;
+}
+
+static sj_status load_vec(sj_gguf_file *f, const char *name, float *dst, int n) {
+    const sj_gguf_tensor *t = sj_gguf_find_tensor(f, name);
+    if (!t) return sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s' is missing", sj_gguf_path(f), name);
+    if (t->numel != n || t->shape[0] != n)
+        return sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s' has %lld values, expected %d", sj_gguf_path(f), name, (long long)t->numel, n);
+    return sj_gguf_dequantize(t->type, t->data, n, dst);
+}
+
+static sj_status get_i(sj_gguf_file *f, const char *key, int lo, int hi, int *out) {
+    int64_t v;
+    SJ_TRY(sj_gguf_get_int(f, key, &v));
+    if (v < lo || v > hi) return sj_fail(SJ_ERR_FORMAT, "%s: %s = %lld is out of range [%d, %d]", sj_gguf_path(f), key, (long long)v, lo, hi);
+    *out = (int)v;
+    return SJ_OK;
+}
+
+sj_status sj_infer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, sj_infer **out) {
+    *out = NULL;
+    sj_gguf_file *f;
+    SJ_TRY(sj_gguf_open(path, &f));
+    sj_status s;
+    sj_infer *h = NULL;
+    const sj_gguf_kv *arch = sj_gguf_find_kv(f, "general.architecture");
+    if (!arch || arch->type != SJ_GGUF_STRING || arch->n != 5 || memcmp(arch->data, "llama", 5)) {
+        s = sj_fail(SJ_ERR_FORMAT, "%s: general.architecture must be 'llama'", path);
+        goto done;
+    }
+    sj_config c;
+    double theta = 10000.0, eps;
+    int n_rot = 0;
+    if ((s = get_i(f, "llama.embedding_length", 1, 1 << 16, &c.dim)) ||
+        (s = get_i(f, "llama.block_count", 1, 1024, &c.n_layers)) ||
+        (s = get_i(f, "llama.attention.head_count", 1, 1024, &c.n_heads)) ||
+        (s = get_i(f, "llama.feed_forward_length", 1, 1 << 18, &c.ffn_dim)) ||
+        (s = get_i(f, "llama.context_length", 1, 1 << 24, &c.max_seq_len)) ||
+        (s = sj_gguf_get_float(f, "llama.attention.layer_norm_rms_epsilon", &eps)))
+        goto done;
+    c.n_kv_heads = c.n_heads;
+    if (sj_gguf_find_kv(f, "llama.attention.head_count_kv") &&
+        (s = get_i(f, "llama.attention.head_count_kv", 1, 1024, &c.n_kv_heads))) goto done;
+    if (sj_gguf_find_kv(f, "llama.rope.freq_base") && (s = sj_gguf_get_float(f, "llama.rope.freq_base", &theta))) goto done;
+    const sj_gguf_tensor *emb = sj_gguf_find_tensor(f, "token_embd.weight");
+    if (!emb || emb->ndim != 2) { s = sj_fail(SJ_ERR_FORMAT, "%s: tensor 'token_embd.weight' is missing or not 2-D", path); goto done; }
+    c.vocab_size = (int)SJ_MIN(emb->shape[1], INT32_MAX);
+    if (sj_gguf_find_kv(f, "llama.vocab_size") && (s = get_i(f, "llama.vocab_size", 1, 1 << 24, &c.vocab_size))) goto done;
+    if (c.vocab_size != emb->shape[1]) { s = sj_fail(SJ_ERR_FORMAT, "%s: llama.vocab_size %d but token_embd.weight has %lld rows", path, c.vocab_size, (long long)emb->shape[1]); goto done; }
+    c.rope_theta = (float)theta; c.norm_eps = (float)eps;
+    if (c.n_heads > 0 && c.dim % c.n_heads == 0 && sj_gguf_find_kv(f, "llama.rope.dimension_count")) {
+        if ((s = get_i(f, "llama.rope.dimension_count", 1, 1 << 16, &n_rot))) goto done;
+        if (n_rot != c.dim / c.n_heads) { s = sj_fail(SJ_ERR_FORMAT, "%s: partial rotary embeddings (rope.dimension_count %d, head size %d) are not supported", path, n_rot, c.dim / c.n_heads); goto done; }
+    }
+    if (sj_gguf_find_kv(f, "llama.rope.scaling.type")) {
+        const sj_gguf_kv *k = sj_gguf_find_kv(f, "llama.rope.scaling.type");
+        if (!(k->type == SJ_GGUF_STRING && k->n == 4 && !memcmp(k->data, "none", 4))) {
+            s = sj_fail(SJ_ERR_FORMAT, "%s: RoPE scaling is not supported", path); goto done;
+        }
+    }
+    if ((s = sj_config_validate(&c))) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", sj_last_error());
+        s = sj_fail(SJ_ERR_FORMAT, "%s: %s", path, msg);
+        goto done;
+    }
+    int untied = sj_gguf_find_tensor(f, "output.weight") != NULL;
+    if ((s = create(&c, mode, max_ctx, untied, &h))) goto done;
+    const int C = c.dim;
+    if ((s = load_mat(f, "token_embd.weight", &h->tok_emb, 0))) goto done;
+    if (untied && (s = load_mat(f, "output.weight", &h->output, 0))) goto done;
+    if ((s = load_vec(f, "output_norm.weight", h->norms + (int64_t)2 * c.n_layers * C, C))) goto done;
+    for (int l = 0; l < c.n_layers; l++) {
+        layer_w *w = &h->L[l];
+        char nm[96];
+#define MAT(field, gname, perm) snprintf(nm, sizeof nm, "blk.%d.%s", l, gname); \
+        if ((s = load_mat(f, nm, &w->field, perm))) goto done;
+        MAT(wq, "attn_q.weight", h->hd); MAT(wk, "attn_k.weight", h->hd); MAT(wv, "attn_v.weight", 0);
+        MAT(wo, "attn_output.weight", 0); MAT(w_gate, "ffn_gate.weight", 0); MAT(w_up, "ffn_up.weight", 0);
+        MAT(w_down, "ffn_down.weight", 0);
+#undef MAT
+        snprintf(nm, sizeof nm, "blk.%d.attn_norm.weight", l);
+        if ((s = load_vec(f, nm, w->attn_norm, C))) goto done;
+        snprintf(nm, sizeof nm, "blk.%d.ffn_norm.weight", l);
+        if ((s = load_vec(f, nm, w->ffn_norm, C))) goto done;
+    }
+    *out = h;
+    h = NULL;
+done:
+    sj_infer_free(h);
+    sj_gguf_close(f);
+    return s;
+}
+
+/* ---- accessors ---------------------------------------------------------------- */
+
+const sj_config *sj_infer_config(const sj_infer *h) { return &h->c; }
+int sj_infer_max_ctx(const sj_infer *h) { return h->max_ctx; }
+int sj_infer_pos(const sj_infer *h) { return h->pos; }
+sj_infer_mode sj_infer_get_mode(const sj_infer *h) { return (sj_infer_mode)h->mode; }
+void sj_infer_reset(sj_infer *h) { h->pos = 0; }
+int64_t sj_infer_cache_bytes(const sj_infer *h) { return h->state_bytes; }
+int64_t sj_infer_weight_bytes(const sj_infer *h) {
+    int64_t b = h->tok_emb.bytes + h->output.bytes + (int64_t)(2 * h->c.n_layers + 1) * h->c.dim * 4;
+    for (int l = 0; l < h->c.n_layers; l++) {
+        const layer_w *w = &h->L[l];
+        b += w->wq.bytes + w->wk.bytes + w->wv.bytes + w->wo.bytes + w->w_gate.bytes + w->w_up.bytes + w->w_down.bytes;
+    }
+    return b;
+}
+
+/* Internal: weights of a matrix for export and tests (infer_export.c). */
+const sj_qmat *sj_infer_matrix(const sj_infer *h, const char *name);
+const sj_qmat *sj_infer_matrix(const sj_infer *h, const char *name) {
+    int l; char what[32];
+    if (!strcmp(name, "tok_emb")) return &h->tok_emb;
+    if (!strcmp(name, "output")) return h->output.mem ? &h->output : NULL;
+    if (sscanf(name, "layers.%d.%31s", &l, what) != 2 || l < 0 || l >= h->c.n_layers) return NULL;
+    const layer_w *w = &h->L[l];
+    const struct { const char *n; const sj_qmat *m; } tab[] = {
+        { "wq", &w->wq }, { "wk", &w->wk }, { "wv", &w->wv }, { "wo", &w->wo },
+        { "w_gate", &w->w_gate }, { "w_up", &w->w_up }, { "w_down", &w->w_down } };
+    for (int i = 0; i < 7; i++) if (!strcmp(what, tab[i].n)) return tab[i].m;
+    return NULL;
+}
+const float *sj_infer_norm(const sj_infer *h, int i);
+const float *sj_infer_norm(const sj_infer *h, int i) { return h->norms + (int64_t)i * h->c.dim; }
+
+/* ---- forward ------------------------------------------------------------------- */
+
+typedef struct { float *out; const float *x, *w; int C; float eps; } norm_job;
+static void norm_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const norm_job *j = ctx;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *x = j->x + r * j->C;
+        float *y = j->out + r * j->C, ss = 0.f;
+#pragma omp simd reduction(+:ss)
+        for (int c = 0; c < j->C; c++) ss += x[c] * x[c];
+        float rs = 1.0f / sqrtf(ss / j->C + j->eps);
+        for (int c = 0; c < j->C; c++) y[c] = x[c] * rs * j->w[c];
+    }
+}
+static void rmsnorm(float *out, const float *x, const float *w, int n, int C, float eps) {
+    norm_job j = { out, x, w, C, eps };
+    if (n < 8) norm_rows(&j, 0, n, 0);
+    else sj_parallel_for(n, 4, norm_rows, &j);
+}
+
+static void rope(const sj_infer *h, float *x, int n_heads, int pos) {
+    const int half = h->hd / 2;
+    const float *cs = h->rope_cos + (int64_t)pos * half, *sn = h->rope_sin + (int64_t)pos * half;
+    for (int hh = 0; hh < n_heads; hh++) {
+        float *v = x + hh * h->hd;
+        for (int i = 0; i < half; i++) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * cs[i] - b * sn[i];
+            v[i + half] = b * cs[i] + a * sn[i];
+        }
+    }
+}
+
+typedef struct { sj_infer *h; int layer, n, pos0; } attn_job;
+
+/* One task = one (token, head): attends to cache positions 0 .. pos0 + t. */
+static void attn_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
+    (void)tid;
+    const attn_job *j = ctx;
+    sj_infer *h = j->h;
+    const int H = h->c.n_heads, hd = h->hd, KVd = h->kv_dim, grp = H / h->c.n_kv_heads;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const float *kc = h->kcache + (int64_t)j->layer * h->max_ctx * KVd;
+    const float *vc = h->vcache + (int64_t)j->layer * h->max_ctx * KVd;
+    float sc[j->pos0 + j->n];
+    for (int64_t i = i0; i < i1; i++) {
+        int t = (int)(i / H), hh = (int)(i % H), T = j->pos0 + t + 1;
+        const float *q = h->q + (int64_t)t * H * hd + hh * hd;
+        const float *k0 = kc + (hh / grp) * hd, *v0 = vc + (hh / grp) * hd;
+        float m = -INFINITY;
+        for (int s = 0; s < T; s++) {
+            const float *k = k0 + (int64_t)s * KVd;
+            float d = 0.f;
+#pragma omp simd reduction(+:d)
+            for (int e = 0; e < hd; e++) d += q[e] * k[e];
+            sc[s] = d * scale;
+            m = sc[s] > m ? sc[s] : m;
+        }
+        float sum = 0.f;
+        for (int s = 0; s < T; s++) { sc[s] = expf(sc[s] - m); sum += sc[s]; }
+        float *o = h->att + (int64_t)t * H * hd + hh * hd, inv = 1.0f / sum;
+        memset(o, 0, sizeof(float) * hd);
+        for (int s = 0; s < T; s++) {
+            const float *v = v0 + (int64_t)s * KVd, p = sc[s] * inv;
+#pragma omp simd
+            for (int e = 0; e < hd; e++) o[e] += p * v[e];
+        }
+    }
+}
+
+static void matmul(sj_infer *h, float *out, const sj_qmat *W, const float *x, int n, int quantize) {
+    if ((W->type == SJ_W_Q8 || W->type == SJ_W_Q4) && quantize) sj_qact_quantize(&h->qa, x, n, W->cols);
+    sj_qmat_mul(out, W, x, &h->qa, n);
+}
+
+/* n (<= CHUNK) tokens at positions pos .. pos+n-1 through the layers; the
+ * final-normed hidden states are left in h->xb. */
+static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
+    const sj_config *c = &h->c;
+    const int C = c->dim, F = c->ffn_dim, H = c->n_heads, KV = c->n_kv_heads, KVd = h->kv_dim;
+    float rowbuf[C];
+    for (int t = 0; t < n; t++) {
+        if (h->tok_emb.type == SJ_W_F32) memcpy(h->x + (int64_t)t * C, h->tok_emb.f + (int64_t)tok[t] * C, sizeof(float) * C);
+        else { sj_qmat_get_row(&h->tok_emb, tok[t], rowbuf); memcpy(h->x + (int64_t)t * C, rowbuf, sizeof(float) * C); }
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        layer_w *w = &h->L[l];
+        rmsnorm(h->xb, h->x, w->attn_norm, n, C, c->norm_eps);
+        {   /* q, k, v: one quantised input, one parallel loop */
+            float *outs[3] = { h->q, h->k, h->v };
+            const sj_qmat *Ws[3] = { &w->wq, &w->wk, &w->wv };
+            if (w->wq.type == SJ_W_Q8 || w->wq.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
+            sj_qmat_mul_multi(3, outs, Ws, h->xb, &h->qa, n);
+        }
+        float *kc = h->kcache + ((int64_t)l * h->max_ctx + h->pos) * KVd;
+        float *vc = h->vcache + ((int64_t)l * h->max_ctx + h->pos) * KVd;
+        for (int t = 0; t < n; t++) {
+            rope(h, h->q + (int64_t)t * C, H, h->pos + t);
+            rope(h, h->k + (int64_t)t * KVd, KV, h->pos + t);
+        }
+        memcpy(kc, h->k, sizeof(float) * n * KVd);
+        memcpy(vc, h->v, sizeof(float) * n * KVd);
+        attn_job aj = { h, l, n, h->pos };
+        if (n * H < 4) attn_rows(&aj, 0, n * H, 0);
+        else sj_parallel_for((int64_t)n * H, 1, attn_rows, &aj);
+        matmul(h, h->xb, &w->wo, h->att, n, 1);
+        for (int64_t i = 0; i < (int64_t)n * C; i++) h->x[i] += h->xb[i];
+        rmsnorm(h->xb, h->x, w->ffn_norm, n, C, c->norm_eps);
+        {
+            float *outs[2] = { h->hb, h->hb2 };
+            const sj_qmat *Ws[2] = { &w->w_gate, &w->w_up };
+            if (w->w_gate.type == SJ_W_Q8 || w->w_gate.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
+            sj_qmat_mul_multi(2, outs, Ws, h->xb, &h->qa, n);
+        }
+        for (int64_t i = 0; i < (int64_t)n * F; i++) {
+            float g = h->hb[i];
+            h->hb[i] = g / (1.0f + expf(-g)) * h->hb2[i];
+        }
+        matmul(h, h->xb, &w->w_down, h->hb, n, 1);
+        for (int64_t i = 0; i < (int64_t)n * C; i++) h->x[i] += h->xb[i];
+    }
+    rmsnorm(h->xb, h->x, h->norms + (int64_t)2 * c->n_layers * C, n, C, c->norm_eps);
+    h->pos += n;
+}
+
+sj_status sj_infer_prefill(sj_infer *h, const int32_t *tokens, int n, float *logits_all,
+                           const float **last) {
+    if (n <= 0) return sj_fail(SJ_ERR_ARG, "prefill: no tokens");
+    if (n > h->max_ctx - h->pos)
+        return sj_fail(SJ_ERR_ARG, "prefill: %d tokens after %d in the cache exceed its %d positions "
+                       "(reset, or load with a larger max_ctx)", n, h->pos, h->max_ctx);
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= h->c.vocab_size)
+            return sj_fail(SJ_ERR_ARG, "prefill: token %d at %d is outside the vocabulary (%d)", tokens[i], i, h->c.vocab_size);
+    const int V = h->c.vocab_size;
+    for (int i = 0; i < n; i += CHUNK) {
+        if (sj_interrupted()) return SJ_ERR_INTERRUPTED;
+        int m = SJ_MIN(CHUNK, n - i);
+        forward_chunk(h, tokens + i, m);
+        if (logits_all) {
+            matmul(h, logits_all + (int64_t)i * V, out_head(h), h->xb, m, 1);
+        }
+        if (i + m == n) {
+            if (logits_all) memcpy(h->logits, logits_all + (int64_t)(n - 1) * V, sizeof(float) * V);
+            else matmul(h, h->logits, out_head(h), h->xb + (int64_t)(m - 1) * h->c.dim, 1, 1);
+        }
+    }
+    if (last) *last = h->logits;
+    return SJ_OK;
+}
+
+sj_status sj_infer_decode(sj_infer *h, int32_t token, const float **logits) {
+    return sj_infer_prefill(h, &token, 1, NULL, logits);
+}
+
+const float *sj_infer_last_logits(const sj_infer *h) { return h->logits; }

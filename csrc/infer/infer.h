@@ -1,0 +1,64 @@
+/* infer.h — internals of the inference engine: weight matrices in four
+ * in-memory forms and the kernels that multiply by them. Never included by
+ * the public header. */
+#ifndef SJ_INFER_H
+#define SJ_INFER_H
+
+#include "../core/core.h"
+
+#define QK 32   /* elements per quantisation block (GGML's QK8_0 / QK4_0) */
+
+typedef enum { SJ_W_F32 = 0, SJ_W_BF16, SJ_W_Q8, SJ_W_Q4 } sj_wtype;
+
+/* A (rows, cols) weight matrix, y = W x. One allocation holds everything.
+ *   F32:  f (rows, cols)            BF16: bf (rows, cols) bit patterns
+ *   Q8:   q8 (rows, cols) int8, d (rows, cols/32) scales: w = d * q
+ *   Q4:   q4 (rows, cols/2) nibbles, d and m (rows, cols/32): w = d * n + m
+ *         (GGML's Q4_1; Q4_0 is m = -8 d). Nibble order: a pair of blocks
+ *         (2b, 2b+1) is 32 bytes; byte k holds element k of block 2b in its
+ *         low nibble and element k of block 2b+1 in its high nibble, so one
+ *         load unpacks to 64 consecutive elements. A last unpaired block
+ *         uses GGML's order (byte k: elements k and k+16).
+ * Scales are fp16-exact when made by quantising, so GGUF export is lossless. */
+typedef struct {
+    int type, rows, cols;
+    int src;                 /* Q4: SJ_GGUF_Q4_0 or SJ_GGUF_Q4_1 (what m means) */
+    float *f; uint16_t *bf; int8_t *q8; uint8_t *q4; float *d, *m;
+    void *mem; int64_t bytes;
+} sj_qmat;
+
+/* Activations quantised to 8-bit blocks once per matmul input:
+ * q (n, cols) int8, d (n, cols/32), s (n, cols/32) = d * sum(q) of the block,
+ * d2 (n, cols/64, 16): each pair of block scales spread over 8 lanes each,
+ * the layout the SIMD kernels multiply by (made once, used by every row). */
+typedef struct { int8_t *q; float *d, *s, *d2; int n, cols; } sj_qact;
+
+float sj_f16_to_f32(uint16_t h);
+uint16_t sj_f32_to_f16(float f);
+static inline float sj_bf16_to_f32(uint16_t b) {
+    union { uint32_t u; float f; } v = { (uint32_t)b << 16 };
+    return v.f;
+}
+uint16_t sj_f32_to_bf16(float f);
+
+sj_status sj_qmat_alloc(sj_qmat *W, int type, int rows, int cols, const char *what);
+void sj_qmat_free(sj_qmat *W);
+/* Set row r from f32 values (quantising as GGML's reference does). */
+void sj_qmat_set_row(sj_qmat *W, int r, const float *x);
+/* Set row r from GGUF-encoded data of `type` (exact for Q8_0->Q8, Q4_x->Q4). */
+void sj_qmat_set_row_gguf(sj_qmat *W, int r, int type, const void *src);
+void sj_qmat_get_row(const sj_qmat *W, int r, float *out);
+/* Row r in GGUF encoding of `type` (Q8 -> Q8_0, Q4 -> Q4_0/Q4_1 as made). */
+void sj_qmat_row_to_gguf(const sj_qmat *W, int r, int type, void *dst);
+
+/* Quantise x (n, cols) into a (scratch owned by the caller, capacity >= n*cols). */
+void sj_qact_quantize(sj_qact *a, const float *x, int n, int cols);
+/* out (n, rows) = x (n, cols) W^T. xa: x quantised (needed for Q8/Q4). */
+void sj_qmat_mul(float *out, const sj_qmat *W, const float *x, const sj_qact *xa, int n);
+/* k matrices with the same input (q/k/v, gate/up) in one parallel loop. */
+void sj_qmat_mul_multi(int k, float *const *outs, const sj_qmat *const *Ws, const float *x,
+                       const sj_qact *xa, int n);
+/* The scalar kernels, kept as the reference the SIMD ones are tested against. */
+void sj_qmat_mul_reference(float *out, const sj_qmat *W, const float *x, const sj_qact *xa, int n);
+
+#endif

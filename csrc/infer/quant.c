@@ -1,0 +1,619 @@
+/* quant.c — weight matrices in f32, bf16, Q8 and Q4 blocks of 32, GGML-
+ * compatible (de)quantisation, and the matmul kernels of the inference engine.
+ *
+ * Q8/Q4 matmuls quantise the activations once to 8-bit blocks (sj_qact) and
+ * use integer dot products, like GGML's Q8_0 x Q8_0 and Q4_1 x Q8_1: per
+ * block, sum(w_int * x_int) scaled by d_w * d_x, plus m_w * (d_x sum x_int)
+ * for the 4-bit offset. Kernels: a scalar reference (kept and tested against)
+ * and an AVX-512 VNNI path chosen at run time (__builtin_cpu_supports).
+ * One kernel serves decode (n = 1: a GEMV, memory-bandwidth bound: it reads
+ * every weight byte once per token) and prefill (n tokens: each weight row is
+ * unpacked once and dotted with 4 tokens at a time, tokens in blocks of 64 so
+ * they stay in L2). Threads split output rows. Never allocates on the hot path. */
+#include "infer.h"
+#include "../cpu/cpu.h"
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+/* ---- fp16 / bf16 ---------------------------------------------------------- */
+
+static inline float bits_f(uint32_t w) { union { uint32_t u; float f; } v = { w }; return v.f; }
+static inline uint32_t f_bits(float f) { union { float f; uint32_t u; } v = { f }; return v.u; }
+
+float sj_f16_to_f32(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    const float normalized = bits_f((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = bits_f((two_w >> 17) | (126u << 23)) - 0.5f;
+    return bits_f(sign | (two_w < (1u << 27) ? f_bits(denormalized) : f_bits(normalized)));
+}
+
+/* Round to nearest even, as GGML_FP32_TO_FP16 (and F16C) do. */
+uint16_t sj_f32_to_f16(float f) {
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = f_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = bits_f((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = f_bits(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+uint16_t sj_f32_to_bf16(float f) {
+    uint32_t u = f_bits(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* ---- GGML blocks (the file format) ------------------------------------------- */
+
+static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+
+/* GGML's quantize_row_q8_0_ref for one block: d from the fp32 amax. */
+static void q8_0_block(const float *x, float *d_out, int8_t *q) {
+    float amax = 0.f;
+    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+    const float d = amax / 127.f, id = d ? 1.0f / d : 0.0f;
+    for (int j = 0; j < QK; j++) q[j] = (int8_t)roundf(x[j] * id);
+    *d_out = d;
+}
+
+/* GGML's quantize_row_q4_0_ref: signed max over -8; nibbles n with w = d (n - 8). */
+static void q4_0_block(const float *x, float *d_out, uint8_t n[QK]) {
+    float amax = 0.f, max = 0.f;
+    for (int j = 0; j < QK; j++)
+        if (amax < fabsf(x[j])) { amax = fabsf(x[j]); max = x[j]; }
+    const float d = max / -8.f, id = d ? 1.0f / d : 0.0f;
+    for (int j = 0; j < QK; j++) {
+        int v = (int8_t)(x[j] * id + 8.5f);
+        n[j] = (uint8_t)(v > 15 ? 15 : v);
+    }
+    *d_out = d;
+}
+
+sj_status sj_gguf_quantize(int type, const float *x, int64_t n, void *out) {
+    uint8_t *o = out;
+    if (type == SJ_GGUF_F32) { memcpy(out, x, (size_t)n * 4); return SJ_OK; }
+    if (type == SJ_GGUF_F16 || type == SJ_GGUF_BF16) {
+        for (int64_t i = 0; i < n; i++)
+            st16(o + 2 * i, type == SJ_GGUF_F16 ? sj_f32_to_f16(x[i]) : sj_f32_to_bf16(x[i]));
+        return SJ_OK;
+    }
+    if (n % QK) return sj_fail(SJ_ERR_ARG, "quantize: %lld values is not a multiple of %d", (long long)n, QK);
+    for (int64_t b = 0; b < n / QK; b++) {
+        const float *xb = x + b * QK;
+        float d;
+        if (type == SJ_GGUF_Q8_0) {
+            uint8_t *blk = o + b * 34;
+            q8_0_block(xb, &d, (int8_t *)(blk + 2));
+            st16(blk, sj_f32_to_f16(d));
+        } else if (type == SJ_GGUF_Q4_0) {
+            uint8_t *blk = o + b * 18, nib[QK];
+            q4_0_block(xb, &d, nib);
+            st16(blk, sj_f32_to_f16(d));
+            for (int j = 0; j < 16; j++) blk[2 + j] = (uint8_t)(nib[j] | (nib[j + 16] << 4));
+        } else {
+            return sj_fail(SJ_ERR_ARG, "quantize: type %s cannot be written", sj_gguf_type_name(type));
+        }
+    }
+    return SJ_OK;
+}
+
+sj_status sj_gguf_dequantize(int type, const void *in, int64_t n, float *out) {
+    const uint8_t *p = in;
+    int be, bb;
+    if (!sj_gguf_type_block(type, &be, &bb)) return sj_fail(SJ_ERR_ARG, "dequantize: type %d is not supported", type);
+    if (n % be) return sj_fail(SJ_ERR_ARG, "dequantize: %lld values is not a multiple of %d", (long long)n, be);
+    switch (type) {
+    case SJ_GGUF_F32: memcpy(out, in, (size_t)n * 4); break;
+    case SJ_GGUF_F16: for (int64_t i = 0; i < n; i++) out[i] = sj_f16_to_f32(ld16(p + 2 * i)); break;
+    case SJ_GGUF_BF16: for (int64_t i = 0; i < n; i++) out[i] = sj_bf16_to_f32(ld16(p + 2 * i)); break;
+    case SJ_GGUF_Q8_0:
+        for (int64_t b = 0; b < n / QK; b++) {
+            const uint8_t *blk = p + b * 34;
+            float d = sj_f16_to_f32(ld16(blk));
+            for (int j = 0; j < QK; j++) out[b * QK + j] = d * (float)(int8_t)blk[2 + j];
+        }
+        break;
+    case SJ_GGUF_Q4_0:
+        for (int64_t b = 0; b < n / QK; b++) {
+            const uint8_t *blk = p + b * 18;
+            float d = sj_f16_to_f32(ld16(blk));
+            for (int j = 0; j < 16; j++) {
+                out[b * QK + j] = d * (float)((blk[2 + j] & 15) - 8);
+                out[b * QK + j + 16] = d * (float)((blk[2 + j] >> 4) - 8);
+            }
+        }
+        break;
+    case SJ_GGUF_Q4_1:
+        for (int64_t b = 0; b < n / QK; b++) {
+            const uint8_t *blk = p + b * 20;
+            float d = sj_f16_to_f32(ld16(blk)), m = sj_f16_to_f32(ld16(blk + 2));
+            for (int j = 0; j < 16; j++) {
+                out[b * QK + j] = d * (float)(blk[4 + j] & 15) + m;
+                out[b * QK + j + 16] = d * (float)(blk[4 + j] >> 4) + m;
+            }
+        }
+        break;
+    }
+    return SJ_OK;
+}
+
+/* ---- our matrices -------------------------------------------------------- */
+
+sj_status sj_qmat_alloc(sj_qmat *W, int type, int rows, int cols, const char *what) {
+    memset(W, 0, sizeof *W);
+    W->type = type; W->rows = rows; W->cols = cols; W->src = SJ_GGUF_Q4_0;
+    if ((type == SJ_W_Q8 || type == SJ_W_Q4) && cols % QK)
+        return sj_fail(SJ_ERR_ARG, "%s: %d columns is not a multiple of %d", what, cols, QK);
+    int64_t n = (int64_t)rows * cols, nb = n / QK, bytes;
+    switch (type) {
+    case SJ_W_F32: bytes = n * 4; break;
+    case SJ_W_BF16: bytes = n * 2; break;
+    case SJ_W_Q8: bytes = n + nb * 4 + 64; break;
+    default: bytes = n / 2 + nb * 8 + 64; break;
+    }
+    W->mem = sj_alloc((size_t)bytes, what);
+    if (!W->mem) return SJ_ERR_NOMEM;
+    W->bytes = bytes;
+    uint8_t *p = W->mem;
+    switch (type) {
+    case SJ_W_F32: W->f = (float *)p; break;
+    case SJ_W_BF16: W->bf = (uint16_t *)p; break;
+    case SJ_W_Q8: W->d = (float *)p; W->q8 = (int8_t *)(p + SJ_CDIV(nb * 4, 64) * 64); break;
+    default:
+        W->d = (float *)p; W->m = W->d + nb;
+        W->q4 = p + SJ_CDIV(nb * 8, 64) * 64;
+    }
+    return SJ_OK;
+}
+
+void sj_qmat_free(sj_qmat *W) { sj_free(W->mem); memset(W, 0, sizeof *W); }
+
+/* Byte index and shift of element e of block b in a Q4 row (see infer.h). */
+static inline void q4_where(int nb, int b, int e, int *byte, int *shift) {
+    if (b < (nb & ~1)) { *byte = (b >> 1) * 32 + e; *shift = (b & 1) * 4; }
+    else { *byte = (b >> 1) * 32 + (e & 15); *shift = (e >> 4) * 4; }
+}
+
+static void q4_put_block(sj_qmat *W, int r, int b, const uint8_t nib[QK], float d, float m) {
+    const int nb = W->cols / QK;
+    uint8_t *row = W->q4 + (int64_t)r * W->cols / 2;
+    for (int e = 0; e < QK; e++) {
+        int by, sh;
+        q4_where(nb, b, e, &by, &sh);
+        row[by] = (uint8_t)((row[by] & ~(15 << sh)) | (nib[e] << sh));
+    }
+    W->d[(int64_t)r * nb + b] = d;
+    W->m[(int64_t)r * nb + b] = m;
+}
+
+void sj_qmat_set_row(sj_qmat *W, int r, const float *x) {
+    const int C = W->cols, nb = C / QK;
+    switch (W->type) {
+    case SJ_W_F32: memcpy(W->f + (int64_t)r * C, x, sizeof(float) * C); break;
+    case SJ_W_BF16: for (int c = 0; c < C; c++) W->bf[(int64_t)r * C + c] = sj_f32_to_bf16(x[c]); break;
+    case SJ_W_Q8:
+        for (int b = 0; b < nb; b++) {
+            float d;
+            q8_0_block(x + b * QK, &d, W->q8 + (int64_t)r * C + b * QK);
+            W->d[(int64_t)r * nb + b] = sj_f16_to_f32(sj_f32_to_f16(d));
+        }
+        break;
+    default:
+        W->src = SJ_GGUF_Q4_0;
+        for (int b = 0; b < nb; b++) {
+            float d; uint8_t nib[QK];
+            q4_0_block(x + b * QK, &d, nib);
+            d = sj_f16_to_f32(sj_f32_to_f16(d));
+            q4_put_block(W, r, b, nib, d, -8.f * d);
+        }
+    }
+}
+
+void sj_qmat_set_row_gguf(sj_qmat *W, int r, int type, const void *src) {
+    const int C = W->cols, nb = C / QK;
+    const uint8_t *p = src;
+    if (W->type == SJ_W_Q8 && type == SJ_GGUF_Q8_0) {
+        for (int b = 0; b < nb; b++) {
+            W->d[(int64_t)r * nb + b] = sj_f16_to_f32(ld16(p + b * 34));
+            memcpy(W->q8 + (int64_t)r * C + b * QK, p + b * 34 + 2, QK);
+        }
+        return;
+    }
+    if (W->type == SJ_W_Q4 && (type == SJ_GGUF_Q4_0 || type == SJ_GGUF_Q4_1)) {
+        W->src = type;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = p + b * (type == SJ_GGUF_Q4_0 ? 18 : 20);
+            float d = sj_f16_to_f32(ld16(blk)), m = type == SJ_GGUF_Q4_0 ? -8.f * d : sj_f16_to_f32(ld16(blk + 2));
+            const uint8_t *qs = blk + (type == SJ_GGUF_Q4_0 ? 2 : 4);
+            uint8_t nib[QK];
+            for (int j = 0; j < 16; j++) { nib[j] = qs[j] & 15; nib[j + 16] = qs[j] >> 4; }
+            q4_put_block(W, r, b, nib, d, m);
+        }
+        return;
+    }
+    float tmp[C];
+    sj_gguf_dequantize(type, src, C, tmp);
+    sj_qmat_set_row(W, r, tmp);
+}
+
+void sj_qmat_get_row(const sj_qmat *W, int r, float *out) {
+    const int C = W->cols, nb = C / QK;
+    switch (W->type) {
+    case SJ_W_F32: memcpy(out, W->f + (int64_t)r * C, sizeof(float) * C); break;
+    case SJ_W_BF16: for (int c = 0; c < C; c++) out[c] = sj_bf16_to_f32(W->bf[(int64_t)r * C + c]); break;
+    case SJ_W_Q8:
+        for (int c = 0; c < C; c++) out[c] = W->d[(int64_t)r * nb + c / QK] * (float)W->q8[(int64_t)r * C + c];
+        break;
+    default: {
+        const uint8_t *row = W->q4 + (int64_t)r * C / 2;
+        for (int b = 0; b < nb; b++) {
+            float d = W->d[(int64_t)r * nb + b], m = W->m[(int64_t)r * nb + b];
+            for (int e = 0; e < QK; e++) {
+                int by, sh;
+                q4_where(nb, b, e, &by, &sh);
+                out[b * QK + e] = d * (float)((row[by] >> sh) & 15) + m;
+            }
+        }
+    }
+    }
+}
+
+void sj_qmat_row_to_gguf(const sj_qmat *W, int r, int type, void *dst) {
+    const int C = W->cols, nb = C / QK;
+    uint8_t *o = dst;
+    if (W->type == SJ_W_Q8 && type == SJ_GGUF_Q8_0) {
+        for (int b = 0; b < nb; b++) {
+            st16(o + b * 34, sj_f32_to_f16(W->d[(int64_t)r * nb + b]));
+            memcpy(o + b * 34 + 2, W->q8 + (int64_t)r * C + b * QK, QK);
+        }
+        return;
+    }
+    if (W->type == SJ_W_Q4 && type == W->src) {
+        const uint8_t *row = W->q4 + (int64_t)r * C / 2;
+        const int bs = type == SJ_GGUF_Q4_0 ? 18 : 20;
+        for (int b = 0; b < nb; b++) {
+            uint8_t *blk = o + b * bs, nib[QK];
+            st16(blk, sj_f32_to_f16(W->d[(int64_t)r * nb + b]));
+            if (type == SJ_GGUF_Q4_1) st16(blk + 2, sj_f32_to_f16(W->m[(int64_t)r * nb + b]));
+            for (int e = 0; e < QK; e++) {
+                int by, sh;
+                q4_where(nb, b, e, &by, &sh);
+                nib[e] = (row[by] >> sh) & 15;
+            }
+            for (int j = 0; j < 16; j++) blk[bs - 16 + j] = (uint8_t)(nib[j] | (nib[j + 16] << 4));
+        }
+        return;
+    }
+    float tmp[C];
+    sj_qmat_get_row(W, r, tmp);
+    sj_gguf_quantize(type, tmp, C, dst);
+}
+
+/* ---- activations ---------------------------------------------------------- */
+
+typedef struct { sj_qact *a; const float *x; } qact_job;
+
+static void qact_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const qact_job *j = ctx;
+    const int C = j->a->cols, nb = C / QK;
+    for (int64_t r = r0; r < r1; r++)
+        for (int b = 0; b < nb; b++) {
+            const float *x = j->x + r * C + b * QK;
+            int8_t *q = j->a->q + r * C + b * QK;
+            float amax = 0.f;
+#pragma omp simd reduction(max:amax)
+            for (int e = 0; e < QK; e++) amax = fmaxf(amax, fabsf(x[e]));
+            const float d = amax / 127.f, id = d ? 1.0f / d : 0.0f;
+            int sum = 0;
+#pragma omp simd reduction(+:sum)
+            for (int e = 0; e < QK; e++) {
+                int v = (int)nearbyintf(x[e] * id);
+                q[e] = (int8_t)v;
+                sum += v;
+            }
+            j->a->d[r * nb + b] = d;
+            j->a->s[r * nb + b] = d * (float)sum;
+            if (j->a->d2 && b < (nb & ~1))
+                for (int e = 0; e < 8; e++) j->a->d2[(r * (nb / 2) + b / 2) * 16 + (b & 1) * 8 + e] = d;
+        }
+}
+
+void sj_qact_quantize(sj_qact *a, const float *x, int n, int cols) {
+    a->n = n; a->cols = cols;
+    qact_job j = { a, x };
+    if (n == 1) qact_rows(&j, 0, 1, 0);
+    else sj_parallel_for(n, 4, qact_rows, &j);
+}
+
+/* ---- kernels: scalar reference ---------------------------------------------- */
+
+static float dotf(const float *a, const float *b, int n) {
+    float s0 = 0.f;
+#pragma omp simd reduction(+:s0)
+    for (int i = 0; i < n; i++) s0 += a[i] * b[i];
+    return s0;
+}
+
+/* One output: row r of W with token t. */
+static float ref_dot(const sj_qmat *W, int r, const float *x, const sj_qact *xa, int t) {
+    const int C = W->cols, nb = C / QK;
+    if (W->type == SJ_W_F32) return dotf(W->f + (int64_t)r * C, x + (int64_t)t * C, C);
+    if (W->type == SJ_W_BF16) {
+        float s = 0.f;
+        for (int c = 0; c < C; c++) s += sj_bf16_to_f32(W->bf[(int64_t)r * C + c]) * x[(int64_t)t * C + c];
+        return s;
+    }
+    const int8_t *xq = xa->q + (int64_t)t * C;
+    const float *dx = xa->d + (int64_t)t * nb, *sx = xa->s + (int64_t)t * nb;
+    const float *dw = W->d + (int64_t)r * nb;
+    float acc = 0.f;
+    if (W->type == SJ_W_Q8) {
+        const int8_t *w = W->q8 + (int64_t)r * C;
+        for (int b = 0; b < nb; b++) {
+            int32_t s = 0;
+            for (int e = 0; e < QK; e++) s += (int32_t)w[b * QK + e] * xq[b * QK + e];
+            acc += dw[b] * dx[b] * (float)s;
+        }
+        return acc;
+    }
+    const uint8_t *row = W->q4 + (int64_t)r * C / 2;
+    const float *mw = W->m + (int64_t)r * nb;
+    for (int b = 0; b < nb; b++) {
+        int32_t s = 0;
+        for (int e = 0; e < QK; e++) {
+            int by, sh;
+            q4_where(nb, b, e, &by, &sh);
+            s += (int32_t)((row[by] >> sh) & 15) * xq[b * QK + e];
+        }
+        acc += dw[b] * dx[b] * (float)s + mw[b] * sx[b];
+    }
+    return acc;
+}
+
+void sj_qmat_mul_reference(float *out, const sj_qmat *W, const float *x, const sj_qact *xa, int n) {
+    for (int t = 0; t < n; t++)
+        for (int r = 0; r < W->rows; r++) out[(int64_t)t * W->rows + r] = ref_dot(W, r, x, xa, t);
+}
+
+/* ---- kernels: AVX-512 VNNI -------------------------------------------------- */
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HAVE_X86 1
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+
+/* Rows [r0, r1) x NT tokens from t: out[t][r]. The weight pair is unpacked
+ * once per NT tokens. An unpaired last block runs scalar. */
+T512 __attribute__((always_inline)) static inline void
+qrow_512(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *X, int t, const int NT) {
+    const int C = W->cols, nb = C / QK, np = nb / 2;
+    const float *dw = W->d + (int64_t)r * nb;
+    __m512 acc[4] = { _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps() };
+    const int8_t *xq[4];
+    const float *dx[4], *d2[4];
+    for (int j = 0; j < NT; j++) {
+        xq[j] = X->q + (int64_t)(t + j) * C; dx[j] = X->d + (int64_t)(t + j) * nb;
+        d2[j] = X->d2 + (int64_t)(t + j) * np * 16;
+    }
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m512i zero = _mm512_setzero_si512();
+    if (W->type == SJ_W_Q4) {
+        const uint8_t *w = W->q4 + (int64_t)r * C / 2;
+        const __m256i m4 = _mm256_set1_epi8(15);
+        for (int p = 0; p < np; p++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(w + p * 32));
+            __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m4)),
+                                            _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), 1);
+            __m512 dw2 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
+                _mm_castpd_ps(_mm_load_sd((const double *)(dw + 2 * p)))));
+            for (int j = 0; j < NT; j++) {
+                __m512i xv = _mm512_loadu_si512(xq[j] + p * 64);
+                __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, wv, xv));
+                acc[j] = _mm512_fmadd_ps(f, _mm512_mul_ps(dw2, _mm512_loadu_ps(d2[j] + p * 16)), acc[j]);
+            }
+        }
+    } else {
+        const int8_t *w = W->q8 + (int64_t)r * C;
+        const __m512i off = _mm512_set1_epi8((char)0x80);
+        for (int p = 0; p < np; p++) {
+            __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + p * 64), off);  /* w + 128, as u8 */
+            __m512 dw2 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
+                _mm_castpd_ps(_mm_load_sd((const double *)(dw + 2 * p)))));
+            for (int j = 0; j < NT; j++) {
+                __m512i xv = _mm512_loadu_si512(xq[j] + p * 64);
+                __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, wv, xv));
+                acc[j] = _mm512_fmadd_ps(f, _mm512_mul_ps(dw2, _mm512_loadu_ps(d2[j] + p * 16)), acc[j]);
+            }
+        }
+    }
+    for (int j = 0; j < NT; j++) {
+        float s = _mm512_reduce_add_ps(acc[j]);
+        const float *sx = X->s + (int64_t)(t + j) * nb;
+        /* offsets: Q4 adds m * (d_x sum x); Q8 removes the +128: -128 d_w (d_x sum x) */
+        if (W->type == SJ_W_Q4) s += dotf(W->m + (int64_t)r * nb, sx, nb);
+        else s -= 128.f * dotf(dw, sx, nb);
+        if (nb & 1) {   /* last unpaired block */
+            int b = nb - 1;
+            const int8_t *xb = xq[j] + b * QK;
+            int32_t is = 0;
+            if (W->type == SJ_W_Q4) {
+                const uint8_t *row = W->q4 + (int64_t)r * C / 2 + (b >> 1) * 32;
+                for (int e = 0; e < 16; e++) is += (row[e] & 15) * xb[e] + (row[e] >> 4) * xb[e + 16];
+            } else {
+                const int8_t *row = W->q8 + (int64_t)r * C + b * QK;
+                for (int e = 0; e < QK; e++) is += (row[e] + 128) * xb[e];
+            }
+            s += dw[b] * dx[j][b] * (float)is;
+        }
+        out[(int64_t)(t + j) * ldo + r] = s;
+    }
+}
+
+T512 static void qblock_512(float *out, int ldo, const sj_qmat *W, int r0, int r1,
+                            const sj_qact *X, int t0, int t1) {
+    for (int r = r0; r < r1; r++) {
+        int t = t0;
+        for (; t + 4 <= t1; t += 4) qrow_512(out, ldo, W, r, X, t, 4);
+        switch (t1 - t) {
+        case 3: qrow_512(out, ldo, W, r, X, t, 3); break;
+        case 2: qrow_512(out, ldo, W, r, X, t, 2); break;
+        case 1: qrow_512(out, ldo, W, r, X, t, 1); break;
+        }
+    }
+}
+#endif
+
+static int isa_level = -1;   /* 0 scalar, 2 avx512vnni */
+
+static int isa(void) {
+    if (isa_level < 0) {
+        int lvl = 0;
+#ifdef HAVE_X86
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+            __builtin_cpu_supports("avx512vnni"))
+            lvl = 2;
+#endif
+        const char *e = getenv("SMEDJAN_INFER_ISA");
+        if (e && !strcmp(e, "scalar")) lvl = 0;
+        isa_level = lvl;
+    }
+    return isa_level;
+}
+
+const char *sj_infer_isa(void) { return isa() == 2 ? "avx512vnni" : "scalar"; }
+
+/* ---- dispatch -------------------------------------------------------------- */
+
+typedef struct { float *out; const sj_qmat *W; const float *x; const sj_qact *xa; int n; } mul_job;
+
+#define TOK_BLOCK 64
+#define ROW_BLOCK 16
+
+static void mul_range(float *out, const sj_qmat *W, const float *x, const sj_qact *xa, int n,
+                      int64_t r0, int64_t r1) {
+    const int C = W->cols, R = W->rows;
+    if (W->type == SJ_W_F32 || W->type == SJ_W_BF16) {
+        float tmp[W->type == SJ_W_BF16 ? C : 1];
+        for (int64_t r = r0; r < r1; r++) {
+            const float *w = W->f ? W->f + r * C : tmp;
+            if (W->type == SJ_W_BF16)
+                for (int c = 0; c < C; c++) tmp[c] = sj_bf16_to_f32(W->bf[r * C + c]);
+            for (int t = 0; t < n; t++) out[(int64_t)t * R + r] = dotf(w, x + (int64_t)t * C, C);
+        }
+        return;
+    }
+#ifdef HAVE_X86
+    if (isa() == 2) {
+        for (int t0 = 0; t0 < n; t0 += TOK_BLOCK)
+            for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK)
+                qblock_512(out, R, W, (int)rb, (int)SJ_MIN(rb + ROW_BLOCK, r1), xa, t0, SJ_MIN(t0 + TOK_BLOCK, n));
+        return;
+    }
+#endif
+    for (int t = 0; t < n; t++)
+        for (int64_t r = r0; r < r1; r++) out[(int64_t)t * R + r] = ref_dot(W, (int)r, x, xa, t);
+}
+
+static void mul_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const mul_job *j = ctx;
+    mul_range(j->out, j->W, j->x, j->xa, j->n, r0, r1);
+}
+
+/* Several matrices of one input as one parallel loop over their stacked rows:
+ * one fork-join instead of k (decode is a few hundred of them per token). */
+typedef struct { int k; float *const *outs; const sj_qmat *const *Ws; const float *x; const sj_qact *xa; int n; } multi_job;
+
+static void multi_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const multi_job *j = ctx;
+    int64_t base = 0;
+    for (int i = 0; i < j->k && base < r1; i++) {
+        const int64_t R = j->Ws[i]->rows, a = SJ_MAX(r0, base), b = SJ_MIN(r1, base + R);
+        if (a < b) mul_range(j->outs[i], j->Ws[i], j->x, j->xa, j->n, a - base, b - base);
+        base += R;
+    }
+}
+
+void sj_qmat_mul_multi(int k, float *const *outs, const sj_qmat *const *Ws, const float *x,
+                       const sj_qact *xa, int n) {
+    if (Ws[0]->type == SJ_W_F32 && n > 1) {
+        for (int i = 0; i < k; i++) sj_qmat_mul(outs[i], Ws[i], x, xa, n);
+        return;
+    }
+    int64_t total = 0;
+    for (int i = 0; i < k; i++) total += Ws[i]->rows;
+    multi_job j = { k, outs, Ws, x, xa, n };
+    int P = sj_parallel_threads();
+    int64_t grain = SJ_CDIV(SJ_CDIV(total, 4 * P), ROW_BLOCK) * ROW_BLOCK;
+    sj_parallel_for(total, grain, multi_rows, &j);
+}
+
+void sj_qmat_mul(float *out, const sj_qmat *W, const float *x, const sj_qact *xa, int n) {
+    if (W->type == SJ_W_F32 && n > 1) {
+        sj_cpu_gemm(out, W->rows, x, W->cols, 0, W->f, W->cols, 1, n, W->rows, W->cols, 0);
+        return;
+    }
+    mul_job j = { out, W, x, xa, n };
+    int P = sj_parallel_threads();
+    int64_t grain = SJ_CDIV(W->rows, 4 * P);
+    grain = SJ_CDIV(grain, ROW_BLOCK) * ROW_BLOCK;
+    if ((int64_t)W->rows * W->cols * n < (1 << 14)) mul_rows(&j, 0, W->rows, 0);
+    else sj_parallel_for(W->rows, grain, mul_rows, &j);
+}
+
+/* ---- testing hook ------------------------------------------------------------- */
+
+sj_status sj_infer_kernel_check(uint64_t seed, double *max_err);
+/* The SIMD kernels against the scalar reference on random Q8/Q4 matrices
+ * (even and odd block counts) and token counts 1 .. 70: the largest error
+ * relative to the output's scale. */
+sj_status sj_infer_kernel_check(uint64_t seed, double *max_err) {
+    sj_rng rng;
+    sj_rng_seed(&rng, seed);
+    *max_err = 0;
+    const int shapes[][2] = { { 67, 576 }, { 33, 96 }, { 40, 1536 }, { 5, 32 } };
+    const int ns[] = { 1, 3, 7, 70 };
+    for (int ty = SJ_W_Q8; ty <= SJ_W_Q4; ty++)
+        for (int si = 0; si < 4; si++) {
+            const int R = shapes[si][0], C = shapes[si][1], N = 70;
+            sj_qmat W;
+            SJ_TRY(sj_qmat_alloc(&W, ty, R, C, "check"));
+            float *x = sj_alloc(sizeof(float) * (size_t)N * C * 2 + sizeof(float) * (size_t)N * R * 2 + (size_t)N * C * 2 + (size_t)N * C / 32 * 8 + 4096, "check");
+            if (!x) { sj_qmat_free(&W); return SJ_ERR_NOMEM; }
+            float *row = x + (int64_t)N * C, *o1 = row + (int64_t)N * C, *o2 = o1 + (int64_t)N * R;
+            sj_qact a = { (int8_t *)(o2 + (int64_t)N * R), NULL, NULL, NULL, 0, 0 };
+            a.d = (float *)(a.q + (int64_t)N * C + 64);
+            a.s = a.d + (int64_t)N * C / 32;
+            a.d2 = a.s + (int64_t)N * C / 32;
+            for (int r = 0; r < R; r++) {
+                for (int c = 0; c < C; c++) row[c] = sj_rng_normal(&rng) * (1.f + (float)(c % 7));
+                sj_qmat_set_row(&W, r, row);
+                if (ty == SJ_W_Q4 && (r & 1)) {   /* some rows with a Q4_1-style offset */
+                    for (int b = 0; b < C / 32; b++) W.m[(int64_t)r * (C / 32) + b] += 0.25f * sj_rng_normal(&rng);
+                }
+            }
+            for (int64_t i = 0; i < (int64_t)N * C; i++) x[i] = sj_rng_normal(&rng);
+            for (int k = 0; k < 4; k++) {
+                int n = ns[k];
+                sj_qact_quantize(&a, x, n, C);
+                sj_qmat_mul(o1, &W, x, &a, n);
+                sj_qmat_mul_reference(o2, &W, x, &a, n);
+                double scale = 0, err = 0;
+                for (int64_t i = 0; i < (int64_t)n * R; i++) { scale = fmax(scale, fabs(o2[i])); err = fmax(err, fabs(o1[i] - o2[i])); }
+                if (err / (scale + 1e-30) > *max_err) *max_err = err / (scale + 1e-30);
+            }
+            sj_free(x);
+            sj_qmat_free(&W);
+        }
+    return SJ_OK;
+}

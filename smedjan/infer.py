@@ -1,0 +1,256 @@
+"""Inference: a KV-cache engine beside the training model (csrc/infer/).
+
+Load a Llama-family model from GGUF (any of F32/F16/BF16/Q8_0/Q4_0/Q4_1
+tensors) or take one from a smedjan Model, choosing the in-memory weight
+form at load time whatever the file stores: "fp32" (the token-exact
+reference), "bf16", "q8" (GGML Q8_0 blocks) or "q4" (Q4_0 / Q4_1 blocks;
+the embedding / tied head stays Q8_0, as llama.cpp's Q4 files keep it).
+The prompt runs as one batched forward (prefill), then one token per step.
+
+>>> # m = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", mode="q8")
+>>> # for t in m.generate("The capital of France is", 16, temperature=0): ...
+>>> # m.stats()  -> prefill/generation tok/s, ttft, resident weight MB
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _C
+
+MODES = ("fp32", "bf16", "q8", "q4")
+
+
+class _Cfg:
+    def __init__(self, d):
+        self.__dict__.update(d)
+        self.head_dim = self.dim // self.n_heads
+
+
+class InferenceModel:
+    """A model in the inference engine, with its tokenizer when it has one.
+
+    forward(tokens) gives every position's logits (a fresh cache);
+    prefill/decode drive the cache by hand; generate streams token ids."""
+
+    def __init__(self, handle, tokenizer=None, source: str = ""):
+        self._h = handle
+        self.tokenizer = tokenizer
+        self.source = source
+        self.config = _Cfg(handle.info())
+        self._stats = {}
+        self._logits = np.empty(self.config.vocab_size, np.float32)
+
+    # ---- construction -----------------------------------------------------------
+    @classmethod
+    def load_gguf(cls, path, mode: str = "q8", max_ctx: int = 0, tokenizer: bool = True) -> "InferenceModel":
+        p = os.fspath(path)
+        if not os.path.exists(p):
+            raise FileNotFoundError(2, f"{p}: no such file", p)
+        tok = None
+        if tokenizer:
+            from .gguf import read_gguf
+            f = read_gguf(p)
+            if "tokenizer.ggml.tokens" in f.kv:
+                tok = f.tokenizer()
+        return cls(_C.infer_load_gguf(p, mode, max_ctx), tok, p)
+
+    @classmethod
+    def from_model(cls, model, mode: str = "fp32", max_ctx: int = 0) -> "InferenceModel":
+        """Copy (and quantise) a smedjan Model's current weights."""
+        return cls(_C.infer_from_model(model._h, mode, max_ctx), getattr(model, "tokenizer", None))
+
+    # ---- properties ---------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self._h.info()["mode"]
+
+    @property
+    def pos(self) -> int:
+        """Tokens now in the KV cache."""
+        return self._h.pos()
+
+    @property
+    def max_ctx(self) -> int:
+        return self.config.max_ctx
+
+    def memory(self) -> dict:
+        i = self._h.info()
+        return {"weight_bytes": i["weight_bytes"], "cache_bytes": i["cache_bytes"]}
+
+    # ---- compute --------------------------------------------------------------------
+    def reset(self) -> None:
+        self._h.reset()
+
+    def prefill(self, tokens, all_logits: bool = False) -> np.ndarray:
+        """Append tokens to the cache; the last position's logits (vocab,),
+        or every position's (n, vocab) with all_logits."""
+        t = np.ascontiguousarray(np.asarray(tokens, dtype=np.int32).reshape(-1))
+        if all_logits:
+            out = np.empty((t.size, self.config.vocab_size), np.float32)
+            self._h.prefill(t, out)
+            return out
+        self._h.prefill(t)
+        return self.last_logits()
+
+    def decode(self, token: int) -> np.ndarray:
+        """One token; its logits (vocab,)."""
+        self._h.decode(int(token))
+        return self.last_logits()
+
+    def last_logits(self) -> np.ndarray:
+        out = np.empty(self.config.vocab_size, np.float32)
+        self._h.logits(out)
+        return out
+
+    def forward(self, tokens) -> np.ndarray:
+        """Logits (T, vocab) of a token sequence from an empty cache."""
+        self.reset()
+        return self.prefill(tokens, all_logits=True)
+
+    def perplexity(self, tokens, window: Optional[int] = None) -> float:
+        """exp(mean next-token cross-entropy) over tokens, in windows of at most
+        `window` (default max_ctx) tokens each starting from an empty cache."""
+        t = np.asarray(tokens, np.int32)
+        w = window or self.max_ctx
+        nll, n = 0.0, 0
+        for s in range(0, t.size - 1, w):
+            chunk = t[s:s + w + 1]
+            if chunk.size < 2:
+                break
+            lg = self.forward(chunk[:-1]).astype(np.float64)
+            m = lg.max(-1, keepdims=True)
+            lse = (m[:, 0] + np.log(np.exp(lg - m).sum(-1)))
+            nll += float((lse - lg[np.arange(chunk.size - 1), chunk[1:]]).sum())
+            n += chunk.size - 1
+        return float(np.exp(nll / n))
+
+    # ---- generation ---------------------------------------------------------------------
+    def encode(self, prompt) -> list:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but the model has no tokenizer: pass token ids")
+            return [int(x) for x in self.tokenizer.encode(prompt, allowed_special="all")]
+        return [int(x) for x in prompt]
+
+    def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64, *,
+                 temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 repetition_penalty: float = 1.0, seed: Optional[int] = None,
+                 stop: Union[None, int, str, Sequence[Union[int, str]]] = None) -> Iterator[int]:
+        """Stream up to max_new_tokens ids after prompt: one batched prefill,
+        then one decode per token on the KV cache. temperature 0 is greedy;
+        stop ids end generation (not yielded), stop strings end it once the
+        decoded text ends with one. stats() describes the last run.
+
+        >>> # for t in m.generate("Once upon a time", 32, temperature=0.8, seed=0): ...
+        """
+        return _generate(self, self.encode(prompt), max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                         seed=seed, stop=stop, tokenizer=self.tokenizer)
+
+    def stats(self) -> dict:
+        """Of the last generation: prompt_tokens, generated_tokens, prefill_s,
+        prefill_tok_s, gen_tok_s (decode steps after the first token),
+        ttft_s (start to the first token: prefill + its sampling), and the
+        resident weight memory in MB."""
+        s = dict(self._stats)
+        s["weight_mb"] = self._h.info()["weight_bytes"] / 1e6
+        s["mode"] = self.mode
+        return s
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"InferenceModel(mode='{c.mode}', dim={c.dim}, n_layers={c.n_layers}, "
+                f"n_heads={c.n_heads}, n_kv_heads={c.n_kv_heads}, vocab_size={c.vocab_size}, "
+                f"max_ctx={c.max_ctx})")
+
+
+def _check_args(ids, temperature, top_k, top_p, repetition_penalty):
+    if not ids:
+        raise ValueError("prompt is empty: generation needs at least one token")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top_p,
+              repetition_penalty, seed, stop, tokenizer, window: Optional[int] = None):
+    """The loop shared by InferenceModel.generate and smedjan.generate: a
+    context longer than the cache (or `window`) slides: the cache is rebuilt
+    from the last `window` tokens, as the full-recompute path would see them."""
+    _check_args(ids, temperature, top_k, top_p, repetition_penalty)
+    stops = [] if stop is None else [stop] if isinstance(stop, (int, str)) else list(stop)
+    stop_ids = {s for s in stops if isinstance(s, int)}
+    stop_strs = [s for s in stops if isinstance(s, str)]
+    if stop_strs and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer")
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little")
+    sampler = _C.Sampler(m.config.vocab_size, int(seed) & ((1 << 64) - 1))
+    W = min(window or m.max_ctx, m.max_ctx)
+    h = m._h
+    temp, k, p = float(temperature), int(top_k or 0), float(top_p if top_p is not None else 1.0)
+    pen = float(repetition_penalty)
+    hist = np.array(ids, np.int32)
+    stats = m._stats = {"prompt_tokens": len(ids), "generated_tokens": 0}
+    t0 = time.perf_counter()
+
+    def run():
+        nonlocal hist
+        h.reset()
+        ctx = hist[-W:]
+        tp = time.perf_counter()
+        h.prefill(np.ascontiguousarray(ctx))
+        return time.perf_counter() - tp
+    stats["prefill_s"] = run()
+    stats["prefill_tok_s"] = min(len(ids), W) / max(stats["prefill_s"], 1e-9)
+    new = []
+    t_gen, n_gen, ts = 0.0, 0, 0.0
+    for i in range(max_new_tokens):
+        tok = h.sample(sampler, temp, k, p, pen, hist if pen != 1.0 else None)
+        now = time.perf_counter()
+        if i == 0:
+            stats["ttft_s"] = now - t0
+        else:                           # a decode step and its sampling
+            t_gen += now - ts
+            n_gen += 1
+            stats["gen_tok_s"] = n_gen / max(t_gen, 1e-9)
+        if tok in stop_ids:
+            break
+        hist = np.append(hist, np.int32(tok))
+        new.append(tok)
+        stats["generated_tokens"] = len(new)
+        yield tok
+        if stop_strs and any(tokenizer.decode(new, errors="replace").endswith(s) for s in stop_strs):
+            break
+        if i + 1 == max_new_tokens:
+            break
+        ts = time.perf_counter()
+        if h.pos() >= W:
+            run()
+        else:
+            h.decode(tok)
+    stats.setdefault("gen_tok_s", float("nan"))
+    stats.setdefault("ttft_s", float("nan"))
+
+
+def load_gguf(path, mode: str = "q8", max_ctx: int = 0) -> InferenceModel:
+    """A GGUF model (Llama architecture) with its tokenizer, weights held as
+    `mode` ("fp32", "bf16", "q8", "q4") whatever the file stores."""
+    return InferenceModel.load_gguf(path, mode, max_ctx)
+
+
+def from_model(model, mode: str = "fp32", max_ctx: int = 0) -> InferenceModel:
+    """An inference copy of a smedjan Model's weights (quantised per mode)."""
+    return InferenceModel.from_model(model, mode, max_ctx)
+
+
+Generator = InferenceModel
+
+__all__ = ["InferenceModel", "Generator", "load_gguf", "from_model", "MODES"]

@@ -1,0 +1,119 @@
+"""The inference engine on smedjan's own models: the KV-cache path equals
+the full-recompute reference, its fp32 logits equal the training model's,
+quantised kernels equal their scalar reference, and sampling is seeded,
+filtered and penalised as specified."""
+import numpy as np
+import pytest
+
+import smedjan
+from smedjan import _C
+from smedjan.generate import generate, generate_recompute
+from smedjan.infer import from_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = smedjan.Model("tiny", vocab_size=512, seed=3, max_seq_len=64)
+    rng = np.random.default_rng(0)
+    for name, v in m.params.items():      # sharper weights than init: less tie-prone greedy paths
+        if v.ndim == 2:
+            v[:] = rng.standard_normal(v.shape).astype(np.float32) * 0.08
+    return m
+
+
+def test_fp32_engine_logits_equal_training_forward(model):
+    toks = np.random.default_rng(1).integers(0, 512, 50).astype(np.int32)
+    ref = model.forward(toks[None])[0]
+    ours = from_model(model, "fp32").forward(toks)
+    err = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+    assert err < 1e-5, err
+
+
+def test_kv_cache_greedy_equals_full_recompute(model):
+    prompt = [5, 17, 300, 42, 7]
+    kv = list(generate(model, prompt, 40, temperature=0))
+    ref = list(generate_recompute(model, prompt, 40, temperature=0))
+    assert kv == ref
+
+
+def test_kv_cache_slides_past_max_seq_len_like_recompute(model):
+    prompt = list(range(1, 60))
+    kv = list(generate(model, prompt, 12, temperature=0))
+    ref = list(generate_recompute(model, prompt, 12, temperature=0))
+    assert kv == ref
+
+
+@pytest.mark.parametrize("mode", ["bf16", "q8", "q4"])
+def test_quantised_modes_track_fp32(model, mode):
+    toks = np.random.default_rng(2).integers(0, 512, 40).astype(np.int32)
+    ref = from_model(model, "fp32").forward(toks)
+    q = from_model(model, mode)
+    out = q.forward(toks)
+    err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert err < {"bf16": 0.02, "q8": 0.06, "q4": 0.5}[mode], (mode, err)
+    q.reset()
+    q.prefill(toks[:10])
+    step = np.stack([q.decode(t) for t in toks[10:]])
+    assert np.linalg.norm(step - out[10:]) / np.linalg.norm(out[10:]) < 1e-5
+
+
+def test_simd_kernels_equal_scalar_reference():
+    for seed in range(3):
+        err, isa = _C.infer_kernel_check(seed)
+        assert err < 1e-5, (seed, isa, err)
+
+
+def test_resident_memory_by_mode(model):
+    mb = {m: from_model(model, m).memory()["weight_bytes"] for m in ("fp32", "bf16", "q8", "q4")}
+    assert mb["fp32"] > mb["bf16"] > mb["q8"] > mb["q4"], mb
+
+
+def test_sampling_is_seeded_and_filtered(model):
+    p = [1, 2, 3]
+    a = list(generate(model, p, 20, temperature=1.0, seed=5))
+    assert a == list(generate(model, p, 20, temperature=1.0, seed=5))
+    assert a != list(generate(model, p, 20, temperature=1.0, seed=6))
+    greedy = list(generate(model, p, 10, temperature=0))
+    assert list(generate(model, p, 10, temperature=0.7, top_k=1, seed=1)) == greedy
+    assert list(generate(model, p, 10, temperature=0.7, top_p=1e-6, seed=1)) == greedy
+    stop = greedy[3]
+    assert list(generate(model, p, 10, temperature=0, stop=stop)) == greedy[:greedy.index(stop)]
+
+
+def test_sampler_distribution_top_p_and_penalty():
+    V = 4
+    s = _C.Sampler(V, 0)
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    draws = np.array([s.sample(logits, 1.0, 0, 1.0, 1.0, None) for _ in range(4000)])
+    freq = np.bincount(draws, minlength=V) / draws.size
+    assert np.abs(freq - [0.5, 0.3, 0.15, 0.05]).max() < 0.03, freq
+    nucleus = {s.sample(logits, 1.0, 0, 0.7, 1.0, None) for _ in range(500)}
+    assert nucleus == {0, 1}                           # 0.5 + 0.3 >= 0.7
+    assert {s.sample(logits, 1.0, 2, 1.0, 1.0, None) for _ in range(500)} == {0, 1}
+    # penalty once per DISTINCT token: [2, 1, -1] with history [0, 0, 2], penalty 2 -> [1, 1, -2]
+    l2 = np.array([2.0, 1.0, -1.0, -5.0], np.float32)
+    hist = np.array([0, 0, 2], np.int32)
+    assert s.sample(l2, 0.0, 0, 1.0, 2.0, hist) == 0     # tie 1 vs 1 -> smallest id
+    assert s.sample(l2, 0.0, 0, 1.0, 2.01, hist) == 1
+    with pytest.raises(ValueError):
+        s.sample(np.zeros(3, np.float32), 1.0, 0, 1.0, 1.0, None)
+
+
+def test_engine_errors_are_clear(model):
+    m = from_model(model, "q8", max_ctx=16)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        m.prefill([1, 512])
+    with pytest.raises(ValueError, match="exceed"):
+        m.prefill(np.zeros(17, np.int32))
+    with pytest.raises(ValueError, match="mode"):
+        from_model(model, "q3")
+    with pytest.raises(ValueError, match="empty"):
+        list(m.generate([], 3))
+
+
+def test_generate_cli_streams(tmp_path, model):
+    from smedjan.infer import InferenceModel
+    m = InferenceModel.from_model(model, "fp32")
+    out = list(m.generate([3, 4], 5, temperature=0))
+    s = m.stats()
+    assert len(out) == 5 and s["generated_tokens"] == 5 and s["ttft_s"] > 0 and s["gen_tok_s"] > 0
