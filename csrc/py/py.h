@@ -30,6 +30,8 @@ int sj_py_tokens(PyObject *obj, const char *argname, int ndim_want,
 
 /* Each file of the extension adds its functions/types to the module. */
 int sj_py_add_model(PyObject *m);
+/* The engine model behind a smedjan._C.Model, or NULL with an exception set. */
+sj_model *sj_py_model_ptr(PyObject *o);
 int sj_py_add_tokenizer(PyObject *m);
 int sj_py_add_kernels(PyObject *m);
 int sj_py_add_io(PyObject *m);
