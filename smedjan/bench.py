@@ -60,6 +60,8 @@ def decode_rate(model, prompt, n_tokens: int) -> tuple:
         fn = getattr(infer, "decode_benchmark", None)
     except ImportError:
         fn = None
+    if getattr(model, "device", "cpu") != "cpu":
+        fn = None     # the KV-cache decoder runs on the CPU only, so far
     if fn is not None:
         return float(fn(model, prompt, n_tokens)), "infer (KV cache)"
     from .generate import generate

@@ -254,3 +254,17 @@ def from_model(model, mode: str = "fp32", max_ctx: int = 0) -> InferenceModel:
 Generator = InferenceModel
 
 __all__ = ["InferenceModel", "Generator", "load_gguf", "from_model", "MODES"]
+
+
+def decode_benchmark(model, prompt, n_tokens: int) -> float:
+    """Seconds per token of greedy KV-cache decoding of a CPU smedjan.Model
+    (its fp32 weights), after a prefill of prompt. smedjan.bench uses it for
+    its decode column."""
+    import time
+    m = from_model(model, "fp32", max_ctx=len(prompt) + n_tokens + 1)
+    m.prefill(np.asarray(prompt, np.int32))
+    t = int(np.argmax(m.last_logits()))
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+        t = int(np.argmax(m.decode(t)))
+    return (time.perf_counter() - t0) / n_tokens
