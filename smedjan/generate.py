@@ -103,15 +103,7 @@ def generate_recompute(model, prompt: Union[str, Sequence[int]], max_new_tokens:
     """The reference path: every token reruns the full forward over the
     context (no KV cache), sampling in NumPy."""
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    if isinstance(prompt, str):
-        if tok is None:
-            raise ValueError("prompt is text but the model has no tokenizer: pass tokenizer= "
-                             "or token ids")
-        ids = list(np.asarray(tok.encode(prompt, allowed_special="all")))
-    else:
-        ids = [int(t) for t in prompt]
-    if not ids:
-        raise ValueError("prompt is empty: generation needs at least one token")
+    ids = _prompt_ids(prompt, tok)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     stops = [] if stop is None else [stop] if isinstance(stop, (int, str)) else list(stop)

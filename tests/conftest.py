@@ -20,6 +20,16 @@ def stdlib_text(n_bytes: int) -> bytes:
     return b"".join(out)[:n_bytes]
 
 
+def text_batches(text_bytes, B, T, steps, seed=0):
+    """(x, y) int32 byte-token batches of random windows of real text."""
+    data = np.frombuffer(text_bytes, dtype=np.uint8).astype(np.int32)
+    r = np.random.default_rng(seed)
+    for _ in range(steps):
+        starts = r.integers(0, len(data) - T - 1, B)
+        x = np.stack([data[s:s + T + 1] for s in starts])
+        yield np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(x[:, 1:])
+
+
 @pytest.fixture(scope="session")
 def text_bytes():
     return stdlib_text(2_000_000)

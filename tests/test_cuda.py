@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import smedjan
+from conftest import text_batches
 from smedjan import _C
 import cuda_ref as ref
 from cuda_ref import bf16_round, poison, rel_err
@@ -277,13 +278,6 @@ def test_bf16_mode_is_close_to_fp32(shape):
         assert e < 2e-2, (name, e)
 
 
-def text_batches(text_bytes, B, T, steps, seed=0):
-    data = np.frombuffer(text_bytes, dtype=np.uint8).astype(np.int32)
-    r = np.random.default_rng(seed)
-    for _ in range(steps):
-        starts = r.integers(0, len(data) - T - 1, B)
-        x = np.stack([data[s:s + T + 1] for s in starts])
-        yield np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(x[:, 1:])
 
 
 def train(text_bytes, device, dtype, steps, graphs=True, B=4, T=64, preset_cfg=None):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import smedjan
+from conftest import text_batches
 from torch_ref import TorchLlama, rel_err, schedule
 
 torch.set_num_threads(max(1, smedjan.threads()))
@@ -71,13 +72,6 @@ def test_grads_accumulate_across_backward_calls():
     assert not model.flat_grads.any()
 
 
-def text_batches(text_bytes, B, T, steps, seed=0):
-    data = np.frombuffer(text_bytes, dtype=np.uint8).astype(np.int32)
-    r = np.random.default_rng(seed)
-    for _ in range(steps):
-        starts = r.integers(0, len(data) - T - 1, B)
-        x = np.stack([data[s:s + T + 1] for s in starts])
-        yield np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(x[:, 1:])
 
 
 def test_twenty_training_steps_match_torch(text_bytes):
