@@ -92,7 +92,7 @@ def run(out_dir: str = "runs/demo", minutes: float = 3.0, steps: int = None, siz
     png = os.path.join(out_dir, "loss.png")
     plot(os.path.join(ckpt, "metrics.jsonl"), png)
     print(f"4. checkpoints in {ckpt}: {sorted(os.listdir(ckpt))}; loss curve -> {png}")
-    final = commands.load_for_inference(os.path.join(ckpt, FINAL))
+    final = commands.load_for_inference(os.path.join(ckpt, FINAL), tok_path)
     prompt = "def "
     sample = final.tokenizer.decode(list(generate(final, prompt, 80, temperature=0.8, top_k=40,
                                                   seed=0)))

@@ -201,3 +201,15 @@ def test_generate_rejects_bad_arguments(corpus):
         next(model.generate([], 3))
     with pytest.raises(ValueError, match="temperature"):
         next(model.generate([1, 2], 3, temperature=-1))
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """`make demo`'s job with a few steps: tokenizer, token file, training with
+    checkpoints, a loss plot and a generated sample."""
+    out = tmp_path / "demo"
+    r = cli("demo", "--steps", "12", "--out", str(out), timeout=600)
+    assert "5. sample:" in r.stdout, r.stdout[-2000:]
+    for f in ("tokenizer.sjt", "corpus.tok", "loss.png", "checkpoints/final.safetensors",
+              "checkpoints/latest.safetensors", "checkpoints/metrics.jsonl"):
+        assert (out / f).exists(), f
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
