@@ -16,7 +16,6 @@ benchmarks/results/gemm_cpu_<date>.md.
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import sys
 import time
@@ -50,6 +49,8 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from common import cpu_model  # noqa: E402
 from smedjan import _C  # noqa: E402
 
 PRESETS = {  # name: (dim, ffn, vocab, tokens)
@@ -168,17 +169,6 @@ def run_case(form, M, N, K, rng):
         out.append((max(clean), len(clean)) if clean else
                    (max(g for g, _ in res[side]), -min(o for _, o in res[side])))
     return out
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def blas_info():

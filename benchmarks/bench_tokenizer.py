@@ -49,6 +49,7 @@ import tiktoken  # noqa: E402
 import tokenizers  # noqa: E402
 from tokenizers import models, pre_tokenizers, trainers  # noqa: E402
 
+from common import cpu_model  # noqa: E402
 from smedjan import _C  # noqa: E402
 from smedjan.tokenizer import Tokenizer, _from_bytelevel  # noqa: E402
 from test_tokenizer_data import GPT2_PATTERN, gpt2_files  # noqa: E402
@@ -73,17 +74,6 @@ def corpus(min_mb):
             pass
     names.append(f"{n_py} stdlib .py files")
     return docs, names
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def median_time(fn, repeats, setup=None):
