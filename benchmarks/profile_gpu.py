@@ -1,7 +1,7 @@
 """Where our GPU train step spends its time: per-kernel totals from CUPTI
 (through torch.profiler, which records every kernel in the process, ours
 included). Graphs are turned off so each kernel is seen by name.
-Usage: python benchmarks/profile_gpu.py [config ...]   (small-64x512 d768-16x1024 ...)"""
+Usage: python benchmarks/profile_gpu.py [config ...]   (small-64x512 d768-16x1024 forward-medium-32x512 ...)"""
 import os
 import sys
 
@@ -17,6 +17,7 @@ CONFIGS = {
     "small-64x512": (dict(preset="small"), 64, 512),
     "medium-32x512": (dict(preset="medium"), 32, 512),
     "d768-16x1024": (dict(dim=768, n_layers=12, n_heads=12), 16, 1024),
+    "forward-medium-32x512": (dict(preset="medium"), 32, 512),
 }
 
 
@@ -30,16 +31,23 @@ def model_for(spec):
 
 for name in sys.argv[1:] or list(CONFIGS):
     spec, B, T = CONFIGS[name]
-    m = model_for(spec)
-    tr = smedjan.Trainer(m, lr=3e-4, steps=1000)
+    m, tr = model_for(spec), None
     x = np.random.default_rng(0).integers(0, 8192, (B, T + 1)).astype(np.int32)
     xs, ys = np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(x[:, 1:])
+    if name.startswith("forward"):
+        def step():
+            m.forward_device(xs)
+    else:
+        tr = smedjan.Trainer(m, lr=3e-4, steps=1000)
+
+        def step():
+            tr.step(xs, ys)
     for _ in range(3):
-        tr.step(xs, ys)
+        step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            tr.step(xs, ys)
+            step()
         torch.cuda.synchronize()
     rows = {}
     for e in prof.events():
@@ -52,4 +60,4 @@ for name in sys.argv[1:] or list(CONFIGS):
     print("| kernel | ms/step | % | calls/step |\n|---|---:|---:|---:|")
     for k, (t, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:22]:
         print(f"| {k[:90]} | {t / 5 / 1e3:.3f} | {100 * t / total:.1f} | {n // 5} |")
-    del tr, m
+    step = tr = m = None
