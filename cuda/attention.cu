@@ -19,9 +19,12 @@
  * speed: D = rowsum(dO*O) computed once per backward (attn_rowdot_k, it was
  * recomputed with 2-byte loads for every (key tile, query tile) pair), the
  * dK/dV kernel's Q/dO stream double-buffered with cp.async, the heaviest
- * causal query tiles scheduled first. Not yet measured on a GPU.
- * Still to do: ldmatrix(.trans) fragments, cp.async in fwd/dq, 128-row
- * forward tiles, wgmma on sm_90a. */
+ * causal query tiles scheduled first.
+ * Fragments come from shared memory through ldmatrix (.trans for the
+ * row-major B operands V, dO, Q, K of the second products); tiles stream
+ * through two cp.async buffers; fragments that stay the same across a
+ * kernel's loop (Q, dO in dQ; K, V in dK/dV) are loaded once; only the
+ * diagonal tile is masked. Still to do: 128-row forward tiles, wgmma. */
 #include "common.cuh"
 #include "kernels.h"
 #include <stdio.h>
@@ -185,10 +188,10 @@ static __global__ void bwd_dkv_simple(T *dqkv, const T *dout, const T *qkv, cons
 
 /* ======================= tensor-core kernels (bf16) ===================== */
 
+/* Not volatile: the compiler may interleave the mma with fragment loads. */
 static __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0,
                                                 uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -201,31 +204,34 @@ static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
 static __device__ __forceinline__ uint32_t ld32(const bf16 *p) {
     return *reinterpret_cast<const uint32_t *>(p);
 }
-static __device__ __forceinline__ uint32_t ld2(const bf16 *lo, const bf16 *hi) {
-    return (uint32_t)*reinterpret_cast<const uint16_t *>(lo) |
-           ((uint32_t)*reinterpret_cast<const uint16_t *>(hi) << 16);
+
+/* ldmatrix: four 8 x 8 bf16 matrices from shared memory in one instruction;
+ * lanes 8i..8i+7 give the row addresses of matrix i (16-byte aligned).
+ * Plain: lane l receives row l/4, columns 2(l%4), +1 of each matrix (an
+ * mma A/B fragment register); .trans: rows 2(l%4), +1 of column l/4. */
+static __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const bf16 *p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
-/* A fragment of a 16 x 16 block at p (row stride ld), row-major. */
-static __device__ __forceinline__ void frag_a(uint32_t a[4], const bf16 *p, int ld, int g, int t) {
-    const bf16 *q = p + g * ld + 2 * t;
-    a[0] = ld32(q);
-    a[1] = ld32(q + 8 * ld);
-    a[2] = ld32(q + 8);
-    a[3] = ld32(q + 8 * ld + 8);
+static __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], const bf16 *p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
-/* B fragment (k x n = 16 x 8) when B^T is stored row-major at p: B[k][n] = p[n*ld + k]. */
-static __device__ __forceinline__ void frag_bt(uint32_t &b0, uint32_t &b1, const bf16 *p, int ld,
-                                               int g, int t) {
-    const bf16 *q = p + g * ld + 2 * t;
-    b0 = ld32(q);
-    b1 = ld32(q + 8);
+/* A fragment of the 16 x 16 block at p (row-major, row stride ld):
+ * matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15) in the order a0..a3. */
+static __device__ __forceinline__ void frag_a(uint32_t a[4], const bf16 *p, int ld, int lane) {
+    ldsm_x4(a, p + ((lane & 7) + (lane & 8)) * ld + (lane >> 4) * 8);
 }
-/* B fragment when B itself is stored row-major at p: B[k][n] = p[k*ld + n]. */
-static __device__ __forceinline__ void frag_b(uint32_t &b0, uint32_t &b1, const bf16 *p, int ld,
-                                              int g, int t) {
-    const bf16 *q = p + 2 * t * ld + g;
-    b0 = ld2(q, q + ld);
-    b1 = ld2(q + 8 * ld, q + 9 * ld);
+/* B fragments of two adjacent n-blocks (n 0-7 -> b[0], b[1]; n 8-15 ->
+ * b[2], b[3]) over 16 k, when B^T is stored row-major: B[k][n] = p[n*ld + k]. */
+static __device__ __forceinline__ void frag_bt2(uint32_t b[4], const bf16 *p, int ld, int lane) {
+    ldsm_x4(b, p + ((lane & 7) + (lane >> 4) * 8) * ld + (lane & 8));
+}
+/* The same two n-blocks when B itself is row-major: B[k][n] = p[k*ld + n]. */
+static __device__ __forceinline__ void frag_b2(uint32_t b[4], const bf16 *p, int ld, int lane) {
+    ldsm_x4_trans(b, p + ((lane & 7) + (lane & 8)) * ld + (lane >> 4) * 8);
 }
 /* Probabilities (C fragments of n-blocks 2kk, 2kk+1) as the A fragment of the next product. */
 static __device__ __forceinline__ void c_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
@@ -236,22 +242,10 @@ static __device__ __forceinline__ void c_to_a(uint32_t a[4], const float c0[4], 
 }
 
 /* 64 rows of HD bf16 from global (row stride rs elements) into shared
- * memory (row stride HD + 8), zeros past row T_. */
-template <int HD>
-static __device__ __forceinline__ void load_tile(bf16 *sm, const bf16 *g, int64_t rs, int r0,
-                                                 int T_) {
-    constexpr int VPR = HD / 8, LD = HD + 8;
-    for (int i = threadIdx.x; i < 64 * VPR; i += blockDim.x) {
-        const int r = i / VPR, c = (i % VPR) * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r0 + r < T_) v = *reinterpret_cast<const uint4 *>(g + (int64_t)(r0 + r) * rs + c);
-        *reinterpret_cast<uint4 *>(sm + r * LD + c) = v;
-    }
-}
-
-/* 64 rows of HD bf16 into shared memory like load_tile, but with cp.async
- * (16 bytes a copy, bypassing registers and L1; rows past T_ zero-filled
- * by a source size of 0). Complete after cp_async_wait_all + a barrier. */
+ * memory (row stride HD + 8: the 8 rows an ldmatrix reads fall in
+ * different banks) with cp.async, 16 bytes a copy, bypassing registers
+ * and L1; rows past T_ are zero-filled by a source size of 0. Complete
+ * after cp_async_wait_all + a barrier. */
 static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
     const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem),
@@ -312,13 +306,23 @@ static __device__ __forceinline__ void load_rowstats(float *Ls, float *Ds, const
     }
 }
 
-// grid (ceil(T/64), B*H), 128 threads
+/* Shared memory (bytes) of each kernel: tiles of 64 rows x (HD + 8). */
+template <int HD> static constexpr size_t tile_bytes(void) { return 64 * (HD + 8) * sizeof(bf16); }
+template <int HD> static constexpr size_t fwd_smem(void) { return 4 * tile_bytes<HD>(); }
+template <int HD> static constexpr size_t dq_smem(void) { return 6 * tile_bytes<HD>() + 2 * 64 * sizeof(float); }
+template <int HD> static constexpr size_t dkv_smem(void) { return 6 * tile_bytes<HD>() + 4 * 64 * sizeof(float); }
+
+// grid (ceil(T/64), B*H), 128 threads, fwd_smem<HD>() dynamic shared memory.
+// Each warp owns 16 query rows; K and V tiles stream through two buffers
+// (tile kt+1 is copied with cp.async while tile kt computes). Only the
+// diagonal tile needs the causal mask: every key of an earlier tile
+// precedes every query row of this one.
 template <int HD>
 static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, const bf16 *qkv,
                                                       int T_, int H, int KV) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
-    __shared__ __align__(16) bf16 Ks[64 * LD];
-    __shared__ __align__(16) bf16 Vs[64 * LD];
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16 *Kb = (bf16 *)smem, *Vb = Kb + 2 * 64 * LD;
     /* the last query tiles see the most keys: start them first */
     const int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
     const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
@@ -326,6 +330,10 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
     const bf16 *Qg = base + h * HD, *Kg = base + (H + kvh) * HD, *Vg = base + (H + KV + kvh) * HD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int r0 = qt * 64 + warp * 16 + g, r1 = r0 + 8;
+    const int n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
+    load_tile_async<HD>(Kb, Kg, rs, 0, T_);
+    load_tile_async<HD>(Vb, Vg, rs, 0, T_);
+    cp_async_commit();
     uint32_t qa[NK][4];
 #pragma unroll
     for (int kc = 0; kc < NK; kc++) {
@@ -340,23 +348,31 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
     for (int dn = 0; dn < ND; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     const float sl2 = LOG2E / sqrtf((float)HD);
-    const int n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
     for (int kt = 0; kt < n_kt; kt++) {
+        /* tile kt landed (this thread's copies; the barrier: everyone's), and
+         * every warp is done with tile kt-1, whose buffer is refilled next */
+        cp_async_wait_all();
         __syncthreads();
-        load_tile<HD>(Ks, Kg, rs, kt * 64, T_);
-        load_tile<HD>(Vs, Vg, rs, kt * 64, T_);
-        __syncthreads();
+        if (kt + 1 < n_kt) {
+            const int nb = (kt + 1) & 1;
+            load_tile_async<HD>(Kb + nb * 64 * LD, Kg, rs, (kt + 1) * 64, T_);
+            load_tile_async<HD>(Vb + nb * 64 * LD, Vg, rs, (kt + 1) * 64, T_);
+        }
+        cp_async_commit();
+        const bf16 *Ks = Kb + (kt & 1) * 64 * LD, *Vs = Vb + (kt & 1) * 64 * LD;
         float s[8][4];
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-            for (int kc = 0; kc < NK; kc++) {
-                uint32_t b0, b1;
-                frag_bt(b0, b1, Ks + j * 8 * LD + kc * 16, LD, g, t);
-                mma16816(s[j], qa[kc], b0, b1);
+        for (int kc = 0; kc < NK; kc++)
+#pragma unroll
+            for (int j = 0; j < 8; j += 2) {
+                uint32_t kb[4];
+                frag_bt2(kb, Ks + j * 8 * LD + kc * 16, LD, lane);
+                mma16816(s[j], qa[kc], kb[0], kb[1]);
+                mma16816(s[j + 1], qa[kc], kb[2], kb[3]);
             }
-        }
+        const bool diag = kt == qt;   /* the only tile with keys after a row (or past T_) */
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int j = 0; j < 8; j++)
@@ -364,7 +380,7 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
             for (int e = 0; e < 4; e++) {
                 const int key = kt * 64 + j * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
                 float v = s[j][e] * sl2;
-                if (key > row || key >= T_) v = -INFINITY;
+                if (diag && (key > row || key >= T_)) v = -INFINITY;
                 s[j][e] = v;
                 if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
             }
@@ -393,10 +409,11 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
             uint32_t pa[4];
             c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-            for (int dn = 0; dn < ND; dn++) {
-                uint32_t b0, b1;
-                frag_b(b0, b1, Vs + kk * 16 * LD + dn * 8, LD, g, t);
-                mma16816(o[dn], pa, b0, b1);
+            for (int dn = 0; dn < ND; dn += 2) {
+                uint32_t vb[4];
+                frag_b2(vb, Vs + kk * 16 * LD + dn * 8, LD, lane);
+                mma16816(o[dn], pa, vb[0], vb[1]);
+                mma16816(o[dn + 1], pa, vb[2], vb[3]);
             }
         }
     }
@@ -419,18 +436,13 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
     }
 }
 
-template <int HD>
-static constexpr size_t bwd_smem(void) { return 4 * 64 * (HD + 8) * sizeof(bf16) + 2 * 64 * sizeof(float); }
-/* dkv: K, V resident; Q, dO and the row statistics double-buffered. */
-template <int HD>
-static constexpr size_t dkv_smem(void) { return 6 * 64 * (HD + 8) * sizeof(bf16) + 4 * 64 * sizeof(float); }
-
 // dK, dV of 64 keys of one KV head over all its query heads and query tiles.
 // grid (ceil(T/64), B*KV), 128 threads, dkv_smem<HD>() dynamic shared memory.
-// K and V stay in shared memory; the (head, query tile) steps stream Q and
-// dO through two buffers: step i+1's tiles are copied with cp.async while
-// step i computes (one barrier per step). D: (B, H, T) from attn_rowdot_k.
-// Bound: tensor-core rate (mma.sync); 2.5x the forward's FLOPs.
+// K and V stay in shared memory and their A fragments in registers; the
+// (head, query tile) steps stream Q and dO through two buffers: step i+1's
+// tiles are copied with cp.async while step i computes (one barrier per
+// step). D: (B, H, T) from attn_rowdot_k. Bound: tensor-core rate
+// (mma.sync); 2.5x the forward's FLOPs.
 template <int HD>
 static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16 *dout,
                                                           const bf16 *qkv, const float *D,
@@ -465,6 +477,10 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16
     };
     issue(0);
     cp_async_commit();
+    /* this warp's 16 keys: the same every step, kept in registers when
+     * they fit (at HD 128 dK, dV alone take 128 registers) */
+    constexpr bool HOIST = HD <= 64;
+    uint32_t ka[NK][4], va[NK][4];
     for (int i = 0; i < n_steps; i++) {
         const int qt = kt + i % n_qt, bf = i & 1;
         /* step i's copies (and K, V) done by this thread; the barrier makes
@@ -473,51 +489,64 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16
         __syncthreads();
         if (i + 1 < n_steps) issue(i + 1);
         cp_async_commit();
-        const bf16 *Qs = Qb + bf * 64 * LD, *dOs = dOb + bf * 64 * LD;
-        const float *Ls = Lb + bf * 64, *Ds = Db + bf * 64;
-        {
-            float st[8][4], dp[8][4];
-#pragma unroll
-            for (int j = 0; j < 8; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) st[j][e] = dp[j][e] = 0.f;
+        if (HOIST && i == 0)
 #pragma unroll
             for (int kc = 0; kc < NK; kc++) {
-                uint32_t ka[4], va[4];
-                frag_a(ka, Ks + warp * 16 * LD + kc * 16, LD, g, t);
-                frag_a(va, Vs + warp * 16 * LD + kc * 16, LD, g, t);
+                frag_a(ka[kc], Ks + warp * 16 * LD + kc * 16, LD, lane);
+                frag_a(va[kc], Vs + warp * 16 * LD + kc * 16, LD, lane);
+            }
+        const bf16 *Qs = Qb + bf * 64 * LD, *dOs = dOb + bf * 64 * LD;
+        const float *Ls = Lb + bf * 64, *Ds = Db + bf * 64;
+        float st[8][4], dp[8][4];
 #pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    uint32_t b0, b1;
-                    frag_bt(b0, b1, Qs + j * 8 * LD + kc * 16, LD, g, t);
-                    mma16816(st[j], ka, b0, b1);            // S^T = K Q^T
-                    frag_bt(b0, b1, dOs + j * 8 * LD + kc * 16, LD, g, t);
-                    mma16816(dp[j], va, b0, b1);            // dP^T = V dO^T
-                }
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) st[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < NK; kc++) {
+            if (!HOIST) {
+                frag_a(ka[kc], Ks + warp * 16 * LD + kc * 16, LD, lane);
+                frag_a(va[kc], Vs + warp * 16 * LD + kc * 16, LD, lane);
             }
 #pragma unroll
-            for (int j = 0; j < 8; j++)
+            for (int j = 0; j < 8; j += 2) {
+                uint32_t fb[4];
+                frag_bt2(fb, Qs + j * 8 * LD + kc * 16, LD, lane);
+                mma16816(st[j], ka[kc], fb[0], fb[1]);          // S^T = K Q^T
+                mma16816(st[j + 1], ka[kc], fb[2], fb[3]);
+                frag_bt2(fb, dOs + j * 8 * LD + kc * 16, LD, lane);
+                mma16816(dp[j], va[kc], fb[0], fb[1]);          // dP^T = V dO^T
+                mma16816(dp[j + 1], va[kc], fb[2], fb[3]);
+            }
+        }
+        /* only the diagonal tile has queries before a key; rows past T_
+         * (zero Q, dO, L, D) give p = 1 against zero vectors: adds nothing */
+        const bool diag = qt == kt;
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int qq = j * 8 + 2 * t + (e & 1), q = qt * 64 + qq;
-                    const int key = e < 2 ? kr0 : kr1;
-                    const float p = (q >= key && q < T_ && key < T_) ? exp2f(st[j][e] * sl2 - Ls[qq]) : 0.f;
-                    st[j][e] = p;
-                    dp[j][e] = p * (dp[j][e] - Ds[qq]);   // dS^T (without the scale)
-                }
+        for (int j = 0; j < 8; j++)
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                uint32_t pa[4], sa[4];
-                c_to_a(pa, st[2 * kk], st[2 * kk + 1]);
-                c_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
+            for (int e = 0; e < 4; e++) {
+                const int qq = j * 8 + 2 * t + (e & 1), q = qt * 64 + qq;
+                const int key = e < 2 ? kr0 : kr1;
+                const float p = diag && !(q >= key && q < T_ && key < T_) ? 0.f
+                                                                          : exp2f(st[j][e] * sl2 - Ls[qq]);
+                st[j][e] = p;
+                dp[j][e] = p * (dp[j][e] - Ds[qq]);   // dS^T (without the scale)
+            }
 #pragma unroll
-                for (int dn = 0; dn < ND; dn++) {
-                    uint32_t b0, b1;
-                    frag_b(b0, b1, dOs + kk * 16 * LD + dn * 8, LD, g, t);
-                    mma16816(dv[dn], pa, b0, b1);           // dV += P^T dO
-                    frag_b(b0, b1, Qs + kk * 16 * LD + dn * 8, LD, g, t);
-                    mma16816(dk[dn], sa, b0, b1);           // dK += dS^T Q
-                }
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t pa[4], sa[4];
+            c_to_a(pa, st[2 * kk], st[2 * kk + 1]);
+            c_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+            for (int dn = 0; dn < ND; dn += 2) {
+                uint32_t fb[4];
+                frag_b2(fb, dOs + kk * 16 * LD + dn * 8, LD, lane);
+                mma16816(dv[dn], pa, fb[0], fb[1]);             // dV += P^T dO
+                mma16816(dv[dn + 1], pa, fb[2], fb[3]);
+                frag_b2(fb, Qs + kk * 16 * LD + dn * 8, LD, lane);
+                mma16816(dk[dn], sa, fb[0], fb[1]);             // dK += dS^T Q
+                mma16816(dk[dn + 1], sa, fb[2], fb[3]);
             }
         }
     }
@@ -541,7 +570,9 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16
     }
 }
 
-// dQ of 64 query rows of one head. grid (ceil(T/64), B*H), 128 threads, bwd_smem<HD>()
+// dQ of 64 query rows of one head. grid (ceil(T/64), B*H), 128 threads,
+// dq_smem<HD>() dynamic shared memory. Q and dO fragments stay in
+// registers; K and V tiles stream through two buffers like the forward.
 template <int HD>
 static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 *dout,
                                                          const bf16 *qkv, const float *D,
@@ -549,8 +580,8 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
                                                          int KV, int accum) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16 *Ks = (bf16 *)smem, *Vs = Ks + 64 * LD, *Qs = Vs + 64 * LD, *dOs = Qs + 64 * LD;
-    float *Ls = (float *)(dOs + 64 * LD), *Ds = Ls + 64;
+    bf16 *Qs = (bf16 *)smem, *dOs = Qs + 64 * LD, *Kb = dOs + 64 * LD, *Vb = Kb + 2 * 64 * LD;
+    float *Ls = (float *)(Vb + 2 * 64 * LD), *Ds = Ls + 64;
     /* the last query tiles see the most keys: start them first */
     const int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
     const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
@@ -559,19 +590,36 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
     const bf16 *dOg = dout + (int64_t)b * T_ * orow + h * HD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int lr0 = warp * 16 + g, lr1 = lr0 + 8, r0 = qt * 64 + lr0, r1 = qt * 64 + lr1;
-    load_tile<HD>(Qs, base + h * HD, rs, qt * 64, T_);
-    load_tile<HD>(dOs, dOg, orow, qt * 64, T_);
+    const int n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
+    load_tile_async<HD>(Qs, base + h * HD, rs, qt * 64, T_);
+    load_tile_async<HD>(dOs, dOg, orow, qt * 64, T_);
+    load_tile_async<HD>(Kb, Kg, rs, 0, T_);
+    load_tile_async<HD>(Vb, Vg, rs, 0, T_);
+    cp_async_commit();
     load_rowstats(Ls, Ds, D + ((int64_t)b * H + h) * T_, lse + ((int64_t)b * H + h) * T_, qt * 64, T_);
     const float scale = 1.0f / sqrtf((float)HD), sl2 = scale * LOG2E;
     float dq[ND][4];
 #pragma unroll
     for (int dn = 0; dn < ND; dn++) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
-    const int n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
+    /* this warp's 16 query rows: the same every tile (in registers when they fit) */
+    constexpr bool HOIST = HD <= 64;
+    uint32_t qa[NK][4], oa[NK][4];
     for (int kt = 0; kt < n_kt; kt++) {
+        cp_async_wait_all();
         __syncthreads();
-        load_tile<HD>(Ks, Kg, rs, kt * 64, T_);
-        load_tile<HD>(Vs, Vg, rs, kt * 64, T_);
-        __syncthreads();
+        if (kt + 1 < n_kt) {
+            const int nb = (kt + 1) & 1;
+            load_tile_async<HD>(Kb + nb * 64 * LD, Kg, rs, (kt + 1) * 64, T_);
+            load_tile_async<HD>(Vb + nb * 64 * LD, Vg, rs, (kt + 1) * 64, T_);
+        }
+        cp_async_commit();
+        if (HOIST && kt == 0)
+#pragma unroll
+            for (int kc = 0; kc < NK; kc++) {
+                frag_a(qa[kc], Qs + warp * 16 * LD + kc * 16, LD, lane);
+                frag_a(oa[kc], dOs + warp * 16 * LD + kc * 16, LD, lane);
+            }
+        const bf16 *Ks = Kb + (kt & 1) * 64 * LD, *Vs = Vb + (kt & 1) * 64 * LD;
         float s[8][4], dp[8][4];
 #pragma unroll
         for (int j = 0; j < 8; j++)
@@ -579,25 +627,32 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
             for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
 #pragma unroll
         for (int kc = 0; kc < NK; kc++) {
-            uint32_t qa[4], oa[4];
-            frag_a(qa, Qs + warp * 16 * LD + kc * 16, LD, g, t);
-            frag_a(oa, dOs + warp * 16 * LD + kc * 16, LD, g, t);
+            if (!HOIST) {
+                frag_a(qa[kc], Qs + warp * 16 * LD + kc * 16, LD, lane);
+                frag_a(oa[kc], dOs + warp * 16 * LD + kc * 16, LD, lane);
+            }
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
-                uint32_t b0, b1;
-                frag_bt(b0, b1, Ks + j * 8 * LD + kc * 16, LD, g, t);
-                mma16816(s[j], qa, b0, b1);                  // S = Q K^T
-                frag_bt(b0, b1, Vs + j * 8 * LD + kc * 16, LD, g, t);
-                mma16816(dp[j], oa, b0, b1);                 // dP = dO V^T
+            for (int j = 0; j < 8; j += 2) {
+                uint32_t fb[4];
+                frag_bt2(fb, Ks + j * 8 * LD + kc * 16, LD, lane);
+                mma16816(s[j], qa[kc], fb[0], fb[1]);           // S = Q K^T
+                mma16816(s[j + 1], qa[kc], fb[2], fb[3]);
+                frag_bt2(fb, Vs + j * 8 * LD + kc * 16, LD, lane);
+                mma16816(dp[j], oa[kc], fb[0], fb[1]);          // dP = dO V^T
+                mma16816(dp[j + 1], oa[kc], fb[2], fb[3]);
             }
         }
+        /* only the diagonal tile has keys after a row; rows past T_ have
+         * zero dO, L and D: dS = 0 there */
+        const bool diag = kt == qt;
 #pragma unroll
         for (int j = 0; j < 8; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int key = kt * 64 + j * 8 + 2 * t + (e & 1);
                 const int lr = e < 2 ? lr0 : lr1, row = e < 2 ? r0 : r1;
-                const float p = (key <= row && key < T_ && row < T_) ? exp2f(s[j][e] * sl2 - Ls[lr]) : 0.f;
+                const float p = diag && !(key <= row && key < T_ && row < T_) ? 0.f
+                                                                               : exp2f(s[j][e] * sl2 - Ls[lr]);
                 s[j][e] = p * (dp[j][e] - Ds[lr]);           // dS (without the scale)
             }
 #pragma unroll
@@ -605,10 +660,11 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
             uint32_t sa[4];
             c_to_a(sa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-            for (int dn = 0; dn < ND; dn++) {
-                uint32_t b0, b1;
-                frag_b(b0, b1, Ks + kk * 16 * LD + dn * 8, LD, g, t);
-                mma16816(dq[dn], sa, b0, b1);                // dQ += dS K
+            for (int dn = 0; dn < ND; dn += 2) {
+                uint32_t fb[4];
+                frag_b2(fb, Ks + kk * 16 * LD + dn * 8, LD, lane);
+                mma16816(dq[dn], sa, fb[0], fb[1]);             // dQ += dS K
+                mma16816(dq[dn + 1], sa, fb[2], fb[3]);
             }
         }
     }
@@ -631,8 +687,9 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
 
 template <int HD>
 static void set_smem(void) {
+    CUDA_CHECK(cudaFuncSetAttribute(fwd_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fwd_smem<HD>()));
     CUDA_CHECK(cudaFuncSetAttribute(bwd_dkv_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dkv_smem<HD>()));
-    CUDA_CHECK(cudaFuncSetAttribute(bwd_dq_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bwd_smem<HD>()));
+    CUDA_CHECK(cudaFuncSetAttribute(bwd_dq_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dq_smem<HD>()));
 }
 extern "C" void sj_cuda_attention_init(void) { set_smem<32>(); set_smem<64>(); set_smem<128>(); }
 
@@ -679,7 +736,7 @@ static void backward_simple(T *dqkv, const T *dout, const T *qkv, const T *out, 
 
 template <int HD>
 static void forward_mma(bf16 *out, float *lse, const bf16 *qkv, int B, int T_, int H, int KV) {
-    fwd_mma<HD><<<dim3((T_ + 63) / 64, B * H), 128, 0, sj_stream()>>>(out, lse, qkv, T_, H, KV);
+    fwd_mma<HD><<<dim3((T_ + 63) / 64, B * H), 128, fwd_smem<HD>(), sj_stream()>>>(out, lse, qkv, T_, H, KV);
     LAUNCH_CHECK("attention_forward (mma)");
 }
 
@@ -709,7 +766,7 @@ static void backward_mma(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const bf
         bwd_dkv_mma<HD><<<dim3((T_ + 63) / 64, nb * KV), 128, dkv_smem<HD>(), s>>>(
             dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, accum);
         LAUNCH_CHECK("attention_backward dkv (mma)");
-        bwd_dq_mma<HD><<<dim3((T_ + 63) / 64, nb * H), 128, bwd_smem<HD>(), s>>>(
+        bwd_dq_mma<HD><<<dim3((T_ + 63) / 64, nb * H), 128, dq_smem<HD>(), s>>>(
             dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, accum);
         LAUNCH_CHECK("attention_backward dq (mma)");
     }

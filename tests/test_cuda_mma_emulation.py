@@ -11,16 +11,35 @@ import cuda_ref as ref
 L = np.arange(32); G = L >> 2; Tt = L & 3
 LOG2E = 1.4426950408889634
 
-def frag_a(sm, base, ld):
+# The fragment layouts as the PTX ISA defines them (what the mma consumes).
+def frag_a_ptx(sm, base, ld):
     q = base + G * ld + 2 * Tt
     return np.stack([np.stack([sm[q], sm[q + 1]], -1), np.stack([sm[q + 8 * ld], sm[q + 8 * ld + 1]], -1),
                      np.stack([sm[q + 8], sm[q + 9]], -1), np.stack([sm[q + 8 * ld + 8], sm[q + 8 * ld + 9]], -1)], 1)
-def frag_bt(sm, base, ld):
+def frag_bt_ptx(sm, base, ld):
     q = base + G * ld + 2 * Tt
     return np.stack([sm[q], sm[q + 1]], -1), np.stack([sm[q + 8], sm[q + 9]], -1)
-def frag_b(sm, base, ld):
+def frag_b_ptx(sm, base, ld):
     q = base + 2 * Tt * ld + G
     return np.stack([sm[q], sm[q + ld]], -1), np.stack([sm[q + 8 * ld], sm[q + 9 * ld]], -1)
+# ldmatrix .x4: lanes 8i..8i+7 give the row addresses of matrix i; lane l
+# receives row l/4, columns 2(l%4), +1 of each (.trans: rows 2(l%4), +1 of column l/4).
+def ldsm_x4(sm, addr):
+    return np.stack([np.stack([sm[addr[8 * i + G] + 2 * Tt], sm[addr[8 * i + G] + 2 * Tt + 1]], -1)
+                     for i in range(4)], 1)
+def ldsm_x4_trans(sm, addr):
+    return np.stack([np.stack([sm[addr[8 * i + 2 * Tt] + G], sm[addr[8 * i + 2 * Tt + 1] + G]], -1)
+                     for i in range(4)], 1)
+# The kernels' fragment loads (same lane addresses as cuda/attention.cu).
+def frag_a(sm, base, ld):
+    return ldsm_x4(sm, base + ((L & 7) + (L & 8)) * ld + (L >> 4) * 8)
+def frag_bt2(sm, base, ld):
+    r = ldsm_x4(sm, base + ((L & 7) + (L >> 4) * 8) * ld + (L & 8))
+    return (r[:, 0], r[:, 1]), (r[:, 2], r[:, 3])
+def frag_b2(sm, base, ld):
+    r = ldsm_x4_trans(sm, base + ((L & 7) + (L & 8)) * ld + (L >> 4) * 8)
+    return (r[:, 0], r[:, 1]), (r[:, 2], r[:, 3])
+
 def c_to_a(c0, c1):
     return np.stack([c0[:, 0:2], c0[:, 2:4], c1[:, 0:2], c1[:, 2:4]], 1)
 def mma(c, a, b0, b1):
@@ -63,15 +82,17 @@ def fwd(qkv, B, T, H, KV, HD):
                     for kt in range(n_kt):
                         Ks = load_tile(x[b, :, H + kvh], kt * 64, T, HD); Vs = load_tile(x[b, :, H + KV + kvh], kt * 64, T, HD)
                         s = np.zeros((8, 32, 4))
-                        for j in range(8):
-                            for kc in range(NK):
-                                b0, b1 = frag_bt(Ks, j * 8 * LD + kc * 16, LD); mma(s[j], qa[kc], b0, b1)
+                        for kc in range(NK):
+                            for j in range(0, 8, 2):
+                                (b0, b1), (b2, b3) = frag_bt2(Ks, j * 8 * LD + kc * 16, LD)
+                                mma(s[j], qa[kc], b0, b1); mma(s[j + 1], qa[kc], b2, b3)
+                        diag = kt == qt
                         mx0 = np.full(32, -np.inf); mx1 = mx0.copy()
                         for j in range(8):
                             for e in range(4):
                                 key = kt * 64 + j * 8 + 2 * Tt + (e & 1); row = r0 if e < 2 else r1
                                 v = s[j][:, e] * sl2
-                                v = np.where((key > row) | (key >= T), -np.inf, v)
+                                if diag: v = np.where((key > row) | (key >= T), -np.inf, v)
                                 s[j][:, e] = v
                                 if e < 2: mx0 = np.maximum(mx0, v)
                                 else: mx1 = np.maximum(mx1, v)
@@ -90,8 +111,9 @@ def fwd(qkv, B, T, H, KV, HD):
                         o[:, :, 0] *= c0; o[:, :, 1] *= c0; o[:, :, 2] *= c1; o[:, :, 3] *= c1
                         for kk in range(4):
                             pa = c_to_a(s[2 * kk], s[2 * kk + 1])
-                            for dn in range(ND):
-                                b0, b1 = frag_b(Vs, kk * 16 * LD + dn * 8, LD); mma(o[dn], pa, b0, b1)
+                            for dn in range(0, ND, 2):
+                                (b0, b1), (b2, b3) = frag_b2(Vs, kk * 16 * LD + dn * 8, LD)
+                                mma(o[dn], pa, b0, b1); mma(o[dn + 1], pa, b2, b3)
                     l0 = l0 + l0[L ^ 1]; l0 = l0 + l0[L ^ 2]; l1 = l1 + l1[L ^ 1]; l1 = l1 + l1[L ^ 2]
                     for dn in range(ND):
                         c = dn * 8 + 2 * Tt
@@ -147,19 +169,25 @@ def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
                             st = np.zeros((8, 32, 4)); dp = np.zeros((8, 32, 4))
                             for kc in range(NK):
                                 ka = frag_a(Ks, warp * 16 * LD + kc * 16, LD); va = frag_a(Vs, warp * 16 * LD + kc * 16, LD)
-                                for j in range(8):
-                                    b0, b1 = frag_bt(Qs, j * 8 * LD + kc * 16, LD); mma(st[j], ka, b0, b1)
-                                    b0, b1 = frag_bt(dOs, j * 8 * LD + kc * 16, LD); mma(dp[j], va, b0, b1)
+                                for j in range(0, 8, 2):
+                                    (b0, b1), (b2, b3) = frag_bt2(Qs, j * 8 * LD + kc * 16, LD)
+                                    mma(st[j], ka, b0, b1); mma(st[j + 1], ka, b2, b3)
+                                    (b0, b1), (b2, b3) = frag_bt2(dOs, j * 8 * LD + kc * 16, LD)
+                                    mma(dp[j], va, b0, b1); mma(dp[j + 1], va, b2, b3)
+                            diag = qt == kt
                             for j in range(8):
                                 for e in range(4):
                                     qq = j * 8 + 2 * Tt + (e & 1); q = qt * 64 + qq; key = kr0 if e < 2 else kr1
-                                    p = np.where((q >= key) & (q < T) & (key < T), np.exp2(st[j][:, e] * sl2 - Ls[qq]), 0)
+                                    keep = (q >= key) & (q < T) & (key < T) if diag else True
+                                    p = np.where(keep, np.exp2(st[j][:, e] * sl2 - Ls[qq]), 0)
                                     st[j][:, e] = p; dp[j][:, e] = p * (dp[j][:, e] - Ds[qq])
                             for kk in range(4):
                                 pa = c_to_a(st[2 * kk], st[2 * kk + 1]); sa = c_to_a(dp[2 * kk], dp[2 * kk + 1])
-                                for dn in range(ND):
-                                    b0, b1 = frag_b(dOs, kk * 16 * LD + dn * 8, LD); mma(dv[dn], pa, b0, b1)
-                                    b0, b1 = frag_b(Qs, kk * 16 * LD + dn * 8, LD); mma(dk[dn], sa, b0, b1)
+                                for dn in range(0, ND, 2):
+                                    (b0, b1), (b2, b3) = frag_b2(dOs, kk * 16 * LD + dn * 8, LD)
+                                    mma(dv[dn], pa, b0, b1); mma(dv[dn + 1], pa, b2, b3)
+                                    (b0, b1), (b2, b3) = frag_b2(Qs, kk * 16 * LD + dn * 8, LD)
+                                    mma(dk[dn], sa, b0, b1); mma(dk[dn + 1], sa, b2, b3)
                     for dn in range(ND):
                         c = dn * 8 + 2 * Tt
                         for (kr, i0, i1) in ((kr0, 0, 1), (kr1, 2, 3)):
@@ -182,19 +210,24 @@ def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
                         s = np.zeros((8, 32, 4)); dp = np.zeros((8, 32, 4))
                         for kc in range(NK):
                             qa = frag_a(Qs, warp * 16 * LD + kc * 16, LD); oa = frag_a(dOs, warp * 16 * LD + kc * 16, LD)
-                            for j in range(8):
-                                b0, b1 = frag_bt(Ks, j * 8 * LD + kc * 16, LD); mma(s[j], qa, b0, b1)
-                                b0, b1 = frag_bt(Vs, j * 8 * LD + kc * 16, LD); mma(dp[j], oa, b0, b1)
+                            for j in range(0, 8, 2):
+                                (b0, b1), (b2, b3) = frag_bt2(Ks, j * 8 * LD + kc * 16, LD)
+                                mma(s[j], qa, b0, b1); mma(s[j + 1], qa, b2, b3)
+                                (b0, b1), (b2, b3) = frag_bt2(Vs, j * 8 * LD + kc * 16, LD)
+                                mma(dp[j], oa, b0, b1); mma(dp[j + 1], oa, b2, b3)
+                        diag = kt == qt
                         for j in range(8):
                             for e in range(4):
                                 key = kt * 64 + j * 8 + 2 * Tt + (e & 1)
                                 lr = lr0 if e < 2 else lr1; row = r0 if e < 2 else r1
-                                p = np.where((key <= row) & (key < T) & (row < T), np.exp2(s[j][:, e] * sl2 - Ls[lr]), 0)
+                                keep = (key <= row) & (key < T) & (row < T) if diag else True
+                                p = np.where(keep, np.exp2(s[j][:, e] * sl2 - Ls[lr]), 0)
                                 s[j][:, e] = p * (dp[j][:, e] - Ds[lr])
                         for kk in range(4):
                             sa = c_to_a(s[2 * kk], s[2 * kk + 1])
-                            for dn in range(ND):
-                                b0, b1 = frag_b(Ks, kk * 16 * LD + dn * 8, LD); mma(dq[dn], sa, b0, b1)
+                            for dn in range(0, ND, 2):
+                                (b0, b1), (b2, b3) = frag_b2(Ks, kk * 16 * LD + dn * 8, LD)
+                                mma(dq[dn], sa, b0, b1); mma(dq[dn + 1], sa, b2, b3)
                     for dn in range(ND):
                         c = dn * 8 + 2 * Tt
                         for (r, i0, i1) in ((r0, 0, 1), (r1, 2, 3)):
@@ -217,3 +250,15 @@ def test_mma_attention_logic_matches_float64(shape):
     d = bwd(dout, qkv, o, l, B, T, H, KV, HD)
     assert not np.isnan(d).any(), "an element of dqkv was never written"
     assert ref.rel_err(d, ref.attention_bwd(dout, qkv, B, T, H, KV, HD)) < 1e-12
+
+
+def test_ldmatrix_fragments_are_the_ptx_fragments():
+    """The kernels' ldmatrix lane addresses deliver exactly the mma fragments."""
+    LD = 72
+    sm = np.random.default_rng(1).standard_normal(64 * LD)
+    for base in (0, 16 * LD + 16, 40 * LD + 8):
+        np.testing.assert_array_equal(frag_a(sm, base, LD), frag_a_ptx(sm, base, LD))
+        for two, one, step in ((frag_bt2, frag_bt_ptx, 8 * LD), (frag_b2, frag_b_ptx, 8)):
+            (b0, b1), (b2, b3) = two(sm, base, LD)
+            for got, want in zip((b0, b1, b2, b3), one(sm, base, LD) + one(sm, base + step, LD)):
+                np.testing.assert_array_equal(got, want)
