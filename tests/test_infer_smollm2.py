@@ -146,6 +146,28 @@ def test_kv_cache_decode_equals_batched_forward(mode, text_ids):
     assert err < 2e-5, f"{mode}: decode vs batched forward relative error {err:.2e}"
 
 
+def test_f16_kv_cache_halves_the_cache_and_keeps_the_logits(text_ids):
+    m16 = load_gguf(smollm2_path(), "fp32", max_ctx=1024, kv_dtype="f16")
+    m32 = model("fp32")
+    assert m16.kv_dtype == "f16" and m32.kv_dtype == "f32"
+    kv32 = 2 * 30 * 1024 * 192 * 4                       # layers, positions, kv_dim, bytes
+    assert m32.memory()["cache_bytes"] - m16.memory()["cache_bytes"] == kv32 // 2
+    toks = text_ids[:200]
+    a, b = m16.forward(toks), m32.forward(toks)
+    err = rel_err(a, b)
+    assert err < 2e-3 and (a.argmax(-1) == b.argmax(-1)).all(), err
+    m16.reset()
+    m16.prefill(toks[:150])
+    steps = np.stack([m16.decode(t) for t in toks[150:]])
+    # 1e-7 differences between the GEMV and the batched GEMM move a few
+    # entries across an f16 rounding boundary: 1e-4, not f32's 2e-5
+    assert rel_err(steps, a[150:]) < 1e-3
+    with pytest.raises(ValueError, match="before any tokens"):
+        m16._h.set_kv_f16(False)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        load_gguf(smollm2_path(), "q4", kv_dtype="bf16")
+
+
 def test_q8_q4_perplexity_close_to_fp32(text_ids):
     toks = text_ids[:513]
     ppl = {mode: model(mode).perplexity(toks, window=512) for mode in ("fp32", "q8", "q4")}
