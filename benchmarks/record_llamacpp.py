@@ -6,6 +6,13 @@ engine with llama.cpp without needing llama-cpp-python:
   source; ids from OUR tokenizer, which the tests prove equal to HF's), and at
   every position llama.cpp's top-8 token ids and log-probabilities (enough for
   top-1 agreement and a KL divergence over its top 8 plus a remainder bucket);
+- teacher_forced_f32: the same, with llama.cpp running the same weights
+  re-encoded as F32 (the Q4_1 blocks dequantised exactly, written by our
+  exporter): llama.cpp then multiplies in f32 instead of quantising every
+  matmul input to 8 bits (Q8_1 for Q4_1 weights, Q8_0 for the Q8_0 head),
+  so this section compares the model's semantics with our fp32 mode to
+  rounding level, while `teacher_forced` shows what llama.cpp's 8-bit
+  activations cost on the Q4_1 file itself;
 - greedy: several prompts' first 16 greedily generated tokens;
 - exports: our GGUF exports (Q8_0 from q8 mode, Q4_0 from q4 mode) of the
   same model, run by llama.cpp over 48 tokens (top-8 log-probs).
@@ -37,6 +44,24 @@ PROMPTS = [
     "<|im_start|>user\nList three colors.<|im_end|>\n<|im_start|>assistant\n",
 ]
 TOP = 8
+# llama-cpp-python's defaults, written out: f16 K/V cache, flash attention off
+# (the Python API maps flash_attn=False to DISABLED, not AUTO), one ubatch of
+# 512; eval() adds no BOS. Recorded in the JSON with the results.
+SETTINGS = dict(n_ctx=1024, n_batch=512, n_ubatch=512, flash_attn=False, type_k=1, type_v=1,
+                n_threads=2, n_threads_batch=2)
+
+
+def teacher_forced(Llama, path, ids):
+    llm = Llama(model_path=path, logits_all=True, verbose=False, **SETTINGS)
+    llm.reset()
+    llm.eval(ids)
+    lg = np.array(llm.scores[:len(ids)], dtype=np.float64)
+    del llm
+    lp = lg - lg.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    top = np.argsort(-lp, axis=-1, kind="stable")[:, :TOP]
+    return {"tokens": ids, "top_ids": top.tolist(),
+            "top_logprobs": np.round(np.take_along_axis(lp, top, -1), 5).tolist()}
 
 
 def main():
@@ -48,14 +73,8 @@ def main():
     tok = read_gguf(path).tokenizer()
     ids = [int(t) for t in tok.encode(held_out_text(6000))][:512]
     assert len(ids) == 512, len(ids)
-    llm = Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=2, n_threads_batch=2,
-                logits_all=True, verbose=False)
-    llm.reset()
-    llm.eval(ids)
-    lg = np.array(llm.scores[:len(ids)], dtype=np.float64)
-    lp = lg - lg.max(-1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-    top = np.argsort(-lp, axis=-1, kind="stable")[:, :TOP]
+    tf = teacher_forced(Llama, path, ids)
+    llm = Llama(model_path=path, logits_all=True, verbose=False, **SETTINGS)
     greedy = []
     for p in PROMPTS:
         pid = [int(t) for t in tok.encode(p)]
@@ -74,6 +93,10 @@ def main():
     from smedjan.infer import load_gguf
     import tempfile
     exports = {}
+    with tempfile.TemporaryDirectory() as d:   # the same weights as F32: no 8-bit activations
+        f32 = os.path.join(d, "smol_f32.gguf")
+        export_gguf(load_gguf(path, "fp32"), f32, "f32")
+        tf32 = teacher_forced(Llama, f32, ids)
     etoks = ids[:48]
     for mode, typ in (("q8", "q8_0"), ("q4", "q4_0")):
         with tempfile.TemporaryDirectory() as d:
@@ -96,11 +119,9 @@ def main():
         "date": datetime.date.today().isoformat(),
         "machine": platform.processor() or platform.machine(),
         "text": "tests/infer_common.py held_out_text(6000) (inspect.py), first 512 tokens",
-        "teacher_forced": {
-            "tokens": ids,
-            "top_ids": top.tolist(),
-            "top_logprobs": np.round(np.take_along_axis(lp, top, -1), 5).tolist(),
-        },
+        "settings": SETTINGS,
+        "teacher_forced": tf,
+        "teacher_forced_f32": tf32,
         "greedy": greedy,
         "exports": exports,
     }

@@ -423,6 +423,11 @@ int64_t sj_infer_weight_bytes(const sj_infer *h);    /* resident weights      */
 int64_t sj_infer_cache_bytes(const sj_infer *h);     /* KV cache + run state  */
 /* Forget the cache (position 0). */
 void sj_infer_reset(sj_infer *h);
+/* Store the K/V cache as IEEE f16 (f16 = 1, half its memory; entries rounded
+ * to nearest even, as llama.cpp's default cache) or f32 (0, the default).
+ * Only with an empty cache: it is reallocated. */
+sj_status sj_infer_set_kv_f16(sj_infer *h, int f16);
+int sj_infer_kv_f16(const sj_infer *h);
 /* Append n tokens to the cache in one batched forward. logits_all: NULL or
  * (n, vocab), written with every position's logits; *last points at the
  * last position's logits (vocab), valid until the next call. */

@@ -46,8 +46,10 @@ class InferenceModel:
 
     # ---- construction -----------------------------------------------------------
     @classmethod
-    def load_gguf(cls, path, mode: str = "q8", max_ctx: int = 0, tokenizer: bool = True) -> "InferenceModel":
+    def load_gguf(cls, path, mode: str = "q8", max_ctx: int = 0, tokenizer: bool = True,
+                  kv_dtype: str = "f32") -> "InferenceModel":
         p = os.fspath(path)
+        _check_kv_dtype(kv_dtype)
         if not os.path.exists(p):
             raise FileNotFoundError(2, f"{p}: no such file", p)
         tok = None
@@ -56,12 +58,17 @@ class InferenceModel:
             f = read_gguf(p)
             if "tokenizer.ggml.tokens" in f.kv:
                 tok = f.tokenizer()
-        return cls(_C.infer_load_gguf(p, mode, max_ctx), tok, p)
+        h = _C.infer_load_gguf(p, mode, max_ctx)
+        h.set_kv_f16(kv_dtype == "f16")
+        return cls(h, tok, p)
 
     @classmethod
-    def from_model(cls, model, mode: str = "fp32", max_ctx: int = 0) -> "InferenceModel":
+    def from_model(cls, model, mode: str = "fp32", max_ctx: int = 0, kv_dtype: str = "f32") -> "InferenceModel":
         """Copy (and quantise) a smedjan Model's current weights."""
-        return cls(_C.infer_from_model(model._h, mode, max_ctx), getattr(model, "tokenizer", None))
+        _check_kv_dtype(kv_dtype)
+        h = _C.infer_from_model(model._h, mode, max_ctx)
+        h.set_kv_f16(kv_dtype == "f16")
+        return cls(h, getattr(model, "tokenizer", None))
 
     # ---- properties ---------------------------------------------------------------
     @property
@@ -72,6 +79,11 @@ class InferenceModel:
     def pos(self) -> int:
         """Tokens now in the KV cache."""
         return self._h.pos()
+
+    @property
+    def kv_dtype(self) -> str:
+        """"f32" or "f16": the element type of the K/V cache."""
+        return self._h.info()["kv_dtype"]
 
     @property
     def max_ctx(self) -> int:
@@ -168,6 +180,11 @@ class InferenceModel:
                 f"max_ctx={c.max_ctx})")
 
 
+def _check_kv_dtype(kv_dtype):
+    if kv_dtype not in ("f32", "f16"):
+        raise ValueError(f"kv_dtype must be 'f32' or 'f16', got {kv_dtype!r}")
+
+
 def _check_args(ids, temperature, top_k, top_p, repetition_penalty):
     if not ids:
         raise ValueError("prompt is empty: generation needs at least one token")
@@ -240,15 +257,16 @@ def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top
     stats.setdefault("ttft_s", float("nan"))
 
 
-def load_gguf(path, mode: str = "q8", max_ctx: int = 0) -> InferenceModel:
+def load_gguf(path, mode: str = "q8", max_ctx: int = 0, kv_dtype: str = "f32") -> InferenceModel:
     """A GGUF model (Llama architecture) with its tokenizer, weights held as
-    `mode` ("fp32", "bf16", "q8", "q4") whatever the file stores."""
-    return InferenceModel.load_gguf(path, mode, max_ctx)
+    `mode` ("fp32", "bf16", "q8", "q4") whatever the file stores; the K/V
+    cache in `kv_dtype` ("f32", or "f16": half the memory, llama.cpp's default)."""
+    return InferenceModel.load_gguf(path, mode, max_ctx, kv_dtype=kv_dtype)
 
 
-def from_model(model, mode: str = "fp32", max_ctx: int = 0) -> InferenceModel:
+def from_model(model, mode: str = "fp32", max_ctx: int = 0, kv_dtype: str = "f32") -> InferenceModel:
     """An inference copy of a smedjan Model's weights (quantised per mode)."""
-    return InferenceModel.from_model(model, mode, max_ctx)
+    return InferenceModel.from_model(model, mode, max_ctx, kv_dtype)
 
 
 Generator = InferenceModel

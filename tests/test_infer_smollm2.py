@@ -146,6 +146,28 @@ def test_kv_cache_decode_equals_batched_forward(mode, text_ids):
     assert err < 2e-5, f"{mode}: decode vs batched forward relative error {err:.2e}"
 
 
+def test_f16_kv_cache_halves_the_cache_and_keeps_the_logits(text_ids):
+    m16 = load_gguf(smollm2_path(), "fp32", max_ctx=1024, kv_dtype="f16")
+    m32 = model("fp32")
+    assert m16.kv_dtype == "f16" and m32.kv_dtype == "f32"
+    kv32 = 2 * 30 * 1024 * 192 * 4                       # layers, positions, kv_dim, bytes
+    assert m32.memory()["cache_bytes"] - m16.memory()["cache_bytes"] == kv32 // 2
+    toks = text_ids[:200]
+    a, b = m16.forward(toks), m32.forward(toks)
+    err = rel_err(a, b)
+    assert err < 2e-3 and (a.argmax(-1) == b.argmax(-1)).all(), err
+    m16.reset()
+    m16.prefill(toks[:150])
+    steps = np.stack([m16.decode(t) for t in toks[150:]])
+    # 1e-7 differences between the GEMV and the batched GEMM move a few
+    # entries across an f16 rounding boundary: 1e-4, not f32's 2e-5
+    assert rel_err(steps, a[150:]) < 1e-3
+    with pytest.raises(ValueError, match="before any tokens"):
+        m16._h.set_kv_f16(False)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        load_gguf(smollm2_path(), "q4", kv_dtype="bf16")
+
+
 def test_q8_q4_perplexity_close_to_fp32(text_ids):
     toks = text_ids[:513]
     ppl = {mode: model(mode).perplexity(toks, window=512) for mode in ("fp32", "q8", "q4")}
@@ -180,24 +202,51 @@ def _recorded():
     return json.loads(DATA.read_text())
 
 
-def test_teacher_forced_agrees_with_llamacpp():
-    rec = _recorded()
-    toks = np.asarray(rec["teacher_forced"]["tokens"], np.int32)
-    top_ids = np.asarray(rec["teacher_forced"]["top_ids"])          # (T, K) llama.cpp's top K
-    top_lp = np.asarray(rec["teacher_forced"]["top_logprobs"])      # their log-probs
-    lg = model("fp32").forward(toks).astype(np.float64)
+def _agreement(section, mode="fp32"):
+    """Top-1 agreement and per-position KL(llama.cpp || ours) over a recorded
+    teacher-forced section (KL over llama.cpp's top K plus one bucket for the rest)."""
+    toks = np.asarray(section["tokens"], np.int32)
+    top_ids = np.asarray(section["top_ids"])          # (T, K) llama.cpp's top K
+    top_lp = np.asarray(section["top_logprobs"])      # their log-probs
+    lg = model(mode).forward(toks).astype(np.float64)
     lp = lg - (lg.max(-1, keepdims=True) + np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)))
     agree = float((lp.argmax(-1) == top_ids[:, 0]).mean())
-    # KL(llama.cpp || ours) over llama.cpp's top K plus one bucket for the rest
     p = np.exp(top_lp)
     q = np.take_along_axis(np.exp(lp), top_ids, -1)
     pr, qr = np.clip(1 - p.sum(-1), 1e-12, None), np.clip(1 - q.sum(-1), 1e-12, None)
     kl = (p * (top_lp - np.log(q))).sum(-1) + pr * (np.log(pr) - np.log(qr))
-    print(f"vs llama.cpp over {len(toks)} tokens: top-1 agreement {agree:.4f}, mean KL {kl.mean():.2e}")
-    # The issue asks for >= 99%; we measure 96.1%: llama.cpp itself computes
-    # with 8-bit activations and an f16 KV cache, and every position where we
-    # differ is a near tie in its own distribution (top-2 margin < 0.45 nats,
-    # mostly < 0.1). Held here at what is achieved, so a regression shows.
+    return agree, kl
+
+
+def test_teacher_forced_equals_llamacpp_on_the_same_weights_in_f32():
+    # llama.cpp running the file's weights re-encoded as F32 (exactly the
+    # dequantised Q4_1 values) computes in f32 like our fp32 mode: measured
+    # 100% top-1 and KL 1e-6 (what remains is llama.cpp's f16 K/V cache).
+    rec = _recorded()
+    agree, kl = _agreement(rec["teacher_forced_f32"])
+    print(f"vs llama.cpp (F32 weights) over {kl.size} tokens: top-1 agreement {agree:.4f}, "
+          f"mean KL {kl.mean():.2e}, max KL {kl.max():.2e}")
+    assert agree >= 0.99, agree
+    assert kl.mean() < 1e-5, kl.mean()
+
+
+def test_teacher_forced_agrees_with_llamacpp_on_the_q4_1_file():
+    rec = _recorded()
+    agree, kl = _agreement(rec["teacher_forced"])
+    print(f"vs llama.cpp (Q4_1 file) over {kl.size} tokens: top-1 agreement {agree:.4f}, "
+          f"mean KL {kl.mean():.2e}")
+    # The issue asks for >= 99%; 96.1% is the ceiling for any engine that is
+    # not bit-identical to llama.cpp. Measured (benchmarks/record_llamacpp.py,
+    # docs/inference.md): on this file llama.cpp quantises every matmul input
+    # to 8 bits (Q8_1 blocks for the Q4_1 matrices, Q8_0 for the Q8_0 head);
+    # SmolLM2's residual stream carries a ~25000 outlier channel from layer 11
+    # on, so those 8-bit inputs cost KL ~3e-3 against exact math and flip ~3%
+    # of top-1 choices, and the flips are chaotic: two 8-bit runs that differ
+    # only in rounding (fp16 vs fp32 block scales, or llama.cpp with an f16 vs
+    # an f32 K/V cache) agree with each other just as little (96-97%). With
+    # the same weights as F32, llama.cpp and we agree at 100% (test above); the
+    # f16 K/V cache alone costs KL 1e-6. Held at the achieved level so a
+    # regression shows.
     assert agree >= 0.955, agree
     assert kl.mean() < 0.005, kl.mean()
 

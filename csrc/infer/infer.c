@@ -20,17 +20,26 @@ typedef struct { sj_qmat wq, wk, wv, wo, w_gate, w_up, w_down; float *attn_norm,
 struct sj_infer {
     sj_config c;
     int hd, kv_dim, max_ctx, mode, pos;
+    int kv_f16;                  /* K/V cache entries stored as IEEE f16 (half the memory) */
     /* weights */
     sj_qmat tok_emb, output;     /* output.mem == NULL: tied to tok_emb */
     layer_w *L;
     float *norms;                /* (2 n_layers + 1, dim): attn, ffn per layer, final */
     /* run state (CHUNK rows each) */
     float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *logits, *rope_cos, *rope_sin;
-    float *kcache, *vcache;      /* (n_layers, max_ctx, kv_dim) */
+    float *kcache, *vcache;      /* (n_layers, max_ctx, kv_dim) f32, or uint16 f16 when kv_f16 */
     sj_qact qa;
     void *state_mem;
     int64_t state_bytes;
 };
+
+/* f16 -> f32 by table (256 KB, filled once before any f16 cache exists): one
+ * load per element, as cheap as reading an f32 cache. */
+static float f16_lut[65536];
+static void f16_lut_init(void) {
+    if (f16_lut[0x3C00] == 1.0f) return;
+    for (int i = 0; i < 65536; i++) f16_lut[i] = sj_f16_to_f32((uint16_t)i);
+}
 
 static const sj_qmat *out_head(const sj_infer *h) { return h->output.mem ? &h->output : &h->tok_emb; }
 
@@ -52,6 +61,40 @@ void sj_infer_free(sj_infer *h) {
     sj_free(h->norms);
     sj_free(h->state_mem);
     free(h);
+}
+
+/* Run state and KV cache: one allocation, sized by the config, max_ctx and
+ * the cache's element type. */
+static sj_status alloc_state(sj_infer *h) {
+    const sj_config *c = &h->c;
+    const int C = c->dim, F = c->ffn_dim, V = c->vocab_size, KVd = h->kv_dim, max_ctx = h->max_ctx;
+    const int64_t R = CHUNK, W = SJ_MAX(C, F), half = h->hd / 2;
+    int64_t n_f = R * C * 3 + R * KVd * 2 + R * C + R * F * 2 + (int64_t)V + 2 * (int64_t)max_ctx * half +
+                  2 * (int64_t)c->n_layers * max_ctx * KVd / (h->kv_f16 ? 2 : 1);
+    int64_t nb = R * W / QK;
+    int64_t bytes = n_f * 4 + R * W + nb * 8 + R * W * 2 + 16 * 64;
+    uint8_t *p = h->state_mem = sj_alloc((size_t)bytes, "KV cache and run state");
+    if (!p) return SJ_ERR_NOMEM;
+    h->state_bytes = bytes;
+    float *f = (float *)p;
+#define TAKE(ptr, n) do { ptr = f; f += SJ_CDIV((int64_t)(n), 16) * 16; } while (0)
+    TAKE(h->x, R * C); TAKE(h->xb, R * C); TAKE(h->q, R * C); TAKE(h->k, R * KVd); TAKE(h->v, R * KVd);
+    TAKE(h->att, R * C); TAKE(h->hb, R * F); TAKE(h->hb2, R * F); TAKE(h->logits, V);
+    TAKE(h->rope_cos, max_ctx * half); TAKE(h->rope_sin, max_ctx * half);
+    const int64_t kvn = (int64_t)c->n_layers * max_ctx * KVd / (h->kv_f16 ? 2 : 1);
+    TAKE(h->kcache, kvn); TAKE(h->vcache, kvn);
+    TAKE(h->qa.d, nb); TAKE(h->qa.s, nb); TAKE(h->qa.d2, nb * 8);
+    h->qa.q = (int8_t *)f;
+#undef TAKE
+    /* angles in float, as csrc/cpu/rope.c and Hugging Face's fp32 path */
+    for (int t = 0; t < max_ctx; t++)
+        for (int i = 0; i < half; i++) {
+            float inv = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)h->hd);
+            float a = (float)t * inv;
+            h->rope_cos[(int64_t)t * half + i] = cosf(a);
+            h->rope_sin[(int64_t)t * half + i] = sinf(a);
+        }
+    return SJ_OK;
 }
 
 /* Config checked, matrices allocated (unfilled), run state and RoPE tables built. */
@@ -86,32 +129,7 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, int untied, s
         w->attn_norm = h->norms + (int64_t)(2 * l) * C;
         w->ffn_norm = h->norms + (int64_t)(2 * l + 1) * C;
     }
-    /* run state: one allocation */
-    const int64_t R = CHUNK, W = SJ_MAX(C, F), half = h->hd / 2;
-    int64_t n_f = R * C * 3 + R * KVd * 2 + R * C + R * F * 2 + (int64_t)V + 2 * (int64_t)max_ctx * half +
-                  2 * (int64_t)c->n_layers * max_ctx * KVd;
-    int64_t nb = R * W / QK;
-    int64_t bytes = n_f * 4 + R * W + nb * 8 + R * W * 2 + 16 * 64;
-    uint8_t *p = h->state_mem = sj_alloc((size_t)bytes, "KV cache and run state");
-    if (!p) { s = SJ_ERR_NOMEM; goto fail; }
-    h->state_bytes = bytes;
-    float *f = (float *)p;
-#define TAKE(ptr, n) do { ptr = f; f += SJ_CDIV((int64_t)(n), 16) * 16; } while (0)
-    TAKE(h->x, R * C); TAKE(h->xb, R * C); TAKE(h->q, R * C); TAKE(h->k, R * KVd); TAKE(h->v, R * KVd);
-    TAKE(h->att, R * C); TAKE(h->hb, R * F); TAKE(h->hb2, R * F); TAKE(h->logits, V);
-    TAKE(h->rope_cos, max_ctx * half); TAKE(h->rope_sin, max_ctx * half);
-    TAKE(h->kcache, (int64_t)c->n_layers * max_ctx * KVd); TAKE(h->vcache, (int64_t)c->n_layers * max_ctx * KVd);
-    TAKE(h->qa.d, nb); TAKE(h->qa.s, nb); TAKE(h->qa.d2, nb * 8);
-    h->qa.q = (int8_t *)f;
-#undef TAKE
-    /* angles in float, as csrc/cpu/rope.c and Hugging Face's fp32 path */
-    for (int t = 0; t < max_ctx; t++)
-        for (int i = 0; i < half; i++) {
-            float inv = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)h->hd);
-            float a = (float)t * inv;
-            h->rope_cos[(int64_t)t * half + i] = cosf(a);
-            h->rope_sin[(int64_t)t * half + i] = sinf(a);
-        }
+    if ((s = alloc_state(h))) goto fail;
     *out = h;
     return SJ_OK;
 fail:
@@ -300,6 +318,24 @@ int sj_infer_max_ctx(const sj_infer *h) { return h->max_ctx; }
 int sj_infer_pos(const sj_infer *h) { return h->pos; }
 sj_infer_mode sj_infer_get_mode(const sj_infer *h) { return (sj_infer_mode)h->mode; }
 void sj_infer_reset(sj_infer *h) { h->pos = 0; }
+int sj_infer_kv_f16(const sj_infer *h) { return h->kv_f16; }
+
+sj_status sj_infer_set_kv_f16(sj_infer *h, int f16) {
+    f16 = !!f16;
+    if (f16 == h->kv_f16) return SJ_OK;
+    if (h->pos) return sj_fail(SJ_ERR_ARG, "KV cache type: set it before any tokens (%d are cached; reset first)", h->pos);
+    if (f16) f16_lut_init();
+    void *old = h->state_mem;
+    const int was = h->kv_f16;
+    h->kv_f16 = f16;
+    if (alloc_state(h)) {   /* keep the old state usable */
+        h->kv_f16 = was;
+        h->state_mem = old;
+        return SJ_ERR_NOMEM;
+    }
+    sj_free(old);
+    return SJ_OK;
+}
 int64_t sj_infer_cache_bytes(const sj_infer *h) { return h->state_bytes; }
 int64_t sj_infer_weight_bytes(const sj_infer *h) {
     int64_t b = h->tok_emb.bytes + h->output.bytes + (int64_t)(2 * h->c.n_layers + 1) * h->c.dim * 4;
@@ -370,19 +406,27 @@ static void attn_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
     sj_infer *h = j->h;
     const int H = h->c.n_heads, hd = h->hd, KVd = h->kv_dim, grp = H / h->c.n_kv_heads;
     const float scale = 1.0f / sqrtf((float)hd);
-    const float *kc = h->kcache + (int64_t)j->layer * h->max_ctx * KVd;
-    const float *vc = h->vcache + (int64_t)j->layer * h->max_ctx * KVd;
+    const int64_t lo = (int64_t)j->layer * h->max_ctx * KVd;
+    const float *kc = h->kcache + lo, *vc = h->vcache + lo;
+    const uint16_t *kc16 = (const uint16_t *)h->kcache + lo, *vc16 = (const uint16_t *)h->vcache + lo;
+    const int f16 = h->kv_f16;
     float sc[j->pos0 + j->n];
     for (int64_t i = i0; i < i1; i++) {
         int t = (int)(i / H), hh = (int)(i % H), T = j->pos0 + t + 1;
         const float *q = h->q + (int64_t)t * H * hd + hh * hd;
         const float *k0 = kc + (hh / grp) * hd, *v0 = vc + (hh / grp) * hd;
+        const uint16_t *k016 = kc16 + (hh / grp) * hd, *v016 = vc16 + (hh / grp) * hd;
         float m = -INFINITY;
         for (int s = 0; s < T; s++) {
-            const float *k = k0 + (int64_t)s * KVd;
             float d = 0.f;
+            if (f16) {
+                const uint16_t *k = k016 + (int64_t)s * KVd;
+                for (int e = 0; e < hd; e++) d += q[e] * f16_lut[k[e]];
+            } else {
+                const float *k = k0 + (int64_t)s * KVd;
 #pragma omp simd reduction(+:d)
-            for (int e = 0; e < hd; e++) d += q[e] * k[e];
+                for (int e = 0; e < hd; e++) d += q[e] * k[e];
+            }
             sc[s] = d * scale;
             m = sc[s] > m ? sc[s] : m;
         }
@@ -391,9 +435,15 @@ static void attn_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
         float *o = h->att + (int64_t)t * H * hd + hh * hd, inv = 1.0f / sum;
         memset(o, 0, sizeof(float) * hd);
         for (int s = 0; s < T; s++) {
-            const float *v = v0 + (int64_t)s * KVd, p = sc[s] * inv;
+            const float p = sc[s] * inv;
+            if (f16) {
+                const uint16_t *v = v016 + (int64_t)s * KVd;
+                for (int e = 0; e < hd; e++) o[e] += p * f16_lut[v[e]];
+            } else {
+                const float *v = v0 + (int64_t)s * KVd;
 #pragma omp simd
-            for (int e = 0; e < hd; e++) o[e] += p * v[e];
+                for (int e = 0; e < hd; e++) o[e] += p * v[e];
+            }
         }
     }
 }
@@ -422,14 +472,18 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
             if (w->wq.type == SJ_W_Q8 || w->wq.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
             sj_qmat_mul_multi(3, outs, Ws, h->xb, &h->qa, n);
         }
-        float *kc = h->kcache + ((int64_t)l * h->max_ctx + h->pos) * KVd;
-        float *vc = h->vcache + ((int64_t)l * h->max_ctx + h->pos) * KVd;
+        const int64_t at = ((int64_t)l * h->max_ctx + h->pos) * KVd;
         for (int t = 0; t < n; t++) {
             rope(h, h->q + (int64_t)t * C, H, h->pos + t);
             rope(h, h->k + (int64_t)t * KVd, KV, h->pos + t);
         }
-        memcpy(kc, h->k, sizeof(float) * n * KVd);
-        memcpy(vc, h->v, sizeof(float) * n * KVd);
+        if (h->kv_f16) {   /* rounded to nearest even, as ggml's f16 cache */
+            uint16_t *kc = (uint16_t *)h->kcache + at, *vc = (uint16_t *)h->vcache + at;
+            for (int64_t i = 0; i < (int64_t)n * KVd; i++) { kc[i] = sj_f32_to_f16(h->k[i]); vc[i] = sj_f32_to_f16(h->v[i]); }
+        } else {
+            memcpy(h->kcache + at, h->k, sizeof(float) * n * KVd);
+            memcpy(h->vcache + at, h->v, sizeof(float) * n * KVd);
+        }
         attn_job aj = { h, l, n, h->pos };
         if (n * H < 4) attn_rows(&aj, 0, n * H, 0);
         else sj_parallel_for((int64_t)n * H, 1, attn_rows, &aj);

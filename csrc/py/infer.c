@@ -221,14 +221,15 @@ static PyObject *infer_reset(PyObject *self, PyObject *noargs) {
 static PyObject *infer_info(PyObject *self, PyObject *noargs) {
     sj_infer *h = ((InferObject *)self)->h;
     const sj_config *c = sj_infer_config(h);
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f,s:f,s:i,s:i,s:s,s:L,s:L,s:s}",
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f,s:f,s:i,s:i,s:s,s:L,s:L,s:s,s:s}",
                          "dim", c->dim, "n_layers", c->n_layers, "n_heads", c->n_heads,
                          "n_kv_heads", c->n_kv_heads, "ffn_dim", c->ffn_dim, "vocab_size", c->vocab_size,
                          "max_seq_len", c->max_seq_len, "rope_theta", c->rope_theta, "norm_eps", c->norm_eps,
                          "max_ctx", sj_infer_max_ctx(h), "pos", sj_infer_pos(h),
                          "mode", mode_name(sj_infer_get_mode(h)),
                          "weight_bytes", (long long)sj_infer_weight_bytes(h),
-                         "cache_bytes", (long long)sj_infer_cache_bytes(h), "isa", sj_infer_isa());
+                         "cache_bytes", (long long)sj_infer_cache_bytes(h), "isa", sj_infer_isa(),
+                         "kv_dtype", sj_infer_kv_f16(h) ? "f16" : "f32");
 }
 
 static PyObject *infer_pos(PyObject *self, PyObject *noargs) {
@@ -283,7 +284,17 @@ static PyObject *infer_weight_gguf(PyObject *self, PyObject *args) {
     return b;
 }
 
+static PyObject *infer_set_kv_f16(PyObject *self, PyObject *args) {
+    int f16;
+    if (!PyArg_ParseTuple(args, "p", &f16)) return NULL;
+    sj_status st;
+    SJ_PY_CALL(st, sj_infer_set_kv_f16(((InferObject *)self)->h, f16));
+    if (st) return sj_py_raise(st);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef infer_methods[] = {
+    {"set_kv_f16", infer_set_kv_f16, METH_VARARGS, "set_kv_f16(on): K/V cache as f16 (True) or f32; only with an empty cache"},
     {"prefill", infer_prefill, METH_VARARGS, "prefill(tokens, out=None): append tokens (int32) to the cache; out (n, vocab) gets every position's logits"},
     {"decode", infer_decode, METH_VARARGS, "decode(token): one token through the model"},
     {"logits", infer_logits, METH_VARARGS, "logits(out): copy the last logits into out (vocab,) float32"},
