@@ -241,65 +241,6 @@ static __device__ __forceinline__ void c_to_a(uint32_t a[4], const float c0[4], 
     a[3] = pack(c1[2], c1[3]);
 }
 
-/* ---- RoPE inside the kernels (the *_rope entry points) -----------------
- * rt: (T, HD/2) (cos, sin) of pos * inv_freq[i], computed by rope_table_k
- * exactly as rope.cu does. Pairs (i, i + HD/2) rotate together; in an mma
- * fragment column c's partner c + HD/2 sits in the same lane, in the
- * fragment HD/32 blocks of 16 further on, so Q (registers) and dQ/dK
- * (accumulators) rotate without shuffles; K and Q tiles in shared memory
- * rotate in place before their fragments are loaded. */
-static __global__ void rope_table_k(float2 *rt, int n, int half, const rope_freqs f) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const float a = (float)(i / half) * f.inv[i % half];
-    rt[i] = make_float2(cosf(a), sinf(a));
-}
-/* lo: elements (i, i+1) of a row, hi: (i + HD/2, i + 1 + HD/2); cs: the
- * row's (cos, sin) at i, i+1. Rotation by +angle (forward). */
-static __device__ __forceinline__ void rotate_bf16x2(uint32_t &lo, uint32_t &hi, const float2 *cs) {
-    const float4 c = *reinterpret_cast<const float4 *>(cs);   /* cos_i, sin_i, cos_i1, sin_i1 */
-    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&lo));
-    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&hi));
-    lo = pack(a.x * c.x - b.x * c.y, a.y * c.z - b.y * c.w);
-    hi = pack(b.x * c.x + a.x * c.y, b.y * c.z + a.y * c.w);
-}
-/* Gradient of the rotation (by -angle) of an f32 pair x1 (column i), x2 (i + HD/2). */
-static __device__ __forceinline__ void unrotate(float &x1, float &x2, float2 cs) {
-    const float a = x1, b = x2;
-    x1 = a * cs.x + b * cs.y;
-    x2 = b * cs.x - a * cs.y;
-}
-/* Rotate a 64-row tile in shared memory in place; rows at positions
- * r0.. (rows past T_ are zeros and stay so). */
-template <int HD>
-static __device__ __forceinline__ void rope_tile(bf16 *sm, const float2 *rt, int r0, int T_) {
-    constexpr int LD = HD + 8, HALF = HD / 2, PAIRS = HALF / 2;
-    for (int i = threadIdx.x; i < 64 * PAIRS; i += blockDim.x) {
-        const int r = i / PAIRS, c = (i % PAIRS) * 2;
-        if (r0 + r >= T_) continue;
-        uint32_t *lo = reinterpret_cast<uint32_t *>(sm + r * LD + c);
-        uint32_t *hi = reinterpret_cast<uint32_t *>(sm + r * LD + c + HALF);
-        uint32_t a = *lo, b = *hi;
-        rotate_bf16x2(a, b, rt + (int64_t)(r0 + r) * HALF + c);
-        *lo = a;
-        *hi = b;
-    }
-}
-/* Undo the rotation on accumulators acc[ND][4] of rows (row0: e < 2,
- * row1: e >= 2), columns dn*8 + 2t + (e & 1). */
-template <int HD>
-static __device__ __forceinline__ void unrotate_acc(float (*acc)[4], const float2 *rt, int row0,
-                                                    int row1, int t, int T_) {
-    constexpr int ND = HD / 8, HALF = HD / 2;
-#pragma unroll
-    for (int dn = 0; dn < ND / 2; dn++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int row = e < 2 ? row0 : row1, col = dn * 8 + 2 * t + (e & 1);
-            if (row < T_) unrotate(acc[dn][e], acc[dn + ND / 2][e], rt[(int64_t)row * HALF + col]);
-        }
-}
-
 /* 64 rows of HD bf16 from global (row stride rs elements) into shared
  * memory (row stride HD + 8: the 8 rows an ldmatrix reads fall in
  * different banks) with cp.async, 16 bytes a copy, bypassing registers
@@ -376,9 +317,9 @@ template <int HD> static constexpr size_t dkv_smem(void) { return 6 * tile_bytes
 // (tile kt+1 is copied with cp.async while tile kt computes). Only the
 // diagonal tile needs the causal mask: every key of an earlier tile
 // precedes every query row of this one.
-template <int HD, bool ROPE>
+template <int HD>
 static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, const bf16 *qkv,
-                                                      const float2 *rt, int T_, int H, int KV) {
+                                                      int T_, int H, int KV) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *Kb = (bf16 *)smem, *Vb = Kb + 2 * 64 * LD;
@@ -402,14 +343,6 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
         qa[kc][2] = r0 < T_ ? ld32(Qg + (int64_t)r0 * rs + c + 8) : 0u;
         qa[kc][3] = r1 < T_ ? ld32(Qg + (int64_t)r1 * rs + c + 8) : 0u;
     }
-    if (ROPE)   /* qa[kc][e]: row r0 (e even) or r1, columns c (e < 2) or c + 8, and c + 1 */
-#pragma unroll
-        for (int kc = 0; kc < NK / 2; kc++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int row = e & 1 ? r1 : r0, col = kc * 16 + 2 * t + (e >> 1) * 8;
-                if (row < T_) rotate_bf16x2(qa[kc][e], qa[kc + NK / 2][e], rt + (int64_t)row * (HD / 2) + col);
-            }
     float o[ND][4];
 #pragma unroll
     for (int dn = 0; dn < ND; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
@@ -427,10 +360,6 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
         }
         cp_async_commit();
         const bf16 *Ks = Kb + (kt & 1) * 64 * LD, *Vs = Vb + (kt & 1) * 64 * LD;
-        if (ROPE) {
-            rope_tile<HD>(Kb + (kt & 1) * 64 * LD, rt, kt * 64, T_);
-            __syncthreads();
-        }
         float s[8][4];
 #pragma unroll
         for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
@@ -514,11 +443,11 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
 // tiles are copied with cp.async while step i computes (one barrier per
 // step). D: (B, H, T) from attn_rowdot_k. Bound: tensor-core rate
 // (mma.sync); 2.5x the forward's FLOPs.
-template <int HD, bool ROPE>
+template <int HD>
 static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16 *dout,
                                                           const bf16 *qkv, const float *D,
-                                                          const float *lse, const float2 *rt,
-                                                          int T_, int H, int KV, int accum) {
+                                                          const float *lse, int T_, int H,
+                                                          int KV, int accum) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *Ks = (bf16 *)smem, *Vs = Ks + 64 * LD, *Qb = Vs + 64 * LD, *dOb = Qb + 2 * 64 * LD;
@@ -560,11 +489,6 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16
         __syncthreads();
         if (i + 1 < n_steps) issue(i + 1);
         cp_async_commit();
-        if (ROPE) {
-            if (i == 0) rope_tile<HD>(Ks, rt, kt * 64, T_);
-            rope_tile<HD>(Qb + bf * 64 * LD, rt, qt * 64, T_);
-            __syncthreads();
-        }
         if (HOIST && i == 0)
 #pragma unroll
             for (int kc = 0; kc < NK; kc++) {
@@ -626,7 +550,6 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16
             }
         }
     }
-    if (ROPE) unrotate_acc<HD>(dk, rt, kr0, kr1, t, T_);
     bf16 *dK = dqkv + (int64_t)b * T_ * rs + (H + kvh) * HD;
     bf16 *dV = dqkv + (int64_t)b * T_ * rs + (H + KV + kvh) * HD;
 #pragma unroll
@@ -650,11 +573,11 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16
 // dQ of 64 query rows of one head. grid (ceil(T/64), B*H), 128 threads,
 // dq_smem<HD>() dynamic shared memory. Q and dO fragments stay in
 // registers; K and V tiles stream through two buffers like the forward.
-template <int HD, bool ROPE>
+template <int HD>
 static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 *dout,
                                                          const bf16 *qkv, const float *D,
-                                                         const float *lse, const float2 *rt,
-                                                         int T_, int H, int KV, int accum) {
+                                                         const float *lse, int T_, int H,
+                                                         int KV, int accum) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *Qs = (bf16 *)smem, *dOs = Qs + 64 * LD, *Kb = dOs + 64 * LD, *Vb = Kb + 2 * 64 * LD;
@@ -690,11 +613,6 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
             load_tile_async<HD>(Vb + nb * 64 * LD, Vg, rs, (kt + 1) * 64, T_);
         }
         cp_async_commit();
-        if (ROPE) {
-            if (kt == 0) rope_tile<HD>(Qs, rt, qt * 64, T_);
-            rope_tile<HD>(Kb + (kt & 1) * 64 * LD, rt, kt * 64, T_);
-            __syncthreads();
-        }
         if (HOIST && kt == 0)
 #pragma unroll
             for (int kc = 0; kc < NK; kc++) {
@@ -750,7 +668,6 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
             }
         }
     }
-    if (ROPE) unrotate_acc<HD>(dq, rt, r0, r1, t, T_);
     bf16 *dQ = dqkv + (int64_t)b * T_ * rs + h * HD;
 #pragma unroll
     for (int dn = 0; dn < ND; dn++) {
@@ -768,16 +685,13 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
 
 /* ============================== launchers =============================== */
 
-template <int HD, bool ROPE>
+template <int HD>
 static void set_smem(void) {
-    CUDA_CHECK(cudaFuncSetAttribute(fwd_mma<HD, ROPE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fwd_smem<HD>()));
-    CUDA_CHECK(cudaFuncSetAttribute(bwd_dkv_mma<HD, ROPE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dkv_smem<HD>()));
-    CUDA_CHECK(cudaFuncSetAttribute(bwd_dq_mma<HD, ROPE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dq_smem<HD>()));
+    CUDA_CHECK(cudaFuncSetAttribute(fwd_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fwd_smem<HD>()));
+    CUDA_CHECK(cudaFuncSetAttribute(bwd_dkv_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dkv_smem<HD>()));
+    CUDA_CHECK(cudaFuncSetAttribute(bwd_dq_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dq_smem<HD>()));
 }
-extern "C" void sj_cuda_attention_init(void) {
-    set_smem<32, false>(); set_smem<64, false>(); set_smem<128, false>();
-    set_smem<32, true>(); set_smem<64, true>(); set_smem<128, true>();
-}
+extern "C" void sj_cuda_attention_init(void) { set_smem<32>(); set_smem<64>(); set_smem<128>(); }
 
 static bool use_mma(int B, int H, int KV, int hd) {
     return get_variant() == 0 && (hd == 32 || hd == 64 || hd == 128) &&
@@ -820,20 +734,15 @@ static void backward_simple(T *dqkv, const T *dout, const T *qkv, const T *out, 
 #undef SJ_BWD_SIMPLE
 }
 
-/* rt: the rotary table, or NULL for attention without RoPE */
 template <int HD>
-static void forward_mma(bf16 *out, float *lse, const bf16 *qkv, const float2 *rt, int B, int T_,
-                        int H, int KV) {
-    const dim3 grid((T_ + 63) / 64, B * H);
-    if (rt) fwd_mma<HD, true><<<grid, 128, fwd_smem<HD>(), sj_stream()>>>(out, lse, qkv, rt, T_, H, KV);
-    else fwd_mma<HD, false><<<grid, 128, fwd_smem<HD>(), sj_stream()>>>(out, lse, qkv, rt, T_, H, KV);
+static void forward_mma(bf16 *out, float *lse, const bf16 *qkv, int B, int T_, int H, int KV) {
+    fwd_mma<HD><<<dim3((T_ + 63) / 64, B * H), 128, fwd_smem<HD>(), sj_stream()>>>(out, lse, qkv, T_, H, KV);
     LAUNCH_CHECK("attention_forward (mma)");
 }
 
 template <int HD>
 static void backward_mma(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const bf16 *out,
-                         const float *lse, const float2 *rt, int B, int T_, int H, int KV,
-                         int accum) {
+                         const float *lse, int B, int T_, int H, int KV, int accum) {
     /* D = rowsum(dO * O) lives in scratch, (Bc, H, T) floats: batches in
      * chunks of Bc that fit (one chunk at the usual sizes: 16 x 12 x 1024
      * floats are 0.8 MB of the 16 MB). */
@@ -841,8 +750,7 @@ static void backward_mma(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const bf
     const int64_t per_b = (int64_t)H * T_ * sizeof(float);
     const int Bc = (int)min((int64_t)B, (int64_t)(ctx->scratch_bytes / per_b));
     if (Bc < 1 || !ctx->scratch) {
-        if (rt) sj_cuda_error("attention_backward", "rowdot scratch too small for fused RoPE", __FILE__, __LINE__);
-        else backward_simple(dqkv, dout, qkv, out, lse, B, T_, H, KV, HD, accum);
+        backward_simple(dqkv, dout, qkv, out, lse, B, T_, H, KV, HD, accum);
         return;
     }
     float *D = (float *)ctx->scratch;
@@ -855,17 +763,11 @@ static void backward_mma(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const bf
         attn_rowdot_k<HD><<<sj_blocks(n_rows * (HD / 8), 256, 1 << 30), 256, 0, s>>>(
             D, dout + o_off, out + o_off, T_, H, n_rows);
         LAUNCH_CHECK("attention_backward rowdot");
-        const dim3 gk((T_ + 63) / 64, nb * KV), gq((T_ + 63) / 64, nb * H);
-        const float *L = lse + (int64_t)b0 * H * T_;
-        if (rt) {
-            bwd_dkv_mma<HD, true><<<gk, 128, dkv_smem<HD>(), s>>>(dqkv + q_off, dout + o_off, qkv + q_off, D, L, rt, T_, H, KV, accum);
-            LAUNCH_CHECK("attention_backward dkv (mma)");
-            bwd_dq_mma<HD, true><<<gq, 128, dq_smem<HD>(), s>>>(dqkv + q_off, dout + o_off, qkv + q_off, D, L, rt, T_, H, KV, accum);
-        } else {
-            bwd_dkv_mma<HD, false><<<gk, 128, dkv_smem<HD>(), s>>>(dqkv + q_off, dout + o_off, qkv + q_off, D, L, rt, T_, H, KV, accum);
-            LAUNCH_CHECK("attention_backward dkv (mma)");
-            bwd_dq_mma<HD, false><<<gq, 128, dq_smem<HD>(), s>>>(dqkv + q_off, dout + o_off, qkv + q_off, D, L, rt, T_, H, KV, accum);
-        }
+        bwd_dkv_mma<HD><<<dim3((T_ + 63) / 64, nb * KV), 128, dkv_smem<HD>(), s>>>(
+            dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, accum);
+        LAUNCH_CHECK("attention_backward dkv (mma)");
+        bwd_dq_mma<HD><<<dim3((T_ + 63) / 64, nb * H), 128, dq_smem<HD>(), s>>>(
+            dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, accum);
         LAUNCH_CHECK("attention_backward dq (mma)");
     }
 }
@@ -882,64 +784,24 @@ extern "C" void sj_cuda_attention_backward_f32(void *dqkv, const void *dout, con
     backward_simple((float *)dqkv, (const float *)dout, (const float *)qkv, (const float *)out,
                     lse, B, T_, H, KV, hd, accum);
 }
-/* The bf16 entry points; rt != NULL: RoPE fused (tensor-core path only). */
-static void forward_bf16(void *out, float *lse, const void *qkv, const float2 *rt, int B, int T_,
-                         int H, int KV, int hd) {
+extern "C" void sj_cuda_attention_forward_bf16(void *out, float *lse, const void *qkv, int B,
+                                               int T_, int H, int KV, int hd) {
     if ((int64_t)B * T_ <= 0) return;
     bf16 *o = (bf16 *)out;
     const bf16 *x = (const bf16 *)qkv;
-    if (!use_mma(B, H, KV, hd)) {
-        if (rt) sj_cuda_error("attention_forward", "fused RoPE needs the tensor-core kernels", __FILE__, __LINE__);
-        else forward_simple(o, lse, x, B, T_, H, KV, hd);
-    } else if (hd == 32) forward_mma<32>(o, lse, x, rt, B, T_, H, KV);
-    else if (hd == 64) forward_mma<64>(o, lse, x, rt, B, T_, H, KV);
-    else forward_mma<128>(o, lse, x, rt, B, T_, H, KV);
-}
-static void backward_bf16(void *dqkv, const void *dout, const void *qkv, const void *out,
-                          const float *lse, const float2 *rt, int B, int T_, int H, int KV, int hd,
-                          int accum) {
-    if ((int64_t)B * T_ <= 0) return;
-    bf16 *d = (bf16 *)dqkv;
-    const bf16 *go = (const bf16 *)dout, *x = (const bf16 *)qkv, *o = (const bf16 *)out;
-    if (!use_mma(B, H, KV, hd)) {
-        if (rt) sj_cuda_error("attention_backward", "fused RoPE needs the tensor-core kernels", __FILE__, __LINE__);
-        else backward_simple(d, go, x, o, lse, B, T_, H, KV, hd, accum);
-    } else if (hd == 32) backward_mma<32>(d, go, x, o, lse, rt, B, T_, H, KV, accum);
-    else if (hd == 64) backward_mma<64>(d, go, x, o, lse, rt, B, T_, H, KV, accum);
-    else backward_mma<128>(d, go, x, o, lse, rt, B, T_, H, KV, accum);
-}
-extern "C" void sj_cuda_attention_forward_bf16(void *out, float *lse, const void *qkv, int B,
-                                               int T_, int H, int KV, int hd) {
-    forward_bf16(out, lse, qkv, NULL, B, T_, H, KV, hd);
+    if (!use_mma(B, H, KV, hd)) forward_simple(o, lse, x, B, T_, H, KV, hd);
+    else if (hd == 32) forward_mma<32>(o, lse, x, B, T_, H, KV);
+    else if (hd == 64) forward_mma<64>(o, lse, x, B, T_, H, KV);
+    else forward_mma<128>(o, lse, x, B, T_, H, KV);
 }
 extern "C" void sj_cuda_attention_backward_bf16(void *dqkv, const void *dout, const void *qkv,
                                                 const void *out, const float *lse, int B, int T_,
                                                 int H, int KV, int hd, int accum) {
-    backward_bf16(dqkv, dout, qkv, out, lse, NULL, B, T_, H, KV, hd, accum);
-}
-
-/* Fused RoPE: the table follows lse (see backend.h); forward writes it. */
-static float2 *rope_table(const float *lse_table, int B, int T_, int H) {
-    return (float2 *)(lse_table + sj_rope_table_at((int64_t)B * H * T_));
-}
-extern "C" int sj_cuda_attention_rope_ok(int B, int H, int KV, int hd) { return use_mma(B, H, KV, hd); }
-extern "C" void sj_cuda_attention_rope_forward_bf16(void *out, float *lse_table, const void *qkv,
-                                                    int B, int T_, int H, int KV, int hd,
-                                                    float theta) {
     if ((int64_t)B * T_ <= 0) return;
-    float2 *rt = rope_table(lse_table, B, T_, H);
-    rope_freqs f;
-    rope_inv_freqs(&f, hd, theta);
-    const int n = T_ * (hd / 2);
-    rope_table_k<<<(n + 255) / 256, 256, 0, sj_stream()>>>(rt, n, hd / 2, f);
-    LAUNCH_CHECK("attention rope table");
-    forward_bf16(out, lse_table, qkv, rt, B, T_, H, KV, hd);
-}
-extern "C" void sj_cuda_attention_rope_backward_bf16(void *dqkv, const void *dout, const void *qkv,
-                                                     const void *out, const float *lse_table,
-                                                     int B, int T_, int H, int KV, int hd,
-                                                     float theta, int accum) {
-    (void)theta;   /* the table forward wrote holds the angles */
-    backward_bf16(dqkv, dout, qkv, out, lse_table, rope_table(lse_table, B, T_, H), B, T_, H, KV,
-                  hd, accum);
+    bf16 *d = (bf16 *)dqkv;
+    const bf16 *go = (const bf16 *)dout, *x = (const bf16 *)qkv, *o = (const bf16 *)out;
+    if (!use_mma(B, H, KV, hd)) backward_simple(d, go, x, o, lse, B, T_, H, KV, hd, accum);
+    else if (hd == 32) backward_mma<32>(d, go, x, o, lse, B, T_, H, KV, accum);
+    else if (hd == 64) backward_mma<64>(d, go, x, o, lse, B, T_, H, KV, accum);
+    else backward_mma<128>(d, go, x, o, lse, B, T_, H, KV, accum);
 }

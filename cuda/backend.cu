@@ -263,13 +263,7 @@ static void graph_free(void *g) { if (g) cudaGraphExecDestroy((cudaGraphExec_t)g
         ctx_create, ctx_free, bind, sync,                          \
         pinned_alloc, pinned_free,                                 \
         capture_begin, capture_end, graph_launch, graph_free,      \
-        ROPE_FUSED                                                 \
     }
 
-/* f32 (parity) keeps RoPE as its own op; bf16 fuses it into attention. */
-#define ROPE_FUSED
 extern "C" const sj_backend sj_cuda_backend_f32 = SJ_CU_TABLE(f32, SJ_F32);
-#undef ROPE_FUSED
-#define ROPE_FUSED sj_cuda_attention_rope_ok, sj_cuda_attention_rope_forward_bf16, \
-                   sj_cuda_attention_rope_backward_bf16,
 extern "C" const sj_backend sj_cuda_backend_bf16 = SJ_CU_TABLE(bf16, SJ_BF16);

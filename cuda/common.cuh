@@ -4,7 +4,6 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
-#include <math.h>
 #include <stdint.h>
 #include "sj_cuda.h"
 
@@ -35,17 +34,6 @@ static inline cudaStream_t sj_stream(void) { return sj_cuda_cur()->stream; }
     } while (0)
 /* After every launch: configuration errors show here, faults at sync(). */
 #define LAUNCH_CHECK(name) CUDA_CHECK(cudaGetLastError())
-
-/* RoPE inverse frequencies, passed to kernels by value (a captured graph
- * carries them). Computed in double and rounded: the f32 value the CPU's
- * powf gives, so angles match csrc/cpu/rope.c bit for bit. */
-struct rope_freqs { float inv[128]; };   /* hd / 2 <= 128 */
-static inline void rope_inv_freqs(rope_freqs *f, int hd, float theta) {
-    for (int i = 0; i < hd / 2; i++) {
-        float e = (float)(2 * i) / (float)hd;
-        f->inv[i] = 1.0f / (float)pow((double)theta, (double)e);
-    }
-}
 
 /* ---- element types: f32 or bf16 in memory, f32 in registers ---------- */
 typedef __nv_bfloat16 bf16;

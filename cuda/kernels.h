@@ -52,11 +52,5 @@ void sj_cuda_convert(void *dst, sj_dtype dst_dtype, const void *src, sj_dtype sr
 void sj_cuda_grad_sumsq(sj_adamw_hp *hp, const float *g, int64_t n);
 /* Once per process, before any capture: raise shared-memory limits. */
 void sj_cuda_attention_init(void);
-int sj_cuda_attention_rope_ok(int B, int H, int KV, int hd);
-void sj_cuda_attention_rope_forward_bf16(void *out, float *lse_table, const void *qkv, int B, int T_,
-                                         int H, int KV, int hd, float theta);
-void sj_cuda_attention_rope_backward_bf16(void *dqkv, const void *dout, const void *qkv,
-                                          const void *out, const float *lse_table, int B, int T_,
-                                          int H, int KV, int hd, float theta, int accum);
 void sj_cuda_matmul_init(void);
 }

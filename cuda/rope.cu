@@ -18,6 +18,15 @@
 #include "kernels.h"
 #include <math.h>
 
+struct rope_freqs { float inv[128]; };   /* hd / 2 <= 128 */
+
+/* Same value as the device expression in rope_k and the CPU's powf. */
+static void rope_inv_freqs(rope_freqs *f, int hd, float theta) {
+    for (int i = 0; i < hd / 2; i++) {
+        float e = (float)(2 * i) / (float)hd;
+        f->inv[i] = 1.0f / (float)pow((double)theta, (double)e);
+    }
+}
 
 // out, in: (B, T, n_heads*hd), n_rows = B * T; out may be in (each thread
 // reads the elements it writes before writing them).

@@ -97,34 +97,6 @@ def test_rmsnorm_kernels(dtype, accum, rng):
     close(b["dw"], dw + dw0, dtype, "rmsnorm dw", 1e-5 if dtype == "fp32" else 5e-3)
 
 
-@pytest.mark.parametrize("shape", [(2, 100, 4, 2, 32), (1, 130, 2, 2, 64), (2, 70, 4, 1, 128), (3, 7, 3, 1, 64)],
-                         ids=lambda s: "B%dT%dH%dKV%dhd%d" % s)
-def test_attention_with_fused_rope(shape, rng):
-    """bf16 attention that rotates q and k itself equals RoPE then attention
-    (float64 reference); its dqkv is the gradient of the unrotated qkv."""
-    B, T, H, KV, hd = shape
-    W, theta = (H + 2 * KV) * hd, 10000.0
-    n_lse = (B * H * T + 3) // 4 * 4 + T * hd          # lse, then the rotary table
-    qkv = rnd(rng, B, T, W, dtype="bf16")
-    rot = ref.rope(qkv, B, T, H + 2 * KV, H + KV, hd, 0, theta)
-    f = op("attention_rope_forward", "bf16", {"out": poison((B, T, H * hd)), "lse": poison((n_lse,)),
-                                              "qkv": qkv}, (B, T, H, KV, hd), (theta,))
-    out, lse = ref.attention_fwd(rot, B, T, H, KV, hd)
-    close(f["out"], out, "bf16", "fused-rope attention out")
-    close(f["lse"][:B * H * T].reshape(B, H, T), lse, "bf16", "fused-rope attention lse", 2e-3)
-    dout = rnd(rng, B, T, H * hd, dtype="bf16")
-    want = ref.rope(ref.attention_bwd(dout, rot, B, T, H, KV, hd), B, T, H + 2 * KV, H + KV, hd, 0, theta,
-                    inverse=True)
-    for accum in (0, 1):
-        d0 = rnd(rng, B, T, W, dtype="bf16") if accum else poison((B, T, W))
-        b = op("attention_rope_backward", "bf16", {"dqkv": d0, "dout": dout, "qkv": qkv, "out": f["out"],
-                                                   "lse": f["lse"]}, (B, T, H, KV, hd, accum), (theta,))
-        got = b["dqkv"].reshape(B, T, H + 2 * KV, hd)
-        w = (want + (np.float64(d0) if accum else 0)).reshape(B, T, H + 2 * KV, hd)
-        for part, sl in (("dq", slice(0, H)), ("dk", slice(H, H + KV)), ("dv", slice(H + KV, None))):
-            close(got[:, :, sl], w[:, :, sl], "bf16", f"fused-rope attention {part} accum={accum}", 3e-2)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("accum", [0, 1])
 def test_rope_kernels(dtype, accum, rng):

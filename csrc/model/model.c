@@ -308,9 +308,6 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     #define PARAM(fmt, l, rows) \
         sj_tape_param(tp, find(m, fmt, l)->offset, (int64_t)(rows) * find(m, fmt, l)->shape[1])
     #define NORM(fmt, l) sj_tape_param(tp, find(m, fmt, l)->offset, C)
-    const sj_backend *be = m->be;
-    const int fuse_rope = c->rope_theta > 0 && be->attention_rope_ok &&
-                          be->attention_rope_ok(B, H, KV, hd);
     pl->tokens = sj_tape_tensor(tp, SJ_T_EXTERN, N);
     int x = sj_op_embedding(tp, pl->tokens, PARAM("tok_emb%.0d", 0, V), N, C);
     for (int l = 0; l < c->n_layers; l++) {
@@ -318,13 +315,8 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         int h = sj_op_rmsnorm(tp, x, NORM("layers.%d.attn_norm", l), N, C, c->norm_eps);
         int qkv = sj_op_matmul(tp, h, PARAM("layers.%d.wq", l, (H + 2 * KV) * hd), N,
                                (H + 2 * KV) * hd, C);
-        int a;
-        if (fuse_rope) {   /* RoPE inside the attention kernels */
-            a = sj_op_attention(tp, qkv, B, T, H, KV, hd, c->rope_theta);
-        } else {
-            qkv = sj_op_rope(tp, qkv, B, T, H + 2 * KV, H + KV, hd, c->rope_theta);
-            a = sj_op_attention(tp, qkv, B, T, H, KV, hd, 0.0f);
-        }
+        qkv = sj_op_rope(tp, qkv, B, T, H + 2 * KV, H + KV, hd, c->rope_theta);
+        int a = sj_op_attention(tp, qkv, B, T, H, KV, hd);
         x = sj_op_add(tp, x, sj_op_matmul(tp, a, PARAM("layers.%d.wo", l, C), N, C, H * hd),
                       (int64_t)N * C);
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);

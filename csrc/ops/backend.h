@@ -142,24 +142,7 @@ typedef struct sj_backend {
     sj_status (*capture_end)(void **graph);   /* NULL graph on failure */
     sj_status (*graph_launch)(void *graph);
     void (*graph_free)(void *graph);
-
-    /* ---- optional fusions (NULL where a backend has none) ---- */
-    /* Attention with RoPE (theta) applied to q and k as they are loaded,
-     * so the rotated copy of qkv is never written: qkv as stored by the
-     * projection, lse followed by the rotary table (T, hd/2) of (cos, sin)
-     * pairs that forward writes and backward reads (T*hd floats). dqkv is
-     * the gradient of the unrotated qkv. attention_rope_ok says whether the
-     * fused kernels cover a shape (decided when a run is planned). */
-    int (*attention_rope_ok)(int B, int H, int KV, int hd);   /* decided when planned */
-    void (*attention_rope_forward)(void *out, float *lse_table, const void *qkv,
-                                   int B, int T, int H, int KV, int hd, float theta);
-    void (*attention_rope_backward)(void *dqkv, const void *dout, const void *qkv,
-                                    const void *out, const float *lse_table,
-                                    int B, int T, int H, int KV, int hd, float theta, int accum);
 } sj_backend;
-
-/* Where the rotary table starts after n lse floats (16-byte aligned). */
-static inline int64_t sj_rope_table_at(int64_t n) { return (n + 3) & ~(int64_t)3; }
 
 extern const sj_backend sj_cpu_backend;
 extern const sj_backend sj_cpu_staged_backend;   /* testing, see cpu/backend.c */

@@ -69,7 +69,7 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
     } else if (!strcmp(op, "rope")) {
         c->out = sj_op_rope(tp, add_act(c, "x", N * 3 * 4), B, T, 3, 2, 4, 100.0f);
     } else if (!strcmp(op, "attention")) {
-        c->out = sj_op_attention(tp, add_act(c, "qkv", N * (4 + 2 * 2) * 4), B, T, 4, 2, 4, 0.0f);
+        c->out = sj_op_attention(tp, add_act(c, "qkv", N * (4 + 2 * 2) * 4), B, T, 4, 2, 4);
     } else if (!strcmp(op, "swiglu")) {
         c->out = sj_op_swiglu(tp, add_act(c, "gu", N * 2 * 6), N, 6);
     } else if (!strcmp(op, "add")) {

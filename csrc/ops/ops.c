@@ -54,14 +54,10 @@ int sj_op_rope(sj_tape *tp, int x, int B, int T, int n_heads, int n_rot, int hd,
     return record(tp, SJ_OP_ROPE, IN(x, NONE, NONE), (int64_t)B * T * n_heads * hd, 0, 0,
                   DIM(B, T, n_heads, n_rot, hd), theta);
 }
-// qkv: (B, T, (H+2KV)*hd) -> y: (B, T, H*hd), lse: (B, H, T). rope_theta > 0
-// (backends with attention_rope_forward): q and k rotated inside the op,
-// lse followed by the rotary table, (T, hd/2) (cos, sin) pairs.
-int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd, float rope_theta) {
+// qkv: (B, T, (H+2KV)*hd) -> y: (B, T, H*hd), lse: (B, H, T)
+int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd) {
     return record(tp, SJ_OP_ATTENTION, IN(qkv, NONE, NONE), (int64_t)B * T * H * hd,
-                  rope_theta > 0 ? sj_rope_table_at((int64_t)B * H * T) + (int64_t)T * hd
-                                 : (int64_t)B * H * T, 1,
-                  DIM(B, T, H, KV, hd), rope_theta);
+                  (int64_t)B * H * T, 1, DIM(B, T, H, KV, hd), 0);
 }
 // gu: (N, 2F) -> h: (N, F)
 int sj_op_swiglu(sj_tape *tp, int gu, int N, int F) {
@@ -149,11 +145,7 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
         be->rope_forward(P(out[0]), P(in[0]), d[0], d[1], d[2], d[3], d[4], 0, n->f);
         break;
     case SJ_OP_ATTENTION:
-        if (n->f > 0)
-            be->attention_rope_forward(P(out[0]), P(out[1]), P(in[0]), d[0], d[1], d[2], d[3],
-                                       d[4], n->f);
-        else
-            be->attention_forward(P(out[0]), P(out[1]), P(in[0]), d[0], d[1], d[2], d[3], d[4]);
+        be->attention_forward(P(out[0]), P(out[1]), P(in[0]), d[0], d[1], d[2], d[3], d[4]);
         break;
     case SJ_OP_SWIGLU:
         be->swiglu_forward(P(out[0]), P(in[0]), d[0], d[1]);
@@ -195,12 +187,8 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         be->rope_backward(dx, dy, d[0], d[1], d[2], d[3], d[4], 0, n->f, acc[0]);
         break;
     case SJ_OP_ATTENTION:
-        if (n->f > 0)
-            be->attention_rope_backward(dx, dy, P(in[0]), P(out[0]), P(out[1]), d[0], d[1],
-                                        d[2], d[3], d[4], n->f, acc[0]);
-        else
-            be->attention_backward(dx, dy, P(in[0]), P(out[0]), P(out[1]), d[0], d[1], d[2],
-                                   d[3], d[4], acc[0]);
+        be->attention_backward(dx, dy, P(in[0]), P(out[0]), P(out[1]), d[0], d[1], d[2],
+                               d[3], d[4], acc[0]);
         break;
     case SJ_OP_SWIGLU:
         be->swiglu_backward(dx, dy, P(in[0]), d[0], d[1], acc[0]);

@@ -473,15 +473,11 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"cross_entropy_forward", {"losses", "lse", "logits", "targets"}, "ffat"},
         {"cross_entropy_backward", {"dlogits", "logits", "lse", "targets", "scale"}, "aafff"},
         {"adamw", {"p", "p_act", "g", "m", "v"}, "fafff"},
-        {"attention_rope_forward", {"out", "lse", "qkv"}, "afa"},   /* bf16; lse: + table */
-        {"attention_rope_backward", {"dqkv", "dout", "qkv", "out", "lse"}, "aaaaf"},
     };
     int k = -1;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
         if (!strcmp(specs[i].op, op)) k = i;
     if (k < 0) return PyErr_Format(PyExc_ValueError, "cuda_op: unknown op '%s'", op);
-    if (k >= 16 && !be->attention_rope_forward)
-        return PyErr_Format(PyExc_ValueError, "cuda_op: %s exists in bf16 only", op);
     harg a[7];
     memset(a, 0, sizeof a);
     int na = (int)strlen(specs[k].kinds);
@@ -532,12 +528,6 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         Fl[7] = hp.sumsq;
         break;
     }
-    case 16: case 17:
-        if (k == 16)
-            be->attention_rope_forward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (float)Fl[0]);
-        else
-            be->attention_rope_backward(D(0), D(1), D(2), D(3), D(4), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (float)Fl[0], (int)I[5]);
-        break;
     }
     }
     if (timer) ms = sj_cuda_timer_end(timer) / reps;
