@@ -1,0 +1,195 @@
+/* decode.cuh — device code shared by the GPU inference engine's decode step
+ * (decode.cu) and its prefill (infer.cu): the step's parameters, the warp
+ * GEMV dot products, RoPE on a pair, and split ("flash-decoding") attention
+ * of one query over a KV-cache range with its combine.
+ *
+ * Data written during a kernel (x, q, h, the KV cache, partials, tokens) is
+ * read with plain loads, never __ldg / const __restrict__: the persistent
+ * kernel reads it after a grid barrier, from other SMs' writes. Only the
+ * weights (constant for the engine's life) go through the read-only path. */
+#pragma once
+#include "common.cuh"
+
+namespace dec {
+
+enum {
+    WARPS = 16, THREADS = WARPS * 32,   /* one block per SM: 16 warps stream the weights */
+    MAXSPLIT = 16,                      /* attention splits of the context per KV head */
+    MAXHD = 256,                        /* head_dim limit (8 f32 per lane in the PV sum) */
+};
+
+/* Everything a decode step reads and writes; passed by value. Matrices are
+ * row-major (rows, cols) of T, all layers of one kind in one array. */
+struct params {
+    int C, F, H, KV, hd, V, L, max_ctx;
+    float eps, scale;                   /* RMSNorm eps; 1/sqrt(hd) */
+    const void *emb, *head;             /* (V, C); head == emb when tied */
+    const void *wqkv;                   /* (L, (H + 2KV) hd, C): q rows, k rows, v rows */
+    const void *wo;                     /* (L, C, C) */
+    const void *wgu;                    /* (L, 2F, C): gate rows, then up rows */
+    const void *wd;                     /* (L, C, F) */
+    const float *norms;                 /* (2L + 1, C): attn, ffn per layer, final */
+    const float *rope_cos, *rope_sin;   /* (max_ctx, hd/2) */
+    void *kc, *vc;                      /* (L, max_ctx, KV hd) of T */
+    float *x;                           /* (C) residual stream */
+    float *q;                           /* (H hd) roped queries */
+    float *h;                           /* (F) silu(gate) * up */
+    float *logits;                      /* (V) */
+    float *part;                        /* (H, MAXSPLIT, hd + 2): o, then m, l */
+    float *best_v; int *best_i;         /* (gridDim.x) per-block argmax */
+    int *io;                            /* [0] token in, [1] its position */
+    int *out;                           /* (max_ctx) greedy tokens, one per step */
+};
+
+/* Splits of a context of n keys: *per keys each (a multiple of 32), at most
+ * MAXSPLIT of them. Decode and combine must agree, so one function. */
+static __device__ __forceinline__ int attn_splits(int n, int *per) {
+    int chunks = (n + 31) / 32;
+    int ns = chunks < MAXSPLIT ? chunks : MAXSPLIT;
+    int p = (chunks + ns - 1) / ns * 32;
+    *per = p;
+    return (n + p - 1) / p;
+}
+
+/* out[r] = dot(rows[r][0..n), xs[0..n)) for R rows, by one warp; xs in
+ * shared memory, 16-byte aligned. 16-byte weight loads (R of them in
+ * flight per lane) when n is a multiple of the vector width, else scalar.
+ * Bound: HBM (or L2) bandwidth of the weight stream. */
+template <class T, int R>
+static __device__ __forceinline__ void warp_dots(const T *const *rows, const float *xs, int n,
+                                                 float *out) {
+    constexpr int VEC = vec16<T>::N;
+    const int lane = threadIdx.x & 31;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.f;
+    if (n % VEC == 0) {
+#pragma unroll 2
+        for (int k = lane * VEC; k < n; k += 32 * VEC) {
+            uint4 w[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) w[r] = __ldg(reinterpret_cast<const uint4 *>(rows[r] + k));
+            float xv[VEC];
+#pragma unroll
+            for (int j = 0; j < VEC; j += 4) {
+                float4 f = *reinterpret_cast<const float4 *>(xs + k + j);
+                xv[j] = f.x; xv[j + 1] = f.y; xv[j + 2] = f.z; xv[j + 3] = f.w;
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                float wf[VEC];
+                unpack16<T>(wf, w[r]);
+#pragma unroll
+                for (int j = 0; j < VEC; j++) acc[r] = fmaf(wf[j], xv[j], acc[r]);
+            }
+        }
+    } else {
+        for (int k = lane; k < n; k += 32) {
+            float xv = xs[k];
+#pragma unroll
+            for (int r = 0; r < R; r++) acc[r] = fmaf(tof(rows[r][k]), xv, acc[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) out[r] = warp_sum(acc[r]);
+}
+
+/* Rotate-half RoPE of the pair (a, b) = (v[i], v[i + hd/2]), as csrc/infer. */
+static __device__ __forceinline__ void rope_pair(float &a, float &b, float cs, float sn) {
+    const float x = a, y = b;
+    a = x * cs - y * sn;
+    b = y * cs + x * sn;
+}
+
+/* Attention of the grp query heads of one KV head over cache rows
+ * [start, end), by one warp, as an unnormalised partial: for each head,
+ * m = max score, l = sum exp(score - m), o = sum exp(score - m) v.
+ * q: (grp, hd) f32; K, V: this KV head's first row, row stride kvd;
+ * qs: this warp's shared scratch (hd floats); partial of head j at
+ * part + j * pstride: o[0..hd), m at [hd], l at [hd + 1].
+ * Lane i scores key start + 32t + i (its whole K row: 16-byte loads when hd
+ * allows), then the warp sums p v with lanes over the head dimension. */
+template <class T>
+static __device__ void attn_partial(const float *q, const T *K, const T *V, int kvd, int hd,
+                                    int grp, int start, int end, float scale, float *qs,
+                                    float *part, int pstride) {
+    constexpr int VEC = vec16<T>::N;
+    const int lane = threadIdx.x & 31;
+    for (int j = 0; j < grp; j++) {
+        __syncwarp();
+        for (int d = lane; d < hd; d += 32) qs[d] = q[j * hd + d];
+        __syncwarp();
+        float m = -INFINITY, l = 0.f, o[MAXHD / 32];
+#pragma unroll
+        for (int e = 0; e < MAXHD / 32; e++) o[e] = 0.f;
+        for (int p0 = start; p0 < end; p0 += 32) {
+            const int p = p0 + lane;
+            float s = -INFINITY;
+            if (p < end) {
+                const T *k = K + (int64_t)p * kvd;
+                float acc = 0.f;
+                if (hd % VEC == 0) {
+                    for (int d = 0; d < hd; d += VEC) {
+                        float kf[VEC];
+                        load_vec<T>(kf, k + d);
+#pragma unroll
+                        for (int e = 0; e < VEC; e++) acc = fmaf(qs[d + e], kf[e], acc);
+                    }
+                } else {
+                    for (int d = 0; d < hd; d++) acc = fmaf(qs[d], tof(k[d]), acc);
+                }
+                s = acc * scale;
+            }
+            const float mn = fmaxf(m, warp_max(s));   /* finite: key p0 is always valid */
+            const float e = p < end ? expf(s - mn) : 0.f;
+            const float corr = expf(m - mn);           /* 0 on the first round (m = -inf) */
+            l = l * corr + warp_sum(e);
+#pragma unroll
+            for (int t = 0; t < MAXHD / 32; t++) o[t] *= corr;
+            const int cnt = min(32, end - p0);
+            for (int i = 0; i < cnt; i++) {
+                const float pi = __shfl_sync(0xffffffffu, e, i);
+                const T *v = V + (int64_t)(p0 + i) * kvd;
+#pragma unroll
+                for (int t = 0; t < MAXHD / 32; t++) {
+                    const int d = lane + 32 * t;
+                    if (d < hd) o[t] = fmaf(pi, tof(v[d]), o[t]);
+                }
+            }
+            m = mn;
+        }
+        float *pp = part + (int64_t)j * pstride;
+#pragma unroll
+        for (int t = 0; t < MAXHD / 32; t++) {
+            const int d = lane + 32 * t;
+            if (d < hd) pp[d] = o[t];
+        }
+        if (lane == 0) { pp[hd] = m; pp[hd + 1] = l; }
+    }
+}
+
+/* One head's attention output from its ns partials (stride hd + 2), by one
+ * warp: out[d] = sum_s o_s[d] e^(m_s - M) / sum_s l_s e^(m_s - M). */
+static __device__ __forceinline__ void attn_combine(const float *part, int ns, int hd,
+                                                    float *out) {
+    const int lane = threadIdx.x & 31, st = hd + 2;
+    float M = -INFINITY;
+    for (int s = 0; s < ns; s++) M = fmaxf(M, part[s * st + hd]);
+    float L = 0.f;
+    for (int s = 0; s < ns; s++) L += part[s * st + hd + 1] * expf(part[s * st + hd] - M);
+    const float inv = 1.0f / L;
+    for (int d = lane; d < hd; d += 32) {
+        float acc = 0.f;
+        for (int s = 0; s < ns; s++) acc = fmaf(part[s * st + d], expf(part[s * st + hd] - M), acc);
+        out[d] = acc * inv;
+    }
+}
+
+/* decode.cu: dynamic shared memory of a step's blocks; kernel attributes
+ * and the grid (*coop: cooperative launches possible); enqueue n_steps
+ * greedy steps on st, as one persistent kernel or one kernel per phase. */
+size_t smem_bytes(const params &p);
+sj_status setup(const params &p, int is_bf16, int *grid, int *coop);
+void enqueue(const params &p, int is_bf16, int persistent, int n_steps, int grid, cudaStream_t st);
+
+}  // namespace dec
