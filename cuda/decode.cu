@@ -75,7 +75,7 @@ static __device__ void phase_qkv(const params &p, int l, int tok, int pos, float
     }
 }
 
-/* B: context [0, pos] of each KV head in splits; qs: WARPS * hd floats. */
+/* B: (query head, context split) per warp; qs: WARPS * hd floats. */
 template <class T>
 static __device__ void phase_attn(const params &p, int l, int pos, float *qs) {
     const int hd = p.hd, kvd = p.KV * hd, grp = p.H / p.KV, n = pos + 1;
@@ -83,11 +83,11 @@ static __device__ void phase_attn(const params &p, int l, int pos, float *qs) {
     const int ns = attn_splits(n, &per);
     const T *K = (const T *)p.kc + (int64_t)l * p.max_ctx * kvd;
     const T *V = (const T *)p.vc + (int64_t)l * p.max_ctx * kvd;
-    for (int it = gwarp(); it < p.KV * ns; it += nwarps()) {
-        const int g = it / ns, s = it % ns, start = s * per, end = min(n, start + per);
-        attn_partial<T>(p.q + (int64_t)g * grp * hd, K + g * hd, V + g * hd, kvd, hd, grp, start,
-                        end, p.scale, qs + (threadIdx.x >> 5) * hd,
-                        p.part + ((int64_t)g * grp * MAXSPLIT + s) * (hd + 2), MAXSPLIT * (hd + 2));
+    for (int it = gwarp(); it < p.H * ns; it += nwarps()) {
+        const int h = it / ns, s = it % ns, start = s * per, end = min(n, start + per);
+        attn_partial_any<T>(p.q + (int64_t)h * hd, K + (h / grp) * hd, V + (h / grp) * hd, kvd, hd,
+                            start, end, p.scale, qs + (threadIdx.x >> 5) * hd,
+                            p.part + ((int64_t)h * MAXSPLIT + s) * (hd + 2));
     }
 }
 
@@ -136,6 +136,42 @@ static __device__ void phase_ffn_down(const params &p, int l, float *xs) {
         float d;
         warp_dots<T, 1>(&row, xs, F, &d);
         if (!lane) p.x[r] += d;
+    }
+}
+
+static __device__ __forceinline__ void prefetch_l2(const void *row, int64_t bytes) {
+    for (int64_t off = (threadIdx.x & 31) * 128; off < bytes; off += 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"((const char *)row + off));
+}
+
+/* Before a grid barrier: pull into L2 the first weight rows this warp will
+ * read in phase ph (0 A, 2 C, 3 D, 4 E, 5 F) of layer l, with the same unit
+ * mapping as the phase, so that their HBM latency overlaps the barrier. */
+template <class T>
+static __device__ void prefetch_phase(const params &p, int ph, int l) {
+    const int64_t C = p.C, F = p.F, hd = p.hd, half = p.hd / 2, es = sizeof(T);
+    for (int k = 0; k < 2; k++) {
+        const int64_t u = gwarp() + (int64_t)k * nwarps();
+        if (ph == 0) {
+            if (u >= (p.H + 2 * p.KV) * half) return;
+            const T *W = (const T *)p.wqkv + (int64_t)l * (p.H + 2 * p.KV) * hd * C;
+            prefetch_l2(W + ((u / half) * hd + u % half) * C, C * es);
+            prefetch_l2(W + ((u / half) * hd + u % half + half) * C, C * es);
+        } else if (ph == 2) {
+            if (u >= C) return;
+            prefetch_l2((const T *)p.wo + (int64_t)l * C * C + u * C, C * es);
+        } else if (ph == 3) {
+            if (u >= F) return;
+            const T *W = (const T *)p.wgu + (int64_t)l * 2 * F * C;
+            prefetch_l2(W + u * C, C * es);
+            prefetch_l2(W + (F + u) * C, C * es);
+        } else if (ph == 4) {
+            if (u >= C) return;
+            prefetch_l2((const T *)p.wd + (int64_t)l * C * F + u * F, F * es);
+        } else if (ph == 5) {
+            for (int64_t r = 4 * u; r < 4 * u + 4 && r < p.V; r++)
+                prefetch_l2((const T *)p.head + r * C, C * es);
+        }
     }
 }
 
@@ -214,17 +250,23 @@ __global__ void __launch_bounds__(THREADS) step_persistent(params p, int n_steps
         const int tok = ((volatile int *)p.io)[0], pos = ((volatile int *)p.io)[1];
         for (int l = 0; l < p.L; l++) {
             phase_qkv<T>(p, l, tok, pos, xs);
+            prefetch_phase<T>(p, 2, l);     /* B reads no weights: C's rows wait through it */
             grid.sync();
             phase_attn<T>(p, l, pos, qs);
             grid.sync();
             phase_oproj<T>(p, l, pos, xs);
+            prefetch_phase<T>(p, 3, l);
             grid.sync();
             phase_ffn_up<T>(p, l, xs);
+            prefetch_phase<T>(p, 4, l);
             grid.sync();
             phase_ffn_down<T>(p, l, xs);
+            if (l + 1 < p.L) prefetch_phase<T>(p, 0, l + 1);
+            else prefetch_phase<T>(p, 5, 0);
             grid.sync();
         }
         phase_head<T>(p, xs);
+        prefetch_phase<T>(p, 0, 0);
         grid.sync();
         if (blockIdx.x == 0) phase_pick(p, gridDim.x, step, pos);
         if (step + 1 < n_steps) grid.sync();

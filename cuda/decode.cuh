@@ -101,70 +101,96 @@ static __device__ __forceinline__ void rope_pair(float &a, float &b, float cs, f
     b = y * cs + x * sn;
 }
 
-/* Attention of the grp query heads of one KV head over cache rows
- * [start, end), by one warp, as an unnormalised partial: for each head,
- * m = max score, l = sum exp(score - m), o = sum exp(score - m) v.
- * q: (grp, hd) f32; K, V: this KV head's first row, row stride kvd;
- * qs: this warp's shared scratch (hd floats); partial of head j at
- * part + j * pstride: o[0..hd), m at [hd], l at [hd + 1].
- * Lane i scores key start + 32t + i (its whole K row: 16-byte loads when hd
- * allows), then the warp sums p v with lanes over the head dimension. */
-template <class T>
-static __device__ void attn_partial(const float *q, const T *K, const T *V, int kvd, int hd,
-                                    int grp, int start, int end, float scale, float *qs,
-                                    float *part, int pstride) {
+/* Attention of one query head over cache rows [start, end), by one warp,
+ * as an unnormalised partial: m = max score, l = sum exp(score - m),
+ * o = sum exp(score - m) v; written as pp[0..hd) = o, pp[hd] = m, pp[hd+1] = l.
+ * q: (hd) f32; K, V: its KV head's first row, row stride kvd; qs: this
+ * warp's shared scratch (hd floats). Lane i scores key p0 + i (its whole K
+ * row), then the warp sums p v with lanes over the head dimension, 8 rows'
+ * loads in flight at a time. HD: the head size at compile time (the loads
+ * then unroll), or 0 for any even head size up to MAXHD.
+ * Latency-bound (a few KB per warp): what matters is loads in flight. */
+template <class T, int HD>
+static __device__ void attn_partial(const float *q, const T *K, const T *V, int kvd, int hd_rt,
+                                    int start, int end, float scale, float *qs, float *pp) {
     constexpr int VEC = vec16<T>::N;
+    constexpr int NDL = HD ? (HD + 31) / 32 : MAXHD / 32;   /* head dims per lane in the PV sum */
+    const int hd = HD ? HD : hd_rt;
     const int lane = threadIdx.x & 31;
-    for (int j = 0; j < grp; j++) {
-        __syncwarp();
-        for (int d = lane; d < hd; d += 32) qs[d] = q[j * hd + d];
-        __syncwarp();
-        float m = -INFINITY, l = 0.f, o[MAXHD / 32];
+    __syncwarp();
+    for (int d = lane; d < hd; d += 32) qs[d] = q[d];
+    __syncwarp();
+    float m = -INFINITY, l = 0.f, o[NDL];
 #pragma unroll
-        for (int e = 0; e < MAXHD / 32; e++) o[e] = 0.f;
-        for (int p0 = start; p0 < end; p0 += 32) {
-            const int p = p0 + lane;
-            float s = -INFINITY;
-            if (p < end) {
-                const T *k = K + (int64_t)p * kvd;
-                float acc = 0.f;
-                if (hd % VEC == 0) {
-                    for (int d = 0; d < hd; d += VEC) {
-                        float kf[VEC];
-                        load_vec<T>(kf, k + d);
+    for (int t = 0; t < NDL; t++) o[t] = 0.f;
+    for (int p0 = start; p0 < end; p0 += 32) {
+        const int p = p0 + lane;
+        float s = -INFINITY;
+        if (p < end) {
+            const T *k = K + (int64_t)p * kvd;
+            float acc = 0.f;
+            if (HD && HD % VEC == 0) {
+                float kf[HD ? HD : 1];
 #pragma unroll
-                        for (int e = 0; e < VEC; e++) acc = fmaf(qs[d + e], kf[e], acc);
-                    }
-                } else {
-                    for (int d = 0; d < hd; d++) acc = fmaf(qs[d], tof(k[d]), acc);
+                for (int d = 0; d < HD; d += VEC) load_vec<T>(kf + d, k + d);
+#pragma unroll
+                for (int d = 0; d < HD; d++) acc = fmaf(qs[d], kf[d], acc);
+            } else if (hd % VEC == 0) {
+                for (int d = 0; d < hd; d += VEC) {
+                    float kf[VEC];
+                    load_vec<T>(kf, k + d);
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) acc = fmaf(qs[d + e], kf[e], acc);
                 }
-                s = acc * scale;
+            } else {
+                for (int d = 0; d < hd; d++) acc = fmaf(qs[d], tof(k[d]), acc);
             }
-            const float mn = fmaxf(m, warp_max(s));   /* finite: key p0 is always valid */
-            const float e = p < end ? expf(s - mn) : 0.f;
-            const float corr = expf(m - mn);           /* 0 on the first round (m = -inf) */
-            l = l * corr + warp_sum(e);
+            s = acc * scale;
+        }
+        const float mn = fmaxf(m, warp_max(s));   /* finite: key p0 is always valid */
+        const float e = p < end ? expf(s - mn) : 0.f;
+        const float corr = expf(m - mn);           /* 0 on the first round (m = -inf) */
+        l = l * corr + warp_sum(e);
 #pragma unroll
-            for (int t = 0; t < MAXHD / 32; t++) o[t] *= corr;
-            const int cnt = min(32, end - p0);
-            for (int i = 0; i < cnt; i++) {
-                const float pi = __shfl_sync(0xffffffffu, e, i);
-                const T *v = V + (int64_t)(p0 + i) * kvd;
+        for (int t = 0; t < NDL; t++) o[t] *= corr;
+        const int cnt = min(32, end - p0);
+        for (int i0 = 0; i0 < cnt; i0 += 8) {
+            float vv[8][NDL];
 #pragma unroll
-                for (int t = 0; t < MAXHD / 32; t++) {
+            for (int k = 0; k < 8; k++) {
+                const T *v = V + (int64_t)(p0 + i0 + k) * kvd;
+#pragma unroll
+                for (int t = 0; t < NDL; t++) {
                     const int d = lane + 32 * t;
-                    if (d < hd) o[t] = fmaf(pi, tof(v[d]), o[t]);
+                    vv[k][t] = (i0 + k < cnt && d < hd) ? tof(v[d]) : 0.f;
                 }
             }
-            m = mn;
-        }
-        float *pp = part + (int64_t)j * pstride;
 #pragma unroll
-        for (int t = 0; t < MAXHD / 32; t++) {
-            const int d = lane + 32 * t;
-            if (d < hd) pp[d] = o[t];
+            for (int k = 0; k < 8; k++) {
+                const float pk = __shfl_sync(0xffffffffu, e, i0 + k);   /* 0 past cnt */
+#pragma unroll
+                for (int t = 0; t < NDL; t++) o[t] = fmaf(pk, vv[k][t], o[t]);
+            }
         }
-        if (lane == 0) { pp[hd] = m; pp[hd + 1] = l; }
+        m = mn;
+    }
+#pragma unroll
+    for (int t = 0; t < NDL; t++) {
+        const int d = lane + 32 * t;
+        if (d < hd) pp[d] = o[t];
+    }
+    if (lane == 0) { pp[hd] = m; pp[hd + 1] = l; }
+}
+
+/* attn_partial with the head size dispatched to a compiled-in one when it is common. */
+template <class T>
+static __device__ void attn_partial_any(const float *q, const T *K, const T *V, int kvd, int hd,
+                                        int start, int end, float scale, float *qs, float *pp) {
+    switch (hd) {
+    case 64: attn_partial<T, 64>(q, K, V, kvd, hd, start, end, scale, qs, pp); break;
+    case 128: attn_partial<T, 128>(q, K, V, kvd, hd, start, end, scale, qs, pp); break;
+    case 32: attn_partial<T, 32>(q, K, V, kvd, hd, start, end, scale, qs, pp); break;
+    default: attn_partial<T, 0>(q, K, V, kvd, hd, start, end, scale, qs, pp); break;
     }
 }
 

@@ -78,7 +78,7 @@ __global__ void rope_k(float *q, T *kc, T *vc, const float *qkv, const float *co
     }
 }
 
-/* Warp per (token, KV head, split); token t sees cache rows [0, pos0 + t].
+/* Warp per (token, query head, split); token t sees cache rows [0, pos0 + t].
  * part: (n, H, MAXSPLIT, hd + 2). K, V: this layer's cache. */
 template <class T>
 __global__ void __launch_bounds__(THREADS) attn_k(float *part, const float *q, const T *K, const T *V,
@@ -87,15 +87,14 @@ __global__ void __launch_bounds__(THREADS) attn_k(float *part, const float *q, c
     float *qs = reinterpret_cast<float *>(smem4) + (threadIdx.x >> 5) * hd;
     const int grp = H / KV, kvd = KV * hd;
     const int64_t it = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5);
-    if (it >= (int64_t)n * KV * MAXSPLIT) return;           /* whole warps leave together */
-    const int t = (int)(it / (KV * MAXSPLIT)), g = (int)(it / MAXSPLIT % KV), s = (int)(it % MAXSPLIT);
+    if (it >= (int64_t)n * H * MAXSPLIT) return;           /* whole warps leave together */
+    const int t = (int)(it / (H * MAXSPLIT)), h = (int)(it / MAXSPLIT % H), s = (int)(it % MAXSPLIT);
     const int len = pos0 + t + 1;
     int per;
     if (s >= attn_splits(len, &per)) return;
     const int start = s * per, end = min(len, start + per);
-    attn_partial<T>(q + ((int64_t)t * H + g * grp) * hd, K + g * hd, V + g * hd, kvd, hd, grp, start,
-                    end, scale, qs, part + (((int64_t)t * H + g * grp) * MAXSPLIT + s) * (hd + 2),
-                    MAXSPLIT * (hd + 2));
+    attn_partial_any<T>(q + ((int64_t)t * H + h) * hd, K + (h / grp) * hd, V + (h / grp) * hd, kvd, hd,
+                        start, end, scale, qs, part + (((int64_t)t * H + h) * MAXSPLIT + s) * (hd + 2));
 }
 
 /* att (npad, H hd) of T: combined heads for t < n, zeros below. Warp per (t, h). */
@@ -300,7 +299,7 @@ static void prefill_chunk(sj_cuinfer *g, int m) {
     embed_k<T><<<npad, 128, 0, st>>>(g->px, (const T *)p.emb, g->ptok, m, C);
     LAUNCH_CHECK("embed_k");
     const int64_t units = (int64_t)m * (H + 2 * KV) * (hd / 2);
-    const int64_t items = (int64_t)m * KV * MAXSPLIT;
+    const int64_t items = (int64_t)m * H * MAXSPLIT;
     for (int l = 0; l < p.L; l++) {
         T *kc = (T *)p.kc + l * layer_kv, *vc = (T *)p.vc + l * layer_kv;
         norm_k<T><<<npad, 256, 0, st>>>((T *)g->pxn, g->px, p.norms + (int64_t)2 * l * C, C, p.eps);
