@@ -14,7 +14,7 @@ namespace dec {
 
 enum {
     WARPS = 16, THREADS = WARPS * 32,   /* one block per SM: 16 warps stream the weights */
-    MAXSPLIT = 16,                      /* attention splits of the context per KV head */
+    MAXSPLIT = 16,                      /* attention splits of the context per query head */
     MAXHD = 256,                        /* head_dim limit (8 f32 per lane in the PV sum) */
 };
 
@@ -52,35 +52,44 @@ static __device__ __forceinline__ int attn_splits(int n, int *per) {
 }
 
 /* out[r] = dot(rows[r][0..n), xs[0..n)) for R rows, by one warp; xs in
- * shared memory, 16-byte aligned. 16-byte weight loads (R of them in
- * flight per lane) when n is a multiple of the vector width, else scalar.
- * Bound: HBM (or L2) bandwidth of the weight stream. */
+ * shared memory, 16-byte aligned. 16-byte weight loads, R * U of them
+ * issued per lane before any is used (so a row costs ~one L2/HBM latency,
+ * not one per load), when n is a multiple of the vector width; else scalar.
+ * Bound: latency of the weight stream at batch 1, then HBM bandwidth. */
 template <class T, int R>
 static __device__ __forceinline__ void warp_dots(const T *const *rows, const float *xs, int n,
                                                  float *out) {
-    constexpr int VEC = vec16<T>::N;
+    constexpr int VEC = vec16<T>::N, U = R >= 4 ? 1 : 4 / R, STEP = 32 * VEC;
     const int lane = threadIdx.x & 31;
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.f;
     if (n % VEC == 0) {
-#pragma unroll 2
-        for (int k = lane * VEC; k < n; k += 32 * VEC) {
-            uint4 w[R];
+        for (int k0 = lane * VEC; k0 < n; k0 += STEP * U) {
+            uint4 w[U][R];
 #pragma unroll
-            for (int r = 0; r < R; r++) w[r] = __ldg(reinterpret_cast<const uint4 *>(rows[r] + k));
-            float xv[VEC];
+            for (int u = 0; u < U; u++)
+                if (k0 + u * STEP < n)
 #pragma unroll
-            for (int j = 0; j < VEC; j += 4) {
-                float4 f = *reinterpret_cast<const float4 *>(xs + k + j);
-                xv[j] = f.x; xv[j + 1] = f.y; xv[j + 2] = f.z; xv[j + 3] = f.w;
-            }
+                    for (int r = 0; r < R; r++)
+                        w[u][r] = __ldg(reinterpret_cast<const uint4 *>(rows[r] + k0 + u * STEP));
 #pragma unroll
-            for (int r = 0; r < R; r++) {
-                float wf[VEC];
-                unpack16<T>(wf, w[r]);
+            for (int u = 0; u < U; u++) {
+                const int k = k0 + u * STEP;
+                if (k >= n) break;
+                float xv[VEC];
 #pragma unroll
-                for (int j = 0; j < VEC; j++) acc[r] = fmaf(wf[j], xv[j], acc[r]);
+                for (int j = 0; j < VEC; j += 4) {
+                    float4 f = *reinterpret_cast<const float4 *>(xs + k + j);
+                    xv[j] = f.x; xv[j + 1] = f.y; xv[j + 2] = f.z; xv[j + 3] = f.w;
+                }
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    float wf[VEC];
+                    unpack16<T>(wf, w[u][r]);
+#pragma unroll
+                    for (int j = 0; j < VEC; j++) acc[r] = fmaf(wf[j], xv[j], acc[r]);
+                }
             }
         }
     } else {
@@ -106,7 +115,7 @@ static __device__ __forceinline__ void rope_pair(float &a, float &b, float cs, f
  * o = sum exp(score - m) v; written as pp[0..hd) = o, pp[hd] = m, pp[hd+1] = l.
  * q: (hd) f32; K, V: its KV head's first row, row stride kvd; qs: this
  * warp's shared scratch (hd floats). Lane i scores key p0 + i (its whole K
- * row), then the warp sums p v with lanes over the head dimension, 8 rows'
+ * row), then the warp sums p v with lanes over the head dimension, 16 rows'
  * loads in flight at a time. HD: the head size at compile time (the loads
  * then unroll), or 0 for any even head size up to MAXHD.
  * Latency-bound (a few KB per warp): what matters is loads in flight. */
@@ -154,10 +163,10 @@ static __device__ void attn_partial(const float *q, const T *K, const T *V, int 
 #pragma unroll
         for (int t = 0; t < NDL; t++) o[t] *= corr;
         const int cnt = min(32, end - p0);
-        for (int i0 = 0; i0 < cnt; i0 += 8) {
-            float vv[8][NDL];
+        for (int i0 = 0; i0 < cnt; i0 += 16) {
+            float vv[16][NDL];
 #pragma unroll
-            for (int k = 0; k < 8; k++) {
+            for (int k = 0; k < 16; k++) {
                 const T *v = V + (int64_t)(p0 + i0 + k) * kvd;
 #pragma unroll
                 for (int t = 0; t < NDL; t++) {
@@ -166,7 +175,7 @@ static __device__ void attn_partial(const float *q, const T *K, const T *V, int 
                 }
             }
 #pragma unroll
-            for (int k = 0; k < 8; k++) {
+            for (int k = 0; k < 16; k++) {
                 const float pk = __shfl_sync(0xffffffffu, e, i0 + k);   /* 0 past cnt */
 #pragma unroll
                 for (int t = 0; t < NDL; t++) o[t] = fmaf(pk, vv[k][t], o[t]);
@@ -194,19 +203,28 @@ static __device__ void attn_partial_any(const float *q, const T *K, const T *V, 
     }
 }
 
-/* One head's attention output from its ns partials (stride hd + 2), by one
- * warp: out[d] = sum_s o_s[d] e^(m_s - M) / sum_s l_s e^(m_s - M). */
+/* One head's attention output from its ns (<= MAXSPLIT <= 32) partials
+ * (stride hd + 2), by one warp: out[d] = sum_s o_s[d] e^(m_s - M) / L,
+ * L = sum_s l_s e^(m_s - M). Lane s holds split s's weight; every load is
+ * issued at once (this sits on the critical path of a decode step). */
 static __device__ __forceinline__ void attn_combine(const float *part, int ns, int hd,
                                                     float *out) {
     const int lane = threadIdx.x & 31, st = hd + 2;
-    float M = -INFINITY;
-    for (int s = 0; s < ns; s++) M = fmaxf(M, part[s * st + hd]);
-    float L = 0.f;
-    for (int s = 0; s < ns; s++) L += part[s * st + hd + 1] * expf(part[s * st + hd] - M);
-    const float inv = 1.0f / L;
+    const float ms = lane < ns ? part[lane * st + hd] : -INFINITY;
+    const float ls = lane < ns ? part[lane * st + hd + 1] : 0.f;
+    const float M = warp_max(ms);
+    const float ws = lane < ns ? expf(ms - M) : 0.f;
+    const float inv = 1.0f / warp_sum(ls * ws);
+    float w[MAXSPLIT];
+#pragma unroll
+    for (int s = 0; s < MAXSPLIT; s++) w[s] = __shfl_sync(0xffffffffu, ws, s);
     for (int d = lane; d < hd; d += 32) {
+        float o[MAXSPLIT];
+#pragma unroll
+        for (int s = 0; s < MAXSPLIT; s++) o[s] = s < ns ? part[s * st + d] : 0.f;
         float acc = 0.f;
-        for (int s = 0; s < ns; s++) acc = fmaf(part[s * st + d], expf(part[s * st + hd] - M), acc);
+#pragma unroll
+        for (int s = 0; s < MAXSPLIT; s++) acc = fmaf(o[s], w[s], acc);
         out[d] = acc * inv;
     }
 }
