@@ -115,8 +115,8 @@ static __device__ __forceinline__ void rope_pair(float &a, float &b, float cs, f
  * o = sum exp(score - m) v; written as pp[0..hd) = o, pp[hd] = m, pp[hd+1] = l.
  * q: (hd) f32; K, V: its KV head's first row, row stride kvd; qs: this
  * warp's shared scratch (hd floats). Lane i scores key p0 + i (its whole K
- * row), then the warp sums p v with lanes over the head dimension, 16 rows'
- * loads in flight at a time. HD: the head size at compile time (the loads
+ * row), then the warp sums p v with lanes over the head dimension, several
+ * rows' loads in flight at a time. HD: the head size at compile time (the loads
  * then unroll), or 0 for any even head size up to MAXHD.
  * Latency-bound (a few KB per warp): what matters is loads in flight. */
 template <class T, int HD>
@@ -139,11 +139,20 @@ static __device__ void attn_partial(const float *q, const T *K, const T *V, int 
             const T *k = K + (int64_t)p * kvd;
             float acc = 0.f;
             if (HD && HD % VEC == 0) {
-                float kf[HD ? HD : 1];
+                constexpr int NV = HD ? HD / VEC : 1, B = NV < 8 ? NV : 8;   /* 8 loads in flight */
 #pragma unroll
-                for (int d = 0; d < HD; d += VEC) load_vec<T>(kf + d, k + d);
+                for (int v0 = 0; v0 < NV; v0 += B) {
+                    uint4 raw[B];
 #pragma unroll
-                for (int d = 0; d < HD; d++) acc = fmaf(qs[d], kf[d], acc);
+                    for (int b = 0; b < B; b++) raw[b] = ld16(k + (v0 + b) * VEC);
+#pragma unroll
+                    for (int b = 0; b < B; b++) {
+                        float kf[VEC];
+                        unpack16<T>(kf, raw[b]);
+#pragma unroll
+                        for (int e = 0; e < VEC; e++) acc = fmaf(qs[(v0 + b) * VEC + e], kf[e], acc);
+                    }
+                }
             } else if (hd % VEC == 0) {
                 for (int d = 0; d < hd; d += VEC) {
                     float kf[VEC];
@@ -163,10 +172,11 @@ static __device__ void attn_partial(const float *q, const T *K, const T *V, int 
 #pragma unroll
         for (int t = 0; t < NDL; t++) o[t] *= corr;
         const int cnt = min(32, end - p0);
-        for (int i0 = 0; i0 < cnt; i0 += 16) {
-            float vv[16][NDL];
+        constexpr int VB = NDL <= 2 ? 16 : NDL <= 4 ? 8 : 4;   /* V rows in flight (registers) */
+        for (int i0 = 0; i0 < cnt; i0 += VB) {
+            float vv[VB][NDL];
 #pragma unroll
-            for (int k = 0; k < 16; k++) {
+            for (int k = 0; k < VB; k++) {
                 const T *v = V + (int64_t)(p0 + i0 + k) * kvd;
 #pragma unroll
                 for (int t = 0; t < NDL; t++) {
@@ -175,7 +185,7 @@ static __device__ void attn_partial(const float *q, const T *K, const T *V, int 
                 }
             }
 #pragma unroll
-            for (int k = 0; k < 16; k++) {
+            for (int k = 0; k < VB; k++) {
                 const float pk = __shfl_sync(0xffffffffu, e, i0 + k);   /* 0 past cnt */
 #pragma unroll
                 for (int t = 0; t < NDL; t++) o[t] = fmaf(pk, vv[k][t], o[t]);
