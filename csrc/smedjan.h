@@ -452,6 +452,42 @@ sj_status sj_sample(sj_sampler *s, const float *logits, const sj_sample_params *
 /* The name of the SIMD path the quantised kernels use ("avx512vnni", "avx2", "scalar"). */
 const char *sj_infer_isa(void);
 
+/* The inference engine on a CUDA GPU (cuda/infer.cu, docs/inference.md).
+ * Weights as bf16 or f32 (SJ_INFER_BF16, SJ_INFER_FP32; quantised GGUF
+ * tensors are dequantised at load), the KV cache in the same dtype, the
+ * residual stream and every accumulation in f32. Prefill: batched, GEMMs
+ * through cuBLASLt. Decode: one persistent kernel per step (or one kernel
+ * per phase, captured as a CUDA graph); greedy choice on the device.
+ * Without a CUDA build or a GPU, creation fails with SJ_ERR_RUNTIME saying
+ * which. Not thread-safe per handle. */
+typedef struct sj_cuinfer sj_cuinfer;
+/* m may be on the CPU or on a GPU; max_ctx <= 0: max_seq_len, capped at 4096. */
+sj_status sj_cuinfer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_cuinfer **out);
+sj_status sj_cuinfer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, sj_cuinfer **out);
+void sj_cuinfer_free(sj_cuinfer *g);
+const sj_config *sj_cuinfer_config(const sj_cuinfer *g);
+int sj_cuinfer_max_ctx(const sj_cuinfer *g);
+int sj_cuinfer_pos(const sj_cuinfer *g);
+sj_infer_mode sj_cuinfer_mode(const sj_cuinfer *g);
+int64_t sj_cuinfer_weight_bytes(const sj_cuinfer *g);   /* on the GPU */
+int64_t sj_cuinfer_cache_bytes(const sj_cuinfer *g);    /* KV cache + run state, on the GPU */
+void sj_cuinfer_reset(sj_cuinfer *g);
+/* As sj_infer_prefill; logits_all: NULL or (n, vocab) host memory. */
+sj_status sj_cuinfer_prefill(sj_cuinfer *g, const int32_t *tokens, int n, float *logits_all);
+/* One token at the next position; *next (may be NULL): the greedy choice
+ * from its logits (smallest id of the maximum), made on the device. */
+sj_status sj_cuinfer_decode(sj_cuinfer *g, int32_t token, int32_t *next);
+/* n greedy steps chained on the device, the first consuming token:
+ * out[i] = the token chosen by step i (out[i] is step i+1's input). */
+sj_status sj_cuinfer_greedy(sj_cuinfer *g, int32_t token, int n, int32_t *out);
+/* The last position's logits (vocab) into host memory. */
+sj_status sj_cuinfer_logits(sj_cuinfer *g, float *out);
+/* Execution choices, for tests and benchmarks: graphs (capture the step as
+ * a CUDA graph) and persistent (one cooperative kernel per step instead of
+ * one kernel per phase). Both default on; the results are the same bits. */
+void sj_cuinfer_set_options(sj_cuinfer *g, int graphs, int persistent);
+void sj_cuinfer_get_options(const sj_cuinfer *g, int *graphs, int *persistent);
+
 #ifdef __cplusplus
 }
 #endif

@@ -60,10 +60,10 @@ def decode_rate(model, prompt, n_tokens: int) -> tuple:
         fn = getattr(infer, "decode_benchmark", None)
     except ImportError:
         fn = None
-    if getattr(model, "device", "cpu") != "cpu":
-        fn = None     # the KV-cache decoder runs on the CPU only, so far
     if fn is not None:
-        return float(fn(model, prompt, n_tokens)), "infer (KV cache)"
+        impl = "infer (KV cache, CUDA graph)" if getattr(model, "device", "cpu") == "cuda" \
+            else "infer (KV cache)"
+        return float(fn(model, prompt, n_tokens)), impl
     from .generate import generate
     t0 = time.perf_counter()
     n = sum(1 for _ in generate(model, list(prompt), n_tokens, temperature=0.0, seed=0))

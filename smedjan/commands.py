@@ -231,7 +231,8 @@ def cmd_generate(args) -> int:
     from .generate import generate
     out = []
     stream = generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                      device=args.device)
     if tok is None:
         print(" ".join(str(t) for t in stream))
         return 0
@@ -306,4 +307,6 @@ def add_commands(sub) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--stream", action="store_true", help="print tokens as they come")
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="run on the CPU engine or the GPU engine (bf16)")
     g.set_defaults(func=cmd_generate)

@@ -1,7 +1,8 @@
 """Model.generate: sampling as a streaming Python iterator.
 
-On the CPU, generation runs on the inference engine's KV cache (smedjan.infer:
-one batched prefill of the prompt, then one decode per token, sampling in C).
+Generation runs on the inference engine's KV cache (smedjan.infer: one
+batched prefill of the prompt, then one decode per token, sampling in C), on
+the CPU or, for a model on a GPU (or device="cuda"), on the GPU engine.
 generate_recompute is the original path, kept as the reference the KV-cache
 path is tested against (and used for models on a GPU): without a KV cache
 each new token reruns the forward pass over the whole context. The context is padded at the end to a small set of bucket lengths:
@@ -47,7 +48,8 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: Optional[int] = None,
              stop: Union[None, int, str, Sequence[Union[int, str]]] = None,
-             tokenizer=None, repetition_penalty: float = 1.0) -> Iterator[int]:
+             tokenizer=None, repetition_penalty: float = 1.0,
+             device: Optional[str] = None) -> Iterator[int]:
     """Stream up to max_new_tokens token ids after prompt (text needs a
     tokenizer: the model's own when it came from a checkpoint). Generation
     ends early at a stop token id or once the decoded text ends with a stop
@@ -55,12 +57,14 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
     max_seq_len slides (the last max_seq_len tokens). repetition_penalty
     applies once per distinct token of prompt and output.
 
-    On the CPU this runs on the KV-cache engine (weights copied at the call);
-    elsewhere it falls back to generate_recompute.
+    This runs on the KV-cache engine (weights copied at the call): on the
+    model's device, or on device ("cpu", "cuda") when given; the GPU engine
+    computes in the model's dtype (bf16 for a CPU model).
 
     >>> # for t in model.generate("def main", 32, temperature=0.8, seed=0): ...
     """
-    if getattr(model, "device", "cpu") != "cpu" or not hasattr(model, "_h"):
+    dev = device or getattr(model, "device", "cpu")
+    if dev not in ("cpu", "cuda") or not hasattr(model, "_h"):
         if repetition_penalty != 1.0:
             raise ValueError("repetition_penalty needs the CPU KV-cache engine")
         return generate_recompute(model, prompt, max_new_tokens, temperature=temperature,
@@ -74,7 +78,11 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
         raise ValueError("stop strings need a tokenizer")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    im = InferenceModel.from_model(model, "fp32", model.config.max_seq_len)
+    if dev == "cuda":
+        mode = "fp32" if getattr(model, "dtype", "bf16") == "fp32" and model.device == "cuda" else "bf16"
+        im = InferenceModel.from_model(model, mode, model.config.max_seq_len, device="cuda")
+    else:
+        im = InferenceModel.from_model(model, "fp32", model.config.max_seq_len)
     im.tokenizer = tok
     model._last_infer = im          # stats() of the last run: model._last_infer.stats()
     return _generate(im, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -7,6 +7,11 @@ reference), "bf16", "q8" (GGML Q8_0 blocks) or "q4" (Q4_0 / Q4_1 blocks;
 the embedding / tied head stays Q8_0, as llama.cpp's Q4 files keep it).
 The prompt runs as one batched forward (prefill), then one token per step.
 
+device="cuda" runs the same surface on a GPU (modes "bf16", the default
+there, and "fp32" for parity; quantised files are dequantised at load):
+weights and KV cache on the device, the decode step one persistent kernel
+(docs/inference.md, "GPU").
+
 >>> # m = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", mode="q8")
 >>> # for t in m.generate("The capital of France is", 16, temperature=0): ...
 >>> # m.stats()  -> prefill/generation tok/s, ttft, resident weight MB
@@ -30,6 +35,38 @@ class _Cfg:
         self.head_dim = self.dim // self.n_heads
 
 
+def _on_cuda(device: str) -> bool:
+    d = str(device)
+    if d == "cpu":
+        return False
+    if d == "cuda" or d.startswith("cuda:"):
+        if d not in ("cuda", "cuda:0"):
+            raise ValueError(f"device {d!r}: the GPU inference engine runs on the first GPU (cuda)")
+        return True
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {d!r}")
+
+
+def _default_mode(mode: Optional[str], cuda: bool, cpu_default: str) -> str:
+    return mode if mode is not None else ("bf16" if cuda else cpu_default)
+
+
+class _CudaHandle:
+    """_C.CudaInfer with the CPU handle's surface: sampling with temperature
+    runs on the host (csrc/infer/sample.c) over logits copied from the GPU;
+    greedy choices are made on the device (decode_greedy, greedy)."""
+
+    def __init__(self, h):
+        self._c = h
+        self._buf = np.empty(h.info()["vocab_size"], np.float32)
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def sample(self, sampler, temperature, top_k, top_p, repetition_penalty, history):
+        self._c.logits(self._buf)
+        return sampler.sample(self._buf, temperature, top_k, top_p, repetition_penalty, history)
+
+
 class InferenceModel:
     """A model in the inference engine, with its tokenizer when it has one.
 
@@ -37,6 +74,8 @@ class InferenceModel:
     prefill/decode drive the cache by hand; generate streams token ids."""
 
     def __init__(self, handle, tokenizer=None, source: str = ""):
+        if type(handle).__name__ == "CudaInfer":
+            handle = _CudaHandle(handle)
         self._h = handle
         self.tokenizer = tokenizer
         self.source = source
@@ -46,8 +85,11 @@ class InferenceModel:
 
     # ---- construction -----------------------------------------------------------
     @classmethod
-    def load_gguf(cls, path, mode: str = "q8", max_ctx: int = 0, tokenizer: bool = True,
-                  kv_dtype: str = "f32") -> "InferenceModel":
+    def load_gguf(cls, path, mode: Optional[str] = None, max_ctx: int = 0, tokenizer: bool = True,
+                  device: str = "cpu", kv_dtype: str = "f32") -> "InferenceModel":
+        """mode: "q8" by default on the CPU, "bf16" on device="cuda"."""
+        cuda = _on_cuda(device)
+        mode = _default_mode(mode, cuda, "q8")
         p = os.fspath(path)
         _check_kv_dtype(kv_dtype)
         if not os.path.exists(p):
@@ -58,22 +100,39 @@ class InferenceModel:
             f = read_gguf(p)
             if "tokenizer.ggml.tokens" in f.kv:
                 tok = f.tokenizer()
-        h = _C.infer_load_gguf(p, mode, max_ctx)
-        h.set_kv_f16(kv_dtype == "f16")
-        return cls(h, tok, p)
+        load = _C.cuda_infer_load_gguf if cuda else _C.infer_load_gguf
+        return cls._with_cache(load(p, mode, max_ctx), kv_dtype, cuda, tok, p)
 
     @classmethod
-    def from_model(cls, model, mode: str = "fp32", max_ctx: int = 0, kv_dtype: str = "f32") -> "InferenceModel":
-        """Copy (and quantise) a smedjan Model's current weights."""
+    def from_model(cls, model, mode: Optional[str] = None, max_ctx: int = 0,
+                   device: str = "cpu", kv_dtype: str = "f32") -> "InferenceModel":
+        """Copy (and quantise) a smedjan Model's current weights. mode: "fp32"
+        by default on the CPU, "bf16" on device="cuda" (the model itself may
+        be on either device)."""
+        cuda = _on_cuda(device)
+        mode = _default_mode(mode, cuda, "fp32")
         _check_kv_dtype(kv_dtype)
-        h = _C.infer_from_model(model._h, mode, max_ctx)
-        h.set_kv_f16(kv_dtype == "f16")
-        return cls(h, getattr(model, "tokenizer", None))
+        make = _C.cuda_infer_from_model if cuda else _C.infer_from_model
+        return cls._with_cache(make(model._h, mode, max_ctx), kv_dtype, cuda,
+                               getattr(model, "tokenizer", None))
+
+    @classmethod
+    def _with_cache(cls, h, kv_dtype, cuda, tok, source=""):
+        if kv_dtype == "f16":
+            if cuda:
+                raise ValueError("kv_dtype='f16' is a CPU option; on the GPU the K/V cache "
+                                 "is kept in the weights' mode (bf16 or fp32)")
+            h.set_kv_f16(True)
+        return cls(h, tok, source)
 
     # ---- properties ---------------------------------------------------------------
     @property
     def mode(self) -> str:
         return self._h.info()["mode"]
+
+    @property
+    def device(self) -> str:
+        return self._h.info().get("device", "cpu")
 
     @property
     def pos(self) -> int:
@@ -82,16 +141,21 @@ class InferenceModel:
 
     @property
     def kv_dtype(self) -> str:
-        """"f32" or "f16": the element type of the K/V cache."""
-        return self._h.info()["kv_dtype"]
+        """The element type of the K/V cache: "f32" or "f16" on the CPU; on
+        the GPU the weights' mode ("bf16" or "fp32")."""
+        i = self._h.info()
+        return i.get("kv_dtype", i["mode"])
 
     @property
     def max_ctx(self) -> int:
         return self.config.max_ctx
 
     def memory(self) -> dict:
+        """Bytes of resident weights and of KV cache + run state (GPU memory
+        on device="cuda")."""
         i = self._h.info()
-        return {"weight_bytes": i["weight_bytes"], "cache_bytes": i["cache_bytes"]}
+        return {"weight_bytes": i["weight_bytes"], "cache_bytes": i["cache_bytes"],
+                "device": i.get("device", "cpu")}
 
     # ---- compute --------------------------------------------------------------------
     def reset(self) -> None:
@@ -171,11 +235,34 @@ class InferenceModel:
         s = dict(self._stats)
         s["weight_mb"] = self._h.info()["weight_bytes"] / 1e6
         s["mode"] = self.mode
+        s["device"] = self.device
         return s
+
+    def greedy(self, token: int, n: int) -> np.ndarray:
+        """n greedy steps after token, chained on the GPU (one graph replay):
+        the n chosen ids. device="cuda" only; the fast path of benchmarks.
+
+        >>> # m.prefill(prompt); ids = m.greedy(int(np.argmax(m.last_logits())), 128)
+        """
+        if not hasattr(self._h, "greedy"):
+            raise ValueError("greedy(token, n) runs on device='cuda'; on the CPU use "
+                             "generate(..., temperature=0)")
+        out = np.empty(int(n), np.int32)
+        self._h.greedy(int(token), out)
+        return out
+
+    def set_options(self, *, graphs: Optional[bool] = None, persistent: Optional[bool] = None) -> None:
+        """GPU execution choices (tests, benchmarks): CUDA graphs, and the
+        persistent one-kernel step vs one kernel per phase. Same results."""
+        i = self._h.info()
+        if "graphs" not in i:
+            raise ValueError("set_options applies to device='cuda'")
+        self._h.set_options(i["graphs"] if graphs is None else bool(graphs),
+                            i["persistent"] if persistent is None else bool(persistent))
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"InferenceModel(mode='{c.mode}', dim={c.dim}, n_layers={c.n_layers}, "
+        return (f"InferenceModel(mode='{c.mode}', device='{self.device}', dim={c.dim}, n_layers={c.n_layers}, "
                 f"n_heads={c.n_heads}, n_kv_heads={c.n_kv_heads}, vocab_size={c.vocab_size}, "
                 f"max_ctx={c.max_ctx})")
 
@@ -215,6 +302,9 @@ def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top
     temp, k, p = float(temperature), int(top_k or 0), float(top_p if top_p is not None else 1.0)
     pen = float(repetition_penalty)
     hist = np.array(ids, np.int32)
+    # greedy without a penalty: on the GPU the step itself returns the argmax
+    on_device = temp <= 0 and pen == 1.0 and hasattr(h, "decode_greedy")
+    nxt = None
     stats = m._stats = {"prompt_tokens": len(ids), "generated_tokens": 0}
     t0 = time.perf_counter()
 
@@ -230,7 +320,7 @@ def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top
     new = []
     t_gen, n_gen, ts = 0.0, 0, 0.0
     for i in range(max_new_tokens):
-        tok = h.sample(sampler, temp, k, p, pen, hist if pen != 1.0 else None)
+        tok = nxt if nxt is not None else h.sample(sampler, temp, k, p, pen, hist if pen != 1.0 else None)
         now = time.perf_counter()
         if i == 0:
             stats["ttft_s"] = now - t0
@@ -249,24 +339,30 @@ def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top
         if i + 1 == max_new_tokens:
             break
         ts = time.perf_counter()
+        nxt = None
         if h.pos() >= W:
             run()
+        elif on_device:
+            nxt = h.decode_greedy(tok)
         else:
             h.decode(tok)
     stats.setdefault("gen_tok_s", float("nan"))
     stats.setdefault("ttft_s", float("nan"))
 
 
-def load_gguf(path, mode: str = "q8", max_ctx: int = 0, kv_dtype: str = "f32") -> InferenceModel:
+def load_gguf(path, mode: Optional[str] = None, max_ctx: int = 0, device: str = "cpu",
+              kv_dtype: str = "f32") -> InferenceModel:
     """A GGUF model (Llama architecture) with its tokenizer, weights held as
-    `mode` ("fp32", "bf16", "q8", "q4") whatever the file stores; the K/V
-    cache in `kv_dtype` ("f32", or "f16": half the memory, llama.cpp's default)."""
-    return InferenceModel.load_gguf(path, mode, max_ctx, kv_dtype=kv_dtype)
+    `mode` ("fp32", "bf16", "q8", "q4"; on device="cuda" "bf16" or "fp32")
+    whatever the file stores; on the CPU the K/V cache in `kv_dtype` ("f32",
+    or "f16": half the memory, llama.cpp's default)."""
+    return InferenceModel.load_gguf(path, mode, max_ctx, device=device, kv_dtype=kv_dtype)
 
 
-def from_model(model, mode: str = "fp32", max_ctx: int = 0, kv_dtype: str = "f32") -> InferenceModel:
+def from_model(model, mode: Optional[str] = None, max_ctx: int = 0, device: str = "cpu",
+               kv_dtype: str = "f32") -> InferenceModel:
     """An inference copy of a smedjan Model's weights (quantised per mode)."""
-    return InferenceModel.from_model(model, mode, max_ctx, kv_dtype)
+    return InferenceModel.from_model(model, mode, max_ctx, device=device, kv_dtype=kv_dtype)
 
 
 Generator = InferenceModel
@@ -275,10 +371,22 @@ __all__ = ["InferenceModel", "Generator", "load_gguf", "from_model", "MODES"]
 
 
 def decode_benchmark(model, prompt, n_tokens: int) -> float:
-    """Seconds per token of greedy KV-cache decoding of a CPU smedjan.Model
-    (its fp32 weights), after a prefill of prompt. smedjan.bench uses it for
-    its decode column."""
+    """Seconds per token of greedy KV-cache decoding of a smedjan.Model after
+    a prefill of prompt: on the CPU its fp32 weights, one decode call per
+    token; on a GPU its weights at the model's dtype, the n_tokens steps
+    chained on the device in one CUDA graph replay. smedjan.bench uses it
+    for its decode column."""
     import time
+    if getattr(model, "device", "cpu") == "cuda":
+        mode = "fp32" if model.dtype == "fp32" else "bf16"
+        m = from_model(model, mode, max_ctx=len(prompt) + n_tokens + 1, device="cuda")
+        t = int(np.argmax(m.prefill(np.asarray(prompt, np.int32))))
+        m.greedy(t, n_tokens)            # captures the graph; the timed run replays it
+        m.reset()
+        m.prefill(np.asarray(prompt, np.int32))
+        t0 = time.perf_counter()
+        m.greedy(t, n_tokens)
+        return (time.perf_counter() - t0) / n_tokens
     m = from_model(model, "fp32", max_ctx=len(prompt) + n_tokens + 1)
     m.prefill(np.asarray(prompt, np.int32))
     t = int(np.argmax(m.last_logits()))

@@ -37,6 +37,7 @@ int sj_py_add_kernels(PyObject *m);
 int sj_py_add_io(PyObject *m);
 int sj_py_add_cuda(PyObject *m);
 int sj_py_add_infer(PyObject *m);
+int sj_py_add_infer_cuda(PyObject *m);
 
 /* A DeviceTensor over engine device memory (cuda.c): keeps owner alive,
  * counts itself in *exports (may be NULL); notify: a model whose compute

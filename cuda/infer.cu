@@ -1,0 +1,418 @@
+/* infer.cu — the inference engine on a CUDA GPU: weights resident on the
+ * device (bf16 or f32), a KV cache allocated once, prefill as a batched
+ * forward (cuBLASLt GEMMs + small kernels here), decode steps from
+ * decode.cu, run eagerly or replayed from CUDA graphs captured once per
+ * step count. The token and its position reach the device through a pinned
+ * host buffer copied by the graph itself, so one graph serves every
+ * position. Every CUDA failure becomes an sj_status naming the call; device
+ * allocations that fail raise MemoryError naming the bytes. It must never
+ * write the KV cache past max_ctx: every entry point checks the position. */
+#include "decode.cuh"
+#include "sj_cuinfer.h"
+#include <stdlib.h>
+#include <string.h>
+
+using namespace dec;
+
+enum { CHUNK = 128, SMALL = 16 };   /* prefill rows per pass: padded to 16 or 128 (few GEMM plans) */
+
+struct sj_cuinfer {
+    sj_config c;
+    int mode, is_bf, es, hd, kvd, qkv_rows, max_ctx, pos;
+    const sj_backend *be;
+    void *ctx;
+    void *wmem, *smem;
+    int64_t wbytes, sbytes;
+    params p;                     /* the decode step's view of everything */
+    /* prefill scratch, CHUNK rows each */
+    float *px, *pqkv, *pq, *pgu, *plog, *ppart;
+    void *pxn, *patt, *ph;
+    int *ptok;
+    int *h_io;                    /* pinned: [0] token, [1] position, [2 ..) greedy tokens out */
+    int grid, coop, graphs, persistent;
+    void *graph1, *graphn;        /* one step; graphn_n chained greedy steps */
+    int graphn_n;
+};
+
+/* ---- prefill kernels (rows t < n are tokens; rows n .. npad are padding, kept finite) ---- */
+
+template <class T>
+__global__ void embed_k(float *x, const T *emb, const int *tok, int n, int C) {
+    const int t = blockIdx.x;
+    for (int i = threadIdx.x; i < C; i += blockDim.x)
+        x[(int64_t)t * C + i] = t < n ? tof(emb[(int64_t)tok[t] * C + i]) : 0.f;
+}
+
+/* out (T) = RMSNorm(x) * w, one block per row (as csrc/infer: x * rs * w). */
+template <class T>
+__global__ void norm_k(T *out, const float *x, const float *w, int C, float eps) {
+    const float *xr = x + (int64_t)blockIdx.x * C;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) ss += xr[i] * xr[i];
+    const float rs = 1.0f / sqrtf(block_reduce<false>(ss) / (float)C + eps);
+    for (int i = threadIdx.x; i < C; i += blockDim.x)
+        out[(int64_t)blockIdx.x * C + i] = fromf<T>(xr[i] * rs * w[i]);
+}
+
+/* qkv (n, (H + 2KV) hd) f32 -> roped q (n, H hd) f32; roped k and v into the
+ * cache at positions pos0 + t. One thread per (token, head, i) pair. */
+template <class T>
+__global__ void rope_k(float *q, T *kc, T *vc, const float *qkv, const float *cosb,
+                       const float *sinb, int n, int pos0, int H, int KV, int hd) {
+    const int half = hd / 2, per = (H + 2 * KV) * half, kvd = KV * hd;
+    const int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= (int64_t)n * per) return;
+    const int t = (int)(u / per), g = (int)(u % per) / half, i = (int)(u % per) % half;
+    const float *row = qkv + (int64_t)t * (H + 2 * KV) * hd + g * hd;
+    float a = row[i], b = row[i + half];
+    const int pos = pos0 + t;
+    if (g < H + KV) rope_pair(a, b, cosb[(int64_t)pos * half + i], sinb[(int64_t)pos * half + i]);
+    if (g < H) {
+        q[(int64_t)t * H * hd + g * hd + i] = a;
+        q[(int64_t)t * H * hd + g * hd + i + half] = b;
+    } else {
+        const bool is_k = g < H + KV;
+        T *dst = (is_k ? kc : vc) + (int64_t)pos * kvd + (g - H - (is_k ? 0 : KV)) * hd;
+        dst[i] = fromf<T>(a);
+        dst[i + half] = fromf<T>(b);
+    }
+}
+
+/* Warp per (token, query head, split); token t sees cache rows [0, pos0 + t].
+ * part: (n, H, MAXSPLIT, hd + 2). K, V: this layer's cache. */
+template <class T>
+__global__ void __launch_bounds__(THREADS) attn_k(float *part, const float *q, const T *K, const T *V,
+                                                  int n, int pos0, int H, int KV, int hd, float scale) {
+    extern __shared__ float4 smem4[];
+    float *qs = reinterpret_cast<float *>(smem4) + (threadIdx.x >> 5) * hd;
+    const int grp = H / KV, kvd = KV * hd;
+    const int64_t it = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5);
+    if (it >= (int64_t)n * H * MAXSPLIT) return;           /* whole warps leave together */
+    const int t = (int)(it / (H * MAXSPLIT)), h = (int)(it / MAXSPLIT % H), s = (int)(it % MAXSPLIT);
+    const int len = pos0 + t + 1;
+    int per;
+    if (s >= attn_splits(len, &per)) return;
+    const int start = s * per, end = min(len, start + per);
+    attn_partial_any<T>(q + ((int64_t)t * H + h) * hd, K + (h / grp) * hd, V + (h / grp) * hd, kvd, hd,
+                        start, end, scale, qs, part + (((int64_t)t * H + h) * MAXSPLIT + s) * (hd + 2));
+}
+
+/* att (npad, H hd) of T: combined heads for t < n, zeros below. Warp per (t, h). */
+template <class T>
+__global__ void combine_k(T *att, const float *part, int n, int npad, int pos0, int H, int hd) {
+    __shared__ float buf[WARPS][MAXHD];
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t it = (int64_t)blockIdx.x * WARPS + w;
+    if (it >= (int64_t)npad * H) return;
+    const int t = (int)(it / H), h = (int)(it % H);
+    T *o = att + ((int64_t)t * H + h) * hd;
+    if (t >= n) {
+        for (int d = lane; d < hd; d += 32) o[d] = fromf<T>(0.f);
+        return;
+    }
+    int per;
+    const int ns = attn_splits(pos0 + t + 1, &per);
+    attn_combine(part + ((int64_t)t * H + h) * MAXSPLIT * (hd + 2), ns, hd, buf[w]);
+    __syncwarp();
+    for (int d = lane; d < hd; d += 32) o[d] = fromf<T>(buf[w][d]);
+}
+
+/* h (T) = silu(gate) * up from gu (npad, 2F) f32. */
+template <class T>
+__global__ void swiglu_k(T *h, const float *gu, int npad, int F) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)npad * F) return;
+    const int64_t t = i / F, f = i % F;
+    const float g = gu[t * 2 * F + f], u = gu[t * 2 * F + F + f];
+    h[i] = fromf<T>(g / (1.0f + expf(-g)) * u);
+}
+
+/* ---- creation ------------------------------------------------------------------ */
+
+static size_t al256(size_t b) { return (b + 255) & ~(size_t)255; }
+/* One thread per element (no grid-stride loops in the prefill kernels). */
+static unsigned blocks(int64_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
+
+/* Bind this engine's context (stream, cuBLASLt workspace) to the calling thread. */
+static void bind(sj_cuinfer *g) { g->be->bind(g->ctx); }
+
+extern "C" void sj_cuinfer_free(sj_cuinfer *g) {
+    if (!g) return;
+    if (g->ctx) {
+        bind(g);
+        g->be->sync();
+        g->be->graph_free(g->graph1);
+        g->be->graph_free(g->graphn);
+        g->be->free(g->wmem);
+        g->be->free(g->smem);
+        g->be->host_free(g->h_io);
+        g->be->ctx_free(g->ctx);
+    }
+    free(g);
+}
+
+extern "C" sj_status sj_cuinfer_create(const sj_cuinfer_init *in, sj_cuinfer **out) {
+    *out = NULL;
+    const sj_config *c = &in->c;
+    const int hd = c->dim / c->n_heads;
+    if (hd % 2 || hd > MAXHD)
+        return sj_fail(SJ_ERR_ARG, "GPU inference: head size %d must be even and at most %d", hd, (int)MAXHD);
+    sj_cuinfer *g = (sj_cuinfer *)calloc(1, sizeof *g);
+    if (!g) return sj_fail(SJ_ERR_NOMEM, "GPU inference handle: out of host memory");
+    g->c = *c;
+    g->is_bf = in->bf16;
+    g->mode = in->bf16 ? SJ_INFER_BF16 : SJ_INFER_FP32;
+    g->es = in->bf16 ? 2 : 4;
+    g->hd = hd;
+    g->kvd = c->n_kv_heads * hd;
+    g->qkv_rows = (c->n_heads + 2 * c->n_kv_heads) * hd;
+    g->max_ctx = in->max_ctx;
+    g->graphs = g->persistent = 1;
+    g->be = in->bf16 ? &sj_cuda_backend_bf16 : &sj_cuda_backend_f32;
+    const char *env = getenv("SMEDJAN_GRAPHS");
+    if (env && !strcmp(env, "0")) g->graphs = 0;
+    env = getenv("SMEDJAN_DECODE_PERSISTENT");
+    if (env && !strcmp(env, "0")) g->persistent = 0;
+
+    g->ctx = g->be->ctx_create();
+    if (!g->ctx) { free(g); return sj_cuda_check_device() ? SJ_ERR_RUNTIME : SJ_ERR_NOMEM; }
+    bind(g);
+    const int64_t C = c->dim, F = c->ffn_dim, V = c->vocab_size, L = c->n_layers, es = g->es;
+    const int64_t KVd = g->kvd, QR = g->qkv_rows, H = c->n_heads, mc = g->max_ctx, half = hd / 2;
+    params &p = g->p;
+    p.C = (int)C; p.F = (int)F; p.H = (int)H; p.KV = c->n_kv_heads; p.hd = hd; p.V = (int)V;
+    p.L = (int)L; p.max_ctx = (int)mc; p.eps = c->norm_eps; p.scale = 1.0f / sqrtf((float)hd);
+    sj_status s = dec::setup(p, g->is_bf, &g->grid, &g->coop);
+    if (s) { sj_cuinfer_free(g); return s; }
+    if (!g->coop) g->persistent = 0;
+
+    /* weights: one allocation, each array 256-byte aligned (rows 16-byte aligned when C, F allow) */
+    size_t off[7], wb = 0;
+    const size_t sizes[7] = { (size_t)(V * C * es), in->output ? (size_t)(V * C * es) : 0,
+                              (size_t)(L * QR * C * es), (size_t)(L * C * C * es),
+                              (size_t)(L * 2 * F * C * es), (size_t)(L * C * F * es),
+                              (size_t)((2 * L + 1) * C * 4) };
+    for (int i = 0; i < 7; i++) { off[i] = wb; wb += al256(sizes[i]); }
+    g->wmem = g->be->alloc(wb, "GPU inference weights");
+    if (!g->wmem) { sj_cuinfer_free(g); return SJ_ERR_NOMEM; }
+    g->wbytes = (int64_t)wb;
+    char *W = (char *)g->wmem;
+    p.emb = W + off[0];
+    p.head = in->output ? W + off[1] : p.emb;
+    p.wqkv = W + off[2]; p.wo = W + off[3]; p.wgu = W + off[4]; p.wd = W + off[5];
+    p.norms = (const float *)(W + off[6]);
+    const sj_backend *be = g->be;
+    be->from_host(W + off[0], in->tok_emb, sizes[0]);
+    if (in->output) be->from_host(W + off[1], in->output, sizes[1]);
+    for (int64_t l = 0; l < L; l++) {
+        char *q = W + off[2] + (size_t)(l * QR * C * es);
+        be->from_host(q, in->wq[l], (size_t)(H * hd * C * es));
+        be->from_host(q + (size_t)(H * hd * C * es), in->wk[l], (size_t)(KVd * C * es));
+        be->from_host(q + (size_t)((H * hd + KVd) * C * es), in->wv[l], (size_t)(KVd * C * es));
+        be->from_host(W + off[3] + (size_t)(l * C * C * es), in->wo[l], (size_t)(C * C * es));
+        char *gu = W + off[4] + (size_t)(l * 2 * F * C * es);
+        be->from_host(gu, in->w_gate[l], (size_t)(F * C * es));
+        be->from_host(gu + (size_t)(F * C * es), in->w_up[l], (size_t)(F * C * es));
+        be->from_host(W + off[5] + (size_t)(l * C * F * es), in->w_down[l], (size_t)(C * F * es));
+    }
+    be->from_host(W + off[6], in->norms, sizes[6]);
+
+    /* run state: KV cache, RoPE tables, decode vectors, prefill scratch */
+    const int64_t R = CHUNK, PS = H * MAXSPLIT * (hd + 2);
+    const size_t ss[] = {
+        (size_t)(L * mc * KVd * es), (size_t)(L * mc * KVd * es),          /* kc, vc */
+        (size_t)(mc * half * 4), (size_t)(mc * half * 4),                  /* cos, sin */
+        (size_t)(C * 4), (size_t)(C * 4), (size_t)(F * 4), (size_t)(V * 4),/* x, q, h, logits */
+        (size_t)(PS * 4), (size_t)(g->grid * 4), (size_t)(g->grid * 4),    /* part, best */
+        (size_t)((2 + mc) * 4),                                            /* io, out */
+        (size_t)(R * C * 4), (size_t)(R * QR * 4), (size_t)(R * C * 4),    /* px, pqkv, pq */
+        (size_t)(R * 2 * F * 4), (size_t)(R * V * 4), (size_t)(R * PS * 4),/* pgu, plog, ppart */
+        (size_t)(R * C * es), (size_t)(R * C * es), (size_t)(R * F * es),  /* pxn, patt, ph */
+        (size_t)(R * 4),                                                   /* ptok */
+    };
+    const int NS = (int)(sizeof ss / sizeof ss[0]);
+    size_t so[32], sb = 0;
+    for (int i = 0; i < NS; i++) { so[i] = sb; sb += al256(ss[i]); }
+    g->smem = be->alloc(sb, "GPU inference KV cache and run state");
+    g->h_io = g->smem ? (int *)be->host_alloc((size_t)(2 + mc) * 4, "GPU inference pinned io") : NULL;
+    if (!g->h_io) { sj_cuinfer_free(g); return SJ_ERR_NOMEM; }
+    g->sbytes = (int64_t)sb;
+    char *S = (char *)g->smem;
+    CUDA_CHECK(cudaMemsetAsync(S, 0, sb, sj_stream()));   /* no stale bits, ever (padding rows) */
+    p.kc = S + so[0]; p.vc = S + so[1];
+    p.rope_cos = (const float *)(S + so[2]); p.rope_sin = (const float *)(S + so[3]);
+    p.x = (float *)(S + so[4]); p.q = (float *)(S + so[5]); p.h = (float *)(S + so[6]);
+    p.logits = (float *)(S + so[7]); p.part = (float *)(S + so[8]);
+    p.best_v = (float *)(S + so[9]); p.best_i = (int *)(S + so[10]);
+    p.io = (int *)(S + so[11]); p.out = p.io + 2;
+    g->px = (float *)(S + so[12]); g->pqkv = (float *)(S + so[13]); g->pq = (float *)(S + so[14]);
+    g->pgu = (float *)(S + so[15]); g->plog = (float *)(S + so[16]); g->ppart = (float *)(S + so[17]);
+    g->pxn = S + so[18]; g->patt = S + so[19]; g->ph = S + so[20]; g->ptok = (int *)(S + so[21]);
+    be->from_host(S + so[2], in->rope_cos, ss[2]);
+    be->from_host(S + so[3], in->rope_sin, ss[3]);
+    if ((s = be->sync())) { sj_cuinfer_free(g); return s; }
+    *out = g;
+    return SJ_OK;
+}
+
+/* ---- accessors ---------------------------------------------------------------- */
+
+extern "C" const sj_config *sj_cuinfer_config(const sj_cuinfer *g) { return &g->c; }
+extern "C" int sj_cuinfer_max_ctx(const sj_cuinfer *g) { return g->max_ctx; }
+extern "C" int sj_cuinfer_pos(const sj_cuinfer *g) { return g->pos; }
+extern "C" sj_infer_mode sj_cuinfer_mode(const sj_cuinfer *g) { return (sj_infer_mode)g->mode; }
+extern "C" int64_t sj_cuinfer_weight_bytes(const sj_cuinfer *g) { return g->wbytes; }
+extern "C" int64_t sj_cuinfer_cache_bytes(const sj_cuinfer *g) { return g->sbytes; }
+extern "C" void sj_cuinfer_reset(sj_cuinfer *g) { g->pos = 0; }
+
+static void drop_graphs(sj_cuinfer *g) {
+    bind(g);
+    g->be->graph_free(g->graph1);
+    g->be->graph_free(g->graphn);
+    g->graph1 = g->graphn = NULL;
+    g->graphn_n = 0;
+}
+
+extern "C" void sj_cuinfer_set_options(sj_cuinfer *g, int graphs, int persistent) {
+    drop_graphs(g);
+    g->graphs = graphs != 0;
+    g->persistent = persistent != 0 && g->coop;
+}
+extern "C" void sj_cuinfer_get_options(const sj_cuinfer *g, int *graphs, int *persistent) {
+    *graphs = g->graphs;
+    *persistent = g->persistent;
+}
+
+/* ---- prefill ---------------------------------------------------------------------- */
+
+static void gemm(sj_cuinfer *g, float *C, const void *A, const void *B, int M, int N, int K, int accum) {
+    g->be->matmul(C, A, B, M, N, K, 0, 1, accum, 1);   /* C (f32) (+)= A B^T */
+}
+
+/* m (<= CHUNK) tokens at positions pos .. pos + m - 1; logits of every row in plog. */
+template <class T>
+static void prefill_chunk(sj_cuinfer *g, int m) {
+    const params &p = g->p;
+    const int npad = m <= SMALL ? SMALL : CHUNK, C = p.C, F = p.F, H = p.H, KV = p.KV, hd = p.hd;
+    const int64_t es = g->es, layer_kv = (int64_t)p.max_ctx * g->kvd;
+    cudaStream_t st = sj_stream();
+    embed_k<T><<<npad, 128, 0, st>>>(g->px, (const T *)p.emb, g->ptok, m, C);
+    LAUNCH_CHECK("embed_k");
+    const int64_t units = (int64_t)m * (H + 2 * KV) * (hd / 2);
+    const int64_t items = (int64_t)m * H * MAXSPLIT;
+    for (int l = 0; l < p.L; l++) {
+        T *kc = (T *)p.kc + l * layer_kv, *vc = (T *)p.vc + l * layer_kv;
+        norm_k<T><<<npad, 256, 0, st>>>((T *)g->pxn, g->px, p.norms + (int64_t)2 * l * C, C, p.eps);
+        LAUNCH_CHECK("norm_k");
+        gemm(g, g->pqkv, g->pxn, (const char *)p.wqkv + (int64_t)l * g->qkv_rows * C * es, npad, g->qkv_rows, C, 0);
+        rope_k<T><<<blocks(units, 256), 256, 0, st>>>(g->pq, kc, vc, g->pqkv, p.rope_cos, p.rope_sin,
+                                                         m, g->pos, H, KV, hd);
+        LAUNCH_CHECK("rope_k");
+        attn_k<T><<<(unsigned)((items + WARPS - 1) / WARPS), THREADS, WARPS * hd * sizeof(float), st>>>(
+            g->ppart, g->pq, kc, vc, m, g->pos, H, KV, hd, p.scale);
+        LAUNCH_CHECK("attn_k");
+        combine_k<T><<<(unsigned)(((int64_t)npad * H + WARPS - 1) / WARPS), THREADS, 0, st>>>(
+            (T *)g->patt, g->ppart, m, npad, g->pos, H, hd);
+        LAUNCH_CHECK("combine_k");
+        gemm(g, g->px, g->patt, (const char *)p.wo + l * (int64_t)C * C * es, npad, C, C, 1);
+        norm_k<T><<<npad, 256, 0, st>>>((T *)g->pxn, g->px, p.norms + (int64_t)(2 * l + 1) * C, C, p.eps);
+        LAUNCH_CHECK("norm_k");
+        gemm(g, g->pgu, g->pxn, (const char *)p.wgu + l * (int64_t)2 * F * C * es, npad, 2 * F, C, 0);
+        swiglu_k<T><<<blocks((int64_t)npad * F, 256), 256, 0, st>>>((T *)g->ph, g->pgu, npad, F);
+        LAUNCH_CHECK("swiglu_k");
+        gemm(g, g->px, g->ph, (const char *)p.wd + l * (int64_t)C * F * es, npad, C, F, 1);
+    }
+    norm_k<T><<<npad, 256, 0, st>>>((T *)g->pxn, g->px, p.norms + (int64_t)2 * p.L * C, C, p.eps);
+    LAUNCH_CHECK("norm_k");
+    gemm(g, g->plog, g->pxn, p.head, npad, p.V, C, 0);
+}
+
+extern "C" sj_status sj_cuinfer_prefill(sj_cuinfer *g, const int32_t *tokens, int n, float *logits_all) {
+    if (n <= 0) return sj_fail(SJ_ERR_ARG, "prefill: no tokens");
+    if (n > g->max_ctx - g->pos)
+        return sj_fail(SJ_ERR_ARG, "prefill: %d tokens after %d in the cache exceed its %d positions "
+                       "(reset, or load with a larger max_ctx)", n, g->pos, g->max_ctx);
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= g->c.vocab_size)
+            return sj_fail(SJ_ERR_ARG, "prefill: token %d at %d is outside the vocabulary (%d)",
+                           tokens[i], i, g->c.vocab_size);
+    bind(g);
+    const int V = g->c.vocab_size;
+    const int pos0 = g->pos;
+    sj_status s = SJ_OK;
+    for (int i = 0; i < n && !s; i += CHUNK) {
+        const int m = n - i < CHUNK ? n - i : CHUNK;
+        g->be->from_host(g->ptok, tokens + i, (size_t)m * 4);
+        if (g->is_bf) prefill_chunk<bf16>(g, m);
+        else prefill_chunk<float>(g, m);
+        if (logits_all) g->be->to_host(logits_all + (int64_t)i * V, g->plog, (size_t)m * V * 4);
+        if (i + m == n)
+            CUDA_CHECK(cudaMemcpyAsync(g->p.logits, g->plog + (int64_t)(m - 1) * V, (size_t)V * 4,
+                                       cudaMemcpyDeviceToDevice, sj_stream()));
+        s = g->be->sync();
+        g->pos += m;
+    }
+    if (s) g->pos = pos0;   /* the cache holds garbage past pos0 now; pos0 is still valid */
+    return s;
+}
+
+/* ---- decode ----------------------------------------------------------------------- */
+
+/* Token and position in, n steps, the n chosen tokens out: all on the stream. */
+static void enqueue_steps(sj_cuinfer *g, int n) {
+    g->be->from_host_async(g->p.io, g->h_io, 2 * sizeof(int));
+    dec::enqueue(g->p, g->is_bf, g->persistent, n, g->grid, sj_stream());
+    g->be->to_host_async(g->h_io + 2, g->p.out, (size_t)n * sizeof(int));
+}
+
+static sj_status run_steps(sj_cuinfer *g, int32_t token, int n) {
+    if (token < 0 || token >= g->c.vocab_size)
+        return sj_fail(SJ_ERR_ARG, "decode: token %d is outside the vocabulary (%d)", token, g->c.vocab_size);
+    if (n > g->max_ctx - g->pos)
+        return sj_fail(SJ_ERR_ARG, "decode: %d token(s) after %d in the cache exceed its %d positions "
+                       "(reset, or load with a larger max_ctx)", n, g->pos, g->max_ctx);
+    bind(g);
+    g->h_io[0] = token;
+    g->h_io[1] = g->pos;
+    sj_status s;
+    if (!g->graphs) {
+        enqueue_steps(g, n);
+    } else {
+        void **slot = n == 1 ? &g->graph1 : &g->graphn;
+        if (n != 1 && g->graphn_n != n) {
+            g->be->graph_free(g->graphn);
+            g->graphn = NULL;
+        }
+        if (!*slot) {
+            if ((s = g->be->capture_begin())) return s;
+            enqueue_steps(g, n);
+            if ((s = g->be->capture_end(slot))) return s;
+            if (n != 1) g->graphn_n = n;
+        }
+        if ((s = g->be->graph_launch(*slot))) return s;
+    }
+    if ((s = g->be->sync())) return s;
+    g->pos += n;
+    return SJ_OK;
+}
+
+extern "C" sj_status sj_cuinfer_decode(sj_cuinfer *g, int32_t token, int32_t *next) {
+    sj_status s = run_steps(g, token, 1);
+    if (s) return s;
+    if (next) *next = g->h_io[2];
+    return SJ_OK;
+}
+
+extern "C" sj_status sj_cuinfer_greedy(sj_cuinfer *g, int32_t token, int n, int32_t *out) {
+    if (n <= 0) return sj_fail(SJ_ERR_ARG, "greedy: n must be positive, got %d", n);
+    sj_status s = run_steps(g, token, n);
+    if (s) return s;
+    memcpy(out, g->h_io + 2, (size_t)n * sizeof(int32_t));
+    return SJ_OK;
+}
+
+extern "C" sj_status sj_cuinfer_logits(sj_cuinfer *g, float *out) {
+    bind(g);
+    g->be->to_host(out, g->p.logits, (size_t)g->c.vocab_size * 4);
+    return g->be->sync();
+}
