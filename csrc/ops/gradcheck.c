@@ -66,6 +66,9 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
     } else if (!strcmp(op, "matmul")) {
         int x = add_act(c, "x", N * 5);
         c->out = sj_op_matmul(tp, x, add_param(c, "w", 7 * 5), N, 7, 5);
+    } else if (!strcmp(op, "matmul_add")) {
+        int res = add_act(c, "res", N * 7), x = add_act(c, "x", N * 5);
+        c->out = sj_op_matmul_add(tp, res, x, add_param(c, "w", 7 * 5), N, 7, 5);
     } else if (!strcmp(op, "rope")) {
         c->out = sj_op_rope(tp, add_act(c, "x", N * 3 * 4), B, T, 3, 2, 4, 100.0f);
     } else if (!strcmp(op, "attention")) {
@@ -81,7 +84,7 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         tp->loss_scale = 0.3f;
     } else {
         return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, matmul, "
-                       "rope, attention, swiglu, add, cross_entropy)", op);
+                       "matmul_add, rope, attention, swiglu, add, cross_entropy)", op);
     }
     if (c->out < 0) return SJ_ERR_NOMEM;
     c->node = tp->t[c->out].producer;
@@ -109,6 +112,7 @@ sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double 
     gc c;
     memset(&c, 0, sizeof c);
     sj_tape_init(&c.tp, 1, SJ_F32, 0);
+    c.tp.no_inplace = 1;   /* gradients are seeded and accum flags set by hand: none shared */
     sj_rng g;
     sj_rng_seed(&g, seed);
     sj_status s = build(&c, op, &g);
