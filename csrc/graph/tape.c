@@ -368,52 +368,49 @@ static sj_status plan_f16(sj_tape *tp) {
     return SJ_OK;
 }
 
-/* dst takes src's storage if src (its root: storage may already be shared)
- * is read by nothing after time t and dst is touched by nothing before t,
- * the step at t being the one that reads src and writes dst in place. The
- * root then lives as long as either; dst points at the root, so chains
- * (a gradient sharing one that shares a third) resolve in one hop. */
 static int root(const sj_tape *tp, int id) {
     while (id >= 0 && tp->t[id].alias >= 0) id = tp->t[id].alias;
     return id;
 }
 
-static int share(sj_tape *tp, int dst, int src, int t) {
-    if (dst < 0 || src < 0) return 0;
+/* dst takes src's storage if src (its root: storage may already be shared)
+ * is read by nothing after time t and dst is touched by nothing before t,
+ * the step at t being the one that reads src and writes dst in place. The
+ * root then lives as long as either; dst points at the root, so chains
+ * (a gradient sharing one that shares a third) resolve in one hop. */
+static void share(sj_tape *tp, int dst, int src, int t) {
+    if (dst < 0 || src < 0) return;
     src = root(tp, src);
     sj_tval *D = &tp->t[dst], *S = &tp->t[src];
     if (dst == src || D->kind != SJ_T_ACT || S->kind != SJ_T_ACT || D->alias >= 0 ||
         D->numel != S->numel || D->dtype != S->dtype || S->last > t || D->first < t)
-        return 0;
+        return;
     D->alias = src;
     if (D->last > S->last) S->last = D->last;
-    return 1;
 }
 
 /* The step's in-place relations (sj_opinfo), on final lifetimes and accum
  * flags: forward and recompute steps may write out[0] over an input;
  * backward steps may write an input's gradient over dy (or, for the loss,
  * over the input) when they are its first writer (accumulating needs the
- * old value). Returns how many were shared. */
-static int share_step(sj_tape *tp, const sj_step *st, int t) {
-    if (st->kind == SJ_STEP_CONV) return 0;
+ * old value). */
+static void share_step(sj_tape *tp, const sj_step *st, int t) {
+    if (st->kind == SJ_STEP_CONV) return;
     const sj_node *n = step_node(tp, st);
     const sj_opinfo *op = &sj_ops[n->op];
-    int shared = 0;
     if (st->kind == SJ_STEP_FWD || st->kind == SJ_STEP_XFWD) {
         for (int k = 0; k < 3 && !tp->no_inplace; k++)
-            if (op->out_on_in >> k & 1) shared += share(tp, n->out[0], n->in[k], t);
-        return shared;
+            if (op->out_on_in >> k & 1) share(tp, n->out[0], n->in[k], t);
+        return;
     }
     for (int k = 0; k < 3; k++) {
         int id = n->in[k];
         if (id < 0 || tp->t[id].kind != SJ_T_ACT || tp->t[id].grad < 0 || n->accum[k]) continue;
         if ((op->grad_on_dy >> k & 1) && !tp->no_inplace)
-            shared += share(tp, tp->t[id].grad, tp->t[n->out[0]].grad, t);
+            share(tp, tp->t[id].grad, tp->t[n->out[0]].grad, t);
         if ((op->grad_on_in >> k & 1) && tp->device)
-            shared += share(tp, tp->t[id].grad, id, t);
+            share(tp, tp->t[id].grad, id, t);
     }
-    return shared;
 }
 
 /* In place, walking the schedule at the times lifetimes() gave each step. */
