@@ -149,5 +149,9 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
 /* A planned tape in numbers (tests, tools): nodes recorded per op, and per
  * op the steps (forward, recompute or backward) that write in place. */
 void sj_tape_census(const sj_tape *tp, int nodes[SJ_OP__COUNT], int in_place[SJ_OP__COUNT]);
+/* A small tape on which every in-place rule binds, run as planned and with
+ * nothing shared: the largest difference of its output and gradients, and
+ * the census's in_place of the shared run (gradcheck.c; tests). */
+sj_status sj_tape_inplace_check(uint64_t seed, double *max_diff, int in_place[SJ_OP__COUNT]);
 
 #endif

@@ -621,6 +621,22 @@ static PyTypeObject OptimizerType = {
     .tp_getset = opt_getset,
 };
 
+static PyObject *py_inplace_check(PyObject *self, PyObject *args) {
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "K", &seed)) return NULL;
+    double diff = 0;
+    int in_place[SJ_OP__COUNT];
+    sj_status s = sj_tape_inplace_check(seed, &diff, in_place);
+    if (s) return sj_py_raise(s);
+    PyObject *d = PyDict_New();
+    for (int o = 0; d && o < SJ_OP__COUNT; o++) {
+        PyObject *v = PyLong_FromLong(in_place[o]);
+        if (!v || PyDict_SetItemString(d, sj_ops[o].name, v) < 0) Py_CLEAR(d);
+        Py_XDECREF(v);
+    }
+    return d ? Py_BuildValue("(dN)", diff, d) : NULL;
+}
+
 static PyObject *py_gradcheck(PyObject *self, PyObject *args) {
     const char *op; unsigned long long seed; int accumulate;
     if (!PyArg_ParseTuple(args, "sKp", &op, &seed, &accumulate)) return NULL;
@@ -633,6 +649,8 @@ static PyObject *py_gradcheck(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef functions[] = {
+    {"tape_inplace_check", py_inplace_check, METH_VARARGS,
+     "tape_inplace_check(seed) -> (max_abs_diff, {op: steps in place})"},
     {"op_gradcheck", py_gradcheck, METH_VARARGS,
      "op_gradcheck(op, seed, accumulate) -> (max_rel_err, detail)"},
     {"preset", py_preset, METH_VARARGS, "preset(name, vocab_size) -> config dict"},
