@@ -251,7 +251,7 @@ static void graph_free(void *g) { if (g) cudaGraphExecDestroy((cudaGraphExec_t)g
         dev_alloc, dev_free, sj_cuda_fill,                         \
         to_host, from_host, to_host_async, from_host_async,        \
         sj_cuda_convert,                                           \
-        sj_cuda_matmul_##T,                                        \
+        sj_cuda_matmul_##T, sj_cuda_matmul_add_##T,               \
         sj_cuda_embedding_forward_##T, sj_cuda_embedding_backward_##T, \
         sj_cuda_rmsnorm_forward_##T, sj_cuda_rmsnorm_backward_##T, \
         sj_cuda_rope_forward_##T, sj_cuda_rope_backward_##T,       \

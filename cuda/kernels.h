@@ -8,6 +8,8 @@
 extern "C" {                                                                              \
 void sj_cuda_matmul_##T(void *C, const void *A, const void *B, int M, int N, int K,       \
                         int transA, int transB, int accum, int c_f32);                    \
+void sj_cuda_matmul_add_##T(void *D, const void *C, const void *A, const void *B, int M,  \
+                            int N, int K, int transA, int transB);                        \
 void sj_cuda_embedding_forward_##T(void *out, const void *tok, sj_dtype tok_dtype,        \
                                    const void *emb, int N, int C);                        \
 void sj_cuda_embedding_backward_##T(float *demb, const void *dout, const void *tok,       \

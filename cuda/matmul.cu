@@ -4,6 +4,8 @@
  * the bound context; descriptors and the chosen algorithm are cached per
  * shape, so a replayed or eager step does no heuristic search.
  *
+ * matmul_add gives cuBLASLt a separate C (the residual) with beta = 1.
+ *
  * Row-major C(M,N) = op(A) op(B) is computed as the column-major product
  * C^T(N,M) = op(B)^T op(A)^T: cuBLASLt's "A" is our B and its "B" our A. */
 #include "common.cuh"
@@ -24,11 +26,11 @@ extern "C" void sj_cuda_matmul_init(void) { std::call_once(handle_once, make_han
  * unless told otherwise, and parameter views sit at arbitrary offsets. */
 struct plan_key {
     int M, N, K, tA, tB, c_f32, bf;
-    uint32_t al_a, al_b, al_c;   /* byte alignment of our A, B, C (<= 256) */
+    uint32_t al_a, al_b, al_c, al_d;   /* byte alignment of our A, B, C, D (<= 256) */
     bool operator==(const plan_key &o) const {
         return M == o.M && N == o.N && K == o.K && tA == o.tA && tB == o.tB &&
                c_f32 == o.c_f32 && bf == o.bf && al_a == o.al_a && al_b == o.al_b &&
-               al_c == o.al_c;
+               al_c == o.al_c && al_d == o.al_d;
     }
 };
 
@@ -96,7 +98,7 @@ static const plan *get_plan(const plan_key &k, size_t ws_bytes) {
     LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
                                                   &k.al_c, sizeof k.al_c), "align c");
     LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                                                  &k.al_c, sizeof k.al_c), "align d");
+                                                  &k.al_d, sizeof k.al_d), "align d");
     cublasLtMatmulHeuristicResult_t res[1];
     int found = 0;
     cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.op, p.a, p.b, p.c, p.c, pref, 1,
@@ -115,8 +117,10 @@ static const plan *get_plan(const plan_key &k, size_t ws_bytes) {
     return &plans[n_plans++];
 }
 
-static void matmul(void *C, const void *A, const void *B, int M, int N, int K, int tA, int tB,
-                   int accum, int c_f32, int bf) {
+/* D = op(A) op(B) (+ C when C): the addend is cuBLASLt's C with beta = 1,
+ * in the same layout as D (accumulation is C = D). */
+static void matmul(void *D, const void *C, const void *A, const void *B, int M, int N, int K,
+                   int tA, int tB, int c_f32, int bf) {
     if (M <= 0 || N <= 0) return;
     sj_cuda_matmul_init();
     if (handle_status != CUBLAS_STATUS_SUCCESS) {
@@ -124,17 +128,18 @@ static void matmul(void *C, const void *A, const void *B, int M, int N, int K, i
         return;
     }
     sj_cuda_ctx *ctx = sj_cuda_cur();
-    const plan_key k = { M, N, K, tA, tB, c_f32, bf, alignment(A), alignment(B), alignment(C) };
+    const plan_key k = { M, N, K, tA, tB, c_f32, bf, alignment(A), alignment(B),
+                         alignment(C ? C : D), alignment(D) };
     const plan *p;
     {
         std::lock_guard<std::mutex> lk(plans_mu);
         p = get_plan(k, ctx->workspace_bytes);
     }
     if (!p) return;
-    const float alpha = 1.0f, beta = accum ? 1.0f : 0.0f;
-    cublasStatus_t st = cublasLtMatmul(handle, p->op, &alpha, B, p->a, A, p->b, &beta, C, p->c,
-                                       C, p->c, &p->algo, ctx->workspace, ctx->workspace_bytes,
-                                       ctx->stream);
+    const float alpha = 1.0f, beta = C ? 1.0f : 0.0f;
+    cublasStatus_t st = cublasLtMatmul(handle, p->op, &alpha, B, p->a, A, p->b, &beta,
+                                       C ? C : D, p->c, D, p->c, &p->algo, ctx->workspace,
+                                       ctx->workspace_bytes, ctx->stream);
     if (st != CUBLAS_STATUS_SUCCESS) {
         char d[160];
         snprintf(d, sizeof d, "cuBLASLt status %d (%s) for M=%d N=%d K=%d", (int)st,
@@ -145,9 +150,19 @@ static void matmul(void *C, const void *A, const void *B, int M, int N, int K, i
 
 extern "C" void sj_cuda_matmul_f32(void *C, const void *A, const void *B, int M, int N, int K,
                                    int transA, int transB, int accum, int c_f32) {
-    matmul(C, A, B, M, N, K, transA, transB, accum, c_f32, 0);
+    matmul(C, accum ? C : NULL, A, B, M, N, K, transA, transB, c_f32, 0);
 }
 extern "C" void sj_cuda_matmul_bf16(void *C, const void *A, const void *B, int M, int N, int K,
                                     int transA, int transB, int accum, int c_f32) {
-    matmul(C, A, B, M, N, K, transA, transB, accum, c_f32, 1);
+    matmul(C, accum ? C : NULL, A, B, M, N, K, transA, transB, c_f32, 1);
+}
+/* The residual add in the epilogue: no separate add kernel, and D is
+ * rounded to bf16 once (the unfused pair rounds the product, then the sum). */
+extern "C" void sj_cuda_matmul_add_f32(void *D, const void *C, const void *A, const void *B,
+                                       int M, int N, int K, int transA, int transB) {
+    matmul(D, C, A, B, M, N, K, transA, transB, 0, 0);
+}
+extern "C" void sj_cuda_matmul_add_bf16(void *D, const void *C, const void *A, const void *B,
+                                        int M, int N, int K, int transA, int transB) {
+    matmul(D, C, A, B, M, N, K, transA, transB, 0, 1);
 }

@@ -11,6 +11,8 @@
  * of one row, computes their VEC cos/sin once (accurate cosf/sinf, not
  * __sincosf: the f32 mode must stay within 1e-5 of the CPU) and applies
  * them to every rotated head of the row, 16-byte loads and stores.
+ * In place (out == in, as the tape plans it for qkv) only the n_rot
+ * rotated heads are read and written: the V heads stay where they are.
  * Bound: memory bandwidth, read in + write out once: 2 * 2 * N * row bytes
  * in bf16 (small preset, 32768 rows of 12 * 64: 100 MB -> ~33 us at 3 TB/s;
  * the per-row-block scalar kernel measured ~80 us). */
@@ -29,7 +31,7 @@ static void rope_inv_freqs(rope_freqs *f, int hd, float theta) {
 }
 
 // out, in: (B, T, n_heads*hd), n_rows = B * T; out may be in (each thread
-// reads the elements it writes before writing them).
+// reads the elements it writes before writing them; the copy is skipped).
 template <class T>
 static __global__ void __launch_bounds__(256) rope_vec(T *out, const T *in, int64_t n_rows, int T_,
                                                        int n_heads, int n_rot, int hd, int pos0,
@@ -74,7 +76,9 @@ static __global__ void __launch_bounds__(256) rope_vec(T *out, const T *in, int6
                     store_vec(y + (h0 + k) * hd + half + i0, y1, accum);
                 }
         }
-        /* heads past n_rot are copied; this row's G threads share them */
+        /* heads past n_rot are copied (this row's G threads share them); in
+         * place they are already there: the V heads cost nothing */
+        if (out == in) continue;
         for (int k = n_rot * hd + i0; k < row; k += half) {
             float v[V];
             load_vec(v, x + k);
@@ -122,7 +126,8 @@ static __global__ void rope_k(T *out, const T *in, int T_, int n_heads, int n_ro
         put(y + h * hd + i, x0 * c - x1 * s, accum);
         put(y + h * hd + i + half, x1 * c + x0 * s, accum);
     }
-    for (int k = n_rot * hd + threadIdx.x; k < row; k += blockDim.x) put(y + k, tof(x[k]), accum);
+    if (out != in)
+        for (int k = n_rot * hd + threadIdx.x; k < row; k += blockDim.x) put(y + k, tof(x[k]), accum);
 }
 
 #define SJ_CU_ROPE(T, TY)                                                                   \

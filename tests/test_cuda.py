@@ -59,6 +59,42 @@ def test_matmul_kernel(dtype, tA, tB, accum, c_f32, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tA,tB", [(0, 1), (0, 0), (1, 0)])
+@pytest.mark.parametrize("in_place", [0, 1], ids=["D_apart", "D_is_C"])
+def test_matmul_add_kernel(dtype, tA, tB, in_place, rng):
+    """D = op(A) op(B) + C in one GEMM (the residual add in cuBLASLt's
+    epilogue): C is read, not overwritten, unless D is C."""
+    M, N, K = 67, 45, 96
+    A = rnd(rng, *((K, M) if tA else (M, K)), dtype=dtype)
+    B = rnd(rng, *((N, K) if tB else (K, N)), dtype=dtype)
+    C = rnd(rng, M, N, dtype=dtype)
+    out = op("matmul_add", dtype, {"D": poison((M, N)), "C": C, "A": A, "B": B}, (M, N, K, tA, tB, in_place))
+    want = ref.matmul(A, B, tA, tB) + np.float64(C)
+    close(out["D"].reshape(M, N), want, dtype, "matmul_add", None if dtype == "fp32" else 1e-2)
+    if not in_place:
+        np.testing.assert_array_equal(out["C"].reshape(M, N), C)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fast", [True, False], ids=["vec", "scalar"])
+def test_rope_kernels_in_place(dtype, fast, rng):
+    """out == in (din == dout): the rotated heads as out of place, the heads
+    past n_rot (V) left exactly as they were."""
+    B, T, nh, nr, hd, pos0 = 2, 37, 5, 3, 32 if fast else 6, 3
+    x = rnd(rng, B, T, nh * hd, dtype=dtype)
+    got = op("rope_forward", dtype, {"out": poison((B, T, nh * hd)), "in": x},
+             (B, T, nh, nr, hd, pos0, 1), (10000.0,))["out"].reshape(B, T, nh, hd)
+    want = ref.rope(x, B, T, nh, nr, hd, pos0, 10000.0).reshape(B, T, nh, hd)
+    close(got[:, :, :nr], want[:, :, :nr], dtype, "rope forward in place")
+    np.testing.assert_array_equal(got[:, :, nr:], x.reshape(B, T, nh, hd)[:, :, nr:])
+    got = op("rope_backward", dtype, {"din": poison((B, T, nh * hd)), "dout": x},
+             (B, T, nh, nr, hd, pos0, 0, 1), (10000.0,))["din"].reshape(B, T, nh, hd)
+    want = ref.rope(x, B, T, nh, nr, hd, pos0, 10000.0, inverse=True).reshape(B, T, nh, hd)
+    close(got[:, :, :nr], want[:, :, :nr], dtype, "rope backward in place")
+    np.testing.assert_array_equal(got[:, :, nr:], x.reshape(B, T, nh, hd)[:, :, nr:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_embedding_kernels(dtype, rng):
     N, C, V = 300, 96, 37
     tok = rng.integers(0, V, N).astype(np.int32)
@@ -278,6 +314,44 @@ def test_bf16_mode_is_close_to_fp32(shape):
         assert e < 2e-2, (name, e)
 
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ["gqa", "hd128"])
+def test_fused_residuals_and_in_place_rope_match_the_unfused_step(dtype, shape, monkeypatch):
+    """The GPU tape with matmul_add, the shared residual gradient and rope in
+    place against the same model recorded unfused (SMEDJAN_UNFUSED=1): fp32
+    within 1e-5; bf16 within 2e-2 (the fused GEMM rounds x + a @ W^T once)."""
+    a, tokens, targets = make(shape, "cuda", dtype)
+    b, _, _ = make(shape, "cuda", dtype)
+    monkeypatch.setenv("SMEDJAN_UNFUSED", "1")
+    la = a.loss(tokens, targets, backward=True)        # plans (and caches) the reference
+    monkeypatch.delenv("SMEDJAN_UNFUSED")
+    lb = b.loss(tokens, targets, backward=True)
+    tol = 1e-5 if dtype == "fp32" else 2e-2
+    assert abs(la - lb) <= tol * abs(la), (la, lb)
+    for name in a.grads:
+        e = rel_err(host(b.grads[name]), host(a.grads[name]))
+        assert e < tol, (name, e)
+    census = b._h.plan_census(*tokens.shape, 2)
+    L = SHAPES[shape]["n_layers"]
+    assert census["nodes"]["add"] == 0 and census["in_place"]["matmul_add"] == 2 * L, census
+    assert census["in_place"]["rope"] == 2 * L, census
+
+
+def test_checkpointed_fused_training_is_bit_identical_on_gpu(text_bytes):
+    """Checkpointing re-runs rope (in place) inside backward, the residual
+    gradient stays one shared buffer: fp32 training through captured graphs
+    is bit-identical with and without it."""
+    cfg = smedjan.Config.custom(128, 2, 4, 2, vocab_size=256, max_seq_len=128)
+    runs = []
+    for ckpt in (False, True):
+        m = smedjan.Model(cfg, seed=3, device="cuda", dtype="fp32")
+        tr = smedjan.Trainer(m, lr=3e-3, warmup=2, steps=4, gradient_checkpointing=ckpt)
+        runs.append(([tuple(tr.step(x, y)) for x, y in text_batches(text_bytes, 4, 64, 4)],
+                     host(m.flat_params).copy()))
+    assert runs[0][0] == runs[1][0], runs
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
 
 
 def train(text_bytes, device, dtype, steps, graphs=True, B=4, T=64, preset_cfg=None):

@@ -4,7 +4,7 @@ import pytest
 
 from smedjan import _C
 
-OPS = ["embedding", "rmsnorm", "matmul", "rope", "attention", "swiglu", "add", "cross_entropy"]
+OPS = ["embedding", "rmsnorm", "matmul", "matmul_add", "rope", "attention", "swiglu", "add", "cross_entropy"]
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])

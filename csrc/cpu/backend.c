@@ -66,6 +66,14 @@ static void matmul(void *C, const void *A, const void *B, int M, int N, int K,
     sj_cpu_matmul(C, A, B, M, N, K, transA, transB, accum);
 }
 
+/* The GEMM, then the addend: bit for bit the unfused matmul and add. */
+static void matmul_add(void *D, const void *C, const void *A, const void *B, int M, int N,
+                       int K, int transA, int transB) {
+    if (D == C) { sj_cpu_matmul(D, A, B, M, N, K, transA, transB, 1); return; }
+    sj_cpu_matmul(D, A, B, M, N, K, transA, transB, 0);
+    sj_cpu_add(D, D, C, (int64_t)M * N);
+}
+
 static void *ctx_create(void) { static char ctx; return &ctx; }
 static void ctx_free(void *ctx) { (void)ctx; }
 static void bind(void *ctx) { (void)ctx; }
@@ -88,6 +96,7 @@ static void graph_free(void *g) { (void)g; }
     .from_host_async = copy_bytes,                \
     .convert = convert,                           \
     .matmul = matmul,                             \
+    .matmul_add = matmul_add,                     \
     .embedding_forward = sj_cpu_embedding_forward,\
     .embedding_backward = sj_cpu_embedding_backward,\
     .rmsnorm_forward = sj_cpu_rmsnorm_forward,    \

@@ -33,11 +33,12 @@ static void rope_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
                 yh[i + half] = j->accum ? yh[i + half] + b : b;
             }
         }
-        for (int c = j->n_rot * j->hd; c < row; c++) y[c] = j->accum ? y[c] + x[c] : x[c];
+        if (y != x)   /* in place: the heads past n_rot are already there */
+            for (int c = j->n_rot * j->hd; c < row; c++) y[c] = j->accum ? y[c] + x[c] : x[c];
     }
 }
 
-// out, in: (B, T, n_heads*hd)
+// out, in: (B, T, n_heads*hd); out may be in (each pair is read, then written)
 void sj_cpu_rope_forward(void *out, const void *in, int B, int T, int n_heads,
                          int n_rot, int hd, int pos0, float theta) {
     rope_job j = { out, in, T, n_heads, n_rot, hd, pos0, 0, 0, theta };

@@ -197,8 +197,10 @@ static sj_status build_schedule(sj_tape *tp) {
     return s;
 }
 
-static sj_node *step_node(sj_tape *tp, const sj_step *st) {
-    return st->kind == SJ_STEP_BWD ? &tp->nodes[st->idx] : &tp->xnodes[st->idx];
+/* A step's node: recorded (forward, backward) or made by the plan (x). */
+static sj_node *step_node(const sj_tape *tp, const sj_step *st) {
+    return st->kind == SJ_STEP_BWD || st->kind == SJ_STEP_FWD ? &tp->nodes[st->idx]
+                                                              : &tp->xnodes[st->idx];
 }
 
 static void touch_forward(sj_tape *tp, const sj_node *n, int time) {
@@ -229,11 +231,10 @@ static void touch_backward(sj_tape *tp, const sj_node *n, int time) {
 
 
 /* Touch every tensor at the times the schedule uses it; returns the time
- * forward ends. bwd_time[i]: when node i's own backward runs (or -1). */
-static int lifetimes(sj_tape *tp, int *bwd_time) {
+ * forward ends. */
+static int lifetimes(sj_tape *tp) {
     const int F = tp->n_nodes;
     int t = 0;
-    for (int i = 0; i < F; i++) bwd_time[i] = -1;
     if (!tp->n_fsched)
         for (int i = 0; i < F; i++) touch_forward(tp, &tp->nodes[i], t++);
     for (int k = 0; k < tp->n_fsched; k++, t++) {
@@ -256,7 +257,6 @@ static int lifetimes(sj_tape *tp, int *bwd_time) {
         sj_node *n = step_node(tp, st);
         if (st->kind == SJ_STEP_XFWD) touch_forward(tp, n, t);
         else touch_backward(tp, n, t);
-        if (st->kind == SJ_STEP_BWD) bwd_time[st->idx] = t;
     }
     return fwd_end;
 }
@@ -368,8 +368,62 @@ static sj_status plan_f16(sj_tape *tp) {
     return SJ_OK;
 }
 
+static int root(const sj_tape *tp, int id) {
+    while (id >= 0 && tp->t[id].alias >= 0) id = tp->t[id].alias;
+    return id;
+}
+
+/* dst takes src's storage if src (its root: storage may already be shared)
+ * is read by nothing after time t and dst is touched by nothing before t,
+ * the step at t being the one that reads src and writes dst in place. The
+ * root then lives as long as either; dst points at the root, so chains
+ * (a gradient sharing one that shares a third) resolve in one hop. */
+static void share(sj_tape *tp, int dst, int src, int t) {
+    if (dst < 0 || src < 0) return;
+    src = root(tp, src);
+    sj_tval *D = &tp->t[dst], *S = &tp->t[src];
+    if (dst == src || D->kind != SJ_T_ACT || S->kind != SJ_T_ACT || D->alias >= 0 ||
+        D->numel != S->numel || D->dtype != S->dtype || S->last > t || D->first < t)
+        return;
+    D->alias = src;
+    if (D->last > S->last) S->last = D->last;
+}
+
+/* The step's in-place relations (sj_opinfo), on final lifetimes and accum
+ * flags: forward and recompute steps may write out[0] over an input;
+ * backward steps may write an input's gradient over dy (or, for the loss,
+ * over the input) when they are its first writer (accumulating needs the
+ * old value). */
+static void share_step(sj_tape *tp, const sj_step *st, int t) {
+    if (st->kind == SJ_STEP_CONV) return;
+    const sj_node *n = step_node(tp, st);
+    const sj_opinfo *op = &sj_ops[n->op];
+    if (st->kind == SJ_STEP_FWD || st->kind == SJ_STEP_XFWD) {
+        for (int k = 0; k < 3 && !tp->no_inplace; k++)
+            if (op->out_on_in >> k & 1) share(tp, n->out[0], n->in[k], t);
+        return;
+    }
+    for (int k = 0; k < 3; k++) {
+        int id = n->in[k];
+        if (id < 0 || tp->t[id].kind != SJ_T_ACT || tp->t[id].grad < 0 || n->accum[k]) continue;
+        if ((op->grad_on_dy >> k & 1) && !tp->no_inplace)
+            share(tp, tp->t[id].grad, tp->t[n->out[0]].grad, t);
+        if ((op->grad_on_in >> k & 1) && tp->device)
+            share(tp, tp->t[id].grad, id, t);
+    }
+}
+
+/* In place, walking the schedule at the times lifetimes() gave each step. */
+static void plan_in_place(sj_tape *tp) {
+    int t = 0;
+    if (!tp->n_fsched)
+        for (int i = 0; i < tp->n_nodes; i++, t++)
+            share_step(tp, &(sj_step){ SJ_STEP_FWD, i }, t);
+    for (int k = 0; k < tp->n_fsched; k++, t++) share_step(tp, &tp->fsched[k], t);
+    for (int k = 0; k < tp->n_bsched && tp->train; k++, t++) share_step(tp, &tp->bsched[k], t);
+}
+
 sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
-    const int F = tp->n_nodes;
     /* Gradient tensors for every differentiable activation (train only). */
     int n_fwd_t = tp->n_t;
     if (tp->train)
@@ -384,26 +438,16 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
     if (tp->train) SJ_TRY(build_schedule(tp));
     /* Lifetimes on the schedule: forward step i at time i, backward step k
      * at time (forward steps) + k (without levers: node i's backward at 2F-1-i). */
-    int *bwd_time = malloc(sizeof(int) * (size_t)(F + 1));
-    if (!bwd_time) return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
-    int fwd_end = lifetimes(tp, bwd_time);
+    int fwd_end = lifetimes(tp);
     if (tp->f16_act && tp->train && tp->act_dtype == SJ_F32) {
-        sj_status s = plan_f16(tp);
-        if (s != SJ_OK) { free(bwd_time); return s; }
+        SJ_TRY(plan_f16(tp));
         for (int id = 0; id < tp->n_t; id++) tp->t[id].first = tp->t[id].last = -1;
-        fwd_end = lifetimes(tp, bwd_time);
-    }
-    /* Activation bytes alive when forward ends (what the levers shrink). */
-    tp->kept_bytes = 0;
-    for (int id = 0; id < tp->n_t; id++) {
-        const sj_tval *v = &tp->t[id];
-        if (v->kind == SJ_T_ACT && v->first >= 0 && v->first < fwd_end && v->last >= fwd_end)
-            tp->kept_bytes += v->numel * (int64_t)sj_dtype_size(v->dtype);
+        fwd_end = lifetimes(tp);
     }
     /* The first backward writer of a gradient overwrites it; later ones add. */
     if (tp->train) {
         char *written = calloc((size_t)tp->n_t, 1);
-        if (!written) { free(bwd_time); return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory"); }
+        if (!written) return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
         for (int k = 0; k < tp->n_bsched; k++) {
             if (tp->bsched[k].kind == SJ_STEP_XFWD || tp->bsched[k].kind == SJ_STEP_CONV) continue;
             sj_node *n = step_node(tp, &tp->bsched[k]);
@@ -426,21 +470,15 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
             v->staged = 1;
             v->first = 0;
         }
-    /* In place: the loss's backward overwrites the logits with their gradient
-     * when nothing else reads the logits afterwards (device backends; saves a
-     * (N, V) tensor). Row by row, each element is read before it is written. */
-    if (tp->device && tp->train)
-        for (int i = 0; i < F; i++) {
-            sj_node *n = &tp->nodes[i];
-            if (n->op != SJ_OP_CROSS_ENTROPY || bwd_time[i] < 0) continue;
-            sj_tval *L = &tp->t[n->in[0]];
-            if (L->kind != SJ_T_ACT || L->grad < 0 || n->accum[0]) continue;
-            sj_tval *G = &tp->t[L->grad];
-            if (L->last > bwd_time[i] || G->first < bwd_time[i]) continue;
-            G->alias = n->in[0];
-            if (G->last > L->last) L->last = G->last;
-        }
-    free(bwd_time);
+    plan_in_place(tp);
+    /* Activation bytes alive when forward ends (what the levers shrink). */
+    tp->kept_bytes = 0;
+    for (int id = 0; id < tp->n_t; id++) {
+        const sj_tval *v = &tp->t[id];
+        if (v->kind == SJ_T_ACT && v->alias < 0 && v->first >= 0 && v->first < fwd_end &&
+            v->last >= fwd_end)
+            tp->kept_bytes += v->numel * (int64_t)sj_dtype_size(v->dtype);
+    }
     /* Arena offsets: largest first, each at the lowest address that no
      * tensor alive at the same time occupies. */
     int n_act = 0;
@@ -481,7 +519,7 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
         if (off + order[a].bytes > top) top = off + order[a].bytes;
     }
     free(order); free(busy); free(placed);
-    for (int id = 0; id < tp->n_t; id++)
+    for (int id = 0; id < tp->n_t; id++)   /* aliases point at roots (share) */
         if (tp->t[id].alias >= 0) tp->t[id].offset = tp->t[tp->t[id].alias].offset;
     tp->arena_bytes = top;
     if (tp->dry) return SJ_OK;
@@ -494,6 +532,31 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
         be->fill(tp->arena, nan.f, top / 4);
     }
     return SJ_OK;
+}
+
+void sj_tape_census(const sj_tape *tp, int nodes[SJ_OP__COUNT], int in_place[SJ_OP__COUNT]) {
+    for (int o = 0; o < SJ_OP__COUNT; o++) nodes[o] = in_place[o] = 0;
+    for (int i = 0; i < tp->n_nodes; i++) nodes[tp->nodes[i].op]++;
+    /* A step works in place when something it writes shares storage with
+     * something it reads: its output with an input, or an input's gradient
+     * with dy or the input. */
+    const int nf = tp->n_fsched ? tp->n_fsched : tp->n_nodes;
+    for (int k = 0; k < nf + (tp->train ? tp->n_bsched : 0); k++) {
+        sj_step st = k >= nf ? tp->bsched[k - nf]
+                   : tp->n_fsched ? tp->fsched[k] : (sj_step){ SJ_STEP_FWD, k };
+        if (st.kind == SJ_STEP_CONV) continue;
+        const sj_node *n = step_node(tp, &st);
+        const int fwd = st.kind == SJ_STEP_FWD || st.kind == SJ_STEP_XFWD;
+        int hit = 0;
+        for (int j = 0; j < 3; j++) {
+            int id = n->in[j];
+            if (id < 0 || tp->t[id].kind != SJ_T_ACT) continue;
+            if (fwd) { hit |= root(tp, n->out[0]) == root(tp, id); continue; }
+            int g = root(tp, tp->t[id].grad);
+            hit |= g >= 0 && (g == root(tp, tp->t[n->out[0]].grad) || g == root(tp, id));
+        }
+        in_place[n->op] += hit;
+    }
 }
 
 static void run_conv(sj_tape *tp, const sj_backend *be, const sj_conv *c, void *params) {

@@ -28,12 +28,14 @@ typedef struct {
     void *ptr;          /* EXTERN: bound before each run (host backends) */
     sj_dtype dtype;     /* ACT: act dtype or f32 (statistics); EXTERN: tokens' type */
     int staged;         /* EXTERN on a device backend: copied into the arena */
-    int alias;          /* ACT sharing another tensor's storage (in place), or -1 */
+    int alias;          /* ACT sharing the storage of tensor `alias` (in place; always a
+                         * root, never itself an alias), or -1 */
 } sj_tval;
 
 typedef enum {
-    SJ_OP_EMBEDDING, SJ_OP_RMSNORM, SJ_OP_MATMUL, SJ_OP_ROPE, SJ_OP_ATTENTION,
-    SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP_LM_HEAD_CE, SJ_OP__COUNT
+    SJ_OP_EMBEDDING, SJ_OP_RMSNORM, SJ_OP_MATMUL, SJ_OP_MATMUL_ADD, SJ_OP_ROPE,
+    SJ_OP_ATTENTION, SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP_LM_HEAD_CE,
+    SJ_OP__COUNT
 } sj_opcode;
 
 typedef struct {
@@ -78,6 +80,8 @@ typedef struct sj_tape {
     int64_t budget;         /* the arena may take at most this; < 0: no limit */
     int dry;                /* plan only: lay out, allocate nothing */
     int64_t kept_bytes;     /* planned: activation bytes alive at the end of forward */
+    int no_inplace;         /* share no storage in place but the loss's (sj_opinfo):
+                             * gradcheck, and the tests' unfused reference */
 } sj_tape;
 
 void sj_tape_init(sj_tape *tp, int train, sj_dtype act_dtype, int device);
@@ -107,6 +111,9 @@ sj_status sj_tape_backward(sj_tape *tp, const sj_backend *be, void *params, floa
 int sj_op_embedding(sj_tape *tp, int tokens, int emb, int N, int C);
 int sj_op_rmsnorm(sj_tape *tp, int x, int w, int N, int C, float eps);
 int sj_op_matmul(sj_tape *tp, int x, int w, int N, int out_features, int in_features);
+/* res + x @ w^T in one GEMM (the residual add fused into the projection). */
+int sj_op_matmul_add(sj_tape *tp, int res, int x, int w, int N, int out_features,
+                     int in_features);
 int sj_op_rope(sj_tape *tp, int x, int B, int T, int n_heads, int n_rot, int hd, float theta);
 int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd);
 int sj_op_swiglu(sj_tape *tp, int gu, int N, int F);
@@ -118,16 +125,33 @@ int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int 
 int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int C,
                      int ignore_index, int rows);
 
-/* How each op's backward uses its tensors (for lifetimes) and runs. */
+/* How each op's backward uses its tensors (for lifetimes) and runs, and
+ * which of its writes may land on storage it reads (in place). The plan
+ * shares storage only when the shared tensor is read by nothing after the
+ * step and the written one is touched by nothing before it; otherwise the
+ * kernels get separate buffers (and a pass-through becomes a copy). */
 typedef struct {
     const char *name;
     unsigned bwd_reads_in;   /* bit k: backward reads in[k] */
     unsigned bwd_reads_out;  /* bit k: backward reads out[k] */
     int fwd_grads;           /* on a training tape, forward writes the input gradients */
+    unsigned out_on_in;      /* bit k: out[0] may be in[k] (forward kernel works in place) */
+    unsigned grad_on_dy;     /* bit k: in[k]'s gradient may be out[0]'s gradient (backward
+                              * in place; a gradient that is just dy then costs nothing) */
+    unsigned grad_on_in;     /* bit k: in[k]'s gradient may be in[k] itself (device
+                              * backends only, as before: the loss overwrites the logits) */
 } sj_opinfo;
 extern const sj_opinfo sj_ops[SJ_OP__COUNT];
 void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, void *params);
 void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
                     void *params, float *grads);
+
+/* A planned tape in numbers (tests, tools): nodes recorded per op, and per
+ * op the steps (forward, recompute or backward) that write in place. */
+void sj_tape_census(const sj_tape *tp, int nodes[SJ_OP__COUNT], int in_place[SJ_OP__COUNT]);
+/* A small tape on which every in-place rule binds, run as planned and with
+ * nothing shared: the largest difference of its output and gradients, and
+ * the census's in_place of the shared run (gradcheck.c; tests). */
+sj_status sj_tape_inplace_check(uint64_t seed, double *max_diff, int in_place[SJ_OP__COUNT]);
 
 #endif

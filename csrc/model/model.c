@@ -299,6 +299,28 @@ sj_status sj_model_params_updated(sj_model *m) {
     return m->be->sync();
 }
 
+/* x + a @ w^T: one GEMM with the residual as its addend; the tests'
+ * reference records the separate matmul and add. */
+static int residual(const sj_plan *pl, sj_tape *tp, int x, int a, int w, int N, int C,
+                    int in_features) {
+    if (pl->unfused)
+        return sj_op_add(tp, x, sj_op_matmul(tp, a, w, N, C, in_features), (int64_t)N * C);
+    return sj_op_matmul_add(tp, x, a, w, N, C, in_features);
+}
+
+/* The tape of a new plan, levers applied. */
+static void tape_init(const sj_model *m, sj_plan *pl, int dry) {
+    sj_tape_init(&pl->tape, pl->mode == SJ_RUN_TRAIN, m->be->act_dtype, m->be->device);
+    pl->tape.checkpoint = m->lv.checkpoint;
+    pl->tape.f16_act = m->lv.f16_act;
+    pl->tape.dry = dry;
+    /* Tests only, the reference: "1" as before this fusion (matmul + add, no
+     * storage shared in place), "add": matmul + add with in-place planning. */
+    const char *u = getenv("SMEDJAN_UNFUSED");
+    pl->unfused = u && u[0] && strcmp(u, "0") != 0;
+    pl->tape.no_inplace = pl->unfused && strcmp(u, "add") != 0;
+}
+
 /* Record the whole forward pass (and the loss) for one (B, T, mode). */
 static sj_status record(sj_model *m, sj_plan *pl) {
     const sj_config *c = &m->cfg;
@@ -317,13 +339,11 @@ static sj_status record(sj_model *m, sj_plan *pl) {
                                (H + 2 * KV) * hd, C);
         qkv = sj_op_rope(tp, qkv, B, T, H + 2 * KV, H + KV, hd, c->rope_theta);
         int a = sj_op_attention(tp, qkv, B, T, H, KV, hd);
-        x = sj_op_add(tp, x, sj_op_matmul(tp, a, PARAM("layers.%d.wo", l, C), N, C, H * hd),
-                      (int64_t)N * C);
+        x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, H * hd);
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);
         int gu = sj_op_matmul(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, 2 * F, C);
         int s = sj_op_swiglu(tp, gu, N, F);
-        x = sj_op_add(tp, x, sj_op_matmul(tp, s, PARAM("layers.%d.w_down", l, C), N, C, F),
-                      (int64_t)N * C);
+        x = residual(pl, tp, x, s, PARAM("layers.%d.w_down", l, C), N, C, F);
         SJ_TRY(sj_tape_block_end(tp));
     }
     int h = sj_op_rmsnorm(tp, x, NORM("final_norm%.0d", 0), N, C, c->norm_eps);
@@ -365,10 +385,8 @@ static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan *
     sj_plan *pl = victim;
     memset(pl, 0, sizeof *pl);
     pl->B = B; pl->T = T; pl->mode = mode;
-    sj_tape_init(&pl->tape, mode == SJ_RUN_TRAIN, m->be->act_dtype, m->be->device);
+    tape_init(m, pl, 0);
     pl->tape.loss_scale_ptr = m->be->device ? &m->scalars->loss_scale : NULL;
-    pl->tape.checkpoint = m->lv.checkpoint;
-    pl->tape.f16_act = m->lv.f16_act;
     const int64_t limit = m->lv.memory_limit;
     if (limit > 0) pl->tape.budget = limit > m->bytes ? limit - m->bytes : 0;
     sj_status s = record(m, pl);
@@ -587,19 +605,23 @@ sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv) {
 
 sj_status sj_model_plan_bytes(sj_model *m, int B, int T, sj_run_mode mode,
                               int64_t *arena_bytes, int64_t *kept_bytes) {
+    return sj_model_plan_census(m, B, T, mode, arena_bytes, kept_bytes, NULL, NULL);
+}
+
+sj_status sj_model_plan_census(sj_model *m, int B, int T, sj_run_mode mode,
+                               int64_t *arena_bytes, int64_t *kept_bytes,
+                               int nodes[SJ_OP__COUNT], int in_place[SJ_OP__COUNT]) {
     SJ_TRY(check_shape(m, B, T));
     sj_plan pl;
     memset(&pl, 0, sizeof pl);
     pl.B = B; pl.T = T; pl.mode = mode;
-    sj_tape_init(&pl.tape, mode == SJ_RUN_TRAIN, m->be->act_dtype, m->be->device);
-    pl.tape.checkpoint = m->lv.checkpoint;
-    pl.tape.f16_act = m->lv.f16_act;
-    pl.tape.dry = 1;
+    tape_init(m, &pl, 1);
     sj_status s = record(m, &pl);
     if (s == SJ_OK) s = sj_tape_plan(&pl.tape, m->be);
     if (s == SJ_OK) {
         if (arena_bytes) *arena_bytes = pl.tape.arena_bytes;
         if (kept_bytes) *kept_bytes = pl.tape.kept_bytes;
+        if (nodes) sj_tape_census(&pl.tape, nodes, in_place);
     }
     sj_tape_free(&pl.tape, m->be);
     return s;

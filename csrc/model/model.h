@@ -13,6 +13,7 @@ typedef struct {
     int64_t last_use;
     sj_tape tape;
     int tokens, targets, logits, losses;   /* tensor ids */
+    int unfused;                 /* tests (SMEDJAN_UNFUSED): residuals as matmul + add */
     /* host side of the inputs and per-row losses; pinned on device backends:
      * tokens (2N int32: ids, then rows sorted by id) | targets (N int32) |
      * losses (N f32) */
@@ -45,6 +46,10 @@ sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv);
  * the activation bytes kept from forward to backward. */
 sj_status sj_model_plan_bytes(sj_model *m, int B, int T, sj_run_mode mode,
                               int64_t *arena_bytes, int64_t *kept_bytes);
+/* ... and the tape's census (sj_tape_census; nodes NULL: none). */
+sj_status sj_model_plan_census(sj_model *m, int B, int T, sj_run_mode mode,
+                               int64_t *arena_bytes, int64_t *kept_bytes,
+                               int nodes[SJ_OP__COUNT], int in_place[SJ_OP__COUNT]);
 /* sj_model_loss with the loss's denominator given (grad accumulation: the
  * whole batch's counted targets, so that micro-batch gradients sum to the
  * big batch's mean gradient); denom <= 0: this batch's own count. The loss

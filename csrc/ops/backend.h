@@ -68,6 +68,10 @@ typedef struct sj_backend {
      * are act dtype; C is f32 when c_f32 (parameter gradients), else act. */
     void (*matmul)(void *C, const void *A, const void *B, int M, int N, int K,
                    int transA, int transB, int accum, int c_f32);
+    /* D(M,N) = op(A) op(B) + C, all act dtype: the residual add fused into
+     * the GEMM (cuBLASLt's epilogue reads C; D may be C, never partly). */
+    void (*matmul_add)(void *D, const void *C, const void *A, const void *B, int M, int N,
+                       int K, int transA, int transB);
 
     /* out: (N, C) = emb[tok]; demb: (V, C) += scatter of dout. */
     void (*embedding_forward)(void *out, const void *tok, sj_dtype tok_dtype,
@@ -83,7 +87,8 @@ typedef struct sj_backend {
 
     /* Rotate-half RoPE on the first n_rot heads of each row of n_heads heads
      * of size hd; the remaining heads are copied. Row r of batch b has
-     * position pos0 + (r % T). out, in: (B, T, n_heads*hd). */
+     * position pos0 + (r % T). out, in: (B, T, n_heads*hd). out may be in
+     * (din may be dout, accum 0): then only the rotated heads are touched. */
     void (*rope_forward)(void *out, const void *in, int B, int T, int n_heads,
                          int n_rot, int hd, int pos0, float theta);
     void (*rope_backward)(void *din, const void *dout, int B, int T, int n_heads,

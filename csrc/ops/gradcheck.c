@@ -66,6 +66,9 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
     } else if (!strcmp(op, "matmul")) {
         int x = add_act(c, "x", N * 5);
         c->out = sj_op_matmul(tp, x, add_param(c, "w", 7 * 5), N, 7, 5);
+    } else if (!strcmp(op, "matmul_add")) {
+        int res = add_act(c, "res", N * 7), x = add_act(c, "x", N * 5);
+        c->out = sj_op_matmul_add(tp, res, x, add_param(c, "w", 7 * 5), N, 7, 5);
     } else if (!strcmp(op, "rope")) {
         c->out = sj_op_rope(tp, add_act(c, "x", N * 3 * 4), B, T, 3, 2, 4, 100.0f);
     } else if (!strcmp(op, "attention")) {
@@ -81,7 +84,7 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         tp->loss_scale = 0.3f;
     } else {
         return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, matmul, "
-                       "rope, attention, swiglu, add, cross_entropy)", op);
+                       "matmul_add, rope, attention, swiglu, add, cross_entropy)", op);
     }
     if (c->out < 0) return SJ_ERR_NOMEM;
     c->node = tp->t[c->out].producer;
@@ -109,6 +112,7 @@ sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double 
     gc c;
     memset(&c, 0, sizeof c);
     sj_tape_init(&c.tp, 1, SJ_F32, 0);
+    c.tp.no_inplace = 1;   /* gradients are seeded and accum flags set by hand: none shared */
     sj_rng g;
     sj_rng_seed(&g, seed);
     sj_status s = build(&c, op, &g);
@@ -188,4 +192,66 @@ sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double 
     free(c.params); free(c.grads); free(c.r);
     sj_tape_free(&c.tp, be);
     return s;
+}
+
+/* In-place planning where every rule binds: x feeds two ropes (the first
+ * must not overwrite x, the second may); their sum's gradient can be shared
+ * by only one of them; the residual gradient chains through rope and add to
+ * the root dy; the second rope's input gradient is then accumulated, not
+ * shared. One run as planned, one with nothing shared: the forward output,
+ * x's gradient and W's must agree bit for bit. */
+enum { IPC_N = 10, IPC_ROW = 12, IPC_A = 5 };
+
+static sj_status inplace_run(uint64_t seed, int no_inplace, float *res, int in_place[SJ_OP__COUNT]) {
+    const sj_backend *be = &sj_cpu_backend;
+    const int B = 2, T = IPC_N / 2, N = IPC_N, R = IPC_ROW;
+    sj_tape tp;
+    sj_tape_init(&tp, 1, SJ_F32, 0);
+    tp.no_inplace = no_inplace;
+    int x = sj_tape_tensor(&tp, SJ_T_ACT, N * R), a = sj_tape_tensor(&tp, SJ_T_ACT, N * IPC_A);
+    int w = sj_tape_param(&tp, 0, R * IPC_A);
+    int p = sj_op_rope(&tp, x, B, T, 3, 2, 4, 100.0f), q = sj_op_rope(&tp, x, B, T, 3, 2, 4, 100.0f);
+    int z = sj_op_add(&tp, p, q, N * R);
+    int r = sj_op_rope(&tp, z, B, T, 3, 2, 4, 100.0f);
+    int out = sj_op_matmul_add(&tp, r, a, w, N, R, IPC_A);
+    sj_status s = out < 0 ? SJ_ERR_NOMEM : SJ_OK;
+    /* the inputs are written before the first node: alive from the start */
+    if (s == SJ_OK) { tp.t[x].first = tp.t[a].first = 0; s = sj_tape_plan(&tp, be); }
+    float params[IPC_ROW * IPC_A], grads[IPC_ROW * IPC_A] = {0};
+    if (s == SJ_OK) {
+        sj_rng g;
+        sj_rng_seed(&g, seed);
+        float *px = sj_tape_ptr(&tp, x, params), *pa = sj_tape_ptr(&tp, a, params);
+        for (int i = 0; i < N * R; i++) px[i] = uni(&g);
+        for (int i = 0; i < N * IPC_A; i++) pa[i] = uni(&g);
+        for (int i = 0; i < R * IPC_A; i++) params[i] = uni(&g);
+        s = sj_tape_forward(&tp, be, params);
+        memcpy(res, sj_tape_ptr(&tp, out, params), sizeof(float) * N * R);
+        float *dy = sj_tape_ptr(&tp, tp.t[out].grad, params);
+        for (int i = 0; i < N * R; i++) dy[i] = uni(&g);
+    }
+    if (s == SJ_OK) s = sj_tape_backward(&tp, be, params, grads);
+    if (s == SJ_OK) {
+        memcpy(res + N * R, sj_tape_ptr(&tp, tp.t[x].grad, params), sizeof(float) * N * R);
+        /* (a's gradient is not compared: its storage is reused once it is dead) */
+        memcpy(res + 2 * N * R, grads, sizeof grads);
+        int nodes[SJ_OP__COUNT];
+        sj_tape_census(&tp, nodes, in_place);
+    }
+    sj_tape_free(&tp, be);
+    return s;
+}
+
+sj_status sj_tape_inplace_check(uint64_t seed, double *max_diff, int in_place[SJ_OP__COUNT]) {
+    enum { n = 2 * IPC_N * IPC_ROW + IPC_ROW * IPC_A };
+    float shared[n], apart[n];
+    int none[SJ_OP__COUNT];
+    SJ_TRY(inplace_run(seed, 0, shared, in_place));
+    SJ_TRY(inplace_run(seed, 1, apart, none));
+    *max_diff = 0.0;
+    for (int i = 0; i < n; i++) {
+        double d = fabs((double)shared[i] - apart[i]);
+        if (!(d <= *max_diff)) *max_diff = d;   /* NaN sticks */
+    }
+    return SJ_OK;
 }

@@ -13,11 +13,14 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     [SJ_OP_EMBEDDING] = {"embedding", 1u << 0, 0},
     [SJ_OP_RMSNORM] = {"rmsnorm", 1u << 0 | 1u << 1, 1u << 1},
     [SJ_OP_MATMUL] = {"matmul", 1u << 0 | 1u << 1, 0},
-    [SJ_OP_ROPE] = {"rope", 0, 0},
+    /* d(res) = dy: shared, the residual stream's gradient is one buffer */
+    [SJ_OP_MATMUL_ADD] = {"matmul_add", 1u << 0 | 1u << 1, 0, .grad_on_dy = 1u << 2},
+    /* in place over qkv: only the rotated heads are rewritten */
+    [SJ_OP_ROPE] = {"rope", 0, 0, .out_on_in = 1u << 0, .grad_on_dy = 1u << 0},
     [SJ_OP_ATTENTION] = {"attention", 1u << 0, 1u << 0 | 1u << 1},
     [SJ_OP_SWIGLU] = {"swiglu", 1u << 0, 0},
-    [SJ_OP_ADD] = {"add", 0, 0},
-    [SJ_OP_CROSS_ENTROPY] = {"cross_entropy", 1u << 0 | 1u << 1, 1u << 1},
+    [SJ_OP_ADD] = {"add", 0, 0, .grad_on_dy = 1u << 0 | 1u << 1},
+    [SJ_OP_CROSS_ENTROPY] = {"cross_entropy", 1u << 0 | 1u << 1, 1u << 1, .grad_on_in = 1u << 0},
     [SJ_OP_LM_HEAD_CE] = {"lm_head_ce", 0, 0, 1},   /* gradients made in forward */
 };
 
@@ -47,6 +50,12 @@ int sj_op_rmsnorm(sj_tape *tp, int x, int w, int N, int C, float eps) {
 // x: (N, in) @ w^T, w: (out, in) -> (N, out)
 int sj_op_matmul(sj_tape *tp, int x, int w, int N, int out_features, int in_features) {
     return record(tp, SJ_OP_MATMUL, IN(x, w, NONE), (int64_t)N * out_features, 0, 0,
+                  DIM(N, out_features, in_features), 0);
+}
+// res: (N, out) + x: (N, in) @ w^T, w: (out, in) -> (N, out)
+int sj_op_matmul_add(sj_tape *tp, int res, int x, int w, int N, int out_features,
+                     int in_features) {
+    return record(tp, SJ_OP_MATMUL_ADD, IN(x, w, res), (int64_t)N * out_features, 0, 0,
                   DIM(N, out_features, in_features), 0);
 }
 // x: (B, T, n_heads*hd) -> same, first n_rot heads rotated
@@ -141,6 +150,9 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
     case SJ_OP_MATMUL:
         be->matmul(P(out[0]), P(in[0]), P(in[1]), d[0], d[1], d[2], 0, 1, 0, 0);
         break;
+    case SJ_OP_MATMUL_ADD:
+        be->matmul_add(P(out[0]), P(in[2]), P(in[0]), P(in[1]), d[0], d[1], d[2], 0, 1);
+        break;
     case SJ_OP_ROPE:
         be->rope_forward(P(out[0]), P(in[0]), d[0], d[1], d[2], d[3], d[4], 0, n->f);
         break;
@@ -180,9 +192,13 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
                              P(out[1]), d[0], d[1], acc[0]);
         break;
     case SJ_OP_MATMUL:
+    case SJ_OP_MATMUL_ADD: {
         if (dx) be->matmul(dx, dy, P(in[1]), d[0], d[2], d[1], 0, 0, acc[0], 0);   // dy @ W
         be->matmul(grads + tp->t[in[1]].offset, dy, P(in[0]), d[1], d[2], d[0], 1, 0, 1, 1);
+        void *dr = n->op == SJ_OP_MATMUL_ADD ? in_grad(tp, n, 2, params) : NULL;
+        if (dr && dr != dy) be->copy(dr, dy, tp->t[out[0]].numel, acc[2]);   /* not shared */
         break;
+    }
     case SJ_OP_ROPE:
         be->rope_backward(dx, dy, d[0], d[1], d[2], d[3], d[4], 0, n->f, acc[0]);
         break;
@@ -194,9 +210,9 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         be->swiglu_backward(dx, dy, P(in[0]), d[0], d[1], acc[0]);
         break;
     case SJ_OP_ADD: {
-        void *db = in_grad(tp, n, 1, params);
-        if (dx) be->copy(dx, dy, tp->t[out[0]].numel, acc[0]);
-        if (db) be->copy(db, dy, tp->t[out[0]].numel, acc[1]);
+        void *db = in_grad(tp, n, 1, params);   /* a gradient sharing dy's storage is done */
+        if (dx && dx != dy) be->copy(dx, dy, tp->t[out[0]].numel, acc[0]);
+        if (db && db != dy) be->copy(db, dy, tp->t[out[0]].numel, acc[1]);
         break;
     }
     case SJ_OP_CROSS_ENTROPY:

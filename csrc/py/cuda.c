@@ -473,6 +473,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"cross_entropy_forward", {"losses", "lse", "logits", "targets"}, "ffat"},
         {"cross_entropy_backward", {"dlogits", "logits", "lse", "targets", "scale"}, "aafff"},
         {"adamw", {"p", "p_act", "g", "m", "v"}, "fafff"},
+        {"matmul_add", {"D", "C", "A", "B"}, "aaaa"},
     };
     int k = -1;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
@@ -503,8 +504,12 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 2: be->embedding_backward(D(0), D(1), D(2), SJ_I32, (int)I[0], (int)I[1]); break;
     case 3: be->rmsnorm_forward(D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (float)Fl[0]); break;
     case 4: be->rmsnorm_backward(D(0), D(1), D(2), D(3), D(4), D(5), (int)I[0], (int)I[1], (int)I[2]); break;
-    case 5: be->rope_forward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0]); break;
-    case 6: be->rope_backward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0], (int)I[6]); break;
+    case 5: /* ints[6] = in place: out is the input buffer */
+        be->rope_forward(I[6] ? D(1) : D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0]);
+        break;
+    case 6: /* ints[7] = in place: din is the dout buffer */
+        be->rope_backward(I[7] ? D(1) : D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0], (int)I[6]);
+        break;
     case 7: be->attention_forward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]); break;
     case 8: be->attention_backward(D(0), D(1), D(2), D(3), D(4), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5]); break;
     case 9: be->swiglu_forward(D(0), D(1), (int)I[0], (int)I[1]); break;
@@ -528,11 +533,17 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         Fl[7] = hp.sumsq;
         break;
     }
+    case 16: /* ints[5] = in place: D is the C buffer */
+        be->matmul_add(I[5] ? D(1) : D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]);
+        break;
     }
     }
     if (timer) ms = sj_cuda_timer_end(timer) / reps;
-    /* in place: the gradient is in the logits buffer */
-    if (k == 14 && I[4]) { void *t = a[0].dev; a[0].dev = a[1].dev; a[1].dev = t; }
+    /* in place: the result is in the input's buffer (the loss's gradient in
+     * the logits, rope's output in its input, the sum in the addend) */
+    if ((k == 14 && I[4]) || (k == 5 && I[6]) || (k == 6 && I[7]) || (k == 16 && I[5])) {
+        void *t = a[0].dev; a[0].dev = a[1].dev; a[1].dev = t;
+    }
     Py_END_ALLOW_THREADS
     #undef D
     st = be->sync();

@@ -327,6 +327,30 @@ static PyObject *model_plan_bytes(PyObject *self, PyObject *args) {
     return Py_BuildValue("(LL)", (long long)arena, (long long)kept);
 }
 
+/* plan_census(B, T, mode) -> {"nodes": {op: count}, "in_place": {op: steps}}
+ * (tests: what the planned tape records, and which steps write in place) */
+static PyObject *model_plan_census(PyObject *self, PyObject *args) {
+    NEED_MODEL(self);
+    int B, T, mode;
+    if (!PyArg_ParseTuple(args, "iii", &B, &T, &mode)) return NULL;
+    if (mode < 0 || mode > 2) { PyErr_SetString(PyExc_ValueError, "mode must be 0, 1 or 2"); return NULL; }
+    int nodes[SJ_OP__COUNT], in_place[SJ_OP__COUNT];
+    sj_status s;
+    SJ_PY_CALL(s, sj_model_plan_census(MODEL(self), B, T, (sj_run_mode)mode, NULL, NULL, nodes,
+                                       in_place));
+    if (s) return sj_py_raise(s);
+    PyObject *dn = PyDict_New(), *di = PyDict_New();
+    for (int o = 0; dn && di && o < SJ_OP__COUNT; o++) {
+        PyObject *a = PyLong_FromLong(nodes[o]), *b = PyLong_FromLong(in_place[o]);
+        int bad = !a || !b || PyDict_SetItemString(dn, sj_ops[o].name, a) < 0 ||
+                  PyDict_SetItemString(di, sj_ops[o].name, b) < 0;
+        Py_XDECREF(a); Py_XDECREF(b);
+        if (bad) { Py_CLEAR(dn); }
+    }
+    if (!dn || !di) { Py_XDECREF(dn); Py_XDECREF(di); return NULL; }
+    return Py_BuildValue("{s:N,s:N}", "nodes", dn, "in_place", di);
+}
+
 static PyObject *model_exports(PyObject *self, PyObject *noargs) {
     return PyLong_FromSsize_t(((ModelObject *)self)->exports);
 }
@@ -424,6 +448,8 @@ static PyMethodDef model_methods[] = {
     {"levers", model_levers, METH_NOARGS, "levers() -> dict"},
     {"plan_bytes", model_plan_bytes, METH_VARARGS,
      "plan_bytes(B, T, mode) -> (arena_bytes, kept_bytes), allocating nothing"},
+    {"plan_census", model_plan_census, METH_VARARGS,
+     "plan_census(B, T, mode) -> {'nodes': {op: n}, 'in_place': {op: steps}} (tests)"},
     {"exports", model_exports, METH_NOARGS, "exports() -> live buffer views"},
     {"forward", model_forward, METH_VARARGS, "forward(tokens, out)"},
     {"forward_device", model_forward_device, METH_O,
@@ -595,6 +621,22 @@ static PyTypeObject OptimizerType = {
     .tp_getset = opt_getset,
 };
 
+static PyObject *py_inplace_check(PyObject *self, PyObject *args) {
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "K", &seed)) return NULL;
+    double diff = 0;
+    int in_place[SJ_OP__COUNT];
+    sj_status s = sj_tape_inplace_check(seed, &diff, in_place);
+    if (s) return sj_py_raise(s);
+    PyObject *d = PyDict_New();
+    for (int o = 0; d && o < SJ_OP__COUNT; o++) {
+        PyObject *v = PyLong_FromLong(in_place[o]);
+        if (!v || PyDict_SetItemString(d, sj_ops[o].name, v) < 0) Py_CLEAR(d);
+        Py_XDECREF(v);
+    }
+    return d ? Py_BuildValue("(dN)", diff, d) : NULL;
+}
+
 static PyObject *py_gradcheck(PyObject *self, PyObject *args) {
     const char *op; unsigned long long seed; int accumulate;
     if (!PyArg_ParseTuple(args, "sKp", &op, &seed, &accumulate)) return NULL;
@@ -607,6 +649,8 @@ static PyObject *py_gradcheck(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef functions[] = {
+    {"tape_inplace_check", py_inplace_check, METH_VARARGS,
+     "tape_inplace_check(seed) -> (max_abs_diff, {op: steps in place})"},
     {"op_gradcheck", py_gradcheck, METH_VARARGS,
      "op_gradcheck(op, seed, accumulate) -> (max_rel_err, detail)"},
     {"preset", py_preset, METH_VARARGS, "preset(name, vocab_size) -> config dict"},
