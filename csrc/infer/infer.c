@@ -90,8 +90,7 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, int untied, s
     const int64_t R = CHUNK, W = SJ_MAX(C, F), half = h->hd / 2;
     int64_t n_f = R * C * 3 + R * KVd * 2 + R * C + R * F * 2 + (int64_t)V + 2 * (int64_t)max_ctx * half +
                   2 * (int64_t)c->n_layers * max_ctx * KVd;
-    int64_t nb = R * W / QK;
-    int64_t bytes = n_f * 4 + R * W + nb * 8 + R * W * 2 + 16 * 64;
+    int64_t bytes = n_f * 4 + sj_qact_bytes((int)R, (int)W) + 16 * 64;
     uint8_t *p = h->state_mem = sj_alloc((size_t)bytes, "KV cache and run state");
     if (!p) { s = SJ_ERR_NOMEM; goto fail; }
     h->state_bytes = bytes;
@@ -101,9 +100,8 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, int untied, s
     TAKE(h->att, R * C); TAKE(h->hb, R * F); TAKE(h->hb2, R * F); TAKE(h->logits, V);
     TAKE(h->rope_cos, max_ctx * half); TAKE(h->rope_sin, max_ctx * half);
     TAKE(h->kcache, (int64_t)c->n_layers * max_ctx * KVd); TAKE(h->vcache, (int64_t)c->n_layers * max_ctx * KVd);
-    TAKE(h->qa.d, nb); TAKE(h->qa.s, nb); TAKE(h->qa.d2, nb * 8);
-    h->qa.q = (int8_t *)f;
 #undef TAKE
+    sj_qact_bind(&h->qa, f, (int)R, (int)W);   /* the rest: activation scratch (quant.c's layout) */
     /* angles in float, as csrc/cpu/rope.c and Hugging Face's fp32 path */
     for (int t = 0; t < max_ctx; t++)
         for (int i = 0; i < half; i++) {

@@ -29,9 +29,14 @@ typedef struct {
 
 /* Activations quantised to 8-bit blocks once per matmul input:
  * q (n, cols) int8, d (n, cols/32), s (n, cols/32) = d * sum(q) of the block,
- * d2 (n, cols/64, 16): each pair of block scales spread over 8 lanes each,
- * the layout the SIMD kernels multiply by (made once, used by every row). */
-typedef struct { int8_t *q; float *d, *s, *d2; int n, cols; } sj_qact;
+ * and for the SIMD kernels, per pair of blocks (np = ceil(cols/64); an
+ * unpaired last block has zeros in the second half):
+ * d2 (n, np, 16) float: the pair's two scales, each spread over 8 lanes;
+ * c2 (n, np, 16) int32: -128 * sum(q) of each block in lanes 0 and 8, zero
+ * elsewhere: the start value of vpdpbusd that cancels the +128 the Q8
+ * kernels add to make weights unsigned (exact, in integers).
+ * Made once per input, read by every row. Bind to caller-owned memory. */
+typedef struct { int8_t *q; float *d, *s, *d2; int32_t *c2; int n, cols; } sj_qact;
 
 float sj_f16_to_f32(uint16_t h);
 uint16_t sj_f32_to_f16(float f);
@@ -51,7 +56,10 @@ void sj_qmat_get_row(const sj_qmat *W, int r, float *out);
 /* Row r in GGUF encoding of `type` (Q8 -> Q8_0, Q4 -> Q4_0/Q4_1 as made). */
 void sj_qmat_row_to_gguf(const sj_qmat *W, int r, int type, void *dst);
 
-/* Quantise x (n, cols) into a (scratch owned by the caller, capacity >= n*cols). */
+/* Bytes of scratch for up to n inputs of up to cols values; bind a to it. */
+int64_t sj_qact_bytes(int n, int cols);
+void sj_qact_bind(sj_qact *a, void *mem, int n, int cols);
+/* Quantise x (n, cols) into a (bound with capacity >= n x cols). */
 void sj_qact_quantize(sj_qact *a, const float *x, int n, int cols);
 /* out (n, rows) = x (n, cols) W^T. xa: x quantised (needed for Q8/Q4). */
 void sj_qmat_mul(float *out, const sj_qmat *W, const float *x, const sj_qact *xa, int n);
