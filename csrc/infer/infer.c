@@ -359,40 +359,27 @@ static void rope(const sj_infer *h, float *x, int n_heads, int pos) {
     }
 }
 
-typedef struct { sj_infer *h; int layer, n, pos0; } attn_job;
+typedef struct { sj_infer *h; int layer, n, pos0, sub; } attn_job;
 
-/* One task = one (token, head): attends to cache positions 0 .. pos0 + t. */
+void sj_attn_group(float *out, const float *q, const float *kc, const float *vc, int T, int G, int hd,
+                   int ld, float scale, float *sc);   /* attn.c */
+
+/* One task = one token's `sub` query heads of one KV head, attending to cache
+ * positions 0 .. pos0 + t (sj_attn_group reads each K/V row once for them). */
 static void attn_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
     (void)tid;
     const attn_job *j = ctx;
     sj_infer *h = j->h;
-    const int H = h->c.n_heads, hd = h->hd, KVd = h->kv_dim, grp = H / h->c.n_kv_heads;
+    const int H = h->c.n_heads, hd = h->hd, KVd = h->kv_dim, grp = H / h->c.n_kv_heads, per = H / j->sub;
     const float scale = 1.0f / sqrtf((float)hd);
     const float *kc = h->kcache + (int64_t)j->layer * h->max_ctx * KVd;
     const float *vc = h->vcache + (int64_t)j->layer * h->max_ctx * KVd;
-    float sc[j->pos0 + j->n];
+    float sc[j->sub * (j->pos0 + j->n)];
     for (int64_t i = i0; i < i1; i++) {
-        int t = (int)(i / H), hh = (int)(i % H), T = j->pos0 + t + 1;
-        const float *q = h->q + (int64_t)t * H * hd + hh * hd;
-        const float *k0 = kc + (hh / grp) * hd, *v0 = vc + (hh / grp) * hd;
-        float m = -INFINITY;
-        for (int s = 0; s < T; s++) {
-            const float *k = k0 + (int64_t)s * KVd;
-            float d = 0.f;
-#pragma omp simd reduction(+:d)
-            for (int e = 0; e < hd; e++) d += q[e] * k[e];
-            sc[s] = d * scale;
-            m = sc[s] > m ? sc[s] : m;
-        }
-        float sum = 0.f;
-        for (int s = 0; s < T; s++) { sc[s] = expf(sc[s] - m); sum += sc[s]; }
-        float *o = h->att + (int64_t)t * H * hd + hh * hd, inv = 1.0f / sum;
-        memset(o, 0, sizeof(float) * hd);
-        for (int s = 0; s < T; s++) {
-            const float *v = v0 + (int64_t)s * KVd, p = sc[s] * inv;
-#pragma omp simd
-            for (int e = 0; e < hd; e++) o[e] += p * v[e];
-        }
+        int t = (int)(i / per), h0 = (int)(i % per) * j->sub;
+        int64_t at = (int64_t)t * H * hd + h0 * hd;
+        sj_attn_group(h->att + at, h->q + at, kc + (h0 / grp) * hd, vc + (h0 / grp) * hd,
+                      j->pos0 + t + 1, j->sub, hd, KVd, scale, sc);
     }
 }
 
@@ -428,9 +415,14 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
         }
         memcpy(kc, h->k, sizeof(float) * n * KVd);
         memcpy(vc, h->v, sizeof(float) * n * KVd);
-        attn_job aj = { h, l, n, h->pos };
-        if (n * H < 4) attn_rows(&aj, 0, n * H, 0);
-        else sj_parallel_for((int64_t)n * H, 1, attn_rows, &aj);
+        /* whole GQA groups per task, unless that leaves threads idle (decode on
+         * several threads) or its scores would not fit the stack */
+        const int grp = H / KV, P = sj_parallel_threads();
+        const int sub = (P == 1 || n * KV >= 4 * P) && grp * (h->pos + n) <= (1 << 16) ? grp : 1;
+        attn_job aj = { h, l, n, h->pos, sub };
+        const int64_t tasks = (int64_t)n * (H / sub);
+        if (tasks < 4) attn_rows(&aj, 0, tasks, 0);
+        else sj_parallel_for(tasks, 1, attn_rows, &aj);
         matmul(h, h->xb, &w->wo, h->att, n, 1);
         for (int64_t i = 0; i < (int64_t)n * C; i++) h->x[i] += h->xb[i];
         rmsnorm(h->xb, h->x, w->ffn_norm, n, C, c->norm_eps);
