@@ -17,7 +17,7 @@
 
 /* Under -march=native on an AVX-512 machine the compiler may still encode
  * these as EVEX: same arithmetic, so SMEDJAN_ISA=avx2 tests this code there. */
-#define T256 __attribute__((target("avx2,fma")))
+#define T256 __attribute__((target("avx2,fma,f16c")))
 #define INL __attribute__((always_inline)) static inline
 
 /* 32 weights of block b as bytes: Q8 signed, Q4 nibbles 0..15. */
@@ -60,7 +60,7 @@ T256 INL void tile(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *
             for (int i = 0; i < RT; i++) {
                 __m256i sx = q4 ? xv : _mm256_sign_epi8(xv, wv[i]);
                 __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[i], sx), ones);
-                __m256 sc = _mm256_set1_ps(W->d[(int64_t)(r + i) * nb + b] * dx);
+                __m256 sc = _mm256_set1_ps(_cvtsh_ss(W->d[(int64_t)(r + i) * nb + b]) * dx);
                 acc[i * TT + j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), sc, acc[i * TT + j]);
             }
         }
@@ -69,12 +69,14 @@ T256 INL void tile(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *
         for (int j = 0; j < TT; j++) {
             float s = hsum(acc[i * TT + j]);
             if (q4) {   /* the offset: sum over blocks of m_w * (d_x sum x) */
-                const float *m = W->m + (int64_t)(r + i) * nb, *sx = X->s + (int64_t)(t + j) * nb;
+                const uint16_t *m = W->m + (int64_t)(r + i) * nb;
+                const float *sx = X->s + (int64_t)(t + j) * nb;
                 __m256 o = _mm256_setzero_ps();
                 int b = 0;
-                for (; b + 8 <= nb; b += 8) o = _mm256_fmadd_ps(_mm256_loadu_ps(m + b), _mm256_loadu_ps(sx + b), o);
+                for (; b + 8 <= nb; b += 8)
+                    o = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + b))), _mm256_loadu_ps(sx + b), o);
                 s += hsum(o);
-                for (; b < nb; b++) s += m[b] * sx[b];
+                for (; b < nb; b++) s += _cvtsh_ss(m[b]) * sx[b];
             }
             out[(int64_t)(t + j) * ldo + r + i] = s;
         }

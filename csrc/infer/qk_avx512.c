@@ -15,18 +15,25 @@
  * row stays in L1 while the caller's block of tokens streams from L2.
  * Never reads past a row except within sj_qmat's 64-byte tail slack. */
 #include "qkernels.h"
+#include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 #define INL __attribute__((always_inline)) static inline
+#ifndef PF_TILES
+#define PF_TILES 2   /* decode: prefetch the tile 2 ahead; measured q8 decode -12% time vs none, 8 ahead between */
+#endif
 
-/* The scales of blocks 2p, 2p+1 spread over lanes 0-7 and 8-15 (half: only
- * block 2p exists; the upper lanes are zero, never a neighbour's bytes). */
-T512 INL __m512 spread2(const float *dw, int half) {
+/* The fp16 scales of blocks 2p, 2p+1 spread over lanes 0-7 and 8-15 (half:
+ * only block 2p exists; the upper lanes are zero, never a neighbour's bytes). */
+T512 INL __m512 spread2(const uint16_t *dw, int half) {
     const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    __m128 v = half ? _mm_load_ss(dw) : _mm_castpd_ps(_mm_load_sd((const double *)dw));
+    uint32_t two;
+    if (half) two = dw[0];
+    else memcpy(&two, dw, 4);
+    __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128((int)two));
     return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
 }
 
@@ -58,6 +65,13 @@ T512 INL void pair_step(__m512 *acc, const sj_qmat *W, int r, const sj_qact *X, 
     __m512i wv[4];
     __m512 sw[4];
     for (int i = 0; i < RT; i++) {
+#if PF_TILES
+        if (TT == 1) {
+            const int64_t bytes = q4 ? W->cols / 2 : W->cols;
+            const uint8_t *w = (q4 ? W->q4 : (const uint8_t *)W->q8) + (int64_t)(r + i + PF_TILES * RT) * bytes + (q4 ? 32 : 64) * p;
+            _mm_prefetch((const char *)w, _MM_HINT_T0);
+        }
+#endif
         wv[i] = wpair(W, r + i, p, half, q4);
         sw[i] = spread2(W->d + (int64_t)(r + i) * nb + 2 * p, half);
     }
@@ -85,7 +99,7 @@ T512 INL void tile(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *
         for (int b = 0; b < nb; b += 16) {
             const __mmask16 k = nb - b >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - b)) - 1);
             for (int i = 0; i < RT; i++) {
-                __m512 m = _mm512_maskz_loadu_ps(k, W->m + (int64_t)(r + i) * nb + b);
+                __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, W->m + (int64_t)(r + i) * nb + b));
                 for (int j = 0; j < TT; j++)
                     acc[i * TT + j] = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(k, X->s + (int64_t)(t + j) * nb + b),
                                                       acc[i * TT + j]);

@@ -156,8 +156,8 @@ sj_status sj_qmat_alloc(sj_qmat *W, int type, int rows, int cols, const char *wh
     switch (type) {
     case SJ_W_F32: bytes = n * 4; break;
     case SJ_W_BF16: bytes = n * 2; break;
-    case SJ_W_Q8: bytes = n + nb * 4 + 64; break;
-    default: bytes = n / 2 + nb * 8 + 64; break;
+    case SJ_W_Q8: bytes = n + nb * 2 + 64; break;
+    default: bytes = n / 2 + nb * 4 + 64; break;
     }
     W->mem = sj_alloc((size_t)bytes, what);
     if (!W->mem) return SJ_ERR_NOMEM;
@@ -166,10 +166,10 @@ sj_status sj_qmat_alloc(sj_qmat *W, int type, int rows, int cols, const char *wh
     switch (type) {
     case SJ_W_F32: W->f = (float *)p; break;
     case SJ_W_BF16: W->bf = (uint16_t *)p; break;
-    case SJ_W_Q8: W->d = (float *)p; W->q8 = (int8_t *)(p + SJ_CDIV(nb * 4, 64) * 64); break;
+    case SJ_W_Q8: W->d = (uint16_t *)p; W->q8 = (int8_t *)(p + SJ_CDIV(nb * 2, 64) * 64); break;
     default:
-        W->d = (float *)p; W->m = W->d + nb;
-        W->q4 = p + SJ_CDIV(nb * 8, 64) * 64;
+        W->d = (uint16_t *)p; W->m = W->d + nb;
+        W->q4 = p + SJ_CDIV(nb * 4, 64) * 64;
     }
     return SJ_OK;
 }
@@ -190,8 +190,8 @@ static void q4_put_block(sj_qmat *W, int r, int b, const uint8_t nib[QK], float 
         q4_where(nb, b, e, &by, &sh);
         row[by] = (uint8_t)((row[by] & ~(15 << sh)) | (nib[e] << sh));
     }
-    W->d[(int64_t)r * nb + b] = d;
-    W->m[(int64_t)r * nb + b] = m;
+    W->d[(int64_t)r * nb + b] = sj_f32_to_f16(d);
+    W->m[(int64_t)r * nb + b] = sj_f32_to_f16(m);
 }
 
 void sj_qmat_set_row(sj_qmat *W, int r, const float *x) {
@@ -203,7 +203,7 @@ void sj_qmat_set_row(sj_qmat *W, int r, const float *x) {
         for (int b = 0; b < nb; b++) {
             float d;
             q8_0_block(x + b * QK, &d, W->q8 + (int64_t)r * C + b * QK);
-            W->d[(int64_t)r * nb + b] = sj_f16_to_f32(sj_f32_to_f16(d));
+            W->d[(int64_t)r * nb + b] = sj_f32_to_f16(d);
         }
         break;
     default:
@@ -222,7 +222,7 @@ void sj_qmat_set_row_gguf(sj_qmat *W, int r, int type, const void *src) {
     const uint8_t *p = src;
     if (W->type == SJ_W_Q8 && type == SJ_GGUF_Q8_0) {
         for (int b = 0; b < nb; b++) {
-            W->d[(int64_t)r * nb + b] = sj_f16_to_f32(ld16(p + b * 34));
+            W->d[(int64_t)r * nb + b] = ld16(p + b * 34);
             memcpy(W->q8 + (int64_t)r * C + b * QK, p + b * 34 + 2, QK);
         }
         return;
@@ -250,12 +250,12 @@ void sj_qmat_get_row(const sj_qmat *W, int r, float *out) {
     case SJ_W_F32: memcpy(out, W->f + (int64_t)r * C, sizeof(float) * C); break;
     case SJ_W_BF16: for (int c = 0; c < C; c++) out[c] = sj_bf16_to_f32(W->bf[(int64_t)r * C + c]); break;
     case SJ_W_Q8:
-        for (int c = 0; c < C; c++) out[c] = W->d[(int64_t)r * nb + c / QK] * (float)W->q8[(int64_t)r * C + c];
+        for (int c = 0; c < C; c++) out[c] = sj_f16_to_f32(W->d[(int64_t)r * nb + c / QK]) * (float)W->q8[(int64_t)r * C + c];
         break;
     default: {
         const uint8_t *row = W->q4 + (int64_t)r * C / 2;
         for (int b = 0; b < nb; b++) {
-            float d = W->d[(int64_t)r * nb + b], m = W->m[(int64_t)r * nb + b];
+            float d = sj_f16_to_f32(W->d[(int64_t)r * nb + b]), m = sj_f16_to_f32(W->m[(int64_t)r * nb + b]);
             for (int e = 0; e < QK; e++) {
                 int by, sh;
                 q4_where(nb, b, e, &by, &sh);
@@ -271,7 +271,7 @@ void sj_qmat_row_to_gguf(const sj_qmat *W, int r, int type, void *dst) {
     uint8_t *o = dst;
     if (W->type == SJ_W_Q8 && type == SJ_GGUF_Q8_0) {
         for (int b = 0; b < nb; b++) {
-            st16(o + b * 34, sj_f32_to_f16(W->d[(int64_t)r * nb + b]));
+            st16(o + b * 34, W->d[(int64_t)r * nb + b]);
             memcpy(o + b * 34 + 2, W->q8 + (int64_t)r * C + b * QK, QK);
         }
         return;
@@ -281,8 +281,8 @@ void sj_qmat_row_to_gguf(const sj_qmat *W, int r, int type, void *dst) {
         const int bs = type == SJ_GGUF_Q4_0 ? 18 : 20;
         for (int b = 0; b < nb; b++) {
             uint8_t *blk = o + b * bs, nib[QK];
-            st16(blk, sj_f32_to_f16(W->d[(int64_t)r * nb + b]));
-            if (type == SJ_GGUF_Q4_1) st16(blk + 2, sj_f32_to_f16(W->m[(int64_t)r * nb + b]));
+            st16(blk, W->d[(int64_t)r * nb + b]);
+            if (type == SJ_GGUF_Q4_1) st16(blk + 2, W->m[(int64_t)r * nb + b]);
             for (int e = 0; e < QK; e++) {
                 int by, sh;
                 q4_where(nb, b, e, &by, &sh);
@@ -379,19 +379,19 @@ static float ref_dot(const sj_qmat *W, int r, const float *x, const sj_qact *xa,
     }
     const int8_t *xq = xa->q + (int64_t)t * C;
     const float *dx = xa->d + (int64_t)t * nb, *sx = xa->s + (int64_t)t * nb;
-    const float *dw = W->d + (int64_t)r * nb;
+    const uint16_t *dw = W->d + (int64_t)r * nb;
     float acc = 0.f;
     if (W->type == SJ_W_Q8) {
         const int8_t *w = W->q8 + (int64_t)r * C;
         for (int b = 0; b < nb; b++) {
             int32_t s = 0;
             for (int e = 0; e < QK; e++) s += (int32_t)w[b * QK + e] * xq[b * QK + e];
-            acc += dw[b] * dx[b] * (float)s;
+            acc += sj_f16_to_f32(dw[b]) * dx[b] * (float)s;
         }
         return acc;
     }
     const uint8_t *row = W->q4 + (int64_t)r * C / 2;
-    const float *mw = W->m + (int64_t)r * nb;
+    const uint16_t *mw = W->m + (int64_t)r * nb;
     for (int b = 0; b < nb; b++) {
         int32_t s = 0;
         for (int e = 0; e < QK; e++) {
@@ -399,7 +399,7 @@ static float ref_dot(const sj_qmat *W, int r, const float *x, const sj_qact *xa,
             q4_where(nb, b, e, &by, &sh);
             s += (int32_t)((row[by] >> sh) & 15) * xq[b * QK + e];
         }
-        acc += dw[b] * dx[b] * (float)s + mw[b] * sx[b];
+        acc += sj_f16_to_f32(dw[b]) * dx[b] * (float)s + sj_f16_to_f32(mw[b]) * sx[b];
     }
     return acc;
 }
@@ -421,7 +421,8 @@ static int isa(void) {
         int lvl = ISA_SCALAR;
 #if defined(__x86_64__) && defined(__GNUC__)
         __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) lvl = ISA_AVX2;
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+            lvl = ISA_AVX2;
         if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
             __builtin_cpu_supports("avx512vnni"))
@@ -552,7 +553,10 @@ static sj_status check_isa(uint64_t seed, double *max_err) {
                 for (int c = 0; c < C; c++) row[c] = sj_rng_normal(&rng) * (1.f + (float)(c % 7));
                 sj_qmat_set_row(&W, r, row);
                 if (ty == SJ_W_Q4 && (r & 1)) {   /* some rows with a Q4_1-style offset */
-                    for (int b = 0; b < C / 32; b++) W.m[(int64_t)r * (C / 32) + b] += 0.25f * sj_rng_normal(&rng);
+                    for (int b = 0; b < C / 32; b++) {
+                        uint16_t *m = &W.m[(int64_t)r * (C / 32) + b];
+                        *m = sj_f32_to_f16(sj_f16_to_f32(*m) + 0.25f * sj_rng_normal(&rng));
+                    }
                 }
             }
             for (int64_t i = 0; i < (int64_t)N * C; i++) x[i] = sj_rng_normal(&rng);
