@@ -124,9 +124,14 @@ T512 INL void gemv_step(__m512 *acc, const sj_qmat *W, int r, const sj_qact *X, 
     const int8_t *x = X->q + (int64_t)t * C + 64 * p;
     const __m512i xv = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, x) : _mm512_loadu_si512(x);
     const __m512i c0 = q4 ? _mm512_setzero_si512() : _mm512_loadu_si512(X->c2 + ((int64_t)t * npc + p) * 16);
+#ifdef STREAM_ONLY
+    (void)xv; (void)c0; (void)idx; (void)sc;
+    for (int i = 0; i < RT; i++) acc[i] = _mm512_add_ps(acc[i], _mm512_castsi512_ps(wv[i]));
+#else
     for (int i = 0; i < RT; i++)
         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c0, wv[i], xv)),
                                  _mm512_permutexvar_ps(idx, sc[i]), acc[i]);
+#endif
 }
 
 T512 INL void gemv_tile(float *out, const sj_qmat *W, int r, const sj_qact *X, int t, const int RT, const int q4) {
