@@ -23,6 +23,7 @@ struct sj_infer {
     /* weights */
     sj_qmat tok_emb, output;     /* output.mem == NULL: tied to tok_emb */
     layer_w *L;
+    sj_qpool pool;               /* the layer matrices, in the order decode reads them */
     float *norms;                /* (2 n_layers + 1, dim): attn, ffn per layer, final */
     /* run state (CHUNK rows each) */
     float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *logits, *rope_cos, *rope_sin;
@@ -48,6 +49,7 @@ void sj_infer_free(sj_infer *h) {
             sj_qmat_free(&w->w_gate); sj_qmat_free(&w->w_up); sj_qmat_free(&w->w_down);
         }
     sj_qmat_free(&h->tok_emb); sj_qmat_free(&h->output);
+    sj_qpool_free(&h->pool);
     free(h->L);
     sj_free(h->norms);
     sj_free(h->state_mem);
@@ -76,12 +78,16 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, int untied, s
     int et = mode == SJ_INFER_Q4 ? SJ_W_Q8 : wt;
     if ((s = sj_qmat_alloc(&h->tok_emb, et, V, C, "tok_emb"))) goto fail;
     if (untied && (s = sj_qmat_alloc(&h->output, et, V, C, "output"))) goto fail;
+    const int64_t per_layer = 2 * sj_qmat_bytes(wt, C, C) + 2 * sj_qmat_bytes(wt, KVd, C) +
+                              2 * sj_qmat_bytes(wt, F, C) + sj_qmat_bytes(wt, C, F);
+    if ((s = sj_qpool_init(&h->pool, per_layer * c->n_layers, "layer weights"))) goto fail;
     for (int l = 0; l < c->n_layers; l++) {
         layer_w *w = &h->L[l];
-        if ((s = sj_qmat_alloc(&w->wq, wt, C, C, "wq")) || (s = sj_qmat_alloc(&w->wk, wt, KVd, C, "wk")) ||
-            (s = sj_qmat_alloc(&w->wv, wt, KVd, C, "wv")) || (s = sj_qmat_alloc(&w->wo, wt, C, C, "wo")) ||
-            (s = sj_qmat_alloc(&w->w_gate, wt, F, C, "w_gate")) || (s = sj_qmat_alloc(&w->w_up, wt, F, C, "w_up")) ||
-            (s = sj_qmat_alloc(&w->w_down, wt, C, F, "w_down")))
+        sj_qpool *P = &h->pool;
+        if ((s = sj_qmat_alloc_pool(&w->wq, P, wt, C, C, "wq")) || (s = sj_qmat_alloc_pool(&w->wk, P, wt, KVd, C, "wk")) ||
+            (s = sj_qmat_alloc_pool(&w->wv, P, wt, KVd, C, "wv")) || (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, C, "wo")) ||
+            (s = sj_qmat_alloc_pool(&w->w_gate, P, wt, F, C, "w_gate")) || (s = sj_qmat_alloc_pool(&w->w_up, P, wt, F, C, "w_up")) ||
+            (s = sj_qmat_alloc_pool(&w->w_down, P, wt, C, F, "w_down")))
             goto fail;
         w->attn_norm = h->norms + (int64_t)(2 * l) * C;
         w->ffn_norm = h->norms + (int64_t)(2 * l + 1) * C;

@@ -27,7 +27,13 @@ typedef struct {
     int src;                 /* Q4: SJ_GGUF_Q4_0 or SJ_GGUF_Q4_1 (what m means) */
     float *f; uint16_t *bf; int8_t *q8; uint8_t *q4; uint16_t *d, *m;
     void *mem; int64_t bytes;
+    int pooled;              /* mem is inside an sj_qpool: not freed with the matrix */
 } sj_qmat;
+
+/* One allocation (on transparent huge pages) for many matrices, handed out
+ * in the order they are allocated: decode reads the layer matrices in that
+ * order, so the stream crosses no 4 KB page walls and no allocation gaps. */
+typedef struct { uint8_t *mem; int64_t used, cap; } sj_qpool;
 
 /* Activations quantised to 8-bit blocks once per matmul input:
  * q (n, cols) int8, d (n, cols/32), s (n, cols/32) = d * sum(q) of the block,
@@ -49,6 +55,11 @@ static inline float sj_bf16_to_f32(uint16_t b) {
 uint16_t sj_f32_to_bf16(float f);
 
 sj_status sj_qmat_alloc(sj_qmat *W, int type, int rows, int cols, const char *what);
+int64_t sj_qmat_bytes(int type, int rows, int cols);   /* what sj_qmat_alloc takes */
+sj_status sj_qpool_init(sj_qpool *pool, int64_t bytes, const char *what);
+void sj_qpool_free(sj_qpool *pool);
+/* sj_qmat_alloc from pool (NULL: its own allocation). */
+sj_status sj_qmat_alloc_pool(sj_qmat *W, sj_qpool *pool, int type, int rows, int cols, const char *what);
 void sj_qmat_free(sj_qmat *W);
 /* Set row r from f32 values (quantising as GGML's reference does). */
 void sj_qmat_set_row(sj_qmat *W, int r, const float *x);

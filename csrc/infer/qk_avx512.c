@@ -180,6 +180,18 @@ T512 INL void rows(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *
 #endif
 T512 static void kernel_q8(float *out, int ldo, const sj_qmat *W, int r0, int r1, const sj_qact *X, int t0, int t1) {
     int r = r0;
+#ifdef STREAM_LINEAR
+    if (t1 - t0 == 1) {
+        const __m512i *p = (const __m512i *)(W->q8 + (int64_t)r0 * W->cols), *e = (const __m512i *)(W->q8 + (int64_t)r1 * W->cols);
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        for (; p + 4 <= e; p += 4) {
+            a0 = _mm512_add_epi32(a0, _mm512_load_si512(p)); a1 = _mm512_add_epi32(a1, _mm512_load_si512(p + 1));
+            a2 = _mm512_add_epi32(a2, _mm512_load_si512(p + 2)); a3 = _mm512_add_epi32(a3, _mm512_load_si512(p + 3));
+        }
+        out[r0] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
+        return;
+    }
+#endif
     if (t1 - t0 == 1) for (; r + DEC_RT <= r1; r += DEC_RT) rows(out, ldo, W, r, X, t0, t1, DEC_RT, 0);
     for (; r + 4 <= r1; r += 4) rows(out, ldo, W, r, X, t0, t1, 4, 0);
     for (; r < r1; r++) rows(out, ldo, W, r, X, t0, t1, 1, 0);

@@ -167,11 +167,7 @@ static void *weight_alloc(int64_t bytes, const char *what) {
     return p;
 }
 
-sj_status sj_qmat_alloc(sj_qmat *W, int type, int rows, int cols, const char *what) {
-    memset(W, 0, sizeof *W);
-    W->type = type; W->rows = rows; W->cols = cols; W->src = SJ_GGUF_Q4_0;
-    if ((type == SJ_W_Q8 || type == SJ_W_Q4) && cols % QK)
-        return sj_fail(SJ_ERR_ARG, "%s: %d columns is not a multiple of %d", what, cols, QK);
+int64_t sj_qmat_bytes(int type, int rows, int cols) {
     int64_t n = (int64_t)rows * cols, nb = n / QK, bytes;
     switch (type) {
     case SJ_W_F32: bytes = n * 4; break;
@@ -179,8 +175,36 @@ sj_status sj_qmat_alloc(sj_qmat *W, int type, int rows, int cols, const char *wh
     case SJ_W_Q8: bytes = n + nb * 2 + 64; break;
     default: bytes = n / 2 + nb * 4 + 64; break;
     }
-    W->mem = weight_alloc(bytes, what);
-    if (!W->mem) return SJ_ERR_NOMEM;
+    return SJ_CDIV(bytes, 64) * 64;
+}
+
+sj_status sj_qpool_init(sj_qpool *pool, int64_t bytes, const char *what) {
+    pool->used = 0; pool->cap = bytes;
+    pool->mem = weight_alloc(SJ_MAX(bytes, 64), what);
+    return pool->mem ? SJ_OK : SJ_ERR_NOMEM;
+}
+
+void sj_qpool_free(sj_qpool *pool) { sj_free(pool->mem); memset(pool, 0, sizeof *pool); }
+
+sj_status sj_qmat_alloc(sj_qmat *W, int type, int rows, int cols, const char *what) {
+    return sj_qmat_alloc_pool(W, NULL, type, rows, cols, what);
+}
+
+sj_status sj_qmat_alloc_pool(sj_qmat *W, sj_qpool *pool, int type, int rows, int cols, const char *what) {
+    memset(W, 0, sizeof *W);
+    W->type = type; W->rows = rows; W->cols = cols; W->src = SJ_GGUF_Q4_0;
+    if ((type == SJ_W_Q8 || type == SJ_W_Q4) && cols % QK)
+        return sj_fail(SJ_ERR_ARG, "%s: %d columns is not a multiple of %d", what, cols, QK);
+    const int64_t bytes = sj_qmat_bytes(type, rows, cols), n = (int64_t)rows * cols, nb = n / QK;
+    if (pool) {
+        if (pool->used + bytes > pool->cap) return sj_fail(SJ_ERR_RUNTIME, "%s: weight pool is full", what);
+        W->mem = pool->mem + pool->used;
+        pool->used += bytes;
+        W->pooled = 1;
+    } else {
+        W->mem = weight_alloc(bytes, what);
+        if (!W->mem) return SJ_ERR_NOMEM;
+    }
     W->bytes = bytes;
     uint8_t *p = W->mem;
     switch (type) {
@@ -194,7 +218,7 @@ sj_status sj_qmat_alloc(sj_qmat *W, int type, int rows, int cols, const char *wh
     return SJ_OK;
 }
 
-void sj_qmat_free(sj_qmat *W) { sj_free(W->mem); memset(W, 0, sizeof *W); }
+void sj_qmat_free(sj_qmat *W) { if (!W->pooled) sj_free(W->mem); memset(W, 0, sizeof *W); }
 
 /* Byte index and shift of element e of block b in a Q4 row (see infer.h). */
 static inline void q4_where(int nb, int b, int e, int *byte, int *shift) {
