@@ -124,14 +124,9 @@ T512 INL void gemv_step(__m512 *acc, const sj_qmat *W, int r, const sj_qact *X, 
     const int8_t *x = X->q + (int64_t)t * C + 64 * p;
     const __m512i xv = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, x) : _mm512_loadu_si512(x);
     const __m512i c0 = q4 ? _mm512_setzero_si512() : _mm512_loadu_si512(X->c2 + ((int64_t)t * npc + p) * 16);
-#ifdef STREAM_ONLY
-    (void)xv; (void)c0; (void)idx; (void)sc;
-    for (int i = 0; i < RT; i++) acc[i] = _mm512_add_ps(acc[i], _mm512_castsi512_ps(wv[i]));
-#else
     for (int i = 0; i < RT; i++)
         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c0, wv[i], xv)),
                                  _mm512_permutexvar_ps(idx, sc[i]), acc[i]);
-#endif
 }
 
 T512 INL void gemv_tile(float *out, const sj_qmat *W, int r, const sj_qact *X, int t, const int RT, const int q4) {
@@ -180,18 +175,6 @@ T512 INL void rows(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *
 #endif
 T512 static void kernel_q8(float *out, int ldo, const sj_qmat *W, int r0, int r1, const sj_qact *X, int t0, int t1) {
     int r = r0;
-#ifdef STREAM_LINEAR
-    if (t1 - t0 == 1) {
-        const __m512i *p = (const __m512i *)(W->q8 + (int64_t)r0 * W->cols), *e = (const __m512i *)(W->q8 + (int64_t)r1 * W->cols);
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-        for (; p + 4 <= e; p += 4) {
-            a0 = _mm512_add_epi32(a0, _mm512_load_si512(p)); a1 = _mm512_add_epi32(a1, _mm512_load_si512(p + 1));
-            a2 = _mm512_add_epi32(a2, _mm512_load_si512(p + 2)); a3 = _mm512_add_epi32(a3, _mm512_load_si512(p + 3));
-        }
-        out[r0] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
-        return;
-    }
-#endif
     if (t1 - t0 == 1) for (; r + DEC_RT <= r1; r += DEC_RT) rows(out, ldo, W, r, X, t0, t1, DEC_RT, 0);
     for (; r + 4 <= r1; r += 4) rows(out, ldo, W, r, X, t0, t1, 4, 0);
     for (; r < r1; r++) rows(out, ldo, W, r, X, t0, t1, 1, 0);
