@@ -7,8 +7,9 @@ file of that type: fp32 and q8 are our exports (F32, Q8_0) of the same model,
 q4 is the original Q4_1 file (what our q4 mode keeps). Per row: resident
 weight MB, prefill tok/s of a 512-token prompt, generation tok/s (greedy
 decode steps), ttft (start to the first generated token). Each measurement
-is the best of --reps runs, ours and theirs interleaved so that load from
-other processes hits both alike. Writes benchmarks/results/infer_cpu_<date>.md.
+is the best (and the median) of --reps runs, ours and theirs interleaved so
+that load from other processes hits both alike; the load average is recorded.
+Writes benchmarks/results/infer_cpu_<date>.md (or --out).
 
     python benchmarks/bench_infer_cpu.py --threads 2
 """
@@ -64,6 +65,10 @@ def best(rows):
             "ttft": min(r["ttft"] for r in rows)}
 
 
+def median(rows):
+    return {k: float(np.median([r[k] for r in rows])) for k in ("prefill", "gen", "ttft")}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -107,6 +112,7 @@ def main():
                 ro.append(bench_ours(ours, prompt, a.gen_tokens))
                 rl.append(bench_llama(llm, prompt, a.gen_tokens))
             bo, bl = best(ro), best(rl)
+            bo["med"], bl["med"] = median(ro), median(rl)
             rows.append((mode, o_mb, bo, l_mb, bl))
             print(f"{mode}: ours {bo}  llama.cpp {bl}", flush=True)
             del llm, ours
@@ -118,19 +124,26 @@ def main():
              f"- threads: {a.threads} (ours and llama.cpp's n_threads / n_threads_batch)",
              f"- llama-cpp-python {llama_cpp.__version__} (built from source, GGML_NATIVE=ON)",
              f"- prompt: {a.prompt_tokens} tokens of real text; generation: {a.gen_tokens} greedy tokens; "
-             f"best of {a.reps}, interleaved",
+             f"best of {a.reps} (median in brackets), interleaved",
              f"- load average before/after: {load0[0]:.1f} / {load1[0]:.1f} "
              f"(other processes share this machine; see the note below)",
-             f"- command: `python benchmarks/bench_infer_cpu.py --threads {a.threads} --reps {a.reps}`",
+             f"- command: `python benchmarks/bench_infer_cpu.py --threads {a.threads} --reps {a.reps}"
+             f"{' --modes ' + a.modes if a.modes != 'fp32,q8,q4' else ''}`",
              "",
              "| mode | engine | resident MB | prefill tok/s (512) | gen tok/s | ttft s |",
              "|---|---|---:|---:|---:|---:|"]
+    def cells(b):
+        m = b["med"]
+        return (f"{b['prefill']:.1f} ({m['prefill']:.1f}) | {b['gen']:.1f} ({m['gen']:.1f}) | "
+                f"{b['ttft']:.3f} ({m['ttft']:.3f})")
     for mode, o_mb, bo, l_mb, bl in rows:
-        lines.append(f"| {mode} | smedjan | {o_mb:.0f} | {bo['prefill']:.1f} | {bo['gen']:.1f} | {bo['ttft']:.3f} |")
-        lines.append(f"| {mode} | llama.cpp | {l_mb:.0f} | {bl['prefill']:.1f} | {bl['gen']:.1f} | {bl['ttft']:.3f} |")
+        lines.append(f"| {mode} | smedjan | {o_mb:.0f} | {cells(bo)} |")
+        lines.append(f"| {mode} | llama.cpp | {l_mb:.0f} | {cells(bl)} |")
     lines += ["", "| mode | prefill ours/llama.cpp | gen ours/llama.cpp |", "|---|---:|---:|"]
     for mode, o_mb, bo, l_mb, bl in rows:
-        lines.append(f"| {mode} | {bo['prefill'] / bl['prefill']:.2f}x | {bo['gen'] / bl['gen']:.2f}x |")
+        mo, ml = bo["med"], bl["med"]
+        lines.append(f"| {mode} | {bo['prefill'] / bl['prefill']:.2f}x ({mo['prefill'] / ml['prefill']:.2f}x) | "
+                     f"{bo['gen'] / bl['gen']:.2f}x ({mo['gen'] / ml['gen']:.2f}x) |")
     lines += ["", "llama.cpp's files: fp32 and q8 are our F32 / Q8_0 exports of the same model "
               "(llama.cpp loads them); q4 is the original Q4_1 file, which our q4 mode keeps as Q4_1 "
               "(its embedding / tied head is Q8_0 in both). Resident MB: ours = weights held by the "

@@ -57,10 +57,57 @@ def test_quantised_modes_track_fp32(model, mode):
     assert np.linalg.norm(step - out[10:]) / np.linalg.norm(out[10:]) < 1e-5
 
 
-def test_simd_kernels_equal_scalar_reference():
+@pytest.mark.parametrize("isa", ["avx2", "avx512vnni"])
+def test_simd_kernels_equal_scalar_reference(isa):
+    """Each ISA's Q8/Q4 kernels on random data: odd row counts, odd block
+    counts, 1 .. 70 tokens (decode tiles and prefill tiles)."""
+    try:
+        _C.infer_kernel_check(0, isa)
+    except ValueError as e:
+        pytest.skip(str(e))
     for seed in range(3):
-        err, isa = _C.infer_kernel_check(seed)
+        err, _ = _C.infer_kernel_check(seed, isa)
         assert err < 1e-5, (seed, isa, err)
+
+
+SAME_LOGITS = """
+import sys, numpy as np, smedjan
+from smedjan.infer import from_model
+m = smedjan.Model("tiny", vocab_size=512, seed=3, max_seq_len=64)
+toks = np.random.default_rng(1).integers(0, 512, 40).astype(np.int32)
+out = []
+for mode in ("q8", "q4"):
+    e = from_model(m, mode)
+    out.append(e.forward(toks)[1:])                         # prefill tiles
+    e.reset(); e.prefill(toks[:1])
+    out.append(np.stack([e.decode(t) for t in toks[1:]]))   # decode GEMV
+np.save(sys.argv[1], np.stack(out))
+print(e._h.info()["isa"])
+"""
+
+
+def test_forced_isas_give_the_scalar_logits(tmp_path):
+    """SMEDJAN_ISA=avx2 (or scalar) forces a kernel set on any machine; the
+    whole engine (prefill tiles and decode GEMV) then tracks the scalar one."""
+    import os
+    import subprocess
+    import sys
+    res = {}
+    for isa in ("scalar", "avx2", ""):
+        f = tmp_path / f"{isa or 'best'}.npy"
+        env = dict(os.environ, SMEDJAN_ISA=isa, SMEDJAN_THREADS="2")
+        got = subprocess.run([sys.executable, "-c", SAME_LOGITS, str(f)], env=env, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        assert isa in ("", got) or got == "scalar", (isa, got)   # capped at what the CPU has
+        res[isa] = np.load(f)
+    # Float sums in another order move a few activations across an 8-bit
+    # rounding boundary, and this sharp random model amplifies each such flip
+    # (measured 4e-3): close in norm and in greedy choices, not bit-equal.
+    # The kernels themselves are held to 1e-5 by the test above.
+    for isa in ("avx2", ""):
+        err = np.linalg.norm(res[isa] - res["scalar"]) / np.linalg.norm(res["scalar"])
+        agree = (res[isa].argmax(-1) == res["scalar"].argmax(-1)).mean()
+        assert err < 2e-2 and agree > 0.9, (isa or "best", err, agree)
 
 
 def test_resident_memory_by_mode(model):

@@ -24,6 +24,7 @@ struct sj_infer {
     /* weights */
     sj_qmat tok_emb, output;     /* output.mem == NULL: tied to tok_emb */
     layer_w *L;
+    sj_qpool pool;               /* the layer matrices, in the order decode reads them */
     float *norms;                /* (2 n_layers + 1, dim): attn, ffn per layer, final */
     /* run state (CHUNK rows each) */
     float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *logits, *rope_cos, *rope_sin;
@@ -57,6 +58,7 @@ void sj_infer_free(sj_infer *h) {
             sj_qmat_free(&w->w_gate); sj_qmat_free(&w->w_up); sj_qmat_free(&w->w_down);
         }
     sj_qmat_free(&h->tok_emb); sj_qmat_free(&h->output);
+    sj_qpool_free(&h->pool);
     free(h->L);
     sj_free(h->norms);
     sj_free(h->state_mem);
@@ -71,8 +73,7 @@ static sj_status alloc_state(sj_infer *h) {
     const int64_t R = CHUNK, W = SJ_MAX(C, F), half = h->hd / 2;
     int64_t n_f = R * C * 3 + R * KVd * 2 + R * C + R * F * 2 + (int64_t)V + 2 * (int64_t)max_ctx * half +
                   2 * (int64_t)c->n_layers * max_ctx * KVd / (h->kv_f16 ? 2 : 1);
-    int64_t nb = R * W / QK;
-    int64_t bytes = n_f * 4 + R * W + nb * 8 + R * W * 2 + 16 * 64;
+    int64_t bytes = n_f * 4 + sj_qact_bytes((int)R, (int)W) + 16 * 64;
     uint8_t *p = h->state_mem = sj_alloc((size_t)bytes, "KV cache and run state");
     if (!p) return SJ_ERR_NOMEM;
     h->state_bytes = bytes;
@@ -83,9 +84,8 @@ static sj_status alloc_state(sj_infer *h) {
     TAKE(h->rope_cos, max_ctx * half); TAKE(h->rope_sin, max_ctx * half);
     const int64_t kvn = (int64_t)c->n_layers * max_ctx * KVd / (h->kv_f16 ? 2 : 1);
     TAKE(h->kcache, kvn); TAKE(h->vcache, kvn);
-    TAKE(h->qa.d, nb); TAKE(h->qa.s, nb); TAKE(h->qa.d2, nb * 8);
-    h->qa.q = (int8_t *)f;
 #undef TAKE
+    sj_qact_bind(&h->qa, f, (int)R, (int)W);   /* the rest: activation scratch (quant.c's layout) */
     /* angles in float, as csrc/cpu/rope.c and Hugging Face's fp32 path */
     for (int t = 0; t < max_ctx; t++)
         for (int i = 0; i < half; i++) {
@@ -119,12 +119,16 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, int untied, s
     int et = mode == SJ_INFER_Q4 ? SJ_W_Q8 : wt;
     if ((s = sj_qmat_alloc(&h->tok_emb, et, V, C, "tok_emb"))) goto fail;
     if (untied && (s = sj_qmat_alloc(&h->output, et, V, C, "output"))) goto fail;
+    const int64_t per_layer = 2 * sj_qmat_bytes(wt, C, C) + 2 * sj_qmat_bytes(wt, KVd, C) +
+                              2 * sj_qmat_bytes(wt, F, C) + sj_qmat_bytes(wt, C, F);
+    if ((s = sj_qpool_init(&h->pool, per_layer * c->n_layers, "layer weights"))) goto fail;
     for (int l = 0; l < c->n_layers; l++) {
         layer_w *w = &h->L[l];
-        if ((s = sj_qmat_alloc(&w->wq, wt, C, C, "wq")) || (s = sj_qmat_alloc(&w->wk, wt, KVd, C, "wk")) ||
-            (s = sj_qmat_alloc(&w->wv, wt, KVd, C, "wv")) || (s = sj_qmat_alloc(&w->wo, wt, C, C, "wo")) ||
-            (s = sj_qmat_alloc(&w->w_gate, wt, F, C, "w_gate")) || (s = sj_qmat_alloc(&w->w_up, wt, F, C, "w_up")) ||
-            (s = sj_qmat_alloc(&w->w_down, wt, C, F, "w_down")))
+        sj_qpool *P = &h->pool;
+        if ((s = sj_qmat_alloc_pool(&w->wq, P, wt, C, C, "wq")) || (s = sj_qmat_alloc_pool(&w->wk, P, wt, KVd, C, "wk")) ||
+            (s = sj_qmat_alloc_pool(&w->wv, P, wt, KVd, C, "wv")) || (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, C, "wo")) ||
+            (s = sj_qmat_alloc_pool(&w->w_gate, P, wt, F, C, "w_gate")) || (s = sj_qmat_alloc_pool(&w->w_up, P, wt, F, C, "w_up")) ||
+            (s = sj_qmat_alloc_pool(&w->w_down, P, wt, C, F, "w_down")))
             goto fail;
         w->attn_norm = h->norms + (int64_t)(2 * l) * C;
         w->ffn_norm = h->norms + (int64_t)(2 * l + 1) * C;
@@ -397,54 +401,55 @@ static void rope(const sj_infer *h, float *x, int n_heads, int pos) {
     }
 }
 
-typedef struct { sj_infer *h; int layer, n, pos0; } attn_job;
+typedef struct { sj_infer *h; int layer, n, pos0, sub; } attn_job;
 
-/* One task = one (token, head): attends to cache positions 0 .. pos0 + t. */
+void sj_attn_group(float *out, const float *q, const float *kc, const float *vc, int T, int G, int hd,
+                   int ld, float scale, float *sc);   /* attn.c */
+
+/* One task = one token's `sub` query heads of one KV head, attending to cache
+ * positions 0 .. pos0 + t (sj_attn_group reads each K/V row once for them). */
 static void attn_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
     (void)tid;
     const attn_job *j = ctx;
     sj_infer *h = j->h;
-    const int H = h->c.n_heads, hd = h->hd, KVd = h->kv_dim, grp = H / h->c.n_kv_heads;
+    const int H = h->c.n_heads, hd = h->hd, KVd = h->kv_dim, grp = H / h->c.n_kv_heads, per = H / j->sub;
     const float scale = 1.0f / sqrtf((float)hd);
-    const int64_t lo = (int64_t)j->layer * h->max_ctx * KVd;
-    const float *kc = h->kcache + lo, *vc = h->vcache + lo;
-    const uint16_t *kc16 = (const uint16_t *)h->kcache + lo, *vc16 = (const uint16_t *)h->vcache + lo;
-    const int f16 = h->kv_f16;
-    float sc[j->pos0 + j->n];
-    for (int64_t i = i0; i < i1; i++) {
-        int t = (int)(i / H), hh = (int)(i % H), T = j->pos0 + t + 1;
-        const float *q = h->q + (int64_t)t * H * hd + hh * hd;
-        const float *k0 = kc + (hh / grp) * hd, *v0 = vc + (hh / grp) * hd;
-        const uint16_t *k016 = kc16 + (hh / grp) * hd, *v016 = vc16 + (hh / grp) * hd;
-        float m = -INFINITY;
-        for (int s = 0; s < T; s++) {
-            float d = 0.f;
-            if (f16) {
-                const uint16_t *k = k016 + (int64_t)s * KVd;
+    if (h->kv_f16) {   /* f16 cache: one query head per task (sub is 1), elements through a table */
+        const int64_t lo = (int64_t)j->layer * h->max_ctx * KVd;
+        const uint16_t *kc = (const uint16_t *)h->kcache + lo, *vc = (const uint16_t *)h->vcache + lo;
+        float sc[j->pos0 + j->n];
+        for (int64_t i = i0; i < i1; i++) {
+            int t = (int)(i / H), hh = (int)(i % H), T = j->pos0 + t + 1;
+            const float *q = h->q + (int64_t)t * H * hd + hh * hd;
+            const uint16_t *k0 = kc + (hh / grp) * hd, *v0 = vc + (hh / grp) * hd;
+            float m = -INFINITY;
+            for (int s = 0; s < T; s++) {
+                const uint16_t *k = k0 + (int64_t)s * KVd;
+                float d = 0.f;
                 for (int e = 0; e < hd; e++) d += q[e] * f16_lut[k[e]];
-            } else {
-                const float *k = k0 + (int64_t)s * KVd;
-#pragma omp simd reduction(+:d)
-                for (int e = 0; e < hd; e++) d += q[e] * k[e];
+                sc[s] = d * scale;
+                m = sc[s] > m ? sc[s] : m;
             }
-            sc[s] = d * scale;
-            m = sc[s] > m ? sc[s] : m;
-        }
-        float sum = 0.f;
-        for (int s = 0; s < T; s++) { sc[s] = expf(sc[s] - m); sum += sc[s]; }
-        float *o = h->att + (int64_t)t * H * hd + hh * hd, inv = 1.0f / sum;
-        memset(o, 0, sizeof(float) * hd);
-        for (int s = 0; s < T; s++) {
-            const float p = sc[s] * inv;
-            if (f16) {
-                const uint16_t *v = v016 + (int64_t)s * KVd;
+            float sum = 0.f;
+            for (int s = 0; s < T; s++) { sc[s] = expf(sc[s] - m); sum += sc[s]; }
+            float *o = h->att + (int64_t)t * H * hd + hh * hd, inv = 1.0f / sum;
+            memset(o, 0, sizeof(float) * hd);
+            for (int s = 0; s < T; s++) {
+                const uint16_t *v = v0 + (int64_t)s * KVd;
+                const float p = sc[s] * inv;
                 for (int e = 0; e < hd; e++) o[e] += p * f16_lut[v[e]];
-            } else {
-                const float *v = v0 + (int64_t)s * KVd;
-#pragma omp simd
-                for (int e = 0; e < hd; e++) o[e] += p * v[e];
             }
         }
+        return;
+    }
+    const float *kc = h->kcache + (int64_t)j->layer * h->max_ctx * KVd;
+    const float *vc = h->vcache + (int64_t)j->layer * h->max_ctx * KVd;
+    float sc[j->sub * (j->pos0 + j->n)];
+    for (int64_t i = i0; i < i1; i++) {
+        int t = (int)(i / per), h0 = (int)(i % per) * j->sub;
+        int64_t at = (int64_t)t * H * hd + h0 * hd;
+        sj_attn_group(h->att + at, h->q + at, kc + (h0 / grp) * hd, vc + (h0 / grp) * hd,
+                      j->pos0 + t + 1, j->sub, hd, KVd, scale, sc);
     }
 }
 
@@ -484,9 +489,14 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
             memcpy(h->kcache + at, h->k, sizeof(float) * n * KVd);
             memcpy(h->vcache + at, h->v, sizeof(float) * n * KVd);
         }
-        attn_job aj = { h, l, n, h->pos };
-        if (n * H < 4) attn_rows(&aj, 0, n * H, 0);
-        else sj_parallel_for((int64_t)n * H, 1, attn_rows, &aj);
+        /* whole GQA groups per task (f32 cache), unless that leaves threads idle
+         * (decode on several threads) or its scores would not fit the stack */
+        const int grp = H / KV, P = sj_parallel_threads();
+        const int sub = !h->kv_f16 && (P == 1 || n * KV >= 4 * P) && grp * (h->pos + n) <= (1 << 16) ? grp : 1;
+        attn_job aj = { h, l, n, h->pos, sub };
+        const int64_t tasks = (int64_t)n * (H / sub);
+        if (tasks < 4) attn_rows(&aj, 0, tasks, 0);
+        else sj_parallel_for(tasks, 1, attn_rows, &aj);
         matmul(h, h->xb, &w->wo, h->att, n, 1);
         for (int64_t i = 0; i < (int64_t)n * C; i++) h->x[i] += h->xb[i];
         rmsnorm(h->xb, h->x, w->ffn_norm, n, C, c->norm_eps);

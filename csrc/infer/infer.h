@@ -14,24 +14,37 @@ typedef enum { SJ_W_F32 = 0, SJ_W_BF16, SJ_W_Q8, SJ_W_Q4 } sj_wtype;
  *   F32:  f (rows, cols)            BF16: bf (rows, cols) bit patterns
  *   Q8:   q8 (rows, cols) int8, d (rows, cols/32) scales: w = d * q
  *   Q4:   q4 (rows, cols/2) nibbles, d and m (rows, cols/32): w = d * n + m
+ *   d and m are fp16 bit patterns, as in GGUF: decode streams every weight
+ *   byte per token, and fp32 scales were 5% (Q8) / 13% (Q4) more bytes.
  *         (GGML's Q4_1; Q4_0 is m = -8 d). Nibble order: a pair of blocks
  *         (2b, 2b+1) is 32 bytes; byte k holds element k of block 2b in its
  *         low nibble and element k of block 2b+1 in its high nibble, so one
  *         load unpacks to 64 consecutive elements. A last unpaired block
  *         uses GGML's order (byte k: elements k and k+16).
- * Scales are fp16-exact when made by quantising, so GGUF export is lossless. */
+ * GGUF export is lossless. */
 typedef struct {
     int type, rows, cols;
     int src;                 /* Q4: SJ_GGUF_Q4_0 or SJ_GGUF_Q4_1 (what m means) */
-    float *f; uint16_t *bf; int8_t *q8; uint8_t *q4; float *d, *m;
+    float *f; uint16_t *bf; int8_t *q8; uint8_t *q4; uint16_t *d, *m;
     void *mem; int64_t bytes;
+    int pooled;              /* mem is inside an sj_qpool: not freed with the matrix */
 } sj_qmat;
+
+/* One allocation (on transparent huge pages) for many matrices, handed out
+ * in the order they are allocated: decode reads the layer matrices in that
+ * order, so the stream crosses no 4 KB page walls and no allocation gaps. */
+typedef struct { uint8_t *mem; int64_t used, cap; } sj_qpool;
 
 /* Activations quantised to 8-bit blocks once per matmul input:
  * q (n, cols) int8, d (n, cols/32), s (n, cols/32) = d * sum(q) of the block,
- * d2 (n, cols/64, 16): each pair of block scales spread over 8 lanes each,
- * the layout the SIMD kernels multiply by (made once, used by every row). */
-typedef struct { int8_t *q; float *d, *s, *d2; int n, cols; } sj_qact;
+ * and for the SIMD kernels, per pair of blocks (np = ceil(cols/64); an
+ * unpaired last block has zeros in the second half):
+ * d2 (n, np, 16) float: the pair's two scales, each spread over 8 lanes;
+ * c2 (n, np, 16) int32: -128 * sum(q) of each block in lanes 0 and 8, zero
+ * elsewhere: the start value of vpdpbusd that cancels the +128 the Q8
+ * kernels add to make weights unsigned (exact, in integers).
+ * Made once per input, read by every row. Bind to caller-owned memory. */
+typedef struct { int8_t *q; float *d, *s, *d2; int32_t *c2; int n, cols; } sj_qact;
 
 float sj_f16_to_f32(uint16_t h);
 uint16_t sj_f32_to_f16(float f);
@@ -42,6 +55,11 @@ static inline float sj_bf16_to_f32(uint16_t b) {
 uint16_t sj_f32_to_bf16(float f);
 
 sj_status sj_qmat_alloc(sj_qmat *W, int type, int rows, int cols, const char *what);
+int64_t sj_qmat_bytes(int type, int rows, int cols);   /* what sj_qmat_alloc takes */
+sj_status sj_qpool_init(sj_qpool *pool, int64_t bytes, const char *what);
+void sj_qpool_free(sj_qpool *pool);
+/* sj_qmat_alloc from pool (NULL: its own allocation). */
+sj_status sj_qmat_alloc_pool(sj_qmat *W, sj_qpool *pool, int type, int rows, int cols, const char *what);
 void sj_qmat_free(sj_qmat *W);
 /* Set row r from f32 values (quantising as GGML's reference does). */
 void sj_qmat_set_row(sj_qmat *W, int r, const float *x);
@@ -51,7 +69,10 @@ void sj_qmat_get_row(const sj_qmat *W, int r, float *out);
 /* Row r in GGUF encoding of `type` (Q8 -> Q8_0, Q4 -> Q4_0/Q4_1 as made). */
 void sj_qmat_row_to_gguf(const sj_qmat *W, int r, int type, void *dst);
 
-/* Quantise x (n, cols) into a (scratch owned by the caller, capacity >= n*cols). */
+/* Bytes of scratch for up to n inputs of up to cols values; bind a to it. */
+int64_t sj_qact_bytes(int n, int cols);
+void sj_qact_bind(sj_qact *a, void *mem, int n, int cols);
+/* Quantise x (n, cols) into a (bound with capacity >= n x cols). */
 void sj_qact_quantize(sj_qact *a, const float *x, int n, int cols);
 /* out (n, rows) = x (n, cols) W^T. xa: x quantised (needed for Q8/Q4). */
 void sj_qmat_mul(float *out, const sj_qmat *W, const float *x, const sj_qact *xa, int n);

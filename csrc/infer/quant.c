@@ -1,20 +1,22 @@
 /* quant.c — weight matrices in f32, bf16, Q8 and Q4 blocks of 32, GGML-
- * compatible (de)quantisation, and the matmul kernels of the inference engine.
+ * compatible (de)quantisation, and the matmul dispatch of the inference engine.
  *
  * Q8/Q4 matmuls quantise the activations once to 8-bit blocks (sj_qact) and
  * use integer dot products, like GGML's Q8_0 x Q8_0 and Q4_1 x Q8_1: per
  * block, sum(w_int * x_int) scaled by d_w * d_x, plus m_w * (d_x sum x_int)
- * for the 4-bit offset. Kernels: a scalar reference (kept and tested against)
- * and an AVX-512 VNNI path chosen at run time (__builtin_cpu_supports).
- * One kernel serves decode (n = 1: a GEMV, memory-bandwidth bound: it reads
- * every weight byte once per token) and prefill (n tokens: each weight row is
- * unpacked once and dotted with 4 tokens at a time, tokens in blocks of 64 so
- * they stay in L2). Threads split output rows. Never allocates on the hot path. */
+ * for the 4-bit offset. Kernels: a scalar reference here (kept and tested
+ * against), AVX-512 VNNI (qk_avx512.c) and AVX2 (qk_avx2.c), chosen at run
+ * time (__builtin_cpu_supports; SMEDJAN_ISA=scalar|avx2|avx512vnni caps it).
+ * One kernel serves decode (n = 1: a GEMV, memory-bandwidth bound) and
+ * prefill (tiles of rows x tokens, tokens in blocks of 64 so they stay in L2).
+ * Threads split output rows. Never allocates on the hot path. */
 #include "infer.h"
+#include "qkernels.h"
 #include "../cpu/cpu.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -146,34 +148,77 @@ sj_status sj_gguf_dequantize(int type, const void *in, int64_t n, float *out) {
 
 /* ---- our matrices -------------------------------------------------------- */
 
-sj_status sj_qmat_alloc(sj_qmat *W, int type, int rows, int cols, const char *what) {
-    memset(W, 0, sizeof *W);
-    W->type = type; W->rows = rows; W->cols = cols; W->src = SJ_GGUF_Q4_0;
-    if ((type == SJ_W_Q8 || type == SJ_W_Q4) && cols % QK)
-        return sj_fail(SJ_ERR_ARG, "%s: %d columns is not a multiple of %d", what, cols, QK);
+/* Matrices of 2 MB and more on transparent huge pages where the kernel
+ * offers them (madvise mode): a GEMV streams them once per token, and with
+ * 4 KB pages the hardware prefetcher stops at every page boundary. Freed
+ * with sj_free (posix_memalign memory). */
+static void *weight_alloc(int64_t bytes, const char *what) {
+    const size_t huge = (size_t)2 << 20;
+    if (bytes < (int64_t)huge) return sj_alloc((size_t)bytes, what);
+    void *p = NULL;
+    const size_t n = ((size_t)bytes + huge - 1) & ~(huge - 1);
+    if (posix_memalign(&p, huge, n) != 0 || !p) {
+        sj_fail(SJ_ERR_NOMEM, "out of memory allocating %zu bytes for %s", n, what);
+        return NULL;
+    }
+#ifdef MADV_HUGEPAGE
+    madvise(p, n, MADV_HUGEPAGE);   /* a hint: no huge pages is still correct */
+#endif
+    return p;
+}
+
+int64_t sj_qmat_bytes(int type, int rows, int cols) {
     int64_t n = (int64_t)rows * cols, nb = n / QK, bytes;
     switch (type) {
     case SJ_W_F32: bytes = n * 4; break;
     case SJ_W_BF16: bytes = n * 2; break;
-    case SJ_W_Q8: bytes = n + nb * 4 + 64; break;
-    default: bytes = n / 2 + nb * 8 + 64; break;
+    case SJ_W_Q8: bytes = n + nb * 2 + 64; break;
+    default: bytes = n / 2 + nb * 4 + 64; break;
     }
-    W->mem = sj_alloc((size_t)bytes, what);
-    if (!W->mem) return SJ_ERR_NOMEM;
+    return SJ_CDIV(bytes, 64) * 64;
+}
+
+sj_status sj_qpool_init(sj_qpool *pool, int64_t bytes, const char *what) {
+    pool->used = 0; pool->cap = bytes;
+    pool->mem = weight_alloc(SJ_MAX(bytes, 64), what);
+    return pool->mem ? SJ_OK : SJ_ERR_NOMEM;
+}
+
+void sj_qpool_free(sj_qpool *pool) { sj_free(pool->mem); memset(pool, 0, sizeof *pool); }
+
+sj_status sj_qmat_alloc(sj_qmat *W, int type, int rows, int cols, const char *what) {
+    return sj_qmat_alloc_pool(W, NULL, type, rows, cols, what);
+}
+
+sj_status sj_qmat_alloc_pool(sj_qmat *W, sj_qpool *pool, int type, int rows, int cols, const char *what) {
+    memset(W, 0, sizeof *W);
+    W->type = type; W->rows = rows; W->cols = cols; W->src = SJ_GGUF_Q4_0;
+    if ((type == SJ_W_Q8 || type == SJ_W_Q4) && cols % QK)
+        return sj_fail(SJ_ERR_ARG, "%s: %d columns is not a multiple of %d", what, cols, QK);
+    const int64_t bytes = sj_qmat_bytes(type, rows, cols), n = (int64_t)rows * cols, nb = n / QK;
+    if (pool) {
+        if (pool->used + bytes > pool->cap) return sj_fail(SJ_ERR_RUNTIME, "%s: weight pool is full", what);
+        W->mem = pool->mem + pool->used;
+        pool->used += bytes;
+        W->pooled = 1;
+    } else {
+        W->mem = weight_alloc(bytes, what);
+        if (!W->mem) return SJ_ERR_NOMEM;
+    }
     W->bytes = bytes;
     uint8_t *p = W->mem;
     switch (type) {
     case SJ_W_F32: W->f = (float *)p; break;
     case SJ_W_BF16: W->bf = (uint16_t *)p; break;
-    case SJ_W_Q8: W->d = (float *)p; W->q8 = (int8_t *)(p + SJ_CDIV(nb * 4, 64) * 64); break;
+    case SJ_W_Q8: W->d = (uint16_t *)p; W->q8 = (int8_t *)(p + SJ_CDIV(nb * 2, 64) * 64); break;
     default:
-        W->d = (float *)p; W->m = W->d + nb;
-        W->q4 = p + SJ_CDIV(nb * 8, 64) * 64;
+        W->d = (uint16_t *)p; W->m = W->d + nb;
+        W->q4 = p + SJ_CDIV(nb * 4, 64) * 64;
     }
     return SJ_OK;
 }
 
-void sj_qmat_free(sj_qmat *W) { sj_free(W->mem); memset(W, 0, sizeof *W); }
+void sj_qmat_free(sj_qmat *W) { if (!W->pooled) sj_free(W->mem); memset(W, 0, sizeof *W); }
 
 /* Byte index and shift of element e of block b in a Q4 row (see infer.h). */
 static inline void q4_where(int nb, int b, int e, int *byte, int *shift) {
@@ -189,8 +234,8 @@ static void q4_put_block(sj_qmat *W, int r, int b, const uint8_t nib[QK], float 
         q4_where(nb, b, e, &by, &sh);
         row[by] = (uint8_t)((row[by] & ~(15 << sh)) | (nib[e] << sh));
     }
-    W->d[(int64_t)r * nb + b] = d;
-    W->m[(int64_t)r * nb + b] = m;
+    W->d[(int64_t)r * nb + b] = sj_f32_to_f16(d);
+    W->m[(int64_t)r * nb + b] = sj_f32_to_f16(m);
 }
 
 void sj_qmat_set_row(sj_qmat *W, int r, const float *x) {
@@ -202,7 +247,7 @@ void sj_qmat_set_row(sj_qmat *W, int r, const float *x) {
         for (int b = 0; b < nb; b++) {
             float d;
             q8_0_block(x + b * QK, &d, W->q8 + (int64_t)r * C + b * QK);
-            W->d[(int64_t)r * nb + b] = sj_f16_to_f32(sj_f32_to_f16(d));
+            W->d[(int64_t)r * nb + b] = sj_f32_to_f16(d);
         }
         break;
     default:
@@ -221,7 +266,7 @@ void sj_qmat_set_row_gguf(sj_qmat *W, int r, int type, const void *src) {
     const uint8_t *p = src;
     if (W->type == SJ_W_Q8 && type == SJ_GGUF_Q8_0) {
         for (int b = 0; b < nb; b++) {
-            W->d[(int64_t)r * nb + b] = sj_f16_to_f32(ld16(p + b * 34));
+            W->d[(int64_t)r * nb + b] = ld16(p + b * 34);
             memcpy(W->q8 + (int64_t)r * C + b * QK, p + b * 34 + 2, QK);
         }
         return;
@@ -249,12 +294,12 @@ void sj_qmat_get_row(const sj_qmat *W, int r, float *out) {
     case SJ_W_F32: memcpy(out, W->f + (int64_t)r * C, sizeof(float) * C); break;
     case SJ_W_BF16: for (int c = 0; c < C; c++) out[c] = sj_bf16_to_f32(W->bf[(int64_t)r * C + c]); break;
     case SJ_W_Q8:
-        for (int c = 0; c < C; c++) out[c] = W->d[(int64_t)r * nb + c / QK] * (float)W->q8[(int64_t)r * C + c];
+        for (int c = 0; c < C; c++) out[c] = sj_f16_to_f32(W->d[(int64_t)r * nb + c / QK]) * (float)W->q8[(int64_t)r * C + c];
         break;
     default: {
         const uint8_t *row = W->q4 + (int64_t)r * C / 2;
         for (int b = 0; b < nb; b++) {
-            float d = W->d[(int64_t)r * nb + b], m = W->m[(int64_t)r * nb + b];
+            float d = sj_f16_to_f32(W->d[(int64_t)r * nb + b]), m = sj_f16_to_f32(W->m[(int64_t)r * nb + b]);
             for (int e = 0; e < QK; e++) {
                 int by, sh;
                 q4_where(nb, b, e, &by, &sh);
@@ -270,7 +315,7 @@ void sj_qmat_row_to_gguf(const sj_qmat *W, int r, int type, void *dst) {
     uint8_t *o = dst;
     if (W->type == SJ_W_Q8 && type == SJ_GGUF_Q8_0) {
         for (int b = 0; b < nb; b++) {
-            st16(o + b * 34, sj_f32_to_f16(W->d[(int64_t)r * nb + b]));
+            st16(o + b * 34, W->d[(int64_t)r * nb + b]);
             memcpy(o + b * 34 + 2, W->q8 + (int64_t)r * C + b * QK, QK);
         }
         return;
@@ -280,8 +325,8 @@ void sj_qmat_row_to_gguf(const sj_qmat *W, int r, int type, void *dst) {
         const int bs = type == SJ_GGUF_Q4_0 ? 18 : 20;
         for (int b = 0; b < nb; b++) {
             uint8_t *blk = o + b * bs, nib[QK];
-            st16(blk, sj_f32_to_f16(W->d[(int64_t)r * nb + b]));
-            if (type == SJ_GGUF_Q4_1) st16(blk + 2, sj_f32_to_f16(W->m[(int64_t)r * nb + b]));
+            st16(blk, W->d[(int64_t)r * nb + b]);
+            if (type == SJ_GGUF_Q4_1) st16(blk + 2, W->m[(int64_t)r * nb + b]);
             for (int e = 0; e < QK; e++) {
                 int by, sh;
                 q4_where(nb, b, e, &by, &sh);
@@ -298,19 +343,43 @@ void sj_qmat_row_to_gguf(const sj_qmat *W, int r, int type, void *dst) {
 
 /* ---- activations ---------------------------------------------------------- */
 
+static int64_t qact_pairs(int n, int cols) { return (int64_t)n * SJ_CDIV(cols / QK, 2); }
+
+int64_t sj_qact_bytes(int n, int cols) {
+    int64_t nb = (int64_t)n * SJ_CDIV(cols, QK);
+    return qact_pairs(n, cols) * 128 + nb * 8 + (int64_t)n * cols + 4 * 64;
+}
+
+/* d2 and c2 first (64-byte aligned), then d, s, q; every later quantisation
+ * of m <= n rows of c <= cols values fits (m * ceil(c/64) <= n * ceil(cols/64)). */
+void sj_qact_bind(sj_qact *a, void *mem, int n, int cols) {
+    uint8_t *p = mem;
+    const int64_t np = qact_pairs(n, cols), nb = (int64_t)n * SJ_CDIV(cols, QK);
+    a->d2 = (float *)p; p += np * 64;
+    a->c2 = (int32_t *)p; p += np * 64;
+    a->d = (float *)p; p += SJ_CDIV(nb * 4, 64) * 64;
+    a->s = (float *)p; p += SJ_CDIV(nb * 4, 64) * 64;
+    a->q = (int8_t *)p;
+    a->n = 0; a->cols = cols;
+}
+
 typedef struct { sj_qact *a; const float *x; } qact_job;
 
 static void qact_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     (void)tid;
     const qact_job *j = ctx;
-    const int C = j->a->cols, nb = C / QK;
-    for (int64_t r = r0; r < r1; r++)
+    const int C = j->a->cols, nb = C / QK, npc = (nb + 1) / 2;
+    for (int64_t r = r0; r < r1; r++) {
+        float *d2 = j->a->d2 + r * npc * 16;
+        int32_t *c2 = j->a->c2 + r * npc * 16;
+        memset(d2, 0, sizeof(float) * 16 * npc);     /* the unpaired block's empty half */
+        memset(c2, 0, sizeof(int32_t) * 16 * npc);
         for (int b = 0; b < nb; b++) {
             const float *x = j->x + r * C + b * QK;
             int8_t *q = j->a->q + r * C + b * QK;
             float amax = 0.f;
 #pragma omp simd reduction(max:amax)
-            for (int e = 0; e < QK; e++) amax = fmaxf(amax, fabsf(x[e]));
+            for (int e = 0; e < QK; e++) { float v = fabsf(x[e]); amax = v > amax ? v : amax; }
             const float d = amax / 127.f, id = d ? 1.0f / d : 0.0f;
             int sum = 0;
 #pragma omp simd reduction(+:sum)
@@ -321,9 +390,10 @@ static void qact_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
             }
             j->a->d[r * nb + b] = d;
             j->a->s[r * nb + b] = d * (float)sum;
-            if (j->a->d2 && b < (nb & ~1))
-                for (int e = 0; e < 8; e++) j->a->d2[(r * (nb / 2) + b / 2) * 16 + (b & 1) * 8 + e] = d;
+            for (int e = 0; e < 8; e++) d2[b / 2 * 16 + (b & 1) * 8 + e] = d;
+            c2[b / 2 * 16 + (b & 1) * 8] = -128 * sum;
         }
+    }
 }
 
 void sj_qact_quantize(sj_qact *a, const float *x, int n, int cols) {
@@ -353,19 +423,19 @@ static float ref_dot(const sj_qmat *W, int r, const float *x, const sj_qact *xa,
     }
     const int8_t *xq = xa->q + (int64_t)t * C;
     const float *dx = xa->d + (int64_t)t * nb, *sx = xa->s + (int64_t)t * nb;
-    const float *dw = W->d + (int64_t)r * nb;
+    const uint16_t *dw = W->d + (int64_t)r * nb;
     float acc = 0.f;
     if (W->type == SJ_W_Q8) {
         const int8_t *w = W->q8 + (int64_t)r * C;
         for (int b = 0; b < nb; b++) {
             int32_t s = 0;
             for (int e = 0; e < QK; e++) s += (int32_t)w[b * QK + e] * xq[b * QK + e];
-            acc += dw[b] * dx[b] * (float)s;
+            acc += sj_f16_to_f32(dw[b]) * dx[b] * (float)s;
         }
         return acc;
     }
     const uint8_t *row = W->q4 + (int64_t)r * C / 2;
-    const float *mw = W->m + (int64_t)r * nb;
+    const uint16_t *mw = W->m + (int64_t)r * nb;
     for (int b = 0; b < nb; b++) {
         int32_t s = 0;
         for (int e = 0; e < QK; e++) {
@@ -373,7 +443,7 @@ static float ref_dot(const sj_qmat *W, int r, const float *x, const sj_qact *xa,
             q4_where(nb, b, e, &by, &sh);
             s += (int32_t)((row[by] >> sh) & 15) * xq[b * QK + e];
         }
-        acc += dw[b] * dx[b] * (float)s + mw[b] * sx[b];
+        acc += sj_f16_to_f32(dw[b]) * dx[b] * (float)s + sj_f16_to_f32(mw[b]) * sx[b];
     }
     return acc;
 }
@@ -383,113 +453,44 @@ void sj_qmat_mul_reference(float *out, const sj_qmat *W, const float *x, const s
         for (int r = 0; r < W->rows; r++) out[(int64_t)t * W->rows + r] = ref_dot(W, r, x, xa, t);
 }
 
-/* ---- kernels: AVX-512 VNNI -------------------------------------------------- */
+/* ---- instruction set -------------------------------------------------------- */
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define HAVE_X86 1
-#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
+static const char *const isa_names[] = { "scalar", "avx2", "avx512vnni" };
+static int isa_best = -1, isa_level = -1;
 
-/* Rows [r0, r1) x NT tokens from t: out[t][r]. The weight pair is unpacked
- * once per NT tokens. An unpaired last block runs scalar. */
-T512 __attribute__((always_inline)) static inline void
-qrow_512(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *X, int t, const int NT) {
-    const int C = W->cols, nb = C / QK, np = nb / 2;
-    const float *dw = W->d + (int64_t)r * nb;
-    __m512 acc[4] = { _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps() };
-    const int8_t *xq[4];
-    const float *dx[4], *d2[4];
-    for (int j = 0; j < NT; j++) {
-        xq[j] = X->q + (int64_t)(t + j) * C; dx[j] = X->d + (int64_t)(t + j) * nb;
-        d2[j] = X->d2 + (int64_t)(t + j) * np * 16;
-    }
-    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    const __m512i zero = _mm512_setzero_si512();
-    if (W->type == SJ_W_Q4) {
-        const uint8_t *w = W->q4 + (int64_t)r * C / 2;
-        const __m256i m4 = _mm256_set1_epi8(15);
-        for (int p = 0; p < np; p++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(w + p * 32));
-            __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m4)),
-                                            _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), 1);
-            __m512 dw2 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
-                _mm_castpd_ps(_mm_load_sd((const double *)(dw + 2 * p)))));
-            for (int j = 0; j < NT; j++) {
-                __m512i xv = _mm512_loadu_si512(xq[j] + p * 64);
-                __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, wv, xv));
-                acc[j] = _mm512_fmadd_ps(f, _mm512_mul_ps(dw2, _mm512_loadu_ps(d2[j] + p * 16)), acc[j]);
-            }
-        }
-    } else {
-        const int8_t *w = W->q8 + (int64_t)r * C;
-        const __m512i off = _mm512_set1_epi8((char)0x80);
-        for (int p = 0; p < np; p++) {
-            __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + p * 64), off);  /* w + 128, as u8 */
-            __m512 dw2 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
-                _mm_castpd_ps(_mm_load_sd((const double *)(dw + 2 * p)))));
-            for (int j = 0; j < NT; j++) {
-                __m512i xv = _mm512_loadu_si512(xq[j] + p * 64);
-                __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, wv, xv));
-                acc[j] = _mm512_fmadd_ps(f, _mm512_mul_ps(dw2, _mm512_loadu_ps(d2[j] + p * 16)), acc[j]);
-            }
-        }
-    }
-    for (int j = 0; j < NT; j++) {
-        float s = _mm512_reduce_add_ps(acc[j]);
-        const float *sx = X->s + (int64_t)(t + j) * nb;
-        /* offsets: Q4 adds m * (d_x sum x); Q8 removes the +128: -128 d_w (d_x sum x) */
-        if (W->type == SJ_W_Q4) s += dotf(W->m + (int64_t)r * nb, sx, nb);
-        else s -= 128.f * dotf(dw, sx, nb);
-        if (nb & 1) {   /* last unpaired block */
-            int b = nb - 1;
-            const int8_t *xb = xq[j] + b * QK;
-            int32_t is = 0;
-            if (W->type == SJ_W_Q4) {
-                const uint8_t *row = W->q4 + (int64_t)r * C / 2 + (b >> 1) * 32;
-                for (int e = 0; e < 16; e++) is += (row[e] & 15) * xb[e] + (row[e] >> 4) * xb[e + 16];
-            } else {
-                const int8_t *row = W->q8 + (int64_t)r * C + b * QK;
-                for (int e = 0; e < QK; e++) is += (row[e] + 128) * xb[e];
-            }
-            s += dw[b] * dx[j][b] * (float)is;
-        }
-        out[(int64_t)(t + j) * ldo + r] = s;
-    }
-}
-
-T512 static void qblock_512(float *out, int ldo, const sj_qmat *W, int r0, int r1,
-                            const sj_qact *X, int t0, int t1) {
-    for (int r = r0; r < r1; r++) {
-        int t = t0;
-        for (; t + 4 <= t1; t += 4) qrow_512(out, ldo, W, r, X, t, 4);
-        switch (t1 - t) {
-        case 3: qrow_512(out, ldo, W, r, X, t, 3); break;
-        case 2: qrow_512(out, ldo, W, r, X, t, 2); break;
-        case 1: qrow_512(out, ldo, W, r, X, t, 1); break;
-        }
-    }
-}
-#endif
-
-static int isa_level = -1;   /* 0 scalar, 2 avx512vnni */
-
+/* What the CPU offers, capped by SMEDJAN_ISA (or the older SMEDJAN_INFER_ISA). */
 static int isa(void) {
     if (isa_level < 0) {
-        int lvl = 0;
-#ifdef HAVE_X86
+        int lvl = ISA_SCALAR;
+#if defined(__x86_64__) && defined(__GNUC__)
         __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+            lvl = ISA_AVX2;
         if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
             __builtin_cpu_supports("avx512vnni"))
-            lvl = 2;
+            lvl = ISA_AVX512VNNI;
 #endif
-        const char *e = getenv("SMEDJAN_INFER_ISA");
-        if (e && !strcmp(e, "scalar")) lvl = 0;
+        isa_best = lvl;
+        const char *e = getenv("SMEDJAN_ISA");
+        if (!e || !*e) e = getenv("SMEDJAN_INFER_ISA");
+        for (int i = 0; e && i <= ISA_AVX512VNNI; i++)
+            if (!strcmp(e, isa_names[i]) && i < lvl) lvl = i;
         isa_level = lvl;
     }
     return isa_level;
 }
 
-const char *sj_infer_isa(void) { return isa() == 2 ? "avx512vnni" : "scalar"; }
+const char *sj_infer_isa(void) { return isa_names[isa()]; }
+
+static sj_qkernel qkernel(void) {
+    switch (isa()) {
+    case ISA_AVX512VNNI: return sj_qkernel_avx512vnni;
+    case ISA_AVX2: return sj_qkernel_avx2;
+    default: return NULL;
+    }
+}
 
 /* ---- dispatch -------------------------------------------------------------- */
 
@@ -511,14 +512,11 @@ static void mul_range(float *out, const sj_qmat *W, const float *x, const sj_qac
         }
         return;
     }
-#ifdef HAVE_X86
-    if (isa() == 2) {
-        for (int t0 = 0; t0 < n; t0 += TOK_BLOCK)
-            for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK)
-                qblock_512(out, R, W, (int)rb, (int)SJ_MIN(rb + ROW_BLOCK, r1), xa, t0, SJ_MIN(t0 + TOK_BLOCK, n));
+    const sj_qkernel k = qkernel();
+    if (k) {   /* each 4-row tile sweeps a block of tokens whose activations stay in L2 */
+        for (int t0 = 0; t0 < n; t0 += TOK_BLOCK) k(out, R, W, (int)r0, (int)r1, xa, t0, SJ_MIN(t0 + TOK_BLOCK, n));
         return;
     }
-#endif
     for (int t = 0; t < n; t++)
         for (int64_t r = r0; r < r1; r++) out[(int64_t)t * R + r] = ref_dot(W, (int)r, x, xa, t);
 }
@@ -573,37 +571,40 @@ void sj_qmat_mul(float *out, const sj_qmat *W, const float *x, const sj_qact *xa
 
 /* ---- testing hook ------------------------------------------------------------- */
 
-sj_status sj_infer_kernel_check(uint64_t seed, double *max_err);
-/* The SIMD kernels against the scalar reference on random Q8/Q4 matrices
- * (even and odd block counts) and token counts 1 .. 70: the largest error
+/* One ISA's kernels against the scalar reference on random Q8/Q4 matrices:
+ * row counts that are not multiples of the tiles, even and odd block counts
+ * (an unpaired last block), token counts 1 .. 70. Returns the largest error
  * relative to the output's scale. */
-sj_status sj_infer_kernel_check(uint64_t seed, double *max_err) {
+static sj_status check_isa(uint64_t seed, double *max_err) {
     sj_rng rng;
     sj_rng_seed(&rng, seed);
     *max_err = 0;
-    const int shapes[][2] = { { 67, 576 }, { 33, 96 }, { 40, 1536 }, { 5, 32 } };
-    const int ns[] = { 1, 3, 7, 70 };
+    const int shapes[][2] = { { 67, 576 }, { 33, 96 }, { 40, 1536 }, { 5, 32 }, { 13, 160 }, { 2, 64 } };
+    const int ns[] = { 1, 2, 3, 5, 7, 70 };
+    const int N = 70;
     for (int ty = SJ_W_Q8; ty <= SJ_W_Q4; ty++)
-        for (int si = 0; si < 4; si++) {
-            const int R = shapes[si][0], C = shapes[si][1], N = 70;
+        for (int si = 0; si < (int)(sizeof shapes / sizeof shapes[0]); si++) {
+            const int R = shapes[si][0], C = shapes[si][1];
             sj_qmat W;
             SJ_TRY(sj_qmat_alloc(&W, ty, R, C, "check"));
-            float *x = sj_alloc(sizeof(float) * (size_t)N * C * 2 + sizeof(float) * (size_t)N * R * 2 + (size_t)N * C * 2 + (size_t)N * C / 32 * 8 + 4096, "check");
+            const int64_t qb = sj_qact_bytes(N, C);
+            float *x = sj_alloc(sizeof(float) * ((size_t)N * C * 2 + (size_t)N * R * 2) + (size_t)qb, "check");
             if (!x) { sj_qmat_free(&W); return SJ_ERR_NOMEM; }
             float *row = x + (int64_t)N * C, *o1 = row + (int64_t)N * C, *o2 = o1 + (int64_t)N * R;
-            sj_qact a = { (int8_t *)(o2 + (int64_t)N * R), NULL, NULL, NULL, 0, 0 };
-            a.d = (float *)(a.q + (int64_t)N * C + 64);
-            a.s = a.d + (int64_t)N * C / 32;
-            a.d2 = a.s + (int64_t)N * C / 32;
+            sj_qact a;
+            sj_qact_bind(&a, o2 + (int64_t)N * R, N, C);
             for (int r = 0; r < R; r++) {
                 for (int c = 0; c < C; c++) row[c] = sj_rng_normal(&rng) * (1.f + (float)(c % 7));
                 sj_qmat_set_row(&W, r, row);
                 if (ty == SJ_W_Q4 && (r & 1)) {   /* some rows with a Q4_1-style offset */
-                    for (int b = 0; b < C / 32; b++) W.m[(int64_t)r * (C / 32) + b] += 0.25f * sj_rng_normal(&rng);
+                    for (int b = 0; b < C / 32; b++) {
+                        uint16_t *m = &W.m[(int64_t)r * (C / 32) + b];
+                        *m = sj_f32_to_f16(sj_f16_to_f32(*m) + 0.25f * sj_rng_normal(&rng));
+                    }
                 }
             }
             for (int64_t i = 0; i < (int64_t)N * C; i++) x[i] = sj_rng_normal(&rng);
-            for (int k = 0; k < 4; k++) {
+            for (int k = 0; k < (int)(sizeof ns / sizeof ns[0]); k++) {
                 int n = ns[k];
                 sj_qact_quantize(&a, x, n, C);
                 sj_qmat_mul(o1, &W, x, &a, n);
@@ -616,4 +617,26 @@ sj_status sj_infer_kernel_check(uint64_t seed, double *max_err) {
             sj_qmat_free(&W);
         }
     return SJ_OK;
+}
+
+sj_status sj_infer_kernel_check(uint64_t seed, const char *which, double *max_err);
+/* which: an ISA name, or NULL for every ISA this CPU runs (the worst error). */
+sj_status sj_infer_kernel_check(uint64_t seed, const char *which, double *max_err) {
+    const int active = isa();
+    *max_err = 0;
+    sj_status s = SJ_OK;
+    int found = 0;
+    for (int lvl = ISA_AVX2; lvl <= isa_best && s == SJ_OK; lvl++) {
+        if (which && strcmp(which, isa_names[lvl])) continue;
+        double e;
+        isa_level = lvl;
+        s = check_isa(seed, &e);
+        isa_level = active;
+        if (e > *max_err) *max_err = e;
+        found = 1;
+    }
+    if (s == SJ_OK && which && !found && strcmp(which, "scalar"))
+        return sj_fail(SJ_ERR_ARG, "kernel check: ISA '%s' is not available on this CPU (best: %s)",
+                       which, isa_names[isa_best]);
+    return s;
 }

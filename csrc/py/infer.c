@@ -529,19 +529,20 @@ static PyObject *py_gguf_dequantize(PyObject *self, PyObject *args) {
     return b;
 }
 
-sj_status sj_infer_kernel_check(uint64_t seed, double *max_err);
+sj_status sj_infer_kernel_check(uint64_t seed, const char *which, double *max_err);
 static PyObject *py_kernel_check(PyObject *self, PyObject *args) {
     unsigned long long seed = 0;
-    if (!PyArg_ParseTuple(args, "|K", &seed)) return NULL;
+    const char *which = NULL;
+    if (!PyArg_ParseTuple(args, "|Kz", &seed, &which)) return NULL;
     double err = 0;
     sj_status st;
-    SJ_PY_CALL(st, sj_infer_kernel_check(seed, &err));
+    SJ_PY_CALL(st, sj_infer_kernel_check(seed, which, &err));
     if (st) return sj_py_raise(st);
     return Py_BuildValue("(ds)", err, sj_infer_isa());
 }
 
 static PyMethodDef funcs[] = {
-    {"infer_kernel_check", py_kernel_check, METH_VARARGS, "infer_kernel_check(seed) -> (max relative error of SIMD vs scalar kernels, isa)"},
+    {"infer_kernel_check", py_kernel_check, METH_VARARGS, "infer_kernel_check(seed, isa=None) -> (max relative error vs the scalar kernels of isa, or of every ISA this CPU runs; active isa)"},
     {"infer_load_gguf", py_infer_load_gguf, METH_VARARGS, "infer_load_gguf(path, mode, max_ctx=0) -> Infer"},
     {"infer_from_model", py_infer_from_model, METH_VARARGS, "infer_from_model(model_handle, mode, max_ctx=0) -> Infer"},
     {"gguf_open", py_gguf_open, METH_VARARGS, "gguf_open(path) -> (owner, version, kv, kv_types, tensors)"},
