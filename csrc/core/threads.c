@@ -20,6 +20,7 @@ typedef struct {
     pthread_t *threads;
     int n_threads;                 /* including the caller */
     atomic_uint_fast64_t generation;
+    uint64_t start_generation;     /* generation when the workers were started */
     atomic_int pending;            /* workers still in the current job */
     atomic_int_fast64_t next;      /* next index to hand out */
     sj_range_fn fn;
@@ -44,7 +45,9 @@ static void run_chunks(int tid) {
 
 static void *worker(void *arg) {
     int tid = (int)(intptr_t)arg;
-    uint64_t seen = 0;
+    /* Not 0: a worker started after earlier jobs would take the current
+     * generation for a new job, run it, and count itself done twice. */
+    uint64_t seen = pool.start_generation;
     in_pool = 1;
     for (;;) {
         int spins = 0;
@@ -79,9 +82,11 @@ static void pool_stop(void) {
     pool.stop = 0;
 }
 
+/* Called with no job in flight (pool_once, or holding submit_mu). */
 static sj_status pool_start(int n) {
     pool.n_threads = 1;
     if (n <= 1) return SJ_OK;
+    pool.start_generation = atomic_load(&pool.generation);
     pool.threads = calloc((size_t)n - 1, sizeof(pthread_t));
     if (!pool.threads) return sj_fail(SJ_ERR_NOMEM, "thread pool: out of memory");
     for (int i = 0; i < n - 1; i++) {
