@@ -158,10 +158,12 @@ def bench_torch(kind, cfg, B, T, compiled, iters, warmup):
     return t, peak
 
 
-def bench_ours(kind, cfg, B, T, iters, warmup):
+def bench_ours(kind, cfg, B, T, iters, warmup, levers=()):
     gc.collect()
     _C.cuda_memory(True)
     m = smedjan.Model(cfg, seed=0, device="cuda", dtype="bf16")
+    if levers:
+        m.set_levers(**{name: True for name in levers})
     r = np.random.default_rng(0)
     x = r.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     y = r.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
@@ -193,6 +195,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--levers", default="", help="ours with memory levers on, comma list like "
+                                                 "gradient_checkpointing,fused_ce (stated in each row)")
     ap.add_argument("--only", default="", help="comma list like train-small-4x128")
     a = ap.parse_args()
     iters, warmup = (10, 3) if a.quick else (30, 8)
@@ -207,13 +211,14 @@ def main():
             continue
         cfg = mk()
         row = dict(kind=kind, config=name, B=B, T=T, params=cfg.n_params, target=target,
-                   device=dev, torch=torch.__version__)
+                   device=dev, torch=torch.__version__, our_levers=a.levers)
         sides = [("ours", None)] + ([] if a.no_torch else [("eager", False)] +
                                     ([] if a.no_compile else [("compile", True)]))
         for side, compiled in sides:
             try:
                 if side == "ours":
-                    t, peak = bench_ours(kind, cfg, B, T, iters, warmup)
+                    t, peak = bench_ours(kind, cfg, B, T, iters, warmup,
+                                         [x for x in a.levers.split(",") if x])
                 else:
                     t, peak = bench_torch(kind, cfg, B, T, compiled, iters, warmup)
                 row[f"{side}_ms"] = t * 1e3
