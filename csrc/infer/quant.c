@@ -620,7 +620,9 @@ static sj_status check_isa(uint64_t seed, double *max_err) {
 }
 
 sj_status sj_infer_kernel_check(uint64_t seed, const char *which, double *max_err);
-/* which: an ISA name, or NULL for every ISA this CPU runs (the worst error). */
+sj_status sj_attn_check(uint64_t seed, double *max_err);   /* attn.c */
+/* which: an ISA name, or NULL for every ISA this CPU runs (the worst error).
+ * The attention kernels (ISA fixed at compile time) are checked every call. */
 sj_status sj_infer_kernel_check(uint64_t seed, const char *which, double *max_err) {
     const int active = isa();
     *max_err = 0;
@@ -638,5 +640,8 @@ sj_status sj_infer_kernel_check(uint64_t seed, const char *which, double *max_er
     if (s == SJ_OK && which && !found && strcmp(which, "scalar"))
         return sj_fail(SJ_ERR_ARG, "kernel check: ISA '%s' is not available on this CPU (best: %s)",
                        which, isa_names[isa_best]);
+    double ea = 0;
+    if (s == SJ_OK) s = sj_attn_check(seed, &ea);
+    if (ea > *max_err) *max_err = ea;
     return s;
 }
