@@ -195,7 +195,7 @@ T256 INL void rows(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *
 T256 INL void kernel(float *out, int ldo, const sj_qmat *W, int r0, int r1, const sj_qact *X, int t0, int t1,
                      const int q4) {
     int r = r0;
-    if (t1 - t0 == 1) for (; r + 4 <= r1; r += 4) rows(out, ldo, W, r, X, t0, t1, 4, q4);   /* gemv_tile */
+    if (t1 - t0 == 1 && q4) for (; r + 4 <= r1; r += 4) rows(out, ldo, W, r, X, t0, t1, 4, q4);   /* gemv_tile (Q8 decode: gemv_q8_group) */
     for (; r + 2 <= r1; r += 2) rows(out, ldo, W, r, X, t0, t1, 2, q4);
     for (; r < r1; r++) rows(out, ldo, W, r, X, t0, t1, 1, q4);
 }
