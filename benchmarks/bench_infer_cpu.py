@@ -76,6 +76,8 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--modes", default="fp32,q8,q4")
+    ap.add_argument("--kv-dtype", default="f16", choices=["f16", "f32"],
+                    help="our K/V cache; llama.cpp's is f16 (its default) in every run")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import llama_cpp
@@ -95,7 +97,7 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for mode in a.modes.split(","):
-            ours = load_gguf(src, mode, max_ctx=ctx)
+            ours = load_gguf(src, mode, max_ctx=ctx, kv_dtype=a.kv_dtype)
             if mode == "q4":
                 lpath = src
             else:
@@ -125,10 +127,12 @@ def main():
              f"- llama-cpp-python {llama_cpp.__version__} (built from source, GGML_NATIVE=ON)",
              f"- prompt: {a.prompt_tokens} tokens of real text; generation: {a.gen_tokens} greedy tokens; "
              f"best of {a.reps} (median in brackets), interleaved",
+             f"- K/V cache: ours {a.kv_dtype}, llama.cpp f16 (its default type_k / type_v)",
              f"- load average before/after: {load0[0]:.1f} / {load1[0]:.1f} "
              f"(other processes share this machine; see the note below)",
              f"- command: `python benchmarks/bench_infer_cpu.py --threads {a.threads} --reps {a.reps}"
-             f"{' --modes ' + a.modes if a.modes != 'fp32,q8,q4' else ''}`",
+             f"{' --modes ' + a.modes if a.modes != 'fp32,q8,q4' else ''}"
+             f"{' --kv-dtype ' + a.kv_dtype if a.kv_dtype != 'f16' else ''}`",
              "",
              "| mode | engine | resident MB | prefill tok/s (512) | gen tok/s | ttft s |",
              "|---|---|---:|---:|---:|---:|"]

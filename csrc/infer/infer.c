@@ -12,6 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #define CHUNK 128            /* tokens per batched forward; longer prompts loop */
 
@@ -34,12 +37,14 @@ struct sj_infer {
     int64_t state_bytes;
 };
 
-/* f16 -> f32 by table (256 KB, filled once before any f16 cache exists): one
- * load per element, as cheap as reading an f32 cache. */
-static float f16_lut[65536];
-static void f16_lut_init(void) {
-    if (f16_lut[0x3C00] == 1.0f) return;
-    for (int i = 0; i < 65536; i++) f16_lut[i] = sj_f16_to_f32((uint16_t)i);
+/* f32 -> f16 rounded to nearest even, as ggml's f16 cache (F16C does the same). */
+static void to_f16(uint16_t *out, const float *x, int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) out[i] = sj_f32_to_f16(x[i]);
 }
 
 static const sj_qmat *out_head(const sj_infer *h) { return h->output.mem ? &h->output : &h->tok_emb; }
@@ -328,7 +333,6 @@ sj_status sj_infer_set_kv_f16(sj_infer *h, int f16) {
     f16 = !!f16;
     if (f16 == h->kv_f16) return SJ_OK;
     if (h->pos) return sj_fail(SJ_ERR_ARG, "KV cache type: set it before any tokens (%d are cached; reset first)", h->pos);
-    if (f16) f16_lut_init();
     void *old = h->state_mem;
     const int was = h->kv_f16;
     h->kv_f16 = f16;
@@ -403,8 +407,8 @@ static void rope(const sj_infer *h, float *x, int n_heads, int pos) {
 
 typedef struct { sj_infer *h; int layer, n, pos0, sub; } attn_job;
 
-void sj_attn_group(float *out, const float *q, const float *kc, const float *vc, int T, int G, int hd,
-                   int ld, float scale, float *sc);   /* attn.c */
+void sj_attn_group(float *out, const float *q, const void *kc, const void *vc, int kv_f16, int T, int G,
+                   int hd, int ld, float scale, float *sc);   /* attn.c */
 
 /* One task = one token's `sub` query heads of one KV head, attending to cache
  * positions 0 .. pos0 + t (sj_attn_group reads each K/V row once for them). */
@@ -414,42 +418,15 @@ static void attn_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
     sj_infer *h = j->h;
     const int H = h->c.n_heads, hd = h->hd, KVd = h->kv_dim, grp = H / h->c.n_kv_heads, per = H / j->sub;
     const float scale = 1.0f / sqrtf((float)hd);
-    if (h->kv_f16) {   /* f16 cache: one query head per task (sub is 1), elements through a table */
-        const int64_t lo = (int64_t)j->layer * h->max_ctx * KVd;
-        const uint16_t *kc = (const uint16_t *)h->kcache + lo, *vc = (const uint16_t *)h->vcache + lo;
-        float sc[j->pos0 + j->n];
-        for (int64_t i = i0; i < i1; i++) {
-            int t = (int)(i / H), hh = (int)(i % H), T = j->pos0 + t + 1;
-            const float *q = h->q + (int64_t)t * H * hd + hh * hd;
-            const uint16_t *k0 = kc + (hh / grp) * hd, *v0 = vc + (hh / grp) * hd;
-            float m = -INFINITY;
-            for (int s = 0; s < T; s++) {
-                const uint16_t *k = k0 + (int64_t)s * KVd;
-                float d = 0.f;
-                for (int e = 0; e < hd; e++) d += q[e] * f16_lut[k[e]];
-                sc[s] = d * scale;
-                m = sc[s] > m ? sc[s] : m;
-            }
-            float sum = 0.f;
-            for (int s = 0; s < T; s++) { sc[s] = expf(sc[s] - m); sum += sc[s]; }
-            float *o = h->att + (int64_t)t * H * hd + hh * hd, inv = 1.0f / sum;
-            memset(o, 0, sizeof(float) * hd);
-            for (int s = 0; s < T; s++) {
-                const uint16_t *v = v0 + (int64_t)s * KVd;
-                const float p = sc[s] * inv;
-                for (int e = 0; e < hd; e++) o[e] += p * f16_lut[v[e]];
-            }
-        }
-        return;
-    }
-    const float *kc = h->kcache + (int64_t)j->layer * h->max_ctx * KVd;
-    const float *vc = h->vcache + (int64_t)j->layer * h->max_ctx * KVd;
+    const int es = h->kv_f16 ? 2 : 4;   /* bytes per cache element */
+    const char *kc = (const char *)h->kcache + (int64_t)j->layer * h->max_ctx * KVd * es;
+    const char *vc = (const char *)h->vcache + (int64_t)j->layer * h->max_ctx * KVd * es;
     float sc[j->sub * (j->pos0 + j->n)];
     for (int64_t i = i0; i < i1; i++) {
         int t = (int)(i / per), h0 = (int)(i % per) * j->sub;
         int64_t at = (int64_t)t * H * hd + h0 * hd;
-        sj_attn_group(h->att + at, h->q + at, kc + (h0 / grp) * hd, vc + (h0 / grp) * hd,
-                      j->pos0 + t + 1, j->sub, hd, KVd, scale, sc);
+        sj_attn_group(h->att + at, h->q + at, kc + (int64_t)(h0 / grp) * hd * es, vc + (int64_t)(h0 / grp) * hd * es,
+                      h->kv_f16, j->pos0 + t + 1, j->sub, hd, KVd, scale, sc);
     }
 }
 
@@ -484,7 +461,8 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
         }
         if (h->kv_f16) {   /* rounded to nearest even, as ggml's f16 cache */
             uint16_t *kc = (uint16_t *)h->kcache + at, *vc = (uint16_t *)h->vcache + at;
-            for (int64_t i = 0; i < (int64_t)n * KVd; i++) { kc[i] = sj_f32_to_f16(h->k[i]); vc[i] = sj_f32_to_f16(h->v[i]); }
+            to_f16(kc, h->k, (int64_t)n * KVd);
+            to_f16(vc, h->v, (int64_t)n * KVd);
         } else {
             memcpy(h->kcache + at, h->k, sizeof(float) * n * KVd);
             memcpy(h->vcache + at, h->v, sizeof(float) * n * KVd);
@@ -492,7 +470,7 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
         /* whole GQA groups per task (f32 cache), unless that leaves threads idle
          * (decode on several threads) or its scores would not fit the stack */
         const int grp = H / KV, P = sj_parallel_threads();
-        const int sub = !h->kv_f16 && (P == 1 || n * KV >= 4 * P) && grp * (h->pos + n) <= (1 << 16) ? grp : 1;
+        const int sub = (P == 1 || n * KV >= 4 * P) && grp * (h->pos + n) <= (1 << 16) ? grp : 1;
         attn_job aj = { h, l, n, h->pos, sub };
         const int64_t tasks = (int64_t)n * (H / sub);
         if (tasks < 4) attn_rows(&aj, 0, tasks, 0);

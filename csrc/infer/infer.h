@@ -12,7 +12,7 @@ typedef enum { SJ_W_F32 = 0, SJ_W_BF16, SJ_W_Q8, SJ_W_Q4 } sj_wtype;
 
 /* A (rows, cols) weight matrix, y = W x. One allocation holds everything.
  *   F32:  f (rows, cols)            BF16: bf (rows, cols) bit patterns
- *   Q8:   q8 (rows, cols) int8, d (rows, cols/32) scales: w = d * q
+ *   Q8:   q8: groups of SJ_Q8_RG rows interleaved, see below: w = d * q
  *   Q4:   q4 (rows, cols/2) nibbles, d and m (rows, cols/32): w = d * n + m
  *   d and m are fp16 bit patterns, as in GGUF: decode streams every weight
  *   byte per token, and fp32 scales were 5% (Q8) / 13% (Q4) more bytes.
@@ -21,6 +21,15 @@ typedef enum { SJ_W_F32 = 0, SJ_W_BF16, SJ_W_Q8, SJ_W_Q4 } sj_wtype;
  *         low nibble and element k of block 2b+1 in its high nibble, so one
  *         load unpacks to 64 consecutive elements. A last unpaired block
  *         uses GGML's order (byte k: elements k and k+16).
+ *   Q8 layout (as llama.cpp's repacked block_q8_0x4): rows in groups of 4
+ *   (the last group padded with zero rows), a group is 136 * nb bytes; in it,
+ *   per pair of blocks (2p, 2p+1), 272 bytes: the 4 rows' 8 fp16 scales
+ *   (row i: 2i, 2i+1), then row i's 64 weights at 16 + 64 i; a last
+ *   unpaired block: 4 scales, then row i's 32 weights at 8 + 32 i. Weights
+ *   are stored + 128 (as unsigned bytes: what vpdpbusd multiplies). Why: the
+ *   decode GEMV reads one contiguous stream per matrix with each scale next
+ *   to its weights (the row-major layout with a separate scale array ran at
+ *   8-9 GB/s, a third below Q4's stream); prefill's 4-row tiles are groups.
  * GGUF export is lossless. */
 typedef struct {
     int type, rows, cols;
@@ -29,6 +38,22 @@ typedef struct {
     void *mem; int64_t bytes;
     int pooled;              /* mem is inside an sj_qpool: not freed with the matrix */
 } sj_qmat;
+
+#define SJ_Q8_RG 4   /* rows per interleaved Q8 group */
+
+/* Block b of row r of a Q8 matrix: its 32 weights (+ 128) and, in *d, its scale. */
+static inline uint8_t *sj_q8_block(const sj_qmat *W, int r, int b, uint16_t **d) {
+    const int nb = W->cols / QK, np = nb / 2, i = r % SJ_Q8_RG;
+    uint8_t *g = (uint8_t *)W->q8 + (int64_t)(r / SJ_Q8_RG) * (SJ_Q8_RG * 34) * nb;
+    if (b < 2 * np) {
+        uint8_t *c = g + (int64_t)(b >> 1) * (SJ_Q8_RG * 68);
+        *d = (uint16_t *)c + 2 * i + (b & 1);
+        return c + SJ_Q8_RG * 4 + 64 * i + 32 * (b & 1);
+    }
+    uint8_t *c = g + (int64_t)np * (SJ_Q8_RG * 68);
+    *d = (uint16_t *)c + i;
+    return c + SJ_Q8_RG * 2 + 32 * i;
+}
 
 /* One allocation (on transparent huge pages) for many matrices, handed out
  * in the order they are allocated: decode reads the layer matrices in that

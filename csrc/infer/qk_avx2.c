@@ -23,7 +23,11 @@
 
 /* 32 weights of block b as bytes: Q8 signed, Q4 nibbles 0..15. */
 T256 INL __m256i wblock(const sj_qmat *W, int r, int b, const int q4) {
-    if (!q4) return _mm256_loadu_si256((const __m256i *)(W->q8 + (int64_t)r * W->cols + 32 * b));
+    if (!q4) {   /* stored + 128 (infer.h): back to signed */
+        uint16_t *d;
+        const uint8_t *w = sj_q8_block(W, r, b, &d);
+        return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w), _mm256_set1_epi8((char)0x80));
+    }
     const int nb = W->cols / QK;
     const uint8_t *w = W->q4 + (int64_t)r * W->cols / 2 + 32 * (b >> 1);
     if (b >= (nb & ~1)) {   /* unpaired last block: GGML order */
@@ -61,7 +65,9 @@ T256 INL void tile(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *
             for (int i = 0; i < RT; i++) {
                 __m256i sx = q4 ? xv : _mm256_sign_epi8(xv, wv[i]);
                 __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[i], sx), ones);
-                __m256 sc = _mm256_set1_ps(_cvtsh_ss(W->d[(int64_t)(r + i) * nb + b]) * dx);
+                uint16_t *d = W->d + (int64_t)(r + i) * nb + b;
+                if (!q4) sj_q8_block(W, r + i, b, &d);
+                __m256 sc = _mm256_set1_ps(_cvtsh_ss(*d) * dx);
                 acc[i * TT + j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), sc, acc[i * TT + j]);
             }
         }
@@ -142,10 +148,41 @@ T256 INL void gemv_tile(float *out, const sj_qmat *W, int r, const sj_qact *X, i
     }
 }
 
+/* Decode, Q8: one group of 4 rows (infer.h's layout) x one token, written
+ * for the rows in [r0, r1): one contiguous stream. d_w d_x of a pair of
+ * blocks for the 4 rows is one convert and one multiply, then one permute
+ * per block and row. */
+T256 static void gemv_q8_group(float *out, const sj_qmat *W, int g, int r0, int r1, const sj_qact *X, int t) {
+    const int C = W->cols, nb = C / QK, np = nb / 2;
+    const uint8_t *c = (const uint8_t *)W->q8 + (int64_t)g * (SJ_Q8_RG * 34) * nb;
+    const int8_t *xq = X->q + (int64_t)t * C;
+    const float *dx = X->d + (int64_t)t * nb;
+    const __m256i ones = _mm256_set1_epi16(1), bias = _mm256_set1_epi8((char)0x80);
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+    for (int b = 0; b < nb; b++) {
+        const int h = b & 1, paired = b < 2 * np;
+        const uint8_t *cp = paired ? c + (int64_t)(b >> 1) * (SJ_Q8_RG * 68) : c + (int64_t)np * (SJ_Q8_RG * 68);
+        uint16_t d4[8];   /* the 4 rows' scales of block b */
+        for (int i = 0; i < 4; i++) memcpy(&d4[i], cp + (paired ? 4 * i + 2 * h : 2 * i), 2);
+        const __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadl_epi64((const __m128i *)d4)), _mm256_set1_ps(dx[b]));
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
+        for (int i = 0; i < 4; i++) {
+            const uint8_t *w = paired ? cp + 16 + 64 * i + 32 * h : cp + 8 + 32 * i;
+            const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w), bias);
+            const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_permutevar8x32_ps(s, _mm256_set1_epi32(i)), acc[i]);
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        const int r = g * SJ_Q8_RG + i;
+        if (r >= r0 && r < r1) out[r] = hsum(acc[i]);
+    }
+}
+
 T256 INL void rows(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *X, int t0, int t1,
                    const int RT, const int q4) {
     int t = t0;
-    if (t1 - t0 == 1) { gemv_tile(out + (int64_t)t * ldo, W, r, X, t, RT, q4); return; }
+    if (t1 - t0 == 1 && q4) { gemv_tile(out + (int64_t)t * ldo, W, r, X, t, RT, q4); return; }
     for (; t + 4 <= t1; t += 4) tile(out, ldo, W, r, X, t, RT, 4, q4);
     switch (t1 - t) {
     case 3: tile(out, ldo, W, r, X, t, RT, 3, q4); break;
@@ -158,12 +195,16 @@ T256 INL void rows(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *
 T256 INL void kernel(float *out, int ldo, const sj_qmat *W, int r0, int r1, const sj_qact *X, int t0, int t1,
                      const int q4) {
     int r = r0;
-    if (t1 - t0 == 1) for (; r + 4 <= r1; r += 4) rows(out, ldo, W, r, X, t0, t1, 4, q4);   /* gemv_tile */
+    if (t1 - t0 == 1 && q4) for (; r + 4 <= r1; r += 4) rows(out, ldo, W, r, X, t0, t1, 4, q4);   /* gemv_tile (Q8 decode: gemv_q8_group) */
     for (; r + 2 <= r1; r += 2) rows(out, ldo, W, r, X, t0, t1, 2, q4);
     for (; r < r1; r++) rows(out, ldo, W, r, X, t0, t1, 1, q4);
 }
 
 T256 static void kernel_q8(float *out, int ldo, const sj_qmat *W, int r0, int r1, const sj_qact *X, int t0, int t1) {
+    if (t1 - t0 == 1) {   /* whole groups; a group split between two callers is computed by both */
+        for (int g = r0 / SJ_Q8_RG; g * SJ_Q8_RG < r1; g++) gemv_q8_group(out + (int64_t)t0 * ldo, W, g, r0, r1, X, t0);
+        return;
+    }
     kernel(out, ldo, W, r0, r1, X, t0, t1, 0);
 }
 T256 static void kernel_q4(float *out, int ldo, const sj_qmat *W, int r0, int r1, const sj_qact *X, int t0, int t1) {

@@ -172,7 +172,7 @@ int64_t sj_qmat_bytes(int type, int rows, int cols) {
     switch (type) {
     case SJ_W_F32: bytes = n * 4; break;
     case SJ_W_BF16: bytes = n * 2; break;
-    case SJ_W_Q8: bytes = n + nb * 2 + 64; break;
+    case SJ_W_Q8: bytes = (int64_t)SJ_CDIV(rows, SJ_Q8_RG) * SJ_Q8_RG * (cols / QK) * 34 + 64; break;
     default: bytes = n / 2 + nb * 4 + 64; break;
     }
     return SJ_CDIV(bytes, 64) * 64;
@@ -210,7 +210,11 @@ sj_status sj_qmat_alloc_pool(sj_qmat *W, sj_qpool *pool, int type, int rows, int
     switch (type) {
     case SJ_W_F32: W->f = (float *)p; break;
     case SJ_W_BF16: W->bf = (uint16_t *)p; break;
-    case SJ_W_Q8: W->d = (uint16_t *)p; W->q8 = (int8_t *)(p + SJ_CDIV(nb * 2, 64) * 64); break;
+    case SJ_W_Q8:   /* the padding rows of the last group: zero scales, never NaN */
+        W->q8 = (int8_t *)p;
+        memset(p + (int64_t)(rows / SJ_Q8_RG) * SJ_Q8_RG * 34 * (cols / QK), 0,
+               (size_t)(bytes - (int64_t)(rows / SJ_Q8_RG) * SJ_Q8_RG * 34 * (cols / QK)));
+        break;
     default:
         W->d = (uint16_t *)p; W->m = W->d + nb;
         W->q4 = p + SJ_CDIV(nb * 4, 64) * 64;
@@ -224,6 +228,14 @@ void sj_qmat_free(sj_qmat *W) { if (!W->pooled) sj_free(W->mem); memset(W, 0, si
 static inline void q4_where(int nb, int b, int e, int *byte, int *shift) {
     if (b < (nb & ~1)) { *byte = (b >> 1) * 32 + e; *shift = (b & 1) * 4; }
     else { *byte = (b >> 1) * 32 + (e & 15); *shift = (e >> 4) * 4; }
+}
+
+/* Block b of row r of a Q8 matrix from its fp16 scale and signed weights. */
+static void q8_put(sj_qmat *W, int r, int b, uint16_t d16, const int8_t *q) {
+    uint16_t *d;
+    uint8_t *w = sj_q8_block(W, r, b, &d);
+    *d = d16;
+    for (int e = 0; e < QK; e++) w[e] = (uint8_t)q[e] ^ 0x80;
 }
 
 static void q4_put_block(sj_qmat *W, int r, int b, const uint8_t nib[QK], float d, float m) {
@@ -246,8 +258,9 @@ void sj_qmat_set_row(sj_qmat *W, int r, const float *x) {
     case SJ_W_Q8:
         for (int b = 0; b < nb; b++) {
             float d;
-            q8_0_block(x + b * QK, &d, W->q8 + (int64_t)r * C + b * QK);
-            W->d[(int64_t)r * nb + b] = sj_f32_to_f16(d);
+            int8_t q[QK];
+            q8_0_block(x + b * QK, &d, q);
+            q8_put(W, r, b, sj_f32_to_f16(d), q);
         }
         break;
     default:
@@ -265,10 +278,7 @@ void sj_qmat_set_row_gguf(sj_qmat *W, int r, int type, const void *src) {
     const int C = W->cols, nb = C / QK;
     const uint8_t *p = src;
     if (W->type == SJ_W_Q8 && type == SJ_GGUF_Q8_0) {
-        for (int b = 0; b < nb; b++) {
-            W->d[(int64_t)r * nb + b] = ld16(p + b * 34);
-            memcpy(W->q8 + (int64_t)r * C + b * QK, p + b * 34 + 2, QK);
-        }
+        for (int b = 0; b < nb; b++) q8_put(W, r, b, ld16(p + b * 34), (const int8_t *)p + b * 34 + 2);
         return;
     }
     if (W->type == SJ_W_Q4 && (type == SJ_GGUF_Q4_0 || type == SJ_GGUF_Q4_1)) {
@@ -294,7 +304,11 @@ void sj_qmat_get_row(const sj_qmat *W, int r, float *out) {
     case SJ_W_F32: memcpy(out, W->f + (int64_t)r * C, sizeof(float) * C); break;
     case SJ_W_BF16: for (int c = 0; c < C; c++) out[c] = sj_bf16_to_f32(W->bf[(int64_t)r * C + c]); break;
     case SJ_W_Q8:
-        for (int c = 0; c < C; c++) out[c] = sj_f16_to_f32(W->d[(int64_t)r * nb + c / QK]) * (float)W->q8[(int64_t)r * C + c];
+        for (int b = 0; b < nb; b++) {
+            uint16_t *d;
+            const uint8_t *q = sj_q8_block(W, r, b, &d);
+            for (int e = 0; e < QK; e++) out[b * QK + e] = sj_f16_to_f32(*d) * (float)((int)q[e] - 128);
+        }
         break;
     default: {
         const uint8_t *row = W->q4 + (int64_t)r * C / 2;
@@ -315,8 +329,10 @@ void sj_qmat_row_to_gguf(const sj_qmat *W, int r, int type, void *dst) {
     uint8_t *o = dst;
     if (W->type == SJ_W_Q8 && type == SJ_GGUF_Q8_0) {
         for (int b = 0; b < nb; b++) {
-            st16(o + b * 34, W->d[(int64_t)r * nb + b]);
-            memcpy(o + b * 34 + 2, W->q8 + (int64_t)r * C + b * QK, QK);
+            uint16_t *d;
+            const uint8_t *q = sj_q8_block(W, r, b, &d);
+            st16(o + b * 34, *d);
+            for (int e = 0; e < QK; e++) o[b * 34 + 2 + e] = q[e] ^ 0x80;
         }
         return;
     }
@@ -423,19 +439,19 @@ static float ref_dot(const sj_qmat *W, int r, const float *x, const sj_qact *xa,
     }
     const int8_t *xq = xa->q + (int64_t)t * C;
     const float *dx = xa->d + (int64_t)t * nb, *sx = xa->s + (int64_t)t * nb;
-    const uint16_t *dw = W->d + (int64_t)r * nb;
     float acc = 0.f;
     if (W->type == SJ_W_Q8) {
-        const int8_t *w = W->q8 + (int64_t)r * C;
         for (int b = 0; b < nb; b++) {
+            uint16_t *d;
+            const uint8_t *w = sj_q8_block(W, r, b, &d);
             int32_t s = 0;
-            for (int e = 0; e < QK; e++) s += (int32_t)w[b * QK + e] * xq[b * QK + e];
-            acc += sj_f16_to_f32(dw[b]) * dx[b] * (float)s;
+            for (int e = 0; e < QK; e++) s += ((int32_t)w[e] - 128) * xq[b * QK + e];   /* not (int8_t)(w ^ 0x80): GCC 12.2 -O3 miscompiled that sum (measured) */
+            acc += sj_f16_to_f32(*d) * dx[b] * (float)s;
         }
         return acc;
     }
     const uint8_t *row = W->q4 + (int64_t)r * C / 2;
-    const uint16_t *mw = W->m + (int64_t)r * nb;
+    const uint16_t *dw = W->d + (int64_t)r * nb, *mw = W->m + (int64_t)r * nb;
     for (int b = 0; b < nb; b++) {
         int32_t s = 0;
         for (int e = 0; e < QK; e++) {
@@ -620,7 +636,9 @@ static sj_status check_isa(uint64_t seed, double *max_err) {
 }
 
 sj_status sj_infer_kernel_check(uint64_t seed, const char *which, double *max_err);
-/* which: an ISA name, or NULL for every ISA this CPU runs (the worst error). */
+sj_status sj_attn_check(uint64_t seed, double *max_err);   /* attn.c */
+/* which: an ISA name, or NULL for every ISA this CPU runs (the worst error).
+ * The attention kernels (ISA fixed at compile time) are checked every call. */
 sj_status sj_infer_kernel_check(uint64_t seed, const char *which, double *max_err) {
     const int active = isa();
     *max_err = 0;
@@ -638,5 +656,8 @@ sj_status sj_infer_kernel_check(uint64_t seed, const char *which, double *max_er
     if (s == SJ_OK && which && !found && strcmp(which, "scalar"))
         return sj_fail(SJ_ERR_ARG, "kernel check: ISA '%s' is not available on this CPU (best: %s)",
                        which, isa_names[isa_best]);
+    double ea = 0;
+    if (s == SJ_OK) s = sj_attn_check(seed, &ea);
+    if (ea > *max_err) *max_err = ea;
     return s;
 }
