@@ -405,10 +405,14 @@ static void rope(const sj_infer *h, float *x, int n_heads, int pos) {
     }
 }
 
-typedef struct { sj_infer *h; int layer, n, pos0, sub; } attn_job;
+typedef struct { sj_infer *h; int layer, n, pos0, sub, tiles; } attn_job;
 
 void sj_attn_group(float *out, const float *q, const void *kc, const void *vc, int kv_f16, int T, int G,
                    int hd, int ld, float scale, float *sc);   /* attn.c */
+void sj_attn_tile(float *out, const float *q, int ldq, const void *kc, const void *vc, int kv_f16, int T0, int nt,
+                  int hd, int ld, float scale, float *sc);
+int sj_attn_tile_fast(int hd);
+#define ATTN_TQ 4   /* query tokens per prefill tile (attn.c's TQ) */
 
 /* One task = one token's `sub` query heads of one KV head, attending to cache
  * positions 0 .. pos0 + t (sj_attn_group reads each K/V row once for them). */
@@ -421,7 +425,16 @@ static void attn_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
     const int es = h->kv_f16 ? 2 : 4;   /* bytes per cache element */
     const char *kc = (const char *)h->kcache + (int64_t)j->layer * h->max_ctx * KVd * es;
     const char *vc = (const char *)h->vcache + (int64_t)j->layer * h->max_ctx * KVd * es;
-    float sc[j->sub * (j->pos0 + j->n)];
+    float sc[(j->tiles ? ATTN_TQ : j->sub) * (j->pos0 + j->n)];
+    if (j->tiles) {   /* task = ATTN_TQ consecutive tokens of one query head */
+        for (int64_t i = i0; i < i1; i++) {
+            int t0 = (int)(i / H) * ATTN_TQ, hh = (int)(i % H), nt = SJ_MIN(ATTN_TQ, j->n - t0);
+            int64_t at = (int64_t)t0 * H * hd + hh * hd;
+            sj_attn_tile(h->att + at, h->q + at, H * hd, kc + (int64_t)(hh / grp) * hd * es,
+                         vc + (int64_t)(hh / grp) * hd * es, h->kv_f16, j->pos0 + t0 + 1, nt, hd, KVd, scale, sc);
+        }
+        return;
+    }
     for (int64_t i = i0; i < i1; i++) {
         int t = (int)(i / per), h0 = (int)(i % per) * j->sub;
         int64_t at = (int64_t)t * H * hd + h0 * hd;
@@ -492,8 +505,10 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
          * (decode on several threads) or its scores would not fit the stack */
         const int grp = H / KV, P = sj_parallel_threads();
         const int sub = (P == 1 || n * KV >= 4 * P) && grp * (h->pos + n) <= (1 << 16) ? grp : 1;
-        attn_job aj = { h, l, n, h->pos, sub };
-        const int64_t tasks = (int64_t)n * (H / sub);
+        /* prefill: tiles of tokens per head where the tile kernel is the fast one */
+        const int tiles = n >= ATTN_TQ && sj_attn_tile_fast(h->hd) && ATTN_TQ * (h->pos + n) <= (1 << 16);
+        attn_job aj = { h, l, n, h->pos, sub, tiles };
+        const int64_t tasks = tiles ? SJ_CDIV(n, ATTN_TQ) * H : (int64_t)n * (H / sub);
         if (tasks < 4) attn_rows(&aj, 0, tasks, 0);
         else sj_parallel_for(tasks, 1, attn_rows, &aj);
         matmul(h, h->xb, &w->wo, h->att, n, 1);
