@@ -1,6 +1,6 @@
 """A few GPU decode steps on small GQA models, both modes and both step
 paths (persistent kernel, one kernel per phase), for compute-sanitizer:
-benchmarks/decode_check.sh runs it under memcheck."""
+benchmarks/gpu_check.sh (stage sanitize) runs it under memcheck."""
 import os
 import sys
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # gpu_check.sh — build in place, run the GPU tests, compute-sanitizer
-# memcheck and racecheck on a small train step, the benchmark against
-# PyTorch; print a short table last. Logs under $OUT (or ./gpu_check_logs).
+# memcheck and racecheck on a small train step (memcheck on decode steps),
+# the benchmarks against PyTorch; print a short table last. Logs under $OUT
+# (or ./gpu_check_logs).
 #
-#   benchmarks/gpu_check.sh            # everything (about 10-15 minutes)
-#   benchmarks/gpu_check.sh build test # chosen stages: build test slow sanitize bench bench-quick
+#   benchmarks/gpu_check.sh              # everything (about 10-15 minutes)
+#   benchmarks/gpu_check.sh build decode # chosen stages: build test slow sanitize bench bench-quick decode
 set -u
 cd "$(dirname "$0")/.."
 LOG="${OUT:-$PWD/gpu_check_logs}"
 mkdir -p "$LOG"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-STAGES="${*:-build test slow sanitize bench}"
+STAGES="${*:-build test slow sanitize bench decode}"
 declare -A RESULT
 JOBS=$(nproc 2>/dev/null || echo 4)
 
@@ -40,17 +41,22 @@ for stage in $STAGES; do
             run memcheck_$dt "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/train_step_once.py $dt
         done
         run racecheck "$CS" --tool racecheck --error-exitcode 1 python3 benchmarks/train_step_once.py bf16
+        run memcheck_decode "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/decode_once.py
         run synccheck "$CS" --tool synccheck --error-exitcode 1 python3 benchmarks/train_step_once.py bf16 ;;
     bench)
         run bench python3 benchmarks/vs_torch.py ;;
     bench-quick)
         run bench python3 benchmarks/vs_torch.py --quick ;;
+    decode)   # the GPU inference engine: its tests, then batch-1 decode against PyTorch
+        run test_decode python3 -m pytest -q -rs tests/test_cuda_decode.py
+        run bench_decode python3 benchmarks/bench_decode_gpu.py --out "$LOG" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
     esac
 done
 
 echo
 if [ -f "$LOG/bench.log" ]; then sed -n '/^# smedjan vs PyTorch/,$p' "$LOG/bench.log"; fi
+if [ -f "$LOG/bench_decode.log" ]; then sed -n '/^# GPU decode/,$p' "$LOG/bench_decode.log"; fi
 if [ -f "$LOG/test.log" ]; then echo "tests: $(tail -n 1 "$LOG/test.log")"; fi
 echo "| stage | result |"
 echo "|---|---|"

@@ -13,8 +13,8 @@ import smedjan
 CFG = smedjan.Config.custom(64, 3, 4, 2, vocab_size=300, max_seq_len=64)
 
 
-def model(device="cpu", seed=3, **levers):
-    m = smedjan.Model(CFG, seed=seed, device=device)
+def model(device="cpu", seed=3, cfg=CFG, **levers):
+    m = smedjan.Model(cfg, seed=seed, device=device)
     r = np.random.default_rng(seed)
     for v in m.params.values():       # norm gains away from 1.0: their grads must be right
         if v.ndim == 1:

@@ -72,6 +72,18 @@ void sj_infer_free(sj_infer *h) {
 
 /* Run state and KV cache: one allocation, sized by the config, max_ctx and
  * the cache's element type. */
+void sj_infer_rope_tables(const sj_config *c, int n_pos, float *cos_out, float *sin_out) {
+    const int hd = c->dim / c->n_heads, half = hd / 2;
+    /* angles in float, as csrc/cpu/rope.c and Hugging Face's fp32 path */
+    for (int t = 0; t < n_pos; t++)
+        for (int i = 0; i < half; i++) {
+            float inv = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)hd);
+            float a = (float)t * inv;
+            cos_out[(int64_t)t * half + i] = cosf(a);
+            sin_out[(int64_t)t * half + i] = sinf(a);
+        }
+}
+
 static sj_status alloc_state(sj_infer *h) {
     const sj_config *c = &h->c;
     const int C = c->dim, F = c->ffn_dim, V = c->vocab_size, KVd = h->kv_dim, max_ctx = h->max_ctx;
@@ -91,14 +103,7 @@ static sj_status alloc_state(sj_infer *h) {
     TAKE(h->kcache, kvn); TAKE(h->vcache, kvn);
 #undef TAKE
     sj_qact_bind(&h->qa, f, (int)R, (int)W);   /* the rest: activation scratch (quant.c's layout) */
-    /* angles in float, as csrc/cpu/rope.c and Hugging Face's fp32 path */
-    for (int t = 0; t < max_ctx; t++)
-        for (int i = 0; i < half; i++) {
-            float inv = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)h->hd);
-            float a = (float)t * inv;
-            h->rope_cos[(int64_t)t * half + i] = cosf(a);
-            h->rope_sin[(int64_t)t * half + i] = sinf(a);
-        }
+    sj_infer_rope_tables(c, max_ctx, h->rope_cos, h->rope_sin);
     return SJ_OK;
 }
 

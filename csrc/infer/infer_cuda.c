@@ -89,15 +89,9 @@ static sj_status to_gpu(const sj_infer *h, int max_ctx, sj_cuinfer **out) {
         }
     in.wq = ptrs; in.wk = ptrs + L; in.wv = ptrs + 2 * L; in.wo = ptrs + 3 * L;
     in.w_gate = ptrs + 4 * L; in.w_up = ptrs + 5 * L; in.w_down = ptrs + 6 * L;
-    /* the CPU engine's angles, bit for bit (csrc/infer/infer.c) */
+    /* the CPU engine's angles, bit for bit */
     float *cs = rope, *sn = rope + (size_t)max_ctx * half;
-    for (int t = 0; t < max_ctx; t++)
-        for (int i = 0; i < half; i++) {
-            float inv = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)hd);
-            float a = (float)t * inv;
-            cs[(int64_t)t * half + i] = cosf(a);
-            sn[(int64_t)t * half + i] = sinf(a);
-        }
+    sj_infer_rope_tables(c, max_ctx, cs, sn);
     in.rope_cos = cs; in.rope_sin = sn;
     sj_status s = sj_cuinfer_create(&in, out);
     free(ptrs);

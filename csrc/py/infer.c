@@ -145,10 +145,9 @@ static PyObject *infer_prefill(PyObject *self, PyObject *args) {
     int n = (int)(tv.len / 4);
     float *all = NULL;
     if (out != Py_None) {
-        if (PyObject_GetBuffer(out, &ov, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) { PyBuffer_Release(&tv); return NULL; }
-        if (!ov.format || strcmp(ov.format, "f") || ov.len != (Py_ssize_t)4 * n * sj_infer_config(h)->vocab_size) {
-            PyBuffer_Release(&tv); PyBuffer_Release(&ov);
-            PyErr_SetString(PyExc_ValueError, "out must be a writable float32 array of (n, vocab_size)");
+        if (sj_py_out4(out, &ov, "f", (Py_ssize_t)n * sj_infer_config(h)->vocab_size,
+                       "out must be a writable float32 array of (n, vocab_size)") < 0) {
+            PyBuffer_Release(&tv);
             return NULL;
         }
         all = ov.buf;
@@ -176,13 +175,9 @@ static PyObject *infer_logits(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O", &out)) return NULL;
     sj_infer *h = ((InferObject *)self)->h;
     Py_buffer ov;
-    if (PyObject_GetBuffer(out, &ov, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) return NULL;
     int V = sj_infer_config(h)->vocab_size;
-    if (!ov.format || strcmp(ov.format, "f") || ov.len != (Py_ssize_t)4 * V) {
-        PyBuffer_Release(&ov);
-        PyErr_SetString(PyExc_ValueError, "out must be a writable float32 array of vocab_size values");
+    if (sj_py_out4(out, &ov, "f", V, "out must be a writable float32 array of vocab_size values") < 0)
         return NULL;
-    }
     const float *l = sj_infer_last_logits(h);
     memcpy(ov.buf, l, (size_t)V * 4);
     PyBuffer_Release(&ov);

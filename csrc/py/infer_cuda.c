@@ -57,19 +57,6 @@ static PyObject *py_from_model(PyObject *self, PyObject *args) {
     return wrap(g);
 }
 
-/* A writable C-contiguous buffer of exactly `count` items of format fmt. */
-static int out_buffer(PyObject *o, Py_buffer *v, const char *fmt, Py_ssize_t count, const char *what) {
-    if (PyObject_GetBuffer(o, v, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) return -1;
-    const char *f = v->format ? v->format : "B";
-    if (*f == '<' || *f == '=' || *f == '@') f++;
-    if (strcmp(f, fmt) || v->len != count * 4) {
-        PyBuffer_Release(v);
-        PyErr_Format(PyExc_ValueError, "%s", what);
-        return -1;
-    }
-    return 0;
-}
-
 /* prefill(tokens int32 (n,), out=None (n, vocab) float32) */
 static PyObject *cuinfer_prefill(PyObject *self, PyObject *args) {
     PyObject *to, *out = Py_None;
@@ -81,7 +68,7 @@ static PyObject *cuinfer_prefill(PyObject *self, PyObject *args) {
     int n = (int)(tv.len / 4);
     float *all = NULL;
     if (out != Py_None) {
-        if (out_buffer(out, &ov, "f", (Py_ssize_t)n * sj_cuinfer_config(G(self))->vocab_size,
+        if (sj_py_out4(out, &ov, "f", (Py_ssize_t)n * sj_cuinfer_config(G(self))->vocab_size,
                        "out must be a writable float32 array of (n, vocab_size)") < 0) {
             PyBuffer_Release(&tv);
             return NULL;
@@ -140,7 +127,7 @@ static PyObject *cuinfer_logits(PyObject *self, PyObject *args) {
     PyObject *out;
     if (!PyArg_ParseTuple(args, "O", &out)) return NULL;
     Py_buffer ov;
-    if (out_buffer(out, &ov, "f", sj_cuinfer_config(G(self))->vocab_size,
+    if (sj_py_out4(out, &ov, "f", sj_cuinfer_config(G(self))->vocab_size,
                    "out must be a writable float32 array of vocab_size values") < 0) return NULL;
     sj_status st;
     SJ_PY_CALL(st, sj_cuinfer_logits(G(self), ov.buf));

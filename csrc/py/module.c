@@ -32,6 +32,18 @@ void sj_py_sig_leave(sj_py_sigguard *g) {
     if (g->armed) signal(SIGINT, g->old);
 }
 
+int sj_py_out4(PyObject *o, Py_buffer *v, const char *fmt, Py_ssize_t count, const char *what) {
+    if (PyObject_GetBuffer(o, v, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) return -1;
+    const char *f = v->format ? v->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    if (strcmp(f, fmt) || v->len != count * 4) {
+        PyBuffer_Release(v);
+        PyErr_Format(PyExc_ValueError, "%s", what);
+        return -1;
+    }
+    return 0;
+}
+
 int sj_py_tokens(PyObject *obj, const char *argname, int ndim_want,
                  Py_buffer *view, sj_dtype *dtype) {
     if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {

@@ -28,6 +28,11 @@ void sj_py_sig_leave(sj_py_sigguard *g);
 int sj_py_tokens(PyObject *obj, const char *argname, int ndim_want,
                  Py_buffer *view, sj_dtype *dtype);
 
+/* A writable C-contiguous view of exactly `count` 4-byte items of struct
+ * format fmt (e.g. "f"); otherwise ValueError(what). Caller releases view. */
+int sj_py_out4(PyObject *obj, Py_buffer *view, const char *fmt, Py_ssize_t count,
+               const char *what);
+
 /* Each file of the extension adds its functions/types to the module. */
 int sj_py_add_model(PyObject *m);
 /* The engine model behind a smedjan._C.Model, or NULL with an exception set. */
