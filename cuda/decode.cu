@@ -1,13 +1,17 @@
 /* decode.cu — one decode step (batch 1) of the GPU inference engine, as
- * seven phases per step, each a grid-wide loop over independent units:
+ * phases, each a grid-wide loop over independent units:
  *
  *   per layer  A  RMSNorm (each block redoes the tiny sum of squares) + QKV
  *                 GEMV + RoPE, q to memory, k/v into the cache at pos
- *              B  attention partials: (KV head, context split) per warp
- *              C  combine the partials (each block, into shared memory) +
- *                 out-proj GEMV + residual add
- *              D  RMSNorm + gate|up GEMV + SwiGLU
- *              E  down GEMV + residual add
+ *              B  attention of head h and its share of the out-projection,
+ *                 per block (h, row range): the block's warps split the
+ *                 context and combine in shared memory, then add
+ *                 o_h . Wo[c, h's columns] into the residual
+ *                 (long contexts: B1 attention partials per (head, split),
+ *                 then B2 every block combines them + out-proj GEMV rows)
+ *              D  RMSNorm + gate|up rows u + SwiGLU, and h_u times row u of
+ *                 the transposed down projection, summed per block and
+ *                 added into the next residual row
  *   then       F  final RMSNorm + LM-head GEMV, logits out, per-block argmax
  *              G  (one block) greedy token = argmax, position + 1
  *
@@ -16,8 +20,10 @@
  * per n greedy steps), or as one kernel per phase (the fallback, captured as
  * a CUDA graph by the engine). Both call the same phase functions.
  * The step is latency-bound at these sizes: what matters is the number of
- * grid-wide dependencies (5 per layer) and the weight stream (each weight
- * byte read once per token, 16-byte loads, many rows in flight). */
+ * grid-wide dependencies (3 per layer) and the weight stream (each weight
+ * byte read once per token, 16-byte loads, many rows in flight). B and D
+ * add partial vectors from many blocks into the residual: fixed-point
+ * atomics (decode.cuh) keep that deterministic. */
 #include "decode.cuh"
 #include <cooperative_groups.h>
 #include <limits.h>
@@ -26,15 +32,21 @@ namespace cg = cooperative_groups;
 
 namespace dec {
 
-/* xs = RMSNorm(src) * w, where src is x, or (layer 0) the token's embedding
- * row, which block 0 also writes to x: the residual stream starts there. */
+/* Row r (0 or 1) of the fixed-point residual stream. */
+static __device__ __forceinline__ unsigned long long *xrow(const params &p, int r) {
+    return p.x + (int64_t)(r & 1) * p.C;
+}
+
+/* xs = RMSNorm(src) * w, where src is the residual x, or (layer 0) the
+ * token's embedding row, which block 0 also writes to x: the residual
+ * stream starts there. */
 template <class T>
-static __device__ void load_normed(float *xs, float *x, const T *emb_row, const float *w, int C,
-                                   float eps) {
+static __device__ void load_normed(float *xs, unsigned long long *x, const T *emb_row,
+                                   const float *w, int C, float eps) {
     float ss = 0.f;
     for (int i = threadIdx.x; i < C; i += blockDim.x) {
-        const float v = emb_row ? tof(emb_row[i]) : x[i];
-        if (emb_row && blockIdx.x == 0) x[i] = v;
+        const float v = emb_row ? tof(emb_row[i]) : unfix(x[i]);
+        if (emb_row && blockIdx.x == 0) x[i] = fix(v);
         xs[i] = v;
         ss += v * v;
     }
@@ -46,12 +58,16 @@ static __device__ void load_normed(float *xs, float *x, const T *emb_row, const 
 static __device__ __forceinline__ int gwarp(void) { return blockIdx.x * WARPS + (threadIdx.x >> 5); }
 static __device__ __forceinline__ int nwarps(void) { return gridDim.x * WARPS; }
 
-/* A: units are (head, i) pairs of rows i and i + hd/2, the two halves RoPE mixes. */
+/* A: units are (head, i) pairs of rows i and i + hd/2, the two halves RoPE
+ * mixes. The last block also clears the residual row this layer's FFN
+ * sums into (nothing reads it until then). */
 template <class T>
 static __device__ void phase_qkv(const params &p, int l, int tok, int pos, float *xs) {
     const int C = p.C, hd = p.hd, half = hd / 2, kvd = p.KV * hd, lane = threadIdx.x & 31;
-    load_normed<T>(xs, p.x, l == 0 ? (const T *)p.emb + (int64_t)tok * C : nullptr,
+    load_normed<T>(xs, xrow(p, l), l == 0 ? (const T *)p.emb + (int64_t)tok * C : nullptr,
                    p.norms + (int64_t)2 * l * C, C, p.eps);
+    if (blockIdx.x == gridDim.x - 1)
+        for (int i = threadIdx.x; i < C; i += blockDim.x) xrow(p, l + 1)[i] = 0;
     const T *W = (const T *)p.wqkv + (int64_t)l * (p.H + 2 * p.KV) * hd * C;
     const int units = (p.H + 2 * p.KV) * half;
     for (int u = gwarp(); u < units; u += nwarps()) {
@@ -75,7 +91,79 @@ static __device__ void phase_qkv(const params &p, int l, int tok, int pos, float
     }
 }
 
-/* B: (query head, context split) per warp; qs: WARPS * hd floats. */
+/* B runs fused (one phase) while the context is short enough that every
+ * block of a head redoing its attention costs less than a grid barrier. */
+static __device__ __forceinline__ bool attn_fused(const params &p, int pos) { return pos < p.fuse_ctx; }
+
+/* B's units: (head h, share j of the out-projection rows), J per head. */
+static __device__ __forceinline__ int oproj_shares(const params &p) {
+    return (int)gridDim.x >= p.H ? (int)gridDim.x / p.H : 1;
+}
+
+/* x[c] += dot(o, W[c * ld .. + hd)) for c in [c0, c1), by the block: G
+ * lanes per row (one 16-byte load each), 32 / G rows per warp at a time,
+ * fixed-point atomics (other heads add into the same rows). o: shared. */
+template <class T>
+static __device__ void rows_add(unsigned long long *x, const T *W, int64_t ld, int c0, int c1,
+                                const float *o, int hd) {
+    constexpr int VEC = vec16<T>::N;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, G = hd / VEC;
+    if (hd % VEC == 0 && ld % VEC == 0 && G <= 32 && 32 % G == 0) {
+        const int rpw = 32 / G, sub = lane / G, gl = lane % G;
+        float ov[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; e++) ov[e] = o[gl * VEC + e];
+        for (int base = c0 + warp * rpw; base < c1; base += WARPS * rpw) {
+            const int c = base + sub;
+            float d = 0.f;
+            if (c < c1) {
+                float w[VEC];
+                unpack16<T>(w, __ldg(reinterpret_cast<const uint4 *>(W + c * ld + gl * VEC)));
+#pragma unroll
+                for (int e = 0; e < VEC; e++) d = fmaf(w[e], ov[e], d);
+            }
+            for (int off = G / 2; off; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+            if (c < c1 && gl == 0) atomicAdd(x + c, fix(d));
+        }
+    } else {
+        for (int c = c0 + warp; c < c1; c += WARPS) {
+            const T *row = W + c * ld;
+            float d;
+            warp_dots<T, 1>(&row, o, hd, &d);
+            if (!lane) atomicAdd(x + c, fix(d));
+        }
+    }
+}
+
+/* B (fused): unit (h, j) per block. Warp w takes keys [w per, (w + 1) per)
+ * of head h (one partial each, in shared memory), warp 0 combines them into
+ * o_h, then the block adds o_h times head h's columns of Wo, rows of share
+ * j, into the residual. ps: WARPS (hd + 2) + hd floats of shared memory. */
+template <class T>
+static __device__ void phase_attn_oproj(const params &p, int l, int pos, float *qs, float *ps) {
+    const int C = p.C, hd = p.hd, kvd = p.KV * hd, grp = p.H / p.KV, n = pos + 1;
+    const int warp = threadIdx.x >> 5, J = oproj_shares(p);
+    const int per = (n + 32 * WARPS - 1) / (32 * WARPS) * 32, ns = (n + per - 1) / per;
+    const T *K = (const T *)p.kc + (int64_t)l * p.max_ctx * kvd;
+    const T *V = (const T *)p.vc + (int64_t)l * p.max_ctx * kvd;
+    const T *Wo = (const T *)p.wo + (int64_t)l * C * C;
+    float *o = ps + WARPS * (hd + 2);
+    for (int u = blockIdx.x; u < p.H * J; u += gridDim.x) {
+        const int h = u / J, j = u % J;
+        if (warp < ns)
+            attn_partial_any<T>(p.q + (int64_t)h * hd, K + (h / grp) * hd, V + (h / grp) * hd, kvd,
+                                hd, warp * per, min(n, warp * per + per), p.scale, qs + warp * hd,
+                                ps + warp * (hd + 2));
+        __syncthreads();
+        if (warp == 0) attn_combine(ps, ns, hd, o);
+        __syncthreads();
+        rows_add<T>(xrow(p, l), Wo + h * hd, C, (int)((int64_t)C * j / J),
+                    (int)((int64_t)C * (j + 1) / J), o, hd);
+        __syncthreads();   /* ps and o are the next unit's */
+    }
+}
+
+/* B1 (long contexts): (query head, context split) per warp; qs: WARPS * hd floats. */
 template <class T>
 static __device__ void phase_attn(const params &p, int l, int pos, float *qs) {
     const int hd = p.hd, kvd = p.KV * hd, grp = p.H / p.KV, n = pos + 1;
@@ -91,8 +179,9 @@ static __device__ void phase_attn(const params &p, int l, int pos, float *qs) {
     }
 }
 
-/* C: every block combines all heads' partials (a few KB) into xs, then its
- * rows of the out-projection add into the residual. */
+/* B2 (long contexts): every block combines all heads' partials (a few KB)
+ * into xs, then its rows of the out-projection add into the residual (each
+ * row by one warp: no other writer). */
 template <class T>
 static __device__ void phase_oproj(const params &p, int l, int pos, float *xs) {
     const int C = p.C, hd = p.hd, lane = threadIdx.x & 31;
@@ -102,40 +191,75 @@ static __device__ void phase_oproj(const params &p, int l, int pos, float *xs) {
         attn_combine(p.part + (int64_t)h * MAXSPLIT * (hd + 2), ns, hd, xs + h * hd);
     __syncthreads();
     const T *W = (const T *)p.wo + (int64_t)l * C * C;
+    unsigned long long *x = xrow(p, l);
     for (int r = gwarp(); r < C; r += nwarps()) {
         const T *row = W + (int64_t)r * C;
         float d;
         warp_dots<T, 1>(&row, xs, C, &d);
-        if (!lane) p.x[r] += d;
+        if (!lane) x[r] += fix(d);
     }
 }
 
-/* D: gate row u and up row u together; h = silu(gate) * up. */
+/* Width of D's column slices: acc holds WARPS of them. */
+static __host__ __device__ __forceinline__ int ffn_slice(int C) { return C < 1024 ? (C + 7) / 8 * 8 : 1024; }
+
+/* D: warp w of the grid owns rows u = w + k nwarps (k < maxu) of the FFN:
+ * h_u = silu(gate_u . xs) * (up_u . xs), then h_u times row u of the
+ * transposed down projection. Per slice of C, each warp writes its sum to
+ * acc, the block adds the warps' rows in a fixed order and adds that into
+ * the next residual row (fixed point; block 0 also carries this layer's
+ * residual over). hs: WARPS * maxu floats, acc: WARPS * ffn_slice(C). */
 template <class T>
-static __device__ void phase_ffn_up(const params &p, int l, float *xs) {
-    const int C = p.C, F = p.F, lane = threadIdx.x & 31;
-    load_normed<T>(xs, p.x, (const T *)nullptr, p.norms + (int64_t)(2 * l + 1) * C, C, p.eps);
+static __device__ void phase_ffn(const params &p, int l, float *xs, float *hs, float *acc) {
+    constexpr int VEC = vec16<T>::N;
+    const int C = p.C, F = p.F, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (blockIdx.x * WARPS >= F && blockIdx.x != 0) return;   /* no rows here */
+    unsigned long long *xc = xrow(p, l), *xn = xrow(p, l + 1);
+    load_normed<T>(xs, xc, (const T *)nullptr, p.norms + (int64_t)(2 * l + 1) * C, C, p.eps);
     const T *W = (const T *)p.wgu + (int64_t)l * 2 * F * C;
-    for (int u = gwarp(); u < F; u += nwarps()) {
+    const T *D = (const T *)p.wdt + (int64_t)l * F * C;
+    float *hw = hs + warp * p.maxu;
+    int nu = 0;
+    for (int u = gwarp(); u < F; u += nwarps(), nu++) {
         const T *rows[2] = { W + (int64_t)u * C, W + (int64_t)(F + u) * C };
         float d[2];
         warp_dots<T, 2>(rows, xs, C, d);
-        if (!lane) p.h[u] = d[0] / (1.0f + expf(-d[0])) * d[1];
+        if (!lane) hw[nu] = d[0] / (1.0f + expf(-d[0])) * d[1];
     }
-}
-
-/* E: down-projection + residual. */
-template <class T>
-static __device__ void phase_ffn_down(const params &p, int l, float *xs) {
-    const int C = p.C, F = p.F, lane = threadIdx.x & 31;
-    for (int i = threadIdx.x; i < F; i += blockDim.x) xs[i] = p.h[i];
-    __syncthreads();
-    const T *W = (const T *)p.wd + (int64_t)l * C * F;
-    for (int r = gwarp(); r < C; r += nwarps()) {
-        const T *row = W + (int64_t)r * F;
-        float d;
-        warp_dots<T, 1>(&row, xs, F, &d);
-        if (!lane) p.x[r] += d;
+    __syncwarp();
+    const int S = ffn_slice(C);
+    float *aw = acc + warp * S;
+    for (int s0 = 0; s0 < C; s0 += S) {
+        const int sn = min(S, C - s0);
+        if (C % VEC == 0) {
+            for (int e = lane * VEC; e < sn; e += 32 * VEC) {
+                float r[VEC] = {};
+                for (int k = 0; k < nu; k++) {
+                    float w[VEC];
+                    const int u = gwarp() + k * nwarps();
+                    unpack16<T>(w, __ldg(reinterpret_cast<const uint4 *>(D + (int64_t)u * C + s0 + e)));
+                    const float hk = hw[k];
+#pragma unroll
+                    for (int i = 0; i < VEC; i++) r[i] = fmaf(hk, w[i], r[i]);
+                }
+#pragma unroll
+                for (int i = 0; i < VEC; i++) aw[e + i] = r[i];
+            }
+        } else {
+            for (int e = lane; e < sn; e += 32) {
+                float r = 0.f;
+                for (int k = 0; k < nu; k++)
+                    r = fmaf(hw[k], tof(D[(int64_t)(gwarp() + k * nwarps()) * C + s0 + e]), r);
+                aw[e] = r;
+            }
+        }
+        __syncthreads();
+        for (int c = threadIdx.x; c < sn; c += blockDim.x) {
+            float t = 0.f;
+            for (int w = 0; w < WARPS; w++) t += acc[w * S + c];
+            atomicAdd(xn + s0 + c, fix(t) + (blockIdx.x == 0 ? xc[s0 + c] : 0ull));
+        }
+        __syncthreads();   /* acc is the next slice's */
     }
 }
 
@@ -144,31 +268,40 @@ static __device__ __forceinline__ void prefetch_l2(const void *row, int64_t byte
         asm volatile("prefetch.global.L2 [%0];" ::"l"((const char *)row + off));
 }
 
-/* Before a grid barrier: pull into L2 the first weight rows this warp will
- * read in phase ph (0 A, 2 C, 3 D, 4 E, 5 F) of layer l, with the same unit
+enum { PF_QKV, PF_ATTN_OPROJ, PF_OPROJ, PF_FFN, PF_HEAD };
+
+/* Before a grid barrier: pull into L2 the first weight rows this warp (or,
+ * for B, this block) will read in phase ph of layer l, with the same unit
  * mapping as the phase, so that their HBM latency overlaps the barrier. */
 template <class T>
 static __device__ void prefetch_phase(const params &p, int ph, int l) {
     const int64_t C = p.C, F = p.F, hd = p.hd, half = p.hd / 2, es = sizeof(T);
+    if (ph == PF_ATTN_OPROJ) {
+        const int J = oproj_shares(p), u = blockIdx.x;
+        if (u >= p.H * J) return;
+        const int h = u / J, j = u % J;
+        const T *W = (const T *)p.wo + (int64_t)l * C * C + h * hd;
+        for (int64_t c = C * j / J + (threadIdx.x >> 5); c < C * (j + 1) / J; c += WARPS)
+            prefetch_l2(W + c * C, hd * es);
+        return;
+    }
     for (int k = 0; k < 2; k++) {
         const int64_t u = gwarp() + (int64_t)k * nwarps();
-        if (ph == 0) {
+        if (ph == PF_QKV) {
             if (u >= (p.H + 2 * p.KV) * half) return;
             const T *W = (const T *)p.wqkv + (int64_t)l * (p.H + 2 * p.KV) * hd * C;
             prefetch_l2(W + ((u / half) * hd + u % half) * C, C * es);
             prefetch_l2(W + ((u / half) * hd + u % half + half) * C, C * es);
-        } else if (ph == 2) {
+        } else if (ph == PF_OPROJ) {
             if (u >= C) return;
             prefetch_l2((const T *)p.wo + (int64_t)l * C * C + u * C, C * es);
-        } else if (ph == 3) {
+        } else if (ph == PF_FFN) {
             if (u >= F) return;
             const T *W = (const T *)p.wgu + (int64_t)l * 2 * F * C;
             prefetch_l2(W + u * C, C * es);
             prefetch_l2(W + (F + u) * C, C * es);
-        } else if (ph == 4) {
-            if (u >= C) return;
-            prefetch_l2((const T *)p.wd + (int64_t)l * C * F + u * F, F * es);
-        } else if (ph == 5) {
+            prefetch_l2((const T *)p.wdt + (int64_t)l * F * C + u * C, C * es);
+        } else if (ph == PF_HEAD) {
             for (int64_t r = 4 * u; r < 4 * u + 4 && r < p.V; r++)
                 prefetch_l2((const T *)p.head + r * C, C * es);
         }
@@ -187,7 +320,7 @@ static __device__ void phase_head(const params &p, float *xs) {
     __shared__ float sv[WARPS];
     __shared__ int si[WARPS];
     const int C = p.C, V = p.V, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    load_normed<T>(xs, p.x, (const T *)nullptr, p.norms + (int64_t)2 * p.L * C, C, p.eps);
+    load_normed<T>(xs, xrow(p, p.L), (const T *)nullptr, p.norms + (int64_t)2 * p.L * C, C, p.eps);
     const T *W = (const T *)p.head;
     float bv = -INFINITY;
     int bi = INT_MAX;
@@ -236,55 +369,77 @@ static __device__ void phase_pick(const params &p, int nblocks, int step, int po
     }
 }
 
-/* Dynamic shared memory: xs (max(C, F) floats, rounded to 4) then the
- * per-warp query scratch of phase B. */
-static inline int xs_floats(const params &p) { return ((p.C > p.F ? p.C : p.F) + 3) / 4 * 4; }
-size_t smem_bytes(const params &p) { return sizeof(float) * ((size_t)xs_floats(p) + (size_t)WARPS * p.hd); }
+/* Dynamic shared memory, in floats (each region a multiple of 4, so
+ * 16-byte aligned): xs (max(C, F)), the per-warp query scratch qs and
+ * partials ps of B, the per-warp h_u list hs and column sums acc of D. */
+struct smem_map { int xs, qs, ps, hs, acc, total; };
+static __host__ __device__ __forceinline__ int r4(int n) { return (n + 3) / 4 * 4; }
+static __host__ __device__ __forceinline__ smem_map smem_layout(const params &p) {
+    smem_map m;
+    m.xs = 0;
+    m.qs = m.xs + r4(p.C > p.F ? p.C : p.F);
+    m.ps = m.qs + r4(WARPS * p.hd);
+    m.hs = m.ps + r4(WARPS * (p.hd + 2) + p.hd);
+    m.acc = m.hs + r4(WARPS * p.maxu);
+    m.total = m.acc + WARPS * ffn_slice(p.C);
+    return m;
+}
+size_t smem_bytes(const params &p) { return sizeof(float) * (size_t)smem_layout(p).total; }
 
 template <class T>
-__global__ void __launch_bounds__(THREADS) step_persistent(params p, int n_steps, int xs_n) {
+__global__ void __launch_bounds__(THREADS) step_persistent(params p, int n_steps) {
     extern __shared__ float4 smem4[];
-    float *xs = reinterpret_cast<float *>(smem4), *qs = xs + xs_n;
+    float *sm = reinterpret_cast<float *>(smem4);
+    const smem_map m = smem_layout(p);
+    float *xs = sm + m.xs, *qs = sm + m.qs, *ps = sm + m.ps, *hs = sm + m.hs, *acc = sm + m.acc;
     cg::grid_group grid = cg::this_grid();
     for (int step = 0; step < n_steps; step++) {
         const int tok = ((volatile int *)p.io)[0], pos = ((volatile int *)p.io)[1];
         for (int l = 0; l < p.L; l++) {
             phase_qkv<T>(p, l, tok, pos, xs);
-            prefetch_phase<T>(p, 2, l);     /* B reads no weights: C's rows wait through it */
+            if (attn_fused(p, pos)) {
+                prefetch_phase<T>(p, PF_ATTN_OPROJ, l);
+                grid.sync();
+                phase_attn_oproj<T>(p, l, pos, qs, ps);
+            } else {
+                prefetch_phase<T>(p, PF_OPROJ, l);   /* B1 reads no weights: B2's wait through it */
+                grid.sync();
+                phase_attn<T>(p, l, pos, qs);
+                grid.sync();
+                phase_oproj<T>(p, l, pos, xs);
+            }
+            prefetch_phase<T>(p, PF_FFN, l);
             grid.sync();
-            phase_attn<T>(p, l, pos, qs);
-            grid.sync();
-            phase_oproj<T>(p, l, pos, xs);
-            prefetch_phase<T>(p, 3, l);
-            grid.sync();
-            phase_ffn_up<T>(p, l, xs);
-            prefetch_phase<T>(p, 4, l);
-            grid.sync();
-            phase_ffn_down<T>(p, l, xs);
-            if (l + 1 < p.L) prefetch_phase<T>(p, 0, l + 1);
-            else prefetch_phase<T>(p, 5, 0);
+            phase_ffn<T>(p, l, xs, hs, acc);
+            if (l + 1 < p.L) prefetch_phase<T>(p, PF_QKV, l + 1);
+            else prefetch_phase<T>(p, PF_HEAD, 0);
             grid.sync();
         }
         phase_head<T>(p, xs);
-        prefetch_phase<T>(p, 0, 0);
+        prefetch_phase<T>(p, PF_QKV, 0);
         grid.sync();
         if (blockIdx.x == 0) phase_pick(p, gridDim.x, step, pos);
         if (step + 1 < n_steps) grid.sync();
     }
 }
 
-/* The same phases, one kernel each (ph: 0..5 = A..F; G is step_pick). */
+/* The same phases, one kernel each (ph: 0 A, 1 B or B1, 2 nothing or B2,
+ * 3 D, 4 F; G is step_pick). */
 template <class T>
-__global__ void __launch_bounds__(THREADS) step_phase(params p, int ph, int l, int xs_n) {
+__global__ void __launch_bounds__(THREADS) step_phase(params p, int ph, int l) {
     extern __shared__ float4 smem4[];
-    float *xs = reinterpret_cast<float *>(smem4), *qs = xs + xs_n;
+    float *sm = reinterpret_cast<float *>(smem4);
+    const smem_map m = smem_layout(p);
+    float *xs = sm + m.xs, *qs = sm + m.qs, *ps = sm + m.ps, *hs = sm + m.hs, *acc = sm + m.acc;
     const int tok = p.io[0], pos = p.io[1];
     switch (ph) {
     case 0: phase_qkv<T>(p, l, tok, pos, xs); break;
-    case 1: phase_attn<T>(p, l, pos, qs); break;
-    case 2: phase_oproj<T>(p, l, pos, xs); break;
-    case 3: phase_ffn_up<T>(p, l, xs); break;
-    case 4: phase_ffn_down<T>(p, l, xs); break;
+    case 1:
+        if (attn_fused(p, pos)) phase_attn_oproj<T>(p, l, pos, qs, ps);
+        else phase_attn<T>(p, l, pos, qs);
+        break;
+    case 2: if (!attn_fused(p, pos)) phase_oproj<T>(p, l, pos, xs); break;
+    case 3: phase_ffn<T>(p, l, xs, hs, acc); break;
     default: phase_head<T>(p, xs); break;
     }
 }
@@ -295,11 +450,13 @@ __global__ void step_pick(params p, int nblocks, int step) { phase_pick(p, nbloc
  * one per SM (the persistent kernel needs them all co-resident). *coop: the
  * device can launch cooperative kernels. */
 template <class T>
-static sj_status setup_t(const params &p, int *grid, int *coop) {
-    const size_t smem = smem_bytes(p);
+static sj_status setup_t(params &p, int *grid, int *coop) {
     int dev = 0, sms = 0, occ = 0, c = 0;
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (sms < 1) sms = 1;
+    p.maxu = (p.F + sms * WARPS - 1) / (sms * WARPS);
+    const size_t smem = smem_bytes(p);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&c, cudaDevAttrCooperativeLaunch, dev);
     if (e == cudaSuccess && smem > 48 * 1024) {
         e = cudaFuncSetAttribute(step_persistent<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -321,28 +478,27 @@ static sj_status setup_t(const params &p, int *grid, int *coop) {
     return SJ_OK;
 }
 
-sj_status setup(const params &p, int is_bf16, int *grid, int *coop) {
+sj_status setup(params &p, int is_bf16, int *grid, int *coop) {
     return is_bf16 ? setup_t<bf16>(p, grid, coop) : setup_t<float>(p, grid, coop);
 }
 
 template <class T>
 static void enqueue_t(const params &p, int persistent, int n_steps, int grid, cudaStream_t st) {
     const size_t smem = smem_bytes(p);
-    int xs_n = xs_floats(p);
     if (persistent) {
         params pp = p;
-        void *args[] = { &pp, &n_steps, &xs_n };
+        void *args[] = { &pp, &n_steps };
         CUDA_CHECK(cudaLaunchCooperativeKernel((const void *)step_persistent<T>, dim3(grid),
                                                dim3(THREADS), args, smem, st));
         return;
     }
     for (int step = 0; step < n_steps; step++) {
         for (int l = 0; l < p.L; l++)
-            for (int ph = 0; ph < 5; ph++) {
-                step_phase<T><<<grid, THREADS, smem, st>>>(p, ph, l, xs_n);
+            for (int ph = 0; ph < 4; ph++) {
+                step_phase<T><<<grid, THREADS, smem, st>>>(p, ph, l);
                 LAUNCH_CHECK("step_phase");
             }
-        step_phase<T><<<grid, THREADS, smem, st>>>(p, 5, 0, xs_n);
+        step_phase<T><<<grid, THREADS, smem, st>>>(p, 4, 0);
         LAUNCH_CHECK("step_phase head");
         step_pick<<<1, 32, 0, st>>>(p, grid, step);
         LAUNCH_CHECK("step_pick");

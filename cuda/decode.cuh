@@ -27,11 +27,12 @@ struct params {
     const void *wqkv;                   /* (L, (H + 2KV) hd, C): q rows, k rows, v rows */
     const void *wo;                     /* (L, C, C) */
     const void *wgu;                    /* (L, 2F, C): gate rows, then up rows */
-    const void *wd;                     /* (L, C, F) */
+    const void *wdt;                    /* (L, F, C): the down projection transposed */
     const float *norms;                 /* (2L + 1, C): attn, ffn per layer, final */
     const float *rope_cos, *rope_sin;   /* (max_ctx, hd/2) */
     void *kc, *vc;                      /* (L, max_ctx, KV hd) of T */
-    float *x;                           /* (C) residual stream */
+    unsigned long long *x;              /* (2, C) residual stream in fixed point (fix/unfix):
+                                           layer l reads row l & 1, its FFN writes the other */
     float *q;                           /* (H hd) roped queries */
     float *h;                           /* (F) silu(gate) * up */
     float *logits;                      /* (V) */
@@ -39,7 +40,20 @@ struct params {
     float *best_v; int *best_i;         /* (gridDim.x) per-block argmax */
     int *io;                            /* [0] token in, [1] its position */
     int *out;                           /* (max_ctx) greedy tokens, one per step */
+    int fuse_ctx;                       /* contexts up to this many keys: attention and
+                                           out-projection in one phase (see decode.cu) */
+    int maxu;                           /* FFN rows u per warp: ceil(F / (grid WARPS)) */
 };
+
+/* The residual stream is summed from many blocks' partial vectors with
+ * atomics; in 64-bit fixed point (2^-32 steps, range +-2^31) integer adds
+ * give the same bits in any order, so a step is deterministic. */
+static __device__ __forceinline__ unsigned long long fix(float v) {
+    return (unsigned long long)__float2ll_rn(v * 4294967296.0f);
+}
+static __device__ __forceinline__ float unfix(unsigned long long q) {
+    return __ll2float_rn((long long)q) * 2.3283064365386963e-10f;   /* 2^-32 */
+}
 
 /* Splits of a context of n keys: *per keys each (a multiple of 32), at most
  * MAXSPLIT of them. Decode and combine must agree, so one function. */
@@ -239,11 +253,11 @@ static __device__ __forceinline__ void attn_combine(const float *part, int ns, i
     }
 }
 
-/* decode.cu: dynamic shared memory of a step's blocks; kernel attributes
- * and the grid (*coop: cooperative launches possible); enqueue n_steps
+/* decode.cu: dynamic shared memory of a step's blocks; kernel attributes,
+ * the grid (*coop: cooperative launches possible) and p.maxu; enqueue n_steps
  * greedy steps on st, as one persistent kernel or one kernel per phase. */
 size_t smem_bytes(const params &p);
-sj_status setup(const params &p, int is_bf16, int *grid, int *coop);
+sj_status setup(params &p, int is_bf16, int *grid, int *coop);
 void enqueue(const params &p, int is_bf16, int persistent, int n_steps, int grid, cudaStream_t st);
 
 }  // namespace dec

@@ -130,6 +130,12 @@ __global__ void swiglu_k(T *h, const float *gu, int npad, int F) {
 /* ---- creation ------------------------------------------------------------------ */
 
 static size_t al256(size_t b) { return (b + 255) & ~(size_t)255; }
+
+/* dst (cols, rows) = src (rows, cols), elements of es bytes. */
+static void transpose_rows(char *dst, const char *src, int64_t rows, int64_t cols, int64_t es) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) memcpy(dst + (c * rows + r) * es, src + (r * cols + c) * es, (size_t)es);
+}
 /* One thread per element (no grid-stride loops in the prefill kernels). */
 static unsigned blocks(int64_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
 
@@ -182,6 +188,11 @@ extern "C" sj_status sj_cuinfer_create(const sj_cuinfer_init *in, sj_cuinfer **o
     params &p = g->p;
     p.C = (int)C; p.F = (int)F; p.H = (int)H; p.KV = c->n_kv_heads; p.hd = hd; p.V = (int)V;
     p.L = (int)L; p.max_ctx = (int)mc; p.eps = c->norm_eps; p.scale = 1.0f / sqrtf((float)hd);
+    /* fused attention + out-projection up to one 32-key chunk per warp (a
+     * tuning and testing knob: SMEDJAN_DECODE_FUSE_CTX=0 never fuses) */
+    p.fuse_ctx = 32 * WARPS;
+    env = getenv("SMEDJAN_DECODE_FUSE_CTX");
+    if (env && *env) p.fuse_ctx = atoi(env);
     sj_status s = dec::setup(p, g->is_bf, &g->grid, &g->coop);
     if (s) { sj_cuinfer_free(g); return s; }
     if (!g->coop) g->persistent = 0;
@@ -199,9 +210,11 @@ extern "C" sj_status sj_cuinfer_create(const sj_cuinfer_init *in, sj_cuinfer **o
     char *W = (char *)g->wmem;
     p.emb = W + off[0];
     p.head = in->output ? W + off[1] : p.emb;
-    p.wqkv = W + off[2]; p.wo = W + off[3]; p.wgu = W + off[4]; p.wd = W + off[5];
+    p.wqkv = W + off[2]; p.wo = W + off[3]; p.wgu = W + off[4]; p.wdt = W + off[5];
     p.norms = (const float *)(W + off[6]);
     const sj_backend *be = g->be;
+    char *tr = (char *)malloc((size_t)(C * F * es));   /* one layer's down projection, transposed */
+    if (!tr) { sj_cuinfer_free(g); return sj_fail(SJ_ERR_NOMEM, "GPU inference: out of host memory"); }
     be->from_host(W + off[0], in->tok_emb, sizes[0]);
     if (in->output) be->from_host(W + off[1], in->output, sizes[1]);
     for (int64_t l = 0; l < L; l++) {
@@ -213,8 +226,10 @@ extern "C" sj_status sj_cuinfer_create(const sj_cuinfer_init *in, sj_cuinfer **o
         char *gu = W + off[4] + (size_t)(l * 2 * F * C * es);
         be->from_host(gu, in->w_gate[l], (size_t)(F * C * es));
         be->from_host(gu + (size_t)(F * C * es), in->w_up[l], (size_t)(F * C * es));
-        be->from_host(W + off[5] + (size_t)(l * C * F * es), in->w_down[l], (size_t)(C * F * es));
+        transpose_rows(tr, (const char *)in->w_down[l], C, F, es);
+        be->from_host(W + off[5] + (size_t)(l * C * F * es), tr, (size_t)(C * F * es));
     }
+    free(tr);
     be->from_host(W + off[6], in->norms, sizes[6]);
 
     /* run state: KV cache, RoPE tables, decode vectors, prefill scratch */
@@ -222,7 +237,7 @@ extern "C" sj_status sj_cuinfer_create(const sj_cuinfer_init *in, sj_cuinfer **o
     const size_t ss[] = {
         (size_t)(L * mc * KVd * es), (size_t)(L * mc * KVd * es),          /* kc, vc */
         (size_t)(mc * half * 4), (size_t)(mc * half * 4),                  /* cos, sin */
-        (size_t)(C * 4), (size_t)(C * 4), (size_t)(F * 4), (size_t)(V * 4),/* x, q, h, logits */
+        (size_t)(C * 16), (size_t)(C * 4), (size_t)(F * 4), (size_t)(V * 4),/* x, q, h, logits */
         (size_t)(PS * 4), (size_t)(g->grid * 4), (size_t)(g->grid * 4),    /* part, best */
         (size_t)((2 + mc) * 4),                                            /* io, out */
         (size_t)(R * C * 4), (size_t)(R * QR * 4), (size_t)(R * C * 4),    /* px, pqkv, pq */
@@ -241,7 +256,7 @@ extern "C" sj_status sj_cuinfer_create(const sj_cuinfer_init *in, sj_cuinfer **o
     CUDA_CHECK(cudaMemsetAsync(S, 0, sb, sj_stream()));   /* no stale bits, ever (padding rows) */
     p.kc = S + so[0]; p.vc = S + so[1];
     p.rope_cos = (const float *)(S + so[2]); p.rope_sin = (const float *)(S + so[3]);
-    p.x = (float *)(S + so[4]); p.q = (float *)(S + so[5]); p.h = (float *)(S + so[6]);
+    p.x = (unsigned long long *)(S + so[4]); p.q = (float *)(S + so[5]); p.h = (float *)(S + so[6]);
     p.logits = (float *)(S + so[7]); p.part = (float *)(S + so[8]);
     p.best_v = (float *)(S + so[9]); p.best_i = (int *)(S + so[10]);
     p.io = (int *)(S + so[11]); p.out = p.io + 2;
@@ -285,8 +300,10 @@ extern "C" void sj_cuinfer_get_options(const sj_cuinfer *g, int *graphs, int *pe
 
 /* ---- prefill ---------------------------------------------------------------------- */
 
-static void gemm(sj_cuinfer *g, float *C, const void *A, const void *B, int M, int N, int K, int accum) {
-    g->be->matmul(C, A, B, M, N, K, 0, 1, accum, 1);   /* C (f32) (+)= A B^T */
+/* C (f32) (+)= A B^T, B (N, K); or A B with B (K, N) when b_kn. */
+static void gemm(sj_cuinfer *g, float *C, const void *A, const void *B, int M, int N, int K, int accum,
+                 int b_kn = 0) {
+    g->be->matmul(C, A, B, M, N, K, 0, !b_kn, accum, 1);
 }
 
 /* m (<= CHUNK) tokens at positions pos .. pos + m - 1; logits of every row in plog. */
@@ -320,7 +337,7 @@ static void prefill_chunk(sj_cuinfer *g, int m) {
         gemm(g, g->pgu, g->pxn, (const char *)p.wgu + l * (int64_t)2 * F * C * es, npad, 2 * F, C, 0);
         swiglu_k<T><<<blocks((int64_t)npad * F, 256), 256, 0, st>>>((T *)g->ph, g->pgu, npad, F);
         LAUNCH_CHECK("swiglu_k");
-        gemm(g, g->px, g->ph, (const char *)p.wd + l * (int64_t)C * F * es, npad, C, F, 1);
+        gemm(g, g->px, g->ph, (const char *)p.wdt + l * (int64_t)C * F * es, npad, C, F, 1, 1);
     }
     norm_k<T><<<npad, 256, 0, st>>>((T *)g->pxn, g->px, p.norms + (int64_t)2 * p.L * C, C, p.eps);
     LAUNCH_CHECK("norm_k");
