@@ -7,6 +7,7 @@ Each holds on the CPU and through the device code path ('cpu-staged')."""
 import numpy as np
 import pytest
 
+import cuda_ref
 import smedjan
 from smedjan.checkpoint import load_checkpoint, model_from_checkpoint, restore, save_checkpoint
 
@@ -194,3 +195,46 @@ def test_memory_limit_counts_the_gradients_a_backward_would_make():
     m.set_levers(memory_limit=peak)                   # exactly enough: runs
     assert np.isfinite(m.loss(x, y, backward=True))
     assert m.memory()["peak_bytes"] == peak
+
+
+# ---- CUDA: the same, and a captured train step sees the final gradient pointer
+
+needs_gpu = pytest.mark.skipif(not cuda_ref.gpu_present(), reason="no CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_cuda_forward_holds_no_gradients(dtype):
+    m = smedjan.Model(CFG, seed=3, device="cuda", dtype=dtype)
+    n = m.n_params
+    params = 4 * n + (2 * n if dtype == "bf16" else 0)   # f32 master (+ bf16 compute copy)
+    assert held(m) == params
+    x, _ = batch(8)
+    m.forward_device(x)
+    arena, _ = m._h.plan_bytes(3, 21, 0)
+    assert held(m) == params + arena and m.memory()["peak_bytes"] == held(m)
+    m.to("cpu")                                        # nothing to stage for gradients
+    assert held(m) == 4 * n
+    m.to("cuda", dtype)
+    assert held(m) == params
+    assert not m.flat_grads.numpy().any()              # made, zeroed, on first read
+    assert held(m) == params + 4 * n
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_train_steps_from_a_fresh_model_like_from_eager_gradients(graphs):
+    lazy = smedjan.Model(CFG, seed=4, device="cuda", dtype="bf16")
+    eager = smedjan.Model(CFG, seed=4, device="cuda", dtype="bf16")
+    eager.flat_grads
+    for m in (lazy, eager):
+        m._h.set_graphs(graphs)
+    ta = smedjan.Trainer(lazy, lr=3e-3, warmup=1, steps=8, clip=0.5)
+    tb = smedjan.Trainer(eager, lr=3e-3, warmup=1, steps=8, clip=0.5)
+    for i in range(4):                                 # eager first step, then the captured graph
+        x, y = batch(20 + i)
+        assert ta.step(x, y) == tb.step(x, y), i
+    np.testing.assert_array_equal(lazy.flat_params.numpy(), eager.flat_params.numpy())
+    assert held(lazy) == held(eager)
