@@ -136,9 +136,13 @@ const sj_config *sj_model_config(const sj_model *m);
 int sj_model_n_tensors(const sj_model *m);
 const sj_tensor_info *sj_model_tensor(const sj_model *m, int i);
 /* The flat parameter and gradient buffers (f32, n elements each), in the
- * model's device memory (host memory on the CPU). */
+ * model's device memory (host memory on the CPU). Gradients exist only once
+ * needed: a backward, an optimizer step, sj_model_grads or
+ * sj_model_need_grads brings them into being, zeroed (sj_model_grads returns
+ * NULL, error recorded, when that fails). zero_grad without them does nothing. */
 float *sj_model_params(sj_model *m, int64_t *n);
 float *sj_model_grads(sj_model *m, int64_t *n);
+sj_status sj_model_need_grads(sj_model *m);
 void sj_model_zero_grad(sj_model *m);
 /* Bytes of engine memory now held, and the most ever held, by this model
  * (parameters, gradients, optimizer state, activation arenas). */

@@ -1,7 +1,9 @@
 """smedjan.Model: a thin handle over the engine's model. Parameters and
 gradients are views into the engine's flat buffers, without a copy: NumPy
 arrays on the CPU, DeviceTensors on CUDA (torch.from_dlpack views them;
-.numpy() copies to the host)."""
+.numpy() copies to the host). Gradients exist only once needed (a backward,
+an optimizer step, or reading `grads`/`flat_grads`): a model used only for
+forward passes never holds them."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Union
@@ -63,15 +65,29 @@ class Model:
         self._bind_views()
 
     def _bind_views(self) -> None:
-        if self._h.device() != "cuda":
-            self.flat_params = np.frombuffer(self._h.params(), dtype=np.float32)
-            self.flat_grads = np.frombuffer(self._h.grads(), dtype=np.float32)
-        else:
-            self.flat_params = self._h.params()
-            self.flat_grads = self._h.grads()
+        self.flat_params = self._flat(self._h.params())
         self.params = self._views(self.flat_params)
-        self.grads = self._views(self.flat_grads)
+        self._flat_grads = self._grads = None   # bound on first access (see flat_grads)
         self.tokenizer = None       # set when loaded with one (see smedjan.commands)
+
+    def _flat(self, buf):
+        return np.frombuffer(buf, dtype=np.float32) if self._h.device() != "cuda" else buf
+
+    @property
+    def flat_grads(self):
+        """All gradients, one flat float32 view (zeros until a backward).
+        The first access brings them into being: a model used only for
+        forward passes holds no gradient memory."""
+        if self._flat_grads is None:
+            self._flat_grads = self._flat(self._h.grads())
+        return self._flat_grads
+
+    @property
+    def grads(self) -> Dict[str, np.ndarray]:
+        """Named views of flat_grads, like params (made on first access)."""
+        if self._grads is None:
+            self._grads = self._views(self.flat_grads)
+        return self._grads
 
     def _views(self, flat) -> Dict[str, np.ndarray]:
         out = {}
@@ -94,15 +110,15 @@ class Model:
         return self._h.dtype()
 
     def to(self, device: str, dtype: Optional[str] = None) -> "Model":
-        """Move parameters and gradients (an optimizer's state follows at its
-        next step). Views taken earlier (model.params[...] held elsewhere)
+        """Move parameters and gradients, if any exist yet (an optimizer's
+        state follows at its next step). Views taken earlier (model.params[...] held elsewhere)
         must be dropped first.
 
         >>> m = Model("tiny").to("cpu")
         """
         if dtype is None:
             dtype = "bf16" if device.startswith("cuda") else "fp32"
-        self.flat_params = self.flat_grads = self.params = self.grads = None
+        self.flat_params = self._flat_grads = self.params = self._grads = None
         import gc
         gc.collect()
         try:
@@ -187,15 +203,17 @@ class Model:
     def plan_memory(self, batch_size: int, seq_len: int, mode: str = "train") -> dict:
         """Plan a run without allocating anything: the activation arena's
         bytes, the activation bytes kept from forward to backward, and the
-        planned peak of a training run (parameters, gradients, AdamW state
-        and the arena). mode: 'train', 'loss' or 'forward'.
+        planned peak: parameters (+ their compute copy) and the arena, and
+        for 'train' also gradients and AdamW state ('forward' and 'loss'
+        need no gradients, and a model that never ran backward holds none).
+        mode: 'train', 'loss' or 'forward'.
 
         >>> Model("tiny").plan_memory(2, 64)["arena_bytes"] > 0
         True
         """
         code = {"forward": 0, "loss": 1, "train": 2}[mode]
         arena, kept = self._h.plan_bytes(int(batch_size), int(seq_len), code)
-        fixed = 4 * self.n_params * (4 if mode == "train" else 2)   # params, grads (+ AdamW m, v)
+        fixed = 4 * self.n_params * (4 if mode == "train" else 1)   # params (+ grads, AdamW m, v)
         if self.dtype != "fp32":
             fixed += 2 * self.n_params
         return dict(arena_bytes=arena, kept_bytes=kept, fixed_bytes=fixed,
@@ -214,10 +232,11 @@ class Model:
         return generate(self, prompt, max_new_tokens, **kw)
 
     def zero_grad(self) -> None:
+        """Set the gradients to zero (nothing to do when none exist yet)."""
         self._h.zero_grad()
 
     def memory(self) -> dict:
-        """Engine memory held now and at peak, in bytes (parameters, grads,
+        """Engine memory held now and at peak, in bytes (parameters, grads once they exist,
         optimizer state, activation arenas); on CUDA also everything the
         backend allocated, scratch and GEMM workspace included."""
         now, peak = self._h.memory()

@@ -133,18 +133,33 @@ static void drop_plan(sj_model *m, sj_plan *pl) {
     memset(pl, 0, sizeof *pl);
 }
 
+/* The gradients come into being (zero-filled) on first use: backward, the
+ * optimizer step, or a caller asking for them. A model used only for forward
+ * passes or generation never holds them (4 bytes a parameter). Never called
+ * inside a graph capture: the train path calls it in sj_model_prepare, so a
+ * captured step sees the final pointer. */
+sj_status sj_model_need_grads(sj_model *m) {
+    if (m->grads) return SJ_OK;
+    if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
+    const sj_backend *be = m->be;
+    const size_t bytes = sizeof(float) * (size_t)m->n_params;
+    be->bind(m->ctx);
+    if (!(m->grads = be->alloc(bytes, "gradients"))) return SJ_ERR_NOMEM;
+    sj_model_account(m, (int64_t)bytes);
+    be->fill(m->grads, 0.0f, m->n_params);
+    return be->sync();
+}
+
 /* Device-side state of a model: buffers on m->be, filled from host copies
- * (hp, hg: f32 params and grads on the host). */
+ * (hp: f32 params; hg: f32 grads, or NULL when there are none yet). */
 static sj_status attach(sj_model *m, const float *hp, const float *hg) {
     const sj_backend *be = m->be;
     const size_t bytes = sizeof(float) * (size_t)m->n_params;
     m->ctx = be->ctx_create();
     if (!m->ctx) return SJ_ERR_NOMEM;
     be->bind(m->ctx);
-    m->params = be->alloc(bytes, "parameters");
-    m->grads = m->params ? be->alloc(bytes, "gradients") : NULL;
-    if (!m->grads) return SJ_ERR_NOMEM;
-    sj_model_account(m, 2 * (int64_t)bytes);
+    if (!(m->params = be->alloc(bytes, "parameters"))) return SJ_ERR_NOMEM;
+    sj_model_account(m, (int64_t)bytes);
     if (be->act_dtype != SJ_F32) {
         size_t ab = sj_dtype_size(be->act_dtype) * (size_t)m->n_params;
         if (!(m->params_act = be->alloc(ab, "compute copy of the parameters"))) return SJ_ERR_NOMEM;
@@ -157,8 +172,10 @@ static sj_status attach(sj_model *m, const float *hp, const float *hg) {
     if (!m->scalars_host) return SJ_ERR_NOMEM;
     memset(m->scalars_host, 0, 2 * sizeof(sj_scalars));
     if (hp && hp != m->params) be->from_host(m->params, hp, bytes);
-    if (hg && hg != m->grads) be->from_host(m->grads, hg, bytes);
-    if (!hg) be->fill(m->grads, 0.0f, m->n_params);
+    if (hg) {
+        SJ_TRY(sj_model_need_grads(m));
+        be->from_host(m->grads, hg, bytes);
+    }
     if (m->params_act != m->params)
         be->convert(m->params_act, be->act_dtype, m->params, SJ_F32, m->n_params);
     return be->sync();
@@ -223,7 +240,7 @@ sj_status sj_model_create_ex(const sj_config *c, uint64_t seed, sj_device device
         sj_free(host);
     } else if (s == SJ_OK) {
         s = attach(m, NULL, NULL);   /* CPU: allocate, then initialise in place */
-        if (s == SJ_OK) { init_params(m, seed); sj_model_zero_grad(m); }
+        if (s == SJ_OK) init_params(m, seed);
     }
     if (s != SJ_OK) { sj_model_free(m); return s; }
     *out = m;
@@ -240,14 +257,15 @@ sj_status sj_model_to(sj_model *m, sj_device device, sj_dtype dtype) {
     SJ_TRY(pick_backend(device, dtype, &nb));
     if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
     const size_t bytes = sizeof(float) * (size_t)m->n_params;
+    /* Gradients travel only if they exist: no staging for ones never made. */
     float *hp = sj_alloc(bytes, "parameters (host staging)");
-    float *hg = hp ? sj_alloc(bytes, "gradients (host staging)") : NULL;
-    if (!hg) { sj_free(hp); return SJ_ERR_NOMEM; }
+    float *hg = hp && m->grads ? sj_alloc(bytes, "gradients (host staging)") : NULL;
+    if (!hp || (m->grads && !hg)) { sj_free(hp); return SJ_ERR_NOMEM; }
     m->be->bind(m->ctx);
     sj_status s = m->be->sync();
     if (s == SJ_OK) {
         m->be->to_host(hp, m->params, bytes);
-        m->be->to_host(hg, m->grads, bytes);
+        if (hg) m->be->to_host(hg, m->grads, bytes);
         s = m->be->sync();
     }
     if (s != SJ_OK) { sj_free(hp); sj_free(hg); return s; }
@@ -278,9 +296,12 @@ const sj_tensor_info *sj_model_tensor(const sj_model *m, int i) {
     return i >= 0 && i < m->n_tensors ? &m->tensors[i] : NULL;
 }
 float *sj_model_params(sj_model *m, int64_t *n) { if (n) *n = m->n_params; return m->params; }
-float *sj_model_grads(sj_model *m, int64_t *n) { if (n) *n = m->n_params; return m->grads; }
+float *sj_model_grads(sj_model *m, int64_t *n) {
+    if (n) *n = m->n_params;
+    return sj_model_need_grads(m) == SJ_OK ? m->grads : NULL;
+}
 void sj_model_zero_grad(sj_model *m) {
-    if (!m->grads) return;
+    if (!m->grads) return;   /* none yet: they are zero when they come */
     m->be->bind(m->ctx);
     m->be->fill(m->grads, 0.0f, m->n_params);
     m->be->sync();
@@ -388,7 +409,10 @@ static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan *
     tape_init(m, pl, 0);
     pl->tape.loss_scale_ptr = m->be->device ? &m->scalars->loss_scale : NULL;
     const int64_t limit = m->lv.memory_limit;
-    if (limit > 0) pl->tape.budget = limit > m->bytes ? limit - m->bytes : 0;
+    /* Held: what the model has now, plus the gradients a training run will
+     * bring into being after this plan (sj_model_prepare). */
+    const int64_t held = m->bytes + (mode == SJ_RUN_TRAIN && !m->grads ? 4 * m->n_params : 0);
+    if (limit > 0) pl->tape.budget = limit > held ? limit - held : 0;
     sj_status s = record(m, pl);
     if (s == SJ_OK) s = sj_tape_plan(&pl->tape, m->be);
     if (s == SJ_ERR_NOMEM && limit > 0 && !pl->tape.arena && pl->tape.arena_bytes > pl->tape.budget)
@@ -398,8 +422,8 @@ static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan *
                     "allocated for it. Pull a lever: smaller --batch-size or --seq-len, "
                     "--grad-accum, --gradient-checkpointing, --fused-ce",
                     B, T, mode == SJ_RUN_TRAIN ? "train" : mode == SJ_RUN_LOSS ? "loss" : "forward",
-                    (double)(m->bytes + pl->tape.arena_bytes) / 1048576.0,
-                    (double)m->bytes / 1048576.0, (double)pl->tape.arena_bytes / 1048576.0,
+                    (double)(held + pl->tape.arena_bytes) / 1048576.0,
+                    (double)held / 1048576.0, (double)pl->tape.arena_bytes / 1048576.0,
                     (double)limit / 1048576.0);
     if (s == SJ_OK && m->be->device &&
         !(pl->host = m->be->host_alloc((size_t)16 * B * T, "staged tokens and losses")))
@@ -481,6 +505,9 @@ sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
     if (targets) SJ_TRY(check_tokens(m, targets, tok_dtype, N, T, "targets", 1, ignore_index));
     sj_plan *pl;
     SJ_TRY(get_plan(m, B, T, mode, &pl));
+    /* After the plan (a refused plan allocates nothing), before any enqueue
+     * or graph capture (which must see the final pointer). */
+    if (mode == SJ_RUN_TRAIN) SJ_TRY(sj_model_need_grads(m));
     stage(m, pl, tokens, targets, tok_dtype);
     *count = 0;
     if (targets) {
@@ -509,6 +536,8 @@ sj_status sj_model_enqueue(sj_model *m, sj_plan *pl) {
                                 sizeof(float));
         }
     }
+    if (pl->mode == SJ_RUN_TRAIN && !m->grads)   /* sj_model_prepare brings them */
+        return sj_fail(SJ_ERR_RUNTIME, "train step without gradients (not prepared)");
     tp->grads = m->grads;
     SJ_TRY(sj_tape_forward(tp, be, m->params_act));
     if (pl->mode == SJ_RUN_LOGITS) return SJ_OK;

@@ -93,8 +93,9 @@ struct sj_model {
 void sj_model_account(sj_model *m, int64_t delta);
 
 /* The pieces of a run, used by sj_model_loss and the optimizer's train step.
- * prepare: check inputs, find the plan, stage the inputs on the host side
- * and set the loss scale; count = rows that count in the loss. */
+ * prepare: check inputs, find the plan, bring the gradients into being for
+ * a training run, stage the inputs on the host side and set the loss scale;
+ * count = rows that count in the loss. */
 sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
                            sj_dtype tok_dtype, int B, int T, int ignore_index,
                            sj_run_mode mode, int64_t denom, sj_plan **out, int64_t *count);

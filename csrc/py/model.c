@@ -221,6 +221,10 @@ static PyObject *model_params(PyObject *self, PyObject *noargs) {
 
 static PyObject *model_grads(PyObject *self, PyObject *noargs) {
     NEED_MODEL(self);
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS s = sj_model_need_grads(MODEL(self));   /* first use allocates */
+    Py_END_ALLOW_THREADS
+    if (s) return sj_py_raise(s);
     int64_t n;
     float *p = sj_model_grads(MODEL(self), &n);
     return flat_view(self, MODEL(self), p, n, &((ModelObject *)self)->exports, NULL);
@@ -433,7 +437,7 @@ static PyMethodDef model_methods[] = {
     {"config", model_config, METH_NOARGS, "config() -> dict"},
     {"tensors", model_tensors, METH_NOARGS, "tensors() -> [(name, shape, offset, decay)]"},
     {"params", model_params, METH_NOARGS, "params() -> Buffer over the flat parameters"},
-    {"grads", model_grads, METH_NOARGS, "grads() -> Buffer over the flat gradients"},
+    {"grads", model_grads, METH_NOARGS, "grads() -> Buffer over the flat gradients (made, zeroed, on first use)"},
     {"zero_grad", model_zero_grad, METH_NOARGS, "zero_grad()"},
     {"to", model_to, METH_VARARGS, "to(device, dtype=None): move to 'cpu' or 'cuda'"},
     {"device", model_device, METH_NOARGS, "device() -> 'cpu' | 'cuda'"},

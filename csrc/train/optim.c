@@ -161,6 +161,7 @@ static void finish_update(sj_optimizer *o, float rate, float *grad_norm, float *
 sj_status sj_optimizer_step(sj_optimizer *o, float *grad_norm, float *lr) {
     sj_model *md = o->model;
     if (!md->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
+    SJ_TRY(sj_model_need_grads(md));   /* a step before any backward sees zeros */
     SJ_TRY(follow_model(o));
     float rate = set_hp(o);
     md->be->bind(md->ctx);
