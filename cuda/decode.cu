@@ -27,6 +27,7 @@
 #include "decode.cuh"
 #include <cooperative_groups.h>
 #include <limits.h>
+#include <stdlib.h>
 
 namespace cg = cooperative_groups;
 
@@ -458,6 +459,8 @@ static sj_status setup_t(params &p, int *grid, int *coop) {
     p.maxu = (p.F + sms * WARPS - 1) / (sms * WARPS);
     const size_t smem = smem_bytes(p);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&c, cudaDevAttrCooperativeLaunch, dev);
+    const char *env = getenv("SMEDJAN_DECODE_GRID");   /* tuning: fewer blocks than SMs */
+    if (env && atoi(env) > 0 && atoi(env) < sms) sms = atoi(env);
     if (e == cudaSuccess && smem > 48 * 1024) {
         e = cudaFuncSetAttribute(step_persistent<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e == cudaSuccess)

@@ -62,13 +62,13 @@ class Model:
             dtype = "bf16" if device.startswith("cuda") else "fp32"
         self._h = _C.Model(config.to_dict(), seed, device, dtype)
         self.tensors = [(n, tuple(s), off) for n, s, off, _ in self._h.tensors()]
+        self.tokenizer = None       # set when loaded with one (see smedjan.commands)
         self._bind_views()
 
     def _bind_views(self) -> None:
         self.flat_params = self._flat(self._h.params())
         self.params = self._views(self.flat_params)
         self._flat_grads = self._grads = None   # bound on first access (see flat_grads)
-        self.tokenizer = None       # set when loaded with one (see smedjan.commands)
 
     def _flat(self, buf):
         return np.frombuffer(buf, dtype=np.float32) if self._h.device() != "cuda" else buf

@@ -1,6 +1,7 @@
 """The GPU inference engine (device="cuda"): its fp32 mode equals the CPU
 engine's fp32 logits (1e-4) at prefill and at every decode step, over
-prompts of 1, 7 and 100 tokens and past 600 positions (split attention);
+prompts of 1, 7 and 100 tokens, past 600 positions (split attention) and
+on grids smaller than the GPU's;
 bf16 stays near fp32; KV decode equals recomputing the whole sequence;
 graph / persistent-kernel choices give the same bits; reset repeats; bad
 arguments and a full cache raise clear errors. GPU tests skip with "no CUDA
@@ -122,6 +123,17 @@ def test_fp32_decode_past_600_positions_equals_cpu(model):
     g = from_model(model, "fp32", device="cuda")
     c = from_model(model, "fp32")
     check_against_cpu(g, c, np.random.default_rng(7), 130, 500, 1e-4, "fp32 long")
+
+
+@gpu_test
+@pytest.mark.parametrize("blocks", [3, 50])
+def test_fp32_decode_equals_cpu_on_fewer_blocks(model, blocks, monkeypatch):
+    """As on a GPU with fewer SMs (SMEDJAN_DECODE_GRID caps the decode grid):
+    several FFN rows per warp, fewer attention units than heads (3 blocks)."""
+    monkeypatch.setenv("SMEDJAN_DECODE_GRID", str(blocks))
+    g = from_model(model, "fp32", device="cuda")
+    c = from_model(model, "fp32")
+    check_against_cpu(g, c, np.random.default_rng(blocks), 30, 30, 1e-4, f"fp32 on {blocks} blocks")
 
 
 @gpu_test

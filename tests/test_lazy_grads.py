@@ -238,3 +238,10 @@ def test_cuda_train_steps_from_a_fresh_model_like_from_eager_gradients(graphs):
         assert ta.step(x, y) == tb.step(x, y), i
     np.testing.assert_array_equal(lazy.flat_params.numpy(), eager.flat_params.numpy())
     assert held(lazy) == held(eager)
+
+
+def test_a_move_keeps_the_attached_tokenizer():
+    m = smedjan.Model("tiny")
+    m.tokenizer = tok = object()
+    m.to("cpu-staged")
+    assert m.tokenizer is tok
