@@ -455,12 +455,12 @@ static sj_status setup_t(params &p, int *grid, int *coop) {
     int dev = 0, sms = 0, occ = 0, c = 0;
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (sms < 1) sms = 1;
-    p.maxu = (p.F + sms * WARPS - 1) / (sms * WARPS);
-    const size_t smem = smem_bytes(p);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&c, cudaDevAttrCooperativeLaunch, dev);
-    const char *env = getenv("SMEDJAN_DECODE_GRID");   /* tuning: fewer blocks than SMs */
+    const char *env = getenv("SMEDJAN_DECODE_GRID");   /* testing: fewer blocks than SMs */
     if (env && atoi(env) > 0 && atoi(env) < sms) sms = atoi(env);
+    if (sms < 1) sms = 1;
+    p.maxu = (p.F + sms * WARPS - 1) / (sms * WARPS);   /* D's rows per warp on this grid */
+    const size_t smem = smem_bytes(p);
     if (e == cudaSuccess && smem > 48 * 1024) {
         e = cudaFuncSetAttribute(step_persistent<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e == cudaSuccess)
