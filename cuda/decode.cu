@@ -56,13 +56,13 @@ static __device__ void load_normed(float *xs, unsigned long long *x, const T *em
     __syncthreads();
 }
 
-static __device__ __forceinline__ int gwarp(void) { return blockIdx.x * WARPS + (threadIdx.x >> 5); }
-static __device__ __forceinline__ int nwarps(void) { return gridDim.x * WARPS; }
+template <int NW> static __device__ __forceinline__ int gwarp(void) { return blockIdx.x * NW + (threadIdx.x >> 5); }
+template <int NW> static __device__ __forceinline__ int nwarps(void) { return gridDim.x * NW; }
 
 /* A: units are (head, i) pairs of rows i and i + hd/2, the two halves RoPE
  * mixes. The last block also clears the residual row this layer's FFN
  * sums into (nothing reads it until then). */
-template <class T>
+template <class T, int NW>
 static __device__ void phase_qkv(const params &p, int l, int tok, int pos, float *xs) {
     const int C = p.C, hd = p.hd, half = hd / 2, kvd = p.KV * hd, lane = threadIdx.x & 31;
     load_normed<T>(xs, xrow(p, l), l == 0 ? (const T *)p.emb + (int64_t)tok * C : nullptr,
@@ -71,7 +71,7 @@ static __device__ void phase_qkv(const params &p, int l, int tok, int pos, float
         for (int i = threadIdx.x; i < C; i += blockDim.x) xrow(p, l + 1)[i] = 0;
     const T *W = (const T *)p.wqkv + (int64_t)l * (p.H + 2 * p.KV) * hd * C;
     const int units = (p.H + 2 * p.KV) * half;
-    for (int u = gwarp(); u < units; u += nwarps()) {
+    for (int u = gwarp<NW>(); u < units; u += nwarps<NW>()) {
         const int g = u / half, i = u % half;
         const T *rows[2] = { W + (int64_t)(g * hd + i) * C, W + (int64_t)(g * hd + i + half) * C };
         float d[2];
@@ -104,7 +104,7 @@ static __device__ __forceinline__ int oproj_shares(const params &p) {
 /* x[c] += dot(o, W[c * ld .. + hd)) for c in [c0, c1), by the block: G
  * lanes per row (one 16-byte load each), 32 / G rows per warp at a time,
  * fixed-point atomics (other heads add into the same rows). o: shared. */
-template <class T>
+template <class T, int NW>
 static __device__ void rows_add(unsigned long long *x, const T *W, int64_t ld, int c0, int c1,
                                 const float *o, int hd) {
     constexpr int VEC = vec16<T>::N;
@@ -114,7 +114,7 @@ static __device__ void rows_add(unsigned long long *x, const T *W, int64_t ld, i
         float ov[VEC];
 #pragma unroll
         for (int e = 0; e < VEC; e++) ov[e] = o[gl * VEC + e];
-        for (int base = c0 + warp * rpw; base < c1; base += WARPS * rpw) {
+        for (int base = c0 + warp * rpw; base < c1; base += NW * rpw) {
             const int c = base + sub;
             float d = 0.f;
             if (c < c1) {
@@ -127,7 +127,7 @@ static __device__ void rows_add(unsigned long long *x, const T *W, int64_t ld, i
             if (c < c1 && gl == 0) atomicAdd(x + c, fix(d));
         }
     } else {
-        for (int c = c0 + warp; c < c1; c += WARPS) {
+        for (int c = c0 + warp; c < c1; c += NW) {
             const T *row = W + c * ld;
             float d;
             warp_dots<T, 1>(&row, o, hd, &d);
@@ -139,16 +139,16 @@ static __device__ void rows_add(unsigned long long *x, const T *W, int64_t ld, i
 /* B (fused): unit (h, j) per block. Warp w takes keys [w per, (w + 1) per)
  * of head h (one partial each, in shared memory), warp 0 combines them into
  * o_h, then the block adds o_h times head h's columns of Wo, rows of share
- * j, into the residual. ps: WARPS (hd + 2) + hd floats of shared memory. */
-template <class T>
+ * j, into the residual. ps: NW (hd + 2) + hd floats of shared memory. */
+template <class T, int NW>
 static __device__ void phase_attn_oproj(const params &p, int l, int pos, float *qs, float *ps) {
     const int C = p.C, hd = p.hd, kvd = p.KV * hd, grp = p.H / p.KV, n = pos + 1;
     const int warp = threadIdx.x >> 5, J = oproj_shares(p);
-    const int per = (n + 32 * WARPS - 1) / (32 * WARPS) * 32, ns = (n + per - 1) / per;
+    const int per = (n + 32 * NW - 1) / (32 * NW) * 32, ns = (n + per - 1) / per;
     const T *K = (const T *)p.kc + (int64_t)l * p.max_ctx * kvd;
     const T *V = (const T *)p.vc + (int64_t)l * p.max_ctx * kvd;
     const T *Wo = (const T *)p.wo + (int64_t)l * C * C;
-    float *o = ps + WARPS * (hd + 2);
+    float *o = ps + NW * (hd + 2);
     for (int u = blockIdx.x; u < p.H * J; u += gridDim.x) {
         const int h = u / J, j = u % J;
         if (warp < ns)
@@ -158,21 +158,21 @@ static __device__ void phase_attn_oproj(const params &p, int l, int pos, float *
         __syncthreads();
         if (warp == 0) attn_combine(ps, ns, hd, o);
         __syncthreads();
-        rows_add<T>(xrow(p, l), Wo + h * hd, C, (int)((int64_t)C * j / J),
+        rows_add<T, NW>(xrow(p, l), Wo + h * hd, C, (int)((int64_t)C * j / J),
                     (int)((int64_t)C * (j + 1) / J), o, hd);
         __syncthreads();   /* ps and o are the next unit's */
     }
 }
 
-/* B1 (long contexts): (query head, context split) per warp; qs: WARPS * hd floats. */
-template <class T>
+/* B1 (long contexts): (query head, context split) per warp; qs: NW * hd floats. */
+template <class T, int NW>
 static __device__ void phase_attn(const params &p, int l, int pos, float *qs) {
     const int hd = p.hd, kvd = p.KV * hd, grp = p.H / p.KV, n = pos + 1;
     int per;
     const int ns = attn_splits(n, &per);
     const T *K = (const T *)p.kc + (int64_t)l * p.max_ctx * kvd;
     const T *V = (const T *)p.vc + (int64_t)l * p.max_ctx * kvd;
-    for (int it = gwarp(); it < p.H * ns; it += nwarps()) {
+    for (int it = gwarp<NW>(); it < p.H * ns; it += nwarps<NW>()) {
         const int h = it / ns, s = it % ns, start = s * per, end = min(n, start + per);
         attn_partial_any<T>(p.q + (int64_t)h * hd, K + (h / grp) * hd, V + (h / grp) * hd, kvd, hd,
                             start, end, p.scale, qs + (threadIdx.x >> 5) * hd,
@@ -183,17 +183,17 @@ static __device__ void phase_attn(const params &p, int l, int pos, float *qs) {
 /* B2 (long contexts): every block combines all heads' partials (a few KB)
  * into xs, then its rows of the out-projection add into the residual (each
  * row by one warp: no other writer). */
-template <class T>
+template <class T, int NW>
 static __device__ void phase_oproj(const params &p, int l, int pos, float *xs) {
     const int C = p.C, hd = p.hd, lane = threadIdx.x & 31;
     int per;
     const int ns = attn_splits(pos + 1, &per);
-    for (int h = threadIdx.x >> 5; h < p.H; h += WARPS)
+    for (int h = threadIdx.x >> 5; h < p.H; h += NW)
         attn_combine(p.part + (int64_t)h * MAXSPLIT * (hd + 2), ns, hd, xs + h * hd);
     __syncthreads();
     const T *W = (const T *)p.wo + (int64_t)l * C * C;
     unsigned long long *x = xrow(p, l);
-    for (int r = gwarp(); r < C; r += nwarps()) {
+    for (int r = gwarp<NW>(); r < C; r += nwarps<NW>()) {
         const T *row = W + (int64_t)r * C;
         float d;
         warp_dots<T, 1>(&row, xs, C, &d);
@@ -201,7 +201,7 @@ static __device__ void phase_oproj(const params &p, int l, int pos, float *xs) {
     }
 }
 
-/* Width of D's column slices: acc holds WARPS of them. */
+/* Width of D's column slices: acc holds NW of them. */
 static __host__ __device__ __forceinline__ int ffn_slice(int C) { return C < 1024 ? (C + 7) / 8 * 8 : 1024; }
 
 /* D: warp w of the grid owns rows u = w + k nwarps (k < maxu) of the FFN:
@@ -209,19 +209,19 @@ static __host__ __device__ __forceinline__ int ffn_slice(int C) { return C < 102
  * transposed down projection. Per slice of C, each warp writes its sum to
  * acc, the block adds the warps' rows in a fixed order and adds that into
  * the next residual row (fixed point; block 0 also carries this layer's
- * residual over). hs: WARPS * maxu floats, acc: WARPS * ffn_slice(C). */
-template <class T>
+ * residual over). hs: NW * maxu floats, acc: NW * ffn_slice(C). */
+template <class T, int NW>
 static __device__ void phase_ffn(const params &p, int l, float *xs, float *hs, float *acc) {
     constexpr int VEC = vec16<T>::N;
     const int C = p.C, F = p.F, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (blockIdx.x * WARPS >= F && blockIdx.x != 0) return;   /* no rows here */
+    if (blockIdx.x * NW >= F && blockIdx.x != 0) return;   /* no rows here */
     unsigned long long *xc = xrow(p, l), *xn = xrow(p, l + 1);
     load_normed<T>(xs, xc, (const T *)nullptr, p.norms + (int64_t)(2 * l + 1) * C, C, p.eps);
     const T *W = (const T *)p.wgu + (int64_t)l * 2 * F * C;
     const T *D = (const T *)p.wdt + (int64_t)l * F * C;
     float *hw = hs + warp * p.maxu;
     int nu = 0;
-    for (int u = gwarp(); u < F; u += nwarps(), nu++) {
+    for (int u = gwarp<NW>(); u < F; u += nwarps<NW>(), nu++) {
         const T *rows[2] = { W + (int64_t)u * C, W + (int64_t)(F + u) * C };
         float d[2];
         warp_dots<T, 2>(rows, xs, C, d);
@@ -237,7 +237,7 @@ static __device__ void phase_ffn(const params &p, int l, float *xs, float *hs, f
                 float r[VEC] = {};
                 for (int k = 0; k < nu; k++) {
                     float w[VEC];
-                    const int u = gwarp() + k * nwarps();
+                    const int u = gwarp<NW>() + k * nwarps<NW>();
                     unpack16<T>(w, __ldg(reinterpret_cast<const uint4 *>(D + (int64_t)u * C + s0 + e)));
                     const float hk = hw[k];
 #pragma unroll
@@ -250,14 +250,14 @@ static __device__ void phase_ffn(const params &p, int l, float *xs, float *hs, f
             for (int e = lane; e < sn; e += 32) {
                 float r = 0.f;
                 for (int k = 0; k < nu; k++)
-                    r = fmaf(hw[k], tof(D[(int64_t)(gwarp() + k * nwarps()) * C + s0 + e]), r);
+                    r = fmaf(hw[k], tof(D[(int64_t)(gwarp<NW>() + k * nwarps<NW>()) * C + s0 + e]), r);
                 aw[e] = r;
             }
         }
         __syncthreads();
         for (int c = threadIdx.x; c < sn; c += blockDim.x) {
             float t = 0.f;
-            for (int w = 0; w < WARPS; w++) t += acc[w * S + c];
+            for (int w = 0; w < NW; w++) t += acc[w * S + c];
             atomicAdd(xn + s0 + c, fix(t) + (blockIdx.x == 0 ? xc[s0 + c] : 0ull));
         }
         __syncthreads();   /* acc is the next slice's */
@@ -274,7 +274,7 @@ enum { PF_QKV, PF_ATTN_OPROJ, PF_OPROJ, PF_FFN, PF_HEAD };
 /* Before a grid barrier: pull into L2 the first weight rows this warp (or,
  * for B, this block) will read in phase ph of layer l, with the same unit
  * mapping as the phase, so that their HBM latency overlaps the barrier. */
-template <class T>
+template <class T, int NW>
 static __device__ void prefetch_phase(const params &p, int ph, int l) {
     const int64_t C = p.C, F = p.F, hd = p.hd, half = p.hd / 2, es = sizeof(T);
     if (ph == PF_ATTN_OPROJ) {
@@ -282,12 +282,12 @@ static __device__ void prefetch_phase(const params &p, int ph, int l) {
         if (u >= p.H * J) return;
         const int h = u / J, j = u % J;
         const T *W = (const T *)p.wo + (int64_t)l * C * C + h * hd;
-        for (int64_t c = C * j / J + (threadIdx.x >> 5); c < C * (j + 1) / J; c += WARPS)
+        for (int64_t c = C * j / J + (threadIdx.x >> 5); c < C * (j + 1) / J; c += NW)
             prefetch_l2(W + c * C, hd * es);
         return;
     }
     for (int k = 0; k < 2; k++) {
-        const int64_t u = gwarp() + (int64_t)k * nwarps();
+        const int64_t u = gwarp<NW>() + (int64_t)k * nwarps<NW>();
         if (ph == PF_QKV) {
             if (u >= (p.H + 2 * p.KV) * half) return;
             const T *W = (const T *)p.wqkv + (int64_t)l * (p.H + 2 * p.KV) * hd * C;
@@ -316,16 +316,16 @@ static __device__ __forceinline__ bool better(float v, int i, float bv, int bi) 
 }
 
 /* F: four vocabulary rows per warp at a time (more loads in flight). */
-template <class T>
+template <class T, int NW>
 static __device__ void phase_head(const params &p, float *xs) {
-    __shared__ float sv[WARPS];
-    __shared__ int si[WARPS];
+    __shared__ float sv[NW];
+    __shared__ int si[NW];
     const int C = p.C, V = p.V, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     load_normed<T>(xs, xrow(p, p.L), (const T *)nullptr, p.norms + (int64_t)2 * p.L * C, C, p.eps);
     const T *W = (const T *)p.head;
     float bv = -INFINITY;
     int bi = INT_MAX;
-    for (int r0 = gwarp() * 4; r0 < V; r0 += nwarps() * 4) {
+    for (int r0 = gwarp<NW>() * 4; r0 < V; r0 += nwarps<NW>() * 4) {
         const T *rows[4];
 #pragma unroll
         for (int k = 0; k < 4; k++) rows[k] = W + (int64_t)min(r0 + k, V - 1) * C;
@@ -341,7 +341,7 @@ static __device__ void phase_head(const params &p, float *xs) {
     if (!lane) { sv[warp] = bv; si[warp] = bi; }
     __syncthreads();
     if (threadIdx.x == 0) {
-        for (int w = 1; w < WARPS; w++)
+        for (int w = 1; w < NW; w++)
             if (better(sv[w], si[w], bv, bi)) { bv = sv[w]; bi = si[w]; }
         p.best_v[blockIdx.x] = bv;
         p.best_i[blockIdx.x] = bi;
@@ -375,49 +375,49 @@ static __device__ void phase_pick(const params &p, int nblocks, int step, int po
  * partials ps of B, the per-warp h_u list hs and column sums acc of D. */
 struct smem_map { int xs, qs, ps, hs, acc, total; };
 static __host__ __device__ __forceinline__ int r4(int n) { return (n + 3) / 4 * 4; }
-static __host__ __device__ __forceinline__ smem_map smem_layout(const params &p) {
+static __host__ __device__ __forceinline__ smem_map smem_layout(const params &p, int NW) {
     smem_map m;
     m.xs = 0;
     m.qs = m.xs + r4(p.C > p.F ? p.C : p.F);
-    m.ps = m.qs + r4(WARPS * p.hd);
-    m.hs = m.ps + r4(WARPS * (p.hd + 2) + p.hd);
-    m.acc = m.hs + r4(WARPS * p.maxu);
-    m.total = m.acc + WARPS * ffn_slice(p.C);
+    m.ps = m.qs + r4(NW * p.hd);
+    m.hs = m.ps + r4(NW * (p.hd + 2) + p.hd);
+    m.acc = m.hs + r4(NW * p.maxu);
+    m.total = m.acc + NW * ffn_slice(p.C);
     return m;
 }
-size_t smem_bytes(const params &p) { return sizeof(float) * (size_t)smem_layout(p).total; }
+size_t smem_bytes(const params &p) { return sizeof(float) * (size_t)smem_layout(p, p.warps).total; }
 
-template <class T>
-__global__ void __launch_bounds__(THREADS) step_persistent(params p, int n_steps) {
+template <class T, int NW>
+__global__ void __launch_bounds__(NW * 32) step_persistent(params p, int n_steps) {
     extern __shared__ float4 smem4[];
     float *sm = reinterpret_cast<float *>(smem4);
-    const smem_map m = smem_layout(p);
+    const smem_map m = smem_layout(p, NW);
     float *xs = sm + m.xs, *qs = sm + m.qs, *ps = sm + m.ps, *hs = sm + m.hs, *acc = sm + m.acc;
     cg::grid_group grid = cg::this_grid();
     for (int step = 0; step < n_steps; step++) {
         const int tok = ((volatile int *)p.io)[0], pos = ((volatile int *)p.io)[1];
         for (int l = 0; l < p.L; l++) {
-            phase_qkv<T>(p, l, tok, pos, xs);
+            phase_qkv<T, NW>(p, l, tok, pos, xs);
             if (attn_fused(p, pos)) {
-                prefetch_phase<T>(p, PF_ATTN_OPROJ, l);
+                prefetch_phase<T, NW>(p, PF_ATTN_OPROJ, l);
                 grid.sync();
-                phase_attn_oproj<T>(p, l, pos, qs, ps);
+                phase_attn_oproj<T, NW>(p, l, pos, qs, ps);
             } else {
-                prefetch_phase<T>(p, PF_OPROJ, l);   /* B1 reads no weights: B2's wait through it */
+                prefetch_phase<T, NW>(p, PF_OPROJ, l);   /* B1 reads no weights: B2's wait through it */
                 grid.sync();
-                phase_attn<T>(p, l, pos, qs);
+                phase_attn<T, NW>(p, l, pos, qs);
                 grid.sync();
-                phase_oproj<T>(p, l, pos, xs);
+                phase_oproj<T, NW>(p, l, pos, xs);
             }
-            prefetch_phase<T>(p, PF_FFN, l);
+            prefetch_phase<T, NW>(p, PF_FFN, l);
             grid.sync();
-            phase_ffn<T>(p, l, xs, hs, acc);
-            if (l + 1 < p.L) prefetch_phase<T>(p, PF_QKV, l + 1);
-            else prefetch_phase<T>(p, PF_HEAD, 0);
+            phase_ffn<T, NW>(p, l, xs, hs, acc);
+            if (l + 1 < p.L) prefetch_phase<T, NW>(p, PF_QKV, l + 1);
+            else prefetch_phase<T, NW>(p, PF_HEAD, 0);
             grid.sync();
         }
-        phase_head<T>(p, xs);
-        prefetch_phase<T>(p, PF_QKV, 0);
+        phase_head<T, NW>(p, xs);
+        prefetch_phase<T, NW>(p, PF_QKV, 0);
         grid.sync();
         if (blockIdx.x == 0) phase_pick(p, gridDim.x, step, pos);
         if (step + 1 < n_steps) grid.sync();
@@ -426,22 +426,22 @@ __global__ void __launch_bounds__(THREADS) step_persistent(params p, int n_steps
 
 /* The same phases, one kernel each (ph: 0 A, 1 B or B1, 2 nothing or B2,
  * 3 D, 4 F; G is step_pick). */
-template <class T>
-__global__ void __launch_bounds__(THREADS) step_phase(params p, int ph, int l) {
+template <class T, int NW>
+__global__ void __launch_bounds__(NW * 32) step_phase(params p, int ph, int l) {
     extern __shared__ float4 smem4[];
     float *sm = reinterpret_cast<float *>(smem4);
-    const smem_map m = smem_layout(p);
+    const smem_map m = smem_layout(p, NW);
     float *xs = sm + m.xs, *qs = sm + m.qs, *ps = sm + m.ps, *hs = sm + m.hs, *acc = sm + m.acc;
     const int tok = p.io[0], pos = p.io[1];
     switch (ph) {
-    case 0: phase_qkv<T>(p, l, tok, pos, xs); break;
+    case 0: phase_qkv<T, NW>(p, l, tok, pos, xs); break;
     case 1:
-        if (attn_fused(p, pos)) phase_attn_oproj<T>(p, l, pos, qs, ps);
-        else phase_attn<T>(p, l, pos, qs);
+        if (attn_fused(p, pos)) phase_attn_oproj<T, NW>(p, l, pos, qs, ps);
+        else phase_attn<T, NW>(p, l, pos, qs);
         break;
-    case 2: if (!attn_fused(p, pos)) phase_oproj<T>(p, l, pos, xs); break;
-    case 3: phase_ffn<T>(p, l, xs, hs, acc); break;
-    default: phase_head<T>(p, xs); break;
+    case 2: if (!attn_fused(p, pos)) phase_oproj<T, NW>(p, l, pos, xs); break;
+    case 3: phase_ffn<T, NW>(p, l, xs, hs, acc); break;
+    default: phase_head<T, NW>(p, xs); break;
     }
 }
 
@@ -450,24 +450,21 @@ __global__ void step_pick(params p, int nblocks, int step) { phase_pick(p, nbloc
 /* Raise the dynamic shared-memory limit where needed; blocks for the grid:
  * one per SM (the persistent kernel needs them all co-resident). *coop: the
  * device can launch cooperative kernels. */
-template <class T>
-static sj_status setup_t(params &p, int *grid, int *coop) {
-    int dev = 0, sms = 0, occ = 0, c = 0;
+template <class T, int NW>
+static sj_status setup_t(params &p, int sms, int *grid, int *coop) {
+    int dev = 0, occ = 0, c = 0;
     cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&c, cudaDevAttrCooperativeLaunch, dev);
-    const char *env = getenv("SMEDJAN_DECODE_GRID");   /* testing: fewer blocks than SMs */
-    if (env && atoi(env) > 0 && atoi(env) < sms) sms = atoi(env);
-    if (sms < 1) sms = 1;
-    p.maxu = (p.F + sms * WARPS - 1) / (sms * WARPS);   /* D's rows per warp on this grid */
+    p.warps = NW;
+    p.maxu = (p.F + sms * NW - 1) / (sms * NW);   /* D's rows per warp on this grid */
     const size_t smem = smem_bytes(p);
     if (e == cudaSuccess && smem > 48 * 1024) {
-        e = cudaFuncSetAttribute(step_persistent<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        e = cudaFuncSetAttribute(step_persistent<T, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e == cudaSuccess)
-            e = cudaFuncSetAttribute(step_phase<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+            e = cudaFuncSetAttribute(step_phase<T, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     }
     if (e == cudaSuccess)
-        e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, step_persistent<T>, THREADS, smem);
+        e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, step_persistent<T, NW>, NW * 32, smem);
     if (e != cudaSuccess) {
         cudaGetLastError();
         return sj_fail(SJ_ERR_RUNTIME, "CUDA error: %s (decode kernel setup, %zu bytes of shared memory)",
@@ -481,27 +478,46 @@ static sj_status setup_t(params &p, int *grid, int *coop) {
     return SJ_OK;
 }
 
-sj_status setup(params &p, int is_bf16, int *grid, int *coop) {
-    return is_bf16 ? setup_t<bf16>(p, grid, coop) : setup_t<float>(p, grid, coop);
+/* Warps per block: a model whose weights sit in L2 (half of it, say) is
+ * bound by the latency of each phase's block-wide steps, and 8 warps pay
+ * less for them; a model streamed from HBM needs 16 warps' loads in flight
+ * (H100: small preset 5.1x vs 4.7x PyTorch with 8; medium 3.9x vs 4.2x). */
+sj_status setup(params &p, int is_bf16, int64_t weight_bytes, int *grid, int *coop) {
+    int dev = 0, sms = 0, l2 = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        return sj_fail(SJ_ERR_RUNTIME, "CUDA error: %s (decode kernel setup)", cudaGetErrorString(e));
+    }
+    const char *env = getenv("SMEDJAN_DECODE_GRID");   /* testing: fewer blocks than SMs */
+    if (env && atoi(env) > 0 && atoi(env) < sms) sms = atoi(env);
+    if (sms < 1) sms = 1;
+    int nw = weight_bytes <= (int64_t)l2 / 2 ? 8 : WARPS;
+    env = getenv("SMEDJAN_DECODE_WARPS");               /* testing: 8 or 16 */
+    if (env && (atoi(env) == 8 || atoi(env) == 16)) nw = atoi(env);
+    if (is_bf16) return nw == 8 ? setup_t<bf16, 8>(p, sms, grid, coop) : setup_t<bf16, WARPS>(p, sms, grid, coop);
+    return nw == 8 ? setup_t<float, 8>(p, sms, grid, coop) : setup_t<float, WARPS>(p, sms, grid, coop);
 }
 
-template <class T>
+template <class T, int NW>
 static void enqueue_t(const params &p, int persistent, int n_steps, int grid, cudaStream_t st) {
     const size_t smem = smem_bytes(p);
     if (persistent) {
         params pp = p;
         void *args[] = { &pp, &n_steps };
-        CUDA_CHECK(cudaLaunchCooperativeKernel((const void *)step_persistent<T>, dim3(grid),
-                                               dim3(THREADS), args, smem, st));
+        CUDA_CHECK(cudaLaunchCooperativeKernel((const void *)step_persistent<T, NW>, dim3(grid),
+                                               dim3(NW * 32), args, smem, st));
         return;
     }
     for (int step = 0; step < n_steps; step++) {
         for (int l = 0; l < p.L; l++)
             for (int ph = 0; ph < 4; ph++) {
-                step_phase<T><<<grid, THREADS, smem, st>>>(p, ph, l);
+                step_phase<T, NW><<<grid, NW * 32, smem, st>>>(p, ph, l);
                 LAUNCH_CHECK("step_phase");
             }
-        step_phase<T><<<grid, THREADS, smem, st>>>(p, 4, 0);
+        step_phase<T, NW><<<grid, NW * 32, smem, st>>>(p, 4, 0);
         LAUNCH_CHECK("step_phase head");
         step_pick<<<1, 32, 0, st>>>(p, grid, step);
         LAUNCH_CHECK("step_pick");
@@ -509,8 +525,8 @@ static void enqueue_t(const params &p, int persistent, int n_steps, int grid, cu
 }
 
 void enqueue(const params &p, int is_bf16, int persistent, int n_steps, int grid, cudaStream_t st) {
-    if (is_bf16) enqueue_t<bf16>(p, persistent, n_steps, grid, st);
-    else enqueue_t<float>(p, persistent, n_steps, grid, st);
+    if (is_bf16) (p.warps == 8 ? enqueue_t<bf16, 8> : enqueue_t<bf16, WARPS>)(p, persistent, n_steps, grid, st);
+    else (p.warps == 8 ? enqueue_t<float, 8> : enqueue_t<float, WARPS>)(p, persistent, n_steps, grid, st);
 }
 
 }  // namespace dec

@@ -13,7 +13,7 @@
 namespace dec {
 
 enum {
-    WARPS = 16, THREADS = WARPS * 32,   /* one block per SM: 16 warps stream the weights */
+    WARPS = 16, THREADS = WARPS * 32,   /* prefill kernels; decode blocks: 8 or 16 warps (setup) */
     MAXSPLIT = 16,                      /* attention splits of the context per query head */
     MAXHD = 256,                        /* head_dim limit (8 f32 per lane in the PV sum) */
 };
@@ -42,7 +42,8 @@ struct params {
     int *out;                           /* (max_ctx) greedy tokens, one per step */
     int fuse_ctx;                       /* contexts up to this many keys: attention and
                                            out-projection in one phase (see decode.cu) */
-    int maxu;                           /* FFN rows u per warp: ceil(F / (grid WARPS)) */
+    int warps;                          /* per decode block (setup: 8 or 16) */
+    int maxu;                           /* FFN rows u per warp: ceil(F / (grid warps)) */
 };
 
 /* The residual stream is summed from many blocks' partial vectors with
@@ -254,10 +255,11 @@ static __device__ __forceinline__ void attn_combine(const float *part, int ns, i
 }
 
 /* decode.cu: dynamic shared memory of a step's blocks; kernel attributes,
- * the grid (*coop: cooperative launches possible) and p.maxu; enqueue n_steps
+ * the grid (*coop: cooperative launches possible), p.warps and p.maxu for
+ * weights of weight_bytes; enqueue n_steps
  * greedy steps on st, as one persistent kernel or one kernel per phase. */
 size_t smem_bytes(const params &p);
-sj_status setup(params &p, int is_bf16, int *grid, int *coop);
+sj_status setup(params &p, int is_bf16, int64_t weight_bytes, int *grid, int *coop);
 void enqueue(const params &p, int is_bf16, int persistent, int n_steps, int grid, cudaStream_t st);
 
 }  // namespace dec

@@ -193,10 +193,6 @@ extern "C" sj_status sj_cuinfer_create(const sj_cuinfer_init *in, sj_cuinfer **o
     p.fuse_ctx = 32 * WARPS;
     env = getenv("SMEDJAN_DECODE_FUSE_CTX");
     if (env && *env) p.fuse_ctx = atoi(env);
-    sj_status s = dec::setup(p, g->is_bf, &g->grid, &g->coop);
-    if (s) { sj_cuinfer_free(g); return s; }
-    if (!g->coop) g->persistent = 0;
-
     /* weights: one allocation, each array 256-byte aligned (rows 16-byte aligned when C, F allow) */
     size_t off[7], wb = 0;
     const size_t sizes[7] = { (size_t)(V * C * es), in->output ? (size_t)(V * C * es) : 0,
@@ -204,6 +200,9 @@ extern "C" sj_status sj_cuinfer_create(const sj_cuinfer_init *in, sj_cuinfer **o
                               (size_t)(L * 2 * F * C * es), (size_t)(L * C * F * es),
                               (size_t)((2 * L + 1) * C * 4) };
     for (int i = 0; i < 7; i++) { off[i] = wb; wb += al256(sizes[i]); }
+    sj_status s = dec::setup(p, g->is_bf, (int64_t)wb, &g->grid, &g->coop);
+    if (s) { sj_cuinfer_free(g); return s; }
+    if (!g->coop) g->persistent = 0;
     g->wmem = g->be->alloc(wb, "GPU inference weights");
     if (!g->wmem) { sj_cuinfer_free(g); return SJ_ERR_NOMEM; }
     g->wbytes = (int64_t)wb;

@@ -126,14 +126,19 @@ def test_fp32_decode_past_600_positions_equals_cpu(model):
 
 
 @gpu_test
-@pytest.mark.parametrize("blocks", [3, 50])
-def test_fp32_decode_equals_cpu_on_fewer_blocks(model, blocks, monkeypatch):
-    """As on a GPU with fewer SMs (SMEDJAN_DECODE_GRID caps the decode grid):
-    several FFN rows per warp, fewer attention units than heads (3 blocks)."""
-    monkeypatch.setenv("SMEDJAN_DECODE_GRID", str(blocks))
+@pytest.mark.parametrize("warps", [8, 16])
+@pytest.mark.parametrize("blocks", [3, 50, 0])
+def test_fp32_decode_equals_cpu_on_any_grid(model, blocks, warps, monkeypatch):
+    """Both block sizes (8 warps are chosen for models that fit in L2, 16
+    otherwise), on the whole GPU (0) and on fewer blocks as on GPUs with fewer
+    SMs: several FFN rows per warp, fewer attention units than heads (3)."""
+    monkeypatch.setenv("SMEDJAN_DECODE_WARPS", str(warps))
+    if blocks:
+        monkeypatch.setenv("SMEDJAN_DECODE_GRID", str(blocks))
     g = from_model(model, "fp32", device="cuda")
     c = from_model(model, "fp32")
-    check_against_cpu(g, c, np.random.default_rng(blocks), 30, 30, 1e-4, f"fp32 on {blocks} blocks")
+    check_against_cpu(g, c, np.random.default_rng(blocks), 30, 30, 1e-4,
+                      f"fp32, {warps} warps, grid {blocks or 'full'}")
 
 
 @gpu_test
