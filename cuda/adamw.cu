@@ -45,3 +45,4 @@ extern "C" void sj_cuda_adamw_##T(float *p, void *p_act, float *g, float *m, flo
 }
 SJ_CU_ADAMW(f32, float)
 SJ_CU_ADAMW(bf16, bf16)
+SJ_CU_ADAMW(f16, f16)
