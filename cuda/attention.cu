@@ -9,15 +9,16 @@
  *  - tensor cores (bf16 or f16, head_dim 32/64/128): mma.sync m16n8k16
  *    (16-bit in, f32 accumulate; one template: the type names only the
  *    instruction and the f32 -> 16-bit packing, f16 clamped), 64-row
- *    tiles, 4 warps x 16 rows, FlashAttention-2 style forward. Backward in two kernels so that nothing is reduced with
- *    atomics (deterministic): one per key tile computes dK and dV over
- *    every query head of its KV group, one per query tile computes dQ.
+ *    tiles, 4 warps x 16 rows, FlashAttention-2 style forward. Backward
+ *    in two kernels so that nothing is reduced with atomics
+ *    (deterministic): one per key tile computes dK and dV over every query
+ *    head of its KV group, one per query tile computes dQ.
  * Fragment layouts are those of the PTX ISA for mma.m16n8k16 (.bf16 and
  * .f16 alike):
  * g = lane / 4, t = lane % 4; A: {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..),
  * (g+8, 2t+8..)}; B: {(k = 2t..2t+1, n = g), (k = 2t+8.., n = g)};
  * C: {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
- * Bound: tensor-core rate (mma.sync bf16, f32 accumulate). Done so far for
+ * Bound: tensor-core rate (mma.sync bf16/f16, f32 accumulate). Done so far for
  * speed: D = rowsum(dO*O) computed once per backward (attn_rowdot_k, it was
  * recomputed with 2-byte loads for every (key tile, query tile) pair), the
  * dK/dV kernel's Q/dO stream double-buffered with cp.async, the heaviest
