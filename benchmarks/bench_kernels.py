@@ -5,7 +5,7 @@ floor: bytes moved once at the measured HBM rate, or tensor-core FLOPs.
 Each kernel runs through the test hook `_C.cuda_op(..., reps)`: inputs are
 uploaded once, one warm-up run, then `reps` runs between CUDA events on the
 same device buffers (so a working set under the 50 MB L2 can look faster
-than in a train step). bf16 unless --dtype fp32.
+than in a train step). bf16 unless --dtype fp16 or fp32.
 
     python3 benchmarks/bench_kernels.py                 # all three configs
     python3 benchmarks/bench_kernels.py small --reps 50
@@ -51,7 +51,7 @@ def bench_config(name, dtype, reps, rng):
     B, T, C, H, KV, F, V = CONFIGS[name]
     hd = C // H
     N = B * T
-    es = 2 if dtype == "bf16" else 4
+    es = 2 if dtype != "fp32" else 4
     W = (H + 2 * KV) * hd
     rows = []
 
@@ -81,7 +81,7 @@ def bench_config(name, dtype, reps, rng):
         (B, T, H + 2 * KV, H + KV, hd, 0), (10000.0,), nbytes=2 * N * W * es, key="rope")
     run("rope_backward", "rope_backward", {"din": qkv.copy(), "dout": qkv},
         (B, T, H + 2 * KV, H + KV, hd, 0, 0), (10000.0,), nbytes=2 * N * W * es, key="rope")
-    if dtype == "bf16":
+    if dtype != "fp32":
         causal_flops = 4.0 * B * H * (T * (T + 1) / 2) * hd   # QK^T and PV over the causal half
         f = _C.cuda_op("attention_forward", dtype, {"out": np.zeros((B, T, H * hd), np.float32),
                                                     "lse": np.zeros((B, H, T), np.float32), "qkv": qkv},
@@ -130,7 +130,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     a = ap.parse_args()
     info = _C.cuda_info()
     if not info["devices"]:

@@ -101,7 +101,9 @@ typedef enum {
 
 /* A model on a device with a compute dtype: SJ_F32 (CPU or CUDA; on CUDA
  * with TF32 off, for parity) or SJ_BF16 (CUDA: bf16 activations and compute
- * copy of the weights, f32 master weights, optimizer state and accumulation).
+ * copy of the weights, f32 master weights, optimizer state and accumulation)
+ * or SJ_F16 (CUDA: the same with fp16, every cast to fp16 clamped to the
+ * finite range +-65504; no loss scaling).
  * Parameters are initialised on the host (the same values for every device)
  * and uploaded. sj_model_create(c, seed, out) == (c, seed, CPU, F32, out). */
 sj_status sj_model_create_ex(const sj_config *c, uint64_t seed, sj_device device,

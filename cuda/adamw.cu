@@ -1,9 +1,10 @@
 /* adamw.cu — AdamW over the flat buffers in one pass: f32 master weights
- * and moments, the bf16 compute copy written alongside, gradients zeroed.
+ * and moments, the bf16 or f16 compute copy written alongside (f16 clamped
+ * by fromf), gradients zeroed.
  * Clip scale, skip-on-non-finite, lr and bias corrections are computed per
  * thread from the scalars in device memory (set before each replay), with
  * the expressions of csrc/cpu/adamw.c. Bandwidth-bound: 4 f32 reads,
- * 4 f32 writes (+1 bf16) per parameter. */
+ * 4 f32 writes (+1 bf16/f16) per parameter. */
 #include "common.cuh"
 #include "kernels.h"
 
@@ -45,3 +46,4 @@ extern "C" void sj_cuda_adamw_##T(float *p, void *p_act, float *g, float *m, flo
 }
 SJ_CU_ADAMW(f32, float)
 SJ_CU_ADAMW(bf16, bf16)
+SJ_CU_ADAMW(f16, f16)

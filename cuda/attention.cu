@@ -4,18 +4,21 @@
  * recomputes the probabilities. No (T, T) matrix ever reaches memory.
  *
  * Two implementations, the simple one the reference for the fast one:
- *  - simple (any head_dim <= 256, f32 or bf16): one warp per row, lanes over
- *    the head dimension, keys in order. Used for the f32 (parity) mode.
- *  - tensor cores (bf16, head_dim 32/64/128): mma.sync m16n8k16 (bf16 in,
- *    f32 accumulate), 64-row tiles, 4 warps x 16 rows, FlashAttention-2
- *    style forward. Backward in two kernels so that nothing is reduced with
- *    atomics (deterministic): one per key tile computes dK and dV over
- *    every query head of its KV group, one per query tile computes dQ.
- * Fragment layouts are those of the PTX ISA for mma.m16n8k16 (.bf16):
+ *  - simple (any head_dim <= 256, f32, bf16 or f16): one warp per row, lanes
+ *    over the head dimension, keys in order. Used for the f32 (parity) mode.
+ *  - tensor cores (bf16 or f16, head_dim 32/64/128): mma.sync m16n8k16
+ *    (16-bit in, f32 accumulate; one template: the type names only the
+ *    instruction and the f32 -> 16-bit packing, f16 clamped), 64-row
+ *    tiles, 4 warps x 16 rows, FlashAttention-2 style forward. Backward
+ *    in two kernels so that nothing is reduced with atomics
+ *    (deterministic): one per key tile computes dK and dV over every query
+ *    head of its KV group, one per query tile computes dQ.
+ * Fragment layouts are those of the PTX ISA for mma.m16n8k16 (.bf16 and
+ * .f16 alike):
  * g = lane / 4, t = lane % 4; A: {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..),
  * (g+8, 2t+8..)}; B: {(k = 2t..2t+1, n = g), (k = 2t+8.., n = g)};
  * C: {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
- * Bound: tensor-core rate (mma.sync bf16, f32 accumulate). Done so far for
+ * Bound: tensor-core rate (mma.sync bf16/f16, f32 accumulate). Done so far for
  * speed: D = rowsum(dO*O) computed once per backward (attn_rowdot_k, it was
  * recomputed with 2-byte loads for every (key tile, query tile) pair), the
  * dK/dV kernel's Q/dO stream double-buffered with cp.async, the heaviest
@@ -186,62 +189,71 @@ static __global__ void bwd_dkv_simple(T *dqkv, const T *dout, const T *qkv, cons
     }
 }
 
-/* ======================= tensor-core kernels (bf16) ===================== */
+/* ================= tensor-core kernels (bf16 or f16) ==================== */
 
-/* Not volatile: the compiler may interleave the mma with fragment loads. */
-static __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0,
-                                                uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-/* Two bf16, lo at the lower address / lower column. */
-static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
-static __device__ __forceinline__ uint32_t ld32(const bf16 *p) {
+/* Not volatile: the compiler may interleave the mma with fragment loads.
+ * The element type only names the instruction; fragments, layouts and the
+ * f32 accumulators are the same for .bf16 and .f16. */
+#define SJ_MMA16816(TY, PTX)                                                                     \
+    template <> __device__ __forceinline__ void mma16816<TY>(float c[4], const uint32_t a[4],     \
+                                                             uint32_t b0, uint32_t b1) {          \
+        asm("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX ".f32 {%0,%1,%2,%3}, "          \
+            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                           \
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                     \
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                     \
+    }
+template <class T>
+static __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
+SJ_MMA16816(bf16, "bf16")
+SJ_MMA16816(f16, "f16")
+#undef SJ_MMA16816
+template <class T> static __device__ __forceinline__ uint32_t ld32(const T *p) {
     return *reinterpret_cast<const uint32_t *>(p);
 }
 
-/* ldmatrix: four 8 x 8 bf16 matrices from shared memory in one instruction;
+/* ldmatrix: four 8 x 8 16-bit matrices from shared memory in one instruction;
  * lanes 8i..8i+7 give the row addresses of matrix i (16-byte aligned).
  * Plain: lane l receives row l/4, columns 2(l%4), +1 of each matrix (an
  * mma A/B fragment register); .trans: rows 2(l%4), +1 of column l/4. */
-static __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const bf16 *p) {
+template <class T>
+static __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const T *p) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
-static __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], const bf16 *p) {
+template <class T>
+static __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], const T *p) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
 /* A fragment of the 16 x 16 block at p (row-major, row stride ld):
  * matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15) in the order a0..a3. */
-static __device__ __forceinline__ void frag_a(uint32_t a[4], const bf16 *p, int ld, int lane) {
+template <class T>
+static __device__ __forceinline__ void frag_a(uint32_t a[4], const T *p, int ld, int lane) {
     ldsm_x4(a, p + ((lane & 7) + (lane & 8)) * ld + (lane >> 4) * 8);
 }
 /* B fragments of two adjacent n-blocks (n 0-7 -> b[0], b[1]; n 8-15 ->
  * b[2], b[3]) over 16 k, when B^T is stored row-major: B[k][n] = p[n*ld + k]. */
-static __device__ __forceinline__ void frag_bt2(uint32_t b[4], const bf16 *p, int ld, int lane) {
+template <class T>
+static __device__ __forceinline__ void frag_bt2(uint32_t b[4], const T *p, int ld, int lane) {
     ldsm_x4(b, p + ((lane & 7) + (lane >> 4) * 8) * ld + (lane & 8));
 }
 /* The same two n-blocks when B itself is row-major: B[k][n] = p[k*ld + n]. */
-static __device__ __forceinline__ void frag_b2(uint32_t b[4], const bf16 *p, int ld, int lane) {
+template <class T>
+static __device__ __forceinline__ void frag_b2(uint32_t b[4], const T *p, int ld, int lane) {
     ldsm_x4_trans(b, p + ((lane & 7) + (lane & 8)) * ld + (lane >> 4) * 8);
 }
 /* Probabilities (C fragments of n-blocks 2kk, 2kk+1) as the A fragment of the next product. */
+template <class T>
 static __device__ __forceinline__ void c_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
-    a[0] = pack(c0[0], c0[1]);
-    a[1] = pack(c0[2], c0[3]);
-    a[2] = pack(c1[0], c1[1]);
-    a[3] = pack(c1[2], c1[3]);
+    a[0] = pack2<T>(c0[0], c0[1]);
+    a[1] = pack2<T>(c0[2], c0[3]);
+    a[2] = pack2<T>(c1[0], c1[1]);
+    a[3] = pack2<T>(c1[2], c1[3]);
 }
 
-/* 64 rows of HD bf16 from global (row stride rs elements) into shared
+/* 64 rows of HD elements from global (row stride rs elements) into shared
  * memory (row stride HD + 8: the 8 rows an ldmatrix reads fall in
  * different banks) with cp.async, 16 bytes a copy, bypassing registers
  * and L1; rows past T_ are zero-filled by a source size of 0. Complete
@@ -258,8 +270,8 @@ static __device__ __forceinline__ void cp_async_commit(void) {
 static __device__ __forceinline__ void cp_async_wait_all(void) {
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
-template <int HD>
-static __device__ __forceinline__ void load_tile_async(bf16 *sm, const bf16 *g, int64_t rs, int r0,
+template <class T, int HD>
+static __device__ __forceinline__ void load_tile_async(T *sm, const T *g, int64_t rs, int r0,
                                                        int T_) {
     constexpr int VPR = HD / 8, LD = HD + 8;
     for (int i = threadIdx.x; i < 64 * VPR; i += blockDim.x) {
@@ -273,9 +285,9 @@ static __device__ __forceinline__ void load_tile_async(bf16 *sm, const bf16 *g, 
 /* D[b][h][t] = rowsum(dO * O) of every query row, once per backward (the
  * tiles used to recompute it for every key tile). dout, out: (B, T, H*HD);
  * HD / 8 lanes per row, 16-byte loads. */
-template <int HD>
-static __global__ void __launch_bounds__(256) attn_rowdot_k(float *D, const bf16 *dout,
-                                                            const bf16 *out, int T_, int H,
+template <class T, int HD>
+static __global__ void __launch_bounds__(256) attn_rowdot_k(float *D, const T *dout,
+                                                            const T *out, int T_, int H,
                                                             int64_t n_rows) {
     constexpr int L = HD / 8;   /* 4, 8 or 16 lanes per row, aligned groups */
     const int64_t gid = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, row = gid / L;
@@ -307,7 +319,8 @@ static __device__ __forceinline__ void load_rowstats(float *Ls, float *Ds, const
 }
 
 /* Shared memory (bytes) of each kernel: tiles of 64 rows x (HD + 8). */
-template <int HD> static constexpr size_t tile_bytes(void) { return 64 * (HD + 8) * sizeof(bf16); }
+/* 16-bit elements (bf16 or f16): the sizes do not depend on which. */
+template <int HD> static constexpr size_t tile_bytes(void) { return 64 * (HD + 8) * 2; }
 template <int HD> static constexpr size_t fwd_smem(void) { return 4 * tile_bytes<HD>(); }
 template <int HD> static constexpr size_t dq_smem(void) { return 6 * tile_bytes<HD>() + 2 * 64 * sizeof(float); }
 template <int HD> static constexpr size_t dkv_smem(void) { return 6 * tile_bytes<HD>() + 4 * 64 * sizeof(float); }
@@ -317,22 +330,22 @@ template <int HD> static constexpr size_t dkv_smem(void) { return 6 * tile_bytes
 // (tile kt+1 is copied with cp.async while tile kt computes). Only the
 // diagonal tile needs the causal mask: every key of an earlier tile
 // precedes every query row of this one.
-template <int HD>
-static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, const bf16 *qkv,
+template <class T, int HD>
+static __global__ void __launch_bounds__(128) fwd_mma(T *out, float *lse, const T *qkv,
                                                       int T_, int H, int KV) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16 *Kb = (bf16 *)smem, *Vb = Kb + 2 * 64 * LD;
+    T *Kb = (T *)smem, *Vb = Kb + 2 * 64 * LD;
     /* the last query tiles see the most keys: start them first */
     const int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
     const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
-    const bf16 *base = qkv + (int64_t)b * T_ * rs;
-    const bf16 *Qg = base + h * HD, *Kg = base + (H + kvh) * HD, *Vg = base + (H + KV + kvh) * HD;
+    const T *base = qkv + (int64_t)b * T_ * rs;
+    const T *Qg = base + h * HD, *Kg = base + (H + kvh) * HD, *Vg = base + (H + KV + kvh) * HD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int r0 = qt * 64 + warp * 16 + g, r1 = r0 + 8;
     const int n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
-    load_tile_async<HD>(Kb, Kg, rs, 0, T_);
-    load_tile_async<HD>(Vb, Vg, rs, 0, T_);
+    load_tile_async<T, HD>(Kb, Kg, rs, 0, T_);
+    load_tile_async<T, HD>(Vb, Vg, rs, 0, T_);
     cp_async_commit();
     uint32_t qa[NK][4];
 #pragma unroll
@@ -355,11 +368,11 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
         __syncthreads();
         if (kt + 1 < n_kt) {
             const int nb = (kt + 1) & 1;
-            load_tile_async<HD>(Kb + nb * 64 * LD, Kg, rs, (kt + 1) * 64, T_);
-            load_tile_async<HD>(Vb + nb * 64 * LD, Vg, rs, (kt + 1) * 64, T_);
+            load_tile_async<T, HD>(Kb + nb * 64 * LD, Kg, rs, (kt + 1) * 64, T_);
+            load_tile_async<T, HD>(Vb + nb * 64 * LD, Vg, rs, (kt + 1) * 64, T_);
         }
         cp_async_commit();
-        const bf16 *Ks = Kb + (kt & 1) * 64 * LD, *Vs = Vb + (kt & 1) * 64 * LD;
+        const T *Ks = Kb + (kt & 1) * 64 * LD, *Vs = Vb + (kt & 1) * 64 * LD;
         float s[8][4];
 #pragma unroll
         for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
@@ -369,8 +382,8 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
             for (int j = 0; j < 8; j += 2) {
                 uint32_t kb[4];
                 frag_bt2(kb, Ks + j * 8 * LD + kc * 16, LD, lane);
-                mma16816(s[j], qa[kc], kb[0], kb[1]);
-                mma16816(s[j + 1], qa[kc], kb[2], kb[3]);
+                mma16816<T>(s[j], qa[kc], kb[0], kb[1]);
+                mma16816<T>(s[j + 1], qa[kc], kb[2], kb[3]);
             }
         const bool diag = kt == qt;   /* the only tile with keys after a row (or past T_) */
         float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -407,13 +420,13 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             uint32_t pa[4];
-            c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+            c_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
             for (int dn = 0; dn < ND; dn += 2) {
                 uint32_t vb[4];
                 frag_b2(vb, Vs + kk * 16 * LD + dn * 8, LD, lane);
-                mma16816(o[dn], pa, vb[0], vb[1]);
-                mma16816(o[dn + 1], pa, vb[2], vb[3]);
+                mma16816<T>(o[dn], pa, vb[0], vb[1]);
+                mma16816<T>(o[dn + 1], pa, vb[2], vb[3]);
             }
         }
     }
@@ -422,12 +435,12 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     const float i0 = 1.0f / l0, i1 = 1.0f / l1;
-    bf16 *O = out + (int64_t)b * T_ * orow + h * HD;
+    T *O = out + (int64_t)b * T_ * orow + h * HD;
 #pragma unroll
     for (int dn = 0; dn < ND; dn++) {
         const int c = dn * 8 + 2 * t;
-        if (r0 < T_) *reinterpret_cast<uint32_t *>(O + (int64_t)r0 * orow + c) = pack(o[dn][0] * i0, o[dn][1] * i0);
-        if (r1 < T_) *reinterpret_cast<uint32_t *>(O + (int64_t)r1 * orow + c) = pack(o[dn][2] * i1, o[dn][3] * i1);
+        if (r0 < T_) *reinterpret_cast<uint32_t *>(O + (int64_t)r0 * orow + c) = pack2<T>(o[dn][0] * i0, o[dn][1] * i0);
+        if (r1 < T_) *reinterpret_cast<uint32_t *>(O + (int64_t)r1 * orow + c) = pack2<T>(o[dn][2] * i1, o[dn][3] * i1);
     }
     if (t == 0) {
         float *L = lse + ((int64_t)b * H + h) * T_;
@@ -443,22 +456,22 @@ static __global__ void __launch_bounds__(128) fwd_mma(bf16 *out, float *lse, con
 // tiles are copied with cp.async while step i computes (one barrier per
 // step). D: (B, H, T) from attn_rowdot_k. Bound: tensor-core rate
 // (mma.sync); 2.5x the forward's FLOPs.
-template <int HD>
-static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16 *dout,
-                                                          const bf16 *qkv, const float *D,
+template <class T, int HD>
+static __global__ void __launch_bounds__(128) bwd_dkv_mma(T *dqkv, const T *dout,
+                                                          const T *qkv, const float *D,
                                                           const float *lse, int T_, int H,
                                                           int KV, int accum) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16 *Ks = (bf16 *)smem, *Vs = Ks + 64 * LD, *Qb = Vs + 64 * LD, *dOb = Qb + 2 * 64 * LD;
+    T *Ks = (T *)smem, *Vs = Ks + 64 * LD, *Qb = Vs + 64 * LD, *dOb = Qb + 2 * 64 * LD;
     float *Lb = (float *)(dOb + 2 * 64 * LD), *Db = Lb + 2 * 64;
     const int kt = blockIdx.x, b = blockIdx.y / KV, kvh = blockIdx.y % KV, grp = H / KV;
     const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
-    const bf16 *base = qkv + (int64_t)b * T_ * rs;
+    const T *base = qkv + (int64_t)b * T_ * rs;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int kr0 = kt * 64 + warp * 16 + g, kr1 = kr0 + 8;
-    load_tile_async<HD>(Ks, base + (H + kvh) * HD, rs, kt * 64, T_);
-    load_tile_async<HD>(Vs, base + (H + KV + kvh) * HD, rs, kt * 64, T_);
+    load_tile_async<T, HD>(Ks, base + (H + kvh) * HD, rs, kt * 64, T_);
+    load_tile_async<T, HD>(Vs, base + (H + KV + kvh) * HD, rs, kt * 64, T_);
     const float scale = 1.0f / sqrtf((float)HD), sl2 = scale * LOG2E;
     float dk[ND][4], dv[ND][4];
 #pragma unroll
@@ -470,8 +483,8 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16
     /* issue step i's Q, dO tiles (cp.async) and row statistics into buffer i & 1 */
     auto issue = [&](int i) {
         const int h = kvh * grp + i / n_qt, qt = kt + i % n_qt, bf = i & 1;
-        load_tile_async<HD>(Qb + bf * 64 * LD, base + h * HD, rs, qt * 64, T_);
-        load_tile_async<HD>(dOb + bf * 64 * LD, dout + (int64_t)b * T_ * orow + h * HD, orow, qt * 64, T_);
+        load_tile_async<T, HD>(Qb + bf * 64 * LD, base + h * HD, rs, qt * 64, T_);
+        load_tile_async<T, HD>(dOb + bf * 64 * LD, dout + (int64_t)b * T_ * orow + h * HD, orow, qt * 64, T_);
         load_rowstats(Lb + bf * 64, Db + bf * 64, D + ((int64_t)b * H + h) * T_,
                       lse + ((int64_t)b * H + h) * T_, qt * 64, T_);
     };
@@ -495,7 +508,7 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16
                 frag_a(ka[kc], Ks + warp * 16 * LD + kc * 16, LD, lane);
                 frag_a(va[kc], Vs + warp * 16 * LD + kc * 16, LD, lane);
             }
-        const bf16 *Qs = Qb + bf * 64 * LD, *dOs = dOb + bf * 64 * LD;
+        const T *Qs = Qb + bf * 64 * LD, *dOs = dOb + bf * 64 * LD;
         const float *Ls = Lb + bf * 64, *Ds = Db + bf * 64;
         float st[8][4], dp[8][4];
 #pragma unroll
@@ -512,11 +525,11 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16
             for (int j = 0; j < 8; j += 2) {
                 uint32_t fb[4];
                 frag_bt2(fb, Qs + j * 8 * LD + kc * 16, LD, lane);
-                mma16816(st[j], ka[kc], fb[0], fb[1]);          // S^T = K Q^T
-                mma16816(st[j + 1], ka[kc], fb[2], fb[3]);
+                mma16816<T>(st[j], ka[kc], fb[0], fb[1]);          // S^T = K Q^T
+                mma16816<T>(st[j + 1], ka[kc], fb[2], fb[3]);
                 frag_bt2(fb, dOs + j * 8 * LD + kc * 16, LD, lane);
-                mma16816(dp[j], va[kc], fb[0], fb[1]);          // dP^T = V dO^T
-                mma16816(dp[j + 1], va[kc], fb[2], fb[3]);
+                mma16816<T>(dp[j], va[kc], fb[0], fb[1]);          // dP^T = V dO^T
+                mma16816<T>(dp[j + 1], va[kc], fb[2], fb[3]);
             }
         }
         /* only the diagonal tile has queries before a key; rows past T_
@@ -536,22 +549,22 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             uint32_t pa[4], sa[4];
-            c_to_a(pa, st[2 * kk], st[2 * kk + 1]);
-            c_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
+            c_to_a<T>(pa, st[2 * kk], st[2 * kk + 1]);
+            c_to_a<T>(sa, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
             for (int dn = 0; dn < ND; dn += 2) {
                 uint32_t fb[4];
                 frag_b2(fb, dOs + kk * 16 * LD + dn * 8, LD, lane);
-                mma16816(dv[dn], pa, fb[0], fb[1]);             // dV += P^T dO
-                mma16816(dv[dn + 1], pa, fb[2], fb[3]);
+                mma16816<T>(dv[dn], pa, fb[0], fb[1]);             // dV += P^T dO
+                mma16816<T>(dv[dn + 1], pa, fb[2], fb[3]);
                 frag_b2(fb, Qs + kk * 16 * LD + dn * 8, LD, lane);
-                mma16816(dk[dn], sa, fb[0], fb[1]);             // dK += dS^T Q
-                mma16816(dk[dn + 1], sa, fb[2], fb[3]);
+                mma16816<T>(dk[dn], sa, fb[0], fb[1]);             // dK += dS^T Q
+                mma16816<T>(dk[dn + 1], sa, fb[2], fb[3]);
             }
         }
     }
-    bf16 *dK = dqkv + (int64_t)b * T_ * rs + (H + kvh) * HD;
-    bf16 *dV = dqkv + (int64_t)b * T_ * rs + (H + KV + kvh) * HD;
+    T *dK = dqkv + (int64_t)b * T_ * rs + (H + kvh) * HD;
+    T *dV = dqkv + (int64_t)b * T_ * rs + (H + KV + kvh) * HD;
 #pragma unroll
     for (int dn = 0; dn < ND; dn++) {
         const int c = dn * 8 + 2 * t;
@@ -573,28 +586,28 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(bf16 *dqkv, const bf16
 // dQ of 64 query rows of one head. grid (ceil(T/64), B*H), 128 threads,
 // dq_smem<HD>() dynamic shared memory. Q and dO fragments stay in
 // registers; K and V tiles stream through two buffers like the forward.
-template <int HD>
-static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 *dout,
-                                                         const bf16 *qkv, const float *D,
+template <class T, int HD>
+static __global__ void __launch_bounds__(128) bwd_dq_mma(T *dqkv, const T *dout,
+                                                         const T *qkv, const float *D,
                                                          const float *lse, int T_, int H,
                                                          int KV, int accum) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16 *Qs = (bf16 *)smem, *dOs = Qs + 64 * LD, *Kb = dOs + 64 * LD, *Vb = Kb + 2 * 64 * LD;
+    T *Qs = (T *)smem, *dOs = Qs + 64 * LD, *Kb = dOs + 64 * LD, *Vb = Kb + 2 * 64 * LD;
     float *Ls = (float *)(Vb + 2 * 64 * LD), *Ds = Ls + 64;
     /* the last query tiles see the most keys: start them first */
     const int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
     const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
-    const bf16 *base = qkv + (int64_t)b * T_ * rs;
-    const bf16 *Kg = base + (H + kvh) * HD, *Vg = base + (H + KV + kvh) * HD;
-    const bf16 *dOg = dout + (int64_t)b * T_ * orow + h * HD;
+    const T *base = qkv + (int64_t)b * T_ * rs;
+    const T *Kg = base + (H + kvh) * HD, *Vg = base + (H + KV + kvh) * HD;
+    const T *dOg = dout + (int64_t)b * T_ * orow + h * HD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int lr0 = warp * 16 + g, lr1 = lr0 + 8, r0 = qt * 64 + lr0, r1 = qt * 64 + lr1;
     const int n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
-    load_tile_async<HD>(Qs, base + h * HD, rs, qt * 64, T_);
-    load_tile_async<HD>(dOs, dOg, orow, qt * 64, T_);
-    load_tile_async<HD>(Kb, Kg, rs, 0, T_);
-    load_tile_async<HD>(Vb, Vg, rs, 0, T_);
+    load_tile_async<T, HD>(Qs, base + h * HD, rs, qt * 64, T_);
+    load_tile_async<T, HD>(dOs, dOg, orow, qt * 64, T_);
+    load_tile_async<T, HD>(Kb, Kg, rs, 0, T_);
+    load_tile_async<T, HD>(Vb, Vg, rs, 0, T_);
     cp_async_commit();
     load_rowstats(Ls, Ds, D + ((int64_t)b * H + h) * T_, lse + ((int64_t)b * H + h) * T_, qt * 64, T_);
     const float scale = 1.0f / sqrtf((float)HD), sl2 = scale * LOG2E;
@@ -609,8 +622,8 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
         __syncthreads();
         if (kt + 1 < n_kt) {
             const int nb = (kt + 1) & 1;
-            load_tile_async<HD>(Kb + nb * 64 * LD, Kg, rs, (kt + 1) * 64, T_);
-            load_tile_async<HD>(Vb + nb * 64 * LD, Vg, rs, (kt + 1) * 64, T_);
+            load_tile_async<T, HD>(Kb + nb * 64 * LD, Kg, rs, (kt + 1) * 64, T_);
+            load_tile_async<T, HD>(Vb + nb * 64 * LD, Vg, rs, (kt + 1) * 64, T_);
         }
         cp_async_commit();
         if (HOIST && kt == 0)
@@ -619,7 +632,7 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
                 frag_a(qa[kc], Qs + warp * 16 * LD + kc * 16, LD, lane);
                 frag_a(oa[kc], dOs + warp * 16 * LD + kc * 16, LD, lane);
             }
-        const bf16 *Ks = Kb + (kt & 1) * 64 * LD, *Vs = Vb + (kt & 1) * 64 * LD;
+        const T *Ks = Kb + (kt & 1) * 64 * LD, *Vs = Vb + (kt & 1) * 64 * LD;
         float s[8][4], dp[8][4];
 #pragma unroll
         for (int j = 0; j < 8; j++)
@@ -635,11 +648,11 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
             for (int j = 0; j < 8; j += 2) {
                 uint32_t fb[4];
                 frag_bt2(fb, Ks + j * 8 * LD + kc * 16, LD, lane);
-                mma16816(s[j], qa[kc], fb[0], fb[1]);           // S = Q K^T
-                mma16816(s[j + 1], qa[kc], fb[2], fb[3]);
+                mma16816<T>(s[j], qa[kc], fb[0], fb[1]);           // S = Q K^T
+                mma16816<T>(s[j + 1], qa[kc], fb[2], fb[3]);
                 frag_bt2(fb, Vs + j * 8 * LD + kc * 16, LD, lane);
-                mma16816(dp[j], oa[kc], fb[0], fb[1]);          // dP = dO V^T
-                mma16816(dp[j + 1], oa[kc], fb[2], fb[3]);
+                mma16816<T>(dp[j], oa[kc], fb[0], fb[1]);          // dP = dO V^T
+                mma16816<T>(dp[j + 1], oa[kc], fb[2], fb[3]);
             }
         }
         /* only the diagonal tile has keys after a row; rows past T_ have
@@ -658,17 +671,17 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             uint32_t sa[4];
-            c_to_a(sa, s[2 * kk], s[2 * kk + 1]);
+            c_to_a<T>(sa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
             for (int dn = 0; dn < ND; dn += 2) {
                 uint32_t fb[4];
                 frag_b2(fb, Ks + kk * 16 * LD + dn * 8, LD, lane);
-                mma16816(dq[dn], sa, fb[0], fb[1]);             // dQ += dS K
-                mma16816(dq[dn + 1], sa, fb[2], fb[3]);
+                mma16816<T>(dq[dn], sa, fb[0], fb[1]);             // dQ += dS K
+                mma16816<T>(dq[dn + 1], sa, fb[2], fb[3]);
             }
         }
     }
-    bf16 *dQ = dqkv + (int64_t)b * T_ * rs + h * HD;
+    T *dQ = dqkv + (int64_t)b * T_ * rs + h * HD;
 #pragma unroll
     for (int dn = 0; dn < ND; dn++) {
         const int c = dn * 8 + 2 * t;
@@ -685,13 +698,14 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(bf16 *dqkv, const bf16 
 
 /* ============================== launchers =============================== */
 
-template <int HD>
+template <class T, int HD>
 static void set_smem(void) {
-    CUDA_CHECK(cudaFuncSetAttribute(fwd_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fwd_smem<HD>()));
-    CUDA_CHECK(cudaFuncSetAttribute(bwd_dkv_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dkv_smem<HD>()));
-    CUDA_CHECK(cudaFuncSetAttribute(bwd_dq_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dq_smem<HD>()));
+    CUDA_CHECK(cudaFuncSetAttribute(fwd_mma<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fwd_smem<HD>()));
+    CUDA_CHECK(cudaFuncSetAttribute(bwd_dkv_mma<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dkv_smem<HD>()));
+    CUDA_CHECK(cudaFuncSetAttribute(bwd_dq_mma<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dq_smem<HD>()));
 }
-extern "C" void sj_cuda_attention_init(void) { set_smem<32>(); set_smem<64>(); set_smem<128>(); }
+template <class T> static void set_smem_all(void) { set_smem<T, 32>(); set_smem<T, 64>(); set_smem<T, 128>(); }
+extern "C" void sj_cuda_attention_init(void) { set_smem_all<bf16>(); set_smem_all<f16>(); }
 
 static bool use_mma(int B, int H, int KV, int hd) {
     return get_variant() == 0 && (hd == 32 || hd == 64 || hd == 128) &&
@@ -734,14 +748,14 @@ static void backward_simple(T *dqkv, const T *dout, const T *qkv, const T *out, 
 #undef SJ_BWD_SIMPLE
 }
 
-template <int HD>
-static void forward_mma(bf16 *out, float *lse, const bf16 *qkv, int B, int T_, int H, int KV) {
-    fwd_mma<HD><<<dim3((T_ + 63) / 64, B * H), 128, fwd_smem<HD>(), sj_stream()>>>(out, lse, qkv, T_, H, KV);
+template <class T, int HD>
+static void forward_mma(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV) {
+    fwd_mma<T, HD><<<dim3((T_ + 63) / 64, B * H), 128, fwd_smem<HD>(), sj_stream()>>>(out, lse, qkv, T_, H, KV);
     LAUNCH_CHECK("attention_forward (mma)");
 }
 
-template <int HD>
-static void backward_mma(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const bf16 *out,
+template <class T, int HD>
+static void backward_mma(T *dqkv, const T *dout, const T *qkv, const T *out,
                          const float *lse, int B, int T_, int H, int KV, int accum) {
     /* D = rowsum(dO * O) lives in scratch, (Bc, H, T) floats: batches in
      * chunks of Bc that fit (one chunk at the usual sizes: 16 x 12 x 1024
@@ -760,13 +774,13 @@ static void backward_mma(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const bf
         const int nb = min(Bc, B - b0);
         const int64_t q_off = (int64_t)b0 * T_ * rs, o_off = (int64_t)b0 * T_ * orow;
         const int64_t n_rows = (int64_t)nb * T_ * H;
-        attn_rowdot_k<HD><<<sj_blocks(n_rows * (HD / 8), 256, 1 << 30), 256, 0, s>>>(
+        attn_rowdot_k<T, HD><<<sj_blocks(n_rows * (HD / 8), 256, 1 << 30), 256, 0, s>>>(
             D, dout + o_off, out + o_off, T_, H, n_rows);
         LAUNCH_CHECK("attention_backward rowdot");
-        bwd_dkv_mma<HD><<<dim3((T_ + 63) / 64, nb * KV), 128, dkv_smem<HD>(), s>>>(
+        bwd_dkv_mma<T, HD><<<dim3((T_ + 63) / 64, nb * KV), 128, dkv_smem<HD>(), s>>>(
             dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, accum);
         LAUNCH_CHECK("attention_backward dkv (mma)");
-        bwd_dq_mma<HD><<<dim3((T_ + 63) / 64, nb * H), 128, dq_smem<HD>(), s>>>(
+        bwd_dq_mma<T, HD><<<dim3((T_ + 63) / 64, nb * H), 128, dq_smem<HD>(), s>>>(
             dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, accum);
         LAUNCH_CHECK("attention_backward dq (mma)");
     }
@@ -784,24 +798,34 @@ extern "C" void sj_cuda_attention_backward_f32(void *dqkv, const void *dout, con
     backward_simple((float *)dqkv, (const float *)dout, (const float *)qkv, (const float *)out,
                     lse, B, T_, H, KV, hd, accum);
 }
-extern "C" void sj_cuda_attention_forward_bf16(void *out, float *lse, const void *qkv, int B,
-                                               int T_, int H, int KV, int hd) {
+/* 16-bit modes: tensor cores where the head_dim fits a tile, else simple. */
+template <class T>
+static void forward_16(T *o, float *lse, const T *x, int B, int T_, int H, int KV, int hd) {
     if ((int64_t)B * T_ <= 0) return;
-    bf16 *o = (bf16 *)out;
-    const bf16 *x = (const bf16 *)qkv;
     if (!use_mma(B, H, KV, hd)) forward_simple(o, lse, x, B, T_, H, KV, hd);
-    else if (hd == 32) forward_mma<32>(o, lse, x, B, T_, H, KV);
-    else if (hd == 64) forward_mma<64>(o, lse, x, B, T_, H, KV);
-    else forward_mma<128>(o, lse, x, B, T_, H, KV);
+    else if (hd == 32) forward_mma<T, 32>(o, lse, x, B, T_, H, KV);
+    else if (hd == 64) forward_mma<T, 64>(o, lse, x, B, T_, H, KV);
+    else forward_mma<T, 128>(o, lse, x, B, T_, H, KV);
 }
-extern "C" void sj_cuda_attention_backward_bf16(void *dqkv, const void *dout, const void *qkv,
-                                                const void *out, const float *lse, int B, int T_,
-                                                int H, int KV, int hd, int accum) {
+template <class T>
+static void backward_16(T *d, const T *go, const T *x, const T *o, const float *lse, int B,
+                        int T_, int H, int KV, int hd, int accum) {
     if ((int64_t)B * T_ <= 0) return;
-    bf16 *d = (bf16 *)dqkv;
-    const bf16 *go = (const bf16 *)dout, *x = (const bf16 *)qkv, *o = (const bf16 *)out;
     if (!use_mma(B, H, KV, hd)) backward_simple(d, go, x, o, lse, B, T_, H, KV, hd, accum);
-    else if (hd == 32) backward_mma<32>(d, go, x, o, lse, B, T_, H, KV, accum);
-    else if (hd == 64) backward_mma<64>(d, go, x, o, lse, B, T_, H, KV, accum);
-    else backward_mma<128>(d, go, x, o, lse, B, T_, H, KV, accum);
+    else if (hd == 32) backward_mma<T, 32>(d, go, x, o, lse, B, T_, H, KV, accum);
+    else if (hd == 64) backward_mma<T, 64>(d, go, x, o, lse, B, T_, H, KV, accum);
+    else backward_mma<T, 128>(d, go, x, o, lse, B, T_, H, KV, accum);
 }
+#define SJ_CU_ATTN16(T, TY)                                                                     \
+extern "C" void sj_cuda_attention_forward_##T(void *out, float *lse, const void *qkv, int B,    \
+                                              int T_, int H, int KV, int hd) {                  \
+    forward_16((TY *)out, lse, (const TY *)qkv, B, T_, H, KV, hd);                              \
+}                                                                                               \
+extern "C" void sj_cuda_attention_backward_##T(void *dqkv, const void *dout, const void *qkv,   \
+                                               const void *out, const float *lse, int B,        \
+                                               int T_, int H, int KV, int hd, int accum) {      \
+    backward_16((TY *)dqkv, (const TY *)dout, (const TY *)qkv, (const TY *)out, lse, B, T_, H,  \
+                KV, hd, accum);                                                                 \
+}
+SJ_CU_ATTN16(bf16, bf16)
+SJ_CU_ATTN16(f16, f16)

@@ -267,3 +267,4 @@ static void graph_free(void *g) { if (g) cudaGraphExecDestroy((cudaGraphExec_t)g
 
 extern "C" const sj_backend sj_cuda_backend_f32 = SJ_CU_TABLE(f32, SJ_F32);
 extern "C" const sj_backend sj_cuda_backend_bf16 = SJ_CU_TABLE(bf16, SJ_BF16);
+extern "C" const sj_backend sj_cuda_backend_f16 = SJ_CU_TABLE(f16, SJ_F16);

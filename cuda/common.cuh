@@ -4,6 +4,7 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 #include "sj_cuda.h"
 
@@ -37,13 +38,23 @@ static inline cudaStream_t sj_stream(void) { return sj_cuda_cur()->stream; }
 /* After every launch: configuration errors show here, faults at sync(). */
 #define LAUNCH_CHECK(name) CUDA_CHECK(cudaGetLastError())
 
-/* ---- element types: f32 or bf16 in memory, f32 in registers ---------- */
+/* ---- element types: f32, bf16 or f16 in memory, f32 in registers ------ */
 typedef __nv_bfloat16 bf16;
+typedef __half f16;
 static __device__ __forceinline__ float tof(float x) { return x; }
 static __device__ __forceinline__ float tof(bf16 x) { return __bfloat162float(x); }
+static __device__ __forceinline__ float tof(f16 x) { return __half2float(x); }
+/* fp16 has no loss scaling here, so an overflow must not poison the step:
+ * values past +-65504 become the largest finite half, never inf (a NaN fails
+ * the comparison and stays NaN). bf16 has f32's range and needs no clamp. */
+#define SJ_F16_MAX 65504.0f
+static __device__ __forceinline__ float clamp_f16(float x) {
+    return fabsf(x) > SJ_F16_MAX ? copysignf(SJ_F16_MAX, x) : x;
+}
 template <class T> static __device__ __forceinline__ T fromf(float x);
 template <> __device__ __forceinline__ float fromf<float>(float x) { return x; }
 template <> __device__ __forceinline__ bf16 fromf<bf16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ f16 fromf<f16>(float x) { return __float2half_rn(clamp_f16(x)); }
 
 /* dst = v, or dst += v (accumulating in f32, rounding once). */
 template <class T> static __device__ __forceinline__ void put(T *dst, float v, int accum) {
@@ -96,18 +107,38 @@ template <> __device__ __forceinline__ void unpack16<bf16>(float *f, uint4 u) {
         f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
+template <> __device__ __forceinline__ void unpack16<f16>(float *f, uint4 u) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 v = __half22float2(*reinterpret_cast<const __half2 *>(&w[i]));
+        f[2 * i] = v.x;                                   /* lower address = lower half */
+        f[2 * i + 1] = v.y;
+    }
+}
 template <class T> static __device__ __forceinline__ uint4 pack16(const float *f);
 template <> __device__ __forceinline__ uint4 pack16<float>(const float *f) {
     return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
                       __float_as_uint(f[3]));
 }
-static __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+/* Two 16-bit values in one register, lo at the lower address / column
+ * (cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32; the f16 one clamped first). */
+template <class T> static __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<bf16>(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t *>(&v);
 }
+template <> __device__ __forceinline__ uint32_t pack2<f16>(float lo, float hi) {
+    __half2 v = __floats2half2_rn(clamp_f16(lo), clamp_f16(hi));
+    return *reinterpret_cast<uint32_t *>(&v);
+}
 template <> __device__ __forceinline__ uint4 pack16<bf16>(const float *f) {
-    return make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]),
-                      pack_bf16x2(f[6], f[7]));
+    return make_uint4(pack2<bf16>(f[0], f[1]), pack2<bf16>(f[2], f[3]), pack2<bf16>(f[4], f[5]),
+                      pack2<bf16>(f[6], f[7]));
+}
+template <> __device__ __forceinline__ uint4 pack16<f16>(const float *f) {
+    return make_uint4(pack2<f16>(f[0], f[1]), pack2<f16>(f[2], f[3]), pack2<f16>(f[4], f[5]),
+                      pack2<f16>(f[6], f[7]));
 }
 static __device__ __forceinline__ uint4 ld16(const void *p) { return *reinterpret_cast<const uint4 *>(p); }
 static __device__ __forceinline__ void st16(void *p, uint4 v) { *reinterpret_cast<uint4 *>(p) = v; }
@@ -132,6 +163,6 @@ static inline unsigned sj_blocks(int64_t n, int threads, int64_t cap = 1 << 16) 
     return (unsigned)(b < 1 ? 1 : b > cap ? cap : b);
 }
 
-/* Each op file defines its kernels as templates and exports f32 and bf16
+/* Each op file defines its kernels as templates and exports f32, bf16 and f16
  * instances with C linkage under these names. */
 #define SJ_CU_NAME(op, T) sj_cuda_##op##_##T

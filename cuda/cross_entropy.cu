@@ -190,3 +190,4 @@ extern "C" void sj_cuda_cross_entropy_backward_##T(void *dlogits, const void *lo
 }
 SJ_CU_CE(f32, float)
 SJ_CU_CE(bf16, bf16)
+SJ_CU_CE(f16, f16)

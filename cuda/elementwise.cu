@@ -2,7 +2,7 @@
  * Memory-bound one-pass kernels (grid-stride); fusing them into their
  * neighbours is milestone-2 work.
  *
- * add, copy and the f32 <-> bf16 conversions take a 16-byte vector path
+ * add, copy and the f32 / bf16 / f16 conversions take a 16-byte vector path
  * when their pointers are 16-byte aligned (the elements past the last full
  * vector go through the scalar loop). Bound: memory bandwidth, each byte
  * read and written once: add 6 B/element in bf16 (small preset's residual,
@@ -10,7 +10,6 @@
  * 4 B/element (6 with accum). */
 #include "common.cuh"
 #include "kernels.h"
-#include <cuda_fp16.h>
 
 /* Vector body over [0, nv * VEC), then the scalar tail [nv * VEC, n) by
  * the first threads. */
@@ -44,7 +43,7 @@ static __global__ void __launch_bounds__(256) copy_vec(T *dst, const T *src, int
     for (int64_t i = nv * V + t0; i < n; i += stride) put(dst + i, tof(src[i]), accum);
 }
 
-/* 8 elements per step: two 16-byte f32 vectors, one bf16 vector. */
+/* 8 elements per step: two 16-byte f32 vectors, one 16-bit (bf16/f16) vector. */
 template <class D, class S>
 static __global__ void __launch_bounds__(256) convert_vec(D *dst, const S *src, int64_t n) {
     const int64_t nv = n / 8, stride = (int64_t)gridDim.x * blockDim.x;
@@ -72,21 +71,6 @@ static __global__ void convert_k(D *dst, const S *src, int64_t n) {
         dst[i] = fromf<D>(tof(src[i]));
 }
 
-/* fp16 activations: f32 <-> IEEE half storage. Narrowing clamps to the half
- * range (+-65504) so a stored activation never becomes inf; NaN stays NaN. */
-static __global__ void f32_to_f16_k(__half *dst, const float *src, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        float v = src[i];
-        dst[i] = __float2half_rn(v != v ? v : fminf(fmaxf(v, -65504.0f), 65504.0f));
-    }
-}
-static __global__ void f16_to_f32_k(float *dst, const __half *src, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x)
-        dst[i] = __half2float(src[i]);
-}
-
 template <class T>
 static __global__ void add_k(T *out, const T *a, const T *b, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
@@ -107,20 +91,37 @@ extern "C" void sj_cuda_fill(float *x, float value, int64_t n) {
     LAUNCH_CHECK("fill");
 }
 
+/* Any pair of f32, bf16, f16 (narrowing to f16 clamps, in fromf/pack16):
+ * the f32 master weights to the compute copy, logits and activations out,
+ * the f32 tape's fp16 activation storage. */
+template <class D, class S>
+static void convert_as(void *dst, const void *src, int64_t n) {
+    cudaStream_t s = sj_stream();
+    if (aligned16(dst) && aligned16(src))
+        convert_vec<<<sj_blocks(n / 8 + 1, 256, 8192), 256, 0, s>>>((D *)dst, (const S *)src, n);
+    else
+        convert_k<<<sj_blocks(n, 256, 4096), 256, 0, s>>>((D *)dst, (const S *)src, n);
+}
+template <class D>
+static bool convert_to(void *dst, const void *src, sj_dtype st, int64_t n) {
+    switch (st) {
+    case SJ_F32: convert_as<D, float>(dst, src, n); return true;
+    case SJ_BF16: convert_as<D, bf16>(dst, src, n); return true;
+    case SJ_F16: convert_as<D, f16>(dst, src, n); return true;
+    default: return false;
+    }
+}
+
 extern "C" void sj_cuda_convert(void *dst, sj_dtype dt, const void *src, sj_dtype st, int64_t n) {
     if (n <= 0) return;
-    unsigned g = sj_blocks(n, 256, 4096);
-    cudaStream_t s = sj_stream();
-    const bool vec = aligned16(dst) && aligned16(src);
-    const unsigned gv = sj_blocks(n / 8 + 1, 256, 8192);
-    if (dt == SJ_BF16 && st == SJ_F32 && vec) convert_vec<<<gv, 256, 0, s>>>((bf16 *)dst, (const float *)src, n);
-    else if (dt == SJ_F32 && st == SJ_BF16 && vec) convert_vec<<<gv, 256, 0, s>>>((float *)dst, (const bf16 *)src, n);
-    else if (dt == SJ_BF16 && st == SJ_F32) convert_k<<<g, 256, 0, s>>>((bf16 *)dst, (const float *)src, n);
-    else if (dt == SJ_F32 && st == SJ_BF16) convert_k<<<g, 256, 0, s>>>((float *)dst, (const bf16 *)src, n);
-    else if (dt == SJ_F16 && st == SJ_F32) f32_to_f16_k<<<g, 256, 0, s>>>((__half *)dst, (const float *)src, n);
-    else if (dt == SJ_F32 && st == SJ_F16) f16_to_f32_k<<<g, 256, 0, s>>>((float *)dst, (const __half *)src, n);
-    else if (dt == st) { CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sj_dtype_size(dt), cudaMemcpyDeviceToDevice, s)); return; }
-    else { sj_cuda_error("convert", "unsupported dtype pair", __FILE__, __LINE__); return; }
+    if (dt == st) {
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sj_dtype_size(dt), cudaMemcpyDeviceToDevice, sj_stream()));
+        return;
+    }
+    const bool ok = dt == SJ_F32 ? convert_to<float>(dst, src, st, n)
+                  : dt == SJ_BF16 ? convert_to<bf16>(dst, src, st, n)
+                  : dt == SJ_F16 ? convert_to<f16>(dst, src, st, n) : false;
+    if (!ok) { sj_cuda_error("convert", "unsupported dtype pair", __FILE__, __LINE__); return; }
     LAUNCH_CHECK("convert");
 }
 
@@ -151,3 +152,4 @@ extern "C" void sj_cuda_copy_##T(void *dst, const void *src, int64_t n, int accu
 }
 SJ_CU_EW(f32, float)
 SJ_CU_EW(bf16, bf16)
+SJ_CU_EW(f16, f16)

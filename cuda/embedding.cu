@@ -58,3 +58,4 @@ extern "C" void sj_cuda_embedding_backward_##T(float *demb, const void *dout, co
 }
 SJ_CU_EMB(f32, float)
 SJ_CU_EMB(bf16, bf16)
+SJ_CU_EMB(f16, f16)

@@ -1,5 +1,5 @@
 /* kernels.h — the CUDA launchers that fill the backend tables (backend.cu),
- * one f32 and one bf16 instance per op, with the signatures of backend.h.
+ * one f32, one bf16 and one f16 instance per op, with the signatures of backend.h.
  * C linkage; C++ only. */
 #pragma once
 #include "sj_cuda.h"
@@ -46,6 +46,7 @@ void sj_cuda_adamw_##T(float *p, void *p_act, float *g, float *m, float *v, int6
 
 SJ_CU_DECLARE(f32)
 SJ_CU_DECLARE(bf16)
+SJ_CU_DECLARE(f16)
 
 extern "C" {
 void sj_cuda_fill(float *x, float value, int64_t n);

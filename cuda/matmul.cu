@@ -1,10 +1,15 @@
-/* matmul.cu — dense GEMMs through cuBLASLt: bf16 (or f32) operands, f32
+/* matmul.cu — dense GEMMs through cuBLASLt: bf16, f16 (or f32) operands, f32
  * accumulation (CUBLAS_COMPUTE_32F: no TF32, so the f32 mode is plain f32),
  * f32 or act-dtype output. One handle per process; the workspace belongs to
  * the bound context; descriptors and the chosen algorithm are cached per
  * shape, so a replayed or eager step does no heuristic search.
  *
  * matmul_add gives cuBLASLt a separate C (the residual) with beta = 1.
+ *
+ * f16 outputs: cuBLASLt rounds the f32 result to half with no saturation, so
+ * an overflow gives inf; one in-place pass (sat_f16) turns +-inf into +-65504,
+ * which is what the clamped cast of common.cuh gives for the same f32 value
+ * (the inputs are finite: every f16 writer clamps). NaN stays NaN.
  *
  * Row-major C(M,N) = op(A) op(B) is computed as the column-major product
  * C^T(N,M) = op(B)^T op(A)^T: cuBLASLt's "A" is our B and its "B" our A. */
@@ -25,11 +30,12 @@ extern "C" void sj_cuda_matmul_init(void) { std::call_once(handle_once, make_han
 /* Alignments matter: the heuristic assumes 256-byte aligned operands
  * unless told otherwise, and parameter views sit at arbitrary offsets. */
 struct plan_key {
-    int M, N, K, tA, tB, c_f32, bf;
+    int M, N, K, tA, tB, c_f32;
+    cudaDataType ab;                   /* of A, B (and C, D unless c_f32) */
     uint32_t al_a, al_b, al_c, al_d;   /* byte alignment of our A, B, C, D (<= 256) */
     bool operator==(const plan_key &o) const {
         return M == o.M && N == o.N && K == o.K && tA == o.tA && tB == o.tB &&
-               c_f32 == o.c_f32 && bf == o.bf && al_a == o.al_a && al_b == o.al_b &&
+               c_f32 == o.c_f32 && ab == o.ab && al_a == o.al_a && al_b == o.al_b &&
                al_c == o.al_c && al_d == o.al_d;
     }
 };
@@ -73,7 +79,7 @@ static const plan *get_plan(const plan_key &k, size_t ws_bytes) {
     }
     plan p = {};
     p.key = k;
-    const cudaDataType ab = k.bf ? CUDA_R_16BF : CUDA_R_32F;
+    const cudaDataType ab = k.ab;
     const cudaDataType ct = k.c_f32 ? CUDA_R_32F : ab;
     const cublasOperation_t opa = k.tB ? CUBLAS_OP_T : CUBLAS_OP_N;   /* theirs A = our B */
     const cublasOperation_t opb = k.tA ? CUBLAS_OP_T : CUBLAS_OP_N;   /* theirs B = our A */
@@ -117,10 +123,35 @@ static const plan *get_plan(const plan_key &k, size_t ws_bytes) {
     return &plans[n_plans++];
 }
 
+/* +-inf -> +-65504 in place, 8 halves a step when D is 16-byte aligned
+ * (the tail, or all of an unaligned D, takes the scalar loop).
+ * Bound: memory bandwidth, 4 B per element. */
+static __device__ __forceinline__ uint32_t sat2(uint32_t w) {
+    const uint32_t inf_lo = 0x7c00u, inf_hi = 0x7c000000u, max_lo = 0x7bffu, max_hi = 0x7bff0000u;
+    if ((w & 0x7fffu) == inf_lo) w = (w & ~0x7fffu) | max_lo;
+    if ((w & 0x7fff0000u) == inf_hi) w = (w & ~0x7fff0000u) | max_hi;
+    return w;
+}
+static __global__ void __launch_bounds__(256) sat_f16_k(f16 *x, int64_t n, int vec) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x, t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    const int64_t nv = vec ? n / 8 : 0;
+    for (int64_t i = t0; i < nv; i += stride) {
+        uint4 u = ld16(x + i * 8);
+        u.x = sat2(u.x); u.y = sat2(u.y); u.z = sat2(u.z); u.w = sat2(u.w);
+        st16(x + i * 8, u);
+    }
+    for (int64_t i = nv * 8 + t0; i < n; i += stride) x[i] = fromf<f16>(tof(x[i]));
+}
+static void sat_f16(f16 *x, int64_t n) {
+    const int vec = aligned16(x);
+    sat_f16_k<<<sj_blocks(vec ? n / 8 + 1 : n, 256, 8192), 256, 0, sj_stream()>>>(x, n, vec);
+    LAUNCH_CHECK("matmul f16 saturation");
+}
+
 /* D = op(A) op(B) (+ C when C): the addend is cuBLASLt's C with beta = 1,
  * in the same layout as D (accumulation is C = D). */
 static void matmul(void *D, const void *C, const void *A, const void *B, int M, int N, int K,
-                   int tA, int tB, int c_f32, int bf) {
+                   int tA, int tB, int c_f32, cudaDataType ab) {
     if (M <= 0 || N <= 0) return;
     sj_cuda_matmul_init();
     if (handle_status != CUBLAS_STATUS_SUCCESS) {
@@ -128,7 +159,7 @@ static void matmul(void *D, const void *C, const void *A, const void *B, int M, 
         return;
     }
     sj_cuda_ctx *ctx = sj_cuda_cur();
-    const plan_key k = { M, N, K, tA, tB, c_f32, bf, alignment(A), alignment(B),
+    const plan_key k = { M, N, K, tA, tB, c_f32, ab, alignment(A), alignment(B),
                          alignment(C ? C : D), alignment(D) };
     const plan *p;
     {
@@ -146,23 +177,20 @@ static void matmul(void *D, const void *C, const void *A, const void *B, int M, 
                  cublasLtGetStatusName(st), M, N, K);
         sj_cuda_error("cublasLtMatmul", d, __FILE__, __LINE__);
     }
+    if (ab == CUDA_R_16F && !c_f32) sat_f16((f16 *)D, (int64_t)M * N);
 }
 
-extern "C" void sj_cuda_matmul_f32(void *C, const void *A, const void *B, int M, int N, int K,
-                                   int transA, int transB, int accum, int c_f32) {
-    matmul(C, accum ? C : NULL, A, B, M, N, K, transA, transB, c_f32, 0);
+/* matmul_add: the residual add in the epilogue, no separate add kernel,
+ * and D is rounded once (the unfused pair rounds the product, then the sum). */
+#define SJ_CU_MATMUL(T, AB)                                                                   \
+extern "C" void sj_cuda_matmul_##T(void *C, const void *A, const void *B, int M, int N, int K,  \
+                                   int transA, int transB, int accum, int c_f32) {             \
+    matmul(C, accum ? C : NULL, A, B, M, N, K, transA, transB, c_f32, AB);                     \
+}                                                                                              \
+extern "C" void sj_cuda_matmul_add_##T(void *D, const void *C, const void *A, const void *B,   \
+                                       int M, int N, int K, int transA, int transB) {          \
+    matmul(D, C, A, B, M, N, K, transA, transB, 0, AB);                                        \
 }
-extern "C" void sj_cuda_matmul_bf16(void *C, const void *A, const void *B, int M, int N, int K,
-                                    int transA, int transB, int accum, int c_f32) {
-    matmul(C, accum ? C : NULL, A, B, M, N, K, transA, transB, c_f32, 1);
-}
-/* The residual add in the epilogue: no separate add kernel, and D is
- * rounded to bf16 once (the unfused pair rounds the product, then the sum). */
-extern "C" void sj_cuda_matmul_add_f32(void *D, const void *C, const void *A, const void *B,
-                                       int M, int N, int K, int transA, int transB) {
-    matmul(D, C, A, B, M, N, K, transA, transB, 0, 0);
-}
-extern "C" void sj_cuda_matmul_add_bf16(void *D, const void *C, const void *A, const void *B,
-                                        int M, int N, int K, int transA, int transB) {
-    matmul(D, C, A, B, M, N, K, transA, transB, 0, 1);
-}
+SJ_CU_MATMUL(f32, CUDA_R_32F)
+SJ_CU_MATMUL(bf16, CUDA_R_16BF)
+SJ_CU_MATMUL(f16, CUDA_R_16F)

@@ -327,3 +327,4 @@ extern "C" void sj_cuda_rmsnorm_backward_##T(void *dx, float *dw, const void *do
 }
 SJ_CU_RMS(f32, float)
 SJ_CU_RMS(bf16, bf16)
+SJ_CU_RMS(f16, f16)

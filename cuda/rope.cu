@@ -154,3 +154,4 @@ extern "C" void sj_cuda_rope_backward_##T(void *din, const void *dout, int B, in
 }
 SJ_CU_ROPE(f32, float)
 SJ_CU_ROPE(bf16, bf16)
+SJ_CU_ROPE(f16, f16)

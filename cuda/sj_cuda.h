@@ -9,15 +9,17 @@
 extern "C" {
 #endif
 
-/* The two tables: act dtype f32 (TF32 off: parity mode) and bf16. */
+/* The tables: act dtype f32 (TF32 off: parity mode), bf16, and f16 (every
+ * narrowing cast clamped to +-65504; no loss scaling). */
 extern const sj_backend sj_cuda_backend_f32;
 extern const sj_backend sj_cuda_backend_bf16;
+extern const sj_backend sj_cuda_backend_f16;
 
 /* SJ_OK when a usable GPU is present; otherwise the error says why. */
 sj_status sj_cuda_check_device(void);
 
 /* Attention kernel choice, for tests and fallbacks: 0 = automatic (tensor
- * cores for bf16 with head_dim 32/64/128, else the simple kernel),
+ * cores for bf16 and f16 with head_dim 32/64/128, else the simple kernel),
  * 1 = always the simple kernel. Also set by SMEDJAN_ATTENTION=simple. */
 void sj_cuda_set_attention_variant(int v);
 

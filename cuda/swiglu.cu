@@ -111,3 +111,4 @@ extern "C" void sj_cuda_swiglu_backward_##T(void *dgu, const void *dh, const voi
 }
 SJ_CU_SWIGLU(f32, float)
 SJ_CU_SWIGLU(bf16, bf16)
+SJ_CU_SWIGLU(f16, f16)

@@ -217,7 +217,8 @@ def add_commands(sub) -> None:
     b.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
     b.add_argument("--device", nargs="?", const=True, default=None,
                    help="--device alone: cuda; or a name (cpu, cuda)")
-    b.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
+    b.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="default: fp32 on CPU, bf16 on CUDA (bf16 and fp16 are CUDA modes)")
     b.add_argument("--vocab-size", type=int, default=8192)
     b.add_argument("--decode-tokens", type=int, default=16)
     b.add_argument("--threads", type=int, help="engine worker threads")

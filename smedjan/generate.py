@@ -59,7 +59,8 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
 
     This runs on the KV-cache engine (weights copied at the call): on the
     model's device, or on device ("cpu", "cuda") when given; the GPU engine
-    computes in the model's dtype (bf16 for a CPU model).
+    computes in the model's dtype (bf16 for a CPU model, and for an fp16
+    model: the GPU engine has fp32 and bf16 weights only).
 
     >>> # for t in model.generate("def main", 32, temperature=0.8, seed=0): ...
     """
@@ -79,6 +80,7 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if dev == "cuda":
+        # the GPU engine's modes are fp32 and bf16: an fp16 model decodes in bf16
         mode = "fp32" if getattr(model, "dtype", "bf16") == "fp32" and model.device == "cuda" else "bf16"
         im = InferenceModel.from_model(model, mode, model.config.max_seq_len, device="cuda")
     else:

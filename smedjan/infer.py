@@ -108,7 +108,7 @@ class InferenceModel:
                    device: str = "cpu", kv_dtype: str = "f32") -> "InferenceModel":
         """Copy (and quantise) a smedjan Model's current weights. mode: "fp32"
         by default on the CPU, "bf16" on device="cuda" (the model itself may
-        be on either device)."""
+        be on either device, in any dtype: the f32 master weights are read)."""
         cuda = _on_cuda(device)
         mode = _default_mode(mode, cuda, "fp32")
         _check_kv_dtype(kv_dtype)
@@ -373,7 +373,8 @@ __all__ = ["InferenceModel", "Generator", "load_gguf", "from_model", "MODES"]
 def decode_benchmark(model, prompt, n_tokens: int) -> float:
     """Seconds per token of greedy KV-cache decoding of a smedjan.Model after
     a prefill of prompt: on the CPU its fp32 weights, one decode call per
-    token; on a GPU its weights at the model's dtype, the n_tokens steps
+    token; on a GPU its weights at the model's dtype (bf16 for an fp16
+    model: the GPU engine has fp32 and bf16 weights only), the n_tokens steps
     chained on the device in one CUDA graph replay. smedjan.bench uses it
     for its decode column."""
     import time

@@ -43,8 +43,10 @@ class Model:
     (1, 8, 8192)
 
     device="cuda" runs on the GPU with dtype "bf16" (bf16 compute, f32 master
-    weights and optimizer state) or "fp32" (parity mode, TF32 off). The same
-    seed gives the same initial weights on every device.
+    weights and optimizer state), "fp16" (the same in fp16, every cast to
+    fp16 clamped to +-65504 so an overflow never becomes inf; no loss
+    scaling) or "fp32" (parity mode, TF32 off). dtype on the CPU is "fp32"
+    only. The same seed gives the same initial weights on every device.
     """
 
     def __init__(self, config: Union[str, Config, dict] = "small", *, seed: int = 0,
@@ -106,12 +108,13 @@ class Model:
 
     @property
     def dtype(self) -> str:
-        """Compute dtype: 'fp32' or 'bf16'."""
+        """Compute dtype: 'fp32', 'bf16' or 'fp16'."""
         return self._h.dtype()
 
     def to(self, device: str, dtype: Optional[str] = None) -> "Model":
         """Move parameters and gradients, if any exist yet (an optimizer's
-        state follows at its next step). Views taken earlier (model.params[...] held elsewhere)
+        state follows at its next step). dtype: 'fp32', 'bf16' or 'fp16' on
+        "cuda" (default bf16), 'fp32' on "cpu". Views taken earlier (model.params[...] held elsewhere)
         must be dropped first.
 
         >>> m = Model("tiny").to("cpu")
@@ -129,7 +132,7 @@ class Model:
 
     def params_updated(self) -> None:
         """After writing parameters through DLPack views on the GPU, refresh
-        the bf16 compute copy (whole assignments `t[:] = x` do it already)."""
+        the bf16/fp16 compute copy (whole assignments `t[:] = x` do it already)."""
         self._h.params_updated()
 
     @property
@@ -146,7 +149,7 @@ class Model:
     __call__ = forward
 
     def forward_device(self, tokens):
-        """Logits left on the GPU, in the compute dtype (bf16 or fp32), as a
+        """Logits left on the GPU, in the compute dtype (bf16, fp16 or fp32), as a
         DeviceTensor for torch.from_dlpack; valid until the model's next call
         (copy it if you keep it)."""
         return self._h.forward_device(as_tokens(tokens))
@@ -176,8 +179,8 @@ class Model:
         exceeds it is refused with MemoryError before the arena is allocated.
         fp16_activations: activations kept from forward to backward are
         stored as fp16 (clamped to +-65504) between their last forward and
-        first backward use (fp32 compute; on bf16 models they already are
-        half size, and the lever does nothing).
+        first backward use (fp32 compute; on bf16 and fp16 models they
+        already are half size, and the lever does nothing).
 
         >>> m = Model("tiny"); m.set_levers(fused_ce=True)["fused_ce"]
         True

@@ -322,7 +322,7 @@ def add_commands(sub) -> None:
     s.add_argument("--batch-size", help="e.g. 2,4,8 (default 4)")
     s.add_argument("--grad-accum", help="e.g. 1,2 (default 1)")
     s.add_argument("--seq-len", help="e.g. 128,256 (default 128)")
-    s.add_argument("--dtype", help="fp32 / bf16 (CUDA)")
+    s.add_argument("--dtype", help="fp32 / bf16 / fp16 (bf16, fp16: CUDA)")
     s.add_argument("--gradient-checkpointing", help="off,on")
     s.add_argument("--fused-ce", help="off,on")
     s.add_argument("--fp16-activations", help="off,on")

@@ -31,6 +31,18 @@ def bf16_round(x):
     return u.astype(np.uint32).view(np.float32)
 
 
+def f16_round(x):
+    """Round float32 to the nearest fp16 as the CUDA fp16 mode does: clamped
+    to +-65504 first (never inf; NaN stays NaN), kept as float32."""
+    x = np.clip(np.asarray(x, np.float32), -65504.0, 65504.0)
+    return x.astype(np.float16).astype(np.float32)
+
+
+def round_to(x, dtype):
+    """x as the compute dtype ("fp32", "bf16", "fp16") holds it, as float32."""
+    return {"fp32": lambda v: np.asarray(v, np.float32), "bf16": bf16_round, "fp16": f16_round}[dtype](x)
+
+
 def rel_err(a, b):
     """||a - b|| / ||b|| over all elements (kernel hooks return flat arrays)."""
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()

@@ -1,6 +1,7 @@
 """The CUDA backend: every kernel against a float64 reference on fresh
-random inputs with poisoned outputs; the fp32 mode equal to the CPU backend
-(1e-5), the bf16 mode near the fp32 one (2e-2); graph replay equal to eager
+random inputs with poisoned outputs, in fp32, bf16 and fp16; the fp32 mode
+equal to the CPU backend (1e-5), the bf16 mode near the fp32 one (2e-2; fp16:
+tests/test_cuda_fp16.py); graph replay equal to eager
 execution; bitwise-repeatable training; zero-copy DLPack; device moves;
 clear errors. Skipped, with the reason "no CUDA GPU", only when this machine
 has no GPU (a GPU with a CPU-only build fails instead)."""
@@ -14,18 +15,18 @@ import smedjan
 from conftest import text_batches
 from smedjan import _C
 import cuda_ref as ref
-from cuda_ref import bf16_round, poison, rel_err
+from cuda_ref import poison, rel_err, round_to
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not ref.gpu_present(), reason="no CUDA GPU")]
 
-DTYPES = ["fp32", "bf16"]
-TOL = {"fp32": 1e-5, "bf16": 1.5e-2}
+DTYPES = ["fp32", "bf16", "fp16"]
+TOL = {"fp32": 1e-5, "bf16": 1.5e-2, "fp16": 1.5e-2}   # fp16 has 3 more mantissa bits: bf16's bound holds
 
 
 def rnd(rng, *shape, scale=1.0, dtype="fp32"):
     x = (rng.standard_normal(shape) * scale).astype(np.float32)
-    return bf16_round(x) if dtype == "bf16" else x
+    return round_to(x, dtype)
 
 
 def op(name, dtype, arrays, ints=(), floats=()):
@@ -117,8 +118,7 @@ def test_embedding_kernels(dtype, rng):
 def test_rmsnorm_kernels(dtype, accum, rng):
     N, C = 333, 160
     x = rnd(rng, N, C, scale=2.0, dtype=dtype)
-    w = bf16_round(rng.uniform(0.5, 1.5, C).astype(np.float32)) if dtype == "bf16" else \
-        rng.uniform(0.5, 1.5, C).astype(np.float32)
+    w = round_to(rng.uniform(0.5, 1.5, C).astype(np.float32), dtype)
     f = op("rmsnorm_forward", dtype, {"out": poison((N, C)), "rstd": poison(N), "x": x, "w": w}, (N, C), (1e-5,))
     y, rstd = ref.rmsnorm_fwd(x, w, 1e-5)
     close(f["out"], y, dtype, "rmsnorm out")
@@ -238,15 +238,15 @@ def test_adamw_and_norm_kernels(dtype, clip, rng):
     m, v = rnd(rng, n, scale=0.01), np.abs(rnd(rng, n, scale=1e-4))
     hp = (1e-3, 0.9, 0.95, 1e-8, 0.1, clip)
     out = op("adamw", dtype, {"p": p, "p_act": poison(n), "g": g, "m": m, "v": v},
-             (n, n_decay, step, 1 if dtype == "bf16" else 0), hp)
+             (n, n_decay, step, 0 if dtype == "fp32" else 1), hp)
     wp, wm, wv, sumsq = ref.adamw(p, g, m, v, n_decay, *hp, step)
     assert abs(out["sumsq"] - sumsq) <= 1e-12 * sumsq
     close(out["p"], wp, "fp32", "p", 1e-6)
     close(out["m"], wm, "fp32", "m", 1e-6)
     close(out["v"], wv, "fp32", "v", 1e-6)
     assert not out["g"].any(), "gradients must be zeroed"
-    if dtype == "bf16":
-        np.testing.assert_array_equal(out["p_act"], bf16_round(out["p"]))
+    if dtype != "fp32":   # the compute copy: the new master weights rounded once (fp16: clamped)
+        np.testing.assert_array_equal(out["p_act"], round_to(out["p"], dtype))
 
 
 def test_adamw_skips_a_non_finite_norm(rng):
@@ -419,9 +419,10 @@ def test_logits_stay_on_the_device_for_dlpack(dtype):
     m, tokens, _ = make("gqa", "cuda", dtype)
     host_logits = m.forward(tokens)
     d = m.forward_device(tokens)
-    assert d.shape == host_logits.shape and d.dtype == ("bfloat16" if dtype == "bf16" else "float32")
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    assert d.shape == host_logits.shape and d.dtype == names[dtype]
     t = torch.from_dlpack(d)
-    assert t.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+    assert t.dtype == getattr(torch, names[dtype])
     np.testing.assert_array_equal(t.float().cpu().numpy(), host_logits)
 
 

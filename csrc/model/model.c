@@ -1,6 +1,7 @@
 /* model.c — the Llama-style decoder: parameter table over one flat buffer,
  * initialisation, and the forward pass recorded on a tape per (B, T). */
 #include "model.h"
+#include "../infer/infer.h"   /* sj_f16_to_f32: fp16 logits to the host */
 #ifdef SJ_HAVE_CUDA
 #include "../../cuda/sj_cuda.h"
 #endif
@@ -112,11 +113,12 @@ static sj_status pick_backend(sj_device dev, sj_dtype dt, const sj_backend **out
         return SJ_OK;
     }
     if (dev != SJ_DEVICE_CUDA) return sj_fail(SJ_ERR_ARG, "unknown device %d", (int)dev);
-    if (dt != SJ_F32 && dt != SJ_BF16)
-        return sj_fail(SJ_ERR_ARG, "CUDA compute dtype must be float32 or bf16");
+    if (dt != SJ_F32 && dt != SJ_BF16 && dt != SJ_F16)
+        return sj_fail(SJ_ERR_ARG, "CUDA compute dtype must be fp32, bf16 or fp16");
 #ifdef SJ_HAVE_CUDA
     SJ_TRY(sj_cuda_check_device());
-    *out = dt == SJ_BF16 ? &sj_cuda_backend_bf16 : &sj_cuda_backend_f32;
+    *out = dt == SJ_BF16 ? &sj_cuda_backend_bf16 : dt == SJ_F16 ? &sj_cuda_backend_f16
+                                                                : &sj_cuda_backend_f32;
     return SJ_OK;
 #else
     return sj_fail(SJ_ERR_RUNTIME, "device='cuda': this build of smedjan has no CUDA backend "
@@ -561,13 +563,15 @@ float sj_model_mean_loss(sj_model *m, sj_plan *pl, int64_t count) {
     return count ? (float)(sum / (double)count) : NAN;
 }
 
-/* bf16 -> f32 in place, front to back: element i (4 bytes at 4i) is written
- * after the bf16 source it overlaps (2 bytes at 2n + 2j, j <= i) was read. */
-static void bf16_to_f32_inplace(float *out, int64_t n) {
+/* bf16 or f16 -> f32 in place, front to back: element i (4 bytes at 4i) is
+ * written after the 16-bit source it overlaps (2 bytes at 2n + 2j, j <= i)
+ * was read. */
+static void half_to_f32_inplace(float *out, sj_dtype dt, int64_t n) {
     const uint16_t *src = (const uint16_t *)((char *)out + 2 * n);
     for (int64_t i = 0; i < n; i++) {
-        union { uint32_t u; float f; } v = { (uint32_t)src[i] << 16 };
-        out[i] = v.f;
+        const uint16_t h = src[i];
+        union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
+        out[i] = dt == SJ_F16 ? sj_f16_to_f32(h) : v.f;
     }
 }
 
@@ -591,7 +595,7 @@ sj_status sj_model_forward(sj_model *m, const void *tokens, sj_dtype tok_dtype,
         be->to_host(logits, src, sizeof(float) * (size_t)n);
     } else {
         be->to_host((char *)logits + 2 * n, src, 2 * (size_t)n);
-        bf16_to_f32_inplace(logits, n);
+        half_to_f32_inplace(logits, be->act_dtype, n);
     }
     return be->sync();
 }

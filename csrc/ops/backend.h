@@ -9,7 +9,7 @@
  *
  * Precision: activations, activation gradients and the compute copy of the
  * weights are of the backend's act_dtype (`void *` below: f32 on the CPU,
- * bf16 or f32 on CUDA). Master weights, parameter gradients, optimizer state
+ * bf16, f16 or f32 on CUDA). Master weights, parameter gradients, optimizer state
  * and saved statistics (rstd, lse, per-row losses) are always f32 (`float *`).
  * Every reduction accumulates in f32 (or wider).
  *

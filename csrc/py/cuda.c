@@ -81,7 +81,7 @@ static void dt_dealloc(PyObject *self) {
 }
 
 static const char *np_name(sj_dtype d) {
-    return d == SJ_F32 ? "float32" : d == SJ_I32 ? "int32" : "uint16";
+    return d == SJ_F32 ? "float32" : d == SJ_F16 ? "float16" : d == SJ_I32 ? "int32" : "uint16";
 }
 
 static PyObject *dt_shape_tuple(const DeviceTensorObject *t) {
@@ -439,9 +439,13 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         return NULL;
     if (reps < 0) reps = 0;
     float ms = -1.f;
+    const sj_backend *be = !strcmp(dts, "fp32") ? &sj_cuda_backend_f32
+                         : !strcmp(dts, "bf16") ? &sj_cuda_backend_bf16
+                         : !strcmp(dts, "fp16") ? &sj_cuda_backend_f16 : NULL;
+    if (!be) return PyErr_Format(PyExc_ValueError, "cuda_op: dtype must be 'fp32', 'bf16' or 'fp16', "
+                                 "got '%s'", dts);
     sj_status st = sj_cuda_check_device();
     if (st) return sj_py_raise(st);
-    const sj_backend *be = strcmp(dts, "bf16") == 0 ? &sj_cuda_backend_bf16 : &sj_cuda_backend_f32;
     long long I[12] = {0};
     double Fl[8] = {0};
     PyObject *si = PySequence_Fast(ints_o, "ints"), *sf = si ? PySequence_Fast(floats_o, "floats") : NULL;

@@ -144,7 +144,13 @@ typedef struct {
     Py_ssize_t exports;
 } ModelObject;
 
-/* "cpu"/"cuda" and "fp32"/"float32"/"bf16"/"bfloat16" -> engine enums. */
+/* The compute dtype's name in the Python API. */
+static const char *dtype_name(sj_dtype t) {
+    return t == SJ_BF16 ? "bf16" : t == SJ_F16 ? "fp16" : "fp32";
+}
+
+/* "cpu"/"cuda" and "fp32"/"float32", "bf16"/"bfloat16", "fp16"/"float16"
+ * -> engine enums. */
 static int parse_device(const char *dev, const char *dtype, sj_device *d, sj_dtype *t) {
     if (!strcmp(dev, "cpu")) *d = SJ_DEVICE_CPU;
     else if (!strcmp(dev, "cuda") || !strcmp(dev, "cuda:0") || !strcmp(dev, "gpu")) *d = SJ_DEVICE_CUDA;
@@ -152,8 +158,9 @@ static int parse_device(const char *dev, const char *dtype, sj_device *d, sj_dty
     else { PyErr_Format(PyExc_ValueError, "device must be 'cpu' or 'cuda', got '%s'", dev); return -1; }
     if (!dtype || !strcmp(dtype, "fp32") || !strcmp(dtype, "float32")) *t = SJ_F32;
     else if (!strcmp(dtype, "bf16") || !strcmp(dtype, "bfloat16")) *t = SJ_BF16;
+    else if (!strcmp(dtype, "fp16") || !strcmp(dtype, "float16")) *t = SJ_F16;
     else {
-        PyErr_Format(PyExc_ValueError, "dtype must be 'fp32' or 'bf16', got '%s'", dtype);
+        PyErr_Format(PyExc_ValueError, "dtype must be 'fp32', 'bf16' or 'fp16', got '%s'", dtype);
         return -1;
     }
     return 0;
@@ -236,9 +243,9 @@ static PyObject *model_to(PyObject *self, PyObject *args) {
     const char *dev, *dts = NULL;
     if (!PyArg_ParseTuple(args, "s|s", &dev, &dts)) return NULL;
     sj_device device; sj_dtype dtype;
-    if (!dts) dts = sj_model_dtype(MODEL(self)) == SJ_BF16 ? "bf16" : "fp32";
+    if (!dts) dts = dtype_name(sj_model_dtype(MODEL(self)));
     if (parse_device(dev, dts, &device, &dtype)) return NULL;
-    if (device != SJ_DEVICE_CUDA && dtype != SJ_F32) dtype = SJ_F32;   /* bf16 is a GPU mode */
+    if (device != SJ_DEVICE_CUDA && dtype != SJ_F32) dtype = SJ_F32;   /* bf16, fp16: GPU modes */
     Py_ssize_t n = ((ModelObject *)self)->exports;
     if (n && (device != sj_model_device(MODEL(self)) || dtype != sj_model_dtype(MODEL(self))))
         return PyErr_Format(PyExc_BufferError, "model.to: %zd views of its parameters/gradients "
@@ -258,7 +265,7 @@ static PyObject *model_device(PyObject *self, PyObject *noargs) {
 
 static PyObject *model_dtype(PyObject *self, PyObject *noargs) {
     NEED_MODEL(self);
-    return PyUnicode_FromString(sj_model_dtype(MODEL(self)) == SJ_BF16 ? "bf16" : "fp32");
+    return PyUnicode_FromString(dtype_name(sj_model_dtype(MODEL(self))));
 }
 
 static PyObject *model_params_updated(PyObject *self, PyObject *noargs) {
@@ -441,9 +448,9 @@ static PyMethodDef model_methods[] = {
     {"zero_grad", model_zero_grad, METH_NOARGS, "zero_grad()"},
     {"to", model_to, METH_VARARGS, "to(device, dtype=None): move to 'cpu' or 'cuda'"},
     {"device", model_device, METH_NOARGS, "device() -> 'cpu' | 'cuda'"},
-    {"dtype", model_dtype, METH_NOARGS, "dtype() -> 'fp32' | 'bf16'"},
+    {"dtype", model_dtype, METH_NOARGS, "dtype() -> 'fp32' | 'bf16' | 'fp16'"},
     {"params_updated", model_params_updated, METH_NOARGS,
-     "params_updated(): refresh the bf16 compute copy after writing parameters"},
+     "params_updated(): refresh the bf16/fp16 compute copy after writing parameters"},
     {"set_graphs", model_set_graphs, METH_O, "set_graphs(bool): capture train steps as CUDA graphs"},
     {"memory", model_memory, METH_NOARGS, "memory() -> (bytes, peak_bytes)"},
     {"reset_peak", model_reset_peak, METH_NOARGS, "reset_peak(): peak_bytes = bytes now"},
@@ -492,12 +499,12 @@ typedef struct {
     sj_optimizer *o;
     PyObject *model;
     Py_ssize_t exports;
-    int view_place;       /* device*2 + bf16 of the model when views were made */
+    int view_place;       /* device*8 + dtype of the model when views were made */
 } OptimizerObject;
 
 static int model_place(PyObject *model) {
     sj_model *m = ((ModelObject *)model)->m;
-    return (int)sj_model_device(m) * 2 + (sj_model_dtype(m) == SJ_BF16);
+    return (int)sj_model_device(m) * 8 + (int)sj_model_dtype(m);
 }
 
 /* The moments follow the model to its new device at the next step; views of
