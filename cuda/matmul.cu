@@ -53,10 +53,22 @@ struct plan {
     cublasLtMatmulAlgo_t algo;
     size_t ws;
 };
+/* A cache of plans, one per shape seen; when full, the oldest entry makes
+ * room (a long session, a sweep or a test run meets many shapes). Callers
+ * hold plans_mu from lookup through the cublasLtMatmul call that reads the
+ * plan's descriptors, so no plan is evicted while in use. */
 enum { N_PLANS = 256 };
 static plan plans[N_PLANS];
-static int n_plans;
+static int n_plans, next_victim;
 static std::mutex plans_mu;
+
+static void plan_destroy(plan *p) {
+    if (p->op) cublasLtMatmulDescDestroy(p->op);
+    if (p->a) cublasLtMatrixLayoutDestroy(p->a);
+    if (p->b) cublasLtMatrixLayoutDestroy(p->b);
+    if (p->c) cublasLtMatrixLayoutDestroy(p->c);
+    *p = plan{};
+}
 
 #define LT_CHECK(call, what)                                                              \
     do {                                                                                  \
@@ -73,10 +85,6 @@ static std::mutex plans_mu;
 static const plan *get_plan(const plan_key &k, size_t ws_bytes) {
     for (int i = 0; i < n_plans; i++)
         if (plans[i].key == k) return &plans[i];
-    if (n_plans == N_PLANS) {
-        sj_cuda_error("matmul", "too many distinct GEMM shapes (256)", __FILE__, __LINE__);
-        return NULL;
-    }
     plan p = {};
     p.key = k;
     const cudaDataType ab = k.ab;
@@ -119,8 +127,16 @@ static const plan *get_plan(const plan_key &k, size_t ws_bytes) {
     }
     p.algo = res[0].algo;
     p.ws = res[0].workspaceSize;
-    plans[n_plans] = p;
-    return &plans[n_plans++];
+    int slot;
+    if (n_plans < N_PLANS) {
+        slot = n_plans++;
+    } else {
+        slot = next_victim;
+        next_victim = (next_victim + 1) % N_PLANS;
+        plan_destroy(&plans[slot]);
+    }
+    plans[slot] = p;
+    return &plans[slot];
 }
 
 /* +-inf -> +-65504 in place, 8 halves a step when D is 16-byte aligned
@@ -161,16 +177,15 @@ static void matmul(void *D, const void *C, const void *A, const void *B, int M, 
     sj_cuda_ctx *ctx = sj_cuda_cur();
     const plan_key k = { M, N, K, tA, tB, c_f32, ab, alignment(A), alignment(B),
                          alignment(C ? C : D), alignment(D) };
-    const plan *p;
+    cublasStatus_t st;
     {
         std::lock_guard<std::mutex> lk(plans_mu);
-        p = get_plan(k, ctx->workspace_bytes);
+        const plan *p = get_plan(k, ctx->workspace_bytes);
+        if (!p) return;
+        const float alpha = 1.0f, beta = C ? 1.0f : 0.0f;
+        st = cublasLtMatmul(handle, p->op, &alpha, B, p->a, A, p->b, &beta, C ? C : D, p->c, D, p->c,
+                            &p->algo, ctx->workspace, ctx->workspace_bytes, ctx->stream);
     }
-    if (!p) return;
-    const float alpha = 1.0f, beta = C ? 1.0f : 0.0f;
-    cublasStatus_t st = cublasLtMatmul(handle, p->op, &alpha, B, p->a, A, p->b, &beta,
-                                       C ? C : D, p->c, D, p->c, &p->algo, ctx->workspace,
-                                       ctx->workspace_bytes, ctx->stream);
     if (st != CUBLAS_STATUS_SUCCESS) {
         char d[160];
         snprintf(d, sizeof d, "cuBLASLt status %d (%s) for M=%d N=%d K=%d", (int)st,

@@ -59,6 +59,16 @@ def test_matmul_kernel(dtype, tA, tB, accum, c_f32, rng):
     close(out["C"].reshape(M, N), want, dtype, "matmul", None if c_f32 or dtype == "fp32" else 1e-2)
 
 
+def test_matmul_past_the_plan_cache_stays_right(rng):
+    """More distinct GEMM shapes than cuBLASLt plans kept (256): the oldest
+    plans make room, and a shape whose plan was evicted is planned again."""
+    shapes = [(3 + i % 29, 5 + i // 29, 16) for i in range(300)] + [(3, 5, 16)]
+    for M, N, K in shapes:
+        A, B = rnd(rng, M, K, dtype="bf16"), rnd(rng, N, K, dtype="bf16")
+        out = op("matmul", "bf16", {"C": poison((M, N)), "A": A, "B": B}, (M, N, K, 0, 1, 0, 1))
+        close(out["C"].reshape(M, N), ref.matmul(A, B, 0, 1), "bf16", "matmul", 1e-2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tA,tB", [(0, 1), (0, 0), (1, 0)])
 @pytest.mark.parametrize("in_place", [0, 1], ids=["D_apart", "D_is_C"])
