@@ -311,10 +311,13 @@ def test_fp32_mode_equals_the_cpu_backend(shape):
         assert e < 1e-5, (name, e)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bf16_mode_is_close_to_fp32(shape):
+def test_16_bit_modes_are_close_to_fp32(shape, dtype):
+    """Logits, loss and every gradient within 2e-2 of the fp32 mode."""
     f32, tokens, targets = make(shape, "cuda", "fp32")
-    b16, _, _ = make(shape, "cuda", "bf16")
+    b16, _, _ = make(shape, "cuda", dtype)
+    assert b16.dtype == dtype
     assert rel_err(b16.forward(tokens), f32.forward(tokens)) < 2e-2
     l32 = f32.loss(tokens, targets, backward=True)
     l16 = b16.loss(tokens, targets, backward=True)

@@ -5,8 +5,8 @@ gives the largest finite half, never inf (NaN stays NaN). No loss scaling.
 
 The kernels in fp16 are tested against the float64 references with the
 other dtypes (tests/test_cuda.py, DTYPES: kernels, graph replay == eager,
-the fused-residual plan, logits through DLPack); here: the model near fp32,
-training like bf16, the clamp at every kind of writer, moves and the
+the fused-residual plan, logits through DLPack, the model near fp32);
+here: training like bf16, the clamp at every kind of writer, moves and the
 inference engine.
 GPU tests skip without a GPU; the CPU-side tests (dtype names, errors) run
 everywhere."""
@@ -19,7 +19,8 @@ import smedjan
 from conftest import text_batches
 from smedjan import _C
 import cuda_ref as ref
-from cuda_ref import rel_err
+import test_cuda
+from test_cuda import host, op
 
 gpu = pytest.mark.skipif(not ref.gpu_present(), reason="no CUDA GPU")
 F16_MAX = 65504.0
@@ -64,50 +65,9 @@ def test_bench_cli_accepts_fp16_and_reports_the_engine_error_on_the_cpu(capsys):
 
 # ---- on the GPU: the model ---------------------------------------------------------
 
-SHAPES = {
-    "mha": dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=2, vocab=97, B=2, T=16),
-    "gqa": dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab=300, B=3, T=70),
-    "hd128": dict(dim=256, n_layers=1, n_heads=2, n_kv_heads=1, vocab=64, B=2, T=33),
-}
-
-
 def make(shape, dtype, seed=0):
-    """tests/test_cuda.py's make(), on the GPU."""
-    s = SHAPES[shape]
-    cfg = smedjan.Config.custom(s["dim"], s["n_layers"], s["n_heads"], s["n_kv_heads"],
-                                vocab_size=s["vocab"], max_seq_len=128)
-    m = smedjan.Model(cfg, seed=seed, device="cuda", dtype=dtype)
-    r = np.random.default_rng(seed)
-    gains = {n: r.uniform(0.5, 1.5, v.shape).astype(np.float32) for n, v in m.params.items() if len(v.shape) == 1}
-    for n, v in gains.items():
-        m.params[n][:] = v
-    tokens = r.integers(0, s["vocab"], (s["B"], s["T"])).astype(np.int32)
-    targets = r.integers(0, s["vocab"], (s["B"], s["T"])).astype(np.int32)
-    targets[0, :3] = -1
-    return m, tokens, targets
-
-
-def host(x):
-    return np.asarray(x)
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", SHAPES)
-def test_fp16_mode_is_close_to_fp32(shape):
-    """Logits, loss and every gradient within 2e-2 of the fp32 mode (the
-    bf16 mode's bound)."""
-    f32, tokens, targets = make(shape, "fp32")
-    f16, _, _ = make(shape, "fp16")
-    assert f16.dtype == "fp16"
-    e = rel_err(f16.forward(tokens), f32.forward(tokens))
-    assert e < 2e-2, f"logits: relative error {e:.3e}"
-    l32 = f32.loss(tokens, targets, backward=True)
-    l16 = f16.loss(tokens, targets, backward=True)
-    assert abs(l16 - l32) <= 2e-2 * abs(l32), (l16, l32)
-    for name in f32.grads:
-        e = rel_err(host(f16.grads[name]), host(f32.grads[name]))
-        assert e < 2e-2, (name, e)
+    """tests/test_cuda.py's model, tokens and targets, on the GPU."""
+    return test_cuda.make(shape, "cuda", dtype, seed)
 
 
 def train(text_bytes, dtype, steps, graphs=True):
@@ -131,10 +91,6 @@ def test_fp16_training_decreases_the_loss_like_bf16(text_bytes):
 
 
 # ---- on the GPU: the clamp -----------------------------------------------------------
-
-def op(name, dtype, arrays, ints=(), floats=()):
-    return _C.cuda_op(name, dtype, arrays, tuple(int(i) for i in ints), tuple(float(f) for f in floats))
-
 
 @gpu
 @pytest.mark.gpu

@@ -36,6 +36,20 @@ static inline __m512 ld16f(const void *p, const int f16) {
     return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps(p);
 }
 
+/* p[0..n) = exp(p - max) in place; returns 1 / their sum (softmax's
+ * normaliser). max: the row's maximum (exp512's range assumes <= 0). */
+static inline float exp_row_512(float *p, int n, float max) {
+    const __m512 mh = _mm512_set1_ps(max);
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + i), mh));
+        _mm512_mask_storeu_ps(p + i, k, e);
+        sum = _mm512_mask_add_ps(sum, k, sum, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
 /* G and nc = hd / 16 are compile-time constants at every call, so r[] is
  * registers (with runtime bounds GCC keeps it on the stack, through memcpy). */
 __attribute__((always_inline)) static inline void
@@ -60,18 +74,7 @@ group_512(float *out, const float *q, const void *kc, const void *vc, const int 
             m[h] = d > m[h] ? d : m[h];
         }
     }
-    for (int h = 0; h < G; h++) {
-        float *p = sc + (int64_t)h * T;
-        const __m512 mh = _mm512_set1_ps(m[h]);
-        __m512 sum = _mm512_setzero_ps();
-        for (int s = 0; s < T; s += 16) {
-            const __mmask16 k = T - s >= 16 ? 0xFFFF : (__mmask16)((1u << (T - s)) - 1);
-            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + s), mh));
-            _mm512_mask_storeu_ps(p + s, k, e);
-            sum = _mm512_mask_add_ps(sum, k, sum, e);
-        }
-        inv[h] = 1.0f / _mm512_reduce_add_ps(sum);
-    }
+    for (int h = 0; h < G; h++) inv[h] = exp_row_512(sc + (int64_t)h * T, T, m[h]);
     for (int i = 0; i < G * nc; i++) r[i] = _mm512_setzero_ps();
     for (int s = 0; s < T; s++) {
         const char *v = (const char *)vc + (int64_t)s * ld * es;
@@ -247,19 +250,12 @@ tile_512(float *out, const float *q, int ldq, const void *kc, const void *vc, co
     for (int j = 0; j < TQ; j++) {   /* token j: its T0 + j scores, as group_512 */
         float *p = sc + (int64_t)j * T;
         const int Tj = T0 + j;
-        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int i = 0; i < Tj; i += 16) {
             const __mmask16 km = Tj - i >= 16 ? 0xFFFF : (__mmask16)((1u << (Tj - i)) - 1);
             mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, km, p + i));
         }
-        const __m512 mh = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        for (int i = 0; i < Tj; i += 16) {
-            const __mmask16 km = Tj - i >= 16 ? 0xFFFF : (__mmask16)((1u << (Tj - i)) - 1);
-            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(km, p + i), mh));
-            _mm512_mask_storeu_ps(p + i, km, e);
-            sum = _mm512_mask_add_ps(sum, km, sum, e);
-        }
-        inv[j] = 1.0f / _mm512_reduce_add_ps(sum);
+        inv[j] = exp_row_512(p, Tj, _mm512_reduce_max_ps(mx));
         for (int i = Tj; i < T; i++) p[i] = 0.f;   /* causal mask: rows past the token add exactly 0 */
     }
     for (int i = 0; i < TQ * NC; i++) r[i] = _mm512_setzero_ps();

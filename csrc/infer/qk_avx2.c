@@ -47,6 +47,17 @@ T256 INL float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* Q4's offset term of one (row, token): sum over blocks of m_w * (d_x sum x). */
+T256 INL float q4_offset(const uint16_t *m, const float *sx, int nb) {
+    __m256 o = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 8 <= nb; b += 8)
+        o = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + b))), _mm256_loadu_ps(sx + b), o);
+    float s = hsum(o);
+    for (; b < nb; b++) s += _cvtsh_ss(m[b]) * sx[b];
+    return s;
+}
+
 T256 INL void tile(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *X, int t,
                    const int RT, const int TT, const int q4) {
     const int C = W->cols, nb = C / QK;
@@ -75,16 +86,7 @@ T256 INL void tile(float *out, int ldo, const sj_qmat *W, int r, const sj_qact *
     for (int i = 0; i < RT; i++)
         for (int j = 0; j < TT; j++) {
             float s = hsum(acc[i * TT + j]);
-            if (q4) {   /* the offset: sum over blocks of m_w * (d_x sum x) */
-                const uint16_t *m = W->m + (int64_t)(r + i) * nb;
-                const float *sx = X->s + (int64_t)(t + j) * nb;
-                __m256 o = _mm256_setzero_ps();
-                int b = 0;
-                for (; b + 8 <= nb; b += 8)
-                    o = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + b))), _mm256_loadu_ps(sx + b), o);
-                s += hsum(o);
-                for (; b < nb; b++) s += _cvtsh_ss(m[b]) * sx[b];
-            }
+            if (q4) s += q4_offset(W->m + (int64_t)(r + i) * nb, X->s + (int64_t)(t + j) * nb, nb);
             out[(int64_t)(t + j) * ldo + r + i] = s;
         }
 }
@@ -134,16 +136,7 @@ T256 INL void gemv_tile(float *out, const sj_qmat *W, int r, const sj_qact *X, i
     }
     for (int i = 0; i < RT; i++) {
         float s = hsum(acc[i]);
-        if (q4) {
-            const uint16_t *m = W->m + (int64_t)(r + i) * nb;
-            const float *sx = X->s + (int64_t)t * nb;
-            __m256 o = _mm256_setzero_ps();
-            int b = 0;
-            for (; b + 8 <= nb; b += 8)
-                o = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + b))), _mm256_loadu_ps(sx + b), o);
-            s += hsum(o);
-            for (; b < nb; b++) s += _cvtsh_ss(m[b]) * sx[b];
-        }
+        if (q4) s += q4_offset(W->m + (int64_t)(r + i) * nb, X->s + (int64_t)t * nb, nb);
         out[r + i] = s;
     }
 }

@@ -10,14 +10,15 @@
 const sj_qmat *sj_infer_matrix(const sj_infer *h, const char *name);
 const float *sj_infer_norm(const sj_infer *h, int i);
 
-static int parse_mode(const char *s, sj_infer_mode *m) {
+int sj_py_infer_mode(const char *s, const char *valid, sj_infer_mode *m) {
     if (!strcmp(s, "fp32") || !strcmp(s, "f32") || !strcmp(s, "float32")) *m = SJ_INFER_FP32;
     else if (!strcmp(s, "bf16")) *m = SJ_INFER_BF16;
     else if (!strcmp(s, "q8") || !strcmp(s, "q8_0")) *m = SJ_INFER_Q8;
     else if (!strcmp(s, "q4") || !strcmp(s, "q4_0")) *m = SJ_INFER_Q4;
-    else { PyErr_Format(PyExc_ValueError, "mode must be fp32, bf16, q8 or q4, got '%s'", s); return -1; }
+    else { PyErr_Format(PyExc_ValueError, "mode must be %s, got '%s'", valid, s); return -1; }
     return 0;
 }
+static int parse_mode(const char *s, sj_infer_mode *m) { return sj_py_infer_mode(s, "fp32, bf16, q8 or q4", m); }
 static const char *mode_name(sj_infer_mode m) {
     static const char *n[] = { "fp32", "bf16", "q8", "q4" };
     return n[m];

@@ -9,14 +9,8 @@
 typedef struct { PyObject_HEAD sj_cuinfer *g; } CudaInferObject;
 static PyTypeObject CudaInferType;
 
-static int parse_gpu_mode(const char *s, sj_infer_mode *m) {
-    if (!strcmp(s, "fp32") || !strcmp(s, "f32") || !strcmp(s, "float32")) *m = SJ_INFER_FP32;
-    else if (!strcmp(s, "bf16")) *m = SJ_INFER_BF16;
-    else if (!strcmp(s, "q8") || !strcmp(s, "q8_0")) *m = SJ_INFER_Q8;     /* refused by the engine, */
-    else if (!strcmp(s, "q4") || !strcmp(s, "q4_0")) *m = SJ_INFER_Q4;     /* with the reason        */
-    else { PyErr_Format(PyExc_ValueError, "mode must be fp32 or bf16 on the GPU, got '%s'", s); return -1; }
-    return 0;
-}
+/* q8 / q4 parse, and the engine refuses them with the reason */
+static int parse_gpu_mode(const char *s, sj_infer_mode *m) { return sj_py_infer_mode(s, "fp32 or bf16 on the GPU", m); }
 
 static PyObject *wrap(sj_cuinfer *g) {
     CudaInferObject *o = PyObject_New(CudaInferObject, &CudaInferType);

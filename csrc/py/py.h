@@ -33,6 +33,10 @@ int sj_py_tokens(PyObject *obj, const char *argname, int ndim_want,
 int sj_py_out4(PyObject *obj, Py_buffer *view, const char *fmt, Py_ssize_t count,
                const char *what);
 
+/* An inference mode name (fp32, bf16, q8, q4 and their aliases); otherwise
+ * ValueError("mode must be <valid>, got ..."), -1. */
+int sj_py_infer_mode(const char *s, const char *valid, sj_infer_mode *m);
+
 /* Each file of the extension adds its functions/types to the module. */
 int sj_py_add_model(PyObject *m);
 /* The engine model behind a smedjan._C.Model, or NULL with an exception set. */
