@@ -144,7 +144,9 @@ template <class T, int NW>
 static __device__ void phase_attn_oproj(const params &p, int l, int pos, float *qs, float *ps) {
     const int C = p.C, hd = p.hd, kvd = p.KV * hd, grp = p.H / p.KV, n = pos + 1;
     const int warp = threadIdx.x >> 5, J = oproj_shares(p);
-    const int per = (n + 32 * NW - 1) / (32 * NW) * 32, ns = (n + per - 1) / per;
+    /* keys per warp: a multiple of 16, as few as spread the context over
+     * the block's warps (one V batch of attn_partial for 16 keys) */
+    const int per = max(16, ((n + NW - 1) / NW + 15) / 16 * 16), ns = (n + per - 1) / per;
     const T *K = (const T *)p.kc + (int64_t)l * p.max_ctx * kvd;
     const T *V = (const T *)p.vc + (int64_t)l * p.max_ctx * kvd;
     const T *Wo = (const T *)p.wo + (int64_t)l * C * C;
@@ -273,7 +275,8 @@ enum { PF_QKV, PF_ATTN_OPROJ, PF_OPROJ, PF_FFN, PF_HEAD };
 
 /* Before a grid barrier: pull into L2 the first weight rows this warp (or,
  * for B, this block) will read in phase ph of layer l, with the same unit
- * mapping as the phase, so that their HBM latency overlaps the barrier. */
+ * mapping as the phase, so that their HBM latency overlaps the barrier.
+ * (Into L1 instead, every row of the phase: measured no faster.) */
 template <class T, int NW>
 static __device__ void prefetch_phase(const params &p, int ph, int l) {
     const int64_t C = p.C, F = p.F, hd = p.hd, half = p.hd / 2, es = sizeof(T);
@@ -387,8 +390,11 @@ static __host__ __device__ __forceinline__ smem_map smem_layout(const params &p,
 }
 size_t smem_bytes(const params &p) { return sizeof(float) * (size_t)smem_layout(p, p.warps).total; }
 
+/* One block per SM: at 8 warps that allows 255 registers a thread, and
+ * saying so lets ptxas use them (167 instead of a self-imposed 128 and its
+ * spills); 16 warps are held to 128 by the register file either way. */
 template <class T, int NW>
-__global__ void __launch_bounds__(NW * 32) step_persistent(params p, int n_steps) {
+__global__ void __launch_bounds__(NW * 32, NW <= 8 ? 1 : 0) step_persistent(params p, int n_steps) {
     extern __shared__ float4 smem4[];
     float *sm = reinterpret_cast<float *>(smem4);
     const smem_map m = smem_layout(p, NW);

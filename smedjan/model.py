@@ -168,12 +168,16 @@ class Model:
     def set_levers(self, *, gradient_checkpointing: Optional[bool] = None,
                    fused_ce: Optional[bool] = None, ce_rows: Optional[int] = None,
                    memory_limit: Optional[int] = None,
-                   fp16_activations: Optional[bool] = None) -> dict:
+                   fp16_activations: Optional[bool] = None,
+                   cheap_recompute: Optional[bool] = None) -> dict:
         """Memory levers (None keeps the current setting); returns them all.
 
         gradient_checkpointing: keep only each block's input from forward to
-        backward and recompute the rest in backward (gradients bit-identical).
-        fused_ce: LM head + loss over ce_rows rows at a time (default 256),
+        backward and recompute the rest in backward (gradients bit-identical). cheap_recompute:
+        keep neither the RMSNorm outputs nor SwiGLU's (a third of what a
+        layer keeps) and redo those elementwise ops in backward, 3 extra
+        kernels a layer (gradients bit-identical; gradient_checkpointing
+        includes it). fused_ce: LM head + loss over ce_rows rows at a time (default 256),
         so the (batch*seq, vocab) logits never exist. memory_limit: bytes; a
         run whose planned peak (engine memory held + its activation arena)
         exceeds it is refused with MemoryError before the arena is allocated.
@@ -188,6 +192,8 @@ class Model:
         cur = self._h.levers()
         new = dict(checkpoint=cur["checkpoint"] if gradient_checkpointing is None
                    else bool(gradient_checkpointing),
+                   cheap_recompute=cur["cheap_recompute"] if cheap_recompute is None
+                   else bool(cheap_recompute),
                    fused_ce=cur["fused_ce"] if fused_ce is None else bool(fused_ce),
                    ce_rows=cur["ce_rows"] if ce_rows is None else int(ce_rows),
                    memory_limit=cur["memory_limit"] if memory_limit is None else int(memory_limit),
@@ -199,7 +205,8 @@ class Model:
     def levers(self) -> dict:
         """The memory levers now set (see set_levers)."""
         d = self._h.levers()
-        return dict(gradient_checkpointing=d["checkpoint"], fused_ce=d["fused_ce"],
+        return dict(gradient_checkpointing=d["checkpoint"], cheap_recompute=d["cheap_recompute"],
+                    fused_ce=d["fused_ce"],
                     ce_rows=d["ce_rows"], memory_limit=d["memory_limit"],
                     fp16_activations=d["fp16_act"])
 

@@ -33,6 +33,7 @@ class Trainer:
     splits every batch given to step() into N micro-batches (fit() draws N
     loader batches per step), whose gradients add up to the whole batch's;
     gradient_checkpointing recomputes block activations in backward;
+    cheap_recompute recomputes only the RMSNorm and SwiGLU outputs;
     fused_ce never materialises the (batch*seq, vocab) logits;
     fp16_activations stores the activations kept for backward as fp16;
     memory_limit (bytes) refuses a run whose planned peak exceeds it.
@@ -43,12 +44,14 @@ class Trainer:
                  clip: float = 1.0, betas: Tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, grad_accum: int = 1,
                  gradient_checkpointing: Optional[bool] = None, fused_ce: Optional[bool] = None,
-                 fp16_activations: Optional[bool] = None, memory_limit: Optional[int] = None):
+                 fp16_activations: Optional[bool] = None, memory_limit: Optional[int] = None,
+                 cheap_recompute: Optional[bool] = None):
         if int(grad_accum) < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         self.grad_accum = int(grad_accum)
         model.set_levers(gradient_checkpointing=gradient_checkpointing, fused_ce=fused_ce,
-                         memory_limit=memory_limit, fp16_activations=fp16_activations)
+                         memory_limit=memory_limit, fp16_activations=fp16_activations,
+                         cheap_recompute=cheap_recompute)
         self.model = model
         self.lr, self.min_lr = lr, lr / 10 if min_lr is None else min_lr
         self.warmup, self.steps = warmup, steps

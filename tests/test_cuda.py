@@ -352,19 +352,22 @@ def test_fused_residuals_and_in_place_rope_match_the_unfused_step(dtype, shape, 
     assert census["in_place"]["rope"] == 2 * L, census
 
 
-def test_checkpointed_fused_training_is_bit_identical_on_gpu(text_bytes):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_checkpointed_fused_training_is_bit_identical_on_gpu(text_bytes, dtype):
     """Checkpointing re-runs rope (in place) inside backward, the residual
-    gradient stays one shared buffer: fp32 training through captured graphs
-    is bit-identical with and without it."""
+    gradient stays one shared buffer; cheap recompute re-runs the norms and
+    SwiGLU: training through captured graphs is bit-identical with either
+    lever and without."""
     cfg = smedjan.Config.custom(128, 2, 4, 2, vocab_size=256, max_seq_len=128)
     runs = []
-    for ckpt in (False, True):
-        m = smedjan.Model(cfg, seed=3, device="cuda", dtype="fp32")
-        tr = smedjan.Trainer(m, lr=3e-3, warmup=2, steps=4, gradient_checkpointing=ckpt)
+    for lever in ({}, dict(gradient_checkpointing=True), dict(cheap_recompute=True)):
+        m = smedjan.Model(cfg, seed=3, device="cuda", dtype=dtype)
+        tr = smedjan.Trainer(m, lr=3e-3, warmup=2, steps=4, **lever)
         runs.append(([tuple(tr.step(x, y)) for x, y in text_batches(text_bytes, 4, 64, 4)],
                      host(m.flat_params).copy()))
-    assert runs[0][0] == runs[1][0], runs
-    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    for r in runs[1:]:
+        assert runs[0][0] == r[0], runs
+        np.testing.assert_array_equal(runs[0][1], r[1])
 
 
 def train(text_bytes, device, dtype, steps, graphs=True, B=4, T=64, preset_cfg=None):

@@ -35,18 +35,23 @@ def rel(a, b):
     return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
 
 
+RECOMPUTE = ["gradient_checkpointing", "cheap_recompute"]
+
+
+@pytest.mark.parametrize("lever", RECOMPUTE)
 @pytest.mark.parametrize("device", ["cpu", "cpu-staged"])
-def test_checkpointing_gives_bit_identical_loss_and_grads(device):
+def test_checkpointing_gives_bit_identical_loss_and_grads(device, lever):
     x, y = batch(1)
-    a, b = model(device), model(device, gradient_checkpointing=True)
+    a, b = model(device), model(device, **{lever: True})
     assert a.loss(x, y, backward=True) == b.loss(x, y, backward=True)
     np.testing.assert_array_equal(a.flat_grads, b.flat_grads)
 
 
-def test_checkpointing_with_a_poisoned_arena(monkeypatch):
+@pytest.mark.parametrize("lever", RECOMPUTE)
+def test_checkpointing_with_a_poisoned_arena(monkeypatch, lever):
     monkeypatch.setenv("SMEDJAN_POISON", "1")   # a stale read of a dropped activation is NaN
     x, y = batch(2)
-    a, b = model(), model(gradient_checkpointing=True)
+    a, b = model(), model(**{lever: True})
     assert a.loss(x, y, backward=True) == b.loss(x, y, backward=True)
     np.testing.assert_array_equal(a.flat_grads, b.flat_grads)
     assert np.isfinite(b.flat_grads).all()
@@ -59,10 +64,25 @@ def test_checkpointing_frees_well_over_half_of_kept_activations():
     assert pb["arena_bytes"] < pa["arena_bytes"], (pa, pb)
 
 
-def test_checkpointed_training_is_bit_identical():
+def test_cheap_recompute_drops_the_norm_and_swiglu_outputs():
+    # Per layer and token a layer keeps 2 C + (H + 2 KV) hd + C + C + 2 F + F
+    # values (x, norm out, qkv, attention out, x + attn, norm out, gate|up,
+    # SwiGLU out) and each norm's 1 / rms; cheap recompute drops the norm
+    # outputs and 1 / rms (redone together) and SwiGLU's output.
+    a, b = model(), model(cheap_recompute=True)
+    B, T, c = 8, 64, a.config
+    pa, pb = a.plan_memory(B, T), b.plan_memory(B, T)
+    dropped = 4 * B * T * (c.n_layers * (2 * (c.dim + 1) + c.ffn_dim) + c.dim + 1)   # + final norm
+    assert pa["kept_bytes"] - pb["kept_bytes"] == dropped, (pa, pb, dropped)
+    assert pb["arena_bytes"] < pa["arena_bytes"], (pa, pb)
+    assert b.levers["cheap_recompute"] and not b.levers["gradient_checkpointing"]
+
+
+@pytest.mark.parametrize("lever", RECOMPUTE)
+def test_checkpointed_training_is_bit_identical(lever):
     a, b = model(seed=5), model(seed=5)
     ta = smedjan.Trainer(a, lr=3e-3, warmup=1, steps=6)
-    tb = smedjan.Trainer(b, lr=3e-3, warmup=1, steps=6, gradient_checkpointing=True)
+    tb = smedjan.Trainer(b, lr=3e-3, warmup=1, steps=6, **{lever: True})
     for i in range(4):
         x, y = batch(10 + i)
         assert ta.step(x, y) == tb.step(x, y), i

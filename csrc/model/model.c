@@ -334,7 +334,7 @@ static int residual(const sj_plan *pl, sj_tape *tp, int x, int a, int w, int N, 
 /* The tape of a new plan, levers applied. */
 static void tape_init(const sj_model *m, sj_plan *pl, int dry) {
     sj_tape_init(&pl->tape, pl->mode == SJ_RUN_TRAIN, m->be->act_dtype, m->be->device);
-    pl->tape.checkpoint = m->lv.checkpoint;
+    pl->tape.checkpoint = m->lv.checkpoint || m->lv.cheap_recompute;
     pl->tape.f16_act = m->lv.f16_act;
     pl->tape.dry = dry;
     /* Tests only, the reference: "1" as before this fusion (matmul + add, no
@@ -355,31 +355,48 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     #define NORM(fmt, l) sj_tape_param(tp, find(m, fmt, l)->offset, C)
     pl->tokens = sj_tape_tensor(tp, SJ_T_EXTERN, N);
     int x = sj_op_embedding(tp, pl->tokens, PARAM("tok_emb%.0d", 0, V), N, C);
+    /* Checkpointed blocks: whole layers, or (cheap recompute) just an
+     * elementwise op and the projection that reads it, so that only that
+     * op's output (a norm's, SwiGLU's) is dropped and redone in backward. */
+    const int layer_blocks = m->lv.checkpoint, op_blocks = !layer_blocks && m->lv.cheap_recompute;
+    #define OP_BLOCK_BEGIN() do { if (op_blocks) SJ_TRY(sj_tape_block_begin(tp)); } while (0)
+    #define OP_BLOCK_END() do { if (op_blocks) SJ_TRY(sj_tape_block_end(tp)); } while (0)
     for (int l = 0; l < c->n_layers; l++) {
-        SJ_TRY(sj_tape_block_begin(tp));
+        if (layer_blocks) SJ_TRY(sj_tape_block_begin(tp));
+        OP_BLOCK_BEGIN();
         int h = sj_op_rmsnorm(tp, x, NORM("layers.%d.attn_norm", l), N, C, c->norm_eps);
         int qkv = sj_op_matmul(tp, h, PARAM("layers.%d.wq", l, (H + 2 * KV) * hd), N,
                                (H + 2 * KV) * hd, C);
+        OP_BLOCK_END();
         qkv = sj_op_rope(tp, qkv, B, T, H + 2 * KV, H + KV, hd, c->rope_theta);
         int a = sj_op_attention(tp, qkv, B, T, H, KV, hd);
         x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, H * hd);
+        OP_BLOCK_BEGIN();
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);
         int gu = sj_op_matmul(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, 2 * F, C);
+        OP_BLOCK_END();
+        OP_BLOCK_BEGIN();
         int s = sj_op_swiglu(tp, gu, N, F);
         x = residual(pl, tp, x, s, PARAM("layers.%d.w_down", l, C), N, C, F);
-        SJ_TRY(sj_tape_block_end(tp));
+        OP_BLOCK_END();
+        if (layer_blocks) SJ_TRY(sj_tape_block_end(tp));
     }
+    OP_BLOCK_BEGIN();
     int h = sj_op_rmsnorm(tp, x, NORM("final_norm%.0d", 0), N, C, c->norm_eps);
     if (m->lv.fused_ce && pl->mode != SJ_RUN_LOGITS) {
         pl->logits = -1;
         pl->targets = sj_tape_tensor(tp, SJ_T_EXTERN, N);
         pl->losses = sj_op_lm_head_ce(tp, h, PARAM("tok_emb%.0d", 0, V), pl->targets, N, V, C,
                                       -1, m->lv.ce_rows > 0 ? m->lv.ce_rows : 256);
+        OP_BLOCK_END();
         return pl->losses < 0 ? SJ_ERR_NOMEM : SJ_OK;
     }
     pl->logits = sj_op_matmul(tp, h, PARAM("tok_emb%.0d", 0, V), N, V, C);  /* tied head */
+    OP_BLOCK_END();
     #undef PARAM
     #undef NORM
+    #undef OP_BLOCK_BEGIN
+    #undef OP_BLOCK_END
     if (pl->logits < 0) return SJ_ERR_NOMEM;
     if (pl->mode == SJ_RUN_LOGITS) {
         /* Host backends write straight into the caller's array; device
@@ -627,7 +644,8 @@ sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv) {
     if (lv->ce_rows < 0) return sj_fail(SJ_ERR_ARG, "ce_rows must be >= 0, got %d", lv->ce_rows);
     if (lv->memory_limit < 0)
         return sj_fail(SJ_ERR_ARG, "memory_limit must be >= 0, got %lld", (long long)lv->memory_limit);
-    if (lv->checkpoint == m->lv.checkpoint && lv->fused_ce == m->lv.fused_ce &&
+    if (lv->checkpoint == m->lv.checkpoint && lv->cheap_recompute == m->lv.cheap_recompute &&
+        lv->fused_ce == m->lv.fused_ce &&
         lv->ce_rows == m->lv.ce_rows && lv->memory_limit == m->lv.memory_limit &&
         lv->f16_act == m->lv.f16_act) return SJ_OK;
     if (m->ctx) m->be->bind(m->ctx);

@@ -32,6 +32,7 @@ enum { SJ_MAX_PLANS = 4 };
  * what it computes (up to fp32 summation order for the fused loss). */
 typedef struct {
     int checkpoint;        /* recompute each block's interior in backward */
+    int cheap_recompute;   /* recompute only the RMSNorm and SwiGLU outputs in backward */
     int fused_ce;          /* LM head + loss in row chunks: no (N, V) logits */
     int ce_rows;           /* rows per chunk of the fused loss (0: default) */
     int f16_act;           /* activations kept for backward stored as fp16 (f32 compute) */
