@@ -38,22 +38,29 @@ static __device__ __forceinline__ unsigned long long *xrow(const params &p, int 
     return p.x + (int64_t)(r & 1) * p.C;
 }
 
-/* xs = RMSNorm(src) * w, where src is the residual x, or (layer 0) the
- * token's embedding row, which block 0 also writes to x: the residual
- * stream starts there. */
+/* RMSNorm with its scale left to the caller: xs = src * w and the return
+ * value is 1 / rms(src), by which the caller multiplies its dot products
+ * with xs. src is the residual x, or (layer 0) the token's embedding row,
+ * which block 0 also writes to x: the residual stream starts there. One
+ * block barrier: no pass over xs waits for the sum of squares. Calls are
+ * a grid barrier apart (part[] is then free again). */
 template <class T>
-static __device__ void load_normed(float *xs, unsigned long long *x, const T *emb_row,
-                                   const float *w, int C, float eps) {
+static __device__ float load_normed(float *xs, unsigned long long *x, const T *emb_row,
+                                    const float *w, int C, float eps) {
+    __shared__ float part[32];
     float ss = 0.f;
     for (int i = threadIdx.x; i < C; i += blockDim.x) {
         const float v = emb_row ? tof(emb_row[i]) : unfix(x[i]);
         if (emb_row && blockIdx.x == 0) x[i] = fix(v);
-        xs[i] = v;
+        xs[i] = v * w[i];
         ss += v * v;
     }
-    const float rs = 1.0f / sqrtf(block_reduce<false>(ss) / (float)C + eps);
-    for (int i = threadIdx.x; i < C; i += blockDim.x) xs[i] = xs[i] * rs * w[i];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
     __syncthreads();
+    float t = 0.f;
+    for (int k = 0; k < (int)(blockDim.x >> 5); k++) t += part[k];   /* one order: one rs */
+    return 1.0f / sqrtf(t / (float)C + eps);
 }
 
 template <int NW> static __device__ __forceinline__ int gwarp(void) { return blockIdx.x * NW + (threadIdx.x >> 5); }
@@ -65,8 +72,8 @@ template <int NW> static __device__ __forceinline__ int nwarps(void) { return gr
 template <class T, int NW>
 static __device__ void phase_qkv(const params &p, int l, int tok, int pos, float *xs) {
     const int C = p.C, hd = p.hd, half = hd / 2, kvd = p.KV * hd, lane = threadIdx.x & 31;
-    load_normed<T>(xs, xrow(p, l), l == 0 ? (const T *)p.emb + (int64_t)tok * C : nullptr,
-                   p.norms + (int64_t)2 * l * C, C, p.eps);
+    const float rs = load_normed<T>(xs, xrow(p, l), l == 0 ? (const T *)p.emb + (int64_t)tok * C : nullptr,
+                                    p.norms + (int64_t)2 * l * C, C, p.eps);
     if (blockIdx.x == gridDim.x - 1)
         for (int i = threadIdx.x; i < C; i += blockDim.x) xrow(p, l + 1)[i] = 0;
     const T *W = (const T *)p.wqkv + (int64_t)l * (p.H + 2 * p.KV) * hd * C;
@@ -77,6 +84,8 @@ static __device__ void phase_qkv(const params &p, int l, int tok, int pos, float
         float d[2];
         warp_dots<T, 2>(rows, xs, C, d);
         if (lane) continue;
+        d[0] *= rs;
+        d[1] *= rs;
         if (g < p.H + p.KV) rope_pair(d[0], d[1], p.rope_cos[(int64_t)pos * half + i],
                                       p.rope_sin[(int64_t)pos * half + i]);
         if (g < p.H) {
@@ -218,7 +227,7 @@ static __device__ void phase_ffn(const params &p, int l, float *xs, float *hs, f
     const int C = p.C, F = p.F, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (blockIdx.x * NW >= F && blockIdx.x != 0) return;   /* no rows here */
     unsigned long long *xc = xrow(p, l), *xn = xrow(p, l + 1);
-    load_normed<T>(xs, xc, (const T *)nullptr, p.norms + (int64_t)(2 * l + 1) * C, C, p.eps);
+    const float rs = load_normed<T>(xs, xc, (const T *)nullptr, p.norms + (int64_t)(2 * l + 1) * C, C, p.eps);
     const T *W = (const T *)p.wgu + (int64_t)l * 2 * F * C;
     const T *D = (const T *)p.wdt + (int64_t)l * F * C;
     float *hw = hs + warp * p.maxu;
@@ -227,7 +236,8 @@ static __device__ void phase_ffn(const params &p, int l, float *xs, float *hs, f
         const T *rows[2] = { W + (int64_t)u * C, W + (int64_t)(F + u) * C };
         float d[2];
         warp_dots<T, 2>(rows, xs, C, d);
-        if (!lane) hw[nu] = d[0] / (1.0f + expf(-d[0])) * d[1];
+        const float g = d[0] * rs;
+        if (!lane) hw[nu] = g / (1.0f + expf(-g)) * (d[1] * rs);
     }
     __syncwarp();
     const int S = ffn_slice(C);
@@ -324,7 +334,7 @@ static __device__ void phase_head(const params &p, float *xs) {
     __shared__ float sv[NW];
     __shared__ int si[NW];
     const int C = p.C, V = p.V, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    load_normed<T>(xs, xrow(p, p.L), (const T *)nullptr, p.norms + (int64_t)2 * p.L * C, C, p.eps);
+    const float rs = load_normed<T>(xs, xrow(p, p.L), (const T *)nullptr, p.norms + (int64_t)2 * p.L * C, C, p.eps);
     const T *W = (const T *)p.head;
     float bv = -INFINITY;
     int bi = INT_MAX;
@@ -337,6 +347,7 @@ static __device__ void phase_head(const params &p, float *xs) {
 #pragma unroll
         for (int k = 0; k < 4; k++)
             if (r0 + k < V) {
+                d[k] *= rs;
                 if (!lane) p.logits[r0 + k] = d[k];
                 if (better(d[k], r0 + k, bv, bi)) { bv = d[k]; bi = r0 + k; }
             }
