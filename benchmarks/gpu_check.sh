@@ -41,7 +41,9 @@ for stage in $STAGES; do
             run memcheck_$dt "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/train_step_once.py $dt
         done
         run racecheck "$CS" --tool racecheck --error-exitcode 1 python3 benchmarks/train_step_once.py bf16
+        run memcheck_levers "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/train_step_once.py bf16 cheap_recompute,fused_ce
         run memcheck_decode "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/decode_once.py
+        run racecheck_decode "$CS" --tool racecheck --error-exitcode 1 python3 benchmarks/decode_once.py
         run synccheck "$CS" --tool synccheck --error-exitcode 1 python3 benchmarks/train_step_once.py bf16 ;;
     bench)
         run bench python3 benchmarks/vs_torch.py ;;

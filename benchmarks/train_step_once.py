@@ -2,7 +2,7 @@
 a loss and a forward: the workload compute-sanitizer checks in
 benchmarks/gpu_check.sh. Exits non-zero on any engine error.
 
-    compute-sanitizer --tool memcheck python3 benchmarks/train_step_once.py
+    compute-sanitizer --tool memcheck python3 benchmarks/train_step_once.py [bf16|fp32|fp16] [lever,...]
 """
 import os
 import sys
@@ -16,8 +16,9 @@ import smedjan  # noqa: E402
 def main():
     dtype = sys.argv[1] if len(sys.argv) > 1 else "bf16"
     cfg = smedjan.Config.custom(128, 2, 4, 2, vocab_size=512, max_seq_len=128)
+    levers = {name: True for name in (sys.argv[2].split(",") if len(sys.argv) > 2 else [])}
     m = smedjan.Model(cfg, seed=0, device="cuda", dtype=dtype)
-    tr = smedjan.Trainer(m, lr=1e-3, steps=10)
+    tr = smedjan.Trainer(m, lr=1e-3, steps=10, **levers)
     r = np.random.default_rng(0)
     x = r.integers(0, 512, (2, 100)).astype(np.int32)   # T not a multiple of the 64 tile
     y = r.integers(0, 512, (2, 100)).astype(np.int32)
