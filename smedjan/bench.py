@@ -83,7 +83,8 @@ def bench(size="small", *, batch_size: int = 4, seq_len: int = 128, iters: int =
           warmup: int = 3, device: str = "cpu", dtype: Optional[str] = None,
           vocab_size: int = 8192, decode_tokens: int = 16, decode_prompt: int = 16,
           grad_accum: int = 1, gradient_checkpointing: bool = False, fused_ce: bool = False,
-          fp16_activations: bool = False, seed: int = 0, progress: bool = False) -> Dict:
+          fp16_activations: bool = False, cheap_recompute: bool = False, seed: int = 0,
+          progress: bool = False) -> Dict:
     """Measure one configuration; returns a dict with every key in FIELDS.
 
     size: a preset name, a Config or a config dict. Times are milliseconds
@@ -103,7 +104,7 @@ def bench(size="small", *, batch_size: int = 4, seq_len: int = 128, iters: int =
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds max_seq_len {cfg.max_seq_len}")
     model.set_levers(gradient_checkpointing=gradient_checkpointing, fused_ce=fused_ce,
-                     fp16_activations=fp16_activations)
+                     fp16_activations=fp16_activations, cheap_recompute=cheap_recompute)
     trainer = Trainer(model, lr=1e-4, warmup=0, steps=10 ** 9, grad_accum=grad_accum)
     rng = np.random.default_rng(seed)
     B, T, V = batch_size, seq_len, cfg.vocab_size
@@ -148,7 +149,8 @@ def bench(size="small", *, batch_size: int = 4, seq_len: int = 128, iters: int =
         device=model.device, dtype=model.dtype, build=build, threads=bi.get("threads"),
         batch_size=B, seq_len=T, iters=iters, warmup=warmup,
         levers=dict(grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing,
-                    fused_ce=fused_ce, fp16_activations=fp16_activations),
+                    cheap_recompute=cheap_recompute, fused_ce=fused_ce,
+                    fp16_activations=fp16_activations),
         inference_tok_s=tokens / (inf["median"] / 1e3),
         decode_tok_s=1e3 / dec["median"], decode_impl=impl[0], decode_tokens=decode_tokens,
         train_tok_s=tokens * grad_accum / (step["median"] / 1e3),
@@ -201,7 +203,8 @@ def cmd_bench(args) -> int:
               warmup=args.warmup, device=device, dtype=args.dtype, vocab_size=args.vocab_size,
               decode_tokens=args.decode_tokens, grad_accum=args.grad_accum,
               gradient_checkpointing=args.gradient_checkpointing, fused_ce=args.fused_ce,
-              fp16_activations=args.fp16_activations, progress=not args.json)
+              fp16_activations=args.fp16_activations, cheap_recompute=args.cheap_recompute,
+              progress=not args.json)
     print(json.dumps(r) if args.json else format_report(r))
     return 0
 
@@ -224,6 +227,7 @@ def add_commands(sub) -> None:
     b.add_argument("--threads", type=int, help="engine worker threads")
     b.add_argument("--grad-accum", type=int, default=1)
     b.add_argument("--gradient-checkpointing", action="store_true")
+    b.add_argument("--cheap-recompute", action="store_true")
     b.add_argument("--fused-ce", action="store_true")
     b.add_argument("--fp16-activations", action="store_true")
     b.add_argument("--json", action="store_true", help="one JSON object with every field")

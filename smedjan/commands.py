@@ -167,7 +167,7 @@ def parse_bytes(text) -> int:
 def lever_options(args) -> dict:
     """Trainer options from the memory-lever flags."""
     return dict(grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
-                fused_ce=args.fused_ce, fp16_activations=args.fp16_activations,
+                cheap_recompute=args.cheap_recompute, fused_ce=args.fused_ce, fp16_activations=args.fp16_activations,
                 memory_limit=parse_bytes(args.memory_limit))
 
 
@@ -178,7 +178,7 @@ def check_memory_limit(model, args) -> None:
     if not limit:
         return
     model.set_levers(gradient_checkpointing=args.gradient_checkpointing, fused_ce=args.fused_ce,
-                     fp16_activations=args.fp16_activations)
+                     fp16_activations=args.fp16_activations, cheap_recompute=args.cheap_recompute)
     plan = model.plan_memory(args.batch_size, args.seq_len, "train")
     if plan["peak_bytes"] > limit:
         mib = 1 << 20
@@ -187,7 +187,7 @@ def check_memory_limit(model, args) -> None:
             f"plans a peak of {plan['peak_bytes'] / mib:.1f} MiB (parameters, gradients and AdamW "
             f"state {plan['fixed_bytes'] / mib:.1f} MiB + activations "
             f"{plan['arena_bytes'] / mib:.1f} MiB); pull a lever: smaller --batch-size or "
-            f"--seq-len, --grad-accum, --gradient-checkpointing, --fused-ce")
+            f"--seq-len, --grad-accum, --cheap-recompute, --gradient-checkpointing, --fused-ce")
 
 
 def add_lever_flags(p) -> None:
@@ -195,6 +195,9 @@ def add_lever_flags(p) -> None:
     g = p.add_argument_group("memory levers")
     g.add_argument("--grad-accum", type=int, default=1, metavar="N",
                    help="N micro-batches of --batch-size per step (effective batch = batch x N)")
+    g.add_argument("--cheap-recompute", action="store_true",
+                   help="redo the RMSNorm and SwiGLU outputs in backward instead of keeping them "
+                        "(about a third of the activations kept; 3 elementwise kernels a layer)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute block activations in backward (less memory, ~1.3x compute)")
     g.add_argument("--fused-ce", action="store_true",

@@ -169,7 +169,8 @@ class Model:
                    fused_ce: Optional[bool] = None, ce_rows: Optional[int] = None,
                    memory_limit: Optional[int] = None,
                    fp16_activations: Optional[bool] = None,
-                   cheap_recompute: Optional[bool] = None) -> dict:
+                   cheap_recompute: Optional[bool] = None,
+                   cast_on_use: Optional[bool] = None) -> dict:
         """Memory levers (None keeps the current setting); returns them all.
 
         gradient_checkpointing: keep only each block's input from forward to
@@ -184,7 +185,12 @@ class Model:
         fp16_activations: activations kept from forward to backward are
         stored as fp16 (clamped to +-65504) between their last forward and
         first backward use (fp32 compute; on bf16 and fp16 models they
-        already are half size, and the lever does nothing).
+        already are half size, and the lever does nothing). cast_on_use
+        (bf16 and fp16 models): forward and loss runs cast each weight from
+        the f32 master into the activation arena right before its use, as
+        autocast does, and the model keeps no 16-bit copy of its weights (2
+        bytes a parameter) until a training run makes it again; logits are
+        bit-identical, each forward pays one pass over the master.
 
         >>> m = Model("tiny"); m.set_levers(fused_ce=True)["fused_ce"]
         True
@@ -194,6 +200,7 @@ class Model:
                    else bool(gradient_checkpointing),
                    cheap_recompute=cur["cheap_recompute"] if cheap_recompute is None
                    else bool(cheap_recompute),
+                   cast_on_use=cur["cast_on_use"] if cast_on_use is None else bool(cast_on_use),
                    fused_ce=cur["fused_ce"] if fused_ce is None else bool(fused_ce),
                    ce_rows=cur["ce_rows"] if ce_rows is None else int(ce_rows),
                    memory_limit=cur["memory_limit"] if memory_limit is None else int(memory_limit),
@@ -206,7 +213,7 @@ class Model:
         """The memory levers now set (see set_levers)."""
         d = self._h.levers()
         return dict(gradient_checkpointing=d["checkpoint"], cheap_recompute=d["cheap_recompute"],
-                    fused_ce=d["fused_ce"],
+                    cast_on_use=d["cast_on_use"], fused_ce=d["fused_ce"],
                     ce_rows=d["ce_rows"], memory_limit=d["memory_limit"],
                     fp16_activations=d["fp16_act"])
 
@@ -224,8 +231,8 @@ class Model:
         code = {"forward": 0, "loss": 1, "train": 2}[mode]
         arena, kept = self._h.plan_bytes(int(batch_size), int(seq_len), code)
         fixed = 4 * self.n_params * (4 if mode == "train" else 1)   # params (+ grads, AdamW m, v)
-        if self.dtype != "fp32":
-            fixed += 2 * self.n_params
+        if self.dtype != "fp32" and (mode == "train" or not self.levers["cast_on_use"]):
+            fixed += 2 * self.n_params   # the 16-bit compute copy
         return dict(arena_bytes=arena, kept_bytes=kept, fixed_bytes=fixed,
                     peak_bytes=fixed + arena)
 

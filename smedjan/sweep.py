@@ -26,7 +26,7 @@ MIB = 1 << 20
 RUN_KEYS = ("kind", "size", "batch_size", "seq_len", "device", "dtype", "vocab_size", "seed",
             "steps", "warmup_steps", "memory_limit", "data", "threads")
 TRAINER_KEYS = ("lr", "min_lr", "warmup", "weight_decay", "clip", "eps", "grad_accum",
-                "gradient_checkpointing", "fused_ce", "fp16_activations")
+                "gradient_checkpointing", "cheap_recompute", "fused_ce", "fp16_activations")
 DEFAULTS = dict(size="small", batch_size=4, seq_len=128, device="cpu", dtype=None,
                 vocab_size=8192, seed=0, steps=10, warmup_steps=2, memory_limit=None, data=None,
                 threads=None, grad_accum=1)
@@ -62,7 +62,7 @@ def kind_of(c: Dict) -> str:
     parts = [str(c.get("size"))]
     if c.get("dtype"):
         parts.append(str(c["dtype"]))
-    for k, tag in (("gradient_checkpointing", "ckpt"), ("fused_ce", "fce"),
+    for k, tag in (("gradient_checkpointing", "ckpt"), ("cheap_recompute", "cheap"), ("fused_ce", "fce"),
                    ("fp16_activations", "f16act")):
         if c.get(k):
             parts.append(tag)
@@ -89,6 +89,7 @@ def run_one(c: Dict) -> Dict:
     topts = {k: c[k] for k in TRAINER_KEYS if c.get(k) is not None}
     B, T, n = int(c["batch_size"]), int(c["seq_len"]), int(c.get("grad_accum") or 1)
     model.set_levers(gradient_checkpointing=bool(c.get("gradient_checkpointing")),
+                     cheap_recompute=bool(c.get("cheap_recompute")),
                      fused_ce=bool(c.get("fused_ce")),
                      fp16_activations=bool(c.get("fp16_activations")))
     plan = model.plan_memory(B, T, "train")
@@ -289,6 +290,7 @@ def cmd_sweep(args) -> int:
                             ("grad_accum", "grad_accum", int), ("seq_len", "seq_len", int),
                             ("dtype", "dtype", str),
                             ("gradient_checkpointing", "gradient_checkpointing", bool),
+                            ("cheap_recompute", "cheap_recompute", bool),
                             ("fused_ce", "fused_ce", bool),
                             ("fp16_activations", "fp16_activations", bool)):
         v = _values(getattr(args, flag), cast)
@@ -324,6 +326,7 @@ def add_commands(sub) -> None:
     s.add_argument("--seq-len", help="e.g. 128,256 (default 128)")
     s.add_argument("--dtype", help="fp32 / bf16 / fp16 (bf16, fp16: CUDA)")
     s.add_argument("--gradient-checkpointing", help="off,on")
+    s.add_argument("--cheap-recompute", help="off,on")
     s.add_argument("--fused-ce", help="off,on")
     s.add_argument("--fp16-activations", help="off,on")
     s.add_argument("--grid", help='more options as JSON, e.g. \'{"lr": [1e-3, 3e-4]}\'')

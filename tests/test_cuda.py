@@ -370,6 +370,38 @@ def test_checkpointed_fused_training_is_bit_identical_on_gpu(text_bytes, dtype):
         np.testing.assert_array_equal(runs[0][1], r[1])
 
 
+@pytest.mark.parametrize("fused_ce", [False, True])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_cast_on_use_runs_without_the_compute_copy_and_changes_no_bit(text_bytes, dtype, fused_ce):
+    """cast_on_use: forward and loss cast each weight from the f32 master
+    right before use (6 per layer: two norms, wq, wo, gate|up, down; and the
+    embedding, final norm and head), the 16-bit copy of the weights goes,
+    and every result equals a model's that keeps it; training brings the
+    copy back and trains bit-identically."""
+    cfg = smedjan.Config.custom(128, 2, 4, 2, vocab_size=256, max_seq_len=128)
+    a = smedjan.Model(cfg, seed=3, device="cuda", dtype=dtype)
+    b = smedjan.Model(cfg, seed=3, device="cuda", dtype=dtype)
+    a.set_levers(fused_ce=fused_ce)
+    held = b.memory()["bytes"]
+    b.set_levers(fused_ce=fused_ce, cast_on_use=True)
+    assert b.levers["cast_on_use"]
+    assert b.memory()["bytes"] == held - 2 * b.n_params          # the copy is gone
+    assert b.plan_memory(4, 64, "forward")["fixed_bytes"] == 4 * b.n_params
+    assert b._h.plan_census(4, 64, 0)["nodes"]["cast"] == 6 * cfg.n_layers + 3
+    assert a._h.plan_census(4, 64, 0)["nodes"]["cast"] == 0
+    batches = list(text_batches(text_bytes, 4, 64, 4))
+    x, y = batches[0]
+    np.testing.assert_array_equal(a.forward(x), b.forward(x))
+    assert a.loss(x, y) == b.loss(x, y)
+    assert b.memory()["bytes"] < a.memory()["bytes"]
+    ta = smedjan.Trainer(a, lr=3e-3, warmup=1, steps=4)
+    tb = smedjan.Trainer(b, lr=3e-3, warmup=1, steps=4)
+    for x, y in batches:
+        assert tuple(ta.step(x, y)) == tuple(tb.step(x, y))
+    np.testing.assert_array_equal(a.forward(x), b.forward(x))   # b still casts: from the new master
+    np.testing.assert_array_equal(host(a.flat_params), host(b.flat_params))
+
+
 def train(text_bytes, device, dtype, steps, graphs=True, B=4, T=64, preset_cfg=None):
     cfg = preset_cfg or smedjan.Config.custom(128, 2, 4, 2, vocab_size=256, max_seq_len=128)
     m = smedjan.Model(cfg, seed=3, device=device, dtype=dtype)

@@ -190,6 +190,9 @@ def test_memory_limit_refuses_before_allocating_with_the_planned_figure():
 def test_levers_are_reported_and_validated():
     m = model(gradient_checkpointing=True)
     assert m.levers["gradient_checkpointing"] is True and m.levers["fused_ce"] is False
+    assert m.levers["cheap_recompute"] is False and m.levers["cast_on_use"] is False
+    assert m.set_levers(cast_on_use=True)["cast_on_use"] is True   # fp32: nothing to drop
+    assert m.memory()["bytes"] == model().memory()["bytes"]
     with pytest.raises(ValueError):
         m.set_levers(ce_rows=-1)
     with pytest.raises(ValueError):
@@ -209,7 +212,8 @@ def test_train_cli_takes_every_lever_flag(tmp_path, capsys):
     rc = main(["train", "--data", data, "--vocab-size", "300", "--size", "custom", "--dim", "64",
                "--layers", "2", "--heads", "4", "--batch-size", "2", "--seq-len", "32",
                "--steps", "3", "--warmup", "1", "--val-fraction", "0", "--grad-accum", "2",
-               "--gradient-checkpointing", "--fused-ce", "--memory-limit", "1GiB"])
+               "--gradient-checkpointing", "--cheap-recompute", "--fused-ce", "--memory-limit",
+               "1GiB"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "batch 2 x accum 2 x seq 32" in out and "step 3: loss" in out

@@ -49,6 +49,12 @@ int sj_tape_param(sj_tape *tp, int64_t offset, int64_t numel) {
     return id;
 }
 
+int sj_tape_master(sj_tape *tp, int64_t offset, int64_t numel) {
+    int id = sj_tape_tensor(tp, SJ_T_MASTER, numel);
+    if (id >= 0) tp->t[id].offset = offset;
+    return id;
+}
+
 int sj_tape_node(sj_tape *tp, sj_opcode op, const int in[3], const int out[2],
                  const int dim[6], float f) {
     if (grow((void **)&tp->nodes, &tp->cap_nodes, tp->n_nodes + 1, sizeof(sj_node))) return -1;

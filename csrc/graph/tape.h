@@ -15,12 +15,14 @@ typedef enum {
     SJ_T_ACT,     /* lives in the arena                               */
     SJ_T_PARAM,   /* a view of the flat parameter (and grad) buffer     */
     SJ_T_EXTERN,  /* bound to a caller's buffer for each run (tokens) */
+    SJ_T_MASTER,  /* a view of the f32 master weights (read by a cast node) */
 } sj_tkind;
 
 typedef struct {
     sj_tkind kind;
     int64_t numel;
-    int64_t offset;     /* ACT/staged: bytes into the arena; PARAM: elements into params */
+    int64_t offset;     /* ACT/staged: bytes into the arena; PARAM, MASTER: elements into
+                         * the compute copy, the f32 master */
     int grad;           /* ACT: id of its gradient tensor, or -1 */
     int producer;       /* node that writes it (-1 for PARAM / EXTERN) */
     int no_grad;        /* saved statistics and losses: never differentiated */
@@ -35,7 +37,7 @@ typedef struct {
 typedef enum {
     SJ_OP_EMBEDDING, SJ_OP_RMSNORM, SJ_OP_MATMUL, SJ_OP_MATMUL_ADD, SJ_OP_ROPE,
     SJ_OP_ATTENTION, SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP_LM_HEAD_CE,
-    SJ_OP__COUNT
+    SJ_OP_CAST, SJ_OP__COUNT
 } sj_opcode;
 
 typedef struct {
@@ -68,6 +70,7 @@ typedef struct sj_tape {
     float loss_scale;       /* d(mean loss)/d(row loss), set before backward */
     float *loss_scale_ptr;  /* where backward reads it (backend memory); NULL: &loss_scale */
     float *grads;           /* parameter gradients, for ops that write them in forward */
+    const float *master;    /* f32 master weights, for MASTER tensors (set before a run) */
     /* Gradient checkpointing: node ranges [b, e) of the blocks whose interior
      * activations are not kept from forward to backward but recomputed. */
     int checkpoint;
@@ -89,6 +92,7 @@ void sj_tape_free(sj_tape *tp, const sj_backend *be);
 /* Returns a tensor id, or -1 on allocation failure (error set). */
 int sj_tape_tensor(sj_tape *tp, sj_tkind kind, int64_t numel);
 int sj_tape_param(sj_tape *tp, int64_t offset, int64_t numel);
+int sj_tape_master(sj_tape *tp, int64_t offset, int64_t numel);
 int sj_tape_node(sj_tape *tp, sj_opcode op, const int in[3], const int out[2],
                  const int dim[6], float f);
 /* Mark the nodes recorded between begin and end as one checkpointable block. */
@@ -102,6 +106,7 @@ static inline void *sj_tape_ptr(const sj_tape *tp, int id, void *params) {
     const sj_tval *v = &tp->t[id];
     if (v->kind == SJ_T_ACT || v->staged) return (char *)tp->arena + v->offset;
     if (v->kind == SJ_T_PARAM) return (char *)params + v->offset * (int64_t)sj_dtype_size(tp->act_dtype);
+    if (v->kind == SJ_T_MASTER) return (void *)(tp->master + v->offset);
     return v->ptr;
 }
 sj_status sj_tape_forward(sj_tape *tp, const sj_backend *be, void *params);
@@ -124,6 +129,9 @@ int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int 
  * the gradients (dh, dw) are made in forward, chunk by chunk. */
 int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int C,
                      int ignore_index, int rows);
+/* A weight in the act dtype, cast from its f32 master right before use
+ * (forward-only tapes; autocast's cast): src is a MASTER tensor. */
+int sj_op_cast(sj_tape *tp, int src);
 
 /* How each op's backward uses its tensors (for lifetimes) and runs, and
  * which of its writes may land on storage it reads (in place). The plan

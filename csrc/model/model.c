@@ -152,6 +152,33 @@ sj_status sj_model_need_grads(sj_model *m) {
     return be->sync();
 }
 
+/* Runs that cast each weight on use (cast_on_use) read only the master. */
+static int casts_weights(const sj_model *m, sj_run_mode mode) {
+    return m->lv.cast_on_use && mode != SJ_RUN_TRAIN && m->be->act_dtype != SJ_F32;
+}
+static int needs_compute_copy(const sj_model *m, sj_run_mode mode) { return !casts_weights(m, mode); }
+
+/* The compute copy of the weights in the act dtype, made from the master
+ * when a run needs it (cast_on_use drops it; training and runs without that
+ * lever need it). Like sj_model_need_grads, never inside a capture. */
+static sj_status need_compute_copy(sj_model *m) {
+    if (m->params_act) return SJ_OK;
+    const sj_backend *be = m->be;
+    const size_t ab = sj_dtype_size(be->act_dtype) * (size_t)m->n_params;
+    be->bind(m->ctx);
+    if (!(m->params_act = be->alloc(ab, "compute copy of the parameters"))) return SJ_ERR_NOMEM;
+    sj_model_account(m, (int64_t)ab);
+    be->convert(m->params_act, be->act_dtype, m->params, SJ_F32, m->n_params);
+    return be->sync();
+}
+
+static void drop_compute_copy(sj_model *m) {
+    if (!m->params_act || m->params_act == m->params) return;
+    m->be->free(m->params_act);
+    sj_model_account(m, -(int64_t)sj_dtype_size(m->be->act_dtype) * m->n_params);
+    m->params_act = NULL;
+}
+
 /* Device-side state of a model: buffers on m->be, filled from host copies
  * (hp: f32 params; hg: f32 grads, or NULL when there are none yet). */
 static sj_status attach(sj_model *m, const float *hp, const float *hg) {
@@ -162,13 +189,7 @@ static sj_status attach(sj_model *m, const float *hp, const float *hg) {
     be->bind(m->ctx);
     if (!(m->params = be->alloc(bytes, "parameters"))) return SJ_ERR_NOMEM;
     sj_model_account(m, (int64_t)bytes);
-    if (be->act_dtype != SJ_F32) {
-        size_t ab = sj_dtype_size(be->act_dtype) * (size_t)m->n_params;
-        if (!(m->params_act = be->alloc(ab, "compute copy of the parameters"))) return SJ_ERR_NOMEM;
-        sj_model_account(m, (int64_t)ab);
-    } else {
-        m->params_act = m->params;
-    }
+    m->params_act = be->act_dtype == SJ_F32 ? m->params : NULL;
     m->scalars = be->alloc(sizeof(sj_scalars), "step scalars");
     m->scalars_host = m->scalars ? be->host_alloc(2 * sizeof(sj_scalars), "step scalars") : NULL;
     if (!m->scalars_host) return SJ_ERR_NOMEM;
@@ -178,8 +199,7 @@ static sj_status attach(sj_model *m, const float *hp, const float *hg) {
         SJ_TRY(sj_model_need_grads(m));
         be->from_host(m->grads, hg, bytes);
     }
-    if (m->params_act != m->params)
-        be->convert(m->params_act, be->act_dtype, m->params, SJ_F32, m->n_params);
+    if (!m->lv.cast_on_use) SJ_TRY(need_compute_copy(m));
     return be->sync();
 }
 
@@ -189,10 +209,7 @@ static void detach(sj_model *m) {
     if (m->ctx) be->bind(m->ctx);
     for (int i = 0; i < SJ_MAX_PLANS; i++) drop_plan(m, &m->plans[i]);
     const int64_t bytes = 4 * m->n_params;
-    if (m->params_act && m->params_act != m->params) {
-        be->free(m->params_act);
-        sj_model_account(m, -(int64_t)sj_dtype_size(be->act_dtype) * m->n_params);
-    }
+    drop_compute_copy(m);
     if (m->params) { be->free(m->params); sj_model_account(m, -bytes); }
     if (m->grads) { be->free(m->grads); sj_model_account(m, -bytes); }
     if (m->scalars) be->free(m->scalars);
@@ -316,7 +333,7 @@ void sj_model_set_graphs(sj_model *m, int on) { m->use_graphs = on && m->device 
 
 sj_status sj_model_params_updated(sj_model *m) {
     if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
-    if (m->params_act == m->params) return SJ_OK;
+    if (!m->params_act || m->params_act == m->params) return SJ_OK;   /* none, or the master */
     m->be->bind(m->ctx);
     m->be->convert(m->params_act, m->be->act_dtype, m->params, SJ_F32, m->n_params);
     return m->be->sync();
@@ -350,9 +367,11 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     sj_tape *tp = &pl->tape;
     const int B = pl->B, T = pl->T, N = B * T, C = c->dim, H = c->n_heads, KV = c->n_kv_heads,
               hd = C / H, F = c->ffn_dim, V = c->vocab_size;
-    #define PARAM(fmt, l, rows) \
-        sj_tape_param(tp, find(m, fmt, l)->offset, (int64_t)(rows) * find(m, fmt, l)->shape[1])
-    #define NORM(fmt, l) sj_tape_param(tp, find(m, fmt, l)->offset, C)
+    const int cast = casts_weights(m, pl->mode);
+    #define WEIGHT(off, n) (cast ? sj_op_cast(tp, sj_tape_master(tp, (off), (n))) \
+                                 : sj_tape_param(tp, (off), (n)))
+    #define PARAM(fmt, l, rows) WEIGHT(find(m, fmt, l)->offset, (int64_t)(rows) * find(m, fmt, l)->shape[1])
+    #define NORM(fmt, l) WEIGHT(find(m, fmt, l)->offset, C)
     pl->tokens = sj_tape_tensor(tp, SJ_T_EXTERN, N);
     int x = sj_op_embedding(tp, pl->tokens, PARAM("tok_emb%.0d", 0, V), N, C);
     /* Checkpointed blocks: whole layers, or (cheap recompute) just an
@@ -395,6 +414,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     OP_BLOCK_END();
     #undef PARAM
     #undef NORM
+    #undef WEIGHT
     #undef OP_BLOCK_BEGIN
     #undef OP_BLOCK_END
     if (pl->logits < 0) return SJ_ERR_NOMEM;
@@ -430,7 +450,9 @@ static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan *
     const int64_t limit = m->lv.memory_limit;
     /* Held: what the model has now, plus the gradients a training run will
      * bring into being after this plan (sj_model_prepare). */
-    const int64_t held = m->bytes + (mode == SJ_RUN_TRAIN && !m->grads ? 4 * m->n_params : 0);
+    const int64_t held = m->bytes + (mode == SJ_RUN_TRAIN && !m->grads ? 4 * m->n_params : 0) +
+                         (needs_compute_copy(m, mode) && !m->params_act
+                          ? (int64_t)sj_dtype_size(m->be->act_dtype) * m->n_params : 0);
     if (limit > 0) pl->tape.budget = limit > held ? limit - held : 0;
     sj_status s = record(m, pl);
     if (s == SJ_OK) s = sj_tape_plan(&pl->tape, m->be);
@@ -527,6 +549,7 @@ sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
     /* After the plan (a refused plan allocates nothing), before any enqueue
      * or graph capture (which must see the final pointer). */
     if (mode == SJ_RUN_TRAIN) SJ_TRY(sj_model_need_grads(m));
+    if (needs_compute_copy(m, mode)) SJ_TRY(need_compute_copy(m));
     stage(m, pl, tokens, targets, tok_dtype);
     *count = 0;
     if (targets) {
@@ -558,6 +581,7 @@ sj_status sj_model_enqueue(sj_model *m, sj_plan *pl) {
     if (pl->mode == SJ_RUN_TRAIN && !m->grads)   /* sj_model_prepare brings them */
         return sj_fail(SJ_ERR_RUNTIME, "train step without gradients (not prepared)");
     tp->grads = m->grads;
+    tp->master = m->params;
     SJ_TRY(sj_tape_forward(tp, be, m->params_act));
     if (pl->mode == SJ_RUN_LOGITS) return SJ_OK;
     /* Per-row losses out before backward reuses their memory. */
@@ -602,6 +626,7 @@ sj_status sj_model_forward(sj_model *m, const void *tokens, sj_dtype tok_dtype,
     be->bind(m->ctx);
     if (!tp->device) {
         tp->t[pl->logits].ptr = logits;
+        tp->master = m->params;
         return sj_tape_forward(tp, be, m->params_act);
     }
     SJ_TRY(sj_model_enqueue(m, pl));
@@ -647,9 +672,15 @@ sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv) {
     if (lv->checkpoint == m->lv.checkpoint && lv->cheap_recompute == m->lv.cheap_recompute &&
         lv->fused_ce == m->lv.fused_ce &&
         lv->ce_rows == m->lv.ce_rows && lv->memory_limit == m->lv.memory_limit &&
-        lv->f16_act == m->lv.f16_act) return SJ_OK;
+        lv->f16_act == m->lv.f16_act && lv->cast_on_use == m->lv.cast_on_use) return SJ_OK;
     if (m->ctx) m->be->bind(m->ctx);
     for (int i = 0; i < SJ_MAX_PLANS; i++) drop_plan(m, &m->plans[i]);
+    /* No plan is left that reads the compute copy: it can go (a run that
+     * needs it makes it again from the master). */
+    if (lv->cast_on_use && m->params) {
+        SJ_TRY(m->be->sync());
+        drop_compute_copy(m);
+    }
     m->lv = *lv;
     return SJ_OK;
 }

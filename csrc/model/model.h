@@ -36,6 +36,9 @@ typedef struct {
     int fused_ce;          /* LM head + loss in row chunks: no (N, V) logits */
     int ce_rows;           /* rows per chunk of the fused loss (0: default) */
     int f16_act;           /* activations kept for backward stored as fp16 (f32 compute) */
+    int cast_on_use;       /* 16-bit models, forward and loss runs: each weight cast from the
+                            * f32 master into the arena right before use, no permanent
+                            * compute copy (made again when a training run needs it) */
     int64_t memory_limit;  /* bytes; a plan whose peak would pass it is refused; 0: none */
 } sj_levers;
 
@@ -73,7 +76,8 @@ struct sj_model {
     sj_device device;
     sj_dtype dtype;                 /* of activations and the compute copy */
     float *params, *grads;          /* (n_params) each, f32, backend memory */
-    void *params_act;               /* compute copy of params (== params when f32) */
+    void *params_act;               /* compute copy of params (== params when f32; NULL
+                                     * while cast_on_use keeps it away) */
     int64_t n_params, n_decay;      /* weight decay applies to [0, n_decay) */
     sj_tensor_info *tensors; int n_tensors;
     char *names;

@@ -22,6 +22,7 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     [SJ_OP_ADD] = {"add", 0, 0, .grad_on_dy = 1u << 0 | 1u << 1},
     [SJ_OP_CROSS_ENTROPY] = {"cross_entropy", 1u << 0 | 1u << 1, 1u << 1, .grad_on_in = 1u << 0},
     [SJ_OP_LM_HEAD_CE] = {"lm_head_ce", 0, 0, 1},   /* gradients made in forward */
+    [SJ_OP_CAST] = {"cast", 0, 0},                  /* forward-only tapes: no backward */
 };
 
 static int record(sj_tape *tp, sj_opcode op, const int in[3], int64_t n0, int64_t n1,
@@ -84,6 +85,12 @@ int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int 
 }
 
 // h: (N, C), w: (V, C), targets: (N) -> losses: (N), lse: (N); scratch (rows, V)
+// w: (numel) f32 master -> (numel) act dtype
+int sj_op_cast(sj_tape *tp, int src) {
+    if (src < 0) return -1;
+    return record(tp, SJ_OP_CAST, IN(src, NONE, NONE), tp->t[src].numel, 0, 0, DIM(0), 0);
+}
+
 int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int C,
                      int ignore_index, int rows) {
     if (rows < 1 || rows > N) rows = N;
@@ -169,6 +176,9 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
         be->cross_entropy_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]),
                                   tp->t[in[1]].dtype, d[0], d[1], d[2]);
         break;
+    case SJ_OP_CAST:
+        be->convert(P(out[0]), tp->t[out[0]].dtype, P(in[0]), SJ_F32, tp->t[out[0]].numel);
+        break;
     case SJ_OP_LM_HEAD_CE:
         lm_head_ce(tp, n, be, params);
         break;
@@ -221,6 +231,7 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
                                    tp->loss_scale_ptr ? tp->loss_scale_ptr : &tp->loss_scale,
                                    acc[0]);
         break;
+    case SJ_OP_CAST:       /* only on forward-only tapes */
     case SJ_OP_LM_HEAD_CE:
     case SJ_OP__COUNT: break;
     }

@@ -302,17 +302,17 @@ static PyObject *model_reset_peak(PyObject *self, PyObject *noargs) {
     Py_RETURN_NONE;
 }
 
-/* set_levers(checkpoint, fused_ce, ce_rows, memory_limit, fp16_act, cheap_recompute) */
+/* set_levers(checkpoint, fused_ce, ce_rows, memory_limit, fp16_act, cheap_recompute, cast_on_use) */
 static PyObject *model_set_levers(PyObject *self, PyObject *args, PyObject *kw) {
     NEED_MODEL(self);
     static char *kwlist[] = {"checkpoint", "fused_ce", "ce_rows", "memory_limit", "fp16_act",
-                             "cheap_recompute", NULL};
-    int ck = 0, fce = 0, rows = 0, f16 = 0, cheap = 0; long long limit = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ppiLpp", kwlist, &ck, &fce, &rows, &limit, &f16,
-                                     &cheap))
+                             "cheap_recompute", "cast_on_use", NULL};
+    int ck = 0, fce = 0, rows = 0, f16 = 0, cheap = 0, cast = 0; long long limit = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ppiLppp", kwlist, &ck, &fce, &rows, &limit, &f16,
+                                     &cheap, &cast))
         return NULL;
     sj_levers lv = { .checkpoint = ck, .cheap_recompute = cheap, .fused_ce = fce, .ce_rows = rows,
-                     .f16_act = f16, .memory_limit = (int64_t)limit };
+                     .f16_act = f16, .memory_limit = (int64_t)limit, .cast_on_use = cast };
     sj_status s = sj_model_set_levers(MODEL(self), &lv);
     if (s) return sj_py_raise(s);
     Py_RETURN_NONE;
@@ -321,8 +321,9 @@ static PyObject *model_set_levers(PyObject *self, PyObject *args, PyObject *kw) 
 static PyObject *model_levers(PyObject *self, PyObject *noargs) {
     NEED_MODEL(self);
     const sj_levers *lv = &MODEL(self)->lv;
-    return Py_BuildValue("{s:O,s:O,s:O,s:i,s:L,s:O}", "checkpoint", lv->checkpoint ? Py_True : Py_False,
+    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:i,s:L,s:O}", "checkpoint", lv->checkpoint ? Py_True : Py_False,
                          "cheap_recompute", lv->cheap_recompute ? Py_True : Py_False,
+                         "cast_on_use", lv->cast_on_use ? Py_True : Py_False,
                          "fused_ce", lv->fused_ce ? Py_True : Py_False, "ce_rows", lv->ce_rows,
                          "memory_limit", (long long)lv->memory_limit,
                          "fp16_act", lv->f16_act ? Py_True : Py_False);
@@ -459,7 +460,7 @@ static PyMethodDef model_methods[] = {
     {"reset_peak", model_reset_peak, METH_NOARGS, "reset_peak(): peak_bytes = bytes now"},
     {"set_levers", (PyCFunction)(void (*)(void))model_set_levers, METH_VARARGS | METH_KEYWORDS,
      "set_levers(checkpoint=False, fused_ce=False, ce_rows=0, memory_limit=0, fp16_act=False, "
-     "cheap_recompute=False)"},
+     "cheap_recompute=False, cast_on_use=False)"},
     {"levers", model_levers, METH_NOARGS, "levers() -> dict"},
     {"plan_bytes", model_plan_bytes, METH_VARARGS,
      "plan_bytes(B, T, mode) -> (arena_bytes, kept_bytes), allocating nothing"},
