@@ -402,6 +402,20 @@ def test_cast_on_use_runs_without_the_compute_copy_and_changes_no_bit(text_bytes
     np.testing.assert_array_equal(host(a.flat_params), host(b.flat_params))
 
 
+def test_forward_replays_a_graph_that_sees_new_tokens_and_weights(text_bytes):
+    """A logits run is eager once, then captured and replayed as a CUDA
+    graph: every call equals an eager model's, as tokens and (trained)
+    weights change under it."""
+    cfg = smedjan.Config.custom(128, 2, 4, 2, vocab_size=256, max_seq_len=128)
+    a, b = (smedjan.Model(cfg, seed=3, device="cuda", dtype="bf16") for _ in range(2))
+    b._h.set_graphs(False)
+    ta, tb = smedjan.Trainer(a, lr=3e-3, steps=4), smedjan.Trainer(b, lr=3e-3, steps=4)
+    for x, y in text_batches(text_bytes, 4, 64, 3):
+        for _ in range(3):   # eager, captured, replayed
+            np.testing.assert_array_equal(a.forward(x), b.forward(x))
+        assert tuple(ta.step(x, y)) == tuple(tb.step(x, y))
+
+
 def train(text_bytes, device, dtype, steps, graphs=True, B=4, T=64, preset_cfg=None):
     cfg = preset_cfg or smedjan.Config.custom(128, 2, 4, 2, vocab_size=256, max_seq_len=128)
     m = smedjan.Model(cfg, seed=3, device=device, dtype=dtype)

@@ -616,6 +616,29 @@ static void half_to_f32_inplace(float *out, sj_dtype dt, int64_t n) {
     }
 }
 
+/* A logits run on a device: eager the first time (lazy module loading and
+ * GEMM heuristics happen outside a capture), then one CUDA graph replay
+ * (no launch gaps between its kernels). Re-captured after the buffers move. */
+static sj_status run_logits(sj_model *m, sj_plan *pl) {
+    const sj_backend *be = m->be;
+    if (!m->use_graphs || !pl->eager_steps) {
+        pl->eager_steps = 1;
+        return sj_model_enqueue(m, pl);
+    }
+    if (!pl->graph || pl->graph_epoch != m->epoch) {
+        if (pl->graph) { be->graph_free(pl->graph); pl->graph = NULL; }
+        SJ_TRY(be->capture_begin());
+        sj_status s = sj_model_enqueue(m, pl);
+        void *g = NULL;
+        sj_status e = be->capture_end(&g);
+        if (s == SJ_OK) s = e;
+        if (s != SJ_OK) { if (g) be->graph_free(g); return s; }
+        pl->graph = g;
+        pl->graph_epoch = m->epoch;
+    }
+    return be->graph_launch(pl->graph);
+}
+
 sj_status sj_model_forward(sj_model *m, const void *tokens, sj_dtype tok_dtype,
                            int B, int T, float *logits) {
     sj_plan *pl;
@@ -629,7 +652,7 @@ sj_status sj_model_forward(sj_model *m, const void *tokens, sj_dtype tok_dtype,
         tp->master = m->params;
         return sj_tape_forward(tp, be, m->params_act);
     }
-    SJ_TRY(sj_model_enqueue(m, pl));
+    SJ_TRY(run_logits(m, pl));
     SJ_TRY(be->sync());
     const int64_t n = (int64_t)B * T * m->cfg.vocab_size;
     const void *src = sj_tape_ptr(tp, pl->logits, m->params_act);
@@ -650,7 +673,7 @@ sj_status sj_model_forward_device(sj_model *m, const void *tokens, sj_dtype tok_
     int64_t count;
     SJ_TRY(sj_model_prepare(m, tokens, NULL, tok_dtype, B, T, -1, SJ_RUN_LOGITS, 0, &pl, &count));
     m->be->bind(m->ctx);
-    SJ_TRY(sj_model_enqueue(m, pl));
+    SJ_TRY(run_logits(m, pl));
     SJ_TRY(m->be->sync());
     *logits = sj_tape_ptr(&pl->tape, pl->logits, m->params_act);
     *dtype = m->be->act_dtype;

@@ -18,12 +18,12 @@ typedef struct {
      * tokens (2N int32: ids, then rows sorted by id) | targets (N int32) |
      * losses (N f32) */
     void *host;
-    void *graph;                 /* the captured train step (device backends) */
-    const void *graph_opt;       /* ... for this optimizer */
+    void *graph;                 /* the captured train step or logits run (device backends) */
+    const void *graph_opt;       /* ... for this optimizer (train steps) */
     int64_t graph_epoch;         /* ... and these buffers */
-    int eager_steps;             /* train steps run eagerly: the first is, so that
-                                  * lazy module loading and GEMM heuristics happen
-                                  * outside a capture */
+    int eager_steps;             /* train steps (or logits runs) run eagerly: the first
+                                  * is, so that lazy module loading and GEMM heuristics
+                                  * happen outside a capture */
 } sj_plan;
 
 enum { SJ_MAX_PLANS = 4 };
