@@ -616,27 +616,31 @@ static void half_to_f32_inplace(float *out, sj_dtype dt, int64_t n) {
     }
 }
 
+sj_status sj_model_capture(sj_model *m, sj_plan *pl, void (*then)(void *), void *arg) {
+    const sj_backend *be = m->be;
+    if (pl->graph) { be->graph_free(pl->graph); pl->graph = NULL; }
+    SJ_TRY(be->capture_begin());
+    sj_status s = sj_model_enqueue(m, pl);
+    if (s == SJ_OK && then) then(arg);
+    void *g = NULL;
+    sj_status e = be->capture_end(&g);
+    if (s == SJ_OK) s = e;
+    if (s != SJ_OK) { if (g) be->graph_free(g); return s; }
+    pl->graph = g;
+    pl->graph_epoch = m->epoch;
+    return SJ_OK;
+}
+
 /* A logits run on a device: eager the first time (lazy module loading and
  * GEMM heuristics happen outside a capture), then one CUDA graph replay
  * (no launch gaps between its kernels). Re-captured after the buffers move. */
 static sj_status run_logits(sj_model *m, sj_plan *pl) {
-    const sj_backend *be = m->be;
     if (!m->use_graphs || !pl->eager_steps) {
         pl->eager_steps = 1;
         return sj_model_enqueue(m, pl);
     }
-    if (!pl->graph || pl->graph_epoch != m->epoch) {
-        if (pl->graph) { be->graph_free(pl->graph); pl->graph = NULL; }
-        SJ_TRY(be->capture_begin());
-        sj_status s = sj_model_enqueue(m, pl);
-        void *g = NULL;
-        sj_status e = be->capture_end(&g);
-        if (s == SJ_OK) s = e;
-        if (s != SJ_OK) { if (g) be->graph_free(g); return s; }
-        pl->graph = g;
-        pl->graph_epoch = m->epoch;
-    }
-    return be->graph_launch(pl->graph);
+    if (!pl->graph || pl->graph_epoch != m->epoch) SJ_TRY(sj_model_capture(m, pl, NULL, NULL));
+    return m->be->graph_launch(pl->graph);
 }
 
 sj_status sj_model_forward(sj_model *m, const void *tokens, sj_dtype tok_dtype,

@@ -107,6 +107,9 @@ sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
 /* enqueue: copy the staged inputs in, forward (then per-row losses out),
  * backward when the plan trains. On the bound context; capturable. */
 sj_status sj_model_enqueue(sj_model *m, sj_plan *pl);
+/* Capture sj_model_enqueue (then then(arg), on the same stream) as the
+ * plan's CUDA graph, replacing any it had; device backends. */
+sj_status sj_model_capture(sj_model *m, sj_plan *pl, void (*then)(void *), void *arg);
 /* The mean loss from the per-row losses (after the work completed). */
 float sj_model_mean_loss(sj_model *m, sj_plan *pl, int64_t count);
 

@@ -172,20 +172,11 @@ sj_status sj_optimizer_step(sj_optimizer *o, float *grad_norm, float *lr) {
 }
 
 /* Capture the whole step into the plan's graph. */
+static void update_after(void *o) { enqueue_update(o); }
+
 static sj_status capture(sj_optimizer *o, sj_plan *pl) {
-    sj_model *md = o->model;
-    const sj_backend *be = md->be;
-    if (pl->graph) { be->graph_free(pl->graph); pl->graph = NULL; }
-    SJ_TRY(be->capture_begin());
-    sj_status s = sj_model_enqueue(md, pl);
-    if (s == SJ_OK) enqueue_update(o);
-    void *g = NULL;
-    sj_status e = be->capture_end(&g);
-    if (s == SJ_OK) s = e;
-    if (s != SJ_OK) { if (g) be->graph_free(g); return s; }
-    pl->graph = g;
+    SJ_TRY(sj_model_capture(o->model, pl, update_after, o));
     pl->graph_opt = o;
-    pl->graph_epoch = md->epoch;
     return SJ_OK;
 }
 
