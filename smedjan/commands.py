@@ -167,8 +167,8 @@ def parse_bytes(text) -> int:
 def lever_options(args) -> dict:
     """Trainer options from the memory-lever flags."""
     return dict(grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
-                cheap_recompute=args.cheap_recompute, fused_ce=args.fused_ce, fp16_activations=args.fp16_activations,
-                memory_limit=parse_bytes(args.memory_limit))
+                cheap_recompute=args.cheap_recompute, fused_ce=args.fused_ce,
+                fp16_activations=args.fp16_activations, memory_limit=parse_bytes(args.memory_limit))
 
 
 def check_memory_limit(model, args) -> None:

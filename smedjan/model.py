@@ -114,8 +114,8 @@ class Model:
     def to(self, device: str, dtype: Optional[str] = None) -> "Model":
         """Move parameters and gradients, if any exist yet (an optimizer's
         state follows at its next step). dtype: 'fp32', 'bf16' or 'fp16' on
-        "cuda" (default bf16), 'fp32' on "cpu". Views taken earlier (model.params[...] held elsewhere)
-        must be dropped first.
+        "cuda" (default bf16), 'fp32' on "cpu". Views taken earlier
+        (model.params[...] held elsewhere) must be dropped first.
 
         >>> m = Model("tiny").to("cpu")
         """
@@ -174,12 +174,13 @@ class Model:
         """Memory levers (None keeps the current setting); returns them all.
 
         gradient_checkpointing: keep only each block's input from forward to
-        backward and recompute the rest in backward (gradients bit-identical). cheap_recompute:
-        keep neither the RMSNorm outputs nor SwiGLU's (a third of what a
-        layer keeps) and redo those elementwise ops in backward, 3 extra
-        kernels a layer (gradients bit-identical; gradient_checkpointing
-        includes it). fused_ce: LM head + loss over ce_rows rows at a time (default 256),
-        so the (batch*seq, vocab) logits never exist. memory_limit: bytes; a
+        backward and recompute the rest in backward (gradients bit-identical).
+        cheap_recompute: keep neither the RMSNorm outputs nor SwiGLU's (a
+        third of what a layer keeps) and redo those elementwise ops in
+        backward, 3 extra kernels a layer (gradients bit-identical;
+        gradient_checkpointing includes it). fused_ce: LM head + loss over
+        ce_rows rows at a time (default 256), so the (batch*seq, vocab)
+        logits never exist. memory_limit: bytes; a
         run whose planned peak (engine memory held + its activation arena)
         exceeds it is refused with MemoryError before the arena is allocated.
         fp16_activations: activations kept from forward to backward are

@@ -62,8 +62,8 @@ def kind_of(c: Dict) -> str:
     parts = [str(c.get("size"))]
     if c.get("dtype"):
         parts.append(str(c["dtype"]))
-    for k, tag in (("gradient_checkpointing", "ckpt"), ("cheap_recompute", "cheap"), ("fused_ce", "fce"),
-                   ("fp16_activations", "f16act")):
+    for k, tag in (("gradient_checkpointing", "ckpt"), ("cheap_recompute", "cheap"),
+                   ("fused_ce", "fce"), ("fp16_activations", "f16act")):
         if c.get(k):
             parts.append(tag)
     return "_".join(parts)

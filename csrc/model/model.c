@@ -152,11 +152,11 @@ sj_status sj_model_need_grads(sj_model *m) {
     return be->sync();
 }
 
-/* Runs that cast each weight on use (cast_on_use) read only the master. */
+/* Runs that cast each weight on use (cast_on_use) read only the master;
+ * every other run reads the compute copy. */
 static int casts_weights(const sj_model *m, sj_run_mode mode) {
     return m->lv.cast_on_use && mode != SJ_RUN_TRAIN && m->be->act_dtype != SJ_F32;
 }
-static int needs_compute_copy(const sj_model *m, sj_run_mode mode) { return !casts_weights(m, mode); }
 
 /* The compute copy of the weights in the act dtype, made from the master
  * when a run needs it (cast_on_use drops it; training and runs without that
@@ -451,7 +451,7 @@ static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan *
     /* Held: what the model has now, plus the gradients a training run will
      * bring into being after this plan (sj_model_prepare). */
     const int64_t held = m->bytes + (mode == SJ_RUN_TRAIN && !m->grads ? 4 * m->n_params : 0) +
-                         (needs_compute_copy(m, mode) && !m->params_act
+                         (!casts_weights(m, mode) && !m->params_act
                           ? (int64_t)sj_dtype_size(m->be->act_dtype) * m->n_params : 0);
     if (limit > 0) pl->tape.budget = limit > held ? limit - held : 0;
     sj_status s = record(m, pl);
@@ -461,7 +461,7 @@ static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan *
                     "(%.1f MiB held: parameters, gradients, optimizer state, other plans; "
                     "+ %.1f MiB activation arena), over the limit of %.1f MiB; nothing was "
                     "allocated for it. Pull a lever: smaller --batch-size or --seq-len, "
-                    "--grad-accum, --gradient-checkpointing, --fused-ce",
+                    "--grad-accum, --cheap-recompute, --gradient-checkpointing, --fused-ce",
                     B, T, mode == SJ_RUN_TRAIN ? "train" : mode == SJ_RUN_LOSS ? "loss" : "forward",
                     (double)(held + pl->tape.arena_bytes) / 1048576.0,
                     (double)held / 1048576.0, (double)pl->tape.arena_bytes / 1048576.0,
@@ -549,7 +549,7 @@ sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
     /* After the plan (a refused plan allocates nothing), before any enqueue
      * or graph capture (which must see the final pointer). */
     if (mode == SJ_RUN_TRAIN) SJ_TRY(sj_model_need_grads(m));
-    if (needs_compute_copy(m, mode)) SJ_TRY(need_compute_copy(m));
+    if (!casts_weights(m, mode)) SJ_TRY(need_compute_copy(m));
     stage(m, pl, tokens, targets, tok_dtype);
     *count = 0;
     if (targets) {
