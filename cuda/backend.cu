@@ -245,7 +245,7 @@ static void graph_free(void *g) { if (g) cudaGraphExecDestroy((cudaGraphExec_t)g
 
 /* ---- the tables ---------------------------------------------------------- */
 
-#define SJ_CU_TABLE(T, DT)                                         \
+#define SJ_CU_TABLE(T, DT, MATMUL_SWIGLU, MATMUL_ROPE)             \
     {                                                              \
         "cuda-" #T, DT, 1,                                         \
         dev_alloc, dev_free, sj_cuda_fill,                         \
@@ -257,6 +257,7 @@ static void graph_free(void *g) { if (g) cudaGraphExecDestroy((cudaGraphExec_t)g
         sj_cuda_rope_forward_##T, sj_cuda_rope_backward_##T,       \
         sj_cuda_attention_forward_##T, sj_cuda_attention_backward_##T, \
         sj_cuda_swiglu_forward_##T, sj_cuda_swiglu_backward_##T,   \
+        MATMUL_SWIGLU, MATMUL_ROPE,                                \
         sj_cuda_add_##T, sj_cuda_copy_##T,                         \
         sj_cuda_cross_entropy_forward_##T, sj_cuda_cross_entropy_backward_##T, \
         sj_cuda_grad_sumsq, sj_cuda_adamw_##T,                     \
@@ -265,6 +266,9 @@ static void graph_free(void *g) { if (g) cudaGraphExecDestroy((cudaGraphExec_t)g
         capture_begin, capture_end, graph_launch, graph_free,      \
     }
 
-extern "C" const sj_backend sj_cuda_backend_f32 = SJ_CU_TABLE(f32, SJ_F32);
-extern "C" const sj_backend sj_cuda_backend_bf16 = SJ_CU_TABLE(bf16, SJ_BF16);
-extern "C" const sj_backend sj_cuda_backend_f16 = SJ_CU_TABLE(f16, SJ_F16);
+/* The fused projections are Hopper tensor-core kernels (gemm_sm90.cu): none in f32. */
+extern "C" const sj_backend sj_cuda_backend_f32 = SJ_CU_TABLE(f32, SJ_F32, NULL, NULL);
+extern "C" const sj_backend sj_cuda_backend_bf16 =
+    SJ_CU_TABLE(bf16, SJ_BF16, sj_cuda_matmul_swiglu_bf16, sj_cuda_matmul_rope_bf16);
+extern "C" const sj_backend sj_cuda_backend_f16 =
+    SJ_CU_TABLE(f16, SJ_F16, sj_cuda_matmul_swiglu_f16, sj_cuda_matmul_rope_f16);

@@ -29,6 +29,9 @@ void sj_cuda_attention_backward_##T(void *dqkv, const void *dout, const void *qk
                                     const void *out, const float *lse, int B, int T_,     \
                                     int H, int KV, int hd, int accum);                    \
 void sj_cuda_swiglu_forward_##T(void *h, const void *gu, int N, int F);                   \
+int sj_cuda_matmul_swiglu_##T(void *h, const void *x, const void *w, int N, int F, int K);\
+int sj_cuda_matmul_rope_##T(void *out, const void *x, const void *w, int B, int T_,       \
+                            int n_heads, int n_rot, int hd, int K, float theta);          \
 void sj_cuda_swiglu_backward_##T(void *dgu, const void *dh, const void *gu, int N, int F, \
                                  int accum);                                              \
 void sj_cuda_add_##T(void *out, const void *a, const void *b, int64_t n);                 \
@@ -53,6 +56,8 @@ void sj_cuda_fill(float *x, float value, int64_t n);
 void sj_cuda_convert(void *dst, sj_dtype dst_dtype, const void *src, sj_dtype src_dtype,
                      int64_t n);
 void sj_cuda_grad_sumsq(sj_adamw_hp *hp, const float *g, int64_t n);
+/* RoPE's inverse frequencies, hd / 2 of them (rope.cu; every RoPE kernel's). */
+void sj_cuda_rope_inv_freqs(float *inv, int hd, float theta);
 /* Once per process, before any capture: raise shared-memory limits. */
 void sj_cuda_attention_init(void);
 void sj_cuda_matmul_init(void);

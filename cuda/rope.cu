@@ -23,10 +23,10 @@
 struct rope_freqs { float inv[128]; };   /* hd / 2 <= 128 */
 
 /* Same value as the device expression in rope_k and the CPU's powf. */
-static void rope_inv_freqs(rope_freqs *f, int hd, float theta) {
+extern "C" void sj_cuda_rope_inv_freqs(float *inv, int hd, float theta) {
     for (int i = 0; i < hd / 2; i++) {
         float e = (float)(2 * i) / (float)hd;
-        f->inv[i] = 1.0f / (float)pow((double)theta, (double)e);
+        inv[i] = 1.0f / (float)pow((double)theta, (double)e);
     }
 }
 
@@ -93,7 +93,7 @@ static bool rope_fast(T *out, const T *in, int B, int T_, int n_heads, int n_rot
     constexpr int V = vec16<T>::N;
     if (hd <= 0 || hd > 256 || (hd / 2) % V || hd % 2 || !aligned16(out) || !aligned16(in)) return false;
     rope_freqs f;
-    rope_inv_freqs(&f, hd, theta);
+    sj_cuda_rope_inv_freqs(f.inv, hd, theta);
     const int64_t n_rows = (int64_t)B * T_, total = n_rows * (hd / 2 / V);
     rope_vec<T><<<sj_blocks(total, 256, 1 << 16), 256, 0, sj_stream()>>>(
         out, in, n_rows, T_, n_heads, n_rot, hd, pos0, f, inverse, accum);

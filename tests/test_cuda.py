@@ -207,6 +207,48 @@ def test_swiglu_kernels(dtype, rng):
               dtype, "swiglu backward")
 
 
+def hopper():
+    import torch
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+# (M, F, K): 256-wide tiles with a row tail; K not a multiple of 64; 128-wide tiles
+@pytest.mark.parametrize("M,F,K", [(257, 768, 256), (1000, 256, 200), (300, 320, 128)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_swiglu_projection_kernel(dtype, M, F, K, rng):
+    """h = swiglu(x @ w^T) in one Hopper kernel (bf16, fp16 on sm_90; fp32
+    and other GPUs leave it to the op's unfused pair, tested with the model)."""
+    x, w = rnd(rng, M, K, dtype=dtype), rnd(rng, 2 * F, K, scale=K ** -0.5, dtype=dtype)
+    out = op("matmul_swiglu", dtype, {"h": poison((M, F)), "x": x, "w": w}, (M, F, K))
+    assert out["fused"] == (dtype != "fp32" and hopper())
+    if out["fused"]:
+        close(out["h"].reshape(M, F), ref.swiglu_fwd(ref.matmul(x, w, 0, 1), F), dtype, "matmul_swiglu")
+
+
+# (B, T, H, KV, hd, K): GQA with hd 128; hd 32 on 128-wide tiles; MHA hd 64, rows past a tile
+@pytest.mark.parametrize("B,T,H,KV,hd,K", [(2, 100, 4, 2, 128, 256), (3, 64, 6, 3, 32, 192),
+                                           (2, 300, 8, 8, 64, 512)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_rope_projection_kernel(dtype, B, T, H, KV, hd, K, rng):
+    """qkv = rope(x @ w^T), q and k heads rotated in the GEMM's epilogue."""
+    n = (H + 2 * KV) * hd
+    x, w = rnd(rng, B * T, K, dtype=dtype), rnd(rng, n, K, scale=K ** -0.5, dtype=dtype)
+    out = op("matmul_rope", dtype, {"out": poison((B * T, n)), "x": x, "w": w},
+             (B, T, H + 2 * KV, H + KV, hd, K), (10000.0,))
+    assert out["fused"] == (dtype != "fp32" and hopper())
+    if out["fused"]:
+        want = ref.rope(ref.matmul(x, w, 0, 1), B, T, H + 2 * KV, H + KV, hd, 0, 10000.0)
+        close(out["out"].reshape(B, T, n), want, dtype, "matmul_rope")
+
+
+def test_fused_projections_decline_what_they_cannot_tile(rng):
+    """A width no tile divides is left to the unfused pair (outputs untouched)."""
+    x, w = rnd(rng, 64, 64, dtype="bf16"), rnd(rng, 10 * 32, 64, dtype="bf16")
+    out = op("matmul_rope", "bf16", {"out": poison((64, 320)), "x": x, "w": w},
+             (1, 64, 10, 6, 32, 64), (10000.0,))
+    assert not out["fused"] and np.isnan(out["out"]).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_add_and_copy_kernels(dtype, rng):
     n = 1001
@@ -350,6 +392,30 @@ def test_fused_residuals_and_in_place_rope_match_the_unfused_step(dtype, shape, 
     L = SHAPES[shape]["n_layers"]
     assert census["nodes"]["add"] == 0 and census["in_place"]["matmul_add"] == 2 * L, census
     assert census["in_place"]["rope"] == 2 * L, census
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ["gqa", "hd128"])
+def test_forward_only_runs_fuse_rope_and_swiglu_into_their_projections(dtype, shape,
+                                                                        monkeypatch):
+    """Logits and loss runs record matmul_rope and matmul_swiglu (no backward
+    to keep the products for): they equal the unfused tape's within 1e-5 in
+    fp32 (the op's own matmul + elementwise pair) and 2e-2 in 16 bits (one
+    Hopper kernel rounding once), and plan less memory."""
+    a, tokens, targets = make(shape, "cuda", dtype)
+    b, _, _ = make(shape, "cuda", dtype)
+    monkeypatch.setenv("SMEDJAN_UNFUSED", "1")
+    la, ya = a.loss(tokens, targets), a.forward(tokens)     # plans (and caches) the reference
+    ref_bytes = a.plan_memory(*tokens.shape, "forward")["arena_bytes"]
+    monkeypatch.delenv("SMEDJAN_UNFUSED")
+    lb, yb = b.loss(tokens, targets), b.forward(tokens)
+    tol = 1e-5 if dtype == "fp32" else 2e-2
+    assert abs(la - lb) <= tol * abs(la), (la, lb)
+    assert rel_err(yb, ya) < tol
+    census = b._h.plan_census(*tokens.shape, 0)["nodes"]
+    L = SHAPES[shape]["n_layers"]
+    assert census["matmul_rope"] == census["matmul_swiglu"] == L and census["swiglu"] == 0, census
+    assert b.plan_memory(*tokens.shape, "forward")["arena_bytes"] < ref_bytes
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -41,8 +41,12 @@ def test_residuals_are_one_gemm_and_rope_runs_in_place(name):
     # forward rope over the QKV GEMM's output, and its backward over dy
     assert c["in_place"]["rope"] == 2 * L, c
     assert c["in_place"]["cross_entropy"] == 0, c   # the host path keeps the logits apart
-    # inference too: rope rewrites qkv where it is
-    assert census(m, 2, 64, "forward")["in_place"]["rope"] == L
+    # inference: the QKV product is rotated and the gate/up product gated as
+    # they are made (nothing is kept for backward), one node each per layer
+    for mode in ("forward", "loss"):
+        f = census(m, 2, 64, mode)["nodes"]
+        assert f["matmul_rope"] == f["matmul_swiglu"] == L, f
+        assert f["rope"] == f["swiglu"] == f["matmul"] - 1 == 0, f   # the LM head's matmul
 
 
 def test_checkpointing_recomputes_rope_in_place_too():

@@ -37,7 +37,7 @@ typedef struct {
 typedef enum {
     SJ_OP_EMBEDDING, SJ_OP_RMSNORM, SJ_OP_MATMUL, SJ_OP_MATMUL_ADD, SJ_OP_ROPE,
     SJ_OP_ATTENTION, SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP_LM_HEAD_CE,
-    SJ_OP_CAST, SJ_OP__COUNT
+    SJ_OP_CAST, SJ_OP_MATMUL_SWIGLU, SJ_OP_MATMUL_ROPE, SJ_OP__COUNT
 } sj_opcode;
 
 typedef struct {
@@ -132,6 +132,14 @@ int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int C
 /* A weight in the act dtype, cast from its f32 master right before use
  * (forward-only tapes; autocast's cast): src is a MASTER tensor. */
 int sj_op_cast(sj_tape *tp, int src);
+/* Forward-only tapes: a projection and the elementwise op that reads it as
+ * one node, so the product itself is never kept (the backend fuses them
+ * where it can, else runs them apart through `rows` rows of scratch).
+ * swiglu(x @ w^T): x: (N, C), w: (2F, C) -> (N, F);
+ * rope(x @ w^T): x: (B*T, C), w: (n_heads*hd, C) -> (B, T, n_heads*hd). */
+int sj_op_matmul_swiglu(sj_tape *tp, int x, int w, int N, int F, int C, int rows);
+int sj_op_matmul_rope(sj_tape *tp, int x, int w, int B, int T, int n_heads, int n_rot, int hd,
+                      int C, float theta);
 
 /* How each op's backward uses its tensors (for lifetimes) and runs, and
  * which of its writes may land on storage it reads (in place). The plan

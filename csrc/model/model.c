@@ -378,24 +378,39 @@ static sj_status record(sj_model *m, sj_plan *pl) {
      * elementwise op and the projection that reads it, so that only that
      * op's output (a norm's, SwiGLU's) is dropped and redone in backward. */
     const int layer_blocks = m->lv.checkpoint, op_blocks = !layer_blocks && m->lv.cheap_recompute;
+    /* Nothing kept for backward: the QKV product is rotated and the gate/up
+     * product gated as they are made (one node each). */
+    const int fuse = pl->mode != SJ_RUN_TRAIN && !pl->unfused;
     #define OP_BLOCK_BEGIN() do { if (op_blocks) SJ_TRY(sj_tape_block_begin(tp)); } while (0)
     #define OP_BLOCK_END() do { if (op_blocks) SJ_TRY(sj_tape_block_end(tp)); } while (0)
     for (int l = 0; l < c->n_layers; l++) {
         if (layer_blocks) SJ_TRY(sj_tape_block_begin(tp));
         OP_BLOCK_BEGIN();
         int h = sj_op_rmsnorm(tp, x, NORM("layers.%d.attn_norm", l), N, C, c->norm_eps);
-        int qkv = sj_op_matmul(tp, h, PARAM("layers.%d.wq", l, (H + 2 * KV) * hd), N,
+        int qkv;
+        if (fuse) {
+            qkv = sj_op_matmul_rope(tp, h, PARAM("layers.%d.wq", l, (H + 2 * KV) * hd), B, T,
+                                    H + 2 * KV, H + KV, hd, C, c->rope_theta);
+            OP_BLOCK_END();
+        } else {
+            qkv = sj_op_matmul(tp, h, PARAM("layers.%d.wq", l, (H + 2 * KV) * hd), N,
                                (H + 2 * KV) * hd, C);
-        OP_BLOCK_END();
-        qkv = sj_op_rope(tp, qkv, B, T, H + 2 * KV, H + KV, hd, c->rope_theta);
+            OP_BLOCK_END();
+            qkv = sj_op_rope(tp, qkv, B, T, H + 2 * KV, H + KV, hd, c->rope_theta);
+        }
         int a = sj_op_attention(tp, qkv, B, T, H, KV, hd);
         x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, H * hd);
         OP_BLOCK_BEGIN();
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);
-        int gu = sj_op_matmul(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, 2 * F, C);
-        OP_BLOCK_END();
-        OP_BLOCK_BEGIN();
-        int s = sj_op_swiglu(tp, gu, N, F);
+        int s;
+        if (fuse) {
+            s = sj_op_matmul_swiglu(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, F, C, 256);
+        } else {
+            int gu = sj_op_matmul(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, 2 * F, C);
+            OP_BLOCK_END();
+            OP_BLOCK_BEGIN();
+            s = sj_op_swiglu(tp, gu, N, F);
+        }
         x = residual(pl, tp, x, s, PARAM("layers.%d.w_down", l, C), N, C, F);
         OP_BLOCK_END();
         if (layer_blocks) SJ_TRY(sj_tape_block_end(tp));

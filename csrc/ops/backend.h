@@ -107,6 +107,15 @@ typedef struct sj_backend {
     void (*swiglu_backward)(void *dgu, const void *dh, const void *gu, int N, int F,
                             int accum);
 
+    /* Fused projections for forward-only tapes, optional: NULL, or 0 returned
+     * where a backend has no kernel for the shape (the op then runs the
+     * matmul and the elementwise kernel apart). Nothing is kept for backward.
+     * h: (N, F) = swiglu(x @ w^T), x: (N, K), w: (2F, K) = [gate | up] rows;
+     * out: (B, T, n_heads*hd) = rope_forward(x @ w^T) with pos0 = 0. */
+    int (*matmul_swiglu)(void *h, const void *x, const void *w, int N, int F, int K);
+    int (*matmul_rope)(void *out, const void *x, const void *w, int B, int T, int n_heads,
+                       int n_rot, int hd, int K, float theta);
+
     /* out = a + b; dst (+)= src (act dtype). */
     void (*add)(void *out, const void *a, const void *b, int64_t n);
     void (*copy)(void *dst, const void *src, int64_t n, int accum);

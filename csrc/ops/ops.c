@@ -23,6 +23,8 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     [SJ_OP_CROSS_ENTROPY] = {"cross_entropy", 1u << 0 | 1u << 1, 1u << 1, .grad_on_in = 1u << 0},
     [SJ_OP_LM_HEAD_CE] = {"lm_head_ce", 0, 0, 1},   /* gradients made in forward */
     [SJ_OP_CAST] = {"cast", 0, 0},                  /* forward-only tapes: no backward */
+    [SJ_OP_MATMUL_SWIGLU] = {"matmul_swiglu", 0, 0},   /* forward-only too */
+    [SJ_OP_MATMUL_ROPE] = {"matmul_rope", 0, 0},
 };
 
 static int record(sj_tape *tp, sj_opcode op, const int in[3], int64_t n0, int64_t n1,
@@ -91,6 +93,24 @@ int sj_op_cast(sj_tape *tp, int src) {
     return record(tp, SJ_OP_CAST, IN(src, NONE, NONE), tp->t[src].numel, 0, 0, DIM(0), 0);
 }
 
+// x: (N, C), w: (2F, C) -> h: (N, F); scratch (rows, 2F) for backends that do not fuse
+int sj_op_matmul_swiglu(sj_tape *tp, int x, int w, int N, int F, int C, int rows) {
+    if (rows < 1 || rows > N) rows = N;
+    int o = record(tp, SJ_OP_MATMUL_SWIGLU, IN(x, w, NONE), (int64_t)N * F, 0, 0,
+                   DIM(N, F, C, rows), 0);
+    if (o < 0) return -1;
+    int sc = sj_tape_tensor(tp, SJ_T_ACT, (int64_t)rows * 2 * F);
+    if (sc < 0) return -1;
+    tp->nodes[tp->t[o].producer].scratch = sc;
+    return o;
+}
+// x: (B*T, C), w: (n_heads*hd, C) -> (B, T, n_heads*hd), first n_rot heads rotated
+int sj_op_matmul_rope(sj_tape *tp, int x, int w, int B, int T, int n_heads, int n_rot, int hd,
+                      int C, float theta) {
+    return record(tp, SJ_OP_MATMUL_ROPE, IN(x, w, NONE), (int64_t)B * T * n_heads * hd, 0, 0,
+                  DIM(B, T, n_heads, n_rot, hd, C), theta);
+}
+
 int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int C,
                      int ignore_index, int rows) {
     if (rows < 1 || rows > N) rows = N;
@@ -145,6 +165,30 @@ static void lm_head_ce(const sj_tape *tp, const sj_node *n, const sj_backend *be
     }
 }
 
+/* The fused projections, or their two ops apart: SwiGLU through the
+ * scratch a chunk of rows at a time, RoPE in place on the product. */
+static void matmul_swiglu(const sj_tape *tp, const sj_node *n, const sj_backend *be,
+                          void *params) {
+    const int N = n->dim[0], F = n->dim[1], C = n->dim[2], R = n->dim[3];
+    const size_t es = sj_dtype_size(tp->act_dtype);
+    char *h = P(n->out[0]), *x = P(n->in[0]);
+    void *W = P(n->in[1]), *S = P(n->scratch);
+    if (be->matmul_swiglu && be->matmul_swiglu(h, x, W, N, F, C)) return;
+    for (int r0 = 0; r0 < N; r0 += R) {
+        const int rows = N - r0 < R ? N - r0 : R;
+        be->matmul(S, x + (size_t)r0 * C * es, W, rows, 2 * F, C, 0, 1, 0, 0);
+        be->swiglu_forward(h + (size_t)r0 * F * es, S, rows, F);
+    }
+}
+static void matmul_rope(const sj_tape *tp, const sj_node *n, const sj_backend *be, void *params) {
+    const int *d = n->dim;
+    void *out = P(n->out[0]), *x = P(n->in[0]), *W = P(n->in[1]);
+    if (be->matmul_rope && be->matmul_rope(out, x, W, d[0], d[1], d[2], d[3], d[4], d[5], n->f))
+        return;
+    be->matmul(out, x, W, d[0] * d[1], d[2] * d[4], d[5], 0, 1, 0, 0);
+    be->rope_forward(out, out, d[0], d[1], d[2], d[3], d[4], 0, n->f);
+}
+
 void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, void *params) {
     const int *d = n->dim, *in = n->in, *out = n->out;
     switch (n->op) {
@@ -181,6 +225,12 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
         break;
     case SJ_OP_LM_HEAD_CE:
         lm_head_ce(tp, n, be, params);
+        break;
+    case SJ_OP_MATMUL_SWIGLU:
+        matmul_swiglu(tp, n, be, params);
+        break;
+    case SJ_OP_MATMUL_ROPE:
+        matmul_rope(tp, n, be, params);
         break;
     case SJ_OP__COUNT: break;
     }
@@ -232,6 +282,8 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
                                    acc[0]);
         break;
     case SJ_OP_CAST:       /* only on forward-only tapes */
+    case SJ_OP_MATMUL_SWIGLU:
+    case SJ_OP_MATMUL_ROPE:
     case SJ_OP_LM_HEAD_CE:
     case SJ_OP__COUNT: break;
     }

@@ -429,7 +429,9 @@ static PyObject *hdownload(const sj_backend *be, harg *a) {
 /* cuda_op(name, dtype, arrays, ints, floats, reps=0) -> {name: float32
  * array} for every argument (outputs as the kernel left them; inputs
  * unchanged); with reps > 0 also "ms": device milliseconds per run, timed
- * with CUDA events over reps runs after one warm-up. */
+ * with CUDA events over reps runs after one warm-up. The optional fused
+ * projections also give "fused": whether the backend ran them (else the
+ * outputs are untouched). */
 static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     const char *op, *dts;
     PyObject *arrays, *ints_o, *floats_o;
@@ -478,8 +480,10 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"cross_entropy_backward", {"dlogits", "logits", "lse", "targets", "scale"}, "aafff"},
         {"adamw", {"p", "p_act", "g", "m", "v"}, "fafff"},
         {"matmul_add", {"D", "C", "A", "B"}, "aaaa"},
+        {"matmul_swiglu", {"h", "x", "w"}, "aaa"},
+        {"matmul_rope", {"out", "x", "w"}, "aaa"},
     };
-    int k = -1;
+    int k = -1, fused = 0;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
         if (!strcmp(specs[i].op, op)) k = i;
     if (k < 0) return PyErr_Format(PyExc_ValueError, "cuda_op: unknown op '%s'", op);
@@ -540,6 +544,10 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 16: /* ints[5] = in place: D is the C buffer */
         be->matmul_add(I[5] ? D(1) : D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]);
         break;
+    case 17: fused = be->matmul_swiglu && be->matmul_swiglu(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2]); break;
+    case 18:
+        fused = be->matmul_rope && be->matmul_rope(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0]);
+        break;
     }
     }
     if (timer) ms = sj_cuda_timer_end(timer) / reps;
@@ -563,6 +571,8 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         PyDict_SetItemString(result, "ms", v);
         Py_XDECREF(v);
     }
+    if (result && k >= 17 && PyDict_SetItemString(result, "fused", fused ? Py_True : Py_False) < 0)
+        Py_CLEAR(result);
     if (result && k == 15) {
         PyObject *v = PyFloat_FromDouble(Fl[7]);
         PyDict_SetItemString(result, "sumsq", v);

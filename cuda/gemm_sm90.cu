@@ -1,0 +1,413 @@
+/* gemm_sm90.cu — out = epilogue(x @ w^T) on Hopper tensor cores, for the
+ * projections whose epilogue cuBLASLt cannot do: SwiGLU after the gate/up
+ * GEMM and RoPE after the QKV GEMM. Fused, the gate/up product (twice the
+ * width of its output) and the un-rotated q and k never reach memory: the
+ * separate SwiGLU and RoPE passes (each a full read and write at bandwidth)
+ * go, and a forward-only run needs no (N, 2F) buffer at all.
+ *
+ * Shape of the kernel (the one CUTLASS and DeepGEMM use on sm_90):
+ * persistent CTAs of three warpgroups. One thread of the first issues TMA
+ * copies of 128 x 64 tiles of x and BN x 64 tiles of w into a ring of
+ * STAGES shared-memory stages (128-byte swizzle, the layout wgmma reads),
+ * signalling each stage's arrival on its "full" mbarrier. The other two
+ * warpgroups each own 64 rows of the 128 x BN output tile: they wait for a
+ * stage, issue wgmma (bf16/f16 in, f32 accumulators in registers), hand the
+ * stage back on its "empty" mbarrier, and after the K loop apply the
+ * epilogue to their registers, round once, stage the tile in shared memory
+ * and write it with 16-byte coalesced stores. The ring runs on across tiles,
+ * so the next tile's loads overlap this tile's epilogue.
+ *
+ * Requirements (checked by the launchers, which return false otherwise and
+ * leave the work to cuBLASLt + the separate kernels): an sm_90 device, a
+ * 16-bit act dtype, K a multiple of 8, 16-byte aligned operands, the output
+ * width a multiple of the tile's. Rows past M are zero-filled on load and
+ * not stored. */
+#include "common.cuh"
+#include "kernels.h"
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <math.h>
+#include <mutex>
+#include <type_traits>
+
+namespace {
+
+constexpr int BM = 128;   /* two consumer warpgroups of 64 rows */
+constexpr int BK = 64;    /* 64 16-bit elements: one 128-byte swizzled row */
+
+enum epi_kind { EPI_PLAIN, EPI_SWIGLU, EPI_ROPE };
+
+struct epi_args {
+    int M, K;
+    void *out;
+    int64_t ldo;        /* output row stride, elements */
+    int n_tiles_n;      /* output tiles across */
+    int F;              /* SwiGLU: up rows start at F in w */
+    int T, rot_cols, pos0;   /* RoPE: row m has position pos0 + m % T; columns < rot_cols rotate */
+    float inv[64];      /* RoPE inverse frequencies, hd / 2 of them */
+};
+
+/* ---- PTX wrappers (sm_90a only: the other device passes compile none) ------ */
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void mbar_init(uint64_t *bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t *bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
+                 "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
+    uint32_t done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+    } while (!done);
+}
+/* A box of the tensor map at (inner, outer) into smem; completion counted on bar. */
+__device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int inner, int outer,
+                                         uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];\n"
+                 ::"r"(smem_u32(dst)), "l"((uint64_t)map), "r"(inner), "r"(outer), "r"(smem_u32(bar))
+                 : "memory");
+}
+/* 128-byte-swizzled K-major operand: rows of 128 bytes, 8-row groups 1024
+ * bytes apart (SBO); the leading offset is unused with this swizzle. A k
+ * step of 16 elements is +32 bytes on the start address. */
+__device__ __forceinline__ uint64_t desc_sw128(const void *p) {
+    return (uint64_t)((smem_u32(p) & 0x3FFFF) >> 4) | (uint64_t)1 << 16 |
+           (uint64_t)(1024 >> 4) << 32 | (uint64_t)1 << 62;
+}
+
+#define SJ_R64 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+    "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "  \
+    "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, "  \
+    "%54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define SJ_R128 SJ_R64 ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, "     \
+    "%77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, "  \
+    "%95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, "  \
+    "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, "   \
+    "%126, %127"
+#define SJ_F8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]),    \
+    "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define SJ_F64 SJ_F8(0), SJ_F8(8), SJ_F8(16), SJ_F8(24), SJ_F8(32), SJ_F8(40), SJ_F8(48), SJ_F8(56)
+#define SJ_F128 SJ_F64, SJ_F8(64), SJ_F8(72), SJ_F8(80), SJ_F8(88), SJ_F8(96), SJ_F8(104),       \
+    SJ_F8(112), SJ_F8(120)
+
+/* d (64 x N, f32, the warpgroup's registers) += a (64 x 16) b (N x 16)^T;
+ * acc == 0 overwrites d instead. Asynchronous: wgmma_commit / wgmma_wait. */
+template <int N, class T>
+__device__ __forceinline__ void wgmma(float *d, uint64_t a, uint64_t b, int acc);
+#define SJ_WGMMA(N, TY, PTX, REGS, PA, PB, PP, OPS)                                            \
+    template <>                                                                                \
+    __device__ __forceinline__ void wgmma<N, TY>(float *d, uint64_t a, uint64_t b, int acc) {  \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" PP ", 0;\n"                           \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX "." PTX " {" REGS    \
+                     "}, %" PA ", %" PB ", p, 1, 1, 0, 0;\n}\n"                                  \
+                     : OPS : "l"(a), "l"(b), "r"(acc));                                         \
+    }
+SJ_WGMMA(128, bf16, "bf16", SJ_R64, "64", "65", "66", SJ_F64)
+SJ_WGMMA(128, f16, "f16", SJ_R64, "64", "65", "66", SJ_F64)
+SJ_WGMMA(256, bf16, "bf16", SJ_R128, "128", "129", "130", SJ_F128)
+SJ_WGMMA(256, f16, "f16", SJ_R128, "128", "129", "130", SJ_F128)
+#undef SJ_WGMMA
+
+__device__ __forceinline__ void wgmma_fence(void) { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit(void) { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait(void) {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+/* Keep the accumulators live across the asynchronous wgmma (no copies). */
+template <int NR> __device__ __forceinline__ void fence_regs(float *d) {
+#pragma unroll
+    for (int i = 0; i < NR; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void named_sync(int id, int n) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+
+/* sin and cos of a RoPE angle: reduced to [-pi, pi] in two FMA steps, then
+ * the SFU's __sincosf (absolute error ~5e-7 there; the separate kernel's
+ * sinf/cosf agree to about 1e-6, far below a 16-bit output's rounding). */
+__device__ __forceinline__ void rope_sincos(float a, float *s, float *c) {
+    const float k = rintf(a * 0.159154943f);
+    float r = fmaf(-k, 6.28318548f, a);
+    r = fmaf(-k, -1.74845553e-7f, r);
+    __sincosf(r, s, c);
+}
+
+#endif
+
+/* ---- the kernel ------------------------------------------------------------ */
+
+template <int BN, int STAGES, int EPI, int HD>
+struct layout {
+    static constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+    static constexpr int STAGE = A_BYTES + B_BYTES;
+    static constexpr int OUT_COLS = EPI == EPI_SWIGLU ? BN / 2 : BN;
+    static constexpr int SROW = OUT_COLS * 2 + 16;   /* padded: the quad's stores hit 32 banks */
+    static constexpr int STAGING = 64 * SROW;        /* per consumer warpgroup */
+    static constexpr size_t BYTES = (size_t)STAGES * STAGE + 2 * STAGING + 2 * STAGES * 8;
+};
+
+template <class T, int BN, int STAGES, int EPI, int HD>
+__global__ void __launch_bounds__(384, 1)
+gemm_sm90_k(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
+            const __grid_constant__ epi_args args) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using L = layout<BN, STAGES, EPI, HD>;
+    constexpr int NR = BN / 2;   /* accumulator registers per thread */
+    extern __shared__ __align__(1024) unsigned char smem[];
+    unsigned char *stages = smem;
+    unsigned char *staging = smem + STAGES * L::STAGE;
+    uint64_t *full = (uint64_t *)(staging + 2 * L::STAGING), *empty = full + STAGES;
+
+    const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+    const int n_k = (args.K + BK - 1) / BK;
+    const int n_tiles = (args.M + BM - 1) / BM * args.n_tiles_n;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], 8);   /* every consumer warp hands the stage back */
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {   /* producer */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (tid != 0) return;
+        int it = 0;
+        for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+            const int m0 = tile / args.n_tiles_n * BM, nb = tile % args.n_tiles_n;
+            /* rows of w for the tile's two halves: gate and up for SwiGLU */
+            const int w0 = EPI == EPI_SWIGLU ? nb * (BN / 2) : nb * BN;
+            const int w1 = EPI == EPI_SWIGLU ? args.F + w0 : w0 + BN / 2;
+            for (int kb = 0; kb < n_k; kb++, it++) {
+                const int s = it % STAGES;
+                mbar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);
+                unsigned char *st = stages + s * L::STAGE;
+                mbar_expect_tx(&full[s], L::STAGE);
+                tma_load(st, &map_x, kb * BK, m0, &full[s]);
+                tma_load(st + L::A_BYTES, &map_w, kb * BK, w0, &full[s]);
+                tma_load(st + L::A_BYTES + L::B_BYTES / 2, &map_w, kb * BK, w1, &full[s]);
+            }
+        }
+        return;
+    }
+
+    /* consumers: warpgroup c owns rows 64c..64c+63 of each tile */
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int c = wg - 1, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    unsigned char *stage_out = staging + c * L::STAGING;
+    float d[NR];
+    int it = 0;
+    for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        const int m0 = tile / args.n_tiles_n * BM, nb = tile % args.n_tiles_n;
+        for (int kb = 0; kb < n_k; kb++, it++) {
+            const int s = it % STAGES;
+            mbar_wait(&full[s], (it / STAGES) & 1);
+            const unsigned char *st = stages + s * L::STAGE;
+            const uint64_t da = desc_sw128(st + c * 64 * 128), db = desc_sw128(st + L::A_BYTES);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; kk++)
+                wgmma<BN, T>(d, da + 2 * kk, db + 2 * kk, kb > 0 || kk > 0);
+            wgmma_commit();
+            fence_regs<NR>(d);
+            /* the previous stage's products are done: hand it back */
+            wgmma_wait<1>();
+            fence_regs<NR>(d);
+            if (kb > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % STAGES]);
+        }
+        wgmma_wait<0>();
+        fence_regs<NR>(d);
+        if (lane == 0) mbar_arrive(&empty[(it - 1) % STAGES]);
+
+        /* epilogue: registers -> rounded 16-bit -> staging -> global */
+        const int r_lo = warp * 16 + g, r_hi = r_lo + 8;   /* of this warpgroup's 64 rows */
+        const int row0 = m0 + c * 64;
+        named_sync(1 + c, 128);   /* the previous tile's staging is read out */
+        T *so = (T *)stage_out;
+        constexpr int SR = L::SROW / 2;   /* staging row stride, elements */
+        if (EPI == EPI_SWIGLU) {
+#pragma unroll
+            for (int j = 0; j < NR / 8; j++) {   /* gate cols 8j.., up cols BN/2 + 8j.. */
+                float h[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float gv = d[4 * j + e], uv = d[4 * (j + NR / 8) + e];
+                    h[e] = __fdividef(gv, 1.0f + __expf(-gv)) * uv;
+                }
+                *(uint32_t *)(so + r_lo * SR + 8 * j + 2 * t) = pack2<T>(h[0], h[1]);
+                *(uint32_t *)(so + r_hi * SR + 8 * j + 2 * t) = pack2<T>(h[2], h[3]);
+            }
+        } else {
+            if (EPI == EPI_ROPE) {
+                /* pairs (i, i + HD/2) of a head sit in registers j and j + HD/16 */
+                const int col0 = nb * BN;
+                const float p_lo = (float)(args.pos0 + (row0 + r_lo) % args.T);
+                const float p_hi = (float)(args.pos0 + (row0 + r_hi) % args.T);
+#pragma unroll
+                for (int jj = 0; jj < HD / 16; jj++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const float f = args.inv[8 * jj + 2 * t + e];
+                        float s_lo, c_lo, s_hi, c_hi;
+                        rope_sincos(p_lo * f, &s_lo, &c_lo);
+                        rope_sincos(p_hi * f, &s_hi, &c_hi);
+#pragma unroll
+                        for (int h0 = 0; h0 < BN; h0 += HD) {
+                            if (col0 + h0 >= args.rot_cols) continue;
+                            const int j = h0 / 8 + jj, j2 = j + HD / 16;
+                            const float x1 = d[4 * j + e], x2 = d[4 * j2 + e];
+                            d[4 * j + e] = x1 * c_lo - x2 * s_lo;
+                            d[4 * j2 + e] = x2 * c_lo + x1 * s_lo;
+                            const float y1 = d[4 * j + 2 + e], y2 = d[4 * j2 + 2 + e];
+                            d[4 * j + 2 + e] = y1 * c_hi - y2 * s_hi;
+                            d[4 * j2 + 2 + e] = y2 * c_hi + y1 * s_hi;
+                        }
+                    }
+            }
+#pragma unroll
+            for (int j = 0; j < NR / 4; j++) {
+                *(uint32_t *)(so + r_lo * SR + 8 * j + 2 * t) = pack2<T>(d[4 * j], d[4 * j + 1]);
+                *(uint32_t *)(so + r_hi * SR + 8 * j + 2 * t) = pack2<T>(d[4 * j + 2], d[4 * j + 3]);
+            }
+        }
+        named_sync(1 + c, 128);
+        constexpr int CPR = L::OUT_COLS / 8;   /* 16-byte chunks per row */
+        T *out = (T *)args.out + (int64_t)nb * L::OUT_COLS;
+        for (int i = tid; i < 64 * CPR; i += 128) {
+            const int r = i / CPR, ch = i % CPR, m = row0 + r;
+            if (m < args.M) st16(out + (int64_t)m * args.ldo + ch * 8, ld16(so + r * SR + ch * 8));
+        }
+    }
+#endif
+}
+
+/* ---- host side -------------------------------------------------------------- */
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled;
+std::once_flag encode_once;
+int sm_count, is_sm90;
+
+void init(void) {
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev);
+    cudaDriverEntryPointQueryResult q;
+    void *fn = NULL;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess || q != cudaDriverEntryPointSuccess) {
+        cudaGetLastError();
+        return;
+    }
+    encode_tiled = (PFN_cuTensorMapEncodeTiled_v12000)fn;
+    is_sm90 = major == 9 && minor == 0;
+}
+
+/* rows x cols (row-major, cols contiguous) in boxes of box_rows x 64. */
+bool make_map(CUtensorMap *map, const void *p, int rows, int cols, int box_rows, bool f16) {
+    const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+    const cuuint64_t strides[1] = {(cuuint64_t)cols * 2};
+    const cuuint32_t box[2] = {BK, (cuuint32_t)box_rows}, estr[2] = {1, 1};
+    return encode_tiled(map, f16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                        2, const_cast<void *>(p), dims, strides, box, estr,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+bool usable(const void *out, const void *x, const void *w, int64_t ldo, int K) {
+    std::call_once(encode_once, init);
+    return is_sm90 && encode_tiled && K % 8 == 0 && K > 0 && ldo % 8 == 0 && aligned16(out) &&
+           aligned16(x) && aligned16(w);
+}
+
+template <class T, int BN, int STAGES, int EPI, int HD>
+bool launch(epi_args &a, const void *x, const void *w, int w_rows, int out_cols) {
+    using L = layout<BN, STAGES, EPI, HD>;
+    if (out_cols % L::OUT_COLS) return false;
+    CUtensorMap mx, mw;
+    const bool f16 = sizeof(T) == 2 && !std::is_same<T, bf16>::value;
+    if (!make_map(&mx, x, a.M, a.K, BM, f16) || !make_map(&mw, w, w_rows, a.K, BN / 2, f16))
+        return false;
+    a.n_tiles_n = out_cols / L::OUT_COLS;
+    const int tiles = (a.M + BM - 1) / BM * a.n_tiles_n;
+    auto k = gemm_sm90_k<T, BN, STAGES, EPI, HD>;
+    static bool attr_set;   /* per instance; set before any capture (first call is eager) */
+    if (!attr_set) {
+        CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::BYTES));
+        attr_set = true;
+    }
+    k<<<tiles < sm_count ? tiles : sm_count, 384, L::BYTES, sj_stream()>>>(mx, mw, a);
+    LAUNCH_CHECK("gemm_sm90");
+    return true;
+}
+
+}  // namespace
+
+/* h: (M, F) = silu(x @ w[0:F]^T) * (x @ w[F:2F]^T); x: (M, K), w: (2F, K). */
+template <class T>
+static bool matmul_swiglu(void *h, const void *x, const void *w, int M, int F, int K) {
+    if (!usable(h, x, w, F, K)) return false;
+    epi_args a = {};
+    a.M = M; a.K = K; a.out = h; a.ldo = F; a.F = F;
+    return F % 128 == 0 ? launch<T, 256, 4, EPI_SWIGLU, 64>(a, x, w, 2 * F, F)
+                        : launch<T, 128, 5, EPI_SWIGLU, 64>(a, x, w, 2 * F, F);
+}
+
+/* out: (B*T, n_heads*hd) = x @ w^T, the first n_rot heads rotated (RoPE,
+ * rotate-half, position pos0 + row % T); x: (B*T, K), w: (n_heads*hd, K). */
+template <class T, int HD>
+static bool matmul_rope_hd(epi_args &a, const void *x, const void *w, int n) {
+    return n % 256 == 0 ? launch<T, 256, 3, EPI_ROPE, HD>(a, x, w, n, n)
+                        : launch<T, 128, 4, EPI_ROPE, HD>(a, x, w, n, n);
+}
+template <class T>
+static bool matmul_rope(void *out, const void *x, const void *w, int B, int T_, int n_heads,
+                        int n_rot, int hd, int K, int pos0, float theta) {
+    const int n = n_heads * hd;
+    if (!usable(out, x, w, n, K) || (hd != 32 && hd != 64 && hd != 128)) return false;
+    epi_args a = {};
+    a.M = B * T_; a.K = K; a.out = out; a.ldo = n;
+    a.T = T_; a.rot_cols = n_rot * hd; a.pos0 = pos0;
+    sj_cuda_rope_inv_freqs(a.inv, hd, theta);
+    if (hd == 32) return matmul_rope_hd<T, 32>(a, x, w, n);
+    if (hd == 64) return matmul_rope_hd<T, 64>(a, x, w, n);
+    return matmul_rope_hd<T, 128>(a, x, w, n);
+}
+
+/* The plain product, for the benchmark that compares this kernel's main
+ * loop with cuBLASLt on the same shapes. */
+template <class T>
+static bool matmul_plain(void *out, const void *x, const void *w, int M, int N, int K) {
+    if (!usable(out, x, w, N, K)) return false;
+    epi_args a = {};
+    a.M = M; a.K = K; a.out = out; a.ldo = N;
+    return launch<T, 256, 3, EPI_PLAIN, 64>(a, x, w, N, N);
+}
+
+#define SJ_CU_GEMM_SM90(T)                                                                    \
+    extern "C" int sj_cuda_matmul_swiglu_##T(void *h, const void *x, const void *w, int N, int F, \
+                                             int K) {                                         \
+        return matmul_swiglu<T>(h, x, w, N, F, K);                                             \
+    }                                                                                         \
+    extern "C" int sj_cuda_matmul_rope_##T(void *out, const void *x, const void *w, int B,     \
+                                           int T_, int n_heads, int n_rot, int hd, int K,     \
+                                           float theta) {                                     \
+        return matmul_rope<T>(out, x, w, B, T_, n_heads, n_rot, hd, K, 0, theta);             \
+    }
+SJ_CU_GEMM_SM90(bf16)
+SJ_CU_GEMM_SM90(f16)
