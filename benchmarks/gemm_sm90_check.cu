@@ -100,9 +100,11 @@ static void check_plain(int M, int N, int K) {
     report(name, rel_err(download(o, (int64_t)M * N), ref_product(x, w, M, N, K)));
     cudaFree(x); cudaFree(w); cudaFree(o);
 }
-static void check_swiglu(int M, int F, int K) {
+/* with_gu: the product is stored too (training keeps it) */
+static void check_swiglu(int M, int F, int K, bool with_gu = false) {
     bf16 *x = rand_bf16((int64_t)M * K, 4, 2.f), *w = rand_bf16((int64_t)2 * F * K, 5, 0.2f), *h = rand_bf16((int64_t)M * F, 6, 100.f);
-    if (!matmul_swiglu<bf16>(h, x, w, M, F, K)) { printf("swiglu %dx%dx%d: not taken\n", M, F, K); n_fail++; return; }
+    bf16 *gu = with_gu ? rand_bf16((int64_t)M * 2 * F, 7, 100.f) : NULL;
+    if (!matmul_swiglu<bf16>(h, gu, x, w, M, F, K)) { printf("swiglu %dx%dx%d: not taken\n", M, F, K); n_fail++; return; }
     CK(cudaDeviceSynchronize());
     std::vector<float> P = ref_product(x, w, M, 2 * F, K), want((int64_t)M * F);
     for (int64_t m = 0; m < M; m++)
@@ -111,8 +113,12 @@ static void check_swiglu(int M, int F, int K) {
             want[m * F + f] = g / (1.f + expf(-g)) * u;
         }
     char name[96];
-    snprintf(name, sizeof name, "swiglu  M=%d F=%d K=%d", M, F, K);
+    snprintf(name, sizeof name, "swiglu  M=%d F=%d K=%d%s", M, F, K, with_gu ? " (+gu)" : "");
     report(name, rel_err(download(h, (int64_t)M * F), want));
+    if (gu) {
+        report("  its gu", rel_err(download(gu, (int64_t)M * 2 * F), P));
+        cudaFree(gu);
+    }
     cudaFree(x); cudaFree(w); cudaFree(h);
 }
 static void check_rope(int B, int T, int H, int KV, int hd, int K, int pos0) {
@@ -206,6 +212,8 @@ int main(int argc, char **argv) {
     check_swiglu(16384, 1536, 512);
     check_swiglu(333, 768, 256);
     check_swiglu(300, 320, 128);   /* 64-wide output tiles */
+    check_swiglu(1000, 768, 200, true);
+    check_swiglu(300, 320, 128, true);
     check_rope(2, 300, 8, 8, 64, 512, 0);
     check_rope(2, 100, 4, 2, 128, 256, 7);
     check_rope(3, 64, 6, 3, 32, 192, 0);   /* 384 columns: 128-wide tiles */
@@ -215,7 +223,7 @@ int main(int argc, char **argv) {
     cublasLtCreate(&lt);
     CK(cudaMalloc(&ws, WS));
     printf("\n%-34s %10s %10s %8s\n", "shape (M x N x K)", "ours us", "cuBLASLt", "ratio");
-    struct { int M, F, K; } sw[] = {{16384, 1536, 512}, {32768, 768, 256}, {16384, 2048, 768}};
+    struct { int M, F, K; } sw[] = {{16384, 1536, 512}, {32768, 768, 256}, {16384, 2304, 768}};   /* medium, small, d768 */
     for (auto s : sw) {
         const int M = s.M, F = s.F, K = s.K;
         bf16 *x = rand_bf16((int64_t)M * K, 1, 2.f), *w = rand_bf16((int64_t)2 * F * K, 2, .2f);
@@ -223,15 +231,18 @@ int main(int argc, char **argv) {
         const float lt_ms = time_ms([&] { lt_gemm(gu, x, w, M, 2 * F, K); });
         const float unf = time_ms([&] { lt_gemm(gu, x, w, M, 2 * F, K); swiglu_ref_k<<<2048, 256>>>(h, gu, M, F); });
         const float pl = time_ms([&] { matmul_plain<bf16>(gu, x, w, M, 2 * F, K); });
-        const float fu = time_ms([&] { matmul_swiglu<bf16>(h, x, w, M, F, K); });
+        const float fu = time_ms([&] { matmul_swiglu<bf16>(h, NULL, x, w, M, F, K); });
+        const float fg = time_ms([&] { matmul_swiglu<bf16>(h, gu, x, w, M, F, K); });
         const double fl = 2.0 * M * 2 * F * K;
         printf("plain  %6d x %5d x %4d        %10.1f %10.1f %7.2fx  (%.0f / %.0f TF/s)\n", M, 2 * F, K, pl * 1e3, lt_ms * 1e3,
                lt_ms / pl, fl / pl / 1e9, fl / lt_ms / 1e9);
         printf("swiglu %6d x %5d x %4d        %10.1f %10.1f %7.2fx  (vs GEMM + swiglu kernel)\n", M, 2 * F, K, fu * 1e3, unf * 1e3, unf / fu);
+        printf("  +gu  %6d x %5d x %4d        %10.1f %10.1f %7.2fx  (training: gu kept too)\n", M, 2 * F, K, fg * 1e3, unf * 1e3, unf / fg);
         cudaFree(x); cudaFree(w); cudaFree(gu); cudaFree(h);
     }
-    {
-        const int B = 32, T = 512, H = 8, hd = 64, K = 512, N = 3 * H * hd, M = B * T;
+    struct { int B, T, H, K; } ro[] = {{32, 512, 8, 512}, {16, 1024, 12, 768}};
+    for (auto r : ro) {
+        const int B = r.B, T = r.T, H = r.H, hd = 64, K = r.K, N = 3 * H * hd, M = B * T;
         bf16 *x = rand_bf16((int64_t)M * K, 1, 2.f), *w = rand_bf16((int64_t)N * K, 2, .2f), *o = rand_bf16((int64_t)M * N, 3, 1.f);
         const float lt_ms = time_ms([&] { lt_gemm(o, x, w, M, N, K); });
         const float fu = time_ms([&] { matmul_rope<bf16>(o, x, w, B, T, 3 * H, 2 * H, hd, K, 0, 10000.f); });

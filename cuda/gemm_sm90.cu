@@ -41,6 +41,7 @@ struct epi_args {
     int M, K;
     void *out;
     int64_t ldo;        /* output row stride, elements */
+    void *gu;           /* SwiGLU: the (M, 2F) product too, unless NULL */
     int n_tiles_n;      /* output tiles across */
     int F;              /* SwiGLU: up rows start at F in w */
     int T, rot_cols, pos0;   /* RoPE: row m has position pos0 + m % T; columns < rot_cols rotate */
@@ -148,6 +149,28 @@ __device__ __forceinline__ void rope_sincos(float a, float *s, float *c) {
 
 /* ---- the kernel ------------------------------------------------------------ */
 
+/* 64 rows x NJ 8-column groups of a warpgroup's results (val(j, e): group
+ * j's e-th register, in the wgmma accumulator layout: rows r_lo, r_lo + 8,
+ * columns 8j + 2t, +1) rounded into the staging tile, then written to rows
+ * row0.. of dst (row stride ldo) with 16-byte stores, rows past M skipped.
+ * The barriers (named per warpgroup) keep the staging from being
+ * overwritten while it is read. */
+template <class T, int NJ, int SR, class V>
+__device__ __forceinline__ void write_tile(T *so, V val, T *dst, int64_t ldo, int row0, int M,
+                                           int r_lo, int t, int tid, int bar) {
+    named_sync(bar, 128);
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {
+        *(uint32_t *)(so + r_lo * SR + 8 * j + 2 * t) = pack2<T>(val(j, 0), val(j, 1));
+        *(uint32_t *)(so + (r_lo + 8) * SR + 8 * j + 2 * t) = pack2<T>(val(j, 2), val(j, 3));
+    }
+    named_sync(bar, 128);
+    for (int i = tid; i < 64 * NJ; i += 128) {
+        const int r = i / NJ, ch = i % NJ, m = row0 + r;
+        if (m < M) st16(dst + (int64_t)m * ldo + ch * 8, ld16(so + r * SR + ch * 8));
+    }
+}
+
 template <int BN, int STAGES, int EPI, int HD>
 struct layout {
     static constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
@@ -233,63 +256,51 @@ gemm_sm90_k(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ C
         if (lane == 0) mbar_arrive(&empty[(it - 1) % STAGES]);
 
         /* epilogue: registers -> rounded 16-bit -> staging -> global */
-        const int r_lo = warp * 16 + g, r_hi = r_lo + 8;   /* of this warpgroup's 64 rows */
+        const int r_lo = warp * 16 + g;   /* and r_lo + 8, of this warpgroup's 64 rows */
         const int row0 = m0 + c * 64;
-        named_sync(1 + c, 128);   /* the previous tile's staging is read out */
-        T *so = (T *)stage_out;
-        constexpr int SR = L::SROW / 2;   /* staging row stride, elements */
-        if (EPI == EPI_SWIGLU) {
-#pragma unroll
-            for (int j = 0; j < NR / 8; j++) {   /* gate cols 8j.., up cols BN/2 + 8j.. */
-                float h[4];
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const float gv = d[4 * j + e], uv = d[4 * (j + NR / 8) + e];
-                    h[e] = __fdividef(gv, 1.0f + __expf(-gv)) * uv;
-                }
-                *(uint32_t *)(so + r_lo * SR + 8 * j + 2 * t) = pack2<T>(h[0], h[1]);
-                *(uint32_t *)(so + r_hi * SR + 8 * j + 2 * t) = pack2<T>(h[2], h[3]);
+        T *so = (T *)stage_out, *out = (T *)args.out;
+        if (EPI == EPI_SWIGLU) {   /* gate cols 8j.., up cols BN/2 + 8j.. */
+            const int f0 = nb * (BN / 2);
+            if (args.gu) {
+                write_tile<T, NR / 8, L::SROW / 2>(so, [&](int j, int e) { return d[4 * j + e]; },
+                                                   (T *)args.gu + f0, 2 * args.F, row0, args.M, r_lo, t, tid, 1 + c);
+                write_tile<T, NR / 8, L::SROW / 2>(so, [&](int j, int e) { return d[4 * (j + NR / 8) + e]; },
+                                                   (T *)args.gu + args.F + f0, 2 * args.F, row0, args.M, r_lo, t, tid, 1 + c);
             }
-        } else {
-            if (EPI == EPI_ROPE) {
-                /* pairs (i, i + HD/2) of a head sit in registers j and j + HD/16 */
-                const int col0 = nb * BN;
-                const float p_lo = (float)(args.pos0 + (row0 + r_lo) % args.T);
-                const float p_hi = (float)(args.pos0 + (row0 + r_hi) % args.T);
+            write_tile<T, NR / 8, L::SROW / 2>(so, [&](int j, int e) {
+                const float gv = d[4 * j + e], uv = d[4 * (j + NR / 8) + e];
+                return __fdividef(gv, 1.0f + __expf(-gv)) * uv;
+            }, out + f0, args.ldo, row0, args.M, r_lo, t, tid, 1 + c);
+            continue;
+        }
+        if (EPI == EPI_ROPE) {
+            /* pairs (i, i + HD/2) of a head sit in registers j and j + HD/16 */
+            const int col0 = nb * BN;
+            const float p_lo = (float)(args.pos0 + (row0 + r_lo) % args.T);
+            const float p_hi = (float)(args.pos0 + (row0 + r_lo + 8) % args.T);
 #pragma unroll
-                for (int jj = 0; jj < HD / 16; jj++)
+            for (int jj = 0; jj < HD / 16; jj++)
 #pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const float f = args.inv[8 * jj + 2 * t + e];
-                        float s_lo, c_lo, s_hi, c_hi;
-                        rope_sincos(p_lo * f, &s_lo, &c_lo);
-                        rope_sincos(p_hi * f, &s_hi, &c_hi);
+                for (int e = 0; e < 2; e++) {
+                    const float f = args.inv[8 * jj + 2 * t + e];
+                    float s_lo, c_lo, s_hi, c_hi;
+                    rope_sincos(p_lo * f, &s_lo, &c_lo);
+                    rope_sincos(p_hi * f, &s_hi, &c_hi);
 #pragma unroll
-                        for (int h0 = 0; h0 < BN; h0 += HD) {
-                            if (col0 + h0 >= args.rot_cols) continue;
-                            const int j = h0 / 8 + jj, j2 = j + HD / 16;
-                            const float x1 = d[4 * j + e], x2 = d[4 * j2 + e];
-                            d[4 * j + e] = x1 * c_lo - x2 * s_lo;
-                            d[4 * j2 + e] = x2 * c_lo + x1 * s_lo;
-                            const float y1 = d[4 * j + 2 + e], y2 = d[4 * j2 + 2 + e];
-                            d[4 * j + 2 + e] = y1 * c_hi - y2 * s_hi;
-                            d[4 * j2 + 2 + e] = y2 * c_hi + y1 * s_hi;
-                        }
+                    for (int h0 = 0; h0 < BN; h0 += HD) {
+                        if (col0 + h0 >= args.rot_cols) continue;
+                        const int j = h0 / 8 + jj, j2 = j + HD / 16;
+                        const float x1 = d[4 * j + e], x2 = d[4 * j2 + e];
+                        d[4 * j + e] = x1 * c_lo - x2 * s_lo;
+                        d[4 * j2 + e] = x2 * c_lo + x1 * s_lo;
+                        const float y1 = d[4 * j + 2 + e], y2 = d[4 * j2 + 2 + e];
+                        d[4 * j + 2 + e] = y1 * c_hi - y2 * s_hi;
+                        d[4 * j2 + 2 + e] = y2 * c_hi + y1 * s_hi;
                     }
-            }
-#pragma unroll
-            for (int j = 0; j < NR / 4; j++) {
-                *(uint32_t *)(so + r_lo * SR + 8 * j + 2 * t) = pack2<T>(d[4 * j], d[4 * j + 1]);
-                *(uint32_t *)(so + r_hi * SR + 8 * j + 2 * t) = pack2<T>(d[4 * j + 2], d[4 * j + 3]);
-            }
+                }
         }
-        named_sync(1 + c, 128);
-        constexpr int CPR = L::OUT_COLS / 8;   /* 16-byte chunks per row */
-        T *out = (T *)args.out + (int64_t)nb * L::OUT_COLS;
-        for (int i = tid; i < 64 * CPR; i += 128) {
-            const int r = i / CPR, ch = i % CPR, m = row0 + r;
-            if (m < args.M) st16(out + (int64_t)m * args.ldo + ch * 8, ld16(so + r * SR + ch * 8));
-        }
+        write_tile<T, NR / 4, L::SROW / 2>(so, [&](int j, int e) { return d[4 * j + e]; },
+                                           out + nb * BN, args.ldo, row0, args.M, r_lo, t, tid, 1 + c);
     }
 #endif
 }
@@ -358,12 +369,13 @@ bool launch(epi_args &a, const void *x, const void *w, int w_rows, int out_cols)
 
 }  // namespace
 
-/* h: (M, F) = silu(x @ w[0:F]^T) * (x @ w[F:2F]^T); x: (M, K), w: (2F, K). */
+/* h: (M, F) = silu(x @ w[0:F]^T) * (x @ w[F:2F]^T); x: (M, K), w: (2F, K);
+ * gu: (M, 2F) = x @ w^T too unless NULL. */
 template <class T>
-static bool matmul_swiglu(void *h, const void *x, const void *w, int M, int F, int K) {
-    if (!usable(h, x, w, F, K)) return false;
+static bool matmul_swiglu(void *h, void *gu, const void *x, const void *w, int M, int F, int K) {
+    if (!usable(h, x, w, F, K) || (gu && !aligned16(gu))) return false;
     epi_args a = {};
-    a.M = M; a.K = K; a.out = h; a.ldo = F; a.F = F;
+    a.M = M; a.K = K; a.out = h; a.ldo = F; a.F = F; a.gu = gu;
     return F % 128 == 0 ? launch<T, 256, 4, EPI_SWIGLU, 64>(a, x, w, 2 * F, F)
                         : launch<T, 128, 5, EPI_SWIGLU, 64>(a, x, w, 2 * F, F);
 }
@@ -400,9 +412,9 @@ static bool matmul_plain(void *out, const void *x, const void *w, int M, int N, 
 }
 
 #define SJ_CU_GEMM_SM90(T)                                                                    \
-    extern "C" int sj_cuda_matmul_swiglu_##T(void *h, const void *x, const void *w, int N, int F, \
-                                             int K) {                                         \
-        return matmul_swiglu<T>(h, x, w, N, F, K);                                             \
+    extern "C" int sj_cuda_matmul_swiglu_##T(void *h, void *gu, const void *x, const void *w,   \
+                                             int N, int F, int K) {                           \
+        return matmul_swiglu<T>(h, gu, x, w, N, F, K);                                         \
     }                                                                                         \
     extern "C" int sj_cuda_matmul_rope_##T(void *out, const void *x, const void *w, int B,     \
                                            int T_, int n_heads, int n_rot, int hd, int K,     \

@@ -29,7 +29,8 @@ void sj_cuda_attention_backward_##T(void *dqkv, const void *dout, const void *qk
                                     const void *out, const float *lse, int B, int T_,     \
                                     int H, int KV, int hd, int accum);                    \
 void sj_cuda_swiglu_forward_##T(void *h, const void *gu, int N, int F);                   \
-int sj_cuda_matmul_swiglu_##T(void *h, const void *x, const void *w, int N, int F, int K);\
+int sj_cuda_matmul_swiglu_##T(void *h, void *gu, const void *x, const void *w, int N,     \
+                              int F, int K);                                              \
 int sj_cuda_matmul_rope_##T(void *out, const void *x, const void *w, int B, int T_,       \
                             int n_heads, int n_rot, int hd, int K, float theta);          \
 void sj_cuda_swiglu_backward_##T(void *dgu, const void *dh, const void *gu, int N, int F, \

@@ -215,14 +215,22 @@ def hopper():
 # (M, F, K): 256-wide tiles with a row tail; K not a multiple of 64; 128-wide tiles
 @pytest.mark.parametrize("M,F,K", [(257, 768, 256), (1000, 256, 200), (300, 320, 128)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_swiglu_projection_kernel(dtype, M, F, K, rng):
+@pytest.mark.parametrize("keep_gu", [False, True], ids=["forward", "train"])
+def test_fused_swiglu_projection_kernel(dtype, M, F, K, keep_gu, rng):
     """h = swiglu(x @ w^T) in one Hopper kernel (bf16, fp16 on sm_90; fp32
-    and other GPUs leave it to the op's unfused pair, tested with the model)."""
+    and other GPUs leave it to the op's unfused pair, tested with the model);
+    training keeps the product gu too, forward-only runs never store it."""
     x, w = rnd(rng, M, K, dtype=dtype), rnd(rng, 2 * F, K, scale=K ** -0.5, dtype=dtype)
-    out = op("matmul_swiglu", dtype, {"h": poison((M, F)), "x": x, "w": w}, (M, F, K))
+    out = op("matmul_swiglu", dtype, {"h": poison((M, F)), "gu": poison((M, 2 * F)), "x": x, "w": w},
+             (M, F, K, keep_gu))
     assert out["fused"] == (dtype != "fp32" and hopper())
     if out["fused"]:
-        close(out["h"].reshape(M, F), ref.swiglu_fwd(ref.matmul(x, w, 0, 1), F), dtype, "matmul_swiglu")
+        gu = ref.matmul(x, w, 0, 1)
+        close(out["h"].reshape(M, F), ref.swiglu_fwd(gu, F), dtype, "matmul_swiglu")
+        if keep_gu:
+            close(out["gu"].reshape(M, 2 * F), gu, dtype, "matmul_swiglu's gu")
+        else:
+            assert np.isnan(out["gu"]).all()
 
 
 # (B, T, H, KV, hd, K): GQA with hd 128; hd 32 on 128-wide tiles; MHA hd 64, rows past a tile
@@ -373,10 +381,11 @@ def test_16_bit_modes_are_close_to_fp32(shape, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ["gqa", "hd128"])
-def test_fused_residuals_and_in_place_rope_match_the_unfused_step(dtype, shape, monkeypatch):
-    """The GPU tape with matmul_add, the shared residual gradient and rope in
-    place against the same model recorded unfused (SMEDJAN_UNFUSED=1): fp32
-    within 1e-5; bf16 within 2e-2 (the fused GEMM rounds x + a @ W^T once)."""
+def test_fused_projections_match_the_unfused_step(dtype, shape, monkeypatch):
+    """The GPU training tape with matmul_add, the shared residual gradient,
+    matmul_rope and matmul_swiglu against the same model recorded unfused
+    (SMEDJAN_UNFUSED=1): fp32 within 1e-5; 16 bits within 2e-2 (the fused
+    GEMMs round x + a @ W^T, the rotated qkv and SwiGLU's output once)."""
     a, tokens, targets = make(shape, "cuda", dtype)
     b, _, _ = make(shape, "cuda", dtype)
     monkeypatch.setenv("SMEDJAN_UNFUSED", "1")
@@ -391,7 +400,7 @@ def test_fused_residuals_and_in_place_rope_match_the_unfused_step(dtype, shape, 
     census = b._h.plan_census(*tokens.shape, 2)
     L = SHAPES[shape]["n_layers"]
     assert census["nodes"]["add"] == 0 and census["in_place"]["matmul_add"] == 2 * L, census
-    assert census["in_place"]["rope"] == 2 * L, census
+    assert census["nodes"]["matmul_rope"] == census["nodes"]["matmul_swiglu"] == L, census
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -420,10 +429,12 @@ def test_forward_only_runs_fuse_rope_and_swiglu_into_their_projections(dtype, sh
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_checkpointed_fused_training_is_bit_identical_on_gpu(text_bytes, dtype):
-    """Checkpointing re-runs rope (in place) inside backward, the residual
-    gradient stays one shared buffer; cheap recompute re-runs the norms and
-    SwiGLU: training through captured graphs is bit-identical with either
-    lever and without."""
+    """Checkpointing re-runs the fused projections inside backward, the
+    residual gradient stays one shared buffer; cheap recompute re-runs the
+    norms and SwiGLU: training through captured graphs is bit-identical with
+    either lever and without. (On Hopper in 16 bits SwiGLU under cheap
+    recompute is its own op, redone from the kept product, where the fused
+    kernel rounds once: there the runs agree within 2e-2.)"""
     cfg = smedjan.Config.custom(128, 2, 4, 2, vocab_size=256, max_seq_len=128)
     runs = []
     for lever in ({}, dict(gradient_checkpointing=True), dict(cheap_recompute=True)):
@@ -431,7 +442,12 @@ def test_checkpointed_fused_training_is_bit_identical_on_gpu(text_bytes, dtype):
         tr = smedjan.Trainer(m, lr=3e-3, warmup=2, steps=4, **lever)
         runs.append(([tuple(tr.step(x, y)) for x, y in text_batches(text_bytes, 4, 64, 4)],
                      host(m.flat_params).copy()))
-    for r in runs[1:]:
+    for i, r in enumerate(runs[1:], 1):
+        if i == 2 and dtype != "fp32" and hopper():
+            for a, b in zip(runs[0][0], r[0]):
+                assert abs(a[0] - b[0]) <= 2e-2 * abs(a[0]), (a, b)
+            assert rel_err(r[1], runs[0][1]) < 2e-2
+            continue
         assert runs[0][0] == r[0], runs
         np.testing.assert_array_equal(runs[0][1], r[1])
 

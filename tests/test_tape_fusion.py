@@ -1,13 +1,16 @@
 """The residual add lives in the projection GEMM (matmul_add), the residual
-stream's gradient is one buffer shared by every layer (no copies), and RoPE
-rotates qkv in place (no second qkv, no copy of the V heads): the planned
-tape says so, it never plans more memory than the unfused one, and it
-computes exactly what the unfused tape computes (on the CPU, bit for bit:
-matmul_add there is the GEMM then the add), with every lever and through
-the device code path ('cpu-staged'), poisoned arena included.
+stream's gradient is one buffer shared by every layer (no copies), RoPE
+and SwiGLU ride the projections that feed them (matmul_rope,
+matmul_swiglu: no separate pass, and a forward-only run never keeps the
+gate/up product): the planned tape says so, it never plans more memory
+than the unfused one, and it computes exactly what the unfused tape
+computes (on the CPU, bit for bit: the fused ops there are the GEMM then
+the elementwise kernel), with every lever and through the device code
+path ('cpu-staged'), poisoned arena included.
 
 The reference is the same model planned with SMEDJAN_UNFUSED=1 (tests only):
-matmul + add, and no storage shared in place but the loss's."""
+matmul + add, rope and swiglu as their own ops, and no storage shared in
+place but the loss's; SMEDJAN_UNFUSED=add plans that tape's rope in place."""
 import numpy as np
 import pytest
 
@@ -31,34 +34,41 @@ def unfused(monkeypatch, fn, how="1"):
 
 
 @pytest.mark.parametrize("name", ["small", "medium"])
-def test_residuals_are_one_gemm_and_rope_runs_in_place(name):
+def test_residuals_are_one_gemm_and_rope_and_swiglu_ride_their_projections(name):
     m = smedjan.Model(name)
     L = m.config.n_layers
     c = census(m, 2, 64)
     assert c["nodes"]["add"] == 0 and c["nodes"]["matmul_add"] == 2 * L, c
     # backward: every residual gradient is dy itself (no copy kernel)
     assert c["in_place"]["matmul_add"] == 2 * L, c
-    # forward rope over the QKV GEMM's output, and its backward over dy
-    assert c["in_place"]["rope"] == 2 * L, c
     assert c["in_place"]["cross_entropy"] == 0, c   # the host path keeps the logits apart
-    # inference: the QKV product is rotated and the gate/up product gated as
-    # they are made (nothing is kept for backward), one node each per layer
-    for mode in ("forward", "loss"):
+    # the QKV product is rotated and the gate/up product gated as they are
+    # made, one node each per layer, in training and inference alike
+    for mode in ("train", "forward", "loss"):
         f = census(m, 2, 64, mode)["nodes"]
         assert f["matmul_rope"] == f["matmul_swiglu"] == L, f
         assert f["rope"] == f["swiglu"] == f["matmul"] - 1 == 0, f   # the LM head's matmul
 
 
-def test_checkpointing_recomputes_rope_in_place_too():
-    m = model(gradient_checkpointing=True)
-    c = census(m, 4, 33)
-    assert c["in_place"]["rope"] == 3 * CFG.n_layers, c    # forward, recompute, backward
+def test_cheap_recompute_keeps_swiglu_apart():
+    """It drops SwiGLU's output and redoes it from the kept gate/up product,
+    which a fused node would only give back by redoing the GEMM."""
+    c = census(model(cheap_recompute=True), 4, 33)["nodes"]
+    L = CFG.n_layers
+    assert c["matmul_rope"] == c["swiglu"] == L and c["matmul_swiglu"] == 0, c
+
+
+def test_checkpointing_recomputes_in_place_too(monkeypatch):
+    c = census(model(gradient_checkpointing=True), 4, 33)
     assert c["in_place"]["matmul_add"] == 2 * CFG.n_layers, c
+    # the reference tape's rope: forward, recompute and backward in place
+    c = unfused(monkeypatch, lambda: census(model(gradient_checkpointing=True), 4, 33), "add")
+    assert c["in_place"]["rope"] == 3 * CFG.n_layers, c
 
 
 def test_the_device_path_also_overwrites_the_logits_with_their_gradient():
     c = census(model(device="cpu-staged"), 4, 33)
-    assert c["in_place"]["cross_entropy"] == 1 and c["in_place"]["rope"] == 2 * CFG.n_layers, c
+    assert c["in_place"]["cross_entropy"] == 1 and c["in_place"]["matmul_add"] == 2 * CFG.n_layers, c
 
 
 def test_the_reference_is_the_unfused_tape(monkeypatch):

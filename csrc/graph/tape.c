@@ -226,8 +226,11 @@ static void touch_backward(sj_tape *tp, const sj_node *n, int time) {
         if (n->in[k] >= 0 && (sj_ops[n->op].bwd_reads_in >> k & 1)) touch(&tp->t[n->in[k]], time);
     for (int k = 0; k < 2; k++)
         if (n->out[k] >= 0 && (sj_ops[n->op].bwd_reads_out >> k & 1)) touch(&tp->t[n->out[k]], time);
-    /* This node's backward reads its output's gradient and writes its inputs'. */
-    if (tp->t[n->out[0]].grad >= 0) touch(&tp->t[tp->t[n->out[0]].grad], time);
+    /* This node's backward reads its outputs' gradients (a kept output
+     * nobody reads has one too: matmul_swiglu's gu, whose gradient the
+     * node makes and uses itself) and writes its inputs'. */
+    for (int k = 0; k < 2; k++)
+        if (n->out[k] >= 0 && tp->t[n->out[k]].grad >= 0) touch(&tp->t[tp->t[n->out[k]].grad], time);
     for (int k = 0; k < 3; k++) {
         int id = n->in[k];
         if (id >= 0 && tp->t[id].kind == SJ_T_ACT && tp->t[id].grad >= 0)

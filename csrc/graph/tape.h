@@ -132,11 +132,13 @@ int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int C
 /* A weight in the act dtype, cast from its f32 master right before use
  * (forward-only tapes; autocast's cast): src is a MASTER tensor. */
 int sj_op_cast(sj_tape *tp, int src);
-/* Forward-only tapes: a projection and the elementwise op that reads it as
- * one node, so the product itself is never kept (the backend fuses them
- * where it can, else runs them apart through `rows` rows of scratch).
- * swiglu(x @ w^T): x: (N, C), w: (2F, C) -> (N, F);
- * rope(x @ w^T): x: (B*T, C), w: (n_heads*hd, C) -> (B, T, n_heads*hd). */
+/* A projection and the elementwise op that reads it as one node (the
+ * backend fuses them where it can, else runs them apart).
+ * swiglu(x @ w^T): x: (N, C), w: (2F, C) -> (N, F); a training tape keeps
+ * the product gu (N, 2F) for backward, a forward-only one never has it
+ * whole (the unfused pair goes through `rows` rows of scratch).
+ * rope(x @ w^T): x: (B*T, C), w: (n_heads*hd, C) -> (B, T, n_heads*hd); its
+ * backward un-rotates dy in place, then runs the projection's. */
 int sj_op_matmul_swiglu(sj_tape *tp, int x, int w, int N, int F, int C, int rows);
 int sj_op_matmul_rope(sj_tape *tp, int x, int w, int B, int T, int n_heads, int n_rot, int hd,
                       int C, float theta);

@@ -378,9 +378,10 @@ static sj_status record(sj_model *m, sj_plan *pl) {
      * elementwise op and the projection that reads it, so that only that
      * op's output (a norm's, SwiGLU's) is dropped and redone in backward. */
     const int layer_blocks = m->lv.checkpoint, op_blocks = !layer_blocks && m->lv.cheap_recompute;
-    /* Nothing kept for backward: the QKV product is rotated and the gate/up
-     * product gated as they are made (one node each). */
-    const int fuse = pl->mode != SJ_RUN_TRAIN && !pl->unfused;
+    /* The QKV product is rotated and the gate/up product gated as they are
+     * made (one node each). Cheap recompute keeps SwiGLU apart: it drops
+     * SwiGLU's output and redoes it from gu, not from a GEMM. */
+    const int fuse = !pl->unfused, fuse_swiglu = fuse && (pl->mode != SJ_RUN_TRAIN || !op_blocks);
     #define OP_BLOCK_BEGIN() do { if (op_blocks) SJ_TRY(sj_tape_block_begin(tp)); } while (0)
     #define OP_BLOCK_END() do { if (op_blocks) SJ_TRY(sj_tape_block_end(tp)); } while (0)
     for (int l = 0; l < c->n_layers; l++) {
@@ -403,7 +404,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         OP_BLOCK_BEGIN();
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);
         int s;
-        if (fuse) {
+        if (fuse_swiglu) {
             s = sj_op_matmul_swiglu(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, F, C, 256);
         } else {
             int gu = sj_op_matmul(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, 2 * F, C);

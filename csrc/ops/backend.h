@@ -107,12 +107,13 @@ typedef struct sj_backend {
     void (*swiglu_backward)(void *dgu, const void *dh, const void *gu, int N, int F,
                             int accum);
 
-    /* Fused projections for forward-only tapes, optional: NULL, or 0 returned
-     * where a backend has no kernel for the shape (the op then runs the
-     * matmul and the elementwise kernel apart). Nothing is kept for backward.
-     * h: (N, F) = swiglu(x @ w^T), x: (N, K), w: (2F, K) = [gate | up] rows;
-     * out: (B, T, n_heads*hd) = rope_forward(x @ w^T) with pos0 = 0. */
-    int (*matmul_swiglu)(void *h, const void *x, const void *w, int N, int F, int K);
+    /* Fused projections, optional: NULL, or 0 returned where a backend has no
+     * kernel for the shape (the op then runs the matmul and the elementwise
+     * kernel apart). h: (N, F) = swiglu(gu), gu = x @ w^T, x: (N, K),
+     * w: (2F, K) = [gate | up] rows; gu: (N, 2F) is stored too unless NULL
+     * (training keeps it for backward). out: (B, T, n_heads*hd) =
+     * rope_forward(x @ w^T) with pos0 = 0. */
+    int (*matmul_swiglu)(void *h, void *gu, const void *x, const void *w, int N, int F, int K);
     int (*matmul_rope)(void *out, const void *x, const void *w, int B, int T, int n_heads,
                        int n_rot, int hd, int K, float theta);
 

@@ -69,6 +69,12 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
     } else if (!strcmp(op, "matmul_add")) {
         int res = add_act(c, "res", N * 7), x = add_act(c, "x", N * 5);
         c->out = sj_op_matmul_add(tp, res, x, add_param(c, "w", 7 * 5), N, 7, 5);
+    } else if (!strcmp(op, "matmul_rope")) {   /* 3 heads of 4, 2 rotated */
+        int x = add_act(c, "x", N * 5);
+        c->out = sj_op_matmul_rope(tp, x, add_param(c, "w", 3 * 4 * 5), B, T, 3, 2, 4, 5, 100.0f);
+    } else if (!strcmp(op, "matmul_swiglu")) {
+        int x = add_act(c, "x", N * 5);
+        c->out = sj_op_matmul_swiglu(tp, x, add_param(c, "w", 2 * 6 * 5), N, 6, 5, 0);
     } else if (!strcmp(op, "rope")) {
         c->out = sj_op_rope(tp, add_act(c, "x", N * 3 * 4), B, T, 3, 2, 4, 100.0f);
     } else if (!strcmp(op, "attention")) {
@@ -84,7 +90,8 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         tp->loss_scale = 0.3f;
     } else {
         return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, matmul, "
-                       "matmul_add, rope, attention, swiglu, add, cross_entropy)", op);
+                       "matmul_add, matmul_rope, matmul_swiglu, rope, attention, swiglu, add, "
+                       "cross_entropy)", op);
     }
     if (c->out < 0) return SJ_ERR_NOMEM;
     c->node = tp->t[c->out].producer;

@@ -23,8 +23,9 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     [SJ_OP_CROSS_ENTROPY] = {"cross_entropy", 1u << 0 | 1u << 1, 1u << 1, .grad_on_in = 1u << 0},
     [SJ_OP_LM_HEAD_CE] = {"lm_head_ce", 0, 0, 1},   /* gradients made in forward */
     [SJ_OP_CAST] = {"cast", 0, 0},                  /* forward-only tapes: no backward */
-    [SJ_OP_MATMUL_SWIGLU] = {"matmul_swiglu", 0, 0},   /* forward-only too */
-    [SJ_OP_MATMUL_ROPE] = {"matmul_rope", 0, 0},
+    /* backward reads gu (out[1], training tapes only) */
+    [SJ_OP_MATMUL_SWIGLU] = {"matmul_swiglu", 1u << 0 | 1u << 1, 1u << 1},
+    [SJ_OP_MATMUL_ROPE] = {"matmul_rope", 1u << 0 | 1u << 1, 0},
 };
 
 static int record(sj_tape *tp, sj_opcode op, const int in[3], int64_t n0, int64_t n1,
@@ -93,12 +94,14 @@ int sj_op_cast(sj_tape *tp, int src) {
     return record(tp, SJ_OP_CAST, IN(src, NONE, NONE), tp->t[src].numel, 0, 0, DIM(0), 0);
 }
 
-// x: (N, C), w: (2F, C) -> h: (N, F); scratch (rows, 2F) for backends that do not fuse
+// x: (N, C), w: (2F, C) -> h: (N, F), gu: (N, 2F) on a training tape. Forward-only:
+// scratch (rows, 2F) for backends that do not fuse, at most a quarter of the rows: with
+// x alive through the node it still plans less than the unfused pair's gu (C <= F)
 int sj_op_matmul_swiglu(sj_tape *tp, int x, int w, int N, int F, int C, int rows) {
-    if (rows < 1 || rows > N) rows = N;
-    int o = record(tp, SJ_OP_MATMUL_SWIGLU, IN(x, w, NONE), (int64_t)N * F, 0, 0,
-                   DIM(N, F, C, rows), 0);
-    if (o < 0) return -1;
+    if (rows < 1 || rows > (N + 3) / 4) rows = (N + 3) / 4;
+    int o = record(tp, SJ_OP_MATMUL_SWIGLU, IN(x, w, NONE), (int64_t)N * F,
+                   tp->train ? (int64_t)N * 2 * F : 0, 0, DIM(N, F, C, rows), 0);
+    if (o < 0 || tp->train) return o;
     int sc = sj_tape_tensor(tp, SJ_T_ACT, (int64_t)rows * 2 * F);
     if (sc < 0) return -1;
     tp->nodes[tp->t[o].producer].scratch = sc;
@@ -165,15 +168,22 @@ static void lm_head_ce(const sj_tape *tp, const sj_node *n, const sj_backend *be
     }
 }
 
-/* The fused projections, or their two ops apart: SwiGLU through the
- * scratch a chunk of rows at a time, RoPE in place on the product. */
+/* The fused projections, or their two ops apart: SwiGLU into the kept gu
+ * (training) or through the scratch a chunk of rows at a time, RoPE in
+ * place on the product. */
 static void matmul_swiglu(const sj_tape *tp, const sj_node *n, const sj_backend *be,
                           void *params) {
     const int N = n->dim[0], F = n->dim[1], C = n->dim[2], R = n->dim[3];
     const size_t es = sj_dtype_size(tp->act_dtype);
     char *h = P(n->out[0]), *x = P(n->in[0]);
-    void *W = P(n->in[1]), *S = P(n->scratch);
-    if (be->matmul_swiglu && be->matmul_swiglu(h, x, W, N, F, C)) return;
+    void *W = P(n->in[1]), *gu = n->out[1] >= 0 ? P(n->out[1]) : NULL;
+    if (be->matmul_swiglu && be->matmul_swiglu(h, gu, x, W, N, F, C)) return;
+    if (gu) {
+        be->matmul(gu, x, W, N, 2 * F, C, 0, 1, 0, 0);
+        be->swiglu_forward(h, gu, N, F);
+        return;
+    }
+    void *S = P(n->scratch);
     for (int r0 = 0; r0 < N; r0 += R) {
         const int rows = N - r0 < R ? N - r0 : R;
         be->matmul(S, x + (size_t)r0 * C * es, W, rows, 2 * F, C, 0, 1, 0, 0);
@@ -281,9 +291,19 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
                                    tp->loss_scale_ptr ? tp->loss_scale_ptr : &tp->loss_scale,
                                    acc[0]);
         break;
+    case SJ_OP_MATMUL_SWIGLU:   /* dgu in gu's own gradient, then the projection's backward */
+    case SJ_OP_MATMUL_ROPE: {   /* dy un-rotated in place (read by nothing else), then ... */
+        const int fused_swiglu = n->op == SJ_OP_MATMUL_SWIGLU;
+        const int N = fused_swiglu ? d[0] : d[0] * d[1], C = fused_swiglu ? d[2] : d[5];
+        const int n_out = fused_swiglu ? 2 * d[1] : d[2] * d[4];
+        void *dp = fused_swiglu ? G(out[1]) : dy;
+        if (fused_swiglu) be->swiglu_backward(dp, dy, P(out[1]), d[0], d[1], 0);
+        else be->rope_backward(dy, dy, d[0], d[1], d[2], d[3], d[4], 0, n->f, 0);
+        if (dx) be->matmul(dx, dp, P(in[1]), N, C, n_out, 0, 0, acc[0], 0);
+        be->matmul(grads + tp->t[in[1]].offset, dp, P(in[0]), n_out, C, N, 1, 0, 1, 1);
+        break;
+    }
     case SJ_OP_CAST:       /* only on forward-only tapes */
-    case SJ_OP_MATMUL_SWIGLU:
-    case SJ_OP_MATMUL_ROPE:
     case SJ_OP_LM_HEAD_CE:
     case SJ_OP__COUNT: break;
     }

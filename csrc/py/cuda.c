@@ -480,7 +480,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"cross_entropy_backward", {"dlogits", "logits", "lse", "targets", "scale"}, "aafff"},
         {"adamw", {"p", "p_act", "g", "m", "v"}, "fafff"},
         {"matmul_add", {"D", "C", "A", "B"}, "aaaa"},
-        {"matmul_swiglu", {"h", "x", "w"}, "aaa"},
+        {"matmul_swiglu", {"h", "gu", "x", "w"}, "aaaa"},
         {"matmul_rope", {"out", "x", "w"}, "aaa"},
     };
     int k = -1, fused = 0;
@@ -544,7 +544,9 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 16: /* ints[5] = in place: D is the C buffer */
         be->matmul_add(I[5] ? D(1) : D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]);
         break;
-    case 17: fused = be->matmul_swiglu && be->matmul_swiglu(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2]); break;
+    case 17: /* ints[3]: gu stored too */
+        fused = be->matmul_swiglu && be->matmul_swiglu(D(0), I[3] ? D(1) : NULL, D(2), D(3), (int)I[0], (int)I[1], (int)I[2]);
+        break;
     case 18:
         fused = be->matmul_rope && be->matmul_rope(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0]);
         break;
