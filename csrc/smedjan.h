@@ -268,6 +268,10 @@ void sj_bpe_trainer_free(sj_bpe_trainer *tr);
 sj_status sj_bpe_trainer_feed(sj_bpe_trainer *tr, int64_t n, const uint8_t *const *texts,
                               const size_t *lens);
 int64_t sj_bpe_trainer_n_words(const sj_bpe_trainer *tr);
+/* The last p in 1..n-1 where a document may be cut so that s[0..p) and the
+ * rest count exactly as the whole would, whatever follows s[0..n); 0 if
+ * none. feed cuts big documents by the same rule. */
+size_t sj_bpe_trainer_last_cut(const sj_bpe_trainer *tr, const uint8_t *s, size_t n);
 /* vocab_size counts the 256 bytes, the merges' new tokens and the specials.
  * *n_todo: how many merges at most remain. */
 sj_status sj_bpe_trainer_begin(sj_bpe_trainer *tr, int vocab_size, int64_t min_frequency,

@@ -56,10 +56,10 @@ def _from_bytelevel(s: str, where: str) -> bytes:
                          f"(character {e.args[0]!r} maps to no byte)") from None
 
 
-def _file_blocks(path: PathLike, block: int = 64 << 20):
-    """A file's bytes in blocks cut where GPT-2 pre-tokens always end (after
-    '\\n', before a printable ASCII character), so blocks count exactly as the
-    whole file would."""
+def _file_blocks(path: PathLike, last_cut, block: int = 64 << 20):
+    """A file's bytes in blocks cut where last_cut (the trainer's, which feed
+    also uses) says the whole file's pre-tokens end, so blocks count exactly
+    as the whole file would."""
     with open(path, "rb") as f:
         rest = b""
         while True:
@@ -69,16 +69,12 @@ def _file_blocks(path: PathLike, block: int = 64 << 20):
                     yield rest
                 return
             buf = rest + data
-            cut = len(buf)
-            while True:
-                cut = buf.rfind(b"\n", 0, cut)
-                if cut < 0 or (cut + 1 < len(buf) and 0x20 < buf[cut + 1] < 0x7F):
-                    break
-            if cut <= 0:
+            cut = last_cut(buf)
+            if cut == 0:
                 rest = buf
                 continue
-            yield buf[:cut + 1]
-            rest = buf[cut + 1:]
+            yield buf[:cut]
+            rest = buf[cut:]
 
 
 class Tokenizer:
@@ -136,7 +132,7 @@ class Tokenizer:
         trainer = _C.BpeTrainer(specials)
         with tqdm(desc="counting", unit="B", unit_scale=True, disable=disable) as bar:
             for path in files or ():
-                for block in _file_blocks(path):
+                for block in _file_blocks(path, trainer.last_cut):
                     trainer.feed([block])
                     bar.update(len(block))
             if texts is not None:

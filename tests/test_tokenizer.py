@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from smedjan import _C
-from smedjan.tokenizer import Tokenizer
+from smedjan.tokenizer import Tokenizer, _file_blocks
 from test_tokenizer_data import stdlib_texts
 
 
@@ -117,6 +117,48 @@ def test_training_from_files_equals_training_from_texts(tmp_path):
     a = Tokenizer.train(texts, vocab_size=600, progress=False)
     b = Tokenizer.train(files=paths, vocab_size=600, progress=False)
     assert a.merges() == b.merges()
+
+
+def test_files_count_exactly_as_texts_wherever_blocks_are_cut(tmp_path):
+    # Files are read in blocks, cut only where the whole file's pre-tokens
+    # end. Right after a newline is not such a place when the newline ends a
+    # longer run of whitespace (blank lines, CRLF, trailing spaces): "\n\ny"
+    # is "\n" + "\n" + "y", but a block ending in "\n\n" counts one "\n\n".
+    specials = ["<|endoftext|>", "<|a\nb|>"]
+    docs = ["def f(x):\n    return x\n\n\nclass A:\n    pass\n\nx = 1\n",
+            "one\r\ntwo\r\nthree\r\n",
+            "trailing  \nspaces \nhere\n",
+            "naïve café\n\nüber\u3000\nx\n",
+            "x<|endoftext|>\ny\n\n<|endoftext|>z\nq<|a\nb|>c\nd<|a\nb|>\n\ne\n"]
+    paths = []
+    for i, d in enumerate(docs):
+        paths.append(tmp_path / f"{i}.txt")
+        paths[-1].write_bytes(d.encode("utf-8"))
+    train = dict(vocab_size=1000, special_tokens=specials, progress=False)
+    want = Tokenizer.train(docs, **train).merges()
+    assert Tokenizer.train(files=paths, **train).merges() == want
+    cut = _C.BpeTrainer([s.encode() for s in specials]).last_cut
+    for block in (1, 2, 3, 5, 8, 13):
+        blocks = [b for p in paths for b in _file_blocks(p, cut, block)]
+        assert b"".join(blocks) == b"".join(p.read_bytes() for p in paths)
+        assert Tokenizer.train(blocks, **train).merges() == want, f"blocks of {block}"
+
+
+def test_a_big_document_counts_exactly_as_the_whole_text():
+    # Documents over 1 MiB are cut into chunks for the threads. Here every
+    # newline followed by text ends a run of blank lines; a cut after it would
+    # count one "\n\n\n" for "\n\n" + "\n" and merge "\n\n" before "ab".
+    # k copies of the piece count k times what it does, so learn the same.
+    piece = " ab\n\n\ncd\n"
+    want = Tokenizer.train([piece], vocab_size=300, special_tokens=[], progress=False).merges()
+    n = _C.threads()
+    try:
+        for t in (1, 4):
+            _C.threads(t)
+            big = Tokenizer.train([piece * 250_000], vocab_size=300, special_tokens=[], progress=False)
+            assert big.merges() == want, f"{t} threads"
+    finally:
+        _C.threads(n)
 
 
 def test_save_load_roundtrip(tok, tmp_path):

@@ -383,6 +383,16 @@ done:
     return res;
 }
 
+static PyObject *trainer_last_cut(TrainerObject *self, PyObject *buf) {
+    NEED_TR(self);
+    if (!PyBytes_Check(buf)) {
+        PyErr_Format(PyExc_TypeError, "last_cut: expected bytes, got %s", Py_TYPE(buf)->tp_name);
+        return NULL;
+    }
+    return PyLong_FromSize_t(sj_bpe_trainer_last_cut(self->tr, (const uint8_t *)PyBytes_AS_STRING(buf),
+                                                     (size_t)PyBytes_GET_SIZE(buf)));
+}
+
 static PyObject *trainer_begin(TrainerObject *self, PyObject *args) {
     int vocab;
     long long minf = 0;
@@ -418,6 +428,8 @@ static PyObject *trainer_finish(TrainerObject *self, PyObject *unused) {
 
 static PyMethodDef trainer_methods[] = {
     {"feed", (PyCFunction)trainer_feed, METH_O, "feed(texts) -> distinct pre-tokens so far"},
+    {"last_cut", (PyCFunction)trainer_last_cut, METH_O,
+     "last_cut(buf) -> where a document may be cut, counting as the whole would (0: nowhere)"},
     {"begin", (PyCFunction)trainer_begin, METH_VARARGS, "begin(vocab_size, min_frequency=0) -> merges to do"},
     {"step", (PyCFunction)trainer_step, METH_VARARGS, "step(k) -> merges done (< k: finished)"},
     {"finish", (PyCFunction)trainer_finish, METH_NOARGS, "finish() -> Tokenizer"},

@@ -168,17 +168,29 @@ static void feed_range(void *p, int64_t b, int64_t e, int tid) {
     }
 }
 
-/* A cut at p is safe when s[p-1] is '\n' and s[p] a printable ASCII
- * non-space: every GPT-2 pre-token ends there (the newline cannot join the
- * next word), and no special token may straddle it. */
+/* A cut at p is safe when s[p] is a line break ('\n' or '\r') and s[p-1] a
+ * printable ASCII non-space: the pre-token before p ends there (none holds
+ * both), and the whitespace run starts at p. Not after a '\n': it may end a
+ * longer run ("\n\n" before text is "\n" + "\n" in the whole text but one
+ * pre-token at a chunk's end). No special token may straddle p. */
 static int safe_cut(const sj_bpe_trainer *tr, const uint8_t *s, size_t n, size_t p) {
-    if (s[p - 1] != '\n' || s[p] <= 0x20 || s[p] >= 0x7F) return 0;
+    if ((s[p] != '\n' && s[p] != '\r') || s[p - 1] <= 0x20 || s[p - 1] >= 0x7F) return 0;
     for (int k = 0; k < tr->n_special; k++) {
         size_t l = tr->special_len[k];
         for (size_t back = 1; back < l && back <= p; back++)
             if (p - back + l <= n && memcmp(s + p - back, tr->special[k], l) == 0) return 0;
     }
     return 1;
+}
+
+size_t sj_bpe_trainer_last_cut(const sj_bpe_trainer *tr, const uint8_t *s, size_t n) {
+    /* s may go on past n: s[p] and every special token through p must be in it */
+    size_t keep = 1;
+    for (int k = 0; k < tr->n_special; k++)
+        if (tr->special_len[k] > keep) keep = tr->special_len[k];
+    for (size_t p = n > keep ? n - keep : 0; p > 0; p--)
+        if (safe_cut(tr, s, n, p)) return p;
+    return 0;
 }
 
 sj_status sj_bpe_trainer_feed(sj_bpe_trainer *tr, int64_t n, const uint8_t *const *texts,
