@@ -22,9 +22,8 @@
  * 16-bit act dtype, K a multiple of 8, 16-byte aligned operands, the output
  * width a multiple of the tile's. Rows past M are zero-filled on load and
  * not stored. */
-#include "common.cuh"
 #include "kernels.h"
-#include <cuda.h>
+#include "sm90.cuh"
 #include <cudaTypedefs.h>
 #include <math.h>
 #include <mutex>
@@ -48,93 +47,8 @@ struct epi_args {
     float inv[64];      /* RoPE inverse frequencies, hd / 2 of them */
 };
 
-/* ---- PTX wrappers (sm_90a only: the other device passes compile none) ------ */
+/* RoPE's sin and cos (sm_90a only, as the kernel). */
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void mbar_init(uint64_t *bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t *bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
-                 "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
-    uint32_t done;
-    do {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                     "selp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
-    } while (!done);
-}
-/* A box of the tensor map at (inner, outer) into smem; completion counted on bar. */
-__device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int inner, int outer,
-                                         uint64_t *bar) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-                 " [%0], [%1, {%2, %3}], [%4];\n"
-                 ::"r"(smem_u32(dst)), "l"((uint64_t)map), "r"(inner), "r"(outer), "r"(smem_u32(bar))
-                 : "memory");
-}
-/* 128-byte-swizzled K-major operand: rows of 128 bytes, 8-row groups 1024
- * bytes apart (SBO); the leading offset is unused with this swizzle. A k
- * step of 16 elements is +32 bytes on the start address. */
-__device__ __forceinline__ uint64_t desc_sw128(const void *p) {
-    return (uint64_t)((smem_u32(p) & 0x3FFFF) >> 4) | (uint64_t)1 << 16 |
-           (uint64_t)(1024 >> 4) << 32 | (uint64_t)1 << 62;
-}
-
-#define SJ_R64 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
-    "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "  \
-    "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, "  \
-    "%54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-#define SJ_R128 SJ_R64 ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, "     \
-    "%77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, "  \
-    "%95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, "  \
-    "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, "   \
-    "%126, %127"
-#define SJ_F8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]),    \
-    "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-#define SJ_F64 SJ_F8(0), SJ_F8(8), SJ_F8(16), SJ_F8(24), SJ_F8(32), SJ_F8(40), SJ_F8(48), SJ_F8(56)
-#define SJ_F128 SJ_F64, SJ_F8(64), SJ_F8(72), SJ_F8(80), SJ_F8(88), SJ_F8(96), SJ_F8(104),       \
-    SJ_F8(112), SJ_F8(120)
-
-/* d (64 x N, f32, the warpgroup's registers) += a (64 x 16) b (N x 16)^T;
- * acc == 0 overwrites d instead. Asynchronous: wgmma_commit / wgmma_wait. */
-template <int N, class T>
-__device__ __forceinline__ void wgmma(float *d, uint64_t a, uint64_t b, int acc);
-#define SJ_WGMMA(N, TY, PTX, REGS, PA, PB, PP, OPS)                                            \
-    template <>                                                                                \
-    __device__ __forceinline__ void wgmma<N, TY>(float *d, uint64_t a, uint64_t b, int acc) {  \
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" PP ", 0;\n"                           \
-                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX "." PTX " {" REGS    \
-                     "}, %" PA ", %" PB ", p, 1, 1, 0, 0;\n}\n"                                  \
-                     : OPS : "l"(a), "l"(b), "r"(acc));                                         \
-    }
-SJ_WGMMA(128, bf16, "bf16", SJ_R64, "64", "65", "66", SJ_F64)
-SJ_WGMMA(128, f16, "f16", SJ_R64, "64", "65", "66", SJ_F64)
-SJ_WGMMA(256, bf16, "bf16", SJ_R128, "128", "129", "130", SJ_F128)
-SJ_WGMMA(256, f16, "f16", SJ_R128, "128", "129", "130", SJ_F128)
-#undef SJ_WGMMA
-
-__device__ __forceinline__ void wgmma_fence(void) { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit(void) { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait(void) {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-/* Keep the accumulators live across the asynchronous wgmma (no copies). */
-template <int NR> __device__ __forceinline__ void fence_regs(float *d) {
-#pragma unroll
-    for (int i = 0; i < NR; i++) asm volatile("" : "+f"(d[i])::"memory");
-}
-__device__ __forceinline__ void named_sync(int id, int n) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
-
 /* sin and cos of a RoPE angle: reduced to [-pi, pi] in two FMA steps, then
  * the SFU's __sincosf (absolute error ~5e-7 there; the separate kernel's
  * sinf/cosf agree to about 1e-6, far below a 16-bit output's rounding). */
@@ -307,11 +221,42 @@ gemm_sm90_k(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ C
 
 /* ---- host side -------------------------------------------------------------- */
 
-PFN_cuTensorMapEncodeTiled_v12000 encode_tiled;
-std::once_flag encode_once;
-int sm_count, is_sm90;
+bool usable(const void *out, const void *x, const void *w, int64_t ldo, int K) {
+    return sm90_usable() && K % 8 == 0 && K > 0 && ldo % 8 == 0 && aligned16(out) &&
+           aligned16(x) && aligned16(w);
+}
 
-void init(void) {
+template <class T, int BN, int STAGES, int EPI, int HD>
+bool launch(epi_args &a, const void *x, const void *w, int w_rows, int out_cols) {
+    using L = layout<BN, STAGES, EPI, HD>;
+    if (out_cols % L::OUT_COLS) return false;
+    CUtensorMap mx, mw;
+    const bool f16 = sizeof(T) == 2 && !std::is_same<T, bf16>::value;
+    if (!sm90_map(&mx, x, a.M, a.K, a.K, BM, BK, f16) ||
+        !sm90_map(&mw, w, w_rows, a.K, a.K, BN / 2, BK, f16))
+        return false;
+    a.n_tiles_n = out_cols / L::OUT_COLS;
+    const int tiles = (a.M + BM - 1) / BM * a.n_tiles_n;
+    auto k = gemm_sm90_k<T, BN, STAGES, EPI, HD>;
+    static bool attr_set;   /* per instance; set before any capture (first call is eager) */
+    if (!attr_set) {
+        CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::BYTES));
+        attr_set = true;
+    }
+    k<<<tiles < sm90_sm_count() ? tiles : sm90_sm_count(), 384, L::BYTES, sj_stream()>>>(mx, mw, a);
+    LAUNCH_CHECK("gemm_sm90");
+    return true;
+}
+
+}  // namespace
+
+/* ---- the Hopper host helpers (sm90.cuh) ---------------------------------------- */
+
+static PFN_cuTensorMapEncodeTiled_v12000 encode_tiled;
+static std::once_flag sm90_once;
+static int sm_count, is_sm90;
+
+static void sm90_init(void) {
     int dev = 0, major = 0, minor = 0;
     if (cudaGetDevice(&dev) != cudaSuccess) return;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
@@ -327,47 +272,23 @@ void init(void) {
     encode_tiled = (PFN_cuTensorMapEncodeTiled_v12000)fn;
     is_sm90 = major == 9 && minor == 0;
 }
-
-/* rows x cols (row-major, cols contiguous) in boxes of box_rows x 64. */
-bool make_map(CUtensorMap *map, const void *p, int rows, int cols, int box_rows, bool f16) {
+bool sm90_usable(void) {
+    std::call_once(sm90_once, sm90_init);
+    return is_sm90 && encode_tiled;
+}
+int sm90_sm_count(void) { return sm_count; }
+bool sm90_map(CUtensorMap *map, const void *p, int64_t rows, int64_t cols, int64_t ld,
+              int box_rows, int box_cols, bool f16) {
     const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
-    const cuuint64_t strides[1] = {(cuuint64_t)cols * 2};
-    const cuuint32_t box[2] = {BK, (cuuint32_t)box_rows}, estr[2] = {1, 1};
-    return encode_tiled(map, f16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+    const cuuint64_t strides[1] = {(cuuint64_t)ld * 2};
+    const cuuint32_t box[2] = {(cuuint32_t)box_cols, (cuuint32_t)box_rows}, estr[2] = {1, 1};
+    return sm90_usable() &&
+           encode_tiled(map, f16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
                         2, const_cast<void *>(p), dims, strides, box, estr,
                         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
-
-bool usable(const void *out, const void *x, const void *w, int64_t ldo, int K) {
-    std::call_once(encode_once, init);
-    return is_sm90 && encode_tiled && K % 8 == 0 && K > 0 && ldo % 8 == 0 && aligned16(out) &&
-           aligned16(x) && aligned16(w);
-}
-
-template <class T, int BN, int STAGES, int EPI, int HD>
-bool launch(epi_args &a, const void *x, const void *w, int w_rows, int out_cols) {
-    using L = layout<BN, STAGES, EPI, HD>;
-    if (out_cols % L::OUT_COLS) return false;
-    CUtensorMap mx, mw;
-    const bool f16 = sizeof(T) == 2 && !std::is_same<T, bf16>::value;
-    if (!make_map(&mx, x, a.M, a.K, BM, f16) || !make_map(&mw, w, w_rows, a.K, BN / 2, f16))
-        return false;
-    a.n_tiles_n = out_cols / L::OUT_COLS;
-    const int tiles = (a.M + BM - 1) / BM * a.n_tiles_n;
-    auto k = gemm_sm90_k<T, BN, STAGES, EPI, HD>;
-    static bool attr_set;   /* per instance; set before any capture (first call is eager) */
-    if (!attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::BYTES));
-        attr_set = true;
-    }
-    k<<<tiles < sm_count ? tiles : sm_count, 384, L::BYTES, sj_stream()>>>(mx, mw, a);
-    LAUNCH_CHECK("gemm_sm90");
-    return true;
-}
-
-}  // namespace
 
 /* h: (M, F) = silu(x @ w[0:F]^T) * (x @ w[F:2F]^T); x: (M, K), w: (2F, K);
  * gu: (M, 2F) = x @ w^T too unless NULL. */
