@@ -1,9 +1,11 @@
-/* attention_sm90_check.cu — the wgmma attention forward (cuda/attention_sm90.cu)
- * against the mma.sync kernel it replaces on Hopper (cuda/attention.cu, itself
- * tested against float64 in tests/test_cuda.py; the two use the same tiles and
- * agree bit for bit): outputs and log-sum-exps on
- * random qkv (poisoned outputs, odd lengths, GQA), then both timed on the
- * training and forward shapes of benchmarks/vs_torch.py. Needs an sm_90 GPU.
+/* attention_sm90_check.cu — the wgmma attention kernels (cuda/attention_sm90.cu)
+ * against the mma.sync kernels they replace on Hopper (cuda/attention.cu, tested
+ * against float64 in tests/test_cuda.py), through the backend's own entry
+ * points with the kernel choice switched (0: wgmma where it applies, 2:
+ * mma.sync only): forward outputs and log-sum-exps (the same tiles: equal
+ * bits expected) and dQ, dK, dV on random qkv (poisoned outputs, odd
+ * lengths, GQA), then both timed on the shapes of benchmarks/vs_torch.py.
+ * Needs an sm_90 GPU.
  *
  *   nvcc -O3 -std=c++17 -Icsrc -Icuda -gencode arch=compute_90a,code=sm_90a \
  *        benchmarks/attention_sm90_check.cu -lcuda -o /tmp/attn_check && /tmp/attn_check
@@ -54,47 +56,55 @@ template <class X> static std::vector<float> down(const X *p, int64_t n) {
     }
     return f;
 }
-static double max_abs_diff(const std::vector<float> &a, const std::vector<float> &b, double *mx) {
-    double e = 0;
-    *mx = 0;
+/* max |a - b| / max |b|; NaN (an unwritten output) counts as infinite */
+static double rel(const std::vector<float> &a, const std::vector<float> &b) {
+    double e = 0, mx = 0;
     for (size_t i = 0; i < a.size(); i++) {
         e = std::isnan(a[i]) ? INFINITY : fmax(e, fabs((double)a[i] - b[i]));
-        *mx = fmax(*mx, fabs((double)b[i]));
+        mx = fmax(mx, fabs((double)b[i]));
     }
-    return e;
+    return e / (mx > 0 ? mx : 1);
 }
 static int n_fail;
 
-struct shape { int B, T, H, KV; float scale; };
-static void check(shape s) {
-    const int B = s.B, T = s.T, H = s.H, KV = s.KV, hd = 64;
-    const int64_t nq = (int64_t)B * T * (H + 2 * KV) * hd, no = (int64_t)B * T * H * hd, nl = (int64_t)B * H * T;
-    bf16 *qkv, *o1, *o2;
-    float *l1, *l2;
-    CK(cudaMalloc(&qkv, nq * 2)); CK(cudaMalloc(&o1, no * 2)); CK(cudaMalloc(&o2, no * 2));
-    CK(cudaMalloc(&l1, nl * 4)); CK(cudaMalloc(&l2, nl * 4));   /* outputs poisoned: NaN fails */
-    fill_k<<<1024, 256>>>(qkv, nq, 11, s.scale);
-    forward_mma<bf16, 64>(o1, l1, qkv, B, T, H, KV);
-    CK(cudaMemset(o2, 0xff, no * 2)); CK(cudaMemset(l2, 0xff, nl * 4));
-    const bool took = attn_fwd_sm90(o2, l2, qkv, B, T, H, KV, hd);
+struct bufs {
+    int64_t nq, no, nl;
+    bf16 *qkv, *dout, *out, *dqkv;
+    float *lse;
+    bufs(int B, int T, int H, int KV) {
+        nq = (int64_t)B * T * (H + 2 * KV) * 64; no = (int64_t)B * T * H * 64; nl = (int64_t)B * H * T;
+        CK(cudaMalloc(&qkv, nq * 2)); CK(cudaMalloc(&dqkv, nq * 2)); CK(cudaMalloc(&dout, no * 2));
+        CK(cudaMalloc(&out, no * 2)); CK(cudaMalloc(&lse, nl * 4));
+        fill_k<<<1024, 256>>>(qkv, nq, 11, 2.f);
+        fill_k<<<1024, 256>>>(dout, no, 12, 1.f);
+    }
+    ~bufs() { cudaFree(qkv); cudaFree(dqkv); cudaFree(dout); cudaFree(out); cudaFree(lse); }
+};
+/* forward then backward with kernel choice v; outputs poisoned first */
+static void run(bufs &b, int v, int B, int T, int H, int KV) {
+    sj_cuda_set_attention_variant(v);
+    CK(cudaMemset(b.out, 0xff, b.no * 2)); CK(cudaMemset(b.lse, 0xff, b.nl * 4)); CK(cudaMemset(b.dqkv, 0xff, b.nq * 2));
+    sj_cuda_attention_forward_bf16(b.out, b.lse, b.qkv, B, T, H, KV, 64);
+    sj_cuda_attention_backward_bf16(b.dqkv, b.dout, b.qkv, b.out, b.lse, B, T, H, KV, 64, 0);
     CK(cudaDeviceSynchronize());
-    double mo, ml;
-    const double eo = max_abs_diff(down(o2, no), down(o1, no), &mo), el = max_abs_diff(down(l2, nl), down(l1, nl), &ml);
-    const bool ok = took && eo / mo < 1e-2 && el < 1e-3 * fmax(1.0, ml) && !failed;
-    printf("B=%-3d T=%-5d H=%-3d KV=%-3d scale %.0f: out rel %.2e, lse abs %.2e  %s\n", B, T, H, KV,
-           s.scale, eo / mo, el, ok ? "ok" : "FAIL");
+}
+
+static void check(int B, int T, int H, int KV) {
+    bufs b(B, T, H, KV);
+    run(b, 2, B, T, H, KV);
+    const auto o2 = down(b.out, b.no), l2 = down(b.lse, b.nl), d2 = down(b.dqkv, b.nq);
+    run(b, 0, B, T, H, KV);
+    const auto o0 = down(b.out, b.no), l0 = down(b.lse, b.nl), d0 = down(b.dqkv, b.nq);
+    const double eo = rel(o0, o2), el = rel(l0, l2), ed = rel(d0, d2);
+    const bool ok = eo == 0 && el == 0 && ed < 1e-2 && !failed;
+    printf("B=%-3d T=%-5d H=%-3d KV=%-3d  forward: out %.1e, lse %.1e; backward dqkv rel %.2e  %s\n", B, T, H, KV,
+           eo, el, ed, ok ? "ok" : "FAIL");
     n_fail += !ok;
-    cudaFree(qkv); cudaFree(o1); cudaFree(o2); cudaFree(l1); cudaFree(l2);
 }
 
 static float median_ms(std::vector<float> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; }
 static void bench(int B, int T, int H) {
-    const int KV = H, hd = 64;
-    const int64_t nq = (int64_t)B * T * 3 * H * hd, no = (int64_t)B * T * H * hd;
-    bf16 *qkv, *o;
-    float *l;
-    CK(cudaMalloc(&qkv, nq * 2)); CK(cudaMalloc(&o, no * 2)); CK(cudaMalloc(&l, (int64_t)B * H * T * 4));
-    fill_k<<<1024, 256>>>(qkv, nq, 5, 2.f);
+    bufs b(B, T, H, H);
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0); cudaEventCreate(&e1);
     auto time = [&](auto f) {
@@ -102,29 +112,40 @@ static void bench(int B, int T, int H) {
         std::vector<float> ts;
         for (int r = 0; r < 7; r++) {
             cudaEventRecord(e0);
-            for (int i = 0; i < 20; i++) f();
+            for (int i = 0; i < 10; i++) f();
             cudaEventRecord(e1);
             cudaEventSynchronize(e1);
             float ms;
             cudaEventElapsedTime(&ms, e0, e1);
-            ts.push_back(ms / 20);
+            ts.push_back(ms / 10);
         }
         return median_ms(ts);
     };
-    const float a = time([&] { forward_mma<bf16, 64>(o, l, qkv, B, T, H, KV); });
-    const float b = time([&] { attn_fwd_sm90(o, l, qkv, B, T, H, KV, hd); });
-    const double fl = 4.0 * B * H * (double)T * T / 2 * hd;   /* causal: half the products */
-    printf("B=%-3d T=%-5d H=%-3d  mma.sync %7.1f us (%3.0f TF/s)  wgmma %7.1f us (%3.0f TF/s)  %.2fx\n", B, T, H,
-           a * 1e3, fl / a / 1e9, b * 1e3, fl / b / 1e9, a / b);
-    cudaFree(qkv); cudaFree(o); cudaFree(l);
+    float f[2], bw[2];
+    for (int v : {2, 0}) {
+        sj_cuda_set_attention_variant(v);
+        f[v / 2] = time([&] { sj_cuda_attention_forward_bf16(b.out, b.lse, b.qkv, B, T, H, H, 64); });
+        bw[v / 2] = time([&] { sj_cuda_attention_backward_bf16(b.dqkv, b.dout, b.qkv, b.out, b.lse, B, T, H, H, 64, 0); });
+    }
+    const double fl = 4.0 * B * H * (double)T * T / 2 * 64;   /* causal: half the products */
+    printf("B=%-3d T=%-5d H=%-3d forward  mma.sync %7.1f us (%3.0f TF/s)  wgmma %7.1f us (%3.0f TF/s)  %.2fx\n", B, T,
+           H, f[1] * 1e3, fl / f[1] / 1e9, f[0] * 1e3, fl / f[0] / 1e9, f[1] / f[0]);
+    printf("                       backward mma.sync %7.1f us (%3.0f TF/s)  wgmma %7.1f us (%3.0f TF/s)  %.2fx\n",
+           bw[1] * 1e3, 2.5 * fl / bw[1] / 1e9, bw[0] * 1e3, 2.5 * fl / bw[0] / 1e9, bw[1] / bw[0]);
 }
 
 int main(int argc, char **argv) {
     CK(cudaSetDevice(0));
     sj_cuda_attention_init();
-    for (shape s : {shape{2, 300, 4, 2, 2.f}, shape{3, 64, 2, 1, 2.f}, shape{1, 1000, 4, 4, 6.f},
-                    shape{2, 129, 6, 3, 2.f}, shape{32, 512, 8, 8, 2.f}, shape{16, 1024, 12, 12, 2.f}})
-        check(s);
+    ctx0.scratch_bytes = SJ_CUDA_SCRATCH;   /* the backward's D = rowsum(dO * O) */
+    CK(cudaMalloc(&ctx0.scratch, ctx0.scratch_bytes));
+    check(2, 300, 4, 2);
+    check(3, 64, 2, 1);
+    check(1, 1000, 4, 4);
+    check(2, 129, 6, 3);
+    check(3, 77, 4, 2);
+    check(32, 512, 8, 8);
+    check(16, 1024, 12, 12);
     if (argc > 1 && !strcmp(argv[1], "--check-only")) return n_fail ? 1 : 0;
     bench(32, 512, 8);     /* forward and train rows, medium */
     bench(16, 1024, 12);   /* d768 */

@@ -1,7 +1,8 @@
-/* attention_sm90.cu — the causal attention forward on Hopper tensor cores
- * (wgmma), head_dim 64, bf16 or f16; the same results as fwd_mma in
- * attention.cu (out and the log-sum-exp of every row), which stays the
- * kernel everywhere else and for the backward.
+/* attention_sm90.cu — causal attention on Hopper tensor cores (wgmma),
+ * head_dim 64, bf16 or f16: forward and the two backward kernels with the
+ * tiles of attention.cu's mma.sync kernels, and their results bit for bit
+ * (benchmarks/attention_sm90_check.cu compares them); those stay the
+ * kernels everywhere else.
  *
  * One CTA = 64 query rows of one (batch, head): a warpgroup of consumers
  * (warps 0-3, 16 rows each as in the wgmma accumulator layout) and one
@@ -13,8 +14,8 @@
  * operand: S's accumulator layout is P's fragment layout) and V read
  * transposed from its row-major tile. Small CTAs, three per SM: one CTA's
  * softmax runs while another's products do. H100, bf16 (benchmarks/
- * attention_sm90_check.cu): 1.46x fwd_mma at T=512 (182 TF/s), 1.57x at
- * T=1024 (241 TF/s).
+ * attention_sm90_check.cu): forward 1.46x the mma.sync kernel at T=512
+ * (178 TF/s), 1.56x at T=1024 (242 TF/s); backward 1.26x and 1.35x.
  *
  * Requirements (checked; else the caller uses fwd_mma): an sm_90 device,
  * head_dim 64, rows of qkv 16-byte aligned. */
@@ -166,6 +167,231 @@ attn_fwd_sm90_k(const __grid_constant__ CUtensorMap map_q, const __grid_constant
 #endif
 }
 
+/* Backward, two kernels as in attention.cu (no atomics: deterministic),
+ * each the forward's shape: a consumer warpgroup of 64 rows and a producer
+ * warp streaming 64-row tiles through STAGES stages. Rows of a tile past
+ * T_ (the next batch's, or zeros past the end) are masked explicitly.
+ * D = rowsum(dO * O) and lse: (B, H, T) f32. */
+
+/* dK, dV of 64 keys of one KV head over its query heads and query tiles:
+ * S^T = K Q^T and dP^T = V dO^T from shared memory, then dV += P^T dO and
+ * dK += dS^T Q with P^T, dS^T from registers. grid (ceil(T/64), B*KV). */
+template <class T>
+__global__ void __launch_bounds__(160, 2)
+attn_dkv_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant__ CUtensorMap map_do,
+                T *dqkv, const float *D, const float *lse, int T_, int H, int KV, int accum) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(1024) unsigned char smem[];
+    unsigned char *k_s = smem, *v_s = smem + Q_BYTES, *st_s = smem + 2 * Q_BYTES;   /* stage: Q, dO */
+    float *stats = (float *)(st_s + STAGES * 2 * Q_BYTES);   /* stage: lse (log2 units), D */
+    uint64_t *full = (uint64_t *)(stats + STAGES * 2 * BQ), *empty = full + STAGES,
+             *kv_full = empty + STAGES;
+    const int kt = blockIdx.x, b = blockIdx.y / KV, kvh = blockIdx.y % KV, grp = H / KV;
+    const int n_qt = (T_ + BQ - 1) / BQ - kt, n_steps = grp * n_qt;   /* (head, query tile) */
+    const int64_t row0 = (int64_t)b * T_;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(&full[s], 32);   /* the producer warp: tiles (lane 0) and statistics */
+            mbar_init(&empty[s], 4);
+        }
+        mbar_init(kv_full, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (threadIdx.x >= 128) {   /* the producer warp: lane 0 copies tiles, all copy statistics */
+        const int lane = threadIdx.x - 128;
+        if (lane == 0) {
+            mbar_expect_tx(kv_full, 2 * Q_BYTES);
+            tma_load(k_s, &map_qkv, (H + kvh) * HD, (int)(row0 + kt * BKV), kv_full);
+            tma_load(v_s, &map_qkv, (H + KV + kvh) * HD, (int)(row0 + kt * BKV), kv_full);
+        }
+        for (int i = 0; i < n_steps; i++) {
+            const int s = i % STAGES, h = kvh * grp + i / n_qt, qt = kt + i % n_qt;
+            mbar_wait(&empty[s], ((i / STAGES) & 1) ^ 1);
+            const float *Lg = lse + ((int64_t)b * H + h) * T_, *Dg = D + ((int64_t)b * H + h) * T_;
+            for (int r = lane; r < BQ; r += 32) {   /* rows past T_: zero, and masked anyway */
+                const int q = qt * BQ + r;
+                stats[s * 2 * BQ + r] = q < T_ ? Lg[q] * LOG2E_F : 0.f;
+                stats[s * 2 * BQ + BQ + r] = q < T_ ? Dg[q] : 0.f;
+            }
+            if (lane == 0) {
+                unsigned char *st = st_s + s * 2 * Q_BYTES;
+                mbar_expect_tx(&full[s], 2 * Q_BYTES);
+                tma_load(st, &map_qkv, h * HD, (int)(row0 + qt * BQ), &full[s]);
+                tma_load(st + Q_BYTES, &map_do, h * HD, (int)(row0 + qt * BQ), &full[s]);
+            } else {
+                mbar_arrive(&full[s]);
+            }
+        }
+        return;
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int k_lo = kt * BKV + warp * 16 + g, k_hi = k_lo + 8;   /* this thread's two keys */
+    const float scale = 0.125f, sl2 = scale * LOG2E_F;               /* 1/sqrt(64) */
+    float dk[32], dv[32];
+#pragma unroll
+    for (int i = 0; i < 32; i++) dk[i] = dv[i] = 0.f;
+    mbar_wait(kv_full, 0);
+    const uint64_t dks = desc_sw128(k_s), dvs = desc_sw128(v_s);
+    for (int i = 0; i < n_steps; i++) {
+        const int s = i % STAGES, qt = kt + i % n_qt;
+        mbar_wait(&full[s], (i / STAGES) & 1);
+        const float *lq = stats + s * 2 * BQ, *dq = lq + BQ;
+        const unsigned char *q_t = st_s + s * 2 * Q_BYTES, *do_t = q_t + Q_BYTES;
+        const uint64_t dqd = desc_sw128(q_t), ddo = desc_sw128(do_t);
+        float st[32], dp[32];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) wgmma<64, T>(st, dks + 2 * kk, dqd + 2 * kk, kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) wgmma<64, T>(dp, dvs + 2 * kk, ddo + 2 * kk, kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<32>(st);
+        fence_regs<32>(dp);
+        const bool diag = qt == kt;
+        uint32_t pa[4][4], sa[4][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float p[4], ds[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int c = 8 * j + 2 * t + (e & 1), q = qt * BQ + c;
+                const int key = e < 2 ? k_lo : k_hi;
+                p[e] = q >= T_ || (diag && q < key) ? 0.f : exp2f(st[4 * j + e] * sl2 - lq[c]);
+                ds[e] = p[e] * (dp[4 * j + e] - dq[c]);   /* dS^T without the scale */
+            }
+            pa[j / 2][(j & 1) * 2] = pack2<T>(p[0], p[1]);
+            pa[j / 2][(j & 1) * 2 + 1] = pack2<T>(p[2], p[3]);
+            sa[j / 2][(j & 1) * 2] = pack2<T>(ds[0], ds[1]);
+            sa[j / 2][(j & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; kk++) {   /* 16 queries: 2048 bytes of dO, Q */
+            wgmma_rs_tb<T>(dv, pa[kk], desc_sw128_mn(do_t) + kk * (2048 >> 4), 1);
+            wgmma_rs_tb<T>(dk, sa[kk], desc_sw128_mn(q_t) + kk * (2048 >> 4), 1);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<32>(dv);
+        fence_regs<32>(dk);
+        if (lane == 0) mbar_arrive(&empty[s]);
+    }
+    const int64_t rs = (int64_t)(H + 2 * KV) * HD;
+    T *dK = dqkv + row0 * rs + (H + kvh) * HD, *dV = dqkv + row0 * rs + (H + KV + kvh) * HD;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int key = e < 2 ? k_lo : k_hi, c = 8 * j + 2 * t + (e & 1);
+            if (key >= T_) continue;
+            put(dK + key * rs + c, dk[4 * j + e] * scale, accum);
+            put(dV + key * rs + c, dv[4 * j + e], accum);
+        }
+#endif
+}
+
+/* dQ of 64 query rows of one head: S = Q K^T and dP = dO V^T from shared
+ * memory, dQ += dS K with dS from registers. grid (ceil(T/64), B*H). */
+template <class T>
+__global__ void __launch_bounds__(160, 3)
+attn_dq_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant__ CUtensorMap map_do,
+               T *dqkv, const float *D, const float *lse, int T_, int H, int KV, int accum) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(1024) unsigned char smem[];
+    unsigned char *q_s = smem, *do_s = smem + Q_BYTES, *st_s = smem + 2 * Q_BYTES;   /* stage: K, V */
+    uint64_t *full = (uint64_t *)(st_s + STAGES * 2 * KV_BYTES), *empty = full + STAGES,
+             *q_full = empty + STAGES;
+    const int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H;
+    const int kvh = h / (H / KV), n_kt = qt + 1;
+    const int64_t row0 = (int64_t)b * T_;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], 4);
+        }
+        mbar_init(q_full, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (threadIdx.x >= 128) {
+        if (threadIdx.x != 128) return;
+        mbar_expect_tx(q_full, 2 * Q_BYTES);
+        tma_load(q_s, &map_qkv, h * HD, (int)(row0 + qt * BQ), q_full);
+        tma_load(do_s, &map_do, h * HD, (int)(row0 + qt * BQ), q_full);
+        for (int kt = 0; kt < n_kt; kt++) {
+            const int s = kt % STAGES;
+            mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);
+            unsigned char *st = st_s + s * 2 * KV_BYTES;
+            mbar_expect_tx(&full[s], 2 * KV_BYTES);
+            tma_load(st, &map_qkv, (H + kvh) * HD, (int)(row0 + kt * BKV), &full[s]);
+            tma_load(st + KV_BYTES, &map_qkv, (H + KV + kvh) * HD, (int)(row0 + kt * BKV), &full[s]);
+        }
+        return;
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int r_lo = qt * BQ + warp * 16 + g, r_hi = r_lo + 8;
+    const float scale = 0.125f, sl2 = scale * LOG2E_F;
+    const float *Lg = lse + ((int64_t)b * H + h) * T_, *Dg = D + ((int64_t)b * H + h) * T_;
+    const float l_lo = r_lo < T_ ? Lg[r_lo] * LOG2E_F : 0.f, l_hi = r_hi < T_ ? Lg[r_hi] * LOG2E_F : 0.f;
+    const float d_lo = r_lo < T_ ? Dg[r_lo] : 0.f, d_hi = r_hi < T_ ? Dg[r_hi] : 0.f;
+    float dq[32];
+#pragma unroll
+    for (int i = 0; i < 32; i++) dq[i] = 0.f;
+    mbar_wait(q_full, 0);
+    const uint64_t dqd = desc_sw128(q_s), ddo = desc_sw128(do_s);
+    for (int kt = 0; kt < n_kt; kt++) {
+        const int s = kt % STAGES;
+        mbar_wait(&full[s], (kt / STAGES) & 1);
+        const unsigned char *k_t = st_s + s * 2 * KV_BYTES, *v_t = k_t + KV_BYTES;
+        float sc[32], dp[32];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++)
+            wgmma<64, T>(sc, dqd + 2 * kk, desc_sw128(k_t) + 2 * kk, kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++)
+            wgmma<64, T>(dp, ddo + 2 * kk, desc_sw128(v_t) + 2 * kk, kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<32>(sc);
+        fence_regs<32>(dp);
+        const bool diag = kt == qt;
+        uint32_t sa[4][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float ds[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = kt * BKV + 8 * j + 2 * t + (e & 1), row = e < 2 ? r_lo : r_hi;
+                const float p = diag && key > row ? 0.f : exp2f(sc[4 * j + e] * sl2 - (e < 2 ? l_lo : l_hi));
+                ds[e] = p * (dp[4 * j + e] - (e < 2 ? d_lo : d_hi));
+            }
+            sa[j / 2][(j & 1) * 2] = pack2<T>(ds[0], ds[1]);
+            sa[j / 2][(j & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BKV / 16; kk++)
+            wgmma_rs_tb<T>(dq, sa[kk], desc_sw128_mn(k_t) + kk * (2048 >> 4), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<32>(dq);
+        if (lane == 0) mbar_arrive(&empty[s]);
+    }
+    const int64_t rs = (int64_t)(H + 2 * KV) * HD;
+    T *dQ = dqkv + row0 * rs + h * HD;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int row = e < 2 ? r_lo : r_hi, c = 8 * j + 2 * t + (e & 1);
+            if (row < T_) put(dQ + row * rs + c, dq[4 * j + e] * scale, accum);
+        }
+#endif
+}
+
 template <class T>
 bool attn_fwd_sm90(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV, int hd) {
     const int64_t rs = (int64_t)(H + 2 * KV) * hd;
@@ -187,6 +413,35 @@ bool attn_fwd_sm90(T *out, float *lse, const T *qkv, int B, int T_, int H, int K
     return true;
 }
 
+/* dK, dV then dQ of B batches (D from attn_rowdot_k); false where it does not apply. */
+template <class T>
+bool attn_bwd_sm90(T *dqkv, const T *dout, const T *qkv, const float *D, const float *lse, int B,
+                   int T_, int H, int KV, int hd, int accum) {
+    const int64_t rs = (int64_t)(H + 2 * KV) * hd, orow = (int64_t)H * hd;
+    if (hd != HD || !sm90_usable() || !aligned16(qkv) || !aligned16(dout) || !aligned16(dqkv))
+        return false;
+    CUtensorMap mq, mdo;
+    const bool f16 = !std::is_same<T, bf16>::value;
+    if (!sm90_map(&mq, qkv, (int64_t)B * T_, rs, rs, BQ, HD, f16) ||
+        !sm90_map(&mdo, dout, (int64_t)B * T_, orow, orow, BQ, HD, f16))
+        return false;
+    constexpr size_t DKV_SMEM = 2 * Q_BYTES + (size_t)STAGES * 2 * Q_BYTES + STAGES * 2 * BQ * 4 +
+                                (2 * STAGES + 1) * 8;
+    constexpr size_t DQ_SMEM = 2 * Q_BYTES + (size_t)STAGES * 2 * KV_BYTES + (2 * STAGES + 1) * 8;
+    static bool attr_set;   /* set before any capture (the first call is eager) */
+    if (!attr_set) {
+        CUDA_CHECK(cudaFuncSetAttribute(attn_dkv_sm90_k<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)DKV_SMEM));
+        CUDA_CHECK(cudaFuncSetAttribute(attn_dq_sm90_k<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)DQ_SMEM));
+        attr_set = true;
+    }
+    const unsigned nt = (unsigned)((T_ + BQ - 1) / BQ);
+    attn_dkv_sm90_k<T><<<dim3(nt, B * KV), 160, DKV_SMEM, sj_stream()>>>(mq, mdo, dqkv, D, lse, T_, H, KV, accum);
+    LAUNCH_CHECK("attention_backward dkv (sm90)");
+    attn_dq_sm90_k<T><<<dim3(nt, B * H), 160, DQ_SMEM, sj_stream()>>>(mq, mdo, dqkv, D, lse, T_, H, KV, accum);
+    LAUNCH_CHECK("attention_backward dq (sm90)");
+    return true;
+}
+
 }  // namespace
 
 extern "C" int sj_cuda_attention_forward_sm90_bf16(void *out, float *lse, const void *qkv, int B,
@@ -196,4 +451,14 @@ extern "C" int sj_cuda_attention_forward_sm90_bf16(void *out, float *lse, const 
 extern "C" int sj_cuda_attention_forward_sm90_f16(void *out, float *lse, const void *qkv, int B,
                                                  int T_, int H, int KV, int hd) {
     return attn_fwd_sm90((f16 *)out, lse, (const f16 *)qkv, B, T_, H, KV, hd);
+}
+extern "C" int sj_cuda_attention_backward_sm90_bf16(void *dqkv, const void *dout, const void *qkv,
+                                                   const float *D, const float *lse, int B, int T_,
+                                                   int H, int KV, int hd, int accum) {
+    return attn_bwd_sm90((bf16 *)dqkv, (const bf16 *)dout, (const bf16 *)qkv, D, lse, B, T_, H, KV, hd, accum);
+}
+extern "C" int sj_cuda_attention_backward_sm90_f16(void *dqkv, const void *dout, const void *qkv,
+                                                  const float *D, const float *lse, int B, int T_,
+                                                  int H, int KV, int hd, int accum) {
+    return attn_bwd_sm90((f16 *)dqkv, (const f16 *)dout, (const f16 *)qkv, D, lse, B, T_, H, KV, hd, accum);
 }

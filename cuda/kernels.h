@@ -57,11 +57,17 @@ void sj_cuda_fill(float *x, float value, int64_t n);
 void sj_cuda_convert(void *dst, sj_dtype dst_dtype, const void *src, sj_dtype src_dtype,
                      int64_t n);
 void sj_cuda_grad_sumsq(sj_adamw_hp *hp, const float *g, int64_t n);
-/* The Hopper attention forward (head_dim 64); 0 where it does not apply. */
+/* The Hopper attention (head_dim 64); 0 where it does not apply. */
 int sj_cuda_attention_forward_sm90_bf16(void *out, float *lse, const void *qkv, int B, int T_,
                                         int H, int KV, int hd);
 int sj_cuda_attention_forward_sm90_f16(void *out, float *lse, const void *qkv, int B, int T_,
                                        int H, int KV, int hd);
+int sj_cuda_attention_backward_sm90_bf16(void *dqkv, const void *dout, const void *qkv,
+                                         const float *D, const float *lse, int B, int T_, int H,
+                                         int KV, int hd, int accum);
+int sj_cuda_attention_backward_sm90_f16(void *dqkv, const void *dout, const void *qkv,
+                                        const float *D, const float *lse, int B, int T_, int H,
+                                        int KV, int hd, int accum);
 /* RoPE's inverse frequencies, hd / 2 of them (rope.cu; every RoPE kernel's). */
 void sj_cuda_rope_inv_freqs(float *inv, int hd, float theta);
 /* Once per process, before any capture: raise shared-memory limits. */

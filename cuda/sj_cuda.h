@@ -19,8 +19,9 @@ extern const sj_backend sj_cuda_backend_f16;
 sj_status sj_cuda_check_device(void);
 
 /* Attention kernel choice, for tests and fallbacks: 0 = automatic (tensor
- * cores for bf16 and f16 with head_dim 32/64/128, else the simple kernel),
- * 1 = always the simple kernel. Also set by SMEDJAN_ATTENTION=simple. */
+ * cores for bf16 and f16 with head_dim 32/64/128: wgmma on Hopper at
+ * head_dim 64, else mma.sync; otherwise the simple kernel), 1 = always the
+ * simple kernel, 2 = never wgmma. Also set by SMEDJAN_ATTENTION=simple|mma. */
 void sj_cuda_set_attention_variant(int v);
 
 /* Bytes of device memory the CUDA backend has allocated now / at most. */

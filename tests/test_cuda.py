@@ -159,17 +159,19 @@ def test_rope_kernels(dtype, accum, rng):
 
 ATTN_SHAPES = [  # B, T, H, KV, hd
     (2, 100, 4, 2, 32), (1, 130, 2, 2, 64), (2, 64, 4, 1, 128), (1, 33, 3, 3, 48), (3, 7, 2, 1, 64),
+    (3, 77, 4, 2, 64),   # batches whose rows share 64-row tiles (TMA reads across them)
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", ["auto", "simple"])
+@pytest.mark.parametrize("variant", ["auto", "simple", "mma"])
 @pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "B%dT%dH%dKV%dhd%d" % s)
 def test_attention_kernels(dtype, variant, shape, rng):
-    if dtype == "fp32" and variant == "auto":
+    """auto: wgmma on Hopper at head_dim 64, mma.sync elsewhere; mma: never wgmma."""
+    if dtype == "fp32" and variant != "simple":
         pytest.skip("fp32 always runs the simple kernel")
     B, T, H, KV, hd = shape
-    _C.cuda_attention_variant(0 if variant == "auto" else 1)
+    _C.cuda_attention_variant({"auto": 0, "simple": 1, "mma": 2}[variant])
     try:
         W = (H + 2 * KV) * hd
         qkv = rnd(rng, B, T, W, dtype=dtype)
@@ -191,6 +193,28 @@ def test_attention_kernels(dtype, variant, shape, rng):
                       None if dtype == "fp32" else 3e-2)
     finally:
         _C.cuda_attention_variant(0)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_hopper_attention_agrees_with_the_mma_sync_kernels(dtype, rng):
+    """The wgmma kernels (Hopper, head_dim 64) use fwd_mma's tiles: the same
+    forward bits; the backward within rounding of the mma.sync one."""
+    B, T, H, KV, hd = 3, 200, 4, 2, 64
+    qkv, dout = rnd(rng, B, T, (H + 2 * KV) * hd, dtype=dtype), rnd(rng, B, T, H * hd, dtype=dtype)
+    runs = []
+    for v in (0, 2):
+        _C.cuda_attention_variant(v)
+        try:
+            f = op("attention_forward", dtype, {"out": poison((B, T, H * hd)), "lse": poison((B, H, T)),
+                                                "qkv": qkv}, (B, T, H, KV, hd))
+            b = op("attention_backward", dtype, {"dqkv": poison(qkv.shape), "dout": dout, "qkv": qkv,
+                                                 "out": f["out"], "lse": f["lse"]}, (B, T, H, KV, hd, 0))
+        finally:
+            _C.cuda_attention_variant(0)
+        runs.append((f["out"], f["lse"], b["dqkv"]))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    close(runs[0][2], runs[1][2], dtype, "attention backward, wgmma vs mma.sync", 1e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -600,7 +600,7 @@ static PyMethodDef functions[] = {
      "cuda_memory(reset_peak=False) -> (bytes now, peak) held by the CUDA backend"},
 #ifdef SJ_HAVE_CUDA
     {"cuda_op", py_cuda_op, METH_VARARGS, "cuda_op(op, dtype, arrays, ints, floats, reps=0) -> dict (tests; reps>0 adds 'ms')"},
-    {"cuda_attention_variant", py_attention_variant, METH_VARARGS, "0 auto, 1 simple (tests)"},
+    {"cuda_attention_variant", py_attention_variant, METH_VARARGS, "0 auto, 1 simple, 2 mma.sync only (tests)"},
 #endif
     {NULL, NULL, 0, NULL},
 };
