@@ -44,7 +44,13 @@ for stage in $STAGES; do
         run memcheck_levers "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/train_step_once.py bf16 cheap_recompute,fused_ce
         run memcheck_decode "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/decode_once.py
         run racecheck_decode "$CS" --tool racecheck --error-exitcode 1 python3 benchmarks/decode_once.py
-        run synccheck "$CS" --tool synccheck --error-exitcode 1 python3 benchmarks/train_step_once.py bf16 ;;
+        run synccheck "$CS" --tool synccheck --error-exitcode 1 python3 benchmarks/train_step_once.py bf16
+        # the Hopper kernels on their own (TMA, wgmma), odd shapes included
+        for k in gemm attention; do
+            run build_${k}_sm90 nvcc -O3 -std=c++17 -Icsrc -Icuda -gencode arch=compute_90a,code=sm_90a \
+                benchmarks/${k}_sm90_check.cu -lcublasLt -lcuda -o "$LOG/${k}_sm90_check"
+            run memcheck_${k}_sm90 "$CS" --tool memcheck --error-exitcode 1 "$LOG/${k}_sm90_check" --check-only
+        done ;;
     bench)
         run bench python3 benchmarks/vs_torch.py ;;
     bench-quick)
