@@ -1,9 +1,9 @@
 /* gemm_sm90.cu — out = epilogue(x @ w^T) on Hopper tensor cores, for the
  * projections whose epilogue cuBLASLt cannot do: SwiGLU after the gate/up
- * GEMM and RoPE after the QKV GEMM. Fused, the gate/up product (twice the
- * width of its output) and the un-rotated q and k never reach memory: the
- * separate SwiGLU and RoPE passes (each a full read and write at bandwidth)
- * go, and a forward-only run needs no (N, 2F) buffer at all.
+ * GEMM and RoPE after the QKV GEMM. Fused, the un-rotated q and k never
+ * reach memory and the separate SwiGLU and RoPE passes (each a full read
+ * and write at bandwidth) go; a forward-only run needs no (N, 2F) gate/up
+ * buffer at all, training stores it beside SwiGLU's output for backward.
  *
  * Shape of the kernel (the one CUTLASS and DeepGEMM use on sm_90):
  * persistent CTAs of three warpgroups. One thread of the first issues TMA
