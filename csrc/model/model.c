@@ -405,7 +405,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);
         int s;
         if (fuse_swiglu) {
-            s = sj_op_matmul_swiglu(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, F, C, 256);
+            s = sj_op_matmul_swiglu(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, F, C, 1024);
         } else {
             int gu = sj_op_matmul(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, 2 * F, C);
             OP_BLOCK_END();

@@ -95,10 +95,10 @@ int sj_op_cast(sj_tape *tp, int src) {
 }
 
 // x: (N, C), w: (2F, C) -> h: (N, F), gu: (N, 2F) on a training tape. Forward-only:
-// scratch (rows, 2F) for backends that do not fuse, at most a quarter of the rows: with
-// x alive through the node it still plans less than the unfused pair's gu (C <= F)
+// scratch (rows, 2F) for backends that do not fuse, at most half the rows: with x
+// alive through the node it still plans less than the unfused pair's gu (C < F)
 int sj_op_matmul_swiglu(sj_tape *tp, int x, int w, int N, int F, int C, int rows) {
-    if (rows < 1 || rows > (N + 3) / 4) rows = (N + 3) / 4;
+    if (rows < 1 || rows > N / 2) rows = N / 2 > 0 ? N / 2 : 1;
     int o = record(tp, SJ_OP_MATMUL_SWIGLU, IN(x, w, NONE), (int64_t)N * F,
                    tp->train ? (int64_t)N * 2 * F : 0, 0, DIM(N, F, C, rows), 0);
     if (o < 0 || tp->train) return o;
