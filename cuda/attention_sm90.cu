@@ -17,8 +17,8 @@
  * attention_sm90_check.cu): forward 1.46x the mma.sync kernel at T=512
  * (178 TF/s), 1.56x at T=1024 (242 TF/s); backward 1.26x and 1.35x.
  *
- * Requirements (checked; else the caller uses fwd_mma): an sm_90 device,
- * head_dim 64, rows of qkv 16-byte aligned. */
+ * Requirements (checked; else the caller uses the mma.sync kernels): an
+ * sm_90 device, head_dim 64, 16-byte aligned tensors. */
 #include "kernels.h"
 #include "sm90.cuh"
 #include <type_traits>
@@ -30,16 +30,17 @@ namespace {
  * CTAs of these). */
 constexpr int HD = 64, BQ = 64, BKV = 64, STAGES = 2;
 constexpr int Q_BYTES = BQ * HD * 2, KV_BYTES = BKV * HD * 2;
+static_assert(BQ == BKV, "one tensor map (64-row boxes) serves Q, K, V and dO tiles");
 constexpr size_t SMEM = Q_BYTES + (size_t)STAGES * 2 * KV_BYTES + (2 * STAGES + 1) * 8;
 #define LOG2E_F 1.4426950408889634f
 #define LN2_F 0.6931471805599453f
 
-/* qkv: (B*T, (H + 2KV) * 64) through two maps (boxes of 64 and 128 rows);
- * out: (B, T, H*64); lse: (B, H, T). grid (ceil(T/64), B*H), 160 threads. */
+/* qkv: (B*T, (H + 2KV) * 64) through map_qkv (64 x 64 boxes); out: (B, T,
+ * H*64); lse: (B, H, T). grid (ceil(T/64), B*H), 160 threads. */
 template <class T>
 __global__ void __launch_bounds__(160, 3)
-attn_fwd_sm90_k(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_kv,
-                T *out, float *lse, int T_, int H, int KV) {
+attn_fwd_sm90_k(const __grid_constant__ CUtensorMap map_qkv, T *out, float *lse, int T_, int H,
+                int KV) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char *q_s = smem, *kv_s = smem + Q_BYTES;   /* stage s: K, then V */
@@ -62,14 +63,14 @@ attn_fwd_sm90_k(const __grid_constant__ CUtensorMap map_q, const __grid_constant
     if (threadIdx.x >= 128) {   /* the producer warp: one thread issues every copy */
         if (threadIdx.x != 128) return;
         mbar_expect_tx(q_full, Q_BYTES);
-        tma_load(q_s, &map_q, h * HD, (int)(row0 + q0), q_full);
+        tma_load(q_s, &map_qkv, h * HD, (int)(row0 + q0), q_full);
         for (int kt = 0; kt < n_kt; kt++) {
             const int s = kt % STAGES;
             mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);
             unsigned char *st = kv_s + s * 2 * KV_BYTES;
             mbar_expect_tx(&full[s], 2 * KV_BYTES);
-            tma_load(st, &map_kv, (H + kvh) * HD, (int)(row0 + kt * BKV), &full[s]);
-            tma_load(st + KV_BYTES, &map_kv, (H + KV + kvh) * HD, (int)(row0 + kt * BKV), &full[s]);
+            tma_load(st, &map_qkv, (H + kvh) * HD, (int)(row0 + kt * BKV), &full[s]);
+            tma_load(st + KV_BYTES, &map_qkv, (H + KV + kvh) * HD, (int)(row0 + kt * BKV), &full[s]);
         }
         return;
     }
@@ -396,10 +397,8 @@ template <class T>
 bool attn_fwd_sm90(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV, int hd) {
     const int64_t rs = (int64_t)(H + 2 * KV) * hd;
     if (hd != HD || !sm90_usable() || !aligned16(qkv) || !aligned16(out)) return false;
-    CUtensorMap mq, mkv;
-    const bool f16 = !std::is_same<T, bf16>::value;
-    if (!sm90_map(&mq, qkv, (int64_t)B * T_, rs, rs, BQ, HD, f16) ||
-        !sm90_map(&mkv, qkv, (int64_t)B * T_, rs, rs, BKV, HD, f16))
+    CUtensorMap mq;   /* Q, K and V tiles alike: 64 rows x 64 columns */
+    if (!sm90_map(&mq, qkv, (int64_t)B * T_, rs, rs, BQ, HD, !std::is_same<T, bf16>::value))
         return false;
     static bool attr_set;   /* set before any capture (the first call is eager) */
     if (!attr_set) {
@@ -407,8 +406,7 @@ bool attn_fwd_sm90(T *out, float *lse, const T *qkv, int B, int T_, int H, int K
                                         (int)SMEM));
         attr_set = true;
     }
-    attn_fwd_sm90_k<T><<<dim3((T_ + BQ - 1) / BQ, B * H), 160, SMEM, sj_stream()>>>(mq, mkv, out, lse, T_, H,
-                                                                                KV);
+    attn_fwd_sm90_k<T><<<dim3((T_ + BQ - 1) / BQ, B * H), 160, SMEM, sj_stream()>>>(mq, out, lse, T_, H, KV);
     LAUNCH_CHECK("attention_forward (sm90)");
     return true;
 }
