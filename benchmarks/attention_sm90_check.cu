@@ -10,61 +10,10 @@
  *   nvcc -O3 -std=c++17 -Icsrc -Icuda -gencode arch=compute_90a,code=sm_90a \
  *        benchmarks/attention_sm90_check.cu -lcuda -o /tmp/attn_check && /tmp/attn_check
  */
-#include "../cuda/gemm_sm90.cu"
+#include "sm90_check.cuh"
 #include "../cuda/attention_sm90.cu"
 #include "../cuda/attention.cu"
-#include <algorithm>
-#include <cmath>
-#include <stdarg.h>
-#include <vector>
 
-static sj_cuda_ctx ctx0;
-sj_cuda_ctx *sj_cuda_cur(void) { return &ctx0; }
-static bool failed;
-void sj_cuda_error(const char *what, const char *detail, const char *file, int line) {
-    fprintf(stderr, "CUDA error: %s (%s at %s:%d)\n", detail, what, file, line);
-    failed = true;
-}
-bool sj_cuda_has_error(void) { return failed; }
-extern "C" void sj_cuda_rope_inv_freqs(float *inv, int hd, float theta) {
-    for (int i = 0; i < hd / 2; i++) inv[i] = 1.0f / (float)pow((double)theta, (double)(2 * i) / hd);
-}
-extern "C" sj_status sj_fail(sj_status code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    return code;
-}
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { \
-    fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_)); exit(1); } } while (0)
-
-__global__ void fill_k(bf16 *p, int64_t n, uint32_t seed, float scale) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
-        p[i] = __float2bfloat16(((h & 0xffffff) / 16777216.0f - 0.5f) * scale);
-    }
-}
-template <class X> static std::vector<float> down(const X *p, int64_t n) {
-    std::vector<X> raw(n);
-    CK(cudaMemcpy(raw.data(), p, n * sizeof(X), cudaMemcpyDeviceToHost));
-    std::vector<float> f(n);
-    for (int64_t i = 0; i < n; i++) {
-        if constexpr (std::is_same<X, float>::value) f[i] = raw[i];
-        else f[i] = __bfloat162float(raw[i]);
-    }
-    return f;
-}
-/* max |a - b| / max |b|; NaN (an unwritten output) counts as infinite */
-static double rel(const std::vector<float> &a, const std::vector<float> &b) {
-    double e = 0, mx = 0;
-    for (size_t i = 0; i < a.size(); i++) {
-        e = std::isnan(a[i]) ? INFINITY : fmax(e, fabs((double)a[i] - b[i]));
-        mx = fmax(mx, fabs((double)b[i]));
-    }
-    return e / (mx > 0 ? mx : 1);
-}
 static int n_fail;
 
 struct bufs {
@@ -95,7 +44,7 @@ static void check(int B, int T, int H, int KV) {
     const auto o2 = down(b.out, b.no), l2 = down(b.lse, b.nl), d2 = down(b.dqkv, b.nq);
     run(b, 0, B, T, H, KV);
     const auto o0 = down(b.out, b.no), l0 = down(b.lse, b.nl), d0 = down(b.dqkv, b.nq);
-    const double eo = rel(o0, o2), el = rel(l0, l2), ed = rel(d0, d2);
+    const double eo = rel_err(o0, o2), el = rel_err(l0, l2), ed = rel_err(d0, d2);
     const bool ok = eo == 0 && el == 0 && ed < 1e-2 && !failed;
     printf("B=%-3d T=%-5d H=%-3d KV=%-3d  forward: out %.1e, lse %.1e; backward dqkv rel %.2e  %s\n", B, T, H, KV,
            eo, el, ed, ok ? "ok" : "FAIL");

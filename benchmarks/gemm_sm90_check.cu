@@ -6,44 +6,9 @@
  *   nvcc -O3 -std=c++17 -Icsrc -Icuda -gencode arch=compute_90a,code=sm_90a \
  *        benchmarks/gemm_sm90_check.cu -lcublasLt -o /tmp/gemm_sm90_check && /tmp/gemm_sm90_check
  */
-#include "../cuda/gemm_sm90.cu"
+#include "sm90_check.cuh"
 #include <cublasLt.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <algorithm>
-#include <cmath>
-#include <string.h>
-#include <vector>
 
-/* What the backend normally provides (cuda/backend.cu, csrc/core). */
-static sj_cuda_ctx ctx0;
-sj_cuda_ctx *sj_cuda_cur(void) { return &ctx0; }
-static bool failed;
-void sj_cuda_error(const char *what, const char *detail, const char *file, int line) {
-    fprintf(stderr, "CUDA error: %s (%s at %s:%d)\n", detail, what, file, line);
-    failed = true;
-}
-extern "C" void sj_cuda_rope_inv_freqs(float *inv, int hd, float theta) {   /* as rope.cu */
-    for (int i = 0; i < hd / 2; i++) inv[i] = 1.0f / (float)pow((double)theta, (double)(2 * i) / hd);
-}
-extern "C" sj_status sj_fail(sj_status code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    return code;
-}
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { \
-    fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_)); exit(1); } } while (0)
-
-__global__ void fill_k(bf16 *p, int64_t n, uint32_t seed, float scale) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
-        p[i] = __float2bfloat16(((h & 0xffffff) / 16777216.0f - 0.5f) * scale);
-    }
-}
 /* P[m][n] = sum_k x[m][k] w[n][k] in f32 */
 __global__ void ref_gemm_k(float *P, const bf16 *x, const bf16 *w, int M, int N, int K) {
     const int n = blockIdx.x * blockDim.x + threadIdx.x, m = blockIdx.y;
@@ -68,22 +33,6 @@ static std::vector<float> ref_product(const bf16 *x, const bf16 *w, int M, int N
     CK(cudaFree(P));
     return h;
 }
-static std::vector<float> download(const bf16 *p, int64_t n) {
-    std::vector<uint16_t> raw(n);
-    CK(cudaMemcpy(raw.data(), p, n * 2, cudaMemcpyDeviceToHost));
-    std::vector<float> f(n);
-    for (int64_t i = 0; i < n; i++) { uint32_t u = (uint32_t)raw[i] << 16; memcpy(&f[i], &u, 4); }
-    return f;
-}
-/* max |got - want| / max |want|; a bf16 result is within ~2^-8 of it */
-static double rel_err(const std::vector<float> &got, const std::vector<float> &want) {
-    double e = 0, mx = 0;
-    for (size_t i = 0; i < got.size(); i++) {
-        e = fmax(e, fabs((double)got[i] - want[i]));
-        mx = fmax(mx, fabs((double)want[i]));
-    }
-    return e / (mx > 0 ? mx : 1);
-}
 static int n_fail;
 static void report(const char *what, double err) {
     const bool ok = err < 8e-3 && !failed && !std::isnan(err);
@@ -97,7 +46,7 @@ static void check_plain(int M, int N, int K) {
     CK(cudaDeviceSynchronize());
     char name[96];
     snprintf(name, sizeof name, "plain   M=%d N=%d K=%d", M, N, K);
-    report(name, rel_err(download(o, (int64_t)M * N), ref_product(x, w, M, N, K)));
+    report(name, rel_err(down(o, (int64_t)M * N), ref_product(x, w, M, N, K)));
     cudaFree(x); cudaFree(w); cudaFree(o);
 }
 /* with_gu: the product is stored too (training keeps it) */
@@ -114,9 +63,9 @@ static void check_swiglu(int M, int F, int K, bool with_gu = false) {
         }
     char name[96];
     snprintf(name, sizeof name, "swiglu  M=%d F=%d K=%d%s", M, F, K, with_gu ? " (+gu)" : "");
-    report(name, rel_err(download(h, (int64_t)M * F), want));
+    report(name, rel_err(down(h, (int64_t)M * F), want));
     if (gu) {
-        report("  its gu", rel_err(download(gu, (int64_t)M * 2 * F), P));
+        report("  its gu", rel_err(down(gu, (int64_t)M * 2 * F), P));
         cudaFree(gu);
     }
     cudaFree(x); cudaFree(w); cudaFree(h);
@@ -143,7 +92,7 @@ static void check_rope(int B, int T, int H, int KV, int hd, int K, int pos0) {
     }
     char name[96];
     snprintf(name, sizeof name, "rope    B=%d T=%d heads=%d+2x%d hd=%d K=%d pos0=%d", B, T, H, KV, hd, K, pos0);
-    report(name, rel_err(download(o, (int64_t)M * N), want));
+    report(name, rel_err(down(o, (int64_t)M * N), want));
     cudaFree(x); cudaFree(w); cudaFree(o);
 }
 

@@ -51,14 +51,7 @@ attn_fwd_sm90_k(const __grid_constant__ CUtensorMap map_qkv, T *out, float *lse,
     const int kvh = h / (H / KV), q0 = qt * BQ;
     const int n_kt = (q0 + BQ - 1) / BKV + 1;   /* key tiles up to the tile's last row */
     const int64_t row0 = (int64_t)b * T_;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; s++) {
-            mbar_init(&full[s], 1);
-            mbar_init(&empty[s], 4);   /* every consumer warp hands the stage back */
-        }
-        mbar_init(q_full, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    ring_init(full, STAGES, 1, 4, 1);   /* then q_full; every consumer warp hands a stage back */
     __syncthreads();
     if (threadIdx.x >= 128) {   /* the producer warp: one thread issues every copy */
         if (threadIdx.x != 128) return;
@@ -190,14 +183,7 @@ attn_dkv_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_consta
     const int kt = blockIdx.x, b = blockIdx.y / KV, kvh = blockIdx.y % KV, grp = H / KV;
     const int n_qt = (T_ + BQ - 1) / BQ - kt, n_steps = grp * n_qt;   /* (head, query tile) */
     const int64_t row0 = (int64_t)b * T_;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; s++) {
-            mbar_init(&full[s], 32);   /* the producer warp: tiles (lane 0) and statistics */
-            mbar_init(&empty[s], 4);
-        }
-        mbar_init(kv_full, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    ring_init(full, STAGES, 32, 4, 1);   /* full: the producer warp, tiles and statistics */
     __syncthreads();
     if (threadIdx.x >= 128) {   /* the producer warp: lane 0 copies tiles, all copy statistics */
         const int lane = threadIdx.x - 128;
@@ -307,14 +293,7 @@ attn_dq_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_constan
     const int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H;
     const int kvh = h / (H / KV), n_kt = qt + 1;
     const int64_t row0 = (int64_t)b * T_;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; s++) {
-            mbar_init(&full[s], 1);
-            mbar_init(&empty[s], 4);
-        }
-        mbar_init(q_full, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    ring_init(full, STAGES, 1, 4, 1);
     __syncthreads();
     if (threadIdx.x >= 128) {
         if (threadIdx.x != 128) return;
@@ -400,12 +379,7 @@ bool attn_fwd_sm90(T *out, float *lse, const T *qkv, int B, int T_, int H, int K
     CUtensorMap mq;   /* Q, K and V tiles alike: 64 rows x 64 columns */
     if (!sm90_map(&mq, qkv, (int64_t)B * T_, rs, rs, BQ, HD, !std::is_same<T, bf16>::value))
         return false;
-    static bool attr_set;   /* set before any capture (the first call is eager) */
-    if (!attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(attn_fwd_sm90_k<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)SMEM));
-        attr_set = true;
-    }
+    sm90_smem<attn_fwd_sm90_k<T>>(SMEM);
     attn_fwd_sm90_k<T><<<dim3((T_ + BQ - 1) / BQ, B * H), 160, SMEM, sj_stream()>>>(mq, out, lse, T_, H, KV);
     LAUNCH_CHECK("attention_forward (sm90)");
     return true;
@@ -426,12 +400,8 @@ bool attn_bwd_sm90(T *dqkv, const T *dout, const T *qkv, const float *D, const f
     constexpr size_t DKV_SMEM = 2 * Q_BYTES + (size_t)STAGES * 2 * Q_BYTES + STAGES * 2 * BQ * 4 +
                                 (2 * STAGES + 1) * 8;
     constexpr size_t DQ_SMEM = 2 * Q_BYTES + (size_t)STAGES * 2 * KV_BYTES + (2 * STAGES + 1) * 8;
-    static bool attr_set;   /* set before any capture (the first call is eager) */
-    if (!attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(attn_dkv_sm90_k<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)DKV_SMEM));
-        CUDA_CHECK(cudaFuncSetAttribute(attn_dq_sm90_k<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)DQ_SMEM));
-        attr_set = true;
-    }
+    sm90_smem<attn_dkv_sm90_k<T>>(DKV_SMEM);
+    sm90_smem<attn_dq_sm90_k<T>>(DQ_SMEM);
     const unsigned nt = (unsigned)((T_ + BQ - 1) / BQ);
     attn_dkv_sm90_k<T><<<dim3(nt, B * KV), 160, DKV_SMEM, sj_stream()>>>(mq, mdo, dqkv, D, lse, T_, H, KV, accum);
     LAUNCH_CHECK("attention_backward dkv (sm90)");

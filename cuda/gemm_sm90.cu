@@ -47,7 +47,6 @@ struct epi_args {
     float inv[64];      /* RoPE inverse frequencies, hd / 2 of them */
 };
 
-/* RoPE's sin and cos (sm_90a only, as the kernel). */
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 /* sin and cos of a RoPE angle: reduced to [-pi, pi] in two FMA steps, then
  * the SFU's __sincosf (absolute error ~5e-7 there; the separate kernel's
@@ -85,7 +84,7 @@ __device__ __forceinline__ void write_tile(T *so, V val, T *dst, int64_t ldo, in
     }
 }
 
-template <int BN, int STAGES, int EPI, int HD>
+template <int BN, int STAGES, int EPI>
 struct layout {
     static constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
     static constexpr int STAGE = A_BYTES + B_BYTES;
@@ -100,7 +99,7 @@ __global__ void __launch_bounds__(384, 1)
 gemm_sm90_k(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
             const __grid_constant__ epi_args args) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    using L = layout<BN, STAGES, EPI, HD>;
+    using L = layout<BN, STAGES, EPI>;
     constexpr int NR = BN / 2;   /* accumulator registers per thread */
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char *stages = smem;
@@ -110,13 +109,7 @@ gemm_sm90_k(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ C
     const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
     const int n_k = (args.K + BK - 1) / BK;
     const int n_tiles = (args.M + BM - 1) / BM * args.n_tiles_n;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; s++) {
-            mbar_init(&full[s], 1);
-            mbar_init(&empty[s], 8);   /* every consumer warp hands the stage back */
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    ring_init(full, STAGES, 1, 8, 0);   /* every consumer warp hands a stage back */
     __syncthreads();
 
     if (wg == 0) {   /* producer */
@@ -228,21 +221,17 @@ bool usable(const void *out, const void *x, const void *w, int64_t ldo, int K) {
 
 template <class T, int BN, int STAGES, int EPI, int HD>
 bool launch(epi_args &a, const void *x, const void *w, int w_rows, int out_cols) {
-    using L = layout<BN, STAGES, EPI, HD>;
+    using L = layout<BN, STAGES, EPI>;
     if (out_cols % L::OUT_COLS) return false;
     CUtensorMap mx, mw;
-    const bool f16 = sizeof(T) == 2 && !std::is_same<T, bf16>::value;
+    const bool f16 = !std::is_same<T, bf16>::value;
     if (!sm90_map(&mx, x, a.M, a.K, a.K, BM, BK, f16) ||
         !sm90_map(&mw, w, w_rows, a.K, a.K, BN / 2, BK, f16))
         return false;
     a.n_tiles_n = out_cols / L::OUT_COLS;
     const int tiles = (a.M + BM - 1) / BM * a.n_tiles_n;
-    auto k = gemm_sm90_k<T, BN, STAGES, EPI, HD>;
-    static bool attr_set;   /* per instance; set before any capture (first call is eager) */
-    if (!attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::BYTES));
-        attr_set = true;
-    }
+    constexpr auto k = gemm_sm90_k<T, BN, STAGES, EPI, HD>;
+    sm90_smem<k>(L::BYTES);
     k<<<tiles < sm90_sm_count() ? tiles : sm90_sm_count(), 384, L::BYTES, sj_stream()>>>(mx, mw, a);
     LAUNCH_CHECK("gemm_sm90");
     return true;

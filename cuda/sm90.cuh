@@ -17,6 +17,15 @@ bool sm90_usable(void);
 int sm90_sm_count(void);
 bool sm90_map(CUtensorMap *map, const void *p, int64_t rows, int64_t cols, int64_t ld,
               int box_rows, int box_cols, bool f16);
+/* Let kernel K use `bytes` of dynamic shared memory (past the 48 KiB
+ * default): once per kernel, on its first launch, which is eager (before
+ * any capture). */
+template <auto K> static void sm90_smem(size_t bytes) {
+    static bool set;
+    if (set) return;
+    CUDA_CHECK(cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    set = true;
+}
 
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -57,8 +66,6 @@ __device__ __forceinline__ uint64_t desc_sw128(const void *p) {
            (uint64_t)(1024 >> 4) << 32 | (uint64_t)1 << 62;
 }
 
-#define SJ_R32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
-    "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 /* The same rows read as an MN-major operand (wgmma's transposed B): 8-row
  * groups along K 1024 bytes apart; the field for the stride between
  * 64-element MN blocks is set to the same (one block at N = 64). */
@@ -66,7 +73,23 @@ __device__ __forceinline__ uint64_t desc_sw128_mn(const void *p) {
     return (uint64_t)((smem_u32(p) & 0x3FFFF) >> 4) | (uint64_t)(1024 >> 4) << 16 |
            (uint64_t)(1024 >> 4) << 32 | (uint64_t)1 << 62;
 }
+/* Thread 0: a ring of barriers laid out as full[stages], empty[stages]
+ * (full_count and empty_count arrivals a phase), then n_once single-arrival
+ * ones (tiles loaded a single time), then the fence that shows them to the
+ * TMA unit. The caller's __syncthreads follows. */
+__device__ __forceinline__ void ring_init(uint64_t *bars, int stages, int full_count,
+                                          int empty_count, int n_once) {
+    if (threadIdx.x != 0) return;
+    for (int s = 0; s < stages; s++) {
+        mbar_init(&bars[s], full_count);
+        mbar_init(&bars[stages + s], empty_count);
+    }
+    for (int i = 0; i < n_once; i++) mbar_init(&bars[2 * stages + i], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
 
+#define SJ_R32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+    "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 #define SJ_R64 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
     "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "  \
     "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, "  \
