@@ -45,6 +45,10 @@ for stage in $STAGES; do
         run memcheck_decode "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/decode_once.py
         run racecheck_decode "$CS" --tool racecheck --error-exitcode 1 python3 benchmarks/decode_once.py
         run synccheck "$CS" --tool synccheck --error-exitcode 1 python3 benchmarks/train_step_once.py bf16
+        run build_decode_probe_sanitize nvcc -O3 -std=c++17 -Icsrc -Icuda -arch=sm_90a \
+            benchmarks/decode_probe.cu -o "$LOG/decode_probe_plain"
+        run memcheck_decode_probe "$CS" --tool memcheck --error-exitcode 1 "$LOG/decode_probe_plain" small 4
+        run racecheck_decode_probe "$CS" --tool racecheck --error-exitcode 1 "$LOG/decode_probe_plain" small 4
         # the Hopper kernels on their own (TMA, wgmma), odd shapes included
         for k in gemm attention; do
             run build_${k}_sm90 nvcc -O3 -std=c++17 -Icsrc -Icuda -gencode arch=compute_90a,code=sm_90a \
@@ -57,6 +61,9 @@ for stage in $STAGES; do
         run bench python3 benchmarks/vs_torch.py --quick ;;
     decode)   # the GPU inference engine: its tests, then batch-1 decode against PyTorch
         run test_decode python3 -m pytest -q -rs tests/test_cuda_decode.py
+        run build_decode_probe nvcc -O3 -std=c++17 -Icsrc -Icuda -arch=sm_90a -DDEC_TRACE \
+            benchmarks/decode_probe.cu -o "$LOG/decode_probe"
+        for shape in small medium smollm2; do run decode_probe_$shape "$LOG/decode_probe" $shape; done
         run bench_decode python3 benchmarks/bench_decode_gpu.py --out "$LOG" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
     esac

@@ -33,6 +33,32 @@ namespace cg = cooperative_groups;
 
 namespace dec {
 
+#ifdef DEC_TRACE
+/* benchmarks/decode_probe.cu: per block, when it arrives at and leaves
+ * each grid barrier of a launch (%globaltimer ns), barrier-major. */
+__device__ unsigned long long *trace;
+#endif
+
+/* The grid barrier between phases of the persistent kernel, traced for
+ * the probe. */
+struct phase_barrier {
+    cg::grid_group grid = cg::this_grid();
+    int n = 0;
+    __device__ __forceinline__ void stamp(int slot) {
+#ifdef DEC_TRACE
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        if (threadIdx.x == 0 && trace) trace[(int64_t)slot * gridDim.x + blockIdx.x] = t;
+#endif
+    }
+    __device__ __forceinline__ void sync() {
+        stamp(2 * n);
+        grid.sync();
+        stamp(2 * n + 1);
+        n++;
+    }
+};
+
 /* Row r (0 or 1) of the fixed-point residual stream. */
 static __device__ __forceinline__ unsigned long long *xrow(const params &p, int r) {
     return p.x + (int64_t)(r & 1) * p.C;
@@ -410,34 +436,34 @@ __global__ void __launch_bounds__(NW * 32, NW <= 8 ? 1 : 0) step_persistent(para
     float *sm = reinterpret_cast<float *>(smem4);
     const smem_map m = smem_layout(p, NW);
     float *xs = sm + m.xs, *qs = sm + m.qs, *ps = sm + m.ps, *hs = sm + m.hs, *acc = sm + m.acc;
-    cg::grid_group grid = cg::this_grid();
+    phase_barrier bar;
     for (int step = 0; step < n_steps; step++) {
         const int tok = ((volatile int *)p.io)[0], pos = ((volatile int *)p.io)[1];
         for (int l = 0; l < p.L; l++) {
             phase_qkv<T, NW>(p, l, tok, pos, xs);
             if (attn_fused(p, pos)) {
                 prefetch_phase<T, NW>(p, PF_ATTN_OPROJ, l);
-                grid.sync();
+                bar.sync();
                 phase_attn_oproj<T, NW>(p, l, pos, qs, ps);
             } else {
                 prefetch_phase<T, NW>(p, PF_OPROJ, l);   /* B1 reads no weights: B2's wait through it */
-                grid.sync();
+                bar.sync();
                 phase_attn<T, NW>(p, l, pos, qs);
-                grid.sync();
+                bar.sync();
                 phase_oproj<T, NW>(p, l, pos, xs);
             }
             prefetch_phase<T, NW>(p, PF_FFN, l);
-            grid.sync();
+            bar.sync();
             phase_ffn<T, NW>(p, l, xs, hs, acc);
             if (l + 1 < p.L) prefetch_phase<T, NW>(p, PF_QKV, l + 1);
             else prefetch_phase<T, NW>(p, PF_HEAD, 0);
-            grid.sync();
+            bar.sync();
         }
         phase_head<T, NW>(p, xs);
         prefetch_phase<T, NW>(p, PF_QKV, 0);
-        grid.sync();
+        bar.sync();
         if (blockIdx.x == 0) phase_pick(p, gridDim.x, step, pos);
-        if (step + 1 < n_steps) grid.sync();
+        if (step + 1 < n_steps) bar.sync();
     }
 }
 

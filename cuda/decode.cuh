@@ -67,44 +67,40 @@ static __device__ __forceinline__ int attn_splits(int n, int *per) {
 }
 
 /* out[r] = dot(rows[r][0..n), xs[0..n)) for R rows, by one warp; xs in
- * shared memory, 16-byte aligned. 16-byte weight loads, R * U of them
- * issued per lane before any is used (so a row costs ~one L2/HBM latency,
- * not one per load), when n is a multiple of the vector width; else scalar.
- * Bound: latency of the weight stream at batch 1, then HBM bandwidth. */
+ * shared memory, 16-byte aligned. 16-byte weight loads, the R rows' loads
+ * of a stride issued before any is used, when n is a multiple of the
+ * vector width; else scalar. The weights come from L2 (prefetched before
+ * the grid barrier), so a stride costs one L2 latency. The loop stays
+ * rolled: the persistent kernel pays for its code size too (two strides in
+ * flight, unrolled, ran 5% slower: H100, SmolLM2 618 vs 588 us a token,
+ * benchmarks/decode_probe.cu). Bound: latency of the weight stream at
+ * batch 1, then HBM bandwidth. */
 template <class T, int R>
 static __device__ __forceinline__ void warp_dots(const T *const *rows, const float *xs, int n,
                                                  float *out) {
-    constexpr int VEC = vec16<T>::N, U = R >= 4 ? 1 : 4 / R, STEP = 32 * VEC;
+    constexpr int VEC = vec16<T>::N, STEP = 32 * VEC;
     const int lane = threadIdx.x & 31;
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.f;
     if (n % VEC == 0) {
-        for (int k0 = lane * VEC; k0 < n; k0 += STEP * U) {
-            uint4 w[U][R];
+#pragma unroll 1
+        for (int k = lane * VEC; k < n; k += STEP) {
+            uint4 w[R];
 #pragma unroll
-            for (int u = 0; u < U; u++)
-                if (k0 + u * STEP < n)
+            for (int r = 0; r < R; r++) w[r] = __ldg(reinterpret_cast<const uint4 *>(rows[r] + k));
+            float xv[VEC];
 #pragma unroll
-                    for (int r = 0; r < R; r++)
-                        w[u][r] = __ldg(reinterpret_cast<const uint4 *>(rows[r] + k0 + u * STEP));
+            for (int j = 0; j < VEC; j += 4) {
+                float4 f = *reinterpret_cast<const float4 *>(xs + k + j);
+                xv[j] = f.x; xv[j + 1] = f.y; xv[j + 2] = f.z; xv[j + 3] = f.w;
+            }
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int k = k0 + u * STEP;
-                if (k >= n) break;
-                float xv[VEC];
+            for (int r = 0; r < R; r++) {
+                float wf[VEC];
+                unpack16<T>(wf, w[r]);
 #pragma unroll
-                for (int j = 0; j < VEC; j += 4) {
-                    float4 f = *reinterpret_cast<const float4 *>(xs + k + j);
-                    xv[j] = f.x; xv[j + 1] = f.y; xv[j + 2] = f.z; xv[j + 3] = f.w;
-                }
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    float wf[VEC];
-                    unpack16<T>(wf, w[u][r]);
-#pragma unroll
-                    for (int j = 0; j < VEC; j++) acc[r] = fmaf(wf[j], xv[j], acc[r]);
-                }
+                for (int j = 0; j < VEC; j++) acc[r] = fmaf(wf[j], xv[j], acc[r]);
             }
         }
     } else {
