@@ -150,16 +150,16 @@ int main(int argc, char **argv) {
         return m;
     };
     /* work before barrier k belongs to the phase that waited on barrier k - 1
-     * (the first: layer 0's QKV, which waited on the launch) */
+     * (layer 0's first QKV, which waited on the launch, is not timed) */
     std::map<std::string, std::pair<double, int>> work, wait;
-    unsigned long long prev = 0;
     for (int k = 0; k < nb; k++) {
         const unsigned long long arrive = mx(2 * k), leave = mx(2 * k + 1);
-        const std::string &w = k ? lab[k - 1] : std::string("A qkv");
-        if (k) { work[w].first += (arrive - prev) * 1e-3; work[w].second++; }
+        if (k) {
+            work[lab[k - 1]].first += (arrive - mx(2 * k - 1)) * 1e-3;
+            work[lab[k - 1]].second++;
+        }
         wait[lab[k]].first += (leave - arrive) * 1e-3;
         wait[lab[k]].second++;
-        prev = leave;
     }
     const double total = (mx(2 * nb - 1) - mx(0)) * 1e-3 / n;
     printf("\n%s, traced: %.1f us a step between the first and last barrier\n\n", s->name, total);
