@@ -65,7 +65,7 @@ def main() -> int:
         m.set_levers(gradient_checkpointing=bool(c.get("gradient_checkpointing")),
                      fused_ce=bool(c.get("fused_ce")),
                      fp16_activations=bool(c.get("fp16_activations")))
-        p = m.plan_memory(c["batch_size"], c["seq_len"], "train")
+        p = m.plan_memory(c["batch_size"], c["seq_len"], "train", c.get("grad_accum") or 1)
         r["arena_mib"], r["kept_mib"] = p["arena_bytes"] / 2 ** 20, p["kept_bytes"] / 2 ** 20
         r["planned_peak_mib"] = p["peak_bytes"] / 2 ** 20
         del m

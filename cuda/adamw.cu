@@ -1,6 +1,6 @@
 /* adamw.cu — AdamW over the flat buffers in one pass: f32 master weights
  * and moments, the bf16 or f16 compute copy written alongside (f16 clamped
- * by fromf), gradients zeroed.
+ * by fromf), gradients zeroed unless the step's own (they die with it).
  * Clip scale, skip-on-non-finite, lr and bias corrections are computed per
  * thread from the scalars in device memory (set before each replay), with
  * the expressions of csrc/cpu/adamw.c. Bandwidth-bound: 4 f32 reads,
@@ -9,8 +9,8 @@
 #include "kernels.h"
 
 template <class T>
-static __global__ void adamw_k(float *p, T *p_act, float *g, float *m, float *v, int64_t n,
-                               int64_t n_decay, const sj_adamw_hp *hp) {
+static __global__ void adamw_k(float *p, T *p_act, float *g, int zero_grads, float *m,
+                               float *v, int64_t n, int64_t n_decay, const sj_adamw_hp *hp) {
     const double norm = sqrt(hp->sumsq);
     const bool update = isfinite(norm);
     float scale = 1.0f;
@@ -32,16 +32,17 @@ static __global__ void adamw_k(float *p, T *p_act, float *g, float *m, float *v,
             p[i] = pi;
             if (p_act) p_act[i] = fromf<T>(pi);
         }
-        g[i] = 0.0f;
+        if (zero_grads) g[i] = 0.0f;
     }
 }
 
 #define SJ_CU_ADAMW(T, TY)                                                                  \
-extern "C" void sj_cuda_adamw_##T(float *p, void *p_act, float *g, float *m, float *v,      \
-                                  int64_t n, int64_t n_decay, const sj_adamw_hp *hp) {      \
+extern "C" void sj_cuda_adamw_##T(float *p, void *p_act, float *g, int zero_grads, float *m, \
+                                  float *v, int64_t n, int64_t n_decay,                     \
+                                  const sj_adamw_hp *hp) {                                  \
     if (n <= 0) return;                                                                     \
-    adamw_k<<<sj_blocks(n, 256, 8192), 256, 0, sj_stream()>>>(p, (TY *)p_act, g, m, v, n,   \
-                                                              n_decay, hp);                 \
+    adamw_k<<<sj_blocks(n, 256, 8192), 256, 0, sj_stream()>>>(p, (TY *)p_act, g, zero_grads, \
+                                                              m, v, n, n_decay, hp);        \
     LAUNCH_CHECK("adamw");                                                                  \
 }
 SJ_CU_ADAMW(f32, float)

@@ -18,7 +18,7 @@ void sj_cuda_rmsnorm_forward_##T(void *out, float *rstd, const void *x, const vo
                                  int N, int C, float eps);                                \
 void sj_cuda_rmsnorm_backward_##T(void *dx, float *dw, const void *dout, const void *x,   \
                                   const void *w, const float *rstd, int N, int C,         \
-                                  int accum);                                             \
+                                  int accum, int dw_accum);                               \
 void sj_cuda_rope_forward_##T(void *out, const void *in, int B, int T_, int n_heads,      \
                               int n_rot, int hd, int pos0, float theta);                  \
 void sj_cuda_rope_backward_##T(void *din, const void *dout, int B, int T_, int n_heads,   \
@@ -44,8 +44,8 @@ void sj_cuda_cross_entropy_backward_##T(void *dlogits, const void *logits,      
                                         const float *lse, const void *targets,            \
                                         sj_dtype tok_dtype, int N, int V,                 \
                                         int ignore_index, const float *scale, int accum); \
-void sj_cuda_adamw_##T(float *p, void *p_act, float *g, float *m, float *v, int64_t n,    \
-                       int64_t n_decay, const sj_adamw_hp *hp);                           \
+void sj_cuda_adamw_##T(float *p, void *p_act, float *g, int zero_grads, float *m,         \
+                       float *v, int64_t n, int64_t n_decay, const sj_adamw_hp *hp);      \
 }
 
 SJ_CU_DECLARE(f32)

@@ -60,13 +60,14 @@ static __global__ void rms_bwd_dw_part_k(float *part, const T *dout, const T *x,
     part[(int64_t)chunk * C + c] = s;
 }
 
-// dw: (C) += sum of the chunks, in chunk order
-static __global__ void rms_bwd_dw_sum_k(float *dw, const float *part, int n_chunks, int C) {
+// dw: (C) (+)= sum of the chunks, in chunk order
+static __global__ void rms_bwd_dw_sum_k(float *dw, const float *part, int n_chunks, int C,
+                                        int dw_accum) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     float s = 0.f;
     for (int k = 0; k < n_chunks; k++) s += part[(int64_t)k * C + c];
-    dw[c] += s;
+    dw[c] = dw_accum ? dw[c] + s : s;
 }
 
 
@@ -208,11 +209,11 @@ static __global__ void __launch_bounds__(rms_bwd_warps(NV) * 32) rms_bwd_vec(T *
     }
 }
 
-// dw: (C) += sum over the n partial rows of part (n, C), in a fixed order:
+// dw: (C) (+)= sum over the n partial rows of part (n, C), in a fixed order:
 // thread (tx, ty) of a 32 x 8 block sums rows ty, ty + 8, ... of column
 // blockIdx.x * 32 + tx, then the 8 sums are added in ty order.
 static __global__ void __launch_bounds__(256) rms_dw_reduce_k(float *dw, const float *part,
-                                                              int n, int C) {
+                                                              int n, int C, int dw_accum) {
     __shared__ float sh[8][33];
     const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5, c = blockIdx.x * 32 + tx;
     float s = 0.f;
@@ -224,7 +225,7 @@ static __global__ void __launch_bounds__(256) rms_dw_reduce_k(float *dw, const f
         float t = 0.f;
 #pragma unroll
         for (int k = 0; k < 8; k++) t += sh[k][tx];
-        dw[c] += t;
+        dw[c] = dw_accum ? dw[c] + t : t;
     }
 }
 
@@ -257,7 +258,7 @@ static bool rms_forward_vec(T *out, float *rstd, const T *x, const T *w, int N, 
 
 template <class T>
 static bool rms_backward_vec(T *dx, float *dw, const T *dout, const T *x, const T *w,
-                             const float *rstd, int N, int C, int accum) {
+                             const float *rstd, int N, int C, int accum, int dw_accum) {
     const int nv = rms_nv<T>(C, dx, dout, x, w);
     if (!nv) return false;
     sj_cuda_ctx *ctx = sj_cuda_cur();
@@ -283,16 +284,16 @@ static bool rms_backward_vec(T *dx, float *dw, const T *dout, const T *x, const 
     }
 #undef SJ_RMS_BWD
     LAUNCH_CHECK("rmsnorm_backward (vector)");
-    rms_dw_reduce_k<<<(C + 31) / 32, 256, 0, s>>>(dw, part, (int)nb, C);
+    rms_dw_reduce_k<<<(C + 31) / 32, 256, 0, s>>>(dw, part, (int)nb, C, dw_accum);
     LAUNCH_CHECK("rmsnorm_backward dw");
     return true;
 }
 
 template <class T>
 static void rms_backward(T *dx, float *dw, const T *dout, const T *x, const T *w,
-                         const float *rstd, int N, int C, int accum) {
+                         const float *rstd, int N, int C, int accum, int dw_accum) {
     if (N <= 0) return;
-    if (rms_backward_vec(dx, dw, dout, x, w, rstd, N, C, accum)) return;
+    if (rms_backward_vec(dx, dw, dout, x, w, rstd, N, C, accum, dw_accum)) return;
     cudaStream_t s = sj_stream();
     rms_bwd_dx_k<<<sj_blocks(N, 8, 1 << 30), 256, 0, s>>>(dx, dout, x, w, rstd, N, C, accum);
     LAUNCH_CHECK("rmsnorm_backward dx");
@@ -306,7 +307,7 @@ static void rms_backward(T *dx, float *dw, const T *dout, const T *x, const T *w
     float *part = (float *)ctx->scratch;
     rms_bwd_dw_part_k<<<dim3((C + 127) / 128, n_chunks), 128, 0, s>>>(part, dout, x, rstd, N, C, rows_per);
     LAUNCH_CHECK("rmsnorm_backward dw partials");
-    rms_bwd_dw_sum_k<<<(C + 127) / 128, 128, 0, s>>>(dw, part, n_chunks, C);
+    rms_bwd_dw_sum_k<<<(C + 127) / 128, 128, 0, s>>>(dw, part, n_chunks, C, dw_accum);
     LAUNCH_CHECK("rmsnorm_backward dw");
 }
 
@@ -321,9 +322,9 @@ extern "C" void sj_cuda_rmsnorm_forward_##T(void *out, float *rstd, const void *
 }                                                                                           \
 extern "C" void sj_cuda_rmsnorm_backward_##T(void *dx, float *dw, const void *dout,         \
                                              const void *x, const void *w, const float *rstd, \
-                                             int N, int C, int accum) {                     \
+                                             int N, int C, int accum, int dw_accum) {       \
     rms_backward((TY *)dx, dw, (const TY *)dout, (const TY *)x, (const TY *)w, rstd, N, C,   \
-                 accum);                                                                    \
+                 accum, dw_accum);                                                          \
 }
 SJ_CU_RMS(f32, float)
 SJ_CU_RMS(bf16, bf16)

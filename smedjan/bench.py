@@ -114,7 +114,7 @@ def bench(size="small", *, batch_size: int = 4, seq_len: int = 128, iters: int =
     sync = lambda: None  # noqa: E731  engine calls return when their work is done
     say = (lambda s: print(s, file=sys.stderr)) if progress else log.info
 
-    planned = model.plan_memory(B, T, "train")["peak_bytes"]
+    planned = model.plan_memory(B, T, "train", grad_accum)["peak_bytes"]
     model.reset_peak()
     if model.device == "cuda":
         from . import _C

@@ -179,7 +179,7 @@ def check_memory_limit(model, args) -> None:
         return
     model.set_levers(gradient_checkpointing=args.gradient_checkpointing, fused_ce=args.fused_ce,
                      fp16_activations=args.fp16_activations, cheap_recompute=args.cheap_recompute)
-    plan = model.plan_memory(args.batch_size, args.seq_len, "train")
+    plan = model.plan_memory(args.batch_size, args.seq_len, "train", args.grad_accum)
     if plan["peak_bytes"] > limit:
         mib = 1 << 20
         raise MemoryError(

@@ -218,22 +218,34 @@ class Model:
                     ce_rows=d["ce_rows"], memory_limit=d["memory_limit"],
                     fp16_activations=d["fp16_act"])
 
-    def plan_memory(self, batch_size: int, seq_len: int, mode: str = "train") -> dict:
+    def plan_memory(self, batch_size: int, seq_len: int, mode: str = "train",
+                    grad_accum: int = 1) -> dict:
         """Plan a run without allocating anything: the activation arena's
         bytes, the activation bytes kept from forward to backward, and the
-        planned peak: parameters (+ their compute copy) and the arena, and
-        for 'train' also gradients and AdamW state ('forward' and 'loss'
-        need no gradients, and a model that never ran backward holds none).
-        mode: 'train', 'loss' or 'forward'.
+        planned peak: parameters (+ their compute copy) and the arena, plus
+        what the mode keeps besides. mode:
+          'forward', 'loss': no gradients (a model that never ran backward
+              holds none);
+          'backward': loss(backward=True), into the model's gradients;
+          'train': a Trainer step (AdamW state too). With grad_accum=1 on a
+              model holding no gradients, the step's gradients live in its
+              arena, in room that backward frees, and die with the update.
 
         >>> Model("tiny").plan_memory(2, 64)["arena_bytes"] > 0
         True
         """
-        code = {"forward": 0, "loss": 1, "train": 2}[mode]
+        trains = mode in ("backward", "train")
+        own_grads = mode == "train" and int(grad_accum) == 1 and not self._h.has_grads()
+        code = {"forward": 0, "loss": 1, "backward": 2, "train": 3 if own_grads else 2}[mode]
         arena, kept = self._h.plan_bytes(int(batch_size), int(seq_len), code)
-        fixed = 4 * self.n_params * (4 if mode == "train" else 1)   # params (+ grads, AdamW m, v)
-        if self.dtype != "fp32" and (mode == "train" or not self.levers["cast_on_use"]):
-            fixed += 2 * self.n_params   # the 16-bit compute copy
+        n = self.n_params
+        fixed = 4 * n                      # f32 master weights
+        if trains and not own_grads:
+            fixed += 4 * n                 # the model's gradients
+        if mode == "train":
+            fixed += 8 * n                 # AdamW m, v
+        if self.dtype != "fp32" and (trains or not self.levers["cast_on_use"]):
+            fixed += 2 * n                 # the 16-bit compute copy
         return dict(arena_bytes=arena, kept_bytes=kept, fixed_bytes=fixed,
                     peak_bytes=fixed + arena)
 

@@ -92,7 +92,7 @@ def run_one(c: Dict) -> Dict:
                      cheap_recompute=bool(c.get("cheap_recompute")),
                      fused_ce=bool(c.get("fused_ce")),
                      fp16_activations=bool(c.get("fp16_activations")))
-    plan = model.plan_memory(B, T, "train")
+    plan = model.plan_memory(B, T, "train", n)
     if limit and plan["peak_bytes"] > limit:   # refuse before the optimizer state exists
         raise MemoryError(f"memory limit {limit / MIB:.0f} MiB: planned peak "
                           f"{plan['peak_bytes'] / MIB:.1f} MiB")

@@ -35,7 +35,7 @@ def test_bench_reports_every_field():
 
 
 def test_bench_with_levers_reports_them_and_less_planned_memory():
-    a = smedjan.bench("tiny", **TINY)
+    a = smedjan.bench("tiny", grad_accum=2, **TINY)
     b = smedjan.bench("tiny", gradient_checkpointing=True, fused_ce=True, grad_accum=2, **TINY)
     check(b)
     assert b["levers"] == dict(grad_accum=2, gradient_checkpointing=True, cheap_recompute=False,

@@ -3,6 +3,8 @@ passes (evaluation, generation) holds its parameters and nothing for
 gradients; the first backward, optimizer step or read of `grads` brings them
 into being, zeroed, and from then on they behave exactly as if they had always
 been there: a backward accumulates, zero_grad zeros, a move carries them.
+A Trainer step on a model without them keeps its own in its activation
+arena, where backward frees room, and they die with the update.
 Each holds on the CPU and through the device code path ('cpu-staged')."""
 import numpy as np
 import pytest
@@ -61,8 +63,11 @@ def test_forward_plan_counts_no_gradients():
     for mode in ("forward", "loss"):
         p = m.plan_memory(2, 32, mode)
         assert p["fixed_bytes"] == param_bytes(m), (mode, p)
-    p = m.plan_memory(2, 32, "train")
-    assert p["fixed_bytes"] == 4 * 4 * m.n_params    # params, grads, AdamW m and v
+    n = m.n_params
+    assert m.plan_memory(2, 32, "backward")["fixed_bytes"] == 2 * 4 * n     # params, grads
+    assert m.plan_memory(2, 32, "train", grad_accum=2)["fixed_bytes"] == 4 * 4 * n  # + AdamW m, v
+    step = m.plan_memory(2, 32, "train")                 # the step's gradients: in its arena
+    assert step["fixed_bytes"] == 3 * 4 * n and step["arena_bytes"] >= 4 * n, step
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -132,7 +137,58 @@ def test_trainer_steps_from_a_fresh_model_like_from_eager_gradients(device):
         x, y = batch(10 + i)
         assert ta.step(x, y) == tb.step(x, y), i
     np.testing.assert_array_equal(lazy.flat_params, eager.flat_params)
-    assert held(lazy) == held(eager)
+    assert not lazy._h.has_grads() and eager._h.has_grads()
+    assert held(lazy) < held(eager)
+
+
+@pytest.mark.parametrize("levers", [{}, dict(gradient_checkpointing=True), dict(fused_ce=True),
+                                    dict(cheap_recompute=True), dict(fp16_activations=True)],
+                         ids=["plain", "ckpt", "fused_ce", "cheap", "fp16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_with_its_own_gradients_equals_one_with_the_models(device, levers):
+    """Bit for bit, with every lever: each parameter's first writer
+    overwrites what activations left in its bytes, later writers add."""
+    own, held_ = model(device, seed=7), model(device, seed=7)
+    held_.flat_grads
+    for m in (own, held_):
+        m.set_levers(**levers)
+    ta = smedjan.Trainer(own, lr=3e-3, warmup=0, steps=6, clip=0.5)
+    tb = smedjan.Trainer(held_, lr=3e-3, warmup=0, steps=6, clip=0.5)
+    for i in range(2):
+        x, y = batch(20 + i)
+        assert ta.step(x, y) == tb.step(x, y), i
+    np.testing.assert_array_equal(own.flat_params, held_.flat_params)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_train_step_holds_no_gradients_and_plans_its_peak_to_the_byte(device):
+    m = model(device, seed=8)
+    x, y = batch(9)
+    plan = m.plan_memory(3, 21, "train")
+    tr = smedjan.Trainer(m, lr=1e-3, warmup=0, steps=4)
+    tr.step(x, y)
+    tr.step(x, y)
+    assert not m._h.has_grads()
+    assert m.memory()["peak_bytes"] == held(m) == plan["peak_bytes"], (m.memory(), plan)
+    assert not m.flat_grads.any()                        # asked for: zeros, as after any step
+    loss_a, _, _ = tr.step(x, y)                         # from now on added into the model's
+    assert np.isfinite(loss_a) and not m.flat_grads.any()
+
+
+@pytest.mark.parametrize("levers", [{}, dict(gradient_checkpointing=True), dict(fused_ce=True),
+                                    dict(cheap_recompute=True), dict(fp16_activations=True)],
+                         ids=["plain", "ckpt", "fused_ce", "cheap", "fp16"])
+@pytest.mark.parametrize("name", ["small", "medium"])
+def test_a_steps_gradients_ride_in_room_that_backward_frees(name, levers):
+    """Never more than the backward arena and the gradients apart; without
+    levers (every activation kept), most of the gradients cost nothing."""
+    m = smedjan.Model(name)
+    m.set_levers(**levers)
+    step = m.plan_memory(4, 128, "train")["arena_bytes"]
+    apart = m.plan_memory(4, 128, "backward")["arena_bytes"] + grad_bytes(m)
+    assert step <= apart, (step, apart)
+    if not levers:
+        assert step - (apart - grad_bytes(m)) < grad_bytes(m) / 4, (step, apart)
 
 
 def test_an_optimizer_step_before_any_backward_sees_zero_gradients():

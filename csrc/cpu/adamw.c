@@ -5,7 +5,7 @@
 
 typedef struct {
     float *p, *m, *v, *g; int64_t n_decay;
-    float lr, b1, b2, eps, wd, gs, bc1, bc2_sqrt; int update;
+    float lr, b1, b2, eps, wd, gs, bc1, bc2_sqrt; int update, zero_grads;
 } adamw_job;
 
 static void adamw_range(void *ctx, int64_t i0, int64_t i1, int tid) {
@@ -21,12 +21,12 @@ static void adamw_range(void *ctx, int64_t i0, int64_t i1, int tid) {
         j->v[i] = v;
         j->p[i] = p - step_size * m / (sqrtf(v) / j->bc2_sqrt + j->eps);
     }
-    for (int64_t i = i0; i < i1; i++) j->g[i] = 0.0f;   /* gradients are consumed */
+    if (j->zero_grads) for (int64_t i = i0; i < i1; i++) j->g[i] = 0.0f;   /* consumed */
 }
 
 // p, g, m, v: (n); p_act unused (f32 compute is the master copy itself)
-void sj_cpu_adamw(float *p, void *p_act, float *g, float *m, float *v, int64_t n,
-                  int64_t n_decay, const sj_adamw_hp *hp) {
+void sj_cpu_adamw(float *p, void *p_act, float *g, int zero_grads, float *m, float *v,
+                  int64_t n, int64_t n_decay, const sj_adamw_hp *hp) {
     (void)p_act;
     const double norm = sqrt(hp->sumsq);
     /* PyTorch's clip_grad_norm_: scale by min(1, clip / (norm + 1e-6)); a
@@ -36,7 +36,7 @@ void sj_cpu_adamw(float *p, void *p_act, float *g, float *m, float *v, int64_t n
     const float step = (float)hp->step;
     adamw_job j = { p, m, v, g, n_decay, hp->lr, hp->beta1, hp->beta2, hp->eps,
                     hp->weight_decay, scale, 1.0f - powf(hp->beta1, step),
-                    sqrtf(1.0f - powf(hp->beta2, step)), isfinite(norm) };
+                    sqrtf(1.0f - powf(hp->beta2, step)), isfinite(norm), zero_grads };
     sj_parallel_for(n, 1 << 14, adamw_range, &j);
 }
 

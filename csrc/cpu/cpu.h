@@ -24,7 +24,8 @@ void sj_cpu_embedding_backward(float *demb, const void *dout, const void *tok,
 void sj_cpu_rmsnorm_forward(void *out, float *rstd, const void *x, const void *w,
                             int N, int C, float eps);
 void sj_cpu_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x,
-                             const void *w, const float *rstd, int N, int C, int accum);
+                             const void *w, const float *rstd, int N, int C, int accum,
+                             int dw_accum);
 void sj_cpu_rope_forward(void *out, const void *in, int B, int T, int n_heads,
                          int n_rot, int hd, int pos0, float theta);
 void sj_cpu_rope_backward(void *din, const void *dout, int B, int T, int n_heads,
@@ -48,8 +49,8 @@ void sj_cpu_cross_entropy_backward(void *dlogits, const void *logits, const floa
                                    int ignore_index, const float *scale, int accum);
 double sj_cpu_sumsq(const float *x, int64_t n);
 void sj_cpu_grad_sumsq(sj_adamw_hp *hp, const float *g, int64_t n);
-void sj_cpu_adamw(float *p, void *p_act, float *g, float *m, float *v, int64_t n,
-                  int64_t n_decay, const sj_adamw_hp *hp);
+void sj_cpu_adamw(float *p, void *p_act, float *g, int zero_grads, float *m, float *v,
+                  int64_t n, int64_t n_decay, const sj_adamw_hp *hp);
 
 
 #endif

@@ -32,7 +32,7 @@ void sj_cpu_rmsnorm_forward(void *out, float *rstd, const void *x, const void *w
 }
 
 typedef struct {
-    float *dx, *dw; const float *dout, *x, *w, *rstd; int N, C, accum;
+    float *dx, *dw; const float *dout, *x, *w, *rstd; int N, C, accum, dw_accum;
 } bwd_job;
 
 static void bwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
@@ -58,6 +58,7 @@ static void bwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 static void bwd_cols(void *ctx, int64_t c0, int64_t c1, int tid) {
     (void)tid;
     const bwd_job *j = ctx;
+    if (!j->dw_accum) for (int64_t c = c0; c < c1; c++) j->dw[c] = 0.0f;
     for (int64_t r = 0; r < j->N; r++) {
         const float *x = j->x + r * j->C, *g = j->dout + r * j->C;
         float rs = j->rstd[r];
@@ -65,10 +66,11 @@ static void bwd_cols(void *ctx, int64_t c0, int64_t c1, int tid) {
     }
 }
 
-// dx: (N, C) (+)=; dw: (C) +=
+// dx: (N, C) (+)=; dw: (C) (+)=
 void sj_cpu_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x,
-                             const void *w, const float *rstd, int N, int C, int accum) {
-    bwd_job j = { dx, dw, dout, x, w, rstd, N, C, accum };
+                             const void *w, const float *rstd, int N, int C, int accum,
+                             int dw_accum) {
+    bwd_job j = { dx, dw, dout, x, w, rstd, N, C, accum, dw_accum };
     sj_parallel_for(N, 16, bwd_rows, &j);
     sj_parallel_for(C, 16, bwd_cols, &j);
 }

@@ -91,11 +91,21 @@ static void touch(sj_tval *v, int time) {
     if (time > v->last) v->last = time;
 }
 
-typedef struct { int id; int64_t bytes; } by_size;
-static int cmp_size(const void *a, const void *b) {
-    const by_size *x = a, *y = b;
+/* A tensor to lay out in the arena: its bytes and lifetime. */
+typedef struct { int id; int64_t bytes; int first, last; } item;
+static int by_size(const void *a, const void *b) {   /* largest first */
+    const item *x = a, *y = b;
     if (x->bytes != y->bytes) return x->bytes < y->bytes ? 1 : -1;
     return x->id - y->id;
+}
+static int by_life(const void *a, const void *b) {   /* longest-lived first */
+    const item *x = a, *y = b;
+    if (x->last - x->first != y->last - y->first) return (y->last - y->first) - (x->last - x->first);
+    return by_size(a, b);
+}
+static int by_birth(const void *a, const void *b) {  /* first made first */
+    const item *x = a, *y = b;
+    return x->first != y->first ? x->first - y->first : by_size(a, b);
 }
 typedef struct { int64_t lo, hi; } span;
 static int cmp_span(const void *a, const void *b) {
@@ -432,7 +442,66 @@ static void plan_in_place(sj_tape *tp) {
     for (int k = 0; k < tp->n_bsched && tp->train; k++, t++) share_step(tp, &tp->bsched[k], t);
 }
 
+/* A parameter's gradient: its elements in the flat buffer, and the time of
+ * its first writer. */
+typedef struct { int64_t off, numel; int first; } pgrad;
+
+/* Node n, run at `time`, writes the gradients of its parameter inputs: it
+ * adds into them unless it is the first writer of a step's own (arena)
+ * gradients. New parameters are appended to pg. */
+static sj_status param_writes(sj_tape *tp, sj_node *n, int time, pgrad **pg, int *np, int *cap) {
+    for (int k = 0; k < 3; k++) {
+        const int id = n->in[k];
+        if (id < 0 || tp->t[id].kind != SJ_T_PARAM) continue;
+        const int64_t off = tp->t[id].offset, numel = tp->t[id].numel;
+        int seen = 0;
+        for (int j = 0; j < *np && !seen; j++) {
+            const pgrad *q = &(*pg)[j];
+            seen = q->off == off && q->numel == numel;
+            if (!seen && tp->arena_grads && q->off < off + numel && off < q->off + q->numel)
+                return sj_fail(SJ_ERR_ARG, "tape plan: parameter views overlap in part");
+        }
+        n->accum[k] = !tp->arena_grads || seen;
+        if (seen) continue;
+        if (grow((void **)pg, cap, *np + 1, sizeof **pg))
+            return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
+        (*pg)[(*np)++] = (pgrad){ off, numel, time };
+    }
+    return SJ_OK;
+}
+
+/* Every write of a parameter gradient, at the times lifetimes() gave each
+ * step: forward nodes that make their gradients in forward, then the
+ * backward steps (recomputes and conversions write none). */
+static sj_status plan_param_grads(sj_tape *tp, pgrad **pg, int *np) {
+    int cap = 0, t = 0;
+    *pg = NULL;
+    *np = 0;
+    sj_status s = SJ_OK;
+    for (int k = 0; k < (tp->n_fsched ? tp->n_fsched : tp->n_nodes) && s == SJ_OK; k++, t++) {
+        const sj_step st = tp->n_fsched ? tp->fsched[k] : (sj_step){ SJ_STEP_FWD, k };
+        sj_node *n = st.kind == SJ_STEP_CONV ? NULL : &tp->nodes[st.idx];
+        if (n && sj_ops[n->op].fwd_grads) s = param_writes(tp, n, t, pg, np, &cap);
+    }
+    for (int k = 0; k < tp->n_bsched && s == SJ_OK; k++, t++) {
+        const sj_step *st = &tp->bsched[k];
+        if (st->kind == SJ_STEP_XFWD || st->kind == SJ_STEP_CONV) continue;
+        sj_node *n = step_node(tp, st);
+        if (!sj_ops[n->op].fwd_grads) s = param_writes(tp, n, t, pg, np, &cap);
+    }
+    if (s != SJ_OK) { free(*pg); *pg = NULL; }
+    return s;
+}
+
+static int cmp_pgrad(const void *a, const void *b) {
+    const pgrad *x = a, *y = b;
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+static int64_t up256(int64_t b) { return (b + 255) & ~(int64_t)255; }
+
 sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
+    if (!tp->train) tp->arena_grads = 0;
     /* Gradient tensors for every differentiable activation (train only). */
     int n_fwd_t = tp->n_t;
     if (tp->train)
@@ -469,6 +538,9 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
         }
         free(written);
     }
+    pgrad *pg = NULL;
+    int n_pg = 0;
+    if (tp->train) SJ_TRY(plan_param_grads(tp, &pg, &n_pg));
     /* A device backend reads the token inputs from its own memory: they get
      * arena room (int32, twice over for the embedding's sorted row order),
      * alive from the start, since they are copied in before the first node. */
@@ -488,14 +560,52 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
             v->last >= fwd_end)
             tp->kept_bytes += v->numel * (int64_t)sj_dtype_size(v->dtype);
     }
-    /* Arena offsets: largest first, each at the lowest address that no
-     * tensor alive at the same time occupies. */
+    /* A step's own parameter gradients (arena_grads) come first in the
+     * arena, fixed: each parameter's bytes are busy from its first write to
+     * the end of the run (the optimizer reads them), bytes that no parameter
+     * of this tape writes are busy throughout (and zero). Activations fill
+     * the rest of the time. */
+    int n_fixed = 0;
+    span *fixed = NULL, *gaps = NULL;
+    int *fixed_first = NULL;
+    if (tp->arena_grads) {
+        qsort(pg, (size_t)n_pg, sizeof *pg, cmp_pgrad);
+        fixed = malloc(sizeof(span) * (size_t)(2 * n_pg + 1));
+        gaps = malloc(sizeof(span) * (size_t)(n_pg + 2));
+        fixed_first = malloc(sizeof(int) * (size_t)(2 * n_pg + 1));
+    }
+    int n_gaps = 0;
+    if (tp->arena_grads && (!fixed || !gaps || !fixed_first)) {
+        free(pg); free(fixed); free(gaps); free(fixed_first);
+        return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
+    }
+    int64_t end = 0;
+    for (int j = 0; tp->arena_grads && j <= n_pg; j++) {
+        const int64_t lo = j < n_pg ? pg[j].off : tp->arena_grads;
+        if (lo > end) {
+            gaps[n_gaps++] = (span){ end, lo };
+            fixed_first[n_fixed] = 0;
+            fixed[n_fixed++] = (span){ 4 * end & ~(int64_t)255, up256(4 * lo) };
+        }
+        if (j == n_pg) break;
+        fixed_first[n_fixed] = pg[j].first;
+        fixed[n_fixed++] = (span){ 4 * pg[j].off & ~(int64_t)255, up256(4 * (pg[j].off + pg[j].numel)) };
+        if (pg[j].off + pg[j].numel > end) end = pg[j].off + pg[j].numel;
+    }
+    free(pg);
+    /* Arena offsets: in some order, each tensor at the lowest address that
+     * nothing alive at the same time occupies. Largest first packs plain
+     * tapes tightest; around a step's gradients, whose holes open one
+     * parameter at a time, longest-lived or first-made first often do
+     * better. Each order is tried, and with a step's gradients each also
+     * with them kept apart (busy throughout): the smallest arena is kept,
+     * so sharing never costs more than the gradients' own bytes. */
     int n_act = 0;
-    by_size *order = malloc(sizeof(by_size) * (size_t)tp->n_t);
-    span *busy = malloc(sizeof(span) * (size_t)tp->n_t);
-    int *placed = malloc(sizeof(int) * (size_t)tp->n_t);
-    if (!order || !busy || !placed) {
-        free(order); free(busy); free(placed);
+    item *items = malloc(sizeof(item) * (size_t)tp->n_t);
+    span *busy = malloc(sizeof(span) * (size_t)(tp->n_t + n_fixed));
+    int64_t *off = malloc(sizeof(int64_t) * (size_t)tp->n_t);
+    if (!items || !busy || !off) {
+        free(items); free(busy); free(off); free(fixed); free(gaps); free(fixed_first);
         return sj_fail(SJ_ERR_NOMEM, "tape plan: out of memory");
     }
     for (int id = 0; id < tp->n_t; id++) {
@@ -505,42 +615,55 @@ sj_status sj_tape_plan(sj_tape *tp, const sj_backend *be) {
         if (v->kind == SJ_T_ACT) bytes = v->numel * (int64_t)sj_dtype_size(v->dtype);
         else if (v->staged) bytes = 2 * v->numel * 4;
         else continue;
-        order[n_act++] = (by_size){ id, (bytes + 255) & ~(int64_t)255 };
+        items[n_act++] = (item){ id, up256(bytes), v->first, v->last };
     }
-    qsort(order, (size_t)n_act, sizeof *order, cmp_size);
-    int64_t top = 0;
-    for (int a = 0; a < n_act; a++) {
-        sj_tval *v = &tp->t[order[a].id];
-        int nb = 0;
-        for (int b = 0; b < a; b++) {
-            sj_tval *u = &tp->t[placed[b]];
-            if (u->first <= v->last && v->first <= u->last)
-                busy[nb++] = (span){ u->offset, u->offset + order[b].bytes };
+    int (*const orders[])(const void *, const void *) = { by_size, by_life, by_birth };
+    int64_t top = -1;
+    for (int o = 0; o < (tp->arena_grads ? 6 : 3); o++) {
+        const int apart = o >= 3;
+        qsort(items, (size_t)n_act, sizeof *items, orders[o % 3]);
+        int64_t end = up256(4 * tp->arena_grads);
+        for (int a = 0; a < n_act; a++) {
+            const item *v = &items[a];
+            int nb = 0;
+            for (int f = 0; f < n_fixed; f++)
+                if (apart || fixed_first[f] <= v->last) busy[nb++] = fixed[f];
+            for (int b = 0; b < a; b++) {
+                const item *u = &items[b];
+                if (u->first <= v->last && v->first <= u->last)
+                    busy[nb++] = (span){ off[b], off[b] + u->bytes };
+            }
+            qsort(busy, (size_t)nb, sizeof *busy, cmp_span);
+            off[a] = 0;
+            for (int b = 0; b < nb; b++) {
+                if (busy[b].lo >= off[a] + v->bytes) break;
+                if (busy[b].hi > off[a]) off[a] = busy[b].hi;
+            }
+            if (off[a] + v->bytes > end) end = off[a] + v->bytes;
         }
-        qsort(busy, (size_t)nb, sizeof *busy, cmp_span);
-        int64_t off = 0;
-        for (int b = 0; b < nb; b++) {
-            if (busy[b].lo >= off + order[a].bytes) break;
-            if (busy[b].hi > off) off = busy[b].hi;
-        }
-        v->offset = off;
-        placed[a] = order[a].id;
-        if (off + order[a].bytes > top) top = off + order[a].bytes;
+        if (top >= 0 && end >= top) continue;
+        top = end;
+        for (int a = 0; a < n_act; a++) tp->t[items[a].id].offset = off[a];
     }
-    free(order); free(busy); free(placed);
+    free(busy); free(off);
     for (int id = 0; id < tp->n_t; id++)   /* aliases point at roots (share) */
         if (tp->t[id].alias >= 0) tp->t[id].offset = tp->t[tp->t[id].alias].offset;
     tp->arena_bytes = top;
-    if (tp->dry) return SJ_OK;
-    if (tp->budget >= 0 && top > tp->budget) return SJ_ERR_NOMEM;  /* the caller says why */
+    sj_status s = SJ_OK;
+    if (tp->dry) goto done;
+    if (tp->budget >= 0 && top > tp->budget) { s = SJ_ERR_NOMEM; goto done; }  /* the caller says why */
     tp->arena = be->alloc((size_t)(top ? top : 256), "activation arena");
-    if (!tp->arena) return SJ_ERR_NOMEM;
+    if (!tp->arena) { s = SJ_ERR_NOMEM; goto done; }
     if (getenv("SMEDJAN_POISON")) {  /* NaN everywhere: a stale read shows up */
         /* 0x7FC07FC0 is a NaN as one f32 and as two bf16 halves alike. */
         union { uint32_t u; float f; } nan = { 0x7FC07FC0u };
         be->fill(tp->arena, nan.f, top / 4);
     }
-    return SJ_OK;
+    for (int j = 0; j < n_gaps; j++)
+        be->fill((float *)tp->arena + gaps[j].lo, 0.0f, gaps[j].hi - gaps[j].lo);
+done:
+    free(gaps); free(fixed); free(fixed_first); free(items);
+    return s;
 }
 
 void sj_tape_census(const sj_tape *tp, int nodes[SJ_OP__COUNT], int in_place[SJ_OP__COUNT]) {

@@ -43,7 +43,8 @@ typedef enum {
 typedef struct {
     sj_opcode op;
     int in[3], out[2];  /* tensor ids, -1 when unused */
-    int accum[3];       /* planned: backward adds into in[k]'s gradient */
+    int accum[3];       /* planned: backward adds into in[k]'s gradient (a parameter's
+                         * too; else it overwrites it) */
     int dim[6];
     float f;
     int scratch;        /* ACT tensor the op uses as workspace in forward, or -1 */
@@ -70,6 +71,12 @@ typedef struct sj_tape {
     float loss_scale;       /* d(mean loss)/d(row loss), set before backward */
     float *loss_scale_ptr;  /* where backward reads it (backend memory); NULL: &loss_scale */
     float *grads;           /* parameter gradients, for ops that write them in forward */
+    /* > 0: the parameter gradients (this many f32, laid out as the caller's
+     * flat buffer) live at the arena's start for one run only, as a train
+     * step's do: each parameter's first writer overwrites its gradient, and
+     * until then those bytes hold activations. 0: they are the caller's
+     * buffer, always added into (gradient accumulation). */
+    int64_t arena_grads;
     const float *master;    /* f32 master weights, for MASTER tensors (set before a run) */
     /* Gradient checkpointing: node ranges [b, e) of the blocks whose interior
      * activations are not kept from forward to backward but recomputed. */
@@ -108,6 +115,10 @@ static inline void *sj_tape_ptr(const sj_tape *tp, int id, void *params) {
     if (v->kind == SJ_T_PARAM) return (char *)params + v->offset * (int64_t)sj_dtype_size(tp->act_dtype);
     if (v->kind == SJ_T_MASTER) return (void *)(tp->master + v->offset);
     return v->ptr;
+}
+/* Where a run's parameter gradients go: the arena (arena_grads) or own. */
+static inline float *sj_tape_grads(const sj_tape *tp, float *own) {
+    return tp->arena_grads ? (float *)tp->arena : own;
 }
 sj_status sj_tape_forward(sj_tape *tp, const sj_backend *be, void *params);
 sj_status sj_tape_backward(sj_tape *tp, const sj_backend *be, void *params, float *grads);

@@ -155,7 +155,7 @@ sj_status sj_model_need_grads(sj_model *m) {
 /* Runs that cast each weight on use (cast_on_use) read only the master;
  * every other run reads the compute copy. */
 static int casts_weights(const sj_model *m, sj_run_mode mode) {
-    return m->lv.cast_on_use && mode != SJ_RUN_TRAIN && m->be->act_dtype != SJ_F32;
+    return m->lv.cast_on_use && !sj_run_trains(mode) && m->be->act_dtype != SJ_F32;
 }
 
 /* The compute copy of the weights in the act dtype, made from the master
@@ -350,7 +350,8 @@ static int residual(const sj_plan *pl, sj_tape *tp, int x, int a, int w, int N, 
 
 /* The tape of a new plan, levers applied. */
 static void tape_init(const sj_model *m, sj_plan *pl, int dry) {
-    sj_tape_init(&pl->tape, pl->mode == SJ_RUN_TRAIN, m->be->act_dtype, m->be->device);
+    sj_tape_init(&pl->tape, sj_run_trains(pl->mode), m->be->act_dtype, m->be->device);
+    pl->tape.arena_grads = pl->mode == SJ_RUN_STEP ? m->n_params : 0;
     pl->tape.checkpoint = m->lv.checkpoint || m->lv.cheap_recompute;
     pl->tape.f16_act = m->lv.f16_act;
     pl->tape.dry = dry;
@@ -381,7 +382,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     /* The QKV product is rotated and the gate/up product gated as they are
      * made (one node each). Cheap recompute keeps SwiGLU apart: it drops
      * SwiGLU's output and redoes it from gu, not from a GEMM. */
-    const int fuse = !pl->unfused, fuse_swiglu = fuse && (pl->mode != SJ_RUN_TRAIN || !op_blocks);
+    const int fuse = !pl->unfused, fuse_swiglu = fuse && (!sj_run_trains(pl->mode) || !op_blocks);
     #define OP_BLOCK_BEGIN() do { if (op_blocks) SJ_TRY(sj_tape_block_begin(tp)); } while (0)
     #define OP_BLOCK_END() do { if (op_blocks) SJ_TRY(sj_tape_block_end(tp)); } while (0)
     for (int l = 0; l < c->n_layers; l++) {
@@ -475,13 +476,13 @@ static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan *
     if (s == SJ_ERR_NOMEM && limit > 0 && !pl->tape.arena && pl->tape.arena_bytes > pl->tape.budget)
         s = sj_fail(SJ_ERR_NOMEM, "memory limit: batch %d x seq %d (%s) plans a peak of %.1f MiB "
                     "(%.1f MiB held: parameters, gradients, optimizer state, other plans; "
-                    "+ %.1f MiB activation arena), over the limit of %.1f MiB; nothing was "
+                    "+ %.1f MiB activation arena%s), over the limit of %.1f MiB; nothing was "
                     "allocated for it. Pull a lever: smaller --batch-size or --seq-len, "
                     "--grad-accum, --cheap-recompute, --gradient-checkpointing, --fused-ce",
-                    B, T, mode == SJ_RUN_TRAIN ? "train" : mode == SJ_RUN_LOSS ? "loss" : "forward",
+                    B, T, (const char *[]){ "forward", "loss", "backward", "train" }[mode],
                     (double)(held + pl->tape.arena_bytes) / 1048576.0,
                     (double)held / 1048576.0, (double)pl->tape.arena_bytes / 1048576.0,
-                    (double)limit / 1048576.0);
+                    mode == SJ_RUN_STEP ? " with the step's gradients" : "", (double)limit / 1048576.0);
     if (s == SJ_OK && m->be->device &&
         !(pl->host = m->be->host_alloc((size_t)16 * B * T, "staged tokens and losses")))
         s = SJ_ERR_NOMEM;
@@ -536,7 +537,7 @@ static void stage(sj_model *m, sj_plan *pl, const void *tokens, const void *targ
     int32_t *tok = pl->host, *tgt = tok + 2 * N;
     for (int64_t i = 0; i < N; i++) tok[i] = (int32_t)sj_token_at(tokens, dt, i);
     tp->t[pl->tokens].dtype = SJ_I32;
-    if (pl->mode == SJ_RUN_TRAIN) {
+    if (sj_run_trains(pl->mode)) {
         int32_t *cnt = m->sort_count, *order = tok + N;
         const int V = m->cfg.vocab_size;
         memset(cnt, 0, sizeof(int32_t) * ((size_t)V + 1));
@@ -587,7 +588,7 @@ sj_status sj_model_enqueue(sj_model *m, sj_plan *pl) {
     if (tp->device) {
         int32_t *tok = pl->host;
         be->from_host_async(sj_tape_ptr(tp, pl->tokens, NULL), tok,
-                            sizeof(int32_t) * (size_t)N * (pl->mode == SJ_RUN_TRAIN ? 2 : 1));
+                            sizeof(int32_t) * (size_t)N * (sj_run_trains(pl->mode) ? 2 : 1));
         if (pl->mode != SJ_RUN_LOGITS) {
             be->from_host_async(sj_tape_ptr(tp, pl->targets, NULL), tok + 2 * N, 4 * (size_t)N);
             be->from_host_async(&m->scalars->loss_scale, &m->scalars_host[0].loss_scale,
@@ -596,7 +597,7 @@ sj_status sj_model_enqueue(sj_model *m, sj_plan *pl) {
     }
     if (pl->mode == SJ_RUN_TRAIN && !m->grads)   /* sj_model_prepare brings them */
         return sj_fail(SJ_ERR_RUNTIME, "train step without gradients (not prepared)");
-    tp->grads = m->grads;
+    tp->grads = sj_tape_grads(tp, m->grads);
     tp->master = m->params;
     SJ_TRY(sj_tape_forward(tp, be, m->params_act));
     if (pl->mode == SJ_RUN_LOGITS) return SJ_OK;
@@ -608,8 +609,8 @@ sj_status sj_model_enqueue(sj_model *m, sj_plan *pl) {
         m->rows_host = rows = r; m->n_rows_host = N;
     }
     be->to_host_async(rows, sj_tape_ptr(tp, pl->losses, m->params_act), sizeof(float) * N);
-    if (pl->mode != SJ_RUN_TRAIN) return SJ_OK;
-    return sj_tape_backward(tp, be, m->params_act, m->grads);
+    if (!sj_run_trains(pl->mode)) return SJ_OK;
+    return sj_tape_backward(tp, be, m->params_act, tp->grads);
 }
 
 float sj_model_mean_loss(sj_model *m, sj_plan *pl, int64_t count) {

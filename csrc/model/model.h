@@ -4,7 +4,14 @@
 
 #include "../graph/tape.h"
 
-typedef enum { SJ_RUN_LOGITS, SJ_RUN_LOSS, SJ_RUN_TRAIN } sj_run_mode;
+/* LOGITS and LOSS run forward; TRAIN runs backward too, adding into the
+ * model's gradients; STEP is a whole train step (sj_train_step on a model
+ * that holds no gradients): its gradients live in the arena, where the
+ * activations that backward frees make room for them, and die with the
+ * optimizer update that reads them, as PyTorch's do with the caching
+ * allocator and zero_grad(set_to_none=True). */
+typedef enum { SJ_RUN_LOGITS, SJ_RUN_LOSS, SJ_RUN_TRAIN, SJ_RUN_STEP } sj_run_mode;
+static inline int sj_run_trains(sj_run_mode mode) { return mode >= SJ_RUN_TRAIN; }
 
 /* A recorded and planned tape for one (B, T, mode), kept for reuse. */
 typedef struct {
@@ -46,8 +53,9 @@ typedef struct {
 void sj_model_reset_peak(sj_model *m);
 /* Set the levers (drops the cached plans when they change). */
 sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv);
-/* Plan (B, T, mode) without allocating: the activation arena's bytes, and
- * the activation bytes kept from forward to backward. */
+/* Plan (B, T, mode) without allocating: the activation arena's bytes (with
+ * STEP, the step's gradients too), and the activation bytes kept from
+ * forward to backward. */
 sj_status sj_model_plan_bytes(sj_model *m, int B, int T, sj_run_mode mode,
                               int64_t *arena_bytes, int64_t *kept_bytes);
 /* ... and the tape's census (sj_tape_census; nodes NULL: none). */

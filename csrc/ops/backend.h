@@ -5,7 +5,8 @@
  * Argument order: outputs first, then inputs, then dims (B, T, C ...).
  * Backward kernels with an `accum` flag add into their input-gradient when
  * it is set and overwrite it otherwise (the tape plans which); parameter
- * gradients are always added into.
+ * gradients likewise (matmul's C with c_f32, rmsnorm's dw_accum), except
+ * the embedding's, which is always added into.
  *
  * Precision: activations, activation gradients and the compute copy of the
  * weights are of the backend's act_dtype (`void *` below: f32 on the CPU,
@@ -83,7 +84,8 @@ typedef struct sj_backend {
     void (*rmsnorm_forward)(void *out, float *rstd, const void *x, const void *w,
                             int N, int C, float eps);
     void (*rmsnorm_backward)(void *dx, float *dw, const void *dout, const void *x,
-                             const void *w, const float *rstd, int N, int C, int accum);
+                             const void *w, const float *rstd, int N, int C, int accum,
+                             int dw_accum);
 
     /* Rotate-half RoPE on the first n_rot heads of each row of n_heads heads
      * of size hd; the remaining heads are copied. Row r of batch b has
@@ -136,10 +138,11 @@ typedef struct sj_backend {
     void (*grad_sumsq)(sj_adamw_hp *hp, const float *g, int64_t n);
     /* AdamW over flat buffers, weight decay on [0, n_decay) only, gradients
      * scaled by min(1, clip / (sqrt(sumsq) + 1e-6)) when clip > 0. When
-     * sumsq is not finite nothing is updated. Either way the gradients are
-     * zeroed. p_act (act dtype, may be NULL) receives the new weights. */
-    void (*adamw)(float *p, void *p_act, float *g, float *m, float *v, int64_t n,
-                  int64_t n_decay, const sj_adamw_hp *hp);
+     * sumsq is not finite nothing is updated. Either way, with zero_grads,
+     * the gradients are zeroed. p_act (act dtype, may be NULL) receives the
+     * new weights. */
+    void (*adamw)(float *p, void *p_act, float *g, int zero_grads, float *m, float *v,
+                  int64_t n, int64_t n_decay, const sj_adamw_hp *hp);
 
     /* ---- device plumbing (trivial on the CPU) ---- */
     /* A context = a stream plus its scratch and GEMM workspace. bind() makes

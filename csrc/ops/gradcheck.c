@@ -2,7 +2,8 @@
  * same tape and backend dispatch the model uses. Random inputs (never
  * zeros), a random weighting r of the outputs as objective L = sum(r * y),
  * central differences at sampled elements of every differentiable input.
- * With accumulate, gradients start from random values that must survive. */
+ * Gradients (of parameters too) start from random values that must survive
+ * with accumulate and be overwritten without. */
 #include "../graph/tape.h"
 #include <math.h>
 #include <stdio.h>
@@ -141,7 +142,7 @@ sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double 
         for (int64_t i = 0; i < in->numel; i++) {
             in->host[i] = uni(&g) * (strcmp(op, "rmsnorm") || in->is_param ? 1.0f : 2.0f);
             if (in->is_param && !strcmp(op, "rmsnorm")) in->host[i] += 1.5f;
-            init_grad[k][i] = accumulate || in->is_param ? uni(&g) : 0.0f;
+            init_grad[k][i] = uni(&g);   /* kept (accumulate) or overwritten */
         }
     }
     if (s == SJ_OK) {
@@ -163,7 +164,8 @@ sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double 
             gc_input *in = &c.in[k];
             const float *gp = in->is_param ? c.grads + c.tp.t[in->id].offset
                                            : sj_tape_ptr(&c.tp, c.tp.t[in->id].grad, c.params);
-            for (int64_t i = 0; i < in->numel; i++) analytic[k][i] = gp[i] - init_grad[k][i];
+            for (int64_t i = 0; i < in->numel; i++)
+                analytic[k][i] = gp[i] - (accumulate ? init_grad[k][i] : 0.0f);
         }
         /* Central differences at sampled elements. */
         *max_err = 0.0;

@@ -164,7 +164,7 @@ static void lm_head_ce(const sj_tape *tp, const sj_node *n, const sj_backend *be
         be->cross_entropy_backward(L, L, lse + r0, tg + (size_t)r0 * ts, tdt, rows, V, ign,
                                    scale, 0);
         if (dh) be->matmul(dh + (size_t)r0 * C * es, L, W, rows, C, V, 0, 0, n->accum[0], 0);
-        be->matmul(dW, L, hc, V, C, rows, 1, 0, 1, 1);
+        be->matmul(dW, L, hc, V, C, rows, 1, 0, r0 > 0 || n->accum[1], 1);
     }
 }
 
@@ -253,18 +253,20 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
     if (sj_ops[n->op].fwd_grads) return;   /* done in forward */
     void *dy = n->op == SJ_OP_CROSS_ENTROPY ? NULL : G(out[0]);
     switch (n->op) {
-    case SJ_OP_EMBEDDING:
-        be->embedding_backward(grads + tp->t[in[1]].offset, dy, P(in[0]), tp->t[in[0]].dtype,
-                               d[0], d[1]);
+    case SJ_OP_EMBEDDING: {   /* a scatter: it adds, so a first write starts from zeros */
+        float *demb = grads + tp->t[in[1]].offset;
+        if (!acc[1]) be->fill(demb, 0.0f, tp->t[in[1]].numel);
+        be->embedding_backward(demb, dy, P(in[0]), tp->t[in[0]].dtype, d[0], d[1]);
         break;
+    }
     case SJ_OP_RMSNORM:
         be->rmsnorm_backward(dx, grads + tp->t[in[1]].offset, dy, P(in[0]), P(in[1]),
-                             P(out[1]), d[0], d[1], acc[0]);
+                             P(out[1]), d[0], d[1], acc[0], acc[1]);
         break;
     case SJ_OP_MATMUL:
     case SJ_OP_MATMUL_ADD: {
         if (dx) be->matmul(dx, dy, P(in[1]), d[0], d[2], d[1], 0, 0, acc[0], 0);   // dy @ W
-        be->matmul(grads + tp->t[in[1]].offset, dy, P(in[0]), d[1], d[2], d[0], 1, 0, 1, 1);
+        be->matmul(grads + tp->t[in[1]].offset, dy, P(in[0]), d[1], d[2], d[0], 1, 0, acc[1], 1);
         void *dr = n->op == SJ_OP_MATMUL_ADD ? in_grad(tp, n, 2, params) : NULL;
         if (dr && dr != dy) be->copy(dr, dy, tp->t[out[0]].numel, acc[2]);   /* not shared */
         break;
@@ -300,7 +302,7 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         if (fused_swiglu) be->swiglu_backward(dp, dy, P(out[1]), d[0], d[1], 0);
         else be->rope_backward(dy, dy, d[0], d[1], d[2], d[3], d[4], 0, n->f, 0);
         if (dx) be->matmul(dx, dp, P(in[1]), N, C, n_out, 0, 0, acc[0], 0);
-        be->matmul(grads + tp->t[in[1]].offset, dp, P(in[0]), n_out, C, N, 1, 0, 1, 1);
+        be->matmul(grads + tp->t[in[1]].offset, dp, P(in[0]), n_out, C, N, 1, 0, acc[1], 1);
         break;
     }
     case SJ_OP_CAST:       /* only on forward-only tapes */

@@ -456,6 +456,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         I[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(si, i));
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(sf) && i < 8; i++)
         Fl[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(sf, i));
+    const Py_ssize_t n_ints = PySequence_Fast_GET_SIZE(si);
     Py_DECREF(si); Py_DECREF(sf);
     if (PyErr_Occurred()) return NULL;
     if (!hctx && !(hctx = be->ctx_create())) return sj_py_raise(SJ_ERR_RUNTIME);
@@ -511,7 +512,10 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 1: be->embedding_forward(D(0), D(1), SJ_I32, D(2), (int)I[0], (int)I[1]); break;
     case 2: be->embedding_backward(D(0), D(1), D(2), SJ_I32, (int)I[0], (int)I[1]); break;
     case 3: be->rmsnorm_forward(D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (float)Fl[0]); break;
-    case 4: be->rmsnorm_backward(D(0), D(1), D(2), D(3), D(4), D(5), (int)I[0], (int)I[1], (int)I[2]); break;
+    case 4: /* ints[3] = dw_accum (default 1: added into) */
+        be->rmsnorm_backward(D(0), D(1), D(2), D(3), D(4), D(5), (int)I[0], (int)I[1], (int)I[2],
+                             n_ints > 3 ? (int)I[3] : 1);
+        break;
     case 5: /* ints[6] = in place: out is the input buffer */
         be->rope_forward(I[6] ? D(1) : D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0]);
         break;
@@ -535,7 +539,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         if (!dhp) break;
         be->from_host(dhp, &hp, sizeof hp);
         be->grad_sumsq(dhp, D(2), I[0]);
-        be->adamw(D(0), I[3] ? D(1) : NULL, D(2), D(3), D(4), I[0], I[1], dhp);
+        be->adamw(D(0), I[3] ? D(1) : NULL, D(2), 1, D(3), D(4), I[0], I[1], dhp);
         be->to_host(&hp, dhp, sizeof hp);
         be->free(dhp);
         Fl[7] = hp.sumsq;

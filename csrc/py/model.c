@@ -237,6 +237,13 @@ static PyObject *model_grads(PyObject *self, PyObject *noargs) {
     return flat_view(self, MODEL(self), p, n, &((ModelObject *)self)->exports, NULL);
 }
 
+/* has_grads() -> whether the model holds gradients (a train step then adds
+ * into them instead of keeping its own in its arena) */
+static PyObject *model_has_grads(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    return PyBool_FromLong(MODEL(self)->grads != NULL);
+}
+
 /* to(device, dtype): refused while views of the old buffers are alive. */
 static PyObject *model_to(PyObject *self, PyObject *args) {
     NEED_MODEL(self);
@@ -329,12 +336,13 @@ static PyObject *model_levers(PyObject *self, PyObject *noargs) {
                          "fp16_act", lv->f16_act ? Py_True : Py_False);
 }
 
-/* plan_bytes(B, T, mode) -> (arena_bytes, kept_bytes); mode 0 logits, 1 loss, 2 train */
+/* plan_bytes(B, T, mode) -> (arena_bytes, kept_bytes); mode 0 logits, 1 loss,
+ * 2 backward (into the model's gradients), 3 train step (its own gradients) */
 static PyObject *model_plan_bytes(PyObject *self, PyObject *args) {
     NEED_MODEL(self);
     int B, T, mode;
     if (!PyArg_ParseTuple(args, "iii", &B, &T, &mode)) return NULL;
-    if (mode < 0 || mode > 2) { PyErr_SetString(PyExc_ValueError, "mode must be 0, 1 or 2"); return NULL; }
+    if (mode < 0 || mode > 3) { PyErr_SetString(PyExc_ValueError, "mode must be 0, 1, 2 or 3"); return NULL; }
     int64_t arena = 0, kept = 0;
     sj_status s;
     SJ_PY_CALL(s, sj_model_plan_bytes(MODEL(self), B, T, (sj_run_mode)mode, &arena, &kept));
@@ -348,7 +356,7 @@ static PyObject *model_plan_census(PyObject *self, PyObject *args) {
     NEED_MODEL(self);
     int B, T, mode;
     if (!PyArg_ParseTuple(args, "iii", &B, &T, &mode)) return NULL;
-    if (mode < 0 || mode > 2) { PyErr_SetString(PyExc_ValueError, "mode must be 0, 1 or 2"); return NULL; }
+    if (mode < 0 || mode > 3) { PyErr_SetString(PyExc_ValueError, "mode must be 0, 1, 2 or 3"); return NULL; }
     int nodes[SJ_OP__COUNT], in_place[SJ_OP__COUNT];
     sj_status s;
     SJ_PY_CALL(s, sj_model_plan_census(MODEL(self), B, T, (sj_run_mode)mode, NULL, NULL, nodes,
@@ -449,6 +457,7 @@ static PyMethodDef model_methods[] = {
     {"tensors", model_tensors, METH_NOARGS, "tensors() -> [(name, shape, offset, decay)]"},
     {"params", model_params, METH_NOARGS, "params() -> Buffer over the flat parameters"},
     {"grads", model_grads, METH_NOARGS, "grads() -> Buffer over the flat gradients (made, zeroed, on first use)"},
+    {"has_grads", model_has_grads, METH_NOARGS, "has_grads() -> whether the gradients exist"},
     {"zero_grad", model_zero_grad, METH_NOARGS, "zero_grad()"},
     {"to", model_to, METH_VARARGS, "to(device, dtype=None): move to 'cpu' or 'cuda'"},
     {"device", model_device, METH_NOARGS, "device() -> 'cpu' | 'cuda'"},

@@ -138,15 +138,16 @@ static float set_hp(sj_optimizer *o) {
     return rate;
 }
 
-/* Norm, clip and AdamW on the bound context (capturable): scalars in, the
- * global squared norm back out. */
-static void enqueue_update(sj_optimizer *o) {
+/* Norm, clip and AdamW over the gradients g on the bound context
+ * (capturable): scalars in, the global squared norm back out. The model's
+ * own gradients are zeroed after; a step's own (in its arena) die with it. */
+static void enqueue_update(sj_optimizer *o, float *g) {
     sj_model *md = o->model;
     const sj_backend *be = md->be;
     be->from_host_async(&md->scalars->hp, &md->scalars_host[0].hp, sizeof(sj_adamw_hp));
-    be->grad_sumsq(&md->scalars->hp, md->grads, md->n_params);
-    be->adamw(md->params, md->params_act == md->params ? NULL : md->params_act, md->grads,
-              o->m, o->v, md->n_params, md->n_decay, &md->scalars->hp);
+    be->grad_sumsq(&md->scalars->hp, g, md->n_params);
+    be->adamw(md->params, md->params_act == md->params ? NULL : md->params_act, g,
+              g == md->grads, o->m, o->v, md->n_params, md->n_decay, &md->scalars->hp);
     be->to_host_async(&md->scalars_host[1].hp.sumsq, &md->scalars->hp.sumsq, sizeof(double));
 }
 
@@ -165,17 +166,22 @@ sj_status sj_optimizer_step(sj_optimizer *o, float *grad_norm, float *lr) {
     SJ_TRY(follow_model(o));
     float rate = set_hp(o);
     md->be->bind(md->ctx);
-    enqueue_update(o);
+    enqueue_update(o, md->grads);
     SJ_TRY(md->be->sync());
     finish_update(o, rate, grad_norm, lr);
     return SJ_OK;
 }
 
 /* Capture the whole step into the plan's graph. */
-static void update_after(void *o) { enqueue_update(o); }
+typedef struct { sj_optimizer *o; sj_plan *pl; } step_ctx;
+static void update_after(void *arg) {
+    const step_ctx *c = arg;
+    enqueue_update(c->o, c->pl->tape.grads);
+}
 
 static sj_status capture(sj_optimizer *o, sj_plan *pl) {
-    SJ_TRY(sj_model_capture(o->model, pl, update_after, o));
+    step_ctx c = { o, pl };
+    SJ_TRY(sj_model_capture(o->model, pl, update_after, &c));
     pl->graph_opt = o;
     return SJ_OK;
 }
@@ -185,14 +191,13 @@ sj_status sj_train_step(sj_optimizer *o, const void *tokens, const void *targets
                         float *loss, float *grad_norm, float *lr) {
     sj_model *md = o->model;
     const sj_backend *be = md->be;
-    if (!be->device) {   /* host: the plain sequence */
-        SJ_TRY(sj_model_loss(md, tokens, targets, tok_dtype, B, T, -1, 1, loss));
-        return sj_optimizer_step(o, grad_norm, lr);
-    }
     SJ_TRY(follow_model(o));
+    /* Gradients the model already holds are added to, as a backward would;
+     * otherwise this step's live in its arena and die with it. */
     sj_plan *pl;
     int64_t count;
-    SJ_TRY(sj_model_prepare(md, tokens, targets, tok_dtype, B, T, -1, SJ_RUN_TRAIN, 0, &pl, &count));
+    SJ_TRY(sj_model_prepare(md, tokens, targets, tok_dtype, B, T, -1,
+                            md->grads ? SJ_RUN_TRAIN : SJ_RUN_STEP, 0, &pl, &count));
     float rate = set_hp(o);
     be->bind(md->ctx);
     sj_status s;
@@ -203,7 +208,7 @@ sj_status sj_train_step(sj_optimizer *o, const void *tokens, const void *targets
     } else {
         pl->eager_steps++;
         s = sj_model_enqueue(md, pl);
-        if (s == SJ_OK) enqueue_update(o);
+        if (s == SJ_OK) enqueue_update(o, pl->tape.grads);
     }
     if (s == SJ_OK) s = be->sync();
     if (s != SJ_OK) return s;
