@@ -189,9 +189,10 @@ class Model:
         already are half size, and the lever does nothing). cast_on_use
         (bf16 and fp16 models): forward and loss runs cast each weight from
         the f32 master into the activation arena right before its use, as
-        autocast does, and the model keeps no 16-bit copy of its weights (2
-        bytes a parameter) until a training run makes it again; logits are
-        bit-identical, each forward pays one pass over the master.
+        autocast does and as they do anyway until the first training run
+        makes the 16-bit copy of the weights (2 bytes a parameter): the
+        lever drops that copy until a training run makes it again; logits
+        are bit-identical, each forward pays one pass over the master.
 
         >>> m = Model("tiny"); m.set_levers(fused_ce=True)["fused_ce"]
         True
@@ -235,7 +236,8 @@ class Model:
         True
         """
         trains = mode in ("backward", "train")
-        own_grads = mode == "train" and int(grad_accum) == 1 and not self._h.has_grads()
+        has_grads, has_copy = self._h.holds()
+        own_grads = mode == "train" and int(grad_accum) == 1 and not has_grads
         code = {"forward": 0, "loss": 1, "backward": 2, "train": 3 if own_grads else 2}[mode]
         arena, kept = self._h.plan_bytes(int(batch_size), int(seq_len), code)
         n = self.n_params
@@ -244,8 +246,8 @@ class Model:
             fixed += 4 * n                 # the model's gradients
         if mode == "train":
             fixed += 8 * n                 # AdamW m, v
-        if self.dtype != "fp32" and (trains or not self.levers["cast_on_use"]):
-            fixed += 2 * n                 # the 16-bit compute copy
+        if self.dtype != "fp32" and (trains or has_copy):
+            fixed += 2 * n                 # the 16-bit compute copy (made by training)
         return dict(arena_bytes=arena, kept_bytes=kept, fixed_bytes=fixed,
                     peak_bytes=fixed + arena)
 

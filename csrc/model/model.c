@@ -152,20 +152,28 @@ sj_status sj_model_need_grads(sj_model *m) {
     return be->sync();
 }
 
-/* Runs that cast each weight on use (cast_on_use) read only the master;
- * every other run reads the compute copy. */
+/* A 16-bit model's forward and loss runs cast each weight from the f32
+ * master right before use, as autocast does, while the model holds no
+ * compute copy of its weights: one that never trained (evaluation,
+ * generation) keeps 2 bytes a parameter less. Training makes the copy, and
+ * from then on every run reads it, unless the cast_on_use lever drops it. */
 static int casts_weights(const sj_model *m, sj_run_mode mode) {
-    return m->lv.cast_on_use && !sj_run_trains(mode) && m->be->act_dtype != SJ_F32;
+    return (m->lv.cast_on_use || !m->params_act) && !sj_run_trains(mode) &&
+           m->be->act_dtype != SJ_F32;
 }
 
 /* The compute copy of the weights in the act dtype, made from the master
- * when a run needs it (cast_on_use drops it; training and runs without that
- * lever need it). Like sj_model_need_grads, never inside a capture. */
+ * when a training run needs it; plans that cast are dropped, so that the
+ * next run of their shape reads it. Like sj_model_need_grads, never inside
+ * a capture. */
 static sj_status need_compute_copy(sj_model *m) {
     if (m->params_act) return SJ_OK;
     const sj_backend *be = m->be;
     const size_t ab = sj_dtype_size(be->act_dtype) * (size_t)m->n_params;
     be->bind(m->ctx);
+    SJ_TRY(be->sync());   /* no casting plan still running */
+    for (int i = 0; i < SJ_MAX_PLANS; i++)
+        if (m->plans[i].used && m->plans[i].casts) drop_plan(m, &m->plans[i]);
     if (!(m->params_act = be->alloc(ab, "compute copy of the parameters"))) return SJ_ERR_NOMEM;
     sj_model_account(m, (int64_t)ab);
     be->convert(m->params_act, be->act_dtype, m->params, SJ_F32, m->n_params);
@@ -199,7 +207,6 @@ static sj_status attach(sj_model *m, const float *hp, const float *hg) {
         SJ_TRY(sj_model_need_grads(m));
         be->from_host(m->grads, hg, bytes);
     }
-    if (!m->lv.cast_on_use) SJ_TRY(need_compute_copy(m));
     return be->sync();
 }
 
@@ -368,7 +375,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     sj_tape *tp = &pl->tape;
     const int B = pl->B, T = pl->T, N = B * T, C = c->dim, H = c->n_heads, KV = c->n_kv_heads,
               hd = C / H, F = c->ffn_dim, V = c->vocab_size;
-    const int cast = casts_weights(m, pl->mode);
+    const int cast = pl->casts = casts_weights(m, pl->mode);
     #define WEIGHT(off, n) (cast ? sj_op_cast(tp, sj_tape_master(tp, (off), (n))) \
                                  : sj_tape_param(tp, (off), (n)))
     #define PARAM(fmt, l, rows) WEIGHT(find(m, fmt, l)->offset, (int64_t)(rows) * find(m, fmt, l)->shape[1])
@@ -566,7 +573,7 @@ sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
     /* After the plan (a refused plan allocates nothing), before any enqueue
      * or graph capture (which must see the final pointer). */
     if (mode == SJ_RUN_TRAIN) SJ_TRY(sj_model_need_grads(m));
-    if (!casts_weights(m, mode)) SJ_TRY(need_compute_copy(m));
+    if (sj_run_trains(mode)) SJ_TRY(need_compute_copy(m));
     stage(m, pl, tokens, targets, tok_dtype);
     *count = 0;
     if (targets) {

@@ -21,6 +21,7 @@ typedef struct {
     sj_tape tape;
     int tokens, targets, logits, losses;   /* tensor ids */
     int unfused;                 /* tests (SMEDJAN_UNFUSED): residuals as matmul + add */
+    int casts;                   /* casts each weight from the master on use */
     /* host side of the inputs and per-row losses; pinned on device backends:
      * tokens (2N int32: ids, then rows sorted by id) | targets (N int32) |
      * losses (N f32) */
@@ -44,8 +45,9 @@ typedef struct {
     int ce_rows;           /* rows per chunk of the fused loss (0: default) */
     int f16_act;           /* activations kept for backward stored as fp16 (f32 compute) */
     int cast_on_use;       /* 16-bit models, forward and loss runs: each weight cast from the
-                            * f32 master into the arena right before use, no permanent
-                            * compute copy (made again when a training run needs it) */
+                            * f32 master into the arena right before use, as they do anyway
+                            * until the first training run makes the compute copy, which this
+                            * drops (a training run makes it again) */
     int64_t memory_limit;  /* bytes; a plan whose peak would pass it is refused; 0: none */
 } sj_levers;
 
@@ -85,7 +87,8 @@ struct sj_model {
     sj_dtype dtype;                 /* of activations and the compute copy */
     float *params, *grads;          /* (n_params) each, f32, backend memory */
     void *params_act;               /* compute copy of params (== params when f32; NULL
-                                     * while cast_on_use keeps it away) */
+                                     * until a training run makes it, or while
+                                     * cast_on_use keeps it away) */
     int64_t n_params, n_decay;      /* weight decay applies to [0, n_decay) */
     sj_tensor_info *tensors; int n_tensors;
     char *names;

@@ -237,11 +237,14 @@ static PyObject *model_grads(PyObject *self, PyObject *noargs) {
     return flat_view(self, MODEL(self), p, n, &((ModelObject *)self)->exports, NULL);
 }
 
-/* has_grads() -> whether the model holds gradients (a train step then adds
- * into them instead of keeping its own in its arena) */
-static PyObject *model_has_grads(PyObject *self, PyObject *noargs) {
+/* holds() -> (gradients, 16-bit compute copy): whether the model holds them
+ * (a train step adds into held gradients, else keeps its own in its arena;
+ * forward runs without the copy cast each weight on use) */
+static PyObject *model_holds(PyObject *self, PyObject *noargs) {
     NEED_MODEL(self);
-    return PyBool_FromLong(MODEL(self)->grads != NULL);
+    const sj_model *m = MODEL(self);
+    return Py_BuildValue("(OO)", m->grads ? Py_True : Py_False,
+                         m->params_act && m->params_act != m->params ? Py_True : Py_False);
 }
 
 /* to(device, dtype): refused while views of the old buffers are alive. */
@@ -457,7 +460,7 @@ static PyMethodDef model_methods[] = {
     {"tensors", model_tensors, METH_NOARGS, "tensors() -> [(name, shape, offset, decay)]"},
     {"params", model_params, METH_NOARGS, "params() -> Buffer over the flat parameters"},
     {"grads", model_grads, METH_NOARGS, "grads() -> Buffer over the flat gradients (made, zeroed, on first use)"},
-    {"has_grads", model_has_grads, METH_NOARGS, "has_grads() -> whether the gradients exist"},
+    {"holds", model_holds, METH_NOARGS, "holds() -> (gradients, 16-bit compute copy) exist"},
     {"zero_grad", model_zero_grad, METH_NOARGS, "zero_grad()"},
     {"to", model_to, METH_VARARGS, "to(device, dtype=None): move to 'cpu' or 'cuda'"},
     {"device", model_device, METH_NOARGS, "device() -> 'cpu' | 'cuda'"},
