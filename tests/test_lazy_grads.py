@@ -264,7 +264,7 @@ needs_gpu = pytest.mark.skipif(not cuda_ref.gpu_present(), reason="no CUDA GPU")
 def test_cuda_forward_holds_no_gradients(dtype):
     m = smedjan.Model(CFG, seed=3, device="cuda", dtype=dtype)
     n = m.n_params
-    params = 4 * n + (2 * n if dtype == "bf16" else 0)   # f32 master (+ bf16 compute copy)
+    params = 4 * n      # the f32 master (a bf16 model makes its compute copy when it trains)
     assert held(m) == params
     x, _ = batch(8)
     m.forward_device(x)
@@ -293,7 +293,7 @@ def test_cuda_train_steps_from_a_fresh_model_like_from_eager_gradients(graphs):
         x, y = batch(20 + i)
         assert ta.step(x, y) == tb.step(x, y), i
     np.testing.assert_array_equal(lazy.flat_params.numpy(), eager.flat_params.numpy())
-    assert held(lazy) == held(eager)
+    assert not lazy._h.holds()[0] and held(lazy) < held(eager)   # its own: in each step's arena
 
 
 def test_a_move_keeps_the_attached_tokenizer():
