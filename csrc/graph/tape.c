@@ -219,6 +219,13 @@ static sj_node *step_node(const sj_tape *tp, const sj_step *st) {
                                                               : &tp->xnodes[st->idx];
 }
 
+/* The forward pass as run: the schedule with fp16 conversions, or else
+ * the nodes in order. */
+static int n_fwd_steps(const sj_tape *tp) { return tp->n_fsched ? tp->n_fsched : tp->n_nodes; }
+static sj_step fwd_step(const sj_tape *tp, int k) {
+    return tp->n_fsched ? tp->fsched[k] : (sj_step){ SJ_STEP_FWD, k };
+}
+
 static void touch_forward(sj_tape *tp, const sj_node *n, int time) {
     for (int k = 0; k < 2; k++) if (n->out[k] >= 0) touch(&tp->t[n->out[k]], time);
     for (int k = 0; k < 3; k++) if (n->in[k] >= 0) touch(&tp->t[n->in[k]], time);
@@ -252,17 +259,14 @@ static void touch_backward(sj_tape *tp, const sj_node *n, int time) {
 /* Touch every tensor at the times the schedule uses it; returns the time
  * forward ends. */
 static int lifetimes(sj_tape *tp) {
-    const int F = tp->n_nodes;
     int t = 0;
-    if (!tp->n_fsched)
-        for (int i = 0; i < F; i++) touch_forward(tp, &tp->nodes[i], t++);
-    for (int k = 0; k < tp->n_fsched; k++, t++) {
-        const sj_step *st = &tp->fsched[k];
-        if (st->kind == SJ_STEP_CONV) {
-            touch(&tp->t[tp->convs[st->idx].src], t);
-            touch(&tp->t[tp->convs[st->idx].dst], t);
+    for (int k = 0; k < n_fwd_steps(tp); k++, t++) {
+        const sj_step st = fwd_step(tp, k);
+        if (st.kind == SJ_STEP_CONV) {
+            touch(&tp->t[tp->convs[st.idx].src], t);
+            touch(&tp->t[tp->convs[st.idx].dst], t);
         } else {
-            touch_forward(tp, &tp->nodes[st->idx], t);
+            touch_forward(tp, &tp->nodes[st.idx], t);
         }
     }
     const int fwd_end = t;
@@ -435,10 +439,10 @@ static void share_step(sj_tape *tp, const sj_step *st, int t) {
 /* In place, walking the schedule at the times lifetimes() gave each step. */
 static void plan_in_place(sj_tape *tp) {
     int t = 0;
-    if (!tp->n_fsched)
-        for (int i = 0; i < tp->n_nodes; i++, t++)
-            share_step(tp, &(sj_step){ SJ_STEP_FWD, i }, t);
-    for (int k = 0; k < tp->n_fsched; k++, t++) share_step(tp, &tp->fsched[k], t);
+    for (int k = 0; k < n_fwd_steps(tp); k++, t++) {
+        const sj_step st = fwd_step(tp, k);
+        share_step(tp, &st, t);
+    }
     for (int k = 0; k < tp->n_bsched && tp->train; k++, t++) share_step(tp, &tp->bsched[k], t);
 }
 
@@ -478,8 +482,8 @@ static sj_status plan_param_grads(sj_tape *tp, pgrad **pg, int *np) {
     *pg = NULL;
     *np = 0;
     sj_status s = SJ_OK;
-    for (int k = 0; k < (tp->n_fsched ? tp->n_fsched : tp->n_nodes) && s == SJ_OK; k++, t++) {
-        const sj_step st = tp->n_fsched ? tp->fsched[k] : (sj_step){ SJ_STEP_FWD, k };
+    for (int k = 0; k < n_fwd_steps(tp) && s == SJ_OK; k++, t++) {
+        const sj_step st = fwd_step(tp, k);
         sj_node *n = st.kind == SJ_STEP_CONV ? NULL : &tp->nodes[st.idx];
         if (n && sj_ops[n->op].fwd_grads) s = param_writes(tp, n, t, pg, np, &cap);
     }
@@ -672,10 +676,9 @@ void sj_tape_census(const sj_tape *tp, int nodes[SJ_OP__COUNT], int in_place[SJ_
     /* A step works in place when something it writes shares storage with
      * something it reads: its output with an input, or an input's gradient
      * with dy or the input. */
-    const int nf = tp->n_fsched ? tp->n_fsched : tp->n_nodes;
+    const int nf = n_fwd_steps(tp);
     for (int k = 0; k < nf + (tp->train ? tp->n_bsched : 0); k++) {
-        sj_step st = k >= nf ? tp->bsched[k - nf]
-                   : tp->n_fsched ? tp->fsched[k] : (sj_step){ SJ_STEP_FWD, k };
+        sj_step st = k >= nf ? tp->bsched[k - nf] : fwd_step(tp, k);
         if (st.kind == SJ_STEP_CONV) continue;
         const sj_node *n = step_node(tp, &st);
         const int fwd = st.kind == SJ_STEP_FWD || st.kind == SJ_STEP_XFWD;
@@ -697,18 +700,11 @@ static void run_conv(sj_tape *tp, const sj_backend *be, const sj_conv *c, void *
 }
 
 sj_status sj_tape_forward(sj_tape *tp, const sj_backend *be, void *params) {
-    if (tp->n_fsched) {
-        for (int k = 0; k < tp->n_fsched; k++) {
-            if (sj_interrupted()) return sj_fail(SJ_ERR_INTERRUPTED, "interrupted");
-            const sj_step *st = &tp->fsched[k];
-            if (st->kind == SJ_STEP_CONV) run_conv(tp, be, &tp->convs[st->idx], params);
-            else sj_op_forward(tp, &tp->nodes[st->idx], be, params);
-        }
-        return SJ_OK;
-    }
-    for (int i = 0; i < tp->n_nodes; i++) {
+    for (int k = 0; k < n_fwd_steps(tp); k++) {
         if (sj_interrupted()) return sj_fail(SJ_ERR_INTERRUPTED, "interrupted");
-        sj_op_forward(tp, &tp->nodes[i], be, params);
+        const sj_step st = fwd_step(tp, k);
+        if (st.kind == SJ_STEP_CONV) run_conv(tp, be, &tp->convs[st.idx], params);
+        else sj_op_forward(tp, &tp->nodes[st.idx], be, params);
     }
     return SJ_OK;
 }
