@@ -108,23 +108,37 @@ int main(int argc, char **argv) {
     cudaEvent_t a, b;
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
-    {
+    /* the per-phase kernels as one CUDA graph of n steps, as the engine replays them */
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    cudaGraph_t gr;
+    cudaGraphExec_t ge;
+    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+    dec::enqueue(p, 1, 0, n, grid, st);
+    CK(cudaStreamEndCapture(st, &gr));
+    CK(cudaGraphInstantiate(&ge, gr, 0));
+    for (int persistent = 1; persistent >= 0; persistent--) {
         std::vector<float> ms;
         for (int r = 0; r < 7; r++) {
             const int io[2] = {1, P0};
             CK(cudaMemcpy(p.io, io, sizeof io, cudaMemcpyHostToDevice));
-            CK(cudaEventRecord(a));
-            dec::enqueue(p, 1, 1, n, grid, 0);
-            CK(cudaEventRecord(b));
+            CK(cudaEventRecord(a, st));
+            if (persistent) dec::enqueue(p, 1, 1, n, grid, st);
+            else CK(cudaGraphLaunch(ge, st));
+            CK(cudaEventRecord(b, st));
             CK(cudaEventSynchronize(b));
             float t;
             CK(cudaEventElapsedTime(&t, a, b));
             ms.push_back(t);
         }
         std::sort(ms.begin(), ms.end());
-        printf("persistent: %.1f us a token, %.0f tok/s (median of 7 launches of %d steps)\n",
+        printf("%s: %.1f us a token, %.0f tok/s (median of 7 launches of %d steps)\n",
+               persistent ? "persistent" : "phase kernels, graph",
                1e3 * ms[3] / n, n / ms[3] * 1e3, n);
     }
+    std::vector<int> t_graph(n);
+    CK(cudaMemcpy(t_graph.data(), p.out, n * 4, cudaMemcpyDeviceToHost));
+    printf("graph of phase kernels gives the same tokens: %s\n", t_graph == t_ref ? "yes" : "NO");
 
 #ifdef DEC_TRACE
     /* barrier k's label: the phase that waits on it (the first one of the launch is the launch) */
@@ -141,6 +155,8 @@ int main(int argc, char **argv) {
     const int nb = (int)lab.size();
     unsigned long long *tr = zeros<unsigned long long>((int64_t)2 * nb * grid);
     CK(cudaMemcpyToSymbol(dec::trace, &tr, sizeof tr));
+    unsigned long long *mk = zeros<unsigned long long>((int64_t)dec::NMARK * grid);
+    CK(cudaMemcpyToSymbol(dec::marks, &mk, sizeof mk));
     run(p, 1, n, grid, nullptr);
     std::vector<unsigned long long> h((size_t)2 * nb * grid);
     CK(cudaMemcpy(h.data(), tr, h.size() * 8, cudaMemcpyDeviceToHost));
@@ -168,6 +184,31 @@ int main(int argc, char **argv) {
         const auto &wk = work[ph], &wt = wait[ph];
         const double a1 = wk.second ? wk.first / wk.second : 0, b1 = wt.second ? wt.first / wt.second : 0;
         printf("| %s | %.2f | %.2f | %.1f |\n", ph, a1, b1, (wk.first + wt.first) / n);
+    }
+    /* barrier departure spread: last minus first block out, mean over barriers */
+    double spread = 0, aspread = 0;
+    for (int k = 0; k < nb; k++) {
+        unsigned long long lo = ~0ull, hi = 0, alo = ~0ull, ahi = 0;
+        for (int i = 0; i < grid; i++) {
+            lo = std::min(lo, h[(size_t)(2 * k + 1) * grid + i]); hi = std::max(hi, h[(size_t)(2 * k + 1) * grid + i]);
+            alo = std::min(alo, h[(size_t)(2 * k) * grid + i]); ahi = std::max(ahi, h[(size_t)(2 * k) * grid + i]);
+        }
+        spread += (hi - lo) * 1e-3; aspread += (ahi - alo) * 1e-3;
+    }
+    printf("\nbarriers: departures spread %.2f us, arrivals spread %.2f us (last - first block, mean)\n",
+           spread / nb, aspread / nb);
+    /* inside the phases: mean time from the block leaving the barrier to each mark */
+    static const char *mname[] = {"A normed", "A dots done", "B attn partials", "B combined", "B oproj done",
+                                  "D normed", "D gate/up done (warp 0)", "D down partials", "D done"};
+    std::vector<unsigned long long> hm((size_t)dec::NMARK * grid);
+    CK(cudaMemcpy(hm.data(), mk, hm.size() * 8, cudaMemcpyDeviceToHost));
+    printf("\n| mark (us since own barrier departure) | median block | max block | blocks |\n|---|---:|---:|---:|\n");
+    for (int id = 0; id < dec::NMARK; id++) {
+        std::vector<double> v;
+        for (int i = 0; i < grid; i++) if (hm[(size_t)id * grid + i]) v.push_back(hm[(size_t)id * grid + i] * 1e-3);
+        if (v.empty()) continue;
+        std::sort(v.begin(), v.end());
+        printf("| %s | %.2f | %.2f | %zu |\n", mname[id], v[v.size() / 2], v.back(), v.size());
     }
 #endif
     return same ? 0 : 1;

@@ -1,6 +1,7 @@
 // grid_barrier_probe.cu — what a grid-wide dependency costs on this GPU: cg grid.sync() and a
 // hand-written barrier in a cooperative kernel (132 blocks), and an empty kernel boundary inside a
-// CUDA graph. H100 (2026-11-23): cg 1.21 us, hand 1.71 us, graph kernel boundary 0.90 us.
+// CUDA graph, plain and with programmatic dependent launch (PDL). H100: cg 1.21 us, hand 1.71 us,
+// graph kernel boundary 0.90 us (2026-11-23); with PDL 0.63 us (2026-11-24).
 // nvcc -O3 -arch=sm_90a benchmarks/grid_barrier_probe.cu -o /tmp/bar && /tmp/bar
 #include <cooperative_groups.h>
 #include <cstdio>
@@ -25,6 +26,14 @@ __global__ void k_hand(int n, float *x) {
     for (int i = 0; i < n; i++) { if (threadIdx.x == 0 && blockIdx.x == i % gridDim.x) x[0] += 1; hand_sync(gridDim.x); }
 }
 __global__ void k_empty(float *x) { if (threadIdx.x == 0 && blockIdx.x == 0) x[0] += 1; }
+// programmatic dependent launch: the next kernel's blocks start while this one runs and wait in
+// griddepcontrol.wait for it to finish (early: dependents released at the start, else at the end)
+template <bool early> __global__ void k_pdl(float *x) {
+    if (early) asm volatile("griddepcontrol.launch_dependents;");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    if (threadIdx.x == 0 && blockIdx.x == 0) x[0] += 1;
+    if (!early) asm volatile("griddepcontrol.launch_dependents;");
+}
 int main() {
     float *x; cudaMalloc(&x, 4);
     int sms; cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
@@ -52,4 +61,19 @@ int main() {
     float ms;
     for (int rep = 0; rep < 3; rep++) { cudaEventRecord(a, s); cudaGraphLaunch(ge, s); cudaEventRecord(b, s); cudaEventSynchronize(b); cudaEventElapsedTime(&ms, a, b); }
     printf("graph kernel boundary: %.3f us per kernel (%s)\n", ms * 1000 / 500, cudaGetErrorString(cudaGetLastError()));
+    for (int early = 0; early < 2; early++) {
+        cudaMemset(x, 0, 4);
+        cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+        cudaLaunchAttribute at[1];
+        at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[0].val.programmaticStreamSerializationAllowed = 1;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = sms; cfg.blockDim = 512; cfg.stream = s; cfg.attrs = at; cfg.numAttrs = 1;
+        for (int i = 0; i < 500; i++) cudaLaunchKernelEx(&cfg, early ? k_pdl<true> : k_pdl<false>, x);
+        cudaStreamEndCapture(s, &g); cudaGraphInstantiate(&ge, g, 0);
+        for (int rep = 0; rep < 3; rep++) { cudaEventRecord(a, s); cudaGraphLaunch(ge, s); cudaEventRecord(b, s); cudaEventSynchronize(b); cudaEventElapsedTime(&ms, a, b); }
+        float h; cudaMemcpy(&h, x, 4, cudaMemcpyDeviceToHost);
+        printf("graph kernel boundary, PDL (dependents released %s): %.3f us per kernel, count %.0f of %d (%s)\n",
+               early ? "at the start" : "at the end", ms * 1000 / 500, h, 3 * 500, cudaGetErrorString(cudaGetLastError()));
+    }
 }

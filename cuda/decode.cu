@@ -37,6 +37,20 @@ namespace dec {
 /* benchmarks/decode_probe.cu: per block, when it arrives at and leaves
  * each grid barrier of a launch (%globaltimer ns), barrier-major. */
 __device__ unsigned long long *trace;
+/* ... and, per block, the mean time from leaving the last grid barrier to
+ * each DEC_MARK(id) inside a phase (thread 0's view): (NMARK, grid) ns. */
+enum { NMARK = 9 };
+__device__ unsigned long long *marks;
+__shared__ unsigned long long mark_left, mark_sum[NMARK];
+__shared__ unsigned mark_cnt[NMARK];
+static __device__ __forceinline__ unsigned long long now_ns(void) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+#define DEC_MARK(id) do { if (threadIdx.x == 0) { mark_sum[id] += now_ns() - mark_left; mark_cnt[id]++; } } while (0)
+#else
+#define DEC_MARK(id) do { } while (0)
 #endif
 
 /* The grid barrier between phases of the persistent kernel, traced for
@@ -46,17 +60,22 @@ struct phase_barrier {
     int n = 0;
     __device__ __forceinline__ void stamp(int slot) {
 #ifdef DEC_TRACE
-        unsigned long long t;
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        const unsigned long long t = now_ns();
         if (threadIdx.x == 0 && trace) trace[(int64_t)slot * gridDim.x + blockIdx.x] = t;
+        if (threadIdx.x == 0) mark_left = t;
 #endif
     }
-    __device__ __forceinline__ void sync() {
+    cg::grid_group::arrival_token token;
+    __device__ __forceinline__ void arrive() {
         stamp(2 * n);
-        grid.sync();
+        token = grid.barrier_arrive();
+    }
+    __device__ __forceinline__ void wait() {
+        grid.barrier_wait(cg::grid_group::arrival_token(token));
         stamp(2 * n + 1);
         n++;
     }
+    __device__ __forceinline__ void sync() { arrive(); wait(); }
 };
 
 /* Row r (0 or 1) of the fixed-point residual stream. */
@@ -75,11 +94,30 @@ static __device__ float load_normed(float *xs, unsigned long long *x, const T *e
                                     const float *w, int C, float eps) {
     __shared__ float part[32];
     float ss = 0.f;
-    for (int i = threadIdx.x; i < C; i += blockDim.x) {
-        const float v = emb_row ? tof(emb_row[i]) : unfix(x[i]);
-        if (emb_row && blockIdx.x == 0) x[i] = fix(v);
-        xs[i] = v * w[i];
-        ss += v * v;
+    if (C > (int)blockDim.x && C <= 2 * (int)blockDim.x) {   /* both loads in flight at once
+                                                              (SmolLM2: 530 -> 523 us a token) */
+        float v[2], wv[2];
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const int i = threadIdx.x + k * blockDim.x;
+            v[k] = i < C ? (emb_row ? tof(emb_row[i]) : unfix(x[i])) : 0.f;
+            wv[k] = i < C ? w[i] : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const int i = threadIdx.x + k * blockDim.x;
+            if (i >= C) break;
+            if (emb_row && blockIdx.x == 0) x[i] = fix(v[k]);
+            xs[i] = v[k] * wv[k];
+            ss += v[k] * v[k];
+        }
+    } else {
+        for (int i = threadIdx.x; i < C; i += blockDim.x) {
+            const float v = emb_row ? tof(emb_row[i]) : unfix(x[i]);
+            if (emb_row && blockIdx.x == 0) x[i] = fix(v);
+            xs[i] = v * w[i];
+            ss += v * v;
+        }
     }
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
@@ -92,24 +130,46 @@ static __device__ float load_normed(float *xs, unsigned long long *x, const T *e
 template <int NW> static __device__ __forceinline__ int gwarp(void) { return blockIdx.x * NW + (threadIdx.x >> 5); }
 template <int NW> static __device__ __forceinline__ int nwarps(void) { return gridDim.x * NW; }
 
-/* A: units are (head, i) pairs of rows i and i + hd/2, the two halves RoPE
- * mixes. The last block also clears the residual row this layer's FFN
- * sums into (nothing reads it until then). */
+/* A's unit u: rows i and i + hd/2 of QKV head g (u = g hd/2 + i), the two
+ * halves RoPE mixes. */
+template <class T>
+static __device__ __forceinline__ void qkv_rows(const params &p, int l, int u, const T **rows) {
+    const int hd = p.hd, half = hd / 2, g = u / half, i = u % half;
+    const T *W = (const T *)p.wqkv + (int64_t)l * (p.H + 2 * p.KV) * hd * p.C;
+    rows[0] = W + (int64_t)(g * hd + i) * p.C;
+    rows[1] = W + (int64_t)(g * hd + i + half) * p.C;
+}
+static __device__ __forceinline__ int qkv_units(const params &p) { return (p.H + 2 * p.KV) * (p.hd / 2); }
+
+/* D's unit u: gate row u, up row u, row u of the transposed down projection. */
+template <class T>
+static __device__ __forceinline__ void ffn_rows(const params &p, int l, int u, const T **rows) {
+    const int64_t C = p.C, F = p.F;
+    const T *W = (const T *)p.wgu + l * 2 * F * C;
+    rows[0] = W + u * C;
+    rows[1] = W + (F + u) * C;
+    rows[2] = (const T *)p.wdt + l * F * C + u * C;
+}
+
+/* A: units are (head, i) pairs of rows (qkv_rows). The last block also
+ * clears the residual row this layer's FFN sums into (nothing reads it
+ * until then). */
 template <class T, int NW>
 static __device__ void phase_qkv(const params &p, int l, int tok, int pos, float *xs) {
     const int C = p.C, hd = p.hd, half = hd / 2, kvd = p.KV * hd, lane = threadIdx.x & 31;
     const float rs = load_normed<T>(xs, xrow(p, l), l == 0 ? (const T *)p.emb + (int64_t)tok * C : nullptr,
                                     p.norms + (int64_t)2 * l * C, C, p.eps);
+    DEC_MARK(0);
     if (blockIdx.x == gridDim.x - 1)
         for (int i = threadIdx.x; i < C; i += blockDim.x) xrow(p, l + 1)[i] = 0;
-    const T *W = (const T *)p.wqkv + (int64_t)l * (p.H + 2 * p.KV) * hd * C;
-    const int units = (p.H + 2 * p.KV) * half;
+    const int units = qkv_units(p);
     for (int u = gwarp<NW>(); u < units; u += nwarps<NW>()) {
-        const int g = u / half, i = u % half;
-        const T *rows[2] = { W + (int64_t)(g * hd + i) * C, W + (int64_t)(g * hd + i + half) * C };
+        const T *rows[2];
+        qkv_rows<T>(p, l, u, rows);
         float d[2];
         warp_dots<T, 2>(rows, xs, C, d);
         if (lane) continue;
+        const int g = u / half, i = u % half;
         d[0] *= rs;
         d[1] *= rs;
         if (g < p.H + p.KV) rope_pair(d[0], d[1], p.rope_cos[(int64_t)pos * half + i],
@@ -125,6 +185,7 @@ static __device__ void phase_qkv(const params &p, int l, int tok, int pos, float
             dst[i + half] = fromf<T>(d[1]);
         }
     }
+    DEC_MARK(1);
 }
 
 /* B runs fused (one phase) while the context is short enough that every
@@ -193,11 +254,14 @@ static __device__ void phase_attn_oproj(const params &p, int l, int pos, float *
                                 hd, warp * per, min(n, warp * per + per), p.scale, qs + warp * hd,
                                 ps + warp * (hd + 2));
         __syncthreads();
+        DEC_MARK(2);
         if (warp == 0) attn_combine(ps, ns, hd, o);
         __syncthreads();
+        DEC_MARK(3);
         rows_add<T, NW>(xrow(p, l), Wo + h * hd, C, (int)((int64_t)C * j / J),
                     (int)((int64_t)C * (j + 1) / J), o, hd);
         __syncthreads();   /* ps and o are the next unit's */
+        DEC_MARK(4);
     }
 }
 
@@ -254,18 +318,20 @@ static __device__ void phase_ffn(const params &p, int l, float *xs, float *hs, f
     if (blockIdx.x * NW >= F && blockIdx.x != 0) return;   /* no rows here */
     unsigned long long *xc = xrow(p, l), *xn = xrow(p, l + 1);
     const float rs = load_normed<T>(xs, xc, (const T *)nullptr, p.norms + (int64_t)(2 * l + 1) * C, C, p.eps);
-    const T *W = (const T *)p.wgu + (int64_t)l * 2 * F * C;
+    DEC_MARK(5);
     const T *D = (const T *)p.wdt + (int64_t)l * F * C;
     float *hw = hs + warp * p.maxu;
     int nu = 0;
     for (int u = gwarp<NW>(); u < F; u += nwarps<NW>(), nu++) {
-        const T *rows[2] = { W + (int64_t)u * C, W + (int64_t)(F + u) * C };
+        const T *rows[3];
+        ffn_rows<T>(p, l, u, rows);
         float d[2];
         warp_dots<T, 2>(rows, xs, C, d);
         const float g = d[0] * rs;
         if (!lane) hw[nu] = g / (1.0f + expf(-g)) * (d[1] * rs);
     }
     __syncwarp();
+    DEC_MARK(6);
     const int S = ffn_slice(C);
     float *aw = acc + warp * S;
     for (int s0 = 0; s0 < C; s0 += S) {
@@ -293,6 +359,7 @@ static __device__ void phase_ffn(const params &p, int l, float *xs, float *hs, f
             }
         }
         __syncthreads();
+        DEC_MARK(7);
         for (int c = threadIdx.x; c < sn; c += blockDim.x) {
             float t = 0.f;
             for (int w = 0; w < NW; w++) t += acc[w * S + c];
@@ -300,6 +367,7 @@ static __device__ void phase_ffn(const params &p, int l, float *xs, float *hs, f
         }
         __syncthreads();   /* acc is the next slice's */
     }
+    DEC_MARK(8);
 }
 
 static __device__ __forceinline__ void prefetch_l2(const void *row, int64_t bytes) {
@@ -309,13 +377,43 @@ static __device__ __forceinline__ void prefetch_l2(const void *row, int64_t byte
 
 enum { PF_QKV, PF_ATTN_OPROJ, PF_OPROJ, PF_FFN, PF_HEAD };
 
-/* Before a grid barrier: pull into L2 the first weight rows this warp (or,
- * for B, this block) will read in phase ph of layer l, with the same unit
- * mapping as the phase, so that their HBM latency overlaps the barrier.
- * (Into L1 instead, every row of the phase: measured no faster.) */
+/* The small data phase ph of layer l reads once a token: its norm weights
+ * and, for A (and B after it), RoPE row pos and the layer's KV cache rows
+ * [0, pos). A model whose weights stream from HBM evicts them from L2
+ * between tokens; spread over the grid's warps. (H100, SmolLM2's shape:
+ * 589 -> 564 us a token; medium 217 -> 206; a model held in L2, where
+ * nothing is evicted, pays for the instructions: small 81 -> 84.) */
 template <class T, int NW>
-static __device__ void prefetch_phase(const params &p, int ph, int l) {
-    const int64_t C = p.C, F = p.F, hd = p.hd, half = p.hd / 2, es = sizeof(T);
+static __device__ void prefetch_small(const params &p, int ph, int l, int pos) {
+    const int w = gwarp<NW>(), nw = nwarps<NW>();
+    if (ph == PF_FFN) { if (w == 0) prefetch_l2(p.norms + (int64_t)(2 * l + 1) * p.C, p.C * 4); return; }
+    if (ph == PF_HEAD) { if (w == 0) prefetch_l2(p.norms + (int64_t)2 * p.L * p.C, p.C * 4); return; }
+    if (ph != PF_QKV) return;
+    if (w == 0) prefetch_l2(p.norms + (int64_t)2 * l * p.C, p.C * 4);
+    if (w == nw - 1) {
+        prefetch_l2(p.rope_cos + (int64_t)pos * (p.hd / 2), p.hd / 2 * 4);
+        prefetch_l2(p.rope_sin + (int64_t)pos * (p.hd / 2), p.hd / 2 * 4);
+    }
+    const int64_t kvd = (int64_t)p.KV * p.hd, bytes = pos * kvd * (int64_t)sizeof(T), nch = (bytes + 4095) / 4096;
+    const char *K = (const char *)((const T *)p.kc + (int64_t)l * p.max_ctx * kvd);
+    const char *V = (const char *)((const T *)p.vc + (int64_t)l * p.max_ctx * kvd);
+    for (int64_t c = w - 1; c >= 0 && c < 2 * nch; c += nw) {
+        const int64_t off = (c % nch) * 4096;
+        prefetch_l2((c < nch ? K : V) + off, min((int64_t)4096, bytes - off));
+    }
+}
+
+/* At a grid barrier: pull into L2 the first weight rows this warp (or,
+ * for B, this block) will read in phase ph of layer l (of the step at
+ * position pos), with the same unit mapping as the phase, so that their
+ * HBM latency overlaps the barrier; and the phase's small data when the
+ * model streams from HBM (16-warp blocks, setup). (Into L1 instead, every
+ * row of the phase: measured no faster. One phase earlier: slower, the
+ * prefetch then competes with the phase in between.) */
+template <class T, int NW>
+static __device__ void prefetch_phase(const params &p, int ph, int l, int pos) {
+    if (NW == WARPS) prefetch_small<T, NW>(p, ph, l, pos);
+    const int64_t C = p.C, F = p.F, hd = p.hd, es = sizeof(T);
     if (ph == PF_ATTN_OPROJ) {
         const int J = oproj_shares(p), u = blockIdx.x;
         if (u >= p.H * J) return;
@@ -328,19 +426,19 @@ static __device__ void prefetch_phase(const params &p, int ph, int l) {
     for (int k = 0; k < 2; k++) {
         const int64_t u = gwarp<NW>() + (int64_t)k * nwarps<NW>();
         if (ph == PF_QKV) {
-            if (u >= (p.H + 2 * p.KV) * half) return;
-            const T *W = (const T *)p.wqkv + (int64_t)l * (p.H + 2 * p.KV) * hd * C;
-            prefetch_l2(W + ((u / half) * hd + u % half) * C, C * es);
-            prefetch_l2(W + ((u / half) * hd + u % half + half) * C, C * es);
+            if (u >= qkv_units(p)) return;
+            const T *rows[2];
+            qkv_rows<T>(p, l, (int)u, rows);
+            prefetch_l2(rows[0], C * es);
+            prefetch_l2(rows[1], C * es);
         } else if (ph == PF_OPROJ) {
             if (u >= C) return;
             prefetch_l2((const T *)p.wo + (int64_t)l * C * C + u * C, C * es);
         } else if (ph == PF_FFN) {
             if (u >= F) return;
-            const T *W = (const T *)p.wgu + (int64_t)l * 2 * F * C;
-            prefetch_l2(W + u * C, C * es);
-            prefetch_l2(W + (F + u) * C, C * es);
-            prefetch_l2((const T *)p.wdt + (int64_t)l * F * C + u * C, C * es);
+            const T *rows[3];
+            ffn_rows<T>(p, l, (int)u, rows);
+            for (int r = 0; r < 3; r++) prefetch_l2(rows[r], C * es);
         } else if (ph == PF_HEAD) {
             for (int64_t r = 4 * u; r < 4 * u + 4 && r < p.V; r++)
                 prefetch_l2((const T *)p.head + r * C, C * es);
@@ -437,34 +535,47 @@ __global__ void __launch_bounds__(NW * 32, NW <= 8 ? 1 : 0) step_persistent(para
     const smem_map m = smem_layout(p, NW);
     float *xs = sm + m.xs, *qs = sm + m.qs, *ps = sm + m.ps, *hs = sm + m.hs, *acc = sm + m.acc;
     phase_barrier bar;
+#ifdef DEC_TRACE
+    if (threadIdx.x < NMARK) { mark_sum[threadIdx.x] = 0; mark_cnt[threadIdx.x] = 0; }
+    if (threadIdx.x == 0) mark_left = now_ns();
+    __syncthreads();
+#endif
+    /* A grid barrier that pulls the next phase's data into L2 while it
+     * waits: the prefetches go out after this block's arrival, so they do
+     * not delay it (issued before it: 3.5-5% slower on every shape). */
+    auto sync_prefetching = [&](int ph, int l, int pos) {
+        bar.arrive();
+        prefetch_phase<T, NW>(p, ph, l, pos);
+        bar.wait();
+    };
     for (int step = 0; step < n_steps; step++) {
         const int tok = ((volatile int *)p.io)[0], pos = ((volatile int *)p.io)[1];
         for (int l = 0; l < p.L; l++) {
             phase_qkv<T, NW>(p, l, tok, pos, xs);
             if (attn_fused(p, pos)) {
-                prefetch_phase<T, NW>(p, PF_ATTN_OPROJ, l);
-                bar.sync();
+                sync_prefetching(PF_ATTN_OPROJ, l, pos);
                 phase_attn_oproj<T, NW>(p, l, pos, qs, ps);
             } else {
-                prefetch_phase<T, NW>(p, PF_OPROJ, l);   /* B1 reads no weights: B2's wait through it */
-                bar.sync();
+                sync_prefetching(PF_OPROJ, l, pos);   /* B1 reads no weights: B2's wait through it */
                 phase_attn<T, NW>(p, l, pos, qs);
                 bar.sync();
                 phase_oproj<T, NW>(p, l, pos, xs);
             }
-            prefetch_phase<T, NW>(p, PF_FFN, l);
-            bar.sync();
+            sync_prefetching(PF_FFN, l, pos);
             phase_ffn<T, NW>(p, l, xs, hs, acc);
-            if (l + 1 < p.L) prefetch_phase<T, NW>(p, PF_QKV, l + 1);
-            else prefetch_phase<T, NW>(p, PF_HEAD, 0);
-            bar.sync();
+            sync_prefetching(l + 1 < p.L ? PF_QKV : PF_HEAD, l + 1, pos);
         }
         phase_head<T, NW>(p, xs);
-        prefetch_phase<T, NW>(p, PF_QKV, 0);
-        bar.sync();
+        sync_prefetching(PF_QKV, 0, pos + 1);
         if (blockIdx.x == 0) phase_pick(p, gridDim.x, step, pos);
         if (step + 1 < n_steps) bar.sync();
     }
+#ifdef DEC_TRACE
+    __syncthreads();
+    if (marks && threadIdx.x < NMARK)
+        marks[(int64_t)threadIdx.x * gridDim.x + blockIdx.x] =
+            mark_cnt[threadIdx.x] ? mark_sum[threadIdx.x] / mark_cnt[threadIdx.x] : 0;
+#endif
 }
 
 /* The same phases, one kernel each (ph: 0 A, 1 B or B1, 2 nothing or B2,
