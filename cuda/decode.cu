@@ -379,8 +379,9 @@ enum { PF_QKV, PF_ATTN_OPROJ, PF_OPROJ, PF_FFN, PF_HEAD };
 
 /* The small data phase ph of layer l reads once a token: its norm weights
  * and, for A (and B after it), RoPE row pos and the layer's KV cache rows
- * [0, pos). A model whose weights stream from HBM evicts them from L2
- * between tokens; spread over the grid's warps. (H100, SmolLM2's shape:
+ * [0, pos) while the context is short (B fused; a long one B1 streams over
+ * the whole grid). A model whose weights stream from HBM evicts them from
+ * L2 between tokens; spread over the grid's warps. (H100, SmolLM2's shape:
  * 589 -> 564 us a token; medium 217 -> 206; a model held in L2, where
  * nothing is evicted, pays for the instructions: small 81 -> 84.) */
 template <class T, int NW>
@@ -394,6 +395,7 @@ static __device__ void prefetch_small(const params &p, int ph, int l, int pos) {
         prefetch_l2(p.rope_cos + (int64_t)pos * (p.hd / 2), p.hd / 2 * 4);
         prefetch_l2(p.rope_sin + (int64_t)pos * (p.hd / 2), p.hd / 2 * 4);
     }
+    if (!attn_fused(p, pos)) return;
     const int64_t kvd = (int64_t)p.KV * p.hd, bytes = pos * kvd * (int64_t)sizeof(T), nch = (bytes + 4095) / 4096;
     const char *K = (const char *)((const T *)p.kc + (int64_t)l * p.max_ctx * kvd);
     const char *V = (const char *)((const T *)p.vc + (int64_t)l * p.max_ctx * kvd);
