@@ -94,30 +94,29 @@ static __device__ float load_normed(float *xs, unsigned long long *x, const T *e
                                     const float *w, int C, float eps) {
     __shared__ float part[32];
     float ss = 0.f;
+    auto load = [&](int i) { return emb_row ? tof(emb_row[i]) : unfix(x[i]); };
+    auto take = [&](int i, float v, float wi) {
+        if (emb_row && blockIdx.x == 0) x[i] = fix(v);
+        xs[i] = v * wi;
+        ss += v * v;
+    };
     if (C > (int)blockDim.x && C <= 2 * (int)blockDim.x) {   /* both loads in flight at once
                                                               (SmolLM2: 530 -> 523 us a token) */
         float v[2], wv[2];
 #pragma unroll
         for (int k = 0; k < 2; k++) {
             const int i = threadIdx.x + k * blockDim.x;
-            v[k] = i < C ? (emb_row ? tof(emb_row[i]) : unfix(x[i])) : 0.f;
+            v[k] = i < C ? load(i) : 0.f;
             wv[k] = i < C ? w[i] : 0.f;
         }
 #pragma unroll
         for (int k = 0; k < 2; k++) {
             const int i = threadIdx.x + k * blockDim.x;
             if (i >= C) break;
-            if (emb_row && blockIdx.x == 0) x[i] = fix(v[k]);
-            xs[i] = v[k] * wv[k];
-            ss += v[k] * v[k];
+            take(i, v[k], wv[k]);
         }
     } else {
-        for (int i = threadIdx.x; i < C; i += blockDim.x) {
-            const float v = emb_row ? tof(emb_row[i]) : unfix(x[i]);
-            if (emb_row && blockIdx.x == 0) x[i] = fix(v);
-            xs[i] = v * w[i];
-            ss += v * v;
-        }
+        for (int i = threadIdx.x; i < C; i += blockDim.x) take(i, load(i), w[i]);
     }
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
