@@ -80,7 +80,7 @@ int main(int argc, char **argv) {
     p.rope_sin = rand_f32((int64_t)mc * hd / 2, 8, -1.f, 1.f);
     p.kc = rand_bf16((int64_t)L * mc * KV * hd, 9, 1.f);   /* positions < P0: the "prompt" */
     p.vc = rand_bf16((int64_t)L * mc * KV * hd, 10, 1.f);
-    p.x = zeros<unsigned long long>(2 * C);
+    p.x = zeros<unsigned long long>(4 * C);
     p.q = zeros<float>(H * hd);
     p.h = zeros<float>(F);
     p.logits = zeros<float>(V);
@@ -93,8 +93,8 @@ int main(int argc, char **argv) {
     p.best_v = zeros<float>(grid);
     p.best_i = zeros<int>(grid);
     if (!coop) { fprintf(stderr, "no cooperative launch on this GPU\n"); return 1; }
-    printf("%s: C %d, L %d, H %d/%d, F %d, V %d; grid %d x %d warps, %zu B shared\n",
-           s->name, C, L, H, KV, F, V, grid, p.warps, dec::smem_bytes(p));
+    printf("%s: C %d, L %d, H %d/%d, F %d, V %d; grid %d x %d warps, clusters of %d, %zu B shared\n",
+           s->name, C, L, H, KV, F, V, grid, p.warps, p.cluster, dec::smem_bytes(p));
 
     /* the same tokens and logits two ways */
     std::vector<float> l_ref, l_per;
@@ -103,6 +103,9 @@ int main(int argc, char **argv) {
     const bool same = t_ref == t_per && l_ref == l_per;
     printf("persistent == per-phase kernels, %d tokens and the last logits bit for bit: %s\n",
            n, same ? "yes" : "NO");
+    printf("tokens:");
+    for (int i = 0; i < n && i < 16; i++) printf(" %d", t_ref[i]);
+    printf("; last logits %.6g %.6g %.6g\n", l_ref[0], l_ref[1], l_ref[2]);
 
     /* speed: median of 7 launches of n steps */
     cudaEvent_t a, b;
@@ -144,9 +147,9 @@ int main(int argc, char **argv) {
     /* barrier k's label: the phase that waits on it (the first one of the launch is the launch) */
     std::vector<std::string> lab;
     for (int step = 0; step < n; step++) {
-        for (int l = 0; l < L; l++) {
-            if (step || l) lab.push_back("A qkv");
-            lab.push_back("B attn+oproj");
+        for (int l = 0; l < L; l++) {   /* (the context stays fused: P0 + n < fuse_ctx) */
+            if (step || l) lab.push_back(p.cluster ? "AB clustered" : "A qkv");
+            if (!p.cluster) lab.push_back("B attn+oproj");
             lab.push_back("D ffn");
         }
         lab.push_back("F head");
@@ -180,8 +183,9 @@ int main(int argc, char **argv) {
     const double total = (mx(2 * nb - 1) - mx(0)) * 1e-3 / n;
     printf("\n%s, traced: %.1f us a step between the first and last barrier\n\n", s->name, total);
     printf("| phase | work us (last in -> last out) | barrier before it, us | us a step |\n|---|---:|---:|---:|\n");
-    for (const char *ph : {"A qkv", "B attn+oproj", "D ffn", "F head", "G pick"}) {
+    for (const char *ph : {"A qkv", "B attn+oproj", "AB clustered", "D ffn", "F head", "G pick"}) {
         const auto &wk = work[ph], &wt = wait[ph];
+        if (!wk.second && !wt.second) continue;
         const double a1 = wk.second ? wk.first / wk.second : 0, b1 = wt.second ? wt.first / wt.second : 0;
         printf("| %s | %.2f | %.2f | %.1f |\n", ph, a1, b1, (wk.first + wt.first) / n);
     }
@@ -199,7 +203,8 @@ int main(int argc, char **argv) {
            spread / nb, aspread / nb);
     /* inside the phases: mean time from the block leaving the barrier to each mark */
     static const char *mname[] = {"A normed", "A dots done", "B attn partials", "B combined", "B oproj done",
-                                  "D normed", "D gate/up done (warp 0)", "D down partials", "D done"};
+                                  "D normed", "D gate/up done (warp 0)", "D down partials", "D done",
+                                  "AB mail received"};
     std::vector<unsigned long long> hm((size_t)dec::NMARK * grid);
     CK(cudaMemcpy(hm.data(), mk, hm.size() * 8, cudaMemcpyDeviceToHost));
     printf("\n| mark (us since own barrier departure) | median block | max block | blocks |\n|---|---:|---:|---:|\n");

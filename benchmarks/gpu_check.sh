@@ -47,8 +47,12 @@ for stage in $STAGES; do
         run synccheck "$CS" --tool synccheck --error-exitcode 1 python3 benchmarks/train_step_once.py bf16
         run build_decode_probe_sanitize nvcc -O3 -std=c++17 -Icsrc -Icuda -arch=sm_90a \
             benchmarks/decode_probe.cu -o "$LOG/decode_probe_plain"
-        run memcheck_decode_probe "$CS" --tool memcheck --error-exitcode 1 "$LOG/decode_probe_plain" small 4
-        run racecheck_decode_probe "$CS" --tool racecheck --error-exitcode 1 "$LOG/decode_probe_plain" small 4
+        # small: 8-warp blocks; medium: 16-warp blocks, QKV and attention in clusters
+        for shape in small medium; do
+            for tool in memcheck racecheck synccheck; do
+                run ${tool}_decode_probe_$shape "$CS" --tool $tool --error-exitcode 1 "$LOG/decode_probe_plain" $shape 3
+            done
+        done
         # the Hopper kernels on their own (TMA, wgmma), odd shapes included
         for k in gemm attention; do
             run build_${k}_sm90 nvcc -O3 -std=c++17 -Icsrc -Icuda -gencode arch=compute_90a,code=sm_90a \

@@ -31,8 +31,8 @@ struct params {
     const float *norms;                 /* (2L + 1, C): attn, ffn per layer, final */
     const float *rope_cos, *rope_sin;   /* (max_ctx, hd/2) */
     void *kc, *vc;                      /* (L, max_ctx, KV hd) of T */
-    unsigned long long *x;              /* (2, C) residual stream in fixed point (fix/unfix):
-                                           layer l reads row l & 1, its FFN writes the other */
+    unsigned long long *x;              /* (4, C) residual stream in fixed point (fix/unfix),
+                                           its versions in turn (decode.cu, xrow) */
     float *q;                           /* (H hd) roped queries */
     float *h;                           /* (F) silu(gate) * up */
     float *logits;                      /* (V) */
@@ -44,6 +44,7 @@ struct params {
                                            out-projection in one phase (see decode.cu) */
     int warps;                          /* per decode block (setup: 8 or 16) */
     int maxu;                           /* FFN rows u per warp: ceil(F / (grid warps)) */
+    int cluster;                        /* blocks a cluster for QKV + attention, 0: none (setup) */
 };
 
 /* The residual stream is summed from many blocks' partial vectors with

@@ -236,7 +236,7 @@ extern "C" sj_status sj_cuinfer_create(const sj_cuinfer_init *in, sj_cuinfer **o
     const size_t ss[] = {
         (size_t)(L * mc * KVd * es), (size_t)(L * mc * KVd * es),          /* kc, vc */
         (size_t)(mc * half * 4), (size_t)(mc * half * 4),                  /* cos, sin */
-        (size_t)(C * 16), (size_t)(C * 4), (size_t)(F * 4), (size_t)(V * 4),/* x, q, h, logits */
+        (size_t)(C * 32), (size_t)(C * 4), (size_t)(F * 4), (size_t)(V * 4),/* x, q, h, logits */
         (size_t)(PS * 4), (size_t)(g->grid * 4), (size_t)(g->grid * 4),    /* part, best */
         (size_t)((2 + mc) * 4),                                            /* io, out */
         (size_t)(R * C * 4), (size_t)(R * QR * 4), (size_t)(R * C * 4),    /* px, pqkv, pq */

@@ -118,8 +118,11 @@ def test_fp32_prefill_and_decode_equal_cpu(model, prompt_len, n_decode):
 
 
 @gpu_test
-def test_fp32_decode_past_600_positions_equals_cpu(model):
-    """Long contexts use the most splits (MAXSPLIT) and keys per split > 32."""
+@pytest.mark.parametrize("warps", [8, 16])
+def test_fp32_decode_past_600_positions_equals_cpu(model, warps, monkeypatch):
+    """Long contexts use the most splits (MAXSPLIT) and keys per split > 32;
+    16-warp blocks (clusters on Hopper) leave the clustered phase at 512."""
+    monkeypatch.setenv("SMEDJAN_DECODE_WARPS", str(warps))
     g = from_model(model, "fp32", device="cuda")
     c = from_model(model, "fp32")
     check_against_cpu(g, c, np.random.default_rng(7), 130, 500, 1e-4, "fp32 long")
@@ -222,8 +225,11 @@ def test_model_generate_on_gpu_uses_the_gpu_engine():
 # ---- execution paths -------------------------------------------------------------------
 
 @gpu_test
+@pytest.mark.parametrize("warps", [8, 16])
 @pytest.mark.parametrize("mode", ["fp32", "bf16"])
-def test_graph_and_persistent_paths_give_identical_bits(model, mode):
+def test_graph_and_persistent_paths_give_identical_bits(model, mode, warps, monkeypatch):
+    """16-warp blocks: QKV and attention in thread-block clusters on Hopper."""
+    monkeypatch.setenv("SMEDJAN_DECODE_WARPS", str(warps))
     V = model.config.vocab_size
     toks = np.random.default_rng(8).integers(0, V, 70).astype(np.int32)
     g = from_model(model, mode, device="cuda")
