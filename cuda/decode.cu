@@ -130,7 +130,6 @@ template <class T>
 static __device__ float load_normed(float *xs, resid_in<T> src, const float *w, int C, float eps) {
     __shared__ float part[32];
     float ss = 0.f;
-    auto load = [&](int i) { return src.val(i); };
     auto take = [&](int i, float v, float wi) {
         xs[i] = v * wi;
         ss += v * v;
@@ -141,7 +140,7 @@ static __device__ float load_normed(float *xs, resid_in<T> src, const float *w, 
 #pragma unroll
         for (int k = 0; k < 2; k++) {
             const int i = threadIdx.x + k * blockDim.x;
-            v[k] = i < C ? load(i) : 0.f;
+            v[k] = i < C ? src.val(i) : 0.f;
             wv[k] = i < C ? w[i] : 0.f;
         }
 #pragma unroll
@@ -151,7 +150,7 @@ static __device__ float load_normed(float *xs, resid_in<T> src, const float *w, 
             take(i, v[k], wv[k]);
         }
     } else {
-        for (int i = threadIdx.x; i < C; i += blockDim.x) take(i, load(i), w[i]);
+        for (int i = threadIdx.x; i < C; i += blockDim.x) take(i, src.val(i), w[i]);
     }
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
@@ -242,24 +241,32 @@ static __device__ __forceinline__ int oproj_shares(const params &p) {
     return (int)gridDim.x >= p.H ? (int)gridDim.x / p.H : 1;
 }
 
+/* L2 prefetch of the bytes [p, p + bytes) by one lane, and of a row by the warp's lanes. */
+static __device__ __forceinline__ void prefetch_lines(const void *p, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"((const char *)p + off));
+}
 static __device__ __forceinline__ void prefetch_l2(const void *row, int64_t bytes) {
     for (int64_t off = (threadIdx.x & 31) * 128; off < bytes; off += 32 * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"((const char *)row + off));
+        prefetch_lines((const char *)row + off, 128);
 }
 
-/* Rows [c0, c1) of head h's columns of Wo (B's unit), one a lane, by warp
- * w of nw. */
-template <class T>
-static __device__ void prefetch_oproj_rows(const params &p, int l, int h, int c0, int c1, int w, int nw) {
-    const T *W = (const T *)p.wo + (int64_t)l * p.C * p.C + h * p.hd;
-    for (int64_t c = c0 + w * 32 + (threadIdx.x & 31); c < c1; c += nw * 32)
-        for (int64_t off = 0; off < p.hd * (int64_t)sizeof(T); off += 128)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"((const char *)(W + c * p.C) + off));
-}
+/* Head h's columns of Wo, rows of share j of J (B's unit), one row a lane
+ * (not one a warp: SmolLM2 495.5 vs 512.5 us a token, clustered). */
 template <class T, int NW>
 static __device__ void prefetch_oproj_share(const params &p, int l, int h, int j, int J) {
-    prefetch_oproj_rows<T>(p, l, h, (int)((int64_t)p.C * j / J), (int)((int64_t)p.C * (j + 1) / J),
-                           threadIdx.x >> 5, NW);
+    const int64_t C = p.C;
+    const T *W = (const T *)p.wo + (int64_t)l * C * C + h * p.hd;
+    for (int64_t c = C * j / J + threadIdx.x; c < C * (j + 1) / J; c += NW * 32)
+        prefetch_lines(W + c * C, p.hd * (int64_t)sizeof(T));
+}
+
+/* A's unit u: its two rows, by the warp. */
+template <class T>
+static __device__ __forceinline__ void prefetch_qkv_unit(const params &p, int l, int u) {
+    const T *rows[2];
+    qkv_rows<T>(p, l, u, rows);
+    prefetch_l2(rows[0], p.C * (int64_t)sizeof(T));
+    prefetch_l2(rows[1], p.C * (int64_t)sizeof(T));
 }
 
 /* x[c] += dot(o, W[c * ld .. + hd)) + carry's c for c in [c0, c1), by the
@@ -616,22 +623,15 @@ static __device__ void prefetch_phase(const params &p, int ph, int l, int pos) {
         /* the layer's QKV rows, spread over all blocks, not by the cluster
          * that reads them: 128 warps' rows in flight from one SM would
          * delay its own loads after the barrier (493.8 vs 495.3 us) */
-        for (int u = (threadIdx.x >> 5) * gridDim.x + blockIdx.x; u < qkv_units(p); u += nwarps<NW>()) {
-            const T *rows[2];
-            qkv_rows<T>(p, l, u, rows);
-            prefetch_l2(rows[0], C * es);
-            prefetch_l2(rows[1], C * es);
-        }
+        for (int u = (threadIdx.x >> 5) * gridDim.x + blockIdx.x; u < qkv_units(p); u += nwarps<NW>())
+            prefetch_qkv_unit<T>(p, l, u);
         return;
     }
     for (int k = 0; k < 2; k++) {
         const int64_t u = gwarp<NW>() + (int64_t)k * nwarps<NW>();
         if (ph == PF_QKV) {
             if (u >= qkv_units(p)) return;
-            const T *rows[2];
-            qkv_rows<T>(p, l, (int)u, rows);
-            prefetch_l2(rows[0], C * es);
-            prefetch_l2(rows[1], C * es);
+            prefetch_qkv_unit<T>(p, l, (int)u);
         } else if (ph == PF_OPROJ) {
             if (u >= C) return;
             prefetch_l2((const T *)p.wo + (int64_t)l * C * C + u * C, C * es);
