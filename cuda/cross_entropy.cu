@@ -6,8 +6,11 @@
  * each thread reads an element before writing that same element. The
  * scale is read from device memory, so a captured graph uses this step's.
  *
- * Fast path (V a multiple of 16 bytes' worth of elements, aligned logits):
- * the forward reads each row ONCE with an online max/sum (each thread keeps
+ * Rows are ld elements apart (ld >= V; the model keeps ld a multiple of 64,
+ * so an odd vocabulary such as GPT-2's 50257 stays on the fast path).
+ *
+ * Fast path (ld a multiple of 16 bytes' worth of elements, aligned logits;
+ * the last V % 8 elements of a row one per thread): the forward reads each row ONCE with an online max/sum (each thread keeps
  * a running max and a sum rescaled when the max grows; the block merges the
  * (max, sum) pairs in a fixed order), 16-byte loads, four in flight per
  * thread; the backward reads and writes each row once, 16 bytes at a time.
@@ -26,13 +29,14 @@ static __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, f
     m = M;
 }
 
-// losses, lse: (N); logits: (N, V); targets: (N) int32. 256 threads per row.
+// losses, lse: (N); logits: (N, ld); targets: (N) int32. 256 threads per row.
 template <class T>
 static __global__ void __launch_bounds__(256) ce_fwd_vec(float *losses, float *lse, const T *logits,
-                                                         const int32_t *tgt, int V, int ignore) {
+                                                         const int32_t *tgt, int V, int ld,
+                                                         int ignore) {
     constexpr int VE = vec16<T>::N, U = 4;
     const int64_t r = blockIdx.x;
-    const T *x = logits + r * V;
+    const T *x = logits + r * ld;
     const int nv = V / VE;
     float m = -INFINITY, s = 0.f;
     for (int k0 = threadIdx.x; k0 < nv; k0 += U * 256) {
@@ -52,6 +56,11 @@ static __global__ void __launch_bounds__(256) ce_fwd_vec(float *losses, float *l
 #pragma unroll
             for (int e = 0; e < VE; e++) s += expf(f[e] - m);
         }
+    }
+    if (threadIdx.x < V - nv * VE) {   /* the row's tail */
+        const float f = tof(x[nv * VE + threadIdx.x]);
+        if (f > m) { s = m == -INFINITY ? 0.f : s * expf(m - f); m = f; }
+        if (m != -INFINITY) s += expf(f - m);
     }
     /* merge: lanes by xor butterfly (the same tree in every run), then the
      * 8 warps in order */
@@ -74,19 +83,19 @@ static __global__ void __launch_bounds__(256) ce_fwd_vec(float *losses, float *l
     }
 }
 
-// dlogits: (N, V) (+)=, may alias logits when !accum (each thread reads its
+// dlogits: (N, ld) (+)=, may alias logits when !accum (each thread reads its
 // vectors before writing them). 256 threads per row.
 template <class T>
 static __global__ void __launch_bounds__(256) ce_bwd_vec(T *dlogits, const T *logits,
                                                          const float *lse, const int32_t *tgt,
-                                                         int V, int ignore, const float *scale,
-                                                         int accum) {
+                                                         int V, int ld, int ignore,
+                                                         const float *scale, int accum) {
     constexpr int VE = vec16<T>::N, U = 4;
     const int64_t r = blockIdx.x;
     const int t = tgt[r];
     const float s = t == ignore ? 0.f : *scale, l = lse[r];
-    const T *x = logits + r * V;
-    T *d = dlogits + r * V;
+    const T *x = logits + r * ld;
+    T *d = dlogits + r * ld;
     const int nv = V / VE;
     for (int k0 = threadIdx.x; k0 < nv; k0 += U * 256) {
         uint4 u[U];
@@ -107,19 +116,25 @@ static __global__ void __launch_bounds__(256) ce_bwd_vec(T *dlogits, const T *lo
             store_vec(d + (int64_t)k * VE, f, accum);
         }
     }
+    if (threadIdx.x < V - nv * VE) {   /* the row's tail */
+        const int v = nv * VE + threadIdx.x;
+        float g = s * expf(tof(x[v]) - l);
+        if (v == t) g -= s;
+        put(d + v, g, accum);
+    }
 }
 
 template <class T>
-static bool ce_vec_ok(int V, const void *a, const void *b) {
-    return V > 0 && V % vec16<T>::N == 0 && aligned16(a) && aligned16(b);
+static bool ce_vec_ok(int ld, const void *a, const void *b) {
+    return ld > 0 && ld % vec16<T>::N == 0 && aligned16(a) && aligned16(b);
 }
 
-// losses, lse: (N); logits: (N, V); targets: (N) int32
+// losses, lse: (N); logits: (N, ld); targets: (N) int32
 template <class T>
 static __global__ void ce_fwd_k(float *losses, float *lse, const T *logits, const int32_t *tgt,
-                                int V, int ignore) {
+                                int V, int ld, int ignore) {
     const int64_t r = blockIdx.x;
-    const T *x = logits + r * V;
+    const T *x = logits + r * ld;
     float m = -INFINITY;
     for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, tof(x[v]));
     m = block_reduce<true>(m);
@@ -134,16 +149,16 @@ static __global__ void ce_fwd_k(float *losses, float *lse, const T *logits, cons
     }
 }
 
-// dlogits: (N, V) (+)=, may alias logits when !accum
+// dlogits: (N, ld) (+)=, may alias logits when !accum
 template <class T>
 static __global__ void ce_bwd_k(T *dlogits, const T *logits, const float *lse,
-                                const int32_t *tgt, int V, int ignore, const float *scale,
-                                int accum) {
+                                const int32_t *tgt, int V, int ld, int ignore,
+                                const float *scale, int accum) {
     const int64_t r = blockIdx.x;
     const int t = tgt[r];
     const float s = t == ignore ? 0.f : *scale, l = lse[r];
-    const T *x = logits + r * V;
-    T *d = dlogits + r * V;
+    const T *x = logits + r * ld;
+    T *d = dlogits + r * ld;
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
         float g = s * expf(tof(x[v]) - l);
         if (v == t) g -= s;
@@ -158,34 +173,37 @@ static void bad_tokens(void) {
 #define SJ_CU_CE(T, TY)                                                                     \
 extern "C" void sj_cuda_cross_entropy_forward_##T(float *losses, float *lse,                \
                                                   const void *logits, const void *targets,  \
-                                                  sj_dtype td, int N, int V, int ignore) {  \
+                                                  sj_dtype td, int N, int V, int ld,        \
+                                                  int ignore) {                             \
     if (td != SJ_I32) { bad_tokens(); return; }                                             \
     if (N <= 0) return;                                                                     \
-    if (ce_vec_ok<TY>(V, logits, logits)) {                                                 \
+    if (ce_vec_ok<TY>(ld, logits, logits)) {                                                \
         ce_fwd_vec<<<N, 256, 0, sj_stream()>>>(losses, lse, (const TY *)logits,             \
-                                               (const int32_t *)targets, V, ignore);        \
+                                               (const int32_t *)targets, V, ld, ignore);    \
         LAUNCH_CHECK("cross_entropy_forward");                                              \
         return;                                                                             \
     }                                                                                       \
     ce_fwd_k<<<N, 512, 0, sj_stream()>>>(losses, lse, (const TY *)logits,                   \
-                                         (const int32_t *)targets, V, ignore);              \
+                                         (const int32_t *)targets, V, ld, ignore);          \
     LAUNCH_CHECK("cross_entropy_forward");                                                  \
 }                                                                                           \
 extern "C" void sj_cuda_cross_entropy_backward_##T(void *dlogits, const void *logits,       \
                                                    const float *lse, const void *targets,   \
-                                                   sj_dtype td, int N, int V, int ignore,   \
-                                                   const float *scale, int accum) {         \
+                                                   sj_dtype td, int N, int V, int ld,       \
+                                                   int ignore, const float *scale,          \
+                                                   int accum) {                             \
     if (td != SJ_I32) { bad_tokens(); return; }                                             \
     if (N <= 0) return;                                                                     \
-    if (ce_vec_ok<TY>(V, logits, dlogits)) {                                                \
+    if (ce_vec_ok<TY>(ld, logits, dlogits)) {                                               \
         ce_bwd_vec<<<N, 256, 0, sj_stream()>>>((TY *)dlogits, (const TY *)logits, lse,      \
-                                               (const int32_t *)targets, V, ignore, scale,  \
-                                               accum);                                      \
+                                               (const int32_t *)targets, V, ld, ignore,     \
+                                               scale, accum);                               \
         LAUNCH_CHECK("cross_entropy_backward");                                             \
         return;                                                                             \
     }                                                                                       \
     ce_bwd_k<<<N, 512, 0, sj_stream()>>>((TY *)dlogits, (const TY *)logits, lse,            \
-                                         (const int32_t *)targets, V, ignore, scale, accum); \
+                                         (const int32_t *)targets, V, ld, ignore, scale,    \
+                                         accum);                                            \
     LAUNCH_CHECK("cross_entropy_backward");                                                 \
 }
 SJ_CU_CE(f32, float)

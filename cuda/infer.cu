@@ -302,7 +302,7 @@ extern "C" void sj_cuinfer_get_options(const sj_cuinfer *g, int *graphs, int *pe
 /* C (f32) (+)= A B^T, B (N, K); or A B with B (K, N) when b_kn. */
 static void gemm(sj_cuinfer *g, float *C, const void *A, const void *B, int M, int N, int K, int accum,
                  int b_kn = 0) {
-    g->be->matmul(C, A, B, M, N, K, 0, !b_kn, accum, 1);
+    sj_matmul(g->be, C, A, B, M, N, K, 0, !b_kn, accum, 1);
 }
 
 /* m (<= CHUNK) tokens at positions pos .. pos + m - 1; logits of every row in plog. */

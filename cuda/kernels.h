@@ -6,8 +6,9 @@
 
 #define SJ_CU_DECLARE(T)                                                                  \
 extern "C" {                                                                              \
-void sj_cuda_matmul_##T(void *C, const void *A, const void *B, int M, int N, int K,       \
-                        int transA, int transB, int accum, int c_f32);                    \
+void sj_cuda_matmul_##T(void *C, int ldc, const void *A, int lda, const void *B, int ldb, \
+                        int M, int N, int K, int transA, int transB, int accum,           \
+                        int c_f32);                                                       \
 void sj_cuda_matmul_add_##T(void *D, const void *C, const void *A, const void *B, int M,  \
                             int N, int K, int transA, int transB);                        \
 void sj_cuda_embedding_forward_##T(void *out, const void *tok, sj_dtype tok_dtype,        \
@@ -39,10 +40,10 @@ void sj_cuda_add_##T(void *out, const void *a, const void *b, int64_t n);       
 void sj_cuda_copy_##T(void *dst, const void *src, int64_t n, int accum);                  \
 void sj_cuda_cross_entropy_forward_##T(float *losses, float *lse, const void *logits,     \
                                        const void *targets, sj_dtype tok_dtype, int N,    \
-                                       int V, int ignore_index);                          \
+                                       int V, int ld, int ignore_index);                  \
 void sj_cuda_cross_entropy_backward_##T(void *dlogits, const void *logits,                \
                                         const float *lse, const void *targets,            \
-                                        sj_dtype tok_dtype, int N, int V,                 \
+                                        sj_dtype tok_dtype, int N, int V, int ld,         \
                                         int ignore_index, const float *scale, int accum); \
 void sj_cuda_adamw_##T(float *p, void *p_act, float *g, int zero_grads, float *m,         \
                        float *v, int64_t n, int64_t n_decay, const sj_adamw_hp *hp);      \

@@ -31,11 +31,12 @@ extern "C" void sj_cuda_matmul_init(void) { std::call_once(handle_once, make_han
  * unless told otherwise, and parameter views sit at arbitrary offsets. */
 struct plan_key {
     int M, N, K, tA, tB, c_f32;
+    int lda, ldb, ldc;                 /* row strides of our A, B, C and D (elements) */
     cudaDataType ab;                   /* of A, B (and C, D unless c_f32) */
     uint32_t al_a, al_b, al_c, al_d;   /* byte alignment of our A, B, C, D (<= 256) */
     bool operator==(const plan_key &o) const {
         return M == o.M && N == o.N && K == o.K && tA == o.tA && tB == o.tB &&
-               c_f32 == o.c_f32 && ab == o.ab && al_a == o.al_a && al_b == o.al_b &&
+               c_f32 == o.c_f32 && lda == o.lda && ldb == o.ldb && ldc == o.ldc && ab == o.ab && al_a == o.al_a && al_b == o.al_b &&
                al_c == o.al_c && al_d == o.al_d;
     }
 };
@@ -94,13 +95,14 @@ static const plan *get_plan(const plan_key &k, size_t ws_bytes) {
     LT_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
     LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa), "transa");
     LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb), "transb");
-    /* Stored shapes, column-major: our B is (N x K) ld N, or (K x N) ld K when
-     * transposed; our A is (K x M) ld K, or (M x K) ld M. */
-    if (opa == CUBLAS_OP_N) LT_CHECK(cublasLtMatrixLayoutCreate(&p.a, ab, k.N, k.K, k.N), "layout a");
-    else LT_CHECK(cublasLtMatrixLayoutCreate(&p.a, ab, k.K, k.N, k.K), "layout a");
-    if (opb == CUBLAS_OP_N) LT_CHECK(cublasLtMatrixLayoutCreate(&p.b, ab, k.K, k.M, k.K), "layout b");
-    else LT_CHECK(cublasLtMatrixLayoutCreate(&p.b, ab, k.M, k.K, k.M), "layout b");
-    LT_CHECK(cublasLtMatrixLayoutCreate(&p.c, ct, k.N, k.M, k.N), "layout c");
+    /* Stored shapes, column-major: our B is (N x K), or (K x N) when
+     * transposed; our A is (K x M), or (M x K); C is (N x M); each with
+     * our row stride as its leading dimension. */
+    if (opa == CUBLAS_OP_N) LT_CHECK(cublasLtMatrixLayoutCreate(&p.a, ab, k.N, k.K, k.ldb), "layout a");
+    else LT_CHECK(cublasLtMatrixLayoutCreate(&p.a, ab, k.K, k.N, k.ldb), "layout a");
+    if (opb == CUBLAS_OP_N) LT_CHECK(cublasLtMatrixLayoutCreate(&p.b, ab, k.K, k.M, k.lda), "layout b");
+    else LT_CHECK(cublasLtMatrixLayoutCreate(&p.b, ab, k.M, k.K, k.lda), "layout b");
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p.c, ct, k.N, k.M, k.ldc), "layout c");
     cublasLtMatmulPreference_t pref;
     LT_CHECK(cublasLtMatmulPreferenceCreate(&pref), "preference");
     LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -165,9 +167,10 @@ static void sat_f16(f16 *x, int64_t n) {
 }
 
 /* D = op(A) op(B) (+ C when C): the addend is cuBLASLt's C with beta = 1,
- * in the same layout as D (accumulation is C = D). */
-static void matmul(void *D, const void *C, const void *A, const void *B, int M, int N, int K,
-                   int tA, int tB, int c_f32, cudaDataType ab) {
+ * in the same layout as D (accumulation is C = D); rows lda, ldb, ldc
+ * elements apart. */
+static void matmul(void *D, const void *C, int ldc, const void *A, int lda, const void *B,
+                   int ldb, int M, int N, int K, int tA, int tB, int c_f32, cudaDataType ab) {
     if (M <= 0 || N <= 0) return;
     sj_cuda_matmul_init();
     if (handle_status != CUBLAS_STATUS_SUCCESS) {
@@ -175,7 +178,7 @@ static void matmul(void *D, const void *C, const void *A, const void *B, int M, 
         return;
     }
     sj_cuda_ctx *ctx = sj_cuda_cur();
-    const plan_key k = { M, N, K, tA, tB, c_f32, ab, alignment(A), alignment(B),
+    const plan_key k = { M, N, K, tA, tB, c_f32, lda, ldb, ldc, ab, alignment(A), alignment(B),
                          alignment(C ? C : D), alignment(D) };
     cublasStatus_t st;
     {
@@ -192,19 +195,20 @@ static void matmul(void *D, const void *C, const void *A, const void *B, int M, 
                  cublasLtGetStatusName(st), M, N, K);
         sj_cuda_error("cublasLtMatmul", d, __FILE__, __LINE__);
     }
-    if (ab == CUDA_R_16F && !c_f32) sat_f16((f16 *)D, (int64_t)M * N);
+    if (ab == CUDA_R_16F && !c_f32) sat_f16((f16 *)D, (int64_t)(M - 1) * ldc + N);
 }
 
 /* matmul_add: the residual add in the epilogue, no separate add kernel,
  * and D is rounded once (the unfused pair rounds the product, then the sum). */
 #define SJ_CU_MATMUL(T, AB)                                                                   \
-extern "C" void sj_cuda_matmul_##T(void *C, const void *A, const void *B, int M, int N, int K,  \
-                                   int transA, int transB, int accum, int c_f32) {             \
-    matmul(C, accum ? C : NULL, A, B, M, N, K, transA, transB, c_f32, AB);                     \
+extern "C" void sj_cuda_matmul_##T(void *C, int ldc, const void *A, int lda, const void *B,     \
+                                   int ldb, int M, int N, int K, int transA, int transB,       \
+                                   int accum, int c_f32) {                                     \
+    matmul(C, accum ? C : NULL, ldc, A, lda, B, ldb, M, N, K, transA, transB, c_f32, AB);      \
 }                                                                                              \
 extern "C" void sj_cuda_matmul_add_##T(void *D, const void *C, const void *A, const void *B,   \
                                        int M, int N, int K, int transA, int transB) {          \
-    matmul(D, C, A, B, M, N, K, transA, transB, 0, AB);                                        \
+    matmul(D, C, N, A, transA ? M : K, B, transB ? K : N, M, N, K, transA, transB, 0, AB);     \
 }
 SJ_CU_MATMUL(f32, CUDA_R_32F)
 SJ_CU_MATMUL(bf16, CUDA_R_16BF)

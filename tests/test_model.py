@@ -109,3 +109,35 @@ def test_poisoned_arena_gives_the_same_answers(tmp_path):
     poisoned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert plain.returncode == 0 and poisoned.returncode == 0, poisoned.stderr
     assert "nan" not in poisoned.stdout and plain.stdout == poisoned.stdout
+
+
+@pytest.mark.parametrize("fused_ce", [False, True], ids=["logits", "fused_ce"])
+def test_an_odd_vocabulary_trains_bit_for_bit_with_aligned_logit_rows(fused_ce, monkeypatch):
+    """Loss and train runs keep the logits' rows a multiple of 64 apart (an
+    odd vocabulary such as GPT-2's 50257 would cost the head's GEMMs and the
+    cross-entropy their aligned paths); the columns past the vocabulary are
+    never read, so loss, gradients and the returned logits equal the packed
+    layout's bit for bit."""
+    cfg = smedjan.Config.custom(64, 2, 4, 2, vocab_size=1001, max_seq_len=32)
+    r = np.random.default_rng(0)
+    tokens = r.integers(0, 1001, (3, 17)).astype(np.int32)
+    targets = r.integers(0, 1001, (3, 17)).astype(np.int32)
+    targets[0, :4] = -1
+    runs, arenas = [], []
+    for align in ("1", "64"):
+        monkeypatch.setenv("SMEDJAN_VOCAB_ALIGN", align)
+        m = smedjan.Model(cfg, seed=3)
+        m.set_levers(fused_ce=fused_ce, ce_rows=26)
+        loss = m.loss(tokens, targets, backward=True)
+        grads = m.flat_grads.copy()
+        tr = smedjan.Trainer(m, lr=1e-2, steps=10)
+        steps = [tr.step(tokens, targets).loss for _ in range(3)]
+        runs.append((loss, grads, steps, m.flat_params.copy(), m.forward(tokens)))
+        arenas.append(m.plan_memory(3, 17, "loss")["arena_bytes"])
+    assert fused_ce or arenas[1] > arenas[0]   # the aligned rows are in use
+    (l1, g1, s1, p1, f1), (l64, g64, s64, p64, f64) = runs
+    assert l1 == l64 and s1 == s64, (l1, l64, s1, s64)
+    np.testing.assert_array_equal(g1, g64)
+    np.testing.assert_array_equal(p1, p64)
+    np.testing.assert_array_equal(f1, f64)
+    assert f64.shape == (3, 17, 1001)

@@ -60,10 +60,10 @@ static void convert(void *dst, sj_dtype dt, const void *src, sj_dtype st, int64_
     sj_parallel_for(n, 1 << 14, conv_range, &j);
 }
 
-static void matmul(void *C, const void *A, const void *B, int M, int N, int K,
-                   int transA, int transB, int accum, int c_f32) {
+static void matmul(void *C, int ldc, const void *A, int lda, const void *B, int ldb, int M,
+                   int N, int K, int transA, int transB, int accum, int c_f32) {
     (void)c_f32;   /* act dtype is f32 here */
-    sj_cpu_matmul(C, A, B, M, N, K, transA, transB, accum);
+    sj_cpu_gemm(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, accum);
 }
 
 /* The GEMM, then the addend: bit for bit the unfused matmul and add. */

@@ -43,10 +43,10 @@ void sj_cpu_copy(void *dst, const void *src, int64_t n, int accum);
 void sj_cpu_fill(float *x, float value, int64_t n);
 void sj_cpu_cross_entropy_forward(float *losses, float *lse, const void *logits,
                                   const void *targets, sj_dtype tok_dtype, int N, int V,
-                                  int ignore_index);
+                                  int ld, int ignore_index);
 void sj_cpu_cross_entropy_backward(void *dlogits, const void *logits, const float *lse,
                                    const void *targets, sj_dtype tok_dtype, int N, int V,
-                                   int ignore_index, const float *scale, int accum);
+                                   int ld, int ignore_index, const float *scale, int accum);
 double sj_cpu_sumsq(const float *x, int64_t n);
 void sj_cpu_grad_sumsq(sj_adamw_hp *hp, const float *g, int64_t n);
 void sj_cpu_adamw(float *p, void *p_act, float *g, int zero_grads, float *m, float *v,

@@ -228,6 +228,19 @@ static void detach(sj_model *m) {
     m->ctx = NULL;
 }
 
+/* The row stride of the logits that loss and train runs keep to themselves:
+ * the vocabulary rounded up to a multiple of 64 elements, so that any
+ * vocabulary (GPT-2's 50257) keeps the head's GEMMs and the cross-entropy on
+ * their aligned, vectorised paths (the columns past it are never read).
+ * SMEDJAN_VOCAB_ALIGN sets another multiple (tests: 1 packs the rows). */
+static int vocab_stride(int V) {
+    const char *e = getenv("SMEDJAN_VOCAB_ALIGN");
+    const long a = e && e[0] ? strtol(e, NULL, 10) : 64;
+    if (a <= 1 || a > 4096) return V;
+    const int64_t ld = ((int64_t)V + a - 1) / a * a;
+    return ld > INT32_MAX ? V : (int)ld;
+}
+
 sj_status sj_model_create_ex(const sj_config *c, uint64_t seed, sj_device device,
                              sj_dtype dtype, sj_model **out) {
     *out = NULL;
@@ -241,6 +254,7 @@ sj_status sj_model_create_ex(const sj_config *c, uint64_t seed, sj_device device
     m->device = device;
     m->dtype = dtype;
     m->epoch = 1;
+    m->vocab_ld = vocab_stride(c->vocab_size);
     const char *g = getenv("SMEDJAN_GRAPHS");
     m->use_graphs = !(g && g[0] == '0') && device == SJ_DEVICE_CUDA;
     sj_status s = build_table(m);
@@ -429,12 +443,14 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     if (m->lv.fused_ce && pl->mode != SJ_RUN_LOGITS) {
         pl->logits = -1;
         pl->targets = sj_tape_tensor(tp, SJ_T_EXTERN, N);
-        pl->losses = sj_op_lm_head_ce(tp, h, PARAM("tok_emb%.0d", 0, V), pl->targets, N, V, C,
-                                      -1, m->lv.ce_rows > 0 ? m->lv.ce_rows : 256);
+        pl->losses = sj_op_lm_head_ce(tp, h, PARAM("tok_emb%.0d", 0, V), pl->targets, N, V,
+                                      m->vocab_ld, C, -1, m->lv.ce_rows > 0 ? m->lv.ce_rows : 256);
         OP_BLOCK_END();
         return pl->losses < 0 ? SJ_ERR_NOMEM : SJ_OK;
     }
-    pl->logits = sj_op_matmul(tp, h, PARAM("tok_emb%.0d", 0, V), N, V, C);  /* tied head */
+    /* the tied head; logits that leave the engine are packed */
+    const int ld = pl->mode == SJ_RUN_LOGITS ? V : m->vocab_ld;
+    pl->logits = sj_op_matmul_ld(tp, h, PARAM("tok_emb%.0d", 0, V), N, V, C, ld);
     OP_BLOCK_END();
     #undef PARAM
     #undef NORM
@@ -449,7 +465,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         return SJ_OK;
     }
     pl->targets = sj_tape_tensor(tp, SJ_T_EXTERN, N);
-    pl->losses = sj_op_cross_entropy(tp, pl->logits, pl->targets, N, V, -1);
+    pl->losses = sj_op_cross_entropy(tp, pl->logits, pl->targets, N, V, ld, -1);
     return pl->losses < 0 ? SJ_ERR_NOMEM : SJ_OK;
 }
 /* The plan for (B, T, mode): reused when present, else recorded and planned,

@@ -100,6 +100,7 @@ struct sj_model {
     sj_scalars *scalars;            /* backend memory */
     sj_scalars *scalars_host;       /* [0] in, [1] out; pinned on device backends */
     int32_t *sort_count;            /* (vocab + 1) host ints for the token sort */
+    int vocab_ld;                   /* row stride of the logits inside loss and train runs */
     int64_t epoch;                  /* bumps when the buffers move (to()) */
     int use_graphs;                 /* capture train steps (device backends) */
     sj_levers lv;                   /* memory levers: how plans are recorded */

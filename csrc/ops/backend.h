@@ -65,10 +65,11 @@ typedef struct sj_backend {
                     int64_t n);
 
     /* C(M,N) = op(A) op(B) (+ C if accum). A is (M,K), or (K,M) when
-     * transA; B is (K,N), or (N,K) when transB. Row-major, packed. A and B
-     * are act dtype; C is f32 when c_f32 (parameter gradients), else act. */
-    void (*matmul)(void *C, const void *A, const void *B, int M, int N, int K,
-                   int transA, int transB, int accum, int c_f32);
+     * transA; B is (K,N), or (N,K) when transB. Row-major, rows ldc, lda,
+     * ldb elements apart (sj_matmul below: packed). A and B are act dtype;
+     * C is f32 when c_f32 (parameter gradients), else act. */
+    void (*matmul)(void *C, int ldc, const void *A, int lda, const void *B, int ldb, int M,
+                   int N, int K, int transA, int transB, int accum, int c_f32);
     /* D(M,N) = op(A) op(B) + C, all act dtype: the residual add fused into
      * the GEMM (cuBLASLt's epilogue reads C; D may be C, never partly). */
     void (*matmul_add)(void *D, const void *C, const void *A, const void *B, int M, int N,
@@ -123,16 +124,18 @@ typedef struct sj_backend {
     void (*add)(void *out, const void *a, const void *b, int64_t n);
     void (*copy)(void *dst, const void *src, int64_t n, int accum);
 
-    /* logits: (N, V); targets (N) of tok_dtype; losses, lse: (N).
-     * Rows whose target == ignore_index get loss 0 and zero gradient.
-     * dlogits = *scale * (softmax - onehot); dlogits may be logits itself
-     * (in place) when accum is 0. */
+    /* logits: (N, ld), of which the first V columns are the vocabulary
+     * (ld >= V: a row stride that keeps rows aligned; the columns past V
+     * are neither read nor written); targets (N) of tok_dtype; losses,
+     * lse: (N). Rows whose target == ignore_index get loss 0 and zero
+     * gradient. dlogits (N, ld) = *scale * (softmax - onehot); dlogits may
+     * be logits itself (in place) when accum is 0. */
     void (*cross_entropy_forward)(float *losses, float *lse, const void *logits,
                                   const void *targets, sj_dtype tok_dtype, int N, int V,
-                                  int ignore_index);
+                                  int ld, int ignore_index);
     void (*cross_entropy_backward)(void *dlogits, const void *logits, const float *lse,
                                    const void *targets, sj_dtype tok_dtype, int N, int V,
-                                   int ignore_index, const float *scale, int accum);
+                                   int ld, int ignore_index, const float *scale, int accum);
 
     /* hp->sumsq = sum of g^2, in a fixed order (the same bits every run). */
     void (*grad_sumsq)(sj_adamw_hp *hp, const float *g, int64_t n);
@@ -161,6 +164,12 @@ typedef struct sj_backend {
     sj_status (*graph_launch)(void *graph);
     void (*graph_free)(void *graph);
 } sj_backend;
+
+/* matmul over packed operands: each row directly after the previous one. */
+static inline void sj_matmul(const sj_backend *be, void *C, const void *A, const void *B, int M,
+                             int N, int K, int transA, int transB, int accum, int c_f32) {
+    be->matmul(C, N, A, transA ? M : K, B, transB ? K : N, M, N, K, transA, transB, accum, c_f32);
+}
 
 extern const sj_backend sj_cpu_backend;
 extern const sj_backend sj_cpu_staged_backend;   /* testing, see cpu/backend.c */

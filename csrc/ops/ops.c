@@ -53,8 +53,13 @@ int sj_op_rmsnorm(sj_tape *tp, int x, int w, int N, int C, float eps) {
 }
 // x: (N, in) @ w^T, w: (out, in) -> (N, out)
 int sj_op_matmul(sj_tape *tp, int x, int w, int N, int out_features, int in_features) {
-    return record(tp, SJ_OP_MATMUL, IN(x, w, NONE), (int64_t)N * out_features, 0, 0,
-                  DIM(N, out_features, in_features), 0);
+    return sj_op_matmul_ld(tp, x, w, N, out_features, in_features, out_features);
+}
+// x: (N, in) @ w^T, w: (out, in) -> (N, ld), the first out columns written
+int sj_op_matmul_ld(sj_tape *tp, int x, int w, int N, int out_features, int in_features,
+                    int ld) {
+    return record(tp, SJ_OP_MATMUL, IN(x, w, NONE), (int64_t)N * ld, 0, 0,
+                  DIM(N, out_features, in_features, ld), 0);
 }
 // res: (N, out) + x: (N, in) @ w^T, w: (out, in) -> (N, out)
 int sj_op_matmul_add(sj_tape *tp, int res, int x, int w, int N, int out_features,
@@ -79,15 +84,15 @@ int sj_op_swiglu(sj_tape *tp, int gu, int N, int F) {
 int sj_op_add(sj_tape *tp, int a, int b, int64_t n) {
     return record(tp, SJ_OP_ADD, IN(a, b, NONE), n, 0, 0, DIM(0), 0);
 }
-// logits: (N, V), targets: (N) -> losses: (N), lse: (N)
-int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index) {
+// logits: (N, ld), targets: (N) -> losses: (N), lse: (N)
+int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ld,
+                        int ignore_index) {
     int o = record(tp, SJ_OP_CROSS_ENTROPY, IN(logits, targets, NONE), N, N, 1,
-                   DIM(N, V, ignore_index), 0);
+                   DIM(N, V, ignore_index, ld), 0);
     if (o >= 0) { tp->t[o].no_grad = 1; tp->t[o].dtype = SJ_F32; }
     return o;
 }
 
-// h: (N, C), w: (V, C), targets: (N) -> losses: (N), lse: (N); scratch (rows, V)
 // w: (numel) f32 master -> (numel) act dtype
 int sj_op_cast(sj_tape *tp, int src) {
     if (src < 0) return -1;
@@ -114,14 +119,15 @@ int sj_op_matmul_rope(sj_tape *tp, int x, int w, int B, int T, int n_heads, int 
                   DIM(B, T, n_heads, n_rot, hd, C), theta);
 }
 
-int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int C,
+// h: (N, C), w: (V, C), targets: (N) -> losses: (N), lse: (N); scratch (rows, ld)
+int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int ld, int C,
                      int ignore_index, int rows) {
     if (rows < 1 || rows > N) rows = N;
     int o = record(tp, SJ_OP_LM_HEAD_CE, IN(h, w, targets), N, N, 1,
-                   DIM(N, V, ignore_index, C, rows), 0);
+                   DIM(N, V, ignore_index, C, rows, ld), 0);
     if (o < 0) return -1;
     tp->t[o].no_grad = 1; tp->t[o].dtype = SJ_F32;
-    int sc = sj_tape_tensor(tp, SJ_T_ACT, (int64_t)rows * V);
+    int sc = sj_tape_tensor(tp, SJ_T_ACT, (int64_t)rows * ld);
     if (sc < 0) return -1;
     tp->t[sc].no_grad = 1;
     tp->nodes[tp->t[o].producer].scratch = sc;
@@ -137,13 +143,30 @@ static void *in_grad(const sj_tape *tp, const sj_node *n, int k, void *params) {
     return id >= 0 && tp->t[id].kind == SJ_T_ACT && tp->t[id].grad >= 0 ? G(id) : NULL;
 }
 
+/* y: (N, ld) = x: (N, in) @ W^T, W: (out, in), the first out columns of
+ * each row; and its backward: dx (N, in) (+)= dy @ W, dW (+)= dy^T x, the
+ * columns of dy past out never read. A stride ld > out keeps the rows of a
+ * vocabulary-wide output aligned (an odd vocabulary otherwise costs the
+ * GEMMs and the cross-entropy their vector paths). */
+static void logits_forward(const sj_backend *be, void *y, const void *x, const void *W, int N,
+                           int out, int in, int ld) {
+    be->matmul(y, ld, x, in, W, in, N, out, in, 0, 1, 0, 0);
+}
+static void logits_backward(const sj_backend *be, void *dx, float *dW, const void *dy,
+                            const void *x, const void *W, int N, int out, int in, int ld,
+                            int accum_dx, int accum_dW) {
+    if (dx) be->matmul(dx, in, dy, ld, W, in, N, in, out, 0, 0, accum_dx, 0);
+    be->matmul(dW, in, dy, ld, x, in, out, in, N, 1, 0, accum_dW, 1);
+}
+
 /* Fused CE, chunk by chunk: logits = h_chunk @ W^T into the scratch, the
  * rows' losses; on a training tape at once dlogits (in place, scaled by the
  * loss scale), dh_chunk = dlogits @ W and dW += dlogits^T h_chunk. Each
  * chunk is the unfused op restricted to its rows, so the loss equals the
  * unfused one and the gradients differ only by dW's summation order. */
 static void lm_head_ce(const sj_tape *tp, const sj_node *n, const sj_backend *be, void *params) {
-    const int N = n->dim[0], V = n->dim[1], ign = n->dim[2], C = n->dim[3], R = n->dim[4];
+    const int N = n->dim[0], V = n->dim[1], ign = n->dim[2], C = n->dim[3], R = n->dim[4],
+              ld = n->dim[5];
     const size_t es = sj_dtype_size(tp->act_dtype);
     const sj_dtype tdt = tp->t[n->in[2]].dtype;
     const size_t ts = sj_dtype_size(tdt);
@@ -158,13 +181,14 @@ static void lm_head_ce(const sj_tape *tp, const sj_node *n, const sj_backend *be
     for (int r0 = 0; r0 < N; r0 += R) {
         const int rows = N - r0 < R ? N - r0 : R;
         char *hc = h + (size_t)r0 * C * es;
-        be->matmul(L, hc, W, rows, V, C, 0, 1, 0, 0);
-        be->cross_entropy_forward(losses + r0, lse + r0, L, tg + (size_t)r0 * ts, tdt, rows, V, ign);
+        logits_forward(be, L, hc, W, rows, V, C, ld);
+        be->cross_entropy_forward(losses + r0, lse + r0, L, tg + (size_t)r0 * ts, tdt, rows, V,
+                                  ld, ign);
         if (!train) continue;
-        be->cross_entropy_backward(L, L, lse + r0, tg + (size_t)r0 * ts, tdt, rows, V, ign,
+        be->cross_entropy_backward(L, L, lse + r0, tg + (size_t)r0 * ts, tdt, rows, V, ld, ign,
                                    scale, 0);
-        if (dh) be->matmul(dh + (size_t)r0 * C * es, L, W, rows, C, V, 0, 0, n->accum[0], 0);
-        be->matmul(dW, L, hc, V, C, rows, 1, 0, r0 > 0 || n->accum[1], 1);
+        logits_backward(be, dh ? dh + (size_t)r0 * C * es : NULL, dW, L, hc, W, rows, V, C, ld,
+                        n->accum[0], r0 > 0 || n->accum[1]);
     }
 }
 
@@ -179,14 +203,14 @@ static void matmul_swiglu(const sj_tape *tp, const sj_node *n, const sj_backend 
     void *W = P(n->in[1]), *gu = n->out[1] >= 0 ? P(n->out[1]) : NULL;
     if (be->matmul_swiglu && be->matmul_swiglu(h, gu, x, W, N, F, C)) return;
     if (gu) {
-        be->matmul(gu, x, W, N, 2 * F, C, 0, 1, 0, 0);
+        sj_matmul(be, gu, x, W, N, 2 * F, C, 0, 1, 0, 0);
         be->swiglu_forward(h, gu, N, F);
         return;
     }
     void *S = P(n->scratch);
     for (int r0 = 0; r0 < N; r0 += R) {
         const int rows = N - r0 < R ? N - r0 : R;
-        be->matmul(S, x + (size_t)r0 * C * es, W, rows, 2 * F, C, 0, 1, 0, 0);
+        sj_matmul(be, S, x + (size_t)r0 * C * es, W, rows, 2 * F, C, 0, 1, 0, 0);
         be->swiglu_forward(h + (size_t)r0 * F * es, S, rows, F);
     }
 }
@@ -195,7 +219,7 @@ static void matmul_rope(const sj_tape *tp, const sj_node *n, const sj_backend *b
     void *out = P(n->out[0]), *x = P(n->in[0]), *W = P(n->in[1]);
     if (be->matmul_rope && be->matmul_rope(out, x, W, d[0], d[1], d[2], d[3], d[4], d[5], n->f))
         return;
-    be->matmul(out, x, W, d[0] * d[1], d[2] * d[4], d[5], 0, 1, 0, 0);
+    sj_matmul(be, out, x, W, d[0] * d[1], d[2] * d[4], d[5], 0, 1, 0, 0);
     be->rope_forward(out, out, d[0], d[1], d[2], d[3], d[4], 0, n->f);
 }
 
@@ -209,7 +233,7 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
         be->rmsnorm_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]), d[0], d[1], n->f);
         break;
     case SJ_OP_MATMUL:
-        be->matmul(P(out[0]), P(in[0]), P(in[1]), d[0], d[1], d[2], 0, 1, 0, 0);
+        logits_forward(be, P(out[0]), P(in[0]), P(in[1]), d[0], d[1], d[2], d[3]);
         break;
     case SJ_OP_MATMUL_ADD:
         be->matmul_add(P(out[0]), P(in[2]), P(in[0]), P(in[1]), d[0], d[1], d[2], 0, 1);
@@ -228,7 +252,7 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
         break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]),
-                                  tp->t[in[1]].dtype, d[0], d[1], d[2]);
+                                  tp->t[in[1]].dtype, d[0], d[1], d[3], d[2]);
         break;
     case SJ_OP_CAST:
         be->convert(P(out[0]), tp->t[out[0]].dtype, P(in[0]), SJ_F32, tp->t[out[0]].numel);
@@ -265,8 +289,8 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         break;
     case SJ_OP_MATMUL:
     case SJ_OP_MATMUL_ADD: {
-        if (dx) be->matmul(dx, dy, P(in[1]), d[0], d[2], d[1], 0, 0, acc[0], 0);   // dy @ W
-        be->matmul(grads + tp->t[in[1]].offset, dy, P(in[0]), d[1], d[2], d[0], 1, 0, acc[1], 1);
+        logits_backward(be, dx, grads + tp->t[in[1]].offset, dy, P(in[0]), P(in[1]), d[0],
+                        d[1], d[2], n->op == SJ_OP_MATMUL ? d[3] : d[1], acc[0], acc[1]);
         void *dr = n->op == SJ_OP_MATMUL_ADD ? in_grad(tp, n, 2, params) : NULL;
         if (dr && dr != dy) be->copy(dr, dy, tp->t[out[0]].numel, acc[2]);   /* not shared */
         break;
@@ -289,7 +313,7 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
     }
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_backward(dx, P(in[0]), P(out[1]), P(in[1]), tp->t[in[1]].dtype,
-                                   d[0], d[1], d[2],
+                                   d[0], d[1], d[3], d[2],
                                    tp->loss_scale_ptr ? tp->loss_scale_ptr : &tp->loss_scale,
                                    acc[0]);
         break;
@@ -301,8 +325,8 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         void *dp = fused_swiglu ? G(out[1]) : dy;
         if (fused_swiglu) be->swiglu_backward(dp, dy, P(out[1]), d[0], d[1], 0);
         else be->rope_backward(dy, dy, d[0], d[1], d[2], d[3], d[4], 0, n->f, 0);
-        if (dx) be->matmul(dx, dp, P(in[1]), N, C, n_out, 0, 0, acc[0], 0);
-        be->matmul(grads + tp->t[in[1]].offset, dp, P(in[0]), n_out, C, N, 1, 0, acc[1], 1);
+        if (dx) sj_matmul(be, dx, dp, P(in[1]), N, C, n_out, 0, 0, acc[0], 0);
+        sj_matmul(be, grads + tp->t[in[1]].offset, dp, P(in[0]), n_out, C, N, 1, 0, acc[1], 1);
         break;
     }
     case SJ_OP_CAST:       /* only on forward-only tapes */

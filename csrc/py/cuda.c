@@ -508,7 +508,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     for (int rep = 0; rep <= reps; rep++) {
     if (rep == 1) timer = sj_cuda_timer_begin();
     switch (k) {
-    case 0: be->matmul(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (int)I[6]); break;
+    case 0: sj_matmul(be, D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (int)I[6]); break;
     case 1: be->embedding_forward(D(0), D(1), SJ_I32, D(2), (int)I[0], (int)I[1]); break;
     case 2: be->embedding_backward(D(0), D(1), D(2), SJ_I32, (int)I[0], (int)I[1]); break;
     case 3: be->rmsnorm_forward(D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (float)Fl[0]); break;
@@ -528,9 +528,9 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 10: be->swiglu_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2]); break;
     case 11: be->add(D(0), D(1), D(2), I[0]); break;
     case 12: be->copy(D(0), D(1), I[0], (int)I[1]); break;
-    case 13: be->cross_entropy_forward(D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[2]); break;
+    case 13: be->cross_entropy_forward(D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[1], (int)I[2]); break;
     case 14: /* ints[4] = in place: dlogits is the logits buffer */
-        be->cross_entropy_backward(I[4] ? D(1) : D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[2], D(4), (int)I[3]);
+        be->cross_entropy_backward(I[4] ? D(1) : D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[1], (int)I[2], D(4), (int)I[3]);
         break;
     case 15: {  /* grad_sumsq then adamw, hyper-parameters in device memory */
         sj_adamw_hp hp = { (float)Fl[0], (float)Fl[1], (float)Fl[2], (float)Fl[3], (float)Fl[4],
