@@ -218,7 +218,8 @@ typedef enum {
 /* Build from a vocabulary and a merge list. Token i's bytes are
  * data[offsets[i] .. offsets[i+1]); is_special may be NULL (none special).
  * merges: (n_merges, 2) ids (left, right) in rank order; each result is the
- * token whose bytes are the concatenation. */
+ * token whose bytes are the concatenation. No two tokens, special or not, may
+ * have the same bytes (SJ_ERR_ARG names both ids). */
 sj_status sj_tokenizer_create(int n_vocab, const uint8_t *data, const int64_t *offsets,
                               const uint8_t *is_special, int n_merges,
                               const int32_t *merges, sj_tokenizer **out);
@@ -229,7 +230,7 @@ int sj_tokenizer_n_merges(const sj_tokenizer *t);
 const uint8_t *sj_tokenizer_token(const sj_tokenizer *t, int id, size_t *len, int *is_special);
 /* merge of a rank: out[0] left, out[1] right, out[2] result id. */
 sj_status sj_tokenizer_merge(const sj_tokenizer *t, int rank, int32_t out[3]);
-/* The id of a byte string (ordinary tokens first), or -1. */
+/* The id of a byte string (tokens are distinct), or -1. */
 int32_t sj_tokenizer_lookup(const sj_tokenizer *t, const uint8_t *bytes, size_t len);
 /* Special tokens in id order: how many, and the id of the i-th. The
  * special_modes arrays below have one sj_special_mode per special token in
@@ -260,6 +261,8 @@ sj_status sj_tokenizer_load(const char *path, sj_tokenizer **out);
  * (left id, right id), where ids are ordered as in GPT-2's and HF's
  * byte-level vocabularies (see docs/tokenizer.md). */
 typedef struct sj_bpe_trainer sj_bpe_trainer;
+/* Special tokens: distinct, 2..1024 bytes each (every single byte is already
+ * an ordinary token). */
 sj_status sj_bpe_trainer_create(int n_special, const uint8_t *const *special,
                                 const size_t *special_lens, sj_bpe_trainer **out);
 void sj_bpe_trainer_free(sj_bpe_trainer *tr);

@@ -225,7 +225,10 @@ class Tokenizer:
             if a not in vocab or b not in vocab:
                 raise ValueError(f"{where}: merge {r} ({a!r} {b!r}) names a token not in the vocabulary")
             pairs.append((vocab[a], vocab[b]))
-        return cls(_C.Tokenizer(tokens, flags, pairs))
+        try:
+            return cls(_C.Tokenizer(tokens, flags, pairs))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     @classmethod
     def from_tokenizer_json(cls, path: PathLike) -> "Tokenizer":

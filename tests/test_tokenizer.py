@@ -2,6 +2,8 @@
 equals one-by-one, special tokens behave as asked, files save and load, and
 bad input gets a clear exception, never a crash."""
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -195,6 +197,39 @@ def test_corrupt_truncated_and_foreign_files_raise_clear_errors(tok, tmp_path):
         Tokenizer.load(tmp_path / "newer")
     with pytest.raises(OSError, match="missing"):
         Tokenizer.load(tmp_path / "missing")
+
+
+def write_sjt(path, tokens, merges, special=()):
+    """Our file format written by hand, CRC and all (docs/tokenizer.md)."""
+    payload = b"".join(struct.pack("<IB", len(t), i in special) + t for i, t in enumerate(tokens))
+    payload += b"".join(struct.pack("<ii", a, b) for a, b in merges)
+    path.write_bytes(b"SJBPETOK" + struct.pack("<IIIIQI", 1, 1, len(tokens), len(merges),
+                                               len(payload), zlib.crc32(payload)) + payload)
+
+
+def test_a_file_with_two_tokens_of_the_same_bytes_is_refused(tmp_path):
+    byte_tokens = [bytes([b]) for b in range(256)]
+    write_sjt(tmp_path / "fine.sjt", byte_tokens + [b"ab", b"<|eot|>"], [(97, 98)], special={257})
+    assert Tokenizer.load(tmp_path / "fine.sjt").token_to_id(b"ab") == 256
+    write_sjt(tmp_path / "dup.sjt", byte_tokens + [b"ab", b"ab"], [(97, 98)])
+    with pytest.raises(ValueError, match=r"dup\.sjt: .*tokens 256 and 257 are both \"ab\""):
+        Tokenizer.load(tmp_path / "dup.sjt")
+    # a special token spelled like an ordinary one is a duplicate too
+    write_sjt(tmp_path / "special.sjt", byte_tokens + [b"ab", b"ab"], [(97, 98)], special={257})
+    with pytest.raises(ValueError, match=r"special\.sjt: .*tokens 256 and 257"):
+        Tokenizer.load(tmp_path / "special.sjt")
+    write_sjt(tmp_path / "byte.sjt", byte_tokens + [b"\n"], [], special={256})
+    with pytest.raises(ValueError, match=r"byte\.sjt: .*tokens 10 and 256 are both \"\\x0a\""):
+        Tokenizer.load(tmp_path / "byte.sjt")
+    with pytest.raises(ValueError, match="tokens 97 and 256"):
+        Tokenizer.from_vocab(byte_tokens + [b"a"], [])
+
+
+def test_training_refuses_special_tokens_that_would_duplicate_a_token():
+    with pytest.raises(ValueError, match="single byte 0x0a, which is already an ordinary token"):
+        Tokenizer.train(["a b"], vocab_size=300, special_tokens=["\n"], progress=False)
+    with pytest.raises(ValueError, match="special tokens 0 and 1 are the same"):
+        _C.BpeTrainer([b"<s>", b"<s>"])
 
 
 def test_every_truncation_of_a_file_raises_not_crashes(tmp_path):

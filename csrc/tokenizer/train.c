@@ -83,9 +83,22 @@ sj_status sj_bpe_trainer_create(int n_special, const uint8_t *const *special,
     for (int i = 0; i < n_special; i++) {
         if (special_lens[i] == 0 || special_lens[i] > 1024) {
             sj_bpe_trainer_free(tr);
-            return sj_fail(SJ_ERR_ARG, "trainer: special token %d has length %zu (must be 1..1024)",
+            return sj_fail(SJ_ERR_ARG, "trainer: special token %d has length %zu (must be 2..1024)",
                            i, special_lens[i]);
         }
+        /* Every byte is already an ordinary token, and the tokenizer's
+         * tokens must be distinct. Longer ones are cut out of the text
+         * before counting, so no learned token can spell them. */
+        if (special_lens[i] == 1) {
+            sj_bpe_trainer_free(tr);
+            return sj_fail(SJ_ERR_ARG, "trainer: special token %d is the single byte 0x%02x, "
+                           "which is already an ordinary token", i, special[i][0]);
+        }
+        for (int j = 0; j < i; j++)
+            if (special_lens[j] == special_lens[i] && memcmp(special[j], special[i], special_lens[i]) == 0) {
+                sj_bpe_trainer_free(tr);
+                return sj_fail(SJ_ERR_ARG, "trainer: special tokens %d and %d are the same", j, i);
+            }
         tr->special[i] = malloc(special_lens[i]);
         if (!tr->special[i]) { sj_bpe_trainer_free(tr); return sj_fail(SJ_ERR_NOMEM, "trainer: out of memory"); }
         memcpy(tr->special[i], special[i], special_lens[i]);
@@ -362,8 +375,15 @@ static heap_t heap_pop(sj_bpe_trainer *tr) {
 
 /* ---- tokens ----------------------------------------------------------------- */
 
-static int32_t token_add(sj_bpe_trainer *tr, const uint8_t *a, size_t la, const uint8_t *b, size_t lb) {
-    size_t l = la + lb;
+#define TOK(tr, i) ((tr)->tok + (tr)->tok_off[i])
+#define TOKLEN(tr, i) ((size_t)((tr)->tok_off[(i) + 1] - (tr)->tok_off[i]))
+
+/* The id of the token spelled bytes(a) + bytes(b): an existing one with those
+ * bytes (as HF does), else a new one; -1 on OOM. Takes ids, not pointers:
+ * a and b's bytes live in tr->tok, which growing may move, so they are read
+ * only after it has grown. */
+static int32_t token_add(sj_bpe_trainer *tr, int32_t a, int32_t b) {
+    size_t la = TOKLEN(tr, a), lb = TOKLEN(tr, b), l = la + lb;
     if (tr->tok_n + l > tr->tok_cap) {
         size_t nc = (tr->tok_n + l) * 2;
         uint8_t *nt = realloc(tr->tok, nc);
@@ -372,8 +392,8 @@ static int32_t token_add(sj_bpe_trainer *tr, const uint8_t *a, size_t la, const 
         tr->tok_cap = nc;
     }
     uint8_t *dst = tr->tok + tr->tok_n;
-    memcpy(dst, a, la);
-    memcpy(dst + la, b, lb);
+    memcpy(dst, TOK(tr, a), la);
+    memcpy(dst + la, TOK(tr, b), lb);
     int64_t *v;
     int ins;
     if (sj_tok_bytemap_put(&tr->tokmap, dst, l, sj_tok_hash(dst, l), &v, &ins) != SJ_OK) return -1;
@@ -390,9 +410,6 @@ static int32_t token_add(sj_bpe_trainer *tr, const uint8_t *a, size_t la, const 
     tr->tok_off[++tr->n_tok] = (int64_t)tr->tok_n;
     return (int32_t)*v;
 }
-
-#define TOK(tr, i) ((tr)->tok + (tr)->tok_off[i])
-#define TOKLEN(tr, i) ((size_t)((tr)->tok_off[(i) + 1] - (tr)->tok_off[i]))
 
 /* ---- begin / step / finish -------------------------------------------------- */
 
@@ -506,7 +523,7 @@ sj_status sj_bpe_trainer_step(sj_bpe_trainer *tr, int max_merges, int *n_done) {
         }
         if (pi < 0 || top.count < tr->min_frequency) { tr->finished = 1; break; }
         int32_t a = top.a, b = top.b;
-        int32_t c = token_add(tr, TOK(tr, a), TOKLEN(tr, a), TOK(tr, b), TOKLEN(tr, b));
+        int32_t c = token_add(tr, a, b);
         if (c < 0) return sj_fail(SJ_ERR_NOMEM, "trainer: out of memory");
         if (tr->n_merges == tr->cap_merges) {
             int32_t nc = tr->cap_merges * 2;

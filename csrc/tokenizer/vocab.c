@@ -2,6 +2,7 @@
  * list (checking both, since they come from users' files), accessors, and
  * decoding. Encoding lives in encode.c, files in io.c. */
 #include "tok.h"
+#include <stdio.h>
 #include <stdlib.h>
 
 void sj_tokenizer_free(sj_tokenizer *t) {
@@ -21,6 +22,19 @@ void sj_tokenizer_free(sj_tokenizer *t) {
         free(t->caches);
     }
     free(t);
+}
+
+/* Up to a few dozen bytes of b, printable ASCII as is and the rest as \xNN,
+ * for error messages; "..." marks a cut. */
+static const char *escape_bytes(const uint8_t *b, size_t n, char *out, size_t cap) {
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (o + 8 > cap) { memcpy(out + o, "...", 4); return out; }
+        if (b[i] >= 0x20 && b[i] < 0x7F && b[i] != '\\') out[o++] = (char)b[i];
+        else o += (size_t)snprintf(out + o, cap - o, "\\x%02x", b[i]);
+    }
+    out[o] = 0;
+    return out;
 }
 
 static sj_status fail_free(sj_tokenizer *t, sj_status s) {
@@ -59,20 +73,25 @@ sj_status sj_tokenizer_create(int n_vocab, const uint8_t *data, const int64_t *o
     sj_status st = sj_tok_bytemap_init(&t->ids, (size_t)n_vocab * 2);
     if (st) return fail_free(t, st);
 
-    /* Ordinary tokens claim their bytes first (lowest id wins), so a special
-     * token spelled like an ordinary one never shadows it in lookups. */
-    for (int pass = 0; pass < 2; pass++) {
-        for (int i = 0; i < n_vocab; i++) {
-            if (t->special[i] != pass) continue;
-            const uint8_t *k = t->data + t->off[i];
-            size_t n = (size_t)(t->off[i + 1] - t->off[i]);
-            int64_t *v;
-            int ins;
-            sj_status s = sj_tok_bytemap_put(&t->ids, k, n, sj_tok_hash(k, n), &v, &ins);
-            if (s) return fail_free(t, s);
-            if (ins) *v = i;
-            if (pass) t->n_special++;
+    /* Every token's bytes are unique. Two ids with one spelling make the
+     * vocabulary ambiguous: encode can only ever give one of them, a merge
+     * result names one arbitrarily, and a special token spelled like an
+     * ordinary one would turn that text into the special id. */
+    for (int i = 0; i < n_vocab; i++) {
+        const uint8_t *k = t->data + t->off[i];
+        size_t n = (size_t)(t->off[i + 1] - t->off[i]);
+        int64_t *v;
+        int ins;
+        sj_status s = sj_tok_bytemap_put(&t->ids, k, n, sj_tok_hash(k, n), &v, &ins);
+        if (s) return fail_free(t, s);
+        if (!ins) {
+            char shown[64];
+            return fail_free(t, sj_fail(SJ_ERR_ARG,
+                "tokenizer: tokens %lld and %d are both \"%s\" (every token's bytes must be distinct)",
+                (long long)*v, i, escape_bytes(k, n, shown, sizeof shown)));
         }
+        *v = i;
+        if (t->special[i]) t->n_special++;
     }
     for (int b = 0; b < 256; b++) {
         uint8_t c = (uint8_t)b;
