@@ -63,3 +63,29 @@ def write_results(name: str, header: str, table: str, rows: list) -> str:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return base + ".md"
+
+
+def git_commit() -> str:
+    """$SMEDJAN_COMMIT (a copy of the tree without .git, as on the GPU machine), else git's."""
+    if os.environ.get("SMEDJAN_COMMIT"):
+        return os.environ["SMEDJAN_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def append_results(bench: str, rows: list, card: str = "") -> str:
+    """Append rows to benchmarks/results/<bench>.jsonl (and $OUT/<bench>.jsonl,
+    this run's rows only), each stamped with date, commit, machine and card."""
+    stamp = dict(date=today(), commit=git_commit(), machine=machine(), card=card or "none")
+    dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")]
+    if os.environ.get("OUT"):
+        dirs.append(os.environ["OUT"])
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, bench + ".jsonl"), "a") as f:
+            for r in rows:
+                f.write(json.dumps({**stamp, **r}) + "\n")
+    return os.path.join(dirs[0], bench + ".jsonl")

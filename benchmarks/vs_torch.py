@@ -4,8 +4,8 @@ fused AdamW, grad clipping), median step time after warm-up, tok/s, ratio,
 peak memory (ours from the engine's own accounting of every CUDA
 allocation, torch from max_memory_allocated), MFU for the d768 config.
 
-Writes benchmarks/results/vs_torch_<date>.md and .jsonl (and the same under
-$OUT/results when OUT is set) and prints the table last.
+Appends its rows to benchmarks/results/vs_torch.jsonl (and $OUT/vs_torch.jsonl),
+stamped with date, commit, machine and card, and prints the table last.
 
     python3 benchmarks/vs_torch.py [--quick] [--no-compile] [--only train-small-4x128,...]
 """
@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import smedjan  # noqa: E402
 from smedjan import _C  # noqa: E402
+from common import append_results  # noqa: E402
 
 VOCAB = 8192
 H100_BF16_PEAK = 989e12   # dense bf16 tensor-core rate of an H100 SXM, for MFU
@@ -36,6 +37,12 @@ CONFIGS = [
     ("train", "medium", lambda: smedjan.Config.preset("medium", VOCAB), 32, 512, 1.3),
     ("train", "d768", lambda: smedjan.Config.custom(768, 12, 12, vocab_size=VOCAB, max_seq_len=1024),
      16, 1024, 1.2),
+    # GPT-2 124M's shape with its real, unaligned vocabulary (SwiGLU hidden 2048)
+    ("train", "gpt2", lambda: smedjan.Config(dim=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                                             ffn_dim=2048, vocab_size=50257, max_seq_len=1024,
+                                             rope_theta=10000.0, norm_eps=1e-5), 32, 1024, 1.8),
+    ("train", "large", lambda: smedjan.Config.preset("large", VOCAB), 16, 2048, 1.3),
+    ("train", "xl", lambda: smedjan.Config.preset("xl", VOCAB), 8, 2048, 1.3),   # head dim 96
     ("forward", "medium", lambda: smedjan.Config.preset("medium", VOCAB), 32, 512, 1.3),
 ]
 
@@ -187,11 +194,12 @@ def bench_ours(kind, cfg, B, T, iters, warmup, levers=()):
 
 
 def flops_per_token(cfg, T, train):
-    """6N (every weight: 2 flops per multiply-add, x3 for backward) plus causal
-    attention, 2 * 2 * T * C / 2 per layer forward (QK^T and PV, half masked)."""
+    """PaLM's and llm.c's convention: 6N (every weight: 2 flops per
+    multiply-add, x3 for backward) plus 12 * layers * dim * T for attention
+    (QK^T and PV, forward and backward, counted unmasked); forward a third."""
     n = cfg.n_params
-    attn = 2 * T * cfg.dim * cfg.n_layers
-    return (6 * n + 3 * attn) if train else (2 * n + attn)
+    attn = 12 * cfg.n_layers * cfg.dim * T
+    return (6 * n + attn) if train else (6 * n + attn) / 3
 
 
 def main():
@@ -215,7 +223,8 @@ def main():
         if a.only and tag not in a.only.split(","):
             continue
         cfg = mk()
-        row = dict(kind=kind, config=name, B=B, T=T, params=cfg.n_params, target=target,
+        row = dict(kind=kind, config=name, B=B, T=T, params=cfg.n_params, vocab=cfg.vocab_size,
+                   target=target,
                    device=dev, torch=torch.__version__, our_levers=a.levers)
         sides = [("ours", None)] + ([] if a.no_torch else [("eager", False)] +
                                     ([] if a.no_compile else [("compile", True)]))
@@ -231,7 +240,7 @@ def main():
                 row[f"{side}_ms"] = t * 1e3
                 row[f"{side}_tok_s"] = B * T / t
                 row[f"{side}_peak_mib"] = peak / 2 ** 20
-                if name == "d768":
+                if kind == "train" or name == "d768":
                     row[f"{side}_mfu"] = flops_per_token(cfg, T, kind == "train") * B * T / t / H100_BF16_PEAK
             except Exception as e:   # keep going: a table with holes beats none
                 row[f"{side}_error"] = repr(e)[:300]
@@ -247,7 +256,8 @@ def main():
         return fmt.format(r[k]) if k in r else ("err" if any(x.endswith("error") for x in r) else "-")
 
     lines = [f"# smedjan vs PyTorch, {dev}, torch {torch.__version__}, {stamp}", "",
-             f"Median of {iters} steps after {warmup} warm-up; bf16; vocab {VOCAB}. "
+             f"Median of {iters} steps after {warmup} warm-up; bf16; vocab {VOCAB} unless the "
+             "row says. "
              "ratio = ours / torch.compile tok/s. Every torch side runs the fp32 model under bf16 "
              "autocast, as ours keeps fp32 master weights and computes in bf16; forward rows also "
              "show torch.compile on a bf16-cast copy (weights bf16 only) as 'cast'."
@@ -258,22 +268,17 @@ def main():
     for r in rows:
         mfu = (f"{r['ours_mfu']:.1%} / {r.get('compile_mfu', float('nan')):.1%}"
                if "ours_mfu" in r else "")
-        lines.append(f"| {r['kind']} | {r['config']} | {r['B']} | {r['T']} | {f(r, 'ours_tok_s')} | "
+        lines.append(f"| {r['kind']} | {r['config']}{'' if r['vocab'] == VOCAB else ' V' + str(r['vocab'])} | {r['B']} | {r['T']} | {f(r, 'ours_tok_s')} | "
                      f"{f(r, 'eager_tok_s')} | {f(r, 'compile_tok_s')} | "
                      f"{f(r, 'ratio_vs_compile', '{:.2f}x')} | {r['target']}x | "
                      f"{f(r, 'ours_peak_mib')} | {f(r, 'compile_peak_mib')} | {mfu} | "
                      + (f"{f(r, 'cast_tok_s')}, {f(r, 'cast_peak_mib')} |" if r["kind"] == "forward" else " |"))
     errs = [f"- {r['kind']} {r['config']} {k}: {v}" for r in rows for k, v in r.items() if k.endswith("error")]
     text = "\n".join(lines + ([""] + errs if errs else [])) + "\n"
-    outdirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")]
-    if os.environ.get("OUT"):
-        outdirs.append(os.path.join(os.environ["OUT"], "results"))
-    for d in outdirs:
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, f"vs_torch_{stamp}{a.tag}.md"), "w") as fh:
-            fh.write(text)
-        with open(os.path.join(d, f"vs_torch_{stamp}{a.tag}.jsonl"), "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    if a.tag:
+        for r in rows:
+            r["tag"] = a.tag
+    append_results("vs_torch", rows, dev)
     print()
     print(text)
 

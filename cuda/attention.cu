@@ -6,7 +6,8 @@
  * Two implementations, the simple one the reference for the fast one:
  *  - simple (any head_dim <= 256, f32, bf16 or f16): one warp per row, lanes
  *    over the head dimension, keys in order. Used for the f32 (parity) mode.
- *  - tensor cores (bf16 or f16, head_dim 32/64/128): mma.sync m16n8k16
+ *  - tensor cores (bf16 or f16, any head_dim a multiple of 8 up to 128, in
+ *    a tile of the next multiple of 16, zero-padded): mma.sync m16n8k16
  *    (16-bit in, f32 accumulate; one template: the type names only the
  *    instruction and the f32 -> 16-bit packing, f16 clamped), 64-row
  *    tiles, 4 warps x 16 rows, FlashAttention-2 style forward. Backward
@@ -255,10 +256,11 @@ static __device__ __forceinline__ void c_to_a(uint32_t a[4], const float c0[4], 
     a[3] = pack2<T>(c1[2], c1[3]);
 }
 
-/* 64 rows of HD elements from global (row stride rs elements) into shared
+/* 64 rows of hd elements from global (row stride rs elements) into shared
  * memory (row stride HD + 8: the 8 rows an ldmatrix reads fall in
  * different banks) with cp.async, 16 bytes a copy, bypassing registers
- * and L1; rows past T_ are zero-filled by a source size of 0. Complete
+ * and L1; rows past T_ and columns past hd (a head dim padded to the
+ * tile's HD) are zero-filled by a source size of 0. Complete
  * after cp_async_wait_all + a barrier. */
 static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
     const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
@@ -274,31 +276,34 @@ static __device__ __forceinline__ void cp_async_wait_all(void) {
 }
 template <class T, int HD>
 static __device__ __forceinline__ void load_tile_async(T *sm, const T *g, int64_t rs, int r0,
-                                                       int T_) {
+                                                       int T_, int hd) {
     constexpr int VPR = HD / 8, LD = HD + 8;
     for (int i = threadIdx.x; i < 64 * VPR; i += blockDim.x) {
         const int r = i / VPR, c = (i % VPR) * 8;
-        const bool ok = r0 + r < T_;
+        const bool ok = r0 + r < T_ && c < hd;
         /* a zero-size copy reads nothing; the address stays a valid one */
         cp_async16(sm + r * LD + c, g + (ok ? (int64_t)(r0 + r) * rs + c : 0), ok);
     }
 }
 
+template <int HD> static constexpr __host__ __device__ int rowdot_lanes(void) { return HD <= 32 ? 4 : HD <= 64 ? 8 : 16; }
+
 /* D[b][h][t] = rowsum(dO * O) of every query row, once per backward (the
- * tiles used to recompute it for every key tile). dout, out: (B, T, H*HD);
- * HD / 8 lanes per row, 16-byte loads. */
+ * tiles used to recompute it for every key tile). dout, out: (B, T, H*hd);
+ * L lanes per row (HD / 8 rounded up to a power of two: aligned groups),
+ * 16-byte loads, lanes past hd / 8 idle. */
 template <class T, int HD>
 static __global__ void __launch_bounds__(256) attn_rowdot_k(float *D, const T *dout,
-                                                            const T *out, int T_, int H,
+                                                            const T *out, int T_, int H, int hd,
                                                             int64_t n_rows) {
-    constexpr int L = HD / 8;   /* 4, 8 or 16 lanes per row, aligned groups */
+    constexpr int L = rowdot_lanes<HD>();
     const int64_t gid = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, row = gid / L;
     const int part = (int)(gid % L);
     float d = 0.f;
-    if (row < n_rows) {
+    if (row < n_rows && part * 8 < hd) {
         float a[8], o[8];
-        load_vec(a, dout + row * HD + part * 8);
-        load_vec(o, out + row * HD + part * 8);
+        load_vec(a, dout + row * hd + part * 8);
+        load_vec(o, out + row * hd + part * 8);
 #pragma unroll
         for (int k = 0; k < 8; k++) d += a[k] * o[k];
     }
@@ -334,35 +339,36 @@ template <int HD> static constexpr size_t dkv_smem(void) { return 6 * tile_bytes
 // precedes every query row of this one.
 template <class T, int HD>
 static __global__ void __launch_bounds__(128) fwd_mma(T *out, float *lse, const T *qkv,
-                                                      int T_, int H, int KV) {
+                                                      int T_, int H, int KV, int hd) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
     T *Kb = (T *)smem, *Vb = Kb + 2 * 64 * LD;
     /* the last query tiles see the most keys: start them first */
     const int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
-    const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
+    const int64_t rs = (int64_t)(H + 2 * KV) * hd, orow = (int64_t)H * hd;
     const T *base = qkv + (int64_t)b * T_ * rs;
-    const T *Qg = base + h * HD, *Kg = base + (H + kvh) * HD, *Vg = base + (H + KV + kvh) * HD;
+    const T *Qg = base + h * hd, *Kg = base + (H + kvh) * hd, *Vg = base + (H + KV + kvh) * hd;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int r0 = qt * 64 + warp * 16 + g, r1 = r0 + 8;
     const int n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
-    load_tile_async<T, HD>(Kb, Kg, rs, 0, T_);
-    load_tile_async<T, HD>(Vb, Vg, rs, 0, T_);
+    load_tile_async<T, HD>(Kb, Kg, rs, 0, T_, hd);
+    load_tile_async<T, HD>(Vb, Vg, rs, 0, T_, hd);
     cp_async_commit();
     uint32_t qa[NK][4];
 #pragma unroll
     for (int kc = 0; kc < NK; kc++) {
         const int c = kc * 16 + 2 * t;
-        qa[kc][0] = r0 < T_ ? ld32(Qg + (int64_t)r0 * rs + c) : 0u;
-        qa[kc][1] = r1 < T_ ? ld32(Qg + (int64_t)r1 * rs + c) : 0u;
-        qa[kc][2] = r0 < T_ ? ld32(Qg + (int64_t)r0 * rs + c + 8) : 0u;
-        qa[kc][3] = r1 < T_ ? ld32(Qg + (int64_t)r1 * rs + c + 8) : 0u;
+        const bool lo = kc * 16 < hd, hi = kc * 16 + 8 < hd;   /* past hd: the zero pad */
+        qa[kc][0] = lo && r0 < T_ ? ld32(Qg + (int64_t)r0 * rs + c) : 0u;
+        qa[kc][1] = lo && r1 < T_ ? ld32(Qg + (int64_t)r1 * rs + c) : 0u;
+        qa[kc][2] = hi && r0 < T_ ? ld32(Qg + (int64_t)r0 * rs + c + 8) : 0u;
+        qa[kc][3] = hi && r1 < T_ ? ld32(Qg + (int64_t)r1 * rs + c + 8) : 0u;
     }
     float o[ND][4];
 #pragma unroll
     for (int dn = 0; dn < ND; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-    const float sl2 = LOG2E / sqrtf((float)HD);
+    const float sl2 = LOG2E / sqrtf((float)hd);
     for (int kt = 0; kt < n_kt; kt++) {
         /* tile kt landed (this thread's copies; the barrier: everyone's), and
          * every warp is done with tile kt-1, whose buffer is refilled next */
@@ -370,8 +376,8 @@ static __global__ void __launch_bounds__(128) fwd_mma(T *out, float *lse, const 
         __syncthreads();
         if (kt + 1 < n_kt) {
             const int nb = (kt + 1) & 1;
-            load_tile_async<T, HD>(Kb + nb * 64 * LD, Kg, rs, (kt + 1) * 64, T_);
-            load_tile_async<T, HD>(Vb + nb * 64 * LD, Vg, rs, (kt + 1) * 64, T_);
+            load_tile_async<T, HD>(Kb + nb * 64 * LD, Kg, rs, (kt + 1) * 64, T_, hd);
+            load_tile_async<T, HD>(Vb + nb * 64 * LD, Vg, rs, (kt + 1) * 64, T_, hd);
         }
         cp_async_commit();
         const T *Ks = Kb + (kt & 1) * 64 * LD, *Vs = Vb + (kt & 1) * 64 * LD;
@@ -437,10 +443,11 @@ static __global__ void __launch_bounds__(128) fwd_mma(T *out, float *lse, const 
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     const float i0 = 1.0f / l0, i1 = 1.0f / l1;
-    T *O = out + (int64_t)b * T_ * orow + h * HD;
+    T *O = out + (int64_t)b * T_ * orow + h * hd;
 #pragma unroll
     for (int dn = 0; dn < ND; dn++) {
         const int c = dn * 8 + 2 * t;
+        if (dn * 8 >= hd) break;
         if (r0 < T_) *reinterpret_cast<uint32_t *>(O + (int64_t)r0 * orow + c) = pack2<T>(o[dn][0] * i0, o[dn][1] * i0);
         if (r1 < T_) *reinterpret_cast<uint32_t *>(O + (int64_t)r1 * orow + c) = pack2<T>(o[dn][2] * i1, o[dn][3] * i1);
     }
@@ -462,19 +469,19 @@ template <class T, int HD>
 static __global__ void __launch_bounds__(128) bwd_dkv_mma(T *dqkv, const T *dout,
                                                           const T *qkv, const float *D,
                                                           const float *lse, int T_, int H,
-                                                          int KV, int accum) {
+                                                          int KV, int hd, int accum) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
     T *Ks = (T *)smem, *Vs = Ks + 64 * LD, *Qb = Vs + 64 * LD, *dOb = Qb + 2 * 64 * LD;
     float *Lb = (float *)(dOb + 2 * 64 * LD), *Db = Lb + 2 * 64;
     const int kt = blockIdx.x, b = blockIdx.y / KV, kvh = blockIdx.y % KV, grp = H / KV;
-    const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
+    const int64_t rs = (int64_t)(H + 2 * KV) * hd, orow = (int64_t)H * hd;
     const T *base = qkv + (int64_t)b * T_ * rs;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int kr0 = kt * 64 + warp * 16 + g, kr1 = kr0 + 8;
-    load_tile_async<T, HD>(Ks, base + (H + kvh) * HD, rs, kt * 64, T_);
-    load_tile_async<T, HD>(Vs, base + (H + KV + kvh) * HD, rs, kt * 64, T_);
-    const float scale = 1.0f / sqrtf((float)HD), sl2 = scale * LOG2E;
+    load_tile_async<T, HD>(Ks, base + (H + kvh) * hd, rs, kt * 64, T_, hd);
+    load_tile_async<T, HD>(Vs, base + (H + KV + kvh) * hd, rs, kt * 64, T_, hd);
+    const float scale = 1.0f / sqrtf((float)hd), sl2 = scale * LOG2E;
     float dk[ND][4], dv[ND][4];
 #pragma unroll
     for (int dn = 0; dn < ND; dn++)
@@ -485,8 +492,8 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(T *dqkv, const T *dout
     /* issue step i's Q, dO tiles (cp.async) and row statistics into buffer i & 1 */
     auto issue = [&](int i) {
         const int h = kvh * grp + i / n_qt, qt = kt + i % n_qt, bf = i & 1;
-        load_tile_async<T, HD>(Qb + bf * 64 * LD, base + h * HD, rs, qt * 64, T_);
-        load_tile_async<T, HD>(dOb + bf * 64 * LD, dout + (int64_t)b * T_ * orow + h * HD, orow, qt * 64, T_);
+        load_tile_async<T, HD>(Qb + bf * 64 * LD, base + h * hd, rs, qt * 64, T_, hd);
+        load_tile_async<T, HD>(dOb + bf * 64 * LD, dout + (int64_t)b * T_ * orow + h * hd, orow, qt * 64, T_, hd);
         load_rowstats(Lb + bf * 64, Db + bf * 64, D + ((int64_t)b * H + h) * T_,
                       lse + ((int64_t)b * H + h) * T_, qt * 64, T_);
     };
@@ -565,11 +572,12 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(T *dqkv, const T *dout
             }
         }
     }
-    T *dK = dqkv + (int64_t)b * T_ * rs + (H + kvh) * HD;
-    T *dV = dqkv + (int64_t)b * T_ * rs + (H + KV + kvh) * HD;
+    T *dK = dqkv + (int64_t)b * T_ * rs + (H + kvh) * hd;
+    T *dV = dqkv + (int64_t)b * T_ * rs + (H + KV + kvh) * hd;
 #pragma unroll
     for (int dn = 0; dn < ND; dn++) {
         const int c = dn * 8 + 2 * t;
+        if (dn * 8 >= hd) break;
         if (kr0 < T_) {
             put(dK + (int64_t)kr0 * rs + c, dk[dn][0] * scale, accum);
             put(dK + (int64_t)kr0 * rs + c + 1, dk[dn][1] * scale, accum);
@@ -592,27 +600,27 @@ template <class T, int HD>
 static __global__ void __launch_bounds__(128) bwd_dq_mma(T *dqkv, const T *dout,
                                                          const T *qkv, const float *D,
                                                          const float *lse, int T_, int H,
-                                                         int KV, int accum) {
+                                                         int KV, int hd, int accum) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
     T *Qs = (T *)smem, *dOs = Qs + 64 * LD, *Kb = dOs + 64 * LD, *Vb = Kb + 2 * 64 * LD;
     float *Ls = (float *)(Vb + 2 * 64 * LD), *Ds = Ls + 64;
     /* the last query tiles see the most keys: start them first */
     const int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
-    const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
+    const int64_t rs = (int64_t)(H + 2 * KV) * hd, orow = (int64_t)H * hd;
     const T *base = qkv + (int64_t)b * T_ * rs;
-    const T *Kg = base + (H + kvh) * HD, *Vg = base + (H + KV + kvh) * HD;
-    const T *dOg = dout + (int64_t)b * T_ * orow + h * HD;
+    const T *Kg = base + (H + kvh) * hd, *Vg = base + (H + KV + kvh) * hd;
+    const T *dOg = dout + (int64_t)b * T_ * orow + h * hd;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int lr0 = warp * 16 + g, lr1 = lr0 + 8, r0 = qt * 64 + lr0, r1 = qt * 64 + lr1;
     const int n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
-    load_tile_async<T, HD>(Qs, base + h * HD, rs, qt * 64, T_);
-    load_tile_async<T, HD>(dOs, dOg, orow, qt * 64, T_);
-    load_tile_async<T, HD>(Kb, Kg, rs, 0, T_);
-    load_tile_async<T, HD>(Vb, Vg, rs, 0, T_);
+    load_tile_async<T, HD>(Qs, base + h * hd, rs, qt * 64, T_, hd);
+    load_tile_async<T, HD>(dOs, dOg, orow, qt * 64, T_, hd);
+    load_tile_async<T, HD>(Kb, Kg, rs, 0, T_, hd);
+    load_tile_async<T, HD>(Vb, Vg, rs, 0, T_, hd);
     cp_async_commit();
     load_rowstats(Ls, Ds, D + ((int64_t)b * H + h) * T_, lse + ((int64_t)b * H + h) * T_, qt * 64, T_);
-    const float scale = 1.0f / sqrtf((float)HD), sl2 = scale * LOG2E;
+    const float scale = 1.0f / sqrtf((float)hd), sl2 = scale * LOG2E;
     float dq[ND][4];
 #pragma unroll
     for (int dn = 0; dn < ND; dn++) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
@@ -624,8 +632,8 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(T *dqkv, const T *dout,
         __syncthreads();
         if (kt + 1 < n_kt) {
             const int nb = (kt + 1) & 1;
-            load_tile_async<T, HD>(Kb + nb * 64 * LD, Kg, rs, (kt + 1) * 64, T_);
-            load_tile_async<T, HD>(Vb + nb * 64 * LD, Vg, rs, (kt + 1) * 64, T_);
+            load_tile_async<T, HD>(Kb + nb * 64 * LD, Kg, rs, (kt + 1) * 64, T_, hd);
+            load_tile_async<T, HD>(Vb + nb * 64 * LD, Vg, rs, (kt + 1) * 64, T_, hd);
         }
         cp_async_commit();
         if (HOIST && kt == 0)
@@ -683,10 +691,11 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(T *dqkv, const T *dout,
             }
         }
     }
-    T *dQ = dqkv + (int64_t)b * T_ * rs + h * HD;
+    T *dQ = dqkv + (int64_t)b * T_ * rs + h * hd;
 #pragma unroll
     for (int dn = 0; dn < ND; dn++) {
         const int c = dn * 8 + 2 * t;
+        if (dn * 8 >= hd) break;
         if (r0 < T_) {
             put(dQ + (int64_t)r0 * rs + c, dq[dn][0] * scale, accum);
             put(dQ + (int64_t)r0 * rs + c + 1, dq[dn][1] * scale, accum);
@@ -706,13 +715,30 @@ static void set_smem(void) {
     CUDA_CHECK(cudaFuncSetAttribute(bwd_dkv_mma<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dkv_smem<HD>()));
     CUDA_CHECK(cudaFuncSetAttribute(bwd_dq_mma<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dq_smem<HD>()));
 }
-template <class T> static void set_smem_all(void) { set_smem<T, 32>(); set_smem<T, 64>(); set_smem<T, 128>(); }
+template <class T> static void set_smem_all(void) {
+    set_smem<T, 32>(); set_smem<T, 48>(); set_smem<T, 64>(); set_smem<T, 80>();
+    set_smem<T, 96>(); set_smem<T, 112>(); set_smem<T, 128>();
+}
 extern "C" void sj_cuda_attention_init(void) { set_smem_all<bf16>(); set_smem_all<f16>(); }
 
+/* The tensor-core kernels take every head_dim that is a multiple of 8 up to
+ * 128: a tile of the next multiple of 16 (at least 32), the columns past
+ * head_dim zero in shared memory and never stored. */
 static bool use_mma(int B, int H, int KV, int hd) {
-    return get_variant() != 1 && (hd == 32 || hd == 64 || hd == 128) &&
+    return get_variant() != 1 && hd % 8 == 0 && hd >= 8 && hd <= 128 &&
            (int64_t)B * H <= 65535 && (int64_t)B * KV <= 65535;
 }
+static int mma_tile(int hd) { return hd <= 32 ? 32 : (hd + 15) / 16 * 16; }
+#define SJ_MMA_DISPATCH(hd, CALL)                          \
+    switch (mma_tile(hd)) {                                \
+    case 32: CALL(32); break;                              \
+    case 48: CALL(48); break;                              \
+    case 64: CALL(64); break;                              \
+    case 80: CALL(80); break;                              \
+    case 96: CALL(96); break;                              \
+    case 112: CALL(112); break;                            \
+    default: CALL(128); break;                             \
+    }
 
 static void bad_hd(int hd) {
     char d[64];
@@ -751,8 +777,8 @@ static void backward_simple(T *dqkv, const T *dout, const T *qkv, const T *out, 
 }
 
 template <class T, int HD>
-static void forward_mma(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV) {
-    fwd_mma<T, HD><<<dim3((T_ + 63) / 64, B * H), 128, fwd_smem<HD>(), sj_stream()>>>(out, lse, qkv, T_, H, KV);
+static void forward_mma(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV, int hd) {
+    fwd_mma<T, HD><<<dim3((T_ + 63) / 64, B * H), 128, fwd_smem<HD>(), sj_stream()>>>(out, lse, qkv, T_, H, KV, hd);
     LAUNCH_CHECK("attention_forward (mma)");
 }
 
@@ -768,7 +794,7 @@ static int backward_sm90(f16 *d, const f16 *go, const f16 *x, const float *D, co
 
 template <class T, int HD>
 static void backward_mma(T *dqkv, const T *dout, const T *qkv, const T *out,
-                         const float *lse, int B, int T_, int H, int KV, int accum) {
+                         const float *lse, int B, int T_, int H, int KV, int hd, int accum) {
     /* D = rowsum(dO * O) lives in scratch, (Bc, H, T) floats: batches in
      * chunks of Bc that fit (one chunk at the usual sizes: 16 x 12 x 1024
      * floats are 0.8 MB of the 16 MB). */
@@ -776,27 +802,29 @@ static void backward_mma(T *dqkv, const T *dout, const T *qkv, const T *out,
     const int64_t per_b = (int64_t)H * T_ * sizeof(float);
     const int Bc = (int)min((int64_t)B, (int64_t)(ctx->scratch_bytes / per_b));
     if (Bc < 1 || !ctx->scratch) {
-        backward_simple(dqkv, dout, qkv, out, lse, B, T_, H, KV, HD, accum);
+        backward_simple(dqkv, dout, qkv, out, lse, B, T_, H, KV, hd, accum);
         return;
     }
     float *D = (float *)ctx->scratch;
-    const int64_t rs = (int64_t)(H + 2 * KV) * HD, orow = (int64_t)H * HD;
+    const int64_t rs = (int64_t)(H + 2 * KV) * hd, orow = (int64_t)H * hd;
     cudaStream_t s = sj_stream();
     for (int b0 = 0; b0 < B; b0 += Bc) {
         const int nb = min(Bc, B - b0);
         const int64_t q_off = (int64_t)b0 * T_ * rs, o_off = (int64_t)b0 * T_ * orow;
         const int64_t n_rows = (int64_t)nb * T_ * H;
-        attn_rowdot_k<T, HD><<<sj_blocks(n_rows * (HD / 8), 256, 1 << 30), 256, 0, s>>>(
-            D, dout + o_off, out + o_off, T_, H, n_rows);
+        attn_rowdot_k<T, HD><<<sj_blocks(n_rows * rowdot_lanes<HD>(), 256, 1 << 30), 256, 0, s>>>(
+            D, dout + o_off, out + o_off, T_, H, hd, n_rows);
         LAUNCH_CHECK("attention_backward rowdot");
-        if (HD == 64 && backward_sm90(dqkv + q_off, dout + o_off, qkv + q_off, D,
-                                      lse + (int64_t)b0 * H * T_, nb, T_, H, KV, HD, accum))
+        if (hd == 64 && backward_sm90(dqkv + q_off, dout + o_off, qkv + q_off, D,
+                                      lse + (int64_t)b0 * H * T_, nb, T_, H, KV, hd, accum))
             continue;
         bwd_dkv_mma<T, HD><<<dim3((T_ + 63) / 64, nb * KV), 128, dkv_smem<HD>(), s>>>(
-            dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, accum);
+            dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, hd,
+            accum);
         LAUNCH_CHECK("attention_backward dkv (mma)");
         bwd_dq_mma<T, HD><<<dim3((T_ + 63) / 64, nb * H), 128, dq_smem<HD>(), s>>>(
-            dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, accum);
+            dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, hd,
+            accum);
         LAUNCH_CHECK("attention_backward dq (mma)");
     }
 }
@@ -813,9 +841,9 @@ extern "C" void sj_cuda_attention_backward_f32(void *dqkv, const void *dout, con
     backward_simple((float *)dqkv, (const float *)dout, (const float *)qkv, (const float *)out,
                     lse, B, T_, H, KV, hd, accum);
 }
-/* 16-bit modes: tensor cores where the head_dim fits a tile, else simple;
- * on Hopper the forward of head_dim 64 is wgmma's (attention_sm90.cu, the
- * same bits). */
+/* 16-bit modes: tensor cores where the head_dim fits a tile (use_mma),
+ * else simple; on Hopper the forward of head_dim 64 is wgmma's
+ * (attention_sm90.cu, the same bits). */
 static int forward_sm90(bf16 *o, float *lse, const bf16 *x, int B, int T_, int H, int KV, int hd) {
     return get_variant() == 0 && sj_cuda_attention_forward_sm90_bf16(o, lse, x, B, T_, H, KV, hd);
 }
@@ -825,20 +853,20 @@ static int forward_sm90(f16 *o, float *lse, const f16 *x, int B, int T_, int H, 
 template <class T>
 static void forward_16(T *o, float *lse, const T *x, int B, int T_, int H, int KV, int hd) {
     if ((int64_t)B * T_ <= 0) return;
-    if (!use_mma(B, H, KV, hd)) forward_simple(o, lse, x, B, T_, H, KV, hd);
-    else if (hd == 64 && forward_sm90(o, lse, x, B, T_, H, KV, hd)) return;
-    else if (hd == 32) forward_mma<T, 32>(o, lse, x, B, T_, H, KV);
-    else if (hd == 64) forward_mma<T, 64>(o, lse, x, B, T_, H, KV);
-    else forward_mma<T, 128>(o, lse, x, B, T_, H, KV);
+    if (!use_mma(B, H, KV, hd)) { forward_simple(o, lse, x, B, T_, H, KV, hd); return; }
+    if (hd == 64 && forward_sm90(o, lse, x, B, T_, H, KV, hd)) return;
+#define SJ_FWD(HD) forward_mma<T, HD>(o, lse, x, B, T_, H, KV, hd)
+    SJ_MMA_DISPATCH(hd, SJ_FWD)
+#undef SJ_FWD
 }
 template <class T>
 static void backward_16(T *d, const T *go, const T *x, const T *o, const float *lse, int B,
                         int T_, int H, int KV, int hd, int accum) {
     if ((int64_t)B * T_ <= 0) return;
-    if (!use_mma(B, H, KV, hd)) backward_simple(d, go, x, o, lse, B, T_, H, KV, hd, accum);
-    else if (hd == 32) backward_mma<T, 32>(d, go, x, o, lse, B, T_, H, KV, accum);
-    else if (hd == 64) backward_mma<T, 64>(d, go, x, o, lse, B, T_, H, KV, accum);
-    else backward_mma<T, 128>(d, go, x, o, lse, B, T_, H, KV, accum);
+    if (!use_mma(B, H, KV, hd)) { backward_simple(d, go, x, o, lse, B, T_, H, KV, hd, accum); return; }
+#define SJ_BWD(HD) backward_mma<T, HD>(d, go, x, o, lse, B, T_, H, KV, hd, accum)
+    SJ_MMA_DISPATCH(hd, SJ_BWD)
+#undef SJ_BWD
 }
 #define SJ_CU_ATTN16(T, TY)                                                                     \
 extern "C" void sj_cuda_attention_forward_##T(void *out, float *lse, const void *qkv, int B,    \

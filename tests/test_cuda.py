@@ -161,6 +161,8 @@ def test_rope_kernels(dtype, accum, rng):
 ATTN_SHAPES = [  # B, T, H, KV, hd
     (2, 100, 4, 2, 32), (1, 130, 2, 2, 64), (2, 64, 4, 1, 128), (1, 33, 3, 3, 48), (3, 7, 2, 1, 64),
     (3, 77, 4, 2, 64),   # batches whose rows share 64-row tiles (TMA reads across them)
+    # head dims between the tiles: a tile of the next multiple of 16, zero-padded
+    (2, 70, 4, 2, 96), (1, 100, 3, 1, 80), (1, 65, 2, 1, 40), (2, 50, 2, 2, 120), (1, 40, 2, 1, 24),
 ]
 
 
@@ -350,6 +352,7 @@ SHAPES = {
     "mha": dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=2, vocab=97, B=2, T=16),
     "gqa": dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab=300, B=3, T=70),
     "hd128": dict(dim=256, n_layers=1, n_heads=2, n_kv_heads=1, vocab=64, B=2, T=33),
+    "hd96": dict(dim=192, n_layers=1, n_heads=2, n_kv_heads=1, vocab=50257, B=2, T=40),
 }
 
 
