@@ -38,13 +38,27 @@ CONFIGS = [
     ("train", "d768", lambda: smedjan.Config.custom(768, 12, 12, vocab_size=VOCAB, max_seq_len=1024),
      16, 1024, 1.2),
     # GPT-2 124M's shape with its real, unaligned vocabulary (SwiGLU hidden 2048)
-    ("train", "gpt2", lambda: smedjan.Config(dim=768, n_layers=12, n_heads=12, n_kv_heads=12,
-                                             ffn_dim=2048, vocab_size=50257, max_seq_len=1024,
-                                             rope_theta=10000.0, norm_eps=1e-5), 32, 1024, 1.8),
+    ("train", "gpt2", lambda: gpt2_shape(50257), 32, 1024, 1.8),
     ("train", "large", lambda: smedjan.Config.preset("large", VOCAB), 16, 2048, 1.3),
     ("train", "xl", lambda: smedjan.Config.preset("xl", VOCAB), 8, 2048, 1.3),   # head dim 96
     ("forward", "medium", lambda: smedjan.Config.preset("medium", VOCAB), 32, 512, 1.3),
 ]
+
+def gpt2_shape(vocab):
+    return smedjan.Config(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048,
+                          vocab_size=vocab, max_seq_len=1024, rope_theta=10000.0, norm_eps=1e-5)
+
+
+# --sweep: rows of one kind that must show no cliff (train, target 1.0x compile)
+SWEEPS = {
+    # the gpt2 row at the vocabularies users have
+    "vocab": [("train", "gpt2", (lambda v=v: gpt2_shape(v)), 16, 1024, 1.0)
+              for v in (50257, 50304, 32000, 49152, 128256, 151936)],
+    # 8 heads of each size, 4 layers, 8 x 2048
+    "head_dims": [("train", f"hd{hd}", (lambda hd=hd: smedjan.Config.custom(8 * hd, 4, 8, vocab_size=VOCAB,
+                                                                             max_seq_len=2048)),
+                   8, 2048, 1.0) for hd in (32, 64, 80, 96, 112, 128, 192, 256)],
+}
 
 
 # ---- the identical model in PyTorch ------------------------------------------------
@@ -210,7 +224,8 @@ def main():
     ap.add_argument("--levers", default="", help="ours with memory levers on, comma list like "
                                                  "gradient_checkpointing,fused_ce (stated in each row)")
     ap.add_argument("--only", default="", help="comma list like train-small-4x128")
-    ap.add_argument("--tag", default="", help="suffix of the result files' names")
+    ap.add_argument("--tag", default="", help="a label stored in each row")
+    ap.add_argument("--sweep", choices=sorted(SWEEPS), help="these rows instead of the usual ones")
     a = ap.parse_args()
     iters, warmup = (10, 3) if a.quick else (30, 8)
     import torch
@@ -218,7 +233,7 @@ def main():
     dev = torch.cuda.get_device_name()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d")
     rows = []
-    for kind, name, mk, B, T, target in CONFIGS:
+    for kind, name, mk, B, T, target in (SWEEPS[a.sweep] if a.sweep else CONFIGS):
         tag = f"{kind}-{name}-{B}x{T}"
         if a.only and tag not in a.only.split(","):
             continue
