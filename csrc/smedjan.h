@@ -171,7 +171,7 @@ typedef struct {
     int total_steps;      /* cosine back to min_lr at step total_steps-1   */
     float beta1, beta2, eps;
     float weight_decay;   /* decoupled; not applied to norm gains          */
-    float clip;           /* global grad-norm clip; <= 0 disables           */
+    float clip;           /* global grad-norm clip; 0 disables, < 0 refused */
 } sj_train_config;
 
 /* Learning rate of the schedule at a 0-based step. */

@@ -209,22 +209,24 @@ def cmd_bench(args) -> int:
 
 
 def add_commands(sub) -> None:
+    from .argtypes import nonneg_int, positive_int
     b = sub.add_parser("bench", help="measure inference, decode and training speed",
                        description="Measure inference (forward), decode and train tok/s, the "
                                    "step split and peak memory on this machine.")
     b.add_argument("--size", default="small", help="preset name (default small)")
-    b.add_argument("--batch-size", type=int, default=4)
-    b.add_argument("--seq-len", type=int, default=128)
-    b.add_argument("--iters", type=int, default=20, help="timed iterations (default 20)")
-    b.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
+    b.add_argument("--batch-size", type=positive_int, default=4)
+    b.add_argument("--seq-len", type=positive_int, default=128)
+    b.add_argument("--iters", type=positive_int, default=20, help="timed iterations (default 20)")
+    b.add_argument("--warmup", type=nonneg_int, default=3,
+                   help="untimed iterations first (default 3)")
     b.add_argument("--device", nargs="?", const=True, default=None,
                    help="--device alone: cuda; or a name (cpu, cuda)")
     b.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="default: fp32 on CPU, bf16 on CUDA (bf16 and fp16 are CUDA modes)")
-    b.add_argument("--vocab-size", type=int, default=8192)
-    b.add_argument("--decode-tokens", type=int, default=16)
-    b.add_argument("--threads", type=int, help="engine worker threads")
-    b.add_argument("--grad-accum", type=int, default=1)
+    b.add_argument("--vocab-size", type=positive_int, default=8192)
+    b.add_argument("--decode-tokens", type=positive_int, default=16)
+    b.add_argument("--threads", type=positive_int, help="engine worker threads")
+    b.add_argument("--grad-accum", type=positive_int, default=1)
     b.add_argument("--gradient-checkpointing", action="store_true")
     b.add_argument("--cheap-recompute", action="store_true")
     b.add_argument("--fused-ce", action="store_true")

@@ -28,13 +28,15 @@ def cmd_sizes(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .argtypes import positive_int
     p = argparse.ArgumentParser(prog="smedjan", description="A language-model forge: "
                                 "train and run decoder-only transformers.")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("sizes", help="exact parameter counts of the presets",
                        description="Print the exact parameter count of every preset.")
-    s.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default 8192)")
+    s.add_argument("--vocab-size", type=positive_int, default=8192,
+                   help="vocabulary size (default 8192)")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(func=cmd_sizes)
     from . import commands, demo, tokenizer

@@ -9,6 +9,9 @@ import sys
 
 import numpy as np
 
+from .argtypes import (byte_size, fraction, nonneg_float, nonneg_int, parse_bytes,
+                       positive_float, positive_int, probability)
+
 log = logging.getLogger("smedjan")
 TOKENIZER_FILE = "tokenizer.sjt"
 
@@ -123,7 +126,10 @@ def cmd_train(args) -> int:
     else:
         model = Model(_config_from_args(args, vocab), seed=args.seed)
         check_memory_limit(model, args)
-        trainer = Trainer(model, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
+        warmup = min(50, args.steps) if args.warmup is None else args.warmup
+        if warmup > args.steps:
+            raise ValueError(f"--warmup {warmup} exceeds --steps {args.steps}")
+        trainer = Trainer(model, lr=args.lr, min_lr=args.min_lr, warmup=warmup,
                           steps=args.steps, weight_decay=args.weight_decay, clip=args.clip,
                           **lever_options(args))
     if args.checkpoint_dir and tok_path:
@@ -148,20 +154,6 @@ def cmd_train(args) -> int:
             msg += f", val {last['val_loss']:.4f} (ppl {last['ppl']:.1f})"
         print(msg)
     return 0
-
-
-def parse_bytes(text) -> int:
-    """'12GiB', '800MiB', '2G', '1e9' -> bytes (a bare number is bytes)."""
-    if text is None or isinstance(text, (int, float)):
-        return int(text or 0)
-    t = str(text).strip().lower().replace(" ", "")
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "k": 1 << 10,
-             "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "kb": 1000, "mb": 10 ** 6,
-             "gb": 10 ** 9, "tb": 10 ** 12, "b": 1}
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            return int(float(t[:-len(u)]) * units[u])
-    return int(float(t))
 
 
 def lever_options(args) -> dict:
@@ -193,7 +185,7 @@ def check_memory_limit(model, args) -> None:
 def add_lever_flags(p) -> None:
     """The memory levers, pulled in this order when a run does not fit."""
     g = p.add_argument_group("memory levers")
-    g.add_argument("--grad-accum", type=int, default=1, metavar="N",
+    g.add_argument("--grad-accum", type=positive_int, default=1, metavar="N",
                    help="N micro-batches of --batch-size per step (effective batch = batch x N)")
     g.add_argument("--cheap-recompute", action="store_true",
                    help="redo the RMSNorm and SwiGLU outputs in backward instead of keeping them "
@@ -204,18 +196,25 @@ def add_lever_flags(p) -> None:
                    help="chunked LM head + loss: the batch x seq x vocab logits never exist")
     g.add_argument("--fp16-activations", action="store_true",
                    help="store the activations kept for backward as fp16 (half their memory)")
-    g.add_argument("--memory-limit", metavar="BYTES",
+    g.add_argument("--memory-limit", type=byte_size, metavar="BYTES",
                    help="refuse a run whose planned peak exceeds this (e.g. 12GiB, 800MiB)")
 
 
 def load_for_inference(path: str, tokenizer: str = None):
-    """A model from a checkpoint, with the tokenizer saved beside it (or given)."""
+    """A model from a checkpoint, with the tokenizer saved beside it (or given).
+
+    A tokenizer with more tokens than the checkpoint's vocab_size is refused
+    here, naming both files and both sizes; one with fewer is accepted
+    (generation then samples only ids the tokenizer can decode)."""
     from .checkpoint import model_from_checkpoint
+    from .infer import check_vocab
     model = model_from_checkpoint(path)
     tok = tokenizer or os.path.join(os.path.dirname(os.path.abspath(path)), TOKENIZER_FILE)
     if os.path.exists(tok):
         from .tokenizer import Tokenizer
-        model.tokenizer = Tokenizer.load(tok)
+        t = Tokenizer.load(tok)
+        check_vocab(t, model.config.vocab_size, f"checkpoint {path}", f"tokenizer {tok}")
+        model.tokenizer = t
     elif tokenizer:
         raise FileNotFoundError(f"--tokenizer: no such file: {tokenizer}")
     return model
@@ -273,28 +272,31 @@ def add_commands(sub) -> None:
     t.add_argument("--data", required=True, help="token file (smedjan prepare)")
     t.add_argument("--tokenizer", help="tokenizer file; sets the vocabulary size and is copied "
                                        "beside the checkpoints")
-    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--vocab-size", type=positive_int, default=8192)
     t.add_argument("--size", default="small", help="preset name or 'custom'")
-    t.add_argument("--dim", type=int)
-    t.add_argument("--layers", type=int)
-    t.add_argument("--heads", type=int)
-    t.add_argument("--kv-heads", type=int, help="grouped-query attention: KV heads")
-    t.add_argument("--ffn-mult", type=float, default=2.67)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--seq-len", type=int, default=256)
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--max-steps", type=int, help="stop after this many steps in this run")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--min-lr", type=float, default=None, help="default lr/10")
-    t.add_argument("--warmup", type=int, default=50)
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--clip", type=float, default=1.0)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--val-fraction", type=float, default=0.05)
-    t.add_argument("--eval-every", type=int, default=100)
-    t.add_argument("--eval-batches", type=int, default=10)
+    t.add_argument("--dim", type=positive_int)
+    t.add_argument("--layers", type=positive_int)
+    t.add_argument("--heads", type=positive_int)
+    t.add_argument("--kv-heads", type=positive_int, help="grouped-query attention: KV heads")
+    t.add_argument("--ffn-mult", type=positive_float, default=2.67)
+    t.add_argument("--batch-size", type=positive_int, default=8)
+    t.add_argument("--seq-len", type=positive_int, default=256)
+    t.add_argument("--steps", type=positive_int, default=1000)
+    t.add_argument("--max-steps", type=nonneg_int, help="stop after this many steps in this run")
+    t.add_argument("--lr", type=nonneg_float, default=1e-3)
+    t.add_argument("--min-lr", type=nonneg_float, default=None, help="default lr/10")
+    t.add_argument("--warmup", type=nonneg_int, default=None,
+                   help="linear warm-up steps (default 50, at most --steps)")
+    t.add_argument("--weight-decay", type=nonneg_float, default=0.1)
+    t.add_argument("--clip", type=nonneg_float, default=1.0,
+                   help="global gradient-norm clip (0: off)")
+    t.add_argument("--seed", type=nonneg_int, default=0)
+    t.add_argument("--val-fraction", type=fraction, default=0.05)
+    t.add_argument("--eval-every", type=positive_int, default=100)
+    t.add_argument("--eval-batches", type=positive_int, default=10)
     t.add_argument("--checkpoint-dir")
-    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--checkpoint-every", type=nonneg_int, default=100,
+                   help="steps between checkpoints (0: only at the end)")
     t.add_argument("--resume", action="store_true", help="continue from checkpoint-dir/latest")
     add_lever_flags(t)
     t.set_defaults(func=cmd_train)
@@ -303,11 +305,11 @@ def add_commands(sub) -> None:
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--tokenizer", help=f"default: {TOKENIZER_FILE} beside the checkpoint")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--max-new-tokens", type=nonneg_int, default=100)
+    g.add_argument("--temperature", type=nonneg_float, default=0.8, help="0: greedy")
+    g.add_argument("--top-k", type=nonneg_int, help="0: off")
+    g.add_argument("--top-p", type=probability)
+    g.add_argument("--seed", type=nonneg_int)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--stream", action="store_true", help="print tokens as they come")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu",

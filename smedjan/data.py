@@ -229,8 +229,25 @@ def _example_messages(obj, where: str) -> List[dict]:
                      f"{sorted(obj)}")
 
 
+def _utf8_line(raw: bytes, where: str, bom: bool = False) -> str:
+    """One line of a UTF-8 file as text; ValueError naming the first bad
+    byte and its column (in characters, 1-based) otherwise."""
+    if bom and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        col = len(raw[:e.start].decode("utf-8")) + 1
+        raise ValueError(f"{where}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}: "
+                         f"{e.reason})") from None
+
+
 def _encode(encode: Callable, text: str, where: str) -> np.ndarray:
-    a = np.asarray(encode(text))
+    try:
+        a = np.asarray(encode(text))
+    except UnicodeEncodeError as e:     # a lone surrogate, from a \ud800-style JSON escape
+        raise ValueError(f"{where}: text is not valid Unicode ({e.reason}: "
+                         f"{text[e.start:e.end]!r})") from None
     if a.size == 0:
         return np.zeros(0, np.int64)
     if a.ndim != 1 or a.dtype.kind not in "iu":
@@ -264,18 +281,21 @@ def load_sft_jsonl(path, encode: Callable[[str], np.ndarray], seq_len: int, *, p
     concatenates examples into full rows (the last row padded); pack=False
     gives one row per example, truncated to seq_len + 1 tokens or padded.
     Padding uses eos_id (0 without one) in inputs and ignore_index in
-    targets; rows without any trained target are dropped. A malformed line
-    raises ValueError naming the file and line number."""
+    targets; rows without any trained target are dropped. The file is
+    UTF-8 (a leading byte-order mark is allowed); a malformed line (invalid
+    UTF-8, invalid JSON, a wrong shape) raises ValueError naming the file,
+    the line number and the problem."""
     p = os.fspath(path)
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     pad = 0 if eos_id is None else int(eos_id)
     examples = []
-    with open(p, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{p}:{lineno}"
+            line = _utf8_line(raw, where, bom=lineno == 1)
             if not line.strip():
                 continue
-            where = f"{p}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

@@ -106,9 +106,10 @@ def cmd_demo(args) -> int:
 
 
 def add_commands(sub) -> None:
+    from .argtypes import positive_float, positive_int
     d = sub.add_parser("demo", help="the whole job on the stdlib's sources: tokenizer, data, "
                                     "training, checkpoints, plot, sample")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--minutes", type=float, default=3.0, help="training time budget")
-    d.add_argument("--steps", type=int, help="fixed step count instead of a time budget")
+    d.add_argument("--minutes", type=positive_float, default=3.0, help="training time budget")
+    d.add_argument("--steps", type=positive_int, help="fixed step count instead of a time budget")
     d.set_defaults(func=cmd_demo)

@@ -57,6 +57,12 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
     max_seq_len slides (the last max_seq_len tokens). repetition_penalty
     applies once per distinct token of prompt and output.
 
+    Arguments out of range are refused by name before any work
+    (ValueError): max_new_tokens < 0, temperature < 0, top_k < 0, top_p
+    outside (0, 1], repetition_penalty <= 0, or a tokenizer with more
+    tokens than the model's vocab_size. A tokenizer with fewer tokens is
+    fine: only its ids are sampled, so everything generated decodes.
+
     This runs on the KV-cache engine (weights copied at the call): on the
     model's device, or on device ("cpu", "cuda") when given; the GPU engine
     computes in the model's dtype (bf16 for a CPU model, and for an fp16
@@ -64,6 +70,10 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
 
     >>> # for t in model.generate("def main", 32, temperature=0.8, seed=0): ...
     """
+    from .infer import check_sampling, check_vocab
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    check_vocab(tok, model.config.vocab_size)
     dev = device or getattr(model, "device", "cpu")
     if dev not in ("cpu", "cuda") or not hasattr(model, "_h"):
         if repetition_penalty != 1.0:
@@ -72,13 +82,10 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
                                   top_k=top_k, top_p=top_p, seed=seed, stop=stop,
                                   tokenizer=tokenizer)
     from .infer import InferenceModel, _generate
-    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     ids = _prompt_ids(prompt, tok)
     stops = [] if stop is None else [stop] if isinstance(stop, (int, str)) else list(stop)
     if any(isinstance(s, str) for s in stops) and tok is None:
         raise ValueError("stop strings need a tokenizer")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     if dev == "cuda":
         # the GPU engine's modes are fp32 and bf16: an fp16 model decodes in bf16
         mode = "fp32" if getattr(model, "dtype", "bf16") == "fp32" and model.device == "cuda" else "bf16"
@@ -112,10 +119,11 @@ def generate_recompute(model, prompt: Union[str, Sequence[int]], max_new_tokens:
                        tokenizer=None) -> Iterator[int]:
     """The reference path: every token reruns the full forward over the
     context (no KV cache), sampling in NumPy."""
+    from .infer import check_sampling, check_vocab
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    check_vocab(tok, model.config.vocab_size)
     ids = _prompt_ids(prompt, tok)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     stops = [] if stop is None else [stop] if isinstance(stop, (int, str)) else list(stop)
     stop_ids = {s for s in stops if isinstance(s, int)}
     stop_strs = [s for s in stops if isinstance(s, str)]
@@ -123,6 +131,7 @@ def generate_recompute(model, prompt: Union[str, Sequence[int]], max_new_tokens:
         raise ValueError("stop strings need a tokenizer")
     rng = np.random.default_rng(seed)
     V, max_len = model.config.vocab_size, model.config.max_seq_len
+    n_emit = V if tok is None else len(tok)     # only ids the tokenizer can decode
     new = []
     for _ in range(max_new_tokens):
         ctx = ids[-max_len:]
@@ -130,7 +139,7 @@ def generate_recompute(model, prompt: Union[str, Sequence[int]], max_new_tokens:
         x = np.zeros((1, L), np.int32)
         x[0, :len(ctx)] = ctx
         logits = model.forward(x)[0, len(ctx) - 1]
-        t = sample(logits, rng, temperature, top_k, top_p)
+        t = sample(logits[:n_emit], rng, temperature, top_k, top_p)
         if t in stop_ids:
             return
         ids.append(t)

@@ -18,6 +18,7 @@ weights and KV cache on the device, the decode step one persistent kernel
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Iterator, Optional, Sequence, Union
@@ -101,7 +102,9 @@ class InferenceModel:
             if "tokenizer.ggml.tokens" in f.kv:
                 tok = f.tokenizer()
         load = _C.cuda_infer_load_gguf if cuda else _C.infer_load_gguf
-        return cls._with_cache(load(p, mode, max_ctx), kv_dtype, cuda, tok, p)
+        m = cls._with_cache(load(p, mode, max_ctx), kv_dtype, cuda, tok, p)
+        check_vocab(tok, m.config.vocab_size, p, f"{p}: the tokenizer")
+        return m
 
     @classmethod
     def from_model(cls, model, mode: Optional[str] = None, max_ctx: int = 0,
@@ -223,6 +226,8 @@ class InferenceModel:
 
         >>> # for t in m.generate("Once upon a time", 32, temperature=0.8, seed=0): ...
         """
+        check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+        check_vocab(self.tokenizer, self.config.vocab_size, self.source or "the model")
         return _generate(self, self.encode(prompt), max_new_tokens, temperature=temperature,
                          top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                          seed=seed, stop=stop, tokenizer=self.tokenizer)
@@ -272,23 +277,53 @@ def _check_kv_dtype(kv_dtype):
         raise ValueError(f"kv_dtype must be 'f32' or 'f16', got {kv_dtype!r}")
 
 
-def _check_args(ids, temperature, top_k, top_p, repetition_penalty):
-    if not ids:
-        raise ValueError("prompt is empty: generation needs at least one token")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty=1.0) -> None:
+    """Refuse, by name, generation arguments outside their range: an
+    integer max_new_tokens >= 0, temperature >= 0 (0: greedy), an integer
+    top_k >= 0 (0 or None: off), top_p in (0, 1] (None: off) and
+    repetition_penalty > 0, every number finite. Comparisons are written so
+    that NaN fails them."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+            or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                              or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 or None: off), got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
+        raise ValueError(f"repetition_penalty must be a finite number > 0, "
+                         f"got {repetition_penalty}")
+
+
+def check_vocab(tokenizer, vocab_size: int, model_name: str = "the model",
+                tokenizer_name: str = "the tokenizer") -> None:
+    """A tokenizer may have at most the model's vocab_size entries: with
+    more, it produces ids the model cannot embed (and names tokens the model
+    can never emit). Fewer is fine (a vocabulary padded for speed, or a
+    model trained with a larger --vocab-size than its data used): generation
+    then samples only among the tokenizer's ids (see _generate), so every
+    generated id decodes."""
+    if tokenizer is not None and len(tokenizer) > vocab_size:
+        raise ValueError(f"{tokenizer_name} has {len(tokenizer)} tokens but {model_name} has "
+                         f"vocab_size {vocab_size}: ids {vocab_size}..{len(tokenizer) - 1} "
+                         f"would be out of the model's range (wrong tokenizer for this model?)")
 
 
 def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top_p,
               repetition_penalty, seed, stop, tokenizer, window: Optional[int] = None):
     """The loop shared by InferenceModel.generate and smedjan.generate: a
     context longer than the cache (or `window`) slides: the cache is rebuilt
-    from the last `window` tokens, as the full-recompute path would see them."""
-    _check_args(ids, temperature, top_k, top_p, repetition_penalty)
+    from the last `window` tokens, as the full-recompute path would see them.
+    With a tokenizer of fewer entries than the model's vocabulary, only the
+    tokenizer's ids are sampled (the rest have no text to decode to)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if not ids:
+        raise ValueError("prompt is empty: generation needs at least one token")
+    V = m.config.vocab_size
+    check_vocab(tokenizer, V)
     stops = [] if stop is None else [stop] if isinstance(stop, (int, str)) else list(stop)
     stop_ids = {s for s in stops if isinstance(s, int)}
     stop_strs = [s for s in stops if isinstance(s, str)]
@@ -296,14 +331,24 @@ def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top
         raise ValueError("stop strings need a tokenizer")
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little")
-    sampler = _C.Sampler(m.config.vocab_size, int(seed) & ((1 << 64) - 1))
+    n_emit = V if tokenizer is None else len(tokenizer)
+    sampler = _C.Sampler(n_emit, int(seed) & ((1 << 64) - 1))
     W = min(window or m.max_ctx, m.max_ctx)
     h = m._h
     temp, k, p = float(temperature), int(top_k or 0), float(top_p if top_p is not None else 1.0)
     pen = float(repetition_penalty)
     hist = np.array(ids, np.int32)
     # greedy without a penalty: on the GPU the step itself returns the argmax
-    on_device = temp <= 0 and pen == 1.0 and hasattr(h, "decode_greedy")
+    on_device = temp <= 0 and pen == 1.0 and hasattr(h, "decode_greedy") and n_emit == V
+    if n_emit < V:
+        logits = np.empty(V, np.float32)
+
+        def pick():
+            h.logits(logits)
+            return sampler.sample(logits[:n_emit], temp, k, p, pen, hist if pen != 1.0 else None)
+    else:
+        def pick():
+            return h.sample(sampler, temp, k, p, pen, hist if pen != 1.0 else None)
     nxt = None
     stats = m._stats = {"prompt_tokens": len(ids), "generated_tokens": 0}
     t0 = time.perf_counter()
@@ -320,7 +365,7 @@ def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top
     new = []
     t_gen, n_gen, ts = 0.0, 0, 0.0
     for i in range(max_new_tokens):
-        tok = nxt if nxt is not None else h.sample(sampler, temp, k, p, pen, hist if pen != 1.0 else None)
+        tok = nxt if nxt is not None else pick()
         now = time.perf_counter()
         if i == 0:
             stats["ttft_s"] = now - t0

@@ -37,6 +37,10 @@ def fit(trainer, train, val=None, *, eval_every: int = 100, eval_batches: int = 
     >>> # fit(trainer, Batches(TokenFile("data.tok"), 8, 256), checkpoint_dir="ckpt")
     """
     from . import checkpoint as ck
+    for name, v, least in (("eval_every", eval_every, 1), ("eval_batches", eval_batches, 1),
+                           ("checkpoint_every", checkpoint_every, 0), ("max_steps", max_steps, 0)):
+        if v is not None and (not isinstance(v, (int, np.integer)) or v < least):
+            raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
     model = trainer.model
     best = math.inf
     if checkpoint_dir:

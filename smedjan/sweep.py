@@ -297,10 +297,7 @@ def cmd_sweep(args) -> int:
         if v is not None:
             grid[key] = v
     if args.grid:
-        extra = json.loads(args.grid)
-        if isinstance(extra, list):
-            raise ValueError("--grid: give a JSON object of lists (combined with the flags)")
-        grid.update(extra)
+        grid.update(args.grid)
     base = dict(steps=args.steps, warmup_steps=args.warmup_steps, device=args.device,
                 data=args.data, memory_limit=args.memory_limit, threads=args.threads)
     rows = sweep(grid, base={k: v for k, v in base.items() if v is not None}, out=args.out,
@@ -316,27 +313,32 @@ def cmd_sweep(args) -> int:
 
 
 def add_commands(sub) -> None:
+    from .argtypes import (byte_size, int_list, json_object, nonneg_int, on_off_list,
+                           positive_float, positive_int)
     s = sub.add_parser("sweep", help="measure a grid of training configurations",
                        description="Run every combination of the comma-separated values, each in "
                                    "a fresh process; one that runs out of memory is recorded as "
                                    "not ok and the sweep goes on.")
     s.add_argument("--size", help="preset(s), e.g. tiny,small (default small)")
-    s.add_argument("--batch-size", help="e.g. 2,4,8 (default 4)")
-    s.add_argument("--grad-accum", help="e.g. 1,2 (default 1)")
-    s.add_argument("--seq-len", help="e.g. 128,256 (default 128)")
+    s.add_argument("--batch-size", type=int_list(1), help="e.g. 2,4,8 (default 4)")
+    s.add_argument("--grad-accum", type=int_list(1), help="e.g. 1,2 (default 1)")
+    s.add_argument("--seq-len", type=int_list(1), help="e.g. 128,256 (default 128)")
     s.add_argument("--dtype", help="fp32 / bf16 / fp16 (bf16, fp16: CUDA)")
-    s.add_argument("--gradient-checkpointing", help="off,on")
-    s.add_argument("--cheap-recompute", help="off,on")
-    s.add_argument("--fused-ce", help="off,on")
-    s.add_argument("--fp16-activations", help="off,on")
-    s.add_argument("--grid", help='more options as JSON, e.g. \'{"lr": [1e-3, 3e-4]}\'')
+    s.add_argument("--gradient-checkpointing", type=on_off_list, help="off,on")
+    s.add_argument("--cheap-recompute", type=on_off_list, help="off,on")
+    s.add_argument("--fused-ce", type=on_off_list, help="off,on")
+    s.add_argument("--fp16-activations", type=on_off_list, help="off,on")
+    s.add_argument("--grid", type=json_object,
+                   help='more options as JSON, e.g. \'{"lr": [1e-3, 3e-4]}\'')
     s.add_argument("--device", default=None, help="cpu (default) or cuda")
-    s.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    s.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first")
-    s.add_argument("--memory-limit", help="per configuration, e.g. 4GiB: over it = not ok")
+    s.add_argument("--steps", type=positive_int, default=10, help="timed steps per configuration")
+    s.add_argument("--warmup-steps", type=nonneg_int, default=2, help="untimed steps first")
+    s.add_argument("--memory-limit", type=byte_size,
+                   help="per configuration, e.g. 4GiB: over it = not ok")
     s.add_argument("--data", help="token file: train on it and estimate hours per epoch")
-    s.add_argument("--threads", type=int, help="engine worker threads in each run")
-    s.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
+    s.add_argument("--threads", type=positive_int, help="engine worker threads in each run")
+    s.add_argument("--timeout", type=positive_float, default=600.0,
+                   help="seconds per configuration")
     s.add_argument("--out", help="write OUT.md and OUT.jsonl")
     s.add_argument("--json", action="store_true", help="print JSON lines instead of the table")
     s.set_defaults(func=cmd_sweep)

@@ -430,7 +430,7 @@ def _cmd_tokenizer(args) -> int:
         print(" ".join(map(str, tok.encode(text).tolist())))
     elif args.action == "decode":
         tok = Tokenizer.load(args.tokenizer)
-        sys.stdout.write(tok.decode([int(x) for x in args.ids]))
+        sys.stdout.write(tok.decode(args.ids))
         sys.stdout.write("\n")
     elif args.action == "info":
         tok = Tokenizer.load(args.tokenizer)
@@ -454,21 +454,22 @@ def _cmd_import_bpe(args) -> int:
 
 def add_commands(subparsers) -> None:
     """Register ``tokenizer`` and ``import-bpe`` on an argparse subparsers object."""
+    from .argtypes import nonneg_int, positive_int
     p = subparsers.add_parser("tokenizer", help="train, inspect and use byte-level BPE tokenizers")
     sub = p.add_subparsers(dest="action", required=True)
     t = sub.add_parser("train", help="learn a BPE from text files")
     t.add_argument("files", nargs="+", help="UTF-8 text files (each one document)")
     t.add_argument("-o", "--output", required=True, help="where to save (our format)")
-    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--vocab-size", type=positive_int, default=8192)
     t.add_argument("--special", action="append", help="special token (repeatable); default none")
-    t.add_argument("--min-frequency", type=int, default=0)
+    t.add_argument("--min-frequency", type=nonneg_int, default=0)
     t.add_argument("--hf-json", help="also export a Hugging Face tokenizer.json here")
     e = sub.add_parser("encode", help="print the ids of a text (or stdin)")
     e.add_argument("tokenizer")
     e.add_argument("text", nargs="?")
     d = sub.add_parser("decode", help="print the text of ids")
     d.add_argument("tokenizer")
-    d.add_argument("ids", nargs="+")
+    d.add_argument("ids", nargs="+", type=nonneg_int, help="token ids")
     i = sub.add_parser("info", help="describe a tokenizer file")
     i.add_argument("tokenizer")
     x = sub.add_parser("export", help="write a Hugging Face tokenizer.json")

@@ -37,6 +37,11 @@ class Trainer:
     fused_ce never materialises the (batch*seq, vocab) logits;
     fp16_activations stores the activations kept for backward as fp16;
     memory_limit (bytes) refuses a run whose planned peak exceeds it.
+
+    clip is the global gradient-norm bound; 0 (or None) turns clipping off.
+    Arguments outside their range are refused by name (ValueError): lr,
+    min_lr, clip, weight_decay or eps negative or not finite, warmup < 0 or
+    > steps, steps < 1, grad_accum < 1, betas outside [0, 1).
     """
 
     def __init__(self, model: Model, *, lr: float = 3e-4, min_lr: Optional[float] = None,
@@ -49,6 +54,7 @@ class Trainer:
         if int(grad_accum) < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         self.grad_accum = int(grad_accum)
+        clip = 0.0 if clip is None else clip
         model.set_levers(gradient_checkpointing=gradient_checkpointing, fused_ce=fused_ce,
                          memory_limit=memory_limit, fp16_activations=fp16_activations,
                          cheap_recompute=cheap_recompute)

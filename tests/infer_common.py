@@ -54,3 +54,34 @@ def held_out_text(n_chars: int = 6000, which: str = "inspect.py") -> str:
     stdlib module's source (English docstrings and code)."""
     src = (pathlib.Path(os.__file__).parent / which).read_text(encoding="utf-8")
     return src[len(src) // 3: len(src) // 3 + n_chars]
+
+
+# ---- top-1 agreement that survives rounding ------------------------------------
+#
+# Two correct engines can pick different top-1 tokens where the two best logits
+# are nearly tied: a different summation order (SIMD width, a sanitizer build,
+# an f16 K/V cache, 8-bit activations) tips the tie either way. A position counts
+# as a disagreement only when the reference's own top-1 beats our top-1 by more
+# than `margin` in the reference's logits (log-probs: the same differences), so
+# a test fails for a wrong answer, not for a different rounding. Each caller sets
+# the margin a few times above the logit noise it measured between correct runs.
+
+def beaten(ours: np.ndarray, ref: np.ndarray, margin: float):
+    """(positions, gaps): where ref's top-1 beats our top-1 by more than
+    margin in ref's logits. ours, ref: (..., vocab) logits of the same positions."""
+    o = np.asarray(ours, np.float64).reshape(-1, ours.shape[-1])
+    r = np.asarray(ref, np.float64).reshape(-1, ref.shape[-1])
+    gap = r.max(-1) - r[np.arange(len(r)), o.argmax(-1)]
+    return np.flatnonzero(gap > margin), gap
+
+
+def beaten_topk(ours: np.ndarray, top_ids: np.ndarray, top_logprobs: np.ndarray, margin: float):
+    """As beaten(), against a reference recorded as its top K ids and their
+    log-probs per position (top_ids[:, 0] its top-1): our top-1 outside its
+    top K is beaten by at least top_logprobs[:, 0] - top_logprobs[:, -1]
+    (counted as infinitely)."""
+    ids, lp = np.asarray(top_ids), np.asarray(top_logprobs, np.float64)
+    mine = np.asarray(ours).argmax(-1)
+    hit = ids == mine[:, None]
+    gap = np.where(hit.any(-1), lp[:, 0] - np.where(hit, lp, 0).sum(-1), np.inf)
+    return np.flatnonzero(gap > margin), gap

@@ -14,7 +14,7 @@ import smedjan
 from smedjan import _C
 from smedjan.gguf import (F32, Q4_0, Q4_1, Q8_0, _kv, export_gguf, read_gguf, write_gguf)
 from smedjan.infer import from_model, load_gguf
-from infer_common import np_dequant, smollm2_path
+from infer_common import beaten_topk, np_dequant, smollm2_path
 
 DATA = pathlib.Path(__file__).parent / "data" / "llamacpp_smollm2.json"
 
@@ -159,7 +159,8 @@ def test_truncated_and_corrupted_safetensors_raise(tmp_path):
 @pytest.mark.parametrize("typ", ["q8_0", "q4_0"])
 def test_smollm2_export_runs_in_llamacpp(tmp_path, typ):
     """Our export, loaded by us, against llama.cpp on the same exported file
-    (recorded): the same next-token choices up to llama.cpp's own rounding."""
+    (recorded): the same next-token choices up to near-ties that rounding
+    tips either way, and a small KL."""
     rec = json.loads(DATA.read_text())["exports"][typ]
     src = load_gguf(smollm2_path(), rec["mode"], max_ctx=256)
     p = tmp_path / f"smol_{typ}.gguf"
@@ -174,10 +175,18 @@ def test_smollm2_export_runs_in_llamacpp(tmp_path, typ):
     top = np.asarray(rec["top_ids"])
     agree = (lp.argmax(-1) == top[:, 0]).mean()
     tlp = np.asarray(rec["top_logprobs"])
+    # llama.cpp quantises the activations to 8 bits and we do not (the same
+    # for our q8/q4 modes as for its): 2-4 of the 48 top-1 choices flip with
+    # the summation order alone (scalar, AVX2, AVX-512 kernels; a sanitizer
+    # build), and at each flip llama.cpp's top-1 led ours by at most 0.28
+    # nats in its own log-probs (measured). A flip counts when it leads by
+    # more than 0.35; at most one of 48 may.
+    bad, gap = beaten_topk(lp, top, tlp, 0.35)
     p, q = np.exp(tlp), np.exp(np.take_along_axis(lp, top, -1))
     pr, qr = np.clip(1 - p.sum(-1), 1e-12, None), np.clip(1 - q.sum(-1), 1e-12, None)
     kl = ((p * (tlp - np.log(q))).sum(-1) + pr * (np.log(pr) - np.log(qr))).mean()
     print(f"{typ}: top-1 agreement with llama.cpp {agree:.3f}, mean KL {kl:.2e}")
-    assert agree >= 0.9 and kl < 0.02, (agree, kl)
+    assert bad.size <= 1, f"llama.cpp's top-1 beats ours by > 0.35 nats at {bad}: {gap[bad]}"
+    assert kl < 0.02, kl
     assert ours.tokenizer is not None and ours.tokenizer.encode("Hello 42").tolist() == \
         src.tokenizer.encode("Hello 42").tolist()

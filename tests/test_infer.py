@@ -9,6 +9,7 @@ import smedjan
 from smedjan import _C
 from smedjan.generate import generate, generate_recompute
 from smedjan.infer import from_model
+from infer_common import beaten
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +104,13 @@ def test_forced_isas_give_the_scalar_logits(tmp_path):
     # Float sums in another order move a few activations across an 8-bit
     # rounding boundary, and this sharp random model amplifies each such flip
     # (measured 4e-3): close in norm and in greedy choices, not bit-equal.
-    # The kernels themselves are held to 1e-5 by the test above.
+    # The kernels themselves are held to 1e-5 by the test above. A logit
+    # moves by up to 0.005 (measured), so a top-1 that differs from the
+    # scalar one where the scalar one leads by more than 0.05 is an error.
     for isa in ("avx2", ""):
         err = np.linalg.norm(res[isa] - res["scalar"]) / np.linalg.norm(res["scalar"])
-        agree = (res[isa].argmax(-1) == res["scalar"].argmax(-1)).mean()
-        assert err < 2e-2 and agree > 0.9, (isa or "best", err, agree)
+        bad, gap = beaten(res[isa], res["scalar"], 0.05)
+        assert err < 2e-2 and bad.size == 0, (isa or "best", err, bad, gap[bad])
 
 
 def test_resident_memory_by_mode(model):

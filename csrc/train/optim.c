@@ -29,15 +29,26 @@ float sj_lr_at(const sj_train_config *tc, int64_t step) {
 
 static sj_status check(const sj_train_config *tc) {
     #define NEED(cond, ...) do { if (!(cond)) return sj_fail(SJ_ERR_ARG, __VA_ARGS__); } while (0)
-    NEED(tc->max_lr >= 0 && isfinite(tc->max_lr), "lr must be >= 0, got %g", (double)tc->max_lr);
+    /* Written so that NaN fails every test: a comparison with NaN is false. */
+    NEED(tc->max_lr >= 0 && isfinite(tc->max_lr), "lr must be a finite number >= 0, got %g",
+         (double)tc->max_lr);
     NEED(tc->min_lr >= 0 && tc->min_lr <= tc->max_lr, "min_lr must be in [0, lr], got %g",
          (double)tc->min_lr);
     NEED(tc->warmup_steps >= 0, "warmup must be >= 0, got %d", tc->warmup_steps);
     NEED(tc->total_steps >= 1, "steps must be >= 1, got %d", tc->total_steps);
+    /* A longer warm-up never reaches lr and never decays: a typo, not a schedule. */
+    NEED(tc->warmup_steps <= tc->total_steps, "warmup (%d) must be <= steps (%d)",
+         tc->warmup_steps, tc->total_steps);
     NEED(tc->beta1 >= 0 && tc->beta1 < 1 && tc->beta2 >= 0 && tc->beta2 < 1,
          "betas must be in [0, 1), got (%g, %g)", (double)tc->beta1, (double)tc->beta2);
-    NEED(tc->eps > 0, "eps must be > 0, got %g", (double)tc->eps);
-    NEED(tc->weight_decay >= 0, "weight_decay must be >= 0, got %g", (double)tc->weight_decay);
+    NEED(tc->eps > 0 && isfinite(tc->eps), "eps must be a finite number > 0, got %g",
+         (double)tc->eps);
+    NEED(tc->weight_decay >= 0 && isfinite(tc->weight_decay),
+         "weight_decay must be a finite number >= 0, got %g", (double)tc->weight_decay);
+    /* 0 turns clipping off (adamw: clip > 0 scales); a negative or NaN one
+     * would silently do the same, and an infinite one is "off" spelled oddly. */
+    NEED(tc->clip >= 0 && isfinite(tc->clip),
+         "clip must be a finite number >= 0 (0: no clipping), got %g", (double)tc->clip);
     return SJ_OK;
     #undef NEED
 }
