@@ -99,6 +99,26 @@ typedef enum {
     SJ_DEVICE_CPU_STAGED = 99,   /* testing: CPU kernels through the device code path */
 } sj_device;
 
+/* What the machine can give new allocations on a device, in bytes: on the
+ * host, MemAvailable from /proc/meminfo, or less where this process's
+ * memory cgroup (v2 or v1) leaves less; on CUDA, cudaMemGetInfo's free
+ * memory. SMEDJAN_MEM_AVAILABLE (bytes) stands in for either (tests).
+ * -1 when unknown (nothing is checked then). *total (may be NULL): the
+ * whole (MemTotal, the cgroup limit, the GPU's memory); *source (may be
+ * NULL): where the figure came from. */
+int64_t sj_mem_available(sj_device dev, int64_t *total, const char **source);
+
+/* The figures behind the last failure when it was a memory check's
+ * SJ_ERR_NOMEM (bytes; -1 where not known); NULL after any other failure. */
+typedef struct {
+    int64_t requested;   /* what the refused allocation asked for */
+    int64_t available;   /* what the device had available (-1: the limit refused it) */
+    int64_t held;        /* what the model held at the time */
+    int64_t limit;       /* the memory_limit lever (0: none) */
+    sj_device device;
+} sj_oom_info;
+const sj_oom_info *sj_last_oom(void);
+
 /* A model on a device with a compute dtype: SJ_F32 (CPU or CUDA; on CUDA
  * with TF32 off, for parity) or SJ_BF16 (CUDA: bf16 activations and compute
  * copy of the weights, f32 master weights, optimizer state and accumulation)
@@ -150,6 +170,9 @@ void sj_model_zero_grad(sj_model *m);
  * (parameters, gradients, optimizer state, activation arenas). */
 int64_t sj_model_bytes(const sj_model *m);
 int64_t sj_model_peak_bytes(const sj_model *m);
+/* *finite = 1 when every value of parameter tensor i (-1: all of them) is
+ * finite; computed where the parameters live. */
+sj_status sj_model_params_finite(sj_model *m, int i, int *finite);
 
 /* tokens: (B, T) of SJ_I32 or SJ_U16, read in place.
  * logits: (B, T, vocab) f32, written. */
@@ -188,10 +211,27 @@ void sj_optimizer_set_step(sj_optimizer *o, int64_t step);
  * Reports the unclipped global norm and the lr used. */
 sj_status sj_optimizer_step(sj_optimizer *o, float *grad_norm, float *lr);
 
-/* One training step: forward, backward, clip, AdamW. */
+/* One training step: forward, backward, clip, AdamW. A non-finite global
+ * gradient norm skips the update: weights, moments and step count stay as
+ * they were and the gradients are dropped. A batch whose every target is
+ * ignored is skipped too, before any work: *loss = 0, *grad_norm = 0. */
 sj_status sj_train_step(sj_optimizer *o, const void *tokens, const void *targets,
                         sj_dtype tok_dtype, int B, int T,
                         float *loss, float *grad_norm, float *lr);
+
+/* What the updates did: the last step's outcome and the running counts. */
+typedef struct {
+    int64_t tokens;         /* targets counted in the last sj_train_step's loss
+                             * (-1 after sj_optimizer_step: not known) */
+    int skipped;            /* the last step made no update */
+    int64_t skipped_steps;  /* steps that made no update, in all */
+    int64_t skip_run;       /* consecutive updates skipped for a non-finite
+                             * gradient norm, up to the last step (0 after an
+                             * update; batches with no targets leave it be) */
+} sj_skip_state;
+void sj_optimizer_skip_state(const sj_optimizer *o, sj_skip_state *out);
+/* Restore the running counts (a resumed run). */
+sj_status sj_optimizer_set_skips(sj_optimizer *o, int64_t skipped_steps, int64_t skip_run);
 
 /* ---- testing hooks ---- */
 

@@ -80,6 +80,17 @@ extern "C" int64_t sj_cuda_bytes_in_use(void) { return bytes_in_use.load(); }
 extern "C" int64_t sj_cuda_peak_bytes(void) { return peak_bytes.load(); }
 extern "C" void sj_cuda_reset_peak(void) { peak_bytes.store(bytes_in_use.load()); }
 
+extern "C" int64_t sj_cuda_mem_free(int64_t *total) {
+    size_t fr = 0, tot = 0;
+    if (sj_cuda_device_count() <= 0 || cudaMemGetInfo(&fr, &tot) != cudaSuccess) {
+        cudaGetLastError();
+        if (total) *total = -1;
+        return -1;
+    }
+    if (total) *total = (int64_t)tot;
+    return (int64_t)fr;
+}
+
 /* Sizes of live blocks, for exact accounting. */
 static std::mutex alloc_mu;
 static std::unordered_map<void *, size_t> live;

@@ -28,6 +28,9 @@ void sj_cuda_set_attention_variant(int v);
 int64_t sj_cuda_bytes_in_use(void);
 int64_t sj_cuda_peak_bytes(void);
 void sj_cuda_reset_peak(void);   /* peak := now */
+/* Free device memory now (cudaMemGetInfo), and the GPU's total; -1 when
+ * it cannot be asked. */
+int64_t sj_cuda_mem_free(int64_t *total);
 
 /* CUDA events on the bound stream (kernel benchmarks): begin, then end
  * returns the milliseconds between them (waiting for the stream). */

@@ -6,6 +6,7 @@ used from Python.
 >>> trainer = smedjan.Trainer(model, lr=1e-3, steps=100)
 """
 from . import _C
+from ._C import OutOfMemoryError
 from .config import PRESETS, Config, sizes
 from .model import Model
 from .tokenizer import Tokenizer
@@ -35,5 +36,5 @@ def cuda_available() -> bool:
     return bool(_C.HAVE_CUDA) and _C.cuda_info()["devices"] > 0
 
 
-__all__ = ["Model", "Tokenizer", "Trainer", "Config", "StepResult", "sizes", "PRESETS", "lr_at",
-           "threads", "build_info", "cuda_available", "bench", "sweep"]
+__all__ = ["Model", "Tokenizer", "Trainer", "Config", "StepResult", "OutOfMemoryError", "sizes",
+           "PRESETS", "lr_at", "threads", "build_info", "cuda_available", "bench", "sweep"]

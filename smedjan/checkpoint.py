@@ -4,7 +4,8 @@ Tensors: the weights under our names ("tok_emb", "layers.3.wq", ...) and, for
 training checkpoints, the AdamW moments as two flat f32 tensors
 ("optim.exp_avg", "optim.exp_avg_sq"). Metadata (all strings, see
 docs/formats.md): format, format_version, config (JSON), step, trainer
-(JSON hyper-parameters), rng / loader / extra (JSON, when given), and one
+(JSON hyper-parameters), train_state (JSON: the Trainer's skip counts and
+loss-spike window), rng / loader / extra (JSON, when given), and one
 crc32:<name> per tensor. Files are written atomically: a crash or error
 never leaves a half checkpoint under the real name.
 
@@ -45,6 +46,7 @@ class Checkpoint:
     metadata: Dict[str, str]
     step: Optional[int] = None
     trainer: Optional[Dict[str, Any]] = None
+    train_state: Optional[dict] = None
     rng: Optional[dict] = None
     loader: Optional[dict] = None
     extra: Optional[dict] = None
@@ -88,6 +90,7 @@ def save_checkpoint(path, model, trainer=None, *, step: int, rng_state: Optional
         tensors[EXP_AVG] = np.asarray(trainer.exp_avg)
         tensors[EXP_AVG_SQ] = np.asarray(trainer.exp_avg_sq)
         meta["trainer"] = json.dumps(_trainer_hparams(trainer), sort_keys=True)
+        meta["train_state"] = json.dumps(trainer.state_dict(), sort_keys=True)
     for key, value in (("rng", rng_state), ("loader", loader_state), ("extra", extra)):
         if value is not None:
             try:
@@ -144,7 +147,8 @@ def load_checkpoint(path) -> Checkpoint:
     if trainer is not None and "betas" in trainer:
         trainer["betas"] = tuple(trainer["betas"])
     ck = Checkpoint(path=p, config=config, tensors=tensors, metadata=meta, step=step,
-                    trainer=trainer, rng=_json_field(p, meta, "rng"),
+                    trainer=trainer, train_state=_json_field(p, meta, "train_state"),
+                    rng=_json_field(p, meta, "rng"),
                     loader=_json_field(p, meta, "loader"), extra=_json_field(p, meta, "extra"))
     if (EXP_AVG in tensors) != (EXP_AVG_SQ in tensors):
         raise ValueError(f"{p}: checkpoint holds only one of {EXP_AVG}, {EXP_AVG_SQ}")
@@ -153,8 +157,9 @@ def load_checkpoint(path) -> Checkpoint:
 
 def restore(checkpoint: Checkpoint, model, trainer=None) -> None:
     """Copy a checkpoint into a model's parameter views (and a trainer's
-    AdamW moments and step count). Every tensor is checked before anything
-    is copied, so a mismatch leaves the model as it was."""
+    AdamW moments, step count and state_dict: skip counts, loss-spike
+    window). Every tensor is checked before anything is copied, so a
+    mismatch leaves the model as it was."""
     ck = checkpoint
     p = ck.path
     if model.config != ck.config:
@@ -193,6 +198,7 @@ def restore(checkpoint: Checkpoint, model, trainer=None) -> None:
         dst[...] = src
     if trainer is not None:
         trainer.step_count = ck.step
+        trainer.load_state_dict(ck.train_state or {})   # none in older checkpoints: zero
 
 
 def model_from_checkpoint(path, *, seed: int = 0):

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, MemoryError, TypeError) as e:
+    except (ValueError, OSError, MemoryError, TypeError, FloatingPointError) as e:
         print(f"smedjan {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -121,7 +121,7 @@ def cmd_train(args) -> int:
         c = ck.load_checkpoint(latest)
         model = Model(c.config, seed=args.seed)
         check_memory_limit(model, args)
-        trainer = Trainer(model, **c.trainer, **lever_options(args))
+        trainer = Trainer(model, **c.trainer, **lever_options(args), **guard_options(args))
         print(f"resuming {latest} at step {c.step}")
     else:
         model = Model(_config_from_args(args, vocab), seed=args.seed)
@@ -131,7 +131,7 @@ def cmd_train(args) -> int:
             raise ValueError(f"--warmup {warmup} exceeds --steps {args.steps}")
         trainer = Trainer(model, lr=args.lr, min_lr=args.min_lr, warmup=warmup,
                           steps=args.steps, weight_decay=args.weight_decay, clip=args.clip,
-                          **lever_options(args))
+                          **lever_options(args), **guard_options(args))
     if args.checkpoint_dir and tok_path:
         os.makedirs(args.checkpoint_dir, exist_ok=True)
         dst = os.path.join(args.checkpoint_dir, TOKENIZER_FILE)
@@ -163,6 +163,23 @@ def lever_options(args) -> dict:
                 fp16_activations=args.fp16_activations, memory_limit=parse_bytes(args.memory_limit))
 
 
+def guard_options(args) -> dict:
+    """Trainer options from the non-finite and loss-spike flags."""
+    return dict(max_skipped_steps=args.max_skipped_steps or None, spike_window=args.spike_window,
+                spike_threshold=args.spike_threshold or None)
+
+
+def add_guard_flags(p) -> None:
+    g = p.add_argument_group("non-finite steps and loss spikes")
+    g.add_argument("--max-skipped-steps", type=int, default=3, metavar="N",
+                   help="stop with an error after N updates in a row skipped for a non-finite "
+                        "gradient norm (default 3; 0: never)")
+    g.add_argument("--spike-window", type=int, default=100, metavar="N",
+                   help="losses the spike detector compares each loss with (default 100)")
+    g.add_argument("--spike-threshold", type=float, default=6.0, metavar="Z",
+                   help="log a loss whose z-score passes Z as a spike (default 6; 0: off)")
+
+
 def check_memory_limit(model, args) -> None:
     """--memory-limit: refuse before the optimizer state and activations are
     allocated when the planned peak of a training step exceeds the limit."""
@@ -173,8 +190,9 @@ def check_memory_limit(model, args) -> None:
                      fp16_activations=args.fp16_activations, cheap_recompute=args.cheap_recompute)
     plan = model.plan_memory(args.batch_size, args.seq_len, "train", args.grad_accum)
     if plan["peak_bytes"] > limit:
+        from . import OutOfMemoryError
         mib = 1 << 20
-        raise MemoryError(
+        raise OutOfMemoryError(
             f"--memory-limit {limit / mib:.1f} MiB: batch {args.batch_size} x seq {args.seq_len} "
             f"plans a peak of {plan['peak_bytes'] / mib:.1f} MiB (parameters, gradients and AdamW "
             f"state {plan['fixed_bytes'] / mib:.1f} MiB + activations "
@@ -299,6 +317,7 @@ def add_commands(sub) -> None:
                    help="steps between checkpoints (0: only at the end)")
     t.add_argument("--resume", action="store_true", help="continue from checkpoint-dir/latest")
     add_lever_flags(t)
+    add_guard_flags(t)
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")

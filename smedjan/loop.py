@@ -1,8 +1,13 @@
 """Trainer.fit: the loop you can leave running. Evaluation every N steps,
 checkpoints (latest and best by validation loss) written atomically, a
 weights-only final file, a JSONL metrics log and a tqdm progress bar.
-Resuming restores weights, optimizer state, step and the data loader's
-exact position, so the trajectory continues bit for bit."""
+Resuming restores weights, optimizer state, step, skip counts and the data
+loader's exact position, so the trajectory continues bit for bit.
+
+Skipped steps (non-finite gradients, batches with no targets) and loss
+spikes show in each metrics row (skipped, skipped_steps, spike, loss_z) and
+in the progress line (skipped=N); a skipped step's row carries the number of
+the step it tried, which the next row makes again."""
 from __future__ import annotations
 
 import json
@@ -25,6 +30,24 @@ def evaluate(model, batches, n_batches: int) -> float:
     return float(np.mean(losses))
 
 
+def _row(r, step: int, tok_s: float, elapsed: float) -> dict:
+    """A metrics row for one step's result (step: the step it made or,
+    skipped, tried)."""
+    return dict(step=step, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr, tok_s=tok_s,
+                elapsed=elapsed, skipped=r.skipped, skipped_steps=r.skipped_steps,
+                spike=r.spike, loss_z=r.loss_z)
+
+
+def _postfix(row: dict) -> dict:
+    """The progress line's fields for a metrics row."""
+    post = dict(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tok_s']:,.0f}")
+    if "val_loss" in row:
+        post["val"] = f"{row['val_loss']:.3f}"
+    if row.get("skipped_steps"):
+        post["skipped"] = str(row["skipped_steps"])
+    return post
+
+
 def fit(trainer, train, val=None, *, eval_every: int = 100, eval_batches: int = 10,
         checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
         resume: bool = False, metrics_file: Optional[str] = None, progress: bool = True,
@@ -33,6 +56,9 @@ def fit(trainer, train, val=None, *, eval_every: int = 100, eval_batches: int = 
 
     train, val: loaders yielding (x, y) int32 batches with state_dict() /
     load_state_dict() (smedjan.data.Batches). Returns the metrics rows.
+    A skipped step draws the next batch and tries again; the Trainer's
+    non-finite policy (max_skipped_steps) raises FloatingPointError out of
+    fit after its row is written.
 
     >>> # fit(trainer, Batches(TokenFile("data.tok"), 8, 256), checkpoint_dir="ckpt")
     """
@@ -85,33 +111,41 @@ def fit(trainer, train, val=None, *, eval_every: int = 100, eval_batches: int = 
                 more = [next(train) for _ in range(accum - 1)]
                 x = np.concatenate([x] + [b[0] for b in more])
                 y = np.concatenate([y] + [b[1] for b in more])
-            r = trainer.step(x, y)
-            step = trainer.step_count          # steps done, 1-based
             tokens_seen += x.size
+            try:
+                r = trainer.step(x, y)
+            except FloatingPointError as e:     # the row of the step that gave up, then out
+                if metrics and getattr(e, "result", None) is not None:
+                    now = time.perf_counter()
+                    row = _row(e.result, trainer.step_count + 1,
+                               tokens_seen / max(now - t_window, 1e-9), now - t_start)
+                    metrics.write(json.dumps({**row, "error": str(e)}) + "\n")
+                    metrics.flush()
+                raise
+            step = trainer.step_count          # steps done, 1-based
             now = time.perf_counter()
-            row = dict(step=step, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr,
-                       tok_s=tokens_seen / max(now - t_window, 1e-9),
-                       elapsed=now - t_start)
-            last = step == end
-            if val is not None and (step % eval_every == 0 or last):
+            row = _row(r, step + 1 if r.skipped else step, tokens_seen / max(now - t_window, 1e-9),
+                       now - t_start)
+            last = step == end and not r.skipped
+            if r.skipped:
+                pass                            # nothing changed: no evaluation, no checkpoint
+            elif val is not None and (step % eval_every == 0 or last):
                 v = evaluate(model, val, eval_batches)
                 row.update(val_loss=v, ppl=math.exp(min(v, 50.0)))
                 if checkpoint_dir and v < best:
                     best = v
                     save(os.path.join(checkpoint_dir, BEST), v)
-            if checkpoint_dir and ((checkpoint_every and step % checkpoint_every == 0) or last):
+            if not r.skipped and checkpoint_dir and (
+                    (checkpoint_every and step % checkpoint_every == 0) or last):
                 save(latest, row.get("val_loss"))
             rows.append(row)
             if metrics:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
             if bar is not None:
-                bar.update(1)
-                post = dict(loss=f"{r.loss:.3f}", lr=f"{r.lr:.1e}", tok_s=f"{row['tok_s']:,.0f}")
-                if "val_loss" in row:
-                    post["val"] = f"{row['val_loss']:.3f}"
-                bar.set_postfix(post, refresh=False)
-            if step % 50 == 0:
+                bar.update(0 if r.skipped else 1)
+                bar.set_postfix(_postfix(row), refresh=False)
+            if step % 50 == 0 and not r.skipped:
                 tokens_seen, t_window = 0, time.perf_counter()
         if checkpoint_dir and trainer.step_count >= trainer.steps:
             ck.save_weights(os.path.join(checkpoint_dir, FINAL), model)

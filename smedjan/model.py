@@ -47,6 +47,9 @@ class Model:
     fp16 clamped to +-65504 so an overflow never becomes inf; no loss
     scaling) or "fp32" (parity mode, TF32 off). dtype on the CPU is "fp32"
     only. The same seed gives the same initial weights on every device.
+    Parameters that would not fit what the device has available (host RAM,
+    free GPU memory) raise smedjan.OutOfMemoryError before anything is
+    allocated, and the process goes on.
     """
 
     def __init__(self, config: Union[str, Config, dict] = "small", *, seed: int = 0,
@@ -222,9 +225,13 @@ class Model:
     def plan_memory(self, batch_size: int, seq_len: int, mode: str = "train",
                     grad_accum: int = 1) -> dict:
         """Plan a run without allocating anything: the activation arena's
-        bytes, the activation bytes kept from forward to backward, and the
-        planned peak: parameters (+ their compute copy) and the arena, plus
-        what the mode keeps besides. mode:
+        bytes, the activation bytes kept from forward to backward, the fixed
+        bytes (parameters, their compute copy, gradients, AdamW state: what
+        the mode keeps besides the arena), the planned peak (fixed + arena),
+        and what the device has available now (available_bytes; -1 when
+        unknown). The engine plans the same figures before it allocates and
+        raises OutOfMemoryError when they pass memory_limit or what is
+        available. mode:
           'forward', 'loss': no gradients (a model that never ran backward
               holds none);
           'backward': loss(backward=True), into the model's gradients;
@@ -235,21 +242,25 @@ class Model:
         >>> Model("tiny").plan_memory(2, 64)["arena_bytes"] > 0
         True
         """
-        trains = mode in ("backward", "train")
-        has_grads, has_copy = self._h.holds()
+        has_grads, _ = self._h.holds()
         own_grads = mode == "train" and int(grad_accum) == 1 and not has_grads
         code = {"forward": 0, "loss": 1, "backward": 2, "train": 3 if own_grads else 2}[mode]
         arena, kept = self._h.plan_bytes(int(batch_size), int(seq_len), code)
-        n = self.n_params
-        fixed = 4 * n                      # f32 master weights
-        if trains and not own_grads:
-            fixed += 4 * n                 # the model's gradients
-        if mode == "train":
-            fixed += 8 * n                 # AdamW m, v
-        if self.dtype != "fp32" and (trains or has_copy):
-            fixed += 2 * n                 # the 16-bit compute copy (made by training)
+        fixed = self._h.fixed_bytes(code, mode == "train")
+        available = _C.mem_available("cuda" if self.device == "cuda" else "cpu")[0]
         return dict(arena_bytes=arena, kept_bytes=kept, fixed_bytes=fixed,
-                    peak_bytes=fixed + arena)
+                    peak_bytes=fixed + arena, available_bytes=available)
+
+    def nonfinite_params(self) -> list:
+        """Names of the parameter tensors holding a NaN or an infinity (one
+        pass over the weights where they live; [] when all are finite).
+
+        >>> Model("tiny").nonfinite_params()
+        []
+        """
+        if self._h.params_finite(-1):
+            return []
+        return [name for i, (name, _, _) in enumerate(self.tensors) if not self._h.params_finite(i)]
 
     def reset_peak(self) -> None:
         """Restart peak-memory tracking from what is held now."""

@@ -75,7 +75,7 @@ def run_one(c: Dict) -> Dict:
     """Train c["steps"] timed steps (after c["warmup_steps"] untimed ones) of
     one configuration in this process; returns the measured row."""
     import numpy as np
-    from . import threads as set_threads
+    from . import OutOfMemoryError, threads as set_threads
     from .commands import parse_bytes
     from .model import Model
     from .trainer import Trainer
@@ -94,7 +94,7 @@ def run_one(c: Dict) -> Dict:
                      fp16_activations=bool(c.get("fp16_activations")))
     plan = model.plan_memory(B, T, "train", n)
     if limit and plan["peak_bytes"] > limit:   # refuse before the optimizer state exists
-        raise MemoryError(f"memory limit {limit / MIB:.0f} MiB: planned peak "
+        raise OutOfMemoryError(f"memory limit {limit / MIB:.0f} MiB: planned peak "
                           f"{plan['peak_bytes'] / MIB:.1f} MiB")
     trainer = Trainer(model, steps=10 ** 9, memory_limit=limit or None,
                       **{"lr": 1e-4, **topts})

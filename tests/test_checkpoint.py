@@ -169,3 +169,46 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path):
         save_checkpoint(p, m, step=2, extra={"f": object()})
     assert p.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.safetensors"]
     assert load_checkpoint(p).step == 1
+
+
+def test_resume_keeps_the_skip_counts_and_the_spike_window(tmp_path, tokens):
+    """Skipped steps and the loss-spike window are training state: a run
+    resumed from a checkpoint counts, flags and updates as one that never
+    stopped (the Trainer's policy options come from its caller, as levers do)."""
+    policy = dict(spike_window=4, max_skipped_steps=3)
+
+    def attempts(m, tr, b, poison_at, n):
+        out = []
+        for i in range(n):
+            if i in poison_at:
+                m.flat_grads[7] = np.nan            # this step's gradient norm is NaN
+            r = tr.step(*next(b))   # repr: NaN losses and norms compare equal
+            out.append(repr((tuple(r), r.skipped, r.skipped_steps, tr.state_dict()["skip_run"],
+                             r.loss_z)))
+        return out
+
+    def fresh(seed=0):
+        m = smedjan.Model(CFG, seed=seed)
+        m.flat_grads                                # held gradients, as the poisoned run has
+        return m, smedjan.Trainer(m, **TRAIN, **policy)
+
+    ref_m, ref_tr = fresh()
+    ref = attempts(ref_m, ref_tr, Batches(tokens, 2, 16, seed=7), {1, 6, 7, 9}, 12)
+    assert ref_tr.skipped_steps == 4 and ref_tr.state_dict()["skip_run"] == 0
+
+    m, tr = fresh()
+    b = Batches(tokens, 2, 16, seed=7)
+    first = attempts(m, tr, b, {1, 6}, 7)
+    p = tmp_path / "ckpt.safetensors"
+    save_checkpoint(p, m, tr, step=tr.step_count, loader_state=b.state_dict())
+    assert tr.state_dict()["skip_run"] == 1        # saved in the middle of a run of skips
+    ck = load_checkpoint(p)
+    assert ck.train_state == tr.state_dict()
+    m, tr = fresh(seed=5)
+    restore(ck, m, tr)
+    b = Batches(tokens, 2, 16, seed=0)
+    b.load_state_dict(ck.loader)
+    second = attempts(m, tr, b, {0, 2}, 5)      # the run of skips goes on: 2 in a row
+    assert first + second == ref
+    assert tr.state_dict() == ref_tr.state_dict()
+    np.testing.assert_array_equal(m.flat_params, ref_m.flat_params)

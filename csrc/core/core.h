@@ -12,6 +12,9 @@
 sj_status sj_fail(sj_status code, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void sj_clear_error(void);
+/* After sj_fail(SJ_ERR_NOMEM, ...) from a memory check: its figures, for
+ * sj_last_oom() (sj_fail forgets them). */
+void sj_set_oom(const sj_oom_info *info);
 
 /* Propagate a failure without touching its message. */
 #define SJ_TRY(expr) do { sj_status _s = (expr); if (_s != SJ_OK) return _s; } while (0)

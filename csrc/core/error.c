@@ -5,16 +5,21 @@
 #include <stdlib.h>
 
 static _Thread_local char last_error[1024];
+static _Thread_local sj_oom_info last_oom;
+static _Thread_local int have_oom;
 atomic_int sj_interrupted_flag;
 
 const char *sj_last_error(void) { return last_error; }
-void sj_clear_error(void) { last_error[0] = 0; }
+void sj_clear_error(void) { last_error[0] = 0; have_oom = 0; }
+const sj_oom_info *sj_last_oom(void) { return have_oom ? &last_oom : NULL; }
+void sj_set_oom(const sj_oom_info *info) { last_oom = *info; have_oom = 1; }
 
 sj_status sj_fail(sj_status code, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(last_error, sizeof last_error, fmt, ap);
     va_end(ap);
+    have_oom = 0;
     return code;
 }
 

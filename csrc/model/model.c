@@ -145,6 +145,7 @@ sj_status sj_model_need_grads(sj_model *m) {
     if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
     const sj_backend *be = m->be;
     const size_t bytes = sizeof(float) * (size_t)m->n_params;
+    SJ_TRY(sj_model_check_memory(m, m->device, (int64_t)bytes, 1, "the gradients"));
     be->bind(m->ctx);
     if (!(m->grads = be->alloc(bytes, "gradients"))) return SJ_ERR_NOMEM;
     sj_model_account(m, (int64_t)bytes);
@@ -170,6 +171,8 @@ static sj_status need_compute_copy(sj_model *m) {
     if (m->params_act) return SJ_OK;
     const sj_backend *be = m->be;
     const size_t ab = sj_dtype_size(be->act_dtype) * (size_t)m->n_params;
+    SJ_TRY(sj_model_check_memory(m, m->device, (int64_t)ab, 1,
+                                 "the 16-bit compute copy of the parameters"));
     be->bind(m->ctx);
     SJ_TRY(be->sync());   /* no casting plan still running */
     for (int i = 0; i < SJ_MAX_PLANS; i++)
@@ -194,6 +197,7 @@ static sj_status attach(sj_model *m, const float *hp, const float *hg) {
     const size_t bytes = sizeof(float) * (size_t)m->n_params;
     m->ctx = be->ctx_create();
     if (!m->ctx) return SJ_ERR_NOMEM;
+    SJ_TRY(sj_model_check_memory(m, m->device, (int64_t)bytes, 1, "the parameters"));
     be->bind(m->ctx);
     if (!(m->params = be->alloc(bytes, "parameters"))) return SJ_ERR_NOMEM;
     sj_model_account(m, (int64_t)bytes);
@@ -266,6 +270,9 @@ sj_status sj_model_create_ex(const sj_config *c, uint64_t seed, sj_device device
          * work); then initialise on the host (the same weights on every
          * device) and upload. */
         s = attach(m, NULL, NULL);
+        if (s == SJ_OK)
+            s = sj_model_check_memory(m, SJ_DEVICE_CPU, 4 * m->n_params, 0,
+                                      "the parameters' host staging (initialised on the host)");
         if (s == SJ_OK && !(host = sj_alloc(sizeof(float) * (size_t)m->n_params,
                                             "parameters (host staging)")))
             s = SJ_ERR_NOMEM;
@@ -297,6 +304,15 @@ sj_status sj_model_to(sj_model *m, sj_device device, sj_dtype dtype) {
     SJ_TRY(pick_backend(device, dtype, &nb));
     if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
     const size_t bytes = sizeof(float) * (size_t)m->n_params;
+    /* Before anything moves: the host staging, and the new device's room for
+     * what travels (where the old buffers are freed first, in the same
+     * memory, their room comes back before the new ones are made). */
+    const int64_t moving = (int64_t)bytes * (m->grads ? 2 : 1);
+    const int to_host = nb->device == 0, from_host = m->be->device == 0;
+    SJ_TRY(sj_model_check_memory(m, SJ_DEVICE_CPU, moving * (to_host && !from_host ? 2 : 1), 0,
+                                 "the move's host staging and the parameters and gradients"));
+    if (!to_host && from_host)
+        SJ_TRY(sj_model_check_memory(m, device, moving, 0, "the parameters and gradients"));
     /* Gradients travel only if they exist: no staging for ones never made. */
     float *hp = sj_alloc(bytes, "parameters (host staging)");
     float *hg = hp && m->grads ? sj_alloc(bytes, "gradients (host staging)") : NULL;
@@ -346,6 +362,22 @@ void sj_model_zero_grad(sj_model *m) {
     m->be->fill(m->grads, 0.0f, m->n_params);
     m->be->sync();
 }
+sj_status sj_model_params_finite(sj_model *m, int i, int *finite) {
+    if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
+    if (i < -1 || i >= m->n_tensors)
+        return sj_fail(SJ_ERR_ARG, "tensor index %d out of range [-1, %d)", i, m->n_tensors);
+    const sj_backend *be = m->be;
+    const float *p = i < 0 ? m->params : m->params + m->tensors[i].offset;
+    const int64_t n = i < 0 ? m->n_params : m->tensors[i].numel;
+    /* A sum of squares in double is finite exactly when every f32 value is. */
+    be->bind(m->ctx);
+    be->grad_sumsq(&m->scalars->hp, p, n);
+    be->to_host_async(&m->scalars_host[1].hp.sumsq, &m->scalars->hp.sumsq, sizeof(double));
+    SJ_TRY(be->sync());
+    *finite = isfinite(m->scalars_host[1].hp.sumsq) != 0;
+    return SJ_OK;
+}
+
 int64_t sj_model_bytes(const sj_model *m) { return m->bytes; }
 int64_t sj_model_peak_bytes(const sj_model *m) { return m->peak_bytes; }
 sj_device sj_model_device(const sj_model *m) { return m->device; }
@@ -488,24 +520,47 @@ static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan *
     tape_init(m, pl, 0);
     pl->tape.loss_scale_ptr = m->be->device ? &m->scalars->loss_scale : NULL;
     const int64_t limit = m->lv.memory_limit;
-    /* Held: what the model has now, plus the gradients a training run will
-     * bring into being after this plan (sj_model_prepare). */
-    const int64_t held = m->bytes + (mode == SJ_RUN_TRAIN && !m->grads ? 4 * m->n_params : 0) +
-                         (!casts_weights(m, mode) && !m->params_act
-                          ? (int64_t)sj_dtype_size(m->be->act_dtype) * m->n_params : 0);
+    /* Pending: the gradients and compute copy a training run will bring
+     * into being after this plan (sj_model_prepare); held: what the model
+     * has now, plus those. The arena may take what both the limit and the
+     * machine leave. */
+    const int64_t pending = (mode == SJ_RUN_TRAIN && !m->grads ? 4 * m->n_params : 0) +
+                            (!casts_weights(m, mode) && !m->params_act
+                             ? (int64_t)sj_dtype_size(m->be->act_dtype) * m->n_params : 0);
+    const int64_t held = m->bytes + pending;
+    const int64_t avail = sj_mem_available(m->device, NULL, NULL);
+    int by_machine = 0;
     if (limit > 0) pl->tape.budget = limit > held ? limit - held : 0;
+    if (avail >= 0 && (pl->tape.budget < 0 || avail - pending < pl->tape.budget)) {
+        pl->tape.budget = avail > pending ? avail - pending : 0;
+        by_machine = 1;
+    }
+    static const char *const mode_names[] = { "forward", "loss", "backward", "train" };
     sj_status s = record(m, pl);
     if (s == SJ_OK) s = sj_tape_plan(&pl->tape, m->be);
-    if (s == SJ_ERR_NOMEM && limit > 0 && !pl->tape.arena && pl->tape.arena_bytes > pl->tape.budget)
+    const int refused = s == SJ_ERR_NOMEM && pl->tape.budget >= 0 && !pl->tape.arena &&
+                        pl->tape.arena_bytes > pl->tape.budget;
+    if (refused && !by_machine) {
         s = sj_fail(SJ_ERR_NOMEM, "memory limit: batch %d x seq %d (%s) plans a peak of %.1f MiB "
                     "(%.1f MiB held: parameters, gradients, optimizer state, other plans; "
                     "+ %.1f MiB activation arena%s), over the limit of %.1f MiB; nothing was "
                     "allocated for it. Pull a lever: smaller --batch-size or --seq-len, "
                     "--grad-accum, --cheap-recompute, --gradient-checkpointing, --fused-ce",
-                    B, T, (const char *[]){ "forward", "loss", "backward", "train" }[mode],
+                    B, T, mode_names[mode],
                     (double)(held + pl->tape.arena_bytes) / 1048576.0,
                     (double)held / 1048576.0, (double)pl->tape.arena_bytes / 1048576.0,
                     mode == SJ_RUN_STEP ? " with the step's gradients" : "", (double)limit / 1048576.0);
+        sj_set_oom(&(sj_oom_info){ pending + pl->tape.arena_bytes, -1, m->bytes, limit, m->device });
+    } else if (refused) {
+        char what[160];
+        snprintf(what, sizeof what, "a batch %d x seq %d (%s) run: its activation arena%s%s",
+                 B, T, mode_names[mode], mode == SJ_RUN_STEP ? " with the step's gradients" : "",
+                 pending ? " and the gradients or compute copy training brings" : "");
+        s = sj_model_check_memory(m, m->device, pending + pl->tape.arena_bytes, 0, what);
+        if (s == SJ_OK)   /* the machine's figure moved in between */
+            s = sj_fail(SJ_ERR_NOMEM, "out of memory: %lld bytes asked for %s",
+                        (long long)(pending + pl->tape.arena_bytes), what);
+    }
     if (s == SJ_OK && m->be->device &&
         !(pl->host = m->be->host_alloc((size_t)16 * B * T, "staged tokens and losses")))
         s = SJ_ERR_NOMEM;
@@ -750,6 +805,17 @@ sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv) {
     }
     m->lv = *lv;
     return SJ_OK;
+}
+
+int64_t sj_model_fixed_bytes(const sj_model *m, sj_run_mode mode, int optimizer) {
+    const int64_t n = m->n_params;
+    const int has_copy = m->params_act && m->params_act != m->params;
+    int64_t fixed = 4 * n;                                   /* f32 master weights */
+    if (mode == SJ_RUN_TRAIN) fixed += 4 * n;                /* the model's gradients */
+    if (optimizer) fixed += 8 * n;                           /* AdamW m, v */
+    if (m->be->act_dtype != SJ_F32 && (sj_run_trains(mode) || has_copy))
+        fixed += (int64_t)sj_dtype_size(m->be->act_dtype) * n;   /* the compute copy */
+    return fixed;
 }
 
 sj_status sj_model_plan_bytes(sj_model *m, int B, int T, sj_run_mode mode,

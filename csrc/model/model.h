@@ -109,6 +109,19 @@ struct sj_model {
 /* Count engine memory held by the model (positive: allocated). */
 void sj_model_account(sj_model *m, int64_t delta);
 
+/* The one memory budget (memory.c). Before the model allocates `bytes`
+ * more on dev for `what` (now, or soon: the caller adds up what a use will
+ * bring): SJ_OK, or SJ_ERR_NOMEM with the figures (sj_last_oom) when, with
+ * use_limit, what it holds plus bytes would pass the memory_limit lever,
+ * or when bytes pass what dev has available (sj_mem_available). */
+sj_status sj_model_check_memory(sj_model *m, sj_device dev, int64_t bytes, int use_limit,
+                                const char *what);
+/* What a use holds besides its activation arena, planned: the f32
+ * parameters; the model's gradients (TRAIN: backward adds into them; a STEP
+ * keeps its own in its arena); the 16-bit compute copy (made by training,
+ * or already held); with optimizer, the AdamW moments. */
+int64_t sj_model_fixed_bytes(const sj_model *m, sj_run_mode mode, int optimizer);
+
 /* The pieces of a run, used by sj_model_loss and the optimizer's train step.
  * prepare: check inputs, find the plan, bring the gradients into being for
  * a training run, stage the inputs on the host side and set the loss scale;

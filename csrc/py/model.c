@@ -377,6 +377,27 @@ static PyObject *model_plan_census(PyObject *self, PyObject *args) {
     return Py_BuildValue("{s:N,s:N}", "nodes", dn, "in_place", di);
 }
 
+/* fixed_bytes(mode, optimizer) -> what the use holds besides its arena
+ * (sj_model_fixed_bytes; mode as plan_bytes) */
+static PyObject *model_fixed_bytes(PyObject *self, PyObject *args) {
+    NEED_MODEL(self);
+    int mode, optimizer;
+    if (!PyArg_ParseTuple(args, "ip", &mode, &optimizer)) return NULL;
+    if (mode < 0 || mode > 3) { PyErr_SetString(PyExc_ValueError, "mode must be 0, 1, 2 or 3"); return NULL; }
+    return PyLong_FromLongLong(sj_model_fixed_bytes(MODEL(self), (sj_run_mode)mode, optimizer));
+}
+
+/* params_finite(i=-1) -> whether tensor i's (-1: every) parameter is finite */
+static PyObject *model_params_finite(PyObject *self, PyObject *args) {
+    NEED_MODEL(self);
+    int i = -1, finite = 0;
+    if (!PyArg_ParseTuple(args, "|i", &i)) return NULL;
+    sj_status s;
+    SJ_PY_CALL(s, sj_model_params_finite(MODEL(self), i, &finite));
+    if (s) return sj_py_raise(s);
+    return PyBool_FromLong(finite);
+}
+
 static PyObject *model_exports(PyObject *self, PyObject *noargs) {
     return PyLong_FromSsize_t(((ModelObject *)self)->exports);
 }
@@ -478,6 +499,10 @@ static PyMethodDef model_methods[] = {
      "plan_bytes(B, T, mode) -> (arena_bytes, kept_bytes), allocating nothing"},
     {"plan_census", model_plan_census, METH_VARARGS,
      "plan_census(B, T, mode) -> {'nodes': {op: n}, 'in_place': {op: steps}} (tests)"},
+    {"fixed_bytes", model_fixed_bytes, METH_VARARGS,
+     "fixed_bytes(mode, optimizer) -> bytes a use holds besides its arena"},
+    {"params_finite", model_params_finite, METH_VARARGS,
+     "params_finite(i=-1) -> every value of tensor i (-1: all) is finite"},
     {"exports", model_exports, METH_NOARGS, "exports() -> live buffer views"},
     {"forward", model_forward, METH_VARARGS, "forward(tokens, out)"},
     {"forward_device", model_forward_device, METH_O,
@@ -574,7 +599,9 @@ static PyObject *opt_step(PyObject *self, PyObject *noargs) {
     sj_status s;
     SJ_PY_CALL(s, sj_optimizer_step(OPT(self), &norm, &lr));
     if (s) return sj_py_raise(s);
-    return Py_BuildValue("(ff)", norm, lr);
+    sj_skip_state st;
+    sj_optimizer_skip_state(OPT(self), &st);
+    return Py_BuildValue("(ffO)", norm, lr, st.skipped ? Py_True : Py_False);
 }
 
 static PyObject *opt_train_step(PyObject *self, PyObject *args) {
@@ -590,7 +617,10 @@ static PyObject *opt_train_step(PyObject *self, PyObject *args) {
                                 (int)ta.shape[1], &loss, &norm, &lr));
     PyBuffer_Release(&ta); PyBuffer_Release(&tb);
     if (s) return sj_py_raise(s);
-    return Py_BuildValue("(fff)", loss, norm, lr);
+    sj_skip_state st;
+    sj_optimizer_skip_state(OPT(self), &st);
+    return Py_BuildValue("(fffLO)", loss, norm, lr, (long long)st.tokens,
+                         st.skipped ? Py_True : Py_False);
 }
 
 static PyObject *opt_state(PyObject *self, PyObject *args) {
@@ -624,9 +654,31 @@ static int opt_set_step(PyObject *self, PyObject *v, void *closure) {
     return 0;
 }
 
+/* skips() -> (skipped_steps, skip_run); set_skips(skipped_steps, skip_run) */
+static PyObject *opt_skips(PyObject *self, PyObject *noargs) {
+    NEED_OPT(self);
+    sj_skip_state st;
+    sj_optimizer_skip_state(OPT(self), &st);
+    return Py_BuildValue("(LL)", (long long)st.skipped_steps, (long long)st.skip_run);
+}
+
+static PyObject *opt_set_skips(PyObject *self, PyObject *args) {
+    NEED_OPT(self);
+    long long total, run;
+    if (!PyArg_ParseTuple(args, "LL", &total, &run)) return NULL;
+    sj_status s = sj_optimizer_set_skips(OPT(self), total, run);
+    if (s) return sj_py_raise(s);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef opt_methods[] = {
-    {"step", opt_step, METH_NOARGS, "step() -> (grad_norm, lr): clip, AdamW, zero grads"},
-    {"train_step", opt_train_step, METH_VARARGS, "train_step(tokens, targets) -> (loss, grad_norm, lr)"},
+    {"step", opt_step, METH_NOARGS,
+     "step() -> (grad_norm, lr, skipped): clip, AdamW, zero grads"},
+    {"train_step", opt_train_step, METH_VARARGS,
+     "train_step(tokens, targets) -> (loss, grad_norm, lr, tokens, skipped)"},
+    {"skips", opt_skips, METH_NOARGS,
+     "skips() -> (skipped_steps, skip_run): updates skipped in all, and in a row (non-finite)"},
+    {"set_skips", opt_set_skips, METH_VARARGS, "set_skips(skipped_steps, skip_run) (resume)"},
     {"state", opt_state, METH_VARARGS, "state(0|1) -> Buffer of an AdamW moment"},
     {NULL, NULL, 0, NULL},
 };

@@ -5,13 +5,38 @@
 #include <signal.h>
 #include <string.h>
 
+static PyObject *OutOfMemoryError;
+
+/* OutOfMemoryError(message), with the figures of the memory check that
+ * refused (None where the failure was not one, or a figure is unknown). */
+static void raise_oom(const char *msg) {
+    PyObject *e = PyObject_CallFunction(OutOfMemoryError, "s", msg);
+    if (!e) return;
+    const sj_oom_info *o = sj_last_oom();
+    const struct { const char *name; int64_t v; } f[] = {
+        { "requested", o ? o->requested : -1 }, { "available", o ? o->available : -1 },
+        { "held", o ? o->held : -1 }, { "limit", o && o->limit > 0 ? o->limit : -1 },
+    };
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
+        PyObject *v = f[i].v >= 0 ? PyLong_FromLongLong(f[i].v) : (Py_INCREF(Py_None), Py_None);
+        if (!v || PyObject_SetAttrString(e, f[i].name, v) < 0) { Py_XDECREF(v); Py_DECREF(e); return; }
+        Py_DECREF(v);
+    }
+    PyObject *dev = o ? PyUnicode_FromString(o->device == SJ_DEVICE_CUDA ? "cuda" : "cpu")
+                      : (Py_INCREF(Py_None), Py_None);
+    if (!dev || PyObject_SetAttrString(e, "device", dev) < 0) { Py_XDECREF(dev); Py_DECREF(e); return; }
+    Py_DECREF(dev);
+    PyErr_SetObject(OutOfMemoryError, e);
+    Py_DECREF(e);
+}
+
 PyObject *sj_py_raise(sj_status s) {
     const char *msg = sj_last_error();
     if (!msg || !*msg) msg = "smedjan engine error";
     switch (s) {
     case SJ_ERR_ARG: case SJ_ERR_FORMAT: PyErr_SetString(PyExc_ValueError, msg); break;
     case SJ_ERR_IO: PyErr_SetString(PyExc_OSError, msg); break;
-    case SJ_ERR_NOMEM: PyErr_SetString(PyExc_MemoryError, msg); break;
+    case SJ_ERR_NOMEM: raise_oom(msg); break;
     case SJ_ERR_INTERRUPTED: PyErr_SetNone(PyExc_KeyboardInterrupt); break;
     default: PyErr_SetString(PyExc_RuntimeError, msg); break;
     }
@@ -82,8 +107,27 @@ static PyObject *py_threads(PyObject *self, PyObject *args) {
     return PyLong_FromLong(sj_threads_get());
 }
 
+/* mem_available(device) -> (available, total, source): bytes new
+ * allocations may take on 'cpu' or 'cuda' (-1: unknown). */
+static PyObject *py_mem_available(PyObject *self, PyObject *args) {
+    const char *dev;
+    if (!PyArg_ParseTuple(args, "s", &dev)) return NULL;
+    sj_device d;
+    if (!strcmp(dev, "cuda")) d = SJ_DEVICE_CUDA;
+    else if (!strcmp(dev, "cpu") || !strcmp(dev, "cpu-staged")) d = SJ_DEVICE_CPU;
+    else return PyErr_Format(PyExc_ValueError, "device must be 'cpu' or 'cuda', got '%s'", dev);
+    int64_t total = -1;
+    const char *src = "";
+    int64_t avail;
+    Py_BEGIN_ALLOW_THREADS avail = sj_mem_available(d, &total, &src);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(LLs)", (long long)avail, (long long)total, src);
+}
+
 static PyMethodDef methods[] = {
     {"threads", py_threads, METH_VARARGS, "threads([n]) -> worker thread count (sets it when n > 0)"},
+    {"mem_available", py_mem_available, METH_VARARGS,
+     "mem_available(device) -> (available, total, source) in bytes (-1: unknown)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -93,6 +137,18 @@ static struct PyModuleDef moddef = { PyModuleDef_HEAD_INIT, "smedjan._C",
 PyMODINIT_FUNC PyInit__C(void) {
     PyObject *m = PyModule_Create(&moddef);
     if (!m) return NULL;
+    OutOfMemoryError = PyErr_NewExceptionWithDoc(
+        "smedjan.OutOfMemoryError",
+        "MemoryError from smedjan: an allocation that would not fit was refused before it was\n"
+        "made (or failed), so the process goes on. Attributes (bytes, None where not known):\n"
+        "requested, available, held (by the model at the time), limit (memory_limit), and\n"
+        "device ('cpu' or 'cuda').", PyExc_MemoryError, NULL);
+    Py_XINCREF(OutOfMemoryError);   /* one reference for the module, one kept here */
+    if (!OutOfMemoryError || PyModule_AddObject(m, "OutOfMemoryError", OutOfMemoryError) < 0) {
+        Py_XDECREF(OutOfMemoryError);
+        Py_DECREF(m);
+        return NULL;
+    }
 #ifdef SJ_HAVE_CUDA
     PyModule_AddIntConstant(m, "HAVE_CUDA", 1);
 #else

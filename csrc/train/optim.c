@@ -15,6 +15,7 @@ struct sj_optimizer {
     int64_t step;     /* optimizer steps taken */
     const sj_backend *be;   /* where m and v live */
     int64_t epoch;          /* the model's epoch they were made for */
+    sj_skip_state skips;    /* updates not made, and the last step's outcome */
 };
 
 float sj_lr_at(const sj_train_config *tc, int64_t step) {
@@ -83,6 +84,11 @@ static sj_status follow_model(sj_optimizer *o) {
     sj_model *m = o->model;
     if (o->epoch == m->epoch) return SJ_OK;
     const size_t bytes = sizeof(float) * (size_t)m->n_params;
+    /* Checked before the old moments go: a refusal leaves them usable. */
+    SJ_TRY(sj_model_check_memory(m, SJ_DEVICE_CPU, 2 * (int64_t)bytes, 0,
+                                 "the AdamW moments' host staging"));
+    if (o->be->device != m->be->device)
+        SJ_TRY(sj_model_check_memory(m, m->device, 2 * (int64_t)bytes, 0, "the AdamW moments"));
     float *hm = sj_alloc(2 * bytes, "AdamW moments (host staging)");
     if (!hm) return SJ_ERR_NOMEM;
     o->be->to_host(hm, o->m, bytes);
@@ -103,6 +109,16 @@ sj_status sj_optimizer_create(sj_model *m, const sj_train_config *tc, sj_optimiz
     *out = NULL;
     SJ_TRY(check(tc));
     if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
+    /* Planned like activations, before anything is allocated: the moments,
+     * and what training brings besides (the gradients, held or in a step's
+     * arena, and a 16-bit model's compute copy). The activation arena is
+     * checked at the first step, when its shape is known. */
+    const int64_t n = m->n_params;
+    const int64_t want = 8 * n + (m->grads ? 0 : 4 * n) +
+                         (m->be->act_dtype != SJ_F32 && !m->params_act
+                          ? (int64_t)sj_dtype_size(m->be->act_dtype) * n : 0);
+    SJ_TRY(sj_model_check_memory(m, m->device, want, 1, "a Trainer's AdamW state (8 bytes a "
+                                 "parameter) with the gradients and compute copy it brings"));
     sj_optimizer *o = calloc(1, sizeof *o);
     if (!o) return sj_fail(SJ_ERR_NOMEM, "optimizer: out of memory");
     o->model = m;
@@ -133,6 +149,15 @@ void sj_optimizer_free(sj_optimizer *o) {
 }
 
 int64_t sj_optimizer_step_count(const sj_optimizer *o) { return o->step; }
+void sj_optimizer_skip_state(const sj_optimizer *o, sj_skip_state *out) { *out = o->skips; }
+sj_status sj_optimizer_set_skips(sj_optimizer *o, int64_t skipped_steps, int64_t skip_run) {
+    if (skipped_steps < 0 || skip_run < 0 || skip_run > skipped_steps)
+        return sj_fail(SJ_ERR_ARG, "skip counts must satisfy 0 <= run <= total, got %lld, %lld",
+                       (long long)skip_run, (long long)skipped_steps);
+    o->skips.skipped_steps = skipped_steps;
+    o->skips.skip_run = skip_run;
+    return SJ_OK;
+}
 void sj_optimizer_set_step(sj_optimizer *o, int64_t step) { o->step = step; }
 float *sj_optimizer_state(sj_optimizer *o, int which, int64_t *n) {
     if (n) *n = o->model->n_params;
@@ -162,12 +187,21 @@ static void enqueue_update(sj_optimizer *o, float *g) {
     be->to_host_async(&md->scalars_host[1].hp.sumsq, &md->scalars->hp.sumsq, sizeof(double));
 }
 
-/* After the work completed: report, and count the step unless it was skipped. */
+/* After the work completed: report, and count the step, or the skip when
+ * a non-finite norm skipped the update (weights, moments and step count
+ * as they were; the gradients dropped). */
 static void finish_update(sj_optimizer *o, float rate, float *grad_norm, float *lr) {
     double norm = sqrt(o->model->scalars_host[1].hp.sumsq);
     if (grad_norm) *grad_norm = (float)norm;
     if (lr) *lr = rate;
-    if (isfinite(norm)) o->step++;   /* a non-finite norm skipped the update */
+    o->skips.skipped = !isfinite(norm);
+    if (o->skips.skipped) {
+        o->skips.skipped_steps++;
+        o->skips.skip_run++;
+    } else {
+        o->step++;
+        o->skips.skip_run = 0;
+    }
 }
 
 sj_status sj_optimizer_step(sj_optimizer *o, float *grad_norm, float *lr) {
@@ -176,6 +210,7 @@ sj_status sj_optimizer_step(sj_optimizer *o, float *grad_norm, float *lr) {
     SJ_TRY(sj_model_need_grads(md));   /* a step before any backward sees zeros */
     SJ_TRY(follow_model(o));
     float rate = set_hp(o);
+    o->skips.tokens = -1;   /* the gradients' batches are not known here */
     md->be->bind(md->ctx);
     enqueue_update(o, md->grads);
     SJ_TRY(md->be->sync());
@@ -210,6 +245,18 @@ sj_status sj_train_step(sj_optimizer *o, const void *tokens, const void *targets
     SJ_TRY(sj_model_prepare(md, tokens, targets, tok_dtype, B, T, -1,
                             md->grads ? SJ_RUN_TRAIN : SJ_RUN_STEP, 0, &pl, &count));
     float rate = set_hp(o);
+    o->skips.tokens = count;
+    if (count == 0) {
+        /* Every target ignored: no signal. Nothing runs and nothing moves
+         * (AdamW would decay the weights and replay its momentum on no
+         * data); the loss is the sum over no tokens. */
+        *loss = 0.0f;
+        if (grad_norm) *grad_norm = 0.0f;
+        if (lr) *lr = rate;
+        o->skips.skipped = 1;
+        o->skips.skipped_steps++;
+        return SJ_OK;
+    }
     be->bind(md->ctx);
     sj_status s;
     if (md->use_graphs && pl->eager_steps > 0) {
