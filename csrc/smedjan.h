@@ -394,6 +394,23 @@ sj_status sj_tokens_writer_close(sj_tokens_writer *w, int64_t *count);
 void sj_tokens_writer_abort(sj_tokens_writer *w);
 /* Validate a token file's header against its length; fills *out. */
 sj_status sj_tokens_inspect(const char *path, sj_tokens_info *out);
+/* A token file open for reading: the header is checked once, then tokens
+ * are read with pread() into the caller's memory. A file cut short by
+ * another process after open makes a read fail with SJ_ERR_IO ("data.tok:
+ * file shrank from N to M bytes while open ...") instead of a SIGBUS, which
+ * reading through a mapping would raise. Reads may run on several threads. */
+typedef struct sj_tokens_reader sj_tokens_reader;
+sj_status sj_tokens_open(const char *path, sj_tokens_reader **out);
+void sj_tokens_close(sj_tokens_reader *r);
+const sj_tokens_info *sj_tokens_reader_info(const sj_tokens_reader *r);
+int sj_tokens_reader_fd(const sj_tokens_reader *r);   /* stays owned by r */
+/* n tokens from token `first`, at the file's width, in host order. */
+sj_status sj_tokens_read(sj_tokens_reader *r, int64_t first, int64_t n, void *out);
+/* n windows as int32: x[i] (len) = tokens[starts[i] .. +len); y, when not
+ * NULL, gets the same windows shifted by one token (next-token targets).
+ * x, y: (n, len). Every window is range-checked before anything is read. */
+sj_status sj_tokens_read_windows(sj_tokens_reader *r, const int64_t *starts, int64_t n, int64_t len,
+                                 int32_t *x, int32_t *y);
 
 /* ---- inference ---- */
 

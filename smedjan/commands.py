@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
     if tok_path:
         from .tokenizer import Tokenizer
         vocab = len(Tokenizer.load(tok_path))
-    top = int(data.tokens.max()) if len(data) else 0
+    top = data.max()
     if top >= vocab:
         raise ValueError(f"{args.data}: holds token id {top}, but the vocabulary has {vocab} "
                          f"entries (give --tokenizer or --vocab-size)")

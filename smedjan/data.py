@@ -4,7 +4,8 @@ examples from JSONL.
 
 Token file: a 32-byte header ("SMJTOKEN", u32 version 1, u32 width 2|4,
 u64 count, u64 reserved) then the tokens little-endian (docs/formats.md).
-The header is validated by the engine before the tokens are mapped.
+The header is validated by the engine; tokens are then read with pread(),
+so a file cut short by another process is an OSError, never a SIGBUS.
 
 >>> import tempfile, os, numpy as np
 >>> p = os.path.join(tempfile.mkdtemp(), "data.tok")
@@ -62,25 +63,67 @@ def write_tokens(path, chunks: Iterable, dtype: str = "uint16") -> int:
 
 
 class TokenFile:
-    """A validated token file; `.tokens` is a read-only np.memmap.
+    """A validated token file, held open and read with checked reads.
 
     Errors name the file: "data.tok: header says 1000 tokens but the file
-    holds 998"."""
+    holds 998". Reads (`read`, and every `Batches` batch) go through pread()
+    into fresh arrays: if another process cuts the file short while it is
+    open, the read raises OSError ("data.tok: file shrank from N to M bytes
+    while open ...") and the process lives on.
+
+    `.tokens` is the whole file as a read-only np.memmap (zero-copy, mapped
+    on first use, for inspection and analysis). It is a raw mapping: if the
+    file shrinks while it is mapped, touching a page past the new end kills
+    the process with SIGBUS (POSIX mmap semantics, not catchable safely).
+    Use `read` where the file may change under you.
+
+    >>> # tf = TokenFile("data.tok"); tf.read(0, 16)   # the first 16 tokens
+    """
 
     def __init__(self, path):
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise FileNotFoundError(2, f"{self.path}: no such file", self.path)
-        self.version, width, self.count = _C.tokens_inspect(self.path)
+        self._reader = _C.TokenReader(self.path)
+        self.version, width, self.count = self._reader.version, self._reader.width, self._reader.count
         self.dtype = np.dtype("<u2" if width == 2 else "<u4")
-        if self.count == 0:
-            self.tokens = np.zeros(0, self.dtype)
-        else:
-            self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r", offset=HEADER_BYTES,
-                                    shape=(self.count,))
+        self._tokens = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The tokens as a read-only np.memmap of the open file (see the class
+        docstring: a file that shrinks under the mapping raises SIGBUS when the
+        lost pages are touched)."""
+        if self._tokens is None:
+            if self.count == 0:
+                self._tokens = np.zeros(0, self.dtype)
+            else:
+                # Map the descriptor the reader validated, not the path: a file
+                # renamed over `path` since then is not the one we checked.
+                with os.fdopen(os.dup(self._reader.fileno()), "rb") as f:
+                    self._tokens = np.memmap(f, dtype=self.dtype, mode="r", offset=HEADER_BYTES,
+                                             shape=(self.count,))
+        return self._tokens
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Tokens [start, start + count) as a new array of the file's dtype;
+        OSError naming the file if it was cut short since it was opened."""
+        out = np.empty(int(count), self.dtype.newbyteorder("="))
+        self._reader.read(int(start), out)
+        return out
+
+    def max(self, chunk: int = 1 << 22) -> int:
+        """The largest token id (0 for an empty file), in checked chunks."""
+        top = 0
+        for s in range(0, self.count, chunk):
+            top = max(top, int(self.read(s, min(chunk, self.count - s)).max()))
+        return top
 
     def __len__(self) -> int:
         return self.count
+
+    def __reduce__(self):
+        return (TokenFile, (self.path,))
 
     def __repr__(self) -> str:
         return f"TokenFile({self.path!r}, tokens={self.count:,}, dtype={self.dtype.name})"
@@ -113,35 +156,45 @@ class Batches:
         self.split, self.val_fraction, self.random, self.seed = split, val_fraction, random, seed
         n_val = int(len(tf) * val_fraction)
         n_train = len(tf) - n_val
-        self.tokens = tf.tokens[:n_train] if split == "train" else tf.tokens[n_train:]
-        if len(self.tokens) < self.seq_len + 1:
-            raise ValueError(f"{tf.path}: the {split} split holds {len(self.tokens)} tokens, fewer than "
+        # The split is tokens [_lo, _lo + _n) of the file.
+        self._lo, self._n = (0, n_train) if split == "train" else (n_train, n_val)
+        if self._n < self.seq_len + 1:
+            raise ValueError(f"{tf.path}: the {split} split holds {self._n} tokens, fewer than "
                              f"seq_len + 1 = {self.seq_len + 1}")
         self._rng = np.random.Generator(np.random.PCG64(seed))
         self.position = 0     # next sequential window start
         self.epoch = 0        # completed passes (sequential mode)
         self.batches = 0      # batches yielded so far
-        self._offsets = np.arange(self.seq_len + 1)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The split's tokens: a slice of the file's np.memmap (TokenFile.tokens;
+        batches never read through it)."""
+        return self.file.tokens[self._lo:self._lo + self._n]
 
     @property
     def n_windows(self) -> int:
         """Non-overlapping windows in the split (stride seq_len)."""
-        return (len(self.tokens) - 1) // self.seq_len
+        return (self._n - 1) // self.seq_len
 
     def _gather(self, starts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        w = np.asarray(self.tokens[starts[:, None] + self._offsets], dtype=np.int32)
-        return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
+        # pread()s each window straight into x and (shifted by one) y: a file
+        # cut short under us is an OSError here, not a SIGBUS.
+        x = np.empty((len(starts), self.seq_len), np.int32)
+        y = np.empty_like(x)
+        self.file._reader.read_windows(np.add(starts, self._lo, dtype=np.int64), self.seq_len, x, y)
+        return x, y
 
     def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         return self
 
     def __next__(self) -> Tuple[np.ndarray, np.ndarray]:
         if self.random:
-            starts = self._rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+            starts = self._rng.integers(0, self._n - self.seq_len, size=self.batch_size)
         else:
             starts = np.empty(self.batch_size, np.int64)
             for b in range(self.batch_size):
-                if self.position + self.seq_len + 1 > len(self.tokens):
+                if self.position + self.seq_len + 1 > self._n:
                     self.position = 0
                     self.epoch += 1
                 starts[b] = self.position
@@ -161,7 +214,7 @@ class Batches:
         the parameters that must match on resume."""
         return {"version": 1, "split": self.split, "batch_size": self.batch_size,
                 "seq_len": self.seq_len, "random": self.random, "seed": self.seed,
-                "val_fraction": self.val_fraction, "split_tokens": int(len(self.tokens)),
+                "val_fraction": self.val_fraction, "split_tokens": self._n,
                 "position": self.position, "epoch": self.epoch, "batches": self.batches,
                 "bit_generator": self._rng.bit_generator.state}
 
@@ -171,7 +224,7 @@ class Batches:
         if state.get("version") != 1:
             raise ValueError(f"loader state version {state.get('version')!r} is not 1")
         for key in ("split", "batch_size", "seq_len", "random", "split_tokens"):
-            mine = int(len(self.tokens)) if key == "split_tokens" else getattr(self, key)
+            mine = self._n if key == "split_tokens" else getattr(self, key)
             if state.get(key) != mine:
                 raise ValueError(f"{self.file.path}: loader state has {key}={state.get(key)!r} but this "
                                  f"loader has {key}={mine!r}")

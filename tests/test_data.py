@@ -3,7 +3,11 @@ messages, writes are atomic, a resumed loader yields exactly the batches an
 uninterrupted one would, and SFT targets are masked to the response."""
 import json
 import os
+import pathlib
 import struct
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -84,6 +88,58 @@ def test_failed_token_write_leaves_old_file_and_no_temp(tmp_path):
     with pytest.raises(TypeError, match="chunk 0 has dtype float"):
         write_tokens(p, [np.ones(3)])
     assert p.read_bytes() == before and os.listdir(tmp_path) == ["data.tok"]
+
+
+# A child process: a SIGBUS there is a failed test, not a dead pytest.
+SHRINK_CHILD = """
+import os, sys, numpy as np
+from smedjan.data import Batches, TokenFile
+path, how = sys.argv[1], sys.argv[2]
+tf = TokenFile(path)
+b = Batches(tf, 8, 64, random=(how == "random"), val_fraction=0.0, seed=0)
+next(b)
+os.truncate(path, 4096)                      # another process cuts the file short
+try:
+    if how == "read":
+        tf.read(0, len(tf))
+    else:
+        for _ in range(100_000):
+            next(b)
+except OSError as e:
+    print("OSError:", e)
+    print("alive after:", tf.read(0, 4).tolist())   # what is still there reads fine
+    sys.exit(0)
+print("no error")
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("how", ["sequential", "random", "read"])
+def test_token_file_cut_short_while_open_is_an_oserror_not_sigbus(tmp_path, how):
+    p = tmp_path / "tokens.bin"
+    write_tokens(p, [np.arange(1 << 20) % 5000])
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", SHRINK_CHILD, str(p), how], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, (f"child exited with {r.returncode} (-7 is SIGBUS)\n"
+                               f"stdout: {r.stdout}\nstderr: {r.stderr[-2000:]}")
+    want = f"OSError: {p}: file shrank from {32 + 2 * (1 << 20)} to 4096 bytes while open"
+    assert want in r.stdout, r.stdout
+    assert "alive after: [0, 1, 2, 3]" in r.stdout, r.stdout
+
+
+def test_token_file_checked_reads(tmp_path):
+    p = tmp_path / "data.tok"
+    t = (np.arange(10_000) * 7) % 40_000
+    write_tokens(p, [t])
+    tf = TokenFile(p)
+    np.testing.assert_array_equal(tf.read(123, 456), t[123:579])
+    assert tf.read(0, 0).size == 0 and tf.max() == t.max() == tf.max(chunk=999)
+    with pytest.raises(ValueError, match=r"data.tok: tokens \[9990, 10010\) lie outside the file's 10000"):
+        tf.read(9990, 20)
+    import pickle
+    assert len(pickle.loads(pickle.dumps(tf))) == len(tf)
 
 
 @pytest.fixture

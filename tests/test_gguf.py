@@ -117,6 +117,85 @@ def test_unsupported_tensor_type_is_named(tmp_path):
         read_gguf(bad)
 
 
+def _offset_at(d, name):
+    """Where tensor `name`'s u64 data offset sits in a 2-D tensor info."""
+    i = d.index(struct.pack("<Q", len(name)) + name)
+    return i + 8 + len(name) + 4 + 16 + 4          # name, n_dims, 2 dims, type
+
+
+@pytest.mark.parametrize("at", [0, 32, 736])
+def test_overlapping_tensors_are_refused_naming_both(tmp_path, at):
+    p, _ = _tiny_file(tmp_path)
+    d = bytearray(p.read_bytes())
+    i = _offset_at(d, b"w8")
+    assert struct.unpack_from("<Q", d, i)[0] == 768     # w32 holds data bytes [0, 768)
+    d[i:i + 8] = struct.pack("<Q", at)                  # w8 (204 bytes) now inside w32
+    bad = tmp_path / "ov.gguf"
+    bad.write_bytes(bytes(d))
+    with pytest.raises(ValueError, match="ov.gguf: tensors '(w32|w8)' .* and '(w8|w32)' .* overlap") as e:
+        read_gguf(bad)
+    assert "'w32'" in str(e.value) and "'w8'" in str(e.value)
+
+
+def _vocab_file(tmp_path, name, **ids):
+    p = tmp_path / name
+    kvs = [_kv("general.architecture", "test"), _kv("tokenizer.ggml.model", "gpt2"),
+           _kv("tokenizer.ggml.tokens", ["a", "b", "c", "d", "e"])]
+    kvs += [_kv(f"tokenizer.ggml.{k}_token_id", v) for k, v in ids.items()]
+    write_gguf(p, kvs, [("w", F32, (32, 1), np.zeros(32, np.float32).tobytes())])
+    return p
+
+
+@pytest.mark.parametrize("key,value", [("eos", 5), ("bos", 7), ("eos", 2**32 - 1)])
+def test_special_token_id_outside_the_vocabulary_is_refused(tmp_path, key, value):
+    p = _vocab_file(tmp_path, "v.gguf", **{key: value})
+    with pytest.raises(ValueError, match=rf"v.gguf: tokenizer.ggml.{key}_token_id = {value} is not a token "
+                                         r"id: the vocabulary has 5 \(tokenizer.ggml.tokens has 5 entries\)"):
+        read_gguf(p)
+    ok = read_gguf(_vocab_file(tmp_path, "ok.gguf", bos=0, eos=4))
+    assert (ok.kv["tokenizer.ggml.bos_token_id"], ok.kv["tokenizer.ggml.eos_token_id"]) == (0, 4)
+
+
+def test_special_token_id_is_checked_against_the_embedding_rows(tmp_path):
+    p = tmp_path / "e.gguf"
+    write_gguf(p, [_kv("tokenizer.ggml.eos_token_id", 3)],
+               [("token_embd.weight", F32, (32, 3), np.zeros(96, np.float32).tobytes())])
+    with pytest.raises(ValueError, match=r"eos_token_id = 3 is not a token id: the vocabulary has 3 "
+                                         r"\(token_embd.weight has 3 rows\)"):
+        read_gguf(p)
+
+
+def test_duplicate_metadata_key_is_refused(tmp_path):
+    p = tmp_path / "d.gguf"
+    write_gguf(p, [_kv("x.count", 7), _kv("general.architecture", "test"), _kv("x.count", 8)],
+               [("w", F32, (32, 1), np.zeros(32, np.float32).tobytes())])
+    with pytest.raises(ValueError, match="d.gguf: metadata key 'x.count' appears twice"):
+        read_gguf(p)
+
+
+def test_many_tensors_open_in_n_log_n(tmp_path):
+    """Duplicate-name and overlap checks sort; they compared all pairs, which
+    took tens of seconds for 100,000 tensors (the format allows 1,048,576)."""
+    import time
+    n = 100_000
+    row = np.zeros(8, np.float32).tobytes()
+    p = tmp_path / "many.gguf"
+    write_gguf(p, [_kv("general.architecture", "test")], [(f"t{i}", F32, (8,), row) for i in range(n)])
+    t = time.process_time()
+    owner, _, _, _, rows = _C.gguf_open(str(p))
+    cpu = time.process_time() - t
+    assert len(rows) == n and rows[-1][0] == f"t{n - 1}"
+    assert cpu < 2.0, f"opening {n} tensors took {cpu:.2f} s of CPU"
+    d = bytearray(p.read_bytes())
+    i = _offset_at(d, f"t{n - 1}".encode()) - 8         # a 1-D tensor: one dimension less
+    d[i:i + 8] = struct.pack("<Q", 0)                   # the last tensor's data is the first's
+    p.write_bytes(bytes(d))
+    t = time.process_time()
+    with pytest.raises(ValueError, match=f"tensors 't(0|{n - 1})' .* and 't({n - 1}|0)' .* overlap"):
+        read_gguf(p)
+    assert time.process_time() - t < 2.0
+
+
 def test_model_export_reloads_exactly(tmp_path):
     m = smedjan.Model("tiny", vocab_size=512, seed=1, max_seq_len=64)
     toks = np.arange(5, 45, dtype=np.int32)

@@ -5,6 +5,7 @@ file (and tensor), and a failed write never touches the file already there."""
 import json
 import os
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -276,6 +277,57 @@ def test_duplicate_keys_and_huge_header_length_are_refused(tmp_path):
     p.write_bytes(struct.pack("<Q", 2**63) + b"{}")
     with pytest.raises(ValueError, match="header length .* exceeds"):
         load_safetensors(p)
+
+
+def many_tensors(path, n, *, dup=False, overlap=False):
+    """n one-byte tensors t0..t{n-1}, laid out in order; `dup` appends a
+    second 't0' at the far end, `overlap` points the last one at t0's byte."""
+    body = ",".join(f'"t{i}":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{i + 1}]}}' for i in range(n))
+    if dup:
+        body += ',"t0":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}'
+    if overlap:
+        body = body.replace(f'"data_offsets":[{n - 1},{n}]', '"data_offsets":[0,1]')
+    h = ("{" + body + "}").encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + bytes(n))
+    return path
+
+
+def test_header_validation_is_n_log_n_in_the_tensor_count(tmp_path):
+    """Duplicate, overlap and hole checks sort the names and extents; they
+    compared all pairs, which took minutes for 200,000 tensors. (Timings
+    across sizes: benchmarks/bench_io.py.) CPU time, so a busy machine does
+    not fail this; the bound is over 10x what it takes."""
+    n = 200_000
+    t = time.process_time()
+    _, items = _C.safetensors_load(many_tensors(tmp_path / "ok.safetensors", n))
+    cpu = time.process_time() - t
+    assert len(items) == n and items[-1][0] == f"t{n - 1}" and bytes(items[-1][3]) == b"\0"
+    assert cpu < 2.0, f"{n} tensors took {cpu:.2f} s of CPU to validate"
+    for kind, msg in (("dup", "'t0' appears twice in the header"),
+                      ("overlap", f"tensors 't0' and 't{n - 1}' overlap")):
+        p = many_tensors(tmp_path / f"{kind}.safetensors", n, **{kind: True})
+        t = time.process_time()
+        with pytest.raises(ValueError, match=f"{kind}.safetensors: {msg}"):
+            _C.safetensors_load(p)
+        assert time.process_time() - t < 2.0
+
+
+def test_many_tensors_with_crcs_round_trip(tmp_path):
+    """Our writer's name checks, the header CRC and the per-tensor CRC lookup
+    over 50,000 tensors (each was a scan over all names)."""
+    n = 50_000
+    tensors = {f"layer.{i}.w": np.full(2, i, np.int32) for i in range(n)}
+    p = tmp_path / "many.safetensors"
+    save_safetensors(p, tensors)
+    t = time.process_time()
+    meta, items = _C.safetensors_load(p, verify=True)
+    cpu = time.process_time() - t
+    assert len(items) == n and len(meta) == n + 1
+    assert cpu < 2.0, f"{n} tensors with CRCs took {cpu:.2f} s of CPU to load and verify"
+    got, _ = load_safetensors(p)
+    np.testing.assert_array_equal(got[f"layer.{n - 1}.w"], [n - 1, n - 1])
+    with pytest.raises(ValueError, match="tensor name 'a' given twice"):
+        _C.safetensors_save(str(tmp_path / "d.safetensors"), [("a", "U8", [1], b"x")] * 2)
 
 
 def existing(tmp_path):

@@ -10,6 +10,7 @@
 #include "io.h"
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -32,6 +33,7 @@ struct sj_gguf_file {
     sj_gguf_kv *kv;
     sj_gguf_tensor *t;
     char *names;                /* NUL-terminated copies of keys and tensor names */
+    uint32_t *by_name;          /* tensor indices sorted by name (find_tensor) */
 };
 
 /* Element size of a scalar value type; 0 for string/array/unknown. */
@@ -118,13 +120,116 @@ void sj_gguf_close(sj_gguf_file *f) {
     if (f->kv)
         for (uint64_t i = 0; i < f->n_kv; i++) { free((void *)f->kv[i].strs); free((void *)f->kv[i].str_lens); }
     if (f->map) munmap((void *)f->map, f->size);
-    free(f->kv); free(f->t); free(f->names); free(f->path); free(f);
+    free(f->kv); free(f->t); free(f->names); free(f->by_name); free(f->path); free(f);
 }
 
 static char *dupn(const char *s, uint64_t n) {
     char *p = malloc(n + 1);
     if (p) { memcpy(p, s, n); p[n] = 0; }
     return p;
+}
+
+/* ---- whole-file checks, O(n log n) in the counts ------------------------- */
+
+typedef struct { const char *s; uint32_t i; } name_ix;
+static int cmp_name_ix(const void *a, const void *b) {
+    const name_ix *x = a, *y = b;
+    int c = strcmp(x->s, y->s);
+    return c ? c : (x->i > y->i) - (x->i < y->i);
+}
+
+/* Keys are unique (llama.cpp refuses duplicates too; with one, our lookups
+ * and a Python dict of the metadata would disagree on the value). */
+static sj_status check_keys(const sj_gguf_file *f) {
+    if (f->n_kv < 2) return SJ_OK;
+    name_ix *ix = malloc(f->n_kv * sizeof *ix);
+    if (!ix) return sj_fail(SJ_ERR_NOMEM, "%s: out of memory", f->path);
+    for (uint64_t i = 0; i < f->n_kv; i++) ix[i] = (name_ix){ f->kv[i].key, (uint32_t)i };
+    qsort(ix, f->n_kv, sizeof *ix, cmp_name_ix);
+    sj_status s = SJ_OK;
+    for (uint64_t k = 1; k < f->n_kv && !s; k++)
+        if (!strcmp(ix[k - 1].s, ix[k].s))
+            s = sj_fail(SJ_ERR_FORMAT, "%s: metadata key '%s' appears twice", f->path, ix[k].s);
+    free(ix);
+    return s;
+}
+
+/* Tensor names are unique, and the name index that find_tensor searches. */
+static sj_status index_tensors(sj_gguf_file *f) {
+    name_ix *ix = malloc((f->n_tensors + 1) * sizeof *ix);
+    f->by_name = malloc((f->n_tensors + 1) * sizeof *f->by_name);
+    if (!ix || !f->by_name) { free(ix); return sj_fail(SJ_ERR_NOMEM, "%s: out of memory", f->path); }
+    for (uint64_t i = 0; i < f->n_tensors; i++) ix[i] = (name_ix){ f->t[i].name, (uint32_t)i };
+    qsort(ix, f->n_tensors, sizeof *ix, cmp_name_ix);
+    sj_status s = SJ_OK;
+    for (uint64_t k = 0; k < f->n_tensors && !s; k++) {
+        if (k && !strcmp(ix[k - 1].s, ix[k].s))
+            s = sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s' appears twice", f->path, ix[k].s);
+        f->by_name[k] = ix[k].i;
+    }
+    free(ix);
+    return s;
+}
+
+/* No two tensors share a byte of the data section: a writer never lays
+ * them out so, and data that is two tensors at once is a corrupt index. */
+typedef struct { uint64_t begin, end; uint32_t i; } extent;
+static int cmp_extent(const void *a, const void *b) {
+    const extent *x = a, *y = b;
+    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
+    if (x->end != y->end) return x->end < y->end ? -1 : 1;
+    return (x->i > y->i) - (x->i < y->i);
+}
+static sj_status check_overlaps(const sj_gguf_file *f) {
+    if (f->n_tensors < 2) return SJ_OK;
+    extent *e = malloc(f->n_tensors * sizeof *e);
+    if (!e) return sj_fail(SJ_ERR_NOMEM, "%s: out of memory", f->path);
+    for (uint64_t i = 0; i < f->n_tensors; i++)
+        e[i] = (extent){ f->t[i].offset, f->t[i].offset + f->t[i].nbytes, (uint32_t)i };   /* in bounds: checked */
+    qsort(e, f->n_tensors, sizeof *e, cmp_extent);
+    sj_status s = SJ_OK;
+    uint64_t reach = 0;   /* the extent ending last so far */
+    for (uint64_t k = 0; k < f->n_tensors && !s; k++) {
+        if (k && e[k].begin < e[reach].end) {
+            const sj_gguf_tensor *a = &f->t[e[reach].i], *b = &f->t[e[k].i];
+            s = sj_fail(SJ_ERR_FORMAT, "%s: tensors '%s' (data bytes %llu..%llu) and '%s' (%llu..%llu) "
+                        "overlap", f->path, a->name, (unsigned long long)a->offset,
+                        (unsigned long long)(a->offset + a->nbytes), b->name, (unsigned long long)b->offset,
+                        (unsigned long long)(b->offset + b->nbytes));
+        }
+        if (!k || e[k].end > e[reach].end) reach = k;
+    }
+    free(e);
+    return s;
+}
+
+/* bos/eos ids index the vocabulary: the tokenizer's token list and the
+ * embedding's rows, whichever the file has (the smaller, if both). */
+static sj_status check_special_ids(const sj_gguf_file *f) {
+    static const char *keys[] = { "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id" };
+    int64_t n_vocab = -1;
+    char from[96] = "";
+    const sj_gguf_kv *toks = sj_gguf_find_kv(f, "tokenizer.ggml.tokens");
+    if (toks && toks->type == SJ_GGUF_ARRAY && toks->n <= INT64_MAX) {
+        n_vocab = (int64_t)toks->n;
+        snprintf(from, sizeof from, "tokenizer.ggml.tokens has %lld entries", (long long)n_vocab);
+    }
+    const sj_gguf_tensor *emb = sj_gguf_find_tensor(f, "token_embd.weight");
+    if (emb && emb->ndim == 2 && (n_vocab < 0 || emb->shape[1] < n_vocab)) {
+        n_vocab = emb->shape[1];
+        snprintf(from, sizeof from, "token_embd.weight has %lld rows", (long long)n_vocab);
+    }
+    for (size_t k = 0; k < sizeof keys / sizeof *keys; k++) {
+        if (!sj_gguf_find_kv(f, keys[k])) continue;
+        int64_t v;
+        SJ_TRY(sj_gguf_get_int(f, keys[k], &v));
+        if (v < 0)
+            return sj_fail(SJ_ERR_FORMAT, "%s: %s = %lld is not a token id", f->path, keys[k], (long long)v);
+        if (n_vocab >= 0 && v >= n_vocab)
+            return sj_fail(SJ_ERR_FORMAT, "%s: %s = %lld is not a token id: the vocabulary has %lld (%s)",
+                           f->path, keys[k], (long long)v, (long long)n_vocab, from);
+    }
+    return SJ_OK;
 }
 
 sj_status sj_gguf_open(const char *path, sj_gguf_file **out) {
@@ -313,9 +418,10 @@ sj_status sj_gguf_open(const char *path, sj_gguf_file **out) {
             goto fail;
         }
         t->data = f->map + f->data_start + t->offset;
-        for (uint64_t j = 0; j < i; j++)
-            if (!strcmp(f->t[j].name, t->name)) { s = sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s' appears twice", path, t->name); goto fail; }
     }
+    if ((s = check_keys(f)) || (s = index_tensors(f)) || (s = check_overlaps(f)) ||
+        (s = check_special_ids(f)))
+        goto fail;
     *out = f;
     return SJ_OK;
 fail_k:
@@ -340,7 +446,13 @@ const sj_gguf_tensor *sj_gguf_tensor_at(const sj_gguf_file *f, int i) {
     return i >= 0 && (uint64_t)i < f->n_tensors ? &f->t[i] : NULL;
 }
 const sj_gguf_tensor *sj_gguf_find_tensor(const sj_gguf_file *f, const char *name) {
-    for (uint64_t i = 0; i < f->n_tensors; i++) if (!strcmp(f->t[i].name, name)) return &f->t[i];
+    uint64_t lo = 0, hi = f->n_tensors;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        int c = strcmp(f->t[f->by_name[mid]].name, name);
+        if (!c) return &f->t[f->by_name[mid]];
+        if (c < 0) lo = mid + 1; else hi = mid;
+    }
     return NULL;
 }
 const char *sj_gguf_path(const sj_gguf_file *f) { return f->path; }

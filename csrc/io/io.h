@@ -26,23 +26,32 @@ void sj_afile_abort(sj_afile *f);
 /* A strict JSON reader (RFC 8259) for file headers: strings with every
  * escape, numbers, arrays, objects, true/false/null; rejects anything else
  * with the byte position. Depth is capped so hostile input cannot overflow
- * the stack. */
+ * the stack. The whole tree (nodes, child arrays sized exactly, strings)
+ * lives in one arena owned by the document: a header with a million
+ * entries costs a few allocations, not millions. */
 typedef enum { SJ_JSON_NULL, SJ_JSON_BOOL, SJ_JSON_NUM, SJ_JSON_STR, SJ_JSON_ARR,
                SJ_JSON_OBJ } sj_json_type;
 typedef struct sj_json {
-    sj_json_type type;
+    const char *key;         /* object members: the key (decoded)        */
+    union {
+        const char *str;     /* STR: decoded UTF-8, no NUL inside        */
+        struct sj_json *kids;/* ARR elements / OBJ members, in order     */
+        int64_t i;           /* NUM when is_int                          */
+    };
     size_t pos;              /* byte offset of the value in the text    */
-    char *key;               /* object members: the key (decoded)        */
-    char *str;               /* STR: decoded UTF-8, no NUL inside        */
-    int is_int;              /* NUM: an integer that fits in int64       */
-    int64_t i;
-    int b;                   /* BOOL */
-    struct sj_json *kids;    /* ARR elements / OBJ members, in order     */
-    int n, cap;
+    int n;                   /* ARR/OBJ: number of kids                  */
+    unsigned char type;      /* sj_json_type                             */
+    unsigned char is_int;    /* NUM: an integer that fits in int64       */
+    unsigned char b;         /* BOOL                                     */
 } sj_json;
+typedef struct sj_json_block sj_json_block;
+typedef struct {
+    sj_json root;
+    sj_json_block *arena;    /* owns every node and string of the tree */
+} sj_json_doc;
 /* `what` prefixes error messages ("ckpt.safetensors: header JSON: ..."). */
-sj_status sj_json_parse(const char *text, size_t len, const char *what, sj_json *out);
-void sj_json_free(sj_json *j);
+sj_status sj_json_parse(const char *text, size_t len, const char *what, sj_json_doc *out);
+void sj_json_free(sj_json_doc *d);
 const char *sj_json_type_name(sj_json_type t);
 
 #endif

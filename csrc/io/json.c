@@ -1,18 +1,53 @@
 /* json.c — a small strict JSON parser for file headers (safetensors). Input
  * is untrusted: every read is bounds-checked, depth is capped, strings are
  * checked to be valid UTF-8, and any deviation from RFC 8259 is an error that
- * names the byte position. It must never read past `len`. */
+ * names the byte position. It must never read past `len`.
+ *
+ * Memory: nodes and strings come from an arena of a few large blocks. A
+ * container's children are parsed onto one shared stack and copied into an
+ * exactly sized array when it closes, so the tree costs about 32 bytes a
+ * value plus its strings, and the allocation count grows with the log of the
+ * header size, not with the number of values. */
 #include "io.h"
+#include <limits.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_DEPTH 64
+#define MAX_BLOCK ((size_t)64 << 20)
+
+struct sj_json_block {
+    sj_json_block *next;
+    size_t cap, used;
+    max_align_t data[];
+};
 
 typedef struct {
     const unsigned char *s;
     size_t n, i;
     const char *what;
+    sj_json_block *arena;    /* newest block first */
+    size_t next_block;
+    sj_json *stack;          /* children of the open containers */
+    size_t top, stack_cap;
 } parser;
+
+static void *arena_alloc(parser *p, size_t size, size_t align) {
+    sj_json_block *b = p->arena;
+    if (b) {
+        size_t at = (b->used + align - 1) & ~(align - 1);
+        if (at <= b->cap && size <= b->cap - at) { b->used = at + size; return (char *)b->data + at; }
+    }
+    size_t cap = SJ_MAX(p->next_block, size);
+    if (cap > SIZE_MAX - sizeof *b || !(b = malloc(sizeof *b + cap))) return NULL;
+    b->next = p->arena;
+    b->cap = cap;
+    b->used = size;
+    p->arena = b;
+    if (p->next_block < MAX_BLOCK) p->next_block *= 2;
+    return b->data;
+}
 
 static sj_status perr(parser *p, const char *msg) {
     if (p->i >= p->n) return sj_fail(SJ_ERR_FORMAT, "%s: header JSON: %s at byte %zu (end of header)",
@@ -34,13 +69,10 @@ const char *sj_json_type_name(sj_json_type t) {
     return (unsigned)t < 6 ? names[t] : "?";
 }
 
-void sj_json_free(sj_json *j) {
-    if (!j) return;
-    for (int k = 0; k < j->n; k++) sj_json_free(&j->kids[k]);
-    free(j->kids);
-    free(j->key);
-    free(j->str);
-    memset(j, 0, sizeof *j);
+void sj_json_free(sj_json_doc *d) {
+    if (!d) return;
+    for (sj_json_block *b = d->arena, *next; b; b = next) { next = b->next; free(b); }
+    memset(d, 0, sizeof *d);
 }
 
 /* Length of the valid UTF-8 sequence at s[0..n), 0 if invalid. */
@@ -80,20 +112,20 @@ static int hex4(parser *p, unsigned *out) {
 }
 
 /* At the opening quote. The decoded string is never longer than the raw. */
-static sj_status parse_string(parser *p, char **out) {
+static sj_status parse_string(parser *p, const char **out) {
     size_t start = ++p->i;
     size_t end = start;
     while (end < p->n && p->s[end] != '"') end += (p->s[end] == '\\') ? 2 : 1;
     if (end >= p->n) { p->i = start - 1; return perr(p, "unterminated string"); }
-    char *buf = malloc(end - start + 1);
+    char *buf = arena_alloc(p, end - start + 1, 1);
     if (!buf) return sj_fail(SJ_ERR_NOMEM, "%s: out of memory parsing the header", p->what);
     size_t o = 0;
     while (p->s[p->i] != '"') {
         unsigned char c = p->s[p->i];
-        if (c < 0x20) { free(buf); return perr(p, "control character in string"); }
+        if (c < 0x20) return perr(p, "control character in string");
         if (c != '\\') {
             int l = utf8_len(p->s + p->i, p->n - p->i);
-            if (!l) { free(buf); return perr(p, "invalid UTF-8 in string"); }
+            if (!l) return perr(p, "invalid UTF-8 in string");
             memcpy(buf + o, p->s + p->i, (size_t)l);
             o += (size_t)l;
             p->i += (size_t)l;
@@ -108,23 +140,21 @@ static sj_status parse_string(parser *p, char **out) {
             p->i++;
             continue;
         }
-        if (c != 'u') { free(buf); return perr(p, "invalid escape in string"); }
+        if (c != 'u') return perr(p, "invalid escape in string");
         p->i++;
         unsigned cp;
-        if (hex4(p, &cp) < 0) { free(buf); return perr(p, "invalid \\u escape"); }
-        if (cp >= 0xDC00 && cp <= 0xDFFF) { free(buf); return perr(p, "lone low surrogate"); }
+        if (hex4(p, &cp) < 0) return perr(p, "invalid \\u escape");
+        if (cp >= 0xDC00 && cp <= 0xDFFF) return perr(p, "lone low surrogate");
         if (cp >= 0xD800 && cp <= 0xDBFF) {
             unsigned lo;
-            if (p->n - p->i < 2 || p->s[p->i] != '\\' || p->s[p->i + 1] != 'u') {
-                free(buf); return perr(p, "high surrogate without a low one");
-            }
+            if (p->n - p->i < 2 || p->s[p->i] != '\\' || p->s[p->i + 1] != 'u')
+                return perr(p, "high surrogate without a low one");
             p->i += 2;
-            if (hex4(p, &lo) < 0 || lo < 0xDC00 || lo > 0xDFFF) {
-                free(buf); return perr(p, "high surrogate without a low one");
-            }
+            if (hex4(p, &lo) < 0 || lo < 0xDC00 || lo > 0xDFFF)
+                return perr(p, "high surrogate without a low one");
             cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
         }
-        if (cp == 0) { free(buf); return perr(p, "\\u0000 (NUL) in string"); }
+        if (cp == 0) return perr(p, "\\u0000 (NUL) in string");
         /* A \u escape (6 or 12 raw bytes) never decodes to more bytes. */
         if (cp < 0x80) buf[o++] = (char)cp;
         else if (cp < 0x800) { buf[o++] = (char)(0xC0 | cp >> 6); buf[o++] = (char)(0x80 | (cp & 0x3F)); }
@@ -180,16 +210,30 @@ static sj_status parse_number(parser *p, sj_json *j) {
     return SJ_OK;
 }
 
-static sj_status add_kid(parser *p, sj_json *j, sj_json **kid) {
-    if (j->n == j->cap) {
-        int cap = j->cap ? j->cap * 2 : 4;
-        sj_json *k = realloc(j->kids, (size_t)cap * sizeof *k);
-        if (!k) return sj_fail(SJ_ERR_NOMEM, "%s: out of memory parsing the header", p->what);
-        j->kids = k;
-        j->cap = cap;
+static sj_status push(parser *p, const sj_json *kid) {
+    if (p->top == p->stack_cap) {
+        size_t cap = p->stack_cap ? p->stack_cap * 2 : 64;
+        sj_json *st = realloc(p->stack, cap * sizeof *st);
+        if (!st) return sj_fail(SJ_ERR_NOMEM, "%s: out of memory parsing the header", p->what);
+        p->stack = st;
+        p->stack_cap = cap;
     }
-    *kid = &j->kids[j->n++];
-    memset(*kid, 0, sizeof **kid);
+    p->stack[p->top++] = *kid;
+    return SJ_OK;
+}
+
+/* The children above `base` on the stack become j's exactly sized array. */
+static sj_status close_container(parser *p, sj_json *j, size_t base) {
+    size_t n = p->top - base;
+    if (n > INT_MAX) return perr(p, "too many elements");
+    if (n) {
+        j->kids = arena_alloc(p, n * sizeof *j->kids, _Alignof(sj_json));
+        if (!j->kids) return sj_fail(SJ_ERR_NOMEM, "%s: out of memory parsing the header", p->what);
+        memcpy(j->kids, p->stack + base, n * sizeof *j->kids);
+    }
+    j->n = (int)n;
+    p->top = base;
+    p->i++;   /* the closing bracket */
     return SJ_OK;
 }
 
@@ -197,28 +241,26 @@ static sj_status parse_value(parser *p, sj_json *j, int depth);
 
 static sj_status parse_container(parser *p, sj_json *j, int depth, int obj) {
     char close = obj ? '}' : ']';
+    size_t base = p->top;
     j->type = obj ? SJ_JSON_OBJ : SJ_JSON_ARR;
     p->i++;
     skip_ws(p);
-    if (p->i < p->n && p->s[p->i] == close) { p->i++; return SJ_OK; }
+    if (p->i < p->n && p->s[p->i] == close) return close_container(p, j, base);
     for (;;) {
-        sj_json *kid = NULL;
-        char *key = NULL;
+        sj_json kid = {0};
         skip_ws(p);
         if (obj) {
             if (p->i >= p->n || p->s[p->i] != '"') return perr(p, "expected a string key");
-            SJ_TRY(parse_string(p, &key));
+            SJ_TRY(parse_string(p, &kid.key));
             skip_ws(p);
-            if (p->i >= p->n || p->s[p->i] != ':') { free(key); return perr(p, "expected ':'"); }
+            if (p->i >= p->n || p->s[p->i] != ':') return perr(p, "expected ':'");
             p->i++;
         }
-        sj_status s = add_kid(p, j, &kid);
-        if (s) { free(key); return s; }
-        kid->key = key;
-        SJ_TRY(parse_value(p, kid, depth + 1));
+        SJ_TRY(parse_value(p, &kid, depth + 1));
+        SJ_TRY(push(p, &kid));
         skip_ws(p);
         if (p->i < p->n && p->s[p->i] == ',') { p->i++; continue; }
-        if (p->i < p->n && p->s[p->i] == close) { p->i++; return SJ_OK; }
+        if (p->i < p->n && p->s[p->i] == close) return close_container(p, j, base);
         return perr(p, obj ? "expected ',' or '}'" : "expected ',' or ']'");
     }
 }
@@ -246,14 +288,17 @@ static sj_status parse_value(parser *p, sj_json *j, int depth) {
     return perr(p, "unexpected character");
 }
 
-sj_status sj_json_parse(const char *text, size_t len, const char *what, sj_json *out) {
-    parser p = { (const unsigned char *)text, len, 0, what };
+sj_status sj_json_parse(const char *text, size_t len, const char *what, sj_json_doc *out) {
+    parser p = { (const unsigned char *)text, len, 0, what, NULL, SJ_MIN(len + 64, (size_t)1 << 20),
+                 NULL, 0, 0 };
     memset(out, 0, sizeof *out);
-    sj_status s = parse_value(&p, out, 0);
+    sj_status s = parse_value(&p, &out->root, 0);
     if (s == SJ_OK) {
         skip_ws(&p);
         if (p.i != p.n) s = perr(&p, "trailing characters after the JSON value");
     }
+    free(p.stack);
+    out->arena = p.arena;
     if (s) sj_json_free(out);
     return s;
 }

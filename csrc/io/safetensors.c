@@ -61,21 +61,61 @@ static sj_status tensor_bytes(const char *what, const char *name, const char *dt
 static int cmp_meta(const void *a, const void *b) {
     return strcmp((*(const sj_st_meta *const *)a)->key, (*(const sj_st_meta *const *)b)->key);
 }
-static int cmp_tensor(const void *a, const void *b) {
-    return strcmp((*(const sj_st_tensor *const *)a)->name, (*(const sj_st_tensor *const *)b)->name);
+
+/* Names sorted with their positions: duplicates end up side by side, and a
+ * name is found by binary search. Every check over all names is O(n log n):
+ * a header may index a million tensors (and as many CRC entries). `head`
+ * holds the first 8 bytes big-endian, so most comparisons are one integer
+ * compare. */
+typedef struct { uint64_t head; const char *s; int i; } name_ix;
+static uint64_t name_head(const char *s) {
+    uint64_t h = 0;
+    int k = 0;
+    for (; k < 8 && s[k]; k++) h = h << 8 | (unsigned char)s[k];
+    return h << (8 * (8 - k));   /* zero padded: a shorter name sorts first */
+}
+static name_ix name_at(const char *s, int i) { return (name_ix){ name_head(s), s, i }; }
+/* strcmp order of the names. */
+static int name_cmp(const name_ix *x, const name_ix *y) {
+    if (x->head != y->head) return x->head < y->head ? -1 : 1;
+    if ((x->head & 0xff) == 0) return 0;   /* equal and shorter than 8 bytes */
+    return strcmp(x->s + 8, y->s + 8);
+}
+static int cmp_name_ix(const void *a, const void *b) {
+    const name_ix *x = a, *y = b;
+    int c = name_cmp(x, y);
+    return c ? c : (x->i > y->i) - (x->i < y->i);
+}
+/* Sorts ix; the first name (in sorted order) given twice, or NULL. */
+static const char *sort_find_dup(name_ix *ix, int n) {
+    qsort(ix, (size_t)n, sizeof *ix, cmp_name_ix);
+    for (int k = 1; k < n; k++)
+        if (name_cmp(&ix[k - 1], &ix[k]) == 0) return ix[k].s;
+    return NULL;
+}
+/* Position of `s` in sorted ix, or -1. */
+static int find_name(const name_ix *ix, int n, const char *s) {
+    name_ix key = name_at(s, 0);
+    int lo = 0, hi = n;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2, c = name_cmp(&ix[mid], &key);
+        if (c == 0) return ix[mid].i;
+        if (c < 0) lo = mid + 1; else hi = mid;
+    }
+    return -1;
 }
 
 static sj_status header_crc(const char *path, const sj_st_tensor *t, int n, const sj_st_meta *meta,
                             int n_meta, uint32_t *out) {
     const sj_st_meta **m = malloc(((size_t)n_meta + 1) * sizeof *m);
-    const sj_st_tensor **tp = malloc(((size_t)n + 1) * sizeof *tp);
-    if (!m || !tp) { free(m); free(tp); return sj_fail(SJ_ERR_NOMEM, "%s: out of memory", path); }
+    name_ix *ix = malloc(((size_t)n + 1) * sizeof *ix);
+    if (!m || !ix) { free(m); free(ix); return sj_fail(SJ_ERR_NOMEM, "%s: out of memory", path); }
     int k = 0;
     for (int i = 0; i < n_meta; i++)
         if (strncmp(meta[i].key, CRC_PREFIX, strlen(CRC_PREFIX)) != 0) m[k++] = &meta[i];
     qsort(m, (size_t)k, sizeof *m, cmp_meta);
-    for (int i = 0; i < n; i++) tp[i] = &t[i];
-    qsort(tp, (size_t)n, sizeof *tp, cmp_tensor);
+    for (int i = 0; i < n; i++) ix[i] = name_at(t[i].name, i);
+    qsort(ix, (size_t)n, sizeof *ix, cmp_name_ix);
     uint32_t crc = 0;
     for (int i = 0; i < k; i++) {
         crc = sj_crc32(crc, m[i]->key, strlen(m[i]->key) + 1);      /* with the NUL */
@@ -84,15 +124,16 @@ static sj_status header_crc(const char *path, const sj_st_tensor *t, int n, cons
     crc = sj_crc32(crc, "\1", 1);
     for (int i = 0; i < n; i++) {
         char dims[32];
-        crc = sj_crc32(crc, tp[i]->name, strlen(tp[i]->name) + 1);
-        crc = sj_crc32(crc, tp[i]->dtype, strlen(tp[i]->dtype) + 1);
-        for (int d = 0; d < tp[i]->ndim; d++) {
-            int len = snprintf(dims, sizeof dims, "%lld,", (long long)tp[i]->shape[d]);
+        const sj_st_tensor *tp = &t[ix[i].i];
+        crc = sj_crc32(crc, tp->name, strlen(tp->name) + 1);
+        crc = sj_crc32(crc, tp->dtype, strlen(tp->dtype) + 1);
+        for (int d = 0; d < tp->ndim; d++) {
+            int len = snprintf(dims, sizeof dims, "%lld,", (long long)tp->shape[d]);
             crc = sj_crc32(crc, dims, (size_t)len);
         }
         crc = sj_crc32(crc, "", 1);
     }
-    free(m); free(tp);
+    free(m); free(ix);
     *out = crc;
     return SJ_OK;
 }
@@ -140,7 +181,7 @@ static int valid_utf8(const char *s) {
     sbuf b = {0};
     sb_json(&b, s);
     if (b.oom) return 0;
-    sj_json j;
+    sj_json_doc j;
     sj_status st = sj_json_parse(b.p, b.n, "", &j);
     free(b.p);
     if (st) { sj_clear_error(); return 0; }
@@ -180,9 +221,6 @@ static sj_status check_names(const char *path, const sj_st_tensor *t, int n,
             return sj_fail(SJ_ERR_ARG, "%s: tensor name '%s' is not valid UTF-8", path, t[i].name);
         if (strcmp(t[i].name, "__metadata__") == 0)
             return sj_fail(SJ_ERR_ARG, "%s: '__metadata__' cannot name a tensor", path);
-        for (int k = 0; k < i; k++)
-            if (strcmp(t[i].name, t[k].name) == 0)
-                return sj_fail(SJ_ERR_ARG, "%s: tensor name '%s' given twice", path, t[i].name);
     }
     for (int i = 0; i < n_meta; i++) {
         if (!meta[i].key || !meta[i].value) return sj_fail(SJ_ERR_ARG, "%s: metadata entry %d is NULL", path, i);
@@ -191,10 +229,23 @@ static sj_status check_names(const char *path, const sj_st_tensor *t, int n,
         if (strncmp(meta[i].key, CRC_PREFIX, strlen(CRC_PREFIX)) == 0)
             return sj_fail(SJ_ERR_ARG, "%s: metadata key '%s' is reserved (the writer adds CRCs)",
                            path, meta[i].key);
-        for (int k = 0; k < i; k++)
-            if (strcmp(meta[i].key, meta[k].key) == 0)
-                return sj_fail(SJ_ERR_ARG, "%s: metadata key '%s' given twice", path, meta[i].key);
     }
+    name_ix *ix = malloc(((size_t)SJ_MAX(n, n_meta) + 1) * sizeof *ix);
+    if (!ix) return sj_fail(SJ_ERR_NOMEM, "%s: out of memory", path);
+    const char *dup;
+    for (int i = 0; i < n; i++) ix[i] = name_at(t[i].name, i);
+    if ((dup = sort_find_dup(ix, n))) {
+        sj_status s = sj_fail(SJ_ERR_ARG, "%s: tensor name '%s' given twice", path, dup);
+        free(ix);
+        return s;
+    }
+    for (int i = 0; i < n_meta; i++) ix[i] = name_at(meta[i].key, i);
+    if ((dup = sort_find_dup(ix, n_meta))) {
+        sj_status s = sj_fail(SJ_ERR_ARG, "%s: metadata key '%s' given twice", path, dup);
+        free(ix);
+        return s;
+    }
+    free(ix);
     return SJ_OK;
 }
 
@@ -357,7 +408,7 @@ struct sj_st_file {
     int n;
     sj_st_meta *meta;
     int n_meta;
-    sj_json root;            /* owns every string the entries point at */
+    sj_json_doc root;        /* owns every string the entries point at */
 };
 
 void sj_safetensors_close(sj_st_file *f) {
@@ -388,16 +439,16 @@ void *sj_safetensors_bytes(sj_st_file *f, uint64_t *size) {
     return f->map;
 }
 
-static const sj_json *member(const sj_json *obj, const char *key) {
-    for (int k = 0; k < obj->n; k++)
-        if (strcmp(obj->kids[k].key, key) == 0) return &obj->kids[k];
-    return NULL;
-}
-
-static int dup_key(const sj_json *obj, int upto) {
-    for (int k = 0; k < upto; k++)
-        if (strcmp(obj->kids[k].key, obj->kids[upto].key) == 0) return 1;
-    return 0;
+/* A key that an object holds twice, or NULL; *oom on allocation failure. */
+static const char *dup_member(const sj_json *obj, int *oom) {
+    *oom = 0;
+    if (obj->n < 2) return NULL;
+    name_ix *ix = malloc((size_t)obj->n * sizeof *ix);
+    if (!ix) { *oom = 1; return NULL; }
+    for (int k = 0; k < obj->n; k++) ix[k] = name_at(obj->kids[k].key, k);
+    const char *dup = sort_find_dup(ix, obj->n);
+    free(ix);
+    return dup;
 }
 
 /* One tensor entry: {"dtype": str, "shape": [int...], "data_offsets": [b, e]}. */
@@ -407,14 +458,15 @@ static sj_status parse_entry(const char *path, const sj_json *e, uint64_t data_l
     if (e->type != SJ_JSON_OBJ)
         return sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s': expected an object, got %s", path, name,
                        sj_json_type_name(e->type));
+    const sj_json *dt = NULL, *sh = NULL, *off = NULL;
     for (int k = 0; k < e->n; k++) {
         const char *key = e->kids[k].key;
-        if (strcmp(key, "dtype") && strcmp(key, "shape") && strcmp(key, "data_offsets"))
-            return sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s': unknown field '%s'", path, name, key);
-        if (dup_key(e, k))
-            return sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s': field '%s' given twice", path, name, key);
+        const sj_json **slot = !strcmp(key, "dtype") ? &dt : !strcmp(key, "shape") ? &sh
+                             : !strcmp(key, "data_offsets") ? &off : NULL;
+        if (!slot) return sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s': unknown field '%s'", path, name, key);
+        if (*slot) return sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s': field '%s' given twice", path, name, key);
+        *slot = &e->kids[k];
     }
-    const sj_json *dt = member(e, "dtype"), *sh = member(e, "shape"), *off = member(e, "data_offsets");
     if (!dt || !sh || !off)
         return sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s': missing '%s'", path, name,
                        !dt ? "dtype" : !sh ? "shape" : "data_offsets");
@@ -463,7 +515,7 @@ static int span_cmp(const void *a, const void *b) {
     const span *x = a, *y = b;
     if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
     if (x->end != y->end) return x->end < y->end ? -1 : 1;
-    return 0;
+    return (x->i > y->i) - (x->i < y->i);   /* deterministic messages */
 }
 
 typedef struct { sj_st_file *f; int *idx; uint32_t *got; } crc_job;
@@ -498,9 +550,12 @@ static sj_status verify_crcs(sj_st_file *f) {
     if (!n) return SJ_OK;
     int *idx = malloc((size_t)n * sizeof *idx);
     uint32_t *want = malloc((size_t)n * sizeof *want), *got = malloc((size_t)n * sizeof *got);
+    name_ix *by_name = malloc(((size_t)f->n + 1) * sizeof *by_name);
     sj_status s = SJ_OK;
     int have_header = 0;
-    if (!idx || !want || !got) { s = sj_fail(SJ_ERR_NOMEM, "%s: out of memory", f->path); goto done; }
+    if (!idx || !want || !got || !by_name) { s = sj_fail(SJ_ERR_NOMEM, "%s: out of memory", f->path); goto done; }
+    for (int i = 0; i < f->n; i++) by_name[i] = name_at(f->t[i].name, i);
+    qsort(by_name, (size_t)f->n, sizeof *by_name, cmp_name_ix);   /* names are unique (checked) */
     n = 0;
     for (int m = 0; m < f->n_meta && !s; m++) {
         const char *key = f->meta[m].key;
@@ -516,9 +571,8 @@ static sj_status verify_crcs(sj_st_file *f) {
                             "metadata or tensor index corrupt", f->path, want_h, got_h);
             continue;
         }
-        int i = 0;
-        while (i < f->n && strcmp(f->t[i].name, key + pl) != 0) i++;
-        if (i == f->n)
+        int i = find_name(by_name, f->n, key + pl);
+        if (i < 0)
             s = sj_fail(SJ_ERR_FORMAT, "%s: metadata has a CRC for tensor '%s' but the file holds "
                         "no such tensor (corrupt header?)", f->path, key + pl);
         else if (hexval(f->meta[m].value, &want[n]) < 0)
@@ -541,14 +595,14 @@ static sj_status verify_crcs(sj_st_file *f) {
             break;
         }
 done:
-    free(idx); free(want); free(got);
+    free(idx); free(want); free(got); free(by_name);
     return s;
 }
 
 static sj_status parse_header(sj_st_file *f, uint64_t hlen) {
     const char *path = f->path;
     SJ_TRY(sj_json_parse((const char *)f->map + 8, (size_t)hlen, path, &f->root));
-    const sj_json *r = &f->root;
+    const sj_json *r = &f->root.root;
     if (r->type != SJ_JSON_OBJ)
         return sj_fail(SJ_ERR_FORMAT, "%s: header JSON must be an object, got %s", path,
                        sj_json_type_name(r->type));
@@ -557,17 +611,21 @@ static sj_status parse_header(sj_st_file *f, uint64_t hlen) {
     span *sp = calloc((size_t)r->n + 1, sizeof *sp);
     if (!f->t || !sp) { free(sp); return sj_fail(SJ_ERR_NOMEM, "%s: out of memory", path); }
     sj_status s = SJ_OK;
+    int oom;
+    const char *dup = dup_member(r, &oom);
+    if (oom) s = sj_fail(SJ_ERR_NOMEM, "%s: out of memory", path);
+    else if (dup) s = sj_fail(SJ_ERR_FORMAT, "%s: '%s' appears twice in the header", path, dup);
     for (int k = 0; k < r->n && !s; k++) {
         const sj_json *e = &r->kids[k];
-        if (dup_key(r, k)) { s = sj_fail(SJ_ERR_FORMAT, "%s: '%s' appears twice in the header", path, e->key); break; }
         if (strcmp(e->key, "__metadata__") == 0) {
             if (e->type != SJ_JSON_OBJ) { s = sj_fail(SJ_ERR_FORMAT, "%s: __metadata__ must be an object", path); break; }
             f->meta = calloc((size_t)e->n + 1, sizeof *f->meta);
             if (!f->meta) { s = sj_fail(SJ_ERR_NOMEM, "%s: out of memory", path); break; }
+            dup = dup_member(e, &oom);
+            if (oom) { s = sj_fail(SJ_ERR_NOMEM, "%s: out of memory", path); break; }
+            if (dup) { s = sj_fail(SJ_ERR_FORMAT, "%s: metadata key '%s' appears twice", path, dup); break; }
             for (int m = 0; m < e->n && !s; m++) {
-                if (dup_key(e, m))
-                    s = sj_fail(SJ_ERR_FORMAT, "%s: metadata key '%s' appears twice", path, e->kids[m].key);
-                else if (e->kids[m].type != SJ_JSON_STR)
+                if (e->kids[m].type != SJ_JSON_STR)
                     s = sj_fail(SJ_ERR_FORMAT, "%s: metadata '%s' must be a string, got %s", path,
                                 e->kids[m].key, sj_json_type_name(e->kids[m].type));
                 else f->meta[f->n_meta++] = (sj_st_meta){ e->kids[m].key, e->kids[m].str };

@@ -2,7 +2,8 @@
  * ("SMJTOKEN", u32 version 1, u32 width 2|4, u64 count, u64 reserved 0, all
  * little-endian) and then the tokens, little-endian. Written streaming and
  * atomically (the count is patched in at close, then the rename); read back
- * only after the header is checked against the file length. */
+ * only after the header is checked against the file length, and then only
+ * with pread() (see the reader below): never through a mapping. */
 #include "io.h"
 #include <errno.h>
 #include <fcntl.h>
@@ -94,26 +95,19 @@ void sj_tokens_writer_abort(sj_tokens_writer *w) {
     free(w);
 }
 
-sj_status sj_tokens_inspect(const char *path, sj_tokens_info *out) {
-    if (!path) return sj_fail(SJ_ERR_ARG, "tokens: no path given");
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return sj_fail(SJ_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+/* Check an open token file's header against its length (st_size). */
+static sj_status inspect_fd(const char *path, int fd, sj_tokens_info *out, uint64_t *size) {
     struct stat st;
     unsigned char h[SJ_TOKENS_HEADER_BYTES];
     ssize_t got = 0;
-    sj_status s = SJ_OK;
-    if (fstat(fd, &st) != 0) s = sj_fail(SJ_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
-    else if (!S_ISREG(st.st_mode)) s = sj_fail(SJ_ERR_IO, "%s: not a regular file", path);
-    else if (st.st_size < SJ_TOKENS_HEADER_BYTES)
-        s = sj_fail(SJ_ERR_FORMAT, "%s: %lld bytes is too short for a token file (the header alone is %d)",
-                    path, (long long)st.st_size, SJ_TOKENS_HEADER_BYTES);
-    else {
-        while ((got = pread(fd, h, sizeof h, 0)) < 0 && errno == EINTR) {}
-        if (got != (ssize_t)sizeof h) s = sj_fail(SJ_ERR_IO, "%s: cannot read the header: %s", path,
-                                                  got < 0 ? strerror(errno) : "short read");
-    }
-    close(fd);
-    if (s) return s;
+    if (fstat(fd, &st) != 0) return sj_fail(SJ_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode)) return sj_fail(SJ_ERR_IO, "%s: not a regular file", path);
+    if (st.st_size < SJ_TOKENS_HEADER_BYTES)
+        return sj_fail(SJ_ERR_FORMAT, "%s: %lld bytes is too short for a token file (the header alone is %d)",
+                       path, (long long)st.st_size, SJ_TOKENS_HEADER_BYTES);
+    while ((got = pread(fd, h, sizeof h, 0)) < 0 && errno == EINTR) {}
+    if (got != (ssize_t)sizeof h)
+        return sj_fail(SJ_ERR_IO, "%s: cannot read the header: %s", path, got < 0 ? strerror(errno) : "short read");
     if (memcmp(h, MAGIC, 8) != 0)
         return sj_fail(SJ_ERR_FORMAT, "%s: not a smedjan token file (magic is not \"SMJTOKEN\")", path);
     uint32_t version = (uint32_t)get_le(h + 8, 4), width = (uint32_t)get_le(h + 12, 4);
@@ -139,5 +133,141 @@ sj_status sj_tokens_inspect(const char *path, sj_tokens_info *out) {
     out->version = version;
     out->width = width;
     out->count = (int64_t)count;
+    *size = (uint64_t)st.st_size;
+    return SJ_OK;
+}
+
+sj_status sj_tokens_inspect(const char *path, sj_tokens_info *out) {
+    if (!path) return sj_fail(SJ_ERR_ARG, "tokens: no path given");
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return sj_fail(SJ_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    uint64_t size;
+    sj_status s = inspect_fd(path, fd, out, &size);
+    close(fd);
+    return s;
+}
+
+/* ---- reader ----------------------------------------------------------------
+ * Tokens are read with pread() into the caller's memory, never through a
+ * mapping: when another process cuts the file short, touching a mapped page
+ * past the new end raises SIGBUS, which no library can turn into an error
+ * safely; a read that comes back short is an error we can name. Reads from
+ * the page cache cost about what the mapped gather did. */
+
+struct sj_tokens_reader {
+    int fd;
+    char *path;
+    uint64_t size;           /* the length that was checked at open */
+    sj_tokens_info info;
+};
+
+sj_status sj_tokens_open(const char *path, sj_tokens_reader **out) {
+    *out = NULL;
+    if (!path) return sj_fail(SJ_ERR_ARG, "tokens: no path given");
+    sj_tokens_reader *r = calloc(1, sizeof *r);
+    if (!r || !(r->path = strdup(path))) { free(r); return sj_fail(SJ_ERR_NOMEM, "%s: out of memory", path); }
+    r->fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (r->fd < 0) {
+        sj_status s = sj_fail(SJ_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+        free(r->path); free(r);
+        return s;
+    }
+    sj_status s = inspect_fd(path, r->fd, &r->info, &r->size);
+    if (s) { sj_tokens_close(r); return s; }
+    *out = r;
+    return SJ_OK;
+}
+
+void sj_tokens_close(sj_tokens_reader *r) {
+    if (!r) return;
+    if (r->fd >= 0) close(r->fd);
+    free(r->path);
+    free(r);
+}
+
+const sj_tokens_info *sj_tokens_reader_info(const sj_tokens_reader *r) { return &r->info; }
+int sj_tokens_reader_fd(const sj_tokens_reader *r) { return r->fd; }
+
+/* n tokens from token `first` into dst, in file (little-endian) order; a
+ * short read names what went missing. */
+static sj_status read_at(const sj_tokens_reader *r, void *dst, int64_t first, int64_t n) {
+    size_t want = (size_t)n * r->info.width;
+    uint64_t at = SJ_TOKENS_HEADER_BYTES + (uint64_t)first * r->info.width;
+    size_t got = 0;
+    while (got < want) {
+        ssize_t k = pread(r->fd, (char *)dst + got, want - got, (off_t)(at + got));
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0)
+            return sj_fail(SJ_ERR_IO, "%s: read of %zu bytes at byte %llu failed: %s", r->path, want - got,
+                           (unsigned long long)(at + got), strerror(errno));
+        if (k == 0) {
+            struct stat st;
+            if (fstat(r->fd, &st) == 0 && (uint64_t)st.st_size < r->size)
+                return sj_fail(SJ_ERR_IO, "%s: file shrank from %llu to %llu bytes while open (token %lld, "
+                               "at byte %llu, is gone)", r->path, (unsigned long long)r->size,
+                               (unsigned long long)st.st_size, (long long)(first + (int64_t)(got / r->info.width)),
+                               (unsigned long long)(at + got));
+            return sj_fail(SJ_ERR_IO, "%s: short read at byte %llu (%zu of %zu bytes; was the file "
+                           "changed while open?)", r->path, (unsigned long long)(at + got), got, want);
+        }
+        got += (size_t)k;
+    }
+    return SJ_OK;
+}
+
+static sj_status check_range(const sj_tokens_reader *r, int64_t first, int64_t n) {
+    if (first < 0 || n < 0 || first > r->info.count || n > r->info.count - first)
+        return sj_fail(SJ_ERR_ARG, "%s: tokens [%lld, %lld) lie outside the file's %lld tokens", r->path,
+                       (long long)first, (long long)first + (long long)n, (long long)r->info.count);
+    return SJ_OK;
+}
+
+sj_status sj_tokens_read(sj_tokens_reader *r, int64_t first, int64_t n, void *out) {
+    SJ_TRY(check_range(r, first, n));
+    const int64_t step = (int64_t)1 << 28;   /* pread moves at most ~2 GiB a call */
+    for (int64_t k = 0; k < n; k += step)
+        SJ_TRY(read_at(r, (char *)out + k * r->info.width, first + k, SJ_MIN(step, n - k)));
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    unsigned char *p = out;
+    for (int64_t i = 0; i < n; i++, p += r->info.width)
+        for (uint32_t b = 0; b < r->info.width / 2; b++) {
+            unsigned char t = p[b]; p[b] = p[r->info.width - 1 - b]; p[r->info.width - 1 - b] = t;
+        }
+#endif
+    return SJ_OK;
+}
+
+/* Widen n little-endian tokens of `width` bytes to int32. */
+static void widen(int32_t *dst, const unsigned char *src, int64_t n, uint32_t width) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (width == 2) {
+        const uint16_t *s = (const uint16_t *)(const void *)src;
+        for (int64_t i = 0; i < n; i++) dst[i] = s[i];
+    } else {
+        memcpy(dst, src, (size_t)n * 4);
+    }
+#else
+    for (int64_t i = 0; i < n; i++) dst[i] = (int32_t)(uint32_t)get_le(src + i * width, (int)width);
+#endif
+}
+
+sj_status sj_tokens_read_windows(sj_tokens_reader *r, const int64_t *starts, int64_t n, int64_t len,
+                                 int32_t *x, int32_t *y) {
+    if (n < 0 || len < 1) return sj_fail(SJ_ERR_ARG, "%s: bad window count %lld or length %lld", r->path,
+                                         (long long)n, (long long)len);
+    int64_t span = len + (y != NULL);
+    for (int64_t i = 0; i < n; i++) SJ_TRY(check_range(r, starts[i], span));
+    /* The scratch holds one chunk of a window, plus y's extra token: 16 KiB
+     * of stack, so one pread a window up to 4095 tokens. */
+    enum { CHUNK = 4095 };
+    uint32_t buf[CHUNK + 1];
+    unsigned char *tmp = (unsigned char *)buf;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t k = 0; k < len; k += CHUNK) {
+            int64_t c = SJ_MIN((int64_t)CHUNK, len - k);
+            SJ_TRY(read_at(r, tmp, starts[i] + k, c + (y != NULL)));
+            widen(x + i * len + k, tmp, c, r->info.width);
+            if (y) widen(y + i * len + k, tmp + r->info.width, c, r->info.width);
+        }
     return SJ_OK;
 }

@@ -1,7 +1,8 @@
 /* io.c — Python face of the io layer: safetensors save/load, token files,
  * crc32. Loaded tensors are zero-copy memoryviews into a private (copy-on-
  * write) mapping owned by a SafetensorsFile object; every view keeps that
- * object, hence the mapping, alive. Paths may be str or os.PathLike. */
+ * object, hence the mapping, alive. Token files are read with pread()
+ * (TokenReader), never through a mapping. Paths may be str or os.PathLike. */
 #include "py.h"
 #include "../core/core.h"   /* sj_crc32, exposed for tests */
 #include <string.h>
@@ -61,6 +62,8 @@ static PyObject *py_st_load(PyObject *self, PyObject *args, PyObject *kw) {
     if (!fo) { sj_safetensors_close(f); return NULL; }
     fo->f = f;
     PyObject *meta = PyDict_New(), *list = PyList_New(0), *whole = NULL, *res = NULL;
+    int gc_was_on = 0;
+    (void)gc_was_on;
     if (!meta || !list) goto done;
     for (int i = 0; i < sj_safetensors_n_meta(f); i++) {
         const sj_st_meta *m = sj_safetensors_meta(f, i);
@@ -70,6 +73,11 @@ static PyObject *py_st_load(PyObject *self, PyObject *args, PyObject *kw) {
     }
     whole = PyMemoryView_FromObject((PyObject *)fo);
     if (!whole) goto done;
+#if PY_VERSION_HEX >= 0x030A0000
+    /* Millions of new tuples and views would each push the cyclic GC into
+     * another pass over all of them; none can form a cycle. */
+    gc_was_on = PyGC_Disable();
+#endif
     for (int i = 0; i < sj_safetensors_n_tensors(f); i++) {
         const sj_st_tensor *t = sj_safetensors_tensor(f, i);
         PyObject *sl, *view = NULL, *item = NULL;
@@ -85,6 +93,9 @@ static PyObject *py_st_load(PyObject *self, PyObject *args, PyObject *kw) {
     }
     res = PyTuple_Pack(2, meta, list);
 done:
+#if PY_VERSION_HEX >= 0x030A0000
+    if (gc_was_on) PyGC_Enable();
+#endif
     Py_XDECREF(whole);
     Py_XDECREF(meta);
     Py_XDECREF(list);
@@ -298,6 +309,152 @@ static PyTypeObject TokWriterType = {
     .tp_methods = tokw_methods,
 };
 
+/* ---- TokenReader ---------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    sj_tokens_reader *r;
+} TokReaderObject;
+
+static int tokr_init(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"path", NULL};
+    TokReaderObject *o = (TokReaderObject *)self;
+    PyObject *pathb = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&", kwlist, PyUnicode_FSConverter, &pathb)) return -1;
+    if (o->r) { Py_DECREF(pathb); PyErr_SetString(PyExc_RuntimeError, "TokenReader already open"); return -1; }
+    sj_status s;
+    const char *path = PyBytes_AS_STRING(pathb);
+    Py_BEGIN_ALLOW_THREADS s = sj_tokens_open(path, &o->r);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(pathb);
+    if (s) { o->r = NULL; sj_py_raise(s); return -1; }
+    return 0;
+}
+
+static void tokr_dealloc(PyObject *self) {
+    sj_tokens_close(((TokReaderObject *)self)->r);
+    Py_TYPE(self)->tp_free(self);
+}
+
+#define NEED_READER(o) \
+    if (!(o)->r) { PyErr_SetString(PyExc_ValueError, "TokenReader is not open"); return NULL; }
+
+/* A C-contiguous buffer of `itemsize`-byte integers whose format code is
+ * one of `codes`; writable when asked. */
+static int int_buffer(PyObject *obj, Py_buffer *v, int writable, Py_ssize_t itemsize, const char *codes,
+                      const char *what) {
+    if (PyObject_GetBuffer(obj, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    const char *f = v->format ? v->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    if (v->itemsize != itemsize || strlen(f) != 1 || !strchr(codes, *f)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous%s array of %zd-byte integers, got format "
+                     "'%s' (%zd-byte items)", what, writable ? " writable" : "", itemsize,
+                     v->format ? v->format : "B", v->itemsize);
+        PyBuffer_Release(v);
+        return -1;
+    }
+    return 0;
+}
+
+/* read(first, out): len(out) tokens from token `first` into out (items of the file's width). */
+static PyObject *tokr_read(PyObject *self, PyObject *args) {
+    TokReaderObject *o = (TokReaderObject *)self;
+    NEED_READER(o);
+    long long first;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "LO", &first, &obj)) return NULL;
+    Py_buffer v;
+    if (int_buffer(obj, &v, 1, (Py_ssize_t)sj_tokens_reader_info(o->r)->width, "HIL", "read") < 0) return NULL;
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS s = sj_tokens_read(o->r, first, v.len / v.itemsize, v.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    if (s) return sj_py_raise(s);
+    Py_RETURN_NONE;
+}
+
+/* read_windows(starts, length, x, y=None): int32 windows (see sj_tokens_read_windows). */
+static PyObject *tokr_read_windows(PyObject *self, PyObject *args) {
+    TokReaderObject *o = (TokReaderObject *)self;
+    NEED_READER(o);
+    PyObject *so, *xo, *yo = Py_None, *res = NULL;
+    long long len;
+    if (!PyArg_ParseTuple(args, "OLO|O", &so, &len, &xo, &yo)) return NULL;
+    Py_buffer sv, xv, yv;
+    int have_y = yo != Py_None;
+    if (int_buffer(so, &sv, 0, 8, "qlQL", "read_windows: starts") < 0) return NULL;
+    if (int_buffer(xo, &xv, 1, 4, "il", "read_windows: x") < 0) { PyBuffer_Release(&sv); return NULL; }
+    if (have_y && int_buffer(yo, &yv, 1, 4, "il", "read_windows: y") < 0) goto done_x;
+    Py_ssize_t n = sv.len / 8;
+    if (len < 1 || xv.len / 4 != n * len || (have_y && yv.len != xv.len)) {
+        PyErr_Format(PyExc_ValueError, "read_windows: %zd windows of %lld tokens need x%s of %lld int32 "
+                     "each, got %zd%s", n, len, have_y ? " and y" : "", (long long)n * len, xv.len / 4,
+                     have_y ? " and a y of another size" : "");
+        goto done;
+    }
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = sj_tokens_read_windows(o->r, sv.buf, n, len, xv.buf, have_y ? yv.buf : NULL);
+    Py_END_ALLOW_THREADS
+    if (s) { sj_py_raise(s); goto done; }
+    res = Py_None;
+    Py_INCREF(res);
+done:
+    if (have_y) PyBuffer_Release(&yv);
+done_x:
+    PyBuffer_Release(&xv);
+    PyBuffer_Release(&sv);
+    return res;
+}
+
+static PyObject *tokr_fileno(PyObject *self, PyObject *noargs) {
+    TokReaderObject *o = (TokReaderObject *)self;
+    NEED_READER(o);
+    return PyLong_FromLong(sj_tokens_reader_fd(o->r));
+}
+
+static PyObject *tokr_get(PyObject *self, void *which) {
+    TokReaderObject *o = (TokReaderObject *)self;
+    NEED_READER(o);
+    const sj_tokens_info *i = sj_tokens_reader_info(o->r);
+    switch ((int)(intptr_t)which) {
+    case 0: return PyLong_FromUnsignedLong(i->version);
+    case 1: return PyLong_FromUnsignedLong(i->width);
+    default: return PyLong_FromLongLong(i->count);
+    }
+}
+
+static PyGetSetDef tokr_getset[] = {
+    {"version", tokr_get, NULL, "format version (1)", (void *)0},
+    {"width", tokr_get, NULL, "bytes per token (2 or 4)", (void *)1},
+    {"count", tokr_get, NULL, "tokens in the file", (void *)2},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef tokr_methods[] = {
+    {"read", tokr_read, METH_VARARGS, "read(first, out): len(out) tokens from token `first` into out"},
+    {"read_windows", tokr_read_windows, METH_VARARGS,
+     "read_windows(starts: int64[n], length, x: int32[n, length], y=None): x[i] = tokens[starts[i]:][:length], "
+     "y[i] the same shifted by one"},
+    {"fileno", tokr_fileno, METH_NOARGS, "fileno() -> the open descriptor (owned by the reader)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject TokReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "smedjan._C.TokenReader",
+    .tp_basicsize = sizeof(TokReaderObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "TokenReader(path): a validated token file read with pread(); a file cut short after "
+              "open is an OSError, never a SIGBUS (use smedjan.data.TokenFile).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = tokr_init,
+    .tp_dealloc = tokr_dealloc,
+    .tp_methods = tokr_methods,
+    .tp_getset = tokr_getset,
+};
+
 /* tokens_inspect(path) -> (version, width, count) */
 static PyObject *py_tokens_inspect(PyObject *self, PyObject *arg) {
     PyObject *pathb = NULL;
@@ -343,9 +500,12 @@ static PyMethodDef functions[] = {
 };
 
 int sj_py_add_io(PyObject *m) {
-    if (PyType_Ready(&StFileType) < 0 || PyType_Ready(&TokWriterType) < 0) return -1;
+    if (PyType_Ready(&StFileType) < 0 || PyType_Ready(&TokWriterType) < 0 ||
+        PyType_Ready(&TokReaderType) < 0) return -1;
     Py_INCREF(&TokWriterType);
     if (PyModule_AddObject(m, "TokenWriter", (PyObject *)&TokWriterType) < 0) return -1;
+    Py_INCREF(&TokReaderType);
+    if (PyModule_AddObject(m, "TokenReader", (PyObject *)&TokReaderType) < 0) return -1;
     PyModule_AddIntConstant(m, "TOKENS_HEADER_BYTES", SJ_TOKENS_HEADER_BYTES);
     return PyModule_AddFunctions(m, functions);
 }
