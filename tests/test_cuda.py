@@ -352,7 +352,7 @@ SHAPES = {
     "mha": dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=2, vocab=97, B=2, T=16),
     "gqa": dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab=300, B=3, T=70),
     "hd128": dict(dim=256, n_layers=1, n_heads=2, n_kv_heads=1, vocab=64, B=2, T=33),
-    "hd96": dict(dim=192, n_layers=1, n_heads=2, n_kv_heads=1, vocab=50257, B=2, T=40),
+    "hd96": dict(dim=192, n_layers=1, n_heads=2, n_kv_heads=1, vocab=1001, B=2, T=40),
 }
 
 
