@@ -173,20 +173,13 @@ static sj_status index_tensors(sj_gguf_file *f) {
 
 /* No two tensors share a byte of the data section: a writer never lays
  * them out so, and data that is two tensors at once is a corrupt index. */
-typedef struct { uint64_t begin, end; uint32_t i; } extent;
-static int cmp_extent(const void *a, const void *b) {
-    const extent *x = a, *y = b;
-    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
-    if (x->end != y->end) return x->end < y->end ? -1 : 1;
-    return (x->i > y->i) - (x->i < y->i);
-}
 static sj_status check_overlaps(const sj_gguf_file *f) {
     if (f->n_tensors < 2) return SJ_OK;
-    extent *e = malloc(f->n_tensors * sizeof *e);
+    sj_extent *e = malloc(f->n_tensors * sizeof *e);
     if (!e) return sj_fail(SJ_ERR_NOMEM, "%s: out of memory", f->path);
     for (uint64_t i = 0; i < f->n_tensors; i++)
-        e[i] = (extent){ f->t[i].offset, f->t[i].offset + f->t[i].nbytes, (uint32_t)i };   /* in bounds: checked */
-    qsort(e, f->n_tensors, sizeof *e, cmp_extent);
+        e[i] = (sj_extent){ f->t[i].offset, f->t[i].offset + f->t[i].nbytes, (int64_t)i };   /* in bounds: checked */
+    qsort(e, f->n_tensors, sizeof *e, sj_extent_cmp);
     sj_status s = SJ_OK;
     uint64_t reach = 0;   /* the extent ending last so far */
     for (uint64_t k = 0; k < f->n_tensors && !s; k++) {

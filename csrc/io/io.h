@@ -54,4 +54,15 @@ sj_status sj_json_parse(const char *text, size_t len, const char *what, sj_json_
 void sj_json_free(sj_json_doc *d);
 const char *sj_json_type_name(sj_json_type t);
 
+/* A tensor's bytes [begin, end) in a file's data section, and the order
+ * that sorts them by position (ties by index: the same messages every run):
+ * overlap and gap checks in one pass over the sorted list. */
+typedef struct { uint64_t begin, end; int64_t i; } sj_extent;
+static inline int sj_extent_cmp(const void *a, const void *b) {
+    const sj_extent *x = a, *y = b;
+    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
+    if (x->end != y->end) return x->end < y->end ? -1 : 1;
+    return (x->i > y->i) - (x->i < y->i);
+}
+
 #endif

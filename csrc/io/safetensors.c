@@ -510,13 +510,6 @@ static sj_status parse_entry(const char *path, const sj_json *e, uint64_t data_l
     return SJ_OK;
 }
 
-typedef struct { uint64_t begin, end; int i; } span;
-static int span_cmp(const void *a, const void *b) {
-    const span *x = a, *y = b;
-    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
-    if (x->end != y->end) return x->end < y->end ? -1 : 1;
-    return (x->i > y->i) - (x->i < y->i);   /* deterministic messages */
-}
 
 typedef struct { sj_st_file *f; int *idx; uint32_t *got; } crc_job;
 static void crc_range(void *ctx, int64_t b, int64_t e, int tid) {
@@ -608,7 +601,7 @@ static sj_status parse_header(sj_st_file *f, uint64_t hlen) {
                        sj_json_type_name(r->type));
     uint64_t data_len = f->size - 8 - hlen;
     f->t = calloc((size_t)r->n + 1, sizeof *f->t);
-    span *sp = calloc((size_t)r->n + 1, sizeof *sp);
+    sj_extent *sp = calloc((size_t)r->n + 1, sizeof *sp);
     if (!f->t || !sp) { free(sp); return sj_fail(SJ_ERR_NOMEM, "%s: out of memory", path); }
     sj_status s = SJ_OK;
     int oom;
@@ -639,12 +632,12 @@ static sj_status parse_header(sj_st_file *f, uint64_t hlen) {
         t->offset = 8 + hlen + b;
         t->nbytes = en - b;
         t->data = f->map + t->offset;
-        sp[f->n] = (span){ b, en, f->n };
+        sp[f->n] = (sj_extent){ b, en, f->n };
         f->n++;
     }
     if (!s) {
         /* The data must be covered exactly: no overlaps, no holes, nothing after. */
-        qsort(sp, (size_t)f->n, sizeof *sp, span_cmp);
+        qsort(sp, (size_t)f->n, sizeof *sp, sj_extent_cmp);
         uint64_t at = 0;
         for (int k = 0; k < f->n && !s; k++) {
             if (sp[k].begin < at)
