@@ -92,7 +92,7 @@ def gguf_seeds(out, tmp, tok):
     for kind in ("f32", "q8_0", "q4_0"):
         p = tmp / f"m_{kind}.gguf"
         gguf.export_gguf(m, p, kind, tokenizer=tok if kind == "q8_0" else None)
-        for t in ("gguf", "gguf_model"):
+        for t in ("gguf", "gguf_model", "py_gguf"):
             put(out, t, f"tiny_{kind}", p.read_bytes())
     src = smollm2_gguf()
     if src is None:
@@ -113,7 +113,7 @@ def gguf_seeds(out, tmp, tok):
         kvs.append(gguf._kv_typed(k, v, vt, at))
     p = tmp / "smol_meta.gguf"
     gguf.write_gguf(p, kvs, [])
-    for t in ("gguf", "gguf_model"):
+    for t in ("gguf", "gguf_model", "py_gguf"):
         put(out, t, "smollm2_meta", p.read_bytes())
     return g
 

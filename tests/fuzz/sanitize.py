@@ -93,7 +93,11 @@ def main():
     t_leak = time.time() - t1
 
     asan = eb.runtime_lib(cc, "asan")
-    env = dict(os.environ, LD_PRELOAD=asan, PYTHONMALLOC="malloc",
+    # PYTHONSAFEPATH: no Python process, the tests' subprocesses (CLI, sweep
+    # workers) included, puts its working directory on sys.path, where the
+    # repository's own smedjan/ (and through an editable install, an
+    # unsanitized _C) would shadow the sanitized package.
+    env = dict(os.environ, LD_PRELOAD=asan, PYTHONMALLOC="malloc", PYTHONSAFEPATH="1",
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:detect_odr_violation=0",
                UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
                PYTHONPATH=os.pathsep.join([str(pkg_root), str(ROOT / "tests")]))
