@@ -74,9 +74,13 @@ def ensure_atheris():
 
 
 def ensure_extension():
-    """The Python targets import smedjan._C as built in place (or installed)."""
-    r = subprocess.run([sys.executable, "-c", "import smedjan._C"], cwd=ROOT, capture_output=True)
-    if r.returncode != 0:
+    """The Python targets and make_seeds.py import smedjan._C: this tree's own,
+    built in place when missing (an editable install of another tree must not
+    stand in for it)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", "import smedjan._C as c; print(c.__file__)"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.strip().startswith(str(ROOT)):
         log("fuzz: building smedjan._C in place (setup.py build_ext --inplace)")
         subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT,
                        check=True, stdout=subprocess.DEVNULL)
