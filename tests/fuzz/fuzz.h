@@ -5,6 +5,9 @@
  * Targets use the public API (smedjan.h) only. Never include this from csrc/. */
 #ifndef SJ_FUZZ_H
 #define SJ_FUZZ_H
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE     /* memfd_create */
+#endif
 
 #include "smedjan.h"
 #include <stdio.h>

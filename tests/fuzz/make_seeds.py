@@ -11,7 +11,6 @@ Deterministic: the same smedjan gives the same bytes.
 """
 import importlib.util
 import json
-import os
 import pathlib
 import struct
 import sys
