@@ -241,16 +241,35 @@ class Tokenizer:
         model = d.get("model") if isinstance(d, dict) else None
         if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "merges" not in model:
             raise ValueError(f"{path}: not a BPE tokenizer.json (model.type must be BPE)")
+        def bad(what):
+            return ValueError(f"{path}: {what}")
         pre = d.get("pre_tokenizer") or {}
-        kinds = [p.get("type") for p in pre.get("pretokenizers", [pre])]
+        parts = pre.get("pretokenizers", [pre]) if isinstance(pre, dict) else None
+        if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+            raise bad("pre_tokenizer must be an object (or hold a list of objects)")
+        kinds = [p.get("type") for p in parts]
         if "ByteLevel" not in kinds:
-            raise ValueError(f"{path}: pre_tokenizer is {kinds}, not ByteLevel: not a byte-level BPE")
-        merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
-        if any(len(m) != 2 for m in merges):
-            raise ValueError(f"{path}: malformed merges")
-        specials = {t["content"] for t in d.get("added_tokens", [])}
-        vocab = dict(model["vocab"])
-        for t in d.get("added_tokens", []):
+            raise bad(f"pre_tokenizer is {kinds}, not ByteLevel: not a byte-level BPE")
+        vocab, raw_merges = model.get("vocab"), model["merges"]
+        if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int)
+                                                  for k, v in vocab.items()):
+            raise bad("model.vocab must map token strings to integer ids")
+        if not isinstance(raw_merges, list):
+            raise bad("model.merges must be a list")
+        merges = []
+        for r, m in enumerate(raw_merges):
+            pair = m.split(" ") if isinstance(m, str) else m
+            if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+                raise bad(f"merge {r} is {m!r}: not 'a b' nor a pair of strings")
+            merges.append(pair)
+        added = d.get("added_tokens", [])
+        if not isinstance(added, list) or not all(
+                isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int)
+                for t in added):
+            raise bad("added_tokens must be a list of objects with a string 'content' and an integer 'id'")
+        specials = {t["content"] for t in added}
+        vocab = dict(vocab)
+        for t in added:
             vocab.setdefault(t["content"], t["id"])
         return cls._from_str_vocab(vocab, merges, specials, str(path))
 

@@ -167,3 +167,17 @@ def test_generate_cli_streams(tmp_path, model):
     out = list(m.generate([3, 4], 5, temperature=0))
     s = m.stats()
     assert len(out) == 5 and s["generated_tokens"] == 5 and s["ttft_s"] > 0 and s["gen_tok_s"] > 0
+
+
+@pytest.mark.parametrize("mode", ["q8", "q4"])
+def test_a_nan_weight_has_no_quantised_form_and_is_refused(mode):
+    """A NaN or Inf weight cannot be quantised (the cast to an integer is
+    undefined): the engine names the tensor and row instead of storing garbage."""
+    m = smedjan.Model("tiny", vocab_size=512, seed=3, max_seq_len=64)
+    m.params["layers.1.w_up"][5, 7] = np.nan
+    with pytest.raises(ValueError, match=r"layers\.1\.w_up: row 5 holds NaN or Inf"):
+        from_model(m, mode)
+    m.params["layers.1.w_up"][5, 7] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        from_model(m, mode)
+    from_model(m, "fp32")   # unquantised, the value is kept as it is

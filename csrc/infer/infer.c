@@ -153,15 +153,25 @@ fail:
 
 /* ---- from the training model ------------------------------------------------- */
 
-typedef struct { sj_qmat *W; const float *src; } fill_job;
+/* Rows that held a NaN or Inf where quantised (the row, or -1). */
+static void note_bad_row(int *bad, int64_t r) {
+    int none = -1;
+    __atomic_compare_exchange_n(bad, &none, (int)r, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
+typedef struct { sj_qmat *W; const float *src; int bad_row; } fill_job;
 static void fill_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     (void)tid;
-    const fill_job *j = ctx;
-    for (int64_t r = r0; r < r1; r++) sj_qmat_set_row(j->W, (int)r, j->src + r * j->W->cols);
+    fill_job *j = ctx;
+    for (int64_t r = r0; r < r1; r++)
+        if (!sj_qmat_set_row(j->W, (int)r, j->src + r * j->W->cols)) note_bad_row(&j->bad_row, r);
 }
-static sj_status fill_f32(sj_qmat *W, const float *src) {
-    fill_job j = { W, src };
+static sj_status fill_f32(sj_qmat *W, const float *src, const char *name) {
+    fill_job j = { W, src, -1 };
     sj_parallel_for(W->rows, 64, fill_rows, &j);
+    if (j.bad_row >= 0)
+        return sj_fail(SJ_ERR_ARG, "%s: row %d holds NaN or Inf: it has no quantised form", name,
+                       j.bad_row);
     return SJ_OK;
 }
 
@@ -180,21 +190,24 @@ sj_status sj_infer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_i
         const float *src = P + t->offset;
         int l;
         char what[32];
-        if (!strcmp(t->name, "tok_emb")) fill_f32(&h->tok_emb, src);
+        sj_qmat *W = NULL;
+        if (!strcmp(t->name, "tok_emb")) W = &h->tok_emb;
         else if (!strcmp(t->name, "final_norm")) memcpy(h->norms + (int64_t)2 * c->n_layers * C, src, sizeof(float) * C);
         else if (sscanf(t->name, "layers.%d.%31s", &l, what) == 2 && l >= 0 && l < c->n_layers) {
             layer_w *w = &h->L[l];
-            if (!strcmp(what, "wq")) fill_f32(&w->wq, src);
-            else if (!strcmp(what, "wk")) fill_f32(&w->wk, src);
-            else if (!strcmp(what, "wv")) fill_f32(&w->wv, src);
-            else if (!strcmp(what, "wo")) fill_f32(&w->wo, src);
-            else if (!strcmp(what, "w_gate")) fill_f32(&w->w_gate, src);
-            else if (!strcmp(what, "w_up")) fill_f32(&w->w_up, src);
-            else if (!strcmp(what, "w_down")) fill_f32(&w->w_down, src);
+            if (!strcmp(what, "wq")) W = &w->wq;
+            else if (!strcmp(what, "wk")) W = &w->wk;
+            else if (!strcmp(what, "wv")) W = &w->wv;
+            else if (!strcmp(what, "wo")) W = &w->wo;
+            else if (!strcmp(what, "w_gate")) W = &w->w_gate;
+            else if (!strcmp(what, "w_up")) W = &w->w_up;
+            else if (!strcmp(what, "w_down")) W = &w->w_down;
             else if (!strcmp(what, "attn_norm")) memcpy(w->attn_norm, src, sizeof(float) * C);
             else if (!strcmp(what, "ffn_norm")) memcpy(w->ffn_norm, src, sizeof(float) * C);
             else { sj_infer_free(h); return sj_fail(SJ_ERR_ARG, "inference engine: unknown tensor '%s'", t->name); }
         } else { sj_infer_free(h); return sj_fail(SJ_ERR_ARG, "inference engine: unknown tensor '%s'", t->name); }
+        sj_status s = W ? fill_f32(W, src, t->name) : SJ_OK;
+        if (s != SJ_OK) { sj_infer_free(h); return s; }
     }
     *out = h;
     return SJ_OK;
@@ -210,13 +223,14 @@ static int unpermute_row(int r, int hd) {
     return head * hd + (i % 2) * half + i / 2;
 }
 
-typedef struct { sj_qmat *W; const sj_gguf_tensor *t; uint64_t row_bytes; int permute_hd; } load_job;
+typedef struct { sj_qmat *W; const sj_gguf_tensor *t; uint64_t row_bytes; int permute_hd, bad_row; } load_job;
 static void load_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     (void)tid;
-    const load_job *j = ctx;
+    load_job *j = ctx;
     for (int64_t r = r0; r < r1; r++) {
         int dst = j->permute_hd ? unpermute_row((int)r, j->permute_hd) : (int)r;
-        sj_qmat_set_row_gguf(j->W, dst, j->t->type, (const uint8_t *)j->t->data + j->row_bytes * r);
+        if (!sj_qmat_set_row_gguf(j->W, dst, j->t->type, (const uint8_t *)j->t->data + j->row_bytes * r))
+            note_bad_row(&j->bad_row, r);
     }
 }
 
@@ -229,8 +243,11 @@ static sj_status load_mat(sj_gguf_file *f, const char *name, sj_qmat *W, int per
                        (long long)t->shape[0], (long long)t->shape[1], W->cols, W->rows);
     int be, bb;
     sj_gguf_type_block(t->type, &be, &bb);
-    load_job j = { W, t, (uint64_t)W->cols / be * bb, permute_hd };
+    load_job j = { W, t, (uint64_t)W->cols / be * bb, permute_hd, -1 };
     sj_parallel_for(W->rows, 64, load_rows, &j);
+    if (j.bad_row >= 0)
+        return sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s': row %d holds NaN or Inf: it has no %s form",
+                       path, name, j.bad_row, W->type == SJ_W_Q4 ? "q4" : "q8");
     return SJ_OK;
 }
 

@@ -91,9 +91,9 @@ void sj_qpool_free(sj_qpool *pool);
 sj_status sj_qmat_alloc_pool(sj_qmat *W, sj_qpool *pool, int type, int rows, int cols, const char *what);
 void sj_qmat_free(sj_qmat *W);
 /* Set row r from f32 values (quantising as GGML's reference does). */
-void sj_qmat_set_row(sj_qmat *W, int r, const float *x);
+int sj_qmat_set_row(sj_qmat *W, int r, const float *x);   /* 0: a NaN/Inf met (zeros stored) */
 /* Set row r from GGUF-encoded data of `type` (exact for Q8_0->Q8, Q4_x->Q4). */
-void sj_qmat_set_row_gguf(sj_qmat *W, int r, int type, const void *src);
+int sj_qmat_set_row_gguf(sj_qmat *W, int r, int type, const void *src);   /* likewise */
 void sj_qmat_get_row(const sj_qmat *W, int r, float *out);
 /* Row r in GGUF encoding of `type` (Q8 -> Q8_0, Q4 -> Q4_0/Q4_1 as made). */
 void sj_qmat_row_to_gguf(const sj_qmat *W, int r, int type, void *dst);

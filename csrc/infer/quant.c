@@ -56,17 +56,29 @@ uint16_t sj_f32_to_bf16(float f) {
 static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 
+/* 1 when every value of a block is finite. A NaN or Inf has no quantised
+ * form (and casting it to an integer is undefined): the blocks below give
+ * zeros for such a block and return 0, and their callers refuse it. */
+static int block_finite(const float *x) {
+    int ok = 1;
+    for (int j = 0; j < QK; j++) ok &= isfinite(x[j]) != 0;
+    return ok;
+}
+
 /* GGML's quantize_row_q8_0_ref for one block: d from the fp32 amax. */
-static void q8_0_block(const float *x, float *d_out, int8_t *q) {
+static int q8_0_block(const float *x, float *d_out, int8_t *q) {
+    if (!block_finite(x)) { memset(q, 0, QK); *d_out = 0.f; return 0; }
     float amax = 0.f;
     for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
     const float d = amax / 127.f, id = d ? 1.0f / d : 0.0f;
     for (int j = 0; j < QK; j++) q[j] = (int8_t)roundf(x[j] * id);
     *d_out = d;
+    return 1;
 }
 
 /* GGML's quantize_row_q4_0_ref: signed max over -8; nibbles n with w = d (n - 8). */
-static void q4_0_block(const float *x, float *d_out, uint8_t n[QK]) {
+static int q4_0_block(const float *x, float *d_out, uint8_t n[QK]) {
+    if (!block_finite(x)) { memset(n, 8, QK); *d_out = 0.f; return 0; }
     float amax = 0.f, max = 0.f;
     for (int j = 0; j < QK; j++)
         if (amax < fabsf(x[j])) { amax = fabsf(x[j]); max = x[j]; }
@@ -76,6 +88,7 @@ static void q4_0_block(const float *x, float *d_out, uint8_t n[QK]) {
         n[j] = (uint8_t)(v > 15 ? 15 : v);
     }
     *d_out = d;
+    return 1;
 }
 
 sj_status sj_gguf_quantize(int type, const float *x, int64_t n, void *out) {
@@ -90,18 +103,22 @@ sj_status sj_gguf_quantize(int type, const float *x, int64_t n, void *out) {
     for (int64_t b = 0; b < n / QK; b++) {
         const float *xb = x + b * QK;
         float d;
+        int ok;
         if (type == SJ_GGUF_Q8_0) {
             uint8_t *blk = o + b * 34;
-            q8_0_block(xb, &d, (int8_t *)(blk + 2));
+            ok = q8_0_block(xb, &d, (int8_t *)(blk + 2));
             st16(blk, sj_f32_to_f16(d));
         } else if (type == SJ_GGUF_Q4_0) {
             uint8_t *blk = o + b * 18, nib[QK];
-            q4_0_block(xb, &d, nib);
+            ok = q4_0_block(xb, &d, nib);
             st16(blk, sj_f32_to_f16(d));
             for (int j = 0; j < 16; j++) blk[2 + j] = (uint8_t)(nib[j] | (nib[j + 16] << 4));
         } else {
             return sj_fail(SJ_ERR_ARG, "quantize: type %s cannot be written", sj_gguf_type_name(type));
         }
+        if (!ok)
+            return sj_fail(SJ_ERR_ARG, "quantize: value %lld..%lld holds NaN or Inf (no %s form)",
+                           (long long)(b * QK), (long long)(b * QK + QK - 1), sj_gguf_type_name(type));
     }
     return SJ_OK;
 }
@@ -250,8 +267,9 @@ static void q4_put_block(sj_qmat *W, int r, int b, const uint8_t nib[QK], float 
     W->m[(int64_t)r * nb + b] = sj_f32_to_f16(m);
 }
 
-void sj_qmat_set_row(sj_qmat *W, int r, const float *x) {
+int sj_qmat_set_row(sj_qmat *W, int r, const float *x) {
     const int C = W->cols, nb = C / QK;
+    int ok = 1;
     switch (W->type) {
     case SJ_W_F32: memcpy(W->f + (int64_t)r * C, x, sizeof(float) * C); break;
     case SJ_W_BF16: for (int c = 0; c < C; c++) W->bf[(int64_t)r * C + c] = sj_f32_to_bf16(x[c]); break;
@@ -259,7 +277,7 @@ void sj_qmat_set_row(sj_qmat *W, int r, const float *x) {
         for (int b = 0; b < nb; b++) {
             float d;
             int8_t q[QK];
-            q8_0_block(x + b * QK, &d, q);
+            ok &= q8_0_block(x + b * QK, &d, q);
             q8_put(W, r, b, sj_f32_to_f16(d), q);
         }
         break;
@@ -267,19 +285,20 @@ void sj_qmat_set_row(sj_qmat *W, int r, const float *x) {
         W->src = SJ_GGUF_Q4_0;
         for (int b = 0; b < nb; b++) {
             float d; uint8_t nib[QK];
-            q4_0_block(x + b * QK, &d, nib);
+            ok &= q4_0_block(x + b * QK, &d, nib);
             d = sj_f16_to_f32(sj_f32_to_f16(d));
             q4_put_block(W, r, b, nib, d, -8.f * d);
         }
     }
+    return ok;
 }
 
-void sj_qmat_set_row_gguf(sj_qmat *W, int r, int type, const void *src) {
+int sj_qmat_set_row_gguf(sj_qmat *W, int r, int type, const void *src) {
     const int C = W->cols, nb = C / QK;
     const uint8_t *p = src;
     if (W->type == SJ_W_Q8 && type == SJ_GGUF_Q8_0) {
         for (int b = 0; b < nb; b++) q8_put(W, r, b, ld16(p + b * 34), (const int8_t *)p + b * 34 + 2);
-        return;
+        return 1;
     }
     if (W->type == SJ_W_Q4 && (type == SJ_GGUF_Q4_0 || type == SJ_GGUF_Q4_1)) {
         W->src = type;
@@ -291,11 +310,11 @@ void sj_qmat_set_row_gguf(sj_qmat *W, int r, int type, const void *src) {
             for (int j = 0; j < 16; j++) { nib[j] = qs[j] & 15; nib[j + 16] = qs[j] >> 4; }
             q4_put_block(W, r, b, nib, d, m);
         }
-        return;
+        return 1;
     }
     float tmp[C];
     sj_gguf_dequantize(type, src, C, tmp);
-    sj_qmat_set_row(W, r, tmp);
+    return sj_qmat_set_row(W, r, tmp);
 }
 
 void sj_qmat_get_row(const sj_qmat *W, int r, float *out) {
@@ -396,13 +415,18 @@ static void qact_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
             float amax = 0.f;
 #pragma omp simd reduction(max:amax)
             for (int e = 0; e < QK; e++) { float v = fabsf(x[e]); amax = v > amax ? v : amax; }
-            const float d = amax / 127.f, id = d ? 1.0f / d : 0.0f;
+            float d = amax / 127.f, id = d ? 1.0f / d : 0.0f;
             int sum = 0;
+            if (!block_finite(x)) {   /* an Inf or NaN activation: the block's products are NaN */
+                memset(q, 0, QK);
+                d = NAN;
+            } else {
 #pragma omp simd reduction(+:sum)
-            for (int e = 0; e < QK; e++) {
-                int v = (int)nearbyintf(x[e] * id);
-                q[e] = (int8_t)v;
-                sum += v;
+                for (int e = 0; e < QK; e++) {
+                    int v = (int)nearbyintf(x[e] * id);
+                    q[e] = (int8_t)v;
+                    sum += v;
+                }
             }
             j->a->d[r * nb + b] = d;
             j->a->s[r * nb + b] = d * (float)sum;
@@ -475,13 +499,22 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
 static const char *const isa_names[] = { "scalar", "avx2", "avx512vnni" };
 static int isa_best = -1, isa_level = -1;
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+/* F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports has no "f16c". */
+static int has_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+}
+#endif
+
 /* What the CPU offers, capped by SMEDJAN_ISA (or the older SMEDJAN_INFER_ISA). */
 static int isa(void) {
     if (isa_level < 0) {
         int lvl = ISA_SCALAR;
 #if defined(__x86_64__) && defined(__GNUC__)
         __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c())
             lvl = ISA_AVX2;
         if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&

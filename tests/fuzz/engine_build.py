@@ -11,10 +11,6 @@ Two exceptions, both about clang rather than the engine's code:
   they are compiled plainly; they read no file, only buffers whose shapes the
   callers checked. The extension's sanitizer build (sanitize.py) compiles
   them with ASan alone, which takes about a minute.
-- clang (14 to 16, Debian's) rejects __builtin_cpu_supports("f16c"), which
-  gcc accepts: such a source is compiled from a copy that asks for "avx2"
-  instead (every x86 CPU with AVX2 has F16C), with #line pointing at the
-  original so reports name csrc/.
 """
 import concurrent.futures
 import os
@@ -35,7 +31,6 @@ SAN_FUZZ = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
 CFLAGS = ["-std=c11", "-O1", "-g", "-pthread", "-D_GNU_SOURCE", "-fno-math-errno", "-fPIC",
           "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
 UNINSTRUMENTED = {"cpu/gemm.c", "infer/qk_avx2.c", "infer/qk_avx512.c"}
-F16C = '__builtin_cpu_supports("f16c")'
 
 
 def log(msg):
@@ -130,10 +125,6 @@ def compile_engine(cc, obj_dir, flags, *, plain_flags=None, with_py=False, inclu
         if not _stale(o, [s] + headers):
             continue
         src, extra = s, ["-I" + str(s.parent)]
-        text = s.read_text()
-        if F16C in text and "clang" in cc:
-            src = obj_dir / ("compat_" + rel.replace("/", "_"))
-            src.write_text(f'#line 1 "{s}"\n' + text.replace(F16C, '__builtin_cpu_supports("avx2")'))
         jobs.append([cc, *(plain if rel in UNINSTRUMENTED else flags), *extra, "-c", str(src), "-o", str(o)])
     if jobs:
         log(f"compiling {len(jobs)} engine sources with {cc}")
