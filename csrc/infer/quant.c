@@ -71,7 +71,8 @@ static int q8_0_block(const float *x, float *d_out, int8_t *q) {
     float amax = 0.f;
     for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
     const float d = amax / 127.f, id = d ? 1.0f / d : 0.0f;
-    for (int j = 0; j < QK; j++) q[j] = (int8_t)roundf(x[j] * id);
+    /* a subnormal d has no finite inverse: divide instead */
+    for (int j = 0; j < QK; j++) q[j] = (int8_t)roundf(isinf(id) ? x[j] / d : x[j] * id);
     *d_out = d;
     return 1;
 }
@@ -84,7 +85,7 @@ static int q4_0_block(const float *x, float *d_out, uint8_t n[QK]) {
         if (amax < fabsf(x[j])) { amax = fabsf(x[j]); max = x[j]; }
     const float d = max / -8.f, id = d ? 1.0f / d : 0.0f;
     for (int j = 0; j < QK; j++) {
-        int v = (int8_t)(x[j] * id + 8.5f);
+        int v = (int8_t)((isinf(id) ? x[j] / d : x[j] * id) + 8.5f);
         n[j] = (uint8_t)(v > 15 ? 15 : v);
     }
     *d_out = d;
@@ -420,6 +421,12 @@ static void qact_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
             if (!block_finite(x)) {   /* an Inf or NaN activation: the block's products are NaN */
                 memset(q, 0, QK);
                 d = NAN;
+            } else if (isinf(id)) {   /* a subnormal d has no finite inverse: divide */
+                for (int e = 0; e < QK; e++) {
+                    int v = (int)nearbyintf(x[e] / d);
+                    q[e] = (int8_t)v;
+                    sum += v;
+                }
             } else {
 #pragma omp simd reduction(+:sum)
                 for (int e = 0; e < QK; e++) {

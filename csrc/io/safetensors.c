@@ -72,7 +72,7 @@ static uint64_t name_head(const char *s) {
     uint64_t h = 0;
     int k = 0;
     for (; k < 8 && s[k]; k++) h = h << 8 | (unsigned char)s[k];
-    return h << (8 * (8 - k));   /* zero padded: a shorter name sorts first */
+    return k ? h << (8 * (8 - k)) : 0;   /* zero padded: a shorter name sorts first */
 }
 static name_ix name_at(const char *s, int i) { return (name_ix){ name_head(s), s, i }; }
 /* strcmp order of the names. */
