@@ -212,3 +212,34 @@ def test_resume_keeps_the_skip_counts_and_the_spike_window(tmp_path, tokens):
     assert first + second == ref
     assert tr.state_dict() == ref_tr.state_dict()
     np.testing.assert_array_equal(m.flat_params, ref_m.flat_params)
+
+
+FAILPOINTS = [("open", 1), ("write", 1), ("write", 3), ("fsync", 1), ("close", 1), ("rename", 1)]
+
+
+@pytest.mark.parametrize("errno_name,text", [("ENOSPC", "No space left on device"),
+                                             ("EIO", "Input/output error")])
+@pytest.mark.parametrize("op,nth", FAILPOINTS, ids=lambda x: str(x))
+def test_a_failed_save_names_the_file_and_leaves_the_last_checkpoint(tmp_path, monkeypatch, op, nth,
+                                                                     errno_name, text):
+    """Every write, fsync, close and rename of the save path made to fail in
+    turn (SMEDJAN_FAILPOINT): an OSError names the path and the error, the
+    previous checkpoint is byte for byte what it was, and no other file (no
+    temporary, no half checkpoint) is left in the folder."""
+    model = smedjan.Model(CFG, seed=0)
+    trainer = smedjan.Trainer(model, **TRAIN)
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, model, trainer, step=1)
+    before = path.read_bytes()
+    r = np.random.default_rng(0)
+    x = r.integers(0, 256, (2, 16)).astype(np.int32)
+    trainer.step(x, x)
+    monkeypatch.setenv("SMEDJAN_FAILPOINT", f"{op}:{errno_name}:{nth}")
+    what = "cannot create temporary file .*" if op == "open" else f"{op} failed"
+    with pytest.raises(OSError, match=rf"ckpt\.safetensors: {what}: {text}"):
+        save_checkpoint(path, model, trainer, step=2)
+    monkeypatch.delenv("SMEDJAN_FAILPOINT")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
+    save_checkpoint(path, model, trainer, step=2)   # and the next save goes through
+    assert load_checkpoint(path).step == 2
