@@ -1,6 +1,7 @@
 """Train tok/s of the shapes that fell off cliffs (issue 20): GPT-2's shape at
 vocabularies 50257, 50304, 32000; the xl preset (head dim 96); 8 heads of
-64, 96 and 128 (4 layers, 8 x 2048). A trailing '+' profiles that shape per
+64, 96 and 128 (4 layers, 8 x 2048). '@fused' runs the head and loss as
+one fused node over all rows (its GEMMs at the padded vocabulary). A trailing '+' profiles that shape per
 kernel (run with SMEDJAN_GRAPHS=0 to see each kernel by name).
 
     python3 benchmarks/probes/train_cliffs.py gpt2-50257 gpt2-50304 xl hd96 gpt2-50257+
@@ -23,8 +24,11 @@ def cfg_for(name):
         hd = int(name[2:]); return smedjan.Config.custom(hd * 8, 4, 8, vocab_size=8192, max_seq_len=2048), 8, 2048
 
 def run(name, prof):
-    cfg, B, T = cfg_for(name)
+    base, _, head = name.partition("@")
+    cfg, B, T = cfg_for(base)
     m = smedjan.Model(cfg, seed=0, device="cuda", dtype="bf16")
+    if head == "fused":   # the LM head and loss as one node over all rows (padded-vocab GEMMs)
+        m.set_levers(fused_ce=True, ce_rows=B * T)
     tr = smedjan.Trainer(m, lr=3e-4, min_lr=3e-4, steps=10**6, weight_decay=0.1, clip=1.0)
     r = np.random.default_rng(0)
     x = r.integers(0, cfg.vocab_size, (B, T)).astype(np.int32); y = r.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)

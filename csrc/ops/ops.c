@@ -127,7 +127,8 @@ int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int l
                    DIM(N, V, ignore_index, C, rows, ld), 0);
     if (o < 0) return -1;
     tp->t[o].no_grad = 1; tp->t[o].dtype = SJ_F32;
-    int sc = sj_tape_tensor(tp, SJ_T_ACT, (int64_t)rows * ld);
+    /* scratch: the chunk's logits, and the head weight padded to ld rows */
+    int sc = sj_tape_tensor(tp, SJ_T_ACT, (int64_t)rows * ld + (ld > V ? (int64_t)ld * C : 0));
     if (sc < 0) return -1;
     tp->t[sc].no_grad = 1;
     tp->nodes[tp->t[o].producer].scratch = sc;
@@ -178,17 +179,31 @@ static void lm_head_ce(const sj_tape *tp, const sj_node *n, const sj_backend *be
     char *dh = train ? in_grad(tp, n, 0, params) : NULL;
     float *dW = train ? tp->grads + tp->t[n->in[1]].offset : NULL;
     const float *scale = tp->loss_scale_ptr ? tp->loss_scale_ptr : &tp->loss_scale;
+    /* The logits and dh GEMMs at the padded vocabulary ld, over a copy of W
+     * whose rows past V are zero (an odd V costs the GEMMs their aligned
+     * kernels): the extra logits are zeros, which the cross-entropy never
+     * touches, so dh's extra products add zero. dW keeps its V rows. The
+     * zero rows are written as f32 zeros (the same bits in 16-bit types). */
+    const void *Wg = W;
+    int Vg = V;
+    if (ld > V && ((size_t)C * es) % 4 == 0) {
+        char *Wp = (char *)L + (size_t)R * ld * es;
+        be->copy(Wp, W, (int64_t)V * C, 0);
+        be->fill((float *)(Wp + (size_t)V * C * es), 0.0f, (int64_t)(ld - V) * C * (int64_t)es / 4);
+        Wg = Wp;
+        Vg = ld;
+    }
     for (int r0 = 0; r0 < N; r0 += R) {
         const int rows = N - r0 < R ? N - r0 : R;
         char *hc = h + (size_t)r0 * C * es;
-        logits_forward(be, L, hc, W, rows, V, C, ld);
+        logits_forward(be, L, hc, Wg, rows, Vg, C, ld);
         be->cross_entropy_forward(losses + r0, lse + r0, L, tg + (size_t)r0 * ts, tdt, rows, V,
                                   ld, ign);
         if (!train) continue;
         be->cross_entropy_backward(L, L, lse + r0, tg + (size_t)r0 * ts, tdt, rows, V, ld, ign,
                                    scale, 0);
-        logits_backward(be, dh ? dh + (size_t)r0 * C * es : NULL, dW, L, hc, W, rows, V, C, ld,
-                        n->accum[0], r0 > 0 || n->accum[1]);
+        if (dh) be->matmul(dh + (size_t)r0 * C * es, C, L, ld, Wg, C, rows, C, Vg, 0, 0, n->accum[0], 0);
+        be->matmul(dW, C, L, ld, hc, C, V, C, rows, 1, 0, r0 > 0 || n->accum[1], 1);
     }
 }
 
