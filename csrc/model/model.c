@@ -472,11 +472,16 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     }
     OP_BLOCK_BEGIN();
     int h = sj_op_rmsnorm(tp, x, NORM("final_norm%.0d", 0), N, C, c->norm_eps);
-    if (m->lv.fused_ce && pl->mode != SJ_RUN_LOGITS) {
+    /* An unaligned vocabulary (ld > V) takes the fused head over all rows
+     * even without the lever: it alone runs the GEMMs at the padded
+     * vocabulary (GPT-2's 50257 on an H100: 286K -> 424K tok/s). */
+    const int odd_vocab = m->vocab_ld > V;
+    if ((m->lv.fused_ce || odd_vocab) && pl->mode != SJ_RUN_LOGITS) {
         pl->logits = -1;
         pl->targets = sj_tape_tensor(tp, SJ_T_EXTERN, N);
+        const int rows = !m->lv.fused_ce ? N : m->lv.ce_rows > 0 ? m->lv.ce_rows : 256;
         pl->losses = sj_op_lm_head_ce(tp, h, PARAM("tok_emb%.0d", 0, V), pl->targets, N, V,
-                                      m->vocab_ld, C, -1, m->lv.ce_rows > 0 ? m->lv.ce_rows : 256);
+                                      m->vocab_ld, C, -1, rows);
         OP_BLOCK_END();
         return pl->losses < 0 ? SJ_ERR_NOMEM : SJ_OK;
     }
