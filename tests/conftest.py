@@ -38,3 +38,21 @@ def text_bytes():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def assert_n_log_n(run, n, what):
+    """run(k) makes its input and returns a function doing the work on it;
+    the work's CPU time (best of 3) at n and n / 4 must grow like n log n
+    (about 4.5x), not like all pairs (16x): a bound on the shape of the
+    cost, so a slow or sanitized build passes as well as a fast one."""
+    import time
+
+    def cpu(k):
+        work, best = run(k), float("inf")
+        for _ in range(3):
+            t = time.process_time()
+            work()
+            best = min(best, time.process_time() - t)
+        return best
+    small, big = cpu(n // 4), cpu(n)
+    assert big < 8 * small + 0.02, f"{what}: {n // 4} took {small:.3f} s of CPU, {n} took {big:.3f} s"

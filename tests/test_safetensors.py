@@ -5,7 +5,6 @@ file (and tensor), and a failed write never touches the file already there."""
 import json
 import os
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -15,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 import safetensors.numpy as stn
 from safetensors import safe_open
 from smedjan import _C
+from conftest import assert_n_log_n
 from smedjan.io import (bf16_to_f32, f32_to_bf16, from_gguf_name, from_hf_name,
                         load_safetensors, save_safetensors, to_gguf_name, to_hf_name)
 
@@ -294,22 +294,18 @@ def many_tensors(path, n, *, dup=False, overlap=False):
 
 def test_header_validation_is_n_log_n_in_the_tensor_count(tmp_path):
     """Duplicate, overlap and hole checks sort the names and extents; they
-    compared all pairs, which took minutes for 200,000 tensors. (Timings
-    across sizes: benchmarks/bench_io.py.) CPU time, so a busy machine does
-    not fail this; the bound is over 10x what it takes."""
+    compared all pairs, which took minutes for 200,000 tensors (timings
+    across sizes: benchmarks/bench_io.py)."""
     n = 200_000
-    t = time.process_time()
     _, items = _C.safetensors_load(many_tensors(tmp_path / "ok.safetensors", n))
-    cpu = time.process_time() - t
     assert len(items) == n and items[-1][0] == f"t{n - 1}" and bytes(items[-1][3]) == b"\0"
-    assert cpu < 2.0, f"{n} tensors took {cpu:.2f} s of CPU to validate"
+    assert_n_log_n(lambda k: lambda p=many_tensors(tmp_path / f"{k}.safetensors", k): _C.safetensors_load(p),
+                   n, "safetensors header validation")
     for kind, msg in (("dup", "'t0' appears twice in the header"),
                       ("overlap", f"tensors 't0' and 't{n - 1}' overlap")):
         p = many_tensors(tmp_path / f"{kind}.safetensors", n, **{kind: True})
-        t = time.process_time()
         with pytest.raises(ValueError, match=f"{kind}.safetensors: {msg}"):
             _C.safetensors_load(p)
-        assert time.process_time() - t < 2.0
 
 
 def test_many_tensors_with_crcs_round_trip(tmp_path):
@@ -319,11 +315,14 @@ def test_many_tensors_with_crcs_round_trip(tmp_path):
     tensors = {f"layer.{i}.w": np.full(2, i, np.int32) for i in range(n)}
     p = tmp_path / "many.safetensors"
     save_safetensors(p, tensors)
-    t = time.process_time()
     meta, items = _C.safetensors_load(p, verify=True)
-    cpu = time.process_time() - t
     assert len(items) == n and len(meta) == n + 1
-    assert cpu < 2.0, f"{n} tensors with CRCs took {cpu:.2f} s of CPU to load and verify"
+
+    def saved(k):
+        q = tmp_path / f"many{k}.safetensors"
+        save_safetensors(q, {f"layer.{i}.w": np.full(2, i, np.int32) for i in range(k)})
+        return lambda: _C.safetensors_load(q, verify=True)
+    assert_n_log_n(saved, n, "load and CRC checks")
     got, _ = load_safetensors(p)
     np.testing.assert_array_equal(got[f"layer.{n - 1}.w"], [n - 1, n - 1])
     with pytest.raises(ValueError, match="tensor name 'a' given twice"):
