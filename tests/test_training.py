@@ -114,9 +114,20 @@ def test_sigkill_never_leaves_a_corrupt_checkpoint(corpus, tmp_path):
         p.wait()
         latest = d / LATEST
         assert latest.exists(), p.stderr.read().decode()[-2000:]
-        c = ck.load_checkpoint(latest)          # raises on any corruption
-        steps_seen.append(c.step)
+        for f in d.iterdir():                   # every file under a final name loads
+            if f.suffix == ".safetensors":
+                ck.load_checkpoint(f)           # raises on any corruption
+        steps_seen.append(ck.load_checkpoint(latest).step)
     assert steps_seen == sorted(steps_seen) and steps_seen[-1] > steps_seen[0], steps_seen
+    # Resumed after 20 kills, the run reaches the uninterrupted run's weights bit for bit.
+    target = steps_seen[-1] + 3
+    cli(*args, "--resume", "--max-steps", "3")
+    ref = tmp_path / "straight"
+    cli(*args[:-4], "--checkpoint-dir", str(ref), "--max-steps", str(target))
+    a, b = ck.load_checkpoint(d / LATEST), ck.load_checkpoint(ref / LATEST)
+    assert a.step == b.step == target
+    for name, t in b.tensors.items():
+        np.testing.assert_array_equal(a.tensors[name], t, err_msg=name)
 
 
 def test_bad_files_give_clear_errors_and_keep_checkpoints(corpus, tmp_path):
