@@ -463,6 +463,8 @@ const sj_gguf_tensor *sj_gguf_find_tensor(const sj_gguf_file *f, const char *nam
 /* Typed scalar reads; a missing key or a wrong type is SJ_ERR_FORMAT. */
 sj_status sj_gguf_get_int(const sj_gguf_file *f, const char *key, int64_t *out);
 sj_status sj_gguf_get_float(const sj_gguf_file *f, const char *key, double *out);
+/* Bytes of one metadata value of a scalar type; 0 for string, array, unknown. */
+uint64_t sj_gguf_value_size(int type);
 /* Elements and bytes per block of a tensor type; 0 when unsupported. */
 int sj_gguf_type_block(int type, int *block_elems, int *block_bytes);
 const char *sj_gguf_type_name(int type);

@@ -127,10 +127,6 @@ sj_status sj_tape_backward(sj_tape *tp, const sj_backend *be, void *params, floa
 int sj_op_embedding(sj_tape *tp, int tokens, int emb, int N, int C);
 int sj_op_rmsnorm(sj_tape *tp, int x, int w, int N, int C, float eps);
 int sj_op_matmul(sj_tape *tp, int x, int w, int N, int out_features, int in_features);
-/* The same with output rows ld >= out_features elements apart (the LM head's
- * logits: an aligned stride for any vocabulary). */
-int sj_op_matmul_ld(sj_tape *tp, int x, int w, int N, int out_features, int in_features,
-                    int ld);
 /* res + x @ w^T in one GEMM (the residual add fused into the projection). */
 int sj_op_matmul_add(sj_tape *tp, int res, int x, int w, int N, int out_features,
                      int in_features);
@@ -138,9 +134,7 @@ int sj_op_rope(sj_tape *tp, int x, int B, int T, int n_heads, int n_rot, int hd,
 int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd);
 int sj_op_swiglu(sj_tape *tp, int gu, int N, int F);
 int sj_op_add(sj_tape *tp, int a, int b, int64_t n);
-/* logits: (N, ld), the first V columns the vocabulary (see backend.h). */
-int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ld,
-                        int ignore_index);
+int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index);
 /* Tied LM head + cross-entropy, `rows` rows at a time: only (rows, ld)
  * logits ever exist. h: (N, C), w: (V, C) -> losses (N). On a training tape
  * the gradients (dh, dw) are made in forward, chunk by chunk. */

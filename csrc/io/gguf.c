@@ -36,8 +36,7 @@ struct sj_gguf_file {
     uint32_t *by_name;          /* tensor indices sorted by name (find_tensor) */
 };
 
-/* Element size of a scalar value type; 0 for string/array/unknown. */
-static uint64_t vtype_size(uint32_t t) {
+uint64_t sj_gguf_value_size(int t) {
     switch (t) {
     case SJ_GGUF_UINT8: case SJ_GGUF_INT8: case SJ_GGUF_BOOL: return 1;
     case SJ_GGUF_UINT16: case SJ_GGUF_INT16: return 2;
@@ -323,14 +322,14 @@ sj_status sj_gguf_open(const char *path, sj_gguf_file **out) {
                     ((uint64_t *)kv->str_lens)[j] = len;
                 }
             } else {
-                uint64_t es = vtype_size(at);
+                uint64_t es = sj_gguf_value_size((int)at);
                 if (!es) { s = sj_fail(SJ_ERR_FORMAT, "%s: key '%s': array element type %u is not valid", path, kname, at); goto fail_k; }
                 if ((s = need(&c, n * es))) goto fail_k;
                 kv->data = f->map + c.pos;
                 c.pos += n * es;
             }
         } else {
-            uint64_t es = vtype_size(vt);
+            uint64_t es = sj_gguf_value_size((int)vt);
             if (!es) { s = sj_fail(SJ_ERR_FORMAT, "%s: key '%s': value type %u is not valid", path, kname, vt); goto fail_k; }
             if ((s = need(&c, es))) goto fail_k;
             kv->data = f->map + c.pos; kv->n = 1;
@@ -454,7 +453,7 @@ sj_status sj_gguf_get_int(const sj_gguf_file *f, const char *key, int64_t *out) 
     const sj_gguf_kv *kv = sj_gguf_find_kv(f, key);
     if (!kv) return sj_fail(SJ_ERR_FORMAT, "%s: metadata key '%s' is missing", f->path, key);
     union { uint8_t u8; int8_t i8; uint16_t u16; int16_t i16; uint32_t u32; int32_t i32; uint64_t u64; int64_t i64; } v;
-    uint64_t es = vtype_size((uint32_t)kv->type);
+    uint64_t es = sj_gguf_value_size((int)kv->type);
     if (kv->type == SJ_GGUF_FLOAT32 || kv->type == SJ_GGUF_FLOAT64 || kv->type == SJ_GGUF_BOOL || !es)
         return sj_fail(SJ_ERR_FORMAT, "%s: metadata key '%s' must be an integer", f->path, key);
     memcpy(&v, kv->data, es);
@@ -514,9 +513,9 @@ sj_status sj_gguf_save(const char *path, const sj_gguf_kv *kv, int n_kv,
             put_u32(&b, (uint32_t)k->arr_type); put_u64(&b, k->n);
             if (k->arr_type == SJ_GGUF_STRING)
                 for (uint64_t j = 0; j < k->n; j++) put_str(&b, k->strs[j], k->str_lens[j]);
-            else if (vtype_size((uint32_t)k->arr_type)) put(&b, k->data, k->n * vtype_size((uint32_t)k->arr_type));
+            else if (sj_gguf_value_size((int)k->arr_type)) put(&b, k->data, k->n * sj_gguf_value_size((int)k->arr_type));
             else { free(b.p); return sj_fail(SJ_ERR_ARG, "%s: key '%s': bad array element type %d", path, k->key, k->arr_type); }
-        } else if (vtype_size((uint32_t)k->type)) put(&b, k->data, vtype_size((uint32_t)k->type));
+        } else if (sj_gguf_value_size((int)k->type)) put(&b, k->data, sj_gguf_value_size((int)k->type));
         else { free(b.p); return sj_fail(SJ_ERR_ARG, "%s: key '%s': bad value type %d", path, k->key, k->type); }
     }
     uint64_t off = 0;

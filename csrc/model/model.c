@@ -485,9 +485,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         OP_BLOCK_END();
         return pl->losses < 0 ? SJ_ERR_NOMEM : SJ_OK;
     }
-    /* the tied head; logits that leave the engine are packed */
-    const int ld = pl->mode == SJ_RUN_LOGITS ? V : m->vocab_ld;
-    pl->logits = sj_op_matmul_ld(tp, h, PARAM("tok_emb%.0d", 0, V), N, V, C, ld);
+    pl->logits = sj_op_matmul(tp, h, PARAM("tok_emb%.0d", 0, V), N, V, C);  /* tied head */
     OP_BLOCK_END();
     #undef PARAM
     #undef NORM
@@ -502,7 +500,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         return SJ_OK;
     }
     pl->targets = sj_tape_tensor(tp, SJ_T_EXTERN, N);
-    pl->losses = sj_op_cross_entropy(tp, pl->logits, pl->targets, N, V, ld, -1);
+    pl->losses = sj_op_cross_entropy(tp, pl->logits, pl->targets, N, V, -1);
     return pl->losses < 0 ? SJ_ERR_NOMEM : SJ_OK;
 }
 /* The plan for (B, T, mode): reused when present, else recorded and planned,

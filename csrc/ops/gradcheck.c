@@ -87,7 +87,7 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         c->out = sj_op_add(tp, a, b, N * 6);
     } else if (!strcmp(op, "cross_entropy")) {
         int logits = add_act(c, "logits", N * 9);
-        c->out = sj_op_cross_entropy(tp, logits, add_tokens(c, N, 9, 1, g), N, 9, 9, -1);
+        c->out = sj_op_cross_entropy(tp, logits, add_tokens(c, N, 9, 1, g), N, 9, -1);
         tp->loss_scale = 0.3f;
     } else {
         return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, matmul, "

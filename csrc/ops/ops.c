@@ -53,13 +53,8 @@ int sj_op_rmsnorm(sj_tape *tp, int x, int w, int N, int C, float eps) {
 }
 // x: (N, in) @ w^T, w: (out, in) -> (N, out)
 int sj_op_matmul(sj_tape *tp, int x, int w, int N, int out_features, int in_features) {
-    return sj_op_matmul_ld(tp, x, w, N, out_features, in_features, out_features);
-}
-// x: (N, in) @ w^T, w: (out, in) -> (N, ld), the first out columns written
-int sj_op_matmul_ld(sj_tape *tp, int x, int w, int N, int out_features, int in_features,
-                    int ld) {
-    return record(tp, SJ_OP_MATMUL, IN(x, w, NONE), (int64_t)N * ld, 0, 0,
-                  DIM(N, out_features, in_features, ld), 0);
+    return record(tp, SJ_OP_MATMUL, IN(x, w, NONE), (int64_t)N * out_features, 0, 0,
+                  DIM(N, out_features, in_features), 0);
 }
 // res: (N, out) + x: (N, in) @ w^T, w: (out, in) -> (N, out)
 int sj_op_matmul_add(sj_tape *tp, int res, int x, int w, int N, int out_features,
@@ -84,11 +79,10 @@ int sj_op_swiglu(sj_tape *tp, int gu, int N, int F) {
 int sj_op_add(sj_tape *tp, int a, int b, int64_t n) {
     return record(tp, SJ_OP_ADD, IN(a, b, NONE), n, 0, 0, DIM(0), 0);
 }
-// logits: (N, ld), targets: (N) -> losses: (N), lse: (N)
-int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ld,
-                        int ignore_index) {
+// logits: (N, V), targets: (N) -> losses: (N), lse: (N)
+int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index) {
     int o = record(tp, SJ_OP_CROSS_ENTROPY, IN(logits, targets, NONE), N, N, 1,
-                   DIM(N, V, ignore_index, ld), 0);
+                   DIM(N, V, ignore_index), 0);
     if (o >= 0) { tp->t[o].no_grad = 1; tp->t[o].dtype = SJ_F32; }
     return o;
 }
@@ -144,22 +138,6 @@ static void *in_grad(const sj_tape *tp, const sj_node *n, int k, void *params) {
     return id >= 0 && tp->t[id].kind == SJ_T_ACT && tp->t[id].grad >= 0 ? G(id) : NULL;
 }
 
-/* y: (N, ld) = x: (N, in) @ W^T, W: (out, in), the first out columns of
- * each row; and its backward: dx (N, in) (+)= dy @ W, dW (+)= dy^T x, the
- * columns of dy past out never read. A stride ld > out keeps the rows of a
- * vocabulary-wide output aligned (an odd vocabulary otherwise costs the
- * GEMMs and the cross-entropy their vector paths). */
-static void logits_forward(const sj_backend *be, void *y, const void *x, const void *W, int N,
-                           int out, int in, int ld) {
-    be->matmul(y, ld, x, in, W, in, N, out, in, 0, 1, 0, 0);
-}
-static void logits_backward(const sj_backend *be, void *dx, float *dW, const void *dy,
-                            const void *x, const void *W, int N, int out, int in, int ld,
-                            int accum_dx, int accum_dW) {
-    if (dx) be->matmul(dx, in, dy, ld, W, in, N, in, out, 0, 0, accum_dx, 0);
-    be->matmul(dW, in, dy, ld, x, in, out, in, N, 1, 0, accum_dW, 1);
-}
-
 /* Fused CE, chunk by chunk: logits = h_chunk @ W^T into the scratch, the
  * rows' losses; on a training tape at once dlogits (in place, scaled by the
  * loss scale), dh_chunk = dlogits @ W and dW += dlogits^T h_chunk. Each
@@ -196,7 +174,7 @@ static void lm_head_ce(const sj_tape *tp, const sj_node *n, const sj_backend *be
     for (int r0 = 0; r0 < N; r0 += R) {
         const int rows = N - r0 < R ? N - r0 : R;
         char *hc = h + (size_t)r0 * C * es;
-        logits_forward(be, L, hc, Wg, rows, Vg, C, ld);
+        be->matmul(L, ld, hc, C, Wg, C, rows, Vg, C, 0, 1, 0, 0);   /* (rows, ld) = hc Wg^T */
         be->cross_entropy_forward(losses + r0, lse + r0, L, tg + (size_t)r0 * ts, tdt, rows, V,
                                   ld, ign);
         if (!train) continue;
@@ -248,7 +226,7 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
         be->rmsnorm_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]), d[0], d[1], n->f);
         break;
     case SJ_OP_MATMUL:
-        logits_forward(be, P(out[0]), P(in[0]), P(in[1]), d[0], d[1], d[2], d[3]);
+        sj_matmul(be, P(out[0]), P(in[0]), P(in[1]), d[0], d[1], d[2], 0, 1, 0, 0);
         break;
     case SJ_OP_MATMUL_ADD:
         be->matmul_add(P(out[0]), P(in[2]), P(in[0]), P(in[1]), d[0], d[1], d[2], 0, 1);
@@ -267,7 +245,7 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
         break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]),
-                                  tp->t[in[1]].dtype, d[0], d[1], d[3], d[2]);
+                                  tp->t[in[1]].dtype, d[0], d[1], d[1], d[2]);   /* packed: ld = V */
         break;
     case SJ_OP_CAST:
         be->convert(P(out[0]), tp->t[out[0]].dtype, P(in[0]), SJ_F32, tp->t[out[0]].numel);
@@ -304,8 +282,8 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         break;
     case SJ_OP_MATMUL:
     case SJ_OP_MATMUL_ADD: {
-        logits_backward(be, dx, grads + tp->t[in[1]].offset, dy, P(in[0]), P(in[1]), d[0],
-                        d[1], d[2], n->op == SJ_OP_MATMUL ? d[3] : d[1], acc[0], acc[1]);
+        if (dx) sj_matmul(be, dx, dy, P(in[1]), d[0], d[2], d[1], 0, 0, acc[0], 0);   // dy @ W
+        sj_matmul(be, grads + tp->t[in[1]].offset, dy, P(in[0]), d[1], d[2], d[0], 1, 0, acc[1], 1);
         void *dr = n->op == SJ_OP_MATMUL_ADD ? in_grad(tp, n, 2, params) : NULL;
         if (dr && dr != dy) be->copy(dr, dy, tp->t[out[0]].numel, acc[2]);   /* not shared */
         break;
@@ -328,7 +306,7 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
     }
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_backward(dx, P(in[0]), P(out[1]), P(in[1]), tp->t[in[1]].dtype,
-                                   d[0], d[1], d[3], d[2],
+                                   d[0], d[1], d[1], d[2],
                                    tp->loss_scale_ptr ? tp->loss_scale_ptr : &tp->loss_scale,
                                    acc[0]);
         break;

@@ -6,16 +6,6 @@
  * numel floats (so ASan sees any write past it). */
 #include "fuzz.h"
 
-static uint64_t vsize(int t) {
-    switch (t) {
-    case SJ_GGUF_UINT8: case SJ_GGUF_INT8: case SJ_GGUF_BOOL: return 1;
-    case SJ_GGUF_UINT16: case SJ_GGUF_INT16: return 2;
-    case SJ_GGUF_UINT32: case SJ_GGUF_INT32: case SJ_GGUF_FLOAT32: return 4;
-    case SJ_GGUF_UINT64: case SJ_GGUF_INT64: case SJ_GGUF_FLOAT64: return 8;
-    default: return 0;
-    }
-}
-
 static volatile uint8_t acc;
 static void touch(const void *p, uint64_t n) {
     const uint8_t *b = p;
@@ -44,13 +34,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             FUZZ_CHECK(kv->n <= size, "array '%s' of %llu strings", kv->key, (unsigned long long)kv->n);
             for (uint64_t j = 0; j < kv->n; j++) touch(kv->strs[j], kv->str_lens[j]);
         } else if (kv->type == SJ_GGUF_ARRAY) {
-            uint64_t es = vsize(kv->arr_type);
+            uint64_t es = sj_gguf_value_size(kv->arr_type);
             FUZZ_CHECK(es > 0, "array '%s' of element type %d opened", kv->key, kv->arr_type);
             FUZZ_CHECK(kv->n <= size / es, "array '%s' of %llu elements", kv->key, (unsigned long long)kv->n);
             touch(kv->data, kv->n * es);
         } else {
-            FUZZ_CHECK(vsize(kv->type) > 0, "key '%s' has value type %d", kv->key, kv->type);
-            touch(kv->data, vsize(kv->type));
+            FUZZ_CHECK(sj_gguf_value_size(kv->type) > 0, "key '%s' has value type %d", kv->key, kv->type);
+            touch(kv->data, sj_gguf_value_size(kv->type));
         }
         int64_t iv;
         double fv;
