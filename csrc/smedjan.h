@@ -49,6 +49,42 @@ sj_status sj_threads_set(int n);
 
 /* ---- model configuration ---------------------------------------------- */
 
+/* Architecture options. Zero everywhere is the plain model: RMSNorm, RoPE,
+ * GQA attention over the whole causal context, SwiGLU, tied head. */
+enum { SJ_MIXER_ATTENTION = 0, SJ_MIXER__COUNT };
+enum { SJ_FFN_SWIGLU = 0,      /* silu(gate) * up            */
+       SJ_FFN_RELU2,           /* relu(gate)^2 * up           */
+       SJ_FFN__COUNT };
+enum { SJ_QK_NORM_NONE = 0,
+       SJ_QK_NORM_WEIGHTED,    /* per-head RMSNorm of q and k, learnable gains (Qwen3) */
+       SJ_QK_NORM_PLAIN,       /* ... without gains (seed 001)                         */
+       SJ_QK_NORM__COUNT };
+/* RoPE scaling as transformers defines it (rope_type): */
+enum { SJ_ROPE_DEFAULT = 0,
+       SJ_ROPE_LINEAR,         /* positions divided by factor                        */
+       SJ_ROPE_DYNAMIC,        /* NTK-aware base, grown once a run passes the original */
+       SJ_ROPE_YARN,           /* NTK-by-parts frequencies, attention temperature     */
+       SJ_ROPE__COUNT };
+enum { SJ_MAX_LAYERS = 1024 };
+
+typedef struct {
+    uint8_t mixer;    /* SJ_MIXER_*                                       */
+    uint8_t ffn;      /* SJ_FFN_*                                         */
+    uint8_t qk_norm;  /* SJ_QK_NORM_*                                     */
+    uint8_t unused_;
+    int32_t window;   /* sliding window: query t sees keys t-window < s <= t; 0: all */
+} sj_layer;
+
+typedef struct {
+    int type;                   /* SJ_ROPE_*                               */
+    float factor;               /* > 1 (linear, dynamic, yarn)             */
+    int original_max_seq_len;   /* dynamic, yarn: the pretraining context  */
+    float beta_fast, beta_slow; /* yarn: the ramp's bounds in rotations (32, 1) */
+    float attention_factor;     /* yarn: cos and sin scale; 0: 0.1 ln(factor) + 1 */
+    int truncate;               /* yarn: round the ramp's bounds to whole dims
+                                 * (transformers' default, true) */
+} sj_rope_scaling;
+
 typedef struct {
     int dim;          /* model width C                                   */
     int n_layers;
@@ -59,7 +95,24 @@ typedef struct {
     int max_seq_len;
     float rope_theta;
     float norm_eps;
+    sj_rope_scaling rope_scaling;
+    int untied_head;  /* a separate lm_head (V, C); 0: the head is tok_emb */
+    int paired_heads; /* seed 001: q, k and v of adjacent heads averaged, attention at
+                       * H/2 heads and KV/2 kv heads; wo reads (H/2)*hd */
+    float value_mix;  /* seed 001: each layer's v = (1-a) v + a v of layer 0   */
+    float embed_skip; /* seed 001: each layer after the first adds a * embedding to its input */
+    sj_layer layers[SJ_MAX_LAYERS];   /* [0, n_layers) */
 } sj_config;
+
+/* Names of the option values, as configs and checkpoints spell them
+ * ("attention"; "swiglu", "relu2"; "none", "weighted", "plain"; "default",
+ * "linear", "dynamic", "yarn"); NULL out of range. */
+const char *sj_mixer_name(int kind);
+const char *sj_ffn_name(int kind);
+const char *sj_qk_norm_name(int kind);
+const char *sj_rope_type_name(int type);
+/* The value of a name, or -1 (the caller names the field in its error). */
+int sj_option_value(const char *(*name_of)(int), const char *name);
 
 /* Fill *out with a named preset (tiny, small, medium, large, xl, max,
  * huge, 8b) at the given vocabulary size. */

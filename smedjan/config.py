@@ -2,17 +2,28 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import json
+from typing import Optional, Union
 
 from . import _C
 
 
+LAYER_FIELDS = ("mixer", "ffn", "qk_norm", "window")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Shape of a Llama-style decoder (RMSNorm, RoPE, GQA, SwiGLU, tied head).
+    """A decoder: its shape and its architecture options.
+
+    Zero options is the Llama-style model (RMSNorm, RoPE, GQA, SwiGLU, tied
+    head). Per-layer fields (mixer, ffn, qk_norm, window) take one value for
+    every layer or a list repeated as a period: window=[1024, 1024, 1024, 0]
+    gives every 4th layer the whole context, the rest a 1024-token window.
 
     >>> Config.preset("small").dim
     256
+    >>> Config.preset("tiny", window=[64, 0]).window
+    (64, 0, 64, 0)
     """
     dim: int
     n_layers: int
@@ -23,9 +34,42 @@ class Config:
     max_seq_len: int = 512
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    # None, or transformers' rope_scaling as smedjan spells it: {"type": "linear" |
+    # "dynamic" | "yarn", "factor", "original_max_seq_len", yarn: "beta_fast",
+    # "beta_slow", "attention_factor" (0: 0.1 ln(factor) + 1), "truncate"}
+    rope_scaling: Optional[dict] = None
+    tied_head: bool = True          # False: a separate lm_head
+    paired_heads: bool = False      # seed 001: adjacent heads' q, k, v averaged
+    value_mix: float = 0.0          # seed 001: v = (1 - a) v + a v of layer 0
+    embed_skip: float = 0.0         # seed 001: each block's input += a * embedding
+    mixer: Union[str, tuple] = "attention"
+    ffn: Union[str, tuple] = "swiglu"           # or "relu2": relu(gate)^2 * up
+    qk_norm: Union[str, tuple] = "none"         # "weighted" (Qwen3) or "plain" (no gains)
+    window: Union[int, tuple] = 0               # sliding window in tokens; 0: all
 
     def __post_init__(self):
-        _C.param_count(self.to_dict())   # validates; ValueError names the field
+        # The engine validates (ValueError names the field) and gives the
+        # canonical form: a per-layer field is one value, or one per layer.
+        canon = _C.config_canonical(self.to_dict())
+        for k in LAYER_FIELDS:
+            v = canon[k]
+            object.__setattr__(self, k, tuple(v) if isinstance(v, list) else v)
+        if self.rope_scaling is not None:   # defaults filled, the given values kept
+            object.__setattr__(self, "rope_scaling", {**canon["rope_scaling"], **self.rope_scaling})
+
+    def layer(self, i: int) -> dict:
+        """Layer i's kinds: {"mixer", "ffn", "qk_norm", "window"}."""
+        if not 0 <= i < self.n_layers:
+            raise IndexError(f"layer {i} of {self.n_layers}")
+        return {k: (v[i] if isinstance(v, tuple) else v)
+                for k, v in ((k, getattr(self, k)) for k in LAYER_FIELDS)}
+
+    @property
+    def plain(self) -> bool:
+        """True for the Llama-style model without options."""
+        return self == dataclasses.replace(
+            self, rope_scaling=None, tied_head=True, paired_heads=False, value_mix=0.0,
+            embed_skip=0.0, mixer="attention", ffn="swiglu", qk_norm="none", window=0)
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = 8192, **overrides) -> "Config":
@@ -56,7 +100,17 @@ class Config:
         return _C.param_count(self.to_dict())
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """JSON-ready: the form checkpoints record."""
+        d = dataclasses.asdict(self)
+        for k in LAYER_FIELDS:
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
+        if d["rope_scaling"] is not None:
+            d["rope_scaling"] = dict(d["rope_scaling"])
+        return d
+
+    def __hash__(self):
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
 
 PRESETS = tuple(_C.preset_names())

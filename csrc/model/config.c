@@ -40,6 +40,63 @@ sj_status sj_config_preset(const char *name, int vocab_size, sj_config *out) {
     return sj_fail(SJ_ERR_ARG, "unknown size '%s' (presets: %s, or custom)", name, names);
 }
 
+#define NAMES(fn, ...)                                                       \
+    const char *fn(int k) {                                                  \
+        static const char *const names[] = { __VA_ARGS__ };                  \
+        return k >= 0 && k < (int)(sizeof names / sizeof names[0]) ? names[k] : NULL; \
+    }
+NAMES(sj_mixer_name, "attention")
+NAMES(sj_ffn_name, "swiglu", "relu2")
+NAMES(sj_qk_norm_name, "none", "weighted", "plain")
+NAMES(sj_rope_type_name, "default", "linear", "dynamic", "yarn")
+#undef NAMES
+
+int sj_option_value(const char *(*name_of)(int), const char *name) {
+    for (int k = 0; name_of(k); k++)
+        if (!strcmp(name_of(k), name)) return k;
+    return -1;
+}
+
+static sj_status validate_rope_scaling(const sj_config *c) {
+    const sj_rope_scaling *r = &c->rope_scaling;
+    #define NEED(cond, ...) do { if (!(cond)) return sj_fail(SJ_ERR_ARG, __VA_ARGS__); } while (0)
+    NEED(sj_rope_type_name(r->type), "rope_scaling.type %d is unknown", r->type);
+    if (r->type == SJ_ROPE_DEFAULT) return SJ_OK;
+    const char *t = sj_rope_type_name(r->type);
+    NEED(isfinite(r->factor) && (r->type == SJ_ROPE_YARN ? r->factor > 1 : r->factor >= 1),
+         "rope_scaling.factor must be %s for %s scaling, got %g",
+         r->type == SJ_ROPE_YARN ? "> 1" : ">= 1", t, (double)r->factor);
+    if (r->type == SJ_ROPE_LINEAR) return SJ_OK;
+    NEED(r->original_max_seq_len > 0 && r->original_max_seq_len <= c->max_seq_len,
+         "rope_scaling.original_max_seq_len must be in 1..max_seq_len (%d) for %s scaling, got %d",
+         c->max_seq_len, t, r->original_max_seq_len);
+    if (r->type == SJ_ROPE_DYNAMIC) return SJ_OK;
+    NEED(isfinite(r->beta_fast) && isfinite(r->beta_slow) && r->beta_slow > 0 &&
+         r->beta_fast > r->beta_slow, "rope_scaling.beta_fast (%g) must be greater than "
+         "beta_slow (%g) > 0", (double)r->beta_fast, (double)r->beta_slow);
+    NEED(isfinite(r->attention_factor) && r->attention_factor >= 0,
+         "rope_scaling.attention_factor must be >= 0 (0: the default), got %g",
+         (double)r->attention_factor);
+    return SJ_OK;
+    #undef NEED
+}
+
+static sj_status validate_layers(const sj_config *c) {
+    for (int l = 0; l < c->n_layers; l++) {
+        const sj_layer *y = &c->layers[l];
+        if (!sj_mixer_name(y->mixer))
+            return sj_fail(SJ_ERR_ARG, "layer %d: mixer %d is unknown", l, y->mixer);
+        if (!sj_ffn_name(y->ffn))
+            return sj_fail(SJ_ERR_ARG, "layer %d: ffn %d is unknown", l, y->ffn);
+        if (!sj_qk_norm_name(y->qk_norm))
+            return sj_fail(SJ_ERR_ARG, "layer %d: qk_norm %d is unknown", l, y->qk_norm);
+        if (y->window < 0 || y->window > c->max_seq_len)
+            return sj_fail(SJ_ERR_ARG, "layer %d: window must be in 0..max_seq_len (%d; 0: the "
+                           "whole context), got %d", l, c->max_seq_len, y->window);
+    }
+    return SJ_OK;
+}
+
 sj_status sj_config_validate(const sj_config *c) {
     #define NEED(cond, ...) do { if (!(cond)) return sj_fail(SJ_ERR_ARG, __VA_ARGS__); } while (0)
     NEED(c->dim > 0 && c->dim <= 65536, "dim must be in 1..65536, got %d", c->dim);
@@ -60,12 +117,24 @@ sj_status sj_config_validate(const sj_config *c) {
          (double)c->rope_theta);
     NEED(c->norm_eps > 0 && isfinite(c->norm_eps), "norm_eps must be positive, got %g",
          (double)c->norm_eps);
+    NEED(!c->paired_heads || (c->n_heads % 2 == 0 && c->n_kv_heads % 2 == 0),
+         "paired_heads needs even n_heads and n_kv_heads, got %d and %d", c->n_heads,
+         c->n_kv_heads);
+    NEED(isfinite(c->value_mix) && c->value_mix >= 0 && c->value_mix <= 1,
+         "value_mix must be in [0, 1], got %g", (double)c->value_mix);
+    NEED(isfinite(c->embed_skip), "embed_skip must be finite, got %g", (double)c->embed_skip);
+    SJ_TRY(validate_rope_scaling(c));
+    SJ_TRY(validate_layers(c));
     return SJ_OK;
     #undef NEED
 }
 
 int64_t sj_config_param_count(const sj_config *c) {
-    int64_t C = c->dim, hd = C / c->n_heads, kv = (int64_t)c->n_kv_heads * hd;
-    int64_t layer = C * C * 2 + 2 * C * kv + 3 * C * (int64_t)c->ffn_dim + 2 * C;
-    return (int64_t)c->vocab_size * C + c->n_layers * layer + C;
+    int64_t C = c->dim, hd = C / c->n_heads, q = (int64_t)c->n_heads * hd,
+            kv = (int64_t)c->n_kv_heads * hd, o = c->paired_heads ? q / 2 : q;
+    int64_t n = (int64_t)c->vocab_size * C * (c->untied_head ? 2 : 1) + C;
+    for (int l = 0; l < c->n_layers; l++)
+        n += C * (q + 2 * kv + o) + 3 * C * (int64_t)c->ffn_dim + 2 * C +
+             (c->layers[l].qk_norm == SJ_QK_NORM_WEIGHTED ? 2 * hd : 0);
+    return n;
 }

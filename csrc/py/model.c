@@ -52,17 +52,64 @@ static PyObject *buffer_new(PyObject *owner, void *ptr, Py_ssize_t n, Py_ssize_t
 
 /* ---- config dicts ------------------------------------------------------ */
 
-static PyObject *config_to_dict(const sj_config *c) {
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f,s:f}", "dim", c->dim,
-                         "n_layers", c->n_layers, "n_heads", c->n_heads, "n_kv_heads",
-                         c->n_kv_heads, "ffn_dim", c->ffn_dim, "vocab_size", c->vocab_size,
-                         "max_seq_len", c->max_seq_len, "rope_theta", (double)c->rope_theta,
-                         "norm_eps", (double)c->norm_eps);
+/* Per-layer fields go out as one value when every layer has it, else as a
+ * list; rope_scaling as None or a dict of its fields. */
+static PyObject *layer_field(const sj_config *c, int field) {
+    #define VALUE(l) (field == 0 ? PyUnicode_FromString(sj_mixer_name(c->layers[l].mixer)) : \
+                      field == 1 ? PyUnicode_FromString(sj_ffn_name(c->layers[l].ffn)) :     \
+                      field == 2 ? PyUnicode_FromString(sj_qk_norm_name(c->layers[l].qk_norm)) : \
+                                   PyLong_FromLong(c->layers[l].window))
+    int uniform = 1;
+    for (int l = 1; l < c->n_layers; l++) {
+        const sj_layer *a = &c->layers[0], *b = &c->layers[l];
+        uniform &= field == 0 ? a->mixer == b->mixer : field == 1 ? a->ffn == b->ffn
+                 : field == 2 ? a->qk_norm == b->qk_norm : a->window == b->window;
+    }
+    if (uniform) return VALUE(0);
+    PyObject *list = PyList_New(c->n_layers);
+    for (int l = 0; list && l < c->n_layers; l++) {
+        PyObject *v = VALUE(l);
+        if (!v) { Py_CLEAR(list); break; }
+        PyList_SET_ITEM(list, l, v);
+    }
+    return list;
+    #undef VALUE
 }
 
-static int dict_int(PyObject *d, const char *key, int *out) {
-    PyObject *v = PyDict_GetItemString(d, key);
-    if (!v) { PyErr_Format(PyExc_ValueError, "config is missing '%s'", key); return -1; }
+static const char *const layer_keys[] = { "mixer", "ffn", "qk_norm", "window" };
+
+static PyObject *config_to_dict(const sj_config *c) {
+    PyObject *d = Py_BuildValue(
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f,s:f,s:O,s:O,s:f,s:f}", "dim", c->dim,
+        "n_layers", c->n_layers, "n_heads", c->n_heads, "n_kv_heads", c->n_kv_heads, "ffn_dim",
+        c->ffn_dim, "vocab_size", c->vocab_size, "max_seq_len", c->max_seq_len, "rope_theta",
+        (double)c->rope_theta, "norm_eps", (double)c->norm_eps, "tied_head",
+        c->untied_head ? Py_False : Py_True, "paired_heads", c->paired_heads ? Py_True : Py_False,
+        "value_mix", (double)c->value_mix, "embed_skip", (double)c->embed_skip);
+    if (!d) return NULL;
+    for (int f = 0; f < 4; f++) {
+        PyObject *v = layer_field(c, f);
+        if (!v || PyDict_SetItemString(d, layer_keys[f], v)) { Py_XDECREF(v); Py_DECREF(d); return NULL; }
+        Py_DECREF(v);
+    }
+    const sj_rope_scaling *r = &c->rope_scaling;
+    PyObject *rs = r->type == SJ_ROPE_DEFAULT ? (Py_INCREF(Py_None), Py_None)
+        : r->type == SJ_ROPE_LINEAR ? Py_BuildValue("{s:s,s:f}", "type", "linear", "factor",
+                                                    (double)r->factor)
+        : r->type == SJ_ROPE_DYNAMIC ? Py_BuildValue("{s:s,s:f,s:i}", "type", "dynamic", "factor",
+                                                     (double)r->factor, "original_max_seq_len",
+                                                     r->original_max_seq_len)
+        : Py_BuildValue("{s:s,s:f,s:i,s:f,s:f,s:f,s:O}", "type", "yarn", "factor",
+                        (double)r->factor, "original_max_seq_len", r->original_max_seq_len,
+                        "beta_fast", (double)r->beta_fast, "beta_slow", (double)r->beta_slow,
+                        "attention_factor", (double)r->attention_factor, "truncate",
+                        r->truncate ? Py_True : Py_False);
+    if (!rs || PyDict_SetItemString(d, "rope_scaling", rs)) { Py_XDECREF(rs); Py_DECREF(d); return NULL; }
+    Py_DECREF(rs);
+    return d;
+}
+
+static int get_int(PyObject *v, const char *key, int *out) {
     long x = PyLong_AsLong(v);
     if (x == -1 && PyErr_Occurred()) {
         PyErr_Format(PyExc_TypeError, "config '%s' must be an integer", key);
@@ -76,9 +123,7 @@ static int dict_int(PyObject *d, const char *key, int *out) {
     return 0;
 }
 
-static int dict_float(PyObject *d, const char *key, float *out) {
-    PyObject *v = PyDict_GetItemString(d, key);
-    if (!v) { PyErr_Format(PyExc_ValueError, "config is missing '%s'", key); return -1; }
+static int get_float(PyObject *v, const char *key, float *out) {
     double x = PyFloat_AsDouble(v);
     if (x == -1.0 && PyErr_Occurred()) {
         PyErr_Format(PyExc_TypeError, "config '%s' must be a number", key);
@@ -88,14 +133,152 @@ static int dict_float(PyObject *d, const char *key, float *out) {
     return 0;
 }
 
+static int dict_int(PyObject *d, const char *key, int *out) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) { PyErr_Format(PyExc_ValueError, "config is missing '%s'", key); return -1; }
+    return get_int(v, key, out);
+}
+
+static int dict_float(PyObject *d, const char *key, float *out) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) { PyErr_Format(PyExc_ValueError, "config is missing '%s'", key); return -1; }
+    return get_float(v, key, out);
+}
+
+/* An optional field: absent (or None) keeps *out. */
+static int opt_float(PyObject *d, const char *key, float *out) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    return v && v != Py_None ? get_float(v, key, out) : 0;
+}
+static int opt_bool(PyObject *d, const char *key, int *out) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v || v == Py_None) return 0;
+    int t = PyObject_IsTrue(v);
+    if (t < 0) return -1;
+    *out = t;
+    return 0;
+}
+
+/* One layer's value of a per-layer field: a name of `names` or an int. */
+static int layer_value(PyObject *v, const char *key, int l, const char *(*names)(int), int *out) {
+    if (!names) return get_int(v, key, out);
+    const char *s = PyUnicode_Check(v) ? PyUnicode_AsUTF8(v) : NULL;
+    if (!s) { PyErr_Format(PyExc_TypeError, "config '%s' must be a name or a list of names", key); return -1; }
+    if ((*out = sj_option_value(names, s)) >= 0) return 0;
+    char known[160] = "";
+    for (int k = 0; names(k); k++)
+        snprintf(known + strlen(known), sizeof known - strlen(known), "%s%s", k ? ", " : "", names(k));
+    PyErr_Format(PyExc_ValueError, "config '%s' (layer %d): unknown %s '%s' (this build knows: %s)",
+                 key, l, key, s, known);
+    return -1;
+}
+
+/* A per-layer field: one value for every layer, or a list repeated as a
+ * period (["sliding"] * 3 + ["full"]: every 4th layer differs). */
+static int layer_from(PyObject *d, sj_config *c, int field) {
+    const char *key = layer_keys[field];
+    static const char *(*const names[])(int) = { sj_mixer_name, sj_ffn_name, sj_qk_norm_name, NULL };
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v || v == Py_None) return 0;
+    int is_list = PyList_Check(v) || PyTuple_Check(v);
+    Py_ssize_t p = is_list ? PySequence_Size(v) : 1;
+    if (p < 1 || p > c->n_layers) {
+        PyErr_Format(PyExc_ValueError, "config '%s' has %zd values; give one, or a period of 1..n_layers "
+                     "(%d)", key, p, c->n_layers);
+        return -1;
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        PyObject *x = is_list ? PySequence_Fast_GET_ITEM(v, l % p) : v;
+        int k;
+        if (layer_value(x, key, l, names[field], &k)) return -1;
+        sj_layer *y = &c->layers[l];
+        if (field == 0) y->mixer = (uint8_t)(k & 0xff);
+        else if (field == 1) y->ffn = (uint8_t)k;
+        else if (field == 2) y->qk_norm = (uint8_t)k;
+        else y->window = k;
+    }
+    return 0;
+}
+
+static int rope_scaling_from(PyObject *d, sj_config *c) {
+    PyObject *r = PyDict_GetItemString(d, "rope_scaling");
+    if (!r || r == Py_None) return 0;
+    if (!PyDict_Check(r)) {
+        PyErr_SetString(PyExc_TypeError, "config 'rope_scaling' must be a dict or None");
+        return -1;
+    }
+    static const char *const known[] = { "type", "factor", "original_max_seq_len", "beta_fast",
+                                         "beta_slow", "attention_factor", "truncate" };
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(r, &pos, &k, &v)) {
+        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
+        int ok = 0;
+        for (size_t i = 0; s && i < sizeof known / sizeof known[0]; i++) ok |= !strcmp(s, known[i]);
+        if (!ok) {
+            PyErr_Format(PyExc_ValueError, "config 'rope_scaling' has field %R that this build of "
+                         "smedjan does not know (it knows type, factor, original_max_seq_len, "
+                         "beta_fast, beta_slow, attention_factor, truncate)", k);
+            return -1;
+        }
+    }
+    sj_rope_scaling *rs = &c->rope_scaling;
+    *rs = (sj_rope_scaling){ .beta_fast = 32, .beta_slow = 1, .truncate = 1 };
+    PyObject *t = PyDict_GetItemString(r, "type");
+    const char *ts = t && PyUnicode_Check(t) ? PyUnicode_AsUTF8(t) : NULL;
+    if (!ts || (rs->type = sj_option_value(sj_rope_type_name, ts)) < 0) {
+        PyErr_Format(PyExc_ValueError, "config 'rope_scaling' type %R is unknown (this build knows "
+                     "default, linear, dynamic, yarn)", t ? t : Py_None);
+        return -1;
+    }
+    PyObject *o = PyDict_GetItemString(r, "original_max_seq_len");
+    if (o && o != Py_None && get_int(o, "rope_scaling.original_max_seq_len", &rs->original_max_seq_len))
+        return -1;
+    return opt_float(r, "factor", &rs->factor) || opt_float(r, "beta_fast", &rs->beta_fast) ||
+           opt_float(r, "beta_slow", &rs->beta_slow) ||
+           opt_float(r, "attention_factor", &rs->attention_factor) ||
+           opt_bool(r, "truncate", &rs->truncate) ? -1 : 0;
+}
+
+static const char *const config_keys[] = {
+    "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
+    "rope_theta", "norm_eps", "rope_scaling", "tied_head", "paired_heads", "value_mix",
+    "embed_skip", "mixer", "ffn", "qk_norm", "window",
+};
+
 static int config_from_dict(PyObject *d, sj_config *c) {
     if (!PyDict_Check(d)) { PyErr_SetString(PyExc_TypeError, "config must be a dict"); return -1; }
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(d, &pos, &k, &v)) {
+        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
+        int ok = 0;
+        for (size_t i = 0; s && i < sizeof config_keys / sizeof config_keys[0]; i++)
+            ok |= !strcmp(s, config_keys[i]);
+        if (!ok) {
+            PyErr_Format(PyExc_ValueError, "config names option %R that this build of smedjan "
+                         "does not know", k);
+            return -1;
+        }
+    }
+    memset(c, 0, sizeof *c);
+    int tied = 1;
     if (dict_int(d, "dim", &c->dim) || dict_int(d, "n_layers", &c->n_layers) ||
         dict_int(d, "n_heads", &c->n_heads) || dict_int(d, "n_kv_heads", &c->n_kv_heads) ||
         dict_int(d, "ffn_dim", &c->ffn_dim) || dict_int(d, "vocab_size", &c->vocab_size) ||
         dict_int(d, "max_seq_len", &c->max_seq_len) ||
-        dict_float(d, "rope_theta", &c->rope_theta) || dict_float(d, "norm_eps", &c->norm_eps))
+        dict_float(d, "rope_theta", &c->rope_theta) || dict_float(d, "norm_eps", &c->norm_eps) ||
+        opt_bool(d, "tied_head", &tied) || opt_bool(d, "paired_heads", &c->paired_heads) ||
+        opt_float(d, "value_mix", &c->value_mix) || opt_float(d, "embed_skip", &c->embed_skip) ||
+        rope_scaling_from(d, c))
         return -1;
+    c->untied_head = !tied;
+    if (c->n_layers < 1 || c->n_layers > SJ_MAX_LAYERS) {
+        PyErr_Format(PyExc_ValueError, "n_layers must be in 1..%d, got %d", SJ_MAX_LAYERS, c->n_layers);
+        return -1;
+    }
+    for (int f = 0; f < 4; f++)
+        if (layer_from(d, c, f)) return -1;
     sj_status s = sj_config_validate(c);
     if (s) { sj_py_raise(s); return -1; }
     return 0;
@@ -120,6 +303,14 @@ static PyObject *py_ffn_dim_for(PyObject *self, PyObject *args) {
     int dim; double mult;
     if (!PyArg_ParseTuple(args, "id", &dim, &mult)) return NULL;
     return PyLong_FromLong(sj_ffn_dim_for(dim, mult));
+}
+
+/* The engine's reading of a config dict: validated, defaults filled, each
+ * per-layer field one value or one per layer. */
+static PyObject *py_config_canonical(PyObject *self, PyObject *d) {
+    sj_config c;
+    if (config_from_dict(d, &c)) return NULL;
+    return config_to_dict(&c);
 }
 
 static PyObject *py_param_count(PyObject *self, PyObject *d) {
@@ -737,6 +928,7 @@ static PyMethodDef functions[] = {
     {"preset_names", py_preset_names, METH_NOARGS, "preset_names() -> [str]"},
     {"ffn_dim_for", py_ffn_dim_for, METH_VARARGS, "ffn_dim_for(dim, mult) -> int"},
     {"param_count", py_param_count, METH_O, "param_count(config) -> int"},
+    {"config_canonical", py_config_canonical, METH_O, "config_canonical(config) -> dict"},
     {"lr_at", py_lr_at, METH_VARARGS, "lr_at(max_lr, min_lr, warmup, steps, step) -> float"},
     {NULL, NULL, 0, NULL},
 };
