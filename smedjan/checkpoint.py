@@ -133,6 +133,11 @@ def load_checkpoint(path) -> Checkpoint:
         raise ValueError(f"{p}: checkpoint format_version {meta.get('format_version')!r}; this "
                          f"smedjan reads version {FORMAT_VERSION}")
     cfg = _json_field(p, meta, "config", required=True)
+    unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(Config)}) \
+        if isinstance(cfg, dict) else []
+    if unknown:
+        raise ValueError(f"{p}: the checkpoint's model uses {', '.join(map(repr, unknown))}, which "
+                         "this build of smedjan does not know (a newer smedjan wrote it?)")
     try:
         config = Config(**cfg)
     except (TypeError, ValueError) as e:

@@ -11,13 +11,16 @@ log = logging.getLogger("smedjan")
 
 
 def cmd_sizes(args) -> int:
+    from .commands import architecture_from_args
     from .config import format_count, sizes
-    rows = sizes(args.vocab_size)
+    arch = architecture_from_args(args)
+    rows = sizes(args.vocab_size, **arch)
     if args.json:
         for r in rows:
             print(json.dumps(r))
         return 0
-    print(f"parameter counts at vocab_size {args.vocab_size} (tied head counted once)")
+    print(f"parameter counts at vocab_size {args.vocab_size}" +
+          ("".join(f", {k}={v}" for k, v in arch.items()) if arch else " (tied head counted once)"))
     print(f"{'name':<8} {'dim':>5} {'layers':>6} {'heads':>5} {'kv':>3} {'ffn':>6} {'max_seq':>7} "
           f"{'params':>14}")
     for r in rows:
@@ -40,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(func=cmd_sizes)
     from . import commands, demo, tokenizer
+    commands.add_architecture_args(s)
     from .bench import add_commands as add_bench     # smedjan.bench is the function
     from .sweep import add_commands as add_sweep
     tokenizer.add_commands(sub)

@@ -2,6 +2,7 @@
 wrappers over smedjan.data, Trainer.fit and Model.generate."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -80,15 +81,76 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _per_layer(kind, choices=()):
+    """A per-layer CLI value: one value, or a comma list repeated as a period."""
+    def parse(text: str):
+        vals = [kind(v) for v in text.split(",")]
+        bad = [v for v in vals if choices and v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {', '.join(choices)}")
+        return vals[0] if len(vals) == 1 else vals
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _rope_scaling(text: str) -> dict:
+    """TYPE:FACTOR[:ORIGINAL_CONTEXT], e.g. yarn:4:2048, linear:2."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in ("linear", "dynamic", "yarn"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected linear|dynamic|yarn:FACTOR"
+                                         "[:ORIGINAL_CONTEXT]")
+    try:
+        d = {"type": parts[0], "factor": float(parts[1])}
+        if len(parts) == 3:
+            d["original_max_seq_len"] = int(parts[2])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: FACTOR is a number, ORIGINAL_CONTEXT an "
+                                         "integer") from None
+    return d
+
+
+def add_architecture_args(p) -> None:
+    g = p.add_argument_group("architecture (per-layer values: one, or a comma list repeated "
+                             "as a period)")
+    g.add_argument("--ffn", type=_per_layer(str, ("swiglu", "relu2")),
+                   help="swiglu (default) or relu2")
+    g.add_argument("--qk-norm", type=_per_layer(str, ("none", "weighted", "plain")),
+                   help="none (default), weighted or plain")
+    g.add_argument("--window", type=_per_layer(int), metavar="N",
+                   help="sliding-window attention in tokens (0: the whole context), e.g. "
+                        "1024,1024,1024,0")
+    g.add_argument("--rope-scaling", type=_rope_scaling, metavar="TYPE:FACTOR[:ORIG]",
+                   help="linear, dynamic or yarn RoPE scaling, e.g. yarn:4:2048")
+    g.add_argument("--rope-theta", type=positive_float)
+    g.add_argument("--untied-head", action="store_true", help="a separate output head")
+    g.add_argument("--paired-heads", action="store_true",
+                   help="seed 001: adjacent heads' q, k, v averaged")
+    g.add_argument("--value-mix", type=fraction, help="seed 001: v mixed with layer 0's")
+    g.add_argument("--embed-skip", type=float, help="seed 001: the embedding added to each block")
+
+
+def architecture_from_args(args) -> dict:
+    """The Config fields the architecture options set (the rest default)."""
+    over = {k: getattr(args, k) for k in ("ffn", "qk_norm", "window", "rope_scaling", "rope_theta",
+                                          "value_mix", "embed_skip")
+            if getattr(args, k, None) is not None}
+    if getattr(args, "untied_head", False):
+        over["tied_head"] = False
+    if getattr(args, "paired_heads", False):
+        over["paired_heads"] = True
+    return over
+
+
 def _config_from_args(args, vocab_size: int):
     from .config import Config
+    arch = architecture_from_args(args)
     if args.size == "custom":
         if not (args.dim and args.layers and args.heads):
             raise ValueError("--size custom needs --dim, --layers and --heads")
         return Config.custom(args.dim, args.layers, args.heads, args.kv_heads,
                              ffn_mult=args.ffn_mult, vocab_size=vocab_size,
-                             max_seq_len=max(args.seq_len, 256))
-    over = {}
+                             max_seq_len=max(args.seq_len, 256), **arch)
+    over = dict(arch)
     if args.kv_heads:
         over["n_kv_heads"] = args.kv_heads
     cfg = Config.preset(args.size, vocab_size, **over)
@@ -297,6 +359,7 @@ def add_commands(sub) -> None:
     t.add_argument("--heads", type=positive_int)
     t.add_argument("--kv-heads", type=positive_int, help="grouped-query attention: KV heads")
     t.add_argument("--ffn-mult", type=positive_float, default=2.67)
+    add_architecture_args(t)
     t.add_argument("--batch-size", type=positive_int, default=8)
     t.add_argument("--seq-len", type=positive_int, default=256)
     t.add_argument("--steps", type=positive_int, default=1000)

@@ -73,10 +73,18 @@ class Config:
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = 8192, **overrides) -> "Config":
-        """A named preset (tiny, small, medium, large, xl, max, huge, 8b)."""
+        """A named preset (tiny, small, medium, large, xl, max, huge, 8b) with
+        any fields overridden. Dynamic or YaRN RoPE scaling without an
+        original_max_seq_len takes the preset's context as the original and
+        extends max_seq_len by the factor."""
         d = _C.preset(name, vocab_size)
         d["rope_theta"] = 10000.0
         d["norm_eps"] = 1e-5
+        rs = overrides.get("rope_scaling")
+        if rs and rs.get("type") in ("dynamic", "yarn") and "original_max_seq_len" not in rs:
+            # Scaling a preset extends its context: the preset's is the original.
+            overrides["rope_scaling"] = {**rs, "original_max_seq_len": d["max_seq_len"]}
+            overrides.setdefault("max_seq_len", int(d["max_seq_len"] * rs.get("factor", 1)))
         d.update(overrides)
         return cls(**d)
 
@@ -116,15 +124,16 @@ class Config:
 PRESETS = tuple(_C.preset_names())
 
 
-def sizes(vocab_size: int = 8192) -> list:
-    """Exact parameter counts of every preset at a vocabulary size.
+def sizes(vocab_size: int = 8192, **options) -> list:
+    """Exact parameter counts of every preset at a vocabulary size, with
+    any architecture options (Config fields).
 
     >>> [s["params"] for s in sizes(8192)][:2]
     [2098304, 7212288]
     """
     rows = []
     for name in PRESETS:
-        c = Config.preset(name, vocab_size)
+        c = Config.preset(name, vocab_size, **options)
         rows.append(dict(name=name, dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
                          n_kv_heads=c.n_kv_heads, ffn_dim=c.ffn_dim,
                          max_seq_len=c.max_seq_len, params=c.n_params))

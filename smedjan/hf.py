@@ -1,7 +1,9 @@
-"""Hugging Face interchange: export a Model as a LlamaForCausalLM directory
-(config.json + model.safetensors) that `transformers` loads as is, and load
-such directories — ours or real Llama-family checkpoints (F32/F16/BF16,
-single file or sharded) — into a Model.
+"""Hugging Face interchange: export a Model as a transformers directory
+(config.json + model.safetensors) that `transformers` loads as is — Llama,
+Mistral/Ministral (sliding windows) or Qwen3 (qk-norm), with RoPE scaling
+and untied heads — and load such directories (ours or real checkpoints,
+F32/F16/BF16, single file or sharded) into a Model. What transformers cannot
+express (seed 001's options) is refused by name, both ways.
 
 Our RoPE is rotate-half like Hugging Face's, so q_proj/k_proj rows copy
 directly, and our weight layout (out, in) is theirs: no permutation.
@@ -29,12 +31,63 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def hf_config(config: Config) -> dict:
-    """The LlamaForCausalLM config.json for one of our configs."""
+def hf_architecture(config: Config) -> str:
+    """The transformers model_type that computes exactly what `config` does:
+    llama; mistral (one sliding window in every layer); ministral (windows in
+    some layers); qwen3 (weighted qk-norm, optionally windows). ValueError
+    naming the options when transformers has no such architecture."""
     c = config
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    layers = [c.layer(i) for i in range(c.n_layers)]
+    qk = {y["qk_norm"] for y in layers}
+    windows = {y["window"] for y in layers}
+    lacking = [name for name, on in (("paired_heads", c.paired_heads), ("value_mix", c.value_mix),
+                                     ("embed_skip", c.embed_skip)) if on]
+    if "plain" in qk:
+        lacking.append("qk_norm='plain'")
+    if len(qk) > 1:
+        lacking.append("qk-norm in some layers only")
+    if len({y["ffn"] for y in layers}) > 1:
+        lacking.append("a different ffn per layer")
+    if len(windows - {0}) > 1:
+        lacking.append("several window sizes")
+    if lacking:
+        raise ValueError("transformers has no architecture with " + ", ".join(lacking) +
+                         "; save a smedjan checkpoint (or GGUF) instead")
+    if qk == {"weighted"}:
+        return "qwen3"
+    if windows == {0}:
+        return "llama"
+    return "mistral" if 0 not in windows else "ministral"
+
+
+_ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "ministral": "MinistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _rope_parameters(c: Config) -> dict:
+    rs = c.rope_scaling
+    rp = {"rope_type": "default" if rs is None else rs["type"], "rope_theta": c.rope_theta}
+    if rs is None:
+        return rp
+    rp["factor"] = rs["factor"]
+    if rs["type"] == "yarn":
+        rp.update(original_max_position_embeddings=rs["original_max_seq_len"],
+                  beta_fast=rs["beta_fast"], beta_slow=rs["beta_slow"],
+                  truncate=rs["truncate"])
+        if rs["attention_factor"]:
+            rp["attention_factor"] = rs["attention_factor"]
+    return rp
+
+
+def hf_config(config: Config) -> dict:
+    """The config.json (transformers 5 spelling) for one of our configs."""
+    c = config
+    arch = hf_architecture(c)
+    y0 = c.layer(0)
+    windows = [c.layer(i)["window"] for i in range(c.n_layers)]
+    d = {
+        "architectures": [_ARCH_CLASS[arch]],
+        "model_type": arch,
         "hidden_size": c.dim,
         "intermediate_size": c.ffn_dim,
         "num_hidden_layers": c.n_layers,
@@ -42,25 +95,37 @@ def hf_config(config: Config) -> dict:
         "num_key_value_heads": c.n_kv_heads,
         "head_dim": c.dim // c.n_heads,
         "vocab_size": c.vocab_size,
-        "max_position_embeddings": c.max_seq_len,
+        # transformers' dynamic NTK takes max_position_embeddings as the original context
+        "max_position_embeddings": (c.rope_scaling["original_max_seq_len"]
+                                    if c.rope_scaling and c.rope_scaling["type"] == "dynamic"
+                                    else c.max_seq_len),
         "rms_norm_eps": c.norm_eps,
-        "rope_theta": c.rope_theta,
-        "rope_scaling": None,
-        "tie_word_embeddings": True,
+        "rope_parameters": _rope_parameters(c),
+        "tie_word_embeddings": c.tied_head,
         "torch_dtype": "float32",
-        "hidden_act": "silu",
+        "hidden_act": "silu" if y0["ffn"] == "swiglu" else "relu2",
         "attention_bias": False,
-        "mlp_bias": False,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
-        "pretraining_tp": 1,
         "use_cache": True,
     }
+    if arch == "llama":
+        d.update(mlp_bias=False, pretraining_tp=1)
+    if arch in ("mistral", "ministral", "qwen3"):
+        d["sliding_window"] = max(windows) or None
+    if arch in ("ministral", "qwen3"):
+        d["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
+    if arch == "qwen3":
+        d["use_sliding_window"] = any(windows)
+        d["max_window_layers"] = 0
+    return d
 
 
 def export_hf(model, directory) -> None:
-    """Write config.json and model.safetensors (F32, tied head) into
-    `directory` (created if needed). Each file is written atomically."""
+    """Write config.json and model.safetensors (F32) into `directory`
+    (created if needed). Each file is written atomically; a config that
+    transformers cannot express writes nothing."""
+    hc = hf_config(model.config)
     d = os.fspath(directory)
     os.makedirs(d, exist_ok=True)
     tensors = {to_hf_name(name): np.asarray(view) for name, view in model.params.items()}
@@ -69,7 +134,7 @@ def export_hf(model, directory) -> None:
     tmp = os.path.join(d, f"config.json.tmp.{os.getpid()}")
     try:
         with open(tmp, "w") as f:
-            json.dump(hf_config(model.config), f, indent=2, sort_keys=True)
+            json.dump(hc, f, indent=2, sort_keys=True)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -78,6 +143,70 @@ def export_hf(model, directory) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+_ROPE_KEYS = {"default": set(), "linear": {"factor"}, "dynamic": {"factor"},
+              "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                       "attention_factor", "truncate"}}
+
+
+def _rope_from_hf(where: str, hc: dict, max_pos: int):
+    """(rope_theta, rope_scaling, max_seq_len) from rope_parameters
+    (transformers 5) or rope_scaling + rope_theta (4.x). Anything we cannot
+    compute exactly is refused, never approximated."""
+    rp = dict(hc.get("rope_parameters") or hc.get("rope_scaling") or {})
+    theta = float(rp.pop("rope_theta", hc.get("rope_theta", 10000.0)))
+    kind = rp.pop("rope_type", None) or rp.pop("type", None) or "default"
+    rp.pop("type", None)
+    if kind not in _ROPE_KEYS:
+        raise ValueError(f"{where}: RoPE type {kind!r} is not supported (default, linear, dynamic, "
+                         "yarn)")
+    if rp.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor {rp['partial_rotary_factor']} is not "
+                         "supported (all of each head rotates)")
+    rp.pop("partial_rotary_factor", None)
+    extra = sorted(set(rp) - _ROPE_KEYS[kind])
+    if extra:
+        raise ValueError(f"{where}: {kind} RoPE with {', '.join(extra)} is not supported")
+    if kind == "default":
+        return theta, None, max_pos
+    factor = rp.get("factor")
+    if kind == "yarn":
+        orig = rp.get("original_max_position_embeddings") or max_pos
+        if factor is None:
+            factor = max_pos / orig
+        scaling = {"type": "yarn", "factor": float(factor), "original_max_seq_len": int(orig),
+                   "beta_fast": float(rp.get("beta_fast", 32.0)),
+                   "beta_slow": float(rp.get("beta_slow", 1.0)),
+                   "attention_factor": float(rp.get("attention_factor") or 0.0),
+                   "truncate": bool(rp.get("truncate", True))}
+        return theta, scaling, max(max_pos, int(orig * factor))
+    if factor is None:
+        raise ValueError(f"{where}: {kind} RoPE without a factor")
+    if kind == "linear":
+        return theta, {"type": "linear", "factor": float(factor)}, max_pos
+    # dynamic: transformers grows the base past max_position_embeddings
+    return theta, {"type": "dynamic", "factor": float(factor), "original_max_seq_len": max_pos}, \
+        int(max_pos * factor)
+
+
+def _windows_from_hf(where: str, hc: dict, mt: str, n_layers: int):
+    w = hc.get("sliding_window")
+    if mt == "qwen3" and not hc.get("use_sliding_window", False):
+        w = None
+    if mt == "llama" or not w:
+        return 0
+    types = hc.get("layer_types")
+    if mt == "mistral" or types is None and mt != "qwen3":
+        return int(w)
+    if types is None:   # qwen3 without layer_types: windows from max_window_layers on
+        types = ["sliding_attention" if i >= hc.get("max_window_layers", 28) else "full_attention"
+                 for i in range(n_layers)]
+    bad = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if bad or len(types) != n_layers:
+        raise ValueError(f"{where}: layer_types {types!r} is not {n_layers} of sliding_attention / "
+                         "full_attention")
+    return [int(w) if t == "sliding_attention" else 0 for t in types]
 
 
 def _config_from_hf(d: str, hc: dict) -> Config:
@@ -89,28 +218,31 @@ def _config_from_hf(d: str, hc: dict) -> Config:
         return hc[key]
 
     mt = hc.get("model_type")
-    if mt not in ("llama", "mistral"):
-        raise ValueError(f"{where}: model_type {mt!r} is not Llama-family (llama, mistral)")
-    if hc.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: hidden_act {hc['hidden_act']!r} is not supported (silu only)")
+    if mt not in ("llama", "mistral", "ministral", "qwen3"):
+        raise ValueError(f"{where}: model_type {mt!r} is not supported (llama, mistral, ministral, "
+                         "qwen3)")
+    act = hc.get("hidden_act", "silu")
+    if act not in ("silu", "relu2"):
+        raise ValueError(f"{where}: hidden_act {act!r} is not supported (silu, relu2)")
     for key in ("attention_bias", "mlp_bias"):
         if hc.get(key):
             raise ValueError(f"{where}: {key}=true is not supported (our layers have no biases)")
-    if hc.get("rope_scaling"):
-        raise ValueError(f"{where}: rope_scaling {hc['rope_scaling']!r} is not supported")
-    if hc.get("sliding_window") and hc.get("use_sliding_window", True):
-        raise ValueError(f"{where}: sliding-window attention ({hc['sliding_window']}) is not supported")
     dim, heads = need("hidden_size"), need("num_attention_heads")
     hd = hc.get("head_dim")
     if hd is not None and hd * heads != dim:
         raise ValueError(f"{where}: head_dim {hd} * {heads} heads != hidden_size {dim}")
+    n_layers = need("num_hidden_layers")
+    theta, rope_scaling, max_seq_len = _rope_from_hf(where, hc, hc.get("max_position_embeddings", 2048))
     try:
-        return Config(dim=dim, n_layers=need("num_hidden_layers"), n_heads=heads,
+        return Config(dim=dim, n_layers=n_layers, n_heads=heads,
                       n_kv_heads=hc.get("num_key_value_heads") or heads,
                       ffn_dim=need("intermediate_size"), vocab_size=need("vocab_size"),
-                      max_seq_len=hc.get("max_position_embeddings", 2048),
-                      rope_theta=float(hc.get("rope_theta", 10000.0)),
-                      norm_eps=float(hc.get("rms_norm_eps", 1e-6)))
+                      max_seq_len=max_seq_len, rope_theta=theta,
+                      norm_eps=float(hc.get("rms_norm_eps", 1e-6)), rope_scaling=rope_scaling,
+                      tied_head=bool(hc.get("tie_word_embeddings", True)),
+                      ffn="swiglu" if act == "silu" else "relu2",
+                      qk_norm="weighted" if mt == "qwen3" else "none",
+                      window=_windows_from_hf(where, hc, mt, n_layers))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -132,10 +264,9 @@ def _weight_files(d: str):
 
 
 def load_hf(directory, *, seed: int = 0):
-    """A Model from a Hugging Face Llama-family directory (config.json +
-    safetensors). F16/BF16 weights are converted to f32. An untied
-    lm_head.weight (one that differs from the embedding) is refused for
-    now: our head is tied."""
+    """A Model from a transformers directory (config.json + safetensors) of
+    a Llama, Mistral, Ministral or Qwen3 model. F16/BF16 weights are
+    converted to f32."""
     from .model import Model
     d = os.fspath(directory)
     cpath = os.path.join(d, "config.json")
@@ -153,18 +284,18 @@ def load_hf(directory, *, seed: int = 0):
     for wf in _weight_files(d):
         tensors, _ = load_safetensors(wf)
         for name, arr in tensors.items():
-            if name == HF_LM_HEAD:
-                lm_head = (wf, to_float32(arr, tensors.dtypes[name]))
-                continue
             if name.endswith("rotary_emb.inv_freq"):
                 continue   # a buffer some old exports carry; we compute it
+            if name == HF_LM_HEAD and config.tied_head:
+                lm_head = (wf, to_float32(arr, tensors.dtypes[name]))
+                continue
             try:
                 ours = from_hf_name(name)
             except KeyError:
                 raise ValueError(f"{wf}: tensor '{name}' has no smedjan counterpart") from None
             if ours not in model.params:
-                raise ValueError(f"{wf}: tensor '{name}' ({ours}) is beyond the config's "
-                                 f"{config.n_layers} layers")
+                raise ValueError(f"{wf}: tensor '{name}' ({ours}) is not in the model the config "
+                                 "describes")
             view = model.params[ours]
             if tuple(arr.shape) != view.shape:
                 raise ValueError(f"{wf}: tensor '{name}' has shape {tuple(arr.shape)}, the config "
@@ -180,9 +311,9 @@ def load_hf(directory, *, seed: int = 0):
         raise ValueError(f"{d}: missing tensors {', '.join(to_hf_name(n) for n in missing[:5])}"
                          + (" ..." if len(missing) > 5 else ""))
     if lm_head is not None and not np.array_equal(lm_head[1], model.params["tok_emb"]):
-        raise ValueError(f"{lm_head[0]}: untied {HF_LM_HEAD} (different from the embedding) is not "
-                         "supported: smedjan's output head is tied to tok_emb")
+        raise ValueError(f"{lm_head[0]}: {HF_LM_HEAD} differs from the embedding although the "
+                         "config says tie_word_embeddings")
     return model
 
 
-__all__ = ["export_hf", "load_hf", "hf_config"]
+__all__ = ["export_hf", "load_hf", "hf_config", "hf_architecture"]

@@ -161,12 +161,14 @@ LAYER_NAMES = (
     ("w_gate", "mlp.gate_proj.weight", "ffn_gate.weight"),
     ("w_up", "mlp.up_proj.weight", "ffn_up.weight"),
     ("w_down", "mlp.down_proj.weight", "ffn_down.weight"),
+    ("q_norm", "self_attn.q_norm.weight", "attn_q_norm.weight"),
+    ("k_norm", "self_attn.k_norm.weight", "attn_k_norm.weight"),
 )
 GLOBAL_NAMES = (
     ("tok_emb", "model.embed_tokens.weight", "token_embd.weight"),
     ("final_norm", "model.norm.weight", "output_norm.weight"),
+    ("lm_head", "lm_head.weight", "output.weight"),   # untied heads only
 )
-# The untied output head: ours is tied to tok_emb, so it has no name of ours.
 HF_LM_HEAD = "lm_head.weight"
 GGUF_OUTPUT = "output.weight"
 

@@ -41,7 +41,7 @@ def test_export_is_a_standard_llama_directory(exported):
     m, d = exported
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
-    assert (cfg["hidden_size"], cfg["num_key_value_heads"], cfg["rope_theta"]) == (64, 2, 5000.0)
+    assert (cfg["hidden_size"], cfg["num_key_value_heads"], cfg["rope_parameters"]["rope_theta"]) == (64, 2, 5000.0)
     assert cfg["tie_word_embeddings"] is True and cfg["torch_dtype"] == "float32"
     t, meta = load_safetensors(d / "model.safetensors")
     assert meta["format"] == "pt" and "lm_head.weight" not in t
@@ -70,23 +70,33 @@ def test_load_hf_of_a_transformers_save_converts_to_f32(tmp_path, exported, dtyp
         np.testing.assert_array_equal(m2.params[ours], theirs.float().numpy(), err_msg=name)
 
 
-def test_untied_head_and_unsupported_configs_are_refused(tmp_path, exported):
+def test_untied_head_loads_and_unsupported_configs_are_refused(tmp_path, exported):
     m, d = exported
     t, _ = load_safetensors(d / "model.safetensors")
     t = {k: np.array(v) for k, v in t.items()}
     bad = tmp_path / "untied"
     bad.mkdir()
     cfg = json.loads((d / "config.json").read_text())
+    head = t["model.embed_tokens.weight"] + 1
     (bad / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
-    save_safetensors(bad / "model.safetensors",
-                     {**t, "lm_head.weight": t["model.embed_tokens.weight"] + 1})
-    with pytest.raises(ValueError, match="untied lm_head.weight"):
+    save_safetensors(bad / "model.safetensors", {**t, "lm_head.weight": head})
+    untied = load_hf(bad)
+    assert not untied.config.tied_head
+    np.testing.assert_array_equal(untied.params["lm_head"], head)
+    (bad / "config.json").write_text(json.dumps(cfg))   # tied, yet a different head
+    with pytest.raises(ValueError, match="lm_head.weight differs from the embedding"):
         load_hf(bad)
     (bad / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))
     with pytest.raises(ValueError, match="attention_bias"):
         load_hf(bad)
     (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="not Llama-family"):
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
         load_hf(bad)
+    for rope, what in (({"rope_type": "llama3", "factor": 8.0}, "RoPE type 'llama3'"),
+                       ({"rope_type": "yarn", "factor": 4.0, "mscale": 1.0}, "yarn RoPE with mscale"),
+                       ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary")):
+        (bad / "config.json").write_text(json.dumps({**cfg, "rope_parameters": rope}))
+        with pytest.raises(ValueError, match=what):
+            load_hf(bad)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf(tmp_path / "empty")

@@ -21,8 +21,9 @@ void sj_model_account(sj_model *m, int64_t delta) {
 static sj_status build_table(sj_model *m) {
     const sj_config *c = &m->cfg;
     int64_t C = c->dim, hd = C / c->n_heads, qd = (int64_t)c->n_heads * hd,
-            kvd = (int64_t)c->n_kv_heads * hd, F = c->ffn_dim;
-    int n = 1 + 7 * c->n_layers + 2 * c->n_layers + 1;
+            kvd = (int64_t)c->n_kv_heads * hd, F = c->ffn_dim,
+            od = c->paired_heads ? qd / 2 : qd;   /* what attention hands wo */
+    int n = 2 + 7 * c->n_layers + 4 * c->n_layers + 1;
     m->tensors = calloc((size_t)n, sizeof(sj_tensor_info));
     m->names = calloc((size_t)n, 32);
     if (!m->tensors || !m->names) return sj_fail(SJ_ERR_NOMEM, "model: out of memory");
@@ -41,15 +42,20 @@ static sj_status build_table(sj_model *m) {
         ADD("layers.%d.wq", l, qd, C, 2);
         ADD("layers.%d.wk", l, kvd, C, 2);
         ADD("layers.%d.wv", l, kvd, C, 2);
-        ADD("layers.%d.wo", l, C, qd, 2);
+        ADD("layers.%d.wo", l, C, od, 2);
         ADD("layers.%d.w_gate", l, F, C, 2);
         ADD("layers.%d.w_up", l, F, C, 2);
         ADD("layers.%d.w_down", l, C, F, 2);
     }
+    if (c->untied_head) ADD("lm_head%.0d", 0, (int64_t)c->vocab_size, C, 2);
     m->n_decay = off;
     for (int l = 0; l < c->n_layers; l++) {
         ADD("layers.%d.attn_norm", l, C, 0, 1);
         ADD("layers.%d.ffn_norm", l, C, 0, 1);
+        if (c->layers[l].qk_norm == SJ_QK_NORM_WEIGHTED) {
+            ADD("layers.%d.q_norm", l, hd, 0, 1);
+            ADD("layers.%d.k_norm", l, hd, 0, 1);
+        }
     }
     ADD("final_norm%.0d", 0, C, 0, 1);
     #undef ADD
