@@ -49,8 +49,26 @@ def gpt2_shape(vocab):
                           vocab_size=vocab, max_seq_len=1024, rope_theta=10000.0, norm_eps=1e-5)
 
 
-# --sweep: rows of one kind that must show no cliff (train, target 1.0x compile)
+def medium(**options):
+    return smedjan.Config.preset("medium", VOCAB, **options)
+
+
+def d768(**options):
+    return smedjan.Config.custom(768, 12, 12, vocab_size=VOCAB, max_seq_len=1024, **options)
+
+
+# The architecture options (issue 18): target 1.3x torch.compile of the same architecture.
+SEED001 = dict(paired_heads=True, value_mix=0.1, embed_skip=0.1)
+OPTIONS = [(name, mk, B, T, opts) for mk, B, T in ((medium, 32, 512), (d768, 16, 1024))
+           for name, opts in (("window", dict(window=T // 4)), ("qk_norm", dict(qk_norm="weighted")),
+                              ("seed001", SEED001), ("relu2", dict(ffn="relu2")),
+                              ("yarn", dict(rope_scaling={"type": "yarn", "factor": 2.0,
+                                                          "original_max_seq_len": T // 2})))]
+
+# --sweep: rows of one kind (cliffs: target 1.0x compile; options: 1.3x)
 SWEEPS = {
+    "options": [("train", f"{mk.__name__}-{name}", (lambda mk=mk, o=o: mk(**o)), B, T, 1.3)
+                for name, mk, B, T, o in OPTIONS],
     # the gpt2 row at the vocabularies users have
     "vocab": [("train", "gpt2", (lambda v=v: gpt2_shape(v)), 16, 1024, 1.0)
               for v in (50257, 50304, 32000, 49152, 128256, 151936)],
@@ -64,63 +82,106 @@ SWEEPS = {
 # ---- the identical model in PyTorch ------------------------------------------------
 
 def torch_model(cfg, T):
+    """The same architecture, options included, written as a PyTorch user
+    would: SDPA (flex_attention for sliding windows under torch.compile),
+    fused QKV and gate/up projections."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
 
     C, L, H, KV, Fd, V = cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size
     hd = C // H
+    Ha, KVa = (H // 2, KV // 2) if cfg.paired_heads else (H, KV)   # heads attention runs at
 
     class RMSNorm(nn.Module):
-        def __init__(self):
+        def __init__(self, n=C, gain=True):
             super().__init__()
-            self.w = nn.Parameter(torch.ones(C))
+            self.w = nn.Parameter(torch.ones(n)) if gain else None
 
         def forward(self, x):
             xf = x.float()
-            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)).type_as(x) * self.w
+            y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)).type_as(x)
+            return y if self.w is None else y * self.w
 
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from torch_ref import rope_freqs   # RoPE scaling as transformers defines it
+    inv, mscale = rope_freqs(cfg, T)
     f = torch.outer(torch.arange(T).float(), inv)
-    cos, sin = torch.cat((f, f), -1).cos().cuda(), torch.cat((f, f), -1).sin().cuda()
+    cos = (torch.cat((f, f), -1).cos() * mscale).cuda()
+    sin = (torch.cat((f, f), -1).sin() * mscale).cuda()
 
     def rope(x):  # rotate-half, x: (B, heads, T, hd)
         x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
         return x * cos.to(x.dtype) + torch.cat((-x2, x1), -1) * sin.to(x.dtype)
 
+    def pair(x):  # (B, heads, T, hd) -> adjacent heads averaged
+        return (x[:, 0::2] + x[:, 1::2]) * 0.5 if cfg.paired_heads else x
+
+    masks = {}
+
+    def attend(q, k, v, window):
+        if not window:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KVa != Ha)
+        if torch.compiler.is_compiling():
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            if window not in masks:
+                masks[window] = create_block_mask(
+                    lambda b, h, qi, ki: (ki <= qi) & (ki > qi - window), None, None, T, T)
+            return flex_attention(q, k, v, block_mask=masks[window], enable_gqa=KVa != Ha)
+        i = torch.arange(T, device=q.device)
+        keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=KVa != Ha)
+
     class Block(nn.Module):
-        def __init__(self):
+        def __init__(self, layer):
             super().__init__()
+            self.kinds = cfg.layer(layer)
             self.n1, self.n2 = RMSNorm(), RMSNorm()
+            qk = self.kinds["qk_norm"]
+            self.qn = RMSNorm(hd, qk == "weighted") if qk != "none" else None
+            self.kn = RMSNorm(hd, qk == "weighted") if qk != "none" else None
             self.qkv = nn.Linear(C, (H + 2 * KV) * hd, bias=False)
-            self.o = nn.Linear(H * hd, C, bias=False)
+            self.o = nn.Linear(Ha * hd, C, bias=False)
             self.gate_up = nn.Linear(C, 2 * Fd, bias=False)
             self.down = nn.Linear(Fd, C, bias=False)
 
-        def forward(self, x):
+        def forward(self, x, e, v0):
             B, T_, _ = x.shape
             q, k, v = self.qkv(self.n1(x)).split([H * hd, KV * hd, KV * hd], -1)
-            q = rope(q.view(B, T_, H, hd).transpose(1, 2))
-            k = rope(k.view(B, T_, KV, hd).transpose(1, 2))
-            v = v.view(B, T_, KV, hd).transpose(1, 2)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
-            x = x + self.o(y.transpose(1, 2).reshape(B, T_, H * hd))
+            q = pair(q.view(B, T_, H, hd).transpose(1, 2))
+            k = pair(k.view(B, T_, KV, hd).transpose(1, 2))
+            v = pair(v.view(B, T_, KV, hd).transpose(1, 2))
+            if self.qn is not None:
+                q, k = self.qn(q), self.kn(k)
+            q, k = rope(q), rope(k)
+            if v0 is None:
+                v0 = v
+            elif cfg.value_mix:
+                v = (1 - cfg.value_mix) * v + cfg.value_mix * v0
+            y = attend(q, k, v, self.kinds["window"])
+            x = x + self.o(y.transpose(1, 2).reshape(B, T_, Ha * hd))
             g, u = self.gate_up(self.n2(x)).chunk(2, -1)
-            return x + self.down(F.silu(g) * u)
+            a = F.relu(g).square() if self.kinds["ffn"] == "relu2" else F.silu(g)
+            return x + self.down(a * u), v0
 
     class LM(nn.Module):
         def __init__(self):
             super().__init__()
             self.emb = nn.Embedding(V, C)
-            self.blocks = nn.ModuleList(Block() for _ in range(L))
+            self.blocks = nn.ModuleList(Block(i) for i in range(L))
             self.nf = RMSNorm()
+            self.head = None if cfg.tied_head else nn.Linear(C, V, bias=False)
             nn.init.normal_(self.emb.weight, std=0.02)
 
         def forward(self, idx):
-            x = self.emb(idx)
-            for b in self.blocks:
-                x = b(x)
-            return F.linear(self.nf(x), self.emb.weight)   # tied head
+            e = x = self.emb(idx)
+            v0 = None
+            for i, b in enumerate(self.blocks):
+                if i and cfg.embed_skip:
+                    x = x + cfg.embed_skip * e
+                x, v0 = b(x, e, v0)
+            h = self.nf(x)
+            return F.linear(h, self.emb.weight) if self.head is None else self.head(h)
 
     return LM().cuda()
 

@@ -1,0 +1,98 @@
+"""Every architecture option, alone and mixed, computes what an independent
+PyTorch implementation does (tests/torch_ref.py): logits within 1e-5 and
+every gradient within 1e-4 (fp32, relative), on the CPU."""
+import numpy as np
+import pytest
+import torch
+
+import smedjan
+from torch_ref import TorchLlama, rel_err
+
+torch.set_num_threads(max(1, smedjan.threads()))
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_seq_len": 16}
+OPTIONS = {
+    "rope-linear": dict(rope_scaling={"type": "linear", "factor": 2.5}),
+    "rope-dynamic": dict(rope_scaling={"type": "dynamic", "factor": 2.0, "original_max_seq_len": 16}),
+    "rope-yarn": dict(rope_scaling=YARN),
+    "rope-yarn-attention-factor": dict(rope_scaling={**YARN, "attention_factor": 0.8, "beta_fast": 16.0,
+                                                     "truncate": False}),
+    "window": dict(window=5),
+    "window-per-layer": dict(window=[7, 0]),
+    "qk-norm": dict(qk_norm="weighted"),
+    "qk-norm-plain": dict(qk_norm="plain"),
+    "relu2": dict(ffn="relu2"),
+    "paired-heads": dict(paired_heads=True),
+    "value-mix": dict(value_mix=0.3),
+    "embed-skip": dict(embed_skip=0.5),
+    "untied-head": dict(tied_head=False),
+    "mixed": dict(window=[6, 0, 6], qk_norm=["weighted", "none", "none"], ffn=["relu2", "swiglu", "swiglu"],
+                  paired_heads=True, value_mix=0.25, embed_skip=0.2, tied_head=False, rope_scaling=YARN),
+}
+
+
+def make(options, seed=0, n_layers=3, B=2, T=21):
+    cfg = smedjan.Config.custom(64, n_layers, 4, 2, vocab_size=97, max_seq_len=64, **options)
+    model = smedjan.Model(cfg, seed=seed)
+    r = np.random.default_rng(seed)
+    for name, v in model.params.items():
+        if v.ndim == 1:   # gains at 1.0 would hide a wrong gain gradient
+            v[:] = r.uniform(0.5, 1.5, v.shape)
+    ref = TorchLlama(cfg)
+    ref.load_from(model)
+    tokens = r.integers(0, 97, (B, T)).astype(np.int32)
+    targets = r.integers(0, 97, (B, T)).astype(np.int32)
+    return model, ref, tokens, targets
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_logits_loss_and_every_gradient_match_torch(option):
+    model, ref, tokens, targets = make(OPTIONS[option])
+    ours = model.forward(tokens)
+    theirs = ref.forward(torch.from_numpy(tokens).long()).detach().numpy()
+    assert rel_err(ours, theirs) < 1e-5, rel_err(ours, theirs)
+    loss = model.loss(tokens, targets, backward=True)
+    tl = ref.loss(torch.from_numpy(tokens).long(), torch.from_numpy(targets).long())
+    tl.backward()
+    assert abs(loss - tl.item()) / abs(tl.item()) < 1e-5, (loss, tl.item())
+    assert set(model.grads) == {k for k in model.params}
+    for name, g in model.grads.items():
+        tg = ref.named(name).grad.numpy()
+        assert rel_err(g, tg) < 1e-4, (name, rel_err(g, tg))
+
+
+def test_the_tensor_table_follows_the_options():
+    plain = smedjan.Model(smedjan.Config.custom(64, 2, 4, 2, vocab_size=97), seed=0)
+    m = smedjan.Model(smedjan.Config.custom(64, 2, 4, 2, vocab_size=97, tied_head=False,
+                                            qk_norm=["weighted", "plain"], paired_heads=True), seed=0)
+    assert set(m.params) - set(plain.params) == {"lm_head", "layers.0.q_norm", "layers.0.k_norm"}
+    assert m.params["layers.0.q_norm"].shape == (16,)
+    assert m.params["layers.1.wo"].shape == (64, 32)        # attention at H/2 heads
+    assert m.config.n_params == sum(v.size for v in m.params.values())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mixer", "mamba", "unknown mixer 'mamba'"),
+    ("ffn", ["swiglu", "gelu"], r"'ffn' \(layer 1\): unknown ffn 'gelu'"),
+    ("window", 65, "window must be in 0..max_seq_len"),
+    ("window", [0, 0, 0, 0, 0], "'window' has 5 values"),
+    ("paired_heads", True, "paired_heads needs even n_heads"),
+    ("rope_scaling", {"type": "yarn", "factor": 1.0, "original_max_seq_len": 16}, "factor must be > 1"),
+    ("rope_scaling", {"type": "ntk", "factor": 2.0}, "type 'ntk' is unknown"),
+    ("rope_scaling", {"type": "yarn", "factor": 2.0, "original_max_seq_len": 16, "mscale": 1.0},
+     "'mscale' that this build"),
+    ("value_mix", 1.5, r"value_mix must be in \[0, 1\]"),
+])
+def test_a_bad_combination_is_refused_naming_the_field(field, value, message):
+    heads = dict(n_heads=3, n_kv_heads=3) if field == "paired_heads" else {}
+    kw = dict(dim=48, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=97, max_seq_len=64)
+    kw.update(heads)
+    with pytest.raises(ValueError, match=message):
+        smedjan.Config(**kw, **{field: value})
+
+
+def test_a_period_repeats_over_the_layers():
+    c = smedjan.Config.custom(64, 6, 4, 2, window=[32, 32, 0], max_seq_len=64)
+    assert c.window == (32, 32, 0, 32, 32, 0)
+    assert [c.layer(i)["window"] for i in range(6)] == [32, 32, 0, 32, 32, 0]
+    assert smedjan.Config.custom(64, 6, 4, 2, ffn=["relu2"] * 6).ffn == "relu2"   # canonical: one value
