@@ -96,3 +96,33 @@ def test_a_period_repeats_over_the_layers():
     assert c.window == (32, 32, 0, 32, 32, 0)
     assert [c.layer(i)["window"] for i in range(6)] == [32, 32, 0, 32, 32, 0]
     assert smedjan.Config.custom(64, 6, 4, 2, ffn=["relu2"] * 6).ffn == "relu2"   # canonical: one value
+
+
+MIXED = OPTIONS["mixed"]
+
+
+def test_a_mixed_stack_trains_checkpoints_resumes_bit_identically_and_generates(tmp_path):
+    from smedjan.checkpoint import model_from_checkpoint
+    from smedjan.data import Batches, TokenFile, write_tokens
+    from smedjan.loop import LATEST, fit
+    path = str(tmp_path / "d.tok")
+    write_tokens(path, [np.random.default_rng(0).integers(0, 97, 20_000)])
+
+    def run(ckpt_dir, max_steps=None, resume=False):
+        cfg = smedjan.Config.custom(64, 3, 4, 2, vocab_size=97, max_seq_len=64, **MIXED)
+        model = smedjan.Model(cfg, seed=0)
+        tr = smedjan.Trainer(model, lr=3e-3, warmup=2, steps=12)
+        data = TokenFile(path)
+        rows = fit(tr, Batches(data, 4, 32, seed=0), None, checkpoint_dir=str(ckpt_dir),
+                   checkpoint_every=3, resume=resume, max_steps=max_steps, progress=False)
+        return [r["loss"] for r in rows], model
+
+    straight, m1 = run(tmp_path / "a")
+    first, _ = run(tmp_path / "b", max_steps=7)
+    second, m2 = run(tmp_path / "b", resume=True)
+    assert first + second == straight
+    assert straight[-1] < straight[0]
+    np.testing.assert_array_equal(m1.flat_params, m2.flat_params)
+    loaded = model_from_checkpoint(tmp_path / "b" / LATEST)
+    assert loaded.config == m2.config and loaded.config.window == (6, 0, 6)
+    assert len(list(loaded.generate([1, 2, 3], 20, temperature=0))) == 20
