@@ -5,6 +5,7 @@
  * backend kernel on host arrays for the tests (uploaded, run, downloaded).
  * Nothing here launches work behind the engine's back except the hooks. */
 #include "py.h"
+#include "../ops/backend.h"
 #include <stdlib.h>
 #include <string.h>
 #ifdef SJ_HAVE_CUDA
@@ -369,20 +370,21 @@ static PyObject *py_cuda_memory(PyObject *self, PyObject *args) {
 #endif
 }
 
-#ifdef SJ_HAVE_CUDA
 /* ---- kernel hooks for tests --------------------------------------------- */
 
+#ifdef SJ_HAVE_CUDA
 static PyObject *py_attention_variant(PyObject *self, PyObject *args) {
     int v;
     if (!PyArg_ParseTuple(args, "i", &v)) return NULL;
     sj_cuda_set_attention_variant(v);
     Py_RETURN_NONE;
 }
+#endif
 
 /* One argument of a hooked kernel: host array in, device buffer, maybe out. */
 typedef struct { const char *name; char kind; Py_buffer view; void *dev; float *stage; int64_t n; } harg;
 
-static void *hctx;
+static void *hctx[2];   /* per backend.device: a CUDA stream is no CPU context */
 
 /* Upload arrays[name] ('a': act dtype from f32, 'f': f32, 't': int32). */
 static int hupload(const sj_backend *be, PyObject *arrays, harg *a) {
@@ -426,12 +428,31 @@ static PyObject *hdownload(const sj_backend *be, harg *a) {
     return arr;
 }
 
+/* CUDA events around the timed runs; none on the CPU (no "ms"). */
+static void *htimer_begin(const sj_backend *be) {
+#ifdef SJ_HAVE_CUDA
+    if (be->device) return sj_cuda_timer_begin();
+#endif
+    (void)be;
+    return NULL;
+}
+static float htimer_end(void *timer) {
+#ifdef SJ_HAVE_CUDA
+    return sj_cuda_timer_end(timer);
+#else
+    (void)timer;
+    return -1.f;
+#endif
+}
+
 /* cuda_op(name, dtype, arrays, ints, floats, reps=0) -> {name: float32
  * array} for every argument (outputs as the kernel left them; inputs
- * unchanged); with reps > 0 also "ms": device milliseconds per run, timed
- * with CUDA events over reps runs after one warm-up. The optional fused
- * projections also give "fused": whether the backend ran them (else the
- * outputs are untouched). */
+ * unchanged); with reps > 0 on CUDA also "ms": device milliseconds per run,
+ * timed with CUDA events over reps runs after one warm-up. The optional
+ * fused projections also give "fused": whether the backend ran them (else
+ * the outputs are untouched). dtype "cpu" runs the CPU backend's kernel
+ * (f32), in every build, so that the tests hold both backends to one
+ * reference. */
 static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     const char *op, *dts;
     PyObject *arrays, *ints_o, *floats_o;
@@ -441,13 +462,22 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         return NULL;
     if (reps < 0) reps = 0;
     float ms = -1.f;
-    const sj_backend *be = !strcmp(dts, "fp32") ? &sj_cuda_backend_f32
-                         : !strcmp(dts, "bf16") ? &sj_cuda_backend_bf16
-                         : !strcmp(dts, "fp16") ? &sj_cuda_backend_f16 : NULL;
-    if (!be) return PyErr_Format(PyExc_ValueError, "cuda_op: dtype must be 'fp32', 'bf16' or 'fp16', "
-                                 "got '%s'", dts);
-    sj_status st = sj_cuda_check_device();
-    if (st) return sj_py_raise(st);
+    const int cuda_dtype = !strcmp(dts, "fp32") || !strcmp(dts, "bf16") || !strcmp(dts, "fp16");
+    if (!cuda_dtype && strcmp(dts, "cpu"))
+        return PyErr_Format(PyExc_ValueError, "cuda_op: dtype must be 'fp32', 'bf16' or 'fp16', "
+                            "got '%s' ('cpu': the CPU backend)", dts);
+    const sj_backend *be = &sj_cpu_backend;
+    sj_status st = SJ_OK;
+    if (cuda_dtype) {
+#ifdef SJ_HAVE_CUDA
+        be = !strcmp(dts, "fp32") ? &sj_cuda_backend_f32
+           : !strcmp(dts, "bf16") ? &sj_cuda_backend_bf16 : &sj_cuda_backend_f16;
+        if ((st = sj_cuda_check_device())) return sj_py_raise(st);
+#else
+        return PyErr_Format(PyExc_RuntimeError, "cuda_op: built without CUDA: dtype '%s' needs "
+                            "it, only 'cpu' runs", dts);
+#endif
+    }
     long long I[12] = {0};
     double Fl[8] = {0};
     PyObject *si = PySequence_Fast(ints_o, "ints"), *sf = si ? PySequence_Fast(floats_o, "floats") : NULL;
@@ -459,8 +489,9 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     const Py_ssize_t n_ints = PySequence_Fast_GET_SIZE(si);
     Py_DECREF(si); Py_DECREF(sf);
     if (PyErr_Occurred()) return NULL;
-    if (!hctx && !(hctx = be->ctx_create())) return sj_py_raise(SJ_ERR_RUNTIME);
-    be->bind(hctx);
+    void **ctx = &hctx[be->device != 0];
+    if (!*ctx && !(*ctx = be->ctx_create())) return sj_py_raise(SJ_ERR_RUNTIME);
+    be->bind(*ctx);
 
     /* Argument lists, outputs first as in backend.h. 'c' = act or f32 by c_f32. */
     static const struct { const char *op; const char *names[7]; const char *kinds; } specs[] = {
@@ -506,7 +537,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
      * accum, keep growing; inputs stay unless the op works in place). */
     void *timer = NULL;
     for (int rep = 0; rep <= reps; rep++) {
-    if (rep == 1) timer = sj_cuda_timer_begin();
+    if (rep == 1) timer = htimer_begin(be);
     switch (k) {
     case 0: sj_matmul(be, D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (int)I[6]); break;
     case 1: be->embedding_forward(D(0), D(1), SJ_I32, D(2), (int)I[0], (int)I[1]); break;
@@ -556,7 +587,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         break;
     }
     }
-    if (timer) ms = sj_cuda_timer_end(timer) / reps;
+    if (timer) ms = htimer_end(timer) / reps;
     /* in place: the result is in the input's buffer (the loss's gradient in
      * the logits, rope's output in its input, the sum in the addend) */
     if ((k == 14 && I[4]) || (k == 5 && I[6]) || (k == 6 && I[7]) || (k == 16 && I[5])) {
@@ -572,7 +603,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         if (!arr || PyDict_SetItemString(result, a[i].name, arr) < 0) { Py_XDECREF(arr); Py_CLEAR(result); break; }
         Py_DECREF(arr);
     }
-    if (result && reps > 0) {
+    if (result && reps > 0 && be->device) {
         PyObject *v = PyFloat_FromDouble(ms);
         PyDict_SetItemString(result, "ms", v);
         Py_XDECREF(v);
@@ -596,14 +627,15 @@ done:
     }
     return result;
 }
-#endif
 
 static PyMethodDef functions[] = {
     {"cuda_info", py_cuda_info, METH_NOARGS, "cuda_info() -> {compiled, devices, names}"},
     {"cuda_memory", py_cuda_memory, METH_VARARGS,
      "cuda_memory(reset_peak=False) -> (bytes now, peak) held by the CUDA backend"},
+    {"cuda_op", py_cuda_op, METH_VARARGS,
+     "cuda_op(op, dtype, arrays, ints, floats, reps=0) -> dict (tests; dtype 'cpu': the CPU "
+     "backend; reps>0 on CUDA adds 'ms')"},
 #ifdef SJ_HAVE_CUDA
-    {"cuda_op", py_cuda_op, METH_VARARGS, "cuda_op(op, dtype, arrays, ints, floats, reps=0) -> dict (tests; reps>0 adds 'ms')"},
     {"cuda_attention_variant", py_attention_variant, METH_VARARGS, "0 auto, 1 simple, 2 mma.sync only (tests)"},
 #endif
     {NULL, NULL, 0, NULL},
