@@ -135,17 +135,26 @@ def attention_bwd(dout, qkv, B, T, H, KV, hd):
     return np.concatenate([dq, dk, dv], axis=2).reshape(B, T, (H + 2 * KV) * hd)
 
 
-def swiglu_fwd(gu, F):
+FFN = {"swiglu": 0, "relu2": 1}   # SJ_FFN_*: the gated activation's kind
+
+
+def swiglu_fwd(gu, F, act="swiglu"):
+    """act(gate) * up: silu (SwiGLU) or relu^2."""
     gu = np.float64(gu)
     g, u = gu[:, :F], gu[:, F:]
-    return g / (1 + np.exp(-g)) * u
+    return (g / (1 + np.exp(-g)) if act == "swiglu" else np.maximum(g, 0) ** 2) * u
 
 
-def swiglu_bwd(dh, gu, F):
+def swiglu_bwd(dh, gu, F, act="swiglu"):
     gu, dh = np.float64(gu), np.float64(dh)
     g, u = gu[:, :F], gu[:, F:]
-    s = 1 / (1 + np.exp(-g))
-    return np.concatenate([dh * u * s * (1 + g * (1 - s)), dh * g * s], axis=1)
+    if act == "swiglu":
+        s = 1 / (1 + np.exp(-g))
+        a, da = g * s, s * (1 + g * (1 - s))
+    else:
+        p = np.maximum(g, 0)
+        a, da = p * p, 2 * p
+    return np.concatenate([dh * u * da, dh * a], axis=1)
 
 
 def cross_entropy(logits, targets, ignore):

@@ -31,15 +31,17 @@ def rnd(rng, *shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def test_swiglu_kernels(rng):
+@pytest.mark.parametrize("act", ["swiglu", "relu2"])
+def test_swiglu_kernels(act, rng):
     N, F = 13, 40
     gu, dh = rnd(rng, N, 2 * F, scale=2.0), rnd(rng, N, F)
-    close(op("swiglu_forward", {"h": poison((N, F)), "gu": gu}, (N, F))["h"], ref.swiglu_fwd(gu, F),
-          "swiglu forward")
+    k = ref.FFN[act]
+    h = op("swiglu_forward", {"h": poison((N, F)), "gu": gu}, (N, F, k))["h"]
+    close(h, ref.swiglu_fwd(gu, F, act), f"{act} forward")
     for accum in (0, 1):
         d0 = rnd(rng, N, 2 * F) if accum else poison((N, 2 * F))
-        got = op("swiglu_backward", {"dgu": d0, "dh": dh, "gu": gu}, (N, F, accum))["dgu"]
-        close(got, ref.swiglu_bwd(dh, gu, F) + (np.float64(d0) if accum else 0), "swiglu backward")
+        got = op("swiglu_backward", {"dgu": d0, "dh": dh, "gu": gu}, (N, F, accum, k))["dgu"]
+        close(got, ref.swiglu_bwd(dh, gu, F, act) + (np.float64(d0) if accum else 0), f"{act} backward")
 
 
 def test_add_and_copy_kernels(rng):

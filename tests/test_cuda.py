@@ -221,17 +221,19 @@ def test_hopper_attention_agrees_with_the_mma_sync_kernels(dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swiglu_kernels(dtype, rng):
-    N, F = 77, 96
+@pytest.mark.parametrize("act", ["swiglu", "relu2"])
+@pytest.mark.parametrize("F", [96, 45], ids=["vector", "scalar"])
+def test_swiglu_kernels(dtype, act, F, rng):
+    N, k = 77, ref.FFN[act]
     gu = rnd(rng, N, 2 * F, scale=2.0, dtype=dtype)
-    h = op("swiglu_forward", dtype, {"h": poison((N, F)), "gu": gu}, (N, F))["h"]
-    close(h, ref.swiglu_fwd(gu, F), dtype, "swiglu forward")
+    h = op("swiglu_forward", dtype, {"h": poison((N, F)), "gu": gu}, (N, F, k))["h"]
+    close(h, ref.swiglu_fwd(gu, F, act), dtype, f"{act} forward")
     dh = rnd(rng, N, F, dtype=dtype)
     for accum in (0, 1):
         d0 = rnd(rng, N, 2 * F, dtype=dtype) if accum else poison((N, 2 * F))
-        got = op("swiglu_backward", dtype, {"dgu": d0, "dh": dh, "gu": gu}, (N, F, accum))["dgu"]
-        close(got.reshape(N, 2 * F), ref.swiglu_bwd(dh, gu, F) + (np.float64(d0) if accum else 0),
-              dtype, "swiglu backward")
+        got = op("swiglu_backward", dtype, {"dgu": d0, "dh": dh, "gu": gu}, (N, F, accum, k))["dgu"]
+        close(got.reshape(N, 2 * F), ref.swiglu_bwd(dh, gu, F, act) + (np.float64(d0) if accum else 0),
+              dtype, f"{act} backward")
 
 
 def hopper():
@@ -243,17 +245,19 @@ def hopper():
 @pytest.mark.parametrize("M,F,K", [(257, 768, 256), (1000, 256, 200), (300, 320, 128)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("keep_gu", [False, True], ids=["forward", "train"])
-def test_fused_swiglu_projection_kernel(dtype, M, F, K, keep_gu, rng):
-    """h = swiglu(x @ w^T) in one Hopper kernel (bf16, fp16 on sm_90; fp32
-    and other GPUs leave it to the op's unfused pair, tested with the model);
-    training keeps the product gu too, forward-only runs never store it."""
+@pytest.mark.parametrize("act", ["swiglu", "relu2"])
+def test_fused_swiglu_projection_kernel(dtype, M, F, K, keep_gu, act, rng):
+    """h = act(x @ w_gate^T) * (x @ w_up^T) in one Hopper kernel (bf16, fp16
+    on sm_90; fp32 and other GPUs leave it to the op's unfused pair, tested
+    with the model); training keeps the product gu too, forward-only runs
+    never store it."""
     x, w = rnd(rng, M, K, dtype=dtype), rnd(rng, 2 * F, K, scale=K ** -0.5, dtype=dtype)
     out = op("matmul_swiglu", dtype, {"h": poison((M, F)), "gu": poison((M, 2 * F)), "x": x, "w": w},
-             (M, F, K, keep_gu))
+             (M, F, K, keep_gu, ref.FFN[act]))
     assert out["fused"] == (dtype != "fp32" and hopper())
     if out["fused"]:
         gu = ref.matmul(x, w, 0, 1)
-        close(out["h"].reshape(M, F), ref.swiglu_fwd(gu, F), dtype, "matmul_swiglu")
+        close(out["h"].reshape(M, F), ref.swiglu_fwd(gu, F, act), dtype, f"matmul_swiglu ({act})")
         if keep_gu:
             close(out["gu"].reshape(M, 2 * F), gu, dtype, "matmul_swiglu's gu")
         else:

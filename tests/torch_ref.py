@@ -1,6 +1,6 @@
 """An independent PyTorch implementation of smedjan's model (Hugging Face
-Llama conventions: rotate-half RoPE, repeat_kv GQA, RMSNorm, SwiGLU, tied
-head) and of its training recipe, used as the parity reference."""
+Llama conventions: rotate-half RoPE, repeat_kv GQA, RMSNorm, SwiGLU or
+relu2 per layer, tied head) and of its training recipe, used as the parity reference."""
 import math
 
 import numpy as np
@@ -66,7 +66,8 @@ class TorchLlama(torch.nn.Module):
             a = (s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * hd)
             x = x + a @ g("wo").T
             h = self.rms(x, g("ffn_norm"))
-            x = x + (F.silu(h @ g("w_gate").T) * (h @ g("w_up").T)) @ g("w_down").T
+            act = F.silu if cfg.layer(i)["ffn"] == "swiglu" else lambda z: F.relu(z).square()
+            x = x + (act(h @ g("w_gate").T) * (h @ g("w_up").T)) @ g("w_down").T
         return self.rms(x, self.p["final_norm"]) @ self.p["tok_emb"].T
 
     def loss(self, tokens, targets, ignore_index=-1):

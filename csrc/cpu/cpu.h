@@ -35,8 +35,8 @@ void sj_cpu_attention_forward(void *out, float *lse, const void *qkv,
 void sj_cpu_attention_backward(void *dqkv, const void *dout, const void *qkv,
                                const void *out, const float *lse,
                                int B, int T, int H, int KV, int hd, int accum);
-void sj_cpu_swiglu_forward(void *h, const void *gu, int N, int F);
-void sj_cpu_swiglu_backward(void *dgu, const void *dh, const void *gu, int N, int F,
+void sj_cpu_swiglu_forward(void *h, const void *gu, int N, int F, int act);
+void sj_cpu_swiglu_backward(void *dgu, const void *dh, const void *gu, int N, int F, int act,
                             int accum);
 void sj_cpu_add(void *out, const void *a, const void *b, int64_t n);
 void sj_cpu_copy(void *dst, const void *src, int64_t n, int accum);

@@ -105,18 +105,21 @@ typedef struct sj_backend {
                                const void *out, const float *lse,
                                int B, int T, int H, int KV, int hd, int accum);
 
-    /* gu: (N, 2F) = [gate | up] -> h: (N, F) = silu(gate) * up. */
-    void (*swiglu_forward)(void *h, const void *gu, int N, int F);
-    void (*swiglu_backward)(void *dgu, const void *dh, const void *gu, int N, int F,
+    /* The gated FFN activation ("swiglu" after its first kind): gu: (N, 2F)
+     * = [gate | up] -> h: (N, F) = act(gate) * up, act by SJ_FFN_*: silu
+     * (SwiGLU) or relu^2 (relu2). */
+    void (*swiglu_forward)(void *h, const void *gu, int N, int F, int act);
+    void (*swiglu_backward)(void *dgu, const void *dh, const void *gu, int N, int F, int act,
                             int accum);
 
     /* Fused projections, optional: NULL, or 0 returned where a backend has no
      * kernel for the shape (the op then runs the matmul and the elementwise
-     * kernel apart). h: (N, F) = swiglu(gu), gu = x @ w^T, x: (N, K),
+     * kernel apart). h: (N, F) = swiglu(gu, act), gu = x @ w^T, x: (N, K),
      * w: (2F, K) = [gate | up] rows; gu: (N, 2F) is stored too unless NULL
      * (training keeps it for backward). out: (B, T, n_heads*hd) =
      * rope_forward(x @ w^T) with pos0 = 0. */
-    int (*matmul_swiglu)(void *h, void *gu, const void *x, const void *w, int N, int F, int K);
+    int (*matmul_swiglu)(void *h, void *gu, const void *x, const void *w, int N, int F, int K,
+                         int act);
     int (*matmul_rope)(void *out, const void *x, const void *w, int B, int T, int n_heads,
                        int n_rot, int hd, int K, float theta);
 

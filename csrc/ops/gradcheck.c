@@ -73,15 +73,16 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
     } else if (!strcmp(op, "matmul_rope")) {   /* 3 heads of 4, 2 rotated */
         int x = add_act(c, "x", N * 5);
         c->out = sj_op_matmul_rope(tp, x, add_param(c, "w", 3 * 4 * 5), B, T, 3, 2, 4, 5, 100.0f);
-    } else if (!strcmp(op, "matmul_swiglu")) {
-        int x = add_act(c, "x", N * 5);
-        c->out = sj_op_matmul_swiglu(tp, x, add_param(c, "w", 2 * 6 * 5), N, 6, 5, 0);
+    } else if (!strcmp(op, "matmul_swiglu") || !strcmp(op, "matmul_swiglu_relu2")) {
+        int x = add_act(c, "x", N * 5), act = strcmp(op, "matmul_swiglu") ? SJ_FFN_RELU2 : SJ_FFN_SWIGLU;
+        c->out = sj_op_matmul_swiglu(tp, x, add_param(c, "w", 2 * 6 * 5), N, 6, 5, act, 0);
     } else if (!strcmp(op, "rope")) {
         c->out = sj_op_rope(tp, add_act(c, "x", N * 3 * 4), B, T, 3, 2, 4, 100.0f);
     } else if (!strcmp(op, "attention")) {
         c->out = sj_op_attention(tp, add_act(c, "qkv", N * (4 + 2 * 2) * 4), B, T, 4, 2, 4);
-    } else if (!strcmp(op, "swiglu")) {
-        c->out = sj_op_swiglu(tp, add_act(c, "gu", N * 2 * 6), N, 6);
+    } else if (!strcmp(op, "swiglu") || !strcmp(op, "swiglu_relu2")) {
+        int act = strcmp(op, "swiglu") ? SJ_FFN_RELU2 : SJ_FFN_SWIGLU;
+        c->out = sj_op_swiglu(tp, add_act(c, "gu", N * 2 * 6), N, 6, act);
     } else if (!strcmp(op, "add")) {
         int a = add_act(c, "a", N * 6), b = add_act(c, "b", N * 6);
         c->out = sj_op_add(tp, a, b, N * 6);

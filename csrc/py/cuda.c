@@ -555,8 +555,9 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         break;
     case 7: be->attention_forward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]); break;
     case 8: be->attention_backward(D(0), D(1), D(2), D(3), D(4), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5]); break;
-    case 9: be->swiglu_forward(D(0), D(1), (int)I[0], (int)I[1]); break;
-    case 10: be->swiglu_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2]); break;
+    /* swiglu: the activation (SJ_FFN_*) is the last int, after accum */
+    case 9: be->swiglu_forward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2]); break;
+    case 10: be->swiglu_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[3], (int)I[2]); break;
     case 11: be->add(D(0), D(1), D(2), I[0]); break;
     case 12: be->copy(D(0), D(1), I[0], (int)I[1]); break;
     case 13: be->cross_entropy_forward(D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[1], (int)I[2]); break;
@@ -579,8 +580,8 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 16: /* ints[5] = in place: D is the C buffer */
         be->matmul_add(I[5] ? D(1) : D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]);
         break;
-    case 17: /* ints[3]: gu stored too */
-        fused = be->matmul_swiglu && be->matmul_swiglu(D(0), I[3] ? D(1) : NULL, D(2), D(3), (int)I[0], (int)I[1], (int)I[2]);
+    case 17: /* ints[3]: gu stored too; ints[4]: the activation */
+        fused = be->matmul_swiglu && be->matmul_swiglu(D(0), I[3] ? D(1) : NULL, D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[4]);
         break;
     case 18:
         fused = be->matmul_rope && be->matmul_rope(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0]);
