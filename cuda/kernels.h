@@ -36,8 +36,15 @@ int sj_cuda_matmul_rope_##T(void *out, const void *x, const void *w, int B, int 
                             int n_heads, int n_rot, int hd, int K, float theta);          \
 void sj_cuda_swiglu_backward_##T(void *dgu, const void *dh, const void *gu, int N, int F, \
                                  int act, int accum);                                     \
-void sj_cuda_add_##T(void *out, const void *a, const void *b, int64_t n);                 \
-void sj_cuda_copy_##T(void *dst, const void *src, int64_t n, int accum);                  \
+void sj_cuda_add_##T(void *out, const void *a, const void *b, int64_t n, float b_scale);  \
+void sj_cuda_copy_##T(void *dst, const void *src, int64_t n, float scale, int accum);     \
+void sj_cuda_pair_heads_forward_##T(void *out, const void *in, int N, int n_heads, int hd); \
+void sj_cuda_pair_heads_backward_##T(void *din, const void *dout, int N, int n_heads,     \
+                                     int hd, int accum);                                  \
+void sj_cuda_mix_forward_##T(void *out, const void *x, const void *y, int N, int ld,      \
+                             int c0, int w, float a);                                     \
+void sj_cuda_mix_backward_##T(void *dx, void *dy, const void *dout, int N, int ld,        \
+                              int c0, int w, float a, int accum_x, int accum_y);          \
 void sj_cuda_cross_entropy_forward_##T(float *losses, float *lse, const void *logits,     \
                                        const void *targets, sj_dtype tok_dtype, int N,    \
                                        int V, int ld, int ignore_index);                  \

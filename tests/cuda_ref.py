@@ -157,6 +157,33 @@ def swiglu_bwd(dh, gu, F, act="swiglu"):
     return np.concatenate([dh * u * da, dh * a], axis=1)
 
 
+def pair_heads_fwd(x, n_heads, hd):
+    """(N, n_heads*hd) -> (N, n_heads/2*hd): head j = (head 2j + head 2j+1) / 2."""
+    x = np.float64(x).reshape(len(x), n_heads // 2, 2, hd)
+    return x.mean(2).reshape(len(x), -1)
+
+
+def pair_heads_bwd(dout, n_heads, hd):
+    d = np.float64(dout).reshape(len(dout), n_heads // 2, 1, hd) / 2
+    return np.repeat(d, 2, axis=2).reshape(len(dout), n_heads * hd)
+
+
+def mix_fwd(x, y, c0, w, a):
+    """x with columns [c0, c0+w) of each row blended: (1 - a) x + a y."""
+    out = np.float64(x).copy()
+    out[:, c0:c0 + w] = (1 - a) * out[:, c0:c0 + w] + a * np.float64(y)[:, c0:c0 + w]
+    return out
+
+
+def mix_bwd(dout, c0, w, a):
+    """(dx, dy): dx = dout off the slice, (1 - a) dout on it; dy = a dout on
+    the slice, zero off it."""
+    dx, dy = np.float64(dout).copy(), np.zeros(np.shape(dout))
+    dy[:, c0:c0 + w] = a * dx[:, c0:c0 + w]
+    dx[:, c0:c0 + w] *= 1 - a
+    return dx, dy
+
+
 def cross_entropy(logits, targets, ignore):
     x = np.float64(logits)
     m = x.max(-1, keepdims=True)

@@ -52,6 +52,59 @@ def test_add_and_copy_kernels(rng):
     close(op("copy", {"dst": b, "src": a}, (n, 1))["dst"], np.float64(a) + b, "copy accum")
 
 
+def test_add_and_copy_take_a_factor(rng):
+    """axpy: out = x + s y, and its backward dy (+)= s dout."""
+    n, s = 1001, -0.35
+    a, b = rnd(rng, n), rnd(rng, n)
+    close(op("add", {"out": poison(n), "a": a, "b": b}, (n,), (s,))["out"], np.float64(a) + s * b, "axpy")
+    close(op("copy", {"dst": poison(n), "src": a}, (n, 0), (s,))["dst"], s * np.float64(a), "scale")
+    close(op("copy", {"dst": b, "src": a}, (n, 1), (s,))["dst"], s * np.float64(a) + b, "scale accum")
+
+
+@pytest.mark.parametrize("accum", [0, 1])
+def test_pair_heads_kernels(accum, rng):
+    N, H, hd = 11, 6, 5
+    x, dout = rnd(rng, N, H * hd), rnd(rng, N, H // 2 * hd)
+    out = op("pair_heads_forward", {"out": poison((N, H // 2 * hd)), "in": x}, (N, H, hd))["out"]
+    close(out, ref.pair_heads_fwd(x, H, hd), "pair_heads forward")
+    d0 = rnd(rng, N, H * hd) if accum else poison((N, H * hd))
+    din = op("pair_heads_backward", {"din": d0, "dout": dout}, (N, H, hd, accum))["din"]
+    close(din, ref.pair_heads_bwd(dout, H, hd) + (np.float64(d0) if accum else 0), "pair_heads backward")
+
+
+MIX = (13, 24, 8, 4, 0.3)   # N, ld, c0, w, a: the v columns of a (q | k | v) row
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_mix_forward_kernel(in_place, rng):
+    N, ld, c0, w, a = MIX
+    x, y = rnd(rng, N, ld), rnd(rng, N, ld)
+    out = op("mix_forward", {"out": poison((N, ld)), "x": x, "y": y}, (N, ld, c0, w, in_place), (a,))
+    close(out["out"], ref.mix_fwd(x, y, c0, w, a), "mix forward")
+
+
+@pytest.mark.parametrize("accum_x,accum_y", [(0, 0), (1, 0), (0, 1), (1, 1)])
+@pytest.mark.parametrize("how", ["apart", "dx_in_dout", "no_dy"])
+def test_mix_backward_kernel(accum_x, accum_y, how, rng):
+    """dx off the slice is dout; dy off the slice is zero when overwritten and
+    untouched when accumulated into; dx may be dout itself (the tape shares
+    it when dx is first written), dy may be absent."""
+    N, ld, c0, w, a = MIX
+    if how == "dx_in_dout" and accum_x:
+        pytest.skip("dx shares dout's storage only when it overwrites")
+    dout = rnd(rng, N, ld)
+    dx0 = rnd(rng, N, ld) if accum_x else poison((N, ld))
+    dy0 = rnd(rng, N, ld) if accum_y or how == "no_dy" else poison((N, ld))
+    got = op("mix_backward", {"dx": dx0, "dy": dy0, "dout": dout},
+             (N, ld, c0, w, accum_x, accum_y, how == "dx_in_dout", how == "no_dy"), (a,))
+    dx, dy = ref.mix_bwd(dout, c0, w, a)
+    close(got["dx"], dx + (np.float64(dx0) if accum_x else 0), "mix dx")
+    if how == "no_dy":
+        assert np.array_equal(got["dy"], dy0.ravel())
+    else:
+        close(got["dy"], dy + (np.float64(dy0) if accum_y else 0), "mix dy")
+
+
 def test_cuda_dtypes_need_a_cuda_build():
     if _C.cuda_info()["compiled"]:
         pytest.skip("built with CUDA")

@@ -1,6 +1,5 @@
 /* swiglu.c — the gated FFN activation, h = act(gate) * up over a fused
- * [gate | up] row (act: silu for SwiGLU, relu^2; SJ_FFN_*), and the
- * elementwise ops (add, copy, fill). */
+ * [gate | up] row (act: silu for SwiGLU, relu^2; SJ_FFN_*). */
 #include "cpu.h"
 #include <math.h>
 
@@ -55,40 +54,4 @@ void sj_cpu_swiglu_backward(void *dgu, const void *dh, const void *gu, int N, in
                             int accum) {
     sw_job j = { NULL, dgu, gu, dh, F, act, accum };
     sj_parallel_for(N, 8, bwd_rows, &j);
-}
-
-typedef struct { float *out; const float *a, *b; float v; int accum; } ew_job;
-
-static void add_range(void *ctx, int64_t i0, int64_t i1, int tid) {
-    (void)tid;
-    const ew_job *j = ctx;
-    for (int64_t i = i0; i < i1; i++) j->out[i] = j->a[i] + j->b[i];
-}
-
-static void copy_range(void *ctx, int64_t i0, int64_t i1, int tid) {
-    (void)tid;
-    const ew_job *j = ctx;
-    if (j->accum) for (int64_t i = i0; i < i1; i++) j->out[i] += j->a[i];
-    else for (int64_t i = i0; i < i1; i++) j->out[i] = j->a[i];
-}
-
-static void fill_range(void *ctx, int64_t i0, int64_t i1, int tid) {
-    (void)tid;
-    const ew_job *j = ctx;
-    for (int64_t i = i0; i < i1; i++) j->out[i] = j->v;
-}
-
-void sj_cpu_add(void *out, const void *a, const void *b, int64_t n) {
-    ew_job j = { out, a, b, 0, 0 };
-    sj_parallel_for(n, 1 << 14, add_range, &j);
-}
-
-void sj_cpu_copy(void *dst, const void *src, int64_t n, int accum) {
-    ew_job j = { dst, src, NULL, 0, accum };
-    sj_parallel_for(n, 1 << 14, copy_range, &j);
-}
-
-void sj_cpu_fill(float *x, float value, int64_t n) {
-    ew_job j = { x, NULL, NULL, value, 0 };
-    sj_parallel_for(n, 1 << 15, fill_range, &j);
 }

@@ -37,7 +37,8 @@ typedef struct {
 typedef enum {
     SJ_OP_EMBEDDING, SJ_OP_RMSNORM, SJ_OP_MATMUL, SJ_OP_MATMUL_ADD, SJ_OP_ROPE,
     SJ_OP_ATTENTION, SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP_LM_HEAD_CE,
-    SJ_OP_CAST, SJ_OP_MATMUL_SWIGLU, SJ_OP_MATMUL_ROPE, SJ_OP__COUNT
+    SJ_OP_CAST, SJ_OP_MATMUL_SWIGLU, SJ_OP_MATMUL_ROPE, SJ_OP_PAIR_HEADS, SJ_OP_MIX,
+    SJ_OP_AXPY, SJ_OP__COUNT
 } sj_opcode;
 
 typedef struct {
@@ -136,6 +137,15 @@ int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd);
  * relu^2). The name is its first kind's. */
 int sj_op_swiglu(sj_tape *tp, int gu, int N, int F, int act);
 int sj_op_add(sj_tape *tp, int a, int b, int64_t n);
+/* x + a * y over n elements (embedding skip). */
+int sj_op_axpy(sj_tape *tp, int x, int y, float a, int64_t n);
+/* Paired heads: x: (N, n_heads*hd), n_heads even -> (N, n_heads/2*hd), head j
+ * the mean of heads 2j and 2j+1. */
+int sj_op_pair_heads(sj_tape *tp, int x, int N, int n_heads, int hd);
+/* Mix (value mix): x, y: (N, ld) -> x, except columns [c0, c0+w) of each
+ * row: (1 - a) x + a y. y may feed many mixes (layer 0's qkv): its
+ * gradient then accumulates over them, zero off the slices. */
+int sj_op_mix(sj_tape *tp, int x, int y, int N, int ld, int c0, int w, float a);
 int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index);
 /* Tied LM head + cross-entropy, `rows` rows at a time: only (rows, ld)
  * logits ever exist. h: (N, C), w: (V, C) -> losses (N). On a training tape

@@ -123,9 +123,26 @@ typedef struct sj_backend {
     int (*matmul_rope)(void *out, const void *x, const void *w, int B, int T, int n_heads,
                        int n_rot, int hd, int K, float theta);
 
-    /* out = a + b; dst (+)= src (act dtype). */
-    void (*add)(void *out, const void *a, const void *b, int64_t n);
-    void (*copy)(void *dst, const void *src, int64_t n, int accum);
+    /* out = a + b_scale * b; dst (+)= scale * src (act dtype; a factor of 1
+     * gives the plain sum and copy bit for bit). */
+    void (*add)(void *out, const void *a, const void *b, int64_t n, float b_scale);
+    void (*copy)(void *dst, const void *src, int64_t n, float scale, int accum);
+
+    /* Paired heads: in: (N, n_heads*hd), n_heads even -> out: (N, n_heads/2*hd),
+     * out head j = (in head 2j + in head 2j+1) / 2; din (+)= dout / 2 into both. */
+    void (*pair_heads_forward)(void *out, const void *in, int N, int n_heads, int hd);
+    void (*pair_heads_backward)(void *din, const void *dout, int N, int n_heads, int hd,
+                                int accum);
+    /* Mix (value mix): x, y, out: (N, ld); out = x except columns [c0, c0+w)
+     * of each row, which are (1 - a) x + a y. out may be x: then only the
+     * slice is written. Backward: dx (+)= dout off the slice and (1 - a) dout
+     * on it; dy (+)= a dout on the slice, and, unless accum_y, 0 off it (the
+     * whole gradient is defined). Either gradient may be NULL; dx may be dout
+     * when accum_x is 0 (then only its slice is rewritten). */
+    void (*mix_forward)(void *out, const void *x, const void *y, int N, int ld, int c0, int w,
+                        float a);
+    void (*mix_backward)(void *dx, void *dy, const void *dout, int N, int ld, int c0, int w,
+                         float a, int accum_x, int accum_y);
 
     /* logits: (N, ld), of which the first V columns are the vocabulary
      * (ld >= V: a row stride that keeps rows aligned; the columns past V

@@ -26,6 +26,11 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     /* backward reads gu (out[1], training tapes only) */
     [SJ_OP_MATMUL_SWIGLU] = {"matmul_swiglu", 1u << 0 | 1u << 1, 1u << 1},
     [SJ_OP_MATMUL_ROPE] = {"matmul_rope", 1u << 0 | 1u << 1, 0},
+    [SJ_OP_PAIR_HEADS] = {"pair_heads", 0, 0},
+    /* in place over x: only the slice is rewritten, forward and backward */
+    [SJ_OP_MIX] = {"mix", 0, 0, .out_on_in = 1u << 0, .grad_on_dy = 1u << 0},
+    /* dx = dy: shared; dy_in = a dy needs its own (dx reads dy after it) */
+    [SJ_OP_AXPY] = {"axpy", 0, 0, .grad_on_dy = 1u << 0},
 };
 
 static int record(sj_tape *tp, sj_opcode op, const int in[3], int64_t n0, int64_t n1,
@@ -78,6 +83,19 @@ int sj_op_swiglu(sj_tape *tp, int gu, int N, int F, int act) {
 }
 int sj_op_add(sj_tape *tp, int a, int b, int64_t n) {
     return record(tp, SJ_OP_ADD, IN(a, b, NONE), n, 0, 0, DIM(0), 0);
+}
+// x, y: (n) -> x + a * y
+int sj_op_axpy(sj_tape *tp, int x, int y, float a, int64_t n) {
+    return record(tp, SJ_OP_AXPY, IN(x, y, NONE), n, 0, 0, DIM(0), a);
+}
+// x: (N, n_heads*hd) -> (N, n_heads/2*hd), adjacent heads averaged
+int sj_op_pair_heads(sj_tape *tp, int x, int N, int n_heads, int hd) {
+    return record(tp, SJ_OP_PAIR_HEADS, IN(x, NONE, NONE), (int64_t)N * (n_heads / 2) * hd, 0, 0,
+                  DIM(N, n_heads, hd), 0);
+}
+// x, y: (N, ld) -> x with columns [c0, c0+w) of each row = (1-a) x + a y
+int sj_op_mix(sj_tape *tp, int x, int y, int N, int ld, int c0, int w, float a) {
+    return record(tp, SJ_OP_MIX, IN(x, y, NONE), (int64_t)N * ld, 0, 0, DIM(N, ld, c0, w), a);
 }
 // logits: (N, V), targets: (N) -> losses: (N), lse: (N)
 int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index) {
@@ -166,7 +184,7 @@ static void lm_head_ce(const sj_tape *tp, const sj_node *n, const sj_backend *be
     int Vg = V;
     if (ld > V && ((size_t)C * es) % 4 == 0) {
         char *Wp = (char *)L + (size_t)R * ld * es;
-        be->copy(Wp, W, (int64_t)V * C, 0);
+        be->copy(Wp, W, (int64_t)V * C, 1.0f, 0);
         be->fill((float *)(Wp + (size_t)V * C * es), 0.0f, (int64_t)(ld - V) * C * (int64_t)es / 4);
         Wg = Wp;
         Vg = ld;
@@ -241,7 +259,14 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
         be->swiglu_forward(P(out[0]), P(in[0]), d[0], d[1], d[2]);
         break;
     case SJ_OP_ADD:
-        be->add(P(out[0]), P(in[0]), P(in[1]), tp->t[out[0]].numel);
+    case SJ_OP_AXPY:
+        be->add(P(out[0]), P(in[0]), P(in[1]), tp->t[out[0]].numel, n->op == SJ_OP_AXPY ? n->f : 1.0f);
+        break;
+    case SJ_OP_PAIR_HEADS:
+        be->pair_heads_forward(P(out[0]), P(in[0]), d[0], d[1], d[2]);
+        break;
+    case SJ_OP_MIX:
+        be->mix_forward(P(out[0]), P(in[0]), P(in[1]), d[0], d[1], d[2], d[3], n->f);
         break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]),
@@ -285,7 +310,7 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         if (dx) sj_matmul(be, dx, dy, P(in[1]), d[0], d[2], d[1], 0, 0, acc[0], 0);   // dy @ W
         sj_matmul(be, grads + tp->t[in[1]].offset, dy, P(in[0]), d[1], d[2], d[0], 1, 0, acc[1], 1);
         void *dr = n->op == SJ_OP_MATMUL_ADD ? in_grad(tp, n, 2, params) : NULL;
-        if (dr && dr != dy) be->copy(dr, dy, tp->t[out[0]].numel, acc[2]);   /* not shared */
+        if (dr && dr != dy) be->copy(dr, dy, tp->t[out[0]].numel, 1.0f, acc[2]);   /* not shared */
         break;
     }
     case SJ_OP_ROPE:
@@ -298,12 +323,21 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
     case SJ_OP_SWIGLU:
         be->swiglu_backward(dx, dy, P(in[0]), d[0], d[1], d[2], acc[0]);
         break;
-    case SJ_OP_ADD: {
+    case SJ_OP_ADD:
+    case SJ_OP_AXPY: {
         void *db = in_grad(tp, n, 1, params);   /* a gradient sharing dy's storage is done */
-        if (dx && dx != dy) be->copy(dx, dy, tp->t[out[0]].numel, acc[0]);
-        if (db && db != dy) be->copy(db, dy, tp->t[out[0]].numel, acc[1]);
+        const float b_scale = n->op == SJ_OP_AXPY ? n->f : 1.0f;
+        if (dx && dx != dy) be->copy(dx, dy, tp->t[out[0]].numel, 1.0f, acc[0]);
+        if (db && db != dy) be->copy(db, dy, tp->t[out[0]].numel, b_scale, acc[1]);
         break;
     }
+    case SJ_OP_PAIR_HEADS:
+        if (dx) be->pair_heads_backward(dx, dy, d[0], d[1], d[2], acc[0]);
+        break;
+    case SJ_OP_MIX:
+        be->mix_backward(dx, in_grad(tp, n, 1, params), dy, d[0], d[1], d[2], d[3], n->f, acc[0],
+                         acc[1]);
+        break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_backward(dx, P(in[0]), P(out[1]), P(in[1]), tp->t[in[1]].dtype,
                                    d[0], d[1], d[1], d[2],

@@ -486,7 +486,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         I[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(si, i));
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(sf) && i < 8; i++)
         Fl[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(sf, i));
-    const Py_ssize_t n_ints = PySequence_Fast_GET_SIZE(si);
+    const Py_ssize_t n_ints = PySequence_Fast_GET_SIZE(si), n_floats = PySequence_Fast_GET_SIZE(sf);
     Py_DECREF(si); Py_DECREF(sf);
     if (PyErr_Occurred()) return NULL;
     void **ctx = &hctx[be->device != 0];
@@ -514,6 +514,10 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"matmul_add", {"D", "C", "A", "B"}, "aaaa"},
         {"matmul_swiglu", {"h", "gu", "x", "w"}, "aaaa"},
         {"matmul_rope", {"out", "x", "w"}, "aaa"},
+        {"pair_heads_forward", {"out", "in"}, "aa"},
+        {"pair_heads_backward", {"din", "dout"}, "aa"},
+        {"mix_forward", {"out", "x", "y"}, "aaa"},
+        {"mix_backward", {"dx", "dy", "dout"}, "aaa"},
     };
     int k = -1, fused = 0;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
@@ -558,8 +562,9 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     /* swiglu: the activation (SJ_FFN_*) is the last int, after accum */
     case 9: be->swiglu_forward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2]); break;
     case 10: be->swiglu_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[3], (int)I[2]); break;
-    case 11: be->add(D(0), D(1), D(2), I[0]); break;
-    case 12: be->copy(D(0), D(1), I[0], (int)I[1]); break;
+    /* add, copy: floats[0] = the factor (default 1) */
+    case 11: be->add(D(0), D(1), D(2), I[0], n_floats ? (float)Fl[0] : 1.0f); break;
+    case 12: be->copy(D(0), D(1), I[0], n_floats ? (float)Fl[0] : 1.0f, (int)I[1]); break;
     case 13: be->cross_entropy_forward(D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[1], (int)I[2]); break;
     case 14: /* ints[4] = in place: dlogits is the logits buffer */
         be->cross_entropy_backward(I[4] ? D(1) : D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[1], (int)I[2], D(4), (int)I[3]);
@@ -586,14 +591,24 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 18:
         fused = be->matmul_rope && be->matmul_rope(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0]);
         break;
+    case 19: be->pair_heads_forward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2]); break;
+    case 20: be->pair_heads_backward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3]); break;
+    case 21: /* ints[4] = in place: out is the x buffer */
+        be->mix_forward(I[4] ? D(1) : D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (float)Fl[0]);
+        break;
+    case 22: /* ints[6] = in place: dx is the dout buffer; ints[7] = no dy (NULL) */
+        be->mix_backward(I[6] ? D(2) : D(0), I[7] ? NULL : D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (float)Fl[0], (int)I[4], (int)I[5]);
+        break;
     }
     }
     if (timer) ms = htimer_end(timer) / reps;
     /* in place: the result is in the input's buffer (the loss's gradient in
      * the logits, rope's output in its input, the sum in the addend) */
-    if ((k == 14 && I[4]) || (k == 5 && I[6]) || (k == 6 && I[7]) || (k == 16 && I[5])) {
+    if ((k == 14 && I[4]) || (k == 5 && I[6]) || (k == 6 && I[7]) || (k == 16 && I[5]) ||
+        (k == 21 && I[4])) {
         void *t = a[0].dev; a[0].dev = a[1].dev; a[1].dev = t;
     }
+    if (k == 22 && I[6]) { void *t = a[0].dev; a[0].dev = a[2].dev; a[2].dev = t; }
     Py_END_ALLOW_THREADS
     #undef D
     st = be->sync();
@@ -609,7 +624,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         PyDict_SetItemString(result, "ms", v);
         Py_XDECREF(v);
     }
-    if (result && k >= 17 && PyDict_SetItemString(result, "fused", fused ? Py_True : Py_False) < 0)
+    if (result && (k == 17 || k == 18) && PyDict_SetItemString(result, "fused", fused ? Py_True : Py_False) < 0)
         Py_CLEAR(result);
     if (result && k == 15) {
         PyObject *v = PyFloat_FromDouble(Fl[7]);
