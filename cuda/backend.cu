@@ -270,6 +270,8 @@ static void graph_free(void *g) { if (g) cudaGraphExecDestroy((cudaGraphExec_t)g
         sj_cuda_swiglu_forward_##T, sj_cuda_swiglu_backward_##T,   \
         MATMUL_SWIGLU, MATMUL_ROPE,                                \
         sj_cuda_add_##T, sj_cuda_copy_##T,                         \
+        sj_cuda_pair_heads_forward_##T, sj_cuda_pair_heads_backward_##T, \
+        sj_cuda_mix_forward_##T, sj_cuda_mix_backward_##T,         \
         sj_cuda_cross_entropy_forward_##T, sj_cuda_cross_entropy_backward_##T, \
         sj_cuda_grad_sumsq, sj_cuda_adamw_##T,                     \
         ctx_create, ctx_free, bind, sync,                          \

@@ -61,6 +61,22 @@ template <class T> static __device__ __forceinline__ void put(T *dst, float v, i
     *dst = fromf<T>(accum ? tof(*dst) + v : v);
 }
 
+/* The gated FFN's activation of the gate (SJ_FFN_*): silu (SwiGLU) or relu^2;
+ * the same expressions as csrc/cpu/swiglu.c. FAST: silu through the SFU's
+ * exp and divide (the fused GEMM epilogue, which rounds to 16 bits next). */
+template <bool FAST = false>
+static __device__ __forceinline__ float gate_act(float g, int act) {
+    if (act == SJ_FFN_RELU2) { const float p = fmaxf(g, 0.0f); return p * p; }
+    return FAST ? __fdividef(g, 1.0f + __expf(-g)) : g / (1.0f + expf(-g));
+}
+/* act(g) into *a, and d act / d g. */
+static __device__ __forceinline__ float gate_act_grad(float g, int act, float *a) {
+    if (act == SJ_FFN_RELU2) { const float p = fmaxf(g, 0.0f); *a = p * p; return 2.0f * p; }
+    const float s = 1.0f / (1.0f + expf(-g));
+    *a = g * s;
+    return s * (1.0f + g * (1.0f - s));
+}
+
 static __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -1,5 +1,5 @@
 /* gemm_sm90.cu — out = epilogue(x @ w^T) on Hopper tensor cores, for the
- * projections whose epilogue cuBLASLt cannot do: SwiGLU after the gate/up
+ * projections whose epilogue cuBLASLt cannot do: SwiGLU (or relu2) after the gate/up
  * GEMM and RoPE after the QKV GEMM. Fused, the un-rotated q and k never
  * reach memory and the separate SwiGLU and RoPE passes (each a full read
  * and write at bandwidth) go; a forward-only run needs no (N, 2F) gate/up
@@ -43,6 +43,7 @@ struct epi_args {
     void *gu;           /* SwiGLU: the (M, 2F) product too, unless NULL */
     int n_tiles_n;      /* output tiles across */
     int F;              /* SwiGLU: up rows start at F in w */
+    int act;            /* SwiGLU: the gate's activation, SJ_FFN_* */
     int T, rot_cols, pos0;   /* RoPE: row m has position pos0 + m % T; columns < rot_cols rotate */
     float inv[64];      /* RoPE inverse frequencies, hd / 2 of them */
 };
@@ -175,8 +176,7 @@ gemm_sm90_k(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ C
                                                    (T *)args.gu + args.F + f0, 2 * args.F, row0, args.M, r_lo, t, tid, 1 + c);
             }
             write_tile<T, NR / 8, L::SROW / 2>(so, [&](int j, int e) {
-                const float gv = d[4 * j + e], uv = d[4 * (j + NR / 8) + e];
-                return __fdividef(gv, 1.0f + __expf(-gv)) * uv;
+                return gate_act<true>(d[4 * j + e], args.act) * d[4 * (j + NR / 8) + e];
             }, out + f0, args.ldo, row0, args.M, r_lo, t, tid, 1 + c);
             continue;
         }
@@ -279,13 +279,14 @@ bool sm90_map(CUtensorMap *map, const void *p, int64_t rows, int64_t cols, int64
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-/* h: (M, F) = silu(x @ w[0:F]^T) * (x @ w[F:2F]^T); x: (M, K), w: (2F, K);
+/* h: (M, F) = act(x @ w[0:F]^T) * (x @ w[F:2F]^T); x: (M, K), w: (2F, K);
  * gu: (M, 2F) = x @ w^T too unless NULL. */
 template <class T>
-static bool matmul_swiglu(void *h, void *gu, const void *x, const void *w, int M, int F, int K) {
+static bool matmul_swiglu(void *h, void *gu, const void *x, const void *w, int M, int F, int K,
+                          int act) {
     if (!usable(h, x, w, F, K) || (gu && !aligned16(gu))) return false;
     epi_args a = {};
-    a.M = M; a.K = K; a.out = h; a.ldo = F; a.F = F; a.gu = gu;
+    a.M = M; a.K = K; a.out = h; a.ldo = F; a.F = F; a.gu = gu; a.act = act;
     return F % 128 == 0 ? launch<T, 256, 4, EPI_SWIGLU, 64>(a, x, w, 2 * F, F)
                         : launch<T, 128, 5, EPI_SWIGLU, 64>(a, x, w, 2 * F, F);
 }
@@ -323,8 +324,8 @@ static bool matmul_plain(void *out, const void *x, const void *w, int M, int N, 
 
 #define SJ_CU_GEMM_SM90(T)                                                                    \
     extern "C" int sj_cuda_matmul_swiglu_##T(void *h, void *gu, const void *x, const void *w,   \
-                                             int N, int F, int K) {                           \
-        return matmul_swiglu<T>(h, gu, x, w, N, F, K);                                         \
+                                             int N, int F, int K, int act) {                  \
+        return matmul_swiglu<T>(h, gu, x, w, N, F, K, act);                                    \
     }                                                                                         \
     extern "C" int sj_cuda_matmul_rope_##T(void *out, const void *x, const void *w, int B,     \
                                            int T_, int n_heads, int n_rot, int hd, int K,     \

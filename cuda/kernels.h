@@ -29,15 +29,22 @@ void sj_cuda_attention_forward_##T(void *out, float *lse, const void *qkv, int B
 void sj_cuda_attention_backward_##T(void *dqkv, const void *dout, const void *qkv,        \
                                     const void *out, const float *lse, int B, int T_,     \
                                     int H, int KV, int hd, int accum);                    \
-void sj_cuda_swiglu_forward_##T(void *h, const void *gu, int N, int F);                   \
+void sj_cuda_swiglu_forward_##T(void *h, const void *gu, int N, int F, int act);          \
 int sj_cuda_matmul_swiglu_##T(void *h, void *gu, const void *x, const void *w, int N,     \
-                              int F, int K);                                              \
+                              int F, int K, int act);                                     \
 int sj_cuda_matmul_rope_##T(void *out, const void *x, const void *w, int B, int T_,       \
                             int n_heads, int n_rot, int hd, int K, float theta);          \
 void sj_cuda_swiglu_backward_##T(void *dgu, const void *dh, const void *gu, int N, int F, \
-                                 int accum);                                              \
-void sj_cuda_add_##T(void *out, const void *a, const void *b, int64_t n);                 \
-void sj_cuda_copy_##T(void *dst, const void *src, int64_t n, int accum);                  \
+                                 int act, int accum);                                     \
+void sj_cuda_add_##T(void *out, const void *a, const void *b, int64_t n, float b_scale);  \
+void sj_cuda_copy_##T(void *dst, const void *src, int64_t n, float scale, int accum);     \
+void sj_cuda_pair_heads_forward_##T(void *out, const void *in, int N, int n_heads, int hd); \
+void sj_cuda_pair_heads_backward_##T(void *din, const void *dout, int N, int n_heads,     \
+                                     int hd, int accum);                                  \
+void sj_cuda_mix_forward_##T(void *out, const void *x, const void *y, int N, int ld,      \
+                             int c0, int w, float a);                                     \
+void sj_cuda_mix_backward_##T(void *dx, void *dy, const void *dout, int N, int ld,        \
+                              int c0, int w, float a, int accum_x, int accum_y);          \
 void sj_cuda_cross_entropy_forward_##T(float *losses, float *lse, const void *logits,     \
                                        const void *targets, sj_dtype tok_dtype, int N,    \
                                        int V, int ld, int ignore_index);                  \

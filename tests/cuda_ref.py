@@ -135,17 +135,53 @@ def attention_bwd(dout, qkv, B, T, H, KV, hd):
     return np.concatenate([dq, dk, dv], axis=2).reshape(B, T, (H + 2 * KV) * hd)
 
 
-def swiglu_fwd(gu, F):
+FFN = {"swiglu": 0, "relu2": 1}   # SJ_FFN_*: the gated activation's kind
+
+
+def swiglu_fwd(gu, F, act="swiglu"):
+    """act(gate) * up: silu (SwiGLU) or relu^2."""
     gu = np.float64(gu)
     g, u = gu[:, :F], gu[:, F:]
-    return g / (1 + np.exp(-g)) * u
+    return (g / (1 + np.exp(-g)) if act == "swiglu" else np.maximum(g, 0) ** 2) * u
 
 
-def swiglu_bwd(dh, gu, F):
+def swiglu_bwd(dh, gu, F, act="swiglu"):
     gu, dh = np.float64(gu), np.float64(dh)
     g, u = gu[:, :F], gu[:, F:]
-    s = 1 / (1 + np.exp(-g))
-    return np.concatenate([dh * u * s * (1 + g * (1 - s)), dh * g * s], axis=1)
+    if act == "swiglu":
+        s = 1 / (1 + np.exp(-g))
+        a, da = g * s, s * (1 + g * (1 - s))
+    else:
+        p = np.maximum(g, 0)
+        a, da = p * p, 2 * p
+    return np.concatenate([dh * u * da, dh * a], axis=1)
+
+
+def pair_heads_fwd(x, n_heads, hd):
+    """(N, n_heads*hd) -> (N, n_heads/2*hd): head j = (head 2j + head 2j+1) / 2."""
+    x = np.float64(x).reshape(len(x), n_heads // 2, 2, hd)
+    return x.mean(2).reshape(len(x), -1)
+
+
+def pair_heads_bwd(dout, n_heads, hd):
+    d = np.float64(dout).reshape(len(dout), n_heads // 2, 1, hd) / 2
+    return np.repeat(d, 2, axis=2).reshape(len(dout), n_heads * hd)
+
+
+def mix_fwd(x, y, c0, w, a):
+    """x with columns [c0, c0+w) of each row blended: (1 - a) x + a y."""
+    out = np.float64(x).copy()
+    out[:, c0:c0 + w] = (1 - a) * out[:, c0:c0 + w] + a * np.float64(y)[:, c0:c0 + w]
+    return out
+
+
+def mix_bwd(dout, c0, w, a):
+    """(dx, dy): dx = dout off the slice, (1 - a) dout on it; dy = a dout on
+    the slice, zero off it."""
+    dx, dy = np.float64(dout).copy(), np.zeros(np.shape(dout))
+    dy[:, c0:c0 + w] = a * dx[:, c0:c0 + w]
+    dx[:, c0:c0 + w] *= 1 - a
+    return dx, dy
 
 
 def cross_entropy(logits, targets, ignore):

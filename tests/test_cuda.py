@@ -221,17 +221,19 @@ def test_hopper_attention_agrees_with_the_mma_sync_kernels(dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swiglu_kernels(dtype, rng):
-    N, F = 77, 96
+@pytest.mark.parametrize("act", ["swiglu", "relu2"])
+@pytest.mark.parametrize("F", [96, 45], ids=["vector", "scalar"])
+def test_swiglu_kernels(dtype, act, F, rng):
+    N, k = 77, ref.FFN[act]
     gu = rnd(rng, N, 2 * F, scale=2.0, dtype=dtype)
-    h = op("swiglu_forward", dtype, {"h": poison((N, F)), "gu": gu}, (N, F))["h"]
-    close(h, ref.swiglu_fwd(gu, F), dtype, "swiglu forward")
+    h = op("swiglu_forward", dtype, {"h": poison((N, F)), "gu": gu}, (N, F, k))["h"]
+    close(h, ref.swiglu_fwd(gu, F, act), dtype, f"{act} forward")
     dh = rnd(rng, N, F, dtype=dtype)
     for accum in (0, 1):
         d0 = rnd(rng, N, 2 * F, dtype=dtype) if accum else poison((N, 2 * F))
-        got = op("swiglu_backward", dtype, {"dgu": d0, "dh": dh, "gu": gu}, (N, F, accum))["dgu"]
-        close(got.reshape(N, 2 * F), ref.swiglu_bwd(dh, gu, F) + (np.float64(d0) if accum else 0),
-              dtype, "swiglu backward")
+        got = op("swiglu_backward", dtype, {"dgu": d0, "dh": dh, "gu": gu}, (N, F, accum, k))["dgu"]
+        close(got.reshape(N, 2 * F), ref.swiglu_bwd(dh, gu, F, act) + (np.float64(d0) if accum else 0),
+              dtype, f"{act} backward")
 
 
 def hopper():
@@ -243,17 +245,19 @@ def hopper():
 @pytest.mark.parametrize("M,F,K", [(257, 768, 256), (1000, 256, 200), (300, 320, 128)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("keep_gu", [False, True], ids=["forward", "train"])
-def test_fused_swiglu_projection_kernel(dtype, M, F, K, keep_gu, rng):
-    """h = swiglu(x @ w^T) in one Hopper kernel (bf16, fp16 on sm_90; fp32
-    and other GPUs leave it to the op's unfused pair, tested with the model);
-    training keeps the product gu too, forward-only runs never store it."""
+@pytest.mark.parametrize("act", ["swiglu", "relu2"])
+def test_fused_swiglu_projection_kernel(dtype, M, F, K, keep_gu, act, rng):
+    """h = act(x @ w_gate^T) * (x @ w_up^T) in one Hopper kernel (bf16, fp16
+    on sm_90; fp32 and other GPUs leave it to the op's unfused pair, tested
+    with the model); training keeps the product gu too, forward-only runs
+    never store it."""
     x, w = rnd(rng, M, K, dtype=dtype), rnd(rng, 2 * F, K, scale=K ** -0.5, dtype=dtype)
     out = op("matmul_swiglu", dtype, {"h": poison((M, F)), "gu": poison((M, 2 * F)), "x": x, "w": w},
-             (M, F, K, keep_gu))
+             (M, F, K, keep_gu, ref.FFN[act]))
     assert out["fused"] == (dtype != "fp32" and hopper())
     if out["fused"]:
         gu = ref.matmul(x, w, 0, 1)
-        close(out["h"].reshape(M, F), ref.swiglu_fwd(gu, F), dtype, "matmul_swiglu")
+        close(out["h"].reshape(M, F), ref.swiglu_fwd(gu, F, act), dtype, f"matmul_swiglu ({act})")
         if keep_gu:
             close(out["gu"].reshape(M, 2 * F), gu, dtype, "matmul_swiglu's gu")
         else:
@@ -291,6 +295,64 @@ def test_add_and_copy_kernels(dtype, rng):
     close(op("add", dtype, {"out": poison(n), "a": a, "b": b}, (n,))["out"], np.float64(a) + b, dtype, "add")
     close(op("copy", dtype, {"dst": poison(n), "src": a}, (n, 0))["dst"], a, dtype, "copy")
     close(op("copy", dtype, {"dst": b, "src": a}, (n, 1))["dst"], np.float64(a) + b, dtype, "copy accum")
+    s = -0.35   # axpy: out = x + s y; its backward dy (+)= s dout
+    close(op("add", dtype, {"out": poison(n), "a": a, "b": b}, (n,), (s,))["out"], np.float64(a) + s * b,
+          dtype, "axpy")
+    close(op("copy", dtype, {"dst": poison(n), "src": a}, (n, 0), (s,))["dst"], s * np.float64(a), dtype,
+          "scaled copy")
+    close(op("copy", dtype, {"dst": b, "src": a}, (n, 1), (s,))["dst"], s * np.float64(a) + b, dtype,
+          "scaled copy accum")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd", [16, 5], ids=["vector", "scalar"])
+@pytest.mark.parametrize("accum", [0, 1])
+def test_pair_heads_kernels(dtype, hd, accum, rng):
+    N, H = 37, 6
+    x, dout = rnd(rng, N, H * hd, dtype=dtype), rnd(rng, N, H // 2 * hd, dtype=dtype)
+    out = op("pair_heads_forward", dtype, {"out": poison((N, H // 2 * hd)), "in": x}, (N, H, hd))["out"]
+    close(out, ref.pair_heads_fwd(x, H, hd), dtype, "pair_heads forward")
+    d0 = rnd(rng, N, H * hd, dtype=dtype) if accum else poison((N, H * hd))
+    din = op("pair_heads_backward", dtype, {"din": d0, "dout": dout}, (N, H, hd, accum))["din"]
+    close(din, ref.pair_heads_bwd(dout, H, hd) + (np.float64(d0) if accum else 0), dtype,
+          "pair_heads backward")
+
+
+# N, ld, c0, w: a (q | k | v) row with 16-byte vectors, and one without
+MIX_SHAPES = {"vector": (37, 48, 32, 8), "scalar": (37, 24, 9, 5)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MIX_SHAPES)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_mix_forward_kernel(dtype, shape, in_place, rng):
+    N, ld, c0, w = MIX_SHAPES[shape]
+    x, y = rnd(rng, N, ld, dtype=dtype), rnd(rng, N, ld, dtype=dtype)
+    out = op("mix_forward", dtype, {"out": poison((N, ld)), "x": x, "y": y}, (N, ld, c0, w, in_place), (0.3,))
+    close(out["out"], ref.mix_fwd(x, y, c0, w, 0.3), dtype, "mix forward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MIX_SHAPES)
+@pytest.mark.parametrize("accum_x,accum_y", [(0, 0), (1, 0), (0, 1), (1, 1)])
+@pytest.mark.parametrize("how", ["apart", "dx_in_dout", "no_dy"])
+def test_mix_backward_kernel(dtype, shape, accum_x, accum_y, how, rng):
+    """As on the CPU (tests/test_cpu_kernels.py): dy is zero off the slice
+    when overwritten, untouched there when accumulated into."""
+    N, ld, c0, w = MIX_SHAPES[shape]
+    if how == "dx_in_dout" and accum_x:
+        pytest.skip("dx shares dout's storage only when it overwrites")
+    dout = rnd(rng, N, ld, dtype=dtype)
+    dx0 = rnd(rng, N, ld, dtype=dtype) if accum_x else poison((N, ld))
+    dy0 = rnd(rng, N, ld, dtype=dtype) if accum_y or how == "no_dy" else poison((N, ld))
+    got = op("mix_backward", dtype, {"dx": dx0, "dy": dy0, "dout": dout},
+             (N, ld, c0, w, accum_x, accum_y, how == "dx_in_dout", how == "no_dy"), (0.3,))
+    dx, dy = ref.mix_bwd(dout, c0, w, 0.3)
+    close(got["dx"], dx + (np.float64(dx0) if accum_x else 0), dtype, "mix dx")
+    if how == "no_dy":
+        assert np.array_equal(got["dy"], dy0.ravel())
+    else:
+        close(got["dy"], dy + (np.float64(dy0) if accum_y else 0), dtype, "mix dy")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

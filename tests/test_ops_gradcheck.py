@@ -1,11 +1,14 @@
 """Every op's backward equals central finite differences of its forward,
-both when it overwrites an input gradient and when it adds into one."""
+both when it overwrites an input gradient and when it adds into one (and
+an input read by two nodes gets the sum of both gradients)."""
 import pytest
 
 from smedjan import _C
 
-OPS = ["embedding", "rmsnorm", "matmul", "matmul_add", "matmul_rope", "matmul_swiglu", "rope", "attention",
-       "swiglu", "add", "cross_entropy"]
+OPS = ["embedding", "rmsnorm", "matmul", "matmul_add", "matmul_rope", "matmul_swiglu",
+       "matmul_swiglu_relu2", "rope", "attention", "swiglu", "swiglu_relu2", "add", "axpy",
+       "pair_heads", "mix", "cross_entropy",
+       "mix_shared_y"]   # two mixes read one y: its gradient is written once, then added to
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])

@@ -71,7 +71,7 @@ static void matmul_add(void *D, const void *C, const void *A, const void *B, int
                        int K, int transA, int transB) {
     if (D == C) { sj_cpu_matmul(D, A, B, M, N, K, transA, transB, 1); return; }
     sj_cpu_matmul(D, A, B, M, N, K, transA, transB, 0);
-    sj_cpu_add(D, D, C, (int64_t)M * N);
+    sj_cpu_add(D, D, C, (int64_t)M * N, 1.0f);
 }
 
 static void *ctx_create(void) { static char ctx; return &ctx; }
@@ -109,6 +109,10 @@ static void graph_free(void *g) { (void)g; }
     .swiglu_backward = sj_cpu_swiglu_backward,    \
     .add = sj_cpu_add,                            \
     .copy = sj_cpu_copy,                          \
+    .pair_heads_forward = sj_cpu_pair_heads_forward,\
+    .pair_heads_backward = sj_cpu_pair_heads_backward,\
+    .mix_forward = sj_cpu_mix_forward,            \
+    .mix_backward = sj_cpu_mix_backward,          \
     .cross_entropy_forward = sj_cpu_cross_entropy_forward,\
     .cross_entropy_backward = sj_cpu_cross_entropy_backward,\
     .grad_sumsq = sj_cpu_grad_sumsq,              \

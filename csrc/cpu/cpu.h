@@ -35,12 +35,19 @@ void sj_cpu_attention_forward(void *out, float *lse, const void *qkv,
 void sj_cpu_attention_backward(void *dqkv, const void *dout, const void *qkv,
                                const void *out, const float *lse,
                                int B, int T, int H, int KV, int hd, int accum);
-void sj_cpu_swiglu_forward(void *h, const void *gu, int N, int F);
-void sj_cpu_swiglu_backward(void *dgu, const void *dh, const void *gu, int N, int F,
+void sj_cpu_swiglu_forward(void *h, const void *gu, int N, int F, int act);
+void sj_cpu_swiglu_backward(void *dgu, const void *dh, const void *gu, int N, int F, int act,
                             int accum);
-void sj_cpu_add(void *out, const void *a, const void *b, int64_t n);
-void sj_cpu_copy(void *dst, const void *src, int64_t n, int accum);
+void sj_cpu_add(void *out, const void *a, const void *b, int64_t n, float b_scale);
+void sj_cpu_copy(void *dst, const void *src, int64_t n, float scale, int accum);
 void sj_cpu_fill(float *x, float value, int64_t n);
+void sj_cpu_mix_forward(void *out, const void *x, const void *y, int N, int ld, int c0, int w,
+                        float a);
+void sj_cpu_mix_backward(void *dx, void *dy, const void *dout, int N, int ld, int c0, int w,
+                         float a, int accum_x, int accum_y);
+void sj_cpu_pair_heads_forward(void *out, const void *in, int N, int n_heads, int hd);
+void sj_cpu_pair_heads_backward(void *din, const void *dout, int N, int n_heads, int hd,
+                                int accum);
 void sj_cpu_cross_entropy_forward(float *losses, float *lse, const void *logits,
                                   const void *targets, sj_dtype tok_dtype, int N, int V,
                                   int ld, int ignore_index);

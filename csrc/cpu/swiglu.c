@@ -1,9 +1,9 @@
-/* swiglu.c — SwiGLU: h = silu(gate) * up over a fused [gate | up] row,
- * elementwise ops (add, copy, fill) and the reductions used by clipping. */
+/* swiglu.c — the gated FFN activation, h = act(gate) * up over a fused
+ * [gate | up] row (act: silu for SwiGLU, relu^2; SJ_FFN_*). */
 #include "cpu.h"
 #include <math.h>
 
-typedef struct { float *h, *dgu; const float *gu, *dh; int F, accum; } sw_job;
+typedef struct { float *h, *dgu; const float *gu, *dh; int F, act, accum; } sw_job;
 
 static void fwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     (void)tid;
@@ -11,25 +11,38 @@ static void fwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     for (int64_t r = r0; r < r1; r++) {
         const float *g = j->gu + r * 2 * j->F, *u = g + j->F;
         float *h = j->h + r * j->F;
-        for (int c = 0; c < j->F; c++) h[c] = g[c] / (1.0f + expf(-g[c])) * u[c];
+        if (j->act == SJ_FFN_RELU2)
+            for (int c = 0; c < j->F; c++) { const float a = g[c] > 0.0f ? g[c] : 0.0f; h[c] = a * a * u[c]; }
+        else
+            for (int c = 0; c < j->F; c++) h[c] = g[c] / (1.0f + expf(-g[c])) * u[c];
     }
 }
 
 // h: (N, F); gu: (N, 2F)
-void sj_cpu_swiglu_forward(void *h, const void *gu, int N, int F) {
-    sw_job j = { h, NULL, gu, NULL, F, 0 };
+void sj_cpu_swiglu_forward(void *h, const void *gu, int N, int F, int act) {
+    sw_job j = { h, NULL, gu, NULL, F, act, 0 };
     sj_parallel_for(N, 8, fwd_rows, &j);
 }
 
 static void bwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     (void)tid;
     const sw_job *j = ctx;
+    const int relu2 = j->act == SJ_FFN_RELU2;
     for (int64_t r = r0; r < r1; r++) {
         const float *g = j->gu + r * 2 * j->F, *u = g + j->F, *dh = j->dh + r * j->F;
         float *dg = j->dgu + r * 2 * j->F, *du = dg + j->F;
         for (int c = 0; c < j->F; c++) {
-            float s = 1.0f / (1.0f + expf(-g[c])), silu = g[c] * s;
-            float vg = dh[c] * u[c] * s * (1.0f + g[c] * (1.0f - s)), vu = dh[c] * silu;
+            float a, da;   /* act(gate) and its derivative */
+            if (relu2) {
+                const float p = g[c] > 0.0f ? g[c] : 0.0f;
+                a = p * p;
+                da = 2.0f * p;
+            } else {
+                const float s = 1.0f / (1.0f + expf(-g[c]));
+                a = g[c] * s;
+                da = s * (1.0f + g[c] * (1.0f - s));
+            }
+            const float vg = dh[c] * u[c] * da, vu = dh[c] * a;
             dg[c] = j->accum ? dg[c] + vg : vg;
             du[c] = j->accum ? du[c] + vu : vu;
         }
@@ -37,44 +50,8 @@ static void bwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 }
 
 // dgu: (N, 2F) (+)=; dh: (N, F)
-void sj_cpu_swiglu_backward(void *dgu, const void *dh, const void *gu, int N, int F,
+void sj_cpu_swiglu_backward(void *dgu, const void *dh, const void *gu, int N, int F, int act,
                             int accum) {
-    sw_job j = { NULL, dgu, gu, dh, F, accum };
+    sw_job j = { NULL, dgu, gu, dh, F, act, accum };
     sj_parallel_for(N, 8, bwd_rows, &j);
-}
-
-typedef struct { float *out; const float *a, *b; float v; int accum; } ew_job;
-
-static void add_range(void *ctx, int64_t i0, int64_t i1, int tid) {
-    (void)tid;
-    const ew_job *j = ctx;
-    for (int64_t i = i0; i < i1; i++) j->out[i] = j->a[i] + j->b[i];
-}
-
-static void copy_range(void *ctx, int64_t i0, int64_t i1, int tid) {
-    (void)tid;
-    const ew_job *j = ctx;
-    if (j->accum) for (int64_t i = i0; i < i1; i++) j->out[i] += j->a[i];
-    else for (int64_t i = i0; i < i1; i++) j->out[i] = j->a[i];
-}
-
-static void fill_range(void *ctx, int64_t i0, int64_t i1, int tid) {
-    (void)tid;
-    const ew_job *j = ctx;
-    for (int64_t i = i0; i < i1; i++) j->out[i] = j->v;
-}
-
-void sj_cpu_add(void *out, const void *a, const void *b, int64_t n) {
-    ew_job j = { out, a, b, 0, 0 };
-    sj_parallel_for(n, 1 << 14, add_range, &j);
-}
-
-void sj_cpu_copy(void *dst, const void *src, int64_t n, int accum) {
-    ew_job j = { dst, src, NULL, 0, accum };
-    sj_parallel_for(n, 1 << 14, copy_range, &j);
-}
-
-void sj_cpu_fill(float *x, float value, int64_t n) {
-    ew_job j = { x, NULL, NULL, value, 0 };
-    sj_parallel_for(n, 1 << 15, fill_range, &j);
 }

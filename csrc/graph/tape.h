@@ -37,7 +37,8 @@ typedef struct {
 typedef enum {
     SJ_OP_EMBEDDING, SJ_OP_RMSNORM, SJ_OP_MATMUL, SJ_OP_MATMUL_ADD, SJ_OP_ROPE,
     SJ_OP_ATTENTION, SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP_LM_HEAD_CE,
-    SJ_OP_CAST, SJ_OP_MATMUL_SWIGLU, SJ_OP_MATMUL_ROPE, SJ_OP__COUNT
+    SJ_OP_CAST, SJ_OP_MATMUL_SWIGLU, SJ_OP_MATMUL_ROPE, SJ_OP_PAIR_HEADS, SJ_OP_MIX,
+    SJ_OP_AXPY, SJ_OP__COUNT
 } sj_opcode;
 
 typedef struct {
@@ -132,8 +133,19 @@ int sj_op_matmul_add(sj_tape *tp, int res, int x, int w, int N, int out_features
                      int in_features);
 int sj_op_rope(sj_tape *tp, int x, int B, int T, int n_heads, int n_rot, int hd, float theta);
 int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd);
-int sj_op_swiglu(sj_tape *tp, int gu, int N, int F);
+/* The gated FFN activation: act(gate) * up, act by SJ_FFN_* (silu: SwiGLU;
+ * relu^2). The name is its first kind's. */
+int sj_op_swiglu(sj_tape *tp, int gu, int N, int F, int act);
 int sj_op_add(sj_tape *tp, int a, int b, int64_t n);
+/* x + a * y over n elements (embedding skip). */
+int sj_op_axpy(sj_tape *tp, int x, int y, float a, int64_t n);
+/* Paired heads: x: (N, n_heads*hd), n_heads even -> (N, n_heads/2*hd), head j
+ * the mean of heads 2j and 2j+1. */
+int sj_op_pair_heads(sj_tape *tp, int x, int N, int n_heads, int hd);
+/* Mix (value mix): x, y: (N, ld) -> x, except columns [c0, c0+w) of each
+ * row: (1 - a) x + a y. y may feed many mixes (layer 0's qkv): its
+ * gradient then accumulates over them, zero off the slices. */
+int sj_op_mix(sj_tape *tp, int x, int y, int N, int ld, int c0, int w, float a);
 int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index);
 /* Tied LM head + cross-entropy, `rows` rows at a time: only (rows, ld)
  * logits ever exist. h: (N, C), w: (V, C) -> losses (N). On a training tape
@@ -145,12 +157,12 @@ int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int l
 int sj_op_cast(sj_tape *tp, int src);
 /* A projection and the elementwise op that reads it as one node (the
  * backend fuses them where it can, else runs them apart).
- * swiglu(x @ w^T): x: (N, C), w: (2F, C) -> (N, F); a training tape keeps
+ * swiglu(x @ w^T, act): x: (N, C), w: (2F, C) -> (N, F); a training tape keeps
  * the product gu (N, 2F) for backward, a forward-only one never has it
  * whole (the unfused pair goes through `rows` rows of scratch).
  * rope(x @ w^T): x: (B*T, C), w: (n_heads*hd, C) -> (B, T, n_heads*hd); its
  * backward un-rotates dy in place, then runs the projection's. */
-int sj_op_matmul_swiglu(sj_tape *tp, int x, int w, int N, int F, int C, int rows);
+int sj_op_matmul_swiglu(sj_tape *tp, int x, int w, int N, int F, int C, int act, int rows);
 int sj_op_matmul_rope(sj_tape *tp, int x, int w, int B, int T, int n_heads, int n_rot, int hd,
                       int C, float theta);
 

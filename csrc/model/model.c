@@ -465,12 +465,13 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);
         int s;
         if (fuse_swiglu) {
-            s = sj_op_matmul_swiglu(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, F, C, 1024);
+            s = sj_op_matmul_swiglu(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, F, C,
+                                    c->layers[l].ffn, 1024);
         } else {
             int gu = sj_op_matmul(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, 2 * F, C);
             OP_BLOCK_END();
             OP_BLOCK_BEGIN();
-            s = sj_op_swiglu(tp, gu, N, F);
+            s = sj_op_swiglu(tp, gu, N, F, c->layers[l].ffn);
         }
         x = residual(pl, tp, x, s, PARAM("layers.%d.w_down", l, C), N, C, F);
         OP_BLOCK_END();

@@ -105,24 +105,44 @@ typedef struct sj_backend {
                                const void *out, const float *lse,
                                int B, int T, int H, int KV, int hd, int accum);
 
-    /* gu: (N, 2F) = [gate | up] -> h: (N, F) = silu(gate) * up. */
-    void (*swiglu_forward)(void *h, const void *gu, int N, int F);
-    void (*swiglu_backward)(void *dgu, const void *dh, const void *gu, int N, int F,
+    /* The gated FFN activation ("swiglu" after its first kind): gu: (N, 2F)
+     * = [gate | up] -> h: (N, F) = act(gate) * up, act by SJ_FFN_*: silu
+     * (SwiGLU) or relu^2 (relu2). */
+    void (*swiglu_forward)(void *h, const void *gu, int N, int F, int act);
+    void (*swiglu_backward)(void *dgu, const void *dh, const void *gu, int N, int F, int act,
                             int accum);
 
     /* Fused projections, optional: NULL, or 0 returned where a backend has no
      * kernel for the shape (the op then runs the matmul and the elementwise
-     * kernel apart). h: (N, F) = swiglu(gu), gu = x @ w^T, x: (N, K),
+     * kernel apart). h: (N, F) = swiglu(gu, act), gu = x @ w^T, x: (N, K),
      * w: (2F, K) = [gate | up] rows; gu: (N, 2F) is stored too unless NULL
      * (training keeps it for backward). out: (B, T, n_heads*hd) =
      * rope_forward(x @ w^T) with pos0 = 0. */
-    int (*matmul_swiglu)(void *h, void *gu, const void *x, const void *w, int N, int F, int K);
+    int (*matmul_swiglu)(void *h, void *gu, const void *x, const void *w, int N, int F, int K,
+                         int act);
     int (*matmul_rope)(void *out, const void *x, const void *w, int B, int T, int n_heads,
                        int n_rot, int hd, int K, float theta);
 
-    /* out = a + b; dst (+)= src (act dtype). */
-    void (*add)(void *out, const void *a, const void *b, int64_t n);
-    void (*copy)(void *dst, const void *src, int64_t n, int accum);
+    /* out = a + b_scale * b; dst (+)= scale * src (act dtype; a factor of 1
+     * gives the plain sum and copy bit for bit). */
+    void (*add)(void *out, const void *a, const void *b, int64_t n, float b_scale);
+    void (*copy)(void *dst, const void *src, int64_t n, float scale, int accum);
+
+    /* Paired heads: in: (N, n_heads*hd), n_heads even -> out: (N, n_heads/2*hd),
+     * out head j = (in head 2j + in head 2j+1) / 2; din (+)= dout / 2 into both. */
+    void (*pair_heads_forward)(void *out, const void *in, int N, int n_heads, int hd);
+    void (*pair_heads_backward)(void *din, const void *dout, int N, int n_heads, int hd,
+                                int accum);
+    /* Mix (value mix): x, y, out: (N, ld); out = x except columns [c0, c0+w)
+     * of each row, which are (1 - a) x + a y. out may be x: then only the
+     * slice is written. Backward: dx (+)= dout off the slice and (1 - a) dout
+     * on it; dy (+)= a dout on the slice, and, unless accum_y, 0 off it (the
+     * whole gradient is defined). Either gradient may be NULL; dx may be dout
+     * when accum_x is 0 (then only its slice is rewritten). */
+    void (*mix_forward)(void *out, const void *x, const void *y, int N, int ld, int c0, int w,
+                        float a);
+    void (*mix_backward)(void *dx, void *dy, const void *dout, int N, int ld, int c0, int w,
+                         float a, int accum_x, int accum_y);
 
     /* logits: (N, ld), of which the first V columns are the vocabulary
      * (ld >= V: a row stride that keeps rows aligned; the columns past V

@@ -1,9 +1,10 @@
-/* gradcheck.c — finite-difference check of one op's backward, through the
- * same tape and backend dispatch the model uses. Random inputs (never
- * zeros), a random weighting r of the outputs as objective L = sum(r * y),
- * central differences at sampled elements of every differentiable input.
- * Gradients (of parameters too) start from random values that must survive
- * with accumulate and be overwritten without. */
+/* gradcheck.c — finite-difference check of one op's backward (or of a few
+ * nodes: an input read twice), through the same tape and backend dispatch
+ * the model uses. Random inputs (never zeros), a random weighting r of the
+ * outputs as objective L = sum(r * y), central differences at sampled
+ * elements of every differentiable input. Gradients (of parameters too)
+ * start from random values that must survive with accumulate and be
+ * overwritten without. */
 #include "../graph/tape.h"
 #include <math.h>
 #include <stdio.h>
@@ -25,7 +26,7 @@ typedef struct {
     float *params, *grads;
     int64_t n_params;
     gc_input in[MAX_IN];
-    int n_in, node, out;
+    int n_in, out;
     int32_t tokens[64];
     float *r;        /* objective weights over out */
 } gc;
@@ -34,6 +35,8 @@ static float uni(sj_rng *g) { return 2.0f * sj_rng_uniform(g) - 1.0f; }
 
 static int add_act(gc *c, const char *name, int64_t numel) {
     int id = sj_tape_tensor(&c->tp, SJ_T_ACT, numel);
+    if (id < 0) return id;
+    c->tp.t[id].first = 0;   /* written before the first node: no node's output may take it */
     c->in[c->n_in++] = (gc_input){ name, id, 0, numel, NULL };
     return id;
 }
@@ -73,30 +76,51 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
     } else if (!strcmp(op, "matmul_rope")) {   /* 3 heads of 4, 2 rotated */
         int x = add_act(c, "x", N * 5);
         c->out = sj_op_matmul_rope(tp, x, add_param(c, "w", 3 * 4 * 5), B, T, 3, 2, 4, 5, 100.0f);
-    } else if (!strcmp(op, "matmul_swiglu")) {
-        int x = add_act(c, "x", N * 5);
-        c->out = sj_op_matmul_swiglu(tp, x, add_param(c, "w", 2 * 6 * 5), N, 6, 5, 0);
+    } else if (!strcmp(op, "matmul_swiglu") || !strcmp(op, "matmul_swiglu_relu2")) {
+        int x = add_act(c, "x", N * 5), act = strcmp(op, "matmul_swiglu") ? SJ_FFN_RELU2 : SJ_FFN_SWIGLU;
+        c->out = sj_op_matmul_swiglu(tp, x, add_param(c, "w", 2 * 6 * 5), N, 6, 5, act, 0);
     } else if (!strcmp(op, "rope")) {
         c->out = sj_op_rope(tp, add_act(c, "x", N * 3 * 4), B, T, 3, 2, 4, 100.0f);
     } else if (!strcmp(op, "attention")) {
         c->out = sj_op_attention(tp, add_act(c, "qkv", N * (4 + 2 * 2) * 4), B, T, 4, 2, 4);
-    } else if (!strcmp(op, "swiglu")) {
-        c->out = sj_op_swiglu(tp, add_act(c, "gu", N * 2 * 6), N, 6);
+    } else if (!strcmp(op, "swiglu") || !strcmp(op, "swiglu_relu2")) {
+        int act = strcmp(op, "swiglu") ? SJ_FFN_RELU2 : SJ_FFN_SWIGLU;
+        c->out = sj_op_swiglu(tp, add_act(c, "gu", N * 2 * 6), N, 6, act);
     } else if (!strcmp(op, "add")) {
         int a = add_act(c, "a", N * 6), b = add_act(c, "b", N * 6);
         c->out = sj_op_add(tp, a, b, N * 6);
+    } else if (!strcmp(op, "axpy")) {
+        int x = add_act(c, "x", N * 6), y = add_act(c, "y", N * 6);
+        c->out = sj_op_axpy(tp, x, y, -0.7f, N * 6);
+    } else if (!strcmp(op, "pair_heads")) {   /* 4 heads of 3 -> 2 */
+        c->out = sj_op_pair_heads(tp, add_act(c, "x", N * 4 * 3), N, 4, 3);
+    } else if (!strcmp(op, "mix")) {          /* rows of 7, columns 2..4 mixed */
+        int x = add_act(c, "x", N * 7), y = add_act(c, "y", N * 7);
+        c->out = sj_op_mix(tp, x, y, N, 7, 2, 3, 0.3f);
+    } else if (!strcmp(op, "mix_shared_y")) {
+        /* one y mixed into two rows-of-7 tensors on overlapping slices (1..3,
+         * 3..4), summed: y's gradient is written by one mix and added to by
+         * the other, zero where neither reads y */
+        int x1 = add_act(c, "x1", N * 7), x2 = add_act(c, "x2", N * 7), y = add_act(c, "y", N * 7);
+        int m1 = sj_op_mix(tp, x1, y, N, 7, 1, 3, 0.3f), m2 = sj_op_mix(tp, x2, y, N, 7, 3, 2, 0.6f);
+        c->out = sj_op_add(tp, m1, m2, N * 7);
     } else if (!strcmp(op, "cross_entropy")) {
         int logits = add_act(c, "logits", N * 9);
         c->out = sj_op_cross_entropy(tp, logits, add_tokens(c, N, 9, 1, g), N, 9, -1);
         tp->loss_scale = 0.3f;
     } else {
         return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, matmul, "
-                       "matmul_add, matmul_rope, matmul_swiglu, rope, attention, swiglu, add, "
+                       "matmul_add, matmul_rope, matmul_swiglu[_relu2], rope, attention, "
+                       "swiglu[_relu2], add, axpy, pair_heads, mix, mix_shared_y, "
                        "cross_entropy)", op);
     }
-    if (c->out < 0) return SJ_ERR_NOMEM;
-    c->node = tp->t[c->out].producer;
-    return SJ_OK;
+    return c->out < 0 ? SJ_ERR_NOMEM : SJ_OK;
+}
+
+/* Where input k's gradient is (parameters': the flat gradient buffer). */
+static float *input_grad(gc *c, int k) {
+    const sj_tval *v = &c->tp.t[c->in[k].id];
+    return v->kind == SJ_T_PARAM ? c->grads + v->offset : sj_tape_ptr(&c->tp, v->grad, c->params);
 }
 
 /* Forward from the host copies; the objective in double. */
@@ -105,12 +129,12 @@ static double objective(gc *c, const sj_backend *be) {
         if (!c->in[k].is_param)
             memcpy(sj_tape_ptr(&c->tp, c->in[k].id, c->params), c->in[k].host,
                    sizeof(float) * c->in[k].numel);
-    sj_op_forward(&c->tp, &c->tp.nodes[c->node], be, c->params);
+    for (int i = 0; i < c->tp.n_nodes; i++) sj_op_forward(&c->tp, &c->tp.nodes[i], be, c->params);
     const float *y = sj_tape_ptr(&c->tp, c->out, c->params);
     const sj_tval *v = &c->tp.t[c->out];
+    const int loss = c->tp.nodes[v->producer].op == SJ_OP_CROSS_ENTROPY;
     double L = 0.0;
-    for (int64_t i = 0; i < v->numel; i++)
-        L += c->tp.nodes[c->node].op == SJ_OP_CROSS_ENTROPY ? c->tp.loss_scale * y[i] : c->r[i] * y[i];
+    for (int64_t i = 0; i < v->numel; i++) L += loss ? c->tp.loss_scale * y[i] : c->r[i] * y[i];
     return L;
 }
 
@@ -148,24 +172,37 @@ sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double 
     if (s == SJ_OK) {
         for (int64_t i = 0; i < n_out; i++) c.r[i] = uni(&g);
         objective(&c, be);
-        /* Seed dL/dy = r, start each input gradient from init_grad, run backward. */
-        sj_node *n = &c.tp.nodes[c.node];
+        /* Seed dL/dy = r and run backward, node by node in reverse. Each input
+         * gradient starts from init_grad right before its first writer (its
+         * storage may be an earlier-dead gradient's), which then adds into it
+         * with accumulate and overwrites it without; later writers add. It
+         * is read right after its last writer (its storage may be reused). */
         if (c.tp.t[c.out].grad >= 0)
             memcpy(sj_tape_ptr(&c.tp, c.tp.t[c.out].grad, c.params), c.r, sizeof(float) * n_out);
+        int first_writer[MAX_IN], last_writer[MAX_IN];
         for (int k = 0; k < c.n_in; k++) {
-            gc_input *in = &c.in[k];
-            float *gp = in->is_param ? c.grads + c.tp.t[in->id].offset
-                                     : sj_tape_ptr(&c.tp, c.tp.t[in->id].grad, c.params);
-            memcpy(gp, init_grad[k], sizeof(float) * in->numel);
-            for (int j = 0; j < 3; j++) if (n->in[j] == in->id) n->accum[j] = accumulate;
+            first_writer[k] = -1;
+            for (int i = 0; i < c.tp.n_nodes; i++)
+                for (int j = 0; j < 3; j++)
+                    if (c.tp.nodes[i].in[j] == c.in[k].id) {
+                        if (first_writer[k] < 0) last_writer[k] = i;   /* backward runs in reverse */
+                        first_writer[k] = i;
+                    }
         }
-        sj_op_backward(&c.tp, n, be, c.params, c.grads);
-        for (int k = 0; k < c.n_in; k++) {
-            gc_input *in = &c.in[k];
-            const float *gp = in->is_param ? c.grads + c.tp.t[in->id].offset
-                                           : sj_tape_ptr(&c.tp, c.tp.t[in->id].grad, c.params);
-            for (int64_t i = 0; i < in->numel; i++)
-                analytic[k][i] = gp[i] - (accumulate ? init_grad[k][i] : 0.0f);
+        for (int i = c.tp.n_nodes - 1; i >= 0; i--) {
+            sj_node *n = &c.tp.nodes[i];
+            for (int k = 0; k < c.n_in; k++) {
+                if (first_writer[k] != i) continue;
+                memcpy(input_grad(&c, k), init_grad[k], sizeof(float) * c.in[k].numel);
+                for (int j = 0; j < 3; j++) if (n->in[j] == c.in[k].id) { n->accum[j] = accumulate; break; }
+            }
+            sj_op_backward(&c.tp, n, be, c.params, c.grads);
+            for (int k = 0; k < c.n_in; k++) {
+                if (last_writer[k] != i) continue;
+                const float *gp = input_grad(&c, k);
+                for (int64_t e = 0; e < c.in[k].numel; e++)
+                    analytic[k][e] = gp[e] - (accumulate ? init_grad[k][e] : 0.0f);
+            }
         }
         /* Central differences at sampled elements. */
         *max_err = 0.0;
@@ -207,7 +244,9 @@ sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double 
  * must not overwrite x, the second may); their sum's gradient can be shared
  * by only one of them; the residual gradient chains through rope and add to
  * the root dy; the second rope's input gradient is then accumulated, not
- * shared. One run as planned, one with nothing shared: the forward output,
+ * shared. Then a value mix over the product (in place, forward and
+ * backward) and an axpy, both reading v (whose gradient the second adds
+ * into). One run as planned, one with nothing shared: the forward output,
  * x's gradient and W's must agree bit for bit. */
 enum { IPC_N = 10, IPC_ROW = 12, IPC_A = 5 };
 
@@ -218,20 +257,24 @@ static sj_status inplace_run(uint64_t seed, int no_inplace, float *res, int in_p
     sj_tape_init(&tp, 1, SJ_F32, 0);
     tp.no_inplace = no_inplace;
     int x = sj_tape_tensor(&tp, SJ_T_ACT, N * R), a = sj_tape_tensor(&tp, SJ_T_ACT, N * IPC_A);
+    int v = sj_tape_tensor(&tp, SJ_T_ACT, N * R);
     int w = sj_tape_param(&tp, 0, R * IPC_A);
     int p = sj_op_rope(&tp, x, B, T, 3, 2, 4, 100.0f), q = sj_op_rope(&tp, x, B, T, 3, 2, 4, 100.0f);
     int z = sj_op_add(&tp, p, q, N * R);
     int r = sj_op_rope(&tp, z, B, T, 3, 2, 4, 100.0f);
-    int out = sj_op_matmul_add(&tp, r, a, w, N, R, IPC_A);
+    int o = sj_op_matmul_add(&tp, r, a, w, N, R, IPC_A);
+    int out = sj_op_axpy(&tp, sj_op_mix(&tp, o, v, N, R, 4, 4, 0.3f), v, 0.25f, N * R);
     sj_status s = out < 0 ? SJ_ERR_NOMEM : SJ_OK;
     /* the inputs are written before the first node: alive from the start */
-    if (s == SJ_OK) { tp.t[x].first = tp.t[a].first = 0; s = sj_tape_plan(&tp, be); }
+    if (s == SJ_OK) { tp.t[x].first = tp.t[a].first = tp.t[v].first = 0; s = sj_tape_plan(&tp, be); }
     float params[IPC_ROW * IPC_A], grads[IPC_ROW * IPC_A] = {0};
     if (s == SJ_OK) {
         sj_rng g;
         sj_rng_seed(&g, seed);
         float *px = sj_tape_ptr(&tp, x, params), *pa = sj_tape_ptr(&tp, a, params);
+        float *pv = sj_tape_ptr(&tp, v, params);
         for (int i = 0; i < N * R; i++) px[i] = uni(&g);
+        for (int i = 0; i < N * R; i++) pv[i] = uni(&g);
         for (int i = 0; i < N * IPC_A; i++) pa[i] = uni(&g);
         for (int i = 0; i < R * IPC_A; i++) params[i] = uni(&g);
         s = sj_tape_forward(&tp, be, params);
@@ -242,7 +285,8 @@ static sj_status inplace_run(uint64_t seed, int no_inplace, float *res, int in_p
     if (s == SJ_OK) s = sj_tape_backward(&tp, be, params, grads);
     if (s == SJ_OK) {
         memcpy(res + N * R, sj_tape_ptr(&tp, tp.t[x].grad, params), sizeof(float) * N * R);
-        /* (a's gradient is not compared: its storage is reused once it is dead) */
+        /* (a's and v's gradients are not compared: their storage is reused
+         * once they are dead) */
         memcpy(res + 2 * N * R, grads, sizeof grads);
         int nodes[SJ_OP__COUNT];
         sj_tape_census(&tp, nodes, in_place);

@@ -26,6 +26,11 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     /* backward reads gu (out[1], training tapes only) */
     [SJ_OP_MATMUL_SWIGLU] = {"matmul_swiglu", 1u << 0 | 1u << 1, 1u << 1},
     [SJ_OP_MATMUL_ROPE] = {"matmul_rope", 1u << 0 | 1u << 1, 0},
+    [SJ_OP_PAIR_HEADS] = {"pair_heads", 0, 0},
+    /* in place over x: only the slice is rewritten, forward and backward */
+    [SJ_OP_MIX] = {"mix", 0, 0, .out_on_in = 1u << 0, .grad_on_dy = 1u << 0},
+    /* dx = dy: shared; dy_in = a dy needs its own (dx reads dy after it) */
+    [SJ_OP_AXPY] = {"axpy", 0, 0, .grad_on_dy = 1u << 0},
 };
 
 static int record(sj_tape *tp, sj_opcode op, const int in[3], int64_t n0, int64_t n1,
@@ -72,12 +77,25 @@ int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd) {
     return record(tp, SJ_OP_ATTENTION, IN(qkv, NONE, NONE), (int64_t)B * T * H * hd,
                   (int64_t)B * H * T, 1, DIM(B, T, H, KV, hd), 0);
 }
-// gu: (N, 2F) -> h: (N, F)
-int sj_op_swiglu(sj_tape *tp, int gu, int N, int F) {
-    return record(tp, SJ_OP_SWIGLU, IN(gu, NONE, NONE), (int64_t)N * F, 0, 0, DIM(N, F), 0);
+// gu: (N, 2F) -> h: (N, F) = act(gate) * up
+int sj_op_swiglu(sj_tape *tp, int gu, int N, int F, int act) {
+    return record(tp, SJ_OP_SWIGLU, IN(gu, NONE, NONE), (int64_t)N * F, 0, 0, DIM(N, F, act), 0);
 }
 int sj_op_add(sj_tape *tp, int a, int b, int64_t n) {
     return record(tp, SJ_OP_ADD, IN(a, b, NONE), n, 0, 0, DIM(0), 0);
+}
+// x, y: (n) -> x + a * y
+int sj_op_axpy(sj_tape *tp, int x, int y, float a, int64_t n) {
+    return record(tp, SJ_OP_AXPY, IN(x, y, NONE), n, 0, 0, DIM(0), a);
+}
+// x: (N, n_heads*hd) -> (N, n_heads/2*hd), adjacent heads averaged
+int sj_op_pair_heads(sj_tape *tp, int x, int N, int n_heads, int hd) {
+    return record(tp, SJ_OP_PAIR_HEADS, IN(x, NONE, NONE), (int64_t)N * (n_heads / 2) * hd, 0, 0,
+                  DIM(N, n_heads, hd), 0);
+}
+// x, y: (N, ld) -> x with columns [c0, c0+w) of each row = (1-a) x + a y
+int sj_op_mix(sj_tape *tp, int x, int y, int N, int ld, int c0, int w, float a) {
+    return record(tp, SJ_OP_MIX, IN(x, y, NONE), (int64_t)N * ld, 0, 0, DIM(N, ld, c0, w), a);
 }
 // logits: (N, V), targets: (N) -> losses: (N), lse: (N)
 int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index) {
@@ -96,10 +114,10 @@ int sj_op_cast(sj_tape *tp, int src) {
 // x: (N, C), w: (2F, C) -> h: (N, F), gu: (N, 2F) on a training tape. Forward-only:
 // scratch (rows, 2F) for backends that do not fuse, at most half the rows: with x
 // alive through the node it still plans less than the unfused pair's gu (C < F)
-int sj_op_matmul_swiglu(sj_tape *tp, int x, int w, int N, int F, int C, int rows) {
+int sj_op_matmul_swiglu(sj_tape *tp, int x, int w, int N, int F, int C, int act, int rows) {
     if (rows < 1 || rows > N / 2) rows = N / 2 > 0 ? N / 2 : 1;
     int o = record(tp, SJ_OP_MATMUL_SWIGLU, IN(x, w, NONE), (int64_t)N * F,
-                   tp->train ? (int64_t)N * 2 * F : 0, 0, DIM(N, F, C, rows), 0);
+                   tp->train ? (int64_t)N * 2 * F : 0, 0, DIM(N, F, C, rows, act), 0);
     if (o < 0 || tp->train) return o;
     int sc = sj_tape_tensor(tp, SJ_T_ACT, (int64_t)rows * 2 * F);
     if (sc < 0) return -1;
@@ -166,7 +184,7 @@ static void lm_head_ce(const sj_tape *tp, const sj_node *n, const sj_backend *be
     int Vg = V;
     if (ld > V && ((size_t)C * es) % 4 == 0) {
         char *Wp = (char *)L + (size_t)R * ld * es;
-        be->copy(Wp, W, (int64_t)V * C, 0);
+        be->copy(Wp, W, (int64_t)V * C, 1.0f, 0);
         be->fill((float *)(Wp + (size_t)V * C * es), 0.0f, (int64_t)(ld - V) * C * (int64_t)es / 4);
         Wg = Wp;
         Vg = ld;
@@ -190,21 +208,21 @@ static void lm_head_ce(const sj_tape *tp, const sj_node *n, const sj_backend *be
  * place on the product. */
 static void matmul_swiglu(const sj_tape *tp, const sj_node *n, const sj_backend *be,
                           void *params) {
-    const int N = n->dim[0], F = n->dim[1], C = n->dim[2], R = n->dim[3];
+    const int N = n->dim[0], F = n->dim[1], C = n->dim[2], R = n->dim[3], act = n->dim[4];
     const size_t es = sj_dtype_size(tp->act_dtype);
     char *h = P(n->out[0]), *x = P(n->in[0]);
     void *W = P(n->in[1]), *gu = n->out[1] >= 0 ? P(n->out[1]) : NULL;
-    if (be->matmul_swiglu && be->matmul_swiglu(h, gu, x, W, N, F, C)) return;
+    if (be->matmul_swiglu && be->matmul_swiglu(h, gu, x, W, N, F, C, act)) return;
     if (gu) {
         sj_matmul(be, gu, x, W, N, 2 * F, C, 0, 1, 0, 0);
-        be->swiglu_forward(h, gu, N, F);
+        be->swiglu_forward(h, gu, N, F, act);
         return;
     }
     void *S = P(n->scratch);
     for (int r0 = 0; r0 < N; r0 += R) {
         const int rows = N - r0 < R ? N - r0 : R;
         sj_matmul(be, S, x + (size_t)r0 * C * es, W, rows, 2 * F, C, 0, 1, 0, 0);
-        be->swiglu_forward(h + (size_t)r0 * F * es, S, rows, F);
+        be->swiglu_forward(h + (size_t)r0 * F * es, S, rows, F, act);
     }
 }
 static void matmul_rope(const sj_tape *tp, const sj_node *n, const sj_backend *be, void *params) {
@@ -238,10 +256,17 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
         be->attention_forward(P(out[0]), P(out[1]), P(in[0]), d[0], d[1], d[2], d[3], d[4]);
         break;
     case SJ_OP_SWIGLU:
-        be->swiglu_forward(P(out[0]), P(in[0]), d[0], d[1]);
+        be->swiglu_forward(P(out[0]), P(in[0]), d[0], d[1], d[2]);
         break;
     case SJ_OP_ADD:
-        be->add(P(out[0]), P(in[0]), P(in[1]), tp->t[out[0]].numel);
+    case SJ_OP_AXPY:
+        be->add(P(out[0]), P(in[0]), P(in[1]), tp->t[out[0]].numel, n->op == SJ_OP_AXPY ? n->f : 1.0f);
+        break;
+    case SJ_OP_PAIR_HEADS:
+        be->pair_heads_forward(P(out[0]), P(in[0]), d[0], d[1], d[2]);
+        break;
+    case SJ_OP_MIX:
+        be->mix_forward(P(out[0]), P(in[0]), P(in[1]), d[0], d[1], d[2], d[3], n->f);
         break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]),
@@ -285,7 +310,7 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         if (dx) sj_matmul(be, dx, dy, P(in[1]), d[0], d[2], d[1], 0, 0, acc[0], 0);   // dy @ W
         sj_matmul(be, grads + tp->t[in[1]].offset, dy, P(in[0]), d[1], d[2], d[0], 1, 0, acc[1], 1);
         void *dr = n->op == SJ_OP_MATMUL_ADD ? in_grad(tp, n, 2, params) : NULL;
-        if (dr && dr != dy) be->copy(dr, dy, tp->t[out[0]].numel, acc[2]);   /* not shared */
+        if (dr && dr != dy) be->copy(dr, dy, tp->t[out[0]].numel, 1.0f, acc[2]);   /* not shared */
         break;
     }
     case SJ_OP_ROPE:
@@ -296,14 +321,23 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
                                d[3], d[4], acc[0]);
         break;
     case SJ_OP_SWIGLU:
-        be->swiglu_backward(dx, dy, P(in[0]), d[0], d[1], acc[0]);
+        be->swiglu_backward(dx, dy, P(in[0]), d[0], d[1], d[2], acc[0]);
         break;
-    case SJ_OP_ADD: {
+    case SJ_OP_ADD:
+    case SJ_OP_AXPY: {
         void *db = in_grad(tp, n, 1, params);   /* a gradient sharing dy's storage is done */
-        if (dx && dx != dy) be->copy(dx, dy, tp->t[out[0]].numel, acc[0]);
-        if (db && db != dy) be->copy(db, dy, tp->t[out[0]].numel, acc[1]);
+        const float b_scale = n->op == SJ_OP_AXPY ? n->f : 1.0f;
+        if (dx && dx != dy) be->copy(dx, dy, tp->t[out[0]].numel, 1.0f, acc[0]);
+        if (db && db != dy) be->copy(db, dy, tp->t[out[0]].numel, b_scale, acc[1]);
         break;
     }
+    case SJ_OP_PAIR_HEADS:
+        if (dx) be->pair_heads_backward(dx, dy, d[0], d[1], d[2], acc[0]);
+        break;
+    case SJ_OP_MIX:
+        be->mix_backward(dx, in_grad(tp, n, 1, params), dy, d[0], d[1], d[2], d[3], n->f, acc[0],
+                         acc[1]);
+        break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_backward(dx, P(in[0]), P(out[1]), P(in[1]), tp->t[in[1]].dtype,
                                    d[0], d[1], d[1], d[2],
@@ -316,7 +350,7 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         const int N = fused_swiglu ? d[0] : d[0] * d[1], C = fused_swiglu ? d[2] : d[5];
         const int n_out = fused_swiglu ? 2 * d[1] : d[2] * d[4];
         void *dp = fused_swiglu ? G(out[1]) : dy;
-        if (fused_swiglu) be->swiglu_backward(dp, dy, P(out[1]), d[0], d[1], 0);
+        if (fused_swiglu) be->swiglu_backward(dp, dy, P(out[1]), d[0], d[1], d[4], 0);
         else be->rope_backward(dy, dy, d[0], d[1], d[2], d[3], d[4], 0, n->f, 0);
         if (dx) sj_matmul(be, dx, dp, P(in[1]), N, C, n_out, 0, 0, acc[0], 0);
         sj_matmul(be, grads + tp->t[in[1]].offset, dp, P(in[0]), n_out, C, N, 1, 0, acc[1], 1);

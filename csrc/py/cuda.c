@@ -5,6 +5,7 @@
  * backend kernel on host arrays for the tests (uploaded, run, downloaded).
  * Nothing here launches work behind the engine's back except the hooks. */
 #include "py.h"
+#include "../ops/backend.h"
 #include <stdlib.h>
 #include <string.h>
 #ifdef SJ_HAVE_CUDA
@@ -369,20 +370,21 @@ static PyObject *py_cuda_memory(PyObject *self, PyObject *args) {
 #endif
 }
 
-#ifdef SJ_HAVE_CUDA
 /* ---- kernel hooks for tests --------------------------------------------- */
 
+#ifdef SJ_HAVE_CUDA
 static PyObject *py_attention_variant(PyObject *self, PyObject *args) {
     int v;
     if (!PyArg_ParseTuple(args, "i", &v)) return NULL;
     sj_cuda_set_attention_variant(v);
     Py_RETURN_NONE;
 }
+#endif
 
 /* One argument of a hooked kernel: host array in, device buffer, maybe out. */
 typedef struct { const char *name; char kind; Py_buffer view; void *dev; float *stage; int64_t n; } harg;
 
-static void *hctx;
+static void *hctx[2];   /* per backend.device: a CUDA stream is no CPU context */
 
 /* Upload arrays[name] ('a': act dtype from f32, 'f': f32, 't': int32). */
 static int hupload(const sj_backend *be, PyObject *arrays, harg *a) {
@@ -426,12 +428,31 @@ static PyObject *hdownload(const sj_backend *be, harg *a) {
     return arr;
 }
 
+/* CUDA events around the timed runs; none on the CPU (no "ms"). */
+static void *htimer_begin(const sj_backend *be) {
+#ifdef SJ_HAVE_CUDA
+    if (be->device) return sj_cuda_timer_begin();
+#endif
+    (void)be;
+    return NULL;
+}
+static float htimer_end(void *timer) {
+#ifdef SJ_HAVE_CUDA
+    return sj_cuda_timer_end(timer);
+#else
+    (void)timer;
+    return -1.f;
+#endif
+}
+
 /* cuda_op(name, dtype, arrays, ints, floats, reps=0) -> {name: float32
  * array} for every argument (outputs as the kernel left them; inputs
- * unchanged); with reps > 0 also "ms": device milliseconds per run, timed
- * with CUDA events over reps runs after one warm-up. The optional fused
- * projections also give "fused": whether the backend ran them (else the
- * outputs are untouched). */
+ * unchanged); with reps > 0 on CUDA also "ms": device milliseconds per run,
+ * timed with CUDA events over reps runs after one warm-up. The optional
+ * fused projections also give "fused": whether the backend ran them (else
+ * the outputs are untouched). dtype "cpu" runs the CPU backend's kernel
+ * (f32), in every build, so that the tests hold both backends to one
+ * reference. */
 static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     const char *op, *dts;
     PyObject *arrays, *ints_o, *floats_o;
@@ -441,13 +462,22 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         return NULL;
     if (reps < 0) reps = 0;
     float ms = -1.f;
-    const sj_backend *be = !strcmp(dts, "fp32") ? &sj_cuda_backend_f32
-                         : !strcmp(dts, "bf16") ? &sj_cuda_backend_bf16
-                         : !strcmp(dts, "fp16") ? &sj_cuda_backend_f16 : NULL;
-    if (!be) return PyErr_Format(PyExc_ValueError, "cuda_op: dtype must be 'fp32', 'bf16' or 'fp16', "
-                                 "got '%s'", dts);
-    sj_status st = sj_cuda_check_device();
-    if (st) return sj_py_raise(st);
+    const int cuda_dtype = !strcmp(dts, "fp32") || !strcmp(dts, "bf16") || !strcmp(dts, "fp16");
+    if (!cuda_dtype && strcmp(dts, "cpu"))
+        return PyErr_Format(PyExc_ValueError, "cuda_op: dtype must be 'fp32', 'bf16' or 'fp16', "
+                            "got '%s' ('cpu': the CPU backend)", dts);
+    const sj_backend *be = &sj_cpu_backend;
+    sj_status st = SJ_OK;
+    if (cuda_dtype) {
+#ifdef SJ_HAVE_CUDA
+        be = !strcmp(dts, "fp32") ? &sj_cuda_backend_f32
+           : !strcmp(dts, "bf16") ? &sj_cuda_backend_bf16 : &sj_cuda_backend_f16;
+        if ((st = sj_cuda_check_device())) return sj_py_raise(st);
+#else
+        return PyErr_Format(PyExc_RuntimeError, "cuda_op: built without CUDA: dtype '%s' needs "
+                            "it, only 'cpu' runs", dts);
+#endif
+    }
     long long I[12] = {0};
     double Fl[8] = {0};
     PyObject *si = PySequence_Fast(ints_o, "ints"), *sf = si ? PySequence_Fast(floats_o, "floats") : NULL;
@@ -456,11 +486,12 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         I[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(si, i));
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(sf) && i < 8; i++)
         Fl[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(sf, i));
-    const Py_ssize_t n_ints = PySequence_Fast_GET_SIZE(si);
+    const Py_ssize_t n_ints = PySequence_Fast_GET_SIZE(si), n_floats = PySequence_Fast_GET_SIZE(sf);
     Py_DECREF(si); Py_DECREF(sf);
     if (PyErr_Occurred()) return NULL;
-    if (!hctx && !(hctx = be->ctx_create())) return sj_py_raise(SJ_ERR_RUNTIME);
-    be->bind(hctx);
+    void **ctx = &hctx[be->device != 0];
+    if (!*ctx && !(*ctx = be->ctx_create())) return sj_py_raise(SJ_ERR_RUNTIME);
+    be->bind(*ctx);
 
     /* Argument lists, outputs first as in backend.h. 'c' = act or f32 by c_f32. */
     static const struct { const char *op; const char *names[7]; const char *kinds; } specs[] = {
@@ -483,6 +514,10 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"matmul_add", {"D", "C", "A", "B"}, "aaaa"},
         {"matmul_swiglu", {"h", "gu", "x", "w"}, "aaaa"},
         {"matmul_rope", {"out", "x", "w"}, "aaa"},
+        {"pair_heads_forward", {"out", "in"}, "aa"},
+        {"pair_heads_backward", {"din", "dout"}, "aa"},
+        {"mix_forward", {"out", "x", "y"}, "aaa"},
+        {"mix_backward", {"dx", "dy", "dout"}, "aaa"},
     };
     int k = -1, fused = 0;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
@@ -506,7 +541,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
      * accum, keep growing; inputs stay unless the op works in place). */
     void *timer = NULL;
     for (int rep = 0; rep <= reps; rep++) {
-    if (rep == 1) timer = sj_cuda_timer_begin();
+    if (rep == 1) timer = htimer_begin(be);
     switch (k) {
     case 0: sj_matmul(be, D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (int)I[6]); break;
     case 1: be->embedding_forward(D(0), D(1), SJ_I32, D(2), (int)I[0], (int)I[1]); break;
@@ -524,10 +559,12 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         break;
     case 7: be->attention_forward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]); break;
     case 8: be->attention_backward(D(0), D(1), D(2), D(3), D(4), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5]); break;
-    case 9: be->swiglu_forward(D(0), D(1), (int)I[0], (int)I[1]); break;
-    case 10: be->swiglu_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2]); break;
-    case 11: be->add(D(0), D(1), D(2), I[0]); break;
-    case 12: be->copy(D(0), D(1), I[0], (int)I[1]); break;
+    /* swiglu: the activation (SJ_FFN_*) is the last int, after accum */
+    case 9: be->swiglu_forward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2]); break;
+    case 10: be->swiglu_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[3], (int)I[2]); break;
+    /* add, copy: floats[0] = the factor (default 1) */
+    case 11: be->add(D(0), D(1), D(2), I[0], n_floats ? (float)Fl[0] : 1.0f); break;
+    case 12: be->copy(D(0), D(1), I[0], n_floats ? (float)Fl[0] : 1.0f, (int)I[1]); break;
     case 13: be->cross_entropy_forward(D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[1], (int)I[2]); break;
     case 14: /* ints[4] = in place: dlogits is the logits buffer */
         be->cross_entropy_backward(I[4] ? D(1) : D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[1], (int)I[2], D(4), (int)I[3]);
@@ -548,20 +585,30 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 16: /* ints[5] = in place: D is the C buffer */
         be->matmul_add(I[5] ? D(1) : D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]);
         break;
-    case 17: /* ints[3]: gu stored too */
-        fused = be->matmul_swiglu && be->matmul_swiglu(D(0), I[3] ? D(1) : NULL, D(2), D(3), (int)I[0], (int)I[1], (int)I[2]);
+    case 17: /* ints[3]: gu stored too; ints[4]: the activation */
+        fused = be->matmul_swiglu && be->matmul_swiglu(D(0), I[3] ? D(1) : NULL, D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[4]);
         break;
     case 18:
         fused = be->matmul_rope && be->matmul_rope(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0]);
         break;
+    case 19: be->pair_heads_forward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2]); break;
+    case 20: be->pair_heads_backward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3]); break;
+    case 21: /* ints[4] = in place: out is the x buffer */
+        be->mix_forward(I[4] ? D(1) : D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (float)Fl[0]);
+        break;
+    case 22: /* ints[6] = in place: dx is the dout buffer; ints[7] = no dy (NULL) */
+        be->mix_backward(I[6] ? D(2) : D(0), I[7] ? NULL : D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (float)Fl[0], (int)I[4], (int)I[5]);
+        break;
     }
     }
-    if (timer) ms = sj_cuda_timer_end(timer) / reps;
+    if (timer) ms = htimer_end(timer) / reps;
     /* in place: the result is in the input's buffer (the loss's gradient in
      * the logits, rope's output in its input, the sum in the addend) */
-    if ((k == 14 && I[4]) || (k == 5 && I[6]) || (k == 6 && I[7]) || (k == 16 && I[5])) {
+    if ((k == 14 && I[4]) || (k == 5 && I[6]) || (k == 6 && I[7]) || (k == 16 && I[5]) ||
+        (k == 21 && I[4])) {
         void *t = a[0].dev; a[0].dev = a[1].dev; a[1].dev = t;
     }
+    if (k == 22 && I[6]) { void *t = a[0].dev; a[0].dev = a[2].dev; a[2].dev = t; }
     Py_END_ALLOW_THREADS
     #undef D
     st = be->sync();
@@ -572,12 +619,12 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         if (!arr || PyDict_SetItemString(result, a[i].name, arr) < 0) { Py_XDECREF(arr); Py_CLEAR(result); break; }
         Py_DECREF(arr);
     }
-    if (result && reps > 0) {
+    if (result && reps > 0 && be->device) {
         PyObject *v = PyFloat_FromDouble(ms);
         PyDict_SetItemString(result, "ms", v);
         Py_XDECREF(v);
     }
-    if (result && k >= 17 && PyDict_SetItemString(result, "fused", fused ? Py_True : Py_False) < 0)
+    if (result && (k == 17 || k == 18) && PyDict_SetItemString(result, "fused", fused ? Py_True : Py_False) < 0)
         Py_CLEAR(result);
     if (result && k == 15) {
         PyObject *v = PyFloat_FromDouble(Fl[7]);
@@ -596,14 +643,15 @@ done:
     }
     return result;
 }
-#endif
 
 static PyMethodDef functions[] = {
     {"cuda_info", py_cuda_info, METH_NOARGS, "cuda_info() -> {compiled, devices, names}"},
     {"cuda_memory", py_cuda_memory, METH_VARARGS,
      "cuda_memory(reset_peak=False) -> (bytes now, peak) held by the CUDA backend"},
+    {"cuda_op", py_cuda_op, METH_VARARGS,
+     "cuda_op(op, dtype, arrays, ints, floats, reps=0) -> dict (tests; dtype 'cpu': the CPU "
+     "backend; reps>0 on CUDA adds 'ms')"},
 #ifdef SJ_HAVE_CUDA
-    {"cuda_op", py_cuda_op, METH_VARARGS, "cuda_op(op, dtype, arrays, ints, floats, reps=0) -> dict (tests; reps>0 adds 'ms')"},
     {"cuda_attention_variant", py_attention_variant, METH_VARARGS, "0 auto, 1 simple, 2 mma.sync only (tests)"},
 #endif
     {NULL, NULL, 0, NULL},
