@@ -444,34 +444,48 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     const int fuse = !pl->unfused, fuse_swiglu = fuse && (!sj_run_trains(pl->mode) || !op_blocks);
     #define OP_BLOCK_BEGIN() do { if (op_blocks) SJ_TRY(sj_tape_block_begin(tp)); } while (0)
     #define OP_BLOCK_END() do { if (op_blocks) SJ_TRY(sj_tape_block_end(tp)); } while (0)
+    /* Paired heads: attention runs at Ha query and KVa kv heads; a qkv row
+     * then holds (Ha + 2 KVa) heads. */
+    const int Ha = c->paired_heads ? H / 2 : H, KVa = c->paired_heads ? KV / 2 : KV,
+              Wa = (Ha + 2 * KVa) * hd;
+    const int emb = x;   /* embed skip adds it back into every later layer */
+    int qkv0 = -1;       /* layer 0's qkv: value mix reads its v */
     for (int l = 0; l < c->n_layers; l++) {
+        const sj_layer *y = &c->layers[l];
         if (layer_blocks) SJ_TRY(sj_tape_block_begin(tp));
+        if (l > 0 && c->embed_skip != 0) x = sj_op_axpy(tp, x, emb, c->embed_skip, (int64_t)N * C);
         OP_BLOCK_BEGIN();
         int h = sj_op_rmsnorm(tp, x, NORM("layers.%d.attn_norm", l), N, C, c->norm_eps);
+        const int wqkv = PARAM("layers.%d.wq", l, (H + 2 * KV) * hd);
         int qkv;
-        if (fuse) {
-            qkv = sj_op_matmul_rope(tp, h, PARAM("layers.%d.wq", l, (H + 2 * KV) * hd), B, T,
-                                    H + 2 * KV, H + KV, hd, C, c->rope_theta);
+        if (fuse && !c->paired_heads) {
+            qkv = sj_op_matmul_rope(tp, h, wqkv, B, T, H + 2 * KV, H + KV, hd, C, c->rope_theta);
             OP_BLOCK_END();
         } else {
-            qkv = sj_op_matmul(tp, h, PARAM("layers.%d.wq", l, (H + 2 * KV) * hd), N,
-                               (H + 2 * KV) * hd, C);
+            /* Pairing averages the heads as projected; RoPE (linear, the
+             * same angles for every head) could go either side of it. */
+            qkv = sj_op_matmul(tp, h, wqkv, N, (H + 2 * KV) * hd, C);
             OP_BLOCK_END();
-            qkv = sj_op_rope(tp, qkv, B, T, H + 2 * KV, H + KV, hd, c->rope_theta);
+            if (c->paired_heads) qkv = sj_op_pair_heads(tp, qkv, N, H + 2 * KV, hd);
+            qkv = sj_op_rope(tp, qkv, B, T, Ha + 2 * KVa, Ha + KVa, hd, c->rope_theta);
         }
-        int a = sj_op_attention(tp, qkv, B, T, H, KV, hd);
-        x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, H * hd);
+        if (c->value_mix != 0) {
+            if (l == 0) qkv0 = qkv;
+            else qkv = sj_op_mix(tp, qkv, qkv0, N, Wa, (Ha + KVa) * hd, KVa * hd, c->value_mix);
+        }
+        int a = sj_op_attention(tp, qkv, B, T, Ha, KVa, hd);
+        x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, Ha * hd);
         OP_BLOCK_BEGIN();
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);
         int s;
         if (fuse_swiglu) {
             s = sj_op_matmul_swiglu(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, F, C,
-                                    c->layers[l].ffn, 1024);
+                                    y->ffn, 1024);
         } else {
             int gu = sj_op_matmul(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, 2 * F, C);
             OP_BLOCK_END();
             OP_BLOCK_BEGIN();
-            s = sj_op_swiglu(tp, gu, N, F, c->layers[l].ffn);
+            s = sj_op_swiglu(tp, gu, N, F, y->ffn);
         }
         x = residual(pl, tp, x, s, PARAM("layers.%d.w_down", l, C), N, C, F);
         OP_BLOCK_END();
@@ -483,16 +497,17 @@ static sj_status record(sj_model *m, sj_plan *pl) {
      * even without the lever: it alone runs the GEMMs at the padded
      * vocabulary (GPT-2's 50257 on an H100: 286K -> 424K tok/s). */
     const int odd_vocab = m->vocab_ld > V;
+    const char *head = c->untied_head ? "lm_head%.0d" : "tok_emb%.0d";
     if ((m->lv.fused_ce || odd_vocab) && pl->mode != SJ_RUN_LOGITS) {
         pl->logits = -1;
         pl->targets = sj_tape_tensor(tp, SJ_T_EXTERN, N);
         const int rows = !m->lv.fused_ce ? N : m->lv.ce_rows > 0 ? m->lv.ce_rows : 256;
-        pl->losses = sj_op_lm_head_ce(tp, h, PARAM("tok_emb%.0d", 0, V), pl->targets, N, V,
+        pl->losses = sj_op_lm_head_ce(tp, h, PARAM(head, 0, V), pl->targets, N, V,
                                       m->vocab_ld, C, -1, rows);
         OP_BLOCK_END();
         return pl->losses < 0 ? SJ_ERR_NOMEM : SJ_OK;
     }
-    pl->logits = sj_op_matmul(tp, h, PARAM("tok_emb%.0d", 0, V), N, V, C);  /* tied head */
+    pl->logits = sj_op_matmul(tp, h, PARAM(head, 0, V), N, V, C);
     OP_BLOCK_END();
     #undef PARAM
     #undef NORM
