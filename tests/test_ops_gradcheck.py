@@ -5,7 +5,7 @@ import pytest
 from smedjan import _C
 
 OPS = ["embedding", "rmsnorm", "matmul", "matmul_add", "matmul_rope", "matmul_swiglu", "rope", "attention",
-       "swiglu", "add", "cross_entropy"]
+       "attention_window", "swiglu", "add", "cross_entropy"]
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])

@@ -131,7 +131,7 @@ int sj_op_matmul(sj_tape *tp, int x, int w, int N, int out_features, int in_feat
 int sj_op_matmul_add(sj_tape *tp, int res, int x, int w, int N, int out_features,
                      int in_features);
 int sj_op_rope(sj_tape *tp, int x, int B, int T, int n_heads, int n_rot, int hd, float theta);
-int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd);
+int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd, int window);
 int sj_op_swiglu(sj_tape *tp, int gu, int N, int F);
 int sj_op_add(sj_tape *tp, int a, int b, int64_t n);
 int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index);

@@ -453,7 +453,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
             OP_BLOCK_END();
             qkv = sj_op_rope(tp, qkv, B, T, H + 2 * KV, H + KV, hd, c->rope_theta);
         }
-        int a = sj_op_attention(tp, qkv, B, T, H, KV, hd);
+        int a = sj_op_attention(tp, qkv, B, T, H, KV, hd, c->layers[l].window);
         x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, H * hd);
         OP_BLOCK_BEGIN();
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);

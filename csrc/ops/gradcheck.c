@@ -79,7 +79,9 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
     } else if (!strcmp(op, "rope")) {
         c->out = sj_op_rope(tp, add_act(c, "x", N * 3 * 4), B, T, 3, 2, 4, 100.0f);
     } else if (!strcmp(op, "attention")) {
-        c->out = sj_op_attention(tp, add_act(c, "qkv", N * (4 + 2 * 2) * 4), B, T, 4, 2, 4);
+        c->out = sj_op_attention(tp, add_act(c, "qkv", N * (4 + 2 * 2) * 4), B, T, 4, 2, 4, 0);
+    } else if (!strcmp(op, "attention_window")) {   /* 3 keys: less than T, not dividing it */
+        c->out = sj_op_attention(tp, add_act(c, "qkv", N * (4 + 2 * 2) * 4), B, T, 4, 2, 4, 3);
     } else if (!strcmp(op, "swiglu")) {
         c->out = sj_op_swiglu(tp, add_act(c, "gu", N * 2 * 6), N, 6);
     } else if (!strcmp(op, "add")) {
@@ -91,8 +93,8 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         tp->loss_scale = 0.3f;
     } else {
         return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, matmul, "
-                       "matmul_add, matmul_rope, matmul_swiglu, rope, attention, swiglu, add, "
-                       "cross_entropy)", op);
+                       "matmul_add, matmul_rope, matmul_swiglu, rope, attention, attention_window, "
+                       "swiglu, add, cross_entropy)", op);
     }
     if (c->out < 0) return SJ_ERR_NOMEM;
     c->node = tp->t[c->out].producer;
