@@ -4,7 +4,7 @@
  * points with the kernel choice switched (0: wgmma where it applies, 2:
  * mma.sync only): forward outputs and log-sum-exps (the same tiles: equal
  * bits expected) and dQ, dK, dV on random qkv (poisoned outputs, odd
- * lengths, GQA), then both timed on the shapes of benchmarks/vs_torch.py.
+ * lengths, GQA, sliding windows), then both timed on the shapes of benchmarks/vs_torch.py.
  * Needs an sm_90 GPU.
  *
  *   nvcc -O3 -std=c++17 -Icsrc -Icuda -gencode arch=compute_90a,code=sm_90a \
@@ -30,24 +30,24 @@ struct bufs {
     ~bufs() { cudaFree(qkv); cudaFree(dqkv); cudaFree(dout); cudaFree(out); cudaFree(lse); }
 };
 /* forward then backward with kernel choice v; outputs poisoned first */
-static void run(bufs &b, int v, int B, int T, int H, int KV) {
+static void run(bufs &b, int v, int B, int T, int H, int KV, int window) {
     sj_cuda_set_attention_variant(v);
     CK(cudaMemset(b.out, 0xff, b.no * 2)); CK(cudaMemset(b.lse, 0xff, b.nl * 4)); CK(cudaMemset(b.dqkv, 0xff, b.nq * 2));
-    sj_cuda_attention_forward_bf16(b.out, b.lse, b.qkv, B, T, H, KV, 64);
-    sj_cuda_attention_backward_bf16(b.dqkv, b.dout, b.qkv, b.out, b.lse, B, T, H, KV, 64, 0);
+    sj_cuda_attention_forward_bf16(b.out, b.lse, b.qkv, B, T, H, KV, 64, window);
+    sj_cuda_attention_backward_bf16(b.dqkv, b.dout, b.qkv, b.out, b.lse, B, T, H, KV, 64, window, 0);
     CK(cudaDeviceSynchronize());
 }
 
-static void check(int B, int T, int H, int KV) {
+static void check(int B, int T, int H, int KV, int window = 0) {
     bufs b(B, T, H, KV);
-    run(b, 2, B, T, H, KV);
+    run(b, 2, B, T, H, KV, window);
     const auto o2 = down(b.out, b.no), l2 = down(b.lse, b.nl), d2 = down(b.dqkv, b.nq);
-    run(b, 0, B, T, H, KV);
+    run(b, 0, B, T, H, KV, window);
     const auto o0 = down(b.out, b.no), l0 = down(b.lse, b.nl), d0 = down(b.dqkv, b.nq);
     const double eo = rel_err(o0, o2), el = rel_err(l0, l2), ed = rel_err(d0, d2);
     const bool ok = eo == 0 && el == 0 && ed < 1e-2 && !failed;
-    printf("B=%-3d T=%-5d H=%-3d KV=%-3d  forward: out %.1e, lse %.1e; backward dqkv rel %.2e  %s\n", B, T, H, KV,
-           eo, el, ed, ok ? "ok" : "FAIL");
+    printf("B=%-3d T=%-5d H=%-3d KV=%-3d window=%-4d  forward: out %.1e, lse %.1e; backward dqkv rel %.2e  %s\n",
+           B, T, H, KV, window, eo, el, ed, ok ? "ok" : "FAIL");
     n_fail += !ok;
 }
 
@@ -73,8 +73,8 @@ static void bench(int B, int T, int H) {
     float f[2], bw[2];
     for (int v : {2, 0}) {
         sj_cuda_set_attention_variant(v);
-        f[v / 2] = time([&] { sj_cuda_attention_forward_bf16(b.out, b.lse, b.qkv, B, T, H, H, 64); });
-        bw[v / 2] = time([&] { sj_cuda_attention_backward_bf16(b.dqkv, b.dout, b.qkv, b.out, b.lse, B, T, H, H, 64, 0); });
+        f[v / 2] = time([&] { sj_cuda_attention_forward_bf16(b.out, b.lse, b.qkv, B, T, H, H, 64, 0); });
+        bw[v / 2] = time([&] { sj_cuda_attention_backward_bf16(b.dqkv, b.dout, b.qkv, b.out, b.lse, B, T, H, H, 64, 0, 0); });
     }
     const double fl = 4.0 * B * H * (double)T * T / 2 * 64;   /* causal: half the products */
     printf("B=%-3d T=%-5d H=%-3d forward  mma.sync %7.1f us (%3.0f TF/s)  wgmma %7.1f us (%3.0f TF/s)  %.2fx\n", B, T,
@@ -95,6 +95,9 @@ int main(int argc, char **argv) {
     check(3, 77, 4, 2);
     check(32, 512, 8, 8);
     check(16, 1024, 12, 12);
+    check(2, 300, 4, 2, 5);      /* windows: within a tile, across tiles, T - 1 */
+    check(3, 77, 4, 2, 70);
+    check(1, 1000, 4, 4, 999);
     if (argc > 1 && !strcmp(argv[1], "--check-only")) return n_fail ? 1 : 0;
     bench(32, 512, 8);     /* forward and train rows, medium */
     bench(16, 1024, 12);   /* d768 */

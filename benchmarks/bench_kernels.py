@@ -85,12 +85,12 @@ def bench_config(name, dtype, reps, rng):
         causal_flops = 4.0 * B * H * (T * (T + 1) / 2) * hd   # QK^T and PV over the causal half
         f = _C.cuda_op("attention_forward", dtype, {"out": np.zeros((B, T, H * hd), np.float32),
                                                     "lse": np.zeros((B, H, T), np.float32), "qkv": qkv},
-                       (B, T, H, KV, hd), (), 0)
+                       (B, T, H, KV, hd, 0), (), 0)
         run("attention_forward", "attention_forward",
-            {"out": f["out"], "lse": f["lse"], "qkv": qkv}, (B, T, H, KV, hd), flops=causal_flops)
+            {"out": f["out"], "lse": f["lse"], "qkv": qkv}, (B, T, H, KV, hd, 0), flops=causal_flops)
         run("attention_backward (dkv + dq)", "attention_backward",
             {"dqkv": qkv.copy(), "dout": rnd(rng, B, T, H * hd), "qkv": qkv, "out": f["out"], "lse": f["lse"]},
-            (B, T, H, KV, hd, 0), flops=2.5 * causal_flops)
+            (B, T, H, KV, hd, 0, 0), flops=2.5 * causal_flops)
     gu = rnd(rng, N, 2 * F)
     run("swiglu_forward", "swiglu_forward", {"h": rnd(rng, N, F), "gu": gu}, (N, F), nbytes=3 * N * F * es)
     run("swiglu_backward", "swiglu_backward", {"dgu": gu.copy(), "dh": rnd(rng, N, F), "gu": gu},

@@ -1,7 +1,8 @@
-/* attention.cu — causal self-attention, MHA and GQA, forward and backward,
- * flash-style: scores live in registers a tile at a time with an online
- * softmax; only the log-sum-exp of each row is kept (B, H, T), and backward
- * recomputes the probabilities. No (T, T) matrix ever reaches memory.
+/* attention.cu — causal self-attention, MHA and GQA, optionally within a
+ * sliding window (attention.cuh), forward and backward, flash-style:
+ * scores live in registers a tile at a time with an online softmax; only
+ * the log-sum-exp of each row is kept (B, H, T), and backward recomputes
+ * the probabilities. No (T, T) matrix ever reaches memory.
  *
  * Two implementations, the simple one the reference for the fast one:
  *  - simple (any head_dim <= 256, f32, bf16 or f16): one warp per row, lanes
@@ -28,9 +29,12 @@
  * row-major B operands V, dO, Q, K of the second products); tiles stream
  * through two cp.async buffers; fragments that stay the same across a
  * kernel's loop (Q, dO in dQ; K, V in dK/dV) are loaded once; only the
- * diagonal tile is masked. On Hopper, head_dim 64 runs attention_sm90.cu's
- * wgmma kernels instead (the same tiles and bits; forward 1.5x, backward
- * 1.3x faster); SMEDJAN_ATTENTION=mma keeps these. */
+ * diagonal tile and the tiles the window's edge crosses are masked, and
+ * tiles wholly outside the window are never visited. On Hopper, head_dim
+ * 64 runs attention_sm90.cu's wgmma kernels instead (the same tiles and
+ * bits; forward 1.5x, backward 1.3x faster); SMEDJAN_ATTENTION=mma keeps
+ * these. */
+#include "attention.cuh"
 #include "common.cuh"
 #include "kernels.h"
 #include <stdio.h>
@@ -56,7 +60,7 @@ static int get_variant(void) {
 // out: (B, T, H*hd); lse: (B, H, T); qkv: (B, T, (H+2KV)*hd)
 template <class T, int NP>
 static __global__ void fwd_simple(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV,
-                                  int hd) {
+                                  int hd, int window) {
     const int64_t row = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (row >= (int64_t)B * H * T_) return;
@@ -75,7 +79,7 @@ static __global__ void fwd_simple(T *out, float *lse, const T *qkv, int B, int T
         o[j] = 0.f;
     }
     float m = -INFINITY, l = 0.f;
-    for (int s = 0; s <= t; s++) {
+    for (int s = attn::first_key(t, window); s <= t; s++) {
         const T *k = k0 + (int64_t)s * rs, *v = v0 + (int64_t)s * rs;
         float dot = 0.f;
 #pragma unroll
@@ -97,7 +101,7 @@ static __global__ void fwd_simple(T *out, float *lse, const T *qkv, int B, int T
 template <class T, int NP>
 static __global__ void bwd_dq_simple(T *dqkv, const T *dout, const T *qkv, const T *out,
                                      const float *lse, int B, int T_, int H, int KV, int hd,
-                                     int accum) {
+                                     int window, int accum) {
     const int64_t row = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (row >= (int64_t)B * H * T_) return;
@@ -121,7 +125,7 @@ static __global__ void bwd_dq_simple(T *dqkv, const T *dout, const T *qkv, const
     }
     D = warp_sum(D);
     const float L = lse[((int64_t)b * H + h) * T_ + t];
-    for (int s = 0; s <= t; s++) {
+    for (int s = attn::first_key(t, window); s <= t; s++) {
         const T *k = k0 + (int64_t)s * rs, *v = v0 + (int64_t)s * rs;
         float qk = 0.f, gv = 0.f;
 #pragma unroll
@@ -143,7 +147,7 @@ static __global__ void bwd_dq_simple(T *dqkv, const T *dout, const T *qkv, const
 template <class T, int NP>
 static __global__ void bwd_dkv_simple(T *dqkv, const T *dout, const T *qkv, const T *out,
                                       const float *lse, int B, int T_, int H, int KV, int hd,
-                                      int accum) {
+                                      int window, int accum) {
     const int64_t row = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (row >= (int64_t)B * KV * T_) return;
@@ -161,8 +165,9 @@ static __global__ void bwd_dkv_simple(T *dqkv, const T *dout, const T *qkv, cons
         vr[j] = d < hd ? tof(v[d]) : 0.f;
         dk[j] = dv[j] = 0.f;
     }
+    const int t_end = window > 0 && s + window < T_ ? s + window : T_;   /* queries that see key s */
     for (int h = g * grp; h < (g + 1) * grp; h++)
-        for (int t = s; t < T_; t++) {
+        for (int t = s; t < t_end; t++) {
             const T *q = base + (int64_t)t * rs + h * hd;
             const T *go = dout + ((int64_t)b * T_ + t) * H * hd + h * hd;
             const T *o = out + ((int64_t)b * T_ + t) * H * hd + h * hd;
@@ -334,12 +339,12 @@ template <int HD> static constexpr size_t dkv_smem(void) { return 6 * tile_bytes
 
 // grid (ceil(T/64), B*H), 128 threads, fwd_smem<HD>() dynamic shared memory.
 // Each warp owns 16 query rows; K and V tiles stream through two buffers
-// (tile kt+1 is copied with cp.async while tile kt computes). Only the
-// diagonal tile needs the causal mask: every key of an earlier tile
-// precedes every query row of this one.
+// (tile kt+1 is copied with cp.async while tile kt computes), from the
+// first tile the window reaches. Only the diagonal tile and those the
+// window's edge crosses need a mask (attn::tile_unmasked).
 template <class T, int HD>
 static __global__ void __launch_bounds__(128) fwd_mma(T *out, float *lse, const T *qkv,
-                                                      int T_, int H, int KV, int hd) {
+                                                      int T_, int H, int KV, int hd, int window) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
     T *Kb = (T *)smem, *Vb = Kb + 2 * 64 * LD;
@@ -350,9 +355,9 @@ static __global__ void __launch_bounds__(128) fwd_mma(T *out, float *lse, const 
     const T *Qg = base + h * hd, *Kg = base + (H + kvh) * hd, *Vg = base + (H + KV + kvh) * hd;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int r0 = qt * 64 + warp * 16 + g, r1 = r0 + 8;
-    const int n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
-    load_tile_async<T, HD>(Kb, Kg, rs, 0, T_, hd);
-    load_tile_async<T, HD>(Vb, Vg, rs, 0, T_, hd);
+    const int kt0 = attn::first_key_tile(qt, window), n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
+    load_tile_async<T, HD>(Kb + (kt0 & 1) * 64 * LD, Kg, rs, kt0 * 64, T_, hd);
+    load_tile_async<T, HD>(Vb + (kt0 & 1) * 64 * LD, Vg, rs, kt0 * 64, T_, hd);
     cp_async_commit();
     uint32_t qa[NK][4];
 #pragma unroll
@@ -369,7 +374,7 @@ static __global__ void __launch_bounds__(128) fwd_mma(T *out, float *lse, const 
     for (int dn = 0; dn < ND; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     const float sl2 = LOG2E / sqrtf((float)hd);
-    for (int kt = 0; kt < n_kt; kt++) {
+    for (int kt = kt0; kt < n_kt; kt++) {
         /* tile kt landed (this thread's copies; the barrier: everyone's), and
          * every warp is done with tile kt-1, whose buffer is refilled next */
         cp_async_wait_all();
@@ -393,7 +398,8 @@ static __global__ void __launch_bounds__(128) fwd_mma(T *out, float *lse, const 
                 mma16816<T>(s[j], qa[kc], kb[0], kb[1]);
                 mma16816<T>(s[j + 1], qa[kc], kb[2], kb[3]);
             }
-        const bool diag = kt == qt;   /* the only tile with keys after a row (or past T_) */
+        /* keys after a row (or past T_) or before its window */
+        const bool masked = !attn::tile_unmasked(qt, kt, window);
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int j = 0; j < 8; j++)
@@ -401,7 +407,7 @@ static __global__ void __launch_bounds__(128) fwd_mma(T *out, float *lse, const 
             for (int e = 0; e < 4; e++) {
                 const int key = kt * 64 + j * 8 + 2 * t + (e & 1), row = e < 2 ? r0 : r1;
                 float v = s[j][e] * sl2;
-                if (diag && (key > row || key >= T_)) v = -INFINITY;
+                if (masked && !(attn::visible(row, key, window) && key < T_)) v = -INFINITY;
                 s[j][e] = v;
                 if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
             }
@@ -410,6 +416,8 @@ static __global__ void __launch_bounds__(128) fwd_mma(T *out, float *lse, const 
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
         const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        /* a row that has seen no key yet (past T_, or its window starts in
+         * a later tile) keeps m = -inf, l = 0, o = 0 */
         const float z0 = mn0 == -INFINITY ? 0.f : mn0, z1 = mn1 == -INFINITY ? 0.f : mn1;
         const float c0 = exp2f(m0 - z0), c1 = exp2f(m1 - z1);
         float ls0 = 0.f, ls1 = 0.f;
@@ -458,8 +466,8 @@ static __global__ void __launch_bounds__(128) fwd_mma(T *out, float *lse, const 
     }
 }
 
-// dK, dV of 64 keys of one KV head over all its query heads and query tiles.
-// grid (ceil(T/64), B*KV), 128 threads, dkv_smem<HD>() dynamic shared memory.
+// dK, dV of 64 keys of one KV head over all its query heads and the query
+// tiles that see them (attn::last_query_tile). grid (ceil(T/64), B*KV), 128 threads, dkv_smem<HD>() dynamic shared memory.
 // K and V stay in shared memory and their A fragments in registers; the
 // (head, query tile) steps stream Q and dO through two buffers: step i+1's
 // tiles are copied with cp.async while step i computes (one barrier per
@@ -469,7 +477,7 @@ template <class T, int HD>
 static __global__ void __launch_bounds__(128) bwd_dkv_mma(T *dqkv, const T *dout,
                                                           const T *qkv, const float *D,
                                                           const float *lse, int T_, int H,
-                                                          int KV, int hd, int accum) {
+                                                          int KV, int hd, int window, int accum) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
     T *Ks = (T *)smem, *Vs = Ks + 64 * LD, *Qb = Vs + 64 * LD, *dOb = Qb + 2 * 64 * LD;
@@ -487,8 +495,8 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(T *dqkv, const T *dout
     for (int dn = 0; dn < ND; dn++)
 #pragma unroll
         for (int e = 0; e < 4; e++) dk[dn][e] = dv[dn][e] = 0.f;
-    /* steps: i = (h - h_first) * n_qt + (qt - kt), qt in [kt, ceil(T/64)) */
-    const int n_qt = (T_ + 63) / 64 - kt, n_steps = grp * n_qt;
+    /* steps: i = (h - h_first) * n_qt + (qt - kt), qt in [kt, last_query_tile] */
+    const int n_qt = attn::last_query_tile(kt, (T_ + 63) / 64, window) - kt + 1, n_steps = grp * n_qt;
     /* issue step i's Q, dO tiles (cp.async) and row statistics into buffer i & 1 */
     auto issue = [&](int i) {
         const int h = kvh * grp + i / n_qt, qt = kt + i % n_qt, bf = i & 1;
@@ -541,17 +549,18 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(T *dqkv, const T *dout
                 mma16816<T>(dp[j + 1], va[kc], fb[2], fb[3]);
             }
         }
-        /* only the diagonal tile has queries before a key; rows past T_
-         * (zero Q, dO, L, D) give p = 1 against zero vectors: adds nothing */
-        const bool diag = qt == kt;
+        /* only the diagonal tile has queries before a key, and those the
+         * window's edge crosses queries past it; rows past T_ (zero Q, dO,
+         * L, D) give p = 1 against zero vectors: adds nothing */
+        const bool masked = !attn::tile_unmasked(qt, kt, window);
 #pragma unroll
         for (int j = 0; j < 8; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int qq = j * 8 + 2 * t + (e & 1), q = qt * 64 + qq;
                 const int key = e < 2 ? kr0 : kr1;
-                const float p = diag && !(q >= key && q < T_ && key < T_) ? 0.f
-                                                                          : exp2f(st[j][e] * sl2 - Ls[qq]);
+                const float p = masked && !(attn::visible(q, key, window) && q < T_ && key < T_)
+                                    ? 0.f : exp2f(st[j][e] * sl2 - Ls[qq]);
                 st[j][e] = p;
                 dp[j][e] = p * (dp[j][e] - Ds[qq]);   // dS^T (without the scale)
             }
@@ -595,12 +604,13 @@ static __global__ void __launch_bounds__(128) bwd_dkv_mma(T *dqkv, const T *dout
 
 // dQ of 64 query rows of one head. grid (ceil(T/64), B*H), 128 threads,
 // dq_smem<HD>() dynamic shared memory. Q and dO fragments stay in
-// registers; K and V tiles stream through two buffers like the forward.
+// registers; K and V tiles stream through two buffers like the forward,
+// over the same key tiles.
 template <class T, int HD>
 static __global__ void __launch_bounds__(128) bwd_dq_mma(T *dqkv, const T *dout,
                                                          const T *qkv, const float *D,
                                                          const float *lse, int T_, int H,
-                                                         int KV, int hd, int accum) {
+                                                         int KV, int hd, int window, int accum) {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
     T *Qs = (T *)smem, *dOs = Qs + 64 * LD, *Kb = dOs + 64 * LD, *Vb = Kb + 2 * 64 * LD;
@@ -613,11 +623,11 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(T *dqkv, const T *dout,
     const T *dOg = dout + (int64_t)b * T_ * orow + h * hd;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int lr0 = warp * 16 + g, lr1 = lr0 + 8, r0 = qt * 64 + lr0, r1 = qt * 64 + lr1;
-    const int n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
+    const int kt0 = attn::first_key_tile(qt, window), n_kt = min(qt * 64 + 63, T_ - 1) / 64 + 1;
     load_tile_async<T, HD>(Qs, base + h * hd, rs, qt * 64, T_, hd);
     load_tile_async<T, HD>(dOs, dOg, orow, qt * 64, T_, hd);
-    load_tile_async<T, HD>(Kb, Kg, rs, 0, T_, hd);
-    load_tile_async<T, HD>(Vb, Vg, rs, 0, T_, hd);
+    load_tile_async<T, HD>(Kb + (kt0 & 1) * 64 * LD, Kg, rs, kt0 * 64, T_, hd);
+    load_tile_async<T, HD>(Vb + (kt0 & 1) * 64 * LD, Vg, rs, kt0 * 64, T_, hd);
     cp_async_commit();
     load_rowstats(Ls, Ds, D + ((int64_t)b * H + h) * T_, lse + ((int64_t)b * H + h) * T_, qt * 64, T_);
     const float scale = 1.0f / sqrtf((float)hd), sl2 = scale * LOG2E;
@@ -627,7 +637,7 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(T *dqkv, const T *dout,
     /* this warp's 16 query rows: the same every tile (in registers when they fit) */
     constexpr bool HOIST = HD <= 64;
     uint32_t qa[NK][4], oa[NK][4];
-    for (int kt = 0; kt < n_kt; kt++) {
+    for (int kt = kt0; kt < n_kt; kt++) {
         cp_async_wait_all();
         __syncthreads();
         if (kt + 1 < n_kt) {
@@ -636,7 +646,7 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(T *dqkv, const T *dout,
             load_tile_async<T, HD>(Vb + nb * 64 * LD, Vg, rs, (kt + 1) * 64, T_, hd);
         }
         cp_async_commit();
-        if (HOIST && kt == 0)
+        if (HOIST && kt == kt0)
 #pragma unroll
             for (int kc = 0; kc < NK; kc++) {
                 frag_a(qa[kc], Qs + warp * 16 * LD + kc * 16, LD, lane);
@@ -665,17 +675,18 @@ static __global__ void __launch_bounds__(128) bwd_dq_mma(T *dqkv, const T *dout,
                 mma16816<T>(dp[j + 1], oa[kc], fb[2], fb[3]);
             }
         }
-        /* only the diagonal tile has keys after a row; rows past T_ have
-         * zero dO, L and D: dS = 0 there */
-        const bool diag = kt == qt;
+        /* only the diagonal tile has keys after a row, and those the
+         * window's edge crosses keys before it; rows past T_ have zero dO,
+         * L and D: dS = 0 there */
+        const bool masked = !attn::tile_unmasked(qt, kt, window);
 #pragma unroll
         for (int j = 0; j < 8; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int key = kt * 64 + j * 8 + 2 * t + (e & 1);
                 const int lr = e < 2 ? lr0 : lr1, row = e < 2 ? r0 : r1;
-                const float p = diag && !(key <= row && key < T_ && row < T_) ? 0.f
-                                                                               : exp2f(s[j][e] * sl2 - Ls[lr]);
+                const float p = masked && !(attn::visible(row, key, window) && key < T_ && row < T_)
+                                    ? 0.f : exp2f(s[j][e] * sl2 - Ls[lr]);
                 s[j][e] = p * (dp[j][e] - Ds[lr]);           // dS (without the scale)
             }
 #pragma unroll
@@ -747,26 +758,29 @@ static void bad_hd(int hd) {
 }
 
 template <class T>
-static void forward_simple(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV, int hd) {
+static void forward_simple(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV, int hd,
+                           int window) {
     const unsigned grid = (unsigned)(((int64_t)B * H * T_ + 7) / 8);
     cudaStream_t s = sj_stream();
-    if (hd <= 32) fwd_simple<T, 1><<<grid, 256, 0, s>>>(out, lse, qkv, B, T_, H, KV, hd);
-    else if (hd <= 64) fwd_simple<T, 2><<<grid, 256, 0, s>>>(out, lse, qkv, B, T_, H, KV, hd);
-    else if (hd <= 128) fwd_simple<T, 4><<<grid, 256, 0, s>>>(out, lse, qkv, B, T_, H, KV, hd);
-    else if (hd <= 256) fwd_simple<T, 8><<<grid, 256, 0, s>>>(out, lse, qkv, B, T_, H, KV, hd);
+    if (hd <= 32) fwd_simple<T, 1><<<grid, 256, 0, s>>>(out, lse, qkv, B, T_, H, KV, hd, window);
+    else if (hd <= 64) fwd_simple<T, 2><<<grid, 256, 0, s>>>(out, lse, qkv, B, T_, H, KV, hd, window);
+    else if (hd <= 128) fwd_simple<T, 4><<<grid, 256, 0, s>>>(out, lse, qkv, B, T_, H, KV, hd, window);
+    else if (hd <= 256) fwd_simple<T, 8><<<grid, 256, 0, s>>>(out, lse, qkv, B, T_, H, KV, hd, window);
     else { bad_hd(hd); return; }
     LAUNCH_CHECK("attention_forward (simple)");
 }
 
 template <class T>
 static void backward_simple(T *dqkv, const T *dout, const T *qkv, const T *out, const float *lse,
-                            int B, int T_, int H, int KV, int hd, int accum) {
+                            int B, int T_, int H, int KV, int hd, int window, int accum) {
     const unsigned gq = (unsigned)(((int64_t)B * H * T_ + 7) / 8), gk = (unsigned)(((int64_t)B * KV * T_ + 7) / 8);
     cudaStream_t s = sj_stream();
 #define SJ_BWD_SIMPLE(NP)                                                                        \
-    bwd_dq_simple<T, NP><<<gq, 256, 0, s>>>(dqkv, dout, qkv, out, lse, B, T_, H, KV, hd, accum); \
+    bwd_dq_simple<T, NP><<<gq, 256, 0, s>>>(dqkv, dout, qkv, out, lse, B, T_, H, KV, hd, window, \
+                                            accum);                                              \
     LAUNCH_CHECK("attention_backward dq (simple)");                                              \
-    bwd_dkv_simple<T, NP><<<gk, 256, 0, s>>>(dqkv, dout, qkv, out, lse, B, T_, H, KV, hd, accum); \
+    bwd_dkv_simple<T, NP><<<gk, 256, 0, s>>>(dqkv, dout, qkv, out, lse, B, T_, H, KV, hd, window, \
+                                             accum);                                              \
     LAUNCH_CHECK("attention_backward dkv (simple)");
     if (hd <= 32) { SJ_BWD_SIMPLE(1) }
     else if (hd <= 64) { SJ_BWD_SIMPLE(2) }
@@ -777,24 +791,29 @@ static void backward_simple(T *dqkv, const T *dout, const T *qkv, const T *out, 
 }
 
 template <class T, int HD>
-static void forward_mma(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV, int hd) {
-    fwd_mma<T, HD><<<dim3((T_ + 63) / 64, B * H), 128, fwd_smem<HD>(), sj_stream()>>>(out, lse, qkv, T_, H, KV, hd);
+static void forward_mma(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV, int hd,
+                        int window) {
+    fwd_mma<T, HD><<<dim3((T_ + 63) / 64, B * H), 128, fwd_smem<HD>(), sj_stream()>>>(out, lse, qkv, T_, H, KV,
+                                                                                      hd, window);
     LAUNCH_CHECK("attention_forward (mma)");
 }
 
 /* The Hopper backward of head_dim 64 (attention_sm90.cu); 0 where it does not apply. */
 static int backward_sm90(bf16 *d, const bf16 *go, const bf16 *x, const float *D, const float *lse,
-                         int B, int T_, int H, int KV, int hd, int accum) {
-    return get_variant() == 0 && sj_cuda_attention_backward_sm90_bf16(d, go, x, D, lse, B, T_, H, KV, hd, accum);
+                         int B, int T_, int H, int KV, int hd, int window, int accum) {
+    return get_variant() == 0 &&
+           sj_cuda_attention_backward_sm90_bf16(d, go, x, D, lse, B, T_, H, KV, hd, window, accum);
 }
 static int backward_sm90(f16 *d, const f16 *go, const f16 *x, const float *D, const float *lse,
-                         int B, int T_, int H, int KV, int hd, int accum) {
-    return get_variant() == 0 && sj_cuda_attention_backward_sm90_f16(d, go, x, D, lse, B, T_, H, KV, hd, accum);
+                         int B, int T_, int H, int KV, int hd, int window, int accum) {
+    return get_variant() == 0 &&
+           sj_cuda_attention_backward_sm90_f16(d, go, x, D, lse, B, T_, H, KV, hd, window, accum);
 }
 
 template <class T, int HD>
 static void backward_mma(T *dqkv, const T *dout, const T *qkv, const T *out,
-                         const float *lse, int B, int T_, int H, int KV, int hd, int accum) {
+                         const float *lse, int B, int T_, int H, int KV, int hd, int window,
+                         int accum) {
     /* D = rowsum(dO * O) lives in scratch, (Bc, H, T) floats: batches in
      * chunks of Bc that fit (one chunk at the usual sizes: 16 x 12 x 1024
      * floats are 0.8 MB of the 16 MB). */
@@ -802,7 +821,7 @@ static void backward_mma(T *dqkv, const T *dout, const T *qkv, const T *out,
     const int64_t per_b = (int64_t)H * T_ * sizeof(float);
     const int Bc = (int)min((int64_t)B, (int64_t)(ctx->scratch_bytes / per_b));
     if (Bc < 1 || !ctx->scratch) {
-        backward_simple(dqkv, dout, qkv, out, lse, B, T_, H, KV, hd, accum);
+        backward_simple(dqkv, dout, qkv, out, lse, B, T_, H, KV, hd, window, accum);
         return;
     }
     float *D = (float *)ctx->scratch;
@@ -816,68 +835,71 @@ static void backward_mma(T *dqkv, const T *dout, const T *qkv, const T *out,
             D, dout + o_off, out + o_off, T_, H, hd, n_rows);
         LAUNCH_CHECK("attention_backward rowdot");
         if (hd == 64 && backward_sm90(dqkv + q_off, dout + o_off, qkv + q_off, D,
-                                      lse + (int64_t)b0 * H * T_, nb, T_, H, KV, hd, accum))
+                                      lse + (int64_t)b0 * H * T_, nb, T_, H, KV, hd, window, accum))
             continue;
         bwd_dkv_mma<T, HD><<<dim3((T_ + 63) / 64, nb * KV), 128, dkv_smem<HD>(), s>>>(
             dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, hd,
-            accum);
+            window, accum);
         LAUNCH_CHECK("attention_backward dkv (mma)");
         bwd_dq_mma<T, HD><<<dim3((T_ + 63) / 64, nb * H), 128, dq_smem<HD>(), s>>>(
             dqkv + q_off, dout + o_off, qkv + q_off, D, lse + (int64_t)b0 * H * T_, T_, H, KV, hd,
-            accum);
+            window, accum);
         LAUNCH_CHECK("attention_backward dq (mma)");
     }
 }
 
 extern "C" void sj_cuda_attention_forward_f32(void *out, float *lse, const void *qkv, int B,
-                                              int T_, int H, int KV, int hd) {
+                                              int T_, int H, int KV, int hd, int window) {
     if ((int64_t)B * T_ <= 0) return;
-    forward_simple((float *)out, lse, (const float *)qkv, B, T_, H, KV, hd);
+    forward_simple((float *)out, lse, (const float *)qkv, B, T_, H, KV, hd, window);
 }
 extern "C" void sj_cuda_attention_backward_f32(void *dqkv, const void *dout, const void *qkv,
                                                const void *out, const float *lse, int B, int T_,
-                                               int H, int KV, int hd, int accum) {
+                                               int H, int KV, int hd, int window, int accum) {
     if ((int64_t)B * T_ <= 0) return;
     backward_simple((float *)dqkv, (const float *)dout, (const float *)qkv, (const float *)out,
-                    lse, B, T_, H, KV, hd, accum);
+                    lse, B, T_, H, KV, hd, window, accum);
 }
 /* 16-bit modes: tensor cores where the head_dim fits a tile (use_mma),
  * else simple; on Hopper the forward of head_dim 64 is wgmma's
  * (attention_sm90.cu, the same bits). */
-static int forward_sm90(bf16 *o, float *lse, const bf16 *x, int B, int T_, int H, int KV, int hd) {
-    return get_variant() == 0 && sj_cuda_attention_forward_sm90_bf16(o, lse, x, B, T_, H, KV, hd);
+static int forward_sm90(bf16 *o, float *lse, const bf16 *x, int B, int T_, int H, int KV, int hd,
+                        int window) {
+    return get_variant() == 0 && sj_cuda_attention_forward_sm90_bf16(o, lse, x, B, T_, H, KV, hd, window);
 }
-static int forward_sm90(f16 *o, float *lse, const f16 *x, int B, int T_, int H, int KV, int hd) {
-    return get_variant() == 0 && sj_cuda_attention_forward_sm90_f16(o, lse, x, B, T_, H, KV, hd);
+static int forward_sm90(f16 *o, float *lse, const f16 *x, int B, int T_, int H, int KV, int hd,
+                        int window) {
+    return get_variant() == 0 && sj_cuda_attention_forward_sm90_f16(o, lse, x, B, T_, H, KV, hd, window);
 }
 template <class T>
-static void forward_16(T *o, float *lse, const T *x, int B, int T_, int H, int KV, int hd) {
+static void forward_16(T *o, float *lse, const T *x, int B, int T_, int H, int KV, int hd, int window) {
     if ((int64_t)B * T_ <= 0) return;
-    if (!use_mma(B, H, KV, hd)) { forward_simple(o, lse, x, B, T_, H, KV, hd); return; }
-    if (hd == 64 && forward_sm90(o, lse, x, B, T_, H, KV, hd)) return;
-#define SJ_FWD(HD) forward_mma<T, HD>(o, lse, x, B, T_, H, KV, hd)
+    if (!use_mma(B, H, KV, hd)) { forward_simple(o, lse, x, B, T_, H, KV, hd, window); return; }
+    if (hd == 64 && forward_sm90(o, lse, x, B, T_, H, KV, hd, window)) return;
+#define SJ_FWD(HD) forward_mma<T, HD>(o, lse, x, B, T_, H, KV, hd, window)
     SJ_MMA_DISPATCH(hd, SJ_FWD)
 #undef SJ_FWD
 }
 template <class T>
 static void backward_16(T *d, const T *go, const T *x, const T *o, const float *lse, int B,
-                        int T_, int H, int KV, int hd, int accum) {
+                        int T_, int H, int KV, int hd, int window, int accum) {
     if ((int64_t)B * T_ <= 0) return;
-    if (!use_mma(B, H, KV, hd)) { backward_simple(d, go, x, o, lse, B, T_, H, KV, hd, accum); return; }
-#define SJ_BWD(HD) backward_mma<T, HD>(d, go, x, o, lse, B, T_, H, KV, hd, accum)
+    if (!use_mma(B, H, KV, hd)) { backward_simple(d, go, x, o, lse, B, T_, H, KV, hd, window, accum); return; }
+#define SJ_BWD(HD) backward_mma<T, HD>(d, go, x, o, lse, B, T_, H, KV, hd, window, accum)
     SJ_MMA_DISPATCH(hd, SJ_BWD)
 #undef SJ_BWD
 }
 #define SJ_CU_ATTN16(T, TY)                                                                     \
 extern "C" void sj_cuda_attention_forward_##T(void *out, float *lse, const void *qkv, int B,    \
-                                              int T_, int H, int KV, int hd) {                  \
-    forward_16((TY *)out, lse, (const TY *)qkv, B, T_, H, KV, hd);                              \
+                                              int T_, int H, int KV, int hd, int window) {      \
+    forward_16((TY *)out, lse, (const TY *)qkv, B, T_, H, KV, hd, window);                      \
 }                                                                                               \
 extern "C" void sj_cuda_attention_backward_##T(void *dqkv, const void *dout, const void *qkv,   \
                                                const void *out, const float *lse, int B,        \
-                                               int T_, int H, int KV, int hd, int accum) {      \
+                                               int T_, int H, int KV, int hd, int window,       \
+                                               int accum) {                                     \
     backward_16((TY *)dqkv, (const TY *)dout, (const TY *)qkv, (const TY *)out, lse, B, T_, H,  \
-                KV, hd, accum);                                                                 \
+                KV, hd, window, accum);                                                         \
 }
 SJ_CU_ATTN16(bf16, bf16)
 SJ_CU_ATTN16(f16, f16)

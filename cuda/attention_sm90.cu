@@ -1,6 +1,7 @@
-/* attention_sm90.cu — causal attention on Hopper tensor cores (wgmma),
- * head_dim 64, bf16 or f16: forward and the two backward kernels with the
- * tiles of attention.cu's mma.sync kernels, and their results bit for bit
+/* attention_sm90.cu — causal attention, optionally within a sliding window
+ * (attention.cuh), on Hopper tensor cores (wgmma), head_dim 64, bf16 or f16:
+ * forward and the two backward kernels with the tiles of attention.cu's
+ * mma.sync kernels, and their results bit for bit
  * (benchmarks/attention_sm90_check.cu compares them); those stay the
  * kernels everywhere else.
  *
@@ -9,7 +10,8 @@
  * producer warp. The producer TMA-copies the Q tile once and K and V tiles
  * of 64 keys through a ring of STAGES stages (128-byte swizzle); per key
  * tile the consumers compute S = Q K^T (wgmma, both operands in shared
- * memory), the online softmax in registers (only the last tile is masked),
+ * memory), the online softmax in registers (only the diagonal tile and
+ * those the window's edge crosses are masked),
  * then O += P V with P straight from registers (wgmma's register A
  * operand: S's accumulator layout is P's fragment layout) and V read
  * transposed from its row-major tile. Small CTAs, three per SM: one CTA's
@@ -19,6 +21,7 @@
  *
  * Requirements (checked; else the caller uses the mma.sync kernels): an
  * sm_90 device, head_dim 64, 16-byte aligned tensors. */
+#include "attention.cuh"
 #include "kernels.h"
 #include "sm90.cuh"
 #include <type_traits>
@@ -31,6 +34,7 @@ namespace {
 constexpr int HD = 64, BQ = 64, BKV = 64, STAGES = 2;
 constexpr int Q_BYTES = BQ * HD * 2, KV_BYTES = BKV * HD * 2;
 static_assert(BQ == BKV, "one tensor map (64-row boxes) serves Q, K, V and dO tiles");
+static_assert(BQ == attn::TILE, "the window's tiles are attention.cuh's");
 constexpr size_t SMEM = Q_BYTES + (size_t)STAGES * 2 * KV_BYTES + (2 * STAGES + 1) * 8;
 #define LOG2E_F 1.4426950408889634f
 #define LN2_F 0.6931471805599453f
@@ -40,7 +44,7 @@ constexpr size_t SMEM = Q_BYTES + (size_t)STAGES * 2 * KV_BYTES + (2 * STAGES + 
 template <class T>
 __global__ void __launch_bounds__(160, 3)
 attn_fwd_sm90_k(const __grid_constant__ CUtensorMap map_qkv, T *out, float *lse, int T_, int H,
-                int KV) {
+                int KV, int window) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char *q_s = smem, *kv_s = smem + Q_BYTES;   /* stage s: K, then V */
@@ -49,7 +53,8 @@ attn_fwd_sm90_k(const __grid_constant__ CUtensorMap map_qkv, T *out, float *lse,
     /* the last query tiles see the most keys: start them first */
     const int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H;
     const int kvh = h / (H / KV), q0 = qt * BQ;
-    const int n_kt = (q0 + BQ - 1) / BKV + 1;   /* key tiles up to the tile's last row */
+    /* key tiles from the window's first to the tile's last row */
+    const int kt0 = attn::first_key_tile(qt, window), n_kt = (q0 + BQ - 1) / BKV + 1 - kt0;
     const int64_t row0 = (int64_t)b * T_;
     ring_init(full, STAGES, 1, 4, 1);   /* then q_full; every consumer warp hands a stage back */
     __syncthreads();
@@ -57,9 +62,9 @@ attn_fwd_sm90_k(const __grid_constant__ CUtensorMap map_qkv, T *out, float *lse,
         if (threadIdx.x != 128) return;
         mbar_expect_tx(q_full, Q_BYTES);
         tma_load(q_s, &map_qkv, h * HD, (int)(row0 + q0), q_full);
-        for (int kt = 0; kt < n_kt; kt++) {
-            const int s = kt % STAGES;
-            mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);
+        for (int i = 0; i < n_kt; i++) {
+            const int s = i % STAGES, kt = kt0 + i;
+            mbar_wait(&empty[s], ((i / STAGES) & 1) ^ 1);
             unsigned char *st = kv_s + s * 2 * KV_BYTES;
             mbar_expect_tx(&full[s], 2 * KV_BYTES);
             tma_load(st, &map_qkv, (H + kvh) * HD, (int)(row0 + kt * BKV), &full[s]);
@@ -76,9 +81,9 @@ attn_fwd_sm90_k(const __grid_constant__ CUtensorMap map_qkv, T *out, float *lse,
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
     mbar_wait(q_full, 0);
     const uint64_t dq = desc_sw128(q_s);
-    for (int kt = 0; kt < n_kt; kt++) {
-        const int s = kt % STAGES;
-        mbar_wait(&full[s], (kt / STAGES) & 1);
+    for (int i = 0; i < n_kt; i++) {
+        const int s = i % STAGES, kt = kt0 + i;
+        mbar_wait(&full[s], (i / STAGES) & 1);
         const unsigned char *k_s = kv_s + s * 2 * KV_BYTES, *v_s = k_s + KV_BYTES;
         const uint64_t dk = desc_sw128(k_s), dv = desc_sw128_mn(v_s);
         wgmma_fence();
@@ -87,8 +92,8 @@ attn_fwd_sm90_k(const __grid_constant__ CUtensorMap map_qkv, T *out, float *lse,
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs<BKV / 2>(s_acc);
-        /* scores in log2 units; keys past a row masked (only the last tile has any) */
-        const bool last = kt == n_kt - 1;
+        /* scores in log2 units; keys past a row or before its window masked */
+        const bool masked = !attn::tile_unmasked(qt, kt, window);
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
         for (int j = 0; j < BKV / 8; j++)
@@ -96,8 +101,8 @@ attn_fwd_sm90_k(const __grid_constant__ CUtensorMap map_qkv, T *out, float *lse,
             for (int e = 0; e < 2; e++) {
                 const int key = kt * BKV + 8 * j + 2 * t + e;
                 float a = s_acc[4 * j + e] * sl2, c = s_acc[4 * j + 2 + e] * sl2;
-                if (last && key > r_lo) a = -INFINITY;
-                if (last && key > r_hi) c = -INFINITY;
+                if (masked && !attn::visible(r_lo, key, window)) a = -INFINITY;
+                if (masked && !attn::visible(r_hi, key, window)) c = -INFINITY;
                 s_acc[4 * j + e] = a;
                 s_acc[4 * j + 2 + e] = c;
                 mx_lo = fmaxf(mx_lo, a);
@@ -108,16 +113,18 @@ attn_fwd_sm90_k(const __grid_constant__ CUtensorMap map_qkv, T *out, float *lse,
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
         const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-        /* every row sees key 0 in its first tile: the maxima are finite */
-        const float c_lo = exp2f(m_lo - mn_lo), c_hi = exp2f(m_hi - mn_hi);
+        /* a row whose window starts in a later tile has seen no key yet:
+         * it keeps m = -inf, l = 0, o = 0 (fwd_mma's arithmetic, bit for bit) */
+        const float z_lo = mn_lo == -INFINITY ? 0.f : mn_lo, z_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
+        const float c_lo = exp2f(m_lo - z_lo), c_hi = exp2f(m_hi - z_hi);
         m_lo = mn_lo;
         m_hi = mn_hi;
         float ls_lo = 0.f, ls_hi = 0.f;
         uint32_t pa[BKV / 16][4];
 #pragma unroll
         for (int j = 0; j < BKV / 8; j++) {
-            const float p0 = exp2f(s_acc[4 * j] - mn_lo), p1 = exp2f(s_acc[4 * j + 1] - mn_lo);
-            const float p2 = exp2f(s_acc[4 * j + 2] - mn_hi), p3 = exp2f(s_acc[4 * j + 3] - mn_hi);
+            const float p0 = exp2f(s_acc[4 * j] - z_lo), p1 = exp2f(s_acc[4 * j + 1] - z_lo);
+            const float p2 = exp2f(s_acc[4 * j + 2] - z_hi), p3 = exp2f(s_acc[4 * j + 3] - z_hi);
             ls_lo += p0 + p1;
             ls_hi += p2 + p3;
             /* keys 16kk..16kk+7 (j even) and +8.. (j odd): one A fragment */
@@ -167,13 +174,15 @@ attn_fwd_sm90_k(const __grid_constant__ CUtensorMap map_qkv, T *out, float *lse,
  * T_ (the next batch's, or zeros past the end) are masked explicitly.
  * D = rowsum(dO * O) and lse: (B, H, T) f32. */
 
-/* dK, dV of 64 keys of one KV head over its query heads and query tiles:
+/* dK, dV of 64 keys of one KV head over its query heads and the query tiles
+ * that see them:
  * S^T = K Q^T and dP^T = V dO^T from shared memory, then dV += P^T dO and
  * dK += dS^T Q with P^T, dS^T from registers. grid (ceil(T/64), B*KV). */
 template <class T>
 __global__ void __launch_bounds__(160, 2)
 attn_dkv_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant__ CUtensorMap map_do,
-                T *dqkv, const float *D, const float *lse, int T_, int H, int KV, int accum) {
+                T *dqkv, const float *D, const float *lse, int T_, int H, int KV, int window,
+                int accum) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char *k_s = smem, *v_s = smem + Q_BYTES, *st_s = smem + 2 * Q_BYTES;   /* stage: Q, dO */
@@ -181,7 +190,8 @@ attn_dkv_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_consta
     uint64_t *full = (uint64_t *)(stats + STAGES * 2 * BQ), *empty = full + STAGES,
              *kv_full = empty + STAGES;
     const int kt = blockIdx.x, b = blockIdx.y / KV, kvh = blockIdx.y % KV, grp = H / KV;
-    const int n_qt = (T_ + BQ - 1) / BQ - kt, n_steps = grp * n_qt;   /* (head, query tile) */
+    const int n_qt = attn::last_query_tile(kt, (T_ + BQ - 1) / BQ, window) - kt + 1;
+    const int n_steps = grp * n_qt;   /* (head, query tile) */
     const int64_t row0 = (int64_t)b * T_;
     ring_init(full, STAGES, 32, 4, 1);   /* full: the producer warp, tiles and statistics */
     __syncthreads();
@@ -236,7 +246,7 @@ attn_dkv_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_consta
         wgmma_wait<0>();
         fence_regs<32>(st);
         fence_regs<32>(dp);
-        const bool diag = qt == kt;
+        const bool masked = !attn::tile_unmasked(qt, kt, window);
         uint32_t pa[4][4], sa[4][4];
 #pragma unroll
         for (int j = 0; j < 8; j++) {
@@ -245,7 +255,8 @@ attn_dkv_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_consta
             for (int e = 0; e < 4; e++) {
                 const int c = 8 * j + 2 * t + (e & 1), q = qt * BQ + c;
                 const int key = e < 2 ? k_lo : k_hi;
-                p[e] = q >= T_ || (diag && q < key) ? 0.f : exp2f(st[4 * j + e] * sl2 - lq[c]);
+                p[e] = q >= T_ || (masked && !attn::visible(q, key, window))
+                           ? 0.f : exp2f(st[4 * j + e] * sl2 - lq[c]);
                 ds[e] = p[e] * (dp[4 * j + e] - dq[c]);   /* dS^T without the scale */
             }
             pa[j / 2][(j & 1) * 2] = pack2<T>(p[0], p[1]);
@@ -279,19 +290,21 @@ attn_dkv_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_consta
 #endif
 }
 
-/* dQ of 64 query rows of one head: S = Q K^T and dP = dO V^T from shared
- * memory, dQ += dS K with dS from registers. grid (ceil(T/64), B*H). */
+/* dQ of 64 query rows of one head over the forward's key tiles: S = Q K^T
+ * and dP = dO V^T from shared memory, dQ += dS K with dS from registers.
+ * grid (ceil(T/64), B*H). */
 template <class T>
 __global__ void __launch_bounds__(160, 3)
 attn_dq_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant__ CUtensorMap map_do,
-               T *dqkv, const float *D, const float *lse, int T_, int H, int KV, int accum) {
+               T *dqkv, const float *D, const float *lse, int T_, int H, int KV, int window,
+               int accum) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char *q_s = smem, *do_s = smem + Q_BYTES, *st_s = smem + 2 * Q_BYTES;   /* stage: K, V */
     uint64_t *full = (uint64_t *)(st_s + STAGES * 2 * KV_BYTES), *empty = full + STAGES,
              *q_full = empty + STAGES;
     const int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / H, h = blockIdx.y % H;
-    const int kvh = h / (H / KV), n_kt = qt + 1;
+    const int kvh = h / (H / KV), kt0 = attn::first_key_tile(qt, window), n_kt = qt + 1 - kt0;
     const int64_t row0 = (int64_t)b * T_;
     ring_init(full, STAGES, 1, 4, 1);
     __syncthreads();
@@ -300,9 +313,9 @@ attn_dq_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_constan
         mbar_expect_tx(q_full, 2 * Q_BYTES);
         tma_load(q_s, &map_qkv, h * HD, (int)(row0 + qt * BQ), q_full);
         tma_load(do_s, &map_do, h * HD, (int)(row0 + qt * BQ), q_full);
-        for (int kt = 0; kt < n_kt; kt++) {
-            const int s = kt % STAGES;
-            mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);
+        for (int i = 0; i < n_kt; i++) {
+            const int s = i % STAGES, kt = kt0 + i;
+            mbar_wait(&empty[s], ((i / STAGES) & 1) ^ 1);
             unsigned char *st = st_s + s * 2 * KV_BYTES;
             mbar_expect_tx(&full[s], 2 * KV_BYTES);
             tma_load(st, &map_qkv, (H + kvh) * HD, (int)(row0 + kt * BKV), &full[s]);
@@ -321,9 +334,9 @@ attn_dq_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_constan
     for (int i = 0; i < 32; i++) dq[i] = 0.f;
     mbar_wait(q_full, 0);
     const uint64_t dqd = desc_sw128(q_s), ddo = desc_sw128(do_s);
-    for (int kt = 0; kt < n_kt; kt++) {
-        const int s = kt % STAGES;
-        mbar_wait(&full[s], (kt / STAGES) & 1);
+    for (int i = 0; i < n_kt; i++) {
+        const int s = i % STAGES, kt = kt0 + i;
+        mbar_wait(&full[s], (i / STAGES) & 1);
         const unsigned char *k_t = st_s + s * 2 * KV_BYTES, *v_t = k_t + KV_BYTES;
         float sc[32], dp[32];
         wgmma_fence();
@@ -337,7 +350,7 @@ attn_dq_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_constan
         wgmma_wait<0>();
         fence_regs<32>(sc);
         fence_regs<32>(dp);
-        const bool diag = kt == qt;
+        const bool masked = !attn::tile_unmasked(qt, kt, window);
         uint32_t sa[4][4];
 #pragma unroll
         for (int j = 0; j < 8; j++) {
@@ -345,7 +358,8 @@ attn_dq_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_constan
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int key = kt * BKV + 8 * j + 2 * t + (e & 1), row = e < 2 ? r_lo : r_hi;
-                const float p = diag && key > row ? 0.f : exp2f(sc[4 * j + e] * sl2 - (e < 2 ? l_lo : l_hi));
+                const float p = masked && !attn::visible(row, key, window)
+                                    ? 0.f : exp2f(sc[4 * j + e] * sl2 - (e < 2 ? l_lo : l_hi));
                 ds[e] = p * (dp[4 * j + e] - (e < 2 ? d_lo : d_hi));
             }
             sa[j / 2][(j & 1) * 2] = pack2<T>(ds[0], ds[1]);
@@ -373,14 +387,15 @@ attn_dq_sm90_k(const __grid_constant__ CUtensorMap map_qkv, const __grid_constan
 }
 
 template <class T>
-bool attn_fwd_sm90(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV, int hd) {
+bool attn_fwd_sm90(T *out, float *lse, const T *qkv, int B, int T_, int H, int KV, int hd, int window) {
     const int64_t rs = (int64_t)(H + 2 * KV) * hd;
     if (hd != HD || !sm90_usable() || !aligned16(qkv) || !aligned16(out)) return false;
     CUtensorMap mq;   /* Q, K and V tiles alike: 64 rows x 64 columns */
     if (!sm90_map(&mq, qkv, (int64_t)B * T_, rs, rs, BQ, HD, !std::is_same<T, bf16>::value))
         return false;
     sm90_smem<attn_fwd_sm90_k<T>>(SMEM);
-    attn_fwd_sm90_k<T><<<dim3((T_ + BQ - 1) / BQ, B * H), 160, SMEM, sj_stream()>>>(mq, out, lse, T_, H, KV);
+    attn_fwd_sm90_k<T><<<dim3((T_ + BQ - 1) / BQ, B * H), 160, SMEM, sj_stream()>>>(mq, out, lse, T_, H, KV,
+                                                                                   window);
     LAUNCH_CHECK("attention_forward (sm90)");
     return true;
 }
@@ -388,7 +403,7 @@ bool attn_fwd_sm90(T *out, float *lse, const T *qkv, int B, int T_, int H, int K
 /* dK, dV then dQ of B batches (D from attn_rowdot_k); false where it does not apply. */
 template <class T>
 bool attn_bwd_sm90(T *dqkv, const T *dout, const T *qkv, const float *D, const float *lse, int B,
-                   int T_, int H, int KV, int hd, int accum) {
+                   int T_, int H, int KV, int hd, int window, int accum) {
     const int64_t rs = (int64_t)(H + 2 * KV) * hd, orow = (int64_t)H * hd;
     if (hd != HD || !sm90_usable() || !aligned16(qkv) || !aligned16(dout) || !aligned16(dqkv))
         return false;
@@ -403,9 +418,11 @@ bool attn_bwd_sm90(T *dqkv, const T *dout, const T *qkv, const float *D, const f
     sm90_smem<attn_dkv_sm90_k<T>>(DKV_SMEM);
     sm90_smem<attn_dq_sm90_k<T>>(DQ_SMEM);
     const unsigned nt = (unsigned)((T_ + BQ - 1) / BQ);
-    attn_dkv_sm90_k<T><<<dim3(nt, B * KV), 160, DKV_SMEM, sj_stream()>>>(mq, mdo, dqkv, D, lse, T_, H, KV, accum);
+    attn_dkv_sm90_k<T><<<dim3(nt, B * KV), 160, DKV_SMEM, sj_stream()>>>(mq, mdo, dqkv, D, lse, T_, H, KV,
+                                                                         window, accum);
     LAUNCH_CHECK("attention_backward dkv (sm90)");
-    attn_dq_sm90_k<T><<<dim3(nt, B * H), 160, DQ_SMEM, sj_stream()>>>(mq, mdo, dqkv, D, lse, T_, H, KV, accum);
+    attn_dq_sm90_k<T><<<dim3(nt, B * H), 160, DQ_SMEM, sj_stream()>>>(mq, mdo, dqkv, D, lse, T_, H, KV,
+                                                                      window, accum);
     LAUNCH_CHECK("attention_backward dq (sm90)");
     return true;
 }
@@ -413,20 +430,22 @@ bool attn_bwd_sm90(T *dqkv, const T *dout, const T *qkv, const float *D, const f
 }  // namespace
 
 extern "C" int sj_cuda_attention_forward_sm90_bf16(void *out, float *lse, const void *qkv, int B,
-                                                  int T_, int H, int KV, int hd) {
-    return attn_fwd_sm90((bf16 *)out, lse, (const bf16 *)qkv, B, T_, H, KV, hd);
+                                                  int T_, int H, int KV, int hd, int window) {
+    return attn_fwd_sm90((bf16 *)out, lse, (const bf16 *)qkv, B, T_, H, KV, hd, window);
 }
 extern "C" int sj_cuda_attention_forward_sm90_f16(void *out, float *lse, const void *qkv, int B,
-                                                 int T_, int H, int KV, int hd) {
-    return attn_fwd_sm90((f16 *)out, lse, (const f16 *)qkv, B, T_, H, KV, hd);
+                                                 int T_, int H, int KV, int hd, int window) {
+    return attn_fwd_sm90((f16 *)out, lse, (const f16 *)qkv, B, T_, H, KV, hd, window);
 }
 extern "C" int sj_cuda_attention_backward_sm90_bf16(void *dqkv, const void *dout, const void *qkv,
                                                    const float *D, const float *lse, int B, int T_,
-                                                   int H, int KV, int hd, int accum) {
-    return attn_bwd_sm90((bf16 *)dqkv, (const bf16 *)dout, (const bf16 *)qkv, D, lse, B, T_, H, KV, hd, accum);
+                                                   int H, int KV, int hd, int window, int accum) {
+    return attn_bwd_sm90((bf16 *)dqkv, (const bf16 *)dout, (const bf16 *)qkv, D, lse, B, T_, H, KV, hd,
+                         window, accum);
 }
 extern "C" int sj_cuda_attention_backward_sm90_f16(void *dqkv, const void *dout, const void *qkv,
                                                   const float *D, const float *lse, int B, int T_,
-                                                  int H, int KV, int hd, int accum) {
-    return attn_bwd_sm90((f16 *)dqkv, (const f16 *)dout, (const f16 *)qkv, D, lse, B, T_, H, KV, hd, accum);
+                                                  int H, int KV, int hd, int window, int accum) {
+    return attn_bwd_sm90((f16 *)dqkv, (const f16 *)dout, (const f16 *)qkv, D, lse, B, T_, H, KV, hd,
+                         window, accum);
 }

@@ -25,10 +25,10 @@ void sj_cuda_rope_forward_##T(void *out, const void *in, int B, int T_, int n_he
 void sj_cuda_rope_backward_##T(void *din, const void *dout, int B, int T_, int n_heads,   \
                                int n_rot, int hd, int pos0, float theta, int accum);      \
 void sj_cuda_attention_forward_##T(void *out, float *lse, const void *qkv, int B, int T_, \
-                                   int H, int KV, int hd);                                \
+                                   int H, int KV, int hd, int window);                    \
 void sj_cuda_attention_backward_##T(void *dqkv, const void *dout, const void *qkv,        \
                                     const void *out, const float *lse, int B, int T_,     \
-                                    int H, int KV, int hd, int accum);                    \
+                                    int H, int KV, int hd, int window, int accum);        \
 void sj_cuda_swiglu_forward_##T(void *h, const void *gu, int N, int F, int act);          \
 int sj_cuda_matmul_swiglu_##T(void *h, void *gu, const void *x, const void *w, int N,     \
                               int F, int K, int act);                                     \
@@ -67,15 +67,15 @@ void sj_cuda_convert(void *dst, sj_dtype dst_dtype, const void *src, sj_dtype sr
 void sj_cuda_grad_sumsq(sj_adamw_hp *hp, const float *g, int64_t n);
 /* The Hopper attention (head_dim 64); 0 where it does not apply. */
 int sj_cuda_attention_forward_sm90_bf16(void *out, float *lse, const void *qkv, int B, int T_,
-                                        int H, int KV, int hd);
+                                        int H, int KV, int hd, int window);
 int sj_cuda_attention_forward_sm90_f16(void *out, float *lse, const void *qkv, int B, int T_,
-                                       int H, int KV, int hd);
+                                       int H, int KV, int hd, int window);
 int sj_cuda_attention_backward_sm90_bf16(void *dqkv, const void *dout, const void *qkv,
                                          const float *D, const float *lse, int B, int T_, int H,
-                                         int KV, int hd, int accum);
+                                         int KV, int hd, int window, int accum);
 int sj_cuda_attention_backward_sm90_f16(void *dqkv, const void *dout, const void *qkv,
                                         const float *D, const float *lse, int B, int T_, int H,
-                                        int KV, int hd, int accum);
+                                        int KV, int hd, int window, int accum);
 /* RoPE's inverse frequencies, hd / 2 of them (rope.cu; every RoPE kernel's). */
 void sj_cuda_rope_inv_freqs(float *inv, int hd, float theta);
 /* Once per process, before any capture: raise shared-memory limits. */

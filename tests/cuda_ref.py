@@ -100,13 +100,19 @@ def rope(x, B, T, n_heads, n_rot, hd, pos0, theta, inverse=False):
     return y.reshape(B, T, n_heads * hd)
 
 
-def attention_fwd(qkv, B, T, H, KV, hd):
+def attention_mask(T, window=0):
+    """(T, T): query t sees key s <= t, and with window > 0 only t - window < s."""
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    return (s <= t) & ((t - s < window) if window > 0 else True)
+
+
+def attention_fwd(qkv, B, T, H, KV, hd, window=0):
     x = np.float64(qkv).reshape(B, T, H + 2 * KV, hd)
     q, k, v = x[:, :, :H], x[:, :, H:H + KV], x[:, :, H + KV:]
     k = np.repeat(k, H // KV, axis=2)
     v = np.repeat(v, H // KV, axis=2)
     s = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(hd)
-    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    s = np.where(attention_mask(T, window), s, -np.inf)
     m = s.max(-1, keepdims=True)
     p = np.exp(s - m)
     l = p.sum(-1, keepdims=True)
@@ -115,13 +121,13 @@ def attention_fwd(qkv, B, T, H, KV, hd):
     return out, lse
 
 
-def attention_bwd(dout, qkv, B, T, H, KV, hd):
+def attention_bwd(dout, qkv, B, T, H, KV, hd, window=0):
     x = np.float64(qkv).reshape(B, T, H + 2 * KV, hd)
     q, k, v = x[:, :, :H], x[:, :, H:H + KV], x[:, :, H + KV:]
     g = H // KV
     kr, vr = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
     s = np.einsum("bthd,bshd->bhts", q, kr) / math.sqrt(hd)
-    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    s = np.where(attention_mask(T, window), s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     do = np.float64(dout).reshape(B, T, H, hd)

@@ -158,37 +158,43 @@ def test_rope_kernels(dtype, accum, rng):
     close(got, want, dtype, "rope backward")
 
 
-ATTN_SHAPES = [  # B, T, H, KV, hd
-    (2, 100, 4, 2, 32), (1, 130, 2, 2, 64), (2, 64, 4, 1, 128), (1, 33, 3, 3, 48), (3, 7, 2, 1, 64),
-    (3, 77, 4, 2, 64),   # batches whose rows share 64-row tiles (TMA reads across them)
+ATTN_SHAPES = [  # B, T, H, KV, hd, window (0: full causal)
+    (2, 100, 4, 2, 32, 0), (1, 130, 2, 2, 64, 0), (2, 64, 4, 1, 128, 0), (1, 33, 3, 3, 48, 0), (3, 7, 2, 1, 64, 0),
+    (3, 77, 4, 2, 64, 0),   # batches whose rows share 64-row tiles (TMA reads across them)
     # head dims between the tiles: a tile of the next multiple of 16, zero-padded
-    (2, 70, 4, 2, 96), (1, 100, 3, 1, 80), (1, 65, 2, 1, 40), (2, 50, 2, 2, 120), (1, 40, 2, 1, 24),
+    (2, 70, 4, 2, 96, 0), (1, 100, 3, 1, 80, 0), (1, 65, 2, 1, 40, 0), (2, 50, 2, 2, 120, 0), (1, 40, 2, 1, 24, 0),
+    # sliding windows over 64-row tiles: inside one tile (rows whose whole
+    # window lies in the previous tile), across tiles, not a multiple of the
+    # tile, exactly a tile, T - 1, longer than T
+    (2, 200, 4, 2, 64, 5), (2, 200, 4, 2, 32, 5), (1, 300, 2, 1, 96, 70), (3, 77, 4, 2, 64, 70),
+    (1, 260, 2, 2, 64, 64), (2, 150, 2, 1, 80, 128), (2, 130, 4, 2, 64, 129), (1, 100, 3, 1, 48, 99),
+    (2, 100, 4, 2, 64, 1000), (1, 65, 2, 1, 128, 200),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", ["auto", "simple", "mma"])
-@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "B%dT%dH%dKV%dhd%d" % s)
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "B%dT%dH%dKV%dhd%dw%d" % s)
 def test_attention_kernels(dtype, variant, shape, rng):
     """auto: wgmma on Hopper at head_dim 64, mma.sync elsewhere; mma: never wgmma."""
     if dtype == "fp32" and variant != "simple":
         pytest.skip("fp32 always runs the simple kernel")
-    B, T, H, KV, hd = shape
+    B, T, H, KV, hd, window = shape
     _C.cuda_attention_variant({"auto": 0, "simple": 1, "mma": 2}[variant])
     try:
         W = (H + 2 * KV) * hd
         qkv = rnd(rng, B, T, W, dtype=dtype)
         f = op("attention_forward", dtype, {"out": poison((B, T, H * hd)), "lse": poison((B, H, T)),
-                                            "qkv": qkv}, (B, T, H, KV, hd))
-        out, lse = ref.attention_fwd(qkv, B, T, H, KV, hd)
+                                            "qkv": qkv}, (B, T, H, KV, hd, window))
+        out, lse = ref.attention_fwd(qkv, B, T, H, KV, hd, window)
         close(f["out"], out, dtype, "attention out")
         close(f["lse"], lse, dtype, "attention lse", 1e-5 if dtype == "fp32" else 2e-3)
         dout = rnd(rng, B, T, H * hd, dtype=dtype)
         for accum in (0, 1):
             d0 = rnd(rng, B, T, W, dtype=dtype) if accum else poison((B, T, W))
             b = op("attention_backward", dtype, {"dqkv": d0, "dout": dout, "qkv": qkv, "out": f["out"],
-                                                 "lse": f["lse"]}, (B, T, H, KV, hd, accum))
-            want = ref.attention_bwd(dout, qkv, B, T, H, KV, hd) + (np.float64(d0) if accum else 0)
+                                                 "lse": f["lse"]}, (B, T, H, KV, hd, window, accum))
+            want = ref.attention_bwd(dout, qkv, B, T, H, KV, hd, window) + (np.float64(d0) if accum else 0)
             got = b["dqkv"].reshape(B, T, H + 2 * KV, hd)
             want = want.reshape(B, T, H + 2 * KV, hd)
             for part, sl in (("dq", slice(0, H)), ("dk", slice(H, H + KV)), ("dv", slice(H + KV, None))):
@@ -199,9 +205,11 @@ def test_attention_kernels(dtype, variant, shape, rng):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_hopper_attention_agrees_with_the_mma_sync_kernels(dtype, rng):
-    """The wgmma kernels (Hopper, head_dim 64) use fwd_mma's tiles: the same
-    forward bits; the backward within rounding of the mma.sync one."""
+@pytest.mark.parametrize("window", [0, 5, 70, 199, 1000])
+def test_hopper_attention_agrees_with_the_mma_sync_kernels(dtype, window, rng):
+    """The wgmma kernels (Hopper, head_dim 64) use fwd_mma's tiles, and skip
+    and mask the same ones within a window: the same forward bits; the
+    backward within rounding of the mma.sync one."""
     B, T, H, KV, hd = 3, 200, 4, 2, 64
     qkv, dout = rnd(rng, B, T, (H + 2 * KV) * hd, dtype=dtype), rnd(rng, B, T, H * hd, dtype=dtype)
     runs = []
@@ -209,9 +217,9 @@ def test_hopper_attention_agrees_with_the_mma_sync_kernels(dtype, rng):
         _C.cuda_attention_variant(v)
         try:
             f = op("attention_forward", dtype, {"out": poison((B, T, H * hd)), "lse": poison((B, H, T)),
-                                                "qkv": qkv}, (B, T, H, KV, hd))
+                                                "qkv": qkv}, (B, T, H, KV, hd, window))
             b = op("attention_backward", dtype, {"dqkv": poison(qkv.shape), "dout": dout, "qkv": qkv,
-                                                 "out": f["out"], "lse": f["lse"]}, (B, T, H, KV, hd, 0))
+                                                 "out": f["out"], "lse": f["lse"]}, (B, T, H, KV, hd, window, 0))
         finally:
             _C.cuda_attention_variant(0)
         runs.append((f["out"], f["lse"], b["dqkv"]))

@@ -1,7 +1,7 @@
 """A lane-by-lane NumPy port (float64) of the tensor-core attention kernels in
 cuda/attention.cu, with the PTX ISA's mma.m16n8k16 fragment layouts: checks
-their index, mask, online-softmax and fragment-reuse logic on any machine,
-GPU or not. Keep it in step with the kernels (same names, same loops); the
+their index, mask, sliding-window tile skipping (cuda/attention.cuh),
+online-softmax and fragment-reuse logic on any machine, GPU or not. Keep it in step with the kernels (same names, same loops); the
 GPU tests check the kernels themselves."""
 import math
 import numpy as np
@@ -51,6 +51,20 @@ def mma(c, a, b0, b1):
     D = A @ B
     c[:, 0] += D[G, 2 * Tt]; c[:, 1] += D[G, 2 * Tt + 1]; c[:, 2] += D[G + 8, 2 * Tt]; c[:, 3] += D[G + 8, 2 * Tt + 1]
 
+# cuda/attention.cuh: which (query, key) pairs and 64-row tiles a window keeps.
+TILE = 64
+def visible(q, k, window):
+    return (k <= q) & ((window == 0) | (q - k < window))
+def first_key(q, window):
+    return q - window + 1 if window > 0 and q >= window else 0
+def tile_unmasked(qt, kt, window):
+    return kt < qt and (window == 0 or (qt - kt) * TILE + TILE - 1 < window)
+def first_key_tile(qt, window):
+    return first_key(qt * TILE, window) // TILE
+def last_query_tile(kt, n_qt, window):
+    last = n_qt - 1 if window == 0 else (kt * TILE + TILE - 1 + window - 1) // TILE
+    return min(last, n_qt - 1)
+
 def load_tile(g, r0, T, HD):   # g: (T, HD) rows -> smem flat (64*LD)
     LD = HD + 8
     sm = np.zeros((64, LD))
@@ -58,7 +72,7 @@ def load_tile(g, r0, T, HD):   # g: (T, HD) rows -> smem flat (64*LD)
     sm[:n, :HD] = g[r0:r0 + n]
     return sm.reshape(-1)
 
-def fwd(qkv, B, T, H, KV, HD):
+def fwd(qkv, B, T, H, KV, HD, window=0):
     x = qkv.reshape(B, T, H + 2 * KV, HD)
     out = np.full((B, T, H, HD), np.nan); lse = np.full((B, H, T), np.nan)
     LD = HD + 8; NK = HD // 16; ND = HD // 8
@@ -79,20 +93,20 @@ def fwd(qkv, B, T, H, KV, HD):
                         qa.append(np.stack([ld(r0, c), ld(r1, c), ld(r0, c + 8), ld(r1, c + 8)], 1))
                     o = np.zeros((ND, 32, 4)); m0 = np.full(32, -np.inf); m1 = m0.copy(); l0 = np.zeros(32); l1 = l0.copy()
                     sl2 = LOG2E / math.sqrt(HD)
-                    for kt in range(n_kt):
+                    for kt in range(first_key_tile(qt, window), n_kt):
                         Ks = load_tile(x[b, :, H + kvh], kt * 64, T, HD); Vs = load_tile(x[b, :, H + KV + kvh], kt * 64, T, HD)
                         s = np.zeros((8, 32, 4))
                         for kc in range(NK):
                             for j in range(0, 8, 2):
                                 (b0, b1), (b2, b3) = frag_bt2(Ks, j * 8 * LD + kc * 16, LD)
                                 mma(s[j], qa[kc], b0, b1); mma(s[j + 1], qa[kc], b2, b3)
-                        diag = kt == qt
+                        masked = not tile_unmasked(qt, kt, window)
                         mx0 = np.full(32, -np.inf); mx1 = mx0.copy()
                         for j in range(8):
                             for e in range(4):
                                 key = kt * 64 + j * 8 + 2 * Tt + (e & 1); row = r0 if e < 2 else r1
                                 v = s[j][:, e] * sl2
-                                if diag: v = np.where((key > row) | (key >= T), -np.inf, v)
+                                if masked: v = np.where(visible(row, key, window) & (key < T), v, -np.inf)
                                 s[j][:, e] = v
                                 if e < 2: mx0 = np.maximum(mx0, v)
                                 else: mx1 = np.maximum(mx1, v)
@@ -147,7 +161,7 @@ def rowstats(D_row, lse_row, q0, T):
             Ds[r] = D_row[q]; Ls[r] = lse_row[q] * LOG2E
     return Ls, Ds
 
-def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
+def bwd(dout, qkv, out, lse, B, T, H, KV, HD, window=0):
     x = qkv.reshape(B, T, H + 2 * KV, HD); do = dout.reshape(B, T, H, HD); oo = out.reshape(B, T, H, HD)
     d = np.full((B, T, H + 2 * KV, HD), np.nan)
     LD = HD + 8; NK = HD // 16; ND = HD // 8; grp = H // KV
@@ -160,7 +174,7 @@ def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
                 for warp in range(4):
                     kr0 = kt * 64 + warp * 16 + G; kr1 = kr0 + 8
                     dk = np.zeros((ND, 32, 4)); dv = np.zeros((ND, 32, 4))
-                    n_qt = (T + 63) // 64 - kt
+                    n_qt = last_query_tile(kt, (T + 63) // 64, window) - kt + 1
                     for i in range(grp * n_qt):    # steps (head, query tile), double-buffered
                         h = kvh * grp + i // n_qt; qt = kt + i % n_qt
                         if True:   # (the kernel's step body; indentation kept)
@@ -174,11 +188,11 @@ def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
                                     mma(st[j], ka, b0, b1); mma(st[j + 1], ka, b2, b3)
                                     (b0, b1), (b2, b3) = frag_bt2(dOs, j * 8 * LD + kc * 16, LD)
                                     mma(dp[j], va, b0, b1); mma(dp[j + 1], va, b2, b3)
-                            diag = qt == kt
+                            masked = not tile_unmasked(qt, kt, window)
                             for j in range(8):
                                 for e in range(4):
                                     qq = j * 8 + 2 * Tt + (e & 1); q = qt * 64 + qq; key = kr0 if e < 2 else kr1
-                                    keep = (q >= key) & (q < T) & (key < T) if diag else True
+                                    keep = visible(q, key, window) & (q < T) & (key < T) if masked else True
                                     p = np.where(keep, np.exp2(st[j][:, e] * sl2 - Ls[qq]), 0)
                                     st[j][:, e] = p; dp[j][:, e] = p * (dp[j][:, e] - Ds[qq])
                             for kk in range(4):
@@ -205,7 +219,7 @@ def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
                 for warp in range(4):
                     lr0 = warp * 16 + G; lr1 = lr0 + 8; r0 = qt * 64 + lr0; r1 = qt * 64 + lr1
                     dq = np.zeros((ND, 32, 4))
-                    for kt in range(n_kt):
+                    for kt in range(first_key_tile(qt, window), n_kt):
                         Ks = load_tile(x[b, :, H + kvh], kt * 64, T, HD); Vs = load_tile(x[b, :, H + KV + kvh], kt * 64, T, HD)
                         s = np.zeros((8, 32, 4)); dp = np.zeros((8, 32, 4))
                         for kc in range(NK):
@@ -215,12 +229,12 @@ def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
                                 mma(s[j], qa, b0, b1); mma(s[j + 1], qa, b2, b3)
                                 (b0, b1), (b2, b3) = frag_bt2(Vs, j * 8 * LD + kc * 16, LD)
                                 mma(dp[j], oa, b0, b1); mma(dp[j + 1], oa, b2, b3)
-                        diag = kt == qt
+                        masked = not tile_unmasked(qt, kt, window)
                         for j in range(8):
                             for e in range(4):
                                 key = kt * 64 + j * 8 + 2 * Tt + (e & 1)
                                 lr = lr0 if e < 2 else lr1; row = r0 if e < 2 else r1
-                                keep = (key <= row) & (key < T) & (row < T) if diag else True
+                                keep = visible(row, key, window) & (key < T) & (row < T) if masked else True
                                 p = np.where(keep, np.exp2(s[j][:, e] * sl2 - Ls[lr]), 0)
                                 s[j][:, e] = p * (dp[j][:, e] - Ds[lr])
                         for kk in range(4):
@@ -237,19 +251,23 @@ def bwd(dout, qkv, out, lse, B, T, H, KV, HD):
     return d.reshape(B, T, -1)
 
 
-@pytest.mark.parametrize("shape", [(1, 100, 2, 1, 32), (1, 70, 1, 1, 64), (1, 20, 2, 2, 128), (2, 9, 3, 3, 32)],
-                         ids=lambda s: "B%dT%dH%dKV%dhd%d" % s)
+@pytest.mark.parametrize("shape", [(1, 100, 2, 1, 32, 0), (1, 70, 1, 1, 64, 0), (1, 20, 2, 2, 128, 0),
+                                   (2, 9, 3, 3, 32, 0),
+                                   # windows: inside a tile, across tiles, T - 1, longer than T
+                                   (1, 200, 2, 1, 32, 5), (1, 200, 1, 1, 32, 70), (1, 150, 1, 1, 64, 149),
+                                   (1, 100, 2, 2, 32, 1000)],
+                         ids=lambda s: "B%dT%dH%dKV%dhd%dw%d" % s)
 def test_mma_attention_logic_matches_float64(shape):
-    B, T, H, KV, HD = shape
+    B, T, H, KV, HD, window = shape
     rng = np.random.default_rng(sum(shape))
     qkv = rng.standard_normal((B, T, (H + 2 * KV) * HD))
-    o, l = fwd(qkv, B, T, H, KV, HD)
-    ro, rl = ref.attention_fwd(qkv, B, T, H, KV, HD)
+    o, l = fwd(qkv, B, T, H, KV, HD, window)
+    ro, rl = ref.attention_fwd(qkv, B, T, H, KV, HD, window)
     assert ref.rel_err(o, ro) < 1e-12 and ref.rel_err(l, rl) < 1e-12
     dout = rng.standard_normal((B, T, H * HD))
-    d = bwd(dout, qkv, o, l, B, T, H, KV, HD)
+    d = bwd(dout, qkv, o, l, B, T, H, KV, HD, window)
     assert not np.isnan(d).any(), "an element of dqkv was never written"
-    assert ref.rel_err(d, ref.attention_bwd(dout, qkv, B, T, H, KV, HD)) < 1e-12
+    assert ref.rel_err(d, ref.attention_bwd(dout, qkv, B, T, H, KV, HD, window)) < 1e-12
 
 
 def test_ldmatrix_fragments_are_the_ptx_fragments():

@@ -49,11 +49,20 @@ def test_checkpointing_gives_bit_identical_loss_and_grads(device, lever):
     np.testing.assert_array_equal(a.flat_grads, b.flat_grads)
 
 
+# Every architecture option at once: tensors read across layers (the
+# embedding, layer 0's v) must survive the blocks that recompute.
+MIXED = smedjan.Config.custom(64, 3, 4, 2, vocab_size=320, max_seq_len=64, window=[6, 0, 6],
+                              qk_norm=["weighted", "plain", "none"], ffn=["relu2", "swiglu", "relu2"],
+                              paired_heads=True, value_mix=0.25, embed_skip=0.2, tied_head=False,
+                              rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 16})
+
+
+@pytest.mark.parametrize("cfg", [CFG, MIXED], ids=["plain", "mixed"])
 @pytest.mark.parametrize("lever", RECOMPUTE)
-def test_checkpointing_with_a_poisoned_arena(monkeypatch, lever):
+def test_checkpointing_with_a_poisoned_arena(monkeypatch, lever, cfg):
     monkeypatch.setenv("SMEDJAN_POISON", "1")   # a stale read of a dropped activation is NaN
     x, y = batch(2)
-    a, b = model(), model(**{lever: True})
+    a, b = model(cfg=cfg), model(cfg=cfg, **{lever: True})
     assert a.loss(x, y, backward=True) == b.loss(x, y, backward=True)
     np.testing.assert_array_equal(a.flat_grads, b.flat_grads)
     assert np.isfinite(b.flat_grads).all()

@@ -1,7 +1,9 @@
-/* attention.c — causal self-attention, MHA and GQA, forward and backward.
+/* attention.c — causal self-attention, MHA and GQA, optionally within a
+ * sliding window, forward and backward.
  * Like flash attention, only the log-sum-exp of each score row is kept;
  * backward recomputes the probabilities, so no (T, T) matrix is stored.
- * qkv rows are [q heads (H) | k heads (KV) | v heads (KV)], head size hd. */
+ * qkv rows are [q heads (H) | k heads (KV) | v heads (KV)], head size hd.
+ * Query t sees keys first_key(t, window)..t: work is O(T * window). */
 #include "cpu.h"
 #include <math.h>
 #include <string.h>
@@ -20,8 +22,13 @@ static inline void axpy(float *y, float a, const float *x, int n) {
 
 typedef struct {
     float *out, *lse, *dqkv; const float *qkv, *dout, *o;
-    int B, T, H, KV, hd, accum;
+    int B, T, H, KV, hd, window, accum;
 } attn_job;
+
+/* The first key query t sees: t - window + 1 (window 0: every earlier key). */
+static inline int first_key(int t, int window) {
+    return window > 0 && t >= window ? t - window + 1 : 0;
+}
 
 /* One task = one query row (b, h, t). */
 static void fwd_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
@@ -29,31 +36,33 @@ static void fwd_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
     const attn_job *j = ctx;
     const int T = j->T, H = j->H, hd = j->hd, rs = (H + 2 * j->KV) * hd, grp = H / j->KV;
     const float scale = 1.0f / sqrtf((float)hd);
-    float sc[T];
+    float sc[j->window > 0 && j->window < T ? j->window : T];   /* scores of keys s0..t */
     for (int64_t i = i0; i < i1; i++) {
         int t = (int)(i % T), h = (int)((i / T) % H), b = (int)(i / ((int64_t)T * H));
+        const int s0 = first_key(t, j->window), n = t - s0 + 1;
         const float *base = j->qkv + (int64_t)b * T * rs;
         const float *q = base + (int64_t)t * rs + h * hd;
-        const float *k0 = base + (H + h / grp) * hd, *v0 = base + (H + j->KV + h / grp) * hd;
+        const float *k0 = base + (int64_t)s0 * rs + (H + h / grp) * hd;
+        const float *v0 = base + (int64_t)s0 * rs + (H + j->KV + h / grp) * hd;
         float m = -INFINITY;
-        for (int s = 0; s <= t; s++) {
+        for (int s = 0; s < n; s++) {
             sc[s] = scale * dot(q, k0 + (int64_t)s * rs, hd);
             m = sc[s] > m ? sc[s] : m;
         }
         float sum = 0.f;
-        for (int s = 0; s <= t; s++) { sc[s] = expf(sc[s] - m); sum += sc[s]; }
+        for (int s = 0; s < n; s++) { sc[s] = expf(sc[s] - m); sum += sc[s]; }
         float *o = j->out + ((int64_t)b * T + t) * H * hd + h * hd;
         memset(o, 0, sizeof(float) * hd);
         float inv = 1.0f / sum;
-        for (int s = 0; s <= t; s++) axpy(o, sc[s] * inv, v0 + (int64_t)s * rs, hd);
+        for (int s = 0; s < n; s++) axpy(o, sc[s] * inv, v0 + (int64_t)s * rs, hd);
         j->lse[((int64_t)b * H + h) * T + t] = m + logf(sum);
     }
 }
 
 // out: (B, T, H*hd); lse: (B, H, T); qkv: (B, T, (H+2KV)*hd)
 void sj_cpu_attention_forward(void *out, float *lse, const void *qkv,
-                              int B, int T, int H, int KV, int hd) {
-    attn_job j = { out, lse, NULL, qkv, NULL, NULL, B, T, H, KV, hd, 0 };
+                              int B, int T, int H, int KV, int hd, int window) {
+    attn_job j = { out, lse, NULL, qkv, NULL, NULL, B, T, H, KV, hd, window, 0 };
     sj_parallel_for((int64_t)B * H * T, 16, fwd_rows, &j);
 }
 
@@ -83,7 +92,7 @@ static void bwd_groups(void *ctx, int64_t i0, int64_t i1, int tid) {
                 const float *o = j->o + ((int64_t)b * T + t) * H * hd + h * hd;
                 float lse = j->lse[((int64_t)b * H + h) * T + t], D = dot(go, o, hd);
                 memset(dq, 0, sizeof dq);
-                for (int s = 0; s <= t; s++) {
+                for (int s = first_key(t, j->window); s <= t; s++) {
                     const float *k = k0 + (int64_t)s * rs, *v = v0 + (int64_t)s * rs;
                     float pr = expf(scale * dot(q, k, hd) - lse);
                     float ds = pr * (dot(go, v, hd) - D) * scale;
@@ -101,7 +110,7 @@ static void bwd_groups(void *ctx, int64_t i0, int64_t i1, int tid) {
 // dqkv: (B, T, (H+2KV)*hd) (+)=; dout, out: (B, T, H*hd); lse: (B, H, T)
 void sj_cpu_attention_backward(void *dqkv, const void *dout, const void *qkv,
                                const void *out, const float *lse,
-                               int B, int T, int H, int KV, int hd, int accum) {
-    attn_job j = { NULL, (float *)lse, dqkv, qkv, dout, out, B, T, H, KV, hd, accum };
+                               int B, int T, int H, int KV, int hd, int window, int accum) {
+    attn_job j = { NULL, (float *)lse, dqkv, qkv, dout, out, B, T, H, KV, hd, window, accum };
     sj_parallel_for((int64_t)B * KV, 1, bwd_groups, &j);
 }

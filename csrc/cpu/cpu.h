@@ -31,10 +31,10 @@ void sj_cpu_rope_forward(void *out, const void *in, int B, int T, int n_heads,
 void sj_cpu_rope_backward(void *din, const void *dout, int B, int T, int n_heads,
                           int n_rot, int hd, int pos0, float theta, int accum);
 void sj_cpu_attention_forward(void *out, float *lse, const void *qkv,
-                              int B, int T, int H, int KV, int hd);
+                              int B, int T, int H, int KV, int hd, int window);
 void sj_cpu_attention_backward(void *dqkv, const void *dout, const void *qkv,
                                const void *out, const float *lse,
-                               int B, int T, int H, int KV, int hd, int accum);
+                               int B, int T, int H, int KV, int hd, int window, int accum);
 void sj_cpu_swiglu_forward(void *h, const void *gu, int N, int F, int act);
 void sj_cpu_swiglu_backward(void *dgu, const void *dh, const void *gu, int N, int F, int act,
                             int accum);

@@ -132,7 +132,7 @@ int sj_op_matmul(sj_tape *tp, int x, int w, int N, int out_features, int in_feat
 int sj_op_matmul_add(sj_tape *tp, int res, int x, int w, int N, int out_features,
                      int in_features);
 int sj_op_rope(sj_tape *tp, int x, int B, int T, int n_heads, int n_rot, int hd, float theta);
-int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd);
+int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd, int window);
 /* The gated FFN activation: act(gate) * up, act by SJ_FFN_* (silu: SwiGLU;
  * relu^2). The name is its first kind's. */
 int sj_op_swiglu(sj_tape *tp, int gu, int N, int F, int act);

@@ -473,7 +473,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
             if (l == 0) qkv0 = qkv;
             else qkv = sj_op_mix(tp, qkv, qkv0, N, Wa, (Ha + KVa) * hd, KVa * hd, c->value_mix);
         }
-        int a = sj_op_attention(tp, qkv, B, T, Ha, KVa, hd);
+        int a = sj_op_attention(tp, qkv, B, T, Ha, KVa, hd, y->window);
         x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, Ha * hd);
         OP_BLOCK_BEGIN();
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);

@@ -98,12 +98,15 @@ typedef struct sj_backend {
                           int n_rot, int hd, int pos0, float theta, int accum);
 
     /* Causal attention over qkv: (B, T, (H + 2*KV)*hd), q heads then k then v.
-     * out: (B, T, H*hd); lse: (B, H, T) log-sum-exp of each score row. */
+     * out: (B, T, H*hd); lse: (B, H, T) log-sum-exp of each score row.
+     * window 0: query t sees every key s <= t. window > 0 (sliding window,
+     * Mistral's and transformers' sliding_window): query t sees the window
+     * keys t - window < s <= t, itself included; work is linear in T. */
     void (*attention_forward)(void *out, float *lse, const void *qkv,
-                              int B, int T, int H, int KV, int hd);
+                              int B, int T, int H, int KV, int hd, int window);
     void (*attention_backward)(void *dqkv, const void *dout, const void *qkv,
                                const void *out, const float *lse,
-                               int B, int T, int H, int KV, int hd, int accum);
+                               int B, int T, int H, int KV, int hd, int window, int accum);
 
     /* The gated FFN activation ("swiglu" after its first kind): gu: (N, 2F)
      * = [gate | up] -> h: (N, F) = act(gate) * up, act by SJ_FFN_*: silu

@@ -82,7 +82,9 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
     } else if (!strcmp(op, "rope")) {
         c->out = sj_op_rope(tp, add_act(c, "x", N * 3 * 4), B, T, 3, 2, 4, 100.0f);
     } else if (!strcmp(op, "attention")) {
-        c->out = sj_op_attention(tp, add_act(c, "qkv", N * (4 + 2 * 2) * 4), B, T, 4, 2, 4);
+        c->out = sj_op_attention(tp, add_act(c, "qkv", N * (4 + 2 * 2) * 4), B, T, 4, 2, 4, 0);
+    } else if (!strcmp(op, "attention_window")) {   /* 3 keys: less than T, not dividing it */
+        c->out = sj_op_attention(tp, add_act(c, "qkv", N * (4 + 2 * 2) * 4), B, T, 4, 2, 4, 3);
     } else if (!strcmp(op, "swiglu") || !strcmp(op, "swiglu_relu2")) {
         int act = strcmp(op, "swiglu") ? SJ_FFN_RELU2 : SJ_FFN_SWIGLU;
         c->out = sj_op_swiglu(tp, add_act(c, "gu", N * 2 * 6), N, 6, act);
@@ -110,7 +112,7 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         tp->loss_scale = 0.3f;
     } else {
         return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, matmul, "
-                       "matmul_add, matmul_rope, matmul_swiglu[_relu2], rope, attention, "
+                       "matmul_add, matmul_rope, matmul_swiglu[_relu2], rope, attention, attention_window, "
                        "swiglu[_relu2], add, axpy, pair_heads, mix, mix_shared_y, "
                        "cross_entropy)", op);
     }

@@ -72,10 +72,10 @@ int sj_op_rope(sj_tape *tp, int x, int B, int T, int n_heads, int n_rot, int hd,
     return record(tp, SJ_OP_ROPE, IN(x, NONE, NONE), (int64_t)B * T * n_heads * hd, 0, 0,
                   DIM(B, T, n_heads, n_rot, hd), theta);
 }
-// qkv: (B, T, (H+2KV)*hd) -> y: (B, T, H*hd), lse: (B, H, T)
-int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd) {
+// qkv: (B, T, (H+2KV)*hd) -> y: (B, T, H*hd), lse: (B, H, T); window 0: full causal
+int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd, int window) {
     return record(tp, SJ_OP_ATTENTION, IN(qkv, NONE, NONE), (int64_t)B * T * H * hd,
-                  (int64_t)B * H * T, 1, DIM(B, T, H, KV, hd), 0);
+                  (int64_t)B * H * T, 1, DIM(B, T, H, KV, hd, window), 0);
 }
 // gu: (N, 2F) -> h: (N, F) = act(gate) * up
 int sj_op_swiglu(sj_tape *tp, int gu, int N, int F, int act) {
@@ -253,7 +253,7 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
         be->rope_forward(P(out[0]), P(in[0]), d[0], d[1], d[2], d[3], d[4], 0, n->f);
         break;
     case SJ_OP_ATTENTION:
-        be->attention_forward(P(out[0]), P(out[1]), P(in[0]), d[0], d[1], d[2], d[3], d[4]);
+        be->attention_forward(P(out[0]), P(out[1]), P(in[0]), d[0], d[1], d[2], d[3], d[4], d[5]);
         break;
     case SJ_OP_SWIGLU:
         be->swiglu_forward(P(out[0]), P(in[0]), d[0], d[1], d[2]);
@@ -318,7 +318,7 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         break;
     case SJ_OP_ATTENTION:
         be->attention_backward(dx, dy, P(in[0]), P(out[0]), P(out[1]), d[0], d[1], d[2],
-                               d[3], d[4], acc[0]);
+                               d[3], d[4], d[5], acc[0]);
         break;
     case SJ_OP_SWIGLU:
         be->swiglu_backward(dx, dy, P(in[0]), d[0], d[1], d[2], acc[0]);

@@ -557,8 +557,9 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 6: /* ints[7] = in place: din is the dout buffer */
         be->rope_backward(I[7] ? D(1) : D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0], (int)I[6]);
         break;
-    case 7: be->attention_forward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]); break;
-    case 8: be->attention_backward(D(0), D(1), D(2), D(3), D(4), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5]); break;
+    /* attention: ints (B, T, H, KV, hd, window[, accum]) */
+    case 7: be->attention_forward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5]); break;
+    case 8: be->attention_backward(D(0), D(1), D(2), D(3), D(4), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (int)I[6]); break;
     /* swiglu: the activation (SJ_FFN_*) is the last int, after accum */
     case 9: be->swiglu_forward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2]); break;
     case 10: be->swiglu_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[3], (int)I[2]); break;
