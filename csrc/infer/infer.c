@@ -278,7 +278,7 @@ sj_status sj_infer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, 
         s = sj_fail(SJ_ERR_FORMAT, "%s: general.architecture must be 'llama'", path);
         goto done;
     }
-    sj_config c;
+    sj_config c = {0};
     double theta = 10000.0, eps;
     int n_rot = 0;
     if ((s = get_i(f, "llama.embedding_length", 1, 1 << 16, &c.dim)) ||
