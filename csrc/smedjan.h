@@ -289,7 +289,7 @@ sj_status sj_optimizer_set_skips(sj_optimizer *o, int64_t skipped_steps, int64_t
 /* ---- testing hooks ---- */
 
 /* Finite-difference check of one op's backward (embedding, rmsnorm, matmul,
- * rope, attention, swiglu, add, cross_entropy) on random inputs; with
+ * rope, rope_yarn, attention, swiglu, add, cross_entropy) on random inputs; with
  * accumulate, gradients must add onto existing values. *max_err is the
  * largest relative error over the op's inputs; detail names each. */
 sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double *max_err,

@@ -4,8 +4,8 @@ import pytest
 
 from smedjan import _C
 
-OPS = ["embedding", "rmsnorm", "matmul", "matmul_add", "matmul_rope", "matmul_swiglu", "rope", "attention",
-       "swiglu", "add", "cross_entropy"]
+OPS = ["embedding", "rmsnorm", "matmul", "matmul_add", "matmul_rope", "matmul_swiglu", "rope",
+       "rope_yarn", "attention", "swiglu", "add", "cross_entropy"]
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])

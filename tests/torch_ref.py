@@ -8,6 +8,26 @@ import torch
 import torch.nn.functional as F
 
 
+def hf_llama_config(cfg):
+    """transformers' LlamaConfig for the shape and RoPE of a smedjan Config.
+    Dynamic scaling grows past max_position_embeddings: the original context."""
+    from transformers import LlamaConfig
+    rs, max_pos = cfg.rope_scaling or {"type": "default"}, cfg.max_seq_len
+    rp = {"rope_type": rs["type"], "rope_theta": cfg.rope_theta}
+    if rs["type"] != "default":
+        rp["factor"] = rs["factor"]
+    if rs["type"] == "dynamic":
+        max_pos = rs["original_max_seq_len"]
+    if rs["type"] == "yarn":
+        rp.update(original_max_position_embeddings=rs["original_max_seq_len"],
+                  beta_fast=rs["beta_fast"], beta_slow=rs["beta_slow"], truncate=rs["truncate"])
+        if rs["attention_factor"]:
+            rp["attention_factor"] = rs["attention_factor"]
+    return LlamaConfig(hidden_size=cfg.dim, num_attention_heads=cfg.n_heads,
+                       num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=max_pos,
+                       rope_parameters=rp)
+
+
 class TorchLlama(torch.nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -40,10 +60,14 @@ class TorchLlama(torch.nn.Module):
 
     def rope(self, x, T):
         hd = x.shape[-1]
-        inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-        f = torch.outer(torch.arange(T).float(), inv)
-        emb = torch.cat((f, f), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
+        if self.cfg.rope_scaling:   # scaled: transformers' own rotary embedding
+            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+            cos, sin = LlamaRotaryEmbedding(hf_llama_config(self.cfg))(x, torch.arange(T)[None])
+        else:
+            inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+            f = torch.outer(torch.arange(T).float(), inv)
+            emb = torch.cat((f, f), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
         x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 

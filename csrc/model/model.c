@@ -426,6 +426,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
                                  : sj_tape_param(tp, (off), (n)))
     #define PARAM(fmt, l, rows) WEIGHT(find(m, fmt, l)->offset, (int64_t)(rows) * find(m, fmt, l)->shape[1])
     #define NORM(fmt, l) WEIGHT(find(m, fmt, l)->offset, C)
+    SJ_TRY(sj_rope_init(&pl->rope, c, T));
     pl->tokens = sj_tape_tensor(tp, SJ_T_EXTERN, N);
     int x = sj_op_embedding(tp, pl->tokens, PARAM("tok_emb%.0d", 0, V), N, C);
     /* Checkpointed blocks: whole layers, or (cheap recompute) just an
@@ -445,13 +446,13 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         int qkv;
         if (fuse) {
             qkv = sj_op_matmul_rope(tp, h, PARAM("layers.%d.wq", l, (H + 2 * KV) * hd), B, T,
-                                    H + 2 * KV, H + KV, hd, C, c->rope_theta);
+                                    H + 2 * KV, H + KV, hd, C, &pl->rope);
             OP_BLOCK_END();
         } else {
             qkv = sj_op_matmul(tp, h, PARAM("layers.%d.wq", l, (H + 2 * KV) * hd), N,
                                (H + 2 * KV) * hd, C);
             OP_BLOCK_END();
-            qkv = sj_op_rope(tp, qkv, B, T, H + 2 * KV, H + KV, hd, c->rope_theta);
+            qkv = sj_op_rope(tp, qkv, B, T, H + 2 * KV, H + KV, hd, &pl->rope);
         }
         int a = sj_op_attention(tp, qkv, B, T, H, KV, hd);
         x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, H * hd);
