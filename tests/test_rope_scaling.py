@@ -185,3 +185,23 @@ def test_model_logits_match_transformers_rope_over_thousands_of_positions(scalin
         warnings.simplefilter("ignore")
         theirs = ref.forward(torch.from_numpy(tokens).long()).detach().numpy()
     assert rel_err(model.forward(tokens), theirs) < 1e-5, rel_err(model.forward(tokens), theirs)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"type": "linear", "factor": 2.0},
+    {"type": "dynamic", "factor": 2.0, "original_max_seq_len": 16},
+    {"type": "yarn", "factor": 4.0, "original_max_seq_len": 16, "attention_factor": 1.3},
+], ids=["linear", "dynamic", "yarn"])
+def test_generation_engine_turns_as_a_run_of_its_whole_context(scaling):
+    """The CPU generation engine's cos/sin tables are RoPE at its whole
+    context (one set of frequencies for every cached key): its logits equal
+    the training forward's over a run of that length."""
+    from smedjan.infer import from_model
+    T = 64
+    model = smedjan.Model(Config.custom(128, 1, 2, 1, vocab_size=64, max_seq_len=T,
+                                        rope_scaling=scaling), seed=0)
+    tokens = np.random.default_rng(1).integers(0, 64, T).astype(np.int32)
+    want = model.forward(tokens[None])[0]
+    got = from_model(model, "fp32", max_ctx=T).forward(tokens)
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < 1e-5, err
