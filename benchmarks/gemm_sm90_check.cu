@@ -70,12 +70,21 @@ static void check_swiglu(int M, int F, int K, bool with_gu = false) {
     }
     cudaFree(x); cudaFree(w); cudaFree(h);
 }
+/* Plain RoPE at base 10000, cos and sin scaled by mscale (YaRN's at factor 4 by default). */
+static sj_rope rope_table(int hd, float mscale = 1.1386294f) {
+    sj_rope r = {};
+    r.n_pairs = hd / 2;
+    r.mscale = mscale;
+    for (int i = 0; i < hd / 2; i++)
+        r.inv_freq[i] = 1.0f / (float)pow(10000.0, (double)((float)(2 * i) / (float)hd));
+    return r;
+}
 static void check_rope(int B, int T, int H, int KV, int hd, int K, int pos0) {
     const int M = B * T, nh = H + 2 * KV, N = nh * hd, n_rot = H + KV;
     bf16 *x = rand_bf16((int64_t)M * K, 7, 2.f), *w = rand_bf16((int64_t)N * K, 8, 0.2f), *o = rand_bf16((int64_t)M * N, 9, 100.f);
-    std::vector<float> inv(hd / 2);
-    sj_cuda_rope_inv_freqs(inv.data(), hd, 10000.f);
-    if (!matmul_rope<bf16>(o, x, w, B, T, nh, n_rot, hd, K, pos0, 10000.f)) {
+    const sj_rope rope = rope_table(hd);
+    const float *inv = rope.inv_freq;
+    if (!matmul_rope<bf16>(o, x, w, B, T, nh, n_rot, hd, K, pos0, &rope)) {
         printf("rope %d %d: not taken\n", M, N); n_fail++; return;
     }
     CK(cudaDeviceSynchronize());
@@ -84,7 +93,7 @@ static void check_rope(int B, int T, int H, int KV, int hd, int K, int pos0) {
         const float pos = (float)(pos0 + m % T);
         for (int hh = 0; hh < n_rot; hh++)
             for (int i = 0; i < hd / 2; i++) {
-                const float a = pos * inv[i], c = cosf(a), s = sinf(a);
+                const float a = pos * inv[i], c = cosf(a) * rope.mscale, s = sinf(a) * rope.mscale;
                 const int64_t j = m * N + hh * hd + i;
                 want[j] = P[j] * c - P[j + hd / 2] * s;
                 want[j + hd / 2] = P[j + hd / 2] * c + P[j] * s;
@@ -194,7 +203,8 @@ int main(int argc, char **argv) {
         const int B = r.B, T = r.T, H = r.H, hd = 64, K = r.K, N = 3 * H * hd, M = B * T;
         bf16 *x = rand_bf16((int64_t)M * K, 1, 2.f), *w = rand_bf16((int64_t)N * K, 2, .2f), *o = rand_bf16((int64_t)M * N, 3, 1.f);
         const float lt_ms = time_ms([&] { lt_gemm(o, x, w, M, N, K); });
-        const float fu = time_ms([&] { matmul_rope<bf16>(o, x, w, B, T, 3 * H, 2 * H, hd, K, 0, 10000.f); });
+        const sj_rope rope = rope_table(hd);
+        const float fu = time_ms([&] { matmul_rope<bf16>(o, x, w, B, T, 3 * H, 2 * H, hd, K, 0, &rope); });
         printf("rope   %6d x %5d x %4d        %10.1f %10.1f %7.2fx  (vs GEMM alone)\n", M, N, K, fu * 1e3, lt_ms * 1e3, lt_ms / fu);
     }
     CK(cudaDeviceSynchronize());

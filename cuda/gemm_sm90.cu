@@ -46,6 +46,7 @@ struct epi_args {
     int act;            /* SwiGLU: the gate's activation, SJ_FFN_* */
     int T, rot_cols, pos0;   /* RoPE: row m has position pos0 + m % T; columns < rot_cols rotate */
     float inv[64];      /* RoPE inverse frequencies, hd / 2 of them */
+    float mscale;       /* RoPE: cos and sin scale */
 };
 
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -193,6 +194,8 @@ gemm_sm90_k(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ C
                     float s_lo, c_lo, s_hi, c_hi;
                     rope_sincos(p_lo * f, &s_lo, &c_lo);
                     rope_sincos(p_hi * f, &s_hi, &c_hi);
+                    s_lo *= args.mscale; c_lo *= args.mscale;
+                    s_hi *= args.mscale; c_hi *= args.mscale;
 #pragma unroll
                     for (int h0 = 0; h0 < BN; h0 += HD) {
                         if (col0 + h0 >= args.rot_cols) continue;
@@ -300,13 +303,14 @@ static bool matmul_rope_hd(epi_args &a, const void *x, const void *w, int n) {
 }
 template <class T>
 static bool matmul_rope(void *out, const void *x, const void *w, int B, int T_, int n_heads,
-                        int n_rot, int hd, int K, int pos0, float theta) {
+                        int n_rot, int hd, int K, int pos0, const sj_rope *rope) {
     const int n = n_heads * hd;
     if (!usable(out, x, w, n, K) || (hd != 32 && hd != 64 && hd != 128)) return false;
     epi_args a = {};
     a.M = B * T_; a.K = K; a.out = out; a.ldo = n;
     a.T = T_; a.rot_cols = n_rot * hd; a.pos0 = pos0;
-    sj_cuda_rope_inv_freqs(a.inv, hd, theta);
+    for (int i = 0; i < hd / 2; i++) a.inv[i] = rope->inv_freq[i];
+    a.mscale = rope->mscale;
     if (hd == 32) return matmul_rope_hd<T, 32>(a, x, w, n);
     if (hd == 64) return matmul_rope_hd<T, 64>(a, x, w, n);
     return matmul_rope_hd<T, 128>(a, x, w, n);
@@ -329,8 +333,8 @@ static bool matmul_plain(void *out, const void *x, const void *w, int M, int N, 
     }                                                                                         \
     extern "C" int sj_cuda_matmul_rope_##T(void *out, const void *x, const void *w, int B,     \
                                            int T_, int n_heads, int n_rot, int hd, int K,     \
-                                           float theta) {                                     \
-        return matmul_rope<T>(out, x, w, B, T_, n_heads, n_rot, hd, K, 0, theta);             \
+                                           const sj_rope *rope) {                             \
+        return matmul_rope<T>(out, x, w, B, T_, n_heads, n_rot, hd, K, 0, rope);              \
     }
 SJ_CU_GEMM_SM90(bf16)
 SJ_CU_GEMM_SM90(f16)

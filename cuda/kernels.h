@@ -21,9 +21,10 @@ void sj_cuda_rmsnorm_backward_##T(void *dx, float *dw, const void *dout, const v
                                   const void *w, const float *rstd, int N, int C,         \
                                   int accum, int dw_accum);                               \
 void sj_cuda_rope_forward_##T(void *out, const void *in, int B, int T_, int n_heads,      \
-                              int n_rot, int hd, int pos0, float theta);                  \
+                              int n_rot, int hd, int pos0, const sj_rope *rope);          \
 void sj_cuda_rope_backward_##T(void *din, const void *dout, int B, int T_, int n_heads,   \
-                               int n_rot, int hd, int pos0, float theta, int accum);      \
+                               int n_rot, int hd, int pos0, const sj_rope *rope,          \
+                               int accum);                                                \
 void sj_cuda_attention_forward_##T(void *out, float *lse, const void *qkv, int B, int T_, \
                                    int H, int KV, int hd, int window);                    \
 void sj_cuda_attention_backward_##T(void *dqkv, const void *dout, const void *qkv,        \
@@ -33,7 +34,7 @@ void sj_cuda_swiglu_forward_##T(void *h, const void *gu, int N, int F, int act);
 int sj_cuda_matmul_swiglu_##T(void *h, void *gu, const void *x, const void *w, int N,     \
                               int F, int K, int act);                                     \
 int sj_cuda_matmul_rope_##T(void *out, const void *x, const void *w, int B, int T_,       \
-                            int n_heads, int n_rot, int hd, int K, float theta);          \
+                            int n_heads, int n_rot, int hd, int K, const sj_rope *rope);  \
 void sj_cuda_swiglu_backward_##T(void *dgu, const void *dh, const void *gu, int N, int F, \
                                  int act, int accum);                                     \
 void sj_cuda_add_##T(void *out, const void *a, const void *b, int64_t n, float b_scale);  \
@@ -76,8 +77,6 @@ int sj_cuda_attention_backward_sm90_bf16(void *dqkv, const void *dout, const voi
 int sj_cuda_attention_backward_sm90_f16(void *dqkv, const void *dout, const void *qkv,
                                         const float *D, const float *lse, int B, int T_, int H,
                                         int KV, int hd, int window, int accum);
-/* RoPE's inverse frequencies, hd / 2 of them (rope.cu; every RoPE kernel's). */
-void sj_cuda_rope_inv_freqs(float *inv, int hd, float theta);
 /* Once per process, before any capture: raise shared-memory limits. */
 void sj_cuda_attention_init(void);
 void sj_cuda_matmul_init(void);

@@ -1,13 +1,14 @@
 /* rope.cu — rotary position embedding, Hugging Face rotate-half convention,
- * forward and backward (rotation by -angle). One block per row; the row's
- * cos/sin are computed once into shared memory. The inverse frequency is
- * computed in double and rounded, which gives the f32 value the CPU's powf
- * gives, so angles match csrc/cpu/rope.c bit for bit in f32 mode.
+ * forward and backward (rotation by -angle), cos and sin scaled by the
+ * table's mscale. The inverse frequencies are the host's sj_rope (the table
+ * csrc/cpu/rope.c reads too, so angles match it bit for bit in f32 mode),
+ * passed by value: a captured graph carries them.
+ *
+ * Simple path (rope_k): one block per row; the row's cos/sin are computed
+ * once into shared memory.
  *
  * Fast path (rope_vec): hd/2 a multiple of 16 bytes' worth of elements,
- * 16-byte aligned tensors. The inverse frequencies are computed once on
- * the host (same double expression, rounded to f32) and passed by value,
- * so a captured graph carries them; each thread owns VEC pairs (i, i+hd/2)
+ * 16-byte aligned tensors. Each thread owns VEC pairs (i, i+hd/2)
  * of one row, computes their VEC cos/sin once (accurate cosf/sinf, not
  * __sincosf: the f32 mode must stay within 1e-5 of the CPU) and applies
  * them to every rotated head of the row, 16-byte loads and stores.
@@ -20,22 +21,12 @@
 #include "kernels.h"
 #include <math.h>
 
-struct rope_freqs { float inv[128]; };   /* hd / 2 <= 128 */
-
-/* Same value as the device expression in rope_k and the CPU's powf. */
-extern "C" void sj_cuda_rope_inv_freqs(float *inv, int hd, float theta) {
-    for (int i = 0; i < hd / 2; i++) {
-        float e = (float)(2 * i) / (float)hd;
-        inv[i] = 1.0f / (float)pow((double)theta, (double)e);
-    }
-}
-
 // out, in: (B, T, n_heads*hd), n_rows = B * T; out may be in (each thread
 // reads the elements it writes before writing them; the copy is skipped).
 template <class T>
 static __global__ void __launch_bounds__(256) rope_vec(T *out, const T *in, int64_t n_rows, int T_,
                                                        int n_heads, int n_rot, int hd, int pos0,
-                                                       const rope_freqs f, int inverse, int accum) {
+                                                       const sj_rope f, int inverse, int accum) {
     constexpr int V = vec16<T>::N, HB = 4;   /* heads whose loads are in flight together */
     const int half = hd / 2, G = half / V, row = n_heads * hd;
     const int64_t total = n_rows * G;
@@ -47,9 +38,9 @@ static __global__ void __launch_bounds__(256) rope_vec(T *out, const T *in, int6
         float c[V], sn[V];
 #pragma unroll
         for (int v = 0; v < V; v++) {
-            const float a = pos * f.inv[i0 + v];
-            c[v] = cosf(a);
-            sn[v] = inverse ? -sinf(a) : sinf(a);
+            const float a = pos * f.inv_freq[i0 + v];
+            c[v] = cosf(a) * f.mscale;
+            sn[v] = (inverse ? -sinf(a) : sinf(a)) * f.mscale;
         }
         const T *x = in + r * row;
         T *y = out + r * row;
@@ -89,14 +80,12 @@ static __global__ void __launch_bounds__(256) rope_vec(T *out, const T *in, int6
 
 template <class T>
 static bool rope_fast(T *out, const T *in, int B, int T_, int n_heads, int n_rot, int hd, int pos0,
-                      float theta, int inverse, int accum) {
+                      const sj_rope *f, int inverse, int accum) {
     constexpr int V = vec16<T>::N;
-    if (hd <= 0 || hd > 256 || (hd / 2) % V || hd % 2 || !aligned16(out) || !aligned16(in)) return false;
-    rope_freqs f;
-    sj_cuda_rope_inv_freqs(f.inv, hd, theta);
+    if (hd <= 0 || hd % 2 || (hd / 2) % V || !aligned16(out) || !aligned16(in)) return false;
     const int64_t n_rows = (int64_t)B * T_, total = n_rows * (hd / 2 / V);
     rope_vec<T><<<sj_blocks(total, 256, 1 << 16), 256, 0, sj_stream()>>>(
-        out, in, n_rows, T_, n_heads, n_rot, hd, pos0, f, inverse, accum);
+        out, in, n_rows, T_, n_heads, n_rot, hd, pos0, *f, inverse, accum);
     LAUNCH_CHECK(inverse ? "rope_backward" : "rope_forward");
     return true;
 }
@@ -104,17 +93,15 @@ static bool rope_fast(T *out, const T *in, int B, int T_, int n_heads, int n_rot
 // out, in: (B, T, n_heads*hd); row r has position pos0 + r % T
 template <class T>
 static __global__ void rope_k(T *out, const T *in, int T_, int n_heads, int n_rot, int hd,
-                              int pos0, float theta, int inverse, int accum) {
+                              int pos0, const sj_rope f, int inverse, int accum) {
     extern __shared__ float cs[];   /* [half] cos, then [half] sin */
     const int half = hd / 2, row = n_heads * hd;
     const int64_t r = blockIdx.x;
     const float pos = (float)(pos0 + (int)(r % T_));
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float e = (float)(2 * i) / (float)hd;
-        float inv = 1.0f / (float)pow((double)theta, (double)e);
-        float a = pos * inv;
-        cs[i] = cosf(a);
-        cs[half + i] = inverse ? -sinf(a) : sinf(a);
+        const float a = pos * f.inv_freq[i];
+        cs[i] = cosf(a) * f.mscale;
+        cs[half + i] = (inverse ? -sinf(a) : sinf(a)) * f.mscale;
     }
     __syncthreads();
     const T *x = in + r * row;
@@ -133,23 +120,23 @@ static __global__ void rope_k(T *out, const T *in, int T_, int n_heads, int n_ro
 #define SJ_CU_ROPE(T, TY)                                                                   \
 extern "C" void sj_cuda_rope_forward_##T(void *out, const void *in, int B, int T_,          \
                                          int n_heads, int n_rot, int hd, int pos0,          \
-                                         float theta) {                                     \
+                                         const sj_rope *rope) {                             \
     if ((int64_t)B * T_ <= 0) return;                                                       \
-    if (rope_fast((TY *)out, (const TY *)in, B, T_, n_heads, n_rot, hd, pos0, theta, 0, 0)) \
+    if (rope_fast((TY *)out, (const TY *)in, B, T_, n_heads, n_rot, hd, pos0, rope, 0, 0))  \
         return;                                                                             \
     rope_k<<<(unsigned)((int64_t)B * T_), 128, sizeof(float) * hd, sj_stream()>>>(          \
-        (TY *)out, (const TY *)in, T_, n_heads, n_rot, hd, pos0, theta, 0, 0);              \
+        (TY *)out, (const TY *)in, T_, n_heads, n_rot, hd, pos0, *rope, 0, 0);              \
     LAUNCH_CHECK("rope_forward");                                                           \
 }                                                                                           \
 extern "C" void sj_cuda_rope_backward_##T(void *din, const void *dout, int B, int T_,       \
                                           int n_heads, int n_rot, int hd, int pos0,         \
-                                          float theta, int accum) {                         \
+                                          const sj_rope *rope, int accum) {                 \
     if ((int64_t)B * T_ <= 0) return;                                                       \
-    if (rope_fast((TY *)din, (const TY *)dout, B, T_, n_heads, n_rot, hd, pos0, theta, 1,   \
+    if (rope_fast((TY *)din, (const TY *)dout, B, T_, n_heads, n_rot, hd, pos0, rope, 1,    \
                   accum))                                                                   \
         return;                                                                             \
     rope_k<<<(unsigned)((int64_t)B * T_), 128, sizeof(float) * hd, sj_stream()>>>(          \
-        (TY *)din, (const TY *)dout, T_, n_heads, n_rot, hd, pos0, theta, 1, accum);        \
+        (TY *)din, (const TY *)dout, T_, n_heads, n_rot, hd, pos0, *rope, 1, accum);        \
     LAUNCH_CHECK("rope_backward");                                                          \
 }
 SJ_CU_ROPE(f32, float)

@@ -80,18 +80,24 @@ def rmsnorm_bwd(dout, x, w, rstd):
     return dx, dw
 
 
-def rope_angles(T, hd, pos0, theta):
-    half = hd // 2
-    e = np.float32(2 * np.arange(half)) / np.float32(hd)
-    inv = (np.float32(1.0) / np.float32(np.float64(theta) ** np.float64(e))).astype(np.float32)
+def rope_freqs(hd, theta):
+    """Plain RoPE's inverse frequencies, the f32 values smedjan's table holds."""
+    e = np.float32(2 * np.arange(hd // 2)) / np.float32(hd)
+    return (np.float32(1.0) / np.float32(np.float64(theta) ** np.float64(e))).astype(np.float32)
+
+
+def rope_angles(T, pos0, inv_freq):
     pos = np.float32(pos0 + np.arange(T))
-    return np.float64(pos[:, None] * inv[None, :])   # (T, half), rounded as the kernel does
+    return np.float64(pos[:, None] * np.float32(inv_freq)[None, :])   # (T, half), rounded as the kernel does
 
 
-def rope(x, B, T, n_heads, n_rot, hd, pos0, theta, inverse=False):
+def rope(x, B, T, n_heads, n_rot, hd, pos0, inv_freq, mscale=1.0, inverse=False):
+    """Rotate-half RoPE with cos and sin scaled by mscale; inverse: the
+    backward, mscale times the rotation by -angle."""
     x = np.float64(x).reshape(B, T, n_heads, hd)
-    a = rope_angles(T, hd, pos0, theta)[None, :, None, :]
-    c, s = np.cos(a), np.sin(a) * (-1 if inverse else 1)
+    a = rope_angles(T, pos0, inv_freq)[None, :, None, :]
+    m = np.float64(np.float32(mscale))
+    c, s = np.cos(a) * m, np.sin(a) * m * (-1 if inverse else 1)
     y = x.copy()
     h = hd // 2
     x1, x2 = x[:, :, :n_rot, :h], x[:, :, :n_rot, h:]

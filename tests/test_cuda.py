@@ -30,7 +30,11 @@ def rnd(rng, *shape, scale=1.0, dtype="fp32"):
 
 
 def op(name, dtype, arrays, ints=(), floats=()):
-    return _C.cuda_op(name, dtype, arrays, tuple(int(i) for i in ints), tuple(float(f) for f in floats))
+    """floats: the kernel's scalars; a RoPE op's table: (theta,), a config
+    dict, or (inv_freq list, mscale)."""
+    if not isinstance(floats, dict):
+        floats = tuple(f if isinstance(f, list) else float(f) for f in floats)
+    return _C.cuda_op(name, dtype, arrays, tuple(int(i) for i in ints), floats)
 
 
 def close(got, want, dtype, what, tol=None):
@@ -95,14 +99,50 @@ def test_rope_kernels_in_place(dtype, fast, rng):
     x = rnd(rng, B, T, nh * hd, dtype=dtype)
     got = op("rope_forward", dtype, {"out": poison((B, T, nh * hd)), "in": x},
              (B, T, nh, nr, hd, pos0, 1), (10000.0,))["out"].reshape(B, T, nh, hd)
-    want = ref.rope(x, B, T, nh, nr, hd, pos0, 10000.0).reshape(B, T, nh, hd)
+    want = ref.rope(x, B, T, nh, nr, hd, pos0, ref.rope_freqs(hd, 10000.0)).reshape(B, T, nh, hd)
     close(got[:, :, :nr], want[:, :, :nr], dtype, "rope forward in place")
     np.testing.assert_array_equal(got[:, :, nr:], x.reshape(B, T, nh, hd)[:, :, nr:])
     got = op("rope_backward", dtype, {"din": poison((B, T, nh * hd)), "dout": x},
              (B, T, nh, nr, hd, pos0, 0, 1), (10000.0,))["din"].reshape(B, T, nh, hd)
-    want = ref.rope(x, B, T, nh, nr, hd, pos0, 10000.0, inverse=True).reshape(B, T, nh, hd)
+    want = ref.rope(x, B, T, nh, nr, hd, pos0, ref.rope_freqs(hd, 10000.0), inverse=True).reshape(B, T, nh, hd)
     close(got[:, :, :nr], want[:, :, :nr], dtype, "rope backward in place")
     np.testing.assert_array_equal(got[:, :, nr:], x.reshape(B, T, nh, hd)[:, :, nr:])
+
+
+def yarn_config(hd, n_heads=5):
+    """A config with head dim hd and YaRN scaling (factor 4, original context
+    256 at base 10000: extrapolated, blended and interpolated pairs; cos and
+    sin scaled by 0.1 ln 4 + 1)."""
+    return smedjan.Config(dim=n_heads * hd, n_layers=1, n_heads=n_heads, n_kv_heads=n_heads,
+                          ffn_dim=64, vocab_size=64, max_seq_len=256,
+                          rope_scaling={"type": "yarn", "factor": 4.0,
+                                        "original_max_seq_len": 256}).to_dict()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fast", [True, False], ids=["vec", "scalar"])
+@pytest.mark.parametrize("accum", [0, 1])
+def test_rope_kernels_apply_a_yarn_table(dtype, fast, accum, rng):
+    """Forward mscale * R x, backward mscale * R^T dy with YaRN's
+    frequencies; the table given by its config or by its values runs alike."""
+    B, T, nh, nr, hd, pos0 = 2, 37, 5, 3, 32 if fast else 6, 3
+    cfg = yarn_config(hd)
+    inv, mscale = _C.rope_freqs(cfg, T)
+    assert mscale > 1.1
+    x = rnd(rng, B, T, nh * hd, dtype=dtype)
+    d0 = rnd(rng, B, T, nh * hd, dtype=dtype) if accum else poison((B, T, nh * hd))
+    runs = []
+    for table in (cfg, (inv, mscale)):
+        out = op("rope_forward", dtype, {"out": poison((B, T, nh * hd)), "in": x},
+                 (B, T, nh, nr, hd, pos0), table)["out"]
+        close(out, ref.rope(x, B, T, nh, nr, hd, pos0, inv, mscale), dtype, "yarn rope forward")
+        got = op("rope_backward", dtype, {"din": d0, "dout": x}, (B, T, nh, nr, hd, pos0, accum),
+                 table)["din"]
+        want = ref.rope(x, B, T, nh, nr, hd, pos0, inv, mscale, inverse=True)
+        close(got, want + (np.float64(d0) if accum else 0), dtype, "yarn rope backward")
+        runs.append((out, got))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -151,10 +191,10 @@ def test_rope_kernels(dtype, accum, rng):
     x = rnd(rng, B, T, nh * hd, dtype=dtype)
     out = op("rope_forward", dtype, {"out": poison((B, T, nh * hd)), "in": x},
              (B, T, nh, nr, hd, pos0), (10000.0,))["out"]
-    close(out, ref.rope(x, B, T, nh, nr, hd, pos0, 10000.0), dtype, "rope forward")
+    close(out, ref.rope(x, B, T, nh, nr, hd, pos0, ref.rope_freqs(hd, 10000.0)), dtype, "rope forward")
     d0 = rnd(rng, B, T, nh * hd, dtype=dtype) if accum else poison((B, T, nh * hd))
     got = op("rope_backward", dtype, {"din": d0, "dout": x}, (B, T, nh, nr, hd, pos0, accum), (10000.0,))["din"]
-    want = ref.rope(x, B, T, nh, nr, hd, pos0, 10000.0, inverse=True) + (np.float64(d0) if accum else 0)
+    want = ref.rope(x, B, T, nh, nr, hd, pos0, ref.rope_freqs(hd, 10000.0), inverse=True) + (np.float64(d0) if accum else 0)
     close(got, want, dtype, "rope backward")
 
 
@@ -284,8 +324,26 @@ def test_fused_rope_projection_kernel(dtype, B, T, H, KV, hd, K, rng):
              (B, T, H + 2 * KV, H + KV, hd, K), (10000.0,))
     assert out["fused"] == (dtype != "fp32" and hopper())
     if out["fused"]:
-        want = ref.rope(ref.matmul(x, w, 0, 1), B, T, H + 2 * KV, H + KV, hd, 0, 10000.0)
+        want = ref.rope(ref.matmul(x, w, 0, 1), B, T, H + 2 * KV, H + KV, hd, 0, ref.rope_freqs(hd, 10000.0))
         close(out["out"].reshape(B, T, n), want, dtype, "matmul_rope")
+
+
+@pytest.mark.parametrize("hd", [64, 128])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_fused_rope_projection_kernel_applies_a_yarn_table(dtype, hd, rng):
+    """The GEMM's epilogue turns by YaRN's frequencies and scales by its mscale."""
+    if not hopper():
+        pytest.skip("the fused projection is a Hopper kernel")
+    B, T, H, KV, K = 2, 100, 4, 2, 256
+    n = (H + 2 * KV) * hd
+    x, w = rnd(rng, B * T, K, dtype=dtype), rnd(rng, n, K, scale=K ** -0.5, dtype=dtype)
+    cfg = yarn_config(hd, H + 2 * KV)
+    inv, mscale = _C.rope_freqs(cfg, T)
+    out = op("matmul_rope", dtype, {"out": poison((B * T, n)), "x": x, "w": w},
+             (B, T, H + 2 * KV, H + KV, hd, K), cfg)
+    assert out["fused"]
+    want = ref.rope(ref.matmul(x, w, 0, 1), B, T, H + 2 * KV, H + KV, hd, 0, inv, mscale)
+    close(out["out"].reshape(B, T, n), want, dtype, "matmul_rope with YaRN")
 
 
 def test_fused_projections_decline_what_they_cannot_tile(rng):
@@ -423,13 +481,18 @@ SHAPES = {
     "gqa": dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab=300, B=3, T=70),
     "hd128": dict(dim=256, n_layers=1, n_heads=2, n_kv_heads=1, vocab=64, B=2, T=33),
     "hd96": dict(dim=192, n_layers=1, n_heads=2, n_kv_heads=1, vocab=1001, B=2, T=40),
+    "yarn": dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab=300, B=2, T=70,
+                 rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 32}),
+    "dynamic": dict(dim=128, n_layers=1, n_heads=2, n_kv_heads=1, vocab=64, B=2, T=100,
+                    rope_scaling={"type": "dynamic", "factor": 2.0, "original_max_seq_len": 64}),
 }
 
 
 def make(shape, device, dtype, seed=0):
     s = SHAPES[shape]
     cfg = smedjan.Config.custom(s["dim"], s["n_layers"], s["n_heads"], s["n_kv_heads"],
-                                vocab_size=s["vocab"], max_seq_len=128)
+                                vocab_size=s["vocab"], max_seq_len=128,
+                                rope_scaling=s.get("rope_scaling"))
     m = smedjan.Model(cfg, seed=seed, device=device, dtype=dtype)
     r = np.random.default_rng(seed)
     gains = {n: r.uniform(0.5, 1.5, v.shape).astype(np.float32) for n, v in m.params.items() if len(v.shape) == 1}
@@ -478,7 +541,7 @@ def test_16_bit_modes_are_close_to_fp32(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", ["gqa", "hd128"])
+@pytest.mark.parametrize("shape", ["gqa", "hd128", "yarn"])
 def test_fused_projections_match_the_unfused_step(dtype, shape, monkeypatch):
     """The GPU training tape with matmul_add, the shared residual gradient,
     matmul_rope and matmul_swiglu against the same model recorded unfused
@@ -502,7 +565,7 @@ def test_fused_projections_match_the_unfused_step(dtype, shape, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", ["gqa", "hd128"])
+@pytest.mark.parametrize("shape", ["gqa", "hd128", "yarn"])
 def test_forward_only_runs_fuse_rope_and_swiglu_into_their_projections(dtype, shape,
                                                                         monkeypatch):
     """Logits and loss runs record matmul_rope and matmul_swiglu (no backward

@@ -27,9 +27,9 @@ void sj_cpu_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *
                              const void *w, const float *rstd, int N, int C, int accum,
                              int dw_accum);
 void sj_cpu_rope_forward(void *out, const void *in, int B, int T, int n_heads,
-                         int n_rot, int hd, int pos0, float theta);
+                         int n_rot, int hd, int pos0, const sj_rope *rope);
 void sj_cpu_rope_backward(void *din, const void *dout, int B, int T, int n_heads,
-                          int n_rot, int hd, int pos0, float theta, int accum);
+                          int n_rot, int hd, int pos0, const sj_rope *rope, int accum);
 void sj_cpu_attention_forward(void *out, float *lse, const void *qkv,
                               int B, int T, int H, int KV, int hd, int window);
 void sj_cpu_attention_backward(void *dqkv, const void *dout, const void *qkv,

@@ -1,11 +1,13 @@
 /* rope.c — rotary position embedding, Hugging Face Llama convention
  * (rotate-half: pairs (i, i + hd/2)), forward and backward. Angles are
- * computed in float like HF's fp32 path so real checkpoints match. */
+ * computed in float from sj_rope's frequencies like HF's fp32 path, cos and
+ * sin scaled by mscale as HF scales them, so real checkpoints match. */
 #include "cpu.h"
 #include <math.h>
 
 typedef struct {
-    float *out; const float *in; int T, n_heads, n_rot, hd, pos0, inverse, accum; float theta;
+    float *out; const float *in; int T, n_heads, n_rot, hd, pos0, inverse, accum;
+    const sj_rope *rope;
 } rope_job;
 
 static void rope_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
@@ -16,10 +18,9 @@ static void rope_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     for (int64_t r = r0; r < r1; r++) {
         float pos = (float)(j->pos0 + r % j->T);
         for (int i = 0; i < half; i++) {
-            float inv = 1.0f / powf(j->theta, (float)(2 * i) / (float)j->hd);
-            float a = pos * inv;
-            cs[i] = cosf(a);
-            sn[i] = j->inverse ? -sinf(a) : sinf(a);
+            float a = pos * j->rope->inv_freq[i];
+            cs[i] = cosf(a) * j->rope->mscale;
+            sn[i] = (j->inverse ? -sinf(a) : sinf(a)) * j->rope->mscale;
         }
         const float *x = j->in + r * row;
         float *y = j->out + r * row;
@@ -40,14 +41,15 @@ static void rope_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 
 // out, in: (B, T, n_heads*hd); out may be in (each pair is read, then written)
 void sj_cpu_rope_forward(void *out, const void *in, int B, int T, int n_heads,
-                         int n_rot, int hd, int pos0, float theta) {
-    rope_job j = { out, in, T, n_heads, n_rot, hd, pos0, 0, 0, theta };
+                         int n_rot, int hd, int pos0, const sj_rope *rope) {
+    rope_job j = { out, in, T, n_heads, n_rot, hd, pos0, 0, 0, rope };
     sj_parallel_for((int64_t)B * T, 16, rope_rows, &j);
 }
 
-/* The rotation is orthogonal: its gradient is the rotation by -angle. */
+/* The rotation is orthogonal: its gradient is the rotation by -angle,
+ * scaled by mscale as the forward is. */
 void sj_cpu_rope_backward(void *din, const void *dout, int B, int T, int n_heads,
-                          int n_rot, int hd, int pos0, float theta, int accum) {
-    rope_job j = { din, dout, T, n_heads, n_rot, hd, pos0, 1, accum, theta };
+                          int n_rot, int hd, int pos0, const sj_rope *rope, int accum) {
+    rope_job j = { din, dout, T, n_heads, n_rot, hd, pos0, 1, accum, rope };
     sj_parallel_for((int64_t)B * T, 16, rope_rows, &j);
 }

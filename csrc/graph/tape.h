@@ -49,6 +49,8 @@ typedef struct {
     int dim[6];
     float f;
     int scratch;        /* ACT tensor the op uses as workspace in forward, or -1 */
+    const void *aux;    /* the op's host-side table (rope, matmul_rope: an sj_rope),
+                         * kept alive by the caller as long as the tape, or NULL */
 } sj_node;
 
 /* The backward pass as run: a node's backward, or (gradient checkpointing)
@@ -131,7 +133,10 @@ int sj_op_matmul(sj_tape *tp, int x, int w, int N, int out_features, int in_feat
 /* res + x @ w^T in one GEMM (the residual add fused into the projection). */
 int sj_op_matmul_add(sj_tape *tp, int res, int x, int w, int N, int out_features,
                      int in_features);
-int sj_op_rope(sj_tape *tp, int x, int B, int T, int n_heads, int n_rot, int hd, float theta);
+/* rope: its frequencies (rope->n_pairs == hd/2), read at every run: the
+ * caller keeps it alive, unchanged, as long as the tape. */
+int sj_op_rope(sj_tape *tp, int x, int B, int T, int n_heads, int n_rot, int hd,
+               const sj_rope *rope);
 int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd, int window);
 /* The gated FFN activation: act(gate) * up, act by SJ_FFN_* (silu: SwiGLU;
  * relu^2). The name is its first kind's. */
@@ -164,7 +169,7 @@ int sj_op_cast(sj_tape *tp, int src);
  * backward un-rotates dy in place, then runs the projection's. */
 int sj_op_matmul_swiglu(sj_tape *tp, int x, int w, int N, int F, int C, int act, int rows);
 int sj_op_matmul_rope(sj_tape *tp, int x, int w, int B, int T, int n_heads, int n_rot, int hd,
-                      int C, float theta);
+                      int C, const sj_rope *rope);
 
 /* How each op's backward uses its tensors (for lifetimes) and runs, and
  * which of its writes may land on storage it reads (in place). The plan

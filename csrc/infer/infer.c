@@ -72,16 +72,20 @@ void sj_infer_free(sj_infer *h) {
 
 /* Run state and KV cache: one allocation, sized by the config, max_ctx and
  * the cache's element type. */
-void sj_infer_rope_tables(const sj_config *c, int n_pos, float *cos_out, float *sin_out) {
-    const int hd = c->dim / c->n_heads, half = hd / 2;
+sj_status sj_infer_rope_tables(const sj_config *c, int n_pos, float *cos_out, float *sin_out) {
+    /* one set of frequencies for the whole context, so that every key in the
+     * cache was turned by the same ones (dynamic scaling: sized for n_pos) */
+    sj_rope r;
+    SJ_TRY(sj_rope_init(&r, c, n_pos));
+    const int half = r.n_pairs;
     /* angles in float, as csrc/cpu/rope.c and Hugging Face's fp32 path */
     for (int t = 0; t < n_pos; t++)
         for (int i = 0; i < half; i++) {
-            float inv = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)hd);
-            float a = (float)t * inv;
-            cos_out[(int64_t)t * half + i] = cosf(a);
-            sin_out[(int64_t)t * half + i] = sinf(a);
+            float a = (float)t * r.inv_freq[i];
+            cos_out[(int64_t)t * half + i] = cosf(a) * r.mscale;
+            sin_out[(int64_t)t * half + i] = sinf(a) * r.mscale;
         }
+    return SJ_OK;
 }
 
 static sj_status alloc_state(sj_infer *h) {
@@ -103,8 +107,9 @@ static sj_status alloc_state(sj_infer *h) {
     TAKE(h->kcache, kvn); TAKE(h->vcache, kvn);
 #undef TAKE
     sj_qact_bind(&h->qa, f, (int)R, (int)W);   /* the rest: activation scratch (quant.c's layout) */
-    sj_infer_rope_tables(c, max_ctx, h->rope_cos, h->rope_sin);
-    return SJ_OK;
+    sj_status s = sj_infer_rope_tables(c, max_ctx, h->rope_cos, h->rope_sin);
+    if (s) { sj_free(h->state_mem); h->state_mem = NULL; }
+    return s;
 }
 
 /* Config checked, matrices allocated (unfilled), run state and RoPE tables built. */
@@ -358,10 +363,11 @@ sj_status sj_infer_set_kv_f16(sj_infer *h, int f16) {
     void *old = h->state_mem;
     const int was = h->kv_f16;
     h->kv_f16 = f16;
-    if (alloc_state(h)) {   /* keep the old state usable */
+    sj_status s = alloc_state(h);
+    if (s) {   /* keep the old state usable */
         h->kv_f16 = was;
         h->state_mem = old;
-        return SJ_ERR_NOMEM;
+        return s;
     }
     sj_free(old);
     return SJ_OK;

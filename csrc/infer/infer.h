@@ -71,9 +71,10 @@ typedef struct { uint8_t *mem; int64_t used, cap; } sj_qpool;
  * Made once per input, read by every row. Bind to caller-owned memory. */
 typedef struct { int8_t *q; float *d, *s, *d2; int32_t *c2; int n, cols; } sj_qact;
 
-/* RoPE (cos, sin) tables, (n_pos, head_dim/2) each: the CPU engine's, and
- * the GPU engine's copy of them. */
-void sj_infer_rope_tables(const sj_config *c, int n_pos, float *cos_out, float *sin_out);
+/* RoPE (cos, sin) tables, (n_pos, head_dim/2) each, scaled by the config's
+ * RoPE scaling (sj_rope_init at seq_len n_pos): the CPU engine's, and the
+ * GPU engine's copy of them. */
+sj_status sj_infer_rope_tables(const sj_config *c, int n_pos, float *cos_out, float *sin_out);
 
 float sj_f16_to_f32(uint16_t h);
 uint16_t sj_f32_to_f16(float f);

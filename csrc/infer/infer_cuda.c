@@ -91,9 +91,9 @@ static sj_status to_gpu(const sj_infer *h, int max_ctx, sj_cuinfer **out) {
     in.w_gate = ptrs + 4 * L; in.w_up = ptrs + 5 * L; in.w_down = ptrs + 6 * L;
     /* the CPU engine's angles, bit for bit */
     float *cs = rope, *sn = rope + (size_t)max_ctx * half;
-    sj_infer_rope_tables(c, max_ctx, cs, sn);
     in.rope_cos = cs; in.rope_sin = sn;
-    sj_status s = sj_cuinfer_create(&in, out);
+    sj_status s = sj_infer_rope_tables(c, max_ctx, cs, sn);
+    if (s == SJ_OK) s = sj_cuinfer_create(&in, out);
     free(ptrs);
     free(rope);
     return s;

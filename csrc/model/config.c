@@ -1,5 +1,5 @@
 /* config.c — model presets, validation and exact parameter counts. */
-#include "../core/core.h"
+#include "../ops/backend.h"   /* SJ_ROPE_MAX_PAIRS */
 #include <math.h>
 #include <string.h>
 
@@ -103,8 +103,9 @@ sj_status sj_config_validate(const sj_config *c) {
     NEED(c->n_layers > 0 && c->n_layers <= 1024, "n_layers must be in 1..1024, got %d", c->n_layers);
     NEED(c->n_heads > 0, "n_heads must be positive, got %d", c->n_heads);
     NEED(c->dim % c->n_heads == 0, "n_heads (%d) must divide dim (%d)", c->n_heads, c->dim);
-    NEED((c->dim / c->n_heads) % 2 == 0, "head dim dim/n_heads = %d must be even for RoPE",
-         c->dim / c->n_heads);
+    NEED((c->dim / c->n_heads) % 2 == 0 && c->dim / c->n_heads <= 2 * SJ_ROPE_MAX_PAIRS,
+         "head dim dim/n_heads = %d must be even and at most %d for RoPE", c->dim / c->n_heads,
+         2 * SJ_ROPE_MAX_PAIRS);
     NEED(c->n_kv_heads > 0, "n_kv_heads must be positive, got %d", c->n_kv_heads);
     NEED(c->n_heads % c->n_kv_heads == 0, "n_kv_heads (%d) must divide n_heads (%d)",
          c->n_kv_heads, c->n_heads);

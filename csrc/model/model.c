@@ -432,6 +432,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
                                  : sj_tape_param(tp, (off), (n)))
     #define PARAM(fmt, l, rows) WEIGHT(find(m, fmt, l)->offset, (int64_t)(rows) * find(m, fmt, l)->shape[1])
     #define NORM(fmt, l) WEIGHT(find(m, fmt, l)->offset, C)
+    SJ_TRY(sj_rope_init(&pl->rope, c, T));
     pl->tokens = sj_tape_tensor(tp, SJ_T_EXTERN, N);
     int x = sj_op_embedding(tp, pl->tokens, PARAM("tok_emb%.0d", 0, V), N, C);
     /* Checkpointed blocks: whole layers, or (cheap recompute) just an
@@ -459,7 +460,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         const int wqkv = PARAM("layers.%d.wq", l, (H + 2 * KV) * hd);
         int qkv;
         if (fuse && !c->paired_heads) {
-            qkv = sj_op_matmul_rope(tp, h, wqkv, B, T, H + 2 * KV, H + KV, hd, C, c->rope_theta);
+            qkv = sj_op_matmul_rope(tp, h, wqkv, B, T, H + 2 * KV, H + KV, hd, C, &pl->rope);
             OP_BLOCK_END();
         } else {
             /* Pairing averages the heads as projected; RoPE (linear, the
@@ -467,7 +468,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
             qkv = sj_op_matmul(tp, h, wqkv, N, (H + 2 * KV) * hd, C);
             OP_BLOCK_END();
             if (c->paired_heads) qkv = sj_op_pair_heads(tp, qkv, N, H + 2 * KV, hd);
-            qkv = sj_op_rope(tp, qkv, B, T, Ha + 2 * KVa, Ha + KVa, hd, c->rope_theta);
+            qkv = sj_op_rope(tp, qkv, B, T, Ha + 2 * KVa, Ha + KVa, hd, &pl->rope);
         }
         if (c->value_mix != 0) {
             if (l == 0) qkv0 = qkv;

@@ -22,6 +22,7 @@ typedef struct {
     int tokens, targets, logits, losses;   /* tensor ids */
     int unfused;                 /* tests (SMEDJAN_UNFUSED): residuals as matmul + add */
     int casts;                   /* casts each weight from the master on use */
+    sj_rope rope;                /* the run's RoPE frequencies (dynamic scaling: for T) */
     /* host side of the inputs and per-row losses; pinned on device backends:
      * tokens (2N int32: ids, then rows sorted by id) | targets (N int32) |
      * losses (N f32) */

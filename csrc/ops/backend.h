@@ -44,6 +44,24 @@ typedef struct {
     double sumsq;        /* sum of squared gradients */
 } sj_adamw_hp;
 
+/* RoPE as the kernels apply it: pair i of a head (i, i + hd/2) turns by
+ * position * inv_freq[i], cos and sin scaled by mscale (transformers'
+ * attention_scaling: YaRN's temperature, 1 otherwise). Built on the host by
+ * sj_rope_init; kernels read it when launched (device kernels copy it into
+ * their launch parameters), so the caller keeps it alive only for the call. */
+enum { SJ_ROPE_MAX_PAIRS = 128 };   /* head dims up to 256 */
+typedef struct {
+    int n_pairs;          /* head dim / 2 */
+    float mscale;
+    float inv_freq[SJ_ROPE_MAX_PAIRS];
+} sj_rope;
+
+/* The config's RoPE (default, linear, dynamic NTK, YaRN) for a run of
+ * seq_len positions, in transformers' float32 arithmetic (rope_freqs.c).
+ * Dynamic scaling grows the base only once seq_len passes the original
+ * context, as transformers' dynamic update does. */
+sj_status sj_rope_init(sj_rope *r, const sj_config *c, int seq_len);
+
 typedef struct sj_backend {
     const char *name;
     sj_dtype act_dtype;   /* activations, their grads, compute copy of weights */
@@ -89,13 +107,14 @@ typedef struct sj_backend {
                              int dw_accum);
 
     /* Rotate-half RoPE on the first n_rot heads of each row of n_heads heads
-     * of size hd; the remaining heads are copied. Row r of batch b has
-     * position pos0 + (r % T). out, in: (B, T, n_heads*hd). out may be in
-     * (din may be dout, accum 0): then only the rotated heads are touched. */
+     * of size hd (rope->n_pairs == hd/2); the remaining heads are copied. Row
+     * r of batch b has position pos0 + (r % T). out, in: (B, T, n_heads*hd).
+     * out may be in (din may be dout, accum 0): then only the rotated heads
+     * are touched. Backward: din = mscale * R^T dout. */
     void (*rope_forward)(void *out, const void *in, int B, int T, int n_heads,
-                         int n_rot, int hd, int pos0, float theta);
+                         int n_rot, int hd, int pos0, const sj_rope *rope);
     void (*rope_backward)(void *din, const void *dout, int B, int T, int n_heads,
-                          int n_rot, int hd, int pos0, float theta, int accum);
+                          int n_rot, int hd, int pos0, const sj_rope *rope, int accum);
 
     /* Causal attention over qkv: (B, T, (H + 2*KV)*hd), q heads then k then v.
      * out: (B, T, H*hd); lse: (B, H, T) log-sum-exp of each score row.
@@ -124,7 +143,7 @@ typedef struct sj_backend {
     int (*matmul_swiglu)(void *h, void *gu, const void *x, const void *w, int N, int F, int K,
                          int act);
     int (*matmul_rope)(void *out, const void *x, const void *w, int B, int T, int n_heads,
-                       int n_rot, int hd, int K, float theta);
+                       int n_rot, int hd, int K, const sj_rope *rope);
 
     /* out = a + b_scale * b; dst (+)= scale * src (act dtype; a factor of 1
      * gives the plain sum and copy bit for bit). */

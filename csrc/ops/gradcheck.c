@@ -29,6 +29,7 @@ typedef struct {
     int n_in, out;
     int32_t tokens[64];
     float *r;        /* objective weights over out */
+    sj_rope rope;    /* the RoPE ops' frequencies, alive with the tape */
 } gc;
 
 static float uni(sj_rng *g) { return 2.0f * sj_rng_uniform(g) - 1.0f; }
@@ -57,6 +58,18 @@ static int add_tokens(gc *c, int N, int V, int with_ignored, sj_rng *g) {
     return id;
 }
 
+/* RoPE for heads of 4 (2 pairs) at base 100, so that both pairs turn
+ * visibly over a few positions. YaRN (factor 4, original context 8): pair 0
+ * kept, pair 1 interpolated, cos and sin scaled by 0.1 ln 4 + 1. */
+static sj_status small_rope(sj_rope *r, int yarn) {
+    sj_config c = { .dim = 4, .n_heads = 1, .rope_theta = 100.0f };
+    if (yarn)
+        c.rope_scaling = (sj_rope_scaling){ .type = SJ_ROPE_YARN, .factor = 4.0f,
+                                            .original_max_seq_len = 8, .beta_fast = 32.0f,
+                                            .beta_slow = 1.0f, .truncate = 1 };
+    return sj_rope_init(r, &c, 8);
+}
+
 /* Record the op under test on a fresh tape. */
 static sj_status build(gc *c, const char *op, sj_rng *g) {
     const int B = 2, T = 5, N = B * T;
@@ -74,13 +87,15 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         int res = add_act(c, "res", N * 7), x = add_act(c, "x", N * 5);
         c->out = sj_op_matmul_add(tp, res, x, add_param(c, "w", 7 * 5), N, 7, 5);
     } else if (!strcmp(op, "matmul_rope")) {   /* 3 heads of 4, 2 rotated */
+        SJ_TRY(small_rope(&c->rope, 0));
         int x = add_act(c, "x", N * 5);
-        c->out = sj_op_matmul_rope(tp, x, add_param(c, "w", 3 * 4 * 5), B, T, 3, 2, 4, 5, 100.0f);
+        c->out = sj_op_matmul_rope(tp, x, add_param(c, "w", 3 * 4 * 5), B, T, 3, 2, 4, 5, &c->rope);
     } else if (!strcmp(op, "matmul_swiglu") || !strcmp(op, "matmul_swiglu_relu2")) {
         int x = add_act(c, "x", N * 5), act = strcmp(op, "matmul_swiglu") ? SJ_FFN_RELU2 : SJ_FFN_SWIGLU;
         c->out = sj_op_matmul_swiglu(tp, x, add_param(c, "w", 2 * 6 * 5), N, 6, 5, act, 0);
-    } else if (!strcmp(op, "rope")) {
-        c->out = sj_op_rope(tp, add_act(c, "x", N * 3 * 4), B, T, 3, 2, 4, 100.0f);
+    } else if (!strcmp(op, "rope") || !strcmp(op, "rope_yarn")) {
+        SJ_TRY(small_rope(&c->rope, !strcmp(op, "rope_yarn")));
+        c->out = sj_op_rope(tp, add_act(c, "x", N * 3 * 4), B, T, 3, 2, 4, &c->rope);
     } else if (!strcmp(op, "attention")) {
         c->out = sj_op_attention(tp, add_act(c, "qkv", N * (4 + 2 * 2) * 4), B, T, 4, 2, 4, 0);
     } else if (!strcmp(op, "attention_window")) {   /* 3 keys: less than T, not dividing it */
@@ -112,7 +127,7 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         tp->loss_scale = 0.3f;
     } else {
         return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, matmul, "
-                       "matmul_add, matmul_rope, matmul_swiglu[_relu2], rope, attention, attention_window, "
+                       "matmul_add, matmul_rope, matmul_swiglu[_relu2], rope, rope_yarn, attention, attention_window, "
                        "swiglu[_relu2], add, axpy, pair_heads, mix, mix_shared_y, "
                        "cross_entropy)", op);
     }
@@ -255,15 +270,17 @@ enum { IPC_N = 10, IPC_ROW = 12, IPC_A = 5 };
 static sj_status inplace_run(uint64_t seed, int no_inplace, float *res, int in_place[SJ_OP__COUNT]) {
     const sj_backend *be = &sj_cpu_backend;
     const int B = 2, T = IPC_N / 2, N = IPC_N, R = IPC_ROW;
+    sj_rope rope;
+    SJ_TRY(small_rope(&rope, 0));
     sj_tape tp;
     sj_tape_init(&tp, 1, SJ_F32, 0);
     tp.no_inplace = no_inplace;
     int x = sj_tape_tensor(&tp, SJ_T_ACT, N * R), a = sj_tape_tensor(&tp, SJ_T_ACT, N * IPC_A);
     int v = sj_tape_tensor(&tp, SJ_T_ACT, N * R);
     int w = sj_tape_param(&tp, 0, R * IPC_A);
-    int p = sj_op_rope(&tp, x, B, T, 3, 2, 4, 100.0f), q = sj_op_rope(&tp, x, B, T, 3, 2, 4, 100.0f);
+    int p = sj_op_rope(&tp, x, B, T, 3, 2, 4, &rope), q = sj_op_rope(&tp, x, B, T, 3, 2, 4, &rope);
     int z = sj_op_add(&tp, p, q, N * R);
-    int r = sj_op_rope(&tp, z, B, T, 3, 2, 4, 100.0f);
+    int r = sj_op_rope(&tp, z, B, T, 3, 2, 4, &rope);
     int o = sj_op_matmul_add(&tp, r, a, w, N, R, IPC_A);
     int out = sj_op_axpy(&tp, sj_op_mix(&tp, o, v, N, R, 4, 4, 0.3f), v, 0.25f, N * R);
     sj_status s = out < 0 ? SJ_ERR_NOMEM : SJ_OK;

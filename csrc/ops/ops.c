@@ -67,10 +67,24 @@ int sj_op_matmul_add(sj_tape *tp, int res, int x, int w, int N, int out_features
     return record(tp, SJ_OP_MATMUL_ADD, IN(x, w, res), (int64_t)N * out_features, 0, 0,
                   DIM(N, out_features, in_features), 0);
 }
+/* The node of a RoPE op's output gets the table its kernels read. */
+static int with_rope(sj_tape *tp, int o, const sj_rope *rope) {
+    if (o >= 0) tp->nodes[tp->t[o].producer].aux = rope;
+    return o;
+}
+static int rope_fits(const sj_rope *rope, int hd) {
+    if (rope && rope->n_pairs == hd / 2) return 1;
+    sj_fail(SJ_ERR_ARG, "rope: a table of %d frequency pairs for head dim %d",
+            rope ? rope->n_pairs : 0, hd);
+    return 0;
+}
+
 // x: (B, T, n_heads*hd) -> same, first n_rot heads rotated
-int sj_op_rope(sj_tape *tp, int x, int B, int T, int n_heads, int n_rot, int hd, float theta) {
-    return record(tp, SJ_OP_ROPE, IN(x, NONE, NONE), (int64_t)B * T * n_heads * hd, 0, 0,
-                  DIM(B, T, n_heads, n_rot, hd), theta);
+int sj_op_rope(sj_tape *tp, int x, int B, int T, int n_heads, int n_rot, int hd,
+               const sj_rope *rope) {
+    if (!rope_fits(rope, hd)) return -1;
+    return with_rope(tp, record(tp, SJ_OP_ROPE, IN(x, NONE, NONE), (int64_t)B * T * n_heads * hd,
+                                0, 0, DIM(B, T, n_heads, n_rot, hd), 0), rope);
 }
 // qkv: (B, T, (H+2KV)*hd) -> y: (B, T, H*hd), lse: (B, H, T); window 0: full causal
 int sj_op_attention(sj_tape *tp, int qkv, int B, int T, int H, int KV, int hd, int window) {
@@ -126,9 +140,11 @@ int sj_op_matmul_swiglu(sj_tape *tp, int x, int w, int N, int F, int C, int act,
 }
 // x: (B*T, C), w: (n_heads*hd, C) -> (B, T, n_heads*hd), first n_rot heads rotated
 int sj_op_matmul_rope(sj_tape *tp, int x, int w, int B, int T, int n_heads, int n_rot, int hd,
-                      int C, float theta) {
-    return record(tp, SJ_OP_MATMUL_ROPE, IN(x, w, NONE), (int64_t)B * T * n_heads * hd, 0, 0,
-                  DIM(B, T, n_heads, n_rot, hd, C), theta);
+                      int C, const sj_rope *rope) {
+    if (!rope_fits(rope, hd)) return -1;
+    return with_rope(tp, record(tp, SJ_OP_MATMUL_ROPE, IN(x, w, NONE),
+                                (int64_t)B * T * n_heads * hd, 0, 0,
+                                DIM(B, T, n_heads, n_rot, hd, C), 0), rope);
 }
 
 // h: (N, C), w: (V, C), targets: (N) -> losses: (N), lse: (N); scratch (rows, ld)
@@ -228,10 +244,10 @@ static void matmul_swiglu(const sj_tape *tp, const sj_node *n, const sj_backend 
 static void matmul_rope(const sj_tape *tp, const sj_node *n, const sj_backend *be, void *params) {
     const int *d = n->dim;
     void *out = P(n->out[0]), *x = P(n->in[0]), *W = P(n->in[1]);
-    if (be->matmul_rope && be->matmul_rope(out, x, W, d[0], d[1], d[2], d[3], d[4], d[5], n->f))
+    if (be->matmul_rope && be->matmul_rope(out, x, W, d[0], d[1], d[2], d[3], d[4], d[5], n->aux))
         return;
     sj_matmul(be, out, x, W, d[0] * d[1], d[2] * d[4], d[5], 0, 1, 0, 0);
-    be->rope_forward(out, out, d[0], d[1], d[2], d[3], d[4], 0, n->f);
+    be->rope_forward(out, out, d[0], d[1], d[2], d[3], d[4], 0, n->aux);
 }
 
 void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, void *params) {
@@ -250,7 +266,7 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
         be->matmul_add(P(out[0]), P(in[2]), P(in[0]), P(in[1]), d[0], d[1], d[2], 0, 1);
         break;
     case SJ_OP_ROPE:
-        be->rope_forward(P(out[0]), P(in[0]), d[0], d[1], d[2], d[3], d[4], 0, n->f);
+        be->rope_forward(P(out[0]), P(in[0]), d[0], d[1], d[2], d[3], d[4], 0, n->aux);
         break;
     case SJ_OP_ATTENTION:
         be->attention_forward(P(out[0]), P(out[1]), P(in[0]), d[0], d[1], d[2], d[3], d[4], d[5]);
@@ -314,7 +330,7 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         break;
     }
     case SJ_OP_ROPE:
-        be->rope_backward(dx, dy, d[0], d[1], d[2], d[3], d[4], 0, n->f, acc[0]);
+        be->rope_backward(dx, dy, d[0], d[1], d[2], d[3], d[4], 0, n->aux, acc[0]);
         break;
     case SJ_OP_ATTENTION:
         be->attention_backward(dx, dy, P(in[0]), P(out[0]), P(out[1]), d[0], d[1], d[2],
@@ -351,7 +367,7 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         const int n_out = fused_swiglu ? 2 * d[1] : d[2] * d[4];
         void *dp = fused_swiglu ? G(out[1]) : dy;
         if (fused_swiglu) be->swiglu_backward(dp, dy, P(out[1]), d[0], d[1], d[4], 0);
-        else be->rope_backward(dy, dy, d[0], d[1], d[2], d[3], d[4], 0, n->f, 0);
+        else be->rope_backward(dy, dy, d[0], d[1], d[2], d[3], d[4], 0, n->aux, 0);
         if (dx) sj_matmul(be, dx, dp, P(in[1]), N, C, n_out, 0, 0, acc[0], 0);
         sj_matmul(be, grads + tp->t[in[1]].offset, dp, P(in[0]), n_out, C, N, 1, 0, acc[1], 1);
         break;

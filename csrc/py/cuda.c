@@ -445,6 +445,65 @@ static float htimer_end(void *timer) {
 #endif
 }
 
+/* A RoPE table given as its values: inv_freq (hd/2 floats) and mscale. */
+static int rope_given(PyObject *inv_o, PyObject *mscale_o, int hd, sj_rope *r) {
+    PyObject *inv = PySequence_Fast(inv_o, "cuda_op: inv_freq must be a sequence");
+    if (!inv) return -1;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(inv);
+    if (n != hd / 2) {
+        PyErr_Format(PyExc_ValueError, "cuda_op: %zd frequencies for head dim %d", n, hd);
+    } else {
+        r->n_pairs = (int)n;
+        r->mscale = (float)PyFloat_AsDouble(mscale_o);
+        for (Py_ssize_t i = 0; i < n; i++)
+            r->inv_freq[i] = (float)PyFloat_AsDouble(PySequence_Fast_GET_ITEM(inv, i));
+    }
+    Py_DECREF(inv);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* A RoPE op's table from its `floats`: a config dict (sj_rope_init at the
+ * op's T), (inv_freq list, mscale), or (theta,): plain RoPE at base theta. */
+static int rope_from(PyObject *spec, int hd, int T, sj_rope *r) {
+    static const char usage[] = "cuda_op: a RoPE op's floats are a config dict, (inv_freq, "
+                                "mscale) or (theta,)";
+    if (hd < 2 || hd > 2 * SJ_ROPE_MAX_PAIRS) {
+        PyErr_Format(PyExc_ValueError, "cuda_op: RoPE head dim %d is not in 2..%d", hd,
+                     2 * SJ_ROPE_MAX_PAIRS);
+        return -1;
+    }
+    sj_config c;
+    memset(&c, 0, sizeof c);
+    if (PyDict_Check(spec)) {
+        if (sj_py_config_from_dict(spec, &c)) return -1;
+        if (c.dim / c.n_heads != hd) {
+            PyErr_Format(PyExc_ValueError, "cuda_op: the config's head dim is %d, the op's %d",
+                         c.dim / c.n_heads, hd);
+            return -1;
+        }
+    } else {
+        PyObject *f = PySequence_Fast(spec, usage);
+        if (!f) return -1;
+        const Py_ssize_t n = PySequence_Fast_GET_SIZE(f);
+        int bad = 0;
+        if (n == 2) {
+            bad = rope_given(PySequence_Fast_GET_ITEM(f, 0), PySequence_Fast_GET_ITEM(f, 1), hd, r);
+        } else if (n == 1) {
+            c.dim = hd; c.n_heads = 1;
+            c.rope_theta = (float)PyFloat_AsDouble(PySequence_Fast_GET_ITEM(f, 0));
+            bad = PyErr_Occurred() != NULL;
+        } else {
+            PyErr_SetString(PyExc_ValueError, usage);
+            bad = 1;
+        }
+        Py_DECREF(f);
+        if (bad || n == 2) return bad ? -1 : 0;
+    }
+    sj_status s = sj_rope_init(r, &c, T);
+    if (s) { sj_py_raise(s); return -1; }
+    return 0;
+}
+
 /* cuda_op(name, dtype, arrays, ints, floats, reps=0) -> {name: float32
  * array} for every argument (outputs as the kernel left them; inputs
  * unchanged); with reps > 0 on CUDA also "ms": device milliseconds per run,
@@ -452,7 +511,8 @@ static float htimer_end(void *timer) {
  * fused projections also give "fused": whether the backend ran them (else
  * the outputs are untouched). dtype "cpu" runs the CPU backend's kernel
  * (f32), in every build, so that the tests hold both backends to one
- * reference. */
+ * reference. RoPE ops (rope_forward, rope_backward, matmul_rope) take
+ * their table as `floats`, see rope_from. */
 static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     const char *op, *dts;
     PyObject *arrays, *ints_o, *floats_o;
@@ -480,15 +540,26 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     }
     long long I[12] = {0};
     double Fl[8] = {0};
-    PyObject *si = PySequence_Fast(ints_o, "ints"), *sf = si ? PySequence_Fast(floats_o, "floats") : NULL;
-    if (!sf) { Py_XDECREF(si); return NULL; }
+    PyObject *si = PySequence_Fast(ints_o, "ints");
+    if (!si) return NULL;
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(si) && i < 12; i++)
         I[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(si, i));
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(sf) && i < 8; i++)
-        Fl[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(sf, i));
-    const Py_ssize_t n_ints = PySequence_Fast_GET_SIZE(si), n_floats = PySequence_Fast_GET_SIZE(sf);
-    Py_DECREF(si); Py_DECREF(sf);
+    const Py_ssize_t n_ints = PySequence_Fast_GET_SIZE(si);
+    Py_DECREF(si);
     if (PyErr_Occurred()) return NULL;
+    sj_rope rope;   /* RoPE ops, ints (B, T, n_heads, n_rot, hd, ...) */
+    Py_ssize_t n_floats = 0;
+    if (!strcmp(op, "rope_forward") || !strcmp(op, "rope_backward") || !strcmp(op, "matmul_rope")) {
+        if (rope_from(floats_o, (int)I[4], (int)I[1], &rope)) return NULL;
+    } else {
+        PyObject *sf = PySequence_Fast(floats_o, "floats");
+        if (!sf) return NULL;
+        n_floats = PySequence_Fast_GET_SIZE(sf);
+        for (Py_ssize_t i = 0; i < n_floats && i < 8; i++)
+            Fl[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(sf, i));
+        Py_DECREF(sf);
+        if (PyErr_Occurred()) return NULL;
+    }
     void **ctx = &hctx[be->device != 0];
     if (!*ctx && !(*ctx = be->ctx_create())) return sj_py_raise(SJ_ERR_RUNTIME);
     be->bind(*ctx);
@@ -552,10 +623,10 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
                              n_ints > 3 ? (int)I[3] : 1);
         break;
     case 5: /* ints[6] = in place: out is the input buffer */
-        be->rope_forward(I[6] ? D(1) : D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0]);
+        be->rope_forward(I[6] ? D(1) : D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], &rope);
         break;
     case 6: /* ints[7] = in place: din is the dout buffer */
-        be->rope_backward(I[7] ? D(1) : D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0], (int)I[6]);
+        be->rope_backward(I[7] ? D(1) : D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], &rope, (int)I[6]);
         break;
     /* attention: ints (B, T, H, KV, hd, window[, accum]) */
     case 7: be->attention_forward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5]); break;
@@ -590,7 +661,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         fused = be->matmul_swiglu && be->matmul_swiglu(D(0), I[3] ? D(1) : NULL, D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[4]);
         break;
     case 18:
-        fused = be->matmul_rope && be->matmul_rope(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0]);
+        fused = be->matmul_rope && be->matmul_rope(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], &rope);
         break;
     case 19: be->pair_heads_forward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2]); break;
     case 20: be->pair_heads_backward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3]); break;

@@ -246,7 +246,7 @@ static const char *const config_keys[] = {
     "embed_skip", "mixer", "ffn", "qk_norm", "window",
 };
 
-static int config_from_dict(PyObject *d, sj_config *c) {
+int sj_py_config_from_dict(PyObject *d, sj_config *c) {
     if (!PyDict_Check(d)) { PyErr_SetString(PyExc_TypeError, "config must be a dict"); return -1; }
     PyObject *k, *v;
     Py_ssize_t pos = 0;
@@ -309,13 +309,33 @@ static PyObject *py_ffn_dim_for(PyObject *self, PyObject *args) {
  * per-layer field one value or one per layer. */
 static PyObject *py_config_canonical(PyObject *self, PyObject *d) {
     sj_config c;
-    if (config_from_dict(d, &c)) return NULL;
+    if (sj_py_config_from_dict(d, &c)) return NULL;
     return config_to_dict(&c);
+}
+
+/* RoPE for a config and a run of seq_len positions, as every kernel applies
+ * it: (inv_freq as a list, mscale), the f32 values widened. */
+static PyObject *py_rope_freqs(PyObject *self, PyObject *args) {
+    PyObject *d;
+    int seq_len;
+    if (!PyArg_ParseTuple(args, "Oi", &d, &seq_len)) return NULL;
+    sj_config c;
+    if (sj_py_config_from_dict(d, &c)) return NULL;
+    sj_rope r;
+    sj_status s = sj_rope_init(&r, &c, seq_len);
+    if (s) return sj_py_raise(s);
+    PyObject *inv = PyList_New(r.n_pairs);
+    for (int i = 0; inv && i < r.n_pairs; i++) {
+        PyObject *v = PyFloat_FromDouble(r.inv_freq[i]);
+        if (!v) { Py_CLEAR(inv); break; }
+        PyList_SET_ITEM(inv, i, v);
+    }
+    return inv ? Py_BuildValue("(Nd)", inv, (double)r.mscale) : NULL;
 }
 
 static PyObject *py_param_count(PyObject *self, PyObject *d) {
     sj_config c;
-    if (config_from_dict(d, &c)) return NULL;
+    if (sj_py_config_from_dict(d, &c)) return NULL;
     return PyLong_FromLongLong(sj_config_param_count(&c));
 }
 
@@ -364,7 +384,7 @@ static int model_init(PyObject *self, PyObject *args, PyObject *kw) {
     const char *dev = "cpu", *dts = "fp32";
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Kss", kwlist, &d, &seed, &dev, &dts)) return -1;
     sj_config c;
-    if (config_from_dict(d, &c)) return -1;
+    if (sj_py_config_from_dict(d, &c)) return -1;
     sj_device device; sj_dtype dtype;
     if (parse_device(dev, dts, &device, &dtype)) return -1;
     if (mo->m) { PyErr_SetString(PyExc_RuntimeError, "Model already initialised"); return -1; }
@@ -929,6 +949,8 @@ static PyMethodDef functions[] = {
     {"ffn_dim_for", py_ffn_dim_for, METH_VARARGS, "ffn_dim_for(dim, mult) -> int"},
     {"param_count", py_param_count, METH_O, "param_count(config) -> int"},
     {"config_canonical", py_config_canonical, METH_O, "config_canonical(config) -> dict"},
+    {"rope_freqs", py_rope_freqs, METH_VARARGS,
+     "rope_freqs(config, seq_len) -> ([inv_freq], mscale): RoPE as the kernels apply it"},
     {"lr_at", py_lr_at, METH_VARARGS, "lr_at(max_lr, min_lr, warmup, steps, step) -> float"},
     {NULL, NULL, 0, NULL},
 };

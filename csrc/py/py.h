@@ -37,6 +37,10 @@ int sj_py_out4(PyObject *obj, Py_buffer *view, const char *fmt, Py_ssize_t count
  * ValueError("mode must be <valid>, got ..."), -1. */
 int sj_py_infer_mode(const char *s, const char *valid, sj_infer_mode *m);
 
+/* A config dict (smedjan.Config.to_dict()'s form) read and validated by the
+ * engine; -1 with ValueError/TypeError naming the field. */
+int sj_py_config_from_dict(PyObject *d, sj_config *c);
+
 /* Each file of the extension adds its functions/types to the module. */
 int sj_py_add_model(PyObject *m);
 /* The engine model behind a smedjan._C.Model, or NULL with an exception set. */
