@@ -280,6 +280,9 @@ def _kv_typed(key, value, vtype, arr_type):
 
 
 _FILE_TYPE = {F32: 0, Q8_0: 7, Q4_0: 2}
+# Config fields at the values a llama GGUF implies (an untied head is output.weight)
+_OPTIONS_OFF = dict(rope_scaling=None, paired_heads=False, value_mix=0.0, embed_skip=0.0,
+                    mixer="attention", ffn="swiglu", qk_norm="none", window=0)
 
 
 def export_gguf(m, path, type: str = "q8_0", *, tokenizer=None, name: str = "smedjan") -> None:
@@ -290,6 +293,10 @@ def export_gguf(m, path, type: str = "q8_0", *, tokenizer=None, name: str = "sme
     stores them, and the tokenizer: copied verbatim from the source GGUF when
     the model came from one, else written from `tokenizer` (or the model's)."""
     from .infer import InferenceModel
+    on = [k for k, off in _OPTIONS_OFF.items() if getattr(m.config, k, off) != off]
+    if on:
+        raise ValueError(f"export_gguf: a llama GGUF has no way to say {on[0]}="
+                         f"{getattr(m.config, on[0])!r}; only models without it export")
     if not isinstance(m, InferenceModel):
         tok_ = tokenizer if tokenizer is not None else getattr(m, "tokenizer", None)
         m = InferenceModel.from_model(m, "fp32")

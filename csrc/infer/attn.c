@@ -14,7 +14,11 @@
  * of a decode step at 512 positions).
  * The cache is f32 or f16 (llama.cpp's default: half the bytes that decode
  * streams). f16 rows are widened in registers (vcvtph2ps; F16C on AVX2),
- * the arithmetic after that is the f32 path's. Must not read past position T - 1. */
+ * the arithmetic after that is the f32 path's.
+ * Keys come as spans of consecutive cache rows (sj_kv_span): one for the
+ * whole-context cache, up to three for a sliding window (the ring buffer's
+ * two runs and the chunk's fresh rows), read in order: position order.
+ * Must not read past a span's last row. */
 #include "infer.h"
 #include <math.h>
 #include <string.h>
@@ -22,12 +26,9 @@
 #include <immintrin.h>
 #endif
 
-void sj_attn_group(float *out, const float *q, const void *kc, const void *vc, int kv_f16, int T, int G,
-                   int hd, int ld, float scale, float *sc);
-
-/* out (G, hd) = softmax(q k^T * scale) v for q (G, hd), keys/values at
- * kc/vc + s * ld (elements of f32, or f16 when kv_f16) for s < T.
- * sc: scratch (G, T). */
+/* out (G, hd) = softmax(q k^T * scale) v for q (G, hd) over the rows of
+ * the spans (row r of a span at its k/v + r * ld elements of f32, or f16
+ * when kv_f16). sc: scratch (G, T), T = the spans' rows. */
 #if defined(__AVX512F__)
 #define MAXR 16   /* zmm registers for the group's queries (and later its outputs) */
 
@@ -53,7 +54,7 @@ static inline float exp_row_512(float *p, int n, float max) {
 /* G and nc = hd / 16 are compile-time constants at every call, so r[] is
  * registers (with runtime bounds GCC keeps it on the stack, through memcpy). */
 __attribute__((always_inline)) static inline void
-group_512(float *out, const float *q, const void *kc, const void *vc, const int f16, int T, const int G,
+group_512(float *out, const float *q, const sj_kv_span *sp, int nsp, const int f16, int T, const int G,
           const int hd, int ld, float scale, float *sc) {
     const int nc = hd / 16, es = f16 ? 2 : 4;   /* element size */
     __m512 r[MAXR];
@@ -62,8 +63,9 @@ group_512(float *out, const float *q, const void *kc, const void *vc, const int 
         m[h] = -INFINITY;
         for (int c = 0; c < nc; c++) r[h * nc + c] = _mm512_loadu_ps(q + h * hd + 16 * c);
     }
-    for (int s = 0; s < T; s++) {
-        const char *k = (const char *)kc + (int64_t)s * ld * es;
+    for (int i = 0, s = 0; i < nsp; i++)
+    for (int row = 0; row < sp[i].n; row++, s++) {
+        const char *k = (const char *)sp[i].k + (int64_t)row * ld * es;
         __m512 kv[8];
         for (int c = 0; c < nc; c++) kv[c] = ld16f(k + 16 * c * es, f16);
         for (int h = 0; h < G; h++) {
@@ -76,8 +78,9 @@ group_512(float *out, const float *q, const void *kc, const void *vc, const int 
     }
     for (int h = 0; h < G; h++) inv[h] = exp_row_512(sc + (int64_t)h * T, T, m[h]);
     for (int i = 0; i < G * nc; i++) r[i] = _mm512_setzero_ps();
-    for (int s = 0; s < T; s++) {
-        const char *v = (const char *)vc + (int64_t)s * ld * es;
+    for (int i = 0, s = 0; i < nsp; i++)
+    for (int row = 0; row < sp[i].n; row++, s++) {
+        const char *v = (const char *)sp[i].v + (int64_t)row * ld * es;
         __m512 vv[8];
         for (int c = 0; c < nc; c++) vv[c] = ld16f(v + 16 * c * es, f16);
         for (int h = 0; h < G; h++) {
@@ -103,12 +106,13 @@ static const float *kv_row(const void *c, int f16, int64_t off, int n, float *bu
 }
 
 /* The portable loops: the reference the AVX-512 path is checked against. */
-static void group_ref(float *out, const float *q, const void *kc, const void *vc, int kv_f16, int T, int G,
+static void group_ref(float *out, const float *q, const sj_kv_span *sp, int nsp, int kv_f16, int T, int G,
                       int hd, int ld, float scale, float *sc) {
     float m[G], inv[G], buf[hd];
     for (int h = 0; h < G; h++) m[h] = -INFINITY;
-    for (int s = 0; s < T; s++) {
-        const float *k = kv_row(kc, kv_f16, (int64_t)s * ld, hd, buf);
+    for (int i = 0, s = 0; i < nsp; i++)
+    for (int row = 0; row < sp[i].n; row++, s++) {
+        const float *k = kv_row(sp[i].k, kv_f16, (int64_t)row * ld, hd, buf);
         for (int h = 0; h < G; h++) {
             const float *qh = q + h * hd;
             float d = 0.f;
@@ -125,8 +129,9 @@ static void group_ref(float *out, const float *q, const void *kc, const void *vc
         inv[h] = 1.0f / sum;
     }
     memset(out, 0, sizeof(float) * G * hd);
-    for (int s = 0; s < T; s++) {
-        const float *v = kv_row(vc, kv_f16, (int64_t)s * ld, hd, buf);
+    for (int i = 0, s = 0; i < nsp; i++)
+    for (int row = 0; row < sp[i].n; row++, s++) {
+        const float *v = kv_row(sp[i].v, kv_f16, (int64_t)row * ld, hd, buf);
         for (int h = 0; h < G; h++) {
             float *o = out + h * hd, p = sc[h * T + s] * inv[h];
 #pragma omp simd
@@ -145,7 +150,7 @@ static void group_ref(float *out, const float *q, const void *kc, const void *vc
  * TQ - 1 rows. Two passes over the tile's scores, as the per-token path
  * (the block fits L2 at any prompt we run; no online rescaling needed).
  * The queries of a tile are q + j * ldq, its outputs out + j * ldq. */
-#define TQ 4
+#define TQ SJ_ATTN_TQ
 
 /* The portable loops: the reference the AVX-512 tile is checked against.
  * sc: scratch (T0 + nt - 1, TQ). */
@@ -273,7 +278,6 @@ tile_512(float *out, const float *q, int ldq, const void *kc, const void *vc, co
 }
 #endif
 
-int sj_attn_tile_fast(int hd);
 int sj_attn_tile_fast(int hd) {
 #if defined(__AVX512F__)
     return hd == 64;
@@ -283,10 +287,6 @@ int sj_attn_tile_fast(int hd) {
 #endif
 }
 
-/* nt (<= TQ) tokens of one head; a full tile of head size 64 on AVX-512,
- * else the portable tile. sc: scratch of TQ (T0 + nt - 1) floats. */
-void sj_attn_tile(float *out, const float *q, int ldq, const void *kc, const void *vc, int kv_f16, int T0, int nt,
-                  int hd, int ld, float scale, float *sc);
 void sj_attn_tile(float *out, const float *q, int ldq, const void *kc, const void *vc, int kv_f16, int T0, int nt,
                   int hd, int ld, float scale, float *sc) {
 #if defined(__AVX512F__)
@@ -296,30 +296,35 @@ void sj_attn_tile(float *out, const float *q, int ldq, const void *kc, const voi
         return;
     }
     if (hd == 64) {   /* a last partial tile: token by token, as decode */
-        for (int j = 0; j < nt; j++)
-            sj_attn_group(out + (int64_t)j * ldq, q + (int64_t)j * ldq, kc, vc, kv_f16, T0 + j, 1, hd, ld, scale, sc);
+        for (int j = 0; j < nt; j++) {
+            const sj_kv_span sp = { kc, vc, T0 + j };
+            sj_attn_group(out + (int64_t)j * ldq, q + (int64_t)j * ldq, &sp, 1, kv_f16, 1, hd, ld, scale, sc);
+        }
         return;
     }
 #endif
     tile_ref(out, q, ldq, kc, vc, kv_f16, T0, nt, hd, ld, scale, sc);
 }
 
-void sj_attn_group(float *out, const float *q, const void *kc, const void *vc, int kv_f16, int T, int G,
+void sj_attn_group(float *out, const float *q, const sj_kv_span *sp, int nsp, int kv_f16, int G,
                    int hd, int ld, float scale, float *sc) {
+    int T = 0;
+    for (int i = 0; i < nsp; i++) T += sp[i].n;
 #if defined(__AVX512F__)
 #define CASE(g, d) if (G == g && hd == d) { \
-        if (kv_f16) group_512(out, q, kc, vc, 1, T, g, d, ld, scale, sc); \
-        else group_512(out, q, kc, vc, 0, T, g, d, ld, scale, sc); \
+        if (kv_f16) group_512(out, q, sp, nsp, 1, T, g, d, ld, scale, sc); \
+        else group_512(out, q, sp, nsp, 0, T, g, d, ld, scale, sc); \
         return; }
     CASE(1, 64) CASE(2, 64) CASE(3, 64) CASE(4, 64) CASE(1, 128) CASE(2, 128)
 #undef CASE
 #endif
-    group_ref(out, q, kc, vc, kv_f16, T, G, hd, ld, scale, sc);
+    group_ref(out, q, sp, nsp, kv_f16, T, G, hd, ld, scale, sc);
 }
 
 /* Testing hook: sj_attn_group on f32 and f16 caches against group_ref on
  * the same (f16-rounded) values, for group sizes 1-4, head sizes with and
- * without an AVX-512 case, 1 .. 300 positions; and prefill tiles (sj_attn_tile
+ * without an AVX-512 case, 1 .. 300 positions, and the same rows as three
+ * spans bitwise as one; and prefill tiles (sj_attn_tile
  * on both caches, and tile_ref) of 1-4 tokens against group_ref token by
  * token, and the fast tile bitwise against sj_attn_group (what decode runs). Largest error relative to the output's scale. */
 sj_status sj_attn_check(uint64_t seed, double *max_err);
@@ -346,10 +351,17 @@ sj_status sj_attn_check(uint64_t seed, double *max_err) {
     for (int a = 0; a < 3; a++)
         for (int b = 0; b < 3; b++) {
             const int T = Ts[a], hd = hds[b];
+            /* odd offsets: unaligned rows */
+            const sj_kv_span one = { k + 3, v + 3, T }, one16 = { k16 + 3, v16 + 3, T };
+            const int a = T / 3, b = 2 * T / 3;
+            const sj_kv_span three[3] = { { k + 3, v + 3, a }, { k + 3 + (int64_t)a * ld, v + 3 + (int64_t)a * ld, b - a },
+                                          { k + 3 + (int64_t)b * ld, v + 3 + (int64_t)b * ld, T - b } };
             for (int G = 1; G <= Gmax; G++) {
-                group_ref(o1, q, k + 3, v + 3, 0, T, G, hd, ld, 0.125f, sc);   /* odd offsets: unaligned rows */
-                sj_attn_group(o2, q, k + 3, v + 3, 0, T, G, hd, ld, 0.125f, sc);
-                sj_attn_group(o3, q, k16 + 3, v16 + 3, 1, T, G, hd, ld, 0.125f, sc);
+                group_ref(o1, q, &one, 1, 0, T, G, hd, ld, 0.125f, sc);
+                sj_attn_group(o2, q, &one, 1, 0, G, hd, ld, 0.125f, sc);
+                sj_attn_group(o3, q, three, 3, 0, G, hd, ld, 0.125f, sc);
+                if (memcmp(o2, o3, sizeof(float) * G * hd)) *max_err = fmax(*max_err, 1.0);
+                sj_attn_group(o3, q, &one16, 1, 1, G, hd, ld, 0.125f, sc);
                 double scale = 0, err = 0;
                 for (int i = 0; i < G * hd; i++) {
                     scale = fmax(scale, fabs(o1[i]));
@@ -363,9 +375,10 @@ sj_status sj_attn_check(uint64_t seed, double *max_err) {
                 tile_ref(t3, qt, ldq, k16 + 3, v16 + 3, 1, T, nt, hd, ld, 0.125f, sc);
                 for (int j = 0; j < nt; j++) {
                     /* the fast tile must be bitwise the per-token kernel (decode == prefill) */
-                    sj_attn_group(o2, qt + j * ldq, k16 + 3, v16 + 3, 1, T + j, 1, hd, ld, 0.125f, sc);
+                    const sj_kv_span tj16 = { k16 + 3, v16 + 3, T + j }, tj = { k + 3, v + 3, T + j };
+                    sj_attn_group(o2, qt + j * ldq, &tj16, 1, 1, 1, hd, ld, 0.125f, sc);
                     if (sj_attn_tile_fast(hd) && memcmp(o2, t2 + j * ldq, sizeof(float) * hd)) *max_err = fmax(*max_err, 1.0);
-                    group_ref(o1, qt + j * ldq, k + 3, v + 3, 0, T + j, 1, hd, ld, 0.125f, sc);
+                    group_ref(o1, qt + j * ldq, &tj, 1, 0, T + j, 1, hd, ld, 0.125f, sc);
                     double scale = 0, err = 0;
                     for (int i = 0; i < hd; i++) {
                         const int o = j * ldq + i;

@@ -2,9 +2,13 @@
  * matrix in f32, bf16, Q8 or Q4 blocks), and a run state with a KV cache
  * allocated once. forward() reads top to bottom like the paper; prefill runs
  * many tokens through it at once (batched matmuls), decode runs one.
- * Semantics follow the training model exactly (the kernels in csrc/cpu): HF Llama
- * rotate-half RoPE with float angles, GQA (query head h reads KV head
- * h / (H / KV)), RMSNorm, SwiGLU, tied or untied output head.
+ * Semantics follow the training model exactly (the kernels in csrc/cpu;
+ * tests/torch_ref.py is the spec): HF Llama rotate-half RoPE with float
+ * angles, GQA (query head h reads KV head h / (H / KV)), RMSNorm, SwiGLU or
+ * relu2, tied or untied output head, and the architecture options: qk-norm,
+ * paired heads, value mix, embedding skip, and per-layer sliding windows
+ * whose KV cache is a ring buffer of `window` rows (position p at row
+ * p % window), so long generation keeps a bounded cache.
  * It must never allocate per token nor read past the KV cache. */
 #include "infer.h"
 #include "../model/model.h"
@@ -18,20 +22,33 @@
 
 #define CHUNK 128            /* tokens per batched forward; longer prompts loop */
 
-typedef struct { sj_qmat wq, wk, wv, wo, w_gate, w_up, w_down; float *attn_norm, *ffn_norm; } layer_w;
+typedef struct {
+    sj_qmat wq, wk, wv, wo, w_gate, w_up, w_down;
+    float *attn_norm, *ffn_norm;
+    float *q_norm, *k_norm;   /* (hd) each where qk_norm is weighted, else NULL */
+    int window;               /* < max_ctx: keys t-window < s <= t, cached in a ring of
+                               * `window` rows; 0: every key, max_ctx rows */
+    int64_t kv_at;            /* the layer's first element in kcache / vcache */
+} layer_w;
 
 struct sj_infer {
     sj_config c;
-    int hd, kv_dim, max_ctx, mode, pos;
+    int hd, max_ctx, mode, pos;
+    int n_att;                   /* query heads attention runs at: n_heads, or n_heads / 2 paired */
+    int kv_proj, kv_dim;         /* k/v projection width, and a cache row (after pairing) */
     int kv_f16;                  /* K/V cache entries stored as IEEE f16 (half the memory) */
     /* weights */
     sj_qmat tok_emb, output;     /* output.mem == NULL: tied to tok_emb */
     layer_w *L;
     sj_qpool pool;               /* the layer matrices, in the order decode reads them */
-    float *norms;                /* (2 n_layers + 1, dim): attn, ffn per layer, final */
+    float *norms;                /* (2 n_layers + 1, dim): attn, ffn per layer, final;
+                                  * then (n_layers, 2, hd): q_norm, k_norm per layer */
     /* run state (CHUNK rows each) */
     float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *logits, *rope_cos, *rope_sin;
-    float *kcache, *vcache;      /* (n_layers, max_ctx, kv_dim) f32, or uint16 f16 when kv_f16 */
+    float *emb;                  /* the chunk's embeddings (embed_skip), else NULL */
+    float *v0;                   /* layer 0's v of the chunk (value_mix), else NULL */
+    uint16_t *k16, *v16;         /* the chunk's k/v as f16 (windowed layers, f16 cache), else NULL */
+    float *kcache, *vcache;      /* per layer (rows, kv_dim) at its kv_at: f32, or uint16 f16 when kv_f16 */
     sj_qact qa;
     void *state_mem;
     int64_t state_bytes;
@@ -70,8 +87,6 @@ void sj_infer_free(sj_infer *h) {
     free(h);
 }
 
-/* Run state and KV cache: one allocation, sized by the config, max_ctx and
- * the cache's element type. */
 sj_status sj_infer_rope_tables(const sj_config *c, int n_pos, float *cos_out, float *sin_out) {
     /* one set of frequencies for the whole context, so that every key in the
      * cache was turned by the same ones (dynamic scaling: sized for n_pos) */
@@ -88,26 +103,52 @@ sj_status sj_infer_rope_tables(const sj_config *c, int n_pos, float *cos_out, fl
     return SJ_OK;
 }
 
+/* Rows of layer l's K/V cache: a ring of `window` rows, or max_ctx. */
+static int cache_rows(const sj_infer *h, int l) { return h->L[l].window ? h->L[l].window : h->max_ctx; }
+
+/* The run state's buffers and the KV cache, 64-byte aligned, from base;
+ * base NULL: only their size. Returns floats used (the activation
+ * scratch of quant.c's layout follows). */
+static int64_t place_state(sj_infer *h, float *base) {
+    const sj_config *c = &h->c;
+    const int64_t R = CHUNK, C = c->dim, F = c->ffn_dim, half = h->hd / 2;
+    int windowed = 0;
+    int64_t kv_elems = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        if (base) h->L[l].kv_at = kv_elems;
+        kv_elems += (int64_t)cache_rows(h, l) * h->kv_dim;
+        windowed |= h->L[l].window != 0;
+    }
+    const int64_t kv_floats = h->kv_f16 ? SJ_CDIV(kv_elems, 2) : kv_elems;
+    int64_t off = 0;
+#define TAKE(ptr, type, n) do { if (base) ptr = (type *)(base + off); off += SJ_CDIV((int64_t)(n), 16) * 16; } while (0)
+    TAKE(h->x, float, R * C); TAKE(h->xb, float, R * C); TAKE(h->q, float, R * C);
+    TAKE(h->k, float, R * h->kv_proj); TAKE(h->v, float, R * h->kv_proj);
+    TAKE(h->att, float, R * C); TAKE(h->hb, float, R * F); TAKE(h->hb2, float, R * F);
+    TAKE(h->logits, float, c->vocab_size);
+    TAKE(h->rope_cos, float, h->max_ctx * half); TAKE(h->rope_sin, float, h->max_ctx * half);
+    if (c->embed_skip != 0.f) TAKE(h->emb, float, R * C);
+    if (c->value_mix != 0.f) TAKE(h->v0, float, R * h->kv_dim);
+    if (windowed && h->kv_f16) { TAKE(h->k16, uint16_t, SJ_CDIV(R * h->kv_dim, 2)); TAKE(h->v16, uint16_t, SJ_CDIV(R * h->kv_dim, 2)); }
+    TAKE(h->kcache, float, kv_floats); TAKE(h->vcache, float, kv_floats);
+#undef TAKE
+    return off;
+}
+
+/* Run state and KV cache: one allocation, sized by the config, max_ctx,
+ * the layers' windows and the cache's element type. */
 static sj_status alloc_state(sj_infer *h) {
     const sj_config *c = &h->c;
-    const int C = c->dim, F = c->ffn_dim, V = c->vocab_size, KVd = h->kv_dim, max_ctx = h->max_ctx;
-    const int64_t R = CHUNK, W = SJ_MAX(C, F), half = h->hd / 2;
-    int64_t n_f = R * C * 3 + R * KVd * 2 + R * C + R * F * 2 + (int64_t)V + 2 * (int64_t)max_ctx * half +
-                  2 * (int64_t)c->n_layers * max_ctx * KVd / (h->kv_f16 ? 2 : 1);
-    int64_t bytes = n_f * 4 + sj_qact_bytes((int)R, (int)W) + 16 * 64;
-    uint8_t *p = h->state_mem = sj_alloc((size_t)bytes, "KV cache and run state");
-    if (!p) return SJ_ERR_NOMEM;
+    const int W = SJ_MAX(c->dim, c->ffn_dim);
+    h->emb = h->v0 = NULL; h->k16 = h->v16 = NULL;
+    const int64_t n_f = place_state(h, NULL);
+    const int64_t bytes = n_f * 4 + sj_qact_bytes(CHUNK, W);
+    float *f = h->state_mem = sj_alloc((size_t)bytes, "KV cache and run state");
+    if (!f) return SJ_ERR_NOMEM;
     h->state_bytes = bytes;
-    float *f = (float *)p;
-#define TAKE(ptr, n) do { ptr = f; f += SJ_CDIV((int64_t)(n), 16) * 16; } while (0)
-    TAKE(h->x, R * C); TAKE(h->xb, R * C); TAKE(h->q, R * C); TAKE(h->k, R * KVd); TAKE(h->v, R * KVd);
-    TAKE(h->att, R * C); TAKE(h->hb, R * F); TAKE(h->hb2, R * F); TAKE(h->logits, V);
-    TAKE(h->rope_cos, max_ctx * half); TAKE(h->rope_sin, max_ctx * half);
-    const int64_t kvn = (int64_t)c->n_layers * max_ctx * KVd / (h->kv_f16 ? 2 : 1);
-    TAKE(h->kcache, kvn); TAKE(h->vcache, kvn);
-#undef TAKE
-    sj_qact_bind(&h->qa, f, (int)R, (int)W);   /* the rest: activation scratch (quant.c's layout) */
-    sj_status s = sj_infer_rope_tables(c, max_ctx, h->rope_cos, h->rope_sin);
+    place_state(h, f);
+    sj_qact_bind(&h->qa, f + n_f, CHUNK, W);   /* the rest: activation scratch */
+    sj_status s = sj_infer_rope_tables(c, h->max_ctx, h->rope_cos, h->rope_sin);
     if (s) { sj_free(h->state_mem); h->state_mem = NULL; }
     return s;
 }
@@ -124,29 +165,40 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, int untied, s
     sj_infer *h = calloc(1, sizeof *h);
     if (!h) return sj_fail(SJ_ERR_NOMEM, "inference handle: out of memory");
     h->c = *c; h->mode = mode; h->max_ctx = max_ctx;
-    h->hd = c->dim / c->n_heads; h->kv_dim = c->n_kv_heads * h->hd;
-    const int C = c->dim, F = c->ffn_dim, V = c->vocab_size, KVd = h->kv_dim, wt = wtype_for(mode);
+    h->hd = c->dim / c->n_heads;
+    const int pairs = c->paired_heads ? 2 : 1;   /* heads averaged into one */
+    h->n_att = c->n_heads / pairs;
+    h->kv_proj = c->n_kv_heads * h->hd; h->kv_dim = h->kv_proj / pairs;
+    const int C = c->dim, F = c->ffn_dim, V = c->vocab_size, KVd = h->kv_proj, O = h->n_att * h->hd,
+              wt = wtype_for(mode);
     sj_status s = SJ_OK;
     h->L = calloc((size_t)c->n_layers, sizeof *h->L);
-    h->norms = sj_alloc(sizeof(float) * (size_t)(2 * c->n_layers + 1) * C, "norm weights");
+    h->norms = sj_alloc(sizeof(float) * ((size_t)(2 * c->n_layers + 1) * C + (size_t)2 * c->n_layers * h->hd),
+                        "norm weights");
     if (!h->L || !h->norms) { sj_infer_free(h); return sj_fail(SJ_ERR_NOMEM, "inference weights: out of memory"); }
     /* The embedding (and a tied head) keep 8 bits in q4 mode, as llama.cpp's Q4 files do. */
     int et = mode == SJ_INFER_Q4 ? SJ_W_Q8 : wt;
     if ((s = sj_qmat_alloc(&h->tok_emb, et, V, C, "tok_emb"))) goto fail;
     if (untied && (s = sj_qmat_alloc(&h->output, et, V, C, "output"))) goto fail;
-    const int64_t per_layer = 2 * sj_qmat_bytes(wt, C, C) + 2 * sj_qmat_bytes(wt, KVd, C) +
+    const int64_t per_layer = sj_qmat_bytes(wt, C, C) + sj_qmat_bytes(wt, C, O) + 2 * sj_qmat_bytes(wt, KVd, C) +
                               2 * sj_qmat_bytes(wt, F, C) + sj_qmat_bytes(wt, C, F);
     if ((s = sj_qpool_init(&h->pool, per_layer * c->n_layers, "layer weights"))) goto fail;
     for (int l = 0; l < c->n_layers; l++) {
         layer_w *w = &h->L[l];
         sj_qpool *P = &h->pool;
         if ((s = sj_qmat_alloc_pool(&w->wq, P, wt, C, C, "wq")) || (s = sj_qmat_alloc_pool(&w->wk, P, wt, KVd, C, "wk")) ||
-            (s = sj_qmat_alloc_pool(&w->wv, P, wt, KVd, C, "wv")) || (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, C, "wo")) ||
+            (s = sj_qmat_alloc_pool(&w->wv, P, wt, KVd, C, "wv")) || (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, O, "wo")) ||
             (s = sj_qmat_alloc_pool(&w->w_gate, P, wt, F, C, "w_gate")) || (s = sj_qmat_alloc_pool(&w->w_up, P, wt, F, C, "w_up")) ||
             (s = sj_qmat_alloc_pool(&w->w_down, P, wt, C, F, "w_down")))
             goto fail;
         w->attn_norm = h->norms + (int64_t)(2 * l) * C;
         w->ffn_norm = h->norms + (int64_t)(2 * l + 1) * C;
+        if (c->layers[l].qk_norm == SJ_QK_NORM_WEIGHTED) {
+            w->q_norm = h->norms + (int64_t)(2 * c->n_layers + 1) * C + (int64_t)(2 * l) * h->hd;
+            w->k_norm = w->q_norm + h->hd;
+        }
+        /* a window as long as the context hides nothing: the whole-context cache */
+        w->window = c->layers[l].window < max_ctx ? c->layers[l].window : 0;
     }
     if ((s = alloc_state(h))) goto fail;
     *out = h;
@@ -186,7 +238,7 @@ sj_status sj_infer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_i
         return sj_fail(SJ_ERR_ARG, "inference engine: the model must be on the CPU (move it with .to('cpu'))");
     const sj_config *c = sj_model_config(m);
     sj_infer *h;
-    SJ_TRY(create(c, mode, max_ctx, 0, &h));
+    SJ_TRY(create(c, mode, max_ctx, c->untied_head, &h));
     int64_t n;
     const float *P = sj_model_params(m, &n);
     const int C = c->dim;
@@ -197,6 +249,7 @@ sj_status sj_infer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_i
         char what[32];
         sj_qmat *W = NULL;
         if (!strcmp(t->name, "tok_emb")) W = &h->tok_emb;
+        else if (!strcmp(t->name, "lm_head") && h->output.mem) W = &h->output;
         else if (!strcmp(t->name, "final_norm")) memcpy(h->norms + (int64_t)2 * c->n_layers * C, src, sizeof(float) * C);
         else if (sscanf(t->name, "layers.%d.%31s", &l, what) == 2 && l >= 0 && l < c->n_layers) {
             layer_w *w = &h->L[l];
@@ -209,6 +262,8 @@ sj_status sj_infer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_i
             else if (!strcmp(what, "w_down")) W = &w->w_down;
             else if (!strcmp(what, "attn_norm")) memcpy(w->attn_norm, src, sizeof(float) * C);
             else if (!strcmp(what, "ffn_norm")) memcpy(w->ffn_norm, src, sizeof(float) * C);
+            else if (!strcmp(what, "q_norm") && w->q_norm) memcpy(w->q_norm, src, sizeof(float) * h->hd);
+            else if (!strcmp(what, "k_norm") && w->k_norm) memcpy(w->k_norm, src, sizeof(float) * h->hd);
             else { sj_infer_free(h); return sj_fail(SJ_ERR_ARG, "inference engine: unknown tensor '%s'", t->name); }
         } else { sj_infer_free(h); return sj_fail(SJ_ERR_ARG, "inference engine: unknown tensor '%s'", t->name); }
         sj_status s = W ? fill_f32(W, src, t->name) : SJ_OK;
@@ -374,7 +429,8 @@ sj_status sj_infer_set_kv_f16(sj_infer *h, int f16) {
 }
 int64_t sj_infer_cache_bytes(const sj_infer *h) { return h->state_bytes; }
 int64_t sj_infer_weight_bytes(const sj_infer *h) {
-    int64_t b = h->tok_emb.bytes + h->output.bytes + (int64_t)(2 * h->c.n_layers + 1) * h->c.dim * 4;
+    int64_t b = h->tok_emb.bytes + h->output.bytes +
+                ((int64_t)(2 * h->c.n_layers + 1) * h->c.dim + (int64_t)2 * h->c.n_layers * h->hd) * 4;
     for (int l = 0; l < h->c.n_layers; l++) {
         const layer_w *w = &h->L[l];
         b += w->wq.bytes + w->wk.bytes + w->wv.bytes + w->wo.bytes + w->w_gate.bytes + w->w_up.bytes + w->w_down.bytes;
@@ -411,52 +467,94 @@ static void norm_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 #pragma omp simd reduction(+:ss)
         for (int c = 0; c < j->C; c++) ss += x[c] * x[c];
         float rs = 1.0f / sqrtf(ss / j->C + j->eps);
-        for (int c = 0; c < j->C; c++) y[c] = x[c] * rs * j->w[c];
+        if (j->w) for (int c = 0; c < j->C; c++) y[c] = x[c] * rs * j->w[c];
+        else for (int c = 0; c < j->C; c++) y[c] = x[c] * rs;
     }
 }
+/* out (n, C) = RMSNorm of each row of x, times the gains w (NULL: none); in place is fine. */
 static void rmsnorm(float *out, const float *x, const float *w, int n, int C, float eps) {
     norm_job j = { out, x, w, C, eps };
     if (n < 8) norm_rows(&j, 0, n, 0);
     else sj_parallel_for(n, 4, norm_rows, &j);
 }
 
-static void rope(const sj_infer *h, float *x, int n_heads, int pos) {
+/* x (n, n_heads, hd) turned by the angles of positions pos .. pos + n - 1. */
+static void rope(const sj_infer *h, float *x, int n, int n_heads, int pos) {
     const int half = h->hd / 2;
-    const float *cs = h->rope_cos + (int64_t)pos * half, *sn = h->rope_sin + (int64_t)pos * half;
-    for (int hh = 0; hh < n_heads; hh++) {
-        float *v = x + hh * h->hd;
-        for (int i = 0; i < half; i++) {
-            float a = v[i], b = v[i + half];
-            v[i] = a * cs[i] - b * sn[i];
-            v[i + half] = b * cs[i] + a * sn[i];
+    for (int t = 0; t < n; t++) {
+        const float *cs = h->rope_cos + (int64_t)(pos + t) * half, *sn = h->rope_sin + (int64_t)(pos + t) * half;
+        for (int hh = 0; hh < n_heads; hh++) {
+            float *v = x + ((int64_t)t * n_heads + hh) * h->hd;
+            for (int i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * cs[i] - b * sn[i];
+                v[i + half] = b * cs[i] + a * sn[i];
+            }
         }
     }
 }
 
-typedef struct { sj_infer *h; int layer, n, pos0, sub, tiles; } attn_job;
+/* paired_heads: x (n, 2 m, hd) -> (n, m, hd), head j the mean of heads 2j
+ * and 2j + 1. In place: each output row lies at or before its inputs. */
+static void pair_heads(float *x, int n, int m, int hd) {
+    for (int64_t t = 0; t < n; t++)
+        for (int j = 0; j < m; j++) {
+            const float *a = x + (t * 2 * m + 2 * j) * hd, *b = a + hd;
+            float *o = x + (t * m + j) * hd;
+            for (int e = 0; e < hd; e++) o[e] = (a[e] + b[e]) / 2;
+        }
+}
 
-void sj_attn_group(float *out, const float *q, const void *kc, const void *vc, int kv_f16, int T, int G,
-                   int hd, int ld, float scale, float *sc);   /* attn.c */
-void sj_attn_tile(float *out, const float *q, int ldq, const void *kc, const void *vc, int kv_f16, int T0, int nt,
-                  int hd, int ld, float scale, float *sc);
-int sj_attn_tile_fast(int hd);
-#define ATTN_TQ 4   /* query tokens per prefill tile (attn.c's TQ) */
+typedef struct {
+    sj_infer *h;
+    int layer, n, pos0, sub, tiles;
+    const char *fresh_k, *fresh_v;   /* windowed layers: the chunk's k/v rows, in the cache's element type */
+} attn_job;
 
-/* One task = one token's `sub` query heads of one KV head, attending to cache
- * positions 0 .. pos0 + t (sj_attn_group reads each K/V row once for them). */
+/* Token t's keys as spans of rows in position order, for the KV head at
+ * element offset kvh of a row. Whole context: cache rows 0 .. pos. Window:
+ * positions max(0, pos - window + 1) .. pos; those before the chunk from
+ * the ring (one run, or two where it wraps), the chunk's own from its
+ * fresh rows (the ring gets them after the chunk's attention: they would
+ * overwrite rows earlier tokens of the chunk still read). */
+static int key_spans(const attn_job *j, int t, int64_t kvh, sj_kv_span *sp) {
+    const sj_infer *h = j->h;
+    const layer_w *w = &h->L[j->layer];
+    const int64_t es = h->kv_f16 ? 2 : 4, ld = (int64_t)h->kv_dim * es;
+    const char *kc = (const char *)h->kcache + (w->kv_at + kvh) * es, *vc = (const char *)h->vcache + (w->kv_at + kvh) * es;
+    const int pos = j->pos0 + t;
+    if (!w->window) {
+        sp[0] = (sj_kv_span){ kc, vc, pos + 1 };
+        return 1;
+    }
+    const int W = w->window, lo = SJ_MAX(0, pos - W + 1);
+    int nsp = 0;
+    if (lo < j->pos0) {
+        const int at = lo % W, m = j->pos0 - lo, run = SJ_MIN(m, W - at);
+        sp[nsp++] = (sj_kv_span){ kc + at * ld, vc + at * ld, run };
+        if (m > run) sp[nsp++] = (sj_kv_span){ kc, vc, m - run };
+    }
+    const int f0 = SJ_MAX(lo, j->pos0) - j->pos0;
+    sp[nsp++] = (sj_kv_span){ j->fresh_k + f0 * ld + kvh * es, j->fresh_v + f0 * ld + kvh * es, t - f0 + 1 };
+    return nsp;
+}
+
+/* One task = one token's `sub` query heads of one KV head (sj_attn_group
+ * reads each K/V row once for them), or with tiles ATTN_TQ consecutive
+ * tokens of one query head (whole-context layers only). */
 static void attn_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
     (void)tid;
     const attn_job *j = ctx;
     sj_infer *h = j->h;
-    const int H = h->c.n_heads, hd = h->hd, KVd = h->kv_dim, grp = H / h->c.n_kv_heads, per = H / j->sub;
+    const int H = h->n_att, hd = h->hd, KVd = h->kv_dim, grp = H / (KVd / hd), per = H / j->sub;
     const float scale = 1.0f / sqrtf((float)hd);
-    const int es = h->kv_f16 ? 2 : 4;   /* bytes per cache element */
-    const char *kc = (const char *)h->kcache + (int64_t)j->layer * h->max_ctx * KVd * es;
-    const char *vc = (const char *)h->vcache + (int64_t)j->layer * h->max_ctx * KVd * es;
-    float sc[(j->tiles ? ATTN_TQ : j->sub) * (j->pos0 + j->n)];
-    if (j->tiles) {   /* task = ATTN_TQ consecutive tokens of one query head */
+    float sc[(j->tiles ? SJ_ATTN_TQ : j->sub) * (j->pos0 + j->n)];
+    if (j->tiles) {
+        const int es = h->kv_f16 ? 2 : 4;
+        const char *kc = (const char *)h->kcache + h->L[j->layer].kv_at * es;
+        const char *vc = (const char *)h->vcache + h->L[j->layer].kv_at * es;
         for (int64_t i = i0; i < i1; i++) {
-            int t0 = (int)(i / H) * ATTN_TQ, hh = (int)(i % H), nt = SJ_MIN(ATTN_TQ, j->n - t0);
+            int t0 = (int)(i / H) * SJ_ATTN_TQ, hh = (int)(i % H), nt = SJ_MIN(SJ_ATTN_TQ, j->n - t0);
             int64_t at = (int64_t)t0 * H * hd + hh * hd;
             sj_attn_tile(h->att + at, h->q + at, H * hd, kc + (int64_t)(hh / grp) * hd * es,
                          vc + (int64_t)(hh / grp) * hd * es, h->kv_f16, j->pos0 + t0 + 1, nt, hd, KVd, scale, sc);
@@ -466,9 +564,50 @@ static void attn_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
     for (int64_t i = i0; i < i1; i++) {
         int t = (int)(i / per), h0 = (int)(i % per) * j->sub;
         int64_t at = (int64_t)t * H * hd + h0 * hd;
-        sj_attn_group(h->att + at, h->q + at, kc + (int64_t)(h0 / grp) * hd * es, vc + (int64_t)(h0 / grp) * hd * es,
-                      h->kv_f16, j->pos0 + t + 1, j->sub, hd, KVd, scale, sc);
+        sj_kv_span sp[3];
+        const int nsp = key_spans(j, t, (int64_t)(h0 / grp) * hd, sp);
+        sj_attn_group(h->att + at, h->q + at, sp, nsp, h->kv_f16, j->sub, hd, KVd, scale, sc);
     }
+}
+
+/* The chunk's n rows of k and v (n, kv_dim) into layer l's cache, and
+ * their attention into h->att (n, n_att * hd). */
+static void attention(sj_infer *h, int l, int n) {
+    const layer_w *w = &h->L[l];
+    const int KVd = h->kv_dim, H = h->n_att, grp = H / (KVd / h->hd), es = h->kv_f16 ? 2 : 4;
+    char *kc = (char *)h->kcache + w->kv_at * es, *vc = (char *)h->vcache + w->kv_at * es;
+    attn_job aj = { h, l, n, h->pos, 1, 0, NULL, NULL };
+    if (!w->window) {   /* rows pos .. pos + n - 1 first: the chunk's tokens read them */
+        const int64_t at = (int64_t)h->pos * KVd * es;
+        if (h->kv_f16) {   /* rounded to nearest even, as ggml's f16 cache */
+            to_f16((uint16_t *)(kc + at), h->k, (int64_t)n * KVd);
+            to_f16((uint16_t *)(vc + at), h->v, (int64_t)n * KVd);
+        } else {
+            memcpy(kc + at, h->k, sizeof(float) * n * KVd);
+            memcpy(vc + at, h->v, sizeof(float) * n * KVd);
+        }
+    } else if (h->kv_f16) {   /* the fresh rows as the cache will hold them */
+        to_f16(h->k16, h->k, (int64_t)n * KVd);
+        to_f16(h->v16, h->v, (int64_t)n * KVd);
+        aj.fresh_k = (const char *)h->k16; aj.fresh_v = (const char *)h->v16;
+    } else {
+        aj.fresh_k = (const char *)h->k; aj.fresh_v = (const char *)h->v;
+    }
+    /* whole GQA groups per task (f32 cache), unless that leaves threads idle
+     * (decode on several threads) or its scores would not fit the stack */
+    const int P = sj_parallel_threads(), KV = KVd / h->hd;
+    aj.sub = (P == 1 || n * KV >= 4 * P) && grp * (h->pos + n) <= (1 << 16) ? grp : 1;
+    /* prefill: tiles of tokens per head where the tile kernel is the fast one */
+    aj.tiles = !w->window && n >= SJ_ATTN_TQ && sj_attn_tile_fast(h->hd) && SJ_ATTN_TQ * (h->pos + n) <= (1 << 16);
+    const int64_t tasks = aj.tiles ? SJ_CDIV(n, SJ_ATTN_TQ) * H : (int64_t)n * (H / aj.sub);
+    if (tasks < 4) attn_rows(&aj, 0, tasks, 0);
+    else sj_parallel_for(tasks, 1, attn_rows, &aj);
+    if (w->window)   /* the ring keeps the chunk's last `window` rows: position p at row p % window */
+        for (int t = SJ_MAX(0, n - w->window); t < n; t++) {
+            const int64_t row = (int64_t)((h->pos + t) % w->window) * KVd * es, src = (int64_t)t * KVd * es;
+            memcpy(kc + row, aj.fresh_k + src, (size_t)KVd * es);
+            memcpy(vc + row, aj.fresh_v + src, (size_t)KVd * es);
+        }
 }
 
 /* g (n) = silu(g) * u: exp512 where there is AVX-512 (a scalar expf call per
@@ -486,10 +625,19 @@ static void swiglu(float *restrict g, const float *restrict u, int64_t n) {
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
-/* x (n) += y: the residual adds (restrict: the compiler need not check overlap). */
-static void add_to(float *restrict x, const float *restrict y, int64_t n) {
+/* g (n) = relu(g)^2 * u. */
+static void relu2(float *restrict g, const float *restrict u, int64_t n) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+    for (int64_t i = 0; i < n; i++) {
+        const float r = g[i] > 0.f ? g[i] : 0.f;
+        g[i] = r * r * u[i];
+    }
+}
+
+/* x (n) += a * y: the residual adds (restrict: the compiler need not check overlap). */
+static void add_to(float *restrict x, float a, const float *restrict y, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) x[i] += a * y[i];
 }
 
 static void matmul(sj_infer *h, float *out, const sj_qmat *W, const float *x, int n, int quantize) {
@@ -501,14 +649,16 @@ static void matmul(sj_infer *h, float *out, const sj_qmat *W, const float *x, in
  * final-normed hidden states are left in h->xb. */
 static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
     const sj_config *c = &h->c;
-    const int C = c->dim, F = c->ffn_dim, H = c->n_heads, KV = c->n_kv_heads, KVd = h->kv_dim;
+    const int C = c->dim, F = c->ffn_dim, H = c->n_heads, KV = c->n_kv_heads, hd = h->hd, KVd = h->kv_dim;
     float rowbuf[C];
     for (int t = 0; t < n; t++) {
         if (h->tok_emb.type == SJ_W_F32) memcpy(h->x + (int64_t)t * C, h->tok_emb.f + (int64_t)tok[t] * C, sizeof(float) * C);
         else { sj_qmat_get_row(&h->tok_emb, tok[t], rowbuf); memcpy(h->x + (int64_t)t * C, rowbuf, sizeof(float) * C); }
     }
+    if (h->emb) memcpy(h->emb, h->x, sizeof(float) * n * C);
     for (int l = 0; l < c->n_layers; l++) {
         layer_w *w = &h->L[l];
+        if (l > 0 && h->emb) add_to(h->x, c->embed_skip, h->emb, (int64_t)n * C);
         rmsnorm(h->xb, h->x, w->attn_norm, n, C, c->norm_eps);
         {   /* q, k, v: one quantised input, one parallel loop */
             float *outs[3] = { h->q, h->k, h->v };
@@ -516,31 +666,25 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
             if (w->wq.type == SJ_W_Q8 || w->wq.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
             sj_qmat_mul_multi(3, outs, Ws, h->xb, &h->qa, n);
         }
-        const int64_t at = ((int64_t)l * h->max_ctx + h->pos) * KVd;
-        for (int t = 0; t < n; t++) {
-            rope(h, h->q + (int64_t)t * C, H, h->pos + t);
-            rope(h, h->k + (int64_t)t * KVd, KV, h->pos + t);
+        if (c->paired_heads) {
+            pair_heads(h->q, n, H / 2, hd);
+            pair_heads(h->k, n, KV / 2, hd);
+            pair_heads(h->v, n, KV / 2, hd);
         }
-        if (h->kv_f16) {   /* rounded to nearest even, as ggml's f16 cache */
-            uint16_t *kc = (uint16_t *)h->kcache + at, *vc = (uint16_t *)h->vcache + at;
-            to_f16(kc, h->k, (int64_t)n * KVd);
-            to_f16(vc, h->v, (int64_t)n * KVd);
-        } else {
-            memcpy(h->kcache + at, h->k, sizeof(float) * n * KVd);
-            memcpy(h->vcache + at, h->v, sizeof(float) * n * KVd);
+        if (c->layers[l].qk_norm != SJ_QK_NORM_NONE) {   /* per head, before RoPE; gains NULL when plain */
+            rmsnorm(h->q, h->q, w->q_norm, n * h->n_att, hd, c->norm_eps);
+            rmsnorm(h->k, h->k, w->k_norm, n * (KVd / hd), hd, c->norm_eps);
         }
-        /* whole GQA groups per task (f32 cache), unless that leaves threads idle
-         * (decode on several threads) or its scores would not fit the stack */
-        const int grp = H / KV, P = sj_parallel_threads();
-        const int sub = (P == 1 || n * KV >= 4 * P) && grp * (h->pos + n) <= (1 << 16) ? grp : 1;
-        /* prefill: tiles of tokens per head where the tile kernel is the fast one */
-        const int tiles = n >= ATTN_TQ && sj_attn_tile_fast(h->hd) && ATTN_TQ * (h->pos + n) <= (1 << 16);
-        attn_job aj = { h, l, n, h->pos, sub, tiles };
-        const int64_t tasks = tiles ? SJ_CDIV(n, ATTN_TQ) * H : (int64_t)n * (H / sub);
-        if (tasks < 4) attn_rows(&aj, 0, tasks, 0);
-        else sj_parallel_for(tasks, 1, attn_rows, &aj);
+        rope(h, h->q, n, h->n_att, h->pos);
+        rope(h, h->k, n, KVd / hd, h->pos);
+        if (h->v0 && l == 0) memcpy(h->v0, h->v, sizeof(float) * n * KVd);
+        else if (h->v0) {   /* value_mix: v = (1 - a) v + a v of layer 0 */
+            const float a = c->value_mix, keep = 1.0f - a;
+            for (int64_t i = 0; i < (int64_t)n * KVd; i++) h->v[i] = keep * h->v[i] + a * h->v0[i];
+        }
+        attention(h, l, n);
         matmul(h, h->xb, &w->wo, h->att, n, 1);
-        add_to(h->x, h->xb, (int64_t)n * C);
+        add_to(h->x, 1.0f, h->xb, (int64_t)n * C);
         rmsnorm(h->xb, h->x, w->ffn_norm, n, C, c->norm_eps);
         {
             float *outs[2] = { h->hb, h->hb2 };
@@ -548,9 +692,10 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
             if (w->w_gate.type == SJ_W_Q8 || w->w_gate.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
             sj_qmat_mul_multi(2, outs, Ws, h->xb, &h->qa, n);
         }
-        swiglu(h->hb, h->hb2, (int64_t)n * F);
+        if (c->layers[l].ffn == SJ_FFN_RELU2) relu2(h->hb, h->hb2, (int64_t)n * F);
+        else swiglu(h->hb, h->hb2, (int64_t)n * F);
         matmul(h, h->xb, &w->w_down, h->hb, n, 1);
-        add_to(h->x, h->xb, (int64_t)n * C);
+        add_to(h->x, 1.0f, h->xb, (int64_t)n * C);
     }
     rmsnorm(h->xb, h->x, h->norms + (int64_t)2 * c->n_layers * C, n, C, c->norm_eps);
     h->pos += n;

@@ -71,6 +71,23 @@ typedef struct { uint8_t *mem; int64_t used, cap; } sj_qpool;
  * Made once per input, read by every row. Bind to caller-owned memory. */
 typedef struct { int8_t *q; float *d, *s, *d2; int32_t *c2; int n, cols; } sj_qact;
 
+/* Attention over the KV cache (attn.c). A span: n consecutive cache rows,
+ * row r's key at k + r * ld elements, its value at v + r * ld. */
+typedef struct { const void *k, *v; int n; } sj_kv_span;
+/* out (G, hd): softmax(q k^T * scale) v for the G query heads q (G, hd) of
+ * one token over the spans' rows in order (f32 elements, or f16 when
+ * kv_f16). sc: scratch (G, total rows). */
+void sj_attn_group(float *out, const float *q, const sj_kv_span *sp, int nsp, int kv_f16, int G,
+                   int hd, int ld, float scale, float *sc);
+#define SJ_ATTN_TQ 4   /* query tokens per prefill tile */
+/* nt (<= SJ_ATTN_TQ) consecutive tokens of one head (queries and outputs
+ * ldq apart): token j attends to rows s < T0 + j of kc/vc. sc: scratch of
+ * SJ_ATTN_TQ (T0 + nt - 1) floats. */
+void sj_attn_tile(float *out, const float *q, int ldq, const void *kc, const void *vc, int kv_f16, int T0, int nt,
+                  int hd, int ld, float scale, float *sc);
+/* 1 where sj_attn_tile has a fast kernel for this head size. */
+int sj_attn_tile_fast(int hd);
+
 /* RoPE (cos, sin) tables, (n_pos, head_dim/2) each, scaled by the config's
  * RoPE scaling (sj_rope_init at seq_len n_pos): the CPU engine's, and the
  * GPU engine's copy of them. */

@@ -62,9 +62,26 @@ static const void *mat_data(const sj_qmat *W) {
     return W->type == SJ_W_F32 ? (const void *)W->f : (const void *)W->bf;
 }
 
+/* The architecture option of c the GPU engine does not run yet, or NULL
+ * (an untied head it runs: GGUF's output.weight). */
+static const char *option_unsupported(const sj_config *c) {
+    if (c->rope_scaling.type != SJ_ROPE_DEFAULT) return "rope_scaling";
+    if (c->paired_heads) return "paired_heads";
+    if (c->value_mix != 0.f) return "value_mix";
+    if (c->embed_skip != 0.f) return "embed_skip";
+    for (int l = 0; l < c->n_layers; l++) {
+        if (c->layers[l].ffn != SJ_FFN_SWIGLU) return "ffn";
+        if (c->layers[l].qk_norm != SJ_QK_NORM_NONE) return "qk_norm";
+        if (c->layers[l].window) return "window";
+    }
+    return NULL;
+}
+
 /* The CPU engine's weights (mode fp32 or bf16) to a new GPU engine. */
 static sj_status to_gpu(const sj_infer *h, int max_ctx, sj_cuinfer **out) {
     const sj_config *c = sj_infer_config(h);
+    const char *opt = option_unsupported(c);
+    if (opt) return sj_fail(SJ_ERR_ARG, "the GPU inference engine does not run %s yet: generate on the CPU", opt);
     if (max_ctx <= 0) max_ctx = SJ_MIN(c->max_seq_len, 4096);
     if (max_ctx > (1 << 20)) return sj_fail(SJ_ERR_ARG, "max_ctx %d is too large", max_ctx);
     const int L = c->n_layers, hd = c->dim / c->n_heads, half = hd / 2;
