@@ -5,6 +5,7 @@
  * backend kernel on host arrays for the tests (uploaded, run, downloaded).
  * Nothing here launches work behind the engine's back except the hooks. */
 #include "py.h"
+#include "../ops/backend.h"
 #include <stdlib.h>
 #include <string.h>
 #ifdef SJ_HAVE_CUDA
@@ -369,20 +370,23 @@ static PyObject *py_cuda_memory(PyObject *self, PyObject *args) {
 #endif
 }
 
-#ifdef SJ_HAVE_CUDA
 /* ---- kernel hooks for tests --------------------------------------------- */
 
+#ifdef SJ_HAVE_CUDA
 static PyObject *py_attention_variant(PyObject *self, PyObject *args) {
     int v;
     if (!PyArg_ParseTuple(args, "i", &v)) return NULL;
     sj_cuda_set_attention_variant(v);
     Py_RETURN_NONE;
 }
+#endif
 
 /* One argument of a hooked kernel: host array in, device buffer, maybe out. */
 typedef struct { const char *name; char kind; Py_buffer view; void *dev; float *stage; int64_t n; } harg;
 
-static void *hctx;
+#ifdef SJ_HAVE_CUDA
+static void *hctx;   /* the CUDA tables' context (the CPU's needs none) */
+#endif
 
 /* Upload arrays[name] ('a': act dtype from f32, 'f': f32, 't': int32). */
 static int hupload(const sj_backend *be, PyObject *arrays, harg *a) {
@@ -431,7 +435,8 @@ static PyObject *hdownload(const sj_backend *be, harg *a) {
  * unchanged); with reps > 0 also "ms": device milliseconds per run, timed
  * with CUDA events over reps runs after one warm-up. The optional fused
  * projections also give "fused": whether the backend ran them (else the
- * outputs are untouched). */
+ * outputs are untouched). dtype "cpu" runs the CPU backend's kernel (in
+ * every build, so that CPU kernels are tested the same way; no timing). */
 static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     const char *op, *dts;
     PyObject *arrays, *ints_o, *floats_o;
@@ -441,13 +446,29 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         return NULL;
     if (reps < 0) reps = 0;
     float ms = -1.f;
-    const sj_backend *be = !strcmp(dts, "fp32") ? &sj_cuda_backend_f32
-                         : !strcmp(dts, "bf16") ? &sj_cuda_backend_bf16
-                         : !strcmp(dts, "fp16") ? &sj_cuda_backend_f16 : NULL;
-    if (!be) return PyErr_Format(PyExc_ValueError, "cuda_op: dtype must be 'fp32', 'bf16' or 'fp16', "
-                                 "got '%s'", dts);
-    sj_status st = sj_cuda_check_device();
-    if (st) return sj_py_raise(st);
+    const sj_backend *be = NULL;
+    if (!strcmp(dts, "cpu")) be = &sj_cpu_backend;
+#ifdef SJ_HAVE_CUDA
+    else if (!strcmp(dts, "fp32")) be = &sj_cuda_backend_f32;
+    else if (!strcmp(dts, "bf16")) be = &sj_cuda_backend_bf16;
+    else if (!strcmp(dts, "fp16")) be = &sj_cuda_backend_f16;
+#else
+    else if (!strcmp(dts, "fp32") || !strcmp(dts, "bf16") || !strcmp(dts, "fp16"))
+        return PyErr_Format(PyExc_RuntimeError, "cuda_op: dtype '%s' needs the CUDA backend, "
+                            "which this build lacks", dts);
+#endif
+    if (!be) return PyErr_Format(PyExc_ValueError, "cuda_op: dtype must be 'cpu', 'fp32', 'bf16' "
+                                 "or 'fp16', got '%s'", dts);
+    sj_status st = SJ_OK;
+    if (be->device) {
+#ifdef SJ_HAVE_CUDA
+        if ((st = sj_cuda_check_device())) return sj_py_raise(st);
+        if (!hctx && !(hctx = be->ctx_create())) return sj_py_raise(SJ_ERR_RUNTIME);
+        be->bind(hctx);
+#endif
+    } else {
+        reps = 0;
+    }
     long long I[12] = {0};
     double Fl[8] = {0};
     PyObject *si = PySequence_Fast(ints_o, "ints"), *sf = si ? PySequence_Fast(floats_o, "floats") : NULL;
@@ -459,8 +480,6 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     const Py_ssize_t n_ints = PySequence_Fast_GET_SIZE(si);
     Py_DECREF(si); Py_DECREF(sf);
     if (PyErr_Occurred()) return NULL;
-    if (!hctx && !(hctx = be->ctx_create())) return sj_py_raise(SJ_ERR_RUNTIME);
-    be->bind(hctx);
 
     /* Argument lists, outputs first as in backend.h. 'c' = act or f32 by c_f32. */
     static const struct { const char *op; const char *names[7]; const char *kinds; } specs[] = {
@@ -504,9 +523,13 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     /* reps > 0 (benchmarks): one warm-up run, then reps runs between CUDA
      * events on the same device buffers (outputs are overwritten or, with
      * accum, keep growing; inputs stay unless the op works in place). */
+#ifdef SJ_HAVE_CUDA
     void *timer = NULL;
+#endif
     for (int rep = 0; rep <= reps; rep++) {
+#ifdef SJ_HAVE_CUDA
     if (rep == 1) timer = sj_cuda_timer_begin();
+#endif
     switch (k) {
     case 0: sj_matmul(be, D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (int)I[6]); break;
     case 1: be->embedding_forward(D(0), D(1), SJ_I32, D(2), (int)I[0], (int)I[1]); break;
@@ -556,7 +579,9 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         break;
     }
     }
+#ifdef SJ_HAVE_CUDA
     if (timer) ms = sj_cuda_timer_end(timer) / reps;
+#endif
     /* in place: the result is in the input's buffer (the loss's gradient in
      * the logits, rope's output in its input, the sum in the addend) */
     if ((k == 14 && I[4]) || (k == 5 && I[6]) || (k == 6 && I[7]) || (k == 16 && I[5])) {
@@ -596,14 +621,15 @@ done:
     }
     return result;
 }
-#endif
 
 static PyMethodDef functions[] = {
     {"cuda_info", py_cuda_info, METH_NOARGS, "cuda_info() -> {compiled, devices, names}"},
     {"cuda_memory", py_cuda_memory, METH_VARARGS,
      "cuda_memory(reset_peak=False) -> (bytes now, peak) held by the CUDA backend"},
+    {"cuda_op", py_cuda_op, METH_VARARGS,
+     "cuda_op(op, dtype, arrays, ints, floats, reps=0) -> dict (tests; dtype 'cpu': the CPU "
+     "backend; reps>0 adds 'ms')"},
 #ifdef SJ_HAVE_CUDA
-    {"cuda_op", py_cuda_op, METH_VARARGS, "cuda_op(op, dtype, arrays, ints, floats, reps=0) -> dict (tests; reps>0 adds 'ms')"},
     {"cuda_attention_variant", py_attention_variant, METH_VARARGS, "0 auto, 1 simple, 2 mma.sync only (tests)"},
 #endif
     {NULL, NULL, 0, NULL},
