@@ -4,7 +4,7 @@ import pytest
 
 from smedjan import _C
 
-OPS = ["embedding", "rmsnorm", "matmul", "matmul_add", "matmul_rope", "matmul_swiglu", "rope", "attention",
+OPS = ["embedding", "rmsnorm", "qk_norm", "qk_norm_plain", "matmul", "matmul_add", "matmul_rope", "matmul_swiglu", "rope", "attention",
        "swiglu", "add", "cross_entropy"]
 
 

@@ -482,7 +482,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     if (PyErr_Occurred()) return NULL;
 
     /* Argument lists, outputs first as in backend.h. 'c' = act or f32 by c_f32. */
-    static const struct { const char *op; const char *names[7]; const char *kinds; } specs[] = {
+    static const struct { const char *op; const char *names[8]; const char *kinds; } specs[] = {
         {"matmul", {"C", "A", "B"}, "caa"},
         {"embedding_forward", {"out", "tok", "emb"}, "ata"},
         {"embedding_backward", {"demb", "dout", "tok"}, "fat"},
@@ -502,12 +502,14 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"matmul_add", {"D", "C", "A", "B"}, "aaaa"},
         {"matmul_swiglu", {"h", "gu", "x", "w"}, "aaaa"},
         {"matmul_rope", {"out", "x", "w"}, "aaa"},
+        {"qk_norm_forward", {"out", "rstd", "qkv", "wq", "wk"}, "afaaa"},
+        {"qk_norm_backward", {"dqkv", "dwq", "dwk", "dout", "qkv", "wq", "wk", "rstd"}, "affaaaaf"},
     };
     int k = -1, fused = 0;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
         if (!strcmp(specs[i].op, op)) k = i;
     if (k < 0) return PyErr_Format(PyExc_ValueError, "cuda_op: unknown op '%s'", op);
-    harg a[7];
+    harg a[8];
     memset(a, 0, sizeof a);
     int na = (int)strlen(specs[k].kinds);
     PyObject *result = NULL;
@@ -577,16 +579,27 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 18:
         fused = be->matmul_rope && be->matmul_rope(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (float)Fl[0]);
         break;
+    case 19: /* ints[4] = weighted (else no gains: NULL), ints[5] = in place: out is qkv */
+        be->qk_norm_forward(I[5] ? D(2) : D(0), D(1), D(2), I[4] ? D(3) : NULL, I[4] ? D(4) : NULL,
+                            (int)I[0], (int)I[1], (int)I[2], (int)I[3], (float)Fl[0]);
+        break;
+    case 20: /* ints[4] = weighted, ints[5] = accum, ints[6] = dw_accum, ints[7] = in place:
+              * dqkv is dout */
+        be->qk_norm_backward(I[7] ? D(3) : D(0), I[4] ? D(1) : NULL, I[4] ? D(2) : NULL, D(3), D(4),
+                             I[4] ? D(5) : NULL, I[4] ? D(6) : NULL, D(7), (int)I[0], (int)I[1],
+                             (int)I[2], (int)I[3], (int)I[5], (int)I[6]);
+        break;
     }
     }
 #ifdef SJ_HAVE_CUDA
     if (timer) ms = sj_cuda_timer_end(timer) / reps;
 #endif
     /* in place: the result is in the input's buffer (the loss's gradient in
-     * the logits, rope's output in its input, the sum in the addend) */
-    if ((k == 14 && I[4]) || (k == 5 && I[6]) || (k == 6 && I[7]) || (k == 16 && I[5])) {
-        void *t = a[0].dev; a[0].dev = a[1].dev; a[1].dev = t;
-    }
+     * the logits, rope's output in its input, the sum in the addend, qk_norm's
+     * output in qkv, its dqkv in dout) */
+    const int src = (k == 14 && I[4]) || (k == 5 && I[6]) || (k == 6 && I[7]) || (k == 16 && I[5]) ? 1
+                  : k == 19 && I[5] ? 2 : k == 20 && I[7] ? 3 : 0;
+    if (src) { void *t = a[0].dev; a[0].dev = a[src].dev; a[src].dev = t; }
     Py_END_ALLOW_THREADS
     #undef D
     st = be->sync();
@@ -602,7 +615,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         PyDict_SetItemString(result, "ms", v);
         Py_XDECREF(v);
     }
-    if (result && k >= 17 && PyDict_SetItemString(result, "fused", fused ? Py_True : Py_False) < 0)
+    if (result && (k == 17 || k == 18) && PyDict_SetItemString(result, "fused", fused ? Py_True : Py_False) < 0)
         Py_CLEAR(result);
     if (result && k == 15) {
         PyObject *v = PyFloat_FromDouble(Fl[7]);
