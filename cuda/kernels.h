@@ -20,6 +20,12 @@ void sj_cuda_rmsnorm_forward_##T(void *out, float *rstd, const void *x, const vo
 void sj_cuda_rmsnorm_backward_##T(void *dx, float *dw, const void *dout, const void *x,   \
                                   const void *w, const float *rstd, int N, int C,         \
                                   int accum, int dw_accum);                               \
+void sj_cuda_qk_norm_forward_##T(void *out, float *rstd, const void *qkv, const void *wq, \
+                                 const void *wk, int N, int H, int KV, int hd, float eps); \
+void sj_cuda_qk_norm_backward_##T(void *dqkv, float *dwq, float *dwk, const void *dout,    \
+                                  const void *qkv, const void *wq, const void *wk,         \
+                                  const float *rstd, int N, int H, int KV, int hd,         \
+                                  int accum, int dw_accum);                               \
 void sj_cuda_rope_forward_##T(void *out, const void *in, int B, int T_, int n_heads,      \
                               int n_rot, int hd, int pos0, const sj_rope *rope);          \
 void sj_cuda_rope_backward_##T(void *din, const void *dout, int B, int T_, int n_heads,   \
@@ -77,6 +83,9 @@ int sj_cuda_attention_backward_sm90_bf16(void *dqkv, const void *dout, const voi
 int sj_cuda_attention_backward_sm90_f16(void *dqkv, const void *dout, const void *qkv,
                                         const float *D, const float *lse, int B, int T_, int H,
                                         int KV, int hd, int window, int accum);
+/* dw: (C) (+)= the sum over the n rows of part: (n, C), in a fixed order
+ * (rmsnorm.cu; every norm's weight gradient). */
+void sj_cuda_dw_reduce(float *dw, const float *part, int n, int C, int dw_accum);
 /* Once per process, before any capture: raise shared-memory limits. */
 void sj_cuda_attention_init(void);
 void sj_cuda_matmul_init(void);

@@ -229,6 +229,11 @@ static __global__ void __launch_bounds__(256) rms_dw_reduce_k(float *dw, const f
     }
 }
 
+extern "C" void sj_cuda_dw_reduce(float *dw, const float *part, int n, int C, int dw_accum) {
+    rms_dw_reduce_k<<<(C + 31) / 32, 256, 0, sj_stream()>>>(dw, part, n, C, dw_accum);
+    LAUNCH_CHECK("weight gradient reduction");
+}
+
 /* Vectors per lane for a row of C elements; 0 = no vector kernel (then the
  * scalar one runs). At most 6: the backward's dw block reduction keeps
  * up to 8 * C floats in shared memory (<= 48 KB: C <= 1536). */
@@ -284,8 +289,7 @@ static bool rms_backward_vec(T *dx, float *dw, const T *dout, const T *x, const 
     }
 #undef SJ_RMS_BWD
     LAUNCH_CHECK("rmsnorm_backward (vector)");
-    rms_dw_reduce_k<<<(C + 31) / 32, 256, 0, s>>>(dw, part, (int)nb, C, dw_accum);
-    LAUNCH_CHECK("rmsnorm_backward dw");
+    sj_cuda_dw_reduce(dw, part, (int)nb, C, dw_accum);
     return true;
 }
 

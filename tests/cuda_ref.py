@@ -229,3 +229,38 @@ def adamw(p, g, m, v, n_decay, lr, b1, b2, eps, wd, clip, step):
     bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
     p -= lr / bc1 * m / (np.sqrt(v) / math.sqrt(bc2) + eps)
     return p, m, v, sumsq
+
+
+def _qk_gains(wq, wk, H, KV, hd):
+    """(H + KV, hd): wq for every q head, then wk for every k head; ones when plain."""
+    if wq is None:
+        return np.ones((H + KV, hd))
+    return np.concatenate([np.tile(np.float64(wq), (H, 1)), np.tile(np.float64(wk), (KV, 1))])
+
+
+def qk_norm_fwd(qkv, wq, wk, H, KV, hd, eps):
+    """Per-head RMSNorm of the q and k heads of qkv (N, (H + 2 KV) hd), v heads
+    unchanged; wq = wk = None: no gain. -> out (N, (H + 2 KV) hd), rstd (N, H + KV)."""
+    N = qkv.shape[0]
+    x = np.float64(qkv).reshape(N, H + 2 * KV, hd)
+    qk = x[:, :H + KV]
+    rstd = 1.0 / np.sqrt((qk * qk).mean(-1) + eps)
+    out = x.copy()
+    out[:, :H + KV] = qk * rstd[..., None] * _qk_gains(wq, wk, H, KV, hd)
+    return out.reshape(N, -1), rstd
+
+
+def qk_norm_bwd(dout, qkv, wq, wk, rstd, H, KV, hd):
+    """-> dqkv (N, (H + 2 KV) hd) (dv = dout), dwq (hd), dwk (hd); the last two
+    None when plain."""
+    N = qkv.shape[0]
+    x = np.float64(qkv).reshape(N, H + 2 * KV, hd)[:, :H + KV]
+    g = np.float64(dout).reshape(N, H + 2 * KV, hd)
+    gq, r, w = g[:, :H + KV], np.float64(rstd).reshape(N, H + KV, 1), _qk_gains(wq, wk, H, KV, hd)
+    dot = (gq * w * x).sum(-1, keepdims=True)
+    dx = g.copy()
+    dx[:, :H + KV] = gq * w * r - dot * r ** 3 / hd * x
+    dw = gq * x * r
+    if wq is None:
+        return dx.reshape(N, -1), None, None
+    return dx.reshape(N, -1), dw[:, :H].sum((0, 1)), dw[:, H:].sum((0, 1))

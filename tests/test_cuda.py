@@ -184,6 +184,73 @@ def test_rmsnorm_kernels(dtype, accum, dw_accum, rng):
           1e-5 if dtype == "fp32" else 5e-3)
 
 
+def qk_norm_run(dtype, rng, N, H, KV, hd, weighted, in_place=0, eps=1e-6):
+    """Inputs rounded to dtype and the forward kernel's outputs."""
+    qkv = rnd(rng, N, (H + 2 * KV) * hd, scale=2.0, dtype=dtype)
+    wq, wk = (round_to(rng.uniform(0.5, 1.5, hd).astype(np.float32), dtype) for _ in range(2))
+    f = op("qk_norm_forward", dtype, {"out": poison(qkv.shape), "rstd": poison(N * (H + KV)), "qkv": qkv,
+                                      "wq": wq, "wk": wk}, (N, H, KV, hd, weighted, in_place), (eps,))
+    return qkv, wq, wk, f
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd", [64, 96, 128, 256])
+@pytest.mark.parametrize("weighted", [1, 0], ids=["weighted", "plain"])
+@pytest.mark.parametrize("in_place", [0, 1], ids=["apart", "out_is_qkv"])
+def test_qk_norm_forward_kernel(dtype, hd, weighted, in_place, rng):
+    """Each q and k head normalized on its own (with the gains, or none), v
+    heads copied exactly; rstd per (row, q or k head)."""
+    N, H, KV, eps = 37, 4, 2, 1e-6
+    qkv, wq, wk, f = qk_norm_run(dtype, rng, N, H, KV, hd, weighted, in_place, eps)
+    out, rstd = ref.qk_norm_fwd(qkv, wq if weighted else None, wk if weighted else None, H, KV, hd, eps)
+    got = f["out"].reshape(N, -1)
+    close(got, out, dtype, "qk_norm out")
+    close(f["rstd"], rstd, "fp32", "qk_norm rstd", 1e-5 if dtype == "fp32" else 1e-4)
+    np.testing.assert_array_equal(got[:, (H + KV) * hd:], qkv[:, (H + KV) * hd:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd", [64, 96, 128, 256])
+@pytest.mark.parametrize("weighted", [1, 0], ids=["weighted", "plain"])
+@pytest.mark.parametrize("accum,dw_accum,in_place", [(0, 0, 0), (1, 1, 0), (0, 1, 0), (1, 0, 0), (0, 0, 1)])
+def test_qk_norm_backward_kernel(dtype, hd, weighted, accum, dw_accum, in_place, rng):
+    """dqkv overwritten or added into (or written over dout, in place), dv =
+    dout; the gains' f32 gradients likewise, and untouched when plain. N
+    spans blocks of several rows (their partials summed in order)."""
+    N, H, KV = 2500, 4, 2
+    qkv, wq, wk, f = qk_norm_run(dtype, rng, N, H, KV, hd, weighted)
+    dout = rnd(rng, N, (H + 2 * KV) * hd, dtype=dtype)
+    dx0 = rnd(rng, N, (H + 2 * KV) * hd, dtype=dtype) if accum else poison(qkv.shape)
+    dwq0, dwk0 = rnd(rng, hd), rnd(rng, hd)
+    b = op("qk_norm_backward", dtype, {"dqkv": dx0, "dwq": dwq0, "dwk": dwk0, "dout": dout, "qkv": qkv,
+                                       "wq": wq, "wk": wk, "rstd": f["rstd"]},
+           (N, H, KV, hd, weighted, accum, dw_accum, in_place))
+    dx, dwq, dwk = ref.qk_norm_bwd(dout, qkv, wq if weighted else None, wk if weighted else None,
+                                   f["rstd"], H, KV, hd)
+    got = b["dqkv"].reshape(N, -1)
+    close(got, dx + (np.float64(dx0) if accum else 0), dtype, "qk_norm dqkv")
+    if not accum:
+        np.testing.assert_array_equal(got[:, (H + KV) * hd:], dout[:, (H + KV) * hd:])
+    if weighted:
+        tol = 1e-5 if dtype == "fp32" else 5e-3
+        close(b["dwq"], dwq + (dwq0 if dw_accum else 0), dtype, "qk_norm dwq", tol)
+        close(b["dwk"], dwk + (dwk0 if dw_accum else 0), dtype, "qk_norm dwk", tol)
+    else:
+        np.testing.assert_array_equal(b["dwq"], dwq0)
+        np.testing.assert_array_equal(b["dwk"], dwk0)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_qk_norm_backward_is_bit_identical_run_to_run(dtype, rng):
+    N, H, KV, hd = 3000, 8, 2, 128
+    qkv, wq, wk, f = qk_norm_run(dtype, rng, N, H, KV, hd, 1)
+    args = {"dqkv": poison(qkv.shape), "dwq": poison(hd), "dwk": poison(hd),
+            "dout": rnd(rng, *qkv.shape, dtype=dtype), "qkv": qkv, "wq": wq, "wk": wk, "rstd": f["rstd"]}
+    runs = [op("qk_norm_backward", dtype, args, (N, H, KV, hd, 1, 0, 0, 0)) for _ in range(2)]
+    for k in ("dqkv", "dwq", "dwk"):
+        np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("accum", [0, 1])
 def test_rope_kernels(dtype, accum, rng):

@@ -155,15 +155,17 @@ def test_fused_training_with_grad_accum_equals_the_reference(monkeypatch):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_in_place_rules_where_each_one_binds(seed):
-    """A small tape (csrc/ops/gradcheck.c) where x feeds two ropes, their sum
-    feeds a third and a matmul_add: the first rope may not overwrite x (the
-    second still reads it), only one of the add's inputs may take dy, the
-    other rope's input gradient then accumulates; then a value mix and an
-    axpy. As planned and with nothing shared, output and gradients agree bit
-    for bit."""
+    """A small tape (csrc/ops/gradcheck.c) where x = qk_norm(x0) feeds two
+    ropes, their sum feeds a third and a matmul_add: the first rope may not
+    overwrite x (the second still reads it), only one of the add's inputs may
+    take dy, the other rope's input gradient then accumulates; qk_norm may
+    not overwrite x0 (its backward reads it) but its backward writes x0's
+    gradient over x's; then a value mix and an axpy. As planned and with
+    nothing shared, output and gradients agree bit for bit."""
     from smedjan import _C
     diff, in_place = _C.tape_inplace_check(seed)
     assert diff == 0.0, diff
-    # forward: rope(x) #2, rope(z), mix; backward: axpy, mix, rope(z), rope #2, add, matmul_add
-    assert in_place == dict(in_place, rope=4, add=1, matmul_add=1, mix=2, axpy=1), in_place
-    assert sum(in_place.values()) == 9, in_place
+    # forward: rope(x) #2, rope(z), mix; backward: axpy, mix, rope(z), rope #2, add,
+    # matmul_add, qk_norm
+    assert in_place == dict(in_place, rope=4, add=1, matmul_add=1, mix=2, axpy=1, qk_norm=1), in_place
+    assert sum(in_place.values()) == 10, in_place

@@ -101,6 +101,8 @@ static void graph_free(void *g) { (void)g; }
     .embedding_backward = sj_cpu_embedding_backward,\
     .rmsnorm_forward = sj_cpu_rmsnorm_forward,    \
     .rmsnorm_backward = sj_cpu_rmsnorm_backward,  \
+    .qk_norm_forward = sj_cpu_qk_norm_forward,    \
+    .qk_norm_backward = sj_cpu_qk_norm_backward,  \
     .rope_forward = sj_cpu_rope_forward,          \
     .rope_backward = sj_cpu_rope_backward,        \
     .attention_forward = sj_cpu_attention_forward,\

@@ -26,6 +26,12 @@ void sj_cpu_rmsnorm_forward(void *out, float *rstd, const void *x, const void *w
 void sj_cpu_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x,
                              const void *w, const float *rstd, int N, int C, int accum,
                              int dw_accum);
+void sj_cpu_qk_norm_forward(void *out, float *rstd, const void *qkv, const void *wq,
+                            const void *wk, int N, int H, int KV, int hd, float eps);
+void sj_cpu_qk_norm_backward(void *dqkv, float *dwq, float *dwk, const void *dout,
+                             const void *qkv, const void *wq, const void *wk,
+                             const float *rstd, int N, int H, int KV, int hd, int accum,
+                             int dw_accum);
 void sj_cpu_rope_forward(void *out, const void *in, int B, int T, int n_heads,
                          int n_rot, int hd, int pos0, const sj_rope *rope);
 void sj_cpu_rope_backward(void *din, const void *dout, int B, int T, int n_heads,

@@ -38,7 +38,7 @@ typedef enum {
     SJ_OP_EMBEDDING, SJ_OP_RMSNORM, SJ_OP_MATMUL, SJ_OP_MATMUL_ADD, SJ_OP_ROPE,
     SJ_OP_ATTENTION, SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP_LM_HEAD_CE,
     SJ_OP_CAST, SJ_OP_MATMUL_SWIGLU, SJ_OP_MATMUL_ROPE, SJ_OP_PAIR_HEADS, SJ_OP_MIX,
-    SJ_OP_AXPY, SJ_OP__COUNT
+    SJ_OP_AXPY, SJ_OP_QK_NORM, SJ_OP__COUNT
 } sj_opcode;
 
 typedef struct {
@@ -129,6 +129,11 @@ sj_status sj_tape_backward(sj_tape *tp, const sj_backend *be, void *params, floa
 /* ---- ops: record a node and return its output tensor (-1 on failure) --- */
 int sj_op_embedding(sj_tape *tp, int tokens, int emb, int N, int C);
 int sj_op_rmsnorm(sj_tape *tp, int x, int w, int N, int C, float eps);
+/* RMSNorm of each q and k head of qkv: (N, (H + 2*KV)*hd) -> same, v heads
+ * passed through (backend.h); wq, wk: parameters of hd elements, or both -1
+ * for no gain. */
+int sj_op_qk_norm(sj_tape *tp, int qkv, int wq, int wk, int N, int H, int KV, int hd,
+                  float eps);
 int sj_op_matmul(sj_tape *tp, int x, int w, int N, int out_features, int in_features);
 /* res + x @ w^T in one GEMM (the residual add fused into the projection). */
 int sj_op_matmul_add(sj_tape *tp, int res, int x, int w, int N, int out_features,

@@ -459,15 +459,22 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         int h = sj_op_rmsnorm(tp, x, NORM("layers.%d.attn_norm", l), N, C, c->norm_eps);
         const int wqkv = PARAM("layers.%d.wq", l, (H + 2 * KV) * hd);
         int qkv;
-        if (fuse && !c->paired_heads) {
+        if (fuse && !c->paired_heads && y->qk_norm == SJ_QK_NORM_NONE) {
             qkv = sj_op_matmul_rope(tp, h, wqkv, B, T, H + 2 * KV, H + KV, hd, C, &pl->rope);
             OP_BLOCK_END();
         } else {
-            /* Pairing averages the heads as projected; RoPE (linear, the
-             * same angles for every head) could go either side of it. */
+            /* Pairing averages the heads as projected, qk-norm normalises
+             * them before they turn (RoPE's angles are the same for every
+             * head, so only the norm fixes the order). */
             qkv = sj_op_matmul(tp, h, wqkv, N, (H + 2 * KV) * hd, C);
             OP_BLOCK_END();
             if (c->paired_heads) qkv = sj_op_pair_heads(tp, qkv, N, H + 2 * KV, hd);
+            if (y->qk_norm != SJ_QK_NORM_NONE) {
+                const int gains = y->qk_norm == SJ_QK_NORM_WEIGHTED;
+                qkv = sj_op_qk_norm(tp, qkv, gains ? WEIGHT(find(m, "layers.%d.q_norm", l)->offset, hd) : -1,
+                                    gains ? WEIGHT(find(m, "layers.%d.k_norm", l)->offset, hd) : -1,
+                                    N, Ha, KVa, hd, c->norm_eps);
+            }
             qkv = sj_op_rope(tp, qkv, B, T, Ha + 2 * KVa, Ha + KVa, hd, &pl->rope);
         }
         if (c->value_mix != 0) {

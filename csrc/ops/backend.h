@@ -106,6 +106,19 @@ typedef struct sj_backend {
                              const void *w, const float *rstd, int N, int C, int accum,
                              int dw_accum);
 
+    /* Per-head RMSNorm of q and k (Qwen3's q_norm and k_norm, before RoPE).
+     * qkv, out: (N, (H + 2*KV)*hd), q heads then k then v; each q head's hd
+     * values become x * rstd * wq, each k head's x * rstd * wk, v heads are
+     * copied (dv = dout). rstd: (N, H + KV), q heads then k. wq, wk: (hd),
+     * dwq, dwk: (hd); all four NULL for no gain ("plain"). out may be qkv;
+     * dqkv may be dout (accum 0). */
+    void (*qk_norm_forward)(void *out, float *rstd, const void *qkv, const void *wq,
+                            const void *wk, int N, int H, int KV, int hd, float eps);
+    void (*qk_norm_backward)(void *dqkv, float *dwq, float *dwk, const void *dout,
+                             const void *qkv, const void *wq, const void *wk,
+                             const float *rstd, int N, int H, int KV, int hd, int accum,
+                             int dw_accum);
+
     /* Rotate-half RoPE on the first n_rot heads of each row of n_heads heads
      * of size hd (rope->n_pairs == hd/2); the remaining heads are copied. Row
      * r of batch b has position pos0 + (r % T). out, in: (B, T, n_heads*hd).

@@ -80,6 +80,10 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
     } else if (!strcmp(op, "rmsnorm")) {
         int x = add_act(c, "x", N * 6);
         c->out = sj_op_rmsnorm(tp, x, add_param(c, "w", 6), N, 6, 1e-5f);
+    } else if (!strcmp(op, "qk_norm") || !strcmp(op, "qk_norm_plain")) {   /* 2 q, 1 k, 1 v head of 6 */
+        int qkv = add_act(c, "qkv", N * (2 + 2 * 1) * 6), wq = -1, wk = -1;
+        if (!strcmp(op, "qk_norm")) { wq = add_param(c, "wq", 6); wk = add_param(c, "wk", 6); }
+        c->out = sj_op_qk_norm(tp, qkv, wq, wk, N, 2, 1, 6, 1e-5f);
     } else if (!strcmp(op, "matmul")) {
         int x = add_act(c, "x", N * 5);
         c->out = sj_op_matmul(tp, x, add_param(c, "w", 7 * 5), N, 7, 5);
@@ -126,7 +130,7 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         c->out = sj_op_cross_entropy(tp, logits, add_tokens(c, N, 9, 1, g), N, 9, -1);
         tp->loss_scale = 0.3f;
     } else {
-        return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, matmul, "
+        return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, qk_norm, qk_norm_plain, matmul, "
                        "matmul_add, matmul_rope, matmul_swiglu[_relu2], rope, rope_yarn, attention, attention_window, "
                        "swiglu[_relu2], add, axpy, pair_heads, mix, mix_shared_y, "
                        "cross_entropy)", op);
@@ -174,6 +178,8 @@ sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double 
         c.r = calloc((size_t)n_out, sizeof(float));
         if (!c.params || !c.grads || !c.r) s = sj_fail(SJ_ERR_NOMEM, "gradcheck: out of memory");
     }
+    /* norms: inputs of larger norm, gains away from zero */
+    const int norm = !strcmp(op, "rmsnorm") || !strncmp(op, "qk_norm", 7);
     for (int k = 0; s == SJ_OK && k < c.n_in; k++) {
         gc_input *in = &c.in[k];
         in->host = in->is_param ? c.params + c.tp.t[in->id].offset : malloc(sizeof(float) * in->numel);
@@ -181,8 +187,8 @@ sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double 
         analytic[k] = malloc(sizeof(float) * in->numel);
         if (!in->host || !init_grad[k] || !analytic[k]) { s = sj_fail(SJ_ERR_NOMEM, "gradcheck: out of memory"); break; }
         for (int64_t i = 0; i < in->numel; i++) {
-            in->host[i] = uni(&g) * (strcmp(op, "rmsnorm") || in->is_param ? 1.0f : 2.0f);
-            if (in->is_param && !strcmp(op, "rmsnorm")) in->host[i] += 1.5f;
+            in->host[i] = uni(&g) * (norm && !in->is_param ? 2.0f : 1.0f);
+            if (in->is_param && norm) in->host[i] += 1.5f;
             init_grad[k][i] = uni(&g);   /* kept (accumulate) or overwritten */
         }
     }
@@ -257,15 +263,17 @@ sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double 
     return s;
 }
 
-/* In-place planning where every rule binds: x feeds two ropes (the first
- * must not overwrite x, the second may); their sum's gradient can be shared
- * by only one of them; the residual gradient chains through rope and add to
- * the root dy; the second rope's input gradient is then accumulated, not
- * shared. Then a value mix over the product (in place, forward and
- * backward) and an axpy, both reading v (whose gradient the second adds
- * into). One run as planned, one with nothing shared: the forward output,
- * x's gradient and W's must agree bit for bit. */
-enum { IPC_N = 10, IPC_ROW = 12, IPC_A = 5 };
+/* In-place planning where every rule binds: x = qk_norm(x0) feeds two
+ * ropes (the first must not overwrite x, the second may); their sum's
+ * gradient can be shared by only one of them; the residual gradient chains
+ * through rope and add to the root dy; the second rope's input gradient is
+ * then accumulated, not shared; x0's gradient takes x's (qk_norm's backward
+ * in place), while x0 itself, read by that backward, keeps its storage.
+ * Then a value mix over the product (in place, forward and backward) and an
+ * axpy, both reading v (whose gradient the second adds into). One run as
+ * planned, one with nothing shared: the forward output, x0's gradient and
+ * the parameters' (W, the two gains) must agree bit for bit. */
+enum { IPC_N = 10, IPC_ROW = 12, IPC_A = 5, IPC_PARAMS = IPC_ROW * IPC_A + 2 * 4 };
 
 static sj_status inplace_run(uint64_t seed, int no_inplace, float *res, int in_place[SJ_OP__COUNT]) {
     const sj_backend *be = &sj_cpu_backend;
@@ -275,9 +283,11 @@ static sj_status inplace_run(uint64_t seed, int no_inplace, float *res, int in_p
     sj_tape tp;
     sj_tape_init(&tp, 1, SJ_F32, 0);
     tp.no_inplace = no_inplace;
-    int x = sj_tape_tensor(&tp, SJ_T_ACT, N * R), a = sj_tape_tensor(&tp, SJ_T_ACT, N * IPC_A);
+    int x0 = sj_tape_tensor(&tp, SJ_T_ACT, N * R), a = sj_tape_tensor(&tp, SJ_T_ACT, N * IPC_A);
     int v = sj_tape_tensor(&tp, SJ_T_ACT, N * R);
     int w = sj_tape_param(&tp, 0, R * IPC_A);
+    int wq = sj_tape_param(&tp, R * IPC_A, 4), wk = sj_tape_param(&tp, R * IPC_A + 4, 4);
+    int x = sj_op_qk_norm(&tp, x0, wq, wk, N, 1, 1, 4, 1e-5f);   /* rows of 3 heads of 4 */
     int p = sj_op_rope(&tp, x, B, T, 3, 2, 4, &rope), q = sj_op_rope(&tp, x, B, T, 3, 2, 4, &rope);
     int z = sj_op_add(&tp, p, q, N * R);
     int r = sj_op_rope(&tp, z, B, T, 3, 2, 4, &rope);
@@ -285,17 +295,17 @@ static sj_status inplace_run(uint64_t seed, int no_inplace, float *res, int in_p
     int out = sj_op_axpy(&tp, sj_op_mix(&tp, o, v, N, R, 4, 4, 0.3f), v, 0.25f, N * R);
     sj_status s = out < 0 ? SJ_ERR_NOMEM : SJ_OK;
     /* the inputs are written before the first node: alive from the start */
-    if (s == SJ_OK) { tp.t[x].first = tp.t[a].first = tp.t[v].first = 0; s = sj_tape_plan(&tp, be); }
-    float params[IPC_ROW * IPC_A], grads[IPC_ROW * IPC_A] = {0};
+    if (s == SJ_OK) { tp.t[x0].first = tp.t[a].first = tp.t[v].first = 0; s = sj_tape_plan(&tp, be); }
+    float params[IPC_PARAMS], grads[IPC_PARAMS] = {0};
     if (s == SJ_OK) {
         sj_rng g;
         sj_rng_seed(&g, seed);
-        float *px = sj_tape_ptr(&tp, x, params), *pa = sj_tape_ptr(&tp, a, params);
+        float *px = sj_tape_ptr(&tp, x0, params), *pa = sj_tape_ptr(&tp, a, params);
         float *pv = sj_tape_ptr(&tp, v, params);
         for (int i = 0; i < N * R; i++) px[i] = uni(&g);
         for (int i = 0; i < N * R; i++) pv[i] = uni(&g);
         for (int i = 0; i < N * IPC_A; i++) pa[i] = uni(&g);
-        for (int i = 0; i < R * IPC_A; i++) params[i] = uni(&g);
+        for (int i = 0; i < IPC_PARAMS; i++) params[i] = uni(&g);
         s = sj_tape_forward(&tp, be, params);
         memcpy(res, sj_tape_ptr(&tp, out, params), sizeof(float) * N * R);
         float *dy = sj_tape_ptr(&tp, tp.t[out].grad, params);
@@ -303,7 +313,7 @@ static sj_status inplace_run(uint64_t seed, int no_inplace, float *res, int in_p
     }
     if (s == SJ_OK) s = sj_tape_backward(&tp, be, params, grads);
     if (s == SJ_OK) {
-        memcpy(res + N * R, sj_tape_ptr(&tp, tp.t[x].grad, params), sizeof(float) * N * R);
+        memcpy(res + N * R, sj_tape_ptr(&tp, tp.t[x0].grad, params), sizeof(float) * N * R);
         /* (a's and v's gradients are not compared: their storage is reused
          * once they are dead) */
         memcpy(res + 2 * N * R, grads, sizeof grads);
@@ -315,7 +325,7 @@ static sj_status inplace_run(uint64_t seed, int no_inplace, float *res, int in_p
 }
 
 sj_status sj_tape_inplace_check(uint64_t seed, double *max_diff, int in_place[SJ_OP__COUNT]) {
-    enum { n = 2 * IPC_N * IPC_ROW + IPC_ROW * IPC_A };
+    enum { n = 2 * IPC_N * IPC_ROW + IPC_PARAMS };
     float shared[n], apart[n];
     int none[SJ_OP__COUNT];
     SJ_TRY(inplace_run(seed, 0, shared, in_place));

@@ -31,6 +31,9 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     [SJ_OP_MIX] = {"mix", 0, 0, .out_on_in = 1u << 0, .grad_on_dy = 1u << 0},
     /* dx = dy: shared; dy_in = a dy needs its own (dx reads dy after it) */
     [SJ_OP_AXPY] = {"axpy", 0, 0, .grad_on_dy = 1u << 0},
+    /* backward reads qkv, the gains and rstd (out[1]); both kernels work in place */
+    [SJ_OP_QK_NORM] = {"qk_norm", 1u << 0 | 1u << 1 | 1u << 2, 1u << 1, .out_on_in = 1u << 0,
+                       .grad_on_dy = 1u << 0},
 };
 
 static int record(sj_tape *tp, sj_opcode op, const int in[3], int64_t n0, int64_t n1,
@@ -55,6 +58,12 @@ int sj_op_embedding(sj_tape *tp, int tokens, int emb, int N, int C) {
 // x: (N, C) -> y: (N, C), rstd: (N)
 int sj_op_rmsnorm(sj_tape *tp, int x, int w, int N, int C, float eps) {
     return record(tp, SJ_OP_RMSNORM, IN(x, w, NONE), (int64_t)N * C, N, 1, DIM(N, C), eps);
+}
+// qkv: (N, (H+2KV)*hd) -> y: (N, (H+2KV)*hd), rstd: (N, H+KV)
+int sj_op_qk_norm(sj_tape *tp, int qkv, int wq, int wk, int N, int H, int KV, int hd,
+                  float eps) {
+    return record(tp, SJ_OP_QK_NORM, IN(qkv, wq, wk), (int64_t)N * (H + 2 * KV) * hd,
+                  (int64_t)N * (H + KV), 1, DIM(N, H, KV, hd), eps);
 }
 // x: (N, in) @ w^T, w: (out, in) -> (N, out)
 int sj_op_matmul(sj_tape *tp, int x, int w, int N, int out_features, int in_features) {
@@ -166,6 +175,8 @@ int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int l
 #define P(id) sj_tape_ptr(tp, (id), params)
 #define G(id) sj_tape_ptr(tp, tp->t[id].grad, params)
 
+#define OPT(id) ((id) >= 0 ? P(id) : NULL)   /* an optional input: NULL when NONE */
+
 /* Gradient of in[k], or NULL when it has none (params, tokens, saved stats). */
 static void *in_grad(const sj_tape *tp, const sj_node *n, int k, void *params) {
     int id = n->in[k];
@@ -259,6 +270,10 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
     case SJ_OP_RMSNORM:
         be->rmsnorm_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]), d[0], d[1], n->f);
         break;
+    case SJ_OP_QK_NORM:
+        be->qk_norm_forward(P(out[0]), P(out[1]), P(in[0]), OPT(in[1]), OPT(in[2]),
+                            d[0], d[1], d[2], d[3], n->f);
+        break;
     case SJ_OP_MATMUL:
         sj_matmul(be, P(out[0]), P(in[0]), P(in[1]), d[0], d[1], d[2], 0, 1, 0, 0);
         break;
@@ -321,6 +336,15 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         be->rmsnorm_backward(dx, grads + tp->t[in[1]].offset, dy, P(in[0]), P(in[1]),
                              P(out[1]), d[0], d[1], acc[0], acc[1]);
         break;
+    case SJ_OP_QK_NORM: {
+        float *dwq = in[1] >= 0 ? grads + tp->t[in[1]].offset : NULL;
+        float *dwk = in[2] >= 0 ? grads + tp->t[in[2]].offset : NULL;
+        /* one dw_accum for both gains: one written first here starts from zeros */
+        if (acc[1] != acc[2]) be->fill(acc[1] ? dwk : dwq, 0.0f, d[3]);
+        be->qk_norm_backward(dx, dwq, dwk, dy, P(in[0]), OPT(in[1]), OPT(in[2]),
+                             P(out[1]), d[0], d[1], d[2], d[3], acc[0], acc[1] || acc[2]);
+        break;
+    }
     case SJ_OP_MATMUL:
     case SJ_OP_MATMUL_ADD: {
         if (dx) sj_matmul(be, dx, dy, P(in[1]), d[0], d[2], d[1], 0, 0, acc[0], 0);   // dy @ W

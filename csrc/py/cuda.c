@@ -524,8 +524,8 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     float ms = -1.f;
     const int cuda_dtype = !strcmp(dts, "fp32") || !strcmp(dts, "bf16") || !strcmp(dts, "fp16");
     if (!cuda_dtype && strcmp(dts, "cpu"))
-        return PyErr_Format(PyExc_ValueError, "cuda_op: dtype must be 'fp32', 'bf16' or 'fp16', "
-                            "got '%s' ('cpu': the CPU backend)", dts);
+        return PyErr_Format(PyExc_ValueError, "cuda_op: dtype must be 'cpu', 'fp32', 'bf16' or "
+                            "'fp16', got '%s'", dts);
     const sj_backend *be = &sj_cpu_backend;
     sj_status st = SJ_OK;
     if (cuda_dtype) {
@@ -565,7 +565,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     be->bind(*ctx);
 
     /* Argument lists, outputs first as in backend.h. 'c' = act or f32 by c_f32. */
-    static const struct { const char *op; const char *names[7]; const char *kinds; } specs[] = {
+    static const struct { const char *op; const char *names[8]; const char *kinds; } specs[] = {
         {"matmul", {"C", "A", "B"}, "caa"},
         {"embedding_forward", {"out", "tok", "emb"}, "ata"},
         {"embedding_backward", {"demb", "dout", "tok"}, "fat"},
@@ -589,12 +589,14 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"pair_heads_backward", {"din", "dout"}, "aa"},
         {"mix_forward", {"out", "x", "y"}, "aaa"},
         {"mix_backward", {"dx", "dy", "dout"}, "aaa"},
+        {"qk_norm_forward", {"out", "rstd", "qkv", "wq", "wk"}, "afaaa"},
+        {"qk_norm_backward", {"dqkv", "dwq", "dwk", "dout", "qkv", "wq", "wk", "rstd"}, "affaaaaf"},
     };
     int k = -1, fused = 0;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
         if (!strcmp(specs[i].op, op)) k = i;
     if (k < 0) return PyErr_Format(PyExc_ValueError, "cuda_op: unknown op '%s'", op);
-    harg a[7];
+    harg a[8];
     memset(a, 0, sizeof a);
     int na = (int)strlen(specs[k].kinds);
     PyObject *result = NULL;
@@ -671,6 +673,16 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 22: /* ints[6] = in place: dx is the dout buffer; ints[7] = no dy (NULL) */
         be->mix_backward(I[6] ? D(2) : D(0), I[7] ? NULL : D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (float)Fl[0], (int)I[4], (int)I[5]);
         break;
+    case 23: /* ints[4] = weighted (else no gains: NULL), ints[5] = in place: out is qkv */
+        be->qk_norm_forward(I[5] ? D(2) : D(0), D(1), D(2), I[4] ? D(3) : NULL, I[4] ? D(4) : NULL,
+                            (int)I[0], (int)I[1], (int)I[2], (int)I[3], (float)Fl[0]);
+        break;
+    case 24: /* ints[4] = weighted, ints[5] = accum, ints[6] = dw_accum, ints[7] = in place:
+              * dqkv is dout */
+        be->qk_norm_backward(I[7] ? D(3) : D(0), I[4] ? D(1) : NULL, I[4] ? D(2) : NULL, D(3), D(4),
+                             I[4] ? D(5) : NULL, I[4] ? D(6) : NULL, D(7), (int)I[0], (int)I[1],
+                             (int)I[2], (int)I[3], (int)I[5], (int)I[6]);
+        break;
     }
     }
     if (timer) ms = htimer_end(timer) / reps;
@@ -681,6 +693,9 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         void *t = a[0].dev; a[0].dev = a[1].dev; a[1].dev = t;
     }
     if (k == 22 && I[6]) { void *t = a[0].dev; a[0].dev = a[2].dev; a[2].dev = t; }
+    /* qk_norm: its output in qkv, its dqkv in dout */
+    if (k == 23 && I[5]) { void *t = a[0].dev; a[0].dev = a[2].dev; a[2].dev = t; }
+    if (k == 24 && I[7]) { void *t = a[0].dev; a[0].dev = a[3].dev; a[3].dev = t; }
     Py_END_ALLOW_THREADS
     #undef D
     st = be->sync();
