@@ -193,7 +193,7 @@ def test_bf16_near_fp32_and_greedy_agrees(model):
     assert agree >= 0.9, f"bf16 greedy choices agree with CPU fp32 on {agree:.2f} of positions"
     b.reset()
     b.prefill(seq[:len(prompt)])
-    steps = [b._h.decode_greedy(int(t)) for t in seq[len(prompt):-1]]
+    steps = [b.decode_greedy(int(t)) for t in seq[len(prompt):-1]]
     agree = np.mean(np.array(steps) == seq[len(prompt) + 1:])
     assert agree >= 0.9, f"bf16 device greedy agrees with CPU fp32 greedy on {agree:.2f} of steps"
 
@@ -252,7 +252,7 @@ def test_chained_greedy_equals_step_by_step(model):
     t0 = int(np.argmax(g.prefill(prompt)))
     steps, t = [], t0
     for _ in range(50):
-        t = g._h.decode_greedy(t)
+        t = g.decode_greedy(t)
         steps.append(t)
     last = g.last_logits()
     g.reset()

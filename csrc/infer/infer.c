@@ -5,8 +5,10 @@
  * Semantics follow the training model exactly (the kernels in csrc/cpu): HF Llama
  * rotate-half RoPE with float angles, GQA (query head h reads KV head
  * h / (H / KV)), RMSNorm, SwiGLU, tied or untied output head.
+ * The handle (handle.c) checks every request before it reaches here and
+ * tells each call its position; this file is the CPU backend behind it.
  * It must never allocate per token nor read past the KV cache. */
-#include "infer.h"
+#include "engine.h"
 #include "../model/model.h"
 #include <math.h>
 #include <stdio.h>
@@ -20,9 +22,9 @@
 
 typedef struct { sj_qmat wq, wk, wv, wo, w_gate, w_up, w_down; float *attn_norm, *ffn_norm; } layer_w;
 
-struct sj_infer {
+struct sj_infer_cpu {
     sj_config c;
-    int hd, kv_dim, max_ctx, mode, pos;
+    int hd, kv_dim, max_ctx, mode;
     int kv_f16;                  /* K/V cache entries stored as IEEE f16 (half the memory) */
     /* weights */
     sj_qmat tok_emb, output;     /* output.mem == NULL: tied to tok_emb */
@@ -30,7 +32,7 @@ struct sj_infer {
     sj_qpool pool;               /* the layer matrices, in the order decode reads them */
     float *norms;                /* (2 n_layers + 1, dim): attn, ffn per layer, final */
     /* run state (CHUNK rows each) */
-    float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *logits, *rope_cos, *rope_sin;
+    float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *logits, *rope_cos, *rope_sin;   /* logits (vocab): the last position's */
     float *kcache, *vcache;      /* (n_layers, max_ctx, kv_dim) f32, or uint16 f16 when kv_f16 */
     sj_qact qa;
     void *state_mem;
@@ -47,14 +49,15 @@ static void to_f16(uint16_t *out, const float *x, int64_t n) {
     for (; i < n; i++) out[i] = sj_f32_to_f16(x[i]);
 }
 
-static const sj_qmat *out_head(const sj_infer *h) { return h->output.mem ? &h->output : &h->tok_emb; }
+static const sj_qmat *out_head(const sj_infer_cpu *h) { return h->output.mem ? &h->output : &h->tok_emb; }
 
 static int wtype_for(int mode) {
     return mode == SJ_INFER_FP32 ? SJ_W_F32 : mode == SJ_INFER_BF16 ? SJ_W_BF16
          : mode == SJ_INFER_Q8 ? SJ_W_Q8 : SJ_W_Q4;
 }
 
-void sj_infer_free(sj_infer *h) {
+static void cpu_free(void *e) {
+    sj_infer_cpu *h = e;
     if (!h) return;
     if (h->L)
         for (int l = 0; l < h->c.n_layers; l++) {
@@ -88,7 +91,7 @@ sj_status sj_infer_rope_tables(const sj_config *c, int n_pos, float *cos_out, fl
     return SJ_OK;
 }
 
-static sj_status alloc_state(sj_infer *h) {
+static sj_status alloc_state(sj_infer_cpu *h) {
     const sj_config *c = &h->c;
     const int C = c->dim, F = c->ffn_dim, V = c->vocab_size, KVd = h->kv_dim, max_ctx = h->max_ctx;
     const int64_t R = CHUNK, W = SJ_MAX(C, F), half = h->hd / 2;
@@ -112,16 +115,49 @@ static sj_status alloc_state(sj_infer *h) {
     return s;
 }
 
+/* The per-layer tensors this engine holds, by our names (names.c). */
+static const char *const LAYER_TENSORS[] = { "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "attn_norm", "ffn_norm" };
+enum { N_LAYER_TENSORS = sizeof LAYER_TENSORS / sizeof LAYER_TENSORS[0] };
+
+/* The matrix of our name, or NULL (a norm, an absent head, another name). */
+static sj_qmat *matrix(const sj_infer_cpu *h, const char *name) {
+    int l;
+    const sj_tensor_name *r = sj_tensor_name_find(name, SJ_NAMES_OURS, &l);
+    if (!r || l >= h->c.n_layers) return NULL;
+    const char *k = r->name[SJ_NAMES_OURS];
+    sj_infer_cpu *m = (sj_infer_cpu *)h;
+    if (!r->per_layer)
+        return !strcmp(k, "tok_emb") ? &m->tok_emb : !strcmp(k, "lm_head") && h->output.mem ? &m->output : NULL;
+    layer_w *w = &m->L[l];
+    sj_qmat *const mats[7] = { &w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down };
+    for (int i = 0; i < 7; i++) if (!strcmp(k, LAYER_TENSORS[i])) return mats[i];
+    return NULL;
+}
+
+/* The norm vector (dim) of our name, or NULL. */
+static float *vector(const sj_infer_cpu *h, const char *name) {
+    int l;
+    const sj_tensor_name *r = sj_tensor_name_find(name, SJ_NAMES_OURS, &l);
+    if (!r || l >= h->c.n_layers) return NULL;
+    const char *k = r->name[SJ_NAMES_OURS];
+    const int64_t C = h->c.dim;
+    if (!r->per_layer) return !strcmp(k, "final_norm") ? h->norms + 2 * h->c.n_layers * C : NULL;
+    if (!strcmp(k, "attn_norm")) return h->L[l].attn_norm;
+    if (!strcmp(k, "ffn_norm")) return h->L[l].ffn_norm;
+    return NULL;
+}
+
+const sj_qmat *sj_infer_cpu_matrix(const sj_infer_cpu *e, const char *name) { return matrix(e, name); }
+const float *sj_infer_cpu_vector(const sj_infer_cpu *e, const char *name) { return vector(e, name); }
+
 /* Config checked, matrices allocated (unfilled), run state and RoPE tables built. */
-static sj_status create(const sj_config *c, int mode, int max_ctx, int untied, sj_infer **out) {
+static sj_status create(const sj_config *c, int mode, int max_ctx, sj_infer_cpu **out) {
     *out = NULL;
     SJ_TRY(sj_config_validate(c));
-    if (mode < SJ_INFER_FP32 || mode > SJ_INFER_Q4) return sj_fail(SJ_ERR_ARG, "inference mode %d is not valid", mode);
     if (c->dim % c->n_heads || (c->dim / c->n_heads) % 2)
         return sj_fail(SJ_ERR_ARG, "dim %d / n_heads %d must be an even head size", c->dim, c->n_heads);
-    if (max_ctx <= 0) max_ctx = SJ_MIN(c->max_seq_len, 4096);
-    if (max_ctx > (1 << 20)) return sj_fail(SJ_ERR_ARG, "max_ctx %d is too large", max_ctx);
-    sj_infer *h = calloc(1, sizeof *h);
+    SJ_TRY(sj_infer_resolve_ctx(c, &max_ctx));
+    sj_infer_cpu *h = calloc(1, sizeof *h);
     if (!h) return sj_fail(SJ_ERR_NOMEM, "inference handle: out of memory");
     h->c = *c; h->mode = mode; h->max_ctx = max_ctx;
     h->hd = c->dim / c->n_heads; h->kv_dim = c->n_kv_heads * h->hd;
@@ -129,11 +165,11 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, int untied, s
     sj_status s = SJ_OK;
     h->L = calloc((size_t)c->n_layers, sizeof *h->L);
     h->norms = sj_alloc(sizeof(float) * (size_t)(2 * c->n_layers + 1) * C, "norm weights");
-    if (!h->L || !h->norms) { sj_infer_free(h); return sj_fail(SJ_ERR_NOMEM, "inference weights: out of memory"); }
+    if (!h->L || !h->norms) { cpu_free(h); return sj_fail(SJ_ERR_NOMEM, "inference weights: out of memory"); }
     /* The embedding (and a tied head) keep 8 bits in q4 mode, as llama.cpp's Q4 files do. */
     int et = mode == SJ_INFER_Q4 ? SJ_W_Q8 : wt;
     if ((s = sj_qmat_alloc(&h->tok_emb, et, V, C, "tok_emb"))) goto fail;
-    if (untied && (s = sj_qmat_alloc(&h->output, et, V, C, "output"))) goto fail;
+    if (c->untied_head && (s = sj_qmat_alloc(&h->output, et, V, C, "lm_head"))) goto fail;
     const int64_t per_layer = 2 * sj_qmat_bytes(wt, C, C) + 2 * sj_qmat_bytes(wt, KVd, C) +
                               2 * sj_qmat_bytes(wt, F, C) + sj_qmat_bytes(wt, C, F);
     if ((s = sj_qpool_init(&h->pool, per_layer * c->n_layers, "layer weights"))) goto fail;
@@ -152,8 +188,15 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, int untied, s
     *out = h;
     return SJ_OK;
 fail:
-    sj_infer_free(h);
+    cpu_free(h);
     return s;
+}
+
+static void engine(sj_infer_cpu *h, sj_infer_engine *out) {
+    out->be = &sj_infer_cpu_backend;
+    out->e = h;
+    out->c = h->c;
+    out->max_ctx = h->max_ctx;
 }
 
 /* ---- from the training model ------------------------------------------------- */
@@ -180,60 +223,37 @@ static sj_status fill_f32(sj_qmat *W, const float *src, const char *name) {
     return SJ_OK;
 }
 
-sj_status sj_infer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_infer **out) {
-    *out = NULL;
+sj_status sj_infer_cpu_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_infer_engine *out) {
     if (sj_model_device(m) != SJ_DEVICE_CPU)
         return sj_fail(SJ_ERR_ARG, "inference engine: the model must be on the CPU (move it with .to('cpu'))");
     const sj_config *c = sj_model_config(m);
-    sj_infer *h;
-    SJ_TRY(create(c, mode, max_ctx, 0, &h));
+    sj_infer_cpu *h;
+    SJ_TRY(create(c, mode, max_ctx, &h));
     int64_t n;
     const float *P = sj_model_params(m, &n);
-    const int C = c->dim;
     for (int i = 0; i < sj_model_n_tensors(m); i++) {
         const sj_tensor_info *t = sj_model_tensor(m, i);
         const float *src = P + t->offset;
-        int l;
-        char what[32];
-        sj_qmat *W = NULL;
-        if (!strcmp(t->name, "tok_emb")) W = &h->tok_emb;
-        else if (!strcmp(t->name, "final_norm")) memcpy(h->norms + (int64_t)2 * c->n_layers * C, src, sizeof(float) * C);
-        else if (sscanf(t->name, "layers.%d.%31s", &l, what) == 2 && l >= 0 && l < c->n_layers) {
-            layer_w *w = &h->L[l];
-            if (!strcmp(what, "wq")) W = &w->wq;
-            else if (!strcmp(what, "wk")) W = &w->wk;
-            else if (!strcmp(what, "wv")) W = &w->wv;
-            else if (!strcmp(what, "wo")) W = &w->wo;
-            else if (!strcmp(what, "w_gate")) W = &w->w_gate;
-            else if (!strcmp(what, "w_up")) W = &w->w_up;
-            else if (!strcmp(what, "w_down")) W = &w->w_down;
-            else if (!strcmp(what, "attn_norm")) memcpy(w->attn_norm, src, sizeof(float) * C);
-            else if (!strcmp(what, "ffn_norm")) memcpy(w->ffn_norm, src, sizeof(float) * C);
-            else { sj_infer_free(h); return sj_fail(SJ_ERR_ARG, "inference engine: unknown tensor '%s'", t->name); }
-        } else { sj_infer_free(h); return sj_fail(SJ_ERR_ARG, "inference engine: unknown tensor '%s'", t->name); }
-        sj_status s = W ? fill_f32(W, src, t->name) : SJ_OK;
-        if (s != SJ_OK) { sj_infer_free(h); return s; }
+        sj_qmat *W = matrix(h, t->name);
+        float *v = W ? NULL : vector(h, t->name);
+        sj_status s = SJ_OK;
+        if (W) s = fill_f32(W, src, t->name);
+        else if (v) memcpy(v, src, sizeof(float) * c->dim);
+        else s = sj_fail(SJ_ERR_ARG, "inference engine: unknown tensor '%s'", t->name);
+        if (s != SJ_OK) { cpu_free(h); return s; }
     }
-    *out = h;
+    engine(h, out);
     return SJ_OK;
 }
 
 /* ---- from GGUF ------------------------------------------------------------------ */
-
-/* llama.cpp's converter stores attn_q/attn_k rows of each head as
- * (hd/2, 2) interleaved pairs; ours (Hugging Face) are (2, hd/2): file row
- * 2i + j of a head is our row j * hd/2 + i. */
-static int unpermute_row(int r, int hd) {
-    int head = r / hd, i = r % hd, half = hd / 2;
-    return head * hd + (i % 2) * half + i / 2;
-}
 
 typedef struct { sj_qmat *W; const sj_gguf_tensor *t; uint64_t row_bytes; int permute_hd, bad_row; } load_job;
 static void load_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     (void)tid;
     load_job *j = ctx;
     for (int64_t r = r0; r < r1; r++) {
-        int dst = j->permute_hd ? unpermute_row((int)r, j->permute_hd) : (int)r;
+        int dst = j->permute_hd ? sj_gguf_rope_row((int)r, j->permute_hd) : (int)r;
         if (!sj_qmat_set_row_gguf(j->W, dst, j->t->type, (const uint8_t *)j->t->data + j->row_bytes * r))
             note_bad_row(&j->bad_row, r);
     }
@@ -264,6 +284,16 @@ static sj_status load_vec(sj_gguf_file *f, const char *name, float *dst, int n) 
     return sj_gguf_dequantize(t->type, t->data, n, dst);
 }
 
+/* The engine's tensor `ours` from the file's tensor of the same kind (names.c). */
+static sj_status load_tensor(sj_gguf_file *f, sj_infer_cpu *h, const char *ours) {
+    char g[96];
+    int l;
+    SJ_TRY(sj_tensor_name_map(ours, SJ_NAMES_OURS, SJ_NAMES_GGUF, g, sizeof g));
+    sj_qmat *W = matrix(h, ours);
+    if (W) return load_mat(f, g, W, sj_tensor_name_find(ours, SJ_NAMES_OURS, &l)->rope_rows ? h->hd : 0);
+    return load_vec(f, g, vector(h, ours), h->c.dim);
+}
+
 static sj_status get_i(sj_gguf_file *f, const char *key, int lo, int hi, int *out) {
     int64_t v;
     SJ_TRY(sj_gguf_get_int(f, key, &v));
@@ -272,12 +302,11 @@ static sj_status get_i(sj_gguf_file *f, const char *key, int lo, int hi, int *ou
     return SJ_OK;
 }
 
-sj_status sj_infer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, sj_infer **out) {
-    *out = NULL;
+sj_status sj_infer_cpu_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, sj_infer_engine *out) {
     sj_gguf_file *f;
     SJ_TRY(sj_gguf_open(path, &f));
     sj_status s;
-    sj_infer *h = NULL;
+    sj_infer_cpu *h = NULL;
     const sj_gguf_kv *arch = sj_gguf_find_kv(f, "general.architecture");
     if (!arch || arch->type != SJ_GGUF_STRING || arch->n != 5 || memcmp(arch->data, "llama", 5)) {
         s = sj_fail(SJ_ERR_FORMAT, "%s: general.architecture must be 'llama'", path);
@@ -286,6 +315,10 @@ sj_status sj_infer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, 
     sj_config c = {0};
     double theta = 10000.0, eps;
     int n_rot = 0;
+    char emb_name[32], head_name[32];
+    if ((s = sj_tensor_name_map("tok_emb", SJ_NAMES_OURS, SJ_NAMES_GGUF, emb_name, sizeof emb_name)) ||
+        (s = sj_tensor_name_map("lm_head", SJ_NAMES_OURS, SJ_NAMES_GGUF, head_name, sizeof head_name)))
+        goto done;
     if ((s = get_i(f, "llama.embedding_length", 1, 1 << 16, &c.dim)) ||
         (s = get_i(f, "llama.block_count", 1, 1024, &c.n_layers)) ||
         (s = get_i(f, "llama.attention.head_count", 1, 1024, &c.n_heads)) ||
@@ -297,11 +330,11 @@ sj_status sj_infer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, 
     if (sj_gguf_find_kv(f, "llama.attention.head_count_kv") &&
         (s = get_i(f, "llama.attention.head_count_kv", 1, 1024, &c.n_kv_heads))) goto done;
     if (sj_gguf_find_kv(f, "llama.rope.freq_base") && (s = sj_gguf_get_float(f, "llama.rope.freq_base", &theta))) goto done;
-    const sj_gguf_tensor *emb = sj_gguf_find_tensor(f, "token_embd.weight");
-    if (!emb || emb->ndim != 2) { s = sj_fail(SJ_ERR_FORMAT, "%s: tensor 'token_embd.weight' is missing or not 2-D", path); goto done; }
+    const sj_gguf_tensor *emb = sj_gguf_find_tensor(f, emb_name);
+    if (!emb || emb->ndim != 2) { s = sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s' is missing or not 2-D", path, emb_name); goto done; }
     c.vocab_size = (int)SJ_MIN(emb->shape[1], INT32_MAX);
     if (sj_gguf_find_kv(f, "llama.vocab_size") && (s = get_i(f, "llama.vocab_size", 1, 1 << 24, &c.vocab_size))) goto done;
-    if (c.vocab_size != emb->shape[1]) { s = sj_fail(SJ_ERR_FORMAT, "%s: llama.vocab_size %d but token_embd.weight has %lld rows", path, c.vocab_size, (long long)emb->shape[1]); goto done; }
+    if (c.vocab_size != emb->shape[1]) { s = sj_fail(SJ_ERR_FORMAT, "%s: llama.vocab_size %d but %s has %lld rows", path, c.vocab_size, emb_name, (long long)emb->shape[1]); goto done; }
     c.rope_theta = (float)theta; c.norm_eps = (float)eps;
     if (c.n_heads > 0 && c.dim % c.n_heads == 0 && sj_gguf_find_kv(f, "llama.rope.dimension_count")) {
         if ((s = get_i(f, "llama.rope.dimension_count", 1, 1 << 16, &n_rot))) goto done;
@@ -313,53 +346,38 @@ sj_status sj_infer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, 
             s = sj_fail(SJ_ERR_FORMAT, "%s: RoPE scaling is not supported", path); goto done;
         }
     }
+    c.untied_head = sj_gguf_find_tensor(f, head_name) != NULL;
     if ((s = sj_config_validate(&c))) {
         char msg[512];
         snprintf(msg, sizeof msg, "%s", sj_last_error());
         s = sj_fail(SJ_ERR_FORMAT, "%s: %s", path, msg);
         goto done;
     }
-    int untied = sj_gguf_find_tensor(f, "output.weight") != NULL;
-    if ((s = create(&c, mode, max_ctx, untied, &h))) goto done;
-    const int C = c.dim;
-    if ((s = load_mat(f, "token_embd.weight", &h->tok_emb, 0))) goto done;
-    if (untied && (s = load_mat(f, "output.weight", &h->output, 0))) goto done;
-    if ((s = load_vec(f, "output_norm.weight", h->norms + (int64_t)2 * c.n_layers * C, C))) goto done;
-    for (int l = 0; l < c.n_layers; l++) {
-        layer_w *w = &h->L[l];
-        char nm[96];
-#define MAT(field, gname, perm) snprintf(nm, sizeof nm, "blk.%d.%s", l, gname); \
-        if ((s = load_mat(f, nm, &w->field, perm))) goto done;
-        MAT(wq, "attn_q.weight", h->hd); MAT(wk, "attn_k.weight", h->hd); MAT(wv, "attn_v.weight", 0);
-        MAT(wo, "attn_output.weight", 0); MAT(w_gate, "ffn_gate.weight", 0); MAT(w_up, "ffn_up.weight", 0);
-        MAT(w_down, "ffn_down.weight", 0);
-#undef MAT
-        snprintf(nm, sizeof nm, "blk.%d.attn_norm.weight", l);
-        if ((s = load_vec(f, nm, w->attn_norm, C))) goto done;
-        snprintf(nm, sizeof nm, "blk.%d.ffn_norm.weight", l);
-        if ((s = load_vec(f, nm, w->ffn_norm, C))) goto done;
-    }
-    *out = h;
+    if ((s = create(&c, mode, max_ctx, &h))) goto done;
+    if ((s = load_tensor(f, h, "tok_emb")) || (c.untied_head && (s = load_tensor(f, h, "lm_head"))) ||
+        (s = load_tensor(f, h, "final_norm")))
+        goto done;
+    for (int l = 0; l < c.n_layers; l++)
+        for (int k = 0; k < N_LAYER_TENSORS; k++) {
+            char nm[48];
+            snprintf(nm, sizeof nm, "layers.%d.%s", l, LAYER_TENSORS[k]);
+            if ((s = load_tensor(f, h, nm))) goto done;
+        }
+    engine(h, out);
     h = NULL;
 done:
-    sj_infer_free(h);
+    cpu_free(h);
     sj_gguf_close(f);
     return s;
 }
 
-/* ---- accessors ---------------------------------------------------------------- */
+/* ---- backend: the state's accessors -------------------------------------------- */
 
-const sj_config *sj_infer_config(const sj_infer *h) { return &h->c; }
-int sj_infer_max_ctx(const sj_infer *h) { return h->max_ctx; }
-int sj_infer_pos(const sj_infer *h) { return h->pos; }
-sj_infer_mode sj_infer_get_mode(const sj_infer *h) { return (sj_infer_mode)h->mode; }
-void sj_infer_reset(sj_infer *h) { h->pos = 0; }
-int sj_infer_kv_f16(const sj_infer *h) { return h->kv_f16; }
+static int cpu_kv_f16(const void *e) { return ((const sj_infer_cpu *)e)->kv_f16; }
 
-sj_status sj_infer_set_kv_f16(sj_infer *h, int f16) {
-    f16 = !!f16;
+static sj_status cpu_set_kv_f16(void *e, int f16) {
+    sj_infer_cpu *h = e;
     if (f16 == h->kv_f16) return SJ_OK;
-    if (h->pos) return sj_fail(SJ_ERR_ARG, "KV cache type: set it before any tokens (%d are cached; reset first)", h->pos);
     void *old = h->state_mem;
     const int was = h->kv_f16;
     h->kv_f16 = f16;
@@ -372,8 +390,9 @@ sj_status sj_infer_set_kv_f16(sj_infer *h, int f16) {
     sj_free(old);
     return SJ_OK;
 }
-int64_t sj_infer_cache_bytes(const sj_infer *h) { return h->state_bytes; }
-int64_t sj_infer_weight_bytes(const sj_infer *h) {
+static int64_t cpu_cache_bytes(const void *e) { return ((const sj_infer_cpu *)e)->state_bytes; }
+static int64_t cpu_weight_bytes(const void *e) {
+    const sj_infer_cpu *h = e;
     int64_t b = h->tok_emb.bytes + h->output.bytes + (int64_t)(2 * h->c.n_layers + 1) * h->c.dim * 4;
     for (int l = 0; l < h->c.n_layers; l++) {
         const layer_w *w = &h->L[l];
@@ -381,23 +400,6 @@ int64_t sj_infer_weight_bytes(const sj_infer *h) {
     }
     return b;
 }
-
-/* Internal: weights of a matrix for export and tests (infer_export.c). */
-const sj_qmat *sj_infer_matrix(const sj_infer *h, const char *name);
-const sj_qmat *sj_infer_matrix(const sj_infer *h, const char *name) {
-    int l; char what[32];
-    if (!strcmp(name, "tok_emb")) return &h->tok_emb;
-    if (!strcmp(name, "output")) return h->output.mem ? &h->output : NULL;
-    if (sscanf(name, "layers.%d.%31s", &l, what) != 2 || l < 0 || l >= h->c.n_layers) return NULL;
-    const layer_w *w = &h->L[l];
-    const struct { const char *n; const sj_qmat *m; } tab[] = {
-        { "wq", &w->wq }, { "wk", &w->wk }, { "wv", &w->wv }, { "wo", &w->wo },
-        { "w_gate", &w->w_gate }, { "w_up", &w->w_up }, { "w_down", &w->w_down } };
-    for (int i = 0; i < 7; i++) if (!strcmp(what, tab[i].n)) return tab[i].m;
-    return NULL;
-}
-const float *sj_infer_norm(const sj_infer *h, int i);
-const float *sj_infer_norm(const sj_infer *h, int i) { return h->norms + (int64_t)i * h->c.dim; }
 
 /* ---- forward ------------------------------------------------------------------- */
 
@@ -420,7 +422,7 @@ static void rmsnorm(float *out, const float *x, const float *w, int n, int C, fl
     else sj_parallel_for(n, 4, norm_rows, &j);
 }
 
-static void rope(const sj_infer *h, float *x, int n_heads, int pos) {
+static void rope(const sj_infer_cpu *h, float *x, int n_heads, int pos) {
     const int half = h->hd / 2;
     const float *cs = h->rope_cos + (int64_t)pos * half, *sn = h->rope_sin + (int64_t)pos * half;
     for (int hh = 0; hh < n_heads; hh++) {
@@ -433,7 +435,7 @@ static void rope(const sj_infer *h, float *x, int n_heads, int pos) {
     }
 }
 
-typedef struct { sj_infer *h; int layer, n, pos0, sub, tiles; } attn_job;
+typedef struct { sj_infer_cpu *h; int layer, n, pos0, sub, tiles; } attn_job;
 
 void sj_attn_group(float *out, const float *q, const void *kc, const void *vc, int kv_f16, int T, int G,
                    int hd, int ld, float scale, float *sc);   /* attn.c */
@@ -447,7 +449,7 @@ int sj_attn_tile_fast(int hd);
 static void attn_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
     (void)tid;
     const attn_job *j = ctx;
-    sj_infer *h = j->h;
+    sj_infer_cpu *h = j->h;
     const int H = h->c.n_heads, hd = h->hd, KVd = h->kv_dim, grp = H / h->c.n_kv_heads, per = H / j->sub;
     const float scale = 1.0f / sqrtf((float)hd);
     const int es = h->kv_f16 ? 2 : 4;   /* bytes per cache element */
@@ -492,14 +494,14 @@ static void add_to(float *restrict x, const float *restrict y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
 }
 
-static void matmul(sj_infer *h, float *out, const sj_qmat *W, const float *x, int n, int quantize) {
+static void matmul(sj_infer_cpu *h, float *out, const sj_qmat *W, const float *x, int n, int quantize) {
     if ((W->type == SJ_W_Q8 || W->type == SJ_W_Q4) && quantize) sj_qact_quantize(&h->qa, x, n, W->cols);
     sj_qmat_mul(out, W, x, &h->qa, n);
 }
 
 /* n (<= CHUNK) tokens at positions pos .. pos+n-1 through the layers; the
  * final-normed hidden states are left in h->xb. */
-static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
+static void forward_chunk(sj_infer_cpu *h, const int32_t *tok, int n, int pos) {
     const sj_config *c = &h->c;
     const int C = c->dim, F = c->ffn_dim, H = c->n_heads, KV = c->n_kv_heads, KVd = h->kv_dim;
     float rowbuf[C];
@@ -516,10 +518,10 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
             if (w->wq.type == SJ_W_Q8 || w->wq.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
             sj_qmat_mul_multi(3, outs, Ws, h->xb, &h->qa, n);
         }
-        const int64_t at = ((int64_t)l * h->max_ctx + h->pos) * KVd;
+        const int64_t at = ((int64_t)l * h->max_ctx + pos) * KVd;
         for (int t = 0; t < n; t++) {
-            rope(h, h->q + (int64_t)t * C, H, h->pos + t);
-            rope(h, h->k + (int64_t)t * KVd, KV, h->pos + t);
+            rope(h, h->q + (int64_t)t * C, H, pos + t);
+            rope(h, h->k + (int64_t)t * KVd, KV, pos + t);
         }
         if (h->kv_f16) {   /* rounded to nearest even, as ggml's f16 cache */
             uint16_t *kc = (uint16_t *)h->kcache + at, *vc = (uint16_t *)h->vcache + at;
@@ -532,10 +534,10 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
         /* whole GQA groups per task (f32 cache), unless that leaves threads idle
          * (decode on several threads) or its scores would not fit the stack */
         const int grp = H / KV, P = sj_parallel_threads();
-        const int sub = (P == 1 || n * KV >= 4 * P) && grp * (h->pos + n) <= (1 << 16) ? grp : 1;
+        const int sub = (P == 1 || n * KV >= 4 * P) && grp * (pos + n) <= (1 << 16) ? grp : 1;
         /* prefill: tiles of tokens per head where the tile kernel is the fast one */
-        const int tiles = n >= ATTN_TQ && sj_attn_tile_fast(h->hd) && ATTN_TQ * (h->pos + n) <= (1 << 16);
-        attn_job aj = { h, l, n, h->pos, sub, tiles };
+        const int tiles = n >= ATTN_TQ && sj_attn_tile_fast(h->hd) && ATTN_TQ * (pos + n) <= (1 << 16);
+        attn_job aj = { h, l, n, pos, sub, tiles };
         const int64_t tasks = tiles ? SJ_CDIV(n, ATTN_TQ) * H : (int64_t)n * (H / sub);
         if (tasks < 4) attn_rows(&aj, 0, tasks, 0);
         else sj_parallel_for(tasks, 1, attn_rows, &aj);
@@ -553,23 +555,17 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
         add_to(h->x, h->xb, (int64_t)n * C);
     }
     rmsnorm(h->xb, h->x, h->norms + (int64_t)2 * c->n_layers * C, n, C, c->norm_eps);
-    h->pos += n;
 }
 
-sj_status sj_infer_prefill(sj_infer *h, const int32_t *tokens, int n, float *logits_all,
-                           const float **last) {
-    if (n <= 0) return sj_fail(SJ_ERR_ARG, "prefill: no tokens");
-    if (n > h->max_ctx - h->pos)
-        return sj_fail(SJ_ERR_ARG, "prefill: %d tokens after %d in the cache exceed its %d positions "
-                       "(reset, or load with a larger max_ctx)", n, h->pos, h->max_ctx);
-    for (int i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= h->c.vocab_size)
-            return sj_fail(SJ_ERR_ARG, "prefill: token %d at %d is outside the vocabulary (%d)", tokens[i], i, h->c.vocab_size);
+/* ---- backend: the verbs --------------------------------------------------------- */
+
+static sj_status cpu_prefill(void *e, int pos, const int32_t *tokens, int n, float *logits_all) {
+    sj_infer_cpu *h = e;
     const int V = h->c.vocab_size;
     for (int i = 0; i < n; i += CHUNK) {
         if (sj_interrupted()) return SJ_ERR_INTERRUPTED;
         int m = SJ_MIN(CHUNK, n - i);
-        forward_chunk(h, tokens + i, m);
+        forward_chunk(h, tokens + i, m, pos + i);
         if (logits_all) {
             matmul(h, logits_all + (int64_t)i * V, out_head(h), h->xb, m, 1);
         }
@@ -578,12 +574,32 @@ sj_status sj_infer_prefill(sj_infer *h, const int32_t *tokens, int n, float *log
             else matmul(h, h->logits, out_head(h), h->xb + (int64_t)(m - 1) * h->c.dim, 1, 1);
         }
     }
-    if (last) *last = h->logits;
     return SJ_OK;
 }
 
-sj_status sj_infer_decode(sj_infer *h, int32_t token, const float **logits) {
-    return sj_infer_prefill(h, &token, 1, NULL, logits);
+/* Greedy chains choose on the host: sj_argmax, the sampler's own greedy rule. */
+static sj_status cpu_decode(void *e, int pos, int32_t token, int n, int32_t *next) {
+    sj_infer_cpu *h = e;
+    for (int i = 0; i < n; i++) {
+        SJ_TRY(cpu_prefill(h, pos + i, &token, 1, NULL));
+        if (next) token = next[i] = sj_argmax(h->logits, h->c.vocab_size);
+    }
+    return SJ_OK;
 }
 
-const float *sj_infer_last_logits(const sj_infer *h) { return h->logits; }
+static sj_status cpu_logits(void *e, const float **host) {
+    *host = ((sj_infer_cpu *)e)->logits;
+    return SJ_OK;
+}
+
+const sj_infer_backend sj_infer_cpu_backend = {
+    .device = "cpu",
+    .prefill = cpu_prefill,
+    .decode = cpu_decode,
+    .logits = cpu_logits,
+    .free = cpu_free,
+    .weight_bytes = cpu_weight_bytes,
+    .cache_bytes = cpu_cache_bytes,
+    .set_kv_f16 = cpu_set_kv_f16,
+    .kv_f16 = cpu_kv_f16,
+};
