@@ -313,6 +313,18 @@ def test_q4_mode_on_gpu_is_refused():
 
 
 @gpu_test
+def test_cpu_options_on_the_gpu_handle_are_refused_by_name(tmp_path):
+    m = make_model("gqa32")
+    with pytest.raises(ValueError, match="not available on cuda"):
+        from_model(m, "bf16", device="cuda", kv_dtype="f16")
+    g = from_model(m, "bf16", device="cuda")
+    assert g.kv_dtype == "bf16" and g.device == "cuda"
+    from smedjan.gguf import export_gguf
+    with pytest.raises(ValueError, match="load it on the CPU"):
+        export_gguf(g, tmp_path / "x.gguf", "f32")
+
+
+@gpu_test
 def test_memory_reports_gpu_bytes():
     m = make_model("gqa64")
     g = from_model(m, "bf16", device="cuda")
