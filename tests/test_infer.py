@@ -193,6 +193,22 @@ def test_one_handle_refuses_the_other_devices_options_by_name(model):
     assert len(m.greedy(4, 5)) == 5 and m.pos == 8
 
 
+def test_untied_head_goes_through_gguf_and_back(tmp_path):
+    """lm_head is written as GGUF's output.weight and read back from it (the
+    engine's name table), q/k rows permuted both ways."""
+    from smedjan.config import Config
+    from smedjan.gguf import export_gguf, read_gguf
+    from smedjan.infer import InferenceModel
+    m = smedjan.Model(Config.custom(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128,
+                                    max_seq_len=64, tied_head=False), seed=1)
+    toks = np.arange(1, 30, dtype=np.int32)
+    want = m.forward(toks[None])[0]
+    export_gguf(from_model(m, "fp32"), tmp_path / "untied.gguf", "f32")
+    assert "output.weight" in read_gguf(tmp_path / "untied.gguf").tensors
+    got = InferenceModel.load_gguf(tmp_path / "untied.gguf", "fp32", tokenizer=False).forward(toks)
+    assert np.abs(got - want).max() < 1e-5
+
+
 def test_generate_cli_streams(tmp_path, model):
     from smedjan.infer import InferenceModel
     m = InferenceModel.from_model(model, "fp32")

@@ -239,7 +239,8 @@ sj_status sj_infer_cpu_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, 
         sj_status s = SJ_OK;
         if (W) s = fill_f32(W, src, t->name);
         else if (v) memcpy(v, src, sizeof(float) * c->dim);
-        else s = sj_fail(SJ_ERR_ARG, "inference engine: unknown tensor '%s'", t->name);
+        else s = sj_fail(SJ_ERR_ARG, "inference engine: tensor '%s' has no place in it (its architecture "
+                         "option does not generate yet)", t->name);
         if (s != SJ_OK) { cpu_free(h); return s; }
     }
     engine(h, out);
