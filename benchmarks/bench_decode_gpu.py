@@ -179,7 +179,7 @@ def ours_decode(m, prompt, gen, reps):
         m.prefill(p)
         t, t0 = first, time.perf_counter()
         for _ in range(gen):
-            t = m._h.decode_greedy(t)
+            t = m.decode_greedy(t)
         step_times.append(time.perf_counter() - t0)
     return statistics.median(times), statistics.median(step_times), first, [int(x) for x in toks]
 

@@ -21,7 +21,7 @@ for c in (Config.custom(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size
             m.reset()
             t = int(np.argmax(m.prefill(np.arange(1, 40, dtype=np.int32))))
             for _ in range(3):
-                t = m._h.decode_greedy(t)
+                t = m.decode_greedy(t)
             m.greedy(t, 4)
             assert np.isfinite(m.last_logits()).all()
 print("decode_once: ok")

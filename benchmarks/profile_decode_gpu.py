@@ -34,11 +34,11 @@ def main():
         m = from_model(smedjan.Model(c, seed=1), "bf16", max_ctx=64 + a.steps, device="cuda")
         m.set_options(graphs=False, persistent=False)
         t = int(np.argmax(m.prefill(np.arange(1, 17, dtype=np.int32))))
-        t = m._h.decode_greedy(t)                      # warm
+        t = m.decode_greedy(t)                      # warm
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(a.steps):
-                t = m._h.decode_greedy(t)
+                t = m.decode_greedy(t)
             torch.cuda.synchronize()
         ks = [e for e in prof.events() if e.device_type.name == "CUDA" and "step_" in e.name]
         ks.sort(key=lambda e: e.time_range.start)

@@ -531,39 +531,85 @@ sj_status sj_gguf_save(const char *path, const sj_gguf_kv *kv, int n_kv,
 sj_status sj_gguf_quantize(int type, const float *x, int64_t n, void *out);
 sj_status sj_gguf_dequantize(int type, const void *in, int64_t n, float *out);
 
-/* The inference engine: a Llama-family model's weights in one of four
- * in-memory forms, a KV cache allocated once, prefill (a batched forward
- * over many tokens) and decode (one token). Separate from the training
- * model; not thread-safe per handle. */
+/* ---- tensor names (csrc/io/names.c) ------------------------------------ */
+
+/* Each tensor kind once, in three spellings: ours, Hugging Face Llama's and
+ * GGUF's (llama.cpp's). A per-layer row spells what follows the layer
+ * prefix ("layers.{i}.", "model.layers.{i}.", "blk.{i}."); a global row the
+ * whole name. */
+typedef enum { SJ_NAMES_OURS = 0, SJ_NAMES_HF, SJ_NAMES_GGUF } sj_names;
+typedef struct {
+    const char *name[3];   /* indexed by sj_names */
+    int per_layer;
+    int rope_rows;         /* GGUF files of architecture llama hold these rows
+                            * in interleaved-pair RoPE order: sj_gguf_rope_row */
+} sj_tensor_name;
+/* The table; returns its length. */
+int sj_tensor_names(const sj_tensor_name **rows);
+/* The row of a whole name spelled `from`, and its layer (-1: a global);
+ * NULL when the table has no such name. */
+const sj_tensor_name *sj_tensor_name_find(const char *name, sj_names from, int *layer);
+/* A whole name spelled `from` in spelling `to`: SJ_ERR_ARG naming it when
+ * the table has no such name. */
+sj_status sj_tensor_name_map(const char *name, sj_names from, sj_names to, char *out, size_t cap);
+/* A rope_rows tensor in a GGUF file: its row r (of heads x head_dim rows,
+ * or of a head_dim vector) is our row sj_gguf_rope_row(r, head_dim).
+ * llama.cpp's converter stores each head's rows as (head_dim/2, 2) pairs,
+ * ours (Hugging Face's rotate-half) are (2, head_dim/2). */
+int sj_gguf_rope_row(int r, int head_dim);
+
+/* The inference engine: a Llama-family model's weights, a KV cache
+ * allocated once, prefill (a batched forward over many tokens) and decode
+ * (one token), on the CPU or a CUDA GPU behind one handle
+ * (docs/inference.md). Separate from the training model; not thread-safe
+ * per handle.
+ * CPU: weights in f32, bf16, Q8 or Q4 blocks. CUDA (cuda/infer.cu): bf16 or
+ * f32 weights (quantised GGUF tensors are dequantised at load), the KV cache
+ * in the same dtype; decode one persistent kernel per step (or one kernel
+ * per phase, captured as a CUDA graph), greedy choice on the device.
+ * Without a CUDA build or a GPU, device CUDA fails with SJ_ERR_RUNTIME
+ * saying which. */
 typedef enum { SJ_INFER_FP32 = 0, SJ_INFER_BF16, SJ_INFER_Q8, SJ_INFER_Q4 } sj_infer_mode;
 typedef struct sj_infer sj_infer;
 
-/* max_ctx <= 0: the model's max_seq_len (capped at 4096). */
-sj_status sj_infer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_infer **out);
-sj_status sj_infer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, sj_infer **out);
+/* device: SJ_DEVICE_CPU or SJ_DEVICE_CUDA (m itself may be on either);
+ * max_ctx <= 0: the model's max_seq_len (capped at 4096). */
+sj_status sj_infer_from_model(sj_model *m, sj_device device, sj_infer_mode mode, int max_ctx,
+                              sj_infer **out);
+sj_status sj_infer_load_gguf(const char *path, sj_device device, sj_infer_mode mode, int max_ctx,
+                             sj_infer **out);
 void sj_infer_free(sj_infer *h);
+sj_device sj_infer_device(const sj_infer *h);
 const sj_config *sj_infer_config(const sj_infer *h);
 int sj_infer_max_ctx(const sj_infer *h);
 int sj_infer_pos(const sj_infer *h);                 /* tokens in the KV cache */
 sj_infer_mode sj_infer_get_mode(const sj_infer *h);
-int64_t sj_infer_weight_bytes(const sj_infer *h);    /* resident weights      */
-int64_t sj_infer_cache_bytes(const sj_infer *h);     /* KV cache + run state  */
+int64_t sj_infer_weight_bytes(const sj_infer *h);    /* resident weights (on the device)      */
+int64_t sj_infer_cache_bytes(const sj_infer *h);     /* KV cache + run state (on the device)  */
 /* Forget the cache (position 0). */
 void sj_infer_reset(sj_infer *h);
+/* Append n > 0 tokens to the cache in one batched forward. logits_all:
+ * NULL or (n, vocab) host memory, written with every position's logits. */
+sj_status sj_infer_prefill(sj_infer *h, const int32_t *tokens, int n, float *logits_all);
+/* One token at the next position; *next (may be NULL): the greedy choice
+ * from its logits (smallest id of the maximum), on the device where it runs. */
+sj_status sj_infer_decode(sj_infer *h, int32_t token, int32_t *next);
+/* n greedy steps, the first consuming token: out[i] = the token chosen by
+ * step i (step i+1's input). On a GPU chained on the device (one graph). */
+sj_status sj_infer_greedy(sj_infer *h, int32_t token, int n, int32_t *out);
+/* The last position's logits (vocab) into host memory. */
+sj_status sj_infer_logits(sj_infer *h, float *out);
 /* Store the K/V cache as IEEE f16 (f16 = 1, half its memory; entries rounded
  * to nearest even, as llama.cpp's default cache) or f32 (0, the default).
- * Only with an empty cache: it is reallocated. */
+ * Only with an empty cache: it is reallocated. CPU only. */
 sj_status sj_infer_set_kv_f16(sj_infer *h, int f16);
 int sj_infer_kv_f16(const sj_infer *h);
-/* Append n tokens to the cache in one batched forward. logits_all: NULL or
- * (n, vocab), written with every position's logits; *last points at the
- * last position's logits (vocab), valid until the next call. */
-sj_status sj_infer_prefill(sj_infer *h, const int32_t *tokens, int n, float *logits_all,
-                           const float **last);
-/* One token: its logits (vocab) in *logits, valid until the next call. */
-sj_status sj_infer_decode(sj_infer *h, int32_t token, const float **logits);
-/* The last position's logits of the latest prefill/decode (vocab). */
-const float *sj_infer_last_logits(const sj_infer *h);
+/* Execution choices, for tests and benchmarks: graphs (capture the step as
+ * a CUDA graph) and persistent (one cooperative kernel per step instead of
+ * one kernel per phase). Both default on; the results are the same bits.
+ * CUDA only. */
+sj_status sj_infer_set_options(sj_infer *h, int graphs, int persistent);
+sj_status sj_infer_get_options(const sj_infer *h, int *graphs, int *persistent);
 
 /* Sampling from a row of logits. temperature <= 0: greedy (smallest id of
  * the maximum); top_k <= 0 and top_p >= 1 switch those filters off;
@@ -576,44 +622,13 @@ void sj_sampler_free(sj_sampler *s);
 int sj_sampler_vocab(const sj_sampler *s);
 sj_status sj_sample(sj_sampler *s, const float *logits, const sj_sample_params *p,
                     const int32_t *history, int n_history, int32_t *token);
+/* sj_sample on the handle's last logits (copied to the host first on a GPU). */
+sj_status sj_infer_sample(sj_infer *h, sj_sampler *s, const sj_sample_params *p,
+                          const int32_t *history, int n_history, int32_t *token);
+/* The greedy choice of n logits: the smallest id of the maximum. */
+int32_t sj_argmax(const float *logits, int n);
 /* The name of the SIMD path the quantised kernels use ("avx512vnni", "avx2", "scalar"). */
 const char *sj_infer_isa(void);
-
-/* The inference engine on a CUDA GPU (cuda/infer.cu, docs/inference.md).
- * Weights as bf16 or f32 (SJ_INFER_BF16, SJ_INFER_FP32; quantised GGUF
- * tensors are dequantised at load), the KV cache in the same dtype, the
- * residual stream and every accumulation in f32. Prefill: batched, GEMMs
- * through cuBLASLt. Decode: one persistent kernel per step (or one kernel
- * per phase, captured as a CUDA graph); greedy choice on the device.
- * Without a CUDA build or a GPU, creation fails with SJ_ERR_RUNTIME saying
- * which. Not thread-safe per handle. */
-typedef struct sj_cuinfer sj_cuinfer;
-/* m may be on the CPU or on a GPU; max_ctx <= 0: max_seq_len, capped at 4096. */
-sj_status sj_cuinfer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_cuinfer **out);
-sj_status sj_cuinfer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, sj_cuinfer **out);
-void sj_cuinfer_free(sj_cuinfer *g);
-const sj_config *sj_cuinfer_config(const sj_cuinfer *g);
-int sj_cuinfer_max_ctx(const sj_cuinfer *g);
-int sj_cuinfer_pos(const sj_cuinfer *g);
-sj_infer_mode sj_cuinfer_mode(const sj_cuinfer *g);
-int64_t sj_cuinfer_weight_bytes(const sj_cuinfer *g);   /* on the GPU */
-int64_t sj_cuinfer_cache_bytes(const sj_cuinfer *g);    /* KV cache + run state, on the GPU */
-void sj_cuinfer_reset(sj_cuinfer *g);
-/* As sj_infer_prefill; logits_all: NULL or (n, vocab) host memory. */
-sj_status sj_cuinfer_prefill(sj_cuinfer *g, const int32_t *tokens, int n, float *logits_all);
-/* One token at the next position; *next (may be NULL): the greedy choice
- * from its logits (smallest id of the maximum), made on the device. */
-sj_status sj_cuinfer_decode(sj_cuinfer *g, int32_t token, int32_t *next);
-/* n greedy steps chained on the device, the first consuming token:
- * out[i] = the token chosen by step i (out[i] is step i+1's input). */
-sj_status sj_cuinfer_greedy(sj_cuinfer *g, int32_t token, int n, int32_t *out);
-/* The last position's logits (vocab) into host memory. */
-sj_status sj_cuinfer_logits(sj_cuinfer *g, float *out);
-/* Execution choices, for tests and benchmarks: graphs (capture the step as
- * a CUDA graph) and persistent (one cooperative kernel per step instead of
- * one kernel per phase). Both default on; the results are the same bits. */
-void sj_cuinfer_set_options(sj_cuinfer *g, int graphs, int persistent);
-void sj_cuinfer_get_options(const sj_cuinfer *g, int *graphs, int *persistent);
 
 #ifdef __cplusplus
 }

@@ -5,8 +5,9 @@
  * step count. The token and its position reach the device through a pinned
  * host buffer copied by the graph itself, so one graph serves every
  * position. Every CUDA failure becomes an sj_status naming the call; device
- * allocations that fail raise MemoryError naming the bytes. It must never
- * write the KV cache past max_ctx: every entry point checks the position. */
+ * allocations that fail raise MemoryError naming the bytes. The handle
+ * (csrc/infer/handle.c) checks tokens and positions and passes the position
+ * to every call; this engine must never be reached without it. */
 #include "decode.cuh"
 #include "sj_cuinfer.h"
 #include <stdlib.h>
@@ -18,7 +19,7 @@ enum { CHUNK = 128, SMALL = 16 };   /* prefill rows per pass: padded to 16 or 12
 
 struct sj_cuinfer {
     sj_config c;
-    int mode, is_bf, es, hd, kvd, qkv_rows, max_ctx, pos;
+    int is_bf, es, hd, kvd, qkv_rows, max_ctx;
     const sj_backend *be;
     void *ctx;
     void *wmem, *smem;
@@ -167,7 +168,6 @@ extern "C" sj_status sj_cuinfer_create(const sj_cuinfer_init *in, sj_cuinfer **o
     if (!g) return sj_fail(SJ_ERR_NOMEM, "GPU inference handle: out of host memory");
     g->c = *c;
     g->is_bf = in->bf16;
-    g->mode = in->bf16 ? SJ_INFER_BF16 : SJ_INFER_FP32;
     g->es = in->bf16 ? 2 : 4;
     g->hd = hd;
     g->kvd = c->n_kv_heads * hd;
@@ -271,13 +271,8 @@ extern "C" sj_status sj_cuinfer_create(const sj_cuinfer_init *in, sj_cuinfer **o
 
 /* ---- accessors ---------------------------------------------------------------- */
 
-extern "C" const sj_config *sj_cuinfer_config(const sj_cuinfer *g) { return &g->c; }
-extern "C" int sj_cuinfer_max_ctx(const sj_cuinfer *g) { return g->max_ctx; }
-extern "C" int sj_cuinfer_pos(const sj_cuinfer *g) { return g->pos; }
-extern "C" sj_infer_mode sj_cuinfer_mode(const sj_cuinfer *g) { return (sj_infer_mode)g->mode; }
 extern "C" int64_t sj_cuinfer_weight_bytes(const sj_cuinfer *g) { return g->wbytes; }
 extern "C" int64_t sj_cuinfer_cache_bytes(const sj_cuinfer *g) { return g->sbytes; }
-extern "C" void sj_cuinfer_reset(sj_cuinfer *g) { g->pos = 0; }
 
 static void drop_graphs(sj_cuinfer *g) {
     bind(g);
@@ -307,7 +302,7 @@ static void gemm(sj_cuinfer *g, float *C, const void *A, const void *B, int M, i
 
 /* m (<= CHUNK) tokens at positions pos .. pos + m - 1; logits of every row in plog. */
 template <class T>
-static void prefill_chunk(sj_cuinfer *g, int m) {
+static void prefill_chunk(sj_cuinfer *g, int m, int pos) {
     const params &p = g->p;
     const int npad = m <= SMALL ? SMALL : CHUNK, C = p.C, F = p.F, H = p.H, KV = p.KV, hd = p.hd;
     const int64_t es = g->es, layer_kv = (int64_t)p.max_ctx * g->kvd;
@@ -322,13 +317,13 @@ static void prefill_chunk(sj_cuinfer *g, int m) {
         LAUNCH_CHECK("norm_k");
         gemm(g, g->pqkv, g->pxn, (const char *)p.wqkv + (int64_t)l * g->qkv_rows * C * es, npad, g->qkv_rows, C, 0);
         rope_k<T><<<blocks(units, 256), 256, 0, st>>>(g->pq, kc, vc, g->pqkv, p.rope_cos, p.rope_sin,
-                                                         m, g->pos, H, KV, hd);
+                                                         m, pos, H, KV, hd);
         LAUNCH_CHECK("rope_k");
         attn_k<T><<<(unsigned)((items + WARPS - 1) / WARPS), THREADS, WARPS * hd * sizeof(float), st>>>(
-            g->ppart, g->pq, kc, vc, m, g->pos, H, KV, hd, p.scale);
+            g->ppart, g->pq, kc, vc, m, pos, H, KV, hd, p.scale);
         LAUNCH_CHECK("attn_k");
         combine_k<T><<<(unsigned)(((int64_t)npad * H + WARPS - 1) / WARPS), THREADS, 0, st>>>(
-            (T *)g->patt, g->ppart, m, npad, g->pos, H, hd);
+            (T *)g->patt, g->ppart, m, npad, pos, H, hd);
         LAUNCH_CHECK("combine_k");
         gemm(g, g->px, g->patt, (const char *)p.wo + l * (int64_t)C * C * es, npad, C, C, 1);
         norm_k<T><<<npad, 256, 0, st>>>((T *)g->pxn, g->px, p.norms + (int64_t)(2 * l + 1) * C, C, p.eps);
@@ -343,32 +338,22 @@ static void prefill_chunk(sj_cuinfer *g, int m) {
     gemm(g, g->plog, g->pxn, p.head, npad, p.V, C, 0);
 }
 
-extern "C" sj_status sj_cuinfer_prefill(sj_cuinfer *g, const int32_t *tokens, int n, float *logits_all) {
-    if (n <= 0) return sj_fail(SJ_ERR_ARG, "prefill: no tokens");
-    if (n > g->max_ctx - g->pos)
-        return sj_fail(SJ_ERR_ARG, "prefill: %d tokens after %d in the cache exceed its %d positions "
-                       "(reset, or load with a larger max_ctx)", n, g->pos, g->max_ctx);
-    for (int i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= g->c.vocab_size)
-            return sj_fail(SJ_ERR_ARG, "prefill: token %d at %d is outside the vocabulary (%d)",
-                           tokens[i], i, g->c.vocab_size);
+extern "C" sj_status sj_cuinfer_prefill(sj_cuinfer *g, int pos, const int32_t *tokens, int n,
+                                        float *logits_all) {
     bind(g);
     const int V = g->c.vocab_size;
-    const int pos0 = g->pos;
     sj_status s = SJ_OK;
     for (int i = 0; i < n && !s; i += CHUNK) {
         const int m = n - i < CHUNK ? n - i : CHUNK;
         g->be->from_host(g->ptok, tokens + i, (size_t)m * 4);
-        if (g->is_bf) prefill_chunk<bf16>(g, m);
-        else prefill_chunk<float>(g, m);
+        if (g->is_bf) prefill_chunk<bf16>(g, m, pos + i);
+        else prefill_chunk<float>(g, m, pos + i);
         if (logits_all) g->be->to_host(logits_all + (int64_t)i * V, g->plog, (size_t)m * V * 4);
         if (i + m == n)
             CUDA_CHECK(cudaMemcpyAsync(g->p.logits, g->plog + (int64_t)(m - 1) * V, (size_t)V * 4,
                                        cudaMemcpyDeviceToDevice, sj_stream()));
         s = g->be->sync();
-        g->pos += m;
     }
-    if (s) g->pos = pos0;   /* the cache holds garbage past pos0 now; pos0 is still valid */
     return s;
 }
 
@@ -381,15 +366,11 @@ static void enqueue_steps(sj_cuinfer *g, int n) {
     g->be->to_host_async(g->h_io + 2, g->p.out, (size_t)n * sizeof(int));
 }
 
-static sj_status run_steps(sj_cuinfer *g, int32_t token, int n) {
-    if (token < 0 || token >= g->c.vocab_size)
-        return sj_fail(SJ_ERR_ARG, "decode: token %d is outside the vocabulary (%d)", token, g->c.vocab_size);
-    if (n > g->max_ctx - g->pos)
-        return sj_fail(SJ_ERR_ARG, "decode: %d token(s) after %d in the cache exceed its %d positions "
-                       "(reset, or load with a larger max_ctx)", n, g->pos, g->max_ctx);
+/* n steps at positions pos ..; out (may be NULL): the n greedy choices. */
+extern "C" sj_status sj_cuinfer_steps(sj_cuinfer *g, int pos, int32_t token, int n, int32_t *out) {
     bind(g);
     g->h_io[0] = token;
-    g->h_io[1] = g->pos;
+    g->h_io[1] = pos;
     sj_status s;
     if (!g->graphs) {
         enqueue_steps(g, n);
@@ -408,22 +389,7 @@ static sj_status run_steps(sj_cuinfer *g, int32_t token, int n) {
         if ((s = g->be->graph_launch(*slot))) return s;
     }
     if ((s = g->be->sync())) return s;
-    g->pos += n;
-    return SJ_OK;
-}
-
-extern "C" sj_status sj_cuinfer_decode(sj_cuinfer *g, int32_t token, int32_t *next) {
-    sj_status s = run_steps(g, token, 1);
-    if (s) return s;
-    if (next) *next = g->h_io[2];
-    return SJ_OK;
-}
-
-extern "C" sj_status sj_cuinfer_greedy(sj_cuinfer *g, int32_t token, int n, int32_t *out) {
-    if (n <= 0) return sj_fail(SJ_ERR_ARG, "greedy: n must be positive, got %d", n);
-    sj_status s = run_steps(g, token, n);
-    if (s) return s;
-    memcpy(out, g->h_io + 2, (size_t)n * sizeof(int32_t));
+    if (out) memcpy(out, g->h_io + 2, (size_t)n * sizeof(int32_t));
     return SJ_OK;
 }
 

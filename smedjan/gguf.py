@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import _C
+from .io import tensor_names
 from .tokenizer import Tokenizer, _from_bytelevel
 
 # tensor types (ggml_type) and metadata value types (gguf_type)
@@ -322,28 +323,12 @@ def export_gguf(m, path, type: str = "q8_0", *, tokenizer=None, name: str = "sme
         tk = tokenizer if tokenizer is not None else m.tokenizer
         if tk is not None:
             kvs += tokenizer_kvs(tk)
-    hd = c.dim // c.n_heads
-    C = c.dim
-    tensors = [("token_embd.weight", emb_t, (C, c.vocab_size), h.weight_gguf("tok_emb", emb_t, 0))]
-    norm = lambda i: h.weight(f"norm:{i}")
-    for i in range(c.n_layers):
-        for ours, gname, perm in (("wq", "attn_q", hd), ("wk", "attn_k", hd), ("wv", "attn_v", 0),
-                                  ("wo", "attn_output", 0), ("w_gate", "ffn_gate", 0),
-                                  ("w_up", "ffn_up", 0), ("w_down", "ffn_down", 0)):
-            rows, cols = _shape(c, ours)
-            tensors.append((f"blk.{i}.{gname}.weight", t, (cols, rows),
-                            h.weight_gguf(f"layers.{i}.{ours}", t, perm)))
-        tensors.append((f"blk.{i}.attn_norm.weight", F32, (C,), norm(2 * i)))
-        tensors.append((f"blk.{i}.ffn_norm.weight", F32, (C,), norm(2 * i + 1)))
-    tensors.append(("output_norm.weight", F32, (C,), norm(2 * c.n_layers)))
-    try:
-        tensors.append(("output.weight", emb_t, (C, c.vocab_size), h.weight_gguf("output", emb_t, 0)))
-    except KeyError:
-        pass   # tied head
+    tensors = []
+    for ours in tensor_names(c.n_layers):
+        try:   # the embedding and an untied head keep 8 bits at q4_0, as llama.cpp's files
+            data, typ, shape = h.weight_gguf(ours, emb_t if ours in ("tok_emb", "lm_head") else t)
+        except KeyError:
+            continue                     # a tensor this model has not (a tied head, qk-norm)
+        tensors.append((_C.tensor_name(ours, "ours", "gguf"), typ, shape, data))
     write_gguf(path, kvs, tensors)
 
-
-def _shape(c, ours):
-    kvd = c.n_kv_heads * (c.dim // c.n_heads)
-    return {"wq": (c.dim, c.dim), "wk": (kvd, c.dim), "wv": (kvd, c.dim), "wo": (c.dim, c.dim),
-            "w_gate": (c.ffn_dim, c.dim), "w_up": (c.ffn_dim, c.dim), "w_down": (c.dim, c.ffn_dim)}[ours]

@@ -7,10 +7,11 @@ reference), "bf16", "q8" (GGML Q8_0 blocks) or "q4" (Q4_0 / Q4_1 blocks;
 the embedding / tied head stays Q8_0, as llama.cpp's Q4 files keep it).
 The prompt runs as one batched forward (prefill), then one token per step.
 
-device="cuda" runs the same surface on a GPU (modes "bf16", the default
+device="cuda" runs the same handle on a GPU (modes "bf16", the default
 there, and "fp32" for parity; quantised files are dequantised at load):
 weights and KV cache on the device, the decode step one persistent kernel
-(docs/inference.md, "GPU").
+(docs/inference.md, "GPU"). Greedy choices are made where the model runs;
+sampling with temperature reads the logits on the host.
 
 >>> # m = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", mode="q8")
 >>> # for t in m.generate("The capital of France is", 16, temperature=0): ...
@@ -36,36 +37,20 @@ class _Cfg:
         self.head_dim = self.dim // self.n_heads
 
 
-def _on_cuda(device: str) -> bool:
+def _device(device: str) -> str:
+    """"cpu" or "cuda" ("cuda:0" is "cuda": the GPU engine runs on the first GPU)."""
     d = str(device)
-    if d == "cpu":
-        return False
-    if d == "cuda" or d.startswith("cuda:"):
-        if d not in ("cuda", "cuda:0"):
+    if d.startswith("cuda:"):
+        if d != "cuda:0":
             raise ValueError(f"device {d!r}: the GPU inference engine runs on the first GPU (cuda)")
-        return True
-    raise ValueError(f"device must be 'cpu' or 'cuda', got {d!r}")
+        return "cuda"
+    if d not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {d!r}")
+    return d
 
 
-def _default_mode(mode: Optional[str], cuda: bool, cpu_default: str) -> str:
-    return mode if mode is not None else ("bf16" if cuda else cpu_default)
-
-
-class _CudaHandle:
-    """_C.CudaInfer with the CPU handle's surface: sampling with temperature
-    runs on the host (csrc/infer/sample.c) over logits copied from the GPU;
-    greedy choices are made on the device (decode_greedy, greedy)."""
-
-    def __init__(self, h):
-        self._c = h
-        self._buf = np.empty(h.info()["vocab_size"], np.float32)
-
-    def __getattr__(self, name):
-        return getattr(self._c, name)
-
-    def sample(self, sampler, temperature, top_k, top_p, repetition_penalty, history):
-        self._c.logits(self._buf)
-        return sampler.sample(self._buf, temperature, top_k, top_p, repetition_penalty, history)
+def _default_mode(mode: Optional[str], device: str, cpu_default: str) -> str:
+    return mode if mode is not None else ("bf16" if device == "cuda" else cpu_default)
 
 
 class InferenceModel:
@@ -75,8 +60,6 @@ class InferenceModel:
     prefill/decode drive the cache by hand; generate streams token ids."""
 
     def __init__(self, handle, tokenizer=None, source: str = ""):
-        if type(handle).__name__ == "CudaInfer":
-            handle = _CudaHandle(handle)
         self._h = handle
         self.tokenizer = tokenizer
         self.source = source
@@ -89,8 +72,8 @@ class InferenceModel:
     def load_gguf(cls, path, mode: Optional[str] = None, max_ctx: int = 0, tokenizer: bool = True,
                   device: str = "cpu", kv_dtype: str = "f32") -> "InferenceModel":
         """mode: "q8" by default on the CPU, "bf16" on device="cuda"."""
-        cuda = _on_cuda(device)
-        mode = _default_mode(mode, cuda, "q8")
+        device = _device(device)
+        mode = _default_mode(mode, device, "q8")
         p = os.fspath(path)
         _check_kv_dtype(kv_dtype)
         if not os.path.exists(p):
@@ -101,8 +84,7 @@ class InferenceModel:
             f = read_gguf(p)
             if "tokenizer.ggml.tokens" in f.kv:
                 tok = f.tokenizer()
-        load = _C.cuda_infer_load_gguf if cuda else _C.infer_load_gguf
-        m = cls._with_cache(load(p, mode, max_ctx), kv_dtype, cuda, tok, p)
+        m = cls._with_cache(_C.infer_load_gguf(p, device, mode, max_ctx), kv_dtype, tok, p)
         check_vocab(tok, m.config.vocab_size, p, f"{p}: the tokenizer")
         return m
 
@@ -112,20 +94,16 @@ class InferenceModel:
         """Copy (and quantise) a smedjan Model's current weights. mode: "fp32"
         by default on the CPU, "bf16" on device="cuda" (the model itself may
         be on either device, in any dtype: the f32 master weights are read)."""
-        cuda = _on_cuda(device)
-        mode = _default_mode(mode, cuda, "fp32")
+        device = _device(device)
+        mode = _default_mode(mode, device, "fp32")
         _check_kv_dtype(kv_dtype)
-        make = _C.cuda_infer_from_model if cuda else _C.infer_from_model
-        return cls._with_cache(make(model._h, mode, max_ctx), kv_dtype, cuda,
+        return cls._with_cache(_C.infer_from_model(model._h, device, mode, max_ctx), kv_dtype,
                                getattr(model, "tokenizer", None))
 
     @classmethod
-    def _with_cache(cls, h, kv_dtype, cuda, tok, source=""):
+    def _with_cache(cls, h, kv_dtype, tok, source=""):
         if kv_dtype == "f16":
-            if cuda:
-                raise ValueError("kv_dtype='f16' is a CPU option; on the GPU the K/V cache "
-                                 "is kept in the weights' mode (bf16 or fp32)")
-            h.set_kv_f16(True)
+            h.set_kv_f16(True)      # a CPU option: on the GPU the cache is in the weights' mode
         return cls(h, tok, source)
 
     # ---- properties ---------------------------------------------------------------
@@ -135,7 +113,7 @@ class InferenceModel:
 
     @property
     def device(self) -> str:
-        return self._h.info().get("device", "cpu")
+        return self._h.info()["device"]
 
     @property
     def pos(self) -> int:
@@ -146,8 +124,7 @@ class InferenceModel:
     def kv_dtype(self) -> str:
         """The element type of the K/V cache: "f32" or "f16" on the CPU; on
         the GPU the weights' mode ("bf16" or "fp32")."""
-        i = self._h.info()
-        return i.get("kv_dtype", i["mode"])
+        return self._h.info()["kv_dtype"]
 
     @property
     def max_ctx(self) -> int:
@@ -158,7 +135,7 @@ class InferenceModel:
         on device="cuda")."""
         i = self._h.info()
         return {"weight_bytes": i["weight_bytes"], "cache_bytes": i["cache_bytes"],
-                "device": i.get("device", "cpu")}
+                "device": i["device"]}
 
     # ---- compute --------------------------------------------------------------------
     def reset(self) -> None:
@@ -243,15 +220,17 @@ class InferenceModel:
         s["device"] = self.device
         return s
 
+    def decode_greedy(self, token: int) -> int:
+        """One token; the greedy choice from its logits (smallest id of the
+        maximum), made where the model runs: no logits leave a GPU."""
+        return self._h.decode(int(token), True)
+
     def greedy(self, token: int, n: int) -> np.ndarray:
-        """n greedy steps after token, chained on the GPU (one graph replay):
-        the n chosen ids. device="cuda" only; the fast path of benchmarks.
+        """n greedy steps after token: the n chosen ids. On device="cuda"
+        chained on the GPU (one graph replay): the fast path of benchmarks.
 
         >>> # m.prefill(prompt); ids = m.greedy(int(np.argmax(m.last_logits())), 128)
         """
-        if not hasattr(self._h, "greedy"):
-            raise ValueError("greedy(token, n) runs on device='cuda'; on the CPU use "
-                             "generate(..., temperature=0)")
         out = np.empty(int(n), np.int32)
         self._h.greedy(int(token), out)
         return out
@@ -259,11 +238,9 @@ class InferenceModel:
     def set_options(self, *, graphs: Optional[bool] = None, persistent: Optional[bool] = None) -> None:
         """GPU execution choices (tests, benchmarks): CUDA graphs, and the
         persistent one-kernel step vs one kernel per phase. Same results."""
-        i = self._h.info()
-        if "graphs" not in i:
-            raise ValueError("set_options applies to device='cuda'")
-        self._h.set_options(i["graphs"] if graphs is None else bool(graphs),
-                            i["persistent"] if persistent is None else bool(persistent))
+        i = self._h.info()          # a CPU handle has neither: set_options says so
+        self._h.set_options(i.get("graphs", True) if graphs is None else bool(graphs),
+                            i.get("persistent", True) if persistent is None else bool(persistent))
 
     def __repr__(self) -> str:
         c = self.config
@@ -338,8 +315,9 @@ def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top
     temp, k, p = float(temperature), int(top_k or 0), float(top_p if top_p is not None else 1.0)
     pen = float(repetition_penalty)
     hist = np.array(ids, np.int32)
-    # greedy without a penalty: on the GPU the step itself returns the argmax
-    on_device = temp <= 0 and pen == 1.0 and hasattr(h, "decode_greedy") and n_emit == V
+    # greedy without a penalty: the step itself returns the argmax (on the GPU
+    # chosen on the device, so no logits cross to the host)
+    on_device = temp <= 0 and pen == 1.0 and n_emit == V
     if n_emit < V:
         logits = np.empty(V, np.float32)
 
@@ -388,7 +366,7 @@ def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top
         if h.pos() >= W:
             run()
         elif on_device:
-            nxt = h.decode_greedy(tok)
+            nxt = h.decode(tok, True)
         else:
             h.decode(tok)
     stats.setdefault("gen_tok_s", float("nan"))

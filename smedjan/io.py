@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -144,41 +143,17 @@ def to_float32(arr: np.ndarray, st_dtype: str) -> np.ndarray:
     raise ValueError(f"cannot convert a {st_dtype} tensor to float32")
 
 
-# ---- names: the one mapping table ---------------------------------------------
+# ---- names: the engine's one table (csrc/io/names.c) --------------------------
 #
-# (ours, Hugging Face Llama, GGUF) for each per-layer tensor, then the globals.
-# Hugging Face q_proj/k_proj rows are already in rotate-half order (ours):
-# copy them directly. GGUF files written by llama.cpp's converter store
-# attn_q/attn_k rows permuted for interleaved RoPE; a GGUF reader/writer must
-# (un)permute them — this table maps names only.
-LAYER_NAMES = (
-    ("attn_norm", "input_layernorm.weight", "attn_norm.weight"),
-    ("wq", "self_attn.q_proj.weight", "attn_q.weight"),
-    ("wk", "self_attn.k_proj.weight", "attn_k.weight"),
-    ("wv", "self_attn.v_proj.weight", "attn_v.weight"),
-    ("wo", "self_attn.o_proj.weight", "attn_output.weight"),
-    ("ffn_norm", "post_attention_layernorm.weight", "ffn_norm.weight"),
-    ("w_gate", "mlp.gate_proj.weight", "ffn_gate.weight"),
-    ("w_up", "mlp.up_proj.weight", "ffn_up.weight"),
-    ("w_down", "mlp.down_proj.weight", "ffn_down.weight"),
-    ("q_norm", "self_attn.q_norm.weight", "attn_q_norm.weight"),
-    ("k_norm", "self_attn.k_norm.weight", "attn_k_norm.weight"),
-)
-GLOBAL_NAMES = (
-    ("tok_emb", "model.embed_tokens.weight", "token_embd.weight"),
-    ("final_norm", "model.norm.weight", "output_norm.weight"),
-    ("lm_head", "lm_head.weight", "output.weight"),   # untied heads only
-)
-HF_LM_HEAD = "lm_head.weight"
-GGUF_OUTPUT = "output.weight"
-
-_OURS_LAYER = re.compile(r"^layers\.(\d+)\.(\w+)$")
-
-
-def _table(col: int):
-    g = {row[0]: row[col] for row in GLOBAL_NAMES}
-    l = {row[0]: row[col] for row in LAYER_NAMES}
-    return g, l
+# Rows (ours, Hugging Face Llama, GGUF, per_layer, rope_rows); a per-layer row
+# spells what follows "layers.{i}.", "model.layers.{i}." or "blk.{i}.".
+# Hugging Face q_proj/k_proj rows are in rotate-half order (ours): they copy
+# directly. GGUF files of architecture llama hold the rope_rows tensors'
+# rows permuted for interleaved RoPE; the engine's GGUF reader and writer
+# (un)permute them.
+NAME_TABLE = _C.tensor_names()
+LAYER_NAMES = tuple((ours, hf, gguf) for ours, hf, gguf, per_layer, _ in NAME_TABLE if per_layer)
+GLOBAL_NAMES = tuple((ours, hf, gguf) for ours, hf, gguf, per_layer, _ in NAME_TABLE if not per_layer)
 
 
 def to_hf_name(name: str) -> str:
@@ -187,7 +162,7 @@ def to_hf_name(name: str) -> str:
     >>> to_hf_name("layers.3.wq")
     'model.layers.3.self_attn.q_proj.weight'
     """
-    return _to(name, 1, "model.layers.{i}.{x}")
+    return _C.tensor_name(name, "ours", "hf")
 
 
 def to_gguf_name(name: str) -> str:
@@ -196,26 +171,16 @@ def to_gguf_name(name: str) -> str:
     >>> to_gguf_name("layers.0.w_down")
     'blk.0.ffn_down.weight'
     """
-    return _to(name, 2, "blk.{i}.{x}")
-
-
-def _to(name: str, col: int, layer_fmt: str) -> str:
-    g, l = _table(col)
-    if name in g:
-        return g[name]
-    m = _OURS_LAYER.match(name)
-    if m and m.group(2) in l:
-        return layer_fmt.format(i=int(m.group(1)), x=l[m.group(2)])
-    raise KeyError(f"no mapping for tensor name '{name}'")
+    return _C.tensor_name(name, "ours", "gguf")
 
 
 def from_hf_name(name: str) -> str:
-    """Hugging Face Llama name -> ours (KeyError for lm_head.weight and others we lack).
+    """Hugging Face Llama name -> ours (KeyError for names we lack).
 
     >>> from_hf_name("model.layers.2.mlp.up_proj.weight")
     'layers.2.w_up'
     """
-    return _from(name, 1, re.compile(r"^model\.layers\.(\d+)\.(.+)$"))
+    return _C.tensor_name(name, "hf", "ours")
 
 
 def from_gguf_name(name: str) -> str:
@@ -224,22 +189,28 @@ def from_gguf_name(name: str) -> str:
     >>> from_gguf_name("blk.1.attn_k.weight")
     'layers.1.wk'
     """
-    return _from(name, 2, re.compile(r"^blk\.(\d+)\.(.+)$"))
+    return _C.tensor_name(name, "gguf", "ours")
 
 
-def _from(name: str, col: int, layer_re) -> str:
-    g, l = _table(col)
-    for ours, theirs in g.items():
-        if theirs == name:
-            return ours
-    m = layer_re.match(name)
-    if m:
-        for ours, theirs in l.items():
-            if theirs == m.group(2):
-                return f"layers.{int(m.group(1))}.{ours}"
-    raise KeyError(f"no smedjan tensor for '{name}'")
+def tensor_names(n_layers: int) -> list:
+    """Every name of ours for n_layers, in the table's order: the globals
+    before the per-layer rows, each layer's rows, the globals after.
+
+    >>> tensor_names(1)[:3]
+    ['tok_emb', 'layers.0.attn_norm', 'layers.0.wq']
+    """
+    first = next(i for i, r in enumerate(NAME_TABLE) if r[3])
+    layer = [r[0] for r in NAME_TABLE if r[3]]
+    return ([r[0] for r in NAME_TABLE[:first] if not r[3]] +
+            [f"layers.{i}.{x}" for i in range(n_layers) for x in layer] +
+            [r[0] for r in NAME_TABLE[first:] if not r[3]])
+
+
+# The untied output head.
+HF_LM_HEAD = to_hf_name("lm_head")
+GGUF_OUTPUT = to_gguf_name("lm_head")
 
 
 __all__ = ["save_safetensors", "load_safetensors", "TensorDict", "bf16_to_f32", "f32_to_bf16",
            "to_float32", "to_hf_name", "from_hf_name", "to_gguf_name", "from_gguf_name",
-           "LAYER_NAMES", "GLOBAL_NAMES", "HF_LM_HEAD", "GGUF_OUTPUT"]
+           "tensor_names", "NAME_TABLE", "LAYER_NAMES", "GLOBAL_NAMES", "HF_LM_HEAD", "GGUF_OUTPUT"]

@@ -193,7 +193,7 @@ def test_bf16_near_fp32_and_greedy_agrees(model):
     assert agree >= 0.9, f"bf16 greedy choices agree with CPU fp32 on {agree:.2f} of positions"
     b.reset()
     b.prefill(seq[:len(prompt)])
-    steps = [b._h.decode_greedy(int(t)) for t in seq[len(prompt):-1]]
+    steps = [b.decode_greedy(int(t)) for t in seq[len(prompt):-1]]
     agree = np.mean(np.array(steps) == seq[len(prompt) + 1:])
     assert agree >= 0.9, f"bf16 device greedy agrees with CPU fp32 greedy on {agree:.2f} of steps"
 
@@ -252,7 +252,7 @@ def test_chained_greedy_equals_step_by_step(model):
     t0 = int(np.argmax(g.prefill(prompt)))
     steps, t = [], t0
     for _ in range(50):
-        t = g._h.decode_greedy(t)
+        t = g.decode_greedy(t)
         steps.append(t)
     last = g.last_logits()
     g.reset()
@@ -310,6 +310,18 @@ def test_q4_mode_on_gpu_is_refused():
     m = make_model("gqa32")
     with pytest.raises(ValueError, match="not available on the GPU"):
         from_model(m, "q4", device="cuda")
+
+
+@gpu_test
+def test_cpu_options_on_the_gpu_handle_are_refused_by_name(tmp_path):
+    m = make_model("gqa32")
+    with pytest.raises(ValueError, match="not available on cuda"):
+        from_model(m, "bf16", device="cuda", kv_dtype="f16")
+    g = from_model(m, "bf16", device="cuda")
+    assert g.kv_dtype == "bf16" and g.device == "cuda"
+    from smedjan.gguf import export_gguf
+    with pytest.raises(ValueError, match="load it on the CPU"):
+        export_gguf(g, tmp_path / "x.gguf", "f32")
 
 
 @gpu_test

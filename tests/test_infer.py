@@ -161,6 +161,54 @@ def test_engine_errors_are_clear(model):
         list(m.generate([], 3))
 
 
+def test_greedy_verbs_choose_the_argmax_of_each_step(model):
+    """decode_greedy and greedy (the GPU's device-side verbs) run on the CPU
+    too, choosing on the host what np.argmax chooses from the step's logits."""
+    m = from_model(model, "q8")
+    prompt = np.array([9, 80, 301, 4], np.int32)
+    t0 = int(np.argmax(m.prefill(prompt)))
+    steps, t = [], t0
+    for _ in range(12):
+        t = int(np.argmax(m.decode(t)))
+        steps.append(t)
+    m.reset()
+    m.prefill(prompt)
+    assert [m.decode_greedy(t) for t in [t0] + steps[:-1]] == steps
+    m.reset()
+    m.prefill(prompt)
+    assert list(m.greedy(t0, 12)) == steps and m.pos == len(prompt) + 12
+
+
+def test_one_handle_refuses_the_other_devices_options_by_name(model):
+    m = from_model(model, "fp32", max_ctx=8)
+    assert m.device == "cpu" and m.kv_dtype == "f32"
+    with pytest.raises(ValueError, match="not available on cpu"):
+        m.set_options(graphs=False)
+    m.prefill([1, 2, 3])
+    with pytest.raises(ValueError, match="exceed"):
+        m.greedy(4, 6)                      # 3 + 6 > 8: refused before any step
+    with pytest.raises(ValueError, match="non-empty"):
+        m.greedy(4, 0)
+    assert m.pos == 3
+    assert len(m.greedy(4, 5)) == 5 and m.pos == 8
+
+
+def test_untied_head_goes_through_gguf_and_back(tmp_path):
+    """lm_head is written as GGUF's output.weight and read back from it (the
+    engine's name table), q/k rows permuted both ways."""
+    from smedjan.config import Config
+    from smedjan.gguf import export_gguf, read_gguf
+    from smedjan.infer import InferenceModel
+    m = smedjan.Model(Config.custom(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128,
+                                    max_seq_len=64, tied_head=False), seed=1)
+    toks = np.arange(1, 30, dtype=np.int32)
+    want = m.forward(toks[None])[0]
+    export_gguf(from_model(m, "fp32"), tmp_path / "untied.gguf", "f32")
+    assert "output.weight" in read_gguf(tmp_path / "untied.gguf").tensors
+    got = InferenceModel.load_gguf(tmp_path / "untied.gguf", "fp32", tokenizer=False).forward(toks)
+    assert np.abs(got - want).max() < 1e-5
+
+
 def test_generate_cli_streams(tmp_path, model):
     from smedjan.infer import InferenceModel
     m = InferenceModel.from_model(model, "fp32")

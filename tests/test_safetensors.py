@@ -406,5 +406,10 @@ def test_name_table_maps_every_model_tensor_both_ways():
             "blk.0.ffn_gate.weight", "blk.1.ffn_norm.weight"} <= gg
     for n in m.params:
         assert from_hf_name(to_hf_name(n)) == n and from_gguf_name(to_gguf_name(n)) == n
-    with pytest.raises(KeyError):
-        from_hf_name("lm_head.weight")
+    # the untied head and the qk-norm gains have their rows too
+    assert from_hf_name("lm_head.weight") == from_gguf_name("output.weight") == "lm_head"
+    assert to_gguf_name("layers.2.q_norm") == "blk.2.attn_q_norm.weight"
+    assert to_hf_name("layers.2.k_norm") == "model.layers.2.self_attn.k_norm.weight"
+    for bad in ("model.layers.0.self_attn.rotary_emb.inv_freq", "layers.01.wq", "layers.x.wq"):
+        with pytest.raises(KeyError):
+            from_hf_name(bad) if bad.startswith("model.") else to_hf_name(bad)

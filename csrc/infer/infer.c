@@ -9,8 +9,10 @@
  * paired heads, value mix, embedding skip, and per-layer sliding windows
  * whose KV cache is a ring buffer of `window` rows (position p at row
  * p % window), so long generation keeps a bounded cache.
+ * The handle (handle.c) checks every request before it reaches here and
+ * tells each call its position; this file is the CPU backend behind it.
  * It must never allocate per token nor read past the KV cache. */
-#include "infer.h"
+#include "engine.h"
 #include "../model/model.h"
 #include <math.h>
 #include <stdio.h>
@@ -31,9 +33,10 @@ typedef struct {
     int64_t kv_at;            /* the layer's first element in kcache / vcache */
 } layer_w;
 
-struct sj_infer {
+struct sj_infer_cpu {
     sj_config c;
-    int hd, max_ctx, mode, pos;
+    int hd, max_ctx, mode;
+    int pos;                     /* the first position of the chunk being run (the handle's) */
     int n_att;                   /* query heads attention runs at: n_heads, or n_heads / 2 paired */
     int kv_proj, kv_dim;         /* k/v projection width, and a cache row (after pairing) */
     int kv_f16;                  /* K/V cache entries stored as IEEE f16 (half the memory) */
@@ -64,14 +67,15 @@ static void to_f16(uint16_t *out, const float *x, int64_t n) {
     for (; i < n; i++) out[i] = sj_f32_to_f16(x[i]);
 }
 
-static const sj_qmat *out_head(const sj_infer *h) { return h->output.mem ? &h->output : &h->tok_emb; }
+static const sj_qmat *out_head(const sj_infer_cpu *h) { return h->output.mem ? &h->output : &h->tok_emb; }
 
 static int wtype_for(int mode) {
     return mode == SJ_INFER_FP32 ? SJ_W_F32 : mode == SJ_INFER_BF16 ? SJ_W_BF16
          : mode == SJ_INFER_Q8 ? SJ_W_Q8 : SJ_W_Q4;
 }
 
-void sj_infer_free(sj_infer *h) {
+static void cpu_free(void *e) {
+    sj_infer_cpu *h = e;
     if (!h) return;
     if (h->L)
         for (int l = 0; l < h->c.n_layers; l++) {
@@ -104,12 +108,12 @@ sj_status sj_infer_rope_tables(const sj_config *c, int n_pos, float *cos_out, fl
 }
 
 /* Rows of layer l's K/V cache: a ring of `window` rows, or max_ctx. */
-static int cache_rows(const sj_infer *h, int l) { return h->L[l].window ? h->L[l].window : h->max_ctx; }
+static int cache_rows(const sj_infer_cpu *h, int l) { return h->L[l].window ? h->L[l].window : h->max_ctx; }
 
 /* The run state's buffers and the KV cache, 64-byte aligned, from base;
  * base NULL: only their size. Returns floats used (the activation
  * scratch of quant.c's layout follows). */
-static int64_t place_state(sj_infer *h, float *base) {
+static int64_t place_state(sj_infer_cpu *h, float *base) {
     const sj_config *c = &h->c;
     const int64_t R = CHUNK, C = c->dim, F = c->ffn_dim, half = h->hd / 2;
     int windowed = 0;
@@ -137,7 +141,7 @@ static int64_t place_state(sj_infer *h, float *base) {
 
 /* Run state and KV cache: one allocation, sized by the config, max_ctx,
  * the layers' windows and the cache's element type. */
-static sj_status alloc_state(sj_infer *h) {
+static sj_status alloc_state(sj_infer_cpu *h) {
     const sj_config *c = &h->c;
     const int W = SJ_MAX(c->dim, c->ffn_dim);
     h->emb = h->v0 = NULL; h->k16 = h->v16 = NULL;
@@ -153,16 +157,51 @@ static sj_status alloc_state(sj_infer *h) {
     return s;
 }
 
+/* The per-layer tensors a llama GGUF holds, by our names (names.c). */
+static const char *const LAYER_TENSORS[] = { "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "attn_norm", "ffn_norm" };
+enum { N_LAYER_TENSORS = sizeof LAYER_TENSORS / sizeof LAYER_TENSORS[0] };
+
+/* The matrix of our name, or NULL (a norm, an absent head, another name). */
+static sj_qmat *matrix(const sj_infer_cpu *h, const char *name) {
+    int l;
+    const sj_tensor_name *r = sj_tensor_name_find(name, SJ_NAMES_OURS, &l);
+    if (!r || l >= h->c.n_layers) return NULL;
+    const char *k = r->name[SJ_NAMES_OURS];
+    sj_infer_cpu *m = (sj_infer_cpu *)h;
+    if (!r->per_layer)
+        return !strcmp(k, "tok_emb") ? &m->tok_emb : !strcmp(k, "lm_head") && h->output.mem ? &m->output : NULL;
+    layer_w *w = &m->L[l];
+    sj_qmat *const mats[7] = { &w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down };
+    for (int i = 0; i < 7; i++) if (!strcmp(k, LAYER_TENSORS[i])) return mats[i];
+    return NULL;
+}
+
+/* The vector of our name (dim values; q_norm, k_norm: head dim), or NULL. */
+static float *vector(const sj_infer_cpu *h, const char *name) {
+    int l;
+    const sj_tensor_name *r = sj_tensor_name_find(name, SJ_NAMES_OURS, &l);
+    if (!r || l >= h->c.n_layers) return NULL;
+    const char *k = r->name[SJ_NAMES_OURS];
+    const int64_t C = h->c.dim;
+    if (!r->per_layer) return !strcmp(k, "final_norm") ? h->norms + 2 * h->c.n_layers * C : NULL;
+    if (!strcmp(k, "attn_norm")) return h->L[l].attn_norm;
+    if (!strcmp(k, "ffn_norm")) return h->L[l].ffn_norm;
+    if (!strcmp(k, "q_norm")) return h->L[l].q_norm;
+    if (!strcmp(k, "k_norm")) return h->L[l].k_norm;
+    return NULL;
+}
+
+const sj_qmat *sj_infer_cpu_matrix(const sj_infer_cpu *e, const char *name) { return matrix(e, name); }
+const float *sj_infer_cpu_vector(const sj_infer_cpu *e, const char *name) { return vector(e, name); }
+
 /* Config checked, matrices allocated (unfilled), run state and RoPE tables built. */
-static sj_status create(const sj_config *c, int mode, int max_ctx, int untied, sj_infer **out) {
+static sj_status create(const sj_config *c, int mode, int max_ctx, sj_infer_cpu **out) {
     *out = NULL;
     SJ_TRY(sj_config_validate(c));
-    if (mode < SJ_INFER_FP32 || mode > SJ_INFER_Q4) return sj_fail(SJ_ERR_ARG, "inference mode %d is not valid", mode);
     if (c->dim % c->n_heads || (c->dim / c->n_heads) % 2)
         return sj_fail(SJ_ERR_ARG, "dim %d / n_heads %d must be an even head size", c->dim, c->n_heads);
-    if (max_ctx <= 0) max_ctx = SJ_MIN(c->max_seq_len, 4096);
-    if (max_ctx > (1 << 20)) return sj_fail(SJ_ERR_ARG, "max_ctx %d is too large", max_ctx);
-    sj_infer *h = calloc(1, sizeof *h);
+    SJ_TRY(sj_infer_resolve_ctx(c, &max_ctx));
+    sj_infer_cpu *h = calloc(1, sizeof *h);
     if (!h) return sj_fail(SJ_ERR_NOMEM, "inference handle: out of memory");
     h->c = *c; h->mode = mode; h->max_ctx = max_ctx;
     h->hd = c->dim / c->n_heads;
@@ -175,11 +214,11 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, int untied, s
     h->L = calloc((size_t)c->n_layers, sizeof *h->L);
     h->norms = sj_alloc(sizeof(float) * ((size_t)(2 * c->n_layers + 1) * C + (size_t)2 * c->n_layers * h->hd),
                         "norm weights");
-    if (!h->L || !h->norms) { sj_infer_free(h); return sj_fail(SJ_ERR_NOMEM, "inference weights: out of memory"); }
+    if (!h->L || !h->norms) { cpu_free(h); return sj_fail(SJ_ERR_NOMEM, "inference weights: out of memory"); }
     /* The embedding (and a tied head) keep 8 bits in q4 mode, as llama.cpp's Q4 files do. */
     int et = mode == SJ_INFER_Q4 ? SJ_W_Q8 : wt;
     if ((s = sj_qmat_alloc(&h->tok_emb, et, V, C, "tok_emb"))) goto fail;
-    if (untied && (s = sj_qmat_alloc(&h->output, et, V, C, "output"))) goto fail;
+    if (c->untied_head && (s = sj_qmat_alloc(&h->output, et, V, C, "lm_head"))) goto fail;
     const int64_t per_layer = sj_qmat_bytes(wt, C, C) + sj_qmat_bytes(wt, C, O) + 2 * sj_qmat_bytes(wt, KVd, C) +
                               2 * sj_qmat_bytes(wt, F, C) + sj_qmat_bytes(wt, C, F);
     if ((s = sj_qpool_init(&h->pool, per_layer * c->n_layers, "layer weights"))) goto fail;
@@ -204,8 +243,15 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, int untied, s
     *out = h;
     return SJ_OK;
 fail:
-    sj_infer_free(h);
+    cpu_free(h);
     return s;
+}
+
+static void engine(sj_infer_cpu *h, sj_infer_engine *out) {
+    out->be = &sj_infer_cpu_backend;
+    out->e = h;
+    out->c = h->c;
+    out->max_ctx = h->max_ctx;
 }
 
 /* ---- from the training model ------------------------------------------------- */
@@ -232,63 +278,38 @@ static sj_status fill_f32(sj_qmat *W, const float *src, const char *name) {
     return SJ_OK;
 }
 
-sj_status sj_infer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_infer **out) {
-    *out = NULL;
+sj_status sj_infer_cpu_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_infer_engine *out) {
     if (sj_model_device(m) != SJ_DEVICE_CPU)
         return sj_fail(SJ_ERR_ARG, "inference engine: the model must be on the CPU (move it with .to('cpu'))");
     const sj_config *c = sj_model_config(m);
-    sj_infer *h;
-    SJ_TRY(create(c, mode, max_ctx, c->untied_head, &h));
+    sj_infer_cpu *h;
+    SJ_TRY(create(c, mode, max_ctx, &h));
     int64_t n;
     const float *P = sj_model_params(m, &n);
-    const int C = c->dim;
     for (int i = 0; i < sj_model_n_tensors(m); i++) {
         const sj_tensor_info *t = sj_model_tensor(m, i);
         const float *src = P + t->offset;
-        int l;
-        char what[32];
-        sj_qmat *W = NULL;
-        if (!strcmp(t->name, "tok_emb")) W = &h->tok_emb;
-        else if (!strcmp(t->name, "lm_head") && h->output.mem) W = &h->output;
-        else if (!strcmp(t->name, "final_norm")) memcpy(h->norms + (int64_t)2 * c->n_layers * C, src, sizeof(float) * C);
-        else if (sscanf(t->name, "layers.%d.%31s", &l, what) == 2 && l >= 0 && l < c->n_layers) {
-            layer_w *w = &h->L[l];
-            if (!strcmp(what, "wq")) W = &w->wq;
-            else if (!strcmp(what, "wk")) W = &w->wk;
-            else if (!strcmp(what, "wv")) W = &w->wv;
-            else if (!strcmp(what, "wo")) W = &w->wo;
-            else if (!strcmp(what, "w_gate")) W = &w->w_gate;
-            else if (!strcmp(what, "w_up")) W = &w->w_up;
-            else if (!strcmp(what, "w_down")) W = &w->w_down;
-            else if (!strcmp(what, "attn_norm")) memcpy(w->attn_norm, src, sizeof(float) * C);
-            else if (!strcmp(what, "ffn_norm")) memcpy(w->ffn_norm, src, sizeof(float) * C);
-            else if (!strcmp(what, "q_norm") && w->q_norm) memcpy(w->q_norm, src, sizeof(float) * h->hd);
-            else if (!strcmp(what, "k_norm") && w->k_norm) memcpy(w->k_norm, src, sizeof(float) * h->hd);
-            else { sj_infer_free(h); return sj_fail(SJ_ERR_ARG, "inference engine: unknown tensor '%s'", t->name); }
-        } else { sj_infer_free(h); return sj_fail(SJ_ERR_ARG, "inference engine: unknown tensor '%s'", t->name); }
-        sj_status s = W ? fill_f32(W, src, t->name) : SJ_OK;
-        if (s != SJ_OK) { sj_infer_free(h); return s; }
+        sj_qmat *W = matrix(h, t->name);
+        float *v = W ? NULL : vector(h, t->name);
+        sj_status s = SJ_OK;
+        if (W) s = fill_f32(W, src, t->name);
+        else if (v) memcpy(v, src, sizeof(float) * t->numel);
+        else s = sj_fail(SJ_ERR_ARG, "inference engine: tensor '%s' has no place in it (its architecture "
+                         "option does not generate yet)", t->name);
+        if (s != SJ_OK) { cpu_free(h); return s; }
     }
-    *out = h;
+    engine(h, out);
     return SJ_OK;
 }
 
 /* ---- from GGUF ------------------------------------------------------------------ */
-
-/* llama.cpp's converter stores attn_q/attn_k rows of each head as
- * (hd/2, 2) interleaved pairs; ours (Hugging Face) are (2, hd/2): file row
- * 2i + j of a head is our row j * hd/2 + i. */
-static int unpermute_row(int r, int hd) {
-    int head = r / hd, i = r % hd, half = hd / 2;
-    return head * hd + (i % 2) * half + i / 2;
-}
 
 typedef struct { sj_qmat *W; const sj_gguf_tensor *t; uint64_t row_bytes; int permute_hd, bad_row; } load_job;
 static void load_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     (void)tid;
     load_job *j = ctx;
     for (int64_t r = r0; r < r1; r++) {
-        int dst = j->permute_hd ? unpermute_row((int)r, j->permute_hd) : (int)r;
+        int dst = j->permute_hd ? sj_gguf_rope_row((int)r, j->permute_hd) : (int)r;
         if (!sj_qmat_set_row_gguf(j->W, dst, j->t->type, (const uint8_t *)j->t->data + j->row_bytes * r))
             note_bad_row(&j->bad_row, r);
     }
@@ -319,6 +340,16 @@ static sj_status load_vec(sj_gguf_file *f, const char *name, float *dst, int n) 
     return sj_gguf_dequantize(t->type, t->data, n, dst);
 }
 
+/* The engine's tensor `ours` from the file's tensor of the same kind (names.c). */
+static sj_status load_tensor(sj_gguf_file *f, sj_infer_cpu *h, const char *ours) {
+    char g[96];
+    int l;
+    SJ_TRY(sj_tensor_name_map(ours, SJ_NAMES_OURS, SJ_NAMES_GGUF, g, sizeof g));
+    sj_qmat *W = matrix(h, ours);
+    if (W) return load_mat(f, g, W, sj_tensor_name_find(ours, SJ_NAMES_OURS, &l)->rope_rows ? h->hd : 0);
+    return load_vec(f, g, vector(h, ours), h->c.dim);
+}
+
 static sj_status get_i(sj_gguf_file *f, const char *key, int lo, int hi, int *out) {
     int64_t v;
     SJ_TRY(sj_gguf_get_int(f, key, &v));
@@ -327,12 +358,11 @@ static sj_status get_i(sj_gguf_file *f, const char *key, int lo, int hi, int *ou
     return SJ_OK;
 }
 
-sj_status sj_infer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, sj_infer **out) {
-    *out = NULL;
+sj_status sj_infer_cpu_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, sj_infer_engine *out) {
     sj_gguf_file *f;
     SJ_TRY(sj_gguf_open(path, &f));
     sj_status s;
-    sj_infer *h = NULL;
+    sj_infer_cpu *h = NULL;
     const sj_gguf_kv *arch = sj_gguf_find_kv(f, "general.architecture");
     if (!arch || arch->type != SJ_GGUF_STRING || arch->n != 5 || memcmp(arch->data, "llama", 5)) {
         s = sj_fail(SJ_ERR_FORMAT, "%s: general.architecture must be 'llama'", path);
@@ -341,6 +371,10 @@ sj_status sj_infer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, 
     sj_config c = {0};
     double theta = 10000.0, eps;
     int n_rot = 0;
+    char emb_name[32], head_name[32];
+    if ((s = sj_tensor_name_map("tok_emb", SJ_NAMES_OURS, SJ_NAMES_GGUF, emb_name, sizeof emb_name)) ||
+        (s = sj_tensor_name_map("lm_head", SJ_NAMES_OURS, SJ_NAMES_GGUF, head_name, sizeof head_name)))
+        goto done;
     if ((s = get_i(f, "llama.embedding_length", 1, 1 << 16, &c.dim)) ||
         (s = get_i(f, "llama.block_count", 1, 1024, &c.n_layers)) ||
         (s = get_i(f, "llama.attention.head_count", 1, 1024, &c.n_heads)) ||
@@ -352,11 +386,11 @@ sj_status sj_infer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, 
     if (sj_gguf_find_kv(f, "llama.attention.head_count_kv") &&
         (s = get_i(f, "llama.attention.head_count_kv", 1, 1024, &c.n_kv_heads))) goto done;
     if (sj_gguf_find_kv(f, "llama.rope.freq_base") && (s = sj_gguf_get_float(f, "llama.rope.freq_base", &theta))) goto done;
-    const sj_gguf_tensor *emb = sj_gguf_find_tensor(f, "token_embd.weight");
-    if (!emb || emb->ndim != 2) { s = sj_fail(SJ_ERR_FORMAT, "%s: tensor 'token_embd.weight' is missing or not 2-D", path); goto done; }
+    const sj_gguf_tensor *emb = sj_gguf_find_tensor(f, emb_name);
+    if (!emb || emb->ndim != 2) { s = sj_fail(SJ_ERR_FORMAT, "%s: tensor '%s' is missing or not 2-D", path, emb_name); goto done; }
     c.vocab_size = (int)SJ_MIN(emb->shape[1], INT32_MAX);
     if (sj_gguf_find_kv(f, "llama.vocab_size") && (s = get_i(f, "llama.vocab_size", 1, 1 << 24, &c.vocab_size))) goto done;
-    if (c.vocab_size != emb->shape[1]) { s = sj_fail(SJ_ERR_FORMAT, "%s: llama.vocab_size %d but token_embd.weight has %lld rows", path, c.vocab_size, (long long)emb->shape[1]); goto done; }
+    if (c.vocab_size != emb->shape[1]) { s = sj_fail(SJ_ERR_FORMAT, "%s: llama.vocab_size %d but %s has %lld rows", path, c.vocab_size, emb_name, (long long)emb->shape[1]); goto done; }
     c.rope_theta = (float)theta; c.norm_eps = (float)eps;
     if (c.n_heads > 0 && c.dim % c.n_heads == 0 && sj_gguf_find_kv(f, "llama.rope.dimension_count")) {
         if ((s = get_i(f, "llama.rope.dimension_count", 1, 1 << 16, &n_rot))) goto done;
@@ -368,53 +402,38 @@ sj_status sj_infer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, 
             s = sj_fail(SJ_ERR_FORMAT, "%s: RoPE scaling is not supported", path); goto done;
         }
     }
+    c.untied_head = sj_gguf_find_tensor(f, head_name) != NULL;
     if ((s = sj_config_validate(&c))) {
         char msg[512];
         snprintf(msg, sizeof msg, "%s", sj_last_error());
         s = sj_fail(SJ_ERR_FORMAT, "%s: %s", path, msg);
         goto done;
     }
-    int untied = sj_gguf_find_tensor(f, "output.weight") != NULL;
-    if ((s = create(&c, mode, max_ctx, untied, &h))) goto done;
-    const int C = c.dim;
-    if ((s = load_mat(f, "token_embd.weight", &h->tok_emb, 0))) goto done;
-    if (untied && (s = load_mat(f, "output.weight", &h->output, 0))) goto done;
-    if ((s = load_vec(f, "output_norm.weight", h->norms + (int64_t)2 * c.n_layers * C, C))) goto done;
-    for (int l = 0; l < c.n_layers; l++) {
-        layer_w *w = &h->L[l];
-        char nm[96];
-#define MAT(field, gname, perm) snprintf(nm, sizeof nm, "blk.%d.%s", l, gname); \
-        if ((s = load_mat(f, nm, &w->field, perm))) goto done;
-        MAT(wq, "attn_q.weight", h->hd); MAT(wk, "attn_k.weight", h->hd); MAT(wv, "attn_v.weight", 0);
-        MAT(wo, "attn_output.weight", 0); MAT(w_gate, "ffn_gate.weight", 0); MAT(w_up, "ffn_up.weight", 0);
-        MAT(w_down, "ffn_down.weight", 0);
-#undef MAT
-        snprintf(nm, sizeof nm, "blk.%d.attn_norm.weight", l);
-        if ((s = load_vec(f, nm, w->attn_norm, C))) goto done;
-        snprintf(nm, sizeof nm, "blk.%d.ffn_norm.weight", l);
-        if ((s = load_vec(f, nm, w->ffn_norm, C))) goto done;
-    }
-    *out = h;
+    if ((s = create(&c, mode, max_ctx, &h))) goto done;
+    if ((s = load_tensor(f, h, "tok_emb")) || (c.untied_head && (s = load_tensor(f, h, "lm_head"))) ||
+        (s = load_tensor(f, h, "final_norm")))
+        goto done;
+    for (int l = 0; l < c.n_layers; l++)
+        for (int k = 0; k < N_LAYER_TENSORS; k++) {
+            char nm[48];
+            snprintf(nm, sizeof nm, "layers.%d.%s", l, LAYER_TENSORS[k]);
+            if ((s = load_tensor(f, h, nm))) goto done;
+        }
+    engine(h, out);
     h = NULL;
 done:
-    sj_infer_free(h);
+    cpu_free(h);
     sj_gguf_close(f);
     return s;
 }
 
-/* ---- accessors ---------------------------------------------------------------- */
+/* ---- backend: the state's accessors -------------------------------------------- */
 
-const sj_config *sj_infer_config(const sj_infer *h) { return &h->c; }
-int sj_infer_max_ctx(const sj_infer *h) { return h->max_ctx; }
-int sj_infer_pos(const sj_infer *h) { return h->pos; }
-sj_infer_mode sj_infer_get_mode(const sj_infer *h) { return (sj_infer_mode)h->mode; }
-void sj_infer_reset(sj_infer *h) { h->pos = 0; }
-int sj_infer_kv_f16(const sj_infer *h) { return h->kv_f16; }
+static int cpu_kv_f16(const void *e) { return ((const sj_infer_cpu *)e)->kv_f16; }
 
-sj_status sj_infer_set_kv_f16(sj_infer *h, int f16) {
-    f16 = !!f16;
+static sj_status cpu_set_kv_f16(void *e, int f16) {
+    sj_infer_cpu *h = e;
     if (f16 == h->kv_f16) return SJ_OK;
-    if (h->pos) return sj_fail(SJ_ERR_ARG, "KV cache type: set it before any tokens (%d are cached; reset first)", h->pos);
     void *old = h->state_mem;
     const int was = h->kv_f16;
     h->kv_f16 = f16;
@@ -427,8 +446,9 @@ sj_status sj_infer_set_kv_f16(sj_infer *h, int f16) {
     sj_free(old);
     return SJ_OK;
 }
-int64_t sj_infer_cache_bytes(const sj_infer *h) { return h->state_bytes; }
-int64_t sj_infer_weight_bytes(const sj_infer *h) {
+static int64_t cpu_cache_bytes(const void *e) { return ((const sj_infer_cpu *)e)->state_bytes; }
+static int64_t cpu_weight_bytes(const void *e) {
+    const sj_infer_cpu *h = e;
     int64_t b = h->tok_emb.bytes + h->output.bytes +
                 ((int64_t)(2 * h->c.n_layers + 1) * h->c.dim + (int64_t)2 * h->c.n_layers * h->hd) * 4;
     for (int l = 0; l < h->c.n_layers; l++) {
@@ -437,23 +457,6 @@ int64_t sj_infer_weight_bytes(const sj_infer *h) {
     }
     return b;
 }
-
-/* Internal: weights of a matrix for export and tests (infer_export.c). */
-const sj_qmat *sj_infer_matrix(const sj_infer *h, const char *name);
-const sj_qmat *sj_infer_matrix(const sj_infer *h, const char *name) {
-    int l; char what[32];
-    if (!strcmp(name, "tok_emb")) return &h->tok_emb;
-    if (!strcmp(name, "output")) return h->output.mem ? &h->output : NULL;
-    if (sscanf(name, "layers.%d.%31s", &l, what) != 2 || l < 0 || l >= h->c.n_layers) return NULL;
-    const layer_w *w = &h->L[l];
-    const struct { const char *n; const sj_qmat *m; } tab[] = {
-        { "wq", &w->wq }, { "wk", &w->wk }, { "wv", &w->wv }, { "wo", &w->wo },
-        { "w_gate", &w->w_gate }, { "w_up", &w->w_up }, { "w_down", &w->w_down } };
-    for (int i = 0; i < 7; i++) if (!strcmp(what, tab[i].n)) return tab[i].m;
-    return NULL;
-}
-const float *sj_infer_norm(const sj_infer *h, int i);
-const float *sj_infer_norm(const sj_infer *h, int i) { return h->norms + (int64_t)i * h->c.dim; }
 
 /* ---- forward ------------------------------------------------------------------- */
 
@@ -479,7 +482,7 @@ static void rmsnorm(float *out, const float *x, const float *w, int n, int C, fl
 }
 
 /* x (n, n_heads, hd) turned by the angles of positions pos .. pos + n - 1. */
-static void rope(const sj_infer *h, float *x, int n, int n_heads, int pos) {
+static void rope(const sj_infer_cpu *h, float *x, int n, int n_heads, int pos) {
     const int half = h->hd / 2;
     for (int t = 0; t < n; t++) {
         const float *cs = h->rope_cos + (int64_t)(pos + t) * half, *sn = h->rope_sin + (int64_t)(pos + t) * half;
@@ -506,7 +509,7 @@ static void pair_heads(float *x, int n, int m, int hd) {
 }
 
 typedef struct {
-    sj_infer *h;
+    sj_infer_cpu *h;
     int layer, n, pos0, sub, tiles;
     const char *fresh_k, *fresh_v;   /* windowed layers: the chunk's k/v rows, in the cache's element type */
 } attn_job;
@@ -518,7 +521,7 @@ typedef struct {
  * fresh rows (the ring gets them after the chunk's attention: they would
  * overwrite rows earlier tokens of the chunk still read). */
 static int key_spans(const attn_job *j, int t, int64_t kvh, sj_kv_span *sp) {
-    const sj_infer *h = j->h;
+    const sj_infer_cpu *h = j->h;
     const layer_w *w = &h->L[j->layer];
     const int64_t es = h->kv_f16 ? 2 : 4, ld = (int64_t)h->kv_dim * es;
     const char *kc = (const char *)h->kcache + (w->kv_at + kvh) * es, *vc = (const char *)h->vcache + (w->kv_at + kvh) * es;
@@ -545,7 +548,7 @@ static int key_spans(const attn_job *j, int t, int64_t kvh, sj_kv_span *sp) {
 static void attn_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
     (void)tid;
     const attn_job *j = ctx;
-    sj_infer *h = j->h;
+    sj_infer_cpu *h = j->h;
     const int H = h->n_att, hd = h->hd, KVd = h->kv_dim, grp = H / (KVd / hd), per = H / j->sub;
     const float scale = 1.0f / sqrtf((float)hd);
     float sc[(j->tiles ? SJ_ATTN_TQ : j->sub) * (j->pos0 + j->n)];
@@ -572,7 +575,7 @@ static void attn_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
 
 /* The chunk's n rows of k and v (n, kv_dim) into layer l's cache, and
  * their attention into h->att (n, n_att * hd). */
-static void attention(sj_infer *h, int l, int n) {
+static void attention(sj_infer_cpu *h, int l, int n) {
     const layer_w *w = &h->L[l];
     const int KVd = h->kv_dim, H = h->n_att, grp = H / (KVd / h->hd), es = h->kv_f16 ? 2 : 4;
     char *kc = (char *)h->kcache + w->kv_at * es, *vc = (char *)h->vcache + w->kv_at * es;
@@ -640,14 +643,15 @@ static void add_to(float *restrict x, float a, const float *restrict y, int64_t 
     for (int64_t i = 0; i < n; i++) x[i] += a * y[i];
 }
 
-static void matmul(sj_infer *h, float *out, const sj_qmat *W, const float *x, int n, int quantize) {
+static void matmul(sj_infer_cpu *h, float *out, const sj_qmat *W, const float *x, int n, int quantize) {
     if ((W->type == SJ_W_Q8 || W->type == SJ_W_Q4) && quantize) sj_qact_quantize(&h->qa, x, n, W->cols);
     sj_qmat_mul(out, W, x, &h->qa, n);
 }
 
 /* n (<= CHUNK) tokens at positions pos .. pos+n-1 through the layers; the
  * final-normed hidden states are left in h->xb. */
-static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
+static void forward_chunk(sj_infer_cpu *h, const int32_t *tok, int n, int pos) {
+    h->pos = pos;
     const sj_config *c = &h->c;
     const int C = c->dim, F = c->ffn_dim, H = c->n_heads, KV = c->n_kv_heads, hd = h->hd, KVd = h->kv_dim;
     float rowbuf[C];
@@ -698,23 +702,17 @@ static void forward_chunk(sj_infer *h, const int32_t *tok, int n) {
         add_to(h->x, 1.0f, h->xb, (int64_t)n * C);
     }
     rmsnorm(h->xb, h->x, h->norms + (int64_t)2 * c->n_layers * C, n, C, c->norm_eps);
-    h->pos += n;
 }
 
-sj_status sj_infer_prefill(sj_infer *h, const int32_t *tokens, int n, float *logits_all,
-                           const float **last) {
-    if (n <= 0) return sj_fail(SJ_ERR_ARG, "prefill: no tokens");
-    if (n > h->max_ctx - h->pos)
-        return sj_fail(SJ_ERR_ARG, "prefill: %d tokens after %d in the cache exceed its %d positions "
-                       "(reset, or load with a larger max_ctx)", n, h->pos, h->max_ctx);
-    for (int i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= h->c.vocab_size)
-            return sj_fail(SJ_ERR_ARG, "prefill: token %d at %d is outside the vocabulary (%d)", tokens[i], i, h->c.vocab_size);
+/* ---- backend: the verbs --------------------------------------------------------- */
+
+static sj_status cpu_prefill(void *e, int pos, const int32_t *tokens, int n, float *logits_all) {
+    sj_infer_cpu *h = e;
     const int V = h->c.vocab_size;
     for (int i = 0; i < n; i += CHUNK) {
         if (sj_interrupted()) return SJ_ERR_INTERRUPTED;
         int m = SJ_MIN(CHUNK, n - i);
-        forward_chunk(h, tokens + i, m);
+        forward_chunk(h, tokens + i, m, pos + i);
         if (logits_all) {
             matmul(h, logits_all + (int64_t)i * V, out_head(h), h->xb, m, 1);
         }
@@ -723,12 +721,32 @@ sj_status sj_infer_prefill(sj_infer *h, const int32_t *tokens, int n, float *log
             else matmul(h, h->logits, out_head(h), h->xb + (int64_t)(m - 1) * h->c.dim, 1, 1);
         }
     }
-    if (last) *last = h->logits;
     return SJ_OK;
 }
 
-sj_status sj_infer_decode(sj_infer *h, int32_t token, const float **logits) {
-    return sj_infer_prefill(h, &token, 1, NULL, logits);
+/* Greedy chains choose on the host: sj_argmax, the sampler's own greedy rule. */
+static sj_status cpu_decode(void *e, int pos, int32_t token, int n, int32_t *next) {
+    sj_infer_cpu *h = e;
+    for (int i = 0; i < n; i++) {
+        SJ_TRY(cpu_prefill(h, pos + i, &token, 1, NULL));
+        if (next) token = next[i] = sj_argmax(h->logits, h->c.vocab_size);
+    }
+    return SJ_OK;
 }
 
-const float *sj_infer_last_logits(const sj_infer *h) { return h->logits; }
+static sj_status cpu_logits(void *e, const float **host) {
+    *host = ((sj_infer_cpu *)e)->logits;
+    return SJ_OK;
+}
+
+const sj_infer_backend sj_infer_cpu_backend = {
+    .device = "cpu",
+    .prefill = cpu_prefill,
+    .decode = cpu_decode,
+    .logits = cpu_logits,
+    .free = cpu_free,
+    .weight_bytes = cpu_weight_bytes,
+    .cache_bytes = cpu_cache_bytes,
+    .set_kv_f16 = cpu_set_kv_f16,
+    .kv_f16 = cpu_kv_f16,
+};

@@ -1,9 +1,10 @@
-/* infer_cuda.c — the C side of the GPU inference engine: models reach the
- * GPU through the CPU engine's loaders (GGUF parsing, row un-permutation,
- * dequantisation to the GPU mode all happen once there, with a 1-position
- * cache), then cuda/infer.cu takes the weights. Without a CUDA build every
- * entry point says so. It must never leave the CPU copy behind. */
-#include "infer.h"
+/* infer_cuda.c — the GPU engine's C side: its backend table behind the
+ * handle (handle.c), and how models reach it: through the CPU engine's
+ * loaders (GGUF parsing, row un-permutation, dequantisation to the GPU mode
+ * all happen once there, with a 1-position cache), then cuda/infer.cu takes
+ * the weights. Without a CUDA build both constructors say so. It must never
+ * leave the CPU copy behind. */
+#include "engine.h"
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,42 +22,63 @@ static sj_status no_cuda(void) {
     return sj_fail(SJ_ERR_RUNTIME, "device='cuda': this build of smedjan has no CUDA backend "
                    "(nvcc was not found when it was built; rebuild with nvcc on PATH)");
 }
-sj_status sj_cuinfer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_cuinfer **out) {
-    (void)m; (void)max_ctx; *out = NULL;
+sj_status sj_infer_cuda_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_infer_engine *out) {
+    (void)m; (void)max_ctx; (void)out;
     SJ_TRY(gpu_mode(mode));
     return no_cuda();
 }
-sj_status sj_cuinfer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, sj_cuinfer **out) {
-    (void)path; (void)max_ctx; *out = NULL;
+sj_status sj_infer_cuda_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, sj_infer_engine *out) {
+    (void)path; (void)max_ctx; (void)out;
     SJ_TRY(gpu_mode(mode));
     return no_cuda();
 }
-/* No handle can exist in this build: the rest is never reached. */
-void sj_cuinfer_free(sj_cuinfer *g) { (void)g; }
-const sj_config *sj_cuinfer_config(const sj_cuinfer *g) { (void)g; return NULL; }
-int sj_cuinfer_max_ctx(const sj_cuinfer *g) { (void)g; return 0; }
-int sj_cuinfer_pos(const sj_cuinfer *g) { (void)g; return 0; }
-sj_infer_mode sj_cuinfer_mode(const sj_cuinfer *g) { (void)g; return SJ_INFER_FP32; }
-int64_t sj_cuinfer_weight_bytes(const sj_cuinfer *g) { (void)g; return 0; }
-int64_t sj_cuinfer_cache_bytes(const sj_cuinfer *g) { (void)g; return 0; }
-void sj_cuinfer_reset(sj_cuinfer *g) { (void)g; }
-sj_status sj_cuinfer_prefill(sj_cuinfer *g, const int32_t *t, int n, float *l) {
-    (void)g; (void)t; (void)n; (void)l; return no_cuda();
-}
-sj_status sj_cuinfer_decode(sj_cuinfer *g, int32_t t, int32_t *next) { (void)g; (void)t; (void)next; return no_cuda(); }
-sj_status sj_cuinfer_greedy(sj_cuinfer *g, int32_t t, int n, int32_t *o) {
-    (void)g; (void)t; (void)n; (void)o; return no_cuda();
-}
-sj_status sj_cuinfer_logits(sj_cuinfer *g, float *out) { (void)g; (void)out; return no_cuda(); }
-void sj_cuinfer_set_options(sj_cuinfer *g, int graphs, int persistent) { (void)g; (void)graphs; (void)persistent; }
-void sj_cuinfer_get_options(const sj_cuinfer *g, int *graphs, int *persistent) { (void)g; *graphs = *persistent = 0; }
 
 #else
 #include "../../cuda/sj_cuinfer.h"
 
-const sj_qmat *sj_infer_matrix(const sj_infer *h, const char *name);
-const float *sj_infer_norm(const sj_infer *h, int i);
 sj_status sj_cuda_check_device(void);
+
+/* The engine and a host copy of its last logits (what sampling reads). */
+typedef struct { sj_cuinfer *g; float *logits; } gpu_engine;
+
+static sj_status gpu_prefill(void *e, int pos, const int32_t *tokens, int n, float *logits_all) {
+    return sj_cuinfer_prefill(((gpu_engine *)e)->g, pos, tokens, n, logits_all);
+}
+static sj_status gpu_decode(void *e, int pos, int32_t token, int n, int32_t *next) {
+    return sj_cuinfer_steps(((gpu_engine *)e)->g, pos, token, n, next);
+}
+static sj_status gpu_logits(void *e, const float **host) {
+    gpu_engine *ge = e;
+    *host = ge->logits;
+    return sj_cuinfer_logits(ge->g, ge->logits);
+}
+static void gpu_free(void *e) {
+    gpu_engine *ge = e;
+    if (!ge) return;
+    sj_cuinfer_free(ge->g);
+    free(ge->logits);
+    free(ge);
+}
+static int64_t gpu_weight_bytes(const void *e) { return sj_cuinfer_weight_bytes(((const gpu_engine *)e)->g); }
+static int64_t gpu_cache_bytes(const void *e) { return sj_cuinfer_cache_bytes(((const gpu_engine *)e)->g); }
+static void gpu_set_options(void *e, int graphs, int persistent) {
+    sj_cuinfer_set_options(((gpu_engine *)e)->g, graphs, persistent);
+}
+static void gpu_get_options(const void *e, int *graphs, int *persistent) {
+    sj_cuinfer_get_options(((const gpu_engine *)e)->g, graphs, persistent);
+}
+
+static const sj_infer_backend gpu_backend = {
+    .device = "cuda",
+    .prefill = gpu_prefill,
+    .decode = gpu_decode,
+    .logits = gpu_logits,
+    .free = gpu_free,
+    .weight_bytes = gpu_weight_bytes,
+    .cache_bytes = gpu_cache_bytes,
+    .set_options = gpu_set_options,
+    .get_options = gpu_get_options,
+};
 
 static const void *mat_data(const sj_qmat *W) {
     return W->type == SJ_W_F32 ? (const void *)W->f : (const void *)W->bf;
@@ -78,31 +100,36 @@ static const char *option_unsupported(const sj_config *c) {
 }
 
 /* The CPU engine's weights (mode fp32 or bf16) to a new GPU engine. */
-static sj_status to_gpu(const sj_infer *h, int max_ctx, sj_cuinfer **out) {
-    const sj_config *c = sj_infer_config(h);
+static sj_status to_gpu(const sj_infer_engine *cpu, sj_infer_mode mode, int max_ctx, sj_infer_engine *out) {
+    const sj_infer_cpu *h = cpu->e;
+    const sj_config *c = &cpu->c;
+    SJ_TRY(sj_infer_resolve_ctx(c, &max_ctx));
     const char *opt = option_unsupported(c);
     if (opt) return sj_fail(SJ_ERR_ARG, "the GPU inference engine does not run %s yet: generate on the CPU", opt);
-    if (max_ctx <= 0) max_ctx = SJ_MIN(c->max_seq_len, 4096);
-    if (max_ctx > (1 << 20)) return sj_fail(SJ_ERR_ARG, "max_ctx %d is too large", max_ctx);
     const int L = c->n_layers, hd = c->dim / c->n_heads, half = hd / 2;
     sj_cuinfer_init in;
     memset(&in, 0, sizeof in);
     in.c = *c;
-    in.bf16 = sj_infer_get_mode(h) == SJ_INFER_BF16;
+    in.bf16 = mode == SJ_INFER_BF16;
     in.max_ctx = max_ctx;
-    in.tok_emb = mat_data(sj_infer_matrix(h, "tok_emb"));
-    const sj_qmat *o = sj_infer_matrix(h, "output");
+    in.tok_emb = mat_data(sj_infer_cpu_matrix(h, "tok_emb"));
+    const sj_qmat *o = sj_infer_cpu_matrix(h, "lm_head");
     in.output = o ? mat_data(o) : NULL;
-    in.norms = sj_infer_norm(h, 0);
+    in.norms = sj_infer_cpu_vector(h, "layers.0.attn_norm");   /* the start of all norms */
+    gpu_engine *ge = calloc(1, sizeof *ge);
     const void **ptrs = calloc((size_t)7 * L, sizeof *ptrs);
     float *rope = malloc(sizeof(float) * 2 * (size_t)max_ctx * half);
-    if (!ptrs || !rope) { free(ptrs); free(rope); return sj_fail(SJ_ERR_NOMEM, "GPU inference: out of host memory"); }
+    if (ge) ge->logits = malloc(sizeof(float) * (size_t)c->vocab_size);
+    if (!ge || !ge->logits || !ptrs || !rope) {
+        gpu_free(ge); free(ptrs); free(rope);
+        return sj_fail(SJ_ERR_NOMEM, "GPU inference: out of host memory");
+    }
     static const char *names[7] = { "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down" };
     for (int k = 0; k < 7; k++)
         for (int l = 0; l < L; l++) {
             char nm[48];
             snprintf(nm, sizeof nm, "layers.%d.%s", l, names[k]);
-            ptrs[k * L + l] = mat_data(sj_infer_matrix(h, nm));
+            ptrs[k * L + l] = mat_data(sj_infer_cpu_matrix(h, nm));
         }
     in.wq = ptrs; in.wk = ptrs + L; in.wv = ptrs + 2 * L; in.wo = ptrs + 3 * L;
     in.w_gate = ptrs + 4 * L; in.w_up = ptrs + 5 * L; in.w_down = ptrs + 6 * L;
@@ -110,14 +137,18 @@ static sj_status to_gpu(const sj_infer *h, int max_ctx, sj_cuinfer **out) {
     float *cs = rope, *sn = rope + (size_t)max_ctx * half;
     in.rope_cos = cs; in.rope_sin = sn;
     sj_status s = sj_infer_rope_tables(c, max_ctx, cs, sn);
-    if (s == SJ_OK) s = sj_cuinfer_create(&in, out);
+    if (s == SJ_OK) s = sj_cuinfer_create(&in, &ge->g);
     free(ptrs);
     free(rope);
-    return s;
+    if (s) { gpu_free(ge); return s; }
+    out->be = &gpu_backend;
+    out->e = ge;
+    out->c = *c;
+    out->max_ctx = max_ctx;
+    return SJ_OK;
 }
 
-sj_status sj_cuinfer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_cuinfer **out) {
-    *out = NULL;
+sj_status sj_infer_cuda_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_infer_engine *out) {
     SJ_TRY(gpu_mode(mode));
     SJ_TRY(sj_cuda_check_device());
     sj_model *src = m, *tmp = NULL;
@@ -131,23 +162,22 @@ sj_status sj_cuinfer_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj
         if ((s = sj_cuda_memcpy(hp, dp, sizeof(float) * (size_t)n, 1))) { sj_model_free(tmp); return s; }
         src = tmp;
     }
-    sj_infer *h = NULL;
-    s = sj_infer_from_model(src, mode, 1, &h);
+    sj_infer_engine cpu;
+    s = sj_infer_cpu_from_model(src, mode, 1, &cpu);
     sj_model_free(tmp);
     if (s) return s;
-    s = to_gpu(h, max_ctx, out);
-    sj_infer_free(h);
+    s = to_gpu(&cpu, mode, max_ctx, out);
+    cpu.be->free(cpu.e);
     return s;
 }
 
-sj_status sj_cuinfer_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, sj_cuinfer **out) {
-    *out = NULL;
+sj_status sj_infer_cuda_load_gguf(const char *path, sj_infer_mode mode, int max_ctx, sj_infer_engine *out) {
     SJ_TRY(gpu_mode(mode));
     SJ_TRY(sj_cuda_check_device());
-    sj_infer *h = NULL;
-    SJ_TRY(sj_infer_load_gguf(path, mode, 1, &h));
-    sj_status s = to_gpu(h, max_ctx, out);
-    sj_infer_free(h);
+    sj_infer_engine cpu;
+    SJ_TRY(sj_infer_cpu_load_gguf(path, mode, 1, &cpu));
+    sj_status s = to_gpu(&cpu, mode, max_ctx, out);
+    cpu.be->free(cpu.e);
     return s;
 }
 #endif

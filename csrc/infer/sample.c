@@ -65,6 +65,14 @@ static void select_top(cand *c, int n, int k) {
     }
 }
 
+/* The one greedy rule of the host side: decode chains (infer.c) and
+ * temperature 0 here. The GPU's argmax (cuda/decode.cu) keeps the same ties. */
+int32_t sj_argmax(const float *logits, int n) {
+    int32_t best = 0;
+    for (int i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
+    return best;
+}
+
 sj_status sj_sample(sj_sampler *s, const float *logits, const sj_sample_params *p,
                     const int32_t *history, int n_history, int32_t *token) {
     const int V = s->V;
@@ -81,9 +89,7 @@ sj_status sj_sample(sj_sampler *s, const float *logits, const sj_sample_params *
         for (int i = 0; i < n_history; i++) if (history[i] >= 0 && history[i] < V) s->seen[history[i]] = 0;
     }
     if (p->temperature <= 0.f) {
-        int best = 0;
-        for (int i = 1; i < V; i++) if (z[i] > z[best]) best = i;
-        *token = best;
+        *token = sj_argmax(z, V);
         return SJ_OK;
     }
     cand *c = s->c;

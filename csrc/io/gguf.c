@@ -206,10 +206,12 @@ static sj_status check_special_ids(const sj_gguf_file *f) {
         n_vocab = (int64_t)toks->n;
         snprintf(from, sizeof from, "tokenizer.ggml.tokens has %lld entries", (long long)n_vocab);
     }
-    const sj_gguf_tensor *emb = sj_gguf_find_tensor(f, "token_embd.weight");
+    char emb_name[32];
+    SJ_TRY(sj_tensor_name_map("tok_emb", SJ_NAMES_OURS, SJ_NAMES_GGUF, emb_name, sizeof emb_name));
+    const sj_gguf_tensor *emb = sj_gguf_find_tensor(f, emb_name);
     if (emb && emb->ndim == 2 && (n_vocab < 0 || emb->shape[1] < n_vocab)) {
         n_vocab = emb->shape[1];
-        snprintf(from, sizeof from, "token_embd.weight has %lld rows", (long long)n_vocab);
+        snprintf(from, sizeof from, "%s has %lld rows", emb_name, (long long)n_vocab);
     }
     for (size_t k = 0; k < sizeof keys / sizeof *keys; k++) {
         if (!sj_gguf_find_kv(f, keys[k])) continue;

@@ -1,24 +1,21 @@
-/* infer.c — Python face of the inference engine and of GGUF files:
- * _C.Infer (prefill / decode / sample on a KV cache), _C.Sampler,
+/* infer.c — Python face of the inference engine, of tensor names and of
+ * GGUF files: _C.Infer (one handle for the CPU and the GPU: prefill /
+ * decode / greedy / sample on a KV cache), _C.Sampler, _C.tensor_names,
  * _C.gguf_open (a read-only mapping whose tensors NumPy views without a
  * copy), _C.gguf_save, and GGML block (de)quantisation. The GIL is released
  * around every engine call that computes. */
 #include "py.h"
-#include "../infer/infer.h"
+#include "../infer/engine.h"
 #include <string.h>
 
-const sj_qmat *sj_infer_matrix(const sj_infer *h, const char *name);
-const float *sj_infer_norm(const sj_infer *h, int i);
-
-int sj_py_infer_mode(const char *s, const char *valid, sj_infer_mode *m) {
+static int parse_mode(const char *s, sj_infer_mode *m) {
     if (!strcmp(s, "fp32") || !strcmp(s, "f32") || !strcmp(s, "float32")) *m = SJ_INFER_FP32;
     else if (!strcmp(s, "bf16")) *m = SJ_INFER_BF16;
     else if (!strcmp(s, "q8") || !strcmp(s, "q8_0")) *m = SJ_INFER_Q8;
     else if (!strcmp(s, "q4") || !strcmp(s, "q4_0")) *m = SJ_INFER_Q4;
-    else { PyErr_Format(PyExc_ValueError, "mode must be %s, got '%s'", valid, s); return -1; }
+    else { PyErr_Format(PyExc_ValueError, "mode must be fp32, bf16, q8 or q4, got '%s'", s); return -1; }
     return 0;
 }
-static int parse_mode(const char *s, sj_infer_mode *m) { return sj_py_infer_mode(s, "fp32, bf16, q8 or q4", m); }
 static const char *mode_name(sj_infer_mode m) {
     static const char *n[] = { "fp32", "bf16", "q8", "q4" };
     return n[m];
@@ -95,6 +92,7 @@ static PyObject *sampler_sample(PyObject *self, PyObject *args) {
 
 typedef struct { PyObject_HEAD sj_infer *h; } InferObject;
 static PyTypeObject InferType;
+#define H(self) (((InferObject *)(self))->h)
 
 static PyObject *wrap_infer(sj_infer *h) {
     InferObject *o = PyObject_New(InferObject, &InferType);
@@ -103,33 +101,44 @@ static PyObject *wrap_infer(sj_infer *h) {
     return (PyObject *)o;
 }
 static void infer_dealloc(PyObject *self) {
-    sj_infer_free(((InferObject *)self)->h);
+    sj_infer_free(H(self));
     PyObject_Free(self);
 }
 
+static int parse_device(const char *s, sj_device *d) {
+    if (!strcmp(s, "cpu")) *d = SJ_DEVICE_CPU;
+    else if (!strcmp(s, "cuda")) *d = SJ_DEVICE_CUDA;
+    else { PyErr_Format(PyExc_ValueError, "device must be 'cpu' or 'cuda', got '%s'", s); return -1; }
+    return 0;
+}
+
+/* infer_load_gguf(path, device, mode, max_ctx=0) */
 static PyObject *py_infer_load_gguf(PyObject *self, PyObject *args) {
-    PyObject *pathb; const char *mode_s; int max_ctx = 0;
-    if (!PyArg_ParseTuple(args, "O&s|i", PyUnicode_FSConverter, &pathb, &mode_s, &max_ctx)) return NULL;
+    PyObject *pathb; const char *dev_s, *mode_s; int max_ctx = 0;
+    if (!PyArg_ParseTuple(args, "O&ss|i", PyUnicode_FSConverter, &pathb, &dev_s, &mode_s, &max_ctx)) return NULL;
+    sj_device dev;
     sj_infer_mode mode;
-    if (parse_mode(mode_s, &mode) < 0) { Py_DECREF(pathb); return NULL; }
+    if (parse_device(dev_s, &dev) < 0 || parse_mode(mode_s, &mode) < 0) { Py_DECREF(pathb); return NULL; }
     sj_infer *h = NULL;
     sj_status st;
-    SJ_PY_CALL(st, sj_infer_load_gguf(PyBytes_AS_STRING(pathb), mode, max_ctx, &h));
+    SJ_PY_CALL(st, sj_infer_load_gguf(PyBytes_AS_STRING(pathb), dev, mode, max_ctx, &h));
     Py_DECREF(pathb);
     if (st) return sj_py_raise(st);
     return wrap_infer(h);
 }
 
+/* infer_from_model(model_handle, device, mode, max_ctx=0) */
 static PyObject *py_infer_from_model(PyObject *self, PyObject *args) {
-    PyObject *mo; const char *mode_s; int max_ctx = 0;
-    if (!PyArg_ParseTuple(args, "Os|i", &mo, &mode_s, &max_ctx)) return NULL;
+    PyObject *mo; const char *dev_s, *mode_s; int max_ctx = 0;
+    if (!PyArg_ParseTuple(args, "Oss|i", &mo, &dev_s, &mode_s, &max_ctx)) return NULL;
     sj_model *m = sj_py_model_ptr(mo);
     if (!m) return NULL;
+    sj_device dev;
     sj_infer_mode mode;
-    if (parse_mode(mode_s, &mode) < 0) return NULL;
+    if (parse_device(dev_s, &dev) < 0 || parse_mode(mode_s, &mode) < 0) return NULL;
     sj_infer *h = NULL;
     sj_status st;
-    SJ_PY_CALL(st, sj_infer_from_model(m, mode, max_ctx, &h));
+    SJ_PY_CALL(st, sj_infer_from_model(m, dev, mode, max_ctx, &h));
     if (st) return sj_py_raise(st);
     return wrap_infer(h);
 }
@@ -138,7 +147,7 @@ static PyObject *py_infer_from_model(PyObject *self, PyObject *args) {
 static PyObject *infer_prefill(PyObject *self, PyObject *args) {
     PyObject *to, *out = Py_None;
     if (!PyArg_ParseTuple(args, "O|O", &to, &out)) return NULL;
-    sj_infer *h = ((InferObject *)self)->h;
+    sj_infer *h = H(self);
     Py_buffer tv, ov;
     sj_dtype dt;
     if (sj_py_tokens(to, "tokens", 1, &tv, &dt) < 0) return NULL;
@@ -154,34 +163,57 @@ static PyObject *infer_prefill(PyObject *self, PyObject *args) {
         all = ov.buf;
     }
     sj_status st;
-    SJ_PY_CALL(st, sj_infer_prefill(h, tv.buf, n, all, NULL));
+    SJ_PY_CALL(st, sj_infer_prefill(h, tv.buf, n, all));
     PyBuffer_Release(&tv);
     if (all) PyBuffer_Release(&ov);
     if (st) return sj_py_raise(st);
     Py_RETURN_NONE;
 }
 
+/* decode(token, greedy=False) -> None, or with greedy the next token (chosen
+ * where the model runs: no logits leave a GPU) */
 static PyObject *infer_decode(PyObject *self, PyObject *args) {
-    int tok;
-    if (!PyArg_ParseTuple(args, "i", &tok)) return NULL;
+    int tok, greedy = 0;
+    if (!PyArg_ParseTuple(args, "i|p", &tok, &greedy)) return NULL;
+    int32_t next = 0;
     sj_status st;
-    SJ_PY_CALL(st, sj_infer_decode(((InferObject *)self)->h, tok, NULL));
+    SJ_PY_CALL(st, sj_infer_decode(H(self), tok, greedy ? &next : NULL));
+    if (st) return sj_py_raise(st);
+    if (greedy) return PyLong_FromLong(next);
+    Py_RETURN_NONE;
+}
+
+/* greedy(token, out int32 (n,)): n greedy steps (on a GPU chained on the device) */
+static PyObject *infer_greedy(PyObject *self, PyObject *args) {
+    int tok; PyObject *out;
+    if (!PyArg_ParseTuple(args, "iO", &tok, &out)) return NULL;
+    Py_buffer ov;
+    if (PyObject_GetBuffer(out, &ov, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) return NULL;
+    const char *f = ov.format ? ov.format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    if ((strcmp(f, "i") && strcmp(f, "l")) || ov.itemsize != 4 || ov.len < 4) {
+        PyBuffer_Release(&ov);
+        PyErr_SetString(PyExc_ValueError, "out must be a writable, non-empty int32 array");
+        return NULL;
+    }
+    sj_status st;
+    SJ_PY_CALL(st, sj_infer_greedy(H(self), tok, (int)(ov.len / 4), ov.buf));
+    PyBuffer_Release(&ov);
     if (st) return sj_py_raise(st);
     Py_RETURN_NONE;
 }
 
-/* logits(out): copy the last position's logits into a float32 (vocab,) buffer */
+/* logits(out): the last position's logits into a float32 (vocab,) buffer */
 static PyObject *infer_logits(PyObject *self, PyObject *args) {
     PyObject *out;
     if (!PyArg_ParseTuple(args, "O", &out)) return NULL;
-    sj_infer *h = ((InferObject *)self)->h;
     Py_buffer ov;
-    int V = sj_infer_config(h)->vocab_size;
-    if (sj_py_out4(out, &ov, "f", V, "out must be a writable float32 array of vocab_size values") < 0)
-        return NULL;
-    const float *l = sj_infer_last_logits(h);
-    memcpy(ov.buf, l, (size_t)V * 4);
+    if (sj_py_out4(out, &ov, "f", sj_infer_config(H(self))->vocab_size,
+                   "out must be a writable float32 array of vocab_size values") < 0) return NULL;
+    sj_status st;
+    SJ_PY_CALL(st, sj_infer_logits(H(self), ov.buf));
     PyBuffer_Release(&ov);
+    if (st) return sj_py_raise(st);
     Py_RETURN_NONE;
 }
 
@@ -191,18 +223,14 @@ static PyObject *infer_sample(PyObject *self, PyObject *args) {
     sj_sample_params p;
     if (!PyArg_ParseTuple(args, "O!fiffO", &SamplerType, &so, &p.temperature, &p.top_k, &p.top_p,
                           &p.repetition_penalty, &hist)) return NULL;
-    sj_infer *h = ((InferObject *)self)->h;
     sj_sampler *s = ((SamplerObject *)so)->s;
-    if (!s || sj_sampler_vocab(s) != sj_infer_config(h)->vocab_size) {
-        PyErr_SetString(PyExc_ValueError, "sampler vocab_size differs from the model's");
-        return NULL;
-    }
+    if (!s) { PyErr_SetString(PyExc_RuntimeError, "sampler not initialised"); return NULL; }
     Py_buffer hv; const int32_t *hp; int n;
     int hr = get_history(hist, &hv, &hp, &n);
     if (hr < 0) return NULL;
     int32_t tok = 0;
     sj_status st;
-    Py_BEGIN_ALLOW_THREADS st = sj_sample(s, sj_infer_last_logits(h), &p, hp, n, &tok);
+    Py_BEGIN_ALLOW_THREADS st = sj_infer_sample(H(self), s, &p, hp, n, &tok);
     Py_END_ALLOW_THREADS
     if (hr) PyBuffer_Release(&hv);
     if (st) return sj_py_raise(st);
@@ -210,59 +238,82 @@ static PyObject *infer_sample(PyObject *self, PyObject *args) {
 }
 
 static PyObject *infer_reset(PyObject *self, PyObject *noargs) {
-    sj_infer_reset(((InferObject *)self)->h);
+    sj_infer_reset(H(self));
     Py_RETURN_NONE;
 }
 
-static PyObject *infer_info(PyObject *self, PyObject *noargs) {
-    sj_infer *h = ((InferObject *)self)->h;
-    const sj_config *c = sj_infer_config(h);
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f,s:f,s:i,s:i,s:s,s:L,s:L,s:s,s:s}",
-                         "dim", c->dim, "n_layers", c->n_layers, "n_heads", c->n_heads,
-                         "n_kv_heads", c->n_kv_heads, "ffn_dim", c->ffn_dim, "vocab_size", c->vocab_size,
-                         "max_seq_len", c->max_seq_len, "rope_theta", c->rope_theta, "norm_eps", c->norm_eps,
-                         "max_ctx", sj_infer_max_ctx(h), "pos", sj_infer_pos(h),
-                         "mode", mode_name(sj_infer_get_mode(h)),
-                         "weight_bytes", (long long)sj_infer_weight_bytes(h),
-                         "cache_bytes", (long long)sj_infer_cache_bytes(h), "isa", sj_infer_isa(),
-                         "kv_dtype", sj_infer_kv_f16(h) ? "f16" : "f32");
-}
-
 static PyObject *infer_pos(PyObject *self, PyObject *noargs) {
-    return PyLong_FromLong(sj_infer_pos(((InferObject *)self)->h));
+    return PyLong_FromLong(sj_infer_pos(H(self)));
 }
 
-/* weight(name) -> bytes: a matrix as f32 (rows, cols), our row order;
- * or "norm:<i>" -> the i-th norm vector (attn, ffn per layer, then final). */
-static PyObject *infer_weight(PyObject *self, PyObject *args) {
-    const char *name;
-    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
-    sj_infer *h = ((InferObject *)self)->h;
-    int C = sj_infer_config(h)->dim;
-    if (!strncmp(name, "norm:", 5)) {
-        int i = atoi(name + 5);
-        if (i < 0 || i > 2 * sj_infer_config(h)->n_layers) { PyErr_Format(PyExc_KeyError, "%s", name); return NULL; }
-        return PyBytes_FromStringAndSize((const char *)sj_infer_norm(h, i), (Py_ssize_t)C * 4);
-    }
-    const sj_qmat *W = sj_infer_matrix(h, name);
-    if (!W) { PyErr_Format(PyExc_KeyError, "no matrix '%s'", name); return NULL; }
-    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)W->rows * W->cols * 4);
-    if (!b) return NULL;
-    float *o = (float *)PyBytes_AS_STRING(b);
-    Py_BEGIN_ALLOW_THREADS
-    for (int r = 0; r < W->rows; r++) sj_qmat_get_row(W, r, o + (int64_t)r * W->cols);
-    Py_END_ALLOW_THREADS
-    return Py_BuildValue("(Nii)", b, W->rows, W->cols);
+static PyObject *infer_info(PyObject *self, PyObject *noargs) {
+    sj_infer *h = H(self);
+    const sj_config *c = sj_infer_config(h);
+    const int cuda = sj_infer_device(h) == SJ_DEVICE_CUDA;
+    /* on a GPU the K/V cache is kept in the weights' mode */
+    const char *kv = cuda ? mode_name(sj_infer_get_mode(h)) : sj_infer_kv_f16(h) ? "f16" : "f32";
+    PyObject *d = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f,s:f,s:i,s:i,s:s,s:L,s:L,s:s,s:s,s:s}",
+                                "dim", c->dim, "n_layers", c->n_layers, "n_heads", c->n_heads,
+                                "n_kv_heads", c->n_kv_heads, "ffn_dim", c->ffn_dim, "vocab_size", c->vocab_size,
+                                "max_seq_len", c->max_seq_len, "rope_theta", c->rope_theta, "norm_eps", c->norm_eps,
+                                "max_ctx", sj_infer_max_ctx(h), "pos", sj_infer_pos(h),
+                                "mode", mode_name(sj_infer_get_mode(h)),
+                                "weight_bytes", (long long)sj_infer_weight_bytes(h),
+                                "cache_bytes", (long long)sj_infer_cache_bytes(h),
+                                "isa", cuda ? "cuda" : sj_infer_isa(), "kv_dtype", kv,
+                                "device", cuda ? "cuda" : "cpu");
+    int graphs, persistent;
+    if (d && sj_infer_get_options(h, &graphs, &persistent) == SJ_OK &&
+        (PyDict_SetItemString(d, "graphs", graphs ? Py_True : Py_False) < 0 ||
+         PyDict_SetItemString(d, "persistent", persistent ? Py_True : Py_False) < 0))
+        Py_CLEAR(d);
+    return d;
 }
 
-/* weight_gguf(name, type, permute_hd) -> bytes of the matrix in GGUF encoding;
- * permute_hd > 0 applies llama.cpp's attn_q/attn_k row permutation. */
+static PyObject *infer_set_kv_f16(PyObject *self, PyObject *args) {
+    int f16;
+    if (!PyArg_ParseTuple(args, "p", &f16)) return NULL;
+    sj_status st;
+    SJ_PY_CALL(st, sj_infer_set_kv_f16(H(self), f16));
+    if (st) return sj_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+/* set_options(graphs, persistent) */
+static PyObject *infer_set_options(PyObject *self, PyObject *args) {
+    int graphs, persistent;
+    if (!PyArg_ParseTuple(args, "pp", &graphs, &persistent)) return NULL;
+    sj_status st;
+    SJ_PY_CALL(st, sj_infer_set_options(H(self), graphs, persistent));
+    if (st) return sj_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+/* weight_gguf(name, type) -> (bytes, type, shape): our tensor `name` as the
+ * GGUF file stores it: a matrix in `type`, a norm vector in F32 (what
+ * llama.cpp reads), rows in GGUF order (names.c: rope_rows). CPU only. */
 static PyObject *infer_weight_gguf(PyObject *self, PyObject *args) {
-    const char *name; int type, phd;
-    if (!PyArg_ParseTuple(args, "sii", &name, &type, &phd)) return NULL;
-    sj_infer *h = ((InferObject *)self)->h;
-    const sj_qmat *W = sj_infer_matrix(h, name);
-    if (!W) { PyErr_Format(PyExc_KeyError, "no matrix '%s'", name); return NULL; }
+    const char *name; int type;
+    if (!PyArg_ParseTuple(args, "si", &name, &type)) return NULL;
+    const sj_infer_cpu *e = sj_infer_cpu_of(H(self));
+    if (!e) {
+        PyErr_SetString(PyExc_ValueError, "weights of a model on cuda are not readable: load it on the CPU to export it");
+        return NULL;
+    }
+    int layer;
+    const sj_tensor_name *row = sj_tensor_name_find(name, SJ_NAMES_OURS, &layer);
+    const sj_config *c = sj_infer_config(H(self));
+    const int hd = row && row->rope_rows ? c->dim / c->n_heads : 0;
+    const sj_qmat *W = sj_infer_cpu_matrix(e, name);
+    const float *vec = W ? NULL : sj_infer_cpu_vector(e, name);
+    if (!W && !vec) { PyErr_Format(PyExc_KeyError, "no tensor '%s'", name); return NULL; }
+    if (vec) {
+        PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)c->dim * 4);
+        if (!b) return NULL;
+        float *o = (float *)PyBytes_AS_STRING(b);
+        for (int i = 0; i < c->dim; i++) o[i] = vec[hd ? sj_gguf_rope_row(i, hd) : i];
+        return Py_BuildValue("(Ni(i))", b, SJ_GGUF_F32, c->dim);
+    }
     int be, bb;
     if (!sj_gguf_type_block(type, &be, &bb) || W->cols % be) { PyErr_Format(PyExc_ValueError, "cannot write type %d", type); return NULL; }
     int64_t rb = (int64_t)W->cols / be * bb;
@@ -270,36 +321,23 @@ static PyObject *infer_weight_gguf(PyObject *self, PyObject *args) {
     if (!b) return NULL;
     uint8_t *o = (uint8_t *)PyBytes_AS_STRING(b);
     Py_BEGIN_ALLOW_THREADS
-    for (int r = 0; r < W->rows; r++) {
-        /* file row r holds our row unpermute(r) */
-        int src = r;
-        if (phd > 0) { int head = r / phd, i = r % phd; src = head * phd + (i % 2) * (phd / 2) + i / 2; }
-        sj_qmat_row_to_gguf(W, src, type, o + rb * r);
-    }
+    for (int r = 0; r < W->rows; r++) sj_qmat_row_to_gguf(W, hd ? sj_gguf_rope_row(r, hd) : r, type, o + rb * r);
     Py_END_ALLOW_THREADS
-    return b;
-}
-
-static PyObject *infer_set_kv_f16(PyObject *self, PyObject *args) {
-    int f16;
-    if (!PyArg_ParseTuple(args, "p", &f16)) return NULL;
-    sj_status st;
-    SJ_PY_CALL(st, sj_infer_set_kv_f16(((InferObject *)self)->h, f16));
-    if (st) return sj_py_raise(st);
-    Py_RETURN_NONE;
+    return Py_BuildValue("(Ni(ii))", b, type, W->cols, W->rows);
 }
 
 static PyMethodDef infer_methods[] = {
-    {"set_kv_f16", infer_set_kv_f16, METH_VARARGS, "set_kv_f16(on): K/V cache as f16 (True) or f32; only with an empty cache"},
+    {"set_kv_f16", infer_set_kv_f16, METH_VARARGS, "set_kv_f16(on): K/V cache as f16 (True) or f32; only with an empty cache (CPU)"},
+    {"set_options", infer_set_options, METH_VARARGS, "set_options(graphs, persistent): GPU execution choices"},
     {"prefill", infer_prefill, METH_VARARGS, "prefill(tokens, out=None): append tokens (int32) to the cache; out (n, vocab) gets every position's logits"},
-    {"decode", infer_decode, METH_VARARGS, "decode(token): one token through the model"},
+    {"decode", infer_decode, METH_VARARGS, "decode(token, greedy=False): one token through the model; with greedy, the next token"},
+    {"greedy", infer_greedy, METH_VARARGS, "greedy(token, out): len(out) greedy steps (chained on the device on a GPU)"},
     {"logits", infer_logits, METH_VARARGS, "logits(out): copy the last logits into out (vocab,) float32"},
     {"sample", infer_sample, METH_VARARGS, "sample(sampler, temperature, top_k, top_p, repetition_penalty, history) -> id"},
     {"reset", infer_reset, METH_NOARGS, "forget the KV cache"},
-    {"info", infer_info, METH_NOARGS, "config, mode, memory and position as a dict"},
+    {"info", infer_info, METH_NOARGS, "config, device, mode, memory, position (and GPU options) as a dict"},
     {"pos", infer_pos, METH_NOARGS, "tokens in the KV cache"},
-    {"weight", infer_weight, METH_VARARGS, "weight(name) -> (f32 bytes, rows, cols)"},
-    {"weight_gguf", infer_weight_gguf, METH_VARARGS, "weight_gguf(name, type, permute_hd) -> bytes"},
+    {"weight_gguf", infer_weight_gguf, METH_VARARGS, "weight_gguf(name, type) -> (bytes, type, GGUF shape)"},
     {NULL, NULL, 0, NULL},
 };
 static PyTypeObject InferType = {
@@ -307,10 +345,49 @@ static PyTypeObject InferType = {
     .tp_name = "smedjan._C.Infer",
     .tp_basicsize = sizeof(InferObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Inference engine handle (use smedjan.infer).",
+    .tp_doc = "Inference engine handle, CPU or GPU (use smedjan.infer).",
     .tp_dealloc = infer_dealloc,
     .tp_methods = infer_methods,
 };
+
+/* ---- tensor names ---------------------------------------------------------------- */
+
+static int parse_names(const char *s, sj_names *n) {
+    if (!strcmp(s, "ours")) *n = SJ_NAMES_OURS;
+    else if (!strcmp(s, "hf")) *n = SJ_NAMES_HF;
+    else if (!strcmp(s, "gguf")) *n = SJ_NAMES_GGUF;
+    else { PyErr_Format(PyExc_ValueError, "spelling must be 'ours', 'hf' or 'gguf', got '%s'", s); return -1; }
+    return 0;
+}
+
+/* tensor_names() -> ((ours, hf, gguf, per_layer, rope_rows), ...) */
+static PyObject *py_tensor_names(PyObject *self, PyObject *noargs) {
+    const sj_tensor_name *rows;
+    int n = sj_tensor_names(&rows);
+    PyObject *t = PyTuple_New(n);
+    for (int i = 0; t && i < n; i++) {
+        const sj_tensor_name *r = &rows[i];
+        PyObject *row = Py_BuildValue("(sssOO)", r->name[SJ_NAMES_OURS], r->name[SJ_NAMES_HF], r->name[SJ_NAMES_GGUF],
+                                      r->per_layer ? Py_True : Py_False, r->rope_rows ? Py_True : Py_False);
+        if (!row) { Py_CLEAR(t); break; }
+        PyTuple_SET_ITEM(t, i, row);
+    }
+    return t;
+}
+
+/* tensor_name(name, from, to) -> the name in another spelling; KeyError if none */
+static PyObject *py_tensor_name(PyObject *self, PyObject *args) {
+    const char *name, *from_s, *to_s;
+    if (!PyArg_ParseTuple(args, "sss", &name, &from_s, &to_s)) return NULL;
+    sj_names from, to;
+    if (parse_names(from_s, &from) < 0 || parse_names(to_s, &to) < 0) return NULL;
+    char out[256];
+    if (sj_tensor_name_map(name, from, to, out, sizeof out)) {
+        PyErr_SetString(PyExc_KeyError, sj_last_error());
+        return NULL;
+    }
+    return PyUnicode_FromString(out);
+}
 
 static PyMethodDef sampler_methods[] = {
     {"sample", sampler_sample, METH_VARARGS, "sample(logits, temperature, top_k, top_p, repetition_penalty, history) -> id"},
@@ -539,8 +616,10 @@ static PyObject *py_kernel_check(PyObject *self, PyObject *args) {
 
 static PyMethodDef funcs[] = {
     {"infer_kernel_check", py_kernel_check, METH_VARARGS, "infer_kernel_check(seed, isa=None) -> (max relative error vs the scalar kernels of isa, or of every ISA this CPU runs; active isa)"},
-    {"infer_load_gguf", py_infer_load_gguf, METH_VARARGS, "infer_load_gguf(path, mode, max_ctx=0) -> Infer"},
-    {"infer_from_model", py_infer_from_model, METH_VARARGS, "infer_from_model(model_handle, mode, max_ctx=0) -> Infer"},
+    {"infer_load_gguf", py_infer_load_gguf, METH_VARARGS, "infer_load_gguf(path, device, mode, max_ctx=0) -> Infer"},
+    {"infer_from_model", py_infer_from_model, METH_VARARGS, "infer_from_model(model_handle, device, mode, max_ctx=0) -> Infer"},
+    {"tensor_names", py_tensor_names, METH_NOARGS, "tensor_names() -> ((ours, hf, gguf, per_layer, rope_rows), ...): the one name table"},
+    {"tensor_name", py_tensor_name, METH_VARARGS, "tensor_name(name, from, to) -> name: spellings 'ours', 'hf', 'gguf'"},
     {"gguf_open", py_gguf_open, METH_VARARGS, "gguf_open(path) -> (owner, version, kv, kv_types, tensors)"},
     {"gguf_save", py_gguf_save, METH_VARARGS, "gguf_save(path, kvs, tensors)"},
     {"gguf_quantize", py_gguf_quantize, METH_VARARGS, "gguf_quantize(type, f32) -> bytes"},

@@ -156,7 +156,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 #endif
     if (sj_py_add_model(m) < 0 || sj_py_add_tokenizer(m) < 0 || sj_py_add_kernels(m) < 0 ||
         sj_py_add_io(m) < 0 || sj_py_add_cuda(m) < 0 ||
-        sj_py_add_infer(m) < 0 || sj_py_add_infer_cuda(m) < 0) {
+        sj_py_add_infer(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -33,10 +33,6 @@ int sj_py_tokens(PyObject *obj, const char *argname, int ndim_want,
 int sj_py_out4(PyObject *obj, Py_buffer *view, const char *fmt, Py_ssize_t count,
                const char *what);
 
-/* An inference mode name (fp32, bf16, q8, q4 and their aliases); otherwise
- * ValueError("mode must be <valid>, got ..."), -1. */
-int sj_py_infer_mode(const char *s, const char *valid, sj_infer_mode *m);
-
 /* A config dict (smedjan.Config.to_dict()'s form) read and validated by the
  * engine; -1 with ValueError/TypeError naming the field. */
 int sj_py_config_from_dict(PyObject *d, sj_config *c);
@@ -50,7 +46,6 @@ int sj_py_add_kernels(PyObject *m);
 int sj_py_add_io(PyObject *m);
 int sj_py_add_cuda(PyObject *m);
 int sj_py_add_infer(PyObject *m);
-int sj_py_add_infer_cuda(PyObject *m);
 
 /* A DeviceTensor over engine device memory (cuda.c): keeps owner alive,
  * counts itself in *exports (may be NULL); notify: a model whose compute

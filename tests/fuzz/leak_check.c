@@ -99,15 +99,16 @@ static void model_cycle(int round) {
 
     /* inference from the model, and through a GGUF file written from it */
     sj_infer *h;
-    CHECK(sj_infer_from_model(m, round % 2 ? SJ_INFER_Q8 : SJ_INFER_FP32, 16, &h));
-    const float *last, *lg;
-    CHECK(sj_infer_prefill(h, x, 4, NULL, &last));
-    CHECK(sj_infer_decode(h, 3, &lg));
+    CHECK(sj_infer_from_model(m, SJ_DEVICE_CPU, round % 2 ? SJ_INFER_Q8 : SJ_INFER_FP32, 16, &h));
+    CHECK(sj_infer_prefill(h, x, 4, NULL));
+    int32_t next[2];
+    CHECK(sj_infer_decode(h, 3, next));
+    CHECK(sj_infer_greedy(h, next[0], 2, next));
     sj_sampler *smp;
     CHECK(sj_sampler_create(CFG.vocab_size, 7, &smp));
     sj_sample_params sp = {0.8f, 20, 0.9f, 1.1f};
     int32_t tok;
-    CHECK(sj_sample(smp, lg, &sp, x, 4, &tok));
+    CHECK(sj_infer_sample(h, smp, &sp, x, 4, &tok));
     sj_sampler_free(smp);
     sj_infer_free(h);
 
@@ -146,12 +147,12 @@ static void model_cycle(int round) {
     sj_gguf_file *gf;
     CHECK(sj_gguf_open(at("m.gguf"), &gf));
     sj_gguf_close(gf);
-    CHECK(sj_infer_load_gguf(at("m.gguf"), (sj_infer_mode)(round % 4), 8, &h));
-    CHECK(sj_infer_prefill(h, x, 3, NULL, &last));
+    CHECK(sj_infer_load_gguf(at("m.gguf"), SJ_DEVICE_CPU, (sj_infer_mode)(round % 4), 8, &h));
+    CHECK(sj_infer_prefill(h, x, 3, NULL));
     sj_infer_free(h);
     corrupt_copy(at("m.gguf"), at("bad.gguf"), 700);
     EXPECT_FAIL(sj_gguf_open(at("bad.gguf"), &gf));
-    EXPECT_FAIL(sj_infer_load_gguf(at("bad.gguf"), SJ_INFER_FP32, 8, &h));
+    EXPECT_FAIL(sj_infer_load_gguf(at("bad.gguf"), SJ_DEVICE_CPU, SJ_INFER_FP32, 8, &h));
 
     sj_optimizer_free(o);
     sj_model_free(m);
