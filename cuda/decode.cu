@@ -29,7 +29,12 @@
  * grid-wide dependencies (2 or 3 per layer) and the weight stream (each weight
  * byte read once per token, 16-byte loads, many rows in flight). B and D
  * add partial vectors from many blocks into the residual: fixed-point
- * atomics (decode.cuh) keep that deterministic. */
+ * atomics (decode.cuh) keep that deterministic.
+ *
+ * Architecture options (params.lay) run in kernels compiled apart (OPT):
+ * A per attention head (phase_qkv_heads: paired heads, qk_norm, value mix,
+ * a window's ring row), B over the ring's rows, D with relu2 and embed
+ * skip; no clusters. The plain model's kernels carry none of it. */
 #include "decode.cuh"
 #include "sm90.cuh"
 #include <cooperative_groups.h>
@@ -168,8 +173,7 @@ template <int NW> static __device__ __forceinline__ int nwarps(void) { return gr
 template <class T, bool OPT>
 static __device__ __forceinline__ void qkv_rows(const params &p, int l, int u, const T **rows) {
     const int hd = p.hd, half = hd / 2, g = u / half, i = u % half;
-    const int per_layer = OPT ? p.qkv_rows : (p.H + 2 * p.KV) * hd;   /* plain: as few registers */
-    const T *W = (const T *)p.wqkv + (int64_t)l * per_layer * p.C;
+    const T *W = (const T *)p.wqkv + (OPT ? (int64_t)l * p.qkv_rows * p.C : (int64_t)l * (p.H + 2 * p.KV) * hd * p.C);
     rows[0] = W + (int64_t)(g * hd + i) * p.C;
     rows[1] = W + (int64_t)(g * hd + i + half) * p.C;
 }
@@ -185,28 +189,29 @@ static __device__ __forceinline__ void ffn_rows(const params &p, int l, int u, c
     rows[2] = (const T *)p.wdt + l * F * C + u * C;
 }
 
-/* Layer l's KV cache: its first element and its ring (layer_info). The
- * kernels compiled without options (OPT false) know it without a load. */
-struct layer_kv { int64_t off; int ring; };
+/* Per-layer lookups of the options. In the kernels compiled without them
+ * (OPT false) they fold into the plain model's own expressions: those
+ * kernels' PTX is what it was before the options came (p.od in place of C
+ * alone cost the 16-warp f32 kernel 60 bytes of spills). */
+/* Layer l's ring (layer_info): cache row s % ring holds position s; 0: row s. */
 template <bool OPT>
-static __device__ __forceinline__ layer_kv kv_of(const params &p, int l) {
-    if (!OPT) return { (int64_t)l * p.max_ctx * p.KV * p.hd, 0 };
-    return { p.lay[l].kv_off, p.lay[l].ring };
+static __device__ __forceinline__ int kv_ring(const params &p, int l) { return OPT ? p.lay[l].ring : 0; }
+/* The cache rows attention at pos reads: every row written so far (a full
+ * ring holds the window; attention does not depend on the keys' order). */
+template <bool OPT>
+static __device__ __forceinline__ int kv_keys(const params &p, int l, int pos) {
+    const int ring = kv_ring<OPT>(p, l);
+    return ring ? min(pos + 1, ring) : pos + 1;
 }
-/* The row position pos goes to, and the rows attention at pos reads: all
- * the rows written so far (a full ring holds the window, in any order). */
-static __device__ __forceinline__ int kv_slot(layer_kv c, int pos) { return c.ring ? pos % c.ring : pos; }
-static __device__ __forceinline__ int kv_keys(layer_kv c, int pos) { return c.ring ? min(pos + 1, c.ring) : pos + 1; }
-
-/* wo's columns (params.od): C in the plain model, known without another
- * register (p.od there cost the 16-warp f32 kernel 60 bytes of spills). */
+/* wo's columns (params.od). */
 template <bool OPT>
 static __device__ __forceinline__ int wo_cols(const params &p) { return OPT ? p.od : p.C; }
 
-/* Row `row` of a layer's K (is_v 0) or V cache, KV head g. */
-template <class T>
-static __device__ __forceinline__ T *kv_row(const params &p, layer_kv c, int row, bool is_v, int g) {
-    return (T *)(is_v ? p.vc : p.kc) + c.off + (int64_t)row * p.KV * p.hd + g * p.hd;
+/* Row `row` of layer l's K (is_v 0) or V cache, KV head g. */
+template <class T, bool OPT>
+static __device__ __forceinline__ T *kv_row(const params &p, int l, int row, bool is_v, int g) {
+    if (OPT) return (T *)(is_v ? p.vc : p.kc) + p.lay[l].kv_off + ((int64_t)row * p.KV + g) * p.hd;
+    return (T *)(is_v ? p.vc : p.kc) + ((int64_t)l * p.max_ctx + row) * p.KV * p.hd + g * p.hd;
 }
 
 /* A: units are (head, i) pairs of rows (qkv_rows). */
@@ -232,7 +237,7 @@ static __device__ void phase_qkv(const params &p, int l, int tok, int pos, float
             p.q[g * hd + i + half] = d[1];
         } else {
             const bool is_v = g >= p.H + p.KV;
-            T *dst = kv_row<T>(p, kv_of<false>(p, l), pos, is_v, g - p.H - (is_v ? p.KV : 0));
+            T *dst = kv_row<T, false>(p, l, pos, is_v, g - p.H - (is_v ? p.KV : 0));
             dst[i] = fromf<T>(d[0]);
             dst[i + half] = fromf<T>(d[1]);
         }
@@ -251,7 +256,6 @@ static __device__ void phase_qkv_heads(const params &p, int l, int tok, int pos,
     const int C = p.C, hd = p.hd, half = hd / 2, lane = threadIdx.x & 31, nh = p.H + 2 * p.KV;
     if ((int)blockIdx.x >= nh) return;
     const layer_info li = p.lay[l];
-    const layer_kv kv = { li.kv_off, li.ring };
     const float rs = load_normed<T>(xs, layer_in<T>(p, l, tok), p.norms + (int64_t)2 * l * C, C, p.eps) /
                      (float)p.pair;
     for (int g = blockIdx.x; g < nh; g += gridDim.x) {
@@ -296,7 +300,7 @@ static __device__ void phase_qkv_heads(const params &p, int l, int tok, int pos,
                     b = (1.f - p.value_mix) * b + p.value_mix * v0[i + half];
                 }
             }
-            T *dst = kv_row<T>(p, kv, kv_slot(kv, pos), is_v, g - p.H - (is_v ? p.KV : 0));
+            T *dst = kv_row<T, true>(p, l, li.ring ? pos % li.ring : pos, is_v, g - p.H - (is_v ? p.KV : 0));
             dst[i] = fromf<T>(a);
             dst[i + half] = fromf<T>(b);
         }
@@ -431,7 +435,7 @@ static __device__ void key_partial(const float *q, const float *k, const float *
  * shared memory; the last warp takes the extra key), warp 0 combines them
  * into o_h. ps: NW (hd + 2) + hd floats of shared memory, qs: NW hd. */
 template <class T, int NW, int R, bool OPT>
-static __device__ void attend_project(const params &p, int l, layer_kv kv, int h, const float *q, int n,
+static __device__ void attend_project(const params &p, int l, int h, const float *q, int n,
                                       const float *knew, const float *vnew, int c0, int c1,
                                       unsigned long long *xo, resid_in<T> carry, float *qs,
                                       float *ps) {
@@ -442,7 +446,7 @@ static __device__ void attend_project(const params &p, int l, layer_kv kv, int h
     const int per = max(16, ((n + nw - 1) / nw + 15) / 16 * 16), ns = (n + per - 1) / per;
     float *o = ps + NW * (hd + 2);
     if (warp < ns)
-        attn_partial_any<T>(q, kv_row<T>(p, kv, 0, false, g), kv_row<T>(p, kv, 0, true, g), kvd, hd,
+        attn_partial_any<T>(q, kv_row<T, OPT>(p, l, 0, false, g), kv_row<T, OPT>(p, l, 0, true, g), kvd, hd,
                             warp * per, min(n, warp * per + per), p.scale, qs + warp * hd,
                             ps + warp * (hd + 2));
     if (knew && warp == NW - 1) key_partial(q, knew, vnew, hd, p.scale, ps + ns * (hd + 2));
@@ -461,13 +465,12 @@ static __device__ void attend_project(const params &p, int l, layer_kv kv, int h
  * cache rows of keys [0, pos], rows of share j; head 0 carries version 2l over. */
 template <class T, int NW, bool OPT>
 static __device__ void phase_attn_oproj(const params &p, int l, int tok, int pos, float *qs, float *ps) {
-    const int C = p.C, J = oproj_shares(p);
-    const layer_kv kv = kv_of<OPT>(p, l);
+    const int C = p.C, J = oproj_shares(p), n = kv_keys<OPT>(p, l, pos);
     clear_row(p, 2 * l + 2);
     const resid_in<T> in = layer_in<T>(p, l, tok);
     for (int u = blockIdx.x; u < p.H * J; u += gridDim.x) {
         const int h = u / J, j = u % J;
-        attend_project<T, NW, 1, OPT>(p, l, kv, h, p.q + (int64_t)h * p.hd, kv_keys(kv, pos), nullptr, nullptr,
+        attend_project<T, NW, 1, OPT>(p, l, h, p.q + (int64_t)h * p.hd, n, nullptr, nullptr,
                               (int)((int64_t)C * j / J), (int)((int64_t)C * (j + 1) / J),
                               xrow(p, 2 * l + 1), h == 0 ? in : resid_in<T>{}, qs, ps);
     }
@@ -534,7 +537,7 @@ static __device__ void phase_qkv_attn(const params &p, int l, int tok, int pos, 
             mail.send(lane, s * hd + i + half, d[1]);
         }
         if (s > 0 && h % (p.H / p.KV) == 0 && lane == 31) {
-            T *dst = kv_row<T>(p, kv_of<false>(p, l), pos, s == 2, g);
+            T *dst = kv_row<T, false>(p, l, pos, s == 2, g);
             dst[i] = fromf<T>(d[0]);
             dst[i + half] = fromf<T>(d[1]);
         }
@@ -545,7 +548,7 @@ static __device__ void phase_qkv_attn(const params &p, int l, int tok, int pos, 
     DEC_MARK(1);
     mail.wait();
     DEC_MARK(9);
-    attend_project<T, NW, 2, false>(p, l, kv_of<false>(p, l), h, mail.buf, pos, mail.buf + hd, mail.buf + 2 * hd,
+    attend_project<T, NW, 2, false>(p, l, h, mail.buf, pos, mail.buf + hd, mail.buf + 2 * hd,
                              (int)((int64_t)C * rank / cs), (int)((int64_t)C * (rank + 1) / cs),
                              xrow(p, 2 * l + 1), h == 0 ? in : resid_in<T>{}, qs, ps);
 }
@@ -554,14 +557,13 @@ static __device__ void phase_qkv_attn(const params &p, int l, int tok, int pos, 
 /* B1 (long contexts): (query head, context split) per warp; qs: NW * hd floats. */
 template <class T, int NW, bool OPT>
 static __device__ void phase_attn(const params &p, int l, int pos, float *qs) {
-    const layer_kv kv = kv_of<OPT>(p, l);
-    const int hd = p.hd, kvd = p.KV * hd, grp = p.H / p.KV, n = kv_keys(kv, pos);
+    const int hd = p.hd, kvd = p.KV * hd, grp = p.H / p.KV, n = kv_keys<OPT>(p, l, pos);
     int per;
     const int ns = attn_splits(n, &per);
     for (int it = gwarp<NW>(); it < p.H * ns; it += nwarps<NW>()) {
         const int h = it / ns, s = it % ns, start = s * per, end = min(n, start + per);
-        attn_partial_any<T>(p.q + (int64_t)h * hd, kv_row<T>(p, kv, 0, false, h / grp),
-                            kv_row<T>(p, kv, 0, true, h / grp), kvd, hd, start, end, p.scale,
+        attn_partial_any<T>(p.q + (int64_t)h * hd, kv_row<T, OPT>(p, l, 0, false, h / grp),
+                            kv_row<T, OPT>(p, l, 0, true, h / grp), kvd, hd, start, end, p.scale,
                             qs + (threadIdx.x >> 5) * hd, p.part + ((int64_t)h * MAXSPLIT + s) * (hd + 2));
     }
 }
@@ -573,7 +575,7 @@ template <class T, int NW, bool OPT>
 static __device__ void phase_oproj(const params &p, int l, int tok, int pos, float *xs) {
     const int C = p.C, hd = p.hd, lane = threadIdx.x & 31;
     int per;
-    const int ns = attn_splits(kv_keys(kv_of<OPT>(p, l), pos), &per);
+    const int ns = attn_splits(kv_keys<OPT>(p, l, pos), &per);
     clear_row(p, 2 * l + 2);
     for (int h = threadIdx.x >> 5; h < p.H; h += NW)
         attn_combine(p.part + (int64_t)h * MAXSPLIT * (hd + 2), ns, hd, xs + h * hd);
@@ -687,11 +689,10 @@ static __device__ void prefetch_small(const params &p, int ph, int l, int pos) {
         prefetch_l2(p.rope_sin + (int64_t)pos * (p.hd / 2), p.hd / 2 * 4);
     }
     if (!attn_fused(p, pos)) return;
-    const layer_kv kv = kv_of<OPT>(p, l);
-    const int64_t kvd = (int64_t)p.KV * p.hd, bytes = (kv_keys(kv, pos) - 1) * kvd * (int64_t)sizeof(T),
-                  nch = (bytes + 4095) / 4096;
-    const char *K = (const char *)((const T *)p.kc + kv.off);
-    const char *V = (const char *)((const T *)p.vc + kv.off);
+    const int64_t kvd = (int64_t)p.KV * p.hd, keys = OPT ? kv_keys<OPT>(p, l, pos) - 1 : pos,
+                  bytes = keys * kvd * (int64_t)sizeof(T), nch = (bytes + 4095) / 4096;
+    const char *K = (const char *)(OPT ? kv_row<T, OPT>(p, l, 0, false, 0) : (const T *)p.kc + (int64_t)l * p.max_ctx * kvd);
+    const char *V = (const char *)(OPT ? kv_row<T, OPT>(p, l, 0, true, 0) : (const T *)p.vc + (int64_t)l * p.max_ctx * kvd);
     for (int64_t c = w - 1; c >= 0 && c < 2 * nch; c += nw) {
         const int64_t off = (c % nch) * 4096;
         prefetch_l2((c < nch ? K : V) + off, min((int64_t)4096, bytes - off));
