@@ -64,7 +64,7 @@ for stage in $STAGES; do
     bench-quick)
         run bench python3 benchmarks/vs_torch.py --quick ;;
     decode)   # the GPU inference engine: its tests, then batch-1 decode against PyTorch
-        run test_decode python3 -m pytest -q -rs tests/test_cuda_decode.py
+        run test_decode python3 -m pytest -q -rs tests/test_cuda_decode.py tests/test_cuda_decode_options.py
         run build_decode_probe nvcc -O3 -std=c++17 -Icsrc -Icuda -arch=sm_90a -DDEC_TRACE \
             benchmarks/decode_probe.cu -o "$LOG/decode_probe"
         for shape in small medium smollm2; do run decode_probe_$shape "$LOG/decode_probe" $shape; done

@@ -29,7 +29,12 @@
  * grid-wide dependencies (2 or 3 per layer) and the weight stream (each weight
  * byte read once per token, 16-byte loads, many rows in flight). B and D
  * add partial vectors from many blocks into the residual: fixed-point
- * atomics (decode.cuh) keep that deterministic. */
+ * atomics (decode.cuh) keep that deterministic.
+ *
+ * Architecture options (params.lay) run in kernels compiled apart (OPT):
+ * A per attention head (phase_qkv_heads: paired heads, qk_norm, value mix,
+ * a window's ring row), B over the ring's rows, D with relu2 and embed
+ * skip; no clusters. The plain model's kernels carry none of it. */
 #include "decode.cuh"
 #include "sm90.cuh"
 #include <cooperative_groups.h>
@@ -165,10 +170,10 @@ template <int NW> static __device__ __forceinline__ int nwarps(void) { return gr
 
 /* A's unit u: rows i and i + hd/2 of QKV head g (u = g hd/2 + i), the two
  * halves RoPE mixes. */
-template <class T>
+template <class T, bool OPT>
 static __device__ __forceinline__ void qkv_rows(const params &p, int l, int u, const T **rows) {
     const int hd = p.hd, half = hd / 2, g = u / half, i = u % half;
-    const T *W = (const T *)p.wqkv + (int64_t)l * (p.H + 2 * p.KV) * hd * p.C;
+    const T *W = (const T *)p.wqkv + (OPT ? (int64_t)l * p.qkv_rows * p.C : (int64_t)l * (p.H + 2 * p.KV) * hd * p.C);
     rows[0] = W + (int64_t)(g * hd + i) * p.C;
     rows[1] = W + (int64_t)(g * hd + i + half) * p.C;
 }
@@ -184,10 +189,29 @@ static __device__ __forceinline__ void ffn_rows(const params &p, int l, int u, c
     rows[2] = (const T *)p.wdt + l * F * C + u * C;
 }
 
-/* Row pos of the layer's K (is_v 0) or V cache, KV head g. */
-template <class T>
-static __device__ __forceinline__ T *kv_row(const params &p, int l, int pos, bool is_v, int g) {
-    return (T *)(is_v ? p.vc : p.kc) + ((int64_t)l * p.max_ctx + pos) * p.KV * p.hd + g * p.hd;
+/* Per-layer lookups of the options. In the kernels compiled without them
+ * (OPT false) they fold into the plain model's own expressions: those
+ * kernels' PTX is what it was before the options came (p.od in place of C
+ * alone cost the 16-warp f32 kernel 60 bytes of spills). */
+/* Layer l's ring (layer_info): cache row s % ring holds position s; 0: row s. */
+template <bool OPT>
+static __device__ __forceinline__ int kv_ring(const params &p, int l) { return OPT ? p.lay[l].ring : 0; }
+/* The cache rows attention at pos reads: every row written so far (a full
+ * ring holds the window; attention does not depend on the keys' order). */
+template <bool OPT>
+static __device__ __forceinline__ int kv_keys(const params &p, int l, int pos) {
+    const int ring = kv_ring<OPT>(p, l);
+    return ring ? min(pos + 1, ring) : pos + 1;
+}
+/* wo's columns (params.od). */
+template <bool OPT>
+static __device__ __forceinline__ int wo_cols(const params &p) { return OPT ? p.od : p.C; }
+
+/* Row `row` of layer l's K (is_v 0) or V cache, KV head g. */
+template <class T, bool OPT>
+static __device__ __forceinline__ T *kv_row(const params &p, int l, int row, bool is_v, int g) {
+    if (OPT) return (T *)(is_v ? p.vc : p.kc) + p.lay[l].kv_off + ((int64_t)row * p.KV + g) * p.hd;
+    return (T *)(is_v ? p.vc : p.kc) + ((int64_t)l * p.max_ctx + row) * p.KV * p.hd + g * p.hd;
 }
 
 /* A: units are (head, i) pairs of rows (qkv_rows). */
@@ -199,7 +223,7 @@ static __device__ void phase_qkv(const params &p, int l, int tok, int pos, float
     const int units = qkv_units(p);
     for (int u = gwarp<NW>(); u < units; u += nwarps<NW>()) {
         const T *rows[2];
-        qkv_rows<T>(p, l, u, rows);
+        qkv_rows<T, false>(p, l, u, rows);
         float d[2];
         warp_dots<T, 2>(rows, xs, C, d);
         if (lane) continue;
@@ -213,12 +237,75 @@ static __device__ void phase_qkv(const params &p, int l, int tok, int pos, float
             p.q[g * hd + i + half] = d[1];
         } else {
             const bool is_v = g >= p.H + p.KV;
-            T *dst = kv_row<T>(p, l, pos, is_v, g - p.H - (is_v ? p.KV : 0));
+            T *dst = kv_row<T, false>(p, l, pos, is_v, g - p.H - (is_v ? p.KV : 0));
             dst[i] = fromf<T>(d[0]);
             dst[i + half] = fromf<T>(d[1]);
         }
     }
     DEC_MARK(1);
+}
+
+/* A with options (p.lay): a block per attention head g of q, k, v (in
+ * wqkv's order), its warps over the head's units i: rows i and i + hd/2
+ * of its p.pair projection heads g pair + k, averaged; then, with the head
+ * whole in hb (hd floats of shared memory): its RMSNorm (q and k, the
+ * layer's qk_norm), RoPE (q and k), value mix (v of layers after the
+ * first; layer 0 keeps its v), and q or the cache row written. */
+template <class T, int NW>
+static __device__ void phase_qkv_heads(const params &p, int l, int tok, int pos, float *xs, float *hb) {
+    const int C = p.C, hd = p.hd, half = hd / 2, lane = threadIdx.x & 31, nh = p.H + 2 * p.KV;
+    if ((int)blockIdx.x >= nh) return;
+    const layer_info li = p.lay[l];
+    const float rs = load_normed<T>(xs, layer_in<T>(p, l, tok), p.norms + (int64_t)2 * l * C, C, p.eps) /
+                     (float)p.pair;
+    for (int g = blockIdx.x; g < nh; g += gridDim.x) {
+        for (int i = threadIdx.x >> 5; i < half; i += NW) {
+            float a = 0.f, b = 0.f;
+            for (int k = 0; k < p.pair; k++) {
+                const T *rows[2];
+                qkv_rows<T, true>(p, l, (g * p.pair + k) * half + i, rows);
+                float d[2];
+                warp_dots<T, 2>(rows, xs, C, d);
+                a += d[0];
+                b += d[1];
+            }
+            if (!lane) { hb[i] = a * rs; hb[i + half] = b * rs; }
+        }
+        __syncthreads();
+        const bool is_q = g < p.H, is_v = g >= p.H + p.KV;
+        float r = 1.f;
+        const float *gain = nullptr;
+        if (!is_v && li.qk_norm != SJ_QK_NORM_NONE) {
+            float ss = 0.f;
+            for (int d = lane; d < hd; d += 32) ss += hb[d] * hb[d];
+            r = 1.0f / sqrtf(warp_sum(ss) / (float)hd + p.eps);
+            if (li.qk_norm == SJ_QK_NORM_WEIGHTED) gain = p.qk_gain + ((int64_t)2 * l + !is_q) * hd;
+        }
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            float a = hb[i] * r, b = hb[i + half] * r;
+            if (gain) { a *= gain[i]; b *= gain[i + half]; }
+            if (!is_v) rope_pair(a, b, p.rope_cos[(int64_t)pos * half + i], p.rope_sin[(int64_t)pos * half + i]);
+            if (is_q) {
+                p.q[g * hd + i] = a;
+                p.q[g * hd + i + half] = b;
+                continue;
+            }
+            if (is_v && p.value_mix != 0.f) {
+                float *v0 = p.v0 + (g - p.H - p.KV) * hd;
+                if (l == 0) {
+                    v0[i] = a;
+                    v0[i + half] = b;
+                } else {
+                    a = (1.f - p.value_mix) * a + p.value_mix * v0[i];
+                    b = (1.f - p.value_mix) * b + p.value_mix * v0[i + half];
+                }
+            }
+            T *dst = kv_row<T, true>(p, l, li.ring ? pos % li.ring : pos, is_v, g - p.H - (is_v ? p.KV : 0));
+            dst[i] = fromf<T>(a);
+            dst[i + half] = fromf<T>(b);
+        }
+        __syncthreads();   /* hb is the next head's */
+    }
 }
 
 /* B runs fused (one phase) while the context is short enough that every
@@ -252,19 +339,19 @@ static __device__ __forceinline__ void prefetch_l2(const void *row, int64_t byte
 
 /* Head h's columns of Wo, rows of share j of J (B's unit), one row a lane
  * (not one a warp: SmolLM2 495.5 vs 512.5 us a token, clustered). */
-template <class T, int NW>
+template <class T, int NW, bool OPT>
 static __device__ void prefetch_oproj_share(const params &p, int l, int h, int j, int J) {
-    const int64_t C = p.C;
-    const T *W = (const T *)p.wo + (int64_t)l * C * C + h * p.hd;
+    const int64_t C = p.C, od = wo_cols<OPT>(p);
+    const T *W = (const T *)p.wo + (int64_t)l * C * od + h * p.hd;
     for (int64_t c = C * j / J + threadIdx.x; c < C * (j + 1) / J; c += NW * 32)
-        prefetch_lines(W + c * C, p.hd * (int64_t)sizeof(T));
+        prefetch_lines(W + c * od, p.hd * (int64_t)sizeof(T));
 }
 
 /* A's unit u: its two rows, by the warp. */
-template <class T>
+template <class T, bool OPT>
 static __device__ __forceinline__ void prefetch_qkv_unit(const params &p, int l, int u) {
     const T *rows[2];
-    qkv_rows<T>(p, l, u, rows);
+    qkv_rows<T, OPT>(p, l, u, rows);
     prefetch_l2(rows[0], p.C * (int64_t)sizeof(T));
     prefetch_l2(rows[1], p.C * (int64_t)sizeof(T));
 }
@@ -340,14 +427,14 @@ static __device__ void key_partial(const float *q, const float *k, const float *
     if (lane == 0) { pp[hd] = s; pp[hd + 1] = 1.f; }
 }
 
-/* B's unit: attention of query head h (q) over the layer's cache keys
+/* B's unit: attention of query head h (q) over the layer's cache (kv) rows
  * [0, n), and, given knew, one more key (knew, vnew: the cluster path's
  * current position, not read back from the cache), then o_h times head
  * h's columns of Wo, rows [c0, c1), added into xo (with carry's rows). The
  * cache keys are split over the block's warps (one partial each, in
  * shared memory; the last warp takes the extra key), warp 0 combines them
  * into o_h. ps: NW (hd + 2) + hd floats of shared memory, qs: NW hd. */
-template <class T, int NW, int R>
+template <class T, int NW, int R, bool OPT>
 static __device__ void attend_project(const params &p, int l, int h, const float *q, int n,
                                       const float *knew, const float *vnew, int c0, int c1,
                                       unsigned long long *xo, resid_in<T> carry, float *qs,
@@ -359,7 +446,7 @@ static __device__ void attend_project(const params &p, int l, int h, const float
     const int per = max(16, ((n + nw - 1) / nw + 15) / 16 * 16), ns = (n + per - 1) / per;
     float *o = ps + NW * (hd + 2);
     if (warp < ns)
-        attn_partial_any<T>(q, kv_row<T>(p, l, 0, false, g), kv_row<T>(p, l, 0, true, g), kvd, hd,
+        attn_partial_any<T>(q, kv_row<T, OPT>(p, l, 0, false, g), kv_row<T, OPT>(p, l, 0, true, g), kvd, hd,
                             warp * per, min(n, warp * per + per), p.scale, qs + warp * hd,
                             ps + warp * (hd + 2));
     if (knew && warp == NW - 1) key_partial(q, knew, vnew, hd, p.scale, ps + ns * (hd + 2));
@@ -368,21 +455,22 @@ static __device__ void attend_project(const params &p, int l, int h, const float
     if (warp == 0) attn_combine(ps, ns + (knew != nullptr), hd, o);
     __syncthreads();
     DEC_MARK(3);
-    rows_add<T, NW, R>(xo, (const T *)p.wo + (int64_t)l * p.C * p.C + h * hd, p.C, c0, c1, o, hd, carry);
+    const int od = wo_cols<OPT>(p);
+    rows_add<T, NW, R>(xo, (const T *)p.wo + (int64_t)l * p.C * od + h * hd, od, c0, c1, o, hd, carry);
     __syncthreads();   /* ps and o are the next unit's */
     DEC_MARK(4);
 }
 
-/* B (fused): unit (h, j) per block, B's unit (attend_project) over keys
- * [0, pos], rows of share j; head 0 carries version 2l over. */
-template <class T, int NW>
+/* B (fused): unit (h, j) per block, B's unit (attend_project) over the
+ * cache rows of keys [0, pos], rows of share j; head 0 carries version 2l over. */
+template <class T, int NW, bool OPT>
 static __device__ void phase_attn_oproj(const params &p, int l, int tok, int pos, float *qs, float *ps) {
-    const int C = p.C, J = oproj_shares(p);
+    const int C = p.C, J = oproj_shares(p), n = kv_keys<OPT>(p, l, pos);
     clear_row(p, 2 * l + 2);
     const resid_in<T> in = layer_in<T>(p, l, tok);
     for (int u = blockIdx.x; u < p.H * J; u += gridDim.x) {
         const int h = u / J, j = u % J;
-        attend_project<T, NW, 1>(p, l, h, p.q + (int64_t)h * p.hd, pos + 1, nullptr, nullptr,
+        attend_project<T, NW, 1, OPT>(p, l, h, p.q + (int64_t)h * p.hd, n, nullptr, nullptr,
                               (int)((int64_t)C * j / J), (int)((int64_t)C * (j + 1) / J),
                               xrow(p, 2 * l + 1), h == 0 ? in : resid_in<T>{}, qs, ps);
     }
@@ -438,7 +526,7 @@ static __device__ void phase_qkv_attn(const params &p, int l, int tok, int pos, 
     for (int u = rank * NW + warp; u < 3 * half; u += cs * NW) {
         const int s = u / half, i = u % half;   /* s: q, k, v */
         const T *rows[2];
-        qkv_rows<T>(p, l, (s == 0 ? h : p.H + (s - 1) * p.KV + g) * half + i, rows);
+        qkv_rows<T, false>(p, l, (s == 0 ? h : p.H + (s - 1) * p.KV + g) * half + i, rows);
         float d[2];
         warp_dots<T, 2>(rows, xs, C, d);
         d[0] *= rs;
@@ -449,33 +537,33 @@ static __device__ void phase_qkv_attn(const params &p, int l, int tok, int pos, 
             mail.send(lane, s * hd + i + half, d[1]);
         }
         if (s > 0 && h % (p.H / p.KV) == 0 && lane == 31) {
-            T *dst = kv_row<T>(p, l, pos, s == 2, g);
+            T *dst = kv_row<T, false>(p, l, pos, s == 2, g);
             dst[i] = fromf<T>(d[0]);
             dst[i + half] = fromf<T>(d[1]);
         }
     }
     /* this block's Wo rows, while the mail and the attention take their
      * time (at the barrier, with the QKV rows, they delayed its departure) */
-    prefetch_oproj_share<T, NW>(p, l, h, rank, cs);
+    prefetch_oproj_share<T, NW, false>(p, l, h, rank, cs);
     DEC_MARK(1);
     mail.wait();
     DEC_MARK(9);
-    attend_project<T, NW, 2>(p, l, h, mail.buf, pos, mail.buf + hd, mail.buf + 2 * hd,
+    attend_project<T, NW, 2, false>(p, l, h, mail.buf, pos, mail.buf + hd, mail.buf + 2 * hd,
                              (int)((int64_t)C * rank / cs), (int)((int64_t)C * (rank + 1) / cs),
                              xrow(p, 2 * l + 1), h == 0 ? in : resid_in<T>{}, qs, ps);
 }
 #endif
 
 /* B1 (long contexts): (query head, context split) per warp; qs: NW * hd floats. */
-template <class T, int NW>
+template <class T, int NW, bool OPT>
 static __device__ void phase_attn(const params &p, int l, int pos, float *qs) {
-    const int hd = p.hd, kvd = p.KV * hd, grp = p.H / p.KV, n = pos + 1;
+    const int hd = p.hd, kvd = p.KV * hd, grp = p.H / p.KV, n = kv_keys<OPT>(p, l, pos);
     int per;
     const int ns = attn_splits(n, &per);
     for (int it = gwarp<NW>(); it < p.H * ns; it += nwarps<NW>()) {
         const int h = it / ns, s = it % ns, start = s * per, end = min(n, start + per);
-        attn_partial_any<T>(p.q + (int64_t)h * hd, kv_row<T>(p, l, 0, false, h / grp),
-                            kv_row<T>(p, l, 0, true, h / grp), kvd, hd, start, end, p.scale,
+        attn_partial_any<T>(p.q + (int64_t)h * hd, kv_row<T, OPT>(p, l, 0, false, h / grp),
+                            kv_row<T, OPT>(p, l, 0, true, h / grp), kvd, hd, start, end, p.scale,
                             qs + (threadIdx.x >> 5) * hd, p.part + ((int64_t)h * MAXSPLIT + s) * (hd + 2));
     }
 }
@@ -483,22 +571,23 @@ static __device__ void phase_attn(const params &p, int l, int pos, float *qs) {
 /* B2 (long contexts): every block combines all heads' partials (a few KB)
  * into xs, then its rows of the out-projection make version 2l + 1 (each
  * row by one warp: no other writer). */
-template <class T, int NW>
+template <class T, int NW, bool OPT>
 static __device__ void phase_oproj(const params &p, int l, int tok, int pos, float *xs) {
     const int C = p.C, hd = p.hd, lane = threadIdx.x & 31;
     int per;
-    const int ns = attn_splits(pos + 1, &per);
+    const int ns = attn_splits(kv_keys<OPT>(p, l, pos), &per);
     clear_row(p, 2 * l + 2);
     for (int h = threadIdx.x >> 5; h < p.H; h += NW)
         attn_combine(p.part + (int64_t)h * MAXSPLIT * (hd + 2), ns, hd, xs + h * hd);
     __syncthreads();
-    const T *W = (const T *)p.wo + (int64_t)l * C * C;
+    const int od = wo_cols<OPT>(p);
+    const T *W = (const T *)p.wo + (int64_t)l * C * od;
     const resid_in<T> in = layer_in<T>(p, l, tok);
     unsigned long long *x = xrow(p, 2 * l + 1);
     for (int r = gwarp<NW>(); r < C; r += nwarps<NW>()) {
-        const T *row = W + (int64_t)r * C;
+        const T *row = W + (int64_t)r * od;
         float d;
-        warp_dots<T, 1>(&row, xs, C, &d);
+        warp_dots<T, 1>(&row, xs, od, &d);
         if (!lane) x[r] = in.fixed(r) + fix(d);
     }
 }
@@ -507,17 +596,22 @@ static __device__ void phase_oproj(const params &p, int l, int tok, int pos, flo
 static __host__ __device__ __forceinline__ int ffn_slice(int C) { return C < 1024 ? (C + 7) / 8 * 8 : 1024; }
 
 /* D: warp w of the grid owns rows u = w + k nwarps (k < maxu) of the FFN:
- * h_u = silu(gate_u . xs) * (up_u . xs), then h_u times row u of the
- * transposed down projection. Per slice of C, each warp writes its sum to
- * acc, the block adds the warps' rows in a fixed order and adds that into
- * version 2l + 2 (fixed point; block 0 also carries version 2l + 1 over).
+ * h_u = silu(gate_u . xs) * (up_u . xs) (relu2: relu(gate_u . xs)^2), then
+ * h_u times row u of the transposed down projection. Per slice of C, each
+ * warp writes its sum to acc, the block adds the warps' rows in a fixed
+ * order and adds that into version 2l + 2 (fixed point; block 0 also
+ * carries version 2l + 1 over, and, with embed skip, adds the token's
+ * embedding times embed_skip to the next layer's input).
  * hs: NW * maxu floats, acc: NW * ffn_slice(C). */
-template <class T, int NW>
-static __device__ void phase_ffn(const params &p, int l, float *xs, float *hs, float *acc) {
+template <class T, int NW, bool OPT>
+static __device__ void phase_ffn(const params &p, int l, int tok, float *xs, float *hs, float *acc) {
     constexpr int VEC = vec16<T>::N;
     const int C = p.C, F = p.F, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     clear_row(p, 2 * l + 3);
     if (blockIdx.x * NW >= F && blockIdx.x != 0) return;   /* no rows here */
+    const bool relu2 = OPT && p.lay[l].ffn == SJ_FFN_RELU2;
+    const T *skip = OPT && p.embed_skip != 0.f && l + 1 < p.L && blockIdx.x == 0
+                  ? (const T *)p.emb + (int64_t)tok * C : nullptr;
     const unsigned long long *xc = xrow(p, 2 * l + 1);
     unsigned long long *xn = xrow(p, 2 * l + 2);
     const float rs = load_normed<T>(xs, version<T>(p, 2 * l + 1), p.norms + (int64_t)(2 * l + 1) * C, C, p.eps);
@@ -531,7 +625,7 @@ static __device__ void phase_ffn(const params &p, int l, float *xs, float *hs, f
         float d[2];
         warp_dots<T, 2>(rows, xs, C, d);
         const float g = d[0] * rs;
-        if (!lane) hw[nu] = g / (1.0f + expf(-g)) * (d[1] * rs);
+        if (!lane) hw[nu] = (relu2 ? fmaxf(g, 0.f) * fmaxf(g, 0.f) : g / (1.0f + expf(-g))) * (d[1] * rs);
     }
     __syncwarp();
     DEC_MARK(6);
@@ -566,7 +660,8 @@ static __device__ void phase_ffn(const params &p, int l, float *xs, float *hs, f
         for (int c = threadIdx.x; c < sn; c += blockDim.x) {
             float t = 0.f;
             for (int w = 0; w < NW; w++) t += acc[w * S + c];
-            atomicAdd(xn + s0 + c, fix(t) + (blockIdx.x == 0 ? xc[s0 + c] : 0ull));
+            atomicAdd(xn + s0 + c, fix(t) + (blockIdx.x == 0 ? xc[s0 + c] : 0ull) +
+                                   (skip ? fix(p.embed_skip * tof(skip[s0 + c])) : 0ull));
         }
         __syncthreads();   /* acc is the next slice's */
     }
@@ -582,7 +677,7 @@ enum { PF_QKV, PF_ATTN_OPROJ, PF_OPROJ, PF_FFN, PF_HEAD };
  * L2 between tokens; spread over the grid's warps. (H100, SmolLM2's shape:
  * 589 -> 564 us a token; medium 217 -> 206; a model held in L2, where
  * nothing is evicted, pays for the instructions: small 81 -> 84.) */
-template <class T, int NW>
+template <class T, int NW, bool OPT>
 static __device__ void prefetch_small(const params &p, int ph, int l, int pos) {
     const int w = gwarp<NW>(), nw = nwarps<NW>();
     if (ph == PF_FFN) { if (w == 0) prefetch_l2(p.norms + (int64_t)(2 * l + 1) * p.C, p.C * 4); return; }
@@ -594,9 +689,10 @@ static __device__ void prefetch_small(const params &p, int ph, int l, int pos) {
         prefetch_l2(p.rope_sin + (int64_t)pos * (p.hd / 2), p.hd / 2 * 4);
     }
     if (!attn_fused(p, pos)) return;
-    const int64_t kvd = (int64_t)p.KV * p.hd, bytes = pos * kvd * (int64_t)sizeof(T), nch = (bytes + 4095) / 4096;
-    const char *K = (const char *)((const T *)p.kc + (int64_t)l * p.max_ctx * kvd);
-    const char *V = (const char *)((const T *)p.vc + (int64_t)l * p.max_ctx * kvd);
+    const int64_t kvd = (int64_t)p.KV * p.hd, keys = OPT ? kv_keys<OPT>(p, l, pos) - 1 : pos,
+                  bytes = keys * kvd * (int64_t)sizeof(T), nch = (bytes + 4095) / 4096;
+    const char *K = (const char *)(OPT ? kv_row<T, OPT>(p, l, 0, false, 0) : (const T *)p.kc + (int64_t)l * p.max_ctx * kvd);
+    const char *V = (const char *)(OPT ? kv_row<T, OPT>(p, l, 0, true, 0) : (const T *)p.vc + (int64_t)l * p.max_ctx * kvd);
     for (int64_t c = w - 1; c >= 0 && c < 2 * nch; c += nw) {
         const int64_t off = (c % nch) * 4096;
         prefetch_l2((c < nch ? K : V) + off, min((int64_t)4096, bytes - off));
@@ -610,13 +706,13 @@ static __device__ void prefetch_small(const params &p, int ph, int l, int pos) {
  * model streams from HBM (16-warp blocks, setup). (Into L1 instead, every
  * row of the phase: measured no faster. One phase earlier: slower, the
  * prefetch then competes with the phase in between.) */
-template <class T, int NW>
+template <class T, int NW, bool OPT>
 static __device__ void prefetch_phase(const params &p, int ph, int l, int pos) {
-    if (NW == WARPS) prefetch_small<T, NW>(p, ph, l, pos);
+    if (NW == WARPS) prefetch_small<T, NW, OPT>(p, ph, l, pos);
     const int64_t C = p.C, F = p.F, es = sizeof(T);
     if (ph == PF_ATTN_OPROJ) {
         const int J = oproj_shares(p), u = blockIdx.x;
-        if (u < p.H * J) prefetch_oproj_share<T, NW>(p, l, u / J, u % J, J);
+        if (u < p.H * J) prefetch_oproj_share<T, NW, OPT>(p, l, u / J, u % J, J);
         return;
     }
     if (ph == PF_QKV && qkv_attn_clustered(p, pos)) {
@@ -624,17 +720,18 @@ static __device__ void prefetch_phase(const params &p, int ph, int l, int pos) {
          * that reads them: 128 warps' rows in flight from one SM would
          * delay its own loads after the barrier (493.8 vs 495.3 us) */
         for (int u = (threadIdx.x >> 5) * gridDim.x + blockIdx.x; u < qkv_units(p); u += nwarps<NW>())
-            prefetch_qkv_unit<T>(p, l, u);
+            prefetch_qkv_unit<T, OPT>(p, l, u);
         return;
     }
     for (int k = 0; k < 2; k++) {
         const int64_t u = gwarp<NW>() + (int64_t)k * nwarps<NW>();
         if (ph == PF_QKV) {
             if (u >= qkv_units(p)) return;
-            prefetch_qkv_unit<T>(p, l, (int)u);
+            prefetch_qkv_unit<T, OPT>(p, l, (int)u);
         } else if (ph == PF_OPROJ) {
             if (u >= C) return;
-            prefetch_l2((const T *)p.wo + (int64_t)l * C * C + u * C, C * es);
+            const int64_t od = wo_cols<OPT>(p);
+            prefetch_l2((const T *)p.wo + (int64_t)l * C * od + u * od, od * es);
         } else if (ph == PF_FFN) {
             if (u >= F) return;
             const T *rows[3];
@@ -754,8 +851,10 @@ struct block_smem {
  * CL: launched in clusters, QKV and attention in one phase while B is
  * fused. Compiled apart: with the clustered phase's code in them, the
  * other kernels ran slower (SmolLM2's shape, clusters off: 531.0 vs 524.0
- * us a token; medium 198.3 vs 196.2; small, 8 warps: 79.3 vs 78.5). */
-template <class T, int NW, bool CL>
+ * us a token; medium 198.3 vs 196.2; small, 8 warps: 79.3 vs 78.5).
+ * OPT: the architecture options (p.lay), compiled apart for the same
+ * reason: the plain model's kernels carry none of their code. */
+template <class T, int NW, bool CL, bool OPT>
 __global__ void __launch_bounds__(NW * 32, NW <= 8 ? 1 : 0) step_persistent(params p, int n_steps) {
     __shared__ uint64_t mail_bar;
     block_smem b(p, NW, &mail_bar);
@@ -771,7 +870,7 @@ __global__ void __launch_bounds__(NW * 32, NW <= 8 ? 1 : 0) step_persistent(para
      * not delay it (issued before it: 3.5-5% slower on every shape). */
     auto sync_prefetching = [&](int ph, int l, int pos) {
         bar.arrive();
-        prefetch_phase<T, NW>(p, ph, l, pos);
+        prefetch_phase<T, NW, OPT>(p, ph, l, pos);
         bar.wait();
     };
     for (int step = 0; step < n_steps; step++) {
@@ -780,19 +879,20 @@ __global__ void __launch_bounds__(NW * 32, NW <= 8 ? 1 : 0) step_persistent(para
             if (CL && qkv_attn_clustered(p, pos)) {
                 phase_qkv_attn<T, NW>(p, l, tok, pos, b.xs, b.qs, b.ps, b.mail);
             } else {
-                phase_qkv<T, NW>(p, l, tok, pos, b.xs);
+                if constexpr (OPT) phase_qkv_heads<T, NW>(p, l, tok, pos, b.xs, b.qs);
+                else phase_qkv<T, NW>(p, l, tok, pos, b.xs);
                 if (attn_fused(p, pos)) {
                     sync_prefetching(PF_ATTN_OPROJ, l, pos);
-                    phase_attn_oproj<T, NW>(p, l, tok, pos, b.qs, b.ps);
+                    phase_attn_oproj<T, NW, OPT>(p, l, tok, pos, b.qs, b.ps);
                 } else {
                     sync_prefetching(PF_OPROJ, l, pos);   /* B1 reads no weights: B2's wait through it */
-                    phase_attn<T, NW>(p, l, pos, b.qs);
+                    phase_attn<T, NW, OPT>(p, l, pos, b.qs);
                     bar.sync();
-                    phase_oproj<T, NW>(p, l, tok, pos, b.xs);
+                    phase_oproj<T, NW, OPT>(p, l, tok, pos, b.xs);
                 }
             }
             sync_prefetching(PF_FFN, l, pos);
-            phase_ffn<T, NW>(p, l, b.xs, b.hs, b.acc);
+            phase_ffn<T, NW, OPT>(p, l, tok, b.xs, b.hs, b.acc);
             sync_prefetching(l + 1 < p.L ? PF_QKV : PF_HEAD, l + 1, pos);
         }
         phase_head<T, NW>(p, b.xs);
@@ -811,7 +911,7 @@ __global__ void __launch_bounds__(NW * 32, NW <= 8 ? 1 : 0) step_persistent(para
 /* The same phases, one kernel each (ph: 0 A or A+B clustered, 1 B or B1,
  * 2 B2, 3 D, 4 F, each phase's kernel empty where the context makes it
  * so; G is step_pick). */
-template <class T, int NW, bool CL>
+template <class T, int NW, bool CL, bool OPT>
 __global__ void __launch_bounds__(NW * 32) step_phase(params p, int ph, int l) {
     __shared__ uint64_t mail_bar;
     block_smem b(p, NW, &mail_bar);
@@ -822,17 +922,19 @@ __global__ void __launch_bounds__(NW * 32) step_phase(params p, int ph, int l) {
         if (clustered) {
             b.mail.init();
             phase_qkv_attn<T, NW>(p, l, tok, pos, b.xs, b.qs, b.ps, b.mail);
+        } else if constexpr (OPT) {
+            phase_qkv_heads<T, NW>(p, l, tok, pos, b.xs, b.qs);
         } else {
             phase_qkv<T, NW>(p, l, tok, pos, b.xs);
         }
         break;
     case 1:
         if (clustered) break;
-        if (attn_fused(p, pos)) phase_attn_oproj<T, NW>(p, l, tok, pos, b.qs, b.ps);
-        else phase_attn<T, NW>(p, l, pos, b.qs);
+        if (attn_fused(p, pos)) phase_attn_oproj<T, NW, OPT>(p, l, tok, pos, b.qs, b.ps);
+        else phase_attn<T, NW, OPT>(p, l, pos, b.qs);
         break;
-    case 2: if (!attn_fused(p, pos)) phase_oproj<T, NW>(p, l, tok, pos, b.xs); break;
-    case 3: phase_ffn<T, NW>(p, l, b.xs, b.hs, b.acc); break;
+    case 2: if (!attn_fused(p, pos)) phase_oproj<T, NW, OPT>(p, l, tok, pos, b.xs); break;
+    case 3: phase_ffn<T, NW, OPT>(p, l, tok, b.xs, b.hs, b.acc); break;
     default: phase_head<T, NW>(p, b.xs); break;
     }
 }
@@ -870,18 +972,22 @@ static cudaError_t launch(K kernel, const params &p, int grid, bool cooperative,
  * warps (clusters: 16-warp blocks only, and as large as the device allows). */
 template <class T, int NW>
 static cudaError_t allow_smem(size_t bytes) {
-    cudaError_t e = cudaFuncSetAttribute(step_persistent<T, NW, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    cudaError_t e = cudaFuncSetAttribute(step_persistent<T, NW, false, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
     if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(step_phase<T, NW, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+        e = cudaFuncSetAttribute(step_phase<T, NW, false, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(step_persistent<T, NW, false, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(step_phase<T, NW, false, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
     if constexpr (NW == WARPS) {
         if (e == cudaSuccess)
-            e = cudaFuncSetAttribute(step_persistent<T, NW, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+            e = cudaFuncSetAttribute(step_persistent<T, NW, true, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
         if (e == cudaSuccess)
-            e = cudaFuncSetAttribute(step_phase<T, NW, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+            e = cudaFuncSetAttribute(step_phase<T, NW, true, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
         if (e == cudaSuccess)
-            e = cudaFuncSetAttribute(step_persistent<T, NW, true>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+            e = cudaFuncSetAttribute(step_persistent<T, NW, true, false>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
         if (e == cudaSuccess)
-            e = cudaFuncSetAttribute(step_phase<T, NW, true>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+            e = cudaFuncSetAttribute(step_phase<T, NW, true, false>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     }
     return e;
 }
@@ -902,7 +1008,7 @@ static int max_clusters(const params &p, int sms, size_t bytes) {
     cfg.numAttrs = 1;
     int n = 0;
     if (!cfg.gridDim.x || allow_smem<T, WARPS>(bytes) != cudaSuccess ||
-        cudaOccupancyMaxActiveClusters(&n, (const void *)step_persistent<T, WARPS, true>, &cfg) != cudaSuccess) {
+        cudaOccupancyMaxActiveClusters(&n, (const void *)step_persistent<T, WARPS, true, false>, &cfg) != cudaSuccess) {
         cudaGetLastError();
         return 0;
     }
@@ -931,7 +1037,8 @@ static sj_status setup_t(params &p, int sms, int cluster, int *grid, int *coop) 
     const size_t smem = smem_bytes(p);
     if (e == cudaSuccess) e = allow_smem<T, NW>(smem);
     if (e == cudaSuccess)
-        e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, step_persistent<T, NW, false>, NW * 32, smem);
+        e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, p.lay ? step_persistent<T, NW, false, true>
+                                                                     : step_persistent<T, NW, false, false>, NW * 32, smem);
     if (e != cudaSuccess) {
         cudaGetLastError();
         return sj_fail(SJ_ERR_RUNTIME, "CUDA error: %s (decode kernel setup, %zu bytes of shared memory)",
@@ -966,34 +1073,37 @@ sj_status setup(params &p, int is_bf16, int64_t weight_bytes, int *grid, int *co
     env = getenv("SMEDJAN_DECODE_WARPS");               /* testing: 8 or 16 */
     if (env && (atoi(env) == 8 || atoi(env) == 16)) nw = atoi(env);
     /* 16-warp blocks: QKV and attention in clusters of 8 (sm_90a code:
-     * 9.x only; their 128 warps compute a head's q, k, v rows at once) */
+     * 9.x only; their 128 warps compute a head's q, k, v rows at once;
+     * the plain model's only) */
     int cluster = major == 9 ? 8 : 0;
     env = getenv("SMEDJAN_DECODE_CLUSTER");             /* testing: blocks a cluster, 0 none */
     if (env && *env && atoi(env) >= 0 && atoi(env) <= 16) cluster = major == 9 ? atoi(env) : 0;
+    if (p.lay) cluster = 0;
     if (is_bf16)
         return nw == 8 ? setup_t<bf16, 8>(p, sms, cluster, grid, coop) : setup_t<bf16, WARPS>(p, sms, cluster, grid, coop);
     return nw == 8 ? setup_t<float, 8>(p, sms, cluster, grid, coop) : setup_t<float, WARPS>(p, sms, cluster, grid, coop);
 }
 
-template <class T, int NW, bool CL>
+template <class T, int NW, bool CL, bool OPT>
 static void enqueue_k(const params &p, int persistent, int n_steps, int grid, cudaStream_t st) {
     if (persistent) {
-        CUDA_CHECK(launch(step_persistent<T, NW, CL>, p, grid, true, st, p, n_steps));
+        CUDA_CHECK(launch(step_persistent<T, NW, CL, OPT>, p, grid, true, st, p, n_steps));
         return;
     }
     for (int step = 0; step < n_steps; step++) {
         for (int l = 0; l < p.L; l++)
-            for (int ph = 0; ph < 4; ph++) CUDA_CHECK(launch(step_phase<T, NW, CL>, p, grid, false, st, p, ph, l));
-        CUDA_CHECK(launch(step_phase<T, NW, CL>, p, grid, false, st, p, 4, 0));
+            for (int ph = 0; ph < 4; ph++) CUDA_CHECK(launch(step_phase<T, NW, CL, OPT>, p, grid, false, st, p, ph, l));
+        CUDA_CHECK(launch(step_phase<T, NW, CL, OPT>, p, grid, false, st, p, 4, 0));
         step_pick<<<1, 32, 0, st>>>(p, grid, step);
         LAUNCH_CHECK("step_pick");
     }
 }
 template <class T, int NW>
 static void enqueue_t(const params &p, int persistent, int n_steps, int grid, cudaStream_t st) {
+    if (p.lay) return enqueue_k<T, NW, false, true>(p, persistent, n_steps, grid, st);
     if constexpr (NW == WARPS)
-        if (p.cluster) return enqueue_k<T, NW, true>(p, persistent, n_steps, grid, st);
-    enqueue_k<T, NW, false>(p, persistent, n_steps, grid, st);
+        if (p.cluster) return enqueue_k<T, NW, true, false>(p, persistent, n_steps, grid, st);
+    enqueue_k<T, NW, false, false>(p, persistent, n_steps, grid, st);
 }
 
 void enqueue(const params &p, int is_bf16, int persistent, int n_steps, int grid, cudaStream_t st) {

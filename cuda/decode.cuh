@@ -18,19 +18,29 @@ enum {
     MAXHD = 256,                        /* head_dim limit (8 f32 per lane in the PV sum) */
 };
 
+/* A layer's architecture options and KV cache (device memory, one per
+ * layer; read only by the kernels compiled for options, see params.lay). */
+struct layer_info {
+    int64_t kv_off;                     /* its first cache element (K and V caches alike) */
+    int ring;                           /* a sliding window's cache: position s at row
+                                           s % ring (ring = window < max_ctx); 0: row s */
+    int qk_norm, ffn;                   /* SJ_QK_NORM_*, SJ_FFN_* */
+};
+
 /* Everything a decode step reads and writes; passed by value. Matrices are
- * row-major (rows, cols) of T, all layers of one kind in one array. */
+ * row-major (rows, cols) of T, all layers of one kind in one array. H and
+ * KV count attention heads: with paired heads, half the projections'. */
 struct params {
     int C, F, H, KV, hd, V, L, max_ctx;
     float eps, scale;                   /* RMSNorm eps; 1/sqrt(hd) */
     const void *emb, *head;             /* (V, C); head == emb when tied */
-    const void *wqkv;                   /* (L, (H + 2KV) hd, C): q rows, k rows, v rows */
-    const void *wo;                     /* (L, C, C) */
+    const void *wqkv;                   /* (L, qkv_rows, C): q rows, k rows, v rows */
+    const void *wo;                     /* (L, C, od) */
     const void *wgu;                    /* (L, 2F, C): gate rows, then up rows */
     const void *wdt;                    /* (L, F, C): the down projection transposed */
     const float *norms;                 /* (2L + 1, C): attn, ffn per layer, final */
     const float *rope_cos, *rope_sin;   /* (max_ctx, hd/2) */
-    void *kc, *vc;                      /* (L, max_ctx, KV hd) of T */
+    void *kc, *vc;                      /* per layer (its ring or max_ctx rows, KV hd) of T */
     unsigned long long *x;              /* (4, C) residual stream in fixed point (fix/unfix),
                                            its versions in turn (decode.cu, xrow) */
     float *q;                           /* (H hd) roped queries */
@@ -45,6 +55,16 @@ struct params {
     int warps;                          /* per decode block (setup: 8 or 16) */
     int maxu;                           /* FFN rows u per warp: ceil(F / (grid warps)) */
     int cluster;                        /* blocks a cluster for QKV + attention, 0: none (setup) */
+    /* the architecture options (last: the plain model's kernels address
+       the fields above as before they came) */
+    int pair;                           /* projection heads per attention head (paired: 2) */
+    int qkv_rows;                       /* (H + 2KV) pair hd: a layer's rows of wqkv */
+    int od;                             /* H hd: attention's output, wo's columns */
+    const layer_info *lay;              /* (L), or NULL: the plain model (no options in
+                                           the kernels, which are then compiled without) */
+    const float *qk_gain;               /* (L, 2, hd): q_norm, k_norm of weighted layers */
+    float value_mix, embed_skip;        /* the config's */
+    float *v0;                          /* (KV hd) layer 0's v of the token (value mix) */
 };
 
 /* The residual stream is summed from many blocks' partial vectors with

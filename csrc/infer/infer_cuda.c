@@ -84,28 +84,11 @@ static const void *mat_data(const sj_qmat *W) {
     return W->type == SJ_W_F32 ? (const void *)W->f : (const void *)W->bf;
 }
 
-/* The architecture option of c the GPU engine does not run yet, or NULL
- * (an untied head it runs: GGUF's output.weight). */
-static const char *option_unsupported(const sj_config *c) {
-    if (c->rope_scaling.type != SJ_ROPE_DEFAULT) return "rope_scaling";
-    if (c->paired_heads) return "paired_heads";
-    if (c->value_mix != 0.f) return "value_mix";
-    if (c->embed_skip != 0.f) return "embed_skip";
-    for (int l = 0; l < c->n_layers; l++) {
-        if (c->layers[l].ffn != SJ_FFN_SWIGLU) return "ffn";
-        if (c->layers[l].qk_norm != SJ_QK_NORM_NONE) return "qk_norm";
-        if (c->layers[l].window) return "window";
-    }
-    return NULL;
-}
-
 /* The CPU engine's weights (mode fp32 or bf16) to a new GPU engine. */
 static sj_status to_gpu(const sj_infer_engine *cpu, sj_infer_mode mode, int max_ctx, sj_infer_engine *out) {
     const sj_infer_cpu *h = cpu->e;
     const sj_config *c = &cpu->c;
     SJ_TRY(sj_infer_resolve_ctx(c, &max_ctx));
-    const char *opt = option_unsupported(c);
-    if (opt) return sj_fail(SJ_ERR_ARG, "the GPU inference engine does not run %s yet: generate on the CPU", opt);
     const int L = c->n_layers, hd = c->dim / c->n_heads, half = hd / 2;
     sj_cuinfer_init in;
     memset(&in, 0, sizeof in);
@@ -118,10 +101,11 @@ static sj_status to_gpu(const sj_infer_engine *cpu, sj_infer_mode mode, int max_
     in.norms = sj_infer_cpu_vector(h, "layers.0.attn_norm");   /* the start of all norms */
     gpu_engine *ge = calloc(1, sizeof *ge);
     const void **ptrs = calloc((size_t)7 * L, sizeof *ptrs);
+    const float **gains = calloc((size_t)2 * L, sizeof *gains);   /* q_norm, k_norm per layer */
     float *rope = malloc(sizeof(float) * 2 * (size_t)max_ctx * half);
     if (ge) ge->logits = malloc(sizeof(float) * (size_t)c->vocab_size);
-    if (!ge || !ge->logits || !ptrs || !rope) {
-        gpu_free(ge); free(ptrs); free(rope);
+    if (!ge || !ge->logits || !ptrs || !gains || !rope) {
+        gpu_free(ge); free(ptrs); free(gains); free(rope);
         return sj_fail(SJ_ERR_NOMEM, "GPU inference: out of host memory");
     }
     static const char *names[7] = { "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down" };
@@ -133,12 +117,21 @@ static sj_status to_gpu(const sj_infer_engine *cpu, sj_infer_mode mode, int max_
         }
     in.wq = ptrs; in.wk = ptrs + L; in.wv = ptrs + 2 * L; in.wo = ptrs + 3 * L;
     in.w_gate = ptrs + 4 * L; in.w_up = ptrs + 5 * L; in.w_down = ptrs + 6 * L;
+    for (int l = 0; l < L; l++) {   /* NULL where the layer's qk-norm has no gains */
+        char nm[48];
+        snprintf(nm, sizeof nm, "layers.%d.q_norm", l);
+        gains[l] = sj_infer_cpu_vector(h, nm);
+        snprintf(nm, sizeof nm, "layers.%d.k_norm", l);
+        gains[L + l] = sj_infer_cpu_vector(h, nm);
+    }
+    in.q_norm = gains; in.k_norm = gains + L;
     /* the CPU engine's angles, bit for bit */
     float *cs = rope, *sn = rope + (size_t)max_ctx * half;
     in.rope_cos = cs; in.rope_sin = sn;
     sj_status s = sj_infer_rope_tables(c, max_ctx, cs, sn);
     if (s == SJ_OK) s = sj_cuinfer_create(&in, &ge->g);
     free(ptrs);
+    free(gains);
     free(rope);
     if (s) { gpu_free(ge); return s; }
     out->be = &gpu_backend;
