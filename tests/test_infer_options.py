@@ -9,31 +9,17 @@ import pytest
 import torch
 
 import smedjan
+from test_architectures import OPTIONS as ALL_OPTIONS
 from smedjan.gguf import export_gguf
 from smedjan.infer import InferenceModel
 from torch_ref import TorchLlama, rel_err
 
 torch.set_num_threads(max(1, smedjan.threads()))
 
-YARN = {"type": "yarn", "factor": 4.0, "original_max_seq_len": 16}
-# Dynamic NTK scaling is left out: its frequencies depend on the length of
-# the run, so a cache of keys turned at earlier lengths cannot equal a
-# recomputation (the engine turns by the frequencies of max_ctx).
-OPTIONS = {
-    "rope-linear": dict(rope_scaling={"type": "linear", "factor": 2.5}),
-    "rope-yarn": dict(rope_scaling=YARN),
-    "window": dict(window=6),
-    "window-per-layer": dict(window=[6, 0, 40]),
-    "qk-norm": dict(qk_norm="weighted"),
-    "qk-norm-plain": dict(qk_norm="plain"),
-    "relu2": dict(ffn="relu2"),
-    "paired-heads": dict(paired_heads=True),
-    "value-mix": dict(value_mix=0.3),
-    "embed-skip": dict(embed_skip=0.5),
-    "untied-head": dict(tied_head=False),
-    "mixed": dict(window=[6, 0, 6], qk_norm=["weighted", "none", "plain"], ffn=["relu2", "swiglu", "swiglu"],
-                  paired_heads=True, value_mix=0.25, embed_skip=0.2, tied_head=False, rope_scaling=YARN),
-}
+# Every option of the training tests, but dynamic NTK scaling: its
+# frequencies depend on the length of the run, so a cache of keys turned at
+# earlier lengths cannot equal a recomputation (engines turn by max_ctx's).
+OPTIONS = {k: v for k, v in ALL_OPTIONS.items() if k != "rope-dynamic"}
 # head size 16 runs the portable attention loops; 64 the AVX-512 kernels
 # (grouped decode, prefill tiles) where the CPU has them
 SHAPES = {"hd16": dict(dim=64, n_heads=4, n_kv_heads=2), "hd64": dict(dim=256, n_heads=4, n_kv_heads=2)}
