@@ -126,3 +126,24 @@ def test_a_mixed_stack_trains_checkpoints_resumes_bit_identically_and_generates(
     loaded = model_from_checkpoint(tmp_path / "b" / LATEST)
     assert loaded.config == m2.config and loaded.config.window == (6, 0, 6)
     assert len(list(loaded.generate([1, 2, 3], 20, temperature=0))) == 20
+
+
+def test_a_checkpoint_records_the_architecture_and_refuses_options_it_does_not_know(tmp_path):
+    import json
+    from smedjan.checkpoint import model_from_checkpoint, save_weights
+    from smedjan.io import load_safetensors, save_safetensors
+    m = smedjan.Model(smedjan.Config.custom(64, 3, 4, 2, vocab_size=97, max_seq_len=64, **MIXED), seed=0)
+    path = tmp_path / "w.safetensors"
+    save_weights(path, m)
+    loaded = model_from_checkpoint(path)
+    assert loaded.config == m.config
+    np.testing.assert_array_equal(loaded.flat_params, m.flat_params)
+    tensors, meta = load_safetensors(path)
+    tensors = {k: np.array(v) for k, v in tensors.items()}
+    meta = {k: v for k, v in meta.items() if not k.startswith("crc32:")}   # the writer adds them
+    for change, message in ((dict(mixer_period=4), "'mixer_period', which this build of smedjan does not know"),
+                            (dict(mixer="mamba2"), "unknown mixer 'mamba2'")):
+        newer = tmp_path / "newer.safetensors"
+        save_safetensors(newer, tensors, {**meta, "config": json.dumps({**json.loads(meta["config"]), **change})})
+        with pytest.raises(ValueError, match=message):
+            model_from_checkpoint(newer)
