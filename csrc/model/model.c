@@ -1,5 +1,6 @@
-/* model.c — the Llama-style decoder: parameter table over one flat buffer,
- * initialisation, and the forward pass recorded on a tape per (B, T). */
+/* model.c — the decoder a config describes (docs/architectures.md): the
+ * parameter table over one flat buffer, initialisation, and the forward
+ * pass, each layer spelled from its kinds, recorded on a tape per (B, T). */
 #include "model.h"
 #include "../infer/infer.h"   /* sj_f16_to_f32: fp16 logits to the host */
 #ifdef SJ_HAVE_CUDA
