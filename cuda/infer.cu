@@ -421,15 +421,15 @@ static void gemm(sj_cuinfer *g, float *C, const void *A, const void *B, int M, i
     sj_matmul(g->be, C, A, B, M, N, K, 0, !b_kn, accum, 1);
 }
 
-/* m (<= CHUNK) tokens at positions pos .. pos + m - 1; logits of every row in plog.
+/* m (<= CHUNK) tokens at positions pos0 .. pos0 + m - 1; logits of every row in plog.
  * A window's ring takes the chunk's keys only after its attention: that
  * reads the ring's last ring - 1 keys and the chunk's, in position order,
  * from the staging rows. */
 template <class T>
-static void prefill_chunk(sj_cuinfer *g, int m, int pos) {
+static void prefill_chunk(sj_cuinfer *g, int m, int pos0) {
     const params &p = g->p;
     const int npad = m <= SMALL ? SMALL : CHUNK, C = p.C, F = p.F, H = p.H, KV = p.KV, hd = p.hd;
-    const int kvd = g->kvd, pos0 = pos;
+    const int kvd = g->kvd;
     const int64_t es = g->es;
     cudaStream_t st = sj_stream();
     embed_k<T><<<npad, 128, 0, st>>>(g->px, (const T *)p.emb, g->ptok, m, C, 1.f, 0);

@@ -36,7 +36,6 @@ typedef struct {
 struct sj_infer_cpu {
     sj_config c;
     int hd, max_ctx, mode;
-    int pos;                     /* the first position of the chunk being run (the handle's) */
     int n_att;                   /* query heads attention runs at: n_heads, or n_heads / 2 paired */
     int kv_proj, kv_dim;         /* k/v projection width, and a cache row (after pairing) */
     int kv_f16;                  /* K/V cache entries stored as IEEE f16 (half the memory) */
@@ -573,15 +572,15 @@ static void attn_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
     }
 }
 
-/* The chunk's n rows of k and v (n, kv_dim) into layer l's cache, and
- * their attention into h->att (n, n_att * hd). */
-static void attention(sj_infer_cpu *h, int l, int n) {
+/* The chunk's n rows of k and v (n, kv_dim), at positions pos .., into
+ * layer l's cache, and their attention into h->att (n, n_att * hd). */
+static void attention(sj_infer_cpu *h, int l, int n, int pos) {
     const layer_w *w = &h->L[l];
     const int KVd = h->kv_dim, H = h->n_att, grp = H / (KVd / h->hd), es = h->kv_f16 ? 2 : 4;
     char *kc = (char *)h->kcache + w->kv_at * es, *vc = (char *)h->vcache + w->kv_at * es;
-    attn_job aj = { h, l, n, h->pos, 1, 0, NULL, NULL };
+    attn_job aj = { h, l, n, pos, 1, 0, NULL, NULL };
     if (!w->window) {   /* rows pos .. pos + n - 1 first: the chunk's tokens read them */
-        const int64_t at = (int64_t)h->pos * KVd * es;
+        const int64_t at = (int64_t)pos * KVd * es;
         if (h->kv_f16) {   /* rounded to nearest even, as ggml's f16 cache */
             to_f16((uint16_t *)(kc + at), h->k, (int64_t)n * KVd);
             to_f16((uint16_t *)(vc + at), h->v, (int64_t)n * KVd);
@@ -599,15 +598,15 @@ static void attention(sj_infer_cpu *h, int l, int n) {
     /* whole GQA groups per task (f32 cache), unless that leaves threads idle
      * (decode on several threads) or its scores would not fit the stack */
     const int P = sj_parallel_threads(), KV = KVd / h->hd;
-    aj.sub = (P == 1 || n * KV >= 4 * P) && grp * (h->pos + n) <= (1 << 16) ? grp : 1;
+    aj.sub = (P == 1 || n * KV >= 4 * P) && grp * (pos + n) <= (1 << 16) ? grp : 1;
     /* prefill: tiles of tokens per head where the tile kernel is the fast one */
-    aj.tiles = !w->window && n >= SJ_ATTN_TQ && sj_attn_tile_fast(h->hd) && SJ_ATTN_TQ * (h->pos + n) <= (1 << 16);
+    aj.tiles = !w->window && n >= SJ_ATTN_TQ && sj_attn_tile_fast(h->hd) && SJ_ATTN_TQ * (pos + n) <= (1 << 16);
     const int64_t tasks = aj.tiles ? SJ_CDIV(n, SJ_ATTN_TQ) * H : (int64_t)n * (H / aj.sub);
     if (tasks < 4) attn_rows(&aj, 0, tasks, 0);
     else sj_parallel_for(tasks, 1, attn_rows, &aj);
     if (w->window)   /* the ring keeps the chunk's last `window` rows: position p at row p % window */
         for (int t = SJ_MAX(0, n - w->window); t < n; t++) {
-            const int64_t row = (int64_t)((h->pos + t) % w->window) * KVd * es, src = (int64_t)t * KVd * es;
+            const int64_t row = (int64_t)((pos + t) % w->window) * KVd * es, src = (int64_t)t * KVd * es;
             memcpy(kc + row, aj.fresh_k + src, (size_t)KVd * es);
             memcpy(vc + row, aj.fresh_v + src, (size_t)KVd * es);
         }
@@ -651,7 +650,6 @@ static void matmul(sj_infer_cpu *h, float *out, const sj_qmat *W, const float *x
 /* n (<= CHUNK) tokens at positions pos .. pos+n-1 through the layers; the
  * final-normed hidden states are left in h->xb. */
 static void forward_chunk(sj_infer_cpu *h, const int32_t *tok, int n, int pos) {
-    h->pos = pos;
     const sj_config *c = &h->c;
     const int C = c->dim, F = c->ffn_dim, H = c->n_heads, KV = c->n_kv_heads, hd = h->hd, KVd = h->kv_dim;
     float rowbuf[C];
@@ -679,14 +677,14 @@ static void forward_chunk(sj_infer_cpu *h, const int32_t *tok, int n, int pos) {
             rmsnorm(h->q, h->q, w->q_norm, n * h->n_att, hd, c->norm_eps);
             rmsnorm(h->k, h->k, w->k_norm, n * (KVd / hd), hd, c->norm_eps);
         }
-        rope(h, h->q, n, h->n_att, h->pos);
-        rope(h, h->k, n, KVd / hd, h->pos);
+        rope(h, h->q, n, h->n_att, pos);
+        rope(h, h->k, n, KVd / hd, pos);
         if (h->v0 && l == 0) memcpy(h->v0, h->v, sizeof(float) * n * KVd);
         else if (h->v0) {   /* value_mix: v = (1 - a) v + a v of layer 0 */
             const float a = c->value_mix, keep = 1.0f - a;
             for (int64_t i = 0; i < (int64_t)n * KVd; i++) h->v[i] = keep * h->v[i] + a * h->v0[i];
         }
-        attention(h, l, n);
+        attention(h, l, n, pos);
         matmul(h, h->xb, &w->wo, h->att, n, 1);
         add_to(h->x, 1.0f, h->xb, (int64_t)n * C);
         rmsnorm(h->xb, h->x, w->ffn_norm, n, C, c->norm_eps);

@@ -252,16 +252,13 @@ static PyObject *infer_info(PyObject *self, PyObject *noargs) {
     const int cuda = sj_infer_device(h) == SJ_DEVICE_CUDA;
     /* on a GPU the K/V cache is kept in the weights' mode */
     const char *kv = cuda ? mode_name(sj_infer_get_mode(h)) : sj_infer_kv_f16(h) ? "f16" : "f32";
-    PyObject *d = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f,s:f,s:i,s:i,s:s,s:L,s:L,s:s,s:s,s:s}",
-                                "dim", c->dim, "n_layers", c->n_layers, "n_heads", c->n_heads,
-                                "n_kv_heads", c->n_kv_heads, "ffn_dim", c->ffn_dim, "vocab_size", c->vocab_size,
-                                "max_seq_len", c->max_seq_len, "rope_theta", c->rope_theta, "norm_eps", c->norm_eps,
-                                "max_ctx", sj_infer_max_ctx(h), "pos", sj_infer_pos(h),
-                                "mode", mode_name(sj_infer_get_mode(h)),
-                                "weight_bytes", (long long)sj_infer_weight_bytes(h),
-                                "cache_bytes", (long long)sj_infer_cache_bytes(h),
-                                "isa", cuda ? "cuda" : sj_infer_isa(), "kv_dtype", kv,
-                                "device", cuda ? "cuda" : "cpu");
+    PyObject *d = sj_py_config_to_dict(c), *more = d ? Py_BuildValue(
+        "{s:i,s:i,s:s,s:L,s:L,s:s,s:s,s:s}", "max_ctx", sj_infer_max_ctx(h), "pos", sj_infer_pos(h),
+        "mode", mode_name(sj_infer_get_mode(h)), "weight_bytes", (long long)sj_infer_weight_bytes(h),
+        "cache_bytes", (long long)sj_infer_cache_bytes(h), "isa", cuda ? "cuda" : sj_infer_isa(),
+        "kv_dtype", kv, "device", cuda ? "cuda" : "cpu") : NULL;
+    if (!more || PyDict_Update(d, more) < 0) Py_CLEAR(d);
+    Py_XDECREF(more);
     int graphs, persistent;
     if (d && sj_infer_get_options(h, &graphs, &persistent) == SJ_OK &&
         (PyDict_SetItemString(d, "graphs", graphs ? Py_True : Py_False) < 0 ||

@@ -78,7 +78,7 @@ static PyObject *layer_field(const sj_config *c, int field) {
 
 static const char *const layer_keys[] = { "mixer", "ffn", "qk_norm", "window" };
 
-static PyObject *config_to_dict(const sj_config *c) {
+PyObject *sj_py_config_to_dict(const sj_config *c) {
     PyObject *d = Py_BuildValue(
         "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f,s:f,s:O,s:O,s:f,s:f}", "dim", c->dim,
         "n_layers", c->n_layers, "n_heads", c->n_heads, "n_kv_heads", c->n_kv_heads, "ffn_dim",
@@ -289,7 +289,7 @@ static PyObject *py_preset(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "si", &name, &vocab)) return NULL;
     sj_config c;
     sj_status s = sj_config_preset(name, vocab, &c);
-    return s ? sj_py_raise(s) : config_to_dict(&c);
+    return s ? sj_py_raise(s) : sj_py_config_to_dict(&c);
 }
 
 static PyObject *py_preset_names(PyObject *self, PyObject *noargs) {
@@ -310,7 +310,7 @@ static PyObject *py_ffn_dim_for(PyObject *self, PyObject *args) {
 static PyObject *py_config_canonical(PyObject *self, PyObject *d) {
     sj_config c;
     if (sj_py_config_from_dict(d, &c)) return NULL;
-    return config_to_dict(&c);
+    return sj_py_config_to_dict(&c);
 }
 
 /* RoPE for a config and a run of seq_len positions, as every kernel applies
@@ -406,7 +406,7 @@ static void model_dealloc(PyObject *self) {
 
 static PyObject *model_config(PyObject *self, PyObject *noargs) {
     NEED_MODEL(self);
-    return config_to_dict(sj_model_config(MODEL(self)));
+    return sj_py_config_to_dict(sj_model_config(MODEL(self)));
 }
 
 static PyObject *model_tensors(PyObject *self, PyObject *noargs) {

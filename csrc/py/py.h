@@ -36,6 +36,8 @@ int sj_py_out4(PyObject *obj, Py_buffer *view, const char *fmt, Py_ssize_t count
 /* A config dict (smedjan.Config.to_dict()'s form) read and validated by the
  * engine; -1 with ValueError/TypeError naming the field. */
 int sj_py_config_from_dict(PyObject *d, sj_config *c);
+/* ... and back: every field, each per-layer one a value or a list. */
+PyObject *sj_py_config_to_dict(const sj_config *c);
 
 /* Each file of the extension adds its functions/types to the module. */
 int sj_py_add_model(PyObject *m);
