@@ -48,6 +48,28 @@ def _postfix(row: dict) -> dict:
     return post
 
 
+def _remove_stale_temporaries(checkpoint_dir: str) -> None:
+    """A process killed mid-save leaves "<name>.tmp.<pid>" (never a file
+    under a final name); drop those of processes that no longer run, so
+    crashes do not pile up checkpoint-sized files."""
+    for name in os.listdir(checkpoint_dir):
+        base, sep, pid = name.rpartition(".tmp.")
+        if not sep or base not in (LATEST, BEST, FINAL) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                            # its writer is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue                            # alive, another user's
+        try:
+            os.remove(os.path.join(checkpoint_dir, name))
+            log.info("removed %s, left by a save that was interrupted", name)
+        except FileNotFoundError:
+            pass
+
+
 def fit(trainer, train, val=None, *, eval_every: int = 100, eval_batches: int = 10,
         checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
         resume: bool = False, metrics_file: Optional[str] = None, progress: bool = True,
@@ -71,6 +93,7 @@ def fit(trainer, train, val=None, *, eval_every: int = 100, eval_batches: int = 
     best = math.inf
     if checkpoint_dir:
         os.makedirs(checkpoint_dir, exist_ok=True)
+        _remove_stale_temporaries(checkpoint_dir)
         metrics_file = metrics_file or os.path.join(checkpoint_dir, "metrics.jsonl")
     latest = os.path.join(checkpoint_dir, LATEST) if checkpoint_dir else None
     if resume and latest and os.path.exists(latest):

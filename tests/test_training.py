@@ -101,12 +101,14 @@ def test_cli_checkpoints_load_in_python_and_back(corpus, tmp_path):
 
 
 def test_sigkill_never_leaves_a_corrupt_checkpoint(corpus, tmp_path):
+    """SIGKILL at random points of a run that checkpoints every step (20
+    kills here; SMEDJAN_KILLS=100 for the long run in docs/reliability.md)."""
     d = tmp_path / "kill"
     rnd = random.Random(0)
     steps_seen = []
     args = [*TRAIN, "--data", corpus["data"], "--tokenizer", corpus["tok_path"], "--steps",
             "100000", "--checkpoint-dir", str(d), "--checkpoint-every", "1"]
-    for i in range(20):
+    for i in range(int(os.environ.get("SMEDJAN_KILLS", 20))):
         p = subprocess.Popen([sys.executable, "-m", "smedjan", *args, *(["--resume"] if i else [])],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(rnd.uniform(1.5, 3.0))
@@ -128,6 +130,51 @@ def test_sigkill_never_leaves_a_corrupt_checkpoint(corpus, tmp_path):
     assert a.step == b.step == target
     for name, t in b.tensors.items():
         np.testing.assert_array_equal(a.tensors[name], t, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def straight_run(corpus, tmp_path_factory):
+    """The uninterrupted 6-step run the killed ones must reach."""
+    d = tmp_path_factory.mktemp("straight")
+    cli(*TRAIN, "--data", corpus["data"], "--tokenizer", corpus["tok_path"], "--steps", "6",
+        "--checkpoint-dir", str(d), "--checkpoint-every", "1")
+    return ck.load_checkpoint(d / LATEST)
+
+
+SAVE_STEPS = [("open", 1), ("write", 1), ("write", 3), ("fsync", 1), ("close", 1),
+              ("rename", 1), ("dirsync", 1)]
+
+
+@pytest.mark.parametrize("op,nth", SAVE_STEPS, ids=lambda x: str(x))
+def test_sigkill_inside_each_step_of_a_save(corpus, straight_run, tmp_path, op, nth):
+    """A process killed inside a save (SMEDJAN_FAILPOINT=op:KILL:n, before
+    that call of op): every file under a final name loads, latest is the
+    previous checkpoint byte for byte or, once the rename happened, the new
+    one; the next run clears the dead writer's temporary and reaches the
+    uninterrupted run's weights bit for bit."""
+    d = tmp_path / "ck"
+    args = [*TRAIN, "--data", corpus["data"], "--tokenizer", corpus["tok_path"], "--steps", "6",
+            "--checkpoint-dir", str(d), "--checkpoint-every", "1"]
+    cli(*args, "--max-steps", "2")
+    before = (d / LATEST).read_bytes()
+    r = cli(*args, "--resume", check=False, env={**os.environ, "SMEDJAN_FAILPOINT": f"{op}:KILL:{nth}"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    for f in d.iterdir():
+        if f.suffix == ".safetensors":
+            ck.load_checkpoint(f)
+    step = ck.load_checkpoint(d / LATEST).step
+    if op == "dirsync":
+        assert step == 3
+    else:
+        assert (d / LATEST).read_bytes() == before
+    temps = [f.name for f in d.iterdir() if ".tmp." in f.name]
+    assert len(temps) == (op not in ("open", "dirsync")), temps
+    cli(*args, "--resume")
+    assert not [f.name for f in d.iterdir() if ".tmp." in f.name]
+    got = ck.load_checkpoint(d / LATEST)
+    assert got.step == straight_run.step == 6
+    for name, t in straight_run.tensors.items():
+        np.testing.assert_array_equal(got.tensors[name], t, err_msg=name)
 
 
 def test_bad_files_give_clear_errors_and_keep_checkpoints(corpus, tmp_path):

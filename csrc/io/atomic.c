@@ -4,12 +4,14 @@
  * Must never touch the file at path before the final rename.
  *
  * Failpoints (tests): SMEDJAN_FAILPOINT="op:ERRNO[:n]" makes the n-th call
- * (default 1) of op — open, write, fsync, close or rename — fail with
- * ERRNO (ENOSPC, EIO, EDQUOT, EACCES or EROFS); the count restarts when the
- * variable changes. */
+ * (default 1) of op — open, write, fsync, close, rename or dirsync (the
+ * directory's fsync) — fail with ERRNO (ENOSPC, EIO, EDQUOT, EACCES or
+ * EROFS), or with KILL end the process there by SIGKILL, as a power cut
+ * would; the count restarts when the variable changes. */
 #include "io.h"
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +32,7 @@ static int failpoint(const char *op) {
     int nth = 1;
     if (sscanf(spec, "%15[^:]:%15[^:]:%d", name, err, &nth) < 2 || strcmp(name, op) != 0) return 0;
     if (++calls != nth) return 0;
+    if (!strcmp(err, "KILL")) raise(SIGKILL);
     static const struct { const char *name; int code; } codes[] = {
         { "ENOSPC", ENOSPC }, { "EIO", EIO }, { "EDQUOT", EDQUOT }, { "EACCES", EACCES },
         { "EROFS", EROFS },
@@ -144,7 +147,7 @@ sj_status sj_afile_commit(sj_afile *f) {
         char *slash = strrchr(dir, '/');
         const char *d = slash ? (slash == dir ? "/" : (*slash = 0, dir)) : ".";
         int dfd = open(d, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd >= 0) { fsync(dfd); close(dfd); }
+        if (dfd >= 0) { if (!failpoint("dirsync")) fsync(dfd); close(dfd); }
         free(dir);
     }
     sj_afile_abort(f);   /* frees names; fd is already -1 */
