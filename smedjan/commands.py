@@ -160,6 +160,9 @@ def _config_from_args(args, vocab_size: int):
     return cfg
 
 
+DEFAULT_STEPS = 1000
+
+
 def cmd_train(args) -> int:
     from . import checkpoint as ck
     from .data import Batches, TokenFile
@@ -183,16 +186,24 @@ def cmd_train(args) -> int:
         c = ck.load_checkpoint(latest)
         model = Model(c.config, seed=args.seed)
         check_memory_limit(model, args)
-        trainer = Trainer(model, **c.trainer, **lever_options(args), **guard_options(args))
+        settings = dict(c.trainer)
+        if args.steps is not None and args.steps != settings["steps"]:
+            if args.steps <= c.step:
+                raise ValueError(f"--steps {args.steps}: {latest} is already at step {c.step}")
+            print(f"--steps {args.steps}: the schedule is re-fitted from {settings['steps']} "
+                  f"to {args.steps} steps")
+            settings["steps"] = args.steps
+        trainer = Trainer(model, **settings, **lever_options(args), **guard_options(args))
         print(f"resuming {latest} at step {c.step}")
     else:
         model = Model(_config_from_args(args, vocab), seed=args.seed)
         check_memory_limit(model, args)
-        warmup = min(50, args.steps) if args.warmup is None else args.warmup
-        if warmup > args.steps:
-            raise ValueError(f"--warmup {warmup} exceeds --steps {args.steps}")
+        steps = DEFAULT_STEPS if args.steps is None else args.steps
+        warmup = min(50, steps) if args.warmup is None else args.warmup
+        if warmup > steps:
+            raise ValueError(f"--warmup {warmup} exceeds --steps {steps}")
         trainer = Trainer(model, lr=args.lr, min_lr=args.min_lr, warmup=warmup,
-                          steps=args.steps, weight_decay=args.weight_decay, clip=args.clip,
+                          steps=steps, weight_decay=args.weight_decay, clip=args.clip,
                           **lever_options(args), **guard_options(args))
     if args.checkpoint_dir and tok_path:
         os.makedirs(args.checkpoint_dir, exist_ok=True)
@@ -362,7 +373,9 @@ def add_commands(sub) -> None:
     add_architecture_args(t)
     t.add_argument("--batch-size", type=positive_int, default=8)
     t.add_argument("--seq-len", type=positive_int, default=256)
-    t.add_argument("--steps", type=positive_int, default=1000)
+    t.add_argument("--steps", type=positive_int,
+                   help=f"steps of the learning-rate schedule (default {DEFAULT_STEPS}; with "
+                        "--resume the checkpoint's, and a larger one re-fits the schedule)")
     t.add_argument("--max-steps", type=nonneg_int, help="stop after this many steps in this run")
     t.add_argument("--lr", type=nonneg_float, default=1e-3)
     t.add_argument("--min-lr", type=nonneg_float, default=None, help="default lr/10")

@@ -132,6 +132,22 @@ def test_sigkill_never_leaves_a_corrupt_checkpoint(corpus, tmp_path):
         np.testing.assert_array_equal(a.tensors[name], t, err_msg=name)
 
 
+def test_resume_with_more_steps_trains_on_and_fewer_is_refused(corpus, tmp_path):
+    d = tmp_path / "more"
+    args = [*TRAIN, "--data", corpus["data"], "--tokenizer", corpus["tok_path"],
+            "--checkpoint-dir", str(d), "--checkpoint-every", "3"]
+    cli(*args, "--steps", "6")
+    r = cli(*args, "--resume", "--steps", "9")
+    assert "re-fitted from 6 to 9 steps" in r.stdout
+    c = ck.load_checkpoint(d / LATEST)
+    assert c.step == 9 and c.trainer["steps"] == 9
+    final = ck.load_checkpoint(d / FINAL)              # the final weights are step 9's
+    for name, t in final.tensors.items():
+        np.testing.assert_array_equal(t, c.tensors[name], err_msg=name)
+    r = cli(*args, "--resume", "--steps", "5", check=False)
+    assert r.returncode == 1 and str(d / LATEST) in r.stderr and "already at step 9" in r.stderr
+
+
 @pytest.fixture(scope="module")
 def straight_run(corpus, tmp_path_factory):
     """The uninterrupted 6-step run the killed ones must reach."""
