@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .argtypes import positive_int
     p = argparse.ArgumentParser(prog="smedjan", description="A language-model forge: "
                                 "train and run decoder-only transformers.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"smedjan {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("sizes", help="exact parameter counts of the presets",
