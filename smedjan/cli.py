@@ -44,13 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vocabulary size (default 8192)")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(func=cmd_sizes)
-    from . import commands, demo, exchange, tokenizer
+    from . import commands, demo, exchange, plot, tokenizer
     commands.add_architecture_args(s)
     from .bench import add_commands as add_bench     # smedjan.bench is the function
     from .sweep import add_commands as add_sweep
     tokenizer.add_commands(sub)
     commands.add_commands(sub)
     exchange.add_commands(sub)
+    plot.add_commands(sub)
     add_bench(sub)
     add_sweep(sub)
     demo.add_commands(sub)
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, MemoryError, TypeError, FloatingPointError) as e:
+    except (ValueError, OSError, MemoryError, TypeError, FloatingPointError, ImportError) as e:
         print(f"smedjan {args.command}: error: {e}", file=sys.stderr)
         return 1
 
