@@ -15,6 +15,7 @@ from .argtypes import (byte_size, fraction, nonneg_float, nonneg_int, parse_byte
 
 log = logging.getLogger("smedjan")
 TOKENIZER_FILE = "tokenizer.sjt"
+RUN_CONFIG = "train.toml"     # the resolved options of the last `smedjan train` there
 
 
 def _text_chunks(path: str, size: int = 1 << 20):
@@ -205,8 +206,12 @@ def cmd_train(args) -> int:
         trainer = Trainer(model, lr=args.lr, min_lr=args.min_lr, warmup=warmup,
                           steps=steps, weight_decay=args.weight_decay, clip=args.clip,
                           **lever_options(args), **guard_options(args))
-    if args.checkpoint_dir and tok_path:
+    if args.checkpoint_dir:
+        from .cli import write_config
         os.makedirs(args.checkpoint_dir, exist_ok=True)
+        if not args.resume:     # a resumed run keeps the options that made the checkpoint
+            write_config(os.path.join(args.checkpoint_dir, RUN_CONFIG), args, skip=("resume",))
+    if args.checkpoint_dir and tok_path:
         dst = os.path.join(args.checkpoint_dir, TOKENIZER_FILE)
         if os.path.abspath(tok_path) != os.path.abspath(dst):
             shutil.copyfile(tok_path, dst)
@@ -360,6 +365,8 @@ def add_commands(sub) -> None:
     t = sub.add_parser("train", help="train a model on a token file",
                        description="Train a model; checkpoints (latest, best, final) and "
                                    "metrics.jsonl go to --checkpoint-dir.")
+    t.add_argument("--config", help="TOML file of these options (keys are the flag names); "
+                                    "flags on the command line override it")
     t.add_argument("--data", required=True, help="token file (smedjan prepare)")
     t.add_argument("--tokenizer", help="tokenizer file; sets the vocabulary size and is copied "
                                        "beside the checkpoints")

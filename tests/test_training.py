@@ -287,3 +287,40 @@ def test_demo_runs_end_to_end(tmp_path):
               "checkpoints/latest.safetensors", "checkpoints/metrics.jsonl"):
         assert (out / f).exists(), f
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_config_file_with_flags_that_override_it(corpus, tmp_path):
+    """--config run.toml gives the options (flag names as keys, - or _);
+    a flag on the command line wins; the resolved options are saved as
+    train.toml beside the checkpoints, and that file alone reruns the run."""
+    conf = tmp_path / "run.toml"
+    conf.write_text(f'data = "{corpus["data"]}"\ntokenizer = "{corpus["tok_path"]}"\n'
+                    'size = "custom"\ndim = 64\nlayers = 2\nheads = 4\nkv_heads = 2\n'
+                    'batch-size = 4\nseq-len = 32\nsteps = 50\nwarmup = 2\nlr = 0.002\n'
+                    'fused-ce = true\n')
+    d = tmp_path / "a"
+    cli("train", "--config", str(conf), "--steps", "4", "--checkpoint-dir", str(d))
+    c = ck.load_checkpoint(d / LATEST)
+    assert c.step == 4 and c.trainer["steps"] == 4 and c.trainer["lr"] == 0.002
+    assert c.config.dim == 64 and c.config.n_kv_heads == 2
+    saved = (d / "train.toml").read_text()
+    assert "steps = 4\n" in saved and "batch-size = 4\n" in saved and "resume" not in saved
+    cli("train", "--config", str(d / "train.toml"), "--checkpoint-dir", str(tmp_path / "b"))
+    again = ck.load_checkpoint(tmp_path / "b" / LATEST)
+    for name, t in c.tensors.items():
+        np.testing.assert_array_equal(again.tensors[name], t, err_msg=name)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("stepz = 3\n", "unknown option 'stepz'"),
+    ("steps = -3\n", "argument --steps"),
+    ("resume = 1\n", "resume must be true or false"),
+    ("steps = [\n", "invalid TOML"),
+])
+def test_a_bad_config_file_is_named(corpus, tmp_path, text, message):
+    conf = tmp_path / "bad.toml"
+    conf.write_text(f'data = "{corpus["data"]}"\n' + text)
+    r = cli("train", "--config", str(conf), check=False)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+    if "argument" not in message:
+        assert str(conf) in r.stderr
