@@ -450,22 +450,35 @@ class ChatTemplate:
         """(ids int64, labels bool) of one conversation. ValueError naming
         `where` when text is not valid Unicode or the assistant turns encode
         to no tokens."""
-        segs = self._segments(messages, False)
-        texts = [text for text, sid, _, _ in segs if sid is None]
+        res = self.encode_many([(messages, where)])[0]
+        if isinstance(res, ValueError):
+            raise res
+        return res
+
+    def encode_many(self, conversations: List[Tuple[List[dict], str]]) -> list:
+        """encode() of many (messages, where) at once, with one call to the
+        tokenizer (its threads pay off on many small texts); each result is
+        (ids, labels) or the ValueError that encode() would raise."""
+        segs = [self._segments(m, False) for m, _ in conversations]
+        texts = [text for conv in segs for text, sid, _, _ in conv if sid is None]
         try:
             encoded = iter(self._encode_texts(texts))
         except UnicodeEncodeError as e:     # a lone surrogate, from a \ud800-style JSON escape
-            raise ValueError(f"{where}: text is not valid Unicode ({e.reason}: "
-                             f"{e.object[e.start:e.end]!r})") from None
-        ids, labels, n_content = [], [], 0
-        for text, sid, is_label, is_content in segs:
-            a = np.array([sid], np.int64) if sid is not None else _as_ids(next(encoded), where)
-            ids.append(a)
-            labels.append(np.full(len(a), is_label))
-            n_content += len(a) if is_content else 0
-        if n_content == 0:
-            raise ValueError(f"{where}: the assistant turns are empty after tokenisation")
-        return np.concatenate(ids), np.concatenate(labels)
+            if len(conversations) > 1:      # find which: one at a time
+                return [r for c in conversations for r in self.encode_many([c])]
+            return [ValueError(f"{conversations[0][1]}: text is not valid Unicode ({e.reason}: "
+                               f"{e.object[e.start:e.end]!r})")]
+        out = []
+        for conv, (_, where) in zip(segs, conversations):
+            ids, labels, n_content = [], [], 0
+            for text, sid, is_label, is_content in conv:
+                a = np.array([sid], np.int64) if sid is not None else _as_ids(next(encoded), where)
+                ids.append(a)
+                labels.append(np.full(len(a), is_label))
+                n_content += len(a) if is_content else 0
+            out.append(ValueError(f"{where}: the assistant turns are empty after tokenisation")
+                       if n_content == 0 else (np.concatenate(ids), np.concatenate(labels)))
+        return out
 
 
 def _as_ids(a, where: str) -> np.ndarray:
@@ -529,33 +542,55 @@ def _utf8_line(raw: bytes, where: str, bom: bool = False) -> str:
 
 
 def read_sft_jsonl(path, template: ChatTemplate, *, skip_bad_lines: bool = False,
-                   bad_lines: Optional[list] = None) -> Iterator[Tuple[str, np.ndarray, np.ndarray]]:
+                   bad_lines: Optional[list] = None, chunk_lines: int = 1024
+                   ) -> Iterator[Tuple[str, np.ndarray, np.ndarray]]:
     """(where, ids, labels) for each example of a JSONL file, in file order
     ("where" is "file:line"). The file is UTF-8 (a leading byte-order mark
     is allowed); blank lines are passed over. A bad line (invalid UTF-8,
     invalid JSON, a wrong shape, no assistant turn, empty after
     tokenisation) raises ValueError "file:line: reason"; with
-    skip_bad_lines it is left out and its message appended to bad_lines."""
+    skip_bad_lines it is left out and its message appended to bad_lines.
+    Lines are encoded chunk_lines at a time (ChatTemplate.encode_many)."""
     p = os.fspath(path)
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{p}:{lineno}"
+
+    def parse(lineno, raw):
+        """(messages, where), or a ValueError for a bad line, or None for a blank one."""
+        where = f"{p}:{lineno}"
+        try:
+            line = _utf8_line(raw, where, bom=lineno == 1)
+            if not line.strip():
+                return None
             try:
-                line = _utf8_line(raw, where, bom=lineno == 1)
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-                ids, labels = template.encode(_example_messages(obj, where), where)
-            except ValueError as e:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            return _example_messages(obj, where), where
+        except ValueError as e:
+            return e
+
+    def results(chunk):
+        good = [c for c in chunk if not isinstance(c, ValueError)]
+        encoded = iter(template.encode_many(good))
+        for c in chunk:
+            res = c if isinstance(c, ValueError) else next(encoded)
+            if isinstance(res, ValueError):
                 if not skip_bad_lines:
-                    raise
+                    raise res
                 if bad_lines is not None:
-                    bad_lines.append(str(e))
+                    bad_lines.append(str(res))
                 continue
-            yield where, ids, labels
+            yield (c[1],) + res
+
+    with open(p, "rb") as f:
+        chunk = []
+        for lineno, raw in enumerate(f, 1):
+            item = parse(lineno, raw)
+            if item is not None:
+                chunk.append(item)
+            if len(chunk) == chunk_lines:
+                yield from results(chunk)
+                chunk = []
+        yield from results(chunk)
 
 
 def load_sft_jsonl(path, encode: Union[Callable[[str], np.ndarray], ChatTemplate], seq_len: int, *,

@@ -326,7 +326,11 @@ static int samw_init(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O&IIp", kwlist, PyUnicode_FSConverter, &pathb, &stride,
                                      &pad_id, &labels))
         return -1;
-    if (o->w) { Py_DECREF(pathb); PyErr_SetString(PyExc_RuntimeError, "SampleWriter already open"); return -1; }
+    if (o->w) {
+        Py_DECREF(pathb);
+        PyErr_SetString(PyExc_RuntimeError, "SampleWriter already open");
+        return -1;
+    }
     sj_status s;
     const char *path = PyBytes_AS_STRING(pathb);
     Py_BEGIN_ALLOW_THREADS s = sj_samples_writer_open(path, stride, pad_id, labels, &o->w);
