@@ -76,7 +76,7 @@ def prepare(files, tokenizer, out: str, *, dtype: str = "auto", eot: bool = True
 def cmd_prepare(args) -> int:
     from .tokenizer import Tokenizer
     if bool(args.files) == bool(args.sft):
-        raise ValueError("give text files, or --sft data.jsonl (not both)")
+        raise ValueError("give text files or --sft JSONL, one of the two")
     tok = Tokenizer.load(args.tokenizer)
     if args.sft:
         return _prepare_sft(args, tok)
@@ -365,17 +365,18 @@ def add_commands(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="token or sample file to write")
     p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto")
     p.add_argument("--no-eot", action="store_true", help="no end-of-text token between files")
+    from .data import CHAT_TEMPLATES, ON_LONG
     sft = p.add_argument_group("SFT (--sft)")
     sft.add_argument("--sft", metavar="JSONL", help="SFT examples: {\"messages\": [...]}, "
-                   "{\"prompt\", \"completion\"} or {\"prompt\", \"response\"} per line")
+                     "{\"prompt\", \"completion\"} or {\"prompt\", \"response\"} per line")
     sft.add_argument("--seq-len", type=positive_int,
                      help="training sequence length T; rows hold T+1 tokens")
-    sft.add_argument("--chat-template", choices=["auto", "chatml", "plain"], default="auto",
-                   help="auto: chatml when the tokenizer has <|im_start|> and <|im_end|>, else plain")
+    sft.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="auto",
+                     help="auto: chatml when the tokenizer has <|im_start|> and <|im_end|>, else plain")
     sft.add_argument("--skip-bad-lines", action="store_true",
-                   help="skip (and count) malformed lines instead of stopping at the first")
-    sft.add_argument("--on-long", choices=["truncate", "drop"], default="truncate",
-                   help="examples longer than T+1 tokens: cut them, or leave them out")
+                     help="skip (and count) malformed lines instead of stopping at the first")
+    sft.add_argument("--on-long", choices=ON_LONG, default="truncate",
+                     help="examples longer than T+1 tokens: cut them, or leave them out")
     p.set_defaults(func=cmd_prepare)
 
     t = sub.add_parser("train", help="train a model on a token file",

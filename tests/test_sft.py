@@ -187,6 +187,22 @@ def test_skip_bad_lines_counts_them_and_keeps_every_good_one(toks, tmp_path):
     assert got == [f"answer {i}<|im_end|>" for i in range(5)]
 
 
+def test_lines_encoded_in_chunks_give_the_same_examples_and_the_first_error(toks, tmp_path):
+    t = ChatTemplate.for_tokenizer(toks["chatml"])
+    lines = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(7)]
+    lines[3], lines[5] = BAD_LINES[8][0], BAD_LINES[1][0]        # a surrogate, invalid JSON
+    p = write_jsonl(tmp_path / "c.jsonl", lines)
+    got = {}
+    for chunk in (1, 2, 1024):
+        bad = []
+        examples = read_sft_jsonl(p, t, skip_bad_lines=True, bad_lines=bad, chunk_lines=chunk)
+        got[chunk] = [(w, i.tolist(), m.tolist()) for w, i, m in examples]
+        assert [b.split(": ")[0] for b in bad] == [f"{p}:4", f"{p}:6"]
+        with pytest.raises(ValueError, match=r"c\.jsonl:4: text is not valid Unicode"):
+            list(read_sft_jsonl(p, t, chunk_lines=chunk))
+    assert got[1] == got[2] == got[1024] and len(got[1]) == 5
+
+
 def test_long_examples_are_truncated_or_dropped_and_counted(toks, tmp_path):
     tok = toks["chatml"]
     rows = [{"prompt": "short", "response": "yes"},
@@ -335,6 +351,9 @@ def test_prepare_sft_command_line_reports_bad_lines(toks, tmp_path):
     r = smedjan_cli("prepare", "--sft", str(p), "--tokenizer", toks["plain_path"],
                     "-o", str(tmp_path / "x.bin2d"), check=False)
     assert r.returncode == 1 and "--sft needs --seq-len" in r.stderr
+    r = smedjan_cli("prepare", "--tokenizer", toks["plain_path"], "-o", str(tmp_path / "x.bin2d"),
+                    check=False)
+    assert r.returncode == 1 and "give text files or --sft JSONL, one of the two" in r.stderr
 
 
 # ---- the stdlib SFT set --------------------------------------------------------------
