@@ -467,6 +467,23 @@ sj_status sj_tokens_read(sj_tokens_reader *r, int64_t first, int64_t n, void *ou
 sj_status sj_tokens_read_windows(sj_tokens_reader *r, const int64_t *starts, int64_t n, int64_t len,
                                  int32_t *x, int32_t *y);
 
+/* bin2d sample files (docs/formats.md): one row per sample, padded with
+ * pad_id to `stride` tokens, and with `labels` a label index of (begin, end)
+ * spans per row. Streaming and atomic like the token writer: rows go to a
+ * temporary file, close writes lengths and index, patches the header and
+ * renames. A row holds 2 <= n <= stride tokens; is_label (n bytes, nonzero =
+ * the token is a training target; required with labels, ignored without)
+ * becomes the row's maximal runs, position 0 excluded (nothing predicts it).
+ * A refused row writes nothing; after a failed write w is inert. Close and
+ * abort always free w. */
+typedef struct sj_samples_writer sj_samples_writer;
+sj_status sj_samples_writer_open(const char *path, uint32_t stride, uint32_t pad_id, int labels,
+                                 sj_samples_writer **out);
+sj_status sj_samples_writer_append(sj_samples_writer *w, const uint32_t *tokens, uint32_t n,
+                                   const uint8_t *is_label);
+sj_status sj_samples_writer_close(sj_samples_writer *w, int64_t *rows);
+void sj_samples_writer_abort(sj_samples_writer *w);
+
 /* ---- inference ---- */
 
 /* GGUF files (v2 and v3). Tensor types the engine reads: */

@@ -76,9 +76,28 @@ def prepare(files, tokenizer, out: str, *, dtype: str = "auto", eot: bool = True
 
 def cmd_prepare(args) -> int:
     from .tokenizer import Tokenizer
+    if bool(args.files) == bool(args.sft):
+        raise ValueError("give text files or --sft JSONL, one of the two")
     tok = Tokenizer.load(args.tokenizer)
+    if args.sft:
+        return _prepare_sft(args, tok)
     n = prepare(args.files, tok, args.output, dtype=args.dtype, eot=not args.no_eot)
     print(f"{n:,} tokens -> {args.output}")
+    return 0
+
+
+def _prepare_sft(args, tok) -> int:
+    from .data import prepare_sft
+    if args.seq_len is None:
+        raise ValueError("--sft needs --seq-len (the training sequence length)")
+    st = prepare_sft(args.sft, tok, args.seq_len, args.output, chat_template=args.chat_template,
+                     skip_bad_lines=args.skip_bad_lines, on_long=args.on_long)
+    for reason in st.bad_reasons:
+        print(f"skipped {reason}", file=sys.stderr)
+    if st.bad_lines > len(st.bad_reasons):
+        print(f"... and {st.bad_lines - len(st.bad_reasons):,} more bad lines (all counted in "
+              f"{args.output}.json)", file=sys.stderr)
+    print(st.summary())
     return 0
 
 
@@ -352,14 +371,28 @@ def cmd_generate(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("prepare", help="encode text files into a token file",
-                       description="Encode text files with a tokenizer into a token file "
-                                   "(see docs/formats.md).")
-    p.add_argument("files", nargs="+", help="UTF-8 text files")
+    p = sub.add_parser("prepare", help="encode text files into a token file, or SFT JSONL into "
+                                       "a sample file",
+                       description="Encode text files with a tokenizer into a token file, or "
+                                   "with --sft chat/prompt-completion JSONL into a bin2d sample "
+                                   "file with loss masks (see docs/formats.md, docs/sft.md).")
+    p.add_argument("files", nargs="*", help="UTF-8 text files")
     p.add_argument("--tokenizer", required=True, help="tokenizer file (smedjan tokenizer train)")
-    p.add_argument("-o", "--output", required=True, help="token file to write")
+    p.add_argument("-o", "--output", required=True, help="token or sample file to write")
     p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto")
     p.add_argument("--no-eot", action="store_true", help="no end-of-text token between files")
+    from .data import CHAT_TEMPLATES, ON_LONG
+    sft = p.add_argument_group("SFT (--sft)")
+    sft.add_argument("--sft", metavar="JSONL", help="SFT examples: {\"messages\": [...]}, "
+                     "{\"prompt\", \"completion\"} or {\"prompt\", \"response\"} per line")
+    sft.add_argument("--seq-len", type=positive_int,
+                     help="training sequence length T; rows hold T+1 tokens")
+    sft.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="auto",
+                     help="auto: chatml when the tokenizer has <|im_start|> and <|im_end|>, else plain")
+    sft.add_argument("--skip-bad-lines", action="store_true",
+                     help="skip (and count) malformed lines instead of stopping at the first")
+    sft.add_argument("--on-long", choices=ON_LONG, default="truncate",
+                     help="examples longer than T+1 tokens: cut them, or leave them out")
     p.set_defaults(func=cmd_prepare)
 
     t = sub.add_parser("train", help="train a model on a token file",

@@ -18,6 +18,7 @@ so a file cut short by another process is an OSError, never a SIGBUS.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
@@ -236,26 +237,270 @@ class Batches:
                                                    int(state["batches"]))
 
 
-# ---- SFT ----------------------------------------------------------------------
+# ---- sample files (bin2d) -------------------------------------------------------
+
+_U32_MAX = 0xFFFFFFFF
+
+
+class SampleWriter:
+    """Streams rows into a bin2d sample file (docs/formats.md, "bin2d"),
+    atomically: the file appears under `path` only when close() succeeds;
+    abort(), or leaving a ``with`` block by an exception, removes the
+    temporary file and leaves any earlier file at `path` untouched.
+
+    Each row is padded with pad_id to `stride` tokens. With labels=True the
+    file carries a label index made from each row's bool mask (True = the
+    token is a training target): its maximal runs of True, position 0 left
+    out (nothing predicts it). write() refuses ids outside uint32, rows
+    longer than the stride (truncate first) and masks of another length; it
+    skips rows with fewer than 2 tokens or, with labels, no target, and
+    counts them in `skipped`. `rows`, `tokens` and `label_tokens` count
+    what was written.
+
+        >>> import tempfile, os, numpy as np
+        >>> with SampleWriter(os.path.join(tempfile.mkdtemp(), "s.bin2d"), 8) as w:
+        ...     w.write(np.array([5, 6, 7]), np.array([False, False, True]))
+        ...     w.write(np.array([5]), np.array([True]))
+        True
+        False
+        >>> w.rows, w.skipped, w.label_tokens
+        (1, 1, 1)
+    """
+
+    def __init__(self, path, stride: int, *, pad_id: int = 0, labels: bool = True):
+        self.path = os.fspath(path)
+        if not 2 <= int(stride) <= _U32_MAX:
+            raise ValueError(f"{self.path}: stride must be in [2, {_U32_MAX}], got {stride}")
+        if not 0 <= int(pad_id) <= _U32_MAX:
+            raise ValueError(f"{self.path}: pad_id {pad_id} is outside uint32")
+        self.stride, self.pad_id, self.labels = int(stride), int(pad_id), bool(labels)
+        self.rows = self.skipped = self.tokens = self.label_tokens = 0
+        self._w = _C.SampleWriter(self.path, self.stride, self.pad_id, self.labels)
+
+    def write(self, tokens, labels=None) -> bool:
+        """Append one sample; True if written, False if skipped (see the class)."""
+        where = f"{self.path}: sample {self.rows + self.skipped}"
+        t = np.asarray(tokens)
+        if t.ndim != 1:
+            raise ValueError(f"{where}: tokens must be 1-D, got shape {t.shape}")
+        if t.size and t.dtype.kind not in "iu":
+            raise TypeError(f"{where}: tokens have dtype {t.dtype}, expected integers")
+        if t.size and t.dtype != np.uint32:
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi > _U32_MAX:
+                raise ValueError(f"{where}: token {lo if lo < 0 else hi} is outside uint32 [0, {_U32_MAX}]")
+        mask = None
+        if self.labels:
+            if labels is None:
+                raise ValueError(f"{where}: no label mask, but the file has a label index")
+            mask = np.asarray(labels)
+            if mask.dtype != np.bool_:
+                raise TypeError(f"{where}: labels have dtype {mask.dtype}, expected bool")
+            if mask.shape != t.shape:
+                raise ValueError(f"{where}: {t.size} tokens but {mask.size} labels")
+        if t.size > self.stride:
+            raise ValueError(f"{where}: {t.size} tokens, more than the stride {self.stride} "
+                             f"(truncate first)")
+        n_labels = int(mask[1:].sum()) if self.labels else t.size - 1
+        if t.size < 2 or n_labels == 0:
+            self.skipped += 1
+            return False
+        self._w.append(np.ascontiguousarray(t, dtype=np.uint32),
+                       None if mask is None else np.ascontiguousarray(mask).view(np.uint8))
+        self.rows += 1
+        self.tokens += t.size
+        self.label_tokens += n_labels
+        return True
+
+    def close(self) -> int:
+        """Write the lengths and label index, fsync, rename into place; the row count."""
+        return self._w.close()
+
+    def abort(self) -> None:
+        """Remove the temporary file; nothing appears under `path`."""
+        self._w.abort()
+
+    def __enter__(self) -> "SampleWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_samples(path, samples: Iterable, stride: int, *, pad_id: int = 0,
+                  labels: bool = True) -> int:
+    """Write (tokens, labels) samples into a bin2d file, atomically; the
+    number of rows written. tokens: 1-D integer ids in uint32; labels: a
+    bool array of the same length, True where the token is a training
+    target (with labels=False, items may be bare token arrays and masks are
+    ignored). The rules are SampleWriter's: rows longer than `stride` are
+    refused (truncate first); rows of fewer than 2 tokens or without a
+    target are skipped, so `len(samples) - written` were skipped (use
+    SampleWriter for the count of a stream).
+
+        >>> import tempfile, os, numpy as np
+        >>> p = os.path.join(tempfile.mkdtemp(), "s.bin2d")
+        >>> write_samples(p, [(np.array([1, 2, 3]), np.array([False, True, True]))], stride=4)
+        1
+    """
+    with SampleWriter(path, stride, pad_id=pad_id, labels=labels) as w:
+        for item in samples:
+            tokens, mask = item if isinstance(item, tuple) else (item, None)
+            w.write(tokens, mask)
+    return w.rows
+
+
+# ---- chat templates --------------------------------------------------------------
 #
-# Chat template: each message renders as "<|{role}|>\n{content}\n". Only the
-# assistant's "{content}\n" (and eos_id after it, when given) are trained;
-# role headers, system and user turns are context (target ignore_index).
-# {"prompt": p, "response": r} is the chat [user: p, assistant: r].
+# A template turns chat messages into segments: text (encoded as ordinary
+# text, so a special token's spelling inside a message stays text) or one
+# special token (its id, never its spelling). Each segment is a label
+# (trained) or context. Segments are encoded separately, so label
+# boundaries are exact. Only assistant content and its end marker are
+# labels:
+#   plain:  "<|{role}|>\n" {content} "\n" [eos after assistant turns]
+#   chatml: <|im_start|> "{role}\n" {content} <|im_end|> "\n"
+# {"prompt": p, "response"|"completion": r} is the chat [user: p, assistant: r].
 
 ROLES = ("system", "user", "assistant")
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+CHAT_TEMPLATES = ("auto", "chatml", "plain")
+
+
+class ChatTemplate:
+    """How chat messages become token ids and a label mask.
+
+    Build one with for_tokenizer() (ChatML when the tokenizer has
+    ``<|im_start|>`` and ``<|im_end|>`` as special tokens, else the plain
+    template with its end-of-sequence special, one of EOS_NAMES) or plain()
+    around any encode function.
+
+        >>> t = ChatTemplate.plain(lambda s: np.frombuffer(s.encode(), np.uint8), eos_id=0)
+        >>> ids, labels = t.encode([{"role": "user", "content": "hi"},
+        ...                         {"role": "assistant", "content": "yo"}])
+        >>> bytes(ids[labels][:-1].astype(np.uint8)), int(ids[labels][-1])
+        (b'yo\\n', 0)
+    """
+
+    def __init__(self, kind: str, encode_texts: Optional[Callable[[List[str]], list]], *,
+                 start: Optional[Tuple[str, int]] = None, end: Optional[Tuple[str, int]] = None):
+        if kind not in ("chatml", "plain"):
+            raise ValueError(f"chat template must be 'chatml' or 'plain', got {kind!r}")
+        if kind == "chatml" and (start is None or end is None):
+            raise ValueError("chatml needs the <|im_start|> and <|im_end|> special tokens")
+        self.kind, self._encode_texts, self.start, self.end = kind, encode_texts, start, end
+
+    @classmethod
+    def plain(cls, encode: Optional[Callable[[str], np.ndarray]], *, eos_id: Optional[int] = None,
+              eos_text: str = "") -> "ChatTemplate":
+        """The plain template over encode(text) -> ids; eos_id (when given)
+        ends each assistant turn."""
+        texts = None if encode is None else (lambda ts: [encode(t) for t in ts])
+        return cls("plain", texts, end=None if eos_id is None else (eos_text, int(eos_id)))
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, kind: str = "auto") -> "ChatTemplate":
+        """The template for a smedjan Tokenizer: kind "auto", "chatml" or
+        "plain" (ValueError when the tokenizer lacks its special tokens)."""
+        if kind not in CHAT_TEMPLATES:
+            raise ValueError(f"chat template must be one of {', '.join(CHAT_TEMPLATES)}, got {kind!r}")
+        sp = tokenizer.special_tokens
+        texts = lambda ts: tokenizer.encode_batch(ts, allowed_special=(), disallowed_special=())
+        has_chatml = "<|im_start|>" in sp and "<|im_end|>" in sp
+        if kind == "chatml" or (kind == "auto" and has_chatml):
+            if not has_chatml:
+                raise ValueError(f"chat template chatml: the tokenizer has no <|im_start|> and "
+                                 f"<|im_end|> special tokens (it has {sorted(sp)})")
+            return cls("chatml", texts, start=("<|im_start|>", sp["<|im_start|>"]),
+                       end=("<|im_end|>", sp["<|im_end|>"]))
+        eos = next((e for e in EOS_NAMES if e in sp), None)
+        if eos is None:
+            raise ValueError(f"chat template plain: the tokenizer has no end-of-sequence special token "
+                             f"(one of {', '.join(EOS_NAMES)}; it has {sorted(sp)})")
+        return cls("plain", texts, end=(eos, sp[eos]))
+
+    def _segments(self, messages, add_generation_prompt: bool):
+        """(text, special id or None, is_label, is_content) in order."""
+        out = []
+        for m in messages:
+            asst = m["role"] == "assistant"
+            if self.kind == "chatml":
+                out += [(self.start[0], self.start[1], False, False), (f"{m['role']}\n", None, False, False),
+                        (m["content"], None, asst, asst), (self.end[0], self.end[1], asst, False),
+                        ("\n", None, False, False)]
+            else:
+                out += [(f"<|{m['role']}|>\n", None, False, False), (m["content"], None, asst, asst),
+                        ("\n", None, asst, False)]
+                if asst and self.end is not None:
+                    out.append((self.end[0], self.end[1], True, False))
+        if add_generation_prompt:
+            out += ([(self.start[0], self.start[1], False, False), ("assistant\n", None, False, False)]
+                    if self.kind == "chatml" else [("<|assistant|>\n", None, False, False)])
+        return out
+
+    def render(self, messages: List[dict], *, add_generation_prompt: bool = False) -> str:
+        """The template as text (special tokens by their spelling); with
+        add_generation_prompt it ends where the assistant's reply begins."""
+        return "".join(text for text, *_ in self._segments(messages, add_generation_prompt))
+
+    def encode(self, messages: List[dict], where: str = "chat") -> Tuple[np.ndarray, np.ndarray]:
+        """(ids int64, labels bool) of one conversation. ValueError naming
+        `where` when text is not valid Unicode or the assistant turns encode
+        to no tokens."""
+        res = self.encode_many([(messages, where)])[0]
+        if isinstance(res, ValueError):
+            raise res
+        return res
+
+    def encode_many(self, conversations: List[Tuple[List[dict], str]]) -> list:
+        """encode() of many (messages, where) at once, with one call to the
+        tokenizer (its threads pay off on many small texts); each result is
+        (ids, labels) or the ValueError that encode() would raise."""
+        segs = [self._segments(m, False) for m, _ in conversations]
+        texts = [text for conv in segs for text, sid, _, _ in conv if sid is None]
+        try:
+            encoded = iter(self._encode_texts(texts))
+        except UnicodeEncodeError as e:     # a lone surrogate, from a \ud800-style JSON escape
+            if len(conversations) > 1:      # find which: one at a time
+                return [r for c in conversations for r in self.encode_many([c])]
+            return [ValueError(f"{conversations[0][1]}: text is not valid Unicode ({e.reason}: "
+                               f"{e.object[e.start:e.end]!r})")]
+        out = []
+        for conv, (_, where) in zip(segs, conversations):
+            ids, labels, n_content = [], [], 0
+            for text, sid, is_label, is_content in conv:
+                a = np.array([sid], np.int64) if sid is not None else _as_ids(next(encoded), where)
+                ids.append(a)
+                labels.append(np.full(len(a), is_label))
+                n_content += len(a) if is_content else 0
+            out.append(ValueError(f"{where}: the assistant turns are empty after tokenisation")
+                       if n_content == 0 else (np.concatenate(ids), np.concatenate(labels)))
+        return out
+
+
+def _as_ids(a, where: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.size == 0:
+        return np.zeros(0, np.int64)
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        raise ValueError(f"{where}: encode() must return a 1-D integer array, got {a.dtype} {a.shape}")
+    return a.astype(np.int64)
 
 
 def render_chat(messages: List[dict], *, add_generation_prompt: bool = False) -> str:
-    """The chat template as text; with add_generation_prompt the text ends in
-    "<|assistant|>\\n", ready for generation.
+    """The plain chat template as text; with add_generation_prompt the text
+    ends in "<|assistant|>\\n", ready for generation.
 
     >>> render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     '<|user|>\\nhi\\n<|assistant|>\\n'
     """
-    s = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
-    return s + "<|assistant|>\n" if add_generation_prompt else s
+    return ChatTemplate.plain(None).render(messages, add_generation_prompt=add_generation_prompt)
 
+
+# ---- SFT JSONL --------------------------------------------------------------------
 
 def _example_messages(obj, where: str) -> List[dict]:
     if not isinstance(obj, dict):
@@ -273,13 +518,14 @@ def _example_messages(obj, where: str) -> List[dict]:
         if not any(m["role"] == "assistant" for m in msgs):
             raise ValueError(f"{where}: no assistant message to train on")
         return msgs
-    if "prompt" in obj and "response" in obj:
-        if not isinstance(obj["prompt"], str) or not isinstance(obj["response"], str):
-            raise ValueError(f"{where}: 'prompt' and 'response' must be strings")
-        return [{"role": "user", "content": obj["prompt"]},
-                {"role": "assistant", "content": obj["response"]}]
-    raise ValueError(f"{where}: expected {{'prompt', 'response'}} or {{'messages'}}, got keys "
-                     f"{sorted(obj)}")
+    for reply in ("response", "completion"):
+        if "prompt" in obj and reply in obj:
+            if not isinstance(obj["prompt"], str) or not isinstance(obj[reply], str):
+                raise ValueError(f"{where}: 'prompt' and '{reply}' must be strings")
+            return [{"role": "user", "content": obj["prompt"]},
+                    {"role": "assistant", "content": obj[reply]}]
+    raise ValueError(f"{where}: expected {{'prompt', 'response'}}, {{'prompt', 'completion'}} or "
+                     f"{{'messages'}}, got keys {sorted(obj)}")
 
 
 def _utf8_line(raw: bytes, where: str, bom: bool = False) -> str:
@@ -295,65 +541,81 @@ def _utf8_line(raw: bytes, where: str, bom: bool = False) -> str:
                          f"{e.reason})") from None
 
 
-def _encode(encode: Callable, text: str, where: str) -> np.ndarray:
-    try:
-        a = np.asarray(encode(text))
-    except UnicodeEncodeError as e:     # a lone surrogate, from a \ud800-style JSON escape
-        raise ValueError(f"{where}: text is not valid Unicode ({e.reason}: "
-                         f"{text[e.start:e.end]!r})") from None
-    if a.size == 0:
-        return np.zeros(0, np.int64)
-    if a.ndim != 1 or a.dtype.kind not in "iu":
-        raise ValueError(f"{where}: encode() must return a 1-D integer array, got {a.dtype} {a.shape}")
-    return a.astype(np.int64)
-
-
-def _render_tokens(msgs, encode, eos_id, where) -> Tuple[np.ndarray, np.ndarray]:
-    toks, train = [], []
-    for m in msgs:
-        head = _encode(encode, f"<|{m['role']}|>\n", where)
-        body = _encode(encode, m["content"] + "\n", where)
-        toks += [head, body]
-        is_asst = m["role"] == "assistant"
-        train += [np.zeros(len(head), bool), np.full(len(body), is_asst)]
-        if is_asst and eos_id is not None:
-            toks.append(np.array([eos_id], np.int64))
-            train.append(np.ones(1, bool))
-    return np.concatenate(toks), np.concatenate(train)
-
-
-def load_sft_jsonl(path, encode: Callable[[str], np.ndarray], seq_len: int, *, pack: bool = True,
-                   eos_id: Optional[int] = None, ignore_index: int = -1
-                   ) -> Tuple[np.ndarray, np.ndarray]:
-    """SFT examples from JSONL -> (inputs, targets), int32 arrays (n, seq_len).
-
-    Each line is {"prompt": ..., "response": ...} or {"messages": [{"role":
-    "system"|"user"|"assistant", "content": ...}, ...]}, rendered with the
-    chat template above. targets[i, t] is the next token where that token is
-    trained (assistant content, eos), else ignore_index. pack=True
-    concatenates examples into full rows (the last row padded); pack=False
-    gives one row per example, truncated to seq_len + 1 tokens or padded.
-    Padding uses eos_id (0 without one) in inputs and ignore_index in
-    targets; rows without any trained target are dropped. The file is
-    UTF-8 (a leading byte-order mark is allowed); a malformed line (invalid
-    UTF-8, invalid JSON, a wrong shape) raises ValueError naming the file,
-    the line number and the problem."""
+def read_sft_jsonl(path, template: ChatTemplate, *, skip_bad_lines: bool = False,
+                   bad_lines: Optional[list] = None, chunk_lines: int = 1024
+                   ) -> Iterator[Tuple[str, np.ndarray, np.ndarray]]:
+    """(where, ids, labels) for each example of a JSONL file, in file order
+    ("where" is "file:line"). The file is UTF-8 (a leading byte-order mark
+    is allowed); blank lines are passed over. A bad line (invalid UTF-8,
+    invalid JSON, a wrong shape, no assistant turn, empty after
+    tokenisation) raises ValueError "file:line: reason"; with
+    skip_bad_lines it is left out and its message appended to bad_lines.
+    Lines are encoded chunk_lines at a time (ChatTemplate.encode_many)."""
     p = os.fspath(path)
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    pad = 0 if eos_id is None else int(eos_id)
-    examples = []
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{p}:{lineno}"
+
+    def parse(lineno, raw):
+        """(messages, where), or a ValueError for a bad line, or None for a blank one."""
+        where = f"{p}:{lineno}"
+        try:
             line = _utf8_line(raw, where, bom=lineno == 1)
             if not line.strip():
-                continue
+                return None
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            examples.append(_render_tokens(_example_messages(obj, where), encode, eos_id, where))
+            return _example_messages(obj, where), where
+        except ValueError as e:
+            return e
+
+    def results(chunk):
+        good = [c for c in chunk if not isinstance(c, ValueError)]
+        encoded = iter(template.encode_many(good))
+        for c in chunk:
+            res = c if isinstance(c, ValueError) else next(encoded)
+            if isinstance(res, ValueError):
+                if not skip_bad_lines:
+                    raise res
+                if bad_lines is not None:
+                    bad_lines.append(str(res))
+                continue
+            yield (c[1],) + res
+
+    with open(p, "rb") as f:
+        chunk = []
+        for lineno, raw in enumerate(f, 1):
+            item = parse(lineno, raw)
+            if item is not None:
+                chunk.append(item)
+            if len(chunk) == chunk_lines:
+                yield from results(chunk)
+                chunk = []
+        yield from results(chunk)
+
+
+def load_sft_jsonl(path, encode: Union[Callable[[str], np.ndarray], ChatTemplate], seq_len: int, *,
+                   pack: bool = True, eos_id: Optional[int] = None, ignore_index: int = -1
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """SFT examples from JSONL -> (inputs, targets), int32 arrays (n, seq_len),
+    in memory (for files on disk and training at scale, see prepare_sft).
+
+    Each line is {"prompt": ..., "response"|"completion": ...} or {"messages":
+    [{"role": "system"|"user"|"assistant", "content": ...}, ...]}, rendered
+    with `encode` when it is a ChatTemplate, else with the plain template
+    over encode(text) -> ids and eos_id after each assistant turn.
+    targets[i, t] is the next token where that token is trained (assistant
+    content and its end marker), else ignore_index. pack=True concatenates
+    examples into full rows (the last row padded); pack=False gives one row
+    per example, truncated to seq_len + 1 tokens or padded. Padding uses
+    eos_id (0 without one) in inputs and ignore_index in targets; rows
+    without any trained target are dropped. A malformed line raises
+    ValueError naming the file, the line number and the problem (see
+    read_sft_jsonl)."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    template = encode if isinstance(encode, ChatTemplate) else ChatTemplate.plain(encode, eos_id=eos_id)
+    pad = 0 if eos_id is None else int(eos_id)
+    examples = [(t, m) for _, t, m in read_sft_jsonl(path, template)]
     L = seq_len + 1
     rows = []
     if pack:
@@ -381,4 +643,80 @@ def load_sft_jsonl(path, encode: Callable[[str], np.ndarray], seq_len: int, *, p
     return np.stack(xs).astype(np.int32), np.stack(ys).astype(np.int32)
 
 
-__all__ = ["write_tokens", "TokenFile", "Batches", "load_sft_jsonl", "render_chat", "HEADER_BYTES"]
+@dataclasses.dataclass
+class SftStats:
+    """What prepare_sft wrote and left out. rows/tokens/label_tokens: the
+    rows written, their real tokens and their target positions; examples:
+    good lines read; bad_lines: lines skipped (skip_bad_lines), the first
+    few messages in bad_reasons; truncated / dropped_long: examples longer
+    than the stride, cut or left out (on_long); no_label: examples left
+    with no target after truncation (skipped)."""
+    output: str
+    template: str
+    seq_len: int
+    stride: int
+    rows: int = 0
+    tokens: int = 0
+    label_tokens: int = 0
+    examples: int = 0
+    bad_lines: int = 0
+    bad_reasons: List[str] = dataclasses.field(default_factory=list)
+    truncated: int = 0
+    dropped_long: int = 0
+    no_label: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.rows:,} rows, {self.tokens:,} tokens, {self.label_tokens:,} label tokens "
+                f"-> {self.output} (template {self.template}, stride {self.stride}); "
+                f"{self.bad_lines:,} bad lines skipped, {self.truncated:,} truncated, "
+                f"{self.dropped_long:,} dropped as too long, {self.no_label:,} with no label left")
+
+
+MAX_BAD_REASONS = 10
+ON_LONG = ("truncate", "drop")
+
+
+def prepare_sft(jsonl, tokenizer, seq_len: int, out, *, chat_template: str = "auto",
+                skip_bad_lines: bool = False, on_long: str = "truncate", pad_id: int = 0) -> SftStats:
+    """Encode an SFT JSONL file (see read_sft_jsonl) into a bin2d sample file
+    with a label index: one row per example, stride seq_len + 1 (a row of
+    L tokens trains L - 1 positions). chat_template: "auto", "chatml" or
+    "plain" (ChatTemplate.for_tokenizer). Examples longer than the stride
+    are cut to it (on_long="truncate") or left out ("drop"); examples with
+    no target left are skipped; each is counted. Bad lines raise ValueError
+    "file:line: reason", or with skip_bad_lines are counted and skipped.
+    Written atomically, with the statistics beside it in `out`.json.
+
+        >>> # stats = prepare_sft("chat.jsonl", Tokenizer.load("tok.sjt"), 512, "chat.bin2d")
+    """
+    out = os.fspath(out)
+    if int(seq_len) < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if on_long not in ON_LONG:
+        raise ValueError(f"on_long must be one of {', '.join(ON_LONG)}, got {on_long!r}")
+    template = ChatTemplate.for_tokenizer(tokenizer, chat_template)
+    stats = SftStats(output=out, template=template.kind, seq_len=int(seq_len), stride=int(seq_len) + 1)
+    bad: List[str] = []
+    with SampleWriter(out, stats.stride, pad_id=pad_id) as w:
+        for where, ids, labels in read_sft_jsonl(jsonl, template, skip_bad_lines=skip_bad_lines,
+                                                 bad_lines=bad):
+            stats.examples += 1
+            if len(ids) > stats.stride:
+                if on_long == "drop":
+                    stats.dropped_long += 1
+                    continue
+                stats.truncated += 1
+                ids, labels = ids[:stats.stride], labels[:stats.stride]
+            if not w.write(ids, labels):
+                stats.no_label += 1
+    stats.rows, stats.tokens, stats.label_tokens = w.rows, w.tokens, w.label_tokens
+    stats.bad_lines, stats.bad_reasons = len(bad), bad[:MAX_BAD_REASONS]
+    tmp = f"{out}.json.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(dict(dataclasses.asdict(stats), source=os.fspath(jsonl)), f, indent=1)
+    os.replace(tmp, out + ".json")
+    return stats
+
+
+__all__ = ["write_tokens", "TokenFile", "Batches", "SampleWriter", "write_samples", "ChatTemplate",
+           "render_chat", "read_sft_jsonl", "load_sft_jsonl", "prepare_sft", "SftStats", "HEADER_BYTES"]

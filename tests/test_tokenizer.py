@@ -51,6 +51,15 @@ def test_encode_batch_on_real_text_equals_encode(tok):
         assert np.array_equal(b, tok.encode(t))
 
 
+def test_a_lone_surrogate_is_the_same_unicode_error_one_by_one_or_batched(tok):
+    with pytest.raises(UnicodeEncodeError) as one:
+        tok.encode("ok \ud800")
+    with pytest.raises(UnicodeEncodeError) as batch:
+        tok.encode_batch(["fine", "ok \ud800"])
+    assert batch.value.object == one.value.object == "ok \ud800"
+    assert (batch.value.start, batch.value.end) == (one.value.start, one.value.end) == (3, 4)
+
+
 def test_invalid_utf8_is_encoded_and_round_trips(tok):
     data = b"caf\xc3\xa9 \xff\xfe broken \xe2\x82 end \xed\xa0\x80 \xf4\x90\x80\x80"
     ids = tok.encode(data)

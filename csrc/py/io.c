@@ -1,8 +1,9 @@
 /* io.c — Python face of the io layer: safetensors save/load, token files,
- * crc32. Loaded tensors are zero-copy memoryviews into a private (copy-on-
- * write) mapping owned by a SafetensorsFile object; every view keeps that
- * object, hence the mapping, alive. Token files are read with pread()
- * (TokenReader), never through a mapping. Paths may be str or os.PathLike. */
+ * bin2d sample files (writer), crc32. Loaded tensors are zero-copy
+ * memoryviews into a private (copy-on-write) mapping owned by a
+ * SafetensorsFile object; every view keeps that object, hence the mapping,
+ * alive. Token files are read with pread() (TokenReader), never through a
+ * mapping. Paths may be str or os.PathLike. */
 #include "py.h"
 #include "../core/core.h"   /* sj_crc32, exposed for tests */
 #include <string.h>
@@ -309,6 +310,125 @@ static PyTypeObject TokWriterType = {
     .tp_methods = tokw_methods,
 };
 
+/* ---- SampleWriter --------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    sj_samples_writer *w;
+} SampleWriterObject;
+
+static int samw_init(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"path", "stride", "pad_id", "labels", NULL};
+    SampleWriterObject *o = (SampleWriterObject *)self;
+    PyObject *pathb = NULL;
+    unsigned int stride, pad_id;
+    int labels;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&IIp", kwlist, PyUnicode_FSConverter, &pathb, &stride,
+                                     &pad_id, &labels))
+        return -1;
+    if (o->w) {
+        Py_DECREF(pathb);
+        PyErr_SetString(PyExc_RuntimeError, "SampleWriter already open");
+        return -1;
+    }
+    sj_status s;
+    const char *path = PyBytes_AS_STRING(pathb);
+    Py_BEGIN_ALLOW_THREADS s = sj_samples_writer_open(path, stride, pad_id, labels, &o->w);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(pathb);
+    if (s) { o->w = NULL; sj_py_raise(s); return -1; }
+    return 0;
+}
+
+static void samw_dealloc(PyObject *self) {
+    sj_samples_writer_abort(((SampleWriterObject *)self)->w);
+    Py_TYPE(self)->tp_free(self);
+}
+
+/* A C-contiguous buffer of `itemsize`-byte unsigned integers (any of the
+ * format codes in `codes`), or a TypeError naming `what`. */
+static int unsigned_buffer(PyObject *obj, Py_buffer *v, Py_ssize_t itemsize, const char *codes,
+                           const char *what) {
+    if (PyObject_GetBuffer(obj, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    const char *f = v->format ? v->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    if (v->itemsize != itemsize || strlen(f) != 1 || !strchr(codes, *f)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous %zd-byte unsigned array, got format "
+                     "'%s' (%zd-byte items)", what, itemsize, v->format ? v->format : "B", v->itemsize);
+        PyBuffer_Release(v);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *samw_append(PyObject *self, PyObject *args) {
+    SampleWriterObject *o = (SampleWriterObject *)self;
+    if (!o->w) { PyErr_SetString(PyExc_ValueError, "SampleWriter is closed"); return NULL; }
+    PyObject *tok_obj, *lab_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "O|O", &tok_obj, &lab_obj)) return NULL;
+    Py_buffer tok, lab = {0};
+    if (unsigned_buffer(tok_obj, &tok, 4, "IL", "append: tokens") < 0) return NULL;
+    if (lab_obj != Py_None && unsigned_buffer(lab_obj, &lab, 1, "B?", "append: labels") < 0) {
+        PyBuffer_Release(&tok);
+        return NULL;
+    }
+    Py_ssize_t n = tok.len / 4;
+    if (lab.buf && lab.len != n) {
+        PyErr_Format(PyExc_ValueError, "append: %zd tokens but %zd labels", n, lab.len);
+    } else if (n > UINT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "append: a row of %zd tokens is too long", n);
+    } else {
+        sj_status s;
+        Py_BEGIN_ALLOW_THREADS s = sj_samples_writer_append(o->w, tok.buf, (uint32_t)n, lab.buf);
+        Py_END_ALLOW_THREADS
+        if (s) sj_py_raise(s);
+    }
+    PyBuffer_Release(&tok);
+    if (lab.buf) PyBuffer_Release(&lab);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *samw_close(PyObject *self, PyObject *noargs) {
+    SampleWriterObject *o = (SampleWriterObject *)self;
+    if (!o->w) { PyErr_SetString(PyExc_ValueError, "SampleWriter is closed"); return NULL; }
+    int64_t rows = 0;
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS s = sj_samples_writer_close(o->w, &rows);
+    Py_END_ALLOW_THREADS
+    o->w = NULL;
+    if (s) return sj_py_raise(s);
+    return PyLong_FromLongLong(rows);
+}
+
+static PyObject *samw_abort(PyObject *self, PyObject *noargs) {
+    SampleWriterObject *o = (SampleWriterObject *)self;
+    sj_samples_writer_abort(o->w);
+    o->w = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef samw_methods[] = {
+    {"append", samw_append, METH_VARARGS,
+     "append(tokens uint32 array, labels uint8|bool array or None): add one row"},
+    {"close", samw_close, METH_NOARGS, "close() -> rows: write lengths and label index, fsync, rename"},
+    {"abort", samw_abort, METH_NOARGS, "abort(): remove the temporary file"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SampleWriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "smedjan._C.SampleWriter",
+    .tp_basicsize = sizeof(SampleWriterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "SampleWriter(path, stride, pad_id, labels): streaming atomic bin2d writer "
+              "(use smedjan.data.write_samples).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = samw_init,
+    .tp_dealloc = samw_dealloc,
+    .tp_methods = samw_methods,
+};
+
 /* ---- TokenReader ---------------------------------------------------------- */
 
 typedef struct {
@@ -501,9 +621,11 @@ static PyMethodDef functions[] = {
 
 int sj_py_add_io(PyObject *m) {
     if (PyType_Ready(&StFileType) < 0 || PyType_Ready(&TokWriterType) < 0 ||
-        PyType_Ready(&TokReaderType) < 0) return -1;
+        PyType_Ready(&TokReaderType) < 0 || PyType_Ready(&SampleWriterType) < 0) return -1;
     Py_INCREF(&TokWriterType);
     if (PyModule_AddObject(m, "TokenWriter", (PyObject *)&TokWriterType) < 0) return -1;
+    Py_INCREF(&SampleWriterType);
+    if (PyModule_AddObject(m, "SampleWriter", (PyObject *)&SampleWriterType) < 0) return -1;
     Py_INCREF(&TokReaderType);
     if (PyModule_AddObject(m, "TokenReader", (PyObject *)&TokReaderType) < 0) return -1;
     PyModule_AddIntConstant(m, "TOKENS_HEADER_BYTES", SJ_TOKENS_HEADER_BYTES);

@@ -169,6 +169,11 @@ static PyObject *tok_encode_batch(TokObject *self, PyObject *args) {
         if (text_bytes(PyTuple_GET_ITEM(tup, i), &p, &l) < 0) {
             PyObject *et, *ev, *tb;
             PyErr_Fetch(&et, &ev, &tb);
+            if (et && PyErr_GivenExceptionMatches(et, PyExc_UnicodeError)) {
+                /* Its constructor takes five arguments: keep the error, which names the text. */
+                PyErr_Restore(et, ev, tb);
+                goto done;
+            }
             PyErr_Format(et ? et : PyExc_TypeError, "texts[%zd]: %S", i, ev ? ev : Py_None);
             Py_XDECREF(et); Py_XDECREF(ev); Py_XDECREF(tb);
             goto done;
