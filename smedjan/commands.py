@@ -86,6 +86,13 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_convert_tokens(args) -> int:
+    from .data import convert_tokens
+    n = convert_tokens(args.source, args.output, format=args.format)
+    print(f"{n:,} tokens -> {args.output}")
+    return 0
+
+
 def _prepare_sft(args, tok) -> int:
     from .data import prepare_sft
     if args.seq_len is None:
@@ -394,6 +401,15 @@ def add_commands(sub) -> None:
     sft.add_argument("--on-long", choices=ON_LONG, default="truncate",
                      help="examples longer than T+1 tokens: cut them, or leave them out")
     p.set_defaults(func=cmd_prepare)
+
+    c = sub.add_parser("convert-tokens", help="a nanoGPT or llm.c token file as a smedjan one",
+                       description="Convert nanoGPT's train.bin/val.bin (raw uint16) or llm.c's "
+                                   ".bin token files (with their header) into a token file.")
+    c.add_argument("source")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--format", choices=["auto", "nanogpt", "llmc"], default="auto",
+                   help="auto: llm.c when its magic is there, else nanoGPT")
+    c.set_defaults(func=cmd_convert_tokens)
 
     t = sub.add_parser("train", help="train a model on a token file",
                        description="Train a model; checkpoints (latest, best, final) and "

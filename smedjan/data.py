@@ -63,6 +63,49 @@ def write_tokens(path, chunks: Iterable, dtype: str = "uint16") -> int:
         raise
 
 
+# llm.c's token files: 256 int32 of header (magic, version, token count), then the ids.
+LLMC_MAGIC = {20240520: (1, "uint16"), 20240801: (7, "uint32")}   # magic -> (version, dtype)
+
+
+def convert_tokens(src, dst, *, format: str = "auto", chunk: int = 1 << 24) -> int:
+    """A nanoGPT or llm.c token file as a smedjan token file at `dst`
+    (uint16 when every id fits, else uint32). Returns the token count.
+
+    format "llmc": llm.c's .bin (a 1024-byte header: magic 20240520 with
+    uint16 ids, or 20240801 with uint32 ids, then the count); "nanogpt":
+    nanoGPT's train.bin/val.bin, raw little-endian uint16 ids without a
+    header; "auto": llm.c when the file starts with its magic, else nanoGPT."""
+    p = os.fspath(src)
+    size = os.path.getsize(p)
+    head = np.fromfile(p, dtype="<i4", count=3) if size >= 12 else np.zeros(0, np.int32)
+    if format == "auto":
+        format = "llmc" if len(head) and int(head[0]) in LLMC_MAGIC else "nanogpt"
+    if format == "llmc":
+        if size < 1024 or int(head[0]) not in LLMC_MAGIC:
+            raise ValueError(f"{p}: not an llm.c token file (no magic 20240520/20240801 in a "
+                             f"1024-byte header)")
+        version, dtype = LLMC_MAGIC[int(head[0])]
+        if int(head[1]) != version:
+            raise ValueError(f"{p}: llm.c magic {int(head[0])} goes with version {version}, "
+                             f"the header says {int(head[1])}")
+        count, offset = int(head[2]), 1024
+        want = offset + count * np.dtype(dtype).itemsize
+        if count < 0 or size != want:
+            raise ValueError(f"{p}: header says {count} tokens ({want} bytes), the file has "
+                             f"{size} bytes")
+    elif format == "nanogpt":
+        if size % 2:
+            raise ValueError(f"{p}: {size} bytes is not a whole number of uint16 tokens")
+        dtype, count, offset = "uint16", size // 2, 0
+    else:
+        raise ValueError(f"format must be 'auto', 'llmc' or 'nanogpt', got {format!r}")
+    ids = np.memmap(p, dtype=np.dtype(dtype).newbyteorder("<"), mode="r", offset=offset,
+                    shape=(count,)) if count else np.zeros(0, dtype)
+    top = max((int(ids[i:i + chunk].max()) for i in range(0, count, chunk)), default=0)
+    return write_tokens(dst, (ids[i:i + chunk] for i in range(0, count, chunk)),
+                        dtype="uint16" if top < 1 << 16 else "uint32")
+
+
 class TokenFile:
     """A validated token file, held open and read with checked reads.
 
@@ -718,5 +761,5 @@ def prepare_sft(jsonl, tokenizer, seq_len: int, out, *, chat_template: str = "au
     return stats
 
 
-__all__ = ["write_tokens", "TokenFile", "Batches", "SampleWriter", "write_samples", "ChatTemplate",
+__all__ = ["write_tokens", "convert_tokens", "TokenFile", "Batches", "SampleWriter", "write_samples", "ChatTemplate",
            "render_chat", "read_sft_jsonl", "load_sft_jsonl", "prepare_sft", "SftStats", "HEADER_BYTES"]

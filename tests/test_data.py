@@ -295,3 +295,50 @@ def test_malformed_sft_line_names_file_and_line(tmp_path, line, msg):
     p.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + line + "\n")
     with pytest.raises(ValueError, match=msg):
         load_sft_jsonl(p, enc, 16)
+
+
+def llmc_file(path, ids, magic=20240520, version=1, count=None):
+    header = np.zeros(256, "<i4")
+    header[:3] = magic, version, len(ids) if count is None else count
+    dtype = "<u2" if magic == 20240520 else "<u4"
+    with open(path, "wb") as f:
+        f.write(header.tobytes() + np.asarray(ids, dtype).tobytes())
+
+
+def test_nanogpt_and_llmc_token_files_convert_exactly(tmp_path):
+    from smedjan.data import convert_tokens
+    ids = np.random.default_rng(0).integers(0, 50257, 100_001)
+    np.asarray(ids, "<u2").tofile(tmp_path / "train.bin")          # nanoGPT's prepare.py
+    assert convert_tokens(tmp_path / "train.bin", tmp_path / "a.tok") == len(ids)
+    llmc_file(tmp_path / "gpt2.bin", ids)
+    assert convert_tokens(tmp_path / "gpt2.bin", tmp_path / "b.tok", chunk=4096) == len(ids)
+    big = np.concatenate([ids, [128_000]])                          # llama-3 ids need 32 bits
+    llmc_file(tmp_path / "llama3.bin", big, magic=20240801, version=7)
+    convert_tokens(tmp_path / "llama3.bin", tmp_path / "c.tok")
+    for name, want in (("a", ids), ("b", ids), ("c", big)):
+        got = TokenFile(tmp_path / f"{name}.tok")
+        np.testing.assert_array_equal(got.read(0, len(got)), want, err_msg=name)
+    assert TokenFile(tmp_path / "a.tok").tokens.dtype == np.uint16
+    assert TokenFile(tmp_path / "c.tok").tokens.dtype == np.uint32
+
+
+def test_a_bad_foreign_token_file_is_named_and_writes_nothing(tmp_path):
+    from smedjan.data import convert_tokens
+    llmc_file(tmp_path / "short.bin", np.arange(10), count=11)
+    llmc_file(tmp_path / "version.bin", np.arange(10), version=2)
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
+    for name, fmt, msg in (("short.bin", "auto", "header says 11 tokens"),
+                           ("version.bin", "auto", "goes with version 1, the header says 2"),
+                           ("odd.bin", "nanogpt", "not a whole number of uint16"),
+                           ("odd.bin", "llmc", "not an llm.c token file")):
+        with pytest.raises(ValueError, match=f"{name}: .*{msg}"):
+            convert_tokens(tmp_path / name, tmp_path / "out.tok", format=fmt)
+        assert not (tmp_path / "out.tok").exists()
+
+
+def test_convert_tokens_command(tmp_path):
+    llmc_file(tmp_path / "val.bin", np.arange(1000) % 300)
+    r = subprocess.run([sys.executable, "-m", "smedjan", "convert-tokens", str(tmp_path / "val.bin"),
+                        "-o", str(tmp_path / "val.tok")], capture_output=True, text=True)
+    assert r.returncode == 0 and "1,000 tokens" in r.stdout, r.stderr
+    assert len(TokenFile(tmp_path / "val.tok")) == 1000
