@@ -125,12 +125,16 @@ def run_one(c: Dict) -> Dict:
         V = model.config.vocab_size
         # SFT-like targets with label_fraction < 1: each row's prompt (the
         # first part) ignored, its answer labelled
-        prompt = T - int(round(T * float(c.get("label_fraction") or 1.0)))
+        frac = float(c.get("label_fraction") or 1.0)
+        if not 0 < frac <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {frac}")
+        prompt = T - int(round(T * frac))
 
         def draw():
+            x = rng.integers(0, V, (B * n, T)).astype(np.int32)
             y = rng.integers(0, V, (B * n, T)).astype(np.int32)
             y[:, :prompt] = -1
-            return rng.integers(0, V, (B * n, T)).astype(np.int32), y
+            return x, y
     for _ in range(int(c["warmup_steps"])):
         trainer.step(*draw())
     ms, losses = [], []

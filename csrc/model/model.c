@@ -648,7 +648,7 @@ static sj_status check_shape(const sj_model *m, int B, int T) {
 
 /* The sparse loss's rows: the label positions (targets not ignored) in
  * order and their targets, padded to label_rows with position -1 and an
- * ignored target (a padding row gathers zeros and costs nothing). */
+ * ignored target (a padding row gathers zeros; its loss and gradient are 0). */
 static void stage_labels(sj_plan *pl, const void *targets, sj_dtype dt, int ignore_index,
                          int32_t *tgt, int32_t *pos) {
     const int64_t N = (int64_t)pl->B * pl->T;
