@@ -8,6 +8,9 @@ smedjan.sweep), against the same effective batch without levers.
 Columns: engine peak (parameters, grads, AdamW state, activation arena: what
 the engine allocated), the arena alone, the activation bytes kept from
 forward to backward (what checkpointing shrinks), step time and tok/s.
+The last rows train on SFT-like targets (each row's last 40% labelled, the
+prompt before it ignored), dense and with the sparse loss, side by side:
+tok/s counts every position, as for the dense rows.
 Timings on a shared machine are noisy; the memory figures are exact."""
 from __future__ import annotations
 
@@ -29,6 +32,10 @@ LEVERS = [
     ("--gradient-checkpointing --fused-ce", {"gradient_checkpointing": True, "fused_ce": True}),
     ("all four", {"grad_accum": 2, "half_batch": True, "gradient_checkpointing": True,
                   "fused_ce": True, "fp16_activations": True}),
+    ("SFT-like targets (40% labelled), dense", {"label_fraction": 0.4}),
+    ("--sparse-loss (40% labelled)", {"sparse_loss": True, "label_fraction": 0.4}),
+    ("--sparse-loss --label-bucket-sizes 64,128,256,512 (40% labelled)",
+     {"sparse_loss": True, "label_bucket_sizes": [64, 128, 256, 512], "label_fraction": 0.4}),
 ]
 
 
@@ -64,8 +71,12 @@ def main() -> int:
                           dtype=c.get("dtype"))
         m.set_levers(gradient_checkpointing=bool(c.get("gradient_checkpointing")),
                      fused_ce=bool(c.get("fused_ce")),
-                     fp16_activations=bool(c.get("fp16_activations")))
-        p = m.plan_memory(c["batch_size"], c["seq_len"], "train", c.get("grad_accum") or 1)
+                     fp16_activations=bool(c.get("fp16_activations")),
+                     sparse_loss=bool(c.get("sparse_loss")),
+                     label_bucket_sizes=c.get("label_bucket_sizes") or [])
+        labels = c["batch_size"] * round(c["seq_len"] * (c.get("label_fraction") or 1.0))
+        p = m.plan_memory(c["batch_size"], c["seq_len"], "train", c.get("grad_accum") or 1,
+                          labels=labels)
         r["arena_mib"], r["kept_mib"] = p["arena_bytes"] / 2 ** 20, p["kept_bytes"] / 2 ** 20
         r["planned_peak_mib"] = p["peak_bytes"] / 2 ** 20
         del m

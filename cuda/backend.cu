@@ -264,6 +264,7 @@ static void graph_free(void *g) { if (g) cudaGraphExecDestroy((cudaGraphExec_t)g
         sj_cuda_convert,                                           \
         sj_cuda_matmul_##T, sj_cuda_matmul_add_##T,               \
         sj_cuda_embedding_forward_##T, sj_cuda_embedding_backward_##T, \
+        sj_cuda_gather_rows_forward_##T, sj_cuda_gather_rows_backward_##T, \
         sj_cuda_rmsnorm_forward_##T, sj_cuda_rmsnorm_backward_##T, \
         sj_cuda_qk_norm_forward_##T, sj_cuda_qk_norm_backward_##T, \
         sj_cuda_rope_forward_##T, sj_cuda_rope_backward_##T,       \

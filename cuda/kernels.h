@@ -15,6 +15,10 @@ void sj_cuda_embedding_forward_##T(void *out, const void *tok, sj_dtype tok_dtyp
                                    const void *emb, int N, int C);                        \
 void sj_cuda_embedding_backward_##T(float *demb, const void *dout, const void *tok,       \
                                     sj_dtype tok_dtype, int N, int C);                    \
+void sj_cuda_gather_rows_forward_##T(void *out, const void *x, const int32_t *idx, int R,  \
+                                     int C);                                              \
+void sj_cuda_gather_rows_backward_##T(void *dx, const void *dout, const int32_t *idx,      \
+                                      int N, int R, int C, int accum);                    \
 void sj_cuda_rmsnorm_forward_##T(void *out, float *rstd, const void *x, const void *w,    \
                                  int N, int C, float eps);                                \
 void sj_cuda_rmsnorm_backward_##T(void *dx, float *dw, const void *dout, const void *x,   \

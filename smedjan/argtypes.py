@@ -102,6 +102,17 @@ def int_list(least: int = 1):
     return parse
 
 
+def ascending_sizes(text) -> list:
+    """Comma-separated sizes >= 1 in ascending order, e.g. "64,128,256,512"
+    (--label-bucket-sizes) -> [64, 128, 256, 512]."""
+    sizes = [int(v) for v in int_list(1)(text).split(",")]
+    for a, b in zip(sizes, sizes[1:]):
+        if b <= a:
+            raise argparse.ArgumentTypeError(f"expected ascending sizes, got {b} after {a} "
+                                             f"in {text!r}")
+    return sizes
+
+
 def on_off_list(text) -> str:
     """A comma-separated list of on/off (true/false, yes/no, 1/0)."""
     for piece in str(text).split(","):

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from .argtypes import (byte_size, fraction, nonneg_float, nonneg_int, parse_bytes,
+from .argtypes import (ascending_sizes, byte_size, fraction, nonneg_float, nonneg_int, parse_bytes,
                        positive_float, positive_int, probability)
 
 log = logging.getLogger("smedjan")
@@ -264,7 +264,8 @@ def lever_options(args) -> dict:
     """Trainer options from the memory-lever flags."""
     return dict(grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
                 cheap_recompute=args.cheap_recompute, fused_ce=args.fused_ce,
-                fp16_activations=args.fp16_activations, memory_limit=parse_bytes(args.memory_limit))
+                fp16_activations=args.fp16_activations, memory_limit=parse_bytes(args.memory_limit),
+                sparse_loss=args.sparse_loss, label_bucket_sizes=args.label_bucket_sizes)
 
 
 def guard_options(args) -> dict:
@@ -291,7 +292,8 @@ def check_memory_limit(model, args) -> None:
     if not limit:
         return
     model.set_levers(gradient_checkpointing=args.gradient_checkpointing, fused_ce=args.fused_ce,
-                     fp16_activations=args.fp16_activations, cheap_recompute=args.cheap_recompute)
+                     fp16_activations=args.fp16_activations, cheap_recompute=args.cheap_recompute,
+                     sparse_loss=args.sparse_loss, label_bucket_sizes=args.label_bucket_sizes)
     plan = model.plan_memory(args.batch_size, args.seq_len, "train", args.grad_accum)
     if plan["peak_bytes"] > limit:
         from . import OutOfMemoryError
@@ -320,6 +322,13 @@ def add_lever_flags(p) -> None:
                    help="store the activations kept for backward as fp16 (half their memory)")
     g.add_argument("--memory-limit", type=byte_size, metavar="BYTES",
                    help="refuse a run whose planned peak exceeds this (e.g. 12GiB, 800MiB)")
+    g.add_argument("--sparse-loss", action="store_true",
+                   help="final norm, LM head and loss only at label positions (targets not "
+                        "ignored): the same loss, without the other positions' logits")
+    g.add_argument("--label-bucket-sizes", type=ascending_sizes, metavar="N,N,...",
+                   help="with --sparse-loss: a batch's label rows padded to the smallest of "
+                        "these that holds them (e.g. 64,128,256,512), so shapes repeat "
+                        "(default: a multiple of 64)")
 
 
 def load_for_inference(path: str, tokenizer: str = None):

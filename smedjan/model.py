@@ -6,12 +6,22 @@ an optimizer step, or reading `grads`/`flat_grads`): a model used only for
 forward passes never holds them."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _C
 from .config import Config
+
+
+def check_label_buckets(sizes) -> list:
+    """label_bucket_sizes as a list of ints (the engine checks that they are
+    positive and ascending, naming the argument)."""
+    if isinstance(sizes, (str, bytes)) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in sizes):
+        raise TypeError(f"label_bucket_sizes must be a list of ints such as [64, 128, 256], "
+                        f"got {sizes!r}")
+    return [int(v) for v in sizes]
 
 
 def as_tokens(x, name: str = "tokens") -> np.ndarray:
@@ -173,7 +183,9 @@ class Model:
                    memory_limit: Optional[int] = None,
                    fp16_activations: Optional[bool] = None,
                    cheap_recompute: Optional[bool] = None,
-                   cast_on_use: Optional[bool] = None) -> dict:
+                   cast_on_use: Optional[bool] = None,
+                   sparse_loss: Optional[bool] = None,
+                   label_bucket_sizes: Optional[Sequence[int]] = None) -> dict:
         """Memory levers (None keeps the current setting); returns them all.
 
         gradient_checkpointing: keep only each block's input from forward to
@@ -199,6 +211,14 @@ class Model:
         makes the 16-bit copy of the weights (2 bytes a parameter): the
         lever drops that copy until a training run makes it again; logits
         are bit-identical, each forward pays one pass over the master.
+        sparse_loss: loss and training runs gather the label positions
+        (targets not ignored) from the residual stream and run the final
+        norm, LM head and cross-entropy over those rows only; the others'
+        logits never exist. Loss and gradients equal the dense ones (up to
+        f32 summation order). The rows are padded to the smallest of
+        label_bucket_sizes (positive, ascending) that holds the batch's
+        labels (above the largest: a multiple of it; none given: a multiple
+        of 64), so that a few shapes (plans, CUDA graphs) serve every batch.
 
         >>> m = Model("tiny"); m.set_levers(fused_ce=True)["fused_ce"]
         True
@@ -212,7 +232,10 @@ class Model:
                    fused_ce=cur["fused_ce"] if fused_ce is None else bool(fused_ce),
                    ce_rows=cur["ce_rows"] if ce_rows is None else int(ce_rows),
                    memory_limit=cur["memory_limit"] if memory_limit is None else int(memory_limit),
-                   fp16_act=cur["fp16_act"] if fp16_activations is None else bool(fp16_activations))
+                   fp16_act=cur["fp16_act"] if fp16_activations is None else bool(fp16_activations),
+                   sparse_loss=cur["sparse_loss"] if sparse_loss is None else bool(sparse_loss),
+                   label_buckets=cur["label_buckets"] if label_bucket_sizes is None
+                   else check_label_buckets(label_bucket_sizes))
         self._h.set_levers(**new)
         return self.levers
 
@@ -223,10 +246,11 @@ class Model:
         return dict(gradient_checkpointing=d["checkpoint"], cheap_recompute=d["cheap_recompute"],
                     cast_on_use=d["cast_on_use"], fused_ce=d["fused_ce"],
                     ce_rows=d["ce_rows"], memory_limit=d["memory_limit"],
-                    fp16_activations=d["fp16_act"])
+                    fp16_activations=d["fp16_act"], sparse_loss=d["sparse_loss"],
+                    label_bucket_sizes=d["label_buckets"])
 
     def plan_memory(self, batch_size: int, seq_len: int, mode: str = "train",
-                    grad_accum: int = 1) -> dict:
+                    grad_accum: int = 1, labels: Optional[int] = None) -> dict:
         """Plan a run without allocating anything: the activation arena's
         bytes, the activation bytes kept from forward to backward, the fixed
         bytes (parameters, their compute copy, gradients, AdamW state: what
@@ -241,6 +265,9 @@ class Model:
           'train': a Trainer step (AdamW state too). With grad_accum=1 on a
               model holding no gradients, the step's gradients live in its
               arena, in room that backward frees, and die with the update.
+        With the sparse loss, the loss runs over the label rows of batches
+        of `labels` label positions (padded to their bucket); None plans the
+        worst case, every position labelled.
 
         >>> Model("tiny").plan_memory(2, 64)["arena_bytes"] > 0
         True
@@ -248,7 +275,8 @@ class Model:
         has_grads, _ = self._h.holds()
         own_grads = mode == "train" and int(grad_accum) == 1 and not has_grads
         code = {"forward": 0, "loss": 1, "backward": 2, "train": 3 if own_grads else 2}[mode]
-        arena, kept = self._h.plan_bytes(int(batch_size), int(seq_len), code)
+        arena, kept = self._h.plan_bytes(int(batch_size), int(seq_len), code,
+                                         -1 if labels is None else int(labels))
         fixed = self._h.fixed_bytes(code, mode == "train")
         available = _C.mem_available("cuda" if self.device == "cuda" else "cpu")[0]
         return dict(arena_bytes=arena, kept_bytes=kept, fixed_bytes=fixed,

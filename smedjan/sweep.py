@@ -24,9 +24,12 @@ MIB = 1 << 20
 
 #: options understood by a sweep row besides Trainer keyword arguments
 RUN_KEYS = ("kind", "size", "batch_size", "seq_len", "device", "dtype", "vocab_size", "seed",
-            "steps", "warmup_steps", "memory_limit", "data", "threads")
+            "steps", "warmup_steps", "memory_limit", "data", "threads", "label_fraction")
 TRAINER_KEYS = ("lr", "min_lr", "warmup", "weight_decay", "clip", "eps", "grad_accum",
-                "gradient_checkpointing", "cheap_recompute", "fused_ce", "fp16_activations")
+                "gradient_checkpointing", "cheap_recompute", "fused_ce", "fp16_activations",
+                "sparse_loss", "label_bucket_sizes")
+#: options whose one value is a list: a grid gives alternatives as a list of lists
+LIST_KEYS = ("label_bucket_sizes",)
 DEFAULTS = dict(size="small", batch_size=4, seq_len=128, device="cpu", dtype=None,
                 vocab_size=8192, seed=0, steps=10, warmup_steps=2, memory_limit=None, data=None,
                 threads=None, grad_accum=1)
@@ -39,11 +42,20 @@ def expand(grid: Union[Dict, Iterable[Dict]], base: Optional[Dict] = None) -> Li
 
     >>> [c["batch_size"] for c in expand({"batch_size": [2, 4], "grad_accum": 1})]
     [2, 4]
+    >>> [c["label_bucket_sizes"] for c in expand({"label_bucket_sizes": [64, 128]})]
+    [[64, 128]]
     """
     base = {**DEFAULTS, **(base or {})}
     if isinstance(grid, dict):
         keys = list(grid)
-        vals = [v if isinstance(v, (list, tuple)) else [v] for v in grid.values()]
+
+        def alternatives(k, v):
+            if not isinstance(v, (list, tuple)):
+                return [v]
+            if k in LIST_KEYS and not any(isinstance(x, (list, tuple)) for x in v):
+                return [list(v)]
+            return list(v)
+        vals = [alternatives(k, v) for k, v in grid.items()]
         rows = [dict(zip(keys, combo)) for combo in itertools.product(*vals)]
     else:
         rows = [dict(r) for r in grid]
@@ -63,9 +75,12 @@ def kind_of(c: Dict) -> str:
     if c.get("dtype"):
         parts.append(str(c["dtype"]))
     for k, tag in (("gradient_checkpointing", "ckpt"), ("cheap_recompute", "cheap"),
-                   ("fused_ce", "fce"), ("fp16_activations", "f16act")):
+                   ("fused_ce", "fce"), ("fp16_activations", "f16act"), ("sparse_loss", "sparse")):
         if c.get(k):
             parts.append(tag)
+    if c.get("sparse_loss") and c.get("label_bucket_sizes"):
+        b = c["label_bucket_sizes"]
+        parts.append(f"lbl{b[0]}_{b[-1]}")
     return "_".join(parts)
 
 
@@ -91,7 +106,9 @@ def run_one(c: Dict) -> Dict:
     model.set_levers(gradient_checkpointing=bool(c.get("gradient_checkpointing")),
                      cheap_recompute=bool(c.get("cheap_recompute")),
                      fused_ce=bool(c.get("fused_ce")),
-                     fp16_activations=bool(c.get("fp16_activations")))
+                     fp16_activations=bool(c.get("fp16_activations")),
+                     sparse_loss=bool(c.get("sparse_loss")),
+                     label_bucket_sizes=c.get("label_bucket_sizes") or [])
     plan = model.plan_memory(B, T, "train", n)
     if limit and plan["peak_bytes"] > limit:   # refuse before the optimizer state exists
         raise OutOfMemoryError(f"memory limit {limit / MIB:.0f} MiB: planned peak "
@@ -106,8 +123,18 @@ def run_one(c: Dict) -> Dict:
     else:
         rng = np.random.default_rng(c["seed"])
         V = model.config.vocab_size
-        draw = lambda: (rng.integers(0, V, (B * n, T)).astype(np.int32),  # noqa: E731
-                        rng.integers(0, V, (B * n, T)).astype(np.int32))
+        # SFT-like targets with label_fraction < 1: each row's prompt (the
+        # first part) ignored, its answer labelled
+        frac = float(c.get("label_fraction") or 1.0)
+        if not 0 < frac <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {frac}")
+        prompt = T - int(round(T * frac))
+
+        def draw():
+            x = rng.integers(0, V, (B * n, T)).astype(np.int32)
+            y = rng.integers(0, V, (B * n, T)).astype(np.int32)
+            y[:, :prompt] = -1
+            return x, y
     for _ in range(int(c["warmup_steps"])):
         trainer.step(*draw())
     ms, losses = [], []
@@ -292,10 +319,14 @@ def cmd_sweep(args) -> int:
                             ("gradient_checkpointing", "gradient_checkpointing", bool),
                             ("cheap_recompute", "cheap_recompute", bool),
                             ("fused_ce", "fused_ce", bool),
-                            ("fp16_activations", "fp16_activations", bool)):
+                            ("fp16_activations", "fp16_activations", bool),
+                            ("sparse_loss", "sparse_loss", bool),
+                            ("label_fraction", "label_fraction", float)):
         v = _values(getattr(args, flag), cast)
         if v is not None:
             grid[key] = v
+    if args.label_bucket_sizes:
+        grid["label_bucket_sizes"] = [args.label_bucket_sizes]
     if args.grid:
         grid.update(args.grid)
     base = dict(steps=args.steps, warmup_steps=args.warmup_steps, device=args.device,
@@ -313,8 +344,8 @@ def cmd_sweep(args) -> int:
 
 
 def add_commands(sub) -> None:
-    from .argtypes import (byte_size, int_list, json_object, nonneg_int, on_off_list,
-                           positive_float, positive_int)
+    from .argtypes import (ascending_sizes, byte_size, int_list, json_object, nonneg_int,
+                           on_off_list, positive_float, positive_int)
     s = sub.add_parser("sweep", help="measure a grid of training configurations",
                        description="Run every combination of the comma-separated values, each in "
                                    "a fresh process; one that runs out of memory is recorded as "
@@ -328,6 +359,11 @@ def add_commands(sub) -> None:
     s.add_argument("--cheap-recompute", type=on_off_list, help="off,on")
     s.add_argument("--fused-ce", type=on_off_list, help="off,on")
     s.add_argument("--fp16-activations", type=on_off_list, help="off,on")
+    s.add_argument("--sparse-loss", type=on_off_list, help="off,on")
+    s.add_argument("--label-bucket-sizes", type=ascending_sizes,
+                   help="one set, e.g. 64,128,256,512 (several: --grid)")
+    s.add_argument("--label-fraction", help="random data: the labelled share of each row's "
+                                            "targets, its end (SFT-like), e.g. 0.4,1")
     s.add_argument("--grid", type=json_object,
                    help='more options as JSON, e.g. \'{"lr": [1e-3, 3e-4]}\'')
     s.add_argument("--device", default=None, help="cpu (default) or cuda")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -107,6 +107,10 @@ class Trainer:
     fused_ce never materialises the (batch*seq, vocab) logits;
     fp16_activations stores the activations kept for backward as fp16;
     memory_limit (bytes) refuses a run whose planned peak exceeds it.
+    sparse_loss runs the final norm, LM head and loss only at label
+    positions (targets not ignored: SFT's answers), padded to the smallest
+    of label_bucket_sizes that holds a batch's labels (Model.set_levers):
+    the same loss and gradients, without the unlabelled rows' logits.
 
     clip is the global gradient-norm bound; 0 (or None) turns clipping off.
     Arguments outside their range are refused by name (ValueError): lr,
@@ -147,7 +151,9 @@ class Trainer:
                  eps: float = 1e-8, grad_accum: int = 1,
                  gradient_checkpointing: Optional[bool] = None, fused_ce: Optional[bool] = None,
                  fp16_activations: Optional[bool] = None, memory_limit: Optional[int] = None,
-                 cheap_recompute: Optional[bool] = None, max_skipped_steps: Optional[int] = 3,
+                 cheap_recompute: Optional[bool] = None, sparse_loss: Optional[bool] = None,
+                 label_bucket_sizes: Optional[Sequence[int]] = None,
+                 max_skipped_steps: Optional[int] = 3,
                  spike_window: int = 100, spike_threshold: Optional[float] = 6.0):
         if int(grad_accum) < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
@@ -159,7 +165,8 @@ class Trainer:
         self.spikes = LossSpikes(spike_window, spike_threshold)
         model.set_levers(gradient_checkpointing=gradient_checkpointing, fused_ce=fused_ce,
                          memory_limit=memory_limit, fp16_activations=fp16_activations,
-                         cheap_recompute=cheap_recompute)
+                         cheap_recompute=cheap_recompute, sparse_loss=sparse_loss,
+                         label_bucket_sizes=label_bucket_sizes)
         self.model = model
         self.lr, self.min_lr = lr, lr / 10 if min_lr is None else min_lr
         self.warmup, self.steps = warmup, steps

@@ -196,6 +196,21 @@ def mix_bwd(dout, c0, w, a):
     return dx, dy
 
 
+def gather_rows_fwd(x, idx):
+    """Rows idx of x; a zero row where idx < 0 (padding)."""
+    x = np.float64(x)
+    return np.where((idx >= 0)[:, None], x[np.maximum(idx, 0)], 0.0)
+
+
+def gather_rows_bwd(dout, idx, N, dx0=None):
+    """dout's rows scattered back to rows idx of an (N, C) gradient (added
+    into dx0 when given, else every other row zero); padding skipped."""
+    dx = np.zeros((N, dout.shape[1])) if dx0 is None else np.float64(dx0).copy()
+    keep = idx >= 0
+    dx[idx[keep]] += np.float64(dout)[keep]
+    return dx
+
+
 def cross_entropy(logits, targets, ignore):
     x = np.float64(logits)
     m = x.max(-1, keepdims=True)

@@ -158,3 +158,27 @@ def test_qk_norm_backward_matches_the_reference(hd, weighted, accum, dw_accum, i
     else:   # no gains: their gradients are not touched
         np.testing.assert_array_equal(b["dwq"], dwq0)
         np.testing.assert_array_equal(b["dwk"], dwk0)
+
+
+def label_rows(rng, N, R, n_pad):
+    """R - n_pad distinct rows of N in random order, then n_pad padding
+    entries (-1) scattered among them: the sparse loss's gather indices."""
+    idx = np.concatenate([rng.choice(N, R - n_pad, replace=False), -np.ones(n_pad, np.int64)])
+    return rng.permutation(idx).astype(np.int32)
+
+
+@pytest.mark.parametrize("accum", [0, 1])
+def test_gather_rows_kernels(accum, rng):
+    """Forward copies the indexed rows (zeros for padding); backward puts
+    each dout row back at its row of dx, zeroing the rest unless it adds,
+    and a padding entry never touches dx (its dout row is poison here)."""
+    N, R, C = 57, 24, 40
+    idx = label_rows(rng, N, R, 5)
+    x = rnd(rng, N, C)
+    out = op("gather_rows_forward", {"out": poison((R, C)), "x": x, "idx": idx}, (R, C))["out"]
+    np.testing.assert_array_equal(out.reshape(R, C), ref.gather_rows_fwd(x, idx))
+    dout = rnd(rng, R, C)
+    dout[idx < 0] = np.nan
+    dx0 = rnd(rng, N, C) if accum else poison((N, C))
+    got = op("gather_rows_backward", {"dx": dx0, "dout": dout, "idx": idx}, (N, R, C, accum))["dx"]
+    close(got, ref.gather_rows_bwd(dout, idx, N, dx0 if accum else None), "gather_rows backward")

@@ -164,6 +164,31 @@ def test_embedding_kernels(dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accum", [0, 1])
+def test_gather_rows_kernels(dtype, accum, rng):
+    """The sparse loss's label rows: forward copies rows (bit for bit; zeros
+    for padding), backward puts each dout row back at its row of dx, zeroing
+    the others unless it adds; padding entries (their dout poisoned) touch
+    nothing."""
+    N, R, C = 300, 130, 96
+    idx = np.concatenate([rng.choice(N, R - 9, replace=False), -np.ones(9, np.int64)])
+    idx = rng.permutation(idx).astype(np.int32)
+    x = rnd(rng, N, C, dtype=dtype)
+    out = op("gather_rows_forward", dtype, {"out": poison((R, C)), "x": x, "idx": idx}, (R, C))
+    np.testing.assert_array_equal(out["out"].reshape(R, C), ref.gather_rows_fwd(x, idx))
+    dout = rnd(rng, R, C, dtype=dtype)
+    dout[idx < 0] = np.nan
+    dx0 = rnd(rng, N, C, dtype=dtype) if accum else poison((N, C))
+    got = op("gather_rows_backward", dtype, {"dx": dx0, "dout": dout, "idx": idx},
+             (N, R, C, accum))["dx"]
+    want = ref.gather_rows_bwd(dout, idx, N, dx0 if accum else None)
+    if accum:
+        close(got, want, dtype, "gather_rows backward")   # one rounding of each sum
+    else:
+        np.testing.assert_array_equal(got.reshape(N, C), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("accum,dw_accum", [(0, 0), (1, 1), (0, 1), (1, 0)])
 def test_rmsnorm_kernels(dtype, accum, dw_accum, rng):
     N, C = 333, 160

@@ -99,6 +99,8 @@ static void graph_free(void *g) { (void)g; }
     .matmul_add = matmul_add,                     \
     .embedding_forward = sj_cpu_embedding_forward,\
     .embedding_backward = sj_cpu_embedding_backward,\
+    .gather_rows_forward = sj_cpu_gather_rows_forward,\
+    .gather_rows_backward = sj_cpu_gather_rows_backward,\
     .rmsnorm_forward = sj_cpu_rmsnorm_forward,    \
     .rmsnorm_backward = sj_cpu_rmsnorm_backward,  \
     .qk_norm_forward = sj_cpu_qk_norm_forward,    \

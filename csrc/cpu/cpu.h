@@ -21,6 +21,9 @@ void sj_cpu_embedding_forward(void *out, const void *tok, sj_dtype tok_dtype,
                               const void *emb, int N, int C);
 void sj_cpu_embedding_backward(float *demb, const void *dout, const void *tok,
                                sj_dtype tok_dtype, int N, int C);
+void sj_cpu_gather_rows_forward(void *out, const void *x, const int32_t *idx, int R, int C);
+void sj_cpu_gather_rows_backward(void *dx, const void *dout, const int32_t *idx, int N, int R,
+                                 int C, int accum);
 void sj_cpu_rmsnorm_forward(void *out, float *rstd, const void *x, const void *w,
                             int N, int C, float eps);
 void sj_cpu_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x,

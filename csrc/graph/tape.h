@@ -38,7 +38,7 @@ typedef enum {
     SJ_OP_EMBEDDING, SJ_OP_RMSNORM, SJ_OP_MATMUL, SJ_OP_MATMUL_ADD, SJ_OP_ROPE,
     SJ_OP_ATTENTION, SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP_LM_HEAD_CE,
     SJ_OP_CAST, SJ_OP_MATMUL_SWIGLU, SJ_OP_MATMUL_ROPE, SJ_OP_PAIR_HEADS, SJ_OP_MIX,
-    SJ_OP_AXPY, SJ_OP_QK_NORM, SJ_OP__COUNT
+    SJ_OP_AXPY, SJ_OP_QK_NORM, SJ_OP_GATHER_ROWS, SJ_OP__COUNT
 } sj_opcode;
 
 typedef struct {
@@ -156,6 +156,10 @@ int sj_op_pair_heads(sj_tape *tp, int x, int N, int n_heads, int hd);
  * row: (1 - a) x + a y. y may feed many mixes (layer 0's qkv): its
  * gradient then accumulates over them, zero off the slices. */
 int sj_op_mix(sj_tape *tp, int x, int y, int N, int ld, int c0, int w, float a);
+/* Rows by index (the sparse loss): x: (N, C), idx: (R) int32 EXTERN -> (R, C),
+ * row r = x[idx[r]], zeros where idx[r] < 0 (padding); entries >= 0 distinct.
+ * x's gradient is dy scattered back, zero on rows no entry names. */
+int sj_op_gather_rows(sj_tape *tp, int x, int idx, int N, int R, int C);
 int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index);
 /* Tied LM head + cross-entropy, `rows` rows at a time: only (rows, ld)
  * logits ever exist. h: (N, C), w: (V, C) -> losses (N). On a training tape

@@ -500,8 +500,16 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         OP_BLOCK_END();
         if (layer_blocks) SJ_TRY(sj_tape_block_end(tp));
     }
+    /* The sparse loss: only the label rows go on, gathered before the final
+     * norm (which, like the head, works row by row). */
+    const int R = pl->label_rows, rows = R ? R : N;
+    if (R) {
+        if ((pl->label_idx = sj_tape_tensor(tp, SJ_T_EXTERN, R)) < 0) return SJ_ERR_NOMEM;
+        tp->t[pl->label_idx].dtype = SJ_I32;
+        x = sj_op_gather_rows(tp, x, pl->label_idx, N, R, C);
+    }
     OP_BLOCK_BEGIN();
-    int h = sj_op_rmsnorm(tp, x, NORM("final_norm%.0d", 0), N, C, c->norm_eps);
+    int h = sj_op_rmsnorm(tp, x, NORM("final_norm%.0d", 0), rows, C, c->norm_eps);
     /* An unaligned vocabulary (ld > V) takes the fused head over all rows
      * even without the lever: it alone runs the GEMMs at the padded
      * vocabulary (GPT-2's 50257 on an H100: 286K -> 424K tok/s). */
@@ -509,14 +517,14 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     const char *head = c->untied_head ? "lm_head%.0d" : "tok_emb%.0d";
     if ((m->lv.fused_ce || odd_vocab) && pl->mode != SJ_RUN_LOGITS) {
         pl->logits = -1;
-        pl->targets = sj_tape_tensor(tp, SJ_T_EXTERN, N);
-        const int rows = !m->lv.fused_ce ? N : m->lv.ce_rows > 0 ? m->lv.ce_rows : 256;
-        pl->losses = sj_op_lm_head_ce(tp, h, PARAM(head, 0, V), pl->targets, N, V,
-                                      m->vocab_ld, C, -1, rows);
+        pl->targets = sj_tape_tensor(tp, SJ_T_EXTERN, rows);
+        const int chunk = !m->lv.fused_ce ? rows : m->lv.ce_rows > 0 ? m->lv.ce_rows : 256;
+        pl->losses = sj_op_lm_head_ce(tp, h, PARAM(head, 0, V), pl->targets, rows, V,
+                                      m->vocab_ld, C, -1, chunk);
         OP_BLOCK_END();
         return pl->losses < 0 ? SJ_ERR_NOMEM : SJ_OK;
     }
-    pl->logits = sj_op_matmul(tp, h, PARAM(head, 0, V), N, V, C);
+    pl->logits = sj_op_matmul(tp, h, PARAM(head, 0, V), rows, V, C);
     OP_BLOCK_END();
     #undef PARAM
     #undef NORM
@@ -530,17 +538,19 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         if (!tp->device) { tp->t[pl->logits].kind = SJ_T_EXTERN; tp->t[pl->logits].dtype = SJ_F32; }
         return SJ_OK;
     }
-    pl->targets = sj_tape_tensor(tp, SJ_T_EXTERN, N);
-    pl->losses = sj_op_cross_entropy(tp, pl->logits, pl->targets, N, V, -1);
+    pl->targets = sj_tape_tensor(tp, SJ_T_EXTERN, rows);
+    pl->losses = sj_op_cross_entropy(tp, pl->logits, pl->targets, rows, V, -1);
     return pl->losses < 0 ? SJ_ERR_NOMEM : SJ_OK;
 }
-/* The plan for (B, T, mode): reused when present, else recorded and planned,
- * evicting the least recently used one. */
-static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan **out) {
+/* The plan for (B, T, mode, label rows): reused when present, else recorded
+ * and planned, evicting the least recently used one. */
+static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, int label_rows,
+                         sj_plan **out) {
     sj_plan *victim = &m->plans[0];
     for (int i = 0; i < SJ_MAX_PLANS; i++) {
         sj_plan *p = &m->plans[i];
-        if (p->used && p->B == B && p->T == T && p->mode == mode) {
+        if (p->used && p->B == B && p->T == T && p->mode == mode &&
+            p->label_rows == label_rows) {
             p->last_use = ++m->clock;
             *out = p;
             return SJ_OK;
@@ -550,8 +560,9 @@ static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan *
     drop_plan(m, victim);
     sj_plan *pl = victim;
     memset(pl, 0, sizeof *pl);
-    pl->B = B; pl->T = T; pl->mode = mode;
+    pl->B = B; pl->T = T; pl->mode = mode; pl->label_rows = label_rows;
     tape_init(m, pl, 0);
+    m->plans_recorded++;
     pl->tape.loss_scale_ptr = m->be->device ? &m->scalars->loss_scale : NULL;
     const int64_t limit = m->lv.memory_limit;
     /* Pending: the gradients and compute copy a training run will bring
@@ -595,8 +606,9 @@ static sj_status get_plan(sj_model *m, int B, int T, sj_run_mode mode, sj_plan *
             s = sj_fail(SJ_ERR_NOMEM, "out of memory: %lld bytes asked for %s",
                         (long long)(pending + pl->tape.arena_bytes), what);
     }
-    if (s == SJ_OK && m->be->device &&
-        !(pl->host = m->be->host_alloc((size_t)16 * B * T, "staged tokens and losses")))
+    if (s == SJ_OK && (m->be->device || label_rows) &&
+        !(pl->host = m->be->host_alloc((size_t)16 * B * T + (size_t)4 * label_rows,
+                                       "staged tokens and losses")))
         s = SJ_ERR_NOMEM;
     if (s != SJ_OK) {
         if (pl->host) m->be->host_free(pl->host);
@@ -634,19 +646,47 @@ static sj_status check_shape(const sj_model *m, int B, int T) {
     return SJ_OK;
 }
 
-/* Host side of the inputs. Host backends bind the caller's arrays; device
- * backends get int32 copies in pinned memory (plus, for training, the rows
- * stably sorted by token: a counting sort) that enqueue() copies over. */
+/* The sparse loss's rows: the label positions (targets not ignored) in
+ * order and their targets, padded to label_rows with position -1 and an
+ * ignored target (a padding row gathers zeros; its loss and gradient are 0). */
+static void stage_labels(sj_plan *pl, const void *targets, sj_dtype dt, int ignore_index,
+                         int32_t *tgt, int32_t *pos) {
+    const int64_t N = (int64_t)pl->B * pl->T;
+    int r = 0;
+    for (int64_t i = 0; i < N; i++) {
+        const int64_t v = sj_token_at(targets, dt, i);
+        if (v == ignore_index) continue;
+        pos[r] = (int32_t)i;
+        tgt[r++] = (int32_t)v;
+    }
+    for (; r < pl->label_rows; r++) { pos[r] = -1; tgt[r] = ignore_index; }
+}
+
+/* Host side of the inputs. Host backends bind the caller's arrays (the
+ * sparse loss's label rows: staged as on a device); device backends get
+ * int32 copies in pinned memory (plus, for training, the rows stably
+ * sorted by token: a counting sort) that enqueue() copies over. */
 static void stage(sj_model *m, sj_plan *pl, const void *tokens, const void *targets,
-                  sj_dtype dt) {
+                  sj_dtype dt, int ignore_index) {
     sj_tape *tp = &pl->tape;
     const int64_t N = (int64_t)pl->B * pl->T;
+    int32_t *tok = pl->host, *tgt = tok ? tok + 2 * N : NULL;
+    if (targets && pl->label_rows) {
+        stage_labels(pl, targets, dt, ignore_index, tgt, tok + 4 * N);
+        tp->t[pl->targets].dtype = SJ_I32;
+        if (!tp->device) {
+            tp->t[pl->targets].ptr = tgt;
+            tp->t[pl->label_idx].ptr = tok + 4 * N;
+        }
+    }
     if (!tp->device) {
         tp->t[pl->tokens].ptr = (void *)tokens; tp->t[pl->tokens].dtype = dt;
-        if (targets) { tp->t[pl->targets].ptr = (void *)targets; tp->t[pl->targets].dtype = dt; }
+        if (targets && !pl->label_rows) {
+            tp->t[pl->targets].ptr = (void *)targets;
+            tp->t[pl->targets].dtype = dt;
+        }
         return;
     }
-    int32_t *tok = pl->host, *tgt = tok + 2 * N;
     for (int64_t i = 0; i < N; i++) tok[i] = (int32_t)sj_token_at(tokens, dt, i);
     tp->t[pl->tokens].dtype = SJ_I32;
     if (sj_run_trains(pl->mode)) {
@@ -657,7 +697,7 @@ static void stage(sj_model *m, sj_plan *pl, const void *tokens, const void *targ
         for (int v = 0; v < V; v++) cnt[v + 1] += cnt[v];
         for (int64_t i = 0; i < N; i++) order[cnt[tok[i]]++] = (int32_t)i;
     }
-    if (targets) {
+    if (targets && !pl->label_rows) {
         for (int64_t i = 0; i < N; i++) tgt[i] = (int32_t)sj_token_at(targets, dt, i);
         tp->t[pl->targets].dtype = SJ_I32;
     }
@@ -673,19 +713,23 @@ sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
     if (tok_dtype == SJ_U16) ignore_index = -1;   /* no uint16 value can be ignored */
     SJ_TRY(check_tokens(m, tokens, tok_dtype, N, T, "tokens", 0, 0));
     if (targets) SJ_TRY(check_tokens(m, targets, tok_dtype, N, T, "targets", 1, ignore_index));
+    int64_t labels = 0;
+    if (targets)
+        for (int64_t i = 0; i < N; i++) labels += sj_token_at(targets, tok_dtype, i) != ignore_index;
+    const int label_rows = targets && mode != SJ_RUN_LOGITS && m->lv.sparse_loss
+                         ? sj_model_label_rows(&m->lv, labels, N) : 0;
     sj_plan *pl;
-    SJ_TRY(get_plan(m, B, T, mode, &pl));
+    SJ_TRY(get_plan(m, B, T, mode, label_rows, &pl));
     /* After the plan (a refused plan allocates nothing), before any enqueue
      * or graph capture (which must see the final pointer). */
     if (mode == SJ_RUN_TRAIN) SJ_TRY(sj_model_need_grads(m));
     if (sj_run_trains(mode)) SJ_TRY(need_compute_copy(m));
-    stage(m, pl, tokens, targets, tok_dtype);
+    stage(m, pl, tokens, targets, tok_dtype, ignore_index);
     *count = 0;
     if (targets) {
         /* The loss node was recorded with ignore -1; the caller's index goes in here. */
         pl->tape.nodes[pl->tape.t[pl->losses].producer].dim[2] = ignore_index;
-        for (int64_t i = 0; i < N; i++) *count += sj_token_at(targets, tok_dtype, i) != ignore_index;
-        if (denom > 0) *count = denom;
+        *count = denom > 0 ? denom : labels;
         pl->tape.loss_scale = *count ? 1.0f / (float)*count : 0.0f;
         m->scalars_host[0].loss_scale = pl->tape.loss_scale;
     }
@@ -693,16 +737,24 @@ sj_status sj_model_prepare(sj_model *m, const void *tokens, const void *targets,
     return SJ_OK;
 }
 
+/* Rows the loss runs over: the label rows, or every position. */
+static int64_t loss_rows(const sj_plan *pl) {
+    return pl->label_rows ? pl->label_rows : (int64_t)pl->B * pl->T;
+}
+
 sj_status sj_model_enqueue(sj_model *m, sj_plan *pl) {
     const sj_backend *be = m->be;
     sj_tape *tp = &pl->tape;
-    const int64_t N = (int64_t)pl->B * pl->T;
+    const int64_t N = (int64_t)pl->B * pl->T, rows = loss_rows(pl);
     if (tp->device) {
         int32_t *tok = pl->host;
         be->from_host_async(sj_tape_ptr(tp, pl->tokens, NULL), tok,
                             sizeof(int32_t) * (size_t)N * (sj_run_trains(pl->mode) ? 2 : 1));
         if (pl->mode != SJ_RUN_LOGITS) {
-            be->from_host_async(sj_tape_ptr(tp, pl->targets, NULL), tok + 2 * N, 4 * (size_t)N);
+            be->from_host_async(sj_tape_ptr(tp, pl->targets, NULL), tok + 2 * N, 4 * (size_t)rows);
+            if (pl->label_rows)
+                be->from_host_async(sj_tape_ptr(tp, pl->label_idx, NULL), tok + 4 * N,
+                                    4 * (size_t)pl->label_rows);
             be->from_host_async(&m->scalars->loss_scale, &m->scalars_host[0].loss_scale,
                                 sizeof(float));
         }
@@ -714,22 +766,22 @@ sj_status sj_model_enqueue(sj_model *m, sj_plan *pl) {
     SJ_TRY(sj_tape_forward(tp, be, m->params_act));
     if (pl->mode == SJ_RUN_LOGITS) return SJ_OK;
     /* Per-row losses out before backward reuses their memory. */
-    float *rows = tp->device ? (float *)pl->host + 3 * N : m->rows_host;
-    if (!tp->device && m->n_rows_host < N) {
-        float *r = realloc(m->rows_host, sizeof(float) * N);
+    float *losses = tp->device ? (float *)pl->host + 3 * N : m->rows_host;
+    if (!tp->device && m->n_rows_host < rows) {
+        float *r = realloc(m->rows_host, sizeof(float) * rows);
         if (!r) return sj_fail(SJ_ERR_NOMEM, "loss: out of memory");
-        m->rows_host = rows = r; m->n_rows_host = N;
+        m->rows_host = losses = r; m->n_rows_host = rows;
     }
-    be->to_host_async(rows, sj_tape_ptr(tp, pl->losses, m->params_act), sizeof(float) * N);
+    be->to_host_async(losses, sj_tape_ptr(tp, pl->losses, m->params_act), sizeof(float) * rows);
     if (!sj_run_trains(pl->mode)) return SJ_OK;
     return sj_tape_backward(tp, be, m->params_act, tp->grads);
 }
 
 float sj_model_mean_loss(sj_model *m, sj_plan *pl, int64_t count) {
-    const int64_t N = (int64_t)pl->B * pl->T;
+    const int64_t N = (int64_t)pl->B * pl->T, n = loss_rows(pl);
     const float *rows = pl->tape.device ? (const float *)pl->host + 3 * N : m->rows_host;
     double sum = 0.0;
-    for (int64_t i = 0; i < N; i++) sum += rows[i];
+    for (int64_t i = 0; i < n; i++) sum += rows[i];
     return count ? (float)(sum / (double)count) : NAN;
 }
 
@@ -825,10 +877,24 @@ sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv) {
     if (lv->ce_rows < 0) return sj_fail(SJ_ERR_ARG, "ce_rows must be >= 0, got %d", lv->ce_rows);
     if (lv->memory_limit < 0)
         return sj_fail(SJ_ERR_ARG, "memory_limit must be >= 0, got %lld", (long long)lv->memory_limit);
+    const int nb = lv->n_label_buckets;
+    if (nb < 0 || nb > SJ_MAX_LABEL_BUCKETS)
+        return sj_fail(SJ_ERR_ARG, "label_bucket_sizes: at most %d buckets, got %d",
+                       SJ_MAX_LABEL_BUCKETS, nb);
+    for (int i = 0; i < nb; i++) {
+        if (lv->label_buckets[i] < 1)
+            return sj_fail(SJ_ERR_ARG, "label_bucket_sizes must be positive, got %d",
+                           lv->label_buckets[i]);
+        if (i > 0 && lv->label_buckets[i] <= lv->label_buckets[i - 1])
+            return sj_fail(SJ_ERR_ARG, "label_bucket_sizes must be ascending, got %d after %d",
+                           lv->label_buckets[i], lv->label_buckets[i - 1]);
+    }
     if (lv->checkpoint == m->lv.checkpoint && lv->cheap_recompute == m->lv.cheap_recompute &&
         lv->fused_ce == m->lv.fused_ce &&
         lv->ce_rows == m->lv.ce_rows && lv->memory_limit == m->lv.memory_limit &&
-        lv->f16_act == m->lv.f16_act && lv->cast_on_use == m->lv.cast_on_use) return SJ_OK;
+        lv->f16_act == m->lv.f16_act && lv->cast_on_use == m->lv.cast_on_use &&
+        lv->sparse_loss == m->lv.sparse_loss && nb == m->lv.n_label_buckets &&
+        !memcmp(lv->label_buckets, m->lv.label_buckets, sizeof(int) * (size_t)nb)) return SJ_OK;
     if (m->ctx) m->be->bind(m->ctx);
     for (int i = 0; i < SJ_MAX_PLANS; i++) drop_plan(m, &m->plans[i]);
     /* No plan is left that reads the compute copy: it can go (a run that
@@ -839,6 +905,17 @@ sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv) {
     }
     m->lv = *lv;
     return SJ_OK;
+}
+
+/* Without buckets, a multiple of 64 rows: the head's GEMMs keep whole
+ * 64-row tiles, a batch pads fewer than 64 rows (beside a head over all
+ * B*T), and B*T/64 shapes at most come to be planned. */
+int sj_model_label_rows(const sj_levers *lv, int64_t labels, int64_t n) {
+    const int nb = lv->n_label_buckets;
+    const int64_t step = nb ? lv->label_buckets[nb - 1] : 64;
+    int64_t rows = labels > step ? (labels + step - 1) / step * step : step;
+    for (int i = nb - 1; i >= 0 && lv->label_buckets[i] >= labels; i--) rows = lv->label_buckets[i];
+    return (int)(rows < n ? rows : n);
 }
 
 int64_t sj_model_fixed_bytes(const sj_model *m, sj_run_mode mode, int optimizer) {
@@ -854,16 +931,19 @@ int64_t sj_model_fixed_bytes(const sj_model *m, sj_run_mode mode, int optimizer)
 
 sj_status sj_model_plan_bytes(sj_model *m, int B, int T, sj_run_mode mode,
                               int64_t *arena_bytes, int64_t *kept_bytes) {
-    return sj_model_plan_census(m, B, T, mode, arena_bytes, kept_bytes, NULL, NULL);
+    return sj_model_plan_census(m, B, T, mode, -1, arena_bytes, kept_bytes, NULL, NULL);
 }
 
-sj_status sj_model_plan_census(sj_model *m, int B, int T, sj_run_mode mode,
+sj_status sj_model_plan_census(sj_model *m, int B, int T, sj_run_mode mode, int64_t labels,
                                int64_t *arena_bytes, int64_t *kept_bytes,
                                int nodes[SJ_OP__COUNT], int in_place[SJ_OP__COUNT]) {
     SJ_TRY(check_shape(m, B, T));
+    const int64_t N = (int64_t)B * T;
     sj_plan pl;
     memset(&pl, 0, sizeof pl);
     pl.B = B; pl.T = T; pl.mode = mode;
+    if (m->lv.sparse_loss && mode != SJ_RUN_LOGITS)
+        pl.label_rows = sj_model_label_rows(&m->lv, labels < 0 || labels > N ? N : labels, N);
     tape_init(m, &pl, 1);
     sj_status s = record(m, &pl);
     if (s == SJ_OK) s = sj_tape_plan(&pl.tape, m->be);

@@ -13,19 +13,25 @@
 typedef enum { SJ_RUN_LOGITS, SJ_RUN_LOSS, SJ_RUN_TRAIN, SJ_RUN_STEP } sj_run_mode;
 static inline int sj_run_trains(sj_run_mode mode) { return mode >= SJ_RUN_TRAIN; }
 
-/* A recorded and planned tape for one (B, T, mode), kept for reuse. */
+/* A recorded and planned tape for one (B, T, mode, label rows), kept for reuse. */
 typedef struct {
     int B, T, used;
     sj_run_mode mode;
+    int label_rows;              /* sparse loss: rows the final norm, head and loss run over
+                                  * (the batch's labels, padded to a bucket); 0: dense, all
+                                  * B*T rows */
     int64_t last_use;
     sj_tape tape;
     int tokens, targets, logits, losses;   /* tensor ids */
+    int label_idx;               /* sparse loss: the label rows' positions (tensor id) */
     int unfused;                 /* tests (SMEDJAN_UNFUSED): residuals as matmul + add */
     int casts;                   /* casts each weight from the master on use */
     sj_rope rope;                /* the run's RoPE frequencies (dynamic scaling: for T) */
     /* host side of the inputs and per-row losses; pinned on device backends:
      * tokens (2N int32: ids, then rows sorted by id) | targets (N int32) |
-     * losses (N f32) */
+     * losses (N f32) | label positions (label_rows int32). With the sparse
+     * loss, targets and losses are per label row (the first label_rows of
+     * each); host backends then stage only those. */
     void *host;
     void *graph;                 /* the captured train step or logits run (device backends) */
     const void *graph_opt;       /* ... for this optimizer (train steps) */
@@ -35,7 +41,7 @@ typedef struct {
                                   * happen outside a capture */
 } sj_plan;
 
-enum { SJ_MAX_PLANS = 4 };
+enum { SJ_MAX_PLANS = 4, SJ_MAX_LABEL_BUCKETS = 16 };
 
 /* Memory levers: they change how a plan is recorded and laid out, never
  * what it computes (up to fp32 summation order for the fused loss). */
@@ -50,6 +56,15 @@ typedef struct {
                             * until the first training run makes the compute copy, which this
                             * drops (a training run makes it again) */
     int64_t memory_limit;  /* bytes; a plan whose peak would pass it is refused; 0: none */
+    /* Loss and training runs: the final norm, LM head and cross-entropy run
+     * only at the label rows (targets not ignored), gathered from the
+     * residual stream; the other rows' logits never exist. Their count is
+     * padded to the smallest label bucket that holds it (ascending; above
+     * the largest, to a multiple of it; none: a multiple of 64), so that a
+     * few shapes (plans, CUDA graphs) serve every batch. */
+    int sparse_loss;
+    int n_label_buckets;
+    int label_buckets[SJ_MAX_LABEL_BUCKETS];
 } sj_levers;
 
 /* Start peak tracking afresh: peak = bytes held now. */
@@ -58,13 +73,18 @@ void sj_model_reset_peak(sj_model *m);
 sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv);
 /* Plan (B, T, mode) without allocating: the activation arena's bytes (with
  * STEP, the step's gradients too), and the activation bytes kept from
- * forward to backward. */
+ * forward to backward. With the sparse loss, for the worst case: every
+ * position labelled. */
 sj_status sj_model_plan_bytes(sj_model *m, int B, int T, sj_run_mode mode,
                               int64_t *arena_bytes, int64_t *kept_bytes);
-/* ... and the tape's census (sj_tape_census; nodes NULL: none). */
-sj_status sj_model_plan_census(sj_model *m, int B, int T, sj_run_mode mode,
+/* ... for batches of `labels` label positions (sparse loss; < 0: every
+ * position), and the tape's census (sj_tape_census; nodes NULL: none). */
+sj_status sj_model_plan_census(sj_model *m, int B, int T, sj_run_mode mode, int64_t labels,
                                int64_t *arena_bytes, int64_t *kept_bytes,
                                int nodes[SJ_OP__COUNT], int in_place[SJ_OP__COUNT]);
+/* The rows a sparse loss runs for `labels` label positions out of n (the
+ * bucket that holds them, at most n). */
+int sj_model_label_rows(const sj_levers *lv, int64_t labels, int64_t n);
 /* sj_model_loss with the loss's denominator given (grad accumulation: the
  * whole batch's counted targets, so that micro-batch gradients sum to the
  * big batch's mean gradient); denom <= 0: this batch's own count. The loss
@@ -95,8 +115,11 @@ struct sj_model {
     char *names;
     sj_plan plans[SJ_MAX_PLANS];
     int64_t clock;
+    int64_t plans_recorded;         /* tapes recorded so far (tests: shapes reused) */
     int64_t bytes, peak_bytes;
-    float *rows_host; int64_t n_rows_host;   /* per-row losses, copied to host */
+    float *rows_host; int64_t n_rows_host;   /* per-row losses (per label row with the
+                                              * sparse loss), copied to host; read only
+                                              * by sj_model_mean_loss, which sums them */
     void *ctx;                      /* backend context: stream, scratch */
     sj_scalars *scalars;            /* backend memory */
     sj_scalars *scalars_host;       /* [0] in, [1] out; pinned on device backends */

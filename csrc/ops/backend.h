@@ -98,6 +98,14 @@ typedef struct sj_backend {
                               const void *emb, int N, int C);
     void (*embedding_backward)(float *demb, const void *dout, const void *tok,
                                sj_dtype tok_dtype, int N, int C);
+    /* Rows by index (the sparse loss's label rows): x: (N, C) -> out: (R, C),
+     * out[r] = x[idx[r]], a zero row where idx[r] < 0 (padding); idx: (R)
+     * int32 in backend memory, its entries >= 0 distinct. Backward: dout
+     * row r goes back to dx row idx[r] (added with accum; else every other
+     * row of dx is zeroed); padding entries touch nothing. */
+    void (*gather_rows_forward)(void *out, const void *x, const int32_t *idx, int R, int C);
+    void (*gather_rows_backward)(void *dx, const void *dout, const int32_t *idx, int N, int R,
+                                 int C, int accum);
 
     /* out, x: (N, C); rstd: (N); w: (C). */
     void (*rmsnorm_forward)(void *out, float *rstd, const void *x, const void *w,

@@ -125,6 +125,16 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         int x1 = add_act(c, "x1", N * 7), x2 = add_act(c, "x2", N * 7), y = add_act(c, "y", N * 7);
         int m1 = sj_op_mix(tp, x1, y, N, 7, 1, 3, 0.3f), m2 = sj_op_mix(tp, x2, y, N, 7, 3, 2, 0.6f);
         c->out = sj_op_add(tp, m1, m2, N * 7);
+    } else if (!strcmp(op, "gather_rows")) {
+        /* 6 of 10 rows, out of order, with two padding entries: rows never
+         * gathered get a zero gradient, padding gathers a zero row */
+        static const int32_t rows[] = { 7, 2, -1, 0, 9, -1 };
+        int idx = sj_tape_tensor(tp, SJ_T_EXTERN, 6);
+        if (idx < 0) return SJ_ERR_NOMEM;
+        memcpy(c->tokens, rows, sizeof rows);
+        tp->t[idx].ptr = c->tokens;
+        tp->t[idx].dtype = SJ_I32;
+        c->out = sj_op_gather_rows(tp, add_act(c, "x", N * 6), idx, N, 6, 6);
     } else if (!strcmp(op, "cross_entropy")) {
         int logits = add_act(c, "logits", N * 9);
         c->out = sj_op_cross_entropy(tp, logits, add_tokens(c, N, 9, 1, g), N, 9, -1);
@@ -133,7 +143,7 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, qk_norm, qk_norm_plain, matmul, "
                        "matmul_add, matmul_rope, matmul_swiglu[_relu2], rope, rope_yarn, attention, attention_window, "
                        "swiglu[_relu2], add, axpy, pair_heads, mix, mix_shared_y, "
-                       "cross_entropy)", op);
+                       "gather_rows, cross_entropy)", op);
     }
     return c->out < 0 ? SJ_ERR_NOMEM : SJ_OK;
 }

@@ -32,6 +32,8 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     /* dx = dy: shared; dy_in = a dy needs its own (dx reads dy after it) */
     [SJ_OP_AXPY] = {"axpy", 0, 0, .grad_on_dy = 1u << 0},
     /* backward reads qkv, the gains and rstd (out[1]); both kernels work in place */
+    /* backward reads only the indices */
+    [SJ_OP_GATHER_ROWS] = {"gather_rows", 1u << 1, 0},
     [SJ_OP_QK_NORM] = {"qk_norm", 1u << 0 | 1u << 1 | 1u << 2, 1u << 1, .out_on_in = 1u << 0,
                        .grad_on_dy = 1u << 0},
 };
@@ -119,6 +121,10 @@ int sj_op_pair_heads(sj_tape *tp, int x, int N, int n_heads, int hd) {
 // x, y: (N, ld) -> x with columns [c0, c0+w) of each row = (1-a) x + a y
 int sj_op_mix(sj_tape *tp, int x, int y, int N, int ld, int c0, int w, float a) {
     return record(tp, SJ_OP_MIX, IN(x, y, NONE), (int64_t)N * ld, 0, 0, DIM(N, ld, c0, w), a);
+}
+// x: (N, C), idx: (R) -> (R, C)
+int sj_op_gather_rows(sj_tape *tp, int x, int idx, int N, int R, int C) {
+    return record(tp, SJ_OP_GATHER_ROWS, IN(x, idx, NONE), (int64_t)R * C, 0, 0, DIM(N, R, C), 0);
 }
 // logits: (N, V), targets: (N) -> losses: (N), lse: (N)
 int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index) {
@@ -299,6 +305,9 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
     case SJ_OP_MIX:
         be->mix_forward(P(out[0]), P(in[0]), P(in[1]), d[0], d[1], d[2], d[3], n->f);
         break;
+    case SJ_OP_GATHER_ROWS:
+        be->gather_rows_forward(P(out[0]), P(in[0]), P(in[1]), d[1], d[2]);
+        break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]),
                                   tp->t[in[1]].dtype, d[0], d[1], d[1], d[2]);   /* packed: ld = V */
@@ -377,6 +386,9 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
     case SJ_OP_MIX:
         be->mix_backward(dx, in_grad(tp, n, 1, params), dy, d[0], d[1], d[2], d[3], n->f, acc[0],
                          acc[1]);
+        break;
+    case SJ_OP_GATHER_ROWS:
+        if (dx) be->gather_rows_backward(dx, dy, P(in[1]), d[0], d[1], d[2], acc[0]);
         break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_backward(dx, P(in[0]), P(out[1]), P(in[1]), tp->t[in[1]].dtype,

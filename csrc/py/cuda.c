@@ -591,6 +591,8 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"mix_backward", {"dx", "dy", "dout"}, "aaa"},
         {"qk_norm_forward", {"out", "rstd", "qkv", "wq", "wk"}, "afaaa"},
         {"qk_norm_backward", {"dqkv", "dwq", "dwk", "dout", "qkv", "wq", "wk", "rstd"}, "affaaaaf"},
+        {"gather_rows_forward", {"out", "x", "idx"}, "aat"},
+        {"gather_rows_backward", {"dx", "dout", "idx"}, "aat"},
     };
     int k = -1, fused = 0;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
@@ -682,6 +684,10 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         be->qk_norm_backward(I[7] ? D(3) : D(0), I[4] ? D(1) : NULL, I[4] ? D(2) : NULL, D(3), D(4),
                              I[4] ? D(5) : NULL, I[4] ? D(6) : NULL, D(7), (int)I[0], (int)I[1],
                              (int)I[2], (int)I[3], (int)I[5], (int)I[6]);
+        break;
+    case 25: be->gather_rows_forward(D(0), D(1), D(2), (int)I[0], (int)I[1]); break;   /* R, C */
+    case 26: /* N, R, C, accum */
+        be->gather_rows_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3]);
         break;
     }
     }

@@ -523,17 +523,43 @@ static PyObject *model_reset_peak(PyObject *self, PyObject *noargs) {
     Py_RETURN_NONE;
 }
 
-/* set_levers(checkpoint, fused_ce, ce_rows, memory_limit, fp16_act, cheap_recompute, cast_on_use) */
+/* set_levers(checkpoint, fused_ce, ce_rows, memory_limit, fp16_act, cheap_recompute,
+ * cast_on_use, sparse_loss, label_buckets) */
 static PyObject *model_set_levers(PyObject *self, PyObject *args, PyObject *kw) {
     NEED_MODEL(self);
     static char *kwlist[] = {"checkpoint", "fused_ce", "ce_rows", "memory_limit", "fp16_act",
-                             "cheap_recompute", "cast_on_use", NULL};
-    int ck = 0, fce = 0, rows = 0, f16 = 0, cheap = 0, cast = 0; long long limit = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ppiLppp", kwlist, &ck, &fce, &rows, &limit, &f16,
-                                     &cheap, &cast))
+                             "cheap_recompute", "cast_on_use", "sparse_loss", "label_buckets",
+                             NULL};
+    int ck = 0, fce = 0, rows = 0, f16 = 0, cheap = 0, cast = 0, sparse = 0;
+    long long limit = 0;
+    PyObject *buckets_o = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ppiLppppO", kwlist, &ck, &fce, &rows, &limit, &f16,
+                                     &cheap, &cast, &sparse, &buckets_o))
         return NULL;
     sj_levers lv = { .checkpoint = ck, .cheap_recompute = cheap, .fused_ce = fce, .ce_rows = rows,
-                     .f16_act = f16, .memory_limit = (int64_t)limit, .cast_on_use = cast };
+                     .f16_act = f16, .memory_limit = (int64_t)limit, .cast_on_use = cast,
+                     .sparse_loss = sparse };
+    if (buckets_o && buckets_o != Py_None) {
+        PyObject *b = PySequence_Fast(buckets_o, "label_bucket_sizes must be a sequence of ints");
+        if (!b) return NULL;
+        const Py_ssize_t n = PySequence_Fast_GET_SIZE(b);
+        if (n > SJ_MAX_LABEL_BUCKETS) {
+            Py_DECREF(b);
+            return PyErr_Format(PyExc_ValueError, "label_bucket_sizes: at most %d buckets, got %zd",
+                                (int)SJ_MAX_LABEL_BUCKETS, n);
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(b, i));
+            if (v == -1 && PyErr_Occurred()) { Py_DECREF(b); return NULL; }
+            if (v < 1 || v > INT32_MAX) {
+                Py_DECREF(b);
+                return PyErr_Format(PyExc_ValueError, "label_bucket_sizes must be positive, got %ld", v);
+            }
+            lv.label_buckets[i] = (int)v;
+        }
+        lv.n_label_buckets = (int)n;
+        Py_DECREF(b);
+    }
     sj_status s = sj_model_set_levers(MODEL(self), &lv);
     if (s) return sj_py_raise(s);
     Py_RETURN_NONE;
@@ -542,39 +568,53 @@ static PyObject *model_set_levers(PyObject *self, PyObject *args, PyObject *kw) 
 static PyObject *model_levers(PyObject *self, PyObject *noargs) {
     NEED_MODEL(self);
     const sj_levers *lv = &MODEL(self)->lv;
-    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:i,s:L,s:O}", "checkpoint", lv->checkpoint ? Py_True : Py_False,
+    PyObject *buckets = PyList_New(lv->n_label_buckets);
+    for (int i = 0; buckets && i < lv->n_label_buckets; i++) {
+        PyObject *v = PyLong_FromLong(lv->label_buckets[i]);
+        if (!v) { Py_CLEAR(buckets); break; }
+        PyList_SET_ITEM(buckets, i, v);
+    }
+    if (!buckets) return NULL;
+    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:i,s:L,s:O,s:O,s:N}",
+                         "checkpoint", lv->checkpoint ? Py_True : Py_False,
                          "cheap_recompute", lv->cheap_recompute ? Py_True : Py_False,
                          "cast_on_use", lv->cast_on_use ? Py_True : Py_False,
                          "fused_ce", lv->fused_ce ? Py_True : Py_False, "ce_rows", lv->ce_rows,
                          "memory_limit", (long long)lv->memory_limit,
-                         "fp16_act", lv->f16_act ? Py_True : Py_False);
+                         "fp16_act", lv->f16_act ? Py_True : Py_False,
+                         "sparse_loss", lv->sparse_loss ? Py_True : Py_False,
+                         "label_buckets", buckets);
 }
 
-/* plan_bytes(B, T, mode) -> (arena_bytes, kept_bytes); mode 0 logits, 1 loss,
- * 2 backward (into the model's gradients), 3 train step (its own gradients) */
+/* plan_bytes(B, T, mode, labels=-1) -> (arena_bytes, kept_bytes); mode 0 logits, 1 loss,
+ * 2 backward (into the model's gradients), 3 train step (its own gradients);
+ * labels: label positions per batch for the sparse loss (-1: every position) */
 static PyObject *model_plan_bytes(PyObject *self, PyObject *args) {
     NEED_MODEL(self);
     int B, T, mode;
-    if (!PyArg_ParseTuple(args, "iii", &B, &T, &mode)) return NULL;
+    long long labels = -1;
+    if (!PyArg_ParseTuple(args, "iii|L", &B, &T, &mode, &labels)) return NULL;
     if (mode < 0 || mode > 3) { PyErr_SetString(PyExc_ValueError, "mode must be 0, 1, 2 or 3"); return NULL; }
     int64_t arena = 0, kept = 0;
     sj_status s;
-    SJ_PY_CALL(s, sj_model_plan_bytes(MODEL(self), B, T, (sj_run_mode)mode, &arena, &kept));
+    SJ_PY_CALL(s, sj_model_plan_census(MODEL(self), B, T, (sj_run_mode)mode, labels, &arena,
+                                       &kept, NULL, NULL));
     if (s) return sj_py_raise(s);
     return Py_BuildValue("(LL)", (long long)arena, (long long)kept);
 }
 
-/* plan_census(B, T, mode) -> {"nodes": {op: count}, "in_place": {op: steps}}
+/* plan_census(B, T, mode, labels=-1) -> {"nodes": {op: count}, "in_place": {op: steps}}
  * (tests: what the planned tape records, and which steps write in place) */
 static PyObject *model_plan_census(PyObject *self, PyObject *args) {
     NEED_MODEL(self);
     int B, T, mode;
-    if (!PyArg_ParseTuple(args, "iii", &B, &T, &mode)) return NULL;
+    long long labels = -1;
+    if (!PyArg_ParseTuple(args, "iii|L", &B, &T, &mode, &labels)) return NULL;
     if (mode < 0 || mode > 3) { PyErr_SetString(PyExc_ValueError, "mode must be 0, 1, 2 or 3"); return NULL; }
     int nodes[SJ_OP__COUNT], in_place[SJ_OP__COUNT];
     sj_status s;
-    SJ_PY_CALL(s, sj_model_plan_census(MODEL(self), B, T, (sj_run_mode)mode, NULL, NULL, nodes,
-                                       in_place));
+    SJ_PY_CALL(s, sj_model_plan_census(MODEL(self), B, T, (sj_run_mode)mode, labels, NULL, NULL,
+                                       nodes, in_place));
     if (s) return sj_py_raise(s);
     PyObject *dn = PyDict_New(), *di = PyDict_New();
     for (int o = 0; dn && di && o < SJ_OP__COUNT; o++) {
@@ -586,6 +626,23 @@ static PyObject *model_plan_census(PyObject *self, PyObject *args) {
     }
     if (!dn || !di) { Py_XDECREF(dn); Py_XDECREF(di); return NULL; }
     return Py_BuildValue("{s:N,s:N}", "nodes", dn, "in_place", di);
+}
+
+/* plans() -> {"cached": [(B, T, mode, label_rows), ...], "recorded": tapes recorded so far}
+ * (tests: shapes reused across batches) */
+static PyObject *model_plans(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    const sj_model *m = MODEL(self);
+    PyObject *cached = PyList_New(0);
+    for (int i = 0; cached && i < SJ_MAX_PLANS; i++) {
+        const sj_plan *p = &m->plans[i];
+        if (!p->used) continue;
+        PyObject *t = Py_BuildValue("(iiii)", p->B, p->T, (int)p->mode, p->label_rows);
+        if (!t || PyList_Append(cached, t) < 0) Py_CLEAR(cached);
+        Py_XDECREF(t);
+    }
+    if (!cached) return NULL;
+    return Py_BuildValue("{s:N,s:L}", "cached", cached, "recorded", (long long)m->plans_recorded);
 }
 
 /* fixed_bytes(mode, optimizer) -> what the use holds besides its arena
@@ -704,12 +761,14 @@ static PyMethodDef model_methods[] = {
     {"reset_peak", model_reset_peak, METH_NOARGS, "reset_peak(): peak_bytes = bytes now"},
     {"set_levers", (PyCFunction)(void (*)(void))model_set_levers, METH_VARARGS | METH_KEYWORDS,
      "set_levers(checkpoint=False, fused_ce=False, ce_rows=0, memory_limit=0, fp16_act=False, "
-     "cheap_recompute=False, cast_on_use=False)"},
+     "cheap_recompute=False, cast_on_use=False, sparse_loss=False, label_buckets=())"},
     {"levers", model_levers, METH_NOARGS, "levers() -> dict"},
     {"plan_bytes", model_plan_bytes, METH_VARARGS,
-     "plan_bytes(B, T, mode) -> (arena_bytes, kept_bytes), allocating nothing"},
+     "plan_bytes(B, T, mode, labels=-1) -> (arena_bytes, kept_bytes), allocating nothing"},
     {"plan_census", model_plan_census, METH_VARARGS,
-     "plan_census(B, T, mode) -> {'nodes': {op: n}, 'in_place': {op: steps}} (tests)"},
+     "plan_census(B, T, mode, labels=-1) -> {'nodes': {op: n}, 'in_place': {op: steps}} (tests)"},
+    {"plans", model_plans, METH_NOARGS,
+     "plans() -> {'cached': [(B, T, mode, label_rows)], 'recorded': n} (tests)"},
     {"fixed_bytes", model_fixed_bytes, METH_VARARGS,
      "fixed_bytes(mode, optimizer) -> bytes a use holds besides its arena"},
     {"params_finite", model_params_finite, METH_VARARGS,
