@@ -5,9 +5,11 @@ load from other processes hits both alike; medians over --reps runs and
 their ratio. Target: the portable build within 3% of the native one.
 
 - CPU training step: the tiny and small presets, batch 4 x 128 tokens, as
-  bench_cpu_train.py times it (median step of --iters after --warmup).
-- CPU decode: SmolLM2-135M at fp32 and q8 (greedy tokens after a 64-token
-  prompt), as bench_infer_cpu.py times it.
+  bench_cpu_train.py runs it (median step of --iters after 2 warm-up steps).
+- CPU decode: SmolLM2-135M (bench_infer_cpu.py's model) at fp32 and q8,
+  greedy steps after a 64-token prompt (median step, the first 4 dropped).
+--clock cpu times process CPU time instead of wall time: with --threads 1
+it is not stretched by other processes on a loaded machine.
 
 Build the native copy outside the tree, then run from the checkout (whose
 in-place build is the portable one):
@@ -35,24 +37,37 @@ DECODE = [("decode", "fp32"), ("decode", "q8")]
 
 
 def child(kind, arg, a):
+    """One measurement: the median seconds of a training step or a decode step."""
+    import time
+    import numpy as np
     import smedjan
     from smedjan import _C
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    _C.threads(a.threads)
     info = {"build": smedjan.build_info()["build"], "isa_build": _C.isa()["isa_build"]}
-    if kind == "train":
-        from bench_cpu_train import ours
-        r = ours(argparse.Namespace(threads=a.threads, size=arg, batch_size=4, seq_len=128,
-                                    iters=a.iters, warmup=3))
-        return {**info, "step_s": r["step_s"]}
-    sys.path.insert(0, str(ROOT / "tests"))
-    from bench_infer_cpu import bench_ours
+    times = []
+    if kind == "train":   # as bench_cpu_train.py: batch 4 x 128 tokens
+        model = smedjan.Model(arg, seed=0)
+        tr = smedjan.Trainer(model, lr=3e-4, warmup=0, steps=10_000)
+        x = np.random.default_rng(0).integers(0, 8192, (4, 129)).astype(np.int32)
+        xs, ys = np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(x[:, 1:])
+        for _ in range(2 + a.iters):
+            t = clock()
+            tr.step(xs, ys)
+            times.append(clock() - t)
+        return {**info, "step_s": median(times[2:])}
+    sys.path.insert(0, str(ROOT / "tests"))   # as bench_infer_cpu.py: SmolLM2-135M
     from infer_common import held_out_text, smollm2_path
     from smedjan.infer import load_gguf
-    _C.threads(a.threads)
-    src = smollm2_path()
-    m = load_gguf(src, arg, max_ctx=64 + a.gen_tokens + 8, kv_dtype="f16")
+    m = load_gguf(smollm2_path(), arg, max_ctx=64 + a.gen_tokens + 8, kv_dtype="f16")
     prompt = [int(t) for t in m.tokenizer.encode(held_out_text(2000, "argparse.py"))][:64]
-    bench_ours(m, prompt[:16], 4)   # warm-up
-    return {**info, "gen_tok_s": bench_ours(m, prompt, a.gen_tokens)["gen"]}
+    m.prefill(prompt)
+    tok = prompt[-1]
+    for _ in range(a.gen_tokens):
+        t = clock()
+        tok = int(np.argmax(m.decode(tok)))
+        times.append(clock() - t)
+    return {**info, "gen_tok_s": 1.0 / median(times[4:])}
 
 
 def package_dir(native_build, tmp):
@@ -74,6 +89,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--gen-tokens", type=int, default=48)
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: process CPU time (with --threads 1, robust to other load)")
     ap.add_argument("--child", nargs=2)
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
@@ -89,7 +106,8 @@ def main():
                 for build in ("native", "portable"):
                     r = run_child(__file__, ["--native", a.native, "--threads", str(a.threads),
                                              "--iters", str(a.iters), "--gen-tokens",
-                                             str(a.gen_tokens), "--child", kind, arg],
+                                             str(a.gen_tokens), "--clock", a.clock,
+                                             "--child", kind, arg],
                                   env={"PYTHONPATH": paths[build]})
                     assert r["build"] == build, (build, r)
                     res.setdefault((kind, arg, build), []).append(r)
@@ -108,6 +126,7 @@ def main():
                                "isa_build": res[(kind, arg, b)][0]["isa_build"],
                                key: med[b], "runs": [r[key] for r in res[(kind, arg, b)]],
                                "portable_speed_vs_native": ratio, "threads": a.threads,
+                               "clock": a.clock,
                                "load_avg": [load0, load1]})
         print(f"{kind} {arg}: native {med['native']:.4g}  portable {med['portable']:.4g} "
               f"({isa})  portable speed / native {ratio:.3f}")
