@@ -1,8 +1,15 @@
 """Build smedjan._C: the C engine (csrc/, C11) and, when nvcc is found, the
 CUDA backend (cuda/*.cu). SMEDJAN_CUDA=0 forces a CPU-only build; SMEDJAN_CUDA=1
-makes a missing nvcc an error."""
+makes a missing nvcc an error.
+
+Portable by default: the engine is compiled for the x86-64 baseline, and the
+hot sources (csrc/isa_sources.txt) once more per ISA level (x86-64-v3,
+x86-64-v4); the engine picks the best level the CPU runs at load time
+(csrc/core/isa.h). SMEDJAN_NATIVE=1 compiles everything once with
+-march=native instead (fastest on the build machine, runs only on its kind)."""
 import glob
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -11,6 +18,7 @@ import tempfile
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.modified import newer_group
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 C_SOURCES = sorted(glob.glob("csrc/**/*.c", recursive=True))
@@ -90,8 +98,44 @@ def find_cublaslt(cuda_home):
     return None
 
 
+def isa_sources():
+    """The sources compiled once per ISA level (csrc/isa_sources.txt)."""
+    with open(os.path.join(HERE, "csrc", "isa_sources.txt")) as f:
+        pats = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    return sorted({p for pat in pats for p in glob.glob(os.path.join("csrc", pat))})
+
+
+def isa_levels():
+    """(symbol suffix, compiler flags) per compiled copy of the ISA sources
+    (the suffixes of csrc/core/isa.h). GCC < 11 and clang < 12 lack the
+    x86-64-vN names: their feature flags instead."""
+    if NATIVE:
+        return [("_one", MARCH_NATIVE)]
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return [("_one", [])]
+    v3 = ["-mavx", "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mmovbe",
+          "-mpopcnt", "-msse4.2", "-mssse3", "-mcx16", "-msahf"]
+    v4 = v3 + ["-mavx512f", "-mavx512bw", "-mavx512cd", "-mavx512dq", "-mavx512vl"]
+    named = cc_accepts("-march=x86-64-v4")
+    return [("_v1", []),
+            ("_v3", ["-march=x86-64-v3"] if named else v3),
+            ("_v4", ["-march=x86-64-v4"] if named else v4)]
+
+
 class BuildExt(build_ext):
-    """setuptools' build_ext, plus cuda/*.cu compiled by nvcc and linked in."""
+    """setuptools' build_ext, plus the ISA sources compiled once per level and
+    cuda/*.cu compiled by nvcc, linked in."""
+
+    def compile_isa_levels(self, ext):
+        """Each level's objects under build_temp/isa<suffix>/."""
+        objs = []
+        for suffix, level_flags in isa_levels():
+            objs += self.compiler.compile(
+                isa_sources(), output_dir=os.path.join(self.build_temp, "isa" + suffix),
+                macros=ext.define_macros + [("SJ_ISA_SUFFIX", suffix)],
+                include_dirs=ext.include_dirs, extra_postargs=flags + level_flags,
+                depends=ext.depends)
+        return objs
 
     def build_extension(self, ext):
         nvcc = find_nvcc()
@@ -142,10 +186,13 @@ class BuildExt(build_ext):
         # changed .cu object must be relinked: setuptools tracks neither.
         # (kept next to the built library, which several build_temps may share)
         stamp = self.get_ext_fullpath(ext.name) + ".kind"
-        kind = "cuda" if nvcc else "cpu"
+        kind = ("cuda" if nvcc else "cpu") + " " + BUILD_FLAGS
         os.makedirs(os.path.dirname(stamp) or ".", exist_ok=True)
         old = open(stamp).read() if os.path.exists(stamp) else ""
         if old != kind or (nvcc and jobs):
+            self.force = True
+        if self.force or newer_group(ext.sources + ext.depends, self.get_ext_fullpath(ext.name)):
+            ext.extra_objects += self.compile_isa_levels(ext)
             self.force = True
         super().build_extension(ext)
         with open(stamp, "w") as f:
@@ -158,15 +205,25 @@ GEN_DIR = os.path.join("build", "gen")
 subprocess.run([sys.executable, os.path.join(HERE, "csrc", "tokenizer", "gen_unicode.py"),
                 os.path.join(HERE, GEN_DIR)], check=True)
 
+NATIVE = os.environ.get("SMEDJAN_NATIVE", "") == "1"
+MARCH_NATIVE = ["-march=native"] if cc_accepts("-march=native") else []
 flags = ["-std=c11", "-O3", "-fPIC", "-pthread", "-D_GNU_SOURCE", "-fno-math-errno",
          "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
-flags += [f for f in ("-march=native", "-fopenmp-simd") if cc_accepts(f)]
+flags += [f for f in ("-fopenmp-simd",) if cc_accepts(f)]
+flags += MARCH_NATIVE if NATIVE else []
+# What smedjan._C.BUILD_FLAGS reports: the flags of every source, then each level's.
+BUILD_FLAGS = " ".join(flags) + "".join(f" | {sfx[1:]}: {' '.join(fl) or '(none)'}"
+                                        for sfx, fl in isa_levels())
 
 setup(
     ext_modules=[Extension(
         "smedjan._C",
-        sources=C_SOURCES,
+        sources=[s for s in C_SOURCES if s not in isa_sources()],
+        depends=isa_sources() + sorted(glob.glob("csrc/**/*.h", recursive=True)) +
+        ["csrc/isa_sources.txt"],
         include_dirs=["csrc", GEN_DIR],
+        define_macros=[("SJ_BUILD_FLAGS", '"%s"' % BUILD_FLAGS)] +
+        ([("SJ_ISA_NATIVE", "1")] if NATIVE else []),
         extra_compile_args=flags,
         extra_link_args=["-pthread", "-lm"],
     )],

@@ -646,6 +646,14 @@ sj_status sj_infer_sample(sj_infer *h, sj_sampler *s, const sj_sample_params *p,
 int32_t sj_argmax(const float *logits, int n);
 /* The name of the SIMD path the quantised kernels use ("avx512vnni", "avx2", "scalar"). */
 const char *sj_infer_isa(void);
+/* The instruction-set level the CPU kernels run at, chosen once at the first
+ * call: the best this CPU runs ("scalar", "avx2", "avx512", "avx512vnni"),
+ * capped by the environment variable SMEDJAN_ISA; and the compiled copy of
+ * the kernels that runs it ("x86-64", "x86-64-v3", "x86-64-v4"; "native" in
+ * a SMEDJAN_NATIVE=1 build, which has one copy). */
+const char *sj_cpu_isa(void);
+const char *sj_cpu_isa_best(void);
+const char *sj_cpu_isa_build(void);
 
 #ifdef __cplusplus
 }

@@ -23,12 +23,25 @@ def threads(n: int = 0) -> int:
 
 
 def build_info() -> dict:
-    """What was compiled in, and what this machine offers."""
+    """What was compiled in, and what this machine offers.
+
+    `isa`: the instruction-set level the CPU kernels run at (the best of
+    "scalar", "avx2", "avx512", "avx512vnni" this CPU runs, capped by the
+    environment variable SMEDJAN_ISA); `isa_build`: the compiled copy running
+    it ("x86-64", "x86-64-v3", "x86-64-v4", or "native"); `build`: "portable"
+    (one copy per level, chosen at load) or "native" (SMEDJAN_NATIVE=1).
+
+    >>> smedjan.build_info()["isa"] in ("scalar", "avx2", "avx512", "avx512vnni")
+    True
+    """
     import os
     info = _C.cuda_info()
+    isa = _C.isa()
     return {"version": __version__, "cuda_compiled": bool(_C.HAVE_CUDA),
             "cuda_devices": info["devices"], "gpus": info["names"],
-            "threads": _C.threads(), "cpus": os.cpu_count()}
+            "threads": _C.threads(), "cpus": os.cpu_count(),
+            "isa": isa["isa"], "isa_build": isa["isa_build"],
+            "build": "native" if isa["native"] else "portable"}
 
 
 def cuda_available() -> bool:

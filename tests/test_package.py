@@ -42,11 +42,13 @@ def test_sdist_holds_exactly_the_tracked_files(sdist):
 
 def test_sdist_installs_and_trains_away_from_the_checkout(sdist, tmp_path):
     """pip builds the extension from the sdist alone (no isolation: the
-    test machine's setuptools; no dependencies: numpy and tqdm are here)."""
+    test machine's setuptools; no dependencies: numpy and tqdm are here),
+    portable: no -march=native in any compile command."""
     target = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                         "--no-build-isolation", "--target", str(target), str(sdist)],
-                       capture_output=True, text=True, env={**os.environ, "SMEDJAN_CUDA": "0"})
+                       capture_output=True, text=True,
+                       env={**os.environ, "SMEDJAN_CUDA": "0", "SMEDJAN_NATIVE": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     assert (target / "smedjan" / "py.typed").exists()
     script = ("import json, smedjan, numpy as np\n"
@@ -54,14 +56,17 @@ def test_sdist_installs_and_trains_away_from_the_checkout(sdist, tmp_path):
               "m = smedjan.Model(smedjan.Config.custom(32, 1, 2, 1, vocab_size=64), seed=0)\n"
               "t = smedjan.Trainer(m, lr=1e-2, steps=3)\n"
               "x = np.arange(32, dtype=np.int32).reshape(2, 16) %% 64\n"
-              "print(json.dumps([t.step(x, x).loss for _ in range(3)]))\n") % str(target)
+              "losses = [t.step(x, x).loss for _ in range(3)]\n"
+              "print(json.dumps([losses, smedjan._C.BUILD_FLAGS, smedjan.build_info()]))\n") % str(target)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(target)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    losses = json.loads(r.stdout)
+    losses, flags, info = json.loads(r.stdout)
     assert losses[-1] < losses[0]
+    assert "-march=native" not in flags, flags
+    assert info["build"] == "portable", info
     r = subprocess.run([sys.executable, "-m", "smedjan", "--version"], capture_output=True,
                        text=True, cwd=tmp_path, env=env)
     assert r.stdout.strip() == f"smedjan {smedjan.__version__}"

@@ -132,8 +132,8 @@ static void graph_free(void *g) { (void)g; }
     .graph_launch = no_graph_launch,              \
     .graph_free = graph_free,
 
-const sj_backend sj_cpu_backend = { SJ_CPU_TABLE("cpu", 0) };
+const sj_backend sj_cpu_table = { SJ_CPU_TABLE("cpu", 0) };
 /* Testing: the CPU kernels behind the device code path (inputs staged into
  * the arena, in-place loss gradient, scalars read through pointers), so
  * that path is checked against the plain one on machines without a GPU. */
-const sj_backend sj_cpu_staged_backend = { SJ_CPU_TABLE("cpu-staged", 1) };
+const sj_backend sj_cpu_staged_table = { SJ_CPU_TABLE("cpu-staged", 1) };

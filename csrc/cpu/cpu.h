@@ -4,15 +4,55 @@
 
 #include "../ops/backend.h"
 
+/* Every file here is compiled once per ISA level (core/isa.h): its symbols
+ * carry the level's suffix. Code compiled once reaches them through the
+ * table (sj_cpu_backend()) or SJ_ISA_PICK. */
+#define sj_cpu_table SJ_ISA(sj_cpu_table)
+#define sj_cpu_staged_table SJ_ISA(sj_cpu_staged_table)
+#define sj_cpu_adamw SJ_ISA(sj_cpu_adamw)
+#define sj_cpu_grad_sumsq SJ_ISA(sj_cpu_grad_sumsq)
+#define sj_cpu_sumsq SJ_ISA(sj_cpu_sumsq)
+#define sj_cpu_attention_backward SJ_ISA(sj_cpu_attention_backward)
+#define sj_cpu_attention_forward SJ_ISA(sj_cpu_attention_forward)
+#define sj_cpu_cross_entropy_backward SJ_ISA(sj_cpu_cross_entropy_backward)
+#define sj_cpu_cross_entropy_forward SJ_ISA(sj_cpu_cross_entropy_forward)
+#define sj_cpu_add SJ_ISA(sj_cpu_add)
+#define sj_cpu_copy SJ_ISA(sj_cpu_copy)
+#define sj_cpu_fill SJ_ISA(sj_cpu_fill)
+#define sj_cpu_mix_backward SJ_ISA(sj_cpu_mix_backward)
+#define sj_cpu_mix_forward SJ_ISA(sj_cpu_mix_forward)
+#define sj_cpu_pair_heads_backward SJ_ISA(sj_cpu_pair_heads_backward)
+#define sj_cpu_pair_heads_forward SJ_ISA(sj_cpu_pair_heads_forward)
+#define sj_cpu_embedding_backward SJ_ISA(sj_cpu_embedding_backward)
+#define sj_cpu_gather_rows_forward SJ_ISA(sj_cpu_gather_rows_forward)
+#define sj_cpu_gather_rows_backward SJ_ISA(sj_cpu_gather_rows_backward)
+#define sj_cpu_embedding_forward SJ_ISA(sj_cpu_embedding_forward)
+#define sj_cpu_gemm SJ_ISA(sj_cpu_gemm)
+#define sj_cpu_gemm_isa SJ_ISA(sj_cpu_gemm_isa)
+#define sj_cpu_gemm_reference SJ_ISA(sj_cpu_gemm_reference)
+#define sj_cpu_matmul SJ_ISA(sj_cpu_matmul)
+#define sj_cpu_qk_norm_backward SJ_ISA(sj_cpu_qk_norm_backward)
+#define sj_cpu_qk_norm_forward SJ_ISA(sj_cpu_qk_norm_forward)
+#define sj_cpu_rmsnorm_backward SJ_ISA(sj_cpu_rmsnorm_backward)
+#define sj_cpu_rmsnorm_forward SJ_ISA(sj_cpu_rmsnorm_forward)
+#define sj_cpu_rope_backward SJ_ISA(sj_cpu_rope_backward)
+#define sj_cpu_rope_forward SJ_ISA(sj_cpu_rope_forward)
+#define sj_cpu_swiglu_backward SJ_ISA(sj_cpu_swiglu_backward)
+#define sj_cpu_swiglu_forward SJ_ISA(sj_cpu_swiglu_forward)
+
 /* General strided GEMM: C = op(A) op(B) (+ C if accum); lda/ldb/ldc are row
  * strides of the stored (untransposed) matrices. Multi-threaded. */
-void sj_cpu_gemm(float *C, int ldc, const float *A, int lda, int transA,
-                 const float *B, int ldb, int transB, int M, int N, int K, int accum);
+typedef void sj_cpu_gemm_fn(float *C, int ldc, const float *A, int lda, int transA,
+                            const float *B, int ldb, int transB, int M, int N, int K, int accum);
+sj_cpu_gemm_fn sj_cpu_gemm;
+SJ_ISA_EXTERN(sj_cpu_gemm_fn, sj_cpu_gemm);
 /* The simplest correct GEMM (serial, double accumulation): the reference
  * the fast one is tested against. */
-void sj_cpu_gemm_reference(float *C, int ldc, const float *A, int lda, int transA,
-                           const float *B, int ldb, int transB, int M, int N, int K,
-                           int accum);
+sj_cpu_gemm_fn sj_cpu_gemm_reference;
+SJ_ISA_EXTERN(sj_cpu_gemm_fn, sj_cpu_gemm_reference);
+/* The microkernel's ISA ("avx512", "avx2" or "portable"), for benchmark reports. */
+extern const char *const sj_cpu_gemm_isa;
+SJ_ISA_EXTERN(const char *const, sj_cpu_gemm_isa);
 
 void sj_cpu_matmul(float *C, const float *A, const float *B, int M, int N, int K,
                    int transA, int transB, int accum);

@@ -327,7 +327,6 @@ void sj_attn_group(float *out, const float *q, const sj_kv_span *sp, int nsp, in
  * spans bitwise as one; and prefill tiles (sj_attn_tile
  * on both caches, and tile_ref) of 1-4 tokens against group_ref token by
  * token, and the fast tile bitwise against sj_attn_group (what decode runs). Largest error relative to the output's scale. */
-sj_status sj_attn_check(uint64_t seed, double *max_err);
 sj_status sj_attn_check(uint64_t seed, double *max_err) {
     const int Ts[] = { 1, 17, 297 }, hds[] = { 64, 128, 32 };
     const int Tmax = 300, hdmax = 128, Gmax = 4, ld = 2 * hdmax + 8, ldq = 3 * hdmax + 5;

@@ -5,6 +5,20 @@
 #define SJ_INFER_H
 
 #include "../core/core.h"
+#include "../core/isa.h"
+#include <math.h>
+
+/* attn.c, qmatmul.c and forward.c are compiled once per ISA level
+ * (core/isa.h): their symbols carry the level's suffix. */
+#define sj_attn_group SJ_ISA(sj_attn_group)
+#define sj_attn_tile SJ_ISA(sj_attn_tile)
+#define sj_attn_tile_fast SJ_ISA(sj_attn_tile_fast)
+#define sj_attn_check SJ_ISA(sj_attn_check)
+#define sj_qact_quantize SJ_ISA(sj_qact_quantize)
+#define sj_qmat_mul SJ_ISA(sj_qmat_mul)
+#define sj_qmat_mul_multi SJ_ISA(sj_qmat_mul_multi)
+#define sj_qmat_mul_reference SJ_ISA(sj_qmat_mul_reference)
+#define sj_infer_kernel_check SJ_ISA(sj_infer_kernel_check)
 
 #define QK 32   /* elements per quantisation block (GGML's QK8_0 / QK4_0) */
 
@@ -87,11 +101,27 @@ void sj_attn_tile(float *out, const float *q, int ldq, const void *kc, const voi
                   int hd, int ld, float scale, float *sc);
 /* 1 where sj_attn_tile has a fast kernel for this head size. */
 int sj_attn_tile_fast(int hd);
+/* The attention kernels against their references (the largest relative error). */
+sj_status sj_attn_check(uint64_t seed, double *max_err);
 
 /* RoPE (cos, sin) tables, (n_pos, head_dim/2) each, scaled by the config's
  * RoPE scaling (sj_rope_init at seq_len n_pos): the CPU engine's, and the
  * GPU engine's copy of them. */
 sj_status sj_infer_rope_tables(const sj_config *c, int n_pos, float *cos_out, float *sin_out);
+
+/* 1 when every value of a block is finite: a NaN or Inf has no quantised
+ * form (and casting it to an integer is undefined). */
+static inline int sj_block_finite(const float *x) {
+    int ok = 1;
+    for (int j = 0; j < QK; j++) ok &= isfinite(x[j]) != 0;
+    return ok;
+}
+
+/* Byte index and shift of element e of block b in a Q4 row (see above). */
+static inline void sj_q4_where(int nb, int b, int e, int *byte, int *shift) {
+    if (b < (nb & ~1)) { *byte = (b >> 1) * 32 + e; *shift = (b & 1) * 4; }
+    else { *byte = (b >> 1) * 32 + (e & 15); *shift = (e >> 4) * 4; }
+}
 
 float sj_f16_to_f32(uint16_t h);
 uint16_t sj_f32_to_f16(float f);
@@ -128,6 +158,12 @@ void sj_qmat_mul_multi(int k, float *const *outs, const sj_qmat *const *Ws, cons
                        const sj_qact *xa, int n);
 /* The scalar kernels, kept as the reference the SIMD ones are tested against. */
 void sj_qmat_mul_reference(float *out, const sj_qmat *W, const float *x, const sj_qact *xa, int n);
+/* Testing: the quantised kernels of `which` ISA ("avx2", "avx512vnni"; NULL:
+ * each this CPU runs) against the scalar reference, and the attention
+ * kernels; *max_err: the largest error relative to the output's scale. */
+typedef sj_status sj_infer_kernel_check_fn(uint64_t seed, const char *which, double *max_err);
+sj_infer_kernel_check_fn sj_infer_kernel_check;
+SJ_ISA_EXTERN(sj_infer_kernel_check_fn, sj_infer_kernel_check);
 
 #if defined(__AVX512F__)
 #include <immintrin.h>

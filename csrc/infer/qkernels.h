@@ -15,4 +15,10 @@ void sj_qkernel_avx512vnni(float *out, int ldo, const sj_qmat *W, int r0, int r1
 void sj_qkernel_avx2(float *out, int ldo, const sj_qmat *W, int r0, int r1,
                      const sj_qact *X, int t0, int t1);
 
+/* The quantised kernels an ISA level runs: avx512vnni, avx2 (also for
+ * AVX-512 without VNNI) or the scalar reference. */
+static inline sj_isa sj_qkernel_isa(sj_isa level) {
+    return level >= SJ_ISA_AVX512VNNI ? SJ_ISA_AVX512VNNI : level >= SJ_ISA_AVX2 ? SJ_ISA_AVX2 : SJ_ISA_SCALAR;
+}
+
 #endif

@@ -109,14 +109,14 @@ static void init_params(sj_model *m, uint64_t seed) {
 static sj_status pick_backend(sj_device dev, sj_dtype dt, const sj_backend **out) {
     if (dev == SJ_DEVICE_CPU_STAGED) {
         if (dt != SJ_F32) return sj_fail(SJ_ERR_ARG, "cpu-staged is float32 only");
-        *out = &sj_cpu_staged_backend;
+        *out = sj_cpu_staged_backend();
         return SJ_OK;
     }
     if (dev == SJ_DEVICE_CPU) {
         if (dt != SJ_F32)
             return sj_fail(SJ_ERR_ARG, "dtype %s is not available on the CPU (use float32, or "
                            "device='cuda')", dt == SJ_BF16 ? "bf16" : "fp16");
-        *out = &sj_cpu_backend;
+        *out = sj_cpu_backend();
         return SJ_OK;
     }
     if (dev != SJ_DEVICE_CUDA) return sj_fail(SJ_ERR_ARG, "unknown device %d", (int)dev);

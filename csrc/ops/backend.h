@@ -28,6 +28,7 @@
 #include "../smedjan.h"
 #ifndef __cplusplus
 #include "../core/core.h"   /* C side: errors, threads, rng */
+#include "../core/isa.h"
 #endif
 
 #ifdef __cplusplus
@@ -234,8 +235,14 @@ static inline void sj_matmul(const sj_backend *be, void *C, const void *A, const
     be->matmul(C, N, A, transA ? M : K, B, transB ? K : N, M, N, K, transA, transB, accum, c_f32);
 }
 
-extern const sj_backend sj_cpu_backend;
-extern const sj_backend sj_cpu_staged_backend;   /* testing, see cpu/backend.c */
+#ifndef __cplusplus
+/* The CPU backend's table, one per ISA level (core/isa.h): the active level's. */
+SJ_ISA_EXTERN(const sj_backend, sj_cpu_table);
+SJ_ISA_EXTERN(const sj_backend, sj_cpu_staged_table);
+static inline const sj_backend *sj_cpu_backend(void) { return SJ_ISA_PICK(sj_cpu_table); }
+/* testing, see cpu/backend.c */
+static inline const sj_backend *sj_cpu_staged_backend(void) { return SJ_ISA_PICK(sj_cpu_staged_table); }
+#endif
 
 #ifdef __cplusplus
 }

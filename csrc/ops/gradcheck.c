@@ -171,7 +171,7 @@ static double objective(gc *c, const sj_backend *be) {
 
 sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double *max_err,
                           char *detail, size_t detail_len) {
-    const sj_backend *be = &sj_cpu_backend;
+    const sj_backend *be = sj_cpu_backend();
     gc c;
     memset(&c, 0, sizeof c);
     sj_tape_init(&c.tp, 1, SJ_F32, 0);
@@ -286,7 +286,7 @@ sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double 
 enum { IPC_N = 10, IPC_ROW = 12, IPC_A = 5, IPC_PARAMS = IPC_ROW * IPC_A + 2 * 4 };
 
 static sj_status inplace_run(uint64_t seed, int no_inplace, float *res, int in_place[SJ_OP__COUNT]) {
-    const sj_backend *be = &sj_cpu_backend;
+    const sj_backend *be = sj_cpu_backend();
     const int B = 2, T = IPC_N / 2, N = IPC_N, R = IPC_ROW;
     sj_rope rope;
     SJ_TRY(small_rope(&rope, 0));

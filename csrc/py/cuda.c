@@ -526,7 +526,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     if (!cuda_dtype && strcmp(dts, "cpu"))
         return PyErr_Format(PyExc_ValueError, "cuda_op: dtype must be 'cpu', 'fp32', 'bf16' or "
                             "'fp16', got '%s'", dts);
-    const sj_backend *be = &sj_cpu_backend;
+    const sj_backend *be = sj_cpu_backend();
     sj_status st = SJ_OK;
     if (cuda_dtype) {
 #ifdef SJ_HAVE_CUDA

@@ -599,14 +599,13 @@ static PyObject *py_gguf_dequantize(PyObject *self, PyObject *args) {
     return b;
 }
 
-sj_status sj_infer_kernel_check(uint64_t seed, const char *which, double *max_err);
 static PyObject *py_kernel_check(PyObject *self, PyObject *args) {
     unsigned long long seed = 0;
     const char *which = NULL;
     if (!PyArg_ParseTuple(args, "|Kz", &seed, &which)) return NULL;
     double err = 0;
     sj_status st;
-    SJ_PY_CALL(st, sj_infer_kernel_check(seed, which, &err));
+    SJ_PY_CALL(st, SJ_ISA_PICK(sj_infer_kernel_check)(seed, which, &err));
     if (st) return sj_py_raise(st);
     return Py_BuildValue("(ds)", err, sj_infer_isa());
 }

@@ -6,10 +6,6 @@
 #include "../cpu/cpu.h"
 #include <string.h>
 
-/* Defined in cpu/gemm.c ("avx512", "avx2" or "portable"); not in cpu.h,
- * which this work does not own. */
-extern const char *const sj_cpu_gemm_isa;
-
 /* A C-contiguous 2-D float32 view of obj; -1 with TypeError/ValueError set. */
 static int get_f32_2d(PyObject *obj, const char *fn, const char *arg, int writable,
                       Py_buffer *v) {
@@ -89,11 +85,11 @@ static PyObject *gemm_common(const char *fn, gemm_fn f, PyObject *args, PyObject
 
 static PyObject *py_gemm(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    return gemm_common("gemm", sj_cpu_gemm, args, kw);
+    return gemm_common("gemm", SJ_ISA_PICK(sj_cpu_gemm), args, kw);
 }
 static PyObject *py_gemm_reference(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    return gemm_common("gemm_reference", sj_cpu_gemm_reference, args, kw);
+    return gemm_common("gemm_reference", SJ_ISA_PICK(sj_cpu_gemm_reference), args, kw);
 }
 
 static PyMethodDef kernel_methods[] = {
@@ -110,5 +106,5 @@ static PyMethodDef kernel_methods[] = {
 
 int sj_py_add_kernels(PyObject *m) {
     if (PyModule_AddFunctions(m, kernel_methods) < 0) return -1;
-    return PyModule_AddStringConstant(m, "GEMM_ISA", sj_cpu_gemm_isa);
+    return PyModule_AddStringConstant(m, "GEMM_ISA", *SJ_ISA_PICK(sj_cpu_gemm_isa));
 }

@@ -124,8 +124,24 @@ static PyObject *py_mem_available(PyObject *self, PyObject *args) {
     return Py_BuildValue("(LLs)", (long long)avail, (long long)total, src);
 }
 
+static PyObject *py_isa(PyObject *self, PyObject *args) {
+    (void)self; (void)args;
+    return Py_BuildValue("{sssssssO}", "isa", sj_cpu_isa(), "isa_best", sj_cpu_isa_best(),
+                         "isa_build", sj_cpu_isa_build(), "native",
+#ifdef SJ_ISA_NATIVE
+                         Py_True
+#else
+                         Py_False
+#endif
+    );
+}
+
 static PyMethodDef methods[] = {
     {"threads", py_threads, METH_VARARGS, "threads([n]) -> worker thread count (sets it when n > 0)"},
+    {"isa", py_isa, METH_NOARGS,
+     "isa() -> {isa, isa_best, isa_build, native}: the CPU kernels' instruction-set level\n"
+     "(SMEDJAN_ISA caps it), the best this CPU runs, the compiled copy running it, and\n"
+     "whether this is a SMEDJAN_NATIVE=1 build"},
     {"mem_available", py_mem_available, METH_VARARGS,
      "mem_available(device) -> (available, total, source) in bytes (-1: unknown)"},
     {NULL, NULL, 0, NULL},
@@ -149,6 +165,8 @@ PyMODINIT_FUNC PyInit__C(void) {
         Py_DECREF(m);
         return NULL;
     }
+    /* the compiler flags of this build (setup.py), so a portable wheel can be checked */
+    PyModule_AddStringConstant(m, "BUILD_FLAGS", SJ_BUILD_FLAGS);
 #ifdef SJ_HAVE_CUDA
     PyModule_AddIntConstant(m, "HAVE_CUDA", 1);
 #else

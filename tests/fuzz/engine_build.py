@@ -4,6 +4,11 @@ for the fuzz targets (run.py) and the sanitizer build of the extension
 build directory of the caller's choosing, rebuilt when a source, a header
 or the flags change.
 
+One copy of the ISA-level sources (csrc/isa_sources.txt), compiled with
+-march=native as a SMEDJAN_NATIVE=1 build does (SJ_ISA_NATIVE): the
+per-level copies of the portable build differ only in compiler flags, and
+three of them would triple the sanitizer builds' compile time.
+
 Two exceptions, both about clang rather than the engine's code:
 - The blocked SIMD GEMM and the quantised dot-product kernels (UNINSTRUMENTED)
   take minutes to compile under ASan (csrc/cpu/gemm.c: ~7 min with ASan +
@@ -97,6 +102,13 @@ def _stale(out, deps):
     return any(d.stat().st_mtime > t for d in deps)
 
 
+def isa_sources():
+    """The sources setup.py compiles once per ISA level (relative to csrc/)."""
+    pats = [ln.strip() for ln in (CSRC / "isa_sources.txt").read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")]
+    return {p.relative_to(CSRC).as_posix() for pat in pats for p in CSRC.glob(pat)}
+
+
 def compile_engine(cc, obj_dir, flags, *, plain_flags=None, with_py=False, include=()):
     """Compile csrc/**/*.c (csrc/py too with with_py) into obj_dir: `flags`
     for most files, `plain_flags` for UNINSTRUMENTED ones. Returns the objects."""
@@ -105,7 +117,7 @@ def compile_engine(cc, obj_dir, flags, *, plain_flags=None, with_py=False, inclu
     obj_dir.mkdir(parents=True, exist_ok=True)
     march = ["-march=native"] if _accepts(cc, "-march=native") else []
     inc = ["-I" + str(CSRC), "-I" + str(GEN)] + ["-I" + str(i) for i in include]
-    base = CFLAGS + march + inc
+    base = CFLAGS + march + inc + ["-DSJ_ISA_NATIVE=1", '-DSJ_BUILD_FLAGS="sanitizer build"']
     flags = base + list(flags)
     plain = base + list(plain_flags if plain_flags is not None else ["-O2"])
     stamp = obj_dir / "flags.txt"
@@ -114,7 +126,8 @@ def compile_engine(cc, obj_dir, flags, *, plain_flags=None, with_py=False, inclu
         shutil.rmtree(obj_dir)
         obj_dir.mkdir(parents=True)
         stamp.write_text(sig)
-    headers = list(CSRC.rglob("*.h")) + list(GEN.glob("*.h"))
+    headers = list(CSRC.rglob("*.h")) + list(GEN.glob("*.h")) + [CSRC / "isa_sources.txt"]
+    per_level = isa_sources()
     jobs, objs = [], []
     for s in sorted(CSRC.rglob("*.c")):
         rel = s.relative_to(CSRC).as_posix()
@@ -124,7 +137,7 @@ def compile_engine(cc, obj_dir, flags, *, plain_flags=None, with_py=False, inclu
         objs.append(o)
         if not _stale(o, [s] + headers):
             continue
-        src, extra = s, ["-I" + str(s.parent)]
+        src, extra = s, ["-I" + str(s.parent)] + (["-DSJ_ISA_SUFFIX=_one"] if rel in per_level else [])
         jobs.append([cc, *(plain if rel in UNINSTRUMENTED else flags), *extra, "-c", str(src), "-o", str(o)])
     if jobs:
         log(f"compiling {len(jobs)} engine sources with {cc}")

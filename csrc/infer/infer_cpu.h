@@ -1,0 +1,53 @@
+/* infer_cpu.h — the CPU inference engine's state, shared by its cold half
+ * (infer.c: construction, loading, the table) and its hot half (forward.c,
+ * compiled once per ISA level). Internal to csrc/infer. */
+#ifndef SJ_INFER_CPU_H
+#define SJ_INFER_CPU_H
+
+#include "engine.h"
+
+#define CHUNK 128            /* tokens per batched forward; longer prompts loop */
+
+typedef struct {
+    sj_qmat wq, wk, wv, wo, w_gate, w_up, w_down;
+    float *attn_norm, *ffn_norm;
+    float *q_norm, *k_norm;   /* (hd) each where qk_norm is weighted, else NULL */
+    int window;               /* < max_ctx: keys t-window < s <= t, cached in a ring of
+                               * `window` rows; 0: every key, max_ctx rows */
+    int64_t kv_at;            /* the layer's first element in kcache / vcache */
+} layer_w;
+
+struct sj_infer_cpu {
+    sj_config c;
+    int hd, max_ctx, mode;
+    int n_att;                   /* query heads attention runs at: n_heads, or n_heads / 2 paired */
+    int kv_proj, kv_dim;         /* k/v projection width, and a cache row (after pairing) */
+    int kv_f16;                  /* K/V cache entries stored as IEEE f16 (half the memory) */
+    /* weights */
+    sj_qmat tok_emb, output;     /* output.mem == NULL: tied to tok_emb */
+    layer_w *L;
+    sj_qpool pool;               /* the layer matrices, in the order decode reads them */
+    float *norms;                /* (2 n_layers + 1, dim): attn, ffn per layer, final;
+                                  * then (n_layers, 2, hd): q_norm, k_norm per layer */
+    /* run state (CHUNK rows each) */
+    float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *logits, *rope_cos, *rope_sin;
+    float *emb;                  /* the chunk's embeddings (embed_skip), else NULL */
+    float *v0;                   /* layer 0's v of the chunk (value_mix), else NULL */
+    uint16_t *k16, *v16;         /* the chunk's k/v as f16 (windowed layers, f16 cache), else NULL */
+    float *kcache, *vcache;      /* per layer (rows, kv_dim) at its kv_at: f32, or uint16 f16 when kv_f16 */
+    sj_qact qa;
+    void *state_mem;
+    int64_t state_bytes;
+};
+
+#define sj_infer_cpu_prefill SJ_ISA(sj_infer_cpu_prefill)
+#define sj_infer_cpu_decode SJ_ISA(sj_infer_cpu_decode)
+/* The table's prefill and decode (engine.h), per ISA level (forward.c). */
+typedef sj_status sj_infer_cpu_prefill_fn(void *e, int pos, const int32_t *tokens, int n, float *logits_all);
+typedef sj_status sj_infer_cpu_decode_fn(void *e, int pos, int32_t token, int n, int32_t *next);
+sj_infer_cpu_prefill_fn sj_infer_cpu_prefill;
+sj_infer_cpu_decode_fn sj_infer_cpu_decode;
+SJ_ISA_EXTERN(sj_infer_cpu_prefill_fn, sj_infer_cpu_prefill);
+SJ_ISA_EXTERN(sj_infer_cpu_decode_fn, sj_infer_cpu_decode);
+
+#endif
