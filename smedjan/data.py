@@ -1,6 +1,6 @@
 """Training data: token files (written by `smedjan prepare`), batches drawn
-from them with a resumable, exactly reproducible position, and SFT
-examples from JSONL.
+from them with a resumable, exactly reproducible position, SFT examples
+from JSONL, and bin2d sample files with their batches (smedjan.samples).
 
 Token file: a 32-byte header ("SMJTOKEN", u32 version 1, u32 width 2|4,
 u64 count, u64 reserved) then the tokens little-endian (docs/formats.md).
@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from . import _C
+from .samples import SampleBatches, SampleFile, is_sample_file
 
 HEADER_BYTES = 32
 _WIDTH = {"uint16": 2, "uint32": 4}
@@ -381,4 +382,5 @@ def load_sft_jsonl(path, encode: Callable[[str], np.ndarray], seq_len: int, *, p
     return np.stack(xs).astype(np.int32), np.stack(ys).astype(np.int32)
 
 
-__all__ = ["write_tokens", "TokenFile", "Batches", "load_sft_jsonl", "render_chat", "HEADER_BYTES"]
+__all__ = ["write_tokens", "TokenFile", "Batches", "load_sft_jsonl", "render_chat", "HEADER_BYTES",
+           "SampleFile", "SampleBatches", "is_sample_file"]
