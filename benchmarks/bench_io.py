@@ -2,7 +2,7 @@
 count, and data-loader batches per second.
 
     python benchmarks/bench_io.py [--tensors 32000 200000 1000000] [--tokens 50000000]
-                                  [--jsonl results.jsonl]
+                                  [--samples 200000] [--jsonl results.jsonl]
 
 Headers: n one-byte U8 tensors t0..t{n-1} laid out in order, no CRCs (the
 worst case for the name and extent checks per byte of header). Timed:
@@ -10,8 +10,13 @@ _C.safetensors_load (engine validation + one memoryview per tensor) and
 smedjan.io.load_safetensors (+ one NumPy array per tensor), best of
 --repeats, wall and process CPU seconds (CPU is what to compare on a busy
 machine). Batches: Batches(TokenFile) over a random uint16/uint32 file,
-batches per second (best of 3 windows of 0.7 s) for a few (B, T). Point
-PYTHONPATH at another build to compare.
+batches per second (best of 3 windows of 0.7 s) for a few (B, T).
+Samples: SampleBatches over a bin2d file of --samples SFT-like rows
+(stride 513, lengths uniform in [16, 513], about 40% of positions labels),
+batch 64, with each option alone and all together: memory vs mmap, length
+buckets 128,256,512, shuffle buffer 512, prefetch 4. The loader alone must
+outrun training by far (issue 21: 20x the tiny preset's step rate).
+Point PYTHONPATH at another build to compare.
 """
 import argparse
 import json
@@ -47,27 +52,53 @@ def timed(fn, repeats):
 
 
 def batches_per_s(batches):
+    """(batches per second, tokens per batch on average): best of 3 windows."""
     for _ in range(20):
         next(batches)
-    best = 0.0
+    best = (0.0, 0.0)
     for _ in range(3):
-        n, t = 0, time.perf_counter()
+        n, tokens, t = 0, 0, time.perf_counter()
         while time.perf_counter() - t < 0.7:
-            next(batches)
+            tokens += next(batches)[0].size
             n += 1
-        best = max(best, n / (time.perf_counter() - t))
+        best = max(best, (n / (time.perf_counter() - t), tokens / n))
     return best
+
+
+def sample_file(path, n_rows, stride=513, seed=0):
+    """A bin2d file of random SFT-like rows: lengths in [16, stride], labels
+    the second half of each row (one span)."""
+    r = np.random.default_rng(seed)
+    lengths = r.integers(16, stride + 1, n_rows).astype("<u4")
+    with open(path, "wb") as f:
+        f.write(b"SMJBIN2D" + struct.pack("<IIQQII", 1, stride, n_rows, n_rows, 1, 0) + bytes(24))
+        for s in range(0, n_rows, 8192):
+            L = lengths[s:s + 8192]
+            t = r.integers(1, 50_000, (len(L), stride)).astype("<u4")
+            t[np.arange(stride)[None, :] >= L[:, None]] = 0
+            f.write(t.tobytes())
+        f.write(lengths.tobytes())
+        f.write(np.arange(n_rows + 1, dtype="<u8").tobytes())
+        f.write(np.stack([lengths // 2 + 1, lengths], 1).astype("<u4").tobytes())
+
+
+SAMPLE_OPTIONS = [("memory", {}), ("mmap", {}), ("memory", dict(bucket_sizes=[128, 256, 512])),
+                  ("memory", dict(shuffle_buffer=512)), ("memory", dict(prefetch_batches=4)),
+                  ("mmap", dict(prefetch_batches=4)),
+                  ("memory", dict(bucket_sizes=[128, 256, 512], shuffle_buffer=512, prefetch_batches=4)),
+                  ("mmap", dict(bucket_sizes=[128, 256, 512], shuffle_buffer=512, prefetch_batches=4))]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tensors", type=int, nargs="*", default=[32_000, 200_000, 1_000_000])
     ap.add_argument("--tokens", type=int, default=50_000_000)
+    ap.add_argument("--samples", type=int, default=200_000, help="rows of the bin2d file (0: skip)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--jsonl", help="append one JSON line per measurement here")
     args = ap.parse_args()
     from smedjan import _C
-    from smedjan.data import Batches, TokenFile, write_tokens
+    from smedjan.data import Batches, SampleBatches, SampleFile, TokenFile, write_tokens
     from smedjan.io import load_safetensors
     rows = []
     print(f"# bench_io {today()}: {machine()}; smedjan from {os.path.dirname(_C.__file__)}")
@@ -95,12 +126,27 @@ def main():
             tf = TokenFile(p)
             for B, T, rnd in ((8, 256, True), (32, 1024, True), (32, 1024, False), (64, 128, True),
                               (128, 64, True)):
-                bps = batches_per_s(Batches(tf, B, T, random=rnd, seed=0))
+                bps = batches_per_s(Batches(tf, B, T, random=rnd, seed=0))[0]
                 order = "random" if rnd else "sequential"
                 print(f"| {dtype} | {B} | {T} | {order} | {bps:,.0f} | {bps * B * T / 1e6:.0f} |", flush=True)
                 rows.append({"bench": "batches", "dtype": dtype, "B": B, "T": T, "order": order,
                              "batches_per_s": bps})
             del tf
+            os.remove(p)
+        if args.samples:
+            p = os.path.join(tmp, "sft.bin2d")
+            sample_file(p, args.samples)
+            print(f"\n| bin2d ({args.samples:,} rows, stride 513) | options | batches/s | Mtok/s |")
+            print("|---|---|---:|---:|")
+            for load, opts in SAMPLE_OPTIONS:
+                f = SampleFile(p, load=load, vocab_size=50_000)
+                with SampleBatches(f, 64, seed=0, **opts) as b:
+                    bps, per_batch = batches_per_s(b)
+                shown = ", ".join(f"{k}={v}" for k, v in opts.items()) or "-"
+                print(f"| {load} | {shown} | {bps:,.0f} | {bps * per_batch / 1e6:.0f} |", flush=True)
+                rows.append({"bench": "sample_batches", "load": load, "B": 64, **opts, "batches_per_s": bps,
+                             "tokens_per_batch": per_batch})
+                del f
             os.remove(p)
     if args.jsonl:
         with open(args.jsonl, "a") as f:

@@ -484,6 +484,89 @@ sj_status sj_samples_writer_append(sj_samples_writer *w, const uint32_t *tokens,
 sj_status sj_samples_writer_close(sj_samples_writer *w, int64_t *rows);
 void sj_samples_writer_abort(sj_samples_writer *w);
 
+/* bin2d sample files (docs/formats.md "bin2d"): a 64-byte header —
+ * "SMJBIN2D", u32 version (1), u32 stride, u64 n_rows, u64 n_spans, u32
+ * flags (bit 0: a label index follows), u32 pad_id, 24 reserved zero bytes —
+ * then tokens u32[n_rows][stride], lengths u32[n_rows] and, with a label
+ * index, span_start u64[n_rows + 1] and spans (u32 begin, u32 end)[n_spans],
+ * all little-endian. Row r's labels are the positions inside its spans
+ * (every position 1..L-1 without a label index). */
+#define SJ_SAMPLES_HEADER_BYTES 64
+enum { SJ_SAMPLES_LABEL_INDEX = 1 };
+typedef struct {
+    uint32_t version, stride, flags, pad_id;
+    int64_t n_rows, n_spans;
+} sj_samples_info;
+typedef enum {
+    SJ_SAMPLES_MMAP = 0,     /* tokens read with pread() per batch; ids checked per batch */
+    SJ_SAMPLES_MEMORY = 1,   /* the tokens read into memory at open; ids checked there, once */
+} sj_samples_load;
+/* An open bin2d file. Open validates every header field against the file
+ * length, then every length, the span index and every span (errors name the
+ * file and the field or row); lengths and the label index stay in memory
+ * (12 bytes a row + 8 a span) in both modes. vocab_size > 0: token ids and
+ * pad_id must be below it. In MMAP mode a file cut short after open makes a
+ * batch fail with SJ_ERR_IO naming the file, never a SIGBUS. Batches may be
+ * assembled on several threads at once. */
+typedef struct sj_samples sj_samples;
+sj_status sj_samples_open(const char *path, sj_samples_load load, int64_t vocab_size,
+                          sj_samples **out);
+void sj_samples_close(sj_samples *f);
+const sj_samples_info *sj_samples_file_info(const sj_samples *f);
+/* The validated index: lengths (n_rows); span_start (n_rows + 1) and spans
+ * (2 * n_spans: begin, end), NULL without a label index. Owned by f. */
+const uint32_t *sj_samples_lengths(const sj_samples *f);
+const uint64_t *sj_samples_span_start(const sj_samples *f);
+const uint32_t *sj_samples_spans(const sj_samples *f);
+/* One batch of training pairs. rows: (B) row ids, -1 for a padding row.
+ * x, y: (B, T). Row r (length L, cut to n = min(L, T + 1) tokens) gives
+ * x[t] = tok[t] for t < n - 1, y[t] = tok[t + 1] where position t + 1 is a
+ * label, else -1; positions from n - 1 on hold x = pad_id, y = -1; a
+ * padding row is all pad_id / -1. *labels (may be NULL): targets that are
+ * not -1. */
+sj_status sj_samples_batch(sj_samples *f, const int64_t *rows, int B, int T, int32_t *x, int32_t *y,
+                           int64_t *labels);
+
+/* Batches over a sample file in a deterministic schedule, a pure function of
+ * (config, epoch): the epoch's rows (`rows`, in file order) go through a
+ * streaming shuffle buffer of shuffle_buffer rows (fill it, emit a uniformly
+ * random slot, refill it from the stream; seeded from (seed, epoch); 0: file
+ * order), then each row joins the smallest bucket >= its length - 1 (rows
+ * longer than the largest are cut to it); a full bucket emits a batch of
+ * (batch_size, bucket); at the epoch's end the partial buckets, smallest
+ * first, emit batches filled up with padding rows. No bucket sizes: one
+ * bucket of seq_len. With prefetch_batches N > 0 a thread assembles the next
+ * N batches into a ring of buffers; the batches are the same either way. */
+typedef struct {
+    int batch_size;
+    int seq_len;                 /* T without bucket sizes */
+    const int *bucket_sizes;     /* ascending, >= 1; NULL: none */
+    int n_buckets;
+    int64_t shuffle_buffer;      /* rows; 0: file order */
+    uint64_t seed;
+    int prefetch_batches;        /* 0: batches assembled on the caller's thread */
+    const int64_t *rows;         /* the rows an epoch visits, in file order */
+    int64_t n_rows;
+} sj_sample_loader_config;
+typedef struct sj_sample_loader sj_sample_loader;
+/* f must outlive the loader; config arrays are copied. */
+sj_status sj_sample_loader_open(sj_samples *f, const sj_sample_loader_config *c,
+                                sj_sample_loader **out);
+/* Stops and joins the prefetch thread, frees everything. */
+void sj_sample_loader_close(sj_sample_loader *l);
+/* Batches in an epoch (the same for every epoch). */
+int64_t sj_sample_loader_epoch_batches(const sj_sample_loader *l);
+/* Continue from batch `batch` (0..epoch_batches) of epoch `epoch`: the
+ * schedule is recomputed, no token is read for the batches skipped. */
+sj_status sj_sample_loader_seek(sj_sample_loader *l, int64_t epoch, int64_t batch);
+/* T of the batch next() hands out (with prefetch: waits until it is made;
+ * an error the thread met surfaces here or in next(), with its message). */
+sj_status sj_sample_loader_peek(sj_sample_loader *l, int *T);
+/* The next batch into x, y (batch_size, T), T as peek() gave it; labels:
+ * targets that are not -1; epoch and index: where it is in the schedule. */
+sj_status sj_sample_loader_next(sj_sample_loader *l, int T, int32_t *x, int32_t *y, int64_t *labels,
+                                int64_t *epoch, int64_t *index);
+
 /* ---- inference ---- */
 
 /* GGUF files (v2 and v3). Tensor types the engine reads: */

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from .argtypes import (ascending_sizes, byte_size, fraction, nonneg_float, nonneg_int, parse_bytes,
+from .argtypes import (ascending_sizes, byte_size, fraction, int_list, nonneg_float, nonneg_int, parse_bytes,
                        positive_float, positive_int, probability)
 
 log = logging.getLogger("smedjan")
@@ -187,25 +187,56 @@ def _config_from_args(args, vocab_size: int):
     return cfg
 
 
+def _loaders(args, vocab: int):
+    """The train and val loaders for --data: a token file (Batches) or a
+    bin2d sample file (SampleBatches, recognised by its magic). Sets
+    args.seq_len to the longest T a batch will have. Returns (train, val,
+    a one-line description of the data)."""
+    from .data import Batches, SampleBatches, SampleFile, TokenFile, is_sample_file
+    if is_sample_file(args.data):
+        data = SampleFile(args.data, load=args.load, vocab_size=vocab)
+
+        def loader(split, seed):
+            return SampleBatches(data, args.batch_size, seq_len=args.seq_len,
+                                 bucket_sizes=args.bucket_sizes, shuffle_buffer=args.shuffle_buffer,
+                                 prefetch_batches=args.prefetch_batches, seed=seed, split=split,
+                                 val_fraction=args.val_fraction)
+        train = loader("train", args.seed)
+        val = loader("val", args.seed + 1) if args.val_fraction > 0 else None
+        args.seq_len = train.max_seq_len
+        shape = f"buckets {args.bucket_sizes}" if args.bucket_sizes else f"seq {args.seq_len}"
+        return train, val, f"{data.n_rows:,} samples (bin2d, {args.load}); batch {args.batch_size}{{accum}} x {shape}"
+    for flag, given in (("--bucket-sizes", args.bucket_sizes), ("--shuffle-buffer", args.shuffle_buffer),
+                        ("--prefetch-batches", args.prefetch_batches)):
+        if given:
+            raise ValueError(f"{flag} needs a bin2d sample file, and {args.data} is a token file")
+    data = TokenFile(args.data)
+    top = data.max()
+    if top >= vocab:
+        raise ValueError(f"{args.data}: holds token id {top}, but the vocabulary has {vocab} "
+                         f"entries (give --tokenizer or --vocab-size)")
+    args.seq_len = args.seq_len or 256
+    train = Batches(data, args.batch_size, args.seq_len, split="train",
+                    val_fraction=args.val_fraction, seed=args.seed)
+    val = Batches(data, args.batch_size, args.seq_len, split="val",
+                  val_fraction=args.val_fraction, seed=args.seed + 1) if args.val_fraction > 0 else None
+    return train, val, f"{len(data):,} tokens; batch {args.batch_size}{{accum}} x seq {args.seq_len}"
+
+
 DEFAULT_STEPS = 1000
 
 
 def cmd_train(args) -> int:
     from . import checkpoint as ck
-    from .data import Batches, TokenFile
     from .loop import LATEST, fit
     from .model import Model
     from .trainer import Trainer
-    data = TokenFile(args.data)
     tok_path = args.tokenizer
     vocab = args.vocab_size
     if tok_path:
         from .tokenizer import Tokenizer
         vocab = len(Tokenizer.load(tok_path))
-    top = data.max()
-    if top >= vocab:
-        raise ValueError(f"{args.data}: holds token id {top}, but the vocabulary has {vocab} "
-                         f"entries (give --tokenizer or --vocab-size)")
+    train, val, about = _loaders(args, vocab)
     latest = os.path.join(args.checkpoint_dir, LATEST) if args.checkpoint_dir else None
     if args.resume and not (latest and os.path.exists(latest)):
         raise FileNotFoundError(f"--resume: no checkpoint at {latest}")
@@ -241,13 +272,8 @@ def cmd_train(args) -> int:
         dst = os.path.join(args.checkpoint_dir, TOKENIZER_FILE)
         if os.path.abspath(tok_path) != os.path.abspath(dst):
             shutil.copyfile(tok_path, dst)
-    train = Batches(data, args.batch_size, args.seq_len, split="train",
-                    val_fraction=args.val_fraction, seed=args.seed)
-    val = Batches(data, args.batch_size, args.seq_len, split="val",
-                  val_fraction=args.val_fraction, seed=args.seed + 1) if args.val_fraction > 0 else None
     accum = f" x accum {args.grad_accum}" if args.grad_accum > 1 else ""
-    print(f"{model!r}\n{len(data):,} tokens; batch {args.batch_size}{accum} x seq {args.seq_len}; "
-          f"{trainer.steps} steps")
+    print(f"{model!r}\n{about.format(accum=accum)}; {trainer.steps} steps")
     rows = fit(trainer, train, val, eval_every=args.eval_every, eval_batches=args.eval_batches,
                checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                resume=args.resume, max_steps=args.max_steps)
@@ -304,6 +330,20 @@ def check_memory_limit(model, args) -> None:
             f"state {plan['fixed_bytes'] / mib:.1f} MiB + activations "
             f"{plan['arena_bytes'] / mib:.1f} MiB); pull a lever: smaller --batch-size or "
             f"--seq-len, --grad-accum, --cheap-recompute, --gradient-checkpointing, --fused-ce")
+
+
+def add_sample_flags(p) -> None:
+    """How batches are drawn from a bin2d sample file."""
+    g = p.add_argument_group("bin2d sample files")
+    g.add_argument("--bucket-sizes", type=int_list(1), metavar="T1,T2,...",
+                   help="length buckets: each batch's T is the smallest bucket that fits its rows, "
+                        "e.g. 128,256,512")
+    g.add_argument("--shuffle-buffer", type=nonneg_int, default=0, metavar="N",
+                   help="streaming shuffle over N rows, seeded per epoch (0: file order)")
+    g.add_argument("--prefetch-batches", type=nonneg_int, default=0, metavar="N",
+                   help="batches assembled ahead on a loader thread (0: none)")
+    g.add_argument("--load", choices=["memory", "mmap"], default="memory",
+                   help="read the tokens into memory at start (default), or per batch")
 
 
 def add_lever_flags(p) -> None:
@@ -420,12 +460,12 @@ def add_commands(sub) -> None:
                    help="auto: llm.c when its magic is there, else nanoGPT")
     c.set_defaults(func=cmd_convert_tokens)
 
-    t = sub.add_parser("train", help="train a model on a token file",
+    t = sub.add_parser("train", help="train a model on a token file or bin2d sample file",
                        description="Train a model; checkpoints (latest, best, final) and "
                                    "metrics.jsonl go to --checkpoint-dir.")
     t.add_argument("--config", help="TOML file of these options (keys are the flag names); "
                                     "flags on the command line override it")
-    t.add_argument("--data", required=True, help="token file (smedjan prepare)")
+    t.add_argument("--data", required=True, help="token file or bin2d sample file (smedjan prepare)")
     t.add_argument("--tokenizer", help="tokenizer file; sets the vocabulary size and is copied "
                                        "beside the checkpoints")
     t.add_argument("--vocab-size", type=positive_int, default=8192)
@@ -437,7 +477,8 @@ def add_commands(sub) -> None:
     t.add_argument("--ffn-mult", type=positive_float, default=2.67)
     add_architecture_args(t)
     t.add_argument("--batch-size", type=positive_int, default=8)
-    t.add_argument("--seq-len", type=positive_int, default=256)
+    t.add_argument("--seq-len", type=positive_int,
+                   help="tokens per row (default 256; a bin2d file: its stride - 1)")
     t.add_argument("--steps", type=positive_int,
                    help=f"steps of the learning-rate schedule (default {DEFAULT_STEPS}; with "
                         "--resume the checkpoint's, and a larger one re-fits the schedule)")
@@ -457,6 +498,7 @@ def add_commands(sub) -> None:
     t.add_argument("--checkpoint-every", type=nonneg_int, default=100,
                    help="steps between checkpoints (0: only at the end)")
     t.add_argument("--resume", action="store_true", help="continue from checkpoint-dir/latest")
+    add_sample_flags(t)
     add_lever_flags(t)
     add_guard_flags(t)
     t.set_defaults(func=cmd_train)

@@ -1,6 +1,6 @@
 """Training data: token files (written by `smedjan prepare`), batches drawn
-from them with a resumable, exactly reproducible position, and SFT
-examples from JSONL.
+from them with a resumable, exactly reproducible position, SFT examples
+from JSONL, and bin2d sample files with their batches (smedjan.samples).
 
 Token file: a 32-byte header ("SMJTOKEN", u32 version 1, u32 width 2|4,
 u64 count, u64 reserved) then the tokens little-endian (docs/formats.md).
@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from . import _C
+from .samples import SampleBatches, SampleFile, is_sample_file
 
 HEADER_BYTES = 32
 _WIDTH = {"uint16": 2, "uint32": 4}
@@ -761,5 +762,6 @@ def prepare_sft(jsonl, tokenizer, seq_len: int, out, *, chat_template: str = "au
     return stats
 
 
-__all__ = ["write_tokens", "convert_tokens", "TokenFile", "Batches", "SampleWriter", "write_samples", "ChatTemplate",
-           "render_chat", "read_sft_jsonl", "load_sft_jsonl", "prepare_sft", "SftStats", "HEADER_BYTES"]
+__all__ = ["write_tokens", "convert_tokens", "TokenFile", "Batches", "SampleWriter", "write_samples",
+           "SampleFile", "SampleBatches", "is_sample_file", "ChatTemplate", "render_chat",
+           "read_sft_jsonl", "load_sft_jsonl", "prepare_sft", "SftStats", "HEADER_BYTES"]

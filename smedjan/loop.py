@@ -25,9 +25,26 @@ LATEST, BEST, FINAL = "latest.safetensors", "best.safetensors", "final.safetenso
 
 
 def evaluate(model, batches, n_batches: int) -> float:
-    """Mean loss over the next n_batches of a validation loader."""
-    losses = [model.loss(*next(batches)) for _ in range(n_batches)]
-    return float(np.mean(losses))
+    """Mean loss per target over the next n_batches of a validation loader
+    (batches whose targets are all ignored count for nothing)."""
+    total, count = 0.0, 0
+    for _ in range(n_batches):
+        x, y = next(batches)
+        n = int(y.size if y.dtype == np.uint16 else np.count_nonzero(y != -1))
+        if n:
+            total += model.loss(x, y) * n
+            count += n
+    return total / count if count else math.nan
+
+
+def concat_batches(batches, pad_id: int = 0):
+    """Batches stacked into one: those of a shorter T (length buckets) are
+    padded at the end (inputs pad_id, targets ignored), which changes no
+    loss under causal attention."""
+    T = max(x.shape[1] for x, _ in batches)
+    xs = [np.pad(x, ((0, 0), (0, T - x.shape[1])), constant_values=pad_id) for x, _ in batches]
+    ys = [np.pad(y, ((0, 0), (0, T - y.shape[1])), constant_values=-1) for _, y in batches]
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def _row(r, step: int, tok_s: float, elapsed: float) -> dict:
@@ -77,7 +94,8 @@ def fit(trainer, train, val=None, *, eval_every: int = 100, eval_batches: int = 
     """Train until trainer.steps (or max_steps more steps in this call).
 
     train, val: loaders yielding (x, y) int32 batches with state_dict() /
-    load_state_dict() (smedjan.data.Batches). Returns the metrics rows.
+    load_state_dict() (smedjan.data.Batches or SampleBatches, whose T may
+    change from batch to batch). Returns the metrics rows.
     A skipped step draws the next batch and tries again; the Trainer's
     non-finite policy (max_skipped_steps) raises FloatingPointError out of
     fit after its row is written.
@@ -129,11 +147,10 @@ def fit(trainer, train, val=None, *, eval_every: int = 100, eval_batches: int = 
     try:
         accum = getattr(trainer, "grad_accum", 1)
         while trainer.step_count < end:
-            x, y = next(train)
             if accum > 1:                       # N loader batches make one step's batch
-                more = [next(train) for _ in range(accum - 1)]
-                x = np.concatenate([x] + [b[0] for b in more])
-                y = np.concatenate([y] + [b[1] for b in more])
+                x, y = concat_batches([next(train) for _ in range(accum)], getattr(train, "pad_id", 0))
+            else:
+                x, y = next(train)
             tokens_seen += x.size
             try:
                 r = trainer.step(x, y)

@@ -23,6 +23,13 @@ sj_status sj_afile_pwrite(sj_afile *f, const void *p, size_t n, uint64_t offset)
 sj_status sj_afile_commit(sj_afile *f);
 void sj_afile_abort(sj_afile *f);
 
+/* Read exactly n bytes at offset `at` of a file that was `checked_size`
+ * bytes when it was validated (pread(): never through a mapping, so a file
+ * cut short by another process is an error to name, not a SIGBUS). A short
+ * read says whether the file shrank since, and the byte that is gone. */
+sj_status sj_pread_exact(int fd, const char *path, void *dst, size_t n, uint64_t at,
+                         uint64_t checked_size);
+
 /* A strict JSON reader (RFC 8259) for file headers: strings with every
  * escape, numbers, arrays, objects, true/false/null; rejects anything else
  * with the byte position. Depth is capped so hostile input cannot overflow

@@ -149,10 +149,7 @@ sj_status sj_tokens_inspect(const char *path, sj_tokens_info *out) {
 
 /* ---- reader ----------------------------------------------------------------
  * Tokens are read with pread() into the caller's memory, never through a
- * mapping: when another process cuts the file short, touching a mapped page
- * past the new end raises SIGBUS, which no library can turn into an error
- * safely; a read that comes back short is an error we can name. Reads from
- * the page cache cost about what the mapped gather did. */
+ * mapping (sj_pread_exact, pread.c, says why). */
 
 struct sj_tokens_reader {
     int fd;
@@ -188,31 +185,10 @@ void sj_tokens_close(sj_tokens_reader *r) {
 const sj_tokens_info *sj_tokens_reader_info(const sj_tokens_reader *r) { return &r->info; }
 int sj_tokens_reader_fd(const sj_tokens_reader *r) { return r->fd; }
 
-/* n tokens from token `first` into dst, in file (little-endian) order; a
- * short read names what went missing. */
+/* n tokens from token `first` into dst, in file (little-endian) order. */
 static sj_status read_at(const sj_tokens_reader *r, void *dst, int64_t first, int64_t n) {
-    size_t want = (size_t)n * r->info.width;
-    uint64_t at = SJ_TOKENS_HEADER_BYTES + (uint64_t)first * r->info.width;
-    size_t got = 0;
-    while (got < want) {
-        ssize_t k = pread(r->fd, (char *)dst + got, want - got, (off_t)(at + got));
-        if (k < 0 && errno == EINTR) continue;
-        if (k < 0)
-            return sj_fail(SJ_ERR_IO, "%s: read of %zu bytes at byte %llu failed: %s", r->path, want - got,
-                           (unsigned long long)(at + got), strerror(errno));
-        if (k == 0) {
-            struct stat st;
-            if (fstat(r->fd, &st) == 0 && (uint64_t)st.st_size < r->size)
-                return sj_fail(SJ_ERR_IO, "%s: file shrank from %llu to %llu bytes while open (token %lld, "
-                               "at byte %llu, is gone)", r->path, (unsigned long long)r->size,
-                               (unsigned long long)st.st_size, (long long)(first + (int64_t)(got / r->info.width)),
-                               (unsigned long long)(at + got));
-            return sj_fail(SJ_ERR_IO, "%s: short read at byte %llu (%zu of %zu bytes; was the file "
-                           "changed while open?)", r->path, (unsigned long long)(at + got), got, want);
-        }
-        got += (size_t)k;
-    }
-    return SJ_OK;
+    return sj_pread_exact(r->fd, r->path, dst, (size_t)n * r->info.width,
+                          SJ_TOKENS_HEADER_BYTES + (uint64_t)first * r->info.width, r->size);
 }
 
 static sj_status check_range(const sj_tokens_reader *r, int64_t first, int64_t n) {
@@ -224,9 +200,7 @@ static sj_status check_range(const sj_tokens_reader *r, int64_t first, int64_t n
 
 sj_status sj_tokens_read(sj_tokens_reader *r, int64_t first, int64_t n, void *out) {
     SJ_TRY(check_range(r, first, n));
-    const int64_t step = (int64_t)1 << 28;   /* pread moves at most ~2 GiB a call */
-    for (int64_t k = 0; k < n; k += step)
-        SJ_TRY(read_at(r, (char *)out + k * r->info.width, first + k, SJ_MIN(step, n - k)));
+    SJ_TRY(read_at(r, out, first, n));
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
     unsigned char *p = out;
     for (int64_t i = 0; i < n; i++, p += r->info.width)

@@ -1,6 +1,6 @@
 /* io.c — Python face of the io layer: safetensors save/load, token files,
- * bin2d sample files (writer), crc32. Loaded tensors are zero-copy
- * memoryviews into a private (copy-on-write) mapping owned by a
+ * bin2d sample files (writer, reader and batch loader), crc32. Loaded tensors
+ * are zero-copy memoryviews into a private (copy-on-write) mapping owned by a
  * SafetensorsFile object; every view keeps that object, hence the mapping,
  * alive. Token files are read with pread() (TokenReader), never through a
  * mapping. Paths may be str or os.PathLike. */
@@ -575,6 +575,309 @@ static PyTypeObject TokReaderType = {
     .tp_getset = tokr_getset,
 };
 
+/* ---- SampleFile and SampleLoader (bin2d) -------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    sj_samples *f;
+} SampleFileObject;
+
+static int sfile_init(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"path", "load", "vocab_size", NULL};
+    SampleFileObject *o = (SampleFileObject *)self;
+    PyObject *pathb = NULL;
+    const char *load = "memory";
+    long long vocab = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|sL", kwlist, PyUnicode_FSConverter, &pathb, &load, &vocab))
+        return -1;
+    if (o->f) { Py_DECREF(pathb); PyErr_SetString(PyExc_RuntimeError, "SampleFile already open"); return -1; }
+    sj_samples_load mode = SJ_SAMPLES_MEMORY;
+    if (strcmp(load, "mmap") == 0) mode = SJ_SAMPLES_MMAP;
+    else if (strcmp(load, "memory") != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: load must be 'memory' or 'mmap', got '%s'", PyBytes_AS_STRING(pathb), load);
+        Py_DECREF(pathb);
+        return -1;
+    }
+    sj_status s;
+    const char *path = PyBytes_AS_STRING(pathb);
+    Py_BEGIN_ALLOW_THREADS s = sj_samples_open(path, mode, vocab, &o->f);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(pathb);
+    if (s) { o->f = NULL; sj_py_raise(s); return -1; }
+    return 0;
+}
+
+static void sfile_dealloc(PyObject *self) {
+    sj_samples_close(((SampleFileObject *)self)->f);
+    Py_TYPE(self)->tp_free(self);
+}
+
+#define NEED_SAMPLES(o) \
+    if (!(o)->f) { PyErr_SetString(PyExc_ValueError, "SampleFile is not open"); return NULL; }
+
+static PyObject *sfile_get(PyObject *self, void *which) {
+    SampleFileObject *o = (SampleFileObject *)self;
+    NEED_SAMPLES(o);
+    const sj_samples_info *i = sj_samples_file_info(o->f);
+    switch ((int)(intptr_t)which) {
+    case 0: return PyLong_FromUnsignedLong(i->version);
+    case 1: return PyLong_FromUnsignedLong(i->stride);
+    case 2: return PyLong_FromLongLong(i->n_rows);
+    case 3: return PyLong_FromLongLong(i->n_spans);
+    case 4: return PyLong_FromUnsignedLong(i->flags);
+    default: return PyLong_FromUnsignedLong(i->pad_id);
+    }
+}
+
+static PyGetSetDef sfile_getset[] = {
+    {"version", sfile_get, NULL, "format version (1)", (void *)0},
+    {"stride", sfile_get, NULL, "tokens per row", (void *)1},
+    {"n_rows", sfile_get, NULL, "rows (samples)", (void *)2},
+    {"n_spans", sfile_get, NULL, "label spans", (void *)3},
+    {"flags", sfile_get, NULL, "bit 0: a label index", (void *)4},
+    {"pad_id", sfile_get, NULL, "the id padding positions hold", (void *)5},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+/* index() -> (lengths, span_start, spans) as bytes (host order; None, None
+ * without a label index). */
+static PyObject *sfile_index(PyObject *self, PyObject *noargs) {
+    SampleFileObject *o = (SampleFileObject *)self;
+    NEED_SAMPLES(o);
+    const sj_samples_info *i = sj_samples_file_info(o->f);
+    PyObject *lengths = PyBytes_FromStringAndSize((const char *)sj_samples_lengths(o->f), (Py_ssize_t)(4 * i->n_rows));
+    if (!lengths) return NULL;
+    if (!sj_samples_span_start(o->f)) return Py_BuildValue("(NOO)", lengths, Py_None, Py_None);
+    return Py_BuildValue("(NNN)", lengths,
+                         PyBytes_FromStringAndSize((const char *)sj_samples_span_start(o->f),
+                                                   (Py_ssize_t)(8 * (i->n_rows + 1))),
+                         PyBytes_FromStringAndSize((const char *)sj_samples_spans(o->f),
+                                                   (Py_ssize_t)(8 * i->n_spans)));
+}
+
+/* batch(rows: int64[B], x: int32[B, T], y: int32[B, T]) -> labels */
+static PyObject *sfile_batch(PyObject *self, PyObject *args) {
+    SampleFileObject *o = (SampleFileObject *)self;
+    NEED_SAMPLES(o);
+    PyObject *ro, *xo, *yo, *res = NULL;
+    if (!PyArg_ParseTuple(args, "OOO", &ro, &xo, &yo)) return NULL;
+    Py_buffer rv, xv, yv;
+    if (int_buffer(ro, &rv, 0, 8, "qlQL", "batch: rows") < 0) return NULL;
+    if (int_buffer(xo, &xv, 1, 4, "il", "batch: x") < 0) { PyBuffer_Release(&rv); return NULL; }
+    if (int_buffer(yo, &yv, 1, 4, "il", "batch: y") < 0) goto done_x;
+    Py_ssize_t B = rv.len / 8;
+    if (B < 1 || B > INT_MAX || xv.len != yv.len || xv.len % (4 * B) || xv.len / (4 * B) > INT_MAX ||
+        xv.len == 0) {
+        PyErr_Format(PyExc_ValueError, "batch: %zd rows need x and y of the same size, a multiple of the "
+                     "row count (got %zd and %zd int32)", B, xv.len / 4, yv.len / 4);
+        goto done;
+    }
+    int T = (int)(xv.len / (4 * B));
+    int64_t labels = 0;
+    sj_status s;
+    Py_BEGIN_ALLOW_THREADS s = sj_samples_batch(o->f, rv.buf, (int)B, T, xv.buf, yv.buf, &labels);
+    Py_END_ALLOW_THREADS
+    if (s) { sj_py_raise(s); goto done; }
+    res = PyLong_FromLongLong(labels);
+done:
+    PyBuffer_Release(&yv);
+done_x:
+    PyBuffer_Release(&xv);
+    PyBuffer_Release(&rv);
+    return res;
+}
+
+static PyMethodDef sfile_methods[] = {
+    {"index", sfile_index, METH_NOARGS, "index() -> (lengths, span_start, spans) as bytes (None without labels)"},
+    {"batch", sfile_batch, METH_VARARGS,
+     "batch(rows: int64[B] (-1: padding), x: int32[B, T], y: int32[B, T]) -> label count"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SampleFileType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "smedjan._C.SampleFile",
+    .tp_basicsize = sizeof(SampleFileObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "SampleFile(path, load='memory'|'mmap', vocab_size=0): a validated bin2d file "
+              "(use smedjan.data.SampleFile).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = sfile_init,
+    .tp_dealloc = sfile_dealloc,
+    .tp_methods = sfile_methods,
+    .tp_getset = sfile_getset,
+};
+
+typedef struct {
+    PyObject_HEAD
+    sj_sample_loader *l;
+    PyObject *file;              /* the SampleFile it reads: kept alive */
+    int batch_size;
+    int busy;                    /* a call is running with the GIL released */
+} SampleLoaderObject;
+
+static int sload_init(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"file", "rows", "batch_size", "seq_len", "bucket_sizes", "shuffle_buffer",
+                             "seed", "prefetch_batches", NULL};
+    SampleLoaderObject *o = (SampleLoaderObject *)self;
+    PyObject *fo, *ro, *bo = Py_None;
+    int batch_size, seq_len, prefetch = 0;
+    long long shuffle = 0;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!Oii|OLKi", kwlist, &SampleFileType, &fo, &ro, &batch_size,
+                                     &seq_len, &bo, &shuffle, &seed, &prefetch))
+        return -1;
+    if (o->l) { PyErr_SetString(PyExc_RuntimeError, "SampleLoader already open"); return -1; }
+    if (!((SampleFileObject *)fo)->f) { PyErr_SetString(PyExc_ValueError, "SampleFile is not open"); return -1; }
+    int buckets[64], n_buckets = 0;
+    if (bo != Py_None) {
+        PyObject *seq = PySequence_Fast(bo, "bucket_sizes must be a sequence of ints");
+        if (!seq) return -1;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        if (n > 64) { Py_DECREF(seq); PyErr_SetString(PyExc_ValueError, "at most 64 bucket sizes"); return -1; }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+            if (v == -1 && PyErr_Occurred()) { Py_DECREF(seq); return -1; }
+            if (v < 1 || v > INT_MAX) {
+                Py_DECREF(seq);
+                PyErr_Format(PyExc_ValueError, "bucket_sizes[%zd] is %ld, expected an integer >= 1", i, v);
+                return -1;
+            }
+            buckets[n_buckets++] = (int)v;
+        }
+        Py_DECREF(seq);
+    }
+    Py_buffer rv;
+    if (int_buffer(ro, &rv, 0, 8, "qlQL", "SampleLoader: rows") < 0) return -1;
+    sj_sample_loader_config c = { batch_size, seq_len, n_buckets ? buckets : NULL, n_buckets, shuffle,
+                                  (uint64_t)seed, prefetch, rv.buf, (int64_t)(rv.len / 8) };
+    sj_status s;
+    sj_samples *f = ((SampleFileObject *)fo)->f;
+    Py_BEGIN_ALLOW_THREADS s = sj_sample_loader_open(f, &c, &o->l);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&rv);
+    if (s) { o->l = NULL; sj_py_raise(s); return -1; }
+    Py_INCREF(fo);
+    o->file = fo;
+    o->batch_size = batch_size;
+    return 0;
+}
+
+static void sload_close_handle(SampleLoaderObject *o) {
+    sj_sample_loader *l = o->l;
+    o->l = NULL;
+    Py_BEGIN_ALLOW_THREADS sj_sample_loader_close(l);   /* joins the prefetch thread */
+    Py_END_ALLOW_THREADS
+}
+
+static void sload_dealloc(PyObject *self) {
+    SampleLoaderObject *o = (SampleLoaderObject *)self;
+    if (o->l) sload_close_handle(o);
+    Py_XDECREF(o->file);
+    Py_TYPE(self)->tp_free(self);
+}
+
+/* Open and not in use by another Python thread (its call runs without the GIL). */
+static int sload_ready(SampleLoaderObject *o) {
+    if (!o->l) { PyErr_SetString(PyExc_ValueError, "SampleLoader is closed"); return 0; }
+    if (o->busy) { PyErr_SetString(PyExc_RuntimeError, "SampleLoader is in use by another thread"); return 0; }
+    return 1;
+}
+
+static PyObject *sload_peek(PyObject *self, PyObject *noargs) {
+    SampleLoaderObject *o = (SampleLoaderObject *)self;
+    if (!sload_ready(o)) return NULL;
+    int T = 0;
+    sj_status s;
+    o->busy = 1;
+    SJ_PY_CALL(s, sj_sample_loader_peek(o->l, &T));
+    o->busy = 0;
+    if (s) return sj_py_raise(s);
+    return PyLong_FromLong(T);
+}
+
+/* next(x, y) -> (labels, epoch, index); x, y: int32 (B, T) with T from peek(). */
+static PyObject *sload_next(PyObject *self, PyObject *args) {
+    SampleLoaderObject *o = (SampleLoaderObject *)self;
+    if (!sload_ready(o)) return NULL;
+    PyObject *xo, *yo, *res = NULL;
+    if (!PyArg_ParseTuple(args, "OO", &xo, &yo)) return NULL;
+    Py_buffer xv, yv;
+    if (int_buffer(xo, &xv, 1, 4, "il", "next: x") < 0) return NULL;
+    if (int_buffer(yo, &yv, 1, 4, "il", "next: y") < 0) { PyBuffer_Release(&xv); return NULL; }
+    Py_ssize_t per_row = xv.len / 4 / o->batch_size;
+    if (xv.len != yv.len || xv.len % (4 * o->batch_size) || per_row < 1 || per_row > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "next: x and y must both hold batch_size (%d) x T int32, got %zd and %zd",
+                     o->batch_size, xv.len / 4, yv.len / 4);
+        goto done;
+    }
+    int64_t labels = 0, epoch = 0, index = 0;
+    sj_status s;
+    o->busy = 1;
+    SJ_PY_CALL(s, sj_sample_loader_next(o->l, (int)per_row, xv.buf, yv.buf, &labels, &epoch, &index));
+    o->busy = 0;
+    if (s) { sj_py_raise(s); goto done; }
+    res = Py_BuildValue("(LLL)", (long long)labels, (long long)epoch, (long long)index);
+done:
+    PyBuffer_Release(&yv);
+    PyBuffer_Release(&xv);
+    return res;
+}
+
+static PyObject *sload_seek(PyObject *self, PyObject *args) {
+    SampleLoaderObject *o = (SampleLoaderObject *)self;
+    if (!sload_ready(o)) return NULL;
+    long long epoch, batch;
+    if (!PyArg_ParseTuple(args, "LL", &epoch, &batch)) return NULL;
+    sj_status s;
+    o->busy = 1;
+    SJ_PY_CALL(s, sj_sample_loader_seek(o->l, epoch, batch));
+    o->busy = 0;
+    if (s) return sj_py_raise(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *sload_close(PyObject *self, PyObject *noargs) {
+    SampleLoaderObject *o = (SampleLoaderObject *)self;
+    if (o->busy) { PyErr_SetString(PyExc_RuntimeError, "SampleLoader is in use by another thread"); return NULL; }
+    if (o->l) sload_close_handle(o);
+    Py_RETURN_NONE;
+}
+
+static PyObject *sload_epoch_batches(PyObject *self, void *closure) {
+    SampleLoaderObject *o = (SampleLoaderObject *)self;
+    if (!o->l) { PyErr_SetString(PyExc_ValueError, "SampleLoader is closed"); return NULL; }
+    return PyLong_FromLongLong(sj_sample_loader_epoch_batches(o->l));
+}
+
+static PyGetSetDef sload_getset[] = {
+    {"epoch_batches", sload_epoch_batches, NULL, "batches in every epoch", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef sload_methods[] = {
+    {"peek", sload_peek, METH_NOARGS, "peek() -> T of the next batch"},
+    {"next", sload_next, METH_VARARGS,
+     "next(x, y) -> (labels, epoch, index): the next batch into int32 (batch_size, T) arrays"},
+    {"seek", sload_seek, METH_VARARGS, "seek(epoch, batch): continue from there"},
+    {"close", sload_close, METH_NOARGS, "close(): stop and join the prefetch thread, free the buffers"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SampleLoaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "smedjan._C.SampleLoader",
+    .tp_basicsize = sizeof(SampleLoaderObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "SampleLoader(file, rows, batch_size, seq_len, bucket_sizes=None, shuffle_buffer=0, seed=0, "
+              "prefetch_batches=0): batches in a deterministic schedule (use smedjan.data.SampleBatches).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = sload_init,
+    .tp_dealloc = sload_dealloc,
+    .tp_methods = sload_methods,
+    .tp_getset = sload_getset,
+};
+
 /* tokens_inspect(path) -> (version, width, count) */
 static PyObject *py_tokens_inspect(PyObject *self, PyObject *arg) {
     PyObject *pathb = NULL;
@@ -621,13 +924,19 @@ static PyMethodDef functions[] = {
 
 int sj_py_add_io(PyObject *m) {
     if (PyType_Ready(&StFileType) < 0 || PyType_Ready(&TokWriterType) < 0 ||
-        PyType_Ready(&TokReaderType) < 0 || PyType_Ready(&SampleWriterType) < 0) return -1;
+        PyType_Ready(&TokReaderType) < 0 || PyType_Ready(&SampleWriterType) < 0 ||
+        PyType_Ready(&SampleFileType) < 0 || PyType_Ready(&SampleLoaderType) < 0) return -1;
     Py_INCREF(&TokWriterType);
     if (PyModule_AddObject(m, "TokenWriter", (PyObject *)&TokWriterType) < 0) return -1;
     Py_INCREF(&SampleWriterType);
     if (PyModule_AddObject(m, "SampleWriter", (PyObject *)&SampleWriterType) < 0) return -1;
     Py_INCREF(&TokReaderType);
     if (PyModule_AddObject(m, "TokenReader", (PyObject *)&TokReaderType) < 0) return -1;
+    Py_INCREF(&SampleFileType);
+    if (PyModule_AddObject(m, "SampleFile", (PyObject *)&SampleFileType) < 0) return -1;
+    Py_INCREF(&SampleLoaderType);
+    if (PyModule_AddObject(m, "SampleLoader", (PyObject *)&SampleLoaderType) < 0) return -1;
     PyModule_AddIntConstant(m, "TOKENS_HEADER_BYTES", SJ_TOKENS_HEADER_BYTES);
+    PyModule_AddIntConstant(m, "SAMPLES_HEADER_BYTES", SJ_SAMPLES_HEADER_BYTES);
     return PyModule_AddFunctions(m, functions);
 }

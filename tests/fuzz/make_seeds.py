@@ -173,6 +173,27 @@ def token_seeds(out, tmp):
         put(out, "tokens", name, p.read_bytes())
 
 
+def sample_seeds(out):
+    """bin2d files as docs/formats.md lays them out: with a label index
+    (rows of several spans, one without) and without."""
+    def bin2d(rows, stride, spans=None):
+        toks = np.zeros((len(rows), stride), "<u4")
+        for r, t in enumerate(rows):
+            toks[r, :len(t)] = t
+        body = toks.tobytes() + np.array([len(t) for t in rows], "<u4").tobytes()
+        n_spans = 0
+        if spans is not None:
+            n_spans = sum(len(s) for s in spans)
+            starts = np.cumsum([0] + [len(s) for s in spans]).astype("<u8")
+            body += starts.tobytes() + np.array([p for s in spans for p in s], "<u4").tobytes()
+        return (b"SMJBIN2D" + struct.pack("<IIQQII", 1, stride, len(rows), n_spans, int(spans is not None), 0)
+                + bytes(24) + body)
+    rows = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]]
+    put(out, "samples", "labels", bin2d(rows, 8, [[(2, 4), (5, 6)], [], [(1, 4)], [(1, 8)]]))
+    put(out, "samples", "plain", bin2d(rows, 8))
+    put(out, "samples", "empty", bin2d([], 4, []))
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit("usage: make_seeds.py OUT_DIR")
@@ -183,6 +204,7 @@ def main():
         safetensors_seeds(out, tmp)
         tok = tokenizer_seeds(out, tmp)
         token_seeds(out, tmp)
+        sample_seeds(out)
         g = gguf_seeds(out, tmp, tok)
         if g is not None:
             real = gguf.tokenizer_from_gguf(g)

@@ -45,7 +45,7 @@ REGRESSIONS = HERE / "regressions"
 KNOWN = REGRESSIONS / "known.json"
 
 C_TARGETS = ["safetensors", "gguf", "gguf_model", "tokenizer_file", "tokenizer_vocab",
-             "tokens", "encode", "decode"]
+             "tokens", "samples", "encode", "decode"]
 PY_TARGETS = ["py_bpe_files", "py_tokenizer_json", "py_checkpoint", "py_gguf"]
 TARGETS = C_TARGETS + PY_TARGETS
 
