@@ -491,6 +491,7 @@ void sj_samples_writer_abort(sj_samples_writer *w);
  * index, span_start u64[n_rows + 1] and spans (u32 begin, u32 end)[n_spans],
  * all little-endian. Row r's labels are the positions inside its spans
  * (every position 1..L-1 without a label index). */
+#define SJ_SAMPLES_MAGIC "SMJBIN2D"
 #define SJ_SAMPLES_HEADER_BYTES 64
 enum { SJ_SAMPLES_LABEL_INDEX = 1 };
 typedef struct {

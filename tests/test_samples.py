@@ -419,3 +419,26 @@ def test_cli_trains_on_a_bin2d_file(sft, tmp_path):
     r = subprocess.run(args[:4] + ["--data", str(tok), "--shuffle-buffer", "8", "--steps", "1"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "--shuffle-buffer needs a bin2d sample file" in r.stderr
+
+
+def test_the_writer_and_the_reader_agree_row_for_row(tmp_path):
+    """write_samples (the SFT writer) -> SampleFile/SampleBatches (the
+    loader): every row's inputs and exactly its masked targets come back."""
+    from smedjan.data import write_samples
+    r = np.random.default_rng(7)
+    rows = []
+    for _ in range(37):
+        n = int(r.integers(2, 17))
+        rows.append((r.integers(0, 500, n), r.random(n) < 0.4))
+    path = tmp_path / "rt.bin2d"
+    written = write_samples(path, rows, stride=16, pad_id=3)
+    kept = [(t, m) for t, m in rows if m[1:].any()]          # rows with no target are skipped
+    assert written == len(kept)
+    f = SampleFile(path, vocab_size=500)
+    x, y = f.batch(np.arange(len(kept)), 15)
+    for i, (t, m) in enumerate(kept):
+        n = len(t)
+        np.testing.assert_array_equal(x[i, :n - 1], t[:-1])
+        assert (x[i, n - 1:] == 3).all()
+        np.testing.assert_array_equal(y[i, :n - 1], np.where(m[1:], t[1:], -1))
+        assert (y[i, n - 1:] == -1).all()

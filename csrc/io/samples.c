@@ -12,7 +12,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static const char MAGIC[8] = {'S', 'M', 'J', 'B', 'I', 'N', '2', 'D'};
 
 struct sj_samples {
     int fd;
@@ -68,7 +67,7 @@ static sj_status check_header(sj_samples *f, uint64_t sections[4]) {
         return sj_fail(SJ_ERR_FORMAT, "%s: %llu bytes is too short for a bin2d file (the header alone "
                        "is %d)", path, (unsigned long long)f->size, SJ_SAMPLES_HEADER_BYTES);
     SJ_TRY(sj_pread_exact(f->fd, path, h, sizeof h, 0, f->size));
-    if (memcmp(h, MAGIC, 8) != 0)
+    if (memcmp(h, SJ_SAMPLES_MAGIC, 8) != 0)
         return sj_fail(SJ_ERR_FORMAT, "%s: not a bin2d sample file (magic is not \"SMJBIN2D\")", path);
     sj_samples_info *i = &f->info;
     i->version = (uint32_t)get_le(h + 8, 4);

@@ -8,9 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define HEADER_BYTES 64
-#define FLAG_LABELS 1u
-static const char MAGIC[8] = {'S', 'M', 'J', 'B', 'I', 'N', '2', 'D'};
+#define HEADER_BYTES SJ_SAMPLES_HEADER_BYTES
 
 /* A growable array of u32; bytes = 4 * n. */
 typedef struct { uint32_t *v; size_t n, cap; } u32_list;
@@ -43,12 +41,12 @@ static void put_le(unsigned char *p, uint64_t v, int bytes) {
 
 static void header(const sj_samples_writer *w, unsigned char h[HEADER_BYTES]) {
     memset(h, 0, HEADER_BYTES);
-    memcpy(h, MAGIC, 8);
+    memcpy(h, SJ_SAMPLES_MAGIC, 8);
     put_le(h + 8, 1, 4);
     put_le(h + 12, w->stride, 4);
     put_le(h + 16, w->lengths.n, 8);
     put_le(h + 24, w->spans.n / 2, 8);
-    put_le(h + 32, w->labels ? FLAG_LABELS : 0, 4);
+    put_le(h + 32, w->labels ? SJ_SAMPLES_LABEL_INDEX : 0, 4);
     put_le(h + 36, w->pad_id, 4);
 }
 
