@@ -24,12 +24,13 @@ MIB = 1 << 20
 
 #: options understood by a sweep row besides Trainer keyword arguments
 RUN_KEYS = ("kind", "size", "batch_size", "seq_len", "device", "dtype", "vocab_size", "seed",
-            "steps", "warmup_steps", "memory_limit", "data", "threads", "label_fraction")
+            "steps", "warmup_steps", "memory_limit", "data", "threads", "label_fraction",
+            "bucket_sizes", "shuffle_buffer", "prefetch_batches", "load")
 TRAINER_KEYS = ("lr", "min_lr", "warmup", "weight_decay", "clip", "eps", "grad_accum",
                 "gradient_checkpointing", "cheap_recompute", "fused_ce", "fp16_activations",
                 "sparse_loss", "label_bucket_sizes")
 #: options whose one value is a list: a grid gives alternatives as a list of lists
-LIST_KEYS = ("label_bucket_sizes",)
+LIST_KEYS = ("label_bucket_sizes", "bucket_sizes")
 DEFAULTS = dict(size="small", batch_size=4, seq_len=128, device="cpu", dtype=None,
                 vocab_size=8192, seed=0, steps=10, warmup_steps=2, memory_limit=None, data=None,
                 threads=None, grad_accum=1)
@@ -81,6 +82,14 @@ def kind_of(c: Dict) -> str:
     if c.get("sparse_loss") and c.get("label_bucket_sizes"):
         b = c["label_bucket_sizes"]
         parts.append(f"lbl{b[0]}_{b[-1]}")
+    if c.get("bucket_sizes"):
+        b = c["bucket_sizes"]
+        parts.append(f"bkt{b[0]}_{b[-1]}")
+    if c.get("data") and str(c["data"]).endswith(".bin2d"):
+        parts.append(f"bin2d_{c.get('load') or 'memory'}")
+    for k, tag in (("prefetch_batches", "p"), ("shuffle_buffer", "shuffle")):
+        if c.get(k):
+            parts.append(f"{tag}{c[k]}")
     return "_".join(parts)
 
 
@@ -109,17 +118,35 @@ def run_one(c: Dict) -> Dict:
                      fp16_activations=bool(c.get("fp16_activations")),
                      sparse_loss=bool(c.get("sparse_loss")),
                      label_bucket_sizes=c.get("label_bucket_sizes") or [])
+    if c.get("bucket_sizes"):
+        T = max(int(b) for b in c["bucket_sizes"])   # memory is planned for the longest batch
     plan = model.plan_memory(B, T, "train", n)
     if limit and plan["peak_bytes"] > limit:   # refuse before the optimizer state exists
         raise OutOfMemoryError(f"memory limit {limit / MIB:.0f} MiB: planned peak "
                           f"{plan['peak_bytes'] / MIB:.1f} MiB")
     trainer = Trainer(model, steps=10 ** 9, memory_limit=limit or None,
                       **{"lr": 1e-4, **topts})
+    data_options = [k for k in ("bucket_sizes", "shuffle_buffer", "prefetch_batches", "load")
+                    if c.get(k)]
     if c.get("data"):
-        from .data import Batches, TokenFile
-        batches = Batches(TokenFile(c["data"]), B * n, T, split="train", val_fraction=0.0,
-                          seed=c["seed"])
+        from .data import Batches, SampleBatches, SampleFile, TokenFile, is_sample_file
+        if is_sample_file(c["data"]):
+            samples = SampleFile(c["data"], load=c.get("load") or "memory",
+                                 vocab_size=model.config.vocab_size)
+            batches = SampleBatches(samples, B * n, seq_len=None if c.get("bucket_sizes") else T,
+                                    bucket_sizes=c.get("bucket_sizes"),
+                                    shuffle_buffer=int(c.get("shuffle_buffer") or 0),
+                                    prefetch_batches=int(c.get("prefetch_batches") or 0),
+                                    seed=c["seed"], val_fraction=0.0)
+        else:
+            if data_options:
+                raise ValueError(f"{data_options[0]} needs a bin2d sample file, and {c['data']} "
+                                 "is a token file")
+            batches = Batches(TokenFile(c["data"]), B * n, T, split="train", val_fraction=0.0,
+                              seed=c["seed"])
         draw = lambda: next(batches)  # noqa: E731
+    elif data_options:
+        raise ValueError(f"{data_options[0]} needs data (a bin2d sample file)")
     else:
         rng = np.random.default_rng(c["seed"])
         V = model.config.vocab_size
@@ -137,17 +164,18 @@ def run_one(c: Dict) -> Dict:
             return x, y
     for _ in range(int(c["warmup_steps"])):
         trainer.step(*draw())
-    ms, losses = [], []
+    ms, losses, tokens = [], [], 0
     for _ in range(int(c["steps"])):
+        t0 = time.perf_counter()                # the batch's wait counts: prefetch is measured
         x, y = draw()
-        t0 = time.perf_counter()
         r = trainer.step(x, y)
         ms.append(1e3 * (time.perf_counter() - t0))
         losses.append(r.loss)
+        tokens += x.size
     step_ms = sum(ms) / len(ms)
     mem = model.memory()
     peak = mem.get("cuda_peak_bytes") or mem["peak_bytes"]
-    return dict(ok=True, tok_s=B * n * T / (step_ms / 1e3), step_ms=step_ms,
+    return dict(ok=True, tok_s=tokens / (sum(ms) / 1e3), step_ms=step_ms,
                 step_ms_min=min(ms), step_ms_max=max(ms), peak_mib=peak / MIB,
                 planned_peak_mib=plan["peak_bytes"] / MIB, arena_mib=plan["arena_bytes"] / MIB,
                 kept_mib=plan["kept_bytes"] / MIB, loss=float(losses[-1]),
@@ -199,7 +227,9 @@ def _run_child(c: Dict, timeout: float) -> Dict:
 def _epoch_tokens(data: Optional[str]) -> Optional[int]:
     if not data:
         return None
-    from .data import TokenFile
+    from .data import SampleFile, TokenFile, is_sample_file
+    if is_sample_file(data):
+        return int(SampleFile(data, load="mmap").lengths.sum())
     return len(TokenFile(data))
 
 
@@ -264,7 +294,35 @@ def sweep(grid, *, base: Optional[Dict] = None, out: Optional[str] = None,
     if out:
         with open(out + ".md", "w") as f:
             f.write(to_markdown(rows) + "\n")
+        with open(out + ".csv", "w", newline="") as f:
+            f.write(to_csv(rows))
     return rows
+
+
+#: seed 001's columns, in its order
+CSV_COLUMNS = ("kind", "bs", "acc", "prefetch", "bucket", "sparse", "mem_limit_mb", "steps",
+               "tok_avg", "step_ms_avg", "mem_peak_mib", "ok")
+
+
+def to_csv(rows: List[Dict]) -> str:
+    """The sweep as seed 001's CSV (CSV_COLUMNS). bucket: the label buckets
+    of a sparse-loss row, else the length buckets, comma-joined."""
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        c = r.get("config") or {}
+        buckets = (c.get("label_bucket_sizes") if c.get("sparse_loss") else None) or \
+            c.get("bucket_sizes") or []
+        num = (lambda v, fmt: "" if v is None else format(v, fmt))  # noqa: E731
+        w.writerow([r["kind"], r["batch"], r["accum"], c.get("prefetch_batches") or 0,
+                    ",".join(str(b) for b in buckets), int(bool(c.get("sparse_loss"))),
+                    num(r.get("mem_limit_mib"), ".0f"), c.get("steps", ""),
+                    num(r.get("tok_s"), ".0f"), num(r.get("step_ms"), ".2f"),
+                    num(r.get("peak_mib"), ".0f"), "ok" if r["ok"] else "not ok"])
+    return buf.getvalue()
 
 
 def to_markdown(rows: List[Dict]) -> str:
@@ -321,12 +379,17 @@ def cmd_sweep(args) -> int:
                             ("fused_ce", "fused_ce", bool),
                             ("fp16_activations", "fp16_activations", bool),
                             ("sparse_loss", "sparse_loss", bool),
-                            ("label_fraction", "label_fraction", float)):
+                            ("label_fraction", "label_fraction", float),
+                            ("shuffle_buffer", "shuffle_buffer", int),
+                            ("prefetch_batches", "prefetch_batches", int),
+                            ("load", "load", str)):
         v = _values(getattr(args, flag), cast)
         if v is not None:
             grid[key] = v
     if args.label_bucket_sizes:
         grid["label_bucket_sizes"] = [args.label_bucket_sizes]
+    if args.bucket_sizes:
+        grid["bucket_sizes"] = [args.bucket_sizes]
     if args.grid:
         grid.update(args.grid)
     base = dict(steps=args.steps, warmup_steps=args.warmup_steps, device=args.device,
@@ -339,7 +402,7 @@ def cmd_sweep(args) -> int:
     else:
         print(to_markdown(rows))
         if args.out:
-            print(f"\nwritten: {args.out}.md, {args.out}.jsonl")
+            print(f"\nwritten: {args.out}.md, {args.out}.jsonl, {args.out}.csv")
     return 0
 
 
@@ -364,6 +427,11 @@ def add_commands(sub) -> None:
                    help="one set, e.g. 64,128,256,512 (several: --grid)")
     s.add_argument("--label-fraction", help="random data: the labelled share of each row's "
                                             "targets, its end (SFT-like), e.g. 0.4,1")
+    s.add_argument("--bucket-sizes", type=ascending_sizes,
+                   help="bin2d data: length buckets, one set, e.g. 128,256,512")
+    s.add_argument("--shuffle-buffer", help="bin2d data: shuffle buffer rows, e.g. 0,512,2048")
+    s.add_argument("--prefetch-batches", help="bin2d data: batches made ahead on a thread, e.g. 0,4")
+    s.add_argument("--load", help="bin2d data: memory,mmap")
     s.add_argument("--grid", type=json_object,
                    help='more options as JSON, e.g. \'{"lr": [1e-3, 3e-4]}\'')
     s.add_argument("--device", default=None, help="cpu (default) or cuda")
@@ -371,11 +439,12 @@ def add_commands(sub) -> None:
     s.add_argument("--warmup-steps", type=nonneg_int, default=2, help="untimed steps first")
     s.add_argument("--memory-limit", type=byte_size,
                    help="per configuration, e.g. 4GiB: over it = not ok")
-    s.add_argument("--data", help="token file: train on it and estimate hours per epoch")
+    s.add_argument("--data", help="token file or bin2d sample file: train on it (a token file "
+                                  "also gives hours per epoch)")
     s.add_argument("--threads", type=positive_int, help="engine worker threads in each run")
     s.add_argument("--timeout", type=positive_float, default=600.0,
                    help="seconds per configuration")
-    s.add_argument("--out", help="write OUT.md and OUT.jsonl")
+    s.add_argument("--out", help="write OUT.md, OUT.jsonl and OUT.csv (seed 001's columns)")
     s.add_argument("--json", action="store_true", help="print JSON lines instead of the table")
     s.set_defaults(func=cmd_sweep)
 

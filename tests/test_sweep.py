@@ -64,3 +64,34 @@ def test_sweep_cli(tmp_path, capsys):
     assert main(["sweep", "--size", "tiny", "--batch-size", "1", "--seq-len", "16", "--steps", "1",
                  "--fp16-activations", "on", "--warmup-steps", "0"]) == 0
     assert "tiny_f16act" in capsys.readouterr().out
+
+
+def test_a_sweep_over_seed_001s_data_options_writes_its_csv(tmp_path):
+    """bin2d data with length buckets, shuffle buffer, prefetch and both
+    load modes, the sparse loss with label buckets: every row runs, and the
+    CSV has seed 001's columns in its order."""
+    import csv
+    from smedjan.data import write_samples
+    r = np.random.default_rng(0)
+    rows = [(r.integers(0, 256, n), np.arange(n) >= n // 2) for n in r.integers(8, 33, 64)]
+    data = tmp_path / "sft.bin2d"
+    write_samples(data, rows, stride=33)
+    out = tmp_path / "grid"
+    got = smedjan.sweep([dict(bucket_sizes=[16, 32], shuffle_buffer=16, prefetch_batches=2),
+                         dict(load="mmap", sparse_loss=True, label_bucket_sizes=[64, 128]),
+                         dict()],
+                        base=dict(size="tiny", vocab_size=256, batch_size=4, seq_len=32, steps=3,
+                                  warmup_steps=1, data=str(data)), out=str(out), progress=False)
+    assert [g["ok"] for g in got] == [True, True, True], [g.get("error") for g in got]
+    assert got[0]["kind"].endswith("bkt16_32_bin2d_memory_p2_shuffle16")
+    table = list(csv.reader(open(str(out) + ".csv")))
+    assert table[0] == ["kind", "bs", "acc", "prefetch", "bucket", "sparse", "mem_limit_mb",
+                        "steps", "tok_avg", "step_ms_avg", "mem_peak_mib", "ok"]
+    assert [t[3:6] for t in table[1:]] == [["2", "16,32", "0"], ["0", "64,128", "1"], ["0", "", "0"]]
+    assert all(t[-1] == "ok" and float(t[8]) > 0 for t in table[1:])
+
+
+def test_data_options_need_a_sample_file():
+    from smedjan.sweep import DEFAULTS, run_one
+    with pytest.raises(ValueError, match="shuffle_buffer needs data"):
+        run_one({**DEFAULTS, "size": "tiny", "shuffle_buffer": 8, "steps": 1, "warmup_steps": 0})
