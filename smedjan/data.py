@@ -247,6 +247,11 @@ class Batches:
         self.batches += 1
         return self._gather(starts)
 
+    def __repr__(self) -> str:
+        order = f"random, seed={self.seed}" if self.random else f"sequential, epoch={self.epoch}"
+        return (f"Batches({self.file.path!r}, batch_size={self.batch_size}, seq_len={self.seq_len}, "
+                f"split={self.split!r} ({self._n:,} tokens), {order}, batches={self.batches})")
+
     def one_pass(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """Every full batch of consecutive windows of the split once, from
         the start (for evaluation); does not touch the loader's state."""

@@ -342,3 +342,11 @@ def test_convert_tokens_command(tmp_path):
                         "-o", str(tmp_path / "val.tok")], capture_output=True, text=True)
     assert r.returncode == 0 and "1,000 tokens" in r.stdout, r.stderr
     assert len(TokenFile(tmp_path / "val.tok")) == 1000
+
+
+def test_batches_say_what_they_are(tmp_path):
+    write_tokens(tmp_path / "d.tok", [np.arange(5000) % 50])
+    b = Batches(TokenFile(tmp_path / "d.tok"), 2, 8, random=False)
+    next(b)
+    assert repr(b) == (f"Batches({str(tmp_path / 'd.tok')!r}, batch_size=2, seq_len=8, "
+                       "split='train' (4,750 tokens), sequential, epoch=0, batches=1)")
