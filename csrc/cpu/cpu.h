@@ -61,9 +61,22 @@ void sj_cpu_cross_entropy_backward(void *dlogits, const void *logits, const floa
                                    const void *targets, sj_dtype tok_dtype, int N, int V,
                                    int ld, int ignore_index, const float *scale, int accum);
 double sj_cpu_sumsq(const float *x, int64_t n);
-void sj_cpu_grad_sumsq(sj_adamw_hp *hp, const float *g, int64_t n);
+void sj_cpu_sumsq_into(double *out, const float *x, int64_t n);
+/* The global clip's gradient scale; *update = 0 when the norm is not finite. */
+float sj_cpu_clip_scale(const sj_optim_hp *hp, int *update);
 void sj_cpu_adamw(float *p, void *p_act, float *g, int zero_grads, float *m, float *v,
-                  int64_t n, int64_t n_decay, const sj_adamw_hp *hp);
-
+                  int64_t n, float lr_mult, float wd, const sj_optim_hp *hp);
+void sj_cpu_lion(float *p, void *p_act, float *g, int zero_grads, float *m, int64_t n,
+                 float lr_mult, float wd, const sj_optim_hp *hp);
+void sj_cpu_sgd(float *p, void *p_act, float *g, int zero_grads, float *buf, int64_t n,
+                float lr_mult, float wd, const sj_optim_hp *hp);
+void sj_cpu_adafactor(float *p, void *p_act, float *g, int zero_grads, float *row, float *col,
+                      int64_t rows, int64_t cols, float lr_mult, float wd, double *sums,
+                      const sj_optim_hp *hp);
+void sj_cpu_muon_momentum(float *u, float *buf, float *g, int zero_grads, int64_t n,
+                          const sj_optim_hp *hp);
+void sj_cpu_muon_normalize(void *x, const float *u, int64_t n, const double *sumsq, float eps);
+void sj_cpu_muon_apply(float *p, void *p_act, const void *o, int64_t n, float lr_mult,
+                       float ratio, float wd, const sj_optim_hp *hp);
 
 #endif
