@@ -255,13 +255,14 @@ typedef struct {
     float max_lr, min_lr;
     int warmup_steps;     /* lr rises linearly min_lr -> max_lr over these */
     int total_steps;      /* cosine back to min_lr at step total_steps-1   */
-    float beta1, beta2;   /* AdamW (and Muon's AdamW part), Lion           */
+    double beta1, beta2;  /* AdamW (and Muon's AdamW part), Lion; double, as
+                           * torch's 1 - beta is formed before it turns f32 */
     float eps;            /* AdamW; Adafactor: eps1 (>= 0)                 */
     float weight_decay;   /* each tensor's default (sj_param_group)        */
     float clip;           /* global grad-norm clip; 0 disables, < 0 refused */
     sj_optim_kind kind;
-    float momentum;       /* SGD (0: no buffer), Muon                      */
-    float dampening;      /* SGD                                           */
+    double momentum;      /* SGD (0: no buffer), Muon                      */
+    double dampening;     /* SGD                                           */
     int nesterov;         /* SGD, Muon                                     */
     float beta2_decay, eps2, d;   /* Adafactor                             */
     int ns_steps;         /* Muon: Newton-Schulz iterations, coefficients a, b, c, */

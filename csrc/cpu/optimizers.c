@@ -11,9 +11,14 @@ static inline float lerp_torch(float a, float b, float w) {
     return fabsf(w) < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
 }
 
+/* Where torch's vectorised kernels fuse `a + alpha * b` (add_ with alpha,
+ * a vec::fmadd), these use fmaf: the same roundings, so that Lion's sign
+ * sees the bits torch's does. */
 typedef struct {
     float *p, *g, *s;           /* s: the rule's state (NULL: none) */
-    float lr, wd, gs, b1, b2;   /* Lion: b1, b2; SGD: b1 = momentum, b2 = dampening */
+    float lr, wd, gs;
+    float b1, c1, b2, c2;       /* Lion: beta1, 1 - beta1, beta2, 1 - beta2;
+                                 * SGD: momentum, -, -, 1 - dampening */
     int first, nesterov, update, zero_grads;
 } rule_job;
 
@@ -23,10 +28,10 @@ static void lion_range(void *ctx, int64_t i0, int64_t i1, int tid) {
     const float decay = 1.0f - j->lr * j->wd;
     for (int64_t i = i0; i < i1 && j->update; i++) {
         const float g = j->g[i] * j->gs, m = j->s[i];
-        const float c = m * j->b1 + (1.0f - j->b1) * g;
+        const float c = fmaf(g, j->c1, m * j->b1);
         const float sign = (float)((c > 0.0f) - (c < 0.0f));
         j->p[i] = j->p[i] * decay - j->lr * sign;
-        j->s[i] = m * j->b2 + (1.0f - j->b2) * g;
+        j->s[i] = fmaf(g, j->c2, m * j->b2);
     }
     if (j->zero_grads) for (int64_t i = i0; i < i1; i++) j->g[i] = 0.0f;
 }
@@ -37,8 +42,8 @@ void sj_cpu_lion(float *p, void *p_act, float *g, int zero_grads, float *m, int6
     (void)p_act;
     int update;
     const float scale = sj_cpu_clip_scale(hp, &update);
-    rule_job j = { p, g, m, hp->lr * lr_mult, wd, scale, hp->beta1, hp->beta2, 0, 0, update,
-                   zero_grads };
+    rule_job j = { p, g, m, hp->lr * lr_mult, wd, scale, hp->beta1, hp->one_minus_beta1,
+                   hp->beta2, hp->one_minus_beta2, 0, 0, update, zero_grads };
     sj_parallel_for(n, 1 << 14, lion_range, &j);
 }
 
@@ -47,13 +52,13 @@ static void sgd_range(void *ctx, int64_t i0, int64_t i1, int tid) {
     const rule_job *j = ctx;
     for (int64_t i = i0; i < i1 && j->update; i++) {
         float d = j->g[i] * j->gs;
-        if (j->wd != 0.0f) d += j->wd * j->p[i];
+        if (j->wd != 0.0f) d = fmaf(j->p[i], j->wd, d);
         if (j->s) {
-            const float buf = j->first ? d : j->s[i] * j->b1 + (1.0f - j->b2) * d;
+            const float buf = j->first ? d : fmaf(d, j->c2, j->s[i] * j->b1);
             j->s[i] = buf;
-            d = j->nesterov ? d + j->b1 * buf : buf;
+            d = j->nesterov ? fmaf(buf, j->b1, d) : buf;
         }
-        j->p[i] -= j->lr * d;
+        j->p[i] = fmaf(d, -j->lr, j->p[i]);
     }
     if (j->zero_grads) for (int64_t i = i0; i < i1; i++) j->g[i] = 0.0f;
 }
@@ -64,8 +69,8 @@ void sj_cpu_sgd(float *p, void *p_act, float *g, int zero_grads, float *buf, int
     (void)p_act;
     int update;
     const float scale = sj_cpu_clip_scale(hp, &update);
-    rule_job j = { p, g, buf, hp->lr * lr_mult, wd, scale, hp->momentum, hp->dampening,
-                   hp->step == 1, hp->nesterov, update, zero_grads };
+    rule_job j = { p, g, buf, hp->lr * lr_mult, wd, scale, hp->momentum, 0.0f, 0.0f,
+                   hp->one_minus_dampening, hp->step == 1, hp->nesterov, update, zero_grads };
     sj_parallel_for(n, 1 << 14, sgd_range, &j);
 }
 
@@ -186,7 +191,7 @@ void sj_cpu_adafactor(float *p, void *p_act, float *g, int zero_grads, float *ro
 
 typedef struct {
     float *u, *buf, *g;
-    float gs, mom;
+    float gs, mom, one_minus_mom;
     int nesterov, update, zero_grads;
 } momentum_job;
 
@@ -194,7 +199,7 @@ static void momentum_range(void *ctx, int64_t i0, int64_t i1, int tid) {
     (void)tid;
     const momentum_job *j = ctx;
     for (int64_t i = i0; i < i1; i++) {
-        const float g = j->g[i] * j->gs, buf = lerp_torch(j->buf[i], g, 1.0f - j->mom);
+        const float g = j->g[i] * j->gs, buf = lerp_torch(j->buf[i], g, j->one_minus_mom);
         j->u[i] = j->nesterov ? lerp_torch(g, buf, j->mom) : buf;
         if (j->update) j->buf[i] = buf;
         if (j->zero_grads) j->g[i] = 0.0f;
@@ -206,7 +211,8 @@ void sj_cpu_muon_momentum(float *u, float *buf, float *g, int zero_grads, int64_
                           const sj_optim_hp *hp) {
     int update;
     const float scale = sj_cpu_clip_scale(hp, &update);
-    momentum_job j = { u, buf, g, scale, hp->momentum, hp->nesterov, update, zero_grads };
+    momentum_job j = { u, buf, g, scale, hp->momentum, hp->one_minus_momentum, hp->nesterov,
+                       update, zero_grads };
     sj_parallel_for(n, 1 << 14, momentum_range, &j);
 }
 

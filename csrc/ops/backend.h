@@ -44,6 +44,9 @@ typedef struct {
     float beta1, beta2, eps;     /* AdamW, Lion; Adafactor: eps = eps1 */
     float clip;          /* global grad-norm clip; <= 0 disables */
     float momentum, dampening;   /* SGD; Muon: momentum */
+    /* 1 - beta1, 1 - beta2, 1 - momentum, 1 - dampening formed in double on
+     * the host and rounded once, as torch forms a step's alpha */
+    float one_minus_beta1, one_minus_beta2, one_minus_momentum, one_minus_dampening;
     int nesterov;                /* SGD, Muon */
     float beta2_decay, eps2, d;  /* Adafactor */
     int64_t step;        /* 1-based number of this update */

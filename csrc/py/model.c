@@ -822,11 +822,11 @@ static int opt_init(PyObject *self, PyObject *args, PyObject *kw) {
                              "ns_c", "ns_eps", "match_rms_adamw", "adamw_lr", "groups", NULL};
     PyObject *model, *groups_o = Py_None;
     const char *kind = "adamw";
-    sj_train_config tc = { 3e-4f, 3e-5f, 0, 1, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f };
+    sj_train_config tc = { 3e-4f, 3e-5f, 0, 1, 0.9, 0.95, 1e-8f, 0.1f, 1.0f };
     tc.beta2_decay = -0.8f; tc.eps2 = 1e-3f; tc.d = 1.0f;
     tc.ns_steps = 5; tc.ns_a = 3.4445f; tc.ns_b = -4.7750f; tc.ns_c = 2.0315f; tc.ns_eps = 1e-7f;
     tc.adamw_lr = 3e-4f;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|ffiifffffsffpfffiffffpfO", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|ffiiddfffsddpfffiffffpfO", kwlist,
                                      &ModelType, &model, &tc.max_lr, &tc.min_lr,
                                      &tc.warmup_steps, &tc.total_steps, &tc.beta1, &tc.beta2,
                                      &tc.eps, &tc.weight_decay, &tc.clip, &kind, &tc.momentum,
@@ -852,9 +852,9 @@ static int opt_init(PyObject *self, PyObject *args, PyObject *kw) {
 static PyObject *py_optimizer_state_bytes(PyObject *self, PyObject *args) {
     PyObject *model;
     const char *kind;
-    sj_train_config tc = { 1e-3f, 0.0f, 0, 1, 0.9f, 0.95f, 1e-8f, 0.0f, 0.0f };
+    sj_train_config tc = { 1e-3f, 0.0f, 0, 1, 0.9, 0.95, 1e-8f, 0.0f, 0.0f };
     tc.d = 1.0f; tc.ns_steps = 5;
-    if (!PyArg_ParseTuple(args, "O!sf", &ModelType, &model, &kind, &tc.momentum)) return NULL;
+    if (!PyArg_ParseTuple(args, "O!sd", &ModelType, &model, &kind, &tc.momentum)) return NULL;
     sj_model *m = MODEL(model);
     if (!m || optim_kind(kind, &tc.kind) < 0) return NULL;
     int64_t bytes;

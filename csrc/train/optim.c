@@ -416,9 +416,11 @@ static float set_hp(sj_optimizer *o) {
     const sj_train_config *tc = &o->tc;
     sj_optim_hp *hp = &o->model->scalars_host[0].hp;
     float rate = sj_lr_at(tc, o->step);
-    *hp = (sj_optim_hp){ rate, tc->beta1, tc->beta2, tc->eps, tc->clip, tc->momentum,
-                         tc->dampening, tc->nesterov, tc->beta2_decay, tc->eps2, tc->d,
-                         o->step + 1, 0.0 };
+    *hp = (sj_optim_hp){ rate, (float)tc->beta1, (float)tc->beta2, tc->eps, tc->clip,
+                         (float)tc->momentum, (float)tc->dampening,
+                         (float)(1.0 - tc->beta1), (float)(1.0 - tc->beta2),
+                         (float)(1.0 - tc->momentum), (float)(1.0 - tc->dampening),
+                         tc->nesterov, tc->beta2_decay, tc->eps2, tc->d, o->step + 1, 0.0 };
     return rate;
 }
 
