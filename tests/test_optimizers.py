@@ -302,3 +302,19 @@ def test_the_state_is_planned_and_held_as_each_optimizer_needs():
                                 momentum=kw.get("momentum"))["fixed_bytes"] - base
         assert m.memory()["bytes"] - held == planned, optimizer
         del tr
+
+
+@pytest.mark.parametrize("optimizer", KINDS)
+def test_the_device_code_path_updates_bit_for_bit(optimizer, text_bytes):
+    """cpu-staged (the CPU kernels behind the device code path: the
+    hyper-parameters and the norm read from backend memory) trains each
+    optimizer to the same bits as the plain CPU path."""
+    runs = []
+    for device in ("cpu", "cpu-staged"):
+        m = smedjan.Model(TINY, seed=2, device=device)
+        tr = smedjan.Trainer(m, optimizer=optimizer, lr=1e-3, warmup=2, steps=6, clip=0.5,
+                             **KINDS[optimizer])
+        runs.append(([tuple(tr.step(x, y)) for x, y in text_batches(text_bytes, 2, 16, 5)],
+                     m.flat_params.copy()))
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])

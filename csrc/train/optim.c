@@ -9,6 +9,7 @@
  * pinned memory that the graph's copy nodes read at replay time. */
 #include "../model/model.h"
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -80,21 +81,23 @@ static sj_status check(const sj_train_config *tc) {
          "clip must be a finite number >= 0 (0: no clipping), got %g", (double)tc->clip);
     const sj_optim_kind k = tc->kind;
     NEED(k >= 0 && k < SJ_OPTIM__COUNT, "unknown optimizer kind %d", (int)k);
+    /* Muon's own eps is its Newton-Schulz floor; its AdamW part's are adamw_*. */
+    const char *aux = k == SJ_OPTIM_MUON ? "adamw_" : "";
     if (k == SJ_OPTIM_ADAMW || k == SJ_OPTIM_LION || k == SJ_OPTIM_MUON)
         NEED(tc->beta1 >= 0 && tc->beta1 < 1 && tc->beta2 >= 0 && tc->beta2 < 1,
-             "betas must be in [0, 1), got (%g, %g)", (double)tc->beta1, (double)tc->beta2);
+             "%sbetas must be in [0, 1), got (%g, %g)", aux, tc->beta1, tc->beta2);
     if (k == SJ_OPTIM_ADAMW || k == SJ_OPTIM_MUON)
-        NEED(tc->eps > 0 && isfinite(tc->eps), "eps must be a finite number > 0, got %g",
-             (double)tc->eps);
+        NEED(tc->eps > 0 && isfinite(tc->eps), "%seps must be a finite number > 0, got %g",
+             aux, (double)tc->eps);
     if (k == SJ_OPTIM_SGD || k == SJ_OPTIM_MUON) {
         NEED(tc->momentum >= 0 && tc->momentum < 1, "momentum must be in [0, 1), got %g",
-             (double)tc->momentum);
+             tc->momentum);
         NEED(tc->dampening >= 0 && tc->dampening <= 1, "dampening must be in [0, 1], got %g",
-             (double)tc->dampening);
+             tc->dampening);
         /* torch.optim.SGD's rule: Nesterov needs momentum and no dampening. */
         NEED(!tc->nesterov || k == SJ_OPTIM_MUON || (tc->momentum > 0 && tc->dampening == 0),
              "nesterov needs momentum > 0 and dampening 0, got momentum %g, dampening %g",
-             (double)tc->momentum, (double)tc->dampening);
+             tc->momentum, tc->dampening);
     }
     if (k == SJ_OPTIM_ADAFACTOR) {
         NEED(tc->beta2_decay <= 0 && isfinite(tc->beta2_decay),
@@ -110,7 +113,7 @@ static sj_status check(const sj_train_config *tc) {
         NEED(isfinite(tc->ns_a) && isfinite(tc->ns_b) && isfinite(tc->ns_c),
              "ns_coefficients must be finite, got (%g, %g, %g)", (double)tc->ns_a,
              (double)tc->ns_b, (double)tc->ns_c);
-        FINITE_GE0(tc->ns_eps, "ns_eps");
+        FINITE_GE0(tc->ns_eps, "eps (the Newton-Schulz floor)");
         FINITE_GE0(tc->adamw_lr, "adamw_lr");
     }
     return SJ_OK;
@@ -339,8 +342,12 @@ sj_status sj_optimizer_create(sj_model *m, const sj_train_config *tc,
     const int64_t want = held_bytes(o, m->be->act_dtype) + (m->grads ? 0 : 4 * n) +
                          (m->be->act_dtype != SJ_F32 && !m->params_act
                           ? (int64_t)sj_dtype_size(m->be->act_dtype) * n : 0);
-    sj_status s = sj_model_check_memory(m, m->device, want, 1, "a Trainer's optimizer state "
-                                        "with the gradients and compute copy it brings");
+    static const char *const NAMES[SJ_OPTIM__COUNT] = { "AdamW", "Lion", "SGD", "Adafactor",
+                                                         "Muon" };
+    char what[160];
+    snprintf(what, sizeof what, "a Trainer's %s state (%lld bytes) with the gradients and "
+             "compute copy it brings", NAMES[tc->kind], (long long)held_bytes(o, m->be->act_dtype));
+    sj_status s = sj_model_check_memory(m, m->device, want, 1, what);
     if (s == SJ_OK && alloc_state(o) != SJ_OK) s = SJ_ERR_NOMEM;
     if (s != SJ_OK) { free(segs); free(o); return s; }
     m->be->bind(m->ctx);
