@@ -318,3 +318,36 @@ def test_the_device_code_path_updates_bit_for_bit(optimizer, text_bytes):
                      m.flat_params.copy()))
     assert runs[0][0] == runs[1][0]
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
+
+
+def test_train_cli_takes_the_optimizer_flags_and_resets_on_request(tmp_path, capsys):
+    from smedjan.cli import build_parser, main
+    from smedjan.commands import optimizer_options
+    from smedjan.data import write_tokens
+    data, ck = str(tmp_path / "d.tok"), str(tmp_path / "ck")
+    write_tokens(data, [np.random.default_rng(0).integers(0, 256, 10_000)], dtype="uint16")
+    base = ["train", "--data", data, "--vocab-size", "256", "--size", "custom", "--dim", "32",
+            "--layers", "2", "--heads", "4", "--seq-len", "16", "--batch-size", "2",
+            "--warmup", "1", "--val-fraction", "0", "--checkpoint-dir", ck]
+    args = build_parser().parse_args(base + [
+        "--optimizer", "muon", "--momentum", "0.9", "--no-nesterov", "--ns-coefficients", "3,-4,2",
+        "--adjust-lr-fn", "match_rms_adamw", "--param-groups", '[{"params": "tok_emb", "lr_mult": 2}]',
+        "--no-decay-embedding"])
+    assert optimizer_options(args) == dict(
+        optimizer="muon", momentum=0.9, nesterov=False, ns_coefficients=(3.0, -4.0, 2.0),
+        adjust_lr_fn="match_rms_adamw", param_groups=[{"params": "tok_emb", "lr_mult": 2}],
+        decay_embedding=False)
+    args = build_parser().parse_args(base + ["--optimizer", "adafactor", "--eps", "none,1e-3"])
+    assert optimizer_options(args)["eps"] == (None, 1e-3)
+    assert main(base + ["--steps", "4", "--max-steps", "2", "--optimizer", "lion"]) == 0
+    assert load_checkpoint(tmp_path / "ck" / "latest.safetensors").optimizer == "lion"
+    capsys.readouterr()
+    assert main(base + ["--steps", "4", "--resume", "--optimizer", "sgd"]) != 0
+    err = capsys.readouterr().err
+    assert "optimizer state is lion (exp_avg), this Trainer's is sgd" in err and \
+        "--reset-optimizer" in err, err
+    assert main(base + ["--steps", "4", "--resume", "--optimizer", "sgd", "--momentum", "0.9",
+                        "--reset-optimizer"]) == 0
+    c = load_checkpoint(tmp_path / "ck" / "latest.safetensors")
+    assert c.optimizer == "sgd" and c.step == 4 and c.trainer["momentum"] == 0.9
+    assert "step 4: loss" in capsys.readouterr().out
