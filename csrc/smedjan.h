@@ -138,7 +138,7 @@ typedef struct {
     int64_t shape[2];
     int64_t offset;       /* in elements, into the flat buffer            */
     int64_t numel;
-    int decay;            /* 1 if AdamW weight decay applies              */
+    int decay;            /* 1 if weight decay applies by default (matrices) */
 } sj_tensor_info;
 
 sj_status sj_model_create(const sj_config *c, uint64_t seed, sj_model **out);
@@ -241,30 +241,71 @@ sj_status sj_model_loss(sj_model *m, const void *tokens, const void *targets,
 
 /* ---- optimisation ----------------------------------------------------- */
 
+/* The update rules, as torch.optim (and lion-pytorch for Lion) define them. */
+typedef enum {
+    SJ_OPTIM_ADAMW = 0,
+    SJ_OPTIM_LION,
+    SJ_OPTIM_SGD,
+    SJ_OPTIM_ADAFACTOR,
+    SJ_OPTIM_MUON,        /* 2-D hidden matrices; AdamW for the embedding, head and norms */
+    SJ_OPTIM__COUNT
+} sj_optim_kind;
+
 typedef struct {
     float max_lr, min_lr;
     int warmup_steps;     /* lr rises linearly min_lr -> max_lr over these */
     int total_steps;      /* cosine back to min_lr at step total_steps-1   */
-    float beta1, beta2, eps;
-    float weight_decay;   /* decoupled; not applied to norm gains          */
+    double beta1, beta2;  /* AdamW (and Muon's AdamW part), Lion; double, as
+                           * torch's 1 - beta is formed before it turns f32 */
+    float eps;            /* AdamW; Adafactor: eps1 (>= 0)                 */
+    float weight_decay;   /* each tensor's default (sj_param_group)        */
     float clip;           /* global grad-norm clip; 0 disables, < 0 refused */
+    sj_optim_kind kind;
+    double momentum;      /* SGD (0: no buffer), Muon                      */
+    double dampening;     /* SGD                                           */
+    int nesterov;         /* SGD, Muon                                     */
+    float beta2_decay, eps2, d;   /* Adafactor                             */
+    int ns_steps;         /* Muon: Newton-Schulz iterations, coefficients a, b, c, */
+    float ns_a, ns_b, ns_c, ns_eps;   /* and the normalisation's floor     */
+    int match_rms_adamw;  /* Muon's lr adjustment: 0 "original" sqrt(max(1, rows/cols)),
+                           * 1 "match_rms_adamw" 0.2 sqrt(max(rows, cols)) */
+    float adamw_lr;       /* Muon: peak lr of its AdamW part (scheduled alike) */
 } sj_train_config;
+
+/* A tensor's own settings (torch's param groups): its lr is the schedule's
+ * times lr_mult, its decoupled (SGD: L2) weight decay weight_decay. */
+typedef struct {
+    float lr_mult, weight_decay;
+} sj_param_group;
 
 /* Learning rate of the schedule at a 0-based step. */
 float sj_lr_at(const sj_train_config *tc, int64_t step);
 
 typedef struct sj_optimizer sj_optimizer;
-sj_status sj_optimizer_create(sj_model *m, const sj_train_config *tc, sj_optimizer **out);
+/* groups: one per model tensor (sj_model_tensor order), or NULL: lr_mult 1
+ * and tc->weight_decay where the tensor's decay flag is set, else 0. */
+sj_status sj_optimizer_create(sj_model *m, const sj_train_config *tc,
+                              const sj_param_group *groups, sj_optimizer **out);
+/* Bytes the optimizer's state and scratch take on the model's device,
+ * without creating it (memory planning). */
+sj_status sj_optimizer_plan_bytes(const sj_model *m, const sj_train_config *tc, int64_t *bytes);
 void sj_optimizer_free(sj_optimizer *o);
 int64_t sj_optimizer_step_count(const sj_optimizer *o);
-/* The two AdamW moment buffers (f32, one per parameter). */
+/* The state: named flat f32 buffers, in this order where present.
+ * AdamW: exp_avg, exp_avg_sq. Lion: exp_avg. SGD (momentum > 0):
+ * momentum_buffer. Adafactor: row_var, col_var (the 2-D tensors' factored
+ * second moments), variance (the 1-D tensors'). Muon: momentum_buffer (its
+ * matrices), exp_avg, exp_avg_sq (the tensors AdamW updates). Each buffer
+ * holds its tensors' state packed in tensor order. */
+int sj_optimizer_n_states(const sj_optimizer *o);
+const char *sj_optimizer_state_name(const sj_optimizer *o, int which);
 float *sj_optimizer_state(sj_optimizer *o, int which, int64_t *n);
 void sj_optimizer_set_step(sj_optimizer *o, int64_t step);
-/* Clip, then AdamW with the scheduled lr; zeroes the grads afterwards.
+/* Clip, then the update with the scheduled lr; zeroes the grads afterwards.
  * Reports the unclipped global norm and the lr used. */
 sj_status sj_optimizer_step(sj_optimizer *o, float *grad_norm, float *lr);
 
-/* One training step: forward, backward, clip, AdamW. A non-finite global
+/* One training step: forward, backward, clip, update. A non-finite global
  * gradient norm skips the update: weights, moments and step count stay as
  * they were and the gradients are dropped. A batch whose every target is
  * ignored is skipped too, before any work: *loss = 0, *grad_norm = 0. */

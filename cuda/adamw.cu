@@ -1,4 +1,4 @@
-/* adamw.cu — AdamW over the flat buffers in one pass: f32 master weights
+/* adamw.cu — AdamW over a range of the flat buffers in one pass: f32 master weights
  * and moments, the bf16 or f16 compute copy written alongside (f16 clamped
  * by fromf), gradients zeroed unless the step's own (they die with it).
  * Clip scale, skip-on-non-finite, lr and bias corrections are computed per
@@ -10,12 +10,11 @@
 
 template <class T>
 static __global__ void adamw_k(float *p, T *p_act, float *g, int zero_grads, float *m,
-                               float *v, int64_t n, int64_t n_decay, const sj_adamw_hp *hp) {
-    const double norm = sqrt(hp->sumsq);
-    const bool update = isfinite(norm);
-    float scale = 1.0f;
-    if (hp->clip > 0) scale = fminf(1.0f, (float)(hp->clip / (norm + 1e-6)));
-    const float lr = hp->lr, b1 = hp->beta1, b2 = hp->beta2, eps = hp->eps, wd = hp->weight_decay;
+                               float *v, int64_t n, float lr_mult, float wd,
+                               const sj_optim_hp *hp) {
+    bool update;
+    const float scale = sj_clip_scale(hp, &update);
+    const float lr = hp->lr * lr_mult, b1 = hp->beta1, b2 = hp->beta2, eps = hp->eps;
     const float step = (float)hp->step;
     const float bc1 = 1.0f - powf(b1, step), bc2_sqrt = sqrtf(1.0f - powf(b2, step));
     const float step_size = lr / bc1;
@@ -23,7 +22,7 @@ static __global__ void adamw_k(float *p, T *p_act, float *g, int zero_grads, flo
          i += (int64_t)gridDim.x * blockDim.x) {
         if (update) {
             float gi = g[i] * scale, pi = p[i];
-            if (i < n_decay) pi *= 1.0f - lr * wd;
+            pi *= 1.0f - lr * wd;
             float mi = m[i] + (1.0f - b1) * (gi - m[i]);
             float vi = v[i] * b2 + (1.0f - b2) * gi * gi;
             m[i] = mi;
@@ -38,11 +37,11 @@ static __global__ void adamw_k(float *p, T *p_act, float *g, int zero_grads, flo
 
 #define SJ_CU_ADAMW(T, TY)                                                                  \
 extern "C" void sj_cuda_adamw_##T(float *p, void *p_act, float *g, int zero_grads, float *m, \
-                                  float *v, int64_t n, int64_t n_decay,                     \
-                                  const sj_adamw_hp *hp) {                                  \
+                                  float *v, int64_t n, float lr_mult, float wd,             \
+                                  const sj_optim_hp *hp) {                                  \
     if (n <= 0) return;                                                                     \
     adamw_k<<<sj_blocks(n, 256, 8192), 256, 0, sj_stream()>>>(p, (TY *)p_act, g, zero_grads, \
-                                                              m, v, n, n_decay, hp);        \
+                                                              m, v, n, lr_mult, wd, hp);    \
     LAUNCH_CHECK("adamw");                                                                  \
 }
 SJ_CU_ADAMW(f32, float)

@@ -51,6 +51,14 @@ static __device__ __forceinline__ float tof(f16 x) { return __half2float(x); }
 static __device__ __forceinline__ float clamp_f16(float x) {
     return fabsf(x) > SJ_F16_MAX ? copysignf(SJ_F16_MAX, x) : x;
 }
+/* The global clip's gradient scale, as csrc/cpu/adamw.c's; *update = false
+ * when the norm is not finite (the step only zeroes). */
+static __device__ __forceinline__ float sj_clip_scale(const sj_optim_hp *hp, bool *update) {
+    const double norm = sqrt(hp->sumsq);
+    *update = isfinite(norm);
+    return hp->clip > 0 ? fminf(1.0f, (float)(hp->clip / (norm + 1e-6))) : 1.0f;
+}
+
 template <class T> static __device__ __forceinline__ T fromf(float x);
 template <> __device__ __forceinline__ float fromf<float>(float x) { return x; }
 template <> __device__ __forceinline__ bf16 fromf<bf16>(float x) { return __float2bfloat16_rn(x); }

@@ -64,7 +64,19 @@ void sj_cuda_cross_entropy_backward_##T(void *dlogits, const void *logits,      
                                         sj_dtype tok_dtype, int N, int V, int ld,         \
                                         int ignore_index, const float *scale, int accum); \
 void sj_cuda_adamw_##T(float *p, void *p_act, float *g, int zero_grads, float *m,         \
-                       float *v, int64_t n, int64_t n_decay, const sj_adamw_hp *hp);      \
+                       float *v, int64_t n, float lr_mult, float wd,                      \
+                       const sj_optim_hp *hp);                                            \
+void sj_cuda_lion_##T(float *p, void *p_act, float *g, int zero_grads, float *m, int64_t n, \
+                      float lr_mult, float wd, const sj_optim_hp *hp);                    \
+void sj_cuda_sgd_##T(float *p, void *p_act, float *g, int zero_grads, float *buf,         \
+                     int64_t n, float lr_mult, float wd, const sj_optim_hp *hp);          \
+void sj_cuda_adafactor_##T(float *p, void *p_act, float *g, int zero_grads, float *row,   \
+                           float *col, int64_t rows, int64_t cols, float lr_mult,         \
+                           float wd, double *sums, const sj_optim_hp *hp);                \
+void sj_cuda_muon_normalize_##T(void *x, const float *u, int64_t n, const double *sumsq,  \
+                                float eps);                                               \
+void sj_cuda_muon_apply_##T(float *p, void *p_act, const void *o, int64_t n,              \
+                            float lr_mult, float ratio, float wd, const sj_optim_hp *hp); \
 }
 
 SJ_CU_DECLARE(f32)
@@ -75,7 +87,9 @@ extern "C" {
 void sj_cuda_fill(float *x, float value, int64_t n);
 void sj_cuda_convert(void *dst, sj_dtype dst_dtype, const void *src, sj_dtype src_dtype,
                      int64_t n);
-void sj_cuda_grad_sumsq(sj_adamw_hp *hp, const float *g, int64_t n);
+void sj_cuda_sumsq(double *out, const float *x, int64_t n);
+void sj_cuda_muon_momentum(float *u, float *buf, float *g, int zero_grads, int64_t n,
+                           const sj_optim_hp *hp);
 /* The Hopper attention (head_dim 64); 0 where it does not apply. */
 int sj_cuda_attention_forward_sm90_bf16(void *out, float *lse, const void *qkv, int B, int T_,
                                         int H, int KV, int hd, int window);

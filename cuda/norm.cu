@@ -1,6 +1,7 @@
-/* norm.cu — the global squared gradient norm for clipping, on the device,
- * in double, by a fixed grid in two passes (per-block partials in scratch,
- * then one block over them in order): the same bits every run. */
+/* norm.cu — squared norms on the device (the global gradient norm for
+ * clipping, Muon's per-matrix norms), in double, by a fixed grid in two
+ * passes (per-block partials in scratch, then one block over them in
+ * order): the same bits every run. */
 #include "common.cuh"
 #include "kernels.h"
 
@@ -29,18 +30,18 @@ static __global__ void sumsq_part_k(double *part, const float *g, int64_t n) {
     if (threadIdx.x == 0) part[blockIdx.x] = s;
 }
 
-static __global__ void sumsq_final_k(sj_adamw_hp *hp, const double *part) {
+static __global__ void sumsq_final_k(double *out, const double *part) {
     double s = 0.0;
     for (int i = threadIdx.x; i < NORM_BLOCKS; i += NORM_THREADS) s += part[i];
     s = block_sum_d(s);
-    if (threadIdx.x == 0) hp->sumsq = s;
+    if (threadIdx.x == 0) *out = s;
 }
 
-extern "C" void sj_cuda_grad_sumsq(sj_adamw_hp *hp, const float *g, int64_t n) {
+extern "C" void sj_cuda_sumsq(double *out, const float *x, int64_t n) {
     double *part = (double *)sj_cuda_cur()->scratch;
-    if (!part) { sj_cuda_error("grad_sumsq", "no context bound", __FILE__, __LINE__); return; }
-    sumsq_part_k<<<NORM_BLOCKS, NORM_THREADS, 0, sj_stream()>>>(part, g, n);
-    LAUNCH_CHECK("grad_sumsq partials");
-    sumsq_final_k<<<1, NORM_THREADS, 0, sj_stream()>>>(hp, part);
-    LAUNCH_CHECK("grad_sumsq");
+    if (!part) { sj_cuda_error("sumsq", "no context bound", __FILE__, __LINE__); return; }
+    sumsq_part_k<<<NORM_BLOCKS, NORM_THREADS, 0, sj_stream()>>>(part, x, n);
+    LAUNCH_CHECK("sumsq partials");
+    sumsq_final_k<<<1, NORM_THREADS, 0, sj_stream()>>>(out, part);
+    LAUNCH_CHECK("sumsq");
 }

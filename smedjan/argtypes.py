@@ -122,6 +122,40 @@ def on_off_list(text) -> str:
     return text
 
 
+def float_tuple(n: int, none_first: bool = False):
+    """n comma-separated finite numbers, e.g. "0.9,0.95"; with none_first the
+    first may be "none" (Adafactor's eps1)."""
+    def parse(text):
+        pieces = [p.strip() for p in str(text).split(",")]
+        try:
+            if len(pieces) != n:
+                raise ValueError(text)
+            return tuple(None if none_first and i == 0 and p.lower() == "none" else _finite(p)
+                         for i, p in enumerate(pieces))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got "
+                                             f"{text!r}") from None
+    parse.__name__ = f"{n} numbers"
+    return parse
+
+
+def eps_value(text):
+    """--eps: one number, or Adafactor's two (eps1 or none, eps2)."""
+    return float_tuple(2, True)(text) if "," in str(text) else _finite(text)
+
+
+def json_list(text) -> list:
+    """A JSON list, e.g. '[{"params": "layers.*", "lr_mult": 0.5}]'."""
+    try:
+        v = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid JSON ({e}) in {text!r}") from None
+    if not isinstance(v, list):
+        raise argparse.ArgumentTypeError(f"expected a JSON list, got a {type(v).__name__}: "
+                                         f"{text!r}")
+    return v
+
+
 def json_object(text) -> dict:
     """A JSON object, e.g. '{"lr": [1e-3, 3e-4]}'."""
     try:

@@ -1,12 +1,13 @@
 """Checkpoints: everything needed to continue a run, in one safetensors file.
 
 Tensors: the weights under our names ("tok_emb", "layers.3.wq", ...) and, for
-training checkpoints, the AdamW moments as two flat f32 tensors
-("optim.exp_avg", "optim.exp_avg_sq"). Metadata (all strings, see
-docs/formats.md): format, format_version, config (JSON), step, trainer
-(JSON hyper-parameters), train_state (JSON: the Trainer's skip counts and
-loss-spike window), rng / loader / extra (JSON, when given), and one
-crc32:<name> per tensor. Files are written atomically: a crash or error
+training checkpoints, the optimizer's state buffers as flat f32 tensors
+"optim.<name>" (AdamW: optim.exp_avg, optim.exp_avg_sq; see
+Trainer.optimizer_state). Metadata (all strings, see docs/formats.md):
+format, format_version, config (JSON), step, trainer (JSON: the optimizer,
+its settings and the schedule; no "optimizer" key means AdamW),
+train_state (JSON: the Trainer's skip counts and loss-spike window), rng /
+loader / extra (JSON, when given), and one crc32:<name> per tensor. Files are written atomically: a crash or error
 never leaves a half checkpoint under the real name.
 
 >>> import tempfile, os, smedjan
@@ -31,8 +32,9 @@ from .io import load_safetensors, save_safetensors, to_float32
 FORMAT = "smedjan-checkpoint"
 WEIGHTS_FORMAT = "smedjan-weights"
 FORMAT_VERSION = "1"
-EXP_AVG = "optim.exp_avg"
-EXP_AVG_SQ = "optim.exp_avg_sq"
+OPTIM = "optim."
+EXP_AVG = OPTIM + "exp_avg"
+EXP_AVG_SQ = OPTIM + "exp_avg_sq"
 
 
 @dataclasses.dataclass
@@ -53,13 +55,17 @@ class Checkpoint:
 
     @property
     def has_optimizer(self) -> bool:
-        return EXP_AVG in self.tensors and EXP_AVG_SQ in self.tensors
+        return self.trainer is not None
 
+    @property
+    def optimizer(self) -> Optional[str]:
+        """The optimizer the state is for (None: a weights-only checkpoint)."""
+        return None if self.trainer is None else self.trainer.get("optimizer", "adamw")
 
-def _trainer_hparams(trainer) -> dict:
-    return {"lr": trainer.lr, "min_lr": trainer.min_lr, "warmup": trainer.warmup,
-            "steps": trainer.steps, "weight_decay": trainer.weight_decay, "clip": trainer.clip,
-            "betas": list(trainer.betas), "eps": trainer.eps}
+    @property
+    def optimizer_state(self) -> Dict[str, np.ndarray]:
+        """The optimizer's state buffers by name (without "optim.")."""
+        return {k[len(OPTIM):]: v for k, v in self.tensors.items() if k.startswith(OPTIM)}
 
 
 def _weights_and_meta(model, fmt: str) -> tuple:
@@ -74,7 +80,7 @@ def _weights_and_meta(model, fmt: str) -> tuple:
 
 def save_checkpoint(path, model, trainer=None, *, step: int, rng_state: Optional[dict] = None,
                     loader_state: Optional[dict] = None, extra: Optional[dict] = None) -> None:
-    """Write weights, optimizer moments (when a Trainer is given), step,
+    """Write weights, optimizer state (when a Trainer is given), step,
     trainer hyper-parameters and the JSON-able rng / loader / extra states.
 
     >>> # save_checkpoint("run/ckpt.safetensors", model, trainer, step=1000,
@@ -87,9 +93,9 @@ def save_checkpoint(path, model, trainer=None, *, step: int, rng_state: Optional
     tensors, meta = _weights_and_meta(model, FORMAT)
     meta["step"] = str(int(step))
     if trainer is not None:
-        tensors[EXP_AVG] = np.asarray(trainer.exp_avg)
-        tensors[EXP_AVG_SQ] = np.asarray(trainer.exp_avg_sq)
-        meta["trainer"] = json.dumps(_trainer_hparams(trainer), sort_keys=True)
+        for name, view in trainer.optimizer_state().items():
+            tensors[OPTIM + name] = np.asarray(view)
+        meta["trainer"] = json.dumps(trainer.hparams(), sort_keys=True)
         meta["train_state"] = json.dumps(trainer.state_dict(), sort_keys=True)
     for key, value in (("rng", rng_state), ("loader", loader_state), ("extra", extra)):
         if value is not None:
@@ -155,16 +161,24 @@ def load_checkpoint(path) -> Checkpoint:
                     trainer=trainer, train_state=_json_field(p, meta, "train_state"),
                     rng=_json_field(p, meta, "rng"),
                     loader=_json_field(p, meta, "loader"), extra=_json_field(p, meta, "extra"))
-    if (EXP_AVG in tensors) != (EXP_AVG_SQ in tensors):
+    if ck.optimizer == "adamw" and (EXP_AVG in tensors) != (EXP_AVG_SQ in tensors):
         raise ValueError(f"{p}: checkpoint holds only one of {EXP_AVG}, {EXP_AVG_SQ}")
     return ck
 
 
-def restore(checkpoint: Checkpoint, model, trainer=None) -> None:
+def _describe(optimizer: str, settings: dict) -> str:
+    keys = ("momentum",) if optimizer == "sgd" else ()
+    return optimizer + "".join(f" {k}={settings.get(k)}" for k in keys)
+
+
+def restore(checkpoint: Checkpoint, model, trainer=None, *, reset_optimizer: bool = False) -> None:
     """Copy a checkpoint into a model's parameter views (and a trainer's
-    AdamW moments, step count and state_dict: skip counts, loss-spike
+    optimizer state, step count and state_dict: skip counts, loss-spike
     window). Every tensor is checked before anything is copied, so a
-    mismatch leaves the model as it was."""
+    mismatch leaves the model as it was. A checkpoint of another optimizer,
+    or of settings that shape the state otherwise (SGD with and without
+    momentum), is refused naming both, unless reset_optimizer: then the
+    trainer keeps its fresh state and takes the step count and the rest."""
     ck = checkpoint
     p = ck.path
     if model.config != ck.config:
@@ -182,8 +196,7 @@ def restore(checkpoint: Checkpoint, model, trainer=None) -> None:
             plan.append((view, to_float32(src, st)))
         except ValueError:
             raise ValueError(f"{p}: tensor '{name}' has dtype {st}, expected a float type") from None
-    known = set(model.params) | {EXP_AVG, EXP_AVG_SQ}
-    unknown = sorted(set(ck.tensors) - known)
+    unknown = sorted(n for n in set(ck.tensors) - set(model.params) if not n.startswith(OPTIM))
     if unknown:
         raise ValueError(f"{p}: unexpected tensors in the checkpoint: {', '.join(unknown[:5])}")
     if trainer is not None:
@@ -191,14 +204,24 @@ def restore(checkpoint: Checkpoint, model, trainer=None) -> None:
             raise ValueError("restore: the trainer belongs to a different model")
         if not ck.has_optimizer:
             raise ValueError(f"{p}: weights-only checkpoint: no optimizer state to restore")
-        for name, dst in ((EXP_AVG, trainer.exp_avg), (EXP_AVG_SQ, trainer.exp_avg_sq)):
-            src = ck.tensors[name]
-            if src.shape != dst.shape or ck.tensors.dtypes.get(name) != "F32":
-                raise ValueError(f"{p}: tensor '{name}' is {ck.tensors.dtypes.get(name)} "
-                                 f"{tuple(src.shape)}, expected F32 {tuple(dst.shape)}")
-            plan.append((dst, src))
         if ck.step is None:
             raise ValueError(f"{p}: checkpoint has no step")
+        state = trainer.optimizer_state()
+        theirs = ck.optimizer_state
+        if not reset_optimizer:
+            if ck.optimizer != trainer.optimizer or set(state) != set(theirs):
+                raise ValueError(
+                    f"{p}: the checkpoint's optimizer state is {_describe(ck.optimizer, ck.trainer)} "
+                    f"({', '.join(sorted(theirs)) or 'no buffers'}), this Trainer's is "
+                    f"{_describe(trainer.optimizer, trainer.settings)} "
+                    f"({', '.join(sorted(state)) or 'no buffers'}); pass reset_optimizer=True "
+                    f"(--reset-optimizer) to start the {trainer.optimizer} state afresh")
+            for name, dst in state.items():
+                src, dtype = theirs[name], ck.tensors.dtypes.get(OPTIM + name)
+                if src.shape != dst.shape or dtype != "F32":
+                    raise ValueError(f"{p}: tensor '{OPTIM + name}' is {dtype} "
+                                     f"{tuple(src.shape)}, expected F32 {tuple(dst.shape)}")
+                plan.append((dst, src))
     for dst, src in plan:
         dst[...] = src
     if trainer is not None:

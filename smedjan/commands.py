@@ -7,11 +7,13 @@ import logging
 import os
 import shutil
 import sys
+from typing import Optional
 
 import numpy as np
 
-from .argtypes import (ascending_sizes, byte_size, fraction, int_list, nonneg_float, nonneg_int, parse_bytes,
-                       positive_float, positive_int, probability)
+from .argtypes import (ascending_sizes, byte_size, eps_value, float_tuple, fraction, int_list,
+                       json_list, nonneg_float, nonneg_int, parse_bytes, positive_float,
+                       positive_int, probability)
 
 log = logging.getLogger("smedjan")
 TOKENIZER_FILE = "tokenizer.sjt"
@@ -243,26 +245,32 @@ def cmd_train(args) -> int:
     if args.resume:
         c = ck.load_checkpoint(latest)
         model = Model(c.config, seed=args.seed)
-        check_memory_limit(model, args)
-        settings = dict(c.trainer)
-        if args.steps is not None and args.steps != settings["steps"]:
+        hp, given = dict(c.trainer), optimizer_options(args)
+        if given.get("optimizer", c.optimizer) != c.optimizer:
+            # another optimizer: its own settings on the checkpoint's schedule and groups
+            hp = {k: hp[k] for k in SCHEDULE_KEYS if k in hp}
+        hp.update(given)
+        if args.steps is not None and args.steps != hp["steps"]:
             if args.steps <= c.step:
                 raise ValueError(f"--steps {args.steps}: {latest} is already at step {c.step}")
-            print(f"--steps {args.steps}: the schedule is re-fitted from {settings['steps']} "
+            print(f"--steps {args.steps}: the schedule is re-fitted from {hp['steps']} "
                   f"to {args.steps} steps")
-            settings["steps"] = args.steps
-        trainer = Trainer(model, **settings, **lever_options(args), **guard_options(args))
+            hp["steps"] = args.steps
+        check_memory_limit(model, args, hp.get("optimizer", "adamw"), hp.get("momentum"))
+        trainer = Trainer(model, **hp, **lever_options(args), **guard_options(args))
         print(f"resuming {latest} at step {c.step}")
     else:
         model = Model(_config_from_args(args, vocab), seed=args.seed)
-        check_memory_limit(model, args)
+        check_memory_limit(model, args, args.optimizer or "adamw", args.momentum)
         steps = DEFAULT_STEPS if args.steps is None else args.steps
         warmup = min(50, steps) if args.warmup is None else args.warmup
         if warmup > steps:
             raise ValueError(f"--warmup {warmup} exceeds --steps {steps}")
-        trainer = Trainer(model, lr=args.lr, min_lr=args.min_lr, warmup=warmup,
-                          steps=steps, weight_decay=args.weight_decay, clip=args.clip,
-                          **lever_options(args), **guard_options(args))
+        opts = optimizer_options(args)
+        if opts.get("optimizer", "adamw") == "adamw":
+            opts.setdefault("lr", 1e-3)
+        trainer = Trainer(model, min_lr=args.min_lr, warmup=warmup, steps=steps,
+                          clip=args.clip, **opts, **lever_options(args), **guard_options(args))
     if args.checkpoint_dir:
         from .cli import write_config
         os.makedirs(args.checkpoint_dir, exist_ok=True)
@@ -276,7 +284,7 @@ def cmd_train(args) -> int:
     print(f"{model!r}\n{about.format(accum=accum)}; {trainer.steps} steps")
     rows = fit(trainer, train, val, eval_every=args.eval_every, eval_batches=args.eval_batches,
                checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-               resume=args.resume, max_steps=args.max_steps)
+               resume=args.resume, max_steps=args.max_steps, reset_optimizer=args.reset_optimizer)
     if rows:
         last = rows[-1]
         msg = f"step {last['step']}: loss {last['loss']:.4f}"
@@ -284,6 +292,56 @@ def cmd_train(args) -> int:
             msg += f", val {last['val_loss']:.4f} (ppl {last['ppl']:.1f})"
         print(msg)
     return 0
+
+
+#: what a resumed run keeps from its checkpoint when --optimizer changes
+SCHEDULE_KEYS = ("min_lr", "warmup", "steps", "clip", "param_groups", "decay_embedding")
+#: the optimizer flags (argparse dest = Trainer keyword)
+OPTIMIZER_FLAGS = ("optimizer", "lr", "weight_decay", "betas", "eps", "momentum", "dampening",
+                   "nesterov", "beta2_decay", "d", "ns_steps", "ns_coefficients",
+                   "adjust_lr_fn", "adamw_lr", "adamw_betas", "adamw_eps", "param_groups")
+
+
+def optimizer_options(args) -> dict:
+    """Trainer options from the optimizer flags that were given (the rest:
+    the optimizer's defaults, or a resumed checkpoint's)."""
+    out = {k: getattr(args, k) for k in OPTIMIZER_FLAGS if getattr(args, k, None) is not None}
+    if getattr(args, "no_decay_embedding", False):
+        out["decay_embedding"] = False
+    return out
+
+
+def add_optimizer_flags(p) -> None:
+    """--optimizer and each optimizer's settings (torch.optim's names)."""
+    from .trainer import OPTIMIZERS
+    g = p.add_argument_group("optimizer (defaults: the optimizer's own, as torch.optim's)")
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS), help="default adamw")
+    g.add_argument("--lr", type=nonneg_float,
+                   help="peak learning rate (default 1e-3 for adamw, else the optimizer's)")
+    g.add_argument("--weight-decay", type=nonneg_float,
+                   help="decoupled weight decay of the matrices (adamw default 0.1)")
+    g.add_argument("--betas", type=float_tuple(2), metavar="B1,B2", help="adamw, lion")
+    g.add_argument("--eps", type=eps_value, metavar="EPS",
+                   help="adamw; muon's Newton-Schulz floor; adafactor: EPS1,EPS2 (EPS1 may be "
+                        "none)")
+    g.add_argument("--momentum", type=nonneg_float, help="sgd, muon")
+    g.add_argument("--dampening", type=nonneg_float, help="sgd")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="sgd, muon")
+    g.add_argument("--beta2-decay", type=float, help="adafactor (<= 0)")
+    g.add_argument("--d", type=float, help="adafactor's update clipping threshold (>= 1)")
+    g.add_argument("--ns-steps", type=positive_int, help="muon: Newton-Schulz iterations")
+    g.add_argument("--ns-coefficients", type=float_tuple(3), metavar="A,B,C", help="muon")
+    g.add_argument("--adjust-lr-fn", choices=["original", "match_rms_adamw"], help="muon")
+    g.add_argument("--adamw-lr", type=nonneg_float, help="muon: its AdamW part's peak lr")
+    g.add_argument("--adamw-betas", type=float_tuple(2), metavar="B1,B2", help="muon")
+    g.add_argument("--adamw-eps", type=positive_float, help="muon")
+    g.add_argument("--param-groups", type=json_list, metavar="JSON",
+                   help='per-tensor settings, e.g. \'[{"params": "layers.*.w_*", "lr_mult": 0.5, '
+                        '"weight_decay": 0}]\' (globs over parameter names)')
+    g.add_argument("--no-decay-embedding", action="store_true",
+                   help="no weight decay on the embedding (norm gains never decay by default)")
+    g.add_argument("--reset-optimizer", action="store_true",
+                   help="--resume with another optimizer (or state shape): start its state afresh")
 
 
 def lever_options(args) -> dict:
@@ -311,7 +369,8 @@ def add_guard_flags(p) -> None:
                    help="log a loss whose z-score passes Z as a spike (default 6; 0: off)")
 
 
-def check_memory_limit(model, args) -> None:
+def check_memory_limit(model, args, optimizer: str = "adamw",
+                       momentum: Optional[float] = None) -> None:
     """--memory-limit: refuse before the optimizer state and activations are
     allocated when the planned peak of a training step exceeds the limit."""
     limit = parse_bytes(args.memory_limit)
@@ -320,13 +379,14 @@ def check_memory_limit(model, args) -> None:
     model.set_levers(gradient_checkpointing=args.gradient_checkpointing, fused_ce=args.fused_ce,
                      fp16_activations=args.fp16_activations, cheap_recompute=args.cheap_recompute,
                      sparse_loss=args.sparse_loss, label_bucket_sizes=args.label_bucket_sizes)
-    plan = model.plan_memory(args.batch_size, args.seq_len, "train", args.grad_accum)
+    plan = model.plan_memory(args.batch_size, args.seq_len, "train", args.grad_accum,
+                             optimizer=optimizer, momentum=momentum)
     if plan["peak_bytes"] > limit:
         from . import OutOfMemoryError
         mib = 1 << 20
         raise OutOfMemoryError(
             f"--memory-limit {limit / mib:.1f} MiB: batch {args.batch_size} x seq {args.seq_len} "
-            f"plans a peak of {plan['peak_bytes'] / mib:.1f} MiB (parameters, gradients and AdamW "
+            f"plans a peak of {plan['peak_bytes'] / mib:.1f} MiB (parameters, gradients and {optimizer} "
             f"state {plan['fixed_bytes'] / mib:.1f} MiB + activations "
             f"{plan['arena_bytes'] / mib:.1f} MiB); pull a lever: smaller --batch-size or "
             f"--seq-len, --grad-accum, --cheap-recompute, --gradient-checkpointing, --fused-ce")
@@ -483,11 +543,9 @@ def add_commands(sub) -> None:
                    help=f"steps of the learning-rate schedule (default {DEFAULT_STEPS}; with "
                         "--resume the checkpoint's, and a larger one re-fits the schedule)")
     t.add_argument("--max-steps", type=nonneg_int, help="stop after this many steps in this run")
-    t.add_argument("--lr", type=nonneg_float, default=1e-3)
     t.add_argument("--min-lr", type=nonneg_float, default=None, help="default lr/10")
     t.add_argument("--warmup", type=nonneg_int, default=None,
                    help="linear warm-up steps (default 50, at most --steps)")
-    t.add_argument("--weight-decay", type=nonneg_float, default=0.1)
     t.add_argument("--clip", type=nonneg_float, default=1.0,
                    help="global gradient-norm clip (0: off)")
     t.add_argument("--seed", type=nonneg_int, default=0)
@@ -499,6 +557,7 @@ def add_commands(sub) -> None:
                    help="steps between checkpoints (0: only at the end)")
     t.add_argument("--resume", action="store_true", help="continue from checkpoint-dir/latest")
     add_sample_flags(t)
+    add_optimizer_flags(t)
     add_lever_flags(t)
     add_guard_flags(t)
     t.set_defaults(func=cmd_train)

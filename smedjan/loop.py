@@ -90,12 +90,14 @@ def _remove_stale_temporaries(checkpoint_dir: str) -> None:
 def fit(trainer, train, val=None, *, eval_every: int = 100, eval_batches: int = 10,
         checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
         resume: bool = False, metrics_file: Optional[str] = None, progress: bool = True,
-        max_steps: Optional[int] = None) -> list:
+        max_steps: Optional[int] = None, reset_optimizer: bool = False) -> list:
     """Train until trainer.steps (or max_steps more steps in this call).
 
     train, val: loaders yielding (x, y) int32 batches with state_dict() /
     load_state_dict() (smedjan.data.Batches or SampleBatches, whose T may
     change from batch to batch). Returns the metrics rows.
+    Resuming refuses a checkpoint of another optimizer unless
+    reset_optimizer (see checkpoint.restore).
     A skipped step draws the next batch and tries again; the Trainer's
     non-finite policy (max_skipped_steps) raises FloatingPointError out of
     fit after its row is written.
@@ -116,7 +118,7 @@ def fit(trainer, train, val=None, *, eval_every: int = 100, eval_batches: int = 
     latest = os.path.join(checkpoint_dir, LATEST) if checkpoint_dir else None
     if resume and latest and os.path.exists(latest):
         c = ck.load_checkpoint(latest)
-        ck.restore(c, model, trainer)
+        ck.restore(c, model, trainer, reset_optimizer=reset_optimizer)
         state = c.loader or {}
         if state.get("train"):
             train.load_state_dict(state["train"])

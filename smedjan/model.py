@@ -250,10 +250,12 @@ class Model:
                     label_bucket_sizes=d["label_buckets"])
 
     def plan_memory(self, batch_size: int, seq_len: int, mode: str = "train",
-                    grad_accum: int = 1, labels: Optional[int] = None) -> dict:
+                    grad_accum: int = 1, labels: Optional[int] = None,
+                    optimizer: str = "adamw", momentum: Optional[float] = None) -> dict:
         """Plan a run without allocating anything: the activation arena's
         bytes, the activation bytes kept from forward to backward, the fixed
-        bytes (parameters, their compute copy, gradients, AdamW state: what
+        bytes (parameters, their compute copy, gradients, the optimizer's
+        state: what
         the mode keeps besides the arena), the planned peak (fixed + arena),
         and what the device has available now (available_bytes; -1 when
         unknown). The engine plans the same figures before it allocates and
@@ -262,7 +264,9 @@ class Model:
           'forward', 'loss': no gradients (a model that never ran backward
               holds none);
           'backward': loss(backward=True), into the model's gradients;
-          'train': a Trainer step (AdamW state too). With grad_accum=1 on a
+          'train': a Trainer step (the state of `optimizer` too: "adamw",
+              "lion", "sgd" (momentum: its buffer when > 0; default none),
+              "adafactor" or "muon"). With grad_accum=1 on a
               model holding no gradients, the step's gradients live in its
               arena, in room that backward frees, and die with the update.
         With the sparse loss, the loss runs over the label rows of batches
@@ -277,7 +281,9 @@ class Model:
         code = {"forward": 0, "loss": 1, "backward": 2, "train": 3 if own_grads else 2}[mode]
         arena, kept = self._h.plan_bytes(int(batch_size), int(seq_len), code,
                                          -1 if labels is None else int(labels))
-        fixed = self._h.fixed_bytes(code, mode == "train")
+        state = _C.optimizer_state_bytes(self._h, optimizer, float(momentum or 0.0)) \
+            if mode == "train" else 0
+        fixed = self._h.fixed_bytes(code, state)
         available = _C.mem_available("cuda" if self.device == "cuda" else "cpu")[0]
         return dict(arena_bytes=arena, kept_bytes=kept, fixed_bytes=fixed,
                     peak_bytes=fixed + arena, available_bytes=available)

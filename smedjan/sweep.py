@@ -28,9 +28,13 @@ RUN_KEYS = ("kind", "size", "batch_size", "seq_len", "device", "dtype", "vocab_s
             "bucket_sizes", "shuffle_buffer", "prefetch_batches", "load")
 TRAINER_KEYS = ("lr", "min_lr", "warmup", "weight_decay", "clip", "eps", "grad_accum",
                 "gradient_checkpointing", "cheap_recompute", "fused_ce", "fp16_activations",
-                "sparse_loss", "label_bucket_sizes")
+                "sparse_loss", "label_bucket_sizes",
+                "optimizer", "betas", "momentum", "dampening", "nesterov", "beta2_decay", "d",
+                "ns_steps", "ns_coefficients", "adjust_lr_fn", "adamw_lr", "adamw_betas",
+                "adamw_eps", "param_groups", "decay_embedding")
 #: options whose one value is a list: a grid gives alternatives as a list of lists
-LIST_KEYS = ("label_bucket_sizes", "bucket_sizes")
+LIST_KEYS = ("label_bucket_sizes", "bucket_sizes", "betas", "adamw_betas", "ns_coefficients",
+             "param_groups")
 DEFAULTS = dict(size="small", batch_size=4, seq_len=128, device="cpu", dtype=None,
                 vocab_size=8192, seed=0, steps=10, warmup_steps=2, memory_limit=None, data=None,
                 threads=None, grad_accum=1)
@@ -71,8 +75,10 @@ def expand(grid: Union[Dict, Iterable[Dict]], base: Optional[Dict] = None) -> Li
 
 
 def kind_of(c: Dict) -> str:
-    """A short label: preset, dtype and the levers pulled."""
+    """A short label: preset, dtype, the optimizer (besides AdamW) and the levers pulled."""
     parts = [str(c.get("size"))]
+    if c.get("optimizer") not in (None, "adamw"):
+        parts.append(str(c["optimizer"]))
     if c.get("dtype"):
         parts.append(str(c["dtype"]))
     for k, tag in (("gradient_checkpointing", "ckpt"), ("cheap_recompute", "cheap"),
@@ -120,7 +126,8 @@ def run_one(c: Dict) -> Dict:
                      label_bucket_sizes=c.get("label_bucket_sizes") or [])
     if c.get("bucket_sizes"):
         T = max(int(b) for b in c["bucket_sizes"])   # memory is planned for the longest batch
-    plan = model.plan_memory(B, T, "train", n)
+    plan = model.plan_memory(B, T, "train", n, optimizer=c.get("optimizer") or "adamw",
+                             momentum=c.get("momentum"))
     if limit and plan["peak_bytes"] > limit:   # refuse before the optimizer state exists
         raise OutOfMemoryError(f"memory limit {limit / MIB:.0f} MiB: planned peak "
                           f"{plan['peak_bytes'] / MIB:.1f} MiB")
@@ -373,7 +380,7 @@ def cmd_sweep(args) -> int:
     grid = {}
     for key, flag, cast in (("size", "size", str), ("batch_size", "batch_size", int),
                             ("grad_accum", "grad_accum", int), ("seq_len", "seq_len", int),
-                            ("dtype", "dtype", str),
+                            ("dtype", "dtype", str), ("optimizer", "optimizer", str),
                             ("gradient_checkpointing", "gradient_checkpointing", bool),
                             ("cheap_recompute", "cheap_recompute", bool),
                             ("fused_ce", "fused_ce", bool),
@@ -418,6 +425,8 @@ def add_commands(sub) -> None:
     s.add_argument("--grad-accum", type=int_list(1), help="e.g. 1,2 (default 1)")
     s.add_argument("--seq-len", type=int_list(1), help="e.g. 128,256 (default 128)")
     s.add_argument("--dtype", help="fp32 / bf16 / fp16 (bf16, fp16: CUDA)")
+    s.add_argument("--optimizer", help="e.g. adamw,lion,muon (settings: --grid '{\"momentum\": "
+                                       "[0.9]}')")
     s.add_argument("--gradient-checkpointing", type=on_off_list, help="off,on")
     s.add_argument("--cheap-recompute", type=on_off_list, help="off,on")
     s.add_argument("--fused-ce", type=on_off_list, help="off,on")

@@ -1,10 +1,10 @@
-/* adamw.c — AdamW over the flat buffers (PyTorch's formulation, decoupled
- * weight decay on [0, n_decay) only) and the global squared norm. */
+/* adamw.c — AdamW over a range of the flat buffers (PyTorch's formulation,
+ * decoupled weight decay), the global clip's scale and squared norms. */
 #include "cpu.h"
 #include <math.h>
 
 typedef struct {
-    float *p, *m, *v, *g; int64_t n_decay;
+    float *p, *m, *v, *g;
     float lr, b1, b2, eps, wd, gs, bc1, bc2_sqrt; int update, zero_grads;
 } adamw_job;
 
@@ -14,7 +14,7 @@ static void adamw_range(void *ctx, int64_t i0, int64_t i1, int tid) {
     const float step_size = j->lr / j->bc1;
     for (int64_t i = i0; i < i1 && j->update; i++) {
         float g = j->g[i] * j->gs, p = j->p[i];
-        if (i < j->n_decay) p *= 1.0f - j->lr * j->wd;
+        p *= 1.0f - j->lr * j->wd;
         float m = j->m[i] + (1.0f - j->b1) * (g - j->m[i]);
         float v = j->v[i] * j->b2 + (1.0f - j->b2) * g * g;
         j->m[i] = m;
@@ -24,19 +24,23 @@ static void adamw_range(void *ctx, int64_t i0, int64_t i1, int tid) {
     if (j->zero_grads) for (int64_t i = i0; i < i1; i++) j->g[i] = 0.0f;   /* consumed */
 }
 
-// p, g, m, v: (n); p_act unused (f32 compute is the master copy itself)
-void sj_cpu_adamw(float *p, void *p_act, float *g, int zero_grads, float *m, float *v,
-                  int64_t n, int64_t n_decay, const sj_adamw_hp *hp) {
-    (void)p_act;
+float sj_cpu_clip_scale(const sj_optim_hp *hp, int *update) {
     const double norm = sqrt(hp->sumsq);
     /* PyTorch's clip_grad_norm_: scale by min(1, clip / (norm + 1e-6)); a
      * NaN/Inf norm would poison every weight, so that step only zeroes. */
-    float scale = 1.0f;
-    if (hp->clip > 0) scale = fminf(1.0f, (float)(hp->clip / (norm + 1e-6)));
-    const float step = (float)hp->step;
-    adamw_job j = { p, m, v, g, n_decay, hp->lr, hp->beta1, hp->beta2, hp->eps,
-                    hp->weight_decay, scale, 1.0f - powf(hp->beta1, step),
-                    sqrtf(1.0f - powf(hp->beta2, step)), isfinite(norm), zero_grads };
+    *update = isfinite(norm);
+    return hp->clip > 0 ? fminf(1.0f, (float)(hp->clip / (norm + 1e-6))) : 1.0f;
+}
+
+// p, g, m, v: (n); p_act unused (f32 compute is the master copy itself)
+void sj_cpu_adamw(float *p, void *p_act, float *g, int zero_grads, float *m, float *v,
+                  int64_t n, float lr_mult, float wd, const sj_optim_hp *hp) {
+    (void)p_act;
+    int update;
+    const float scale = sj_cpu_clip_scale(hp, &update), step = (float)hp->step;
+    adamw_job j = { p, m, v, g, hp->lr * lr_mult, hp->beta1, hp->beta2, hp->eps, wd, scale,
+                    1.0f - powf(hp->beta1, step), sqrtf(1.0f - powf(hp->beta2, step)), update,
+                    zero_grads };
     sj_parallel_for(n, 1 << 14, adamw_range, &j);
 }
 
@@ -63,4 +67,4 @@ double sj_cpu_sumsq(const float *x, int64_t n) {
     return s;
 }
 
-void sj_cpu_grad_sumsq(sj_adamw_hp *hp, const float *g, int64_t n) { hp->sumsq = sj_cpu_sumsq(g, n); }
+void sj_cpu_sumsq_into(double *out, const float *x, int64_t n) { *out = sj_cpu_sumsq(x, n); }

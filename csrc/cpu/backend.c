@@ -119,8 +119,14 @@ static void graph_free(void *g) { (void)g; }
     .mix_backward = sj_cpu_mix_backward,          \
     .cross_entropy_forward = sj_cpu_cross_entropy_forward,\
     .cross_entropy_backward = sj_cpu_cross_entropy_backward,\
-    .grad_sumsq = sj_cpu_grad_sumsq,              \
+    .sumsq = sj_cpu_sumsq_into,                   \
     .adamw = sj_cpu_adamw,                        \
+    .lion = sj_cpu_lion,                          \
+    .sgd = sj_cpu_sgd,                            \
+    .adafactor = sj_cpu_adafactor,                \
+    .muon_momentum = sj_cpu_muon_momentum,        \
+    .muon_normalize = sj_cpu_muon_normalize,      \
+    .muon_apply = sj_cpu_muon_apply,              \
     .ctx_create = ctx_create,                     \
     .ctx_free = ctx_free,                         \
     .bind = bind,                                 \

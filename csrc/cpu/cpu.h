@@ -10,7 +10,14 @@
 #define sj_cpu_table SJ_ISA(sj_cpu_table)
 #define sj_cpu_staged_table SJ_ISA(sj_cpu_staged_table)
 #define sj_cpu_adamw SJ_ISA(sj_cpu_adamw)
-#define sj_cpu_grad_sumsq SJ_ISA(sj_cpu_grad_sumsq)
+#define sj_cpu_sumsq_into SJ_ISA(sj_cpu_sumsq_into)
+#define sj_cpu_clip_scale SJ_ISA(sj_cpu_clip_scale)
+#define sj_cpu_lion SJ_ISA(sj_cpu_lion)
+#define sj_cpu_sgd SJ_ISA(sj_cpu_sgd)
+#define sj_cpu_adafactor SJ_ISA(sj_cpu_adafactor)
+#define sj_cpu_muon_momentum SJ_ISA(sj_cpu_muon_momentum)
+#define sj_cpu_muon_normalize SJ_ISA(sj_cpu_muon_normalize)
+#define sj_cpu_muon_apply SJ_ISA(sj_cpu_muon_apply)
 #define sj_cpu_sumsq SJ_ISA(sj_cpu_sumsq)
 #define sj_cpu_attention_backward SJ_ISA(sj_cpu_attention_backward)
 #define sj_cpu_attention_forward SJ_ISA(sj_cpu_attention_forward)
@@ -104,9 +111,22 @@ void sj_cpu_cross_entropy_backward(void *dlogits, const void *logits, const floa
                                    const void *targets, sj_dtype tok_dtype, int N, int V,
                                    int ld, int ignore_index, const float *scale, int accum);
 double sj_cpu_sumsq(const float *x, int64_t n);
-void sj_cpu_grad_sumsq(sj_adamw_hp *hp, const float *g, int64_t n);
+void sj_cpu_sumsq_into(double *out, const float *x, int64_t n);
+/* The global clip's gradient scale; *update = 0 when the norm is not finite. */
+float sj_cpu_clip_scale(const sj_optim_hp *hp, int *update);
 void sj_cpu_adamw(float *p, void *p_act, float *g, int zero_grads, float *m, float *v,
-                  int64_t n, int64_t n_decay, const sj_adamw_hp *hp);
-
+                  int64_t n, float lr_mult, float wd, const sj_optim_hp *hp);
+void sj_cpu_lion(float *p, void *p_act, float *g, int zero_grads, float *m, int64_t n,
+                 float lr_mult, float wd, const sj_optim_hp *hp);
+void sj_cpu_sgd(float *p, void *p_act, float *g, int zero_grads, float *buf, int64_t n,
+                float lr_mult, float wd, const sj_optim_hp *hp);
+void sj_cpu_adafactor(float *p, void *p_act, float *g, int zero_grads, float *row, float *col,
+                      int64_t rows, int64_t cols, float lr_mult, float wd, double *sums,
+                      const sj_optim_hp *hp);
+void sj_cpu_muon_momentum(float *u, float *buf, float *g, int zero_grads, int64_t n,
+                          const sj_optim_hp *hp);
+void sj_cpu_muon_normalize(void *x, const float *u, int64_t n, const double *sumsq, float eps);
+void sj_cpu_muon_apply(float *p, void *p_act, const void *o, int64_t n, float lr_mult,
+                       float ratio, float wd, const sj_optim_hp *hp);
 
 #endif

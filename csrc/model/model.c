@@ -16,7 +16,7 @@ void sj_model_account(sj_model *m, int64_t delta) {
     if (m->bytes > m->peak_bytes) m->peak_bytes = m->bytes;
 }
 
-/* Layout: every matrix first (weight decay), then every norm gain (none).
+/* Layout: every matrix first (weight decay by default), then every norm gain (none).
  * wq|wk|wv are adjacent, so they are one fused (q+2kv, C) matrix for the
  * QKV projection; w_gate|w_up likewise form one (2F, C) matrix. */
 static sj_status build_table(sj_model *m) {
@@ -49,7 +49,6 @@ static sj_status build_table(sj_model *m) {
         ADD("layers.%d.w_down", l, C, F, 2);
     }
     if (c->untied_head) ADD("lm_head%.0d", 0, (int64_t)c->vocab_size, C, 2);
-    m->n_decay = off;
     for (int l = 0; l < c->n_layers; l++) {
         ADD("layers.%d.attn_norm", l, C, 0, 1);
         ADD("layers.%d.ffn_norm", l, C, 0, 1);
@@ -378,7 +377,7 @@ sj_status sj_model_params_finite(sj_model *m, int i, int *finite) {
     const int64_t n = i < 0 ? m->n_params : m->tensors[i].numel;
     /* A sum of squares in double is finite exactly when every f32 value is. */
     be->bind(m->ctx);
-    be->grad_sumsq(&m->scalars->hp, p, n);
+    be->sumsq(&m->scalars->hp.sumsq, p, n);
     be->to_host_async(&m->scalars_host[1].hp.sumsq, &m->scalars->hp.sumsq, sizeof(double));
     SJ_TRY(be->sync());
     *finite = isfinite(m->scalars_host[1].hp.sumsq) != 0;
@@ -918,12 +917,12 @@ int sj_model_label_rows(const sj_levers *lv, int64_t labels, int64_t n) {
     return (int)(rows < n ? rows : n);
 }
 
-int64_t sj_model_fixed_bytes(const sj_model *m, sj_run_mode mode, int optimizer) {
+int64_t sj_model_fixed_bytes(const sj_model *m, sj_run_mode mode, int64_t optimizer_bytes) {
     const int64_t n = m->n_params;
     const int has_copy = m->params_act && m->params_act != m->params;
     int64_t fixed = 4 * n;                                   /* f32 master weights */
     if (mode == SJ_RUN_TRAIN) fixed += 4 * n;                /* the model's gradients */
-    if (optimizer) fixed += 8 * n;                           /* AdamW m, v */
+    fixed += optimizer_bytes;                                /* the optimizer's state */
     if (m->be->act_dtype != SJ_F32 && (sj_run_trains(mode) || has_copy))
         fixed += (int64_t)sj_dtype_size(m->be->act_dtype) * n;   /* the compute copy */
     return fixed;

@@ -98,7 +98,7 @@ sj_status sj_model_loss_ex(sj_model *m, const void *tokens, const void *targets,
  * `out` comes back after the step. */
 typedef struct {
     float loss_scale, pad_;
-    sj_adamw_hp hp;
+    sj_optim_hp hp;
 } sj_scalars;
 
 struct sj_model {
@@ -110,7 +110,7 @@ struct sj_model {
     void *params_act;               /* compute copy of params (== params when f32; NULL
                                      * until a training run makes it, or while
                                      * cast_on_use keeps it away) */
-    int64_t n_params, n_decay;      /* weight decay applies to [0, n_decay) */
+    int64_t n_params;
     sj_tensor_info *tensors; int n_tensors;
     char *names;
     sj_plan plans[SJ_MAX_PLANS];
@@ -143,8 +143,9 @@ sj_status sj_model_check_memory(sj_model *m, sj_device dev, int64_t bytes, int u
 /* What a use holds besides its activation arena, planned: the f32
  * parameters; the model's gradients (TRAIN: backward adds into them; a STEP
  * keeps its own in its arena); the 16-bit compute copy (made by training,
- * or already held); with optimizer, the AdamW moments. */
-int64_t sj_model_fixed_bytes(const sj_model *m, sj_run_mode mode, int optimizer);
+ * or already held); and optimizer_bytes, an optimizer's state
+ * (sj_optimizer_plan_bytes). */
+int64_t sj_model_fixed_bytes(const sj_model *m, sj_run_mode mode, int64_t optimizer_bytes);
 
 /* The pieces of a run, used by sj_model_loss and the optimizer's train step.
  * prepare: check inputs, find the plan, bring the gradients into being for

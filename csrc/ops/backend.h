@@ -35,15 +35,24 @@
 extern "C" {
 #endif
 
-/* AdamW hyper-parameters and the global grad norm, in backend memory so that
- * a captured step reads this step's values. The host sets everything above
- * `sumsq`; grad_sumsq writes sumsq; adamw reads all of it. */
+/* The optimizers' hyper-parameters and the global grad norm, in backend
+ * memory so that a captured step reads this step's values. The host sets
+ * everything above `sumsq`; sumsq is written by the backend's sumsq; the
+ * update kernels read all of it. Per-tensor settings (lr multiplier,
+ * weight decay) are kernel arguments: they never change for a graph. */
 typedef struct {
-    float lr, beta1, beta2, eps, weight_decay;
+    float lr;            /* the schedule's; each call scales it by its lr_mult */
+    float beta1, beta2, eps;     /* AdamW, Lion; Adafactor: eps = eps1 */
     float clip;          /* global grad-norm clip; <= 0 disables */
+    float momentum, dampening;   /* SGD; Muon: momentum */
+    /* 1 - beta1, 1 - beta2, 1 - momentum, 1 - dampening formed in double on
+     * the host and rounded once, as torch forms a step's alpha */
+    float one_minus_beta1, one_minus_beta2, one_minus_momentum, one_minus_dampening;
+    int nesterov;                /* SGD, Muon */
+    float beta2_decay, eps2, d;  /* Adafactor */
     int64_t step;        /* 1-based number of this update */
     double sumsq;        /* sum of squared gradients */
-} sj_adamw_hp;
+} sj_optim_hp;
 
 /* RoPE as the kernels apply it: pair i of a head (i, i + hd/2) turns by
  * position * inv_freq[i], cos and sin scaled by mscale (transformers'
@@ -201,15 +210,45 @@ typedef struct sj_backend {
                                    const void *targets, sj_dtype tok_dtype, int N, int V,
                                    int ld, int ignore_index, const float *scale, int accum);
 
-    /* hp->sumsq = sum of g^2, in a fixed order (the same bits every run). */
-    void (*grad_sumsq)(sj_adamw_hp *hp, const float *g, int64_t n);
-    /* AdamW over flat buffers, weight decay on [0, n_decay) only, gradients
-     * scaled by min(1, clip / (sqrt(sumsq) + 1e-6)) when clip > 0. When
-     * sumsq is not finite nothing is updated. Either way, with zero_grads,
-     * the gradients are zeroed. p_act (act dtype, may be NULL) receives the
-     * new weights. */
+    /* *out = sum of x^2 in double, in a fixed order (the same bits every run). */
+    void (*sumsq)(double *out, const float *x, int64_t n);
+
+    /* The update rules over one range of the flat buffers (a tensor, or
+     * tensors that share settings). Common to all: gradients scaled by
+     * min(1, clip / (sqrt(hp->sumsq) + 1e-6)) when clip > 0; when sumsq is
+     * not finite nothing is updated; with zero_grads the gradients are
+     * zeroed either way; p_act (act dtype, may be NULL) receives the new
+     * weights; lr = hp->lr * lr_mult; wd is the range's weight decay.
+     * p, g and every state buffer: (n) f32 unless said otherwise. */
+    /* AdamW (torch.optim.AdamW): decoupled decay p *= 1 - lr wd. */
     void (*adamw)(float *p, void *p_act, float *g, int zero_grads, float *m, float *v,
-                  int64_t n, int64_t n_decay, const sj_adamw_hp *hp);
+                  int64_t n, float lr_mult, float wd, const sj_optim_hp *hp);
+    /* Lion (lion-pytorch 0.2.5): p *= 1 - lr wd; p -= lr sign(b1 m + (1-b1) g);
+     * m = b2 m + (1-b2) g. */
+    void (*lion)(float *p, void *p_act, float *g, int zero_grads, float *m, int64_t n,
+                 float lr_mult, float wd, const sj_optim_hp *hp);
+    /* SGD (torch.optim.SGD): L2 decay g += wd p; momentum buffer (NULL when
+     * momentum is 0) = g at step 1, else momentum buf + (1-dampening) g;
+     * nesterov: g + momentum buf. */
+    void (*sgd)(float *p, void *p_act, float *g, int zero_grads, float *buf, int64_t n,
+                float lr_mult, float wd, const sj_optim_hp *hp);
+    /* Adafactor (torch.optim.Adafactor) over one tensor: (rows, cols), with
+     * row (rows) and col (cols) factored second moments; a vector when cols
+     * is 0, row then (rows) holding its full second moment and col NULL.
+     * sums: 3 + rows doubles of backend scratch (the tensor's reductions). */
+    void (*adafactor)(float *p, void *p_act, float *g, int zero_grads, float *row, float *col,
+                      int64_t rows, int64_t cols, float lr_mult, float wd, double *sums,
+                      const sj_optim_hp *hp);
+    /* Muon (torch.optim.Muon) over one matrix, in three parts around the
+     * Newton-Schulz GEMMs: momentum buf = lerp(buf, g, 1 - momentum), u =
+     * nesterov ? lerp(g, buf, momentum) : buf (u written even when the step
+     * is skipped; buf is not); x (act) = u / max(sqrt(*sumsq), eps); and
+     * p = p (1 - lr wd) - lr ratio o, o (act) the orthogonalised update. */
+    void (*muon_momentum)(float *u, float *buf, float *g, int zero_grads, int64_t n,
+                          const sj_optim_hp *hp);
+    void (*muon_normalize)(void *x, const float *u, int64_t n, const double *sumsq, float eps);
+    void (*muon_apply)(float *p, void *p_act, const void *o, int64_t n, float lr_mult,
+                       float ratio, float wd, const sj_optim_hp *hp);
 
     /* ---- device plumbing (trivial on the CPU) ---- */
     /* A context = a stream plus its scratch and GEMM workspace. bind() makes

@@ -645,14 +645,19 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 14: /* ints[4] = in place: dlogits is the logits buffer */
         be->cross_entropy_backward(I[4] ? D(1) : D(0), D(1), D(2), D(3), SJ_I32, (int)I[0], (int)I[1], (int)I[1], (int)I[2], D(4), (int)I[3]);
         break;
-    case 15: {  /* grad_sumsq then adamw, hyper-parameters in device memory */
-        sj_adamw_hp hp = { (float)Fl[0], (float)Fl[1], (float)Fl[2], (float)Fl[3], (float)Fl[4],
-                           (float)Fl[5], I[2], 0.0 };
-        sj_adamw_hp *dhp = be->alloc(sizeof hp, "hp");
+    case 15: {  /* sumsq then adamw, hyper-parameters in device memory; weight decay
+                 * on [0, n_decay) (ints[1]) */
+        sj_optim_hp hp = { .lr = (float)Fl[0], .beta1 = (float)Fl[1], .beta2 = (float)Fl[2],
+                           .eps = (float)Fl[3], .clip = (float)Fl[5], .step = I[2] };
+        sj_optim_hp *dhp = be->alloc(sizeof hp, "hp");
         if (!dhp) break;
         be->from_host(dhp, &hp, sizeof hp);
-        be->grad_sumsq(dhp, D(2), I[0]);
-        be->adamw(D(0), I[3] ? D(1) : NULL, D(2), 1, D(3), D(4), I[0], I[1], dhp);
+        be->sumsq(&dhp->sumsq, D(2), I[0]);
+        const size_t as = sj_dtype_size(be->act_dtype);
+        be->adamw(D(0), I[3] ? D(1) : NULL, D(2), 1, D(3), D(4), I[1], 1.0f, (float)Fl[4], dhp);
+        be->adamw((float *)D(0) + I[1], I[3] ? (char *)D(1) + I[1] * as : NULL,
+                  (float *)D(2) + I[1], 1, (float *)D(3) + I[1], (float *)D(4) + I[1],
+                  I[0] - I[1], 1.0f, 0.0f, dhp);
         be->to_host(&hp, dhp, sizeof hp);
         be->free(dhp);
         Fl[7] = hp.sumsq;

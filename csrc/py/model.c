@@ -645,12 +645,13 @@ static PyObject *model_plans(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("{s:N,s:L}", "cached", cached, "recorded", (long long)m->plans_recorded);
 }
 
-/* fixed_bytes(mode, optimizer) -> what the use holds besides its arena
- * (sj_model_fixed_bytes; mode as plan_bytes) */
+/* fixed_bytes(mode, optimizer_bytes) -> what the use holds besides its
+ * arena (sj_model_fixed_bytes; mode as plan_bytes) */
 static PyObject *model_fixed_bytes(PyObject *self, PyObject *args) {
     NEED_MODEL(self);
-    int mode, optimizer;
-    if (!PyArg_ParseTuple(args, "ip", &mode, &optimizer)) return NULL;
+    int mode;
+    long long optimizer;
+    if (!PyArg_ParseTuple(args, "iL", &mode, &optimizer)) return NULL;
     if (mode < 0 || mode > 3) { PyErr_SetString(PyExc_ValueError, "mode must be 0, 1, 2 or 3"); return NULL; }
     return PyLong_FromLongLong(sj_model_fixed_bytes(MODEL(self), (sj_run_mode)mode, optimizer));
 }
@@ -770,7 +771,7 @@ static PyMethodDef model_methods[] = {
     {"plans", model_plans, METH_NOARGS,
      "plans() -> {'cached': [(B, T, mode, label_rows)], 'recorded': n} (tests)"},
     {"fixed_bytes", model_fixed_bytes, METH_VARARGS,
-     "fixed_bytes(mode, optimizer) -> bytes a use holds besides its arena"},
+     "fixed_bytes(mode, optimizer_bytes) -> bytes a use holds besides its arena"},
     {"params_finite", model_params_finite, METH_VARARGS,
      "params_finite(i=-1) -> every value of tensor i (-1: all) is finite"},
     {"exports", model_exports, METH_NOARGS, "exports() -> live buffer views"},
@@ -824,7 +825,7 @@ static int model_place(PyObject *model) {
 static int opt_views_ok(PyObject *self) {
     OptimizerObject *op = (OptimizerObject *)self;
     if (op->exports && op->view_place != model_place(op->model)) {
-        PyErr_Format(PyExc_BufferError, "optimizer: the model moved but %zd views of the AdamW "
+        PyErr_Format(PyExc_BufferError, "optimizer: the model moved but %zd views of the optimizer "
                      "state on its old device are alive; drop them first", op->exports);
         return -1;
     }
@@ -833,23 +834,92 @@ static int opt_views_ok(PyObject *self) {
 
 #define OPT(self) (((OptimizerObject *)(self))->o)
 
+static const char *const OPTIM_KINDS[SJ_OPTIM__COUNT] = {
+    [SJ_OPTIM_ADAMW] = "adamw", [SJ_OPTIM_LION] = "lion", [SJ_OPTIM_SGD] = "sgd",
+    [SJ_OPTIM_ADAFACTOR] = "adafactor", [SJ_OPTIM_MUON] = "muon",
+};
+
+static int optim_kind(const char *name, sj_optim_kind *out) {
+    for (int k = 0; k < SJ_OPTIM__COUNT; k++)
+        if (!strcmp(name, OPTIM_KINDS[k])) { *out = (sj_optim_kind)k; return 0; }
+    PyErr_Format(PyExc_ValueError, "optimizer must be one of adamw, lion, sgd, adafactor, muon; "
+                 "got '%s'", name);
+    return -1;
+}
+
+/* groups: None, or one (lr_mult, weight_decay) per model tensor. */
+static int param_groups(PyObject *seq, sj_model *m, sj_param_group **out) {
+    *out = NULL;
+    if (seq == Py_None) return 0;
+    PyObject *f = PySequence_Fast(seq, "groups must be a sequence of (lr_mult, weight_decay)");
+    if (!f) return -1;
+    const int n = sj_model_n_tensors(m);
+    if (PySequence_Fast_GET_SIZE(f) != n) {
+        PyErr_Format(PyExc_ValueError, "groups: %zd entries for %d tensors",
+                     PySequence_Fast_GET_SIZE(f), n);
+        Py_DECREF(f);
+        return -1;
+    }
+    sj_param_group *g = PyMem_Calloc((size_t)n, sizeof *g);
+    for (int i = 0; g && i < n; i++)
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(f, i), "ff", &g[i].lr_mult,
+                              &g[i].weight_decay)) {
+            PyMem_Free(g);
+            g = NULL;
+        }
+    Py_DECREF(f);
+    if (!g) { if (!PyErr_Occurred()) PyErr_NoMemory(); return -1; }
+    *out = g;
+    return 0;
+}
+
 static int opt_init(PyObject *self, PyObject *args, PyObject *kw) {
     OptimizerObject *op = (OptimizerObject *)self;
     static char *kwlist[] = {"model", "lr", "min_lr", "warmup", "steps", "beta1", "beta2",
-                             "eps", "weight_decay", "clip", NULL};
-    PyObject *model;
-    sj_train_config tc = { 3e-4f, 3e-5f, 0, 1, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f };
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|ffiifffff", kwlist, &ModelType, &model,
-                                     &tc.max_lr, &tc.min_lr, &tc.warmup_steps, &tc.total_steps,
-                                     &tc.beta1, &tc.beta2, &tc.eps, &tc.weight_decay, &tc.clip))
+                             "eps", "weight_decay", "clip", "kind", "momentum", "dampening",
+                             "nesterov", "beta2_decay", "eps2", "d", "ns_steps", "ns_a", "ns_b",
+                             "ns_c", "ns_eps", "match_rms_adamw", "adamw_lr", "groups", NULL};
+    PyObject *model, *groups_o = Py_None;
+    const char *kind = "adamw";
+    sj_train_config tc = { 3e-4f, 3e-5f, 0, 1, 0.9, 0.95, 1e-8f, 0.1f, 1.0f };
+    tc.beta2_decay = -0.8f; tc.eps2 = 1e-3f; tc.d = 1.0f;
+    tc.ns_steps = 5; tc.ns_a = 3.4445f; tc.ns_b = -4.7750f; tc.ns_c = 2.0315f; tc.ns_eps = 1e-7f;
+    tc.adamw_lr = 3e-4f;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|ffiiddfffsddpfffiffffpfO", kwlist,
+                                     &ModelType, &model, &tc.max_lr, &tc.min_lr,
+                                     &tc.warmup_steps, &tc.total_steps, &tc.beta1, &tc.beta2,
+                                     &tc.eps, &tc.weight_decay, &tc.clip, &kind, &tc.momentum,
+                                     &tc.dampening, &tc.nesterov, &tc.beta2_decay, &tc.eps2,
+                                     &tc.d, &tc.ns_steps, &tc.ns_a, &tc.ns_b, &tc.ns_c,
+                                     &tc.ns_eps, &tc.match_rms_adamw, &tc.adamw_lr, &groups_o))
         return -1;
     if (!MODEL(model)) { PyErr_SetString(PyExc_RuntimeError, "Model not initialised"); return -1; }
     if (op->o) { PyErr_SetString(PyExc_RuntimeError, "Optimizer already initialised"); return -1; }
-    sj_status s = sj_optimizer_create(MODEL(model), &tc, &op->o);
+    sj_param_group *groups;
+    if (optim_kind(kind, &tc.kind) < 0 || param_groups(groups_o, MODEL(model), &groups) < 0)
+        return -1;
+    sj_status s = sj_optimizer_create(MODEL(model), &tc, groups, &op->o);
+    PyMem_Free(groups);
     if (s) { sj_py_raise(s); return -1; }
     Py_INCREF(model);
     op->model = model;
     return 0;
+}
+
+/* optimizer_state_bytes(model, kind, momentum) -> bytes of that optimizer's
+ * state and scratch for the model (sj_optimizer_plan_bytes) */
+static PyObject *py_optimizer_state_bytes(PyObject *self, PyObject *args) {
+    PyObject *model;
+    const char *kind;
+    sj_train_config tc = { 1e-3f, 0.0f, 0, 1, 0.9, 0.95, 1e-8f, 0.0f, 0.0f };
+    tc.d = 1.0f; tc.ns_steps = 5;
+    if (!PyArg_ParseTuple(args, "O!sd", &ModelType, &model, &kind, &tc.momentum)) return NULL;
+    sj_model *m = MODEL(model);
+    if (!m || optim_kind(kind, &tc.kind) < 0) return NULL;
+    int64_t bytes;
+    sj_status s = sj_optimizer_plan_bytes(m, &tc, &bytes);
+    if (s) return sj_py_raise(s);
+    return PyLong_FromLongLong(bytes);
 }
 
 static void opt_dealloc(PyObject *self) {
@@ -897,7 +967,9 @@ static PyObject *opt_state(PyObject *self, PyObject *args) {
     NEED_OPT(self);
     int which;
     if (!PyArg_ParseTuple(args, "i", &which)) return NULL;
-    if (which != 0 && which != 1) return PyErr_Format(PyExc_ValueError, "state 0 or 1");
+    const int count = sj_optimizer_n_states(OPT(self));
+    if (which < 0 || which >= count)
+        return PyErr_Format(PyExc_ValueError, "state %d out of range [0, %d)", which, count);
     if (opt_views_ok(self)) return NULL;
     ((OptimizerObject *)self)->view_place = model_place(((OptimizerObject *)self)->model);
     int64_t n;
@@ -907,6 +979,18 @@ static PyObject *opt_state(PyObject *self, PyObject *args) {
     if (!p) return sj_py_raise(SJ_ERR_RUNTIME);
     return flat_view(self, MODEL(((OptimizerObject *)self)->model), p, n,
                      &((OptimizerObject *)self)->exports, NULL);
+}
+
+static PyObject *opt_state_names(PyObject *self, PyObject *noargs) {
+    NEED_OPT(self);
+    const int count = sj_optimizer_n_states(OPT(self));
+    PyObject *l = PyList_New(count);
+    for (int i = 0; l && i < count; i++) {
+        PyObject *name = PyUnicode_FromString(sj_optimizer_state_name(OPT(self), i));
+        if (!name) { Py_CLEAR(l); break; }
+        PyList_SET_ITEM(l, i, name);
+    }
+    return l;
 }
 
 static PyObject *opt_get_step(PyObject *self, void *closure) {
@@ -943,13 +1027,15 @@ static PyObject *opt_set_skips(PyObject *self, PyObject *args) {
 
 static PyMethodDef opt_methods[] = {
     {"step", opt_step, METH_NOARGS,
-     "step() -> (grad_norm, lr, skipped): clip, AdamW, zero grads"},
+     "step() -> (grad_norm, lr, skipped): clip, update, zero grads"},
     {"train_step", opt_train_step, METH_VARARGS,
      "train_step(tokens, targets) -> (loss, grad_norm, lr, tokens, skipped)"},
     {"skips", opt_skips, METH_NOARGS,
      "skips() -> (skipped_steps, skip_run): updates skipped in all, and in a row (non-finite)"},
     {"set_skips", opt_set_skips, METH_VARARGS, "set_skips(skipped_steps, skip_run) (resume)"},
-    {"state", opt_state, METH_VARARGS, "state(0|1) -> Buffer of an AdamW moment"},
+    {"state", opt_state, METH_VARARGS, "state(i) -> Buffer of the i-th state buffer"},
+    {"state_names", opt_state_names, METH_NOARGS,
+     "state_names() -> [str]: the state buffers' names, in order"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -963,7 +1049,7 @@ static PyTypeObject OptimizerType = {
     .tp_name = "smedjan._C.Optimizer",
     .tp_basicsize = sizeof(OptimizerObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Engine AdamW + schedule + clipping (use smedjan.Trainer).",
+    .tp_doc = "Engine optimizer + schedule + clipping (use smedjan.Trainer).",
     .tp_new = PyType_GenericNew,
     .tp_init = opt_init,
     .tp_dealloc = opt_dealloc,
@@ -1011,6 +1097,8 @@ static PyMethodDef functions[] = {
     {"rope_freqs", py_rope_freqs, METH_VARARGS,
      "rope_freqs(config, seq_len) -> ([inv_freq], mscale): RoPE as the kernels apply it"},
     {"lr_at", py_lr_at, METH_VARARGS, "lr_at(max_lr, min_lr, warmup, steps, step) -> float"},
+    {"optimizer_state_bytes", py_optimizer_state_bytes, METH_VARARGS,
+     "optimizer_state_bytes(model, kind, momentum) -> bytes of its state and scratch"},
     {NULL, NULL, 0, NULL},
 };
 

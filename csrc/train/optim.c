@@ -1,20 +1,52 @@
-/* optim.c — the learning-rate schedule, global-norm clipping and AdamW
- * over the model's flat buffers, and the fused train step. On a device
- * backend the whole step (inputs in, forward, losses out, backward, norm,
- * clip, AdamW, norm out) is captured once per (B, T) as a graph and
- * replayed; the scalars that change per step travel through pinned memory
- * that the graph's copy nodes read at replay time. */
+/* optim.c — the learning-rate schedule, global-norm clipping and the
+ * update rules (AdamW, Lion, SGD, Adafactor, Muon) over the model's flat
+ * buffers, and the fused train step. The rules run per segment: a run of
+ * adjacent tensors with one rule and the same settings (AdamW, Lion, SGD),
+ * or one tensor (Adafactor's per-tensor statistics, Muon's matrices). On
+ * a device backend the whole step (inputs in, forward, losses out,
+ * backward, norm, clip, update, norm out) is captured once per (B, T) as a
+ * graph and replayed; the scalars that change per step travel through
+ * pinned memory that the graph's copy nodes read at replay time. */
 #include "../model/model.h"
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+
+enum { MAX_STATES = 3 };
+
+typedef struct {
+    sj_optim_kind rule;
+    int64_t offset, numel;       /* into the flat parameters */
+    int64_t rows, cols;          /* one tensor's shape; cols 0: a vector */
+    float lr_mult, weight_decay;
+    float ratio;                 /* Muon: its lr adjustment for the shape */
+    int64_t s0, s1;              /* into the state (-1: none) */
+} segment;
+
+/* Where each rule keeps its state: the kind's buffers (names in order) and
+ * which of them a tensor's rule uses. */
+typedef struct {
+    const char *names[MAX_STATES];
+    int64_t len[MAX_STATES];     /* floats */
+    int64_t max_matrix, max_gram;   /* Muon: the largest matrix and Gram matrix */
+    int64_t max_rows;            /* Adafactor: the most rows of a matrix */
+    int sums;                    /* the rule reduces per tensor (Adafactor, Muon) */
+} state_plan;
 
 struct sj_optimizer {
     sj_model *model;
     sj_train_config tc;
-    float *m, *v;     /* AdamW moments, one per parameter */
+    segment *segs; int n_segs;
+    state_plan plan;
+    float *state;                /* every state buffer, one after another */
+    int64_t n_state;
+    void *scratch;               /* Muon's iterates, the reductions' sums */
+    double *sums;
+    float *u; void *x, *y, *gram, *gram2;
     int64_t step;     /* optimizer steps taken */
-    const sj_backend *be;   /* where m and v live */
-    int64_t epoch;          /* the model's epoch they were made for */
+    const sj_backend *be;   /* where the state lives */
+    int64_t epoch;          /* the model's epoch it was made for */
     sj_skip_state skips;    /* updates not made, and the last step's outcome */
 };
 
@@ -30,6 +62,8 @@ float sj_lr_at(const sj_train_config *tc, int64_t step) {
 
 static sj_status check(const sj_train_config *tc) {
     #define NEED(cond, ...) do { if (!(cond)) return sj_fail(SJ_ERR_ARG, __VA_ARGS__); } while (0)
+    #define FINITE_GE0(x, name) NEED((x) >= 0 && isfinite(x), \
+        name " must be a finite number >= 0, got %g", (double)(x))
     /* Written so that NaN fails every test: a comparison with NaN is false. */
     NEED(tc->max_lr >= 0 && isfinite(tc->max_lr), "lr must be a finite number >= 0, got %g",
          (double)tc->max_lr);
@@ -40,94 +74,285 @@ static sj_status check(const sj_train_config *tc) {
     /* A longer warm-up never reaches lr and never decays: a typo, not a schedule. */
     NEED(tc->warmup_steps <= tc->total_steps, "warmup (%d) must be <= steps (%d)",
          tc->warmup_steps, tc->total_steps);
-    NEED(tc->beta1 >= 0 && tc->beta1 < 1 && tc->beta2 >= 0 && tc->beta2 < 1,
-         "betas must be in [0, 1), got (%g, %g)", (double)tc->beta1, (double)tc->beta2);
-    NEED(tc->eps > 0 && isfinite(tc->eps), "eps must be a finite number > 0, got %g",
-         (double)tc->eps);
-    NEED(tc->weight_decay >= 0 && isfinite(tc->weight_decay),
-         "weight_decay must be a finite number >= 0, got %g", (double)tc->weight_decay);
-    /* 0 turns clipping off (adamw: clip > 0 scales); a negative or NaN one
-     * would silently do the same, and an infinite one is "off" spelled oddly. */
+    FINITE_GE0(tc->weight_decay, "weight_decay");
+    /* 0 turns clipping off (clip > 0 scales); a negative or NaN one would
+     * silently do the same, and an infinite one is "off" spelled oddly. */
     NEED(tc->clip >= 0 && isfinite(tc->clip),
          "clip must be a finite number >= 0 (0: no clipping), got %g", (double)tc->clip);
+    const sj_optim_kind k = tc->kind;
+    NEED(k >= 0 && k < SJ_OPTIM__COUNT, "unknown optimizer kind %d", (int)k);
+    /* Muon's own eps is its Newton-Schulz floor; its AdamW part's are adamw_*. */
+    const char *aux = k == SJ_OPTIM_MUON ? "adamw_" : "";
+    if (k == SJ_OPTIM_ADAMW || k == SJ_OPTIM_LION || k == SJ_OPTIM_MUON)
+        NEED(tc->beta1 >= 0 && tc->beta1 < 1 && tc->beta2 >= 0 && tc->beta2 < 1,
+             "%sbetas must be in [0, 1), got (%g, %g)", aux, tc->beta1, tc->beta2);
+    if (k == SJ_OPTIM_ADAMW || k == SJ_OPTIM_MUON)
+        NEED(tc->eps > 0 && isfinite(tc->eps), "%seps must be a finite number > 0, got %g",
+             aux, (double)tc->eps);
+    if (k == SJ_OPTIM_SGD || k == SJ_OPTIM_MUON) {
+        NEED(tc->momentum >= 0 && tc->momentum < 1, "momentum must be in [0, 1), got %g",
+             tc->momentum);
+        NEED(tc->dampening >= 0 && tc->dampening <= 1, "dampening must be in [0, 1], got %g",
+             tc->dampening);
+        /* torch.optim.SGD's rule: Nesterov needs momentum and no dampening. */
+        NEED(!tc->nesterov || k == SJ_OPTIM_MUON || (tc->momentum > 0 && tc->dampening == 0),
+             "nesterov needs momentum > 0 and dampening 0, got momentum %g, dampening %g",
+             tc->momentum, tc->dampening);
+    }
+    if (k == SJ_OPTIM_ADAFACTOR) {
+        NEED(tc->beta2_decay <= 0 && isfinite(tc->beta2_decay),
+             "beta2_decay must be a finite number <= 0, got %g", (double)tc->beta2_decay);
+        FINITE_GE0(tc->eps, "eps[0] (eps1)");
+        FINITE_GE0(tc->eps2, "eps[1] (eps2)");
+        NEED(tc->d >= 1 && isfinite(tc->d), "d must be a finite number >= 1, got %g",
+             (double)tc->d);
+    }
+    if (k == SJ_OPTIM_MUON) {
+        NEED(tc->ns_steps >= 1 && tc->ns_steps < 100, "ns_steps must be in [1, 100), got %d",
+             tc->ns_steps);
+        NEED(isfinite(tc->ns_a) && isfinite(tc->ns_b) && isfinite(tc->ns_c),
+             "ns_coefficients must be finite, got (%g, %g, %g)", (double)tc->ns_a,
+             (double)tc->ns_b, (double)tc->ns_c);
+        FINITE_GE0(tc->ns_eps, "eps (the Newton-Schulz floor)");
+        FINITE_GE0(tc->adamw_lr, "adamw_lr");
+    }
     return SJ_OK;
+    #undef FINITE_GE0
     #undef NEED
 }
 
-static sj_status alloc_moments(sj_optimizer *o) {
-    sj_model *m = o->model;
-    const sj_backend *be = m->be;
-    const size_t bytes = sizeof(float) * (size_t)m->n_params;
-    o->m = be->alloc(bytes, "AdamW first moment");
-    o->v = o->m ? be->alloc(bytes, "AdamW second moment") : NULL;
-    if (!o->v) {
-        if (o->m) be->free(o->m);
-        o->m = NULL;
-        return SJ_ERR_NOMEM;
+/* Muon's matrices are the hidden 2-D weights; the embedding and the head
+ * (rows of the vocabulary) take AdamW, as the Muon reference routes them. */
+static sj_optim_kind rule_of(const sj_train_config *tc, const sj_tensor_info *t) {
+    if (tc->kind != SJ_OPTIM_MUON) return tc->kind;
+    return t->ndim == 2 && strcmp(t->name, "tok_emb") && strcmp(t->name, "lm_head")
+           ? SJ_OPTIM_MUON : SJ_OPTIM_ADAMW;
+}
+
+/* Which state buffers (of the kind's, in order) a tensor uses, and how
+ * many floats in each. */
+static void tensor_state(const sj_train_config *tc, const sj_tensor_info *t, int slot[2],
+                         int64_t len[2]) {
+    const int matrix = t->ndim == 2;
+    slot[0] = slot[1] = -1;
+    len[0] = len[1] = t->numel;
+    switch (rule_of(tc, t)) {
+    case SJ_OPTIM_ADAMW:
+        slot[0] = tc->kind == SJ_OPTIM_MUON ? 1 : 0;
+        slot[1] = slot[0] + 1;
+        break;
+    case SJ_OPTIM_LION: slot[0] = 0; break;
+    case SJ_OPTIM_SGD: if (tc->momentum > 0) slot[0] = 0; break;
+    case SJ_OPTIM_ADAFACTOR:
+        if (matrix) { slot[0] = 0; slot[1] = 1; len[0] = t->shape[0]; len[1] = t->shape[1]; }
+        else slot[0] = 2;
+        break;
+    case SJ_OPTIM_MUON: slot[0] = 0; break;
+    default: break;
     }
-    o->be = be;
-    o->epoch = m->epoch;
-    sj_model_account(m, 2 * (int64_t)bytes);
+}
+
+static const char *const STATE_NAMES[SJ_OPTIM__COUNT][MAX_STATES] = {
+    [SJ_OPTIM_ADAMW] = {"exp_avg", "exp_avg_sq"},
+    [SJ_OPTIM_LION] = {"exp_avg"},
+    [SJ_OPTIM_SGD] = {"momentum_buffer"},
+    [SJ_OPTIM_ADAFACTOR] = {"row_var", "col_var", "variance"},
+    [SJ_OPTIM_MUON] = {"momentum_buffer", "exp_avg", "exp_avg_sq"},
+};
+
+/* The state's buffers for a model, and, with segs, the segments with their
+ * state offsets (segs: room for one per tensor). */
+static void lay_out(const sj_model *m, const sj_train_config *tc, const sj_param_group *groups,
+                    state_plan *sp, segment *segs, int *n_segs) {
+    memset(sp, 0, sizeof *sp);
+    for (int k = 0; k < MAX_STATES; k++) sp->names[k] = STATE_NAMES[tc->kind][k];
+    sp->sums = tc->kind == SJ_OPTIM_ADAFACTOR || tc->kind == SJ_OPTIM_MUON;
+    int slot[2];
+    int64_t len[2];
+    for (int i = 0; i < m->n_tensors; i++) {
+        const sj_tensor_info *t = &m->tensors[i];
+        tensor_state(tc, t, slot, len);
+        for (int k = 0; k < 2; k++) if (slot[k] >= 0) sp->len[slot[k]] += len[k];
+        if (rule_of(tc, t) == SJ_OPTIM_ADAFACTOR && t->ndim == 2)
+            sp->max_rows = SJ_MAX(sp->max_rows, t->shape[0]);
+        if (rule_of(tc, t) == SJ_OPTIM_MUON) {
+            const int64_t small = SJ_MIN(t->shape[0], t->shape[1]);
+            sp->max_matrix = SJ_MAX(sp->max_matrix, t->numel);
+            sp->max_gram = SJ_MAX(sp->max_gram, small * small);
+        }
+    }
+    if (!segs) return;
+    int64_t next[MAX_STATES], base = 0;
+    for (int k = 0; k < MAX_STATES; k++) { next[k] = base; base += sp->len[k]; }
+    const float adamw_mult = tc->kind == SJ_OPTIM_MUON && tc->max_lr > 0
+                             ? tc->adamw_lr / tc->max_lr : 1.0f;
+    int n = 0;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const sj_tensor_info *t = &m->tensors[i];
+        tensor_state(tc, t, slot, len);
+        segment sg = { rule_of(tc, t), t->offset, t->numel, t->shape[0],
+                       t->ndim == 2 ? t->shape[1] : 0,
+                       groups ? groups[i].lr_mult : 1.0f,
+                       groups ? groups[i].weight_decay : t->decay ? tc->weight_decay : 0.0f,
+                       1.0f, -1, -1 };
+        int64_t *at[2] = { &sg.s0, &sg.s1 };
+        for (int k = 0; k < 2; k++)
+            if (slot[k] >= 0) { *at[k] = next[slot[k]]; next[slot[k]] += len[k]; }
+        if (sg.rule == SJ_OPTIM_ADAMW && tc->kind == SJ_OPTIM_MUON) sg.lr_mult *= adamw_mult;
+        if (sg.rule == SJ_OPTIM_MUON) {
+            const double a = (double)sg.rows, b = (double)sg.cols;
+            sg.ratio = (float)(tc->match_rms_adamw ? 0.2 * sqrt(fmax(a, b)) : sqrt(fmax(1.0, a / b)));
+        }
+        /* Elementwise rules run adjacent tensors with the same settings as one. */
+        segment *prev = n ? &segs[n - 1] : NULL;
+        const int elementwise = sg.rule == SJ_OPTIM_ADAMW || sg.rule == SJ_OPTIM_LION ||
+                                sg.rule == SJ_OPTIM_SGD;
+        if (elementwise && prev && prev->rule == sg.rule &&
+            prev->offset + prev->numel == sg.offset && prev->lr_mult == sg.lr_mult &&
+            prev->weight_decay == sg.weight_decay &&
+            (sg.s0 < 0 || prev->s0 + prev->numel == sg.s0) &&
+            (sg.s1 < 0 || prev->s1 + prev->numel == sg.s1)) {
+            prev->numel += sg.numel;
+            prev->rows = prev->numel;
+            prev->cols = 0;
+            continue;
+        }
+        segs[n++] = sg;
+    }
+    *n_segs = n;
+}
+
+/* The scratch, each part 256-byte aligned: the reductions' sums (doubles:
+ * Muon's norm; Adafactor's 3 sums and per-row partials), then Muon's u
+ * (f32), x, y (act, its largest matrix), gram, gram2 (act, Gram matrices). */
+static int64_t align256(int64_t bytes) { return (bytes + 255) & ~(int64_t)255; }
+static int64_t scratch_bytes(const state_plan *sp, sj_dtype act) {
+    const int64_t a = (int64_t)sj_dtype_size(act);
+    if (!sp->sums) return 0;
+    return align256(8 * (4 + sp->max_rows)) + align256(4 * sp->max_matrix) +
+           2 * align256(a * sp->max_matrix) + 2 * align256(a * sp->max_gram);
+}
+
+static int64_t state_floats(const state_plan *sp) {
+    int64_t n = 0;
+    for (int k = 0; k < MAX_STATES; k++) n += sp->len[k];
+    return n;
+}
+
+sj_status sj_optimizer_plan_bytes(const sj_model *m, const sj_train_config *tc, int64_t *bytes) {
+    SJ_TRY(check(tc));
+    state_plan sp;
+    lay_out(m, tc, NULL, &sp, NULL, NULL);
+    *bytes = 4 * state_floats(&sp) + scratch_bytes(&sp, m->be->act_dtype);
     return SJ_OK;
 }
 
-static void free_moments(sj_optimizer *o) {
-    if (!o->m) return;
-    o->be->free(o->m);
-    o->be->free(o->v);
-    o->m = o->v = NULL;
-    sj_model_account(o->model, -8 * o->model->n_params);
+static int64_t held_bytes(const sj_optimizer *o, sj_dtype act) {
+    return 4 * o->n_state + scratch_bytes(&o->plan, act);
 }
 
-/* After the model moved (sj_model_to), the moments follow it. */
+static sj_status alloc_state(sj_optimizer *o) {
+    sj_model *m = o->model;
+    const sj_backend *be = m->be;
+    const int64_t sb = scratch_bytes(&o->plan, be->act_dtype);
+    /* (backends give a small block for 0 bytes: SGD without momentum has no state) */
+    o->state = be->alloc(sizeof(float) * (size_t)o->n_state, "optimizer state");
+    o->scratch = o->state ? be->alloc((size_t)sb, "optimizer scratch") : NULL;
+    if (!o->scratch) {
+        if (o->state) be->free(o->state);
+        o->state = NULL;
+        return SJ_ERR_NOMEM;
+    }
+    const int64_t a = (int64_t)sj_dtype_size(be->act_dtype), mm = o->plan.max_matrix,
+                  mg = o->plan.max_gram;
+    char *c = o->scratch;
+    o->sums = (double *)c;        c += align256(8 * (4 + o->plan.max_rows));
+    o->u = (float *)c;            c += align256(4 * mm);
+    o->x = c;                     c += align256(a * mm);
+    o->y = c;                     c += align256(a * mm);
+    o->gram = c;                  c += align256(a * mg);
+    o->gram2 = c;
+    o->be = be;
+    o->epoch = m->epoch;
+    sj_model_account(m, held_bytes(o, be->act_dtype));
+    return SJ_OK;
+}
+
+static void free_state(sj_optimizer *o) {
+    if (!o->state) return;
+    sj_model_account(o->model, -held_bytes(o, o->be->act_dtype));
+    o->be->free(o->state);
+    o->be->free(o->scratch);
+    o->state = NULL;
+    o->scratch = NULL;
+}
+
+/* After the model moved (sj_model_to), the state follows it. */
 static sj_status follow_model(sj_optimizer *o) {
     sj_model *m = o->model;
     if (o->epoch == m->epoch) return SJ_OK;
-    const size_t bytes = sizeof(float) * (size_t)m->n_params;
-    /* Checked before the old moments go: a refusal leaves them usable. */
-    SJ_TRY(sj_model_check_memory(m, SJ_DEVICE_CPU, 2 * (int64_t)bytes, 0,
-                                 "the AdamW moments' host staging"));
+    const size_t bytes = sizeof(float) * (size_t)o->n_state;
+    /* Checked before the old state goes: a refusal leaves it usable. */
+    SJ_TRY(sj_model_check_memory(m, SJ_DEVICE_CPU, (int64_t)bytes, 0,
+                                 "the optimizer state's host staging"));
     if (o->be->device != m->be->device)
-        SJ_TRY(sj_model_check_memory(m, m->device, 2 * (int64_t)bytes, 0, "the AdamW moments"));
-    float *hm = sj_alloc(2 * bytes, "AdamW moments (host staging)");
-    if (!hm) return SJ_ERR_NOMEM;
-    o->be->to_host(hm, o->m, bytes);
-    o->be->to_host(hm + m->n_params, o->v, bytes);
-    free_moments(o);
-    sj_status s = alloc_moments(o);
+        SJ_TRY(sj_model_check_memory(m, m->device, held_bytes(o, m->be->act_dtype), 0,
+                                     "the optimizer state"));
+    float *hs = sj_alloc(bytes + sizeof(float), "optimizer state (host staging)");
+    if (!hs) return SJ_ERR_NOMEM;
+    o->be->to_host(hs, o->state, bytes);
+    free_state(o);
+    sj_status s = alloc_state(o);
     if (s == SJ_OK) {
         m->be->bind(m->ctx);
-        m->be->from_host(o->m, hm, bytes);
-        m->be->from_host(o->v, hm + m->n_params, bytes);
+        m->be->from_host(o->state, hs, bytes);
         s = m->be->sync();
     }
-    sj_free(hm);
+    sj_free(hs);
     return s;
 }
 
-sj_status sj_optimizer_create(sj_model *m, const sj_train_config *tc, sj_optimizer **out) {
+sj_status sj_optimizer_create(sj_model *m, const sj_train_config *tc,
+                              const sj_param_group *groups, sj_optimizer **out) {
     *out = NULL;
     SJ_TRY(check(tc));
     if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
-    /* Planned like activations, before anything is allocated: the moments,
+    for (int i = 0; groups && i < m->n_tensors; i++)
+        if (!(groups[i].lr_mult >= 0 && isfinite(groups[i].lr_mult) &&
+              groups[i].weight_decay >= 0 && isfinite(groups[i].weight_decay)))
+            return sj_fail(SJ_ERR_ARG, "tensor '%s': lr_mult and weight_decay must be finite "
+                           "numbers >= 0, got %g and %g", m->tensors[i].name,
+                           (double)groups[i].lr_mult, (double)groups[i].weight_decay);
+    sj_optimizer *o = calloc(1, sizeof *o);
+    segment *segs = calloc((size_t)m->n_tensors, sizeof *segs);
+    if (!o || !segs) {
+        free(o); free(segs);
+        return sj_fail(SJ_ERR_NOMEM, "optimizer: out of memory");
+    }
+    o->model = m;
+    o->tc = *tc;
+    o->segs = segs;
+    lay_out(m, tc, groups, &o->plan, segs, &o->n_segs);
+    o->n_state = state_floats(&o->plan);
+    /* Planned like activations, before anything is allocated: the state,
      * and what training brings besides (the gradients, held or in a step's
      * arena, and a 16-bit model's compute copy). The activation arena is
      * checked at the first step, when its shape is known. */
     const int64_t n = m->n_params;
-    const int64_t want = 8 * n + (m->grads ? 0 : 4 * n) +
+    const int64_t want = held_bytes(o, m->be->act_dtype) + (m->grads ? 0 : 4 * n) +
                          (m->be->act_dtype != SJ_F32 && !m->params_act
                           ? (int64_t)sj_dtype_size(m->be->act_dtype) * n : 0);
-    SJ_TRY(sj_model_check_memory(m, m->device, want, 1, "a Trainer's AdamW state (8 bytes a "
-                                 "parameter) with the gradients and compute copy it brings"));
-    sj_optimizer *o = calloc(1, sizeof *o);
-    if (!o) return sj_fail(SJ_ERR_NOMEM, "optimizer: out of memory");
-    o->model = m;
-    o->tc = *tc;
-    if (alloc_moments(o) != SJ_OK) { free(o); return SJ_ERR_NOMEM; }
+    static const char *const NAMES[SJ_OPTIM__COUNT] = { "AdamW", "Lion", "SGD", "Adafactor",
+                                                         "Muon" };
+    char what[160];
+    snprintf(what, sizeof what, "a Trainer's %s state (%lld bytes) with the gradients and "
+             "compute copy it brings", NAMES[tc->kind], (long long)held_bytes(o, m->be->act_dtype));
+    sj_status s = sj_model_check_memory(m, m->device, want, 1, what);
+    if (s == SJ_OK && alloc_state(o) != SJ_OK) s = SJ_ERR_NOMEM;
+    if (s != SJ_OK) { free(segs); free(o); return s; }
     m->be->bind(m->ctx);
-    m->be->fill(o->m, 0.0f, m->n_params);
-    m->be->fill(o->v, 0.0f, m->n_params);
-    sj_status s = m->be->sync();
+    m->be->fill(o->state, 0.0f, o->n_state);
+    s = m->be->sync();
     if (s != SJ_OK) { sj_optimizer_free(o); return s; }
     *out = o;
     return SJ_OK;
@@ -135,7 +360,7 @@ sj_status sj_optimizer_create(sj_model *m, const sj_train_config *tc, sj_optimiz
 
 void sj_optimizer_free(sj_optimizer *o) {
     if (!o) return;
-    /* Graphs captured for this optimizer must not outlive its moments. */
+    /* Graphs captured for this optimizer must not outlive its state. */
     for (int i = 0; i < SJ_MAX_PLANS; i++) {
         sj_plan *pl = &o->model->plans[i];
         if (pl->used && pl->graph && pl->graph_opt == o) {
@@ -144,7 +369,8 @@ void sj_optimizer_free(sj_optimizer *o) {
             pl->graph_opt = NULL;
         }
     }
-    free_moments(o);
+    free_state(o);
+    free(o->segs);
     free(o);
 }
 
@@ -159,31 +385,117 @@ sj_status sj_optimizer_set_skips(sj_optimizer *o, int64_t skipped_steps, int64_t
     return SJ_OK;
 }
 void sj_optimizer_set_step(sj_optimizer *o, int64_t step) { o->step = step; }
+
+/* The which-th state buffer that holds anything: its slot, or -1. */
+static int nth_state(const sj_optimizer *o, int which) {
+    for (int k = 0; k < MAX_STATES; k++)
+        if (o->plan.len[k] > 0 && which-- == 0) return k;
+    return -1;
+}
+
+int sj_optimizer_n_states(const sj_optimizer *o) {
+    int n = 0;
+    while (nth_state(o, n) >= 0) n++;
+    return n;
+}
+
+const char *sj_optimizer_state_name(const sj_optimizer *o, int which) {
+    const int k = nth_state(o, which);
+    return k < 0 ? NULL : o->plan.names[k];
+}
+
 float *sj_optimizer_state(sj_optimizer *o, int which, int64_t *n) {
-    if (n) *n = o->model->n_params;
+    const int k = nth_state(o, which);
+    if (k < 0) {
+        sj_fail(SJ_ERR_ARG, "optimizer state %d out of range [0, %d)", which,
+                sj_optimizer_n_states(o));
+        return NULL;
+    }
+    if (n) *n = o->plan.len[k];
     if (follow_model(o) != SJ_OK) return NULL;
-    return which == 0 ? o->m : which == 1 ? o->v : NULL;
+    int64_t off = 0;
+    for (int j = 0; j < k; j++) off += o->plan.len[j];
+    return o->state + off;
 }
 
 /* This step's hyper-parameters into the pinned `in` scalars. */
 static float set_hp(sj_optimizer *o) {
-    sj_adamw_hp *hp = &o->model->scalars_host[0].hp;
-    float rate = sj_lr_at(&o->tc, o->step);
-    *hp = (sj_adamw_hp){ rate, o->tc.beta1, o->tc.beta2, o->tc.eps, o->tc.weight_decay,
-                         o->tc.clip, o->step + 1, 0.0 };
+    const sj_train_config *tc = &o->tc;
+    sj_optim_hp *hp = &o->model->scalars_host[0].hp;
+    float rate = sj_lr_at(tc, o->step);
+    *hp = (sj_optim_hp){ rate, (float)tc->beta1, (float)tc->beta2, tc->eps, tc->clip,
+                         (float)tc->momentum, (float)tc->dampening,
+                         (float)(1.0 - tc->beta1), (float)(1.0 - tc->beta2),
+                         (float)(1.0 - tc->momentum), (float)(1.0 - tc->dampening),
+                         tc->nesterov, tc->beta2_decay, tc->eps2, tc->d, o->step + 1, 0.0 };
     return rate;
 }
 
-/* Norm, clip and AdamW over the gradients g on the bound context
+/* Muon on one matrix (rows, cols): momentum, then the Newton-Schulz
+ * iterations X <- a X + (b G + c G G) X with G = X X^T, in the backend's
+ * compute dtype; a tall matrix works on X^T without moving it (G = X^T X,
+ * X <- a X + X (b G + c G G)^T), as torch transposes it. */
+static void muon_matrix(sj_optimizer *o, const segment *sg, float *g, int zero_grads,
+                        const sj_optim_hp *hp) {
+    sj_model *md = o->model;
+    const sj_backend *be = md->be;
+    const sj_train_config *tc = &o->tc;
+    const int R = (int)sg->rows, C = (int)sg->cols, tall = R > C, s = tall ? C : R;
+    const int64_t n = sg->numel;
+    be->muon_momentum(o->u, o->state + sg->s0, g + sg->offset, zero_grads, n, hp);
+    be->sumsq(o->sums, o->u, n);
+    be->muon_normalize(o->x, o->u, n, o->sums, tc->ns_eps);
+    for (int it = 0; it < tc->ns_steps; it++) {
+        if (tall) sj_matmul(be, o->gram, o->x, o->x, s, s, R, 1, 0, 0, 0);
+        else sj_matmul(be, o->gram, o->x, o->x, s, s, C, 0, 1, 0, 0);
+        sj_matmul(be, o->gram2, o->gram, o->gram, s, s, s, 0, 0, 0, 0);
+        be->copy(o->gram2, o->gram2, (int64_t)s * s, tc->ns_c, 0);
+        be->add(o->gram2, o->gram2, o->gram, (int64_t)s * s, tc->ns_b);
+        if (tall) sj_matmul(be, o->y, o->x, o->gram2, R, C, C, 0, 1, 0, 0);
+        else sj_matmul(be, o->y, o->gram2, o->x, R, C, R, 0, 0, 0, 0);
+        be->add(o->x, o->y, o->x, n, tc->ns_a);
+    }
+    void *p_act = md->params_act == md->params ? NULL
+                  : (char *)md->params_act + sg->offset * (int64_t)sj_dtype_size(be->act_dtype);
+    be->muon_apply(md->params + sg->offset, p_act, o->x, n, sg->lr_mult, sg->ratio,
+                   sg->weight_decay, hp);
+}
+
+/* Norm, clip and the update over the gradients g on the bound context
  * (capturable): scalars in, the global squared norm back out. The model's
  * own gradients are zeroed after; a step's own (in its arena) die with it. */
 static void enqueue_update(sj_optimizer *o, float *g) {
     sj_model *md = o->model;
     const sj_backend *be = md->be;
-    be->from_host_async(&md->scalars->hp, &md->scalars_host[0].hp, sizeof(sj_adamw_hp));
-    be->grad_sumsq(&md->scalars->hp, g, md->n_params);
-    be->adamw(md->params, md->params_act == md->params ? NULL : md->params_act, g,
-              g == md->grads, o->m, o->v, md->n_params, md->n_decay, &md->scalars->hp);
+    const sj_optim_hp *hp = &md->scalars->hp;
+    const int zero = g == md->grads;
+    const size_t act = sj_dtype_size(be->act_dtype);
+    be->from_host_async(&md->scalars->hp, &md->scalars_host[0].hp, sizeof(sj_optim_hp));
+    be->sumsq(&md->scalars->hp.sumsq, g, md->n_params);
+    for (int i = 0; i < o->n_segs; i++) {
+        const segment *sg = &o->segs[i];
+        float *p = md->params + sg->offset, *gs = g + sg->offset;
+        float *s0 = sg->s0 < 0 ? NULL : o->state + sg->s0, *s1 = sg->s1 < 0 ? NULL : o->state + sg->s1;
+        void *pa = md->params_act == md->params ? NULL
+                   : (char *)md->params_act + sg->offset * (int64_t)act;
+        switch (sg->rule) {
+        case SJ_OPTIM_ADAMW:
+            be->adamw(p, pa, gs, zero, s0, s1, sg->numel, sg->lr_mult, sg->weight_decay, hp);
+            break;
+        case SJ_OPTIM_LION:
+            be->lion(p, pa, gs, zero, s0, sg->numel, sg->lr_mult, sg->weight_decay, hp);
+            break;
+        case SJ_OPTIM_SGD:
+            be->sgd(p, pa, gs, zero, s0, sg->numel, sg->lr_mult, sg->weight_decay, hp);
+            break;
+        case SJ_OPTIM_ADAFACTOR:
+            be->adafactor(p, pa, gs, zero, s0, s1, sg->rows, sg->cols, sg->lr_mult,
+                          sg->weight_decay, o->sums, hp);
+            break;
+        case SJ_OPTIM_MUON: muon_matrix(o, sg, g, zero, hp); break;
+        default: break;
+        }
+    }
     be->to_host_async(&md->scalars_host[1].hp.sumsq, &md->scalars->hp.sumsq, sizeof(double));
 }
 

@@ -50,9 +50,9 @@ static const sj_config CFG = {.dim = 32, .n_layers = 2, .n_heads = 4, .n_kv_head
 static void model_cycle(int round) {
     sj_model *m;
     CHECK(sj_model_create(&CFG, (uint64_t)round, &m));
-    sj_train_config tc = {3e-3f, 3e-4f, 1, 4, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f};
+    sj_train_config tc = {3e-3f, 3e-4f, 1, 4, 0.9, 0.95, 1e-8f, 0.1f, 1.0f};
     sj_optimizer *o;
-    CHECK(sj_optimizer_create(m, &tc, &o));
+    CHECK(sj_optimizer_create(m, &tc, NULL, &o));
     int32_t x[2 * 8], y[2 * 8];
     for (int i = 0; i < 16; i++) { x[i] = (i * 7 + round) % CFG.vocab_size; y[i] = (i * 5 + 1) % CFG.vocab_size; }
     float loss, gn, lr;
