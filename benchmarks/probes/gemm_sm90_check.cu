@@ -4,7 +4,7 @@
  * on the same shapes in the same process. Needs an sm_90 GPU.
  *
  *   nvcc -O3 -std=c++17 -Icsrc -Icuda -gencode arch=compute_90a,code=sm_90a \
- *        benchmarks/gemm_sm90_check.cu -lcublasLt -o /tmp/gemm_sm90_check && /tmp/gemm_sm90_check
+ *        benchmarks/probes/gemm_sm90_check.cu -lcublasLt -o /tmp/gemm_sm90_check && /tmp/gemm_sm90_check
  */
 #include "sm90_check.cuh"
 #include <cublasLt.h>

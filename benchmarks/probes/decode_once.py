@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import smedjan  # noqa: E402
 from smedjan.config import Config  # noqa: E402
 from smedjan.infer import from_model  # noqa: E402

@@ -4,7 +4,7 @@ levers (checkpointing: bit-identical; fused CE: summation order; fp16
 activations: fp16 storage rounding on fp32, a no-op on bf16), grad
 accumulation and CUDA-graph train steps with levers on.
 
-    python benchmarks/gpu_levers_check.py
+    python benchmarks/probes/gpu_levers_check.py
 """
 import numpy as np, smedjan, sys
 print(smedjan.build_info())

@@ -1,7 +1,7 @@
 """Where our GPU train step spends its time: per-kernel totals from CUPTI
 (through torch.profiler, which records every kernel in the process, ours
 included). Graphs are turned off so each kernel is seen by name.
-Usage: python benchmarks/profile_gpu.py [config ...]   (small-64x512 d768-16x1024 forward-medium-32x512 ...)"""
+Usage: python benchmarks/probes/profile_gpu.py [config ...]   (small-64x512 d768-16x1024 forward-medium-32x512 ...)"""
 import os
 import sys
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import smedjan  # noqa: E402
 
 CONFIGS = {

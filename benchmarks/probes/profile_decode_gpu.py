@@ -4,7 +4,7 @@ persistent kernel), CUPTI (through torch.profiler) times each kernel, and the
 kernels are attributed to phases by their order (per layer A, B, B2, D; then
 F, the head, and G, the pick). A kernel's time includes its launch ramp and
 drain, which the persistent kernel replaces by a grid barrier (~1.2 us).
-Usage: python benchmarks/profile_decode_gpu.py [--shapes small,medium,smollm2-135m] [--steps 32]"""
+Usage: python benchmarks/probes/profile_decode_gpu.py [--shapes small,medium,smollm2-135m] [--steps 32]"""
 import argparse
 import os
 import sys
@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(BENCH))
 import smedjan  # noqa: E402
 from smedjan.infer import from_model  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, BENCH)
 from bench_decode_gpu import SHAPES  # noqa: E402
 
 PHASES = ["A qkv", "B attn+oproj", "B2 (long ctx)", "D ffn"]

@@ -5,7 +5,7 @@
 // of thread-block clusters: how many fit, grid.sync there, and the cluster's own barrier. H100, 512
 // threads: clusters of 2 / 8 / 16 fit 66 / 15 / 7 times; cluster barrier 0.18 us relaxed, 0.78-0.83
 // us with release/acquire (cg cluster.sync), grid.sync 1.29-1.31 us (2026-11-24).
-// nvcc -O3 -arch=sm_90a benchmarks/grid_barrier_probe.cu -o /tmp/bar && /tmp/bar
+// nvcc -O3 -arch=sm_90a benchmarks/probes/grid_barrier_probe.cu -o /tmp/bar && /tmp/bar
 #include <cooperative_groups.h>
 #include <cstdio>
 namespace cg = cooperative_groups;

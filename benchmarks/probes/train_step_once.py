@@ -2,14 +2,14 @@
 a loss and a forward: the workload compute-sanitizer checks in
 benchmarks/gpu_check.sh. Exits non-zero on any engine error.
 
-    compute-sanitizer --tool memcheck python3 benchmarks/train_step_once.py [bf16|fp32|fp16] [lever,...]
+    compute-sanitizer --tool memcheck python3 benchmarks/probes/train_step_once.py [bf16|fp32|fp16] [lever,...]
 """
 import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import smedjan  # noqa: E402
 
 

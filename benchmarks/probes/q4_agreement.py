@@ -4,7 +4,7 @@ integer sums, only the fp32 order of adding blocks differs), teacher-forced
 over the 512 recorded tokens; top-1 agreement and mean KL between every pair,
 and of each against llama.cpp's recorded outputs. docs/inference.md quotes it.
 
-    python benchmarks/q4_agreement.py
+    python benchmarks/probes/q4_agreement.py
 """
 import itertools
 import os
@@ -15,8 +15,8 @@ import sys
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent.parent / "tests"))
+sys.path.insert(0, str(HERE.parent.parent))
 
 ISAS = ["scalar", "avx2", "avx512vnni"]
 

@@ -8,11 +8,11 @@
  * Needs an sm_90 GPU.
  *
  *   nvcc -O3 -std=c++17 -Icsrc -Icuda -gencode arch=compute_90a,code=sm_90a \
- *        benchmarks/attention_sm90_check.cu -lcuda -o /tmp/attn_check && /tmp/attn_check
+ *        benchmarks/probes/attention_sm90_check.cu -lcuda -o /tmp/attn_check && /tmp/attn_check
  */
 #include "sm90_check.cuh"
-#include "../cuda/attention_sm90.cu"
-#include "../cuda/attention.cu"
+#include "../../cuda/attention_sm90.cu"
+#include "../../cuda/attention.cu"
 
 static int n_fail;
 

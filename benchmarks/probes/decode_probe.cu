@@ -7,9 +7,9 @@
  * departure), from %globaltimer stamps of every block.
  *
  *   nvcc -O3 -std=c++17 -Icsrc -Icuda -arch=sm_90a -DDEC_TRACE \
- *        benchmarks/decode_probe.cu -o /tmp/decode_probe && /tmp/decode_probe smollm2
+ *        benchmarks/probes/decode_probe.cu -o /tmp/decode_probe && /tmp/decode_probe smollm2
  */
-#include "../cuda/decode.cu"
+#include "../../cuda/decode.cu"
 #include "kernel_harness.cuh"
 #include <map>
 #include <string>
