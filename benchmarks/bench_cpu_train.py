@@ -4,7 +4,10 @@ thread count (issue: >= 1.5x PyTorch's tok/s at no more peak memory).
 Each side runs in its own process so that peak memory is its own: peak RSS
 growth from just before the model is built to the end of the timed steps.
 Usage: python benchmarks/bench_cpu_train.py [--threads N] [--size small]
-       [--batch-size 4] [--seq-len 128] [--iters 20] [--warmup 3]
+       [--batch-size 4] [--seq-len 128] [--iters 20] [--warmup 3] [--out FILE.md]
+
+Appends one row per run to benchmarks/results/cpu_train.jsonl (ours and
+PyTorch side by side) and prints the Markdown table.
 """
 import argparse
 import json
@@ -13,7 +16,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, median, peak_rss_bytes, rss_bytes, run_child, today, write_results  # noqa: E402
+from common import (append_results, machine, median, peak_rss_bytes, report, rss_bytes,  # noqa: E402
+                    run_child, today)
 
 
 def ours(a):
@@ -112,7 +116,8 @@ def main():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--no-write", action="store_true", help="append no row to cpu_train.jsonl")
+    p.add_argument("--out", default=None, help="also write the Markdown report to this file")
     a = p.parse_args()
     if a.child:
         print(json.dumps(ours(a) if a.child == "ours" else theirs(a)))
@@ -123,24 +128,30 @@ def main():
     o = run_child(__file__, args + ["--child=ours"], env)
     t = run_child(__file__, args + ["--child=torch"], env)
     tok = a.batch_size * a.seq_len
-    rows = [dict(side="smedjan", tok_s=tok / o["step_s"], **o),
-            dict(side="torch", tok_s=tok / t["step_s"], **t)]
-    ratio, mem_ratio = rows[0]["tok_s"] / rows[1]["tok_s"], o["peak_bytes"] / t["peak_bytes"]
+    mib = 2 ** 20
+    row = dict(size=a.size, batch_size=a.batch_size, seq_len=a.seq_len, threads=a.threads,
+               iters=a.iters, warmup=a.warmup, params=o["params"], torch=t.get("torch"),
+               ours_step_s=o["step_s"], ours_tok_s=tok / o["step_s"],
+               ours_peak_mib=o["peak_bytes"] / mib, engine_peak_mib=o["engine_peak_bytes"] / mib,
+               torch_step_s=t["step_s"], torch_tok_s=tok / t["step_s"],
+               torch_peak_mib=t["peak_bytes"] / mib)
+    row.update(ratio=row["ours_tok_s"] / row["torch_tok_s"],
+               mem_ratio=row["ours_peak_mib"] / row["torch_peak_mib"])
     table = ("| side | step ms | tok/s | peak MiB (RSS growth) | params |\n|---|---:|---:|---:|---:|\n"
-             + "".join(f"| {r['side']} | {r['step_s'] * 1e3:.1f} | {r['tok_s']:,.0f} | "
-                       f"{r['peak_bytes'] / 2**20:,.0f} | {r['params']:,} |\n" for r in rows)
-             + f"\nthroughput ratio smedjan/torch: **{ratio:.2f}x**; peak memory ratio: "
-               f"**{mem_ratio:.2f}x** (engine's own peak accounting: "
-               f"{o['engine_peak_bytes'] / 2**20:,.0f} MiB)\n")
+             + "".join(f"| {side} | {row[p + '_step_s'] * 1e3:.1f} | {row[p + '_tok_s']:,.0f} | "
+                       f"{row[p + '_peak_mib']:,.0f} | {row['params']:,} |\n"
+                       for side, p in (("smedjan", "ours"), ("torch", "torch")))
+             + f"\nthroughput ratio smedjan/torch: **{row['ratio']:.2f}x**; peak memory ratio: "
+               f"**{row['mem_ratio']:.2f}x** (engine's own peak accounting: "
+               f"{row['engine_peak_mib']:,.0f} MiB)\n")
     header = (f"# CPU training step: smedjan vs PyTorch\n\n{today()}, {machine()}, "
               f"{a.threads} threads, torch {t.get('torch')}; preset {a.size}, batch "
               f"{a.batch_size}, seq {a.seq_len}, median of {a.iters} steps after {a.warmup} "
               f"warm-up.\nCommand: `python benchmarks/bench_cpu_train.py --threads {a.threads} "
               f"--size {a.size} --batch-size {a.batch_size} --seq-len {a.seq_len}`")
-    print(header + "\n\n" + table)
+    report(header + "\n\n" + table, a.out)
     if not a.no_write:
-        print("wrote", write_results(f"cpu_train_{a.size}_b{a.batch_size}_s{a.seq_len}_t{a.threads}",
-                                     header, table, rows))
+        print("appended to", append_results("cpu_train", [row]))
 
 
 if __name__ == "__main__":

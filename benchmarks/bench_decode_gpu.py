@@ -21,9 +21,10 @@ takes its frequencies from max_ctx instead. Note that with the default
 
 Both sides are bf16, so greedy tokens may part after a near tie: each row
 reports how many of the generated tokens agree, and the agreeing prefix.
-Rows are appended to benchmarks/results/decode_gpu.jsonl.
+Rows are appended to benchmarks/results/decode_gpu.jsonl (and $OUT/decode_gpu.jsonl);
+the Markdown table is printed, and written to --out FILE when given.
 
-    python3 benchmarks/bench_decode_gpu.py [--shapes small,medium,options] [--reps 7] [--gen 128] [--out benchmarks/results]
+    python3 benchmarks/bench_decode_gpu.py [--shapes small,medium,options] [--reps 7] [--gen 128] [--out FILE.md]
 """
 import argparse
 import json
@@ -45,7 +46,7 @@ import smedjan  # noqa: E402
 from smedjan.config import Config  # noqa: E402
 from smedjan.infer import from_model  # noqa: E402
 from torch_ref import rope_freqs  # noqa: E402
-from common import append_results  # noqa: E402
+from common import append_results, report  # noqa: E402
 
 # medium with one architecture option each
 OPTIONS = {
@@ -266,7 +267,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--out", default=None, help="directory for decode_gpu_<date>.md/.jsonl")
+    ap.add_argument("--out", default=None, help="also write the Markdown table to this file")
     a = ap.parse_args()
     dev = torch.cuda.get_device_name()
     rows = []
@@ -313,18 +314,9 @@ def main():
                      f"{r['ours_step_tok_s']:,.0f} | {r['torch_tok_s']:,.0f} | {r['torch_ms_tok']:.3f} | "
                      f"{r['ratio']:.2f}x | {r['greedy_tokens_equal']}/{a.gen} | "
                      f"{r['greedy_prefix_equal']}/{a.gen} | {'yes' if r['meets_target'] else 'no'} |")
-    table = "\n".join(lines)
-    print("\n" + table)
+    print()
+    report("\n".join(lines), a.out)
     print("appended to", append_results("decode_gpu", rows, dev))
-    if a.out:
-        import datetime
-        os.makedirs(a.out, exist_ok=True)
-        stem = os.path.join(a.out, f"decode_gpu_{datetime.date.today().isoformat()}")
-        with open(stem + ".md", "w") as f:
-            f.write(table + "\n")
-        with open(stem + ".jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        print(f"wrote {stem}.md and .jsonl")
 
 
 if __name__ == "__main__":

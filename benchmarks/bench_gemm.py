@@ -8,13 +8,13 @@ layers in all three forms a training step uses:
 
 Each case alternates rounds of ours and NumPy's (with a pause in between, so
 that neither pool's spinning workers steal the other's cores) and reports
-the median time over all repeats after warm-up. Writes
-benchmarks/results/gemm_cpu_<date>.md.
+the median time over all repeats after warm-up. Appends one row per case to
+benchmarks/results/gemm_cpu.jsonl and prints the Markdown report (written to
+--out FILE too when given).
 
     python3 benchmarks/bench_gemm.py --threads 2
 """
 import argparse
-import datetime
 import os
 import shlex
 import sys
@@ -36,8 +36,7 @@ def parse():
                         "processes on a shared machine cannot inflate (meaningful with "
                         "--threads 1 only: with more, idle workers' spinning would count)")
     p.add_argument("--quick", action="store_true", help="square 512 and the small preset only")
-    p.add_argument("--out", default=os.path.join(HERE, "results"),
-                   help="directory for the markdown report ('' to skip)")
+    p.add_argument("--out", default=None, help="also write the Markdown report to this file")
     return p.parse_args()
 
 
@@ -50,7 +49,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from common import cpu_model  # noqa: E402
+from common import append_results, cpu_model, report, today  # noqa: E402
 from smedjan import _C  # noqa: E402
 
 PRESETS = {  # name: (dim, ffn, vocab, tokens)
@@ -212,44 +211,37 @@ def main():
                f"geomean {np.exp(np.log(ratios).mean()):.2f}; "
                f"{(ratios >= 0.8).sum()}/{len(ratios)} cases >= 0.8")
     print(summary)
-    if not ARGS.out:
-        return
-    now = datetime.datetime.now()
-    os.makedirs(ARGS.out, exist_ok=True)
-    # the plain name for the standard run (all cores, elapsed time)
-    tag = "" if ARGS.threads == os.cpu_count() else f"_t{ARGS.threads}"
-    tag += "_cpuclock" if ARGS.clock == "cpu" else ""
-    path = os.path.join(ARGS.out, f"gemm_cpu_{now:%Y-%m-%d}{tag}.md")
     cmd = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    with open(path, "w") as f:
-        f.write("# CPU GEMM: smedjan._C.gemm vs NumPy matmul (OpenBLAS)\n\n")
-        f.write(f"- date: {now:%Y-%m-%d %H:%M}\n")
-        f.write(f"- command: `python3 {cmd}`\n")
-        f.write(f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores\n")
-        f.write(f"- threads: {ARGS.threads} (smedjan._C.threads and OPENBLAS_NUM_THREADS)\n")
-        f.write(f"- smedjan gemm path: {getattr(_C, 'GEMM_ISA', '?')}; NumPy {np.__version__}, "
-                f"BLAS {blas_info()}\n")
-        f.write(f"- clock: {ARGS.clock}" + (" (this process's CPU time: immune to other "
-                "processes' load on the shared machine, not to their use of caches and memory; "
-                "every round counts as clean)" if ARGS.clock == "cpu" else " (elapsed time)")
-                + "\n")
-        f.write(f"- timing: rounds alternate ours / NumPy; a round is >= {ARGS.repeats} calls "
-                "(about 0.2 s) after 2 warm-up calls, its result the median call; reported is "
-                "each side's best clean round; GFLOP/s = 2MNK / time\n")
-        f.write("- the machine is shared with other sessions: a round is clean when other "
-                "processes took < 10% of the CPUs during it (from /proc/stat); each case runs "
-                f"until both sides have {ARGS.rounds} clean rounds or {ARGS.max_rounds} rounds "
-                "were run; 'clean' gives the count per side, or 'none' and the least load seen\n")
-        f.write("- forms: fwd y = x @ W^T (transB), dx = dy @ W, dW += dy^T @ x "
-                "(transA, accum; NumPy: the bare matmul, no add)\n\n")
-        f.write("| case | form | M | N | K | ours GFLOP/s | numpy GFLOP/s | ratio | clean ours / numpy |\n")
-        f.write("|---|---|---:|---:|---:|---:|---:|---:|---|\n")
-        for label, form, M, N, K, go, gn, qo, qn in rows:
-            f.write(f"| {label} | {form} | {M} | {N} | {K} | {go:.1f} | {gn:.1f} | "
-                    f"{go / gn:.2f} | {qo} / {qn} |\n")
-        f.write(f"\n{summary}\n")
-        f.write(load_warning(rows))
-    print(f"wrote {os.path.relpath(path)}")
+    gemm_path = getattr(_C, "GEMM_ISA", "?")
+    lines = ["# CPU GEMM: smedjan._C.gemm vs NumPy matmul (OpenBLAS)", "",
+             f"- date: {today()}",
+             f"- command: `python3 {cmd}`",
+             f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores",
+             f"- threads: {ARGS.threads} (smedjan._C.threads and OPENBLAS_NUM_THREADS)",
+             f"- smedjan gemm path: {gemm_path}; NumPy {np.__version__}, BLAS {blas_info()}",
+             f"- clock: {ARGS.clock}" + (" (this process's CPU time: immune to other "
+             "processes' load on the shared machine, not to their use of caches and memory; "
+             "every round counts as clean)" if ARGS.clock == "cpu" else " (elapsed time)"),
+             f"- timing: rounds alternate ours / NumPy; a round is >= {ARGS.repeats} calls "
+             "(about 0.2 s) after 2 warm-up calls, its result the median call; reported is "
+             "each side's best clean round; GFLOP/s = 2MNK / time",
+             "- the machine is shared with other sessions: a round is clean when other "
+             "processes took < 10% of the CPUs during it (from /proc/stat); each case runs "
+             f"until both sides have {ARGS.rounds} clean rounds or {ARGS.max_rounds} rounds "
+             "were run; 'clean' gives the count per side, or 'none' and the least load seen",
+             "- forms: fwd y = x @ W^T (transB), dx = dy @ W, dW += dy^T @ x "
+             "(transA, accum; NumPy: the bare matmul, no add)", "",
+             "| case | form | M | N | K | ours GFLOP/s | numpy GFLOP/s | ratio | clean ours / numpy |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {label} | {form} | {M} | {N} | {K} | {go:.1f} | {gn:.1f} | {go / gn:.2f} | {qo} / {qn} |"
+              for label, form, M, N, K, go, gn, qo, qn in rows]
+    report("\n".join(lines) + f"\n\n{summary}\n" + load_warning(rows), ARGS.out)
+    run = dict(threads=ARGS.threads, clock=ARGS.clock, command=f"python3 {cmd}", gemm_path=gemm_path,
+               numpy=np.__version__, blas=blas_info())
+    print("appended to", append_results("gemm_cpu", [
+        dict(run, case=label, form=form, M=M, N=N, K=K, ours_gflops=go, numpy_gflops=gn,
+             ratio=go / gn, clean_ours=qo, clean_numpy=qn)
+        for label, form, M, N, K, go, gn, qo, qn in rows]))
 
 
 if __name__ == "__main__":

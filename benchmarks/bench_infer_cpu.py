@@ -9,7 +9,9 @@ weight MB, prefill tok/s of a 512-token prompt, generation tok/s (greedy
 decode steps), ttft (start to the first generated token). Each measurement
 is the best (and the median) of --reps runs, ours and theirs interleaved so
 that load from other processes hits both alike; the load average is recorded.
-Writes benchmarks/results/infer_cpu_<date>.md (or --out).
+Appends one row per mode (ours and llama.cpp side by side) to
+benchmarks/results/infer_cpu.jsonl and prints the Markdown report (written to
+--out FILE too when given).
 
     python benchmarks/bench_infer_cpu.py --threads 2
 """
@@ -27,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from common import machine, today  # noqa: E402
+from common import append_results, machine, report, today  # noqa: E402
 from infer_common import held_out_text, smollm2_path  # noqa: E402
 
 
@@ -78,7 +80,7 @@ def main():
     ap.add_argument("--modes", default="fp32,q8,q4")
     ap.add_argument("--kv-dtype", default="f16", choices=["f16", "f32"],
                     help="our K/V cache; llama.cpp's is f16 (its default) in every run")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="also write the Markdown report to this file")
     a = ap.parse_args()
     import llama_cpp
     from llama_cpp import Llama
@@ -119,10 +121,14 @@ def main():
             print(f"{mode}: ours {bo}  llama.cpp {bl}", flush=True)
             del llm, ours
     load1 = os.getloadavg()
+    kernels = _C.infer_kernel_check(0)[1]
+    cmd = (f"python benchmarks/bench_infer_cpu.py --threads {a.threads} --reps {a.reps}"
+           f"{' --modes ' + a.modes if a.modes != 'fp32,q8,q4' else ''}"
+           f"{' --kv-dtype ' + a.kv_dtype if a.kv_dtype != 'f16' else ''}")
     lines = [f"# CPU inference: smedjan vs llama.cpp, SmolLM2-135M-Instruct",
              "",
              f"- date: {today()}",
-             f"- machine: {machine()}; our kernels: {_C.infer_kernel_check(0)[1]}",
+             f"- machine: {machine()}; our kernels: {kernels}",
              f"- threads: {a.threads} (ours and llama.cpp's n_threads / n_threads_batch)",
              f"- llama-cpp-python {llama_cpp.__version__} (built from source, GGML_NATIVE=ON)",
              f"- prompt: {a.prompt_tokens} tokens of real text; generation: {a.gen_tokens} greedy tokens; "
@@ -130,9 +136,7 @@ def main():
              f"- K/V cache: ours {a.kv_dtype}, llama.cpp f16 (its default type_k / type_v)",
              f"- load average before/after: {load0[0]:.1f} / {load1[0]:.1f} "
              f"(other processes share this machine; see the note below)",
-             f"- command: `python benchmarks/bench_infer_cpu.py --threads {a.threads} --reps {a.reps}"
-             f"{' --modes ' + a.modes if a.modes != 'fp32,q8,q4' else ''}"
-             f"{' --kv-dtype ' + a.kv_dtype if a.kv_dtype != 'f16' else ''}`",
+             f"- command: `{cmd}`",
              "",
              "| mode | engine | resident MB | prefill tok/s (512) | gen tok/s | ttft s |",
              "|---|---|---:|---:|---:|---:|"]
@@ -152,9 +156,19 @@ def main():
               "(llama.cpp loads them); q4 is the original Q4_1 file, which our q4 mode keeps as Q4_1 "
               "(its embedding / tied head is Q8_0 in both). Resident MB: ours = weights held by the "
               "engine; llama.cpp = llama_model_size.", ""]
-    out = pathlib.Path(a.out) if a.out else HERE / "results" / f"infer_cpu_{today()}.md"
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    report("\n".join(lines), a.out)
+    run = dict(threads=a.threads, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
+               reps=a.reps, kv_dtype=a.kv_dtype, kernels=kernels, llama_cpp=llama_cpp.__version__,
+               load_before=load0[0], load_after=load1[0], command=cmd)
+    out_rows = []
+    for mode, o_mb, bo, l_mb, bl in rows:
+        r = dict(mode=mode, **run, ours_mb=o_mb, llama_mb=l_mb)
+        for side, b in (("ours", bo), ("llama", bl)):
+            for k, unit in (("prefill", "tok_s"), ("gen", "tok_s"), ("ttft", "s")):
+                r[f"{side}_{k}_{unit}"] = b[k]
+                r[f"{side}_{k}_{unit}_median"] = b["med"][k]
+        out_rows.append(r)
+    print("appended to", append_results("infer_cpu", out_rows))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 count, and data-loader batches per second.
 
     python benchmarks/bench_io.py [--tensors 32000 200000 1000000] [--tokens 50000000]
-                                  [--samples 200000] [--jsonl results.jsonl]
+                                  [--samples 200000] [--out FILE.md]
 
 Headers: n one-byte U8 tensors t0..t{n-1} laid out in order, no CRCs (the
 worst case for the name and extent checks per byte of header). Timed:
@@ -16,10 +16,11 @@ Samples: SampleBatches over a bin2d file of --samples SFT-like rows
 batch 64, with each option alone and all together: memory vs mmap, length
 buckets 128,256,512, shuffle buffer 512, prefetch 4. The loader alone must
 outrun training by far (issue 21: 20x the tiny preset's step rate).
-Point PYTHONPATH at another build to compare.
+Point PYTHONPATH at another build to compare. Appends one row per measurement
+to benchmarks/results/io.jsonl and prints the Markdown tables (written to
+--out FILE too when given).
 """
 import argparse
-import json
 import os
 import struct
 import sys
@@ -30,7 +31,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import machine, today  # noqa: E402
+from common import append_results, machine, report, today  # noqa: E402
 
 
 def header_file(path, n):
@@ -95,29 +96,34 @@ def main():
     ap.add_argument("--tokens", type=int, default=50_000_000)
     ap.add_argument("--samples", type=int, default=200_000, help="rows of the bin2d file (0: skip)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--jsonl", help="append one JSON line per measurement here")
+    ap.add_argument("--out", default=None, help="also write the Markdown tables to this file")
     args = ap.parse_args()
     from smedjan import _C
     from smedjan.data import Batches, SampleBatches, SampleFile, TokenFile, write_tokens
     from smedjan.io import load_safetensors
-    rows = []
-    print(f"# bench_io {today()}: {machine()}; smedjan from {os.path.dirname(_C.__file__)}")
+    rows, lines = [], []
+
+    def emit(line):   # printed as measured, kept for the report
+        print(line, flush=True)
+        lines.append(line)
+
+    emit(f"# bench_io {today()}: {machine()}; smedjan from {os.path.dirname(_C.__file__)}")
     with tempfile.TemporaryDirectory() as tmp:
-        print("\n| tensors | header MB | _C.safetensors_load wall / CPU s | load_safetensors wall / CPU s |")
-        print("|---:|---:|---:|---:|")
+        emit("\n| tensors | header MB | _C.safetensors_load wall / CPU s | load_safetensors wall / CPU s |")
+        emit("|---:|---:|---:|---:|")
         for n in args.tensors:
             p = os.path.join(tmp, f"h{n}.safetensors")
             header_file(p, n)
             c = timed(lambda: _C.safetensors_load(p), args.repeats)
             py = timed(lambda: load_safetensors(p), args.repeats)
             mb = os.path.getsize(p) / 1e6
-            print(f"| {n:,} | {mb:.1f} | {c[0]:.3f} / {c[1]:.3f} | {py[0]:.3f} / {py[1]:.3f} |", flush=True)
+            emit(f"| {n:,} | {mb:.1f} | {c[0]:.3f} / {c[1]:.3f} | {py[0]:.3f} / {py[1]:.3f} |")
             rows.append({"bench": "safetensors_header", "tensors": n, "c_wall_s": c[0], "c_cpu_s": c[1],
                          "py_wall_s": py[0], "py_cpu_s": py[1]})
             os.remove(p)
         if args.tokens:
-            print("\n| dtype | B | T | order | batches/s | Mtok/s |")
-            print("|---|---:|---:|---|---:|---:|")
+            emit("\n| dtype | B | T | order | batches/s | Mtok/s |")
+            emit("|---|---:|---:|---|---:|---:|")
         rng = np.random.default_rng(0)
         for dtype in ("uint16", "uint32") if args.tokens else ():
             p = os.path.join(tmp, f"{dtype}.tok")
@@ -129,7 +135,7 @@ def main():
                               (128, 64, True)):
                 bps = batches_per_s(Batches(tf, B, T, random=rnd, seed=0))[0]
                 order = "random" if rnd else "sequential"
-                print(f"| {dtype} | {B} | {T} | {order} | {bps:,.0f} | {bps * B * T / 1e6:.0f} |", flush=True)
+                emit(f"| {dtype} | {B} | {T} | {order} | {bps:,.0f} | {bps * B * T / 1e6:.0f} |")
                 rows.append({"bench": "batches", "dtype": dtype, "B": B, "T": T, "order": order,
                              "batches_per_s": bps})
             del tf
@@ -137,14 +143,14 @@ def main():
         if args.samples:
             p = os.path.join(tmp, "sft.bin2d")
             sample_file(p, args.samples)
-            print(f"\n| bin2d ({args.samples:,} rows, stride 513) | options | batches/s | Mtok/s |")
-            print("|---|---|---:|---:|")
+            emit(f"\n| bin2d ({args.samples:,} rows, stride 513) | options | batches/s | Mtok/s |")
+            emit("|---|---|---:|---:|")
             for load, opts in SAMPLE_OPTIONS:
                 f = SampleFile(p, load=load, vocab_size=50_000)
                 with SampleBatches(f, 64, seed=0, **opts) as b:
                     bps, per_batch = batches_per_s(b)
                 shown = ", ".join(f"{k}={v}" for k, v in opts.items()) or "-"
-                print(f"| {load} | {shown} | {bps:,.0f} | {bps * per_batch / 1e6:.0f} |", flush=True)
+                emit(f"| {load} | {shown} | {bps:,.0f} | {bps * per_batch / 1e6:.0f} |")
                 rows.append({"bench": "sample_batches", "load": load, "B": 64, **opts, "batches_per_s": bps,
                              "tokens_per_batch": per_batch})
                 del f
@@ -161,16 +167,14 @@ def main():
                     trainer.step(*next(b))
                 steps_per_s = 2 / (time.perf_counter() - t)
             slowest = min(r["batches_per_s"] for r in rows if r["bench"] == "sample_batches")
-            print(f"\ntiny preset train step on these batches (64 x 512): {steps_per_s:.3f} steps/s; "
+            emit(f"\ntiny preset train step on these batches (64 x 512): {steps_per_s:.3f} steps/s; "
                   f"the slowest loader option is {slowest / steps_per_s:,.0f}x that (target 20x)")
             rows.append({"bench": "sample_batches_vs_train", "B": 64, "T": 512,
                          "train_steps_per_s": steps_per_s, "slowest_loader_batches_per_s": slowest,
                          "ratio": slowest / steps_per_s})
             os.remove(p)
-    if args.jsonl:
-        with open(args.jsonl, "a") as f:
-            for r in rows:
-                f.write(json.dumps({"date": today(), "machine": machine(), **r}) + "\n")
+    report("\n".join(lines), args.out, echo=False)
+    print("appended to", append_results("io", rows))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,25 @@
 """Per-kernel device time of the CUDA backend at the GPU profile's shapes
-(benchmarks/results/gpu_profile_2026-11-23_before.md), next to each kernel's
-floor: bytes moved once at the measured HBM rate, or tensor-core FLOPs.
+(benchmarks/results/gpu_profile.jsonl, rows tagged "before"), next to each
+kernel's floor: bytes moved once at the measured HBM rate, or tensor-core FLOPs.
 
 Each kernel runs through the test hook `_C.cuda_op(..., reps)`: inputs are
 uploaded once, one warm-up run, then `reps` runs between CUDA events on the
 same device buffers (so a working set under the 50 MB L2 can look faster
-than in a train step). bf16 unless --dtype fp16 or fp32.
+than in a train step). bf16 unless --dtype fp16 or fp32. Appends one row
+per kernel to benchmarks/results/kernels.jsonl and prints Markdown tables.
 
     python3 benchmarks/bench_kernels.py                 # all three configs
     python3 benchmarks/bench_kernels.py small --reps 50
 """
 import argparse
+import os
 import sys
 
 import numpy as np
 
-from smedjan import _C
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from smedjan import _C  # noqa: E402
+from common import append_results  # noqa: E402
 
 HBM_GBS = 3000.0      # H100 SXM device-to-device copy, read + write (KINDS.md)
 MMA_TFLOPS = 660.0    # H100 dense bf16 mma.sync/wgmma peak, order of magnitude
@@ -26,7 +30,7 @@ CONFIGS = {
     "medium": (32, 512, 512, 8, 8, 1536, 8192),
     "d768": (16, 1024, 768, 12, 12, 2304, 8192),
 }
-# per-call microseconds measured before this work (gpu_profile_2026-11-23_before.md)
+# per-call microseconds measured before this work (gpu_profile.jsonl, tag "before")
 BEFORE_US = {
     "small": {"rmsnorm_backward": 3527 / 13 + 209 / 13, "rmsnorm_forward": 180 / 13,
               "rope": 954 / 12, "attention_forward": 820 / 6, "attention_backward": (2346 + 1206) / 6,
@@ -124,6 +128,8 @@ def bench_config(name, dtype, reps, rng):
         sp = f"{before / us:.1f}x" if before else ""
         print(f"| {label} | {us:.1f} | {rate} | {floor_us:.1f} | {us / floor_us:.1f} | {b} | {sp} |")
     sys.stdout.flush()
+    return [dict(config=name, dtype=dtype, reps=reps, kernel=label, us=us, achieved=rate.strip(),
+                 floor_us=floor_us, before_us=before) for label, us, rate, floor_us, before in rows]
 
 
 def main():
@@ -139,8 +145,8 @@ def main():
           f"{MMA_TFLOPS:.0f} TFLOP/s bf16; 'before' = per-call time in the 2026-11-23 profile "
           "(rmsnorm_backward: dx + dw kernels; attention_backward: dkv + dq)")
     rng = np.random.default_rng(0)
-    for c in a.configs:
-        bench_config(c, a.dtype, a.reps, rng)
+    rows = [r for c in a.configs for r in bench_config(c, a.dtype, a.reps, rng)]
+    print("appended to", append_results("kernels", rows, info["names"][0]))
 
 
 if __name__ == "__main__":

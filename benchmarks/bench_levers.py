@@ -2,8 +2,7 @@
 one preset (default medium), each configuration in a fresh process (through
 smedjan.sweep), against the same effective batch without levers.
 
-    python benchmarks/bench_levers.py --size medium --batch-size 8 --seq-len 128 \
-        --steps 3 --out benchmarks/results/levers_cpu_<date>
+    python benchmarks/bench_levers.py --size medium --batch-size 8 --seq-len 128 --steps 3
 
 Columns: engine peak (parameters, grads, AdamW state, activation arena: what
 the engine allocated), the arena alone, the activation bytes kept from
@@ -11,7 +10,9 @@ forward to backward (what checkpointing shrinks), step time and tok/s.
 The last rows train on SFT-like targets (each row's last 40% labelled, the
 prompt before it ignored), dense and with the sparse loss, side by side:
 tok/s counts every position, as for the dense rows.
-Timings on a shared machine are noisy; the memory figures are exact."""
+Timings on a shared machine are noisy; the memory figures are exact.
+Appends one row per configuration to benchmarks/results/levers.jsonl and
+prints the Markdown table (written to --out FILE too when given)."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import smedjan  # noqa: E402
+from common import append_results, report  # noqa: E402
 
 LEVERS = [
     ("baseline", {}),
@@ -48,8 +51,9 @@ def main() -> int:
     ap.add_argument("--warmup-steps", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--from-json", help="re-render the table from rows saved by an earlier run")
+    ap.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    ap.add_argument("--from-jsonl", help="re-render the table from an earlier run's rows "
+                                         "(lines of levers.jsonl); appends nothing")
     a = ap.parse_args()
     grid = []
     for name, lv in LEVERS:
@@ -58,11 +62,11 @@ def main() -> int:
         grid.append(dict(kind=name, batch_size=a.batch_size // 2 if half else a.batch_size, **lv))
     base = dict(size=a.size, seq_len=a.seq_len, steps=a.steps, warmup_steps=a.warmup_steps,
                 device=a.device, dtype=a.dtype)
-    if a.from_json:
-        with open(a.from_json) as f:
-            rows = json.load(f)
+    if a.from_jsonl:
+        with open(a.from_jsonl) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
     else:
-        rows = smedjan.sweep(grid, base=base, out=a.out, timeout=1800)
+        rows = smedjan.sweep(grid, base=base, timeout=1800)
     # The plan columns come from the planner (exact and deterministic), for
     # each row's own levers and batch.
     for r in rows:
@@ -104,13 +108,10 @@ def main() -> int:
             + (f"{saved:.0f} MiB ({saved / b['peak_mib']:.0%})" if saved is not None else "-")
             + f" | {r['arena_mib']:.0f} | {r['kept_mib']:.0f} | {r['step_ms']:.0f} | "
             f"{r['tok_s']:,.0f} | " + (f"{cost:+.0%}" if cost is not None else "-") + " | True |")
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        with open(a.out + ".md", "w") as f:
-            f.write(text + "\n")
-        with open(a.out + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
+    report("\n".join(lines), a.out)
+    if not a.from_jsonl:
+        card = info["gpus"][0] if a.device == "cuda" and info["gpus"] else "none"
+        print("appended to", append_results("levers", rows, card))
     return 0
 
 

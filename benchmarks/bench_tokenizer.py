@@ -2,14 +2,15 @@
 and ours vs tiktoken with GPT-2's ranks (encode, 1 thread and all threads),
 side by side in one run, on the same >= 20 MB of real text and thread count.
 
-    python benchmarks/bench_tokenizer.py [--repeats 3] [--threads N] [--out benchmarks/results]
+    python benchmarks/bench_tokenizer.py [--repeats 3] [--threads N] [--out FILE.md]
 
 Corpus: ../shared/data/corpora/*.txt when present, plus the standard library's
 .py sources (recursively) until --min-mb is reached. Each file is a document.
 Every timed encode of ours starts from a freshly built tokenizer, so its
-pre-token cache starts cold (tiktoken has no such cache). Writes
-benchmarks/results/tokenizer_<date>.md with machine, date, command, medians
-and ratios.
+pre-token cache starts cold (tiktoken has no such cache). Appends one row per
+task to benchmarks/results/tokenizer.jsonl and prints the Markdown report
+with machine, date, command, medians and ratios (written to --out FILE too
+when given).
 """
 import argparse
 import datetime
@@ -30,7 +31,7 @@ def parse():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--min-mb", type=float, default=20.0)
     ap.add_argument("--vocab-size", type=int, default=8192)
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out", default=None, help="also write the Markdown report to this file")
     ap.add_argument("--corpus-dir", default=os.path.join(ROOT, "..", "shared", "data", "corpora"),
                     help="folder of .txt files read first (default ../shared/data/corpora)")
     return ap.parse_args()
@@ -49,7 +50,7 @@ import tiktoken  # noqa: E402
 import tokenizers  # noqa: E402
 from tokenizers import models, pre_tokenizers, trainers  # noqa: E402
 
-from common import cpu_model  # noqa: E402
+from common import append_results, cpu_model, report  # noqa: E402
 from smedjan import _C  # noqa: E402
 from smedjan.tokenizer import Tokenizer, _from_bytelevel  # noqa: E402
 from test_tokenizer_data import GPT2_PATTERN, gpt2_files  # noqa: E402
@@ -175,13 +176,14 @@ def main():
              "|---|---|---:|---:|---:|---|"]
     for task, ref, a, b, note in rows:
         lines.append(f"| {task} | {ref} | {a:.2f} | {b:.2f} | {b / a:.2f}x | {note} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    os.makedirs(ARGS.out, exist_ok=True)
-    path = os.path.join(ARGS.out, f"tokenizer_{date}.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"wrote {path}")
+    report("\n".join(lines), ARGS.out)
+    run = dict(threads=ARGS.threads, corpus_mb=mb, corpus=f"{len(docs)} documents, {mb:.1f} MB: "
+               f"{', '.join(names)}", repeats=ARGS.repeats, command=cmd,
+               python=platform.python_version(), tokenizers=tokenizers.__version__,
+               tiktoken=getattr(tiktoken, "__version__", "?"))
+    print("appended to", append_results("tokenizer", [
+        dict(run, task=task, reference=ref, ours_s=a, reference_s=b, speedup=b / a, notes=note)
+        for task, ref, a, b, note in rows]))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: machine description, medians,
-peak memory of a child process, and result files."""
+peak memory of a child process, the per-benchmark results JSONL and the
+Markdown report."""
 import datetime
 import json
 import os
@@ -54,15 +55,16 @@ def run_child(module_file: str, args: list, env: dict = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def write_results(name: str, header: str, table: str, rows: list) -> str:
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    base = os.path.join(os.path.dirname(__file__), "results", f"{name}_{today()}")
-    with open(base + ".md", "w") as f:
-        f.write(header + "\n\n" + table + "\n")
-    with open(base + ".jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return base + ".md"
+def report(text: str, out: str = None, echo: bool = True) -> None:
+    """Print a benchmark's Markdown report (unless already printed as it was
+    measured: echo=False), and write it to `out` when given."""
+    if echo:
+        print(text)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text.rstrip("\n") + "\n")
+        print("wrote", out)
 
 
 def git_commit() -> str:

@@ -38,15 +38,15 @@ for stage in $STAGES; do
         CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
         if [ -z "$CS" ]; then RESULT[memcheck]="skipped: compute-sanitizer not found"; continue; fi
         for dt in bf16 fp32; do
-            run memcheck_$dt "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/train_step_once.py $dt
+            run memcheck_$dt "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/probes/train_step_once.py $dt
         done
-        run racecheck "$CS" --tool racecheck --error-exitcode 1 python3 benchmarks/train_step_once.py bf16
-        run memcheck_levers "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/train_step_once.py bf16 cheap_recompute,fused_ce
-        run memcheck_decode "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/decode_once.py
-        run racecheck_decode "$CS" --tool racecheck --error-exitcode 1 python3 benchmarks/decode_once.py
-        run synccheck "$CS" --tool synccheck --error-exitcode 1 python3 benchmarks/train_step_once.py bf16
+        run racecheck "$CS" --tool racecheck --error-exitcode 1 python3 benchmarks/probes/train_step_once.py bf16
+        run memcheck_levers "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/probes/train_step_once.py bf16 cheap_recompute,fused_ce
+        run memcheck_decode "$CS" --tool memcheck --leak-check no --error-exitcode 1 python3 benchmarks/probes/decode_once.py
+        run racecheck_decode "$CS" --tool racecheck --error-exitcode 1 python3 benchmarks/probes/decode_once.py
+        run synccheck "$CS" --tool synccheck --error-exitcode 1 python3 benchmarks/probes/train_step_once.py bf16
         run build_decode_probe_sanitize nvcc -O3 -std=c++17 -Icsrc -Icuda -arch=sm_90a \
-            benchmarks/decode_probe.cu -o "$LOG/decode_probe_plain"
+            benchmarks/probes/decode_probe.cu -o "$LOG/decode_probe_plain"
         # small: 8-warp blocks; medium: 16-warp blocks, QKV and attention in clusters
         for shape in small medium; do
             for tool in memcheck racecheck synccheck; do
@@ -56,7 +56,7 @@ for stage in $STAGES; do
         # the Hopper kernels on their own (TMA, wgmma), odd shapes included
         for k in gemm attention; do
             run build_${k}_sm90 nvcc -O3 -std=c++17 -Icsrc -Icuda -gencode arch=compute_90a,code=sm_90a \
-                benchmarks/${k}_sm90_check.cu -lcublasLt -lcuda -o "$LOG/${k}_sm90_check"
+                benchmarks/probes/${k}_sm90_check.cu -lcublasLt -lcuda -o "$LOG/${k}_sm90_check"
             run memcheck_${k}_sm90 "$CS" --tool memcheck --error-exitcode 1 "$LOG/${k}_sm90_check" --check-only
         done ;;
     bench)
@@ -66,9 +66,9 @@ for stage in $STAGES; do
     decode)   # the GPU inference engine: its tests, then batch-1 decode against PyTorch
         run test_decode python3 -m pytest -q -rs tests/test_cuda_decode.py tests/test_cuda_decode_options.py
         run build_decode_probe nvcc -O3 -std=c++17 -Icsrc -Icuda -arch=sm_90a -DDEC_TRACE \
-            benchmarks/decode_probe.cu -o "$LOG/decode_probe"
+            benchmarks/probes/decode_probe.cu -o "$LOG/decode_probe"
         for shape in small medium smollm2; do run decode_probe_$shape "$LOG/decode_probe" $shape; done
-        run bench_decode python3 benchmarks/bench_decode_gpu.py --out "$LOG" ;;
+        run bench_decode python3 benchmarks/bench_decode_gpu.py --out "$LOG/decode_gpu.md" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
     esac
 done

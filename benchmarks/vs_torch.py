@@ -5,9 +5,10 @@ peak memory (ours from the engine's own accounting of every CUDA
 allocation, torch from max_memory_allocated), MFU for the d768 config.
 
 Appends its rows to benchmarks/results/vs_torch.jsonl (and $OUT/vs_torch.jsonl),
-stamped with date, commit, machine and card, and prints the table last.
+stamped with date, commit, machine and card, and prints the Markdown table last
+(written to --out FILE too when given).
 
-    python3 benchmarks/vs_torch.py [--quick] [--no-compile] [--only train-small-4x128,...]
+    python3 benchmarks/vs_torch.py [--quick] [--no-compile] [--only train-small-4x128,...] [--out FILE.md]
 """
 import argparse
 import datetime
@@ -23,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import smedjan  # noqa: E402
 from smedjan import _C  # noqa: E402
-from common import append_results  # noqa: E402
+from common import append_results, report  # noqa: E402
 
 VOCAB = 8192
 H100_BF16_PEAK = 989e12   # dense bf16 tensor-core rate of an H100 SXM, for MFU
@@ -287,6 +288,7 @@ def main():
     ap.add_argument("--only", default="", help="comma list like train-small-4x128")
     ap.add_argument("--tag", default="", help="a label stored in each row")
     ap.add_argument("--sweep", choices=sorted(SWEEPS), help="these rows instead of the usual ones")
+    ap.add_argument("--out", default=None, help="also write the Markdown table to this file")
     a = ap.parse_args()
     iters, warmup = (10, 3) if a.quick else (30, 8)
     import torch
@@ -356,7 +358,7 @@ def main():
             r["tag"] = a.tag
     append_results("vs_torch", rows, dev)
     print()
-    print(text)
+    report(text, a.out)
 
 
 if __name__ == "__main__":

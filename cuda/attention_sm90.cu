@@ -2,7 +2,7 @@
  * (attention.cuh), on Hopper tensor cores (wgmma), head_dim 64, bf16 or f16:
  * forward and the two backward kernels with the tiles of attention.cu's
  * mma.sync kernels, and their results bit for bit
- * (benchmarks/attention_sm90_check.cu compares them); those stay the
+ * (benchmarks/probes/attention_sm90_check.cu compares them); those stay the
  * kernels everywhere else.
  *
  * One CTA = 64 query rows of one (batch, head): a warpgroup of consumers
@@ -15,7 +15,7 @@
  * then O += P V with P straight from registers (wgmma's register A
  * operand: S's accumulator layout is P's fragment layout) and V read
  * transposed from its row-major tile. Small CTAs, three per SM: one CTA's
- * softmax runs while another's products do. H100, bf16 (benchmarks/
+ * softmax runs while another's products do. H100, bf16 (benchmarks/probes/
  * attention_sm90_check.cu): forward 1.46x the mma.sync kernel at T=512
  * (178 TF/s), 1.56x at T=1024 (242 TF/s); backward 1.26x and 1.35x.
  *

@@ -36,6 +36,7 @@
  * a window's ring row), B over the ring's rows, D with relu2 and embed
  * skip; no clusters. The plain model's kernels carry none of it. */
 #include "decode.cuh"
+#include "decode_trace.cuh"
 #include "sm90.cuh"
 #include <cooperative_groups.h>
 #include <limits.h>
@@ -45,46 +46,19 @@ namespace cg = cooperative_groups;
 
 namespace dec {
 
-#ifdef DEC_TRACE
-/* benchmarks/decode_probe.cu: per block, when it arrives at and leaves
- * each grid barrier of a launch (%globaltimer ns), barrier-major. */
-__device__ unsigned long long *trace;
-/* ... and, per block, the mean time from leaving the last grid barrier to
- * each DEC_MARK(id) inside a phase (thread 0's view): (NMARK, grid) ns. */
-enum { NMARK = 10 };
-__device__ unsigned long long *marks;
-__shared__ unsigned long long mark_left, mark_sum[NMARK];
-__shared__ unsigned mark_cnt[NMARK];
-static __device__ __forceinline__ unsigned long long now_ns(void) {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-#define DEC_MARK(id) do { if (threadIdx.x == 0) { mark_sum[id] += now_ns() - mark_left; mark_cnt[id]++; } } while (0)
-#else
-#define DEC_MARK(id) do { } while (0)
-#endif
-
 /* The grid barrier between phases of the persistent kernel, traced for
  * the probe. */
 struct phase_barrier {
     cg::grid_group grid = cg::this_grid();
     int n = 0;
-    __device__ __forceinline__ void stamp(int slot) {
-#ifdef DEC_TRACE
-        const unsigned long long t = now_ns();
-        if (threadIdx.x == 0 && trace) trace[(int64_t)slot * gridDim.x + blockIdx.x] = t;
-        if (threadIdx.x == 0) mark_left = t;
-#endif
-    }
     cg::grid_group::arrival_token token;
     __device__ __forceinline__ void arrive() {
-        stamp(2 * n);
+        trace_stamp(2 * n);
         token = grid.barrier_arrive();
     }
     __device__ __forceinline__ void wait() {
         grid.barrier_wait(cg::grid_group::arrival_token(token));
-        stamp(2 * n + 1);
+        trace_stamp(2 * n + 1);
         n++;
     }
     __device__ __forceinline__ void sync() { arrive(); wait(); }
@@ -860,11 +834,7 @@ __global__ void __launch_bounds__(NW * 32, NW <= 8 ? 1 : 0) step_persistent(para
     block_smem b(p, NW, &mail_bar);
     if (CL) b.mail.init();
     phase_barrier bar;
-#ifdef DEC_TRACE
-    if (threadIdx.x < NMARK) { mark_sum[threadIdx.x] = 0; mark_cnt[threadIdx.x] = 0; }
-    if (threadIdx.x == 0) mark_left = now_ns();
-    __syncthreads();
-#endif
+    trace_begin();
     /* A grid barrier that pulls the next phase's data into L2 while it
      * waits: the prefetches go out after this block's arrival, so they do
      * not delay it (issued before it: 3.5-5% slower on every shape). */
@@ -900,12 +870,7 @@ __global__ void __launch_bounds__(NW * 32, NW <= 8 ? 1 : 0) step_persistent(para
         if (blockIdx.x == 0) phase_pick(p, gridDim.x, step, pos);
         if (step + 1 < n_steps) bar.sync();
     }
-#ifdef DEC_TRACE
-    __syncthreads();
-    if (marks && threadIdx.x < NMARK)
-        marks[(int64_t)threadIdx.x * gridDim.x + blockIdx.x] =
-            mark_cnt[threadIdx.x] ? mark_sum[threadIdx.x] / mark_cnt[threadIdx.x] : 0;
-#endif
+    trace_end();
 }
 
 /* The same phases, one kernel each (ph: 0 A or A+B clustered, 1 B or B1,

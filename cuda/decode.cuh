@@ -94,7 +94,7 @@ static __device__ __forceinline__ int attn_splits(int n, int *per) {
  * the grid barrier), so a stride costs one L2 latency. The loop stays
  * rolled: the persistent kernel pays for its code size too (two strides in
  * flight, unrolled, ran 5% slower: H100, SmolLM2 618 vs 588 us a token,
- * benchmarks/decode_probe.cu). Bound: latency of the weight stream at
+ * benchmarks/probes/decode_probe.cu). Bound: latency of the weight stream at
  * batch 1, then HBM bandwidth. */
 template <class T, int R>
 static __device__ __forceinline__ void warp_dots(const T *const *rows, const float *xs, int n,

@@ -1,7 +1,13 @@
 """smedjan.bench and `smedjan bench --json`: every field present, measured
-(positive, finite), and the step split adds up to a train step."""
+(positive, finite), and the step split adds up to a train step. And
+benchmarks/results/: one JSONL per benchmark, every row stamped."""
+import datetime
+import glob
+import importlib.util
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +17,8 @@ import smedjan
 from smedjan.bench import FIELDS
 
 TINY = dict(batch_size=2, seq_len=16, iters=3, warmup=1, decode_tokens=2)
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "benchmarks", "results")
 
 
 def check(r):
@@ -64,3 +72,39 @@ def test_bench_cli_report_reads_well():
 def test_bench_refuses_a_sequence_longer_than_the_model():
     with pytest.raises(ValueError, match="max_seq_len"):
         smedjan.bench("tiny", batch_size=1, seq_len=10_000, iters=1)
+
+
+def test_every_result_row_parses_and_says_when_where_and_what():
+    files = sorted(glob.glob(os.path.join(RESULTS, "*.jsonl")))
+    assert files
+    for path in files:
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        assert lines, path
+        for n, line in enumerate(lines, 1):
+            row = json.loads(line)
+            where = f"{os.path.basename(path)}:{n}"
+            datetime.date.fromisoformat(row["date"])
+            assert re.fullmatch(r"[0-9a-f]{7,40}", row["commit"]), (where, row["commit"])
+            for k in ("machine", "card"):
+                assert isinstance(row[k], str) and row[k], (where, k)
+
+
+def test_results_hold_one_jsonl_per_benchmark_and_no_dated_snapshot():
+    names = sorted(n for n in os.listdir(RESULTS) if n != "__pycache__")
+    dated = [n for n in names if re.search(r"\d{4}-\d{2}-\d{2}", n)]
+    assert not dated, dated
+    other = [n for n in names if not n.endswith(".jsonl") and n not in ("README.md", "index.py")]
+    assert not other, other
+
+
+def test_results_index_lists_every_jsonl():
+    spec = importlib.util.spec_from_file_location("results_index", os.path.join(RESULTS, "index.py"))
+    index = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(index)
+    text = index.render()
+    with open(os.path.join(RESULTS, "README.md")) as f:
+        readme = f.read()
+    for path in glob.glob(os.path.join(RESULTS, "*.jsonl")):
+        name = f"`{os.path.basename(path)}`"
+        assert name in text and name in readme, name

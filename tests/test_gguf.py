@@ -1,6 +1,6 @@
 """GGUF files: GGML-compatible block quantisation, write/read round trips,
 exports that reload bit-exactly in our loader and run in llama.cpp (recorded
-by benchmarks/record_llamacpp.py), and hostile files (truncated, corrupted)
+by benchmarks/probes/record_llamacpp.py), and hostile files (truncated, corrupted)
 that raise clear errors instead of reading out of bounds."""
 import json
 import os

@@ -3,7 +3,7 @@ through the inference engine: tokenizer ids equal Hugging Face tokenizers',
 fp32 logits equal an independent PyTorch forward of the same dequantised
 weights, KV-cache decode equals the batched forward, q8/q4 perplexity stays
 near fp32, and our outputs agree with llama.cpp's (recorded by
-benchmarks/record_llamacpp.py into tests/data/llamacpp_smollm2.json)."""
+benchmarks/probes/record_llamacpp.py into tests/data/llamacpp_smollm2.json)."""
 import json
 import math
 import pathlib
@@ -205,7 +205,7 @@ def test_greedy_generate_streams_and_stops(tok):
 
 
 def _recorded():
-    assert DATA.exists(), f"{DATA} is missing: run benchmarks/record_llamacpp.py"
+    assert DATA.exists(), f"{DATA} is missing: run benchmarks/probes/record_llamacpp.py"
     return json.loads(DATA.read_text())
 
 
@@ -248,7 +248,7 @@ def test_teacher_forced_agrees_with_llamacpp_on_the_q4_1_file():
     print(f"vs llama.cpp (Q4_1 file) over {kl.size} tokens: top-1 agreement {agree:.4f}, "
           f"mean KL {kl.mean():.2e}")
     # The issue asks for >= 99%; 96.1% is the ceiling for any engine that is
-    # not bit-identical to llama.cpp. Measured (benchmarks/record_llamacpp.py,
+    # not bit-identical to llama.cpp. Measured (benchmarks/probes/record_llamacpp.py,
     # docs/inference.md): on this file llama.cpp quantises every matmul input
     # to 8 bits (Q8_1 blocks for the Q4_1 matrices, Q8_0 for the Q8_0 head);
     # SmolLM2's residual stream carries a ~25000 outlier channel from layer 11

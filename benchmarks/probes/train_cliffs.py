@@ -2,7 +2,8 @@
 vocabularies 50257, 50304, 32000; the xl preset (head dim 96); 8 heads of
 64, 96 and 128 (4 layers, 8 x 2048). '@fused' runs the head and loss as
 one fused node over all rows (its GEMMs at the padded vocabulary). A trailing '+' profiles that shape per
-kernel (run with SMEDJAN_GRAPHS=0 to see each kernel by name).
+kernel (run with SMEDJAN_GRAPHS=0 to see each kernel by name). Appends one
+row per shape to benchmarks/results/train_cliffs.jsonl.
 
     python3 benchmarks/probes/train_cliffs.py gpt2-50257 gpt2-50304 xl hd96 gpt2-50257+
 """
@@ -11,7 +12,10 @@ os.environ.setdefault("SMEDJAN_GRAPHS", "1")
 import numpy as np, torch
 from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import smedjan
+from common import append_results
+from vs_torch import H100_BF16_PEAK, flops_per_token
 
 def cfg_for(name):
     if name.startswith("gpt2"):
@@ -38,6 +42,10 @@ def run(name, prof):
         t0 = time.perf_counter(); tr.step(x, y); ts.append(time.perf_counter() - t0)
     t = statistics.median(ts)
     print(f"{name}: {B*T/t:,.0f} tok/s, {t*1e3:.1f} ms/step, params {cfg.n_params:,}", flush=True)
+    row = dict(command=f"python3 benchmarks/probes/train_cliffs.py {name}", shape=name, B=B, T=T,
+               params=cfg.n_params, ours_tok_s=B * T / t,
+               mfu=flops_per_token(cfg, T, True) * B * T / t / H100_BF16_PEAK,
+               note="bf16, AdamW, clip 1.0, CUDA graph; median of 10 steps after 3")
     if prof:
         with profile(activities=[ProfilerActivity.CUDA]) as p:
             for _ in range(3): tr.step(x, y)
@@ -50,8 +58,12 @@ def run(name, prof):
         for k, (tt, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:12]:
             print(f"   {tt/3/1e3:8.2f} ms {100*tt/tot:5.1f}% x{n//3:4d} {k[:110]}")
     del tr, m
+    return row
 
+rows = []
 for a in sys.argv[1:]:
     name, prof = a.rstrip("+"), a.endswith("+")
-    try: run(name, prof)
+    try: rows.append(run(name, prof))
     except Exception as e: print(name, "ERROR", repr(e)[:300])
+if rows:
+    print("appended to", append_results("train_cliffs", rows, torch.cuda.get_device_name()))

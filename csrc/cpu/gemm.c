@@ -29,7 +29,7 @@
  * measured 109). Achieved on the AMD EPYC (Zen 4, 2 vCPU, AVX-512) this was
  * written on: 82-110 GFLOP/s on one core for square 512-2048 and the model's
  * linear layers, 0.88-1.16x (geomean 1.01x) NumPy's OpenBLAS in CPU time
- * (benchmarks/results/gemm_cpu_2026-11-23_t1_cpuclock.md); on two cores,
+ * (benchmarks/results/gemm_cpu.jsonl, tag t1_cpuclock); on two cores,
  * in ad-hoc runs while the shared machine was quiet, 160-210 against
  * OpenBLAS's 170-205 (the committed 2-thread table was taken under other
  * sessions' load and says so). Decode with M = 1 and transB runs at
