@@ -346,6 +346,13 @@ class Trainer:
         out.update({k: list(v) if isinstance(v, tuple) else v for k, v in self.settings.items()})
         return out
 
+    def __repr__(self) -> str:
+        own = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}"
+                        for k, v in self.settings.items() if k not in ("lr", "weight_decay"))
+        return (f"Trainer({self.optimizer}, lr={self.lr:g} -> {self.min_lr:g} over {self.steps} steps "
+                f"(warmup {self.warmup}), weight_decay={self.weight_decay:g}, clip={self.clip:g}"
+                f"{', ' + own if own else ''}, step={self.step_count})")
+
     def optimizer_state(self) -> Dict[str, object]:
         """The optimizer's state buffers by name, each a flat f32 view (NumPy
         on the CPU, DeviceTensor on CUDA) holding its tensors' state packed

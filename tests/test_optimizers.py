@@ -351,3 +351,10 @@ def test_train_cli_takes_the_optimizer_flags_and_resets_on_request(tmp_path, cap
     c = load_checkpoint(tmp_path / "ck" / "latest.safetensors")
     assert c.optimizer == "sgd" and c.step == 4 and c.trainer["momentum"] == 0.9
     assert "step 4: loss" in capsys.readouterr().out
+
+
+def test_a_trainer_says_what_it_runs():
+    m = smedjan.Model(smedjan.Config.custom(32, 1, 2, 1, vocab_size=64))
+    assert repr(smedjan.Trainer(m, lr=1e-3, steps=100)) == (
+        "Trainer(adamw, lr=0.001 -> 0.0001 over 100 steps (warmup 0), weight_decay=0.1, clip=1, "
+        "betas=(0.9, 0.95), eps=1e-08, step=0)")
