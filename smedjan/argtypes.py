@@ -144,25 +144,21 @@ def eps_value(text):
     return float_tuple(2, True)(text) if "," in str(text) else _finite(text)
 
 
-def json_list(text) -> list:
-    """A JSON list, e.g. '[{"params": "layers.*", "lr_mult": 0.5}]'."""
+def _json(text, kind: type, what: str):
     try:
         v = json.loads(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"invalid JSON ({e}) in {text!r}") from None
-    if not isinstance(v, list):
-        raise argparse.ArgumentTypeError(f"expected a JSON list, got a {type(v).__name__}: "
-                                         f"{text!r}")
+    if not isinstance(v, kind):
+        raise argparse.ArgumentTypeError(f"expected {what}, got a {type(v).__name__}: {text!r}")
     return v
+
+
+def json_list(text) -> list:
+    """A JSON list, e.g. '[{"params": "layers.*", "lr_mult": 0.5}]'."""
+    return _json(text, list, "a JSON list")
 
 
 def json_object(text) -> dict:
     """A JSON object, e.g. '{"lr": [1e-3, 3e-4]}'."""
-    try:
-        v = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"invalid JSON ({e}) in {text!r}") from None
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object of lists, got a "
-                                         f"{type(v).__name__}: {text!r}")
-    return v
+    return _json(text, dict, "a JSON object of lists")
