@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 log = logging.getLogger("smedjan")
@@ -114,10 +113,8 @@ def write_config(path: str, args: argparse.Namespace, skip=()) -> None:
         else:
             text = json.dumps(str(value))
         lines.append(f"{key.replace('_', '-')} = {text}\n")
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+    from .io import write_text_atomic
+    write_text_atomic(path, "".join(lines))
 
 
 def _with_config(parser: argparse.ArgumentParser, argv: list) -> list:

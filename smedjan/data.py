@@ -760,10 +760,9 @@ def prepare_sft(jsonl, tokenizer, seq_len: int, out, *, chat_template: str = "au
                 stats.no_label += 1
     stats.rows, stats.tokens, stats.label_tokens = w.rows, w.tokens, w.label_tokens
     stats.bad_lines, stats.bad_reasons = len(bad), bad[:MAX_BAD_REASONS]
-    tmp = f"{out}.json.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dict(dataclasses.asdict(stats), source=os.fspath(jsonl)), f, indent=1)
-    os.replace(tmp, out + ".json")
+    from .io import write_text_atomic
+    write_text_atomic(out + ".json", json.dumps(dict(dataclasses.asdict(stats),
+                                                     source=os.fspath(jsonl)), indent=1))
     return stats
 
 

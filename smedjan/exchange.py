@@ -17,6 +17,7 @@ import json
 import os
 
 from .commands import TOKENIZER_FILE, load_for_inference
+from .io import write_text_atomic
 
 
 def export_hf_folder(model, directory, tokenizer=None) -> None:
@@ -32,11 +33,8 @@ def export_hf_folder(model, directory, tokenizer=None) -> None:
            "model_max_length": model.config.max_seq_len}
     if tokenizer.eot_id is not None:
         cfg["eos_token"] = cfg["bos_token"] = "<|endoftext|>"
-    tmp = os.path.join(d, f"tokenizer_config.json.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(d, "tokenizer_config.json"))
+    write_text_atomic(os.path.join(d, "tokenizer_config.json"),
+                      json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def import_hf_folder(directory, output) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import Config
 from .io import (HF_LM_HEAD, from_hf_name, load_safetensors, save_safetensors, to_float32,
-                 to_hf_name)
+                 to_hf_name, write_text_atomic)
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -131,18 +131,7 @@ def export_hf(model, directory) -> None:
     tensors = {to_hf_name(name): np.asarray(view) for name, view in model.params.items()}
     # transformers refuses safetensors files whose metadata lacks format=pt.
     save_safetensors(os.path.join(d, WEIGHTS_FILE), tensors, {"format": "pt"})
-    tmp = os.path.join(d, f"config.json.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(hc, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(d, "config.json"))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(os.path.join(d, "config.json"), json.dumps(hc, indent=2, sort_keys=True) + "\n")
 
 
 _ROPE_KEYS = {"default": set(), "linear": {"factor"}, "dynamic": {"factor"},

@@ -211,6 +211,24 @@ HF_LM_HEAD = to_hf_name("lm_head")
 GGUF_OUTPUT = to_gguf_name("lm_head")
 
 
-__all__ = ["save_safetensors", "load_safetensors", "TensorDict", "bf16_to_f32", "f32_to_bf16",
+def write_text_atomic(path, text: str) -> None:
+    """Write a small text file (JSON, TOML) so that it appears under `path`
+    only when complete: "<path>.tmp.<pid>", fsync, rename (the engine's
+    atomic writer does the same for binary files)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+__all__ = ["save_safetensors", "load_safetensors", "write_text_atomic", "TensorDict", "bf16_to_f32", "f32_to_bf16",
            "to_float32", "to_hf_name", "from_hf_name", "to_gguf_name", "from_gguf_name",
            "tensor_names", "NAME_TABLE", "LAYER_NAMES", "GLOBAL_NAMES", "HF_LM_HEAD", "GGUF_OUTPUT"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional, Union
+from typing import List, Union
 
 Rows = Union[str, os.PathLike, List[dict]]
 

@@ -295,10 +295,8 @@ class Tokenizer:
              "model": {"type": "BPE", "dropout": None, "unk_token": None,
                        "continuing_subword_prefix": None, "end_of_word_suffix": None,
                        "fuse_unk": False, "byte_fallback": False, "vocab": vocab, "merges": merges}}
-        tmp = os.fspath(path) + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(d, f, ensure_ascii=False)
-        os.replace(tmp, path)
+        from .io import write_text_atomic
+        write_text_atomic(path, json.dumps(d, ensure_ascii=False))
 
     # ---- encode / decode ---------------------------------------------------------
 
