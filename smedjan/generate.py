@@ -11,6 +11,7 @@ positions, and the engine reuses one planned tape per bucket instead of
 planning one per length."""
 from __future__ import annotations
 
+import os
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -21,27 +22,6 @@ def _bucket(n: int, max_len: int) -> int:
     while b < n:
         b *= 2
     return min(b, max_len)
-
-
-def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
-           top_k: Optional[int] = None, top_p: Optional[float] = None) -> int:
-    """One token id from a (vocab,) row of logits; temperature 0 is greedy."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    if top_k is not None and 0 < top_k < z.size:
-        kth = np.partition(z, -top_k)[-top_k]
-        z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p is not None and 0 < top_p < 1:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(cum, top_p) + 1)]
-        q = np.zeros_like(p)
-        q[keep] = p[keep]
-        p = q / q.sum()
-    return int(rng.choice(p.size, p=p))
 
 
 def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64, *,
@@ -118,7 +98,8 @@ def generate_recompute(model, prompt: Union[str, Sequence[int]], max_new_tokens:
                        stop: Union[None, int, str, Sequence[Union[int, str]]] = None,
                        tokenizer=None) -> Iterator[int]:
     """The reference path: every token reruns the full forward over the
-    context (no KV cache), sampling in NumPy."""
+    context (no KV cache); sampling as the engine samples (the same seed
+    draws the same tokens from the same logits)."""
     from .infer import check_sampling, check_vocab
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -129,9 +110,13 @@ def generate_recompute(model, prompt: Union[str, Sequence[int]], max_new_tokens:
     stop_strs = [s for s in stops if isinstance(s, str)]
     if stop_strs and tok is None:
         raise ValueError("stop strings need a tokenizer")
-    rng = np.random.default_rng(seed)
+    from . import _C
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little")
     V, max_len = model.config.vocab_size, model.config.max_seq_len
     n_emit = V if tok is None else len(tok)     # only ids the tokenizer can decode
+    sampler = _C.Sampler(n_emit, int(seed) & ((1 << 64) - 1))
+    temp, k, p = float(temperature), int(top_k or 0), float(top_p if top_p is not None else 1.0)
     new = []
     for _ in range(max_new_tokens):
         ctx = ids[-max_len:]
@@ -139,7 +124,7 @@ def generate_recompute(model, prompt: Union[str, Sequence[int]], max_new_tokens:
         x = np.zeros((1, L), np.int32)
         x[0, :len(ctx)] = ctx
         logits = model.forward(x)[0, len(ctx) - 1]
-        t = sample(logits[:n_emit], rng, temperature, top_k, top_p)
+        t = sampler.sample(np.ascontiguousarray(logits[:n_emit], np.float32), temp, k, p, 1.0, None)
         if t in stop_ids:
             return
         ids.append(t)

@@ -37,6 +37,13 @@ def test_kv_cache_greedy_equals_full_recompute(model):
     assert kv == ref
 
 
+def test_kv_cache_sampling_equals_full_recompute(model):
+    """One sampler: the same seed draws the same tokens from the same logits."""
+    prompt = [5, 17, 300, 42, 7]
+    kw = dict(temperature=0.9, top_k=40, top_p=0.95, seed=11)
+    assert list(generate(model, prompt, 40, **kw)) == list(generate_recompute(model, prompt, 40, **kw))
+
+
 def test_kv_cache_slides_past_max_seq_len_like_recompute(model):
     prompt = list(range(1, 60))
     kv = list(generate(model, prompt, 12, temperature=0))
