@@ -30,6 +30,30 @@ def text_batches(text_bytes, B, T, steps, seed=0):
         yield np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(x[:, 1:])
 
 
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| over all elements: the tests' closeness measure
+    (inf when a holds a NaN or Inf, so a poisoned output never passes)."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if a.size != b.size:
+        raise AssertionError(f"size {a.size} != expected {b.size}")
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def max_rel_err(a, b) -> float:
+    """max |a - b| / max |b|: the worst element against the largest (logits)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def assert_close(got, want, tol, what="", err=rel_err):
+    e = err(got, want)
+    assert e < tol, f"{what}: relative error {e:.3e} >= {tol:.0e}"
+
+
 @pytest.fixture(scope="session")
 def text_bytes():
     return stdlib_text(2_000_000)

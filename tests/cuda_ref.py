@@ -43,16 +43,6 @@ def round_to(x, dtype):
     return {"fp32": lambda v: np.asarray(v, np.float32), "bf16": bf16_round, "fp16": f16_round}[dtype](x)
 
 
-def rel_err(a, b):
-    """||a - b|| / ||b|| over all elements (kernel hooks return flat arrays)."""
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    if a.size != b.size:
-        raise AssertionError(f"size {a.size} != expected {b.size}")
-    if not np.all(np.isfinite(a)):
-        return float("inf")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def poison(shape):
     return np.full(shape, np.nan, np.float32)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import smedjan
-from torch_ref import TorchLlama, rel_err
+from conftest import rel_err
+from torch_ref import TorchLlama
 
 torch.set_num_threads(max(1, smedjan.threads()))
 

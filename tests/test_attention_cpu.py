@@ -6,7 +6,8 @@ import pytest
 
 from smedjan import _C
 import cuda_ref as ref
-from cuda_ref import poison, rel_err
+from conftest import rel_err
+from cuda_ref import poison
 
 B, T, H, KV, hd = 2, 41, 4, 2, 16
 W = (H + 2 * KV) * hd

@@ -8,7 +8,8 @@ import pytest
 
 from smedjan import _C
 import cuda_ref as ref
-from cuda_ref import poison, rel_err
+from conftest import rel_err
+from cuda_ref import poison
 
 TOL = 1e-6   # f32 against float64
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import smedjan
-from conftest import text_batches
+from conftest import rel_err, text_batches
 from smedjan import _C
 import cuda_ref as ref
-from cuda_ref import poison, rel_err, round_to
+from cuda_ref import poison, round_to
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not ref.gpu_present(), reason="no CUDA GPU")]
@@ -628,8 +628,6 @@ def test_16_bit_modes_are_close_to_fp32(shape, dtype):
     for name in f32.grads:
         e = rel_err(host(b16.grads[name]), host(f32.grads[name]))
         assert e < 2e-2, (name, e)
-
-
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -10,7 +10,8 @@ import torch
 import smedjan
 import cuda_ref as ref
 from test_architectures import MIXED, OPTIONS
-from torch_ref import TorchLlama, rel_err
+from conftest import rel_err
+from torch_ref import TorchLlama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ref.gpu_present(), reason="no CUDA GPU")]
 

@@ -17,6 +17,7 @@ from smedjan.generate import generate_recompute
 from smedjan.infer import InferenceModel, from_model
 
 import cuda_ref as ref
+from conftest import assert_close, rel_err  # noqa: E402
 
 HAVE_GPU = ref.gpu_present()
 
@@ -43,16 +44,6 @@ def make_model(name, seed=0, scale=0.08):
         else:
             v[:] = 1.0 + 0.1 * rng.standard_normal(v.shape).astype(np.float32)
     return m
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def assert_close(got, want, tol, what):
-    e = rel(got, want)
-    assert e < tol, f"{what}: relative error {e:.3e} >= {tol:.0e}"
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -100,7 +91,7 @@ def check_against_cpu(gpu_m, cpu_m, rng, prompt_len, n_decode, tol, what):
                  cpu_m.prefill(toks[:prompt_len], all_logits=True), tol, f"{what} prefill({prompt_len})")
     worst = 0.0
     for i, t in enumerate(toks[prompt_len:]):
-        e = rel(gpu_m.decode(int(t)), cpu_m.decode(int(t)))
+        e = rel_err(gpu_m.decode(int(t)), cpu_m.decode(int(t)))
         assert e < tol, f"{what}: decode step {i} (position {prompt_len + i}): relative error {e:.3e}"
         worst = max(worst, e)
     assert gpu_m.pos == cpu_m.pos == prompt_len + n_decode
@@ -152,7 +143,7 @@ def test_untied_head_fp32_equals_cpu(tmp_path):
     c = InferenceModel.load_gguf(p, "fp32", tokenizer=False)
     tied = from_model(m, "fp32")
     toks = np.arange(1, 20, dtype=np.int32)
-    assert rel(c.forward(toks), tied.forward(toks)) > 0.1        # the head really differs
+    assert rel_err(c.forward(toks), tied.forward(toks)) > 0.1        # the head really differs
     g = InferenceModel.load_gguf(p, "fp32", tokenizer=False, device="cuda")
     check_against_cpu(g, c, np.random.default_rng(3), 9, 20, 1e-4, "untied fp32")
 

@@ -20,6 +20,7 @@ import cuda_ref as ref
 
 torch = pytest.importorskip("torch")
 from torch_ref import TorchLlama  # noqa: E402
+from conftest import rel_err  # noqa: E402
 
 HAVE_GPU = ref.gpu_present()
 torch.set_num_threads(max(1, smedjan.threads()))
@@ -69,14 +70,9 @@ def torch_greedy(t, prompt, n):
     return seq[len(prompt):]
 
 
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def assert_rows_close(got, want, tol, what):
     for i, (g, w) in enumerate(zip(np.atleast_2d(got), np.atleast_2d(want))):
-        e = rel(g, w)
+        e = rel_err(g, w)
         assert e < tol, f"{what}: row {i}: relative error {e:.3e} >= {tol:.0e}"
 
 
@@ -202,7 +198,7 @@ def test_bf16_agrees_with_torch_greedy(option, pair):
     b = from_model(model, "bf16", device="cuda")
     assert b.mode == "bf16"
     lg = b.forward(seq)
-    assert rel(lg, want) < 5e-2, f"bf16 prefill: relative error {rel(lg, want):.3e}"
+    assert rel_err(lg, want) < 5e-2, f"bf16 prefill: relative error {rel_err(lg, want):.3e}"
     agree = np.mean(np.argmax(lg, -1) == np.argmax(want, -1))
     assert agree >= 0.85, f"bf16 prefill greedy choices agree on {agree:.2f} of positions"
     b.reset()

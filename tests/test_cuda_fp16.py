@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 
 import smedjan
-from conftest import text_batches
+from conftest import rel_err, text_batches
 from smedjan import _C
 import cuda_ref as ref
 import test_cuda
-from cuda_ref import rel_err
 from test_cuda import host, op
 
 gpu = pytest.mark.skipif(not ref.gpu_present(), reason="no CUDA GPU")

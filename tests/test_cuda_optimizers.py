@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 import smedjan
-from conftest import text_batches
-from cuda_ref import rel_err
+from conftest import rel_err, text_batches
 import cuda_ref as ref
 from smedjan.checkpoint import load_checkpoint, restore, save_checkpoint
 

@@ -9,7 +9,7 @@ import pytest
 
 import smedjan
 import cuda_ref as ref
-from cuda_ref import rel_err
+from conftest import rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not ref.gpu_present(), reason="no CUDA GPU")]

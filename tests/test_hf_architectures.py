@@ -9,6 +9,7 @@ import pytest
 
 import smedjan
 from smedjan.hf import export_hf, hf_architecture, load_hf
+from conftest import max_rel_err
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -39,10 +40,6 @@ def their_logits(directory, tokens):
         return m(torch.from_numpy(tokens).long()).logits.numpy()
 
 
-def rel(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 def tokens():
     return np.random.default_rng(0).integers(0, BASE["vocab_size"], (2, T)).astype(np.int32)
 
@@ -59,7 +56,7 @@ def test_our_export_computes_our_logits_in_transformers(case, tmp_path):
             v[:] = r.uniform(0.5, 1.5, v.shape)
     export_hf(m, tmp_path)
     x = tokens()
-    assert rel(m.forward(x), their_logits(tmp_path, x)) < 1e-5
+    assert max_rel_err(m.forward(x), their_logits(tmp_path, x)) < 1e-5
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -79,7 +76,7 @@ def test_a_transformers_model_imports_with_its_logits(case, tmp_path):
     ours = load_hf(tmp_path)
     assert hf_architecture(ours.config) == arch
     x = tokens()
-    assert rel(ours.forward(x), their_logits(tmp_path, x)) < 1e-5
+    assert max_rel_err(ours.forward(x), their_logits(tmp_path, x)) < 1e-5
 
 
 def test_what_transformers_cannot_express_is_refused_and_nothing_written(tmp_path):
@@ -107,4 +104,4 @@ def test_a_yarn_llama_of_transformers_imports_exactly_where_it_was_approximated(
     m = load_hf(tmp_path)
     assert m.config.rope_scaling["type"] == "yarn"
     x = tokens()
-    assert rel(m.forward(x), their_logits(tmp_path, x)) < 1e-5
+    assert max_rel_err(m.forward(x), their_logits(tmp_path, x)) < 1e-5

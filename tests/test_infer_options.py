@@ -12,7 +12,8 @@ import smedjan
 from test_architectures import OPTIONS as ALL_OPTIONS
 from smedjan.gguf import export_gguf
 from smedjan.infer import InferenceModel
-from torch_ref import TorchLlama, rel_err
+from conftest import rel_err
+from torch_ref import TorchLlama
 
 torch.set_num_threads(max(1, smedjan.threads()))
 

@@ -16,6 +16,7 @@ import torch
 from infer_common import beaten, beaten_topk, held_out_text, np_dequant, smollm2_path, unpermute
 from smedjan.gguf import read_gguf
 from smedjan.infer import load_gguf
+from conftest import rel_err
 
 DATA = pathlib.Path(__file__).parent / "data" / "llamacpp_smollm2.json"
 
@@ -116,11 +117,6 @@ def _torch_reference(gguf, tokens):
         h = rms(x, g("ffn_norm"))
         x = x + (torch.nn.functional.silu(h @ g("ffn_gate").T) * (h @ g("ffn_up").T)) @ g("ffn_down").T
     return (rms(x, W("output_norm.weight")) @ emb.T).numpy()
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def test_fp32_logits_equal_torch_reference(gguf, text_ids):

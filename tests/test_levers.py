@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import smedjan
+from conftest import max_rel_err
 
 # An aligned vocabulary: a vocabulary off a multiple of 64 takes the fused head
 # (lm_head_ce) by default, which keeps nothing of the head from forward to backward.
@@ -31,10 +32,6 @@ def batch(seed, B=4, T=33, V=300):
     y = r.integers(0, V, (B, T)).astype(np.int32)
     y[0, :5] = -1                     # ignored targets count nowhere
     return x, y
-
-
-def rel(a, b):
-    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
 
 
 RECOMPUTE = ["gradient_checkpointing", "cheap_recompute"]
@@ -110,7 +107,7 @@ def test_fused_ce_equals_the_unfused_loss_and_grads(device, rows):
     la, lb = a.loss(x, y, backward=True), b.loss(x, y, backward=True)
     assert abs(la - lb) <= 1e-6 * abs(la), (la, lb)
     for name in a.grads:
-        err = rel(b.grads[name], a.grads[name])
+        err = max_rel_err(b.grads[name], a.grads[name])
         assert err < 1e-5, (name, err)
 
 
@@ -138,7 +135,7 @@ def test_fused_ce_matches_torch():
     tl.backward()
     assert abs(loss - tl.item()) < 1e-5 * abs(tl.item()), (loss, tl.item())
     for name, g in m.grads.items():
-        err = rel(g, ref.named(name).grad.numpy())
+        err = max_rel_err(g, ref.named(name).grad.numpy())
         assert err < 1e-4, (name, err)
 
 
@@ -156,13 +153,13 @@ def test_grad_accum_equals_the_big_batch(n):
     lb = sum(b.loss(x[i * 8 // n:(i + 1) * 8 // n], y[i * 8 // n:(i + 1) * 8 // n],
                     backward=True, denom=count) for i in range(n))
     assert abs(la - lb) < 1e-6 * abs(la), (la, lb)
-    err = rel(b.flat_grads, g_big)
+    err = max_rel_err(b.flat_grads, g_big)
     assert err < 1e-5, err
     b.zero_grad()
     ra, rb = ta.step(x, y), tb.step(x, y)
     assert abs(ra.loss - rb.loss) < 1e-6 * abs(ra.loss), (ra, rb)
     assert abs(ra.grad_norm - rb.grad_norm) < 1e-5 * ra.grad_norm, (ra, rb)
-    assert rel(b.flat_params, a.flat_params) < 1e-6
+    assert max_rel_err(b.flat_params, a.flat_params) < 1e-6
 
 
 def test_grad_accum_refuses_a_batch_that_does_not_split():
@@ -181,7 +178,7 @@ def test_all_levers_together_train_like_none():
         x, y = batch(20 + i)
         ra, rb = ta.step(x, y), tb.step(x, y)
         assert abs(ra.loss - rb.loss) < 1e-5 * abs(ra.loss), (i, ra, rb)
-    assert rel(b.flat_params, a.flat_params) < 1e-5
+    assert max_rel_err(b.flat_params, a.flat_params) < 1e-5
 
 
 def test_memory_limit_refuses_before_allocating_with_the_planned_figure():
@@ -256,7 +253,7 @@ def test_fp16_activations_keep_the_loss_and_nearly_the_grads(ckpt):
     # forward reads the f32 originals: the loss is bit-identical
     assert a.loss(x, y, backward=True) == b.loss(x, y, backward=True)
     for name in a.grads:
-        err = rel(b.grads[name], a.grads[name])
+        err = max_rel_err(b.grads[name], a.grads[name])
         assert err < 2e-2, (name, err)         # fp16 storage: ~3 significant digits
     assert not np.array_equal(a.flat_grads, b.flat_grads)   # it did store halves
 

@@ -20,7 +20,7 @@ from torch.optim import _muon
 import smedjan
 from conftest import text_batches
 from smedjan.checkpoint import load_checkpoint, restore, save_checkpoint
-from torch_ref import rel_err
+from conftest import rel_err
 
 torch.set_num_threads(max(1, smedjan.threads()))
 

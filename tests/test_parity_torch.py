@@ -6,7 +6,8 @@ import torch
 
 import smedjan
 from conftest import text_batches
-from torch_ref import TorchLlama, rel_err, schedule
+from conftest import rel_err
+from torch_ref import TorchLlama, schedule
 
 torch.set_num_threads(max(1, smedjan.threads()))
 
@@ -70,8 +71,6 @@ def test_grads_accumulate_across_backward_calls():
     np.testing.assert_allclose(model.flat_grads, 2 * once, rtol=2e-5, atol=1e-8)
     model.zero_grad()
     assert not model.flat_grads.any()
-
-
 
 
 def test_twenty_training_steps_match_torch(text_bytes):

@@ -174,7 +174,8 @@ def test_dynamic_grows_only_past_the_original_context_as_the_rotary_embedding_do
 def test_model_logits_match_transformers_rope_over_thousands_of_positions(scaling):
     """A model's logits at 2048 positions against the PyTorch reference whose
     cos and sin come from transformers' LlamaRotaryEmbedding."""
-    from torch_ref import TorchLlama, rel_err
+    from conftest import rel_err
+    from torch_ref import TorchLlama
     T = 2048
     cfg = Config.custom(128, 1, 2, 1, vocab_size=64, max_seq_len=T, rope_scaling=scaling)
     model = smedjan.Model(cfg, seed=0)

@@ -13,6 +13,7 @@ import pytest
 import smedjan
 from smedjan.argtypes import ascending_sizes
 from smedjan.sweep import expand, kind_of
+from conftest import rel_err
 
 B, T = 3, 16                 # 48 positions
 BUCKETS = [4, 8, 16]         # 16 is the largest: above it, multiples of 16
@@ -54,18 +55,13 @@ def mask_of(kind, seed=0):
     return m.reshape(B, T)
 
 
-def rel(a, b):
-    a, b = np.float64(a), np.float64(b)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def assert_same_loss_and_grads(dense, sparse, x, y):
     ld = dense.loss(x, y, backward=True)
     ls = sparse.loss(x, y, backward=True)
     assert abs(ls - ld) <= 1e-6 * abs(ld), (ls, ld)
     for name in dense.grads:
         gd, gs = dense.grads[name], sparse.grads[name]
-        assert rel(gs, gd) <= 1e-6, f"{name}: relative error {rel(gs, gd):.2e}"
+        assert rel_err(gs, gd) <= 1e-6, f"{name}: relative error {rel_err(gs, gd):.2e}"
 
 
 MASKS = ["one_label", "on_a_bucket", "above_the_largest", "all", "random"]
@@ -137,9 +133,9 @@ def test_training_with_the_sparse_loss_gives_the_dense_weights(device):
         rd, rs = td.step(x, y), ts.step(x, y)
         assert abs(rs.loss - rd.loss) <= 1e-6 * abs(rd.loss), (i, rs.loss, rd.loss)
         assert rs.tokens == rd.tokens
-    assert rel(sparse.flat_params, dense.flat_params) <= 1e-6
+    assert rel_err(sparse.flat_params, dense.flat_params) <= 1e-6
     for name in dense.params:
-        assert rel(sparse.params[name], dense.params[name]) <= 1e-6, name
+        assert rel_err(sparse.params[name], dense.params[name]) <= 1e-6, name
 
 
 def test_label_buckets_keep_the_planned_shapes_few():

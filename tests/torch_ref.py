@@ -147,8 +147,3 @@ def schedule(step, lr, min_lr, warmup, steps):
         return min_lr
     progress = (step - warmup) / (steps - 1 - warmup)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
