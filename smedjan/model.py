@@ -223,31 +223,21 @@ class Model:
         >>> m = Model("tiny"); m.set_levers(fused_ce=True)["fused_ce"]
         True
         """
-        cur = self._h.levers()
-        new = dict(checkpoint=cur["checkpoint"] if gradient_checkpointing is None
-                   else bool(gradient_checkpointing),
-                   cheap_recompute=cur["cheap_recompute"] if cheap_recompute is None
-                   else bool(cheap_recompute),
-                   cast_on_use=cur["cast_on_use"] if cast_on_use is None else bool(cast_on_use),
-                   fused_ce=cur["fused_ce"] if fused_ce is None else bool(fused_ce),
-                   ce_rows=cur["ce_rows"] if ce_rows is None else int(ce_rows),
-                   memory_limit=cur["memory_limit"] if memory_limit is None else int(memory_limit),
-                   fp16_act=cur["fp16_act"] if fp16_activations is None else bool(fp16_activations),
-                   sparse_loss=cur["sparse_loss"] if sparse_loss is None else bool(sparse_loss),
-                   label_buckets=cur["label_buckets"] if label_bucket_sizes is None
-                   else check_label_buckets(label_bucket_sizes))
+        given = dict(gradient_checkpointing=gradient_checkpointing, fused_ce=fused_ce,
+                     ce_rows=ce_rows, memory_limit=memory_limit,
+                     fp16_activations=fp16_activations, cheap_recompute=cheap_recompute,
+                     cast_on_use=cast_on_use, sparse_loss=sparse_loss)
+        new = self._h.levers()
+        new.update({k: type(new[k])(v) for k, v in given.items() if v is not None})
+        if label_bucket_sizes is not None:
+            new["label_bucket_sizes"] = check_label_buckets(label_bucket_sizes)
         self._h.set_levers(**new)
         return self.levers
 
     @property
     def levers(self) -> dict:
         """The memory levers now set (see set_levers)."""
-        d = self._h.levers()
-        return dict(gradient_checkpointing=d["checkpoint"], cheap_recompute=d["cheap_recompute"],
-                    cast_on_use=d["cast_on_use"], fused_ce=d["fused_ce"],
-                    ce_rows=d["ce_rows"], memory_limit=d["memory_limit"],
-                    fp16_activations=d["fp16_act"], sparse_loss=d["sparse_loss"],
-                    label_bucket_sizes=d["label_buckets"])
+        return self._h.levers()
 
     def plan_memory(self, batch_size: int, seq_len: int, mode: str = "train",
                     grad_accum: int = 1, labels: Optional[int] = None,

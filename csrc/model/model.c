@@ -411,8 +411,8 @@ static int residual(const sj_plan *pl, sj_tape *tp, int x, int a, int w, int N, 
 static void tape_init(const sj_model *m, sj_plan *pl, int dry) {
     sj_tape_init(&pl->tape, sj_run_trains(pl->mode), m->be->act_dtype, m->be->device);
     pl->tape.arena_grads = pl->mode == SJ_RUN_STEP ? m->n_params : 0;
-    pl->tape.checkpoint = m->lv.checkpoint || m->lv.cheap_recompute;
-    pl->tape.f16_act = m->lv.f16_act;
+    pl->tape.checkpoint = m->lv.gradient_checkpointing || m->lv.cheap_recompute;
+    pl->tape.f16_act = m->lv.fp16_activations;
     pl->tape.dry = dry;
     /* Tests only, the reference: "1" as before this fusion (matmul + add, no
      * storage shared in place), "add": matmul + add with in-place planning. */
@@ -438,7 +438,7 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     /* Checkpointed blocks: whole layers, or (cheap recompute) just an
      * elementwise op and the projection that reads it, so that only that
      * op's output (a norm's, SwiGLU's) is dropped and redone in backward. */
-    const int layer_blocks = m->lv.checkpoint, op_blocks = !layer_blocks && m->lv.cheap_recompute;
+    const int layer_blocks = m->lv.gradient_checkpointing, op_blocks = !layer_blocks && m->lv.cheap_recompute;
     /* The QKV product is rotated and the gate/up product gated as they are
      * made (one node each). Cheap recompute keeps SwiGLU apart: it drops
      * SwiGLU's output and redoes it from gu, not from a GEMM. */
@@ -876,24 +876,24 @@ sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv) {
     if (lv->ce_rows < 0) return sj_fail(SJ_ERR_ARG, "ce_rows must be >= 0, got %d", lv->ce_rows);
     if (lv->memory_limit < 0)
         return sj_fail(SJ_ERR_ARG, "memory_limit must be >= 0, got %lld", (long long)lv->memory_limit);
-    const int nb = lv->n_label_buckets;
+    const int nb = lv->n_label_bucket_sizes;
     if (nb < 0 || nb > SJ_MAX_LABEL_BUCKETS)
         return sj_fail(SJ_ERR_ARG, "label_bucket_sizes: at most %d buckets, got %d",
                        SJ_MAX_LABEL_BUCKETS, nb);
     for (int i = 0; i < nb; i++) {
-        if (lv->label_buckets[i] < 1)
+        if (lv->label_bucket_sizes[i] < 1)
             return sj_fail(SJ_ERR_ARG, "label_bucket_sizes must be positive, got %d",
-                           lv->label_buckets[i]);
-        if (i > 0 && lv->label_buckets[i] <= lv->label_buckets[i - 1])
+                           lv->label_bucket_sizes[i]);
+        if (i > 0 && lv->label_bucket_sizes[i] <= lv->label_bucket_sizes[i - 1])
             return sj_fail(SJ_ERR_ARG, "label_bucket_sizes must be ascending, got %d after %d",
-                           lv->label_buckets[i], lv->label_buckets[i - 1]);
+                           lv->label_bucket_sizes[i], lv->label_bucket_sizes[i - 1]);
     }
-    if (lv->checkpoint == m->lv.checkpoint && lv->cheap_recompute == m->lv.cheap_recompute &&
+    if (lv->gradient_checkpointing == m->lv.gradient_checkpointing && lv->cheap_recompute == m->lv.cheap_recompute &&
         lv->fused_ce == m->lv.fused_ce &&
         lv->ce_rows == m->lv.ce_rows && lv->memory_limit == m->lv.memory_limit &&
-        lv->f16_act == m->lv.f16_act && lv->cast_on_use == m->lv.cast_on_use &&
-        lv->sparse_loss == m->lv.sparse_loss && nb == m->lv.n_label_buckets &&
-        !memcmp(lv->label_buckets, m->lv.label_buckets, sizeof(int) * (size_t)nb)) return SJ_OK;
+        lv->fp16_activations == m->lv.fp16_activations && lv->cast_on_use == m->lv.cast_on_use &&
+        lv->sparse_loss == m->lv.sparse_loss && nb == m->lv.n_label_bucket_sizes &&
+        !memcmp(lv->label_bucket_sizes, m->lv.label_bucket_sizes, sizeof(int) * (size_t)nb)) return SJ_OK;
     if (m->ctx) m->be->bind(m->ctx);
     for (int i = 0; i < SJ_MAX_PLANS; i++) drop_plan(m, &m->plans[i]);
     /* No plan is left that reads the compute copy: it can go (a run that
@@ -910,10 +910,10 @@ sj_status sj_model_set_levers(sj_model *m, const sj_levers *lv) {
  * 64-row tiles, a batch pads fewer than 64 rows (beside a head over all
  * B*T), and B*T/64 shapes at most come to be planned. */
 int sj_model_label_rows(const sj_levers *lv, int64_t labels, int64_t n) {
-    const int nb = lv->n_label_buckets;
-    const int64_t step = nb ? lv->label_buckets[nb - 1] : 64;
+    const int nb = lv->n_label_bucket_sizes;
+    const int64_t step = nb ? lv->label_bucket_sizes[nb - 1] : 64;
     int64_t rows = labels > step ? (labels + step - 1) / step * step : step;
-    for (int i = nb - 1; i >= 0 && lv->label_buckets[i] >= labels; i--) rows = lv->label_buckets[i];
+    for (int i = nb - 1; i >= 0 && lv->label_bucket_sizes[i] >= labels; i--) rows = lv->label_bucket_sizes[i];
     return (int)(rows < n ? rows : n);
 }
 

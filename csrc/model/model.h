@@ -46,11 +46,11 @@ enum { SJ_MAX_PLANS = 4, SJ_MAX_LABEL_BUCKETS = 16 };
 /* Memory levers: they change how a plan is recorded and laid out, never
  * what it computes (up to fp32 summation order for the fused loss). */
 typedef struct {
-    int checkpoint;        /* recompute each block's interior in backward */
+    int gradient_checkpointing;   /* recompute each block's interior in backward */
     int cheap_recompute;   /* recompute only the RMSNorm and SwiGLU outputs in backward */
     int fused_ce;          /* LM head + loss in row chunks: no (N, V) logits */
     int ce_rows;           /* rows per chunk of the fused loss (0: default) */
-    int f16_act;           /* activations kept for backward stored as fp16 (f32 compute) */
+    int fp16_activations;  /* activations kept for backward stored as fp16 (f32 compute) */
     int cast_on_use;       /* 16-bit models, forward and loss runs: each weight cast from the
                             * f32 master into the arena right before use, as they do anyway
                             * until the first training run makes the compute copy, which this
@@ -63,8 +63,8 @@ typedef struct {
      * the largest, to a multiple of it; none: a multiple of 64), so that a
      * few shapes (plans, CUDA graphs) serve every batch. */
     int sparse_loss;
-    int n_label_buckets;
-    int label_buckets[SJ_MAX_LABEL_BUCKETS];
+    int n_label_bucket_sizes;
+    int label_bucket_sizes[SJ_MAX_LABEL_BUCKETS];
 } sj_levers;
 
 /* Start peak tracking afresh: peak = bytes held now. */

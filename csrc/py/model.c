@@ -523,12 +523,12 @@ static PyObject *model_reset_peak(PyObject *self, PyObject *noargs) {
     Py_RETURN_NONE;
 }
 
-/* set_levers(checkpoint, fused_ce, ce_rows, memory_limit, fp16_act, cheap_recompute,
- * cast_on_use, sparse_loss, label_buckets) */
+/* set_levers(gradient_checkpointing, fused_ce, ce_rows, memory_limit, fp16_activations,
+ * cheap_recompute, cast_on_use, sparse_loss, label_bucket_sizes): Model.set_levers' names */
 static PyObject *model_set_levers(PyObject *self, PyObject *args, PyObject *kw) {
     NEED_MODEL(self);
-    static char *kwlist[] = {"checkpoint", "fused_ce", "ce_rows", "memory_limit", "fp16_act",
-                             "cheap_recompute", "cast_on_use", "sparse_loss", "label_buckets",
+    static char *kwlist[] = {"gradient_checkpointing", "fused_ce", "ce_rows", "memory_limit",
+                             "fp16_activations", "cheap_recompute", "cast_on_use", "sparse_loss", "label_bucket_sizes",
                              NULL};
     int ck = 0, fce = 0, rows = 0, f16 = 0, cheap = 0, cast = 0, sparse = 0;
     long long limit = 0;
@@ -536,8 +536,8 @@ static PyObject *model_set_levers(PyObject *self, PyObject *args, PyObject *kw) 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|ppiLppppO", kwlist, &ck, &fce, &rows, &limit, &f16,
                                      &cheap, &cast, &sparse, &buckets_o))
         return NULL;
-    sj_levers lv = { .checkpoint = ck, .cheap_recompute = cheap, .fused_ce = fce, .ce_rows = rows,
-                     .f16_act = f16, .memory_limit = (int64_t)limit, .cast_on_use = cast,
+    sj_levers lv = { .gradient_checkpointing = ck, .cheap_recompute = cheap, .fused_ce = fce, .ce_rows = rows,
+                     .fp16_activations = f16, .memory_limit = (int64_t)limit, .cast_on_use = cast,
                      .sparse_loss = sparse };
     if (buckets_o && buckets_o != Py_None) {
         PyObject *b = PySequence_Fast(buckets_o, "label_bucket_sizes must be a sequence of ints");
@@ -555,9 +555,9 @@ static PyObject *model_set_levers(PyObject *self, PyObject *args, PyObject *kw) 
                 Py_DECREF(b);
                 return PyErr_Format(PyExc_ValueError, "label_bucket_sizes must be positive, got %ld", v);
             }
-            lv.label_buckets[i] = (int)v;
+            lv.label_bucket_sizes[i] = (int)v;
         }
-        lv.n_label_buckets = (int)n;
+        lv.n_label_bucket_sizes = (int)n;
         Py_DECREF(b);
     }
     sj_status s = sj_model_set_levers(MODEL(self), &lv);
@@ -568,22 +568,22 @@ static PyObject *model_set_levers(PyObject *self, PyObject *args, PyObject *kw) 
 static PyObject *model_levers(PyObject *self, PyObject *noargs) {
     NEED_MODEL(self);
     const sj_levers *lv = &MODEL(self)->lv;
-    PyObject *buckets = PyList_New(lv->n_label_buckets);
-    for (int i = 0; buckets && i < lv->n_label_buckets; i++) {
-        PyObject *v = PyLong_FromLong(lv->label_buckets[i]);
+    PyObject *buckets = PyList_New(lv->n_label_bucket_sizes);
+    for (int i = 0; buckets && i < lv->n_label_bucket_sizes; i++) {
+        PyObject *v = PyLong_FromLong(lv->label_bucket_sizes[i]);
         if (!v) { Py_CLEAR(buckets); break; }
         PyList_SET_ITEM(buckets, i, v);
     }
     if (!buckets) return NULL;
     return Py_BuildValue("{s:O,s:O,s:O,s:O,s:i,s:L,s:O,s:O,s:N}",
-                         "checkpoint", lv->checkpoint ? Py_True : Py_False,
+                         "gradient_checkpointing", lv->gradient_checkpointing ? Py_True : Py_False,
                          "cheap_recompute", lv->cheap_recompute ? Py_True : Py_False,
                          "cast_on_use", lv->cast_on_use ? Py_True : Py_False,
                          "fused_ce", lv->fused_ce ? Py_True : Py_False, "ce_rows", lv->ce_rows,
                          "memory_limit", (long long)lv->memory_limit,
-                         "fp16_act", lv->f16_act ? Py_True : Py_False,
+                         "fp16_activations", lv->fp16_activations ? Py_True : Py_False,
                          "sparse_loss", lv->sparse_loss ? Py_True : Py_False,
-                         "label_buckets", buckets);
+                         "label_bucket_sizes", buckets);
 }
 
 /* plan_bytes(B, T, mode, labels=-1) -> (arena_bytes, kept_bytes); mode 0 logits, 1 loss,
@@ -761,8 +761,8 @@ static PyMethodDef model_methods[] = {
     {"memory", model_memory, METH_NOARGS, "memory() -> (bytes, peak_bytes)"},
     {"reset_peak", model_reset_peak, METH_NOARGS, "reset_peak(): peak_bytes = bytes now"},
     {"set_levers", (PyCFunction)(void (*)(void))model_set_levers, METH_VARARGS | METH_KEYWORDS,
-     "set_levers(checkpoint=False, fused_ce=False, ce_rows=0, memory_limit=0, fp16_act=False, "
-     "cheap_recompute=False, cast_on_use=False, sparse_loss=False, label_buckets=())"},
+     "set_levers(gradient_checkpointing=False, fused_ce=False, ce_rows=0, memory_limit=0, "
+     "fp16_activations=False, cheap_recompute=False, cast_on_use=False, sparse_loss=False, label_bucket_sizes=())"},
     {"levers", model_levers, METH_NOARGS, "levers() -> dict"},
     {"plan_bytes", model_plan_bytes, METH_VARARGS,
      "plan_bytes(B, T, mode, labels=-1) -> (arena_bytes, kept_bytes), allocating nothing"},
