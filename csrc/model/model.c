@@ -3,9 +3,6 @@
  * pass, each layer spelled from its kinds, recorded on a tape per (B, T). */
 #include "model.h"
 #include "../infer/infer.h"   /* sj_f16_to_f32: fp16 logits to the host */
-#ifdef SJ_HAVE_CUDA
-#include "../../cuda/sj_cuda.h"
-#endif
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -102,34 +99,6 @@ static void init_params(sj_model *m, uint64_t seed) {
         sj_rng_seed(&r, seed ^ ((uint64_t)i << 32 | 0xFFFFFFFFu));
         for (int64_t k = full << 16; k < t->numel; k++) p[k] = j.std * sj_rng_normal(&r);
     }
-}
-
-/* The backend for a device and compute dtype, or an error saying why not. */
-static sj_status pick_backend(sj_device dev, sj_dtype dt, const sj_backend **out) {
-    if (dev == SJ_DEVICE_CPU_STAGED) {
-        if (dt != SJ_F32) return sj_fail(SJ_ERR_ARG, "cpu-staged is float32 only");
-        *out = sj_cpu_staged_backend();
-        return SJ_OK;
-    }
-    if (dev == SJ_DEVICE_CPU) {
-        if (dt != SJ_F32)
-            return sj_fail(SJ_ERR_ARG, "dtype %s is not available on the CPU (use float32, or "
-                           "device='cuda')", dt == SJ_BF16 ? "bf16" : "fp16");
-        *out = sj_cpu_backend();
-        return SJ_OK;
-    }
-    if (dev != SJ_DEVICE_CUDA) return sj_fail(SJ_ERR_ARG, "unknown device %d", (int)dev);
-    if (dt != SJ_F32 && dt != SJ_BF16 && dt != SJ_F16)
-        return sj_fail(SJ_ERR_ARG, "CUDA compute dtype must be fp32, bf16 or fp16");
-#ifdef SJ_HAVE_CUDA
-    SJ_TRY(sj_cuda_check_device());
-    *out = dt == SJ_BF16 ? &sj_cuda_backend_bf16 : dt == SJ_F16 ? &sj_cuda_backend_f16
-                                                                : &sj_cuda_backend_f32;
-    return SJ_OK;
-#else
-    return sj_fail(SJ_ERR_RUNTIME, "device='cuda': this build of smedjan has no CUDA backend "
-                   "(nvcc was not found when it was built; rebuild with nvcc on PATH)");
-#endif
 }
 
 static void drop_plan(sj_model *m, sj_plan *pl) {
@@ -256,7 +225,7 @@ sj_status sj_model_create_ex(const sj_config *c, uint64_t seed, sj_device device
     *out = NULL;
     SJ_TRY(sj_config_validate(c));
     const sj_backend *be = NULL;
-    SJ_TRY(pick_backend(device, dtype, &be));
+    SJ_TRY(sj_backend_for(device, dtype, &be));
     sj_model *m = calloc(1, sizeof *m);
     if (!m) return sj_fail(SJ_ERR_NOMEM, "model: out of memory");
     m->cfg = *c;
@@ -307,7 +276,7 @@ sj_status sj_model_create(const sj_config *c, uint64_t seed, sj_model **out) {
 sj_status sj_model_to(sj_model *m, sj_device device, sj_dtype dtype) {
     if (device == m->device && dtype == m->dtype) return SJ_OK;
     const sj_backend *nb = NULL;
-    SJ_TRY(pick_backend(device, dtype, &nb));
+    SJ_TRY(sj_backend_for(device, dtype, &nb));
     if (!m->params) return sj_fail(SJ_ERR_RUNTIME, "model has no buffers (a move failed)");
     const size_t bytes = sizeof(float) * (size_t)m->n_params;
     /* Before anything moves: the host staging, and the new device's room for

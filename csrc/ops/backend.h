@@ -281,6 +281,9 @@ SJ_ISA_EXTERN(const sj_backend, sj_cpu_staged_table);
 static inline const sj_backend *sj_cpu_backend(void) { return SJ_ISA_PICK(sj_cpu_table); }
 /* testing, see cpu/backend.c */
 static inline const sj_backend *sj_cpu_staged_backend(void) { return SJ_ISA_PICK(sj_cpu_staged_table); }
+/* The backend for a device and compute dtype (CUDA: the device checked
+ * usable), or an error saying why not. */
+sj_status sj_backend_for(sj_device dev, sj_dtype dt, const sj_backend **out);
 #endif
 
 #ifdef __cplusplus

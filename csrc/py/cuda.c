@@ -528,16 +528,10 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
                             "'fp16', got '%s'", dts);
     const sj_backend *be = sj_cpu_backend();
     sj_status st = SJ_OK;
-    if (cuda_dtype) {
-#ifdef SJ_HAVE_CUDA
-        be = !strcmp(dts, "fp32") ? &sj_cuda_backend_f32
-           : !strcmp(dts, "bf16") ? &sj_cuda_backend_bf16 : &sj_cuda_backend_f16;
-        if ((st = sj_cuda_check_device())) return sj_py_raise(st);
-#else
-        return PyErr_Format(PyExc_RuntimeError, "cuda_op: built without CUDA: dtype '%s' needs "
-                            "it, only 'cpu' runs", dts);
-#endif
-    }
+    if (cuda_dtype &&
+        (st = sj_backend_for(SJ_DEVICE_CUDA, !strcmp(dts, "fp32") ? SJ_F32 :
+                             !strcmp(dts, "bf16") ? SJ_BF16 : SJ_F16, &be)))
+        return sj_py_raise(st);
     long long I[12] = {0};
     double Fl[8] = {0};
     PyObject *si = PySequence_Fast(ints_o, "ints");
