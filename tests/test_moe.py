@@ -1,0 +1,212 @@
+"""Mixture-of-experts layers (ffn="moe") against a PyTorch reference that
+loops over the experts: outputs, every gradient (the router's too), the aux
+and z losses, bias balancing, generation, checkpoints and bad input."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import smedjan
+from smedjan import Config, Model
+from smedjan.checkpoint import load_checkpoint, restore, save_checkpoint
+
+from torch_ref import TorchLlama, rel_err
+
+
+def moe_config(router="softmax", ffn=("swiglu", "moe"), **moe):
+    spec = dict(n_experts=4, top_k=2, expert_dim=24, n_shared=1, router=router,
+                aux_loss=0.01, z_loss=0.001)
+    spec.update(moe)
+    return Config(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=61,
+                  max_seq_len=64, ffn=list(ffn), moe=spec)
+
+
+class TorchMoE(TorchLlama):
+    """TorchLlama whose MoE layers route each token to its top-k experts, one
+    expert at a time (the definition), and add the aux and z losses."""
+
+    def __init__(self, cfg, model):
+        torch.nn.Module.__init__(self)
+        self.cfg = cfg
+        self.p = torch.nn.ParameterDict({self.key(n): torch.nn.Parameter(torch.tensor(np.array(v)))
+                                         for n, v in model.params.items()})
+        self.extra = []
+
+    def ffn(self, g, kinds, h):
+        if kinds["ffn"] != "moe":
+            return super().ffn(g, kinds, h)
+        mc, C = self.cfg.moe, self.cfg.dim
+        E, k, Fe = mc["n_experts"], mc["top_k"], mc["expert_dim"]
+        x = h.reshape(-1, C)
+        N = x.shape[0]
+        logits = x @ g("moe_router").T
+        if mc["router"] == "sigmoid":
+            scores = torch.sigmoid(logits)
+            pick = scores + g("moe_router_bias")
+        else:
+            scores = logits.softmax(-1)
+            pick = scores
+        idx = pick.detach().topk(k, dim=-1).indices
+        w = scores.gather(1, idx)
+        if mc["router"] == "sigmoid" or mc["norm_topk"]:
+            w = w / w.sum(-1, keepdim=True)
+        y = torch.zeros_like(x)
+        for e in range(E):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            if not len(tok):
+                continue
+            gu = g("moe_w_gate_up")[e * 2 * Fe:(e + 1) * 2 * Fe]
+            down = g("moe_w_down")[e * C:(e + 1) * C]
+            out = (F.silu(x[tok] @ gu[:Fe].T) * (x[tok] @ gu[Fe:].T)) @ down.T
+            y = y.index_add(0, tok, out * w[tok, slot, None])
+        if mc["n_shared"]:
+            y = y + super().ffn(g, {"ffn": "swiglu"}, x)
+        count = torch.bincount(idx.reshape(-1), minlength=E).float()
+        q = scores / scores.sum(-1, keepdim=True) if mc["router"] == "sigmoid" else scores
+        aux = E / N ** 2 * (count * q.sum(0)).sum()
+        z = torch.logsumexp(logits, -1).pow(2).mean()
+        self.extra.append((aux, z))
+        return y.reshape(h.shape)
+
+    def loss(self, tokens, targets, ignore_index=-1):
+        self.extra = []
+        ce = super().loss(tokens, targets, ignore_index)
+        mc = self.cfg.moe
+        return ce + sum(mc["aux_loss"] * a + mc["z_loss"] * z for a, z in self.extra)
+
+
+def batch(cfg, B=3, T=20, seed=0):
+    r = np.random.default_rng(seed)
+    return (r.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
+            r.integers(0, cfg.vocab_size, (B, T)).astype(np.int32))
+
+
+def perturb_router(m, scale=0.5, seed=1):
+    """Routers far from uniform, so that the top-k choice has clear margins."""
+    r = np.random.default_rng(seed)
+    for name, v in m.params.items():
+        if name.endswith("moe.router"):
+            v[...] = r.normal(0, scale, v.shape)
+
+
+@pytest.mark.parametrize("router,extra", [("softmax", {}), ("softmax", {"norm_topk": True}),
+                                          ("sigmoid", {})])
+def test_moe_logits_loss_and_grads_match_torch(router, extra):
+    cfg = moe_config(router, **extra)
+    m = Model(cfg, seed=0)
+    perturb_router(m)
+    if router == "sigmoid":
+        m.params["layers.1.moe.router_bias"][...] = np.linspace(-0.1, 0.1, 4)
+    tok, tgt = batch(cfg)
+    ref = TorchMoE(cfg, m)
+    want = ref.forward(torch.from_numpy(tok).long()).detach().numpy()
+    got = m.forward(tok)
+    assert rel_err(got, want) < 1e-5, rel_err(got, want)
+    loss = m.loss(tok, tgt, backward=True)
+    tl = ref.loss(torch.from_numpy(tok).long(), torch.from_numpy(tgt).long())
+    tl.backward()
+    assert abs(loss - tl.item()) < 1e-5 * abs(tl.item()), (loss, tl.item())
+    aux, z = ref.extra[0]
+    st = m.moe_stats
+    assert abs(st["aux_loss"][0] - aux.item()) < 1e-5 and abs(st["z_loss"][0] - z.item()) < 1e-4
+    assert sum(st["load"][0]) == tok.size * cfg.moe["top_k"] and st["dropped"] == 0
+    for name, gview in m.grads.items():
+        tg = ref.named(name).grad
+        want_g = np.zeros(gview.shape, np.float32) if tg is None else tg.numpy()
+        if name.endswith("router_bias"):
+            assert not np.any(gview), name   # moved by load, never by a gradient
+            continue
+        err = rel_err(gview, want_g)
+        assert err < 1e-4, (name, err)
+
+
+def test_router_gradient_includes_aux_and_z_losses():
+    cfg = moe_config(aux_loss=0.5, z_loss=0.1)
+    m = Model(cfg, seed=0)
+    perturb_router(m)
+    tok, tgt = batch(cfg)
+    ref = TorchMoE(cfg, m)
+    ref.loss(torch.from_numpy(tok).long(), torch.from_numpy(tgt).long()).backward()
+    m.loss(tok, tgt, backward=True)
+    want = ref.named("layers.1.moe.router").grad.numpy()
+    assert rel_err(m.grads["layers.1.moe.router"], want) < 1e-4
+
+
+def test_bias_moves_by_load_after_a_backward():
+    cfg = moe_config("sigmoid", bias_update_rate=0.01)
+    m = Model(cfg, seed=0)
+    perturb_router(m)
+    tok, tgt = batch(cfg)
+    before = m.params["layers.1.moe.router_bias"].copy()
+    assert not before.any()
+    m.loss(tok, tgt)                      # no backward: the bias stays
+    assert not m.params["layers.1.moe.router_bias"].any()
+    m.loss(tok, tgt, backward=True)
+    load = np.array(m.moe_stats["load"][0])
+    mean = tok.size * cfg.moe["top_k"] / cfg.moe["n_experts"]
+    want = 0.01 * np.sign(mean - load)
+    np.testing.assert_allclose(m.params["layers.1.moe.router_bias"], want, atol=1e-7)
+
+
+def test_routing_is_deterministic_and_ties_go_to_the_lower_expert():
+    cfg = moe_config(n_shared=0)
+    m = Model(cfg, seed=0)
+    for name, v in m.params.items():
+        if name.endswith("moe.router"):
+            v[...] = 0   # every score ties: experts 0 and 1 take every token
+    tok, _ = batch(cfg)
+    a = m.forward(tok)
+    assert m.moe_stats["load"][0] == [tok.size, tok.size, 0, 0]
+    b = m.forward(tok)
+    assert np.array_equal(a, b)
+
+
+def test_grads_with_checkpointing_and_cheap_recompute_are_the_same():
+    cfg = moe_config()
+    tok, tgt = batch(cfg)
+    grads = []
+    for levers in ({}, {"gradient_checkpointing": True}, {"cheap_recompute": True}):
+        m = Model(cfg, seed=0)
+        perturb_router(m)
+        m.set_levers(**levers)
+        m.loss(tok, tgt, backward=True)
+        grads.append(np.array(m.flat_grads))
+    assert np.array_equal(grads[0], grads[1]) and np.array_equal(grads[0], grads[2])
+
+
+def test_active_and_total_params():
+    cfg = moe_config()
+    C, E, k, Fe = 32, 4, 2, 24
+    assert cfg.n_params - cfg.n_active_params == 3 * C * Fe * (E - k)
+    assert Model(cfg).n_params == cfg.n_params
+
+
+@pytest.mark.parametrize("moe,field", [({"top_k": 5}, "moe.top_k"), ({"n_experts": 0}, "moe.n_experts"),
+                                       ({"expert_dim": 0}, "moe.expert_dim"),
+                                       ({"bias_update_rate": 0.1}, "moe.bias_update_rate"),
+                                       ({"router": "relu"}, "moe.router")])
+def test_bad_moe_config_is_refused_naming_the_field(moe, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        moe_config(**moe)
+
+
+def test_training_reduces_loss_and_resume_is_bit_identical(tmp_path):
+    """The balancing bias is state like the weights: it travels in the
+    checkpoint, and a resumed run repeats the original bit for bit."""
+    cfg = moe_config("sigmoid", bias_update_rate=0.001)
+    tok, tgt = batch(cfg, B=4, T=16)
+    m = Model(cfg, seed=0)
+    tr = smedjan.Trainer(m, lr=3e-3, steps=20)
+    losses = [tr.step(tok, tgt).loss for _ in range(4)]
+    assert losses[-1] < losses[0]
+    assert m.params["layers.1.moe.router_bias"].any()
+    path = tmp_path / "ck.safetensors"
+    save_checkpoint(path, m, tr, step=tr.step_count)
+    after = [tr.step(tok, tgt).loss for _ in range(3)]
+    ck = load_checkpoint(path)
+    m2 = Model(ck.config, seed=1)
+    tr2 = smedjan.Trainer(m2, **ck.trainer)
+    restore(ck, m2, tr2)
+    again = [tr2.step(tok, tgt).loss for _ in range(3)]
+    assert again == after
+    assert np.array_equal(m2.flat_params, m.flat_params)
