@@ -362,7 +362,8 @@ sj_status sj_optimizer_set_skips(sj_optimizer *o, int64_t skipped_steps, int64_t
 /* ---- testing hooks ---- */
 
 /* Finite-difference check of one op's backward (embedding, rmsnorm, matmul,
- * rope, rope_yarn, attention, swiglu, add, axpy, pair_heads, mix, cross_entropy, the
+ * rope, rope_yarn, attention, swiglu, add, axpy, pair_heads, mix, cross_entropy, moe,
+ * moe_sigmoid (route, permute, expert GEMMs, un-permute), the
  * fused projections; "swiglu_relu2" and "matmul_swiglu_relu2" for relu2;
  * "mix_shared_y": one y read by two mixes) on random inputs; with
  * accumulate, gradients must add onto existing values. *max_err is the

@@ -1,6 +1,8 @@
 """Mixture-of-experts layers (ffn="moe") against a PyTorch reference that
 loops over the experts: outputs, every gradient (the router's too), the aux
 and z losses, bias balancing, generation, checkpoints and bad input."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,21 @@ def test_training_reduces_loss_and_resume_is_bit_identical(tmp_path):
     again = [tr2.step(tok, tgt).loss for _ in range(3)]
     assert again == after
     assert np.array_equal(m2.flat_params, m.flat_params)
+
+
+def test_metrics_rows_carry_the_routing(tmp_path):
+    from smedjan.data import Batches, TokenFile, write_tokens
+    from smedjan.loop import fit
+    cfg = moe_config()
+    write_tokens(tmp_path / "data.tok", [np.random.default_rng(0).integers(0, cfg.vocab_size, 4000)
+                                         .astype(np.uint16)])
+    tokens = TokenFile(tmp_path / "data.tok")
+    m = Model(cfg, seed=0)
+    tr = smedjan.Trainer(m, lr=1e-3, steps=3)
+    path = tmp_path / "metrics.jsonl"
+    fit(tr, Batches(tokens, 2, 16, seed=0), metrics_file=str(path), progress=False)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert len(row["moe_load"]) == 1 and sum(row["moe_load"][0]) == 2 * 16 * 2
+        assert row["moe_aux_loss"][0] > 0 and row["moe_z_loss"][0] > 0 and row["moe_dropped"] == 0
