@@ -230,3 +230,62 @@ def test_metrics_rows_carry_the_routing(tmp_path):
     for row in rows:
         assert len(row["moe_load"]) == 1 and sum(row["moe_load"][0]) == 2 * 16 * 2
         assert row["moe_aux_loss"][0] > 0 and row["moe_z_loss"][0] > 0 and row["moe_dropped"] == 0
+
+
+def gen_config(router="softmax", **moe):
+    """Widths that quantise (multiples of 32), context for 64 new tokens."""
+    spec = dict(n_experts=4, top_k=2, expert_dim=32, n_shared=1, router=router)
+    spec.update(moe)
+    return Config(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=97,
+                  max_seq_len=96, ffn=["moe", "swiglu", "moe"], moe=spec)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_generation_with_the_cache_equals_recomputation(router):
+    from smedjan.generate import generate, generate_recompute
+    m = Model(gen_config(router, bias_update_rate=0.01 if router == "sigmoid" else 0.0), seed=3)
+    perturb_router(m, 2.0)
+    if router == "sigmoid":
+        m.params["layers.0.moe.router_bias"][...] = [0.05, -0.02, 0.0, 0.01]
+    prompt = [5, 17, 2, 88, 40, 3, 9]
+    fast = list(generate(m, prompt, 64, temperature=0))
+    slow = list(generate_recompute(m, prompt, 64, temperature=0))
+    assert len(fast) == 64 and fast == slow
+
+
+@pytest.mark.parametrize("mode", ["fp32", "q8", "q4"])
+def test_engine_prefill_logits_match_the_model(mode):
+    from smedjan.infer import from_model
+    m = Model(gen_config(), seed=4)
+    perturb_router(m, 2.0)
+    tok = np.array([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]], np.int32)
+    want = m.forward(tok)[0]
+    im = from_model(m, mode)
+    got = im.forward(tok[0])
+    err = rel_err(got, want)
+    assert err < {"fp32": 1e-5, "q8": 2e-2, "q4": 1e-1}[mode], err
+    s = im.stats()
+    assert s["params"] == m.config.n_params and s["active_params"] == m.config.n_active_params
+    assert s["active_params"] < s["params"]
+
+
+def test_decode_reads_only_the_chosen_experts():
+    """An expert no token chose can hold anything: a decode step never reads it."""
+    from smedjan.infer import from_model
+    m = Model(gen_config(n_shared=0), seed=5)
+    for name, v in m.params.items():
+        if name.endswith("moe.router"):
+            v[...] = 0   # ties: experts 0 and 1 always
+    ref = from_model(m, "fp32").forward(np.array([7, 8, 9], np.int32))
+    for name in ("layers.0.moe.w_gate_up", "layers.2.moe.w_gate_up"):
+        m.params[name][2 * 2 * 32:] = np.nan   # experts 2 and 3
+    got = from_model(m, "fp32").forward(np.array([7, 8, 9], np.int32))
+    assert np.array_equal(got, ref)
+
+
+def test_gpu_generation_is_refused_by_name():
+    from smedjan.infer import from_model
+    if not smedjan.build_info().get("cuda_compiled", False):
+        pytest.skip("no CUDA build: the GPU engine refuses everything")
+    with pytest.raises(ValueError, match="moe layers: GPU generation"):
+        from_model(Model(gen_config()), "bf16", device="cuda")
