@@ -289,3 +289,62 @@ def test_gpu_generation_is_refused_by_name():
         pytest.skip("no CUDA build: the GPU engine refuses everything")
     with pytest.raises(ValueError, match="moe layers: GPU generation"):
         from_model(Model(gen_config()), "bf16", device="cuda")
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_hf(cls_name, cfg_name, **kw):
+    torch.manual_seed(0)
+    c = getattr(transformers, cfg_name)(vocab_size=97, hidden_size=64, intermediate_size=32,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=False, **kw)
+    m = getattr(transformers, cls_name)(c).eval()
+    with torch.no_grad():   # routers far from uniform: clear top-k margins
+        for name, p in m.named_parameters():
+            if name.endswith("gate.weight") and p.shape[0] == 4:
+                p.normal_(0, 0.5)
+    return m
+
+
+def test_mixtral_imports_with_equal_logits_and_exports_back(tmp_path):
+    from smedjan.hf import export_hf, load_hf
+    hf = tiny_hf("MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2)
+    hf.save_pretrained(tmp_path / "in")
+    m = load_hf(tmp_path / "in")
+    assert m.config.moe["n_experts"] == 4 and m.config.ffn == "moe" and m.config.moe["norm_topk"]
+    tok = np.array([[1, 5, 9, 33, 2, 71, 40, 8, 8, 3]], np.int32)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(tok).long()).logits.numpy()
+    got = m.forward(tok)
+    assert rel_err(got, want) < 1e-5, rel_err(got, want)
+    export_hf(m, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        again = back(torch.from_numpy(tok).long()).logits.numpy()
+    assert rel_err(again, want) < 1e-6
+    assert np.array_equal(load_hf(tmp_path / "out").flat_params, m.flat_params)
+
+
+@pytest.mark.parametrize("cls,cfg,kw,why", [
+    ("OlmoeForCausalLM", "OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2), "OLMoE.*per head"),
+    ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",
+     dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+          shared_expert_intermediate_size=32), "Qwen2-MoE.*sigmoid gate")])
+def test_olmoe_and_qwen2_moe_are_refused_saying_why(tmp_path, cls, cfg, kw, why):
+    from smedjan.hf import load_hf
+    tiny_hf(cls, cfg, **kw).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=why):
+        load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("moe,ffn,what", [({"router": "sigmoid"}, ("moe",), "router other than softmax"),
+                                          ({"n_shared": 1, "norm_topk": True}, ("moe",), "shared experts"),
+                                          ({"norm_topk": True}, ("swiglu", "moe"), "some layers only")])
+def test_export_of_what_mixtral_cannot_express_is_refused(tmp_path, moe, ffn, what):
+    from smedjan.hf import export_hf
+    m = Model(moe_config(ffn=ffn, **{"n_shared": 0, **moe}))
+    with pytest.raises(ValueError, match=what):
+        export_hf(m, tmp_path)
+    assert not any(tmp_path.iterdir())
