@@ -64,8 +64,8 @@ class Config:
             object.__setattr__(self, k, tuple(v) if isinstance(v, list) else v)
         if self.rope_scaling is not None:   # defaults filled, the given values kept
             object.__setattr__(self, "rope_scaling", {**canon["rope_scaling"], **self.rope_scaling})
-        if self.moe is not None:
-            object.__setattr__(self, "moe", {**canon["moe"], **self.moe})
+        if self.moe is not None:   # None where no layer is MoE
+            object.__setattr__(self, "moe", canon["moe"] and {**canon["moe"], **self.moe})
 
     def layer(self, i: int) -> dict:
         """Layer i's kinds: {"mixer", "ffn", "qk_norm", "window"}."""

@@ -348,3 +348,21 @@ def test_export_of_what_mixtral_cannot_express_is_refused(tmp_path, moe, ffn, wh
     with pytest.raises(ValueError, match=what):
         export_hf(m, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_planned_memory_is_the_worst_case_of_any_routing():
+    """Dropless routing keeps N k rows whatever the choice: the plan made
+    before any token is seen is the arena every batch uses, skewed or not."""
+    cfg = moe_config()
+    m = Model(cfg, seed=0)
+    plan = m.plan_memory(3, 20, "backward")
+    assert plan["arena_bytes"] > Model(moe_config(ffn=("swiglu", "swiglu"))).plan_memory(3, 20, "backward")["arena_bytes"]
+    tok, tgt = batch(cfg)
+    m.loss(tok, tgt, backward=True)
+    held = m.memory()["bytes"]
+    for name, v in m.params.items():
+        if name.endswith("moe.router"):
+            v[...] = 0   # every token to experts 0 and 1
+    m.loss(tok, tgt, backward=True)
+    assert m.memory()["bytes"] == held
+    assert held == plan["fixed_bytes"] + plan["arena_bytes"]
