@@ -24,7 +24,8 @@ static sj_status build_table(sj_model *m) {
     int64_t C = c->dim, hd = C / c->n_heads, qd = (int64_t)c->n_heads * hd,
             kvd = (int64_t)c->n_kv_heads * hd, F = c->ffn_dim,
             od = c->paired_heads ? qd / 2 : qd;   /* what attention hands wo */
-    int n = 2 + 11 * c->n_layers + 4 * c->n_layers + 1;
+    /* per layer at most 10 matrices (MoE with shared experts) and 5 vectors */
+    int n = 2 + 10 * c->n_layers + 5 * c->n_layers + 1;
     m->tensors = calloc((size_t)n, sizeof(sj_tensor_info));
     m->names = calloc((size_t)n, SJ_NAME_MAX);
     if (!m->tensors || !m->names) return sj_fail(SJ_ERR_NOMEM, "model: out of memory");
