@@ -54,6 +54,7 @@ sj_status sj_threads_set(int n);
 enum { SJ_MIXER_ATTENTION = 0, SJ_MIXER__COUNT };
 enum { SJ_FFN_SWIGLU = 0,      /* silu(gate) * up            */
        SJ_FFN_RELU2,           /* relu(gate)^2 * up           */
+       SJ_FFN_MOE,             /* routed SwiGLU experts (+ shared ones): sj_moe_config */
        SJ_FFN__COUNT };
 enum { SJ_QK_NORM_NONE = 0,
        SJ_QK_NORM_WEIGHTED,    /* per-head RMSNorm of q and k, learnable gains (Qwen3) */
@@ -85,6 +86,24 @@ typedef struct {
                                  * (transformers' default, true) */
 } sj_rope_scaling;
 
+/* Mixture-of-experts channel mixers (layers whose ffn is SJ_FFN_MOE). Each
+ * token goes to top_k of n_experts SwiGLU experts of hidden expert_dim,
+ * dropless; n_shared experts (DeepSeek's: one dense SwiGLU of hidden
+ * n_shared * expert_dim) see every token. */
+enum { SJ_MOE_SOFTMAX = 0,     /* softmax scores, top-k (Mixtral, OLMoE, Qwen2-MoE)      */
+       SJ_MOE_SIGMOID,         /* sigmoid scores, top-k on score + bias, weights
+                                * normalised (DeepSeek-V3)                             */
+       SJ_MOE__COUNT };
+typedef struct {
+    int n_experts, top_k, expert_dim, n_shared;
+    int router;                 /* SJ_MOE_*                                */
+    int norm_topk;              /* softmax: the k weights renormalised to sum 1 */
+    float aux_loss;             /* switch load-balancing loss coefficient  */
+    float z_loss;               /* router z-loss coefficient               */
+    float bias_update_rate;     /* sigmoid: aux-loss-free balancing; each backward moves
+                                 * the per-expert bias by rate * sign(mean load - load) */
+} sj_moe_config;
+
 typedef struct {
     int dim;          /* model width C                                   */
     int n_layers;
@@ -101,15 +120,17 @@ typedef struct {
                        * H/2 heads and KV/2 kv heads; wo reads (H/2)*hd */
     float value_mix;  /* seed 001: each layer's v = (1-a) v + a v of layer 0   */
     float embed_skip; /* seed 001: each layer after the first adds a * embedding to its input */
+    sj_moe_config moe;   /* the SJ_FFN_MOE layers'                       */
     sj_layer layers[SJ_MAX_LAYERS];   /* [0, n_layers) */
 } sj_config;
 
 /* Names of the option values, as configs and checkpoints spell them
- * ("attention"; "swiglu", "relu2"; "none", "weighted", "plain"; "default",
+ * ("attention"; "swiglu", "relu2", "moe"; "softmax", "sigmoid"; "none", "weighted", "plain"; "default",
  * "linear", "dynamic", "yarn"); NULL out of range. */
 const char *sj_mixer_name(int kind);
 const char *sj_ffn_name(int kind);
 const char *sj_qk_norm_name(int kind);
+const char *sj_moe_router_name(int kind);
 const char *sj_rope_type_name(int type);
 /* The value of a name, or -1 (the caller names the field in its error). */
 int sj_option_value(const char *(*name_of)(int), const char *name);
@@ -126,6 +147,9 @@ int sj_ffn_dim_for(int dim, double mult);
 sj_status sj_config_validate(const sj_config *c);
 /* Exact number of parameters (tied head counted once). */
 int64_t sj_config_param_count(const sj_config *c);
+/* Those one token's forward reads: MoE layers count top_k routed experts
+ * (and the shared ones, the router and its bias), not all of them. */
+int64_t sj_config_active_param_count(const sj_config *c);
 
 /* ---- model ------------------------------------------------------------ */
 
@@ -239,6 +263,14 @@ sj_status sj_model_loss(sj_model *m, const void *tokens, const void *targets,
                         sj_dtype tok_dtype, int B, int T, int ignore_index,
                         int backward, float *loss);
 
+/* The MoE layers' statistics of the last forward pass (training or not), on
+ * the host: per layer l, *per_layer = 2 + n_experts floats from l *
+ * per_layer: the aux (switch) loss, the router z-loss, then the tokens routed
+ * to each expert (zeros for dense layers). NULL for a model without MoE
+ * layers. A loss or train step reports the CE loss plus each MoE layer's
+ * aux_loss * aux + z_loss * z. */
+const float *sj_model_moe_stats(const sj_model *m, int *per_layer);
+
 /* ---- optimisation ----------------------------------------------------- */
 
 /* The update rules, as torch.optim (and lion-pytorch for Lion) define them. */
@@ -330,7 +362,8 @@ sj_status sj_optimizer_set_skips(sj_optimizer *o, int64_t skipped_steps, int64_t
 /* ---- testing hooks ---- */
 
 /* Finite-difference check of one op's backward (embedding, rmsnorm, matmul,
- * rope, rope_yarn, attention, swiglu, add, axpy, pair_heads, mix, cross_entropy, the
+ * rope, rope_yarn, attention, swiglu, add, axpy, pair_heads, mix, cross_entropy, moe,
+ * moe_sigmoid (route, permute, expert GEMMs, un-permute), the
  * fused projections; "swiglu_relu2" and "matmul_swiglu_relu2" for relu2;
  * "mix_shared_y": one y read by two mixes) on random inputs; with
  * accumulate, gradients must add onto existing values. *max_err is the

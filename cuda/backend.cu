@@ -275,6 +275,10 @@ static void graph_free(void *g) { if (g) cudaGraphExecDestroy((cudaGraphExec_t)g
         sj_cuda_pair_heads_forward_##T, sj_cuda_pair_heads_backward_##T, \
         sj_cuda_mix_forward_##T, sj_cuda_mix_backward_##T,         \
         sj_cuda_cross_entropy_forward_##T, sj_cuda_cross_entropy_backward_##T, \
+        sj_cuda_moe_route_forward_##T, sj_cuda_moe_route_backward_##T, \
+        sj_cuda_moe_permute_forward_##T, sj_cuda_moe_permute_backward_##T, \
+        sj_cuda_moe_unpermute_forward_##T, sj_cuda_moe_unpermute_backward_##T, \
+        sj_cuda_moe_matmul_##T, sj_cuda_moe_matmul_wgrad_##T,     \
         sj_cuda_sumsq, sj_cuda_adamw_##T, sj_cuda_lion_##T,        \
         sj_cuda_sgd_##T, sj_cuda_adafactor_##T, sj_cuda_muon_momentum, \
         sj_cuda_muon_normalize_##T, sj_cuda_muon_apply_##T,        \

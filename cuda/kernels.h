@@ -63,6 +63,28 @@ void sj_cuda_cross_entropy_backward_##T(void *dlogits, const void *logits,      
                                         const float *lse, const void *targets,            \
                                         sj_dtype tok_dtype, int N, int V, int ld,         \
                                         int ignore_index, const float *scale, int accum); \
+void sj_cuda_moe_route_forward_##T(void *weights, float *record, const void *logits,       \
+                                   const void *bias, int N, int E, int k,                 \
+                                   const sj_moe_route *route);                            \
+void sj_cuda_moe_route_backward_##T(void *dlogits, float *bias_master, const void *dweights, \
+                                    const void *logits, const void *weights,              \
+                                    const float *record, int N, int E, int k,             \
+                                    const sj_moe_route *route, int accum);                \
+void sj_cuda_moe_permute_forward_##T(void *xp, const void *x, const float *record, int N,  \
+                                     int E, int k, int C);                                \
+void sj_cuda_moe_permute_backward_##T(void *dx, const void *dxp, const float *record,      \
+                                      int N, int E, int k, int C, int accum);             \
+void sj_cuda_moe_unpermute_forward_##T(void *y, const void *yp, const void *weights,       \
+                                       const float *record, int N, int E, int k, int C);  \
+void sj_cuda_moe_unpermute_backward_##T(void *dyp, void *dweights, const void *dy,         \
+                                        const void *yp, const void *weights,              \
+                                        const float *record, int N, int E, int k, int C,  \
+                                        int accum_yp, int accum_w);                       \
+void sj_cuda_moe_matmul_##T(void *y, const void *x, const void *w, const float *record,    \
+                            int N, int E, int k, int n, int K, int transB, int accum);    \
+void sj_cuda_moe_matmul_wgrad_##T(float *dw, const void *dy, const void *x,                \
+                                  const float *record, int N, int E, int k, int n, int K, \
+                                  int accum);                                             \
 void sj_cuda_adamw_##T(float *p, void *p_act, float *g, int zero_grads, float *m,         \
                        float *v, int64_t n, float lr_mult, float wd,                      \
                        const sj_optim_hp *hp);                                            \

@@ -46,6 +46,14 @@ class Config:
     ffn: Union[str, tuple] = "swiglu"           # or "relu2": relu(gate)^2 * up
     qk_norm: Union[str, tuple] = "none"         # "weighted" (Qwen3) or "plain" (no gains)
     window: Union[int, tuple] = 0               # sliding window in tokens; 0: all
+    # None, or the mixture of experts of the layers whose ffn is "moe": {"n_experts",
+    # "top_k", "expert_dim" (each expert's SwiGLU hidden), "n_shared" (shared experts:
+    # one dense SwiGLU of hidden n_shared * expert_dim beside them), "router":
+    # "softmax" (Mixtral, OLMoE; "norm_topk" renormalises the k weights) | "sigmoid"
+    # (DeepSeek-V3: top-k on score + bias, weights normalised), "aux_loss" (switch
+    # load-balancing coefficient), "z_loss" (router z-loss coefficient),
+    # "bias_update_rate" (sigmoid: aux-loss-free balancing by a per-expert bias)}
+    moe: Optional[dict] = None
 
     def __post_init__(self):
         # The engine validates (ValueError names the field) and gives the
@@ -56,6 +64,8 @@ class Config:
             object.__setattr__(self, k, tuple(v) if isinstance(v, list) else v)
         if self.rope_scaling is not None:   # defaults filled, the given values kept
             object.__setattr__(self, "rope_scaling", {**canon["rope_scaling"], **self.rope_scaling})
+        if self.moe is not None:   # None where no layer is MoE
+            object.__setattr__(self, "moe", canon["moe"] and {**canon["moe"], **self.moe})
 
     def layer(self, i: int) -> dict:
         """Layer i's kinds: {"mixer", "ffn", "qk_norm", "window"}."""
@@ -107,14 +117,20 @@ class Config:
         """Exact parameter count (the tied head counted once)."""
         return _C.param_count(self.to_dict())
 
+    @property
+    def n_active_params(self) -> int:
+        """Parameters one token's forward reads: MoE layers count top_k experts."""
+        return _C.param_count(self.to_dict(), True)
+
     def to_dict(self) -> dict:
         """JSON-ready: the form checkpoints record."""
         d = dataclasses.asdict(self)
         for k in LAYER_FIELDS:
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
-        if d["rope_scaling"] is not None:
-            d["rope_scaling"] = dict(d["rope_scaling"])
+        for k in ("rope_scaling", "moe"):
+            if d[k] is not None:
+                d[k] = dict(d[k])
         return d
 
     def __hash__(self):

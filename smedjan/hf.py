@@ -1,7 +1,7 @@
 """Hugging Face interchange: export a Model as a transformers directory
 (config.json + model.safetensors) that `transformers` loads as is — Llama,
-Mistral/Ministral (sliding windows) or Qwen3 (qk-norm), with RoPE scaling
-and untied heads — and load such directories (ours or real checkpoints,
+Mistral/Ministral (sliding windows), Qwen3 (qk-norm) or Mixtral (every layer
+MoE), with RoPE scaling and untied heads — and load such directories (ours or real checkpoints,
 F32/F16/BF16, single file or sharded) into a Model. What transformers cannot
 express (seed 001's options) is refused by name, both ways.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Dict
 
 import numpy as np
@@ -42,6 +43,18 @@ def hf_architecture(config: Config) -> str:
     windows = {y["window"] for y in layers}
     lacking = [name for name, on in (("paired_heads", c.paired_heads), ("value_mix", c.value_mix),
                                      ("embed_skip", c.embed_skip)) if on]
+    ffns = {y["ffn"] for y in layers}
+    if "moe" in ffns:   # Mixtral: every layer routed, softmax, renormalised, nothing shared
+        mc = c.moe
+        if ffns != {"moe"}:
+            lacking.append("MoE in some layers only")
+        if mc["router"] != "softmax" or not mc["norm_topk"]:
+            lacking.append(f"a MoE router other than softmax with norm_topk (got {mc['router']}, "
+                           f"norm_topk={mc['norm_topk']})")
+        if mc["n_shared"]:
+            lacking.append("shared experts beside Mixtral's routed ones")
+        if qk != {"none"} or len(windows - {0}) > 1 or (0 in windows and len(windows) > 1):
+            lacking.append("MoE with qk-norm or per-layer windows")
     if "plain" in qk:
         lacking.append("qk_norm='plain'")
     if len(qk) > 1:
@@ -53,6 +66,8 @@ def hf_architecture(config: Config) -> str:
     if lacking:
         raise ValueError("transformers has no architecture with " + ", ".join(lacking) +
                          "; save a smedjan checkpoint (or GGUF) instead")
+    if "moe" in ffns:
+        return "mixtral"
     if qk == {"weighted"}:
         return "qwen3"
     if windows == {0}:
@@ -61,7 +76,37 @@ def hf_architecture(config: Config) -> str:
 
 
 _ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "ministral": "MinistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+               "ministral": "MinistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "mixtral": "MixtralForCausalLM"}
+
+# Mixtral's experts, one tensor per expert and projection (transformers'
+# checkpoint spelling); ours stack them per layer (model/moe.c): w1 (gate)
+# and w3 (up) are expert e's rows of moe.w_gate_up, w2 its rows of moe.w_down.
+_MIXTRAL_EXPERT = "model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight"
+_MIXTRAL_EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+
+
+def _expert_rows(config: Config, w: str, e: int):
+    """Our stacked tensor and the row slice of expert e's projection w."""
+    C, Fe = config.dim, config.moe["expert_dim"]
+    if w == "w2":
+        return "moe.w_down", slice(e * C, (e + 1) * C)
+    at = e * 2 * Fe + (Fe if w == "w3" else 0)
+    return "moe.w_gate_up", slice(at, at + Fe)
+
+
+def _hf_tensors(model) -> dict:
+    """Our parameters by transformers' names (Mixtral's experts split out)."""
+    c, out = model.config, {}
+    for name, view in model.params.items():
+        l, _, rest = name.partition(".")[2].partition(".") if name.startswith("layers.") else ("", "", "")
+        if rest in ("moe.w_gate_up", "moe.w_down"):
+            for e in range(c.moe["n_experts"]):
+                for w in (("w1", "w3") if rest == "moe.w_gate_up" else ("w2",)):
+                    out[_MIXTRAL_EXPERT.format(l=l, e=e, w=w)] = np.asarray(view[_expert_rows(c, w, e)[1]])
+            continue
+        out[to_hf_name(name)] = np.asarray(view)
+    return out
 
 
 def _rope_parameters(c: Config) -> dict:
@@ -103,7 +148,7 @@ def hf_config(config: Config) -> dict:
         "rope_parameters": _rope_parameters(c),
         "tie_word_embeddings": c.tied_head,
         "torch_dtype": "float32",
-        "hidden_act": "silu" if y0["ffn"] == "swiglu" else "relu2",
+        "hidden_act": "relu2" if y0["ffn"] == "relu2" else "silu",   # MoE experts: SwiGLU
         "attention_bias": False,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
@@ -111,6 +156,12 @@ def hf_config(config: Config) -> dict:
     }
     if arch == "llama":
         d.update(mlp_bias=False, pretraining_tp=1)
+    if arch == "mixtral":
+        mc = c.moe
+        d.update(intermediate_size=mc["expert_dim"], num_local_experts=mc["n_experts"],
+                 num_experts_per_tok=mc["top_k"], router_aux_loss_coef=mc["aux_loss"],
+                 output_router_logits=False, router_jitter_noise=0.0,
+                 sliding_window=max(windows) or None)
     if arch in ("mistral", "ministral", "qwen3"):
         d["sliding_window"] = max(windows) or None
     if arch in ("ministral", "qwen3"):
@@ -128,7 +179,7 @@ def export_hf(model, directory) -> None:
     hc = hf_config(model.config)
     d = os.fspath(directory)
     os.makedirs(d, exist_ok=True)
-    tensors = {to_hf_name(name): np.asarray(view) for name, view in model.params.items()}
+    tensors = _hf_tensors(model)
     # transformers refuses safetensors files whose metadata lacks format=pt.
     save_safetensors(os.path.join(d, WEIGHTS_FILE), tensors, {"format": "pt"})
     write_text_atomic(os.path.join(d, "config.json"), json.dumps(hc, indent=2, sort_keys=True) + "\n")
@@ -207,9 +258,16 @@ def _config_from_hf(d: str, hc: dict) -> Config:
         return hc[key]
 
     mt = hc.get("model_type")
-    if mt not in ("llama", "mistral", "ministral", "qwen3"):
+    if mt == "olmoe":
+        raise ValueError(f"{where}: OLMoE is not supported: its q_norm and k_norm normalise the "
+                         "whole q and k projections, and smedjan's qk-norm is per head")
+    if mt == "qwen2_moe":
+        raise ValueError(f"{where}: Qwen2-MoE is not supported: its shared expert is scaled by a "
+                         "learned sigmoid gate (shared_expert_gate; smedjan's shared experts are "
+                         "ungated, DeepSeek's way) and its attention has q/k/v biases")
+    if mt not in ("llama", "mistral", "ministral", "qwen3", "mixtral"):
         raise ValueError(f"{where}: model_type {mt!r} is not supported (llama, mistral, ministral, "
-                         "qwen3)")
+                         "qwen3, mixtral)")
     act = hc.get("hidden_act", "silu")
     if act not in ("silu", "relu2"):
         raise ValueError(f"{where}: hidden_act {act!r} is not supported (silu, relu2)")
@@ -222,6 +280,16 @@ def _config_from_hf(d: str, hc: dict) -> Config:
         raise ValueError(f"{where}: head_dim {hd} * {heads} heads != hidden_size {dim}")
     n_layers = need("num_hidden_layers")
     theta, rope_scaling, max_seq_len = _rope_from_hf(where, hc, hc.get("max_position_embeddings", 2048))
+    moe = None
+    if mt == "mixtral":
+        if hc.get("router_jitter_noise"):
+            raise ValueError(f"{where}: router_jitter_noise {hc['router_jitter_noise']} is not "
+                             "supported (routing is deterministic)")
+        moe = dict(n_experts=need("num_local_experts"), top_k=need("num_experts_per_tok"),
+                   expert_dim=need("intermediate_size"), n_shared=0, router="softmax",
+                   norm_topk=True,
+                   aux_loss=float(hc.get("router_aux_loss_coef", 0.0))
+                   if hc.get("output_router_logits") else 0.0)
     try:
         return Config(dim=dim, n_layers=n_layers, n_heads=heads,
                       n_kv_heads=hc.get("num_key_value_heads") or heads,
@@ -229,9 +297,9 @@ def _config_from_hf(d: str, hc: dict) -> Config:
                       max_seq_len=max_seq_len, rope_theta=theta,
                       norm_eps=float(hc.get("rms_norm_eps", 1e-6)), rope_scaling=rope_scaling,
                       tied_head=bool(hc.get("tie_word_embeddings", True)),
-                      ffn="swiglu" if act == "silu" else "relu2",
+                      ffn="moe" if moe else "swiglu" if act == "silu" else "relu2", moe=moe,
                       qk_norm="weighted" if mt == "qwen3" else "none",
-                      window=_windows_from_hf(where, hc, mt, n_layers))
+                      window=_windows_from_hf(where, hc, "mistral" if moe else mt, n_layers))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -252,9 +320,17 @@ def _weight_files(d: str):
     raise FileNotFoundError(2, f"{d}: no {WEIGHTS_FILE} or {INDEX_FILE}", single)
 
 
+def _hf_spelling(name: str) -> str:
+    """transformers' name of our tensor (the stacked experts: their pattern)."""
+    if name.endswith(("moe.w_gate_up", "moe.w_down")):
+        return _MIXTRAL_EXPERT.format(l=name.split(".")[1], e="*", w="w*")
+    return to_hf_name(name)
+
+
 def load_hf(directory, *, seed: int = 0):
     """A Model from a transformers directory (config.json + safetensors) of
-    a Llama, Mistral, Ministral or Qwen3 model. F16/BF16 weights are
+    a Llama, Mistral, Ministral, Qwen3 or Mixtral model (OLMoE and Qwen2-MoE
+    are refused, saying why). F16/BF16 weights are
     converted to f32."""
     from .model import Model
     d = os.fspath(directory)
@@ -278,14 +354,24 @@ def load_hf(directory, *, seed: int = 0):
             if name == HF_LM_HEAD and config.tied_head:
                 lm_head = (wf, to_float32(arr, tensors.dtypes[name]))
                 continue
-            try:
-                ours = from_hf_name(name)
-            except KeyError:
-                raise ValueError(f"{wf}: tensor '{name}' has no smedjan counterpart") from None
+            expert = _MIXTRAL_EXPERT_RE.fullmatch(name) if config.moe else None
+            rows = slice(None)
+            if expert:
+                l, e, w = int(expert[1]), int(expert[2]), expert[3]
+                if e >= config.moe["n_experts"]:
+                    raise ValueError(f"{wf}: tensor '{name}': expert {e} of "
+                                     f"{config.moe['n_experts']}")
+                stacked, rows = _expert_rows(config, w, e)
+                ours = f"layers.{l}.{stacked}"
+            else:
+                try:
+                    ours = from_hf_name(name)
+                except KeyError:
+                    raise ValueError(f"{wf}: tensor '{name}' has no smedjan counterpart") from None
             if ours not in model.params:
                 raise ValueError(f"{wf}: tensor '{name}' ({ours}) is not in the model the config "
                                  "describes")
-            view = model.params[ours]
+            view = model.params[ours][rows]
             if tuple(arr.shape) != view.shape:
                 raise ValueError(f"{wf}: tensor '{name}' has shape {tuple(arr.shape)}, the config "
                                  f"implies {view.shape}")
@@ -294,10 +380,18 @@ def load_hf(directory, *, seed: int = 0):
             except ValueError:
                 raise ValueError(f"{wf}: tensor '{name}' has dtype {tensors.dtypes[name]}, expected "
                                  "F32, F16 or BF16") from None
-            seen[ours] = wf
+            seen[f"{ours}[{rows.start}]" if expert else ours] = wf
+    if config.moe:   # a stacked tensor is there when every expert's rows are
+        per = {"moe.w_gate_up": ("w1", "w3"), "moe.w_down": ("w2",)}
+        for l in range(config.n_layers):
+            for stacked, ws in per.items():
+                keys = [f"layers.{l}.{stacked}[{_expert_rows(config, w, e)[1].start}]"
+                        for e in range(config.moe["n_experts"]) for w in ws]
+                if all(k in seen for k in keys):
+                    seen[f"layers.{l}.{stacked}"] = seen[keys[0]]
     missing = [n for n in model.params if n not in seen]
     if missing:
-        raise ValueError(f"{d}: missing tensors {', '.join(to_hf_name(n) for n in missing[:5])}"
+        raise ValueError(f"{d}: missing tensors {', '.join(_hf_spelling(n) for n in missing[:5])}"
                          + (" ..." if len(missing) > 5 else ""))
     if lm_head is not None and not np.array_equal(lm_head[1], model.params["tok_emb"]):
         raise ValueError(f"{lm_head[0]}: {HF_LM_HEAD} differs from the embedding although the "

@@ -212,10 +212,14 @@ class InferenceModel:
     def stats(self) -> dict:
         """Of the last generation: prompt_tokens, generated_tokens, prefill_s,
         prefill_tok_s, gen_tok_s (decode steps after the first token),
-        ttft_s (start to the first token: prefill + its sampling), and the
-        resident weight memory in MB."""
+        ttft_s (start to the first token: prefill + its sampling), the
+        resident weight memory in MB, and the parameters in all (params) and
+        those one token's step reads (active_params: MoE layers count their
+        top_k experts)."""
         s = dict(self._stats)
-        s["weight_mb"] = self._h.info()["weight_bytes"] / 1e6
+        info = self._h.info()
+        s["weight_mb"] = info["weight_bytes"] / 1e6
+        s["params"], s["active_params"] = info["params"], info["active_params"]
         s["mode"] = self.mode
         s["device"] = self.device
         return s

@@ -55,6 +55,16 @@ def _row(r, step: int, tok_s: float, elapsed: float) -> dict:
                 spike=r.spike, loss_z=r.loss_z)
 
 
+def _moe_fields(model) -> dict:
+    """The MoE layers' routing in the step's forward (Model.moe_stats), one
+    entry per MoE layer; nothing for a model without them."""
+    st = model.moe_stats
+    if st is None:
+        return {}
+    return dict(moe_aux_loss=st["aux_loss"], moe_z_loss=st["z_loss"], moe_load=st["load"],
+                moe_dropped=st["dropped"])
+
+
 def _postfix(row: dict) -> dict:
     """The progress line's fields for a metrics row."""
     post = dict(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tok_s']:,.0f}")
@@ -168,6 +178,7 @@ def fit(trainer, train, val=None, *, eval_every: int = 100, eval_batches: int = 
             now = time.perf_counter()
             row = _row(r, step + 1 if r.skipped else step, tokens_seen / max(now - t_window, 1e-9),
                        now - t_start)
+            row.update(_moe_fields(model))      # before an evaluation's forward replaces them
             last = step == end and not r.skipped
             if r.skipped:
                 pass                            # nothing changed: no evaluation, no checkpoint

@@ -301,6 +301,22 @@ class Model:
         from .generate import generate
         return generate(self, prompt, max_new_tokens, **kw)
 
+    @property
+    def moe_stats(self) -> Optional[dict]:
+        """The MoE layers' routing in the last forward (a loss, a train step,
+        logits): None without MoE layers, else {"aux_loss": [per MoE layer],
+        "z_loss": [...], "load": [[tokens routed to each expert] per layer],
+        "dropped": 0 (routing is dropless)}. The reported loss adds
+        moe["aux_loss"] * aux + moe["z_loss"] * z of every MoE layer.
+
+        >>> # Model(Config(..., ffn="moe", moe={...})).moe_stats["load"]
+        """
+        rows = self._h.moe_stats()
+        if rows is None:
+            return None
+        return {"aux_loss": [r[0] for r in rows], "z_loss": [r[1] for r in rows],
+                "load": [list(r[2]) for r in rows], "dropped": 0}
+
     def zero_grad(self) -> None:
         """Set the gradients to zero (nothing to do when none exist yet)."""
         self._h.zero_grad()

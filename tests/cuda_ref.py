@@ -269,3 +269,39 @@ def qk_norm_bwd(dout, qkv, wq, wk, rstd, H, KV, hd):
     if wq is None:
         return dx.reshape(N, -1), None, None
     return dx.reshape(N, -1), dw[:, :H].sum((0, 1)), dw[:, H:].sum((0, 1))
+
+
+def moe_route(logits, k, router="softmax", norm_topk=False, bias=None):
+    """Scores (N, E), chosen experts (N, k) best first (ties: the lower
+    expert), weights (N, k), and the permutation's offsets (E + 1), slot
+    (N k: permuted row -> choice t k + j, stable by expert) and row (its inverse)."""
+    l = np.asarray(logits, np.float64)
+    N, E = l.shape
+    if router == "sigmoid":
+        s = 1.0 / (1.0 + np.exp(-l))
+    else:
+        s = np.exp(l - l.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+    pick = s + (0.0 if bias is None else np.asarray(bias, np.float64))
+    experts = np.argsort(-pick, axis=-1, kind="stable")[:, :k]
+    w = np.take_along_axis(s, experts, -1)
+    if router == "sigmoid" or norm_topk:
+        w /= w.sum(-1, keepdims=True)
+    flat = experts.ravel()
+    slot = np.argsort(flat, kind="stable")
+    row = np.empty_like(slot)
+    row[slot] = np.arange(slot.size)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=E))])
+    return s, experts, w, offsets, slot, row
+
+
+def moe_grouped_matmul(x, w, offsets, trans_b=True):
+    """y rows of expert e = x rows @ W_e^T (trans_b; w: (E, n, K)) or @ W_e (w: (E, K, n))."""
+    x = np.asarray(x, np.float64)
+    E = len(offsets) - 1
+    n = w.shape[1] if trans_b else w.shape[2]
+    y = np.zeros((x.shape[0], n))
+    for e in range(E):
+        a, b = offsets[e], offsets[e + 1]
+        y[a:b] = x[a:b] @ (w[e].T if trans_b else w[e])
+    return y

@@ -126,12 +126,15 @@ class TorchLlama(torch.nn.Module):
             s = s.masked_fill(hide, float("-inf"))
             a = (s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)
             x = x + a @ g("wo").T
-            h = self.rms(x, g("ffn_norm"))
-            gate = h @ g("w_gate").T
-            act = F.relu(gate) ** 2 if kinds["ffn"] == "relu2" else F.silu(gate)
-            x = x + (act * (h @ g("w_up").T)) @ g("w_down").T
+            x = x + self.ffn(g, kinds, self.rms(x, g("ffn_norm")))
         head = self.p["tok_emb"] if cfg.tied_head else self.p["lm_head"]
         return self.rms(x, self.p["final_norm"]) @ head.T
+
+    def ffn(self, g, kinds, h):
+        """The channel mixer of a layer (g: its parameters by short name)."""
+        gate = h @ g("w_gate").T
+        act = F.relu(gate) ** 2 if kinds["ffn"] == "relu2" else F.silu(gate)
+        return (act * (h @ g("w_up").T)) @ g("w_down").T
 
     def loss(self, tokens, targets, ignore_index=-1):
         logits = self.forward(tokens)

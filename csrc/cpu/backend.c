@@ -119,6 +119,14 @@ static void graph_free(void *g) { (void)g; }
     .mix_backward = sj_cpu_mix_backward,          \
     .cross_entropy_forward = sj_cpu_cross_entropy_forward,\
     .cross_entropy_backward = sj_cpu_cross_entropy_backward,\
+    .moe_route_forward = sj_cpu_moe_route_forward,\
+    .moe_route_backward = sj_cpu_moe_route_backward,\
+    .moe_permute_forward = sj_cpu_moe_permute_forward,\
+    .moe_permute_backward = sj_cpu_moe_permute_backward,\
+    .moe_unpermute_forward = sj_cpu_moe_unpermute_forward,\
+    .moe_unpermute_backward = sj_cpu_moe_unpermute_backward,\
+    .moe_matmul = sj_cpu_moe_matmul,              \
+    .moe_matmul_wgrad = sj_cpu_moe_matmul_wgrad,  \
     .sumsq = sj_cpu_sumsq_into,                   \
     .adamw = sj_cpu_adamw,                        \
     .lion = sj_cpu_lion,                          \

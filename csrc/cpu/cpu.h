@@ -46,6 +46,14 @@
 #define sj_cpu_rope_forward SJ_ISA(sj_cpu_rope_forward)
 #define sj_cpu_swiglu_backward SJ_ISA(sj_cpu_swiglu_backward)
 #define sj_cpu_swiglu_forward SJ_ISA(sj_cpu_swiglu_forward)
+#define sj_cpu_moe_route_forward SJ_ISA(sj_cpu_moe_route_forward)
+#define sj_cpu_moe_route_backward SJ_ISA(sj_cpu_moe_route_backward)
+#define sj_cpu_moe_permute_forward SJ_ISA(sj_cpu_moe_permute_forward)
+#define sj_cpu_moe_permute_backward SJ_ISA(sj_cpu_moe_permute_backward)
+#define sj_cpu_moe_unpermute_forward SJ_ISA(sj_cpu_moe_unpermute_forward)
+#define sj_cpu_moe_unpermute_backward SJ_ISA(sj_cpu_moe_unpermute_backward)
+#define sj_cpu_moe_matmul SJ_ISA(sj_cpu_moe_matmul)
+#define sj_cpu_moe_matmul_wgrad SJ_ISA(sj_cpu_moe_matmul_wgrad)
 
 /* General strided GEMM: C = op(A) op(B) (+ C if accum); lda/ldb/ldc are row
  * strides of the stored (untransposed) matrices. Multi-threaded. */
@@ -94,6 +102,24 @@ void sj_cpu_attention_backward(void *dqkv, const void *dout, const void *qkv,
 void sj_cpu_swiglu_forward(void *h, const void *gu, int N, int F, int act);
 void sj_cpu_swiglu_backward(void *dgu, const void *dh, const void *gu, int N, int F, int act,
                             int accum);
+void sj_cpu_moe_route_forward(void *weights, float *record, const void *logits, const void *bias,
+                              int N, int E, int k, const sj_moe_route *route);
+void sj_cpu_moe_route_backward(void *dlogits, float *bias_master, const void *dweights,
+                               const void *logits, const void *weights, const float *record,
+                               int N, int E, int k, const sj_moe_route *route, int accum);
+void sj_cpu_moe_permute_forward(void *xp, const void *x, const float *record, int N, int E, int k,
+                                int C);
+void sj_cpu_moe_permute_backward(void *dx, const void *dxp, const float *record, int N, int E,
+                                 int k, int C, int accum);
+void sj_cpu_moe_unpermute_forward(void *y, const void *yp, const void *weights,
+                                  const float *record, int N, int E, int k, int C);
+void sj_cpu_moe_unpermute_backward(void *dyp, void *dweights, const void *dy, const void *yp,
+                                   const void *weights, const float *record, int N, int E, int k,
+                                   int C, int accum_yp, int accum_w);
+void sj_cpu_moe_matmul(void *y, const void *x, const void *w, const float *record, int N, int E,
+                       int k, int n, int K, int transB, int accum);
+void sj_cpu_moe_matmul_wgrad(float *dw, const void *dy, const void *x, const float *record, int N,
+                             int E, int k, int n, int K, int accum);
 void sj_cpu_add(void *out, const void *a, const void *b, int64_t n, float b_scale);
 void sj_cpu_copy(void *dst, const void *src, int64_t n, float scale, int accum);
 void sj_cpu_fill(float *x, float value, int64_t n);

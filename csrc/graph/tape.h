@@ -38,7 +38,8 @@ typedef enum {
     SJ_OP_EMBEDDING, SJ_OP_RMSNORM, SJ_OP_MATMUL, SJ_OP_MATMUL_ADD, SJ_OP_ROPE,
     SJ_OP_ATTENTION, SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP_LM_HEAD_CE,
     SJ_OP_CAST, SJ_OP_MATMUL_SWIGLU, SJ_OP_MATMUL_ROPE, SJ_OP_PAIR_HEADS, SJ_OP_MIX,
-    SJ_OP_AXPY, SJ_OP_QK_NORM, SJ_OP_GATHER_ROWS, SJ_OP__COUNT
+    SJ_OP_AXPY, SJ_OP_QK_NORM, SJ_OP_GATHER_ROWS, SJ_OP_MOE_ROUTE, SJ_OP_MOE_PERMUTE,
+    SJ_OP_MOE_MATMUL, SJ_OP_MOE_UNPERMUTE, SJ_OP__COUNT
 } sj_opcode;
 
 typedef struct {
@@ -160,6 +161,17 @@ int sj_op_mix(sj_tape *tp, int x, int y, int N, int ld, int c0, int w, float a);
  * row r = x[idx[r]], zeros where idx[r] < 0 (padding); entries >= 0 distinct.
  * x's gradient is dy scattered back, zero on rows no entry names. */
 int sj_op_gather_rows(sj_tape *tp, int x, int idx, int N, int R, int C);
+/* Mixture of experts (backend.h's sj_moe_route and sj_moe_record), R = N k.
+ * Route: logits (N, E), bias (E) parameter or -1 -> weights (N, k); *record
+ * gets the routing record's tensor id. route: read at every run, kept alive
+ * by the caller as long as the tape. Permute: x (N, C) -> (R, C) rows by
+ * expert. Matmul: x (R, K), w (E, n, K) parameter -> (R, n), x W_e^T per
+ * expert's rows. Unpermute: yp (R, C), weights (N, k) -> (N, C). */
+int sj_op_moe_route(sj_tape *tp, int logits, int bias, int N, int E, int k,
+                    const sj_moe_route *route, int *record);
+int sj_op_moe_permute(sj_tape *tp, int x, int record, int N, int E, int k, int C);
+int sj_op_moe_matmul(sj_tape *tp, int x, int w, int record, int N, int E, int k, int n, int K);
+int sj_op_moe_unpermute(sj_tape *tp, int yp, int weights, int record, int N, int E, int k, int C);
 int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index);
 /* Tied LM head + cross-entropy, `rows` rows at a time: only (rows, ld)
  * logits ever exist. h: (N, C), w: (V, C) -> losses (N). On a training tape

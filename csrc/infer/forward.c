@@ -216,7 +216,7 @@ static void matmul(sj_infer_cpu *h, float *out, const sj_qmat *W, const float *x
  * final-normed hidden states are left in h->xb. */
 static void forward_chunk(sj_infer_cpu *h, const int32_t *tok, int n, int pos) {
     const sj_config *c = &h->c;
-    const int C = c->dim, F = c->ffn_dim, H = c->n_heads, KV = c->n_kv_heads, hd = h->hd, KVd = h->kv_dim;
+    const int C = c->dim, H = c->n_heads, KV = c->n_kv_heads, hd = h->hd, KVd = h->kv_dim;
     float rowbuf[C];
     for (int t = 0; t < n; t++) {
         if (h->tok_emb.type == SJ_W_F32) memcpy(h->x + (int64_t)t * C, h->tok_emb.f + (int64_t)tok[t] * C, sizeof(float) * C);
@@ -253,6 +253,9 @@ static void forward_chunk(sj_infer_cpu *h, const int32_t *tok, int n, int pos) {
         matmul(h, h->xb, &w->wo, h->att, n, 1);
         add_to(h->x, 1.0f, h->xb, (int64_t)n * C);
         rmsnorm(h->xb, h->x, w->ffn_norm, n, C, c->norm_eps);
+        if (w->experts) sj_infer_moe_ffn(h, w, h->x, h->xb, n);   /* routed; then any shared */
+        if (!w->w_gate.mem) continue;
+        const int F = w->w_gate.rows;
         {
             float *outs[2] = { h->hb, h->hb2 };
             const sj_qmat *Ws[2] = { &w->w_gate, &w->w_up };

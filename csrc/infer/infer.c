@@ -34,6 +34,9 @@ static void cpu_free(void *e) {
             layer_w *w = &h->L[l];
             sj_qmat_free(&w->wq); sj_qmat_free(&w->wk); sj_qmat_free(&w->wv); sj_qmat_free(&w->wo);
             sj_qmat_free(&w->w_gate); sj_qmat_free(&w->w_up); sj_qmat_free(&w->w_down);
+            sj_qmat_free(&w->router);
+            for (int e = 0; w->experts && e < 2 * h->c.moe.n_experts; e++) sj_qmat_free(&w->experts[e]);
+            free(w->experts);
         }
     sj_qmat_free(&h->tok_emb); sj_qmat_free(&h->output);
     sj_qpool_free(&h->pool);
@@ -65,9 +68,14 @@ static int cache_rows(const sj_infer_cpu *h, int l) { return h->L[l].window ? h-
 /* The run state's buffers and the KV cache, 64-byte aligned, from base;
  * base NULL: only their size. Returns floats used (the activation
  * scratch of quant.c's layout follows). */
+/* The widest dense ffn hidden: the config's, or the MoE layers' shared experts'. */
+static int dense_dim(const sj_config *c) {
+    return SJ_MAX(c->ffn_dim, c->moe.n_shared * c->moe.expert_dim);
+}
+
 static int64_t place_state(sj_infer_cpu *h, float *base) {
     const sj_config *c = &h->c;
-    const int64_t R = CHUNK, C = c->dim, F = c->ffn_dim, half = h->hd / 2;
+    const int64_t R = CHUNK, C = c->dim, F = dense_dim(c), half = h->hd / 2;
     int windowed = 0;
     int64_t kv_elems = 0;
     for (int l = 0; l < c->n_layers; l++) {
@@ -86,6 +94,13 @@ static int64_t place_state(sj_infer_cpu *h, float *base) {
     if (c->embed_skip != 0.f) TAKE(h->emb, float, R * C);
     if (c->value_mix != 0.f) TAKE(h->v0, float, R * h->kv_dim);
     if (windowed && h->kv_f16) { TAKE(h->k16, uint16_t, SJ_CDIV(R * h->kv_dim, 2)); TAKE(h->v16, uint16_t, SJ_CDIV(R * h->kv_dim, 2)); }
+    if (sj_moe_layers(c)) {
+        const int64_t E = c->moe.n_experts, k = c->moe.top_k, Fe = c->moe.expert_dim;
+        TAKE(h->moe_logits, float, R * E); TAKE(h->moe_record, float, sj_moe_record_numel(R, E, k));
+        TAKE(h->moe_w, float, R * k); TAKE(h->moe_xp, float, R * k * C); TAKE(h->moe_yp, float, R * k * C);
+        TAKE(h->moe_gu, float, R * 2 * Fe); TAKE(h->moe_act, float, R * Fe); TAKE(h->moe_y, float, R * C);
+        TAKE(h->moe_route.stats, float, 2 + E);
+    }
     TAKE(h->kcache, float, kv_floats); TAKE(h->vcache, float, kv_floats);
 #undef TAKE
     return off;
@@ -95,8 +110,9 @@ static int64_t place_state(sj_infer_cpu *h, float *base) {
  * the layers' windows and the cache's element type. */
 static sj_status alloc_state(sj_infer_cpu *h) {
     const sj_config *c = &h->c;
-    const int W = SJ_MAX(c->dim, c->ffn_dim);
+    const int W = SJ_MAX(SJ_MAX(c->dim, dense_dim(c)), c->moe.expert_dim);   /* widest matmul input */
     h->emb = h->v0 = NULL; h->k16 = h->v16 = NULL;
+    h->moe_route = (sj_moe_route){ c->moe.router, c->moe.norm_topk, 0, 0, 0, NULL };
     const int64_t n_f = place_state(h, NULL);
     const int64_t bytes = n_f * 4 + sj_qact_bytes(CHUNK, W);
     float *f = h->state_mem = sj_alloc((size_t)bytes, "KV cache and run state");
@@ -164,24 +180,49 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, sj_infer_cpu 
               wt = wtype_for(mode);
     sj_status s = SJ_OK;
     h->L = calloc((size_t)c->n_layers, sizeof *h->L);
-    h->norms = sj_alloc(sizeof(float) * ((size_t)(2 * c->n_layers + 1) * C + (size_t)2 * c->n_layers * h->hd),
-                        "norm weights");
+    const int E = c->moe.n_experts, Fe = c->moe.expert_dim;
+    h->norms = sj_alloc(sizeof(float) * ((size_t)(2 * c->n_layers + 1) * C + (size_t)2 * c->n_layers * h->hd +
+                                         (size_t)c->n_layers * E), "norm weights");
     if (!h->L || !h->norms) { cpu_free(h); return sj_fail(SJ_ERR_NOMEM, "inference weights: out of memory"); }
     /* The embedding (and a tied head) keep 8 bits in q4 mode, as llama.cpp's Q4 files do. */
     int et = mode == SJ_INFER_Q4 ? SJ_W_Q8 : wt;
     if ((s = sj_qmat_alloc(&h->tok_emb, et, V, C, "tok_emb"))) goto fail;
     if (c->untied_head && (s = sj_qmat_alloc(&h->output, et, V, C, "lm_head"))) goto fail;
-    const int64_t per_layer = sj_qmat_bytes(wt, C, C) + sj_qmat_bytes(wt, C, O) + 2 * sj_qmat_bytes(wt, KVd, C) +
-                              2 * sj_qmat_bytes(wt, F, C) + sj_qmat_bytes(wt, C, F);
-    if ((s = sj_qpool_init(&h->pool, per_layer * c->n_layers, "layer weights"))) goto fail;
+    int64_t pool_bytes = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        const int moe = c->layers[l].ffn == SJ_FFN_MOE, Fl = moe ? c->moe.n_shared * Fe : F;
+        pool_bytes += sj_qmat_bytes(wt, C, C) + sj_qmat_bytes(wt, C, O) + 2 * sj_qmat_bytes(wt, KVd, C) +
+                      (Fl ? 2 * sj_qmat_bytes(wt, Fl, C) + sj_qmat_bytes(wt, C, Fl) : 0);
+        if (moe)
+            pool_bytes += sj_qmat_bytes(SJ_W_F32, E, C) +
+                          (int64_t)E * (sj_qmat_bytes(wt, 2 * Fe, C) + sj_qmat_bytes(wt, C, Fe));
+    }
+    if ((s = sj_qpool_init(&h->pool, pool_bytes, "layer weights"))) goto fail;
     for (int l = 0; l < c->n_layers; l++) {
         layer_w *w = &h->L[l];
         sj_qpool *P = &h->pool;
+        const int moe = c->layers[l].ffn == SJ_FFN_MOE, Fl = moe ? c->moe.n_shared * Fe : F;
         if ((s = sj_qmat_alloc_pool(&w->wq, P, wt, C, C, "wq")) || (s = sj_qmat_alloc_pool(&w->wk, P, wt, KVd, C, "wk")) ||
-            (s = sj_qmat_alloc_pool(&w->wv, P, wt, KVd, C, "wv")) || (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, O, "wo")) ||
-            (s = sj_qmat_alloc_pool(&w->w_gate, P, wt, F, C, "w_gate")) || (s = sj_qmat_alloc_pool(&w->w_up, P, wt, F, C, "w_up")) ||
-            (s = sj_qmat_alloc_pool(&w->w_down, P, wt, C, F, "w_down")))
+            (s = sj_qmat_alloc_pool(&w->wv, P, wt, KVd, C, "wv")) || (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, O, "wo")))
             goto fail;
+        if (Fl && ((s = sj_qmat_alloc_pool(&w->w_gate, P, wt, Fl, C, "w_gate")) ||
+                   (s = sj_qmat_alloc_pool(&w->w_up, P, wt, Fl, C, "w_up")) ||
+                   (s = sj_qmat_alloc_pool(&w->w_down, P, wt, C, Fl, "w_down"))))
+            goto fail;
+        if (moe) {   /* the router in f32; each expert its own matrices, read only when chosen */
+            if (!(w->experts = calloc((size_t)2 * E, sizeof(sj_qmat)))) {
+                s = sj_fail(SJ_ERR_NOMEM, "inference weights: out of memory");
+                goto fail;
+            }
+            if ((s = sj_qmat_alloc_pool(&w->router, P, SJ_W_F32, E, C, "moe.router"))) goto fail;
+            for (int e = 0; e < E; e++)
+                if ((s = sj_qmat_alloc_pool(&w->experts[e], P, wt, 2 * Fe, C, "moe.w_gate_up")) ||
+                    (s = sj_qmat_alloc_pool(&w->experts[E + e], P, wt, C, Fe, "moe.w_down")))
+                    goto fail;
+            if (c->moe.router == SJ_MOE_SIGMOID)
+                w->moe_bias = h->norms + (int64_t)(2 * c->n_layers + 1) * C + (int64_t)2 * c->n_layers * h->hd +
+                              (int64_t)l * E;
+        }
         w->attn_norm = h->norms + (int64_t)(2 * l) * C;
         w->ffn_norm = h->norms + (int64_t)(2 * l + 1) * C;
         if (c->layers[l].qk_norm == SJ_QK_NORM_WEIGHTED) {
@@ -230,6 +271,28 @@ static sj_status fill_f32(sj_qmat *W, const float *src, const char *name) {
     return SJ_OK;
 }
 
+/* A MoE layer's tensor (model/moe.c's layout) into the engine's matrices. */
+static sj_status fill_moe(sj_infer_cpu *h, const sj_tensor_info *t, const float *src) {
+    int l;
+    char what[24];
+    if (sscanf(t->name, "layers.%d.moe.%23s", &l, what) != 2 || l < 0 || l >= h->c.n_layers || !h->L[l].experts)
+        return sj_fail(SJ_ERR_ARG, "inference engine: tensor '%s' has no place in it", t->name);
+    layer_w *w = &h->L[l];
+    const int E = h->c.moe.n_experts;
+    const int64_t C = h->c.dim, F = h->c.moe.expert_dim;
+    if (!strcmp(what, "router")) return fill_f32(&w->router, src, t->name);
+    if (!strcmp(what, "router_bias") && w->moe_bias) {
+        memcpy(w->moe_bias, src, sizeof(float) * E);
+        return SJ_OK;
+    }
+    const int up = !strcmp(what, "w_gate_up");
+    if (!up && strcmp(what, "w_down"))
+        return sj_fail(SJ_ERR_ARG, "inference engine: tensor '%s' has no place in it", t->name);
+    for (int e = 0; e < E; e++)
+        SJ_TRY(fill_f32(&w->experts[up ? e : E + e], src + e * (up ? 2 * F * C : C * F), t->name));
+    return SJ_OK;
+}
+
 sj_status sj_infer_cpu_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_infer_engine *out) {
     if (sj_model_device(m) != SJ_DEVICE_CPU)
         return sj_fail(SJ_ERR_ARG, "inference engine: the model must be on the CPU (move it with .to('cpu'))");
@@ -244,7 +307,8 @@ sj_status sj_infer_cpu_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, 
         sj_qmat *W = matrix(h, t->name);
         float *v = W ? NULL : vector(h, t->name);
         sj_status s = SJ_OK;
-        if (W) s = fill_f32(W, src, t->name);
+        if (strstr(t->name, ".moe.")) s = fill_moe(h, t, src);
+        else if (W) s = fill_f32(W, src, t->name);
         else if (v) memcpy(v, src, sizeof(float) * t->numel);
         else s = sj_fail(SJ_ERR_ARG, "inference engine: tensor '%s' has no place in it (its architecture "
                          "option does not generate yet)", t->name);
@@ -406,6 +470,8 @@ static int64_t cpu_weight_bytes(const void *e) {
     for (int l = 0; l < h->c.n_layers; l++) {
         const layer_w *w = &h->L[l];
         b += w->wq.bytes + w->wk.bytes + w->wv.bytes + w->wo.bytes + w->w_gate.bytes + w->w_up.bytes + w->w_down.bytes;
+        b += w->router.bytes;
+        for (int e = 0; w->experts && e < 2 * h->c.moe.n_experts; e++) b += w->experts[e].bytes;
     }
     return b;
 }

@@ -5,11 +5,17 @@
 #define SJ_INFER_CPU_H
 
 #include "engine.h"
+#include "../ops/backend.h"   /* sj_moe_route, sj_moe_record: MoE layers route as training does */
 
 #define CHUNK 128            /* tokens per batched forward; longer prompts loop */
 
 typedef struct {
-    sj_qmat wq, wk, wv, wo, w_gate, w_up, w_down;
+    sj_qmat wq, wk, wv, wo, w_gate, w_up, w_down;   /* w_gate.mem NULL: no dense ffn (MoE
+                                                      * without shared experts) */
+    sj_qmat router;           /* MoE layers: (E, C), f32 (the choice as training makes it) */
+    sj_qmat *experts;         /* MoE layers: 2E matrices, expert e's [gate | up] (2F, C) at e,
+                               * its down (C, F) at E + e; NULL for dense layers */
+    float *moe_bias;          /* (E): the sigmoid router's balancing bias, else NULL */
     float *attn_norm, *ffn_norm;
     float *q_norm, *k_norm;   /* (hd) each where qk_norm is weighted, else NULL */
     int window;               /* < max_ctx: keys t-window < s <= t, cached in a ring of
@@ -35,10 +41,23 @@ struct sj_infer_cpu {
     float *v0;                   /* layer 0's v of the chunk (value_mix), else NULL */
     uint16_t *k16, *v16;         /* the chunk's k/v as f16 (windowed layers, f16 cache), else NULL */
     float *kcache, *vcache;      /* per layer (rows, kv_dim) at its kv_at: f32, or uint16 f16 when kv_f16 */
+    /* MoE layers' run state (CHUNK tokens, R = CHUNK k routed rows), NULL without them */
+    float *moe_logits;           /* (CHUNK, E) */
+    float *moe_record;           /* sj_moe_record of CHUNK tokens */
+    float *moe_w;                /* (CHUNK, k) routing weights */
+    float *moe_xp, *moe_yp;      /* (R, C): the rows by expert, in and out */
+    float *moe_gu, *moe_act;     /* (CHUNK, 2F), (CHUNK, F): one expert's rows at a time */
+    float *moe_y;                /* (CHUNK, C) */
+    sj_moe_route moe_route;      /* its stats: (2 + E) floats of the run state */
     sj_qact qa;
     void *state_mem;
     int64_t state_bytes;
 };
+
+#define sj_infer_moe_ffn SJ_ISA(sj_infer_moe_ffn)
+/* x (n, C) += layer w's routed experts of xn (n, C), reading only the
+ * experts its tokens chose (moe_forward.c). */
+void sj_infer_moe_ffn(sj_infer_cpu *h, const layer_w *w, float *x, const float *xn, int n);
 
 #define sj_infer_cpu_prefill SJ_ISA(sj_infer_cpu_prefill)
 #define sj_infer_cpu_decode SJ_ISA(sj_infer_cpu_decode)

@@ -22,6 +22,9 @@ static const sj_tensor_name TABLE[] = {
     { { "w_gate",     "mlp.gate_proj.weight",              "ffn_gate.weight" },     1, 0 },
     { { "w_up",       "mlp.up_proj.weight",                "ffn_up.weight" },       1, 0 },
     { { "w_down",     "mlp.down_proj.weight",              "ffn_down.weight" },     1, 0 },
+    /* the MoE router (Mixtral's spelling); its experts are split per expert
+     * by smedjan/hf.py (ours stack them: model/moe.c) */
+    { { "moe.router", "block_sparse_moe.gate.weight",      "ffn_gate_inp.weight" }, 1, 0 },
     { { "final_norm", "model.norm.weight",                 "output_norm.weight" },  0, 0 },
     { { "lm_head",    "lm_head.weight",                    "output.weight" },       0, 0 },
 };

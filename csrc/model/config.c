@@ -46,7 +46,8 @@ sj_status sj_config_preset(const char *name, int vocab_size, sj_config *out) {
         return k >= 0 && k < (int)(sizeof names / sizeof names[0]) ? names[k] : NULL; \
     }
 NAMES(sj_mixer_name, "attention")
-NAMES(sj_ffn_name, "swiglu", "relu2")
+NAMES(sj_ffn_name, "swiglu", "relu2", "moe")
+NAMES(sj_moe_router_name, "softmax", "sigmoid")
 NAMES(sj_qk_norm_name, "none", "weighted", "plain")
 NAMES(sj_rope_type_name, "default", "linear", "dynamic", "yarn")
 #undef NAMES
@@ -81,6 +82,30 @@ static sj_status validate_rope_scaling(const sj_config *c) {
     #undef NEED
 }
 
+/* Only when a layer is MoE: a config without one may leave moe zeroed. */
+static sj_status validate_moe(const sj_config *c) {
+    const sj_moe_config *e = &c->moe;
+    #define NEED(cond, ...) do { if (!(cond)) return sj_fail(SJ_ERR_ARG, __VA_ARGS__); } while (0)
+    NEED(e->n_experts > 0 && e->n_experts <= 4096, "moe.n_experts must be in 1..4096, got %d",
+         e->n_experts);
+    NEED(e->top_k > 0 && e->top_k <= e->n_experts,
+         "moe.top_k must be in 1..moe.n_experts (%d), got %d", e->n_experts, e->top_k);
+    NEED(e->expert_dim > 0 && e->expert_dim <= 1 << 20, "moe.expert_dim must be in 1..1048576, got %d",
+         e->expert_dim);
+    NEED(e->n_shared >= 0 && (int64_t)e->n_shared * e->expert_dim <= 1 << 20,
+         "moe.n_shared must be >= 0 with n_shared * expert_dim <= 1048576, got %d", e->n_shared);
+    NEED(sj_moe_router_name(e->router), "moe.router %d is unknown", e->router);
+    NEED(isfinite(e->aux_loss) && e->aux_loss >= 0, "moe.aux_loss must be >= 0, got %g",
+         (double)e->aux_loss);
+    NEED(isfinite(e->z_loss) && e->z_loss >= 0, "moe.z_loss must be >= 0, got %g", (double)e->z_loss);
+    NEED(isfinite(e->bias_update_rate) && e->bias_update_rate >= 0,
+         "moe.bias_update_rate must be >= 0, got %g", (double)e->bias_update_rate);
+    NEED(e->bias_update_rate == 0 || e->router == SJ_MOE_SIGMOID,
+         "moe.bias_update_rate needs router 'sigmoid' (the bias lives beside its scores)");
+    return SJ_OK;
+    #undef NEED
+}
+
 static sj_status validate_layers(const sj_config *c) {
     for (int l = 0; l < c->n_layers; l++) {
         const sj_layer *y = &c->layers[l];
@@ -94,6 +119,8 @@ static sj_status validate_layers(const sj_config *c) {
             return sj_fail(SJ_ERR_ARG, "layer %d: window must be in 0..max_seq_len (%d; 0: the "
                            "whole context), got %d", l, c->max_seq_len, y->window);
     }
+    for (int l = 0; l < c->n_layers; l++)
+        if (c->layers[l].ffn == SJ_FFN_MOE) return validate_moe(c);
     return SJ_OK;
 }
 
@@ -130,12 +157,22 @@ sj_status sj_config_validate(const sj_config *c) {
     #undef NEED
 }
 
-int64_t sj_config_param_count(const sj_config *c) {
+/* The parameters of the whole model (experts: all of them), or of what one
+ * token's forward reads (experts: top_k of them). */
+static int64_t param_count(const sj_config *c, int active) {
     int64_t C = c->dim, hd = C / c->n_heads, q = (int64_t)c->n_heads * hd,
             kv = (int64_t)c->n_kv_heads * hd, o = c->paired_heads ? q / 2 : q;
     int64_t n = (int64_t)c->vocab_size * C * (c->untied_head ? 2 : 1) + C;
-    for (int l = 0; l < c->n_layers; l++)
-        n += C * (q + 2 * kv + o) + 3 * C * (int64_t)c->ffn_dim + 2 * C +
-             (c->layers[l].qk_norm == SJ_QK_NORM_WEIGHTED ? 2 * hd : 0);
+    const sj_moe_config *e = &c->moe;
+    for (int l = 0; l < c->n_layers; l++) {
+        n += C * (q + 2 * kv + o) + 2 * C + (c->layers[l].qk_norm == SJ_QK_NORM_WEIGHTED ? 2 * hd : 0);
+        if (c->layers[l].ffn != SJ_FFN_MOE) { n += 3 * C * (int64_t)c->ffn_dim; continue; }
+        const int64_t experts = active ? e->top_k : e->n_experts;
+        n += 3 * C * (int64_t)e->expert_dim * (experts + e->n_shared) + (int64_t)e->n_experts * C +
+             (e->router == SJ_MOE_SIGMOID ? e->n_experts : 0);
+    }
     return n;
 }
+
+int64_t sj_config_param_count(const sj_config *c) { return param_count(c, 0); }
+int64_t sj_config_active_param_count(const sj_config *c) { return param_count(c, 1); }

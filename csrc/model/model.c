@@ -21,16 +21,17 @@ static sj_status build_table(sj_model *m) {
     int64_t C = c->dim, hd = C / c->n_heads, qd = (int64_t)c->n_heads * hd,
             kvd = (int64_t)c->n_kv_heads * hd, F = c->ffn_dim,
             od = c->paired_heads ? qd / 2 : qd;   /* what attention hands wo */
-    int n = 2 + 7 * c->n_layers + 4 * c->n_layers + 1;
+    /* per layer at most 10 matrices (MoE with shared experts) and 5 vectors */
+    int n = 2 + 10 * c->n_layers + 5 * c->n_layers + 1;
     m->tensors = calloc((size_t)n, sizeof(sj_tensor_info));
-    m->names = calloc((size_t)n, 32);
+    m->names = calloc((size_t)n, SJ_NAME_MAX);
     if (!m->tensors || !m->names) return sj_fail(SJ_ERR_NOMEM, "model: out of memory");
     int64_t off = 0;
     int i = 0;
     #define ADD(fmt, l, d0, d1, nd) do {                                         \
         sj_tensor_info *t = &m->tensors[i];                                     \
-        char *nm = m->names + 32 * i++;                                         \
-        snprintf(nm, 32, fmt, l);                                               \
+        char *nm = m->names + SJ_NAME_MAX * i++;                                \
+        snprintf(nm, SJ_NAME_MAX, fmt, l);                                      \
         t->name = nm; t->ndim = nd; t->shape[0] = d0; t->shape[1] = d1;         \
         t->numel = (nd == 2 ? (d0) * (d1) : (d0)); t->offset = off;             \
         t->decay = nd == 2; off += t->numel;                                    \
@@ -41,9 +42,19 @@ static sj_status build_table(sj_model *m) {
         ADD("layers.%d.wk", l, kvd, C, 2);
         ADD("layers.%d.wv", l, kvd, C, 2);
         ADD("layers.%d.wo", l, C, od, 2);
-        ADD("layers.%d.w_gate", l, F, C, 2);
-        ADD("layers.%d.w_up", l, F, C, 2);
-        ADD("layers.%d.w_down", l, C, F, 2);
+        const sj_moe_config *e = &c->moe;
+        const int moe = c->layers[l].ffn == SJ_FFN_MOE;
+        const int64_t Fl = moe ? (int64_t)e->n_shared * e->expert_dim : F;   /* dense or shared */
+        if (Fl) {
+            ADD("layers.%d.w_gate", l, Fl, C, 2);
+            ADD("layers.%d.w_up", l, Fl, C, 2);
+            ADD("layers.%d.w_down", l, C, Fl, 2);
+        }
+        if (moe) {
+            ADD("layers.%d.moe.router", l, (int64_t)e->n_experts, C, 2);
+            ADD("layers.%d.moe.w_gate_up", l, (int64_t)e->n_experts * 2 * e->expert_dim, C, 2);
+            ADD("layers.%d.moe.w_down", l, (int64_t)e->n_experts * C, e->expert_dim, 2);
+        }
     }
     if (c->untied_head) ADD("lm_head%.0d", 0, (int64_t)c->vocab_size, C, 2);
     for (int l = 0; l < c->n_layers; l++) {
@@ -53,6 +64,8 @@ static sj_status build_table(sj_model *m) {
             ADD("layers.%d.q_norm", l, hd, 0, 1);
             ADD("layers.%d.k_norm", l, hd, 0, 1);
         }
+        if (c->layers[l].ffn == SJ_FFN_MOE && c->moe.router == SJ_MOE_SIGMOID)
+            ADD("layers.%d.moe.router_bias", l, (int64_t)c->moe.n_experts, 0, 1);
     }
     ADD("final_norm%.0d", 0, C, 0, 1);
     #undef ADD
@@ -62,7 +75,7 @@ static sj_status build_table(sj_model *m) {
 }
 
 static const sj_tensor_info *find(const sj_model *m, const char *fmt, int l) {
-    char name[32];
+    char name[SJ_NAME_MAX];
     snprintf(name, sizeof name, fmt, l);
     for (int i = 0; i < m->n_tensors; i++)
         if (strcmp(m->tensors[i].name, name) == 0) return &m->tensors[i];
@@ -88,7 +101,11 @@ static void init_params(sj_model *m, uint64_t seed) {
     for (int i = 0; i < m->n_tensors; i++) {
         const sj_tensor_info *t = &m->tensors[i];
         float *p = m->params + t->offset;
-        if (!t->decay) { for (int64_t k = 0; k < t->numel; k++) p[k] = 1.0f; continue; }
+        if (!t->decay) {   /* norm gains start at 1, the MoE router's balancing bias at 0 */
+            const float v = strstr(t->name, ".router_bias") ? 0.0f : 1.0f;
+            for (int64_t k = 0; k < t->numel; k++) p[k] = v;
+            continue;
+        }
         /* GPT-2's scaled init for the projections that feed the residual stream. */
         const char *dot = strrchr(t->name, '.');
         int resid = dot && (!strcmp(dot, ".wo") || !strcmp(dot, ".w_down"));
@@ -181,6 +198,7 @@ static sj_status attach(sj_model *m, const float *hp, const float *hg) {
     m->scalars_host = m->scalars ? be->host_alloc(2 * sizeof(sj_scalars), "step scalars") : NULL;
     if (!m->scalars_host) return SJ_ERR_NOMEM;
     memset(m->scalars_host, 0, 2 * sizeof(sj_scalars));
+    SJ_TRY(sj_moe_attach(m));
     if (hp && hp != m->params) be->from_host(m->params, hp, bytes);
     if (hg) {
         SJ_TRY(sj_model_need_grads(m));
@@ -200,6 +218,7 @@ static void detach(sj_model *m) {
     if (m->grads) { be->free(m->grads); sj_model_account(m, -bytes); }
     if (m->scalars) be->free(m->scalars);
     if (m->scalars_host) be->host_free(m->scalars_host);
+    sj_moe_detach(m);
     if (m->ctx) be->ctx_free(m->ctx);
     m->params = m->grads = NULL;
     m->params_act = NULL;
@@ -316,6 +335,7 @@ void sj_model_free(sj_model *m) {
     detach(m);
     free(m->rows_host);
     free(m->sort_count);
+    free(m->moe_routes);
     free(m->tensors);
     free(m->names);
     free(m);
@@ -454,6 +474,17 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, Ha * hd);
         OP_BLOCK_BEGIN();
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);
+        if (y->ffn == SJ_FFN_MOE) {   /* routed experts, then the shared ones (moe.c) */
+            OP_BLOCK_END();
+            x = sj_op_add(tp, x, sj_moe_record_layer(m, tp, l, h, N, cast), (int64_t)N * C);
+            const int Fs = c->moe.n_shared * c->moe.expert_dim;
+            if (Fs)
+                x = residual(pl, tp, x, sj_op_matmul_swiglu(tp, h, PARAM("layers.%d.w_gate", l, 2 * Fs),
+                                                            N, Fs, C, SJ_FFN_SWIGLU, 1024),
+                             PARAM("layers.%d.w_down", l, C), N, C, Fs);
+            if (layer_blocks) SJ_TRY(sj_tape_block_end(tp));
+            continue;
+        }
         int s;
         if (fuse_swiglu) {
             s = sj_op_matmul_swiglu(tp, h, PARAM("layers.%d.w_gate", l, 2 * F), N, F, C,
@@ -710,6 +741,13 @@ static int64_t loss_rows(const sj_plan *pl) {
     return pl->label_rows ? pl->label_rows : (int64_t)pl->B * pl->T;
 }
 
+/* The MoE layers' statistics to the host, on the stream (sj_model_moe_stats). */
+static void moe_stats_out(sj_model *m) {
+    if (m->moe_stats)
+        m->be->to_host_async(m->moe_stats_host, m->moe_stats,
+                             sizeof(float) * (2 + (size_t)m->cfg.moe.n_experts) * m->cfg.n_layers);
+}
+
 sj_status sj_model_enqueue(sj_model *m, sj_plan *pl) {
     const sj_backend *be = m->be;
     sj_tape *tp = &pl->tape;
@@ -732,6 +770,7 @@ sj_status sj_model_enqueue(sj_model *m, sj_plan *pl) {
     tp->grads = sj_tape_grads(tp, m->grads);
     tp->master = m->params;
     SJ_TRY(sj_tape_forward(tp, be, m->params_act));
+    moe_stats_out(m);
     if (pl->mode == SJ_RUN_LOGITS) return SJ_OK;
     /* Per-row losses out before backward reuses their memory. */
     float *losses = tp->device ? (float *)pl->host + 3 * N : m->rows_host;
@@ -750,7 +789,7 @@ float sj_model_mean_loss(sj_model *m, sj_plan *pl, int64_t count) {
     const float *rows = pl->tape.device ? (const float *)pl->host + 3 * N : m->rows_host;
     double sum = 0.0;
     for (int64_t i = 0; i < n; i++) sum += rows[i];
-    return count ? (float)(sum / (double)count) : NAN;
+    return count ? (float)(sum / (double)count + sj_moe_loss(m)) : NAN;
 }
 
 /* bf16 or f16 -> f32 in place, front to back: element i (4 bytes at 4i) is
@@ -803,7 +842,9 @@ sj_status sj_model_forward(sj_model *m, const void *tokens, sj_dtype tok_dtype,
     if (!tp->device) {
         tp->t[pl->logits].ptr = logits;
         tp->master = m->params;
-        return sj_tape_forward(tp, be, m->params_act);
+        SJ_TRY(sj_tape_forward(tp, be, m->params_act));
+        moe_stats_out(m);
+        return SJ_OK;
     }
     SJ_TRY(run_logits(m, pl));
     SJ_TRY(be->sync());

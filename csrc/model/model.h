@@ -42,6 +42,7 @@ typedef struct {
 } sj_plan;
 
 enum { SJ_MAX_PLANS = 4, SJ_MAX_LABEL_BUCKETS = 16 };
+enum { SJ_NAME_MAX = 48 };   /* bytes of a tensor's name ("layers.1023.moe.router_bias") */
 
 /* Memory levers: they change how a plan is recorded and laid out, never
  * what it computes (up to fp32 summation order for the fused loss). */
@@ -128,6 +129,9 @@ struct sj_model {
     int64_t epoch;                  /* bumps when the buffers move (to()) */
     int use_graphs;                 /* capture train steps (device backends) */
     sj_levers lv;                   /* memory levers: how plans are recorded */
+    sj_moe_route *moe_routes;       /* (n_layers) the MoE layers' routing, read by their tapes */
+    float *moe_stats;               /* (n_layers, 2 + E) backend memory: sj_moe_route's stats */
+    float *moe_stats_host;          /* ... copied to the host after each forward */
 };
 
 /* Count engine memory held by the model (positive: allocated). */
@@ -162,5 +166,16 @@ sj_status sj_model_enqueue(sj_model *m, sj_plan *pl);
 sj_status sj_model_capture(sj_model *m, sj_plan *pl, void (*then)(void *), void *arg);
 /* The mean loss from the per-row losses (after the work completed). */
 float sj_model_mean_loss(sj_model *m, sj_plan *pl, int64_t count);
+
+/* Mixture of experts (moe.c). The number of MoE layers; layer l's routed
+ * experts recorded on h (N, C) -> (N, C) (cast: weights from the master);
+ * the routing state's buffers made with the model's (attach) and freed
+ * (detach); the aux and z losses times their coefficients, from the last
+ * forward's statistics. */
+int sj_moe_layers(const sj_config *c);
+int sj_moe_record_layer(sj_model *m, sj_tape *tp, int l, int h, int N, int cast);
+sj_status sj_moe_attach(sj_model *m);
+void sj_moe_detach(sj_model *m);
+double sj_moe_loss(const sj_model *m);
 
 #endif

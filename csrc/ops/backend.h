@@ -72,6 +72,36 @@ typedef struct {
  * context, as transformers' dynamic update does. */
 sj_status sj_rope_init(sj_rope *r, const sj_config *c, int seq_len);
 
+/* A MoE layer's routing as its kernels apply it (the config's moe fields),
+ * built on the host and kept alive by the model as long as its tapes, like
+ * sj_rope. stats: (2 + E) f32 in backend memory, outside any arena (they
+ * outlive the run): the aux (switch) loss, the z-loss, then the tokens
+ * routed to each expert, written by every forward. */
+typedef struct {
+    int router;           /* SJ_MOE_SOFTMAX, SJ_MOE_SIGMOID */
+    int norm_topk;        /* weights renormalised over the chosen k (sigmoid: always) */
+    float aux_coef, z_coef, bias_rate;
+    float *stats;
+} sj_moe_route;
+
+/* The routing record a route forward writes (one f32 tensor, int32 views):
+ * scores (N, E) f32 (softmax probabilities or sigmoids); expert (N, k) int32,
+ * token t's choices best first (ties: the lower expert); offsets (E + 1)
+ * int32, expert e's rows of the permuted order are [offsets[e], offsets[e+1]);
+ * slot (N k) int32, permuted row r holds choice slot[r] = t k + j (rows of
+ * one expert in slot order: a stable counting sort, the same every run);
+ * row (N k) int32, the inverse: choice t k + j sits at permuted row row[t k + j]. */
+typedef struct { float *scores; int32_t *expert, *offsets, *slot, *row; } sj_moe_record;
+static inline int64_t sj_moe_record_numel(int64_t N, int64_t E, int64_t k) {
+    return N * E + 3 * N * k + E + 1;
+}
+static inline sj_moe_record sj_moe_record_at(const void *base, int64_t N, int64_t E, int64_t k) {
+    float *f = (float *)base;
+    int32_t *i = (int32_t *)(f + N * E);
+    sj_moe_record r = { f, i, i + N * k, i + N * k + E + 1, i + 2 * N * k + E + 1 };
+    return r;
+}
+
 typedef struct sj_backend {
     const char *name;
     sj_dtype act_dtype;   /* activations, their grads, compute copy of weights */
@@ -209,6 +239,42 @@ typedef struct sj_backend {
     void (*cross_entropy_backward)(void *dlogits, const void *logits, const float *lse,
                                    const void *targets, sj_dtype tok_dtype, int N, int V,
                                    int ld, int ignore_index, const float *scale, int accum);
+
+    /* Mixture of experts (sj_moe_route, sj_moe_record above); R = N k permuted rows.
+     * Route: logits (N, E) -> record, weights (N, k) (act dtype) and the stats.
+     * Softmax: p = softmax(logits), the top k of p, w = p (norm_topk: / their sum).
+     * Sigmoid: s = sigmoid(logits), the top k of s + bias, w = s / their sum.
+     * bias: (E) act dtype or NULL (softmax). Aux loss E/N^2 sum_e count_e sum_t
+     * q_te, q = p (sigmoid: s / sum_e s); z-loss mean_t logsumexp(logits_t)^2.
+     * Backward: dlogits (+)= d(logits) of sum w dweights + aux_coef aux + z_coef z;
+     * with a bias_master (f32, sigmoid) and bias_rate > 0 it also moves the
+     * bias by bias_rate * sign(mean load - load_e). */
+    void (*moe_route_forward)(void *weights, float *record, const void *logits, const void *bias,
+                              int N, int E, int k, const sj_moe_route *route);
+    void (*moe_route_backward)(void *dlogits, float *bias_master, const void *dweights,
+                               const void *logits, const void *weights, const float *record,
+                               int N, int E, int k, const sj_moe_route *route, int accum);
+    /* Permute: xp (R, C), row r = x[slot[r] / k]. Backward: dx (+)= the sum
+     * of each token's k rows of dxp. */
+    void (*moe_permute_forward)(void *xp, const void *x, const float *record, int N, int E, int k,
+                                int C);
+    void (*moe_permute_backward)(void *dx, const void *dxp, const float *record, int N, int E,
+                                 int k, int C, int accum);
+    /* Un-permute: y (N, C) = sum_j weights[t, j] yp[row[t k + j]]. Backward:
+     * dyp = weights dy (accum_yp: +=), dweights (+)= dot(dy_t, yp row). */
+    void (*moe_unpermute_forward)(void *y, const void *yp, const void *weights,
+                                  const float *record, int N, int E, int k, int C);
+    void (*moe_unpermute_backward)(void *dyp, void *dweights, const void *dy, const void *yp,
+                                   const void *weights, const float *record, int N, int E, int k,
+                                   int C, int accum_yp, int accum_w);
+    /* Grouped GEMM over the experts' row groups: y (R, n) (+)= x (R, K) op(W_e)
+     * for each expert e's rows; w: (E, n, K) when transB (the forward: x W_e^T),
+     * (E, K, n) otherwise (dx = dy W_e). wgrad: dw (E, n, K) f32 (+)= dy_e^T x_e
+     * per expert (an expert without rows gets zeros unless accum). */
+    void (*moe_matmul)(void *y, const void *x, const void *w, const float *record, int N, int E,
+                       int k, int n, int K, int transB, int accum);
+    void (*moe_matmul_wgrad)(float *dw, const void *dy, const void *x, const float *record,
+                             int N, int E, int k, int n, int K, int accum);
 
     /* *out = sum of x^2 in double, in a fixed order (the same bits every run). */
     void (*sumsq)(double *out, const float *x, int64_t n);

@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { MAX_IN = 3, SAMPLES = 24 };
+enum { MAX_IN = 4, SAMPLES = 24 };
 
 typedef struct {
     const char *name;
@@ -30,6 +30,8 @@ typedef struct {
     int32_t tokens[64];
     float *r;        /* objective weights over out */
     sj_rope rope;    /* the RoPE ops' frequencies, alive with the tape */
+    sj_moe_route route;   /* the MoE route's settings and */
+    float moe_stats[2 + 3];   /* statistics (3 experts) */
 } gc;
 
 static float uni(sj_rng *g) { return 2.0f * sj_rng_uniform(g) - 1.0f; }
@@ -135,6 +137,20 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         tp->t[idx].ptr = c->tokens;
         tp->t[idx].dtype = SJ_I32;
         c->out = sj_op_gather_rows(tp, add_act(c, "x", N * 6), idx, N, 6, 6);
+    } else if (!strcmp(op, "moe") || !strcmp(op, "moe_sigmoid")) {
+        /* route (z-loss on) -> permute -> expert GEMM -> SwiGLU -> expert GEMM
+         * -> un-permute; every token to all 3 experts of rows of 4, hidden 3,
+         * so that no difference step changes the choice */
+        const int E = 3, C = 4, Fe = 3, sig = !strcmp(op, "moe_sigmoid");
+        c->route = (sj_moe_route){ sig ? SJ_MOE_SIGMOID : SJ_MOE_SOFTMAX, 0, 0.3f, 0.2f, 0.0f,
+                                   c->moe_stats };
+        int logits = add_act(c, "logits", N * E), x = add_act(c, "x", N * C), rec;
+        int w = sj_op_moe_route(tp, logits, -1, N, E, E, &c->route, &rec);
+        int xp = sj_op_moe_permute(tp, x, rec, N, E, E, C);
+        int gu = sj_op_moe_matmul(tp, xp, add_param(c, "w_gate_up", E * 2 * Fe * C), rec, N, E, E, 2 * Fe, C);
+        int yp = sj_op_moe_matmul(tp, sj_op_swiglu(tp, gu, N * E, Fe, SJ_FFN_SWIGLU),
+                                  add_param(c, "w_down", E * C * Fe), rec, N, E, E, C, Fe);
+        c->out = sj_op_moe_unpermute(tp, yp, w, rec, N, E, E, C);
     } else if (!strcmp(op, "cross_entropy")) {
         int logits = add_act(c, "logits", N * 9);
         c->out = sj_op_cross_entropy(tp, logits, add_tokens(c, N, 9, 1, g), N, 9, -1);
@@ -143,7 +159,7 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, qk_norm, qk_norm_plain, matmul, "
                        "matmul_add, matmul_rope, matmul_swiglu[_relu2], rope, rope_yarn, attention, attention_window, "
                        "swiglu[_relu2], add, axpy, pair_heads, mix, mix_shared_y, "
-                       "gather_rows, cross_entropy)", op);
+                       "gather_rows, moe, moe_sigmoid, cross_entropy)", op);
     }
     return c->out < 0 ? SJ_ERR_NOMEM : SJ_OK;
 }
@@ -166,6 +182,8 @@ static double objective(gc *c, const sj_backend *be) {
     const int loss = c->tp.nodes[v->producer].op == SJ_OP_CROSS_ENTROPY;
     double L = 0.0;
     for (int64_t i = 0; i < v->numel; i++) L += loss ? c->tp.loss_scale * y[i] : c->r[i] * y[i];
+    if (c->route.stats)   /* the MoE route's own losses */
+        L += (double)c->route.aux_coef * c->moe_stats[0] + (double)c->route.z_coef * c->moe_stats[1];
     return L;
 }
 

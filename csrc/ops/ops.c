@@ -34,6 +34,11 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     /* backward reads qkv, the gains and rstd (out[1]); both kernels work in place */
     /* backward reads only the indices */
     [SJ_OP_GATHER_ROWS] = {"gather_rows", 1u << 1, 0},
+    /* backward reads the logits, the weights and the record */
+    [SJ_OP_MOE_ROUTE] = {"moe_route", 1u << 0, 1u << 0 | 1u << 1},
+    [SJ_OP_MOE_PERMUTE] = {"moe_permute", 1u << 1, 0},
+    [SJ_OP_MOE_MATMUL] = {"moe_matmul", 1u << 0 | 1u << 1 | 1u << 2, 0},
+    [SJ_OP_MOE_UNPERMUTE] = {"moe_unpermute", 1u << 0 | 1u << 1 | 1u << 2, 0},
     [SJ_OP_QK_NORM] = {"qk_norm", 1u << 0 | 1u << 1 | 1u << 2, 1u << 1, .out_on_in = 1u << 0,
                        .grad_on_dy = 1u << 0},
 };
@@ -126,6 +131,32 @@ int sj_op_mix(sj_tape *tp, int x, int y, int N, int ld, int c0, int w, float a) 
 int sj_op_gather_rows(sj_tape *tp, int x, int idx, int N, int R, int C) {
     return record(tp, SJ_OP_GATHER_ROWS, IN(x, idx, NONE), (int64_t)R * C, 0, 0, DIM(N, R, C), 0);
 }
+// logits: (N, E) -> weights: (N, k), record: sj_moe_record
+int sj_op_moe_route(sj_tape *tp, int logits, int bias, int N, int E, int k,
+                    const sj_moe_route *route, int *rec) {
+    int o = record(tp, SJ_OP_MOE_ROUTE, IN(logits, bias, NONE), (int64_t)N * k,
+                   sj_moe_record_numel(N, E, k), 1, DIM(N, E, k), 0);
+    if (o < 0) return -1;
+    tp->nodes[tp->t[o].producer].aux = route;
+    *rec = tp->nodes[tp->t[o].producer].out[1];
+    return o;
+}
+// x: (N, C) -> (N k, C)
+int sj_op_moe_permute(sj_tape *tp, int x, int rec, int N, int E, int k, int C) {
+    return record(tp, SJ_OP_MOE_PERMUTE, IN(x, rec, NONE), (int64_t)N * k * C, 0, 0,
+                  DIM(N, E, k, C), 0);
+}
+// x: (N k, K), w: (E, n, K) -> (N k, n)
+int sj_op_moe_matmul(sj_tape *tp, int x, int w, int rec, int N, int E, int k, int n, int K) {
+    return record(tp, SJ_OP_MOE_MATMUL, IN(x, w, rec), (int64_t)N * k * n, 0, 0,
+                  DIM(N, E, k, n, K), 0);
+}
+// yp: (N k, C), weights: (N, k) -> (N, C)
+int sj_op_moe_unpermute(sj_tape *tp, int yp, int weights, int rec, int N, int E, int k, int C) {
+    return record(tp, SJ_OP_MOE_UNPERMUTE, IN(yp, weights, rec), (int64_t)N * C, 0, 0,
+                  DIM(N, E, k, C), 0);
+}
+
 // logits: (N, V), targets: (N) -> losses: (N), lse: (N)
 int sj_op_cross_entropy(sj_tape *tp, int logits, int targets, int N, int V, int ignore_index) {
     int o = record(tp, SJ_OP_CROSS_ENTROPY, IN(logits, targets, NONE), N, N, 1,
@@ -308,6 +339,18 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
     case SJ_OP_GATHER_ROWS:
         be->gather_rows_forward(P(out[0]), P(in[0]), P(in[1]), d[1], d[2]);
         break;
+    case SJ_OP_MOE_ROUTE:
+        be->moe_route_forward(P(out[0]), P(out[1]), P(in[0]), OPT(in[1]), d[0], d[1], d[2], n->aux);
+        break;
+    case SJ_OP_MOE_PERMUTE:
+        be->moe_permute_forward(P(out[0]), P(in[0]), P(in[1]), d[0], d[1], d[2], d[3]);
+        break;
+    case SJ_OP_MOE_MATMUL:
+        be->moe_matmul(P(out[0]), P(in[0]), P(in[1]), P(in[2]), d[0], d[1], d[2], d[3], d[4], 1, 0);
+        break;
+    case SJ_OP_MOE_UNPERMUTE:
+        be->moe_unpermute_forward(P(out[0]), P(in[0]), P(in[1]), P(in[2]), d[0], d[1], d[2], d[3]);
+        break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]),
                                   tp->t[in[1]].dtype, d[0], d[1], d[1], d[2]);   /* packed: ld = V */
@@ -389,6 +432,27 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         break;
     case SJ_OP_GATHER_ROWS:
         if (dx) be->gather_rows_backward(dx, dy, P(in[1]), d[0], d[1], d[2], acc[0]);
+        break;
+    case SJ_OP_MOE_ROUTE: {
+        /* the bias has no gradient (it only picks); a first writer zeroes its slot */
+        float *db = in[1] >= 0 ? grads + tp->t[in[1]].offset : NULL;
+        if (db && !acc[1]) be->fill(db, 0.0f, d[1]);
+        float *bias_master = in[1] >= 0 && tp->master ? (float *)tp->master + tp->t[in[1]].offset : NULL;
+        be->moe_route_backward(dx, bias_master, dy, P(in[0]), P(out[0]), P(out[1]), d[0], d[1], d[2],
+                               n->aux, acc[0]);
+        break;
+    }
+    case SJ_OP_MOE_PERMUTE:
+        if (dx) be->moe_permute_backward(dx, dy, P(in[1]), d[0], d[1], d[2], d[3], acc[0]);
+        break;
+    case SJ_OP_MOE_MATMUL:
+        if (dx) be->moe_matmul(dx, dy, P(in[1]), P(in[2]), d[0], d[1], d[2], d[4], d[3], 0, acc[0]);
+        be->moe_matmul_wgrad(grads + tp->t[in[1]].offset, dy, P(in[0]), P(in[2]), d[0], d[1], d[2],
+                             d[3], d[4], acc[1]);
+        break;
+    case SJ_OP_MOE_UNPERMUTE:
+        be->moe_unpermute_backward(dx, in_grad(tp, n, 1, params), dy, P(in[0]), P(in[1]), P(in[2]),
+                                   d[0], d[1], d[2], d[3], acc[0], acc[1]);
         break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_backward(dx, P(in[0]), P(out[1]), P(in[1]), tp->t[in[1]].dtype,

@@ -587,6 +587,16 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"qk_norm_backward", {"dqkv", "dwq", "dwk", "dout", "qkv", "wq", "wk", "rstd"}, "affaaaaf"},
         {"gather_rows_forward", {"out", "x", "idx"}, "aat"},
         {"gather_rows_backward", {"dx", "dout", "idx"}, "aat"},
+        /* MoE: the record is f32 slots holding int32 bits (uploaded as is) */
+        {"moe_route_forward", {"weights", "record", "logits", "bias", "stats"}, "afaaf"},
+        {"moe_route_backward", {"dlogits", "bias_master", "dweights", "logits", "weights", "record",
+                                "stats"}, "afaaaff"},
+        {"moe_permute_forward", {"xp", "x", "record"}, "aaf"},
+        {"moe_permute_backward", {"dx", "dxp", "record"}, "aaf"},
+        {"moe_unpermute_forward", {"y", "yp", "weights", "record"}, "aaaf"},
+        {"moe_unpermute_backward", {"dyp", "dweights", "dy", "yp", "weights", "record"}, "aaaaaf"},
+        {"moe_matmul", {"y", "x", "w", "record"}, "aaaf"},
+        {"moe_matmul_wgrad", {"dw", "dy", "x", "record"}, "faaf"},
     };
     int k = -1, fused = 0;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
@@ -687,6 +697,32 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 25: be->gather_rows_forward(D(0), D(1), D(2), (int)I[0], (int)I[1]); break;   /* R, C */
     case 26: /* N, R, C, accum */
         be->gather_rows_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3]);
+        break;
+    /* MoE: ints start (N, E, k); route: then router, norm_topk, accum, with bias (forward) or
+     * bias_master (backward); floats: aux_coef, z_coef, bias_rate */
+    case 27:
+    case 28: {
+        const sj_moe_route route = { (int)I[3], (int)I[4], (float)Fl[0], (float)Fl[1], (float)Fl[2],
+                                     D(k == 27 ? 4 : 6) };
+        if (k == 27)
+            be->moe_route_forward(D(0), D(1), D(2), I[6] ? D(3) : NULL, (int)I[0], (int)I[1], (int)I[2], &route);
+        else
+            be->moe_route_backward(D(0), I[6] ? D(1) : NULL, D(2), D(3), D(4), D(5), (int)I[0], (int)I[1],
+                                   (int)I[2], &route, (int)I[5]);
+        break;
+    }
+    case 29: be->moe_permute_forward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3]); break;
+    case 30: be->moe_permute_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]); break;
+    case 31: be->moe_unpermute_forward(D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3]); break;
+    case 32: /* C, accum_yp, accum_w */
+        be->moe_unpermute_backward(D(0), D(1), D(2), D(3), D(4), D(5), (int)I[0], (int)I[1], (int)I[2],
+                                   (int)I[3], (int)I[4], (int)I[5]);
+        break;
+    case 33: /* n, K, transB, accum */
+        be->moe_matmul(D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], (int)I[6]);
+        break;
+    case 34: /* n, K, accum */
+        be->moe_matmul_wgrad(D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5]);
         break;
     }
     }

@@ -257,6 +257,11 @@ static PyObject *infer_info(PyObject *self, PyObject *noargs) {
         "mode", mode_name(sj_infer_get_mode(h)), "weight_bytes", (long long)sj_infer_weight_bytes(h),
         "cache_bytes", (long long)sj_infer_cache_bytes(h), "isa", cuda ? "cuda" : sj_infer_isa(),
         "kv_dtype", kv, "device", cuda ? "cuda" : "cpu") : NULL;
+    PyObject *counts = more ? Py_BuildValue("{s:L,s:L}", "params", (long long)sj_config_param_count(c),
+                                            "active_params", (long long)sj_config_active_param_count(c))
+                            : NULL;
+    if (!counts || PyDict_Update(more, counts) < 0) Py_CLEAR(more);
+    Py_XDECREF(counts);
     if (!more || PyDict_Update(d, more) < 0) Py_CLEAR(d);
     Py_XDECREF(more);
     int graphs, persistent;

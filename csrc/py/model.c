@@ -106,6 +106,17 @@ PyObject *sj_py_config_to_dict(const sj_config *c) {
                         r->truncate ? Py_True : Py_False);
     if (!rs || PyDict_SetItemString(d, "rope_scaling", rs)) { Py_XDECREF(rs); Py_DECREF(d); return NULL; }
     Py_DECREF(rs);
+    int has_moe = 0;
+    for (int l = 0; l < c->n_layers; l++) has_moe |= c->layers[l].ffn == SJ_FFN_MOE;
+    const sj_moe_config *e = &c->moe;
+    PyObject *mo = !has_moe ? (Py_INCREF(Py_None), Py_None)
+        : Py_BuildValue("{s:i,s:i,s:i,s:i,s:s,s:O,s:f,s:f,s:f}", "n_experts", e->n_experts,
+                        "top_k", e->top_k, "expert_dim", e->expert_dim, "n_shared", e->n_shared,
+                        "router", sj_moe_router_name(e->router), "norm_topk",
+                        e->norm_topk ? Py_True : Py_False, "aux_loss", (double)e->aux_loss,
+                        "z_loss", (double)e->z_loss, "bias_update_rate", (double)e->bias_update_rate);
+    if (!mo || PyDict_SetItemString(d, "moe", mo)) { Py_XDECREF(mo); Py_DECREF(d); return NULL; }
+    Py_DECREF(mo);
     return d;
 }
 
@@ -240,10 +251,56 @@ static int rope_scaling_from(PyObject *d, sj_config *c) {
            opt_bool(r, "truncate", &rs->truncate) ? -1 : 0;
 }
 
+/* moe: None, or a dict of sj_moe_config's fields; absent ones take the
+ * defaults (no shared experts, softmax router without renormalisation, no
+ * auxiliary losses, no bias balancing). */
+static int moe_from(PyObject *d, sj_config *c) {
+    PyObject *r = PyDict_GetItemString(d, "moe");
+    if (!r || r == Py_None) return 0;
+    if (!PyDict_Check(r)) {
+        PyErr_SetString(PyExc_TypeError, "config 'moe' must be a dict or None");
+        return -1;
+    }
+    static const char *const known[] = { "n_experts", "top_k", "expert_dim", "n_shared", "router",
+                                         "norm_topk", "aux_loss", "z_loss", "bias_update_rate" };
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(r, &pos, &k, &v)) {
+        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
+        int ok = 0;
+        for (size_t i = 0; s && i < sizeof known / sizeof known[0]; i++) ok |= !strcmp(s, known[i]);
+        if (!ok) {
+            PyErr_Format(PyExc_ValueError, "config 'moe' has field %R that this build of smedjan "
+                         "does not know (it knows n_experts, top_k, expert_dim, n_shared, router, "
+                         "norm_topk, aux_loss, z_loss, bias_update_rate)", k);
+            return -1;
+        }
+    }
+    sj_moe_config *e = &c->moe;
+    static const char *const ints[] = { "moe.n_experts", "moe.top_k", "moe.expert_dim", "moe.n_shared" };
+    int *const dst[] = { &e->n_experts, &e->top_k, &e->expert_dim, &e->n_shared };
+    for (int i = 0; i < 4; i++) {
+        PyObject *o = PyDict_GetItemString(r, ints[i] + 4);
+        if (o && o != Py_None && get_int(o, ints[i], dst[i])) return -1;
+    }
+    PyObject *t = PyDict_GetItemString(r, "router");
+    if (t && t != Py_None) {
+        const char *ts = PyUnicode_Check(t) ? PyUnicode_AsUTF8(t) : NULL;
+        if (!ts || (e->router = sj_option_value(sj_moe_router_name, ts)) < 0) {
+            PyErr_Format(PyExc_ValueError, "config 'moe.router' %R is unknown (this build knows "
+                         "softmax, sigmoid)", t);
+            return -1;
+        }
+    }
+    return opt_bool(r, "norm_topk", &e->norm_topk) || opt_float(r, "aux_loss", &e->aux_loss) ||
+           opt_float(r, "z_loss", &e->z_loss) ||
+           opt_float(r, "bias_update_rate", &e->bias_update_rate) ? -1 : 0;
+}
+
 static const char *const config_keys[] = {
     "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
     "rope_theta", "norm_eps", "rope_scaling", "tied_head", "paired_heads", "value_mix",
-    "embed_skip", "mixer", "ffn", "qk_norm", "window",
+    "embed_skip", "mixer", "ffn", "qk_norm", "window", "moe",
 };
 
 int sj_py_config_from_dict(PyObject *d, sj_config *c) {
@@ -270,7 +327,7 @@ int sj_py_config_from_dict(PyObject *d, sj_config *c) {
         dict_float(d, "rope_theta", &c->rope_theta) || dict_float(d, "norm_eps", &c->norm_eps) ||
         opt_bool(d, "tied_head", &tied) || opt_bool(d, "paired_heads", &c->paired_heads) ||
         opt_float(d, "value_mix", &c->value_mix) || opt_float(d, "embed_skip", &c->embed_skip) ||
-        rope_scaling_from(d, c))
+        rope_scaling_from(d, c) || moe_from(d, c))
         return -1;
     c->untied_head = !tied;
     if (c->n_layers < 1 || c->n_layers > SJ_MAX_LAYERS) {
@@ -333,10 +390,13 @@ static PyObject *py_rope_freqs(PyObject *self, PyObject *args) {
     return inv ? Py_BuildValue("(Nd)", inv, (double)r.mscale) : NULL;
 }
 
-static PyObject *py_param_count(PyObject *self, PyObject *d) {
+static PyObject *py_param_count(PyObject *self, PyObject *args) {
+    PyObject *d;
+    int active = 0;
+    if (!PyArg_ParseTuple(args, "O|p", &d, &active)) return NULL;
     sj_config c;
     if (sj_py_config_from_dict(d, &c)) return NULL;
-    return PyLong_FromLongLong(sj_config_param_count(&c));
+    return PyLong_FromLongLong(active ? sj_config_active_param_count(&c) : sj_config_param_count(&c));
 }
 
 static PyObject *py_lr_at(PyObject *self, PyObject *args) {
@@ -745,7 +805,30 @@ static PyObject *model_loss(PyObject *self, PyObject *args, PyObject *kw) {
     return PyFloat_FromDouble(loss);
 }
 
+/* The MoE layers' last-forward statistics: None without MoE layers, else a
+ * list over the MoE layers of (aux, z, [tokens per expert]). */
+static PyObject *model_moe_stats(PyObject *self, PyObject *noargs) {
+    NEED_MODEL(self);
+    int per;
+    const float *st = sj_model_moe_stats(MODEL(self), &per);
+    if (!st) Py_RETURN_NONE;
+    const sj_config *c = sj_model_config(MODEL(self));
+    PyObject *out = PyList_New(0);
+    for (int l = 0; out && l < c->n_layers; l++) {
+        if (c->layers[l].ffn != SJ_FFN_MOE) continue;
+        const float *s = st + (int64_t)per * l;
+        PyObject *load = PyList_New(per - 2);
+        for (int e = 0; load && e < per - 2; e++) PyList_SET_ITEM(load, e, PyFloat_FromDouble(s[2 + e]));
+        PyObject *row = load ? Py_BuildValue("(ddN)", (double)s[0], (double)s[1], load) : NULL;
+        if (!row || PyList_Append(out, row)) { Py_XDECREF(row); Py_CLEAR(out); break; }
+        Py_DECREF(row);
+    }
+    return out;
+}
+
 static PyMethodDef model_methods[] = {
+    {"moe_stats", model_moe_stats, METH_NOARGS,
+     "moe_stats() -> None | [(aux_loss, z_loss, [tokens per expert])] per MoE layer, last forward"},
     {"config", model_config, METH_NOARGS, "config() -> dict"},
     {"tensors", model_tensors, METH_NOARGS, "tensors() -> [(name, shape, offset, decay)]"},
     {"params", model_params, METH_NOARGS, "params() -> Buffer over the flat parameters"},
@@ -1092,7 +1175,8 @@ static PyMethodDef functions[] = {
     {"preset", py_preset, METH_VARARGS, "preset(name, vocab_size) -> config dict"},
     {"preset_names", py_preset_names, METH_NOARGS, "preset_names() -> [str]"},
     {"ffn_dim_for", py_ffn_dim_for, METH_VARARGS, "ffn_dim_for(dim, mult) -> int"},
-    {"param_count", py_param_count, METH_O, "param_count(config) -> int"},
+    {"param_count", py_param_count, METH_VARARGS,
+     "param_count(config, active=False) -> int (active: what one token's forward reads)"},
     {"config_canonical", py_config_canonical, METH_O, "config_canonical(config) -> dict"},
     {"rope_freqs", py_rope_freqs, METH_VARARGS,
      "rope_freqs(config, seq_len) -> ([inv_freq], mscale): RoPE as the kernels apply it"},
