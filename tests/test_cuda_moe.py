@@ -10,7 +10,7 @@ import smedjan
 from smedjan import _C
 import cuda_ref as ref
 from test_moe import TorchMoE, batch, moe_config, perturb_router
-from torch_ref import rel_err
+from conftest import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ref.gpu_present(), reason="no CUDA GPU")]
 
@@ -33,7 +33,7 @@ def op(name, dtype, arrays, ints=(), floats=()):
 
 
 def close(got, want, dtype, what, tol=None):
-    e = ref.rel_err(got, want)
+    e = rel_err(got, want)
     assert e < (tol or TOL[dtype]), f"{what} [{dtype}]: relative error {e:.3e}"
 
 

@@ -12,7 +12,8 @@ import smedjan
 from smedjan import Config, Model
 from smedjan.checkpoint import load_checkpoint, restore, save_checkpoint
 
-from torch_ref import TorchLlama, rel_err
+from conftest import rel_err
+from torch_ref import TorchLlama
 
 
 def moe_config(router="softmax", ffn=("swiglu", "moe"), **moe):
