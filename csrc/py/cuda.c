@@ -82,7 +82,8 @@ static void dt_dealloc(PyObject *self) {
 }
 
 static const char *np_name(sj_dtype d) {
-    return d == SJ_F32 ? "float32" : d == SJ_F16 ? "float16" : d == SJ_I32 ? "int32" : "uint16";
+    return d == SJ_F32 ? "float32" : d == SJ_F16 ? "float16" : d == SJ_I32 ? "int32"
+           : d == SJ_U8 ? "uint8" : "uint16";
 }
 
 static PyObject *dt_shape_tuple(const DeviceTensorObject *t) {
@@ -654,10 +655,11 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         be->from_host(dhp, &hp, sizeof hp);
         be->sumsq(&dhp->sumsq, D(2), I[0]);
         const size_t as = sj_dtype_size(be->act_dtype);
-        be->adamw(D(0), I[3] ? D(1) : NULL, D(2), 1, D(3), D(4), I[1], 1.0f, (float)Fl[4], dhp);
+        be->adamw(D(0), I[3] ? D(1) : NULL, D(2), 1, sj_state_f32(D(3)), sj_state_f32(D(4)), I[1],
+                  1.0f, (float)Fl[4], dhp);
         be->adamw((float *)D(0) + I[1], I[3] ? (char *)D(1) + I[1] * as : NULL,
-                  (float *)D(2) + I[1], 1, (float *)D(3) + I[1], (float *)D(4) + I[1],
-                  I[0] - I[1], 1.0f, 0.0f, dhp);
+                  (float *)D(2) + I[1], 1, sj_state_f32((float *)D(3) + I[1]),
+                  sj_state_f32((float *)D(4) + I[1]), I[0] - I[1], 1.0f, 0.0f, dhp);
         be->to_host(&hp, dhp, sizeof hp);
         be->free(dhp);
         Fl[7] = hp.sumsq;
