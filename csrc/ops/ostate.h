@@ -173,13 +173,15 @@ SJ_HD uint16_t sj_bf16_stochastic(float x, uint32_t bits16) {
 
 SJ_HD float sj_bf16_value(uint16_t b) { return sj_f32_from_bits((uint32_t)b << 16); }
 
-/* The code of x (x / absmax, in [-1, 1]) nearest in `map` (ties: the lower). */
+/* The code of x (x / absmax, in [-1, 1]) nearest in `map` (ties: the
+ * lower). A binary search without branches: the comparisons' outcomes are
+ * data, so branches would mispredict half of the time. */
 SJ_HD uint8_t sj_q8_code(const float *map, float x) {
     int lo = 0;
     for (int half = 128; half; half >>= 1)
-        if (map[lo + half] <= x) lo += half;   /* lo: the last code <= x (or 0) */
-    if (lo < 255 && map[lo + 1] - x < x - map[lo]) lo++;
-    return (uint8_t)lo;
+        lo += map[lo + half] <= x ? half : 0;   /* lo: the last code <= x (or 0) */
+    const int up = lo < 255 ? lo + 1 : 255;
+    return (uint8_t)(map[up] - x < x - map[lo] ? up : lo);
 }
 
 /* absmax's reciprocal use: x / absmax, 0 for an all-zero block. */

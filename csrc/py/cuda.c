@@ -594,6 +594,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"qk_norm_backward", {"dqkv", "dwq", "dwk", "dout", "qkv", "wq", "wk", "rstd"}, "affaaaaf"},
         {"gather_rows_forward", {"out", "x", "idx"}, "aat"},
         {"gather_rows_backward", {"dx", "dout", "idx"}, "aat"},
+        {"sgd_state", {"p", "g", "buf", "absmax"}, "ffff"},
     };
     int k = -1, fused = 0;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
@@ -696,6 +697,21 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 26: /* N, R, C, accum */
         be->gather_rows_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3]);
         break;
+    case 27: {  /* SGD, no clip or decay, over a state stored as ints (n, state dtype, q8
+                 * signed, seed, step); buf and absmax: f32 arrays holding its bytes;
+                 * floats (lr, momentum). Step 1 stores g itself: the codec alone. */
+        sj_optim_hp hp = { .lr = (float)Fl[0], .momentum = (float)Fl[1],
+                           .one_minus_dampening = 1.0f, .state_seed = (uint64_t)I[3],
+                           .step = I[4] };
+        sj_optim_hp *dhp = be->alloc(sizeof hp, "hp");
+        if (!dhp) break;
+        be->from_host(dhp, &hp, sizeof hp);
+        be->sumsq(&dhp->sumsq, D(1), I[0]);
+        const sj_state buf = { D(2), D(3), (int)I[1], (int)I[2], 0 };
+        be->sgd(D(0), NULL, D(1), 0, buf, I[0], 1.0f, 0.0f, dhp);
+        be->free(dhp);
+        break;
+    }
     }
     }
     if (timer) ms = htimer_end(timer) / reps;

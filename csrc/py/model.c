@@ -22,6 +22,7 @@ static int buffer_get(PyObject *self, Py_buffer *view, int flags) {
     if (PyBuffer_FillInfo(view, self, b->ptr, b->n * size, 0, flags) < 0) return -1;
     if (flags & PyBUF_FORMAT) view->format = b->dtype == SJ_F32 ? "f" : size == 2 ? "H" : "B";
     view->itemsize = size;
+    if (flags & PyBUF_ND) view->shape = &b->n;   /* elements (FillInfo's would be bytes) */
     (*b->exports)++;
     return 0;
 }
