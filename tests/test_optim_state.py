@@ -260,6 +260,7 @@ def test_bf16_state_halves_and_8bit_quarters_the_bytes():
     state = {}
     for dtype in DTYPES:
         m = smedjan.Model("tiny")
+        m.reset_peak()
         before = m.memory()
         plan = m.plan_memory(2, 16, "train", optimizer="adamw", optim_state_dtype=dtype)
         tr = smedjan.Trainer(m, optim_state_dtype=dtype)

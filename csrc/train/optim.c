@@ -370,9 +370,9 @@ sj_status sj_optimizer_create(sj_model *m, const sj_train_config *tc,
                           ? (int64_t)sj_dtype_size(m->be->act_dtype) * n : 0);
     static const char *const NAMES[SJ_OPTIM__COUNT] = { "AdamW", "Lion", "SGD", "Adafactor",
                                                          "Muon" };
-    static const char *const DTYPES[SJ_STATE__COUNT] = { "fp32", "bf16", "8-bit" };
+    static const char *const DTYPES[SJ_STATE__COUNT] = { "", "bf16, ", "8-bit, " };
     char what[160];
-    snprintf(what, sizeof what, "a Trainer's %s %s state (%lld bytes) with the gradients and "
+    snprintf(what, sizeof what, "a Trainer's %s state (%s%lld bytes) with the gradients and "
              "compute copy it brings", NAMES[tc->kind], DTYPES[o->plan.dtype],
              (long long)held_bytes(o, m->be->act_dtype));
     sj_status s = sj_model_check_memory(m, m->device, want, 1, what);
@@ -419,6 +419,7 @@ void sj_optimizer_set_step(sj_optimizer *o, int64_t step) { o->step = step; }
  * anything, and the part (8-bit: 0 the codes, 1 the scales); -1 if none. */
 static int nth_state(const sj_optimizer *o, int which, int *part) {
     const int parts = o->plan.dtype == SJ_STATE_Q8 ? 2 : 1;
+    if (which < 0) return -1;
     for (int k = 0; k < MAX_STATES; k++)
         if (o->plan.len[k] > 0) {
             if (which < parts) { *part = which; return k; }
