@@ -6,8 +6,15 @@ the same parameter shapes (AdamW and Lion at most torch's fused AdamW's
 time; Muon at most 0.8x torch.optim.Muon's). Rows go to
 benchmarks/results/optim_step.jsonl via common.append_results.
 
+With --state-dtype, the loss curves instead: each optimizer trains the
+same model on real text (Shakespeare from the shared data, else the
+standard library's sources) for --steps steps with each state dtype; rows
+(the mean loss of each window of 20 steps, and the state's bytes) go to
+benchmarks/results/optim_state.jsonl; docs/performance.md tabulates them.
+
     python3 benchmarks/bench_optim.py --device cpu --size small
     python3 benchmarks/bench_optim.py --device cuda --size gpt2 --dtype bf16
+    python3 benchmarks/bench_optim.py --state-dtype fp32,bf16,8bit --size tiny
 """
 import argparse
 import os
@@ -36,6 +43,10 @@ def parse():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--torch", action="store_true", help="GPU: torch's fused AdamW and Muon too")
+    p.add_argument("--state-dtype", help="loss curves per optimizer state dtype, e.g. "
+                                         "fp32,bf16,8bit (instead of the step's time)")
+    p.add_argument("--steps", type=int, default=200, help="--state-dtype: steps a curve")
+    p.add_argument("--batch", default="2x32", help="--state-dtype: B x T a step")
     return p.parse_args()
 
 
@@ -100,8 +111,61 @@ def torch_step_ms(args, model, which):
     return time_calls(opt.step, args.iters, args.warmup, torch.cuda.synchronize)
 
 
+#: the learning rates the curves train with (each optimizer's own scale)
+CURVE_LR = {"adamw": 3e-3, "lion": 3e-4, "sgd": 0.3, "adafactor": 1e-2, "muon": 2e-2}
+SHAKESPEARE = "/work/shared/data/corpora/tinyshakespeare.txt"
+
+
+def corpus():
+    if os.path.exists(SHAKESPEARE):
+        with open(SHAKESPEARE, "rb") as f:
+            return "tinyshakespeare", f.read()
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    from conftest import stdlib_text
+    return "stdlib", stdlib_text(1_000_000)
+
+
+def state_curves(args):
+    """Byte-level tokens (vocab 256) of real text, the same batches for every run."""
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    from conftest import text_batches
+    name, text = corpus()
+    B, T = (int(v) for v in args.batch.split("x"))
+    rows = []
+    for optimizer in OPTIMIZERS:
+        for state in args.state_dtype.split(","):
+            model = smedjan.Model(args.size, vocab_size=256, device=args.device,
+                                  dtype=args.dtype)
+            held = model.memory()["bytes"]
+            tr = smedjan.Trainer(model, optimizer=optimizer, lr=CURVE_LR[optimizer], warmup=10,
+                                 steps=args.steps, optim_state_dtype=state,
+                                 **OPTIMIZERS[optimizer])
+            state_bytes = model.memory()["bytes"] - held
+            t0 = time.perf_counter()
+            losses = [tr.step(x, y).loss for x, y in text_batches(text, B, T, args.steps)]
+            seconds = time.perf_counter() - t0
+            windows = [float(np.mean(losses[i:i + 20])) for i in range(0, len(losses), 20)]
+            rows.append(dict(bench="optim_state", optimizer=optimizer, state_dtype=state,
+                             device=args.device, dtype=args.dtype or "fp32", size=args.size,
+                             params=model.n_params, corpus=name, batch=args.batch,
+                             steps=args.steps, state_bytes=state_bytes, loss_windows=windows,
+                             seconds=seconds))
+            print(f"{optimizer:10s} {state:5s} state {state_bytes / 2 ** 20:7.2f} MiB  loss "
+                  + " ".join(f"{w:.3f}" for w in windows), flush=True)
+    return rows
+
+
 def main():
     args = parse()
+    if args.state_dtype:
+        if args.device == "cuda" and args.dtype is None:
+            args.dtype = "bf16"
+        card = ""
+        if args.device == "cuda":
+            import torch
+            card = torch.cuda.get_device_name()
+        print(append_results("optim_state", state_curves(args), card))
+        return
     if args.device == "cuda" and args.dtype is None:
         args.dtype = "bf16"
     rows, base = [], None

@@ -37,7 +37,7 @@ void sj_interrupt_clear(void);
 
 /* ---- dtypes ----------------------------------------------------------- */
 
-typedef enum { SJ_F32 = 0, SJ_BF16, SJ_F16, SJ_I32, SJ_U16 } sj_dtype;
+typedef enum { SJ_F32 = 0, SJ_BF16, SJ_F16, SJ_I32, SJ_U16, SJ_U8 } sj_dtype;
 size_t sj_dtype_size(sj_dtype t);
 
 /* ---- threads ---------------------------------------------------------- */
@@ -283,6 +283,15 @@ typedef enum {
     SJ_OPTIM__COUNT
 } sj_optim_kind;
 
+/* How the elementwise state (moments, momenta) is stored; the math is f32
+ * either way. Adafactor's statistics (O(rows + cols) a matrix) stay f32. */
+typedef enum {
+    SJ_STATE_F32 = 0,
+    SJ_STATE_BF16,        /* stochastically rounded, seeded: see ops/ostate.h */
+    SJ_STATE_Q8,          /* 8-bit dynamic map, blocks of 256 with an f32 absmax */
+    SJ_STATE__COUNT
+} sj_state_dtype;
+
 typedef struct {
     float max_lr, min_lr;
     int warmup_steps;     /* lr rises linearly min_lr -> max_lr over these */
@@ -302,6 +311,8 @@ typedef struct {
     int match_rms_adamw;  /* Muon's lr adjustment: 0 "original" sqrt(max(1, rows/cols)),
                            * 1 "match_rms_adamw" 0.2 sqrt(max(rows, cols)) */
     float adamw_lr;       /* Muon: peak lr of its AdamW part (scheduled alike) */
+    sj_state_dtype state_dtype;
+    uint64_t state_seed;  /* bf16 state: its rounding's seed */
 } sj_train_config;
 
 /* A tensor's own settings (torch's param groups): its lr is the schedule's
@@ -323,15 +334,21 @@ sj_status sj_optimizer_create(sj_model *m, const sj_train_config *tc,
 sj_status sj_optimizer_plan_bytes(const sj_model *m, const sj_train_config *tc, int64_t *bytes);
 void sj_optimizer_free(sj_optimizer *o);
 int64_t sj_optimizer_step_count(const sj_optimizer *o);
-/* The state: named flat f32 buffers, in this order where present.
+/* The state: named flat buffers, in this order where present.
  * AdamW: exp_avg, exp_avg_sq. Lion: exp_avg. SGD (momentum > 0):
  * momentum_buffer. Adafactor: row_var, col_var (the 2-D tensors' factored
  * second moments), variance (the 1-D tensors'). Muon: momentum_buffer (its
  * matrices), exp_avg, exp_avg_sq (the tensors AdamW updates). Each buffer
- * holds its tensors' state packed in tensor order. */
+ * holds its tensors' state packed in tensor order: SJ_F32, or SJ_BF16 bits
+ * with bf16 state; with 8-bit state each is two, NAME.q8 (SJ_U8 codes, each
+ * tensor's run padded to whole blocks of 256) and NAME.scale (SJ_F32, a
+ * block's absmax). sj_optimizer_state returns buffer `which` where the
+ * state lives (device memory on CUDA), its dtype and element count; NULL
+ * with the error set when out of range or when following a moved model
+ * failed. */
 int sj_optimizer_n_states(const sj_optimizer *o);
 const char *sj_optimizer_state_name(const sj_optimizer *o, int which);
-float *sj_optimizer_state(sj_optimizer *o, int which, int64_t *n);
+void *sj_optimizer_state(sj_optimizer *o, int which, sj_dtype *dtype, int64_t *n);
 void sj_optimizer_set_step(sj_optimizer *o, int64_t step);
 /* Clip, then the update with the scheduled lr; zeroes the grads afterwards.
  * Reports the unclipped global norm and the lr used. */

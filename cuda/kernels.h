@@ -85,12 +85,12 @@ void sj_cuda_moe_matmul_##T(void *y, const void *x, const void *w, const float *
 void sj_cuda_moe_matmul_wgrad_##T(float *dw, const void *dy, const void *x,                \
                                   const float *record, int N, int E, int k, int n, int K, \
                                   int accum);                                             \
-void sj_cuda_adamw_##T(float *p, void *p_act, float *g, int zero_grads, float *m,         \
-                       float *v, int64_t n, float lr_mult, float wd,                      \
+void sj_cuda_adamw_##T(float *p, void *p_act, float *g, int zero_grads, sj_state m,       \
+                       sj_state v, int64_t n, float lr_mult, float wd,                      \
                        const sj_optim_hp *hp);                                            \
-void sj_cuda_lion_##T(float *p, void *p_act, float *g, int zero_grads, float *m, int64_t n, \
+void sj_cuda_lion_##T(float *p, void *p_act, float *g, int zero_grads, sj_state m, int64_t n, \
                       float lr_mult, float wd, const sj_optim_hp *hp);                    \
-void sj_cuda_sgd_##T(float *p, void *p_act, float *g, int zero_grads, float *buf,         \
+void sj_cuda_sgd_##T(float *p, void *p_act, float *g, int zero_grads, sj_state buf,       \
                      int64_t n, float lr_mult, float wd, const sj_optim_hp *hp);          \
 void sj_cuda_adafactor_##T(float *p, void *p_act, float *g, int zero_grads, float *row,   \
                            float *col, int64_t rows, int64_t cols, float lr_mult,         \
@@ -110,7 +110,7 @@ void sj_cuda_fill(float *x, float value, int64_t n);
 void sj_cuda_convert(void *dst, sj_dtype dst_dtype, const void *src, sj_dtype src_dtype,
                      int64_t n);
 void sj_cuda_sumsq(double *out, const float *x, int64_t n);
-void sj_cuda_muon_momentum(float *u, float *buf, float *g, int zero_grads, int64_t n,
+void sj_cuda_muon_momentum(float *u, sj_state buf, float *g, int zero_grads, int64_t n,
                            const sj_optim_hp *hp);
 /* The Hopper attention (head_dim 64); 0 where it does not apply. */
 int sj_cuda_attention_forward_sm90_bf16(void *out, float *lse, const void *qkv, int B, int T_,

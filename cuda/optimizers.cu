@@ -6,10 +6,12 @@
  * GEMMs (train/optim.c runs those through the matmul). Scalars come from
  * the hyper-parameters in device memory and the reductions' sums, never
  * from the host: every kernel is capturable. The compute copy (bf16/f16)
- * is written beside the f32 master weights. First versions, kept simple:
+ * is written beside the f32 master weights. The elementwise state is an
+ * sj_state (ostate.cuh: f32, bf16 or 8-bit). First versions, kept simple:
  * elementwise rules are bandwidth-bound like adamw.cu; not yet timed. */
 #include "common.cuh"
 #include "kernels.h"
+#include "ostate.cuh"
 
 enum { RED_THREADS = 256 };
 
@@ -36,49 +38,72 @@ static __device__ double block_sum(double v) {
 
 /* ---- Lion, SGD ------------------------------------------------------------- */
 
+/* The elementwise rules run blocks of SJ_Q8_BLOCK threads, one state block
+ * each (ostate.cuh): base is the block's first element, i this thread's. */
+#define STATE_BLOCKS(n)                                                                     \
+    for (int64_t base = blockIdx.x * (int64_t)SJ_Q8_BLOCK; base < (n);                     \
+         base += (int64_t)gridDim.x * SJ_Q8_BLOCK)
+
 // p, g, m: (n)
 template <class T>
-static __global__ void lion_k(float *p, T *p_act, float *g, int zero_grads, float *m, int64_t n,
-                              float lr_mult, float wd, const sj_optim_hp *hp) {
+static __global__ void __launch_bounds__(SJ_Q8_BLOCK)
+lion_k(float *p, T *p_act, float *g, int zero_grads, sj_state m, int64_t n, float lr_mult,
+       float wd, const sj_optim_hp *hp) {
+    __shared__ sj_state_maps sm;
+    if (m.dtype == SJ_STATE_Q8) sj_state_maps_load(&sm);
     bool update;
     const float scale = sj_clip_scale(hp, &update);
     const float lr = hp->lr * lr_mult, decay = 1.0f - lr * wd;
-    GRID_STRIDE(i, n) {
+    STATE_BLOCKS(n) {
+        const int64_t i = base + threadIdx.x;
+        const bool in = i < n;
         if (update) {
-            const float gi = g[i] * scale, mi = m[i];
-            const float c = fmaf(gi, hp->one_minus_beta1, mi * hp->beta1);
-            const float sign = (float)((c > 0.0f) - (c < 0.0f));
-            const float pi = p[i] * decay - lr * sign;
-            p[i] = pi;
-            if (p_act) p_act[i] = fromf<T>(pi);
-            m[i] = fmaf(gi, hp->one_minus_beta2, mi * hp->beta2);
+            float next = 0.0f;
+            if (in) {
+                const float gi = g[i] * scale, mi = sj_state_load(m, &sm, i);
+                const float c = fmaf(gi, hp->one_minus_beta1, mi * hp->beta1);
+                const float sign = (float)((c > 0.0f) - (c < 0.0f));
+                const float pi = p[i] * decay - lr * sign;
+                p[i] = pi;
+                if (p_act) p_act[i] = fromf<T>(pi);
+                next = fmaf(gi, hp->one_minus_beta2, mi * hp->beta2);
+            }
+            sj_state_store(m, &sm, base, i, in, next, hp);
         }
-        if (zero_grads) g[i] = 0.0f;
+        if (zero_grads && in) g[i] = 0.0f;
     }
 }
 
-// p, g, buf: (n); buf NULL without momentum
+// p, g, buf: (n); buf.data NULL without momentum
 template <class T>
-static __global__ void sgd_k(float *p, T *p_act, float *g, int zero_grads, float *buf, int64_t n,
-                             float lr_mult, float wd, const sj_optim_hp *hp) {
+static __global__ void __launch_bounds__(SJ_Q8_BLOCK)
+sgd_k(float *p, T *p_act, float *g, int zero_grads, sj_state buf, int64_t n, float lr_mult,
+      float wd, const sj_optim_hp *hp) {
+    __shared__ sj_state_maps sm;
+    if (buf.dtype == SJ_STATE_Q8) sj_state_maps_load(&sm);
     bool update;
     const float scale = sj_clip_scale(hp, &update);
     const float lr = hp->lr * lr_mult, mom = hp->momentum;
     const bool first = hp->step == 1;
-    GRID_STRIDE(i, n) {
+    STATE_BLOCKS(n) {
+        const int64_t i = base + threadIdx.x;
+        const bool in = i < n;
         if (update) {
-            float d = g[i] * scale, pi = p[i];
-            if (wd != 0.0f) d = fmaf(pi, wd, d);
-            if (buf) {
-                const float b = first ? d : fmaf(d, hp->one_minus_dampening, buf[i] * mom);
-                buf[i] = b;
-                d = hp->nesterov ? fmaf(b, mom, d) : b;
+            float b = 0.0f;
+            if (in) {
+                float d = g[i] * scale, pi = p[i];
+                if (wd != 0.0f) d = fmaf(pi, wd, d);
+                if (buf.data) {
+                    b = first ? d : fmaf(d, hp->one_minus_dampening, sj_state_load(buf, &sm, i) * mom);
+                    d = hp->nesterov ? fmaf(b, mom, d) : b;
+                }
+                pi = fmaf(d, -lr, pi);
+                p[i] = pi;
+                if (p_act) p_act[i] = fromf<T>(pi);
             }
-            pi = fmaf(d, -lr, pi);
-            p[i] = pi;
-            if (p_act) p_act[i] = fromf<T>(pi);
+            if (buf.data) sj_state_store(buf, &sm, base, i, in, b, hp);
         }
-        if (zero_grads) g[i] = 0.0f;
+        if (zero_grads && in) g[i] = 0.0f;
     }
 }
 
@@ -228,17 +253,26 @@ static __global__ void fact_apply_k(float *p, T *p_act, float *g, int zero_grads
 
 /* ---- Muon's elementwise parts ----------------------------------------------- */
 
-// u, buf, g: (n)
-static __global__ void muon_momentum_k(float *u, float *buf, float *g, int zero_grads, int64_t n,
-                                       const sj_optim_hp *hp) {
+// u, buf, g: (n); u written even on a skipped step, buf only on an update
+static __global__ void __launch_bounds__(SJ_Q8_BLOCK)
+muon_momentum_k(float *u, sj_state buf, float *g, int zero_grads, int64_t n,
+                const sj_optim_hp *hp) {
+    __shared__ sj_state_maps sm;
+    if (buf.dtype == SJ_STATE_Q8) sj_state_maps_load(&sm);
     bool update;
     const float scale = sj_clip_scale(hp, &update);
     const float mom = hp->momentum;
-    GRID_STRIDE(i, n) {
-        const float gi = g[i] * scale, b = lerp_torch(buf[i], gi, hp->one_minus_momentum);
-        u[i] = hp->nesterov ? lerp_torch(gi, b, mom) : b;
-        if (update) buf[i] = b;
-        if (zero_grads) g[i] = 0.0f;
+    STATE_BLOCKS(n) {
+        const int64_t i = base + threadIdx.x;
+        const bool in = i < n;
+        float b = 0.0f;
+        if (in) {
+            const float gi = g[i] * scale;
+            b = lerp_torch(sj_state_load(buf, &sm, i), gi, hp->one_minus_momentum);
+            u[i] = hp->nesterov ? lerp_torch(gi, b, mom) : b;
+            if (zero_grads) g[i] = 0.0f;
+        }
+        if (update) sj_state_store(buf, &sm, base, i, in, b, hp);
     }
 }
 
@@ -266,26 +300,29 @@ static __global__ void muon_apply_k(float *p, T *p_act, const T *o, int64_t n, f
     }
 }
 
-extern "C" void sj_cuda_muon_momentum(float *u, float *buf, float *g, int zero_grads, int64_t n,
+extern "C" void sj_cuda_muon_momentum(float *u, sj_state buf, float *g, int zero_grads, int64_t n,
                                       const sj_optim_hp *hp) {
     if (n <= 0) return;
-    muon_momentum_k<<<sj_blocks(n, 256, 8192), 256, 0, sj_stream()>>>(u, buf, g, zero_grads, n, hp);
+    muon_momentum_k<<<sj_blocks(n, SJ_Q8_BLOCK, 8192), SJ_Q8_BLOCK, 0, sj_stream()>>>(
+        u, buf, g, zero_grads, n, hp);
     LAUNCH_CHECK("muon_momentum");
 }
 
 #define SJ_CU_OPTIMIZERS(T, TY)                                                             \
-extern "C" void sj_cuda_lion_##T(float *p, void *p_act, float *g, int zero_grads, float *m,  \
-                                 int64_t n, float lr_mult, float wd, const sj_optim_hp *hp) { \
+extern "C" void sj_cuda_lion_##T(float *p, void *p_act, float *g, int zero_grads,          \
+                                 sj_state m, int64_t n, float lr_mult, float wd,            \
+                                 const sj_optim_hp *hp) {                                   \
     if (n <= 0) return;                                                                     \
-    lion_k<<<sj_blocks(n, 256, 8192), 256, 0, sj_stream()>>>(p, (TY *)p_act, g, zero_grads,  \
-                                                             m, n, lr_mult, wd, hp);        \
+    lion_k<<<sj_blocks(n, SJ_Q8_BLOCK, 8192), SJ_Q8_BLOCK, 0, sj_stream()>>>(               \
+        p, (TY *)p_act, g, zero_grads, m, n, lr_mult, wd, hp);                              \
     LAUNCH_CHECK("lion");                                                                   \
 }                                                                                           \
-extern "C" void sj_cuda_sgd_##T(float *p, void *p_act, float *g, int zero_grads, float *buf, \
-                                int64_t n, float lr_mult, float wd, const sj_optim_hp *hp) { \
+extern "C" void sj_cuda_sgd_##T(float *p, void *p_act, float *g, int zero_grads,           \
+                                sj_state buf, int64_t n, float lr_mult, float wd,           \
+                                const sj_optim_hp *hp) {                                    \
     if (n <= 0) return;                                                                     \
-    sgd_k<<<sj_blocks(n, 256, 8192), 256, 0, sj_stream()>>>(p, (TY *)p_act, g, zero_grads,   \
-                                                            buf, n, lr_mult, wd, hp);       \
+    sgd_k<<<sj_blocks(n, SJ_Q8_BLOCK, 8192), SJ_Q8_BLOCK, 0, sj_stream()>>>(                \
+        p, (TY *)p_act, g, zero_grads, buf, n, lr_mult, wd, hp);                            \
     LAUNCH_CHECK("sgd");                                                                    \
 }                                                                                           \
 extern "C" void sj_cuda_adafactor_##T(float *p, void *p_act, float *g, int zero_grads,      \

@@ -1,8 +1,10 @@
 """Checkpoints: everything needed to continue a run, in one safetensors file.
 
 Tensors: the weights under our names ("tok_emb", "layers.3.wq", ...) and, for
-training checkpoints, the optimizer's state buffers as flat f32 tensors
-"optim.<name>" (AdamW: optim.exp_avg, optim.exp_avg_sq; see
+training checkpoints, the optimizer's state buffers as flat tensors
+"optim.<name>" in the bits they are kept in (AdamW: optim.exp_avg,
+optim.exp_avg_sq, F32, or BF16 with bf16 state; with 8-bit state
+optim.exp_avg.q8 (U8) and optim.exp_avg.scale (F32), ...; see
 Trainer.optimizer_state). Metadata (all strings, see docs/formats.md):
 format, format_version, config (JSON), step, trainer (JSON: the optimizer,
 its settings and the schedule; no "optimizer" key means AdamW),
@@ -92,9 +94,12 @@ def save_checkpoint(path, model, trainer=None, *, step: int, rng_state: Optional
         raise ValueError(f"save_checkpoint: step must be >= 0, got {step}")
     tensors, meta = _weights_and_meta(model, FORMAT)
     meta["step"] = str(int(step))
+    dtypes = {}
     if trainer is not None:
         for name, view in trainer.optimizer_state().items():
             tensors[OPTIM + name] = np.asarray(view)
+            if tensors[OPTIM + name].dtype == np.uint16:   # bf16 state's bits
+                dtypes[OPTIM + name] = "BF16"
         meta["trainer"] = json.dumps(trainer.hparams(), sort_keys=True)
         meta["train_state"] = json.dumps(trainer.state_dict(), sort_keys=True)
     for key, value in (("rng", rng_state), ("loader", loader_state), ("extra", extra)):
@@ -103,7 +108,7 @@ def save_checkpoint(path, model, trainer=None, *, step: int, rng_state: Optional
                 meta[key] = json.dumps(value, sort_keys=True)
             except (TypeError, ValueError) as e:
                 raise TypeError(f"save_checkpoint: {key} state is not JSON-serialisable: {e}") from None
-    save_safetensors(path, tensors, meta)
+    save_safetensors(path, tensors, meta, dtypes=dtypes)
 
 
 def save_weights(path, model) -> None:
@@ -168,7 +173,13 @@ def load_checkpoint(path) -> Checkpoint:
 
 def _describe(optimizer: str, settings: dict) -> str:
     keys = ("momentum",) if optimizer == "sgd" else ()
-    return optimizer + "".join(f" {k}={settings.get(k)}" for k in keys)
+    state = settings.get("optim_state_dtype", "fp32")
+    return optimizer + "".join(f" {k}={settings.get(k)}" for k in keys) + \
+        ("" if state == "fp32" else f" ({state} state)")
+
+
+#: the file dtype of an optimizer state view's dtype (NumPy's, or a DeviceTensor's name)
+_STATE_FILE_DTYPES = {"float32": "F32", "uint16": "BF16", "bfloat16": "BF16", "uint8": "U8"}
 
 
 def restore(checkpoint: Checkpoint, model, trainer=None, *, reset_optimizer: bool = False) -> None:
@@ -177,7 +188,8 @@ def restore(checkpoint: Checkpoint, model, trainer=None, *, reset_optimizer: boo
     window). Every tensor is checked before anything is copied, so a
     mismatch leaves the model as it was. A checkpoint of another optimizer,
     or of settings that shape the state otherwise (SGD with and without
-    momentum), is refused naming both, unless reset_optimizer: then the
+    momentum, another optim_state_dtype), is refused naming both, unless
+    reset_optimizer: then the
     trainer keeps its fresh state and takes the step count and the rest."""
     ck = checkpoint
     p = ck.path
@@ -209,7 +221,9 @@ def restore(checkpoint: Checkpoint, model, trainer=None, *, reset_optimizer: boo
         state = trainer.optimizer_state()
         theirs = ck.optimizer_state
         if not reset_optimizer:
-            if ck.optimizer != trainer.optimizer or set(state) != set(theirs):
+            their_dtype = ck.trainer.get("optim_state_dtype", "fp32")
+            if ck.optimizer != trainer.optimizer or set(state) != set(theirs) or \
+                    their_dtype != trainer.optim_state_dtype:
                 raise ValueError(
                     f"{p}: the checkpoint's optimizer state is {_describe(ck.optimizer, ck.trainer)} "
                     f"({', '.join(sorted(theirs)) or 'no buffers'}), this Trainer's is "
@@ -218,9 +232,10 @@ def restore(checkpoint: Checkpoint, model, trainer=None, *, reset_optimizer: boo
                     f"(--reset-optimizer) to start the {trainer.optimizer} state afresh")
             for name, dst in state.items():
                 src, dtype = theirs[name], ck.tensors.dtypes.get(OPTIM + name)
-                if src.shape != dst.shape or dtype != "F32":
+                want = _STATE_FILE_DTYPES[str(dst.dtype)]
+                if src.shape != dst.shape or dtype != want:
                     raise ValueError(f"{p}: tensor '{OPTIM + name}' is {dtype} "
-                                     f"{tuple(src.shape)}, expected F32 {tuple(dst.shape)}")
+                                     f"{tuple(src.shape)}, expected {want} {tuple(dst.shape)}")
                 plan.append((dst, src))
     for dst, src in plan:
         dst[...] = src

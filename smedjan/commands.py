@@ -256,12 +256,14 @@ def cmd_train(args) -> int:
             print(f"--steps {args.steps}: the schedule is re-fitted from {hp['steps']} "
                   f"to {args.steps} steps")
             hp["steps"] = args.steps
-        check_memory_limit(model, args, hp.get("optimizer", "adamw"), hp.get("momentum"))
+        check_memory_limit(model, args, hp.get("optimizer", "adamw"), hp.get("momentum"),
+                           hp.get("optim_state_dtype", "fp32"))
         trainer = Trainer(model, **hp, **lever_options(args), **guard_options(args))
         print(f"resuming {latest} at step {c.step}")
     else:
         model = Model(_config_from_args(args, vocab), seed=args.seed)
-        check_memory_limit(model, args, args.optimizer or "adamw", args.momentum)
+        check_memory_limit(model, args, args.optimizer or "adamw", args.momentum,
+                           args.optim_state_dtype or "fp32")
         steps = DEFAULT_STEPS if args.steps is None else args.steps
         warmup = min(50, steps) if args.warmup is None else args.warmup
         if warmup > steps:
@@ -299,7 +301,8 @@ SCHEDULE_KEYS = ("min_lr", "warmup", "steps", "clip", "param_groups", "decay_emb
 #: the optimizer flags (argparse dest = Trainer keyword)
 OPTIMIZER_FLAGS = ("optimizer", "lr", "weight_decay", "betas", "eps", "momentum", "dampening",
                    "nesterov", "beta2_decay", "d", "ns_steps", "ns_coefficients",
-                   "adjust_lr_fn", "adamw_lr", "adamw_betas", "adamw_eps", "param_groups")
+                   "adjust_lr_fn", "adamw_lr", "adamw_betas", "adamw_eps", "param_groups",
+                   "optim_state_dtype")
 
 
 def optimizer_options(args) -> dict:
@@ -313,7 +316,7 @@ def optimizer_options(args) -> dict:
 
 def add_optimizer_flags(p) -> None:
     """--optimizer and each optimizer's settings (torch.optim's names)."""
-    from .trainer import OPTIMIZERS
+    from .trainer import OPTIMIZERS, STATE_DTYPES
     g = p.add_argument_group("optimizer (defaults: the optimizer's own, as torch.optim's)")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), help="default adamw")
     g.add_argument("--lr", type=nonneg_float,
@@ -340,8 +343,12 @@ def add_optimizer_flags(p) -> None:
                         '"weight_decay": 0}]\' (globs over parameter names)')
     g.add_argument("--no-decay-embedding", action="store_true",
                    help="no weight decay on the embedding (norm gains never decay by default)")
+    g.add_argument("--optim-state-dtype", choices=list(STATE_DTYPES),
+                   help="how moments and momenta are stored (default fp32; bf16: stochastic "
+                        "rounding; 8bit: blockwise dynamic quantisation); the math is fp32")
     g.add_argument("--reset-optimizer", action="store_true",
-                   help="--resume with another optimizer (or state shape): start its state afresh")
+                   help="--resume with another optimizer (or state shape or dtype): start its "
+                        "state afresh")
 
 
 def lever_options(args) -> dict:
@@ -370,7 +377,7 @@ def add_guard_flags(p) -> None:
 
 
 def check_memory_limit(model, args, optimizer: str = "adamw",
-                       momentum: Optional[float] = None) -> None:
+                       momentum: Optional[float] = None, optim_state_dtype: str = "fp32") -> None:
     """--memory-limit: refuse before the optimizer state and activations are
     allocated when the planned peak of a training step exceeds the limit."""
     limit = parse_bytes(args.memory_limit)
@@ -380,7 +387,8 @@ def check_memory_limit(model, args, optimizer: str = "adamw",
                      fp16_activations=args.fp16_activations, cheap_recompute=args.cheap_recompute,
                      sparse_loss=args.sparse_loss, label_bucket_sizes=args.label_bucket_sizes)
     plan = model.plan_memory(args.batch_size, args.seq_len, "train", args.grad_accum,
-                             optimizer=optimizer, momentum=momentum)
+                             optimizer=optimizer, momentum=momentum,
+                             optim_state_dtype=optim_state_dtype)
     if plan["peak_bytes"] > limit:
         from . import OutOfMemoryError
         mib = 1 << 20

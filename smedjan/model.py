@@ -241,7 +241,8 @@ class Model:
 
     def plan_memory(self, batch_size: int, seq_len: int, mode: str = "train",
                     grad_accum: int = 1, labels: Optional[int] = None,
-                    optimizer: str = "adamw", momentum: Optional[float] = None) -> dict:
+                    optimizer: str = "adamw", momentum: Optional[float] = None,
+                    optim_state_dtype: str = "fp32") -> dict:
         """Plan a run without allocating anything: the activation arena's
         bytes, the activation bytes kept from forward to backward, the fixed
         bytes (parameters, their compute copy, gradients, the optimizer's
@@ -256,7 +257,8 @@ class Model:
           'backward': loss(backward=True), into the model's gradients;
           'train': a Trainer step (the state of `optimizer` too: "adamw",
               "lion", "sgd" (momentum: its buffer when > 0; default none),
-              "adafactor" or "muon"). With grad_accum=1 on a
+              "adafactor" or "muon"), stored as optim_state_dtype ("fp32",
+              "bf16" or "8bit"). With grad_accum=1 on a
               model holding no gradients, the step's gradients live in its
               arena, in room that backward frees, and die with the update.
         With the sparse loss, the loss runs over the label rows of batches
@@ -271,8 +273,8 @@ class Model:
         code = {"forward": 0, "loss": 1, "backward": 2, "train": 3 if own_grads else 2}[mode]
         arena, kept = self._h.plan_bytes(int(batch_size), int(seq_len), code,
                                          -1 if labels is None else int(labels))
-        state = _C.optimizer_state_bytes(self._h, optimizer, float(momentum or 0.0)) \
-            if mode == "train" else 0
+        state = _C.optimizer_state_bytes(self._h, optimizer, float(momentum or 0.0),
+                                         optim_state_dtype) if mode == "train" else 0
         fixed = self._h.fixed_bytes(code, state)
         available = _C.mem_available("cuda" if self.device == "cuda" else "cpu")[0]
         return dict(arena_bytes=arena, kept_bytes=kept, fixed_bytes=fixed,

@@ -31,7 +31,7 @@ TRAINER_KEYS = ("lr", "min_lr", "warmup", "weight_decay", "clip", "eps", "grad_a
                 "sparse_loss", "label_bucket_sizes",
                 "optimizer", "betas", "momentum", "dampening", "nesterov", "beta2_decay", "d",
                 "ns_steps", "ns_coefficients", "adjust_lr_fn", "adamw_lr", "adamw_betas",
-                "adamw_eps", "param_groups", "decay_embedding")
+                "adamw_eps", "param_groups", "decay_embedding", "optim_state_dtype")
 #: options whose one value is a list: a grid gives alternatives as a list of lists
 LIST_KEYS = ("label_bucket_sizes", "bucket_sizes", "betas", "adamw_betas", "ns_coefficients",
              "param_groups")
@@ -79,6 +79,8 @@ def kind_of(c: Dict) -> str:
     parts = [str(c.get("size"))]
     if c.get("optimizer") not in (None, "adamw"):
         parts.append(str(c["optimizer"]))
+    if c.get("optim_state_dtype") not in (None, "fp32"):
+        parts.append(f"state-{c['optim_state_dtype']}")
     if c.get("dtype"):
         parts.append(str(c["dtype"]))
     for k, tag in (("gradient_checkpointing", "ckpt"), ("cheap_recompute", "cheap"),
@@ -127,7 +129,8 @@ def run_one(c: Dict) -> Dict:
     if c.get("bucket_sizes"):
         T = max(int(b) for b in c["bucket_sizes"])   # memory is planned for the longest batch
     plan = model.plan_memory(B, T, "train", n, optimizer=c.get("optimizer") or "adamw",
-                             momentum=c.get("momentum"))
+                             momentum=c.get("momentum"),
+                             optim_state_dtype=c.get("optim_state_dtype") or "fp32")
     if limit and plan["peak_bytes"] > limit:   # refuse before the optimizer state exists
         raise OutOfMemoryError(f"memory limit {limit / MIB:.0f} MiB: planned peak "
                           f"{plan['peak_bytes'] / MIB:.1f} MiB")
@@ -381,6 +384,7 @@ def cmd_sweep(args) -> int:
     for key, flag, cast in (("size", "size", str), ("batch_size", "batch_size", int),
                             ("grad_accum", "grad_accum", int), ("seq_len", "seq_len", int),
                             ("dtype", "dtype", str), ("optimizer", "optimizer", str),
+                            ("optim_state_dtype", "optim_state_dtype", str),
                             ("gradient_checkpointing", "gradient_checkpointing", bool),
                             ("cheap_recompute", "cheap_recompute", bool),
                             ("fused_ce", "fused_ce", bool),
@@ -427,6 +431,7 @@ def add_commands(sub) -> None:
     s.add_argument("--dtype", help="fp32 / bf16 / fp16 (bf16, fp16: CUDA)")
     s.add_argument("--optimizer", help="e.g. adamw,lion,muon (settings: --grid '{\"momentum\": "
                                        "[0.9]}')")
+    s.add_argument("--optim-state-dtype", help="e.g. fp32,bf16,8bit")
     s.add_argument("--gradient-checkpointing", type=on_off_list, help="off,on")
     s.add_argument("--cheap-recompute", type=on_off_list, help="off,on")
     s.add_argument("--fused-ce", type=on_off_list, help="off,on")

@@ -103,6 +103,8 @@ OPTIMIZERS: Dict[str, dict] = {
                  adjust_lr_fn=None, adamw_lr=3e-4, adamw_betas=(0.9, 0.95), adamw_eps=1e-8),
 }
 F32_EPS = float(np.finfo(np.float32).eps)   # Adafactor's eps1 when None, as torch's
+#: How the optimizer state is stored (Trainer's optim_state_dtype)
+STATE_DTYPES = ("fp32", "bf16", "8bit")
 
 
 def optimizer_settings(optimizer: str, **given) -> dict:
@@ -264,10 +266,22 @@ class Trainer:
     > steps, steps < 1, grad_accum < 1, betas outside [0, 1), and each
     optimizer's own (momentum outside [0, 1), nesterov without momentum...).
 
+    optim_state_dtype: how the elementwise state (moments, momenta) is
+    stored, its math f32 either way: "fp32" (default); "bf16", rounded
+    stochastically with a hash of (optim_state_seed, step, element), so
+    that a run and its resume store the same bits on any thread count and
+    on CPU and CUDA alike; "8bit", blockwise (256 elements, each block with
+    an f32 absmax) coded by the dynamic map of Dettmers et al. 2021 (8-bit
+    Adam's): signed for first moments and momenta, unsigned for second
+    moments. Adafactor's statistics (a row and a column a matrix) stay fp32.
+
+    >>> tr = Trainer(Model("tiny"), optim_state_dtype="8bit")
+
     Memory: before the optimizer state is allocated (AdamW 8 bytes a
     parameter, Lion and SGD with momentum 4, Adafactor a row and a column
     a matrix, Muon 4 a hidden-matrix parameter and 8 for the rest, plus its
-    Newton-Schulz scratch), the Trainer's whole fixed memory (with the
+    Newton-Schulz scratch; halved with bf16 state, 8-bit about a quarter:
+    1 byte an element and 4 a block of 256), the Trainer's whole fixed memory (with the
     gradients, 4, and a 16-bit model's compute copy, 2) is checked against
     memory_limit and against what the device has available (host:
     MemAvailable or the cgroup's room; CUDA: free GPU memory); each step's
@@ -306,11 +320,15 @@ class Trainer:
                  label_bucket_sizes: Optional[Sequence[int]] = None,
                  max_skipped_steps: Optional[int] = 3,
                  spike_window: int = 100, spike_threshold: Optional[float] = 6.0,
+                 optim_state_dtype: str = "fp32", optim_state_seed: int = 0,
                  **settings):
         if int(grad_accum) < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         if max_skipped_steps is not None and int(max_skipped_steps) < 1:
             raise ValueError(f"max_skipped_steps must be >= 1 or None, got {max_skipped_steps}")
+        if optim_state_dtype not in STATE_DTYPES:
+            raise ValueError(f"optim_state_dtype must be one of {', '.join(STATE_DTYPES)}; got "
+                             f"{optim_state_dtype!r}")
         opt = optimizer_settings(optimizer, lr=lr, weight_decay=weight_decay, betas=betas,
                                  eps=eps, **settings)
         self.grad_accum = int(grad_accum)
@@ -330,11 +348,13 @@ class Trainer:
         self.weight_decay, self.betas, self.eps = opt["weight_decay"], opt.get("betas"), opt.get("eps")
         self.param_groups = [dict(g) for g in param_groups or []]
         self.decay_embedding = bool(decay_embedding)
+        self.optim_state_dtype, self.optim_state_seed = optim_state_dtype, int(optim_state_seed)
         tensors = model._h.tensors()
         groups = resolve_param_groups([t[0] for t in tensors], [bool(t[3]) for t in tensors],
                                       self.weight_decay, self.param_groups, self.decay_embedding)
         self._h = _C.Optimizer(model._h, lr=self.lr, min_lr=self.min_lr, warmup=warmup,
                                steps=steps, clip=clip, groups=groups,
+                               state_dtype=optim_state_dtype, state_seed=self.optim_state_seed,
                                **_engine_settings(optimizer, opt))
 
     def hparams(self) -> dict:
@@ -342,29 +362,35 @@ class Trainer:
         (`Trainer(model, **trainer.hparams())`; checkpoints save them)."""
         out = {"optimizer": self.optimizer, "min_lr": self.min_lr, "warmup": self.warmup,
                "steps": self.steps, "clip": self.clip, "param_groups": self.param_groups,
-               "decay_embedding": self.decay_embedding}
+               "decay_embedding": self.decay_embedding,
+               "optim_state_dtype": self.optim_state_dtype, "optim_state_seed": self.optim_state_seed}
         out.update({k: list(v) if isinstance(v, tuple) else v for k, v in self.settings.items()})
         return out
 
     def __repr__(self) -> str:
         own = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}"
                         for k, v in self.settings.items() if k not in ("lr", "weight_decay"))
-        return (f"Trainer({self.optimizer}, lr={self.lr:g} -> {self.min_lr:g} over {self.steps} steps "
+        state = "" if self.optim_state_dtype == "fp32" else f" ({self.optim_state_dtype} state)"
+        return (f"Trainer({self.optimizer}{state}, lr={self.lr:g} -> {self.min_lr:g} over {self.steps} steps "
                 f"(warmup {self.warmup}), weight_decay={self.weight_decay:g}, clip={self.clip:g}"
                 f"{', ' + own if own else ''}, step={self.step_count})")
 
     def optimizer_state(self) -> Dict[str, object]:
-        """The optimizer's state buffers by name, each a flat f32 view (NumPy
+        """The optimizer's state buffers by name, each a flat view (NumPy
         on the CPU, DeviceTensor on CUDA) holding its tensors' state packed
         in parameter order: AdamW exp_avg, exp_avg_sq; Lion exp_avg; SGD
         (momentum > 0) momentum_buffer; Adafactor row_var, col_var (matrices'
         factors), variance (vectors'); Muon momentum_buffer (its matrices),
-        exp_avg, exp_avg_sq (its AdamW part). Fetch again after model.to()."""
+        exp_avg, exp_avg_sq (its AdamW part). The views hold the stored
+        bits: float32; with bf16 state uint16 (bf16 bit patterns); with 8-bit
+        state each buffer is two, NAME.q8 (uint8 codes, each tensor's run
+        padded to whole blocks of 256) and NAME.scale (float32, a block's
+        absmax). Fetch again after model.to()."""
         return {name: self._state(i) for i, name in enumerate(self._h.state_names())}
 
     def _state(self, which: int):
         s = self._h.state(which)
-        return s if self.model.device == "cuda" else np.frombuffer(s, dtype=np.float32)
+        return s if self.model.device == "cuda" else np.asarray(s)
 
     def _named_state(self, name: str):
         names = self._h.state_names()

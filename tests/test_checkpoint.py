@@ -44,9 +44,10 @@ def test_checkpoint_round_trip_restores_weights_moments_and_step(tmp_path, token
                     loader_state=b.state_dict())
     ck = load_checkpoint(p)
     assert ck.step == 3 and ck.config == CFG and ck.extra == {"run": "x"} and ck.rng == {"numpy": 123}
-    # the optimizer and its parameter groups travel with the schedule
+    # the optimizer, its parameter groups and state dtype travel with the schedule
     assert ck.trainer == {**TRAIN, "optimizer": "adamw", "param_groups": [],
-                          "decay_embedding": True}
+                          "decay_embedding": True, "optim_state_dtype": "fp32",
+                          "optim_state_seed": 0}
     assert ck.metadata["format"] == "smedjan-checkpoint" and ck.metadata["format_version"] == "1"
     assert json.loads(ck.metadata["config"]) == CFG.to_dict()
     m2 = smedjan.Model(CFG, seed=99)

@@ -282,14 +282,17 @@ def test_a_state_of_another_shape_is_refused_on_resume(tmp_path):
 
 def test_the_state_is_planned_and_held_as_each_optimizer_needs():
     """Bytes of state a parameter: AdamW 8, Lion 4, SGD 4 with momentum and
-    0 without; Adafactor a row and a column a matrix; Muon 4 on its
-    matrices, 8 elsewhere, plus its Newton-Schulz scratch."""
+    0 without (each buffer rounded up to 256 bytes); Adafactor a row and a
+    column a matrix; Muon 4 on its matrices, 8 elsewhere, plus its
+    Newton-Schulz scratch."""
     model = smedjan.Model(TINY)
     n = model.n_params
     base = model.plan_memory(2, 16, "train", 2, optimizer="sgd")["fixed_bytes"]
     state = {k: model.plan_memory(2, 16, "train", 2, optimizer=k, momentum=0.9)["fixed_bytes"] - base
              for k in ("adamw", "lion", "sgd")}
-    assert state == {"adamw": 8 * n, "lion": 4 * n, "sgd": 4 * n}
+    exact = {"adamw": 8 * n, "lion": 4 * n, "sgd": 4 * n}
+    buffers = {"adamw": 2, "lion": 1, "sgd": 1}
+    assert all(0 <= state[k] - exact[k] < 256 * buffers[k] for k in exact), (state, exact)
     mats = [t for t in model._h.tensors() if len(t[1]) == 2]
     fact = model.plan_memory(2, 16, "train", 2, optimizer="adafactor")["fixed_bytes"] - base
     vectors = sum(t[1][0] for t in model._h.tensors() if len(t[1]) == 1)

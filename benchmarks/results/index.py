@@ -43,6 +43,8 @@ FILES = {
                      "one pair of Q4 kernels (ours, llama.cpp): top-1 agreement, mean KL"),
     "kernels_sm90": ("`benchmarks/probes/{gemm,attention}_sm90_check.cu` (added by hand)",
                      "one check (error, ok) or timing (ours against cuBLASLt or mma.sync)"),
+    "optim_state": ("`benchmarks/bench_optim.py --state-dtype fp32,bf16,8bit`",
+                    "one optimizer x state dtype: 20-step mean losses over a real corpus, state bytes"),
 }
 
 

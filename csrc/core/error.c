@@ -30,6 +30,7 @@ size_t sj_dtype_size(sj_dtype t) {
     switch (t) {
     case SJ_F32: case SJ_I32: return 4;
     case SJ_BF16: case SJ_F16: case SJ_U16: return 2;
+    case SJ_U8: return 1;
     }
     return 0;
 }

@@ -3,6 +3,7 @@
 #define SJ_CPU_H
 
 #include "../ops/backend.h"
+#include <math.h>
 
 /* Every file here is compiled once per ISA level (core/isa.h): its symbols
  * carry the level's suffix. Code compiled once reaches them through the
@@ -140,16 +141,55 @@ double sj_cpu_sumsq(const float *x, int64_t n);
 void sj_cpu_sumsq_into(double *out, const float *x, int64_t n);
 /* The global clip's gradient scale; *update = 0 when the norm is not finite. */
 float sj_cpu_clip_scale(const sj_optim_hp *hp, int *update);
-void sj_cpu_adamw(float *p, void *p_act, float *g, int zero_grads, float *m, float *v,
+
+/* The elementwise rules walk their range block by block (SJ_Q8_BLOCK
+ * elements; a q8 range starts on a block): load a block of state as f32,
+ * update it, store it back. f32 state is updated in place (store: nothing
+ * to do); bf16 and q8 are decoded into buf and coded back. */
+static inline const float *sj_q8_map(int is_signed) {
+    static const float map_signed[256] = SJ_Q8_SIGNED_MAP, map_unsigned[256] = SJ_Q8_UNSIGNED_MAP;
+    return is_signed ? map_signed : map_unsigned;
+}
+
+static inline float *sj_cpu_state_load(const sj_state *s, int64_t i0, int cnt, float *buf) {
+    switch (s->dtype) {
+    case SJ_STATE_BF16:
+        for (int k = 0; k < cnt; k++) buf[k] = sj_bf16_value(((const uint16_t *)s->data)[i0 + k]);
+        return buf;
+    case SJ_STATE_Q8: {
+        const float *map = sj_q8_map(s->q8_signed), scale = s->absmax[i0 / SJ_Q8_BLOCK];
+        for (int k = 0; k < cnt; k++) buf[k] = map[((const uint8_t *)s->data)[i0 + k]] * scale;
+        return buf;
+    }
+    default: return (float *)s->data + i0;
+    }
+}
+
+static inline void sj_cpu_state_store(const sj_state *s, int64_t i0, int cnt, const float *x,
+                                      const sj_optim_hp *hp) {
+    if (s->dtype == SJ_STATE_BF16) {
+        for (int k = 0; k < cnt; k++)
+            ((uint16_t *)s->data)[i0 + k] =
+                sj_bf16_stochastic(x[k], sj_sr_bits(hp->state_seed, hp->step, s->index + i0 + k));
+    } else if (s->dtype == SJ_STATE_Q8) {
+        const float *map = sj_q8_map(s->q8_signed);
+        float absmax = 0.0f;
+        for (int k = 0; k < cnt; k++) absmax = fmaxf(absmax, fabsf(x[k]));
+        s->absmax[i0 / SJ_Q8_BLOCK] = absmax;
+        for (int k = 0; k < cnt; k++)
+            ((uint8_t *)s->data)[i0 + k] = sj_q8_code(map, sj_q8_normalise(x[k], absmax));
+    }
+}
+void sj_cpu_adamw(float *p, void *p_act, float *g, int zero_grads, sj_state m, sj_state v,
                   int64_t n, float lr_mult, float wd, const sj_optim_hp *hp);
-void sj_cpu_lion(float *p, void *p_act, float *g, int zero_grads, float *m, int64_t n,
+void sj_cpu_lion(float *p, void *p_act, float *g, int zero_grads, sj_state m, int64_t n,
                  float lr_mult, float wd, const sj_optim_hp *hp);
-void sj_cpu_sgd(float *p, void *p_act, float *g, int zero_grads, float *buf, int64_t n,
+void sj_cpu_sgd(float *p, void *p_act, float *g, int zero_grads, sj_state buf, int64_t n,
                 float lr_mult, float wd, const sj_optim_hp *hp);
 void sj_cpu_adafactor(float *p, void *p_act, float *g, int zero_grads, float *row, float *col,
                       int64_t rows, int64_t cols, float lr_mult, float wd, double *sums,
                       const sj_optim_hp *hp);
-void sj_cpu_muon_momentum(float *u, float *buf, float *g, int zero_grads, int64_t n,
+void sj_cpu_muon_momentum(float *u, sj_state buf, float *g, int zero_grads, int64_t n,
                           const sj_optim_hp *hp);
 void sj_cpu_muon_normalize(void *x, const float *u, int64_t n, const double *sumsq, float eps);
 void sj_cpu_muon_apply(float *p, void *p_act, const void *o, int64_t n, float lr_mult,

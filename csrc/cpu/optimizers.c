@@ -15,63 +15,80 @@ static inline float lerp_torch(float a, float b, float w) {
  * a vec::fmadd), these use fmaf: the same roundings, so that Lion's sign
  * sees the bits torch's does. */
 typedef struct {
-    float *p, *g, *s;           /* s: the rule's state (NULL: none) */
+    float *p, *g;
+    sj_state s;                 /* the rule's state (data NULL: none) */
+    int64_t n;
     float lr, wd, gs;
     float b1, c1, b2, c2;       /* Lion: beta1, 1 - beta1, beta2, 1 - beta2;
                                  * SGD: momentum, -, -, 1 - dampening */
     int first, nesterov, update, zero_grads;
+    const sj_optim_hp *hp;
 } rule_job;
 
-static void lion_range(void *ctx, int64_t i0, int64_t i1, int tid) {
+/* The block loop every elementwise rule runs (cpu.h): the rule's body
+ * sees i (the element), k (its place in the block) and s (the state's
+ * block as f32; NULL without state). */
+#define FOR_STATE_BLOCKS(j, c0, c1, ...)                                                     \
+    for (int64_t blk = (c0); blk < (c1) && (j)->update; blk++) {                             \
+        const int64_t i0 = blk * SJ_Q8_BLOCK;                                                \
+        const int cnt = (int)SJ_MIN(SJ_Q8_BLOCK, (j)->n - i0);                               \
+        float sbuf[SJ_Q8_BLOCK];                                                             \
+        float *s = (j)->s.data ? sj_cpu_state_load(&(j)->s, i0, cnt, sbuf) : NULL;          \
+        for (int k = 0; k < cnt; k++) { const int64_t i = i0 + k; __VA_ARGS__ }                 \
+        if (s) sj_cpu_state_store(&(j)->s, i0, cnt, s, (j)->hp);                             \
+    }                                                                                        \
+    if ((j)->zero_grads)                                                                     \
+        for (int64_t i = (c0) * SJ_Q8_BLOCK; i < SJ_MIN((c1) * SJ_Q8_BLOCK, (j)->n); i++)    \
+            (j)->g[i] = 0.0f;
+
+static void lion_blocks(void *ctx, int64_t c0, int64_t c1, int tid) {
     (void)tid;
     const rule_job *j = ctx;
     const float decay = 1.0f - j->lr * j->wd;
-    for (int64_t i = i0; i < i1 && j->update; i++) {
-        const float g = j->g[i] * j->gs, m = j->s[i];
+    FOR_STATE_BLOCKS(j, c0, c1, {
+        const float g = j->g[i] * j->gs, m = s[k];
         const float c = fmaf(g, j->c1, m * j->b1);
         const float sign = (float)((c > 0.0f) - (c < 0.0f));
         j->p[i] = j->p[i] * decay - j->lr * sign;
-        j->s[i] = fmaf(g, j->c2, m * j->b2);
-    }
-    if (j->zero_grads) for (int64_t i = i0; i < i1; i++) j->g[i] = 0.0f;
+        s[k] = fmaf(g, j->c2, m * j->b2);
+    })
 }
 
 // p, g, m: (n)
-void sj_cpu_lion(float *p, void *p_act, float *g, int zero_grads, float *m, int64_t n,
+void sj_cpu_lion(float *p, void *p_act, float *g, int zero_grads, sj_state m, int64_t n,
                  float lr_mult, float wd, const sj_optim_hp *hp) {
     (void)p_act;
     int update;
     const float scale = sj_cpu_clip_scale(hp, &update);
-    rule_job j = { p, g, m, hp->lr * lr_mult, wd, scale, hp->beta1, hp->one_minus_beta1,
-                   hp->beta2, hp->one_minus_beta2, 0, 0, update, zero_grads };
-    sj_parallel_for(n, 1 << 14, lion_range, &j);
+    rule_job j = { p, g, m, n, hp->lr * lr_mult, wd, scale, hp->beta1, hp->one_minus_beta1,
+                   hp->beta2, hp->one_minus_beta2, 0, 0, update, zero_grads, hp };
+    sj_parallel_for(SJ_CDIV(n, SJ_Q8_BLOCK), 64, lion_blocks, &j);
 }
 
-static void sgd_range(void *ctx, int64_t i0, int64_t i1, int tid) {
+static void sgd_blocks(void *ctx, int64_t c0, int64_t c1, int tid) {
     (void)tid;
     const rule_job *j = ctx;
-    for (int64_t i = i0; i < i1 && j->update; i++) {
+    FOR_STATE_BLOCKS(j, c0, c1, {
         float d = j->g[i] * j->gs;
         if (j->wd != 0.0f) d = fmaf(j->p[i], j->wd, d);
-        if (j->s) {
-            const float buf = j->first ? d : fmaf(d, j->c2, j->s[i] * j->b1);
-            j->s[i] = buf;
+        if (s) {
+            const float buf = j->first ? d : fmaf(d, j->c2, s[k] * j->b1);
+            s[k] = buf;
             d = j->nesterov ? fmaf(buf, j->b1, d) : buf;
         }
         j->p[i] = fmaf(d, -j->lr, j->p[i]);
-    }
-    if (j->zero_grads) for (int64_t i = i0; i < i1; i++) j->g[i] = 0.0f;
+    })
 }
 
-// p, g, buf: (n); buf NULL without momentum
-void sj_cpu_sgd(float *p, void *p_act, float *g, int zero_grads, float *buf, int64_t n,
+// p, g, buf: (n); buf.data NULL without momentum
+void sj_cpu_sgd(float *p, void *p_act, float *g, int zero_grads, sj_state buf, int64_t n,
                 float lr_mult, float wd, const sj_optim_hp *hp) {
     (void)p_act;
     int update;
     const float scale = sj_cpu_clip_scale(hp, &update);
-    rule_job j = { p, g, buf, hp->lr * lr_mult, wd, scale, hp->momentum, 0.0f, 0.0f,
-                   hp->one_minus_dampening, hp->step == 1, hp->nesterov, update, zero_grads };
-    sj_parallel_for(n, 1 << 14, sgd_range, &j);
+    rule_job j = { p, g, buf, n, hp->lr * lr_mult, wd, scale, hp->momentum, 0.0f, 0.0f,
+                   hp->one_minus_dampening, hp->step == 1, hp->nesterov, update, zero_grads, hp };
+    sj_parallel_for(SJ_CDIV(n, SJ_Q8_BLOCK), 64, sgd_blocks, &j);
 }
 
 /* ---- Adafactor ------------------------------------------------------------ */
@@ -190,30 +207,43 @@ void sj_cpu_adafactor(float *p, void *p_act, float *g, int zero_grads, float *ro
 /* ---- Muon's elementwise parts --------------------------------------------- */
 
 typedef struct {
-    float *u, *buf, *g;
+    float *u, *g;
+    sj_state buf;
+    int64_t n;
     float gs, mom, one_minus_mom;
     int nesterov, update, zero_grads;
+    const sj_optim_hp *hp;
 } momentum_job;
 
-static void momentum_range(void *ctx, int64_t i0, int64_t i1, int tid) {
+/* u is written even on a skipped step (the Newton-Schulz GEMMs read it);
+ * the buffer only on an update. */
+static void momentum_blocks(void *ctx, int64_t c0, int64_t c1, int tid) {
     (void)tid;
     const momentum_job *j = ctx;
-    for (int64_t i = i0; i < i1; i++) {
-        const float g = j->g[i] * j->gs, buf = lerp_torch(j->buf[i], g, j->one_minus_mom);
-        j->u[i] = j->nesterov ? lerp_torch(g, buf, j->mom) : buf;
-        if (j->update) j->buf[i] = buf;
-        if (j->zero_grads) j->g[i] = 0.0f;
+    for (int64_t c = c0; c < c1; c++) {
+        const int64_t i0 = c * SJ_Q8_BLOCK;
+        const int cnt = (int)SJ_MIN(SJ_Q8_BLOCK, j->n - i0);
+        float sbuf[SJ_Q8_BLOCK];
+        float *s = sj_cpu_state_load(&j->buf, i0, cnt, sbuf);
+        for (int k = 0; k < cnt; k++) {
+            const int64_t i = i0 + k;
+            const float g = j->g[i] * j->gs, b = lerp_torch(s[k], g, j->one_minus_mom);
+            j->u[i] = j->nesterov ? lerp_torch(g, b, j->mom) : b;
+            if (j->update) s[k] = b;
+            if (j->zero_grads) j->g[i] = 0.0f;
+        }
+        if (j->update) sj_cpu_state_store(&j->buf, i0, cnt, s, j->hp);
     }
 }
 
 // u, buf, g: (n)
-void sj_cpu_muon_momentum(float *u, float *buf, float *g, int zero_grads, int64_t n,
+void sj_cpu_muon_momentum(float *u, sj_state buf, float *g, int zero_grads, int64_t n,
                           const sj_optim_hp *hp) {
     int update;
     const float scale = sj_cpu_clip_scale(hp, &update);
-    momentum_job j = { u, buf, g, scale, hp->momentum, hp->one_minus_momentum, hp->nesterov,
-                       update, zero_grads };
-    sj_parallel_for(n, 1 << 14, momentum_range, &j);
+    momentum_job j = { u, g, buf, n, scale, hp->momentum, hp->one_minus_momentum, hp->nesterov,
+                       update, zero_grads, hp };
+    sj_parallel_for(SJ_CDIV(n, SJ_Q8_BLOCK), 64, momentum_blocks, &j);
 }
 
 // x, u: (n); x act dtype (f32 here)

@@ -10,8 +10,10 @@
  *
  * Precision: activations, activation gradients and the compute copy of the
  * weights are of the backend's act_dtype (`void *` below: f32 on the CPU,
- * bf16, f16 or f32 on CUDA). Master weights, parameter gradients, optimizer state
- * and saved statistics (rstd, lse, per-row losses) are always f32 (`float *`).
+ * bf16, f16 or f32 on CUDA). Master weights, parameter gradients and saved
+ * statistics (rstd, lse, per-row losses) are always f32 (`float *`); the
+ * optimizers' elementwise state is an sj_state (ops/ostate.h: f32, bf16 or
+ * 8 bits), its math f32.
  * Every reduction accumulates in f32 (or wider).
  *
  * Device backends (device != 0) take pointers to device memory, run on the
@@ -26,6 +28,7 @@
 #define SJ_BACKEND_H
 
 #include "../smedjan.h"
+#include "ostate.h"
 #ifndef __cplusplus
 #include "../core/core.h"   /* C side: errors, threads, rng */
 #include "../core/isa.h"
@@ -50,6 +53,7 @@ typedef struct {
     float one_minus_beta1, one_minus_beta2, one_minus_momentum, one_minus_dampening;
     int nesterov;                /* SGD, Muon */
     float beta2_decay, eps2, d;  /* Adafactor */
+    uint64_t state_seed;         /* bf16 state's rounding (ops/ostate.h) */
     int64_t step;        /* 1-based number of this update */
     double sumsq;        /* sum of squared gradients */
 } sj_optim_hp;
@@ -285,18 +289,20 @@ typedef struct sj_backend {
      * not finite nothing is updated; with zero_grads the gradients are
      * zeroed either way; p_act (act dtype, may be NULL) receives the new
      * weights; lr = hp->lr * lr_mult; wd is the range's weight decay.
-     * p, g and every state buffer: (n) f32 unless said otherwise. */
+     * p, g: (n) f32; an sj_state: (n) of its dtype, decoded, updated in
+     * f32 and coded back block by block (a skipped step leaves it as it
+     * was, bit for bit); Adafactor's row and col: f32. */
     /* AdamW (torch.optim.AdamW): decoupled decay p *= 1 - lr wd. */
-    void (*adamw)(float *p, void *p_act, float *g, int zero_grads, float *m, float *v,
+    void (*adamw)(float *p, void *p_act, float *g, int zero_grads, sj_state m, sj_state v,
                   int64_t n, float lr_mult, float wd, const sj_optim_hp *hp);
     /* Lion (lion-pytorch 0.2.5): p *= 1 - lr wd; p -= lr sign(b1 m + (1-b1) g);
      * m = b2 m + (1-b2) g. */
-    void (*lion)(float *p, void *p_act, float *g, int zero_grads, float *m, int64_t n,
+    void (*lion)(float *p, void *p_act, float *g, int zero_grads, sj_state m, int64_t n,
                  float lr_mult, float wd, const sj_optim_hp *hp);
-    /* SGD (torch.optim.SGD): L2 decay g += wd p; momentum buffer (NULL when
+    /* SGD (torch.optim.SGD): L2 decay g += wd p; momentum buffer (data NULL when
      * momentum is 0) = g at step 1, else momentum buf + (1-dampening) g;
      * nesterov: g + momentum buf. */
-    void (*sgd)(float *p, void *p_act, float *g, int zero_grads, float *buf, int64_t n,
+    void (*sgd)(float *p, void *p_act, float *g, int zero_grads, sj_state buf, int64_t n,
                 float lr_mult, float wd, const sj_optim_hp *hp);
     /* Adafactor (torch.optim.Adafactor) over one tensor: (rows, cols), with
      * row (rows) and col (cols) factored second moments; a vector when cols
@@ -310,7 +316,7 @@ typedef struct sj_backend {
      * nesterov ? lerp(g, buf, momentum) : buf (u written even when the step
      * is skipped; buf is not); x (act) = u / max(sqrt(*sumsq), eps); and
      * p = p (1 - lr wd) - lr ratio o, o (act) the orthogonalised update. */
-    void (*muon_momentum)(float *u, float *buf, float *g, int zero_grads, int64_t n,
+    void (*muon_momentum)(float *u, sj_state buf, float *g, int zero_grads, int64_t n,
                           const sj_optim_hp *hp);
     void (*muon_normalize)(void *x, const float *u, int64_t n, const double *sumsq, float eps);
     void (*muon_apply)(float *p, void *p_act, const void *o, int64_t n, float lr_mult,

@@ -82,7 +82,8 @@ static void dt_dealloc(PyObject *self) {
 }
 
 static const char *np_name(sj_dtype d) {
-    return d == SJ_F32 ? "float32" : d == SJ_F16 ? "float16" : d == SJ_I32 ? "int32" : "uint16";
+    return d == SJ_F32 ? "float32" : d == SJ_F16 ? "float16" : d == SJ_I32 ? "int32"
+           : d == SJ_U8 ? "uint8" : "uint16";
 }
 
 static PyObject *dt_shape_tuple(const DeviceTensorObject *t) {
@@ -597,6 +598,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"moe_unpermute_backward", {"dyp", "dweights", "dy", "yp", "weights", "record"}, "aaaaaf"},
         {"moe_matmul", {"y", "x", "w", "record"}, "aaaf"},
         {"moe_matmul_wgrad", {"dw", "dy", "x", "record"}, "faaf"},
+        {"sgd_state", {"p", "g", "buf", "absmax"}, "ffff"},
     };
     int k = -1, fused = 0;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
@@ -658,10 +660,11 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         be->from_host(dhp, &hp, sizeof hp);
         be->sumsq(&dhp->sumsq, D(2), I[0]);
         const size_t as = sj_dtype_size(be->act_dtype);
-        be->adamw(D(0), I[3] ? D(1) : NULL, D(2), 1, D(3), D(4), I[1], 1.0f, (float)Fl[4], dhp);
+        be->adamw(D(0), I[3] ? D(1) : NULL, D(2), 1, sj_state_f32(D(3)), sj_state_f32(D(4)), I[1],
+                  1.0f, (float)Fl[4], dhp);
         be->adamw((float *)D(0) + I[1], I[3] ? (char *)D(1) + I[1] * as : NULL,
-                  (float *)D(2) + I[1], 1, (float *)D(3) + I[1], (float *)D(4) + I[1],
-                  I[0] - I[1], 1.0f, 0.0f, dhp);
+                  (float *)D(2) + I[1], 1, sj_state_f32((float *)D(3) + I[1]),
+                  sj_state_f32((float *)D(4) + I[1]), I[0] - I[1], 1.0f, 0.0f, dhp);
         be->to_host(&hp, dhp, sizeof hp);
         be->free(dhp);
         Fl[7] = hp.sumsq;
@@ -724,6 +727,21 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 34: /* n, K, accum */
         be->moe_matmul_wgrad(D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5]);
         break;
+    case 35: {  /* SGD, no clip or decay, over a state stored as ints (n, state dtype, q8
+                 * signed, seed, step); buf and absmax: f32 arrays holding its bytes;
+                 * floats (lr, momentum). Step 1 stores g itself: the codec alone. */
+        sj_optim_hp hp = { .lr = (float)Fl[0], .momentum = (float)Fl[1],
+                           .one_minus_dampening = 1.0f, .state_seed = (uint64_t)I[3],
+                           .step = I[4] };
+        sj_optim_hp *dhp = be->alloc(sizeof hp, "hp");
+        if (!dhp) break;
+        be->from_host(dhp, &hp, sizeof hp);
+        be->sumsq(&dhp->sumsq, D(1), I[0]);
+        const sj_state buf = { D(2), D(3), (int)I[1], (int)I[2], 0 };
+        be->sgd(D(0), NULL, D(1), 0, buf, I[0], 1.0f, 0.0f, dhp);
+        be->free(dhp);
+        break;
+    }
     }
     }
     if (timer) ms = htimer_end(timer) / reps;

@@ -12,14 +12,17 @@ typedef struct {
     PyObject *owner;          /* keeps the engine memory alive */
     void *ptr;
     Py_ssize_t n;
+    sj_dtype dtype;           /* F32; optimizer state also BF16 (as uint16) or U8 */
     Py_ssize_t *exports;      /* the owner's count of live views */
 } BufferObject;
 
 static int buffer_get(PyObject *self, Py_buffer *view, int flags) {
     BufferObject *b = (BufferObject *)self;
-    if (PyBuffer_FillInfo(view, self, b->ptr, b->n * 4, 0, flags) < 0) return -1;
-    if (flags & PyBUF_FORMAT) view->format = "f";
-    view->itemsize = 4;
+    const Py_ssize_t size = (Py_ssize_t)sj_dtype_size(b->dtype);
+    if (PyBuffer_FillInfo(view, self, b->ptr, b->n * size, 0, flags) < 0) return -1;
+    if (flags & PyBUF_FORMAT) view->format = b->dtype == SJ_F32 ? "f" : size == 2 ? "H" : "B";
+    view->itemsize = size;
+    if (flags & PyBUF_ND) view->shape = &b->n;   /* elements (FillInfo's would be bytes) */
     (*b->exports)++;
     return 0;
 }
@@ -37,16 +40,18 @@ static PyTypeObject BufferType = {
     .tp_name = "smedjan._C.Buffer",
     .tp_basicsize = sizeof(BufferObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A float32 view of engine memory (use numpy.frombuffer).",
+    .tp_doc = "A 1-D view of engine memory: float32, or uint16 (bf16 bits) or uint8 optimizer "
+              "state (use numpy.frombuffer).",
     .tp_dealloc = buffer_dealloc,
     .tp_as_buffer = &buffer_procs,
 };
 
-static PyObject *buffer_new(PyObject *owner, void *ptr, Py_ssize_t n, Py_ssize_t *exports) {
+static PyObject *buffer_new(PyObject *owner, void *ptr, Py_ssize_t n, sj_dtype dtype,
+                            Py_ssize_t *exports) {
     BufferObject *b = PyObject_New(BufferObject, &BufferType);
     if (!b) return NULL;
     Py_INCREF(owner);
-    b->owner = owner; b->ptr = ptr; b->n = n; b->exports = exports;
+    b->owner = owner; b->ptr = ptr; b->n = n; b->dtype = dtype; b->exports = exports;
     return (PyObject *)b;
 }
 
@@ -483,18 +488,18 @@ static PyObject *model_tensors(PyObject *self, PyObject *noargs) {
 }
 
 /* Host memory: a Buffer for numpy.frombuffer; device memory: a DeviceTensor. */
-static PyObject *flat_view(PyObject *owner, sj_model *m, float *p, int64_t n, Py_ssize_t *exports,
-                           sj_model *notify) {
+static PyObject *flat_view(PyObject *owner, sj_model *m, void *p, int64_t n, sj_dtype dtype,
+                           Py_ssize_t *exports, sj_model *notify) {
     if (!p) { PyErr_SetString(PyExc_RuntimeError, "model has no buffers (a move failed)"); return NULL; }
-    if (sj_model_device(m) != SJ_DEVICE_CUDA) return buffer_new(owner, p, n, exports);
-    return sj_py_device_tensor(owner, p, 1, &n, SJ_F32, exports, notify);
+    if (sj_model_device(m) != SJ_DEVICE_CUDA) return buffer_new(owner, p, n, dtype, exports);
+    return sj_py_device_tensor(owner, p, 1, &n, dtype, exports, notify);
 }
 
 static PyObject *model_params(PyObject *self, PyObject *noargs) {
     NEED_MODEL(self);
     int64_t n;
     float *p = sj_model_params(MODEL(self), &n);
-    return flat_view(self, MODEL(self), p, n, &((ModelObject *)self)->exports, MODEL(self));
+    return flat_view(self, MODEL(self), p, n, SJ_F32, &((ModelObject *)self)->exports, MODEL(self));
 }
 
 static PyObject *model_grads(PyObject *self, PyObject *noargs) {
@@ -505,7 +510,7 @@ static PyObject *model_grads(PyObject *self, PyObject *noargs) {
     if (s) return sj_py_raise(s);
     int64_t n;
     float *p = sj_model_grads(MODEL(self), &n);
-    return flat_view(self, MODEL(self), p, n, &((ModelObject *)self)->exports, NULL);
+    return flat_view(self, MODEL(self), p, n, SJ_F32, &((ModelObject *)self)->exports, NULL);
 }
 
 /* holds() -> (gradients, 16-bit compute copy): whether the model holds them
@@ -930,6 +935,15 @@ static int optim_kind(const char *name, sj_optim_kind *out) {
     return -1;
 }
 
+static int state_dtype_of(const char *name, sj_state_dtype *out) {
+    static const char *const NAMES[SJ_STATE__COUNT] = { "fp32", "bf16", "8bit" };
+    for (int k = 0; k < SJ_STATE__COUNT; k++)
+        if (!strcmp(name, NAMES[k])) { *out = (sj_state_dtype)k; return 0; }
+    PyErr_Format(PyExc_ValueError, "optim_state_dtype must be one of fp32, bf16, 8bit; got '%s'",
+                 name);
+    return -1;
+}
+
 /* groups: None, or one (lr_mult, weight_decay) per model tensor. */
 static int param_groups(PyObject *seq, sj_model *m, sj_param_group **out) {
     *out = NULL;
@@ -961,25 +975,30 @@ static int opt_init(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"model", "lr", "min_lr", "warmup", "steps", "beta1", "beta2",
                              "eps", "weight_decay", "clip", "kind", "momentum", "dampening",
                              "nesterov", "beta2_decay", "eps2", "d", "ns_steps", "ns_a", "ns_b",
-                             "ns_c", "ns_eps", "match_rms_adamw", "adamw_lr", "groups", NULL};
+                             "ns_c", "ns_eps", "match_rms_adamw", "adamw_lr", "groups",
+                             "state_dtype", "state_seed", NULL};
     PyObject *model, *groups_o = Py_None;
-    const char *kind = "adamw";
+    const char *kind = "adamw", *state_dtype = "fp32";
+    unsigned long long state_seed = 0;
     sj_train_config tc = { 3e-4f, 3e-5f, 0, 1, 0.9, 0.95, 1e-8f, 0.1f, 1.0f };
     tc.beta2_decay = -0.8f; tc.eps2 = 1e-3f; tc.d = 1.0f;
     tc.ns_steps = 5; tc.ns_a = 3.4445f; tc.ns_b = -4.7750f; tc.ns_c = 2.0315f; tc.ns_eps = 1e-7f;
     tc.adamw_lr = 3e-4f;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|ffiiddfffsddpfffiffffpfO", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|ffiiddfffsddpfffiffffpfOsK", kwlist,
                                      &ModelType, &model, &tc.max_lr, &tc.min_lr,
                                      &tc.warmup_steps, &tc.total_steps, &tc.beta1, &tc.beta2,
                                      &tc.eps, &tc.weight_decay, &tc.clip, &kind, &tc.momentum,
                                      &tc.dampening, &tc.nesterov, &tc.beta2_decay, &tc.eps2,
                                      &tc.d, &tc.ns_steps, &tc.ns_a, &tc.ns_b, &tc.ns_c,
-                                     &tc.ns_eps, &tc.match_rms_adamw, &tc.adamw_lr, &groups_o))
+                                     &tc.ns_eps, &tc.match_rms_adamw, &tc.adamw_lr, &groups_o,
+                                     &state_dtype, &state_seed))
         return -1;
+    tc.state_seed = state_seed;
     if (!MODEL(model)) { PyErr_SetString(PyExc_RuntimeError, "Model not initialised"); return -1; }
     if (op->o) { PyErr_SetString(PyExc_RuntimeError, "Optimizer already initialised"); return -1; }
     sj_param_group *groups;
-    if (optim_kind(kind, &tc.kind) < 0 || param_groups(groups_o, MODEL(model), &groups) < 0)
+    if (optim_kind(kind, &tc.kind) < 0 || state_dtype_of(state_dtype, &tc.state_dtype) < 0 ||
+        param_groups(groups_o, MODEL(model), &groups) < 0)
         return -1;
     sj_status s = sj_optimizer_create(MODEL(model), &tc, groups, &op->o);
     PyMem_Free(groups);
@@ -989,16 +1008,18 @@ static int opt_init(PyObject *self, PyObject *args, PyObject *kw) {
     return 0;
 }
 
-/* optimizer_state_bytes(model, kind, momentum) -> bytes of that optimizer's
- * state and scratch for the model (sj_optimizer_plan_bytes) */
+/* optimizer_state_bytes(model, kind, momentum, state_dtype="fp32") -> bytes of
+ * that optimizer's state and scratch for the model (sj_optimizer_plan_bytes) */
 static PyObject *py_optimizer_state_bytes(PyObject *self, PyObject *args) {
     PyObject *model;
-    const char *kind;
+    const char *kind, *state_dtype = "fp32";
     sj_train_config tc = { 1e-3f, 0.0f, 0, 1, 0.9, 0.95, 1e-8f, 0.0f, 0.0f };
     tc.d = 1.0f; tc.ns_steps = 5;
-    if (!PyArg_ParseTuple(args, "O!sd", &ModelType, &model, &kind, &tc.momentum)) return NULL;
+    if (!PyArg_ParseTuple(args, "O!sd|s", &ModelType, &model, &kind, &tc.momentum, &state_dtype))
+        return NULL;
     sj_model *m = MODEL(model);
-    if (!m || optim_kind(kind, &tc.kind) < 0) return NULL;
+    if (!m || optim_kind(kind, &tc.kind) < 0 || state_dtype_of(state_dtype, &tc.state_dtype) < 0)
+        return NULL;
     int64_t bytes;
     sj_status s = sj_optimizer_plan_bytes(m, &tc, &bytes);
     if (s) return sj_py_raise(s);
@@ -1056,11 +1077,12 @@ static PyObject *opt_state(PyObject *self, PyObject *args) {
     if (opt_views_ok(self)) return NULL;
     ((OptimizerObject *)self)->view_place = model_place(((OptimizerObject *)self)->model);
     int64_t n;
-    float *p;
-    Py_BEGIN_ALLOW_THREADS p = sj_optimizer_state(OPT(self), which, &n);
+    sj_dtype dtype;
+    void *p;
+    Py_BEGIN_ALLOW_THREADS p = sj_optimizer_state(OPT(self), which, &dtype, &n);
     Py_END_ALLOW_THREADS
     if (!p) return sj_py_raise(SJ_ERR_RUNTIME);
-    return flat_view(self, MODEL(((OptimizerObject *)self)->model), p, n,
+    return flat_view(self, MODEL(((OptimizerObject *)self)->model), p, n, dtype,
                      &((OptimizerObject *)self)->exports, NULL);
 }
 
@@ -1116,7 +1138,8 @@ static PyMethodDef opt_methods[] = {
     {"skips", opt_skips, METH_NOARGS,
      "skips() -> (skipped_steps, skip_run): updates skipped in all, and in a row (non-finite)"},
     {"set_skips", opt_set_skips, METH_VARARGS, "set_skips(skipped_steps, skip_run) (resume)"},
-    {"state", opt_state, METH_VARARGS, "state(i) -> Buffer of the i-th state buffer"},
+    {"state", opt_state, METH_VARARGS,
+     "state(i) -> view of the i-th state buffer (float32; uint16 bf16 bits; uint8 codes)"},
     {"state_names", opt_state_names, METH_NOARGS,
      "state_names() -> [str]: the state buffers' names, in order"},
     {NULL, NULL, 0, NULL},
@@ -1182,7 +1205,8 @@ static PyMethodDef functions[] = {
      "rope_freqs(config, seq_len) -> ([inv_freq], mscale): RoPE as the kernels apply it"},
     {"lr_at", py_lr_at, METH_VARARGS, "lr_at(max_lr, min_lr, warmup, steps, step) -> float"},
     {"optimizer_state_bytes", py_optimizer_state_bytes, METH_VARARGS,
-     "optimizer_state_bytes(model, kind, momentum) -> bytes of its state and scratch"},
+     "optimizer_state_bytes(model, kind, momentum, state_dtype='fp32') -> bytes of its state "
+     "and scratch"},
     {NULL, NULL, 0, NULL},
 };
 

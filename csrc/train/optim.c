@@ -6,7 +6,9 @@
  * a device backend the whole step (inputs in, forward, losses out,
  * backward, norm, clip, update, norm out) is captured once per (B, T) as a
  * graph and replayed; the scalars that change per step travel through
- * pinned memory that the graph's copy nodes read at replay time. */
+ * pinned memory that the graph's copy nodes read at replay time. The
+ * elementwise state is stored f32, bf16 or 8-bit (ops/ostate.h): one
+ * allocation, each state buffer's part 256-byte aligned. */
 #include "../model/model.h"
 #include <math.h>
 #include <stdio.h>
@@ -25,10 +27,15 @@ typedef struct {
 } segment;
 
 /* Where each rule keeps its state: the kind's buffers (names in order) and
- * which of them a tensor's rule uses. */
+ * which of them a tensor's rule uses. The elements of all buffers are
+ * numbered in order (segment.s0, .s1 and bf16 rounding's counter). */
 typedef struct {
     const char *names[MAX_STATES];
-    int64_t len[MAX_STATES];     /* floats */
+    int64_t len[MAX_STATES];     /* elements (8-bit: each tensor's padded to whole blocks) */
+    sj_state_dtype dtype;        /* of every buffer */
+    int64_t first[MAX_STATES];   /* a buffer's first element's number */
+    int64_t data_at[MAX_STATES], scale_at[MAX_STATES];   /* byte offsets; scales: 8-bit */
+    int64_t bytes;               /* the whole state */
     int64_t max_matrix, max_gram;   /* Muon: the largest matrix and Gram matrix */
     int64_t max_rows;            /* Adafactor: the most rows of a matrix */
     int sums;                    /* the rule reduces per tensor (Adafactor, Muon) */
@@ -39,8 +46,8 @@ struct sj_optimizer {
     sj_train_config tc;
     segment *segs; int n_segs;
     state_plan plan;
-    float *state;                /* every state buffer, one after another */
-    int64_t n_state;
+    char *state;                 /* every state buffer, one after another (plan.bytes) */
+    char names[2 * MAX_STATES][32];   /* the exposed buffers' names */
     void *scratch;               /* Muon's iterates, the reductions' sums */
     double *sums;
     float *u; void *x, *y, *gram, *gram2;
@@ -81,6 +88,8 @@ static sj_status check(const sj_train_config *tc) {
          "clip must be a finite number >= 0 (0: no clipping), got %g", (double)tc->clip);
     const sj_optim_kind k = tc->kind;
     NEED(k >= 0 && k < SJ_OPTIM__COUNT, "unknown optimizer kind %d", (int)k);
+    NEED(tc->state_dtype >= 0 && tc->state_dtype < SJ_STATE__COUNT,
+         "unknown optimizer state dtype %d", (int)tc->state_dtype);
     /* Muon's own eps is its Newton-Schulz floor; its AdamW part's are adamw_*. */
     const char *aux = k == SJ_OPTIM_MUON ? "adamw_" : "";
     if (k == SJ_OPTIM_ADAMW || k == SJ_OPTIM_LION || k == SJ_OPTIM_MUON)
@@ -129,8 +138,16 @@ static sj_optim_kind rule_of(const sj_train_config *tc, const sj_tensor_info *t)
            ? SJ_OPTIM_MUON : SJ_OPTIM_ADAMW;
 }
 
+/* Adafactor's statistics are O(rows + cols) a matrix: f32 whatever is asked. */
+static sj_state_dtype stored_dtype(const sj_train_config *tc) {
+    return tc->kind == SJ_OPTIM_ADAFACTOR ? SJ_STATE_F32 : tc->state_dtype;
+}
+
+static int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
 /* Which state buffers (of the kind's, in order) a tensor uses, and how
- * many floats in each. */
+ * many elements in each (8-bit: whole blocks, so that a range's blocks
+ * are its own). */
 static void tensor_state(const sj_train_config *tc, const sj_tensor_info *t, int slot[2],
                          int64_t len[2]) {
     const int matrix = t->ndim == 2;
@@ -150,7 +167,12 @@ static void tensor_state(const sj_train_config *tc, const sj_tensor_info *t, int
     case SJ_OPTIM_MUON: slot[0] = 0; break;
     default: break;
     }
+    if (stored_dtype(tc) == SJ_STATE_Q8)
+        for (int k = 0; k < 2; k++) len[k] = round_up(len[k], SJ_Q8_BLOCK);
 }
+
+static int64_t align256(int64_t bytes) { return (bytes + 255) & ~(int64_t)255; }
+static const int64_t ELEMENT_BYTES[SJ_STATE__COUNT] = { 4, 2, 1 };
 
 static const char *const STATE_NAMES[SJ_OPTIM__COUNT][MAX_STATES] = {
     [SJ_OPTIM_ADAMW] = {"exp_avg", "exp_avg_sq"},
@@ -166,6 +188,7 @@ static void lay_out(const sj_model *m, const sj_train_config *tc, const sj_param
                     state_plan *sp, segment *segs, int *n_segs) {
     memset(sp, 0, sizeof *sp);
     for (int k = 0; k < MAX_STATES; k++) sp->names[k] = STATE_NAMES[tc->kind][k];
+    sp->dtype = stored_dtype(tc);
     sp->sums = tc->kind == SJ_OPTIM_ADAFACTOR || tc->kind == SJ_OPTIM_MUON;
     int slot[2];
     int64_t len[2];
@@ -181,9 +204,17 @@ static void lay_out(const sj_model *m, const sj_train_config *tc, const sj_param
             sp->max_gram = SJ_MAX(sp->max_gram, small * small);
         }
     }
+    int64_t first = 0;
+    for (int k = 0; k < MAX_STATES; first += sp->len[k++]) {
+        sp->first[k] = first;
+        sp->data_at[k] = sp->bytes;
+        sp->bytes += align256(ELEMENT_BYTES[sp->dtype] * sp->len[k]);
+        sp->scale_at[k] = sp->bytes;
+        if (sp->dtype == SJ_STATE_Q8) sp->bytes += align256(4 * (sp->len[k] / SJ_Q8_BLOCK));
+    }
     if (!segs) return;
-    int64_t next[MAX_STATES], base = 0;
-    for (int k = 0; k < MAX_STATES; k++) { next[k] = base; base += sp->len[k]; }
+    int64_t next[MAX_STATES];
+    for (int k = 0; k < MAX_STATES; k++) next[k] = sp->first[k];
     const float adamw_mult = tc->kind == SJ_OPTIM_MUON && tc->max_lr > 0
                              ? tc->adamw_lr / tc->max_lr : 1.0f;
     int n = 0;
@@ -225,7 +256,6 @@ static void lay_out(const sj_model *m, const sj_train_config *tc, const sj_param
 /* The scratch, each part 256-byte aligned: the reductions' sums (doubles:
  * Muon's norm; Adafactor's 3 sums and per-row partials), then Muon's u
  * (f32), x, y (act, its largest matrix), gram, gram2 (act, Gram matrices). */
-static int64_t align256(int64_t bytes) { return (bytes + 255) & ~(int64_t)255; }
 static int64_t scratch_bytes(const state_plan *sp, sj_dtype act) {
     const int64_t a = (int64_t)sj_dtype_size(act);
     if (!sp->sums) return 0;
@@ -233,22 +263,16 @@ static int64_t scratch_bytes(const state_plan *sp, sj_dtype act) {
            2 * align256(a * sp->max_matrix) + 2 * align256(a * sp->max_gram);
 }
 
-static int64_t state_floats(const state_plan *sp) {
-    int64_t n = 0;
-    for (int k = 0; k < MAX_STATES; k++) n += sp->len[k];
-    return n;
-}
-
 sj_status sj_optimizer_plan_bytes(const sj_model *m, const sj_train_config *tc, int64_t *bytes) {
     SJ_TRY(check(tc));
     state_plan sp;
     lay_out(m, tc, NULL, &sp, NULL, NULL);
-    *bytes = 4 * state_floats(&sp) + scratch_bytes(&sp, m->be->act_dtype);
+    *bytes = sp.bytes + scratch_bytes(&sp, m->be->act_dtype);
     return SJ_OK;
 }
 
 static int64_t held_bytes(const sj_optimizer *o, sj_dtype act) {
-    return 4 * o->n_state + scratch_bytes(&o->plan, act);
+    return o->plan.bytes + scratch_bytes(&o->plan, act);
 }
 
 static sj_status alloc_state(sj_optimizer *o) {
@@ -256,7 +280,7 @@ static sj_status alloc_state(sj_optimizer *o) {
     const sj_backend *be = m->be;
     const int64_t sb = scratch_bytes(&o->plan, be->act_dtype);
     /* (backends give a small block for 0 bytes: SGD without momentum has no state) */
-    o->state = be->alloc(sizeof(float) * (size_t)o->n_state, "optimizer state");
+    o->state = be->alloc((size_t)o->plan.bytes, "optimizer state");
     o->scratch = o->state ? be->alloc((size_t)sb, "optimizer scratch") : NULL;
     if (!o->scratch) {
         if (o->state) be->free(o->state);
@@ -291,14 +315,14 @@ static void free_state(sj_optimizer *o) {
 static sj_status follow_model(sj_optimizer *o) {
     sj_model *m = o->model;
     if (o->epoch == m->epoch) return SJ_OK;
-    const size_t bytes = sizeof(float) * (size_t)o->n_state;
+    const size_t bytes = (size_t)o->plan.bytes;
     /* Checked before the old state goes: a refusal leaves it usable. */
     SJ_TRY(sj_model_check_memory(m, SJ_DEVICE_CPU, (int64_t)bytes, 0,
                                  "the optimizer state's host staging"));
     if (o->be->device != m->be->device)
         SJ_TRY(sj_model_check_memory(m, m->device, held_bytes(o, m->be->act_dtype), 0,
                                      "the optimizer state"));
-    float *hs = sj_alloc(bytes + sizeof(float), "optimizer state (host staging)");
+    char *hs = sj_alloc(bytes + sizeof(float), "optimizer state (host staging)");
     if (!hs) return SJ_ERR_NOMEM;
     o->be->to_host(hs, o->state, bytes);
     free_state(o);
@@ -311,6 +335,8 @@ static sj_status follow_model(sj_optimizer *o) {
     sj_free(hs);
     return s;
 }
+
+static void name_states(sj_optimizer *o);
 
 sj_status sj_optimizer_create(sj_model *m, const sj_train_config *tc,
                               const sj_param_group *groups, sj_optimizer **out) {
@@ -333,7 +359,7 @@ sj_status sj_optimizer_create(sj_model *m, const sj_train_config *tc,
     o->tc = *tc;
     o->segs = segs;
     lay_out(m, tc, groups, &o->plan, segs, &o->n_segs);
-    o->n_state = state_floats(&o->plan);
+    name_states(o);
     /* Planned like activations, before anything is allocated: the state,
      * and what training brings besides (the gradients, held or in a step's
      * arena, and a 16-bit model's compute copy). The activation arena is
@@ -344,14 +370,17 @@ sj_status sj_optimizer_create(sj_model *m, const sj_train_config *tc,
                           ? (int64_t)sj_dtype_size(m->be->act_dtype) * n : 0);
     static const char *const NAMES[SJ_OPTIM__COUNT] = { "AdamW", "Lion", "SGD", "Adafactor",
                                                          "Muon" };
+    static const char *const DTYPES[SJ_STATE__COUNT] = { "", "bf16, ", "8-bit, " };
     char what[160];
-    snprintf(what, sizeof what, "a Trainer's %s state (%lld bytes) with the gradients and "
-             "compute copy it brings", NAMES[tc->kind], (long long)held_bytes(o, m->be->act_dtype));
+    snprintf(what, sizeof what, "a Trainer's %s state (%s%lld bytes) with the gradients and "
+             "compute copy it brings", NAMES[tc->kind], DTYPES[o->plan.dtype],
+             (long long)held_bytes(o, m->be->act_dtype));
     sj_status s = sj_model_check_memory(m, m->device, want, 1, what);
     if (s == SJ_OK && alloc_state(o) != SJ_OK) s = SJ_ERR_NOMEM;
     if (s != SJ_OK) { free(segs); free(o); return s; }
     m->be->bind(m->ctx);
-    m->be->fill(o->state, 0.0f, o->n_state);
+    /* zero bits: zero in every dtype (8-bit: a zero absmax scales any code to 0) */
+    m->be->fill((float *)o->state, 0.0f, o->plan.bytes / 4);
     s = m->be->sync();
     if (s != SJ_OK) { sj_optimizer_free(o); return s; }
     *out = o;
@@ -386,36 +415,63 @@ sj_status sj_optimizer_set_skips(sj_optimizer *o, int64_t skipped_steps, int64_t
 }
 void sj_optimizer_set_step(sj_optimizer *o, int64_t step) { o->step = step; }
 
-/* The which-th state buffer that holds anything: its slot, or -1. */
-static int nth_state(const sj_optimizer *o, int which) {
+/* The which-th exposed buffer: the slot of a state buffer that holds
+ * anything, and the part (8-bit: 0 the codes, 1 the scales); -1 if none. */
+static int nth_state(const sj_optimizer *o, int which, int *part) {
+    const int parts = o->plan.dtype == SJ_STATE_Q8 ? 2 : 1;
+    if (which < 0) return -1;
     for (int k = 0; k < MAX_STATES; k++)
-        if (o->plan.len[k] > 0 && which-- == 0) return k;
+        if (o->plan.len[k] > 0) {
+            if (which < parts) { *part = which; return k; }
+            which -= parts;
+        }
     return -1;
 }
 
 int sj_optimizer_n_states(const sj_optimizer *o) {
-    int n = 0;
-    while (nth_state(o, n) >= 0) n++;
+    int n = 0, part;
+    while (nth_state(o, n, &part) >= 0) n++;
     return n;
 }
 
 const char *sj_optimizer_state_name(const sj_optimizer *o, int which) {
-    const int k = nth_state(o, which);
-    return k < 0 ? NULL : o->plan.names[k];
+    return which >= 0 && which < sj_optimizer_n_states(o) ? o->names[which] : NULL;
 }
 
-float *sj_optimizer_state(sj_optimizer *o, int which, int64_t *n) {
-    const int k = nth_state(o, which);
+static void name_states(sj_optimizer *o) {
+    int part;
+    for (int i = 0, k; (k = nth_state(o, i, &part)) >= 0; i++)
+        snprintf(o->names[i], sizeof o->names[i], "%s%s", o->plan.names[k],
+                 o->plan.dtype != SJ_STATE_Q8 ? "" : part ? ".scale" : ".q8");
+}
+
+void *sj_optimizer_state(sj_optimizer *o, int which, sj_dtype *dtype, int64_t *n) {
+    int part;
+    const int k = nth_state(o, which, &part);
     if (k < 0) {
         sj_fail(SJ_ERR_ARG, "optimizer state %d out of range [0, %d)", which,
                 sj_optimizer_n_states(o));
         return NULL;
     }
-    if (n) *n = o->plan.len[k];
+    static const sj_dtype STORED[SJ_STATE__COUNT] = { SJ_F32, SJ_BF16, SJ_U8 };
+    const int scales = o->plan.dtype == SJ_STATE_Q8 && part == 1;
+    if (dtype) *dtype = scales ? SJ_F32 : STORED[o->plan.dtype];
+    if (n) *n = scales ? o->plan.len[k] / SJ_Q8_BLOCK : o->plan.len[k];
     if (follow_model(o) != SJ_OK) return NULL;
-    int64_t off = 0;
-    for (int j = 0; j < k; j++) off += o->plan.len[j];
-    return o->state + off;
+    return o->state + (scales ? o->plan.scale_at[k] : o->plan.data_at[k]);
+}
+
+/* A segment's range of state buffer element `at` (-1: none) as its kernel sees it. */
+static sj_state state_ref(const sj_optimizer *o, int64_t at) {
+    sj_state st = { NULL, NULL, o->plan.dtype, 0, at };
+    if (at < 0) return st;
+    int k = MAX_STATES - 1;
+    while (at < o->plan.first[k] || o->plan.len[k] == 0) k--;
+    const int64_t e = at - o->plan.first[k];
+    st.data = o->state + o->plan.data_at[k] + ELEMENT_BYTES[o->plan.dtype] * e;
+    st.absmax = (float *)(o->state + o->plan.scale_at[k]) + e / SJ_Q8_BLOCK;
+    st.q8_signed = strcmp(o->plan.names[k], "exp_avg_sq") != 0;   /* second moments are >= 0 */
+    return st;
 }
 
 /* This step's hyper-parameters into the pinned `in` scalars. */
@@ -427,7 +483,8 @@ static float set_hp(sj_optimizer *o) {
                          (float)tc->momentum, (float)tc->dampening,
                          (float)(1.0 - tc->beta1), (float)(1.0 - tc->beta2),
                          (float)(1.0 - tc->momentum), (float)(1.0 - tc->dampening),
-                         tc->nesterov, tc->beta2_decay, tc->eps2, tc->d, o->step + 1, 0.0 };
+                         tc->nesterov, tc->beta2_decay, tc->eps2, tc->d, tc->state_seed,
+                         o->step + 1, 0.0 };
     return rate;
 }
 
@@ -442,7 +499,7 @@ static void muon_matrix(sj_optimizer *o, const segment *sg, float *g, int zero_g
     const sj_train_config *tc = &o->tc;
     const int R = (int)sg->rows, C = (int)sg->cols, tall = R > C, s = tall ? C : R;
     const int64_t n = sg->numel;
-    be->muon_momentum(o->u, o->state + sg->s0, g + sg->offset, zero_grads, n, hp);
+    be->muon_momentum(o->u, state_ref(o, sg->s0), g + sg->offset, zero_grads, n, hp);
     be->sumsq(o->sums, o->u, n);
     be->muon_normalize(o->x, o->u, n, o->sums, tc->ns_eps);
     for (int it = 0; it < tc->ns_steps; it++) {
@@ -475,7 +532,7 @@ static void enqueue_update(sj_optimizer *o, float *g) {
     for (int i = 0; i < o->n_segs; i++) {
         const segment *sg = &o->segs[i];
         float *p = md->params + sg->offset, *gs = g + sg->offset;
-        float *s0 = sg->s0 < 0 ? NULL : o->state + sg->s0, *s1 = sg->s1 < 0 ? NULL : o->state + sg->s1;
+        const sj_state s0 = state_ref(o, sg->s0), s1 = state_ref(o, sg->s1);
         void *pa = md->params_act == md->params ? NULL
                    : (char *)md->params_act + sg->offset * (int64_t)act;
         switch (sg->rule) {
@@ -489,7 +546,7 @@ static void enqueue_update(sj_optimizer *o, float *g) {
             be->sgd(p, pa, gs, zero, s0, sg->numel, sg->lr_mult, sg->weight_decay, hp);
             break;
         case SJ_OPTIM_ADAFACTOR:
-            be->adafactor(p, pa, gs, zero, s0, s1, sg->rows, sg->cols, sg->lr_mult,
+            be->adafactor(p, pa, gs, zero, s0.data, s1.data, sg->rows, sg->cols, sg->lr_mult,
                           sg->weight_decay, o->sums, hp);
             break;
         case SJ_OPTIM_MUON: muon_matrix(o, sg, g, zero, hp); break;

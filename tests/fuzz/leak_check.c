@@ -76,7 +76,7 @@ static void model_cycle(int round) {
     const char *mom[2] = {"optim.exp_avg", "optim.exp_avg_sq"};
     for (int k = 0; k < 2; k++) {
         t[nt + k].name = mom[k]; t[nt + k].dtype = "F32"; t[nt + k].ndim = 1;
-        t[nt + k].data = sj_optimizer_state(o, k, &ns);
+        t[nt + k].data = sj_optimizer_state(o, k, NULL, &ns);
         t[nt + k].shape[0] = ns;
     }
     sj_st_meta meta[2] = {{"format", "smedjan-checkpoint"}, {"step", "2"}};
