@@ -51,7 +51,9 @@ sj_status sj_threads_set(int n);
 
 /* Architecture options. Zero everywhere is the plain model: RMSNorm, RoPE,
  * GQA attention over the whole causal context, SwiGLU, tied head. */
-enum { SJ_MIXER_ATTENTION = 0, SJ_MIXER__COUNT };
+enum { SJ_MIXER_ATTENTION = 0,
+       SJ_MIXER_MLA,           /* multi-head latent attention (DeepSeek-V2/V3), sj_mla */
+       SJ_MIXER__COUNT };
 enum { SJ_FFN_SWIGLU = 0,      /* silu(gate) * up            */
        SJ_FFN_RELU2,           /* relu(gate)^2 * up           */
        SJ_FFN__COUNT };
@@ -85,6 +87,19 @@ typedef struct {
                                  * (transformers' default, true) */
 } sj_rope_scaling;
 
+/* Multi-head latent attention's sizes (DeepSeek-V2/V3; the "mla" mixer). Per
+ * head, q = (q_nope, q_pe) of qk_nope_head_dim + qk_rope_head_dim; keys are
+ * (k_nope, k_pe) with k_pe one RoPE key shared by all heads; values have
+ * v_head_dim. k_nope and v come from a latent of kv_lora_rank values, which
+ * with k_pe is all that generation caches. */
+typedef struct {
+    int q_lora_rank;        /* q through a (q_lora_rank) bottleneck; 0: one q projection */
+    int kv_lora_rank;
+    int qk_nope_head_dim;
+    int qk_rope_head_dim;   /* even */
+    int v_head_dim;         /* <= qk_nope_head_dim + qk_rope_head_dim */
+} sj_mla;
+
 typedef struct {
     int dim;          /* model width C                                   */
     int n_layers;
@@ -101,11 +116,12 @@ typedef struct {
                        * H/2 heads and KV/2 kv heads; wo reads (H/2)*hd */
     float value_mix;  /* seed 001: each layer's v = (1-a) v + a v of layer 0   */
     float embed_skip; /* seed 001: each layer after the first adds a * embedding to its input */
+    sj_mla mla;       /* the mla layers' sizes (read only where a layer's mixer is mla) */
     sj_layer layers[SJ_MAX_LAYERS];   /* [0, n_layers) */
 } sj_config;
 
 /* Names of the option values, as configs and checkpoints spell them
- * ("attention"; "swiglu", "relu2"; "none", "weighted", "plain"; "default",
+ * ("attention", "mla"; "swiglu", "relu2"; "none", "weighted", "plain"; "default",
  * "linear", "dynamic", "yarn"); NULL out of range. */
 const char *sj_mixer_name(int kind);
 const char *sj_ffn_name(int kind);
@@ -330,8 +346,8 @@ sj_status sj_optimizer_set_skips(sj_optimizer *o, int64_t skipped_steps, int64_t
 /* ---- testing hooks ---- */
 
 /* Finite-difference check of one op's backward (embedding, rmsnorm, matmul,
- * rope, rope_yarn, attention, swiglu, add, axpy, pair_heads, mix, cross_entropy, the
- * fused projections; "swiglu_relu2" and "matmul_swiglu_relu2" for relu2;
+ * rope, rope_yarn, attention, swiglu, add, axpy, pair_heads, mix, cross_entropy,
+ * mla_pack, head_slice, the fused projections; "swiglu_relu2" and "matmul_swiglu_relu2" for relu2;
  * "mix_shared_y": one y read by two mixes) on random inputs; with
  * accumulate, gradients must add onto existing values. *max_err is the
  * largest relative error over the op's inputs; detail names each. */

@@ -46,6 +46,11 @@ class Config:
     ffn: Union[str, tuple] = "swiglu"           # or "relu2": relu(gate)^2 * up
     qk_norm: Union[str, tuple] = "none"         # "weighted" (Qwen3) or "plain" (no gains)
     window: Union[int, tuple] = 0               # sliding window in tokens; 0: all
+    # The mla layers' sizes (mixer "mla", DeepSeek-V2/V3): {"q_lora_rank" (0: no q
+    # bottleneck), "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    # "v_head_dim"}; left out, DeepSeek-V3's proportions to the head size. None
+    # where no layer is mla.
+    mla: Optional[dict] = None
 
     def __post_init__(self):
         # The engine validates (ValueError names the field) and gives the
@@ -56,6 +61,7 @@ class Config:
             object.__setattr__(self, k, tuple(v) if isinstance(v, list) else v)
         if self.rope_scaling is not None:   # defaults filled, the given values kept
             object.__setattr__(self, "rope_scaling", {**canon["rope_scaling"], **self.rope_scaling})
+        object.__setattr__(self, "mla", canon["mla"])
 
     def layer(self, i: int) -> dict:
         """Layer i's kinds: {"mixer", "ffn", "qk_norm", "window"}."""
@@ -69,7 +75,7 @@ class Config:
         """True for the Llama-style model without options."""
         return self == dataclasses.replace(
             self, rope_scaling=None, tied_head=True, paired_heads=False, value_mix=0.0,
-            embed_skip=0.0, mixer="attention", ffn="swiglu", qk_norm="none", window=0)
+            embed_skip=0.0, mixer="attention", ffn="swiglu", qk_norm="none", window=0, mla=None)
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = 8192, **overrides) -> "Config":
@@ -113,8 +119,9 @@ class Config:
         for k in LAYER_FIELDS:
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
-        if d["rope_scaling"] is not None:
-            d["rope_scaling"] = dict(d["rope_scaling"])
+        for k in ("rope_scaling", "mla"):
+            if d[k] is not None:
+                d[k] = dict(d[k])
         return d
 
     def __hash__(self):
