@@ -99,6 +99,9 @@ typedef struct {
     int qk_rope_head_dim;   /* even */
     int v_head_dim;         /* <= qk_nope_head_dim + qk_rope_head_dim */
 } sj_mla;
+/* The epsilon of the mla latents' norms (q_a_norm, kv_a_norm): DeepSeek's,
+ * whatever norm_eps is, as transformers' DeepseekV3 has it. */
+#define SJ_MLA_NORM_EPS 1e-6f
 
 typedef struct {
     int dim;          /* model width C                                   */

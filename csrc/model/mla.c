@@ -1,7 +1,7 @@
 /* mla.c — the mla mixer: DeepSeek-V2/V3 multi-head latent attention
  * (transformers' DeepseekV3Attention is the reference) recorded from tape
  * ops. Per layer:
- *   q      = q_b_proj(rmsnorm(q_a_proj(h)))   or q_proj(h)     (N, H*(dn+dr))
+ *   q      = q_b_proj(rmsnorm(q_a_proj(h)))   or wq(h)         (N, H*(dn+dr))
  *   ckv    = kv_a_proj rows [0, kvr)     @ h, normed           (N, kvr)  the latent
  *   kpe    = kv_a_proj rows [kvr, kvr+dr) @ h                   (N, dr)   one key for all heads
  *   kv     = kv_b_proj(ckv)                                    (N, H*(dn+dv)) k_nope, v
@@ -35,7 +35,7 @@ int sj_mla_record(sj_model *m, sj_plan *pl, int l, int h, int end_block) {
               hq = dn + dr, qr = a->q_lora_rank, kvr = a->kv_lora_rank;
     #define W(name, row0, rows) sj_model_weight(m, pl, "layers.%d.mla." name, l, row0, rows)
     int q = qr ? sj_op_matmul(tp, h, W("q_a_proj", 0, qr), N, qr, C)
-               : sj_op_matmul(tp, h, W("q_proj", 0, H * hq), N, H * hq, C);
+               : sj_op_matmul(tp, h, sj_model_weight(m, pl, "layers.%d.wq", l, 0, H * hq), N, H * hq, C);
     const int ckv = sj_op_matmul(tp, h, W("kv_a_proj", 0, kvr), N, kvr, C);
     const int kpe = sj_op_matmul(tp, h, W("kv_a_proj", kvr, dr), N, dr, C);
     if (end_block && sj_tape_block_end(tp) != SJ_OK) return -1;

@@ -49,7 +49,7 @@ static sj_status build_table(sj_model *m) {
                 ADD("layers.%d.mla.q_a_proj", l, (int64_t)a->q_lora_rank, C, 2);
                 ADD("layers.%d.mla.q_b_proj", l, c->n_heads * mla_hq, (int64_t)a->q_lora_rank, 2);
             } else {
-                ADD("layers.%d.mla.q_proj", l, c->n_heads * mla_hq, C, 2);
+                ADD("layers.%d.wq", l, c->n_heads * mla_hq, C, 2);   /* as attention's: q_proj */
             }
             ADD("layers.%d.mla.kv_a_proj", l, (int64_t)a->kv_lora_rank + a->qk_rope_head_dim, C, 2);
             ADD("layers.%d.mla.kv_b_proj", l,

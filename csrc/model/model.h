@@ -143,9 +143,6 @@ int sj_model_weight(const sj_model *m, sj_plan *pl, const char *fmt, int l, int6
  * end_block: close the open checkpoint block once h's readers are recorded. */
 int64_t sj_mla_param_count(const sj_config *c);
 int sj_mla_record(sj_model *m, sj_plan *pl, int l, int h, int end_block);
-/* The epsilon of mla's latent norms (q_a_norm, kv_a_norm): DeepSeek's, fixed
- * whatever norm_eps is, as transformers' DeepseekV3 has it. */
-#define SJ_MLA_NORM_EPS 1e-6f
 
 /* Count engine memory held by the model (positive: allocated). */
 void sj_model_account(sj_model *m, int64_t delta);
