@@ -267,3 +267,65 @@ def test_hybrid_trains_resumes_bit_identically_and_generates(tmp_path, text_byte
     np.testing.assert_array_equal(m.flat_params, ref.flat_params)
     np.testing.assert_array_equal(tr.exp_avg_sq, ref_tr.exp_avg_sq)
     greedy_matches_recomputation(m, list(text_bytes[:12]), 128)
+
+
+# ---- transformers' DeepseekV3ForCausalLM (dense layers) ------------------------------
+
+def deepseek(tmp_path, seed=0, **kw):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    hc = transformers.DeepseekV3Config(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        first_k_dense_replace=2, n_routed_experts=4, moe_intermediate_size=32,
+        tie_word_embeddings=False, **{**SIZES, **kw})
+    hf = transformers.DeepseekV3ForCausalLM(hc).eval()
+    with torch.no_grad():   # gains off 1.0, so that a wrong gain shows
+        for name, p in hf.named_parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=None), dict(rope_interleave=False),
+                                dict(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                      "rope_theta": 500.0})],
+                         ids=["q-lora", "no-q-lora", "rotate-half", "rope-linear"])
+def test_deepseek_v3_imports_with_equal_logits_and_exports_back(tmp_path, kw):
+    from smedjan.hf import export_hf, load_hf
+    hf = deepseek(tmp_path / "hf", **kw)
+    tokens = np.random.default_rng(4).integers(0, 97, (2, 23))
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(tokens)).logits.numpy()
+    model = load_hf(tmp_path / "hf")
+    assert model.config.layer(0)["mixer"] == "mla"
+    assert rel_err(model.forward(tokens.astype(np.int32)), theirs) < 1e-5
+    engine = InferenceModel.from_model(model, max_ctx=64)
+    assert rel_err(engine.forward(tokens[0].astype(np.int32)), theirs[0]) < 1e-5
+    export_hf(model, tmp_path / "ours")   # and transformers reads our export as it wrote
+    import transformers
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert rel_err(back(torch.from_numpy(tokens)).logits.numpy(), theirs) < 1e-5
+
+
+def test_deepseek_v3_moe_layers_and_yarn_mscale_are_refused_by_name(tmp_path):
+    from smedjan.hf import load_hf
+    import json
+    deepseek(tmp_path)
+    hc = json.loads((tmp_path / "config.json").read_text())
+    for change, message in (({"first_k_dense_replace": 1}, "MoE layers"),
+                            ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                                  "original_max_position_embeddings": 32,
+                                                  "mscale": 1.0, "mscale_all_dim": 1.0}},
+                             "mscale_all_dim")):
+        (tmp_path / "config.json").write_text(json.dumps({**hc, **change}))
+        with pytest.raises(ValueError, match=message):
+            load_hf(tmp_path)
+
+
+def test_mla_beside_attention_has_no_transformers_architecture():
+    from smedjan.hf import hf_architecture
+    with pytest.raises(ValueError, match="mla beside other mixers"):
+        hf_architecture(make_model(mixer=["mla", "attention"]).config)
