@@ -84,7 +84,8 @@ static __global__ void mla_pack_dkpe_k(T *dkpe, const T *dout, int64_t N, int T_
         const int d = (int)(i - r * dr);
         const float pos = (float)(int)(r % T_);
         float s = 0.f;
-        for (int h = 0; h < H; h++) s += turned(dout + r * 3 * H * hq + (int64_t)(H + h) * hq + dn, d, dr, pos, f, -1.f);
+        for (int h = 0; h < H; h++)
+            s += turned(dout + r * 3 * H * hq + (int64_t)(H + h) * hq + dn, d, dr, pos, f, -1.f);
         put(dkpe + i, s, accum);
     }
 }

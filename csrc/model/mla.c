@@ -34,8 +34,8 @@ int sj_mla_record(sj_model *m, sj_plan *pl, int l, int h, int end_block) {
               dn = a->qk_nope_head_dim, dr = a->qk_rope_head_dim, dv = a->v_head_dim,
               hq = dn + dr, qr = a->q_lora_rank, kvr = a->kv_lora_rank;
     #define W(name, row0, rows) sj_model_weight(m, pl, "layers.%d.mla." name, l, row0, rows)
-    int q = qr ? sj_op_matmul(tp, h, W("q_a_proj", 0, qr), N, qr, C)
-               : sj_op_matmul(tp, h, sj_model_weight(m, pl, "layers.%d.wq", l, 0, H * hq), N, H * hq, C);
+    const int wq = qr ? W("q_a_proj", 0, qr) : sj_model_weight(m, pl, "layers.%d.wq", l, 0, H * hq);
+    int q = sj_op_matmul(tp, h, wq, N, qr ? qr : H * hq, C);
     const int ckv = sj_op_matmul(tp, h, W("kv_a_proj", 0, kvr), N, kvr, C);
     const int kpe = sj_op_matmul(tp, h, W("kv_a_proj", kvr, dr), N, dr, C);
     if (end_block && sj_tape_block_end(tp) != SJ_OK) return -1;
