@@ -329,3 +329,26 @@ def test_mla_beside_attention_has_no_transformers_architecture():
     from smedjan.hf import hf_architecture
     with pytest.raises(ValueError, match="mla beside other mixers"):
         hf_architecture(make_model(mixer=["mla", "attention"]).config)
+
+
+def test_cli_sizes_takes_mixer_and_mla_sizes(capsys):
+    from smedjan.cli import main
+    main(["sizes", "--vocab-size", "97", "--mixer", "mla,attention", "--mla", '{"kv_lora_rank": 32}'])
+    out = capsys.readouterr().out
+    tiny = smedjan.Config.preset("tiny", 97, mixer=["mla", "attention"], mla={"kv_lora_rank": 32})
+    assert f"{tiny.n_params:,}" in out, out
+    with pytest.raises(SystemExit):
+        main(["sizes", "--mla", "[1]"])
+    assert "expected a JSON object of mla sizes" in capsys.readouterr().err
+
+
+def test_quantised_engines_run_mla_layers_near_fp32():
+    sizes = dict(q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
+    cfg = smedjan.Config.custom(128, 2, 4, vocab_size=256, max_seq_len=128, mixer=["mla", "attention"], mla=sizes)
+    model = smedjan.Model(cfg, seed=0)
+    tokens = np.random.default_rng(5).integers(0, 256, 40).astype(np.int32)
+    ref = model.forward(tokens[None])[0]
+    for mode, tol in (("bf16", 1e-2), ("q8", 3e-2)):
+        assert rel_err(InferenceModel.from_model(model, mode=mode, max_ctx=64).forward(tokens), ref) < tol, mode
+    with pytest.raises(ValueError, match="mla.q_b_proj: 24 columns is not a multiple of 32"):
+        InferenceModel.from_model(make_model(), mode="q8")
