@@ -290,8 +290,10 @@ def deepseek(tmp_path, seed=0, **kw):
 
 @pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=None), dict(rope_interleave=False),
                                 dict(rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                                      "rope_theta": 500.0})],
-                         ids=["q-lora", "no-q-lora", "rotate-half", "rope-linear"])
+                                                      "rope_theta": 500.0}),
+                                dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                                      "original_max_position_embeddings": 32})],
+                         ids=["q-lora", "no-q-lora", "rotate-half", "rope-linear", "rope-yarn"])
 def test_deepseek_v3_imports_with_equal_logits_and_exports_back(tmp_path, kw):
     from smedjan.hf import export_hf, load_hf
     hf = deepseek(tmp_path / "hf", **kw)
