@@ -51,7 +51,9 @@ sj_status sj_threads_set(int n);
 
 /* Architecture options. Zero everywhere is the plain model: RMSNorm, RoPE,
  * GQA attention over the whole causal context, SwiGLU, tied head. */
-enum { SJ_MIXER_ATTENTION = 0, SJ_MIXER__COUNT };
+enum { SJ_MIXER_ATTENTION = 0,
+       SJ_MIXER_MLA,           /* multi-head latent attention (DeepSeek-V2/V3), sj_mla */
+       SJ_MIXER__COUNT };
 enum { SJ_FFN_SWIGLU = 0,      /* silu(gate) * up            */
        SJ_FFN_RELU2,           /* relu(gate)^2 * up           */
        SJ_FFN_MOE,             /* routed SwiGLU experts (+ shared ones): sj_moe_config */
@@ -103,6 +105,21 @@ typedef struct {
     float bias_update_rate;     /* sigmoid: aux-loss-free balancing; each backward moves
                                  * the per-expert bias by rate * sign(mean load - load) */
 } sj_moe_config;
+/* Multi-head latent attention's sizes (DeepSeek-V2/V3; the "mla" mixer). Per
+ * head, q = (q_nope, q_pe) of qk_nope_head_dim + qk_rope_head_dim; keys are
+ * (k_nope, k_pe) with k_pe one RoPE key shared by all heads; values have
+ * v_head_dim. k_nope and v come from a latent of kv_lora_rank values, which
+ * with k_pe is all that generation caches. */
+typedef struct {
+    int q_lora_rank;        /* q through a (q_lora_rank) bottleneck; 0: one q projection */
+    int kv_lora_rank;
+    int qk_nope_head_dim;
+    int qk_rope_head_dim;   /* even */
+    int v_head_dim;         /* <= qk_nope_head_dim + qk_rope_head_dim */
+} sj_mla;
+/* The epsilon of the mla latents' norms (q_a_norm, kv_a_norm): DeepSeek's,
+ * whatever norm_eps is, as transformers' DeepseekV3 has it. */
+#define SJ_MLA_NORM_EPS 1e-6f
 
 typedef struct {
     int dim;          /* model width C                                   */
@@ -121,12 +138,13 @@ typedef struct {
     float value_mix;  /* seed 001: each layer's v = (1-a) v + a v of layer 0   */
     float embed_skip; /* seed 001: each layer after the first adds a * embedding to its input */
     sj_moe_config moe;   /* the SJ_FFN_MOE layers'                       */
+    sj_mla mla;       /* the mla layers' sizes (read only where a layer's mixer is mla) */
     sj_layer layers[SJ_MAX_LAYERS];   /* [0, n_layers) */
 } sj_config;
 
 /* Names of the option values, as configs and checkpoints spell them
- * ("attention"; "swiglu", "relu2", "moe"; "softmax", "sigmoid"; "none", "weighted", "plain"; "default",
- * "linear", "dynamic", "yarn"); NULL out of range. */
+ * ("attention", "mla"; "swiglu", "relu2", "moe"; "softmax", "sigmoid"; "none", "weighted",
+ * "plain"; "default", "linear", "dynamic", "yarn"); NULL out of range. */
 const char *sj_mixer_name(int kind);
 const char *sj_ffn_name(int kind);
 const char *sj_qk_norm_name(int kind);
@@ -380,7 +398,7 @@ sj_status sj_optimizer_set_skips(sj_optimizer *o, int64_t skipped_steps, int64_t
 
 /* Finite-difference check of one op's backward (embedding, rmsnorm, matmul,
  * rope, rope_yarn, attention, swiglu, add, axpy, pair_heads, mix, cross_entropy, moe,
- * moe_sigmoid (route, permute, expert GEMMs, un-permute), the
+ * moe_sigmoid (route, permute, expert GEMMs, un-permute), mla_pack, head_slice, the
  * fused projections; "swiglu_relu2" and "matmul_swiglu_relu2" for relu2;
  * "mix_shared_y": one y read by two mixes) on random inputs; with
  * accumulate, gradients must add onto existing values. *max_err is the

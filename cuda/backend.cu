@@ -282,6 +282,8 @@ static void graph_free(void *g) { if (g) cudaGraphExecDestroy((cudaGraphExec_t)g
         sj_cuda_sumsq, sj_cuda_adamw_##T, sj_cuda_lion_##T,        \
         sj_cuda_sgd_##T, sj_cuda_adafactor_##T, sj_cuda_muon_momentum, \
         sj_cuda_muon_normalize_##T, sj_cuda_muon_apply_##T,        \
+        sj_cuda_mla_pack_forward_##T, sj_cuda_mla_pack_backward_##T, \
+        sj_cuda_head_slice_forward_##T, sj_cuda_head_slice_backward_##T, \
         ctx_create, ctx_free, bind, sync,                          \
         pinned_alloc, pinned_free,                                 \
         capture_begin, capture_end, graph_launch, graph_free,      \

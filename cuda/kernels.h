@@ -49,6 +49,17 @@ void sj_cuda_swiglu_backward_##T(void *dgu, const void *dh, const void *gu, int 
                                  int act, int accum);                                     \
 void sj_cuda_add_##T(void *out, const void *a, const void *b, int64_t n, float b_scale);  \
 void sj_cuda_copy_##T(void *dst, const void *src, int64_t n, float scale, int accum);     \
+void sj_cuda_mla_pack_forward_##T(void *out, const void *q, const void *kv, const void *kpe,  \
+                                  int B, int T_, int H, int dn, int dr, int dv,             \
+                                  const sj_rope *rope);                                     \
+void sj_cuda_mla_pack_backward_##T(void *dq, void *dkv, void *dkpe, const void *dout, int B,  \
+                                   int T_, int H, int dn, int dr, int dv,                   \
+                                   const sj_rope *rope, int accum_q, int accum_kv,          \
+                                   int accum_kpe);                                          \
+void sj_cuda_head_slice_forward_##T(void *out, const void *in, int N, int H, int hd_in,      \
+                                    int hd_out);                                            \
+void sj_cuda_head_slice_backward_##T(void *din, const void *dout, int N, int H, int hd_in,   \
+                                     int hd_out, int accum);                                \
 void sj_cuda_pair_heads_forward_##T(void *out, const void *in, int N, int n_heads, int hd); \
 void sj_cuda_pair_heads_backward_##T(void *din, const void *dout, int N, int n_heads,     \
                                      int hd, int accum);                                  \

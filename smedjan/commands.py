@@ -138,9 +138,27 @@ def _rope_scaling(text: str) -> dict:
     return d
 
 
+def _mla_sizes(text: str) -> dict:
+    """A JSON object of mla sizes, e.g. {"kv_lora_rank": 256}."""
+    import json
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"invalid JSON ({e}) in {text!r}") from None
+    if not isinstance(d, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of mla sizes")
+    return d
+
+
 def add_architecture_args(p) -> None:
     g = p.add_argument_group("architecture (per-layer values: one, or a comma list repeated "
                              "as a period)")
+    g.add_argument("--mixer", type=_per_layer(str, ("attention", "mla")),
+                   help="attention (default) or mla (multi-head latent attention), e.g. "
+                        "mla,mla,mla,attention")
+    g.add_argument("--mla", type=_mla_sizes, metavar="JSON",
+                   help='the mla layers\' sizes, e.g. \'{"kv_lora_rank": 256, "q_lora_rank": 384}\' '
+                        "(left out: DeepSeek-V3's proportions to the head size)")
     g.add_argument("--ffn", type=_per_layer(str, ("swiglu", "relu2")),
                    help="swiglu (default) or relu2")
     g.add_argument("--qk-norm", type=_per_layer(str, ("none", "weighted", "plain")),
@@ -160,8 +178,8 @@ def add_architecture_args(p) -> None:
 
 def architecture_from_args(args) -> dict:
     """The Config fields the architecture options set (the rest default)."""
-    over = {k: getattr(args, k) for k in ("ffn", "qk_norm", "window", "rope_scaling", "rope_theta",
-                                          "value_mix", "embed_skip")
+    over = {k: getattr(args, k) for k in ("mixer", "mla", "ffn", "qk_norm", "window", "rope_scaling",
+                                          "rope_theta", "value_mix", "embed_skip")
             if getattr(args, k, None) is not None}
     if getattr(args, "untied_head", False):
         over["tied_head"] = False

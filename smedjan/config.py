@@ -54,6 +54,11 @@ class Config:
     # load-balancing coefficient), "z_loss" (router z-loss coefficient),
     # "bias_update_rate" (sigmoid: aux-loss-free balancing by a per-expert bias)}
     moe: Optional[dict] = None
+    # The mla layers' sizes (mixer "mla", DeepSeek-V2/V3): {"q_lora_rank" (0: no q
+    # bottleneck), "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    # "v_head_dim"}; left out, DeepSeek-V3's proportions to the head size. None
+    # where no layer is mla.
+    mla: Optional[dict] = None
 
     def __post_init__(self):
         # The engine validates (ValueError names the field) and gives the
@@ -66,6 +71,7 @@ class Config:
             object.__setattr__(self, "rope_scaling", {**canon["rope_scaling"], **self.rope_scaling})
         if self.moe is not None:   # None where no layer is MoE
             object.__setattr__(self, "moe", canon["moe"] and {**canon["moe"], **self.moe})
+        object.__setattr__(self, "mla", canon["mla"])
 
     def layer(self, i: int) -> dict:
         """Layer i's kinds: {"mixer", "ffn", "qk_norm", "window"}."""
@@ -79,7 +85,7 @@ class Config:
         """True for the Llama-style model without options."""
         return self == dataclasses.replace(
             self, rope_scaling=None, tied_head=True, paired_heads=False, value_mix=0.0,
-            embed_skip=0.0, mixer="attention", ffn="swiglu", qk_norm="none", window=0)
+            embed_skip=0.0, mixer="attention", ffn="swiglu", qk_norm="none", window=0, mla=None)
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = 8192, **overrides) -> "Config":
@@ -128,7 +134,7 @@ class Config:
         for k in LAYER_FIELDS:
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
-        for k in ("rope_scaling", "moe"):
+        for k in ("rope_scaling", "moe", "mla"):
             if d[k] is not None:
                 d[k] = dict(d[k])
         return d

@@ -1,12 +1,18 @@
 """Hugging Face interchange: export a Model as a transformers directory
 (config.json + model.safetensors) that `transformers` loads as is — Llama,
-Mistral/Ministral (sliding windows), Qwen3 (qk-norm) or Mixtral (every layer
-MoE), with RoPE scaling and untied heads — and load such directories (ours or real checkpoints,
+Mistral/Ministral (sliding windows), Qwen3 (qk-norm), Mixtral (every layer
+MoE) or DeepSeek-V3 (mla layers, dense SwiGLU FFNs), with RoPE scaling and
+untied heads — and load such directories (ours or real checkpoints,
 F32/F16/BF16, single file or sharded) into a Model. What transformers cannot
-express (seed 001's options) is refused by name, both ways.
+express (seed 001's options, mla beside attention layers) is refused by name,
+both ways.
 
 Our RoPE is rotate-half like Hugging Face's, so q_proj/k_proj rows copy
-directly, and our weight layout (out, in) is theirs: no permutation.
+directly, and our weight layout (out, in) is theirs: no permutation. The one
+exception: DeepSeek's rope_interleave turns interleaved pairs; its rotary rows
+(of q_b_proj / q_proj and kv_a_proj_with_mqa) are de-interleaved on load,
+which turns them by rotate-half to the same vectors. We export
+rope_interleave=false.
 
 >>> import tempfile, smedjan
 >>> d = tempfile.mkdtemp()
@@ -39,6 +45,15 @@ def hf_architecture(config: Config) -> str:
     naming the options when transformers has no such architecture."""
     c = config
     layers = [c.layer(i) for i in range(c.n_layers)]
+    mixers = {y["mixer"] for y in layers}
+    if "mla" in mixers:
+        lacking = [name for name, on in (
+            ("mla beside other mixers", len(mixers) > 1), ("embed_skip", c.embed_skip),
+            ("relu2", any(y["ffn"] != "swiglu" for y in layers))) if on]
+        if lacking:
+            raise ValueError("transformers has no architecture with " + ", ".join(lacking) +
+                             "; save a smedjan checkpoint instead")
+        return "deepseek_v3"
     qk = {y["qk_norm"] for y in layers}
     windows = {y["window"] for y in layers}
     lacking = [name for name, on in (("paired_heads", c.paired_heads), ("value_mix", c.value_mix),
@@ -77,7 +92,8 @@ def hf_architecture(config: Config) -> str:
 
 _ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "ministral": "MinistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
-               "mixtral": "MixtralForCausalLM"}
+               "mixtral": "MixtralForCausalLM",
+               "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 # Mixtral's experts, one tensor per expert and projection (transformers'
 # checkpoint spelling); ours stack them per layer (model/moe.c): w1 (gate)
@@ -162,6 +178,15 @@ def hf_config(config: Config) -> dict:
                  num_experts_per_tok=mc["top_k"], router_aux_loss_coef=mc["aux_loss"],
                  output_router_logits=False, router_jitter_noise=0.0,
                  sliding_window=max(windows) or None)
+    if arch == "deepseek_v3":   # every layer dense: no expert is ever built
+        a = c.mla
+        d.update(q_lora_rank=a["q_lora_rank"] or None, kv_lora_rank=a["kv_lora_rank"],
+                 qk_nope_head_dim=a["qk_nope_head_dim"], qk_rope_head_dim=a["qk_rope_head_dim"],
+                 v_head_dim=a["v_head_dim"], head_dim=a["qk_rope_head_dim"],
+                 num_key_value_heads=c.n_heads, rope_interleave=False,
+                 first_k_dense_replace=c.n_layers, n_routed_experts=1, n_shared_experts=1,
+                 moe_intermediate_size=c.ffn_dim, num_experts_per_tok=1, n_group=1, topk_group=1,
+                 num_nextn_predict_layers=0)
     if arch in ("mistral", "ministral", "qwen3"):
         d["sliding_window"] = max(windows) or None
     if arch in ("ministral", "qwen3"):
@@ -265,9 +290,9 @@ def _config_from_hf(d: str, hc: dict) -> Config:
         raise ValueError(f"{where}: Qwen2-MoE is not supported: its shared expert is scaled by a "
                          "learned sigmoid gate (shared_expert_gate; smedjan's shared experts are "
                          "ungated, DeepSeek's way) and its attention has q/k/v biases")
-    if mt not in ("llama", "mistral", "ministral", "qwen3", "mixtral"):
+    if mt not in ("llama", "mistral", "ministral", "qwen3", "mixtral", "deepseek_v3"):
         raise ValueError(f"{where}: model_type {mt!r} is not supported (llama, mistral, ministral, "
-                         "qwen3, mixtral)")
+                         "qwen3, mixtral, deepseek_v3)")
     act = hc.get("hidden_act", "silu")
     if act not in ("silu", "relu2"):
         raise ValueError(f"{where}: hidden_act {act!r} is not supported (silu, relu2)")
@@ -276,6 +301,10 @@ def _config_from_hf(d: str, hc: dict) -> Config:
             raise ValueError(f"{where}: {key}=true is not supported (our layers have no biases)")
     dim, heads = need("hidden_size"), need("num_attention_heads")
     hd = hc.get("head_dim")
+    mla = None
+    if mt == "deepseek_v3":
+        mla = _mla_from_hf(where, hc, need)
+        hd = None   # DeepSeek's head_dim is its rotary dim
     if hd is not None and hd * heads != dim:
         raise ValueError(f"{where}: head_dim {hd} * {heads} heads != hidden_size {dim}")
     n_layers = need("num_hidden_layers")
@@ -299,9 +328,43 @@ def _config_from_hf(d: str, hc: dict) -> Config:
                       tied_head=bool(hc.get("tie_word_embeddings", True)),
                       ffn="moe" if moe else "swiglu" if act == "silu" else "relu2", moe=moe,
                       qk_norm="weighted" if mt == "qwen3" else "none",
-                      window=_windows_from_hf(where, hc, "mistral" if moe else mt, n_layers))
+                      window=0 if mla else _windows_from_hf(where, hc, "mistral" if moe else mt, n_layers),
+                      mixer="mla" if mla else "attention", mla=mla)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def _mla_from_hf(where: str, hc: dict, need) -> dict:
+    """A DeepSeek-V3 config's mla sizes; MoE layers and YaRN's mscale_all_dim
+    softmax scale (which our attention does not apply) are refused."""
+    n_layers = need("num_hidden_layers")
+    if hc.get("first_k_dense_replace", 3) < n_layers and hc.get("n_routed_experts"):
+        raise ValueError(f"{where}: MoE layers (first_k_dense_replace "
+                         f"{hc.get('first_k_dense_replace', 3)} < num_hidden_layers {n_layers}) are "
+                         "not supported: only dense DeepSeek-V3 models load")
+    rp = hc.get("rope_parameters") or hc.get("rope_scaling") or {}
+    if rp.get("mscale_all_dim"):
+        raise ValueError(f"{where}: YaRN with mscale_all_dim (DeepSeek's softmax scale "
+                         "mscale^2) is not supported")
+    return {"q_lora_rank": hc.get("q_lora_rank") or 0, "kv_lora_rank": need("kv_lora_rank"),
+            "qk_nope_head_dim": need("qk_nope_head_dim"), "qk_rope_head_dim": need("qk_rope_head_dim"),
+            "v_head_dim": need("v_head_dim")}
+
+
+def _deinterleave_rope_rows(model) -> None:
+    """DeepSeek's interleaved rotary pairs (x0, x1), (x2, x3) ... as our
+    rotate-half pairs (x_i, x_{i+d/2}): the rotary rows of each q head and
+    of the shared key, evens first, then odds."""
+    a, H = model.config.mla, model.config.n_heads
+    dn, dr, kvr = a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["kv_lora_rank"]
+    order = np.concatenate([np.arange(0, dr, 2), np.arange(1, dr, 2)])
+    q_rows = (np.arange(H)[:, None] * (dn + dr) + dn + order[None]).reshape(-1)
+    q_dst = (np.arange(H)[:, None] * (dn + dr) + dn + np.arange(dr)[None]).reshape(-1)
+    for i in range(model.config.n_layers):
+        q = model.params[f"layers.{i}.mla.q_b_proj" if a["q_lora_rank"] else f"layers.{i}.wq"]
+        q[q_dst] = q[q_rows].copy()
+        kv = model.params[f"layers.{i}.mla.kv_a_proj"]
+        kv[kvr:] = kv[kvr + order].copy()
 
 
 def _weight_files(d: str):
@@ -329,8 +392,8 @@ def _hf_spelling(name: str) -> str:
 
 def load_hf(directory, *, seed: int = 0):
     """A Model from a transformers directory (config.json + safetensors) of
-    a Llama, Mistral, Ministral, Qwen3 or Mixtral model (OLMoE and Qwen2-MoE
-    are refused, saying why). F16/BF16 weights are
+    a Llama, Mistral, Ministral, Qwen3, Mixtral or dense DeepSeek-V3 model
+    (OLMoE and Qwen2-MoE are refused, saying why). F16/BF16 weights are
     converted to f32."""
     from .model import Model
     d = os.fspath(directory)
@@ -344,6 +407,8 @@ def load_hf(directory, *, seed: int = 0):
             raise ValueError(f"{cpath}: invalid JSON ({e})") from None
     config = _config_from_hf(d, hc)
     model = Model(config, seed=seed)
+    # transformers' DeepSeek-V3 builds no multi-token-prediction layers: skip their weights
+    mtp_from = config.n_layers if hc.get("model_type") == "deepseek_v3" else None
     seen: Dict[str, str] = {}
     lm_head = None
     for wf in _weight_files(d):
@@ -351,6 +416,9 @@ def load_hf(directory, *, seed: int = 0):
         for name, arr in tensors.items():
             if name.endswith("rotary_emb.inv_freq"):
                 continue   # a buffer some old exports carry; we compute it
+            if mtp_from is not None and name.startswith("model.layers.") and \
+                    int(name.split(".")[2]) >= mtp_from:
+                continue
             if name == HF_LM_HEAD and config.tied_head:
                 lm_head = (wf, to_float32(arr, tensors.dtypes[name]))
                 continue
@@ -393,6 +461,8 @@ def load_hf(directory, *, seed: int = 0):
     if missing:
         raise ValueError(f"{d}: missing tensors {', '.join(_hf_spelling(n) for n in missing[:5])}"
                          + (" ..." if len(missing) > 5 else ""))
+    if config.mla is not None and hc.get("rope_interleave", True):
+        _deinterleave_rope_rows(model)
     if lm_head is not None and not np.array_equal(lm_head[1], model.params["tok_emb"]):
         raise ValueError(f"{lm_head[0]}: {HF_LM_HEAD} differs from the embedding although the "
                          "config says tie_word_embeddings")

@@ -96,6 +96,32 @@ def rope(x, B, T, n_heads, n_rot, hd, pos0, inv_freq, mscale=1.0, inverse=False)
     return y.reshape(B, T, n_heads * hd)
 
 
+def mla_pack(q, kv, kpe, B, T, H, dn, dr, dv, inv_freq, mscale=1.0):
+    """MLA's heads as attention's qkv (B, T, 3 H (dn+dr)): q heads (q_nope,
+    rot(q_pe)), k heads (k_nope, rot(k_pe)) with k_pe shared, v heads (v, 0)."""
+    hq = dn + dr
+    q = np.float64(q).reshape(B, T, H, hq)
+    kv = np.float64(kv).reshape(B, T, H, dn + dv)
+    out = np.zeros((B, T, 3, H, hq))
+    out[:, :, 0, :, :dn] = q[..., :dn]
+    out[:, :, 0, :, dn:] = rope(q[..., dn:], B, T, H, H, dr, 0, inv_freq, mscale).reshape(B, T, H, dr)
+    out[:, :, 1, :, :dn] = kv[..., :dn]
+    out[:, :, 1, :, dn:] = rope(kpe, B, T, 1, 1, dr, 0, inv_freq, mscale).reshape(B, T, 1, dr)
+    out[:, :, 2, :, :dv] = kv[..., dn:]
+    return out.reshape(B, T, 3 * H * hq)
+
+
+def mla_pack_backward(dout, B, T, H, dn, dr, dv, inv_freq, mscale=1.0):
+    """(dq, dkv, dkpe) of mla_pack from its output's gradient."""
+    hq = dn + dr
+    g = np.float64(dout).reshape(B, T, 3, H, hq)
+    dq = g[:, :, 0].copy()
+    dq[..., dn:] = rope(g[:, :, 0, :, dn:], B, T, H, H, dr, 0, inv_freq, mscale, inverse=True).reshape(B, T, H, dr)
+    dkv = np.concatenate([g[:, :, 1, :, :dn], g[:, :, 2, :, :dv]], axis=-1)
+    dkpe = rope(g[:, :, 1, :, dn:], B, T, H, H, dr, 0, inv_freq, mscale, inverse=True).reshape(B, T, H, dr).sum(2)
+    return dq.reshape(B, T, H * hq), dkv.reshape(B, T, H * (dn + dv)), dkpe
+
+
 def attention_mask(T, window=0):
     """(T, T): query t sees key s <= t, and with window > 0 only t - window < s."""
     t, s = np.arange(T)[:, None], np.arange(T)[None, :]

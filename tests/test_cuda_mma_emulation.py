@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import cuda_ref as ref
+from conftest import rel_err
 
 L = np.arange(32); G = L >> 2; Tt = L & 3
 LOG2E = 1.4426950408889634
@@ -263,11 +264,11 @@ def test_mma_attention_logic_matches_float64(shape):
     qkv = rng.standard_normal((B, T, (H + 2 * KV) * HD))
     o, l = fwd(qkv, B, T, H, KV, HD, window)
     ro, rl = ref.attention_fwd(qkv, B, T, H, KV, HD, window)
-    assert ref.rel_err(o, ro) < 1e-12 and ref.rel_err(l, rl) < 1e-12
+    assert rel_err(o, ro) < 1e-12 and rel_err(l, rl) < 1e-12
     dout = rng.standard_normal((B, T, H * HD))
     d = bwd(dout, qkv, o, l, B, T, H, KV, HD, window)
     assert not np.isnan(d).any(), "an element of dqkv was never written"
-    assert ref.rel_err(d, ref.attention_bwd(dout, qkv, B, T, H, KV, HD, window)) < 1e-12
+    assert rel_err(d, ref.attention_bwd(dout, qkv, B, T, H, KV, HD, window)) < 1e-12
 
 
 def test_ldmatrix_fragments_are_the_ptx_fragments():

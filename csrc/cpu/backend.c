@@ -107,6 +107,10 @@ static void graph_free(void *g) { (void)g; }
     .qk_norm_backward = sj_cpu_qk_norm_backward,  \
     .rope_forward = sj_cpu_rope_forward,          \
     .rope_backward = sj_cpu_rope_backward,        \
+    .mla_pack_forward = sj_cpu_mla_pack_forward,  \
+    .mla_pack_backward = sj_cpu_mla_pack_backward,\
+    .head_slice_forward = sj_cpu_head_slice_forward,\
+    .head_slice_backward = sj_cpu_head_slice_backward,\
     .attention_forward = sj_cpu_attention_forward,\
     .attention_backward = sj_cpu_attention_backward,\
     .swiglu_forward = sj_cpu_swiglu_forward,      \

@@ -55,6 +55,10 @@
 #define sj_cpu_moe_unpermute_backward SJ_ISA(sj_cpu_moe_unpermute_backward)
 #define sj_cpu_moe_matmul SJ_ISA(sj_cpu_moe_matmul)
 #define sj_cpu_moe_matmul_wgrad SJ_ISA(sj_cpu_moe_matmul_wgrad)
+#define sj_cpu_mla_pack_forward SJ_ISA(sj_cpu_mla_pack_forward)
+#define sj_cpu_mla_pack_backward SJ_ISA(sj_cpu_mla_pack_backward)
+#define sj_cpu_head_slice_forward SJ_ISA(sj_cpu_head_slice_forward)
+#define sj_cpu_head_slice_backward SJ_ISA(sj_cpu_head_slice_backward)
 
 /* General strided GEMM: C = op(A) op(B) (+ C if accum); lda/ldb/ldc are row
  * strides of the stored (untransposed) matrices. Multi-threaded. */
@@ -128,6 +132,15 @@ void sj_cpu_mix_forward(void *out, const void *x, const void *y, int N, int ld, 
                         float a);
 void sj_cpu_mix_backward(void *dx, void *dy, const void *dout, int N, int ld, int c0, int w,
                          float a, int accum_x, int accum_y);
+/* mla.c: backend.h's mla_pack and head_slice */
+void sj_cpu_mla_pack_forward(void *out, const void *q, const void *kv, const void *kpe, int B,
+                             int T, int H, int dn, int dr, int dv, const sj_rope *rope);
+void sj_cpu_mla_pack_backward(void *dq, void *dkv, void *dkpe, const void *dout, int B, int T,
+                              int H, int dn, int dr, int dv, const sj_rope *rope, int accum_q,
+                              int accum_kv, int accum_kpe);
+void sj_cpu_head_slice_forward(void *out, const void *in, int N, int H, int hd_in, int hd_out);
+void sj_cpu_head_slice_backward(void *din, const void *dout, int N, int H, int hd_in, int hd_out,
+                                int accum);
 void sj_cpu_pair_heads_forward(void *out, const void *in, int N, int n_heads, int hd);
 void sj_cpu_pair_heads_backward(void *din, const void *dout, int N, int n_heads, int hd,
                                 int accum);

@@ -39,7 +39,7 @@ typedef enum {
     SJ_OP_ATTENTION, SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP_LM_HEAD_CE,
     SJ_OP_CAST, SJ_OP_MATMUL_SWIGLU, SJ_OP_MATMUL_ROPE, SJ_OP_PAIR_HEADS, SJ_OP_MIX,
     SJ_OP_AXPY, SJ_OP_QK_NORM, SJ_OP_GATHER_ROWS, SJ_OP_MOE_ROUTE, SJ_OP_MOE_PERMUTE,
-    SJ_OP_MOE_MATMUL, SJ_OP_MOE_UNPERMUTE, SJ_OP__COUNT
+    SJ_OP_MOE_MATMUL, SJ_OP_MOE_UNPERMUTE, SJ_OP_MLA_PACK, SJ_OP_HEAD_SLICE, SJ_OP__COUNT
 } sj_opcode;
 
 typedef struct {
@@ -191,6 +191,14 @@ int sj_op_cast(sj_tape *tp, int src);
 int sj_op_matmul_swiglu(sj_tape *tp, int x, int w, int N, int F, int C, int act, int rows);
 int sj_op_matmul_rope(sj_tape *tp, int x, int w, int B, int T, int n_heads, int n_rot, int hd,
                       int C, const sj_rope *rope);
+/* Multi-head latent attention's heads as attention's qkv (backend.h's
+ * mla_pack): q: (B*T, H*(dn+dr)), kv: (B*T, H*(dn+dv)), kpe: (B*T, dr) ->
+ * (B, T, 3*H*(dn+dr)), v heads zero-padded; rope: dr/2 pairs (kept alive as
+ * for sj_op_rope). */
+int sj_op_mla_pack(sj_tape *tp, int q, int kv, int kpe, int B, int T, int H, int dn, int dr,
+                   int dv, const sj_rope *rope);
+/* x: (N, H*hd_in) -> (N, H*hd_out): each head's first hd_out values. */
+int sj_op_head_slice(sj_tape *tp, int x, int N, int H, int hd_in, int hd_out);
 
 /* How each op's backward uses its tensors (for lifetimes) and runs, and
  * which of its writes may land on storage it reads (in place). The plan

@@ -227,29 +227,32 @@ static void forward_chunk(sj_infer_cpu *h, const int32_t *tok, int n, int pos) {
         layer_w *w = &h->L[l];
         if (l > 0 && h->emb) add_to(h->x, c->embed_skip, h->emb, (int64_t)n * C);
         rmsnorm(h->xb, h->x, w->attn_norm, n, C, c->norm_eps);
-        {   /* q, k, v: one quantised input, one parallel loop */
-            float *outs[3] = { h->q, h->k, h->v };
-            const sj_qmat *Ws[3] = { &w->wq, &w->wk, &w->wv };
-            if (w->wq.type == SJ_W_Q8 || w->wq.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
-            sj_qmat_mul_multi(3, outs, Ws, h->xb, &h->qa, n);
+        if (w->mla) sj_infer_mla_mixer(h, l, n, pos);
+        else {
+            {   /* q, k, v: one quantised input, one parallel loop */
+                float *outs[3] = { h->q, h->k, h->v };
+                const sj_qmat *Ws[3] = { &w->wq, &w->wk, &w->wv };
+                if (w->wq.type == SJ_W_Q8 || w->wq.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
+                sj_qmat_mul_multi(3, outs, Ws, h->xb, &h->qa, n);
+            }
+            if (c->paired_heads) {
+                pair_heads(h->q, n, H / 2, hd);
+                pair_heads(h->k, n, KV / 2, hd);
+                pair_heads(h->v, n, KV / 2, hd);
+            }
+            if (c->layers[l].qk_norm != SJ_QK_NORM_NONE) {   /* per head, before RoPE; gains NULL when plain */
+                rmsnorm(h->q, h->q, w->q_norm, n * h->n_att, hd, c->norm_eps);
+                rmsnorm(h->k, h->k, w->k_norm, n * (KVd / hd), hd, c->norm_eps);
+            }
+            rope(h, h->q, n, h->n_att, pos);
+            rope(h, h->k, n, KVd / hd, pos);
+            if (h->v0 && l == 0) memcpy(h->v0, h->v, sizeof(float) * n * KVd);
+            else if (h->v0) {   /* value_mix: v = (1 - a) v + a v of layer 0 */
+                const float a = c->value_mix, keep = 1.0f - a;
+                for (int64_t i = 0; i < (int64_t)n * KVd; i++) h->v[i] = keep * h->v[i] + a * h->v0[i];
+            }
+            attention(h, l, n, pos);
         }
-        if (c->paired_heads) {
-            pair_heads(h->q, n, H / 2, hd);
-            pair_heads(h->k, n, KV / 2, hd);
-            pair_heads(h->v, n, KV / 2, hd);
-        }
-        if (c->layers[l].qk_norm != SJ_QK_NORM_NONE) {   /* per head, before RoPE; gains NULL when plain */
-            rmsnorm(h->q, h->q, w->q_norm, n * h->n_att, hd, c->norm_eps);
-            rmsnorm(h->k, h->k, w->k_norm, n * (KVd / hd), hd, c->norm_eps);
-        }
-        rope(h, h->q, n, h->n_att, pos);
-        rope(h, h->k, n, KVd / hd, pos);
-        if (h->v0 && l == 0) memcpy(h->v0, h->v, sizeof(float) * n * KVd);
-        else if (h->v0) {   /* value_mix: v = (1 - a) v + a v of layer 0 */
-            const float a = c->value_mix, keep = 1.0f - a;
-            for (int64_t i = 0; i < (int64_t)n * KVd; i++) h->v[i] = keep * h->v[i] + a * h->v0[i];
-        }
-        attention(h, l, n, pos);
         matmul(h, h->xb, &w->wo, h->att, n, 1);
         add_to(h->x, 1.0f, h->xb, (int64_t)n * C);
         rmsnorm(h->xb, h->x, w->ffn_norm, n, C, c->norm_eps);

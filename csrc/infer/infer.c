@@ -37,11 +37,13 @@ static void cpu_free(void *e) {
             sj_qmat_free(&w->router);
             for (int e = 0; w->experts && e < 2 * h->c.moe.n_experts; e++) sj_qmat_free(&w->experts[e]);
             free(w->experts);
+            sj_qmat_free(&w->q_a); sj_qmat_free(&w->kv_a);
         }
     sj_qmat_free(&h->tok_emb); sj_qmat_free(&h->output);
     sj_qpool_free(&h->pool);
     free(h->L);
     sj_free(h->norms);
+    sj_free(h->mla_mem);
     sj_free(h->state_mem);
     free(h);
 }
@@ -76,21 +78,28 @@ static int dense_dim(const sj_config *c) {
 static int64_t place_state(sj_infer_cpu *h, float *base) {
     const sj_config *c = &h->c;
     const int64_t R = CHUNK, C = c->dim, F = dense_dim(c), half = h->hd / 2;
+    const sj_mla *a = &c->mla;
+    const int64_t lat_row = a->kv_lora_rank + a->qk_rope_head_dim,
+                  mla_q = (int64_t)c->n_heads * (a->qk_nope_head_dim + a->qk_rope_head_dim);
     int windowed = 0;
-    int64_t kv_elems = 0;
+    int64_t kv_elems = 0, lat_elems = 0;
     for (int l = 0; l < c->n_layers; l++) {
-        if (base) h->L[l].kv_at = kv_elems;
-        kv_elems += (int64_t)cache_rows(h, l) * h->kv_dim;
+        if (base) { h->L[l].kv_at = kv_elems; h->L[l].lat_at = lat_elems; }
+        if (h->L[l].mla) lat_elems += (int64_t)h->max_ctx * lat_row;
+        else kv_elems += (int64_t)cache_rows(h, l) * h->kv_dim;
         windowed |= h->L[l].window != 0;
     }
+    /* RoPE tables for the attention layers; mla layers turn on the fly */
+    const int64_t rope_rows = h->n_mla < c->n_layers ? h->max_ctx : 0;
+    const int64_t att = h->n_mla ? SJ_MAX(C, (int64_t)c->n_heads * a->v_head_dim) : C;
     const int64_t kv_floats = h->kv_f16 ? SJ_CDIV(kv_elems, 2) : kv_elems;
     int64_t off = 0;
 #define TAKE(ptr, type, n) do { if (base) ptr = (type *)(base + off); off += SJ_CDIV((int64_t)(n), 16) * 16; } while (0)
     TAKE(h->x, float, R * C); TAKE(h->xb, float, R * C); TAKE(h->q, float, R * C);
     TAKE(h->k, float, R * h->kv_proj); TAKE(h->v, float, R * h->kv_proj);
-    TAKE(h->att, float, R * C); TAKE(h->hb, float, R * F); TAKE(h->hb2, float, R * F);
+    TAKE(h->att, float, R * att); TAKE(h->hb, float, R * F); TAKE(h->hb2, float, R * F);
     TAKE(h->logits, float, c->vocab_size);
-    TAKE(h->rope_cos, float, h->max_ctx * half); TAKE(h->rope_sin, float, h->max_ctx * half);
+    TAKE(h->rope_cos, float, rope_rows * half); TAKE(h->rope_sin, float, rope_rows * half);
     if (c->embed_skip != 0.f) TAKE(h->emb, float, R * C);
     if (c->value_mix != 0.f) TAKE(h->v0, float, R * h->kv_dim);
     if (windowed && h->kv_f16) { TAKE(h->k16, uint16_t, SJ_CDIV(R * h->kv_dim, 2)); TAKE(h->v16, uint16_t, SJ_CDIV(R * h->kv_dim, 2)); }
@@ -102,6 +111,11 @@ static int64_t place_state(sj_infer_cpu *h, float *base) {
         TAKE(h->moe_route.stats, float, 2 + E);
     }
     TAKE(h->kcache, float, kv_floats); TAKE(h->vcache, float, kv_floats);
+    if (h->n_mla) {
+        TAKE(h->mq, float, R * mla_q); TAKE(h->mqa, float, R * a->q_lora_rank);
+        TAKE(h->mqabs, float, R * c->n_heads * 2 * lat_row);
+        TAKE(h->lcache, float, lat_elems);
+    }
 #undef TAKE
     return off;
 }
@@ -110,7 +124,9 @@ static int64_t place_state(sj_infer_cpu *h, float *base) {
  * the layers' windows and the cache's element type. */
 static sj_status alloc_state(sj_infer_cpu *h) {
     const sj_config *c = &h->c;
-    const int W = SJ_MAX(SJ_MAX(c->dim, dense_dim(c)), c->moe.expert_dim);   /* widest matmul input */
+    /* the widest matmul input: mla's q_b_proj and wo read q_lora_rank and n_heads * v_head_dim */
+    const int W = SJ_MAX(SJ_MAX(SJ_MAX(c->dim, dense_dim(c)), c->moe.expert_dim),
+                         h->n_mla ? SJ_MAX(c->mla.q_lora_rank, c->n_heads * c->mla.v_head_dim) : 0);
     h->emb = h->v0 = NULL; h->k16 = h->v16 = NULL;
     h->moe_route = (sj_moe_route){ c->moe.router, c->moe.norm_topk, 0, 0, 0, NULL };
     const int64_t n_f = place_state(h, NULL);
@@ -120,7 +136,8 @@ static sj_status alloc_state(sj_infer_cpu *h) {
     h->state_bytes = bytes;
     place_state(h, f);
     sj_qact_bind(&h->qa, f + n_f, CHUNK, W);   /* the rest: activation scratch */
-    sj_status s = sj_infer_rope_tables(c, h->max_ctx, h->rope_cos, h->rope_sin);
+    sj_status s = h->n_mla < c->n_layers ? sj_infer_rope_tables(c, h->max_ctx, h->rope_cos, h->rope_sin)
+                                         : SJ_OK;
     if (s) { sj_free(h->state_mem); h->state_mem = NULL; }
     return s;
 }
@@ -139,12 +156,19 @@ static sj_qmat *matrix(const sj_infer_cpu *h, const char *name) {
     if (!r->per_layer)
         return !strcmp(k, "tok_emb") ? &m->tok_emb : !strcmp(k, "lm_head") && h->output.mem ? &m->output : NULL;
     layer_w *w = &m->L[l];
+    if (w->mla && (!strcmp(k, "wk") || !strcmp(k, "wv"))) return NULL;
     sj_qmat *const mats[7] = { &w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down };
     for (int i = 0; i < 7; i++) if (!strcmp(k, LAYER_TENSORS[i])) return mats[i];
+    if (!w->mla) return NULL;
+    if (!strcmp(k, "mla.q_a_proj")) return &w->q_a;
+    if (!strcmp(k, "mla.q_b_proj")) return &w->wq;
+    if (!strcmp(k, "mla.kv_a_proj")) return &w->kv_a;
     return NULL;
 }
 
-/* The vector of our name (dim values; q_norm, k_norm: head dim), or NULL. */
+/* The vector of our name (dim values; q_norm, k_norm: head dim; an mla
+ * layer's latent norms and its kv_b_proj, kept f32 whole: mla.c reads it as
+ * the absorbed matrices), or NULL. */
 static float *vector(const sj_infer_cpu *h, const char *name) {
     int l;
     const sj_tensor_name *r = sj_tensor_name_find(name, SJ_NAMES_OURS, &l);
@@ -156,6 +180,9 @@ static float *vector(const sj_infer_cpu *h, const char *name) {
     if (!strcmp(k, "ffn_norm")) return h->L[l].ffn_norm;
     if (!strcmp(k, "q_norm")) return h->L[l].q_norm;
     if (!strcmp(k, "k_norm")) return h->L[l].k_norm;
+    if (!strcmp(k, "mla.q_a_norm")) return h->L[l].q_a_norm;
+    if (!strcmp(k, "mla.kv_a_norm")) return h->L[l].kv_a_norm;
+    if (!strcmp(k, "mla.kv_b_proj")) return h->L[l].kv_b;
     return NULL;
 }
 
@@ -188,22 +215,44 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, sj_infer_cpu 
     int et = mode == SJ_INFER_Q4 ? SJ_W_Q8 : wt;
     if ((s = sj_qmat_alloc(&h->tok_emb, et, V, C, "tok_emb"))) goto fail;
     if (c->untied_head && (s = sj_qmat_alloc(&h->output, et, V, C, "lm_head"))) goto fail;
+    const sj_mla *a = &c->mla;
+    const int qr = a->q_lora_rank, kvr = a->kv_lora_rank, mq = c->n_heads * (a->qk_nope_head_dim + a->qk_rope_head_dim),
+              mo = c->n_heads * a->v_head_dim, mkv = c->n_heads * (a->qk_nope_head_dim + a->v_head_dim);
+    for (int l = 0; l < c->n_layers; l++) h->n_mla += h->L[l].mla = c->layers[l].mixer == SJ_MIXER_MLA;
+    const int64_t attn_bytes = sj_qmat_bytes(wt, C, C) + sj_qmat_bytes(wt, C, O) + 2 * sj_qmat_bytes(wt, KVd, C),
+                  mla_bytes = (qr ? sj_qmat_bytes(wt, qr, C) + sj_qmat_bytes(wt, mq, qr) : sj_qmat_bytes(wt, mq, C)) +
+                              sj_qmat_bytes(wt, kvr + a->qk_rope_head_dim, C) + sj_qmat_bytes(wt, C, mo);
+    const int64_t mla_floats = (int64_t)qr + kvr + (int64_t)mkv * kvr;   /* per mla layer */
     int64_t pool_bytes = 0;
     for (int l = 0; l < c->n_layers; l++) {
         const int moe = c->layers[l].ffn == SJ_FFN_MOE, Fl = moe ? c->moe.n_shared * Fe : F;
-        pool_bytes += sj_qmat_bytes(wt, C, C) + sj_qmat_bytes(wt, C, O) + 2 * sj_qmat_bytes(wt, KVd, C) +
+        pool_bytes += (h->L[l].mla ? mla_bytes : attn_bytes) +
                       (Fl ? 2 * sj_qmat_bytes(wt, Fl, C) + sj_qmat_bytes(wt, C, Fl) : 0);
         if (moe)
             pool_bytes += sj_qmat_bytes(SJ_W_F32, E, C) +
                           (int64_t)E * (sj_qmat_bytes(wt, 2 * Fe, C) + sj_qmat_bytes(wt, C, Fe));
     }
     if ((s = sj_qpool_init(&h->pool, pool_bytes, "layer weights"))) goto fail;
-    for (int l = 0; l < c->n_layers; l++) {
+    if (h->n_mla && !(h->mla_mem = sj_alloc(sizeof(float) * (size_t)(mla_floats * h->n_mla), "mla weights"))) {
+        s = SJ_ERR_NOMEM;
+        goto fail;
+    }
+    for (int l = 0, m = 0; l < c->n_layers; l++) {
         layer_w *w = &h->L[l];
         sj_qpool *P = &h->pool;
         const int moe = c->layers[l].ffn == SJ_FFN_MOE, Fl = moe ? c->moe.n_shared * Fe : F;
-        if ((s = sj_qmat_alloc_pool(&w->wq, P, wt, C, C, "wq")) || (s = sj_qmat_alloc_pool(&w->wk, P, wt, KVd, C, "wk")) ||
-            (s = sj_qmat_alloc_pool(&w->wv, P, wt, KVd, C, "wv")) || (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, O, "wo")))
+        if (w->mla) {
+            if ((qr && ((s = sj_qmat_alloc_pool(&w->q_a, P, wt, qr, C, "mla.q_a_proj")) ||
+                        (s = sj_qmat_alloc_pool(&w->wq, P, wt, mq, qr, "mla.q_b_proj")))) ||
+                (!qr && (s = sj_qmat_alloc_pool(&w->wq, P, wt, mq, C, "wq"))) ||
+                (s = sj_qmat_alloc_pool(&w->kv_a, P, wt, kvr + a->qk_rope_head_dim, C, "mla.kv_a_proj")) ||
+                (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, mo, "wo")))
+                goto fail;
+            w->q_a_norm = h->mla_mem + mla_floats * m++;
+            w->kv_a_norm = w->q_a_norm + qr;
+            w->kv_b = w->kv_a_norm + kvr;
+        } else if ((s = sj_qmat_alloc_pool(&w->wq, P, wt, C, C, "wq")) || (s = sj_qmat_alloc_pool(&w->wk, P, wt, KVd, C, "wk")) ||
+                   (s = sj_qmat_alloc_pool(&w->wv, P, wt, KVd, C, "wv")) || (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, O, "wo")))
             goto fail;
         if (Fl && ((s = sj_qmat_alloc_pool(&w->w_gate, P, wt, Fl, C, "w_gate")) ||
                    (s = sj_qmat_alloc_pool(&w->w_up, P, wt, Fl, C, "w_up")) ||
@@ -232,6 +281,7 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, sj_infer_cpu 
         /* a window as long as the context hides nothing: the whole-context cache */
         w->window = c->layers[l].window < max_ctx ? c->layers[l].window : 0;
     }
+    if (h->n_mla && (s = sj_rope_init_hd(&h->rope_mla, c, max_ctx, a->qk_rope_head_dim))) goto fail;
     if ((s = alloc_state(h))) goto fail;
     *out = h;
     return SJ_OK;
@@ -469,11 +519,13 @@ static int64_t cpu_weight_bytes(const void *e) {
                 ((int64_t)(2 * h->c.n_layers + 1) * h->c.dim + (int64_t)2 * h->c.n_layers * h->hd) * 4;
     for (int l = 0; l < h->c.n_layers; l++) {
         const layer_w *w = &h->L[l];
-        b += w->wq.bytes + w->wk.bytes + w->wv.bytes + w->wo.bytes + w->w_gate.bytes + w->w_up.bytes + w->w_down.bytes;
-        b += w->router.bytes;
+        b += w->wq.bytes + w->wk.bytes + w->wv.bytes + w->wo.bytes + w->w_gate.bytes + w->w_up.bytes + w->w_down.bytes +
+             w->q_a.bytes + w->kv_a.bytes + w->router.bytes;
         for (int e = 0; w->experts && e < 2 * h->c.moe.n_experts; e++) b += w->experts[e].bytes;
     }
-    return b;
+    const sj_mla *a = &h->c.mla;
+    return b + (int64_t)h->n_mla * 4 * (a->q_lora_rank + a->kv_lora_rank +
+                                        (int64_t)h->c.n_heads * (a->qk_nope_head_dim + a->v_head_dim) * a->kv_lora_rank);
 }
 
 /* ---- backend: the verbs --------------------------------------------------------- */

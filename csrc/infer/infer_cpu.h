@@ -5,7 +5,7 @@
 #define SJ_INFER_CPU_H
 
 #include "engine.h"
-#include "../ops/backend.h"   /* sj_moe_route, sj_moe_record: MoE layers route as training does */
+#include "../ops/backend.h"   /* sj_rope; sj_moe_route, sj_moe_record: MoE layers route as training does */
 
 #define CHUNK 128            /* tokens per batched forward; longer prompts loop */
 
@@ -21,6 +21,13 @@ typedef struct {
     int window;               /* < max_ctx: keys t-window < s <= t, cached in a ring of
                                * `window` rows; 0: every key, max_ctx rows */
     int64_t kv_at;            /* the layer's first element in kcache / vcache */
+    /* mla layers (mla.c): wq is q_b_proj (or the q projection without a
+     * bottleneck q_a), wo the output projection, wk and wv unused; kv_b (f32,
+     * (n_heads*(nope+v), kv_lora_rank)) is read as the absorbed W_uk and W_uv */
+    int mla;
+    sj_qmat q_a, kv_a;
+    float *q_a_norm, *kv_a_norm, *kv_b;
+    int64_t lat_at;           /* the layer's first element in lcache */
 } layer_w;
 
 struct sj_infer_cpu {
@@ -49,6 +56,14 @@ struct sj_infer_cpu {
     float *moe_gu, *moe_act;     /* (CHUNK, 2F), (CHUNK, F): one expert's rows at a time */
     float *moe_y;                /* (CHUNK, C) */
     sj_moe_route moe_route;      /* its stats: (2 + E) floats of the run state */
+    /* mla layers: the latent cache, per layer (max_ctx, kv_lora_rank + qk_rope_head_dim) at
+     * its lat_at, f32: the normed latent and the turned shared key of each position */
+    float *lcache;
+    float *mq, *mqa;             /* the chunk's q (CHUNK, n_heads*(nope+rope)) and q bottleneck */
+    float *mqabs;                /* absorbed queries and latent outputs (CHUNK, n_heads, 2 (kv_lora_rank+rope)) */
+    float *mla_mem;              /* the mla layers' f32 vectors and kv_b */
+    sj_rope rope_mla;            /* RoPE over qk_rope_head_dim, turned on the fly */
+    int n_mla;                   /* mla layers */
     sj_qact qa;
     void *state_mem;
     int64_t state_bytes;
@@ -58,6 +73,11 @@ struct sj_infer_cpu {
 /* x (n, C) += layer w's routed experts of xn (n, C), reading only the
  * experts its tokens chose (moe_forward.c). */
 void sj_infer_moe_ffn(sj_infer_cpu *h, const layer_w *w, float *x, const float *xn, int n);
+#define sj_infer_mla_mixer SJ_ISA(sj_infer_mla_mixer)
+/* An mla layer's mixer (mla.c) for the chunk's n normed rows h->xb at
+ * positions pos ..: their latents into the cache, attention over it with the
+ * absorbed matrices, the (n, n_heads*v_head_dim) result in h->att. */
+void sj_infer_mla_mixer(sj_infer_cpu *h, int l, int n, int pos);
 
 #define sj_infer_cpu_prefill SJ_ISA(sj_infer_cpu_prefill)
 #define sj_infer_cpu_decode SJ_ISA(sj_infer_cpu_decode)

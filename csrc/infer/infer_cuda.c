@@ -143,11 +143,14 @@ static sj_status to_gpu(const sj_infer_engine *cpu, sj_infer_mode mode, int max_
 
 sj_status sj_infer_cuda_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_infer_engine *out) {
     SJ_TRY(gpu_mode(mode));
-    const sj_config *mc = sj_model_config(m);
-    for (int l = 0; l < mc->n_layers; l++)
-        if (mc->layers[l].ffn == SJ_FFN_MOE)
-            return sj_fail(SJ_ERR_ARG, "moe layers: GPU generation is not built yet (generate on the "
-                           "CPU: device='cpu')");
+    const sj_config *c = sj_model_config(m);
+    for (int l = 0; l < c->n_layers; l++) {
+        const sj_layer *y = &c->layers[l];
+        if (y->mixer != SJ_MIXER_ATTENTION || y->ffn == SJ_FFN_MOE)
+            return sj_fail(SJ_ERR_ARG, "layer %d: %s layers: GPU generation is not built yet "
+                           "(generate on the CPU: device='cpu')", l,
+                           y->ffn == SJ_FFN_MOE ? sj_ffn_name(y->ffn) : sj_mixer_name(y->mixer));
+    }
     SJ_TRY(sj_cuda_check_device());
     sj_model *src = m, *tmp = NULL;
     sj_status s;

@@ -18,6 +18,14 @@ static const sj_tensor_name TABLE[] = {
      * follow the rows of wq/wk */
     { { "q_norm",     "self_attn.q_norm.weight",           "attn_q_norm.weight" },  1, 1 },
     { { "k_norm",     "self_attn.k_norm.weight",           "attn_k_norm.weight" },  1, 1 },
+    /* mla layers (DeepSeek-V2/V3; GGUF: llama.cpp's deepseek2 spelling); their
+     * q projection without a bottleneck is wq, their output projection wo */
+    { { "mla.q_a_proj",  "self_attn.q_a_proj.weight",         "attn_q_a.weight" },      1, 0 },
+    { { "mla.q_a_norm",  "self_attn.q_a_layernorm.weight",    "attn_q_a_norm.weight" }, 1, 0 },
+    { { "mla.q_b_proj",  "self_attn.q_b_proj.weight",         "attn_q_b.weight" },      1, 0 },
+    { { "mla.kv_a_proj", "self_attn.kv_a_proj_with_mqa.weight", "attn_kv_a_mqa.weight" }, 1, 0 },
+    { { "mla.kv_a_norm", "self_attn.kv_a_layernorm.weight",   "attn_kv_a_norm.weight" }, 1, 0 },
+    { { "mla.kv_b_proj", "self_attn.kv_b_proj.weight",        "attn_kv_b.weight" },     1, 0 },
     { { "ffn_norm",   "post_attention_layernorm.weight",   "ffn_norm.weight" },     1, 0 },
     { { "w_gate",     "mlp.gate_proj.weight",              "ffn_gate.weight" },     1, 0 },
     { { "w_up",       "mlp.up_proj.weight",                "ffn_up.weight" },       1, 0 },

@@ -1,5 +1,5 @@
 /* config.c — model presets, validation and exact parameter counts. */
-#include "../ops/backend.h"   /* SJ_ROPE_MAX_PAIRS */
+#include "model.h"   /* SJ_ROPE_MAX_PAIRS, sj_mla_param_count */
 #include <math.h>
 #include <string.h>
 
@@ -45,7 +45,7 @@ sj_status sj_config_preset(const char *name, int vocab_size, sj_config *out) {
         static const char *const names[] = { __VA_ARGS__ };                  \
         return k >= 0 && k < (int)(sizeof names / sizeof names[0]) ? names[k] : NULL; \
     }
-NAMES(sj_mixer_name, "attention")
+NAMES(sj_mixer_name, "attention", "mla")
 NAMES(sj_ffn_name, "swiglu", "relu2", "moe")
 NAMES(sj_moe_router_name, "softmax", "sigmoid")
 NAMES(sj_qk_norm_name, "none", "weighted", "plain")
@@ -106,6 +106,30 @@ static sj_status validate_moe(const sj_config *c) {
     #undef NEED
 }
 
+/* Checked only when a layer is mla. v heads are padded to the q/k head
+ * size inside attention (model/mla.c), hence v_head_dim's bound. */
+static sj_status validate_mla(const sj_config *c) {
+    const sj_mla *a = &c->mla;
+    #define NEED(cond, ...) do { if (!(cond)) return sj_fail(SJ_ERR_ARG, __VA_ARGS__); } while (0)
+    NEED(a->q_lora_rank >= 0 && a->q_lora_rank <= 65536,
+         "mla.q_lora_rank must be in 0..65536 (0: no q bottleneck), got %d", a->q_lora_rank);
+    NEED(a->kv_lora_rank > 0 && a->kv_lora_rank <= 65536,
+         "mla.kv_lora_rank must be in 1..65536, got %d", a->kv_lora_rank);
+    NEED(a->qk_nope_head_dim >= 0 && a->qk_nope_head_dim <= 1024,
+         "mla.qk_nope_head_dim must be in 0..1024, got %d", a->qk_nope_head_dim);
+    NEED(a->qk_rope_head_dim > 0 && a->qk_rope_head_dim % 2 == 0 &&
+         a->qk_rope_head_dim <= 2 * SJ_ROPE_MAX_PAIRS,
+         "mla.qk_rope_head_dim must be even and in 2..%d, got %d", 2 * SJ_ROPE_MAX_PAIRS,
+         a->qk_rope_head_dim);
+    NEED(a->v_head_dim > 0 && a->v_head_dim <= a->qk_nope_head_dim + a->qk_rope_head_dim,
+         "mla.v_head_dim must be in 1..qk_nope_head_dim + qk_rope_head_dim (%d), got %d",
+         a->qk_nope_head_dim + a->qk_rope_head_dim, a->v_head_dim);
+    NEED(!c->paired_heads && c->value_mix == 0,
+         "mla layers take neither paired_heads nor value_mix (they act on attention's heads)");
+    return SJ_OK;
+    #undef NEED
+}
+
 static sj_status validate_layers(const sj_config *c) {
     for (int l = 0; l < c->n_layers; l++) {
         const sj_layer *y = &c->layers[l];
@@ -118,9 +142,13 @@ static sj_status validate_layers(const sj_config *c) {
         if (y->window < 0 || y->window > c->max_seq_len)
             return sj_fail(SJ_ERR_ARG, "layer %d: window must be in 0..max_seq_len (%d; 0: the "
                            "whole context), got %d", l, c->max_seq_len, y->window);
+        if (y->mixer == SJ_MIXER_MLA && (y->window || y->qk_norm != SJ_QK_NORM_NONE))
+            return sj_fail(SJ_ERR_ARG, "layer %d: mla layers take no window and no qk_norm", l);
     }
     for (int l = 0; l < c->n_layers; l++)
-        if (c->layers[l].ffn == SJ_FFN_MOE) return validate_moe(c);
+        if (c->layers[l].ffn == SJ_FFN_MOE) { SJ_TRY(validate_moe(c)); break; }
+    for (int l = 0; l < c->n_layers; l++)
+        if (c->layers[l].mixer == SJ_MIXER_MLA) { SJ_TRY(validate_mla(c)); break; }
     return SJ_OK;
 }
 
@@ -165,7 +193,8 @@ static int64_t param_count(const sj_config *c, int active) {
     int64_t n = (int64_t)c->vocab_size * C * (c->untied_head ? 2 : 1) + C;
     const sj_moe_config *e = &c->moe;
     for (int l = 0; l < c->n_layers; l++) {
-        n += C * (q + 2 * kv + o) + 2 * C + (c->layers[l].qk_norm == SJ_QK_NORM_WEIGHTED ? 2 * hd : 0);
+        n += (c->layers[l].mixer == SJ_MIXER_MLA ? sj_mla_param_count(c) : C * (q + 2 * kv + o)) +
+             2 * C + (c->layers[l].qk_norm == SJ_QK_NORM_WEIGHTED ? 2 * hd : 0);
         if (c->layers[l].ffn != SJ_FFN_MOE) { n += 3 * C * (int64_t)c->ffn_dim; continue; }
         const int64_t experts = active ? e->top_k : e->n_experts;
         n += 3 * C * (int64_t)e->expert_dim * (experts + e->n_shared) + (int64_t)e->n_experts * C +

@@ -13,6 +13,7 @@ void sj_model_account(sj_model *m, int64_t delta) {
     if (m->bytes > m->peak_bytes) m->peak_bytes = m->bytes;
 }
 
+
 /* Layout: every matrix first (weight decay by default), then every norm gain (none).
  * wq|wk|wv are adjacent, so they are one fused (q+2kv, C) matrix for the
  * QKV projection; w_gate|w_up likewise form one (2F, C) matrix. */
@@ -21,8 +22,8 @@ static sj_status build_table(sj_model *m) {
     int64_t C = c->dim, hd = C / c->n_heads, qd = (int64_t)c->n_heads * hd,
             kvd = (int64_t)c->n_kv_heads * hd, F = c->ffn_dim,
             od = c->paired_heads ? qd / 2 : qd;   /* what attention hands wo */
-    /* per layer at most 10 matrices (MoE with shared experts) and 5 vectors */
-    int n = 2 + 10 * c->n_layers + 5 * c->n_layers + 1;
+    /* per layer at most 11 matrices (mla with MoE and shared experts) and 5 vectors */
+    int n = 2 + 11 * c->n_layers + 5 * c->n_layers + 1;
     m->tensors = calloc((size_t)n, sizeof(sj_tensor_info));
     m->names = calloc((size_t)n, SJ_NAME_MAX);
     if (!m->tensors || !m->names) return sj_fail(SJ_ERR_NOMEM, "model: out of memory");
@@ -37,11 +38,26 @@ static sj_status build_table(sj_model *m) {
         t->decay = nd == 2; off += t->numel;                                    \
     } while (0)
     ADD("tok_emb%.0d", 0, (int64_t)c->vocab_size, C, 2);
+    const sj_mla *a = &c->mla;
+    const int64_t mla_hq = a->qk_nope_head_dim + a->qk_rope_head_dim;
     for (int l = 0; l < c->n_layers; l++) {
-        ADD("layers.%d.wq", l, qd, C, 2);
-        ADD("layers.%d.wk", l, kvd, C, 2);
-        ADD("layers.%d.wv", l, kvd, C, 2);
-        ADD("layers.%d.wo", l, C, od, 2);
+        if (c->layers[l].mixer == SJ_MIXER_MLA) {
+            if (a->q_lora_rank) {
+                ADD("layers.%d.mla.q_a_proj", l, (int64_t)a->q_lora_rank, C, 2);
+                ADD("layers.%d.mla.q_b_proj", l, c->n_heads * mla_hq, (int64_t)a->q_lora_rank, 2);
+            } else {
+                ADD("layers.%d.wq", l, c->n_heads * mla_hq, C, 2);   /* as attention's: q_proj */
+            }
+            ADD("layers.%d.mla.kv_a_proj", l, (int64_t)a->kv_lora_rank + a->qk_rope_head_dim, C, 2);
+            ADD("layers.%d.mla.kv_b_proj", l,
+                (int64_t)c->n_heads * (a->qk_nope_head_dim + a->v_head_dim), (int64_t)a->kv_lora_rank, 2);
+            ADD("layers.%d.wo", l, C, (int64_t)c->n_heads * a->v_head_dim, 2);
+        } else {
+            ADD("layers.%d.wq", l, qd, C, 2);
+            ADD("layers.%d.wk", l, kvd, C, 2);
+            ADD("layers.%d.wv", l, kvd, C, 2);
+            ADD("layers.%d.wo", l, C, od, 2);
+        }
         const sj_moe_config *e = &c->moe;
         const int moe = c->layers[l].ffn == SJ_FFN_MOE;
         const int64_t Fl = moe ? (int64_t)e->n_shared * e->expert_dim : F;   /* dense or shared */
@@ -66,6 +82,10 @@ static sj_status build_table(sj_model *m) {
         }
         if (c->layers[l].ffn == SJ_FFN_MOE && c->moe.router == SJ_MOE_SIGMOID)
             ADD("layers.%d.moe.router_bias", l, (int64_t)c->moe.n_experts, 0, 1);
+        if (c->layers[l].mixer == SJ_MIXER_MLA) {
+            if (a->q_lora_rank) ADD("layers.%d.mla.q_a_norm", l, (int64_t)a->q_lora_rank, 0, 1);
+            ADD("layers.%d.mla.kv_a_norm", l, (int64_t)a->kv_lora_rank, 0, 1);
+        }
     }
     ADD("final_norm%.0d", 0, C, 0, 1);
     #undef ADD
@@ -387,6 +407,15 @@ sj_status sj_model_params_updated(sj_model *m) {
     return m->be->sync();
 }
 
+int sj_model_weight(const sj_model *m, sj_plan *pl, const char *fmt, int l, int64_t row0,
+                    int64_t rows) {
+    const sj_tensor_info *t = find(m, fmt, l);
+    if (!t) return sj_fail(SJ_ERR_ARG, "model: layer %d lacks a tensor (%s)", l, fmt), -1;
+    const int64_t row = t->ndim == 2 ? t->shape[1] : 1, off = t->offset + row0 * row, n = rows * row;
+    sj_tape *tp = &pl->tape;
+    return pl->casts ? sj_op_cast(tp, sj_tape_master(tp, off, n)) : sj_tape_param(tp, off, n);
+}
+
 /* x + a @ w^T: one GEMM with the residual as its addend; the tests'
  * reference records the separate matmul and add. */
 static int residual(const sj_plan *pl, sj_tape *tp, int x, int a, int w, int N, int C,
@@ -422,6 +451,11 @@ static sj_status record(sj_model *m, sj_plan *pl) {
     #define PARAM(fmt, l, rows) WEIGHT(find(m, fmt, l)->offset, (int64_t)(rows) * find(m, fmt, l)->shape[1])
     #define NORM(fmt, l) WEIGHT(find(m, fmt, l)->offset, C)
     SJ_TRY(sj_rope_init(&pl->rope, c, T));
+    for (int l = 0; l < c->n_layers; l++)
+        if (c->layers[l].mixer == SJ_MIXER_MLA) {
+            SJ_TRY(sj_rope_init_hd(&pl->rope_mla, c, T, c->mla.qk_rope_head_dim));
+            break;
+        }
     pl->tokens = sj_tape_tensor(tp, SJ_T_EXTERN, N);
     int x = sj_op_embedding(tp, pl->tokens, PARAM("tok_emb%.0d", 0, V), N, C);
     /* Checkpointed blocks: whole layers, or (cheap recompute) just an
@@ -446,32 +480,39 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         if (l > 0 && c->embed_skip != 0) x = sj_op_axpy(tp, x, emb, c->embed_skip, (int64_t)N * C);
         OP_BLOCK_BEGIN();
         int h = sj_op_rmsnorm(tp, x, NORM("layers.%d.attn_norm", l), N, C, c->norm_eps);
-        const int wqkv = PARAM("layers.%d.wq", l, (H + 2 * KV) * hd);
-        int qkv;
-        if (fuse && !c->paired_heads && y->qk_norm == SJ_QK_NORM_NONE) {
-            qkv = sj_op_matmul_rope(tp, h, wqkv, B, T, H + 2 * KV, H + KV, hd, C, &pl->rope);
-            OP_BLOCK_END();
+        int a, a_width;   /* the mixer's output, read by wo */
+        if (y->mixer == SJ_MIXER_MLA) {
+            a = sj_mla_record(m, pl, l, h, op_blocks);
+            a_width = H * c->mla.v_head_dim;
         } else {
-            /* Pairing averages the heads as projected, qk-norm normalises
-             * them before they turn (RoPE's angles are the same for every
-             * head, so only the norm fixes the order). */
-            qkv = sj_op_matmul(tp, h, wqkv, N, (H + 2 * KV) * hd, C);
-            OP_BLOCK_END();
-            if (c->paired_heads) qkv = sj_op_pair_heads(tp, qkv, N, H + 2 * KV, hd);
-            if (y->qk_norm != SJ_QK_NORM_NONE) {
-                const int gains = y->qk_norm == SJ_QK_NORM_WEIGHTED;
-                qkv = sj_op_qk_norm(tp, qkv, gains ? WEIGHT(find(m, "layers.%d.q_norm", l)->offset, hd) : -1,
-                                    gains ? WEIGHT(find(m, "layers.%d.k_norm", l)->offset, hd) : -1,
-                                    N, Ha, KVa, hd, c->norm_eps);
+            const int wqkv = PARAM("layers.%d.wq", l, (H + 2 * KV) * hd);
+            int qkv;
+            if (fuse && !c->paired_heads && y->qk_norm == SJ_QK_NORM_NONE) {
+                qkv = sj_op_matmul_rope(tp, h, wqkv, B, T, H + 2 * KV, H + KV, hd, C, &pl->rope);
+                OP_BLOCK_END();
+            } else {
+                /* Pairing averages the heads as projected, qk-norm normalises
+                 * them before they turn (RoPE's angles are the same for every
+                 * head, so only the norm fixes the order). */
+                qkv = sj_op_matmul(tp, h, wqkv, N, (H + 2 * KV) * hd, C);
+                OP_BLOCK_END();
+                if (c->paired_heads) qkv = sj_op_pair_heads(tp, qkv, N, H + 2 * KV, hd);
+                if (y->qk_norm != SJ_QK_NORM_NONE) {
+                    const int gains = y->qk_norm == SJ_QK_NORM_WEIGHTED;
+                    qkv = sj_op_qk_norm(tp, qkv, gains ? WEIGHT(find(m, "layers.%d.q_norm", l)->offset, hd) : -1,
+                                        gains ? WEIGHT(find(m, "layers.%d.k_norm", l)->offset, hd) : -1,
+                                        N, Ha, KVa, hd, c->norm_eps);
+                }
+                qkv = sj_op_rope(tp, qkv, B, T, Ha + 2 * KVa, Ha + KVa, hd, &pl->rope);
             }
-            qkv = sj_op_rope(tp, qkv, B, T, Ha + 2 * KVa, Ha + KVa, hd, &pl->rope);
+            if (c->value_mix != 0) {
+                if (l == 0) qkv0 = qkv;
+                else qkv = sj_op_mix(tp, qkv, qkv0, N, Wa, (Ha + KVa) * hd, KVa * hd, c->value_mix);
+            }
+            a = sj_op_attention(tp, qkv, B, T, Ha, KVa, hd, y->window);
+            a_width = Ha * hd;
         }
-        if (c->value_mix != 0) {
-            if (l == 0) qkv0 = qkv;
-            else qkv = sj_op_mix(tp, qkv, qkv0, N, Wa, (Ha + KVa) * hd, KVa * hd, c->value_mix);
-        }
-        int a = sj_op_attention(tp, qkv, B, T, Ha, KVa, hd, y->window);
-        x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, Ha * hd);
+        x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, a_width);
         OP_BLOCK_BEGIN();
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);
         if (y->ffn == SJ_FFN_MOE) {   /* routed experts, then the shared ones (moe.c) */

@@ -27,6 +27,7 @@ typedef struct {
     int unfused;                 /* tests (SMEDJAN_UNFUSED): residuals as matmul + add */
     int casts;                   /* casts each weight from the master on use */
     sj_rope rope;                /* the run's RoPE frequencies (dynamic scaling: for T) */
+    sj_rope rope_mla;            /* ... over mla's qk_rope_head_dim (mla layers only) */
     /* host side of the inputs and per-row losses; pinned on device backends:
      * tokens (2N int32: ids, then rows sorted by id) | targets (N int32) |
      * losses (N f32) | label positions (label_rows int32). With the sparse
@@ -133,6 +134,19 @@ struct sj_model {
     float *moe_stats;               /* (n_layers, 2 + E) backend memory: sj_moe_route's stats */
     float *moe_stats_host;          /* ... copied to the host after each forward */
 };
+
+/* Rows [row0, row0 + rows) of the tensor named fmt % l as a tape input of
+ * plan pl (a vector: its elements), cast from the master where the plan casts
+ * weights; -1 (error set) when there is none. */
+int sj_model_weight(const sj_model *m, sj_plan *pl, const char *fmt, int l, int64_t row0,
+                    int64_t rows);
+
+/* The mla mixer (mla.c). Exact parameters of one mla layer's mixer (wo
+ * included, attn_norm not); the layer's mixer recorded on pl's tape from the
+ * normed input h: (B*T, dim) to the (B*T, n_heads*v_head_dim) that wo reads.
+ * end_block: close the open checkpoint block once h's readers are recorded. */
+int64_t sj_mla_param_count(const sj_config *c);
+int sj_mla_record(sj_model *m, sj_plan *pl, int l, int h, int end_block);
 
 /* Count engine memory held by the model (positive: allocated). */
 void sj_model_account(sj_model *m, int64_t delta);

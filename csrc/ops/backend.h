@@ -75,6 +75,9 @@ typedef struct {
  * Dynamic scaling grows the base only once seq_len passes the original
  * context, as transformers' dynamic update does. */
 sj_status sj_rope_init(sj_rope *r, const sj_config *c, int seq_len);
+/* ... for heads of hd rotated dims (mla's qk_rope_head_dim); the above is
+ * hd = dim / n_heads. */
+sj_status sj_rope_init_hd(sj_rope *r, const sj_config *c, int seq_len, int hd);
 
 /* A MoE layer's routing as its kernels apply it (the config's moe fields),
  * built on the host and kept alive by the model as long as its tapes, like
@@ -321,6 +324,26 @@ typedef struct sj_backend {
     void (*muon_normalize)(void *x, const float *u, int64_t n, const double *sumsq, float eps);
     void (*muon_apply)(float *p, void *p_act, const void *o, int64_t n, float lr_mult,
                        float ratio, float wd, const sj_optim_hp *hp);
+
+    /* Multi-head latent attention's heads in attention's qkv layout
+     * (model/mla.c): q: (B, T, H*(dn+dr)), per head (q_nope, q_pe); kv: (B, T,
+     * H*(dn+dv)), per head (k_nope, v); kpe: (B, T, dr), the key shared by
+     * every head. out: (B, T, 3*H*(dn+dr)): q heads (q_nope, rot(q_pe)), then
+     * k heads (k_nope, rot(kpe)), then v heads (v, dn+dr-dv zeros); rot is
+     * rope_forward's turn of dr = 2 rope->n_pairs values at position r % T.
+     * Backward: dq, dkv, dkpe (each may be NULL) from dout, added into with
+     * their accum flag; dkpe sums the k heads. */
+    void (*mla_pack_forward)(void *out, const void *q, const void *kv, const void *kpe, int B,
+                             int T, int H, int dn, int dr, int dv, const sj_rope *rope);
+    void (*mla_pack_backward)(void *dq, void *dkv, void *dkpe, const void *dout, int B, int T,
+                              int H, int dn, int dr, int dv, const sj_rope *rope, int accum_q,
+                              int accum_kv, int accum_kpe);
+    /* in: (N, H*hd_in) -> out: (N, H*hd_out), each head's first hd_out
+     * values (hd_out <= hd_in). Backward: din (+)= dout there; without
+     * accum the rest of din is zeroed. */
+    void (*head_slice_forward)(void *out, const void *in, int N, int H, int hd_in, int hd_out);
+    void (*head_slice_backward)(void *din, const void *dout, int N, int H, int hd_in, int hd_out,
+                                int accum);
 
     /* ---- device plumbing (trivial on the CPU) ---- */
     /* A context = a stream plus its scratch and GEMM workspace. bind() makes

@@ -106,6 +106,13 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         c->out = sj_op_attention(tp, add_act(c, "qkv", N * (4 + 2 * 2) * 4), B, T, 4, 2, 4, 0);
     } else if (!strcmp(op, "attention_window")) {   /* 3 keys: less than T, not dividing it */
         c->out = sj_op_attention(tp, add_act(c, "qkv", N * (4 + 2 * 2) * 4), B, T, 4, 2, 4, 3);
+    } else if (!strcmp(op, "mla_pack")) {   /* 2 heads: nope 3, rope 4 (2 pairs), v 5 */
+        SJ_TRY(small_rope(&c->rope, 1));
+        int q = add_act(c, "q", N * 2 * 7), kv = add_act(c, "kv", N * 2 * 8),
+            kpe = add_act(c, "kpe", N * 4);
+        c->out = sj_op_mla_pack(tp, q, kv, kpe, B, T, 2, 3, 4, 5, &c->rope);
+    } else if (!strcmp(op, "head_slice")) {   /* 3 heads of 5 -> 3 */
+        c->out = sj_op_head_slice(tp, add_act(c, "x", N * 3 * 5), N, 3, 5, 3);
     } else if (!strcmp(op, "swiglu") || !strcmp(op, "swiglu_relu2")) {
         int act = strcmp(op, "swiglu") ? SJ_FFN_RELU2 : SJ_FFN_SWIGLU;
         c->out = sj_op_swiglu(tp, add_act(c, "gu", N * 2 * 6), N, 6, act);
@@ -159,7 +166,7 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, qk_norm, qk_norm_plain, matmul, "
                        "matmul_add, matmul_rope, matmul_swiglu[_relu2], rope, rope_yarn, attention, attention_window, "
                        "swiglu[_relu2], add, axpy, pair_heads, mix, mix_shared_y, "
-                       "gather_rows, moe, moe_sigmoid, cross_entropy)", op);
+                       "gather_rows, moe, moe_sigmoid, cross_entropy, mla_pack, head_slice)", op);
     }
     return c->out < 0 ? SJ_ERR_NOMEM : SJ_OK;
 }

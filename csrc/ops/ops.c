@@ -39,6 +39,9 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     [SJ_OP_MOE_PERMUTE] = {"moe_permute", 1u << 1, 0},
     [SJ_OP_MOE_MATMUL] = {"moe_matmul", 1u << 0 | 1u << 1 | 1u << 2, 0},
     [SJ_OP_MOE_UNPERMUTE] = {"moe_unpermute", 1u << 0 | 1u << 1 | 1u << 2, 0},
+    /* backward reads only dy */
+    [SJ_OP_MLA_PACK] = {"mla_pack", 0, 0},
+    [SJ_OP_HEAD_SLICE] = {"head_slice", 0, 0},
     [SJ_OP_QK_NORM] = {"qk_norm", 1u << 0 | 1u << 1 | 1u << 2, 1u << 1, .out_on_in = 1u << 0,
                        .grad_on_dy = 1u << 0},
 };
@@ -191,6 +194,20 @@ int sj_op_matmul_rope(sj_tape *tp, int x, int w, int B, int T, int n_heads, int 
     return with_rope(tp, record(tp, SJ_OP_MATMUL_ROPE, IN(x, w, NONE),
                                 (int64_t)B * T * n_heads * hd, 0, 0,
                                 DIM(B, T, n_heads, n_rot, hd, C), 0), rope);
+}
+
+// q: (B*T, H*(dn+dr)), kv: (B*T, H*(dn+dv)), kpe: (B*T, dr) -> (B, T, 3*H*(dn+dr))
+int sj_op_mla_pack(sj_tape *tp, int q, int kv, int kpe, int B, int T, int H, int dn, int dr,
+                   int dv, const sj_rope *rope) {
+    if (!rope_fits(rope, dr)) return -1;
+    return with_rope(tp, record(tp, SJ_OP_MLA_PACK, IN(q, kv, kpe),
+                                (int64_t)B * T * 3 * H * (dn + dr), 0, 0,
+                                DIM(B, T, H, dn, dr, dv), 0), rope);
+}
+// x: (N, H*hd_in) -> (N, H*hd_out)
+int sj_op_head_slice(sj_tape *tp, int x, int N, int H, int hd_in, int hd_out) {
+    return record(tp, SJ_OP_HEAD_SLICE, IN(x, NONE, NONE), (int64_t)N * H * hd_out, 0, 0,
+                  DIM(N, H, hd_in, hd_out), 0);
 }
 
 // h: (N, C), w: (V, C), targets: (N) -> losses: (N), lse: (N); scratch (rows, ld)
@@ -367,6 +384,13 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
     case SJ_OP_MATMUL_ROPE:
         matmul_rope(tp, n, be, params);
         break;
+    case SJ_OP_MLA_PACK:
+        be->mla_pack_forward(P(out[0]), P(in[0]), P(in[1]), P(in[2]), d[0], d[1], d[2], d[3],
+                             d[4], d[5], n->aux);
+        break;
+    case SJ_OP_HEAD_SLICE:
+        be->head_slice_forward(P(out[0]), P(in[0]), d[0], d[1], d[2], d[3]);
+        break;
     case SJ_OP__COUNT: break;
     }
 }
@@ -429,6 +453,13 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
     case SJ_OP_MIX:
         be->mix_backward(dx, in_grad(tp, n, 1, params), dy, d[0], d[1], d[2], d[3], n->f, acc[0],
                          acc[1]);
+        break;
+    case SJ_OP_MLA_PACK:
+        be->mla_pack_backward(dx, in_grad(tp, n, 1, params), in_grad(tp, n, 2, params), dy, d[0],
+                              d[1], d[2], d[3], d[4], d[5], n->aux, acc[0], acc[1], acc[2]);
+        break;
+    case SJ_OP_HEAD_SLICE:
+        if (dx) be->head_slice_backward(dx, dy, d[0], d[1], d[2], d[3], acc[0]);
         break;
     case SJ_OP_GATHER_ROWS:
         if (dx) be->gather_rows_backward(dx, dy, P(in[1]), d[0], d[1], d[2], acc[0]);

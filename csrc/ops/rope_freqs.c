@@ -19,12 +19,17 @@ static double correction_dim(double num_rotations, int hd, double base, int orig
 }
 
 sj_status sj_rope_init(sj_rope *r, const sj_config *c, int seq_len) {
-    if (c->n_heads <= 0 || c->dim % c->n_heads || (c->dim / c->n_heads) % 2 ||
-        c->dim / c->n_heads > 2 * SJ_ROPE_MAX_PAIRS)
-        return sj_fail(SJ_ERR_ARG, "RoPE: head dim %d / %d must be even and at most %d", c->dim,
-                       c->n_heads, 2 * SJ_ROPE_MAX_PAIRS);
+    if (c->n_heads <= 0 || c->dim % c->n_heads)
+        return sj_fail(SJ_ERR_ARG, "RoPE: n_heads %d must divide dim %d", c->n_heads, c->dim);
+    return sj_rope_init_hd(r, c, seq_len, c->dim / c->n_heads);
+}
+
+sj_status sj_rope_init_hd(sj_rope *r, const sj_config *c, int seq_len, int hd) {
+    if (hd <= 0 || hd % 2 || hd > 2 * SJ_ROPE_MAX_PAIRS)
+        return sj_fail(SJ_ERR_ARG, "RoPE: head dim %d must be even and at most %d", hd,
+                       2 * SJ_ROPE_MAX_PAIRS);
     const sj_rope_scaling *s = &c->rope_scaling;
-    const int hd = c->dim / c->n_heads, half = hd / 2;
+    const int half = hd / 2;
     const float factor = s->factor;
     float base = c->rope_theta;
     if (s->type == SJ_ROPE_DYNAMIC && seq_len > s->original_max_seq_len) {

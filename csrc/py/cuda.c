@@ -544,7 +544,8 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     if (PyErr_Occurred()) return NULL;
     sj_rope rope;   /* RoPE ops, ints (B, T, n_heads, n_rot, hd, ...) */
     Py_ssize_t n_floats = 0;
-    if (!strcmp(op, "rope_forward") || !strcmp(op, "rope_backward") || !strcmp(op, "matmul_rope")) {
+    if (!strcmp(op, "rope_forward") || !strcmp(op, "rope_backward") || !strcmp(op, "matmul_rope") ||
+        !strncmp(op, "mla_pack_", 9)) {   /* mla_pack: ints[4] is its rotary dim */
         if (rope_from(floats_o, (int)I[4], (int)I[1], &rope)) return NULL;
     } else {
         PyObject *sf = PySequence_Fast(floats_o, "floats");
@@ -599,6 +600,10 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"moe_matmul", {"y", "x", "w", "record"}, "aaaf"},
         {"moe_matmul_wgrad", {"dw", "dy", "x", "record"}, "faaf"},
         {"sgd_state", {"p", "g", "buf", "absmax"}, "ffff"},
+        {"mla_pack_forward", {"out", "q", "kv", "kpe"}, "aaaa"},
+        {"mla_pack_backward", {"dq", "dkv", "dkpe", "dout"}, "aaaa"},
+        {"head_slice_forward", {"out", "in"}, "aa"},
+        {"head_slice_backward", {"din", "dout"}, "aa"},
     };
     int k = -1, fused = 0;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
@@ -742,6 +747,16 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         be->free(dhp);
         break;
     }
+    /* mla_pack: ints (B, T, H, dn, dr, dv[, accum_q, accum_kv, accum_kpe, which]); which:
+     * bit k set leaves gradient k out (NULL) */
+    case 36: be->mla_pack_forward(D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], &rope); break;
+    case 37:
+        be->mla_pack_backward(I[9] & 1 ? NULL : D(0), I[9] & 2 ? NULL : D(1), I[9] & 4 ? NULL : D(2), D(3),
+                              (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5], &rope,
+                              (int)I[6], (int)I[7], (int)I[8]);
+        break;
+    case 38: be->head_slice_forward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3]); break;   /* N, H, hd_in, hd_out */
+    case 39: be->head_slice_backward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]); break;
     }
     }
     if (timer) ms = htimer_end(timer) / reps;

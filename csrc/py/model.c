@@ -122,6 +122,15 @@ PyObject *sj_py_config_to_dict(const sj_config *c) {
                         "z_loss", (double)e->z_loss, "bias_update_rate", (double)e->bias_update_rate);
     if (!mo || PyDict_SetItemString(d, "moe", mo)) { Py_XDECREF(mo); Py_DECREF(d); return NULL; }
     Py_DECREF(mo);
+    int has_mla = 0;
+    for (int l = 0; l < c->n_layers; l++) has_mla |= c->layers[l].mixer == SJ_MIXER_MLA;
+    const sj_mla *a = &c->mla;
+    PyObject *mla = !has_mla ? (Py_INCREF(Py_None), Py_None)
+        : Py_BuildValue("{s:i,s:i,s:i,s:i,s:i}", "q_lora_rank", a->q_lora_rank, "kv_lora_rank",
+                        a->kv_lora_rank, "qk_nope_head_dim", a->qk_nope_head_dim,
+                        "qk_rope_head_dim", a->qk_rope_head_dim, "v_head_dim", a->v_head_dim);
+    if (!mla || PyDict_SetItemString(d, "mla", mla)) { Py_XDECREF(mla); Py_DECREF(d); return NULL; }
+    Py_DECREF(mla);
     return d;
 }
 
@@ -302,10 +311,46 @@ static int moe_from(PyObject *d, sj_config *c) {
            opt_float(r, "bias_update_rate", &e->bias_update_rate) ? -1 : 0;
 }
 
+/* mla: None, or a dict of sj_mla's fields; what it leaves out takes
+ * DeepSeek-V3's proportions to the head size hd = dim / n_heads: q_lora_rank 0,
+ * kv_lora_rank 4 hd, qk_nope_head_dim hd, qk_rope_head_dim hd / 2, v_head_dim hd. */
+static int mla_from(PyObject *d, sj_config *c) {
+    static const char *const known[] = { "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                                         "qk_rope_head_dim", "v_head_dim" };
+    const int hd = c->n_heads > 0 ? c->dim / c->n_heads : 0;
+    sj_mla *a = &c->mla;
+    *a = (sj_mla){ 0, 4 * hd, hd, hd / 4 * 2, hd };
+    int *fields[] = { &a->q_lora_rank, &a->kv_lora_rank, &a->qk_nope_head_dim,
+                      &a->qk_rope_head_dim, &a->v_head_dim };
+    PyObject *r = PyDict_GetItemString(d, "mla");
+    if (!r || r == Py_None) return 0;
+    if (!PyDict_Check(r)) {
+        PyErr_SetString(PyExc_TypeError, "config 'mla' must be a dict or None");
+        return -1;
+    }
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(r, &pos, &k, &v)) {
+        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
+        size_t i = 0;
+        while (s && i < sizeof known / sizeof known[0] && strcmp(s, known[i])) i++;
+        if (!s || i == sizeof known / sizeof known[0]) {
+            PyErr_Format(PyExc_ValueError, "config 'mla' has field %R that this build of smedjan "
+                         "does not know (it knows q_lora_rank, kv_lora_rank, qk_nope_head_dim, "
+                         "qk_rope_head_dim, v_head_dim)", k);
+            return -1;
+        }
+        char key[48];
+        snprintf(key, sizeof key, "mla.%s", s);
+        if (get_int(v, key, fields[i])) return -1;
+    }
+    return 0;
+}
+
 static const char *const config_keys[] = {
     "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
     "rope_theta", "norm_eps", "rope_scaling", "tied_head", "paired_heads", "value_mix",
-    "embed_skip", "mixer", "ffn", "qk_norm", "window", "moe",
+    "embed_skip", "mixer", "ffn", "qk_norm", "window", "moe", "mla",
 };
 
 int sj_py_config_from_dict(PyObject *d, sj_config *c) {
@@ -341,6 +386,7 @@ int sj_py_config_from_dict(PyObject *d, sj_config *c) {
     }
     for (int f = 0; f < 4; f++)
         if (layer_from(d, c, f)) return -1;
+    if (mla_from(d, c)) return -1;
     sj_status s = sj_config_validate(c);
     if (s) { sj_py_raise(s); return -1; }
     return 0;
