@@ -120,6 +120,16 @@ static void graph_free(void *g) { (void)g; }
     .cross_entropy_forward = sj_cpu_cross_entropy_forward,\
     .cross_entropy_backward = sj_cpu_cross_entropy_backward,\
     .sumsq = sj_cpu_sumsq_into,                   \
+    .scan_forward = sj_cpu_scan_forward,\
+    .scan_backward = sj_cpu_scan_backward,\
+    .conv1d_silu_forward = sj_cpu_conv1d_silu_forward,\
+    .conv1d_silu_backward = sj_cpu_conv1d_silu_backward,\
+    .ssd_prep_forward = sj_cpu_ssd_prep_forward,\
+    .ssd_prep_backward = sj_cpu_ssd_prep_backward,\
+    .ssd_skip_forward = sj_cpu_ssd_skip_forward,\
+    .ssd_skip_backward = sj_cpu_ssd_skip_backward,\
+    .gated_rmsnorm_forward = sj_cpu_gated_rmsnorm_forward,\
+    .gated_rmsnorm_backward = sj_cpu_gated_rmsnorm_backward,\
     .adamw = sj_cpu_adamw,                        \
     .lion = sj_cpu_lion,                          \
     .sgd = sj_cpu_sgd,                            \
