@@ -51,9 +51,12 @@ sj_status sj_threads_set(int n);
 
 /* Architecture options. Zero everywhere is the plain model: RMSNorm, RoPE,
  * GQA attention over the whole causal context, SwiGLU, tied head. */
-enum { SJ_MIXER_ATTENTION = 0, SJ_MIXER__COUNT };
+enum { SJ_MIXER_ATTENTION = 0,
+       SJ_MIXER_MAMBA2,         /* Mamba-2 (SSD): conv, chunked scan, gated RMSNorm (ssm) */
+       SJ_MIXER__COUNT };
 enum { SJ_FFN_SWIGLU = 0,      /* silu(gate) * up            */
        SJ_FFN_RELU2,           /* relu(gate)^2 * up           */
+       SJ_FFN_NONE,            /* no channel mixer: norm + mixer + residual (Mamba-2) */
        SJ_FFN__COUNT };
 enum { SJ_QK_NORM_NONE = 0,
        SJ_QK_NORM_WEIGHTED,    /* per-head RMSNorm of q and k, learnable gains (Qwen3) */
@@ -85,6 +88,18 @@ typedef struct {
                                  * (transformers' default, true) */
 } sj_rope_scaling;
 
+/* Mamba-2 mixers' shape (transformers' Mamba2Config: state_size, conv_kernel,
+ * expand, head_dim, n_groups, chunk_size). d_inner = expand * dim, split into
+ * d_inner / head_dim heads; B and C shared by n_groups groups of heads. */
+typedef struct {
+    int d_state;      /* N: state per head and channel (128)     */
+    int d_conv;       /* causal depthwise conv kernel (4)        */
+    int expand;       /* d_inner = expand * dim (2)              */
+    int head_dim;     /* P (64)                                  */
+    int n_groups;     /* G (1)                                   */
+    int chunk_size;   /* tokens per chunk of the training scan (64) */
+} sj_ssm_config;
+
 typedef struct {
     int dim;          /* model width C                                   */
     int n_layers;
@@ -101,11 +116,12 @@ typedef struct {
                        * H/2 heads and KV/2 kv heads; wo reads (H/2)*hd */
     float value_mix;  /* seed 001: each layer's v = (1-a) v + a v of layer 0   */
     float embed_skip; /* seed 001: each layer after the first adds a * embedding to its input */
+    sj_ssm_config ssm;                /* Mamba-2 layers' shape (zeros where none) */
     sj_layer layers[SJ_MAX_LAYERS];   /* [0, n_layers) */
 } sj_config;
 
 /* Names of the option values, as configs and checkpoints spell them
- * ("attention"; "swiglu", "relu2"; "none", "weighted", "plain"; "default",
+ * ("attention", "mamba2"; "swiglu", "relu2", "none"; "none", "weighted", "plain"; "default",
  * "linear", "dynamic", "yarn"); NULL out of range. */
 const char *sj_mixer_name(int kind);
 const char *sj_ffn_name(int kind);

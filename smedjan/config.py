@@ -46,6 +46,10 @@ class Config:
     ffn: Union[str, tuple] = "swiglu"           # or "relu2": relu(gate)^2 * up
     qk_norm: Union[str, tuple] = "none"         # "weighted" (Qwen3) or "plain" (no gains)
     window: Union[int, tuple] = 0               # sliding window in tokens; 0: all
+    # Mamba-2 layers' shape (mixer "mamba2"): None, or {"d_state" (128), "d_conv" (4),
+    # "expand" (2), "head_dim" (64), "n_groups" (1), "chunk_size" (64)}; the defaults
+    # fill in wherever a layer is a Mamba-2 mixer
+    ssm: Optional[dict] = None
 
     def __post_init__(self):
         # The engine validates (ValueError names the field) and gives the
@@ -56,6 +60,7 @@ class Config:
             object.__setattr__(self, k, tuple(v) if isinstance(v, list) else v)
         if self.rope_scaling is not None:   # defaults filled, the given values kept
             object.__setattr__(self, "rope_scaling", {**canon["rope_scaling"], **self.rope_scaling})
+        object.__setattr__(self, "ssm", canon["ssm"])
 
     def layer(self, i: int) -> dict:
         """Layer i's kinds: {"mixer", "ffn", "qk_norm", "window"}."""
@@ -69,7 +74,7 @@ class Config:
         """True for the Llama-style model without options."""
         return self == dataclasses.replace(
             self, rope_scaling=None, tied_head=True, paired_heads=False, value_mix=0.0,
-            embed_skip=0.0, mixer="attention", ffn="swiglu", qk_norm="none", window=0)
+            embed_skip=0.0, mixer="attention", ffn="swiglu", qk_norm="none", window=0, ssm=None)
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = 8192, **overrides) -> "Config":
@@ -113,8 +118,9 @@ class Config:
         for k in LAYER_FIELDS:
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
-        if d["rope_scaling"] is not None:
-            d["rope_scaling"] = dict(d["rope_scaling"])
+        for k in ("rope_scaling", "ssm"):
+            if d[k] is not None:
+                d[k] = dict(d[k])
         return d
 
     def __hash__(self):

@@ -1,5 +1,6 @@
 /* config.c — model presets, validation and exact parameter counts. */
 #include "../ops/backend.h"   /* SJ_ROPE_MAX_PAIRS */
+#include "mamba2.h"
 #include <math.h>
 #include <string.h>
 
@@ -45,8 +46,8 @@ sj_status sj_config_preset(const char *name, int vocab_size, sj_config *out) {
         static const char *const names[] = { __VA_ARGS__ };                  \
         return k >= 0 && k < (int)(sizeof names / sizeof names[0]) ? names[k] : NULL; \
     }
-NAMES(sj_mixer_name, "attention")
-NAMES(sj_ffn_name, "swiglu", "relu2")
+NAMES(sj_mixer_name, "attention", "mamba2")
+NAMES(sj_ffn_name, "swiglu", "relu2", "none")
 NAMES(sj_qk_norm_name, "none", "weighted", "plain")
 NAMES(sj_rope_type_name, "default", "linear", "dynamic", "yarn")
 #undef NAMES
@@ -82,6 +83,7 @@ static sj_status validate_rope_scaling(const sj_config *c) {
 }
 
 static sj_status validate_layers(const sj_config *c) {
+    int mamba2 = 0;
     for (int l = 0; l < c->n_layers; l++) {
         const sj_layer *y = &c->layers[l];
         if (!sj_mixer_name(y->mixer))
@@ -93,8 +95,9 @@ static sj_status validate_layers(const sj_config *c) {
         if (y->window < 0 || y->window > c->max_seq_len)
             return sj_fail(SJ_ERR_ARG, "layer %d: window must be in 0..max_seq_len (%d; 0: the "
                            "whole context), got %d", l, c->max_seq_len, y->window);
+        mamba2 |= y->mixer == SJ_MIXER_MAMBA2;
     }
-    return SJ_OK;
+    return mamba2 ? sj_mamba2_validate(c) : SJ_OK;
 }
 
 sj_status sj_config_validate(const sj_config *c) {
@@ -134,8 +137,11 @@ int64_t sj_config_param_count(const sj_config *c) {
     int64_t C = c->dim, hd = C / c->n_heads, q = (int64_t)c->n_heads * hd,
             kv = (int64_t)c->n_kv_heads * hd, o = c->paired_heads ? q / 2 : q;
     int64_t n = (int64_t)c->vocab_size * C * (c->untied_head ? 2 : 1) + C;
-    for (int l = 0; l < c->n_layers; l++)
-        n += C * (q + 2 * kv + o) + 3 * C * (int64_t)c->ffn_dim + 2 * C +
-             (c->layers[l].qk_norm == SJ_QK_NORM_WEIGHTED ? 2 * hd : 0);
+    for (int l = 0; l < c->n_layers; l++) {
+        const sj_layer *y = &c->layers[l];
+        if (y->mixer == SJ_MIXER_MAMBA2) n += sj_mamba2_param_count(c);
+        else n += C * (q + 2 * kv + o) + C + (y->qk_norm == SJ_QK_NORM_WEIGHTED ? 2 * hd : 0);
+        if (y->ffn != SJ_FFN_NONE) n += 3 * C * (int64_t)c->ffn_dim + C;
+    }
     return n;
 }

@@ -2,6 +2,7 @@
  * parameter table over one flat buffer, initialisation, and the forward
  * pass, each layer spelled from its kinds, recorded on a tape per (B, T). */
 #include "model.h"
+#include "mamba2.h"
 #include "../infer/infer.h"   /* sj_f16_to_f32: fp16 logits to the host */
 #ifdef SJ_HAVE_CUDA
 #include "../../cuda/sj_cuda.h"
@@ -24,7 +25,7 @@ static sj_status build_table(sj_model *m) {
     int64_t C = c->dim, hd = C / c->n_heads, qd = (int64_t)c->n_heads * hd,
             kvd = (int64_t)c->n_kv_heads * hd, F = c->ffn_dim,
             od = c->paired_heads ? qd / 2 : qd;   /* what attention hands wo */
-    int n = 2 + 7 * c->n_layers + 4 * c->n_layers + 1;
+    int n = 2 + 16 * c->n_layers + 1;   /* at most 16 tensors a layer */
     m->tensors = calloc((size_t)n, sizeof(sj_tensor_info));
     m->names = calloc((size_t)n, 32);
     if (!m->tensors || !m->names) return sj_fail(SJ_ERR_NOMEM, "model: out of memory");
@@ -39,19 +40,35 @@ static sj_status build_table(sj_model *m) {
         t->decay = nd == 2; off += t->numel;                                    \
     } while (0)
     ADD("tok_emb%.0d", 0, (int64_t)c->vocab_size, C, 2);
+    const sj_mamba2_shape S = sj_mamba2_shape_of(c);
     for (int l = 0; l < c->n_layers; l++) {
-        ADD("layers.%d.wq", l, qd, C, 2);
-        ADD("layers.%d.wk", l, kvd, C, 2);
-        ADD("layers.%d.wv", l, kvd, C, 2);
-        ADD("layers.%d.wo", l, C, od, 2);
-        ADD("layers.%d.w_gate", l, F, C, 2);
-        ADD("layers.%d.w_up", l, F, C, 2);
-        ADD("layers.%d.w_down", l, C, F, 2);
+        if (c->layers[l].mixer == SJ_MIXER_MAMBA2) {
+            ADD("layers.%d.ssm.in_proj", l, (int64_t)S.d_in_proj, C, 2);
+            ADD("layers.%d.ssm.conv_w", l, (int64_t)S.conv_dim, (int64_t)S.K, 2);
+            ADD("layers.%d.ssm.out_proj", l, C, (int64_t)S.d_inner, 2);
+        } else {
+            ADD("layers.%d.wq", l, qd, C, 2);
+            ADD("layers.%d.wk", l, kvd, C, 2);
+            ADD("layers.%d.wv", l, kvd, C, 2);
+            ADD("layers.%d.wo", l, C, od, 2);
+        }
+        if (c->layers[l].ffn != SJ_FFN_NONE) {
+            ADD("layers.%d.w_gate", l, F, C, 2);
+            ADD("layers.%d.w_up", l, F, C, 2);
+            ADD("layers.%d.w_down", l, C, F, 2);
+        }
     }
     if (c->untied_head) ADD("lm_head%.0d", 0, (int64_t)c->vocab_size, C, 2);
     for (int l = 0; l < c->n_layers; l++) {
         ADD("layers.%d.attn_norm", l, C, 0, 1);
-        ADD("layers.%d.ffn_norm", l, C, 0, 1);
+        if (c->layers[l].ffn != SJ_FFN_NONE) ADD("layers.%d.ffn_norm", l, C, 0, 1);
+        if (c->layers[l].mixer == SJ_MIXER_MAMBA2) {   /* dt_bias, A_log adjacent: one view */
+            ADD("layers.%d.ssm.conv_b", l, (int64_t)S.conv_dim, 0, 1);
+            ADD("layers.%d.ssm.dt_bias", l, (int64_t)S.H, 0, 1);
+            ADD("layers.%d.ssm.A_log", l, (int64_t)S.H, 0, 1);
+            ADD("layers.%d.ssm.D", l, (int64_t)S.H, 0, 1);
+            ADD("layers.%d.ssm.norm", l, (int64_t)S.d_inner, 0, 1);
+        }
         if (c->layers[l].qk_norm == SJ_QK_NORM_WEIGHTED) {
             ADD("layers.%d.q_norm", l, hd, 0, 1);
             ADD("layers.%d.k_norm", l, hd, 0, 1);
@@ -94,7 +111,7 @@ static void init_params(sj_model *m, uint64_t seed) {
         if (!t->decay) { for (int64_t k = 0; k < t->numel; k++) p[k] = 1.0f; continue; }
         /* GPT-2's scaled init for the projections that feed the residual stream. */
         const char *dot = strrchr(t->name, '.');
-        int resid = dot && (!strcmp(dot, ".wo") || !strcmp(dot, ".w_down"));
+        int resid = dot && (!strcmp(dot, ".wo") || !strcmp(dot, ".w_down") || !strcmp(dot, ".out_proj"));
         int64_t full = t->numel >> 16;
         init_job j = { p, resid ? resid_std : std, seed, (int64_t)i << 32 };
         sj_parallel_for(full, 1, init_chunks, &j);
@@ -102,6 +119,7 @@ static void init_params(sj_model *m, uint64_t seed) {
         sj_rng_seed(&r, seed ^ ((uint64_t)i << 32 | 0xFFFFFFFFu));
         for (int64_t k = full << 16; k < t->numel; k++) p[k] = j.std * sj_rng_normal(&r);
     }
+    sj_mamba2_init(m->params, m->tensors, m->n_tensors, &m->cfg, seed);
 }
 
 /* The backend for a device and compute dtype, or an error saying why not. */
@@ -457,32 +475,53 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         if (l > 0 && c->embed_skip != 0) x = sj_op_axpy(tp, x, emb, c->embed_skip, (int64_t)N * C);
         OP_BLOCK_BEGIN();
         int h = sj_op_rmsnorm(tp, x, NORM("layers.%d.attn_norm", l), N, C, c->norm_eps);
-        const int wqkv = PARAM("layers.%d.wq", l, (H + 2 * KV) * hd);
-        int qkv;
-        if (fuse && !c->paired_heads && y->qk_norm == SJ_QK_NORM_NONE) {
-            qkv = sj_op_matmul_rope(tp, h, wqkv, B, T, H + 2 * KV, H + KV, hd, C, &pl->rope);
+        if (y->mixer == SJ_MIXER_MAMBA2) {
+            if (!m->be->scan_forward)
+                return sj_fail(SJ_ERR_ARG, "mamba2 layers: the %s backend has no scan kernels yet",
+                               m->be->name);
+            const sj_mamba2_shape S = sj_mamba2_shape_of(c);
+            const int zx = sj_op_matmul(tp, h, PARAM("layers.%d.ssm.in_proj", l, S.d_in_proj), N,
+                                        S.d_in_proj, C);
             OP_BLOCK_END();
+            #define VEC(name, n) WEIGHT(find(m, "layers.%d.ssm." name, l)->offset, (n))
+            const sj_mamba2_params w = { PARAM("layers.%d.ssm.conv_w", l, S.conv_dim),
+                                         VEC("conv_b", S.conv_dim), VEC("dt_bias", 2 * S.H),
+                                         VEC("D", S.H), VEC("norm", S.d_inner) };
+            #undef VEC
+            const int g = sj_mamba2_record(tp, c, &w, zx, B, T);
+            x = residual(pl, tp, x, g, PARAM("layers.%d.ssm.out_proj", l, C), N, C, S.d_inner);
         } else {
-            /* Pairing averages the heads as projected, qk-norm normalises
-             * them before they turn (RoPE's angles are the same for every
-             * head, so only the norm fixes the order). */
-            qkv = sj_op_matmul(tp, h, wqkv, N, (H + 2 * KV) * hd, C);
-            OP_BLOCK_END();
-            if (c->paired_heads) qkv = sj_op_pair_heads(tp, qkv, N, H + 2 * KV, hd);
-            if (y->qk_norm != SJ_QK_NORM_NONE) {
-                const int gains = y->qk_norm == SJ_QK_NORM_WEIGHTED;
-                qkv = sj_op_qk_norm(tp, qkv, gains ? WEIGHT(find(m, "layers.%d.q_norm", l)->offset, hd) : -1,
-                                    gains ? WEIGHT(find(m, "layers.%d.k_norm", l)->offset, hd) : -1,
-                                    N, Ha, KVa, hd, c->norm_eps);
+            const int wqkv = PARAM("layers.%d.wq", l, (H + 2 * KV) * hd);
+            int qkv;
+            if (fuse && !c->paired_heads && y->qk_norm == SJ_QK_NORM_NONE) {
+                qkv = sj_op_matmul_rope(tp, h, wqkv, B, T, H + 2 * KV, H + KV, hd, C, &pl->rope);
+                OP_BLOCK_END();
+            } else {
+                /* Pairing averages the heads as projected, qk-norm normalises
+                 * them before they turn (RoPE's angles are the same for every
+                 * head, so only the norm fixes the order). */
+                qkv = sj_op_matmul(tp, h, wqkv, N, (H + 2 * KV) * hd, C);
+                OP_BLOCK_END();
+                if (c->paired_heads) qkv = sj_op_pair_heads(tp, qkv, N, H + 2 * KV, hd);
+                if (y->qk_norm != SJ_QK_NORM_NONE) {
+                    const int gains = y->qk_norm == SJ_QK_NORM_WEIGHTED;
+                    qkv = sj_op_qk_norm(tp, qkv, gains ? WEIGHT(find(m, "layers.%d.q_norm", l)->offset, hd) : -1,
+                                        gains ? WEIGHT(find(m, "layers.%d.k_norm", l)->offset, hd) : -1,
+                                        N, Ha, KVa, hd, c->norm_eps);
+                }
+                qkv = sj_op_rope(tp, qkv, B, T, Ha + 2 * KVa, Ha + KVa, hd, &pl->rope);
             }
-            qkv = sj_op_rope(tp, qkv, B, T, Ha + 2 * KVa, Ha + KVa, hd, &pl->rope);
+            if (c->value_mix != 0) {
+                if (l == 0) qkv0 = qkv;
+                else qkv = sj_op_mix(tp, qkv, qkv0, N, Wa, (Ha + KVa) * hd, KVa * hd, c->value_mix);
+            }
+            int a = sj_op_attention(tp, qkv, B, T, Ha, KVa, hd, y->window);
+            x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, Ha * hd);
         }
-        if (c->value_mix != 0) {
-            if (l == 0) qkv0 = qkv;
-            else qkv = sj_op_mix(tp, qkv, qkv0, N, Wa, (Ha + KVa) * hd, KVa * hd, c->value_mix);
+        if (y->ffn == SJ_FFN_NONE) {
+            if (layer_blocks) SJ_TRY(sj_tape_block_end(tp));
+            continue;
         }
-        int a = sj_op_attention(tp, qkv, B, T, Ha, KVa, hd, y->window);
-        x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, Ha * hd);
         OP_BLOCK_BEGIN();
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);
         int s;

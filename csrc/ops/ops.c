@@ -203,7 +203,7 @@ int sj_op_ssd_prep(sj_tape *tp, int xbc, int zxbcdt, int p, int N, int H, int P,
                    int ld, int off, int *a) {
     int o = record(tp, SJ_OP_SSD_PREP, IN(xbc, zxbcdt, p), (int64_t)N * H * P, (int64_t)N * H, 0,
                    DIM(N, H, P, ldx, ld, off), 0);
-    *a = o >= 0 ? tp->nodes[tp->t[o].producer].out[1] : -1;
+    *a = o >= 0 ? tp->nodes[tp->t[o].producer].out[1] : -2;   /* failed: not 'none' */
     return o;
 }
 // y: (N, H*P) -> y + D_h x

