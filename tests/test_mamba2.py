@@ -68,9 +68,9 @@ def ref_logits(P, cfg, tokens):
     return x @ P["lm_head" if "lm_head" in P else "tok_emb"].T
 
 
-def config(**kw):
+def config(n_layers=2, **kw):
     base = dict(vocab_size=97, max_seq_len=256, mixer="mamba2", ffn="none", ssm=SSM)
-    return smedjan.Config.custom(32, 2, 4, **{**base, **kw})
+    return smedjan.Config.custom(32, n_layers, 4, **{**base, **kw})
 
 
 @pytest.mark.parametrize("ffn,T", [("none", 21), ("swiglu", 8), ("none", 1)])
@@ -128,3 +128,60 @@ def test_mamba2_trains():
     for _ in range(30):
         tr.step(x, y)
     assert model.loss(x, y) < 0.5 * first
+
+
+def greedy_by_recomputation(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model.forward(np.array([ids], np.int32))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def greedy_by_engine(model, prompt, n, **kw):
+    from smedjan.infer import InferenceModel
+    gen = InferenceModel.from_model(model, "fp32", **kw)
+    logits = gen.prefill(prompt)
+    out = [int(np.argmax(logits))]
+    out += [int(t) for t in gen.greedy(out[0], n - 1)]
+    return gen, out
+
+
+@pytest.mark.parametrize("mixer,ffn", [("mamba2", "none"), (["mamba2", "mamba2", "mamba2", "attention"],
+                                                               ["none", "none", "none", "swiglu"])])
+def test_generation_equals_recomputation_for_128_tokens(mixer, ffn):
+    model = smedjan.Model(config(4, mixer=mixer, ffn=ffn), seed=3)
+    for name, v in model.params.items():   # a sharper model: fewer near-ties between top logits
+        if name in ("tok_emb",) or name.endswith(("in_proj", "out_proj", "w_down", "wo")):
+            v *= 4
+    prompt = list(np.random.default_rng(1).integers(0, 97, 37))
+    gen, ours = greedy_by_engine(model, prompt, 128)
+    assert ours == greedy_by_recomputation(model, prompt, 128)
+    # reset forgets the state: the same prompt gives the same tokens again
+    gen.reset()
+    again = [int(np.argmax(gen.prefill(prompt)))]
+    assert again[0] == ours[0]
+    assert [int(t) for t in gen.greedy(again[0], 15)] == ours[1:16]
+
+
+def test_prefill_logits_match_the_training_forward():
+    model = smedjan.Model(config(), seed=4)
+    tokens = np.random.default_rng(2).integers(0, 97, 150).astype(np.int32)   # > one 128-token chunk
+    from smedjan.infer import InferenceModel
+    gen = InferenceModel.from_model(model, "fp32")
+    got = gen.prefill(tokens, all_logits=True)
+    assert rel_err(got, model.forward(tokens[None])[0]) < 1e-4
+
+
+def test_generation_memory_is_constant_in_the_context():
+    """A 16k-token prompt generates with the cache bytes of a 1k one."""
+    from smedjan.infer import InferenceModel
+    model = smedjan.Model(config(max_seq_len=20000), seed=5)
+    short = InferenceModel.from_model(model, "fp32", max_ctx=1024)
+    long = InferenceModel.from_model(model, "fp32", max_ctx=17000)
+    assert long.memory()["cache_bytes"] == short.memory()["cache_bytes"]
+    prompt = np.random.default_rng(3).integers(0, 97, 16384).astype(np.int32)
+    logits = long.prefill(prompt)
+    assert np.isfinite(logits).all()
+    nxt = long.greedy(int(np.argmax(logits)), 4)
+    assert len(nxt) == 4 and long.pos == 16384 + 4
+    assert long.memory()["cache_bytes"] == short.memory()["cache_bytes"]

@@ -16,6 +16,7 @@
  * It must never allocate per token nor read past the KV cache. */
 #include "infer_cpu.h"
 #include "../model/model.h"
+#include "../model/mamba2.h"
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,11 +35,13 @@ static void cpu_free(void *e) {
             layer_w *w = &h->L[l];
             sj_qmat_free(&w->wq); sj_qmat_free(&w->wk); sj_qmat_free(&w->wv); sj_qmat_free(&w->wo);
             sj_qmat_free(&w->w_gate); sj_qmat_free(&w->w_up); sj_qmat_free(&w->w_down);
+            sj_qmat_free(&w->in_proj); sj_qmat_free(&w->out_proj);
         }
     sj_qmat_free(&h->tok_emb); sj_qmat_free(&h->output);
     sj_qpool_free(&h->pool);
     free(h->L);
     sj_free(h->norms);
+    sj_free(h->ssm_vec);
     sj_free(h->state_mem);
     free(h);
 }
@@ -59,8 +62,19 @@ sj_status sj_infer_rope_tables(const sj_config *c, int n_pos, float *cos_out, fl
     return SJ_OK;
 }
 
-/* Rows of layer l's K/V cache: a ring of `window` rows, or max_ctx. */
-static int cache_rows(const sj_infer_cpu *h, int l) { return h->L[l].window ? h->L[l].window : h->max_ctx; }
+/* Rows of layer l's K/V cache: a ring of `window` rows, or max_ctx; none
+ * for a Mamba-2 layer (its state is constant in the context). */
+static int cache_rows(const sj_infer_cpu *h, int l) {
+    if (h->c.layers[l].mixer == SJ_MIXER_MAMBA2) return 0;
+    return h->L[l].window ? h->L[l].window : h->max_ctx;
+}
+
+/* Layers of a kind. */
+static int count_mixers(const sj_config *c, int mixer) {
+    int n = 0;
+    for (int l = 0; l < c->n_layers; l++) n += c->layers[l].mixer == mixer;
+    return n;
+}
 
 /* The run state's buffers and the KV cache, 64-byte aligned, from base;
  * base NULL: only their size. Returns floats used (the activation
@@ -68,12 +82,17 @@ static int cache_rows(const sj_infer_cpu *h, int l) { return h->L[l].window ? h-
 static int64_t place_state(sj_infer_cpu *h, float *base) {
     const sj_config *c = &h->c;
     const int64_t R = CHUNK, C = c->dim, F = c->ffn_dim, half = h->hd / 2;
+    /* RoPE tables only for attention layers: a Mamba-2 model's state does not grow with max_ctx */
+    const int64_t rope_rows = count_mixers(c, SJ_MIXER_ATTENTION) ? h->max_ctx : 0;
+    const int mamba2 = count_mixers(c, SJ_MIXER_MAMBA2);
+    const sj_mamba2_shape S = sj_mamba2_shape_of(c);
     int windowed = 0;
-    int64_t kv_elems = 0;
+    int64_t kv_elems = 0, ssm_floats = 0;
     for (int l = 0; l < c->n_layers; l++) {
-        if (base) h->L[l].kv_at = kv_elems;
+        if (base) { h->L[l].kv_at = kv_elems; h->L[l].ssm_at = ssm_floats; }
         kv_elems += (int64_t)cache_rows(h, l) * h->kv_dim;
         windowed |= h->L[l].window != 0;
+        if (c->layers[l].mixer == SJ_MIXER_MAMBA2) ssm_floats += sj_infer_mamba2_state_floats(c);
     }
     const int64_t kv_floats = h->kv_f16 ? SJ_CDIV(kv_elems, 2) : kv_elems;
     int64_t off = 0;
@@ -82,7 +101,13 @@ static int64_t place_state(sj_infer_cpu *h, float *base) {
     TAKE(h->k, float, R * h->kv_proj); TAKE(h->v, float, R * h->kv_proj);
     TAKE(h->att, float, R * C); TAKE(h->hb, float, R * F); TAKE(h->hb2, float, R * F);
     TAKE(h->logits, float, c->vocab_size);
-    TAKE(h->rope_cos, float, h->max_ctx * half); TAKE(h->rope_sin, float, h->max_ctx * half);
+    TAKE(h->rope_cos, float, rope_rows * half); TAKE(h->rope_sin, float, rope_rows * half);
+    if (mamba2) {
+        TAKE(h->zx, float, R * S.d_in_proj); TAKE(h->xbc, float, R * S.conv_dim);
+        TAKE(h->ssm_y, float, R * S.d_inner);
+        h->ssm_state_floats = ssm_floats;
+        TAKE(h->ssm_state, float, ssm_floats);
+    }
     if (c->embed_skip != 0.f) TAKE(h->emb, float, R * C);
     if (c->value_mix != 0.f) TAKE(h->v0, float, R * h->kv_dim);
     if (windowed && h->kv_f16) { TAKE(h->k16, uint16_t, SJ_CDIV(R * h->kv_dim, 2)); TAKE(h->v16, uint16_t, SJ_CDIV(R * h->kv_dim, 2)); }
@@ -95,8 +120,9 @@ static int64_t place_state(sj_infer_cpu *h, float *base) {
  * the layers' windows and the cache's element type. */
 static sj_status alloc_state(sj_infer_cpu *h) {
     const sj_config *c = &h->c;
-    const int W = SJ_MAX(c->dim, c->ffn_dim);
+    const int W = SJ_MAX(SJ_MAX(c->dim, c->ffn_dim), sj_mamba2_shape_of(c).d_inner);   /* matmul inputs */
     h->emb = h->v0 = NULL; h->k16 = h->v16 = NULL;
+    h->zx = h->xbc = h->ssm_y = h->ssm_state = NULL;
     const int64_t n_f = place_state(h, NULL);
     const int64_t bytes = n_f * 4 + sj_qact_bytes(CHUNK, W);
     float *f = h->state_mem = sj_alloc((size_t)bytes, "KV cache and run state");
@@ -104,7 +130,9 @@ static sj_status alloc_state(sj_infer_cpu *h) {
     h->state_bytes = bytes;
     place_state(h, f);
     sj_qact_bind(&h->qa, f + n_f, CHUNK, W);   /* the rest: activation scratch */
-    sj_status s = sj_infer_rope_tables(c, h->max_ctx, h->rope_cos, h->rope_sin);
+    if (h->ssm_state) memset(h->ssm_state, 0, sizeof(float) * (size_t)h->ssm_state_floats);
+    sj_status s = count_mixers(c, SJ_MIXER_ATTENTION)
+                ? sj_infer_rope_tables(c, h->max_ctx, h->rope_cos, h->rope_sin) : SJ_OK;
     if (s) { sj_free(h->state_mem); h->state_mem = NULL; }
     return s;
 }
@@ -124,7 +152,9 @@ static sj_qmat *matrix(const sj_infer_cpu *h, const char *name) {
         return !strcmp(k, "tok_emb") ? &m->tok_emb : !strcmp(k, "lm_head") && h->output.mem ? &m->output : NULL;
     layer_w *w = &m->L[l];
     sj_qmat *const mats[7] = { &w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down };
-    for (int i = 0; i < 7; i++) if (!strcmp(k, LAYER_TENSORS[i])) return mats[i];
+    for (int i = 0; i < 7; i++) if (!strcmp(k, LAYER_TENSORS[i])) return mats[i]->mem ? mats[i] : NULL;
+    if (!strcmp(k, "ssm.in_proj")) return w->in_proj.mem ? &w->in_proj : NULL;
+    if (!strcmp(k, "ssm.out_proj")) return w->out_proj.mem ? &w->out_proj : NULL;
     return NULL;
 }
 
@@ -140,6 +170,13 @@ static float *vector(const sj_infer_cpu *h, const char *name) {
     if (!strcmp(k, "ffn_norm")) return h->L[l].ffn_norm;
     if (!strcmp(k, "q_norm")) return h->L[l].q_norm;
     if (!strcmp(k, "k_norm")) return h->L[l].k_norm;
+    const layer_w *w = &h->L[l];
+    if (!strcmp(k, "ssm.conv_w")) return w->conv_w;
+    if (!strcmp(k, "ssm.conv_b")) return w->conv_b;
+    if (!strcmp(k, "ssm.dt_bias")) return w->dt_bias;
+    if (!strcmp(k, "ssm.A_log")) return w->A_log;
+    if (!strcmp(k, "ssm.D")) return w->D;
+    if (!strcmp(k, "ssm.norm")) return w->ssm_norm;
     return NULL;
 }
 
@@ -171,16 +208,44 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, sj_infer_cpu 
     int et = mode == SJ_INFER_Q4 ? SJ_W_Q8 : wt;
     if ((s = sj_qmat_alloc(&h->tok_emb, et, V, C, "tok_emb"))) goto fail;
     if (c->untied_head && (s = sj_qmat_alloc(&h->output, et, V, C, "lm_head"))) goto fail;
-    const int64_t per_layer = sj_qmat_bytes(wt, C, C) + sj_qmat_bytes(wt, C, O) + 2 * sj_qmat_bytes(wt, KVd, C) +
-                              2 * sj_qmat_bytes(wt, F, C) + sj_qmat_bytes(wt, C, F);
-    if ((s = sj_qpool_init(&h->pool, per_layer * c->n_layers, "layer weights"))) goto fail;
+    const sj_mamba2_shape S = sj_mamba2_shape_of(c);
+    int64_t pool_bytes = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        const sj_layer *y = &c->layers[l];
+        pool_bytes += y->mixer == SJ_MIXER_MAMBA2
+                    ? sj_qmat_bytes(wt, S.d_in_proj, C) + sj_qmat_bytes(wt, C, S.d_inner)
+                    : sj_qmat_bytes(wt, C, C) + sj_qmat_bytes(wt, C, O) + 2 * sj_qmat_bytes(wt, KVd, C);
+        if (y->ffn != SJ_FFN_NONE) pool_bytes += 2 * sj_qmat_bytes(wt, F, C) + sj_qmat_bytes(wt, C, F);
+    }
+    if ((s = sj_qpool_init(&h->pool, pool_bytes, "layer weights"))) goto fail;
+    const int n_mamba2 = count_mixers(c, SJ_MIXER_MAMBA2);
+    const int64_t vec_floats = sj_infer_mamba2_vector_floats(c);
+    if (n_mamba2 && !(h->ssm_vec = sj_alloc(sizeof(float) * (size_t)(vec_floats * n_mamba2), "Mamba-2 vectors"))) {
+        s = SJ_ERR_NOMEM;
+        goto fail;
+    }
+    float *vec = h->ssm_vec;
     for (int l = 0; l < c->n_layers; l++) {
         layer_w *w = &h->L[l];
         sj_qpool *P = &h->pool;
-        if ((s = sj_qmat_alloc_pool(&w->wq, P, wt, C, C, "wq")) || (s = sj_qmat_alloc_pool(&w->wk, P, wt, KVd, C, "wk")) ||
-            (s = sj_qmat_alloc_pool(&w->wv, P, wt, KVd, C, "wv")) || (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, O, "wo")) ||
-            (s = sj_qmat_alloc_pool(&w->w_gate, P, wt, F, C, "w_gate")) || (s = sj_qmat_alloc_pool(&w->w_up, P, wt, F, C, "w_up")) ||
-            (s = sj_qmat_alloc_pool(&w->w_down, P, wt, C, F, "w_down")))
+        const sj_layer *y = &c->layers[l];
+        if (y->mixer == SJ_MIXER_MAMBA2) {
+            if ((s = sj_qmat_alloc_pool(&w->in_proj, P, wt, S.d_in_proj, C, "ssm.in_proj")) ||
+                (s = sj_qmat_alloc_pool(&w->out_proj, P, wt, C, S.d_inner, "ssm.out_proj")))
+                goto fail;
+            w->conv_w = vec; vec += (int64_t)S.conv_dim * S.K;
+            w->conv_b = vec; vec += S.conv_dim;
+            w->dt_bias = vec; vec += S.H;
+            w->A_log = vec; vec += S.H;
+            w->D = vec; vec += S.H;
+            w->ssm_norm = vec; vec += S.d_inner;
+        } else if ((s = sj_qmat_alloc_pool(&w->wq, P, wt, C, C, "wq")) || (s = sj_qmat_alloc_pool(&w->wk, P, wt, KVd, C, "wk")) ||
+                   (s = sj_qmat_alloc_pool(&w->wv, P, wt, KVd, C, "wv")) || (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, O, "wo"))) {
+            goto fail;
+        }
+        if (y->ffn != SJ_FFN_NONE &&
+            ((s = sj_qmat_alloc_pool(&w->w_gate, P, wt, F, C, "w_gate")) || (s = sj_qmat_alloc_pool(&w->w_up, P, wt, F, C, "w_up")) ||
+             (s = sj_qmat_alloc_pool(&w->w_down, P, wt, C, F, "w_down"))))
             goto fail;
         w->attn_norm = h->norms + (int64_t)(2 * l) * C;
         w->ffn_norm = h->norms + (int64_t)(2 * l + 1) * C;
@@ -402,10 +467,12 @@ static int64_t cpu_cache_bytes(const void *e) { return ((const sj_infer_cpu *)e)
 static int64_t cpu_weight_bytes(const void *e) {
     const sj_infer_cpu *h = e;
     int64_t b = h->tok_emb.bytes + h->output.bytes +
-                ((int64_t)(2 * h->c.n_layers + 1) * h->c.dim + (int64_t)2 * h->c.n_layers * h->hd) * 4;
+                ((int64_t)(2 * h->c.n_layers + 1) * h->c.dim + (int64_t)2 * h->c.n_layers * h->hd) * 4 +
+                4 * sj_infer_mamba2_vector_floats(&h->c) * count_mixers(&h->c, SJ_MIXER_MAMBA2);
     for (int l = 0; l < h->c.n_layers; l++) {
         const layer_w *w = &h->L[l];
-        b += w->wq.bytes + w->wk.bytes + w->wv.bytes + w->wo.bytes + w->w_gate.bytes + w->w_up.bytes + w->w_down.bytes;
+        b += w->wq.bytes + w->wk.bytes + w->wv.bytes + w->wo.bytes + w->w_gate.bytes + w->w_up.bytes + w->w_down.bytes +
+             w->in_proj.bytes + w->out_proj.bytes;
     }
     return b;
 }
@@ -421,6 +488,12 @@ static sj_status cpu_decode(void *e, int pos, int32_t token, int n, int32_t *nex
     return SJ_ISA_PICK(sj_infer_cpu_decode)(e, pos, token, n, next);
 }
 
+/* Mamba-2 layers' states back to a fresh sequence. */
+static void cpu_reset(void *e) {
+    sj_infer_cpu *h = e;
+    if (h->ssm_state) memset(h->ssm_state, 0, sizeof(float) * (size_t)h->ssm_state_floats);
+}
+
 static sj_status cpu_logits(void *e, const float **host) {
     *host = ((sj_infer_cpu *)e)->logits;
     return SJ_OK;
@@ -431,6 +504,7 @@ const sj_infer_backend sj_infer_cpu_backend = {
     .prefill = cpu_prefill,
     .decode = cpu_decode,
     .logits = cpu_logits,
+    .reset = cpu_reset,
     .free = cpu_free,
     .weight_bytes = cpu_weight_bytes,
     .cache_bytes = cpu_cache_bytes,

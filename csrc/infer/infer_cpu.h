@@ -15,6 +15,13 @@ typedef struct {
     int window;               /* < max_ctx: keys t-window < s <= t, cached in a ring of
                                * `window` rows; 0: every key, max_ctx rows */
     int64_t kv_at;            /* the layer's first element in kcache / vcache */
+    /* Mamba-2 layers (their attention matrices stay empty): the projections,
+     * the vectors (in ssm_vec: conv_w (conv_dim, K), conv_b, dt_bias, A_log, D,
+     * norm) and the layer's state at ssm_at of ssm_state: the last K-1 conv
+     * inputs (K-1, conv_dim), oldest first, then the scan's (H, N, P) */
+    sj_qmat in_proj, out_proj;
+    float *conv_w, *conv_b, *dt_bias, *A_log, *D, *ssm_norm;
+    int64_t ssm_at;
 } layer_w;
 
 struct sj_infer_cpu {
@@ -35,10 +42,21 @@ struct sj_infer_cpu {
     float *v0;                   /* layer 0's v of the chunk (value_mix), else NULL */
     uint16_t *k16, *v16;         /* the chunk's k/v as f16 (windowed layers, f16 cache), else NULL */
     float *kcache, *vcache;      /* per layer (rows, kv_dim) at its kv_at: f32, or uint16 f16 when kv_f16 */
+    float *ssm_vec;              /* Mamba-2 layers' vectors (layer_w), one allocation */
+    float *zx, *xbc, *ssm_y;     /* Mamba-2 run state: in_proj's output, the conv's, the mixer's */
+    float *ssm_state;            /* Mamba-2 layers' conv and scan states (constant in context) */
+    int64_t ssm_state_floats;
     sj_qact qa;
     void *state_mem;
     int64_t state_bytes;
 };
+
+/* mamba2.c: layer l's mixer for n tokens between in_proj (h->zx, (n,
+ * d_in_proj)) and out_proj (h->ssm_y, (n, d_inner)), advancing its state. */
+void sj_infer_mamba2_mix(sj_infer_cpu *h, int l, int n);
+/* Floats of one Mamba-2 layer's state, and of its vectors. */
+int64_t sj_infer_mamba2_state_floats(const sj_config *c);
+int64_t sj_infer_mamba2_vector_floats(const sj_config *c);
 
 #define sj_infer_cpu_prefill SJ_ISA(sj_infer_cpu_prefill)
 #define sj_infer_cpu_decode SJ_ISA(sj_infer_cpu_decode)

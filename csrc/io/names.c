@@ -22,6 +22,16 @@ static const sj_tensor_name TABLE[] = {
     { { "w_gate",     "mlp.gate_proj.weight",              "ffn_gate.weight" },     1, 0 },
     { { "w_up",       "mlp.up_proj.weight",                "ffn_up.weight" },       1, 0 },
     { { "w_down",     "mlp.down_proj.weight",              "ffn_down.weight" },     1, 0 },
+    /* Mamba-2 mixers (transformers' Mamba2 puts its layers under backbone.,
+     * see smedjan/hf.py; GGUF: llama.cpp's mamba2 spelling) */
+    { { "ssm.in_proj",  "mixer.in_proj.weight",            "ssm_in.weight" },       1, 0 },
+    { { "ssm.conv_w",   "mixer.conv1d.weight",             "ssm_conv1d.weight" },   1, 0 },
+    { { "ssm.conv_b",   "mixer.conv1d.bias",               "ssm_conv1d.bias" },     1, 0 },
+    { { "ssm.dt_bias",  "mixer.dt_bias",                   "ssm_dt.bias" },         1, 0 },
+    { { "ssm.A_log",    "mixer.A_log",                     "ssm_a" },               1, 0 },
+    { { "ssm.D",        "mixer.D",                         "ssm_d" },               1, 0 },
+    { { "ssm.norm",     "mixer.norm.weight",               "ssm_norm.weight" },     1, 0 },
+    { { "ssm.out_proj", "mixer.out_proj.weight",           "ssm_out.weight" },      1, 0 },
     { { "final_norm", "model.norm.weight",                 "output_norm.weight" },  0, 0 },
     { { "lm_head",    "lm_head.weight",                    "output.weight" },       0, 0 },
 };
