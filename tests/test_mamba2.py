@@ -150,11 +150,13 @@ def greedy_by_engine(model, prompt, n, **kw):
                                                                ["none", "none", "none", "swiglu"])])
 def test_generation_equals_recomputation_for_128_tokens(mixer, ffn):
     model = smedjan.Model(config(4, mixer=mixer, ffn=ffn), seed=3)
-    for name, v in model.params.items():   # a sharper model: fewer near-ties between top logits
-        if name in ("tok_emb",) or name.endswith(("in_proj", "out_proj", "w_down", "wo")):
-            v *= 4
+    r = np.random.default_rng(0)
+    for v in model.params.values():   # unit-variance projections: a model that does not repeat itself
+        if v.ndim == 2:
+            v[:] = r.standard_normal(v.shape) / np.sqrt(v.shape[1])
     prompt = list(np.random.default_rng(1).integers(0, 97, 37))
     gen, ours = greedy_by_engine(model, prompt, 128)
+    assert len(set(ours)) > 20, ours
     assert ours == greedy_by_recomputation(model, prompt, 128)
     # reset forgets the state: the same prompt gives the same tokens again
     gen.reset()
