@@ -246,3 +246,52 @@ def test_hybrid_loss_falls():
     for _ in range(30):
         tr.step(x, y)
     assert model.loss(x, y) < 0.5 * first
+
+
+def hf_mamba2(tied=False):
+    transformers = pytest.importorskip("transformers")
+    hc = transformers.Mamba2Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2,
+                                   head_dim=8, num_heads=8, n_groups=2, chunk_size=8, conv_kernel=4,
+                                   tie_word_embeddings=tied, layer_norm_epsilon=1e-5)
+    torch.manual_seed(0)
+    m = transformers.Mamba2ForCausalLM(hc).eval()
+    with torch.no_grad():   # away from 1.0 and 0: wrong gains or a missing bias would show
+        for name, p in m.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", ".D", "conv1d.bias")):
+                p.uniform_(0.5, 1.5)
+    return transformers, m
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_transformers_mamba2_imports_with_equal_logits(tmp_path, tied):
+    from smedjan.hf import load_hf
+    transformers, hf = hf_mamba2(tied)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path)
+    assert ours.config.layer(0)["mixer"] == "mamba2" and ours.config.ssm["n_groups"] == 2
+    tokens = np.random.default_rng(0).integers(0, 97, (2, 19)).astype(np.int32)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(tokens).long()).logits.numpy()
+    assert rel_err(ours.forward(tokens), want) < 1e-4
+
+
+def test_export_loads_back_in_transformers(tmp_path):
+    from smedjan.hf import export_hf
+    transformers = pytest.importorskip("transformers")
+    model = smedjan.Model(config(), seed=6)
+    r = np.random.default_rng(1)
+    for name, v in model.params.items():
+        if name.endswith(("norm", ".D")):
+            v[:] = r.uniform(0.5, 1.5, v.shape)
+    export_hf(model, tmp_path)
+    hf = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = np.random.default_rng(2).integers(0, 97, (1, 23)).astype(np.int32)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(tokens).long()).logits.numpy()
+    assert rel_err(model.forward(tokens), want) < 1e-4
+
+
+def test_hybrid_stack_has_no_transformers_form(tmp_path):
+    from smedjan.hf import export_hf
+    with pytest.raises(ValueError, match="hybrid"):
+        export_hf(smedjan.Model(config(4, **HYBRID)), tmp_path)
