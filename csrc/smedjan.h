@@ -53,7 +53,10 @@ sj_status sj_threads_set(int n);
  * GQA attention over the whole causal context, SwiGLU, tied head. */
 enum { SJ_MIXER_ATTENTION = 0,
        SJ_MIXER_MAMBA2,         /* Mamba-2 (SSD): conv, chunked scan, gated RMSNorm (ssm) */
+       SJ_MIXER_LINEAR,         /* linear attention over the chunked scan (linear)       */
        SJ_MIXER__COUNT };
+enum { SJ_LINEAR_IDENTITY = 0, SJ_LINEAR_ELU1, SJ_LINEAR__COUNT };        /* feature maps */
+enum { SJ_LINEAR_DECAY_NONE = 0, SJ_LINEAR_DECAY_GATED, SJ_LINEAR_DECAY__COUNT };
 enum { SJ_FFN_SWIGLU = 0,      /* silu(gate) * up            */
        SJ_FFN_RELU2,           /* relu(gate)^2 * up           */
        SJ_FFN_NONE,            /* no channel mixer: norm + mixer + residual (Mamba-2) */
@@ -100,6 +103,16 @@ typedef struct {
     int chunk_size;   /* tokens per chunk of the training scan (64) */
 } sj_ssm_config;
 
+/* Linear attention layers: q, k, v of n_heads heads of dim / n_heads, the
+ * scan with q = phi(q), k = phi(k), scale head_dim^-1/2. */
+typedef struct {
+    int feature;      /* SJ_LINEAR_*: phi = identity, or elu + 1                    */
+    int normalize;    /* divide by scale q_t . sum_s decay k_s + norm_eps           */
+    int decay;        /* SJ_LINEAR_DECAY_*: none, or gated: a_t = log sigmoid(g_t),
+                       * g = x wg^T per head (wg: (n_heads, dim))                  */
+    int chunk_size;   /* tokens per chunk of the training scan (64)                */
+} sj_linear_config;
+
 typedef struct {
     int dim;          /* model width C                                   */
     int n_layers;
@@ -117,16 +130,19 @@ typedef struct {
     float value_mix;  /* seed 001: each layer's v = (1-a) v + a v of layer 0   */
     float embed_skip; /* seed 001: each layer after the first adds a * embedding to its input */
     sj_ssm_config ssm;                /* Mamba-2 layers' shape (zeros where none) */
+    sj_linear_config linear;          /* linear attention layers' options (zeros where none) */
     sj_layer layers[SJ_MAX_LAYERS];   /* [0, n_layers) */
 } sj_config;
 
 /* Names of the option values, as configs and checkpoints spell them
- * ("attention", "mamba2"; "swiglu", "relu2", "none"; "none", "weighted", "plain"; "default",
+ * ("attention", "mamba2", "linear"; "swiglu", "relu2", "none"; "none", "weighted", "plain"; "default",
  * "linear", "dynamic", "yarn"); NULL out of range. */
 const char *sj_mixer_name(int kind);
 const char *sj_ffn_name(int kind);
 const char *sj_qk_norm_name(int kind);
 const char *sj_rope_type_name(int type);
+const char *sj_linear_feature_name(int kind);   /* "identity", "elu1" */
+const char *sj_linear_decay_name(int kind);     /* "none", "gated" */
 /* The value of a name, or -1 (the caller names the field in its error). */
 int sj_option_value(const char *(*name_of)(int), const char *name);
 

@@ -50,6 +50,10 @@ class Config:
     # "expand" (2), "head_dim" (64), "n_groups" (1), "chunk_size" (64)}; the defaults
     # fill in wherever a layer is a Mamba-2 mixer
     ssm: Optional[dict] = None
+    # linear attention layers (mixer "linear"): None, or {"feature": "identity" | "elu1",
+    # "normalize": False, "decay": "none" | "gated", "chunk_size": 64}; defaults fill in
+    # wherever a layer is a linear mixer
+    linear: Optional[dict] = None
 
     def __post_init__(self):
         # The engine validates (ValueError names the field) and gives the
@@ -61,6 +65,7 @@ class Config:
         if self.rope_scaling is not None:   # defaults filled, the given values kept
             object.__setattr__(self, "rope_scaling", {**canon["rope_scaling"], **self.rope_scaling})
         object.__setattr__(self, "ssm", canon["ssm"])
+        object.__setattr__(self, "linear", canon["linear"])
 
     def layer(self, i: int) -> dict:
         """Layer i's kinds: {"mixer", "ffn", "qk_norm", "window"}."""
@@ -74,7 +79,8 @@ class Config:
         """True for the Llama-style model without options."""
         return self == dataclasses.replace(
             self, rope_scaling=None, tied_head=True, paired_heads=False, value_mix=0.0,
-            embed_skip=0.0, mixer="attention", ffn="swiglu", qk_norm="none", window=0, ssm=None)
+            embed_skip=0.0, mixer="attention", ffn="swiglu", qk_norm="none", window=0, ssm=None,
+            linear=None)
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = 8192, **overrides) -> "Config":
@@ -118,7 +124,7 @@ class Config:
         for k in LAYER_FIELDS:
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
-        for k in ("rope_scaling", "ssm"):
+        for k in ("rope_scaling", "ssm", "linear"):
             if d[k] is not None:
                 d[k] = dict(d[k])
         return d

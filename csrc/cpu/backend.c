@@ -130,6 +130,10 @@ static void graph_free(void *g) { (void)g; }
     .ssd_skip_backward = sj_cpu_ssd_skip_backward,\
     .gated_rmsnorm_forward = sj_cpu_gated_rmsnorm_forward,\
     .gated_rmsnorm_backward = sj_cpu_gated_rmsnorm_backward,\
+    .linear_prep_forward = sj_cpu_linear_prep_forward,\
+    .linear_prep_backward = sj_cpu_linear_prep_backward,\
+    .linear_norm_forward = sj_cpu_linear_norm_forward,\
+    .linear_norm_backward = sj_cpu_linear_norm_backward,\
     .adamw = sj_cpu_adamw,                        \
     .lion = sj_cpu_lion,                          \
     .sgd = sj_cpu_sgd,                            \

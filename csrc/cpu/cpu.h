@@ -56,6 +56,10 @@
 #define sj_cpu_ssd_skip_backward SJ_ISA(sj_cpu_ssd_skip_backward)
 #define sj_cpu_gated_rmsnorm_forward SJ_ISA(sj_cpu_gated_rmsnorm_forward)
 #define sj_cpu_gated_rmsnorm_backward SJ_ISA(sj_cpu_gated_rmsnorm_backward)
+#define sj_cpu_linear_prep_forward SJ_ISA(sj_cpu_linear_prep_forward)
+#define sj_cpu_linear_prep_backward SJ_ISA(sj_cpu_linear_prep_backward)
+#define sj_cpu_linear_norm_forward SJ_ISA(sj_cpu_linear_norm_forward)
+#define sj_cpu_linear_norm_backward SJ_ISA(sj_cpu_linear_norm_backward)
 
 /* General strided GEMM: C = op(A) op(B) (+ C if accum); lda/ldb/ldc are row
  * strides of the stored (untransposed) matrices. Multi-threaded. */
@@ -166,5 +170,12 @@ void sj_cpu_gated_rmsnorm_forward(void *out, float *rstd, const void *y, const v
 void sj_cpu_gated_rmsnorm_backward(void *dy, void *dz, float *dw, const void *dout, const void *y,
                                    const void *z, const void *w, const float *rstd, int N, int Din,
                                    int G, int ld, int off, int accum_y, int accum_z, int dw_accum);
+void sj_cpu_linear_prep_forward(void *u, void *a, const void *p, int N, int H, int hd, int feature,
+                                int normalize);
+void sj_cpu_linear_prep_backward(void *dp, const void *du, const void *da, const void *p, int N,
+                                 int H, int hd, int feature, int normalize, int accum);
+void sj_cpu_linear_norm_forward(void *out, const void *y, int N, int H, int hd, float eps);
+void sj_cpu_linear_norm_backward(void *dy, const void *dout, const void *y, int N, int H, int hd,
+                                 float eps, int accum);
 
 #endif

@@ -282,3 +282,109 @@ void sj_cpu_gated_rmsnorm_backward(void *dy, void *dz, float *dw, const void *do
     sj_parallel_for(N, 16, gnorm_bwd_rows, &j);
     sj_parallel_for(Din, 16, gnorm_bwd_cols, &j);
 }
+
+/* ---- linear attention: feature maps, gate, normalisation -------------------- */
+
+/* elu + 1 (> 0: a kernel feature map for which q . k > 0) and its derivative */
+static inline float elu1(float x) { return x > 0.f ? x + 1.0f : expf(x); }
+static inline float delu1(float x) { return x > 0.f ? 1.0f : expf(x); }
+
+typedef struct {
+    float *u, *a, *dp; const float *p, *du, *da;
+    int N, H, hd, feature, normalize, gated, accum;
+} lin_job;
+
+static void lin_fwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const lin_job *j = ctx;
+    const int Hd = j->H * j->hd, dv = j->hd + j->normalize, ld = 3 * Hd + (j->gated ? j->H : 0);
+    const int ldu = 2 * Hd + j->H * dv;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *p = j->p + r * ld;
+        float *u = j->u + r * ldu;
+        for (int c = 0; c < 2 * Hd; c++) u[c] = j->feature == SJ_LINEAR_ELU1 ? elu1(p[c]) : p[c];
+        for (int h = 0; h < j->H; h++) {
+            memcpy(u + 2 * Hd + h * dv, p + 2 * Hd + h * j->hd, sizeof(float) * j->hd);
+            if (j->normalize) u[2 * Hd + h * dv + j->hd] = 1.0f;
+            if (j->gated) j->a[r * j->H + h] = -softplus(-p[3 * Hd + h]);   /* log sigmoid */
+        }
+    }
+}
+
+// p: (N, 3 H hd [+ H]) = [q | k | v | g] -> u: (N, 2 H hd + H (hd [+ 1])), a: (N, H) or NULL
+void sj_cpu_linear_prep_forward(void *u, void *a, const void *p, int N, int H, int hd, int feature,
+                                int normalize) {
+    lin_job j = { .u = u, .a = a, .p = p, .N = N, .H = H, .hd = hd, .feature = feature,
+                  .normalize = normalize, .gated = a != NULL };
+    sj_parallel_for(N, 16, lin_fwd_rows, &j);
+}
+
+static void lin_bwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const lin_job *j = ctx;
+    const int Hd = j->H * j->hd, dv = j->hd + j->normalize, ld = 3 * Hd + (j->gated ? j->H : 0);
+    const int ldu = 2 * Hd + j->H * dv;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *p = j->p + r * ld, *du = j->du + r * ldu;
+        float *dp = j->dp + r * ld;
+        if (!j->accum) memset(dp, 0, sizeof(float) * ld);
+        for (int c = 0; c < 2 * Hd; c++) dp[c] += j->feature == SJ_LINEAR_ELU1 ? du[c] * delu1(p[c]) : du[c];
+        for (int h = 0; h < j->H; h++) {
+            for (int e = 0; e < j->hd; e++) dp[2 * Hd + h * j->hd + e] += du[2 * Hd + h * dv + e];
+            if (j->gated) dp[3 * Hd + h] += j->da[r * j->H + h] * sigmoid(-p[3 * Hd + h]);
+        }
+    }
+}
+
+// dp: (N, 3 H hd [+ H]) (+)=
+void sj_cpu_linear_prep_backward(void *dp, const void *du, const void *da, const void *p, int N,
+                                 int H, int hd, int feature, int normalize, int accum) {
+    lin_job j = { .dp = dp, .du = du, .da = da, .p = p, .N = N, .H = H, .hd = hd,
+                  .feature = feature, .normalize = normalize, .gated = da != NULL, .accum = accum };
+    sj_parallel_for(N, 16, lin_bwd_rows, &j);
+}
+
+typedef struct { float *out, *dy; const float *y, *dout; int N, H, hd, accum; float eps; } lnorm_job;
+
+static void lnorm_fwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const lnorm_job *j = ctx;
+    for (int64_t r = r0; r < r1; r++)
+        for (int h = 0; h < j->H; h++) {
+            const float *y = j->y + (r * j->H + h) * (j->hd + 1);
+            float *o = j->out + (r * j->H + h) * j->hd;
+            const float inv = 1.0f / (y[j->hd] + j->eps);
+            for (int e = 0; e < j->hd; e++) o[e] = y[e] * inv;
+        }
+}
+
+// y: (N, H, hd + 1), the last of each head the denominator -> out: (N, H hd)
+void sj_cpu_linear_norm_forward(void *out, const void *y, int N, int H, int hd, float eps) {
+    lnorm_job j = { .out = out, .y = y, .N = N, .H = H, .hd = hd, .eps = eps };
+    sj_parallel_for(N, 16, lnorm_fwd_rows, &j);
+}
+
+static void lnorm_bwd_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const lnorm_job *j = ctx;
+    for (int64_t r = r0; r < r1; r++)
+        for (int h = 0; h < j->H; h++) {
+            const float *y = j->y + (r * j->H + h) * (j->hd + 1), *g = j->dout + (r * j->H + h) * j->hd;
+            float *dy = j->dy + (r * j->H + h) * (j->hd + 1);
+            const float inv = 1.0f / (y[j->hd] + j->eps);
+            float s = 0.f;
+            for (int e = 0; e < j->hd; e++) {
+                dy[e] = (j->accum ? dy[e] : 0.f) + g[e] * inv;
+                s += g[e] * y[e];
+            }
+            dy[j->hd] = (j->accum ? dy[j->hd] : 0.f) - s * inv * inv;
+        }
+}
+
+// dy: (N, H, hd + 1) (+)=
+void sj_cpu_linear_norm_backward(void *dy, const void *dout, const void *y, int N, int H, int hd,
+                                 float eps, int accum) {
+    lnorm_job j = { .dy = dy, .y = y, .dout = dout, .N = N, .H = H, .hd = hd, .accum = accum,
+                    .eps = eps };
+    sj_parallel_for(N, 16, lnorm_bwd_rows, &j);
+}

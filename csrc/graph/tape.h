@@ -39,7 +39,7 @@ typedef enum {
     SJ_OP_ATTENTION, SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP_LM_HEAD_CE,
     SJ_OP_CAST, SJ_OP_MATMUL_SWIGLU, SJ_OP_MATMUL_ROPE, SJ_OP_PAIR_HEADS, SJ_OP_MIX,
     SJ_OP_AXPY, SJ_OP_QK_NORM, SJ_OP_GATHER_ROWS, SJ_OP_SCAN, SJ_OP_CONV1D_SILU, SJ_OP_SSD_PREP,
-    SJ_OP_SSD_SKIP, SJ_OP_GATED_RMSNORM, SJ_OP__COUNT
+    SJ_OP_SSD_SKIP, SJ_OP_GATED_RMSNORM, SJ_OP_LINEAR_PREP, SJ_OP_LINEAR_NORM, SJ_OP__COUNT
 } sj_opcode;
 
 typedef struct {
@@ -198,6 +198,12 @@ int sj_op_ssd_skip(sj_tape *tp, int y, int xbc, int D, int N, int H, int P, int 
 /* y: (N, Din), z at off of rows of ld, w: (Din) -> rmsnorm per G groups of y silu(z), times w. */
 int sj_op_gated_rmsnorm(sj_tape *tp, int y, int z, int w, int N, int Din, int G, int ld, int off,
                         float eps);
+
+/* Linear attention (backend.h): p: (N, 3 H hd [+ H]) -> u: (N, 2 H hd + H dv);
+ * a: NULL for no gate, else *a = the log-sigmoid gate (N, H). */
+int sj_op_linear_prep(sj_tape *tp, int p, int N, int H, int hd, int feature, int normalize, int *a);
+/* y: (N, H, hd + 1) -> (N, H hd), divided by the last channel of each head (+ eps). */
+int sj_op_linear_norm(sj_tape *tp, int y, int N, int H, int hd, float eps);
 
 /* How each op's backward uses its tensors (for lifetimes) and runs, and
  * which of its writes may land on storage it reads (in place). The plan

@@ -264,6 +264,14 @@ static void forward_chunk(sj_infer_cpu *h, const int32_t *tok, int n, int pos) {
             sj_infer_mamba2_mix(h, l, n);
             matmul(h, h->xb, &w->out_proj, h->ssm_y, n, 1);
             add_to(h->x, 1.0f, h->xb, (int64_t)n * C);
+        } else if (c->layers[l].mixer == SJ_MIXER_LINEAR) {
+            float *outs[4] = { h->q, h->lin_k, h->lin_v, h->lin_g };
+            const sj_qmat *Ws[4] = { &w->wq, &w->wk, &w->wv, &w->wg };
+            if (w->wq.type == SJ_W_Q8 || w->wq.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
+            sj_qmat_mul_multi(w->wg.mem ? 4 : 3, outs, Ws, h->xb, &h->qa, n);
+            sj_infer_linear_mix(h, l, n);
+            matmul(h, h->xb, &w->wo, h->att, n, 1);
+            add_to(h->x, 1.0f, h->xb, (int64_t)n * C);
         } else {
             attention_mixer(h, l, n, pos);
         }

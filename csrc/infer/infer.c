@@ -35,7 +35,7 @@ static void cpu_free(void *e) {
             layer_w *w = &h->L[l];
             sj_qmat_free(&w->wq); sj_qmat_free(&w->wk); sj_qmat_free(&w->wv); sj_qmat_free(&w->wo);
             sj_qmat_free(&w->w_gate); sj_qmat_free(&w->w_up); sj_qmat_free(&w->w_down);
-            sj_qmat_free(&w->in_proj); sj_qmat_free(&w->out_proj);
+            sj_qmat_free(&w->in_proj); sj_qmat_free(&w->out_proj); sj_qmat_free(&w->wg);
         }
     sj_qmat_free(&h->tok_emb); sj_qmat_free(&h->output);
     sj_qpool_free(&h->pool);
@@ -63,9 +63,9 @@ sj_status sj_infer_rope_tables(const sj_config *c, int n_pos, float *cos_out, fl
 }
 
 /* Rows of layer l's K/V cache: a ring of `window` rows, or max_ctx; none
- * for a Mamba-2 layer (its state is constant in the context). */
+ * for Mamba-2 and linear layers (their state is constant in the context). */
 static int cache_rows(const sj_infer_cpu *h, int l) {
-    if (h->c.layers[l].mixer == SJ_MIXER_MAMBA2) return 0;
+    if (h->c.layers[l].mixer != SJ_MIXER_ATTENTION) return 0;
     return h->L[l].window ? h->L[l].window : h->max_ctx;
 }
 
@@ -89,10 +89,11 @@ static int64_t place_state(sj_infer_cpu *h, float *base) {
     int windowed = 0;
     int64_t kv_elems = 0, ssm_floats = 0;
     for (int l = 0; l < c->n_layers; l++) {
-        if (base) { h->L[l].kv_at = kv_elems; h->L[l].ssm_at = ssm_floats; }
+        if (base) { h->L[l].kv_at = kv_elems; h->L[l].rec_at = ssm_floats; }
         kv_elems += (int64_t)cache_rows(h, l) * h->kv_dim;
         windowed |= h->L[l].window != 0;
         if (c->layers[l].mixer == SJ_MIXER_MAMBA2) ssm_floats += sj_infer_mamba2_state_floats(c);
+        if (c->layers[l].mixer == SJ_MIXER_LINEAR) ssm_floats += sj_infer_linear_state_floats(c);
     }
     const int64_t kv_floats = h->kv_f16 ? SJ_CDIV(kv_elems, 2) : kv_elems;
     int64_t off = 0;
@@ -105,9 +106,12 @@ static int64_t place_state(sj_infer_cpu *h, float *base) {
     if (mamba2) {
         TAKE(h->zx, float, R * S.d_in_proj); TAKE(h->xbc, float, R * S.conv_dim);
         TAKE(h->ssm_y, float, R * S.d_inner);
-        h->ssm_state_floats = ssm_floats;
-        TAKE(h->ssm_state, float, ssm_floats);
     }
+    if (count_mixers(c, SJ_MIXER_LINEAR)) {
+        TAKE(h->lin_k, float, R * C); TAKE(h->lin_v, float, R * C); TAKE(h->lin_g, float, R * c->n_heads);
+    }
+    h->rec_state_floats = ssm_floats;
+    if (ssm_floats) TAKE(h->rec_state, float, ssm_floats);
     if (c->embed_skip != 0.f) TAKE(h->emb, float, R * C);
     if (c->value_mix != 0.f) TAKE(h->v0, float, R * h->kv_dim);
     if (windowed && h->kv_f16) { TAKE(h->k16, uint16_t, SJ_CDIV(R * h->kv_dim, 2)); TAKE(h->v16, uint16_t, SJ_CDIV(R * h->kv_dim, 2)); }
@@ -122,7 +126,7 @@ static sj_status alloc_state(sj_infer_cpu *h) {
     const sj_config *c = &h->c;
     const int W = SJ_MAX(SJ_MAX(c->dim, c->ffn_dim), sj_mamba2_shape_of(c).d_inner);   /* matmul inputs */
     h->emb = h->v0 = NULL; h->k16 = h->v16 = NULL;
-    h->zx = h->xbc = h->ssm_y = h->ssm_state = NULL;
+    h->zx = h->xbc = h->ssm_y = h->rec_state = h->lin_k = h->lin_v = h->lin_g = NULL;
     const int64_t n_f = place_state(h, NULL);
     const int64_t bytes = n_f * 4 + sj_qact_bytes(CHUNK, W);
     float *f = h->state_mem = sj_alloc((size_t)bytes, "KV cache and run state");
@@ -130,7 +134,7 @@ static sj_status alloc_state(sj_infer_cpu *h) {
     h->state_bytes = bytes;
     place_state(h, f);
     sj_qact_bind(&h->qa, f + n_f, CHUNK, W);   /* the rest: activation scratch */
-    if (h->ssm_state) memset(h->ssm_state, 0, sizeof(float) * (size_t)h->ssm_state_floats);
+    if (h->rec_state) memset(h->rec_state, 0, sizeof(float) * (size_t)h->rec_state_floats);
     sj_status s = count_mixers(c, SJ_MIXER_ATTENTION)
                 ? sj_infer_rope_tables(c, h->max_ctx, h->rope_cos, h->rope_sin) : SJ_OK;
     if (s) { sj_free(h->state_mem); h->state_mem = NULL; }
@@ -155,6 +159,7 @@ static sj_qmat *matrix(const sj_infer_cpu *h, const char *name) {
     for (int i = 0; i < 7; i++) if (!strcmp(k, LAYER_TENSORS[i])) return mats[i]->mem ? mats[i] : NULL;
     if (!strcmp(k, "ssm.in_proj")) return w->in_proj.mem ? &w->in_proj : NULL;
     if (!strcmp(k, "ssm.out_proj")) return w->out_proj.mem ? &w->out_proj : NULL;
+    if (!strcmp(k, "wg")) return w->wg.mem ? &w->wg : NULL;
     return NULL;
 }
 
@@ -212,8 +217,11 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, sj_infer_cpu 
     int64_t pool_bytes = 0;
     for (int l = 0; l < c->n_layers; l++) {
         const sj_layer *y = &c->layers[l];
+        const int gated = y->mixer == SJ_MIXER_LINEAR && c->linear.decay == SJ_LINEAR_DECAY_GATED;
         pool_bytes += y->mixer == SJ_MIXER_MAMBA2
                     ? sj_qmat_bytes(wt, S.d_in_proj, C) + sj_qmat_bytes(wt, C, S.d_inner)
+                    : y->mixer == SJ_MIXER_LINEAR
+                    ? 4 * sj_qmat_bytes(wt, C, C) + (gated ? sj_qmat_bytes(wt, c->n_heads, C) : 0)
                     : sj_qmat_bytes(wt, C, C) + sj_qmat_bytes(wt, C, O) + 2 * sj_qmat_bytes(wt, KVd, C);
         if (y->ffn != SJ_FFN_NONE) pool_bytes += 2 * sj_qmat_bytes(wt, F, C) + sj_qmat_bytes(wt, C, F);
     }
@@ -239,6 +247,12 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, sj_infer_cpu 
             w->A_log = vec; vec += S.H;
             w->D = vec; vec += S.H;
             w->ssm_norm = vec; vec += S.d_inner;
+        } else if (y->mixer == SJ_MIXER_LINEAR) {
+            if ((s = sj_qmat_alloc_pool(&w->wq, P, wt, C, C, "wq")) || (s = sj_qmat_alloc_pool(&w->wk, P, wt, C, C, "wk")) ||
+                (s = sj_qmat_alloc_pool(&w->wv, P, wt, C, C, "wv")) || (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, C, "wo")) ||
+                (c->linear.decay == SJ_LINEAR_DECAY_GATED &&
+                 (s = sj_qmat_alloc_pool(&w->wg, P, wt, c->n_heads, C, "wg"))))
+                goto fail;
         } else if ((s = sj_qmat_alloc_pool(&w->wq, P, wt, C, C, "wq")) || (s = sj_qmat_alloc_pool(&w->wk, P, wt, KVd, C, "wk")) ||
                    (s = sj_qmat_alloc_pool(&w->wv, P, wt, KVd, C, "wv")) || (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, O, "wo"))) {
             goto fail;
@@ -472,7 +486,7 @@ static int64_t cpu_weight_bytes(const void *e) {
     for (int l = 0; l < h->c.n_layers; l++) {
         const layer_w *w = &h->L[l];
         b += w->wq.bytes + w->wk.bytes + w->wv.bytes + w->wo.bytes + w->w_gate.bytes + w->w_up.bytes + w->w_down.bytes +
-             w->in_proj.bytes + w->out_proj.bytes;
+             w->in_proj.bytes + w->out_proj.bytes + w->wg.bytes;
     }
     return b;
 }
@@ -488,10 +502,10 @@ static sj_status cpu_decode(void *e, int pos, int32_t token, int n, int32_t *nex
     return SJ_ISA_PICK(sj_infer_cpu_decode)(e, pos, token, n, next);
 }
 
-/* Mamba-2 layers' states back to a fresh sequence. */
+/* Mamba-2 and linear layers' states back to a fresh sequence. */
 static void cpu_reset(void *e) {
     sj_infer_cpu *h = e;
-    if (h->ssm_state) memset(h->ssm_state, 0, sizeof(float) * (size_t)h->ssm_state_floats);
+    if (h->rec_state) memset(h->rec_state, 0, sizeof(float) * (size_t)h->rec_state_floats);
 }
 
 static sj_status cpu_logits(void *e, const float **host) {

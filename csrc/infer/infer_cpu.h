@@ -17,11 +17,13 @@ typedef struct {
     int64_t kv_at;            /* the layer's first element in kcache / vcache */
     /* Mamba-2 layers (their attention matrices stay empty): the projections,
      * the vectors (in ssm_vec: conv_w (conv_dim, K), conv_b, dt_bias, A_log, D,
-     * norm) and the layer's state at ssm_at of ssm_state: the last K-1 conv
-     * inputs (K-1, conv_dim), oldest first, then the scan's (H, N, P) */
+     * norm) and the layer's state: the last K-1 conv inputs (K-1, conv_dim),
+     * oldest first, then the scan's (H, N, P). A linear attention layer uses
+     * wq, wk, wv (dim, dim), wo and its state (H, hd, hd [+ 1]) */
     sj_qmat in_proj, out_proj;
     float *conv_w, *conv_b, *dt_bias, *A_log, *D, *ssm_norm;
-    int64_t ssm_at;
+    sj_qmat wg;               /* gated linear attention layers: the gate (n_heads, dim) */
+    int64_t rec_at;           /* Mamba-2 and linear layers: their state in rec_state */
 } layer_w;
 
 struct sj_infer_cpu {
@@ -44,8 +46,9 @@ struct sj_infer_cpu {
     float *kcache, *vcache;      /* per layer (rows, kv_dim) at its kv_at: f32, or uint16 f16 when kv_f16 */
     float *ssm_vec;              /* Mamba-2 layers' vectors (layer_w), one allocation */
     float *zx, *xbc, *ssm_y;     /* Mamba-2 run state: in_proj's output, the conv's, the mixer's */
-    float *ssm_state;            /* Mamba-2 layers' conv and scan states (constant in context) */
-    int64_t ssm_state_floats;
+    float *lin_k, *lin_v, *lin_g; /* linear attention run state: k, v (CHUNK, dim), gate (CHUNK, n_heads) */
+    float *rec_state;            /* Mamba-2 and linear layers' states (constant in the context) */
+    int64_t rec_state_floats;
     sj_qact qa;
     void *state_mem;
     int64_t state_bytes;
@@ -57,6 +60,11 @@ void sj_infer_mamba2_mix(sj_infer_cpu *h, int l, int n);
 /* Floats of one Mamba-2 layer's state, and of its vectors. */
 int64_t sj_infer_mamba2_state_floats(const sj_config *c);
 int64_t sj_infer_mamba2_vector_floats(const sj_config *c);
+/* linear.c: layer l's linear attention for n tokens: q, k, v in h->q,
+ * lin_k, lin_v, the gate's logits in lin_g -> h->att (n, dim), advancing its
+ * state; the floats of that state. */
+void sj_infer_linear_mix(sj_infer_cpu *h, int l, int n);
+int64_t sj_infer_linear_state_floats(const sj_config *c);
 
 #define sj_infer_cpu_prefill SJ_ISA(sj_infer_cpu_prefill)
 #define sj_infer_cpu_decode SJ_ISA(sj_infer_cpu_decode)

@@ -91,7 +91,7 @@ static void gate_rows(void *ctx, int64_t t0, int64_t t1, int tid) {
 
 void sj_infer_mamba2_mix(sj_infer_cpu *h, int l, int n) {
     const sj_mamba2_shape m = sj_mamba2_shape_of(&h->c);
-    float *state = h->ssm_state + h->L[l].ssm_at;
+    float *state = h->rec_state + h->L[l].rec_at;
     mix_job j = { h, &h->L[l], m, n, state, state + (int64_t)(m.K - 1) * m.conv_dim };
     sj_parallel_for(m.conv_dim, 64, conv_cols, &j);
     sj_parallel_for(m.H, 1, scan_heads, &j);

@@ -32,6 +32,8 @@ static const sj_tensor_name TABLE[] = {
     { { "ssm.D",        "mixer.D",                         "ssm_d" },               1, 0 },
     { { "ssm.norm",     "mixer.norm.weight",               "ssm_norm.weight" },     1, 0 },
     { { "ssm.out_proj", "mixer.out_proj.weight",           "ssm_out.weight" },      1, 0 },
+    /* gated linear attention's gate (no transformers or GGUF architecture has it) */
+    { { "wg",         "self_attn.g_proj.weight",           "attn_gate.weight" },    1, 0 },
     { { "final_norm", "model.norm.weight",                 "output_norm.weight" },  0, 0 },
     { { "lm_head",    "lm_head.weight",                    "output.weight" },       0, 0 },
 };

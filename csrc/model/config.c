@@ -46,7 +46,9 @@ sj_status sj_config_preset(const char *name, int vocab_size, sj_config *out) {
         static const char *const names[] = { __VA_ARGS__ };                  \
         return k >= 0 && k < (int)(sizeof names / sizeof names[0]) ? names[k] : NULL; \
     }
-NAMES(sj_mixer_name, "attention", "mamba2")
+NAMES(sj_mixer_name, "attention", "mamba2", "linear")
+NAMES(sj_linear_feature_name, "identity", "elu1")
+NAMES(sj_linear_decay_name, "none", "gated")
 NAMES(sj_ffn_name, "swiglu", "relu2", "none")
 NAMES(sj_qk_norm_name, "none", "weighted", "plain")
 NAMES(sj_rope_type_name, "default", "linear", "dynamic", "yarn")
@@ -83,7 +85,7 @@ static sj_status validate_rope_scaling(const sj_config *c) {
 }
 
 static sj_status validate_layers(const sj_config *c) {
-    int mamba2 = 0;
+    int mamba2 = 0, linear = 0;
     for (int l = 0; l < c->n_layers; l++) {
         const sj_layer *y = &c->layers[l];
         if (!sj_mixer_name(y->mixer))
@@ -96,7 +98,9 @@ static sj_status validate_layers(const sj_config *c) {
             return sj_fail(SJ_ERR_ARG, "layer %d: window must be in 0..max_seq_len (%d; 0: the "
                            "whole context), got %d", l, c->max_seq_len, y->window);
         mamba2 |= y->mixer == SJ_MIXER_MAMBA2;
+        linear |= y->mixer == SJ_MIXER_LINEAR;
     }
+    if (linear) SJ_TRY(sj_linear_validate(c));
     return mamba2 ? sj_mamba2_validate(c) : SJ_OK;
 }
 
@@ -140,6 +144,7 @@ int64_t sj_config_param_count(const sj_config *c) {
     for (int l = 0; l < c->n_layers; l++) {
         const sj_layer *y = &c->layers[l];
         if (y->mixer == SJ_MIXER_MAMBA2) n += sj_mamba2_param_count(c);
+        else if (y->mixer == SJ_MIXER_LINEAR) n += sj_linear_param_count(c);
         else n += C * (q + 2 * kv + o) + C + (y->qk_norm == SJ_QK_NORM_WEIGHTED ? 2 * hd : 0);
         if (y->ffn != SJ_FFN_NONE) n += 3 * C * (int64_t)c->ffn_dim + C;
     }

@@ -1,5 +1,6 @@
-/* mamba2.h — the Mamba-2 mixer's shape, parameters and tape recording
- * (mamba2.c), shared by the config, the model and the inference engine. */
+/* mamba2.h — the mixers over the chunked scan: Mamba-2 (mamba2.c) and
+ * linear attention (linear.c): shapes, parameters and tape recording,
+ * shared by the config, the model and the inference engine. */
 #ifndef SJ_MAMBA2_H
 #define SJ_MAMBA2_H
 
@@ -39,5 +40,13 @@ void sj_mamba2_init(float *params, const sj_tensor_info *t, int n_tensors, const
 typedef struct { int conv_w, conv_b, dt, D, norm; } sj_mamba2_params;
 int sj_mamba2_record(sj_tape *tp, const sj_config *c, const sj_mamba2_params *w, int zx, int B,
                      int T);
+
+/* Linear attention (linear.c): the config's linear field, checked where a
+ * layer is a linear mixer; parameters of one such mixer (its pre-norm
+ * included); the mixer between the projection and wo on a tape: p = h [wq |
+ * wk | wv (| wg)]^T (B*T, 3 dim (+ n_heads)) -> (B*T, dim). */
+sj_status sj_linear_validate(const sj_config *c);
+int64_t sj_linear_param_count(const sj_config *c);
+int sj_linear_record(sj_tape *tp, const sj_config *c, int p, int B, int T);
 
 #endif

@@ -46,6 +46,12 @@ static sj_status build_table(sj_model *m) {
             ADD("layers.%d.ssm.in_proj", l, (int64_t)S.d_in_proj, C, 2);
             ADD("layers.%d.ssm.conv_w", l, (int64_t)S.conv_dim, (int64_t)S.K, 2);
             ADD("layers.%d.ssm.out_proj", l, C, (int64_t)S.d_inner, 2);
+        } else if (c->layers[l].mixer == SJ_MIXER_LINEAR) {   /* wq|wk|wv|wg: one projection */
+            ADD("layers.%d.wq", l, C, C, 2);
+            ADD("layers.%d.wk", l, C, C, 2);
+            ADD("layers.%d.wv", l, C, C, 2);
+            if (c->linear.decay == SJ_LINEAR_DECAY_GATED) ADD("layers.%d.wg", l, (int64_t)c->n_heads, C, 2);
+            ADD("layers.%d.wo", l, C, C, 2);
         } else {
             ADD("layers.%d.wq", l, qd, C, 2);
             ADD("layers.%d.wk", l, kvd, C, 2);
@@ -490,6 +496,15 @@ static sj_status record(sj_model *m, sj_plan *pl) {
             #undef VEC
             const int g = sj_mamba2_record(tp, c, &w, zx, B, T);
             x = residual(pl, tp, x, g, PARAM("layers.%d.ssm.out_proj", l, C), N, C, S.d_inner);
+        } else if (y->mixer == SJ_MIXER_LINEAR) {
+            if (!m->be->scan_forward)
+                return sj_fail(SJ_ERR_ARG, "linear layers: the %s backend has no scan kernels yet",
+                               m->be->name);
+            const int rows = 3 * C + (c->linear.decay == SJ_LINEAR_DECAY_GATED ? H : 0);
+            const int p = sj_op_matmul(tp, h, PARAM("layers.%d.wq", l, rows), N, rows, C);
+            OP_BLOCK_END();
+            const int o = sj_linear_record(tp, c, p, B, T);
+            x = residual(pl, tp, x, o, PARAM("layers.%d.wo", l, C), N, C, C);
         } else {
             const int wqkv = PARAM("layers.%d.wq", l, (H + 2 * KV) * hd);
             int qkv;

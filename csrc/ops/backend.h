@@ -310,6 +310,20 @@ typedef struct sj_backend {
                                    const void *z, const void *w, const float *rstd, int N, int Din,
                                    int G, int ld, int off, int accum_y, int accum_z, int dw_accum);
 
+    /* Linear attention around the scan. linear_prep: p: (N, 3 H hd [+ H]) = [q |
+     * k | v | g] -> u: (N, 2 H hd + H dv) = [phi(q) | phi(k) | v heads, each with
+     * a 1 appended when normalize (dv = hd + 1; else hd)], phi by
+     * SJ_LINEAR_* (identity, elu + 1); a: (N, H) = log sigmoid(g), or NULL (no
+     * gate: p has no g). linear_norm: y: (N, H, hd + 1) -> out: (N, H hd) =
+     * y[..hd] / (y[hd] + eps). Backward: dp, dy (+)= with accum. */
+    void (*linear_prep_forward)(void *u, void *a, const void *p, int N, int H, int hd,
+                                int feature, int normalize);
+    void (*linear_prep_backward)(void *dp, const void *du, const void *da, const void *p, int N,
+                                 int H, int hd, int feature, int normalize, int accum);
+    void (*linear_norm_forward)(void *out, const void *y, int N, int H, int hd, float eps);
+    void (*linear_norm_backward)(void *dy, const void *dout, const void *y, int N, int H, int hd,
+                                 float eps, int accum);
+
     /* ---- device plumbing (trivial on the CPU) ---- */
     /* A context = a stream plus its scratch and GEMM workspace. bind() makes
      * it current for this thread's following kernel calls. */

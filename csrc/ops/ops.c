@@ -44,6 +44,8 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     [SJ_OP_SSD_SKIP] = {"ssd_skip", 1u << 1 | 1u << 2, 0, .out_on_in = 1u << 0,
                         .grad_on_dy = 1u << 0},
     [SJ_OP_GATED_RMSNORM] = {"gated_rmsnorm", 1u << 0 | 1u << 1 | 1u << 2, 1u << 1},
+    [SJ_OP_LINEAR_PREP] = {"linear_prep", 1u << 0, 0},
+    [SJ_OP_LINEAR_NORM] = {"linear_norm", 1u << 0, 0},
 };
 
 static int record(sj_tape *tp, sj_opcode op, const int in[3], int64_t n0, int64_t n1,
@@ -216,6 +218,19 @@ int sj_op_gated_rmsnorm(sj_tape *tp, int y, int z, int w, int N, int Din, int G,
     return record(tp, SJ_OP_GATED_RMSNORM, IN(y, z, w), (int64_t)N * Din, (int64_t)N * G, 1,
                   DIM(N, Din, G, ld, off), eps);
 }
+// p: (N, 3 H hd [+ H]) -> u: (N, 2 H hd + H (hd [+ 1])); a: (N, H) (out[1]) when gated
+int sj_op_linear_prep(sj_tape *tp, int p, int N, int H, int hd, int feature, int normalize, int *a) {
+    const int64_t ldu = 2 * (int64_t)H * hd + (int64_t)H * (hd + (normalize ? 1 : 0));
+    int o = record(tp, SJ_OP_LINEAR_PREP, IN(p, NONE, NONE), N * ldu, a ? (int64_t)N * H : 0, 0,
+                   DIM(N, H, hd, feature, normalize), 0);
+    if (a) *a = o >= 0 ? tp->nodes[tp->t[o].producer].out[1] : -2;   /* failed: not 'none' */
+    return o;
+}
+// y: (N, H, hd + 1) -> (N, H hd)
+int sj_op_linear_norm(sj_tape *tp, int y, int N, int H, int hd, float eps) {
+    return record(tp, SJ_OP_LINEAR_NORM, IN(y, NONE, NONE), (int64_t)N * H * hd, 0, 0,
+                  DIM(N, H, hd), eps);
+}
 
 #define P(id) sj_tape_ptr(tp, (id), params)
 #define G(id) sj_tape_ptr(tp, tp->t[id].grad, params)
@@ -368,6 +383,12 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
         be->gated_rmsnorm_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]), P(in[2]), d[0], d[1],
                                   d[2], d[3], d[4], n->f);
         break;
+    case SJ_OP_LINEAR_PREP:
+        be->linear_prep_forward(P(out[0]), OPT(out[1]), P(in[0]), d[0], d[1], d[2], d[3], d[4]);
+        break;
+    case SJ_OP_LINEAR_NORM:
+        be->linear_norm_forward(P(out[0]), P(in[0]), d[0], d[1], d[2], n->f);
+        break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]),
                                   tp->t[in[1]].dtype, d[0], d[1], d[1], d[2]);   /* packed: ld = V */
@@ -479,6 +500,13 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
         be->gated_rmsnorm_backward(dx, in_grad(tp, n, 1, params), grads + tp->t[in[2]].offset, dy,
                                    P(in[0]), P(in[1]), P(in[2]), P(out[1]), d[0], d[1], d[2], d[3],
                                    d[4], acc[0], acc[1], acc[2]);
+        break;
+    case SJ_OP_LINEAR_PREP:
+        be->linear_prep_backward(dx, dy, out[1] >= 0 ? G(out[1]) : NULL, P(in[0]), d[0], d[1], d[2],
+                                 d[3], d[4], acc[0]);
+        break;
+    case SJ_OP_LINEAR_NORM:
+        be->linear_norm_backward(dx, dy, P(in[0]), d[0], d[1], d[2], n->f, acc[0]);
         break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_backward(dx, P(in[0]), P(out[1]), P(in[1]), tp->t[in[1]].dtype,

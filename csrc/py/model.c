@@ -113,6 +113,13 @@ PyObject *sj_py_config_to_dict(const sj_config *c) {
                         "chunk_size", m->chunk_size);
     if (!ssm || PyDict_SetItemString(d, "ssm", ssm)) { Py_XDECREF(ssm); Py_DECREF(d); return NULL; }
     Py_DECREF(ssm);
+    const sj_linear_config *la = &c->linear;
+    PyObject *lin = !la->chunk_size ? (Py_INCREF(Py_None), Py_None)
+        : Py_BuildValue("{s:s,s:O,s:s,s:i}", "feature", sj_linear_feature_name(la->feature),
+                        "normalize", la->normalize ? Py_True : Py_False, "decay",
+                        sj_linear_decay_name(la->decay), "chunk_size", la->chunk_size);
+    if (!lin || PyDict_SetItemString(d, "linear", lin)) { Py_XDECREF(lin); Py_DECREF(d); return NULL; }
+    Py_DECREF(lin);
     return d;
 }
 
@@ -285,10 +292,54 @@ static int ssm_from(PyObject *d, sj_config *c) {
     return 0;
 }
 
+/* The linear field (linear attention layers): None, or a dict; canonical
+ * (every field, defaults: identity, not normalised, no decay, chunks of 64)
+ * wherever a layer is a linear mixer or the dict is given. */
+static int linear_from(PyObject *d, sj_config *c) {
+    PyObject *r = PyDict_GetItemString(d, "linear");
+    int used = 0;
+    for (int l = 0; l < c->n_layers; l++) used |= c->layers[l].mixer == SJ_MIXER_LINEAR;
+    if ((!r || r == Py_None) && !used) return 0;
+    c->linear = (sj_linear_config){ .chunk_size = 64 };
+    if (!r || r == Py_None) return 0;
+    if (!PyDict_Check(r)) {
+        PyErr_SetString(PyExc_TypeError, "config 'linear' must be a dict or None");
+        return -1;
+    }
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(r, &pos, &k, &v)) {
+        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
+        const char *(*names)(int) = !s ? NULL : !strcmp(s, "feature") ? sj_linear_feature_name
+                                  : !strcmp(s, "decay") ? sj_linear_decay_name : NULL;
+        if (names) {
+            const char *val = PyUnicode_Check(v) ? PyUnicode_AsUTF8(v) : NULL;
+            const int kind = val ? sj_option_value(names, val) : -1;
+            if (kind < 0) {
+                PyErr_Format(PyExc_ValueError, "config 'linear.%s' %R is unknown (this build knows %s)",
+                             s, v, names == sj_linear_decay_name ? "none, gated" : "identity, elu1");
+                return -1;
+            }
+            if (names == sj_linear_decay_name) c->linear.decay = kind; else c->linear.feature = kind;
+        } else if (s && !strcmp(s, "normalize")) {
+            const int t = PyObject_IsTrue(v);
+            if (t < 0) return -1;
+            c->linear.normalize = t;
+        } else if (s && !strcmp(s, "chunk_size")) {
+            if (get_int(v, "linear.chunk_size", &c->linear.chunk_size)) return -1;
+        } else {
+            PyErr_Format(PyExc_ValueError, "config 'linear' has field %R that this build of smedjan "
+                         "does not know (it knows feature, normalize, decay, chunk_size)", k);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static const char *const config_keys[] = {
     "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
     "rope_theta", "norm_eps", "rope_scaling", "tied_head", "paired_heads", "value_mix",
-    "embed_skip", "mixer", "ffn", "qk_norm", "window", "ssm",
+    "embed_skip", "mixer", "ffn", "qk_norm", "window", "ssm", "linear",
 };
 
 int sj_py_config_from_dict(PyObject *d, sj_config *c) {
@@ -324,7 +375,7 @@ int sj_py_config_from_dict(PyObject *d, sj_config *c) {
     }
     for (int f = 0; f < 4; f++)
         if (layer_from(d, c, f)) return -1;
-    if (ssm_from(d, c)) return -1;
+    if (ssm_from(d, c) || linear_from(d, c)) return -1;
     sj_status s = sj_config_validate(c);
     if (s) { sj_py_raise(s); return -1; }
     return 0;
