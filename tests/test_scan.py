@@ -64,13 +64,14 @@ def run_case(B, T, H, G, dk, dv, chunk, decay=True, fused=False, seed=0, scale=0
     if not fused:   # overwriting (accum 0) poisoned buffers
         b = _C.cuda_op("scan_backward", "cpu",
                        {"dqk": np.full_like(qk, np.nan), "dv": np.full_like(v, np.nan),
-                        "da": np.full_like(a, np.nan), "dy": dy, "qk": qk, "v": v, "a": a},
+                        "da": np.full_like(a, np.nan), "dy": dy, "qk": qk, "v": v, "a": a,
+                        "y": f["y"]},
                        d + [no_a, 0, 0, 0], [scale])
         got_qk = b["dqk"]
     else:   # the harness hands the one row's gradient apart as dqk and dv: their sum
         b = _C.cuda_op("scan_backward", "cpu",
                        {"dqk": np.zeros_like(qk), "dv": np.zeros_like(v), "da": np.zeros_like(a),
-                        "dy": dy, "qk": qk, "v": v, "a": a}, d + [no_a, 1, 1, 1], [scale])
+                        "dy": dy, "qk": qk, "v": v, "a": a, "y": f["y"]}, d + [no_a, 1, 1, 1], [scale])
         got_qk = b["dqk"] + b["dv"]
     checks = [("dqk", got_qk, tqk.grad)]
     if not fused:
@@ -83,7 +84,7 @@ def run_case(B, T, H, G, dk, dv, chunk, decay=True, fused=False, seed=0, scale=0
         # floor: at T = 1, da is 0 exactly; q.dq - k.dk leaves rounding
         rel = np.abs(got - ref).max() / max(1e-2, np.abs(ref).max())
         assert rel < 1e-4, f"{name}: relative error {rel:.2e}"
-    return f, b, (qk, v, a, dy, d, no_a)
+    return f, b, (qk, v, a, dy, d, no_a, f["y"])
 
 
 @pytest.mark.parametrize("T,chunk", [(16, 4), (37, 8), (37, 64), (1, 4), (5, 5), (13, 1)])
@@ -110,11 +111,12 @@ def test_scan_result_does_not_depend_on_chunk_size():
 
 
 def test_scan_backward_accumulates():
-    f, b, (qk, v, a, dy, d, no_a) = run_case(1, 11, 2, 1, 4, 3, 4, seed=5)
+    f, b, (qk, v, a, dy, d, no_a, y) = run_case(1, 11, 2, 1, 4, 3, 4, seed=5)
     g = np.random.default_rng(9)
     base = {k: g.standard_normal(x.shape).astype(np.float32) for k, x in (("dqk", qk), ("dv", v), ("da", a))}
     acc = _C.cuda_op("scan_backward", "cpu", {**{k: x.copy() for k, x in base.items()},
-                                              "dy": dy, "qk": qk, "v": v, "a": a}, d + [no_a, 1, 1, 1], [0.7])
+                                              "dy": dy, "qk": qk, "v": v, "a": a, "y": y},
+                     d + [no_a, 1, 1, 1], [0.7])
     for k in base:
         np.testing.assert_allclose(acc[k].reshape(base[k].shape), base[k] + b[k].reshape(base[k].shape),
                                    rtol=1e-5, atol=1e-5)

@@ -147,8 +147,8 @@ void sj_cpu_muon_apply(float *p, void *p_act, const void *o, int64_t n, float lr
 void sj_cpu_scan_forward(void *y, const void *qk, const void *v, const void *a,
                          const sj_scan_dims *d, float scale);
 void sj_cpu_scan_backward(void *dqk, void *dv, void *da, const void *dy, const void *qk,
-                          const void *v, const void *a, const sj_scan_dims *d, float scale,
-                          int accum_qk, int accum_v, int accum_a);
+                          const void *v, const void *a, const void *y, const sj_scan_dims *d,
+                          float scale, int accum_qk, int accum_v, int accum_a);
 void sj_cpu_conv1d_silu_forward(void *out, const void *x, const void *w, const void *bias,
                                 int B, int T, int ld, int off, int W, int K);
 void sj_cpu_conv1d_silu_backward(void *dx, float *dw, float *dbias, const void *dout,

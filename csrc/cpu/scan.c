@@ -11,7 +11,7 @@
 
 typedef struct {
     float *y, *dqk, *dv, *da;
-    const float *qk, *v, *a, *dy;
+    const float *qk, *v, *a, *dy, *yf;
     sj_scan_dims d;
     float scale;
     int accum_a;
@@ -86,22 +86,16 @@ void sj_cpu_scan_forward(void *y, const void *qk, const void *v, const void *a,
 }
 
 /* Backward of one head h of sequence b, adding into dq and dk (its group's)
- * and writing dv (+)= and, before its reverse cumulative sum, da's column.
- * Pass 1 runs forward with the state S: dq_t = scale S_t dy_t. Pass 2 runs
- * backward with R_t = sum_{u>t} exp(c_u - c_t) q_u dy_u^T: dk_s = scale
- * R_s v_s, dv_s = scale R_s^T k_s. Then dc_t = q_t . dq_t - k_t . dk_t (this
- * head's shares) and da_r = sum_{t>=r} dc_t. */
+ * and dv, da (+)=. Pass 1 runs forward with the state S: dq_t = scale S_t dy_t.
+ * Pass 2 runs backward with R_t = sum_{u>t} exp(c_u - c_t) q_u dy_u^T:
+ * dk_s = scale R_s v_s, dv_s = scale R_s^T k_s, and da_r = sum_{t>=r} dc_t,
+ * dc_t = q_t . dq_t - k_t . dk_t (this head's shares), where q_t . dq_t =
+ * y_t . dy_t: the forward's output gives it without keeping dq. */
 static void bwd_head(const scan_job *j, int b, int h, float *S, float *cum, float *gq) {
     const sj_scan_dims *d = &j->d;
     const int T = d->T, H = d->H, dk = d->dk, dv = d->dv, L = d->chunk, g = h / (H / d->G);
     const int64_t row0 = (int64_t)b * T;
-    float *da = j->da ? j->da + row0 * H + h : NULL;
-    /* accum: da's column turned into its differences (da_r - da_{r+1}), so
-     * that the reverse sum at the end gives the old values back plus ours */
-    if (da && j->accum_a)
-        for (int t = 0; t < T; t++) da[(int64_t)t * H] -= t + 1 < T ? da[(int64_t)(t + 1) * H] : 0.f;
-    else if (da)
-        for (int t = 0; t < T; t++) da[(int64_t)t * H] = 0.f;
+    float *da = j->da ? j->da + row0 * H + h : NULL, kdk[L], later_dc = 0.f;
     #define DY(t) (j->dy + (row0 + (t)) * H * dv + (int64_t)h * dv)
     #define DQ(t) (j->dqk + (row0 + (t)) * d->ld_qk + d->q_off + (int64_t)g * dk)
     #define DK(t) (j->dqk + (row0 + (t)) * d->ld_qk + d->k_off + (int64_t)g * dk)
@@ -111,7 +105,7 @@ static void bwd_head(const scan_job *j, int b, int h, float *S, float *cum, floa
         const int n = SJ_MIN(L, T - c0);
         chunk_cum(j, b, h, c0, n, cum);
         for (int t = 0; t < n; t++) {
-            const float *dy = DY(c0 + t), *q = QROW(j, b, c0 + t, g);
+            const float *dy = DY(c0 + t);
             const float inter = expf(cum[t]);
             for (int e = 0; e < dk; e++) gq[e] = inter * dot(S + (int64_t)e * dv, dy, dv);
             for (int s = 0; s <= t; s++)
@@ -119,7 +113,6 @@ static void bwd_head(const scan_job *j, int b, int h, float *S, float *cum, floa
                      KROW(j, b, c0 + s, g), dk);
             for (int e = 0; e < dk; e++) gq[e] *= j->scale;
             if (j->dqk) axpy(DQ(c0 + t), 1.0f, gq, dk);
-            if (da) da[(int64_t)(c0 + t) * H] += dot(q, gq, dk);
         }
         const float keep = expf(cum[n - 1]);
         for (int e = 0; e < dk * dv; e++) S[e] *= keep;
@@ -148,8 +141,13 @@ static void bwd_head(const scan_job *j, int b, int h, float *S, float *cum, floa
             }
             for (int e = 0; e < dk; e++) gq[e] *= j->scale;
             if (j->dqk) axpy(DK(c0 + s), 1.0f, gq, dk);
-            if (da) da[(int64_t)(c0 + s) * H] -= dot(k, gq, dk);
+            kdk[s] = dot(k, gq, dk);
             if (j->dv) axpy(DV(c0 + s), j->scale, gv, dv);
+        }
+        for (int s = n - 1; da && s >= 0; s--) {
+            const int64_t at = (row0 + c0 + s) * H * dv + (int64_t)h * dv;
+            later_dc += dot(j->yf + at, j->dy + at, dv) - kdk[s];
+            da[(int64_t)(c0 + s) * H] = (j->accum_a ? da[(int64_t)(c0 + s) * H] : 0.f) + later_dc;
         }
         /* R_{c0-1} = exp(cum_end) R + sum_t exp(cum_t) q_t dy_t^T */
         const float keep = expf(cum[n - 1]);
@@ -160,8 +158,6 @@ static void bwd_head(const scan_job *j, int b, int h, float *S, float *cum, floa
             for (int e = 0; e < dk; e++) axpy(R + (int64_t)e * dv, w * q[e], dy, dv);
         }
     }
-    if (da)
-        for (int t = T - 2; t >= 0; t--) da[(int64_t)t * H] += da[(int64_t)(t + 1) * H];
     #undef DY
     #undef DQ
     #undef DK
@@ -193,8 +189,8 @@ static void zero_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
 // dqk: rows of ld_qk (+)= on the q and k slices, zero elsewhere unless accum_qk;
 // dv likewise with ld_v; da: (B*T, H) (+)=. Any of the three may be NULL.
 void sj_cpu_scan_backward(void *dqk, void *dv, void *da, const void *dy, const void *qk,
-                          const void *v, const void *a, const sj_scan_dims *d, float scale,
-                          int accum_qk, int accum_v, int accum_a) {
+                          const void *v, const void *a, const void *y, const sj_scan_dims *d,
+                          float scale, int accum_qk, int accum_v, int accum_a) {
     const int64_t N = (int64_t)d->B * d->T;
     if (dqk && !accum_qk) {
         zero_job z = { dqk, d->ld_qk };
@@ -205,6 +201,6 @@ void sj_cpu_scan_backward(void *dqk, void *dv, void *da, const void *dy, const v
         sj_parallel_for(N, 64, zero_rows, &z);
     }
     scan_job j = { .dqk = dqk, .dv = dv, .da = a ? da : NULL, .dy = dy, .qk = qk, .v = v,
-                   .a = a, .d = *d, .scale = scale, .accum_a = accum_a };
+                   .a = a, .yf = y, .d = *d, .scale = scale, .accum_a = accum_a };
     sj_parallel_for((int64_t)d->B * d->G, 1, bwd_groups, &j);
 }

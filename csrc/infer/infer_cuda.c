@@ -143,6 +143,12 @@ static sj_status to_gpu(const sj_infer_engine *cpu, sj_infer_mode mode, int max_
 
 sj_status sj_infer_cuda_from_model(sj_model *m, sj_infer_mode mode, int max_ctx, sj_infer_engine *out) {
     SJ_TRY(gpu_mode(mode));
+    const sj_config *c = sj_model_config(m);
+    for (int l = 0; l < c->n_layers; l++)
+        if (c->layers[l].mixer != SJ_MIXER_ATTENTION || c->layers[l].ffn == SJ_FFN_NONE)
+            return sj_fail(SJ_ERR_ARG, "%s layers: GPU generation is not built yet (generate on the "
+                           "CPU: device='cpu')", c->layers[l].mixer != SJ_MIXER_ATTENTION
+                           ? sj_mixer_name(c->layers[l].mixer) : "ffn none");
     SJ_TRY(sj_cuda_check_device());
     sj_model *src = m, *tmp = NULL;
     sj_status s;

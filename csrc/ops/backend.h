@@ -264,14 +264,14 @@ typedef struct sj_backend {
      * of ld_qk elements, q of group g at q_off + g dk, k at k_off + g dk; v:
      * rows of ld_v, head h at v_off + h dv; a: (B*T, H) log decays (<= 0 for
      * a decay), or NULL for none; y: (B*T, H*dv). Chunks of `chunk` tokens
-     * (any T). Backward: dqk (+)= on the q and k slices and, unless accum_qk,
-     * zero elsewhere in its rows (dv likewise); da (B*T, H) (+)=. dqk, dv, da
-     * may be NULL (not wanted). */
+     * (any T). Backward, given y (the forward's output): dqk (+)= on the q and
+     * k slices and, unless accum_qk, zero elsewhere in its rows (dv likewise);
+     * da (B*T, H) (+)=. dqk, dv, da may be NULL (not wanted). */
     void (*scan_forward)(void *y, const void *qk, const void *v, const void *a,
                          const sj_scan_dims *d, float scale);
     void (*scan_backward)(void *dqk, void *dv, void *da, const void *dy, const void *qk,
-                          const void *v, const void *a, const sj_scan_dims *d, float scale,
-                          int accum_qk, int accum_v, int accum_a);
+                          const void *v, const void *a, const void *y, const sj_scan_dims *d,
+                          float scale, int accum_qk, int accum_v, int accum_a);
 
     /* Mamba-2's pieces around the scan (x: rows of ld, a slice of W channels
      * at off; its gradient (+)= on the slice and, unless accum, zero elsewhere

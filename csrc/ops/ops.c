@@ -36,7 +36,8 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     [SJ_OP_GATHER_ROWS] = {"gather_rows", 1u << 1, 0},
     [SJ_OP_QK_NORM] = {"qk_norm", 1u << 0 | 1u << 1 | 1u << 2, 1u << 1, .out_on_in = 1u << 0,
                        .grad_on_dy = 1u << 0},
-    [SJ_OP_SCAN] = {"scan", 1u << 0 | 1u << 1 | 1u << 2, 0},
+    /* backward reads y: q . dq = y . dy gives the decays' gradient */
+    [SJ_OP_SCAN] = {"scan", 1u << 0 | 1u << 1 | 1u << 2, 1u << 0},
     /* backward recomputes the pre-activation from x */
     [SJ_OP_CONV1D_SILU] = {"conv1d_silu", 1u << 0 | 1u << 1 | 1u << 2, 0},
     [SJ_OP_SSD_PREP] = {"ssd_prep", 1u << 0 | 1u << 1 | 1u << 2, 0},
@@ -476,7 +477,7 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
                                   d[10], d[11] };
         /* qk and v one tensor: the tape plans v's slices to add (acc[1]) */
         be->scan_backward(dx, in_grad(tp, n, 1, params), in_grad(tp, n, 2, params), dy, P(in[0]),
-                          P(in[1]), OPT(in[2]), &sd, n->f, acc[0], acc[1], acc[2]);
+                          P(in[1]), OPT(in[2]), P(out[0]), &sd, n->f, acc[0], acc[1], acc[2]);
         break;
     }
     case SJ_OP_CONV1D_SILU: {

@@ -594,7 +594,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"gather_rows_forward", {"out", "x", "idx"}, "aat"},
         {"gather_rows_backward", {"dx", "dout", "idx"}, "aat"},
         {"scan_forward", {"y", "qk", "v", "a"}, "aaaa"},
-        {"scan_backward", {"dqk", "dv", "da", "dy", "qk", "v", "a"}, "aaaaaaa"},
+        {"scan_backward", {"dqk", "dv", "da", "dy", "qk", "v", "a", "y"}, "aaaaaaaa"},
         {"conv1d_silu_forward", {"out", "x", "w", "bias"}, "aaaa"},
         {"conv1d_silu_backward", {"dx", "dw", "dbias", "dout", "x", "w", "bias"}, "affaaaa"},
         {"ssd_prep_forward", {"v", "a", "x", "dt_raw", "p"}, "aaaaa"},
@@ -708,7 +708,7 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         const sj_scan_dims sd = { (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5],
                                   (int)I[6], (int)I[7], (int)I[8], (int)I[9], (int)I[10], (int)I[11] };
         if (k == 27) be->scan_forward(D(0), D(1), D(2), I[12] ? NULL : D(3), &sd, (float)Fl[0]);
-        else be->scan_backward(D(0), D(1), D(2), D(3), D(4), D(5), I[12] ? NULL : D(6), &sd,
+        else be->scan_backward(D(0), D(1), D(2), D(3), D(4), D(5), I[12] ? NULL : D(6), D(7), &sd,
                                (float)Fl[0], (int)I[13], (int)I[14], (int)I[15]);
         break;
     }
