@@ -603,6 +603,10 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"ssd_skip_backward", {"dy", "dx", "dD", "dout", "x", "D"}, "aafaaa"},
         {"gated_rmsnorm_forward", {"out", "rstd", "y", "z", "w"}, "afaaa"},
         {"gated_rmsnorm_backward", {"dy", "dz", "dw", "dout", "y", "z", "w", "rstd"}, "aafaaaaf"},
+        {"linear_prep_forward", {"u", "a", "p"}, "aaa"},
+        {"linear_prep_backward", {"dp", "du", "da", "p"}, "aaaa"},
+        {"linear_norm_forward", {"out", "y"}, "aa"},
+        {"linear_norm_backward", {"dy", "dout", "y"}, "aaa"},
     };
     int k = -1, fused = 0;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
@@ -734,6 +738,17 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
     case 36: /* N, Din, G, ld, off, accum_y, accum_z, dw_accum */
         be->gated_rmsnorm_backward(D(0), D(1), D(2), D(3), D(4), D(5), D(6), D(7), (int)I[0], (int)I[1],
                                    (int)I[2], (int)I[3], (int)I[4], (int)I[5], (int)I[6], (int)I[7]);
+        break;
+    case 37: /* N, H, hd, feature, normalize; a: the gate (always given) */
+        be->linear_prep_forward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]);
+        break;
+    case 38: /* N, H, hd, feature, normalize, accum */
+        be->linear_prep_backward(D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4],
+                                 (int)I[5]);
+        break;
+    case 39: be->linear_norm_forward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (float)Fl[0]); break;
+    case 40: /* N, H, hd, accum; eps */
+        be->linear_norm_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (float)Fl[0], (int)I[3]);
         break;
     }
     }
