@@ -1,8 +1,9 @@
-/* ssm.c — Mamba-2's pieces around the scan (scan.c), forward and backward:
- * the causal depthwise conv + SiLU, the step sizes and decays (dt, a), the
- * D skip and the gated RMSNorm. Inputs that are column slices of a wider
- * row (the in_proj output) get their gradient on the slice; a first writer
- * (accum 0) zeroes the rest of the row, so the gradient is whole. */
+/* ssm.c — the pieces around the scan (scan.c), forward and backward:
+ * Mamba-2's causal depthwise conv + SiLU, step sizes and decays (dt, a), D
+ * skip and gated RMSNorm; linear attention's feature maps, gate and
+ * normalisation. Inputs that are column slices of a wider row (the in_proj
+ * output) get their gradient on the slice; a first writer (accum 0) zeroes
+ * the rest of the row, so the gradient is whole. */
 #include "cpu.h"
 #include <math.h>
 #include <string.h>
