@@ -53,10 +53,15 @@ sj_status sj_threads_set(int n);
  * GQA attention over the whole causal context, SwiGLU, tied head. */
 enum { SJ_MIXER_ATTENTION = 0,
        SJ_MIXER_MLA,           /* multi-head latent attention (DeepSeek-V2/V3), sj_mla */
+       SJ_MIXER_MAMBA2,        /* Mamba-2 (SSD): conv, chunked scan, gated RMSNorm (ssm) */
+       SJ_MIXER_LINEAR,        /* linear attention over the chunked scan (linear)       */
        SJ_MIXER__COUNT };
+enum { SJ_LINEAR_IDENTITY = 0, SJ_LINEAR_ELU1, SJ_LINEAR__COUNT };        /* feature maps */
+enum { SJ_LINEAR_DECAY_NONE = 0, SJ_LINEAR_DECAY_GATED, SJ_LINEAR_DECAY__COUNT };
 enum { SJ_FFN_SWIGLU = 0,      /* silu(gate) * up            */
        SJ_FFN_RELU2,           /* relu(gate)^2 * up           */
        SJ_FFN_MOE,             /* routed SwiGLU experts (+ shared ones): sj_moe_config */
+       SJ_FFN_NONE,            /* no channel mixer: norm + mixer + residual (Mamba-2) */
        SJ_FFN__COUNT };
 enum { SJ_QK_NORM_NONE = 0,
        SJ_QK_NORM_WEIGHTED,    /* per-head RMSNorm of q and k, learnable gains (Qwen3) */
@@ -121,6 +126,28 @@ typedef struct {
  * whatever norm_eps is, as transformers' DeepseekV3 has it. */
 #define SJ_MLA_NORM_EPS 1e-6f
 
+/* Mamba-2 mixers' shape (transformers' Mamba2Config: state_size, conv_kernel,
+ * expand, head_dim, n_groups, chunk_size). d_inner = expand * dim, split into
+ * d_inner / head_dim heads; B and C shared by n_groups groups of heads. */
+typedef struct {
+    int d_state;      /* N: state per head and channel (128)     */
+    int d_conv;       /* causal depthwise conv kernel (4)        */
+    int expand;       /* d_inner = expand * dim (2)              */
+    int head_dim;     /* P (64)                                  */
+    int n_groups;     /* G (1)                                   */
+    int chunk_size;   /* tokens per chunk of the training scan (64) */
+} sj_ssm_config;
+
+/* Linear attention layers: q, k, v of n_heads heads of dim / n_heads, the
+ * scan with q = phi(q), k = phi(k), scale head_dim^-1/2. */
+typedef struct {
+    int feature;      /* SJ_LINEAR_*: phi = identity, or elu + 1                    */
+    int normalize;    /* divide by scale q_t . sum_s decay k_s + norm_eps           */
+    int decay;        /* SJ_LINEAR_DECAY_*: none, or gated: a_t = log sigmoid(g_t),
+                       * g = x wg^T per head (wg: (n_heads, dim))                  */
+    int chunk_size;   /* tokens per chunk of the training scan (64)                */
+} sj_linear_config;
+
 typedef struct {
     int dim;          /* model width C                                   */
     int n_layers;
@@ -139,17 +166,22 @@ typedef struct {
     float embed_skip; /* seed 001: each layer after the first adds a * embedding to its input */
     sj_moe_config moe;   /* the SJ_FFN_MOE layers'                       */
     sj_mla mla;       /* the mla layers' sizes (read only where a layer's mixer is mla) */
+    sj_ssm_config ssm;                /* Mamba-2 layers' shape (zeros where none) */
+    sj_linear_config linear;          /* linear attention layers' options (zeros where none) */
     sj_layer layers[SJ_MAX_LAYERS];   /* [0, n_layers) */
 } sj_config;
 
 /* Names of the option values, as configs and checkpoints spell them
- * ("attention", "mla"; "swiglu", "relu2", "moe"; "softmax", "sigmoid"; "none", "weighted",
- * "plain"; "default", "linear", "dynamic", "yarn"); NULL out of range. */
+ * ("attention", "mla", "mamba2", "linear"; "swiglu", "relu2", "moe", "none"; "softmax",
+ * "sigmoid"; "identity", "elu1"; "none", "gated"; "none", "weighted", "plain"; "default",
+ * "linear", "dynamic", "yarn"); NULL out of range. */
 const char *sj_mixer_name(int kind);
 const char *sj_ffn_name(int kind);
 const char *sj_qk_norm_name(int kind);
 const char *sj_moe_router_name(int kind);
 const char *sj_rope_type_name(int type);
+const char *sj_linear_feature_name(int kind);   /* "identity", "elu1" */
+const char *sj_linear_decay_name(int kind);     /* "none", "gated" */
 /* The value of a name, or -1 (the caller names the field in its error). */
 int sj_option_value(const char *(*name_of)(int), const char *name);
 

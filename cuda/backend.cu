@@ -284,6 +284,13 @@ static void graph_free(void *g) { if (g) cudaGraphExecDestroy((cudaGraphExec_t)g
         sj_cuda_muon_normalize_##T, sj_cuda_muon_apply_##T,        \
         sj_cuda_mla_pack_forward_##T, sj_cuda_mla_pack_backward_##T, \
         sj_cuda_head_slice_forward_##T, sj_cuda_head_slice_backward_##T, \
+        sj_cuda_scan_forward_##T, sj_cuda_scan_backward_##T,       \
+        sj_cuda_conv1d_silu_forward_##T, sj_cuda_conv1d_silu_backward_##T, \
+        sj_cuda_ssd_prep_forward_##T, sj_cuda_ssd_prep_backward_##T, \
+        sj_cuda_ssd_skip_forward_##T, sj_cuda_ssd_skip_backward_##T, \
+        sj_cuda_gated_rmsnorm_forward_##T, sj_cuda_gated_rmsnorm_backward_##T, \
+        sj_cuda_linear_prep_forward_##T, sj_cuda_linear_prep_backward_##T, \
+        sj_cuda_linear_norm_forward_##T, sj_cuda_linear_norm_backward_##T, \
         ctx_create, ctx_free, bind, sync,                          \
         pinned_alloc, pinned_free,                                 \
         capture_begin, capture_end, graph_launch, graph_free,      \

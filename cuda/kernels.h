@@ -110,6 +110,47 @@ void sj_cuda_muon_normalize_##T(void *x, const float *u, int64_t n, const double
                                 float eps);                                               \
 void sj_cuda_muon_apply_##T(float *p, void *p_act, const void *o, int64_t n,              \
                             float lr_mult, float ratio, float wd, const sj_optim_hp *hp); \
+void sj_cuda_scan_forward_##T(void *y, const void *qk, const void *v, const void *a,      \
+                              const sj_scan_dims *d, float scale);                        \
+void sj_cuda_scan_backward_##T(void *dqk, void *dv, void *da, const void *dy,             \
+                               const void *qk, const void *v, const void *a,              \
+                               const void *y, const sj_scan_dims *d, float scale,         \
+                               int accum_qk, int accum_v, int accum_a);                   \
+void sj_cuda_conv1d_silu_forward_##T(void *out, const void *x, const void *w,             \
+                                     const void *bias, int B, int T_, int ld, int off,    \
+                                     int W, int K);                                       \
+void sj_cuda_conv1d_silu_backward_##T(void *dx, float *dw, float *dbias, const void *dout, \
+                                      const void *x, const void *w, const void *bias,     \
+                                      int B, int T_, int ld, int off, int W, int K,       \
+                                      int accum, int dw_accum);                           \
+void sj_cuda_ssd_prep_forward_##T(void *v, void *a, const void *x, const void *dt_raw,    \
+                                  const void *p, int N, int H, int P, int ldx, int ld,    \
+                                  int off);                                               \
+void sj_cuda_ssd_prep_backward_##T(void *dx, void *ddt_raw, float *dp, const void *dv,    \
+                                   const void *da, const void *x, const void *dt_raw,     \
+                                   const void *p, int N, int H, int P, int ldx, int ld,   \
+                                   int off, int accum_x, int accum_dt, int dw_accum);     \
+void sj_cuda_ssd_skip_forward_##T(void *out, const void *y, const void *x, const void *D, \
+                                  int N, int H, int P, int ldx);                          \
+void sj_cuda_ssd_skip_backward_##T(void *dy, void *dx, float *dD, const void *dout,       \
+                                   const void *x, const void *D, int N, int H, int P,     \
+                                   int ldx, int accum_y, int accum_x, int dw_accum);      \
+void sj_cuda_gated_rmsnorm_forward_##T(void *out, float *rstd, const void *y,             \
+                                       const void *z, const void *w, int N, int Din,      \
+                                       int G, int ld, int off, float eps);                \
+void sj_cuda_gated_rmsnorm_backward_##T(void *dy, void *dz, float *dw, const void *dout,  \
+                                        const void *y, const void *z, const void *w,      \
+                                        const float *rstd, int N, int Din, int G, int ld, \
+                                        int off, int accum_y, int accum_z, int dw_accum); \
+void sj_cuda_linear_prep_forward_##T(void *u, void *a, const void *p, int N, int H,       \
+                                     int hd, int feature, int normalize);                 \
+void sj_cuda_linear_prep_backward_##T(void *dp, const void *du, const void *da,           \
+                                      const void *p, int N, int H, int hd, int feature,   \
+                                      int normalize, int accum);                          \
+void sj_cuda_linear_norm_forward_##T(void *out, const void *y, int N, int H, int hd,      \
+                                     float eps);                                          \
+void sj_cuda_linear_norm_backward_##T(void *dy, const void *dout, const void *y, int N,   \
+                                      int H, int hd, float eps, int accum);               \
 }
 
 SJ_CU_DECLARE(f32)

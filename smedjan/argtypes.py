@@ -162,3 +162,8 @@ def json_list(text) -> list:
 def json_object(text) -> dict:
     """A JSON object, e.g. '{"lr": [1e-3, 3e-4]}'."""
     return _json(text, dict, "a JSON object of lists")
+
+
+def json_fields(text) -> dict:
+    """A JSON object of a config field's settings, e.g. '{"d_state": 64}'."""
+    return _json(text, dict, "a JSON object")

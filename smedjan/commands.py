@@ -12,8 +12,8 @@ from typing import Optional
 import numpy as np
 
 from .argtypes import (ascending_sizes, byte_size, eps_value, float_tuple, fraction, int_list,
-                       json_list, nonneg_float, nonneg_int, parse_bytes, positive_float,
-                       positive_int, probability)
+                       json_fields, json_list, nonneg_float, nonneg_int, parse_bytes,
+                       positive_float, positive_int, probability)
 
 log = logging.getLogger("smedjan")
 TOKENIZER_FILE = "tokenizer.sjt"
@@ -138,29 +138,21 @@ def _rope_scaling(text: str) -> dict:
     return d
 
 
-def _mla_sizes(text: str) -> dict:
-    """A JSON object of mla sizes, e.g. {"kv_lora_rank": 256}."""
-    import json
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"invalid JSON ({e}) in {text!r}") from None
-    if not isinstance(d, dict):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of mla sizes")
-    return d
-
-
 def add_architecture_args(p) -> None:
     g = p.add_argument_group("architecture (per-layer values: one, or a comma list repeated "
                              "as a period)")
-    g.add_argument("--mixer", type=_per_layer(str, ("attention", "mla")),
-                   help="attention (default) or mla (multi-head latent attention), e.g. "
-                        "mla,mla,mla,attention")
-    g.add_argument("--mla", type=_mla_sizes, metavar="JSON",
+    g.add_argument("--mixer", type=_per_layer(str, ("attention", "mla", "mamba2", "linear")),
+                   help="attention (default), mla (multi-head latent attention), mamba2 or "
+                        "linear, e.g. mamba2,mamba2,mamba2,attention")
+    g.add_argument("--mla", type=json_fields, metavar="JSON",
                    help='the mla layers\' sizes, e.g. \'{"kv_lora_rank": 256, "q_lora_rank": 384}\' '
                         "(left out: DeepSeek-V3's proportions to the head size)")
-    g.add_argument("--ffn", type=_per_layer(str, ("swiglu", "relu2")),
-                   help="swiglu (default) or relu2")
+    g.add_argument("--ffn", type=_per_layer(str, ("swiglu", "relu2", "none")),
+                   help="swiglu (default), relu2 or none (Mamba-2 blocks)")
+    g.add_argument("--ssm", type=json_fields, metavar="JSON",
+                   help='Mamba-2 layers\' shape, e.g. \'{"d_state": 64, "head_dim": 64}\'')
+    g.add_argument("--linear", type=json_fields, metavar="JSON",
+                   help='linear attention options, e.g. \'{"feature": "elu1", "decay": "gated"}\'')
     g.add_argument("--qk-norm", type=_per_layer(str, ("none", "weighted", "plain")),
                    help="none (default), weighted or plain")
     g.add_argument("--window", type=_per_layer(int), metavar="N",
@@ -179,7 +171,7 @@ def add_architecture_args(p) -> None:
 def architecture_from_args(args) -> dict:
     """The Config fields the architecture options set (the rest default)."""
     over = {k: getattr(args, k) for k in ("mixer", "mla", "ffn", "qk_norm", "window", "rope_scaling",
-                                          "rope_theta", "value_mix", "embed_skip")
+                                          "rope_theta", "value_mix", "embed_skip", "ssm", "linear")
             if getattr(args, k, None) is not None}
     if getattr(args, "untied_head", False):
         over["tied_head"] = False

@@ -59,6 +59,14 @@ class Config:
     # "v_head_dim"}; left out, DeepSeek-V3's proportions to the head size. None
     # where no layer is mla.
     mla: Optional[dict] = None
+    # Mamba-2 layers' shape (mixer "mamba2"): None, or {"d_state" (128), "d_conv" (4),
+    # "expand" (2), "head_dim" (64), "n_groups" (1), "chunk_size" (64)}; the defaults
+    # fill in wherever a layer is a Mamba-2 mixer
+    ssm: Optional[dict] = None
+    # linear attention layers (mixer "linear"): None, or {"feature": "identity" | "elu1",
+    # "normalize": False, "decay": "none" | "gated", "chunk_size": 64}; defaults fill in
+    # wherever a layer is a linear mixer
+    linear: Optional[dict] = None
 
     def __post_init__(self):
         # The engine validates (ValueError names the field) and gives the
@@ -72,6 +80,8 @@ class Config:
         if self.moe is not None:   # None where no layer is MoE
             object.__setattr__(self, "moe", canon["moe"] and {**canon["moe"], **self.moe})
         object.__setattr__(self, "mla", canon["mla"])
+        object.__setattr__(self, "ssm", canon["ssm"])
+        object.__setattr__(self, "linear", canon["linear"])
 
     def layer(self, i: int) -> dict:
         """Layer i's kinds: {"mixer", "ffn", "qk_norm", "window"}."""
@@ -85,7 +95,8 @@ class Config:
         """True for the Llama-style model without options."""
         return self == dataclasses.replace(
             self, rope_scaling=None, tied_head=True, paired_heads=False, value_mix=0.0,
-            embed_skip=0.0, mixer="attention", ffn="swiglu", qk_norm="none", window=0, mla=None)
+            embed_skip=0.0, mixer="attention", ffn="swiglu", qk_norm="none", window=0, mla=None,
+            ssm=None, linear=None)
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = 8192, **overrides) -> "Config":
@@ -134,7 +145,7 @@ class Config:
         for k in LAYER_FIELDS:
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
-        for k in ("rope_scaling", "moe", "mla"):
+        for k in ("rope_scaling", "moe", "mla", "ssm", "linear"):
             if d[k] is not None:
                 d[k] = dict(d[k])
         return d

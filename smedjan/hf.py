@@ -1,8 +1,9 @@
 """Hugging Face interchange: export a Model as a transformers directory
 (config.json + model.safetensors) that `transformers` loads as is — Llama,
 Mistral/Ministral (sliding windows), Qwen3 (qk-norm), Mixtral (every layer
-MoE) or DeepSeek-V3 (mla layers, dense SwiGLU FFNs), with RoPE scaling and
-untied heads — and load such directories (ours or real checkpoints,
+MoE), DeepSeek-V3 (mla layers, dense SwiGLU FFNs) or Mamba2 (every layer a
+Mamba-2 mixer without ffn), with RoPE scaling and untied heads — and load
+such directories (ours or real checkpoints,
 F32/F16/BF16, single file or sharded) into a Model. What transformers cannot
 express (seed 001's options, mla beside attention layers) is refused by name,
 both ways.
@@ -45,6 +46,15 @@ def hf_architecture(config: Config) -> str:
     naming the options when transformers has no such architecture."""
     c = config
     layers = [c.layer(i) for i in range(c.n_layers)]
+    if any(y["mixer"] == "mamba2" for y in layers):
+        lacking = [name for name, on in (("paired_heads", c.paired_heads), ("value_mix", c.value_mix),
+                                         ("embed_skip", c.embed_skip)) if on]
+        if any(y["mixer"] != "mamba2" or y["ffn"] != "none" for y in layers):
+            lacking.append("layers other than Mamba-2 mixers without ffn (a hybrid stack)")
+        if lacking:
+            raise ValueError("transformers has no architecture with " + ", ".join(lacking) +
+                             "; save a smedjan checkpoint instead")
+        return "mamba2"
     mixers = {y["mixer"] for y in layers}
     if "mla" in mixers:
         lacking = [name for name, on in (
@@ -54,6 +64,9 @@ def hf_architecture(config: Config) -> str:
             raise ValueError("transformers has no architecture with " + ", ".join(lacking) +
                              "; save a smedjan checkpoint instead")
         return "deepseek_v3"
+    if any(y["mixer"] != "attention" or y["ffn"] == "none" for y in layers):
+        raise ValueError("transformers has no architecture with these mixers; save a smedjan "
+                         "checkpoint instead")
     qk = {y["qk_norm"] for y in layers}
     windows = {y["window"] for y in layers}
     lacking = [name for name, on in (("paired_heads", c.paired_heads), ("value_mix", c.value_mix),
@@ -93,7 +106,8 @@ def hf_architecture(config: Config) -> str:
 _ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "ministral": "MinistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
                "mixtral": "MixtralForCausalLM",
-               "deepseek_v3": "DeepseekV3ForCausalLM"}
+               "deepseek_v3": "DeepseekV3ForCausalLM",
+               "mamba2": "Mamba2ForCausalLM"}
 
 # Mixtral's experts, one tensor per expert and projection (transformers'
 # checkpoint spelling); ours stack them per layer (model/moe.c): w1 (gate)
@@ -125,6 +139,42 @@ def _hf_tensors(model) -> dict:
     return out
 
 
+# transformers' Mamba2 keeps its layers under backbone. and names three tensors
+# its own way; the mixer tensors' spellings are the names table's (io.py)
+_MAMBA2_GLOBALS = {"tok_emb": "backbone.embeddings.weight", "final_norm": "backbone.norm_f.weight"}
+_MAMBA2_PREFIX = ("model.layers.", "backbone.layers.")
+
+
+def _mamba2_hf_name(ours: str) -> str:
+    if ours in _MAMBA2_GLOBALS:
+        return _MAMBA2_GLOBALS[ours]
+    if ours.endswith(".attn_norm"):
+        return "backbone." + ours[:-len("attn_norm")] + "norm.weight"
+    return to_hf_name(ours).replace(*_MAMBA2_PREFIX)
+
+
+def _mamba2_from_hf_name(name: str) -> str:
+    for ours, theirs in _MAMBA2_GLOBALS.items():
+        if name == theirs:
+            return ours
+    if name.startswith(_MAMBA2_PREFIX[1]) and name.endswith(".norm.weight") and ".mixer." not in name:
+        return name[len("backbone."):-len("norm.weight")] + "attn_norm"
+    return from_hf_name(name.replace(_MAMBA2_PREFIX[1], _MAMBA2_PREFIX[0]))
+
+
+def _mamba2_config(c: Config) -> dict:
+    s = c.ssm
+    return {
+        "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", "hidden_size": c.dim,
+        "num_hidden_layers": c.n_layers, "vocab_size": c.vocab_size, "state_size": s["d_state"],
+        "conv_kernel": s["d_conv"], "expand": s["expand"], "head_dim": s["head_dim"],
+        "num_heads": s["expand"] * c.dim // s["head_dim"], "n_groups": s["n_groups"],
+        "chunk_size": s["chunk_size"], "layer_norm_epsilon": c.norm_eps, "use_bias": False,
+        "use_conv_bias": True, "hidden_act": "silu", "residual_in_fp32": True,
+        "tie_word_embeddings": c.tied_head, "torch_dtype": "float32", "use_cache": True,
+    }
+
+
 def _rope_parameters(c: Config) -> dict:
     rs = c.rope_scaling
     rp = {"rope_type": "default" if rs is None else rs["type"], "rope_theta": c.rope_theta}
@@ -144,6 +194,8 @@ def hf_config(config: Config) -> dict:
     """The config.json (transformers 5 spelling) for one of our configs."""
     c = config
     arch = hf_architecture(c)
+    if arch == "mamba2":
+        return _mamba2_config(c)
     y0 = c.layer(0)
     windows = [c.layer(i)["window"] for i in range(c.n_layers)]
     d = {
@@ -204,7 +256,13 @@ def export_hf(model, directory) -> None:
     hc = hf_config(model.config)
     d = os.fspath(directory)
     os.makedirs(d, exist_ok=True)
-    tensors = _hf_tensors(model)
+    if hc["model_type"] == "mamba2":
+        tensors = {_mamba2_hf_name(name): np.asarray(view) for name, view in model.params.items()}
+        for name, t in tensors.items():   # Conv1d's weight is (channels, 1, kernel)
+            if name.endswith("conv1d.weight"):
+                tensors[name] = t[:, None, :]
+    else:
+        tensors = _hf_tensors(model)
     # transformers refuses safetensors files whose metadata lacks format=pt.
     save_safetensors(os.path.join(d, WEIGHTS_FILE), tensors, {"format": "pt"})
     write_text_atomic(os.path.join(d, "config.json"), json.dumps(hc, indent=2, sort_keys=True) + "\n")
@@ -283,6 +341,8 @@ def _config_from_hf(d: str, hc: dict) -> Config:
         return hc[key]
 
     mt = hc.get("model_type")
+    if mt == "mamba2":
+        return _mamba2_config_from_hf(where, hc, need)
     if mt == "olmoe":
         raise ValueError(f"{where}: OLMoE is not supported: its q_norm and k_norm normalise the "
                          "whole q and k projections, and smedjan's qk-norm is per head")
@@ -292,7 +352,7 @@ def _config_from_hf(d: str, hc: dict) -> Config:
                          "ungated, DeepSeek's way) and its attention has q/k/v biases")
     if mt not in ("llama", "mistral", "ministral", "qwen3", "mixtral", "deepseek_v3"):
         raise ValueError(f"{where}: model_type {mt!r} is not supported (llama, mistral, ministral, "
-                         "qwen3, mixtral, deepseek_v3)")
+                         "qwen3, mixtral, deepseek_v3, mamba2)")
     act = hc.get("hidden_act", "silu")
     if act not in ("silu", "relu2"):
         raise ValueError(f"{where}: hidden_act {act!r} is not supported (silu, relu2)")
@@ -367,6 +427,40 @@ def _deinterleave_rope_rows(model) -> None:
         kv[kvr:] = kv[kvr + order].copy()
 
 
+def _mamba2_config_from_hf(where: str, hc: dict, need) -> Config:
+    """Our config for transformers' Mamba2Config; what we do not compute
+    (biases in the projections, a conv without bias, another activation, a
+    clamped dt, the norm before the gate) is refused by name."""
+    for key, want in (("use_bias", False), ("use_conv_bias", True), ("hidden_act", "silu"),
+                      ("rms_norm", True), ("norm_before_gate", False)):
+        if key in hc and hc[key] != want:
+            raise ValueError(f"{where}: {key}={hc[key]!r} is not supported (only {want!r})")
+    # transformers writes infinity as {"__float__": "Infinity"}
+    limit = [float(v["__float__"]) if isinstance(v, dict) else float(v)
+             for v in hc.get("time_step_limit") or (0.0, float("inf"))]
+    if limit[0] > 0 or limit[1] != float("inf"):
+        raise ValueError(f"{where}: time_step_limit {limit!r} is not supported (dt is not clamped)")
+    dim, expand, head_dim = need("hidden_size"), hc.get("expand", 2), hc.get("head_dim", 64)
+    if hc.get("num_heads", expand * dim // head_dim) * head_dim != expand * dim:
+        raise ValueError(f"{where}: num_heads {hc.get('num_heads')} * head_dim {head_dim} != expand * "
+                         f"hidden_size {expand * dim}")
+    # no attention: any head count that passes our checks (dim / n_heads even, <= 256)
+    heads = [h for h in range(1, dim + 1) if dim % h == 0 and (dim // h) % 2 == 0 and dim // h <= 256]
+    if not heads:
+        raise ValueError(f"{where}: hidden_size {dim} must be even")
+    n_heads = heads[0]
+    try:
+        return Config(dim=dim, n_layers=need("num_hidden_layers"), n_heads=n_heads, n_kv_heads=n_heads,
+                      ffn_dim=dim, vocab_size=need("vocab_size"), max_seq_len=1 << 20,
+                      norm_eps=float(hc.get("layer_norm_epsilon", 1e-5)),
+                      tied_head=bool(hc.get("tie_word_embeddings", False)), mixer="mamba2", ffn="none",
+                      ssm={"d_state": hc.get("state_size", 128), "d_conv": hc.get("conv_kernel", 4),
+                           "expand": expand, "head_dim": head_dim, "n_groups": hc.get("n_groups", 1),
+                           "chunk_size": hc.get("chunk_size", 256)})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def _weight_files(d: str):
     single, index = os.path.join(d, WEIGHTS_FILE), os.path.join(d, INDEX_FILE)
     if os.path.exists(index):
@@ -392,8 +486,8 @@ def _hf_spelling(name: str) -> str:
 
 def load_hf(directory, *, seed: int = 0):
     """A Model from a transformers directory (config.json + safetensors) of
-    a Llama, Mistral, Ministral, Qwen3, Mixtral or dense DeepSeek-V3 model
-    (OLMoE and Qwen2-MoE are refused, saying why). F16/BF16 weights are
+    a Llama, Mistral, Ministral, Qwen3, Mixtral, dense DeepSeek-V3 or Mamba2
+    model (OLMoE and Qwen2-MoE are refused, saying why). F16/BF16 weights are
     converted to f32."""
     from .model import Model
     d = os.fspath(directory)
@@ -409,6 +503,7 @@ def load_hf(directory, *, seed: int = 0):
     model = Model(config, seed=seed)
     # transformers' DeepSeek-V3 builds no multi-token-prediction layers: skip their weights
     mtp_from = config.n_layers if hc.get("model_type") == "deepseek_v3" else None
+    mamba2 = hc.get("model_type") == "mamba2"
     seen: Dict[str, str] = {}
     lm_head = None
     for wf in _weight_files(d):
@@ -433,13 +528,15 @@ def load_hf(directory, *, seed: int = 0):
                 ours = f"layers.{l}.{stacked}"
             else:
                 try:
-                    ours = from_hf_name(name)
+                    ours = _mamba2_from_hf_name(name) if mamba2 else from_hf_name(name)
                 except KeyError:
                     raise ValueError(f"{wf}: tensor '{name}' has no smedjan counterpart") from None
             if ours not in model.params:
                 raise ValueError(f"{wf}: tensor '{name}' ({ours}) is not in the model the config "
                                  "describes")
             view = model.params[ours][rows]
+            if mamba2 and ours.endswith("ssm.conv_w") and arr.ndim == 3 and arr.shape[1] == 1:
+                arr = arr.reshape(arr.shape[0], arr.shape[2])   # Conv1d's (channels, 1, kernel)
             if tuple(arr.shape) != view.shape:
                 raise ValueError(f"{wf}: tensor '{name}' has shape {tuple(arr.shape)}, the config "
                                  f"implies {view.shape}")
@@ -459,7 +556,8 @@ def load_hf(directory, *, seed: int = 0):
                     seen[f"layers.{l}.{stacked}"] = seen[keys[0]]
     missing = [n for n in model.params if n not in seen]
     if missing:
-        raise ValueError(f"{d}: missing tensors {', '.join(_hf_spelling(n) for n in missing[:5])}"
+        hf_name = _mamba2_hf_name if mamba2 else _hf_spelling
+        raise ValueError(f"{d}: missing tensors {', '.join(hf_name(n) for n in missing[:5])}"
                          + (" ..." if len(missing) > 5 else ""))
     if config.mla is not None and hc.get("rope_interleave", True):
         _deinterleave_rope_rows(model)

@@ -331,3 +331,22 @@ def moe_grouped_matmul(x, w, offsets, trans_b=True):
         a, b = offsets[e], offsets[e + 1]
         y[a:b] = x[a:b] @ (w[e].T if trans_b else w[e])
     return y
+
+
+def scan_fwd(qk, v, a, B, T, H, G, dk, dv, ld_qk, q_off, k_off, ld_v, v_off, scale):
+    """The scan's definition, a loop over time: S = exp(a_t) S + k_t v_t^T,
+    y_t = scale S^T q_t per head (q and k of group h // (H // G)); a None: no decay."""
+    qk = np.asarray(qk, np.float64).reshape(B, T, ld_qk)
+    v = np.asarray(v, np.float64).reshape(B, T, ld_v)
+    y = np.zeros((B, T, H, dv))
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // G)
+            S = np.zeros((dk, dv))
+            for t in range(T):
+                q = qk[b, t, q_off + g * dk:q_off + (g + 1) * dk]
+                k = qk[b, t, k_off + g * dk:k_off + (g + 1) * dk]
+                decay = np.exp(np.float64(a.reshape(B, T, H)[b, t, h])) if a is not None else 1.0
+                S = decay * S + np.outer(k, v[b, t, v_off + h * dv:v_off + (h + 1) * dv])
+                y[b, t, h] = scale * (q @ S)
+    return y.reshape(B * T, H * dv)

@@ -143,7 +143,7 @@ def test_a_checkpoint_records_the_architecture_and_refuses_options_it_does_not_k
     tensors = {k: np.array(v) for k, v in tensors.items()}
     meta = {k: v for k, v in meta.items() if not k.startswith("crc32:")}   # the writer adds them
     for change, message in ((dict(mixer_period=4), "'mixer_period', which this build of smedjan does not know"),
-                            (dict(mixer="mamba2"), "unknown mixer 'mamba2'")):
+                            (dict(mixer="hyena"), "unknown mixer 'hyena'")):
         newer = tmp_path / "newer.safetensors"
         save_safetensors(newer, tensors, {**meta, "config": json.dumps({**json.loads(meta["config"]), **change})})
         with pytest.raises(ValueError, match=message):

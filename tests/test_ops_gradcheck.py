@@ -8,7 +8,9 @@ from smedjan import _C
 OPS = ["embedding", "rmsnorm", "qk_norm", "qk_norm_plain", "matmul", "matmul_add", "matmul_rope", "matmul_swiglu",
        "matmul_swiglu_relu2", "rope", "rope_yarn", "attention", "attention_window", "swiglu", "swiglu_relu2", "add", "axpy",
        "pair_heads", "mix", "gather_rows", "cross_entropy", "moe", "moe_sigmoid",
-       "mla_pack", "head_slice",
+       "mla_pack", "head_slice", "scan", "scan_fused", "conv1d_silu", "ssd_skip", "gated_rmsnorm",
+       "mamba2",   # conv, ssd_prep, scan, skip, gated norm: slices of one input read by several ops
+       "linear", "linear_elu1_gated_norm",   # linear_prep, scan, linear_norm
        "mix_shared_y"]   # two mixes read one y: its gradient is written once, then added to
 
 

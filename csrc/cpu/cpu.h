@@ -59,6 +59,20 @@
 #define sj_cpu_mla_pack_backward SJ_ISA(sj_cpu_mla_pack_backward)
 #define sj_cpu_head_slice_forward SJ_ISA(sj_cpu_head_slice_forward)
 #define sj_cpu_head_slice_backward SJ_ISA(sj_cpu_head_slice_backward)
+#define sj_cpu_scan_forward SJ_ISA(sj_cpu_scan_forward)
+#define sj_cpu_scan_backward SJ_ISA(sj_cpu_scan_backward)
+#define sj_cpu_conv1d_silu_forward SJ_ISA(sj_cpu_conv1d_silu_forward)
+#define sj_cpu_conv1d_silu_backward SJ_ISA(sj_cpu_conv1d_silu_backward)
+#define sj_cpu_ssd_prep_forward SJ_ISA(sj_cpu_ssd_prep_forward)
+#define sj_cpu_ssd_prep_backward SJ_ISA(sj_cpu_ssd_prep_backward)
+#define sj_cpu_ssd_skip_forward SJ_ISA(sj_cpu_ssd_skip_forward)
+#define sj_cpu_ssd_skip_backward SJ_ISA(sj_cpu_ssd_skip_backward)
+#define sj_cpu_gated_rmsnorm_forward SJ_ISA(sj_cpu_gated_rmsnorm_forward)
+#define sj_cpu_gated_rmsnorm_backward SJ_ISA(sj_cpu_gated_rmsnorm_backward)
+#define sj_cpu_linear_prep_forward SJ_ISA(sj_cpu_linear_prep_forward)
+#define sj_cpu_linear_prep_backward SJ_ISA(sj_cpu_linear_prep_backward)
+#define sj_cpu_linear_norm_forward SJ_ISA(sj_cpu_linear_norm_forward)
+#define sj_cpu_linear_norm_backward SJ_ISA(sj_cpu_linear_norm_backward)
 
 /* General strided GEMM: C = op(A) op(B) (+ C if accum); lda/ldb/ldc are row
  * strides of the stored (untransposed) matrices. Multi-threaded. */
@@ -207,5 +221,40 @@ void sj_cpu_muon_momentum(float *u, sj_state buf, float *g, int zero_grads, int6
 void sj_cpu_muon_normalize(void *x, const float *u, int64_t n, const double *sumsq, float eps);
 void sj_cpu_muon_apply(float *p, void *p_act, const void *o, int64_t n, float lr_mult,
                        float ratio, float wd, const sj_optim_hp *hp);
+
+/* scan.c, ssm.c: the chunked scan and Mamba-2's pieces (backend.h). */
+void sj_cpu_scan_forward(void *y, const void *qk, const void *v, const void *a,
+                         const sj_scan_dims *d, float scale);
+void sj_cpu_scan_backward(void *dqk, void *dv, void *da, const void *dy, const void *qk,
+                          const void *v, const void *a, const void *y, const sj_scan_dims *d,
+                          float scale, int accum_qk, int accum_v, int accum_a);
+void sj_cpu_conv1d_silu_forward(void *out, const void *x, const void *w, const void *bias,
+                                int B, int T, int ld, int off, int W, int K);
+void sj_cpu_conv1d_silu_backward(void *dx, float *dw, float *dbias, const void *dout,
+                                 const void *x, const void *w, const void *bias, int B, int T,
+                                 int ld, int off, int W, int K, int accum, int dw_accum);
+void sj_cpu_ssd_prep_forward(void *v, void *a, const void *x, const void *dt_raw, const void *p,
+                             int N, int H, int P, int ldx, int ld, int off);
+void sj_cpu_ssd_prep_backward(void *dx, void *ddt_raw, float *dp, const void *dv, const void *da,
+                              const void *x, const void *dt_raw, const void *p, int N, int H,
+                              int P, int ldx, int ld, int off, int accum_x, int accum_dt,
+                              int dw_accum);
+void sj_cpu_ssd_skip_forward(void *out, const void *y, const void *x, const void *D, int N,
+                             int H, int P, int ldx);
+void sj_cpu_ssd_skip_backward(void *dy, void *dx, float *dD, const void *dout, const void *x,
+                              const void *D, int N, int H, int P, int ldx, int accum_y,
+                              int accum_x, int dw_accum);
+void sj_cpu_gated_rmsnorm_forward(void *out, float *rstd, const void *y, const void *z,
+                                  const void *w, int N, int Din, int G, int ld, int off, float eps);
+void sj_cpu_gated_rmsnorm_backward(void *dy, void *dz, float *dw, const void *dout, const void *y,
+                                   const void *z, const void *w, const float *rstd, int N, int Din,
+                                   int G, int ld, int off, int accum_y, int accum_z, int dw_accum);
+void sj_cpu_linear_prep_forward(void *u, void *a, const void *p, int N, int H, int hd, int feature,
+                                int normalize);
+void sj_cpu_linear_prep_backward(void *dp, const void *du, const void *da, const void *p, int N,
+                                 int H, int hd, int feature, int normalize, int accum);
+void sj_cpu_linear_norm_forward(void *out, const void *y, int N, int H, int hd, float eps);
+void sj_cpu_linear_norm_backward(void *dy, const void *dout, const void *y, int N, int H, int hd,
+                                 float eps, int accum);
 
 #endif

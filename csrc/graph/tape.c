@@ -56,7 +56,7 @@ int sj_tape_master(sj_tape *tp, int64_t offset, int64_t numel) {
 }
 
 int sj_tape_node(sj_tape *tp, sj_opcode op, const int in[3], const int out[2],
-                 const int dim[6], float f) {
+                 const int dim[12], float f) {
     if (grow((void **)&tp->nodes, &tp->cap_nodes, tp->n_nodes + 1, sizeof(sj_node))) return -1;
     sj_node *n = &tp->nodes[tp->n_nodes];
     memset(n, 0, sizeof *n);

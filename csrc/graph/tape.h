@@ -39,7 +39,9 @@ typedef enum {
     SJ_OP_ATTENTION, SJ_OP_SWIGLU, SJ_OP_ADD, SJ_OP_CROSS_ENTROPY, SJ_OP_LM_HEAD_CE,
     SJ_OP_CAST, SJ_OP_MATMUL_SWIGLU, SJ_OP_MATMUL_ROPE, SJ_OP_PAIR_HEADS, SJ_OP_MIX,
     SJ_OP_AXPY, SJ_OP_QK_NORM, SJ_OP_GATHER_ROWS, SJ_OP_MOE_ROUTE, SJ_OP_MOE_PERMUTE,
-    SJ_OP_MOE_MATMUL, SJ_OP_MOE_UNPERMUTE, SJ_OP_MLA_PACK, SJ_OP_HEAD_SLICE, SJ_OP__COUNT
+    SJ_OP_MOE_MATMUL, SJ_OP_MOE_UNPERMUTE, SJ_OP_MLA_PACK, SJ_OP_HEAD_SLICE, SJ_OP_SCAN,
+    SJ_OP_CONV1D_SILU, SJ_OP_SSD_PREP, SJ_OP_SSD_SKIP, SJ_OP_GATED_RMSNORM, SJ_OP_LINEAR_PREP,
+    SJ_OP_LINEAR_NORM, SJ_OP__COUNT
 } sj_opcode;
 
 typedef struct {
@@ -47,7 +49,7 @@ typedef struct {
     int in[3], out[2];  /* tensor ids, -1 when unused */
     int accum[3];       /* planned: backward adds into in[k]'s gradient (a parameter's
                          * too; else it overwrites it) */
-    int dim[6];
+    int dim[12];
     float f;
     int scratch;        /* ACT tensor the op uses as workspace in forward, or -1 */
     const void *aux;    /* the op's host-side table (rope, matmul_rope: an sj_rope),
@@ -105,7 +107,7 @@ int sj_tape_tensor(sj_tape *tp, sj_tkind kind, int64_t numel);
 int sj_tape_param(sj_tape *tp, int64_t offset, int64_t numel);
 int sj_tape_master(sj_tape *tp, int64_t offset, int64_t numel);
 int sj_tape_node(sj_tape *tp, sj_opcode op, const int in[3], const int out[2],
-                 const int dim[6], float f);
+                 const int dim[12], float f);
 /* Mark the nodes recorded between begin and end as one checkpointable block. */
 sj_status sj_tape_block_begin(sj_tape *tp);
 sj_status sj_tape_block_end(sj_tape *tp);
@@ -199,6 +201,30 @@ int sj_op_mla_pack(sj_tape *tp, int q, int kv, int kpe, int B, int T, int H, int
                    int dv, const sj_rope *rope);
 /* x: (N, H*hd_in) -> (N, H*hd_out): each head's first hd_out values. */
 int sj_op_head_slice(sj_tape *tp, int x, int N, int H, int hd_in, int hd_out);
+
+/* The chunked scan (backend.h's scan_forward): qk rows hold q and k (shape
+ * and layout in d), v rows hold v, a: (B*T, H) log decays or -1 for none
+ * -> y: (B*T, H*dv). qk and v may be one tensor. */
+int sj_op_scan(sj_tape *tp, int qk, int v, int a, const sj_scan_dims *d, float scale);
+/* Mamba-2 (backend.h): x: rows of ld, W channels at off; w: (W, K), bias: (W)
+ * -> (B*T, W). */
+int sj_op_conv1d_silu(sj_tape *tp, int x, int w, int bias, int B, int T, int ld, int off,
+                      int W, int K);
+/* xbc: rows of ldx (x at 0), zxbcdt: rows of ld (dt_raw at off), p: [dt_bias |
+ * A_log] (2H) -> v: (N, H*P); *a: (N, H). */
+int sj_op_ssd_prep(sj_tape *tp, int xbc, int zxbcdt, int p, int N, int H, int P, int ldx,
+                   int ld, int off, int *a);
+/* y: (N, H*P) + D_h x, x at 0 of rows of ldx; D: (H). */
+int sj_op_ssd_skip(sj_tape *tp, int y, int xbc, int D, int N, int H, int P, int ldx);
+/* y: (N, Din), z at off of rows of ld, w: (Din) -> rmsnorm per G groups of y silu(z), times w. */
+int sj_op_gated_rmsnorm(sj_tape *tp, int y, int z, int w, int N, int Din, int G, int ld, int off,
+                        float eps);
+
+/* Linear attention (backend.h): p: (N, 3 H hd [+ H]) -> u: (N, 2 H hd + H dv);
+ * a: NULL for no gate, else *a = the log-sigmoid gate (N, H). */
+int sj_op_linear_prep(sj_tape *tp, int p, int N, int H, int hd, int feature, int normalize, int *a);
+/* y: (N, H, hd + 1) -> (N, H hd), divided by the last channel of each head (+ eps). */
+int sj_op_linear_norm(sj_tape *tp, int y, int N, int H, int hd, float eps);
 
 /* How each op's backward uses its tensors (for lifetimes) and runs, and
  * which of its writes may land on storage it reads (in place). The plan

@@ -212,11 +212,43 @@ static void matmul(sj_infer_cpu *h, float *out, const sj_qmat *W, const float *x
     sj_qmat_mul(out, W, x, &h->qa, n);
 }
 
+/* Layer l's attention for the chunk (its input normed in h->xb), added into h->x. */
+static void attention_mixer(sj_infer_cpu *h, int l, int n, int pos) {
+    const sj_config *c = &h->c;
+    const int C = c->dim, H = c->n_heads, KV = c->n_kv_heads, hd = h->hd, KVd = h->kv_dim;
+    layer_w *w = &h->L[l];
+    {   /* q, k, v: one quantised input, one parallel loop */
+        float *outs[3] = { h->q, h->k, h->v };
+        const sj_qmat *Ws[3] = { &w->wq, &w->wk, &w->wv };
+        if (w->wq.type == SJ_W_Q8 || w->wq.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
+        sj_qmat_mul_multi(3, outs, Ws, h->xb, &h->qa, n);
+    }
+    if (c->paired_heads) {
+        pair_heads(h->q, n, H / 2, hd);
+        pair_heads(h->k, n, KV / 2, hd);
+        pair_heads(h->v, n, KV / 2, hd);
+    }
+    if (c->layers[l].qk_norm != SJ_QK_NORM_NONE) {   /* per head, before RoPE; gains NULL when plain */
+        rmsnorm(h->q, h->q, w->q_norm, n * h->n_att, hd, c->norm_eps);
+        rmsnorm(h->k, h->k, w->k_norm, n * (KVd / hd), hd, c->norm_eps);
+    }
+    rope(h, h->q, n, h->n_att, pos);
+    rope(h, h->k, n, KVd / hd, pos);
+    if (h->v0 && l == 0) memcpy(h->v0, h->v, sizeof(float) * n * KVd);
+    else if (h->v0) {   /* value_mix: v = (1 - a) v + a v of layer 0 */
+        const float a = c->value_mix, keep = 1.0f - a;
+        for (int64_t i = 0; i < (int64_t)n * KVd; i++) h->v[i] = keep * h->v[i] + a * h->v0[i];
+    }
+    attention(h, l, n, pos);
+    matmul(h, h->xb, &w->wo, h->att, n, 1);
+    add_to(h->x, 1.0f, h->xb, (int64_t)n * C);
+}
+
 /* n (<= CHUNK) tokens at positions pos .. pos+n-1 through the layers; the
  * final-normed hidden states are left in h->xb. */
 static void forward_chunk(sj_infer_cpu *h, const int32_t *tok, int n, int pos) {
     const sj_config *c = &h->c;
-    const int C = c->dim, H = c->n_heads, KV = c->n_kv_heads, hd = h->hd, KVd = h->kv_dim;
+    const int C = c->dim;
     float rowbuf[C];
     for (int t = 0; t < n; t++) {
         if (h->tok_emb.type == SJ_W_F32) memcpy(h->x + (int64_t)t * C, h->tok_emb.f + (int64_t)tok[t] * C, sizeof(float) * C);
@@ -227,34 +259,27 @@ static void forward_chunk(sj_infer_cpu *h, const int32_t *tok, int n, int pos) {
         layer_w *w = &h->L[l];
         if (l > 0 && h->emb) add_to(h->x, c->embed_skip, h->emb, (int64_t)n * C);
         rmsnorm(h->xb, h->x, w->attn_norm, n, C, c->norm_eps);
-        if (w->mla) sj_infer_mla_mixer(h, l, n, pos);
-        else {
-            {   /* q, k, v: one quantised input, one parallel loop */
-                float *outs[3] = { h->q, h->k, h->v };
-                const sj_qmat *Ws[3] = { &w->wq, &w->wk, &w->wv };
-                if (w->wq.type == SJ_W_Q8 || w->wq.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
-                sj_qmat_mul_multi(3, outs, Ws, h->xb, &h->qa, n);
-            }
-            if (c->paired_heads) {
-                pair_heads(h->q, n, H / 2, hd);
-                pair_heads(h->k, n, KV / 2, hd);
-                pair_heads(h->v, n, KV / 2, hd);
-            }
-            if (c->layers[l].qk_norm != SJ_QK_NORM_NONE) {   /* per head, before RoPE; gains NULL when plain */
-                rmsnorm(h->q, h->q, w->q_norm, n * h->n_att, hd, c->norm_eps);
-                rmsnorm(h->k, h->k, w->k_norm, n * (KVd / hd), hd, c->norm_eps);
-            }
-            rope(h, h->q, n, h->n_att, pos);
-            rope(h, h->k, n, KVd / hd, pos);
-            if (h->v0 && l == 0) memcpy(h->v0, h->v, sizeof(float) * n * KVd);
-            else if (h->v0) {   /* value_mix: v = (1 - a) v + a v of layer 0 */
-                const float a = c->value_mix, keep = 1.0f - a;
-                for (int64_t i = 0; i < (int64_t)n * KVd; i++) h->v[i] = keep * h->v[i] + a * h->v0[i];
-            }
-            attention(h, l, n, pos);
+        if (c->layers[l].mixer == SJ_MIXER_MAMBA2) {
+            matmul(h, h->zx, &w->in_proj, h->xb, n, 1);
+            sj_infer_mamba2_mix(h, l, n);
+            matmul(h, h->xb, &w->out_proj, h->ssm_y, n, 1);
+            add_to(h->x, 1.0f, h->xb, (int64_t)n * C);
+        } else if (c->layers[l].mixer == SJ_MIXER_LINEAR) {
+            float *outs[4] = { h->q, h->lin_k, h->lin_v, h->lin_g };
+            const sj_qmat *Ws[4] = { &w->wq, &w->wk, &w->wv, &w->wg };
+            if (w->wq.type == SJ_W_Q8 || w->wq.type == SJ_W_Q4) sj_qact_quantize(&h->qa, h->xb, n, C);
+            sj_qmat_mul_multi(w->wg.mem ? 4 : 3, outs, Ws, h->xb, &h->qa, n);
+            sj_infer_linear_mix(h, l, n);
+            matmul(h, h->xb, &w->wo, h->att, n, 1);
+            add_to(h->x, 1.0f, h->xb, (int64_t)n * C);
+        } else if (w->mla) {
+            sj_infer_mla_mixer(h, l, n, pos);
+            matmul(h, h->xb, &w->wo, h->att, n, 1);
+            add_to(h->x, 1.0f, h->xb, (int64_t)n * C);
+        } else {
+            attention_mixer(h, l, n, pos);
         }
-        matmul(h, h->xb, &w->wo, h->att, n, 1);
-        add_to(h->x, 1.0f, h->xb, (int64_t)n * C);
+        if (c->layers[l].ffn == SJ_FFN_NONE) continue;
         rmsnorm(h->xb, h->x, w->ffn_norm, n, C, c->norm_eps);
         if (w->experts) sj_infer_moe_ffn(h, w, h->x, h->xb, n);   /* routed; then any shared */
         if (!w->w_gate.mem) continue;

@@ -16,6 +16,7 @@
  * It must never allocate per token nor read past the KV cache. */
 #include "infer_cpu.h"
 #include "../model/model.h"
+#include "../model/mamba2.h"
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,12 +39,14 @@ static void cpu_free(void *e) {
             for (int e = 0; w->experts && e < 2 * h->c.moe.n_experts; e++) sj_qmat_free(&w->experts[e]);
             free(w->experts);
             sj_qmat_free(&w->q_a); sj_qmat_free(&w->kv_a);
+            sj_qmat_free(&w->in_proj); sj_qmat_free(&w->out_proj); sj_qmat_free(&w->wg);
         }
     sj_qmat_free(&h->tok_emb); sj_qmat_free(&h->output);
     sj_qpool_free(&h->pool);
     free(h->L);
     sj_free(h->norms);
     sj_free(h->mla_mem);
+    sj_free(h->ssm_vec);
     sj_free(h->state_mem);
     free(h);
 }
@@ -64,8 +67,19 @@ sj_status sj_infer_rope_tables(const sj_config *c, int n_pos, float *cos_out, fl
     return SJ_OK;
 }
 
-/* Rows of layer l's K/V cache: a ring of `window` rows, or max_ctx. */
-static int cache_rows(const sj_infer_cpu *h, int l) { return h->L[l].window ? h->L[l].window : h->max_ctx; }
+/* Rows of layer l's K/V cache: a ring of `window` rows, or max_ctx; none
+ * for Mamba-2 and linear layers (their state is constant in the context). */
+static int cache_rows(const sj_infer_cpu *h, int l) {
+    if (h->c.layers[l].mixer != SJ_MIXER_ATTENTION) return 0;
+    return h->L[l].window ? h->L[l].window : h->max_ctx;
+}
+
+/* Layers of a kind. */
+static int count_mixers(const sj_config *c, int mixer) {
+    int n = 0;
+    for (int l = 0; l < c->n_layers; l++) n += c->layers[l].mixer == mixer;
+    return n;
+}
 
 /* The run state's buffers and the KV cache, 64-byte aligned, from base;
  * base NULL: only their size. Returns floats used (the activation
@@ -81,16 +95,21 @@ static int64_t place_state(sj_infer_cpu *h, float *base) {
     const sj_mla *a = &c->mla;
     const int64_t lat_row = a->kv_lora_rank + a->qk_rope_head_dim,
                   mla_q = (int64_t)c->n_heads * (a->qk_nope_head_dim + a->qk_rope_head_dim);
+    /* RoPE tables only for attention layers: mla layers turn on the fly, and
+     * a Mamba-2 or linear model's state does not grow with max_ctx */
+    const int64_t rope_rows = count_mixers(c, SJ_MIXER_ATTENTION) ? h->max_ctx : 0;
+    const int mamba2 = count_mixers(c, SJ_MIXER_MAMBA2);
+    const sj_mamba2_shape S = sj_mamba2_shape_of(c);
     int windowed = 0;
-    int64_t kv_elems = 0, lat_elems = 0;
+    int64_t kv_elems = 0, lat_elems = 0, ssm_floats = 0;
     for (int l = 0; l < c->n_layers; l++) {
-        if (base) { h->L[l].kv_at = kv_elems; h->L[l].lat_at = lat_elems; }
+        if (base) { h->L[l].kv_at = kv_elems; h->L[l].lat_at = lat_elems; h->L[l].rec_at = ssm_floats; }
         if (h->L[l].mla) lat_elems += (int64_t)h->max_ctx * lat_row;
-        else kv_elems += (int64_t)cache_rows(h, l) * h->kv_dim;
+        kv_elems += (int64_t)cache_rows(h, l) * h->kv_dim;
         windowed |= h->L[l].window != 0;
+        if (c->layers[l].mixer == SJ_MIXER_MAMBA2) ssm_floats += sj_infer_mamba2_state_floats(c);
+        if (c->layers[l].mixer == SJ_MIXER_LINEAR) ssm_floats += sj_infer_linear_state_floats(c);
     }
-    /* RoPE tables for the attention layers; mla layers turn on the fly */
-    const int64_t rope_rows = h->n_mla < c->n_layers ? h->max_ctx : 0;
     const int64_t att = h->n_mla ? SJ_MAX(C, (int64_t)c->n_heads * a->v_head_dim) : C;
     const int64_t kv_floats = h->kv_f16 ? SJ_CDIV(kv_elems, 2) : kv_elems;
     int64_t off = 0;
@@ -100,6 +119,15 @@ static int64_t place_state(sj_infer_cpu *h, float *base) {
     TAKE(h->att, float, R * att); TAKE(h->hb, float, R * F); TAKE(h->hb2, float, R * F);
     TAKE(h->logits, float, c->vocab_size);
     TAKE(h->rope_cos, float, rope_rows * half); TAKE(h->rope_sin, float, rope_rows * half);
+    if (mamba2) {
+        TAKE(h->zx, float, R * S.d_in_proj); TAKE(h->xbc, float, R * S.conv_dim);
+        TAKE(h->ssm_y, float, R * S.d_inner);
+    }
+    if (count_mixers(c, SJ_MIXER_LINEAR)) {
+        TAKE(h->lin_k, float, R * C); TAKE(h->lin_v, float, R * C); TAKE(h->lin_g, float, R * c->n_heads);
+    }
+    h->rec_state_floats = ssm_floats;
+    if (ssm_floats) TAKE(h->rec_state, float, ssm_floats);
     if (c->embed_skip != 0.f) TAKE(h->emb, float, R * C);
     if (c->value_mix != 0.f) TAKE(h->v0, float, R * h->kv_dim);
     if (windowed && h->kv_f16) { TAKE(h->k16, uint16_t, SJ_CDIV(R * h->kv_dim, 2)); TAKE(h->v16, uint16_t, SJ_CDIV(R * h->kv_dim, 2)); }
@@ -124,10 +152,12 @@ static int64_t place_state(sj_infer_cpu *h, float *base) {
  * the layers' windows and the cache's element type. */
 static sj_status alloc_state(sj_infer_cpu *h) {
     const sj_config *c = &h->c;
-    /* the widest matmul input: mla's q_b_proj and wo read q_lora_rank and n_heads * v_head_dim */
-    const int W = SJ_MAX(SJ_MAX(SJ_MAX(c->dim, dense_dim(c)), c->moe.expert_dim),
+    /* the widest matmul input: mla's q_b_proj and wo read q_lora_rank and
+     * n_heads * v_head_dim, Mamba-2's out_proj d_inner */
+    const int W = SJ_MAX(SJ_MAX(SJ_MAX(c->dim, dense_dim(c)), SJ_MAX(c->moe.expert_dim, sj_mamba2_shape_of(c).d_inner)),
                          h->n_mla ? SJ_MAX(c->mla.q_lora_rank, c->n_heads * c->mla.v_head_dim) : 0);
     h->emb = h->v0 = NULL; h->k16 = h->v16 = NULL;
+    h->zx = h->xbc = h->ssm_y = h->rec_state = h->lin_k = h->lin_v = h->lin_g = NULL;
     h->moe_route = (sj_moe_route){ c->moe.router, c->moe.norm_topk, 0, 0, 0, NULL };
     const int64_t n_f = place_state(h, NULL);
     const int64_t bytes = n_f * 4 + sj_qact_bytes(CHUNK, W);
@@ -136,8 +166,9 @@ static sj_status alloc_state(sj_infer_cpu *h) {
     h->state_bytes = bytes;
     place_state(h, f);
     sj_qact_bind(&h->qa, f + n_f, CHUNK, W);   /* the rest: activation scratch */
-    sj_status s = h->n_mla < c->n_layers ? sj_infer_rope_tables(c, h->max_ctx, h->rope_cos, h->rope_sin)
-                                         : SJ_OK;
+    if (h->rec_state) memset(h->rec_state, 0, sizeof(float) * (size_t)h->rec_state_floats);
+    sj_status s = count_mixers(c, SJ_MIXER_ATTENTION)
+                ? sj_infer_rope_tables(c, h->max_ctx, h->rope_cos, h->rope_sin) : SJ_OK;
     if (s) { sj_free(h->state_mem); h->state_mem = NULL; }
     return s;
 }
@@ -158,7 +189,10 @@ static sj_qmat *matrix(const sj_infer_cpu *h, const char *name) {
     layer_w *w = &m->L[l];
     if (w->mla && (!strcmp(k, "wk") || !strcmp(k, "wv"))) return NULL;
     sj_qmat *const mats[7] = { &w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down };
-    for (int i = 0; i < 7; i++) if (!strcmp(k, LAYER_TENSORS[i])) return mats[i];
+    for (int i = 0; i < 7; i++) if (!strcmp(k, LAYER_TENSORS[i])) return mats[i]->mem ? mats[i] : NULL;
+    if (!strcmp(k, "ssm.in_proj")) return w->in_proj.mem ? &w->in_proj : NULL;
+    if (!strcmp(k, "ssm.out_proj")) return w->out_proj.mem ? &w->out_proj : NULL;
+    if (!strcmp(k, "wg")) return w->wg.mem ? &w->wg : NULL;
     if (!w->mla) return NULL;
     if (!strcmp(k, "mla.q_a_proj")) return &w->q_a;
     if (!strcmp(k, "mla.q_b_proj")) return &w->wq;
@@ -183,6 +217,13 @@ static float *vector(const sj_infer_cpu *h, const char *name) {
     if (!strcmp(k, "mla.q_a_norm")) return h->L[l].q_a_norm;
     if (!strcmp(k, "mla.kv_a_norm")) return h->L[l].kv_a_norm;
     if (!strcmp(k, "mla.kv_b_proj")) return h->L[l].kv_b;
+    const layer_w *w = &h->L[l];
+    if (!strcmp(k, "ssm.conv_w")) return w->conv_w;
+    if (!strcmp(k, "ssm.conv_b")) return w->conv_b;
+    if (!strcmp(k, "ssm.dt_bias")) return w->dt_bias;
+    if (!strcmp(k, "ssm.A_log")) return w->A_log;
+    if (!strcmp(k, "ssm.D")) return w->D;
+    if (!strcmp(k, "ssm.norm")) return w->ssm_norm;
     return NULL;
 }
 
@@ -219,16 +260,25 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, sj_infer_cpu 
     const int qr = a->q_lora_rank, kvr = a->kv_lora_rank, mq = c->n_heads * (a->qk_nope_head_dim + a->qk_rope_head_dim),
               mo = c->n_heads * a->v_head_dim, mkv = c->n_heads * (a->qk_nope_head_dim + a->v_head_dim);
     for (int l = 0; l < c->n_layers; l++) h->n_mla += h->L[l].mla = c->layers[l].mixer == SJ_MIXER_MLA;
-    const int64_t attn_bytes = sj_qmat_bytes(wt, C, C) + sj_qmat_bytes(wt, C, O) + 2 * sj_qmat_bytes(wt, KVd, C),
-                  mla_bytes = (qr ? sj_qmat_bytes(wt, qr, C) + sj_qmat_bytes(wt, mq, qr) : sj_qmat_bytes(wt, mq, C)) +
+    const int64_t mla_bytes = (qr ? sj_qmat_bytes(wt, qr, C) + sj_qmat_bytes(wt, mq, qr) : sj_qmat_bytes(wt, mq, C)) +
                               sj_qmat_bytes(wt, kvr + a->qk_rope_head_dim, C) + sj_qmat_bytes(wt, C, mo);
     const int64_t mla_floats = (int64_t)qr + kvr + (int64_t)mkv * kvr;   /* per mla layer */
+    const sj_mamba2_shape S = sj_mamba2_shape_of(c);
+    /* a layer's dense ffn hidden: the config's, the MoE layers' shared experts', or none */
+    #define DENSE_F(y) ((y)->ffn == SJ_FFN_MOE ? c->moe.n_shared * Fe : (y)->ffn == SJ_FFN_NONE ? 0 : F)
     int64_t pool_bytes = 0;
     for (int l = 0; l < c->n_layers; l++) {
-        const int moe = c->layers[l].ffn == SJ_FFN_MOE, Fl = moe ? c->moe.n_shared * Fe : F;
-        pool_bytes += (h->L[l].mla ? mla_bytes : attn_bytes) +
-                      (Fl ? 2 * sj_qmat_bytes(wt, Fl, C) + sj_qmat_bytes(wt, C, Fl) : 0);
-        if (moe)
+        const sj_layer *y = &c->layers[l];
+        const int Fl = DENSE_F(y);
+        const int gated = y->mixer == SJ_MIXER_LINEAR && c->linear.decay == SJ_LINEAR_DECAY_GATED;
+        pool_bytes += y->mixer == SJ_MIXER_MAMBA2
+                    ? sj_qmat_bytes(wt, S.d_in_proj, C) + sj_qmat_bytes(wt, C, S.d_inner)
+                    : y->mixer == SJ_MIXER_LINEAR
+                    ? 4 * sj_qmat_bytes(wt, C, C) + (gated ? sj_qmat_bytes(wt, c->n_heads, C) : 0)
+                    : y->mixer == SJ_MIXER_MLA ? mla_bytes
+                    : sj_qmat_bytes(wt, C, C) + sj_qmat_bytes(wt, C, O) + 2 * sj_qmat_bytes(wt, KVd, C);
+        if (Fl) pool_bytes += 2 * sj_qmat_bytes(wt, Fl, C) + sj_qmat_bytes(wt, C, Fl);
+        if (y->ffn == SJ_FFN_MOE)
             pool_bytes += sj_qmat_bytes(SJ_W_F32, E, C) +
                           (int64_t)E * (sj_qmat_bytes(wt, 2 * Fe, C) + sj_qmat_bytes(wt, C, Fe));
     }
@@ -237,11 +287,35 @@ static sj_status create(const sj_config *c, int mode, int max_ctx, sj_infer_cpu 
         s = SJ_ERR_NOMEM;
         goto fail;
     }
+    const int n_mamba2 = count_mixers(c, SJ_MIXER_MAMBA2);
+    const int64_t vec_floats = sj_infer_mamba2_vector_floats(c);
+    if (n_mamba2 && !(h->ssm_vec = sj_alloc(sizeof(float) * (size_t)(vec_floats * n_mamba2), "Mamba-2 vectors"))) {
+        s = SJ_ERR_NOMEM;
+        goto fail;
+    }
+    float *vec = h->ssm_vec;
     for (int l = 0, m = 0; l < c->n_layers; l++) {
         layer_w *w = &h->L[l];
         sj_qpool *P = &h->pool;
-        const int moe = c->layers[l].ffn == SJ_FFN_MOE, Fl = moe ? c->moe.n_shared * Fe : F;
-        if (w->mla) {
+        const sj_layer *y = &c->layers[l];
+        const int moe = y->ffn == SJ_FFN_MOE, Fl = DENSE_F(y);
+        if (y->mixer == SJ_MIXER_MAMBA2) {
+            if ((s = sj_qmat_alloc_pool(&w->in_proj, P, wt, S.d_in_proj, C, "ssm.in_proj")) ||
+                (s = sj_qmat_alloc_pool(&w->out_proj, P, wt, C, S.d_inner, "ssm.out_proj")))
+                goto fail;
+            w->conv_w = vec; vec += (int64_t)S.conv_dim * S.K;
+            w->conv_b = vec; vec += S.conv_dim;
+            w->dt_bias = vec; vec += S.H;
+            w->A_log = vec; vec += S.H;
+            w->D = vec; vec += S.H;
+            w->ssm_norm = vec; vec += S.d_inner;
+        } else if (y->mixer == SJ_MIXER_LINEAR) {
+            if ((s = sj_qmat_alloc_pool(&w->wq, P, wt, C, C, "wq")) || (s = sj_qmat_alloc_pool(&w->wk, P, wt, C, C, "wk")) ||
+                (s = sj_qmat_alloc_pool(&w->wv, P, wt, C, C, "wv")) || (s = sj_qmat_alloc_pool(&w->wo, P, wt, C, C, "wo")) ||
+                (c->linear.decay == SJ_LINEAR_DECAY_GATED &&
+                 (s = sj_qmat_alloc_pool(&w->wg, P, wt, c->n_heads, C, "wg"))))
+                goto fail;
+        } else if (w->mla) {
             if ((qr && ((s = sj_qmat_alloc_pool(&w->q_a, P, wt, qr, C, "mla.q_a_proj")) ||
                         (s = sj_qmat_alloc_pool(&w->wq, P, wt, mq, qr, "mla.q_b_proj")))) ||
                 (!qr && (s = sj_qmat_alloc_pool(&w->wq, P, wt, mq, C, "wq"))) ||
@@ -516,11 +590,12 @@ static int64_t cpu_cache_bytes(const void *e) { return ((const sj_infer_cpu *)e)
 static int64_t cpu_weight_bytes(const void *e) {
     const sj_infer_cpu *h = e;
     int64_t b = h->tok_emb.bytes + h->output.bytes +
-                ((int64_t)(2 * h->c.n_layers + 1) * h->c.dim + (int64_t)2 * h->c.n_layers * h->hd) * 4;
+                ((int64_t)(2 * h->c.n_layers + 1) * h->c.dim + (int64_t)2 * h->c.n_layers * h->hd) * 4 +
+                4 * sj_infer_mamba2_vector_floats(&h->c) * count_mixers(&h->c, SJ_MIXER_MAMBA2);
     for (int l = 0; l < h->c.n_layers; l++) {
         const layer_w *w = &h->L[l];
         b += w->wq.bytes + w->wk.bytes + w->wv.bytes + w->wo.bytes + w->w_gate.bytes + w->w_up.bytes + w->w_down.bytes +
-             w->q_a.bytes + w->kv_a.bytes + w->router.bytes;
+             w->q_a.bytes + w->kv_a.bytes + w->router.bytes + w->in_proj.bytes + w->out_proj.bytes + w->wg.bytes;
         for (int e = 0; w->experts && e < 2 * h->c.moe.n_experts; e++) b += w->experts[e].bytes;
     }
     const sj_mla *a = &h->c.mla;
@@ -539,6 +614,12 @@ static sj_status cpu_decode(void *e, int pos, int32_t token, int n, int32_t *nex
     return SJ_ISA_PICK(sj_infer_cpu_decode)(e, pos, token, n, next);
 }
 
+/* Mamba-2 and linear layers' states back to a fresh sequence. */
+static void cpu_reset(void *e) {
+    sj_infer_cpu *h = e;
+    if (h->rec_state) memset(h->rec_state, 0, sizeof(float) * (size_t)h->rec_state_floats);
+}
+
 static sj_status cpu_logits(void *e, const float **host) {
     *host = ((sj_infer_cpu *)e)->logits;
     return SJ_OK;
@@ -549,6 +630,7 @@ const sj_infer_backend sj_infer_cpu_backend = {
     .prefill = cpu_prefill,
     .decode = cpu_decode,
     .logits = cpu_logits,
+    .reset = cpu_reset,
     .free = cpu_free,
     .weight_bytes = cpu_weight_bytes,
     .cache_bytes = cpu_cache_bytes,

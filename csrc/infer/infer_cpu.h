@@ -28,6 +28,15 @@ typedef struct {
     sj_qmat q_a, kv_a;
     float *q_a_norm, *kv_a_norm, *kv_b;
     int64_t lat_at;           /* the layer's first element in lcache */
+    /* Mamba-2 layers (their attention matrices stay empty): the projections,
+     * the vectors (in ssm_vec: conv_w (conv_dim, K), conv_b, dt_bias, A_log, D,
+     * norm) and the layer's state: the last K-1 conv inputs (K-1, conv_dim),
+     * oldest first, then the scan's (H, N, P). A linear attention layer uses
+     * wq, wk, wv (dim, dim), wo and its state (H, hd, hd [+ 1]) */
+    sj_qmat in_proj, out_proj;
+    float *conv_w, *conv_b, *dt_bias, *A_log, *D, *ssm_norm;
+    sj_qmat wg;               /* gated linear attention layers: the gate (n_heads, dim) */
+    int64_t rec_at;           /* Mamba-2 and linear layers: their state in rec_state */
 } layer_w;
 
 struct sj_infer_cpu {
@@ -64,6 +73,11 @@ struct sj_infer_cpu {
     float *mla_mem;              /* the mla layers' f32 vectors and kv_b */
     sj_rope rope_mla;            /* RoPE over qk_rope_head_dim, turned on the fly */
     int n_mla;                   /* mla layers */
+    float *ssm_vec;              /* Mamba-2 layers' vectors (layer_w), one allocation */
+    float *zx, *xbc, *ssm_y;     /* Mamba-2 run state: in_proj's output, the conv's, the mixer's */
+    float *lin_k, *lin_v, *lin_g; /* linear attention run state: k, v (CHUNK, dim), gate (CHUNK, n_heads) */
+    float *rec_state;            /* Mamba-2 and linear layers' states (constant in the context) */
+    int64_t rec_state_floats;
     sj_qact qa;
     void *state_mem;
     int64_t state_bytes;
@@ -78,6 +92,17 @@ void sj_infer_moe_ffn(sj_infer_cpu *h, const layer_w *w, float *x, const float *
  * positions pos ..: their latents into the cache, attention over it with the
  * absorbed matrices, the (n, n_heads*v_head_dim) result in h->att. */
 void sj_infer_mla_mixer(sj_infer_cpu *h, int l, int n, int pos);
+/* mamba2.c: layer l's mixer for n tokens between in_proj (h->zx, (n,
+ * d_in_proj)) and out_proj (h->ssm_y, (n, d_inner)), advancing its state. */
+void sj_infer_mamba2_mix(sj_infer_cpu *h, int l, int n);
+/* Floats of one Mamba-2 layer's state, and of its vectors. */
+int64_t sj_infer_mamba2_state_floats(const sj_config *c);
+int64_t sj_infer_mamba2_vector_floats(const sj_config *c);
+/* linear.c: layer l's linear attention for n tokens: q, k, v in h->q,
+ * lin_k, lin_v, the gate's logits in lin_g -> h->att (n, dim), advancing its
+ * state; the floats of that state. */
+void sj_infer_linear_mix(sj_infer_cpu *h, int l, int n);
+int64_t sj_infer_linear_state_floats(const sj_config *c);
 
 #define sj_infer_cpu_prefill SJ_ISA(sj_infer_cpu_prefill)
 #define sj_infer_cpu_decode SJ_ISA(sj_infer_cpu_decode)

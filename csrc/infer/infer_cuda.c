@@ -146,10 +146,11 @@ sj_status sj_infer_cuda_from_model(sj_model *m, sj_infer_mode mode, int max_ctx,
     const sj_config *c = sj_model_config(m);
     for (int l = 0; l < c->n_layers; l++) {
         const sj_layer *y = &c->layers[l];
-        if (y->mixer != SJ_MIXER_ATTENTION || y->ffn == SJ_FFN_MOE)
+        if (y->mixer != SJ_MIXER_ATTENTION || y->ffn == SJ_FFN_MOE || y->ffn == SJ_FFN_NONE)
             return sj_fail(SJ_ERR_ARG, "layer %d: %s layers: GPU generation is not built yet "
                            "(generate on the CPU: device='cpu')", l,
-                           y->ffn == SJ_FFN_MOE ? sj_ffn_name(y->ffn) : sj_mixer_name(y->mixer));
+                           y->mixer != SJ_MIXER_ATTENTION ? sj_mixer_name(y->mixer)
+                           : y->ffn == SJ_FFN_MOE ? "moe" : "ffn none");
     }
     SJ_TRY(sj_cuda_check_device());
     sj_model *src = m, *tmp = NULL;

@@ -33,6 +33,18 @@ static const sj_tensor_name TABLE[] = {
     /* the MoE router (Mixtral's spelling); its experts are split per expert
      * by smedjan/hf.py (ours stack them: model/moe.c) */
     { { "moe.router", "block_sparse_moe.gate.weight",      "ffn_gate_inp.weight" }, 1, 0 },
+    /* Mamba-2 mixers (transformers' Mamba2 puts its layers under backbone.,
+     * see smedjan/hf.py; GGUF: llama.cpp's mamba2 spelling) */
+    { { "ssm.in_proj",  "mixer.in_proj.weight",            "ssm_in.weight" },       1, 0 },
+    { { "ssm.conv_w",   "mixer.conv1d.weight",             "ssm_conv1d.weight" },   1, 0 },
+    { { "ssm.conv_b",   "mixer.conv1d.bias",               "ssm_conv1d.bias" },     1, 0 },
+    { { "ssm.dt_bias",  "mixer.dt_bias",                   "ssm_dt.bias" },         1, 0 },
+    { { "ssm.A_log",    "mixer.A_log",                     "ssm_a" },               1, 0 },
+    { { "ssm.D",        "mixer.D",                         "ssm_d" },               1, 0 },
+    { { "ssm.norm",     "mixer.norm.weight",               "ssm_norm.weight" },     1, 0 },
+    { { "ssm.out_proj", "mixer.out_proj.weight",           "ssm_out.weight" },      1, 0 },
+    /* gated linear attention's gate (no transformers or GGUF architecture has it) */
+    { { "wg",         "self_attn.g_proj.weight",           "attn_gate.weight" },    1, 0 },
     { { "final_norm", "model.norm.weight",                 "output_norm.weight" },  0, 0 },
     { { "lm_head",    "lm_head.weight",                    "output.weight" },       0, 0 },
 };

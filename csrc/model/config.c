@@ -1,5 +1,6 @@
 /* config.c — model presets, validation and exact parameter counts. */
 #include "model.h"   /* SJ_ROPE_MAX_PAIRS, sj_mla_param_count */
+#include "mamba2.h"
 #include <math.h>
 #include <string.h>
 
@@ -45,8 +46,10 @@ sj_status sj_config_preset(const char *name, int vocab_size, sj_config *out) {
         static const char *const names[] = { __VA_ARGS__ };                  \
         return k >= 0 && k < (int)(sizeof names / sizeof names[0]) ? names[k] : NULL; \
     }
-NAMES(sj_mixer_name, "attention", "mla")
-NAMES(sj_ffn_name, "swiglu", "relu2", "moe")
+NAMES(sj_mixer_name, "attention", "mla", "mamba2", "linear")
+NAMES(sj_linear_feature_name, "identity", "elu1")
+NAMES(sj_linear_decay_name, "none", "gated")
+NAMES(sj_ffn_name, "swiglu", "relu2", "moe", "none")
 NAMES(sj_moe_router_name, "softmax", "sigmoid")
 NAMES(sj_qk_norm_name, "none", "weighted", "plain")
 NAMES(sj_rope_type_name, "default", "linear", "dynamic", "yarn")
@@ -131,6 +134,7 @@ static sj_status validate_mla(const sj_config *c) {
 }
 
 static sj_status validate_layers(const sj_config *c) {
+    int mamba2 = 0, linear = 0;
     for (int l = 0; l < c->n_layers; l++) {
         const sj_layer *y = &c->layers[l];
         if (!sj_mixer_name(y->mixer))
@@ -144,12 +148,15 @@ static sj_status validate_layers(const sj_config *c) {
                            "whole context), got %d", l, c->max_seq_len, y->window);
         if (y->mixer == SJ_MIXER_MLA && (y->window || y->qk_norm != SJ_QK_NORM_NONE))
             return sj_fail(SJ_ERR_ARG, "layer %d: mla layers take no window and no qk_norm", l);
+        mamba2 |= y->mixer == SJ_MIXER_MAMBA2;
+        linear |= y->mixer == SJ_MIXER_LINEAR;
     }
     for (int l = 0; l < c->n_layers; l++)
         if (c->layers[l].ffn == SJ_FFN_MOE) { SJ_TRY(validate_moe(c)); break; }
     for (int l = 0; l < c->n_layers; l++)
         if (c->layers[l].mixer == SJ_MIXER_MLA) { SJ_TRY(validate_mla(c)); break; }
-    return SJ_OK;
+    if (linear) SJ_TRY(sj_linear_validate(c));
+    return mamba2 ? sj_mamba2_validate(c) : SJ_OK;
 }
 
 sj_status sj_config_validate(const sj_config *c) {
@@ -193,9 +200,14 @@ static int64_t param_count(const sj_config *c, int active) {
     int64_t n = (int64_t)c->vocab_size * C * (c->untied_head ? 2 : 1) + C;
     const sj_moe_config *e = &c->moe;
     for (int l = 0; l < c->n_layers; l++) {
-        n += (c->layers[l].mixer == SJ_MIXER_MLA ? sj_mla_param_count(c) : C * (q + 2 * kv + o)) +
-             2 * C + (c->layers[l].qk_norm == SJ_QK_NORM_WEIGHTED ? 2 * hd : 0);
-        if (c->layers[l].ffn != SJ_FFN_MOE) { n += 3 * C * (int64_t)c->ffn_dim; continue; }
+        const sj_layer *y = &c->layers[l];
+        if (y->mixer == SJ_MIXER_MAMBA2) n += sj_mamba2_param_count(c);
+        else if (y->mixer == SJ_MIXER_LINEAR) n += sj_linear_param_count(c);
+        else if (y->mixer == SJ_MIXER_MLA) n += sj_mla_param_count(c) + C;
+        else n += C * (q + 2 * kv + o) + C + (y->qk_norm == SJ_QK_NORM_WEIGHTED ? 2 * hd : 0);
+        if (y->ffn == SJ_FFN_NONE) continue;
+        n += C;   /* the ffn norm */
+        if (y->ffn != SJ_FFN_MOE) { n += 3 * C * (int64_t)c->ffn_dim; continue; }
         const int64_t experts = active ? e->top_k : e->n_experts;
         n += 3 * C * (int64_t)e->expert_dim * (experts + e->n_shared) + (int64_t)e->n_experts * C +
              (e->router == SJ_MOE_SIGMOID ? e->n_experts : 0);

@@ -2,6 +2,7 @@
  * parameter table over one flat buffer, initialisation, and the forward
  * pass, each layer spelled from its kinds, recorded on a tape per (B, T). */
 #include "model.h"
+#include "mamba2.h"
 #include "../infer/infer.h"   /* sj_f16_to_f32: fp16 logits to the host */
 #include <math.h>
 #include <stdio.h>
@@ -22,8 +23,7 @@ static sj_status build_table(sj_model *m) {
     int64_t C = c->dim, hd = C / c->n_heads, qd = (int64_t)c->n_heads * hd,
             kvd = (int64_t)c->n_kv_heads * hd, F = c->ffn_dim,
             od = c->paired_heads ? qd / 2 : qd;   /* what attention hands wo */
-    /* per layer at most 11 matrices (mla with MoE and shared experts) and 5 vectors */
-    int n = 2 + 11 * c->n_layers + 5 * c->n_layers + 1;
+    int n = 2 + 20 * c->n_layers + 1;   /* at most 20 tensors a layer (mamba2 with MoE: 17) */
     m->tensors = calloc((size_t)n, sizeof(sj_tensor_info));
     m->names = calloc((size_t)n, SJ_NAME_MAX);
     if (!m->tensors || !m->names) return sj_fail(SJ_ERR_NOMEM, "model: out of memory");
@@ -40,8 +40,19 @@ static sj_status build_table(sj_model *m) {
     ADD("tok_emb%.0d", 0, (int64_t)c->vocab_size, C, 2);
     const sj_mla *a = &c->mla;
     const int64_t mla_hq = a->qk_nope_head_dim + a->qk_rope_head_dim;
+    const sj_mamba2_shape S = sj_mamba2_shape_of(c);
     for (int l = 0; l < c->n_layers; l++) {
-        if (c->layers[l].mixer == SJ_MIXER_MLA) {
+        if (c->layers[l].mixer == SJ_MIXER_MAMBA2) {
+            ADD("layers.%d.ssm.in_proj", l, (int64_t)S.d_in_proj, C, 2);
+            ADD("layers.%d.ssm.conv_w", l, (int64_t)S.conv_dim, (int64_t)S.K, 2);
+            ADD("layers.%d.ssm.out_proj", l, C, (int64_t)S.d_inner, 2);
+        } else if (c->layers[l].mixer == SJ_MIXER_LINEAR) {   /* wq|wk|wv|wg: one projection */
+            ADD("layers.%d.wq", l, C, C, 2);
+            ADD("layers.%d.wk", l, C, C, 2);
+            ADD("layers.%d.wv", l, C, C, 2);
+            if (c->linear.decay == SJ_LINEAR_DECAY_GATED) ADD("layers.%d.wg", l, (int64_t)c->n_heads, C, 2);
+            ADD("layers.%d.wo", l, C, C, 2);
+        } else if (c->layers[l].mixer == SJ_MIXER_MLA) {
             if (a->q_lora_rank) {
                 ADD("layers.%d.mla.q_a_proj", l, (int64_t)a->q_lora_rank, C, 2);
                 ADD("layers.%d.mla.q_b_proj", l, c->n_heads * mla_hq, (int64_t)a->q_lora_rank, 2);
@@ -60,7 +71,8 @@ static sj_status build_table(sj_model *m) {
         }
         const sj_moe_config *e = &c->moe;
         const int moe = c->layers[l].ffn == SJ_FFN_MOE;
-        const int64_t Fl = moe ? (int64_t)e->n_shared * e->expert_dim : F;   /* dense or shared */
+        const int64_t Fl = moe ? (int64_t)e->n_shared * e->expert_dim
+                         : c->layers[l].ffn == SJ_FFN_NONE ? 0 : F;   /* dense, shared or none */
         if (Fl) {
             ADD("layers.%d.w_gate", l, Fl, C, 2);
             ADD("layers.%d.w_up", l, Fl, C, 2);
@@ -75,7 +87,14 @@ static sj_status build_table(sj_model *m) {
     if (c->untied_head) ADD("lm_head%.0d", 0, (int64_t)c->vocab_size, C, 2);
     for (int l = 0; l < c->n_layers; l++) {
         ADD("layers.%d.attn_norm", l, C, 0, 1);
-        ADD("layers.%d.ffn_norm", l, C, 0, 1);
+        if (c->layers[l].ffn != SJ_FFN_NONE) ADD("layers.%d.ffn_norm", l, C, 0, 1);
+        if (c->layers[l].mixer == SJ_MIXER_MAMBA2) {   /* dt_bias, A_log adjacent: one view */
+            ADD("layers.%d.ssm.conv_b", l, (int64_t)S.conv_dim, 0, 1);
+            ADD("layers.%d.ssm.dt_bias", l, (int64_t)S.H, 0, 1);
+            ADD("layers.%d.ssm.A_log", l, (int64_t)S.H, 0, 1);
+            ADD("layers.%d.ssm.D", l, (int64_t)S.H, 0, 1);
+            ADD("layers.%d.ssm.norm", l, (int64_t)S.d_inner, 0, 1);
+        }
         if (c->layers[l].qk_norm == SJ_QK_NORM_WEIGHTED) {
             ADD("layers.%d.q_norm", l, hd, 0, 1);
             ADD("layers.%d.k_norm", l, hd, 0, 1);
@@ -128,7 +147,7 @@ static void init_params(sj_model *m, uint64_t seed) {
         }
         /* GPT-2's scaled init for the projections that feed the residual stream. */
         const char *dot = strrchr(t->name, '.');
-        int resid = dot && (!strcmp(dot, ".wo") || !strcmp(dot, ".w_down"));
+        int resid = dot && (!strcmp(dot, ".wo") || !strcmp(dot, ".w_down") || !strcmp(dot, ".out_proj"));
         int64_t full = t->numel >> 16;
         init_job j = { p, resid ? resid_std : std, seed, (int64_t)i << 32 };
         sj_parallel_for(full, 1, init_chunks, &j);
@@ -136,6 +155,7 @@ static void init_params(sj_model *m, uint64_t seed) {
         sj_rng_seed(&r, seed ^ ((uint64_t)i << 32 | 0xFFFFFFFFu));
         for (int64_t k = full << 16; k < t->numel; k++) p[k] = j.std * sj_rng_normal(&r);
     }
+    sj_mamba2_init(m->params, m->tensors, m->n_tensors, &m->cfg, seed);
 }
 
 static void drop_plan(sj_model *m, sj_plan *pl) {
@@ -480,10 +500,33 @@ static sj_status record(sj_model *m, sj_plan *pl) {
         if (l > 0 && c->embed_skip != 0) x = sj_op_axpy(tp, x, emb, c->embed_skip, (int64_t)N * C);
         OP_BLOCK_BEGIN();
         int h = sj_op_rmsnorm(tp, x, NORM("layers.%d.attn_norm", l), N, C, c->norm_eps);
-        int a, a_width;   /* the mixer's output, read by wo */
-        if (y->mixer == SJ_MIXER_MLA) {
-            a = sj_mla_record(m, pl, l, h, op_blocks);
-            a_width = H * c->mla.v_head_dim;
+        if (y->mixer == SJ_MIXER_MAMBA2) {
+            if (!m->be->scan_forward)
+                return sj_fail(SJ_ERR_ARG, "mamba2 layers: the %s backend has no scan kernels yet",
+                               m->be->name);
+            const sj_mamba2_shape S = sj_mamba2_shape_of(c);
+            const int zx = sj_op_matmul(tp, h, PARAM("layers.%d.ssm.in_proj", l, S.d_in_proj), N,
+                                        S.d_in_proj, C);
+            OP_BLOCK_END();
+            #define VEC(name, n) WEIGHT(find(m, "layers.%d.ssm." name, l)->offset, (n))
+            const sj_mamba2_params w = { PARAM("layers.%d.ssm.conv_w", l, S.conv_dim),
+                                         VEC("conv_b", S.conv_dim), VEC("dt_bias", 2 * S.H),
+                                         VEC("D", S.H), VEC("norm", S.d_inner) };
+            #undef VEC
+            const int g = sj_mamba2_record(tp, c, &w, zx, B, T);
+            x = residual(pl, tp, x, g, PARAM("layers.%d.ssm.out_proj", l, C), N, C, S.d_inner);
+        } else if (y->mixer == SJ_MIXER_LINEAR) {
+            if (!m->be->scan_forward)
+                return sj_fail(SJ_ERR_ARG, "linear layers: the %s backend has no scan kernels yet",
+                               m->be->name);
+            const int rows = 3 * C + (c->linear.decay == SJ_LINEAR_DECAY_GATED ? H : 0);
+            const int p = sj_op_matmul(tp, h, PARAM("layers.%d.wq", l, rows), N, rows, C);
+            OP_BLOCK_END();
+            const int o = sj_linear_record(tp, c, p, B, T);
+            x = residual(pl, tp, x, o, PARAM("layers.%d.wo", l, C), N, C, C);
+        } else if (y->mixer == SJ_MIXER_MLA) {
+            const int a = sj_mla_record(m, pl, l, h, op_blocks);
+            x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, H * c->mla.v_head_dim);
         } else {
             const int wqkv = PARAM("layers.%d.wq", l, (H + 2 * KV) * hd);
             int qkv;
@@ -509,10 +552,13 @@ static sj_status record(sj_model *m, sj_plan *pl) {
                 if (l == 0) qkv0 = qkv;
                 else qkv = sj_op_mix(tp, qkv, qkv0, N, Wa, (Ha + KVa) * hd, KVa * hd, c->value_mix);
             }
-            a = sj_op_attention(tp, qkv, B, T, Ha, KVa, hd, y->window);
-            a_width = Ha * hd;
+            int a = sj_op_attention(tp, qkv, B, T, Ha, KVa, hd, y->window);
+            x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, Ha * hd);
         }
-        x = residual(pl, tp, x, a, PARAM("layers.%d.wo", l, C), N, C, a_width);
+        if (y->ffn == SJ_FFN_NONE) {
+            if (layer_blocks) SJ_TRY(sj_tape_block_end(tp));
+            continue;
+        }
         OP_BLOCK_BEGIN();
         h = sj_op_rmsnorm(tp, x, NORM("layers.%d.ffn_norm", l), N, C, c->norm_eps);
         if (y->ffn == SJ_FFN_MOE) {   /* routed experts, then the shared ones (moe.c) */

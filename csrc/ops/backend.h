@@ -109,6 +109,14 @@ static inline sj_moe_record sj_moe_record_at(const void *base, int64_t N, int64_
     return r;
 }
 
+/* The chunked scan's shape (scan_forward below). */
+typedef struct {
+    int B, T, H, G, dk, dv;
+    int ld_qk, q_off, k_off;     /* q of group g at q_off + g*dk of a row of ld_qk; k likewise */
+    int ld_v, v_off;             /* v of head h at v_off + h*dv of a row of ld_v */
+    int chunk;                   /* tokens per chunk */
+} sj_scan_dims;
+
 typedef struct sj_backend {
     const char *name;
     sj_dtype act_dtype;   /* activations, their grads, compute copy of weights */
@@ -344,6 +352,72 @@ typedef struct sj_backend {
     void (*head_slice_forward)(void *out, const void *in, int N, int H, int hd_in, int hd_out);
     void (*head_slice_backward)(void *din, const void *dout, int N, int H, int hd_in, int hd_out,
                                 int accum);
+
+    /* The chunked scan (Mamba-2's SSD, linear attention), per head h of H:
+     *   y_t = scale sum_{s<=t} exp(c_t - c_s) (q_t . k_s) v_s, c_t = sum_{r<=t} a_r
+     * over each sequence of T tokens; q and k of group h / (H / G). qk: rows
+     * of ld_qk elements, q of group g at q_off + g dk, k at k_off + g dk; v:
+     * rows of ld_v, head h at v_off + h dv; a: (B*T, H) log decays (<= 0 for
+     * a decay), or NULL for none; y: (B*T, H*dv). Chunks of `chunk` tokens
+     * (any T). Backward, given y (the forward's output): dqk (+)= on the q and
+     * k slices and, unless accum_qk, zero elsewhere in its rows (dv likewise);
+     * da (B*T, H) (+)=. dqk, dv, da may be NULL (not wanted). */
+    void (*scan_forward)(void *y, const void *qk, const void *v, const void *a,
+                         const sj_scan_dims *d, float scale);
+    void (*scan_backward)(void *dqk, void *dv, void *da, const void *dy, const void *qk,
+                          const void *v, const void *a, const void *y, const sj_scan_dims *d,
+                          float scale, int accum_qk, int accum_v, int accum_a);
+
+    /* Mamba-2's pieces around the scan (x: rows of ld, a slice of W channels
+     * at off; its gradient (+)= on the slice and, unless accum, zero elsewhere
+     * in its rows; parameter gradients f32 (+)= with dw_accum).
+     * conv1d_silu: causal depthwise convolution of kernel K with bias, then
+     * SiLU: out[t, c] = silu(bias[c] + sum_j w[c, j] x[t - K + 1 + j, c]) within
+     * each sequence of T rows (earlier rows are zeros); out: (B*T, W), w: (W, K). */
+    void (*conv1d_silu_forward)(void *out, const void *x, const void *w, const void *bias,
+                                int B, int T, int ld, int off, int W, int K);
+    void (*conv1d_silu_backward)(void *dx, float *dw, float *dbias, const void *dout,
+                                 const void *x, const void *w, const void *bias, int B, int T,
+                                 int ld, int off, int W, int K, int accum, int dw_accum);
+    /* ssd_prep: dt = softplus(dt_raw + dt_bias), A = -exp(A_log) per head;
+     * v = x dt (x: the H*P columns at 0 of rows of ldx), a = dt A. dt_raw: the
+     * H columns at off of rows of ld; p: (2H) = [dt_bias | A_log]. v: (N, H*P),
+     * a: (N, H). */
+    void (*ssd_prep_forward)(void *v, void *a, const void *x, const void *dt_raw, const void *p,
+                             int N, int H, int P, int ldx, int ld, int off);
+    void (*ssd_prep_backward)(void *dx, void *ddt_raw, float *dp, const void *dv, const void *da,
+                              const void *x, const void *dt_raw, const void *p, int N, int H,
+                              int P, int ldx, int ld, int off, int accum_x, int accum_dt,
+                              int dw_accum);
+    /* ssd_skip: out = y + D_h x (per head of P channels; x: the H*P columns at
+     * 0 of rows of ldx); y, out: (N, H*P); D: (H). dy (+)= dout. */
+    void (*ssd_skip_forward)(void *out, const void *y, const void *x, const void *D, int N,
+                             int H, int P, int ldx);
+    void (*ssd_skip_backward)(void *dy, void *dx, float *dD, const void *dout, const void *x,
+                              const void *D, int N, int H, int P, int ldx, int accum_y,
+                              int accum_x, int dw_accum);
+    /* gated_rmsnorm (transformers' Mamba2RMSNormGated): u = y silu(z), each
+     * group of Din/G channels RMS-normalised, times w. y, out: (N, Din); z:
+     * the Din columns at off of rows of ld; rstd: (N, G); w: (Din). */
+    void (*gated_rmsnorm_forward)(void *out, float *rstd, const void *y, const void *z,
+                                  const void *w, int N, int Din, int G, int ld, int off, float eps);
+    void (*gated_rmsnorm_backward)(void *dy, void *dz, float *dw, const void *dout, const void *y,
+                                   const void *z, const void *w, const float *rstd, int N, int Din,
+                                   int G, int ld, int off, int accum_y, int accum_z, int dw_accum);
+
+    /* Linear attention around the scan. linear_prep: p: (N, 3 H hd [+ H]) = [q |
+     * k | v | g] -> u: (N, 2 H hd + H dv) = [phi(q) | phi(k) | v heads, each with
+     * a 1 appended when normalize (dv = hd + 1; else hd)], phi by
+     * SJ_LINEAR_* (identity, elu + 1); a: (N, H) = log sigmoid(g), or NULL (no
+     * gate: p has no g). linear_norm: y: (N, H, hd + 1) -> out: (N, H hd) =
+     * y[..hd] / (y[hd] + eps). Backward: dp, dy (+)= with accum. */
+    void (*linear_prep_forward)(void *u, void *a, const void *p, int N, int H, int hd,
+                                int feature, int normalize);
+    void (*linear_prep_backward)(void *dp, const void *du, const void *da, const void *p, int N,
+                                 int H, int hd, int feature, int normalize, int accum);
+    void (*linear_norm_forward)(void *out, const void *y, int N, int H, int hd, float eps);
+    void (*linear_norm_backward)(void *dy, const void *dout, const void *y, int N, int H, int hd,
+                                 float eps, int accum);
 
     /* ---- device plumbing (trivial on the CPU) ---- */
     /* A context = a stream plus its scratch and GEMM workspace. bind() makes

@@ -6,12 +6,13 @@
  * start from random values that must survive with accumulate and be
  * overwritten without. */
 #include "../graph/tape.h"
+#include "../model/mamba2.h"
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { MAX_IN = 4, SAMPLES = 24 };
+enum { MAX_IN = 8, SAMPLES = 24 };
 
 typedef struct {
     const char *name;
@@ -158,6 +159,47 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         int yp = sj_op_moe_matmul(tp, sj_op_swiglu(tp, gu, N * E, Fe, SJ_FFN_SWIGLU),
                                   add_param(c, "w_down", E * C * Fe), rec, N, E, E, C, Fe);
         c->out = sj_op_moe_unpermute(tp, yp, w, rec, N, E, E, C);
+    } else if (!strcmp(op, "scan") || !strcmp(op, "scan_fused")) {
+        /* 4 heads of dv 2 over 2 groups of dk 3, chunks of 3 (not dividing T);
+         * scan: q and k in rows of 13 (k at 1, q at 7), v apart, a decay;
+         * fused: q, k and v slices of one row, no decay */
+        const int fused = !strcmp(op, "scan_fused");
+        sj_scan_dims d = { .B = B, .T = T, .H = 4, .G = 2, .dk = 3, .dv = 2, .ld_qk = 13,
+                           .q_off = 7, .k_off = 1, .ld_v = 8, .v_off = 0, .chunk = 3 };
+        if (fused) { d.ld_qk = d.ld_v = 20; d.q_off = 0; d.k_off = 6; d.v_off = 12; }
+        int qk = add_act(c, "qk", N * d.ld_qk);
+        int v = fused ? qk : add_act(c, "v", N * d.ld_v), a = fused ? -1 : add_act(c, "a", N * 4);
+        c->out = sj_op_scan(tp, qk, v, a, &d, 0.8f);
+    } else if (!strcmp(op, "conv1d_silu")) {   /* 5 channels at 2 of rows of 9, kernel 3 */
+        int x = add_act(c, "x", N * 9);
+        c->out = sj_op_conv1d_silu(tp, x, add_param(c, "w", 5 * 3), add_param(c, "b", 5), B, T, 9, 2, 5, 3);
+    } else if (!strcmp(op, "ssd_skip")) {   /* 2 heads of 3; x at 0 of rows of 8 */
+        int y = add_act(c, "y", N * 6), x = add_act(c, "xbc", N * 8);
+        c->out = sj_op_ssd_skip(tp, y, x, add_param(c, "D", 2), N, 2, 3, 8);
+    } else if (!strcmp(op, "gated_rmsnorm")) {   /* 2 groups of 3; z at 1 of rows of 9 */
+        int y = add_act(c, "y", N * 6), z = add_act(c, "z", N * 9);
+        c->out = sj_op_gated_rmsnorm(tp, y, z, add_param(c, "w", 6), N, 6, 2, 9, 1, 1e-5f);
+    } else if (!strcmp(op, "mamba2")) {
+        /* the whole mixer between the projections (ssd_prep's both outputs
+         * read by the scan; zx read by three ops, xbc by three): d_inner 4 =
+         * 2 heads of 2, 1 group of state 2, kernel 3: conv_dim 8, rows of 14 */
+        sj_config cfg = { .dim = 2, .norm_eps = 1e-5f,
+                          .ssm = { .d_state = 2, .d_conv = 3, .expand = 2, .head_dim = 2, .n_groups = 1,
+                                   .chunk_size = 3 } };
+        int zx = add_act(c, "zx", N * 14);
+        const sj_mamba2_params w = { add_param(c, "conv_w", 8 * 3), add_param(c, "conv_b", 8),
+                                     add_param(c, "dt", 4), add_param(c, "D", 2), add_param(c, "norm", 4) };
+        c->out = sj_mamba2_record(tp, &cfg, &w, zx, B, T);
+    } else if (!strncmp(op, "linear", 6)) {
+        /* linear attention between the projection and wo: 2 heads of 3, chunks
+         * of 2; linear: identity, none; linear_elu1_gated_norm: elu + 1 features,
+         * the log-sigmoid gate, normalised (prep's both outputs read by the scan) */
+        const int all = !strcmp(op, "linear_elu1_gated_norm");
+        sj_config cfg = { .dim = 6, .n_heads = 2, .norm_eps = 1e-5f,
+                          .linear = { .feature = all ? SJ_LINEAR_ELU1 : SJ_LINEAR_IDENTITY, .normalize = all,
+                                      .decay = all ? SJ_LINEAR_DECAY_GATED : SJ_LINEAR_DECAY_NONE,
+                                      .chunk_size = 2 } };
+        c->out = sj_linear_record(tp, &cfg, add_act(c, "p", N * (18 + (all ? 2 : 0))), B, T);
     } else if (!strcmp(op, "cross_entropy")) {
         int logits = add_act(c, "logits", N * 9);
         c->out = sj_op_cross_entropy(tp, logits, add_tokens(c, N, 9, 1, g), N, 9, -1);
@@ -166,7 +208,9 @@ static sj_status build(gc *c, const char *op, sj_rng *g) {
         return sj_fail(SJ_ERR_ARG, "gradcheck: unknown op '%s' (embedding, rmsnorm, qk_norm, qk_norm_plain, matmul, "
                        "matmul_add, matmul_rope, matmul_swiglu[_relu2], rope, rope_yarn, attention, attention_window, "
                        "swiglu[_relu2], add, axpy, pair_heads, mix, mix_shared_y, "
-                       "gather_rows, moe, moe_sigmoid, cross_entropy, mla_pack, head_slice)", op);
+                       "gather_rows, moe, moe_sigmoid, cross_entropy, mla_pack, head_slice, scan, "
+                       "scan_fused, conv1d_silu, ssd_skip, gated_rmsnorm, mamba2, linear, "
+                       "linear_elu1_gated_norm)", op);
     }
     return c->out < 0 ? SJ_ERR_NOMEM : SJ_OK;
 }
@@ -214,7 +258,7 @@ sj_status sj_op_gradcheck(const char *op, uint64_t seed, int accumulate, double 
         if (!c.params || !c.grads || !c.r) s = sj_fail(SJ_ERR_NOMEM, "gradcheck: out of memory");
     }
     /* norms: inputs of larger norm, gains away from zero */
-    const int norm = !strcmp(op, "rmsnorm") || !strncmp(op, "qk_norm", 7);
+    const int norm = !strcmp(op, "rmsnorm") || !strncmp(op, "qk_norm", 7) || !strcmp(op, "gated_rmsnorm");
     for (int k = 0; s == SJ_OK && k < c.n_in; k++) {
         gc_input *in = &c.in[k];
         in->host = in->is_param ? c.params + c.tp.t[in->id].offset : malloc(sizeof(float) * in->numel);

@@ -7,7 +7,7 @@
 #define NONE (-1)
 #define IN(...) ((const int[3]){__VA_ARGS__})
 #define OUT(...) ((const int[2]){__VA_ARGS__})
-#define DIM(...) ((const int[6]){__VA_ARGS__})
+#define DIM(...) ((const int[12]){__VA_ARGS__})
 
 const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     [SJ_OP_EMBEDDING] = {"embedding", 1u << 0, 0},
@@ -44,10 +44,21 @@ const sj_opinfo sj_ops[SJ_OP__COUNT] = {
     [SJ_OP_HEAD_SLICE] = {"head_slice", 0, 0},
     [SJ_OP_QK_NORM] = {"qk_norm", 1u << 0 | 1u << 1 | 1u << 2, 1u << 1, .out_on_in = 1u << 0,
                        .grad_on_dy = 1u << 0},
+    /* backward reads y: q . dq = y . dy gives the decays' gradient */
+    [SJ_OP_SCAN] = {"scan", 1u << 0 | 1u << 1 | 1u << 2, 1u << 0},
+    /* backward recomputes the pre-activation from x */
+    [SJ_OP_CONV1D_SILU] = {"conv1d_silu", 1u << 0 | 1u << 1 | 1u << 2, 0},
+    [SJ_OP_SSD_PREP] = {"ssd_prep", 1u << 0 | 1u << 1 | 1u << 2, 0},
+    /* out = y + D x in place over y; dy = dout shared */
+    [SJ_OP_SSD_SKIP] = {"ssd_skip", 1u << 1 | 1u << 2, 0, .out_on_in = 1u << 0,
+                        .grad_on_dy = 1u << 0},
+    [SJ_OP_GATED_RMSNORM] = {"gated_rmsnorm", 1u << 0 | 1u << 1 | 1u << 2, 1u << 1},
+    [SJ_OP_LINEAR_PREP] = {"linear_prep", 1u << 0, 0},
+    [SJ_OP_LINEAR_NORM] = {"linear_norm", 1u << 0, 0},
 };
 
 static int record(sj_tape *tp, sj_opcode op, const int in[3], int64_t n0, int64_t n1,
-                  int no_grad1, const int dim[6], float f) {
+                  int no_grad1, const int dim[12], float f) {
     for (int k = 0; k < 3; k++) if (in[k] < NONE) return -1;  /* failed upstream */
     int o0 = sj_tape_tensor(tp, SJ_T_ACT, n0), o1 = NONE;
     if (o0 < 0) return -1;
@@ -226,6 +237,50 @@ int sj_op_lm_head_ce(sj_tape *tp, int h, int w, int targets, int N, int V, int l
     return o;
 }
 
+// qk, v: rows holding q, k and v (d) ; a: (N, H) or -1 -> y: (N, H*dv)
+int sj_op_scan(sj_tape *tp, int qk, int v, int a, const sj_scan_dims *d, float scale) {
+    return record(tp, SJ_OP_SCAN, IN(qk, v, a), (int64_t)d->B * d->T * d->H * d->dv, 0, 0,
+                  DIM(d->B, d->T, d->H, d->G, d->dk, d->dv, d->ld_qk, d->q_off, d->k_off,
+                      d->ld_v, d->v_off, d->chunk), scale);
+}
+// x: rows of ld (W channels at off) -> (B*T, W)
+int sj_op_conv1d_silu(sj_tape *tp, int x, int w, int bias, int B, int T, int ld, int off,
+                      int W, int K) {
+    return record(tp, SJ_OP_CONV1D_SILU, IN(x, w, bias), (int64_t)B * T * W, 0, 0,
+                  DIM(B, T, ld, off, W, K), 0);
+}
+// -> v: (N, H*P), a: (N, H) (out[1], differentiable)
+int sj_op_ssd_prep(sj_tape *tp, int xbc, int zxbcdt, int p, int N, int H, int P, int ldx,
+                   int ld, int off, int *a) {
+    int o = record(tp, SJ_OP_SSD_PREP, IN(xbc, zxbcdt, p), (int64_t)N * H * P, (int64_t)N * H, 0,
+                   DIM(N, H, P, ldx, ld, off), 0);
+    *a = o >= 0 ? tp->nodes[tp->t[o].producer].out[1] : -2;   /* failed: not 'none' */
+    return o;
+}
+// y: (N, H*P) -> y + D_h x
+int sj_op_ssd_skip(sj_tape *tp, int y, int xbc, int D, int N, int H, int P, int ldx) {
+    return record(tp, SJ_OP_SSD_SKIP, IN(y, xbc, D), (int64_t)N * H * P, 0, 0, DIM(N, H, P, ldx), 0);
+}
+// y: (N, Din) -> (N, Din), rstd: (N, G)
+int sj_op_gated_rmsnorm(sj_tape *tp, int y, int z, int w, int N, int Din, int G, int ld, int off,
+                        float eps) {
+    return record(tp, SJ_OP_GATED_RMSNORM, IN(y, z, w), (int64_t)N * Din, (int64_t)N * G, 1,
+                  DIM(N, Din, G, ld, off), eps);
+}
+// p: (N, 3 H hd [+ H]) -> u: (N, 2 H hd + H (hd [+ 1])); a: (N, H) (out[1]) when gated
+int sj_op_linear_prep(sj_tape *tp, int p, int N, int H, int hd, int feature, int normalize, int *a) {
+    const int64_t ldu = 2 * (int64_t)H * hd + (int64_t)H * (hd + (normalize ? 1 : 0));
+    int o = record(tp, SJ_OP_LINEAR_PREP, IN(p, NONE, NONE), N * ldu, a ? (int64_t)N * H : 0, 0,
+                   DIM(N, H, hd, feature, normalize), 0);
+    if (a) *a = o >= 0 ? tp->nodes[tp->t[o].producer].out[1] : -2;   /* failed: not 'none' */
+    return o;
+}
+// y: (N, H, hd + 1) -> (N, H hd)
+int sj_op_linear_norm(sj_tape *tp, int y, int N, int H, int hd, float eps) {
+    return record(tp, SJ_OP_LINEAR_NORM, IN(y, NONE, NONE), (int64_t)N * H * hd, 0, 0,
+                  DIM(N, H, hd), eps);
+}
+
 #define P(id) sj_tape_ptr(tp, (id), params)
 #define G(id) sj_tape_ptr(tp, tp->t[id].grad, params)
 
@@ -368,6 +423,33 @@ void sj_op_forward(const sj_tape *tp, const sj_node *n, const sj_backend *be, vo
     case SJ_OP_MOE_UNPERMUTE:
         be->moe_unpermute_forward(P(out[0]), P(in[0]), P(in[1]), P(in[2]), d[0], d[1], d[2], d[3]);
         break;
+    case SJ_OP_SCAN: {
+        const sj_scan_dims sd = { d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9],
+                                  d[10], d[11] };
+        be->scan_forward(P(out[0]), P(in[0]), P(in[1]), OPT(in[2]), &sd, n->f);
+        break;
+    }
+    case SJ_OP_CONV1D_SILU:
+        be->conv1d_silu_forward(P(out[0]), P(in[0]), P(in[1]), P(in[2]), d[0], d[1], d[2], d[3],
+                                d[4], d[5]);
+        break;
+    case SJ_OP_SSD_PREP:
+        be->ssd_prep_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]), P(in[2]), d[0], d[1], d[2],
+                             d[3], d[4], d[5]);
+        break;
+    case SJ_OP_SSD_SKIP:
+        be->ssd_skip_forward(P(out[0]), P(in[0]), P(in[1]), P(in[2]), d[0], d[1], d[2], d[3]);
+        break;
+    case SJ_OP_GATED_RMSNORM:
+        be->gated_rmsnorm_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]), P(in[2]), d[0], d[1],
+                                  d[2], d[3], d[4], n->f);
+        break;
+    case SJ_OP_LINEAR_PREP:
+        be->linear_prep_forward(P(out[0]), OPT(out[1]), P(in[0]), d[0], d[1], d[2], d[3], d[4]);
+        break;
+    case SJ_OP_LINEAR_NORM:
+        be->linear_norm_forward(P(out[0]), P(in[0]), d[0], d[1], d[2], n->f);
+        break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_forward(P(out[0]), P(out[1]), P(in[0]), P(in[1]),
                                   tp->t[in[1]].dtype, d[0], d[1], d[1], d[2]);   /* packed: ld = V */
@@ -484,6 +566,43 @@ void sj_op_backward(const sj_tape *tp, const sj_node *n, const sj_backend *be,
     case SJ_OP_MOE_UNPERMUTE:
         be->moe_unpermute_backward(dx, in_grad(tp, n, 1, params), dy, P(in[0]), P(in[1]), P(in[2]),
                                    d[0], d[1], d[2], d[3], acc[0], acc[1]);
+        break;
+    case SJ_OP_SCAN: {
+        const sj_scan_dims sd = { d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9],
+                                  d[10], d[11] };
+        /* qk and v one tensor: the tape plans v's slices to add (acc[1]) */
+        be->scan_backward(dx, in_grad(tp, n, 1, params), in_grad(tp, n, 2, params), dy, P(in[0]),
+                          P(in[1]), OPT(in[2]), P(out[0]), &sd, n->f, acc[0], acc[1], acc[2]);
+        break;
+    }
+    case SJ_OP_CONV1D_SILU: {
+        float *dw = grads + tp->t[in[1]].offset, *db = grads + tp->t[in[2]].offset;
+        /* one dw_accum for both: one written first here starts from zeros */
+        if (acc[1] != acc[2]) be->fill(acc[1] ? db : dw, 0.0f, acc[1] ? d[4] : (int64_t)d[4] * d[5]);
+        be->conv1d_silu_backward(dx, dw, db, dy, P(in[0]), P(in[1]), P(in[2]), d[0], d[1], d[2],
+                                 d[3], d[4], d[5], acc[0], acc[1] || acc[2]);
+        break;
+    }
+    case SJ_OP_SSD_PREP:
+        be->ssd_prep_backward(dx, in_grad(tp, n, 1, params), grads + tp->t[in[2]].offset, dy,
+                              G(out[1]), P(in[0]), P(in[1]), P(in[2]), d[0], d[1], d[2], d[3],
+                              d[4], d[5], acc[0], acc[1], acc[2]);
+        break;
+    case SJ_OP_SSD_SKIP:
+        be->ssd_skip_backward(dx, in_grad(tp, n, 1, params), grads + tp->t[in[2]].offset, dy,
+                              P(in[1]), P(in[2]), d[0], d[1], d[2], d[3], acc[0], acc[1], acc[2]);
+        break;
+    case SJ_OP_GATED_RMSNORM:
+        be->gated_rmsnorm_backward(dx, in_grad(tp, n, 1, params), grads + tp->t[in[2]].offset, dy,
+                                   P(in[0]), P(in[1]), P(in[2]), P(out[1]), d[0], d[1], d[2], d[3],
+                                   d[4], acc[0], acc[1], acc[2]);
+        break;
+    case SJ_OP_LINEAR_PREP:
+        be->linear_prep_backward(dx, dy, out[1] >= 0 ? G(out[1]) : NULL, P(in[0]), d[0], d[1], d[2],
+                                 d[3], d[4], acc[0]);
+        break;
+    case SJ_OP_LINEAR_NORM:
+        be->linear_norm_backward(dx, dy, P(in[0]), d[0], d[1], d[2], n->f, acc[0]);
         break;
     case SJ_OP_CROSS_ENTROPY:
         be->cross_entropy_backward(dx, P(in[0]), P(out[1]), P(in[1]), tp->t[in[1]].dtype,

@@ -533,11 +533,11 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         (st = sj_backend_for(SJ_DEVICE_CUDA, !strcmp(dts, "fp32") ? SJ_F32 :
                              !strcmp(dts, "bf16") ? SJ_BF16 : SJ_F16, &be)))
         return sj_py_raise(st);
-    long long I[12] = {0};
+    long long I[16] = {0};
     double Fl[8] = {0};
     PyObject *si = PySequence_Fast(ints_o, "ints");
     if (!si) return NULL;
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(si) && i < 12; i++)
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(si) && i < 16; i++)
         I[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(si, i));
     const Py_ssize_t n_ints = PySequence_Fast_GET_SIZE(si);
     Py_DECREF(si);
@@ -604,6 +604,20 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         {"mla_pack_backward", {"dq", "dkv", "dkpe", "dout"}, "aaaa"},
         {"head_slice_forward", {"out", "in"}, "aa"},
         {"head_slice_backward", {"din", "dout"}, "aa"},
+        {"scan_forward", {"y", "qk", "v", "a"}, "aaaa"},
+        {"scan_backward", {"dqk", "dv", "da", "dy", "qk", "v", "a", "y"}, "aaaaaaaa"},
+        {"conv1d_silu_forward", {"out", "x", "w", "bias"}, "aaaa"},
+        {"conv1d_silu_backward", {"dx", "dw", "dbias", "dout", "x", "w", "bias"}, "affaaaa"},
+        {"ssd_prep_forward", {"v", "a", "x", "dt_raw", "p"}, "aaaaa"},
+        {"ssd_prep_backward", {"dx", "ddt_raw", "dp", "dv", "da", "x", "dt_raw", "p"}, "aafaaaaa"},
+        {"ssd_skip_forward", {"out", "y", "x", "D"}, "aaaa"},
+        {"ssd_skip_backward", {"dy", "dx", "dD", "dout", "x", "D"}, "aafaaa"},
+        {"gated_rmsnorm_forward", {"out", "rstd", "y", "z", "w"}, "afaaa"},
+        {"gated_rmsnorm_backward", {"dy", "dz", "dw", "dout", "y", "z", "w", "rstd"}, "aafaaaaf"},
+        {"linear_prep_forward", {"u", "a", "p"}, "aaa"},
+        {"linear_prep_backward", {"dp", "du", "da", "p"}, "aaaa"},
+        {"linear_norm_forward", {"out", "y"}, "aa"},
+        {"linear_norm_backward", {"dy", "dout", "y"}, "aaa"},
     };
     int k = -1, fused = 0;
     for (int i = 0; i < (int)(sizeof specs / sizeof specs[0]); i++)
@@ -757,6 +771,48 @@ static PyObject *py_cuda_op(PyObject *self, PyObject *args) {
         break;
     case 38: be->head_slice_forward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3]); break;   /* N, H, hd_in, hd_out */
     case 39: be->head_slice_backward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]); break;
+    case 40: case 41: {   /* ints: sj_scan_dims (12), no decay, accum qk, v, a; floats: scale */
+        const sj_scan_dims sd = { (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5],
+                                  (int)I[6], (int)I[7], (int)I[8], (int)I[9], (int)I[10], (int)I[11] };
+        if (k == 40) be->scan_forward(D(0), D(1), D(2), I[12] ? NULL : D(3), &sd, (float)Fl[0]);
+        else be->scan_backward(D(0), D(1), D(2), D(3), D(4), D(5), I[12] ? NULL : D(6), D(7), &sd,
+                               (float)Fl[0], (int)I[13], (int)I[14], (int)I[15]);
+        break;
+    }
+    case 42: be->conv1d_silu_forward(D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5]); break;
+    case 43: /* B, T, ld, off, W, K, accum, dw_accum */
+        be->conv1d_silu_backward(D(0), D(1), D(2), D(3), D(4), D(5), D(6), (int)I[0], (int)I[1], (int)I[2],
+                                 (int)I[3], (int)I[4], (int)I[5], (int)I[6], (int)I[7]);
+        break;
+    case 44: be->ssd_prep_forward(D(0), D(1), D(2), D(3), D(4), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4], (int)I[5]); break;
+    case 45: /* N, H, P, ldx, ld, off, accum_x, accum_dt, dw_accum */
+        be->ssd_prep_backward(D(0), D(1), D(2), D(3), D(4), D(5), D(6), D(7), (int)I[0], (int)I[1], (int)I[2],
+                              (int)I[3], (int)I[4], (int)I[5], (int)I[6], (int)I[7], (int)I[8]);
+        break;
+    case 46: be->ssd_skip_forward(D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3]); break;
+    case 47: /* N, H, P, ldx, accum_y, accum_x, dw_accum */
+        be->ssd_skip_backward(D(0), D(1), D(2), D(3), D(4), D(5), (int)I[0], (int)I[1], (int)I[2], (int)I[3],
+                              (int)I[4], (int)I[5], (int)I[6]);
+        break;
+    case 48: /* N, Din, G, ld, off; eps */
+        be->gated_rmsnorm_forward(D(0), D(1), D(2), D(3), D(4), (int)I[0], (int)I[1], (int)I[2], (int)I[3],
+                                  (int)I[4], (float)Fl[0]);
+        break;
+    case 49: /* N, Din, G, ld, off, accum_y, accum_z, dw_accum */
+        be->gated_rmsnorm_backward(D(0), D(1), D(2), D(3), D(4), D(5), D(6), D(7), (int)I[0], (int)I[1],
+                                   (int)I[2], (int)I[3], (int)I[4], (int)I[5], (int)I[6], (int)I[7]);
+        break;
+    case 50: /* N, H, hd, feature, normalize; a: the gate (always given) */
+        be->linear_prep_forward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4]);
+        break;
+    case 51: /* N, H, hd, feature, normalize, accum */
+        be->linear_prep_backward(D(0), D(1), D(2), D(3), (int)I[0], (int)I[1], (int)I[2], (int)I[3], (int)I[4],
+                                 (int)I[5]);
+        break;
+    case 52: be->linear_norm_forward(D(0), D(1), (int)I[0], (int)I[1], (int)I[2], (float)Fl[0]); break;
+    case 53: /* N, H, hd, accum; eps */
+        be->linear_norm_backward(D(0), D(1), D(2), (int)I[0], (int)I[1], (int)I[2], (float)Fl[0], (int)I[3]);
+        break;
     }
     }
     if (timer) ms = htimer_end(timer) / reps;

@@ -131,6 +131,20 @@ PyObject *sj_py_config_to_dict(const sj_config *c) {
                         "qk_rope_head_dim", a->qk_rope_head_dim, "v_head_dim", a->v_head_dim);
     if (!mla || PyDict_SetItemString(d, "mla", mla)) { Py_XDECREF(mla); Py_DECREF(d); return NULL; }
     Py_DECREF(mla);
+    const sj_ssm_config *m = &c->ssm;
+    PyObject *ssm = !m->d_state ? (Py_INCREF(Py_None), Py_None)
+        : Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i}", "d_state", m->d_state, "d_conv", m->d_conv,
+                        "expand", m->expand, "head_dim", m->head_dim, "n_groups", m->n_groups,
+                        "chunk_size", m->chunk_size);
+    if (!ssm || PyDict_SetItemString(d, "ssm", ssm)) { Py_XDECREF(ssm); Py_DECREF(d); return NULL; }
+    Py_DECREF(ssm);
+    const sj_linear_config *la = &c->linear;
+    PyObject *lin = !la->chunk_size ? (Py_INCREF(Py_None), Py_None)
+        : Py_BuildValue("{s:s,s:O,s:s,s:i}", "feature", sj_linear_feature_name(la->feature),
+                        "normalize", la->normalize ? Py_True : Py_False, "decay",
+                        sj_linear_decay_name(la->decay), "chunk_size", la->chunk_size);
+    if (!lin || PyDict_SetItemString(d, "linear", lin)) { Py_XDECREF(lin); Py_DECREF(d); return NULL; }
+    Py_DECREF(lin);
     return d;
 }
 
@@ -347,10 +361,92 @@ static int mla_from(PyObject *d, sj_config *c) {
     return 0;
 }
 
+/* The ssm field (Mamba-2 layers): None, or a dict of its fields; the
+ * canonical form has every field (defaults: mamba_ssm's) wherever a layer is
+ * a Mamba-2 mixer or the dict is given, else none. */
+static int ssm_from(PyObject *d, sj_config *c) {
+    PyObject *r = PyDict_GetItemString(d, "ssm");
+    int used = 0;
+    for (int l = 0; l < c->n_layers; l++) used |= c->layers[l].mixer == SJ_MIXER_MAMBA2;
+    if ((!r || r == Py_None) && !used) return 0;
+    if (r && r != Py_None && !PyDict_Check(r)) {
+        PyErr_SetString(PyExc_TypeError, "config 'ssm' must be a dict or None");
+        return -1;
+    }
+    static const char *const known[] = { "d_state", "d_conv", "expand", "head_dim", "n_groups",
+                                         "chunk_size" };
+    sj_ssm_config *m = &c->ssm;
+    *m = (sj_ssm_config){ .d_state = 128, .d_conv = 4, .expand = 2, .head_dim = 64, .n_groups = 1,
+                          .chunk_size = 64 };
+    int *const fields[] = { &m->d_state, &m->d_conv, &m->expand, &m->head_dim, &m->n_groups,
+                            &m->chunk_size };
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (r && r != Py_None && PyDict_Next(r, &pos, &k, &v)) {
+        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
+        int f = -1;
+        for (int i = 0; s && i < 6; i++) if (!strcmp(s, known[i])) f = i;
+        if (f < 0) {
+            PyErr_Format(PyExc_ValueError, "config 'ssm' has field %R that this build of smedjan "
+                         "does not know (it knows d_state, d_conv, expand, head_dim, n_groups, "
+                         "chunk_size)", k);
+            return -1;
+        }
+        char key[32];
+        snprintf(key, sizeof key, "ssm.%s", known[f]);
+        if (get_int(v, key, fields[f])) return -1;
+    }
+    return 0;
+}
+
+/* The linear field (linear attention layers): None, or a dict; canonical
+ * (every field, defaults: identity, not normalised, no decay, chunks of 64)
+ * wherever a layer is a linear mixer or the dict is given. */
+static int linear_from(PyObject *d, sj_config *c) {
+    PyObject *r = PyDict_GetItemString(d, "linear");
+    int used = 0;
+    for (int l = 0; l < c->n_layers; l++) used |= c->layers[l].mixer == SJ_MIXER_LINEAR;
+    if ((!r || r == Py_None) && !used) return 0;
+    c->linear = (sj_linear_config){ .chunk_size = 64 };
+    if (!r || r == Py_None) return 0;
+    if (!PyDict_Check(r)) {
+        PyErr_SetString(PyExc_TypeError, "config 'linear' must be a dict or None");
+        return -1;
+    }
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(r, &pos, &k, &v)) {
+        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
+        const char *(*names)(int) = !s ? NULL : !strcmp(s, "feature") ? sj_linear_feature_name
+                                  : !strcmp(s, "decay") ? sj_linear_decay_name : NULL;
+        if (names) {
+            const char *val = PyUnicode_Check(v) ? PyUnicode_AsUTF8(v) : NULL;
+            const int kind = val ? sj_option_value(names, val) : -1;
+            if (kind < 0) {
+                PyErr_Format(PyExc_ValueError, "config 'linear.%s' %R is unknown (this build knows %s)",
+                             s, v, names == sj_linear_decay_name ? "none, gated" : "identity, elu1");
+                return -1;
+            }
+            if (names == sj_linear_decay_name) c->linear.decay = kind; else c->linear.feature = kind;
+        } else if (s && !strcmp(s, "normalize")) {
+            const int t = PyObject_IsTrue(v);
+            if (t < 0) return -1;
+            c->linear.normalize = t;
+        } else if (s && !strcmp(s, "chunk_size")) {
+            if (get_int(v, "linear.chunk_size", &c->linear.chunk_size)) return -1;
+        } else {
+            PyErr_Format(PyExc_ValueError, "config 'linear' has field %R that this build of smedjan "
+                         "does not know (it knows feature, normalize, decay, chunk_size)", k);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static const char *const config_keys[] = {
     "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len",
     "rope_theta", "norm_eps", "rope_scaling", "tied_head", "paired_heads", "value_mix",
-    "embed_skip", "mixer", "ffn", "qk_norm", "window", "moe", "mla",
+    "embed_skip", "mixer", "ffn", "qk_norm", "window", "moe", "mla", "ssm", "linear",
 };
 
 int sj_py_config_from_dict(PyObject *d, sj_config *c) {
@@ -386,7 +482,7 @@ int sj_py_config_from_dict(PyObject *d, sj_config *c) {
     }
     for (int f = 0; f < 4; f++)
         if (layer_from(d, c, f)) return -1;
-    if (mla_from(d, c)) return -1;
+    if (mla_from(d, c) || ssm_from(d, c) || linear_from(d, c)) return -1;
     sj_status s = sj_config_validate(c);
     if (s) { sj_py_raise(s); return -1; }
     return 0;
