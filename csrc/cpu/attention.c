@@ -8,18 +8,6 @@
 #include <math.h>
 #include <string.h>
 
-static inline float dot(const float *a, const float *b, int n) {
-    float s = 0.f;
-#pragma omp simd reduction(+:s)
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-static inline void axpy(float *y, float a, const float *x, int n) {
-#pragma omp simd
-    for (int i = 0; i < n; i++) y[i] += a * x[i];
-}
-
 typedef struct {
     float *out, *lse, *dqkv; const float *qkv, *dout, *o;
     int B, T, H, KV, hd, window, accum;
@@ -46,7 +34,7 @@ static void fwd_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
         const float *v0 = base + (int64_t)s0 * rs + (H + j->KV + h / grp) * hd;
         float m = -INFINITY;
         for (int s = 0; s < n; s++) {
-            sc[s] = scale * dot(q, k0 + (int64_t)s * rs, hd);
+            sc[s] = scale * sj_dot(q, k0 + (int64_t)s * rs, hd);
             m = sc[s] > m ? sc[s] : m;
         }
         float sum = 0.f;
@@ -54,7 +42,7 @@ static void fwd_rows(void *ctx, int64_t i0, int64_t i1, int tid) {
         float *o = j->out + ((int64_t)b * T + t) * H * hd + h * hd;
         memset(o, 0, sizeof(float) * hd);
         float inv = 1.0f / sum;
-        for (int s = 0; s < n; s++) axpy(o, sc[s] * inv, v0 + (int64_t)s * rs, hd);
+        for (int s = 0; s < n; s++) sj_axpy(o, sc[s] * inv, v0 + (int64_t)s * rs, hd);
         j->lse[((int64_t)b * H + h) * T + t] = m + logf(sum);
     }
 }
@@ -90,15 +78,15 @@ static void bwd_groups(void *ctx, int64_t i0, int64_t i1, int tid) {
                 const float *q = base + (int64_t)t * rs + h * hd;
                 const float *go = j->dout + ((int64_t)b * T + t) * H * hd + h * hd;
                 const float *o = j->o + ((int64_t)b * T + t) * H * hd + h * hd;
-                float lse = j->lse[((int64_t)b * H + h) * T + t], D = dot(go, o, hd);
+                float lse = j->lse[((int64_t)b * H + h) * T + t], D = sj_dot(go, o, hd);
                 memset(dq, 0, sizeof dq);
                 for (int s = first_key(t, j->window); s <= t; s++) {
                     const float *k = k0 + (int64_t)s * rs, *v = v0 + (int64_t)s * rs;
-                    float pr = expf(scale * dot(q, k, hd) - lse);
-                    float ds = pr * (dot(go, v, hd) - D) * scale;
-                    axpy(dq, ds, k, hd);
-                    axpy(dk0 + (int64_t)s * rs, ds, q, hd);
-                    axpy(dv0 + (int64_t)s * rs, pr, go, hd);
+                    float pr = expf(scale * sj_dot(q, k, hd) - lse);
+                    float ds = pr * (sj_dot(go, v, hd) - D) * scale;
+                    sj_axpy(dq, ds, k, hd);
+                    sj_axpy(dk0 + (int64_t)s * rs, ds, q, hd);
+                    sj_axpy(dv0 + (int64_t)s * rs, pr, go, hd);
                 }
                 float *dqd = dbase + (int64_t)t * rs + h * hd;
                 for (int d = 0; d < hd; d++) dqd[d] = j->accum ? dqd[d] + dq[d] : dq[d];

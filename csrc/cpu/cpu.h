@@ -173,6 +173,20 @@ float sj_cpu_clip_scale(const sj_optim_hp *hp, int *update);
  * elements; a q8 range starts on a block): load a block of state as f32,
  * update it, store it back. f32 state is updated in place (store: nothing
  * to do); bf16 and q8 are decoded into buf and coded back. */
+/* The small vector loops the kernels share (the compiler vectorises them
+ * for each ISA level). */
+static inline float sj_dot(const float *a, const float *b, int n) {
+    float s = 0.f;
+#pragma omp simd reduction(+:s)
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void sj_axpy(float *y, float a, const float *x, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
 static inline const float *sj_q8_map(int is_signed) {
     static const float map_signed[256] = SJ_Q8_SIGNED_MAP, map_unsigned[256] = SJ_Q8_UNSIGNED_MAP;
     return is_signed ? map_signed : map_unsigned;

@@ -17,18 +17,6 @@ typedef struct {
     int accum_a;
 } scan_job;
 
-static inline float dot(const float *a, const float *b, int n) {
-    float s = 0.f;
-#pragma omp simd reduction(+:s)
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-static inline void axpy(float *y, float a, const float *x, int n) {
-#pragma omp simd
-    for (int i = 0; i < n; i++) y[i] += a * x[i];
-}
-
 /* Row pointers of token t (within sequence b) for head h. */
 #define QROW(j, b, t, g) ((j)->qk + ((int64_t)(b) * (j)->d.T + (t)) * (j)->d.ld_qk + (j)->d.q_off + (int64_t)(g) * (j)->d.dk)
 #define KROW(j, b, t, g) ((j)->qk + ((int64_t)(b) * (j)->d.T + (t)) * (j)->d.ld_qk + (j)->d.k_off + (int64_t)(g) * (j)->d.dk)
@@ -58,11 +46,11 @@ static void fwd_heads(void *ctx, int64_t i0, int64_t i1, int tid) {
                 const float *q = QROW(j, b, c0 + t, g);
                 float *y = j->y + ((int64_t)b * T + c0 + t) * H * dv + (int64_t)h * dv;
                 memset(y, 0, sizeof(float) * dv);
-                for (int e = 0; e < dk; e++) axpy(y, q[e], S + (int64_t)e * dv, dv);
+                for (int e = 0; e < dk; e++) sj_axpy(y, q[e], S + (int64_t)e * dv, dv);
                 const float inter = expf(cum[t]);
                 for (int e = 0; e < dv; e++) y[e] *= inter;
                 for (int s = 0; s <= t; s++)
-                    axpy(y, expf(cum[t] - cum[s]) * dot(q, KROW(j, b, c0 + s, g), dk),
+                    sj_axpy(y, expf(cum[t] - cum[s]) * sj_dot(q, KROW(j, b, c0 + s, g), dk),
                          VROW(j, b, c0 + s, h), dv);
                 for (int e = 0; e < dv; e++) y[e] *= j->scale;
             }
@@ -72,7 +60,7 @@ static void fwd_heads(void *ctx, int64_t i0, int64_t i1, int tid) {
             for (int s = 0; s < n; s++) {
                 const float *k = KROW(j, b, c0 + s, g), *v = VROW(j, b, c0 + s, h);
                 const float w = expf(cum[n - 1] - cum[s]);
-                for (int e = 0; e < dk; e++) axpy(S + (int64_t)e * dv, w * k[e], v, dv);
+                for (int e = 0; e < dk; e++) sj_axpy(S + (int64_t)e * dv, w * k[e], v, dv);
             }
         }
     }
@@ -107,19 +95,19 @@ static void bwd_head(const scan_job *j, int b, int h, float *S, float *cum, floa
         for (int t = 0; t < n; t++) {
             const float *dy = DY(c0 + t);
             const float inter = expf(cum[t]);
-            for (int e = 0; e < dk; e++) gq[e] = inter * dot(S + (int64_t)e * dv, dy, dv);
+            for (int e = 0; e < dk; e++) gq[e] = inter * sj_dot(S + (int64_t)e * dv, dy, dv);
             for (int s = 0; s <= t; s++)
-                axpy(gq, expf(cum[t] - cum[s]) * dot(dy, VROW(j, b, c0 + s, h), dv),
+                sj_axpy(gq, expf(cum[t] - cum[s]) * sj_dot(dy, VROW(j, b, c0 + s, h), dv),
                      KROW(j, b, c0 + s, g), dk);
             for (int e = 0; e < dk; e++) gq[e] *= j->scale;
-            if (j->dqk) axpy(DQ(c0 + t), 1.0f, gq, dk);
+            if (j->dqk) sj_axpy(DQ(c0 + t), 1.0f, gq, dk);
         }
         const float keep = expf(cum[n - 1]);
         for (int e = 0; e < dk * dv; e++) S[e] *= keep;
         for (int s = 0; s < n; s++) {
             const float *k = KROW(j, b, c0 + s, g), *v = VROW(j, b, c0 + s, h);
             const float w = expf(cum[n - 1] - cum[s]);
-            for (int e = 0; e < dk; e++) axpy(S + (int64_t)e * dv, w * k[e], v, dv);
+            for (int e = 0; e < dk; e++) sj_axpy(S + (int64_t)e * dv, w * k[e], v, dv);
         }
     }
     float *R = S, gv[dv];
@@ -130,23 +118,23 @@ static void bwd_head(const scan_job *j, int b, int h, float *S, float *cum, floa
         for (int s = 0; s < n; s++) {
             const float *k = KROW(j, b, c0 + s, g), *v = VROW(j, b, c0 + s, h);
             const float later = expf(cum[n - 1] - cum[s]);
-            for (int e = 0; e < dk; e++) gq[e] = later * dot(R + (int64_t)e * dv, v, dv);
+            for (int e = 0; e < dk; e++) gq[e] = later * sj_dot(R + (int64_t)e * dv, v, dv);
             memset(gv, 0, sizeof gv);
-            for (int e = 0; e < dk; e++) axpy(gv, later * k[e], R + (int64_t)e * dv, dv);
+            for (int e = 0; e < dk; e++) sj_axpy(gv, later * k[e], R + (int64_t)e * dv, dv);
             for (int t = s; t < n; t++) {
                 const float *q = QROW(j, b, c0 + t, g), *dy = DY(c0 + t);
                 const float w = expf(cum[t] - cum[s]);
-                axpy(gq, w * dot(dy, v, dv), q, dk);
-                axpy(gv, w * dot(q, k, dk), dy, dv);
+                sj_axpy(gq, w * sj_dot(dy, v, dv), q, dk);
+                sj_axpy(gv, w * sj_dot(q, k, dk), dy, dv);
             }
             for (int e = 0; e < dk; e++) gq[e] *= j->scale;
-            if (j->dqk) axpy(DK(c0 + s), 1.0f, gq, dk);
-            kdk[s] = dot(k, gq, dk);
-            if (j->dv) axpy(DV(c0 + s), j->scale, gv, dv);
+            if (j->dqk) sj_axpy(DK(c0 + s), 1.0f, gq, dk);
+            kdk[s] = sj_dot(k, gq, dk);
+            if (j->dv) sj_axpy(DV(c0 + s), j->scale, gv, dv);
         }
         for (int s = n - 1; da && s >= 0; s--) {
             const int64_t at = (row0 + c0 + s) * H * dv + (int64_t)h * dv;
-            later_dc += dot(j->yf + at, j->dy + at, dv) - kdk[s];
+            later_dc += sj_dot(j->yf + at, j->dy + at, dv) - kdk[s];
             da[(int64_t)(c0 + s) * H] = (j->accum_a ? da[(int64_t)(c0 + s) * H] : 0.f) + later_dc;
         }
         /* R_{c0-1} = exp(cum_end) R + sum_t exp(cum_t) q_t dy_t^T */
@@ -155,7 +143,7 @@ static void bwd_head(const scan_job *j, int b, int h, float *S, float *cum, floa
         for (int t = 0; t < n; t++) {
             const float *q = QROW(j, b, c0 + t, g), *dy = DY(c0 + t);
             const float w = expf(cum[t]);
-            for (int e = 0; e < dk; e++) axpy(R + (int64_t)e * dv, w * q[e], dy, dv);
+            for (int e = 0; e < dk; e++) sj_axpy(R + (int64_t)e * dv, w * q[e], dy, dv);
         }
     }
     #undef DY

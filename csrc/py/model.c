@@ -198,6 +198,37 @@ static int opt_bool(PyObject *d, const char *key, int *out) {
     return 0;
 }
 
+/* 0 when every key of the dict r is one of known[0..n); else ValueError
+ * naming the config field, the key and the keys this build knows. */
+static int known_keys(PyObject *r, const char *field, const char *const *known, int n) {
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(r, &pos, &k, &v)) {
+        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
+        int i = 0;
+        while (s && i < n && strcmp(s, known[i])) i++;
+        if (s && i < n) continue;
+        char list[512] = "";
+        for (int j = 0; j < n; j++) {
+            strncat(list, j ? ", " : "", sizeof list - strlen(list) - 1);
+            strncat(list, known[j], sizeof list - strlen(list) - 1);
+        }
+        PyErr_Format(PyExc_ValueError, "config '%s' has field %R that this build of smedjan does "
+                     "not know (it knows %s)", field, k, list);
+        return -1;
+    }
+    return 0;
+}
+
+/* d[key] into *out when present and not None; errors name field.key. */
+static int opt_int(PyObject *d, const char *field, const char *key, int *out) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v || v == Py_None) return 0;
+    char label[64];
+    snprintf(label, sizeof label, "%s.%s", field, key);
+    return get_int(v, label, out);
+}
+
 /* One layer's value of a per-layer field: a name of `names` or an int. */
 static int layer_value(PyObject *v, const char *key, int l, const char *(*names)(int), int *out) {
     if (!names) return get_int(v, key, out);
@@ -248,19 +279,7 @@ static int rope_scaling_from(PyObject *d, sj_config *c) {
     }
     static const char *const known[] = { "type", "factor", "original_max_seq_len", "beta_fast",
                                          "beta_slow", "attention_factor", "truncate" };
-    PyObject *k, *v;
-    Py_ssize_t pos = 0;
-    while (PyDict_Next(r, &pos, &k, &v)) {
-        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
-        int ok = 0;
-        for (size_t i = 0; s && i < sizeof known / sizeof known[0]; i++) ok |= !strcmp(s, known[i]);
-        if (!ok) {
-            PyErr_Format(PyExc_ValueError, "config 'rope_scaling' has field %R that this build of "
-                         "smedjan does not know (it knows type, factor, original_max_seq_len, "
-                         "beta_fast, beta_slow, attention_factor, truncate)", k);
-            return -1;
-        }
-    }
+    if (known_keys(r, "rope_scaling", known, 7)) return -1;
     sj_rope_scaling *rs = &c->rope_scaling;
     *rs = (sj_rope_scaling){ .beta_fast = 32, .beta_slow = 1, .truncate = 1 };
     PyObject *t = PyDict_GetItemString(r, "type");
@@ -270,9 +289,7 @@ static int rope_scaling_from(PyObject *d, sj_config *c) {
                      "default, linear, dynamic, yarn)", t ? t : Py_None);
         return -1;
     }
-    PyObject *o = PyDict_GetItemString(r, "original_max_seq_len");
-    if (o && o != Py_None && get_int(o, "rope_scaling.original_max_seq_len", &rs->original_max_seq_len))
-        return -1;
+    if (opt_int(r, "rope_scaling", "original_max_seq_len", &rs->original_max_seq_len)) return -1;
     return opt_float(r, "factor", &rs->factor) || opt_float(r, "beta_fast", &rs->beta_fast) ||
            opt_float(r, "beta_slow", &rs->beta_slow) ||
            opt_float(r, "attention_factor", &rs->attention_factor) ||
@@ -291,26 +308,11 @@ static int moe_from(PyObject *d, sj_config *c) {
     }
     static const char *const known[] = { "n_experts", "top_k", "expert_dim", "n_shared", "router",
                                          "norm_topk", "aux_loss", "z_loss", "bias_update_rate" };
-    PyObject *k, *v;
-    Py_ssize_t pos = 0;
-    while (PyDict_Next(r, &pos, &k, &v)) {
-        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
-        int ok = 0;
-        for (size_t i = 0; s && i < sizeof known / sizeof known[0]; i++) ok |= !strcmp(s, known[i]);
-        if (!ok) {
-            PyErr_Format(PyExc_ValueError, "config 'moe' has field %R that this build of smedjan "
-                         "does not know (it knows n_experts, top_k, expert_dim, n_shared, router, "
-                         "norm_topk, aux_loss, z_loss, bias_update_rate)", k);
-            return -1;
-        }
-    }
+    if (known_keys(r, "moe", known, 9)) return -1;
     sj_moe_config *e = &c->moe;
-    static const char *const ints[] = { "moe.n_experts", "moe.top_k", "moe.expert_dim", "moe.n_shared" };
-    int *const dst[] = { &e->n_experts, &e->top_k, &e->expert_dim, &e->n_shared };
-    for (int i = 0; i < 4; i++) {
-        PyObject *o = PyDict_GetItemString(r, ints[i] + 4);
-        if (o && o != Py_None && get_int(o, ints[i], dst[i])) return -1;
-    }
+    int *const ints[] = { &e->n_experts, &e->top_k, &e->expert_dim, &e->n_shared };
+    for (int i = 0; i < 4; i++)   /* known's first four */
+        if (opt_int(r, "moe", known[i], ints[i])) return -1;
     PyObject *t = PyDict_GetItemString(r, "router");
     if (t && t != Py_None) {
         const char *ts = PyUnicode_Check(t) ? PyUnicode_AsUTF8(t) : NULL;
@@ -342,22 +344,9 @@ static int mla_from(PyObject *d, sj_config *c) {
         PyErr_SetString(PyExc_TypeError, "config 'mla' must be a dict or None");
         return -1;
     }
-    PyObject *k, *v;
-    Py_ssize_t pos = 0;
-    while (PyDict_Next(r, &pos, &k, &v)) {
-        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
-        size_t i = 0;
-        while (s && i < sizeof known / sizeof known[0] && strcmp(s, known[i])) i++;
-        if (!s || i == sizeof known / sizeof known[0]) {
-            PyErr_Format(PyExc_ValueError, "config 'mla' has field %R that this build of smedjan "
-                         "does not know (it knows q_lora_rank, kv_lora_rank, qk_nope_head_dim, "
-                         "qk_rope_head_dim, v_head_dim)", k);
-            return -1;
-        }
-        char key[48];
-        snprintf(key, sizeof key, "mla.%s", s);
-        if (get_int(v, key, fields[i])) return -1;
-    }
+    if (known_keys(r, "mla", known, 5)) return -1;
+    for (int i = 0; i < 5; i++)
+        if (opt_int(r, "mla", known[i], fields[i])) return -1;
     return 0;
 }
 
@@ -380,22 +369,10 @@ static int ssm_from(PyObject *d, sj_config *c) {
                           .chunk_size = 64 };
     int *const fields[] = { &m->d_state, &m->d_conv, &m->expand, &m->head_dim, &m->n_groups,
                             &m->chunk_size };
-    PyObject *k, *v;
-    Py_ssize_t pos = 0;
-    while (r && r != Py_None && PyDict_Next(r, &pos, &k, &v)) {
-        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
-        int f = -1;
-        for (int i = 0; s && i < 6; i++) if (!strcmp(s, known[i])) f = i;
-        if (f < 0) {
-            PyErr_Format(PyExc_ValueError, "config 'ssm' has field %R that this build of smedjan "
-                         "does not know (it knows d_state, d_conv, expand, head_dim, n_groups, "
-                         "chunk_size)", k);
-            return -1;
-        }
-        char key[32];
-        snprintf(key, sizeof key, "ssm.%s", known[f]);
-        if (get_int(v, key, fields[f])) return -1;
-    }
+    if (!r || r == Py_None) return 0;
+    if (known_keys(r, "ssm", known, 6)) return -1;
+    for (int i = 0; i < 6; i++)
+        if (opt_int(r, "ssm", known[i], fields[i])) return -1;
     return 0;
 }
 
@@ -413,34 +390,22 @@ static int linear_from(PyObject *d, sj_config *c) {
         PyErr_SetString(PyExc_TypeError, "config 'linear' must be a dict or None");
         return -1;
     }
-    PyObject *k, *v;
-    Py_ssize_t pos = 0;
-    while (PyDict_Next(r, &pos, &k, &v)) {
-        const char *s = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
-        const char *(*names)(int) = !s ? NULL : !strcmp(s, "feature") ? sj_linear_feature_name
-                                  : !strcmp(s, "decay") ? sj_linear_decay_name : NULL;
-        if (names) {
-            const char *val = PyUnicode_Check(v) ? PyUnicode_AsUTF8(v) : NULL;
-            const int kind = val ? sj_option_value(names, val) : -1;
-            if (kind < 0) {
-                PyErr_Format(PyExc_ValueError, "config 'linear.%s' %R is unknown (this build knows %s)",
-                             s, v, names == sj_linear_decay_name ? "none, gated" : "identity, elu1");
-                return -1;
-            }
-            if (names == sj_linear_decay_name) c->linear.decay = kind; else c->linear.feature = kind;
-        } else if (s && !strcmp(s, "normalize")) {
-            const int t = PyObject_IsTrue(v);
-            if (t < 0) return -1;
-            c->linear.normalize = t;
-        } else if (s && !strcmp(s, "chunk_size")) {
-            if (get_int(v, "linear.chunk_size", &c->linear.chunk_size)) return -1;
-        } else {
-            PyErr_Format(PyExc_ValueError, "config 'linear' has field %R that this build of smedjan "
-                         "does not know (it knows feature, normalize, decay, chunk_size)", k);
+    static const char *const known[] = { "feature", "normalize", "decay", "chunk_size" };
+    if (known_keys(r, "linear", known, 4)) return -1;
+    static const char *(*const names[2])(int) = { sj_linear_feature_name, sj_linear_decay_name };
+    int *const kinds[2] = { &c->linear.feature, &c->linear.decay };
+    for (int i = 0; i < 2; i++) {
+        PyObject *v = PyDict_GetItemString(r, i ? "decay" : "feature");
+        if (!v || v == Py_None) continue;
+        const char *val = PyUnicode_Check(v) ? PyUnicode_AsUTF8(v) : NULL;
+        if (!val || (*kinds[i] = sj_option_value(names[i], val)) < 0) {
+            PyErr_Format(PyExc_ValueError, "config 'linear.%s' %R is unknown (this build knows %s)",
+                         i ? "decay" : "feature", v, i ? "none, gated" : "identity, elu1");
             return -1;
         }
     }
-    return 0;
+    return opt_bool(r, "normalize", &c->linear.normalize) ||
+           opt_int(r, "linear", "chunk_size", &c->linear.chunk_size) ? -1 : 0;
 }
 
 static const char *const config_keys[] = {
