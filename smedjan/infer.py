@@ -430,6 +430,9 @@ def _draft_model(draft, target: InferenceModel) -> InferenceModel:
     """The draft in the inference engine, on the target's device and in its
     mode: an InferenceModel as it is, a smedjan Model copied, a path loaded
     (.gguf, else a smedjan checkpoint)."""
+    if draft is target:
+        raise ValueError("the draft is the target's own InferenceModel: a draft needs its own KV "
+                         "cache (pass the smedjan Model, or a second InferenceModel of it)")
     if isinstance(draft, InferenceModel):
         d = draft
     elif isinstance(draft, (str, os.PathLike)):
@@ -450,6 +453,25 @@ def _draft_model(draft, target: InferenceModel) -> InferenceModel:
     if d.device != target.device:
         raise ValueError(f"the draft runs on {d.device} but the target on {target.device}")
     return d
+
+
+def lookup_proposals(context, n: int, k: int) -> list:
+    """Prompt lookup's proposals: the up to k tokens that followed the last
+    earlier occurrence of the context's final n-gram, for the longest n of
+    n..1 that occurred before ([] when none did).
+
+    >>> lookup_proposals([1, 2, 3, 9, 1, 2, 3], 3, 2)
+    [9, 1]
+    """
+    hist = np.asarray(context, np.int32)
+    L = hist.size
+    for m in range(min(n, L - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(hist[:L - 1], m)
+        hits = np.flatnonzero((windows == hist[L - m:]).all(1))
+        if hits.size:
+            s = int(hits[-1]) + m
+            return [int(t) for t in hist[s:s + k]]
+    return []
 
 
 class _Speculator:
@@ -507,22 +529,10 @@ class _Speculator:
         return self.sampler.sample(np.ascontiguousarray(logits[:self.n_emit]), temp, k, p, pen,
                                    history if pen != 1.0 else None)
 
-    def _lookup(self, hist, k):
-        """The up to k tokens after the last earlier occurrence of the
-        context's longest suffix of N..1 tokens that occurred before."""
-        L = hist.size
-        for n in range(min(self.lookup, L - 1), 0, -1):
-            windows = np.lib.stride_tricks.sliding_window_view(hist[:L - 1], n)
-            hits = np.flatnonzero((windows == hist[L - n:]).all(1))
-            if hits.size:
-                s = int(hits[-1]) + n
-                return [int(t) for t in hist[s:s + k]]
-        return []
-
     def _propose(self, hist, k):
         """Proposals and their draft distributions (None: prompt lookup's one-hot)."""
         if self.draft is None:
-            return self._lookup(hist, k), None
+            return lookup_proposals(hist, self.lookup, k), None
         d = self.draft
         k = min(k, d.max_ctx - 1)
         if k <= 0:
