@@ -181,7 +181,6 @@ def chi_square_bound(df, z=3.89):
 
 def exact_first_tokens(m, prompt, n, params):
     """The probability of every sequence of n first tokens under plain sampling."""
-    V = m.config.vocab_size
     dist = {(): 1.0}
     for _ in range(n):
         nxt = {}
@@ -274,3 +273,21 @@ def test_bad_speculation_arguments_are_refused_by_name(target, other_draft):
         target.generate([1], 4, draft=3.5)
     with pytest.raises(ValueError, match="needs its own KV cache"):
         target.generate([1], 4, draft=target)
+
+
+def test_the_cli_prints_plain_greedy_output_and_the_acceptance(tmp_path, capsys):
+    from smedjan.checkpoint import save_checkpoint
+    from smedjan.cli import main
+    save_checkpoint(tmp_path / "target.safetensors", varied_model(1), step=0)
+    save_checkpoint(tmp_path / "draft.safetensors", varied_model(2), step=0)
+    run = ["generate", "--checkpoint", str(tmp_path / "target.safetensors"), "--prompt", "1 2 3",
+           "--temperature", "0", "--max-new-tokens", "20"]
+    assert main(run) == 0
+    plain = capsys.readouterr().out
+    assert len(plain.split()) == 20
+    for extra in (["--draft", str(tmp_path / "draft.safetensors"), "--draft-k", "3"],
+                  ["--draft-lookup", "2"]):
+        assert main(run + extra) == 0
+        out = capsys.readouterr()
+        assert out.out == plain
+        assert "proposed tokens accepted" in out.err
