@@ -582,6 +582,7 @@ class _Speculator:
                         resid[d] = 0.0
                     else:
                         resid = np.maximum(p.astype(np.float64) - qs[i], 0.0)
+                    # a rejection means p(d) < q(d), so the residual has mass but for rounding
                     out.append(self._draw(resid) if resid.sum() > 0 else self._draw(p))
                     break
             out.append(d)
