@@ -830,6 +830,13 @@ int64_t sj_infer_weight_bytes(const sj_infer *h);    /* resident weights (on the
 int64_t sj_infer_cache_bytes(const sj_infer *h);     /* KV cache + run state (on the device)  */
 /* Forget the cache (position 0). */
 void sj_infer_reset(sj_infer *h);
+/* Move the position back to pos (0 <= pos <= the position): the tokens
+ * after it are forgotten, their cache rows overwritten by later calls
+ * (speculative decoding's rejected drafts). Refused (SJ_ERR_ARG, naming the
+ * layer) at any pos for a model whose cache cannot move back: a mamba2 or
+ * linear mixer (a recurrent state) or a sliding window shorter than max_ctx
+ * (a ring buffer). */
+sj_status sj_infer_rewind(sj_infer *h, int pos);
 /* Append n > 0 tokens to the cache in one batched forward. logits_all:
  * NULL or (n, vocab) host memory, written with every position's logits. */
 sj_status sj_infer_prefill(sj_infer *h, const int32_t *tokens, int n, float *logits_all);
@@ -864,6 +871,13 @@ void sj_sampler_free(sj_sampler *s);
 int sj_sampler_vocab(const sj_sampler *s);
 sj_status sj_sample(sj_sampler *s, const float *logits, const sj_sample_params *p,
                     const int32_t *history, int n_history, int32_t *token);
+/* The distribution sj_sample draws from for these logits and params, as
+ * probs (vocab): zero outside the top-k / top-p candidates; at temperature
+ * <= 0 one-hot on the greedy choice. Draws nothing. */
+sj_status sj_sample_probs(sj_sampler *s, const float *logits, const sj_sample_params *p,
+                          const int32_t *history, int n_history, float *probs);
+/* The next uniform number in [0, 1) of the sampler's RNG (the one sj_sample uses). */
+double sj_sampler_uniform(sj_sampler *s);
 /* sj_sample on the handle's last logits (copied to the host first on a GPU). */
 sj_status sj_infer_sample(sj_infer *h, sj_sampler *s, const sj_sample_params *p,
                           const int32_t *history, int n_history, int32_t *token);

@@ -479,20 +479,32 @@ def cmd_generate(args) -> int:
         except ValueError:
             raise ValueError(f"{args.checkpoint}: no {TOKENIZER_FILE} beside it; give --tokenizer "
                              "or a prompt of token ids") from None
+    if args.draft and args.draft_lookup:
+        raise ValueError("give --draft or --draft-lookup, not both")
+    draft = load_for_inference(args.draft) if args.draft else None
     from .generate import generate
-    out = []
     stream = generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                      device=args.device)
+                      device=args.device, draft=draft, draft_k=args.draft_k,
+                      draft_lookup=args.draft_lookup or 0)
     if tok is None:
         print(" ".join(str(t) for t in stream))
-        return 0
-    if not args.stream:
+    elif not args.stream:
         print(args.prompt + tok.decode(list(stream)))
-        return 0
-    sys.stdout.write(args.prompt)
+    else:
+        _print_streaming(args.prompt, tok, stream)
+    if draft is not None or args.draft_lookup:
+        s = model._last_infer.stats()
+        print(f"speculative: {s['accepted_tokens']} of {s['draft_tokens']} proposed tokens accepted "
+              f"({s['acceptance_rate']:.1%}), {s['mean_accepted_length']:.2f} per verification",
+              file=sys.stderr)
+    return 0
+
+
+def _print_streaming(prompt, tok, stream):
+    sys.stdout.write(prompt)
     sys.stdout.flush()
-    shown = ""
+    out, shown = [], ""
     for t in stream:                  # decode the whole tail: a character may span tokens
         out.append(t)
         text = tok.decode(out, errors="replace")
@@ -501,7 +513,6 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             shown = text
     sys.stdout.write(tok.decode(out, errors="replace")[len(shown):] + "\n")
-    return 0
 
 
 def add_commands(sub) -> None:
@@ -593,4 +604,12 @@ def add_commands(sub) -> None:
     g.add_argument("--stream", action="store_true", help="print tokens as they come")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="run on the CPU engine or the GPU engine (bf16)")
+    g.add_argument("--draft", metavar="CHECKPOINT",
+                   help="speculative decoding: a smaller model with the same tokenizer proposes "
+                        "tokens the checkpoint verifies in one forward (same output, faster)")
+    g.add_argument("--draft-k", type=positive_int, default=4, metavar="K",
+                   help="tokens proposed per verification (default 4)")
+    g.add_argument("--draft-lookup", type=positive_int, metavar="N",
+                   help="speculative decoding by prompt lookup: propose what followed the last "
+                        "earlier occurrence of the context's final N..1 tokens")
     g.set_defaults(func=cmd_generate)

@@ -29,7 +29,8 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
              top_p: Optional[float] = None, seed: Optional[int] = None,
              stop: Union[None, int, str, Sequence[Union[int, str]]] = None,
              tokenizer=None, repetition_penalty: float = 1.0,
-             device: Optional[str] = None) -> Iterator[int]:
+             device: Optional[str] = None, draft=None, draft_k: int = 4,
+             draft_lookup: int = 0) -> Iterator[int]:
     """Stream up to max_new_tokens token ids after prompt (text needs a
     tokenizer: the model's own when it came from a checkpoint). Generation
     ends early at a stop token id or once the decoded text ends with a stop
@@ -48,6 +49,13 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
     computes in the model's dtype (bf16 for a CPU model, and for an fp16
     model: the GPU engine has fp32 and bf16 weights only).
 
+    Speculative decoding: draft (a smedjan Model, an InferenceModel or a
+    checkpoint path, sharing the tokenizer) or draft_lookup=N (prompt
+    lookup n-grams) proposes up to draft_k tokens that the model verifies
+    in one batched forward; greedy output is plain greedy's, sampled output
+    has plain sampling's distribution (smedjan.infer._Speculator). The
+    acceptance statistics: model._last_infer.stats().
+
     >>> # for t in model.generate("def main", 32, temperature=0.8, seed=0): ...
     """
     from .infer import check_sampling, check_vocab
@@ -58,6 +66,8 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
     if dev not in ("cpu", "cuda") or not hasattr(model, "_h"):
         if repetition_penalty != 1.0:
             raise ValueError("repetition_penalty needs the CPU KV-cache engine")
+        if draft is not None or draft_lookup:
+            raise ValueError("speculative decoding (draft, draft_lookup) needs the KV-cache engine")
         return generate_recompute(model, prompt, max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, stop=stop,
                                   tokenizer=tokenizer)
@@ -76,7 +86,8 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
     model._last_infer = im          # stats() of the last run: model._last_infer.stats()
     return _generate(im, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      repetition_penalty=repetition_penalty, seed=seed, stop=stop, tokenizer=tok,
-                     window=model.config.max_seq_len)
+                     window=model.config.max_seq_len, draft=draft, draft_k=draft_k,
+                     draft_lookup=draft_lookup)
 
 
 def _prompt_ids(prompt, tok):

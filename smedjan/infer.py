@@ -152,6 +152,13 @@ class InferenceModel:
         self._h.prefill(t)
         return self.last_logits()
 
+    def rewind(self, pos: int) -> None:
+        """Move the cache position back to pos, forgetting the later tokens.
+        Refused (ValueError, naming the layer) for a model whose cache cannot
+        move back: a mamba2 or linear mixer, or a sliding window shorter than
+        max_ctx."""
+        self._h.rewind(int(pos))
+
     def decode(self, token: int) -> np.ndarray:
         """One token; its logits (vocab,)."""
         self._h.decode(int(token))
@@ -195,11 +202,20 @@ class InferenceModel:
     def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64, *,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  repetition_penalty: float = 1.0, seed: Optional[int] = None,
-                 stop: Union[None, int, str, Sequence[Union[int, str]]] = None) -> Iterator[int]:
+                 stop: Union[None, int, str, Sequence[Union[int, str]]] = None,
+                 draft=None, draft_k: int = 4, draft_lookup: int = 0) -> Iterator[int]:
         """Stream up to max_new_tokens ids after prompt: one batched prefill,
         then one decode per token on the KV cache. temperature 0 is greedy;
         stop ids end generation (not yielded), stop strings end it once the
         decoded text ends with one. stats() describes the last run.
+
+        Speculative decoding: draft (a smedjan Model, an InferenceModel, or
+        a checkpoint / GGUF path, with this model's vocab_size) or
+        draft_lookup=N (prompt lookup: the tokens that followed the last
+        earlier occurrence of the context's last N..1 tokens) proposes up to
+        draft_k tokens, verified in one batched forward: the output is plain
+        generation's (greedy: the same tokens; sampled: the same
+        distribution).
 
         >>> # for t in m.generate("Once upon a time", 32, temperature=0.8, seed=0): ...
         """
@@ -207,7 +223,8 @@ class InferenceModel:
         check_vocab(self.tokenizer, self.config.vocab_size, self.source or "the model")
         return _generate(self, self.encode(prompt), max_new_tokens, temperature=temperature,
                          top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                         seed=seed, stop=stop, tokenizer=self.tokenizer)
+                         seed=seed, stop=stop, tokenizer=self.tokenizer, draft=draft,
+                         draft_k=draft_k, draft_lookup=draft_lookup)
 
     def stats(self) -> dict:
         """Of the last generation: prompt_tokens, generated_tokens, prefill_s,
@@ -215,7 +232,11 @@ class InferenceModel:
         ttft_s (start to the first token: prefill + its sampling), the
         resident weight memory in MB, and the parameters in all (params) and
         those one token's step reads (active_params: MoE layers count their
-        top_k experts)."""
+        top_k experts). After speculative generation also draft_tokens
+        (proposed), accepted_tokens, acceptance_rate (accepted / proposed),
+        verify_steps (the target's batched forwards over proposals) and
+        mean_accepted_length (proposals accepted per verify step, the
+        target's own token not counted)."""
         s = dict(self._stats)
         info = self._h.info()
         s["weight_mb"] = info["weight_bytes"] / 1e6
@@ -294,12 +315,15 @@ def check_vocab(tokenizer, vocab_size: int, model_name: str = "the model",
 
 
 def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top_p,
-              repetition_penalty, seed, stop, tokenizer, window: Optional[int] = None):
+              repetition_penalty, seed, stop, tokenizer, window: Optional[int] = None,
+              draft=None, draft_k: int = 4, draft_lookup: int = 0):
     """The loop shared by InferenceModel.generate and smedjan.generate: a
     context longer than the cache (or `window`) slides: the cache is rebuilt
     from the last `window` tokens, as the full-recompute path would see them.
     With a tokenizer of fewer entries than the model's vocabulary, only the
-    tokenizer's ids are sampled (the rest have no text to decode to)."""
+    tokenizer's ids are sampled (the rest have no text to decode to).
+    With a draft or draft_lookup, each step verifies proposals
+    (_Speculator): the argument errors are raised here, at the call."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     if not ids:
         raise ValueError("prompt is empty: generation needs at least one token")
@@ -310,6 +334,16 @@ def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top
     stop_strs = [s for s in stops if isinstance(s, str)]
     if stop_strs and tokenizer is None:
         raise ValueError("stop strings need a tokenizer")
+    spec = None
+    if draft is not None or draft_lookup:
+        spec = _Speculator(m, draft, draft_k, draft_lookup)
+    return _stream(m, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                   stop_ids, stop_strs, tokenizer, window, spec)
+
+
+def _stream(m, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+            stop_ids, stop_strs, tokenizer, window, spec):
+    V = m.config.vocab_size
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little")
     n_emit = V if tokenizer is None else len(tokenizer)
@@ -331,27 +365,44 @@ def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top
     else:
         def pick():
             return h.sample(sampler, temp, k, p, pen, hist if pen != 1.0 else None)
-    nxt = None
     stats = m._stats = {"prompt_tokens": len(ids), "generated_tokens": 0}
+    if spec is not None:
+        spec.start(stats, sampler, n_emit, (temp, k, p, pen))
     t0 = time.perf_counter()
 
     def run():
-        nonlocal hist
         h.reset()
         ctx = hist[-W:]
         tp = time.perf_counter()
         h.prefill(np.ascontiguousarray(ctx))
         return time.perf_counter() - tp
+
+    def step(tok):
+        """The next chosen tokens after tok (the last one chosen, not yet in
+        the cache): one, or with speculation the accepted proposals and the
+        target's own."""
+        if h.pos() >= W:
+            run()
+            return [pick()]
+        if spec is not None:
+            return spec.step(hist, tok, W - h.pos() - 1)
+        if on_device:
+            return [h.decode(tok, True)]
+        h.decode(tok)
+        return [pick()]
     stats["prefill_s"] = run()
     stats["prefill_tok_s"] = min(len(ids), W) / max(stats["prefill_s"], 1e-9)
+    chosen = [pick()]
     new = []
     t_gen, n_gen, ts = 0.0, 0, 0.0
     for i in range(max_new_tokens):
-        tok = nxt if nxt is not None else pick()
+        if not chosen:
+            chosen = step(new[-1])
+        tok = chosen.pop(0)
         now = time.perf_counter()
         if i == 0:
             stats["ttft_s"] = now - t0
-        else:                           # a decode step and its sampling
+        else:                           # a step (or its share of one) and its sampling
             t_gen += now - ts
             n_gen += 1
             stats["gen_tok_s"] = n_gen / max(t_gen, 1e-9)
@@ -361,20 +412,194 @@ def _generate(m: InferenceModel, ids, max_new_tokens, *, temperature, top_k, top
         new.append(tok)
         stats["generated_tokens"] = len(new)
         yield tok
+        ts = time.perf_counter()
         if stop_strs and any(tokenizer.decode(new, errors="replace").endswith(s) for s in stop_strs):
             break
-        if i + 1 == max_new_tokens:
-            break
-        ts = time.perf_counter()
-        nxt = None
-        if h.pos() >= W:
-            run()
-        elif on_device:
-            nxt = h.decode(tok, True)
-        else:
-            h.decode(tok)
     stats.setdefault("gen_tok_s", float("nan"))
     stats.setdefault("ttft_s", float("nan"))
+
+
+def _check_rewind(im: InferenceModel, role: str) -> None:
+    try:
+        im.rewind(im.pos)
+    except ValueError as e:
+        raise ValueError(f"speculative decoding needs a {role} whose cache moves back: {e}") from None
+
+
+def _draft_model(draft, target: InferenceModel) -> InferenceModel:
+    """The draft in the inference engine, on the target's device and in its
+    mode: an InferenceModel as it is, a smedjan Model copied, a path loaded
+    (.gguf, else a smedjan checkpoint)."""
+    if draft is target:
+        raise ValueError("the draft is the target's own InferenceModel: a draft needs its own KV "
+                         "cache (pass the smedjan Model, or a second InferenceModel of it)")
+    if isinstance(draft, InferenceModel):
+        d = draft
+    elif isinstance(draft, (str, os.PathLike)):
+        path = os.fspath(draft)
+        if path.endswith(".gguf"):
+            d = InferenceModel.load_gguf(path, target.mode, tokenizer=False, device=target.device)
+        else:
+            from .checkpoint import model_from_checkpoint
+            d = InferenceModel.from_model(model_from_checkpoint(path), target.mode, device=target.device)
+    elif hasattr(draft, "_h") and hasattr(draft, "config"):
+        d = InferenceModel.from_model(draft, target.mode, device=target.device)
+    else:
+        raise TypeError(f"draft must be a smedjan Model, an InferenceModel or a checkpoint path, "
+                        f"got {type(draft).__name__}")
+    if d.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"the draft's vocab_size {d.config.vocab_size} differs from the target's "
+                         f"{target.config.vocab_size}: a draft must share the target's tokenizer")
+    if d.device != target.device:
+        raise ValueError(f"the draft runs on {d.device} but the target on {target.device}")
+    return d
+
+
+def lookup_proposals(context, n: int, k: int) -> list:
+    """Prompt lookup's proposals: the up to k tokens that followed the last
+    earlier occurrence of the context's final n-gram, for the longest n of
+    n..1 that occurred before ([] when none did).
+
+    >>> lookup_proposals([1, 2, 3, 9, 1, 2, 3], 3, 2)
+    [9, 1]
+    """
+    hist = np.asarray(context, np.int32)
+    L = hist.size
+    for m in range(min(n, L - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(hist[:L - 1], m)
+        hits = np.flatnonzero((windows == hist[L - m:]).all(1))
+        if hits.size:
+            s = int(hits[-1]) + m
+            return [int(t) for t in hist[s:s + k]]
+    return []
+
+
+class _Speculator:
+    """Speculative decoding for _stream. A proposer (a draft model following
+    the context in its own KV cache, or prompt lookup) offers up to k tokens
+    with their draft distributions q; the target runs the last chosen token
+    and the proposals in one prefill with every position's logits and keeps
+    the longest prefix its own choice agrees with: greedy, where the target's
+    choice equals the proposal; sampled, by the speculative sampling rule
+    (accept d with probability min(1, p(d)/q(d)), else draw the target's
+    token from norm(max(0, p - q))), which leaves the output distributed as
+    plain sampling's. p and q pass through the same sampler transforms
+    (repetition penalty over the same history, temperature, top-k, top-p).
+    Its own token (the correction, or after k acceptances the bonus) ends
+    the step; the target's position moves back past the rejected tokens."""
+
+    def __init__(self, target: InferenceModel, draft, k: int, lookup: int):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"draft_k must be an integer >= 1, got {k!r}")
+        if isinstance(lookup, bool) or not isinstance(lookup, (int, np.integer)) or lookup < 0:
+            raise ValueError(f"draft_lookup must be an integer >= 0 (the longest n-gram), got {lookup!r}")
+        if draft is not None and lookup:
+            raise ValueError("give a draft model or draft_lookup, not both")
+        _check_rewind(target, "target")
+        self.target, self.k, self.lookup = target, int(k), int(lookup)
+        self.draft = None if draft is None else _draft_model(draft, target)
+        if self.draft is not None:
+            _check_rewind(self.draft, "draft")
+        self._p = np.empty(target.config.vocab_size, np.float32)
+
+    def start(self, stats, sampler, n_emit, params):
+        self.stats, self.sampler, self.n_emit, self.params = stats, sampler, n_emit, params
+        stats.update(draft_tokens=0, accepted_tokens=0, verify_steps=0, acceptance_rate=float("nan"),
+                     mean_accepted_length=float("nan"))
+        if self.draft is not None:
+            self.draft.reset()
+            self.draft_start = 0        # the context index of the draft cache's position 0
+
+    def _probs(self, logits, history, out):
+        temp, k, p, pen = self.params
+        self.sampler.probs(np.ascontiguousarray(logits[:self.n_emit]), out[:self.n_emit], temp, k, p, pen,
+                           history if pen != 1.0 else None)
+        out[self.n_emit:] = 0
+        return out
+
+    def _draw(self, weights) -> int:
+        """A token drawn from nonnegative weights with the sampler's RNG."""
+        c = np.cumsum(weights, dtype=np.float64)
+        i = int(np.searchsorted(c, self.sampler.uniform() * c[-1], side="right"))
+        return min(i, int(np.flatnonzero(weights)[-1]))     # u * total may round up to total
+
+    def _choose(self, logits, history) -> int:
+        """A token from logits as plain sampling chooses it (greedy: the same)."""
+        temp, k, p, pen = self.params
+        return self.sampler.sample(np.ascontiguousarray(logits[:self.n_emit]), temp, k, p, pen,
+                                   history if pen != 1.0 else None)
+
+    def _propose(self, hist, k):
+        """Proposals and their draft distributions (None: prompt lookup's one-hot)."""
+        if self.draft is None:
+            return lookup_proposals(hist, self.lookup, k), None
+        d = self.draft
+        k = min(k, d.max_ctx - 1)
+        if k <= 0:
+            return [], None
+        # the draft cache follows the context from draft_start; the tail it lacks goes in now
+        if hist.size - self.draft_start + k > d.max_ctx:
+            d.reset()
+            self.draft_start = max(0, hist.size - (d.max_ctx - k))
+        logits = d.prefill(hist[self.draft_start + d.pos:])
+        greedy = self.params[0] <= 0
+        props, qs = [], []
+        for i in range(k):
+            h_i = np.append(hist, np.asarray(props, np.int32))
+            if greedy:
+                t = self._choose(logits, h_i)
+            else:
+                q = self._probs(logits, h_i, np.empty_like(self._p))
+                t = self._draw(q)
+                qs.append(q)
+            props.append(t)
+            if i + 1 < k:
+                logits = d.decode(t)
+        return props, (qs if not greedy else None)
+
+    def step(self, hist, tok, room):
+        """The tokens chosen after tok (hist[-1], not yet in the target's
+        cache), at most room + 1 positions from here."""
+        props, qs = self._propose(hist, min(self.k, room))
+        h = self.target
+        base = h.pos
+        rows = h.prefill(np.asarray([tok] + props, np.int32), all_logits=True)
+        greedy = self.params[0] <= 0
+        out = []
+        for i, d in enumerate(props):
+            h_i = np.append(hist, np.asarray(out, np.int32))
+            if greedy:
+                t = self._choose(rows[i], h_i)
+                if t != d:
+                    out.append(t)
+                    break
+            else:
+                p = self._probs(rows[i], h_i, self._p)
+                q_d = 1.0 if qs is None else float(qs[i][d])
+                if not self.sampler.uniform() < p[d] / q_d:
+                    if qs is None:
+                        resid = p.astype(np.float64)
+                        resid[d] = 0.0
+                    else:
+                        resid = np.maximum(p.astype(np.float64) - qs[i], 0.0)
+                    # a rejection means p(d) < q(d), so the residual has mass but for rounding
+                    out.append(self._draw(resid) if resid.sum() > 0 else self._draw(p))
+                    break
+            out.append(d)
+        else:
+            out.append(self._choose(rows[len(props)], np.append(hist, np.asarray(props, np.int32))))
+        accepted = len(out) - 1
+        h.rewind(base + 1 + accepted)
+        if self.draft is not None:      # the draft cache holds tok and props[:-1]: keep the accepted
+            self.draft.rewind(min(self.draft.pos, hist.size - self.draft_start + accepted))
+        st = self.stats
+        if props:
+            st["draft_tokens"] += len(props)
+            st["accepted_tokens"] += accepted
+            st["verify_steps"] += 1
+            st["acceptance_rate"] = st["accepted_tokens"] / st["draft_tokens"]
+            st["mean_accepted_length"] = st["accepted_tokens"] / st["verify_steps"]
+        return out
 
 
 def load_gguf(path, mode: Optional[str] = None, max_ctx: int = 0, device: str = "cpu",

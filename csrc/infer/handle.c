@@ -82,6 +82,30 @@ void sj_infer_reset(sj_infer *h) {
     h->pos = 0;
 }
 
+/* Moving the position back forgets the later tokens only where they live
+ * in per-position cache rows: a recurrent state (mamba2, linear) folded
+ * them in, and a sliding window's ring overwrote the rows it would need. */
+static sj_status check_rewindable(const sj_infer *h) {
+    for (int l = 0; l < h->c.n_layers; l++) {
+        const sj_layer *y = &h->c.layers[l];
+        if (y->mixer == SJ_MIXER_MAMBA2 || y->mixer == SJ_MIXER_LINEAR)
+            return sj_fail(SJ_ERR_ARG, "rewind: layer %d's mixer %s keeps a recurrent state, which "
+                           "cannot move back", l, sj_mixer_name(y->mixer));
+        if (y->window > 0 && y->window < h->max_ctx)
+            return sj_fail(SJ_ERR_ARG, "rewind: layer %d's sliding window (%d < max_ctx %d) keeps a "
+                           "ring buffer, which cannot move back", l, y->window, h->max_ctx);
+    }
+    return SJ_OK;
+}
+
+sj_status sj_infer_rewind(sj_infer *h, int pos) {
+    SJ_TRY(check_rewindable(h));
+    if (pos < 0 || pos > h->pos)
+        return sj_fail(SJ_ERR_ARG, "rewind: position %d is outside 0..%d (the tokens in the cache)", pos, h->pos);
+    h->pos = pos;
+    return SJ_OK;
+}
+
 /* n tokens from the current position: tokens (may be NULL: only the count
  * is checked) in the vocabulary, and room in the cache. */
 static sj_status check_tokens(const sj_infer *h, const char *verb, const int32_t *tokens, int n) {

@@ -73,8 +73,12 @@ int32_t sj_argmax(const float *logits, int n) {
     return best;
 }
 
-sj_status sj_sample(sj_sampler *s, const float *logits, const sj_sample_params *p,
-                    const int32_t *history, int n_history, int32_t *token) {
+/* The candidates sj_sample draws from: c[0..*n) with their probabilities
+ * (summing to *mass: top-p keeps part of the unit mass), or at temperature
+ * <= 0 *n = 0 and the greedy choice in *greedy. */
+static sj_status candidates(sj_sampler *s, const float *logits, const sj_sample_params *p,
+                            const int32_t *history, int n_history, int *n_out, double *mass_out,
+                            int32_t *greedy) {
     const int V = s->V;
     float *z = s->z;
     memcpy(z, logits, sizeof(float) * V);
@@ -89,7 +93,8 @@ sj_status sj_sample(sj_sampler *s, const float *logits, const sj_sample_params *
         for (int i = 0; i < n_history; i++) if (history[i] >= 0 && history[i] < V) s->seen[history[i]] = 0;
     }
     if (p->temperature <= 0.f) {
-        *token = sj_argmax(z, V);
+        *n_out = 0;
+        *greedy = sj_argmax(z, V);
         return SJ_OK;
     }
     cand *c = s->c;
@@ -117,6 +122,18 @@ sj_status sj_sample(sj_sampler *s, const float *logits, const sj_sample_params *
     } else if (n < V) {
         qsort(c, (size_t)n, sizeof(cand), cmp_desc);   /* top-k: a canonical order of the k */
     }
+    *n_out = n;
+    *mass_out = mass;
+    return SJ_OK;
+}
+
+sj_status sj_sample(sj_sampler *s, const float *logits, const sj_sample_params *p,
+                    const int32_t *history, int n_history, int32_t *token) {
+    int n;
+    double mass;
+    SJ_TRY(candidates(s, logits, p, history, n_history, &n, &mass, token));
+    if (!n) return SJ_OK;
+    const cand *c = s->c;
     double r = (double)sj_rng_uniform(&s->rng) * mass, acc = 0.0;
     for (int i = 0; i < n; i++) {
         acc += c[i].v;
@@ -125,5 +142,19 @@ sj_status sj_sample(sj_sampler *s, const float *logits, const sj_sample_params *
     *token = c[n - 1].id;
     return SJ_OK;
 }
+
+sj_status sj_sample_probs(sj_sampler *s, const float *logits, const sj_sample_params *p,
+                          const int32_t *history, int n_history, float *probs) {
+    int n;
+    double mass;
+    int32_t greedy;
+    SJ_TRY(candidates(s, logits, p, history, n_history, &n, &mass, &greedy));
+    memset(probs, 0, sizeof(float) * (size_t)s->V);
+    if (!n) { probs[greedy] = 1.f; return SJ_OK; }
+    for (int i = 0; i < n; i++) probs[s->c[i].id] = (float)(s->c[i].v / mass);
+    return SJ_OK;
+}
+
+double sj_sampler_uniform(sj_sampler *s) { return sj_rng_uniform(&s->rng); }
 
 int sj_sampler_vocab(const sj_sampler *s) { return s->V; }

@@ -88,6 +88,47 @@ static PyObject *sampler_sample(PyObject *self, PyObject *args) {
     return PyLong_FromLong(tok);
 }
 
+/* probs(logits, out, temperature, top_k, top_p, repetition_penalty, history):
+ * out (vocab,) float32 gets the distribution sample() would draw from */
+static PyObject *sampler_probs(PyObject *self, PyObject *args) {
+    PyObject *lo, *out, *hist;
+    sj_sample_params p;
+    if (!PyArg_ParseTuple(args, "OOfiffO", &lo, &out, &p.temperature, &p.top_k, &p.top_p,
+                          &p.repetition_penalty, &hist)) return NULL;
+    sj_sampler *s = ((SamplerObject *)self)->s;
+    if (!s) { PyErr_SetString(PyExc_RuntimeError, "sampler not initialised"); return NULL; }
+    Py_buffer lv, ov, hv;
+    if (PyObject_GetBuffer(lo, &lv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+    if (!lv.format || strcmp(lv.format, "f") || lv.len != (Py_ssize_t)4 * sj_sampler_vocab(s)) {
+        PyBuffer_Release(&lv);
+        PyErr_SetString(PyExc_ValueError, "logits must be a float32 array of vocab_size values");
+        return NULL;
+    }
+    if (sj_py_out4(out, &ov, "f", sj_sampler_vocab(s), "out must be a writable float32 array of vocab_size values") < 0) {
+        PyBuffer_Release(&lv);
+        return NULL;
+    }
+    const int32_t *h; int n;
+    int hr = get_history(hist, &hv, &h, &n);
+    sj_status st = SJ_OK;
+    if (hr >= 0) {
+        Py_BEGIN_ALLOW_THREADS st = sj_sample_probs(s, lv.buf, &p, h, n, ov.buf);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&lv);
+    PyBuffer_Release(&ov);
+    if (hr < 0) return NULL;
+    if (hr) PyBuffer_Release(&hv);
+    if (st) return sj_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *sampler_uniform(PyObject *self, PyObject *noargs) {
+    sj_sampler *s = ((SamplerObject *)self)->s;
+    if (!s) { PyErr_SetString(PyExc_RuntimeError, "sampler not initialised"); return NULL; }
+    return PyFloat_FromDouble(sj_sampler_uniform(s));
+}
+
 /* ---- Infer ------------------------------------------------------------------- */
 
 typedef struct { PyObject_HEAD sj_infer *h; } InferObject;
@@ -242,6 +283,15 @@ static PyObject *infer_reset(PyObject *self, PyObject *noargs) {
     Py_RETURN_NONE;
 }
 
+static PyObject *infer_rewind(PyObject *self, PyObject *args) {
+    int pos;
+    if (!PyArg_ParseTuple(args, "i", &pos)) return NULL;
+    sj_status st;
+    SJ_PY_CALL(st, sj_infer_rewind(H(self), pos));
+    if (st) return sj_py_raise(st);
+    Py_RETURN_NONE;
+}
+
 static PyObject *infer_pos(PyObject *self, PyObject *noargs) {
     return PyLong_FromLong(sj_infer_pos(H(self)));
 }
@@ -339,6 +389,7 @@ static PyMethodDef infer_methods[] = {
     {"reset", infer_reset, METH_NOARGS, "forget the KV cache"},
     {"info", infer_info, METH_NOARGS, "config, device, mode, memory, position (and GPU options) as a dict"},
     {"pos", infer_pos, METH_NOARGS, "tokens in the KV cache"},
+    {"rewind", infer_rewind, METH_VARARGS, "rewind(pos): move the position back to pos, forgetting later tokens"},
     {"weight_gguf", infer_weight_gguf, METH_VARARGS, "weight_gguf(name, type) -> (bytes, type, GGUF shape)"},
     {NULL, NULL, 0, NULL},
 };
@@ -393,6 +444,8 @@ static PyObject *py_tensor_name(PyObject *self, PyObject *args) {
 
 static PyMethodDef sampler_methods[] = {
     {"sample", sampler_sample, METH_VARARGS, "sample(logits, temperature, top_k, top_p, repetition_penalty, history) -> id"},
+    {"probs", sampler_probs, METH_VARARGS, "probs(logits, out, temperature, top_k, top_p, repetition_penalty, history): the distribution sample() draws from"},
+    {"uniform", sampler_uniform, METH_NOARGS, "the next uniform number in [0, 1) of the sampler's RNG"},
     {NULL, NULL, 0, NULL},
 };
 
