@@ -83,6 +83,18 @@ def test_greedy_with_prompt_lookup_is_plain_greedy(target, prompt, n):
     assert greedy(target, prompt, draft_lookup=n) == greedy(target, prompt)
 
 
+@pytest.mark.parametrize("options", [dict(mixer="mla"), dict(ffn="moe", moe={"n_experts": 4, "top_k": 2,
+                                                                             "expert_dim": 32}),
+                                     dict(mixer=["mla", "attention"], ffn=["moe", "swiglu"],
+                                          moe={"n_experts": 4, "top_k": 1, "expert_dim": 32})],
+                         ids=["mla", "moe", "mla-moe-hybrid"])
+def test_latent_caches_and_experts_rewind_like_kv_caches(options):
+    """mla caches a latent per position and MoE keeps nothing: both roll back."""
+    m = from_model(varied_model(3, **options))
+    for prompt in PROMPTS[:2]:
+        assert greedy(m, prompt, draft_lookup=2) == greedy(m, prompt)
+
+
 def test_prompt_lookup_proposes_what_followed_the_last_occurrence_of_the_longest_suffix():
     assert lookup_proposals([1, 2, 3, 9, 1, 2, 3], 3, 2) == [9, 1]
     assert lookup_proposals([5, 1, 2, 7, 7, 2, 8, 1, 2], 2, 3) == [7, 7, 2]   # [1, 2] before [2]
