@@ -147,8 +147,12 @@ def add_architecture_args(p) -> None:
     g.add_argument("--mla", type=json_fields, metavar="JSON",
                    help='the mla layers\' sizes, e.g. \'{"kv_lora_rank": 256, "q_lora_rank": 384}\' '
                         "(left out: DeepSeek-V3's proportions to the head size)")
-    g.add_argument("--ffn", type=_per_layer(str, ("swiglu", "relu2", "none")),
-                   help="swiglu (default), relu2 or none (Mamba-2 blocks)")
+    g.add_argument("--ffn", type=_per_layer(str, ("swiglu", "relu2", "moe", "none")),
+                   help="swiglu (default), relu2, moe (routed experts) or none (Mamba-2 blocks), "
+                        "e.g. swiglu,moe")
+    g.add_argument("--moe", type=json_fields, metavar="JSON",
+                   help='the moe layers\' experts, e.g. \'{"n_experts": 8, "top_k": 2, "expert_dim": 512, '
+                        '"aux_loss": 0.01}\' (docs/architectures.md)')
     g.add_argument("--ssm", type=json_fields, metavar="JSON",
                    help='Mamba-2 layers\' shape, e.g. \'{"d_state": 64, "head_dim": 64}\'')
     g.add_argument("--linear", type=json_fields, metavar="JSON",
@@ -170,8 +174,9 @@ def add_architecture_args(p) -> None:
 
 def architecture_from_args(args) -> dict:
     """The Config fields the architecture options set (the rest default)."""
-    over = {k: getattr(args, k) for k in ("mixer", "mla", "ffn", "qk_norm", "window", "rope_scaling",
-                                          "rope_theta", "value_mix", "embed_skip", "ssm", "linear")
+    over = {k: getattr(args, k) for k in ("mixer", "mla", "ffn", "moe", "qk_norm", "window",
+                                          "rope_scaling", "rope_theta", "value_mix", "embed_skip",
+                                          "ssm", "linear")
             if getattr(args, k, None) is not None}
     if getattr(args, "untied_head", False):
         over["tied_head"] = False

@@ -367,3 +367,14 @@ def test_planned_memory_is_the_worst_case_of_any_routing():
     m.loss(tok, tgt, backward=True)
     assert m.memory()["bytes"] == held
     assert held == plan["fixed_bytes"] + plan["arena_bytes"]
+
+
+def test_the_command_line_takes_the_moe_settings(capsys):
+    from smedjan.cli import main
+    moe = {"n_experts": 4, "top_k": 2, "expert_dim": 64}
+    main(["sizes", "--vocab-size", "97", "--ffn", "swiglu,moe", "--moe", json.dumps(moe)])
+    tiny = smedjan.Config.preset("tiny", 97, ffn=["swiglu", "moe"], moe=moe)
+    assert f"{tiny.n_params:,}" in capsys.readouterr().out
+    assert main(["sizes", "--ffn", "moe", "--moe", '{"n_experts": 4, "top_k": 5, "expert_dim": 8}']) == 1
+    assert "moe.top_k must be in 1..moe.n_experts (4), got 5" in capsys.readouterr().err
+
