@@ -56,6 +56,24 @@ def assert_close(got, want, tol, what="", err=rel_err):
     assert e < tol, f"{what}: relative error {e:.3e} >= {tol:.0e}"
 
 
+def assert_model_matches(model, tokens, targets, logits_of, grad_of, err=rel_err):
+    """The model's logits and loss (1e-5) and every parameter's gradient
+    (1e-4) equal a PyTorch reference's: logits_of(tokens) gives its logits
+    (with their graph), grad_of(name) a parameter's gradient after the
+    reference's cross-entropy backward."""
+    import torch
+    import torch.nn.functional as F
+    logits = logits_of(torch.from_numpy(tokens).long())
+    assert_close(model.forward(tokens), logits.detach().numpy(), 1e-5, "logits", err)
+    loss = model.loss(tokens, targets, backward=True)
+    tl = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(targets).long().reshape(-1))
+    tl.backward()
+    assert abs(loss - tl.item()) <= 1e-5 * abs(tl.item()), (loss, tl.item())
+    assert set(model.grads) == set(model.params)
+    for name, g in model.grads.items():
+        assert_close(g, grad_of(name), 1e-4, f"{name} gradient", err)
+
+
 @pytest.fixture(scope="session")
 def text_bytes():
     return stdlib_text(2_000_000)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import smedjan
-from conftest import rel_err
+from conftest import assert_model_matches
 from torch_ref import TorchLlama
 
 torch.set_num_threads(max(1, smedjan.threads()))
@@ -49,17 +49,7 @@ def make(options, seed=0, n_layers=3, B=2, T=21):
 @pytest.mark.parametrize("option", OPTIONS)
 def test_logits_loss_and_every_gradient_match_torch(option):
     model, ref, tokens, targets = make(OPTIONS[option])
-    ours = model.forward(tokens)
-    theirs = ref.forward(torch.from_numpy(tokens).long()).detach().numpy()
-    assert rel_err(ours, theirs) < 1e-5, rel_err(ours, theirs)
-    loss = model.loss(tokens, targets, backward=True)
-    tl = ref.loss(torch.from_numpy(tokens).long(), torch.from_numpy(targets).long())
-    tl.backward()
-    assert abs(loss - tl.item()) / abs(tl.item()) < 1e-5, (loss, tl.item())
-    assert set(model.grads) == {k for k in model.params}
-    for name, g in model.grads.items():
-        tg = ref.named(name).grad.numpy()
-        assert rel_err(g, tg) < 1e-4, (name, rel_err(g, tg))
+    assert_model_matches(model, tokens, targets, ref.forward, lambda n: ref.named(n).grad.numpy())
 
 
 def test_the_tensor_table_follows_the_options():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import smedjan
-from conftest import max_rel_err
+from conftest import assert_model_matches, max_rel_err
 
 torch.set_num_threads(max(1, smedjan.threads()))
 
@@ -74,15 +74,8 @@ def test_logits_and_every_gradient_match_a_recurrent_loop(option):
     tokens = r.integers(0, 97, (2, 19)).astype(np.int32)
     targets = r.integers(0, 97, (2, 19)).astype(np.int32)
     P = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in model.params.items()}
-    logits = ref_logits(P, cfg, torch.from_numpy(tokens).long())
-    assert max_rel_err(model.forward(tokens), logits.detach().numpy()) < 1e-5
-    loss = model.loss(tokens, targets, backward=True)
-    tl = F.cross_entropy(logits.reshape(-1, 97), torch.from_numpy(targets).long().reshape(-1))
-    tl.backward()
-    assert abs(loss - tl.item()) < 1e-5 * abs(tl.item())
-    for name, g in model.grads.items():
-        err = max_rel_err(g, P[name].grad.numpy())
-        assert err < 1e-4, f"{name}: gradient relative error {err:.2e}"
+    assert_model_matches(model, tokens, targets, lambda t: ref_logits(P, cfg, t), lambda n: P[n].grad.numpy(),
+                         max_rel_err)
 
 
 def test_config_canonical_form_and_refusals():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import smedjan
-from conftest import rel_err
+from conftest import assert_model_matches, rel_err
 from torch_ref import rope_freqs
 
 torch.set_num_threads(max(1, smedjan.threads()))
@@ -124,15 +124,7 @@ def test_mla_logits_loss_and_every_gradient_match_torch(case):
     r = np.random.default_rng(1)
     tokens = r.integers(0, 97, (2, 19)).astype(np.int32)
     targets = r.integers(0, 97, (2, 19)).astype(np.int32)
-    ours = model.forward(tokens)
-    theirs = ref.forward(torch.from_numpy(tokens).long()).detach().numpy()
-    assert rel_err(ours, theirs) < 1e-5, rel_err(ours, theirs)
-    loss = model.loss(tokens, targets, backward=True)
-    tl = ref.loss(torch.from_numpy(tokens).long(), torch.from_numpy(targets).long())
-    tl.backward()
-    assert abs(loss - tl.item()) / abs(tl.item()) < 1e-5, (loss, tl.item())
-    for name, g in model.grads.items():
-        assert rel_err(g, ref.named(name).grad.numpy()) < 1e-4, (name, rel_err(g, ref.named(name).grad.numpy()))
+    assert_model_matches(model, tokens, targets, ref.forward, lambda n: ref.named(n).grad.numpy())
 
 
 @pytest.mark.parametrize("levers", [dict(gradient_checkpointing=True), dict(cheap_recompute=True)])
