@@ -26,7 +26,7 @@ FIELDS = ("size", "params", "device", "dtype", "build", "threads", "batch_size",
           "iters", "warmup", "levers", "inference_tok_s", "decode_tok_s", "decode_impl",
           "decode_tokens", "train_tok_s", "step_ms", "forward_ms", "backward_ms",
           "optimizer_ms", "timings", "peak_bytes", "peak_mib", "planned_peak_bytes",
-          "rss_peak_mib")
+          "rss_peak_mib", "active_params", "moe")
 
 
 def _stats(ms) -> dict:
@@ -121,6 +121,7 @@ def bench(size="small", *, batch_size: int = 4, seq_len: int = 128, iters: int =
         _C.cuda_memory(True)
     say("bench: train step")
     step = _timed(lambda: trainer.step(x, y), iters, warmup, sync)
+    moe = model.moe_stats   # the last train step's routing (None without MoE layers)
     say("bench: forward / backward / optimizer split")
     # The split, each part on its own: forward = the loss's forward (no
     # backward), forward+backward = the loss with backward, optimizer =
@@ -145,6 +146,7 @@ def bench(size="small", *, batch_size: int = 4, seq_len: int = 128, iters: int =
     tokens = B * T
     out = dict(
         size=size if isinstance(size, str) else "custom", params=model.n_params,
+        active_params=cfg.n_active_params, moe=moe,
         device=model.device, dtype=model.dtype, build=build, threads=bi.get("threads"),
         batch_size=B, seq_len=T, iters=iters, warmup=warmup,
         levers=dict(grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing,
@@ -190,6 +192,11 @@ def format_report(r: Dict) -> str:
         + (f", CUDA peak {r['cuda_peak_mib']:.0f} MiB" if r.get("cuda_peak_mib") else ""),
         f"  warm-up {r['warmup']} iterations excluded; {r['iters']} timed",
     ]
+    if r.get("moe"):   # per MoE layer: aux and z losses, tokens per expert
+        m = r["moe"]
+        lines.insert(-1, f"  moe          {r['active_params']:,} active params a token; dropped "
+                         f"{m['dropped']}; per layer aux " + ", ".join(f"{a:.3f}" for a in m["aux_loss"])
+                     + "; load " + " | ".join(" ".join(str(int(n)) for n in load) for load in m["load"]))
     return "\n".join(lines)
 
 

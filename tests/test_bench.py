@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import smedjan
-from smedjan.bench import FIELDS
+from smedjan.bench import FIELDS, format_report
 
 TINY = dict(batch_size=2, seq_len=16, iters=3, warmup=1, decode_tokens=2)
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -67,6 +67,19 @@ def test_bench_cli_report_reads_well():
     assert p.returncode == 0, p.stderr
     for word in ("inference", "decode", "train", "forward", "backward", "optimizer", "peak memory"):
         assert word in p.stdout, (word, p.stdout)
+
+
+def test_bench_reports_the_routing_of_moe_layers():
+    cfg = smedjan.Config.preset("tiny", 256, ffn=["swiglu", "moe"],
+                                moe={"n_experts": 4, "top_k": 2, "expert_dim": 64})
+    r = smedjan.bench(cfg, **TINY)
+    check(r)
+    assert r["active_params"] < r["params"]
+    assert r["moe"]["dropped"] == 0 and len(r["moe"]["load"]) == 2   # layers 1 and 3
+    for load in r["moe"]["load"]:   # every token reaches top_k experts
+        assert len(load) == 4 and sum(load) == TINY["batch_size"] * TINY["seq_len"] * 2
+    assert "moe          " in format_report(r)
+    assert smedjan.bench("tiny", **TINY)["moe"] is None
 
 
 def test_bench_refuses_a_sequence_longer_than_the_model():
