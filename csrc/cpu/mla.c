@@ -1,9 +1,8 @@
 /* mla.c — multi-head latent attention's layout ops (model/mla.c): its q, k
  * and v heads packed into attention's qkv with RoPE on the pe parts, and the
  * slice that drops the v heads' padding from attention's output. Forward and
- * backward; threaded over rows. Angles as rope.c turns them. */
+ * backward; threaded over rows. RoPE turned as rope.c turns it (ops/backend.h). */
 #include "cpu.h"
-#include <math.h>
 #include <string.h>
 
 typedef struct {
@@ -11,25 +10,6 @@ typedef struct {
     int T, H, dn, dr, dv, acc_q, acc_kv, acc_kpe;
     const sj_rope *rope;
 } pack_job;
-
-/* cos and sin of row r's position (sin negated: the inverse turn). */
-static void angles(const sj_rope *rope, int pos, int inverse, float *cs, float *sn) {
-    for (int i = 0; i < rope->n_pairs; i++) {
-        const float a = (float)pos * rope->inv_freq[i];
-        cs[i] = cosf(a) * rope->mscale;
-        sn[i] = (inverse ? -sinf(a) : sinf(a)) * rope->mscale;
-    }
-}
-
-/* y (dr) = x turned (rotate-half); accum adds. */
-static void turn(float *y, const float *x, const float *cs, const float *sn, int half, int accum) {
-    for (int i = 0; i < half; i++) {
-        const float a = x[i] * cs[i] - x[i + half] * sn[i];
-        const float b = x[i + half] * cs[i] + x[i] * sn[i];
-        y[i] = accum ? y[i] + a : a;
-        y[i + half] = accum ? y[i + half] + b : b;
-    }
-}
 
 static void put(float *y, const float *x, int n, int accum) {
     if (accum) for (int i = 0; i < n; i++) y[i] += x[i];
@@ -42,16 +22,16 @@ static void pack_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     const int H = j->H, dn = j->dn, dr = j->dr, dv = j->dv, hq = dn + dr, half = dr / 2;
     float cs[half], sn[half];
     for (int64_t r = r0; r < r1; r++) {
-        angles(j->rope, (int)(r % j->T), 0, cs, sn);
+        sj_rope_angles(j->rope, (int)(r % j->T), 0, half, cs, sn);
         const float *q = j->q + r * H * hq, *kv = j->kv + r * H * (dn + dv), *kpe = j->kpe + r * dr;
         float *o = j->out + r * 3 * H * hq;
         for (int h = 0; h < H; h++) {
             float *oq = o + h * hq, *ok = o + (H + h) * hq, *ov = o + (2 * H + h) * hq;
             const float *kvh = kv + h * (dn + dv);
             memcpy(oq, q + h * hq, sizeof(float) * dn);
-            turn(oq + dn, q + h * hq + dn, cs, sn, half, 0);
+            sj_rope_turn(oq + dn, q + h * hq + dn, cs, sn, half, 0);
             memcpy(ok, kvh, sizeof(float) * dn);
-            turn(ok + dn, kpe, cs, sn, half, 0);
+            sj_rope_turn(ok + dn, kpe, cs, sn, half, 0);
             memcpy(ov, kvh + dn, sizeof(float) * dv);
             memset(ov + dv, 0, sizeof(float) * (hq - dv));
         }
@@ -64,14 +44,14 @@ static void pack_back_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     const int H = j->H, dn = j->dn, dr = j->dr, dv = j->dv, hq = dn + dr, half = dr / 2;
     float cs[half], sn[half];
     for (int64_t r = r0; r < r1; r++) {
-        angles(j->rope, (int)(r % j->T), 1, cs, sn);
+        sj_rope_angles(j->rope, (int)(r % j->T), 1, half, cs, sn);
         const float *g = j->dout + r * 3 * H * hq;
         for (int h = 0; h < H; h++) {
             const float *gq = g + h * hq, *gk = g + (H + h) * hq, *gv = g + (2 * H + h) * hq;
             if (j->dq) {
                 float *dq = j->dq + r * H * hq + h * hq;
                 put(dq, gq, dn, j->acc_q);
-                turn(dq + dn, gq + dn, cs, sn, half, j->acc_q);
+                sj_rope_turn(dq + dn, gq + dn, cs, sn, half, j->acc_q);
             }
             if (j->dkv) {
                 float *dkv = j->dkv + r * H * (dn + dv) + h * (dn + dv);
@@ -79,7 +59,7 @@ static void pack_back_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
                 put(dkv + dn, gv, dv, j->acc_kv);
             }
             /* the shared key: the first head sets (or adds), the rest add */
-            if (j->dkpe) turn(j->dkpe + r * dr, gk + dn, cs, sn, half, j->acc_kpe || h > 0);
+            if (j->dkpe) sj_rope_turn(j->dkpe + r * dr, gk + dn, cs, sn, half, j->acc_kpe || h > 0);
         }
     }
 }

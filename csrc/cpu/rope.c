@@ -3,7 +3,6 @@
  * computed in float from sj_rope's frequencies like HF's fp32 path, cos and
  * sin scaled by mscale as HF scales them, so real checkpoints match. */
 #include "cpu.h"
-#include <math.h>
 
 typedef struct {
     float *out; const float *in; int T, n_heads, n_rot, hd, pos0, inverse, accum;
@@ -16,23 +15,11 @@ static void rope_rows(void *ctx, int64_t r0, int64_t r1, int tid) {
     const int half = j->hd / 2, row = j->n_heads * j->hd;
     float cs[half], sn[half];
     for (int64_t r = r0; r < r1; r++) {
-        float pos = (float)(j->pos0 + r % j->T);
-        for (int i = 0; i < half; i++) {
-            float a = pos * j->rope->inv_freq[i];
-            cs[i] = cosf(a) * j->rope->mscale;
-            sn[i] = (j->inverse ? -sinf(a) : sinf(a)) * j->rope->mscale;
-        }
+        sj_rope_angles(j->rope, (int)(j->pos0 + r % j->T), j->inverse, half, cs, sn);
         const float *x = j->in + r * row;
         float *y = j->out + r * row;
         for (int h = 0; h < j->n_rot; h++) {
-            const float *xh = x + h * j->hd;
-            float *yh = y + h * j->hd;
-            for (int i = 0; i < half; i++) {
-                float a = xh[i] * cs[i] - xh[i + half] * sn[i];
-                float b = xh[i + half] * cs[i] + xh[i] * sn[i];
-                yh[i] = j->accum ? yh[i] + a : a;
-                yh[i + half] = j->accum ? yh[i + half] + b : b;
-            }
+            sj_rope_turn(y + h * j->hd, x + h * j->hd, cs, sn, half, j->accum);
         }
         if (y != x)   /* in place: the heads past n_rot are already there */
             for (int c = j->n_rot * j->hd; c < row; c++) y[c] = j->accum ? y[c] + x[c] : x[c];

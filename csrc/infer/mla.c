@@ -30,13 +30,9 @@ static void rmsnorm_rows(float *x, int n, int C, int64_t ld, const float *w) {
 
 /* x (dr) turned for position pos, as the training kernels turn it. */
 static void rope(const sj_rope *r, float *x, int pos) {
-    const int half = r->n_pairs;
-    for (int i = 0; i < half; i++) {
-        const float ang = (float)pos * r->inv_freq[i], cs = cosf(ang) * r->mscale,
-                    sn = sinf(ang) * r->mscale, a = x[i], b = x[i + half];
-        x[i] = a * cs - b * sn;
-        x[i + half] = b * cs + a * sn;
-    }
+    float cs[SJ_ROPE_MAX_PAIRS], sn[SJ_ROPE_MAX_PAIRS];
+    sj_rope_angles(r, pos, 0, r->n_pairs, cs, sn);
+    sj_rope_turn(x, x, cs, sn, r->n_pairs, 0);
 }
 
 typedef struct { sj_infer_cpu *h; int l, n, pos; } mla_job;

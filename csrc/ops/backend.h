@@ -28,6 +28,7 @@
 #define SJ_BACKEND_H
 
 #include "../smedjan.h"
+#include <math.h>
 #include "ostate.h"
 #ifndef __cplusplus
 #include "../core/core.h"   /* C side: errors, threads, rng */
@@ -69,6 +70,29 @@ typedef struct {
     float mscale;
     float inv_freq[SJ_ROPE_MAX_PAIRS];
 } sj_rope;
+
+/* The host kernels' turn (CPU training, the CPU engine): cos and sin of
+ * position pos for the first n pairs, in float as transformers' fp32 path
+ * (sin negated: the inverse turn); then y = x turned, rotate-half pairs (i,
+ * i + half), accum adding (y may be x). */
+static inline void sj_rope_angles(const sj_rope *r, int pos, int inverse, int n, float *cs,
+                                  float *sn) {
+    for (int i = 0; i < n; i++) {
+        const float a = (float)pos * r->inv_freq[i];
+        cs[i] = cosf(a) * r->mscale;
+        sn[i] = (inverse ? -sinf(a) : sinf(a)) * r->mscale;
+    }
+}
+
+static inline void sj_rope_turn(float *y, const float *x, const float *cs, const float *sn,
+                                int half, int accum) {
+    for (int i = 0; i < half; i++) {
+        const float a = x[i] * cs[i] - x[i + half] * sn[i];
+        const float b = x[i + half] * cs[i] + x[i] * sn[i];
+        y[i] = accum ? y[i] + a : a;
+        y[i + half] = accum ? y[i + half] + b : b;
+    }
+}
 
 /* The config's RoPE (default, linear, dynamic NTK, YaRN) for a run of
  * seq_len positions, in transformers' float32 arithmetic (rope_freqs.c).
