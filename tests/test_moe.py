@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 import smedjan
 from smedjan import Config, Model
@@ -290,9 +291,6 @@ def test_gpu_generation_is_refused_by_name():
         pytest.skip("no CUDA build: the GPU engine refuses everything")
     with pytest.raises(ValueError, match="moe layers: GPU generation"):
         from_model(Model(gen_config()), "bf16", device="cuda")
-
-
-transformers = pytest.importorskip("transformers")
 
 
 def tiny_hf(cls_name, cfg_name, **kw):
